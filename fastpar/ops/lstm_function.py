@@ -1,0 +1,160 @@
+"""The Triton LSTM recurrence as a ``torch.library`` custom op with autograd.
+
+``fastpar::lstm_recurrence`` (forward) and ``fastpar::lstm_recurrence_backward`` are opaque to
+``torch.compile``: their fake implementations give the output shapes, so a model that calls them
+compiles with ``fullgraph=True`` and no graph break, and Inductor calls the Triton launchers at
+run time. The autograd formula only saves and restores; the work is in lstm_forward and
+lstm_backward.
+
+Glossary: T time, B batch, H hidden units, P size of h (proj_size or H), G = 4 gates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastpar.ops.lstm_backward import lstm_backward
+from fastpar.ops.lstm_forward import KernelChoice, lstm_forward
+
+
+def _hraw_shape(xg: Tensor, w_hr: Tensor | None) -> tuple[int, ...]:
+    return (0,) if w_hr is None else (xg.shape[0], xg.shape[1], xg.shape[2] // 4)
+
+
+@torch.library.custom_op("fastpar::lstm_recurrence", mutates_args=())
+def lstm_recurrence_op(
+    xg: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward recurrence; returns hs (T, B, P), c_n (B, H) in c0's dtype, and what backward
+    needs: gates (T, B, 4H) float32, cs (T, B, H) float32, hraw (T, B, H) or (0,)."""
+    r = lstm_forward(xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel)  # type: ignore[arg-type]
+    # c_n is a view of cs; outputs of a custom op may not alias each other.
+    return r.hs, r.c_n.to(c0.dtype, copy=True), r.gates, r.cs, r.hraw
+
+
+@lstm_recurrence_op.register_fake
+def _(
+    xg: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    kernel: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    T, B, G = xg.shape
+    f32 = torch.float32
+    return (
+        xg.new_empty(T, B, w_hh.shape[1]),
+        c0.new_empty(c0.shape),
+        xg.new_empty(T, B, G, dtype=f32),
+        xg.new_empty(T, B, G // 4, dtype=f32),
+        xg.new_empty(_hraw_shape(xg, w_hr)),
+    )
+
+
+@torch.library.custom_op("fastpar::lstm_recurrence_backward", mutates_args=())
+def lstm_recurrence_backward_op(
+    dhs: Tensor,
+    dc_n: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    hs: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+    hraw: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward recurrence; returns dxg, dh0, dc0 (c0's dtype), dw_hh, dw_hr ((0,) without
+    a projection: a custom op cannot return None)."""
+    g = lstm_backward(dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw)
+    dw_hr = g.dw_hr if g.dw_hr is not None else w_hh.new_empty(0)
+    return g.dxg, g.dh0, g.dc0.to(c0.dtype), g.dw_hh, dw_hr
+
+
+@lstm_recurrence_backward_op.register_fake
+def _(
+    dhs: Tensor,
+    dc_n: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    hs: Tensor,
+    gates: Tensor,
+    cs: Tensor,
+    hraw: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return (
+        gates.new_empty(gates.shape, dtype=hs.dtype),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(w_hr.shape if w_hr is not None else (0,)),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    _xg, h0, c0, w_hh, w_hr, lengths, reverse, _kernel = inputs
+    hs, _c_n, gates, cs, hraw = output
+    ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw)
+    ctx.reverse = reverse
+
+
+def _backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -> tuple:
+    h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw = ctx.saved_tensors
+    dhs = torch.zeros_like(hs) if dhs is None else dhs
+    dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+    dxg, dh0, dc0, dw_hh, dw_hr = lstm_recurrence_backward_op(
+        dhs, dc_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, hs, gates, cs, hraw
+    )
+    return dxg, dh0, dc0, dw_hh, (dw_hr if w_hr is not None else None), None, None, None
+
+
+lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lstm_recurrence_triton(
+    xg: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None = None,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+    kernel: KernelChoice = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The Triton recurrence with the signature of ``lstm_recurrence_reference``.
+
+    Arguments:
+        xg: (T, B, 4H) input projection including both biases.
+        h0: (B, P); c0: (B, H); w_hh: (4H, P); w_hr: (P, H) or None, all of xg's dtype and device.
+        lengths: (B,) valid lengths, or None.
+        reverse: process time from T-1 down to 0.
+        kernel: "auto", "step" or "persistent" (see ``lstm_forward``).
+
+    Returns:
+        hs: (T, B, P) hidden state after every step; c_n: (B, H).
+    """
+    if lengths is not None:
+        lengths = lengths.to(device=xg.device, dtype=torch.int32)
+    hs, c_n, _gates, _cs, _hraw = lstm_recurrence_op(
+        xg.contiguous(), h0, c0, w_hh, w_hr, lengths, reverse, kernel
+    )
+    return hs, c_n
