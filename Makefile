@@ -1,0 +1,40 @@
+# The two commands of the README: `make test` and `make demo`. Both set up everything on a fresh
+# machine: a virtual environment in .venv with the CPU build of torch (CUDA builds are several GB
+# and useless without a GPU), the package with its extras, and the native extension.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch 2.13.0 (CPU) lies on the CI machines' disk; triton 3.6 matches the GPU machines' image, so
+# the interpreter tests exercise the same Triton API the GPU runs.
+TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.6.0
+PYTEST_ARGS ?=
+
+.PHONY: test demo build lint bench clean
+
+$(VENV)/.installed: pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+build: $(VENV)/.installed
+	$(PY) -m fastpar build
+
+test: build
+	$(PY) -m ruff check fastpar tests bench
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The main job. Until the training command exists: the environment report and the native
+# reduction measured against torch.
+demo: build
+	$(PY) -m fastpar info
+	$(PY) bench/reduce.py --sizes-mb 1 64 --inputs 2 4 --dtypes float32
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check fastpar tests bench
+	$(PY) -m ruff format --check fastpar tests bench
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

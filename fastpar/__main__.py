@@ -1,0 +1,51 @@
+"""The `fastpar` command (also `python -m fastpar`).
+
+fastpar info     what this machine offers and which backends and transports are usable
+fastpar build    compile (or find cached) the native extension now
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    from fastpar.info import collect, format_report
+
+    print(format_report(collect()))
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from fastpar import _native
+
+    try:
+        library = _native.build(verbose=args.verbose)
+    except _native.NativeBuildError as error:
+        print(f"fastpar build: {error}", file=sys.stderr)
+        return 1
+    print(f"native extension: {library}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastpar", description="fastpar command line")
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="report versions, devices and usable backends")
+    info.set_defaults(run=_info)
+    build = commands.add_parser("build", help="compile the native extension (cached)")
+    build.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    build.set_defaults(run=_build)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Builds and loads fastpar's native extension (the C++/CUDA sources in `csrc/`).
+
+The extension is compiled with `torch.utils.cpp_extension` and ninja the first time it is used
+and cached under `$FASTPAR_CACHE_DIR` (default `~/.cache/fastpar`), in a folder keyed by the
+sources, the torch version, Python, the compiler flags and whether CUDA is compiled in. When
+several ranks start at once, one compiles while the others wait on a file lock, then all load
+the same build. CUDA sources (`*.cu`) are compiled only where torch has CUDA and nvcc exists.
+
+`python -m fastpar build` prebuilds; `load()` returns the module.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import os
+import platform
+import shutil
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from fastpar._logging import get_logger
+
+logger = get_logger(__name__)
+
+_EXTENSION_PREFIX = "fastpar_native"
+_SOURCE_SUFFIXES = (".cpp", ".cu")
+_HEADER_SUFFIXES = (".h", ".cuh")
+_CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno")
+_CUDA_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo")
+
+_loaded: ModuleType | None = None
+_load_lock = threading.Lock()
+
+
+class NativeBuildError(RuntimeError):
+    """The native extension cannot be built or loaded here; the message says what is missing."""
+
+
+def source_dir() -> Path:
+    """Where the C++/CUDA sources are: `fastpar/_csrc` in a wheel, `csrc/` in a checkout."""
+    packaged = Path(__file__).resolve().parent / "_csrc"
+    if packaged.is_dir():
+        return packaged
+    checkout = Path(__file__).resolve().parent.parent / "csrc"
+    if checkout.is_dir():
+        return checkout
+    raise NativeBuildError(
+        f"fastpar's C++ sources are missing (looked in {packaged} and {checkout}); "
+        "reinstall fastpar"
+    )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FASTPAR_CACHE_DIR", Path.home() / ".cache" / "fastpar"))
+
+
+def cuda_build_possible() -> tuple[bool, str]:
+    """Whether CUDA sources can be compiled here, and why not when they cannot."""
+    if torch.version.cuda is None:
+        return False, "this torch build has no CUDA"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
+        return False, "nvcc was not found (set CUDA_HOME)"
+    return True, ""
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    name: str  # the Python module name, unique per key so two builds never collide
+    directory: Path
+    sources: tuple[Path, ...]
+    with_cuda: bool
+
+
+def _cpu_signature() -> str:
+    # -march=native ties a build to the processor it was compiled on.
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def plan_build() -> BuildPlan:
+    src = source_dir()
+    with_cuda, _ = cuda_build_possible()
+    suffixes = _SOURCE_SUFFIXES if with_cuda else (".cpp",)
+    sources = tuple(sorted(p for p in src.iterdir() if p.suffix in suffixes))
+    headers = tuple(sorted(p for p in src.iterdir() if p.suffix in _HEADER_SUFFIXES))
+    digest = hashlib.sha256()
+    for path in sources + headers:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    for part in (
+        torch.__version__,
+        str(torch.version.cuda),
+        sys.version,
+        platform.machine(),
+        _cpu_signature(),
+        repr(_CXX_FLAGS),
+        repr(_CUDA_FLAGS),
+        str(with_cuda),
+    ):
+        digest.update(part.encode())
+    key = digest.hexdigest()[:16]
+    name = f"{_EXTENSION_PREFIX}_{key}"
+    return BuildPlan(name=name, directory=cache_root() / name, sources=sources, with_cuda=with_cuda)
+
+
+def _check_toolchain() -> None:
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        raise NativeBuildError(
+            f"fastpar's native extension needs a C++ compiler, and '{compiler}' was not found: "
+            "install g++ (Debian/Ubuntu: apt-get install g++) or set CXX"
+        )
+    try:
+        from torch.utils.cpp_extension import verify_ninja_availability
+
+        verify_ninja_availability()
+    except RuntimeError as error:
+        raise NativeBuildError(
+            "fastpar's native extension is built with ninja, which was not found: pip install ninja"
+        ) from error
+
+
+def _built_library(plan: BuildPlan) -> Path | None:
+    marker = plan.directory / "complete"
+    if not marker.exists():
+        return None
+    library = plan.directory / marker.read_text().strip()
+    return library if library.exists() else None
+
+
+def _import_library(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    if spec is None or spec.loader is None:
+        raise NativeBuildError(f"cannot load the native extension from {library}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def _compile(plan: BuildPlan, verbose: bool) -> Path:
+    from torch.utils.cpp_extension import load
+
+    _check_toolchain()
+    logger.info("building fastpar's native extension in %s", plan.directory)
+    extra_cflags = list(_CXX_FLAGS)
+    if plan.with_cuda:
+        extra_cflags.append("-DFASTPAR_WITH_CUDA")
+    module = load(
+        name=plan.name,
+        sources=[str(p) for p in plan.sources],
+        build_directory=str(plan.directory),
+        extra_cflags=extra_cflags,
+        extra_cuda_cflags=[*_CUDA_FLAGS, "-DFASTPAR_WITH_CUDA"],
+        extra_include_paths=[str(plan.sources[0].parent)],
+        with_cuda=plan.with_cuda,
+        verbose=verbose,
+    )
+    library = Path(module.__file__).resolve()
+    (plan.directory / "complete").write_text(library.name)
+    return library
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the extension now if it is not cached yet; returns the library's path.
+
+    Safe to call from many processes at once: they serialise on a file lock next to the build.
+    """
+    plan = plan_build()
+    library = _built_library(plan)
+    if library is not None:
+        return library
+    plan.directory.mkdir(parents=True, exist_ok=True)
+    lock_path = plan.directory.parent / f"{plan.name}.lock"
+    with open(lock_path, "w") as lock_file:
+        # An flock dies with its process, so a rank killed mid-build never leaves a stale lock.
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+        try:
+            library = _built_library(plan)
+            if library is None:
+                library = _compile(plan, verbose)
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+    return library
+
+
+def load(verbose: bool = False) -> ModuleType:
+    """The native extension module, built on first use and loaded once per process."""
+    global _loaded
+    if _loaded is not None:
+        return _loaded
+    with _load_lock:
+        if _loaded is None:
+            plan = plan_build()
+            try:
+                library = build(verbose=verbose)
+            except NativeBuildError:
+                raise
+            except Exception as error:  # compiler errors: keep the log, name the cause
+                raise NativeBuildError(
+                    f"building fastpar's native extension failed: {error}"
+                ) from error
+            _loaded = sys.modules.get(plan.name) or _import_library(plan.name, library)
+    return _loaded
+
+
+def is_available() -> tuple[bool, str]:
+    """Whether the native extension loads here; the reason when it does not."""
+    try:
+        load()
+    except NativeBuildError as error:
+        return False, str(error)
+    return True, ""

@@ -1,0 +1,194 @@
+"""Run a function in N CPU processes that form a torch.distributed group, with a bounded time.
+
+`run_multiprocess(fn, world_size)` spawns one process per rank, creates the default process
+group in each (gloo by default, rendezvous through a TCPStore that the parent hosts on a free
+port, so there is no port race), calls `fn(rank, world_size, *args)` and returns the ranks'
+results. When a rank raises, dies or outlives the timeout, the remaining ranks are killed and
+the call raises with that rank's traceback; no child outlives the call (each child is also tied
+to its parent with PR_SET_PDEATHSIG, so even a killed test runner leaves no orphans).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import multiprocessing as mp
+import os
+import queue
+import signal
+import time
+import traceback
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
+
+import torch
+
+_PR_SET_PDEATHSIG = 1
+
+
+class RankFailure(RuntimeError):
+    """A rank raised, died or hung; the message names the rank and carries its traceback."""
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the parent's kill on failure still applies
+        pass
+
+
+def _rank_main(
+    fn: Callable[..., Any],
+    rank: int,
+    world_size: int,
+    args: Sequence[Any],
+    backend: str,
+    port: int,
+    timeout_s: float,
+    env: dict[str, str],
+    results: mp.Queue,
+) -> None:
+    _die_with_parent()
+    os.environ.update(env)
+    # Ranks share 2 cores on CI: more intra-op threads than cores only adds contention.
+    torch.set_num_threads(1)
+    try:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            "127.0.0.1",
+            port,
+            world_size,
+            is_master=False,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        dist.init_process_group(
+            backend,
+            store=store,
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+        try:
+            value = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        results.put((rank, True, value))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_multiprocess(
+    fn: Callable[..., Any],
+    world_size: int,
+    *,
+    args: Sequence[Any] = (),
+    timeout: float = 60.0,
+    backend: str = "gloo",
+    may_die: Collection[int] = (),
+    env: dict[str, str] | None = None,
+) -> list[Any]:
+    """Run `fn(rank, world_size, *args)` on `world_size` spawned processes.
+
+    Arguments:
+        fn: a module-level (picklable) function; the default process group is initialised when
+            it runs, and destroyed after it returns.
+        world_size: number of processes, >= 1.
+        args: extra picklable arguments for every rank.
+        timeout: seconds for the whole run (also the process-group timeout).
+        backend: torch.distributed backend ("gloo" on CPU).
+        may_die: ranks allowed to end without a result (for tests that kill a rank); their
+            entry in the returned list is None.
+        env: extra environment variables for the children.
+
+    Returns:
+        The ranks' return values, indexed by rank.
+
+    Raises:
+        RankFailure: a rank raised or died (its traceback or exit code is in the message), or
+            the run outlived `timeout` (the ranks still running are named).
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    import torch.distributed as dist
+
+    context = mp.get_context("spawn")
+    store = dist.TCPStore(
+        "127.0.0.1",
+        0,
+        world_size + 1,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout),
+    )
+    results: mp.Queue = context.Queue()
+    processes = [
+        context.Process(
+            target=_rank_main,
+            args=(
+                fn,
+                rank,
+                world_size,
+                tuple(args),
+                backend,
+                store.port,
+                timeout,
+                env or {},
+                results,
+            ),
+            name=f"fastpar-rank{rank}",
+            daemon=True,
+        )
+        for rank in range(world_size)
+    ]
+    outcomes: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        for process in processes:
+            process.start()
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=0.05)
+            except queue.Empty:
+                _check_dead(processes, outcomes, set(may_die))
+                if time.monotonic() > deadline:
+                    missing = [r for r in range(world_size) if r not in outcomes]
+                    raise RankFailure(
+                        f"timed out after {timeout:.0f}s waiting for rank(s) {missing}"
+                    ) from None
+                continue
+            if not ok:
+                raise RankFailure(f"rank {rank} raised:\n{value}")
+            outcomes[rank] = value
+    finally:
+        _stop_all(processes)
+        results.close()
+        del store
+    return [outcomes.get(rank) for rank in range(world_size)]
+
+
+def _check_dead(
+    processes: list[mp.process.BaseProcess], outcomes: dict[int, Any], may_die: set[int]
+) -> None:
+    for rank, process in enumerate(processes):
+        if rank in outcomes or process.is_alive():
+            continue
+        # The result may still sit in the queue's pipe; a dead process gets a short grace.
+        process.join(timeout=0)
+        if process.exitcode not in (None, 0):
+            if rank in may_die:
+                outcomes[rank] = None
+                continue
+            raise RankFailure(f"rank {rank} died with exit code {process.exitcode}")
+
+
+def _stop_all(processes: list[mp.process.BaseProcess]) -> None:
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)

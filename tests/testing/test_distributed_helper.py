@@ -1,0 +1,73 @@
+"""The multi-process helper itself: results come back, failures and hangs become errors in
+bounded time, and no child process is left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastpar.testing.distributed import RankFailure, run_multiprocess
+
+
+def _all_reduce_rank(rank: int, world_size: int, length: int) -> list[float]:
+    tensor = torch.arange(length, dtype=torch.float64) * (rank + 1)
+    dist.all_reduce(tensor)
+    return [os.getpid(), *tensor.tolist()]
+
+
+def _raise_on_rank_one(rank: int, world_size: int) -> None:
+    if rank == 1:
+        raise ValueError("planted failure on rank one")
+    dist.barrier()  # rank 0 waits here until the helper kills it
+
+
+def _hang_on_rank_zero(rank: int, world_size: int) -> int:
+    if rank == 0:
+        time.sleep(600)
+    return os.getpid()
+
+
+def _kill_self_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rank
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_results_come_back_per_rank() -> None:
+    results = run_multiprocess(_all_reduce_rank, 3, args=(5,), timeout=60)
+    expected = [float(v * 6) for v in range(5)]  # ranks multiply by 1 + 2 + 3
+    assert [r[1:] for r in results] == [expected] * 3
+    assert not any(_alive(int(r[0])) for r in results)
+
+
+def test_a_raising_rank_fails_with_its_traceback() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 raised.*planted failure on rank one"):
+        run_multiprocess(_raise_on_rank_one, 2, timeout=60)
+    assert time.monotonic() - start < 30
+
+
+def test_a_hanging_rank_times_out_and_is_killed() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"timed out after 8s waiting for rank\(s\) \[0\]"):
+        run_multiprocess(_hang_on_rank_zero, 2, timeout=8)
+    assert time.monotonic() - start < 20
+
+
+def test_a_killed_rank_is_reported_unless_allowed() -> None:
+    with pytest.raises(RankFailure, match="rank 1 died with exit code -9"):
+        run_multiprocess(_kill_self_on_rank_one, 2, timeout=60)
+    assert run_multiprocess(_kill_self_on_rank_one, 2, timeout=60, may_die=(1,)) == [0, None]
