@@ -22,7 +22,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastpar.ops.lstm_common import (
+    dot_acc,
     dot_precision,
+    dot_upcast,
     load_gates,
     num_sms,
     step_config,
@@ -55,6 +57,7 @@ def _lstm_bwd_step_kernel(
     HAS_NEXT: tl.constexpr,  # a later step exists (false for the first step of backward)
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -85,7 +88,7 @@ def _lstm_bwd_step_kernel(
                     mask=mask_k[:, None] & mask_j[None, :],
                     other=0.0,
                 )
-                acc = tl.dot(dg, w, acc, input_precision=DOT_PRECISION)
+                acc = dot_acc(dg, w, acc, DOT_PRECISION, DOT_UPCAST)
             dh += acc
     else:
         dh = tl.load(dh_ptr + carry, mask=mask, other=0.0)
@@ -204,7 +207,8 @@ def lstm_backward(
             t, order[n - 1] if n > 0 else 0, t_prev, B, 0 if first_fwd else B * H,
             H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h_bwd, BLOCK_K=cfg.block_k,
             HAS_REC=has_rec, HAS_NEXT=n > 0, HAS_LENGTHS=lengths is not None,
-            DOT_PRECISION=dot_precision(hs.dtype), num_warps=cfg.num_warps,
+            DOT_PRECISION=dot_precision(hs.dtype), DOT_UPCAST=dot_upcast(hs.dtype),
+            num_warps=cfg.num_warps,
         )  # fmt: skip
 
     t_first = order[-1]

@@ -53,6 +53,22 @@ def cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
 
 
 @triton.jit
+def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """acc + a @ b with float32 accumulation.
+
+    DOT_UPCAST (interpreter only): Triton 3.6's interpreter multiplies bfloat16 operands as raw
+    16-bit integers, so there they are widened to float32 first. A product of two bfloat16
+    values is exact in float32, so this gives the numbers of the GPU's bfloat16 MMA with float32
+    accumulation (up to summation order).
+    """
+    if DOT_UPCAST:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def gate_columns(j0, H, BLOCK_H: tl.constexpr):
     """Column of the (., 4H) gate layout for each of the tile's 4*BLOCK_H gate-major columns."""
     n = tl.arange(0, 4 * BLOCK_H)
@@ -87,6 +103,13 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+def dot_upcast(dtype: torch.dtype) -> bool:
+    """Widen bfloat16 tl.dot operands: only in the interpreter (see dot_acc)."""
+    from fastpar.ops import interpreter_active
+
+    return dtype == torch.bfloat16 and interpreter_active()
 
 
 def batch_block(batch: int) -> int:

@@ -63,7 +63,7 @@ def compile_cases(
         consts = {
             "H": hidden, "P": proj, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h,
             "BLOCK_K": cfg.block_k, "HAS_LENGTHS": lengths, "CARRY_H": proj == hidden,
-            "DOT_PRECISION": prec,
+            "DOT_PRECISION": prec, "DOT_UPCAST": False,
         }  # fmt: skip
         cases.append(
             CompileCase(
@@ -87,7 +87,7 @@ def compile_cases(
             consts = {
                 "H": hidden, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd,
                 "BLOCK_K": cfg.block_k, "HAS_REC": has_rec, "HAS_NEXT": has_next,
-                "HAS_LENGTHS": lengths, "DOT_PRECISION": prec,
+                "HAS_LENGTHS": lengths, "DOT_PRECISION": prec, "DOT_UPCAST": False,
             }  # fmt: skip
             cases.append(
                 CompileCase(
@@ -111,7 +111,7 @@ def compile_cases(
                 consts = {
                     "H": hidden, "BLOCK_B": pcfg.block_b, "BLOCK_H": pcfg.block_h,
                     "BLOCK_K": pcfg.block_k, "REVERSE": reverse, "HAS_LENGTHS": lengths,
-                    "DOT_PRECISION": prec,
+                    "DOT_PRECISION": prec, "DOT_UPCAST": False,
                 }  # fmt: skip
                 cases.append(
                     CompileCase(

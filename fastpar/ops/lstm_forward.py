@@ -21,7 +21,9 @@ from torch import Tensor
 from fastpar.ops import interpreter_active
 from fastpar.ops.lstm_common import (
     cell_forward,
+    dot_acc,
     dot_precision,
+    dot_upcast,
     gate_columns,
     num_sms,
     persistent_config,
@@ -58,6 +60,7 @@ def fwd_step(
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
     HPREV_CACHE: tl.constexpr,
 ):
     """One time step for one (batch tile, hidden tile): shared by the step and persistent
@@ -91,7 +94,7 @@ def fwd_step(
             other=0.0,
             eviction_policy="evict_last",
         )
-        acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
+        acc = dot_acc(h, w, acc, DOT_PRECISION, DOT_UPCAST)
 
     row4 = t64 * B * 4 * H + offs_b * (4 * H)
     xg = tl.load(
@@ -146,11 +149,13 @@ def _lstm_fwd_step_kernel(
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,  # keep h over invalid steps here (no projection: h_t has H units)
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     fwd_step(
         xg_ptr, hprev_ptr, cprev_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
         t, t_prev, B, stride_hprev_t, stride_cprev_t, tl.program_id(0), tl.program_id(1),
-        H, P, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, CARRY_H, DOT_PRECISION, "",
+        H, P, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, CARRY_H, DOT_PRECISION, DOT_UPCAST,
+        "",  # the step kernel reads h_{t-1} through L1 as usual
     )  # fmt: skip
 
 
@@ -223,7 +228,8 @@ def lstm_forward(
             t, 0 if first else prev, B, 0 if first else B * P, 0 if first else B * H,
             H=H, P=P, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
             HAS_LENGTHS=lengths is not None, CARRY_H=w_hr is None,
-            DOT_PRECISION=dot_precision(xg.dtype), num_warps=cfg.num_warps,
+            DOT_PRECISION=dot_precision(xg.dtype), DOT_UPCAST=dot_upcast(xg.dtype),
+            num_warps=cfg.num_warps,
         )  # fmt: skip
         if w_hr_t is not None:
             # The projection needs all H units of o*tanh(c_t): a GEMM between two launches.

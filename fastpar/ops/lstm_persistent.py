@@ -28,7 +28,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_common import dot_precision, num_sms, persistent_config
+from fastpar.ops.lstm_common import dot_precision, dot_upcast, num_sms, persistent_config
 from fastpar.ops.lstm_forward import fwd_step
 
 
@@ -61,6 +61,7 @@ def _lstm_fwd_persistent_kernel(
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -71,7 +72,7 @@ def _lstm_fwd_persistent_kernel(
     fwd_step(
         xg_ptr, h0_ptr, c0_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
         t, zero, B, 0, 0, pid_b, pid_h,
-        H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, ".cg",
+        H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
     )  # fmt: skip
     _grid_barrier(sync, n_h)
     s = 1
@@ -87,7 +88,7 @@ def _lstm_fwd_persistent_kernel(
         fwd_step(
             xg_ptr, h_ptr, c_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
             t, t_prev, B, B * H, B * H, pid_b, pid_h,
-            H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, ".cg",
+            H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
         )  # fmt: skip
         s += 1
         _grid_barrier(sync, s * n_h)
@@ -123,5 +124,6 @@ def lstm_forward_persistent(
         xg, h0, c0, w_hh, lengths if lengths is not None else sync, gates, cs, hs, sync,
         T, B, H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, REVERSE=reverse,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(xg.dtype),
+        DOT_UPCAST=dot_upcast(xg.dtype),
         num_warps=cfg.num_warps,
     )  # fmt: skip

@@ -1,0 +1,126 @@
+"""The Triton recurrence (step and persistent kernels, custom op, autograd) against the float64
+reference, which test_reference.py checks against torch.nn.LSTM. Runs in the interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpar.ops.lstm_forward import choose_kernel
+from fastpar.ops.lstm_function import lstm_recurrence_triton
+from fastpar.ops.reference import lstm_recurrence_reference
+from tests.ops.lstm_helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_close,
+    assert_within_torch_error,
+    grads,
+    randn,
+)
+
+B, H, PROJ = 3, 33, 5
+LENGTHS = torch.tensor([7, 2, 5])  # unsorted, one full, one short
+
+
+def _inputs(T: int, proj: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    P = proj or H
+    tensors = [
+        randn(T, B, 4 * H, seed=1),  # xg
+        randn(B, P, seed=2),  # h0
+        randn(B, H, seed=3),  # c0
+        randn(4 * H, P, seed=4) * 0.3,  # w_hh
+    ]
+    if proj:
+        tensors.append(randn(P, H, seed=5) * 0.3)  # w_hr
+    return [t.to(dtype).requires_grad_() for t in tensors]
+
+
+def _run(recurrence, inputs, lengths, reverse, **kw):
+    w_hr = inputs[4] if len(inputs) > 4 else None
+    hs, c_n = recurrence(*inputs[:4], w_hr, lengths, reverse, **kw)
+    cot = [randn(*hs.shape, seed=20).to(hs.dtype), randn(*c_n.shape, seed=21).to(c_n.dtype)]
+    return [hs, c_n, *grads((hs, c_n), cot, inputs)]
+
+
+NAMES = ["hs", "c_n", "d xg", "d h0", "d c0", "d w_hh", "d w_hr"]
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("proj", [0, PROJ])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_step_kernels_match_reference(T: int, proj: int, packed: bool, reverse: bool) -> None:
+    lengths = LENGTHS.clamp(max=T) if packed else None
+    ours = _run(lstm_recurrence_triton, _inputs(T, proj, torch.float32), lengths, reverse,
+                kernel="step")  # fmt: skip
+    want = _run(lstm_recurrence_reference, _inputs(T, proj, torch.float64), lengths, reverse)
+    for name, a, b in zip(NAMES, ours, want, strict=False):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+
+
+@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool) -> None:
+    # The interpreter configuration: one program per batch block covers all hidden units, so
+    # the grid barrier only ever waits for itself (the multi-program barrier needs a GPU).
+    lengths = LENGTHS.clamp(max=T) if packed else None
+    ours = _run(lstm_recurrence_triton, _inputs(T, 0, torch.float32), lengths, reverse,
+                kernel="persistent")  # fmt: skip
+    want = _run(lstm_recurrence_reference, _inputs(T, 0, torch.float64), lengths, reverse)
+    for name, a, b in zip(NAMES, ours, want, strict=False):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol",
+    [(torch.float32, FP32_ATOL, FP32_RTOL), (torch.bfloat16, 1e-3, 1e-3),
+     (torch.float16, 1e-4, 1e-4)],
+)  # fmt: skip
+def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) -> None:
+    # float32 against float64 within atol/rtol. Half types: the kernels keep c and the gate
+    # math in float32, so their error against float64 (on the same rounded inputs) must stay
+    # within a small multiple of PyTorch's own error when it computes in that dtype.
+    T = 7
+    inputs = _inputs(T, 0, dtype)
+    exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
+    ours = _run(lstm_recurrence_triton, inputs, LENGTHS, False)
+    want = _run(lstm_recurrence_reference, exact_inputs, LENGTHS, False)
+    for a in ours:
+        assert a.dtype == dtype
+    if dtype == torch.float32:
+        for name, a, b in zip(NAMES, ours, want, strict=False):
+            assert_close(a, b, atol, rtol, name)
+        return
+    torch_inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    torchs = _run(lstm_recurrence_reference, torch_inputs, LENGTHS, False)
+    for name, a, t, b in zip(NAMES, ours, torchs, want, strict=False):
+        assert_within_torch_error(a, t, b, atol, rtol, name)
+
+
+def test_backward_is_deterministic() -> None:
+    inputs = _inputs(7, 0, torch.float32)
+    first = _run(lstm_recurrence_triton, inputs, LENGTHS, True)
+    second = _run(lstm_recurrence_triton, inputs, LENGTHS, True)
+    for name, a, b in zip(NAMES, first, second, strict=False):
+        assert torch.equal(a, b), f"{name} differs between two identical runs"
+
+
+def test_inputs_are_not_modified() -> None:
+    inputs = _inputs(7, PROJ, torch.float32)
+    before = [t.detach().clone() for t in inputs]
+    _run(lstm_recurrence_triton, inputs, LENGTHS, False)
+    for a, b in zip(inputs, before, strict=True):
+        assert torch.equal(a.detach(), b)
+
+
+def test_choose_kernel() -> None:
+    cpu = torch.device("cpu")
+    # The interpreter keeps "auto" on the step kernel; the persistent one runs when asked.
+    assert choose_kernel(3, 33, 33, torch.float32, cpu) == "step"
+    assert choose_kernel(3, 33, 33, torch.float32, cpu, "persistent") == "persistent"
+    with pytest.raises(ValueError, match="persistent"):
+        choose_kernel(3, 33, 5, torch.float32, cpu, "persistent")  # a projection
+    with pytest.raises(ValueError, match="kernel must be"):
+        choose_kernel(3, 33, 33, torch.float32, cpu, "fast")  # type: ignore[arg-type]
