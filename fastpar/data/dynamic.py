@@ -1,0 +1,486 @@
+"""Dynamic slicing: per-rank block sizes that adapt during data-parallel training.
+
+Glossary: n samples, W ranks, step = one synchronous training step in which every rank
+processes its own block and the global batch is the sum of the W block sizes.
+
+Every rank holds a DynamicSlicer built with the same arguments. Each step, `next_step()` cuts
+the next global batch from the epoch's index order (a permutation seeded with seed + epoch, or
+0 .. n-1) into one block per rank; each rank trains on its block and reports what it measured
+with `record_step` (a collective). The measurements of all ranks are all-reduced, and the new
+sizes are computed from the reduced numbers in a fixed order, so every rank takes the same
+decision and the slicers stay identical: the state of any rank resumes all of them.
+
+Policies:
+    "throughput": a fixed global batch is shared in proportion to each rank's smoothed
+        samples/second, so a slow worker gets less and nobody waits long for it.
+    "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
+        is stable and by `shrink` after one whose loss jumps above its running average by more
+        than `jump_threshold` (relative).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+
+from fastpar.data._checks import check_float, check_int
+from fastpar.data.apportion import apportion
+
+_STATE_VERSION = 1
+# Rows of the statistics matrix that record_step all-reduces: one column per rank, each rank
+# fills only its own column, so the sum is exact and the same bits on every rank.
+_SAMPLES, _SECONDS, _LOSS, _HAS_LOSS, _EPOCH, _CURSOR = range(6)
+
+
+@dataclass(kw_only=True, frozen=True)
+class DynamicSlicerConfig:
+    """Options of a DynamicSlicer; invalid values and combinations raise ValueError/TypeError.
+
+    Block sizes of full steps stay within [min_size, max_size]. Only the last step of an epoch
+    can be smaller: when fewer samples remain than a full global batch, they are shared among
+    the ranks in proportion to the current sizes (a rank can get fewer than min_size samples,
+    or none when fewer samples than ranks remain).
+    """
+
+    min_size: int
+    """Smallest block a rank gets in a full step, >= 1."""
+    max_size: int
+    """Largest block a rank gets, >= min_size."""
+    policy: Literal["throughput", "loss"] = "throughput"
+    """How sizes adapt: by measured samples/second, or by the loss."""
+    global_batch: int | None = None
+    """"throughput" only (required there): samples per step summed over ranks; it must lie
+    in [world_size * min_size, world_size * max_size], checked when the world size is known."""
+    rate_momentum: float = 0.5
+    """"throughput": weight of the old smoothed rate in rate <- m * rate + (1 - m) * new."""
+    initial_size: int | None = None
+    """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
+    growth: float = 1.25
+    """"loss": factor applied to the block size after a stable step, >= 1."""
+    shrink: float = 0.5
+    """"loss": factor applied after a loss jump, in (0, 1]."""
+    jump_threshold: float = 0.2
+    """"loss": a step's loss jumps when loss - average > jump_threshold * |average|, > 0."""
+    loss_momentum: float = 0.9
+    """"loss": weight of the old average in average <- m * average + (1 - m) * loss."""
+    shuffle: bool = False
+    """Permute the indices every epoch (generator seeded with seed + epoch)."""
+    seed: int = 0
+    """Base seed of the permutation, >= 0."""
+
+    def __post_init__(self) -> None:
+        check_int("min_size", self.min_size, 1)
+        check_int("max_size", self.max_size, 1)
+        if self.max_size < self.min_size:
+            raise ValueError(f"max_size {self.max_size} < min_size {self.min_size}")
+        if self.policy not in ("throughput", "loss"):
+            raise ValueError(f"policy must be 'throughput' or 'loss', got {self.policy!r}")
+        if self.policy == "throughput":
+            if self.global_batch is None:
+                raise ValueError("policy 'throughput' needs global_batch (samples per step)")
+            check_int("global_batch", self.global_batch, self.min_size)
+        elif self.global_batch is not None:
+            raise ValueError(
+                f"global_batch ({self.global_batch}) applies to policy 'throughput' only; "
+                "policy 'loss' uses one block size per rank"
+            )
+        check_float("rate_momentum", self.rate_momentum, 0.0, 1.0, high_open=True)
+        if self.initial_size is not None:
+            check_int("initial_size", self.initial_size, self.min_size, self.max_size)
+        check_float("growth", self.growth, 1.0, math.inf)
+        check_float("shrink", self.shrink, 0.0, 1.0, low_open=True)
+        check_float("jump_threshold", self.jump_threshold, 0.0, math.inf, low_open=True)
+        check_float("loss_momentum", self.loss_momentum, 0.0, 1.0, high_open=True)
+        check_int("seed", self.seed, 0)
+
+
+class DynamicSlicer:
+    """Per-step, per-rank blocks of sample indices whose sizes adapt during training.
+
+    Every sample is in exactly one block per epoch. Full steps give every rank a block within
+    [min_size, max_size]; see DynamicSlicerConfig for the last step of an epoch.
+
+    Process groups: when torch.distributed is initialised and `group` (default: the world) has
+    more than one rank, this process is one rank of it and `record_step` is a collective that
+    every rank must call once per step, after the same `next_step`. Otherwise one process plays
+    all `world_size` ranks (default 1) and reports for all of them with `record_all`.
+
+    Typical data-parallel loop (every rank runs it; `train` excludes the gradient all-reduce):
+
+        slicer = DynamicSlicer(len(data), min_size=8, max_size=64, global_batch=128)
+        for epoch in range(epochs):
+            for indices in slicer.blocks():         # this rank's block, step after step
+                start = time.perf_counter()
+                loss = train(data[indices])         # forward + backward on this rank only
+                slicer.record_step(len(indices), time.perf_counter() - start, loss=loss)
+                all_reduce_gradients_and_step()      # weight by len(indices) / global size
+
+    Arguments:
+        num_samples: n, the number of samples (indices 0 .. n-1), >= 1.
+        config: the options; or pass them as keyword arguments (`min_size=...`), not both.
+        group: process group whose ranks share the slicer (None: the default group).
+        world_size: the number of ranks; with a process group it must match the group's size
+            (None: taken from the group, or 1 without one).
+        **options: fields of DynamicSlicerConfig when `config` is None.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        config: DynamicSlicerConfig | None = None,
+        *,
+        group: dist.ProcessGroup | None = None,
+        world_size: int | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = DynamicSlicerConfig(**options)
+        elif options:
+            raise TypeError(f"pass either config or its fields, not both (got {sorted(options)})")
+        self.config = config
+        self.num_samples = check_int("num_samples", num_samples, 1)
+        self.group = group
+        self.rank, self.world_size = _world(group, world_size)
+        if config.policy == "throughput":
+            batch = config.global_batch
+            low, high = self.world_size * config.min_size, self.world_size * config.max_size
+            if batch is None or not low <= batch <= high:
+                raise ValueError(
+                    f"global_batch {batch} is outside [world_size {self.world_size} * min_size "
+                    f"{config.min_size}, world_size {self.world_size} * max_size "
+                    f"{config.max_size}] = [{low}, {high}]"
+                )
+        self._epoch = 0
+        self._cursor = 0
+        self._steps = 0
+        self._rates = [0.0] * self.world_size  # 0: not measured yet
+        self._size = float(config.initial_size or config.min_size)
+        self._loss_average: float | None = None
+        self._sizes = self._decide_sizes()
+        self._order = self._epoch_order()
+
+    # ------------------------------------------------------------------ iteration
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next step is cut from (an exhausted epoch moves on at the next step)."""
+        return self._epoch
+
+    @property
+    def position(self) -> int:
+        """How many samples of the current epoch have been handed out."""
+        return self._cursor
+
+    @property
+    def sizes(self) -> list[int]:
+        """Each rank's block size for the next full step, indexed by rank."""
+        return list(self._sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning (optional: epochs also follow each other).
+
+        Arguments:
+            epoch: the epoch number, >= 0; selects the permutation with `shuffle`.
+        """
+        self._epoch = check_int("epoch", epoch, 0)
+        self._cursor = 0
+        self._order = self._epoch_order()
+
+    def next_step(self) -> list[list[int]]:
+        """Cut the next step's blocks, one per rank, and advance the position.
+
+        When the current epoch is exhausted, the next epoch starts first, so this never returns
+        an empty step.
+
+        Returns:
+            blocks[rank]: the sample indices of each rank's block for this step.
+        """
+        if self._cursor >= self.num_samples:
+            self.set_epoch(self._epoch + 1)
+        sizes = self._sizes
+        remaining = self.num_samples - self._cursor
+        if remaining < sum(sizes):
+            sizes = apportion(remaining, sizes, [0] * self.world_size, sizes)
+        blocks = []
+        for size in sizes:
+            blocks.append(self._order[self._cursor : self._cursor + size].tolist())
+            self._cursor += size
+        return blocks
+
+    def steps(self) -> Iterator[list[list[int]]]:
+        """Yield `next_step()` until the end of the epoch (starting the next one if the current
+        one is exhausted). Sizes change as `record_step`/`record_all` are called in between.
+
+        Returns:
+            An iterator over steps; each step is a list of blocks indexed by rank.
+        """
+        if self._cursor >= self.num_samples:
+            self.set_epoch(self._epoch + 1)
+        epoch = self._epoch
+        while self._epoch == epoch and self._cursor < self.num_samples:
+            yield self.next_step()
+
+    def blocks(self) -> Iterator[list[int]]:
+        """Yield this rank's block of each step until the end of the epoch (see `steps`).
+
+        Returns:
+            An iterator over this rank's index lists.
+
+        Raises:
+            RuntimeError: this process plays several ranks (no process group): use `steps`.
+        """
+        rank = self._own_rank()
+        for blocks in self.steps():
+            yield blocks[rank]
+
+    def batch_sampler(self) -> _Blocks:
+        """This rank's blocks as a re-iterable DataLoader `batch_sampler` (one epoch per pass).
+
+        A DataLoader with worker processes fetches `prefetch_factor * num_workers` blocks ahead,
+        cut with the sizes known at that time: sizes then follow the measurements with that lag
+        (the same on every rank when all ranks use the same loader settings).
+
+        Returns:
+            An iterable whose every iteration is `self.blocks()`.
+        """
+        self._own_rank()
+        return _Blocks(self)
+
+    # ------------------------------------------------------------------ measurements
+
+    def record_step(self, samples: int, seconds: float, loss: float | None = None) -> None:
+        """Report this rank's step and update the sizes (a collective across the group).
+
+        Arguments:
+            samples: how many samples this rank processed in the step (its block's length).
+            seconds: time this rank spent computing its block, excluding any wait for other
+                ranks (e.g. forward + backward before the gradient all-reduce): in synchronous
+                training the whole step takes the same time on every rank, so that would carry
+                no signal for the "throughput" policy.
+            loss: this rank's mean loss over its block; required (on every rank with samples)
+                by policy "loss". A non-finite loss counts as a jump.
+
+        Raises:
+            RuntimeError: the ranks are at different positions (they did not step together),
+                raised on every rank alike; or this process plays several ranks (use
+                `record_all`).
+            ValueError: policy "loss" and some rank with samples gave no loss (on every rank).
+        """
+        rank = self._own_rank()
+        check_int("samples", samples, 0)
+        check_float("seconds", seconds, 0.0, math.inf)
+        stats = torch.zeros(6, self.world_size, dtype=torch.float64)
+        stats[:, rank] = torch.tensor(self._row(samples, seconds, loss), dtype=torch.float64)
+        if self.rank is not None and self.world_size > 1:
+            device = _collective_device(self.group)
+            reduced = stats.to(device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+            stats = reduced.cpu()
+        self._apply(stats.tolist())
+
+    def record_all(
+        self,
+        samples: Sequence[int],
+        seconds: Sequence[float],
+        losses: Sequence[float | None] | None = None,
+    ) -> None:
+        """Report every rank's step from this one process and update the sizes (no collective).
+
+        Arguments:
+            samples: samples processed per rank, indexed by rank.
+            seconds: compute seconds per rank (see `record_step`).
+            losses: mean loss per rank (None entries or None: not given).
+
+        Raises:
+            RuntimeError: this process is one rank of a process group (use `record_step`).
+            ValueError: lengths do not match world_size, or bad values (see `record_step`).
+        """
+        if self.rank is not None and self.world_size > 1:
+            raise RuntimeError(
+                f"this process is rank {self.rank} of {self.world_size}: report with "
+                "record_step (a collective), not record_all"
+            )
+        losses = [None] * self.world_size if losses is None else list(losses)
+        if not len(samples) == len(seconds) == len(losses) == self.world_size:
+            raise ValueError(
+                f"need one value per rank (world_size {self.world_size}), got "
+                f"{len(samples)} samples, {len(seconds)} seconds, {len(losses)} losses"
+            )
+        columns = []
+        for rank in range(self.world_size):
+            check_int(f"samples[{rank}]", samples[rank], 0)
+            check_float(f"seconds[{rank}]", seconds[rank], 0.0, math.inf)
+            columns.append(self._row(samples[rank], seconds[rank], losses[rank]))
+        self._apply([list(row) for row in zip(*columns, strict=True)])
+
+    def _row(self, samples: int, seconds: float, loss: float | None) -> list[float]:
+        value = 0.0 if loss is None else float(loss)
+        return [samples, seconds, value, 0.0 if loss is None else 1.0, self._epoch, self._cursor]
+
+    def _apply(self, stats: list[list[float]]) -> None:
+        # Everything below reads the reduced statistics only, in rank order: same decision on
+        # every rank.
+        positions = list(zip(stats[_EPOCH], stats[_CURSOR], strict=True))
+        if len(set(positions)) > 1:
+            readable = [(int(e), int(c)) for e, c in positions]
+            raise RuntimeError(
+                f"ranks are at different (epoch, position) pairs {readable}: every rank must "
+                "call next_step and then record_step once per step"
+            )
+        samples, seconds = stats[_SAMPLES], stats[_SECONDS]
+        if self.config.policy == "throughput":
+            momentum = self.config.rate_momentum
+            for rank in range(self.world_size):
+                if samples[rank] > 0 and seconds[rank] > 0:
+                    rate = samples[rank] / seconds[rank]
+                    old = self._rates[rank]
+                    self._rates[rank] = rate if old == 0 else momentum * old + (1 - momentum) * rate
+        else:
+            missing = [
+                r for r in range(self.world_size) if samples[r] > 0 and stats[_HAS_LOSS][r] == 0
+            ]
+            if missing:
+                raise ValueError(f"policy 'loss' needs the loss of every rank with samples; "
+                                 f"rank(s) {missing} gave none")  # fmt: skip
+            self._update_size(stats[_LOSS], samples)
+        self._steps += 1
+        self._sizes = self._decide_sizes()
+
+    def _update_size(self, losses: list[float], samples: list[float]) -> None:
+        total = sum(samples)
+        if total == 0:
+            return
+        # The global batch's mean loss: each rank's mean weighted by its samples.
+        loss = sum(value * count for value, count in zip(losses, samples, strict=True)) / total
+        config = self.config
+        if not math.isfinite(loss):
+            self._size *= config.shrink
+        elif self._loss_average is None:
+            self._loss_average = loss  # the first loss only sets the reference
+        else:
+            average = self._loss_average
+            jumped = loss - average > config.jump_threshold * abs(average)
+            self._size *= config.shrink if jumped else config.growth
+            self._loss_average = config.loss_momentum * average + (1 - config.loss_momentum) * loss
+        self._size = min(max(self._size, float(config.min_size)), float(config.max_size))
+
+    def _decide_sizes(self) -> list[int]:
+        config = self.config
+        if config.policy == "loss":
+            return [int(self._size)] * self.world_size
+        known = [rate for rate in self._rates if rate > 0]
+        # A rank not measured yet is assumed as fast as the average measured one.
+        fill = sum(known) / len(known) if known else 1.0
+        weights = [rate if rate > 0 else fill for rate in self._rates]
+        assert config.global_batch is not None  # checked at construction
+        return apportion(
+            config.global_batch,
+            weights,
+            [config.min_size] * self.world_size,
+            [config.max_size] * self.world_size,
+        )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume identically (plain Python values; the same on every
+        rank, so one rank's copy resumes all). The permutation is rebuilt from seed + epoch.
+
+        Returns:
+            A dict for `load_state_dict`.
+        """
+        return {
+            "version": _STATE_VERSION,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "config": asdict(self.config),
+            "epoch": self._epoch,
+            "position": self._cursor,
+            "steps": self._steps,
+            "rates": list(self._rates),
+            "size": self._size,
+            "loss_average": self._loss_average,
+            "sizes": list(self._sizes),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from `state_dict()` of a slicer with the same samples, world size and config.
+
+        Arguments:
+            state: what `state_dict` returned.
+
+        Raises:
+            ValueError: the state is from another version, sample count, world size or config.
+        """
+        expected = {
+            "version": _STATE_VERSION,
+            "num_samples": self.num_samples,
+            "world_size": self.world_size,
+            "config": asdict(self.config),
+        }
+        for key, value in expected.items():
+            if state.get(key) != value:
+                raise ValueError(f"state {key} {state.get(key)!r} does not match this "
+                                 f"slicer's {value!r}")  # fmt: skip
+        self._epoch = check_int("epoch", state["epoch"], 0)
+        self._cursor = check_int("position", state["position"], 0, self.num_samples)
+        self._steps = state["steps"]
+        self._rates = [float(rate) for rate in state["rates"]]
+        self._size = float(state["size"])
+        average = state["loss_average"]
+        self._loss_average = None if average is None else float(average)
+        self._sizes = [int(size) for size in state["sizes"]]
+        self._order = self._epoch_order()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _epoch_order(self) -> torch.Tensor:
+        if self.config.shuffle:
+            generator = torch.Generator().manual_seed(self.config.seed + self._epoch)
+            return torch.randperm(self.num_samples, generator=generator)
+        return torch.arange(self.num_samples)
+
+    def _own_rank(self) -> int:
+        if self.rank is None:
+            raise RuntimeError(
+                f"this process plays all {self.world_size} ranks (no process group): use "
+                "steps()/next_step() for the blocks and record_all for the measurements"
+            )
+        return self.rank
+
+
+class _Blocks:
+    """Re-iterable view of one rank's blocks, for DataLoader(batch_sampler=...)."""
+
+    def __init__(self, slicer: DynamicSlicer) -> None:
+        self.slicer = slicer
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return self.slicer.blocks()
+
+
+def _world(group: dist.ProcessGroup | None, world_size: int | None) -> tuple[int | None, int]:
+    """(this process's rank or None when it plays all ranks, world size)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if group is not None and not distributed:
+        raise ValueError("a group was given but torch.distributed is not initialised")
+    if distributed:
+        size = dist.get_world_size(group)
+        if world_size is not None and world_size != size:
+            raise ValueError(f"world_size {world_size} != the process group's size {size}")
+        if size > 1:
+            return dist.get_rank(group), size
+    size = 1 if world_size is None else check_int("world_size", world_size, 1)
+    return (0 if size == 1 else None), size
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo (and others) take CPU tensors.
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
