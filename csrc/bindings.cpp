@@ -19,4 +19,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "out = inputs[0] op ... op inputs[k-1] on the current CUDA stream", py::arg("inputs"),
         py::arg("out"), py::arg("op"));
 #endif
+  py::register_exception<fastpar::RingTimeoutError>(m, "RingTimeoutError", PyExc_TimeoutError);
+  py::register_exception<fastpar::RingMismatchError>(m, "RingMismatchError", PyExc_ValueError);
+  py::register_exception<fastpar::RingClosedError>(m, "RingClosedError", PyExc_RuntimeError);
+  py::class_<fastpar::ShmAllReduce>(m, "ShmAllReduce",
+                                    "all-reduce of CPU tensors through shared memory")
+      .def(py::init<const std::string&, bool, int64_t, int64_t, int64_t, int64_t, double>(),
+           py::arg("name"), py::arg("create"), py::arg("rank"), py::arg("world"),
+           py::arg("slots"), py::arg("chunk_bytes"), py::arg("timeout_s"))
+      .def("unlink", &fastpar::ShmAllReduce::unlink)
+      .def("all_reduce", &fastpar::ShmAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
+      .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
 }

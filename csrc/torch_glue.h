@@ -4,9 +4,15 @@
 
 #include <torch/types.h>
 
+#include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "reduce.h"
+#include "ring.h"
+#include "shm_ring.h"
+#include "shm_transport.h"
 
 namespace fastpar {
 
@@ -20,5 +26,28 @@ void reduce_buffers_cpu(const std::vector<at::Tensor>& inputs, at::Tensor& out, 
 // The same on CUDA tensors of one device, enqueued on the current stream.
 void reduce_buffers_cuda(const std::vector<at::Tensor>& inputs, at::Tensor& out, int64_t op);
 #endif
+
+// The shared-memory all-reduce of CPU tensors (shm_ring.h) behind torch checks. Rank 0 creates
+// the segment `name`, the others open it; each unlinks it once all have mapped it.
+class ShmAllReduce {
+ public:
+  ShmAllReduce(const std::string& name, bool create, int64_t rank, int64_t world, int64_t slots,
+               int64_t chunk_bytes, double timeout_s);
+  // Removes the segment's name; the mapping stays (call once every rank has mapped it).
+  void unlink();
+  // In place on a contiguous CPU tensor; op is a ReduceOp code or kOpAvg (which sums: the
+  // caller divides).
+  void all_reduce(at::Tensor& tensor, int64_t op);
+  // Unmaps; later calls raise RingClosedError. Idempotent.
+  void close();
+  bool closed() const;
+  // Why the ring is unusable after a failure ("" while usable).
+  std::string failure() const;
+
+ private:
+  mutable std::mutex mutex_;  // one call at a time; close waits for a running call
+  SharedSegment segment_;
+  std::unique_ptr<ShmRing> ring_;
+};
 
 }  // namespace fastpar

@@ -1,0 +1,132 @@
+// Pieces of the all-reduce shared by its transports (pure C++, no torch headers): the errors it
+// raises, the call header every rank checks, how a chunk is split among the ranks, and the
+// bounded wait that every flag poll goes through.
+//
+// Glossary: n = world size (ranks of the group), r = this rank, t = step (one chunk of one call;
+// steps are numbered across calls so that flags only grow), S = slots in the ring of buffers.
+#pragma once
+
+#include <sched.h>
+#include <time.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "reduce.h"
+
+namespace fastpar {
+
+// Reduce operations of the all-reduce: ReduceOp's codes, plus AVG (a SUM divided by n).
+constexpr int32_t kOpAvg = 4;
+constexpr int32_t kMaxRingOp = kOpAvg;
+
+// A peer did not arrive in time (dead, hung, or not calling): the object is unusable afterwards.
+class RingTimeoutError : public std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// Ranks called with different sizes, dtypes or ops: every rank raises, the object stays usable.
+class RingMismatchError : public std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+// The object was closed, or an earlier failure left it unusable.
+class RingClosedError : public std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// What each rank announces with its first chunk; all ranks must announce the same.
+struct CallHeader {
+  int64_t count;
+  int32_t dtype;
+  int32_t op;
+};
+
+inline bool operator==(const CallHeader& a, const CallHeader& b) {
+  return a.count == b.count && a.dtype == b.dtype && a.op == b.op;
+}
+
+inline const char* dtype_name(int32_t dtype) {
+  switch (static_cast<DType>(dtype)) {
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
+  }
+  return "unknown dtype";
+}
+
+inline const char* op_name(int32_t op) {
+  static const char* const kNames[] = {"SUM", "PRODUCT", "MIN", "MAX", "AVG"};
+  return op >= 0 && op <= kMaxRingOp ? kNames[op] : "unknown op";
+}
+
+inline std::string describe(const CallHeader& h) {
+  return std::to_string(h.count) + " x " + dtype_name(h.dtype) + " " + op_name(h.op);
+}
+
+// Elements [begin, end) of a chunk.
+struct Span {
+  int64_t begin;
+  int64_t end;
+  int64_t size() const { return end - begin; }
+};
+
+// The part of a chunk of `count` elements that rank `rank` of `world` reduces: equal parts
+// rounded up to `align` elements (whole cache lines), so some trailing parts may be empty. Every
+// rank computes the same split, so each element is reduced by exactly one rank.
+inline Span portion(int64_t count, int rank, int world, int64_t align) {
+  int64_t per = (count + world - 1) / world;
+  per = (per + align - 1) / align * align;
+  const int64_t begin = std::min(count, per * rank);
+  return {begin, std::min(count, begin + per)};
+}
+
+// How a waiting rank behaves: spin (the peer is usually running on another core and arrives in
+// microseconds), then yield the core (more ranks than cores: the peer may need ours), then
+// sleep briefly; give up after `timeout`.
+struct WaitPolicy {
+  double timeout_s = 300.0;
+  double spin_s = 2e-6;
+  double yield_s = 2e-3;
+  long sleep_ns = 20000;
+};
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+// Polls `ready()` until it holds (returns true) or the timeout passes (returns false). In the
+// yield and sleep phases it also calls `check()`, which may throw to end the wait early (a peer
+// that has given up already).
+template <typename Ready, typename Check>
+bool bounded_wait(const WaitPolicy& policy, Ready&& ready, Check&& check) {
+  if (ready()) return true;
+  using Clock = std::chrono::steady_clock;
+  const auto start = Clock::now();
+  for (;;) {
+    for (int i = 0; i < 64; ++i) {
+      cpu_relax();
+      if (ready()) return true;
+    }
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    if (elapsed < policy.spin_s) continue;
+    check();
+    if (elapsed > policy.timeout_s) return ready();
+    if (elapsed < policy.yield_s) {
+      sched_yield();
+    } else {
+      const timespec pause{0, policy.sleep_ns};
+      nanosleep(&pause, nullptr);
+    }
+  }
+}
+
+}  // namespace fastpar

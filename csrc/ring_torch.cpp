@@ -1,0 +1,68 @@
+// Torch glue for the shared-memory all-reduce: argument checks and dtype mapping around the pure
+// C++ ring (shm_ring.h).
+#include <torch/types.h>
+
+#include "torch_glue.h"
+
+namespace fastpar {
+
+ShmAllReduce::ShmAllReduce(const std::string& name, bool create, int64_t rank, int64_t world,
+                           int64_t slots, int64_t chunk_bytes, double timeout_s) {
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world, "rank must be in [0, world), got rank ",
+                    rank, " of world ", world);
+  TORCH_CHECK_VALUE(slots >= 3 && slots <= 64, "slots must be in [3, 64], got ", slots);
+  TORCH_CHECK_VALUE(chunk_bytes > 0 && chunk_bytes % 4096 == 0,
+                    "chunk_bytes must be a positive multiple of 4096, got ", chunk_bytes);
+  TORCH_CHECK_VALUE(timeout_s > 0, "timeout must be positive, got ", timeout_s, " s");
+  const size_t bytes = ShmRing::segment_bytes(static_cast<int>(world), static_cast<int>(slots),
+                                              chunk_bytes);
+  if (create) {
+    segment_ = SharedSegment::create(name, bytes);
+    ShmRing::format(segment_.data(), static_cast<int>(world), static_cast<int>(slots),
+                    chunk_bytes);
+  } else {
+    segment_ = SharedSegment::open(name, bytes);
+  }
+  WaitPolicy policy;
+  policy.timeout_s = timeout_s;
+  ring_ = std::make_unique<ShmRing>(segment_.data(), segment_.size(), static_cast<int>(rank),
+                                    static_cast<int>(world), static_cast<int>(slots), chunk_bytes,
+                                    policy);
+}
+
+void ShmAllReduce::unlink() {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  segment_.unlink();
+}
+
+void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), "tensor must be a CPU tensor, got ",
+                    tensor.device());
+  TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
+  TORCH_CHECK_VALUE(op >= 0 && op <= kMaxRingOp, "op must be 0..", kMaxRingOp, ", got ", op);
+  TORCH_CHECK_VALUE(op != kOpAvg || at::isFloatingType(tensor.scalar_type()),
+                    "op AVG needs a floating-point tensor, got ", tensor.scalar_type());
+  const DType dtype = to_native_dtype(tensor.scalar_type(), "tensor");
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (!ring_) throw RingClosedError("this ring all-reduce was closed");
+  ring_->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op));
+}
+
+void ShmAllReduce::close() {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  ring_.reset();
+  segment_.unlink();
+  segment_.unmap();
+}
+
+bool ShmAllReduce::closed() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return !ring_;
+}
+
+std::string ShmAllReduce::failure() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return ring_ ? ring_->failure() : std::string();
+}
+
+}  // namespace fastpar

@@ -1,0 +1,339 @@
+"""`RingAllReduce`: the native all-reduce of one process group, with torch.distributed's shape.
+
+The object owns the transport's buffers (`close()`, or use it as a context manager), answers
+`should_use(tensor)`, and hands every call it does not handle to torch.distributed (the reason
+logged once). On CPU the transport is one POSIX shared-memory segment for the group
+(`csrc/shm_ring.h` explains the algorithm): every element is combined in rank order, so all ranks
+get bitwise-identical results.
+
+Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
+order (as with process groups), and the ranks meet once through the default store to name and
+map the segment, which is unlinked as soon as all have mapped it. After that a call touches
+neither the store nor the allocator.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import timedelta
+from types import TracebackType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastpar import _native
+from fastpar._logging import get_logger, log_once
+from fastpar.comm.errors import (
+    NATIVE_ERRORS,
+    CommClosedError,
+    CommTimeoutError,
+    translate_native_error,
+)
+from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
+from fastpar.comm.work import RingWork
+
+logger = get_logger(__name__)
+
+DEFAULT_TIMEOUT = timedelta(minutes=5)
+DEFAULT_CHUNK_BYTES = 256 * 1024
+DEFAULT_SLOTS = 4
+
+# Per group (its global ranks), how many rings this process has created: the ranks of a group
+# create theirs in the same order, so the count names the same ring on every rank.
+_created: dict[tuple[int, ...], int] = {}
+_created_lock = threading.Lock()
+
+
+def _host_identity() -> str:
+    """Equal on two processes when they can share a POSIX shared-memory segment."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        ipc = os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        boot, ipc = "", ""
+    return f"{socket.gethostname()}|{boot}|{ipc}"
+
+
+def _as_timedelta(timeout: timedelta | float) -> timedelta:
+    value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
+    if value.total_seconds() <= 0:
+        raise ValueError(f"timeout must be positive, got {timeout!r}")
+    return value
+
+
+def _has_internal_overlap(tensor: torch.Tensor) -> bool:
+    """Whether two elements of `tensor` may share memory (as after expand()); conservative."""
+    extent = 1
+    dims = zip(tensor.stride(), tensor.shape, strict=True)
+    for stride, size in sorted((s, n) for s, n in dims if n > 1):
+        if stride < extent:
+            return True
+        extent += stride * (size - 1)
+    return False
+
+
+class RingAllReduce:
+    """All-reduce over the ranks of `group` through fastpar's native ring.
+
+    Arguments:
+        group: the process group (None: the default group). This process must be a member.
+        timeout: how long any wait for a peer may take (timedelta or seconds); a peer that dead
+            or absent makes every rank raise CommTimeoutError within twice this.
+        device: the device whose tensors this ring reduces ("cpu"); tensors elsewhere go to
+            torch.distributed.
+        chunk_bytes: bytes per pipeline chunk (a multiple of 4096).
+        slots: chunks in flight per rank (>= 3); the segment holds world * slots * chunk_bytes.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        slots: int = DEFAULT_SLOTS,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "RingAllReduce needs torch.distributed to be initialised "
+                "(call torch.distributed.init_process_group first)"
+            )
+        self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise ValueError(
+                f"this process (global rank {dist.get_rank()}) is not a member of the group"
+            )
+        self.world_size = dist.get_world_size(self.group)
+        self.device = torch.device(device)
+        self.timeout = _as_timedelta(timeout)
+        self._transport: Any = None
+        self._native_errors: tuple[type[BaseException], ...] = ()
+        self._disabled: str | None = None
+        self._closed = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+        self._submit_lock = threading.Lock()
+        if self.device.type != "cpu":
+            self._disabled = (
+                f"the ring handles CPU tensors; {self.device} is served by torch.distributed"
+            )
+        elif self.world_size > 1:
+            self._connect_shared_memory(chunk_bytes, slots)
+        if self._disabled is not None:
+            log_once(logger, f"fastpar ring all-reduce is off for this group: {self._disabled}")
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _store_wait(self, store: dist.Store, keys: dict[int, str], what: str) -> None:
+        try:
+            store.wait(list(keys.values()), self.timeout)
+        except RuntimeError as error:
+            missing = [rank for rank, key in keys.items() if not store.check([key])]
+            raise CommTimeoutError(
+                f"rank {self.rank} timed out after {self.timeout.total_seconds():g} s waiting "
+                f"for rank(s) {missing} to {what} while creating a RingAllReduce (does every "
+                "rank of the group create it?)"
+            ) from error
+
+    def _connect_shared_memory(self, chunk_bytes: int, slots: int) -> None:
+        store = dist.distributed_c10d._get_default_store()
+        ranks = tuple(dist.get_process_group_ranks(self.group))
+        with _created_lock:
+            index = _created.get(ranks, 0)
+            _created[ranks] = index + 1
+        prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
+        everyone = range(self.world_size)
+
+        hosts = {rank: f"{prefix}/host/{rank}" for rank in everyone}
+        store.set(hosts[self.rank], _host_identity())
+        self._store_wait(store, hosts, "say which host it runs on")
+        if len({store.get(key) for key in hosts.values()}) != 1:
+            self._disabled = "its ranks do not all share one host's shared memory"
+            return
+
+        native = _native.load()
+        segment_key = f"{prefix}/segment"
+        mapped = {rank: f"{prefix}/mapped/{rank}" for rank in everyone}
+        timeout_s = self.timeout.total_seconds()
+        transport = None
+        try:
+            if self.rank == 0:
+                name = f"/fastpar-{uuid.uuid4().hex}"
+                try:
+                    transport = native.ShmAllReduce(
+                        name, True, 0, self.world_size, slots, chunk_bytes, timeout_s
+                    )
+                except Exception as error:
+                    store.set(segment_key, f"error: {error}")
+                    raise
+                store.set(segment_key, name)
+            else:
+                self._store_wait(store, {0: segment_key}, "create the shared memory segment")
+                name = store.get(segment_key).decode()
+                if name.startswith("error: "):
+                    raise RuntimeError(f"rank 0 could not create the ring's segment: {name[7:]}")
+                try:
+                    transport = native.ShmAllReduce(
+                        name, False, self.rank, self.world_size, slots, chunk_bytes, timeout_s
+                    )
+                except Exception as error:
+                    store.set(mapped[self.rank], f"error: {error}")
+                    raise
+            store.set(mapped[self.rank], "ok")
+            self._store_wait(store, mapped, "map the shared memory segment")
+            for rank, key in mapped.items():
+                value = store.get(key).decode()
+                if value != "ok":
+                    raise RuntimeError(f"rank {rank} could not map the ring's segment: {value}")
+            # Everyone has it mapped: from now on a crash leaves nothing in /dev/shm.
+            transport.unlink()
+        except BaseException:
+            if transport is not None:
+                transport.close()
+            raise
+        self._transport = transport
+        self._native_errors = tuple(getattr(native, name) for name in NATIVE_ERRORS)
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    def should_use(self, tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> bool:
+        """Whether `all_reduce(tensor, op)` runs on the ring (False: it goes to torch.distributed).
+
+        Arguments:
+            tensor: the tensor that would be reduced.
+            op: the reduce operation.
+
+        Returns:
+            True when the ring is open and handles this device, dtype and op.
+        """
+        return not self._closed and self._fallback_reason(tensor, ring_op_code(op), op) is None
+
+    def _fallback_reason(self, tensor: torch.Tensor, code: int | None, op: object) -> str | None:
+        if tensor.device != self.device:
+            return f"tensor is on {tensor.device}; this ring serves {self.device}"
+        if self._disabled is not None:
+            return self._disabled
+        return unsupported_reason(tensor.dtype, code, op)
+
+    def all_reduce(
+        self,
+        tensor: torch.Tensor,
+        op: object = dist.ReduceOp.SUM,
+        group: dist.ProcessGroup | None = None,
+        async_op: bool = False,
+    ) -> RingWork | dist.Work | None:
+        """In place: `tensor` becomes the reduction of every rank's `tensor`, as
+        `torch.distributed.all_reduce` does.
+
+        Arguments:
+            tensor: any shape and size (0 included); contiguous, or a non-overlapping view
+                (reduced through a contiguous copy). dtypes float32, float64, float16, bfloat16
+                (accumulated in float32), int32, int64.
+            op: `torch.distributed.ReduceOp` SUM, AVG (floating dtypes), PRODUCT, MIN or MAX.
+            group: None or this ring's group.
+            async_op: return a work handle instead of waiting.
+
+        Returns:
+            None, or with `async_op` a handle with `wait()` and `is_completed()`.
+
+        Raises:
+            CommMismatchError: ranks passed different sizes, dtypes or ops (on every rank).
+            CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable).
+            CommClosedError: the ring was closed or had failed before.
+        """
+        if group is not None and group is not self.group:
+            raise ValueError("group must be None or the group this RingAllReduce was created for")
+        if self._closed:
+            raise CommClosedError("this RingAllReduce was closed")
+        code = ring_op_code(op)
+        reason = self._fallback_reason(tensor, code, op)
+        if reason is not None:
+            log_once(logger, f"fastpar all_reduce goes to torch.distributed: {reason}")
+            return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+        if code == AVG and not tensor.is_floating_point():
+            raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
+        if async_op:
+            return self._submit(tensor, code)
+        last = self._last
+        if last is not None and not last.done():
+            self._submit(tensor, code).wait()  # after the async calls still queued, in order
+        else:
+            self._run(tensor, code)
+        return None
+
+    def _run(self, tensor: torch.Tensor, code: int) -> None:
+        if self.world_size == 1:
+            return
+        target = tensor
+        if not tensor.is_contiguous():
+            if _has_internal_overlap(tensor):
+                raise ValueError(
+                    "tensor has elements that share memory (as after expand()), so an in-place "
+                    "all_reduce is ill-defined; pass tensor.clone()"
+                )
+            target = tensor.contiguous()
+        try:
+            self._transport.all_reduce(target, code)
+        except self._native_errors as error:
+            raise translate_native_error(error) from None
+        if code == AVG:
+            target.div_(self.world_size)
+        if target is not tensor:
+            tensor.copy_(target)
+
+    def _submit(self, tensor: torch.Tensor, code: int) -> RingWork:
+        with self._submit_lock:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-ring")
+            future = self._executor.submit(self._run, tensor, code)
+            self._last = future
+        return RingWork(future)
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        """Whether close() was called."""
+        return self._closed
+
+    @property
+    def failure(self) -> str:
+        """Why the ring is unusable after a failed call ("" while it is usable)."""
+        return self._transport.failure if self._transport is not None else ""
+
+    def close(self) -> None:
+        """Finish queued async calls, then release the shared memory. Local (not collective)
+        and idempotent; later calls raise CommClosedError."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)  # each queued call is bounded by the timeout
+        if self._transport is not None:
+            self._transport.close()
+
+    def __enter__(self) -> RingAllReduce:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else (self._disabled and "off") or "open"
+        return (
+            f"RingAllReduce(rank={self.rank}, world_size={self.world_size}, "
+            f"device={self.device}, {state})"
+        )

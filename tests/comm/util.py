@@ -1,0 +1,46 @@
+"""Inputs and references shared by the all-reduce tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+R = dist.ReduceOp
+
+
+def integer_valued(
+    size: int, dtype: torch.dtype, op: R, generator: torch.Generator
+) -> torch.Tensor:
+    """Random integers that every dtype holds exactly, as do all their sums and products over a
+    few ranks (so a reduction in any order is exact); never all zeros."""
+    if op == R.PRODUCT:
+        values = torch.randint(1, 3, (size,), generator=generator)
+        signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
+        return (values * signs).to(dtype)
+    return torch.randint(-50, 51, (size,), generator=generator).to(dtype)
+
+
+def fold_in_rank_order(inputs: list[torch.Tensor], op: R) -> torch.Tensor:
+    """inputs[0] op inputs[1] op ... left to right, in float32 for 16-bit floats (as the ring
+    accumulates), rounded once; AVG is the sum divided by the count in the input dtype."""
+    low = inputs[0].dtype in (torch.float16, torch.bfloat16)
+    acc = inputs[0].float() if low else inputs[0].clone()
+    for x in inputs[1:]:
+        x = x.float() if low else x
+        if op in (R.SUM, R.AVG):
+            acc = acc + x
+        elif op == R.PRODUCT:
+            acc = acc * x
+        elif op == R.MIN:
+            acc = torch.minimum(acc, x)
+        else:
+            acc = torch.maximum(acc, x)
+    result = acc.to(inputs[0].dtype)
+    return result.div_(len(inputs)) if op == R.AVG else result
+
+
+def shm_segments() -> set[str]:
+    """The ring's shared-memory segments present in /dev/shm."""
+    return {path.name for path in Path("/dev/shm").glob("fastpar-*")}
