@@ -1,0 +1,97 @@
+"""Registers, spills and shared memory of every LSTM kernel configuration, compiled for sm_90.
+
+Runs on a machine without a GPU: each configuration the launchers would choose on an H100
+(132 SMs) is compiled by Triton for sm_90 and measured by Triton's bundled ``ptxas -v``.
+
+    python bench/kernel_report.py                 # benchmark and test shapes, as a table
+    python bench/kernel_report.py --json out.json # also write the rows as JSON
+
+Exits non-zero if a configuration fails to compile or spills.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Compile for the GPU even when the shell asks for the interpreter (where @triton.jit yields
+# interpreted functions that cannot be compiled). Must happen before triton is imported.
+os.environ.pop("TRITON_INTERPRET", None)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from fastpar.ops.lstm_compile_cases import compile_cases  # noqa: E402
+from fastpar.testing.triton_compile import compile_for_sm90  # noqa: E402
+
+H100_SMS = 132
+# (B, H, P, dtype): the shapes of bench/lstm.py, then those of the interpreter tests.
+BENCH_SHAPES = [
+    (16, 768, 768, torch.bfloat16),
+    (16, 768, 768, torch.float16),
+    (16, 768, 768, torch.float32),
+    (64, 1024, 1024, torch.bfloat16),
+    (256, 1000, 1000, torch.bfloat16),
+    (8, 256, 256, torch.bfloat16),
+]
+TEST_SHAPES = [
+    (3, 33, 33, torch.float32),
+    (3, 33, 5, torch.float32),
+    (3, 33, 33, torch.bfloat16),
+    (3, 33, 33, torch.float16),
+]
+
+
+def report(shapes: list[tuple[int, int, int, torch.dtype]], num_sms: int) -> list[dict]:
+    """Compile every distinct configuration for the shapes; one row per configuration."""
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for batch, hidden, proj, dtype in shapes:
+        for case in compile_cases(batch, hidden, proj, dtype, num_sms):
+            key = f"{case.kernel.__name__}{sorted(case.constexprs.items())}{case.num_warps}"
+            if key in seen:
+                continue
+            seen.add(key)
+            row = {"label": case.label, "num_warps": case.num_warps}
+            try:
+                r = compile_for_sm90(
+                    case.kernel, case.signature, case.constexprs, num_warps=case.num_warps
+                )
+                row.update(registers=r.registers, spills=r.spills, shared=r.shared_bytes)
+            except Exception as e:  # reported in the table and in the exit status
+                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            rows.append(row)
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", choices=["bench", "test", "all"], default="all")
+    parser.add_argument("--sms", type=int, default=H100_SMS, help="SMs of the target GPU")
+    parser.add_argument("--json", type=Path, help="also write the rows here")
+    args = parser.parse_args()
+    shapes = {"bench": BENCH_SHAPES, "test": TEST_SHAPES, "all": BENCH_SHAPES + TEST_SHAPES}
+    rows = report(shapes[args.shapes], args.sms)
+    width = max(len(r["label"]) for r in rows)
+    print(f"{'kernel / configuration (sm_90)':{width}}  warps  regs  spills  smem")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['label']:{width}}  {r['num_warps']:5}  FAILED: {r['error']}")
+        else:
+            print(
+                f"{r['label']:{width}}  {r['num_warps']:5}  {r['registers']:4}  "
+                f"{r['spills']:6}  {r['shared']:5}"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    bad = [r for r in rows if "error" in r or r["spills"] > 0]
+    if bad:
+        print(f"{len(bad)} configuration(s) failed to compile or spill", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,313 @@
+"""fastpar.nn.LSTM against torch.nn.LSTM (float64): parameters, results, gradients, errors,
+saving. The triton backend runs in the interpreter on CPU."""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastpar.nn
+import fastpar.nn.lstm
+from tests.ops.lstm_helpers import (
+    FP32_ATOL,
+    FP32_RTOL,
+    assert_close,
+    assert_within_torch_error,
+    grads,
+    randn,
+)
+
+F_IN, H, B = 10, 33, 3
+
+
+def _pair(backend: str = "triton", dtype: torch.dtype = torch.float32, **kwargs: object):
+    """A fastpar LSTM and a float64 torch.nn.LSTM with the same weights."""
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTM(F_IN, H, backend=backend, **kwargs)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTM(F_IN, H, **kwargs).double()  # type: ignore[arg-type]
+    theirs.load_state_dict(ours.state_dict())
+    return ours.to(dtype), theirs
+
+
+def _compare(ours, theirs, x, hx, dtype=torch.float32, atol=FP32_ATOL, rtol=FP32_RTOL, check=True):
+    """Outputs and the gradients of input, h0, c0 and every parameter, ours vs float64
+    (asserted within atol/rtol when check, else only returned)."""
+    xs = x.detach().to(dtype).requires_grad_()
+    hxs = tuple(h.detach().to(dtype).requires_grad_() for h in hx)
+    xd = x.detach().double().requires_grad_()
+    hxd = tuple(h.detach().double().requires_grad_() for h in hx)
+    out, (h_n, c_n) = ours(xs, hxs)
+    want, (want_h, want_c) = theirs(xd, hxd)
+    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate((want, want_h, want_c))]
+    got = [out, h_n, c_n] + list(
+        grads((out, h_n, c_n), [c.to(dtype) for c in cot], [xs, *hxs, *ours.parameters()])
+    )
+    exp = [want, want_h, want_c] + list(
+        grads((want, want_h, want_c), cot, [xd, *hxd, *theirs.parameters()])
+    )
+    names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"] + [
+        "d " + n for n, _ in ours.named_parameters()
+    ]
+    assert len(got) == len(exp) == len(names)
+    for name, a, b in zip(names, got, exp, strict=True):
+        assert a.shape == b.shape, name
+        if check:
+            assert_close(a, b, atol, rtol, name)
+    return got, exp, names
+
+
+CONFIGS = [
+    # num_layers, bidirectional, proj_size, batch_first, bias, T
+    (1, False, 0, False, True, 1),
+    (1, False, 0, True, True, 7),
+    (2, True, 0, False, True, 7),
+    (3, False, 5, False, False, 7),
+    (2, True, 4, True, True, 7),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
+def test_matches_torch_lstm(
+    backend: str,
+    num_layers: int,
+    bidirectional: bool,
+    proj_size: int,
+    batch_first: bool,
+    bias: bool,
+    T: int,
+) -> None:
+    ours, theirs = _pair(
+        backend, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+        batch_first=batch_first, bias=bias,
+    )  # fmt: skip
+    D = 2 if bidirectional else 1
+    x = randn(B, T, F_IN, seed=1) if batch_first else randn(T, B, F_IN, seed=1)
+    hx = (randn(num_layers * D, B, proj_size or H, seed=2), randn(num_layers * D, B, H, seed=3))
+    _compare(ours, theirs, x, hx)
+
+
+@pytest.mark.parametrize(
+    "dtype, atol, rtol",
+    [(torch.float32, FP32_ATOL, FP32_RTOL), (torch.bfloat16, 1e-3, 1e-3),
+     (torch.float16, 1e-4, 1e-4)],
+)  # fmt: skip
+def test_dtypes_against_torch_own_error(dtype: torch.dtype, atol: float, rtol: float) -> None:
+    # Half types: fastpar's error against float64 within a small multiple of torch.nn.LSTM's
+    # own error when it runs in that dtype, on the same rounded weights and inputs.
+    ours, theirs = _pair(num_layers=2, bidirectional=True)
+    ours = ours.to(dtype)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = randn(5, B, F_IN, seed=1).to(dtype).double()
+    hx = tuple(randn(4, B, H, seed=s).to(dtype).double() for s in (2, 3))
+    if dtype == torch.float32:
+        _compare(ours, theirs, x, hx)
+        return
+    torch_own = torch.nn.LSTM(F_IN, H, num_layers=2, bidirectional=True).to(dtype)
+    torch_own.load_state_dict(ours.state_dict())
+    got, exp, names = _compare(ours, theirs, x, hx, dtype, check=False)
+    own, _, _ = _compare(torch_own, theirs, x, hx, dtype, check=False)
+    for name, a, t, e in zip(names, got, own, exp, strict=True):
+        assert_within_torch_error(a, t, e, atol, rtol, name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_packed_unsorted_lengths(backend: str) -> None:
+    ours, theirs = _pair(backend, num_layers=2, bidirectional=True)
+    T = 6
+    lengths = torch.tensor([3, 6, 1])  # unsorted
+    x = randn(T, B, F_IN, seed=1)
+    hx = (randn(4, B, H, seed=2), randn(4, B, H, seed=3))
+    xs = x.float().requires_grad_()
+    xd = x.clone().requires_grad_()
+    hs = tuple(h.float().requires_grad_() for h in hx)
+    hd = tuple(h.clone().requires_grad_() for h in hx)
+    out, (h_n, c_n) = ours(pack_padded_sequence(xs, lengths, enforce_sorted=False), hs)
+    want, (want_h, want_c) = theirs(pack_padded_sequence(xd, lengths, enforce_sorted=False), hd)
+    assert torch.equal(out.batch_sizes, want.batch_sizes)
+    assert torch.equal(out.sorted_indices, want.sorted_indices)
+    assert torch.equal(out.unsorted_indices, want.unsorted_indices)
+    for name, a, b in (("output", out.data, want.data), ("h_n", h_n, want_h), ("c_n", c_n, want_c)):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+    cot = [randn(*t.shape, seed=40 + k) for k, t in enumerate((want.data, want_h, want_c))]
+    got = grads((out.data, h_n, c_n), [c.float() for c in cot], [xs, *hs, *ours.parameters()])
+    exp = grads((want.data, want_h, want_c), cot, [xd, *hd, *theirs.parameters()])
+    for k, (a, b) in enumerate(zip(got, exp, strict=True)):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, f"gradient {k}")
+    # Inputs past each length get no gradient, as in torch.
+    assert got[0][3:, 0].abs().max() == 0
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_train_and_eval(training: bool) -> None:
+    # torch.nn.LSTM draws one dropout mask per layer output, as lstm_stack does: with the same
+    # seed the masks, and so the results, are the same.
+    ours, theirs = _pair(num_layers=3, dropout=0.5)
+    ours.train(training)
+    theirs.train(training)
+    x = randn(7, B, F_IN, seed=1)
+    hx = (randn(3, B, H, seed=2), randn(3, B, H, seed=3))
+    torch.manual_seed(123)
+    out, _ = ours(x.float(), tuple(h.float() for h in hx))
+    torch.manual_seed(123)
+    want, _ = theirs(x, hx)
+    assert_close(out, want, FP32_ATOL, FP32_RTOL, "output")
+    # And dropout really acted in training (and not in eval).
+    torch.manual_seed(7)
+    other, _ = ours(x.float(), tuple(h.float() for h in hx))
+    assert torch.equal(other, out) != training
+
+
+def test_unbatched_input() -> None:
+    ours, theirs = _pair(num_layers=2, bidirectional=True, proj_size=4)
+    x = randn(5, F_IN, seed=1)
+    hx = (randn(4, 4, seed=2), randn(4, H, seed=3))
+    out, (h_n, c_n) = ours(x.float(), tuple(h.float() for h in hx))
+    want, (want_h, want_c) = theirs(x, hx)
+    assert out.shape == want.shape == (5, 8)
+    for name, a, b in (("output", out, want), ("h_n", h_n, want_h), ("c_n", c_n, want_c)):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+    out0, (h0, _) = ours(x.float())  # no hx: zeros
+    want0, (wh0, _) = theirs(x)
+    assert_close(out0, want0, FP32_ATOL, FP32_RTOL, "output without hx")
+    assert h0.shape == wh0.shape
+
+
+@pytest.mark.parametrize("proj_size, bias", [(0, True), (5, False)])
+def test_parameters_and_init_match_torch(proj_size: int, bias: bool) -> None:
+    kwargs = {"num_layers": 2, "bidirectional": True, "proj_size": proj_size, "bias": bias}
+    torch.manual_seed(5)
+    ours = fastpar.nn.LSTM(F_IN, H, **kwargs)
+    torch.manual_seed(5)
+    theirs = torch.nn.LSTM(F_IN, H, **kwargs)
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k  # same names, shapes, order and initialisation
+    theirs.load_state_dict(ours.state_dict())  # both directions, strict
+    ours.load_state_dict(theirs.state_dict())
+
+
+def test_bad_input_names_the_argument() -> None:
+    m = fastpar.nn.LSTM(F_IN, H, num_layers=2)
+    x = torch.randn(4, B, F_IN)
+    with pytest.raises(ValueError, match="input_size 10"):
+        m(torch.randn(4, B, F_IN + 1))
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h_0\) must have shape \(2, 3, 33\)"):
+        m(x, (torch.randn(1, B, H), torch.randn(2, B, H)))
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c_0\) must have shape"):
+        m(x, (torch.randn(2, B, H), torch.randn(2, B, H + 1)))
+    with pytest.raises(TypeError, match=r"input dtype torch\.float64 does not match"):
+        m(x.double())
+    with pytest.raises(TypeError, match=r"hx\[0\] \(h_0\) dtype torch.float64"):
+        m(x, (torch.randn(2, B, H, dtype=torch.float64), torch.randn(2, B, H)))
+    with pytest.raises(TypeError, match="floating-point"):
+        m(torch.ones(4, B, F_IN, dtype=torch.int64))
+    with pytest.raises(ValueError, match="dimensions"):
+        m(torch.randn(B, F_IN, 4, 2))
+    with pytest.raises(ValueError, match="is on meta"):
+        m(x, (torch.randn(2, B, H, device="meta"), torch.randn(2, B, H)))
+    with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):
+        m(x, torch.randn(2, B, H))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastpar.nn.LSTM(F_IN, H, backend="cuda")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="proj_size must be smaller than hidden_size"):
+        fastpar.nn.LSTM(F_IN, H, proj_size=H)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        fastpar.nn.LSTM(F_IN, H, num_layers=2, dropout=1.5)
+    with pytest.raises(ValueError, match="hidden_size must be an integer >= 1"):
+        fastpar.nn.LSTM(F_IN, 0)
+
+
+def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(3, B, F_IN)
+    m = fastpar.nn.LSTM(F_IN, H, backend="triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
+        m(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="backend='triton' supports"):
+        m.double()(x.double())
+    # auto on CPU: the torch path (bitwise the torch backend), said through log_once.
+    said: list[str] = []
+    monkeypatch.setattr(fastpar.nn.lstm, "log_once", lambda _logger, msg: said.append(msg))
+    torch.manual_seed(0)
+    auto = fastpar.nn.LSTM(F_IN, H, backend="auto")
+    torch.manual_seed(0)
+    ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
+    assert torch.equal(auto(x)[0], ref(x)[0])
+    assert len(said) == 1 and "pure-PyTorch path" in said[0]
+
+
+class _Model(torch.nn.Module):
+    """A user model holding a fastpar LSTM (module-level, so it can be pickled and loaded)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = fastpar.nn.LSTM(F_IN, H, num_layers=2, bidirectional=True)
+        self.cell = fastpar.nn.LSTMCell(F_IN, H)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0].sum() + self.cell(x[0])[0].sum()
+
+
+def test_save_and_load_whole_model_weights_only() -> None:
+    model = _Model()
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    # The user allowlists their own class, as torch documents; fastpar's need nothing.
+    with torch.serialization.safe_globals([_Model]):
+        loaded = torch.load(buf)  # default weights_only=True
+    x = torch.randn(4, B, F_IN)
+    assert type(loaded.rnn) is fastpar.nn.LSTM
+    assert torch.equal(loaded(x), model(x))
+    buf = io.BytesIO()
+    torch.save(model.rnn, buf)
+    buf.seek(0)
+    alone = torch.load(buf)  # no allowlist at all
+    assert torch.equal(alone(x)[0], model.rnn(x)[0])
+
+
+def _forward_in_child(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).detach()
+
+
+def test_pickle_and_multiprocessing() -> None:
+    model = _Model()
+    x = torch.randn(4, B, F_IN)
+    clone = pickle.loads(pickle.dumps(model))
+    assert torch.equal(clone(x), model(x))
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(_forward_in_child, (model, x))
+    assert torch.equal(got, model(x).detach())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTMCell(F_IN, H, backend=backend)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTMCell(F_IN, H).double()
+    pairs = zip(ours.parameters(), theirs.parameters(), strict=True)
+    assert all(torch.equal(a, b.float()) for a, b in pairs)  # same init from the same seed
+    shape = (B,) if batched else ()
+    x = randn(*shape, F_IN, seed=1)
+    h, c = randn(*shape, H, seed=2), randn(*shape, H, seed=3)
+    leaves_s = [t.float().requires_grad_() for t in (x, h, c)]
+    leaves_d = [t.clone().requires_grad_() for t in (x, h, c)]
+    got = ours(leaves_s[0], (leaves_s[1], leaves_s[2]))
+    want = theirs(leaves_d[0], (leaves_d[1], leaves_d[2]))
+    cot = [randn(*t.shape, seed=50 + k) for k, t in enumerate(want)]
+    g = grads(got, [c.float() for c in cot], [*leaves_s, *ours.parameters()])
+    w = grads(want, cot, [*leaves_d, *theirs.parameters()])
+    for k, (a, b) in enumerate(zip([*got, *g], [*want, *w], strict=True)):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, f"result {k}")
+    with pytest.raises(ValueError, match="input_size 10"):
+        ours(torch.randn(B, F_IN + 2))
