@@ -46,6 +46,8 @@ def all_reduce(
     Returns:
         None, or with `async_op` the work handle.
     """
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
     ring = _rings.get((pg, tensor.device))
     if ring is None:

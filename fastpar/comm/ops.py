@@ -50,7 +50,7 @@ def ring_op_code(op: object) -> int | None:
 def unsupported_reason(tensor_dtype: object, code: int | None, op: object) -> str | None:
     """Why the ring cannot reduce tensors of `tensor_dtype` with `op`, or None when it can."""
     if code is None:
-        return f"op {op!r} is not one of SUM, AVG, PRODUCT, MIN, MAX"
+        return f"op {op} is not one of SUM, AVG, PRODUCT, MIN, MAX"
     if tensor_dtype not in SUPPORTED_DTYPES:
         return (
             f"dtype {tensor_dtype} is not one of float32, float64, float16, bfloat16, int32, "

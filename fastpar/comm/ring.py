@@ -214,7 +214,9 @@ class RingAllReduce:
         Returns:
             True when the ring is open and handles this device, dtype and op.
         """
-        return not self._closed and self._fallback_reason(tensor, ring_op_code(op), op) is None
+        if self._closed or not isinstance(tensor, torch.Tensor):
+            return False
+        return self._fallback_reason(tensor, ring_op_code(op), op) is None
 
     def _fallback_reason(self, tensor: torch.Tensor, code: int | None, op: object) -> str | None:
         if tensor.device != self.device:
@@ -249,6 +251,8 @@ class RingAllReduce:
             CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable).
             CommClosedError: the ring was closed or had failed before.
         """
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
         if group is not None and group is not self.group:
             raise ValueError("group must be None or the group this RingAllReduce was created for")
         if self._closed:

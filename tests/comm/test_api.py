@@ -1,0 +1,97 @@
+"""`fastpar.comm.all_reduce` with torch.distributed's semantics: groups, async handles, and the
+calls the ring hands to torch.distributed (logged once)."""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastpar.comm as comm
+from fastpar.testing.distributed import run_multiprocess
+from tests.comm.util import integer_valued, shm_segments
+
+R = dist.ReduceOp
+SEED = random.randrange(2**31)
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def _module_api(rank: int, world_size: int, seed: int) -> list[str]:
+    records = _Records()
+    logging.getLogger("fastpar.comm.ring").addHandler(records)
+    logging.getLogger("fastpar.comm.ring").setLevel(logging.INFO)
+    generator = torch.Generator().manual_seed(seed + rank)
+
+    def check(tensor: torch.Tensor, op: R = R.SUM, async_op: bool = False) -> None:
+        expected = tensor.clone()
+        dist.all_reduce(expected, op=op)
+        result = comm.all_reduce(tensor, op=op, async_op=async_op)
+        if async_op:
+            assert result is not None and result.wait()
+        else:
+            assert result is None
+        assert torch.equal(tensor, expected), (seed, tensor.dtype, op)
+
+    check(integer_valued(3001, torch.float32, R.SUM, generator))
+    check(integer_valued(3001, torch.bfloat16, R.MIN, generator), R.MIN, async_op=True)
+    # Not handled by the ring: go to gloo, each reason logged once.
+    for _ in range(3):
+        check(torch.randint(-9, 9, (100,), generator=generator, dtype=torch.int8))
+        check(torch.randint(0, 1 << 20, (100,), generator=generator), R.BAND)
+    ring = comm.api._rings[(dist.group.WORLD, torch.device("cpu"))]
+    assert ring.should_use(torch.ones(3)) and not ring.should_use(torch.ones(3, dtype=torch.int8))
+    assert not ring.should_use(torch.ones(3, dtype=torch.int64), R.BXOR)
+    # Bad arguments name themselves.
+    with pytest.raises(TypeError, match="tensor must be a torch.Tensor, got list"):
+        comm.all_reduce([1.0, 2.0])
+    with pytest.raises(ValueError, match="op AVG needs a floating-point tensor"):
+        comm.all_reduce(torch.ones(3, dtype=torch.int32), R.AVG)
+    comm.close_rings()
+    return records.messages
+
+
+def test_module_all_reduce_and_its_fallbacks() -> None:
+    messages = run_multiprocess(_module_api, 2, args=(SEED,), timeout=60)[0]
+    fallbacks = [m for m in messages if "goes to torch.distributed" in m]
+    assert len(fallbacks) == 2, messages  # once per reason, not once per call
+    assert "dtype torch.int8" in fallbacks[0]
+    assert "op RedOpType.BAND" in fallbacks[1]
+    assert shm_segments() == set()
+
+
+def _subgroup(rank: int, world_size: int, seed: int) -> list[float]:
+    group = dist.new_group([0, 2])
+    tensor = torch.full((7,), float(rank + 1))
+    result = comm.all_reduce(tensor, group=group)  # rank 1 is not a member: a no-op
+    assert result is None
+    with comm.RingAllReduce(group) if rank != 1 else _nothing() as ring:
+        if ring is not None:
+            other = torch.full((2,), float(rank))
+            with pytest.raises(ValueError, match="group must be None or the group"):
+                ring.all_reduce(other, group=dist.group.WORLD)
+    comm.close_rings()
+    return tensor.tolist()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *args: object) -> None:
+        return None
+
+
+def test_a_subgroup_reduces_over_its_members_only() -> None:
+    results = run_multiprocess(_subgroup, 3, args=(SEED,), timeout=60)
+    assert results == [[4.0] * 7, [2.0] * 7, [4.0] * 7]
