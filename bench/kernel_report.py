@@ -22,10 +22,10 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from fastpar.ops.lstm_compile_cases import compile_cases  # noqa: E402
-from fastpar.testing.triton_compile import compile_for_sm90  # noqa: E402
+from fastpar.ops.lstm_compile_cases import compile_cases
+from fastpar.testing.triton_compile import compile_for_sm90
 
 H100_SMS = 132
 # (B, H, P, dtype): the shapes of bench/lstm.py, then those of the interpreter tests.
