@@ -53,7 +53,7 @@ def _module_api(rank: int, world_size: int, seed: int) -> list[str]:
     assert ring.should_use(torch.ones(3)) and not ring.should_use(torch.ones(3, dtype=torch.int8))
     assert not ring.should_use(torch.ones(3, dtype=torch.int64), R.BXOR)
     # Bad arguments name themselves.
-    with pytest.raises(TypeError, match="tensor must be a torch.Tensor, got list"):
+    with pytest.raises(TypeError, match=r"tensor must be a torch\.Tensor, got list"):
         comm.all_reduce([1.0, 2.0])
     with pytest.raises(ValueError, match="op AVG needs a floating-point tensor"):
         comm.all_reduce(torch.ones(3, dtype=torch.int32), R.AVG)
