@@ -45,8 +45,9 @@ def apportion(
     if any(lo > hi for lo, hi in zip(low, high, strict=True)):
         raise ValueError(f"every low bound must be <= its high bound, got {low} and {high}")
     if not sum(low) <= total <= sum(high):
-        raise ValueError(f"total {total} is outside [sum(low), sum(high)] = "
-                         f"[{sum(low)}, {sum(high)}]")  # fmt: skip
+        raise ValueError(
+            f"total {total} is outside [sum(low), sum(high)] = [{sum(low)}, {sum(high)}]"
+        )
     if sum(weights) == 0:
         weights = [1.0] * count
     real = _bounded_shares(total, weights, low, high)

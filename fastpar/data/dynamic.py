@@ -345,8 +345,10 @@ class DynamicSlicer:
                 r for r in range(self.world_size) if samples[r] > 0 and stats[_HAS_LOSS][r] == 0
             ]
             if missing:
-                raise ValueError(f"policy 'loss' needs the loss of every rank with samples; "
-                                 f"rank(s) {missing} gave none")  # fmt: skip
+                raise ValueError(
+                    f"policy 'loss' needs the loss of every rank with samples; "
+                    f"rank(s) {missing} gave none"
+                )
             self._update_size(stats[_LOSS], samples)
         self._steps += 1
         self._sizes = self._decide_sizes()
@@ -425,8 +427,9 @@ class DynamicSlicer:
         }
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(f"state {key} {state.get(key)!r} does not match this "
-                                 f"slicer's {value!r}")  # fmt: skip
+                raise ValueError(
+                    f"state {key} {state.get(key)!r} does not match this slicer's {value!r}"
+                )
         self._epoch = check_int("epoch", state["epoch"], 0)
         self._cursor = check_int("position", state["position"], 0, self.num_samples)
         self._steps = state["steps"]

@@ -1,0 +1,373 @@
+"""DynamicSlicer: partition and bounds, the two policies, state round trip, errors, and agreement
+of real process-group ranks (gloo) with each other and with a one-process replay."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastpar.data import DynamicSlicer, DynamicSlicerConfig
+from fastpar.testing.distributed import run_multiprocess
+
+
+@st.composite
+def slicers(draw: st.DrawFn) -> DynamicSlicer:
+    world_size = draw(st.integers(1, 4))
+    min_size = draw(st.integers(1, 8))
+    max_size = min_size + draw(st.integers(0, 24))
+    shuffle, seed = draw(st.booleans()), draw(st.integers(0, 2**31))
+    num_samples = draw(st.integers(1, 400))
+    if draw(st.booleans()):
+        config = DynamicSlicerConfig(
+            min_size=min_size,
+            max_size=max_size,
+            policy="throughput",
+            global_batch=draw(st.integers(world_size * min_size, world_size * max_size)),
+            rate_momentum=draw(st.floats(0.0, 0.9)),
+            shuffle=shuffle,
+            seed=seed,
+        )
+    else:
+        config = DynamicSlicerConfig(
+            min_size=min_size,
+            max_size=max_size,
+            policy="loss",
+            growth=draw(st.floats(1.0, 2.0)),
+            shrink=draw(st.floats(0.1, 1.0)),
+            jump_threshold=draw(st.floats(0.01, 1.0)),
+            shuffle=shuffle,
+            seed=seed,
+        )
+    return DynamicSlicer(num_samples, config, world_size=world_size)
+
+
+def _measure(step: list[list[int]], rng: random.Random) -> tuple[list[int], list[float], list]:
+    """Random per-rank seconds and losses for a step (fresh for every call)."""
+    samples = [len(block) for block in step]
+    seconds = [n * rng.uniform(0.001, 0.01) for n in samples]
+    losses = [rng.choice([1.0, 1.05, 3.0, math.nan]) for _ in samples]
+    return samples, seconds, losses
+
+
+def _run(slicer: DynamicSlicer, count: int, rng: random.Random) -> list[list[list[int]]]:
+    steps = []
+    for _ in range(count):
+        step = slicer.next_step()
+        slicer.record_all(*_measure(step, rng))
+        steps.append(step)
+    return steps
+
+
+@settings(max_examples=40, deadline=None)
+@given(slicer=slicers(), seed=st.integers(0, 2**31))
+def test_every_sample_once_per_epoch_and_sizes_in_bounds(slicer: DynamicSlicer, seed: int) -> None:
+    rng = random.Random(seed)
+    config = slicer.config
+    for epoch in range(2):
+        seen: list[int] = []
+        steps = 0
+        for step in slicer.steps():
+            steps += 1
+            sizes = [len(block) for block in step]
+            seen += [i for block in step for i in block]
+            if len(seen) < slicer.num_samples:
+                # A full step: every block within the bounds; a fixed global batch if asked.
+                assert all(config.min_size <= s <= config.max_size for s in sizes), sizes
+                if config.policy == "throughput":
+                    assert sum(sizes) == config.global_batch
+                else:
+                    assert len(set(sizes)) == 1
+            else:
+                # The epoch's last step: at most the sizes of a full step.
+                assert all(s <= config.max_size for s in sizes), sizes
+            slicer.record_all(*_measure(step, rng))
+        assert slicer.epoch == epoch
+        assert sorted(seen) == list(range(slicer.num_samples))
+        assert steps >= -(-slicer.num_samples // (config.max_size * slicer.world_size))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    slicer=slicers(),
+    before=st.integers(0, 30),
+    after=st.integers(1, 30),
+    seed=st.integers(0, 2**31),
+)
+def test_state_dict_resumes_identically(
+    slicer: DynamicSlicer, before: int, after: int, seed: int
+) -> None:
+    rng = random.Random(seed)
+    _run(slicer, before, rng)
+    # Plain values: survives JSON, so any checkpoint format can hold it.
+    state = json.loads(json.dumps(slicer.state_dict(), allow_nan=True))
+    resumed = DynamicSlicer(slicer.num_samples, slicer.config, world_size=slicer.world_size)
+    resumed.load_state_dict(state)
+    continuation = random.Random(seed + 1)
+    expected = _run(slicer, after, continuation)
+    continuation.seed(seed + 1)
+    assert _run(resumed, after, continuation) == expected
+    assert resumed.state_dict() == slicer.state_dict()
+
+
+def test_throughput_gives_the_slow_rank_a_smaller_share() -> None:
+    slicer = DynamicSlicer(10_000, min_size=4, max_size=64, global_batch=60, world_size=3)
+    assert slicer.sizes == [20, 20, 20]  # nothing measured: equal shares
+    # Per-sample costs 1 : 2 : 3 ms, so rates 1000 : 500 : 333 samples/s, shares 6 : 3 : 2.
+    for _ in range(3):
+        step = slicer.next_step()
+        slicer.record_all(
+            [len(b) for b in step],
+            [len(b) * c for b, c in zip(step, (1e-3, 2e-3, 3e-3), strict=True)],
+        )
+    assert slicer.sizes == [33, 16, 11]  # 60 * 6/11 = 32.7, 60 * 3/11 = 16.4, 60 * 2/11 = 10.9
+    # The fast rank is capped at max_size, the others share the rest 3 : 2.
+    capped = DynamicSlicer(10_000, min_size=4, max_size=30, global_batch=60, world_size=3)
+    step = capped.next_step()
+    capped.record_all([20, 20, 20], [0.02, 0.04, 0.06])
+    assert capped.sizes == [30, 18, 12]
+
+
+def test_throughput_rates_are_smoothed() -> None:
+    slicer = DynamicSlicer(
+        1_000, min_size=1, max_size=99, global_batch=100, world_size=2, rate_momentum=0.5
+    )
+    slicer.next_step()
+    slicer.record_all([50, 50], [1.0, 1.0])  # rates 50, 50 (the first measurement is taken as is)
+    slicer.next_step()
+    slicer.record_all([50, 50], [0.5, 1.0])  # rank 0: 0.5 * 50 + 0.5 * 100 = 75; rank 1: 50
+    assert slicer.sizes == [60, 40]
+
+
+def test_loss_policy_grows_while_stable_and_shrinks_on_a_jump() -> None:
+    factors = {"growth": 1.5, "shrink": 0.5, "jump_threshold": 0.5, "loss_momentum": 0.5}
+    slicer = DynamicSlicer(
+        10_000, min_size=4, max_size=40, policy="loss", initial_size=8, world_size=2, **factors
+    )
+    sizes = []
+    # The first loss only sets the reference average (1.0); then stable losses grow the size
+    # 8 -> 12 -> 18 -> 27 -> 40 (capped); 4.0 is more than 50% above the average 1.0: shrink.
+    for loss in (1.0, 1.0, 1.2, 0.9, 1.0, 1.0, 4.0):
+        step = slicer.next_step()
+        sizes.append([len(b) for b in step])
+        slicer.record_all([len(b) for b in step], [1.0, 1.0], [loss, loss])
+    assert [s[0] for s in sizes] == [8, 8, 12, 18, 27, 40, 40]
+    assert all(a == b for a, b in sizes)
+    assert slicer.sizes == [20, 20]
+    slicer.next_step()
+    slicer.record_all([20, 20], [1.0, 1.0], [math.nan, 1.0])  # a non-finite loss is a jump
+    assert slicer.sizes == [10, 10]
+    after = []
+    for _ in range(3):
+        slicer.next_step()
+        slicer.record_all([10, 10], [1.0, 1.0], [100.0, 100.0])
+        after.append(slicer.sizes[0])
+    # The average was 2.5 (the NaN left it alone): 100 jumps (10 -> 5, average 51.25), jumps
+    # again (5 -> 2.5, floored at min_size 4, average 75.6), then 100 is within 50% of the
+    # average: a level that persists becomes the new normal and growth resumes (4 -> 6).
+    assert after == [5, 4, 6]
+
+
+def test_loss_policy_weights_rank_losses_by_samples() -> None:
+    slicer = DynamicSlicer(
+        100, min_size=10, max_size=40, policy="loss", jump_threshold=0.5, world_size=2
+    )
+    slicer.next_step()
+    slicer.record_all([10, 10], [1.0, 1.0], [1.0, 1.0])
+    slicer.next_step()
+    # Mean over samples: (30 * 1.0 + 10 * 3.0) / 40 = 1.5, exactly the 50% jump threshold: stable.
+    # An unweighted mean (2.0) would count as a jump.
+    slicer.record_all([30, 10], [1.0, 1.0], [1.0, 3.0])
+    assert slicer.sizes == [12, 12]
+
+
+def test_missing_loss_is_an_error() -> None:
+    slicer = DynamicSlicer(100, min_size=10, max_size=40, policy="loss", world_size=2)
+    slicer.next_step()
+    with pytest.raises(ValueError, match=r"rank\(s\) \[1\] gave none"):
+        slicer.record_all([10, 10], [1.0, 1.0], [1.0, None])
+
+
+def test_one_process_one_rank_uses_blocks_and_record_step() -> None:
+    slicer = DynamicSlicer(50, min_size=8, max_size=16, policy="loss", initial_size=8)
+    assert slicer.rank == 0 and slicer.world_size == 1
+    seen = []
+    for indices in slicer.batch_sampler():
+        seen += indices
+        slicer.record_step(len(indices), 0.1, loss=1.0)
+    assert seen == list(range(50))
+    # The epoch is exhausted: the next pass is the next epoch, from its beginning.
+    assert next(iter(slicer.batch_sampler())) == list(range(16))
+    assert slicer.epoch == 1
+
+
+def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
+    slicer = DynamicSlicer(50, min_size=8, max_size=16, global_batch=24, world_size=2)
+    with pytest.raises(RuntimeError, match=r"plays all 2 ranks"):
+        next(slicer.blocks())
+    with pytest.raises(RuntimeError, match=r"plays all 2 ranks"):
+        slicer.record_step(8, 0.1)
+    with pytest.raises(ValueError, match=r"need one value per rank \(world_size 2\), got 3"):
+        slicer.record_all([1, 2, 3], [0.1, 0.1], None)
+    with pytest.raises(ValueError, match=r"seconds\[1\] must be a finite number"):
+        slicer.record_all([1, 2], [0.1, -1.0])
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"min_size": 0, "max_size": 4, "global_batch": 4}, ValueError, r"min_size must be >= 1"),
+        ({"min_size": 8, "max_size": 4, "global_batch": 8}, ValueError,
+         r"max_size 4 < min_size 8"),
+        ({"min_size": 1, "max_size": 4}, ValueError, r"policy 'throughput' needs global_batch"),
+        ({"min_size": 1, "max_size": 4, "policy": "loss", "global_batch": 8}, ValueError,
+         r"global_batch \(8\) applies to policy 'throughput' only"),
+        ({"min_size": 1, "max_size": 4, "policy": "speed"}, ValueError, r"policy must be"),
+        ({"min_size": 1, "max_size": 4, "policy": "loss", "growth": 0.9}, ValueError,
+         r"growth must be a finite number in \[1.0, inf\], got 0.9"),
+        ({"min_size": 1, "max_size": 4, "policy": "loss", "shrink": 0.0}, ValueError,
+         r"shrink must be a finite number in \(0.0, 1.0\], got 0.0"),
+        ({"min_size": 1, "max_size": 4, "policy": "loss", "jump_threshold": -1}, ValueError,
+         r"jump_threshold must be a finite number in \(0.0, inf\], got -1"),
+        ({"min_size": 1, "max_size": 4, "policy": "loss", "initial_size": 5}, ValueError,
+         r"initial_size must be in \[1, 4\], got 5"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "rate_momentum": 1.0}, ValueError,
+         r"rate_momentum must be a finite number in \[0.0, 1.0\)"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
+    ],
+)  # fmt: skip
+def test_bad_config(options: dict[str, object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        DynamicSlicer(100, **options)
+
+
+def test_bad_slicer_arguments() -> None:
+    with pytest.raises(
+        ValueError,
+        match=r"global_batch 10 is outside \[world_size 3 \* min_size "
+        r"4, world_size 3 \* max_size 8\] = \[12, 24\]",
+    ):
+        DynamicSlicer(100, min_size=4, max_size=8, global_batch=10, world_size=3)
+    with pytest.raises(ValueError, match=r"num_samples must be >= 1, got 0"):
+        DynamicSlicer(0, min_size=1, max_size=4, global_batch=4)
+    config = DynamicSlicerConfig(min_size=1, max_size=4, global_batch=4)
+    with pytest.raises(TypeError, match=r"not both"):
+        DynamicSlicer(10, config, min_size=2)
+    with pytest.raises(ValueError, match=r"torch.distributed is not initialised"):
+        DynamicSlicer(10, config, group=object())  # type: ignore[arg-type]
+    other = DynamicSlicer(10, DynamicSlicerConfig(min_size=1, max_size=4, global_batch=3))
+    with pytest.raises(ValueError, match=r"state config .* does not match"):
+        DynamicSlicer(10, config).load_state_dict(other.state_dict())
+
+
+# ---------------------------------------------------------------------- several processes
+
+_WORLD = 3
+_SAMPLES = 211  # not a multiple of any global batch below: the last step is a partial one
+
+
+def _rank_cost(seed: int, step: int, rank: int) -> float:
+    """Seconds per sample of `rank` at `step`: rank r is about r + 1 times slower, with noise."""
+    return (rank + 1) * 1e-3 * random.Random(f"{seed}/{step}/{rank}").uniform(0.8, 1.2)
+
+
+def _rank_loss(seed: int, step: int, rank: int) -> float:
+    return random.Random(f"loss/{seed}/{step}/{rank}").choice([1.0, 1.1, 2.5])
+
+
+def _make(policy: str, group: dist.ProcessGroup | None, world_size: int | None) -> DynamicSlicer:
+    if policy == "throughput":
+        return DynamicSlicer(
+            _SAMPLES,
+            min_size=4,
+            max_size=30,
+            global_batch=48,
+            shuffle=True,
+            seed=5,
+            group=group,
+            world_size=world_size,
+        )
+    return DynamicSlicer(
+        _SAMPLES,
+        min_size=4,
+        max_size=30,
+        policy="loss",
+        growth=1.3,
+        jump_threshold=0.5,
+        group=group,
+        world_size=world_size,
+    )
+
+
+def _slice_on_rank(rank: int, world_size: int, seed: int) -> dict[str, object]:
+    results: dict[str, object] = {}
+    group = dist.new_group(list(range(world_size)))
+    for policy in ("throughput", "loss"):
+        # The loss slicer runs on an explicit group, the throughput one on the default group.
+        slicer = _make(policy, group if policy == "loss" else None, None)
+        blocks, sizes = [], []
+        for epoch in range(2):
+            for step, indices in enumerate(slicer.blocks()):
+                blocks.append((epoch, indices))
+                key = epoch * 1000 + step
+                slicer.record_step(
+                    len(indices),
+                    len(indices) * _rank_cost(seed, key, rank),
+                    loss=_rank_loss(seed, key, rank),
+                )
+                sizes.append(slicer.sizes)
+        results[policy] = {"blocks": blocks, "sizes": sizes, "state": slicer.state_dict()}
+    # A rank that takes one step more than the others is caught, on every rank alike.
+    if rank == 0:
+        slicer.next_step()
+    slicer.next_step()
+    with pytest.raises(RuntimeError, match=r"different \(epoch, position\) pairs") as caught:
+        slicer.record_step(1, 0.1, loss=1.0)
+    results["desync"] = str(caught.value)
+    return results
+
+
+def _replay(policy: str, seed: int) -> tuple[list[list[tuple[int, list[int]]]], list[list[int]]]:
+    """The same run in one process playing all ranks: the oracle for the ranks' blocks."""
+    slicer = _make(policy, None, _WORLD)
+    blocks: list[list[tuple[int, list[int]]]] = [[] for _ in range(_WORLD)]
+    sizes = []
+    for epoch in range(2):
+        for step, step_blocks in enumerate(slicer.steps()):
+            key = epoch * 1000 + step
+            for rank, indices in enumerate(step_blocks):
+                blocks[rank].append((epoch, indices))
+            slicer.record_all(
+                [len(b) for b in step_blocks],
+                [len(b) * _rank_cost(seed, key, r) for r, b in enumerate(step_blocks)],
+                [_rank_loss(seed, key, r) for r in range(_WORLD)],
+            )
+            sizes.append(slicer.sizes)
+    return blocks, sizes
+
+
+def test_ranks_agree_and_match_a_one_process_replay() -> None:
+    seed = random.SystemRandom().randrange(2**31)
+    results = run_multiprocess(_slice_on_rank, _WORLD, args=(seed,), timeout=120)
+    for policy in ("throughput", "loss"):
+        runs = [r[policy] for r in results]
+        context = f"policy {policy}, seed {seed}"
+        # Same decisions everywhere: sizes after every step and the full state, bit for bit.
+        assert all(run["sizes"] == runs[0]["sizes"] for run in runs), context
+        assert all(run["state"] == runs[0]["state"] for run in runs), context
+        blocks, sizes = _replay(policy, seed)
+        assert [run["blocks"] for run in runs] == blocks, context
+        assert runs[0]["sizes"] == sizes, context
+        for epoch in range(2):
+            seen = sorted(i for run in runs for e, b in run["blocks"] if e == epoch for i in b)
+            assert seen == list(range(_SAMPLES)), context
+    throughput_sizes = results[0]["throughput"]["sizes"]
+    # Ranks are ~1x, 2x, 3x slower per sample: shares near 6 : 3 : 2 of 48 (26 : 13 : 9).
+    assert throughput_sizes[-1][0] > throughput_sizes[-1][1] > throughput_sizes[-1][2], seed
+    for result in results:
+        assert "different (epoch, position) pairs" in result["desync"]
