@@ -53,9 +53,9 @@ def _rank_main(
     os.environ.update(env)
     # Ranks share 2 cores on CI: more intra-op threads than cores only adds contention.
     torch.set_num_threads(1)
-    try:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    try:
         store = dist.TCPStore(
             "127.0.0.1",
             port,
@@ -70,13 +70,22 @@ def _rank_main(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-        try:
-            value = fn(rank, world_size, *args)
-        finally:
-            dist.destroy_process_group()
-        results.put((rank, True, value))
+        value = fn(rank, world_size, *args)
     except BaseException:
-        results.put((rank, False, traceback.format_exc()))
+        # Report before tearing the group down: the teardown makes peers fail too, and the
+        # parent must see this, the first failure, with the earliest time.
+        results.put((rank, False, (time.time(), traceback.format_exc())))
+        _destroy_group()
+        return
+    _destroy_group()
+    results.put((rank, True, value))
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def run_multiprocess(
@@ -143,6 +152,7 @@ def run_multiprocess(
         for rank in range(world_size)
     ]
     outcomes: dict[int, Any] = {}
+    failures: list[tuple[float, int, str]] = []
     deadline = time.monotonic() + timeout
     try:
         for process in processes:
@@ -158,14 +168,35 @@ def run_multiprocess(
                         f"timed out after {timeout:.0f}s waiting for rank(s) {missing}"
                     ) from None
                 continue
-            if not ok:
-                raise RankFailure(f"rank {rank} raised:\n{value}")
-            outcomes[rank] = value
+            if ok:
+                outcomes[rank] = value
+                continue
+            failures.append((value[0], rank, value[1]))
+            _collect_more_failures(results, failures, grace_s=2.0)
+            failures.sort()
+            first = failures[0]
+            others = "".join(f"\n--- then rank {r} raised:\n{tb}" for _, r, tb in failures[1:])
+            raise RankFailure(f"rank {first[1]} raised:\n{first[2]}{others}")
     finally:
         _stop_all(processes)
         results.close()
         del store
     return [outcomes.get(rank) for rank in range(world_size)]
+
+
+def _collect_more_failures(
+    results: mp.Queue, failures: list[tuple[float, int, str]], grace_s: float
+) -> None:
+    """After a first failure, give the other ranks a moment to report theirs: the first to fail
+    is the cause, and it is not always the first to arrive."""
+    end = time.monotonic() + grace_s
+    while time.monotonic() < end:
+        try:
+            rank, ok, value = results.get(timeout=0.05)
+        except queue.Empty:
+            continue
+        if not ok:
+            failures.append((value[0], rank, value[1]))
 
 
 def _check_dead(
