@@ -1,0 +1,224 @@
+"""DataParallel against PyTorch's DistributedDataParallel and single-process training.
+
+Each multi-process run covers several configurations, since starting ranks costs seconds.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fastpar.parallel import DataParallel, DataParallelConfig
+from fastpar.testing.distributed import run_multiprocess
+
+VOCAB, EMBED, HIDDEN, SEQ, BATCH = 23, 8, 16, 7, 4
+
+
+class LanguageModel(nn.Module):
+    """Embedding -> 2-layer LSTM -> linear: next-token prediction on integer sequences."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, EMBED)
+        self.lstm = nn.LSTM(EMBED, HIDDEN, num_layers=2, batch_first=True)
+        self.head = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        output, _ = self.lstm(self.embedding(tokens))
+        return self.head(output)
+
+
+class BranchyModel(nn.Module):
+    """A trunk and two branches: `left` is skipped on some ranks in some steps (locally
+    unused), `rare` is skipped by every rank in most steps (globally unused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = nn.Linear(6, 12)
+        self.left = nn.Linear(12, 12)
+        self.rare = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor, use_left: bool, use_rare: bool) -> torch.Tensor:
+        h = torch.tanh(self.trunk(x))
+        if use_left:
+            h = torch.tanh(self.left(h))
+        if use_rare:
+            h = torch.tanh(self.rare(h))
+        return self.head(h)
+
+
+def _batch(kind: str, rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    if kind == "lm":
+        tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+        return tokens[:, :-1], tokens[:, 1:]
+    return torch.randn(BATCH, 6, generator=generator), torch.randint(
+        0, 3, (BATCH,), generator=generator
+    )
+
+
+def _loss(model: nn.Module, kind: str, inputs: torch.Tensor, targets: torch.Tensor,
+          rank: int, step: int) -> torch.Tensor:  # fmt: skip
+    if kind == "lm":
+        logits = model(inputs)
+        return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), targets.reshape(-1))
+    logits = model(inputs, use_left=(step + rank) % 2 == 0, use_rare=step % 4 == 0)
+    return nn.functional.cross_entropy(logits, targets)
+
+
+def _new_model(kind: str) -> nn.Module:
+    return LanguageModel() if kind == "lm" else BranchyModel()
+
+
+def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list[str]:
+    """For each (kind, comm, bucket_cap_mb, first_bucket_mb): 10 SGD steps with momentum with
+    fastpar and with DDP from the same start, on different data per rank; parameters must
+    agree. Ranks start from different weights, so the initial broadcast is exercised too."""
+    failures = []
+    for kind, comm, bucket_cap_mb, first_bucket_mb in configs:
+        torch.manual_seed(rank)  # different on purpose: both wrappers broadcast from rank 0
+        ours = _new_model(kind)
+        theirs = _new_model(kind)
+        theirs.load_state_dict(ours.state_dict())
+        dp = DataParallel(ours, comm=comm, bucket_cap_mb=bucket_cap_mb,
+                          first_bucket_mb=first_bucket_mb)  # fmt: skip
+        ddp = DistributedDataParallel(theirs, find_unused_parameters=kind == "branchy")
+        opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
+        opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
+        for step in range(10):
+            inputs, targets = _batch(kind, rank, step)
+            for model, opt in ((dp, opt_ours), (ddp, opt_theirs)):
+                opt.zero_grad(set_to_none=True)
+                _loss(model, kind, inputs, targets, rank, step).backward()
+                opt.step()
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                error = (a - b).abs().max().item()
+                failures.append(f"{kind}/{comm}/{bucket_cap_mb}: {name} differs by {error:.3g}")
+        dp.close()
+    return failures
+
+
+CONFIGS = [
+    ("lm", "torch", 25.0, 1.0),
+    ("lm", "ring", 25.0, 1.0),
+    ("lm", "ring", 0.002, 0.001),  # a bucket or two per parameter
+    ("lm", "auto", 0.01, 0.004),
+    ("branchy", "torch", 25.0, 1.0),
+    ("branchy", "ring", 0.001, 0.0005),
+]
+
+
+def test_matches_ddp_on_two_ranks() -> None:
+    failures = run_multiprocess(_train_against_ddp, 2, args=(CONFIGS,), timeout=240)
+    assert failures == [[], []]
+
+
+def test_matches_ddp_on_three_ranks() -> None:
+    configs = [("lm", "ring", 0.002, 0.001), ("branchy", "auto", 0.001, 0.0005)]
+    failures = run_multiprocess(_train_against_ddp, 3, args=(configs,), timeout=240)
+    assert failures == [[], [], []]
+
+
+def _no_sync_equals_large_batch(rank: int, world_size: int, micro_batches: int) -> float:
+    torch.manual_seed(0)
+    model = LanguageModel()
+    reference = LanguageModel()
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.01, first_bucket_mb=0.005)
+    for j in range(micro_batches):
+        inputs, targets = _batch("lm", rank, j)
+        context = dp.no_sync() if j < micro_batches - 1 else torch.enable_grad()
+        with context:
+            (_loss(dp, "lm", inputs, targets, rank, j) / micro_batches).backward()
+    # The same data on one process: every rank's micro-batches in one batch, one backward.
+    batches = [_batch("lm", r, j) for r in range(world_size) for j in range(micro_batches)]
+    inputs = torch.cat([b[0] for b in batches])
+    targets = torch.cat([b[1] for b in batches])
+    _loss(reference, "lm", inputs, targets, rank, 0).backward()
+    worst = 0.0
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert a.grad is not None and b.grad is not None
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+        worst = max(worst, (a.grad - b.grad).abs().max().item())
+    dp.close()
+    return worst
+
+
+def test_no_sync_accumulation_equals_one_large_batch() -> None:
+    run_multiprocess(_no_sync_equals_large_batch, 2, args=(3,), timeout=120)
+
+
+def _record_overlap(rank: int, world_size: int) -> list[tuple]:
+    torch.manual_seed(0)
+    model = LanguageModel()
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002)
+    inputs, targets = _batch("lm", rank, 0)
+    _loss(dp, "lm", inputs, targets, rank, 0).backward()
+    events = list(dp.last_backward_events)
+    assert len(dp.bucket_sizes) >= 3, dp.bucket_sizes
+    dp.close()
+    return events
+
+
+def test_first_bucket_is_launched_before_backward_ends() -> None:
+    for events in run_multiprocess(_record_overlap, 2, timeout=120):
+        first_launch = events.index(("launch", 0))
+        last_grad = max(i for i, event in enumerate(events) if event[0] == "grad")
+        assert first_launch < last_grad, events  # gradients were still being computed
+        assert events[-1] == ("end",)
+
+
+def _mismatched_parameters(rank: int, world_size: int) -> str:
+    model = nn.Linear(4, 3 if rank == 0 else 5)
+    with pytest.raises(ValueError, match="same parameters on every rank") as info:
+        DataParallel(model)
+    return str(info.value)
+
+
+def test_different_parameters_are_an_error_on_every_rank() -> None:
+    messages = run_multiprocess(_mismatched_parameters, 2, timeout=60)
+    for message in messages:
+        assert "group rank 1" in message and "'weight', (5, 4)" in message
+
+
+def _state_dict_round_trip(rank: int, world_size: int) -> None:
+    torch.manual_seed(rank)
+    model = LanguageModel()
+    dp = DataParallel(model, comm="torch")
+    plain = LanguageModel()
+    plain.load_state_dict(dp.state_dict())  # no "module." prefix
+    assert dp.state_dict().keys() == plain.state_dict().keys()
+    dp.load_state_dict(plain.state_dict())
+    assert dp.module is model
+    # After construction every rank holds rank 0's weights.
+    gathered = [torch.empty_like(model.head.weight) for _ in range(world_size)]
+    dist.all_gather(gathered, model.head.weight.detach())
+    assert all(torch.equal(g, gathered[0]) for g in gathered)
+    dp.close()
+
+
+def test_state_dict_is_the_plain_modules() -> None:
+    run_multiprocess(_state_dict_round_trip, 2, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"comm": "nccl"}, "comm must be 'auto', 'ring' or 'torch', got 'nccl'"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be > 0, got 0"),
+        ({"first_bucket_mb": -1.0}, "first_bucket_mb must be > 0, got -1.0"),
+    ],
+)
+def test_bad_options_are_named(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        DataParallelConfig(**kwargs)
+
+
+def test_needs_an_initialised_process_group() -> None:
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        DataParallel(nn.Linear(2, 2))
