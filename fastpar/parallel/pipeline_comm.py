@@ -1,0 +1,248 @@
+"""Point-to-point transport between neighbouring pipeline stages.
+
+Every message is a fixed-size int64 header followed by its payload. The header says what comes
+next (a tensor with its dtype and shape, or the error that ended a peer's step), so shapes may
+change from one micro-batch to the next, and a failing stage can wake the neighbours that are
+waiting for it instead of leaving them blocked.
+
+Header layout (HEADER_LEN int64 values):
+    [kind, a, b, ndim, d0, ..., d{MAX_NDIM-1}]
+    kind TENSOR: a = dtype code (index in DTYPES), b unused, then the shape.
+    kind ERROR:  a = the stage where the failure happened, b = its rank; the payload is the
+                 UTF-8 message as a uint8 vector of length d0.
+
+Matching rules this relies on: messages between two ranks are matched in the order they were
+posted, per (source, tag). Headers use HEADER_TAG and payloads PAYLOAD_TAG, so all of a step's
+headers can be received ahead (they are small) while payloads, whose size comes from their
+header, are received when needed. NCCL ignores tags and matches in order, which is why on
+NCCL headers travel on a separate gloo group (also keeping the host from waiting on the GPU to
+learn a shape) and the two directions use two NCCL groups: one direction per communicator means
+a send can never wait behind a receive queued on the same stream.
+"""
+
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastpar.profiling import record_range
+
+MAX_NDIM = 8
+HEADER_LEN = 4 + MAX_NDIM
+HEADER_TAG = 17
+PAYLOAD_TAG = 18
+
+KIND_TENSOR = 1
+KIND_ERROR = 2
+
+DTYPES: tuple[torch.dtype, ...] = (
+    torch.float32,
+    torch.float64,
+    torch.float16,
+    torch.bfloat16,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+)
+
+
+class PipelineError(RuntimeError):
+    """A pipeline step failed on this rank or on another stage of the pipeline.
+
+    Attributes:
+        stage: the stage where the failure happened (this stage, a peer that raised, or the
+            peer that died or went silent).
+        rank: that stage's global rank.
+        via: the neighbouring stage this rank learned it from (None: found here).
+    """
+
+    def __init__(self, message: str, *, stage: int, rank: int, via: int | None = None) -> None:
+        super().__init__(message)
+        self.stage = stage
+        self.rank = rank
+        self.via = via
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A neighbouring stage: its index in the pipeline and its global rank."""
+
+    stage: int
+    rank: int
+
+    def __str__(self) -> str:
+        return f"stage {self.stage} (rank {self.rank})"
+
+
+def encode_tensor_header(tensor: Tensor) -> Tensor:
+    """The header announcing `tensor`: int64 (HEADER_LEN,) on the CPU."""
+    if tensor.dim() > MAX_NDIM:
+        raise ValueError(
+            f"pipeline activations may have at most {MAX_NDIM} dimensions, got shape "
+            f"{tuple(tensor.shape)}"
+        )
+    if tensor.dtype not in DTYPES:
+        raise TypeError(f"pipeline activations of dtype {tensor.dtype} are not supported")
+    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+    header[0] = KIND_TENSOR
+    header[1] = DTYPES.index(tensor.dtype)
+    header[3] = tensor.dim()
+    header[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    return header
+
+
+class Link:
+    """Sends to and receives from one neighbouring stage, with every wait bounded.
+
+    Arguments:
+        peer: the neighbour.
+        header_group: group for headers (gloo: CPU tensors).
+        send_group: group for payloads this rank sends to the peer.
+        recv_group: group for payloads this rank receives from the peer.
+        device: where payloads live (CPU for gloo, the stage's CUDA device for NCCL).
+        timeout_s: bound on every host-side wait, in seconds.
+        me: this stage, for error messages.
+    """
+
+    def __init__(
+        self,
+        peer: Peer,
+        *,
+        header_group: dist.ProcessGroup,
+        send_group: dist.ProcessGroup,
+        recv_group: dist.ProcessGroup,
+        device: torch.device,
+        timeout_s: float,
+        me: Peer,
+    ) -> None:
+        self.peer = peer
+        self.me = me
+        self._header_group = header_group
+        self._send_group = send_group
+        self._recv_group = recv_group
+        self._device = device
+        self._timeout = datetime.timedelta(seconds=timeout_s)
+        self._timeout_s = timeout_s
+        # Headers received ahead: (work, buffer) in arrival order.
+        self._headers: list[tuple[dist.Work, Tensor]] = []
+        # Sends in flight with the tensors they read from (kept alive until they complete).
+        self._sends: list[tuple[dist.Work, Tensor]] = []
+
+    # --- receiving ----------------------------------------------------------------------------
+
+    def post_header_recvs(self, count: int) -> None:
+        """Post `count` header receives now, so headers land as soon as the peer sends them."""
+        for _ in range(count):
+            buffer = torch.empty(HEADER_LEN, dtype=torch.int64)
+            work = dist.irecv(buffer, src=self.peer.rank, group=self._header_group, tag=HEADER_TAG)
+            self._headers.append((work, buffer))
+
+    def recv(self, what: str) -> Tensor:
+        """Receive the next tensor from the peer (its header must have been posted ahead).
+
+        Arguments:
+            what: names the message in errors and profiles, e.g. "activation 3".
+
+        Returns:
+            The tensor, on this link's device, with the shape and dtype the sender announced.
+
+        Raises:
+            PipelineError: the peer reported a failure, died, or sent nothing in timeout_s.
+        """
+        if not self._headers:
+            raise RuntimeError(f"{self.me}: no header posted for {what} from {self.peer}")
+        work, header = self._headers.pop(0)
+        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
+            self._wait(work, f"receiving the header of {what} from")
+            kind, a, b, ndim, *dims = header.tolist()
+            if kind == KIND_ERROR:
+                message = self._recv_payload(torch.uint8, (dims[0],), what, on_host=True)
+                raise PipelineError(
+                    bytes(message.tolist()).decode("utf-8", errors="replace"),
+                    stage=a,
+                    rank=b,
+                    via=self.peer.stage,
+                )
+            if kind != KIND_TENSOR:
+                raise RuntimeError(f"{self.me}: corrupt header {header.tolist()} from {self.peer}")
+            return self._recv_payload(DTYPES[a], tuple(dims[:ndim]), what, on_host=False)
+
+    def _recv_payload(
+        self, dtype: torch.dtype, shape: tuple[int, ...], what: str, *, on_host: bool
+    ) -> Tensor:
+        group = self._header_group if on_host else self._recv_group
+        device = torch.device("cpu") if on_host else self._device
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        work = dist.irecv(buffer, src=self.peer.rank, group=group, tag=PAYLOAD_TAG)
+        if device.type == "cuda":
+            # Stream-ordered: the current stream waits for the receive, the host does not.
+            # A silent peer is caught by the process group's timeout (NCCL watchdog); the
+            # header before this payload already proved the peer reached this message.
+            work.wait()
+        else:
+            self._wait(work, f"receiving {what} from")
+        return buffer
+
+    # --- sending ------------------------------------------------------------------------------
+
+    def send(self, tensor: Tensor, what: str) -> None:
+        """Post the header and payload of `tensor` to the peer; completion is awaited by
+        `finish_sends`, so the caller goes on computing while the transfer runs."""
+        header = encode_tensor_header(tensor)
+        payload = tensor.contiguous()
+        with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
+            self._isend(header, self._header_group, HEADER_TAG)
+            self._isend(payload, self._send_group, PAYLOAD_TAG)
+
+    def send_error(self, message: str, origin: Peer) -> None:
+        """Post an error header and its message in place of the next tensor the peer expects."""
+        data = torch.tensor(list(message.encode("utf-8")), dtype=torch.uint8)
+        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
+        header[0], header[1], header[2], header[3], header[4] = (
+            KIND_ERROR,
+            origin.stage,
+            origin.rank,
+            1,
+            data.numel(),
+        )
+        self._isend(header, self._header_group, HEADER_TAG)
+        self._isend(data, self._header_group, PAYLOAD_TAG)
+
+    def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int) -> None:
+        work = dist.isend(tensor, dst=self.peer.rank, group=group, tag=tag)
+        self._sends.append((work, tensor))
+
+    def finish_sends(self) -> None:
+        """Wait (bounded) until every posted send completed."""
+        sends, self._sends = self._sends, []
+        for work, tensor in sends:
+            if tensor.device.type == "cuda":
+                work.wait()  # stream-ordered; bounded by the process group's timeout
+            else:
+                self._wait(work, "sending to")
+
+    def _wait(self, work: dist.Work, doing: str) -> None:
+        try:
+            work.wait(self._timeout)
+        except RuntimeError as error:
+            raise PipelineError(
+                f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
+                f"timeout_s={self._timeout_s:g}, or its connection broke ({error})",
+                stage=self.peer.stage,
+                rank=self.peer.rank,
+                via=self.peer.stage,
+            ) from error
+
+    def drop(self) -> None:
+        """Forget posted receives and sends (after a failure the link is not used again)."""
+        self._headers = []
+        self._sends = []
