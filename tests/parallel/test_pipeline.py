@@ -1,0 +1,247 @@
+"""Pipeline against single-process training: the gradients of every stage and the loss equal
+those of the whole model on the whole batch, for both schedules, 2 and 3 stages, 1 to 8
+micro-batches, micro-batches of differing shapes, and an LSTM stack cut between two stages.
+
+Starting ranks costs seconds, so one multi-process run per stage count computes every case
+(module-scoped fixture) and each case is checked as its own test against its reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fastpar.nn import LSTM
+from fastpar.parallel.pipeline import (
+    SCHEDULES,
+    OutputOnly,
+    Pipeline,
+    PipelineConfig,
+    schedule_actions,
+    split_sequential,
+)
+from fastpar.testing.distributed import run_multiprocess
+
+IN, WIDTH, OUT = 6, 16, 3
+SPLITS = {1: [], 2: [3], 3: [2, 3]}  # mid-stack for "lstm": the stack is layers 1..3
+RTOL, ATOL = 1e-5, 1e-6  # float32; micro-batching changes only the order of summation
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str  # "mlp": rows (B, IN); "lstm": sequence-first (T, B, IN)
+    schedule: str
+    num_microbatches: int
+    batch: int = 12
+    variable: bool = False  # micro-batches given as a list of differing shapes
+    steps: int = 1  # gradients accumulate over the steps, as in training without zero_grad
+
+    @property
+    def batch_dim(self) -> int:
+        return 1 if self.model == "lstm" else 0
+
+    def __str__(self) -> str:
+        shape = "variable" if self.variable else f"B{self.batch}"
+        return f"{self.model}-{self.schedule}-m{self.num_microbatches}-{shape}-x{self.steps}"
+
+
+def _model(kind: str) -> nn.Sequential:
+    torch.manual_seed(1234)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(IN, WIDTH),
+            nn.Tanh(),
+            nn.Linear(WIDTH, WIDTH),
+            nn.Tanh(),
+            nn.Linear(WIDTH, OUT),
+        )
+    return nn.Sequential(
+        nn.Linear(IN, WIDTH),
+        OutputOnly(LSTM(WIDTH, WIDTH, num_layers=2, backend="torch")),
+        OutputOnly(LSTM(WIDTH, WIDTH, backend="torch")),
+        nn.Linear(WIDTH, OUT),
+    )
+
+
+def _data(case: Case, step: int) -> tuple[Any, Any]:
+    """Inputs and targets of one step: a batch tensor, or a list of micro-batches whose batch
+    sizes and sequence lengths differ."""
+    generator = torch.Generator().manual_seed(100 * step + case.num_microbatches)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator)
+
+    if not case.variable:
+        if case.model == "mlp":
+            return randn(case.batch, IN), randn(case.batch, OUT)
+        return randn(5, case.batch, IN), randn(5, case.batch, OUT)
+    # Micro-batch k: batch 1 + k % 3, length 2 + (3 * k) % 5 (rows of sequences for "mlp").
+    shapes = [(1 + k % 3, 2 + (3 * k) % 5) for k in range(case.num_microbatches)]
+    if case.model == "mlp":
+        return [randn(b, t, IN) for b, t in shapes], [randn(b, t, OUT) for b, t in shapes]
+    return [randn(t, b, IN) for b, t in shapes], [randn(t, b, OUT) for b, t in shapes]
+
+
+def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torch.Tensor]]]:
+    """Single-process training: the losses of every step and the accumulated gradients of
+    each stage's parameters."""
+    model = _model(case.model)
+    loss_fn = nn.MSELoss()
+    losses = []
+    for step in range(case.steps):
+        inputs, targets = _data(case, step)
+        if case.variable:
+            # The batch is the union of the micro-batches: each one's mean loss weighs by its
+            # share of the sequences.
+            total = sum(t.shape[case.batch_dim] for t in targets)
+            loss = sum(
+                loss_fn(model(x), y) * (y.shape[case.batch_dim] / total)
+                for x, y in zip(inputs, targets, strict=True)
+            )
+        else:
+            loss = loss_fn(model(inputs), targets)
+        loss.backward()
+        losses.append(loss.item())
+    stages = split_sequential(model, SPLITS[num_stages])
+    return losses, [[p.grad.clone() for p in stage.parameters()] for stage in stages]
+
+
+def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
+    results = {}
+    for case in cases:
+        stage = split_sequential(_model(case.model), SPLITS[world_size])[rank]
+        pipe = Pipeline(
+            stage,
+            stage_index=rank,
+            num_stages=world_size,
+            loss_fn=nn.MSELoss(),
+            schedule=case.schedule,
+            num_microbatches=case.num_microbatches,
+            batch_dim=case.batch_dim,
+            timeout_s=60,
+        )
+        losses = []
+        for step in range(case.steps):
+            inputs, targets = _data(case, step)
+            before = [t.clone() for t in (inputs if case.variable else [inputs])]
+            loss = pipe.step(inputs, targets)
+            after = inputs if case.variable else [inputs]
+            unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+            losses.append((None if loss is None else loss.item(), unchanged))
+        grads = [p.grad.numpy() for p in stage.parameters()]
+        results[str(case)] = (losses, grads)
+    return results
+
+
+CASES: dict[int, list[Case]] = {
+    2: [Case("mlp", s, m) for s in SCHEDULES for m in range(1, 9)]  # 5, 7, 8 do not divide 12
+    + [Case("mlp", s, 4, variable=True) for s in SCHEDULES]
+    + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
+    + [Case("lstm", "1f1b", 4, variable=True, steps=2)],
+    3: [Case("mlp", s, m) for s in SCHEDULES for m in (1, 2, 3, 7)]
+    + [Case("mlp", s, 5, batch=11, steps=2) for s in SCHEDULES]
+    + [Case("mlp", s, 6, variable=True) for s in SCHEDULES]
+    + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
+    + [Case("lstm", "gpipe", 4, variable=True)],
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_results() -> dict[int, list[dict[str, Any]]]:
+    return {
+        world_size: run_multiprocess(_run_cases, world_size, args=(cases,), timeout=120)
+        for world_size, cases in CASES.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "world_size, case",
+    [(w, c) for w, cases in CASES.items() for c in cases],
+    ids=lambda v: str(v),
+)
+def test_gradients_match_single_process(
+    pipeline_results: dict[int, list[dict[str, Any]]], world_size: int, case: Case
+) -> None:
+    ref_losses, ref_grads = _reference(case, world_size)
+    for rank, per_rank in enumerate(pipeline_results[world_size]):
+        losses, grads = per_rank[str(case)]
+        assert all(unchanged for _, unchanged in losses), "the step modified its inputs"
+        assert len(grads) == len(ref_grads[rank]) > 0
+        for index, (got, want) in enumerate(zip(grads, ref_grads[rank], strict=True)):
+            torch.testing.assert_close(
+                torch.from_numpy(got),
+                want,
+                rtol=RTOL,
+                atol=ATOL,
+                msg=lambda m, r=rank, i=index: f"stage {r} parameter {i}: {m}",
+            )
+        if rank == world_size - 1:
+            assert [loss for loss, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
+        else:
+            assert all(loss is None for loss, _ in losses)
+
+
+# --- pieces that need no processes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("num_stages, num_microbatches", [(1, 1), (2, 1), (2, 8), (3, 2), (4, 9)])
+def test_schedules_run_each_microbatch_once_in_order(
+    schedule: str, num_stages: int, num_microbatches: int
+) -> None:
+    for stage in range(num_stages):
+        actions = schedule_actions(schedule, stage, num_stages, num_microbatches)  # type: ignore[arg-type]
+        forwards = [k for kind, k in actions if kind == "F"]
+        backwards = [k for kind, k in actions if kind == "B"]
+        assert forwards == backwards == list(range(num_microbatches))
+        in_flight, peak = 0, 0
+        for kind, _ in actions:
+            in_flight += 1 if kind == "F" else -1
+            peak = max(peak, in_flight)
+        if schedule == "1f1b":
+            assert peak == min(num_stages - stage, num_microbatches)
+        else:
+            assert peak == num_microbatches
+
+
+def test_split_sequential_shares_layers_and_checks_points() -> None:
+    model = _model("mlp")
+    stages = split_sequential(model, [1, 4])
+    assert [len(s) for s in stages] == [1, 3, 1]
+    assert [id(m) for s in stages for m in s] == [id(m) for m in model]
+    assert len(model) == 5
+    with pytest.raises(ValueError, match=r"strictly increasing in \(0, 5\).*got \[3, 3\]"):
+        split_sequential(model, [3, 3])
+    with pytest.raises(ValueError, match=r"got \[0\]"):
+        split_sequential(model, [0])
+    with pytest.raises(ValueError, match=r"got \[5\]"):
+        split_sequential(model, [5])
+    with pytest.raises(TypeError, match="nn.Sequential"):
+        split_sequential(nn.Linear(2, 2), [1])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_stages": 0}, "num_stages must be an integer >= 1, got 0"),
+        ({"num_stages": 2, "num_microbatches": 0}, "num_microbatches must be an integer >= 1"),
+        ({"num_stages": 2, "schedule": "zb"}, "schedule must be one of"),
+        ({"num_stages": 2, "loss_reduction": "max"}, "loss_reduction must be one of"),
+        ({"num_stages": 2, "batch_dim": -1}, "batch_dim must be an integer >= 0, got -1"),
+        ({"num_stages": 2, "timeout_s": 0}, "timeout_s must be a number > 0, got 0"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        PipelineConfig(**kwargs)
+
+
+def test_output_only_keeps_the_lstm_output_sequence() -> None:
+    lstm = LSTM(IN, WIDTH, backend="torch")
+    x = torch.randn(4, 2, IN)
+    np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
