@@ -311,3 +311,21 @@ def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
         assert_close(a, b, FP32_ATOL, FP32_RTOL, f"result {k}")
     with pytest.raises(ValueError, match="input_size 10"):
         ours(torch.randn(B, F_IN + 2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
+def test_auto_backend_on_cuda_matches_torch(
+    num_layers: int, bidirectional: bool, proj_size: int, batch_first: bool, bias: bool, T: int
+) -> None:
+    # "auto" takes the Triton kernels for CUDA tensors; the float64 oracle runs on the GPU too.
+    ours, theirs = _pair(
+        "auto", num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+        batch_first=batch_first, bias=bias,
+    )  # fmt: skip
+    ours, theirs = ours.cuda(), theirs.cuda()
+    D = 2 if bidirectional else 1
+    shape = (B, T, F_IN) if batch_first else (T, B, F_IN)
+    x = randn(*shape, seed=1).cuda()
+    hx = tuple(randn(num_layers * D, B, n, seed=s).cuda() for s, n in ((2, proj_size or H), (3, H)))
+    _compare(ours, theirs, x, hx)

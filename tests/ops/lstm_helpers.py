@@ -52,3 +52,31 @@ def assert_within_torch_error(
     bound = HALF_MULTIPLE * own + atol + rtol * exact.abs().max().item()
     err = max_err(ours, exact)
     assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (PyTorch's own: {own:.3g})"
+
+
+def recurrence_inputs(
+    T: int, proj: int, dtype: torch.dtype, batch: int = 3, hidden: int = 33, device: str = "cpu"
+) -> list[Tensor]:
+    """Random [xg, h0, c0, w_hh(, w_hr)] leaves for a recurrence of T steps."""
+    P = proj or hidden
+    scale = hidden**-0.5  # keeps the pre-activations O(1) at any hidden size
+    tensors = [
+        randn(T, batch, 4 * hidden, seed=1),  # xg
+        randn(batch, P, seed=2),  # h0
+        randn(batch, hidden, seed=3),  # c0
+        randn(4 * hidden, P, seed=4) * (2 * scale),  # w_hh
+    ]
+    if proj:
+        tensors.append(randn(P, hidden, seed=5) * (2 * scale))  # w_hr
+    return [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
+
+
+def run_recurrence(recurrence, inputs, lengths, reverse, **kw) -> list[Tensor]:
+    """[hs, c_n, and the gradient of every input] for random cotangents."""
+    w_hr = inputs[4] if len(inputs) > 4 else None
+    hs, c_n = recurrence(*inputs[:4], w_hr, lengths, reverse, **kw)
+    cot = [randn(*t.shape, seed=20 + k).to(t) for k, t in enumerate((hs, c_n))]
+    return [hs, c_n, *grads((hs, c_n), cot, inputs)]
+
+
+NAMES = ["hs", "c_n", "d xg", "d h0", "d c0", "d w_hh", "d w_hr"]

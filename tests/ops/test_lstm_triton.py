@@ -13,37 +13,15 @@ from fastpar.ops.reference import lstm_recurrence_reference
 from tests.ops.lstm_helpers import (
     FP32_ATOL,
     FP32_RTOL,
+    NAMES,
     assert_close,
     assert_within_torch_error,
-    grads,
-    randn,
+    recurrence_inputs,
+    run_recurrence,
 )
 
 B, H, PROJ = 3, 33, 5
 LENGTHS = torch.tensor([7, 2, 5])  # unsorted, one full, one short
-
-
-def _inputs(T: int, proj: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    P = proj or H
-    tensors = [
-        randn(T, B, 4 * H, seed=1),  # xg
-        randn(B, P, seed=2),  # h0
-        randn(B, H, seed=3),  # c0
-        randn(4 * H, P, seed=4) * 0.3,  # w_hh
-    ]
-    if proj:
-        tensors.append(randn(P, H, seed=5) * 0.3)  # w_hr
-    return [t.to(dtype).requires_grad_() for t in tensors]
-
-
-def _run(recurrence, inputs, lengths, reverse, **kw):
-    w_hr = inputs[4] if len(inputs) > 4 else None
-    hs, c_n = recurrence(*inputs[:4], w_hr, lengths, reverse, **kw)
-    cot = [randn(*hs.shape, seed=20).to(hs.dtype), randn(*c_n.shape, seed=21).to(c_n.dtype)]
-    return [hs, c_n, *grads((hs, c_n), cot, inputs)]
-
-
-NAMES = ["hs", "c_n", "d xg", "d h0", "d c0", "d w_hh", "d w_hr"]
 
 
 @pytest.mark.parametrize("T", [1, 7])
@@ -52,9 +30,11 @@ NAMES = ["hs", "c_n", "d xg", "d h0", "d c0", "d w_hh", "d w_hr"]
 @pytest.mark.parametrize("reverse", [False, True])
 def test_step_kernels_match_reference(T: int, proj: int, packed: bool, reverse: bool) -> None:
     lengths = LENGTHS.clamp(max=T) if packed else None
-    ours = _run(lstm_recurrence_triton, _inputs(T, proj, torch.float32), lengths, reverse,
-                kernel="step")  # fmt: skip
-    want = _run(lstm_recurrence_reference, _inputs(T, proj, torch.float64), lengths, reverse)
+    inputs = recurrence_inputs(T, proj, torch.float32)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="step")
+    want = run_recurrence(
+        lstm_recurrence_reference, recurrence_inputs(T, proj, torch.float64), lengths, reverse
+    )
     for name, a, b in zip(NAMES, ours, want, strict=False):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
@@ -66,9 +46,11 @@ def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool
     # The interpreter configuration: one program per batch block covers all hidden units, so
     # the grid barrier only ever waits for itself (the multi-program barrier needs a GPU).
     lengths = LENGTHS.clamp(max=T) if packed else None
-    ours = _run(lstm_recurrence_triton, _inputs(T, 0, torch.float32), lengths, reverse,
-                kernel="persistent")  # fmt: skip
-    want = _run(lstm_recurrence_reference, _inputs(T, 0, torch.float64), lengths, reverse)
+    inputs = recurrence_inputs(T, 0, torch.float32)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="persistent")
+    want = run_recurrence(
+        lstm_recurrence_reference, recurrence_inputs(T, 0, torch.float64), lengths, reverse
+    )
     for name, a, b in zip(NAMES, ours, want, strict=False):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
@@ -83,10 +65,10 @@ def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) ->
     # math in float32, so their error against float64 (on the same rounded inputs) must stay
     # within a small multiple of PyTorch's own error when it computes in that dtype.
     T = 7
-    inputs = _inputs(T, 0, dtype)
+    inputs = recurrence_inputs(T, 0, dtype)
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ours = _run(lstm_recurrence_triton, inputs, LENGTHS, False)
-    want = _run(lstm_recurrence_reference, exact_inputs, LENGTHS, False)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, False)
+    want = run_recurrence(lstm_recurrence_reference, exact_inputs, LENGTHS, False)
     for a in ours:
         assert a.dtype == dtype
     if dtype == torch.float32:
@@ -94,23 +76,23 @@ def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) ->
             assert_close(a, b, atol, rtol, name)
         return
     torch_inputs = [t.detach().clone().requires_grad_() for t in inputs]
-    torchs = _run(lstm_recurrence_reference, torch_inputs, LENGTHS, False)
+    torchs = run_recurrence(lstm_recurrence_reference, torch_inputs, LENGTHS, False)
     for name, a, t, b in zip(NAMES, ours, torchs, want, strict=False):
         assert_within_torch_error(a, t, b, atol, rtol, name)
 
 
 def test_backward_is_deterministic() -> None:
-    inputs = _inputs(7, 0, torch.float32)
-    first = _run(lstm_recurrence_triton, inputs, LENGTHS, True)
-    second = _run(lstm_recurrence_triton, inputs, LENGTHS, True)
+    inputs = recurrence_inputs(7, 0, torch.float32)
+    first = run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, True)
+    second = run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, True)
     for name, a, b in zip(NAMES, first, second, strict=False):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
 def test_inputs_are_not_modified() -> None:
-    inputs = _inputs(7, PROJ, torch.float32)
+    inputs = recurrence_inputs(7, PROJ, torch.float32)
     before = [t.detach().clone() for t in inputs]
-    _run(lstm_recurrence_triton, inputs, LENGTHS, False)
+    run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, False)
     for a, b in zip(inputs, before, strict=True):
         assert torch.equal(a.detach(), b)
 
