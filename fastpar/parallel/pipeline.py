@@ -453,7 +453,7 @@ class Pipeline:
             try:
                 link.send_error(message, origin)
                 told.append(link)
-            except RuntimeError as error:  # the link is broken too; the original error wins
+            except PipelineError as error:  # the link is broken too; the original error wins
                 logger.warning("could not tell %s about the failure: %s", link.peer, error)
         for link in told:
             try:

@@ -22,7 +22,9 @@ a send can never wait behind a receive queued on the same stream.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -143,7 +145,10 @@ class Link:
         """Post `count` header receives now, so headers land as soon as the peer sends them."""
         for _ in range(count):
             buffer = torch.empty(HEADER_LEN, dtype=torch.int64)
-            work = dist.irecv(buffer, src=self.peer.rank, group=self._header_group, tag=HEADER_TAG)
+            with self._failing_as("posting a receive from"):
+                work = dist.irecv(
+                    buffer, src=self.peer.rank, group=self._header_group, tag=HEADER_TAG
+                )
             self._headers.append((work, buffer))
 
     def recv(self, what: str) -> Tensor:
@@ -182,7 +187,8 @@ class Link:
         group = self._header_group if on_host else self._recv_group
         device = torch.device("cpu") if on_host else self._device
         buffer = torch.empty(shape, dtype=dtype, device=device)
-        work = dist.irecv(buffer, src=self.peer.rank, group=group, tag=PAYLOAD_TAG)
+        with self._failing_as(f"receiving {what} from"):
+            work = dist.irecv(buffer, src=self.peer.rank, group=group, tag=PAYLOAD_TAG)
         if device.type == "cuda":
             # Stream-ordered: the current stream waits for the receive, the host does not.
             # A silent peer is caught by the process group's timeout (NCCL watchdog); the
@@ -218,7 +224,8 @@ class Link:
         self._isend(data, self._header_group, PAYLOAD_TAG)
 
     def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int) -> None:
-        work = dist.isend(tensor, dst=self.peer.rank, group=group, tag=tag)
+        with self._failing_as("sending to"):
+            work = dist.isend(tensor, dst=self.peer.rank, group=group, tag=tag)
         self._sends.append((work, tensor))
 
     def finish_sends(self) -> None:
@@ -231,8 +238,14 @@ class Link:
                 self._wait(work, "sending to")
 
     def _wait(self, work: dist.Work, doing: str) -> None:
-        try:
+        with self._failing_as(doing):
             work.wait(self._timeout)
+
+    @contextlib.contextmanager
+    def _failing_as(self, doing: str) -> Iterator[None]:
+        """Turn a transport error into a PipelineError that names the peer."""
+        try:
+            yield
         except RuntimeError as error:
             raise PipelineError(
                 f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "

@@ -221,7 +221,7 @@ def test_split_sequential_shares_layers_and_checks_points() -> None:
         split_sequential(model, [0])
     with pytest.raises(ValueError, match=r"got \[5\]"):
         split_sequential(model, [5])
-    with pytest.raises(TypeError, match="nn.Sequential"):
+    with pytest.raises(TypeError, match=r"nn\.Sequential"):
         split_sequential(nn.Linear(2, 2), [1])  # type: ignore[arg-type]
 
 

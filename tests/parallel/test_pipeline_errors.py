@@ -1,0 +1,218 @@
+"""Pipeline failures end in an error on every rank within a bounded time, never in a hang:
+mismatched arguments at construction, a stage that raises (forward, backward, loss), a peer
+that dies, a peer that stalls past `timeout_s`.
+
+Each rank returns what it raised (type, message, seconds taken), so the test sees every rank's
+outcome; run_multiprocess's own timeout bounds the whole run should anything hang.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastpar.parallel.pipeline import Pipeline
+from fastpar.testing.distributed import run_multiprocess
+
+Outcome = tuple[str, str, float]  # exception type ("ok" if none), message, seconds
+
+
+def _outcome(action: Callable[[], object]) -> Outcome:
+    start = time.monotonic()
+    try:
+        action()
+    except Exception as error:  # the test inspects what every rank raised
+        return type(error).__name__, str(error), time.monotonic() - start
+    return "ok", "", time.monotonic() - start
+
+
+class _RaiseInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("planted failure in backward")
+
+
+class Planted(nn.Module):
+    """A linear layer that fails at its `at`-th forward call: raises in forward or later in
+    backward, kills its process, or stalls for `stall_s` seconds."""
+
+    def __init__(self, mode: str, at: int, stall_s: float = 0.0) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+        self.mode, self.at, self.stall_s, self.calls = mode, at, stall_s, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        y = self.linear(x)
+        if self.calls - 1 != self.at:
+            return y
+        if self.mode == "forward":
+            raise RuntimeError("planted failure in forward")
+        if self.mode == "backward":
+            return _RaiseInBackward.apply(y)
+        if self.mode == "die":
+            os._exit(3)
+        if self.mode == "stall":
+            threading.Event().wait(self.stall_s)  # a stage stuck in a long computation
+        return y
+
+
+class PlantedLoss:
+    """Mean squared error that raises at its `at`-th call."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls - 1 == self.at:
+            raise ValueError("planted failure in the loss")
+        return nn.functional.mse_loss(output, target)
+
+
+def _pipeline(rank: int, world_size: int, module: nn.Module, **kwargs: Any) -> Pipeline:
+    defaults: dict[str, Any] = dict(
+        stage_index=rank, num_stages=world_size, loss_fn=nn.MSELoss(), num_microbatches=4
+    )
+    return Pipeline(module, **{**defaults, **kwargs})
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    return torch.randn(8, 4, generator=generator), torch.randn(8, 4, generator=generator)
+
+
+# --- construction ------------------------------------------------------------------------------
+
+
+def _construct_mismatched(rank: int, world_size: int) -> list[Outcome]:
+    cases: list[dict[str, Any]] = [
+        {"num_stages": 3},
+        {"num_stages": 2 + rank},
+        {"num_microbatches": 4 + rank},
+        {"schedule": "zb" if rank == 1 else "1f1b"},
+        {"stage_index": 0},
+        {"schedule": "gpipe" if rank == 0 else "1f1b"},
+    ]
+    return [_outcome(lambda c=c: _pipeline(rank, world_size, nn.Linear(4, 4), **c)) for c in cases]
+
+
+def test_mismatched_arguments_raise_on_every_rank() -> None:
+    outcomes = run_multiprocess(_construct_mismatched, 2, timeout=60)
+    expected = [
+        ["num_stages 3 != group size 2", "num_stages 3 != group size 2"],
+        [
+            r"num_stages differs across the group: \[2, 3\] \(group size 2\)",
+            "num_stages 3 != group size 2",
+        ],
+        [r"num_microbatches differs across the group: \[4, 5\]"] * 2,
+        [r"invalid on group rank\(s\) \[1\]", "schedule must be one of"],
+        [r"group ranks 0..1 hold stages \[0, 0\]"] * 2,
+        [r"schedule differs across the group: \['gpipe', '1f1b'\]"] * 2,
+    ]
+    for case, patterns in enumerate(expected):
+        for rank, pattern in enumerate(patterns):
+            kind, message, seconds = outcomes[rank][case]
+            assert kind == "ValueError", (case, rank, kind, message)
+            assert re.search(pattern, message), (case, rank, message)
+            assert seconds < 10, (case, rank, seconds)
+
+
+# --- a stage that raises -------------------------------------------------------------------------
+
+RAISING_CASES = [
+    # (failing stage, mode, at which forward call, schedule)
+    (1, "forward", 2, "gpipe"),
+    (2, "backward", 1, "1f1b"),
+    (0, "forward", 0, "1f1b"),
+    (2, "loss", 3, "gpipe"),
+]
+
+
+def _raising_stage(rank: int, world_size: int) -> list[list[Outcome]]:
+    results = []
+    for stage, mode, at, schedule in RAISING_CASES:
+        # A fresh group per case: a failed step may leave messages in flight on its group.
+        group = dist.new_group(list(range(world_size)))
+        planted = mode if rank == stage and mode != "loss" else "none"
+        module = Planted(planted, at)
+        loss_fn = PlantedLoss(at if mode == "loss" and rank == stage else -1)
+        pipe = _pipeline(
+            rank, world_size, module, group=group, schedule=schedule, loss_fn=loss_fn, timeout_s=30
+        )
+        x, y = _batch()
+        first = _outcome(lambda p=pipe, x=x, y=y: p.step(x, y))
+        again = _outcome(lambda p=pipe, x=x, y=y: p.step(x, y))
+        results.append([first, again])
+    return results
+
+
+def test_a_raising_stage_fails_every_rank() -> None:
+    outcomes = run_multiprocess(_raising_stage, 3, timeout=90)
+    for case, (stage, mode, _, _) in enumerate(RAISING_CASES):
+        original = {
+            "forward": "RuntimeError: planted failure in forward",
+            "backward": "RuntimeError: planted failure in backward",
+            "loss": "ValueError: planted failure in the loss",
+        }[mode]
+        for rank in range(3):
+            (kind, message, seconds), (again_kind, again_message, _) = outcomes[rank][case]
+            if rank == stage:
+                assert f"{kind}: {message}" == original, (case, rank)
+            else:
+                assert kind == "PipelineError", (case, rank, kind, message)
+                assert message == f"stage {stage} (rank {stage}) raised {original}", (case, rank)
+            # Far below timeout_s=30: the peers were told, they did not time out.
+            assert seconds < 10, (case, rank, seconds)
+            assert again_kind == "PipelineError", (case, rank, again_kind)
+            assert "failed in an earlier step" in again_message
+
+
+# --- a peer that dies or stalls ------------------------------------------------------------------
+
+
+def _dying_peer(rank: int, world_size: int) -> Outcome:
+    pipe = _pipeline(rank, world_size, Planted("die" if rank == 1 else "none", 1), timeout_s=30)
+    x, y = _batch()
+    return _outcome(lambda: pipe.step(x, y))
+
+
+def test_a_dead_peer_is_named_by_its_neighbours() -> None:
+    outcomes = run_multiprocess(_dying_peer, 3, timeout=60, may_die=(1,))
+    assert outcomes[1] is None
+    for rank in (0, 2):
+        kind, message, seconds = outcomes[rank]
+        assert kind == "PipelineError", (rank, message)
+        # The neighbours see the closed connection (not a timeout) and name the dead stage.
+        assert "stage 1 (rank 1) failed: the peer died" in message, (rank, message)
+        assert seconds < 10, (rank, seconds)
+
+
+def _stalling_peer(rank: int, world_size: int, timeout_s: float, stall_s: float) -> Outcome:
+    module = Planted("stall" if rank == 1 else "none", 0, stall_s=stall_s)
+    pipe = _pipeline(rank, world_size, module, schedule="gpipe", timeout_s=timeout_s)
+    x, y = _batch()
+    return _outcome(lambda: pipe.step(x, y))
+
+
+def test_a_stalled_peer_times_out_with_its_name() -> None:
+    timeout_s, stall_s = 1.0, 5.0
+    outcomes = run_multiprocess(_stalling_peer, 2, args=(timeout_s, stall_s), timeout=60)
+    kind, message, seconds = outcomes[0]
+    assert kind == "PipelineError", message
+    assert "stage 1 (rank 1) failed" in message and "timeout_s=1" in message
+    assert timeout_s <= seconds < stall_s
+    # The stalled stage finds its peer gone when it resumes, and raises too.
+    assert outcomes[1][0] == "PipelineError", outcomes[1]
