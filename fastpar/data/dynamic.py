@@ -110,15 +110,22 @@ class DynamicSlicer:
     every rank must call once per step, after the same `next_step`. Otherwise one process plays
     all `world_size` ranks (default 1) and reports for all of them with `record_all`.
 
-    Typical data-parallel loop (every rank runs it; `train` excludes the gradient all-reduce):
+    Typical data-parallel loop (every rank runs it). Blocks differ in size, so each rank
+    weights its mean loss by its share of the step's global batch, and the gradients are summed
+    (with a DDP-style average over W ranks, multiply the weight by W):
 
         slicer = DynamicSlicer(len(data), min_size=8, max_size=64, global_batch=128)
         for epoch in range(epochs):
-            for indices in slicer.blocks():         # this rank's block, step after step
+            for indices in slicer.blocks():              # this rank's block of each step
                 start = time.perf_counter()
-                loss = train(data[indices])         # forward + backward on this rank only
-                slicer.record_step(len(indices), time.perf_counter() - start, loss=loss)
-                all_reduce_gradients_and_step()      # weight by len(indices) / global size
+                loss = mean_loss(model, data[indices])
+                (loss * len(indices) / sum(slicer.last_sizes)).backward()
+                slicer.record_step(len(indices), time.perf_counter() - start, loss.item())
+                all_reduce_sum_gradients(model); optimizer.step(); optimizer.zero_grad()
+
+    `record_step` is timed before the gradient all-reduce on purpose (see there). In the last
+    step of an epoch a rank can get an empty block (fewer samples left than ranks); it then
+    contributes zero gradients and still calls `record_step` with 0 samples.
 
     Arguments:
         num_samples: n, the number of samples (indices 0 .. n-1), >= 1.
@@ -162,6 +169,7 @@ class DynamicSlicer:
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
+        self._last_sizes = [0] * self.world_size
         self._order = self._epoch_order()
 
     # ------------------------------------------------------------------ iteration
@@ -175,6 +183,12 @@ class DynamicSlicer:
     def position(self) -> int:
         """How many samples of the current epoch have been handed out."""
         return self._cursor
+
+    @property
+    def last_sizes(self) -> list[int]:
+        """Each rank's block size in the step `next_step` cut last (their sum is that step's
+        global batch; smaller than a full step's at the end of an epoch)."""
+        return list(self._last_sizes)
 
     @property
     def sizes(self) -> list[int]:
@@ -210,6 +224,7 @@ class DynamicSlicer:
         for size in sizes:
             blocks.append(self._order[self._cursor : self._cursor + size].tolist())
             self._cursor += size
+        self._last_sizes = list(sizes)
         return blocks
 
     def steps(self) -> Iterator[list[list[int]]]:
@@ -269,7 +284,9 @@ class DynamicSlicer:
             RuntimeError: the ranks are at different positions (they did not step together),
                 raised on every rank alike; or this process plays several ranks (use
                 `record_all`).
-            ValueError: policy "loss" and some rank with samples gave no loss (on every rank).
+            ValueError: policy "loss" and some rank with samples gave no loss (on every rank,
+                after the collective); or a bad `samples`/`seconds`, raised on this rank before
+                the collective (the other ranks then wait in it until the group's timeout).
         """
         rank = self._own_rank()
         check_int("samples", samples, 0)
@@ -408,6 +425,7 @@ class DynamicSlicer:
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
+            "last_sizes": list(self._last_sizes),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -438,6 +456,7 @@ class DynamicSlicer:
         average = state["loss_average"]
         self._loss_average = None if average is None else float(average)
         self._sizes = [int(size) for size in state["sizes"]]
+        self._last_sizes = [int(size) for size in state["last_sizes"]]
         self._order = self._epoch_order()
 
     # ------------------------------------------------------------------ helpers

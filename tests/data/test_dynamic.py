@@ -198,9 +198,14 @@ def test_one_process_one_rank_uses_blocks_and_record_step() -> None:
     assert slicer.rank == 0 and slicer.world_size == 1
     seen = []
     for indices in slicer.batch_sampler():
+        assert slicer.last_sizes == [len(indices)]
         seen += indices
         slicer.record_step(len(indices), 0.1, loss=1.0)
     assert seen == list(range(50))
+    # Blocks of 8 (the first loss is the reference), 8, 10, 12; a full step would then be 15
+    # (12.5 * 1.25), but only 12 samples are left. The last record grows it to max_size 16.
+    assert slicer.last_sizes == [12]
+    assert slicer.sizes == [16]
     # The epoch is exhausted: the next pass is the next epoch, from its beginning.
     assert next(iter(slicer.batch_sampler())) == list(range(16))
     assert slicer.epoch == 1
