@@ -96,7 +96,10 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         flat = torch.cat([g.flatten() for g in grads])
         dist.all_reduce(flat)
-        torch.nn.utils.vector_to_parameters(flat, grads)  # copies the sums back into .grad
+        offset = 0
+        for grad in grads:  # the sums back into .grad
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
         self.optimizer.step()
         return compute
 
