@@ -30,9 +30,24 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from fastpar.training.cli import config_from_args, run
+
+    return run(config_from_args(args, args.parser))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fastpar.training.cli import add_arguments
+
     parser = argparse.ArgumentParser(prog="fastpar", description="fastpar command line")
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser(
+        "train",
+        help="train a character LSTM language model (dp, pp or dp+pp)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_arguments(train)
+    train.set_defaults(run=_train, parser=train)
     info = commands.add_parser("info", help="report versions, devices and usable backends")
     info.set_defaults(run=_info)
     build = commands.add_parser("build", help="compile the native extension (cached)")

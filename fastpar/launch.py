@@ -1,17 +1,22 @@
-"""Run a function in N CPU processes that form a torch.distributed group, with a bounded time.
+"""Start N local processes that form a torch.distributed group and run a function in each.
 
-`run_multiprocess(fn, world_size)` spawns one process per rank, creates the default process
-group in each (gloo by default, rendezvous through a TCPStore that the parent hosts on a free
-port, so there is no port race), calls `fn(rank, world_size, *args)` and returns the ranks'
-results. When a rank raises, dies or outlives the timeout, the remaining ranks are killed and
-the call raises with that rank's traceback; no child outlives the call (each child is also tied
-to its parent with PR_SET_PDEATHSIG, so even a killed test runner leaves no orphans).
+`spawn_ranks(fn, world_size)` spawns one process per rank, creates the default process group in
+each (gloo on CPU, NCCL when CUDA is available, rendezvous through a TCPStore that the parent
+hosts on a free port, so there is no port race), calls `fn(rank, world_size, *args)` and
+returns the ranks' results. When a rank raises, dies or outlives the timeout, the remaining
+ranks are killed and the call raises `RankFailure` naming the first rank that failed, with its
+traceback; no child outlives the call (each child is also tied to its parent with
+PR_SET_PDEATHSIG, so even a killed parent leaves no orphans).
+
+`fastpar train --nproc N` launches through it; the tests use it as `run_multiprocess`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime
+import math
 import multiprocessing as mp
 import os
 import queue
@@ -51,8 +56,12 @@ def _rank_main(
 ) -> None:
     _die_with_parent()
     os.environ.update(env)
-    # Ranks share 2 cores on CI: more intra-op threads than cores only adds contention.
-    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size))  # fmt: skip
+    # Ranks share the machine's cores: more intra-op threads than cores only adds contention.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     import torch.distributed as dist
 
     try:
@@ -88,12 +97,17 @@ def _destroy_group() -> None:
         dist.destroy_process_group()
 
 
-def run_multiprocess(
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
+
+
+def spawn_ranks(
     fn: Callable[..., Any],
     world_size: int,
     *,
     args: Sequence[Any] = (),
-    timeout: float = 60.0,
+    timeout: float | None = 60.0,
+    group_timeout: float | None = None,
     backend: str = "gloo",
     may_die: Collection[int] = (),
     env: dict[str, str] | None = None,
@@ -105,8 +119,10 @@ def run_multiprocess(
             it runs, and destroyed after it returns.
         world_size: number of processes, >= 1.
         args: extra picklable arguments for every rank.
-        timeout: seconds for the whole run (also the process-group timeout).
-        backend: torch.distributed backend ("gloo" on CPU).
+        timeout: seconds for the whole run; None for no bound on the run as a whole.
+        group_timeout: the process group's timeout, which bounds every collective (default:
+            `timeout`, or 300 s when that is None).
+        backend: torch.distributed backend ("gloo" on CPU; see `default_backend`).
         may_die: ranks allowed to end without a result (for tests that kill a rank); their
             entry in the returned list is None.
         env: extra environment variables for the children.
@@ -120,6 +136,8 @@ def run_multiprocess(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if group_timeout is None:
+        group_timeout = timeout if timeout is not None else 300.0
     import torch.distributed as dist
 
     context = mp.get_context("spawn")
@@ -129,7 +147,7 @@ def run_multiprocess(
         world_size + 1,
         is_master=True,
         wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=timeout),
+        timeout=datetime.timedelta(seconds=group_timeout),
     )
     results: mp.Queue = context.Queue()
     processes = [
@@ -142,7 +160,7 @@ def run_multiprocess(
                 tuple(args),
                 backend,
                 store.port,
-                timeout,
+                group_timeout,
                 env or {},
                 results,
             ),
@@ -153,7 +171,7 @@ def run_multiprocess(
     ]
     outcomes: dict[int, Any] = {}
     failures: list[tuple[float, int, str]] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + timeout if timeout is not None else math.inf
     try:
         for process in processes:
             process.start()
@@ -171,12 +189,15 @@ def run_multiprocess(
             if ok:
                 outcomes[rank] = value
                 continue
-            failures.append((value[0], rank, value[1]))
+            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}"))
             _collect_more_failures(results, failures, grace_s=2.0)
+            # A rank that died without a word (killed) is the likely cause of its peers'
+            # errors (connections closed), so deaths are named first.
+            for dead, process in enumerate(processes):
+                if process.exitcode not in (None, 0) and dead not in may_die:
+                    failures.append((-math.inf, dead, _death(dead, process.exitcode)))
             failures.sort()
-            first = failures[0]
-            others = "".join(f"\n--- then rank {r} raised:\n{tb}" for _, r, tb in failures[1:])
-            raise RankFailure(f"rank {first[1]} raised:\n{first[2]}{others}")
+            raise RankFailure("\n--- then ".join(message for _, _, message in failures))
     finally:
         _stop_all(processes)
         results.close()
@@ -196,7 +217,7 @@ def _collect_more_failures(
         except queue.Empty:
             continue
         if not ok:
-            failures.append((value[0], rank, value[1]))
+            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}"))
 
 
 def _check_dead(
@@ -211,7 +232,15 @@ def _check_dead(
             if rank in may_die:
                 outcomes[rank] = None
                 continue
-            raise RankFailure(f"rank {rank} died with exit code {process.exitcode}")
+            raise RankFailure(_death(rank, process.exitcode))
+
+
+def _death(rank: int, exitcode: int | None) -> str:
+    message = f"rank {rank} died with exit code {exitcode}"
+    if exitcode is not None and exitcode < 0:
+        with contextlib.suppress(ValueError):
+            message += f" ({signal.Signals(-exitcode).name})"
+    return message
 
 
 def _stop_all(processes: list[mp.process.BaseProcess]) -> None:

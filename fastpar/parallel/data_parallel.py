@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -149,6 +150,9 @@ class DataParallel(nn.Module):
         # What happened in the last backward, in order: ("grad", param index) as hooks fire,
         # ("launch", bucket index) as all-reduces start, ("end",) when backward finished.
         self.last_backward_events: list[tuple[Any, ...]] = []
+        # Seconds the last backward spent after autograd finished, waiting for all-reduces:
+        # backward time minus this is this rank's own compute (what throughput slicing needs).
+        self.last_comm_wait_s = 0.0
 
         self._check_same_parameters()
         self._broadcast_state()
@@ -302,6 +306,7 @@ class DataParallel(nn.Module):
             bucket.work = bucket.comm(bucket.buffer)
 
     def _finish_backward(self) -> None:
+        started = time.perf_counter()
         with record_range("fastpar.dp.wait"):
             try:
                 with self._lock:
@@ -324,6 +329,7 @@ class DataParallel(nn.Module):
                     self.last_backward_events.append(("end",))
                     self._callback_queued = False
                     self._next_bucket = 0
+                self.last_comm_wait_s = time.perf_counter() - started
                 for bucket in self._buckets:
                     bucket.work = None
                     bucket.pending = len(bucket.params)

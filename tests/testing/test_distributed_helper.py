@@ -62,12 +62,13 @@ def test_a_raising_rank_fails_with_its_traceback() -> None:
 
 def test_a_hanging_rank_times_out_and_is_killed() -> None:
     start = time.monotonic()
-    with pytest.raises(RankFailure, match=r"timed out after 8s waiting for rank\(s\) \[0\]"):
-        run_multiprocess(_hang_on_rank_zero, 2, timeout=8)
-    assert time.monotonic() - start < 20
+    # 30 s leaves rank 1 time to start and finish even on a loaded 2-core machine.
+    with pytest.raises(RankFailure, match=r"timed out after 30s waiting for rank\(s\) \[0\]"):
+        run_multiprocess(_hang_on_rank_zero, 2, timeout=30)
+    assert time.monotonic() - start < 60
 
 
 def test_a_killed_rank_is_reported_unless_allowed() -> None:
-    with pytest.raises(RankFailure, match="rank 1 died with exit code -9"):
+    with pytest.raises(RankFailure, match=r"rank 1 died with exit code -9 \(SIGKILL\)"):
         run_multiprocess(_kill_self_on_rank_one, 2, timeout=60)
     assert run_multiprocess(_kill_self_on_rank_one, 2, timeout=60, may_die=(1,)) == [0, None]

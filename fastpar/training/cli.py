@@ -1,0 +1,122 @@
+"""`fastpar train`: argument parsing and the launch, local (`--nproc`) or under torchrun."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fastpar.training.config import TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `fastpar train`, one per TrainConfig field."""
+    d = _DEFAULTS
+    add = parser.add_argument
+    add("--nproc", type=int, default=d.nproc, help="local processes (ignored under torchrun)")
+    add("--parallel", choices=["dp", "pp", "dp+pp"], default=d.parallel)
+    add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
+    add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
+    add("--schedule", choices=["gpipe", "1f1b"], default=d.schedule)
+    add("--comm", choices=["ring", "torch"], default=d.comm, help="gradient all-reduce")
+    add("--backend", choices=["auto", "triton", "torch"], default=d.backend, help="LSTM kernels")
+    add("--embed", type=int, default=d.embed, help="embedding size")
+    add("--hidden", type=int, default=d.hidden, help="LSTM hidden size")
+    add("--layers", type=int, default=d.layers, help="LSTM layers")
+    add("--seq-len", type=int, default=d.seq_len, help="bytes per training window")
+    add("--batch-size", type=int, default=d.batch_size, help="windows per step and replica")
+    add("--steps", type=int, default=d.steps, help="optimizer steps in the whole run")
+    add("--lr", type=float, default=d.lr, help="Adam learning rate")
+    add("--slicing", choices=["fixed", "throughput", "loss"], default=d.slicing)
+    add("--train-bytes", type=int, default=d.train_bytes, help="training text size")
+    add("--validation-bytes", type=int, default=d.validation_bytes)
+    add("--validation-batches", type=int, default=d.validation_batches)
+    add("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
+    add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between saves")
+    add("--resume", action="store_true", help="continue from the last checkpoint")
+    add("--profile", dest="profile_dir", type=Path, default=None,
+        help="write a torch.profiler Chrome trace per rank into this folder")  # fmt: skip
+    add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
+    add("--seed", type=int, default=d.seed)
+    add("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
+        help="seconds any wait for a peer may take before the run stops with an error")  # fmt: skip
+    add("--log-every", type=int, default=d.log_every)
+
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    try:
+        config = TrainConfig(**values)
+        if not _under_torchrun():
+            config.layout(config.nproc)  # torchrun's world size is checked by the ranks
+    except ValueError as error:
+        parser.error(str(error))
+        raise  # unreachable: parser.error exits
+    return config
+
+
+def _under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or (
+        "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
+    )
+
+
+def _train_entry(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any] | None:
+    from fastpar.training.loop import train_rank
+
+    return train_rank(config)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    if summary["resumed_from"]:
+        print(f"resumed from step {summary['resumed_from']}")
+    print(f"steps: {summary['steps']}")
+    print(f"validation loss: {summary['validation_loss']:.4f} (nats per byte)")
+    print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s")
+    print("sample:")
+    print(summary["sample"])
+
+
+def run(config: TrainConfig) -> int:
+    """Train with `config`: under torchrun as this process's rank, else on `nproc` local
+    processes. Returns the exit status."""
+    import torch.distributed as dist
+
+    from fastpar.launch import RankFailure, default_backend, spawn_ranks
+    from fastpar.training import checkpoint
+
+    if _under_torchrun():
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        if restarts > 0 and checkpoint.latest_step(config.checkpoint_dir) is not None:
+            config = dataclasses.replace(config, resume=True)  # torchrun restarted us
+        dist.init_process_group(
+            default_backend(), timeout=datetime.timedelta(seconds=config.timeout_s)
+        )
+        try:
+            summary = _train_entry(dist.get_rank(), dist.get_world_size(), config)
+        finally:
+            dist.destroy_process_group()
+        if summary is not None:
+            _print_summary(summary)
+        return 0
+    try:
+        results = spawn_ranks(_train_entry, config.nproc, args=(config,), timeout=None,
+                              group_timeout=config.timeout_s,
+                              backend=default_backend())  # fmt: skip
+    except RankFailure as failure:
+        last = checkpoint.latest_step(config.checkpoint_dir)
+        hint = (f"rerun with --resume to continue from step {last}" if last is not None
+                else "no checkpoint was written yet")  # fmt: skip
+        print(f"\nfastpar train stopped: {failure}\nThe other ranks were stopped; {hint}.",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    if results[0] is not None:
+        _print_summary(results[0])
+    return 0

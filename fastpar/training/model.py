@@ -1,0 +1,68 @@
+"""The character language model: embedding, a stack of single-layer `fastpar.nn.LSTM`s and a
+linear head, as an `nn.Sequential` so a pipeline can cut it between any two layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastpar.nn import LSTM
+from fastpar.parallel.pipeline import OutputOnly
+
+
+def build_model(
+    *, vocab: int, embed: int, hidden: int, layers: int, backend: str, seed: int
+) -> nn.Sequential:
+    """The same initial weights on every rank (seeded), batch-first.
+
+    Returns:
+        nn.Sequential(Embedding, OutputOnly(LSTM) x layers, Linear): (B, T) int64 -> (B, T, vocab)
+        logits.
+    """
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        modules: list[nn.Module] = [nn.Embedding(vocab, embed)]
+        for layer in range(layers):
+            size_in = embed if layer == 0 else hidden
+            lstm = LSTM(size_in, hidden, num_layers=1, batch_first=True, backend=backend)
+            modules.append(OutputOnly(lstm))
+        modules.append(nn.Linear(hidden, vocab))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return nn.Sequential(*modules)
+
+
+def stage_bounds(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) module ranges of an nn.Sequential of `num_layers` modules, as even
+    as possible, one per stage."""
+    if num_stages > num_layers:
+        raise ValueError(
+            f"{num_stages} pipeline stages need a model of at least {num_stages} layers; this "
+            f"one has {num_layers} (embedding + LSTM layers + head): add --layers"
+        )
+    base, extra = divmod(num_layers, num_stages)
+    bounds, start = [], 0
+    for stage in range(num_stages):
+        end = start + base + (1 if stage < extra else 0)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
+@torch.no_grad()
+def generate(model: nn.Module, prompt: bytes, length: int, context: int, seed: int) -> bytes:
+    """Samples `length` bytes after `prompt`, feeding the last `context` bytes each step."""
+    generator = torch.Generator().manual_seed(seed)
+    data = list(prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(length):
+            window = torch.tensor([data[-context:]], dtype=torch.int64)
+            logits = model(window)[0, -1].float()
+            probabilities = torch.softmax(logits / 0.8, dim=-1)
+            data.append(int(torch.multinomial(probabilities, 1, generator=generator)))
+    finally:
+        model.train(was_training)
+    return bytes(data[len(prompt) :])

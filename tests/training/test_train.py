@@ -1,0 +1,113 @@
+"""`fastpar train` end to end on CPU: the parallel layouts train the same model, a killed rank
+stops the run with an error naming it, and --resume continues to the same parameters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpar.training.checkpoint import latest_step, load_rank_state
+from fastpar.training.model import stage_bounds
+
+REPO = Path(__file__).resolve().parents[2]
+LAYERS = 2
+SMALL = [
+    "--embed", "8", "--hidden", "16", "--layers", str(LAYERS), "--seq-len", "16",
+    "--batch-size", "4", "--train-bytes", "40000", "--validation-bytes", "4000",
+    "--validation-batches", "2", "--sample-bytes", "16", "--log-every", "2", "--lr", "0.01",
+    "--timeout", "60",
+]  # fmt: skip
+
+
+def _train(tmp: Path, *args: str, env: dict[str, str] | None = None,
+           timeout: float = 240) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir", str(tmp),
+               *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, **(env or {})}, check=False)  # fmt: skip
+
+
+def _parameters(root: Path, ranks: int, stages: int) -> dict[str, torch.Tensor]:
+    """The whole model of the first replica, with the layer indices of the full model."""
+    step = latest_step(root)
+    assert step is not None
+    bounds = stage_bounds(LAYERS + 2, stages)
+    merged = {}
+    for stage, (begin, _) in enumerate(bounds):
+        state = load_rank_state(root, step, stage)["model"]
+        for key, value in state.items():
+            index, rest = key.split(".", 1)
+            merged[f"{begin + int(index)}.{rest}"] = value
+    return merged
+
+
+def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_layouts_train_the_same_model(tmp_path: Path) -> None:
+    """pp on 2 stages equals 1 process, and dp+pp (2 replicas x 2 stages) equals dp on 2
+    replicas: pipelines and replicas change where the work runs, not the numbers."""
+    runs = {
+        "single": ("--nproc", "1"),
+        "pp": ("--nproc", "2", "--parallel", "pp", "--microbatches", "3"),
+        "dp": ("--nproc", "2", "--parallel", "dp"),
+        "dp+pp": ("--nproc", "4", "--parallel", "dp+pp", "--schedule", "gpipe"),
+    }
+    for name, args in runs.items():
+        result = _train(tmp_path / name, "--steps", "4", "--checkpoint-every", "2", *args)
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
+        assert "validation loss:" in result.stdout and "sample:" in result.stdout
+    _assert_close(_parameters(tmp_path / "pp", 2, 2), _parameters(tmp_path / "single", 1, 1))
+    _assert_close(_parameters(tmp_path / "dp+pp", 4, 2), _parameters(tmp_path / "dp", 2, 1))
+    # Training moved the weights: the comparison above is not between two initial states.
+    first = load_rank_state(tmp_path / "dp", 2, 0)["model"]
+    last = load_rank_state(tmp_path / "dp", 4, 0)["model"]
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+
+
+def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) -> None:
+    common = ("--nproc", "2", "--steps", "6", "--checkpoint-every", "3", "--comm", "ring")
+    reference = _train(tmp_path / "whole", *common)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    start = time.monotonic()
+    killed = _train(tmp_path / "split", *common, env={"FASTPAR_TEST_KILL_AT": "1:4"})
+    assert time.monotonic() - start < 180
+    assert killed.returncode == 1
+    assert "rank 1 died with exit code -9 (SIGKILL)" in killed.stderr
+    assert "rerun with --resume to continue from step 3" in killed.stderr
+    assert latest_step(tmp_path / "split") == 3
+
+    resumed = _train(tmp_path / "split", *common, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 3" in resumed.stdout
+    whole = _parameters(tmp_path / "whole", 2, 1)
+    split = _parameters(tmp_path / "split", 2, 1)
+    for key in whole:
+        assert torch.equal(whole[key], split[key]), key
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--parallel", "mesh"], "argument --parallel: invalid choice: 'mesh'"),
+        (["--parallel", "pp", "--slicing", "loss"], "--slicing loss adapts data-parallel"),
+        (["--parallel", "dp+pp", "--nproc", "3"], "multiple of --pp-stages 2"),
+        (["--parallel", "pp", "--nproc", "1"], "--parallel pp needs at least 2 ranks, got 1"),
+        (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+    ],
+)
+def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: str) -> None:
+    result = _train(tmp_path, *args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
