@@ -366,9 +366,9 @@ class Pipeline:
         weights = self._loss_weights(micro_targets)
         prev, nxt = self._links.get("prev"), self._links.get("next")
         if prev is not None:
-            prev.post_header_recvs(m)
+            prev.start_receiving(m, "activation")
         if nxt is not None:
-            nxt.post_header_recvs(m)
+            nxt.start_receiving(m, "gradient")
 
         stage_inputs: dict[int, Tensor] = {}
         stage_outputs: dict[int, Tensor] = {}
@@ -420,6 +420,7 @@ class Pipeline:
             stats.per_microbatch.append((kind, k, began - start, ended - start))
         for link in self._links.values():
             link.finish_sends()
+            link.finish_receiving()
         stats.step_s = time.perf_counter() - start
         return torch.stack(losses).sum() if self.is_last else None
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -134,52 +136,127 @@ class Link:
         self._device = device
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._timeout_s = timeout_s
-        # Headers received ahead: (work, buffer) in arrival order.
-        self._headers: list[tuple[dist.Work, Tensor]] = []
+        # What the receiver thread delivers: (tensor, CUDA event or None) or an exception.
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._receiver: threading.Thread | None = None
+        self._stream: torch.cuda.Stream | None = None  # the receiver's stream on CUDA
         # Sends in flight with the tensors they read from (kept alive until they complete).
         self._sends: list[tuple[dist.Work, Tensor]] = []
 
     # --- receiving ----------------------------------------------------------------------------
 
-    def post_header_recvs(self, count: int) -> None:
-        """Post `count` header receives now, so headers land as soon as the peer sends them."""
+    def start_receiving(self, count: int, what: str) -> None:
+        """Receive the peer's next `count` messages in the background, in order.
+
+        All headers are posted at once (they are small), and a receiver thread posts each
+        payload's receive the moment its header lands, so the transfer runs while this stage
+        computes instead of starting when `recv` asks for it. The thread ends after `count`
+        messages or the first error; its waits are bounded by timeout_s.
+
+        Arguments:
+            count: number of messages (one per micro-batch).
+            what: what they are, e.g. "activation"; message k is called f"{what} {k}".
+        """
+        headers = []
         for _ in range(count):
             buffer = torch.empty(HEADER_LEN, dtype=torch.int64)
             with self._failing_as("posting a receive from"):
                 work = dist.irecv(
                     buffer, src=self.peer.rank, group=self._header_group, tag=HEADER_TAG
                 )
-            self._headers.append((work, buffer))
+            headers.append((work, buffer))
+        self._inbox = queue.SimpleQueue()
+        self._receiver = threading.Thread(
+            target=self._receive_all,
+            args=(headers, what, self._inbox),
+            name=f"fastpar-pp-recv-from-stage{self.peer.stage}",
+            daemon=True,  # a thread left waiting on a failed peer must not keep the process
+        )
+        self._receiver.start()
 
     def recv(self, what: str) -> Tensor:
-        """Receive the next tensor from the peer (its header must have been posted ahead).
+        """The next tensor from the peer, in the order the peer sent them.
 
         Arguments:
-            what: names the message in errors and profiles, e.g. "activation 3".
+            what: names the wait in profiles, e.g. "activation 3".
 
         Returns:
-            The tensor, on this link's device, with the shape and dtype the sender announced.
+            The tensor, on this link's device, with the shape and dtype the sender announced
+            (on CUDA, ordered before the current stream's later work).
 
         Raises:
             PipelineError: the peer reported a failure, died, or sent nothing in timeout_s.
         """
-        if not self._headers:
-            raise RuntimeError(f"{self.me}: no header posted for {what} from {self.peer}")
-        work, header = self._headers.pop(0)
-        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
-            self._wait(work, f"receiving the header of {what} from")
-            kind, a, b, ndim, *dims = header.tolist()
-            if kind == KIND_ERROR:
-                message = self._recv_payload(torch.uint8, (dims[0],), what, on_host=True)
-                raise PipelineError(
-                    bytes(message.tolist()).decode("utf-8", errors="replace"),
-                    stage=a,
-                    rank=b,
-                    via=self.peer.stage,
-                )
-            if kind != KIND_TENSOR:
-                raise RuntimeError(f"{self.me}: corrupt header {header.tolist()} from {self.peer}")
-            return self._recv_payload(DTYPES[a], tuple(dims[:ndim]), what, on_host=False)
+        try:
+            # The receiver's own waits are bounded (header, then payload); this bound only
+            # guards against the thread itself getting lost.
+            with record_range(f"fastpar.pp.wait.{what.replace(' ', '')}"):
+                item = self._inbox.get(timeout=2 * self._timeout_s + 10)
+        except queue.Empty:
+            raise PipelineError(
+                f"{self.me}: the receiver thread for {self.peer} gave nothing within "
+                f"{2 * self._timeout_s + 10:g}s",
+                stage=self.peer.stage,
+                rank=self.peer.rank,
+                via=self.peer.stage,
+            ) from None
+        if isinstance(item, BaseException):
+            raise item
+        tensor, ready = item
+        if ready is not None:
+            stream = torch.cuda.current_stream(tensor.device)
+            stream.wait_event(ready)
+            tensor.record_stream(stream)  # allocated on the receiver's stream, used on this one
+        return tensor
+
+    def _receive_all(
+        self, headers: list[tuple[dist.Work, Tensor]], what: str, inbox: queue.SimpleQueue
+    ) -> None:
+        stream = None
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)
+            stream = self._recv_stream()
+        for index, (work, header) in enumerate(headers):
+            try:
+                name = f"{what} {index}"
+                with record_range(f"fastpar.pp.recv.{what}{index}"):
+                    inbox.put(self._receive_one(work, header, name, stream))
+            except BaseException as error:  # handed to the main thread, which raises it
+                inbox.put(error)
+                return
+
+    def _receive_one(
+        self,
+        work: dist.Work,
+        header: Tensor,
+        what: str,
+        stream: torch.cuda.Stream | None,
+    ) -> tuple[Tensor, torch.cuda.Event | None]:
+        self._wait(work, f"receiving the header of {what} from")
+        kind, a, b, ndim, *dims = header.tolist()
+        if kind == KIND_ERROR:
+            message = self._recv_payload(torch.uint8, (dims[0],), what, on_host=True)
+            raise PipelineError(
+                bytes(message.tolist()).decode("utf-8", errors="replace"),
+                stage=a,
+                rank=b,
+                via=self.peer.stage,
+            )
+        if kind != KIND_TENSOR:
+            raise RuntimeError(f"{self.me}: corrupt header {header.tolist()} from {self.peer}")
+        shape = tuple(dims[:ndim])
+        if stream is None:
+            return self._recv_payload(DTYPES[a], shape, what, on_host=False), None
+        with torch.cuda.stream(stream):
+            tensor = self._recv_payload(DTYPES[a], shape, what, on_host=False)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return tensor, ready
+
+    def _recv_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self._device)
+        return self._stream
 
     def _recv_payload(
         self, dtype: torch.dtype, shape: tuple[int, ...], what: str, *, on_host: bool
@@ -190,9 +267,9 @@ class Link:
         with self._failing_as(f"receiving {what} from"):
             work = dist.irecv(buffer, src=self.peer.rank, group=group, tag=PAYLOAD_TAG)
         if device.type == "cuda":
-            # Stream-ordered: the current stream waits for the receive, the host does not.
-            # A silent peer is caught by the process group's timeout (NCCL watchdog); the
-            # header before this payload already proved the peer reached this message.
+            # Stream-ordered: the receiver's stream waits for NCCL's, the host does not. A
+            # silent peer is caught by the process group's timeout (NCCL watchdog); the header
+            # before this payload already proved that the peer reached this message.
             work.wait()
         else:
             self._wait(work, f"receiving {what} from")
@@ -255,7 +332,15 @@ class Link:
                 via=self.peer.stage,
             ) from error
 
+    def finish_receiving(self) -> None:
+        """Join the receiver thread (it has delivered its last message)."""
+        if self._receiver is not None:
+            self._receiver.join()
+            self._receiver = None
+
     def drop(self) -> None:
-        """Forget posted receives and sends (after a failure the link is not used again)."""
-        self._headers = []
+        """Forget the receiver and the sends in flight (after a failure the link is not used
+        again; a receiver still waiting ends on its own within timeout_s)."""
+        self._receiver = None
+        self._inbox = queue.SimpleQueue()
         self._sends = []
