@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -36,6 +37,12 @@ def _train(args: argparse.Namespace) -> int:
     return run(config_from_args(args, args.parser))
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from fastpar.bench_cli import run
+
+    return run(args.suites, args.results)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fastpar.training.cli import add_arguments
 
@@ -48,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(train)
     train.set_defaults(run=_train, parser=train)
+    bench = commands.add_parser("bench", help="run benchmark suites, write CSV and plots")
+    bench.add_argument("suites", nargs="*", default=["all"],
+                       help="lstm, allreduce, dp, pp, reduce, slicing or all")  # fmt: skip
+    bench.add_argument("--results", type=Path, default=Path("results"), help="output folder")
+    bench.set_defaults(run=_bench)
     info = commands.add_parser("info", help="report versions, devices and usable backends")
     info.set_defaults(run=_info)
     build = commands.add_parser("build", help="compile the native extension (cached)")

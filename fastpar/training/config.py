@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 16
     """Samples (windows of seq_len bytes) per step and replica: the global batch is
     batch_size x replicas (dynamic slicing moves it between ranks)."""
-    steps: int = 300
+    steps: int = 500
     """Optimizer steps in the whole run (a resumed run continues up to this)."""
     lr: float = 4e-3
     slicing: SlicingMode = "fixed"
