@@ -1,0 +1,45 @@
+"""`fastpar bench`: suite selection, and one plot per suite from rows shaped like its CSV."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from fastpar.bench_cli import SUITES, plot, run
+
+
+def _rows(name: str) -> list[dict[str, str]]:
+    suite = SUITES[name]
+    generator = random.Random(name)
+    rows = []
+    for index in range(4):
+        row = {"device": "test device"}
+        for column in suite.x.split("/"):
+            row[column] = str(2 ** (10 + index)) if suite.kind == "lines" else f"{column}{index}"
+        if suite.series:
+            row[suite.series] = str(2 + index % 2)
+        for y in suite.ys:
+            row[y] = f"{generator.uniform(0.5, 10):.3f}"
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(SUITES))
+def test_every_suite_plots(name: str, tmp_path: Path) -> None:
+    png = tmp_path / f"{name}.png"
+    plot(SUITES[name], _rows(name), png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_every_suite_names_an_existing_script() -> None:
+    from fastpar.bench_cli import BENCH_DIR
+
+    for suite in SUITES.values():
+        assert (BENCH_DIR / suite.script).exists(), suite.script
+
+
+def test_unknown_suite_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["nosuch"], tmp_path) == 2
+    assert "unknown benchmark 'nosuch'; choose from lstm, allreduce" in capsys.readouterr().err
