@@ -31,10 +31,11 @@ from fastpar.ops.lstm_common import (
     store_gates,
     tanh,
 )
+from fastpar.ops.lstm_forward import choose_kernel
 
 
 @triton.jit
-def _lstm_bwd_step_kernel(
+def bwd_step(
     dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
     w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
     dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
@@ -49,6 +50,8 @@ def _lstm_bwd_step_kernel(
     t_prev,
     B,
     stride_cprev_t,
+    pid_b,
+    pid_h,
     H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -58,9 +61,10 @@ def _lstm_bwd_step_kernel(
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    DG_CACHE: tl.constexpr,  # cache modifier for dgates_{t+1}, written by other programs
 ):
-    pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
+    """One backward step for one (batch tile, hidden tile): shared by the step and persistent
+    kernels."""
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < B
@@ -81,12 +85,17 @@ def _lstm_bwd_step_kernel(
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 mask_k = offs_k < 4 * H
                 dg = tl.load(
-                    dg_next + offs_k[None, :], mask=mask_b[:, None] & mask_k[None, :], other=0.0
+                    dg_next + offs_k[None, :],
+                    mask=mask_b[:, None] & mask_k[None, :],
+                    other=0.0,
+                    cache_modifier=DG_CACHE,
                 )
+                # W_hh is the one operand reused every step: ask the caches to keep it.
                 w = tl.load(
                     w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_j[None, :],
                     mask=mask_k[:, None] & mask_j[None, :],
                     other=0.0,
+                    eviction_policy="evict_last",
                 )
                 acc = dot_acc(dg, w, acc, DOT_PRECISION, DOT_UPCAST)
             dh += acc
@@ -120,6 +129,40 @@ def _lstm_bwd_step_kernel(
     tl.store(dc_carry_ptr + carry, dc_prev, mask=mask)
 
 
+@triton.jit
+def _lstm_bwd_step_kernel(
+    dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
+    w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
+    dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
+    gates_ptr,  # (T, B, 4H) float32 saved activations
+    c_ptr,  # (T, B, H) float32 saved cell states
+    cprev_ptr,  # (T, B, H) float32 c at t_prev, or (B, H) c0 with stride_cprev_t = 0
+    len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
+    dh_carry_ptr,  # (B, H) float32 in/out: gradient reaching h_t through skipped steps (HAS_REC)
+    dc_carry_ptr,  # (B, H) float32 in/out: gradient of c_t in, of c_{t-1} out
+    t,
+    t_next,
+    t_prev,
+    B,
+    stride_cprev_t,
+    H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HAS_REC: tl.constexpr,  # fuse dh_t = dhs_t + dgates_{t+1} @ W_hh (no projection)
+    HAS_NEXT: tl.constexpr,  # a later step exists (false for the first step of backward)
+    HAS_LENGTHS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    bwd_step(
+        dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, cprev_ptr, len_ptr, dh_carry_ptr,
+        dc_carry_ptr, t, t_next, t_prev, B, stride_cprev_t, tl.program_id(0), tl.program_id(1),
+        H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_REC, HAS_NEXT, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
+        "",  # dgates_{t+1} was written by an earlier launch: any cache is current
+    )  # fmt: skip
+
+
 class BackwardResult(NamedTuple):
     """Gradients of the recurrence's inputs."""
 
@@ -148,6 +191,7 @@ def lstm_backward(
     gates: Tensor,
     cs: Tensor,
     hraw: Tensor,
+    kernel: str = "auto",
 ) -> BackwardResult:
     """Gradients of one layer and direction of the recurrence (see lstm_forward).
 
@@ -156,6 +200,7 @@ def lstm_backward(
         dc_n: (B, H) gradient of c_n, or None.
         h0, c0, w_hh, w_hr, lengths, reverse: the forward's arguments.
         hs, gates, cs, hraw: the forward's outputs (ForwardResult).
+        kernel: "auto", "step" or "persistent", as for lstm_forward.
 
     Returns:
         BackwardResult; dh0 and the weight gradients in the dtype of their forward tensor.
@@ -179,15 +224,22 @@ def lstm_backward(
             None if w_hr is None else torch.zeros_like(w_hr),
         )  # fmt: skip
 
+    has_rec = w_hr is None
+    dh_carry = torch.zeros(B, P, device=dev, dtype=torch.float32)
+    dhp = None if has_rec else torch.empty(T, B, P, device=dev, dtype=torch.float32)
+    persistent = choose_kernel(B, H, P, hs.dtype, dev, kernel, backward=True) == "persistent"
+    if persistent:
+        from fastpar.ops.lstm_persistent import lstm_backward_persistent
+
+        lstm_backward_persistent(
+            dgates, w_hh, dhs, gates, cs, c0, lengths, reverse, dh_carry, dc_carry
+        )
     cfg = step_config(B, H, hs.dtype, num_sms(dev))
     grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h_bwd))
     lens = lengths if lengths is not None else dgates
-    has_rec = w_hr is None
     step = -1 if reverse else 1  # the forward pass went t_prev -> t = t_prev + step
-    dh_carry = torch.zeros(B, P, device=dev, dtype=torch.float32)
-    dhp = None if has_rec else torch.empty(T, B, P, device=dev, dtype=torch.float32)
     w_hr_f = None if w_hr is None else w_hr.float()
-    for n, t in enumerate(order):
+    for n, t in enumerate([] if persistent else order):
         first_fwd = n == T - 1  # the first step of the forward pass reads h0 and c0
         t_prev = 0 if first_fwd else t - step
         dh_in = dhs

@@ -157,7 +157,13 @@ PERSISTENT_W_BYTES = 128 * 1024
 
 
 def persistent_config(
-    batch: int, hidden: int, proj: int, dtype: torch.dtype, num_sms: int, interpreter: bool
+    batch: int,
+    hidden: int,
+    proj: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    interpreter: bool,
+    backward: bool = False,
 ) -> PersistentConfig | None:
     """The persistent kernel's tiles, or None when it does not apply.
 
@@ -165,24 +171,27 @@ def persistent_config(
     resident at once: on a GPU the whole grid fits in the SMs (one program each); in the
     interpreter, which runs programs one after another, a batch block is a single program that
     covers every hidden unit. It also returns None when a program's share of W_hh would not fit
-    in L1, or with a projection (h_t then needs all hidden units).
+    in L1, or with a projection (h_t then needs all hidden units). The backward kernel's hidden
+    tile is the N of its tl.dot, so it is at least 16 wide.
     """
     if proj != hidden:
         return None
     block_b = batch_block(batch)
     n_b = triton.cdiv(batch, block_b)
+    min_h = MIN_DOT if backward else 4
     if interpreter:
-        block_h = max(4, triton.next_power_of_2(hidden))
+        block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
         if n_b > num_sms:
             return None
-        block_h = 4
+        block_h = min_h
         while n_b * triton.cdiv(hidden, block_h) > num_sms:
             block_h *= 2
         if 4 * block_h * hidden * torch.finfo(dtype).bits // 8 > PERSISTENT_W_BYTES:
             return None
-    block_k = 32 if dtype == torch.float32 else 64
-    # A 64-row batch tile needs 8 warps to hold its accumulators without spilling.
+    # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
+    # without spilling (bench/kernel_report.py shows the registers).
+    block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
     return PersistentConfig(block_b, block_h, block_k, num_warps=8 if block_b >= 64 else 4)
 
 

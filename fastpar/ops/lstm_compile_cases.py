@@ -41,12 +41,15 @@ def compile_cases(
 
     Returns:
         The forward step kernel (with and without lengths), the backward step kernel (first and
-        later steps, with and without lengths) and, where the heuristic would pick it, the
-        persistent kernel (both directions, with and without lengths).
+        later steps, with and without lengths) and, where the heuristic would pick them, the
+        persistent forward and backward kernels (both directions, with and without lengths).
     """
     from fastpar.ops.lstm_backward import _lstm_bwd_step_kernel
     from fastpar.ops.lstm_forward import _lstm_fwd_step_kernel
-    from fastpar.ops.lstm_persistent import _lstm_fwd_persistent_kernel
+    from fastpar.ops.lstm_persistent import (
+        _lstm_bwd_persistent_kernel,
+        _lstm_fwd_persistent_kernel,
+    )
 
     dt = "*" + _TRITON_TYPE[dtype]
     f32, i32 = "*fp32", "*i32"
@@ -99,13 +102,27 @@ def compile_cases(
                     cfg.num_warps,
                 )
             )
-    pcfg = persistent_config(batch, hidden, proj, dtype, num_sms, interpreter=False)
-    if pcfg is not None:
-        p_sig = {
+    p_sigs = {
+        "fwd_persistent": {
             "xg_ptr": dt, "h0_ptr": dt, "c0_ptr": f32, "w_ptr": dt, "len_ptr": i32,
-            "gates_ptr": f32, "c_ptr": f32, "h_ptr": dt, "sync_ptr": i32, "T": "i32",
-            "B": "i32",
-        }  # fmt: skip
+            "gates_ptr": f32, "c_ptr": f32, "h_ptr": dt, "sync_ptr": i32, "T": "i32", "B": "i32",
+        },
+        "bwd_persistent": {
+            "dgates_ptr": dt, "w_ptr": dt, "dh_ptr": dt, "gates_ptr": f32, "c_ptr": f32,
+            "c0_ptr": f32, "len_ptr": i32, "dh_carry_ptr": f32, "dc_carry_ptr": f32,
+            "sync_ptr": i32, "T": "i32", "B": "i32",
+        },
+    }  # fmt: skip
+    p_kernels = {
+        "fwd_persistent": _lstm_fwd_persistent_kernel,
+        "bwd_persistent": _lstm_bwd_persistent_kernel,
+    }
+    for name, kernel in p_kernels.items():
+        pcfg = persistent_config(
+            batch, hidden, proj, dtype, num_sms, interpreter=False, backward=name[0] == "b"
+        )
+        if pcfg is None:
+            continue
         for reverse in (False, True):
             for lengths in (False, True):
                 consts = {
@@ -113,15 +130,9 @@ def compile_cases(
                     "BLOCK_K": pcfg.block_k, "REVERSE": reverse, "HAS_LENGTHS": lengths,
                     "DOT_PRECISION": prec, "DOT_UPCAST": False,
                 }  # fmt: skip
-                cases.append(
-                    CompileCase(
-                        f"fwd_persistent {shape} BLOCK_B={pcfg.block_b} "
-                        f"BLOCK_H={pcfg.block_h} BLOCK_K={pcfg.block_k} reverse={reverse} "
-                        f"lengths={lengths}",
-                        _lstm_fwd_persistent_kernel,
-                        p_sig,
-                        consts,
-                        pcfg.num_warps,
-                    )
+                label = (
+                    f"{name} {shape} BLOCK_B={pcfg.block_b} BLOCK_H={pcfg.block_h} "
+                    f"BLOCK_K={pcfg.block_k} reverse={reverse} lengths={lengths}"
                 )
+                cases.append(CompileCase(label, kernel, p_sigs[name], consts, pcfg.num_warps))
     return cases

@@ -190,7 +190,9 @@ def lstm_forward(
         lengths: (B,) int32 valid lengths on xg's device, or None.
         reverse: process time from T-1 down to 0.
         kernel: "step" (one launch per step), "persistent" (one launch in all; raises where it
-            does not apply) or "auto" (the shape heuristic of ``choose_kernel``).
+            does not apply) or "auto" (the shape heuristic of ``choose_kernel``). Backward takes
+            the same choice, except that "persistent" runs the step kernels where the
+            persistent backward does not apply.
 
     Returns:
         ForwardResult.
@@ -249,18 +251,25 @@ def choose_kernel(
     dtype: torch.dtype,
     device: torch.device,
     kernel: KernelChoice = "auto",
+    backward: bool = False,
 ) -> Literal["step", "persistent"]:
-    """Step or persistent forward kernel for this shape.
+    """Step or persistent kernel for this shape, forward or backward.
 
-    "auto" takes the persistent kernel wherever it applies on a GPU (its W_hh share and h tile
-    fit in registers, the grid fits in the SMs, no projection): it saves T-1 launches and
-    re-reading W_hh every step. In the interpreter "auto" keeps the step kernel, which is the one
-    real GPUs also run for the shapes the persistent kernel rejects.
+    "auto" takes the persistent kernel wherever it applies on a GPU (its W_hh share fits in L1,
+    the grid fits in the SMs, no projection): it saves T-1 launches and keeps W_hh on chip. In
+    the interpreter "auto" keeps the step kernel, which is the one real GPUs also run for the
+    shapes the persistent kernel rejects.
     """
     if kernel == "step":
         return "step"
-    cfg = persistent_config(batch, hidden, proj, dtype, num_sms(device), interpreter_active())
+    cfg = persistent_config(
+        batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward
+    )
     if kernel == "persistent":
+        if cfg is None and backward:
+            # Backward follows a persistent forward where it can; its hidden tile is 16 wide
+            # (a tl.dot N), so its W_hh share is larger and fits on chip for fewer shapes.
+            return "step"
         if cfg is None:
             raise ValueError(
                 f"kernel='persistent' does not apply to batch {batch}, hidden_size {hidden}, "

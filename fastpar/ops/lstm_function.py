@@ -78,10 +78,11 @@ def lstm_recurrence_backward_op(
     gates: Tensor,
     cs: Tensor,
     hraw: Tensor,
+    kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward recurrence; returns dxg, dh0, dc0 (c0's dtype), dw_hh, dw_hr ((0,) without
     a projection: a custom op cannot return None)."""
-    g = lstm_backward(dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw)
+    g = lstm_backward(dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel)
     dw_hr = g.dw_hr if g.dw_hr is not None else w_hh.new_empty(0)
     return g.dxg, g.dh0, g.dc0.to(c0.dtype), g.dw_hh, dw_hr
 
@@ -100,6 +101,7 @@ def _(
     gates: Tensor,
     cs: Tensor,
     hraw: Tensor,
+    kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return (
         gates.new_empty(gates.shape, dtype=hs.dtype),
@@ -111,10 +113,11 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    _xg, h0, c0, w_hh, w_hr, lengths, reverse, _kernel = inputs
+    _xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel = inputs
     hs, _c_n, gates, cs, hraw = output
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw)
     ctx.reverse = reverse
+    ctx.kernel = kernel
 
 
 def _backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -> tuple:
@@ -122,7 +125,7 @@ def _backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -
     dhs = torch.zeros_like(hs) if dhs is None else dhs
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
     dxg, dh0, dc0, dw_hh, dw_hr = lstm_recurrence_backward_op(
-        dhs, dc_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, hs, gates, cs, hraw
+        dhs, dc_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, hs, gates, cs, hraw, ctx.kernel
     )
     return dxg, dh0, dc0, dw_hh, (dw_hr if w_hr is not None else None), None, None, None
 

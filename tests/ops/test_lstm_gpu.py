@@ -64,5 +64,8 @@ def test_gpu_results_are_bitwise_reproducible(kernel: str) -> None:
 def test_heuristic_takes_persistent_where_it_applies() -> None:
     dev = torch.device("cuda")
     assert choose_kernel(16, 768, 768, torch.bfloat16, dev) == "persistent"
+    assert choose_kernel(16, 768, 768, torch.bfloat16, dev, backward=True) == "persistent"
+    # float32: the backward's W_hh share (16 columns x 4H rows) would not fit in L1.
+    assert choose_kernel(16, 768, 768, torch.float32, dev, backward=True) == "step"
     assert choose_kernel(16, 768, 384, torch.bfloat16, dev) == "step"  # a projection
     assert choose_kernel(4096, 768, 768, torch.bfloat16, dev) == "step"  # grid > SMs

@@ -102,7 +102,12 @@ def test_choose_kernel() -> None:
     # The interpreter keeps "auto" on the step kernel; the persistent one runs when asked.
     assert choose_kernel(3, 33, 33, torch.float32, cpu) == "step"
     assert choose_kernel(3, 33, 33, torch.float32, cpu, "persistent") == "persistent"
+    assert choose_kernel(3, 33, 33, torch.float32, cpu, "persistent", backward=True) == (
+        "persistent"
+    )
     with pytest.raises(ValueError, match="persistent"):
         choose_kernel(3, 33, 5, torch.float32, cpu, "persistent")  # a projection
+    # Backward follows a persistent forward where it can, else runs the step kernels.
+    assert choose_kernel(3, 33, 5, torch.float32, cpu, "persistent", backward=True) == "step"
     with pytest.raises(ValueError, match="kernel must be"):
         choose_kernel(3, 33, 33, torch.float32, cpu, "fast")  # type: ignore[arg-type]
