@@ -134,10 +134,12 @@ def main() -> None:
     while size <= args.max_bytes:
         sizes.append(size)
         size *= 2
-    backend = "gloo" if args.device == "cpu" else "nccl"
     device = device_name(args.device if args.device == "cpu" else "cuda:0")
     rows = []
     for ranks in args.ranks:
+        # NCCL needs a GPU per rank; ranks sharing a GPU meet through gloo (barriers only).
+        nccl = args.device == "cuda" and torch.cuda.device_count() >= ranks
+        backend = "nccl" if nccl else "gloo"
         load = os.getloadavg()[0]
         results = run_multiprocess(
             _rank, ranks, args=(sizes, args.samples, args.device), timeout=1800, backend=backend

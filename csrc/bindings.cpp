@@ -33,4 +33,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
       .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
+#ifdef FASTPAR_WITH_CUDA
+  py::class_<fastpar::IpcAllReduce>(m, "IpcAllReduce",
+                                    "all-reduce of CUDA tensors through CUDA IPC")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, double>(), py::arg("rank"),
+           py::arg("world"), py::arg("device"), py::arg("chunk_bytes"), py::arg("timeout_s"))
+      .def("handle", &fastpar::IpcAllReduce::handle)
+      .def("connect", &fastpar::IpcAllReduce::connect, py::arg("handles"))
+      .def("all_reduce", &fastpar::IpcAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
+           py::arg("block_current_stream"))
+      .def("check", &fastpar::IpcAllReduce::check)
+      .def_property_readonly("stream_handle", &fastpar::IpcAllReduce::stream_handle)
+      .def("close", &fastpar::IpcAllReduce::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("closed", &fastpar::IpcAllReduce::closed)
+      .def_property_readonly("failure", &fastpar::IpcAllReduce::failure);
+#endif
 }

@@ -50,4 +50,37 @@ class ShmAllReduce {
   std::unique_ptr<ShmRing> ring_;
 };
 
+#ifdef FASTPAR_WITH_CUDA
+// The CUDA IPC all-reduce (ipc_ring.cuh) behind torch checks, on its own stream of `device`.
+// Python exchanges handle() through the store and passes every rank's to connect().
+class IpcAllReduce {
+ public:
+  IpcAllReduce(int64_t rank, int64_t world, int64_t device, int64_t chunk_bytes,
+               double timeout_s);
+  ~IpcAllReduce();
+  // This rank's buffer as a cudaIpcMemHandle_t in a CPU uint8 tensor.
+  at::Tensor handle() const;
+  // Maps the peers' buffers; handles[p] is rank p's handle().
+  void connect(const std::vector<at::Tensor>& handles);
+  // Enqueues the in-place all-reduce of a contiguous tensor on the ring's stream (op: a
+  // ReduceOp code or kOpAvg, which divides on the device), after the
+  // work already on the current stream; with block_current_stream, later work on the current
+  // stream waits for it. Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the
+  // device reported about earlier calls.
+  void all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
+  // Raises what the device reported, if anything (does not wait for the device).
+  void check();
+  // The ring's cudaStream_t, for torch.cuda.ExternalStream.
+  int64_t stream_handle() const;
+  // Waits for the ring's stream, then releases the buffers. Idempotent.
+  void close();
+  bool closed() const;
+  std::string failure() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+#endif
+
 }  // namespace fastpar

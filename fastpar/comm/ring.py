@@ -2,9 +2,15 @@
 
 The object owns the transport's buffers (`close()`, or use it as a context manager), answers
 `should_use(tensor)`, and hands every call it does not handle to torch.distributed (the reason
-logged once). On CPU the transport is one POSIX shared-memory segment for the group
-(`csrc/shm_ring.h` explains the algorithm): every element is combined in rank order, so all ranks
-get bitwise-identical results.
+logged once). Every element is combined in rank order, so all ranks get bitwise-identical
+results. Transports:
+- CPU tensors: one POSIX shared-memory segment for the group (`csrc/shm_ring.h`); a call returns
+  when the result is in the tensor, and errors are raised by the call that meets them.
+- CUDA tensors (where the native extension has CUDA): every rank's device buffer is mapped by
+  the others through CUDA IPC (`csrc/ipc_ring.cuh`). A call is enqueued on the ring's own stream
+  after the work on the caller's current stream and returns at once, as NCCL's do; a mismatch or
+  timeout found on the device leaves the tensors of that call untouched and is raised by the
+  next call (or `check()`), after which the ring is unusable.
 
 Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
 order (as with process groups), and the ranks meet once through the default store to name and
@@ -35,12 +41,12 @@ from fastpar.comm.errors import (
     translate_native_error,
 )
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
-from fastpar.comm.work import RingWork
+from fastpar.comm.work import CudaRingWork, RingWork
 
 logger = get_logger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-DEFAULT_CHUNK_BYTES = 256 * 1024
+DEFAULT_CHUNK_BYTES = {"cpu": 256 * 1024, "cuda": 32 * 1024 * 1024}
 DEFAULT_SLOTS = 4
 
 # Per group (its global ranks), how many rings this process has created: the ranks of a group
@@ -85,10 +91,12 @@ class RingAllReduce:
         group: the process group (None: the default group). This process must be a member.
         timeout: how long any wait for a peer may take (timedelta or seconds); a peer that dead
             or absent makes every rank raise CommTimeoutError within twice this.
-        device: the device whose tensors this ring reduces ("cpu"); tensors elsewhere go to
-            torch.distributed.
-        chunk_bytes: bytes per pipeline chunk (a multiple of 4096).
-        slots: chunks in flight per rank (>= 3); the segment holds world * slots * chunk_bytes.
+        device: the device whose tensors this ring reduces ("cpu", or a CUDA device: this
+            rank's GPU); tensors elsewhere go to torch.distributed.
+        chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
+            32 MiB on CUDA, where it is the size of each rank's IPC buffer).
+        slots: CPU chunks in flight per rank (>= 3); the segment holds
+            world * slots * chunk_bytes.
     """
 
     def __init__(
@@ -97,7 +105,7 @@ class RingAllReduce:
         *,
         timeout: timedelta | float = DEFAULT_TIMEOUT,
         device: torch.device | str = "cpu",
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         slots: int = DEFAULT_SLOTS,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -113,6 +121,8 @@ class RingAllReduce:
             )
         self.world_size = dist.get_world_size(self.group)
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout = _as_timedelta(timeout)
         self._transport: Any = None
         self._native_errors: tuple[type[BaseException], ...] = ()
@@ -121,12 +131,13 @@ class RingAllReduce:
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
         self._submit_lock = threading.Lock()
-        if self.device.type != "cpu":
-            self._disabled = (
-                f"the ring handles CPU tensors; {self.device} is served by torch.distributed"
-            )
+        self._stream: torch.cuda.ExternalStream | None = None
+        if self.device.type not in ("cpu", "cuda"):
+            self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
-            self._connect_shared_memory(chunk_bytes, slots)
+            if chunk_bytes is None:
+                chunk_bytes = DEFAULT_CHUNK_BYTES[self.device.type]
+            self._connect(chunk_bytes, slots)
         if self._disabled is not None:
             log_once(logger, f"fastpar ring all-reduce is off for this group: {self._disabled}")
 
@@ -143,23 +154,55 @@ class RingAllReduce:
                 "rank of the group create it?)"
             ) from error
 
-    def _connect_shared_memory(self, chunk_bytes: int, slots: int) -> None:
+    def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
         ranks = tuple(dist.get_process_group_ranks(self.group))
         with _created_lock:
             index = _created.get(ranks, 0)
             _created[ranks] = index + 1
         prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
-        everyone = range(self.world_size)
-
-        hosts = {rank: f"{prefix}/host/{rank}" for rank in everyone}
+        hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
         store.set(hosts[self.rank], _host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
         if len({store.get(key) for key in hosts.values()}) != 1:
             self._disabled = "its ranks do not all share one host's shared memory"
             return
-
         native = _native.load()
+        if self.device.type == "cuda":
+            if not getattr(native, "with_cuda", False):
+                self._disabled = "fastpar's native extension was built without CUDA"
+                return
+            self._connect_cuda_ipc(native, store, prefix, chunk_bytes)
+        else:
+            self._connect_shared_memory(native, store, prefix, chunk_bytes, slots)
+        self._native_errors = tuple(getattr(native, name) for name in NATIVE_ERRORS)
+
+    def _connect_cuda_ipc(
+        self, native: Any, store: dist.Store, prefix: str, chunk_bytes: int
+    ) -> None:
+        transport = native.IpcAllReduce(
+            self.rank, self.world_size, self.device.index, chunk_bytes,
+            self.timeout.total_seconds(),
+        )  # fmt: skip
+        try:
+            keys = {rank: f"{prefix}/ipc/{rank}" for rank in range(self.world_size)}
+            store.set(keys[self.rank], bytes(transport.handle().tolist()))
+            self._store_wait(store, keys, "share its CUDA IPC handle")
+            handles = [
+                torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8)
+                for key in keys.values()
+            ]
+            transport.connect(handles)
+        except BaseException:
+            transport.close()
+            raise
+        self._transport = transport
+        self._stream = torch.cuda.ExternalStream(transport.stream_handle, device=self.device)
+
+    def _connect_shared_memory(
+        self, native: Any, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
+    ) -> None:
+        everyone = range(self.world_size)
         segment_key = f"{prefix}/segment"
         mapped = {rank: f"{prefix}/mapped/{rank}" for rank in everyone}
         timeout_s = self.timeout.total_seconds()
@@ -200,7 +243,6 @@ class RingAllReduce:
                 transport.close()
             raise
         self._transport = transport
-        self._native_errors = tuple(getattr(native, name) for name in NATIVE_ERRORS)
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -231,7 +273,7 @@ class RingAllReduce:
         op: object = dist.ReduceOp.SUM,
         group: dist.ProcessGroup | None = None,
         async_op: bool = False,
-    ) -> RingWork | dist.Work | None:
+    ) -> RingWork | CudaRingWork | dist.Work | None:
         """In place: `tensor` becomes the reduction of every rank's `tensor`, as
         `torch.distributed.all_reduce` does.
 
@@ -250,6 +292,7 @@ class RingAllReduce:
             CommMismatchError: ranks passed different sizes, dtypes or ops (on every rank).
             CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable).
             CommClosedError: the ring was closed or had failed before.
+            On CUDA the first two come from the device and are raised by the next call.
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -264,6 +307,8 @@ class RingAllReduce:
             return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
         if code == AVG and not tensor.is_floating_point():
             raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
+        if self._stream is not None:
+            return self._run_cuda(tensor, code, async_op)
         if async_op:
             return self._submit(tensor, code)
         last = self._last
@@ -273,17 +318,45 @@ class RingAllReduce:
             self._run(tensor, code)
         return None
 
+    @staticmethod
+    def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor`, or a contiguous copy of a non-overlapping view (copied back afterwards)."""
+        if tensor.is_contiguous():
+            return tensor
+        if _has_internal_overlap(tensor):
+            raise ValueError(
+                "tensor has elements that share memory (as after expand()), so an in-place "
+                "all_reduce is ill-defined; pass tensor.clone()"
+            )
+        return tensor.contiguous()
+
+    def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
+        target = self._contiguous(tensor)
+        try:
+            self._transport.all_reduce(target, code, not async_op)
+        except self._native_errors as error:
+            raise translate_native_error(error) from None
+        if async_op:
+            event = torch.cuda.Event()
+            event.record(self._stream)
+            return CudaRingWork(event, self.device, None if target is tensor else (tensor, target))
+        if target is not tensor:
+            tensor.copy_(target)
+        return None
+
+    def check(self) -> None:
+        """Raise what the device reported about earlier CUDA calls (a no-op on CPU, whose calls
+        raise their own errors). Does not wait for the device."""
+        if self._stream is not None:
+            try:
+                self._transport.check()
+            except self._native_errors as error:
+                raise translate_native_error(error) from None
+
     def _run(self, tensor: torch.Tensor, code: int) -> None:
         if self.world_size == 1:
             return
-        target = tensor
-        if not tensor.is_contiguous():
-            if _has_internal_overlap(tensor):
-                raise ValueError(
-                    "tensor has elements that share memory (as after expand()), so an in-place "
-                    "all_reduce is ill-defined; pass tensor.clone()"
-                )
-            target = tensor.contiguous()
+        target = self._contiguous(tensor)
         try:
             self._transport.all_reduce(target, code)
         except self._native_errors as error:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from concurrent.futures import Future
 from datetime import timedelta
 
+import torch
+
 
 class RingWork:
     """An all-reduce running on the ring's worker thread.
@@ -40,3 +42,40 @@ class RingWork:
     def exception(self) -> BaseException | None:
         """The error of a finished all-reduce (None while it runs or when it succeeded)."""
         return self._future.exception() if self._future.done() else None
+
+
+class CudaRingWork:
+    """An all-reduce enqueued on the ring's CUDA stream. `wait()` makes the caller's current
+    stream wait for it (the host does not block), as NCCL's work objects do."""
+
+    def __init__(
+        self,
+        event: torch.cuda.Event,
+        device: torch.device,
+        copy_back: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
+        self._event = event
+        self._device = device
+        self._copy_back = copy_back  # (the caller's non-contiguous tensor, its reduced copy)
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Order the current stream after the all-reduce.
+
+        Arguments:
+            timeout: accepted for torch.distributed's signature; the device-side waits are
+                bounded by the ring's timeout.
+
+        Returns:
+            True.
+        """
+        stream = torch.cuda.current_stream(self._device)
+        stream.wait_event(self._event)
+        if self._copy_back is not None:
+            tensor, reduced = self._copy_back
+            tensor.copy_(reduced)
+            self._copy_back = None
+        return True
+
+    def is_completed(self) -> bool:
+        """Whether the device has finished the all-reduce."""
+        return self._event.query()

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from fastpar.comm import RingAllReduce
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
-from tests.comm.util import fold_in_rank_order, integer_valued, shm_segments
+from tests.comm.util import expect_gloo, fold_in_rank_order, integer_valued, shm_segments
 
 R = dist.ReduceOp
 OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
@@ -32,15 +32,6 @@ def _sizes(generator: torch.Generator) -> list[int]:
     return fixed + drawn
 
 
-def _expect_gloo(tensor: torch.Tensor, op: R, world_size: int) -> torch.Tensor:
-    expected = tensor.clone()
-    if op == R.AVG:  # gloo has no AVG: the sum (exact here), divided as the ring divides
-        dist.all_reduce(expected, op=R.SUM)
-        return expected.div_(world_size)
-    dist.all_reduce(expected, op=op)
-    return expected
-
-
 def _every_dtype_and_op(rank: int, world_size: int, seed: int, ring_kwargs: dict) -> int:
     generator = torch.Generator().manual_seed(seed + rank)
     sizes = _sizes(torch.Generator().manual_seed(seed))  # the same on every rank
@@ -52,7 +43,7 @@ def _every_dtype_and_op(rank: int, world_size: int, seed: int, ring_kwargs: dict
                     continue
                 for size in sizes:
                     tensor = integer_valued(size, dtype, op, generator)
-                    expected = _expect_gloo(tensor, op, world_size)
+                    expected = expect_gloo(tensor, op, world_size)
                     ring.all_reduce(tensor, op)
                     assert torch.equal(tensor, expected), (
                         f"seed {seed}: {size} x {dtype} {op} differs from gloo at "
@@ -104,7 +95,7 @@ def _layouts(rank: int, world_size: int, seed: int) -> None:
         buffer = integer_valued(3000, torch.float32, R.SUM, generator)
         original = buffer.clone()
         view = buffer[1001:2500]
-        expected = _expect_gloo(view, R.SUM, world_size)
+        expected = expect_gloo(view, R.SUM, world_size)
         ring.all_reduce(view)
         assert torch.equal(view, expected)
         assert torch.equal(buffer[:1001], original[:1001])
@@ -113,7 +104,7 @@ def _layouts(rank: int, world_size: int, seed: int) -> None:
         matrix = integer_valued(37 * 53, torch.int64, R.SUM, generator).view(37, 53)
         for tensor in (matrix.t(), matrix[:, ::3], matrix[::2]):
             kept = matrix.clone()
-            expected = _expect_gloo(tensor, R.MAX, world_size)
+            expected = expect_gloo(tensor, R.MAX, world_size)
             ring.all_reduce(tensor, R.MAX)
             assert torch.equal(tensor, expected)
             untouched = torch.ones_like(matrix, dtype=torch.bool)
@@ -123,7 +114,7 @@ def _layouts(rank: int, world_size: int, seed: int) -> None:
             assert torch.equal(matrix[untouched], kept[untouched])
         # Shapes do not matter, only the number of elements.
         cube = integer_valued(4 * 5 * 6, torch.int32, R.SUM, generator).view(4, 5, 6)
-        expected = _expect_gloo(cube, R.SUM, world_size)
+        expected = expect_gloo(cube, R.SUM, world_size)
         ring.all_reduce(cube)
         assert torch.equal(cube, expected)
         # Elements sharing memory cannot be reduced in place: refused, nothing written.
@@ -146,7 +137,7 @@ def _back_to_back(rank: int, world_size: int, seed: int) -> int:
             size = int(torch.randint(0, 20000, (1,), generator=sizes))
             dtype = SUPPORTED_DTYPES[int(torch.randint(0, 6, (1,), generator=sizes))]
             tensor = integer_valued(size, dtype, R.SUM, generator)
-            expected.append(_expect_gloo(tensor, R.SUM, world_size))
+            expected.append(expect_gloo(tensor, R.SUM, world_size))
             tensors.append(tensor)
         for tensor in tensors:  # back to back, no collective of another kind in between
             ring.all_reduce(tensor)
@@ -163,11 +154,11 @@ def _async(rank: int, world_size: int, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed + rank)
     with RingAllReduce(**SMALL_RING) as ring:
         tensors = [integer_valued(n, torch.float32, R.SUM, generator) for n in (5, 9000, 0, 70001)]
-        expected = [_expect_gloo(t, R.SUM, world_size) for t in tensors]
+        expected = [expect_gloo(t, R.SUM, world_size) for t in tensors]
         works = [ring.all_reduce(t, async_op=True) for t in tensors]
         # A synchronous call after queued async ones runs after them, in order.
         last = integer_valued(1234, torch.int64, R.MIN, generator)
-        last_expected = _expect_gloo(last, R.MIN, world_size)
+        last_expected = expect_gloo(last, R.MIN, world_size)
         assert ring.all_reduce(last, R.MIN) is None
         assert all(work.is_completed() for work in works)
         assert torch.equal(last, last_expected)

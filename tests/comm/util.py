@@ -22,6 +22,16 @@ def integer_valued(
     return torch.randint(-50, 51, (size,), generator=generator).to(dtype)
 
 
+def expect_gloo(tensor: torch.Tensor, op: R, world_size: int) -> torch.Tensor:
+    """torch.distributed's (gloo's) all-reduce of a CPU copy of `tensor`."""
+    expected = tensor.detach().cpu().clone()
+    if op == R.AVG:  # gloo has no AVG: the sum (exact for integer values), divided in the dtype
+        dist.all_reduce(expected, op=R.SUM)
+        return expected.div_(world_size)
+    dist.all_reduce(expected, op=op)
+    return expected
+
+
 def fold_in_rank_order(inputs: list[torch.Tensor], op: R) -> torch.Tensor:
     """inputs[0] op inputs[1] op ... left to right, in float32 for 16-bit floats (as the ring
     accumulates), rounded once; AVG is the sum divided by the count in the input dtype."""
