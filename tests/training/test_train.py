@@ -111,3 +111,15 @@ def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: s
     result = _train(tmp_path, *args, timeout=60)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_profile_writes_a_trace_with_the_executor_phases(tmp_path: Path) -> None:
+    traces = tmp_path / "traces"
+    result = _train(tmp_path / "ckpt", "--nproc", "2", "--steps", "6", "--checkpoint-every", "6",
+                    "--comm", "ring", "--profile", str(traces))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        text = (traces / f"trace-rank{rank}.json").read_text()
+        for phase in ("fastpar.train.step", "fastpar.dp.forward", "fastpar.dp.allreduce.bucket0",
+                      "fastpar.dp.wait", "fastpar.train.optimizer"):  # fmt: skip
+            assert f'"{phase}"' in text, (rank, phase)
