@@ -17,10 +17,11 @@ Schedules (F = forward, B = backward of a micro-batch; p stages, m micro-batches
 Both have the same bubble, (p-1)/(m+p-1) of the step; 1F1B holds fewer activations.
 
 Communication: activations go forward and their gradients backward with torch.distributed
-isend/irecv (see `pipeline_comm`): sends are posted as soon as a tensor is ready and completed
-at the end of the step, the small shape headers of the whole step are received ahead, so
-micro-batches may differ in batch size and sequence length. On NCCL, payloads run on the
-process group's own CUDA streams and the host learns shapes from a gloo side group.
+isend/irecv (see `pipeline_comm`). Every message carries a small header with its dtype and
+shape, so micro-batches may differ in batch size and sequence length. The receives of a whole
+step are posted at its start, and sends as soon as a tensor is ready (completed at the end of
+the step), so on gloo a transfer happens while both sides compute. On NCCL, payloads run on
+the process group's own CUDA streams and the host reads headers from a gloo side group.
 
 Failure: every wait is bounded by `timeout_s`. A stage that raises sends the error to its
 neighbours in place of the next message they expect; each of them raises `PipelineError`
@@ -118,6 +119,9 @@ class StepStats:
     step_s: float = 0.0
     forward_s: float = 0.0
     backward_s: float = 0.0
+    split_sends: int = 0
+    """Tensors sent apart from their header, in a second message: larger than the receiver's
+    slot (see `pipeline_comm`; slots grow after a step), or any tensor on NCCL."""
     per_microbatch: list[tuple[str, int, float, float]] = field(default_factory=list)
     """("F" or "B", micro-batch, start, end) relative to the step's start."""
 
@@ -287,17 +291,17 @@ class Pipeline:
         ranks = dist.get_process_group_ranks(self.group)
         me = Peer(self.stage_index, ranks[self.stage_index])
         if dist.get_backend(self.group) == "gloo":
-            header_group = fwd_group = bwd_group = self.group
+            slot_group = fwd_group = bwd_group = self.group
             device = torch.device("cpu")
         else:
             # See pipeline_comm: headers on the host, one direction per NCCL communicator.
             # Only the pipeline's ranks join these groups, so pipelines of a DP x PP layout
             # create theirs independently.
-            header_group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
+            slot_group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
             bwd_group = dist.new_group(ranks, use_local_synchronization=True)
             fwd_group = self.group
             device = self._device
-        common = dict(header_group=header_group, device=device, me=me)
+        common = dict(slot_group=slot_group, device=device, me=me)
         timeout = self.config.timeout_s
         links: dict[str, Link] = {}
         if not self.is_first:
@@ -366,9 +370,9 @@ class Pipeline:
         weights = self._loss_weights(micro_targets)
         prev, nxt = self._links.get("prev"), self._links.get("next")
         if prev is not None:
-            prev.start_receiving(m, "activation")
+            prev.post_receives(m)
         if nxt is not None:
-            nxt.start_receiving(m, "gradient")
+            nxt.post_receives(m)
 
         stage_inputs: dict[int, Tensor] = {}
         stage_outputs: dict[int, Tensor] = {}
@@ -378,8 +382,8 @@ class Pipeline:
             if kind == "F":
                 if prev is not None:
                     x = prev.recv(f"activation {k}")
-                    if x.is_floating_point() or x.is_complex():
-                        x.requires_grad_(True)
+                    if _carries_grad(x):
+                        x = x.detach().requires_grad_(True)  # a leaf, whose .grad goes back
                     stage_inputs[k] = x
                 else:
                     assert micro_inputs is not None
@@ -420,7 +424,9 @@ class Pipeline:
             stats.per_microbatch.append((kind, k, began - start, ended - start))
         for link in self._links.values():
             link.finish_sends()
-            link.finish_receiving()
+            link.end_step()
+            stats.split_sends += link.split_sends
+            link.split_sends = 0
         stats.step_s = time.perf_counter() - start
         return torch.stack(losses).sum() if self.is_last else None
 

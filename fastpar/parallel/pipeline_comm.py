@@ -1,31 +1,39 @@
 """Point-to-point transport between neighbouring pipeline stages.
 
-Every message is a fixed-size int64 header followed by its payload. The header says what comes
-next (a tensor with its dtype and shape, or the error that ended a peer's step), so shapes may
-change from one micro-batch to the next, and a failing stage can wake the neighbours that are
-waiting for it instead of leaving them blocked.
+Every message starts with a fixed-size int64 header that says what it carries: a tensor with
+its dtype and shape, or the error that ended a peer's step. Shapes may therefore change from
+one micro-batch to the next, and a failing stage can wake the neighbours waiting for it.
+
+Receives are posted ahead, all of a step's at its start, into "slots": byte buffers of a
+capacity both sides know. A receive into a larger buffer is allowed (the header says how many
+bytes are meaningful), so a message that fits its slot travels whole, header and payload in
+one send, and since its receive is already posted the data moves as soon as the sender posts
+it, while the receiver computes. A bigger message sends its header into the slot and the
+payload as a second message, received when the header is read. Both sides derive the slot
+capacity from the sizes of the messages of earlier steps on the link (a step's messages are
+the same on both sides), so it grows to fit without any extra message.
 
 Header layout (HEADER_LEN int64 values):
     [kind, a, b, ndim, d0, ..., d{MAX_NDIM-1}]
-    kind TENSOR: a = dtype code (index in DTYPES), b unused, then the shape.
-    kind ERROR:  a = the stage where the failure happened, b = its rank; the payload is the
-                 UTF-8 message as a uint8 vector of length d0.
+    KIND_INLINE / KIND_SPLIT: a tensor, a = dtype code (index in DTYPES), then its shape;
+        inline: the payload follows the header in the same message; split: in the next
+        message on the payload channel.
+    KIND_ERROR: a = the stage where the failure happened, b = its rank, d0 = length of the
+        UTF-8 message that follows the header.
 
-Matching rules this relies on: messages between two ranks are matched in the order they were
-posted, per (source, tag). Headers use HEADER_TAG and payloads PAYLOAD_TAG, so all of a step's
-headers can be received ahead (they are small) while payloads, whose size comes from their
-header, are received when needed. NCCL ignores tags and matches in order, which is why on
-NCCL headers travel on a separate gloo group (also keeping the host from waiting on the GPU to
-learn a shape) and the two directions use two NCCL groups: one direction per communicator means
-a send can never wait behind a receive queued on the same stream.
+On NCCL, payloads travel on the GPU (never inline) and slots on a gloo group, so the host
+learns shapes without waiting for the GPU; the two directions use two NCCL groups, one
+direction per communicator, so a send never waits behind a receive queued on its stream.
+Messages between two ranks are matched in posting order per (source, tag); slots and split
+payloads use different tags.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import datetime
-import queue
-import threading
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -37,11 +45,15 @@ from fastpar.profiling import record_range
 
 MAX_NDIM = 8
 HEADER_LEN = 4 + MAX_NDIM
-HEADER_TAG = 17
+HEADER_BYTES = 8 * HEADER_LEN  # 96: payloads after it stay aligned for every dtype
+SLOT_TAG = 17
 PAYLOAD_TAG = 18
+MIN_SLOT_BYTES = 4096  # a header plus an error message
+MAX_SLOT_BYTES = 4 * 2**20  # bigger payloads are sent apart: a second handshake costs little
 
-KIND_TENSOR = 1
-KIND_ERROR = 2
+KIND_INLINE = 1
+KIND_SPLIT = 2
+KIND_ERROR = 3
 
 DTYPES: tuple[torch.dtype, ...] = (
     torch.float32,
@@ -78,7 +90,7 @@ class PipelineError(RuntimeError):
 
 @dataclass(frozen=True)
 class Peer:
-    """A neighbouring stage: its index in the pipeline and its global rank."""
+    """A stage of the pipeline: its index and its global rank."""
 
     stage: int
     rank: int
@@ -87,7 +99,7 @@ class Peer:
         return f"stage {self.stage} (rank {self.rank})"
 
 
-def encode_tensor_header(tensor: Tensor) -> Tensor:
+def encode_header(kind: int, tensor: Tensor) -> Tensor:
     """The header announcing `tensor`: int64 (HEADER_LEN,) on the CPU."""
     if tensor.dim() > MAX_NDIM:
         raise ValueError(
@@ -97,21 +109,30 @@ def encode_tensor_header(tensor: Tensor) -> Tensor:
     if tensor.dtype not in DTYPES:
         raise TypeError(f"pipeline activations of dtype {tensor.dtype} are not supported")
     header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[0] = KIND_TENSOR
+    header[0] = kind
     header[1] = DTYPES.index(tensor.dtype)
     header[3] = tensor.dim()
     header[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     return header
 
 
+def next_slot_bytes(current: int, largest: int) -> int:
+    """The slot capacity after a step whose largest message had `largest` bytes: grown with a
+    quarter to spare (lengths that creep up do not overflow every step), never shrunk."""
+    if largest <= current:
+        return current
+    wanted = math.ceil(largest * 5 / 4 / MIN_SLOT_BYTES) * MIN_SLOT_BYTES
+    return max(current, min(MAX_SLOT_BYTES, wanted))
+
+
 class Link:
-    """Sends to and receives from one neighbouring stage, with every wait bounded.
+    """Sends to and receives from one neighbouring stage, with every host wait bounded.
 
     Arguments:
         peer: the neighbour.
-        header_group: group for headers (gloo: CPU tensors).
-        send_group: group for payloads this rank sends to the peer.
-        recv_group: group for payloads this rank receives from the peer.
+        slot_group: gloo group for slots (headers, inline payloads, errors).
+        send_group: group for split payloads this rank sends to the peer.
+        recv_group: group for split payloads this rank receives from the peer.
         device: where payloads live (CPU for gloo, the stage's CUDA device for NCCL).
         timeout_s: bound on every host-side wait, in seconds.
         me: this stage, for error messages.
@@ -121,7 +142,7 @@ class Link:
         self,
         peer: Peer,
         *,
-        header_group: dist.ProcessGroup,
+        slot_group: dist.ProcessGroup,
         send_group: dist.ProcessGroup,
         recv_group: dist.ProcessGroup,
         device: torch.device,
@@ -130,55 +151,36 @@ class Link:
     ) -> None:
         self.peer = peer
         self.me = me
-        self._header_group = header_group
+        self._slot_group = slot_group
         self._send_group = send_group
         self._recv_group = recv_group
         self._device = device
+        self._inline = device.type == "cpu"  # the same on both sides: same backend
         self._timeout = datetime.timedelta(seconds=timeout_s)
         self._timeout_s = timeout_s
-        # What the receiver thread delivers: (tensor, CUDA event or None) or an exception.
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._receiver: threading.Thread | None = None
-        self._stream: torch.cuda.Stream | None = None  # the receiver's stream on CUDA
+        # Slot capacities per direction and the largest message of the current step.
+        self._send_slot = self._recv_slot = MIN_SLOT_BYTES
+        self._sent_largest = self._received_largest = 0
+        self._slots: collections.deque[tuple[dist.Work, Tensor]] = collections.deque()
         # Sends in flight with the tensors they read from (kept alive until they complete).
         self._sends: list[tuple[dist.Work, Tensor]] = []
+        self.split_sends = 0  # tensors sent apart from their header (too big for the slot)
 
     # --- receiving ----------------------------------------------------------------------------
 
-    def start_receiving(self, count: int, what: str) -> None:
-        """Receive the peer's next `count` messages in the background, in order.
-
-        All headers are posted at once (they are small), and a receiver thread posts each
-        payload's receive the moment its header lands, so the transfer runs while this stage
-        computes instead of starting when `recv` asks for it. The thread ends after `count`
-        messages or the first error; its waits are bounded by timeout_s.
-
-        Arguments:
-            count: number of messages (one per micro-batch).
-            what: what they are, e.g. "activation"; message k is called f"{what} {k}".
-        """
-        headers = []
+    def post_receives(self, count: int) -> None:
+        """Post the slots of the peer's next `count` messages."""
         for _ in range(count):
-            buffer = torch.empty(HEADER_LEN, dtype=torch.int64)
+            buffer = torch.empty(self._recv_slot, dtype=torch.uint8)
             with self._failing_as("posting a receive from"):
-                work = dist.irecv(
-                    buffer, src=self.peer.rank, group=self._header_group, tag=HEADER_TAG
-                )
-            headers.append((work, buffer))
-        self._inbox = queue.SimpleQueue()
-        self._receiver = threading.Thread(
-            target=self._receive_all,
-            args=(headers, what, self._inbox),
-            name=f"fastpar-pp-recv-from-stage{self.peer.stage}",
-            daemon=True,  # a thread left waiting on a failed peer must not keep the process
-        )
-        self._receiver.start()
+                work = dist.irecv(buffer, src=self.peer.rank, group=self._slot_group, tag=SLOT_TAG)
+            self._slots.append((work, buffer))
 
     def recv(self, what: str) -> Tensor:
-        """The next tensor from the peer, in the order the peer sent them.
+        """The peer's next tensor (its slot must have been posted).
 
         Arguments:
-            what: names the wait in profiles, e.g. "activation 3".
+            what: names the message in errors and profiles, e.g. "activation 3".
 
         Returns:
             The tensor, on this link's device, with the shape and dtype the sender announced
@@ -187,118 +189,67 @@ class Link:
         Raises:
             PipelineError: the peer reported a failure, died, or sent nothing in timeout_s.
         """
-        try:
-            # The receiver's own waits are bounded (header, then payload); this bound only
-            # guards against the thread itself getting lost.
-            with record_range(f"fastpar.pp.wait.{what.replace(' ', '')}"):
-                item = self._inbox.get(timeout=2 * self._timeout_s + 10)
-        except queue.Empty:
-            raise PipelineError(
-                f"{self.me}: the receiver thread for {self.peer} gave nothing within "
-                f"{2 * self._timeout_s + 10:g}s",
-                stage=self.peer.stage,
-                rank=self.peer.rank,
-                via=self.peer.stage,
-            ) from None
-        if isinstance(item, BaseException):
-            raise item
-        tensor, ready = item
-        if ready is not None:
-            stream = torch.cuda.current_stream(tensor.device)
-            stream.wait_event(ready)
-            tensor.record_stream(stream)  # allocated on the receiver's stream, used on this one
-        return tensor
-
-    def _receive_all(
-        self, headers: list[tuple[dist.Work, Tensor]], what: str, inbox: queue.SimpleQueue
-    ) -> None:
-        stream = None
-        if self._device.type == "cuda":
-            torch.cuda.set_device(self._device)
-            stream = self._recv_stream()
-        for index, (work, header) in enumerate(headers):
-            try:
-                name = f"{what} {index}"
-                with record_range(f"fastpar.pp.recv.{what}{index}"):
-                    inbox.put(self._receive_one(work, header, name, stream))
-            except BaseException as error:  # handed to the main thread, which raises it
-                inbox.put(error)
-                return
-
-    def _receive_one(
-        self,
-        work: dist.Work,
-        header: Tensor,
-        what: str,
-        stream: torch.cuda.Stream | None,
-    ) -> tuple[Tensor, torch.cuda.Event | None]:
-        self._wait(work, f"receiving the header of {what} from")
-        kind, a, b, ndim, *dims = header.tolist()
-        if kind == KIND_ERROR:
-            message = self._recv_payload(torch.uint8, (dims[0],), what, on_host=True)
-            raise PipelineError(
-                bytes(message.tolist()).decode("utf-8", errors="replace"),
-                stage=a,
-                rank=b,
-                via=self.peer.stage,
-            )
-        if kind != KIND_TENSOR:
-            raise RuntimeError(f"{self.me}: corrupt header {header.tolist()} from {self.peer}")
-        shape = tuple(dims[:ndim])
-        if stream is None:
-            return self._recv_payload(DTYPES[a], shape, what, on_host=False), None
-        with torch.cuda.stream(stream):
-            tensor = self._recv_payload(DTYPES[a], shape, what, on_host=False)
-            ready = torch.cuda.Event()
-            ready.record(stream)
-        return tensor, ready
-
-    def _recv_stream(self) -> torch.cuda.Stream:
-        if self._stream is None:
-            self._stream = torch.cuda.Stream(self._device)
-        return self._stream
-
-    def _recv_payload(
-        self, dtype: torch.dtype, shape: tuple[int, ...], what: str, *, on_host: bool
-    ) -> Tensor:
-        group = self._header_group if on_host else self._recv_group
-        device = torch.device("cpu") if on_host else self._device
-        buffer = torch.empty(shape, dtype=dtype, device=device)
-        with self._failing_as(f"receiving {what} from"):
-            work = dist.irecv(buffer, src=self.peer.rank, group=group, tag=PAYLOAD_TAG)
-        if device.type == "cuda":
-            # Stream-ordered: the receiver's stream waits for NCCL's, the host does not. A
-            # silent peer is caught by the process group's timeout (NCCL watchdog); the header
-            # before this payload already proved that the peer reached this message.
-            work.wait()
-        else:
+        if not self._slots:
+            raise RuntimeError(f"{self.me}: no receive posted for {what} from {self.peer}")
+        work, buffer = self._slots.popleft()
+        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
             self._wait(work, f"receiving {what} from")
-        return buffer
+            kind, a, b, ndim, *dims = buffer[:HEADER_BYTES].view(torch.int64).tolist()
+            if kind == KIND_ERROR:
+                text = bytes(buffer[HEADER_BYTES : HEADER_BYTES + dims[0]].tolist())
+                raise PipelineError(
+                    text.decode("utf-8", errors="replace"), stage=a, rank=b, via=self.peer.stage
+                )
+            if kind not in (KIND_INLINE, KIND_SPLIT):
+                raise RuntimeError(f"{self.me}: corrupt header {kind, a, b} from {self.peer}")
+            dtype, shape = DTYPES[a], tuple(dims[:ndim])
+            nbytes = math.prod(shape) * _itemsize(dtype)
+            self._received_largest = max(self._received_largest, HEADER_BYTES + nbytes)
+            if kind == KIND_INLINE:
+                return buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
+            payload = torch.empty(shape, dtype=dtype, device=self._device)
+            with self._failing_as(f"receiving {what} from"):
+                work = dist.irecv(
+                    payload, src=self.peer.rank, group=self._recv_group, tag=PAYLOAD_TAG
+                )
+            if payload.is_cuda:
+                # Stream-ordered: the current stream waits for NCCL's, the host does not. A
+                # silent peer is caught by the process group's timeout (NCCL watchdog); the
+                # header already proved that the peer posted this payload.
+                work.wait()
+            else:
+                self._wait(work, f"receiving {what} from")
+            return payload
 
     # --- sending ------------------------------------------------------------------------------
 
     def send(self, tensor: Tensor, what: str) -> None:
-        """Post the header and payload of `tensor` to the peer; completion is awaited by
-        `finish_sends`, so the caller goes on computing while the transfer runs."""
-        header = encode_tensor_header(tensor)
-        payload = tensor.contiguous()
+        """Post `tensor` to the peer; completion is awaited by `finish_sends`, so the caller
+        goes on computing while the transfer runs."""
+        size = HEADER_BYTES + tensor.numel() * tensor.element_size()
+        self._sent_largest = max(self._sent_largest, size)
         with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
-            self._isend(header, self._header_group, HEADER_TAG)
-            self._isend(payload, self._send_group, PAYLOAD_TAG)
+            if self._inline and size <= self._send_slot:
+                message = torch.empty(size, dtype=torch.uint8)
+                message[:HEADER_BYTES] = encode_header(KIND_INLINE, tensor).view(torch.uint8)
+                message[HEADER_BYTES:] = tensor.detach().reshape(-1).view(torch.uint8)
+                self._isend(message, self._slot_group, SLOT_TAG)
+            else:
+                self.split_sends += 1
+                header = encode_header(KIND_SPLIT, tensor).view(torch.uint8)
+                self._isend(header, self._slot_group, SLOT_TAG)
+                self._isend(tensor.detach().contiguous(), self._send_group, PAYLOAD_TAG)
 
     def send_error(self, message: str, origin: Peer) -> None:
-        """Post an error header and its message in place of the next tensor the peer expects."""
-        data = torch.tensor(list(message.encode("utf-8")), dtype=torch.uint8)
+        """Post an error in place of the next tensor the peer expects (the message is cut to
+        fit the smallest slot)."""
+        text = message.encode("utf-8")[: MIN_SLOT_BYTES - HEADER_BYTES]
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        header[0], header[1], header[2], header[3], header[4] = (
-            KIND_ERROR,
-            origin.stage,
-            origin.rank,
-            1,
-            data.numel(),
-        )
-        self._isend(header, self._header_group, HEADER_TAG)
-        self._isend(data, self._header_group, PAYLOAD_TAG)
+        header[:5] = torch.tensor([KIND_ERROR, origin.stage, origin.rank, 1, len(text)])
+        data = torch.empty(HEADER_BYTES + len(text), dtype=torch.uint8)
+        data[:HEADER_BYTES] = header.view(torch.uint8)
+        data[HEADER_BYTES:] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        self._isend(data, self._slot_group, SLOT_TAG)
 
     def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int) -> None:
         with self._failing_as("sending to"):
@@ -309,10 +260,24 @@ class Link:
         """Wait (bounded) until every posted send completed."""
         sends, self._sends = self._sends, []
         for work, tensor in sends:
-            if tensor.device.type == "cuda":
+            if tensor.is_cuda:
                 work.wait()  # stream-ordered; bounded by the process group's timeout
             else:
                 self._wait(work, "sending to")
+
+    def end_step(self) -> None:
+        """Grow the slots for the next step from this step's messages (on both sides alike)."""
+        if self._inline:
+            self._send_slot = next_slot_bytes(self._send_slot, self._sent_largest)
+            self._recv_slot = next_slot_bytes(self._recv_slot, self._received_largest)
+        self._sent_largest = self._received_largest = 0
+
+    def drop(self) -> None:
+        """Forget posted receives and sends (after a failure the link is not used again)."""
+        self._slots.clear()
+        self._sends = []
+
+    # --- errors -------------------------------------------------------------------------------
 
     def _wait(self, work: dist.Work, doing: str) -> None:
         with self._failing_as(doing):
@@ -332,15 +297,6 @@ class Link:
                 via=self.peer.stage,
             ) from error
 
-    def finish_receiving(self) -> None:
-        """Join the receiver thread (it has delivered its last message)."""
-        if self._receiver is not None:
-            self._receiver.join()
-            self._receiver = None
 
-    def drop(self) -> None:
-        """Forget the receiver and the sends in flight (after a failure the link is not used
-        again; a receiver still waiting ends on its own within timeout_s)."""
-        self._receiver = None
-        self._inbox = queue.SimpleQueue()
-        self._sends = []
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()

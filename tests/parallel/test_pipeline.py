@@ -25,6 +25,7 @@ from fastpar.parallel.pipeline import (
     schedule_actions,
     split_sequential,
 )
+from fastpar.parallel.pipeline_comm import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
 
 IN, WIDTH, OUT = 6, 16, 3
@@ -40,13 +41,14 @@ class Case:
     batch: int = 12
     variable: bool = False  # micro-batches given as a list of differing shapes
     steps: int = 1  # gradients accumulate over the steps, as in training without zero_grad
+    long: bool = False  # variable micro-batches of up to ~10 KiB, longer after step 0
 
     @property
     def batch_dim(self) -> int:
         return 1 if self.model == "lstm" else 0
 
     def __str__(self) -> str:
-        shape = "variable" if self.variable else f"B{self.batch}"
+        shape = ("long" if self.long else "variable") if self.variable else f"B{self.batch}"
         return f"{self.model}-{self.schedule}-m{self.num_microbatches}-{shape}-x{self.steps}"
 
 
@@ -81,7 +83,10 @@ def _data(case: Case, step: int) -> tuple[Any, Any]:
             return randn(case.batch, IN), randn(case.batch, OUT)
         return randn(5, case.batch, IN), randn(5, case.batch, OUT)
     # Micro-batch k: batch 1 + k % 3, length 2 + (3 * k) % 5 (rows of sequences for "mlp").
-    shapes = [(1 + k % 3, 2 + (3 * k) % 5) for k in range(case.num_microbatches)]
+    # "long" activations (up to ~10 KiB) outgrow the transport's first slots (4 KiB) in step
+    # 0, the grown ones in step 1, and fit in step 2: the split and the inline paths both run.
+    stretch = (10 + 5 * min(step, 1)) if case.long else 1
+    shapes = [(1 + k % 3, (2 + (3 * k) % 5) * stretch) for k in range(case.num_microbatches)]
     if case.model == "mlp":
         return [randn(b, t, IN) for b, t in shapes], [randn(b, t, OUT) for b, t in shapes]
     return [randn(t, b, IN) for b, t in shapes], [randn(t, b, OUT) for b, t in shapes]
@@ -125,7 +130,7 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             batch_dim=case.batch_dim,
             timeout_s=60,
         )
-        losses = []
+        losses, splits = [], []
         for step in range(case.steps):
             inputs, targets = _data(case, step)
             before = [t.clone() for t in (inputs if case.variable else [inputs])]
@@ -133,14 +138,16 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             after = inputs if case.variable else [inputs]
             unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
             losses.append((None if loss is None else loss.item(), unchanged))
+            splits.append(pipe.last_stats.split_sends)
         grads = [p.grad.numpy() for p in stage.parameters()]
-        results[str(case)] = (losses, grads)
+        results[str(case)] = (losses, grads, splits)
     return results
 
 
 CASES: dict[int, list[Case]] = {
     2: [Case("mlp", s, m) for s in SCHEDULES for m in range(1, 9)]  # 5, 7, 8 do not divide 12
     + [Case("mlp", s, 4, variable=True) for s in SCHEDULES]
+    + [Case("mlp", s, 6, variable=True, long=True, steps=3) for s in SCHEDULES]
     + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
     + [Case("lstm", "1f1b", 4, variable=True, steps=2)],
     3: [Case("mlp", s, m) for s in SCHEDULES for m in (1, 2, 3, 7)]
@@ -169,7 +176,7 @@ def test_gradients_match_single_process(
 ) -> None:
     ref_losses, ref_grads = _reference(case, world_size)
     for rank, per_rank in enumerate(pipeline_results[world_size]):
-        losses, grads = per_rank[str(case)]
+        losses, grads, splits = per_rank[str(case)]
         assert all(unchanged for _, unchanged in losses), "the step modified its inputs"
         assert len(grads) == len(ref_grads[rank]) > 0
         for index, (got, want) in enumerate(zip(grads, ref_grads[rank], strict=True)):
@@ -180,6 +187,11 @@ def test_gradients_match_single_process(
                 atol=ATOL,
                 msg=lambda m, r=rank, i=index: f"stage {r} parameter {i}: {m}",
             )
+        if case.long:
+            # Activations outgrow the first slots and the once-grown ones, then fit.
+            assert splits[0] > 0 and splits[1] > 0 and splits[2] == 0, splits
+        elif not case.long:
+            assert splits == [0] * case.steps, splits
         if rank == world_size - 1:
             assert [loss for loss, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
         else:
@@ -239,6 +251,13 @@ def test_split_sequential_shares_layers_and_checks_points() -> None:
 def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         PipelineConfig(**kwargs)
+
+
+def test_slots_grow_with_a_margin_and_never_shrink() -> None:
+    assert next_slot_bytes(4096, 100) == 4096
+    assert next_slot_bytes(4096, 11_520) == 16_384  # 11520 * 5/4 = 14400, in 4 KiB units
+    assert next_slot_bytes(16_384, 17_280) == 24_576
+    assert next_slot_bytes(24_576, 2**30) == MAX_SLOT_BYTES
 
 
 def test_output_only_keeps_the_lstm_output_sequence() -> None:
