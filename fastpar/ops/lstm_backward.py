@@ -35,7 +35,7 @@ from fastpar.ops.lstm_forward import choose_kernel
 
 
 @triton.jit
-def bwd_step(
+def _lstm_bwd_step_kernel(
     dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
     w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
     dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
@@ -50,8 +50,6 @@ def bwd_step(
     t_prev,
     B,
     stride_cprev_t,
-    pid_b,
-    pid_h,
     H: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
@@ -61,10 +59,12 @@ def bwd_step(
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
-    DG_CACHE: tl.constexpr,  # cache modifier for dgates_{t+1}, written by other programs
+    DG_CACHE: tl.constexpr,  # "" (step kernel) or ".cg" (persistent: dgates_{t+1} from L2)
 ):
-    """One backward step for one (batch tile, hidden tile): shared by the step and persistent
-    kernels."""
+    """One backward step for one (batch tile, hidden tile) = program (0, 1); launched once per
+    step, or called in a loop by the persistent kernel."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_j = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
     mask_b = offs_b < B
@@ -127,40 +127,6 @@ def bwd_step(
         tl.store(dh_carry_ptr + carry, tl.zeros_like(dh), mask=mask)
     store_gates(dgates_ptr, row4, offs_j, mask, d_i, d_f, d_g, d_o, H)
     tl.store(dc_carry_ptr + carry, dc_prev, mask=mask)
-
-
-@triton.jit
-def _lstm_bwd_step_kernel(
-    dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
-    w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
-    dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
-    gates_ptr,  # (T, B, 4H) float32 saved activations
-    c_ptr,  # (T, B, H) float32 saved cell states
-    cprev_ptr,  # (T, B, H) float32 c at t_prev, or (B, H) c0 with stride_cprev_t = 0
-    len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
-    dh_carry_ptr,  # (B, H) float32 in/out: gradient reaching h_t through skipped steps (HAS_REC)
-    dc_carry_ptr,  # (B, H) float32 in/out: gradient of c_t in, of c_{t-1} out
-    t,
-    t_next,
-    t_prev,
-    B,
-    stride_cprev_t,
-    H: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HAS_REC: tl.constexpr,  # fuse dh_t = dhs_t + dgates_{t+1} @ W_hh (no projection)
-    HAS_NEXT: tl.constexpr,  # a later step exists (false for the first step of backward)
-    HAS_LENGTHS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-):
-    bwd_step(
-        dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, cprev_ptr, len_ptr, dh_carry_ptr,
-        dc_carry_ptr, t, t_next, t_prev, B, stride_cprev_t, tl.program_id(0), tl.program_id(1),
-        H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_REC, HAS_NEXT, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
-        "",  # dgates_{t+1} was written by an earlier launch: any cache is current
-    )  # fmt: skip
 
 
 class BackwardResult(NamedTuple):
@@ -260,7 +226,7 @@ def lstm_backward(
             H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h_bwd, BLOCK_K=cfg.block_k,
             HAS_REC=has_rec, HAS_NEXT=n > 0, HAS_LENGTHS=lengths is not None,
             DOT_PRECISION=dot_precision(hs.dtype), DOT_UPCAST=dot_upcast(hs.dtype),
-            num_warps=cfg.num_warps,
+            DG_CACHE="", num_warps=cfg.num_warps,
         )  # fmt: skip
 
     t_first = order[-1]

@@ -66,7 +66,7 @@ def compile_cases(
         consts = {
             "H": hidden, "P": proj, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h,
             "BLOCK_K": cfg.block_k, "HAS_LENGTHS": lengths, "CARRY_H": proj == hidden,
-            "DOT_PRECISION": prec, "DOT_UPCAST": False,
+            "DOT_PRECISION": prec, "DOT_UPCAST": False, "HPREV_CACHE": "",
         }  # fmt: skip
         cases.append(
             CompileCase(
@@ -90,7 +90,7 @@ def compile_cases(
             consts = {
                 "H": hidden, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd,
                 "BLOCK_K": cfg.block_k, "HAS_REC": has_rec, "HAS_NEXT": has_next,
-                "HAS_LENGTHS": lengths, "DOT_PRECISION": prec, "DOT_UPCAST": False,
+                "HAS_LENGTHS": lengths, "DOT_PRECISION": prec, "DOT_UPCAST": False, "DG_CACHE": "",
             }  # fmt: skip
             cases.append(
                 CompileCase(

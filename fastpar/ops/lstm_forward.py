@@ -36,7 +36,7 @@ KernelChoice = Literal["auto", "step", "persistent"]
 
 
 @triton.jit
-def fwd_step(
+def _lstm_fwd_step_kernel(
     xg_ptr,  # (T, B, 4H) input projection with biases, input dtype
     hprev_ptr,  # (T, B, P) hs at t_prev, or (B, P) h0 with stride_hprev_t = 0
     cprev_ptr,  # (T, B, H) float32 c at t_prev, or (B, H) c0 with stride_cprev_t = 0
@@ -50,21 +50,21 @@ def fwd_step(
     B,
     stride_hprev_t,
     stride_cprev_t,
-    pid_b,
-    pid_h,
-    H: tl.constexpr,
+    H: tl.constexpr,  # model sizes are compile-time: only B and T change between calls
     P: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
-    CARRY_H: tl.constexpr,
+    CARRY_H: tl.constexpr,  # keep h over invalid steps here (no projection: h_t has H units)
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
-    HPREV_CACHE: tl.constexpr,
+    HPREV_CACHE: tl.constexpr,  # "" (step kernel) or ".cg" (persistent: h_{t-1} from L2)
 ):
-    """One time step for one (batch tile, hidden tile): shared by the step and persistent
-    kernels."""
+    """One time step for one (batch tile, hidden tile) = program (0, 1); launched once per step,
+    or called in a loop by the persistent kernel."""
+    pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     j0 = pid_h * BLOCK_H
     offs_j = j0 + tl.arange(0, BLOCK_H)
@@ -124,39 +124,6 @@ def fwd_step(
     row = t64 * B * H + offs_b * H
     tl.store(c_ptr + row[:, None] + offs_j[None, :], c, mask=mask)
     tl.store(h_ptr + row[:, None] + offs_j[None, :], h_new.to(h_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _lstm_fwd_step_kernel(
-    xg_ptr,  # (T, B, 4H) input projection with biases, input dtype
-    hprev_ptr,  # (T, B, P) hs at t_prev, or (B, P) h0 with stride_hprev_t = 0
-    cprev_ptr,  # (T, B, H) float32 c at t_prev, or (B, H) c0 with stride_cprev_t = 0
-    w_ptr,  # (4H, P) W_hh, contiguous
-    len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
-    gates_ptr,  # (T, B, 4H) float32 out: activations i, f, g, o
-    c_ptr,  # (T, B, H) float32 out
-    h_ptr,  # (T, B, H) out, input dtype: h_t, or o*tanh(c_t) before the projection
-    t,
-    t_prev,
-    B,
-    stride_hprev_t,
-    stride_cprev_t,
-    H: tl.constexpr,  # model sizes are compile-time: only B and T change between calls
-    P: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr,
-    CARRY_H: tl.constexpr,  # keep h over invalid steps here (no projection: h_t has H units)
-    DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
-):
-    fwd_step(
-        xg_ptr, hprev_ptr, cprev_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
-        t, t_prev, B, stride_hprev_t, stride_cprev_t, tl.program_id(0), tl.program_id(1),
-        H, P, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, CARRY_H, DOT_PRECISION, DOT_UPCAST,
-        "",  # the step kernel reads h_{t-1} through L1 as usual
-    )  # fmt: skip
 
 
 class ForwardResult(NamedTuple):
@@ -231,7 +198,7 @@ def lstm_forward(
             H=H, P=P, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
             HAS_LENGTHS=lengths is not None, CARRY_H=w_hr is None,
             DOT_PRECISION=dot_precision(xg.dtype), DOT_UPCAST=dot_upcast(xg.dtype),
-            num_warps=cfg.num_warps,
+            HPREV_CACHE="", num_warps=cfg.num_warps,
         )  # fmt: skip
         if w_hr_t is not None:
             # The projection needs all H units of o*tanh(c_t): a GEMM between two launches.

@@ -19,6 +19,36 @@ from torch import Tensor
 from fastpar.ops.lstm_backward import lstm_backward
 from fastpar.ops.lstm_forward import KernelChoice, lstm_forward
 
+SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_inputs(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None) -> None:
+    """Shapes, dtypes and devices the kernels need, with errors naming the argument."""
+    from fastpar.ops import interpreter_active
+
+    if xg.device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(
+            f"the Triton LSTM kernels need CUDA tensors, got xg on {xg.device} "
+            "(TRITON_INTERPRET=1 runs them in Triton's CPU interpreter)"
+        )
+    if xg.dim() != 3 or xg.shape[2] % 4:
+        raise ValueError(f"xg must have shape (T, B, 4*H), got {tuple(xg.shape)}")
+    if xg.dtype not in SUPPORTED:
+        raise TypeError(f"xg must be one of {SUPPORTED}, got {xg.dtype}")
+    _, B, G = xg.shape
+    H = G // 4
+    P = w_hr.shape[0] if w_hr is not None else H
+    expected = {"h0": (B, P), "c0": (B, H), "w_hh": (G, P), "w_hr": (P, H)}
+    for name, t in (("h0", h0), ("c0", c0), ("w_hh", w_hh), ("w_hr", w_hr)):
+        if t is None:
+            continue
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]}, got {tuple(t.shape)}")
+        if t.device != xg.device:
+            raise ValueError(f"{name} is on {t.device} but xg is on {xg.device}")
+        if t.dtype != xg.dtype and name != "c0":
+            raise TypeError(f"{name} dtype {t.dtype} does not match xg dtype {xg.dtype}")
+
 
 def _hraw_shape(xg: Tensor, w_hr: Tensor | None) -> tuple[int, ...]:
     return (0,) if w_hr is None else (xg.shape[0], xg.shape[1], xg.shape[2] // 4)
@@ -43,16 +73,7 @@ def lstm_recurrence_op(
 
 
 @lstm_recurrence_op.register_fake
-def _(
-    xg: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    kernel: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, *_: object) -> tuple:
     T, B, G = xg.shape
     f32 = torch.float32
     return (
@@ -89,20 +110,9 @@ def lstm_recurrence_backward_op(
 
 @lstm_recurrence_backward_op.register_fake
 def _(
-    dhs: Tensor,
-    dc_n: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    hs: Tensor,
-    gates: Tensor,
-    cs: Tensor,
-    hraw: Tensor,
-    kernel: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dhs: Tensor, dc_n: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+    lengths: Tensor | None, reverse: bool, hs: Tensor, gates: Tensor, *_: object,
+) -> tuple:  # fmt: skip
     return (
         gates.new_empty(gates.shape, dtype=hs.dtype),
         h0.new_empty(h0.shape),
@@ -155,6 +165,7 @@ def lstm_recurrence_triton(
     Returns:
         hs: (T, B, P) hidden state after every step; c_n: (B, H).
     """
+    _check_inputs(xg, h0, c0, w_hh, w_hr)
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int32)
     hs, c_n, _gates, _cs, _hraw = lstm_recurrence_op(

@@ -5,7 +5,7 @@ G = 4 gates.
 
 Each program owns ``BLOCK_B`` batch rows and ``BLOCK_H`` hidden units for the whole sequence and
 loops over time inside the kernel, running the same fused step as the step kernel
-(``fwd_step``; backward: ``bwd_step``, whose share is W_hh's columns of its hidden units). Its
+(the step kernels' functions; backward: whose share is W_hh's columns of its hidden units). Its
 share of W_hh (``4*BLOCK_H`` rows, at most PERSISTENT_W_BYTES) is re-read
 every step with an evict-last policy while every other load bypasses L1 (``.cg``) or is marked
 evict-first, so the share stays in the SM's L1 rather than being fetched from L2 each step.
@@ -29,9 +29,9 @@ import triton.language as tl
 from torch import Tensor
 
 from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_backward import bwd_step
+from fastpar.ops.lstm_backward import _lstm_bwd_step_kernel as bwd_step
 from fastpar.ops.lstm_common import dot_precision, dot_upcast, num_sms, persistent_config
-from fastpar.ops.lstm_forward import fwd_step
+from fastpar.ops.lstm_forward import _lstm_fwd_step_kernel as fwd_step
 
 
 @triton.jit
@@ -66,14 +66,13 @@ def _lstm_fwd_persistent_kernel(
     DOT_UPCAST: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
     zero = pid_b * 0  # a runtime 0: fwd_step casts its time indices to int64
     t = T - 1 + zero if REVERSE else zero
     fwd_step(
         xg_ptr, h0_ptr, c0_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
-        t, zero, B, 0, 0, pid_b, pid_h,
+        t, zero, B, 0, 0,
         H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
     )  # fmt: skip
     _grid_barrier(sync, n_h)
@@ -89,7 +88,7 @@ def _lstm_fwd_persistent_kernel(
         # .cg: h_{t-1} was written by other SMs; read it from L2, not a stale L1 line.
         fwd_step(
             xg_ptr, h_ptr, c_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
-            t, t_prev, B, B * H, B * H, pid_b, pid_h,
+            t, t_prev, B, B * H, B * H,
             H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
         )  # fmt: skip
         s += 1
@@ -166,7 +165,6 @@ def _lstm_bwd_persistent_kernel(
     # t_next = t + d, with d = +1 (or -1 when REVERSE). The last step visited is the forward's
     # first, which reads c0.
     pid_b = tl.program_id(0)
-    pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
     zero = pid_b * 0  # a runtime 0: bwd_step casts its time indices to int64
@@ -176,7 +174,7 @@ def _lstm_bwd_persistent_kernel(
     if T > 1:
         bwd_step(
             dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_first, zero, t_first - d, B, B * H, pid_b, pid_h,
+            dc_carry_ptr, t_first, zero, t_first - d, B, B * H,
             H, BLOCK_B, BLOCK_H, BLOCK_K, True, False, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
             ".cg",
         )  # fmt: skip
@@ -187,7 +185,7 @@ def _lstm_bwd_persistent_kernel(
             # .cg: dgates_{t+1} was written by other SMs; read it from L2, not a stale L1 line.
             bwd_step(
                 dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c_ptr, len_ptr, dh_carry_ptr,
-                dc_carry_ptr, t, t + d, t - d, B, B * H, pid_b, pid_h,
+                dc_carry_ptr, t, t + d, t - d, B, B * H,
                 H, BLOCK_B, BLOCK_H, BLOCK_K, True, True, HAS_LENGTHS, DOT_PRECISION,
                 DOT_UPCAST, ".cg",
             )  # fmt: skip
@@ -195,14 +193,14 @@ def _lstm_bwd_persistent_kernel(
             _grid_barrier(sync, n * n_h)
         bwd_step(
             dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c0_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_last, t_last + d, zero, B, 0, pid_b, pid_h,
+            dc_carry_ptr, t_last, t_last + d, zero, B, 0,
             H, BLOCK_B, BLOCK_H, BLOCK_K, True, True, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
             ".cg",
         )  # fmt: skip
     else:
         bwd_step(
             dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c0_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_last, zero, zero, B, 0, pid_b, pid_h,
+            dc_carry_ptr, t_last, zero, zero, B, 0,
             H, BLOCK_B, BLOCK_H, BLOCK_K, True, False, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
             ".cg",
         )  # fmt: skip

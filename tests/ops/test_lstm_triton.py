@@ -111,3 +111,20 @@ def test_choose_kernel() -> None:
     assert choose_kernel(3, 33, 5, torch.float32, cpu, "persistent", backward=True) == "step"
     with pytest.raises(ValueError, match="kernel must be"):
         choose_kernel(3, 33, 33, torch.float32, cpu, "fast")  # type: ignore[arg-type]
+
+
+def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    xg, h0, c0, w_hh = recurrence_inputs(3, 0, torch.float32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(3, 33\)"):
+        lstm_recurrence_triton(xg, h0[:, :5], c0, w_hh)
+    with pytest.raises(ValueError, match=r"w_hh must have shape \(132, 33\)"):
+        lstm_recurrence_triton(xg, h0, c0, w_hh[:, :5])
+    with pytest.raises(TypeError, match=r"w_hh dtype torch\.float64 does not match"):
+        lstm_recurrence_triton(xg, h0, c0, w_hh.double())
+    with pytest.raises(TypeError, match="xg must be one of"):
+        lstm_recurrence_triton(xg.double(), h0.double(), c0, w_hh.double())
+    with pytest.raises(ValueError, match=r"xg must have shape \(T, B, 4\*H\)"):
+        lstm_recurrence_triton(xg[..., :-1], h0, c0, w_hh)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="need CUDA tensors"):
+        lstm_recurrence_triton(xg, h0, c0, w_hh)
