@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastpar.ops.lstm_backward import lstm_backward
 from fastpar.ops.lstm_forward import KernelChoice, lstm_forward
+from fastpar.profiling import record_range
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,7 +68,8 @@ def lstm_recurrence_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward recurrence; returns hs (T, B, P), c_n (B, H) in c0's dtype, and what backward
     needs: gates (T, B, 4H) float32, cs (T, B, H) float32, hraw (T, B, H) or (0,)."""
-    r = lstm_forward(xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel)  # type: ignore[arg-type]
+    with record_range("fastpar.lstm.forward"):
+        r = lstm_forward(xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel)  # type: ignore[arg-type]
     # c_n is a view of cs; outputs of a custom op may not alias each other.
     return r.hs, r.c_n.to(c0.dtype, copy=True), r.gates, r.cs, r.hraw
 
@@ -103,7 +105,10 @@ def lstm_recurrence_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward recurrence; returns dxg, dh0, dc0 (c0's dtype), dw_hh, dw_hr ((0,) without
     a projection: a custom op cannot return None)."""
-    g = lstm_backward(dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel)
+    with record_range("fastpar.lstm.backward"):
+        g = lstm_backward(
+            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel
+        )
     dw_hr = g.dw_hr if g.dw_hr is not None else w_hh.new_empty(0)
     return g.dxg, g.dh0, g.dc0.to(c0.dtype), g.dw_hh, dw_hr
 

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastpar.nn
 import fastpar.nn.lstm
 from tests.ops.lstm_helpers import (
+    DTYPE_TOLERANCES,
     FP32_ATOL,
     FP32_RTOL,
     assert_close,
@@ -91,11 +92,7 @@ def test_matches_torch_lstm(
     _compare(ours, theirs, x, hx)
 
 
-@pytest.mark.parametrize(
-    "dtype, atol, rtol",
-    [(torch.float32, FP32_ATOL, FP32_RTOL), (torch.bfloat16, 1e-3, 1e-3),
-     (torch.float16, 1e-4, 1e-4)],
-)  # fmt: skip
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
 def test_dtypes_against_torch_own_error(dtype: torch.dtype, atol: float, rtol: float) -> None:
     # Half types: fastpar's error against float64 within a small multiple of torch.nn.LSTM's
     # own error when it runs in that dtype, on the same rounded weights and inputs.

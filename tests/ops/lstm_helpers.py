@@ -13,6 +13,12 @@ FP32_ATOL, FP32_RTOL = 2e-5, 1e-4
 # Half types: fastpar's error may be at most this multiple of PyTorch's own error in the same
 # dtype (both against float64), plus the per-dtype atol + rtol * max|exact| of the test.
 HALF_MULTIPLE = 2.0
+# (dtype, atol, rtol): float32 against float64 directly; half types as the floor of the bound.
+DTYPE_TOLERANCES = [
+    (torch.float32, FP32_ATOL, FP32_RTOL),
+    (torch.bfloat16, 1e-3, 1e-3),
+    (torch.float16, 1e-4, 1e-4),
+]
 
 
 def seeded_lstm(seed: int = 0, **kwargs: object) -> torch.nn.LSTM:

@@ -11,6 +11,7 @@ from fastpar.ops.lstm_forward import choose_kernel
 from fastpar.ops.lstm_function import lstm_recurrence_triton
 from fastpar.ops.reference import lstm_recurrence_reference
 from tests.ops.lstm_helpers import (
+    DTYPE_TOLERANCES,
     FP32_ATOL,
     FP32_RTOL,
     NAMES,
@@ -55,11 +56,7 @@ def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
 
-@pytest.mark.parametrize(
-    "dtype, atol, rtol",
-    [(torch.float32, FP32_ATOL, FP32_RTOL), (torch.bfloat16, 1e-3, 1e-3),
-     (torch.float16, 1e-4, 1e-4)],
-)  # fmt: skip
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
 def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) -> None:
     # float32 against float64 within atol/rtol. Half types: the kernels keep c and the gate
     # math in float32, so their error against float64 (on the same rounded inputs) must stay
