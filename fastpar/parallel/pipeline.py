@@ -292,7 +292,7 @@ class Pipeline:
         me = Peer(self.stage_index, ranks[self.stage_index])
         if dist.get_backend(self.group) == "gloo":
             slot_group = fwd_group = bwd_group = self.group
-            device = torch.device("cpu")
+            device = torch.device("cpu")  # a stage on a GPU sends and receives via the host
         else:
             # See pipeline_comm: headers on the host, one direction per NCCL communicator.
             # Only the pipeline's ranks join these groups, so pipelines of a DP x PP layout
@@ -301,6 +301,7 @@ class Pipeline:
             bwd_group = dist.new_group(ranks, use_local_synchronization=True)
             fwd_group = self.group
             device = self._device
+        self._comm_device = device
         common = dict(slot_group=slot_group, device=device, me=me)
         timeout = self.config.timeout_s
         links: dict[str, Link] = {}
@@ -381,7 +382,7 @@ class Pipeline:
             began = time.perf_counter()
             if kind == "F":
                 if prev is not None:
-                    x = prev.recv(f"activation {k}")
+                    x = prev.recv(f"activation {k}").to(self._device)
                     if _carries_grad(x):
                         x = x.detach().requires_grad_(True)  # a leaf, whose .grad goes back
                     stage_inputs[k] = x
@@ -405,12 +406,12 @@ class Pipeline:
                 stats.forward_s += ended - began
                 stage_outputs[k] = y
                 if nxt is not None:
-                    nxt.send(y.detach(), f"activation {k}")
+                    nxt.send(y.detach().to(self._comm_device), f"activation {k}")
             else:
                 y = stage_outputs.pop(k)
                 grad = None
                 if nxt is not None and _carries_grad(y):
-                    grad = nxt.recv(f"gradient {k}")
+                    grad = nxt.recv(f"gradient {k}").to(self._device)
                     began = time.perf_counter()
                 with self._maybe_no_sync(k), record_range(f"fastpar.pp.backward.mb{k}"):
                     if y.requires_grad:
@@ -420,7 +421,7 @@ class Pipeline:
                 x = stage_inputs.pop(k, None)
                 if prev is not None and x is not None and _carries_grad(x):
                     x_grad = x.grad if x.grad is not None else torch.zeros_like(x)
-                    prev.send(x_grad, f"gradient {k}")
+                    prev.send(x_grad.to(self._comm_device), f"gradient {k}")
             stats.per_microbatch.append((kind, k, began - start, ended - start))
         for link in self._links.values():
             link.finish_sends()
@@ -451,21 +452,14 @@ class Pipeline:
 
     def _fail(self, message: str, origin: Peer, *, skip: int | None) -> None:
         """Tell the neighbours (except stage `skip`, where the news came from) and mark this
-        pipeline broken; waits for the notices at most timeout_s, so the raise is bounded."""
+        pipeline broken; each notice waits at most ERROR_DELIVERY_S to be taken."""
         self._broken = message
-        told: list[Link] = []
         for link in self._links.values():
             if link.peer.stage == skip:
                 continue
             try:
                 link.send_error(message, origin)
-                told.append(link)
             except PipelineError as error:  # the link is broken too; the original error wins
-                logger.warning("could not tell %s about the failure: %s", link.peer, error)
-        for link in told:
-            try:
-                link.finish_sends()
-            except PipelineError as error:
                 logger.warning("could not tell %s about the failure: %s", link.peer, error)
         for link in self._links.values():
             link.drop()

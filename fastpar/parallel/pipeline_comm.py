@@ -50,6 +50,7 @@ SLOT_TAG = 17
 PAYLOAD_TAG = 18
 MIN_SLOT_BYTES = 4096  # a header plus an error message
 MAX_SLOT_BYTES = 4 * 2**20  # bigger payloads are sent apart: a second handshake costs little
+ERROR_DELIVERY_S = 10.0  # how long a failing stage waits for a neighbour to take its error
 
 KIND_INLINE = 1
 KIND_SPLIT = 2
@@ -242,7 +243,7 @@ class Link:
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Post an error in place of the next tensor the peer expects (the message is cut to
-        fit the smallest slot)."""
+        fit the smallest slot) and wait, bounded, until it is delivered."""
         text = message.encode("utf-8")[: MIN_SLOT_BYTES - HEADER_BYTES]
         header = torch.zeros(HEADER_LEN, dtype=torch.int64)
         header[:5] = torch.tensor([KIND_ERROR, origin.stage, origin.rank, 1, len(text)])
@@ -250,6 +251,11 @@ class Link:
         data[:HEADER_BYTES] = header.view(torch.uint8)
         data[HEADER_BYTES:] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
         self._isend(data, self._slot_group, SLOT_TAG)
+        # Only this send: earlier ones may never complete if the peer failed too. A peer that
+        # is between steps takes it at its next step, or, once this wait gave up (which
+        # closes the connections), sees the connection closed: either way it raises.
+        work, _ = self._sends[-1]
+        self._wait(work, "telling", timeout_s=min(self._timeout_s, ERROR_DELIVERY_S))
 
     def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int) -> None:
         with self._failing_as("sending to"):
@@ -279,9 +285,10 @@ class Link:
 
     # --- errors -------------------------------------------------------------------------------
 
-    def _wait(self, work: dist.Work, doing: str) -> None:
+    def _wait(self, work: dist.Work, doing: str, timeout_s: float | None = None) -> None:
+        timeout = self._timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
         with self._failing_as(doing):
-            work.wait(self._timeout)
+            work.wait(timeout)
 
     @contextlib.contextmanager
     def _failing_as(self, doing: str) -> Iterator[None]:
