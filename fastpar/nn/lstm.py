@@ -230,6 +230,15 @@ class LSTM(nn.Module):
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch.nn.LSTM."""
         _init_uniform(list(self.parameters()), self.hidden_size)
 
+    def flatten_parameters(self) -> None:
+        """Does nothing: kept so code written for torch.nn.LSTM (which packs its weights for
+        cuDNN here) runs unchanged; the kernels read the parameters where they are."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters per layer and direction, as torch.nn.LSTM.all_weights."""
+        return [[p for p in w if p is not None] for w in self.layer_weights()]
+
     def layer_weights(self) -> list[LayerWeights]:
         """The parameters per layer and direction, in the order of h_0's first dimension."""
         return layer_weights(self, self.num_layers, 2 if self.bidirectional else 1)

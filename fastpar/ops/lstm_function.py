@@ -170,6 +170,11 @@ def lstm_recurrence_triton(
     Returns:
         hs: (T, B, P) hidden state after every step; c_n: (B, H).
     """
+    if torch.is_autocast_enabled(xg.device.type):
+        # Custom ops are outside autocast's lists: take its dtype here, as cuDNN's LSTM does.
+        dtype = torch.get_autocast_dtype(xg.device.type)
+        xg, h0, c0, w_hh = xg.to(dtype), h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
+        w_hr = w_hr.to(dtype) if w_hr is not None else None
     _check_inputs(xg, h0, c0, w_hh, w_hr)
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int32)

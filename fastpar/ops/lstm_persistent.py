@@ -39,6 +39,9 @@ def _grid_barrier(sync_ptr, arrivals):
     """Wait until ``arrivals`` programs have reached this point (counter at sync_ptr)."""
     tl.debug_barrier()  # every warp of this program has issued its stores
     tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
+    # Triton lowers this poll to ld.acquire.gpu (no read-modify-write), so waiting programs do
+    # not serialise in L2 in front of the arrivals. Its result must be used: an atomic whose
+    # result is unused is compiled away.
     while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < arrivals:
         pass
 

@@ -326,3 +326,26 @@ def test_auto_backend_on_cuda_matches_torch(
     x = randn(*shape, seed=1).cuda()
     hx = tuple(randn(num_layers * D, B, n, seed=s).cuda() for s, n in ((2, proj_size or H), (3, H)))
     _compare(ours, theirs, x, hx)
+
+
+def test_autocast_runs_the_kernels_in_the_autocast_dtype() -> None:
+    model = fastpar.nn.LSTM(F_IN, H, num_layers=2, proj_size=5, backend="triton")
+    ref = fastpar.nn.LSTM(F_IN, H, num_layers=2, proj_size=5, backend="torch").double()
+    ref.load_state_dict(model.state_dict())
+    x = randn(6, B, F_IN, seed=1).float()
+    exact, _ = ref(x.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h_n, c_n) = model(x)
+    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    assert_close(out, exact, 2e-2, 2e-2, "output under autocast")  # one bfloat16 rounding
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+def test_torch_compatibility_helpers() -> None:
+    ours, theirs = _pair(num_layers=2, bidirectional=True, proj_size=4)
+    ours.flatten_parameters()  # a no-op, as code written for torch.nn.LSTM calls it
+    assert [[p.shape for p in w] for w in ours.all_weights] == [
+        [p.shape for p in w] for w in theirs.all_weights
+    ]
+    assert "proj_size=4" in repr(ours) and "backend='triton'" in repr(ours)
