@@ -67,6 +67,7 @@ SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b")
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
 Action = tuple[Literal["F", "B"], int]
+DEFAULT_TIMEOUT_S = 300.0
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -88,9 +89,10 @@ class PipelineConfig:
     batch_dim: int = 0
     """Dimension of inputs and targets along which micro-batches are cut (1 for
     sequence-first tensors)."""
-    timeout_s: float = 300.0
-    """Bound in seconds on every wait for a peer; a peer silent for longer is named in a
-    `PipelineError`."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    """Bound in seconds on every host wait for a peer, counted from when the wait starts; a
+    peer silent for longer is named in a `PipelineError`. It must exceed the longest honest
+    wait: about the other stages' compute of one step (the first backward of a GPipe step)."""
 
     def __post_init__(self) -> None:
         _check_int("num_stages", self.num_stages, 1)
@@ -239,7 +241,7 @@ class Pipeline:
         num_microbatches: int = 8,
         loss_reduction: Reduction = "mean",
         batch_dim: int = 0,
-        timeout_s: float = 300.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -266,7 +268,7 @@ class Pipeline:
                 raise ValueError(f"stage_index {stage_index} >= num_stages {num_stages}")
         except ValueError as error:
             local_error = error
-        timeout = self.config.timeout_s if local_error is None else 300.0
+        timeout = self.config.timeout_s if local_error is None else DEFAULT_TIMEOUT_S
         table = _exchange_arguments(
             self.group, stage_index, num_stages, num_microbatches, schedule, local_error, timeout
         )

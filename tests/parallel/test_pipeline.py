@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity
 
 from fastpar.nn import LSTM
 from fastpar.parallel.pipeline import (
@@ -42,6 +43,7 @@ class Case:
     variable: bool = False  # micro-batches given as a list of differing shapes
     steps: int = 1  # gradients accumulate over the steps, as in training without zero_grad
     long: bool = False  # variable micro-batches of up to ~10 KiB, longer after step 0
+    profiled: bool = False  # collect the profiler ranges of the step
 
     @property
     def batch_dim(self) -> int:
@@ -49,7 +51,8 @@ class Case:
 
     def __str__(self) -> str:
         shape = ("long" if self.long else "variable") if self.variable else f"B{self.batch}"
-        return f"{self.model}-{self.schedule}-m{self.num_microbatches}-{shape}-x{self.steps}"
+        name = f"{self.model}-{self.schedule}-m{self.num_microbatches}-{shape}-x{self.steps}"
+        return name + ("-profiled" if self.profiled else "")
 
 
 def _model(kind: str) -> nn.Sequential:
@@ -130,17 +133,22 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             batch_dim=case.batch_dim,
             timeout_s=60,
         )
-        losses, splits = [], []
+        losses, splits, ranges = [], [], set()
         for step in range(case.steps):
             inputs, targets = _data(case, step)
             before = [t.clone() for t in (inputs if case.variable else [inputs])]
-            loss = pipe.step(inputs, targets)
+            if case.profiled:
+                with torch.profiler.profile(activities=[ProfilerActivity.CPU]) as profile:
+                    loss = pipe.step(inputs, targets)
+                ranges = {e.name for e in profile.events() if e.name.startswith("fastpar.pp")}
+            else:
+                loss = pipe.step(inputs, targets)
             after = inputs if case.variable else [inputs]
             unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
             losses.append((None if loss is None else loss.item(), unchanged))
             splits.append(pipe.last_stats.split_sends)
         grads = [p.grad.numpy() for p in stage.parameters()]
-        results[str(case)] = (losses, grads, splits)
+        results[str(case)] = (losses, grads, splits, ranges)
     return results
 
 
@@ -154,7 +162,8 @@ CASES: dict[int, list[Case]] = {
     + [Case("mlp", s, 5, batch=11, steps=2) for s in SCHEDULES]
     + [Case("mlp", s, 6, variable=True) for s in SCHEDULES]
     + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
-    + [Case("lstm", "gpipe", 4, variable=True)],
+    + [Case("lstm", "gpipe", 4, variable=True)]
+    + [Case("mlp", "1f1b", 3, profiled=True)],
 }
 
 
@@ -176,7 +185,7 @@ def test_gradients_match_single_process(
 ) -> None:
     ref_losses, ref_grads = _reference(case, world_size)
     for rank, per_rank in enumerate(pipeline_results[world_size]):
-        losses, grads, splits = per_rank[str(case)]
+        losses, grads, splits, ranges = per_rank[str(case)]
         assert all(unchanged for _, unchanged in losses), "the step modified its inputs"
         assert len(grads) == len(ref_grads[rank]) > 0
         for index, (got, want) in enumerate(zip(grads, ref_grads[rank], strict=True)):
@@ -192,10 +201,22 @@ def test_gradients_match_single_process(
             assert splits[0] > 0 and splits[1] > 0 and splits[2] == 0, splits
         elif not case.long:
             assert splits == [0] * case.steps, splits
+        if case.profiled:
+            assert ranges == _expected_ranges(rank, world_size, case.num_microbatches)
         if rank == world_size - 1:
             assert [loss for loss, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
         else:
             assert all(loss is None for loss, _ in losses)
+
+
+def _expected_ranges(rank: int, world_size: int, num_microbatches: int) -> set[str]:
+    """Profiler ranges per micro-batch: forward, backward, and the transfers of the stage."""
+    kinds = ["forward.mb", "backward.mb"]
+    if rank > 0:
+        kinds += ["recv.activation", "send.gradient"]
+    if rank < world_size - 1:
+        kinds += ["send.activation", "recv.gradient"]
+    return {f"fastpar.pp.{kind}{k}" for kind in kinds for k in range(num_microbatches)}
 
 
 # --- pieces that need no processes -----------------------------------------------------------
