@@ -44,6 +44,7 @@ class Case:
     steps: int = 1  # gradients accumulate over the steps, as in training without zero_grad
     long: bool = False  # variable micro-batches of up to ~10 KiB, longer after step 0
     profiled: bool = False  # collect the profiler ranges of the step
+    reduction: str = "mean"  # of the loss; "sum" adds the micro-batches' losses unweighted
 
     @property
     def batch_dim(self) -> int:
@@ -52,7 +53,7 @@ class Case:
     def __str__(self) -> str:
         shape = ("long" if self.long else "variable") if self.variable else f"B{self.batch}"
         name = f"{self.model}-{self.schedule}-m{self.num_microbatches}-{shape}-x{self.steps}"
-        return name + ("-profiled" if self.profiled else "")
+        return name + ("-profiled" if self.profiled else "") + f"-{self.reduction}"
 
 
 def _model(kind: str) -> nn.Sequential:
@@ -99,7 +100,7 @@ def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torc
     """Single-process training: the losses of every step and the accumulated gradients of
     each stage's parameters."""
     model = _model(case.model)
-    loss_fn = nn.MSELoss()
+    loss_fn = nn.MSELoss(reduction=case.reduction)
     losses = []
     for step in range(case.steps):
         inputs, targets = _data(case, step)
@@ -108,7 +109,8 @@ def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torc
             # share of the sequences.
             total = sum(t.shape[case.batch_dim] for t in targets)
             loss = sum(
-                loss_fn(model(x), y) * (y.shape[case.batch_dim] / total)
+                loss_fn(model(x), y)
+                * (y.shape[case.batch_dim] / total if case.reduction == "mean" else 1.0)
                 for x, y in zip(inputs, targets, strict=True)
             )
         else:
@@ -127,7 +129,8 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             stage,
             stage_index=rank,
             num_stages=world_size,
-            loss_fn=nn.MSELoss(),
+            loss_fn=nn.MSELoss(reduction=case.reduction),
+            loss_reduction=case.reduction,
             schedule=case.schedule,
             num_microbatches=case.num_microbatches,
             batch_dim=case.batch_dim,
@@ -153,14 +156,17 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
 
 
 CASES: dict[int, list[Case]] = {
+    1: [Case("mlp", s, 5) for s in SCHEDULES],  # one stage: micro-batching alone
     2: [Case("mlp", s, m) for s in SCHEDULES for m in range(1, 9)]  # 5, 7, 8 do not divide 12
     + [Case("mlp", s, 4, variable=True) for s in SCHEDULES]
     + [Case("mlp", s, 6, variable=True, long=True, steps=3) for s in SCHEDULES]
+    + [Case("mlp", s, 5, reduction="sum") for s in SCHEDULES]
     + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
     + [Case("lstm", "1f1b", 4, variable=True, steps=2)],
     3: [Case("mlp", s, m) for s in SCHEDULES for m in (1, 2, 3, 7)]
     + [Case("mlp", s, 5, batch=11, steps=2) for s in SCHEDULES]
     + [Case("mlp", s, 6, variable=True) for s in SCHEDULES]
+    + [Case("lstm", "gpipe", 3, variable=True, reduction="sum")]
     + [Case("lstm", s, 3, batch=5) for s in SCHEDULES]
     + [Case("lstm", "gpipe", 4, variable=True)]
     + [Case("mlp", "1f1b", 3, profiled=True)],
