@@ -34,7 +34,8 @@ from fastpar.ops.lstm_common import (
 from fastpar.ops.lstm_forward import choose_kernel
 
 
-@triton.jit
+# Time indices change every launch: not specialising on them (== 1, % 16) keeps one binary.
+@triton.jit(do_not_specialize=["t", "t_next", "t_prev"])
 def _lstm_bwd_step_kernel(
     dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
     w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC

@@ -35,7 +35,8 @@ from fastpar.ops.lstm_common import (
 KernelChoice = Literal["auto", "step", "persistent"]
 
 
-@triton.jit
+# Time indices change every launch: not specialising on them (== 1, % 16) keeps one binary.
+@triton.jit(do_not_specialize=["t", "t_prev"])
 def _lstm_fwd_step_kernel(
     xg_ptr,  # (T, B, 4H) input projection with biases, input dtype
     hprev_ptr,  # (T, B, P) hs at t_prev, or (B, P) h0 with stride_hprev_t = 0

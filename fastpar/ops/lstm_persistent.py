@@ -46,7 +46,7 @@ def _grid_barrier(sync_ptr, arrivals):
         pass
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one binary for every sequence length
 def _lstm_fwd_persistent_kernel(
     xg_ptr,  # (T, B, 4H) input projection with biases, input dtype
     h0_ptr,  # (B, H) initial hidden state, input dtype
@@ -141,7 +141,7 @@ def _launch_geometry(B: int, H: int, like: Tensor, backward: bool):
     return cfg, grid, sync
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # one binary for every sequence length
 def _lstm_bwd_persistent_kernel(
     dgates_ptr,  # (T, B, 4H) out, input dtype; dgates_{t+1} is read back by every program
     w_ptr,  # (4H, H) W_hh, contiguous
