@@ -123,6 +123,12 @@ def bench_shape(
              "fwdbwd_p80": both[2], "max_abs_diff_vs_cudnn": diff,
              "kernel": kernel if name == "fastpar" else ""}
         )  # fmt: skip
+    # The GEMM work of one layer: input and recurrent projections, 2 flops per multiply-add;
+    # backward does twice the forward's (input and weight gradients).
+    fwd_flops = 2 * shape.time * shape.batch * 4 * shape.hidden * (shape.input + shape.hidden)
+    for r in rows:
+        r["fwd_tflops"] = fwd_flops / r["fwd_ms"] / 1e9
+        r["fwdbwd_tflops"] = 3 * fwd_flops / r["fwdbwd_ms"] / 1e9
     base = next(r for r in rows if r["impl"] == "cudnn")
     for r in rows:
         r["fwd_vs_cudnn"] = r["fwd_ms"] / base["fwd_ms"]
@@ -132,7 +138,8 @@ def bench_shape(
 
 COLUMNS = [
     ("shape", "shape"), ("impl", "impl"), ("fwd ms", "fwd_ms"), ("x cuDNN", "fwd_vs_cudnn"),
-    ("fwd+bwd ms", "fwdbwd_ms"), ("x cuDNN ", "fwdbwd_vs_cudnn"), ("kernel", "kernel"),
+    ("fwd+bwd ms", "fwdbwd_ms"), ("x cuDNN ", "fwdbwd_vs_cudnn"),
+    ("fwd+bwd TFLOP/s", "fwdbwd_tflops"), ("kernel", "kernel"),
 ]  # fmt: skip
 
 
