@@ -300,7 +300,8 @@ class Pipeline:
             # Only the pipeline's ranks join these groups, so pipelines of a DP x PP layout
             # create theirs independently.
             slot_group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
-            bwd_group = dist.new_group(ranks, use_local_synchronization=True)
+            backend = dist.get_backend(self.group)
+            bwd_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
             fwd_group = self.group
             device = self._device
         self._comm_device = device

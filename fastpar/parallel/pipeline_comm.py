@@ -204,7 +204,7 @@ class Link:
             if kind not in (KIND_INLINE, KIND_SPLIT):
                 raise RuntimeError(f"{self.me}: corrupt header {kind, a, b} from {self.peer}")
             dtype, shape = DTYPES[a], tuple(dims[:ndim])
-            nbytes = math.prod(shape) * _itemsize(dtype)
+            nbytes = math.prod(shape) * dtype.itemsize
             self._received_largest = max(self._received_largest, HEADER_BYTES + nbytes)
             if kind == KIND_INLINE:
                 return buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
@@ -303,7 +303,3 @@ class Link:
                 rank=self.peer.rank,
                 via=self.peer.stage,
             ) from error
-
-
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
