@@ -15,7 +15,9 @@ benchmark shapes: see bench/kernel_report.py.)
 The programs of one batch block need every hidden unit of ``h_{t-1}``, so after each step they
 meet at a grid barrier: a counter per batch block that each program increments (release) and
 then waits on (acquire) until all ``n_h`` programs have arrived. All programs must be resident
-at once: the launcher keeps the grid within the number of SMs (see ``persistent_config``).
+at once: the launcher keeps the grid within the number of SMs (see ``persistent_config``) and
+launches cooperatively, so CUDA either makes every program resident or fails the launch
+instead of letting the barrier wait forever.
 Triton's interpreter runs programs one after another, so there a batch block is one program
 covering every hidden unit and the barrier only counts that program; that the barrier holds
 across programs is something only a GPU run can show (tests marked gpu).
@@ -125,7 +127,7 @@ def lstm_forward_persistent(
         T, B, H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, REVERSE=reverse,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(xg.dtype),
         DOT_UPCAST=dot_upcast(xg.dtype),
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, launch_cooperative_grid=True,
     )  # fmt: skip
 
 
@@ -239,4 +241,5 @@ def lstm_backward_persistent(
         H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, REVERSE=reverse,
         HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dgates.dtype),
         DOT_UPCAST=dot_upcast(dgates.dtype), num_warps=cfg.num_warps,
+        launch_cooperative_grid=True,
     )  # fmt: skip
