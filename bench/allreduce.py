@@ -8,6 +8,7 @@ carries in a ring), and the ratio of torch's time to the ring's.
 
     python bench/allreduce.py [--ranks 2 4] [--min-bytes 1024] [--max-bytes 67108864]
                               [--device cpu|cuda] [--csv results/allreduce.csv]
+                              [--table results/allreduce.txt]
 
 On CPU the baseline is gloo. With --device cuda it is NCCL, which needs one GPU per rank: when
 ranks share a GPU the ring is timed alone and the baseline columns stay empty.
@@ -128,6 +129,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=15)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--csv", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="also write the tables here")
     args = parser.parse_args()
     sizes = []
     size = args.min_bytes
@@ -136,6 +138,7 @@ def main() -> None:
         size *= 2
     device = device_name(args.device if args.device == "cpu" else "cuda:0")
     rows = []
+    tables = []
     for ranks in args.ranks:
         # NCCL needs a GPU per rank; ranks sharing a GPU meet through gloo (barriers only).
         nccl = args.device == "cuda" and torch.cuda.device_count() >= ranks
@@ -146,11 +149,17 @@ def main() -> None:
         )
         table = [_row(device, ranks, nbytes, ring, base) for nbytes, ring, base in results[0]]
         rows += table
-        print(f"\n{ranks} ranks, fastpar ring vs torch.distributed ({backend}), float32 SUM; "
-              f"load average before the run {load:.2f} on {os.cpu_count()} cores")  # fmt: skip
-        print(format_table(HEADERS[1:], [r[1:] for r in table]))
+        tables.append(
+            f"{ranks} ranks on {device}, fastpar ring vs torch.distributed ({backend}), float32 "
+            f"SUM; load average before the run {load:.2f} on {os.cpu_count()} cores\n"
+            + format_table(HEADERS[1:], [r[1:] for r in table])
+        )
+        print("\n" + tables[-1], flush=True)
     if args.csv is not None:
         write_csv(args.csv, HEADERS, rows)
+    if args.table is not None:
+        args.table.parent.mkdir(parents=True, exist_ok=True)
+        args.table.write_text("\n\n".join(tables) + "\n")
 
 
 if __name__ == "__main__":

@@ -123,11 +123,7 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
   TORCH_CHECK_VALUE(tensor.is_cuda() && tensor.device().index() == impl_->device,
                     "tensor must be on cuda:", static_cast<int>(impl_->device), ", got ",
                     tensor.device());
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
-  TORCH_CHECK_VALUE(op >= 0 && op <= kMaxRingOp, "op must be 0..", kMaxRingOp, ", got ", op);
-  TORCH_CHECK_VALUE(op != kOpAvg || at::isFloatingType(tensor.scalar_type()),
-                    "op AVG needs a floating-point tensor, got ", tensor.scalar_type());
-  const DType dtype = to_native_dtype(tensor.scalar_type(), "tensor");
+  const DType dtype = check_ring_call(tensor, op);
   check();
   const c10::cuda::CUDAGuard guard(impl_->device);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(impl_->device);

@@ -35,14 +35,18 @@ void ShmAllReduce::unlink() {
   segment_.unlink();
 }
 
-void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
-  TORCH_CHECK_VALUE(tensor.device().is_cpu(), "tensor must be a CPU tensor, got ",
-                    tensor.device());
+DType check_ring_call(const at::Tensor& tensor, int64_t op) {
   TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
   TORCH_CHECK_VALUE(op >= 0 && op <= kMaxRingOp, "op must be 0..", kMaxRingOp, ", got ", op);
   TORCH_CHECK_VALUE(op != kOpAvg || at::isFloatingType(tensor.scalar_type()),
                     "op AVG needs a floating-point tensor, got ", tensor.scalar_type());
-  const DType dtype = to_native_dtype(tensor.scalar_type(), "tensor");
+  return to_native_dtype(tensor.scalar_type(), "tensor");
+}
+
+void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), "tensor must be a CPU tensor, got ",
+                    tensor.device());
+  const DType dtype = check_ring_call(tensor, op);
   const std::lock_guard<std::mutex> lock(mutex_);
   if (!ring_) throw RingClosedError("this ring all-reduce was closed");
   ring_->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op));

@@ -27,6 +27,10 @@ void reduce_buffers_cpu(const std::vector<at::Tensor>& inputs, at::Tensor& out, 
 void reduce_buffers_cuda(const std::vector<at::Tensor>& inputs, at::Tensor& out, int64_t op);
 #endif
 
+// The checks every all-reduce transport makes: a contiguous tensor of a supported dtype, op a
+// ReduceOp code or kOpAvg (floating dtypes only). Returns the native dtype.
+DType check_ring_call(const at::Tensor& tensor, int64_t op);
+
 // The shared-memory all-reduce of CPU tensors (shm_ring.h) behind torch checks. Rank 0 creates
 // the segment `name`, the others open it; each unlinks it once all have mapped it.
 class ShmAllReduce {

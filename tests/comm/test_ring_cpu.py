@@ -17,10 +17,15 @@ import torch.distributed as dist
 from fastpar.comm import RingAllReduce
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
-from tests.comm.util import expect_gloo, fold_in_rank_order, integer_valued, shm_segments
+from tests.comm.util import (
+    every_call,
+    expect_gloo,
+    fold_in_rank_order,
+    integer_valued,
+    shm_segments,
+)
 
 R = dist.ReduceOp
-OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
 SEED = random.randrange(2**31)
 # Small chunks so that calls of a few thousand elements already cross chunks and wrap the slots.
 SMALL_RING = {"chunk_bytes": 4096, "slots": 3}
@@ -37,19 +42,15 @@ def _every_dtype_and_op(rank: int, world_size: int, seed: int, ring_kwargs: dict
     sizes = _sizes(torch.Generator().manual_seed(seed))  # the same on every rank
     checked = 0
     with RingAllReduce(**ring_kwargs) as ring:
-        for dtype in SUPPORTED_DTYPES:
-            for op in OPS:
-                if op == R.AVG and not dtype.is_floating_point:
-                    continue
-                for size in sizes:
-                    tensor = integer_valued(size, dtype, op, generator)
-                    expected = expect_gloo(tensor, op, world_size)
-                    ring.all_reduce(tensor, op)
-                    assert torch.equal(tensor, expected), (
-                        f"seed {seed}: {size} x {dtype} {op} differs from gloo at "
-                        f"{(tensor != expected).nonzero()[:5].flatten().tolist()}"
-                    )
-                    checked += 1
+        for dtype, op, size in every_call(sizes):
+            tensor = integer_valued(size, dtype, op, generator)
+            expected = expect_gloo(tensor, op, world_size)
+            ring.all_reduce(tensor, op)
+            assert torch.equal(tensor, expected), (
+                f"seed {seed}: {size} x {dtype} {op} differs from gloo at "
+                f"{(tensor != expected).nonzero()[:5].flatten().tolist()}"
+            )
+            checked += 1
     return checked
 
 

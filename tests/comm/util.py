@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from fastpar.comm.reduce import SUPPORTED_DTYPES
+
 R = dist.ReduceOp
+OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
+
+
+def every_call(sizes: Sequence[int]) -> Iterator[tuple[torch.dtype, R, int]]:
+    """Every (dtype, op, size) the ring handles: each dtype with each op (AVG only for floating
+    dtypes) and each size."""
+    for dtype in SUPPORTED_DTYPES:
+        for op in OPS:
+            if op == R.AVG and not dtype.is_floating_point:
+                continue
+            for size in sizes:
+                yield dtype, op, size
 
 
 def integer_valued(
