@@ -3,9 +3,12 @@
 2 stages (one process each, gloo), 8 micro-batches, an 8-layer 512-wide MLP cut in the middle,
 batch 64: fastpar's Pipeline with "gpipe" and "1f1b" against `ScheduleGPipe` and
 `Schedule1F1B` on the same split, interleaved step by step in one run so both see the same
-machine load. A step (zero_grad, forward, backward) is as slow as its slowest rank. The bubble
-of a stage is the fraction of fastpar's step in which it was not running forward or backward
-(`Pipeline.last_stats`), next to the theory (p-1)/(m+p-1).
+machine load. A step (zero_grad, forward, backward) is as slow as its slowest rank.
+
+Idle per stage, next to the theory (p-1)/(m+p-1): "bubble" is the fraction of fastpar's step
+in which the stage was not running forward or backward (`Pipeline.last_stats`); "cpu_idle",
+measured alike for both libraries, is the fraction of the step in which the stage's main
+thread used no CPU (waiting for a peer, or descheduled on a loaded machine).
 
     python bench/pipeline.py [--steps 40] [--csv results/pipeline.csv]
 """
@@ -30,8 +33,8 @@ from fastpar.testing.distributed import run_multiprocess
 STAGES, MICROBATCHES, LAYERS, WIDTH, BATCH, WARMUP = 2, 8, 8, 512, 64, 3
 SCHEDULES = ("gpipe", "1f1b")
 HEADERS = (
-    "device", "schedule", "fastpar_ms", "p20_ms", "p80_ms", "torch_ms", "p20_ms", "p80_ms",
-    "torch/fastpar", "bubble_stage0", "bubble_stage1", "bubble_theory",
+    "device", "schedule", "library", "step_ms", "p20_ms", "p80_ms", "torch/this",
+    "bubble_s0", "bubble_s1", "cpu_idle_s0", "cpu_idle_s1", "theory",
 )  # fmt: skip
 
 
@@ -84,18 +87,20 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
             runner.step(target=y, losses=[])
 
     times: dict[str, list[float]] = {name: [] for name in runners}
+    cpu_idle: dict[str, list[float]] = {name: [] for name in runners}
     bubbles: dict[str, list[float]] = {f"fastpar {s}": [] for s in SCHEDULES}
     for index in range(steps + WARMUP):
         for name in runners:
             dist.barrier()  # both ranks start each step together
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.thread_time()
             run(name)
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
             if index >= WARMUP:
                 times[name].append(elapsed)
+                cpu_idle[name].append(1.0 - cpu / elapsed)
                 if name in bubbles:
                     bubbles[name].append(runners[name][1].last_stats.bubble)
-    return {"times": times, "bubbles": bubbles}
+    return {"times": times, "cpu_idle": cpu_idle, "bubbles": bubbles}
 
 
 def main() -> None:
@@ -111,14 +116,22 @@ def main() -> None:
     theory = (STAGES - 1) / (MICROBATCHES + STAGES - 1)
     rows = []
     for schedule in SCHEDULES:
-        ours, theirs = steps[f"fastpar {schedule}"], steps[f"torch {schedule}"]
-        bubbles = [statistics.median(r["bubbles"][f"fastpar {schedule}"]) for r in results]
-        ratio = statistics.median(theirs) / statistics.median(ours)
-        rows.append([device_name(), schedule, *_ms(ours), *_ms(theirs), ratio, *bubbles, theory])
+        baseline = statistics.median(steps[f"torch {schedule}"])
+        for library in ("fastpar", "torch"):
+            name = f"{library} {schedule}"
+            bubbles: list[object] = ["-"] * STAGES  # torch does not report its compute
+            if library == "fastpar":
+                bubbles = [statistics.median(r["bubbles"][name]) for r in results]
+            idle = [statistics.median(r["cpu_idle"][name]) for r in results]
+            ratio = baseline / statistics.median(steps[name])
+            rows.append([
+                device_name(), schedule, library, *_ms(steps[name]), ratio, *bubbles, *idle,
+                theory,
+            ])  # fmt: skip
     print(
         f"MLP {LAYERS} x {WIDTH}, batch {BATCH}, {MICROBATCHES} micro-batches, {STAGES} stages "
         f"(1 thread each, gloo); median of {args.steps} steps, slowest rank per step; "
-        "torch/fastpar > 1: fastpar faster"
+        "torch/this > 1: faster than torch"
     )
     print(format_table(HEADERS, rows))
     if args.csv is not None:

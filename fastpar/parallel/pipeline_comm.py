@@ -109,12 +109,10 @@ def encode_header(kind: int, tensor: Tensor) -> Tensor:
         )
     if tensor.dtype not in DTYPES:
         raise TypeError(f"pipeline activations of dtype {tensor.dtype} are not supported")
-    header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-    header[0] = kind
-    header[1] = DTYPES.index(tensor.dtype)
-    header[3] = tensor.dim()
-    header[4 : 4 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
-    return header
+    # One tensor built from a list: this runs per message, and every tensor op costs µs.
+    padding = [0] * (MAX_NDIM - tensor.dim())
+    values = [kind, DTYPES.index(tensor.dtype), 0, tensor.dim(), *tensor.shape, *padding]
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def next_slot_bytes(current: int, largest: int) -> int:
@@ -231,10 +229,9 @@ class Link:
         self._sent_largest = max(self._sent_largest, size)
         with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
             if self._inline and size <= self._send_slot:
-                message = torch.empty(size, dtype=torch.uint8)
-                message[:HEADER_BYTES] = encode_header(KIND_INLINE, tensor).view(torch.uint8)
-                message[HEADER_BYTES:] = tensor.detach().reshape(-1).view(torch.uint8)
-                self._isend(message, self._slot_group, SLOT_TAG)
+                header = encode_header(KIND_INLINE, tensor).view(torch.uint8)
+                payload = tensor.detach().reshape(-1).view(torch.uint8)
+                self._isend(torch.cat([header, payload]), self._slot_group, SLOT_TAG)
             else:
                 self.split_sends += 1
                 header = encode_header(KIND_SPLIT, tensor).view(torch.uint8)
@@ -244,13 +241,11 @@ class Link:
     def send_error(self, message: str, origin: Peer) -> None:
         """Post an error in place of the next tensor the peer expects (the message is cut to
         fit the smallest slot) and wait, bounded, until it is delivered."""
-        text = message.encode("utf-8")[: MIN_SLOT_BYTES - HEADER_BYTES]
-        header = torch.zeros(HEADER_LEN, dtype=torch.int64)
-        header[:5] = torch.tensor([KIND_ERROR, origin.stage, origin.rank, 1, len(text)])
-        data = torch.empty(HEADER_BYTES + len(text), dtype=torch.uint8)
-        data[:HEADER_BYTES] = header.view(torch.uint8)
-        data[HEADER_BYTES:] = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        self._isend(data, self._slot_group, SLOT_TAG)
+        text = message.encode("utf-8")[: MIN_SLOT_BYTES - HEADER_BYTES] or b"?"
+        values = [KIND_ERROR, origin.stage, origin.rank, 1, len(text)]
+        header = torch.tensor(values + [0] * (HEADER_LEN - len(values)), dtype=torch.int64)
+        data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
+        self._isend(torch.cat([header.view(torch.uint8), data]), self._slot_group, SLOT_TAG)
         # Only this send: earlier ones may never complete if the peer failed too. A peer that
         # is between steps takes it at its next step, or, once this wait gave up (which
         # closes the connections), sees the connection closed: either way it raises.
