@@ -266,6 +266,8 @@ class Pipeline:
             _check_int("stage_index", stage_index, 0)
             if stage_index >= num_stages:
                 raise ValueError(f"stage_index {stage_index} >= num_stages {num_stages}")
+            if stage_index == num_stages - 1 and loss_fn is None:
+                raise ValueError(f"loss_fn is needed on the last stage (stage {stage_index})")
         except ValueError as error:
             local_error = error
         timeout = self.config.timeout_s if local_error is None else DEFAULT_TIMEOUT_S
@@ -275,8 +277,6 @@ class Pipeline:
         if local_error is not None:
             raise local_error
         _check_arguments(table, stage_index, dist.get_rank(self.group))
-        if stage_index == num_stages - 1 and loss_fn is None:
-            raise ValueError(f"loss_fn is needed on the last stage (stage {stage_index})")
 
         self.stage_index = stage_index
         self.num_stages = num_stages
@@ -525,8 +525,8 @@ def _exchange_arguments(
 ) -> list[list[int]]:
     """All ranks' (ok, stage_index, num_stages, num_microbatches, schedule code), by group rank.
 
-    Runs on a gloo group (or the group's CPU side for NCCL, where all_gather_object handles
-    devices), bounded by timeout_s.
+    Gathered on the group itself: on gloo with a wait bounded by timeout_s, on NCCL with
+    all_gather_object (bounded by the process group's timeout).
     """
 
     def as_int(value: object) -> int:

@@ -105,6 +105,7 @@ def _construct_mismatched(rank: int, world_size: int) -> list[Outcome]:
         {"schedule": "zb" if rank == 1 else "1f1b"},
         {"stage_index": 0},
         {"schedule": "gpipe" if rank == 0 else "1f1b"},
+        {"loss_fn": None},
     ]
     return [_outcome(lambda c=c: _pipeline(rank, world_size, nn.Linear(4, 4), **c)) for c in cases]
 
@@ -121,6 +122,7 @@ def test_mismatched_arguments_raise_on_every_rank() -> None:
         [r"invalid on group rank\(s\) \[1\]", "schedule must be one of"],
         [r"group ranks 0..1 hold stages \[0, 0\]"] * 2,
         [r"schedule differs across the group: \['gpipe', '1f1b'\]"] * 2,
+        [r"invalid on group rank\(s\) \[1\]", r"loss_fn is needed on the last stage \(stage 1\)"],
     ]
     for case, patterns in enumerate(expected):
         for rank, pattern in enumerate(patterns):
