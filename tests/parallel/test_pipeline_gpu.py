@@ -55,15 +55,8 @@ def _compare_on_device(rank: int, world_size: int, one_gpu_each: bool) -> None:
     want = [p.grad for p in split_sequential(reference, [3])[rank].parameters()]
     for schedule in SCHEDULES:
         stage = split_sequential(_model(device), [3])[rank]
-        pipe = Pipeline(
-            stage,
-            stage_index=rank,
-            num_stages=world_size,
-            loss_fn=nn.MSELoss(),
-            schedule=schedule,
-            num_microbatches=len(inputs),
-            timeout_s=120,
-        )
+        options = dict(schedule=schedule, num_microbatches=len(inputs), loss_fn=nn.MSELoss())
+        pipe = Pipeline(stage, stage_index=rank, num_stages=world_size, **options)
         got_loss = pipe.step(inputs, targets)
         torch.cuda.synchronize(device)
         for got, expected in zip([p.grad for p in stage.parameters()], want, strict=True):
