@@ -51,7 +51,8 @@ def report(shapes: list[tuple[int, int, int, torch.dtype]], num_sms: int) -> lis
     seen: set[str] = set()
     for batch, hidden, proj, dtype in shapes:
         for case in compile_cases(batch, hidden, proj, dtype, num_sms):
-            key = f"{case.kernel.__name__}{sorted(case.constexprs.items())}{case.num_warps}"
+            key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
+            key += str(case.num_warps)
             if key in seen:
                 continue
             seen.add(key)
