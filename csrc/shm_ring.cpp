@@ -122,6 +122,10 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
   auto chunk_at = [&](int64_t c) { return bytes + c * chunk_count * element_size; };
 
   const uint64_t first = step_;
+  if (count * element_size <= std::min<int64_t>(kOneShotBytes, chunk_bytes_)) {
+    one_shot(first, bytes, count, dtype, reduce_op, header);
+    return;
+  }
   for (int64_t c = 0; c < chunks + 2; ++c) {
     if (c < chunks) {
       publish(first + c, chunk_at(c), elements(c) * element_size, header);
@@ -132,6 +136,19 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
     if (c >= 2) gather(first + c - 2, chunk_at(c - 2), elements(c - 2), element_size);
   }
   step_ = first + chunks;
+}
+
+void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
+                       const CallHeader& header) {
+  const int slot = static_cast<int>(step % slots_);
+  publish(step, data, count * dtype_size(dtype), header);
+  check_headers(step, header);  // also waits until every rank's input is there
+  for (int peer = 0; peer < world_; ++peer) inputs_[peer] = slot_data(peer, slot);
+  if (count > 0) reduce_buffers(inputs_.data(), world_, data, count, dtype, op);
+  ShmFlags& mine = flags(rank_, slot);
+  store_release(&mine.reduced, step + 1);
+  store_release(&mine.done, step + 1);
+  step_ = step + 1;
 }
 
 void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header) {

@@ -19,6 +19,11 @@
 // bits (float16/bfloat16 accumulate in float32 as reduce.h does). Every rank moves 3 bytes of
 // memory per byte of tensor (copy in, 1/n of n reads, copy out) whatever n is.
 //
+// Small calls (at most kOneShotBytes) take a shorter path where latency, not bandwidth, counts:
+// after the publish, every rank reduces the whole tensor from all n slots in rank order straight
+// into its tensor (the same fold, so the same bits everywhere): one wait for the peers instead
+// of two, and no gather.
+//
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
 // rank's call, and the ring stays usable (all ranks used the same one step). Every wait is
@@ -44,6 +49,8 @@ struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
 
 class ShmRing {
  public:
+  static constexpr int64_t kOneShotBytes = 64 * 1024;
+
   // Bytes of the segment for `world` ranks with `slots` slots of `chunk_bytes` each.
   static size_t segment_bytes(int world, int slots, int64_t chunk_bytes);
   // Writes the segment's description (by the rank that created it, before anyone else maps it).
@@ -69,6 +76,8 @@ class ShmRing {
   char* slot_data(int rank, int slot) const;
   uint64_t* abort_word(int rank) const;
 
+  void one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
+                const CallHeader& header);
   void publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header);
   void check_headers(uint64_t step, const CallHeader& mine);
   void reduce(uint64_t step, int64_t chunk_count, DType dtype, ReduceOp op);
