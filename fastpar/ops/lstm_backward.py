@@ -206,6 +206,13 @@ def lstm_backward(
     lens = lengths if lengths is not None else dgates
     step = -1 if reverse else 1  # the forward pass went t_prev -> t = t_prev + step
     w_hr_f = None if w_hr is None else w_hr.float()
+    # Launch-invariant arguments, computed once: the loop runs T times from Python.
+    consts = {
+        "H": H, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd, "BLOCK_K": cfg.block_k,
+        "HAS_REC": has_rec, "HAS_LENGTHS": lengths is not None,
+        "DOT_PRECISION": dot_precision(hs.dtype), "DOT_UPCAST": dot_upcast(hs.dtype),
+        "DG_CACHE": "", "num_warps": cfg.num_warps,
+    }  # fmt: skip
     for n, t in enumerate([] if persistent else order):
         first_fwd = n == T - 1  # the first step of the forward pass reads h0 and c0
         t_prev = 0 if first_fwd else t - step
@@ -224,10 +231,7 @@ def lstm_backward(
         _lstm_bwd_step_kernel[grid](
             dgates, w_hh, dh_in, gates, cs, c0 if first_fwd else cs, lens, dh_carry, dc_carry,
             t, order[n - 1] if n > 0 else 0, t_prev, B, 0 if first_fwd else B * H,
-            H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h_bwd, BLOCK_K=cfg.block_k,
-            HAS_REC=has_rec, HAS_NEXT=n > 0, HAS_LENGTHS=lengths is not None,
-            DOT_PRECISION=dot_precision(hs.dtype), DOT_UPCAST=dot_upcast(hs.dtype),
-            DG_CACHE="", num_warps=cfg.num_warps,
+            HAS_NEXT=n > 0, **consts,
         )  # fmt: skip
 
     t_first = order[-1]

@@ -191,15 +191,18 @@ def lstm_forward(
     lens = lengths if lengths is not None else xg  # any pointer: unread without HAS_LENGTHS
     w_hr_t = w_hr.t() if w_hr is not None else None
     prev = -1
+    # Launch-invariant arguments, computed once: the loop runs T times from Python.
+    consts = {
+        "H": H, "P": P, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h, "BLOCK_K": cfg.block_k,
+        "HAS_LENGTHS": lengths is not None, "CARRY_H": w_hr is None,
+        "DOT_PRECISION": dot_precision(xg.dtype), "DOT_UPCAST": dot_upcast(xg.dtype),
+        "HPREV_CACHE": "", "num_warps": cfg.num_warps,
+    }  # fmt: skip
     for t in order:
         first = prev < 0
         _lstm_fwd_step_kernel[grid](
             xg, h0 if first else hs, c0 if first else cs, w_hh, lens, gates, cs, hraw,
-            t, 0 if first else prev, B, 0 if first else B * P, 0 if first else B * H,
-            H=H, P=P, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            HAS_LENGTHS=lengths is not None, CARRY_H=w_hr is None,
-            DOT_PRECISION=dot_precision(xg.dtype), DOT_UPCAST=dot_upcast(xg.dtype),
-            HPREV_CACHE="", num_warps=cfg.num_warps,
+            t, 0 if first else prev, B, 0 if first else B * P, 0 if first else B * H, **consts,
         )  # fmt: skip
         if w_hr_t is not None:
             # The projection needs all H units of o*tanh(c_t): a GEMM between two launches.
