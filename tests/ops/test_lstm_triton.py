@@ -56,15 +56,16 @@ def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
 
+@pytest.mark.parametrize("kernel", ["step", "persistent"])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
-def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) -> None:
+def test_dtypes_match_reference(kernel: str, dtype: torch.dtype, atol: float, rtol: float) -> None:
     # float32 against float64 within atol/rtol. Half types: the kernels keep c and the gate
     # math in float32, so their error against float64 (on the same rounded inputs) must stay
     # within a small multiple of PyTorch's own error when it computes in that dtype.
     T = 7
     inputs = recurrence_inputs(T, 0, dtype)
     exact_inputs = [t.detach().double().requires_grad_() for t in inputs]
-    ours = run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, False)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, LENGTHS, False, kernel=kernel)
     want = run_recurrence(lstm_recurrence_reference, exact_inputs, LENGTHS, False)
     for a in ours:
         assert a.dtype == dtype
@@ -76,6 +77,19 @@ def test_dtypes_match_reference(dtype: torch.dtype, atol: float, rtol: float) ->
     torchs = run_recurrence(lstm_recurrence_reference, torch_inputs, LENGTHS, False)
     for name, a, t, b in zip(NAMES, ours, torchs, want, strict=False):
         assert_within_torch_error(a, t, b, atol, rtol, name)
+
+
+@pytest.mark.parametrize("kernel", ["step", "persistent"])
+def test_several_batch_blocks(kernel: str) -> None:
+    # B=70 is two batch tiles of 64 (the second mostly masked); the persistent kernel keeps a
+    # barrier counter per batch block.
+    lengths = torch.arange(70) % 4 + 1  # unsorted, every length 1..4
+    inputs = recurrence_inputs(4, 0, torch.float32, batch=70, hidden=20)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, True, kernel=kernel)
+    want = run_recurrence(lstm_recurrence_reference, exact, lengths, True)
+    for name, a, b in zip(NAMES, ours, want, strict=False):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
 
 def test_backward_is_deterministic() -> None:

@@ -148,7 +148,14 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
                 loss = pipe.step(inputs, targets)
             after = inputs if case.variable else [inputs]
             unchanged = all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
-            losses.append((None if loss is None else loss.item(), unchanged))
+            stats = pipe.last_stats
+            timed = (
+                0 < stats.compute_s <= stats.step_s
+                and 0 <= stats.bubble < 1
+                and sorted(k for _, k, _, _ in stats.per_microbatch)
+                == sorted(2 * list(range(case.num_microbatches)))
+            )
+            losses.append((None if loss is None else loss.item(), unchanged, timed))
             splits.append(pipe.last_stats.split_sends)
         grads = [p.grad.numpy() for p in stage.parameters()]
         results[str(case)] = (losses, grads, splits, ranges)
@@ -192,7 +199,8 @@ def test_gradients_match_single_process(
     ref_losses, ref_grads = _reference(case, world_size)
     for rank, per_rank in enumerate(pipeline_results[world_size]):
         losses, grads, splits, ranges = per_rank[str(case)]
-        assert all(unchanged for _, unchanged in losses), "the step modified its inputs"
+        assert all(unchanged for _, unchanged, _ in losses), "the step modified its inputs"
+        assert all(timed for _, _, timed in losses), "inconsistent StepStats"
         assert len(grads) == len(ref_grads[rank]) > 0
         for index, (got, want) in enumerate(zip(grads, ref_grads[rank], strict=True)):
             torch.testing.assert_close(
@@ -210,9 +218,9 @@ def test_gradients_match_single_process(
         if case.profiled:
             assert ranges == _expected_ranges(rank, world_size, case.num_microbatches)
         if rank == world_size - 1:
-            assert [loss for loss, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
+            assert [loss for loss, _, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
         else:
-            assert all(loss is None for loss, _ in losses)
+            assert all(loss is None for loss, _, _ in losses)
 
 
 def _expected_ranges(rank: int, world_size: int, num_microbatches: int) -> set[str]:
