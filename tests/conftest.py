@@ -6,6 +6,7 @@ conftest import time, before any test module (and so fastpar.ops) is collected.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -14,6 +15,16 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Build the native extension once, before any test spawns ranks: a first build inside a
+    # multi-process test would count against that test's time bound. A build error is left
+    # for the tests that use the extension to report.
+    from fastpar import _native
+
+    with contextlib.suppress(_native.NativeBuildError):
+        _native.build()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
