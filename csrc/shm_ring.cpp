@@ -128,11 +128,15 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
   }
   for (int64_t c = 0; c < chunks + 2; ++c) {
     if (c < chunks) {
-      publish(first + c, chunk_at(c), elements(c) * element_size, header);
+      // The own part stays out of the slot: only this rank reduces it, from the tensor itself.
+      const Span own = portion(elements(c), rank_, world_, kLine / element_size);
+      publish(first + c, chunk_at(c), elements(c) * element_size, header,
+              {own.begin * element_size, own.end * element_size});
       // Nothing of the call moves before every rank agrees on it.
       if (c == 0) check_headers(first, header);
     }
-    if (c >= 1 && c <= chunks) reduce(first + c - 1, elements(c - 1), dtype, reduce_op);
+    if (c >= 1 && c <= chunks)
+      reduce(first + c - 1, chunk_at(c - 1), elements(c - 1), dtype, reduce_op);
     if (c >= 2) gather(first + c - 2, chunk_at(c - 2), elements(c - 2), element_size);
   }
   step_ = first + chunks;
@@ -141,7 +145,7 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
 void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
                        const CallHeader& header) {
   const int slot = static_cast<int>(step % slots_);
-  publish(step, data, count * dtype_size(dtype), header);
+  publish(step, data, count * dtype_size(dtype), header, {0, 0});  // peers read all of it
   check_headers(step, header);  // also waits until every rank's input is there
   for (int peer = 0; peer < world_; ++peer) inputs_[peer] = slot_data(peer, slot);
   if (count > 0) reduce_buffers(inputs_.data(), world_, data, count, dtype, op);
@@ -151,7 +155,8 @@ void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, Re
   step_ = step + 1;
 }
 
-void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header) {
+void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header,
+                      Span skip) {
   const int slot = static_cast<int>(step % slots_);
   if (step >= static_cast<uint64_t>(slots_)) {
     // The slot's previous chunk (step - S) must have been copied out by everyone.
@@ -162,7 +167,12 @@ void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const Cal
     }
   }
   ShmFlags& mine = flags(rank_, slot);
-  if (bytes > 0) std::memcpy(slot_data(rank_, slot), chunk, static_cast<size_t>(bytes));
+  char* slot_bytes = slot_data(rank_, slot);
+  const int64_t skip_begin = std::min(skip.begin, bytes);
+  const int64_t skip_end = std::max(skip_begin, std::min(skip.end, bytes));
+  if (skip_begin > 0) std::memcpy(slot_bytes, chunk, static_cast<size_t>(skip_begin));
+  if (bytes > skip_end)
+    std::memcpy(slot_bytes + skip_end, chunk + skip_end, static_cast<size_t>(bytes - skip_end));
   mine.header = header;
   store_release(&mine.ready, step + 1);
 }
@@ -191,14 +201,16 @@ void ShmRing::check_headers(uint64_t step, const CallHeader& header) {
                           calls + ")");
 }
 
-void ShmRing::reduce(uint64_t step, int64_t chunk_count, DType dtype, ReduceOp op) {
+void ShmRing::reduce(uint64_t step, const char* chunk, int64_t chunk_count, DType dtype,
+                     ReduceOp op) {
   const int slot = static_cast<int>(step % slots_);
   const int64_t element_size = dtype_size(dtype);
   const Span part = portion(chunk_count, rank_, world_, kLine / element_size);
   for (int peer = 0; peer < world_; ++peer) {
     if (peer != rank_)
       wait_for(peer, &flags(peer, slot).ready, step + 1, "publish its chunk", step);
-    inputs_[peer] = slot_data(peer, slot) + part.begin * element_size;
+    const char* source = peer == rank_ ? chunk : slot_data(peer, slot);
+    inputs_[peer] = source + part.begin * element_size;
   }
   if (part.size() > 0) {
     reduce_buffers(inputs_.data(), world_, slot_data(rank_, slot) + part.begin * element_size,

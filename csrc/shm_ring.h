@@ -2,12 +2,12 @@
 //
 // Algorithm. A call is cut into chunks of at most `chunk_bytes`; chunk t of the call travels
 // through slot t % S of a ring of S slots that every rank owns in the segment. For each chunk:
-//   1. publish: rank r copies its chunk into its own slot s and releases `ready` (with the call
-//      header: size, dtype, op);
+//   1. publish: rank r copies its chunk into its own slot s, except its own part (nobody else
+//      reads it), and releases `ready` (with the call header: size, dtype, op);
 //   2. reduce (the reduce-scatter): once every rank's `ready` is acquired, rank r reduces its
-//      1/n part of the chunk by reading that part of all n slots *in rank order 0..n-1*
-//      (fastpar::reduce_buffers) and writes the result over its own slot's part; then releases
-//      `reduced`;
+//      1/n part of the chunk by reading that part of all n inputs *in rank order 0..n-1* (the
+//      peers' slots, its own tensor; fastpar::reduce_buffers) and writes the result into its own
+//      slot's part; then releases `reduced`;
 //   3. gather (the all-gather): rank r copies part q from rank q's slot into the caller's tensor
 //      as soon as rank q's `reduced` is acquired, for every q; then releases `done`.
 // A slot is written again (S chunks later) only when every rank's `done` for its previous use
@@ -16,8 +16,8 @@
 // whole phase of slack before anyone waits on it (this needs S >= 3).
 //
 // Each element is combined by exactly one rank, always in rank order, so all ranks get the same
-// bits (float16/bfloat16 accumulate in float32 as reduce.h does). Every rank moves 3 bytes of
-// memory per byte of tensor (copy in, 1/n of n reads, copy out) whatever n is.
+// bits (float16/bfloat16 accumulate in float32 as reduce.h does). Per byte of tensor every rank
+// reads 3 - 1/n bytes and writes 2 (copy in (n-1)/n, reduce 1/n of n inputs, copy out).
 //
 // Small calls (at most kOneShotBytes) take a shorter path where latency, not bandwidth, counts:
 // after the publish, every rank reduces the whole tensor from all n slots in rank order straight
@@ -78,9 +78,11 @@ class ShmRing {
 
   void one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
                 const CallHeader& header);
-  void publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header);
+  // Copies the chunk (but the bytes in `skip`) into the own slot and announces it.
+  void publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header,
+               Span skip);
   void check_headers(uint64_t step, const CallHeader& mine);
-  void reduce(uint64_t step, int64_t chunk_count, DType dtype, ReduceOp op);
+  void reduce(uint64_t step, const char* chunk, int64_t chunk_count, DType dtype, ReduceOp op);
   void gather(uint64_t step, char* chunk, int64_t chunk_count, int64_t element_size);
 
   // Waits until `word` of rank `peer` is at least `value`; throws RingTimeoutError (and leaves
