@@ -215,8 +215,8 @@ class Pipeline:
 
     Arguments:
         stage: the stage's module (e.g. from `split_sequential`), already on its device. It
-            maps one tensor to one tensor. If it has `no_sync()` (e.g. `DataParallel`), all
-            backwards but the step's last run inside it, so gradients are averaged across
+            maps one tensor to one tensor. If it has `no_sync()` (fastpar's `DataParallel`),
+            all backwards but the step's last run inside it, so gradients are averaged across
             replicas once per step.
         stage_index: this rank's stage, in [0, num_stages); also its rank in `group`.
         num_stages: number of stages, == the size of `group`.
@@ -253,7 +253,7 @@ class Pipeline:
         self.loss_fn = loss_fn
         # Arguments are exchanged before any of them is judged, so that a rank with bad
         # arguments still joins the exchange and every rank raises, none waits.
-        local_error: ValueError | None = None
+        local_error: ValueError | TypeError | None = None
         try:
             self.config = PipelineConfig(
                 num_stages=num_stages,
@@ -268,7 +268,14 @@ class Pipeline:
                 raise ValueError(f"stage_index {stage_index} >= num_stages {num_stages}")
             if stage_index == num_stages - 1 and loss_fn is None:
                 raise ValueError(f"loss_fn is needed on the last stage (stage {stage_index})")
-        except ValueError as error:
+            if isinstance(stage, nn.parallel.DistributedDataParallel):
+                # DDP decides at forward time whether a backward reduces; the schedules
+                # interleave forwards and backwards, so its reducer would fire too early.
+                raise TypeError(
+                    "stage is a torch DistributedDataParallel, which cannot accumulate over a "
+                    "pipeline's interleaved micro-batches; use fastpar.parallel.DataParallel"
+                )
+        except (ValueError, TypeError) as error:
             local_error = error
         timeout = self.config.timeout_s if local_error is None else DEFAULT_TIMEOUT_S
         table = _exchange_arguments(

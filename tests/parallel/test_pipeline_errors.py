@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from fastpar.parallel.pipeline import Pipeline
 from fastpar.testing.distributed import run_multiprocess
@@ -107,7 +108,11 @@ def _construct_mismatched(rank: int, world_size: int) -> list[Outcome]:
         {"schedule": "gpipe" if rank == 0 else "1f1b"},
         {"loss_fn": None},
     ]
-    return [_outcome(lambda c=c: _pipeline(rank, world_size, nn.Linear(4, 4), **c)) for c in cases]
+    outcomes = [
+        _outcome(lambda c=c: _pipeline(rank, world_size, nn.Linear(4, 4), **c)) for c in cases
+    ]
+    ddp = DistributedDataParallel(nn.Linear(4, 4))
+    return [*outcomes, _outcome(lambda: _pipeline(rank, world_size, ddp))]
 
 
 def test_mismatched_arguments_raise_on_every_rank() -> None:
@@ -123,11 +128,13 @@ def test_mismatched_arguments_raise_on_every_rank() -> None:
         [r"group ranks 0..1 hold stages \[0, 0\]"] * 2,
         [r"schedule differs across the group: \['gpipe', '1f1b'\]"] * 2,
         [r"invalid on group rank\(s\) \[1\]", r"loss_fn is needed on the last stage \(stage 1\)"],
+        ["DistributedDataParallel.*use fastpar.parallel.DataParallel"] * 2,
     ]
     for case, patterns in enumerate(expected):
         for rank, pattern in enumerate(patterns):
             kind, message, seconds = outcomes[rank][case]
-            assert kind == "ValueError", (case, rank, kind, message)
+            wanted = "TypeError" if case == len(expected) - 1 else "ValueError"
+            assert kind == wanted, (case, rank, kind, message)
             assert re.search(pattern, message), (case, rank, message)
             assert seconds < 10, (case, rank, seconds)
 
