@@ -227,6 +227,11 @@ class Pipeline:
         schedule, num_microbatches, loss_reduction, batch_dim, timeout_s: see `PipelineConfig`.
 
     Construction is collective over `group` (bounded by `timeout_s`).
+
+    Attributes:
+        module: the stage (train its parameters with any optimizer).
+        config: the validated `PipelineConfig`.
+        last_stats: `StepStats` of the last step (times, bubble, messages sent apart).
     """
 
     def __init__(
