@@ -75,7 +75,7 @@ def _synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], 
 
 
 def _rank(
-    rank: int, world_size: int, sizes: list[int], samples: int, device_type: str
+    rank: int, world_size: int, sizes: list[int], samples: int, max_calls: int, device_type: str
 ) -> list[tuple[int, list[float], list[float] | None]]:
     device = _device_for(rank, device_type)
     # NCCL needs a GPU per rank; ranks sharing a GPU time the ring alone.
@@ -92,11 +92,11 @@ def _rank(
                 raise AssertionError(f"ring and torch.distributed differ at {nbytes} bytes")
         tensor = torch.randn(count, device=device)
         ring = _synchronized(lambda tensor=tensor: comm.all_reduce(tensor), device)
-        ring_times = _samples(ring, _calls(nbytes, 8 << 20, 500), samples)
+        ring_times = _samples(ring, _calls(nbytes, 8 << 20, max_calls), samples)
         torch_times = None
         if baseline:
             base = _synchronized(lambda tensor=tensor: dist.all_reduce(tensor), device)
-            torch_times = _samples(base, _calls(nbytes, 1 << 20, 20), samples)
+            torch_times = _samples(base, _calls(nbytes, 1 << 20, min(20, max_calls)), samples)
         results.append((nbytes, ring_times, torch_times))
     comm.close_rings()
     return results
@@ -127,6 +127,7 @@ def main() -> None:
     parser.add_argument("--min-bytes", type=int, default=1024)
     parser.add_argument("--max-bytes", type=int, default=64 << 20)
     parser.add_argument("--samples", type=int, default=15)
+    parser.add_argument("--max-calls", type=int, default=500, help="calls per sample, at most")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--csv", type=Path, default=None)
     parser.add_argument("--table", type=Path, default=None, help="also write the tables here")
@@ -145,7 +146,11 @@ def main() -> None:
         backend = "nccl" if nccl else "gloo"
         load = os.getloadavg()[0]
         results = run_multiprocess(
-            _rank, ranks, args=(sizes, args.samples, args.device), timeout=1800, backend=backend
+            _rank,
+            ranks,
+            args=(sizes, args.samples, args.max_calls, args.device),
+            timeout=1800,
+            backend=backend,
         )
         table = [_row(device, ranks, nbytes, ring, base) for nbytes, ring, base in results[0]]
         rows += table

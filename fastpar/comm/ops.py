@@ -53,7 +53,6 @@ def unsupported_reason(tensor_dtype: object, code: int | None, op: object) -> st
         return f"op {op} is not one of SUM, AVG, PRODUCT, MIN, MAX"
     if tensor_dtype not in SUPPORTED_DTYPES:
         return (
-            f"dtype {tensor_dtype} is not one of float32, float64, float16, bfloat16, int32, "
-            "int64"
+            f"dtype {tensor_dtype} is not one of float32, float64, float16, bfloat16, int32, int64"
         )
     return None
