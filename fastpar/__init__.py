@@ -7,4 +7,17 @@ absence reported) by the features that need them, when they are first used.
 
 from __future__ import annotations
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_SUBMODULES = ("comm", "data", "nn", "ops", "parallel", "profiling", "training")
+
+
+def __getattr__(name: str) -> Any:
+    # `import fastpar; fastpar.nn.LSTM(...)` works without importing every submodule (and
+    # their dependencies) up front.
+    if name in _SUBMODULES:
+        return importlib.import_module(f"fastpar.{name}")
+    raise AttributeError(f"module 'fastpar' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 
 import pytest
 import torch
@@ -15,6 +16,9 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh Inductor cache per run: a graph cached on disk by an earlier version of a custom op
+# must not be replayed against the current one.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastpar-inductor-"))
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
