@@ -115,9 +115,16 @@ __global__ void barrier_kernel(RankPointers ranks, int rank, int world, uint64_t
   }
   __syncthreads();
   if (threadIdx.x != 0) return;
+  // The peers' headers were stored before the flags acquired above; volatile loads read them
+  // from memory, never from a cache line of an earlier call.
+  auto header_of = [&](int p) {
+    if (p == rank) return header;
+    const volatile CallHeader* stored = &own->headers[p];
+    return CallHeader{stored->count, stored->dtype, stored->op};
+  };
   if (kind == 0 && check_headers) {
     for (int p = 0; p < world; ++p) {
-      const CallHeader call = p == rank ? header : own->headers[p];
+      const CallHeader call = header_of(p);
       if (call.count != header.count || call.dtype != header.dtype || call.op != header.op)
         kind = kFailureMismatch;
     }
@@ -126,7 +133,7 @@ __global__ void barrier_kernel(RankPointers ranks, int rank, int world, uint64_t
   volatile DeviceFailure* report = failure;
   report->culprit = culprit;
   for (int p = 0; p < world; ++p) {
-    const CallHeader call = p == rank ? header : own->headers[p];
+    const CallHeader call = header_of(p);
     report->headers[p].count = call.count;
     report->headers[p].dtype = call.dtype;
     report->headers[p].op = call.op;
