@@ -209,7 +209,8 @@ class RingAllReduce:
         transport = None
         try:
             if self.rank == 0:
-                name = f"/fastpar-{uuid.uuid4().hex}"
+                # The creator's pid in the name says whose segment it is (tests look for it).
+                name = f"/fastpar-{os.getpid()}-{uuid.uuid4().hex[:16]}"
                 try:
                     transport = native.ShmAllReduce(
                         name, True, 0, self.world_size, slots, chunk_bytes, timeout_s

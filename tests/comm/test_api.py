@@ -4,6 +4,7 @@ calls the ring hands to torch.distributed (logged once)."""
 from __future__ import annotations
 
 import logging
+import os
 import random
 
 import pytest
@@ -27,7 +28,7 @@ class _Records(logging.Handler):
         self.messages.append(record.getMessage())
 
 
-def _module_api(rank: int, world_size: int, seed: int) -> list[str]:
+def _module_api(rank: int, world_size: int, seed: int) -> tuple[list[str], int]:
     records = _Records()
     logging.getLogger("fastpar.comm.ring").addHandler(records)
     logging.getLogger("fastpar.comm.ring").setLevel(logging.INFO)
@@ -58,16 +59,16 @@ def _module_api(rank: int, world_size: int, seed: int) -> list[str]:
     with pytest.raises(ValueError, match="op AVG needs a floating-point tensor"):
         comm.all_reduce(torch.ones(3, dtype=torch.int32), R.AVG)
     comm.close_rings()
-    return records.messages
+    return records.messages, os.getpid()
 
 
 def test_module_all_reduce_and_its_fallbacks() -> None:
-    messages = run_multiprocess(_module_api, 2, args=(SEED,), timeout=60)[0]
+    messages, pid = run_multiprocess(_module_api, 2, args=(SEED,), timeout=60)[0]
     fallbacks = [m for m in messages if "goes to torch.distributed" in m]
     assert len(fallbacks) == 2, messages  # once per reason, not once per call
     assert "dtype torch.int8" in fallbacks[0]
     assert "op RedOpType.BAND" in fallbacks[1]
-    assert shm_segments() == set()
+    assert shm_segments(pid) == set()
 
 
 def _subgroup(rank: int, world_size: int, seed: int) -> list[float]:

@@ -22,7 +22,6 @@ from tests.comm.util import (
     expect_gloo,
     fold_in_rank_order,
     integer_valued,
-    shm_segments,
 )
 
 R = dist.ReduceOp
@@ -181,8 +180,3 @@ def _world_of_one(rank: int, world_size: int) -> None:
 
 def test_world_of_one_is_the_identity() -> None:
     run_multiprocess(_world_of_one, 1, timeout=60)
-
-
-def test_no_segment_is_left_behind() -> None:
-    # Runs after the others in this module (pytest keeps file order).
-    assert shm_segments() == set()

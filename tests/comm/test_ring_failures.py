@@ -51,7 +51,9 @@ def test_mismatched_calls_raise_on_every_rank_naming_them() -> None:
     assert "rank 1: 0 x float32 SUM" in empty
 
 
-def _absent_peer(rank: int, world_size: int, timeout_s: float) -> tuple[float, str, str] | None:
+def _absent_peer(
+    rank: int, world_size: int, timeout_s: float
+) -> tuple[float, str, str, int] | None:
     store = dist.distributed_c10d._get_default_store()
     ring = RingAllReduce(timeout=timeout_s)
     if rank == 1:  # never calls all_reduce; stays alive until rank 0 has given up
@@ -67,18 +69,19 @@ def _absent_peer(rank: int, world_size: int, timeout_s: float) -> tuple[float, s
         ring.all_reduce(tensor)
     store.set("absent/done", "1")
     ring.close()
-    return elapsed, str(error.value), str(closed.value)
+    return elapsed, str(error.value), str(closed.value), os.getpid()
 
 
 def test_a_peer_that_never_calls_times_out_naming_it() -> None:
-    elapsed, message, closed = run_multiprocess(_absent_peer, 2, args=(TIMEOUT_S,), timeout=60)[0]
+    result = run_multiprocess(_absent_peer, 2, args=(TIMEOUT_S,), timeout=60)[0]
+    elapsed, message, closed, pid = result
     assert TIMEOUT_S <= elapsed < 2 * TIMEOUT_S
     assert "rank 0 timed out after 2" in message and "waiting for rank 1" in message
     assert "unusable" in closed and "waiting for rank 1" in closed
-    assert shm_segments() == set()
+    assert shm_segments(pid) == set()
 
 
-def _killed_peer(rank: int, world_size: int, timeout_s: float) -> tuple[float, str]:
+def _killed_peer(rank: int, world_size: int, timeout_s: float) -> tuple[float, str, int]:
     with RingAllReduce(timeout=timeout_s) as ring:
         tensor = torch.ones(1 << 22)
         for _ in range(3):
@@ -90,38 +93,39 @@ def _killed_peer(rank: int, world_size: int, timeout_s: float) -> tuple[float, s
         start = time.monotonic()
         with pytest.raises(CommTimeoutError) as error:
             ring.all_reduce(tensor)
-        return time.monotonic() - start, str(error.value)
+        return time.monotonic() - start, str(error.value), os.getpid()
 
 
 def test_a_killed_peer_makes_the_others_raise_naming_it() -> None:
     results = run_multiprocess(_killed_peer, 3, args=(TIMEOUT_S,), timeout=60, may_die=(2,))
     assert results[2] is None
-    for elapsed, message in results[:2]:
+    for elapsed, message, _ in results[:2]:
         assert elapsed < 2 * TIMEOUT_S, message
         assert "rank 2" in message, message
-    assert shm_segments() == set()
+    assert shm_segments(results[0][2]) == set()
 
 
-def _absent_at_creation(rank: int, world_size: int, timeout_s: float) -> tuple[float, str]:
+def _absent_at_creation(rank: int, world_size: int, timeout_s: float) -> tuple[float, str, int]:
     store = dist.distributed_c10d._get_default_store()
     if rank == 1:  # never creates its RingAllReduce
         store.wait(["creation/done"])
-        return 0.0, ""
+        return 0.0, "", os.getpid()
     start = time.monotonic()
     with pytest.raises(CommTimeoutError) as error:
         RingAllReduce(timeout=timeout_s)
     store.set("creation/done", "1")
-    return time.monotonic() - start, str(error.value)
+    return time.monotonic() - start, str(error.value), os.getpid()
 
 
 def test_a_peer_that_never_creates_the_ring_times_out_naming_it() -> None:
-    elapsed, message = run_multiprocess(_absent_at_creation, 2, args=(TIMEOUT_S,), timeout=60)[0]
+    result = run_multiprocess(_absent_at_creation, 2, args=(TIMEOUT_S,), timeout=60)[0]
+    elapsed, message, pid = result
     assert TIMEOUT_S <= elapsed < 2 * TIMEOUT_S
     assert "waiting for rank(s) [1]" in message
-    assert shm_segments() == set()
+    assert shm_segments(pid) == set()
 
 
-def _closed(rank: int, world_size: int) -> None:
+def _closed(rank: int, world_size: int) -> int:
     ring = RingAllReduce()
     tensor = torch.ones(4)
     ring.all_reduce(tensor)
@@ -131,8 +135,9 @@ def _closed(rank: int, world_size: int) -> None:
     with pytest.raises(CommClosedError, match="closed"):
         ring.all_reduce(tensor)
     assert torch.equal(tensor, torch.full((4,), float(world_size)))
+    return os.getpid()
 
 
 def test_a_closed_ring_refuses_calls() -> None:
-    run_multiprocess(_closed, 2, timeout=60)
-    assert shm_segments() == set()
+    pid = run_multiprocess(_closed, 2, timeout=60)[0]
+    assert shm_segments(pid) == set()

@@ -66,6 +66,7 @@ def fold_in_rank_order(inputs: list[torch.Tensor], op: R) -> torch.Tensor:
     return result.div_(len(inputs)) if op == R.AVG else result
 
 
-def shm_segments() -> set[str]:
-    """The ring's shared-memory segments present in /dev/shm."""
-    return {path.name for path in Path("/dev/shm").glob("fastpar-*")}
+def shm_segments(creator_pid: int) -> set[str]:
+    """The shared-memory segments in /dev/shm of the rings that process `creator_pid` (a group's
+    rank 0) created; other processes' rings, of concurrent runs, do not count."""
+    return {path.name for path in Path("/dev/shm").glob(f"fastpar-{creator_pid}-*")}
