@@ -329,7 +329,7 @@ class RingAllReduce:
                 "tensor has elements that share memory (as after expand()), so an in-place "
                 "all_reduce is ill-defined; pass tensor.clone()"
             )
-        return tensor.contiguous()
+        return tensor.detach().contiguous()
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = self._contiguous(tensor)
@@ -342,7 +342,8 @@ class RingAllReduce:
             event.record(self._stream)
             return CudaRingWork(event, self.device, None if target is tensor else (tensor, target))
         if target is not tensor:
-            tensor.copy_(target)
+            with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+                tensor.copy_(target)
         return None
 
     def check(self) -> None:
@@ -362,10 +363,12 @@ class RingAllReduce:
             self._transport.all_reduce(target, code)
         except self._native_errors as error:
             raise translate_native_error(error) from None
-        if code == AVG:
-            target.div_(self.world_size)
-        if target is not tensor:
-            tensor.copy_(target)
+        if code == AVG or target is not tensor:
+            with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+                if code == AVG:
+                    target.div_(self.world_size)
+                if target is not tensor:
+                    tensor.copy_(target)
 
     def _submit(self, tensor: torch.Tensor, code: int) -> RingWork:
         with self._submit_lock:

@@ -72,7 +72,8 @@ class CudaRingWork:
         stream.wait_event(self._event)
         if self._copy_back is not None:
             tensor, reduced = self._copy_back
-            tensor.copy_(reduced)
+            with torch.no_grad():
+                tensor.copy_(reduced)
             self._copy_back = None
         return True
 

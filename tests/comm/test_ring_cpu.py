@@ -117,6 +117,16 @@ def _layouts(rank: int, world_size: int, seed: int) -> None:
         expected = expect_gloo(cube, R.SUM, world_size)
         ring.all_reduce(cube)
         assert torch.equal(cube, expected)
+        # Parameters (leaves that require grad) are updated outside autograd, as torch does.
+        weight = integer_valued(6 * 7, torch.float32, R.SUM, generator).view(6, 7)
+        weight.requires_grad_(True)
+        expected = expect_gloo(weight, R.AVG, world_size)
+        ring.all_reduce(weight, R.AVG)
+        assert torch.equal(weight.detach(), expected)
+        expected = expect_gloo(weight.t(), R.SUM, world_size)
+        ring.all_reduce(weight.t())  # through a contiguous copy
+        assert torch.equal(weight.detach().t(), expected)
+        assert weight.requires_grad and weight.grad_fn is None
         # Elements sharing memory cannot be reduced in place: refused, nothing written.
         expanded = torch.ones(3).expand(4, 3)
         with pytest.raises(ValueError, match="share memory"):
