@@ -26,8 +26,7 @@ def _build_codes() -> dict[object, int]:
     return codes
 
 
-# torch.distributed.ReduceOp values (and lower-case names) -> native code; ReduceOp instances
-# hash and compare by their op, so `ReduceOp(ReduceOp.SUM)` finds SUM too.
+# torch.distributed.ReduceOp's enum values (and lower-case names) -> native code.
 _CODES = _build_codes()
 
 
@@ -42,9 +41,13 @@ def ring_op_code(op: object) -> int | None:
         0..4, or None for any other op (BAND, BOR, BXOR, PREMUL_SUM, unknown values).
     """
     try:
-        return _CODES.get(op)
+        code = _CODES.get(op)
     except TypeError:  # an unhashable object is no op the ring knows
         return None
+    inner = getattr(op, "op", None) if code is None else None
+    if inner is not None:  # an instance, `ReduceOp(ReduceOp.MAX)`: look up its enum value
+        code = _CODES.get(inner)
+    return code
 
 
 def unsupported_reason(tensor_dtype: object, code: int | None, op: object) -> str | None:

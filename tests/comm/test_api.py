@@ -96,3 +96,16 @@ class _nothing:
 def test_a_subgroup_reduces_over_its_members_only() -> None:
     results = run_multiprocess(_subgroup, 3, args=(SEED,), timeout=60)
     assert results == [[4.0] * 7, [2.0] * 7, [4.0] * 7]
+
+
+def test_op_codes_and_what_falls_back() -> None:
+    from fastpar.comm.ops import ring_op_code, unsupported_reason
+
+    assert [ring_op_code(op) for op in (R.SUM, R.PRODUCT, R.MIN, R.MAX, R.AVG)] == [0, 1, 2, 3, 4]
+    assert ring_op_code(dist.ReduceOp(R.MAX)) == 3  # an instance, not the enum value
+    assert ring_op_code("avg") == 4
+    for op in (R.BAND, R.BOR, R.BXOR, R.PREMUL_SUM, "mean", [1]):
+        assert ring_op_code(op) is None
+    assert unsupported_reason(torch.float16, 0, R.SUM) is None
+    assert "dtype torch.uint8" in str(unsupported_reason(torch.uint8, 0, R.SUM))
+    assert "op RedOpType.BOR" in str(unsupported_reason(torch.int32, None, R.BOR))
