@@ -14,6 +14,8 @@
 //   gather   : every rank's part -> the caller's tensor (16-byte loads from the peers' buffers);
 //   barrier  : nobody reads a data area any more, so the next chunk may overwrite it.
 // Results are bitwise identical on all ranks: each element is combined once, in rank order.
+// Like the CPU transport (shm_ring.h says why), this is a direct reduce-scatter and all-gather
+// over buffers every rank can address, not a neighbour ring, as vLLM's custom all-reduce does.
 //
 // A barrier is one block of n threads: thread p stores the barrier's number into rank p's flag
 // slot for this rank with st.release.sys (after __threadfence_system), then polls this rank's

@@ -19,6 +19,13 @@
 // bits (float16/bfloat16 accumulate in float32 as reduce.h does). Per byte of tensor every rank
 // reads 3 - 1/n bytes and writes 2 (copy in (n-1)/n, reduce 1/n of n inputs, copy out).
 //
+// Why not the neighbour ring (2(n-1) steps, each rank passing a part on to the next): in one
+// shared segment every rank reads every rank's slots directly, so a part is read once by the
+// rank that reduces it and once by each rank that gathers it, where the neighbour ring would copy
+// it through n-1 intermediate ranks and take n-1 synchronisations per phase instead of one. The
+// "ring" here is the ring of slots that the chunks flow through. The bus bandwidth of nccl-tests
+// (algbw * 2(n-1)/n) still measures it: that is the data every rank must receive and send.
+//
 // Small calls (at most kOneShotBytes) take a shorter path where latency, not bandwidth, counts:
 // after the publish, every rank reduces the whole tensor from all n slots in rank order straight
 // into its tensor (the same fold, so the same bits everywhere): one wait for the peers instead
@@ -37,8 +44,8 @@
 
 #include <cstddef>
 #include <cstdint>
-#include <vector>
 #include <string>
+#include <vector>
 
 #include "reduce.h"
 #include "ring.h"
