@@ -171,6 +171,9 @@ def _compile(plan: BuildPlan, verbose: bool) -> Path:
         with_cuda=plan.with_cuda,
         verbose=verbose,
     )
+    # torch's load() imported the library without registering it; a second import of the same
+    # library would run its module init again, and pybind11 refuses to register a class twice.
+    sys.modules[plan.name] = module
     library = Path(module.__file__).resolve()
     (plan.directory / "complete").write_text(library.name)
     return library
