@@ -386,9 +386,10 @@ class Pipeline:
         weights = self._loss_weights(micro_targets)
         prev, nxt = self._links.get("prev"), self._links.get("next")
         if prev is not None:
+            # Every activation of the step, now: this stage has nothing to do until the first
+            # one arrives. Gradient receives are posted as their activations leave (below),
+            # which keeps the first stage's first forward from waiting on them.
             prev.post_receives(m)
-        if nxt is not None:
-            nxt.post_receives(m)
 
         stage_inputs: dict[int, Tensor] = {}
         stage_outputs: dict[int, Tensor] = {}
@@ -422,6 +423,8 @@ class Pipeline:
                 stage_outputs[k] = y
                 if nxt is not None:
                     nxt.send(y.detach().to(self._comm_device), f"activation {k}")
+                    if _carries_grad(y):  # its gradient will come back
+                        nxt.post_receives(1)
             else:
                 y = stage_outputs.pop(k)
                 grad = None
