@@ -84,6 +84,30 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(summary["sample"])
 
 
+def _init_under_torchrun(restarts: int, timeout_s: float) -> None:
+    """The default process group from torchrun's environment, with its keys under a prefix
+    per restart: a restarted job must not read the addresses its dead predecessors left in the
+    same store (gloo would try to connect to them)."""
+    import torch.distributed as dist
+
+    from fastpar.launch import default_backend
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(seconds=timeout_s)
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=rank == 0 and not agent_hosts_store,
+        timeout=timeout,
+    )
+    prefixed = dist.PrefixStore(f"fastpar/restart{restarts}/", store)
+    dist.init_process_group(
+        default_backend(), store=prefixed, rank=rank, world_size=world_size, timeout=timeout
+    )
+
+
 def run(config: TrainConfig) -> int:
     """Train with `config`: under torchrun as this process's rank, else on `nproc` local
     processes. Returns the exit status."""
@@ -96,9 +120,7 @@ def run(config: TrainConfig) -> int:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         if restarts > 0 and checkpoint.latest_step(config.checkpoint_dir) is not None:
             config = dataclasses.replace(config, resume=True)  # torchrun restarted us
-        dist.init_process_group(
-            default_backend(), timeout=datetime.timedelta(seconds=config.timeout_s)
-        )
+        _init_under_torchrun(restarts, config.timeout_s)
         try:
             summary = _train_entry(dist.get_rank(), dist.get_world_size(), config)
         finally:

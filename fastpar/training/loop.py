@@ -176,7 +176,9 @@ def _profiler(config: TrainConfig, rank: int) -> Iterator[Any]:
 
 def _maybe_die(rank: int, step: int) -> None:
     target = os.environ.get(KILL_ENV)
-    if target and target == f"{rank}:{step}":
+    # Once per job: a run that torchrun restarted must get past the step that killed it.
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if target and target == f"{rank}:{step}" and first_attempt:
         os.kill(os.getpid(), 9)
 
 

@@ -95,6 +95,21 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
 
+    # Under torchrun --max-restarts the restarted ranks resume by themselves.
+    elastic_dir = tmp_path / "elastic"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--max-restarts", "1", "--monitor-interval", "0.5", "-m", "fastpar", "train",
+               *SMALL, "--checkpoint-dir", str(elastic_dir), "--steps", "6",
+               "--checkpoint-every", "3", "--comm", "ring"]  # fmt: skip
+    env = {**os.environ, "FASTPAR_TEST_KILL_AT": "1:4"}
+    elastic = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=240,
+                             env=env, check=False)  # fmt: skip
+    assert elastic.returncode == 0, elastic.stderr[-3000:]
+    assert "resumed from step 3" in elastic.stdout
+    restarted = _parameters(elastic_dir, 2, 1)
+    for key in whole:
+        assert torch.equal(whole[key], restarted[key]), key
+
 
 @pytest.mark.parametrize(
     ("args", "message"),
