@@ -7,6 +7,7 @@ median and the 20th/80th percentiles of repeated timings.
 from __future__ import annotations
 
 import csv
+import os
 import platform
 import statistics
 import time
@@ -46,7 +47,7 @@ def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
