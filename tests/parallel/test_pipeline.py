@@ -1,6 +1,9 @@
 """Pipeline against single-process training: the gradients of every stage and the loss equal
-those of the whole model on the whole batch, for both schedules, 2 and 3 stages, 1 to 8
-micro-batches, micro-batches of differing shapes, and an LSTM stack cut between two stages.
+those of the whole model on the whole batch, for both schedules, 1, 2 and 3 stages, 1 to 8
+micro-batches (some not dividing the batch), micro-batches of differing shapes (small ones and
+ones that outgrow the transport's slots), an LSTM stack cut between two stages, integer
+activations that carry no gradient, both loss reductions, and gradients accumulated over
+steps. The inputs stay unmodified, and the profiler sees a range per micro-batch and transfer.
 
 Starting ranks costs seconds, so one multi-process run per stage count computes every case
 (module-scoped fixture) and each case is checked as its own test against its reference.
