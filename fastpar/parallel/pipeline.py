@@ -18,9 +18,10 @@ Both have the same bubble, (p-1)/(m+p-1) of the step; 1F1B holds fewer activatio
 
 Communication: activations go forward and their gradients backward with torch.distributed
 isend/irecv (see `pipeline_comm`). Every message carries a small header with its dtype and
-shape, so micro-batches may differ in batch size and sequence length. The receives of a whole
-step are posted at its start, and sends as soon as a tensor is ready (completed at the end of
-the step), so on gloo a transfer happens while both sides compute. On NCCL, payloads run on
+shape, so micro-batches may differ in batch size and sequence length. Receives are posted
+before their data can arrive (a step's activations at its start, each gradient when its
+activation leaves) and sends as soon as a tensor is ready (completed at the end of the step),
+so on gloo a transfer happens while both sides compute. On NCCL, payloads run on
 the process group's own CUDA streams and the host reads headers from a gloo side group.
 
 Failure: every wait is bounded by `timeout_s`. A stage that raises sends the error to its

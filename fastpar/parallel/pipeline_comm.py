@@ -4,7 +4,7 @@ Every message starts with a fixed-size int64 header that says what it carries: a
 its dtype and shape, or the error that ended a peer's step. Shapes may therefore change from
 one micro-batch to the next, and a failing stage can wake the neighbours waiting for it.
 
-Receives are posted ahead, all of a step's at its start, into "slots": byte buffers of a
+Receives are posted ahead, before their message can arrive, into "slots": byte buffers of a
 capacity both sides know. A receive into a larger buffer is allowed (the header says how many
 bytes are meaningful), so a message that fits its slot travels whole, header and payload in
 one send, and since its receive is already posted the data moves as soon as the sender posts
