@@ -291,7 +291,8 @@ class RingAllReduce:
 
         Raises:
             CommMismatchError: ranks passed different sizes, dtypes or ops (on every rank).
-            CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable).
+            CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable,
+                and chunks of `tensor` may hold reduced values while others do not).
             CommClosedError: the ring was closed or had failed before.
             On CUDA the first two come from the device and are raised by the next call.
         """
