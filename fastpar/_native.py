@@ -33,7 +33,9 @@ _EXTENSION_PREFIX = "fastpar_native"
 _SOURCE_SUFFIXES = (".cpp", ".cu")
 _HEADER_SUFFIXES = (".h", ".cuh")
 _CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno")
-_CUDA_FLAGS = ("-O3", "-std=c++17", "--use_fast_math", "-lineinfo")
+# No --use_fast_math: it flushes float32 denormals to zero, and GPU reductions must give the
+# numbers the CPU ones give.
+_CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 
 _loaded: ModuleType | None = None
 _load_lock = threading.Lock()
@@ -196,6 +198,9 @@ def build(verbose: bool = False) -> Path:
         try:
             library = _built_library(plan)
             if library is None:
+                # torch's own lock file in the build folder outlives a build that was killed,
+                # and would make this one wait forever; holding our flock, nobody else builds.
+                (plan.directory / "lock").unlink(missing_ok=True)
                 library = _compile(plan, verbose)
         finally:
             fcntl.flock(lock_file, fcntl.LOCK_UN)

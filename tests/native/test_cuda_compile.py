@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fastpar._native import source_dir
+from fastpar._native import _CUDA_FLAGS, source_dir
 
 NVCC = shutil.which("nvcc")
 CUDA_SOURCES = sorted(source_dir().glob("*.cu"))
@@ -47,8 +47,7 @@ def test_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
         str(source),
         "-o",
         str(tmp_path / (source.stem + ".o")),
-        "-std=c++17",
-        "-O2",
+        *_CUDA_FLAGS,  # the flags of the real build
         "-gencode=arch=compute_90,code=sm_90",
         "-DFASTPAR_WITH_CUDA",
         "-D_GLIBCXX_USE_CXX11_ABI=1",
