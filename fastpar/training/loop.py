@@ -23,8 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastpar.data import DynamicSlicer, FixedSlicer
-from fastpar.parallel import DataParallel
-from fastpar.parallel.pipeline import Pipeline
+from fastpar.parallel import DataParallel, Pipeline
 from fastpar.profiling import record_range
 from fastpar.training import checkpoint
 from fastpar.training.config import TrainConfig

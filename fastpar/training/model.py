@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from fastpar.nn import LSTM
-from fastpar.parallel.pipeline import OutputOnly
+from fastpar.parallel import OutputOnly
 
 
 def build_model(
