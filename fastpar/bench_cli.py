@@ -36,7 +36,7 @@ SUITES: dict[str, Suite] = {
     "dp": Suite("data_parallel.py", "data-parallel LSTM LM step (lower is better)", "bars",
                 "variant", ("step_ms",), ylabel="ms"),
     "pp": Suite("pipeline.py", "pipeline step, 2 stages x 8 micro-batches (lower is better)",
-                "bars", "schedule", ("fastpar_ms", "torch_ms"), ylabel="ms"),
+                "bars", "schedule/library", ("step_ms",), ylabel="ms"),
     "reduce": Suite("reduce.py", "k-input reduction bandwidth", "bars", "dtype/size_MB/inputs",
                     ("fastpar_GBps", "stack_sum_GBps", "add_chain_GBps"), ylabel="GB/s"),
     "slicing": Suite("slicing.py", "straggler: samples/s by slicing", "bars", "scenario",
@@ -117,6 +117,13 @@ def run(names: list[str], results: Path) -> int:
             status = 1
             continue
         png = results / f"{name}.png"
-        plot(suite, _read(csv_path), png)
+        rows = _read(csv_path)
+        needed = {*suite.ys, *suite.x.split("/"), *([suite.series] if suite.series else [])}
+        missing = sorted(needed - set(rows[0] if rows else ()))
+        if missing:
+            print(f"=== {name}: no plot, {csv_path} lacks columns {missing}", flush=True)
+            status = 1
+            continue
+        plot(suite, rows, png)
         print(f"=== {name}: {csv_path} and {png}", flush=True)
     return status
