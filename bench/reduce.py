@@ -1,7 +1,7 @@
 """Native CPU reduction of k buffers against torch, in GB/s (bytes read + written).
 
-Baselines, measured in the same run: `torch.stack(inputs).sum(0)` (what the foundation issue
-names) and an in-place chain `out.copy_(x0).add_(x1)...` (torch's cheapest fixed-order sum).
+Baselines, measured in the same run: `torch.stack(inputs).sum(0)` (the obvious torch spelling)
+and an in-place chain `out.copy_(x0).add_(x1)...` (torch's cheapest fixed-order sum).
 
     python bench/reduce.py [--sizes-mb 1 64] [--inputs 2 4] [--csv results/reduce.csv]
 """
