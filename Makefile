@@ -27,7 +27,7 @@ test: build
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The main job: a character LSTM language model trained data-parallel on 2 local processes
-# over fastpar's ring (about 2 minutes on 2 CPU cores), after the environment report.
+# over fastpar's ring (1500 steps, about 2 minutes on 2 CPU cores), after the environment report.
 demo: build
 	$(PY) -m fastpar info
 	$(PY) -m fastpar train --checkpoint-dir .demo-checkpoints

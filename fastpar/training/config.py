@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 16
     """Samples (windows of seq_len bytes) per step and replica: the global batch is
     batch_size x replicas (dynamic slicing moves it between ranks)."""
-    steps: int = 500
+    steps: int = 1500
     """Optimizer steps in the whole run (a resumed run continues up to this)."""
     lr: float = 4e-3
     slicing: SlicingMode = "fixed"
@@ -46,7 +46,7 @@ class TrainConfig:
     validation_bytes: int = 200_000
     validation_batches: int = 8
     checkpoint_dir: Path = Path("checkpoints")
-    checkpoint_every: int = 100
+    checkpoint_every: int = 250
     resume: bool = False
     profile_dir: Path | None = None
     sample_bytes: int = 240
