@@ -116,7 +116,9 @@ class _Batches:
             blocks = self.dynamic.next_step()
             return blocks[self.layout.replica], sum(len(b) for b in blocks)
         per_epoch = len(self.shard)
-        self.shard.set_epoch(step // per_epoch)
+        epoch = step // per_epoch
+        if epoch != self.fixed.epoch:  # set_epoch drops the cached permutation: once per epoch
+            self.shard.set_epoch(epoch)
         block = self.fixed.block(self.shard.block_ids[step % per_epoch])
         return block, len(block) * self.layout.replicas
 
