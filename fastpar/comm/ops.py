@@ -7,47 +7,28 @@ calls with them go to torch.distributed.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
-from fastpar.comm.reduce import SUPPORTED_DTYPES, op_code
+from fastpar.comm.reduce import _OP_CODES as _REDUCE_CODES
+from fastpar.comm.reduce import SUPPORTED_DTYPES, lookup_op, op_table
 
 AVG = 4
 OP_NAMES = ("SUM", "PRODUCT", "MIN", "MAX", "AVG")
 
 
-def _build_codes() -> dict[object, int]:
-    codes: dict[object, int] = {}
-    for name in ("SUM", "PRODUCT", "MIN", "MAX"):
-        code = op_code(name.lower())
-        codes[getattr(dist.ReduceOp, name)] = code
-        codes[name.lower()] = code
-    codes[dist.ReduceOp.AVG] = AVG
-    codes["avg"] = AVG
-    return codes
-
-
-# torch.distributed.ReduceOp's enum values (and lower-case names) -> native code.
-_CODES = _build_codes()
+# Lower-case op names -> native code: the reduction kernel's ops, and AVG.
+_CODES = op_table({**_REDUCE_CODES, "avg": AVG})
 
 
 def ring_op_code(op: object) -> int | None:
     """The native code of `op`, or None when the ring does not handle it.
 
     Arguments:
-        op: a `torch.distributed.ReduceOp` (SUM, AVG, PRODUCT, MIN, MAX handled) or its
-            lower-case name.
+        op: a `torch.distributed.ReduceOp` (SUM, AVG, PRODUCT, MIN, MAX handled), an instance
+            of it, or its name.
 
     Returns:
         0..4, or None for any other op (BAND, BOR, BXOR, PREMUL_SUM, unknown values).
     """
-    try:
-        code = _CODES.get(op)
-    except TypeError:  # an unhashable object is no op the ring knows
-        return None
-    inner = getattr(op, "op", None) if code is None else None
-    if inner is not None:  # an instance, `ReduceOp(ReduceOp.MAX)`: look up its enum value
-        code = _CODES.get(inner)
-    return code
+    return lookup_op(op, _CODES)
 
 
 def unsupported_reason(tensor_dtype: object, code: int | None, op: object) -> str | None:

@@ -26,22 +26,46 @@ SUPPORTED_DTYPES = (
 )
 
 
+def op_table(names: dict[str, int]) -> dict[object, int]:
+    """Lookup table for `lookup_op`: lower-case op names -> code, extended with the matching
+    `torch.distributed.ReduceOp` values (a dictionary hit keeps the per-call cost low)."""
+    table: dict[object, int] = dict(names)
+    if torch.distributed.is_available():
+        from torch.distributed import ReduceOp
+
+        for name, code in names.items():
+            table[getattr(ReduceOp, name.upper())] = code
+    return table
+
+
+def lookup_op(op: object, table: dict[object, int]) -> int | None:
+    """The code of `op` in `table` (from `op_table`), or None.
+
+    Arguments:
+        op: a lower-case name ("sum", ...), a `torch.distributed.ReduceOp` value
+            (`ReduceOp.MAX`), or a `ReduceOp` instance (`ReduceOp(ReduceOp.MAX)`, which keeps
+            its value in `.op`).
+        table: the ops the caller handles.
+    """
+    try:
+        code = table.get(op)
+    except TypeError:  # unhashable: no op
+        return None
+    if code is None and hasattr(op, "op"):
+        code = table.get(op.op)
+    return code
+
+
+_OP_TABLE = op_table(_OP_CODES)
+
+
 def op_code(op: object) -> int:
     """Native code of `op`: a name ("sum", ...) or a `torch.distributed.ReduceOp` SUM/PRODUCT/
     MIN/MAX."""
-    if isinstance(op, str):
-        name = op.lower()
-    else:
-        name = ""
-        if torch.distributed.is_available():
-            from torch.distributed import ReduceOp
-
-            for candidate in ("SUM", "PRODUCT", "MIN", "MAX"):
-                if op == getattr(ReduceOp, candidate):
-                    name = candidate.lower()
-    if name not in _OP_CODES:
+    code = lookup_op(op.lower() if isinstance(op, str) else op, _OP_TABLE)
+    if code is None:
         raise ValueError(f"op must be one of sum, product, min, max; got {op!r}")
-    return _OP_CODES[name]
+    return code
 
 
 def reduce_buffers(
