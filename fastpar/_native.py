@@ -181,12 +181,12 @@ def _compile(plan: BuildPlan, verbose: bool) -> Path:
     return library
 
 
-def build(verbose: bool = False) -> Path:
+def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:
     """Compile the extension now if it is not cached yet; returns the library's path.
 
     Safe to call from many processes at once: they serialise on a file lock next to the build.
     """
-    plan = plan_build()
+    plan = plan or plan_build()
     library = _built_library(plan)
     if library is not None:
         return library
@@ -216,7 +216,7 @@ def load(verbose: bool = False) -> ModuleType:
         if _loaded is None:
             plan = plan_build()
             try:
-                library = build(verbose=verbose)
+                library = build(verbose=verbose, plan=plan)  # hash the sources once
             except NativeBuildError:
                 raise
             except Exception as error:  # compiler errors: keep the log, name the cause
