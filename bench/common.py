@@ -70,3 +70,18 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[object
         writer = csv.writer(f)
         writer.writerow(headers)
         writer.writerows(rows)
+
+
+class LSTMLanguageModel(torch.nn.Module):
+    """The benchmarks' model: embedding -> multi-layer torch.nn.LSTM -> vocabulary logits."""
+
+    def __init__(self, vocab: int, embedding: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, embedding)
+        self.lstm = torch.nn.LSTM(embedding, hidden, num_layers=layers, batch_first=True)
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: (B, T) int64 -> logits (B, T, vocab)."""
+        output, _ = self.lstm(self.embed(tokens))
+        return self.head(output)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import device_name, format_table, write_csv
+from common import LSTMLanguageModel, device_name, format_table, write_csv
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -27,25 +27,18 @@ VOCAB, EMBED, HIDDEN, LAYERS, BATCH, SEQ = 96, 64, 256, 2, 16, 64
 HEADERS = ("device", "ranks", "variant", "step_ms", "p20_ms", "p80_ms", "vs_ddp", "exposed_comm")
 
 
-class LanguageModel(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embedding = nn.Embedding(VOCAB, EMBED)
-        self.lstm = nn.LSTM(EMBED, HIDDEN, num_layers=LAYERS, batch_first=True)
-        self.head = nn.Linear(HIDDEN, VOCAB)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.head(self.lstm(self.embedding(tokens))[0])
+def _model() -> LSTMLanguageModel:
+    return LSTMLanguageModel(VOCAB, EMBED, HIDDEN, LAYERS)
 
 
 def _rank(rank: int, world_size: int, steps: int) -> dict[str, list[float]]:
     torch.manual_seed(0)
     models = {
-        "ddp (gloo)": DistributedDataParallel(LanguageModel()),
-        "fastpar ring": DataParallel(LanguageModel(), comm="ring"),
-        "fastpar torch": DataParallel(LanguageModel(), comm="torch"),
+        "ddp (gloo)": DistributedDataParallel(_model()),
+        "fastpar ring": DataParallel(_model(), comm="ring"),
+        "fastpar torch": DataParallel(_model(), comm="torch"),
     }
-    compute_only = DataParallel(LanguageModel(), comm="torch")
+    compute_only = DataParallel(_model(), comm="torch")
     optimizers = {
         name: torch.optim.SGD(model.parameters(), lr=0.01)
         for name, model in [*models.items(), ("compute only", compute_only)]

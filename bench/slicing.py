@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import device_name, format_table, write_csv
+from common import LSTMLanguageModel, device_name, format_table, write_csv
 
 from fastpar.data import DynamicSlicer, FixedSlicer
 from fastpar.testing.distributed import run_multiprocess
@@ -44,28 +44,13 @@ HEADERS = (
 )  # fmt: skip
 
 
-class LanguageModel(torch.nn.Module):
-    """Embedding -> 2-layer LSTM -> vocabulary logits."""
-
-    def __init__(self, vocab: int, embedding: int, hidden: int, layers: int) -> None:
-        super().__init__()
-        self.embed = torch.nn.Embedding(vocab, embedding)
-        self.lstm = torch.nn.LSTM(embedding, hidden, num_layers=layers, batch_first=True)
-        self.head = torch.nn.Linear(hidden, vocab)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens: (B, T) int64 -> logits (B, T, vocab)."""
-        output, _ = self.lstm(self.embed(tokens))
-        return self.head(output)
-
-
 class Trainer:
     """One rank's model, data and synchronous data-parallel step."""
 
     def __init__(self, rank: int, args: argparse.Namespace, num_samples: int) -> None:
         torch.manual_seed(0)  # same initial parameters on every rank
         self.rank = rank
-        self.model = LanguageModel(args.vocab, args.embedding, args.hidden, 2)
+        self.model = LSTMLanguageModel(args.vocab, args.embedding, args.hidden, 2)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
         generator = torch.Generator().manual_seed(1)
         self.tokens = torch.randint(
