@@ -5,7 +5,7 @@
 #include "torch_glue.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "fastpar native extension: reduction kernels and the ring all-reduce";
+  m.doc() = "fastpar native extension: reduction kernels, the ring all-reduce, the pipeline pipe";
 #ifdef FASTPAR_WITH_CUDA
   m.attr("with_cuda") = true;
 #else
@@ -33,6 +33,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
       .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
+  py::register_exception<fastpar::PipeAbortedError>(m, "PipeAbortedError", PyExc_RuntimeError);
+  py::register_exception<fastpar::PipeBrokenError>(m, "PipeBrokenError", PyExc_RuntimeError);
+  {
+    using Pipe = fastpar::ShmTensorPipe;
+    const auto release = py::call_guard<py::gil_scoped_release>();
+    py::class_<Pipe>(m, "ShmTensorPipe", "CPU tensors between two processes through shared memory")
+        .def(py::init<const std::string&, bool, int64_t, double>(), py::arg("name"),
+             py::arg("create"), py::arg("capacity"), py::arg("timeout_s"))
+        .def("unlink", &Pipe::unlink)
+        .def("connect", &Pipe::connect)
+        .def("send", &Pipe::send, py::arg("tensor"), release)
+        .def("flush", &Pipe::flush, release)
+        .def("recv", &Pipe::recv, py::arg("what"), release)
+        .def("abort", &Pipe::abort, py::arg("text"), release)
+        .def("close", &Pipe::close, release)
+        .def_property_readonly("closed", &Pipe::closed)
+        .def_property_readonly("failure", &Pipe::failure)
+        .def_property_readonly("deferred_sends", &Pipe::deferred_sends)
+        .def_property_readonly("capacity", &Pipe::capacity);
+  }
 #ifdef FASTPAR_WITH_CUDA
   py::class_<fastpar::IpcAllReduce>(m, "IpcAllReduce",
                                     "all-reduce of CUDA tensors through CUDA IPC")

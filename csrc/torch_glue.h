@@ -11,6 +11,7 @@
 
 #include "reduce.h"
 #include "ring.h"
+#include "shm_pipe.h"
 #include "shm_ring.h"
 #include "shm_transport.h"
 
@@ -52,6 +53,37 @@ class ShmAllReduce {
   mutable std::mutex mutex_;  // one call at a time; close waits for a running call
   SharedSegment segment_;
   std::unique_ptr<ShmRing> ring_;
+};
+
+// One endpoint of a shared-memory pipe carrying CPU tensors between two processes of one host
+// (shm_pipe.h). Each message is a header (dtype, shape) and the tensor's bytes, so shapes may
+// change from message to message. The creator (create=true) formats the segment `name`, the
+// peer opens it; either unlinks it once both have mapped it. One thread uses an endpoint.
+class ShmTensorPipe {
+ public:
+  ShmTensorPipe(const std::string& name, bool create, int64_t capacity, double timeout_s);
+  void unlink();
+  // Call once both endpoints exist (records the peer's pid for the liveness check).
+  void connect();
+  // Posts a contiguous CPU tensor; it is read until flush() returns (keep it alive until then).
+  void send(const at::Tensor& tensor);
+  // Waits until everything sent is in the pipe.
+  void flush();
+  // The peer's next tensor; `what` names it in errors.
+  at::Tensor recv(const std::string& what);
+  // Makes the peer's waits raise PipeAbortedError(text); the pipe is unusable afterwards.
+  void abort(const std::string& text);
+  void close();
+  bool closed() const;
+  std::string failure() const;
+  int64_t deferred_sends() const;
+  int64_t capacity() const;
+
+ private:
+  ShmPipe& pipe() const;
+
+  SharedSegment segment_;
+  std::unique_ptr<ShmPipe> pipe_;
 };
 
 #ifdef FASTPAR_WITH_CUDA

@@ -55,7 +55,7 @@ _created: dict[tuple[int, ...], int] = {}
 _created_lock = threading.Lock()
 
 
-def _host_identity() -> str:
+def host_identity() -> str:
     """Equal on two processes when they can share a POSIX shared-memory segment."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -162,7 +162,7 @@ class RingAllReduce:
             _created[ranks] = index + 1
         prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
         hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
-        store.set(hosts[self.rank], _host_identity())
+        store.set(hosts[self.rank], host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
         if len({store.get(key) for key in hosts.values()}) != 1:
             self._disabled = "its ranks do not all share one host's shared memory"

@@ -16,13 +16,16 @@ Schedules (F = forward, B = backward of a micro-batch; p stages, m micro-batches
              so at most p-s micro-batches are in flight (<= num_stages).
 Both have the same bubble, (p-1)/(m+p-1) of the step; 1F1B holds fewer activations.
 
-Communication: activations go forward and their gradients backward with torch.distributed
-isend/irecv (see `pipeline_comm`). Every message carries a small header with its dtype and
-shape, so micro-batches may differ in batch size and sequence length. Receives are posted
-before their data can arrive (a step's activations at its start, each gradient when its
-activation leaves) and sends as soon as a tensor is ready (completed at the end of the step),
-so on gloo a transfer happens while both sides compute. On NCCL, payloads run on
-the process group's own CUDA streams and the host reads headers from a gloo side group.
+Communication (see `pipeline_comm`): every message carries a small header with its dtype and
+shape, so micro-batches may differ in batch size and sequence length. Sends are posted as soon
+as a tensor is ready and completed at the end of the step, so transfers overlap compute.
+- Neighbouring stages in CPU processes of one host (a gloo group; transport "auto" or "shm")
+  talk through a shared-memory pipe: a send is a copy into shared memory, a receive a copy out.
+- Otherwise (transport "torch", other hosts, NCCL) torch.distributed isend/irecv carry them.
+  Receives are posted before their data can arrive (a step's activations at its start, each
+  gradient when its activation leaves), so on gloo a transfer happens while both sides compute.
+  On NCCL, payloads run on the process group's own CUDA streams and the host reads headers
+  from a gloo side group.
 
 Failure: every wait is bounded by `timeout_s`. A stage that raises sends the error to its
 neighbours in place of the next message they expect; each of them raises `PipelineError`
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +52,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fastpar._logging import get_logger
-from fastpar.parallel.pipeline_comm import Link, Peer, PipelineError
+from fastpar.comm.ring import host_identity
+from fastpar.parallel.pipeline_comm import Link, Peer, PipelineError, ShmLink, connect_shm_links
 from fastpar.profiling import record_range
 
 __all__ = [
@@ -67,6 +72,8 @@ Schedule = Literal["gpipe", "1f1b"]
 SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b")
 Reduction = Literal["mean", "sum"]
 REDUCTIONS: tuple[str, ...] = ("mean", "sum")
+Transport = Literal["auto", "shm", "torch"]
+TRANSPORTS: tuple[str, ...] = ("auto", "shm", "torch")
 Action = tuple[Literal["F", "B"], int]
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -94,6 +101,11 @@ class PipelineConfig:
     """Bound in seconds on every host wait for a peer, counted from when the wait starts; a
     peer silent for longer is named in a `PipelineError`. It must exceed the longest honest
     wait: about the other stages' compute of one step (the first backward of a GPipe step)."""
+    transport: Transport = "auto"
+    """How activations travel between neighbouring stages: "shm" (a shared-memory pipe; CPU
+    processes of one host on a gloo group), "torch" (torch.distributed isend/irecv), or "auto"
+    (shm where it applies, else torch; a pipe that cannot be set up falls back to torch with a
+    warning). The numbers are the same either way."""
 
     def __post_init__(self) -> None:
         _check_int("num_stages", self.num_stages, 1)
@@ -107,6 +119,8 @@ class PipelineConfig:
             )
         if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
+        if self.transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:
@@ -123,8 +137,9 @@ class StepStats:
     forward_s: float = 0.0
     backward_s: float = 0.0
     split_sends: int = 0
-    """Tensors sent apart from their header, in a second message: larger than the receiver's
-    slot (see `pipeline_comm`; slots grow after a step), or any tensor on NCCL."""
+    """Tensors that could not leave whole at once: on torch links, sent apart from their header
+    (larger than the receiver's slot, which grows after a step, or any tensor on NCCL); on
+    shared-memory links, larger than the pipe's free room (finished by its sender thread)."""
     per_microbatch: list[tuple[str, int, float, float]] = field(default_factory=list)
     """("F" or "B", micro-batch, start, end) relative to the step's start."""
 
@@ -225,7 +240,8 @@ class Pipeline:
             GPU (then a gloo group for headers and an NCCL group for gradients are created
             over the same ranks; every rank of `group` must construct its Pipeline together).
         loss_fn: `loss_fn(output, target) -> scalar`, needed on the last stage.
-        schedule, num_microbatches, loss_reduction, batch_dim, timeout_s: see `PipelineConfig`.
+        schedule, num_microbatches, loss_reduction, batch_dim, timeout_s, transport: see
+            `PipelineConfig`.
 
     Construction is collective over `group` (bounded by `timeout_s`).
 
@@ -233,6 +249,7 @@ class Pipeline:
         module: the stage (train its parameters with any optimizer).
         config: the validated `PipelineConfig`.
         last_stats: `StepStats` of the last step (times, bubble, messages sent apart).
+        transports: for each neighbouring stage, "shm" or "torch": what its link uses.
     """
 
     def __init__(
@@ -248,6 +265,7 @@ class Pipeline:
         loss_reduction: Reduction = "mean",
         batch_dim: int = 0,
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        transport: Transport = "auto",
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -268,6 +286,7 @@ class Pipeline:
                 loss_reduction=loss_reduction,
                 batch_dim=batch_dim,
                 timeout_s=timeout_s,
+                transport=transport,
             )
             _check_int("stage_index", stage_index, 0)
             if stage_index >= num_stages:
@@ -281,15 +300,24 @@ class Pipeline:
                     "stage is a torch DistributedDataParallel, which cannot accumulate over a "
                     "pipeline's interleaved micro-batches; use fastpar.parallel.DataParallel"
                 )
+            if transport == "shm" and dist.get_backend(self.group) != "gloo":
+                raise ValueError(
+                    "transport 'shm' carries CPU tensors between processes of one host and "
+                    f"needs a gloo group, got backend {dist.get_backend(self.group)!r}"
+                )
         except (ValueError, TypeError) as error:
             local_error = error
         timeout = self.config.timeout_s if local_error is None else DEFAULT_TIMEOUT_S
         table = _exchange_arguments(
-            self.group, stage_index, num_stages, num_microbatches, schedule, local_error, timeout
+            self.group,
+            [stage_index, num_stages, num_microbatches, schedule, transport],
+            local_error,
+            timeout,
         )
         if local_error is not None:
             raise local_error
         _check_arguments(table, stage_index, dist.get_rank(self.group))
+        self._hosts = [row[-1] for row in table]
 
         self.stage_index = stage_index
         self.num_stages = num_stages
@@ -299,15 +327,49 @@ class Pipeline:
         self._broken: str | None = None
         self._device = _module_device(stage)
         self._links = self._make_links()
+        self.transports = {
+            link.peer.stage: "shm" if isinstance(link, ShmLink) else "torch"
+            for link in self._links.values()
+        }
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _make_links(self) -> dict[str, Link]:
+    def _make_links(self) -> dict[str, Link | ShmLink]:
         ranks = dist.get_process_group_ranks(self.group)
         me = Peer(self.stage_index, ranks[self.stage_index])
-        if dist.get_backend(self.group) == "gloo":
+        self._comm_device = torch.device("cpu")  # a stage on a GPU sends and receives via the host
+        neighbours = {
+            name: Peer(stage, ranks[stage])
+            for name, stage in (("prev", self.stage_index - 1), ("next", self.stage_index + 1))
+            if 0 <= stage < self.num_stages
+        }
+        links: dict[str, Link | ShmLink] = {}
+        gloo = dist.get_backend(self.group) == "gloo"
+        if gloo and self.config.transport != "torch":
+            local = [
+                peer
+                for peer in neighbours.values()
+                if self._hosts[peer.stage] == self._hosts[self.stage_index]
+            ]
+            pipes, failures = connect_shm_links(
+                me, local, group=self.group, timeout_s=self.config.timeout_s
+            )
+            for name, peer in neighbours.items():
+                if peer.stage in pipes:
+                    links[name] = pipes[peer.stage]
+                elif peer.stage in failures and self.config.transport == "shm":
+                    raise RuntimeError(
+                        f"transport 'shm': no shared-memory pipe to {peer}: {failures[peer.stage]}"
+                    )
+                elif peer.stage in failures:
+                    logger.warning(
+                        "%s: no shared-memory pipe to %s (%s); using torch.distributed",
+                        me, peer, failures[peer.stage],
+                    )  # fmt: skip
+        if len(links) == len(neighbours):
+            return links
+        if gloo:
             slot_group = fwd_group = bwd_group = self.group
-            device = torch.device("cpu")  # a stage on a GPU sends and receives via the host
         else:
             # See pipeline_comm: headers on the host, one direction per NCCL communicator.
             # Only the pipeline's ranks join these groups, so pipelines of a DP x PP layout
@@ -316,20 +378,24 @@ class Pipeline:
             backend = dist.get_backend(self.group)
             bwd_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
             fwd_group = self.group
-            device = self._device
-        self._comm_device = device
-        common = dict(slot_group=slot_group, device=device, me=me)
+            self._comm_device = self._device
+        common = dict(slot_group=slot_group, device=self._comm_device, me=me)
         timeout = self.config.timeout_s
-        links: dict[str, Link] = {}
-        if not self.is_first:
-            prev = Peer(self.stage_index - 1, ranks[self.stage_index - 1])
+        if "prev" in neighbours and "prev" not in links:
             links["prev"] = Link(
-                prev, send_group=bwd_group, recv_group=fwd_group, timeout_s=timeout, **common
+                neighbours["prev"],
+                send_group=bwd_group,
+                recv_group=fwd_group,
+                timeout_s=timeout,
+                **common,
             )
-        if not self.is_last:
-            nxt = Peer(self.stage_index + 1, ranks[self.stage_index + 1])
+        if "next" in neighbours and "next" not in links:
             links["next"] = Link(
-                nxt, send_group=fwd_group, recv_group=bwd_group, timeout_s=timeout, **common
+                neighbours["next"],
+                send_group=fwd_group,
+                recv_group=bwd_group,
+                timeout_s=timeout,
+                **common,
             )
         return links
 
@@ -527,33 +593,35 @@ def _split(
     return pieces
 
 
-_SCHEDULE_CODES = {name: code for code, name in enumerate(SCHEDULES)}
-
-
 def _exchange_arguments(
     group: dist.ProcessGroup,
-    stage_index: object,
-    num_stages: object,
-    num_microbatches: object,
-    schedule: object,
+    arguments: list[object],
     local_error: Exception | None,
     timeout_s: float,
 ) -> list[list[int]]:
-    """All ranks' (ok, stage_index, num_stages, num_microbatches, schedule code), by group rank.
+    """All ranks' rows, by group rank: (ok, stage_index, num_stages, num_microbatches, schedule,
+    transport, host), strings as their index in SCHEDULES / TRANSPORTS (-1: not one of them) and
+    host as a 64-bit hash of `host_identity()`.
 
     Gathered on the group itself: on gloo with a wait bounded by timeout_s, on NCCL with
     all_gather_object (bounded by the process group's timeout).
     """
 
-    def as_int(value: object) -> int:
+    def as_int(value: object, names: tuple[str, ...] = ()) -> int:
+        if isinstance(value, str):
+            return names.index(value) if value in names else -1
         return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
+    stage_index, num_stages, num_microbatches, schedule, transport = arguments
+    host = hashlib.blake2b(host_identity().encode(), digest_size=8).digest()
     mine = [
         int(local_error is None),
         as_int(stage_index),
         as_int(num_stages),
         as_int(num_microbatches),
-        _SCHEDULE_CODES.get(schedule, -1) if isinstance(schedule, str) else -1,
+        as_int(schedule, SCHEDULES),
+        as_int(transport, TRANSPORTS),
+        int.from_bytes(host, "little", signed=True),
     ]
     size = dist.get_world_size(group)
     if dist.get_backend(group) != "gloo":
@@ -594,6 +662,14 @@ def _check_arguments(table: list[list[int]], stage_index: int, group_rank: int) 
     schedules = [SCHEDULES[row[4]] for row in table]
     if len(set(schedules)) != 1:
         raise ValueError(f"schedule differs across the group: {schedules}")
+    transports = [TRANSPORTS[row[5]] for row in table]
+    if len(set(transports)) != 1:
+        raise ValueError(f"transport differs across the group: {transports}")
+    if transports[0] == "shm" and len({row[6] for row in table}) != 1:
+        raise ValueError(
+            "transport 'shm' needs every stage on one host (and IPC namespace); use 'auto' to "
+            "let stages on other hosts use torch.distributed"
+        )
     stages = [row[1] for row in table]
     if stages != list(range(size)):
         raise ValueError(

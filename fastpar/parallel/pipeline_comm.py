@@ -1,5 +1,14 @@
 """Point-to-point transport between neighbouring pipeline stages.
 
+Two transports share one interface (`Link` and `ShmLink`: post_receives, recv, send,
+send_error, finish_sends, end_step, drop):
+- `ShmLink`, for two CPU-side stages on one host: a shared-memory pipe (`csrc/shm_pipe.h`). A
+  send copies the tensor and its shape into the pipe and returns; a receive copies it out. No
+  process-group call, no helper thread and no socket is on the way, so a transfer costs about a
+  memcpy, where gloo costs a socket round trip and wakes its I/O threads (which compete with the
+  stages for the cores). The pipe also carries a failing stage's error to its neighbour.
+- `Link`: torch.distributed isend/irecv (gloo, or NCCL for GPU stages), described below.
+
 Every message starts with a fixed-size int64 header that says what it carries: a tensor with
 its dtype and shape, or the error that ended a peer's step. Shapes may therefore change from
 one micro-batch to the next, and a failing stage can wake the neighbours waiting for it.
@@ -33,14 +42,19 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
+import json
 import math
-from collections.abc import Iterator
+import os
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastpar import _native
 from fastpar.profiling import record_range
 
 MAX_NDIM = 8
@@ -51,6 +65,9 @@ PAYLOAD_TAG = 18
 MIN_SLOT_BYTES = 4096  # a header plus an error message
 MAX_SLOT_BYTES = 4 * 2**20  # bigger payloads are sent apart: a second handshake costs little
 ERROR_DELIVERY_S = 10.0  # how long a failing stage waits for a neighbour to take its error
+PIPE_CAPACITY = 4 * 2**20  # bytes per direction of a shared-memory pipe; larger tensors stream
+PIPE_NAME_BYTES = 256
+CONNECT_TAG = 19
 
 KIND_INLINE = 1
 KIND_SPLIT = 2
@@ -100,8 +117,8 @@ class Peer:
         return f"stage {self.stage} (rank {self.rank})"
 
 
-def encode_header(kind: int, tensor: Tensor) -> Tensor:
-    """The header announcing `tensor`: int64 (HEADER_LEN,) on the CPU."""
+def check_sendable(tensor: Tensor) -> None:
+    """Raise unless `tensor` can travel between stages (on either transport)."""
     if tensor.dim() > MAX_NDIM:
         raise ValueError(
             f"pipeline activations may have at most {MAX_NDIM} dimensions, got shape "
@@ -109,6 +126,11 @@ def encode_header(kind: int, tensor: Tensor) -> Tensor:
         )
     if tensor.dtype not in DTYPES:
         raise TypeError(f"pipeline activations of dtype {tensor.dtype} are not supported")
+
+
+def encode_header(kind: int, tensor: Tensor) -> Tensor:
+    """The header announcing `tensor`: int64 (HEADER_LEN,) on the CPU."""
+    check_sendable(tensor)
     # One tensor built from a list: this runs per message, and every tensor op costs µs.
     padding = [0] * (MAX_NDIM - tensor.dim())
     values = [kind, DTYPES.index(tensor.dtype), 0, tensor.dim(), *tensor.shape, *padding]
@@ -298,3 +320,217 @@ class Link:
                 rank=self.peer.rank,
                 via=self.peer.stage,
             ) from error
+
+
+class ShmLink:
+    """Sends to and receives from a neighbouring stage on this host through a shared-memory pipe.
+
+    Messages are taken from the pipe in the order they were sent, so nothing is posted ahead; a
+    send returns once its tensor is in the pipe (or handed to the pipe's sender thread when the
+    pipe is full, counted in `split_sends`). Errors name the peer like `Link`'s.
+
+    Arguments:
+        peer: the neighbour.
+        pipe: this end of the native pipe (see `connect_shm_links`).
+        timeout_s: the pipe's bound on every wait, for error messages.
+        me: this stage.
+    """
+
+    def __init__(self, peer: Peer, *, pipe: Any, timeout_s: float, me: Peer) -> None:
+        self.peer = peer
+        self.me = me
+        self._pipe = pipe
+        self._timeout_s = timeout_s
+        native = _native.load()
+        self._aborted_error, self._broken_error = native.PipeAbortedError, native.PipeBrokenError
+        self._sends: list[Tensor] = []  # read by the pipe until finish_sends
+        self._deferred_seen = 0
+        self.split_sends = 0
+
+    def post_receives(self, count: int) -> None:
+        """Nothing to post: the pipe keeps every message until it is received."""
+
+    def recv(self, what: str) -> Tensor:
+        """The peer's next tensor, on the CPU (see `Link.recv`)."""
+        label = f"fastpar.pp.recv.{what.replace(' ', '')}"
+        with record_range(label), self._failing_as(f"receiving {what} from"):
+            return self._pipe.recv(what)
+
+    def send(self, tensor: Tensor, what: str) -> None:
+        """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
+        check_sendable(tensor)
+        data = tensor.detach().contiguous()
+        label = f"fastpar.pp.send.{what.replace(' ', '')}"
+        with record_range(label), self._failing_as("sending to"):
+            self._pipe.send(data)
+        self._sends.append(data)
+
+    def send_error(self, message: str, origin: Peer) -> None:
+        """Make the peer's waits on this pipe raise the error (it is in shared memory at once:
+        nothing to wait for)."""
+        self._pipe.abort(_error_text(message, origin))
+
+    def finish_sends(self) -> None:
+        """Wait (bounded) until every tensor sent is in the pipe."""
+        with self._failing_as("sending to"):
+            self._pipe.flush()
+        self._sends.clear()
+        deferred = self._pipe.deferred_sends
+        self.split_sends += deferred - self._deferred_seen
+        self._deferred_seen = deferred
+
+    def end_step(self) -> None:
+        """Nothing to adapt: the pipe carries any size."""
+
+    def drop(self) -> None:
+        self._sends.clear()
+
+    @contextlib.contextmanager
+    def _failing_as(self, doing: str) -> Iterator[None]:
+        """Turn the pipe's errors into PipelineErrors: a peer's own error as it reported it; a
+        dead or silent peer named as the culprit (and told so, should it wake up later)."""
+        try:
+            yield
+        except self._aborted_error as error:
+            origin, message = _parse_error_text(str(error), self.peer)
+            raise PipelineError(
+                message, stage=origin.stage, rank=origin.rank, via=self.peer.stage
+            ) from error
+        except self._broken_error as error:
+            message = (
+                f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
+                f"timeout_s={self._timeout_s:g}, or left the pipeline ({error})"
+            )
+            self._pipe.abort(_error_text(message, self.peer))
+            raise PipelineError(
+                message, stage=self.peer.stage, rank=self.peer.rank, via=self.peer.stage
+            ) from error
+
+
+def _error_text(message: str, origin: Peer) -> str:
+    """An error as it travels in the pipe, cut so that the whole text fits its room there."""
+    room = 1400 - 100  # the pipe keeps 1400 bytes; the JSON around the message needs < 100
+    cut = message.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+    return json.dumps({"stage": origin.stage, "rank": origin.rank, "message": cut})
+
+
+def _parse_error_text(text: str, sender: Peer) -> tuple[Peer, str]:
+    try:
+        fields = json.loads(text)
+        return Peer(int(fields["stage"]), int(fields["rank"])), str(fields["message"])
+    except (ValueError, KeyError, TypeError):  # not ours: attribute it to the sender
+        return sender, text
+
+
+def connect_shm_links(
+    me: Peer,
+    peers: Sequence[Peer],
+    *,
+    group: dist.ProcessGroup,
+    timeout_s: float,
+    capacity: int | None = None,
+) -> tuple[dict[int, ShmLink], dict[int, str]]:
+    """Open a shared-memory pipe to each neighbour in `peers` (all on this host).
+
+    Collective between each pair: the lower stage creates the segment and sends its name over
+    `group` (gloo), the higher one maps it and answers; the name is then unlinked, so a crash
+    leaves nothing in /dev/shm. Both ends of a pair learn the same outcome.
+
+    Returns:
+        (links, failures) keyed by the peer's stage: a link per pipe that opened, and for each
+        that did not, why (the caller decides whether to fall back).
+    """
+    native = _native.load()
+    capacity = PIPE_CAPACITY if capacity is None else capacity  # read now: tests lower it
+    timeout = datetime.timedelta(seconds=timeout_s)
+    pipes: dict[int, Any] = {}
+    failures: dict[int, str] = {}
+    sends: list[dist.Work] = []
+    names: dict[int, tuple[dist.Work, Tensor]] = {}
+    answers: dict[int, tuple[dist.Work, Tensor]] = {}
+
+    def post(text: str, peer: Peer) -> Tensor:
+        message = _encode_text(text)
+        sends.append(dist.isend(message, dst=peer.rank, group=group, tag=CONNECT_TAG))
+        return message
+
+    def receive(peer: Peer) -> tuple[dist.Work, Tensor]:
+        buffer = torch.zeros(PIPE_NAME_BYTES, dtype=torch.uint8)
+        return dist.irecv(buffer, src=peer.rank, group=group, tag=CONNECT_TAG), buffer
+
+    def wait(pending: tuple[dist.Work, Tensor], peer: Peer) -> str:
+        work, buffer = pending
+        try:
+            work.wait(timeout)
+        except RuntimeError as error:
+            raise PipelineError(
+                f"{me}: {peer} did not join the shared-memory pipe's set-up within "
+                f"timeout_s={timeout_s:g} ({error})",
+                stage=peer.stage,
+                rank=peer.rank,
+            ) from error
+        return bytes(buffer.tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
+
+    kept: list[Tensor] = []  # messages in flight
+    try:
+        # 1. The creators create and announce; everyone posts what they will receive.
+        for peer in peers:
+            if me.stage < peer.stage:
+                name = f"/fastpar-pp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+                try:
+                    pipes[peer.stage] = native.ShmTensorPipe(name, True, capacity, timeout_s)
+                except RuntimeError as error:
+                    failures[peer.stage] = f"creating the segment failed: {error}"
+                    name = "error: " + failures[peer.stage]
+                kept.append(post(name, peer))
+                answers[peer.stage] = receive(peer)
+            else:
+                names[peer.stage] = receive(peer)
+        # 2. The others map the segment and answer.
+        for peer in peers:
+            if peer.stage not in names:
+                continue
+            name = wait(names[peer.stage], peer)
+            answer = "ok"
+            if name.startswith("error: "):
+                failures[peer.stage] = f"{peer}: {name[7:]}"
+                answer = name
+            else:
+                try:
+                    pipes[peer.stage] = native.ShmTensorPipe(name, False, capacity, timeout_s)
+                except RuntimeError as error:
+                    failures[peer.stage] = f"{me} could not map the segment: {error}"
+                    answer = "error: " + failures[peer.stage]
+            kept.append(post(answer, peer))
+        # 3. The creators learn the outcome; a mapped segment's name is no longer needed.
+        for peer in peers:
+            if peer.stage not in answers:
+                continue
+            answer = wait(answers[peer.stage], peer)
+            if answer != "ok" and peer.stage not in failures:
+                failures[peer.stage] = answer.removeprefix("error: ")
+            if peer.stage in pipes:
+                pipes[peer.stage].unlink()
+        for work in sends:
+            work.wait(timeout)
+    except BaseException:
+        for pipe in pipes.values():
+            pipe.close()
+        raise
+    links: dict[int, ShmLink] = {}
+    for peer in peers:
+        pipe = pipes.get(peer.stage)
+        if peer.stage in failures:
+            if pipe is not None:
+                pipe.close()
+            continue
+        pipe.connect()
+        links[peer.stage] = ShmLink(peer, pipe=pipe, timeout_s=timeout_s, me=me)
+    return links, failures
+
+
+def _encode_text(text: str) -> Tensor:
+    data = text.encode("utf-8")[: PIPE_NAME_BYTES - 1]
+    message = torch.zeros(PIPE_NAME_BYTES, dtype=torch.uint8)
+    message[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    return message

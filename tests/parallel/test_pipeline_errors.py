@@ -1,6 +1,7 @@
 """Pipeline failures end in an error on every rank within a bounded time, never in a hang:
 mismatched arguments at construction, a stage that raises (forward, backward, loss), a peer
-that dies, a peer that stalls past `timeout_s`.
+that dies, a peer that stalls past `timeout_s`; over both transports (the shared-memory pipes
+that "auto" picks on one host, and torch.distributed over gloo).
 
 Each rank returns what it raised (type, message, seconds taken), so the test sees every rank's
 outcome; run_multiprocess's own timeout bounds the whole run should anything hang.
@@ -15,6 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -107,6 +109,8 @@ def _construct_mismatched(rank: int, world_size: int) -> list[Outcome]:
         {"stage_index": 0},
         {"schedule": "gpipe" if rank == 0 else "1f1b"},
         {"loss_fn": None},
+        {"transport": "shm" if rank == 0 else "auto"},
+        {"transport": "tcp" if rank == 1 else "auto"},
     ]
     outcomes = [
         _outcome(lambda c=c: _pipeline(rank, world_size, nn.Linear(4, 4), **c)) for c in cases
@@ -128,6 +132,8 @@ def test_mismatched_arguments_raise_on_every_rank() -> None:
         [r"group ranks 0..1 hold stages \[0, 0\]"] * 2,
         [r"schedule differs across the group: \['gpipe', '1f1b'\]"] * 2,
         [r"invalid on group rank\(s\) \[1\]", r"loss_fn is needed on the last stage \(stage 1\)"],
+        [r"transport differs across the group: \['shm', 'auto'\]"] * 2,
+        [r"invalid on group rank\(s\) \[1\]", "transport must be one of"],
         ["DistributedDataParallel.*use fastpar.parallel.DataParallel"] * 2,
     ]
     for case, patterns in enumerate(expected):
@@ -153,7 +159,10 @@ RAISING_CASES = [
 ]
 
 
-def _raising_stage(rank: int, world_size: int) -> list[list[Outcome]]:
+TRANSPORTS = ["auto", "torch"]
+
+
+def _raising_stage(rank: int, world_size: int, transport: str) -> list[list[Outcome]]:
     results = []
     for stage, mode, at, schedule in RAISING_CASES:
         # A fresh group per case: a failed step may leave messages in flight on its group.
@@ -162,7 +171,14 @@ def _raising_stage(rank: int, world_size: int) -> list[list[Outcome]]:
         module = Planted(planted, at)
         loss_fn = PlantedLoss(at if mode == "loss" and rank == stage else -1)
         pipe = _pipeline(
-            rank, world_size, module, group=group, schedule=schedule, loss_fn=loss_fn, timeout_s=30
+            rank,
+            world_size,
+            module,
+            group=group,
+            schedule=schedule,
+            loss_fn=loss_fn,
+            timeout_s=30,
+            transport=transport,
         )
         x, y = _batch()
         first = _outcome(lambda p=pipe, x=x, y=y: p.step(x, y))
@@ -171,8 +187,9 @@ def _raising_stage(rank: int, world_size: int) -> list[list[Outcome]]:
     return results
 
 
-def test_a_raising_stage_fails_every_rank() -> None:
-    outcomes = run_multiprocess(_raising_stage, 3, timeout=90)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_raising_stage_fails_every_rank(transport: str) -> None:
+    outcomes = run_multiprocess(_raising_stage, 3, args=(transport,), timeout=90)
     for case, (stage, mode, at, _) in enumerate(RAISING_CASES):
         original = {
             "forward": "RuntimeError: planted failure in forward",
@@ -202,33 +219,42 @@ def test_a_raising_stage_fails_every_rank() -> None:
 # --- a peer that dies or stalls ------------------------------------------------------------------
 
 
-def _dying_peer(rank: int, world_size: int) -> Outcome:
-    pipe = _pipeline(rank, world_size, Planted("die" if rank == 1 else "none", 1), timeout_s=30)
+def _dying_peer(rank: int, world_size: int, transport: str) -> Outcome:
+    module = Planted("die" if rank == 1 else "none", 1)
+    pipe = _pipeline(rank, world_size, module, timeout_s=30, transport=transport)
     x, y = _batch()
     return _outcome(lambda: pipe.step(x, y))
 
 
-def test_a_dead_peer_is_named_by_its_neighbours() -> None:
-    outcomes = run_multiprocess(_dying_peer, 3, timeout=60, may_die=(1,))
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_dead_peer_is_named_by_its_neighbours(transport: str) -> None:
+    outcomes = run_multiprocess(_dying_peer, 3, args=(transport,), timeout=60, may_die=(1,))
     assert outcomes[1] is None
     for rank in (0, 2):
         kind, message, seconds = outcomes[rank]
         assert kind == "PipelineError", (rank, message)
-        # The neighbours see the closed connection (not a timeout) and name the dead stage.
+        # The neighbours see the closed connection or the process gone (not a timeout) and
+        # name the dead stage.
         assert "stage 1 (rank 1) failed: the peer died" in message, (rank, message)
         assert seconds < 10, (rank, seconds)
 
 
-def _stalling_peer(rank: int, world_size: int, timeout_s: float, stall_s: float) -> Outcome:
+def _stalling_peer(
+    rank: int, world_size: int, timeout_s: float, stall_s: float, transport: str
+) -> Outcome:
     module = Planted("stall" if rank == 1 else "none", 0, stall_s=stall_s)
-    pipe = _pipeline(rank, world_size, module, schedule="gpipe", timeout_s=timeout_s)
+    pipe = _pipeline(
+        rank, world_size, module, schedule="gpipe", timeout_s=timeout_s, transport=transport
+    )
     x, y = _batch()
     return _outcome(lambda: pipe.step(x, y))
 
 
-def test_a_stalled_peer_times_out_with_its_name() -> None:
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_stalled_peer_times_out_with_its_name(transport: str) -> None:
     timeout_s, stall_s = 1.0, 5.0
-    outcomes = run_multiprocess(_stalling_peer, 2, args=(timeout_s, stall_s), timeout=60)
+    args = (timeout_s, stall_s, transport)
+    outcomes = run_multiprocess(_stalling_peer, 2, args=args, timeout=60)
     kind, message, seconds = outcomes[0]
     assert kind == "PipelineError", message
     assert "stage 1 (rank 1) failed" in message and "timeout_s=1" in message

@@ -1,0 +1,99 @@
+// Torch glue for the shared-memory pipe: frames each tensor as a header and its bytes.
+//
+// Header: int64 words [kTensorMagic, scalar type, ndim, size 0, ..., size ndim-1]. Both ends run
+// the same torch build (one host, one installation), so scalar type codes agree.
+#include <torch/types.h>
+
+#include <cstring>
+
+#include "torch_glue.h"
+
+namespace fastpar {
+namespace {
+
+constexpr int64_t kTensorMagic = 0x74656e736f72LL;  // "tensor"
+constexpr int64_t kMaxDims = 64;
+
+}  // namespace
+
+ShmTensorPipe::ShmTensorPipe(const std::string& name, bool create, int64_t capacity,
+                             double timeout_s) {
+  TORCH_CHECK_VALUE(capacity > 0 && capacity % 4096 == 0,
+                    "capacity must be a positive multiple of 4096, got ", capacity);
+  TORCH_CHECK_VALUE(timeout_s > 0, "timeout must be positive, got ", timeout_s, " s");
+  const size_t bytes = ShmPipe::segment_bytes(capacity);
+  if (create) {
+    segment_ = SharedSegment::create(name, bytes);
+    ShmPipe::format(segment_.data(), capacity);
+  } else {
+    segment_ = SharedSegment::open(name, bytes);
+  }
+  WaitPolicy policy;
+  policy.timeout_s = timeout_s;
+  pipe_ = std::make_unique<ShmPipe>(segment_.data(), segment_.size(), create ? 0 : 1, capacity,
+                                    policy);
+}
+
+ShmPipe& ShmTensorPipe::pipe() const {
+  if (!pipe_) throw PipeBrokenError("this pipe was closed");
+  return *pipe_;
+}
+
+void ShmTensorPipe::unlink() { segment_.unlink(); }
+
+void ShmTensorPipe::connect() { pipe().connect(); }
+
+void ShmTensorPipe::send(const at::Tensor& tensor) {
+  TORCH_CHECK_VALUE(tensor.device().is_cpu(), "tensor must be a CPU tensor, got ",
+                    tensor.device());
+  TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
+  TORCH_CHECK_VALUE(tensor.dim() <= kMaxDims, "tensor may have at most ", kMaxDims,
+                    " dimensions, got ", tensor.dim());
+  std::string header((3 + tensor.dim()) * sizeof(int64_t), '\0');
+  auto* words = reinterpret_cast<int64_t*>(header.data());
+  words[0] = kTensorMagic;
+  words[1] = static_cast<int64_t>(tensor.scalar_type());
+  words[2] = tensor.dim();
+  for (int64_t d = 0; d < tensor.dim(); ++d) words[3 + d] = tensor.size(d);
+  const auto bytes = static_cast<int64_t>(tensor.nbytes());
+  pipe().send(std::move(header), static_cast<const char*>(tensor.const_data_ptr()), bytes,
+              std::make_shared<at::Tensor>(tensor));
+}
+
+void ShmTensorPipe::flush() { pipe().flush(); }
+
+at::Tensor ShmTensorPipe::recv(const std::string& what) {
+  ShmPipe& source = pipe();
+  int64_t words[3];
+  source.recv(reinterpret_cast<char*>(words), sizeof(words), what.c_str());
+  if (words[0] != kTensorMagic || words[2] < 0 || words[2] > kMaxDims ||
+      words[1] < 0 || words[1] >= static_cast<int64_t>(at::ScalarType::NumOptions)) {
+    throw PipeBrokenError("corrupt message header in the pipe while receiving " + what);
+  }
+  std::vector<int64_t> sizes(static_cast<size_t>(words[2]));
+  source.recv(reinterpret_cast<char*>(sizes.data()),
+              static_cast<int64_t>(sizes.size() * sizeof(int64_t)), what.c_str());
+  at::Tensor tensor =
+      at::empty(sizes, at::TensorOptions().dtype(static_cast<at::ScalarType>(words[1])));
+  source.recv(static_cast<char*>(tensor.data_ptr()), static_cast<int64_t>(tensor.nbytes()),
+              what.c_str());
+  return tensor;
+}
+
+void ShmTensorPipe::abort(const std::string& text) { pipe().abort(text); }
+
+void ShmTensorPipe::close() {
+  pipe_.reset();  // joins the sender thread
+  segment_.unlink();
+  segment_.unmap();
+}
+
+bool ShmTensorPipe::closed() const { return !pipe_; }
+
+std::string ShmTensorPipe::failure() const { return pipe_ ? pipe_->failure() : std::string(); }
+
+int64_t ShmTensorPipe::deferred_sends() const { return pipe().deferred_sends(); }
+
+int64_t ShmTensorPipe::capacity() const { return pipe().capacity(); }
+
+}  // namespace fastpar
