@@ -1,0 +1,200 @@
+"""The shared-memory pipe between two stages (`connect_shm_links`, `csrc/shm_pipe.h`) on its own:
+tensors of every dtype and shape arrive equal, tensors far larger than the pipe stream through
+it even when both sides send at once, nothing stays in /dev/shm, and an abort, a dead peer or a
+silent one ends every wait on the other side within a bounded time, with the error named. A
+pipe that cannot be set up makes Pipeline fall back to torch.distributed under "auto" only."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastpar import _native
+from fastpar.parallel import pipeline_comm
+from fastpar.parallel.pipeline import Pipeline
+from fastpar.parallel.pipeline_comm import (
+    Peer,
+    PipelineError,
+    ShmLink,
+    check_sendable,
+    connect_shm_links,
+)
+from fastpar.testing.distributed import run_multiprocess
+
+CAPACITY = 4096  # the smallest pipe: most tensors below do not fit whole
+
+
+def _link(rank: int, timeout_s: float = 30.0, capacity: int = CAPACITY) -> ShmLink:
+    me, peer = Peer(rank, rank), Peer(1 - rank, 1 - rank)
+    links, failures = connect_shm_links(
+        me, [peer], group=dist.group.WORLD, timeout_s=timeout_s, capacity=capacity
+    )
+    assert not failures, failures
+    return links[peer.stage]
+
+
+def _tensors(seed: int) -> list[torch.Tensor]:
+    """Fresh random tensors of many dtypes and shapes, small and several times the pipe."""
+    generator = torch.Generator().manual_seed(seed)
+    floats = torch.randn(3, 1000, 7, generator=generator)  # 84 KB: 20x the pipe
+    return [
+        floats,
+        torch.randn(5, generator=generator, dtype=torch.float64),
+        torch.randn(17, 3, generator=generator).to(torch.bfloat16),
+        torch.randn(2, 2, generator=generator).to(torch.float16),
+        torch.randint(-(2**40), 2**40, (999,), generator=generator),
+        torch.randint(0, 2, (4, 5), generator=generator).bool(),
+        torch.randn(6, generator=generator, dtype=torch.complex64),
+        torch.tensor(3.25),  # zero dimensions
+        torch.empty(0, 4),  # no elements
+        torch.randn(1, 1, 1, 1, 1, 1, 1, 1, generator=generator),  # MAX_NDIM dimensions
+        torch.randn(4097, generator=generator)[1:],  # an offset view, one byte past a page
+    ]
+
+
+def _exchange(rank: int, world_size: int) -> dict[str, Any]:
+    link = _link(rank)
+    mine, theirs = _tensors(seed=rank), _tensors(seed=1 - rank)
+    before = [tensor.clone() for tensor in mine]
+    # Both sides send everything before receiving anything: each sends 20x the pipe's capacity
+    # towards a peer that is not reading yet, which only the sender thread can finish.
+    for index, tensor in enumerate(mine):
+        link.send(tensor, f"tensor {index}")
+    received = [link.recv(f"tensor {index}") for index in range(len(theirs))]
+    link.finish_sends()
+    equal = [
+        got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+        for got, want in zip(received, theirs, strict=True)
+    ]
+    unchanged = all(torch.equal(a, b) for a, b in zip(mine, before, strict=True))
+    return {"equal": equal, "deferred": link.split_sends, "unchanged": unchanged}
+
+
+def test_tensors_arrive_equal_in_both_directions_at_once() -> None:
+    for rank, result in enumerate(run_multiprocess(_exchange, 2, timeout=60)):
+        assert all(result["equal"]), (rank, result["equal"])
+        assert result["unchanged"], "sending must not modify the tensors"
+        assert result["deferred"] > 0, "the big tensor must have streamed through the pipe"
+
+
+def _segments(rank: int, world_size: int) -> list[str]:
+    link = _link(rank)
+    link.send(torch.arange(10.0), "numbers")
+    assert torch.equal(link.recv("numbers"), torch.arange(10.0))
+    link.finish_sends()
+    dist.barrier()
+    # Each rank's pipe names carry their creator's pid: none is left once both have mapped it.
+    return [path.name for path in Path("/dev/shm").glob(f"fastpar-pp-{os.getpid()}-*")]
+
+
+def test_no_segment_stays_in_dev_shm() -> None:
+    assert run_multiprocess(_segments, 2, timeout=60) == [[], []]
+
+
+def _aborted(rank: int, world_size: int) -> tuple[str, str, float]:
+    link = _link(rank)
+    dist.barrier()
+    if rank == 0:
+        time.sleep(0.5)  # the peer is waiting by now
+        link.send_error("stage 0 raised ValueError: planted", Peer(0, 0))
+        return "sent", "", 0.0
+    start = time.monotonic()
+    try:
+        link.recv("activation 0")
+    except PipelineError as error:
+        waited = time.monotonic() - start
+        # Every later call raises the same, sends included: nobody would receive them.
+        with pytest.raises(PipelineError, match="planted"):
+            link.send(torch.ones(3), "gradient 0")
+        return f"{error.stage} {error.rank} {error.via}", str(error), waited
+    return "no error", "", 0.0
+
+
+def test_an_abort_reaches_the_waiting_peer_verbatim() -> None:
+    _, (origin, message, waited) = run_multiprocess(_aborted, 2, timeout=60)
+    assert origin == "0 0 0"
+    assert message == "stage 0 raised ValueError: planted"
+    assert waited < 10  # far below the 30 s timeout
+
+
+def _dead(rank: int, world_size: int) -> tuple[str, float]:
+    link = _link(rank)
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        link.recv("gradient 2")
+    except PipelineError as error:
+        return str(error), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_a_dead_peer_ends_the_wait() -> None:
+    (message, waited), _ = run_multiprocess(_dead, 2, timeout=60, may_die=(1,))
+    assert "receiving gradient 2 from stage 1 (rank 1) failed" in message
+    assert "exited" in message
+    assert waited < 10  # noticed by its pid, not by the 30 s timeout
+
+
+def _silent(rank: int, world_size: int, timeout_s: float) -> tuple[str, float]:
+    link = _link(rank, timeout_s=timeout_s)
+    if rank == 1:
+        time.sleep(4 * timeout_s)  # alive, sending nothing
+        return "", 0.0
+    start = time.monotonic()
+    try:
+        link.recv("activation 5")
+    except PipelineError as error:
+        return str(error), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_a_silent_peer_times_out() -> None:
+    timeout_s = 0.5
+    (message, waited), _ = run_multiprocess(_silent, 2, args=(timeout_s,), timeout=60)
+    assert "receiving activation 5 from stage 1 (rank 1) failed" in message
+    assert "timed out after 0.5 s" in message
+    assert timeout_s <= waited < 4 * timeout_s
+
+
+def test_bad_arguments_are_named() -> None:
+    native = _native.load()
+    with pytest.raises(ValueError, match="capacity must be a positive multiple of 4096, got 100"):
+        native.ShmTensorPipe("/fastpar-pp-test-bad", True, 100, 1.0)
+    with pytest.raises(ValueError, match="at most 8 dimensions"):
+        check_sendable(torch.zeros([1] * 9))
+    with pytest.raises(TypeError, match=r"dtype torch\.uint16 are not supported"):
+        check_sendable(torch.zeros(2, dtype=torch.uint16))
+
+
+def _unmappable(rank: int, world_size: int) -> dict[str, Any]:
+    # A pipe larger than any /dev/shm: creating its segment fails on the creator.
+    pipeline_comm.PIPE_CAPACITY = 2**42
+    x, y = torch.randn(8, 4), torch.randn(8, 4)
+    stage = nn.Linear(4, 4)
+    results: dict[str, Any] = {}
+    for transport in ("auto", "shm"):
+        try:
+            pipe = Pipeline(
+                stage, stage_index=rank, num_stages=2, loss_fn=nn.MSELoss(), transport=transport
+            )
+            pipe.step(x, y)
+            results[transport] = pipe.transports
+        except RuntimeError as error:
+            results[transport] = str(error)
+    return results
+
+
+def test_a_pipe_that_cannot_be_set_up_falls_back_only_under_auto() -> None:
+    for rank, result in enumerate(run_multiprocess(_unmappable, 2, timeout=60)):
+        assert result["auto"] == {1 - rank: "torch"}, result
+        assert "transport 'shm': no shared-memory pipe to stage" in result["shm"], result
+        assert "creating the segment failed" in result["shm"], result
