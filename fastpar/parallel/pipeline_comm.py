@@ -342,7 +342,7 @@ class ShmLink:
         self._pipe = pipe
         self._timeout_s = timeout_s
         native = _native.load()
-        self._aborted_error, self._broken_error = native.PipeAbortedError, native.PipeBrokenError
+        self._errors = (native.PipeAbortedError, native.PipeBrokenError)
         self._sends: list[Tensor] = []  # read by the pipe until finish_sends
         self._deferred_seen = 0
         self.split_sends = 0
@@ -352,17 +352,23 @@ class ShmLink:
 
     def recv(self, what: str) -> Tensor:
         """The peer's next tensor, on the CPU (see `Link.recv`)."""
-        label = f"fastpar.pp.recv.{what.replace(' ', '')}"
-        with record_range(label), self._failing_as(f"receiving {what} from"):
-            return self._pipe.recv(what)
+        # try/except rather than a context manager: this runs per micro-batch, where every
+        # microsecond is bubble.
+        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
+            try:
+                return self._pipe.recv(what)
+            except self._errors as error:
+                raise self._pipeline_error(error, f"receiving {what} from") from error
 
     def send(self, tensor: Tensor, what: str) -> None:
         """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
         check_sendable(tensor)
         data = tensor.detach().contiguous()
-        label = f"fastpar.pp.send.{what.replace(' ', '')}"
-        with record_range(label), self._failing_as("sending to"):
-            self._pipe.send(data)
+        with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
+            try:
+                self._pipe.send(data)
+            except self._errors as error:
+                raise self._pipeline_error(error, "sending to") from error
         self._sends.append(data)
 
     def send_error(self, message: str, origin: Peer) -> None:
@@ -372,8 +378,10 @@ class ShmLink:
 
     def finish_sends(self) -> None:
         """Wait (bounded) until every tensor sent is in the pipe."""
-        with self._failing_as("sending to"):
+        try:
             self._pipe.flush()
+        except self._errors as error:
+            raise self._pipeline_error(error, "sending to") from error
         self._sends.clear()
         deferred = self._pipe.deferred_sends
         self.split_sends += deferred - self._deferred_seen
@@ -385,26 +393,20 @@ class ShmLink:
     def drop(self) -> None:
         self._sends.clear()
 
-    @contextlib.contextmanager
-    def _failing_as(self, doing: str) -> Iterator[None]:
-        """Turn the pipe's errors into PipelineErrors: a peer's own error as it reported it; a
-        dead or silent peer named as the culprit (and told so, should it wake up later)."""
-        try:
-            yield
-        except self._aborted_error as error:
+    def _pipeline_error(self, error: Exception, doing: str) -> PipelineError:
+        """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
+        silent peer named as the culprit (and told so, should it wake up later)."""
+        if isinstance(error, self._errors[0]):  # the peer aborted
             origin, message = _parse_error_text(str(error), self.peer)
-            raise PipelineError(
-                message, stage=origin.stage, rank=origin.rank, via=self.peer.stage
-            ) from error
-        except self._broken_error as error:
-            message = (
-                f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
-                f"timeout_s={self._timeout_s:g}, or left the pipeline ({error})"
-            )
-            self._pipe.abort(_error_text(message, self.peer))
-            raise PipelineError(
-                message, stage=self.peer.stage, rank=self.peer.rank, via=self.peer.stage
-            ) from error
+            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=self.peer.stage)
+        message = (
+            f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
+            f"timeout_s={self._timeout_s:g}, or left the pipeline ({error})"
+        )
+        self._pipe.abort(_error_text(message, self.peer))
+        return PipelineError(
+            message, stage=self.peer.stage, rank=self.peer.rank, via=self.peer.stage
+        )
 
 
 def _error_text(message: str, origin: Peer) -> str:
