@@ -5,10 +5,12 @@ batch 64: fastpar's Pipeline with "gpipe" and "1f1b" against `ScheduleGPipe` and
 `Schedule1F1B` on the same split, interleaved step by step in one run so both see the same
 machine load. A step (zero_grad, forward, backward) is as slow as its slowest rank.
 
-Idle per stage, next to the theory (p-1)/(m+p-1): "bubble" is the fraction of fastpar's step
-in which the stage was not running forward or backward (`Pipeline.last_stats`); "cpu_idle",
-measured alike for both libraries, is the fraction of the step in which the stage's main
-thread used no CPU (waiting for a peer, or descheduled on a loaded machine).
+Idle per stage: "bubble" is the fraction of fastpar's pipeline step (until the last stage is
+done) in which the stage was not running forward or backward (`Pipeline.last_stats`). Next to
+it, "theory" (p-1)/(m+p-1) holds for stages of equal speed, and "ideal" is the bubble the
+schedule alone gives with the stages' measured compute times and free transfers
+(`ideal_bubbles`): bubble - ideal is what transfers and overheads cost. (torch does not report
+its compute times.)
 
     python bench/pipeline.py [--steps 40] [--csv results/pipeline.csv]
 """
@@ -27,14 +29,15 @@ from common import device_name, format_table, write_csv
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from fastpar.parallel.pipeline import Pipeline, split_sequential
+from fastpar.parallel.pipeline import Pipeline, StepStats, ideal_bubbles, split_sequential
 from fastpar.testing.distributed import run_multiprocess
 
 STAGES, MICROBATCHES, LAYERS, WIDTH, BATCH, WARMUP = 2, 8, 8, 512, 64, 3
 SCHEDULES = ("gpipe", "1f1b")
+TRANSPORTS = ("shm", "torch")
 HEADERS = (
-    "device", "schedule", "library", "step_ms", "p20_ms", "p80_ms", "torch/this",
-    "bubble_s0", "bubble_s1", "cpu_idle_s0", "cpu_idle_s1", "theory",
+    "device", "schedule", "library", "transport", "step_ms", "p20_ms", "p80_ms", "torch/this",
+    "bubble_s0", "bubble_s1", "ideal_s0", "ideal_s1", "theory",
 )  # fmt: skip
 
 
@@ -53,16 +56,18 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
     split = [len(_model()) // 2 + 1]
     runners = {}
     for schedule in SCHEDULES:
-        stage = split_sequential(_model(), split)[rank]
-        pipe = Pipeline(
-            stage,
-            stage_index=rank,
-            num_stages=world_size,
-            loss_fn=nn.MSELoss(),
-            schedule=schedule,
-            num_microbatches=MICROBATCHES,
-        )
-        runners[f"fastpar {schedule}"] = (stage, pipe)
+        for transport in TRANSPORTS:
+            stage = split_sequential(_model(), split)[rank]
+            pipe = Pipeline(
+                stage,
+                stage_index=rank,
+                num_stages=world_size,
+                loss_fn=nn.MSELoss(),
+                schedule=schedule,
+                num_microbatches=MICROBATCHES,
+                transport=transport,
+            )
+            runners[f"fastpar {schedule} {transport}"] = (stage, pipe)
         torch_stage = split_sequential(_model(), split)[rank]
         schedule_cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
         torch_schedule = schedule_cls(
@@ -87,20 +92,32 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
             runner.step(target=y, losses=[])
 
     times: dict[str, list[float]] = {name: [] for name in runners}
-    cpu_idle: dict[str, list[float]] = {name: [] for name in runners}
-    bubbles: dict[str, list[float]] = {f"fastpar {s}": [] for s in SCHEDULES}
+    stats: dict[str, list[StepStats]] = {name: [] for name in runners if name.startswith("f")}
     for index in range(steps + WARMUP):
         for name in runners:
             dist.barrier()  # both ranks start each step together
-            start, cpu_start = time.perf_counter(), time.thread_time()
+            start = time.perf_counter()
             run(name)
-            elapsed, cpu = time.perf_counter() - start, time.thread_time() - cpu_start
+            elapsed = time.perf_counter() - start
             if index >= WARMUP:
                 times[name].append(elapsed)
-                cpu_idle[name].append(1.0 - cpu / elapsed)
-                if name in bubbles:
-                    bubbles[name].append(runners[name][1].last_stats.bubble)
-    return {"times": times, "cpu_idle": cpu_idle, "bubbles": bubbles}
+                if name in stats:
+                    stats[name].append(runners[name][1].last_stats)
+    return {"times": times, "stats": stats}
+
+
+def _idle(schedule: str, per_stage: list[StepStats]) -> tuple[list[float], list[float]]:
+    """One step's measured and ideal bubble of every stage, over the pipeline's step."""
+    step = max(stats.step_s for stats in per_stage)
+    measured = [1.0 - stats.compute_s / step for stats in per_stage]
+    durations: dict[str, list[list[float]]] = {"F": [], "B": []}
+    for stats in per_stage:
+        for kind, rows in durations.items():
+            steps = sorted(
+                (k, end - begin) for name, k, begin, end in stats.per_microbatch if name == kind
+            )
+            rows.append([duration for _, duration in steps])
+    return measured, ideal_bubbles(schedule, durations["F"], durations["B"])
 
 
 def main() -> None:
@@ -117,21 +134,31 @@ def main() -> None:
     rows = []
     for schedule in SCHEDULES:
         baseline = statistics.median(steps[f"torch {schedule}"])
-        for library in ("fastpar", "torch"):
-            name = f"{library} {schedule}"
-            bubbles: list[object] = ["-"] * STAGES  # torch does not report its compute
+        for name in [f"fastpar {schedule} {t}" for t in TRANSPORTS] + [f"torch {schedule}"]:
+            library, _, transport = (
+                name.split(" ") if name.count(" ") == 2 else (*name.split(" "), "gloo")
+            )
+            idle: list[object] = ["-"] * 2 * STAGES  # torch does not report its compute
             if library == "fastpar":
-                bubbles = [statistics.median(r["bubbles"][name]) for r in results]
-            idle = [statistics.median(r["cpu_idle"][name]) for r in results]
+                per_step = [
+                    _idle(schedule, [r["stats"][name][i] for r in results])
+                    for i in range(args.steps)
+                ]
+                idle = [
+                    statistics.median(step[which][stage] for step in per_step)
+                    for which in (0, 1)
+                    for stage in range(STAGES)
+                ]
             ratio = baseline / statistics.median(steps[name])
             rows.append([
-                device_name(), schedule, library, *_ms(steps[name]), ratio, *bubbles, *idle,
+                device_name(), schedule, library, transport, *_ms(steps[name]), ratio, *idle,
                 theory,
             ])  # fmt: skip
     print(
         f"MLP {LAYERS} x {WIDTH}, batch {BATCH}, {MICROBATCHES} micro-batches, {STAGES} stages "
         f"(1 thread each, gloo); median of {args.steps} steps, slowest rank per step; "
-        "torch/this > 1: faster than torch"
+        "torch/this > 1: faster than torch; transport shm: fastpar's shared-memory pipes "
+        "(the default on one host), torch: torch.distributed over gloo"
     )
     print(format_table(HEADERS, rows))
     if args.csv is not None:

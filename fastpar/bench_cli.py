@@ -36,7 +36,7 @@ SUITES: dict[str, Suite] = {
     "dp": Suite("data_parallel.py", "data-parallel LSTM LM step (lower is better)", "bars",
                 "variant", ("step_ms",), ylabel="ms"),
     "pp": Suite("pipeline.py", "pipeline step, 2 stages x 8 micro-batches (lower is better)",
-                "bars", "schedule/library", ("step_ms",), ylabel="ms"),
+                "bars", "schedule/library/transport", ("step_ms",), ylabel="ms"),
     "reduce": Suite("reduce.py", "k-input reduction bandwidth", "bars", "dtype/size_MB/inputs",
                     ("fastpar_GBps", "stack_sum_GBps", "add_chain_GBps"), ylabel="GB/s"),
     "slicing": Suite("slicing.py", "straggler: samples/s by slicing", "bars", "scenario",

@@ -62,6 +62,7 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "StepStats",
+    "ideal_bubbles",
     "schedule_actions",
     "split_sequential",
 ]
@@ -180,6 +181,52 @@ def schedule_actions(
         actions.append(("B", k))
     actions.extend(("B", k) for k in range(m - warmup, m))
     return actions
+
+
+def ideal_bubbles(
+    schedule: Schedule, forward_s: Sequence[Sequence[float]], backward_s: Sequence[Sequence[float]]
+) -> list[float]:
+    """Each stage's bubble under `schedule` with the given compute times and free transfers: the
+    schedule's own idle time, which is (p-1)/(m+p-1) only for stages of equal speed. Set next
+    to the measured idle fraction of the same step, the difference is what communication and
+    overheads cost.
+
+    Arguments:
+        schedule: "gpipe" or "1f1b".
+        forward_s, backward_s: [stage][micro-batch] durations in seconds (e.g. from each stage's
+            `StepStats.per_microbatch`).
+
+    Returns:
+        Per stage, 1 - (its compute) / (the pipeline's step: from the common start until the
+        last stage to finish is done).
+    """
+    num_stages, m = len(forward_s), len(forward_s[0]) if forward_s else 0
+    durations = {"F": forward_s, "B": backward_s}
+    orders = [schedule_actions(schedule, s, num_stages, m) for s in range(num_stages)]
+    ends: dict[tuple[str, int, int], float] = {}  # (kind, stage, micro-batch) -> end time
+    clocks, cursors = [0.0] * num_stages, [0] * num_stages
+    while any(cursor < m * 2 for cursor in cursors):
+        progressed = False
+        for stage in range(num_stages):
+            while cursors[stage] < 2 * m:
+                kind, k = orders[stage][cursors[stage]]
+                source = stage - 1 if kind == "F" else stage + 1  # who sends its input
+                ready = 0.0
+                if 0 <= source < num_stages:
+                    if (kind, source, k) not in ends:
+                        break  # its input is not computed yet: try the other stages
+                    ready = ends[(kind, source, k)]
+                clocks[stage] = max(clocks[stage], ready) + durations[kind][stage][k]
+                ends[(kind, stage, k)] = clocks[stage]
+                cursors[stage] += 1
+                progressed = True
+        if not progressed:
+            raise ValueError(f"the {schedule} schedule deadlocks with {num_stages} stages")
+    step = max(clocks, default=0.0)
+    return [
+        1.0 - (sum(forward_s[s]) + sum(backward_s[s])) / step if step > 0 else 0.0
+        for s in range(num_stages)
+    ]
 
 
 def split_sequential(model: nn.Sequential, split_points: Sequence[int]) -> list[nn.Sequential]:
