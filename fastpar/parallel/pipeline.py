@@ -43,7 +43,7 @@ import datetime
 import hashlib
 import itertools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -373,6 +373,7 @@ class Pipeline:
         self.last_stats = StepStats()
         self._broken: str | None = None
         self._device = _module_device(stage)
+        self._no_sync = getattr(stage, "no_sync", None)
         self._links = self._make_links()
         self.transports = {
             link.peer.stage: "shm" if isinstance(link, ShmLink) else "torch"
@@ -545,7 +546,7 @@ class Pipeline:
                 if nxt is not None and _carries_grad(y):
                     grad = nxt.recv(f"gradient {k}").to(self._device)
                     began = time.perf_counter()
-                with self._maybe_no_sync(k), record_range(f"fastpar.pp.backward.mb{k}"):
+                with self._backward_context(k), record_range(f"fastpar.pp.backward.mb{k}"):
                     if y.requires_grad:
                         torch.autograd.backward(y, grad)
                 ended = time.perf_counter()
@@ -571,16 +572,12 @@ class Pipeline:
         total = sum(sizes)
         return [size / total for size in sizes]
 
-    @contextlib.contextmanager
-    def _maybe_no_sync(self, microbatch: int) -> Iterator[None]:
+    def _backward_context(self, microbatch: int) -> contextlib.AbstractContextManager[object]:
         # A data-parallel stage averages gradients once per step: in the last micro-batch's
         # backward (the last action of every schedule), with the accumulated gradients.
-        no_sync = getattr(self.module, "no_sync", None)
-        if no_sync is None or microbatch == self.config.num_microbatches - 1:
-            yield
-        else:
-            with no_sync():
-                yield
+        if self._no_sync is None or microbatch == self.config.num_microbatches - 1:
+            return _NO_CONTEXT
+        return self._no_sync()
 
     def _fail(self, message: str, origin: Peer, *, skip: int | None) -> None:
         """Tell the neighbours (except stage `skip`, where the news came from) and mark this
@@ -595,6 +592,9 @@ class Pipeline:
                 logger.warning("could not tell %s about the failure: %s", link.peer, error)
         for link in self._links.values():
             link.drop()
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 def _carries_grad(tensor: Tensor) -> bool:
