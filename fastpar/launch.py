@@ -244,6 +244,9 @@ def _death(rank: int, exitcode: int | None) -> str:
 
 
 def _stop_all(processes: list[mp.process.BaseProcess]) -> None:
+    # Only processes that started: when starting one fails, that error must surface, not an
+    # assertion from joining the ones after it.
+    processes = [process for process in processes if process.pid is not None]
     for process in processes:
         if process.is_alive():
             process.terminate()

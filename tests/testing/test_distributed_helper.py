@@ -1,9 +1,11 @@
 """The multi-process helper itself: results come back, failures and hangs become errors in
-bounded time, and no child process is left behind."""
+bounded time, a rank that cannot start raises its cause, and no child process is left
+behind."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
 
@@ -72,3 +74,10 @@ def test_a_killed_rank_is_reported_unless_allowed() -> None:
     with pytest.raises(RankFailure, match=r"rank 1 died with exit code -9 \(SIGKILL\)"):
         run_multiprocess(_kill_self_on_rank_one, 2, timeout=60)
     assert run_multiprocess(_kill_self_on_rank_one, 2, timeout=60, may_die=(1,)) == [0, None]
+
+
+def test_a_rank_that_cannot_start_raises_the_cause() -> None:
+    # A lambda cannot be pickled for a spawned process: starting rank 0 fails, and that error
+    # (not one from cleaning up ranks that never started) reaches the caller.
+    with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
+        run_multiprocess(lambda rank, world_size: rank, 2, timeout=30)
