@@ -8,6 +8,7 @@ from fastpar.parallel.pipeline import (
     PipelineConfig,
     PipelineError,
     StepStats,
+    ideal_bubbles,
     split_sequential,
 )
 
@@ -19,5 +20,6 @@ __all__ = [
     "PipelineConfig",
     "PipelineError",
     "StepStats",
+    "ideal_bubbles",
     "split_sequential",
 ]
