@@ -33,6 +33,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
       .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
+  m.attr("PIPE_ABORT_TEXT_BYTES") = fastpar::ShmPipe::kMaxAbortText;
   py::register_exception<fastpar::PipeAbortedError>(m, "PipeAbortedError", PyExc_RuntimeError);
   py::register_exception<fastpar::PipeBrokenError>(m, "PipeBrokenError", PyExc_RuntimeError);
   {

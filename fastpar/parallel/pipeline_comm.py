@@ -410,10 +410,18 @@ class ShmLink:
 
 
 def _error_text(message: str, origin: Peer) -> str:
-    """An error as it travels in the pipe, cut so that the whole text fits its room there."""
-    room = 1400 - 100  # the pipe keeps 1400 bytes; the JSON around the message needs < 100
-    cut = message.encode("utf-8")[:room].decode("utf-8", errors="ignore")
-    return json.dumps({"stage": origin.stage, "rank": origin.rank, "message": cut})
+    """An error as it travels in the pipe: JSON, with the message cut until the whole text fits
+    the pipe's room for it (escapes make the JSON longer than the message)."""
+    room = _native.load().PIPE_ABORT_TEXT_BYTES
+    while True:
+        text = json.dumps(
+            {"stage": origin.stage, "rank": origin.rank, "message": message}, ensure_ascii=False
+        )
+        excess = len(text.encode("utf-8")) - room
+        if excess <= 0:
+            return text
+        data = message.encode("utf-8")
+        message = data[: max(0, len(data) - excess)].decode("utf-8", errors="ignore")
 
 
 def _parse_error_text(text: str, sender: Peer) -> tuple[Peer, str]:

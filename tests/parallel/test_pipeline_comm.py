@@ -23,6 +23,8 @@ from fastpar.parallel.pipeline_comm import (
     Peer,
     PipelineError,
     ShmLink,
+    _error_text,
+    _parse_error_text,
     check_sendable,
     connect_shm_links,
 )
@@ -198,3 +200,17 @@ def test_a_pipe_that_cannot_be_set_up_falls_back_only_under_auto() -> None:
         assert result["auto"] == {1 - rank: "torch"}, result
         assert "transport 'shm': no shared-memory pipe to stage" in result["shm"], result
         assert "creating the segment failed" in result["shm"], result
+
+
+def test_error_texts_fit_the_pipe_and_read_back() -> None:
+    room = _native.load().PIPE_ABORT_TEXT_BYTES
+    origin, sender = Peer(2, 5), Peer(1, 4)
+    # A traceback-like message: newlines, quotes and non-ASCII escape to longer JSON.
+    long_message = 'stage 2 raised "ValueError":\n  ünïcödé ✓ line\n' * 200
+    for message in ("short", long_message):
+        text = _error_text(message, origin)
+        assert len(text.encode("utf-8")) <= room
+        peer, parsed = _parse_error_text(text, sender)
+        assert peer == origin and message.startswith(parsed) and len(parsed) > 0
+    # A text that is not one of ours is the sender's, verbatim.
+    assert _parse_error_text("plain words", sender) == (sender, "plain words")
