@@ -481,17 +481,24 @@ def connect_shm_links(
             ) from error
         return bytes(buffer.tolist()).rstrip(b"\0").decode("utf-8", errors="replace")
 
+    def open_pipe(peer: Peer, name: str, create: bool) -> str | None:
+        """Create or map the segment `name` for the pipe to `peer`; why not, if it failed."""
+        try:
+            pipes[peer.stage] = native.ShmTensorPipe(name, create, capacity, timeout_s)
+        except RuntimeError as error:
+            return f"{'creating' if create else 'mapping'} the segment failed: {error}"
+        return None
+
     kept: list[Tensor] = []  # messages in flight
     try:
         # 1. The creators create and announce; everyone posts what they will receive.
         for peer in peers:
             if me.stage < peer.stage:
                 name = f"/fastpar-pp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-                try:
-                    pipes[peer.stage] = native.ShmTensorPipe(name, True, capacity, timeout_s)
-                except RuntimeError as error:
-                    failures[peer.stage] = f"creating the segment failed: {error}"
-                    name = "error: " + failures[peer.stage]
+                failure = open_pipe(peer, name, create=True)
+                if failure is not None:
+                    failures[peer.stage] = failure
+                    name = f"error: {me}: {failure}"
                 kept.append(post(name, peer))
                 answers[peer.stage] = receive(peer)
             else:
@@ -501,17 +508,13 @@ def connect_shm_links(
             if peer.stage not in names:
                 continue
             name = wait(names[peer.stage], peer)
-            answer = "ok"
-            if name.startswith("error: "):
-                failures[peer.stage] = f"{peer}: {name[7:]}"
-                answer = name
-            else:
-                try:
-                    pipes[peer.stage] = native.ShmTensorPipe(name, False, capacity, timeout_s)
-                except RuntimeError as error:
-                    failures[peer.stage] = f"{me} could not map the segment: {error}"
-                    answer = "error: " + failures[peer.stage]
-            kept.append(post(answer, peer))
+            failure = name.removeprefix("error: ") if name.startswith("error: ") else None
+            if failure is None:
+                failure = open_pipe(peer, name, create=False)
+                failure = None if failure is None else f"{me}: {failure}"
+            if failure is not None:
+                failures[peer.stage] = failure
+            kept.append(post("ok" if failure is None else f"error: {failure}", peer))
         # 3. The creators learn the outcome; a mapped segment's name is no longer needed.
         for peer in peers:
             if peer.stage not in answers:

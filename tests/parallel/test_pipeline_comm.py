@@ -126,17 +126,22 @@ def test_an_abort_reaches_the_waiting_peer_verbatim() -> None:
     assert waited < 10  # far below the 30 s timeout
 
 
+def _timed_recv(link: ShmLink, what: str) -> tuple[str, float]:
+    """The error that receiving `what` ends in, and how long it took to come."""
+    start = time.monotonic()
+    try:
+        link.recv(what)
+    except PipelineError as error:
+        return str(error), time.monotonic() - start
+    return "no error", 0.0
+
+
 def _dead(rank: int, world_size: int) -> tuple[str, float]:
     link = _link(rank)
     dist.barrier()
     if rank == 1:
         os._exit(3)
-    start = time.monotonic()
-    try:
-        link.recv("gradient 2")
-    except PipelineError as error:
-        return str(error), time.monotonic() - start
-    return "no error", 0.0
+    return _timed_recv(link, "gradient 2")
 
 
 def test_a_dead_peer_ends_the_wait() -> None:
@@ -151,12 +156,7 @@ def _silent(rank: int, world_size: int, timeout_s: float) -> tuple[str, float]:
     if rank == 1:
         time.sleep(4 * timeout_s)  # alive, sending nothing
         return "", 0.0
-    start = time.monotonic()
-    try:
-        link.recv("activation 5")
-    except PipelineError as error:
-        return str(error), time.monotonic() - start
-    return "no error", 0.0
+    return _timed_recv(link, "activation 5")
 
 
 def test_a_silent_peer_times_out() -> None:
