@@ -427,23 +427,20 @@ class Pipeline:
             bwd_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
             fwd_group = self.group
             self._comm_device = self._device
-        common = dict(slot_group=slot_group, device=self._comm_device, me=me)
-        timeout = self.config.timeout_s
-        if "prev" in neighbours and "prev" not in links:
-            links["prev"] = Link(
-                neighbours["prev"],
-                send_group=bwd_group,
-                recv_group=fwd_group,
-                timeout_s=timeout,
-                **common,
-            )
-        if "next" in neighbours and "next" not in links:
-            links["next"] = Link(
-                neighbours["next"],
-                send_group=fwd_group,
-                recv_group=bwd_group,
-                timeout_s=timeout,
-                **common,
+        # Activations go forward on fwd_group, their gradients back on bwd_group.
+        directions = {"prev": (bwd_group, fwd_group), "next": (fwd_group, bwd_group)}
+        for name, peer in neighbours.items():
+            if name in links:
+                continue
+            send_group, recv_group = directions[name]
+            links[name] = Link(
+                peer,
+                slot_group=slot_group,
+                send_group=send_group,
+                recv_group=recv_group,
+                device=self._comm_device,
+                timeout_s=self.config.timeout_s,
+                me=me,
             )
         return links
 
