@@ -56,11 +56,10 @@ def collect() -> dict[str, object]:
         "triton (GPU)": (cuda and has_triton, "needs a CUDA device and triton"),
         "triton (interpreter)": (has_triton, "needs triton; runs with TRITON_INTERPRET=1"),
     }
+    shared_memory = native_ok and sys.platform == "linux" and os.path.isdir("/dev/shm")
     transports = {
-        "shared-memory ring (CPU)": (
-            native_ok and sys.platform == "linux" and os.path.isdir("/dev/shm"),
-            native_reason or "needs Linux /dev/shm",
-        ),
+        "shared-memory ring (CPU)": (shared_memory, native_reason or "needs Linux /dev/shm"),
+        "pipeline shm pipes (CPU)": (shared_memory, native_reason or "needs Linux /dev/shm"),
         "CUDA-IPC ring (GPU)": (
             native_ok and cuda and cuda_build,
             native_reason or cuda_reason or ("" if cuda else "no CUDA device"),
