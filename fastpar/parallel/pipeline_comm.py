@@ -4,9 +4,10 @@ Two transports share one interface (`Link` and `ShmLink`: post_receives, recv, s
 send_error, finish_sends, end_step, drop):
 - `ShmLink`, for two CPU-side stages on one host: a shared-memory pipe (`csrc/shm_pipe.h`). A
   send copies the tensor and its shape into the pipe and returns; a receive copies it out. No
-  process-group call, no helper thread and no socket is on the way, so a transfer costs about a
-  memcpy, where gloo costs a socket round trip and wakes its I/O threads (which compete with the
-  stages for the cores). The pipe also carries a failing stage's error to its neighbour.
+  process-group call and no socket is on the way (a helper thread starts only for a tensor
+  larger than the pipe's free room), so a transfer costs about a memcpy, where gloo costs a
+  socket round trip and wakes its I/O threads (which compete with the stages for the cores).
+  The pipe also carries a failing stage's error to its neighbour.
 - `Link`: torch.distributed isend/irecv (gloo, or NCCL for GPU stages), described below.
 
 Every message starts with a fixed-size int64 header that says what it carries: a tensor with
