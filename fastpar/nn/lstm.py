@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from fastpar._checks import check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
 from fastpar.ops.reference import (
@@ -34,12 +35,6 @@ BACKENDS = ("auto", "triton", "torch")
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _log = get_logger(__name__)
-
-
-def _positive_int(name: str, value: object, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _check_backend(backend: object) -> Backend:
@@ -175,10 +170,10 @@ class LSTM(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        self.input_size = _positive_int("input_size", input_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
-        self.num_layers = _positive_int("num_layers", num_layers)
-        self.proj_size = _positive_int("proj_size", proj_size, minimum=0)
+        self.input_size = check_int_at_least("input_size", input_size)
+        self.hidden_size = check_int_at_least("hidden_size", hidden_size)
+        self.num_layers = check_int_at_least("num_layers", num_layers)
+        self.proj_size = check_int_at_least("proj_size", proj_size, minimum=0)
         if self.proj_size >= hidden_size:
             raise ValueError(
                 f"proj_size must be smaller than hidden_size {hidden_size}, got {proj_size}"
@@ -365,8 +360,8 @@ class LSTMCell(nn.Module):
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
-        self.input_size = _positive_int("input_size", input_size)
-        self.hidden_size = _positive_int("hidden_size", hidden_size)
+        self.input_size = check_int_at_least("input_size", input_size)
+        self.hidden_size = check_int_at_least("hidden_size", hidden_size)
         self.bias = bool(bias)
         self.backend: Backend = _check_backend(backend)
         factory = {"device": device, "dtype": dtype}

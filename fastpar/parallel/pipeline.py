@@ -51,6 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fastpar._checks import check_int_at_least
 from fastpar._logging import get_logger
 from fastpar.comm.ring import host_identity
 from fastpar.parallel.pipeline_comm import Link, Peer, PipelineError, ShmLink, connect_shm_links
@@ -109,9 +110,9 @@ class PipelineConfig:
     warning). The numbers are the same either way."""
 
     def __post_init__(self) -> None:
-        _check_int("num_stages", self.num_stages, 1)
-        _check_int("num_microbatches", self.num_microbatches, 1)
-        _check_int("batch_dim", self.batch_dim, 0)
+        check_int_at_least("num_stages", self.num_stages, 1)
+        check_int_at_least("num_microbatches", self.num_microbatches, 1)
+        check_int_at_least("batch_dim", self.batch_dim, 0)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.loss_reduction not in REDUCTIONS:
@@ -122,11 +123,6 @@ class PipelineConfig:
             raise ValueError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -335,7 +331,7 @@ class Pipeline:
                 timeout_s=timeout_s,
                 transport=transport,
             )
-            _check_int("stage_index", stage_index, 0)
+            check_int_at_least("stage_index", stage_index, 0)
             if stage_index >= num_stages:
                 raise ValueError(f"stage_index {stage_index} >= num_stages {num_stages}")
             if stage_index == num_stages - 1 and loss_fn is None:
