@@ -62,7 +62,10 @@ class Trainer:
         """Train on this rank's block; returns the compute seconds (before the all-reduce).
 
         The loss is summed over the block and divided by the global batch's token count, so
-        the all-reduced sum of gradients is the gradient of the global batch's mean loss.
+        the all-reduced sum of gradients is the gradient of the global batch's mean loss. The
+        all-reduce comes after the timing on purpose: the throughput slicer must see each
+        rank's own compute, and DataParallel's backward would include the wait for the slow
+        peer.
         """
         start = time.perf_counter()
         batch = self.tokens[indices]
