@@ -1,38 +1,50 @@
 """All-reduce in the style of nccl-tests: fastpar's ring against torch.distributed, same run.
 
-For each size (float32, SUM) and each world size, both collectives run in the same processes,
-interleaved size by size: one correctness call each on integer-valued data (the results must be
-equal), then `--samples` timed samples of back-to-back calls. Reported per size: the median time
-per call (and p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link
-carries in a ring), and the ratio of torch's time to the ring's.
+For each world size and each size (float32, SUM), both collectives run in the same processes,
+size by size. First the checks: integer-valued inputs whose sum every rank can compute alone
+must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
+`--samples` timed samples of back-to-back calls. Reported per size: the median time per call
+(p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
+ring), and the ratio of torch's time to the ring's. Rank 0 writes each size's row to the CSV as
+soon as it is measured; a size that fails is a row with its error.
 
-    python bench/allreduce.py [--ranks 2 4] [--min-bytes 1024] [--max-bytes 67108864]
-                              [--device cpu|cuda] [--csv results/allreduce.csv]
-                              [--table results/allreduce.txt]
+    python bench/allreduce.py [--ranks 2 4] [--scale cpu|gpu|tiny] [--device cpu|cuda]
+                              [--csv results/allreduce.csv] [--table results/allreduce.txt]
 
-On CPU the baseline is gloo. With --device cuda it is NCCL, which needs one GPU per rank: when
-ranks share a GPU the ring is timed alone and the baseline columns stay empty.
+On CPU the baseline is gloo. With --device cuda and one GPU per rank it is NCCL; ranks that
+share one GPU (NCCL refuses that) are compared with gloo on the same CUDA tensors, and their
+bandwidth is that of one GPU's memory, not NVLink's, which needs two GPUs.
+Exit status: 0 every check passed, 4 a check failed or a size raised (see its row).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from common import device_name, format_table, write_csv
 
-import fastpar.comm as comm
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import RowLog, device_name, error_text, format_table
+from shapes import ALLREDUCE
+
+from fastpar.comm import RingAllReduce
 from fastpar.testing.distributed import run_multiprocess
 
+CHECK_FAILED = 4
 HEADERS = (
-    "device", "ranks", "bytes", "ring_us", "ring_p20_us", "ring_p80_us", "ring_algbw_GBps",
-    "ring_busbw_GBps", "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup",
+    "case", "device", "ranks", "gpus", "bytes", "status", "exact", "bitwise_equal", "ring_us",
+    "ring_p20_us", "ring_p80_us", "ring_algbw_GBps", "ring_busbw_GBps", "torch_backend",
+    "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "error",
 )  # fmt: skip
 
 
@@ -62,111 +74,177 @@ def _device_for(rank: int, device_type: str) -> torch.device:
     return device
 
 
-def _synchronized(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+def _synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], None]:
     """`fn`, then a wait for the device (the time of a GPU collective is its completion)."""
-    if device.type == "cpu":
-        return fn
 
     def run() -> None:
         fn()
-        torch.cuda.synchronize(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     return run
 
 
-def _rank(
-    rank: int, world_size: int, sizes: list[int], samples: int, max_calls: int, device_type: str
-) -> list[tuple[int, list[float], list[float] | None]]:
-    device = _device_for(rank, device_type)
-    # NCCL needs a GPU per rank; ranks sharing a GPU time the ring alone.
-    baseline = device.type == "cpu" or torch.cuda.device_count() >= world_size
-    results = []
-    for nbytes in sizes:
-        count = nbytes // 4
-        check = torch.randint(-50, 51, (count,), device=device).float()
-        # The reference runs where the process group's backend can: on the device, or (ranks
-        # sharing a GPU, gloo) on a host copy.
-        expected = check.clone() if baseline else check.cpu()
-        dist.all_reduce(expected)
-        comm.all_reduce(check)
-        if not torch.equal(check.cpu(), expected.cpu()):
-            raise AssertionError(f"ring and torch.distributed differ at {nbytes} bytes")
-        tensor = torch.randn(count, device=device)
-        ring = _synchronized(lambda tensor=tensor: comm.all_reduce(tensor), device)
-        ring_times = _samples(ring, _calls(nbytes, 8 << 20, max_calls), samples)
-        torch_times = None
-        if baseline:
-            base = _synchronized(lambda tensor=tensor: dist.all_reduce(tensor), device)
-            torch_times = _samples(base, _calls(nbytes, 1 << 20, min(20, max_calls)), samples)
-        results.append((nbytes, ring_times, torch_times))
-    comm.close_rings()
-    return results
+def _integers(rank: int, count: int, seed: int) -> torch.Tensor:
+    """Rank `rank`'s integer-valued input: any rank can rebuild every rank's, so the exact sum
+    needs no communication."""
+    generator = torch.Generator().manual_seed(seed * 1009 + rank)
+    return torch.randint(-1000, 1001, (count,), generator=generator).float()
 
 
 def _quantiles(times: list[float]) -> tuple[float, float, float]:
-    q = statistics.quantiles(times, n=10) if len(times) > 1 else [times[0]] * 9
+    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
     return statistics.median(times), q[1], q[7]
 
 
-def _row(
-    device: str, ranks: int, nbytes: int, ring: list[float], base: list[float] | None
-) -> list[object]:
-    bus = 2 * (ranks - 1) / ranks
-    median, p20, p80 = _quantiles(ring)
-    row: list[object] = [device, ranks, nbytes, median * 1e6, p20 * 1e6, p80 * 1e6,
-                         nbytes / median / 1e9, nbytes / median / 1e9 * bus]  # fmt: skip
-    if base is None:
-        return row + ["", "", "", ""]
-    base_median = _quantiles(base)[0]
-    return row + [base_median * 1e6, nbytes / base_median / 1e9,
-                  nbytes / base_median / 1e9 * bus, base_median / median]  # fmt: skip
+def _check(ring: RingAllReduce, rank: int, world: int, nbytes: int, device: torch.device):
+    """(exact sum, bitwise equal on all ranks) of one call on integer-valued data."""
+    count = nbytes // 4
+    tensor = _integers(rank, count, nbytes).to(device)
+    if not ring.should_use(tensor):
+        raise RuntimeError(f"the ring does not take a {nbytes}-byte {device.type} tensor")
+    ring.all_reduce(tensor)
+    result = tensor.cpu()
+    expected = sum(_integers(r, count, nbytes) for r in range(world))
+    digest = hashlib.sha256(result.numpy().tobytes()).hexdigest()
+    digests: list[str] = [""] * world
+    dist.all_gather_object(digests, digest)
+    return bool(torch.equal(result, expected)), len(set(digests)) == 1
 
 
-def main() -> None:
+def _rank(
+    rank: int, world: int, sizes: list[int], samples: int, max_calls: int, device_type: str,
+    csv_path: str, label: str,
+) -> None:  # fmt: skip
+    device = _device_for(rank, device_type)
+    gpus = torch.cuda.device_count() if device.type == "cuda" else 0
+    backend = dist.get_backend()
+    log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
+    baseline = True
+    with RingAllReduce(device=device, timeout=120) as ring:
+        for nbytes in sizes:
+            case = f"{world} ranks {nbytes} B"
+            row: dict[str, object] = {"case": case, "device": label, "ranks": world,
+                                      "gpus": gpus, "bytes": nbytes}  # fmt: skip
+            if log is not None:
+                log.begin(case)
+            try:
+                exact, equal = _check(ring, rank, world, nbytes, device)
+                row.update(exact=exact, bitwise_equal=equal)
+                tensor = torch.randn(nbytes // 4, device=device)
+                ring_fn = _synchronized(lambda t=tensor: ring.all_reduce(t), device)
+                ring_times = _samples(ring_fn, _calls(nbytes, 8 << 20, max_calls), samples)
+                median, p20, p80 = _quantiles(ring_times)
+                bus = 2 * (world - 1) / world
+                row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
+                           ring_algbw_GBps=nbytes / median / 1e9,
+                           ring_busbw_GBps=nbytes / median / 1e9 * bus)  # fmt: skip
+                if baseline:
+                    base_fn = _synchronized(lambda t=tensor: dist.all_reduce(t), device)
+                    try:
+                        base_fn()
+                    except RuntimeError as error:  # e.g. a backend without CUDA tensors
+                        baseline = False
+                        row["torch_backend"] = f"{backend}: {error_text(error, 80)}"
+                if baseline:
+                    calls = _calls(nbytes, 1 << 20, min(20, max_calls))
+                    base = _quantiles(_samples(base_fn, calls, samples))[0]
+                    row.update(torch_backend=backend, torch_us=base * 1e6,
+                               torch_algbw_GBps=nbytes / base / 1e9,
+                               torch_busbw_GBps=nbytes / base / 1e9 * bus,
+                               speedup=base / median)  # fmt: skip
+                row["status"] = "ok" if exact and equal else "FAIL"
+                if not exact or not equal:
+                    row["error"] = ("sum not exact; " if not exact else "") + (
+                        "ranks differ bitwise" if not equal else "")  # fmt: skip
+            except Exception as error:
+                row.update(status="ERROR", error=error_text(error))
+                if log is not None:
+                    log.write(row)
+                raise  # a collective that failed on one rank cannot go on in step
+            if log is not None:
+                log.write(row)
+                print(f"  {case}: {row['status']} ring {row['ring_us']:.1f} us", flush=True)
+
+
+def _table(rows: list[dict[str, str]]) -> str:
+    columns = ("ranks", "bytes", "status", "ring_us", "ring_p20_us", "ring_p80_us",
+               "ring_busbw_GBps", "torch_backend", "torch_us", "torch_busbw_GBps", "speedup",
+               "error")  # fmt: skip
+    return format_table(columns, [[r.get(c, "") for c in columns] for r in rows])
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--min-bytes", type=int, default=1024)
-    parser.add_argument("--max-bytes", type=int, default=64 << 20)
-    parser.add_argument("--samples", type=int, default=15)
-    parser.add_argument("--max-calls", type=int, default=500, help="calls per sample, at most")
+    parser.add_argument(
+        "--scale",
+        choices=("gpu", "cpu", "tiny"),
+        default=None,
+        help="sizes of bench/shapes.py (default: gpu with cuda, else cpu)",
+    )
+    parser.add_argument("--ranks", type=int, nargs="+", default=None)
+    parser.add_argument("--min-bytes", type=int, default=None)
+    parser.add_argument("--max-bytes", type=int, default=None)
+    parser.add_argument("--samples", type=int, default=None)
+    parser.add_argument("--max-calls", type=int, default=None, help="calls per sample, at most")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--csv", type=Path, default=None)
-    parser.add_argument("--table", type=Path, default=None, help="also write the tables here")
-    args = parser.parse_args()
-    sizes = []
-    size = args.min_bytes
-    while size <= args.max_bytes:
-        sizes.append(size)
-        size *= 2
-    device = device_name(args.device if args.device == "cpu" else "cuda:0")
-    rows = []
-    tables = []
-    for ranks in args.ranks:
-        # NCCL needs a GPU per rank; ranks sharing a GPU meet through gloo (barriers only).
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per world size")
+    parser.add_argument("--csv", type=Path, default=Path("results/allreduce.csv"))
+    parser.add_argument("--table", type=Path, default=None, help="also write the table here")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the CSV's rows and run only the sizes it lacks"
+    )
+    args = parser.parse_args(argv)
+    plan = ALLREDUCE[args.scale or ("gpu" if args.device == "cuda" else "cpu")]
+    low = args.min_bytes or 0
+    high = args.max_bytes or 1 << 62
+    sizes = [s for s in plan.sizes if low <= s <= high]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench/allreduce.py --device cuda: no CUDA device", file=sys.stderr)
+        return 2
+    if not args.resume:
+        args.csv.unlink(missing_ok=True)
+    log = RowLog(args.csv, HEADERS)
+    label = device_name(args.device if args.device == "cpu" else "cuda:0")
+    for ranks in args.ranks or plan.ranks:
+        todo = [s for s in sizes if f"{ranks} ranks {s} B" not in log.done()]
+        if not todo:
+            continue
+        # NCCL needs a GPU per rank; ranks sharing a GPU meet through gloo.
         nccl = args.device == "cuda" and torch.cuda.device_count() >= ranks
-        backend = "nccl" if nccl else "gloo"
         load = os.getloadavg()[0]
-        results = run_multiprocess(
-            _rank,
-            ranks,
-            args=(sizes, args.samples, args.max_calls, args.device),
-            timeout=1800,
-            backend=backend,
-        )
-        table = [_row(device, ranks, nbytes, ring, base) for nbytes, ring, base in results[0]]
-        rows += table
-        tables.append(
-            f"{ranks} ranks on {device}, fastpar ring vs torch.distributed ({backend}), float32 "
-            f"SUM; load average before the run {load:.2f} on {os.cpu_count()} cores\n"
-            + format_table(HEADERS[1:], [r[1:] for r in table])
-        )
-        print("\n" + tables[-1], flush=True)
-    if args.csv is not None:
-        write_csv(args.csv, HEADERS, rows)
+        print(f"{ranks} ranks on {label} ({'nccl' if nccl else 'gloo'} baseline), load "
+              f"average {load:.2f} on {os.cpu_count()} cores", flush=True)  # fmt: skip
+        try:
+            run_multiprocess(
+                _rank, ranks,
+                args=(todo, args.samples or plan.samples, args.max_calls or plan.max_calls,
+                      args.device, str(args.csv), label),
+                timeout=args.timeout, backend="nccl" if nccl else "gloo",
+            )  # fmt: skip
+        except Exception as error:  # the failing size has its row; the next world size runs
+            print(f"{ranks} ranks: {error_text(error, 2000)}", file=sys.stderr, flush=True)
+            if log.running.exists():  # the size that was running when the ranks died
+                log.write(
+                    {
+                        "case": log.running.read_text().strip(),
+                        "device": label,
+                        "ranks": ranks,
+                        "status": "ERROR",
+                        "error": error_text(error),
+                    }
+                )
+    rows = log.rows()
+    text = _table(rows)
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.ranks or plan.ranks):
+        text += ("\nRanks share one GPU: bandwidth here is one GPU's memory; NVLink bandwidth "
+                 "needs two GPUs and is not measured.")  # fmt: skip
+    print(text)
     if args.table is not None:
         args.table.parent.mkdir(parents=True, exist_ok=True)
-        args.table.write_text("\n\n".join(tables) + "\n")
+        args.table.write_text(text + "\n")
+    return 0 if rows and all(r["status"] == "ok" for r in rows) else CHECK_FAILED
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

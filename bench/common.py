@@ -7,6 +7,7 @@ median and the 20th/80th percentiles of repeated timings.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import platform
 import statistics
@@ -70,6 +71,58 @@ def write_csv(path: Path, headers: Sequence[str], rows: Sequence[Sequence[object
         writer = csv.writer(f)
         writer.writerow(headers)
         writer.writerows(rows)
+
+
+class RowLog:
+    """A CSV that grows one row at a time, flushed as each row is written, so a benchmark that
+    crashes or times out keeps every row it finished; rows with an `error` say why they failed.
+
+    `begin(case)` notes the case in progress in `<csv>.running` (read after a crash to name the
+    case that died); `done()` lists the cases already written (to resume after a crash).
+    """
+
+    def __init__(self, path: Path, headers: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.headers = list(headers)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.running = self.path.with_name(self.path.name + ".running")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            with open(self.path, "w", newline="") as f:
+                csv.writer(f).writerow(self.headers)
+
+    def rows(self) -> list[dict[str, str]]:
+        with open(self.path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    def done(self) -> set[str]:
+        return {row.get("case", "") for row in self.rows()}
+
+    def begin(self, case: str) -> None:
+        self.running.write_text(case + "\n")
+
+    def write(self, row: dict[str, object]) -> None:
+        unknown = set(row) - set(self.headers)
+        if unknown:
+            raise KeyError(f"{self.path.name}: no column for {sorted(unknown)}")
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([_csv_value(row.get(h, "")) for h in self.headers])
+            f.flush()
+            os.fsync(f.fileno())
+        self.running.unlink(missing_ok=True)
+
+
+def _csv_value(value: object) -> object:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return value
+
+
+def error_text(error: BaseException, limit: int = 300) -> str:
+    """One line for a table cell: the exception's type and the start of its message."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LSTMLanguageModel(torch.nn.Module):

@@ -1,0 +1,165 @@
+"""Every kernel of fastpar once, at small shapes: what `compute-sanitizer` (memcheck, racecheck,
+synccheck) watches in a GPU check. Each case is one CSV row written as it ends; a case that
+raises is a row with its error and the next case runs.
+
+Kernels: the Triton LSTM forward and backward of every fastpar variant (float32 and bfloat16,
+with a projection, a packed batch and a reversed direction), the native k-input reduction and
+the native ring all-reduce across 2 processes (CUDA IPC on a GPU, shared memory on a CPU).
+
+    compute-sanitizer --tool memcheck --target-processes all \\
+        python3 bench/kernel_smoke.py --device cuda --tool memcheck --csv results/sanitizer.csv
+    TRITON_INTERPRET=1 python3 bench/kernel_smoke.py --device cpu --csv ...   (the dry run)
+
+Exit status: 0 every case passed, 4 one failed (see its row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CHECK_FAILED = 4
+HEADERS = ("case", "tool", "status", "seconds", "error")
+
+
+def lstm_case(variant: str, dtype_name: str, device, **options) -> Callable[[], None]:
+    """Forward and backward of a small LSTM, checked loosely against torch.nn.LSTM."""
+    packed = options.pop("packed", False)
+
+    def run() -> None:
+        import torch
+        from torch.nn.utils.rnn import pack_padded_sequence
+        from variants import fastpar_lstm
+
+        dtype = getattr(torch, dtype_name)
+        torch.manual_seed(0)
+        kwargs = dict(input_size=8, hidden_size=32, **options)
+        base = torch.nn.LSTM(**kwargs).to(device, dtype)
+        ours = fastpar_lstm(variant, **kwargs).to(device, dtype)
+        ours.load_state_dict(base.state_dict())
+        x = torch.randn(5, 3, 8, device=device, dtype=dtype)
+        results = []
+        for model in (ours, base):
+            inp = x.detach().requires_grad_()
+            feed = pack_padded_sequence(inp, torch.tensor([5, 4, 2])) if packed else inp
+            out = model(feed)[0]
+            out = out.data if packed else out
+            out.float().square().sum().backward()
+            results.append((out.float(), inp.grad.float()))
+        tol = 5e-2 if dtype != torch.float32 else 1e-3
+        for name, a, b in zip(("output", "grad input"), *results, strict=True):
+            err = (a - b).abs().max().item()
+            if not err <= tol * max(1.0, b.abs().max().item()):
+                raise AssertionError(f"{name} differs from torch.nn.LSTM by {err:.3g}")
+
+    return run
+
+
+def reduce_case(dtype_name: str, op: str, device) -> Callable[[], None]:
+    def run() -> None:
+        import torch
+
+        from fastpar.comm import reduce_buffers
+
+        dtype = getattr(torch, dtype_name)
+        for numel in (1, 1000, 4099):
+            inputs = [torch.randint(-8, 9, (numel,), device=device).to(dtype) for _ in range(3)]
+            out = reduce_buffers(inputs, op=op)
+            stacked = torch.stack([t.double() for t in inputs])
+            expected = stacked.sum(0) if op == "sum" else stacked.amax(0)
+            if not torch.equal(out.double(), expected):
+                raise AssertionError(f"{numel} elements: not the exact {op}")
+
+    return run
+
+
+def _ring_rank(rank: int, world: int, device_type: str) -> None:
+    import torch
+
+    from fastpar.comm import RingAllReduce
+
+    device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=1 << 16) as ring:
+        for numel in (1, 1009, 70001):  # the last spans several chunks
+            tensor = torch.full((numel,), float(rank + 1), device=device)
+            if not ring.should_use(tensor):
+                raise RuntimeError(f"the ring does not take a {device_type} tensor")
+            ring.all_reduce(tensor)
+            expected = world * (world + 1) / 2
+            if not bool((tensor == expected).all()):
+                raise AssertionError(f"{numel} elements: not {expected}")
+
+
+def ring_case(device) -> Callable[[], None]:
+    def run() -> None:
+        from fastpar.testing.distributed import run_multiprocess
+
+        run_multiprocess(_ring_rank, 2, args=(device.type,), timeout=120)
+
+    return run
+
+
+def cases(device) -> dict[str, Callable[[], None]]:
+    import torch
+    from variants import variants
+
+    from fastpar.ops import interpreter_active
+
+    kernels = variants(torch.device("cuda") if interpreter_active() else device)
+    out: dict[str, Callable[[], None]] = {}
+    for variant in kernels:
+        for dtype in ("float32", "bfloat16"):
+            out[f"lstm {variant} {dtype}"] = lstm_case(variant, dtype, device)
+        out[f"lstm {variant} proj"] = lstm_case(variant, "float32", device, proj_size=16)
+        out[f"lstm {variant} packed"] = lstm_case(variant, "float32", device, packed=True)
+        out[f"lstm {variant} bidirectional"] = lstm_case(
+            variant, "bfloat16", device, bidirectional=True
+        )
+    for dtype in ("float32", "bfloat16", "int64"):
+        for op in ("sum", "max"):
+            out[f"reduce {dtype} {op}"] = reduce_case(dtype, op, device)
+    out["ring all-reduce 2 ranks"] = ring_case(device)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tool", default="none", help="the sanitizer tool watching (a label)")
+    parser.add_argument("--csv", type=Path, default=Path("results/sanitizer.csv"))
+    args = parser.parse_args(argv)
+    import torch
+    from common import RowLog, error_text
+
+    device = torch.device(args.device)
+    log = RowLog(args.csv, HEADERS)
+    done = log.done()
+    failed = False
+    for name, run in cases(device).items():
+        case = f"{args.tool} | {name}"
+        if case in done:
+            continue
+        log.begin(case)
+        start = time.perf_counter()
+        row: dict[str, object] = {"case": case, "tool": args.tool, "status": "ok"}
+        try:
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as error:
+            row.update(status="ERROR", error=error_text(error))
+            failed = True
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        log.write(row)
+        print(f"  {case}: {row['status']} {row.get('error', '')}", flush=True)
+    return CHECK_FAILED if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

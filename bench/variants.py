@@ -1,0 +1,71 @@
+"""The LSTM implementations a benchmark compares, built in one place.
+
+Every fastpar kernel variant is its own case ("fastpar-auto", "fastpar-step",
+"fastpar-persistent" on a GPU; "fastpar-auto" on a CPU), next to torch.nn.LSTM (cuDNN on a GPU)
+with the same weights. `fastpar_lstm` is the only function that knows how a variant becomes a
+module, and this file the only one in bench/ that imports fastpar's kernel choice.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+BASELINE = "torch.nn.LSTM"
+GPU_VARIANTS = ("fastpar-auto", "fastpar-step", "fastpar-persistent")
+CPU_VARIANTS = ("fastpar-auto",)
+
+
+def _choose_kernel():
+    try:
+        from fastpar.ops.lstm_config import choose_kernel
+    except ImportError:
+        from fastpar.ops.lstm_forward import choose_kernel
+    return choose_kernel
+
+
+def kernel_argument_exists() -> bool:
+    """Whether fastpar.nn.LSTM takes `kernel=` (the Triton kernel variant)."""
+    import fastpar.nn
+
+    return "kernel" in inspect.signature(fastpar.nn.LSTM).parameters
+
+
+def variants(device: torch.device) -> tuple[str, ...]:
+    """The fastpar cases for this device; "step"/"persistent" only where they can be named."""
+    if device.type != "cuda":
+        return CPU_VARIANTS
+    return GPU_VARIANTS if kernel_argument_exists() else GPU_VARIANTS[:1]
+
+
+def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
+    """The fastpar module of a case; `kwargs` are torch.nn.LSTM's constructor arguments."""
+    import fastpar.nn
+    from fastpar.ops import interpreter_active
+
+    kernel = variant.removeprefix("fastpar-")
+    if kernel == "auto":
+        # In Triton's interpreter (the dry run) "auto" would take the CPU path: name the kernels.
+        return fastpar.nn.LSTM(**kwargs, backend="triton" if interpreter_active() else "auto")
+    if kernel not in ("step", "persistent"):
+        raise ValueError(f"unknown fastpar variant {variant!r}; choose from {GPU_VARIANTS}")
+    if not kernel_argument_exists():
+        raise RuntimeError(f"{variant}: this fastpar.nn.LSTM has no kernel= argument")
+    return fastpar.nn.LSTM(**kwargs, backend="triton", kernel=kernel)
+
+
+def kernel_name(
+    variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device
+) -> str:
+    """The Triton kernels a variant runs forward/backward at this shape ("" off CUDA)."""
+    if device.type != "cuda":
+        return ""
+    kernel = variant.removeprefix("fastpar-")
+    choose = _choose_kernel()
+    try:
+        forward = choose(batch, hidden, proj or hidden, dtype, device, kernel)
+        backward = choose(batch, hidden, proj or hidden, dtype, device, kernel, backward=True)
+    except ValueError as error:  # "persistent" named where it does not apply
+        return f"n/a: {error}"
+    return f"{forward}/{backward}"
