@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TRITON_SPEC ?= triton==3.6.0
 PYTEST_ARGS ?=
 
-.PHONY: test demo build lint bench clean
+.PHONY: test demo build lint bench bench-kernels gpu-check clean
 
 $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,15 @@ $(VENV)/.installed: pyproject.toml setup.py
 build: $(VENV)/.installed
 	$(PY) -m fastpar build
 
+# After the suite, what guards the GPU run (no GPU needed): the GPU test modules must collect,
+# the pytest-benchmark suites run once each at tiny shapes, and gpu_check.sh's dry run must pass
+# every stage (the same stages as on a GPU: tiny shapes, Triton's interpreter, CPU ranks).
 test: build
 	$(PY) -m ruff check fastpar tests bench
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest --collect-only -qq -m gpu tests
+	$(PY) -m pytest bench --benchmark-disable -q -p no:cacheprovider
+	bash bench/gpu_check.sh --dry-run --out results/dry-run --python $(PY)
 
 # The main job: a character LSTM language model trained data-parallel on 2 local processes
 # over fastpar's ring (1500 steps, about 2 minutes on 2 CPU cores), after the environment report.
@@ -39,6 +45,14 @@ lint: $(VENV)/.installed
 # Every benchmark suite: tables on stdout, CSV and PNG plots in results/.
 bench: build
 	$(PY) -m fastpar bench all --results results
+
+# The kernel micro-benchmarks (pytest-benchmark), saved for a later --benchmark-compare.
+bench-kernels: build
+	$(PY) -m pytest bench --benchmark-storage=results/benchmarks --benchmark-autosave
+
+# The whole GPU check (on a machine with a GPU; see the README).
+gpu-check:
+	bash bench/gpu_check.sh --out results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .demo-checkpoints results

@@ -26,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -165,6 +166,41 @@ def _rank(
             if log is not None:
                 log.write(row)
                 print(f"  {case}: {row['status']} ring {row['ring_us']:.1f} us", flush=True)
+
+
+# Jobs that rank 0 broadcasts to the peer ranks of bench/test_bench_allreduce.py, which live in
+# the pytest process: (kind, bytes, calls).
+JOB_STOP, JOB_CHECK, JOB_RING, JOB_TORCH = 0, 1, 2, 3
+
+
+def run_job(job: list[int], rank: int, world: int, ring: RingAllReduce, device: torch.device):
+    """One job on this rank: the exactness check (its (exact, bitwise equal)) or `calls` timed
+    calls of the ring or of torch.distributed on a `bytes`-byte float32 tensor."""
+    kind, nbytes, calls = job
+    if kind == JOB_CHECK:
+        return _check(ring, rank, world, nbytes, device)
+    tensor = torch.randn(nbytes // 4, device=device)
+    collective = ring.all_reduce if kind == JOB_RING else dist.all_reduce
+    run = _synchronized(lambda: collective(tensor), device)
+    for _ in range(calls):
+        run()
+    return None
+
+
+def serve_peer(rank: int, world: int, port: int, device_type: str) -> None:
+    """A peer rank of a pytest-benchmark group: runs the jobs rank 0 broadcasts until JOB_STOP."""
+    timeout = timedelta(seconds=120)
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    device = _device_for(rank, device_type)
+    with RingAllReduce(device=device, timeout=120) as ring:
+        while True:
+            job = torch.zeros(3, dtype=torch.int64)
+            dist.broadcast(job, 0)
+            if int(job[0]) == JOB_STOP:
+                break
+            run_job(job.tolist(), rank, world, ring, device)
+    dist.destroy_process_group()
 
 
 def _table(rows: list[dict[str, str]]) -> str:

@@ -34,14 +34,15 @@ def pytest_runtest_logstart(nodeid: str, location: tuple) -> None:
         log.begin(nodeid)
 
 
-def _reason(report: pytest.TestReport) -> str:
+def _reason(report: pytest.BaseReport) -> str:
+    """The skip reason, or the exception's first line (type and message)."""
     if report.skipped and isinstance(report.longrepr, tuple):
         return str(report.longrepr[2])
-    text = getattr(report, "longreprtext", "") or str(report.longrepr or "")
-    lines = [line for line in text.splitlines() if line.strip()]
-    error_lines = [line for line in lines if line.startswith("E ")]
-    last = (error_lines or lines or [""])[-1].removeprefix("E ").strip()
-    return last[:300]
+    crash = getattr(report.longrepr, "reprcrash", None)
+    text = getattr(crash, "message", "") or getattr(report, "longreprtext", "") or ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    error_lines = [line.removeprefix("E ").strip() for line in lines if line.startswith("E ")]
+    return (error_lines or lines or [""])[0][:300]
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:

@@ -6,6 +6,7 @@ prints their tables, and writes one CSV and one PNG plot per suite into a result
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from collections import defaultdict
@@ -50,6 +51,20 @@ def _read(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _number(value: str | None) -> float:
+    """A CSV cell as a number; NaN (a gap in the plot) where a case failed or did not apply."""
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _measured(suite: Suite, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Rows with a number in at least one plotted column: a case that failed has empty cells
+    (its error is in the CSV)."""
+    return [r for r in rows if any(not math.isnan(_number(r.get(y))) for y in suite.ys)]
+
+
 def plot(suite: Suite, rows: list[dict[str, str]], png: Path) -> None:
     """One PNG per suite: fastpar next to its baseline, named by the device of the rows."""
     import matplotlib
@@ -57,6 +72,7 @@ def plot(suite: Suite, rows: list[dict[str, str]], png: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = _measured(suite, rows)
     figure, axes = plt.subplots(figsize=(9, 4.5))
     if suite.kind == "lines":
         groups: dict[str, list[dict[str, str]]] = defaultdict(list)
@@ -66,7 +82,7 @@ def plot(suite: Suite, rows: list[dict[str, str]], png: Path) -> None:
             xs = [float(r[suite.x]) for r in group]
             for y in suite.ys:
                 label = f"{y} ({suite.series} {key})" if suite.series else y
-                axes.plot(xs, [float(r[y]) for r in group], marker="o", label=label)
+                axes.plot(xs, [_number(r.get(y)) for r in group], marker="o", label=label)
         axes.set_xscale("log", base=2)
         axes.set_xlabel(suite.x)
     else:
@@ -75,7 +91,7 @@ def plot(suite: Suite, rows: list[dict[str, str]], png: Path) -> None:
         width = 0.8 / len(suite.ys)
         for index, y in enumerate(suite.ys):
             positions = [i + index * width for i in range(len(rows))]
-            axes.bar(positions, [float(r[y]) for r in rows], width=width, label=y)
+            axes.bar(positions, [_number(r.get(y)) for r in rows], width=width, label=y)
         axes.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], labels, rotation=30,
                         ha="right", fontsize=8)  # fmt: skip
     devices = sorted({r.get("device", "") for r in rows} - {""})
@@ -89,7 +105,11 @@ def plot(suite: Suite, rows: list[dict[str, str]], png: Path) -> None:
 
 
 def run(names: list[str], results: Path) -> int:
-    """Runs the named suites ("all" for every one); returns the exit status."""
+    """Runs the named suites ("all" for every one); returns the exit status.
+
+    `results` may be relative: it is the caller's folder that it is relative to, although the
+    scripts run in the checkout.
+    """
     if not BENCH_DIR.is_dir():
         print(f"fastpar bench runs the scripts in a source checkout's bench/ folder, and "
               f"{BENCH_DIR} does not exist", file=sys.stderr)  # fmt: skip
@@ -103,6 +123,7 @@ def run(names: list[str], results: Path) -> int:
                 return 2
             if suite not in selected:
                 selected.append(suite)
+    results = Path(results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     status = 0
     for name in selected:

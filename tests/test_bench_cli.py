@@ -43,3 +43,32 @@ def test_every_suite_names_an_existing_script() -> None:
 def test_unknown_suite_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["nosuch"], tmp_path) == 2
     assert "unknown benchmark 'nosuch'; choose from lstm, allreduce" in capsys.readouterr().err
+
+
+def test_relative_results_folder_is_the_callers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scripts run in the checkout; a relative --results still means the caller's folder."""
+    import fastpar.bench_cli as bench_cli
+
+    checkout = tmp_path / "checkout"
+    (checkout / "bench").mkdir(parents=True)
+    # A stand-in suite script: writes a two-row CSV where --csv says, as the real ones do.
+    (checkout / "bench" / "fake.py").write_text(
+        "import sys\n"
+        "path = sys.argv[sys.argv.index('--csv') + 1]\n"
+        "open(path, 'w').write('device,shape,impl,fwd_ms,fwdbwd_ms\\n'\n"
+        "                      'cpu,s,a,1.0,2.0\\ncpu,s,b,1.5,\\n')\n"
+    )
+    suite = SUITES["lstm"]
+    monkeypatch.setattr(bench_cli, "BENCH_DIR", checkout / "bench")
+    monkeypatch.setitem(
+        bench_cli.SUITES, "fake", bench_cli.Suite("fake.py", suite.title, "bars", suite.x, suite.ys)
+    )
+    caller = tmp_path / "elsewhere"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    assert run(["fake"], Path("out")) == 0
+    assert (caller / "out" / "fake.csv").read_text().startswith("device,shape")
+    assert (caller / "out" / "fake.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (checkout / "out").exists()
