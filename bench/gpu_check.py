@@ -73,6 +73,7 @@ class Check:
     deadline: float = 0.0
     stage_rows: list[dict[str, object]] = field(default_factory=list)
     warming: subprocess.Popen | None = None
+    current: subprocess.Popen | None = None  # the stage's process running now
 
     @property
     def logs(self) -> Path:
@@ -103,6 +104,7 @@ class Check:
                 command, cwd=ROOT, env=self.env(**env), stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, start_new_session=True,
             )  # fmt: skip
+            self.current = process
             end = time.monotonic() + max(timeout, 1.0)
             assert process.stdout is not None
             os.set_blocking(process.stdout.fileno(), False)
@@ -404,6 +406,10 @@ def run_stages(check: Check, names: list[str]) -> None:
     check.stop_warming()
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def exit_status(check: Check) -> int:
     statuses = [str(r["status"]) for r in check.stage_rows]
     if any(int(r["failed"]) for r in check.stage_rows) or any(
@@ -433,7 +439,19 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(out / "junit", ignore_errors=True)
     check = Check(out=out, dry_run=args.dry_run, python=args.python)
     start = time.monotonic()
-    run_stages(check, args.only)
+    # Stopped from outside (Ctrl-C, or SIGTERM from a wrapper's time limit): end the stage's
+    # processes, then still print what the rows say.
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        run_stages(check, args.only)
+    except KeyboardInterrupt:
+        for process in (check.current, check.warming):
+            if process is not None:
+                _kill_group(process)
+        check.stage_rows.append({"stage": "(interrupted)", "status": "TIMEOUT", "failed": 0})
+        append_row(out / "stages.csv", STAGE_HEADERS,
+                   {"stage": "(interrupted)", "status": "TIMEOUT",
+                    "detail": "the check was stopped from outside"})  # fmt: skip
     from gpu_summary import summary
 
     print("\n" + summary(out, dry_run=args.dry_run), flush=True)

@@ -19,8 +19,18 @@ while [ $# -gt 0 ]; do
         *) args+=("$1"); shift ;;
     esac
 done
-"$python" bench/gpu_check.py --python "$python" "${args[@]}"
+# A signal to this script (a wrapper's time limit) reaches the stages, which then print the
+# summary of what they finished.
+"$python" bench/gpu_check.py --python "$python" "${args[@]}" &
+pid=$!
+trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
+wait "$pid"
 status=$?
+if [ "$status" -gt 128 ]; then  # wait was interrupted by the signal: wait for the summary
+    wait "$pid"
+    status=$?
+fi
+trap - TERM INT
 if [ "$status" -ne 0 ] && [ "$status" -ne 1 ] && [ "$status" -ne 3 ]; then
     # The orchestrator itself failed: show whatever rows the stages left.
     echo "bench/gpu_check.py exited $status; rows written so far:" >&2
