@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from common import device_name, format_table, time_cpu, write_csv
+from shapes import REDUCE
 
 from fastpar.comm.reduce import reduce_buffers
 
@@ -45,9 +46,10 @@ def bench_one(size_mb: float, num_inputs: int, dtype: torch.dtype) -> list[objec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes-mb", type=float, nargs="+", default=[1.0, 64.0])
-    parser.add_argument("--inputs", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
+    sizes, inputs, dtypes = REDUCE["cpu"]  # bench/shapes.py
+    parser.add_argument("--sizes-mb", type=float, nargs="+", default=list(sizes))
+    parser.add_argument("--inputs", type=int, nargs="+", default=list(inputs))
+    parser.add_argument("--dtypes", nargs="+", default=list(dtypes))
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the native kernel is single-threaded: compare like with like
