@@ -178,9 +178,11 @@ def time_model(model, x, grad, device, timer: Timer) -> dict[str, float]:
     import torch
 
     inp, leaf = _with_grad(x)
+    # do_bench times the device with CUDA events; a host clock needs the device to finish.
+    host_clock = timer is not do_bench_timer
 
     def sync() -> None:
-        if device.type == "cuda":
+        if device.type == "cuda" and host_clock:
             torch.cuda.synchronize(device)
 
     def forward() -> None:
