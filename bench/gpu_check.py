@@ -213,12 +213,13 @@ def stage_build(check: Check, timeout: float) -> tuple[str, str]:
 
 
 def gpu_test_modules() -> list[Path]:
-    """Test modules with tests marked gpu: ops first (the most to learn), then the rest."""
+    """Test modules with tests marked gpu: ops first (the most to learn), then the rest; within
+    a folder, torch.compile's modules last (Inductor's cold compilations are the slowest)."""
     order = ("ops", "nn", "comm", "parallel")
     found = [p for p in sorted((ROOT / "tests").rglob("test_*.py"))
              if re.search(r"mark\.gpu\b", p.read_text(errors="replace"))]  # fmt: skip
     return sorted(found, key=lambda p: (order.index(p.parent.name) if p.parent.name in order
-                                        else len(order), str(p)))  # fmt: skip
+                                        else len(order), "compile" in p.name, str(p)))  # fmt: skip
 
 
 def stage_tests(check: Check, timeout: float) -> tuple[str, str]:
