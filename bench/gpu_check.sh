@@ -10,7 +10,7 @@
 # Exit status: 0 all checks passed, 1 a correctness check failed (or, dry run, a stage wrote no
 # rows), 3 nothing failed but a stage ran out of time. The stages live in bench/gpu_check.py.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+here="$(cd "$(dirname "$0")" && pwd)"  # no cd: a relative --out is the caller's folder
 python=python3
 args=()
 while [ $# -gt 0 ]; do
@@ -21,7 +21,7 @@ while [ $# -gt 0 ]; do
 done
 # A signal to this script (a wrapper's time limit) reaches the stages, which then print the
 # summary of what they finished.
-"$python" bench/gpu_check.py --python "$python" "${args[@]}" &
+"$python" "$here/gpu_check.py" --python "$python" ${args[@]+"${args[@]}"} &
 pid=$!
 trap 'kill -TERM "$pid" 2>/dev/null' TERM INT
 wait "$pid"
@@ -34,7 +34,7 @@ trap - TERM INT
 if [ "$status" -ne 0 ] && [ "$status" -ne 1 ] && [ "$status" -ne 3 ]; then
     # The orchestrator itself failed: show whatever rows the stages left.
     echo "bench/gpu_check.py exited $status; rows written so far:" >&2
-    "$python" bench/gpu_summary.py "$(printf '%s\n' "${args[@]}" | sed -n '/^--out$/{n;p}')" 2>&1 \
-        || cat results/*.csv 2>/dev/null
+    out="$(printf '%s\n' ${args[@]+"${args[@]}"} | sed -n '/^--out$/{n;p}')"
+    "$python" "$here/gpu_summary.py" "${out:-results}" 2>&1 || cat "${out:-results}"/*.csv
 fi
 exit "$status"
