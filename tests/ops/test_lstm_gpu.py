@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastpar.ops.lstm_forward import choose_kernel
-from fastpar.ops.lstm_function import lstm_recurrence_triton
+from fastpar.ops.lstm_config import choose_kernel
+from fastpar.ops.lstm_op import lstm_recurrence_triton
 from fastpar.ops.reference import lstm_recurrence_reference
 from tests.ops.lstm_helpers import (
     NAMES,
