@@ -23,6 +23,7 @@ from fastpar.ops.lstm_config import (
     dot_precision,
     padded_k,
     persistent_config,
+    saved_gates_dtype,
     step_config,
 )
 from fastpar.ops.lstm_persistent import _lstm_bwd_persistent_kernel, _lstm_fwd_persistent_kernel
@@ -73,7 +74,7 @@ def compile_cases(
     """
     dt = "*" + _TRITON_TYPE[dtype]
     f32, i32 = "*fp32", "*i32"
-    gates = "*fp32"  # saved_gates_dtype
+    gates = "*" + _TRITON_TYPE[saved_gates_dtype(dtype)]
     shape = f"B={batch} H={hidden} P={proj} {_TRITON_TYPE[dtype]} {version}"
     prec = dot_precision(dtype, _CUDA)
     kp = padded_k(proj)

@@ -86,6 +86,18 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> Literal["ieee", "
     return fp32_dot_precision(device) if dtype == torch.float32 else "tf32"
 
 
+def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gate activations kept for backward: float16 for half-type inputs, else
+    float32.
+
+    Activations lie in [0, 1] (i, f, o) or [-1, 1] (g), where float16 keeps 11 significant bits
+    (bfloat16 only 8): rounded to bfloat16 they put bfloat16 gradients outside tests/ops' bound
+    (twice PyTorch's own error), rounded to float16 the errors stay where float32 put them. c_t
+    is saved in float32: it is unbounded and carries the recurrence.
+    """
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
 def batch_block(batch: int) -> int:
     """Batch tile: a power of two >= 16 (the smallest tl.dot M), at most 64."""
     return min(64, max(MIN_DOT, triton.next_power_of_2(batch)))

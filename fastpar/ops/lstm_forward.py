@@ -25,6 +25,7 @@ from fastpar.ops.lstm_config import (
     num_sms,
     padded_k,
     persistent_config,
+    saved_gates_dtype,
     step_config,
 )
 from fastpar.ops.lstm_persistent import _lstm_fwd_persistent_kernel
@@ -41,16 +42,6 @@ class ForwardResult(NamedTuple):
     gates: Tensor  # (T, B, 4H) gate activations (saved_gates_dtype); (0,) without need_backward
     cs: Tensor  # (T, B, H) float32 cell states; (0,) without need_backward
     hraw: Tensor  # (T, B, H) o*tanh(c) before the projection; (0,) without one
-
-
-def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
-    """dtype of the gate activations kept for backward.
-
-    Float32 for every input dtype: activations rounded to bfloat16 put the half-type gradients
-    outside tests/ops' bound (a small multiple of PyTorch's own error). c_t stays float32 too:
-    it carries the recurrence.
-    """
-    return torch.float32
 
 
 def lstm_forward(

@@ -19,8 +19,8 @@ from torch import Tensor
 
 from fastpar.ops import interpreter_active
 from fastpar.ops.lstm_backward import lstm_backward
-from fastpar.ops.lstm_config import KernelChoice
-from fastpar.ops.lstm_forward import lstm_forward, saved_gates_dtype
+from fastpar.ops.lstm_config import KernelChoice, saved_gates_dtype
+from fastpar.ops.lstm_forward import lstm_forward
 from fastpar.profiling import record_range
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)

@@ -48,7 +48,7 @@ def _lstm_fwd_persistent_kernel(
     c0_ptr,  # (B, H) float32 initial cell state
     w_ptr,  # (4H, H) W_hh, contiguous
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
-    gates_ptr,  # (T, B, 4H) out when SAVE: activations i, f, g, o
+    gates_ptr,  # (T, B, 4H) out when SAVE: activations i, f, g, o (saved_gates_dtype)
     cs_ptr,  # (T, B, H) float32 out when SAVE: c_t
     h_ptr,  # (T, B, H) out, input dtype; also read back as h_{t-1} by every program
     c_n_ptr,  # (B, H) float32 out: c after the last step processed
@@ -115,7 +115,7 @@ def _lstm_bwd_persistent_kernel(
     dgates_ptr,  # (T, B, 4H) out, input dtype; dgates_{t+1} is read back by every program
     w_ptr,  # (4H, H) W_hh, contiguous
     dh_ptr,  # (T, B, H) gradient of hs
-    gates_ptr,  # (T, B, 4H) saved activations
+    gates_ptr,  # (T, B, 4H) saved activations (saved_gates_dtype)
     c_ptr,  # (T, B, H) float32 saved cell states
     c0_ptr,  # (B, H) float32 initial cell state
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS

@@ -156,7 +156,7 @@ def save_step(
     f,
     g,
     o,
-    gates_ptr,  # (T, B, 4H) out: activations i, f, g, o (float32 or the input dtype)
+    gates_ptr,  # (T, B, 4H) out: activations i, f, g, o (saved_gates_dtype)
     cs_ptr,  # (T, B, H) float32 out: c_t
     B,
     H: tl.constexpr,
@@ -179,7 +179,7 @@ def _lstm_fwd_step_kernel(
     c_state_ptr,  # (B, H) float32 in/out: c_{t-1} in, c_t out
     w_ptr,  # (4H, P) W_hh, contiguous
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
-    gates_ptr,  # (T, B, 4H) out when SAVE: activations i, f, g, o
+    gates_ptr,  # (T, B, 4H) out when SAVE: activations i, f, g, o (saved_gates_dtype)
     cs_ptr,  # (T, B, H) float32 out when SAVE: c_t
     h_ptr,  # (T, B, H) out, input dtype: h_t, or o*tanh(c_t) before the projection
     t,
@@ -232,7 +232,7 @@ def bwd_step(
     dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
     w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
     dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
-    gates_ptr,  # (T, B, 4H) saved activations (float32 or the input dtype)
+    gates_ptr,  # (T, B, 4H) saved activations (saved_gates_dtype)
     c_ptr,  # (T, B, H) float32 saved cell states
     cprev_ptr,  # (B, H) float32 c_{t-1}: a step of the saved cell states, or c0
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
@@ -318,7 +318,7 @@ def _lstm_bwd_step_kernel(
     dgates_ptr,  # (T, B, 4H) out at t, input dtype; read at t_next when HAS_NEXT
     w_ptr,  # (4H, H) W_hh, contiguous; read only when HAS_REC
     dh_ptr,  # HAS_REC: (T, B, H) gradient of hs; else (B, H) float32 gradient of o*tanh(c_t)
-    gates_ptr,  # (T, B, 4H) saved activations
+    gates_ptr,  # (T, B, 4H) saved activations (saved_gates_dtype)
     c_ptr,  # (T, B, H) float32 saved cell states
     cprev_ptr,  # (T, B, H) saved cell states (read at t_prev), or (B, H) c0 with t_prev = 0
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
