@@ -13,6 +13,12 @@ storing h_t a program arrives at the barrier, then stores what backward saves an
 next step's xg tile, and only then waits. v1 re-reads the share from L1 every step, with every
 other load bypassing L1 (``.cg``) or marked evict-first.
 
+Variable lengths: the programs of a batch block run only the steps before the longest of its
+rows (``n_valid``); the steps past it change no state, so forward writes their outputs (the
+carried h, c, zero gates) without a barrier, and backward turns them into zero dgates and a sum
+of dhs into the carried gradient of h. Sorting a batch by length (as packing does) lets whole
+batch blocks stop early.
+
 The programs of one batch block need every hidden unit of ``h_{t-1}``, so after each step they
 meet at a grid barrier: a counter per batch block that each program increments (release) and
 then waits on (acquire) until all ``n_h`` programs have arrived. All programs must be resident
@@ -30,7 +36,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from fastpar.ops.lstm_jit import grid_arrive, grid_wait
+from fastpar.ops.lstm_jit import grid_arrive, grid_wait, store_gates
 from fastpar.ops.lstm_step import (
     bwd_step,
     fwd_step,
@@ -71,22 +77,27 @@ def _lstm_fwd_persistent_kernel(
     pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
-    offs_b, offs_j, _mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     tile = offs_b[:, None] * H + offs_j[None, :]
     c = tl.load(c0_ptr + tile, mask=mask, other=0.0)
+    h = tl.load(h0_ptr + tile, mask=mask, other=0.0).to(tl.float32)
     w_share = 0
     if W_RESIDENT:
         w_share = load_w_share(w_ptr, pid_h, H, H, KP=KP, BLOCK_H=BLOCK_H)
-    zero = pid_b * 0  # a runtime 0: time indices are cast to int64 in the step body
-    t = T - 1 + zero if REVERSE else zero
+    # Steps at or past every length of the batch block change nothing: run only the first
+    # n_valid steps of time (the last n_valid in reverse) and fill in the rest below.
+    n_valid = T
+    if HAS_LENGTHS:
+        n_valid = tl.minimum(tl.max(tl.load(len_ptr + offs_b, mask=mask_b, other=0), axis=0), T)
+    t = n_valid - 1 if REVERSE else n_valid * 0
     xg = load_xg(xg_ptr, t, pid_b, pid_h, B, H, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
     hprev = h0_ptr
     s = 0
     # A while loop: T is a runtime value (no recompilation per sequence length).
-    while s < T:
-        t = T - 1 - s if REVERSE else s
+    while s < n_valid:
+        t = n_valid - 1 - s if REVERSE else s
         c_prev = c
-        c, i, f, g, o = fwd_step(
+        c, h, i, f, g, o = fwd_step(
             pid_b, pid_h, t, xg=xg, c_prev=c_prev, hprev_ptr=hprev, w_ptr=w_ptr,
             w_share=w_share, len_ptr=len_ptr, h_ptr=h_ptr, B=B, H=H, P=H, BLOCK_B=BLOCK_B,
             BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, KP=KP, W_RESIDENT=W_RESIDENT,
@@ -102,12 +113,52 @@ def _lstm_fwd_persistent_kernel(
             )  # fmt: skip
         s += 1
         # The next step's input tile (clamped: the last iteration reloads its own).
-        t_next = tl.maximum(T - 1 - s, 0) if REVERSE else tl.minimum(s, T - 1)
+        t_next = tl.maximum(n_valid - 1 - s, 0) if REVERSE else tl.minimum(s, n_valid - 1)
         xg = load_xg(xg_ptr, t_next, pid_b, pid_h, B, H, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
         hprev = h_ptr + t.to(tl.int64) * B * H
         # .cg in the step body: h_{t-1} was written by other SMs; read it from L2.
         grid_wait(sync, s * n_h)
     tl.store(c_n_ptr + tile, c, mask=mask)
+    # The skipped steps [n_valid, T) hold the state unchanged: the last one computed (the
+    # initial one in reverse, where they come first). Backward reads c_{t-1} from cs there.
+    if REVERSE:
+        h = tl.load(h0_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(c0_ptr + tile, mask=mask, other=0.0)
+    # Their gates are stored as zeros: backward reads them under a mask, never uninitialised.
+    zero = tl.zeros_like(c)
+    t = n_valid
+    while t < T:
+        row = t.to(tl.int64) * B * H
+        tl.store(h_ptr + row + tile, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(cs_ptr + row + tile, c, mask=mask)
+            row4 = t.to(tl.int64) * B * 4 * H + offs_b * (4 * H)
+            store_gates(gates_ptr, row4, offs_j, mask, zero, zero, zero, zero, H)
+        t += 1
+
+
+@triton.jit
+def _pass_through(
+    dgates_ptr, dh_ptr, dh_carry_ptr, t_begin, T, B, offs_b, offs_j, mask, H: tl.constexpr
+):
+    """Backward of steps [t_begin, T) where every row of the tile is past its length: zero
+    dgates, and dhs_t added to the carried gradient of h (dc passes through untouched)."""
+    tile = offs_b[:, None] * H + offs_j[None, :]
+    dh = tl.load(dh_carry_ptr + tile, mask=mask, other=0.0)
+    offs_4 = offs_b[:, None] * (4 * H) + offs_j[None, :]  # the tile's i-gate columns
+    t = t_begin
+    while t < T:
+        t64 = t.to(tl.int64)
+        dh += tl.load(dh_ptr + t64 * B * H + tile, mask=mask, other=0.0).to(tl.float32)
+        p = dgates_ptr + t64 * B * 4 * H + offs_4
+        zero = tl.zeros_like(dh).to(dgates_ptr.dtype.element_ty)
+        tl.store(p, zero, mask=mask)
+        tl.store(p + H, zero, mask=mask)
+        tl.store(p + 2 * H, zero, mask=mask)
+        tl.store(p + 3 * H, zero, mask=mask)
+        t += 1
+    tl.store(dh_carry_ptr + tile, dh, mask=mask)
+    tl.debug_barrier()  # the next step reads dh_carry back, possibly in other threads
 
 
 @triton.jit(do_not_specialize=["T"])  # one binary for every sequence length
@@ -134,43 +185,57 @@ def _lstm_bwd_persistent_kernel(
     INTERPRETED: tl.constexpr,
 ):
     # Backward visits the forward's steps in reverse. Forward: t_prev = t - d; backward:
-    # t_next = t + d, with d = +1 (or -1 when REVERSE). The last step visited is the forward's
-    # first, which reads c0.
+    # t_next = t + d, with d = +1 (or -1 when REVERSE). The forward's first step reads c0.
     pid_b = tl.program_id(0)
     pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
     d = -1 if REVERSE else 1
-    zero = pid_b * 0  # a runtime 0: time indices are cast to int64 in the step body
-    t = zero if REVERSE else T - 1 + zero
-    cprev = c_ptr + (t - d).to(tl.int64) * B * H
-    if T == 1:
-        cprev = c0_ptr
-    bwd_step(
-        pid_b, pid_h, t, t, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
-        gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
-        dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
-        BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=False,
-        HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
-        INTERPRETED=INTERPRETED,
-    )  # fmt: skip
-    grid_arrive(sync)
-    n = 1
-    grid_wait(sync, n * n_h)
-    while n < T:
-        t = n if REVERSE else T - 1 - n
+    offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    # Steps at or past every length of the batch block (t >= n_valid) pass h and c through:
+    # their dgates are 0 and dhs_t goes straight into the carried dh. Forward they come last,
+    # so backward does them first; in reverse they come first in forward time, so backward
+    # does them last, after the step t = n_valid whose dh still takes dgates_{t-1} @ W_hh
+    # (the steps after it take zeros).
+    n_valid = T
+    if HAS_LENGTHS:
+        n_valid = tl.minimum(tl.max(tl.load(len_ptr + offs_b, mask=mask_b, other=0), axis=0), T)
+    t_fwd_first = T - 1 if REVERSE else 0  # the forward's first step: c_{t-1} is c0
+    if not REVERSE:
+        _pass_through(dgates_ptr, dh_ptr, dh_carry_ptr, n_valid, T, B, offs_b, offs_j, mask, H)
+    n_steps = tl.minimum(n_valid + 1, T) if REVERSE else n_valid
+    if n_steps > 0:
+        t = n_valid * 0 if REVERSE else n_valid - 1
         cprev = c_ptr + (t - d).to(tl.int64) * B * H
-        if n == T - 1:
+        if t == t_fwd_first:
             cprev = c0_ptr
-        # .cg: dgates_{t+1} was written by other SMs; read it from L2, not a stale L1 line.
         bwd_step(
-            pid_b, pid_h, t, t + d, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
+            pid_b, pid_h, t, t, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
             gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
             dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
-            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=True,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=False,
             HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
             INTERPRETED=INTERPRETED,
         )  # fmt: skip
-        n += 1
         grid_arrive(sync)
+        n = 1
         grid_wait(sync, n * n_h)
+        while n < n_steps:
+            t = n if REVERSE else n_valid - 1 - n
+            cprev = c_ptr + (t - d).to(tl.int64) * B * H
+            if t == t_fwd_first:
+                cprev = c0_ptr
+            # .cg: dgates_{t+1} was written by other SMs; read it from L2, not a stale L1 line.
+            bwd_step(
+                pid_b, pid_h, t, t + d, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
+                gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
+                dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
+                BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=True,
+                HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
+                INTERPRETED=INTERPRETED,
+            )  # fmt: skip
+            n += 1
+            grid_arrive(sync)
+            grid_wait(sync, n * n_h)
+    if REVERSE:
+        _pass_through(dgates_ptr, dh_ptr, dh_carry_ptr, n_valid + 1, T, B, offs_b, offs_j, mask, H)

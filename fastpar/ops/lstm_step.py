@@ -96,7 +96,7 @@ def fwd_step(
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
-    """Step t of the recurrence for one tile; stores h_t and returns (c_t, i, f, g, o)."""
+    """Step t of the recurrence for one tile; stores h_t and returns (c_t, h_t, i, f, g, o)."""
     offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     h_rows = hprev_ptr + offs_b[:, None] * P
     acc = tl.zeros((BLOCK_B, 4 * BLOCK_H), dtype=tl.float32)
@@ -143,7 +143,7 @@ def fwd_step(
             h_new = tl.where(valid, h_new, h_old.to(tl.float32))
     row = t.to(tl.int64) * B * H + offs_b * H
     tl.store(h_ptr + row[:, None] + offs_j[None, :], h_new.to(h_ptr.dtype.element_ty), mask=mask)
-    return c, i, f, g, o
+    return c, h_new, i, f, g, o
 
 
 @triton.jit
@@ -207,7 +207,7 @@ def _lstm_fwd_step_kernel(
     w_share = 0
     if W_RESIDENT:
         w_share = load_w_share(w_ptr, pid_h, H, P, KP=KP, BLOCK_H=BLOCK_H)
-    c, i, f, g, o = fwd_step(
+    c, _h, i, f, g, o = fwd_step(
         pid_b, pid_h, t,
         xg=load_xg(xg_ptr, t, pid_b, pid_h, B, H, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H),
         c_prev=c_prev, hprev_ptr=hprev_ptr + t_prev.to(tl.int64) * B * P, w_ptr=w_ptr,

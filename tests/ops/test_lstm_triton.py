@@ -99,15 +99,19 @@ def test_dtypes_match_reference(kernel: str, dtype: torch.dtype, atol: float, rt
         assert_within_torch_error(a, t, b, atol, rtol, name)
 
 
-@pytest.mark.parametrize("kernel", ["step", "persistent"])
-def test_several_batch_blocks(kernel: str, kernel_version: str) -> None:
+@pytest.mark.parametrize(
+    "kernel, reverse", [("step", True), ("persistent", False), ("persistent", True)]
+)
+def test_several_batch_blocks(kernel: str, reverse: bool, kernel_version: str) -> None:
     # B=70 is two batch tiles of 64 (the second mostly masked); the persistent kernel keeps a
-    # barrier counter per batch block.
+    # barrier counter per batch block. With T=6 and no length above 4 (the second block's
+    # lengths stop at 2), both blocks skip the steps past their longest sequence.
     lengths = torch.arange(70) % 4 + 1  # unsorted, every length 1..4
-    inputs = recurrence_inputs(4, 0, torch.float32, batch=70, hidden=20)
+    lengths[64:] = torch.tensor([1, 2, 1, 2, 1, 2])
+    inputs = recurrence_inputs(6, 0, torch.float32, batch=70, hidden=20)
     exact = [t.detach().double().requires_grad_() for t in inputs]
-    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, True, kernel=kernel)
-    want = run_recurrence(lstm_recurrence_reference, exact, lengths, True)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel=kernel)
+    want = run_recurrence(lstm_recurrence_reference, exact, lengths, reverse)
     for name, a, b in zip(NAMES, ours, want, strict=False):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
