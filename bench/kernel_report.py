@@ -1,7 +1,10 @@
 """Registers, spills and shared memory of every LSTM kernel configuration, compiled for sm_90.
 
 Runs on a machine without a GPU: each configuration the launchers would choose on an H100
-(132 SMs) is compiled by Triton for sm_90 and measured by Triton's bundled ``ptxas -v``.
+(132 SMs) is compiled by Triton for sm_90, with the specialization a launch gets (constexprs,
+16-divisible pointers and sizes), and measured by Triton's bundled ``ptxas -v``. Programs/SM is
+the occupancy those registers and that shared memory allow; a persistent kernel needs >= 1 with
+its whole grid resident at once.
 
     python bench/kernel_report.py                 # benchmark and test shapes, as a table
     python bench/kernel_report.py --json out.json # also write the rows as JSON
@@ -25,15 +28,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from fastpar.ops.lstm_compile_cases import compile_cases
+from fastpar.ops.lstm_config import KernelVersion
 from fastpar.testing.triton_compile import compile_for_sm90
 
 H100_SMS = 132
-# (B, H, P, dtype): the shapes of bench/lstm.py, then those of the interpreter tests.
+# (B, H, P, dtype): the benchmark shapes (B=16 T=1024 H=768 bf16/fp16/fp32; B=64 T=256 H=1024;
+# B=256 T=100 H=512; a projection; the packed batch B=64 T=512 H=512 takes the lengths
+# variants), bench/lstm.py's others, then those of the interpreter tests.
 BENCH_SHAPES = [
     (16, 768, 768, torch.bfloat16),
     (16, 768, 768, torch.float16),
     (16, 768, 768, torch.float32),
     (64, 1024, 1024, torch.bfloat16),
+    (256, 512, 512, torch.bfloat16),
+    (16, 768, 256, torch.bfloat16),
+    (64, 512, 512, torch.bfloat16),
     (256, 1000, 1000, torch.bfloat16),
     (8, 256, 256, torch.bfloat16),
 ]
@@ -45,52 +54,77 @@ TEST_SHAPES = [
 ]
 
 
-def report(shapes: list[tuple[int, int, int, torch.dtype]], num_sms: int) -> list[dict]:
+def report(
+    shapes: list[tuple[int, int, int, torch.dtype]],
+    num_sms: int,
+    versions: tuple[KernelVersion, ...] = ("v2", "v1"),
+) -> list[dict]:
     """Compile every distinct configuration for the shapes; one row per configuration."""
     rows: list[dict] = []
     seen: set[str] = set()
-    for batch, hidden, proj, dtype in shapes:
-        for case in compile_cases(batch, hidden, proj, dtype, num_sms):
-            key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
-            key += str(case.num_warps)
-            if key in seen:
-                continue
-            seen.add(key)
-            row = {"label": case.label, "num_warps": case.num_warps}
-            try:
-                r = compile_for_sm90(
-                    case.kernel, case.signature, case.constexprs, num_warps=case.num_warps
-                )
-                row.update(registers=r.registers, spills=r.spills, shared=r.shared_bytes)
-            except Exception as e:  # reported in the table and in the exit status
-                row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-            rows.append(row)
+    for version in versions:
+        for batch, hidden, proj, dtype in shapes:
+            for case in compile_cases(batch, hidden, proj, dtype, num_sms, version):
+                key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
+                key += f"{case.num_warps}{case.divisible_by_16}"
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append(_compile_row(case))
     return rows
+
+
+def _compile_row(case) -> dict:
+    row = {"label": case.label, "num_warps": case.num_warps, "programs": case.programs}
+    try:
+        r = compile_for_sm90(
+            case.kernel, case.signature, case.constexprs, num_warps=case.num_warps,
+            divisible_by_16=case.divisible_by_16,
+        )  # fmt: skip
+        row.update(
+            registers=r.registers, spills=r.spills, shared=r.shared_bytes,
+            programs_per_sm=r.programs_per_sm,
+        )  # fmt: skip
+    except Exception as e:  # reported in the table and in the exit status
+        row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", choices=["bench", "test", "all"], default="all")
     parser.add_argument("--sms", type=int, default=H100_SMS, help="SMs of the target GPU")
+    parser.add_argument(
+        "--versions", nargs="+", choices=["v1", "v2"], default=["v2", "v1"],
+        help="kernel generations to compile (see FASTPAR_LSTM_KERNELS)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
     shapes = {"bench": BENCH_SHAPES, "test": TEST_SHAPES, "all": BENCH_SHAPES + TEST_SHAPES}
-    rows = report(shapes[args.shapes], args.sms)
+    rows = report(shapes[args.shapes], args.sms, tuple(args.versions))
     width = max(len(r["label"]) for r in rows)
-    print(f"{'kernel / configuration (sm_90)':{width}}  warps  regs  spills  smem")
+    print(f"{'kernel / configuration (sm_90)':{width}}  warps  grid  regs  spills   smem  prog/SM")
     for r in rows:
+        head = f"{r['label']:{width}}  {r['num_warps']:5}  {r['programs']:4}"
         if "error" in r:
-            print(f"{r['label']:{width}}  {r['num_warps']:5}  FAILED: {r['error']}")
+            print(f"{head}  FAILED: {r['error']}")
         else:
             print(
-                f"{r['label']:{width}}  {r['num_warps']:5}  {r['registers']:4}  "
-                f"{r['spills']:6}  {r['shared']:5}"
+                f"{head}  {r['registers']:4}  {r['spills']:6}  {r['shared']:6}  "
+                f"{r['programs_per_sm']:7}"
             )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
-    bad = [r for r in rows if "error" in r or r["spills"] > 0]
+    bad = [
+        r for r in rows
+        if "error" in r or r["spills"] > 0 or r["programs_per_sm"] < 1
+        or (r["label"].split()[0].endswith("persistent") and r["programs"] > args.sms)
+    ]  # fmt: skip
     if bad:
-        print(f"{len(bad)} configuration(s) failed to compile or spill", file=sys.stderr)
+        print(
+            f"{len(bad)} configuration(s) failed to compile, spill, or do not fit the SMs",
+            file=sys.stderr,
+        )
     return 1 if bad else 0
 
 

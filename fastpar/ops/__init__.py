@@ -1,7 +1,17 @@
 """LSTM operators: the pure-PyTorch reference and the Triton kernels behind it.
 
-Kernel modules (lstm_forward, lstm_backward, lstm_persistent, lstm_function) import Triton and
-are imported lazily by their callers, so ``import fastpar.ops`` works where Triton does not.
+The Triton modules import one way, each only from those above it:
+
+    lstm_jit         gate math, tile layout, dot, grid barrier (@triton.jit helpers)
+    lstm_config      tiles, kernel choice, dot precision (no kernels)
+    lstm_step        the per-step bodies and the step kernels
+    lstm_persistent  the persistent kernels (the same bodies in a loop over time)
+    lstm_forward, lstm_backward   launchers: shapes, allocation, grid
+    lstm_op          the custom ops with autograd: ``lstm_recurrence_triton``
+    lstm_compile_cases            the configurations the launchers choose, for sm_90 reports
+
+They import Triton and are imported by their callers when needed, so ``import fastpar.ops``
+works where Triton does not.
 """
 
 from __future__ import annotations

@@ -1,16 +1,23 @@
-"""Persistent LSTM forward and backward: one launch runs all T steps.
+"""Persistent LSTM forward and backward kernels: one launch runs all T steps.
 
-Glossary: T time, B batch, H hidden units (= P: the kernel does not run with a projection),
-G = 4 gates.
+Glossary: T time, B batch, H hidden units (= P: these kernels do not run with a projection),
+G = 4 gates, KP = H rounded up to a power of two.
 
 Each program owns ``BLOCK_B`` batch rows and ``BLOCK_H`` hidden units for the whole sequence and
-loops over time inside the kernel, running the same fused step as the step kernel
-(the step kernels' functions; backward: whose share is W_hh's columns of its hidden units). Its
-share of W_hh (``4*BLOCK_H`` rows, at most PERSISTENT_W_BYTES) is re-read
-every step with an evict-last policy while every other load bypasses L1 (``.cg``) or is marked
-evict-first, so the share stays in the SM's L1 rather than being fetched from L2 each step.
-(Holding it in registers instead, as one (H, 4*BLOCK_H) tile, made ptxas spill kilobytes at the
-benchmark shapes: see bench/kernel_report.py.)
+loops over time inside the kernel, running the step bodies of lstm_step.py.
+
+Forward. v2 (``W_RESIDENT``) loads the program's share of W_hh, a (KP, 4*BLOCK_H) tile, once per
+launch and keeps it in registers (Triton hoists the tile, in its dot-operand layout, out of the
+time loop), so the barrier's acquire load cannot evict it; c_t stays in registers too. After
+storing h_t a program arrives at the barrier, then stores what backward saves and loads the
+next step's xg tile, and only then waits. v1 re-reads the share from L1 every step, with every
+other load bypassing L1 (``.cg``) or marked evict-first.
+
+Variable lengths: the programs of a batch block run only the steps before the longest of its
+rows (``n_valid``); the steps past it change no state, so forward writes their outputs (the
+carried h, c, zero gates) without a barrier, and backward turns them into zero dgates and a sum
+of dhs into the carried gradient of h. Sorting a batch by length (as packing does) lets whole
+batch blocks stop early.
 
 The programs of one batch block need every hidden unit of ``h_{t-1}``, so after each step they
 meet at a grid barrier: a counter per batch block that each program increments (release) and
@@ -20,32 +27,24 @@ launches cooperatively, so CUDA either makes every program resident or fails the
 instead of letting the barrier wait forever.
 Triton's interpreter runs programs one after another, so there a batch block is one program
 covering every hidden unit and the barrier only counts that program; that the barrier holds
-across programs is something only a GPU run can show (tests marked gpu).
+across programs is something only a GPU run can show (tests marked gpu). The step kernels run
+the same bodies with many programs in the interpreter.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_backward import _lstm_bwd_step_kernel as bwd_step
-from fastpar.ops.lstm_common import dot_precision, dot_upcast, num_sms, persistent_config
-from fastpar.ops.lstm_forward import _lstm_fwd_step_kernel as fwd_step
-
-
-@triton.jit
-def _grid_barrier(sync_ptr, arrivals):
-    """Wait until ``arrivals`` programs have reached this point (counter at sync_ptr)."""
-    tl.debug_barrier()  # every warp of this program has issued its stores
-    tl.atomic_add(sync_ptr, 1, sem="release", scope="gpu")
-    # Triton lowers this poll to ld.acquire.gpu (no read-modify-write), so waiting programs do
-    # not serialise in L2 in front of the arrivals. Its result must be used: an atomic whose
-    # result is unused is compiled away.
-    while tl.atomic_add(sync_ptr, 0, sem="acquire", scope="gpu") < arrivals:
-        pass
+from fastpar.ops.lstm_jit import grid_arrive, grid_wait, store_gates
+from fastpar.ops.lstm_step import (
+    bwd_step,
+    fwd_step,
+    load_w_share,
+    load_xg,
+    save_step,
+    tile_offsets,
+)
 
 
 @triton.jit(do_not_specialize=["T"])  # one binary for every sequence length
@@ -55,9 +54,10 @@ def _lstm_fwd_persistent_kernel(
     c0_ptr,  # (B, H) float32 initial cell state
     w_ptr,  # (4H, H) W_hh, contiguous
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
-    gates_ptr,  # (T, B, 4H) float32 out: activations i, f, g, o
-    c_ptr,  # (T, B, H) float32 out
+    gates_ptr,  # (T, B, 4H) out when SAVE: activations i, f, g, o (saved_gates_dtype)
+    cs_ptr,  # (T, B, H) float32 out when SAVE: c_t
     h_ptr,  # (T, B, H) out, input dtype; also read back as h_{t-1} by every program
+    c_n_ptr,  # (B, H) float32 out: c after the last step processed
     sync_ptr,  # (cdiv(B, BLOCK_B),) int32 zeros: the barrier counter per batch block
     T,
     B,
@@ -65,82 +65,100 @@ def _lstm_fwd_persistent_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    KP: tl.constexpr,
+    W_RESIDENT: tl.constexpr,
     REVERSE: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    SAVE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
-    zero = pid_b * 0  # a runtime 0: fwd_step casts its time indices to int64
-    t = T - 1 + zero if REVERSE else zero
-    fwd_step(
-        xg_ptr, h0_ptr, c0_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
-        t, zero, B, 0, 0,
-        H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
-    )  # fmt: skip
-    _grid_barrier(sync, n_h)
-    s = 1
+    offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    tile = offs_b[:, None] * H + offs_j[None, :]
+    c = tl.load(c0_ptr + tile, mask=mask, other=0.0)
+    h = tl.load(h0_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+    w_share = 0
+    if W_RESIDENT:
+        w_share = load_w_share(w_ptr, pid_h, H, H, KP=KP, BLOCK_H=BLOCK_H)
+    # Steps at or past every length of the batch block change nothing: run only the first
+    # n_valid steps of time (the last n_valid in reverse) and fill in the rest below.
+    n_valid = T
+    if HAS_LENGTHS:
+        n_valid = tl.minimum(tl.max(tl.load(len_ptr + offs_b, mask=mask_b, other=0), axis=0), T)
+    t = n_valid - 1 if REVERSE else n_valid * 0
+    xg = load_xg(xg_ptr, t, pid_b, pid_h, B, H, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
+    hprev = h0_ptr
+    s = 0
     # A while loop: T is a runtime value (no recompilation per sequence length).
-    while s < T:
-        if REVERSE:
-            t = T - 1 - s
-            t_prev = t + 1
-        else:
-            t = s
-            t_prev = s - 1
-        # .cg: h_{t-1} was written by other SMs; read it from L2, not a stale L1 line.
-        fwd_step(
-            xg_ptr, h_ptr, c_ptr, w_ptr, len_ptr, gates_ptr, c_ptr, h_ptr,
-            t, t_prev, B, B * H, B * H,
-            H, H, BLOCK_B, BLOCK_H, BLOCK_K, HAS_LENGTHS, True, DOT_PRECISION, DOT_UPCAST, ".cg",
+    while s < n_valid:
+        t = n_valid - 1 - s if REVERSE else s
+        c_prev = c
+        c, h, i, f, g, o = fwd_step(
+            pid_b, pid_h, t, xg=xg, c_prev=c_prev, hprev_ptr=hprev, w_ptr=w_ptr,
+            w_share=w_share, len_ptr=len_ptr, h_ptr=h_ptr, B=B, H=H, P=H, BLOCK_B=BLOCK_B,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, KP=KP, W_RESIDENT=W_RESIDENT,
+            HAS_LENGTHS=HAS_LENGTHS, CARRY_H=True, HPREV_CACHE=".cg",
+            DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
         )  # fmt: skip
+        grid_arrive(sync)
+        # Off the critical path: nothing below needs the other programs' h_t.
+        if SAVE:
+            save_step(
+                pid_b, pid_h, t, c, i, f, g, o, gates_ptr=gates_ptr, cs_ptr=cs_ptr, B=B, H=H,
+                BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H,
+            )  # fmt: skip
         s += 1
-        _grid_barrier(sync, s * n_h)
+        # The next step's input tile (clamped: the last iteration reloads its own).
+        t_next = tl.maximum(n_valid - 1 - s, 0) if REVERSE else tl.minimum(s, n_valid - 1)
+        xg = load_xg(xg_ptr, t_next, pid_b, pid_h, B, H, BLOCK_B=BLOCK_B, BLOCK_H=BLOCK_H)
+        hprev = h_ptr + t.to(tl.int64) * B * H
+        # .cg in the step body: h_{t-1} was written by other SMs; read it from L2.
+        grid_wait(sync, s * n_h)
+    tl.store(c_n_ptr + tile, c, mask=mask)
+    # The skipped steps [n_valid, T) hold the state unchanged: the last one computed (the
+    # initial one in reverse, where they come first). Backward reads c_{t-1} from cs there.
+    if REVERSE:
+        h = tl.load(h0_ptr + tile, mask=mask, other=0.0).to(tl.float32)
+        c = tl.load(c0_ptr + tile, mask=mask, other=0.0)
+    # Their gates are stored as zeros: backward reads them under a mask, never uninitialised.
+    zero = tl.zeros_like(c)
+    t = n_valid
+    while t < T:
+        row = t.to(tl.int64) * B * H
+        tl.store(h_ptr + row + tile, h.to(h_ptr.dtype.element_ty), mask=mask)
+        if SAVE:
+            tl.store(cs_ptr + row + tile, c, mask=mask)
+            row4 = t.to(tl.int64) * B * 4 * H + offs_b * (4 * H)
+            store_gates(gates_ptr, row4, offs_j, mask, zero, zero, zero, zero, H)
+        t += 1
 
 
-def lstm_forward_persistent(
-    xg: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    lengths: Tensor | None,
-    reverse: bool,
-    gates: Tensor,
-    cs: Tensor,
-    hs: Tensor,
-) -> None:
-    """Run all steps of one layer and direction in one launch, writing into the given outputs.
-
-    Arguments:
-        xg: (T, B, 4H) contiguous input projection with biases.
-        h0: (B, H) contiguous, xg's dtype; c0: (B, H) contiguous float32.
-        w_hh: (4H, H) contiguous; lengths: (B,) int32 or None; reverse: time from T-1 down.
-        gates: (T, B, 4H) float32 out; cs: (T, B, H) float32 out; hs: (T, B, H) out.
-    """
-    T, B, G = xg.shape
-    H = G // 4
-    cfg, grid, sync = _launch_geometry(B, H, xg, backward=False)
-    _lstm_fwd_persistent_kernel[grid](
-        xg, h0, c0, w_hh, lengths if lengths is not None else sync, gates, cs, hs, sync,
-        T, B, H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, REVERSE=reverse,
-        HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(xg.dtype),
-        DOT_UPCAST=dot_upcast(xg.dtype),
-        num_warps=cfg.num_warps, launch_cooperative_grid=True,
-    )  # fmt: skip
-
-
-def _launch_geometry(B: int, H: int, like: Tensor, backward: bool):
-    """Config, grid and zeroed barrier counters of a persistent launch."""
-    cfg = persistent_config(
-        B, H, H, like.dtype, num_sms(like.device), interpreter_active(), backward
-    )
-    if cfg is None:
-        raise ValueError(f"the persistent kernel does not apply to B={B}, H={H}, {like.dtype}")
-    grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
-    sync = torch.zeros(grid[0], device=like.device, dtype=torch.int32)
-    return cfg, grid, sync
+@triton.jit
+def _pass_through(
+    dgates_ptr, dh_ptr, dh_carry_ptr, t_begin, T, B, offs_b, offs_j, mask, H: tl.constexpr
+):
+    """Backward of steps [t_begin, T) where every row of the tile is past its length: zero
+    dgates, and dhs_t added to the carried gradient of h (dc passes through untouched)."""
+    tile = offs_b[:, None] * H + offs_j[None, :]
+    dh = tl.load(dh_carry_ptr + tile, mask=mask, other=0.0)
+    offs_4 = offs_b[:, None] * (4 * H) + offs_j[None, :]  # the tile's i-gate columns
+    t = t_begin
+    while t < T:
+        t64 = t.to(tl.int64)
+        dh += tl.load(dh_ptr + t64 * B * H + tile, mask=mask, other=0.0).to(tl.float32)
+        p = dgates_ptr + t64 * B * 4 * H + offs_4
+        zero = tl.zeros_like(dh).to(dgates_ptr.dtype.element_ty)
+        tl.store(p, zero, mask=mask)
+        tl.store(p + H, zero, mask=mask)
+        tl.store(p + 2 * H, zero, mask=mask)
+        tl.store(p + 3 * H, zero, mask=mask)
+        t += 1
+    tl.store(dh_carry_ptr + tile, dh, mask=mask)
+    tl.debug_barrier()  # the next step reads dh_carry back, possibly in other threads
 
 
 @triton.jit(do_not_specialize=["T"])  # one binary for every sequence length
@@ -148,7 +166,7 @@ def _lstm_bwd_persistent_kernel(
     dgates_ptr,  # (T, B, 4H) out, input dtype; dgates_{t+1} is read back by every program
     w_ptr,  # (4H, H) W_hh, contiguous
     dh_ptr,  # (T, B, H) gradient of hs
-    gates_ptr,  # (T, B, 4H) float32 saved activations
+    gates_ptr,  # (T, B, 4H) saved activations (saved_gates_dtype)
     c_ptr,  # (T, B, H) float32 saved cell states
     c0_ptr,  # (B, H) float32 initial cell state
     len_ptr,  # (B,) int32 valid lengths; read only when HAS_LENGTHS
@@ -164,82 +182,60 @@ def _lstm_bwd_persistent_kernel(
     REVERSE: tl.constexpr,  # the forward pass ran from T-1 down to 0
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    DOT_UPCAST: tl.constexpr,
+    INTERPRETED: tl.constexpr,
 ):
     # Backward visits the forward's steps in reverse. Forward: t_prev = t - d; backward:
-    # t_next = t + d, with d = +1 (or -1 when REVERSE). The last step visited is the forward's
-    # first, which reads c0.
+    # t_next = t + d, with d = +1 (or -1 when REVERSE). The forward's first step reads c0.
     pid_b = tl.program_id(0)
+    pid_h = tl.program_id(1)
     n_h = tl.num_programs(1)
     sync = sync_ptr + pid_b
-    zero = pid_b * 0  # a runtime 0: bwd_step casts its time indices to int64
     d = -1 if REVERSE else 1
-    t_first = zero if REVERSE else T - 1 + zero
-    t_last = T - 1 + zero if REVERSE else zero
-    if T > 1:
+    offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
+    # Steps at or past every length of the batch block (t >= n_valid) pass h and c through:
+    # their dgates are 0 and dhs_t goes straight into the carried dh. Forward they come last,
+    # so backward does them first; in reverse they come first in forward time, so backward
+    # does them last, after the step t = n_valid whose dh still takes dgates_{t-1} @ W_hh
+    # (the steps after it take zeros).
+    n_valid = T
+    if HAS_LENGTHS:
+        n_valid = tl.minimum(tl.max(tl.load(len_ptr + offs_b, mask=mask_b, other=0), axis=0), T)
+    t_fwd_first = T - 1 if REVERSE else 0  # the forward's first step: c_{t-1} is c0
+    if not REVERSE:
+        _pass_through(dgates_ptr, dh_ptr, dh_carry_ptr, n_valid, T, B, offs_b, offs_j, mask, H)
+    n_steps = tl.minimum(n_valid + 1, T) if REVERSE else n_valid
+    if n_steps > 0:
+        t = n_valid * 0 if REVERSE else n_valid - 1
+        cprev = c_ptr + (t - d).to(tl.int64) * B * H
+        if t == t_fwd_first:
+            cprev = c0_ptr
         bwd_step(
-            dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_first, zero, t_first - d, B, B * H,
-            H, BLOCK_B, BLOCK_H, BLOCK_K, True, False, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
-            ".cg",
+            pid_b, pid_h, t, t, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
+            gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
+            dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=False,
+            HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
+            INTERPRETED=INTERPRETED,
         )  # fmt: skip
-        _grid_barrier(sync, n_h)
+        grid_arrive(sync)
         n = 1
-        while n < T - 1:
-            t = n if REVERSE else T - 1 - n
+        grid_wait(sync, n * n_h)
+        while n < n_steps:
+            t = n if REVERSE else n_valid - 1 - n
+            cprev = c_ptr + (t - d).to(tl.int64) * B * H
+            if t == t_fwd_first:
+                cprev = c0_ptr
             # .cg: dgates_{t+1} was written by other SMs; read it from L2, not a stale L1 line.
             bwd_step(
-                dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c_ptr, len_ptr, dh_carry_ptr,
-                dc_carry_ptr, t, t + d, t - d, B, B * H,
-                H, BLOCK_B, BLOCK_H, BLOCK_K, True, True, HAS_LENGTHS, DOT_PRECISION,
-                DOT_UPCAST, ".cg",
+                pid_b, pid_h, t, t + d, dgates_ptr=dgates_ptr, w_ptr=w_ptr, dh_ptr=dh_ptr,
+                gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
+                dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
+                BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=True,
+                HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
+                INTERPRETED=INTERPRETED,
             )  # fmt: skip
             n += 1
-            _grid_barrier(sync, n * n_h)
-        bwd_step(
-            dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c0_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_last, t_last + d, zero, B, 0,
-            H, BLOCK_B, BLOCK_H, BLOCK_K, True, True, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
-            ".cg",
-        )  # fmt: skip
-    else:
-        bwd_step(
-            dgates_ptr, w_ptr, dh_ptr, gates_ptr, c_ptr, c0_ptr, len_ptr, dh_carry_ptr,
-            dc_carry_ptr, t_last, zero, zero, B, 0,
-            H, BLOCK_B, BLOCK_H, BLOCK_K, True, False, HAS_LENGTHS, DOT_PRECISION, DOT_UPCAST,
-            ".cg",
-        )  # fmt: skip
-
-
-def lstm_backward_persistent(
-    dgates: Tensor,
-    w_hh: Tensor,
-    dhs: Tensor,
-    gates: Tensor,
-    cs: Tensor,
-    c0: Tensor,
-    lengths: Tensor | None,
-    reverse: bool,
-    dh_carry: Tensor,
-    dc_carry: Tensor,
-) -> None:
-    """Run all backward steps of one layer and direction (no projection) in one launch.
-
-    Arguments:
-        dgates: (T, B, 4H) out, the gradient of the gate pre-activations, input dtype.
-        w_hh: (4H, H) contiguous; dhs: (T, B, H) contiguous gradient of hs.
-        gates, cs: the forward's saved (T, B, 4H) and (T, B, H) float32 tensors.
-        c0: (B, H) float32 contiguous; lengths: (B,) int32 or None; reverse: of the forward.
-        dh_carry: (B, H) float32 zeros in, the gradient reaching h0 past skipped steps out.
-        dc_carry: (B, H) float32 gradient of c_n in, of c0 out.
-    """
-    T, B, H = cs.shape
-    cfg, grid, sync = _launch_geometry(B, H, dgates, backward=True)
-    _lstm_bwd_persistent_kernel[grid](
-        dgates, w_hh, dhs, gates, cs, c0, lengths if lengths is not None else sync,
-        dh_carry, dc_carry, sync, T, B,
-        H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, REVERSE=reverse,
-        HAS_LENGTHS=lengths is not None, DOT_PRECISION=dot_precision(dgates.dtype),
-        DOT_UPCAST=dot_upcast(dgates.dtype), num_warps=cfg.num_warps,
-        launch_cooperative_grid=True,
-    )  # fmt: skip
+            grid_arrive(sync)
+            grid_wait(sync, n * n_h)
+    if REVERSE:
+        _pass_through(dgates_ptr, dh_ptr, dh_carry_ptr, n_valid + 1, T, B, offs_b, offs_j, mask, H)

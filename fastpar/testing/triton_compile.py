@@ -33,6 +33,27 @@ class KernelReport:
     num_warps: int
     num_stages: int
 
+    @property
+    def programs_per_sm(self) -> int:
+        """Programs (CTAs) one sm_90 SM holds at once: registers, shared memory and warps."""
+        return sm90_programs_per_sm(self.registers, self.shared_bytes, self.num_warps)
+
+
+# sm_90 limits per SM (CUDA occupancy calculator): 64K registers allocated per warp in units of
+# 256, 228 KiB of shared memory of which 1 KiB is reserved per program, 64 warps, 32 programs.
+_SM90_REGISTERS = 65536
+_SM90_SHARED = 233472
+_SM90_WARPS = 64
+_SM90_PROGRAMS = 32
+
+
+def sm90_programs_per_sm(registers: int, shared_bytes: int, num_warps: int) -> int:
+    """How many programs of this footprint fit on one sm_90 SM at once (0: none fits)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = _SM90_REGISTERS // max(1, per_warp * num_warps)
+    by_smem = _SM90_SHARED // (shared_bytes + 1024)
+    return min(by_regs, by_smem, _SM90_WARPS // num_warps, _SM90_PROGRAMS)
+
 
 @dataclass(frozen=True)
 class CompileJob:
@@ -43,6 +64,7 @@ class CompileJob:
     constexprs: dict[str, Any] = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 3
+    divisible_by_16: tuple[str, ...] = ()
 
 
 def _bundled_ptxas() -> str:
@@ -81,7 +103,9 @@ def compile_all_for_sm90(jobs: Sequence[CompileJob]) -> list[KernelReport]:
     interpreter."""
     if not any(_is_interpreted(job.fn) for job in jobs):
         return [
-            compile_for_sm90(j.fn, j.signature, j.constexprs, j.num_warps, j.num_stages)
+            compile_for_sm90(
+                j.fn, j.signature, j.constexprs, j.num_warps, j.num_stages, j.divisible_by_16
+            )
             for j in jobs
         ]
     payload = [
@@ -92,6 +116,7 @@ def compile_all_for_sm90(jobs: Sequence[CompileJob]) -> list[KernelReport]:
             "constexprs": j.constexprs,
             "num_warps": j.num_warps,
             "num_stages": j.num_stages,
+            "divisible_by_16": list(j.divisible_by_16),
         }
         for j in jobs
     ]
@@ -116,6 +141,7 @@ def compile_for_sm90(
     constexprs: dict[str, Any] | None = None,
     num_warps: int = 4,
     num_stages: int = 3,
+    divisible_by_16: Sequence[str] = (),
 ) -> KernelReport:
     """Compile `fn` (a `triton.jit` function) for sm_90 and run `ptxas -v` on its PTX.
 
@@ -125,13 +151,17 @@ def compile_for_sm90(
             arguments may be left out (they are taken from `constexprs`).
         constexprs: values of the constexpr arguments.
         num_warps, num_stages: the launch configuration to compile.
+        divisible_by_16: arguments to specialise as multiples of 16, as a launch does for
+            16-byte aligned pointers and integer values divisible by 16.
 
     Returns:
         A `KernelReport`. Raises whatever Triton raises when the kernel does not compile for the
         GPU (for example a `tl.dot` with a dimension under 16).
     """
     if _is_interpreted(fn):
-        job = CompileJob(fn, signature, dict(constexprs or {}), num_warps, num_stages)
+        job = CompileJob(
+            fn, signature, dict(constexprs or {}), num_warps, num_stages, tuple(divisible_by_16)
+        )
         return compile_all_for_sm90([job])[0]
     import triton
     from triton.backends.compiler import GPUTarget
@@ -141,7 +171,12 @@ def compile_for_sm90(
     signature = dict(signature)
     for key in constexprs:
         signature.setdefault(key, "constexpr")
-    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    names = list(fn.arg_names)
+    unknown = [name for name in divisible_by_16 if name not in names]
+    if unknown:
+        raise ValueError(f"divisible_by_16 names {unknown}, not arguments of {fn.__name__}")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    source = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", 90, 32),
@@ -179,7 +214,12 @@ def _main() -> None:
     for job in json.loads(sys.stdin.read()):
         fn = getattr(importlib.import_module(job["module"]), job["name"])
         report = compile_for_sm90(
-            fn, job["signature"], job["constexprs"], job["num_warps"], job["num_stages"]
+            fn,
+            job["signature"],
+            job["constexprs"],
+            job["num_warps"],
+            job["num_stages"],
+            job["divisible_by_16"],
         )
         reports.append(asdict(report))
     print(json.dumps(reports))

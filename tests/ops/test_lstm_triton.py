@@ -7,9 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastpar.ops.lstm_forward import choose_kernel
-from fastpar.ops.lstm_function import lstm_recurrence_triton
-from fastpar.ops.reference import lstm_recurrence_reference
+from fastpar.nn.lstm import layer_weights
+from fastpar.ops.lstm_backward import weight_grad_hh
+from fastpar.ops.lstm_config import (
+    KERNEL_VERSION_ENV,
+    choose_kernel,
+    dot_precision,
+    fp32_rnn_allows_tf32,
+)
+from fastpar.ops.lstm_forward import lstm_forward
+from fastpar.ops.lstm_op import lstm_recurrence_op, lstm_recurrence_triton
+from fastpar.ops.reference import lstm_recurrence_reference, lstm_stack
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -17,12 +25,22 @@ from tests.ops.lstm_helpers import (
     NAMES,
     assert_close,
     assert_within_torch_error,
+    grads,
+    randn,
     recurrence_inputs,
     run_recurrence,
+    seeded_lstm,
 )
 
 B, H, PROJ = 3, 33, 5
 LENGTHS = torch.tensor([7, 2, 5])  # unsorted, one full, one short
+
+
+@pytest.fixture(params=["v2", "v1"])
+def kernel_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each generation of kernels (FASTPAR_LSTM_KERNELS)."""
+    monkeypatch.setenv(KERNEL_VERSION_ENV, request.param)
+    return request.param
 
 
 @pytest.mark.parametrize("T", [1, 7])
@@ -43,7 +61,9 @@ def test_step_kernels_match_reference(T: int, proj: int, packed: bool, reverse: 
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool) -> None:
+def test_persistent_kernel_matches_reference(
+    T: int, packed: bool, reverse: bool, kernel_version: str
+) -> None:
     # The interpreter configuration: one program per batch block covers all hidden units, so
     # the grid barrier only ever waits for itself (the multi-program barrier needs a GPU).
     lengths = LENGTHS.clamp(max=T) if packed else None
@@ -79,15 +99,19 @@ def test_dtypes_match_reference(kernel: str, dtype: torch.dtype, atol: float, rt
         assert_within_torch_error(a, t, b, atol, rtol, name)
 
 
-@pytest.mark.parametrize("kernel", ["step", "persistent"])
-def test_several_batch_blocks(kernel: str) -> None:
+@pytest.mark.parametrize(
+    "kernel, reverse", [("step", True), ("persistent", False), ("persistent", True)]
+)
+def test_several_batch_blocks(kernel: str, reverse: bool, kernel_version: str) -> None:
     # B=70 is two batch tiles of 64 (the second mostly masked); the persistent kernel keeps a
-    # barrier counter per batch block.
+    # barrier counter per batch block. With T=6 and no length above 4 (the second block's
+    # lengths stop at 2), both blocks skip the steps past their longest sequence.
     lengths = torch.arange(70) % 4 + 1  # unsorted, every length 1..4
-    inputs = recurrence_inputs(4, 0, torch.float32, batch=70, hidden=20)
+    lengths[64:] = torch.tensor([1, 2, 1, 2, 1, 2])
+    inputs = recurrence_inputs(6, 0, torch.float32, batch=70, hidden=20)
     exact = [t.detach().double().requires_grad_() for t in inputs]
-    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, True, kernel=kernel)
-    want = run_recurrence(lstm_recurrence_reference, exact, lengths, True)
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel=kernel)
+    want = run_recurrence(lstm_recurrence_reference, exact, lengths, reverse)
     for name, a, b in zip(NAMES, ours, want, strict=False):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
 
@@ -139,3 +163,118 @@ def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         lstm_recurrence_triton(xg, h0, c0, w_hh)
+
+
+@pytest.mark.parametrize("version, reverse", [("v2", False), ("v2", True), ("v1", False)])
+def test_step_body_with_many_programs(
+    version: str, reverse: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # H=70 is three hidden tiles of 32 (the last mostly masked) and B=18 two batch tiles of 16
+    # in the interpreter's step configuration: six programs run the body the persistent kernel
+    # runs (v2: all of h_{t-1} in one dot; v1: a loop over K tiles). T=12 with lengths.
+    monkeypatch.setenv(KERNEL_VERSION_ENV, version)
+    T, batch, hidden = 12, 18, 70
+    lengths = torch.arange(batch) % 4 * 3 + 3  # unsorted, 3..12
+    inputs = recurrence_inputs(T, 0, torch.float32, batch=batch, hidden=hidden)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="step")
+    want = run_recurrence(lstm_recurrence_reference, exact, lengths, reverse)
+    for name, a, b in zip(NAMES, ours, want, strict=False):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+
+
+@pytest.mark.parametrize("kernel", ["step", "persistent"])
+def test_inference_keeps_nothing_for_backward(kernel: str) -> None:
+    xg, h0, c0, w_hh = (t.detach() for t in recurrence_inputs(7, 0, torch.float32))
+    lengths = LENGTHS.to(torch.int32)
+    hs, c_n, gates, cs, _ = lstm_recurrence_op(xg, h0, c0, w_hh, None, lengths, True, kernel, False)
+    assert gates.numel() == 0 and cs.numel() == 0
+    trained = lstm_recurrence_op(xg, h0, c0, w_hh, None, lengths, True, kernel, True)
+    assert trained[2].shape == (7, B, 4 * H) and trained[3].shape == (7, B, H)
+    assert torch.equal(hs, trained[0]) and torch.equal(c_n, trained[1])
+    with torch.no_grad():
+        hs_ng, _ = lstm_recurrence_triton(
+            *(t.requires_grad_() for t in (xg, h0, c0, w_hh)), kernel=kernel
+        )
+    want, _ = lstm_recurrence_reference(*(t.double() for t in (xg, h0, c0, w_hh)))
+    assert_close(hs_ng, want, FP32_ATOL, FP32_RTOL, "hs without grad")
+
+
+def test_weight_grad_accumulates_in_fp32() -> None:
+    # bfloat16 operands, exact products: only float32 summation error may remain, far below
+    # one bfloat16 rounding of the result (2**-9 relative), which the sum once suffered.
+    T, batch, G, P = 64, 16, 64, 48
+    dg = randn(T, batch, G, seed=1).bfloat16()
+    hs = randn(T, batch, P, seed=2).bfloat16()
+    h0 = randn(batch, P, seed=3).bfloat16()
+    for reverse in (False, True):
+        got = weight_grad_hh(dg, hs, h0, reverse)
+        assert got.dtype == torch.float32
+        h_prev = torch.cat([hs[1:], h0[None]]) if reverse else torch.cat([h0[None], hs[:-1]])
+        want = torch.einsum("tbg,tbp->gp", dg.double(), h_prev.double())
+        assert_close(got, want, 1e-4, 1e-5, f"dW_hh reverse={reverse}")
+
+
+def test_fp32_tf32_follows_cudnn_rnn_switch() -> None:
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    rnn = torch.backends.cudnn.rnn
+    saved = rnn.fp32_precision
+    try:
+        rnn.fp32_precision = "tf32"
+        assert fp32_rnn_allows_tf32()
+        assert dot_precision(torch.float32, cuda) == "tf32"
+        assert dot_precision(torch.float32, cpu) == "ieee"  # no TF32 on the CPU
+        rnn.fp32_precision = "ieee"
+        assert not fp32_rnn_allows_tf32()
+        assert dot_precision(torch.float32, cuda) == "ieee"
+    finally:
+        rnn.fp32_precision = saved
+
+
+def test_tf32_dots_round_their_operands() -> None:
+    # The interpreter ignores input_precision; the kernels round the operands to TF32 there
+    # themselves, so the TF32 path is exercised: its error exceeds IEEE's, within TF32's bound.
+    xg, h0, c0, w_hh = (t.detach() for t in recurrence_inputs(7, 0, torch.float32))
+    want, _ = lstm_recurrence_reference(*(t.double() for t in (xg, h0, c0, w_hh)))
+    errors = {}
+    for precision in ("ieee", "tf32"):
+        hs = lstm_forward(xg, h0, c0, w_hh, kernel="step", precision=precision).hs
+        errors[precision] = (hs.double() - want).abs().max().item()
+    assert errors["ieee"] <= FP32_ATOL
+    assert 10 * errors["ieee"] < errors["tf32"] <= 5e-3
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_stack_matches_torch_lstm(packed: bool) -> None:
+    # The Triton recurrence in the multi-layer driver: bidirectional, a projection, two
+    # layers, padded and packed (unsorted lengths), against torch.nn.LSTM in float64.
+    T, batch, F_IN, hidden, proj = 5, 4, 6, 20, 7
+    m = seeded_lstm(
+        input_size=F_IN, hidden_size=hidden, num_layers=2, bidirectional=True, proj_size=proj
+    )
+    lengths = torch.tensor([5, 2, 4, 1]) if packed else None
+    x = randn(T, batch, F_IN, seed=1).requires_grad_()
+    h0 = randn(4, batch, proj, seed=2).requires_grad_()
+    c0 = randn(4, batch, hidden, seed=3).requires_grad_()
+    params = list(m.parameters())
+    if packed:
+        seq = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out_p, (want_h, want_c) = m(seq, (h0, c0))
+        want_out, _ = torch.nn.utils.rnn.pad_packed_sequence(out_p, total_length=T)
+    else:
+        want_out, (want_h, want_c) = m(x, (h0, c0))
+    weights = [
+        type(w)(*(None if p is None else p.float() for p in w)) for w in layer_weights(m, 2, 2)
+    ]
+    out, h_n, c_n = lstm_stack(
+        x.float(), h0.float(), c0.float(), weights, num_layers=2, bidirectional=True,
+        lengths=lengths, recurrence=lstm_recurrence_triton,
+    )  # fmt: skip
+    cot = [randn(*t.shape, seed=10 + k) for k, t in enumerate((out, h_n, c_n))]
+    ours = grads((out, h_n, c_n), [c.float() for c in cot], [x, h0, c0, *params])
+    theirs = grads((want_out, want_h, want_c), cot, [x, h0, c0, *params])
+    outputs = zip(["out", "h_n", "c_n"], (out, h_n, c_n), (want_out, want_h, want_c), strict=True)
+    for name, a, b in outputs:
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+    for k, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+        assert_close(a, b, 1e-4, 1e-4, f"gradient {k}")

@@ -4,7 +4,8 @@
 ``torch.compile``: their fake implementations give the output shapes, so a model that calls them
 compiles with ``fullgraph=True`` and no graph break, and Inductor calls the Triton launchers at
 run time. The autograd formula only saves and restores; the work is in lstm_forward and
-lstm_backward.
+lstm_backward. When no input requires a gradient the forward is told so (``need_backward``)
+and keeps nothing for backward.
 
 Glossary: T time, B batch, H hidden units, P size of h (proj_size or H), G = 4 gates.
 """
@@ -16,8 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastpar.ops import interpreter_active
 from fastpar.ops.lstm_backward import lstm_backward
-from fastpar.ops.lstm_forward import KernelChoice, lstm_forward
+from fastpar.ops.lstm_config import KernelChoice, saved_gates_dtype
+from fastpar.ops.lstm_forward import lstm_forward
 from fastpar.profiling import record_range
 
 SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -25,8 +28,6 @@ SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
 
 def _check_inputs(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None) -> None:
     """Shapes, dtypes and devices the kernels need, with errors naming the argument."""
-    from fastpar.ops import interpreter_active
-
     if xg.device.type != "cuda" and not interpreter_active():
         raise RuntimeError(
             f"the Triton LSTM kernels need CUDA tensors, got xg on {xg.device} "
@@ -65,24 +66,32 @@ def lstm_recurrence_op(
     lengths: Tensor | None,
     reverse: bool,
     kernel: str,
+    need_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Forward recurrence; returns hs (T, B, P), c_n (B, H) in c0's dtype, and what backward
-    needs: gates (T, B, 4H) float32, cs (T, B, H) float32, hraw (T, B, H) or (0,)."""
+    needs: gates (T, B, 4H), cs (T, B, H) float32 (both (0, 0, .) without need_backward), hraw
+    (T, B, H) or (0,)."""
     with record_range("fastpar.lstm.forward"):
-        r = lstm_forward(xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel)  # type: ignore[arg-type]
+        r = lstm_forward(
+            xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel,  # type: ignore[arg-type]
+            need_backward=need_backward,
+        )  # fmt: skip
     # c_n is a view of cs; outputs of a custom op may not alias each other.
     return r.hs, r.c_n.to(c0.dtype, copy=True), r.gates, r.cs, r.hraw
 
 
 @lstm_recurrence_op.register_fake
-def _(xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None, *_: object) -> tuple:
+def _(
+    xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
+    lengths: Tensor | None, reverse: bool, kernel: str, need_backward: bool,
+) -> tuple:  # fmt: skip
     T, B, G = xg.shape
-    f32 = torch.float32
+    saved = (T, B) if need_backward else (0, 0)
     return (
         xg.new_empty(T, B, w_hh.shape[1]),
         c0.new_empty(c0.shape),
-        xg.new_empty(T, B, G, dtype=f32),
-        xg.new_empty(T, B, G // 4, dtype=f32),
+        xg.new_empty(*saved, G, dtype=saved_gates_dtype(xg.dtype)),
+        xg.new_empty(*saved, G // 4, dtype=torch.float32),
         xg.new_empty(_hraw_shape(xg, w_hr)),
     )
 
@@ -128,21 +137,27 @@ def _(
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    _xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel = inputs
+    _xg, h0, c0, w_hh, w_hr, lengths, reverse, kernel, need_backward = inputs
     hs, _c_n, gates, cs, hraw = output
+    ctx.need_backward = need_backward
     ctx.save_for_backward(h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw)
     ctx.reverse = reverse
     ctx.kernel = kernel
 
 
 def _backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -> tuple:
+    if not ctx.need_backward:
+        raise RuntimeError(
+            "fastpar::lstm_recurrence ran with need_backward=False, so it kept nothing to "
+            "differentiate; call it with need_backward=True when a gradient is needed"
+        )
     h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw = ctx.saved_tensors
     dhs = torch.zeros_like(hs) if dhs is None else dhs
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
     dxg, dh0, dc0, dw_hh, dw_hr = lstm_recurrence_backward_op(
         dhs, dc_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, hs, gates, cs, hraw, ctx.kernel
     )
-    return dxg, dh0, dc0, dw_hh, (dw_hr if w_hr is not None else None), None, None, None
+    return dxg, dh0, dc0, dw_hh, (dw_hr if w_hr is not None else None), None, None, None, None
 
 
 lstm_recurrence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -178,7 +193,10 @@ def lstm_recurrence_triton(
     _check_inputs(xg, h0, c0, w_hh, w_hr)
     if lengths is not None:
         lengths = lengths.to(device=xg.device, dtype=torch.int32)
+    need_backward = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, w_hr)
+    )
     hs, c_n, _gates, _cs, _hraw = lstm_recurrence_op(
-        xg.contiguous(), h0, c0, w_hh, w_hr, lengths, reverse, kernel
+        xg.contiguous(), h0, c0, w_hh, w_hr, lengths, reverse, kernel, need_backward
     )
     return hs, c_n

@@ -1,0 +1,267 @@
+"""Launch configurations of the LSTM kernels and the choice between them.
+
+Glossary: B batch, H hidden units, P size of h (proj_size or H), G = 4 gates, KP = H rounded up
+to a power of two (the K of a dot that takes all of h_{t-1} at once).
+
+Which kernel runs (``choose_kernel``):
+- "step": one launch per time step (and direction), any shape, with or without a projection.
+- "persistent": one launch runs all T steps; needs no projection and a grid that fits in the
+  SMs at once (the programs meet at a grid barrier after every step).
+
+Which generation of persistent kernel runs (``kernel_version``, environment variable
+``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh in registers for
+the whole sequence where its tiles fit (``PersistentConfig.w_resident``); "v1" re-reads it from
+L1/L2 every step. v1 stays selectable until a GPU run has compared the two.
+
+float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+import torch
+import triton
+
+from fastpar.ops import interpreter_active
+
+KernelChoice = Literal["auto", "step", "persistent"]
+KernelVersion = Literal["v1", "v2"]
+KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
+
+MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpreter accepts less)
+# A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
+# of which the kernel's dot tiles take a few KiB) to stay on chip between steps (v1).
+PERSISTENT_W_BYTES = 128 * 1024
+# v2 keeps W_hh's share and the h_{t-1} tile of a dot in registers: at most this many bytes of
+# them per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
+# inputs). bench/kernel_report.py shows the registers ptxas allocates.
+RESIDENT_BYTES_PER_THREAD = 128 * 4
+RESIDENT_WARPS = 8
+
+
+def kernel_version() -> KernelVersion:
+    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2")."""
+    version = os.environ.get(KERNEL_VERSION_ENV, "v2")
+    if version not in get_args(KernelVersion):
+        raise ValueError(
+            f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
+        )
+    return version  # type: ignore[return-value]
+
+
+def fp32_rnn_allows_tf32() -> bool:
+    """Whether torch lets cuDNN's RNNs (so torch.nn.LSTM on CUDA) compute float32 in TF32.
+
+    That is ``torch.backends.cudnn.rnn.fp32_precision``; "none" inherits from
+    ``torch.backends.cudnn.fp32_precision`` and then ``torch.backends.fp32_precision``. The
+    legacy switch ``torch.backends.cudnn.allow_tf32`` (True by default) sets the same state.
+    """
+    cudnn = torch.backends.cudnn
+    rnn = getattr(cudnn, "rnn", None)
+    chain = (
+        getattr(rnn, "fp32_precision", "none"),
+        getattr(cudnn, "fp32_precision", "none"),
+        getattr(torch.backends, "fp32_precision", "none"),
+    )
+    for precision in chain:
+        if precision != "none":
+            return precision == "tf32"
+    if getattr(rnn, "fp32_precision", None) is None:  # a torch without the per-op API
+        return bool(cudnn.allow_tf32)
+    return False
+
+
+def fp32_dot_precision(device: torch.device) -> Literal["ieee", "tf32"]:
+    """input_precision of the float32 dots: TF32 on CUDA when cuDNN's LSTM would use it
+    (``fp32_rnn_allows_tf32``), so fastpar.nn.LSTM and torch.nn.LSTM round alike; IEEE on
+    the CPU, which has no TF32 (as torch's CPU LSTM)."""
+    return "tf32" if device.type == "cuda" and fp32_rnn_allows_tf32() else "ieee"
+
+
+def dot_precision(dtype: torch.dtype, device: torch.device) -> Literal["ieee", "tf32"]:
+    """input_precision of every tl.dot of a layer (only float32 operands have a choice)."""
+    return fp32_dot_precision(device) if dtype == torch.float32 else "tf32"
+
+
+def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the gate activations kept for backward: float16 for half-type inputs, else
+    float32.
+
+    Activations lie in [0, 1] (i, f, o) or [-1, 1] (g), where float16 keeps 11 significant bits
+    (bfloat16 only 8): rounded to bfloat16 they put bfloat16 gradients outside tests/ops' bound
+    (twice PyTorch's own error), rounded to float16 the errors stay where float32 put them. c_t
+    is saved in float32: it is unbounded and carries the recurrence.
+    """
+    return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
+
+
+def batch_block(batch: int) -> int:
+    """Batch tile: a power of two >= 16 (the smallest tl.dot M), at most 64."""
+    return min(64, max(MIN_DOT, triton.next_power_of_2(batch)))
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 1 elsewhere (the interpreter)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1
+
+
+def padded_k(size: int) -> int:
+    """KP: the K of a dot over all ``size`` units of h_{t-1}, a power of two >= MIN_DOT."""
+    return max(MIN_DOT, triton.next_power_of_2(size))
+
+
+def w_fits_registers(block_b: int, hidden: int, block_h: int, dtype: torch.dtype) -> bool:
+    """Whether a (KP, 4*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
+    registers of RESIDENT_WARPS warps (RESIDENT_BYTES_PER_THREAD each)."""
+    kp = padded_k(hidden)
+    size = (block_b * kp + kp * 4 * block_h) * torch.finfo(dtype).bits // 8
+    return size <= RESIDENT_BYTES_PER_THREAD * RESIDENT_WARPS * 32
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """Tiles of the per-step kernels (forward and backward)."""
+
+    block_b: int  # batch rows per program (>= 16)
+    block_h: int  # hidden units per forward program (4*block_h >= 16)
+    block_h_bwd: int  # hidden units per backward program (>= 16: it is a tl.dot N)
+    block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
+    num_warps: int
+    w_resident: bool  # forward: one dot over all of h_{t-1} with W's share as one tile (v2)
+
+
+@dataclass(frozen=True)
+class PersistentConfig:
+    """Tiles of a persistent kernel; grid = (cdiv(B, block_b), cdiv(H, block_h))."""
+
+    block_b: int
+    block_h: int  # hidden units per program
+    block_k: int  # reduction tile where W_hh's share is re-read every step
+    num_warps: int
+    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays in registers (v2)
+
+
+def step_config(
+    batch: int,
+    hidden: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    version: KernelVersion = "v2",
+    interpreter: bool = False,
+) -> StepConfig:
+    """Tiles for the per-step kernels: the widest hidden tile (fewer programs re-read h_{t-1})
+    that still gives every SM a program, since one step is far too small to fill the GPU.
+
+    v2 runs the forward step as one dot over all of h_{t-1} (the body the persistent v2 kernel
+    runs) where its tiles fit in registers and, on a GPU, the grid in one wave (the resident
+    tiles leave room for few programs per SM); else as a loop over K tiles. The interpreter
+    takes the resident body wherever it fits, so that it is tested with many programs.
+    """
+    block_b = batch_block(batch)
+    n_b = triton.cdiv(batch, block_b)
+    block_h = 32
+    while block_h > 4 and n_b * triton.cdiv(hidden, block_h) < num_sms:
+        block_h //= 2
+    block_h_bwd = 32 if n_b * triton.cdiv(hidden, 32) >= num_sms else MIN_DOT
+    block_k = 32 if dtype == torch.float32 else 64
+    one_wave = n_b * triton.cdiv(hidden, block_h) <= num_sms
+    resident = (
+        version == "v2"
+        and w_fits_registers(block_b, hidden, block_h, dtype)
+        and (interpreter or one_wave)
+    )
+    num_warps = RESIDENT_WARPS if resident else 4
+    return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident)
+
+
+def persistent_config(
+    batch: int,
+    hidden: int,
+    proj: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    interpreter: bool,
+    backward: bool = False,
+    version: KernelVersion = "v2",
+) -> PersistentConfig | None:
+    """The persistent kernel's tiles, or None when it does not apply.
+
+    Programs of one batch block meet at a barrier after every step, so all of them must be
+    resident at once: on a GPU the whole grid fits in the SMs (one program each); in the
+    interpreter, which runs programs one after another, a batch block is a single program that
+    covers every hidden unit. It also returns None with a projection (h_t then needs all hidden
+    units), or when a program's share of W_hh fits neither in registers (v2 forward) nor in L1.
+    The backward kernel's hidden tile is the N of its tl.dot, so it is at least 16 wide.
+    """
+    if proj != hidden:
+        return None
+    block_b = batch_block(batch)
+    n_b = triton.cdiv(batch, block_b)
+    min_h = MIN_DOT if backward else 4
+    if interpreter:
+        block_h = max(min_h, triton.next_power_of_2(hidden))
+    else:
+        if n_b > num_sms:
+            return None
+        block_h = min_h
+        while n_b * triton.cdiv(hidden, block_h) > num_sms:
+            block_h *= 2
+    resident = (
+        version == "v2"
+        and not backward
+        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype))
+    )
+    if resident:
+        return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
+    if not interpreter and 4 * block_h * hidden * torch.finfo(dtype).bits // 8 > PERSISTENT_W_BYTES:
+        return None
+    # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
+    # without spilling, and so does backward with 16-byte aligned operands (bench/kernel_report.py
+    # shows the registers). One program per SM: the extra warps cost no occupancy.
+    block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
+    num_warps = 8 if block_b >= 64 or backward else 4
+    return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False)
+
+
+def choose_kernel(
+    batch: int,
+    hidden: int,
+    proj: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    kernel: KernelChoice = "auto",
+    backward: bool = False,
+) -> Literal["step", "persistent"]:
+    """Step or persistent kernel for this shape, forward or backward.
+
+    "auto" takes the persistent kernel wherever it applies on a GPU (its W_hh share fits on
+    chip, the grid fits in the SMs, no projection): it saves T-1 launches and keeps W_hh on
+    chip. In the interpreter "auto" keeps the step kernel, which is the one real GPUs also run
+    for the shapes the persistent kernel rejects.
+    """
+    if kernel not in get_args(KernelChoice):
+        raise ValueError(f"kernel must be 'auto', 'step' or 'persistent', got {kernel!r}")
+    if kernel == "step":
+        return "step"
+    cfg = persistent_config(
+        batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward,
+        kernel_version(),
+    )  # fmt: skip
+    if kernel == "persistent":
+        if cfg is None and backward:
+            # Backward follows a persistent forward where it can; its hidden tile is 16 wide
+            # (a tl.dot N), so its W_hh share is larger and fits on chip for fewer shapes.
+            return "step"
+        if cfg is None:
+            raise ValueError(
+                f"kernel='persistent' does not apply to batch {batch}, hidden_size {hidden}, "
+                f"proj {proj}, {dtype}: needs no projection, the W_hh share on chip and a grid "
+                "no larger than the number of SMs"
+            )
+        return "persistent"
+    return "persistent" if cfg is not None and not interpreter_active() else "step"
