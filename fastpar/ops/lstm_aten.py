@@ -109,6 +109,25 @@ def _check_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> None:
         raise ValueError("b_ih and b_hh must both be given or both be None, as in torch.nn.LSTM")
 
 
+def _onednn_forward(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, reverse: bool, keep_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """aten.mkldnn_rnn_layer: out (T, B, H), h_n and c_n (1, B, H), workspace (uint8)."""
+    has_bias = b_ih is not None and b_hh is not None
+    zero = w_ih.new_zeros(w_ih.shape[0])
+    # oneDNN keeps its workspace only while grad mode is on (off inside compiled graphs).
+    with torch.set_grad_enabled(keep_workspace):
+        out, h_n, c_n, ws = torch.ops.aten.mkldnn_rnn_layer(
+            x.detach().contiguous(), w_ih.detach(), w_hh.detach(),
+            b_ih.detach() if has_bias else zero, b_hh.detach() if has_bias else zero,
+            h0.detach().unsqueeze(0).contiguous(), c0.detach().unsqueeze(0).contiguous(),
+            reverse, [], _ONEDNN_LSTM_MODE, w_hh.shape[1], 1, has_bias, False, False,
+            keep_workspace,
+        )  # fmt: skip
+    return out, h_n, c_n, ws if ws is not None else x.new_empty(0, dtype=torch.uint8)
+
+
 @torch.library.custom_op("fastpar::lstm_aten_layer", mutates_args=())
 def lstm_aten_layer_op(
     x: Tensor,
@@ -128,17 +147,9 @@ def lstm_aten_layer_op(
     _check_bias(b_ih, b_hh)
     has_bias = b_ih is not None
     if uses_onednn(x, w_hr, lengths):
-        zero = w_ih.new_zeros(w_ih.shape[0])
-        # oneDNN keeps its workspace only while grad mode is on (off inside compiled graphs).
-        with torch.set_grad_enabled(keep_workspace):
-            out, h_n, c_n, ws = torch.ops.aten.mkldnn_rnn_layer(
-                x.detach().contiguous(), w_ih.detach(), w_hh.detach(),
-                b_ih.detach() if has_bias else zero, b_hh.detach() if has_bias else zero,
-                h0.detach().unsqueeze(0).contiguous(), c0.detach().unsqueeze(0).contiguous(),
-                reverse, [], _ONEDNN_LSTM_MODE, w_hh.shape[1], 1, has_bias, False, False,
-                keep_workspace,
-            )  # fmt: skip
-        ws = ws if ws is not None else x.new_empty(0, dtype=torch.uint8)
+        out, h_n, c_n, ws = _onednn_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, keep_workspace
+        )
         return out, h_n[0], c_n[0], ws
     arrange = _Arrangement(lengths, reverse, x.shape[0])
     params = _params(w_ih, w_hh, b_ih, b_hh, w_hr)
@@ -216,7 +227,12 @@ def _backward_recompute(
     gates[:, :, 3].sigmoid_()
     i, f, g, o = gates.unbind(2)
     ig = i * g
-    c = x.new_zeros(T + 1, B, H, dtype=dtype)  # c[t + 1] = c_t, c[0] = c_0
+    # c[t + 1] = c_t, c[0] = c_0; zeros where a finished row is never written (lengths).
+    c = (
+        x.new_zeros(T + 1, B, H, dtype=dtype)
+        if lengths is not None
+        else x.new_empty(T + 1, B, H, dtype=dtype)
+    )
     c[0] = c0c
     c_steps, f_steps, ig_steps = c.unbind(0), f.unbind(0), ig.unbind(0)
     for t, bs in enumerate(sizes):
@@ -230,12 +246,20 @@ def _backward_recompute(
     dc_from_dh = o * (1 - tanh_c * tanh_c)  # dc_t += dh_t * this       (T, B, H)
     do_from_dh = tanh_c * o * (1 - o)  # d(o pre-activation) = dh_t * this
     # dc_t times these gives [dc_{t-1}, di, df, dg] (pre-activation gradients of i, f, g).
-    from_dc = torch.stack([f, g * i * (1 - i), c[:-1] * f * (1 - f), i * (1 - g * g)], dim=2)
+    from_dc = x.new_empty(T, B, 4, H, dtype=dtype)
+    from_dc[:, :, 0] = f
+    torch.mul(g * i, 1 - i, out=from_dc[:, :, 1])
+    torch.mul(c[:-1] * f, 1 - f, out=from_dc[:, :, 2])
+    torch.mul(i, 1 - g * g, out=from_dc[:, :, 3])
     del gates, ig, tanh_c
 
     # work[t] = [dc_{t-1} (carried into step t-1), di, df, dg, do] of step t; work[T] holds
     # dc_n, and for a sequence of length L, its dc_n enters at work[L] and dh_n at dhs[L - 1].
-    work = x.new_zeros(T + 1, B, 5, H, dtype=dtype)
+    if lengths is None:  # every step writes all of work[t]
+        work = x.new_empty(T + 1, B, 5, H, dtype=dtype)
+        work[T].zero_()
+    else:  # finished rows must hold zero gate gradients
+        work = x.new_zeros(T + 1, B, 5, H, dtype=dtype)
     dgates = work[:, :, 1:].flatten(2)  # (T + 1, B, 4H) view, row stride 5H
     if lengths is None:
         work[T, :, 0] = dc_n
@@ -310,6 +334,10 @@ def lstm_aten_layer_backward_op(
             dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, out,
             need_dx,
         ))  # type: ignore[return-value]  # fmt: skip
+    if workspace.numel() == 0:
+        # Called without keep_workspace (e.g. opcheck, or a forward traced without grad):
+        # run the forward again to get one; oneDNN's backward reads it.
+        workspace = _onednn_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, True)[3]
     has_bias = b_ih is not None
     zero = w_ih.new_zeros(w_ih.shape[0])
     dx, dw_ih, dw_hh, db, _, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward(
