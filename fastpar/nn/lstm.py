@@ -2,9 +2,14 @@
 
 They hold the same parameters as ``torch.nn.LSTM``/``torch.nn.LSTMCell`` (names, shapes, order
 and initialisation), so state dicts load in both directions, and pick a backend per call:
-``"triton"`` (the fused kernels of fastpar.ops), ``"torch"`` (the pure-PyTorch reference) or
-``"auto"`` (triton for CUDA tensors of a supported dtype, the torch path otherwise, said once in
-the log).
+
+* ``"triton"``: fastpar's fused Triton kernels (CUDA; float32, bfloat16, float16);
+* ``"torch"``: torch's own native LSTM kernels (oneDNN on CPU where torch.nn.LSTM uses it, its
+  fused C++ loop elsewhere) inside fastpar's custom op, so torch.compile(fullgraph=True) still
+  sees no graph break; results and speed are torch.nn.LSTM's;
+* ``"reference"``: the pure-PyTorch loop of fastpar.ops.reference (the test oracle; slow);
+* ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said
+  once in the log.
 
 Dimension letters: T time, B batch, I input_size, H hidden_size, P proj_size or H, L num_layers,
 D directions.
@@ -12,9 +17,10 @@ D directions.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +29,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fastpar._checks import check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
+from fastpar.ops.lstm_aten import lstm_stack_aten
 from fastpar.ops.reference import (
     LayerWeights,
     Recurrence,
@@ -30,8 +37,12 @@ from fastpar.ops.reference import (
     lstm_stack,
 )
 
-Backend = Literal["auto", "triton", "torch"]
-BACKENDS = ("auto", "triton", "torch")
+Backend = Literal["auto", "triton", "torch", "reference"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+# The Triton recurrence's kernel variant: "auto" lets it choose per shape; "step" launches one
+# kernel per time step; "persistent" runs the whole sequence in one launch (where it applies).
+Kernel = Literal["auto", "step", "persistent"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _log = get_logger(__name__)
@@ -43,42 +54,75 @@ def _check_backend(backend: object) -> Backend:
     return backend  # type: ignore[return-value]
 
 
-def select_recurrence(backend: Backend, x: Tensor) -> Recurrence:
-    """The recurrence a backend runs for ``x``; raises when a named backend cannot run it.
+def _check_kernel(kernel: object, backend: Backend) -> Kernel:
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel != "auto" and backend not in ("auto", "triton"):
+        raise ValueError(
+            f"kernel={kernel!r} chooses a Triton kernel variant, but backend={backend!r} runs "
+            "no Triton kernel; use backend='triton' or 'auto', or leave kernel='auto'"
+        )
+    return kernel  # type: ignore[return-value]
 
-    Arguments:
-        backend: "auto", "triton" or "torch".
-        x: the (already validated) input, whose device and dtype decide.
 
-    Returns:
-        A function with the signature of ``lstm_recurrence_reference``.
-    """
-    if backend == "torch":
-        return lstm_recurrence_reference
-    runnable = x.device.type == "cuda" or interpreter_active()
-    if backend == "triton":
-        if not runnable:
-            raise RuntimeError(
-                f"backend='triton' needs CUDA tensors, got input on {x.device}; set "
-                "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter, or use "
-                "backend='torch'"
-            )
-        if x.dtype not in TRITON_DTYPES:
-            raise ValueError(
-                f"backend='triton' supports {TRITON_DTYPES}, got input of {x.dtype}; use "
-                "backend='torch' (or 'auto', which takes it for float64)"
-            )
-    elif x.device.type != "cuda" or x.dtype not in TRITON_DTYPES:
+def _takes_triton(backend: Backend, x: Tensor) -> bool:
+    """Whether ``backend`` runs the Triton kernels for ``x``; raises when backend='triton'
+    cannot run them."""
+    if backend in ("torch", "reference"):
+        return False
+    if backend == "auto":
+        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
+            return True
         if not torch.compiler.is_compiling():  # the eager call before compiling said it
             log_once(
                 _log,
-                f"fastpar LSTM backend='auto': {x.dtype} input on {x.device.type} runs the "
-                "pure-PyTorch path (the Triton kernels need CUDA and float32/bfloat16/float16)",
+                f"fastpar LSTM backend='auto': {x.dtype} input on {x.device.type} runs torch's "
+                "native LSTM kernels (backend='torch'; the Triton kernels need CUDA and "
+                "float32/bfloat16/float16)",
             )
+        return False
+    if x.device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got input on {x.device}; set "
+            "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter, or use "
+            "backend='torch'"
+        )
+    if x.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"backend='triton' supports {TRITON_DTYPES}, got input of {x.dtype}; use "
+            "backend='torch' (or 'auto', which takes it for float64)"
+        )
+    return True
+
+
+def select_recurrence(backend: Backend, x: Tensor, kernel: Kernel = "auto") -> Recurrence | None:
+    """The single-direction recurrence ``lstm_stack`` runs for ``x``, or None for torch's
+    kernels (``lstm_stack_aten``); raises when a named backend cannot run it.
+
+    Arguments:
+        backend: "auto", "triton", "torch" or "reference".
+        x: the (already validated) input, whose device and dtype decide.
+        kernel: the Triton kernel variant (used only when the Triton kernels run).
+
+    Returns:
+        A function with the signature of ``lstm_recurrence_reference``, or None.
+    """
+    if backend == "reference":
         return lstm_recurrence_reference
+    if not _takes_triton(backend, x):
+        return None
     from fastpar.ops.lstm_function import lstm_recurrence_triton
 
-    return lstm_recurrence_triton
+    return functools.partial(lstm_recurrence_triton, kernel=kernel)
+
+
+def _run_stack(
+    recurrence: Recurrence | None, x: Tensor, h0: Tensor, c0: Tensor,
+    weights: list[LayerWeights], **kwargs: object,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    if recurrence is None:
+        return lstm_stack_aten(x, h0, c0, weights, **kwargs)  # type: ignore[arg-type]
+    return lstm_stack(x, h0, c0, weights, recurrence=recurrence, **kwargs)  # type: ignore[arg-type]
 
 
 def _check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
@@ -148,7 +192,12 @@ class LSTM(nn.Module):
         bidirectional: run a second, reversed direction per layer (D = 2).
         proj_size: P > 0 projects h to P units with W_hr (0: none).
         device, dtype: of the parameters.
-        backend: "auto", "triton" or "torch" (see the module docstring).
+        backend: "auto", "triton", "torch" or "reference" (see the module docstring).
+        kernel: the Triton kernel variant: "auto" (chosen per shape), "step" (one launch per
+            time step) or "persistent" (one launch for the whole sequence, where it applies).
+            Only the Triton kernels read it: with backend="auto" it is ignored where auto takes
+            torch's kernels (CPU, float64); with backend="torch" or "reference" anything but
+            "auto" is an error.
 
     ``forward(input, hx=None) -> (output, (h_n, c_n))``: input (T, B, I), (B, T, I) when
     batch_first, (T, I) unbatched, or a PackedSequence; hx = (h_0 (L*D, B, P), c_0 (L*D, B, H)),
@@ -168,6 +217,7 @@ class LSTM(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         backend: Backend = "auto",
+        kernel: Kernel = "auto",
     ) -> None:
         super().__init__()
         self.input_size = check_int_at_least("input_size", input_size)
@@ -193,6 +243,7 @@ class LSTM(nn.Module):
         self.dropout = float(dropout)
         self.bidirectional = bool(bidirectional)
         self.backend: Backend = _check_backend(backend)
+        self.kernel: Kernel = _check_kernel(kernel, self.backend)
         factory = {"device": device, "dtype": dtype}
         num_dirs = 2 if bidirectional else 1
         h_out = self.proj_size or hidden_size
@@ -249,7 +300,8 @@ class LSTM(nn.Module):
                 s += f", {name}={getattr(self, name)}"
         if self.dropout:
             s += f", dropout={self.dropout}"
-        return s + f", backend={self.backend!r}"
+        s += f", backend={self.backend!r}"
+        return s + (f", kernel={self.kernel!r}" if self.kernel != "auto" else "")
 
     def forward(
         self, input: Tensor | PackedSequence, hx: tuple[Tensor, Tensor] | None = None
@@ -283,11 +335,10 @@ class LSTM(nn.Module):
                 h0 = _check_state("hx[0] (h_0)", h0, (h_shape[0], h_shape[2]), x).unsqueeze(1)
                 c0 = _check_state("hx[1] (c_0)", c0, (c_shape[0], c_shape[2]), x).unsqueeze(1)
 
-        out, h_n, c_n = lstm_stack(
-            x, h0, c0, self.layer_weights(),
+        out, h_n, c_n = _run_stack(
+            select_recurrence(self.backend, x, self.kernel), x, h0, c0, self.layer_weights(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             dropout=self.dropout, training=self.training, lengths=lengths,
-            recurrence=select_recurrence(self.backend, x),
         )  # fmt: skip
 
         if packed:
@@ -344,7 +395,7 @@ class LSTMCell(nn.Module):
 
     Arguments:
         input_size: I; hidden_size: H; bias: use b_ih and b_hh; device, dtype: of the parameters;
-        backend: "auto", "triton" or "torch".
+        backend: "auto", "triton", "torch" or "reference" (as LSTM).
 
     ``forward(input, hx=None) -> (h_1, c_1)``: input (B, I) or (I,) unbatched; hx = (h_0, c_0),
     each (B, H) or (H,), zeros when omitted.
@@ -397,9 +448,9 @@ class LSTMCell(nn.Module):
             c0 = _check_state("hx[1] (c_0)", c0, expected, x).reshape(shape)
         w = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         # One step of a one-layer LSTM: the same recurrence (and kernels) as LSTM.
-        _, h_n, c_n = lstm_stack(
-            x.unsqueeze(0), h0.unsqueeze(0), c0.unsqueeze(0), [w],
-            num_layers=1, bidirectional=False, recurrence=select_recurrence(self.backend, x),
+        _, h_n, c_n = _run_stack(
+            select_recurrence(self.backend, x), x.unsqueeze(0), h0.unsqueeze(0),
+            c0.unsqueeze(0), [w], num_layers=1, bidirectional=False,
         )  # fmt: skip
         if not batched:
             return h_n[0, 0], c_n[0, 0]

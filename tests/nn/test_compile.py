@@ -1,10 +1,11 @@
 """torch.compile(fullgraph=True) of a model containing fastpar.nn.LSTM, forward and backward.
 
 On CPU this runs Inductor (C++ codegen for the surrounding ops) with the fastpar custom ops as
-opaque calls into the Triton interpreter: it proves the graph has no break (fullgraph=True
-raises on one), that the fake implementations give the right shapes, and that the registered
-autograd formula gives the eager gradients. Inductor's CUDA code generation around the ops is
-exercised only on a GPU (the gpu-marked test below).
+opaque calls (into the Triton interpreter, or torch's own LSTM kernels for backend "torch",
+which dynamo would graph-break on as torch.nn.LSTM): it proves the graph has no break
+(fullgraph=True raises on one), that the fake implementations give the right shapes, and that
+the registered autograd formula gives the eager gradients. Inductor's CUDA code generation
+around the ops is exercised only on a GPU (the gpu-marked test below).
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, randn
 
 
 class _Tagger(torch.nn.Module):
-    def __init__(self, backend: str) -> None:
+    def __init__(self, backend: str, proj_size: int = 0) -> None:
         super().__init__()
-        self.rnn = fastpar.nn.LSTM(6, 17, num_layers=2, bidirectional=True, backend=backend)
-        self.head = torch.nn.Linear(34, 3)
+        self.rnn = fastpar.nn.LSTM(
+            6, 17, num_layers=2, bidirectional=True, proj_size=proj_size, backend=backend
+        )
+        self.head = torch.nn.Linear(2 * (proj_size or 17), 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, (h_n, c_n) = self.rnn(x)
         return self.head(torch.tanh(out)).sum() + h_n.square().sum() + c_n.sum()
 
 
-def _check_compiled_matches_eager(device: str) -> None:
+def _check_compiled_matches_eager(device: str, backend: str = "triton", proj_size: int = 0) -> None:
     torch.manual_seed(0)
-    model = _Tagger("triton").to(device)
+    model = _Tagger(backend, proj_size).to(device)
     x = randn(5, 3, 6, seed=1).float().to(device)
     eager_loss = model(x)
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
@@ -39,11 +42,20 @@ def _check_compiled_matches_eager(device: str) -> None:
     assert_close(loss, eager_loss, FP32_ATOL, FP32_RTOL, "loss")
     for (name, _), a, b in zip(model.named_parameters(), got_grads, eager_grads, strict=True):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, "d " + name)
+    with torch.no_grad():  # inference: no oneDNN workspace kept, same result
+        assert_close(compiled(x), eager_loss, FP32_ATOL, FP32_RTOL, "loss without grad")
 
 
 def test_torch_compile_fullgraph_forward_backward_cpu() -> None:
     torch._dynamo.reset()
     _check_compiled_matches_eager("cpu")
+
+
+# proj_size 0 runs oneDNN (its workspace has a size only known at run time); 4 the recompute path.
+@pytest.mark.parametrize("proj_size", [0, 4])
+def test_torch_compile_fullgraph_torch_backend_cpu(proj_size: int) -> None:
+    torch._dynamo.reset()
+    _check_compiled_matches_eager("cpu", "torch", proj_size)
 
 
 @pytest.mark.gpu

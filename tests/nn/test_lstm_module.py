@@ -71,7 +71,7 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
 def test_matches_torch_lstm(
     backend: str,
@@ -92,11 +92,14 @@ def test_matches_torch_lstm(
     _compare(ours, theirs, x, hx)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPE_TOLERANCES)
-def test_dtypes_against_torch_own_error(dtype: torch.dtype, atol: float, rtol: float) -> None:
+def test_dtypes_against_torch_own_error(
+    backend: str, dtype: torch.dtype, atol: float, rtol: float
+) -> None:
     # Half types: fastpar's error against float64 within a small multiple of torch.nn.LSTM's
     # own error when it runs in that dtype, on the same rounded weights and inputs.
-    ours, theirs = _pair(num_layers=2, bidirectional=True)
+    ours, theirs = _pair(backend, num_layers=2, bidirectional=True)
     ours = ours.to(dtype)
     theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
     x = randn(5, B, F_IN, seed=1).to(dtype).double()
@@ -112,7 +115,7 @@ def test_dtypes_against_torch_own_error(dtype: torch.dtype, atol: float, rtol: f
         assert_within_torch_error(a, t, e, atol, rtol, name)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_packed_unsorted_lengths(backend: str) -> None:
     ours, theirs = _pair(backend, num_layers=2, bidirectional=True)
     T = 6
@@ -139,11 +142,12 @@ def test_packed_unsorted_lengths(backend: str) -> None:
     assert got[0][3:, 0].abs().max() == 0
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("training", [True, False])
-def test_dropout_train_and_eval(training: bool) -> None:
+def test_dropout_train_and_eval(backend: str, training: bool) -> None:
     # torch.nn.LSTM draws one dropout mask per layer output, as lstm_stack does: with the same
     # seed the masks, and so the results, are the same.
-    ours, theirs = _pair(num_layers=3, dropout=0.5)
+    ours, theirs = _pair(backend, num_layers=3, dropout=0.5)
     ours.train(training)
     theirs.train(training)
     x = randn(7, B, F_IN, seed=1)
@@ -229,7 +233,7 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(ValueError, match="backend='triton' supports"):
         m.double()(x.double())
-    # auto on CPU: the torch path (bitwise the torch backend), said through log_once.
+    # auto on CPU: torch's kernels (bitwise the torch backend), said through log_once.
     said: list[str] = []
     monkeypatch.setattr(fastpar.nn.lstm, "log_once", lambda _logger, msg: said.append(msg))
     torch.manual_seed(0)
@@ -237,7 +241,43 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
     assert torch.equal(auto(x)[0], ref(x)[0])
-    assert len(said) == 1 and "pure-PyTorch path" in said[0]
+    assert len(said) == 1 and "torch's native LSTM kernels" in said[0]
+    # ... and float64 too; the reference loop only when named.
+    assert torch.equal(auto.double()(x.double())[0], ref.double()(x.double())[0])
+    torch.manual_seed(0)
+    oracle = fastpar.nn.LSTM(F_IN, H, backend="reference")
+    assert_close(oracle(x)[0], ref.float()(x)[0], FP32_ATOL, FP32_RTOL, "reference vs torch")
+
+
+def test_kernel_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'step', 'persistent'\)"):
+        fastpar.nn.LSTM(F_IN, H, kernel="fast")  # type: ignore[arg-type]
+    for backend in ("torch", "reference"):
+        with pytest.raises(ValueError, match=f"backend='{backend}' runs no Triton kernel"):
+            fastpar.nn.LSTM(F_IN, H, backend=backend, kernel="step")  # type: ignore[arg-type]
+    x = torch.randn(4, B, F_IN)
+    torch.manual_seed(0)
+    step = fastpar.nn.LSTM(F_IN, H, backend="triton", kernel="step")
+    assert "kernel='step'" in repr(step)
+    torch.manual_seed(0)
+    ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
+    # The variant reaches the Triton recurrence (interpreter on CPU) ...
+    from fastpar.ops import lstm_function
+
+    seen: list[str] = []
+    real = lstm_function.lstm_recurrence_triton
+
+    def spy(*args: object, kernel: str, **kwargs: object):
+        seen.append(kernel)
+        return real(*args, kernel=kernel, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lstm_function, "lstm_recurrence_triton", spy)
+    assert_close(step(x)[0], ref(x)[0], FP32_ATOL, FP32_RTOL, "kernel='step'")
+    assert seen == ["step"]
+    # ... and "auto" ignores it where it takes torch's kernels (CPU), so one script runs on both.
+    torch.manual_seed(0)
+    auto = fastpar.nn.LSTM(F_IN, H, kernel="persistent")
+    assert torch.equal(auto(x)[0], ref(x)[0]) and seen == ["step"]
 
 
 class _Model(torch.nn.Module):
@@ -285,7 +325,7 @@ def test_pickle_and_multiprocessing() -> None:
     assert torch.equal(got, model(x).detach())
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("batched", [True, False])
 def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
     torch.manual_seed(0)

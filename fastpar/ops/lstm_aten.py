@@ -1,0 +1,475 @@
+"""One LSTM layer and direction on torch's native ATen kernels, as a ``torch.library`` custom op.
+
+torch.compile graph-breaks on torch's RNN modules; wrapped in ``fastpar::lstm_aten_layer`` (with
+a fake implementation and a registered autograd formula) the same kernels compile with
+``fullgraph=True``. Two paths, chosen exactly where ``torch.nn.LSTM`` chooses them:
+
+* oneDNN (CPU float32, bfloat16 where the CPU supports it; no projection, no lengths):
+  ``aten.mkldnn_rnn_layer`` and ``aten.mkldnn_rnn_layer_backward``, the kernels torch.nn.LSTM runs
+  on CPU, so results and speed are torch's. The forward keeps oneDNN's workspace for backward.
+* everything else (float64, float16, proj_size, lengths, other devices): the forward is torch's
+  fused C++ loop (``torch._VF.lstm`` on one layer and direction, packed through batch_sizes when
+  there are lengths); the backward recomputes what it needs from the saved inputs and outputs
+  (all gate pre-activations in one GEMM over the saved h_{t-1}, c_t by one addcmul per step),
+  runs four or five ops per step, and takes the weight gradients as single GEMMs after the loop.
+
+Lengths and reversal are handled by arranging the batch canonically: rows sorted by length
+(longest first, so the rows still running at step t are a prefix of size batch_sizes[t]) and,
+for the reverse direction, each sequence's valid steps reversed in time. The layer then runs
+forward, and its results are put back in the caller's arrangement.
+
+Glossary: T time, B batch, I input features, H hidden units, P size of h (proj_size or H),
+G = 4 gates in torch's order (i, f, g, o).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastpar.ops.reference import LayerWeights
+
+_ONEDNN_LSTM_MODE = 2  # ideep::rnn_kind::LSTM, the `mode` argument of aten.mkldnn_rnn_layer
+
+
+def uses_onednn(x: Tensor, w_hr: Tensor | None, lengths: Tensor | None) -> bool:
+    """Whether torch.nn.LSTM would run this layer on oneDNN (aten's ``use_mkldnn``)."""
+    if x.device.type != "cpu" or w_hr is not None or lengths is not None or x.numel() == 0:
+        return False
+    if not (torch.backends.mkldnn.is_available() and torch._C._get_mkldnn_enabled()):
+        return False
+    if x.dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return x.dtype == torch.float32
+
+
+class _Arrangement:
+    """Maps (T, B, .) tensors to and from the canonical arrangement described above."""
+
+    def __init__(self, lengths: Tensor | None, reverse: bool, steps: int) -> None:
+        self.reverse = reverse
+        self.perm: Tensor | None = None
+        self.batch_sizes: list[int] | None = None
+        if lengths is None:
+            return
+        lengths = lengths.to("cpu", torch.int64)
+        if lengths.numel() and int(lengths.min()) < 1:
+            raise ValueError(f"lengths must all be >= 1, got {lengths.tolist()}")
+        if lengths.numel() and int(lengths.max()) > steps:
+            raise ValueError(f"lengths must be <= T = {steps}, got {lengths.tolist()}")
+        self.sorted_lengths, perm = lengths.sort(descending=True, stable=True)
+        self.perm = perm
+        self.inverse = torch.empty_like(perm)
+        self.inverse[perm] = torch.arange(perm.numel())
+        t = torch.arange(steps).unsqueeze(1)
+        valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in sorted order
+        self.batch_sizes = valid.sum(1).tolist()
+        # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
+        self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
+
+    def rows(self, state: Tensor) -> Tensor:
+        """(B, .) in canonical row order."""
+        return state if self.perm is None else state.index_select(0, self.perm.to(state.device))
+
+    def unrows(self, state: Tensor) -> Tensor:
+        return state if self.perm is None else state.index_select(0, self.inverse.to(state.device))
+
+    def _flip(self, seq: Tensor) -> Tensor:
+        if not self.reverse:
+            return seq
+        if self.perm is None:
+            return seq.flip(0)
+        index = self.time_index.to(seq.device).unsqueeze(2).expand(seq.shape)
+        return seq.gather(0, index)
+
+    def apply(self, seq: Tensor) -> Tensor:
+        """(T, B, .) in the caller's arrangement -> canonical."""
+        if self.perm is not None:
+            seq = seq.index_select(1, self.perm.to(seq.device))
+        return self._flip(seq)
+
+    def restore(self, seq: Tensor) -> Tensor:
+        """(T, B, .) canonical -> the caller's arrangement."""
+        seq = self._flip(seq)  # the reversal is its own inverse
+        return seq if self.perm is None else seq.index_select(1, self.inverse.to(seq.device))
+
+
+def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+            w_hr: Tensor | None) -> list[Tensor]:  # fmt: skip
+    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None and b_hh is not None else [])
+    return params + ([w_hr] if w_hr is not None else [])
+
+
+def _check_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> None:
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be given or both be None, as in torch.nn.LSTM")
+
+
+def _onednn_forward(
+    x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None, reverse: bool, keep_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """aten.mkldnn_rnn_layer: out (T, B, H), h_n and c_n (1, B, H), workspace (uint8)."""
+    has_bias = b_ih is not None and b_hh is not None
+    zero = w_ih.new_zeros(w_ih.shape[0])
+    # oneDNN keeps its workspace only while grad mode is on (off inside compiled graphs).
+    with torch.set_grad_enabled(keep_workspace):
+        out, h_n, c_n, ws = torch.ops.aten.mkldnn_rnn_layer(
+            x.detach().contiguous(), w_ih.detach(), w_hh.detach(),
+            b_ih.detach() if has_bias else zero, b_hh.detach() if has_bias else zero,
+            h0.detach().unsqueeze(0).contiguous(), c0.detach().unsqueeze(0).contiguous(),
+            reverse, [], _ONEDNN_LSTM_MODE, w_hh.shape[1], 1, has_bias, False, False,
+            keep_workspace,
+        )  # fmt: skip
+    return out, h_n, c_n, ws if ws is not None else x.new_empty(0, dtype=torch.uint8)
+
+
+@torch.library.custom_op("fastpar::lstm_aten_layer", mutates_args=())
+def lstm_aten_layer_op(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    keep_workspace: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns out (T, B, P) (zeros past each length), h_n (B, P), c_n (B, H), and oneDNN's
+    workspace for backward (uint8; empty on the other path or without keep_workspace)."""
+    _check_bias(b_ih, b_hh)
+    has_bias = b_ih is not None
+    if uses_onednn(x, w_hr, lengths):
+        out, h_n, c_n, ws = _onednn_forward(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, keep_workspace
+        )
+        return out, h_n[0], c_n[0], ws
+    arrange = _Arrangement(lengths, reverse, x.shape[0])
+    params = _params(w_ih, w_hh, b_ih, b_hh, w_hr)
+    hx = (arrange.rows(h0).unsqueeze(0), arrange.rows(c0).unsqueeze(0))
+    xc = arrange.apply(x)
+    with torch.no_grad():
+        if arrange.batch_sizes is None:
+            out, h_n, c_n = torch._VF.lstm(xc, hx, params, has_bias, 1, 0.0, False, False, False)
+        else:
+            data, batch_sizes = torch._pack_padded_sequence(xc, arrange.sorted_lengths, False)
+            out_data, h_n, c_n = torch._VF.lstm(
+                data, batch_sizes, hx, params, has_bias, 1, 0.0, False, False
+            )
+            out, _ = torch._pad_packed_sequence(out_data, batch_sizes, False, 0.0, x.shape[0])
+    return (
+        arrange.restore(out),
+        arrange.unrows(h_n[0]),
+        arrange.unrows(c_n[0]),
+        x.new_empty(0, dtype=torch.uint8),
+    )
+
+
+@lstm_aten_layer_op.register_fake
+def _(x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+      b_hh: Tensor | None, w_hr: Tensor | None, lengths: Tensor | None, reverse: bool,
+      keep_workspace: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    ws_size = 0
+    if keep_workspace and uses_onednn(x, w_hr, lengths):
+        ws_size = torch.library.get_ctx().new_dynamic_size()  # oneDNN decides its size
+    T, B, _ = x.shape
+    return (
+        x.new_empty(T, B, h0.shape[1]),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        x.new_empty(ws_size, dtype=torch.uint8),
+    )
+
+
+class _Grads(NamedTuple):
+    dx: Tensor  # (T, B, I), or (0,) when not asked for
+    dh0: Tensor  # (B, P)
+    dc0: Tensor  # (B, H)
+    dw_ih: Tensor  # (4H, I)
+    dw_hh: Tensor  # (4H, P)
+    db: Tensor  # (4H,): the gradient of b_ih and of b_hh; (0,) without biases
+    dw_hr: Tensor  # (P, H); (0,) without a projection
+
+
+def _backward_recompute(
+    dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+    w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
+    lengths: Tensor | None, reverse: bool, out: Tensor, need_dx: bool,
+) -> _Grads:  # fmt: skip
+    """The backward of the non-oneDNN path, in float32 for half types (torch's opmath)."""
+    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    arrange = _Arrangement(lengths, reverse, x.shape[0])
+    T, B, _ = x.shape
+    H, P = w_hh.shape[0] // 4, w_hh.shape[1]
+    w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
+    w_hr = w_hr.to(dtype) if w_hr is not None else None
+    xc = arrange.apply(x).to(dtype)
+    hc = arrange.apply(out).to(dtype)
+    dhs = arrange.apply(dout).to(dtype, copy=True)
+    h0c, c0c = arrange.rows(h0).to(dtype), arrange.rows(c0).to(dtype)
+    dh_n, dc_n = arrange.rows(dh_n).to(dtype), arrange.rows(dc_n).to(dtype)
+    sizes = arrange.batch_sizes or [B] * T
+
+    # Gate activations for every step at once, from the saved h_{t-1}.
+    h_prev = torch.cat([h0c.unsqueeze(0), hc[:-1]]).reshape(T * B, P)
+    x2 = xc.reshape(T * B, -1)
+    gates = F.linear(x2, w_ih, (b_ih.to(dtype) + b_hh.to(dtype)) if b_ih is not None else None)
+    gates = gates.addmm_(h_prev, w_hh.t()).view(T, B, 4, H)
+    gates[:, :, 0:2].sigmoid_()
+    gates[:, :, 2].tanh_()
+    gates[:, :, 3].sigmoid_()
+    i, f, g, o = gates.unbind(2)
+    ig = i * g
+    # c[t + 1] = c_t, c[0] = c_0; zeros where a finished row is never written (lengths).
+    c = (
+        x.new_zeros(T + 1, B, H, dtype=dtype)
+        if lengths is not None
+        else x.new_empty(T + 1, B, H, dtype=dtype)
+    )
+    c[0] = c0c
+    c_steps, f_steps, ig_steps = c.unbind(0), f.unbind(0), ig.unbind(0)
+    for t, bs in enumerate(sizes):
+        if bs == B:
+            torch.addcmul(ig_steps[t], f_steps[t], c_steps[t], out=c_steps[t + 1])
+        else:
+            torch.addcmul(
+                ig_steps[t][:bs], f_steps[t][:bs], c_steps[t][:bs], out=c_steps[t + 1][:bs]
+            )
+    tanh_c = c[1:].tanh()
+    dc_from_dh = o * (1 - tanh_c * tanh_c)  # dc_t += dh_t * this       (T, B, H)
+    do_from_dh = tanh_c * o * (1 - o)  # d(o pre-activation) = dh_t * this
+    # dc_t times these gives [dc_{t-1}, di, df, dg] (pre-activation gradients of i, f, g).
+    from_dc = x.new_empty(T, B, 4, H, dtype=dtype)
+    from_dc[:, :, 0] = f
+    torch.mul(g * i, 1 - i, out=from_dc[:, :, 1])
+    torch.mul(c[:-1] * f, 1 - f, out=from_dc[:, :, 2])
+    torch.mul(i, 1 - g * g, out=from_dc[:, :, 3])
+    del gates, ig, tanh_c
+
+    # work[t] = [dc_{t-1} (carried into step t-1), di, df, dg, do] of step t; work[T] holds
+    # dc_n, and for a sequence of length L, its dc_n enters at work[L] and dh_n at dhs[L - 1].
+    if lengths is None:  # every step writes all of work[t]
+        work = x.new_empty(T + 1, B, 5, H, dtype=dtype)
+        work[T].zero_()
+    else:  # finished rows must hold zero gate gradients
+        work = x.new_zeros(T + 1, B, 5, H, dtype=dtype)
+    dgates = work[:, :, 1:].flatten(2)  # (T + 1, B, 4H) view, row stride 5H
+    if lengths is None:
+        work[T, :, 0] = dc_n
+        dhs[T - 1] += dh_n
+    else:
+        last = arrange.sorted_lengths.to(x.device)
+        rows = torch.arange(B, device=x.device)
+        work[last, rows, 0] = dc_n
+        dhs.index_put_((last - 1, rows), dh_n, accumulate=True)
+    dh_all = x.new_zeros(T, B, P, dtype=dtype) if w_hr is not None else None
+    work_t, dgates_t, dhs_t = work.unbind(0), dgates.unbind(0), dhs.unbind(0)
+    a_t, b_t, k_t = dc_from_dh.unbind(0), do_from_dh.unbind(0), from_dc.unbind(0)
+    for t in range(T - 1, -1, -1):
+        bs = sizes[t]
+        full = bs == B
+        dh_in, dg_next = (
+            (dhs_t[t], dgates_t[t + 1]) if full else (dhs_t[t][:bs], dgates_t[t + 1][:bs])
+        )
+        if dh_all is None:
+            dh = torch.addmm(dh_in, dg_next, w_hh)
+        else:
+            dh = torch.addmm(dh_in, dg_next, w_hh, out=dh_all[t] if full else dh_all[t][:bs])
+            dh = dh @ w_hr  # into o * tanh(c), before the projection
+        cur = work_t[t] if full else work_t[t][:bs]
+        nxt = work_t[t + 1] if full else work_t[t + 1][:bs]
+        a, b_, k = (a_t[t], b_t[t], k_t[t]) if full else (a_t[t][:bs], b_t[t][:bs], k_t[t][:bs])
+        dc = torch.addcmul(nxt[:, 0], dh, a)
+        torch.mul(dc.unsqueeze(1), k, out=cur[:, 0:4])
+        torch.mul(dh, b_, out=cur[:, 4])
+
+    dg_all = dgates[:T].reshape(T * B, 4 * H)
+    dh0 = arrange.unrows(dgates[0] @ w_hh).to(h0.dtype)
+    dc0 = arrange.unrows(work[0, :, 0]).to(c0.dtype)
+    dw_ih = (dg_all.t() @ x2).to(x.dtype)
+    dw_hh = (dg_all.t() @ h_prev).to(x.dtype)
+    db = dg_all.sum(0).to(x.dtype) if b_ih is not None else x.new_empty(0)
+    dw_hr = x.new_empty(0)
+    if w_hr is not None and dh_all is not None:
+        hraw = (o * c[1:].tanh()).reshape(T * B, H)
+        dw_hr = (dh_all.reshape(T * B, P).t() @ hraw).to(x.dtype)
+    dx = x.new_empty(0)
+    if need_dx:
+        dx = arrange.restore((dg_all @ w_ih).view(T, B, -1)).to(x.dtype)
+    return _Grads(dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+
+
+@torch.library.custom_op("fastpar::lstm_aten_layer_backward", mutates_args=())
+def lstm_aten_layer_backward_op(
+    dout: Tensor,
+    dh_n: Tensor,
+    dc_n: Tensor,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    out: Tensor,
+    h_n: Tensor,
+    c_n: Tensor,
+    workspace: Tensor,
+    need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns dx ((0,) unless need_dx), dh0, dc0, dw_ih, dw_hh, db (of b_ih and of b_hh; (0,)
+    without biases), dw_hr ((0,) without a projection)."""
+    if not uses_onednn(x, w_hr, lengths):
+        return tuple(_backward_recompute(
+            dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, out,
+            need_dx,
+        ))  # type: ignore[return-value]  # fmt: skip
+    if workspace.numel() == 0:
+        # Called without keep_workspace (e.g. opcheck, or a forward traced without grad):
+        # run the forward again to get one; oneDNN's backward reads it.
+        workspace = _onednn_forward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, True)[3]
+    has_bias = b_ih is not None
+    zero = w_ih.new_zeros(w_ih.shape[0])
+    dx, dw_ih, dw_hh, db, _, dh0, dc0 = torch.ops.aten.mkldnn_rnn_layer_backward(
+        x.contiguous(), w_ih, w_hh, b_ih if has_bias else zero, b_hh if has_bias else zero,
+        h0.unsqueeze(0).contiguous(), c0.unsqueeze(0).contiguous(), out,
+        h_n.unsqueeze(0), c_n.unsqueeze(0), dout.contiguous(), dh_n.unsqueeze(0).contiguous(),
+        dc_n.unsqueeze(0).contiguous(), reverse, _ONEDNN_LSTM_MODE, w_hh.shape[1], 1, has_bias,
+        True, False, [], False, workspace,
+    )  # fmt: skip
+    dt = x.dtype
+    return (
+        dx.to(dt) if need_dx else x.new_empty(0),
+        dh0[0].to(dt),
+        dc0[0].to(dt),
+        dw_ih.to(dt),
+        dw_hh.to(dt),
+        db.to(dt) if has_bias else x.new_empty(0),
+        x.new_empty(0),
+    )
+
+
+@lstm_aten_layer_backward_op.register_fake
+def _(dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+      w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
+      *args: object) -> tuple[Tensor, ...]:  # fmt: skip
+    need_dx = args[-1]
+    return (
+        x.new_empty(x.shape if need_dx else (0,)),
+        h0.new_empty(h0.shape),
+        c0.new_empty(c0.shape),
+        w_ih.new_empty(w_ih.shape),
+        w_hh.new_empty(w_hh.shape),
+        w_ih.new_empty((w_ih.shape[0],) if b_ih is not None else (0,)),
+        w_ih.new_empty(w_hr.shape if w_hr is not None else (0,)),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, _keep = inputs
+    out, h_n, c_n, workspace = output
+    ctx.save_for_backward(
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, h_n, c_n, workspace
+    )
+    ctx.reverse = reverse
+    # The workspace has no gradient; without this autograd fills a zero "gradient" as large.
+    ctx.mark_non_differentiable(workspace)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None,
+              _dws: Any) -> tuple[Tensor | None, ...]:  # fmt: skip
+    x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, out, h_n, c_n, workspace = ctx.saved_tensors
+    dout = torch.zeros_like(out) if dout is None else dout
+    dh_n = torch.zeros_like(h_n) if dh_n is None else dh_n
+    dc_n = torch.zeros_like(c_n) if dc_n is None else dc_n
+    dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_aten_layer_backward_op(
+        dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse,
+        out, h_n, c_n, workspace, ctx.needs_input_grad[0],
+    )  # fmt: skip
+    has_bias = b_ih is not None
+    return (
+        dx if ctx.needs_input_grad[0] else None, dh0, dc0, dw_ih, dw_hh,
+        db if has_bias else None, db if has_bias else None,
+        dw_hr if w_hr is not None else None, None, None, None,
+    )  # fmt: skip
+
+
+lstm_aten_layer_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lstm_layer_aten(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w: LayerWeights,
+    lengths: Tensor | None = None,
+    reverse: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer and direction of torch.nn.LSTM on torch's kernels (see the module docstring).
+
+    Arguments:
+        x: (T, B, I) layer input.
+        h0: (B, P); c0: (B, H) initial states; w: the layer's weights, all of x's dtype.
+        lengths: (B,) valid lengths (>= 1), or None (all T valid).
+        reverse: process each sequence from its last valid step down to 0.
+
+    Returns:
+        out: (T, B, P) hidden state after every step, zero past each length; h_n: (B, P);
+        c_n: (B, H): the states after each sequence's last step.
+    """
+    if torch.is_autocast_enabled(x.device.type):
+        # Custom ops are outside autocast's lists: take its dtype here, as torch's LSTM does.
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
+        w = LayerWeights(*(t.to(dtype) if t is not None else None for t in w))
+    tensors = [x, h0, c0, *(t for t in w if t is not None)]
+    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    out, h_n, c_n, _ = lstm_aten_layer_op(
+        x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
+    )
+    return out, h_n, c_n
+
+
+def lstm_stack_aten(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[LayerWeights],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float = 0.0,
+    training: bool = False,
+    lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``reference.lstm_stack`` on torch's kernels: same arguments and results (dropout draws
+    one mask per layer output, as torch.nn.LSTM)."""
+    num_dirs = 2 if bidirectional else 1
+    h_n: list[Tensor] = []
+    c_n: list[Tensor] = []
+    layer_input = x
+    for layer in range(num_layers):
+        outs: list[Tensor] = []
+        for direction in range(num_dirs):
+            k = layer * num_dirs + direction
+            out, h_last, c_last = lstm_layer_aten(
+                layer_input, h0[k], c0[k], weights[k], lengths, direction == 1
+            )
+            outs.append(out)
+            h_n.append(h_last)
+            c_n.append(c_last)
+        layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=2)
+        if dropout > 0.0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, p=dropout, training=True)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
