@@ -36,6 +36,9 @@ _CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno")
 # No --use_fast_math: it flushes float32 denormals to zero, and GPU reductions must give the
 # numbers the CPU ones give.
 _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
+# Compute capability compiled for when TORCH_CUDA_ARCH_LIST is unset and no GPU is visible (a
+# build machine): torch would otherwise derive it from the visible GPUs and fail on none.
+DEFAULT_CUDA_ARCH = "9.0"
 
 _loaded: ModuleType | None = None
 _load_lock = threading.Lock()
@@ -94,6 +97,20 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
+def cuda_arch_list() -> str:
+    """The compute capabilities CUDA sources are compiled for: TORCH_CUDA_ARCH_LIST when set,
+    else those of the visible GPUs, else DEFAULT_CUDA_ARCH."""
+    configured = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if configured:
+        return configured
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        capabilities = {
+            torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())
+        }
+        return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+    return DEFAULT_CUDA_ARCH
+
+
 def plan_build() -> BuildPlan:
     src = source_dir()
     with_cuda, _ = cuda_build_possible()
@@ -113,6 +130,7 @@ def plan_build() -> BuildPlan:
         repr(_CXX_FLAGS),
         repr(_CUDA_FLAGS),
         str(with_cuda),
+        cuda_arch_list() if with_cuda else "",
     ):
         digest.update(part.encode())
     key = digest.hexdigest()[:16]
@@ -156,14 +174,33 @@ def _import_library(name: str, library: Path) -> ModuleType:
 
 
 def _compile(plan: BuildPlan, verbose: bool) -> Path:
-    from torch.utils.cpp_extension import load
-
     _check_toolchain()
     logger.info("building fastpar's native extension in %s", plan.directory)
     extra_cflags = list(_CXX_FLAGS)
     if plan.with_cuda:
         extra_cflags.append("-DFASTPAR_WITH_CUDA")
-    module = load(
+    previous_arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if plan.with_cuda:  # torch's build reads the architectures from the environment
+        os.environ["TORCH_CUDA_ARCH_LIST"] = cuda_arch_list()
+    try:
+        module = _load_extension(plan, extra_cflags, verbose)
+    finally:
+        if previous_arch is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous_arch
+    # torch's load() imported the library without registering it; a second import of the same
+    # library would run its module init again, and pybind11 refuses to register a class twice.
+    sys.modules[plan.name] = module
+    library = Path(module.__file__).resolve()
+    (plan.directory / "complete").write_text(library.name)
+    return library
+
+
+def _load_extension(plan: BuildPlan, extra_cflags: list[str], verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load
+
+    return load(
         name=plan.name,
         sources=[str(p) for p in plan.sources],
         build_directory=str(plan.directory),
@@ -173,12 +210,6 @@ def _compile(plan: BuildPlan, verbose: bool) -> Path:
         with_cuda=plan.with_cuda,
         verbose=verbose,
     )
-    # torch's load() imported the library without registering it; a second import of the same
-    # library would run its module init again, and pybind11 refuses to register a class twice.
-    sys.modules[plan.name] = module
-    library = Path(module.__file__).resolve()
-    (plan.directory / "complete").write_text(library.name)
-    return library
 
 
 def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:

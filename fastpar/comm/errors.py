@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class CommError(Exception):
     """Base of the errors raised by fastpar.comm."""
@@ -21,14 +23,23 @@ class CommClosedError(CommError, RuntimeError):
     """The object was closed, or an earlier failure left it unusable (the message says which)."""
 
 
-# Names of the native extension's exception types -> the errors above.
-NATIVE_ERRORS: dict[str, type[CommError]] = {
-    "RingTimeoutError": CommTimeoutError,
-    "RingMismatchError": CommMismatchError,
-    "RingClosedError": CommClosedError,
-}
+# The native extension's exception types -> the errors above; filled by native_error_types.
+_BY_NATIVE_TYPE: dict[type[BaseException], type[CommError]] = {}
 
 
-def translate_native_error(error: Exception) -> CommError:
+def native_error_types(native: Any) -> tuple[type[BaseException], ...]:
+    """The exception types of the native extension `native` that `translate_native_error`
+    turns into the errors above (for an `except` clause)."""
+    _BY_NATIVE_TYPE.update(
+        {
+            native.RingTimeoutError: CommTimeoutError,
+            native.RingMismatchError: CommMismatchError,
+            native.RingClosedError: CommClosedError,
+        }
+    )
+    return tuple(_BY_NATIVE_TYPE)
+
+
+def translate_native_error(error: BaseException) -> CommError:
     """The fastpar.comm error for an exception of the native extension's ring."""
-    return NATIVE_ERRORS[type(error).__name__](str(error))
+    return _BY_NATIVE_TYPE[type(error)](str(error))

@@ -6,11 +6,15 @@ logged once). Every element is combined in rank order, so all ranks get bitwise-
 results. Transports:
 - CPU tensors: one POSIX shared-memory segment for the group (`csrc/shm_ring.h`); a call returns
   when the result is in the tensor, and errors are raised by the call that meets them.
-- CUDA tensors (where the native extension has CUDA): every rank's device buffer is mapped by
-  the others through CUDA IPC (`csrc/ipc_ring.cuh`). A call is enqueued on the ring's own stream
-  after the work on the caller's current stream and returns at once, as NCCL's do; a mismatch or
-  timeout found on the device leaves the tensors of that call untouched and is raised by the
-  next call (or `check()`), after which the ring is unusable.
+- CUDA tensors (where the native extension has CUDA, and every rank can map every peer's device
+  memory: the same GPU, or peer access between the GPUs, agreed by all ranks): every rank's
+  device buffer is mapped by the others through CUDA IPC (`csrc/ipc_ring.cuh`). A call is one
+  kernel on the ring's own stream, ordered after the caller's current stream; a synchronous call
+  returns once the result is in the tensor, and `Work.wait()` of an asynchronous one blocks
+  until it is: both raise what the device found (a peer that timed out, named; a mismatch), so
+  nobody uses a tensor the ring did not reduce. Above CUDA_RING_MAX_BYTES, calls between
+  different GPUs go to torch.distributed (NCCL). Closing is collective (every rank stops, then
+  unmaps the peers' buffers, then frees its own).
 
 Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
 order (as with process groups), and the ranks meet once through the default store to name and
@@ -34,20 +38,21 @@ import torch.distributed as dist
 
 from fastpar import _native
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.errors import (
-    NATIVE_ERRORS,
-    CommClosedError,
-    CommTimeoutError,
-    translate_native_error,
-)
+from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
+from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
 from fastpar.comm.work import CudaRingWork, RingWork
 
 logger = get_logger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=5)
-DEFAULT_CHUNK_BYTES = {"cpu": 256 * 1024, "cuda": 32 * 1024 * 1024}
+DEFAULT_CHUNK_BYTES = {"cpu": 256 * 1024, "cuda": 8 * 1024 * 1024}
 DEFAULT_SLOTS = 4
+# Calls between different GPUs larger than this go to torch.distributed (NCCL): a design value
+# (one-shot/two-shot all-reduces over P2P beat NCCL up to a few MiB in published figures of
+# custom all-reduces; NCCL's ring bandwidth wins above), not measured on this code yet. Ranks
+# sharing one GPU always use the ring (NCCL refuses two ranks on one device).
+CUDA_RING_MAX_BYTES = 8 * 1024 * 1024
 
 # Per group (its global ranks), how many rings this process has created: the ranks of a group
 # create theirs in the same order, so the count names the same ring on every rank.
@@ -132,6 +137,9 @@ class RingAllReduce:
         self._last: Future[None] | None = None
         self._submit_lock = threading.Lock()
         self._stream: torch.cuda.ExternalStream | None = None
+        self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
+        self._store: dist.Store | None = None
+        self._prefix = ""
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -144,15 +152,7 @@ class RingAllReduce:
     # --- setup ---------------------------------------------------------------------------------
 
     def _store_wait(self, store: dist.Store, keys: dict[int, str], what: str) -> None:
-        try:
-            store.wait(list(keys.values()), self.timeout)
-        except RuntimeError as error:
-            missing = [rank for rank, key in keys.items() if not store.check([key])]
-            raise CommTimeoutError(
-                f"rank {self.rank} timed out after {self.timeout.total_seconds():g} s waiting "
-                f"for rank(s) {missing} to {what} while creating a RingAllReduce (does every "
-                "rank of the group create it?)"
-            ) from error
+        wait_for_ranks(store, keys, self.timeout, self.rank, what)
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
@@ -161,6 +161,7 @@ class RingAllReduce:
             index = _created.get(ranks, 0)
             _created[ranks] = index + 1
         prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
+        self._store, self._prefix = store, prefix
         hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
         store.set(hosts[self.rank], host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
@@ -168,21 +169,40 @@ class RingAllReduce:
             self._disabled = "its ranks do not all share one host's shared memory"
             return
         native = _native.load()
+        self._native_errors = native_error_types(native)
         if self.device.type == "cuda":
-            if not getattr(native, "with_cuda", False):
-                self._disabled = "fastpar's native extension was built without CUDA"
-                return
             self._connect_cuda_ipc(native, store, prefix, chunk_bytes)
         else:
             self._connect_shared_memory(native, store, prefix, chunk_bytes, slots)
-        self._native_errors = tuple(getattr(native, name) for name in NATIVE_ERRORS)
+
+    def _agree(self, question: str, problem: str, what: str) -> bool:
+        """All ranks' verdicts on `question`; False (the ring off, the reason kept) when any
+        rank has a problem."""
+        reason = agree(
+            self._store, f"{self._prefix}/{question}", self.rank, self.world_size, problem,
+            self.timeout, what,
+        )  # fmt: skip
+        if reason is not None:
+            self._disabled = reason
+        return reason is None
 
     def _connect_cuda_ipc(
         self, native: Any, store: dist.Store, prefix: str, chunk_bytes: int
     ) -> None:
+        problem = "" if native.with_cuda else "fastpar's native extension was built without CUDA"
+        if not problem:
+            ids = {rank: f"{prefix}/device/{rank}" for rank in range(self.world_size)}
+            local_ids = local_device_ids()
+            store.set(ids[self.rank], local_ids[self.device.index])
+            self._store_wait(store, ids, "say which GPU it uses")
+            device_ids = [store.get(key).decode() for key in ids.values()]
+            self._single_device = len(set(device_ids)) == 1
+            problem = cuda_peer_problem(self.rank, device_ids, local_ids)
+        if not self._agree("peer-access", problem, "say whether it can map every peer's GPU"):
+            return
         transport = native.IpcAllReduce(
-            self.rank, self.world_size, self.device.index, chunk_bytes,
-            self.timeout.total_seconds(),
+            rank=self.rank, world=self.world_size, device=self.device.index,
+            chunk_bytes=chunk_bytes, timeout_s=self.timeout.total_seconds(),
         )  # fmt: skip
         try:
             keys = {rank: f"{prefix}/ipc/{rank}" for rank in range(self.world_size)}
@@ -192,7 +212,14 @@ class RingAllReduce:
                 torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8)
                 for key in keys.values()
             ]
-            transport.connect(handles)
+            try:
+                transport.connect(handles)
+                problem = ""
+            except RuntimeError as error:
+                problem = f"mapping the peers' buffers failed: {error}"
+            if not self._agree("mapped", problem, "map the peers' CUDA buffers"):
+                transport.close()  # nobody runs a kernel on these buffers: a local close is safe
+                return
         except BaseException:
             transport.close()
             raise
@@ -261,11 +288,24 @@ class RingAllReduce:
             return False
         return self._fallback_reason(tensor, ring_op_code(op), op) is None
 
+    def fallback_reason(self, tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> str | None:
+        """Why `all_reduce(tensor, op)` would go to torch.distributed; None when the ring runs
+        it."""
+        if self._closed:
+            return "this RingAllReduce was closed"
+        return self._fallback_reason(tensor, ring_op_code(op), op)
+
     def _fallback_reason(self, tensor: torch.Tensor, code: int | None, op: object) -> str | None:
         if tensor.device != self.device:
             return f"tensor is on {tensor.device}; this ring serves {self.device}"
         if self._disabled is not None:
             return self._disabled
+        if (
+            self._stream is not None
+            and not self._single_device
+            and tensor.numel() * tensor.element_size() > CUDA_RING_MAX_BYTES
+        ):
+            return f"calls of more than {CUDA_RING_MAX_BYTES} bytes between GPUs go to NCCL"
         return unsupported_reason(tensor.dtype, code, op)
 
     def all_reduce(
@@ -334,17 +374,23 @@ class RingAllReduce:
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = self._contiguous(tensor)
+        capturing = torch.cuda.is_current_stream_capturing()
         try:
-            self._transport.all_reduce(target, code, not async_op)
+            self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
             raise translate_native_error(error) from None
-        if async_op:
+        copy_back = None if target is tensor else (tensor, target)
+        if capturing:
+            # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
+            # cannot wait; the device's verdict is raised by the next call outside the graph.
+            work = CudaRingWork(None, self.device, copy_back, self.check)
+        else:
             event = torch.cuda.Event()
             event.record(self._stream)
-            return CudaRingWork(event, self.device, None if target is tensor else (tensor, target))
-        if target is not tensor:
-            with torch.no_grad():  # as in torch.distributed, autograd does not see the update
-                tensor.copy_(target)
+            work = CudaRingWork(event, self.device, copy_back, self.check)
+        if async_op:
+            return work
+        work.wait()
         return None
 
     def check(self) -> None:
@@ -392,15 +438,35 @@ class RingAllReduce:
         return self._transport.failure if self._transport is not None else ""
 
     def close(self) -> None:
-        """Finish queued async calls, then release the shared memory. Local (not collective)
-        and idempotent; later calls raise CommClosedError."""
+        """Finish queued calls, then release the buffers. Idempotent; later calls raise
+        CommClosedError.
+
+        On CPU it is local. On CUDA it is collective, as creation is: this rank stops using the
+        buffers and unmaps the peers', then frees its own once every rank has unmapped it (a
+        buffer a peer may still map is never freed: if a peer does not get there within the
+        timeout, this rank's buffer is left allocated until the process ends, and that is
+        logged).
+        """
         if self._closed:
             return
         self._closed = True
         if self._executor is not None:
             self._executor.shutdown(wait=True)  # each queued call is bounded by the timeout
-        if self._transport is not None:
+        if self._transport is None:
+            return
+        if self._stream is None:
             self._transport.close()
+            return
+        self._transport.stop()  # own stream finished, the peers' buffers unmapped
+        keys = {rank: f"{self._prefix}/unmapped/{rank}" for rank in range(self.world_size)}
+        try:
+            assert self._store is not None
+            self._store.set(keys[self.rank], "1")
+            self._store_wait(self._store, keys, "unmap this rank's buffer")
+        except Exception as error:  # a dead peer or store: keep the buffer
+            logger.warning("rank %d keeps its CUDA ring buffer allocated: %s", self.rank, error)
+            return
+        self._transport.free()
 
     def __enter__(self) -> RingAllReduce:
         return self

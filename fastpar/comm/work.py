@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
 
@@ -45,21 +46,28 @@ class RingWork:
 
 
 class CudaRingWork:
-    """An all-reduce enqueued on the ring's CUDA stream. `wait()` makes the caller's current
-    stream wait for it (the host does not block), as NCCL's work objects do."""
+    """An all-reduce enqueued on the ring's CUDA stream.
+
+    `wait()` blocks the host until the device has finished it and raises what the device found
+    (a peer that timed out, named; a mismatch), so a failed all-reduce is never mistaken for a
+    reduced tensor; then it orders the caller's current stream after it. (NCCL's work objects
+    return at once and report failures later, which lets a caller use unreduced data.)
+    """
 
     def __init__(
         self,
-        event: torch.cuda.Event,
+        event: torch.cuda.Event | None,
         device: torch.device,
-        copy_back: tuple[torch.Tensor, torch.Tensor] | None = None,
+        copy_back: tuple[torch.Tensor, torch.Tensor] | None,
+        check: Callable[[], None],
     ) -> None:
-        self._event = event
+        self._event = event  # None: enqueued while a CUDA graph was being captured
         self._device = device
         self._copy_back = copy_back  # (the caller's non-contiguous tensor, its reduced copy)
+        self._check = check
 
     def wait(self, timeout: timedelta | None = None) -> bool:
-        """Order the current stream after the all-reduce.
+        """Wait for the all-reduce; raise its error if it failed.
 
         Arguments:
             timeout: accepted for torch.distributed's signature; the device-side waits are
@@ -67,9 +75,14 @@ class CudaRingWork:
 
         Returns:
             True.
+
+        Raises:
+            CommTimeoutError, CommMismatchError: what the device found.
         """
-        stream = torch.cuda.current_stream(self._device)
-        stream.wait_event(self._event)
+        if self._event is not None:
+            self._event.synchronize()  # bounded: every device-side wait ends by the timeout
+            self._check()
+            torch.cuda.current_stream(self._device).wait_event(self._event)
         if self._copy_back is not None:
             tensor, reduced = self._copy_back
             with torch.no_grad():
@@ -79,4 +92,4 @@ class CudaRingWork:
 
     def is_completed(self) -> bool:
         """Whether the device has finished the all-reduce."""
-        return self._event.query()
+        return self._event is None or self._event.query()

@@ -1,26 +1,36 @@
 """`DataParallel`: replicas of one module on the ranks of a group, with gradients averaged by
 bucketed all-reduces that overlap the rest of the backward pass. Shaped like PyTorch's
-`DistributedDataParallel`.
+`DistributedDataParallel` with `gradient_as_bucket_view=True`.
 
 How a step flows:
 1. Construction checks that every rank holds the same parameter set (names, shapes, dtypes)
    and broadcasts parameters and buffers from the group's first rank.
 2. Parameters are cut into buckets in reverse registration order (backward produces gradients
-   roughly in that order), the first bucket small so communication starts early.
-3. During backward, a post-accumulate-grad hook copies each gradient into its bucket's flat
-   buffer; when the last gradient of a bucket arrives, that bucket's all-reduce is launched
-   asynchronously (fastpar's ring on CPU, torch.distributed otherwise: NCCL runs on its own
-   CUDA stream, gloo and the ring on their own threads) while autograd keeps computing.
+   roughly in that order), the first bucket small so communication starts early. Each bucket is
+   one flat buffer; every parameter's gradient is a view into it.
+3. During backward, a post-accumulate-grad hook makes `param.grad` that view (a gradient that
+   autograd accumulated into the view already costs nothing; a fresh one, after
+   `zero_grad(set_to_none=True)`, is copied in once); when the last gradient of a bucket arrives,
+   that bucket's all-reduce is launched asynchronously (fastpar's ring, which also divides by the
+   world size; torch.distributed otherwise: NCCL runs on its own CUDA stream, gloo and the CPU
+   ring on their own threads) while autograd keeps computing.
 4. A callback queued on the autograd engine runs when backward finishes: it launches the
-   buckets that still miss gradients (see "unused parameters"), waits for every bucket, and
-   writes the averaged gradients back into `param.grad`. `backward()` returns after that.
+   buckets that still miss gradients (see "unused parameters") and waits for every bucket.
+   `backward()` returns after that, with every `param.grad` holding the average.
+
+Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
+that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to
+None first: an optimizer step that runs anyway (the error caught) changes nothing, and no rank
+ever steps on its own unreduced gradients.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient,
 summed by the same all-reduce. A parameter used by some rank gets the sum of the gradients of
 the ranks that used it divided by the world size (a rank that did not use it contributes
 zeros), exactly as DDP with `find_unused_parameters=True`. A parameter no rank used keeps its
-`.grad` as it was (None after `zero_grad()`), so optimizers skip it, again as DDP does.
+`.grad` as it was (None after `zero_grad()`), so optimizers skip it, again as DDP does. Those
+flags are read on the host (one synchronisation per backward) only in a backward where this
+rank left a parameter unused; otherwise every parameter was used and nothing needs reading.
 """
 
 from __future__ import annotations
@@ -28,8 +38,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -58,11 +69,14 @@ class DataParallelConfig:
     first_bucket_mb: float = 1.0
     """Size of the first bucket (the last layers' gradients), small so communication starts
     as early as possible in backward."""
+    timeout_s: float = 300.0
+    """How long the ring waits for a peer before backward raises (torch.distributed's
+    collectives are bounded by the process group's timeout instead)."""
 
     def __post_init__(self) -> None:
         if self.comm not in ("auto", "ring", "torch"):
             raise ValueError(f"comm must be 'auto', 'ring' or 'torch', got {self.comm!r}")
-        for name in ("bucket_cap_mb", "first_bucket_mb"):
+        for name in ("bucket_cap_mb", "first_bucket_mb", "timeout_s"):
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -72,16 +86,26 @@ class DataParallelConfig:
 class _Bucket:
     index: int
     params: list[nn.Parameter]
-    offsets: list[int]  # start of each parameter's gradient in `buffer`
     buffer: torch.Tensor  # gradients, then one "used" flag per parameter
-    comm: Any  # an all_reduce callable: (tensor, async_op=True) -> work
+    views: list[torch.Tensor]  # views[slot]: params[slot]'s gradient inside `buffer`
+    comm: Callable[[torch.Tensor], Any]  # launches the all-reduce of a buffer, returns its work
+    averages: bool  # whether `comm` divides by the world size (else the finish scales)
     pending: int = 0
     ready: list[bool] = field(default_factory=list)
+    had_unused: bool = False  # some flag was set to 0 for this backward
     work: Any = None
 
     @property
     def numel(self) -> int:
-        return self.offsets[-1] + self.params[-1].numel() if self.params else 0
+        return self.buffer.numel() - len(self.params)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        return self.buffer[: self.numel]
+
+    @property
+    def flags(self) -> torch.Tensor:
+        return self.buffer[self.numel :]
 
 
 def _parameter_signature(module: nn.Module) -> list[tuple[str, tuple[int, ...], str, bool]]:
@@ -113,11 +137,14 @@ class DataParallel(nn.Module):
         comm: "auto", "ring" or "torch" (see `DataParallelConfig`).
         bucket_cap_mb: gradient bucket size in MiB.
         first_bucket_mb: size of the first bucket in MiB.
+        timeout: how long the ring waits for a peer (timedelta or seconds) before backward
+            raises naming it.
 
-    `forward` calls `module`; `backward()` on its result returns once gradients are averaged.
-    `no_sync()` skips communication while gradients accumulate (the next synchronised backward
-    averages the accumulated sum). `state_dict()`/`load_state_dict()` are the plain module's,
-    with no "module." prefix.
+    `forward` calls `module`; `backward()` on its result returns once gradients are averaged
+    (each `.grad` a view into its bucket), or raises the communication error with every `.grad`
+    set to None. `no_sync()` skips communication while gradients accumulate (the next
+    synchronised backward averages the accumulated sum). `state_dict()`/`load_state_dict()` are
+    the plain module's, with no "module." prefix.
     """
 
     def __init__(
@@ -128,6 +155,7 @@ class DataParallel(nn.Module):
         comm: CommChoice = "auto",
         bucket_cap_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
+        timeout: timedelta | float = 300.0,
     ) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
@@ -135,8 +163,12 @@ class DataParallel(nn.Module):
                 "DataParallel needs torch.distributed to be initialised "
                 "(call torch.distributed.init_process_group first)"
             )
+        timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         self.config = DataParallelConfig(
-            comm=comm, bucket_cap_mb=bucket_cap_mb, first_bucket_mb=first_bucket_mb
+            comm=comm,
+            bucket_cap_mb=bucket_cap_mb,
+            first_bucket_mb=first_bucket_mb,
+            timeout_s=timeout_s,
         )
         self.module = module
         self.group = group if group is not None else dist.group.WORLD
@@ -146,6 +178,7 @@ class DataParallel(nn.Module):
         self._lock = threading.Lock()
         self._callback_queued = False
         self._next_bucket = 0  # the next bucket to launch in this backward
+        self._some_unused = False  # whether this rank left a parameter unused in this backward
         self._ring: Any = None
         # What happened in the last backward, in order: ("grad", param index) as hooks fire,
         # ("launch", bucket index) as all-reduces start, ("end",) when backward finished.
@@ -183,22 +216,26 @@ class DataParallel(nn.Module):
         for tensor in tensors:
             dist.broadcast(tensor, src=self._src, group=self.group)
 
-    def _comm_for(self, buffer: torch.Tensor) -> Any:
+    def _comm_for(self, buffer: torch.Tensor) -> tuple[Callable[[torch.Tensor], Any], bool]:
+        """The all-reduce of this bucket, and whether it averages (the ring divides by the world
+        size where it reduces; torch.distributed's gloo has no AVG, so its sums are scaled)."""
         choice = self.config.comm
         if choice != "torch":
             if self._ring is None:
                 from fastpar.comm import RingAllReduce
 
-                self._ring = RingAllReduce(self.group, device=buffer.device)
-            if self._ring.should_use(buffer):
-                ring = self._ring
-                return lambda tensor: ring.all_reduce(tensor, async_op=True)
-            reason = f"fastpar's ring does not serve {buffer.dtype} buckets on {buffer.device}"
+                self._ring = RingAllReduce(
+                    self.group, device=buffer.device, timeout=self.config.timeout_s
+                )
+            if self._ring.should_use(buffer, dist.ReduceOp.AVG):
+                ring, average = self._ring, dist.ReduceOp.AVG
+                return lambda tensor: ring.all_reduce(tensor, average, async_op=True), True
+            reason = self._ring.fallback_reason(buffer, dist.ReduceOp.AVG)
             if choice == "ring":
                 raise ValueError(f"comm='ring' was requested but {reason}; use comm='auto'")
             log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
-        return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True)
+        return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True), False
 
     def _build_buckets(self) -> list[_Bucket]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -227,17 +264,21 @@ class DataParallel(nn.Module):
         return buckets
 
     def _make_bucket(self, index: int, params: list[nn.Parameter]) -> _Bucket:
-        offsets, total = [], 0
-        for param in params:
-            offsets.append(total)
-            total += param.numel()
+        total = sum(p.numel() for p in params)
         buffer = torch.zeros(total + len(params), dtype=params[0].dtype, device=params[0].device)
+        buffer[total:] = 1  # "used" flags: positive unless this rank leaves a parameter unused
+        views, start = [], 0
+        for param in params:
+            views.append(buffer[start : start + param.numel()].view_as(param))
+            start += param.numel()
+        comm, averages = self._comm_for(buffer)
         return _Bucket(
             index=index,
             params=params,
-            offsets=offsets,
             buffer=buffer,
-            comm=self._comm_for(buffer),
+            views=views,
+            comm=comm,
+            averages=averages,
             pending=len(params),
             ready=[False] * len(params),
         )
@@ -259,11 +300,18 @@ class DataParallel(nn.Module):
             self._sync_enabled = previous
 
     def _make_hook(self, bucket: _Bucket, slot: int, position: int) -> Any:
+        view = bucket.views[slot]
+
         def hook(param: torch.Tensor) -> None:
             if not self._sync_enabled:
                 return
             self._start_backward_if_needed()
-            self._copy_grad(bucket, slot, param)
+            grad = param.grad
+            assert grad is not None  # post-accumulate hooks fire after .grad is set
+            if not _is_view(grad, view):
+                with torch.no_grad():
+                    view.copy_(grad)
+                param.grad = view
             with self._lock:
                 self.last_backward_events.append(("grad", position))
                 if bucket.ready[slot]:
@@ -292,62 +340,94 @@ class DataParallel(nn.Module):
             self.last_backward_events = []
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
-    @staticmethod
-    def _copy_grad(bucket: _Bucket, slot: int, param: torch.Tensor) -> None:
-        start, count = bucket.offsets[slot], param.numel()
-        grad = param.grad
-        assert grad is not None  # post-accumulate hooks fire after .grad is set
-        bucket.buffer[start : start + count].copy_(grad.reshape(-1))
-        bucket.buffer[bucket.numel + slot] = 1
-
     def _launch(self, bucket: _Bucket) -> None:
         self.last_backward_events.append(("launch", bucket.index))
         with record_range(f"fastpar.dp.allreduce.bucket{bucket.index}"):
             bucket.work = bucket.comm(bucket.buffer)
 
+    @torch.no_grad()
+    def _mark_unused(self, bucket: _Bucket) -> None:
+        """Parameters that got no gradient on this rank contribute zeros and a 0 flag."""
+        bucket.had_unused = True
+        for slot, ready in enumerate(bucket.ready):
+            if ready:
+                continue
+            self._some_unused = True
+            param, view = bucket.params[slot], bucket.views[slot]
+            if _is_view(param.grad, view):
+                param.grad = view.clone()  # kept as it was if no rank uses the parameter
+            view.zero_()
+            bucket.flags[slot] = 0
+            bucket.ready[slot] = True
+        bucket.pending = 0
+
     def _finish_backward(self) -> None:
         started = time.perf_counter()
+        error: BaseException | None = None
         with record_range("fastpar.dp.wait"):
             try:
                 with self._lock:
                     for bucket in self._buckets[self._next_bucket :]:
-                        # Parameters that got no gradient on this rank contribute zeros.
-                        for slot, ready in enumerate(bucket.ready):
-                            if not ready:
-                                start = bucket.offsets[slot]
-                                count = bucket.params[slot].numel()
-                                bucket.buffer[start : start + count].zero_()
-                                bucket.buffer[bucket.numel + slot] = 0
-                                bucket.ready[slot] = True
-                        bucket.pending = 0
+                        if bucket.pending > 0:
+                            self._mark_unused(bucket)
                     self._launch_ready_buckets()
+                # Wait for every bucket, even after a failure: no work may still be writing
+                # into a buffer (a .grad) once backward has returned.
                 for bucket in self._buckets:
-                    bucket.work.wait()
-                    self._write_back(bucket)
+                    if bucket.work is None:
+                        continue
+                    try:
+                        bucket.work.wait()
+                    except Exception as failure:  # re-raised below
+                        error = error or failure
+                if error is None:
+                    self._scale_and_expose()
+            except Exception as failure:  # re-raised below
+                error = error or failure
             finally:
                 with self._lock:
                     self.last_backward_events.append(("end",))
                     self._callback_queued = False
                     self._next_bucket = 0
+                    self._some_unused = False
                 self.last_comm_wait_s = time.perf_counter() - started
                 for bucket in self._buckets:
                     bucket.work = None
                     bucket.pending = len(bucket.params)
                     bucket.ready = [False] * len(bucket.params)
+        if error is not None:
+            self._drop_gradients()
+            error.add_note(
+                "DataParallel: gradients were not averaged, so every parameter's .grad was set "
+                "to None (an optimizer step changes nothing)"
+            )
+            raise error
 
     @torch.no_grad()
-    def _write_back(self, bucket: _Bucket) -> None:
-        used_by = bucket.buffer[bucket.numel :].tolist()
-        scale = 1.0 / self.world_size
-        for slot, param in enumerate(bucket.params):
-            if used_by[slot] == 0:
-                continue  # no rank produced this gradient: leave .grad as it was
-            start, count = bucket.offsets[slot], param.numel()
-            averaged = bucket.buffer[start : start + count].view_as(param).mul_(scale)
-            if param.grad is None:
-                param.grad = averaged.clone()
-            else:
-                param.grad.copy_(averaged)
+    def _scale_and_expose(self) -> None:
+        """Divide the sums torch.distributed returned (one fused multiply for all buckets), and
+        give parameters used only by other ranks their averaged gradient."""
+        # The whole buffer: the "used" flags too, which stay positive (about 1) from step to step.
+        summed = [bucket.buffer for bucket in self._buckets if not bucket.averages]
+        if summed:
+            torch._foreach_mul_(summed, 1.0 / self.world_size)
+        if not self._some_unused:
+            return  # every parameter was used here, so its .grad is its bucket view already
+        used_by = torch.cat([bucket.flags for bucket in self._buckets]).tolist()
+        position = 0
+        for bucket in self._buckets:
+            for param, view in zip(bucket.params, bucket.views, strict=True):
+                if used_by[position] != 0 and not _is_view(param.grad, view):
+                    param.grad = view
+                position += 1
+            if bucket.had_unused:
+                bucket.flags.fill_(1)  # positive again: the next backward's "used" marks
+                bucket.had_unused = False
+
+    def _drop_gradients(self) -> None:
+        for bucket in self._buckets:
+            for param in bucket.params:
+                param.grad = None
 
     # --- state ----------------------------------------------------------------------------------
 
@@ -372,3 +452,10 @@ class DataParallel(nn.Module):
     def bucket_sizes(self) -> list[int]:
         """Number of gradient elements per bucket, in launch order."""
         return [bucket.numel for bucket in self._buckets]
+
+
+def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
+    """Whether `grad` is the bucket view `view` (the same memory, shape and strides)."""
+    return (
+        grad is not None and grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride()
+    )

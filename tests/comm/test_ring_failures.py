@@ -105,6 +105,27 @@ def test_a_killed_peer_makes_the_others_raise_naming_it() -> None:
     assert shm_segments(results[0][2]) == set()
 
 
+def _absent_peer_async(rank: int, world_size: int, timeout_s: float) -> str | None:
+    store = dist.distributed_c10d._get_default_store()
+    ring = RingAllReduce(timeout=timeout_s)
+    if rank == 1:  # never calls all_reduce
+        store.wait(["absent-async/done"])
+        ring.close()
+        return None
+    work = ring.all_reduce(torch.ones(1000), async_op=True)  # returns at once
+    with pytest.raises(CommTimeoutError) as error:
+        work.wait()
+    assert work.is_completed() and not work.is_success()
+    store.set("absent-async/done", "1")
+    ring.close()
+    return str(error.value)
+
+
+def test_an_async_calls_error_is_raised_by_wait_naming_the_peer() -> None:
+    message = run_multiprocess(_absent_peer_async, 2, args=(TIMEOUT_S,), timeout=60)[0]
+    assert "waiting for rank 1" in message
+
+
 def _absent_at_creation(rank: int, world_size: int, timeout_s: float) -> tuple[float, str, int]:
     store = dist.distributed_c10d._get_default_store()
     if rank == 1:  # never creates its RingAllReduce

@@ -5,12 +5,15 @@ Each multi-process run covers several configurations, since starting ranks costs
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastpar.comm import CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
 from fastpar.testing.distributed import run_multiprocess
 
@@ -157,8 +160,18 @@ def _record_overlap(rank: int, world_size: int) -> list[tuple]:
     torch.manual_seed(0)
     model = LanguageModel()
     dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002)
-    inputs, targets = _batch("lm", rank, 0)
-    _loss(dp, "lm", inputs, targets, rank, 0).backward()
+    buckets = {bucket.buffer.untyped_storage().data_ptr() for bucket in dp._buckets}
+    for set_to_none in (True, False):  # a fresh .grad copied in once, or accumulated in place
+        for p in model.parameters():
+            if set_to_none:
+                p.grad = None
+            elif p.grad is not None:
+                p.grad.zero_()
+        inputs, targets = _batch("lm", rank, 0)
+        _loss(dp, "lm", inputs, targets, rank, 0).backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None, name
+            assert p.grad.untyped_storage().data_ptr() in buckets, f"{name}: not a bucket view"
     events = list(dp.last_backward_events)
     assert len(dp.bucket_sizes) >= 3, dp.bucket_sizes
     dp.close()
@@ -171,6 +184,40 @@ def test_first_bucket_is_launched_before_backward_ends() -> None:
         last_grad = max(i for i, event in enumerate(events) if event[0] == "grad")
         assert first_launch < last_grad, events  # gradients were still being computed
         assert events[-1] == ("end",)
+
+
+def _peer_dies_mid_backward(rank: int, world_size: int, comm: str) -> str | None:
+    """Rank 1 dies in its second backward, after its first buckets were launched; rank 0 must
+    raise naming it, with no .grad left for an optimizer step that runs anyway."""
+    torch.manual_seed(0)
+    model = LanguageModel()
+    dp = DataParallel(model, comm=comm, bucket_cap_mb=0.004, first_bucket_mb=0.002, timeout=3.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        optimizer.zero_grad()
+        if step == 1 and rank == 1:  # the first layer's gradient comes last in backward
+            model.lstm.weight_ih_l0.register_hook(lambda grad: os._exit(3))
+        inputs, targets = _batch("lm", rank, step)
+        loss = _loss(dp, "lm", inputs, targets, rank, step)
+        if step == 0:
+            loss.backward()
+            optimizer.step()
+            continue
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(CommTimeoutError) as info:
+            loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        optimizer.step()  # a caller that carries on anyway
+        for a, b in zip(model.parameters(), before, strict=True):
+            assert torch.equal(a, b), "a parameter moved after a failed all-reduce"
+    return str(info.value)
+
+
+@pytest.mark.parametrize("comm", ["ring", "auto"])
+def test_a_dead_peer_raises_in_backward_and_nothing_steps(comm: str) -> None:
+    results = run_multiprocess(_peer_dies_mid_backward, 2, args=(comm,), timeout=60, may_die=(1,))
+    assert results[1] is None
+    assert "waiting for rank 1" in results[0], results[0]
 
 
 def _mismatched_parameters(rank: int, world_size: int) -> str:

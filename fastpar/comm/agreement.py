@@ -1,0 +1,109 @@
+"""Decisions every rank of a group takes together: each rank states a local verdict through the
+store, and all read every verdict, so all take the same path (the ring, or torch.distributed)
+even when only one rank cannot serve it.
+
+The CUDA ring needs each rank to load and store every peer's device memory: the peer is on the
+same device, or peer access (P2P over NVLink or PCIe) works between the two devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from fastpar.comm.errors import CommTimeoutError
+
+CanAccessPeer = Callable[[int, int], bool]
+
+
+def wait_for_ranks(
+    store: dist.Store, keys: dict[int, str], timeout: timedelta, rank: int, what: str
+) -> None:
+    """Wait until every key of `keys` (rank -> key) is set; CommTimeoutError naming the ranks
+    that did not set theirs within `timeout`."""
+    try:
+        store.wait(list(keys.values()), timeout)
+    except RuntimeError as error:
+        missing = [r for r, key in keys.items() if not store.check([key])]
+        raise CommTimeoutError(
+            f"rank {rank} timed out after {timeout.total_seconds():g} s waiting for rank(s) "
+            f"{missing} to {what} while creating a RingAllReduce (does every rank of the group "
+            "create it?)"
+        ) from error
+
+
+def agree(
+    store: dist.Store,
+    prefix: str,
+    rank: int,
+    world_size: int,
+    problem: str,
+    timeout: timedelta,
+    what: str,
+) -> str | None:
+    """Every rank's verdict on one question, combined: None when no rank has a problem, else the
+    first problem in rank order ("rank 1: ..."), the same string on every rank.
+
+    Arguments:
+        store: the group's store; `prefix` must be unique to this question and group.
+        rank, world_size: this rank and the group's size.
+        problem: "" when this rank can take the path, else why not.
+        timeout: how long to wait for the other ranks' verdicts.
+        what: what the ranks are deciding, for the timeout's message.
+    """
+    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
+    store.set(keys[rank], "no: " + problem if problem else "ok")
+    wait_for_ranks(store, keys, timeout, rank, what)
+    for r, key in keys.items():
+        verdict = store.get(key).decode()
+        if verdict != "ok":
+            return f"rank {r}: {verdict.removeprefix('no: ')}"
+    return None
+
+
+def default_can_access_peer(device: int, peer: int) -> bool:
+    import torch
+
+    return bool(torch.cuda.can_device_access_peer(device, peer))
+
+
+def cuda_peer_problem(
+    rank: int,
+    device_ids: Sequence[str],
+    local_ids: Sequence[str],
+    can_access_peer: CanAccessPeer = default_can_access_peer,
+) -> str:
+    """Why this rank cannot map every peer's buffer, or "" when it can.
+
+    Arguments:
+        rank: this rank; `device_ids[rank]` is its own device.
+        device_ids: every rank's device, as a process-independent id (the GPU's UUID).
+        local_ids: the UUIDs of the devices this process sees, by local index.
+        can_access_peer: (local device, local peer device) -> whether peer access works
+            (`torch.cuda.can_device_access_peer`; tests pass a fake).
+    """
+    local = {uuid: index for index, uuid in enumerate(local_ids)}
+    mine = local.get(device_ids[rank])
+    if mine is None:
+        return f"its own device {device_ids[rank]} is not visible to it"
+    for peer, uuid in enumerate(device_ids):
+        if uuid == device_ids[rank]:
+            continue  # the same device: always addressable
+        other = local.get(uuid)
+        if other is None:
+            return (
+                f"rank {peer}'s GPU {uuid} is not visible to it (CUDA_VISIBLE_DEVICES), so "
+                "it cannot map that GPU's memory"
+            )
+        if not can_access_peer(mine, other):
+            return f"no peer access (P2P) from cuda:{mine} to rank {peer}'s GPU cuda:{other}"
+    return ""
+
+
+def local_device_ids() -> list[str]:
+    """The UUIDs of the CUDA devices this process sees, by index."""
+    import torch
+
+    return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
