@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpar.data._checks import check_float, check_int
+from fastpar._checks import check_choice, check_float, check_int
 from fastpar.data.apportion import apportion
 
 _STATE_VERSION = 1
@@ -78,8 +78,7 @@ class DynamicSlicerConfig:
         check_int("max_size", self.max_size, 1)
         if self.max_size < self.min_size:
             raise ValueError(f"max_size {self.max_size} < min_size {self.min_size}")
-        if self.policy not in ("throughput", "loss"):
-            raise ValueError(f"policy must be 'throughput' or 'loss', got {self.policy!r}")
+        check_choice("policy", self.policy, ("throughput", "loss"))
         if self.policy == "throughput":
             if self.global_batch is None:
                 raise ValueError("policy 'throughput' needs global_batch (samples per step)")

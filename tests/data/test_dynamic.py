@@ -226,7 +226,8 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"min_size": 0, "max_size": 4, "global_batch": 4}, ValueError, r"min_size must be >= 1"),
+        ({"min_size": 0, "max_size": 4, "global_batch": 4}, ValueError,
+         r"min_size must be an integer >= 1"),
         ({"min_size": 8, "max_size": 4, "global_batch": 8}, ValueError,
          r"max_size 4 < min_size 8"),
         ({"min_size": 1, "max_size": 4}, ValueError, r"policy 'throughput' needs global_batch"),
@@ -240,7 +241,7 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
         ({"min_size": 1, "max_size": 4, "policy": "loss", "jump_threshold": -1}, ValueError,
          r"jump_threshold must be a finite number in \(0.0, inf\], got -1"),
         ({"min_size": 1, "max_size": 4, "policy": "loss", "initial_size": 5}, ValueError,
-         r"initial_size must be in \[1, 4\], got 5"),
+         r"initial_size must be an integer in \[1, 4\], got 5"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "rate_momentum": 1.0}, ValueError,
          r"rate_momentum must be a finite number in \[0.0, 1.0\)"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
@@ -258,7 +259,7 @@ def test_bad_slicer_arguments() -> None:
         r"4, world_size 3 \* max_size 8\] = \[12, 24\]",
     ):
         DynamicSlicer(100, min_size=4, max_size=8, global_batch=10, world_size=3)
-    with pytest.raises(ValueError, match=r"num_samples must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"num_samples must be an integer >= 1, got 0"):
         DynamicSlicer(0, min_size=1, max_size=4, global_batch=4)
     config = DynamicSlicerConfig(min_size=1, max_size=4, global_batch=4)
     with pytest.raises(TypeError, match=r"not both"):
