@@ -9,11 +9,18 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from fastpar.training import checkpoint
 from fastpar.training.checkpoint import CheckpointError, Found
-from fastpar.training.config import TrainConfig
+from fastpar.training.config import (
+    BackendName,
+    CommName,
+    ParallelMode,
+    ScheduleName,
+    SlicingMode,
+    TrainConfig,
+)
 
 _DEFAULTS = TrainConfig()
 
@@ -23,12 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     add = parser.add_argument
     add("--nproc", type=int, default=d.nproc, help="local processes (ignored under torchrun)")
-    add("--parallel", choices=["dp", "pp", "dp+pp"], default=d.parallel)
+    add("--parallel", choices=get_args(ParallelMode), default=d.parallel)
     add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
     add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
-    add("--schedule", choices=["gpipe", "1f1b"], default=d.schedule)
-    add("--comm", choices=["ring", "torch"], default=d.comm, help="gradient all-reduce")
-    add("--backend", choices=["auto", "triton", "torch"], default=d.backend, help="LSTM kernels")
+    add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
+    add("--comm", choices=get_args(CommName), default=d.comm, help="gradient all-reduce")
+    add("--backend", choices=get_args(BackendName), default=d.backend, help="LSTM kernels")
     add("--embed", type=int, default=d.embed, help="embedding size")
     add("--hidden", type=int, default=d.hidden, help="LSTM hidden size")
     add("--layers", type=int, default=d.layers, help="LSTM layers")
@@ -36,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=d.batch_size, help="windows per step and replica")
     add("--steps", type=int, default=d.steps, help="optimizer steps in the whole run")
     add("--lr", type=float, default=d.lr, help="Adam learning rate")
-    add("--slicing", choices=["fixed", "throughput", "loss"], default=d.slicing)
+    add("--slicing", choices=get_args(SlicingMode), default=d.slicing)
     add("--train-bytes", type=int, default=d.train_bytes, help="training text size")
     add("--validation-bytes", type=int, default=d.validation_bytes)
     add("--validation-batches", type=int, default=d.validation_batches)
