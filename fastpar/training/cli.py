@@ -173,8 +173,13 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> None:
         timeout=timeout,
     )
     prefixed = dist.PrefixStore(f"fastpar/restart{restarts}/", store)
+    backend = default_backend()
+    if backend == "nccl":  # object collectives (the checkpoint choice) run on the current GPU
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
-        default_backend(), store=prefixed, rank=rank, world_size=world_size, timeout=timeout
+        backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout
     )
 
 
