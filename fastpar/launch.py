@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from fastpar._checks import check_int
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -153,8 +155,7 @@ def spawn_ranks(
         RankFailure: a rank raised or died (its traceback or exit code is in the message), or
             the run outlived `timeout` (the ranks still running are named).
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    check_int("world_size", world_size, 1)
     if group_timeout is None:
         group_timeout = timeout if timeout is not None else 300.0
     import torch.distributed as dist

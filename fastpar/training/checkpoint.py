@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastpar._checks import check_int
+
 # torch.distributed.checkpoint is imported where it is used: the command line (which checks
 # folders and picks checkpoints) starts without it.
 
@@ -246,32 +248,40 @@ def save(
     """
     import torch.distributed.checkpoint as dcp
 
+    check_int("keep", keep, 1)
     distributed = dist.is_available() and dist.is_initialized()
     rank = dist.get_rank() if distributed else 0
-    name = [tempfile.mkdtemp(dir=root, prefix=f".{step_name(step)}{_STAGING_SUFFIX}")
-            if rank == 0 else None]  # fmt: skip
+    final = root / step_name(step)
+    # [staging folder, error]: rank 0's outcome, which every rank must learn (a rank that
+    # raised alone would leave the others waiting in the next collective).
+    outcome: list[str | None] = [None, None]
+    if rank == 0:
+        try:
+            outcome[0] = tempfile.mkdtemp(dir=root, prefix=f".{final.name}{_STAGING_SUFFIX}")
+        except OSError as failure:
+            outcome[1] = f"could not write checkpoint {final}: {failure}"
     if distributed:
-        dist.broadcast_object_list(name, src=0)
-    staging = Path(name[0])
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
+    staging = Path(str(outcome[0]))
     writer = dcp.FileSystemWriter(staging, sync_files=True)
     with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, storage_writer=writer, no_dist=not distributed)
     # dcp.save returns on every rank once the coordinator wrote .metadata, after every rank's
     # files were written: rank 0 can now seal the checkpoint.
-    error: list[str | None] = [None]
-    final = root / step_name(step)
     if rank == 0:
         try:
             _seal(staging, final, step, metadata)
             write_atomic(root / LATEST, final.name.encode())
             _prune(root, step, keep)
         except OSError as failure:
-            error[0] = f"could not write checkpoint {final}: {failure}"
+            outcome[1] = f"could not write checkpoint {final}: {failure}"
     if distributed:
-        dist.broadcast_object_list(error, src=0)  # every rank learns rank 0's failure
-    if error[0] is not None:
-        raise CheckpointError(error[0])
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[1] is not None:
+        raise CheckpointError(outcome[1])
     return final
 
 
