@@ -99,6 +99,19 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
     found, notes = find_intact(tmp_path)
     assert found is not None and found.step == 6 and not notes
 
+    # A failure inside the ranks: one line naming the checkpoint and what to do; --debug adds
+    # the traceback. The checkpoints stay as they were.
+    mismatch = _train(tmp_path, *common, "--steps", "8", "--resume", "--hidden", "32")
+    assert mismatch.returncode == 1
+    assert (
+        f"rank 0: CheckpointError: checkpoint {tmp_path / step_name(6)} was written with "
+        "--hidden 16; this run has --hidden 32: resume with the same value" in mismatch.stderr
+    )
+    assert "Traceback" not in mismatch.stderr and "--debug shows the tracebacks" in mismatch.stderr
+    debug = _train(tmp_path, *common, "--steps", "8", "--resume", "--hidden", "32", "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert checkpoint.list_steps(tmp_path) == [4, 6]
+
 
 def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
