@@ -117,7 +117,6 @@ class Stage:
     dp: DataParallel | None
     pipe: Pipeline | None
     optimizer: torch.optim.Optimizer
-    bounds: list[tuple[int, int]]  # [start, end) layers of every stage
 
 
 def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> Stage:
@@ -126,8 +125,7 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
     model = build_model(vocab=VOCAB_SIZE, embed=config.embed, hidden=config.hidden,
                         layers=config.layers, backend=config.backend, seed=config.seed)  # fmt: skip
     model.to(device)
-    bounds = stage_bounds(len(model), place.dims.pp)
-    start, end = bounds[place.stage]
+    start, end = stage_bounds(len(model), place.dims.pp)[place.stage]
     # Full-model names ("2.module.weight_ih_l0"): a checkpoint does not depend on the layout.
     module = nn.Sequential(OrderedDict((str(i), model[i]) for i in range(start, end)))
     runner: nn.Module = module
@@ -141,7 +139,7 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
                         schedule=config.schedule, num_microbatches=config.microbatches,
                         timeout_s=config.timeout_s)  # fmt: skip
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    return Stage(model, module, runner, dp, pipe, optimizer, bounds)
+    return Stage(model, module, runner, dp, pipe, optimizer)
 
 
 def _train_step(
@@ -219,10 +217,10 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, _device())
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
-    first_step = 0
-    if resume is not None:
-        first_step = restore(config, resume, stage.module, stage.optimizer, batches)
     try:
+        first_step = 0
+        if resume is not None:
+            first_step = restore(config, resume, stage.module, stage.optimizer, batches)
         tokens_per_s = run_steps(config, place, stage, batches, corpus.train, first_step)
         model = _assemble_on_rank0(place, stage)
     finally:
