@@ -34,7 +34,7 @@ def _build(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from fastpar.training.cli import config_from_args, run
 
-    return run(config_from_args(args, args.parser))
+    return run(config_from_args(args, args.parser), debug=args.debug)
 
 
 def _bench(args: argparse.Namespace) -> int:

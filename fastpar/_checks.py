@@ -1,11 +1,102 @@
-"""Argument checks shared across fastpar's modules."""
+"""Argument checks shared across fastpar: every message names the argument and shows the value.
+
+One rule for the exception type, as Python's own functions do: a value of the wrong type raises
+TypeError (a bool is not a number here: `True` as a size is a bug), a value of the right type
+that is out of range raises ValueError.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Collection
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """Return `value` when it is an int in [low, high] (high None: no upper bound).
+
+    Arguments:
+        name: the argument's name, used in the message.
+        value: what the caller passed.
+        low: smallest allowed value.
+        high: largest allowed value, or None.
+
+    Returns:
+        `value`, typed as int.
+
+    Raises:
+        TypeError: `value` is not an int (or is a bool).
+        ValueError: `value` is out of range; the message shows the bounds.
+    """
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+    return value
+
 
 def check_int_at_least(name: str, value: object, minimum: int = 1) -> int:
-    """Return `value` when it is an int >= minimum (bool is not: `True` as a size is a bug);
-    else raise ValueError naming the argument, the bound and the value."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    """Return `value` when it is an int >= minimum; see `check_int` for what it raises."""
+    return check_int(name, value, minimum)
+
+
+def check_float(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return `value` as a float when it is finite and inside the interval from low to high.
+
+    Arguments:
+        name: the argument's name, used in the message.
+        value: what the caller passed (int or float).
+        low: lower bound.
+        high: upper bound (math.inf for none).
+        low_open: exclude `low` itself.
+        high_open: exclude `high` itself.
+
+    Returns:
+        `value` as a float.
+
+    Raises:
+        TypeError: `value` is not a real number (or is a bool).
+        ValueError: `value` is not finite or out of range; the message shows the interval.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    number = float(value)
+    inside = (
+        math.isfinite(number)
+        and (number > low if low_open else number >= low)
+        and (number < high if high_open else number <= high)
+    )
+    if not inside:
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value!r}")
+    return number
+
+
+def check_positive(name: str, value: object) -> float:
+    """Return `value` as a float when it is a finite number > 0; see `check_float`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value: object, choices: Collection[object]) -> None:
+    """Raise ValueError unless `value` is one of `choices` (the message lists them)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Return `value` when it is a bool, else raise TypeError (1 or "yes" is not a flag)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value

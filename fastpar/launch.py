@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Callable, Collection, Sequence
@@ -28,11 +29,21 @@ from typing import Any
 
 import torch
 
+from fastpar._checks import check_int
+
 _PR_SET_PDEATHSIG = 1
 
 
 class RankFailure(RuntimeError):
-    """A rank raised, died or hung; the message names the rank and carries its traceback."""
+    """A rank raised, died or hung; the message names the rank and carries its traceback.
+
+    `summary` is the same without tracebacks: one line per failed rank ("rank 1: ValueError:
+    ..."), for a command line that shows tracebacks only on request.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = message if summary is None else summary
 
 
 def _die_with_parent() -> None:
@@ -55,6 +66,9 @@ def _rank_main(
     results: mp.Queue,
 ) -> None:
     _die_with_parent()
+    # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and
+    # stops the ranks, so they do not each print a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))  # fmt: skip
@@ -83,11 +97,18 @@ def _rank_main(
     except BaseException:
         # Report before tearing the group down: the teardown makes peers fail too, and the
         # parent must see this, the first failure, with the earliest time.
-        results.put((rank, False, (time.time(), traceback.format_exc())))
+        results.put((rank, False, (time.time(), traceback.format_exc(), _one_line())))
         _destroy_group()
         return
     _destroy_group()
     results.put((rank, True, value))
+
+
+def _one_line() -> str:
+    """The exception being handled as "TypeName: first line of its message"."""
+    error = sys.exc_info()[1]
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _destroy_group() -> None:
@@ -134,8 +155,7 @@ def spawn_ranks(
         RankFailure: a rank raised or died (its traceback or exit code is in the message), or
             the run outlived `timeout` (the ranks still running are named).
     """
-    if world_size < 1:
-        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    check_int("world_size", world_size, 1)
     if group_timeout is None:
         group_timeout = timeout if timeout is not None else 300.0
     import torch.distributed as dist
@@ -170,7 +190,7 @@ def spawn_ranks(
         for rank in range(world_size)
     ]
     outcomes: dict[int, Any] = {}
-    failures: list[tuple[float, int, str]] = []
+    failures: list[tuple[float, int, str, str]] = []
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     try:
         for process in processes:
@@ -189,15 +209,19 @@ def spawn_ranks(
             if ok:
                 outcomes[rank] = value
                 continue
-            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}"))
+            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}", value[2]))
             _collect_more_failures(results, failures, grace_s=2.0)
             # A rank that died without a word (killed) is the likely cause of its peers'
             # errors (connections closed), so deaths are named first.
             for dead, process in enumerate(processes):
                 if process.exitcode not in (None, 0) and dead not in may_die:
-                    failures.append((-math.inf, dead, _death(dead, process.exitcode)))
-            failures.sort()
-            raise RankFailure("\n--- then ".join(message for _, _, message in failures))
+                    death = _death(dead, process.exitcode)
+                    failures.append((-math.inf, dead, death, death.removeprefix(f"rank {dead} ")))
+            failures.sort(key=lambda failure: failure[:2])
+            raise RankFailure(
+                "\n--- then ".join(message for _, _, message, _ in failures),
+                "\n".join(f"rank {rank}: {line}" for _, rank, _, line in failures),
+            )
     finally:
         _stop_all(processes)
         results.close()
@@ -206,7 +230,7 @@ def spawn_ranks(
 
 
 def _collect_more_failures(
-    results: mp.Queue, failures: list[tuple[float, int, str]], grace_s: float
+    results: mp.Queue, failures: list[tuple[float, int, str, str]], grace_s: float
 ) -> None:
     """After a first failure, give the other ranks a moment to report theirs: the first to fail
     is the cause, and it is not always the first to arrive."""
@@ -217,7 +241,7 @@ def _collect_more_failures(
         except queue.Empty:
             continue
         if not ok:
-            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}"))
+            failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}", value[2]))
 
 
 def _check_dead(
@@ -232,7 +256,8 @@ def _check_dead(
             if rank in may_die:
                 outcomes[rank] = None
                 continue
-            raise RankFailure(_death(rank, process.exitcode))
+            death = _death(rank, process.exitcode)
+            raise RankFailure(death, f"rank {rank}: {death.removeprefix(f'rank {rank} ')}")
 
 
 def _death(rank: int, exitcode: int | None) -> str:

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpar.data._checks import check_float, check_int
+from fastpar._checks import check_choice, check_float, check_int
 from fastpar.data.apportion import apportion
 
 _STATE_VERSION = 1
@@ -78,8 +78,7 @@ class DynamicSlicerConfig:
         check_int("max_size", self.max_size, 1)
         if self.max_size < self.min_size:
             raise ValueError(f"max_size {self.max_size} < min_size {self.min_size}")
-        if self.policy not in ("throughput", "loss"):
-            raise ValueError(f"policy must be 'throughput' or 'loss', got {self.policy!r}")
+        check_choice("policy", self.policy, ("throughput", "loss"))
         if self.policy == "throughput":
             if self.global_batch is None:
                 raise ValueError("policy 'throughput' needs global_batch (samples per step)")
@@ -428,36 +427,55 @@ class DynamicSlicer:
             "last_sizes": list(self._last_sizes),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], *, reshard: bool = False) -> None:
         """Resume from `state_dict()` of a slicer with the same samples, world size and config.
+
+        With `reshard`, the state may come from a slicer with another world size or global
+        batch (a run resumed on another layout): the position (epoch, samples handed out) and
+        the "loss" policy's block size and loss average carry over; the per-rank throughput
+        measurements do not (this slicer measures its own ranks afresh). The order of the
+        samples must be the same: num_samples, shuffle and seed must match.
 
         Arguments:
             state: what `state_dict` returned.
+            reshard: accept another world size and global batch (see above).
 
         Raises:
-            ValueError: the state is from another version, sample count, world size or config.
+            ValueError: the state is from another version or sample count, or from another
+                world size or config (without `reshard`), or another sample order (with it).
         """
-        expected = {
-            "version": _STATE_VERSION,
-            "num_samples": self.num_samples,
-            "world_size": self.world_size,
-            "config": asdict(self.config),
-        }
+        config = asdict(self.config)
+        expected: dict[str, Any] = {"version": _STATE_VERSION, "num_samples": self.num_samples}
+        if not reshard:
+            expected.update(world_size=self.world_size, config=config)
         for key, value in expected.items():
             if state.get(key) != value:
                 raise ValueError(
                     f"state {key} {state.get(key)!r} does not match this slicer's {value!r}"
                 )
+        for key in ("policy", "shuffle", "seed"):
+            if state["config"][key] != config[key]:
+                raise ValueError(
+                    f"state config {key} {state['config'][key]!r} does not match this "
+                    f"slicer's {config[key]!r}"
+                )
         self._epoch = check_int("epoch", state["epoch"], 0)
         self._cursor = check_int("position", state["position"], 0, self.num_samples)
         self._steps = state["steps"]
-        self._rates = [float(rate) for rate in state["rates"]]
         self._size = float(state["size"])
         average = state["loss_average"]
         self._loss_average = None if average is None else float(average)
+        self._order = self._epoch_order()
+        if reshard and (state["world_size"], state["config"]) != (self.world_size, config):
+            low, high = float(self.config.min_size), float(self.config.max_size)
+            self._size = min(max(self._size, low), high)
+            self._rates = [0.0] * self.world_size
+            self._sizes = self._decide_sizes()
+            self._last_sizes = [0] * self.world_size
+            return
+        self._rates = [float(rate) for rate in state["rates"]]
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
-        self._order = self._epoch_order()
 
     # ------------------------------------------------------------------ helpers
 

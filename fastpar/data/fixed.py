@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
-from fastpar.data._checks import check_int
+from fastpar._checks import check_int
 
 
 class FixedSlicer:

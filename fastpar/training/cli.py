@@ -6,11 +6,21 @@ import argparse
 import dataclasses
 import datetime
 import os
+import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from fastpar.training.config import TrainConfig
+from fastpar.training import checkpoint
+from fastpar.training.checkpoint import CheckpointError, Found
+from fastpar.training.config import (
+    BackendName,
+    CommName,
+    ParallelMode,
+    ScheduleName,
+    SlicingMode,
+    TrainConfig,
+)
 
 _DEFAULTS = TrainConfig()
 
@@ -20,12 +30,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     add = parser.add_argument
     add("--nproc", type=int, default=d.nproc, help="local processes (ignored under torchrun)")
-    add("--parallel", choices=["dp", "pp", "dp+pp"], default=d.parallel)
+    add("--parallel", choices=get_args(ParallelMode), default=d.parallel)
     add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
     add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
-    add("--schedule", choices=["gpipe", "1f1b"], default=d.schedule)
-    add("--comm", choices=["ring", "torch"], default=d.comm, help="gradient all-reduce")
-    add("--backend", choices=["auto", "triton", "torch"], default=d.backend, help="LSTM kernels")
+    add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
+    add("--comm", choices=get_args(CommName), default=d.comm, help="gradient all-reduce")
+    add("--backend", choices=get_args(BackendName), default=d.backend, help="LSTM kernels")
     add("--embed", type=int, default=d.embed, help="embedding size")
     add("--hidden", type=int, default=d.hidden, help="LSTM hidden size")
     add("--layers", type=int, default=d.layers, help="LSTM layers")
@@ -33,13 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, default=d.batch_size, help="windows per step and replica")
     add("--steps", type=int, default=d.steps, help="optimizer steps in the whole run")
     add("--lr", type=float, default=d.lr, help="Adam learning rate")
-    add("--slicing", choices=["fixed", "throughput", "loss"], default=d.slicing)
+    add("--slicing", choices=get_args(SlicingMode), default=d.slicing)
     add("--train-bytes", type=int, default=d.train_bytes, help="training text size")
     add("--validation-bytes", type=int, default=d.validation_bytes)
     add("--validation-batches", type=int, default=d.validation_batches)
     add("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
     add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between saves")
-    add("--resume", action="store_true", help="continue from the last checkpoint")
+    add("--resume", action="store_true",
+        help="continue from the newest intact checkpoint in --checkpoint-dir")  # fmt: skip
+    add("--overwrite", action="store_true",
+        help="start anew in a --checkpoint-dir holding checkpoints, deleting them")  # fmt: skip
     add("--profile", dest="profile_dir", type=Path, default=None,
         help="write a torch.profiler Chrome trace per rank into this folder")  # fmt: skip
     add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
@@ -47,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
         help="seconds any wait for a peer may take before the run stops with an error")  # fmt: skip
     add("--log-every", type=int, default=d.log_every)
+    add("--debug", action="store_true", help="show the ranks' tracebacks when a run fails")
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> TrainConfig:
@@ -56,7 +70,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         config = TrainConfig(**values)
         if not _under_torchrun():
             config.layout(config.nproc)  # torchrun's world size is checked by the ranks
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
     return config
@@ -68,10 +82,66 @@ def _under_torchrun() -> bool:
     )
 
 
-def _train_entry(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any] | None:
+def _train_entry(
+    rank: int, world_size: int, config: TrainConfig, resume: Found | None
+) -> dict[str, Any] | None:
     from fastpar.training.loop import train_rank
 
-    return train_rank(config)
+    return train_rank(config, resume)
+
+
+def prepare(config: TrainConfig) -> Found | None:
+    """Check the checkpoint folder and pick the checkpoint to resume, before any rank starts
+    work; reports every checkpoint passed over on stderr.
+
+    Returns:
+        The checkpoint to resume, or None for a new run.
+
+    Raises:
+        CheckpointError: the folder is unusable, or `--resume` has nothing to continue.
+    """
+    root = config.checkpoint_dir
+    checkpoint.check_folder(root, resume=config.resume, overwrite=config.overwrite)
+    if not config.resume:
+        return None
+    found, notes = checkpoint.find_intact(root)
+    for note in notes:
+        print(f"fastpar train: {note}", file=sys.stderr)
+    if found is None:
+        if notes:
+            raise CheckpointError(
+                f"--resume: no intact checkpoint in {root}; rerun with --overwrite instead of "
+                "--resume to start over"
+            )
+        raise CheckpointError(
+            f"--resume: {root} holds no checkpoint; drop --resume to start a new run"
+        )
+    if found.step >= config.steps:
+        raise CheckpointError(
+            f"--resume: checkpoint {found.directory} is at step {found.step}, which already "
+            f"reaches --steps {config.steps}; raise --steps to train further"
+        )
+    return found
+
+
+def _resume_hint(config: TrainConfig) -> str:
+    found, _ = checkpoint.find_intact(config.checkpoint_dir)
+    if found is not None:
+        return f"rerun with --resume to continue from step {found.step}"
+    if checkpoint.list_steps(config.checkpoint_dir):
+        return "no intact checkpoint was written; rerun with --overwrite to start over"
+    return "no checkpoint was written yet"
+
+
+def _failure_lines(summary: str) -> list[str]:
+    """One line per distinct failure, with the ranks that share it ("ranks 0, 1: ...")."""
+    ranks_of: dict[str, list[str]] = {}
+    for line in summary.splitlines():
+        match = re.fullmatch(r"rank (\d+): (.*)", line)
+        rank, text = match.groups() if match else ("", line)
+        ranks_of.setdefault(text, []).append(rank)
+    return [f"{'ranks' if len(r) > 1 else 'rank'} {', '.join(r)}: {text}" if r[0] else text
+            for text, r in ranks_of.items()]  # fmt: skip
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
@@ -103,42 +173,85 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> None:
         timeout=timeout,
     )
     prefixed = dist.PrefixStore(f"fastpar/restart{restarts}/", store)
+    backend = default_backend()
+    if backend == "nccl":  # object collectives (the checkpoint choice) run on the current GPU
+        import torch
+
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(
-        default_backend(), store=prefixed, rank=rank, world_size=world_size, timeout=timeout
+        backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout
     )
 
 
-def run(config: TrainConfig) -> int:
-    """Train with `config`: under torchrun as this process's rank, else on `nproc` local
-    processes. Returns the exit status."""
+def _prepare_under_torchrun(config: TrainConfig) -> Found | None:
+    """`prepare` on rank 0, its answer (or its error) shared with every rank."""
     import torch.distributed as dist
 
-    from fastpar.launch import RankFailure, default_backend, spawn_ranks
-    from fastpar.training import checkpoint
-
-    if _under_torchrun():
-        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        if restarts > 0 and checkpoint.latest_step(config.checkpoint_dir) is not None:
-            config = dataclasses.replace(config, resume=True)  # torchrun restarted us
-        _init_under_torchrun(restarts, config.timeout_s)
+    answer: list[Any] = [None, None]
+    if dist.get_rank() == 0:
         try:
-            summary = _train_entry(dist.get_rank(), dist.get_world_size(), config)
-        finally:
-            dist.destroy_process_group()
-        if summary is not None:
-            _print_summary(summary)
-        return 0
+            answer[0] = prepare(config)
+        except CheckpointError as error:
+            answer[1] = str(error)
+    dist.broadcast_object_list(answer, src=0)
+    if answer[1] is not None:
+        raise CheckpointError(answer[1])
+    return answer[0]
+
+
+def run(config: TrainConfig, *, debug: bool = False) -> int:
+    """Train with `config`: under torchrun as this process's rank, else on `nproc` local
+    processes. Expected failures are reported in one line each on stderr (`debug`: with the
+    ranks' tracebacks). Returns the exit status."""
+    if _under_torchrun():
+        return _run_under_torchrun(config)
+    from fastpar.launch import RankFailure, default_backend, spawn_ranks
+
     try:
-        results = spawn_ranks(_train_entry, config.nproc, args=(config,), timeout=None,
+        resume = prepare(config)
+        results = spawn_ranks(_train_entry, config.nproc, args=(config, resume), timeout=None,
                               group_timeout=config.timeout_s,
                               backend=default_backend())  # fmt: skip
-    except RankFailure as failure:
-        last = checkpoint.latest_step(config.checkpoint_dir)
-        hint = (f"rerun with --resume to continue from step {last}" if last is not None
-                else "no checkpoint was written yet")  # fmt: skip
-        print(f"\nfastpar train stopped: {failure}\nThe other ranks were stopped; {hint}.",
-              file=sys.stderr)  # fmt: skip
+    except CheckpointError as error:
+        print(f"fastpar train: {error}", file=sys.stderr)
         return 1
+    except RankFailure as failure:
+        lines = [str(failure)] if debug else _failure_lines(failure.summary)
+        print("\nfastpar train stopped:", *lines, sep="\n", file=sys.stderr)
+        advice = ["the other ranks were stopped"]
+        if not any("CheckpointError: " in line for line in lines):  # those say what to do
+            advice.append(_resume_hint(config))
+        if not debug:
+            advice.append("--debug shows the tracebacks")
+        print("; ".join(advice) + ".", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nfastpar train: interrupted; all ranks were stopped; {_resume_hint(config)}.",
+              file=sys.stderr)  # fmt: skip
+        return 130
     if results[0] is not None:
         _print_summary(results[0])
+    return 0
+
+
+def _run_under_torchrun(config: TrainConfig) -> int:
+    import torch.distributed as dist
+
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restarts > 0 and checkpoint.list_steps(config.checkpoint_dir):
+        # torchrun restarted us: continue the run, not a new one.
+        config = dataclasses.replace(config, resume=True, overwrite=False)
+    _init_under_torchrun(restarts, config.timeout_s)
+    try:
+        try:
+            resume = _prepare_under_torchrun(config)
+        except CheckpointError as error:
+            if dist.get_rank() == 0:
+                print(f"fastpar train: {error}", file=sys.stderr)
+            return 1
+        summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
+    finally:
+        dist.destroy_process_group()
+    if summary is not None:
+        _print_summary(summary)
     return 0

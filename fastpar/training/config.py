@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
+
+from fastpar._checks import check_bool, check_choice, check_int, check_positive
+from fastpar.training.parallel_dims import ParallelDims
 
 ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
+ScheduleName = Literal["gpipe", "1f1b"]
+CommName = Literal["ring", "torch"]
+BackendName = Literal["auto", "triton", "torch"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -23,11 +29,11 @@ class TrainConfig:
     """Stages per pipeline with dp+pp (with pp every rank is a stage)."""
     microbatches: int = 4
     """Micro-batches per pipeline step."""
-    schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    schedule: ScheduleName = "1f1b"
     """Pipeline schedule."""
-    comm: Literal["ring", "torch"] = "ring"
+    comm: CommName = "ring"
     """Gradient all-reduce: fastpar's ring or torch.distributed."""
-    backend: Literal["auto", "triton", "torch"] = "auto"
+    backend: BackendName = "auto"
     """LSTM backend."""
     embed: int = 48
     hidden: int = 128
@@ -48,6 +54,9 @@ class TrainConfig:
     checkpoint_dir: Path = Path("checkpoints")
     checkpoint_every: int = 250
     resume: bool = False
+    """Continue from the newest intact checkpoint in checkpoint_dir."""
+    overwrite: bool = False
+    """Start a new run in a checkpoint_dir that holds checkpoints, deleting them."""
     profile_dir: Path | None = None
     sample_bytes: int = 240
     seed: int = 0
@@ -60,40 +69,50 @@ class TrainConfig:
                     "seq_len", "batch_size", "steps", "train_bytes", "validation_bytes",
                     "validation_batches", "checkpoint_every", "log_every")  # fmt: skip
         for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
-        for name, choices in (
-            ("parallel", ("dp", "pp", "dp+pp")),
-            ("schedule", ("gpipe", "1f1b")),
-            ("comm", ("ring", "torch")),
-            ("backend", ("auto", "triton", "torch")),
-            ("slicing", ("fixed", "throughput", "loss")),
-        ):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be > 0, got {self.lr}")
-        if not self.timeout_s > 0:
-            raise ValueError(f"--timeout must be > 0, got {self.timeout_s}")
+            check_int(_flag(name), getattr(self, name), 1)
+        check_int("--sample-bytes", self.sample_bytes, 0)
+        check_int("--seed", self.seed, 0)
+        for name in ("parallel", "schedule", "comm", "backend", "slicing"):
+            choices = get_args(_FIELD_TYPES[name])
+            check_choice(_flag(name), getattr(self, name), choices)
+        check_positive("--lr", self.lr)
+        check_positive("--timeout", self.timeout_s)
+        check_bool("--resume", self.resume)
+        check_bool("--overwrite", self.overwrite)
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --checkpoint-dir and --overwrite "
+                             "deletes it: pass one of them")  # fmt: skip
         if self.parallel != "dp" and self.slicing != "fixed":
             raise ValueError(
                 f"--slicing {self.slicing} adapts data-parallel replicas and needs --parallel dp; "
                 f"got --parallel {self.parallel}"
             )
 
-    def layout(self, world_size: int) -> tuple[int, int]:
-        """(replicas, stages) for `world_size` ranks; raises when they do not fit."""
+    def layout(self, world_size: int) -> ParallelDims:
+        """The replicas and stages of `world_size` ranks; raises when they do not fit."""
         if self.parallel == "dp":
-            return world_size, 1
+            return ParallelDims(dp=world_size, pp=1, world_size=world_size)
         if self.parallel == "pp":
             if world_size < 2:
                 raise ValueError(f"--parallel pp needs at least 2 ranks, got {world_size}")
-            return 1, world_size
+            return ParallelDims(dp=1, pp=world_size, world_size=world_size)
         if world_size % self.pp_stages != 0 or world_size == self.pp_stages:
             raise ValueError(
                 f"--parallel dp+pp needs a number of ranks that is a multiple of --pp-stages "
                 f"{self.pp_stages} with at least 2 replicas; got {world_size} ranks"
             )
+        return ParallelDims(dp=world_size // self.pp_stages, pp=self.pp_stages,
+                            world_size=world_size)  # fmt: skip
 
-        return world_size // self.pp_stages, self.pp_stages
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+_FIELD_TYPES = {
+    "parallel": ParallelMode,
+    "schedule": ScheduleName,
+    "comm": CommName,
+    "backend": BackendName,
+    "slicing": SlicingMode,
+}

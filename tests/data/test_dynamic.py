@@ -3,6 +3,7 @@ of real process-group ranks (gloo) with each other and with a one-process replay
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -113,6 +114,40 @@ def test_state_dict_resumes_identically(
     continuation.seed(seed + 1)
     assert _run(resumed, after, continuation) == expected
     assert resumed.state_dict() == slicer.state_dict()
+
+
+@settings(max_examples=30, deadline=None)
+@given(slicer=slicers(), before=st.integers(0, 30), new_world=st.integers(1, 4),
+       seed=st.integers(0, 2**31))  # fmt: skip
+def test_a_state_resumes_on_another_world_size_at_the_same_sample(
+    slicer: DynamicSlicer, before: int, new_world: int, seed: int
+) -> None:
+    """reshard=True: the epoch goes on where it stopped (every sample once), on any world size."""
+    rng = random.Random(seed)
+    steps = _run(slicer, before, rng)
+    epoch, position = slicer.epoch, slicer.position
+    config = slicer.config
+    if config.policy == "throughput":  # the global batch follows the world size, as in training
+        per_rank = config.global_batch // slicer.world_size  # type: ignore[operator]
+        config = dataclasses.replace(
+            config, global_batch=max(per_rank, config.min_size) * new_world
+        )
+    resumed = DynamicSlicer(slicer.num_samples, config, world_size=new_world)
+    resumed.load_state_dict(json.loads(json.dumps(slicer.state_dict())), reshard=True)
+    assert (resumed.epoch, resumed.position) == (epoch, position)
+    # The samples of this epoch handed out before, then after the change: each exactly once.
+    seen = [i for step in steps for block in step for i in block][-position:] if position else []
+    while resumed.position < slicer.num_samples and resumed.epoch == epoch:
+        step = resumed.next_step()
+        assert len(step) == new_world
+        seen += [i for block in step for i in block]
+        resumed.record_all(*_measure(step, rng))
+    assert sorted(seen) == list(range(slicer.num_samples))
+    with pytest.raises(ValueError, match=r"state config seed"):
+        other = dataclasses.replace(config, seed=config.seed + 1)
+        DynamicSlicer(slicer.num_samples, other, world_size=new_world).load_state_dict(
+            slicer.state_dict(), reshard=True
+        )
 
 
 def test_throughput_gives_the_slow_rank_a_smaller_share() -> None:
@@ -226,7 +261,8 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
 @pytest.mark.parametrize(
     "options, error, message",
     [
-        ({"min_size": 0, "max_size": 4, "global_batch": 4}, ValueError, r"min_size must be >= 1"),
+        ({"min_size": 0, "max_size": 4, "global_batch": 4}, ValueError,
+         r"min_size must be an integer >= 1"),
         ({"min_size": 8, "max_size": 4, "global_batch": 8}, ValueError,
          r"max_size 4 < min_size 8"),
         ({"min_size": 1, "max_size": 4}, ValueError, r"policy 'throughput' needs global_batch"),
@@ -240,7 +276,7 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
         ({"min_size": 1, "max_size": 4, "policy": "loss", "jump_threshold": -1}, ValueError,
          r"jump_threshold must be a finite number in \(0.0, inf\], got -1"),
         ({"min_size": 1, "max_size": 4, "policy": "loss", "initial_size": 5}, ValueError,
-         r"initial_size must be in \[1, 4\], got 5"),
+         r"initial_size must be an integer in \[1, 4\], got 5"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "rate_momentum": 1.0}, ValueError,
          r"rate_momentum must be a finite number in \[0.0, 1.0\)"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
@@ -258,7 +294,7 @@ def test_bad_slicer_arguments() -> None:
         r"4, world_size 3 \* max_size 8\] = \[12, 24\]",
     ):
         DynamicSlicer(100, min_size=4, max_size=8, global_batch=10, world_size=3)
-    with pytest.raises(ValueError, match=r"num_samples must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"num_samples must be an integer >= 1, got 0"):
         DynamicSlicer(0, min_size=1, max_size=4, global_batch=4)
     config = DynamicSlicerConfig(min_size=1, max_size=4, global_batch=4)
     with pytest.raises(TypeError, match=r"not both"):

@@ -122,8 +122,8 @@ def test_dataloader_batch_sampler() -> None:
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
-        ({"num_samples": 0, "num_blocks": 1}, ValueError, r"num_samples must be >= 1, got 0"),
-        ({"num_samples": 10, "num_blocks": 0}, ValueError, r"num_blocks must be >= 1, got 0"),
+        ({"num_samples": 0, "num_blocks": 1}, ValueError, r"num_samples must be an integer >= 1"),
+        ({"num_samples": 10, "num_blocks": 0}, ValueError, r"num_blocks must be an integer >= 1"),
         (
             {"num_samples": 10, "num_blocks": 12},
             ValueError,
@@ -131,7 +131,7 @@ def test_dataloader_batch_sampler() -> None:
         ),
         ({"num_samples": 10, "num_blocks": 2.0}, TypeError, r"num_blocks must be an int"),
         ({"num_samples": True, "num_blocks": 1}, TypeError, r"num_samples must be an int"),
-        ({"num_samples": 10, "num_blocks": 2, "seed": -1}, ValueError, r"seed must be >= 0"),
+        ({"num_samples": 10, "num_blocks": 2, "seed": -1}, ValueError, r"seed must be an integer"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
@@ -141,11 +141,11 @@ def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], messag
 
 def test_bad_shard_and_epoch_arguments() -> None:
     slicer = FixedSlicer(10, 4)
-    with pytest.raises(ValueError, match=r"rank must be in \[0, 2\], got 3"):
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 2\], got 3"):
         slicer.shard(3, 3)
-    with pytest.raises(ValueError, match=r"world_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"world_size must be an integer >= 1, got 0"):
         slicer.shard(0, 0)
-    with pytest.raises(ValueError, match=r"epoch must be >= 0, got -1"):
+    with pytest.raises(ValueError, match=r"epoch must be an integer >= 0, got -1"):
         slicer.set_epoch(-1)
-    with pytest.raises(ValueError, match=r"index must be in \[0, 3\], got 4"):
+    with pytest.raises(ValueError, match=r"index must be an integer in \[0, 3\], got 4"):
         slicer.block(4)

@@ -12,39 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpar.training.checkpoint import latest_step, load_rank_state
-from fastpar.training.model import stage_bounds
+from fastpar.training.checkpoint import find_intact, read_tensors, step_name
 
-REPO = Path(__file__).resolve().parents[2]
-LAYERS = 2
-SMALL = [
-    "--embed", "8", "--hidden", "16", "--layers", str(LAYERS), "--seq-len", "16",
-    "--batch-size", "4", "--train-bytes", "40000", "--validation-bytes", "4000",
-    "--validation-batches", "2", "--sample-bytes", "16", "--log-every", "2", "--lr", "0.01",
-    "--timeout", "60",
-]  # fmt: skip
+from .util import REPO, SMALL
+from .util import train_cli as _train
 
 
-def _train(tmp: Path, *args: str, env: dict[str, str] | None = None,
-           timeout: float = 240) -> subprocess.CompletedProcess[str]:  # fmt: skip
-    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir", str(tmp),
-               *args]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=timeout,
-                          env={**os.environ, **(env or {})}, check=False)  # fmt: skip
-
-
-def _parameters(root: Path, ranks: int, stages: int) -> dict[str, torch.Tensor]:
-    """The whole model of the first replica, with the layer indices of the full model."""
-    step = latest_step(root)
-    assert step is not None
-    bounds = stage_bounds(LAYERS + 2, stages)
-    merged = {}
-    for stage, (begin, _) in enumerate(bounds):
-        state = load_rank_state(root, step, stage)["model"]
-        for key, value in state.items():
-            index, rest = key.split(".", 1)
-            merged[f"{begin + int(index)}.{rest}"] = value
-    return merged
+def _parameters(root: Path, step: int | None = None) -> dict[str, torch.Tensor]:
+    """The whole model as a checkpoint holds it (the newest intact one by default)."""
+    if step is None:
+        found, _ = find_intact(root)
+        assert found is not None
+        step = found.step
+    return read_tensors(root / step_name(step), prefix="model.")
 
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -66,11 +46,10 @@ def test_layouts_train_the_same_model(tmp_path: Path) -> None:
         result = _train(tmp_path / name, "--steps", "4", "--checkpoint-every", "2", *args)
         assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
         assert "validation loss:" in result.stdout and "sample:" in result.stdout
-    _assert_close(_parameters(tmp_path / "pp", 2, 2), _parameters(tmp_path / "single", 1, 1))
-    _assert_close(_parameters(tmp_path / "dp+pp", 4, 2), _parameters(tmp_path / "dp", 2, 1))
+    _assert_close(_parameters(tmp_path / "pp"), _parameters(tmp_path / "single"))
+    _assert_close(_parameters(tmp_path / "dp+pp"), _parameters(tmp_path / "dp"))
     # Training moved the weights: the comparison above is not between two initial states.
-    first = load_rank_state(tmp_path / "dp", 2, 0)["model"]
-    last = load_rank_state(tmp_path / "dp", 4, 0)["model"]
+    first, last = _parameters(tmp_path / "dp", 2), _parameters(tmp_path / "dp", 4)
     assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
@@ -83,15 +62,17 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
     killed = _train(tmp_path / "split", *common, env={"FASTPAR_TEST_KILL_AT": "1:4"})
     assert time.monotonic() - start < 180
     assert killed.returncode == 1
-    assert "rank 1 died with exit code -9 (SIGKILL)" in killed.stderr
+    assert "rank 1: died with exit code -9 (SIGKILL)" in killed.stderr
     assert "rerun with --resume to continue from step 3" in killed.stderr
-    assert latest_step(tmp_path / "split") == 3
+    assert "Traceback" not in killed.stderr  # --debug shows them
+    found, _ = find_intact(tmp_path / "split")
+    assert found is not None and found.step == 3
 
     resumed = _train(tmp_path / "split", *common, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 3" in resumed.stdout
-    whole = _parameters(tmp_path / "whole", 2, 1)
-    split = _parameters(tmp_path / "split", 2, 1)
+    whole = _parameters(tmp_path / "whole")
+    split = _parameters(tmp_path / "split")
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
 
@@ -106,7 +87,7 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
                              env=env, check=False)  # fmt: skip
     assert elastic.returncode == 0, elastic.stderr[-3000:]
     assert "resumed from step 3" in elastic.stdout
-    restarted = _parameters(elastic_dir, 2, 1)
+    restarted = _parameters(elastic_dir)
     for key in whole:
         assert torch.equal(whole[key], restarted[key]), key
 
@@ -119,7 +100,8 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
         (["--parallel", "pp", "--slicing", "loss"], "--slicing loss adapts data-parallel"),
         (["--parallel", "dp+pp", "--nproc", "3"], "multiple of --pp-stages 2"),
         (["--parallel", "pp", "--nproc", "1"], "--parallel pp needs at least 2 ranks, got 1"),
-        (["--lr", "-1"], "--lr must be > 0, got -1.0"),
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["--resume", "--overwrite"], "pass one of them"),
     ],
 )
 def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: str) -> None:

@@ -1,0 +1,191 @@
+"""Checkpoint integrity and safe writes, in this process (no process group): what is kept, what
+is skipped on resume and why, and what a planted symlink or an unusable folder does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpar.training import checkpoint
+from fastpar.training.checkpoint import CheckpointError, check_folder, find_intact, step_name
+
+
+def _save(root: Path, step: int, keep: int = 2) -> dict[str, torch.Tensor]:
+    """A checkpoint of random tensors (fresh each call), returned for comparison."""
+    state = {"model.weight": torch.randn(5, 3), "optimizer.state.weight.step": torch.tensor(3.0)}
+    checkpoint.save(root, step, {k: v.clone() for k, v in state.items()}, {"note": step},
+                    keep=keep)  # fmt: skip
+    return state
+
+
+def test_a_checkpoint_reads_back_equal_and_records_sizes_and_checksums(tmp_path: Path) -> None:
+    saved = _save(tmp_path, 7)
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 7 and notes == []
+    assert (tmp_path / checkpoint.LATEST).read_text() == step_name(7)
+    assert found.manifest["note"] == 7
+    files = found.manifest["files"]
+    assert ".metadata" in files and any(name.endswith(".distcp") for name in files)
+    for name, record in files.items():
+        assert (found.directory / name).stat().st_size == record["bytes"]
+    loaded = checkpoint.read_tensors(found.directory)
+    assert loaded.keys() == saved.keys()
+    for key, value in saved.items():
+        assert torch.equal(loaded[key], value), key
+
+
+def test_retention_never_deletes_the_new_checkpoint_or_a_newer_one(tmp_path: Path) -> None:
+    """The data-loss case: a folder holding an older, longer run (steps 100 and 200), and a run
+    that writes step 2 and then step 4 into it."""
+    _save(tmp_path, 100)
+    _save(tmp_path, 200)
+    _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    assert checkpoint.list_steps(tmp_path) == [2, 4, 100, 200]  # nothing newer than 4 pruned
+    pointed = tmp_path / (tmp_path / checkpoint.LATEST).read_text()
+    assert pointed.name == step_name(4) and checkpoint.problem(pointed)[0] is None
+    for keep in (1, 3):
+        root = tmp_path / f"keep{keep}"
+        root.mkdir()
+        for step in (1, 2, 3, 4):
+            _save(root, step, keep=keep)
+        assert checkpoint.list_steps(root) == [1, 2, 3, 4][-keep:]
+
+
+def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path: Path) -> None:
+    _save(tmp_path, 100)
+    with pytest.raises(CheckpointError, match=r"already holds checkpoints \(newest: step-0+100\)"):
+        check_folder(tmp_path, resume=False, overwrite=False)
+    assert checkpoint.list_steps(tmp_path) == [100]
+    check_folder(tmp_path, resume=True, overwrite=False)
+    check_folder(tmp_path, resume=False, overwrite=True)
+    assert checkpoint.list_steps(tmp_path) == [] and not (tmp_path / checkpoint.LATEST).exists()
+
+
+def test_resume_of_a_missing_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"--resume: checkpoint folder .*missing.* does not"):
+        check_folder(tmp_path / "missing", resume=True, overwrite=False)
+    assert not (tmp_path / "missing").exists()
+
+
+def _truncate(directory: Path) -> None:
+    path = directory / "__0_0.distcp"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_byte(directory: Path) -> None:
+    path = directory / "__0_0.distcp"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _edit_manifest(directory: Path) -> None:
+    path = directory / checkpoint.MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["step"] += 1
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_truncate, r"file __0_0\.distcp is truncated \(\d+ bytes, expected \d+\)"),
+        (_flip_a_byte, r"file __0_0\.distcp is corrupt \(SHA-256 mismatch\)"),
+        (lambda d: (d / "__0_0.distcp").unlink(), r"file __0_0\.distcp is missing"),
+        (lambda d: (d / ".metadata").unlink(), r"file \.metadata is missing"),
+        (lambda d: (d / checkpoint.MANIFEST).unlink(), r"fastpar\.json is missing"),
+        (_edit_manifest, r"fastpar\.json is corrupt \(checksum mismatch\)"),
+        (lambda d: (d / checkpoint.MANIFEST).write_bytes(b"{\x00"), r"fastpar\.json is unreadable"),
+    ],
+    ids=["truncated", "flipped", "no-file", "no-metadata", "no-manifest", "edited", "garbled"],
+)
+def test_resume_skips_a_damaged_newest_checkpoint_and_says_why(
+    tmp_path: Path, damage: Callable[[Path], object], reason: str
+) -> None:
+    older = _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    damage(tmp_path / step_name(4))
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 2
+    assert len(notes) == 1
+    assert f"skipped checkpoint {tmp_path / step_name(4)}: " in notes[0]
+    assert re.search(reason, notes[0]), notes[0]
+    loaded = checkpoint.read_tensors(found.directory)
+    assert all(torch.equal(loaded[key], value) for key, value in older.items())
+
+
+def test_a_corrupt_latest_or_a_deleted_newest_folder_is_passed_over(tmp_path: Path) -> None:
+    _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    (tmp_path / checkpoint.LATEST).write_bytes(b"\xffstep-oops")
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 4
+    assert len(notes) == 1 and notes[0].startswith(f"{tmp_path / checkpoint.LATEST} is corrupt (")
+    (tmp_path / checkpoint.LATEST).write_text("step-12")
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 4
+    assert notes == [f"{tmp_path / checkpoint.LATEST} is corrupt ('step-12'); ignored it"]
+    (tmp_path / checkpoint.LATEST).write_text(step_name(4))
+    shutil.rmtree(tmp_path / step_name(4))
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 2
+    assert notes == [f"{tmp_path / checkpoint.LATEST} names {step_name(4)}, which is missing; "
+                     "ignored it"]  # fmt: skip
+    shutil.rmtree(tmp_path / step_name(2))
+    assert find_intact(tmp_path)[0] is None
+
+
+def _plant_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tempfile's next random names become "planted", then "fresh"."""
+    monkeypatch.setattr(tempfile, "_get_candidate_names", lambda: iter(["planted", "fresh"]))
+
+
+def test_temporary_files_never_follow_a_planted_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    victim_dir = tmp_path / "victim-dir"
+    victim_dir.mkdir()
+    # The temporary names a predictable scheme would use, and the next "random" ones.
+    planted = [root / f".latest.tmp-{os.getpid()}", root / ".latest.planted",
+               root / f".{checkpoint.MANIFEST}.planted"]  # fmt: skip
+    for link in planted:
+        link.symlink_to(victim)
+    staging_link = root / f".{step_name(1)}.partial-planted"
+    staging_link.symlink_to(victim_dir, target_is_directory=True)
+    _plant_names(monkeypatch)
+    checkpoint.write_atomic(root / "latest", b"hello")
+    assert (root / "latest").read_bytes() == b"hello" and not (root / "latest").is_symlink()
+    _plant_names(monkeypatch)
+    saved = _save(root, 1)
+    assert victim.read_bytes() == b"precious"
+    assert list(victim_dir.iterdir()) == []
+    for link in [*planted, staging_link]:
+        assert link.is_symlink(), link
+    found, _ = find_intact(root)
+    assert found is not None and found.step == 1
+    assert torch.equal(checkpoint.read_tensors(found.directory)["model.weight"],
+                       saved["model.weight"])  # fmt: skip
+
+
+def test_a_read_only_folder_is_refused_before_any_work(read_only_folder: Path) -> None:
+    with pytest.raises(CheckpointError, match=r"checkpoint folder .* is not writable \("):
+        check_folder(read_only_folder, resume=False, overwrite=False)
+
+
+def test_someone_elses_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(CheckpointError, match=r"belongs to user id \d+, not to you"):
+        check_folder(tmp_path, resume=False, overwrite=False)

@@ -1,0 +1,158 @@
+"""`fastpar train` when something is wrong: one line that names the file and what to do, a
+non-zero exit, no traceback, and no checkpoint lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastpar.training import checkpoint
+from fastpar.training.checkpoint import find_intact, step_name
+from fastpar.training.config import TrainConfig
+
+from .util import REPO, SMALL
+from .util import train_cli as _train
+
+
+def _errors(result: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("fastpar train: ")]
+
+
+def _fake_run(root: Path, *steps: int) -> None:
+    """Checkpoints of another run (any tensors do: these runs must not read them)."""
+    for step in steps:
+        checkpoint.save(root, step, {"model.x": torch.ones(3)}, {"run": "older"})
+
+
+def test_a_fresh_run_never_deletes_an_older_runs_checkpoints(tmp_path: Path) -> None:
+    _fake_run(tmp_path, 100, 200)
+    result = _train(tmp_path, "--nproc", "1", "--steps", "2", timeout=60)
+    assert result.returncode == 1
+    assert _errors(result) == [
+        f"fastpar train: checkpoint folder {tmp_path} already holds checkpoints (newest: "
+        f"{step_name(200)}); pass --resume to continue that run, --overwrite to delete them and "
+        "start over, or choose another --checkpoint-dir"
+    ]
+    assert "Traceback" not in result.stderr
+    assert checkpoint.list_steps(tmp_path) == [100, 200]
+
+    result = _train(tmp_path, "--nproc", "1", "--steps", "4", "--checkpoint-every", "2",
+                    "--overwrite")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert checkpoint.list_steps(tmp_path) == [2, 4]
+    assert (tmp_path / checkpoint.LATEST).read_text() == step_name(4)
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 4 and not notes
+
+
+def test_resume_of_a_missing_folder_fails_in_one_line(tmp_path: Path) -> None:
+    result = _train(tmp_path / "typo", "--nproc", "1", "--steps", "2", "--resume", timeout=60)
+    assert result.returncode == 1
+    assert _errors(result) == [
+        f"fastpar train: --resume: checkpoint folder {tmp_path / 'typo'} does not exist; check "
+        "--checkpoint-dir, or drop --resume to start a new run"
+    ]
+    assert not (tmp_path / "typo").exists()
+
+
+def test_resume_of_a_run_already_past_steps_fails_in_one_line(tmp_path: Path) -> None:
+    _fake_run(tmp_path, 40)
+    result = _train(tmp_path, "--nproc", "1", "--steps", "30", "--resume", timeout=60)
+    assert result.returncode == 1
+    assert _errors(result) == [
+        f"fastpar train: --resume: checkpoint {tmp_path / step_name(40)} is at step 40, which "
+        "already reaches --steps 30; raise --steps to train further"
+    ]
+
+
+def test_a_read_only_folder_fails_at_start(read_only_folder: Path) -> None:
+    start = time.monotonic()
+    result = _train(read_only_folder, "--nproc", "1", "--steps", "2", timeout=60)
+    assert result.returncode == 1
+    (line,) = _errors(result)
+    assert line.startswith(f"fastpar train: checkpoint folder {read_only_folder} is not writable")
+    assert "Traceback" not in result.stderr and "step 1/" not in result.stdout
+    assert time.monotonic() - start < 30
+
+
+def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
+    common = ("--nproc", "1", "--checkpoint-every", "2")
+    assert _train(tmp_path, *common, "--steps", "4").returncode == 0
+    damaged = tmp_path / step_name(4) / "__0_0.distcp"
+    size = damaged.stat().st_size
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    result = _train(tmp_path, *common, "--steps", "6", "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _errors(result) == [
+        f"fastpar train: skipped checkpoint {tmp_path / step_name(4)}: file __0_0.distcp is "
+        f"truncated (100 bytes, expected {size})"
+    ]
+    assert "resumed from step 2" in result.stdout
+    assert checkpoint.list_steps(tmp_path) == [4, 6]  # step 4 rewritten, then 6
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 6 and not notes
+
+    # A failure inside the ranks: one line naming the checkpoint and what to do; --debug adds
+    # the traceback. The checkpoints stay as they were.
+    mismatch = _train(tmp_path, *common, "--steps", "8", "--resume", "--hidden", "32")
+    assert mismatch.returncode == 1
+    assert (
+        f"rank 0: CheckpointError: checkpoint {tmp_path / step_name(6)} was written with "
+        "--hidden 16; this run has --hidden 32: resume with the same value" in mismatch.stderr
+    )
+    assert "Traceback" not in mismatch.stderr and "--debug shows the tracebacks" in mismatch.stderr
+    debug = _train(tmp_path, *common, "--steps", "8", "--resume", "--hidden", "32", "--debug")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert checkpoint.list_steps(tmp_path) == [4, 6]
+
+
+def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
+               str(tmp_path), "--nproc", "2", "--steps", "100000", "--checkpoint-every", "2",
+               "--comm", "torch"]  # fmt: skip
+    # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while find_intact(tmp_path)[0] is None:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr
+            time.sleep(0.2)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    (line,) = [line for line in stderr.splitlines() if line.startswith("fastpar train: ")]
+    assert line.startswith("fastpar train: interrupted; all ranks were stopped; rerun with "
+                           "--resume to continue from step ")  # fmt: skip
+    # No rank outlives the launcher (multiprocessing's helper may take a moment to notice).
+    deadline = time.monotonic() + 10
+    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+
+
+def _session_processes(session: int) -> list[str]:
+    found = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True,
+                           text=True, check=False)  # fmt: skip
+    return found.stdout.strip().splitlines()
+
+
+def test_config_takes_no_bool_for_a_number() -> None:
+    with pytest.raises(TypeError, match=r"--nproc must be an integer, got bool True"):
+        TrainConfig(nproc=True)
+    with pytest.raises(TypeError, match=r"--lr must be a number, got bool True"):
+        TrainConfig(lr=True)
+    with pytest.raises(ValueError, match=r"--steps must be an integer >= 1, got 0"):
+        TrainConfig(steps=0)
