@@ -133,6 +133,7 @@ class StepConfig:
     block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
     num_warps: int
     w_resident: bool  # forward: one dot over all of h_{t-1} with W's share as one tile (v2)
+    k_split: int  # backward: K tiles per batched dot, spread over the warps (v2; 1 in v1)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class PersistentConfig:
     block_k: int  # reduction tile where W_hh's share is re-read every step
     num_warps: int
     w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays in registers (v2)
+    k_split: int = 1  # backward: K tiles per batched dot, spread over the warps (v2)
 
 
 def step_config(
@@ -176,7 +178,9 @@ def step_config(
         and (interpreter or one_wave)
     )
     num_warps = RESIDENT_WARPS if resident else 4
-    return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident)
+    # v2 backward splits its K loop over 4H across the warps (see recurrent_grad).
+    k_split = (4 if block_b < 64 else 2) if version == "v2" else 1
+    return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
 
 
 def persistent_config(
@@ -225,7 +229,10 @@ def persistent_config(
     # shows the registers). One program per SM: the extra warps cost no occupancy.
     block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
-    return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False)
+    # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
+    # serial iterations over 4H (see recurrent_grad).
+    k_split = num_warps if backward and version == "v2" else 1
+    return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False, k_split=k_split)
 
 
 def choose_kernel(
