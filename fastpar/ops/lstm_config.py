@@ -35,6 +35,9 @@ MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpr
 # A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
 # of which the kernel's dot tiles take a few KiB) to stay on chip between steps (v1).
 PERSISTENT_W_BYTES = 128 * 1024
+# The largest (batch x hidden) tile of the v2 persistent backward, whose W_hh share is not
+# bounded by L1: 64 x 32 spills (bench/kernel_report.py at B=256 H=1000).
+PERSISTENT_BWD_MAX_TILE = 64 * 16
 # v2 keeps W_hh's share and the h_{t-1} tile of a dot in registers: at most this many bytes of
 # them per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
 # inputs). bench/kernel_report.py shows the registers ptxas allocates.
@@ -199,8 +202,10 @@ def persistent_config(
     resident at once: on a GPU the whole grid fits in the SMs (one program each); in the
     interpreter, which runs programs one after another, a batch block is a single program that
     covers every hidden unit. It also returns None with a projection (h_t then needs all hidden
-    units), or when a program's share of W_hh fits neither in registers (v2 forward) nor in L1.
-    The backward kernel's hidden tile is the N of its tl.dot, so it is at least 16 wide.
+    units), when a program's share of W_hh fits neither in registers (v2 forward) nor in L1
+    (forward, and v1 backward), or when the v2 backward's tile would exceed
+    PERSISTENT_BWD_MAX_TILE. The backward kernel's hidden tile is the N of its tl.dot, so it
+    is at least 16 wide.
     """
     if proj != hidden:
         return None
@@ -222,7 +227,14 @@ def persistent_config(
     )
     if resident:
         return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
-    if not interpreter and 4 * block_h * hidden * torch.finfo(dtype).bits // 8 > PERSISTENT_W_BYTES:
+    w_share_fits_l1 = 4 * block_h * hidden * torch.finfo(dtype).bits // 8 <= PERSISTENT_W_BYTES
+    if backward and version == "v2":
+        # v2 backward runs persistent even when its W_hh share spills from L1 to L2: the step
+        # kernels read it from L2 as well, and pay a launch per step on top. Its tile must stay
+        # small enough for its per-warp tiles to fit in registers.
+        if not interpreter and block_b * block_h > PERSISTENT_BWD_MAX_TILE:
+            return None
+    elif not interpreter and not w_share_fits_l1:
         return None
     # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
     # without spilling, and so does backward with 16-byte aligned operands (bench/kernel_report.py
@@ -262,7 +274,7 @@ def choose_kernel(
     if kernel == "persistent":
         if cfg is None and backward:
             # Backward follows a persistent forward where it can; its hidden tile is 16 wide
-            # (a tl.dot N), so its W_hh share is larger and fits on chip for fewer shapes.
+            # (a tl.dot N), so it applies to fewer shapes (v1: its W_hh share must fit in L1).
             return "step"
         if cfg is None:
             raise ValueError(
