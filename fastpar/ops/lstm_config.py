@@ -9,9 +9,10 @@ Which kernel runs (``choose_kernel``):
   SMs at once (the programs meet at a grid barrier after every step).
 
 Which generation of persistent kernel runs (``kernel_version``, environment variable
-``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh in registers for
-the whole sequence where its tiles fit (``PersistentConfig.w_resident``); "v1" re-reads it from
-L1/L2 every step. v1 stays selectable until a GPU run has compared the two.
+``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh on chip for
+the whole sequence where its tiles fit (``PersistentConfig.w_resident``) and splits the
+backward's K loop across warps (``k_split``); "v1" re-reads the share every step (from L2: the
+barrier invalidates L1). v1 stays selectable until a GPU run has compared the two.
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -38,9 +39,10 @@ PERSISTENT_W_BYTES = 128 * 1024
 # The largest (batch x hidden) tile of the v2 persistent backward, whose W_hh share is not
 # bounded by L1: 64 x 32 spills (bench/kernel_report.py at B=256 H=1000).
 PERSISTENT_BWD_MAX_TILE = 64 * 16
-# v2 keeps W_hh's share and the h_{t-1} tile of a dot in registers: at most this many bytes of
-# them per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
-# inputs). bench/kernel_report.py shows the registers ptxas allocates.
+# v2 takes one dot over all of h_{t-1} with W_hh's share as one tile (Triton keeps the share in
+# shared memory and streams both operands through registers): at most this many bytes of the
+# two per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
+# inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
 
@@ -147,7 +149,7 @@ class PersistentConfig:
     block_h: int  # hidden units per program
     block_k: int  # reduction tile where W_hh's share is re-read every step
     num_warps: int
-    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays in registers (v2)
+    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays on chip (v2)
     k_split: int = 1  # backward: K tiles per batched dot, spread over the warps (v2)
 
 

@@ -7,11 +7,12 @@ Each program owns ``BLOCK_B`` batch rows and ``BLOCK_H`` hidden units for the wh
 loops over time inside the kernel, running the step bodies of lstm_step.py.
 
 Forward. v2 (``W_RESIDENT``) loads the program's share of W_hh, a (KP, 4*BLOCK_H) tile, once per
-launch and keeps it in registers (Triton hoists the tile, in its dot-operand layout, out of the
-time loop), so the barrier's acquire load cannot evict it; c_t stays in registers too. After
+launch: Triton stages it in shared memory outside the time loop (ttgir: its local_alloc is
+hoisted) and reads it from there with ldmatrix every step, so the barrier's acquire load,
+which invalidates L1 (CCTL.IVALL in the SASS), cannot evict it; c_t stays in registers. After
 storing h_t a program arrives at the barrier, then stores what backward saves and loads the
-next step's xg tile, and only then waits. v1 re-reads the share from L1 every step, with every
-other load bypassing L1 (``.cg``) or marked evict-first.
+next step's xg tile, and only then waits. v1 loads the share every step with an evict-last
+hint, but that invalidation sends every such load to L2.
 
 Backward. Each step's ``dgates_{t+1} @ W_hh`` runs over the 4H gate rows; v2 takes num_warps
 K tiles per iteration as one batched dot whose batch dimension Triton gives one warp each, then
