@@ -186,14 +186,15 @@ def lstm_backward(
         _lstm_bwd_persistent_kernel[grid](
             dgates, w_hh, dhs, gates, cs, c0, lens, dh_carry, dc_carry, sync, T, B,
             H=H, BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k,
-            REVERSE=reverse, num_warps=cfg.num_warps, launch_cooperative_grid=True, **consts,
+            K_SPLIT=cfg.k_split, REVERSE=reverse, num_warps=cfg.num_warps,
+            launch_cooperative_grid=True, **consts,
         )  # fmt: skip
         dhp = None
     else:
         cfg = step_config(B, H, dtype, num_sms(dev), version, interpreter_active())
         consts |= {
             "H": H, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd, "BLOCK_K": cfg.block_k,
-            "HAS_REC": has_rec, "num_warps": cfg.num_warps,
+            "HAS_REC": has_rec, "K_SPLIT": cfg.k_split, "num_warps": cfg.num_warps,
         }  # fmt: skip
         grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h_bwd))
         dhp = _backward_steps(

@@ -67,10 +67,10 @@ def compile_cases(
         num_sms: streaming multiprocessors (132 on an H100 SXM); version: of the kernels.
 
     Returns:
-        The forward step kernel (with and without lengths; training and inference), the
-        backward step kernel (first and later steps, with and without lengths) and, where the
-        heuristic would pick them, the persistent forward and backward kernels (both
-        directions, with and without lengths).
+        For the forward step kernel, the backward step kernel and, where the heuristic would
+        pick them, the persistent forward and backward kernels: the lightest specialisation
+        (no lengths, inference, first backward step) and the heaviest (lengths, reverse,
+        training, a later backward step).
     """
     dt = "*" + _TRITON_TYPE[dtype]
     f32, i32 = "*fp32", "*i32"
@@ -85,7 +85,9 @@ def compile_cases(
         "xg_ptr": dt, "hprev_ptr": dt, "c_state_ptr": f32, "w_ptr": dt, "len_ptr": i32,
         "gates_ptr": gates, "cs_ptr": f32, "h_ptr": dt, "t": "i32", "t_prev": "i32", "B": "i32",
     }  # fmt: skip
-    for lengths, save in ((False, True), (True, True), (False, False)):
+    # Per kernel the lightest and the heaviest specialisation a launch takes: the ones between
+    # hold a subset of the heaviest one's live values (fewer cases keep the CPU report short).
+    for lengths, save in ((False, False), (True, True)):
         consts = {
             "H": hidden, "P": proj, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h,
             "BLOCK_K": cfg.block_k, "KP": kp, "W_RESIDENT": cfg.w_resident,
@@ -109,23 +111,21 @@ def compile_cases(
         "dc_carry_ptr": f32, "t": "i32", "t_next": "i32", "t_prev": "i32", "B": "i32",
     }  # fmt: skip
     bwd_grid = triton.cdiv(batch, cfg.block_b) * triton.cdiv(hidden, cfg.block_h_bwd)
-    for has_next in (True, False):
-        for lengths in (False, True):
-            consts = {
-                "H": hidden, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd,
-                "BLOCK_K": cfg.block_k, "HAS_REC": has_rec, "HAS_NEXT": has_next,
-                "HAS_LENGTHS": lengths, "DOT_PRECISION": prec, "INTERPRETED": False,
-            }  # fmt: skip
-            label = (
-                f"bwd_step {shape} BLOCK_B={cfg.block_b} BLOCK_H={cfg.block_h_bwd} "
-                f"BLOCK_K={cfg.block_k} next={has_next} lengths={lengths}"
-            )
-            div = _divisible(bwd_sig, {"B": batch})
-            cases.append(
-                CompileCase(
-                    label, _lstm_bwd_step_kernel, bwd_sig, consts, cfg.num_warps, div, bwd_grid
-                )
-            )
+    for has_next, lengths in ((False, False), (True, True)):
+        consts = {
+            "H": hidden, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd,
+            "BLOCK_K": cfg.block_k, "HAS_REC": has_rec, "HAS_NEXT": has_next,
+            "HAS_LENGTHS": lengths, "K_SPLIT": cfg.k_split, "DOT_PRECISION": prec,
+            "INTERPRETED": False,
+        }  # fmt: skip
+        label = (
+            f"bwd_step {shape} BLOCK_B={cfg.block_b} BLOCK_H={cfg.block_h_bwd} "
+            f"BLOCK_K={cfg.block_k} k_split={cfg.k_split} next={has_next} lengths={lengths}"
+        )
+        div = _divisible(bwd_sig, {"B": batch})
+        cases.append(
+            CompileCase(label, _lstm_bwd_step_kernel, bwd_sig, consts, cfg.num_warps, div, bwd_grid)
+        )
     p_sigs = {
         "fwd_persistent": {
             "xg_ptr": dt, "h0_ptr": dt, "c0_ptr": f32, "w_ptr": dt, "len_ptr": i32,
@@ -151,9 +151,8 @@ def compile_cases(
         if pcfg is None:
             continue
         programs = triton.cdiv(batch, pcfg.block_b) * triton.cdiv(hidden, pcfg.block_h)
-        variants = [(False, False), (True, True)]  # (reverse, lengths): the cheap corners
-        saves = (True, False) if not backward else (True,)
-        for (reverse, lengths), save in [(v, s) for v in variants for s in saves]:
+        # (reverse, lengths, save): the lightest and the heaviest, as for the step kernels.
+        for reverse, lengths, save in ((False, False, False), (True, True, True)):
             consts = {
                 "H": hidden, "BLOCK_B": pcfg.block_b, "BLOCK_H": pcfg.block_h,
                 "BLOCK_K": pcfg.block_k, "REVERSE": reverse, "HAS_LENGTHS": lengths,
@@ -167,6 +166,9 @@ def compile_cases(
                 consts |= {"KP": padded_k(hidden), "W_RESIDENT": pcfg.w_resident}
                 consts["SAVE"] = save
                 label += f" resident={pcfg.w_resident} save={save}"
+            else:
+                consts["K_SPLIT"] = pcfg.k_split
+                label += f" k_split={pcfg.k_split}"
             div = _divisible(p_sigs[name], {"B": batch})
             cases.append(
                 CompileCase(label, kernel, p_sigs[name], consts, pcfg.num_warps, div, programs)

@@ -9,9 +9,10 @@ Which kernel runs (``choose_kernel``):
   SMs at once (the programs meet at a grid barrier after every step).
 
 Which generation of persistent kernel runs (``kernel_version``, environment variable
-``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh in registers for
-the whole sequence where its tiles fit (``PersistentConfig.w_resident``); "v1" re-reads it from
-L1/L2 every step. v1 stays selectable until a GPU run has compared the two.
+``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh on chip for
+the whole sequence where its tiles fit (``PersistentConfig.w_resident``) and splits the
+backward's K loop across warps (``k_split``); "v1" re-reads the share every step (from L2: the
+barrier invalidates L1). v1 stays selectable until a GPU run has compared the two.
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -35,9 +36,13 @@ MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpr
 # A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
 # of which the kernel's dot tiles take a few KiB) to stay on chip between steps (v1).
 PERSISTENT_W_BYTES = 128 * 1024
-# v2 keeps W_hh's share and the h_{t-1} tile of a dot in registers: at most this many bytes of
-# them per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
-# inputs). bench/kernel_report.py shows the registers ptxas allocates.
+# The largest (batch x hidden) tile of the v2 persistent backward, whose W_hh share is not
+# bounded by L1: 64 x 32 spills (bench/kernel_report.py at B=256 H=1000).
+PERSISTENT_BWD_MAX_TILE = 64 * 16
+# v2 takes one dot over all of h_{t-1} with W_hh's share as one tile (Triton keeps the share in
+# shared memory and streams both operands through registers): at most this many bytes of the
+# two per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
+# inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
 
@@ -133,6 +138,7 @@ class StepConfig:
     block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
     num_warps: int
     w_resident: bool  # forward: one dot over all of h_{t-1} with W's share as one tile (v2)
+    k_split: int  # backward: K tiles per batched dot, spread over the warps (v2; 1 in v1)
 
 
 @dataclass(frozen=True)
@@ -143,7 +149,8 @@ class PersistentConfig:
     block_h: int  # hidden units per program
     block_k: int  # reduction tile where W_hh's share is re-read every step
     num_warps: int
-    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays in registers (v2)
+    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays on chip (v2)
+    k_split: int = 1  # backward: K tiles per batched dot, spread over the warps (v2)
 
 
 def step_config(
@@ -176,7 +183,9 @@ def step_config(
         and (interpreter or one_wave)
     )
     num_warps = RESIDENT_WARPS if resident else 4
-    return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident)
+    # v2 backward splits its K loop over 4H across the warps (see recurrent_grad).
+    k_split = (4 if block_b < 64 else 2) if version == "v2" else 1
+    return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
 
 
 def persistent_config(
@@ -195,8 +204,10 @@ def persistent_config(
     resident at once: on a GPU the whole grid fits in the SMs (one program each); in the
     interpreter, which runs programs one after another, a batch block is a single program that
     covers every hidden unit. It also returns None with a projection (h_t then needs all hidden
-    units), or when a program's share of W_hh fits neither in registers (v2 forward) nor in L1.
-    The backward kernel's hidden tile is the N of its tl.dot, so it is at least 16 wide.
+    units), when a program's share of W_hh fits neither in registers (v2 forward) nor in L1
+    (forward, and v1 backward), or when the v2 backward's tile would exceed
+    PERSISTENT_BWD_MAX_TILE. The backward kernel's hidden tile is the N of its tl.dot, so it
+    is at least 16 wide.
     """
     if proj != hidden:
         return None
@@ -218,14 +229,24 @@ def persistent_config(
     )
     if resident:
         return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
-    if not interpreter and 4 * block_h * hidden * torch.finfo(dtype).bits // 8 > PERSISTENT_W_BYTES:
+    w_share_fits_l1 = 4 * block_h * hidden * torch.finfo(dtype).bits // 8 <= PERSISTENT_W_BYTES
+    if backward and version == "v2":
+        # v2 backward runs persistent even when its W_hh share spills from L1 to L2: the step
+        # kernels read it from L2 as well, and pay a launch per step on top. Its tile must stay
+        # small enough for its per-warp tiles to fit in registers.
+        if not interpreter and block_b * block_h > PERSISTENT_BWD_MAX_TILE:
+            return None
+    elif not interpreter and not w_share_fits_l1:
         return None
     # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
     # without spilling, and so does backward with 16-byte aligned operands (bench/kernel_report.py
     # shows the registers). One program per SM: the extra warps cost no occupancy.
     block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
-    return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False)
+    # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
+    # serial iterations over 4H (see recurrent_grad).
+    k_split = num_warps if backward and version == "v2" else 1
+    return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False, k_split=k_split)
 
 
 def choose_kernel(
@@ -255,7 +276,7 @@ def choose_kernel(
     if kernel == "persistent":
         if cfg is None and backward:
             # Backward follows a persistent forward where it can; its hidden tile is 16 wide
-            # (a tl.dot N), so its W_hh share is larger and fits on chip for fewer shapes.
+            # (a tl.dot N), so it applies to fewer shapes (v1: its W_hh share must fit in L1).
             return "step"
         if cfg is None:
             raise ValueError(

@@ -39,8 +39,8 @@ class ForwardResult(NamedTuple):
 
     hs: Tensor  # (T, B, P) h after each step, input dtype
     c_n: Tensor  # (B, H) float32 cell state after the last step processed
-    gates: Tensor  # (T, B, 4H) gate activations (saved_gates_dtype); (0,) without need_backward
-    cs: Tensor  # (T, B, H) float32 cell states; (0,) without need_backward
+    gates: Tensor  # (T, B, 4H) activations (saved_gates_dtype); (0, 0, 4H) without need_backward
+    cs: Tensor  # (T, B, H) float32 cell states; (0, 0, H) without need_backward
     hraw: Tensor  # (T, B, H) o*tanh(c) before the projection; (0,) without one
 
 

@@ -7,11 +7,16 @@ Each program owns ``BLOCK_B`` batch rows and ``BLOCK_H`` hidden units for the wh
 loops over time inside the kernel, running the step bodies of lstm_step.py.
 
 Forward. v2 (``W_RESIDENT``) loads the program's share of W_hh, a (KP, 4*BLOCK_H) tile, once per
-launch and keeps it in registers (Triton hoists the tile, in its dot-operand layout, out of the
-time loop), so the barrier's acquire load cannot evict it; c_t stays in registers too. After
+launch: Triton stages it in shared memory outside the time loop (ttgir: its local_alloc is
+hoisted) and reads it from there with ldmatrix every step, so the barrier's acquire load,
+which invalidates L1 (CCTL.IVALL in the SASS), cannot evict it; c_t stays in registers. After
 storing h_t a program arrives at the barrier, then stores what backward saves and loads the
-next step's xg tile, and only then waits. v1 re-reads the share from L1 every step, with every
-other load bypassing L1 (``.cg``) or marked evict-first.
+next step's xg tile, and only then waits. v1 loads the share every step with an evict-last
+hint, but that invalidation sends every such load to L2.
+
+Backward. Each step's ``dgates_{t+1} @ W_hh`` runs over the 4H gate rows; v2 takes num_warps
+K tiles per iteration as one batched dot whose batch dimension Triton gives one warp each, then
+sums them in a fixed order (``recurrent_grad``): 8x fewer serial iterations, still no atomics.
 
 Variable lengths: the programs of a batch block run only the steps before the longest of its
 rows (``n_valid``); the steps past it change no state, so forward writes their outputs (the
@@ -179,6 +184,7 @@ def _lstm_bwd_persistent_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    K_SPLIT: tl.constexpr,
     REVERSE: tl.constexpr,  # the forward pass ran from T-1 down to 0
     HAS_LENGTHS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -214,8 +220,8 @@ def _lstm_bwd_persistent_kernel(
             gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
             dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
             BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=False,
-            HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
-            INTERPRETED=INTERPRETED,
+            HAS_LENGTHS=HAS_LENGTHS, K_SPLIT=K_SPLIT, DG_CACHE=".cg",
+            DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
         )  # fmt: skip
         grid_arrive(sync)
         n = 1
@@ -231,8 +237,8 @@ def _lstm_bwd_persistent_kernel(
                 gates_ptr=gates_ptr, c_ptr=c_ptr, cprev_ptr=cprev, len_ptr=len_ptr,
                 dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
                 BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=True, HAS_NEXT=True,
-                HAS_LENGTHS=HAS_LENGTHS, DG_CACHE=".cg", DOT_PRECISION=DOT_PRECISION,
-                INTERPRETED=INTERPRETED,
+                HAS_LENGTHS=HAS_LENGTHS, K_SPLIT=K_SPLIT, DG_CACHE=".cg",
+                DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
             )  # fmt: skip
             n += 1
             grid_arrive(sync)

@@ -224,6 +224,73 @@ def _lstm_fwd_step_kernel(
 
 
 @triton.jit
+def recurrent_grad(
+    dg_next_ptr,  # (B, 4H) dgates of the forward's next step
+    w_ptr,  # (4H, H) W_hh, contiguous
+    offs_b,
+    offs_j,
+    mask_b,
+    mask_j,
+    H: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    K_SPLIT: tl.constexpr,
+    DG_CACHE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETED: tl.constexpr,
+):
+    """(BLOCK_B, BLOCK_H) float32 ``dgates_{t+1} @ W_hh`` for the tile's hidden units.
+
+    The K loop over the 4H gate rows is serial. With K_SPLIT > 1 each iteration takes K_SPLIT
+    tiles of BLOCK_K rows as one batched dot, (K_SPLIT, BLOCK_B, BLOCK_K) @ (K_SPLIT, BLOCK_K,
+    BLOCK_H), whose batch dimension Triton spreads over the warps, then sums the K_SPLIT
+    partial products in a fixed order: K_SPLIT times fewer serial iterations, same result on
+    every run (no atomics).
+    """
+    if K_SPLIT == 1:
+        acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+        for k0 in range(0, 4 * H, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < 4 * H
+            dg = tl.load(
+                dg_next_ptr + offs_b[:, None] * (4 * H) + offs_k[None, :],
+                mask=mask_b[:, None] & mask_k[None, :],
+                other=0.0,
+                cache_modifier=DG_CACHE,
+            )
+            # W_hh is the one operand reused every step: ask the caches to keep it.
+            w = tl.load(
+                w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_j[None, :],
+                mask=mask_k[:, None] & mask_j[None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+            acc = dot_acc(dg, w, acc, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
+    else:
+        acc3 = tl.zeros((K_SPLIT, BLOCK_B, BLOCK_H), dtype=tl.float32)
+        split = tl.arange(0, K_SPLIT)[:, None, None] * BLOCK_K
+        for k0 in range(0, 4 * H, K_SPLIT * BLOCK_K):
+            k_dg = k0 + split + tl.arange(0, BLOCK_K)[None, None, :]  # (K_SPLIT, 1, BLOCK_K)
+            dg = tl.load(
+                dg_next_ptr + offs_b[None, :, None] * (4 * H) + k_dg,
+                mask=mask_b[None, :, None] & (k_dg < 4 * H),
+                other=0.0,
+                cache_modifier=DG_CACHE,
+            )
+            k_w = k0 + split + tl.arange(0, BLOCK_K)[None, :, None]  # (K_SPLIT, BLOCK_K, 1)
+            w = tl.load(
+                w_ptr + k_w.to(tl.int64) * H + offs_j[None, None, :],
+                mask=(k_w < 4 * H) & mask_j[None, None, :],
+                other=0.0,
+                eviction_policy="evict_last",
+            )
+            acc3 = dot_acc(dg, w, acc3, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
+        acc = tl.sum(acc3, axis=0)
+    return acc
+
+
+@triton.jit
 def bwd_step(
     pid_b,
     pid_h,
@@ -246,6 +313,7 @@ def bwd_step(
     HAS_REC: tl.constexpr,  # fuse dh_t = dhs_t + dgates_{t+1} @ W_hh (no projection)
     HAS_NEXT: tl.constexpr,  # a later step exists (false for the first step of backward)
     HAS_LENGTHS: tl.constexpr,
+    K_SPLIT: tl.constexpr,  # K tiles reduced at once, one batched dot (see recurrent_grad)
     DG_CACHE: tl.constexpr,  # "" or ".cg" (persistent: dgates_{t+1} written by other SMs)
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
@@ -262,26 +330,12 @@ def bwd_step(
         dh = tl.load(dh_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0.0)
         dh = dh.to(tl.float32) + tl.load(dh_carry_ptr + carry, mask=mask, other=0.0)
         if HAS_NEXT:
-            dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H + offs_b[:, None] * (4 * H)
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, 4 * H, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < 4 * H
-                dg = tl.load(
-                    dg_next + offs_k[None, :],
-                    mask=mask_b[:, None] & mask_k[None, :],
-                    other=0.0,
-                    cache_modifier=DG_CACHE,
-                )
-                # W_hh is the one operand reused every step: ask the caches to keep it.
-                w = tl.load(
-                    w_ptr + offs_k.to(tl.int64)[:, None] * H + offs_j[None, :],
-                    mask=mask_k[:, None] & mask_j[None, :],
-                    other=0.0,
-                    eviction_policy="evict_last",
-                )
-                acc = dot_acc(dg, w, acc, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED)
-            dh += acc
+            dg_next = dgates_ptr + t_next.to(tl.int64) * B * 4 * H
+            dh += recurrent_grad(
+                dg_next, w_ptr, offs_b, offs_j, mask_b, mask_j, H=H, BLOCK_B=BLOCK_B,
+                BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, K_SPLIT=K_SPLIT, DG_CACHE=DG_CACHE,
+                DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
+            )  # fmt: skip
     else:
         dh = tl.load(dh_ptr + carry, mask=mask, other=0.0)
 
@@ -335,6 +389,7 @@ def _lstm_bwd_step_kernel(
     HAS_REC: tl.constexpr,
     HAS_NEXT: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
+    K_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRETED: tl.constexpr,
 ):
@@ -345,6 +400,6 @@ def _lstm_bwd_step_kernel(
         cprev_ptr=cprev_ptr + t_prev.to(tl.int64) * B * H, len_ptr=len_ptr,
         dh_carry_ptr=dh_carry_ptr, dc_carry_ptr=dc_carry_ptr, B=B, H=H, BLOCK_B=BLOCK_B,
         BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, HAS_REC=HAS_REC, HAS_NEXT=HAS_NEXT,
-        HAS_LENGTHS=HAS_LENGTHS, DG_CACHE="", DOT_PRECISION=DOT_PRECISION,
+        HAS_LENGTHS=HAS_LENGTHS, K_SPLIT=K_SPLIT, DG_CACHE="", DOT_PRECISION=DOT_PRECISION,
         INTERPRETED=INTERPRETED,
     )  # fmt: skip

@@ -61,11 +61,10 @@ def test_step_kernels_match_reference(T: int, proj: int, packed: bool, reverse: 
 @pytest.mark.parametrize("T", [1, 7])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_persistent_kernel_matches_reference(
-    T: int, packed: bool, reverse: bool, kernel_version: str
-) -> None:
+def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool) -> None:
     # The interpreter configuration: one program per batch block covers all hidden units, so
     # the grid barrier only ever waits for itself (the multi-program barrier needs a GPU).
+    # Default kernels (v2); test_several_batch_blocks runs v1 too.
     lengths = LENGTHS.clamp(max=T) if packed else None
     inputs = recurrence_inputs(T, 0, torch.float32)
     ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="persistent")
