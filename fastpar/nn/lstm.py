@@ -4,9 +4,10 @@ They hold the same parameters as ``torch.nn.LSTM``/``torch.nn.LSTMCell`` (names,
 and initialisation), so state dicts load in both directions, and pick a backend per call:
 
 * ``"triton"``: fastpar's fused Triton kernels (CUDA; float32, bfloat16, float16);
-* ``"torch"``: torch's own native LSTM kernels (oneDNN on CPU where torch.nn.LSTM uses it, its
-  fused C++ loop elsewhere) inside fastpar's custom op, so torch.compile(fullgraph=True) still
-  sees no graph break; results and speed are torch.nn.LSTM's;
+* ``"torch"``: torch's own native LSTM kernels (fastpar.ops.lstm_aten): torch.nn.LSTM's own
+  call in eager mode on padded input; under torch.compile and for packed input, one layer and
+  direction at a time inside fastpar's custom op, so torch.compile(fullgraph=True) still sees
+  no graph break;
 * ``"reference"``: the pure-PyTorch loop of fastpar.ops.reference (the test oracle; slow);
 * ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said
   once in the log.

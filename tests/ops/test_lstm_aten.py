@@ -10,6 +10,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastpar.nn.lstm import layer_weights
+from fastpar.ops import lstm_aten
 from fastpar.ops.lstm_aten import lstm_aten_layer_op, lstm_stack_aten, uses_onednn
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, assert_within_torch_error
 
@@ -74,12 +75,19 @@ def _leaves(tensors, dtype):
     return [t.detach().to(dtype).requires_grad_() for t in tensors]
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+# "eager": lstm_stack_aten as called outside torch.compile (torch.nn.LSTM's own call without
+# lengths, the op with them); "custom_op": every layer through fastpar::lstm_aten_layer (what
+# torch.compile runs); "recompute": the op with oneDNN off, as with
+# torch.backends.mkldnn.flags(enabled=False), so float32 takes the recompute backward too.
+@pytest.mark.parametrize("path", ["eager", "custom_op", "recompute"])
 @pytest.mark.parametrize("num_layers, bidirectional, proj_size, bias, with_lengths", CONFIGS)
 def test_matches_torch_lstm_float64_and_float32(
-    onednn: bool, num_layers: int, bidirectional: bool, proj_size: int, bias: bool,
-    with_lengths: bool,
+    monkeypatch: pytest.MonkeyPatch, path: str, num_layers: int, bidirectional: bool,
+    proj_size: int, bias: bool, with_lengths: bool,
 ) -> None:  # fmt: skip
+    if path != "eager":
+        monkeypatch.setattr(lstm_aten, "_eager_whole_stack", lambda _lengths: False)
+    onednn = path != "recompute"
     model, inputs, lengths, cot = _case(num_layers, bidirectional, proj_size, bias, with_lengths)
     names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"]
     names += ["d " + n for n, _ in model.named_parameters()]
@@ -102,8 +110,9 @@ def test_matches_torch_lstm_float64_and_float32(
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("proj_size, with_lengths", [(0, False), (3, True)])
 def test_half_types_within_torch_own_error(
-    dtype: torch.dtype, proj_size: int, with_lengths: bool
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, proj_size: int, with_lengths: bool
 ) -> None:
+    monkeypatch.setattr(lstm_aten, "_eager_whole_stack", lambda _lengths: False)  # the op
     model, inputs, lengths, cot = _case(2, True, proj_size, True, with_lengths)
     model_h = model.to(dtype)  # the rounded weights are the problem both sides solve
     exact_model = torch.nn.LSTM(F_IN, H, num_layers=2, bidirectional=True, proj_size=proj_size)
