@@ -9,10 +9,8 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
-from fastpar.training import checkpoint
-from fastpar.training.checkpoint import CheckpointError, Found
 from fastpar.training.config import (
     BackendName,
     CommName,
@@ -21,6 +19,9 @@ from fastpar.training.config import (
     SlicingMode,
     TrainConfig,
 )
+
+if TYPE_CHECKING:  # torch is imported when a run starts, not to parse options or show help
+    from fastpar.training.checkpoint import Found
 
 _DEFAULTS = TrainConfig()
 
@@ -100,6 +101,9 @@ def prepare(config: TrainConfig) -> Found | None:
     Raises:
         CheckpointError: the folder is unusable, or `--resume` has nothing to continue.
     """
+    from fastpar.training import checkpoint
+    from fastpar.training.checkpoint import CheckpointError
+
     root = config.checkpoint_dir
     checkpoint.check_folder(root, resume=config.resume, overwrite=config.overwrite)
     if not config.resume:
@@ -125,6 +129,8 @@ def prepare(config: TrainConfig) -> Found | None:
 
 
 def _resume_hint(config: TrainConfig) -> str:
+    from fastpar.training import checkpoint
+
     found, _ = checkpoint.find_intact(config.checkpoint_dir)
     if found is not None:
         return f"rerun with --resume to continue from step {found.step}"
@@ -187,6 +193,8 @@ def _prepare_under_torchrun(config: TrainConfig) -> Found | None:
     """`prepare` on rank 0, its answer (or its error) shared with every rank."""
     import torch.distributed as dist
 
+    from fastpar.training.checkpoint import CheckpointError
+
     answer: list[Any] = [None, None]
     if dist.get_rank() == 0:
         try:
@@ -206,6 +214,7 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
     if _under_torchrun():
         return _run_under_torchrun(config)
     from fastpar.launch import RankFailure, default_backend, spawn_ranks
+    from fastpar.training.checkpoint import CheckpointError
 
     try:
         resume = prepare(config)
@@ -236,6 +245,9 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
 
 def _run_under_torchrun(config: TrainConfig) -> int:
     import torch.distributed as dist
+
+    from fastpar.training import checkpoint
+    from fastpar.training.checkpoint import CheckpointError
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restarts > 0 and checkpoint.list_steps(config.checkpoint_dir):

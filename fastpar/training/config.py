@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 from fastpar._checks import check_bool, check_choice, check_int, check_positive
-from fastpar.training.parallel_dims import ParallelDims
+
+if TYPE_CHECKING:  # the command line parses options without importing torch
+    from fastpar.training.parallel_dims import ParallelDims
 
 ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
@@ -90,6 +92,8 @@ class TrainConfig:
 
     def layout(self, world_size: int) -> ParallelDims:
         """The replicas and stages of `world_size` ranks; raises when they do not fit."""
+        from fastpar.training.parallel_dims import ParallelDims
+
         if self.parallel == "dp":
             return ParallelDims(dp=world_size, pp=1, world_size=world_size)
         if self.parallel == "pp":

@@ -87,3 +87,27 @@ def test_parallel_dims_show_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"rank must be an integer in \[0, 5\], got 6"):
         dims.coordinates(6)
     assert TrainConfig(parallel="dp+pp", pp_stages=2).layout(6) == dims
+
+
+@pytest.mark.parametrize("slicing", ["throughput", "loss"])
+def test_dynamic_slicing_goes_on_at_the_same_sample_on_another_layout(slicing: str) -> None:
+    config = TrainConfig(batch_size=4, seed=5, slicing=slicing)  # type: ignore[arg-type]
+    (two,) = _replicas(2, config)[:1]  # one process plays both replicas (no group)
+    assert two.dynamic is not None
+    seen = []
+    for _ in range(3):
+        blocks = two.dynamic.next_step()
+        seen += [i for block in blocks for i in block]
+        two.dynamic.record_all([len(b) for b in blocks], [0.01 * (r + 1) for r in range(2)],
+                               [1.0, 1.0])  # fmt: skip
+    state = json.loads(json.dumps(two.state_dict()))
+    (one,) = _replicas(1, config)
+    one.load_state_dict(state)
+    assert one.dynamic is not None and one.dynamic.position == len(seen)
+    while one.dynamic.epoch == 0 and one.dynamic.position < NUM_SAMPLES:
+        indices, global_samples = one.next()
+        assert global_samples == len(indices)
+        seen += indices
+    assert sorted(seen) == list(range(NUM_SAMPLES))  # the epoch, each sample once
+    with pytest.raises(PositionError, match=r"written with --slicing"):
+        _replicas(1)[0].load_state_dict(state)
