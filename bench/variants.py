@@ -8,8 +8,6 @@ module, and this file the only one in bench/ that imports fastpar's kernel choic
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 
 BASELINE = "torch.nn.LSTM"
@@ -17,26 +15,11 @@ GPU_VARIANTS = ("fastpar-auto", "fastpar-step", "fastpar-persistent")
 CPU_VARIANTS = ("fastpar-auto",)
 
 
-def _choose_kernel():
-    try:
-        from fastpar.ops.lstm_config import choose_kernel
-    except ImportError:
-        from fastpar.ops.lstm_forward import choose_kernel
-    return choose_kernel
-
-
-def kernel_argument_exists() -> bool:
-    """Whether fastpar.nn.LSTM takes `kernel=` (the Triton kernel variant)."""
-    import fastpar.nn
-
-    return "kernel" in inspect.signature(fastpar.nn.LSTM).parameters
-
-
 def variants(device: torch.device) -> tuple[str, ...]:
     """The fastpar cases for this device; "step"/"persistent" only where they can be named."""
     if device.type != "cuda":
         return CPU_VARIANTS
-    return GPU_VARIANTS if kernel_argument_exists() else GPU_VARIANTS[:1]
+    return GPU_VARIANTS
 
 
 def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
@@ -50,8 +33,6 @@ def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
         return fastpar.nn.LSTM(**kwargs, backend="triton" if interpreter_active() else "auto")
     if kernel not in ("step", "persistent"):
         raise ValueError(f"unknown fastpar variant {variant!r}; choose from {GPU_VARIANTS}")
-    if not kernel_argument_exists():
-        raise RuntimeError(f"{variant}: this fastpar.nn.LSTM has no kernel= argument")
     return fastpar.nn.LSTM(**kwargs, backend="triton", kernel=kernel)
 
 
@@ -62,7 +43,8 @@ def kernel_name(
     if device.type != "cuda":
         return ""
     kernel = variant.removeprefix("fastpar-")
-    choose = _choose_kernel()
+    from fastpar.ops.lstm_config import choose_kernel as choose
+
     try:
         forward = choose(batch, hidden, proj or hidden, dtype, device, kernel)
         backward = choose(batch, hidden, proj or hidden, dtype, device, kernel, backward=True)

@@ -112,7 +112,7 @@ def select_recurrence(backend: Backend, x: Tensor, kernel: Kernel = "auto") -> R
         return lstm_recurrence_reference
     if not _takes_triton(backend, x):
         return None
-    from fastpar.ops.lstm_function import lstm_recurrence_triton
+    from fastpar.ops.lstm_op import lstm_recurrence_triton
 
     return functools.partial(lstm_recurrence_triton, kernel=kernel)
 

@@ -1,4 +1,5 @@
-"""LSTM operators: the pure-PyTorch reference and the Triton kernels behind it.
+"""LSTM operators: the pure-PyTorch reference, torch's native kernels in a custom op
+(``lstm_aten``, no Triton), and the Triton kernels.
 
 The Triton modules import one way, each only from those above it:
 

@@ -1,4 +1,4 @@
-"""Pure-PyTorch LSTM: the test oracle, the ``"torch"`` backend and the benchmark baseline.
+"""Pure-PyTorch LSTM: the test oracle, the ``"reference"`` backend and the benchmark baseline.
 
 Gate order and equations follow ``torch.nn.LSTM`` (i, f, g, o)::
 

@@ -15,7 +15,8 @@ ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
 ScheduleName = Literal["gpipe", "1f1b"]
 CommName = Literal["ring", "torch"]
-BackendName = Literal["auto", "triton", "torch"]
+# fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
+BackendName = Literal["auto", "triton", "torch", "reference"]
 
 
 @dataclass(kw_only=True, frozen=True)

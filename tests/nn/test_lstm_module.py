@@ -262,16 +262,16 @@ def test_kernel_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
     # The variant reaches the Triton recurrence (interpreter on CPU) ...
-    from fastpar.ops import lstm_function
+    from fastpar.ops import lstm_op
 
     seen: list[str] = []
-    real = lstm_function.lstm_recurrence_triton
+    real = lstm_op.lstm_recurrence_triton
 
     def spy(*args: object, kernel: str, **kwargs: object):
         seen.append(kernel)
         return real(*args, kernel=kernel, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(lstm_function, "lstm_recurrence_triton", spy)
+    monkeypatch.setattr(lstm_op, "lstm_recurrence_triton", spy)
     assert_close(step(x)[0], ref(x)[0], FP32_ATOL, FP32_RTOL, "kernel='step'")
     assert seen == ["step"]
     # ... and "auto" ignores it where it takes torch's kernels (CPU), so one script runs on both.
