@@ -37,8 +37,9 @@ sys.path.insert(0, str(BENCH))
 BUDGETS = {
     "versions": 25,
     "build": 90,
-    "tests": 130,
-    "lstm": 115,
+    "tests": 125,
+    "lstm": 100,
+    "lstm-v1": 30,
     "allreduce": 45,
     "sanitizer": 60,
 }
@@ -252,12 +253,14 @@ def stage_tests(check: Check, timeout: float) -> tuple[str, str]:
 
 
 def _resumable(
-    check: Check, name: str, command: list[str], csv_path: Path, timeout: float
+    check: Check, name: str, command: list[str], csv_path: Path, timeout: float, **env: str
 ) -> tuple[str, str]:
     """Runs a benchmark; after a crash in a case, notes that case and resumes from the next."""
     end = time.monotonic() + timeout
     for attempt in range(CRASH_RETRIES + 1):
-        rc = check.run(name, command + (["--resume"] if attempt else []), end - time.monotonic())
+        rc = check.run(
+            name, command + (["--resume"] if attempt else []), end - time.monotonic(), **env
+        )
         if rc is None:
             note_running(csv_path, "TIMEOUT", "the stage's time ran out here")
             return "TIMEOUT", "out of time"
@@ -270,15 +273,30 @@ def _resumable(
     return "CRASH", f"exit {rc} (see logs/{name}.log)"
 
 
+def _lstm_scale(check: Check) -> list[str]:
+    return (
+        ["--device", "cpu", "--scale", "tiny"]
+        if check.dry_run
+        else ["--device", "cuda", "--scale", "gpu"]
+    )
+
+
 def stage_lstm(check: Check, timeout: float) -> tuple[str, str]:
     command = [check.python, str(BENCH / "lstm.py"), "--csv", str(check.out / "lstm.csv"),
                "--profile-csv", str(check.out / "lstm_profile.csv"),
                "--table", str(check.out / "lstm.txt")]  # fmt: skip
-    if check.dry_run:
-        command += ["--device", "cpu", "--scale", "tiny"]
-    else:
-        command += ["--device", "cuda", "--scale", "gpu"]
+    command += _lstm_scale(check)
     return _resumable(check, "lstm", command, check.out / "lstm.csv", timeout)
+
+
+def stage_lstm_v1(check: Check, timeout: float) -> tuple[str, str]:
+    """The first shape again on the v1 kernels (FASTPAR_LSTM_KERNELS=v1), kept selectable until
+    a GPU run has compared the two generations."""
+    command = [check.python, str(BENCH / "lstm.py"), "--quick", "--csv",
+               str(check.out / "lstm_v1.csv")]  # fmt: skip
+    command += _lstm_scale(check)
+    return _resumable(check, "lstm-v1", command, check.out / "lstm_v1.csv", timeout,
+                      FASTPAR_LSTM_KERNELS="v1")  # fmt: skip
 
 
 def stage_allreduce(check: Check, timeout: float) -> tuple[str, str]:
@@ -358,6 +376,7 @@ STAGES: dict[str, tuple[Callable[[Check, float], tuple[str, str]], str | None]] 
     "build": (stage_build, None),
     "tests": (stage_tests, "tests.csv"),
     "lstm": (stage_lstm, "lstm.csv"),
+    "lstm-v1": (stage_lstm_v1, "lstm_v1.csv"),
     "allreduce": (stage_allreduce, "allreduce.csv"),
     "sanitizer": (stage_sanitizer, "sanitizer.csv"),
 }
@@ -373,7 +392,7 @@ def run_stages(check: Check, names: list[str]) -> None:
         function, rows_file = STAGES[name]
         if name == "build" and "lstm" in names:
             check.start_warming()
-        if name in ("lstm", "allreduce", "sanitizer"):
+        if name in ("lstm", "lstm-v1", "allreduce", "sanitizer"):
             check.stop_warming()
         timeout = check.budget(name, names)
         print(f"\n===== stage {name} (budget {timeout:.0f} s) =====", flush=True)

@@ -94,7 +94,7 @@ def summary(out: Path, dry_run: bool = False) -> str:
         )
     else:
         parts.append("== GPU tests: no rows")
-    lstm = _rows(out / "lstm.csv")
+    lstm = _rows(out / "lstm.csv") + _rows(out / "lstm_v1.csv")
     parts.append(
         _section(
             f"LSTM vs torch.nn.LSTM (x base: time / baseline's; {CUDNN_H100})",

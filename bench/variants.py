@@ -39,15 +39,17 @@ def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
 def kernel_name(
     variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device
 ) -> str:
-    """The Triton kernels a variant runs forward/backward at this shape ("" off CUDA)."""
+    """The Triton kernels a variant runs forward/backward at this shape, with their generation
+    (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" off CUDA."""
     if device.type != "cuda":
         return ""
     kernel = variant.removeprefix("fastpar-")
     from fastpar.ops.lstm_config import choose_kernel as choose
+    from fastpar.ops.lstm_config import kernel_version
 
     try:
         forward = choose(batch, hidden, proj or hidden, dtype, device, kernel)
         backward = choose(batch, hidden, proj or hidden, dtype, device, kernel, backward=True)
     except ValueError as error:  # "persistent" named where it does not apply
         return f"n/a: {error}"
-    return f"{forward}/{backward}"
+    return f"{kernel_version()} {forward}/{backward}"
