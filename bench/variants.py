@@ -40,8 +40,10 @@ def kernel_name(
     variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device
 ) -> str:
     """The Triton kernels a variant runs forward/backward at this shape, with their generation
-    (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" off CUDA."""
-    if device.type != "cuda":
+    (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs."""
+    from fastpar.ops import interpreter_active
+
+    if device.type != "cuda" and not interpreter_active():
         return ""
     kernel = variant.removeprefix("fastpar-")
     from fastpar.ops.lstm_config import choose_kernel as choose
