@@ -1,8 +1,8 @@
 // Python bindings only: every function bound here is implemented (and its arguments checked)
-// in the torch glue files declared by torch_glue.h.
+// in the torch glue files declared by glue.h.
 #include <torch/extension.h>
 
-#include "torch_glue.h"
+#include "glue.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpar native extension: reduction kernels, the ring all-reduce, the pipeline pipe";

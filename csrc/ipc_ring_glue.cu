@@ -11,7 +11,7 @@
 #include <cstring>
 
 #include "ipc_ring.cuh"
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
 

@@ -1,5 +1,6 @@
 // Declarations of the torch-facing functions (argument checks, device guards, dtype mapping)
-// that bindings.cpp exposes to Python. Each implementation file includes this header.
+// that bindings.cpp exposes to Python. Files named *_glue.* implement them (torch headers,
+// TORCH_CHECK); the others are the algorithms (pure C++/CUDA). Shared checks: checks_glue.cpp.
 #pragma once
 
 #include <torch/types.h>
