@@ -134,8 +134,10 @@ __device__ __forceinline__ char* area_of(const CallArgs& a, int p, uint64_t chun
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
 // 16 bytes from/to `p`, in accesses as wide as `align` allows (never byte by byte).
+// 16-byte loads bypass L1 (ld.global.cg): the areas are written by other ranks, and a line of
+// an earlier chunk must never be served from this SM's L1.
 __device__ __forceinline__ uint4 load_pack(const char* p, int align) {
-  if (align == 16) return *reinterpret_cast<const uint4*>(p);
+  if (align == 16) return __ldcg(reinterpret_cast<const uint4*>(p));
   if (align == 8) {
     const uint2* q = reinterpret_cast<const uint2*>(p);
     const uint2 a = q[0], b = q[1];
