@@ -99,7 +99,7 @@ class RingAllReduce:
         device: the device whose tensors this ring reduces ("cpu", or a CUDA device: this
             rank's GPU); tensors elsewhere go to torch.distributed.
         chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
-            32 MiB on CUDA, where it is the size of each rank's IPC buffer).
+            8 MiB on CUDA, where each rank's IPC buffer holds two chunks).
         slots: CPU chunks in flight per rank (>= 3); the segment holds
             world * slots * chunk_bytes.
     """
@@ -336,7 +336,9 @@ class RingAllReduce:
             CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable,
                 and chunks of `tensor` may hold reduced values while others do not).
             CommClosedError: the ring was closed or had failed before.
-            On CUDA the first two come from the device and are raised by the next call.
+            On CUDA the first two are found by the device and raised when the call is waited
+            for (its return, or `wait()` of its work); inside a CUDA graph capture, by the next
+            call outside it.
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
