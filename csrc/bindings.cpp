@@ -1,8 +1,8 @@
 // Python bindings only: every function bound here is implemented (and its arguments checked)
-// in the torch glue files declared by torch_glue.h.
+// in the torch glue files declared by glue.h.
 #include <torch/extension.h>
 
-#include "torch_glue.h"
+#include "glue.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpar native extension: reduction kernels, the ring all-reduce, the pipeline pipe";
@@ -25,7 +25,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<fastpar::ShmAllReduce>(m, "ShmAllReduce",
                                     "all-reduce of CPU tensors through shared memory")
       .def(py::init<const std::string&, bool, int64_t, int64_t, int64_t, int64_t, double>(),
-           py::arg("name"), py::arg("create"), py::arg("rank"), py::arg("world"),
+           py::kw_only(), py::arg("name"), py::arg("create"), py::arg("rank"), py::arg("world"),
            py::arg("slots"), py::arg("chunk_bytes"), py::arg("timeout_s"))
       .def("unlink", &fastpar::ShmAllReduce::unlink)
       .def("all_reduce", &fastpar::ShmAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
@@ -55,18 +55,26 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def_property_readonly("capacity", &Pipe::capacity);
   }
 #ifdef FASTPAR_WITH_CUDA
-  py::class_<fastpar::IpcAllReduce>(m, "IpcAllReduce",
-                                    "all-reduce of CUDA tensors through CUDA IPC")
-      .def(py::init<int64_t, int64_t, int64_t, int64_t, double>(), py::arg("rank"),
-           py::arg("world"), py::arg("device"), py::arg("chunk_bytes"), py::arg("timeout_s"))
-      .def("handle", &fastpar::IpcAllReduce::handle)
-      .def("connect", &fastpar::IpcAllReduce::connect, py::arg("handles"))
-      .def("all_reduce", &fastpar::IpcAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
-           py::arg("block_current_stream"))
-      .def("check", &fastpar::IpcAllReduce::check)
-      .def_property_readonly("stream_handle", &fastpar::IpcAllReduce::stream_handle)
-      .def("close", &fastpar::IpcAllReduce::close, py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("closed", &fastpar::IpcAllReduce::closed)
-      .def_property_readonly("failure", &fastpar::IpcAllReduce::failure);
+  {
+    using Ring = fastpar::IpcAllReduce;
+    const auto release = py::call_guard<py::gil_scoped_release>();
+    py::class_<Ring>(m, "IpcAllReduce", "all-reduce of CUDA tensors through CUDA IPC")
+        .def(py::init<int64_t, int64_t, int64_t, int64_t, double>(), py::kw_only(),
+             py::arg("rank"), py::arg("world"), py::arg("device"), py::arg("chunk_bytes"),
+             py::arg("timeout_s"))
+        .def("handle", &Ring::handle)
+        .def_property_readonly("buffer_address", &Ring::buffer_address)
+        .def("connect", &Ring::connect, py::arg("handles"))
+        .def("connect_local", &Ring::connect_local, py::arg("addresses"))
+        .def("all_reduce", &Ring::all_reduce, py::arg("tensor"), py::arg("op"), py::kw_only(),
+             py::arg("block_current_stream"))
+        .def("check", &Ring::check)
+        .def_property_readonly("stream_handle", &Ring::stream_handle)
+        .def("stop", &Ring::stop, release)
+        .def("free", &Ring::free, release)
+        .def("close", &Ring::close, release)
+        .def_property_readonly("closed", &Ring::closed)
+        .def_property_readonly("failure", &Ring::failure);
+  }
 #endif
 }

@@ -1,29 +1,39 @@
 // The all-reduce of n GPUs (or n processes sharing a GPU) on one host through CUDA IPC (pure
 // CUDA, no torch headers): the GPU counterpart of shm_ring.h.
 //
-// Every rank allocates one device buffer: a control block (flags written by the peers, their
-// call headers, an abort word) and a data area of `chunk_bytes`. The buffers are exchanged as
-// cudaIpcMemHandle_t (by the Python layer, through the process group's store, once), so every
-// rank can load and store every rank's buffer. A call is enqueued on one stream as, per chunk:
-//   copy in  : the chunk of the caller's tensor -> own data area (cudaMemcpyAsync);
-//   barrier  : every rank has copied (and, on a call's first chunk, announced the same header);
-//   reduce   : own 1/n part of the chunk = part of rank 0 op part of rank 1 op ... (rank order,
-//              fastpar::cuda::launch_reduce: 16-byte vector loads, float32 accumulation for
-//              16-bit floats), written over the own data area's part;
-//   barrier  : every part is reduced;
-//   gather   : every rank's part -> the caller's tensor (16-byte loads from the peers' buffers);
-//   barrier  : nobody reads a data area any more, so the next chunk may overwrite it.
-// Results are bitwise identical on all ranks: each element is combined once, in rank order.
-// Like the CPU transport (shm_ring.h says why), this is a direct reduce-scatter and all-gather
-// over buffers every rank can address, not a neighbour ring, as vLLM's custom all-reduce does.
+// Every rank allocates one device buffer: a control block (barrier flags written by the peers,
+// its own barrier counters, the peers' call headers, an abort word) and two data areas of
+// `chunk_bytes` each. The buffers are exchanged as cudaIpcMemHandle_t (by the Python layer,
+// through the process group's store, once), so every rank loads and stores every rank's buffer.
 //
-// A barrier is one block of n threads: thread p stores the barrier's number into rank p's flag
-// slot for this rank with st.release.sys (after __threadfence_system), then polls this rank's
-// slot for rank p with ld.acquire.sys until it reaches the number. Barrier numbers only grow.
-// Each poll is bounded by the timeout (%globaltimer); a timeout, or different headers, sets the
-// own abort word (later kernels of this ring return at once, and the caller's tensor is never
-// written) and writes what happened into a host-mapped record that the host reads before the
-// next call (the host never blocks on the device for this).
+// A call is ONE kernel of kBlocks blocks, with barriers inside it. For each chunk of the tensor:
+//   one-shot (small calls):   copy the chunk in -> barrier -> every rank reads every peer's
+//                             chunk and reduces all of it, in rank order, into its tensor;
+//   two-shot (larger calls):  copy in -> barrier -> rank r reduces part r of the chunk (rank
+//                             order) in place in its area -> barrier -> every rank gathers the
+//                             n reduced parts into its tensor (reduce-scatter + all-gather).
+// Results are bitwise identical on all ranks: each element is combined in rank order 0..n-1.
+//
+// Barriers are per block (block b of rank r meets block b of every peer only): thread p of the
+// block stores the barrier's number into rank p's flag [b][r] with st.release.sys after the
+// block's writes, then polls its own flag [b][p] with ld.acquire.sys. The numbers come from a
+// per-block counter in device memory, advanced by the kernel itself, so a call captured in a
+// CUDA graph meets fresh barriers on every replay. Every call launches all kBlocks blocks and
+// every block passes every barrier, so the counters of all blocks and all ranks stay equal.
+//
+// Why two data areas suffice: chunks are numbered across calls (a per-block device counter) and
+// chunk m uses area m % 2. Peers read a chunk's data only between its first barrier and the next
+// chunk's first barrier. Within a call the element -> thread map depends only on the position in
+// the chunk, so the block that overwrites a position for chunk m is the one whose peers read it
+// for chunk m - 2, and it met them at chunk m - 1's first barrier. Across calls, a rank's kernel
+// starts only after its previous one has ended (every peer's blocks had reached its last
+// barrier), and a peer's kernel runs only after that peer's previous one has ended.
+//
+// Every poll is bounded by the timeout (%globaltimer) and also watches the peer's abort word. A
+// timeout, a peer that gave up, or different call headers (checked at a call's first barrier by
+// every block, so all blocks of all ranks stop at the same barrier, before the tensor is
+// written) sets this rank's abort word: later kernels return at once, and the host reads the
+// report (host-mapped memory) after waiting for the call.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -31,6 +41,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "reduce.h"
 #include "reduce_kernels.cuh"
@@ -40,27 +51,56 @@ namespace fastpar {
 namespace cuda {
 
 constexpr int kMaxRanks = kMaxInputs;
+// Blocks of every call: tens, so that compute kernels keep most SMs while gradients travel.
+// Fixed (not sized to the call) because the barrier counters need every block in every call.
+constexpr int kBlocks = 24;
+constexpr int kThreads = 512;
+// One-shot reads n chunks per rank and two-shot 2 (n - 1) / n of one, with one more barrier:
+// one-shot wins while latency dominates. Design values (from published measurements of
+// one-shot/two-shot all-reduces over NVLink), not yet measured on this code.
+constexpr int64_t kOneShotMaxBytesTwoRanks = 512 * 1024;
+constexpr int64_t kOneShotMaxBytes = 256 * 1024;
 
 // What the device reports to the host; lives in mapped pinned memory.
 struct DeviceFailure {
-  int32_t kind;     // 0 none, kFailureTimeout, kFailureMismatch
-  int32_t culprit;  // the rank waited for (timeout)
+  int32_t kind;     // 0 none, or one of kFailure*
+  int32_t culprit;  // the rank waited for (timeout, peer aborted)
   CallHeader headers[kMaxRanks];  // every rank's call (mismatch)
 };
 constexpr int32_t kFailureTimeout = 1;
 constexpr int32_t kFailureMismatch = 2;
+constexpr int32_t kFailurePeerAborted = 3;
 
 // Start of every rank's buffer.
 struct Control {
-  uint64_t flags[kMaxRanks];      // [p]: the last barrier rank p has reached, stored by rank p
-  CallHeader headers[kMaxRanks];  // [p]: rank p's call, stored by rank p before its flag
-  uint32_t abort;                 // set by this rank's own kernels only
+  uint64_t flags[kBlocks][kMaxRanks];  // [b][p]: the last barrier block b of rank p reached
+  uint64_t passed[kBlocks];            // [b]: barriers this rank's block b has passed
+  uint64_t chunks[kBlocks];            // [b]: chunks this rank's block b has handled
+  CallHeader headers[2][kMaxRanks];    // [parity of a call's first barrier][p]: rank p's call
+  uint32_t abort;                      // set by this rank's own kernels only
 };
 constexpr size_t kControlBytes = 4096;
 static_assert(sizeof(Control) <= kControlBytes, "control block too large");
 
 struct RankPointers {
   char* ptr[kMaxRanks];  // each rank's buffer (control block, then data), mapped in this process
+};
+
+// One call, as the kernel sees it.
+struct CallArgs {
+  RankPointers ranks;
+  int rank;
+  int world;
+  char* data;          // the caller's tensor (any alignment of its element size)
+  int64_t count;       // its elements
+  int64_t chunk;       // elements per chunk (fits one data area)
+  int data_align;      // 2, 4, 8 or 16: the largest power of two (<= 16) dividing `data`
+  bool two_shot;
+  bool average;        // AVG: divide the sum by `world`
+  CallHeader header;
+  uint64_t area_bytes;  // bytes of one data area
+  uint64_t timeout_ns;
+  DeviceFailure* failure;
 };
 
 __device__ __forceinline__ void store_release_sys(uint64_t* address, uint64_t value) {
@@ -83,108 +123,249 @@ __device__ __forceinline__ bool aborted(const uint32_t* abort) {
   return *static_cast<const volatile uint32_t*>(abort) != 0;
 }
 
-// One block of kMaxRanks threads; thread p talks to rank p. What goes wrong is gathered in
-// shared memory first: atomics on host-mapped memory are not portable, plain stores are.
-__global__ void barrier_kernel(RankPointers ranks, int rank, int world, uint64_t barrier,
-                               CallHeader header, bool check_headers, uint64_t timeout_ns,
-                               DeviceFailure* failure) {
-  Control* own = reinterpret_cast<Control*>(ranks.ptr[rank]);
-  if (aborted(&own->abort)) return;
-  __shared__ int kind;
-  __shared__ int culprit;
-  if (threadIdx.x == 0) {
-    kind = 0;
-    culprit = -1;
-  }
-  __syncthreads();
-  const int peer = threadIdx.x;
-  if (peer < world && peer != rank) {
-    Control* theirs = reinterpret_cast<Control*>(ranks.ptr[peer]);
-    if (check_headers) theirs->headers[rank] = header;
-    // Everything this rank wrote before (the copied chunk, the reduced part, by earlier work on
-    // the stream) becomes visible to the peer that acquires the flag.
-    __threadfence_system();
-    store_release_sys(&theirs->flags[rank], barrier);
-    const uint64_t start = global_timer_ns();
-    while (load_acquire_sys(&own->flags[peer]) < barrier) {
-      if (*static_cast<volatile int*>(&kind) != 0) break;  // another peer timed out already
-      if (global_timer_ns() - start > timeout_ns) {
-        if (atomicCAS(&kind, 0, kFailureTimeout) == 0) culprit = peer;
-        break;
-      }
-      __nanosleep(64);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  // The peers' headers were stored before the flags acquired above; volatile loads read them
-  // from memory, never from a cache line of an earlier call.
-  auto header_of = [&](int p) {
-    if (p == rank) return header;
-    const volatile CallHeader* stored = &own->headers[p];
-    return CallHeader{stored->count, stored->dtype, stored->op};
-  };
-  if (kind == 0 && check_headers) {
-    for (int p = 0; p < world; ++p) {
-      const CallHeader call = header_of(p);
-      if (call.count != header.count || call.dtype != header.dtype || call.op != header.op)
-        kind = kFailureMismatch;
-    }
-  }
-  if (kind == 0) return;
-  volatile DeviceFailure* report = failure;
-  report->culprit = culprit;
-  for (int p = 0; p < world; ++p) {
-    const CallHeader call = header_of(p);
-    report->headers[p].count = call.count;
-    report->headers[p].dtype = call.dtype;
-    report->headers[p].op = call.op;
-  }
-  __threadfence_system();
-  report->kind = kind;  // last: the host reads the rest once it sees this
-  atomicExch(&own->abort, 1u);
-  __threadfence_system();
+__device__ __forceinline__ Control* control_of(const CallArgs& a, int p) {
+  return reinterpret_cast<Control*>(a.ranks.ptr[p]);
 }
 
-// out[0, bytes) = the parts of the chunk: bytes [q * part_bytes, (q + 1) * part_bytes) come from
-// rank q's data area. part_bytes is a multiple of 64, so no 16-byte pack spans two ranks.
-__global__ void gather_kernel(RankPointers ranks, int rank, int world, char* out, int64_t bytes,
-                              int64_t part_bytes, bool vectorized) {
-  const Control* own = reinterpret_cast<const Control*>(ranks.ptr[rank]);
-  if (aborted(&own->abort)) return;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  auto source = [&](int64_t offset) {
-    int owner = static_cast<int>(offset / part_bytes);
-    owner = owner < world ? owner : world - 1;
-    return ranks.ptr[owner] + kControlBytes + offset;
-  };
-  int64_t done = 0;
-  if (vectorized) {
-    const int64_t packs = bytes / 16;
-    for (int64_t p = first; p < packs; p += stride) {
-      *reinterpret_cast<uint4*>(out + p * 16) = *reinterpret_cast<const uint4*>(source(p * 16));
-    }
-    done = packs * 16;
+__device__ __forceinline__ char* area_of(const CallArgs& a, int p, uint64_t chunk_number) {
+  return a.ranks.ptr[p] + kControlBytes + (chunk_number & 1) * a.area_bytes;
+}
+
+__device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
+
+// 16 bytes from/to `p`, in accesses as wide as `align` allows (never byte by byte).
+// 16-byte loads bypass L1 (ld.global.cg): the areas are written by other ranks, and a line of
+// an earlier chunk must never be served from this SM's L1.
+__device__ __forceinline__ uint4 load_pack(const char* p, int align) {
+  if (align == 16) return __ldcg(reinterpret_cast<const uint4*>(p));
+  if (align == 8) {
+    const uint2* q = reinterpret_cast<const uint2*>(p);
+    const uint2 a = q[0], b = q[1];
+    return make_uint4(a.x, a.y, b.x, b.y);
   }
-  for (int64_t i = done + first; i < bytes; i += stride) out[i] = *source(i);
+  if (align == 4) {
+    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
+    return make_uint4(q[0], q[1], q[2], q[3]);
+  }
+  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  uint4 v;
+  v.x = q[0] | (static_cast<uint32_t>(q[1]) << 16);
+  v.y = q[2] | (static_cast<uint32_t>(q[3]) << 16);
+  v.z = q[4] | (static_cast<uint32_t>(q[5]) << 16);
+  v.w = q[6] | (static_cast<uint32_t>(q[7]) << 16);
+  return v;
+}
+
+__device__ __forceinline__ void store_pack(char* p, int align, uint4 v) {
+  if (align == 16) {
+    *reinterpret_cast<uint4*>(p) = v;
+  } else if (align == 8) {
+    uint2* q = reinterpret_cast<uint2*>(p);
+    q[0] = make_uint2(v.x, v.y);
+    q[1] = make_uint2(v.z, v.w);
+  } else if (align == 4) {
+    uint32_t* q = reinterpret_cast<uint32_t*>(p);
+    q[0] = v.x;
+    q[1] = v.y;
+    q[2] = v.z;
+    q[3] = v.w;
+  } else {
+    uint16_t* q = reinterpret_cast<uint16_t*>(p);
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      q[2 * i] = static_cast<uint16_t>(words[i]);
+      q[2 * i + 1] = static_cast<uint16_t>(words[i] >> 16);
+    }
+  }
+}
+
+// Copies the `valid` leading elements of a 16-byte pack (all of them when valid >= kPack).
+template <typename T>
+__device__ __forceinline__ void copy_pack(char* to, int to_align, const char* from,
+                                          int from_align, int64_t valid) {
+  constexpr int kPack = 16 / sizeof(T);
+  if (valid >= kPack) {
+    store_pack(to, to_align, load_pack(from, from_align));
+  } else {
+#pragma unroll 1
+    for (int i = 0; i < static_cast<int>(valid); ++i)
+      reinterpret_cast<T*>(to)[i] = reinterpret_cast<const T*>(from)[i];
+  }
 }
 
 // IEEE division even under --use_fast_math, so the quotient is the one torch computes.
 __device__ __forceinline__ float divide_rn(float a, float b) { return __fdiv_rn(a, b); }
 __device__ __forceinline__ double divide_rn(double a, double b) { return __ddiv_rn(a, b); }
 
-// AVG: the owner of a part divides it in place (in the accumulation type, rounded once), so
-// every rank gathers the same quotient.
-template <typename T>
-__global__ void divide_kernel(RankPointers ranks, int rank, T* part, int64_t count, int divisor) {
-  const Control* own = reinterpret_cast<const Control*>(ranks.ptr[rank]);
-  if (aborted(&own->abort)) return;
+// The pack at byte `offset` of every rank's area, combined in rank order 0..n-1.
+template <typename T, typename Op>
+__device__ __forceinline__ uint4 reduce_pack(const CallArgs& a, uint64_t chunk_number,
+                                             int64_t offset) {
   using A = typename AccType<T>::type;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
-       i += stride) {
-    part[i] = from_acc<T>(divide_rn(to_acc(part[i]), static_cast<A>(divisor)));
+  constexpr int kPack = 16 / sizeof(T);
+  union Pack {
+    uint4 raw;
+    T v[kPack];
+  };
+  A acc[kPack];
+  Pack in;
+  in.raw = __ldcg(reinterpret_cast<const uint4*>(area_of(a, 0, chunk_number) + offset));
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) acc[i] = to_acc(in.v[i]);
+  for (int p = 1; p < a.world; ++p) {
+    in.raw = __ldcg(reinterpret_cast<const uint4*>(area_of(a, p, chunk_number) + offset));
+#pragma unroll
+    for (int i = 0; i < kPack; ++i) acc[i] = Op::apply(acc[i], to_acc(in.v[i]));
+  }
+  if constexpr (std::is_floating_point<A>::value) {  // AVG is refused for integers
+    if (a.average) {
+#pragma unroll
+      for (int i = 0; i < kPack; ++i) acc[i] = divide_rn(acc[i], static_cast<A>(a.world));
+    }
+  }
+  Pack out;
+#pragma unroll
+  for (int i = 0; i < kPack; ++i) out.v[i] = from_acc<T>(acc[i]);
+  return out.raw;
+}
+
+// Block b meets block b of every peer at barrier number `barrier`; false when the call must end
+// (this block stops; the report is written once per rank). At a call's first barrier, `first`,
+// the call headers are exchanged and compared by every block.
+__device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool first) {
+  __shared__ int failed;  // 0, a kFailure* kind, or -1: another block of this rank failed
+  __shared__ int culprit;
+  Control* own = control_of(a, a.rank);
+  if (threadIdx.x == 0) {
+    failed = 0;
+    culprit = -1;
+  }
+  __syncthreads();  // also: every write of this block so far precedes the releases below
+  const int peer = threadIdx.x;
+  const int b = blockIdx.x;
+  if (peer < a.world && peer != a.rank) {
+    Control* theirs = control_of(a, peer);
+    if (first) theirs->headers[barrier & 1][a.rank] = a.header;
+    store_release_sys(&theirs->flags[b][a.rank], barrier);
+    const uint64_t start = global_timer_ns();
+    while (load_acquire_sys(&own->flags[b][peer]) < barrier) {
+      if (*static_cast<volatile int*>(&failed) != 0) break;
+      if (aborted(&own->abort)) {
+        atomicCAS(&failed, 0, -1);
+        break;
+      }
+      if (aborted(&theirs->abort)) {
+        if (atomicCAS(&failed, 0, kFailurePeerAborted) == 0) culprit = peer;
+        break;
+      }
+      if (global_timer_ns() - start > a.timeout_ns) {
+        if (atomicCAS(&failed, 0, kFailureTimeout) == 0) culprit = peer;
+        break;
+      }
+      __nanosleep(32);
+    }
+  }
+  __syncthreads();
+  auto header_of = [&](int p) {
+    if (p == a.rank) return a.header;
+    const volatile CallHeader* stored = &own->headers[barrier & 1][p];
+    return CallHeader{stored->count, stored->dtype, stored->op};
+  };
+  if (threadIdx.x == 0 && failed == 0 && first) {
+    for (int p = 0; p < a.world; ++p) {
+      const CallHeader call = header_of(p);
+      if (call.count != a.header.count || call.dtype != a.header.dtype || call.op != a.header.op)
+        failed = kFailureMismatch;
+    }
+  }
+  __syncthreads();
+  if (failed == 0) return true;
+  // The first block of this rank to fail reports; the others just stop.
+  if (threadIdx.x == 0 && failed > 0 && atomicCAS(&own->abort, 0u, 1u) == 0u) {
+    volatile DeviceFailure* report = a.failure;
+    report->culprit = culprit;
+    for (int p = 0; p < a.world; ++p) {
+      const CallHeader call = header_of(p);
+      report->headers[p].count = call.count;
+      report->headers[p].dtype = call.dtype;
+      report->headers[p].op = call.op;
+    }
+    __threadfence_system();
+    report->kind = failed;  // last: the host reads the rest once it sees this
+    __threadfence_system();
+  }
+  return false;
+}
+
+template <typename T, typename Op>
+__global__ void __launch_bounds__(kThreads, 2) all_reduce_kernel(CallArgs a) {
+  constexpr int64_t kPack = 16 / sizeof(T);
+  Control* own = control_of(a, a.rank);
+  if (aborted(&own->abort)) return;
+  const int64_t threads = static_cast<int64_t>(kBlocks) * kThreads;
+  const int64_t first_pack = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  uint64_t barrier = *static_cast<volatile uint64_t*>(&own->passed[blockIdx.x]);
+  uint64_t chunk_number = *static_cast<volatile uint64_t*>(&own->chunks[blockIdx.x]);
+  const int64_t chunks = a.count == 0 ? 1 : (a.count + a.chunk - 1) / a.chunk;
+  // Two-shot: packs per rank's part, the same for every chunk of the call (so that the
+  // position -> thread map never changes within a call; see the file comment).
+  const int64_t call_packs = (min64(a.count, a.chunk) + kPack - 1) / kPack;
+  const int64_t part_packs = (call_packs + a.world - 1) / a.world;
+  for (int64_t c = 0; c < chunks; ++c, ++chunk_number) {
+    const int64_t base = c * a.chunk;  // first element of the chunk
+    const int64_t elements = min64(a.chunk, a.count - base);
+    char* tensor = a.data + base * static_cast<int64_t>(sizeof(T));
+    ++barrier;
+    char* mine = area_of(a, a.rank, chunk_number);
+    // Valid elements of the pack that starts at element e of the chunk.
+    auto valid = [&](int64_t e) { return elements - e; };
+    if (!a.two_shot) {
+      const int64_t packs = (elements + kPack - 1) / kPack;
+      for (int64_t p = first_pack; p < packs; p += threads)
+        copy_pack<T>(mine + p * 16, 16, tensor + p * 16, a.data_align, valid(p * kPack));
+      if (!meet(a, barrier, c == 0)) return;
+      for (int64_t p = first_pack; p < packs; p += threads) {
+        const int64_t e = p * kPack;
+        const uint4 sum = reduce_pack<T, Op>(a, chunk_number, p * 16);
+        if (valid(e) >= kPack) {
+          store_pack(tensor + p * 16, a.data_align, sum);
+        } else {
+          copy_pack<T>(tensor + p * 16, a.data_align, reinterpret_cast<const char*>(&sum), 16,
+                       valid(e));
+        }
+      }
+      continue;
+    }
+    // Two-shot: pack j of part q is the chunk's pack q * part_packs + j; thread j owns it in
+    // every part.
+    for (int64_t j = first_pack; j < part_packs; j += threads) {
+      for (int q = 0; q < a.world; ++q) {
+        const int64_t p = q * part_packs + j;
+        if (p * kPack < elements)
+          copy_pack<T>(mine + p * 16, 16, tensor + p * 16, a.data_align, valid(p * kPack));
+      }
+    }
+    if (!meet(a, barrier, c == 0)) return;
+    for (int64_t j = first_pack; j < part_packs; j += threads) {
+      const int64_t p = a.rank * part_packs + j;
+      if (p * kPack < elements)
+        *reinterpret_cast<uint4*>(mine + p * 16) = reduce_pack<T, Op>(a, chunk_number, p * 16);
+    }
+    ++barrier;
+    if (!meet(a, barrier, false)) return;
+    for (int64_t j = first_pack; j < part_packs; j += threads) {
+      for (int q = 0; q < a.world; ++q) {
+        const int64_t p = q * part_packs + j;
+        if (p * kPack < elements)
+          copy_pack<T>(tensor + p * 16, a.data_align, area_of(a, q, chunk_number) + p * 16, 16,
+                       valid(p * kPack));
+      }
+    }
+  }
+  if (threadIdx.x == 0) {
+    own->passed[blockIdx.x] = barrier;
+    own->chunks[blockIdx.x] = chunk_number;
   }
 }
 
@@ -192,6 +373,21 @@ inline void check_cuda(cudaError_t status, const char* what) {
   if (status != cudaSuccess)
     throw std::runtime_error(std::string("CUDA IPC all-reduce: ") + what + " failed: " +
                              cudaGetErrorString(status));
+}
+
+template <typename T>
+void launch_op(const CallArgs& args, ReduceOp op, cudaStream_t stream) {
+  switch (op) {
+    case ReduceOp::kSum:
+      return all_reduce_kernel<T, SumOp><<<kBlocks, kThreads, 0, stream>>>(args);
+    case ReduceOp::kProduct:
+      return all_reduce_kernel<T, ProductOp><<<kBlocks, kThreads, 0, stream>>>(args);
+    case ReduceOp::kMin:
+      return all_reduce_kernel<T, MinOp><<<kBlocks, kThreads, 0, stream>>>(args);
+    case ReduceOp::kMax:
+      return all_reduce_kernel<T, MaxOp><<<kBlocks, kThreads, 0, stream>>>(args);
+  }
+  throw std::invalid_argument("unknown reduce op " + std::to_string(static_cast<int>(op)));
 }
 
 class IpcRing {
@@ -207,7 +403,7 @@ class IpcRing {
       throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096, got " +
                                   std::to_string(chunk_bytes));
     timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
-    check_cuda(cudaMalloc(&own_, kControlBytes + chunk_bytes), "cudaMalloc");
+    check_cuda(cudaMalloc(&own_, kControlBytes + 2 * chunk_bytes), "cudaMalloc");
     check_cuda(cudaMemset(own_, 0, kControlBytes), "cudaMemset");
     check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     check_cuda(cudaHostAlloc(&failure_, sizeof(DeviceFailure), cudaHostAllocMapped),
@@ -222,11 +418,9 @@ class IpcRing {
   IpcRing(const IpcRing&) = delete;
   IpcRing& operator=(const IpcRing&) = delete;
 
-  // Frees this rank's buffer and unmaps the peers'. The caller has synchronised the stream.
+  // Frees this rank's buffer. The caller has made sure no rank uses it any more (close()).
   ~IpcRing() {
-    for (int p = 0; p < world_; ++p) {
-      if (p != rank_ && ranks_.ptr[p] != nullptr) cudaIpcCloseMemHandle(ranks_.ptr[p]);
-    }
+    unmap_peers();
     cudaFree(own_);
     cudaFreeHost(failure_);
   }
@@ -237,6 +431,8 @@ class IpcRing {
     return handle;
   }
 
+  char* buffer() const { return own_; }
+
   // Maps every peer's buffer; handles[p] is rank p's (handles[rank] is ignored).
   void connect(const cudaIpcMemHandle_t* handles) {
     for (int p = 0; p < world_; ++p) {
@@ -245,48 +441,69 @@ class IpcRing {
       check_cuda(cudaIpcOpenMemHandle(&peer, handles[p], cudaIpcMemLazyEnablePeerAccess),
                  "cudaIpcOpenMemHandle (are all ranks on one host?)");
       ranks_.ptr[p] = static_cast<char*>(peer);
+      opened_[p] = true;
     }
   }
 
-  // Enqueues the in-place all-reduce of `data` (count elements, device memory) on `stream`.
-  // kOpAvg needs a floating dtype. Failures found on the device show in failure().
-  void all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream) {
-    const int64_t element_size = dtype_size(dtype);
-    const int64_t chunk_count = chunk_bytes_ / element_size;
-    const int64_t chunks = count == 0 ? 1 : (count + chunk_count - 1) / chunk_count;
-    const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
-    const CallHeader header{count, static_cast<int32_t>(dtype), op};
-    const int64_t align = 64 / element_size;
-    char* own_data = own_ + kControlBytes;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t elements = std::min(chunk_count, count - c * chunk_count);
-      const int64_t bytes = elements * element_size;
-      char* chunk = static_cast<char*>(data) + c * chunk_count * element_size;
-      if (bytes > 0)
-        check_cuda(cudaMemcpyAsync(own_data, chunk, bytes, cudaMemcpyDeviceToDevice, stream),
-                   "cudaMemcpyAsync");
-      barrier(header, c == 0, stream);
-      const Span part = portion(elements, rank_, world_, align);
-      if (part.size() > 0) {
-        InputPointers inputs{};
-        for (int p = 0; p < world_; ++p)
-          inputs.ptr[p] = ranks_.ptr[p] + kControlBytes + part.begin * element_size;
-        char* result = own_data + part.begin * element_size;
-        launch_reduce(inputs, world_, result, part.size(), dtype, reduce_op, stream);
-        if (op == kOpAvg) divide(result, part.size(), dtype, stream);
-        check_cuda(cudaGetLastError(), "the reduce kernel launch");
-      }
-      barrier(header, false, stream);
-      if (bytes > 0) {
-        const int64_t part_bytes = portion(elements, 0, world_, align).size() * element_size;
-        const bool vectorized = reinterpret_cast<uintptr_t>(chunk) % 16 == 0;
-        const int64_t work = vectorized ? (bytes + 15) / 16 : bytes;
-        gather_kernel<<<grid_for(work, 256), 256, 0, stream>>>(ranks_, rank_, world_, chunk,
-                                                                bytes, part_bytes, vectorized);
-        check_cuda(cudaGetLastError(), "the gather kernel launch");
-      }
-      barrier(header, false, stream);
+  // Uses buffers of other rings of this process as the peers' (several endpoints of one
+  // process, each on its own stream: tests of the barrier's memory ordering).
+  void connect_local(char* const* buffers) {
+    for (int p = 0; p < world_; ++p) {
+      if (p != rank_) ranks_.ptr[p] = buffers[p];
     }
+  }
+
+  // Stops using the peers' buffers; the caller has waited for this ring's last kernel.
+  void unmap_peers() {
+    for (int p = 0; p < world_; ++p) {
+      if (p == rank_) continue;
+      if (opened_[p]) cudaIpcCloseMemHandle(ranks_.ptr[p]);
+      opened_[p] = false;
+      ranks_.ptr[p] = nullptr;
+    }
+  }
+
+  bool connected() const {
+    for (int p = 0; p < world_; ++p) {
+      if (ranks_.ptr[p] == nullptr) return false;
+    }
+    return true;
+  }
+
+  // Enqueues the in-place all-reduce of `data` (count elements, device memory, aligned to its
+  // element size) on `stream` as one kernel. kOpAvg needs a floating dtype. Failures found on
+  // the device show in failure().
+  void all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream) {
+    if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
+    const int64_t element_size = dtype_size(dtype);
+    const int64_t bytes = count * element_size;
+    const uintptr_t address = reinterpret_cast<uintptr_t>(data);
+    const uintptr_t low_bit = address & (~address + 1);  // largest power of two dividing it
+    CallArgs args{};
+    args.ranks = ranks_;
+    args.rank = rank_;
+    args.world = world_;
+    args.data = static_cast<char*>(data);
+    args.count = count;
+    args.chunk = chunk_bytes_ / element_size;
+    args.data_align = static_cast<int>(address % 16 == 0 ? 16 : low_bit);
+    args.two_shot =
+        bytes > (world_ == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytes) && world_ > 1;
+    args.average = op == kOpAvg;
+    args.header = CallHeader{count, static_cast<int32_t>(dtype), op};
+    args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
+    args.timeout_ns = timeout_ns_;
+    args.failure = failure_device_;
+    const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
+    switch (dtype) {
+      case DType::kFloat32: launch_op<float>(args, reduce_op, stream); break;
+      case DType::kFloat64: launch_op<double>(args, reduce_op, stream); break;
+      case DType::kFloat16: launch_op<__half>(args, reduce_op, stream); break;
+      case DType::kBFloat16: launch_op<__nv_bfloat16>(args, reduce_op, stream); break;
+      case DType::kInt32: launch_op<int32_t>(args, reduce_op, stream); break;
+      case DType::kInt64: launch_op<int64_t>(args, reduce_op, stream); break;
+    }
+    check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
   }
 
   // What the device reported (kind 0: nothing). Read without synchronising.
@@ -307,39 +524,13 @@ class IpcRing {
   int world() const { return world_; }
 
  private:
-  void divide(char* part, int64_t count, DType dtype, cudaStream_t stream) {
-    const int grid = grid_for(count, 256);
-    switch (dtype) {
-      case DType::kFloat32:
-        return divide_kernel<<<grid, 256, 0, stream>>>(ranks_, rank_, reinterpret_cast<float*>(part),
-                                                       count, world_);
-      case DType::kFloat64:
-        return divide_kernel<<<grid, 256, 0, stream>>>(
-            ranks_, rank_, reinterpret_cast<double*>(part), count, world_);
-      case DType::kFloat16:
-        return divide_kernel<<<grid, 256, 0, stream>>>(
-            ranks_, rank_, reinterpret_cast<__half*>(part), count, world_);
-      case DType::kBFloat16:
-        return divide_kernel<<<grid, 256, 0, stream>>>(
-            ranks_, rank_, reinterpret_cast<__nv_bfloat16*>(part), count, world_);
-      default:
-        throw std::invalid_argument("AVG needs a floating-point dtype");
-    }
-  }
-
-  void barrier(const CallHeader& header, bool check_headers, cudaStream_t stream) {
-    barrier_kernel<<<1, kMaxRanks, 0, stream>>>(ranks_, rank_, world_, ++barriers_, header,
-                                                check_headers, timeout_ns_, failure_device_);
-    check_cuda(cudaGetLastError(), "the barrier kernel launch");
-  }
-
   int rank_;
   int world_;
   int64_t chunk_bytes_;
   uint64_t timeout_ns_ = 0;
-  uint64_t barriers_ = 0;  // the same on every rank while the ring is in step
   char* own_ = nullptr;
   RankPointers ranks_{};
+  bool opened_[kMaxRanks] = {};  // ranks_.ptr[p] came from cudaIpcOpenMemHandle
   DeviceFailure* failure_ = nullptr;  // host view of the mapped record
   DeviceFailure* failure_device_ = nullptr;
 };

@@ -22,10 +22,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import cast
 
 import torch
 
 from fastpar._logging import get_logger
+from fastpar._native_types import NativeModule
 
 logger = get_logger(__name__)
 
@@ -40,7 +42,7 @@ _CUDA_FLAGS = ("-O3", "-std=c++17", "-lineinfo")
 # build machine): torch would otherwise derive it from the visible GPUs and fail on none.
 DEFAULT_CUDA_ARCH = "9.0"
 
-_loaded: ModuleType | None = None
+_loaded: NativeModule | None = None
 _load_lock = threading.Lock()
 
 
@@ -238,8 +240,9 @@ def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:
     return library
 
 
-def load(verbose: bool = False) -> ModuleType:
-    """The native extension module, built on first use and loaded once per process."""
+def load(verbose: bool = False) -> NativeModule:
+    """The native extension module, built on first use and loaded once per process; its typed
+    surface is `fastpar._native_types.NativeModule`."""
     global _loaded
     if _loaded is not None:
         return _loaded
@@ -254,7 +257,8 @@ def load(verbose: bool = False) -> ModuleType:
                 raise NativeBuildError(
                     f"building fastpar's native extension failed: {error}"
                 ) from error
-            _loaded = sys.modules.get(plan.name) or _import_library(plan.name, library)
+            module = sys.modules.get(plan.name) or _import_library(plan.name, library)
+            _loaded = cast(NativeModule, module)
     return _loaded
 
 

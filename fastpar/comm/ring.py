@@ -31,13 +31,13 @@ import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fastpar import _native
 from fastpar._logging import get_logger, log_once
+from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
 from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
@@ -99,7 +99,7 @@ class RingAllReduce:
         device: the device whose tensors this ring reduces ("cpu", or a CUDA device: this
             rank's GPU); tensors elsewhere go to torch.distributed.
         chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
-            32 MiB on CUDA, where it is the size of each rank's IPC buffer).
+            8 MiB on CUDA, where each rank's IPC buffer holds two chunks).
         slots: CPU chunks in flight per rank (>= 3); the segment holds
             world * slots * chunk_bytes.
     """
@@ -129,7 +129,7 @@ class RingAllReduce:
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.timeout = _as_timedelta(timeout)
-        self._transport: Any = None
+        self._transport: ShmAllReduce | IpcAllReduce | None = None
         self._native_errors: tuple[type[BaseException], ...] = ()
         self._disabled: str | None = None
         self._closed = False
@@ -187,7 +187,7 @@ class RingAllReduce:
         return reason is None
 
     def _connect_cuda_ipc(
-        self, native: Any, store: dist.Store, prefix: str, chunk_bytes: int
+        self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int
     ) -> None:
         problem = "" if native.with_cuda else "fastpar's native extension was built without CUDA"
         if not problem:
@@ -227,7 +227,7 @@ class RingAllReduce:
         self._stream = torch.cuda.ExternalStream(transport.stream_handle, device=self.device)
 
     def _connect_shared_memory(
-        self, native: Any, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
+        self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
     ) -> None:
         everyone = range(self.world_size)
         segment_key = f"{prefix}/segment"
@@ -240,8 +240,9 @@ class RingAllReduce:
                 name = f"/fastpar-{os.getpid()}-{uuid.uuid4().hex[:16]}"
                 try:
                     transport = native.ShmAllReduce(
-                        name, True, 0, self.world_size, slots, chunk_bytes, timeout_s
-                    )
+                        name=name, create=True, rank=0, world=self.world_size, slots=slots,
+                        chunk_bytes=chunk_bytes, timeout_s=timeout_s,
+                    )  # fmt: skip
                 except Exception as error:
                     store.set(segment_key, f"error: {error}")
                     raise
@@ -253,8 +254,9 @@ class RingAllReduce:
                     raise RuntimeError(f"rank 0 could not create the ring's segment: {name[7:]}")
                 try:
                     transport = native.ShmAllReduce(
-                        name, False, self.rank, self.world_size, slots, chunk_bytes, timeout_s
-                    )
+                        name=name, create=False, rank=self.rank, world=self.world_size,
+                        slots=slots, chunk_bytes=chunk_bytes, timeout_s=timeout_s,
+                    )  # fmt: skip
                 except Exception as error:
                     store.set(mapped[self.rank], f"error: {error}")
                     raise
@@ -334,7 +336,9 @@ class RingAllReduce:
             CommTimeoutError: a peer did not arrive within the timeout (the ring is unusable,
                 and chunks of `tensor` may hold reduced values while others do not).
             CommClosedError: the ring was closed or had failed before.
-            On CUDA the first two come from the device and are raised by the next call.
+            On CUDA the first two are found by the device and raised when the call is waited
+            for (its return, or `wait()` of its work); inside a CUDA graph capture, by the next
+            call outside it.
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")

@@ -1,5 +1,12 @@
-"""The CUDA IPC all-reduce: two processes sharing one GPU (or one GPU each) against gloo on host
-copies of the same integer-valued inputs, plus the device-side mismatch check."""
+"""The CUDA IPC all-reduce on one GPU: processes sharing it (2, 3, 4 and 8 ranks) against gloo
+on host copies of integer-valued inputs, bitwise-equal ranks, a late rank, a misaligned view, a
+captured CUDA graph replayed, the device-side mismatch check, and endpoints of one process on
+concurrent streams (processes on one GPU time-slice; streams of one process run at once, so only
+this exercises the barriers' memory ordering for real).
+
+Results are read with `.cpu()` on the caller's stream, never after a device-wide synchronize, so
+a missing stream dependency shows as a wrong result.
+"""
 
 from __future__ import annotations
 
@@ -18,32 +25,37 @@ pytestmark = pytest.mark.gpu
 R = dist.ReduceOp
 SEED = random.randrange(2**31)
 CHUNK_BYTES = 1 << 20  # calls of more than 1 MiB cross chunks
+# One-shot (<= 256 KiB), two-shot, and several chunks of float32.
+SIZES = [0, 1, 7, 1009, 65537, 300001]
 
 
-def _cuda_ranks(rank: int, world_size: int, seed: int) -> list[bytes]:
-    device = torch.device("cuda", rank % torch.cuda.device_count())
+def _device(rank: int) -> torch.device:
+    device = torch.device("cuda", 0)  # every rank on one GPU
     torch.cuda.set_device(device)
+    return device
+
+
+def _sharing_one_gpu(rank: int, world_size: int, seed: int, full: bool) -> list[bytes]:
+    device = _device(rank)
     generator = torch.Generator().manual_seed(seed + rank)
-    sizes = [0, 1, 7, 1009, 65537, 300001]  # 300001 x 8 bytes spans 3 chunks
     with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
-        assert ring.should_use(torch.ones(1, device=device))
-        for dtype, op, size in every_call(sizes):
+        assert ring.should_use(torch.ones(1, device=device)), ring.fallback_reason(
+            torch.ones(1, device=device)
+        )
+        calls = (
+            every_call(SIZES)
+            if full
+            else [(d, R.SUM, n) for d in (torch.int32, torch.bfloat16) for n in SIZES]
+        )
+        for dtype, op, size in calls:
             host = integer_valued(size, dtype, op, generator)
             expected = expect_gloo(host, op, world_size)
             tensor = host.to(device)
             ring.all_reduce(tensor, op)
             assert torch.equal(tensor.cpu(), expected), f"seed {seed}: {size} {dtype} {op}"
-        # Async, and a non-contiguous view (reduced through a copy).
-        host = integer_valued(64 * 33, torch.float32, R.SUM, generator).view(64, 33)
-        expected = expect_gloo(host.t(), R.SUM, world_size)
-        tensor = host.to(device)
-        work = ring.all_reduce(tensor.t(), async_op=True)
-        work.wait()
-        torch.cuda.synchronize(device)
-        assert work.is_completed() and torch.equal(tensor.t().cpu(), expected)
         # Random floats: the rank-order fold, bit for bit, on every rank.
         out = []
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for dtype in (torch.float32, torch.float16):
             host = torch.randn(100003, generator=generator).to(dtype)
             gathered = [torch.empty_like(host) for _ in range(world_size)]
             dist.all_gather(gathered, host)
@@ -51,20 +63,146 @@ def _cuda_ranks(rank: int, world_size: int, seed: int) -> list[bytes]:
             ring.all_reduce(tensor)
             assert torch.equal(tensor.cpu(), fold_in_rank_order(gathered, R.SUM)), dtype
             out.append(tensor.cpu().view(torch.uint8).numpy().tobytes())
-        ring.check()
-        # A size mismatch is found on the device: the call's tensor stays as it was, the next
-        # call raises it, and the ring is unusable afterwards.
-        tensor = torch.full((1000 + rank,), 3.0, device=device)
-        ring.all_reduce(tensor)
-        torch.cuda.synchronize(device)
-        assert torch.equal(tensor.cpu(), torch.full((1000 + rank,), 3.0))
-        with pytest.raises(CommMismatchError, match=r"rank 0: 1000 x float32 SUM; rank 1: 1001"):
-            ring.all_reduce(torch.ones(4, device=device))
-        with pytest.raises(CommClosedError, match="unusable"):
-            ring.all_reduce(torch.ones(4, device=device))
     return out
 
 
-def test_two_processes_on_one_gpu_equal_gloo() -> None:
-    results = run_multiprocess(_cuda_ranks, 2, args=(SEED,), timeout=300)
-    assert results[0] == results[1]
+@pytest.mark.parametrize("world_size", [2, 3, 4, 8])
+def test_processes_sharing_one_gpu_equal_gloo_bitwise(world_size: int) -> None:
+    results = run_multiprocess(
+        _sharing_one_gpu, world_size, args=(SEED, world_size == 2), timeout=240
+    )
+    assert all(r == results[0] for r in results)
+
+
+def _late_misaligned_graph_mismatch(rank: int, world_size: int, seed: int) -> None:
+    device = _device(rank)
+    generator = torch.Generator().manual_seed(seed + rank)
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
+        # One rank is late: its stream sleeps before the call; the others' kernels wait in the
+        # barrier, and every result is read on the caller's stream.
+        for size in (1000, 200003):
+            host = integer_valued(size, torch.float32, R.SUM, generator)
+            expected = expect_gloo(host, R.SUM, world_size)
+            tensor = host.to(device)
+            if rank == 1:
+                torch.cuda._sleep(50_000_000)
+            work = ring.all_reduce(tensor, async_op=True)
+            work.wait()
+            assert torch.equal(tensor.cpu(), expected), size
+        # Views at every offset a dtype allows (2, 4, 8 bytes from 16-byte alignment).
+        for dtype, offset in ((torch.float16, 1), (torch.float32, 1), (torch.float64, 1),
+                              (torch.float16, 3), (torch.int64, 1)):  # fmt: skip
+            host = integer_valued(70001 + offset, dtype, R.SUM, generator)
+            expected = expect_gloo(host[offset:], R.SUM, world_size)
+            storage = host.to(device)
+            ring.all_reduce(storage[offset:])
+            result = storage.cpu()
+            assert torch.equal(result[offset:], expected), (dtype, offset)
+            assert torch.equal(result[:offset], host[:offset]), "bytes before the view changed"
+        # Captured in a CUDA graph, replayed three times with new inputs.
+        static = torch.zeros(4099, device=device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            ring.all_reduce(static)  # warm-up outside the graph
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ring.all_reduce(static)
+        for replay in range(3):
+            host = integer_valued(4099, torch.float32, R.SUM, generator)
+            expected = expect_gloo(host, R.SUM, world_size)
+            static.copy_(host.to(device))
+            graph.replay()
+            assert torch.equal(static.cpu(), expected), f"replay {replay}"
+        ring.check()
+        # A size mismatch is found on the device: the call raises it on every rank, its tensor
+        # is left as it was, and the ring is unusable afterwards.
+        tensor = torch.full((1000 + rank,), 3.0, device=device)
+        with pytest.raises(CommMismatchError, match=r"rank 0: 1000 x float32 SUM; rank 1: 1001"):
+            ring.all_reduce(tensor)
+        assert torch.equal(tensor.cpu(), torch.full((1000 + rank,), 3.0))
+        with pytest.raises(CommClosedError, match="unusable"):
+            ring.all_reduce(torch.ones(4, device=device))
+
+
+def test_late_rank_misaligned_views_graph_replays_and_mismatch() -> None:
+    run_multiprocess(_late_misaligned_graph_mismatch, 2, args=(SEED,), timeout=240)
+
+
+@pytest.mark.parametrize("endpoints", [2, 4, 8])
+def test_endpoints_on_concurrent_streams_of_one_process(endpoints: int) -> None:
+    from fastpar import _native
+
+    native = _native.load()
+    device = torch.device("cuda", 0)
+    rings = [
+        native.IpcAllReduce(rank=r, world=endpoints, device=0, chunk_bytes=CHUNK_BYTES,
+                            timeout_s=60.0)
+        for r in range(endpoints)
+    ]  # fmt: skip
+    addresses = [ring.buffer_address for ring in rings]
+    for ring in rings:
+        ring.connect_local(addresses)
+    streams = [torch.cuda.ExternalStream(ring.stream_handle, device=device) for ring in rings]
+    generator = torch.Generator().manual_seed(SEED)
+    try:
+        for call in range(60):
+            size = [1, 4097, 100003, 300001][call % 4]  # one-shot, two-shot, several chunks
+            dtype = [torch.int32, torch.int64, torch.float32][call % 3]
+            hosts = [integer_valued(size, dtype, R.SUM, generator) for _ in range(endpoints)]
+            expected = torch.stack(hosts).sum(0).to(dtype)
+            tensors = [h.to(device) for h in hosts]
+            # Each endpoint's kernel waits for the others' in its barriers, so none may be
+            # queued behind another: the current stream waits for all of them only afterwards.
+            for ring, tensor in zip(rings, tensors, strict=True):
+                ring.all_reduce(tensor, 0, block_current_stream=False)
+            for stream in streams:
+                torch.cuda.current_stream(device).wait_stream(stream)
+            for r, tensor in enumerate(tensors):
+                assert torch.equal(tensor.cpu(), expected), f"call {call}, endpoint {r}"
+        for ring in rings:
+            ring.check()
+    finally:
+        for ring in rings:
+            ring.stop()
+        for ring in rings:
+            ring.free()
+
+
+def _data_parallel_on_one_gpu(rank: int, world_size: int) -> list[torch.Tensor]:
+    from torch import nn
+
+    from fastpar.parallel import DataParallel
+
+    device = _device(rank)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
+    reference = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.01, first_bucket_mb=0.004)
+    ours = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    theirs = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for step in range(3):
+        batches = [
+            torch.randn(16, 8, generator=torch.Generator().manual_seed(100 * step + r))
+            for r in range(world_size)
+        ]
+        ours.zero_grad()
+        dp(batches[rank].to(device)).square().mean().backward()
+        ours.step()
+        # The single-process reference: every rank's batch at once (equal sizes: the mean of
+        # the ranks' means).
+        theirs.zero_grad()
+        reference(torch.cat(batches).to(device)).square().mean().backward()
+        theirs.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    dp.close()
+    return [p.detach().cpu() for p in model.parameters()]
+
+
+def test_data_parallel_two_processes_on_one_gpu_equal_one_process() -> None:
+    results = run_multiprocess(_data_parallel_on_one_gpu, 2, timeout=240)
+    for a, b in zip(results[0], results[1], strict=True):
+        assert torch.equal(a, b)

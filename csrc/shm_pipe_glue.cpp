@@ -6,7 +6,7 @@
 
 #include <cstring>
 
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
 namespace {

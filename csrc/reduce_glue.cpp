@@ -1,24 +1,9 @@
 // Torch glue for the CPU reduction: checks arguments, then calls the pure C++ kernel.
 #include <torch/types.h>
 
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
-
-DType to_native_dtype(at::ScalarType type, const char* argument) {
-  switch (type) {
-    case at::kFloat: return DType::kFloat32;
-    case at::kDouble: return DType::kFloat64;
-    case at::kHalf: return DType::kFloat16;
-    case at::kBFloat16: return DType::kBFloat16;
-    case at::kInt: return DType::kInt32;
-    case at::kLong: return DType::kInt64;
-    default:
-      TORCH_CHECK(false, argument, " has dtype ", type,
-                  "; expected one of float32, float64, float16, bfloat16, int32, int64");
-  }
-  return DType::kFloat32;  // unreachable
-}
 
 void reduce_buffers_cpu(const std::vector<at::Tensor>& inputs, at::Tensor& out, int64_t op) {
   TORCH_CHECK(!inputs.empty(), "inputs must hold at least one tensor");

@@ -1,5 +1,6 @@
 // Torch glue for the CUDA IPC all-reduce (ipc_ring.cuh): argument checks, the device guard, and
-// the ring's own stream, ordered after the caller's current stream.
+// the ring's own stream, ordered after the caller's current stream (or the capturing stream
+// itself while a CUDA graph is captured).
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers this file needs not.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -10,22 +11,30 @@
 #include <cstring>
 
 #include "ipc_ring.cuh"
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
 
 struct IpcAllReduce::Impl {
-  Impl(c10::DeviceIndex device_index, c10::cuda::CUDAStream ring_stream)
-      : device(device_index), stream(ring_stream) {
+  explicit Impl(c10::DeviceIndex device_index) : device(device_index) {
+    // The ring's own stream, at normal priority: not one of torch's pooled streams, which other
+    // work also draws from (a spinning barrier would hold up whatever is queued behind it).
+    cuda::check_cuda(cudaStreamCreateWithFlags(&raw_stream, cudaStreamNonBlocking),
+                     "cudaStreamCreate");
     cuda::check_cuda(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
     cuda::check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
   }
   ~Impl() {
     cudaEventDestroy(ready);
     cudaEventDestroy(done);
+    cudaStreamDestroy(raw_stream);
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
+
+  c10::cuda::CUDAStream stream() const {
+    return c10::cuda::getStreamFromExternal(raw_stream, device);
+  }
 
   // `waiter` runs its later work only after the work now on `stream_before`.
   void order(cudaEvent_t event, cudaStream_t stream_before, cudaStream_t waiter) {
@@ -34,10 +43,11 @@ struct IpcAllReduce::Impl {
   }
 
   c10::DeviceIndex device;
-  c10::cuda::CUDAStream stream;
+  cudaStream_t raw_stream = nullptr;
   cudaEvent_t ready = nullptr;  // the caller's stream reached the call
   cudaEvent_t done = nullptr;   // the ring's stream finished the call
   std::unique_ptr<cuda::IpcRing> ring;
+  bool stopped = false;  // stop() ran: no more calls
   std::string failure;  // why the ring is unusable ("" while it is usable)
 };
 
@@ -49,18 +59,26 @@ IpcAllReduce::IpcAllReduce(int64_t rank, int64_t world, int64_t device, int64_t 
   TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), "device must be in [0, ",
                     static_cast<int>(c10::cuda::device_count()), "), got ", device);
   TORCH_CHECK_VALUE(timeout_s > 0, "timeout must be positive, got ", timeout_s, " s");
+  TORCH_CHECK_VALUE(chunk_bytes > 0 && chunk_bytes % 4096 == 0,
+                    "chunk_bytes must be a positive multiple of 4096, got ", chunk_bytes);
   const auto index = static_cast<c10::DeviceIndex>(device);
   const c10::cuda::CUDAGuard guard(index);
-  impl_ = std::make_unique<Impl>(index,
-                                 c10::cuda::getStreamFromPool(/*isHighPriority=*/true, index));
+  impl_ = std::make_unique<Impl>(index);
   impl_->ring = std::make_unique<cuda::IpcRing>(static_cast<int>(rank), static_cast<int>(world),
                                                 chunk_bytes, timeout_s);
 }
 
 IpcAllReduce::~IpcAllReduce() {
+  if (!impl_ || !impl_->ring) return;
+  if (impl_->stopped || impl_->ring->connected()) {
+    // Not freed by a collective close: a peer may still map this buffer, so it is left
+    // allocated until the process ends (never freed under a peer's feet).
+    (void)impl_->ring.release();
+    return;
+  }
   try {
     close();
-  } catch (...) {  // a destructor must not throw; close() reports errors when called directly
+  } catch (...) {  // a destructor must not throw
   }
 }
 
@@ -71,6 +89,11 @@ at::Tensor IpcAllReduce::handle() const {
   at::Tensor bytes = at::empty({static_cast<int64_t>(sizeof(handle))}, at::kByte);
   std::memcpy(bytes.data_ptr(), &handle, sizeof(handle));
   return bytes;
+}
+
+int64_t IpcAllReduce::buffer_address() const {
+  TORCH_CHECK(impl_->ring, "this ring all-reduce was closed");
+  return reinterpret_cast<int64_t>(impl_->ring->buffer());
 }
 
 void IpcAllReduce::connect(const std::vector<at::Tensor>& handles) {
@@ -91,30 +114,48 @@ void IpcAllReduce::connect(const std::vector<at::Tensor>& handles) {
   impl_->ring->connect(native.data());
 }
 
+void IpcAllReduce::connect_local(const std::vector<int64_t>& addresses) {
+  TORCH_CHECK(impl_->ring, "this ring all-reduce was closed");
+  const int world = impl_->ring->world();
+  TORCH_CHECK_VALUE(static_cast<int>(addresses.size()) == world,
+                    "addresses must hold one buffer address per rank (", world, "), got ",
+                    addresses.size());
+  std::vector<char*> buffers(addresses.size());
+  for (size_t p = 0; p < addresses.size(); ++p) {
+    TORCH_CHECK_VALUE(addresses[p] != 0, "addresses[", p, "] is null");
+    buffers[p] = reinterpret_cast<char*>(addresses[p]);
+  }
+  impl_->ring->connect_local(buffers.data());
+}
+
 int64_t IpcAllReduce::stream_handle() const {
-  return reinterpret_cast<int64_t>(impl_->stream.stream());
+  return reinterpret_cast<int64_t>(impl_->raw_stream);
 }
 
 void IpcAllReduce::check() {
   if (!impl_->failure.empty())
     throw RingClosedError("this ring all-reduce is unusable after an earlier failure: " +
                           impl_->failure);
-  if (!impl_->ring) throw RingClosedError("this ring all-reduce was closed");
+  if (!impl_->ring || impl_->stopped) throw RingClosedError("this ring all-reduce was closed");
   const cuda::DeviceFailure failure = impl_->ring->failure();
   if (failure.kind == 0) return;
-  const int rank = impl_->ring->rank();
+  const std::string rank = std::to_string(impl_->ring->rank());
+  const std::string culprit = std::to_string(failure.culprit);
   if (failure.kind == cuda::kFailureTimeout) {
-    impl_->failure = "rank " + std::to_string(rank) + " (GPU) timed out waiting for rank " +
-                     std::to_string(failure.culprit) + "; rank " +
-                     std::to_string(failure.culprit) +
-                     " is dead, hung, or not calling all_reduce";
+    impl_->failure = "rank " + rank + " (GPU) timed out waiting for rank " + culprit + "; rank " +
+                     culprit + " is dead, hung, or not calling all_reduce";
+    throw RingTimeoutError(impl_->failure);
+  }
+  if (failure.kind == cuda::kFailurePeerAborted) {
+    impl_->failure = "rank " + rank + " (GPU) stopped waiting for rank " + culprit +
+                     ", which had given up on the ring after an error of its own";
     throw RingTimeoutError(impl_->failure);
   }
   std::string calls;
   for (int p = 0; p < impl_->ring->world(); ++p)
     calls += (p ? "; rank " : "rank ") + std::to_string(p) + ": " + describe(failure.headers[p]);
   impl_->failure =
-      "an earlier all_reduce was called with different arguments on different ranks (" + calls +
+      "an all_reduce was called with different arguments on different ranks (" + calls +
       "); the GPU found it, so the tensors of that call were left as they were";
   throw RingMismatchError(impl_->failure);
 }
@@ -125,25 +166,45 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
                     tensor.device());
   const DType dtype = check_ring_call(tensor, op);
   check();
+  TORCH_CHECK(impl_->ring->connected(), "this ring all-reduce is not connected to its peers");
   const c10::cuda::CUDAGuard guard(impl_->device);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(impl_->device);
-  impl_->order(impl_->ready, current.stream(), impl_->stream.stream());
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cuda::check_cuda(cudaStreamIsCapturing(current.stream(), &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) {
+    // Captured into a CUDA graph: the kernel goes on the capturing stream itself (the barrier
+    // counters live on the device, so every replay meets fresh barriers).
+    impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
+                            current.stream());
+    return;
+  }
+  impl_->order(impl_->ready, current.stream(), impl_->raw_stream);
   impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
-                          impl_->stream.stream());
+                          impl_->raw_stream);
   // The caller may free the tensor once its stream moves on: keep the memory until the ring is
   // done with it.
-  c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(), impl_->stream);
-  if (block_current_stream) impl_->order(impl_->done, impl_->stream.stream(), current.stream());
+  c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(), impl_->stream());
+  if (block_current_stream) impl_->order(impl_->done, impl_->raw_stream, current.stream());
 }
 
-void IpcAllReduce::close() {
-  if (!impl_ || !impl_->ring) return;
+void IpcAllReduce::stop() {
+  if (!impl_ || !impl_->ring || impl_->stopped) return;
   const c10::cuda::CUDAGuard guard(impl_->device);
-  impl_->stream.synchronize();
+  impl_->stopped = true;
+  cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  impl_->ring->unmap_peers();
+}
+
+void IpcAllReduce::free() {
+  if (!impl_ || !impl_->ring) return;
+  stop();
+  const c10::cuda::CUDAGuard guard(impl_->device);
   impl_->ring.reset();
 }
 
-bool IpcAllReduce::closed() const { return !impl_->ring; }
+void IpcAllReduce::close() { free(); }
+
+bool IpcAllReduce::closed() const { return !impl_->ring || impl_->stopped; }
 
 std::string IpcAllReduce::failure() const { return impl_->failure; }
 

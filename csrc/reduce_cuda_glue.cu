@@ -6,7 +6,7 @@
 #include <torch/types.h>
 
 #include "reduce_kernels.cuh"
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
 

@@ -1,5 +1,6 @@
 // Declarations of the torch-facing functions (argument checks, device guards, dtype mapping)
-// that bindings.cpp exposes to Python. Each implementation file includes this header.
+// that bindings.cpp exposes to Python. Files named *_glue.* implement them (torch headers,
+// TORCH_CHECK); the others are the algorithms (pure C++/CUDA). Shared checks: checks_glue.cpp.
 #pragma once
 
 #include <torch/types.h>
@@ -96,19 +97,30 @@ class IpcAllReduce {
   ~IpcAllReduce();
   // This rank's buffer as a cudaIpcMemHandle_t in a CPU uint8 tensor.
   at::Tensor handle() const;
+  // This rank's buffer's device address (for connect_local).
+  int64_t buffer_address() const;
   // Maps the peers' buffers; handles[p] is rank p's handle().
   void connect(const std::vector<at::Tensor>& handles);
-  // Enqueues the in-place all-reduce of a contiguous tensor on the ring's stream (op: a
-  // ReduceOp code or kOpAvg, which divides on the device), after the
-  // work already on the current stream; with block_current_stream, later work on the current
-  // stream waits for it. Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the
-  // device reported about earlier calls.
+  // Uses other endpoints of this process as the peers: addresses[p] is rank p's
+  // buffer_address() (several endpoints on streams of one GPU, for tests).
+  void connect_local(const std::vector<int64_t>& addresses);
+  // Enqueues the in-place all-reduce of a contiguous tensor as one kernel on the ring's stream
+  // (op: a ReduceOp code or kOpAvg, which divides on the device), after the work already on
+  // the current stream; with block_current_stream, later work on the current stream waits for
+  // it. While the current stream is capturing a CUDA graph, the kernel is captured on it.
+  // Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the device reported
+  // about earlier calls.
   void all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
   // Raises what the device reported, if anything (does not wait for the device).
   void check();
   // The ring's cudaStream_t, for torch.cuda.ExternalStream.
   int64_t stream_handle() const;
-  // Waits for the ring's stream, then releases the buffers. Idempotent.
+  // First step of a collective close: waits for the ring's stream and unmaps the peers'
+  // buffers; later calls raise RingClosedError. Idempotent.
+  void stop();
+  // Last step: frees this rank's buffer (after every rank has stopped). Idempotent.
+  void free();
+  // stop() and free() at once: only where no peer maps this buffer (never connected).
   void close();
   bool closed() const;
   std::string failure() const;

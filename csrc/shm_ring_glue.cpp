@@ -2,7 +2,7 @@
 // C++ ring (shm_ring.h).
 #include <torch/types.h>
 
-#include "torch_glue.h"
+#include "glue.h"
 
 namespace fastpar {
 
@@ -33,14 +33,6 @@ ShmAllReduce::ShmAllReduce(const std::string& name, bool create, int64_t rank, i
 void ShmAllReduce::unlink() {
   const std::lock_guard<std::mutex> lock(mutex_);
   segment_.unlink();
-}
-
-DType check_ring_call(const at::Tensor& tensor, int64_t op) {
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
-  TORCH_CHECK_VALUE(op >= 0 && op <= kMaxRingOp, "op must be 0..", kMaxRingOp, ", got ", op);
-  TORCH_CHECK_VALUE(op != kOpAvg || at::isFloatingType(tensor.scalar_type()),
-                    "op AVG needs a floating-point tensor, got ", tensor.scalar_type());
-  return to_native_dtype(tensor.scalar_type(), "tensor");
 }
 
 void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
