@@ -41,12 +41,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastpar._checks import check_choice, check_positive
 from fastpar._logging import get_logger, log_once
 from fastpar.profiling import record_range
 
@@ -74,12 +75,9 @@ class DataParallelConfig:
     collectives are bounded by the process group's timeout instead)."""
 
     def __post_init__(self) -> None:
-        if self.comm not in ("auto", "ring", "torch"):
-            raise ValueError(f"comm must be 'auto', 'ring' or 'torch', got {self.comm!r}")
+        check_choice("comm", self.comm, get_args(CommChoice))
         for name in ("bucket_cap_mb", "first_bucket_mb", "timeout_s"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}")
+            check_positive(name, getattr(self, name))
 
 
 @dataclass(eq=False)

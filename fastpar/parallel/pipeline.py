@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastpar._checks import check_int_at_least
+from fastpar._checks import check_int_at_least, check_positive
 from fastpar._logging import get_logger
 from fastpar.comm.ring import host_identity
 from fastpar.parallel.pipeline_comm import Link, Peer, PipelineError, ShmLink, connect_shm_links
@@ -119,8 +119,7 @@ class PipelineConfig:
             raise ValueError(
                 f"loss_reduction must be one of {REDUCTIONS}, got {self.loss_reduction!r}"
             )
-        if not isinstance(self.timeout_s, (int, float)) or not self.timeout_s > 0:
-            raise ValueError(f"timeout_s must be a number > 0, got {self.timeout_s!r}")
+        check_positive("timeout_s", self.timeout_s)
         if self.transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {self.transport!r}")
 

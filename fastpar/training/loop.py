@@ -131,7 +131,8 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
     runner: nn.Module = module
     dp = pipe = None
     if place.dims.dp > 1:
-        dp = DataParallel(module, group=place.dp_group, comm=config.comm)
+        dp = DataParallel(module, group=place.dp_group, comm=config.comm,
+                          timeout=config.timeout_s)  # fmt: skip
         runner = dp
     if place.dims.pp > 1:
         pipe = Pipeline(runner, stage_index=place.stage, num_stages=place.dims.pp,

@@ -256,14 +256,20 @@ def test_state_dict_is_the_plain_modules() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"comm": "nccl"}, "comm must be 'auto', 'ring' or 'torch', got 'nccl'"),
-        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be > 0, got 0"),
-        ({"first_bucket_mb": -1.0}, "first_bucket_mb must be > 0, got -1.0"),
+        ({"comm": "nccl"}, r"comm must be one of \('auto', 'ring', 'torch'\), got 'nccl'"),
+        ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a finite number > 0, got 0"),
+        ({"first_bucket_mb": -1.0}, r"first_bucket_mb must be a finite number > 0, got -1.0"),
+        ({"timeout_s": float("inf")}, "timeout_s must be a finite number > 0, got inf"),
     ],
 )
 def test_bad_options_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DataParallelConfig(**kwargs)
+
+
+def test_a_bool_is_not_a_size() -> None:
+    with pytest.raises(TypeError, match="bucket_cap_mb must be a number, got bool True"):
+        DataParallelConfig(bucket_cap_mb=True)
 
 
 def test_needs_an_initialised_process_group() -> None:

@@ -330,7 +330,7 @@ def test_split_sequential_shares_layers_and_checks_points() -> None:
         ({"num_stages": 2, "schedule": "zb"}, "schedule must be one of"),
         ({"num_stages": 2, "loss_reduction": "max"}, "loss_reduction must be one of"),
         ({"num_stages": 2, "batch_dim": -1}, "batch_dim must be an integer >= 0, got -1"),
-        ({"num_stages": 2, "timeout_s": 0}, "timeout_s must be a number > 0, got 0"),
+        ({"num_stages": 2, "timeout_s": 0}, "timeout_s must be a finite number > 0, got 0"),
     ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, Any], message: str) -> None:
