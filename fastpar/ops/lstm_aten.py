@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpar.ops.reference import LayerWeights
+from fastpar.ops.reference import LayerWeights, stack_layers
 
 _ONEDNN_LSTM_MODE = 2  # ideep::rnn_kind::LSTM, the `mode` argument of aten.mkldnn_rnn_layer
 
@@ -474,21 +474,13 @@ def lstm_stack_aten(
             x, (h0, c0), params, has_bias, num_layers, dropout, training, bidirectional, False
         )
         return out, h_n, c_n
-    num_dirs = 2 if bidirectional else 1
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
-    layer_input = x
-    for layer in range(num_layers):
-        outs: list[Tensor] = []
-        for direction in range(num_dirs):
-            k = layer * num_dirs + direction
-            out, h_last, c_last = lstm_layer_aten(
-                layer_input, h0[k], c0[k], weights[k], lengths, direction == 1
-            )
-            outs.append(out)
-            h_n.append(h_last)
-            c_n.append(c_last)
-        layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=2)
-        if dropout > 0.0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    def run_layer(
+        layer_input: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return lstm_layer_aten(layer_input, h0, c0, w, lengths, reverse)
+
+    return stack_layers(
+        x, h0, c0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+        dropout=dropout, training=training,
+    )  # fmt: skip

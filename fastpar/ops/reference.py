@@ -139,11 +139,46 @@ def lstm_stack(
     Returns:
         output: (T, B, D*P) outputs of the last layer; h_n: (L*D, B, P); c_n: (L*D, B, H).
     """
-    num_dirs = 2 if bidirectional else 1
     mask = None
     if lengths is not None:
         steps = torch.arange(x.shape[0], device=lengths.device)
         mask = (steps.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2).to(x.dtype)  # (T, B, 1)
+
+    def run_layer(
+        layer_input: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        hs, c_last = recurrence(input_projection(layer_input, w), h0, c0, w.w_hh, w.w_hr,
+                                lengths, reverse)  # fmt: skip
+        return (hs if mask is None else hs * mask), hs[0] if reverse else hs[-1], c_last
+
+    return stack_layers(
+        x, h0, c0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+        dropout=dropout, training=training,
+    )  # fmt: skip
+
+
+LayerFn = Callable[[Tensor, Tensor, Tensor, LayerWeights, bool], tuple[Tensor, Tensor, Tensor]]
+
+
+def stack_layers(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[LayerWeights],
+    run_layer: LayerFn,
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer and direction loop of a stacked LSTM, shared by every backend's stack.
+
+    ``run_layer(layer_input, h0, c0, weights, reverse)`` runs one layer in one direction and
+    returns its output (T, B, P) (zero past each length), h_n (B, P) and c_n (B, H); the
+    arguments and results otherwise as ``lstm_stack``.
+    """
+    num_dirs = 2 if bidirectional else 1
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
     layer_input = x
@@ -151,12 +186,10 @@ def lstm_stack(
         outs: list[Tensor] = []
         for direction in range(num_dirs):
             k = layer * num_dirs + direction
-            w = weights[k]
-            xg = input_projection(layer_input, w)
-            hs, c_last = recurrence(xg, h0[k], c0[k], w.w_hh, w.w_hr, lengths, direction == 1)
-            h_n.append(hs[0] if direction == 1 else hs[-1])
+            out, h_last, c_last = run_layer(layer_input, h0[k], c0[k], weights[k], direction == 1)
+            outs.append(out)
+            h_n.append(h_last)
             c_n.append(c_last)
-            outs.append(hs if mask is None else hs * mask)
         layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=2)
         if dropout > 0.0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)

@@ -260,10 +260,7 @@ def save(
             outcome[0] = tempfile.mkdtemp(dir=root, prefix=f".{final.name}{_STAGING_SUFFIX}")
         except OSError as failure:
             outcome[1] = f"could not write checkpoint {final}: {failure}"
-    if distributed:
-        dist.broadcast_object_list(outcome, src=0)
-    if outcome[1] is not None:
-        raise CheckpointError(outcome[1])
+    _raise_rank0_error(outcome, distributed)
     staging = Path(str(outcome[0]))
     writer = dcp.FileSystemWriter(staging, sync_files=True)
     with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
@@ -278,11 +275,16 @@ def save(
             _prune(root, step, keep)
         except OSError as failure:
             outcome[1] = f"could not write checkpoint {final}: {failure}"
+    _raise_rank0_error(outcome, distributed)
+    return final
+
+
+def _raise_rank0_error(outcome: list[str | None], distributed: bool) -> None:
+    """Every rank learns rank 0's outcome and raises its error, if any."""
     if distributed:
         dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
         raise CheckpointError(outcome[1])
-    return final
 
 
 def _seal(staging: Path, final: Path, step: int, metadata: dict[str, Any]) -> None:
