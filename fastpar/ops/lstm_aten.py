@@ -476,11 +476,13 @@ def lstm_stack_aten(
         return out, h_n, c_n
 
     def run_layer(
-        layer_input: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        return lstm_layer_aten(layer_input, h0, c0, w, lengths, reverse)
+        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out, h_n, c_n = lstm_layer_aten(layer_input, *states, w, lengths, reverse)
+        return out, (h_n, c_n)
 
-    return stack_layers(
-        x, h0, c0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    out, (h_n, c_n) = stack_layers(
+        x, (h0, c0), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
+    return out, h_n, c_n

@@ -58,6 +58,11 @@ def input_projection(x: Tensor, w: LayerWeights) -> Tensor:
     return F.linear(x, w.w_ih, bias)
 
 
+def time_steps(steps: int, reverse: bool) -> range:
+    """The order a recurrence visits time: 0..T-1, or T-1..0 when reversed."""
+    return range(steps - 1, -1, -1) if reverse else range(steps)
+
+
 def step_mask(lengths: Tensor, t: int) -> Tensor:
     """(B, 1) bool: which sequences have a valid step at time ``t``."""
     return (lengths > t).unsqueeze(1)
@@ -90,10 +95,9 @@ def lstm_recurrence_reference(
         hs: (T, B, P) the hidden state after each step (carried through invalid steps);
         c_n: (B, H) the cell state after the last step processed.
     """
-    steps = range(xg.shape[0] - 1, -1, -1) if reverse else range(xg.shape[0])
     h, c = h0, c0
     hs: list[Tensor] = [h0] * xg.shape[0]
-    for t in steps:
+    for t in time_steps(xg.shape[0], reverse):
         gates = xg[t] + h @ w_hh.t()
         i, f, g, o = gates.chunk(4, dim=1)
         c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -139,31 +143,45 @@ def lstm_stack(
     Returns:
         output: (T, B, D*P) outputs of the last layer; h_n: (L*D, B, P); c_n: (L*D, B, H).
     """
-    mask = None
-    if lengths is not None:
-        steps = torch.arange(x.shape[0], device=lengths.device)
-        mask = (steps.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2).to(x.dtype)  # (T, B, 1)
+    mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
 
     def run_layer(
-        layer_input: Tensor, h0: Tensor, c0: Tensor, w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        h0, c0 = states
         hs, c_last = recurrence(input_projection(layer_input, w), h0, c0, w.w_hh, w.w_hr,
                                 lengths, reverse)  # fmt: skip
-        return (hs if mask is None else hs * mask), hs[0] if reverse else hs[-1], c_last
+        return masked(hs, mask), (hs[0] if reverse else hs[-1], c_last)
 
-    return stack_layers(
-        x, h0, c0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    out, (h_n, c_n) = stack_layers(
+        x, (h0, c0), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
+    return out, h_n, c_n
 
 
-LayerFn = Callable[[Tensor, Tensor, Tensor, LayerWeights, bool], tuple[Tensor, Tensor, Tensor]]
+def valid_steps_mask(lengths: Tensor | None, steps: int, dtype: torch.dtype) -> Tensor | None:
+    """(T, B, 1) 1 where a step is within its sequence's length, 0 past it; None without lengths."""
+    if lengths is None:
+        return None
+    positions = torch.arange(steps, device=lengths.device)
+    return (positions.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2).to(dtype)
+
+
+def masked(hs: Tensor, mask: Tensor | None) -> Tensor:
+    """A layer's output with the steps past each length zeroed, as torch's packed output."""
+    return hs if mask is None else hs * mask
+
+
+# (layer_input, initial states, weights, reverse) -> (output, final states); see stack_layers.
+LayerFn = Callable[
+    [Tensor, tuple[Tensor, ...], LayerWeights, bool], tuple[Tensor, tuple[Tensor, ...]]
+]
 
 
 def stack_layers(
     x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
+    states: tuple[Tensor, ...],
     weights: Sequence[LayerWeights],
     run_layer: LayerFn,
     *,
@@ -171,29 +189,40 @@ def stack_layers(
     bidirectional: bool,
     dropout: float,
     training: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The layer and direction loop of a stacked LSTM, shared by every backend's stack.
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """The layer and direction loop of a stacked recurrent network, shared by every cell's and
+    every backend's stack.
 
-    ``run_layer(layer_input, h0, c0, weights, reverse)`` runs one layer in one direction and
-    returns its output (T, B, P) (zero past each length), h_n (B, P) and c_n (B, H); the
-    arguments and results otherwise as ``lstm_stack``.
+    Arguments:
+        x: (T, B, I) input.
+        states: the initial states, each (L*D, B, .), layer-major then direction, as torch:
+            (h0, c0) for the LSTM, (h0,) for the GRU and RNN.
+        weights: L*D LayerWeights in the same order.
+        run_layer: ``run_layer(layer_input, states_k, weights_k, reverse)`` runs one layer in one
+            direction and returns its output (T, B, size of h) (zero past each length) and its
+            final states (each (B, .)).
+        num_layers: L; bidirectional: D = 2 if True else 1.
+        dropout: probability of zeroing each output of every layer but the last (training only).
+        training: apply dropout.
+
+    Returns:
+        output: (T, B, D * size of h) of the last layer; the final states, each (L*D, B, .).
     """
     num_dirs = 2 if bidirectional else 1
-    h_n: list[Tensor] = []
-    c_n: list[Tensor] = []
+    finals: list[tuple[Tensor, ...]] = []
     layer_input = x
     for layer in range(num_layers):
         outs: list[Tensor] = []
         for direction in range(num_dirs):
             k = layer * num_dirs + direction
-            out, h_last, c_last = run_layer(layer_input, h0[k], c0[k], weights[k], direction == 1)
+            initial = tuple(state[k] for state in states)
+            out, final = run_layer(layer_input, initial, weights[k], direction == 1)
             outs.append(out)
-            h_n.append(h_last)
-            c_n.append(c_last)
+            finals.append(final)
         layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=2)
         if dropout > 0.0 and training and layer < num_layers - 1:
             layer_input = F.dropout(layer_input, p=dropout, training=True)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
+    return layer_input, tuple(torch.stack(list(column)) for column in zip(*finals, strict=True))
 
 
 def lstm_cell_reference(x: Tensor, h: Tensor, c: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor]:
