@@ -93,17 +93,17 @@ def _gru_factors(
     share; and dn (T, B, H), the input pre-activation gradient of n per unit of dh_t (k's n part
     is dn * r)."""
     T, B, H = h_prev.shape
+    # In place where a buffer is free again: these passes over (T, B, H) are memory-bound.
     xg = torch.nn.functional.linear(x, w_ih, b_ih).view(T, B, 3, H)
-    hg = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(T, B, 3, H)
-    rz = (xg[:, :, :2] + hg[:, :, :2]).sigmoid_()
-    r, z = rz.unbind(2)
-    hn = hg[:, :, 2]
+    k = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(T, B, 3, H)  # hg, then k
+    r, z = xg[:, :, :2].add_(k[:, :, :2]).sigmoid_().unbind(2)
+    hn = k[:, :, 2]
     n = torch.addcmul(xg[:, :, 2], r, hn).tanh_()
-    dn = (1 - z) * (1 - n * n)
-    k = torch.empty_like(hg)
-    torch.mul(dn * hn, r * (1 - r), out=k[:, :, 0])
-    torch.mul((h_prev - n) * z, 1 - z, out=k[:, :, 1])
-    torch.mul(dn, r, out=k[:, :, 2])
+    one_minus_z = 1 - z
+    dn = (n * n).neg_().add_(1).mul_(one_minus_z)  # (1 - n^2)(1 - z)
+    torch.mul(hn, dn, out=k[:, :, 0]).mul_(r).mul_(1 - r)
+    torch.sub(h_prev, n, out=k[:, :, 1]).mul_(z).mul_(one_minus_z)
+    torch.mul(dn, r, out=k[:, :, 2])  # hn is no longer needed
     return k, z, dn
 
 
