@@ -88,22 +88,22 @@ def _gru_factors(
     x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """From x (T, B, I) and h_prev (T, B, H): k (T, B, 3, H), the gradients of the recurrent
-    pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t; z (T, B, H), dh_{t-1}'s direct
-    share; and dn (T, B, H), the input pre-activation gradient of n per unit of dh_t (k's n part
-    is dn * r)."""
-    T, B, H = h_prev.shape
-    # In place where a buffer is free again: these passes over (T, B, H) are memory-bound.
-    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(T, B, 3, H)
-    k = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(T, B, 3, H)  # hg, then k
-    r, z = xg[:, :, :2].add_(k[:, :, :2]).sigmoid_().unbind(2)
-    hn = k[:, :, 2]
-    n = torch.addcmul(xg[:, :, 2], r, hn).tanh_()
+    """From the steps' x (N, I) and h_{t-1} (N, H): k (N, 3, H), the gradients of the recurrent
+    pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t; z (N, H), dh_{t-1}'s direct
+    share; and dn (N, H), the gradient of n's input pre-activation per unit of dh_t (k's n part
+    is dn * r: the reset gate scales only the recurrent side)."""
+    N, H = h_prev.shape
+    # In place where a buffer is free again: these passes over (N, H) are memory-bound.
+    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(N, 3, H)
+    k = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(N, 3, H)  # hg, then k
+    r, z = xg[:, :2].add_(k[:, :2]).sigmoid_().unbind(1)
+    hn = k[:, 2]
+    n = torch.addcmul(xg[:, 2], r, hn).tanh_()
     one_minus_z = 1 - z
     dn = (n * n).neg_().add_(1).mul_(one_minus_z)  # (1 - n^2)(1 - z)
-    torch.mul(hn, dn, out=k[:, :, 0]).mul_(r).mul_(1 - r)
-    torch.sub(h_prev, n, out=k[:, :, 1]).mul_(z).mul_(one_minus_z)
-    torch.mul(dn, r, out=k[:, :, 2])  # hn is no longer needed
+    torch.mul(hn, dn, out=k[:, 0]).mul_(r).mul_(1 - r)
+    torch.sub(h_prev, n, out=k[:, 1]).mul_(z).mul_(one_minus_z)
+    torch.mul(dn, r, out=k[:, 2])  # hn is no longer needed
     return k, z, dn
 
 
@@ -112,7 +112,10 @@ def _backward_recompute(
     b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
     out: Tensor, cell: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath)."""
+    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath).
+
+    Works on the valid steps only (``Arrangement.pack``, N rows): with lengths, the GEMMs and
+    elementwise passes skip the padding."""
     dtype = opmath_dtype(x.dtype)
     arrange = Arrangement(lengths, reverse, x.shape[0])
     T, B, _ = x.shape
@@ -121,37 +124,39 @@ def _backward_recompute(
     b_ih = b_ih.to(dtype) if b_ih is not None else None
     b_hh = b_hh.to(dtype) if b_hh is not None else None
     xc, hs, dhs = backward_inputs(arrange, x, h0, out, dout, dh_n)
-    h_prev = hs[:-1]
+    x_p, h_prev = arrange.pack(xc), arrange.pack(hs[:-1])
     carry: Tensor | None = None  # the GRU's z: dh_{t-1} += dh_t * z_t
     if cell == "gru":
-        k, carry, dn = _gru_factors(xc, h_prev, w_ih, w_hh, b_ih, b_hh)
-    elif cell == "rnn_tanh":
-        k = (1 - hs[1:] * hs[1:]).unsqueeze(2)
+        k, carry, dn = _gru_factors(x_p, h_prev, w_ih, w_hh, b_ih, b_hh)
     else:
-        k = (hs[1:] > 0).to(dtype).unsqueeze(2)
-    G = k.shape[2]
-    # dg[t]: gradients of step t's recurrent pre-activations; rows a step does not run stay 0.
-    dg = x.new_zeros(T, B, G, H, dtype=dtype) if lengths is not None else torch.empty_like(k)
+        h = arrange.pack(hs[1:])
+        k = ((1 - h * h) if cell == "rnn_tanh" else (h > 0).to(dtype)).unsqueeze(1)
+    G = k.shape[1]
+    dg = torch.empty_like(k)  # (N, G, H): gradients of each step's recurrent pre-activations
     sizes = arrange.batch_sizes or [B] * T
+    end = dg.shape[0]
     for t in range(T - 1, -1, -1):
         bs = sizes[t]
-        dh, dg_t, k_t, prev = dhs[t + 1], dg[t], k[t], dhs[t]  # prev: gradient of h_{t-1}
+        if bs == 0:
+            continue
+        rows = slice(end - bs, end)  # step t's rows in the packed layout
+        end -= bs
+        dh, prev = dhs[t + 1], dhs[t]  # of h_t, and of h_{t-1}
         if bs < B:
-            dh, dg_t, k_t, prev = dh[:bs], dg_t[:bs], k_t[:bs], prev[:bs]
-        torch.mul(dh.unsqueeze(1), k_t, out=dg_t)
-        prev.addmm_(dg_t.view(bs, G * H), w_hh)
+            dh, prev = dh[:bs], prev[:bs]
+        torch.mul(dh.unsqueeze(1), k[rows], out=dg[rows])
+        prev.addmm_(dg[rows].view(bs, G * H), w_hh)
         if carry is not None:
-            prev.addcmul_(dh, carry[t][:bs] if bs < B else carry[t])
+            prev.addcmul_(dh, carry[rows])
 
-    dgh = dg.view(T * B, G * H)  # of h W_hh^T + b_hh
-    if cell == "gru":  # of x W_ih^T + b_ih: the n part differs (r scales only the h side)
-        dgx4 = dg.clone()
-        torch.mul(dhs[1:], dn, out=dgx4[:, :, 2])
-        dgx = dgx4.view(T * B, G * H)
-    else:
-        dgx = dgh
-    dw_ih = (dgx.t() @ xc.reshape(T * B, -1)).to(x.dtype)
-    dw_hh = (dgh.t() @ h_prev.reshape(T * B, H)).to(x.dtype)
+    dgh = dg.view(-1, G * H)  # of h W_hh^T + b_hh
+    dgx = dgh  # of x W_ih^T + b_ih
+    if cell == "gru":  # the n part differs
+        dgx = dg.clone()
+        torch.mul(arrange.pack(dhs[1:]), dn, out=dgx[:, 2])
+        dgx = dgx.view(-1, G * H)
+    dw_ih = (dgx.t() @ x_p).to(x.dtype)
+    dw_hh = (dgh.t() @ h_prev).to(x.dtype)
     db_ih, db_hh = x.new_empty(0), x.new_empty(0)
     if b_ih is not None:
         db_ih, db_hh = dgx.sum(0).to(x.dtype), dgh.sum(0).to(x.dtype)
@@ -159,7 +164,7 @@ def _backward_recompute(
             db_hh = db_hh.clone()  # outputs of a custom op may not alias each other
     dx = x.new_empty(0)
     if need_dx:
-        dx = arrange.restore((dgx @ w_ih).view(T, B, -1)).to(x.dtype)
+        dx = arrange.restore(arrange.unpack(dgx @ w_ih, T)).to(x.dtype)
     dh0 = arrange.unrows(dhs[0]).to(h0.dtype)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
