@@ -251,8 +251,14 @@ def rnn_layer_aten(
         out: (T, B, H) hidden state after every step, zero past each length; h_n: (B, H), the
         state after each sequence's last step.
     """
+    state_dtype = h0.dtype
     x, (h0,), w = autocast_layer(x, (h0,), w)
-    return rnn_aten_layer_op(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell)
+    out, h_n = rnn_aten_layer_op(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell)
+    if cell == "gru" and h0.dtype != state_dtype:
+        # Under autocast torch.nn.GRU's state update, z * h_{t-1}, promotes to h0's dtype.
+        dtype = torch.promote_types(h0.dtype, state_dtype)
+        out, h_n = out.to(dtype), h_n.to(dtype)
+    return out, h_n
 
 
 def _stack(
