@@ -42,7 +42,7 @@ from fastpar.ops.aten_common import (
     vf_layer,
     vf_whole_stack,
 )
-from fastpar.ops.reference import LayerWeights, stack_layers
+from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
 
 Cell = Literal["gru", "rnn_tanh", "rnn_relu"]
@@ -171,20 +171,10 @@ def _backward_recompute(
 
 @torch.library.custom_op("fastpar::rnn_aten_layer_backward", mutates_args=())
 def rnn_aten_layer_backward_op(
-    dout: Tensor,
-    dh_n: Tensor,
-    x: Tensor,
-    h0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    cell: str,
-    need_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool, out: Tensor,
+    cell: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dx ((0,) unless need_dx), dh0, dw_ih, dw_hh, db_ih, db_hh ((0,) without biases)."""
     return _backward_recompute(
         dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, out, cell, need_dx
@@ -232,13 +222,9 @@ rnn_aten_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rnn_layer_aten(
-    cell: Cell,
-    x: Tensor,
-    h0: Tensor,
-    w: LayerWeights,
-    lengths: Tensor | None = None,
+    cell: Cell, x: Tensor, h0: Tensor, w: LayerWeights, lengths: Tensor | None = None,
     reverse: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One layer and direction of torch.nn.GRU (cell "gru") or torch.nn.RNN ("rnn_tanh",
     "rnn_relu") on torch's kernels, through the custom op.
 
@@ -273,29 +259,21 @@ def _stack(
         return out, h_n
 
     def run_layer(
-        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        out, h_n = rnn_layer_aten(cell, layer_input, states[0], w, lengths, reverse)
-        return out, (h_n,)
+        layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        return rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
 
-    out, (h_n,) = stack_layers(
-        x, (h0,), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    return stack_layers_h(
+        x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
-    return out, h_n
 
 
 def gru_stack_aten(
-    x: Tensor,
-    h0: Tensor,
-    weights: Sequence[LayerWeights],
-    *,
-    num_layers: int,
-    bidirectional: bool,
-    dropout: float = 0.0,
-    training: bool = False,
+    x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, num_layers: int,
+    bidirectional: bool, dropout: float = 0.0, training: bool = False,
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``rnn_reference.gru_stack`` on torch's kernels: same arguments and results.
 
     Arguments:
@@ -313,17 +291,10 @@ def gru_stack_aten(
 
 
 def rnn_stack_aten(
-    x: Tensor,
-    h0: Tensor,
-    weights: Sequence[LayerWeights],
-    *,
-    nonlinearity: Nonlinearity,
-    num_layers: int,
-    bidirectional: bool,
-    dropout: float = 0.0,
-    training: bool = False,
+    x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, nonlinearity: Nonlinearity,
+    num_layers: int, bidirectional: bool, dropout: float = 0.0, training: bool = False,
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``rnn_reference.rnn_stack`` on torch's kernels: arguments and results as
     ``gru_stack_aten``, with torch.nn.RNN's ``nonlinearity`` ("tanh" or "relu")."""
     check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
