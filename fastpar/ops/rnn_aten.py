@@ -15,8 +15,8 @@ registered autograd formula, so ``fullgraph=True`` holds):
   for the RNN and three for the GRU, and the weight gradients as single GEMMs after the loop.
 
 torch has no oneDNN path for these cells (it runs them as aten ops under autograd on CPU), so
-there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch's fused
-``torch._VF`` cell calls, which torch.compile traces without a break.
+there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch.nn.GRUCell's and
+torch.nn.RNNCell's own ``torch._VF`` calls, which torch.compile traces without a break.
 
 Glossary: T time, B batch, I input features, H hidden units, G gates (3 for the GRU in torch's
 order r, z, n; 1 for the RNN).
@@ -25,7 +25,7 @@ order r, z, n; 1 for the RNN).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -46,8 +46,8 @@ from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
 
 Cell = Literal["gru", "rnn_tanh", "rnn_relu"]
-NONLINEARITIES: tuple[Nonlinearity, ...] = ("tanh", "relu")
-
+CELLS: tuple[Cell, ...] = get_args(Cell)
+NONLINEARITIES: tuple[Nonlinearity, ...] = get_args(Nonlinearity)
 
 _VF_CALLS: dict[str, VFCall] = {
     "gru": torch._VF.gru,
@@ -71,6 +71,7 @@ def rnn_aten_layer_op(
     """One layer and direction of a GRU (cell "gru") or RNN ("rnn_tanh", "rnn_relu").
 
     Returns out (T, B, H) (zeros past each length) and h_n (B, H)."""
+    check_choice("cell", cell, CELLS)
     check_bias(b_ih, b_hh)
     arrange = Arrangement(lengths, reverse, x.shape[0])
     w = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
