@@ -38,6 +38,7 @@ from fastpar.ops.aten_common import (
     backward_inputs,
     check_bias,
     eager_whole_stack,
+    needs_grad,
     opmath_dtype,
     vf_layer,
     vf_whole_stack,
@@ -56,64 +57,121 @@ _VF_CALLS: dict[str, VFCall] = {
 }
 
 
+# The GRU's forward runs fastpar's own step loop, which keeps the gates for backward, where one
+# step's recurrent and input GEMMs hold at least this many multiply-adds (B * 3H * (I + H)):
+# from there recomputing the gates in backward costs more than the loop's Python dispatch (eight
+# ops a step; torch's C++ loop is then no faster). Measured on CPU, one thread, fwd+bwd:
+# B64 T32 I256 H1024 1.25x -> TODO, B8 T256 I32 H64 (below: torch's loop, 0.47x).
+GRU_SAVED_GATES_MIN_MACS = 1 << 20
+
+
+def saves_gru_gates(cell: str, x: Tensor, w_hh: Tensor, lengths: Tensor | None) -> bool:
+    """Whether the GRU layer's forward keeps its gates (see GRU_SAVED_GATES_MIN_MACS). Not for
+    half types: rounded once more per step than in torch's loop, its error can exceed torch's."""
+    if cell != "gru" or lengths is not None or x.dtype not in (torch.float32, torch.float64):
+        return False
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    return batch * 3 * hidden * (x.shape[2] + hidden) >= GRU_SAVED_GATES_MIN_MACS
+
+
+def _gru_forward_saving_gates(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """torch.nn.GRU's forward over canonical (T, B, I) input, all rows running: out (T, B, H)
+    and gates (T, B, 4, H) = (r, z, n, h W_hn^T + b_hn) of every step."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(T, B, 3, H)
+    gates = x.new_empty(T, B, 4, H)
+    out = x.new_empty(T, B, H)
+    hg = x.new_empty(B, 3 * H)
+    w_hh_t = w_hh.t()
+    h = h0
+    for t in range(T):
+        if b_hh is None:
+            torch.mm(h, w_hh_t, out=hg)
+        else:
+            torch.addmm(b_hh, h, w_hh_t, out=hg)
+        hg3, g = hg.view(B, 3, H), gates[t]
+        torch.add(xg[t, :, :2], hg3[:, :2], out=g[:, :2]).sigmoid_()
+        g[:, 3].copy_(hg3[:, 2])
+        torch.addcmul(xg[t, :, 2], g[:, 0], hg3[:, 2], out=g[:, 2]).tanh_()
+        # h_t = n + z * (h_{t-1} - n)
+        h = torch.sub(h, g[:, 2], out=out[t]).mul_(g[:, 1]).add_(g[:, 2])
+    return out, gates
+
+
 @torch.library.custom_op("fastpar::rnn_aten_layer", mutates_args=())
 def rnn_aten_layer_op(
-    x: Tensor,
-    h0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    cell: str,
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    lengths: Tensor | None, reverse: bool, cell: str, save_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One layer and direction of a GRU (cell "gru") or RNN ("rnn_tanh", "rnn_relu").
 
-    Returns out (T, B, H) (zeros past each length) and h_n (B, H)."""
+    Returns out (T, B, H) (zeros past each length), h_n (B, H), and with save_gates (a GRU
+    without lengths only) the gates for backward, (T, B, 4, H); otherwise (0,)."""
     check_choice("cell", cell, CELLS)
     check_bias(b_ih, b_hh)
     arrange = Arrangement(lengths, reverse, x.shape[0])
+    if save_gates:
+        if cell != "gru" or lengths is not None:
+            raise ValueError(f"save_gates needs cell 'gru' without lengths, got cell {cell!r}")
+        with torch.no_grad():
+            out, gates = _gru_forward_saving_gates(arrange.apply(x), h0, w_ih, w_hh, b_ih, b_hh)
+        return arrange.restore(out), out[-1].clone(), gates
     w = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
     out, (h_n,) = vf_layer(_VF_CALLS[cell], x, (h0,), w, arrange)
-    return out, h_n
+    return out, h_n, x.new_empty(0)
 
 
 @rnn_aten_layer_op.register_fake
-def _(x: Tensor, h0: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, h0: Tensor, *args: object) -> tuple[Tensor, Tensor, Tensor]:
     T, B, _ = x.shape
-    return x.new_empty(T, B, h0.shape[1]), h0.new_empty(h0.shape)
+    H = h0.shape[1]
+    gates_shape = (T, B, 4, H) if args[-1] else (0,)
+    return x.new_empty(T, B, H), h0.new_empty(h0.shape), x.new_empty(gates_shape)
 
 
-def _gru_factors(
+def _gru_gates(
     x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """From the steps' x (N, I) and h_{t-1} (N, H): k (N, 3, H), the gradients of the recurrent
-    pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t; z (N, H), dh_{t-1}'s direct
-    share; and dn (N, H), the gradient of n's input pre-activation per unit of dh_t (k's n part
-    is dn * r: the reset gate scales only the recurrent side)."""
+) -> Tensor:  # fmt: skip
+    """The gates the forward computed, again, from the steps' x (N, I) and h_{t-1} (N, H):
+    (N, 4, H) = (r, z, n, h W_hn^T + b_hn)."""
     N, H = h_prev.shape
-    # In place where a buffer is free again: these passes over (N, H) are memory-bound.
+    gates = x.new_empty(N, 4, H)
     xg = torch.nn.functional.linear(x, w_ih, b_ih).view(N, 3, H)
-    k = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(N, 3, H)  # hg, then k
-    r, z = xg[:, :2].add_(k[:, :2]).sigmoid_().unbind(1)
-    hn = k[:, 2]
-    n = torch.addcmul(xg[:, 2], r, hn).tanh_()
+    hg = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(N, 3, H)
+    torch.add(xg[:, :2], hg[:, :2], out=gates[:, :2]).sigmoid_()
+    gates[:, 3] = hg[:, 2]
+    torch.addcmul(xg[:, 2], gates[:, 0], hg[:, 2], out=gates[:, 2]).tanh_()
+    return gates
+
+
+def _gru_factors(gates: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From the gates (N, 4, H) (see ``_gru_gates``) and h_{t-1} (N, H): k (N, 3, H), the
+    gradients of the recurrent pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t;
+    z (N, H), dh_{t-1}'s direct share; and dn (N, H), the gradient of n's input pre-activation
+    per unit of dh_t (k's n part is dn * r: the reset gate scales only the recurrent side)."""
+    r, z, n, hn = gates.unbind(1)
+    # In place where a buffer is free: these passes over (N, H) are memory-bound.
+    k = torch.empty_like(gates[:, :3])
     one_minus_z = 1 - z
     dn = (n * n).neg_().add_(1).mul_(one_minus_z)  # (1 - n^2)(1 - z)
     torch.mul(hn, dn, out=k[:, 0]).mul_(r).mul_(1 - r)
     torch.sub(h_prev, n, out=k[:, 1]).mul_(z).mul_(one_minus_z)
-    torch.mul(dn, r, out=k[:, 2])  # hn is no longer needed
+    torch.mul(dn, r, out=k[:, 2])
     return k, z, dn
 
 
 def _backward_recompute(
     dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
-    out: Tensor, cell: str, need_dx: bool,
+    out: Tensor, gates: Tensor, cell: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath).
+    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath); the
+    GRU's gates are recomputed unless the forward kept them (``gates`` not empty).
 
     Works on the valid steps only (``Arrangement.pack``, N rows): with lengths, the GEMMs and
     elementwise passes skip the padding."""
@@ -128,7 +186,11 @@ def _backward_recompute(
     x_p, h_prev = arrange.pack(xc), arrange.pack(hs[:-1])
     carry: Tensor | None = None  # the GRU's z: dh_{t-1} += dh_t * z_t
     if cell == "gru":
-        k, carry, dn = _gru_factors(x_p, h_prev, w_ih, w_hh, b_ih, b_hh)
+        if gates.numel():
+            gates = gates.to(dtype).view(-1, 4, H)  # no lengths: the packed layout is a view
+        else:
+            gates = _gru_gates(x_p, h_prev, w_ih, w_hh, b_ih, b_hh)
+        k, carry, dn = _gru_factors(gates, h_prev)
     else:
         h = arrange.pack(hs[1:])
         k = ((1 - h * h) if cell == "rnn_tanh" else (h > 0).to(dtype)).unsqueeze(1)
@@ -174,11 +236,11 @@ def _backward_recompute(
 def rnn_aten_layer_backward_op(
     dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool, out: Tensor,
-    cell: str, need_dx: bool,
+    gates: Tensor, cell: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dx ((0,) unless need_dx), dh0, dw_ih, dw_hh, db_ih, db_hh ((0,) without biases)."""
     return _backward_recompute(
-        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, out, cell, need_dx
+        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, out, gates, cell, need_dx
     )
 
 
@@ -198,24 +260,27 @@ def _(dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, cell = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output[0])
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, cell, _save = inputs
+    out, _, gates = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates)
     ctx.reverse, ctx.cell = reverse, cell
+    ctx.mark_non_differentiable(gates)  # without this autograd fills a zero "gradient" as large
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None) -> tuple[Tensor | None, ...]:
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out = ctx.saved_tensors
+def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None,
+              _dgates: Any) -> tuple[Tensor | None, ...]:  # fmt: skip
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = rnn_aten_layer_backward_op(
-        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, out, ctx.cell,
+        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, out, gates, ctx.cell,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     has_bias = b_ih is not None
     return (
         dx if ctx.needs_input_grad[0] else None, dh0, dw_ih, dw_hh,
-        db_ih if has_bias else None, db_hh if has_bias else None, None, None, None,
+        db_ih if has_bias else None, db_hh if has_bias else None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -240,7 +305,10 @@ def rnn_layer_aten(
     """
     state_dtype = h0.dtype
     x, (h0,), w = autocast_layer(x, (h0,), w)
-    out, h_n = rnn_aten_layer_op(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell)
+    save = needs_grad(x, h0, *w) and saves_gru_gates(cell, x, w.w_hh, lengths)
+    out, h_n, _ = rnn_aten_layer_op(
+        x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell, save
+    )
     if cell == "gru" and h0.dtype != state_dtype:
         # Under autocast torch.nn.GRU's state update, z * h_{t-1}, promotes to h0's dtype.
         dtype = torch.promote_types(h0.dtype, state_dtype)
