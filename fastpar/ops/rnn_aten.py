@@ -9,10 +9,12 @@ registered autograd formula, so ``fullgraph=True`` holds):
 
 * forward: the same ``torch._VF`` call on one layer and direction without autograd (packed
   through batch_sizes when there are lengths; lengths and reversal by
-  ``aten_common.Arrangement``);
+  ``aten_common.Arrangement``); for a GRU with large steps and no lengths, fastpar's own step
+  loop, which keeps the gates for backward (see ``GRU_SAVED_GATES_MIN_MACS``);
 * backward (``fastpar::rnn_aten_layer_backward``): every per-step factor from the saved input and
-  outputs at once (for the GRU, the gates from two GEMMs over all steps), then two ops per step
-  for the RNN and three for the GRU, and the weight gradients as single GEMMs after the loop.
+  outputs at once (for the GRU, from the kept gates or gates recomputed by two GEMMs over all
+  steps), then two ops per step for the RNN and three for the GRU, and the weight gradients as
+  single GEMMs after the loop, over the valid steps only.
 
 torch has no oneDNN path for these cells (it runs them as aten ops under autograd on CPU), so
 there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch.nn.GRUCell's and
@@ -31,18 +33,7 @@ import torch
 from torch import Tensor
 
 from fastpar._checks import check_choice
-from fastpar.ops.aten_common import (
-    Arrangement,
-    VFCall,
-    autocast_layer,
-    backward_inputs,
-    check_bias,
-    eager_whole_stack,
-    needs_grad,
-    opmath_dtype,
-    vf_layer,
-    vf_whole_stack,
-)
+from fastpar.ops import aten_common
 from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
 
@@ -50,7 +41,7 @@ Cell = Literal["gru", "rnn_tanh", "rnn_relu"]
 CELLS: tuple[Cell, ...] = get_args(Cell)
 NONLINEARITIES: tuple[Nonlinearity, ...] = get_args(Nonlinearity)
 
-_VF_CALLS: dict[str, VFCall] = {
+_VF_CALLS: dict[str, aten_common.VFCall] = {
     "gru": torch._VF.gru,
     "rnn_tanh": torch._VF.rnn_tanh,
     "rnn_relu": torch._VF.rnn_relu,
@@ -58,16 +49,18 @@ _VF_CALLS: dict[str, VFCall] = {
 
 
 # The GRU's forward runs fastpar's own step loop, which keeps the gates for backward, where one
-# step's recurrent and input GEMMs hold at least this many multiply-adds (B * 3H * (I + H)):
-# from there recomputing the gates in backward costs more than the loop's Python dispatch (eight
-# ops a step; torch's C++ loop is then no faster). Measured on CPU, one thread, fwd+bwd:
-# B64 T32 I256 H1024 1.25x -> TODO, B8 T256 I32 H64 (below: torch's loop, 0.47x).
+# step's recurrent and input GEMMs hold at least this many multiply-adds (B * 3H * (I + H)): there
+# recomputing the gates (two GEMMs as large as the forward's) costs more than the loop's Python
+# dispatch (eight ops a step). CPU, one thread, fwd+bwd against torch.nn.GRU: recomputing,
+# 1.06-1.25x at B16 T64 I64 H256 L2, B32 T128 I128 H512 and B64 T32 I256 H1024; keeping the
+# gates, 0.92-0.93x; below the bound (B8 T256 I32 H64, 0.15M) recomputing gives 0.47-0.50x.
+# The crossing between those sizes was not measured.
 GRU_SAVED_GATES_MIN_MACS = 1 << 20
 
 
 def saves_gru_gates(cell: str, x: Tensor, w_hh: Tensor, lengths: Tensor | None) -> bool:
-    """Whether the GRU layer's forward keeps its gates (see GRU_SAVED_GATES_MIN_MACS). Not for
-    half types: rounded once more per step than in torch's loop, its error can exceed torch's."""
+    """Whether the GRU layer's forward keeps its gates (see GRU_SAVED_GATES_MIN_MACS). Half types
+    keep torch's loop, which rounds as torch.nn.GRU does (fastpar's is checked in float32/64)."""
     if cell != "gru" or lengths is not None or x.dtype not in (torch.float32, torch.float64):
         return False
     batch, hidden = x.shape[1], w_hh.shape[1]
@@ -112,8 +105,8 @@ def rnn_aten_layer_op(
     Returns out (T, B, H) (zeros past each length), h_n (B, H), and with save_gates (a GRU
     without lengths only) the gates for backward, (T, B, 4, H); otherwise (0,)."""
     check_choice("cell", cell, CELLS)
-    check_bias(b_ih, b_hh)
-    arrange = Arrangement(lengths, reverse, x.shape[0])
+    aten_common.check_bias(b_ih, b_hh)
+    arrange = aten_common.Arrangement(lengths, reverse, x.shape[0])
     if save_gates:
         if cell != "gru" or lengths is not None:
             raise ValueError(f"save_gates needs cell 'gru' without lengths, got cell {cell!r}")
@@ -121,7 +114,7 @@ def rnn_aten_layer_op(
             out, gates = _gru_forward_saving_gates(arrange.apply(x), h0, w_ih, w_hh, b_ih, b_hh)
         return arrange.restore(out), out[-1].clone(), gates
     w = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
-    out, (h_n,) = vf_layer(_VF_CALLS[cell], x, (h0,), w, arrange)
+    out, (h_n,) = aten_common.vf_layer(_VF_CALLS[cell], x, (h0,), w, arrange)
     return out, h_n, x.new_empty(0)
 
 
@@ -175,14 +168,14 @@ def _backward_recompute(
 
     Works on the valid steps only (``Arrangement.pack``, N rows): with lengths, the GEMMs and
     elementwise passes skip the padding."""
-    dtype = opmath_dtype(x.dtype)
-    arrange = Arrangement(lengths, reverse, x.shape[0])
+    dtype = aten_common.opmath_dtype(x.dtype)
+    arrange = aten_common.Arrangement(lengths, reverse, x.shape[0])
     T, B, _ = x.shape
     H = w_hh.shape[1]
     w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
     b_ih = b_ih.to(dtype) if b_ih is not None else None
     b_hh = b_hh.to(dtype) if b_hh is not None else None
-    xc, hs, dhs = backward_inputs(arrange, x, h0, out, dout, dh_n)
+    xc, hs, dhs = aten_common.backward_inputs(arrange, x, h0, out, dout, dh_n)
     x_p, h_prev = arrange.pack(xc), arrange.pack(hs[:-1])
     carry: Tensor | None = None  # the GRU's z: dh_{t-1} += dh_t * z_t
     if cell == "gru":
@@ -304,8 +297,8 @@ def rnn_layer_aten(
         state after each sequence's last step.
     """
     state_dtype = h0.dtype
-    x, (h0,), w = autocast_layer(x, (h0,), w)
-    save = needs_grad(x, h0, *w) and saves_gru_gates(cell, x, w.w_hh, lengths)
+    x, (h0,), w = aten_common.autocast_layer(x, (h0,), w)
+    save = aten_common.needs_grad(x, h0, *w) and saves_gru_gates(cell, x, w.w_hh, lengths)
     out, h_n, _ = rnn_aten_layer_op(
         x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell, save
     )
@@ -320,8 +313,8 @@ def _stack(
     cell: Cell, x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, num_layers: int,
     bidirectional: bool, dropout: float, training: bool, lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    if eager_whole_stack(lengths):
-        out, h_n = vf_whole_stack(
+    if aten_common.eager_whole_stack(lengths):
+        out, h_n = aten_common.vf_whole_stack(
             _VF_CALLS[cell], x, (h0,), weights, num_layers=num_layers, bidirectional=bidirectional,
             dropout=dropout, training=training,
         )  # fmt: skip
