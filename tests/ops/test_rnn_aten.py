@@ -218,7 +218,7 @@ def _plain(module: torch.nn.Module) -> torch.nn.Module:
 
 
 class _Tagger(torch.nn.Module):
-    """A GRU, a tanh RNN (both with lengths) and a relu RNN, then the cells."""
+    """A GRU, a tanh RNN with lengths and a relu RNN, then the cells."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -232,7 +232,7 @@ class _Tagger(torch.nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h0 = x.new_zeros(4, B, H)
         out, h_n = gru_stack_aten(x, h0, layer_weights(self.gru, 2, 2), num_layers=2,
-                                  bidirectional=True, lengths=lengths)  # fmt: skip
+                                  bidirectional=True)  # fmt: skip
         out, _ = rnn_stack_aten(out, h0[:2], layer_weights(self.tanh, 1, 2), nonlinearity="tanh",
                                 num_layers=1, bidirectional=True, lengths=lengths)  # fmt: skip
         out, h1 = rnn_stack_aten(out, h0[:1], layer_weights(self.relu, 1, 1), nonlinearity="relu",
@@ -242,7 +242,9 @@ class _Tagger(torch.nn.Module):
         return out.tanh().sum() + h_n.square().sum() + h.sum()
 
 
-def test_torch_compile_fullgraph_no_graph_break() -> None:
+@pytest.mark.parametrize("path", ["custom_op", "saved_gates"])
+def test_torch_compile_fullgraph_no_graph_break(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
+    _force(monkeypatch, path)  # "custom_op" for the eager run; compiled code runs the op anyway
     torch._dynamo.reset()
     model = _Tagger()
     x, lengths = randn(T, B, F_IN, seed=1).float(), torch.tensor(LENGTHS)
