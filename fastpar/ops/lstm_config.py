@@ -120,7 +120,9 @@ def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
     Activations lie in [0, 1] (i, f, o) or [-1, 1] (g), where float16 keeps 11 significant bits
     (bfloat16 only 8): rounded to bfloat16 they put bfloat16 gradients outside tests/ops' bound
     (twice PyTorch's own error), rounded to float16 the errors stay where float32 put them. c_t
-    is saved in float32: it is unbounded and carries the recurrence.
+    is saved in float32: it is unbounded and carries the recurrence. The GRU saves r, z, n and
+    ``h_{t-1} W_hn^T + b_hn`` in the same dtype: the last is unbounded but only scales the reset
+    gate's gradient (11 significant bits suffice), and carries nothing.
     """
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
