@@ -17,6 +17,7 @@ from fastpar.ops.lstm_config import (
     persistent_config,
     step_config,
 )
+from fastpar.ops.lstm_forward import recurrence_forward
 from fastpar.ops.reference import step_mask, time_steps
 from fastpar.ops.rnn_op import cell_recurrence_op, gru_recurrence_triton, rnn_recurrence_triton
 from fastpar.ops.rnn_reference import (
@@ -229,6 +230,23 @@ def test_inference_keeps_nothing_for_backward(cell: str) -> None:
             got = rnn_recurrence_triton(*inputs, lengths, True, cell.removeprefix("rnn_"))
     assert not got.requires_grad
     assert torch.equal(got, hs)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_tf32_dots_round_their_operands(cell: str) -> None:
+    # float32 dots take the LSTM's precision switch (lstm_config.dot_precision); the interpreter
+    # rounds TF32 operands itself, so the TF32 path runs here: its error exceeds IEEE's.
+    xg, h0, w_hh, *b = (t.detach() for t in cell_inputs(cell, 7, torch.float32))
+    state = h0.float()
+    want = run_cell(cell, _exact([xg, h0, w_hh, *b]), None, False)[0]
+    errors = {}
+    for precision in ("ieee", "tf32"):
+        hs = recurrence_forward(
+            cell, xg, h0, state, w_hh, b[0] if b else None, kernel="step", precision=precision
+        ).hs  # fmt: skip
+        errors[precision] = (hs.double() - want).abs().max().item()
+    assert errors["ieee"] <= FP32_ATOL
+    assert 10 * errors["ieee"] < errors["tf32"] <= 5e-3, errors
 
 
 def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
