@@ -329,6 +329,17 @@ def test_stack_matches_torch_module(cell: str, packed: bool) -> None:
         assert_close(a, b, 1e-4, 1e-4, f"gradient {k}")
 
 
+@pytest.mark.parametrize("cell, packed", [("gru", True), ("rnn_relu", False)])
+def test_opcheck(cell: str, packed: bool) -> None:
+    # torch.library's own checks of the op: schema, fake implementations against the real
+    # outputs, autograd registration, and forward+backward traced by AOTAutograd.
+    inputs = cell_inputs(cell, 4, torch.float32, hidden=5)
+    b_hn = inputs[3] if cell == "gru" else None
+    lengths = torch.tensor([4, 1, 3], dtype=torch.int32) if packed else None
+    args = (*inputs[:3], b_hn, lengths, True, cell, "step", True)
+    torch.library.opcheck(cell_recurrence_op, args)
+
+
 def test_torch_compile_fullgraph_forward_backward() -> None:
     # Both ops in one compiled function: fullgraph=True raises on a graph break; the fake
     # implementations must give the shapes and the registered autograd the eager gradients.
