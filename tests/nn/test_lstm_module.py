@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
-import fastpar.nn.lstm
+import fastpar.nn.recurrent
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -235,7 +235,7 @@ def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
         m.double()(x.double())
     # auto on CPU: torch's kernels (bitwise the torch backend), said through log_once.
     said: list[str] = []
-    monkeypatch.setattr(fastpar.nn.lstm, "log_once", lambda _logger, msg: said.append(msg))
+    monkeypatch.setattr(fastpar.nn.recurrent, "log_once", lambda _logger, msg: said.append(msg))
     torch.manual_seed(0)
     auto = fastpar.nn.LSTM(F_IN, H, backend="auto")
     torch.manual_seed(0)
