@@ -196,3 +196,23 @@ def rnn_stack(
         dropout=dropout, training=training,
     )  # fmt: skip
     return out, h_n
+
+
+def gru_cell_reference(x: Tensor, h: Tensor, w: LayerWeights) -> Tensor:
+    """One GRU step, as torch.nn.GRUCell.
+
+    Arguments:
+        x: (B, I) input; h: (B, H) hidden state; w: the cell's weights (``w_hr`` None).
+
+    Returns:
+        h_next: (B, H).
+    """
+    xg, b_hn = gru_input_projection(x.unsqueeze(0), w)
+    return gru_recurrence_reference(xg, h, w.w_hh, b_hn)[0]
+
+
+def rnn_cell_reference(x: Tensor, h: Tensor, w: LayerWeights, nonlinearity: Nonlinearity) -> Tensor:
+    """One Elman RNN step, as torch.nn.RNNCell: arguments and result as ``gru_cell_reference``,
+    with its ``nonlinearity`` ("tanh" or "relu")."""
+    xg = input_projection(x.unsqueeze(0), w)
+    return rnn_recurrence_reference(xg, h, w.w_hh, nonlinearity=nonlinearity)[0]
