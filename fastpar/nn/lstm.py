@@ -53,8 +53,14 @@ def select_recurrence(backend: Backend, x: Tensor, kernel: Kernel = "auto") -> R
     """
     return choose_recurrence(
         backend, x, kernel, cell="LSTM", reference=lstm_recurrence_reference,
-        triton="fastpar.ops.lstm_op.lstm_recurrence_triton",
+        triton=_triton_recurrence,
     )  # fmt: skip
+
+
+def _triton_recurrence() -> Recurrence:
+    from fastpar.ops.lstm_op import lstm_recurrence_triton
+
+    return lstm_recurrence_triton
 
 
 def _run_stack(
@@ -121,9 +127,6 @@ class LSTM(RecurrentBase):
 
     def state_sizes(self) -> tuple[int, ...]:
         return (self.proj_size or self.hidden_size, self.hidden_size)
-
-    def _extra_options(self) -> str:
-        return f", proj_size={self.proj_size}" if self.proj_size else ""
 
     def _run_stack(
         self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None

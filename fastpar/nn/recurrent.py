@@ -22,7 +22,6 @@ h), L num_layers, D directions, G gates per hidden unit (4 LSTM, 3 GRU, 1 RNN).
 from __future__ import annotations
 
 import functools
-import importlib
 import math
 import warnings
 from collections.abc import Callable
@@ -102,7 +101,7 @@ def choose_recurrence(
     *,
     cell: str,
     reference: Callable[..., Any],
-    triton: str,
+    triton: Callable[[], Callable[..., Any]],
 ) -> Callable[..., Any] | None:
     """The single-direction recurrence a stack runs for ``x``, or None for torch's kernels.
 
@@ -112,8 +111,9 @@ def choose_recurrence(
         kernel: the Triton kernel variant (used only when the Triton kernels run).
         cell: "LSTM", "GRU" or "RNN", for messages.
         reference: the pure-PyTorch recurrence.
-        triton: "module.function" of the Triton recurrence, imported only when it runs (the
-            Triton modules import Triton).
+        triton: returns the Triton recurrence, importing it (the Triton modules import
+            Triton, so only the calls that run them do; with an import statement, which
+            torch.compile traces, where importlib would break the graph).
 
     Returns:
         ``reference``, the Triton recurrence with ``kernel`` bound, or None.
@@ -122,14 +122,7 @@ def choose_recurrence(
         return reference
     if not takes_triton(backend, x, cell):
         return None
-    return functools.partial(load(triton), kernel=kernel)
-
-
-def load(path: str) -> Callable[..., Any]:
-    """The function at "module.function", imported now: ops that import Triton (or that are
-    optional) are imported only by the calls that run them."""
-    module, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
+    return functools.partial(triton(), kernel=kernel)
 
 
 def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
@@ -297,12 +290,11 @@ class RecurrentBase(nn.Module):
         """The last dimension of each state of hx: (P,) or, for the LSTM, (P, H)."""
         return (self.proj_size or self.hidden_size,)
 
-    def _extra_options(self) -> str:
-        """Options of the subclass shown in ``repr`` after (input_size, hidden_size)."""
-        return ""
-
     def extra_repr(self) -> str:
-        s = f"{self.input_size}, {self.hidden_size}" + self._extra_options()
+        # torch's repr, then what torch's leaves out (the RNN's nonlinearity) and fastpar's own.
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
         for name, default in (("bias", True), ("batch_first", False), ("bidirectional", False)):
@@ -310,6 +302,9 @@ class RecurrentBase(nn.Module):
                 s += f", {name}={getattr(self, name)}"
         if self.dropout:
             s += f", dropout={self.dropout}"
+        nonlinearity = getattr(self, "nonlinearity", "tanh")
+        if nonlinearity != "tanh":
+            s += f", nonlinearity={nonlinearity!r}"
         s += f", backend={self.backend!r}"
         return s + (f", kernel={self.kernel!r}" if self.kernel != "auto" else "")
 
@@ -491,6 +486,5 @@ __all__ = [
     "RecurrentCellBase",
     "choose_recurrence",
     "layer_weights",
-    "load",
     "takes_triton",
 ]

@@ -29,9 +29,9 @@ from fastpar.nn.recurrent import (
     RecurrentBase,
     RecurrentCellBase,
     choose_recurrence,
-    load,
 )
 from fastpar.ops.reference import LayerWeights
+from fastpar.ops.rnn_aten import gru_cell_aten, gru_stack_aten, rnn_cell_aten, rnn_stack_aten
 from fastpar.ops.rnn_reference import (
     Nonlinearity,
     gru_recurrence_reference,
@@ -46,21 +46,26 @@ NONLINEARITIES: tuple[str, ...] = get_args(Nonlinearity)
 @dataclass(frozen=True)
 class CellOps:
     """A one-state cell's functions: the stack and its recurrence per backend, and torch's
-    kernels. Paths ("module.function") are imported by the calls that run them."""
+    kernels."""
 
     cell: str  # "GRU" or "RNN", for messages
     stack: Callable[..., tuple[Tensor, Tensor]]  # rnn_reference.gru_stack or rnn_stack
     reference: Callable[..., Tensor]  # the pure-PyTorch recurrence
-    triton: str  # the Triton recurrence
-    stack_aten: str  # the stack on torch's kernels
-    cell_aten: str  # one step on torch's kernels
+    triton: str  # the Triton recurrence's name in fastpar.ops.rnn_op (imported when it runs)
+    stack_aten: Callable[..., tuple[Tensor, Tensor]]  # the stack on torch's kernels
+    cell_aten: Callable[..., Tensor]  # one step on torch's kernels
+
+    def _triton(self) -> Callable[..., Tensor]:
+        from fastpar.ops import rnn_op
+
+        return getattr(rnn_op, self.triton)
 
     def recurrence(
         self, backend: Backend, x: Tensor, kernel: Kernel
     ) -> Callable[..., Tensor] | None:
         """The recurrence ``stack`` runs for ``x`` on ``backend``, or None for torch's kernels."""
         return choose_recurrence(
-            backend, x, kernel, cell=self.cell, reference=self.reference, triton=self.triton
+            backend, x, kernel, cell=self.cell, reference=self.reference, triton=self._triton
         )
 
     def run_stack(
@@ -70,7 +75,7 @@ class CellOps:
         """x (T, B, I), h0 (L*D, B, H) -> output (T, B, D*H), h_n (L*D, B, H)."""
         recurrence = self.recurrence(backend, x, kernel)
         if recurrence is None:
-            return load(self.stack_aten)(x, h0, weights, **options)
+            return self.stack_aten(x, h0, weights, **options)
         return self.stack(x, h0, weights, recurrence=recurrence, **options)
 
     def run_cell(
@@ -80,7 +85,7 @@ class CellOps:
         stack (the same recurrence and kernels as the module)."""
         recurrence = self.recurrence(backend, x, "auto")
         if recurrence is None:
-            return load(self.cell_aten)(x, h, w, **options)
+            return self.cell_aten(x, h, w, **options)
         _, h_n = self.stack(x.unsqueeze(0), h.unsqueeze(0), [w], num_layers=1,
                             bidirectional=False, recurrence=recurrence, **options)  # fmt: skip
         return h_n[0]
@@ -90,17 +95,17 @@ GRU_OPS = CellOps(
     cell="GRU",
     stack=gru_stack,
     reference=gru_recurrence_reference,
-    triton="fastpar.ops.rnn_op.gru_recurrence_triton",
-    stack_aten="fastpar.ops.rnn_aten.gru_stack_aten",
-    cell_aten="fastpar.ops.rnn_aten.gru_cell_aten",
+    triton="gru_recurrence_triton",
+    stack_aten=gru_stack_aten,
+    cell_aten=gru_cell_aten,
 )
 RNN_OPS = CellOps(
     cell="RNN",
     stack=rnn_stack,
     reference=rnn_recurrence_reference,
-    triton="fastpar.ops.rnn_op.rnn_recurrence_triton",
-    stack_aten="fastpar.ops.rnn_aten.rnn_stack_aten",
-    cell_aten="fastpar.ops.rnn_aten.rnn_cell_aten",
+    triton="rnn_recurrence_triton",
+    stack_aten=rnn_stack_aten,
+    cell_aten=rnn_cell_aten,
 )
 
 
@@ -236,9 +241,6 @@ class RNN(_OneStateBase):
 
     def cell_options(self) -> dict[str, Any]:
         return {"nonlinearity": self.nonlinearity}
-
-    def _extra_options(self) -> str:
-        return f", nonlinearity={self.nonlinearity!r}" if self.nonlinearity != "tanh" else ""
 
 
 class GRUCell(_OneStateCellBase):
