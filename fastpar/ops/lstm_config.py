@@ -1,7 +1,10 @@
-"""Launch configurations of the LSTM kernels and the choice between them.
+"""Launch configurations of the recurrent kernels (LSTM, GRU, Elman RNN) and the choice between
+them.
 
-Glossary: B batch, H hidden units, P size of h (proj_size or H), G = 4 gates, KP = H rounded up
-to a power of two (the K of a dot that takes all of h_{t-1} at once).
+Glossary: B batch, H hidden units, P size of h (proj_size or H), G gates per hidden unit (LSTM 4,
+GRU 3, RNN 1: ``gate_count``), GS gate slots of a tile (``gate_slots``), KP = H rounded up to a
+power of two (the K of a dot that takes all of h_{t-1} at once). Every function takes the cell
+(``CellKind``, default "lstm"): the kernels are shared, only their gate count differs.
 
 Which kernel runs (``choose_kernel``):
 - "step": one launch per time step (and direction), any shape, with or without a projection.
@@ -29,6 +32,8 @@ import triton
 from fastpar.ops import interpreter_active
 
 KernelChoice = Literal["auto", "step", "persistent"]
+# The cells the kernels run: "rnn_tanh" and "rnn_relu" are torch.nn.RNN's two nonlinearities.
+CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
 
@@ -45,6 +50,19 @@ PERSISTENT_BWD_MAX_TILE = 64 * 16
 # inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
+
+
+def gate_count(cell: CellKind) -> int:
+    """G: gates per hidden unit (rows of W_hh per unit): LSTM 4, GRU 3, RNN 1."""
+    if cell not in get_args(CellKind):
+        raise ValueError(f"cell must be one of {get_args(CellKind)}, got {cell!r}")
+    return {"lstm": 4, "gru": 3}.get(cell, 1)
+
+
+def gate_slots(cell: CellKind) -> int:
+    """GS: columns per hidden unit of a kernel tile, G rounded up to a power of two (tl.arange
+    sizes are powers of two; the GRU's fourth slot is masked)."""
+    return triton.next_power_of_2(gate_count(cell))
 
 
 def kernel_version() -> KernelVersion:
@@ -120,11 +138,13 @@ def padded_k(size: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(size))
 
 
-def w_fits_registers(block_b: int, hidden: int, block_h: int, dtype: torch.dtype) -> bool:
-    """Whether a (KP, 4*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
+def w_fits_registers(
+    block_b: int, hidden: int, block_h: int, dtype: torch.dtype, cell: CellKind = "lstm"
+) -> bool:
+    """Whether a (KP, GS*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
     registers of RESIDENT_WARPS warps (RESIDENT_BYTES_PER_THREAD each)."""
     kp = padded_k(hidden)
-    size = (block_b * kp + kp * 4 * block_h) * torch.finfo(dtype).bits // 8
+    size = (block_b * kp + kp * gate_slots(cell) * block_h) * torch.finfo(dtype).bits // 8
     return size <= RESIDENT_BYTES_PER_THREAD * RESIDENT_WARPS * 32
 
 
@@ -133,7 +153,7 @@ class StepConfig:
     """Tiles of the per-step kernels (forward and backward)."""
 
     block_b: int  # batch rows per program (>= 16)
-    block_h: int  # hidden units per forward program (4*block_h >= 16)
+    block_h: int  # hidden units per forward program (GS*block_h >= 16)
     block_h_bwd: int  # hidden units per backward program (>= 16: it is a tl.dot N)
     block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
     num_warps: int
@@ -160,6 +180,7 @@ def step_config(
     num_sms: int,
     version: KernelVersion = "v2",
     interpreter: bool = False,
+    cell: CellKind = "lstm",
 ) -> StepConfig:
     """Tiles for the per-step kernels: the widest hidden tile (fewer programs re-read h_{t-1})
     that still gives every SM a program, since one step is far too small to fill the GPU.
@@ -172,14 +193,15 @@ def step_config(
     block_b = batch_block(batch)
     n_b = triton.cdiv(batch, block_b)
     block_h = 32
-    while block_h > 4 and n_b * triton.cdiv(hidden, block_h) < num_sms:
+    min_h = MIN_DOT // gate_slots(cell)  # the dot's N is GS*block_h
+    while block_h > min_h and n_b * triton.cdiv(hidden, block_h) < num_sms:
         block_h //= 2
     block_h_bwd = 32 if n_b * triton.cdiv(hidden, 32) >= num_sms else MIN_DOT
     block_k = 32 if dtype == torch.float32 else 64
     one_wave = n_b * triton.cdiv(hidden, block_h) <= num_sms
     resident = (
         version == "v2"
-        and w_fits_registers(block_b, hidden, block_h, dtype)
+        and w_fits_registers(block_b, hidden, block_h, dtype, cell)
         and (interpreter or one_wave)
     )
     num_warps = RESIDENT_WARPS if resident else 4
@@ -197,6 +219,7 @@ def persistent_config(
     interpreter: bool,
     backward: bool = False,
     version: KernelVersion = "v2",
+    cell: CellKind = "lstm",
 ) -> PersistentConfig | None:
     """The persistent kernel's tiles, or None when it does not apply.
 
@@ -213,7 +236,7 @@ def persistent_config(
         return None
     block_b = batch_block(batch)
     n_b = triton.cdiv(batch, block_b)
-    min_h = MIN_DOT if backward else 4
+    min_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
     if interpreter:
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
@@ -225,11 +248,12 @@ def persistent_config(
     resident = (
         version == "v2"
         and not backward
-        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype))
+        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype, cell))
     )
     if resident:
         return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
-    w_share_fits_l1 = 4 * block_h * hidden * torch.finfo(dtype).bits // 8 <= PERSISTENT_W_BYTES
+    w_bytes = gate_count(cell) * block_h * hidden * torch.finfo(dtype).bits // 8
+    w_share_fits_l1 = w_bytes <= PERSISTENT_W_BYTES
     if backward and version == "v2":
         # v2 backward runs persistent even when its W_hh share spills from L1 to L2: the step
         # kernels read it from L2 as well, and pay a launch per step on top. Its tile must stay
@@ -257,6 +281,7 @@ def choose_kernel(
     device: torch.device,
     kernel: KernelChoice = "auto",
     backward: bool = False,
+    cell: CellKind = "lstm",
 ) -> Literal["step", "persistent"]:
     """Step or persistent kernel for this shape, forward or backward.
 
@@ -271,7 +296,7 @@ def choose_kernel(
         return "step"
     cfg = persistent_config(
         batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward,
-        kernel_version(),
+        kernel_version(), cell,
     )  # fmt: skip
     if kernel == "persistent":
         if cfg is None and backward:
