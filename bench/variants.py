@@ -59,26 +59,22 @@ def kernel_name(
     variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device,
     cell: str = "lstm",
 ) -> str:  # fmt: skip
-    """The Triton kernels a variant runs forward/backward at this shape, with their generation
-    (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs; "n/a:
-    why" where the variant cannot run."""
+    """The Triton kernels a variant runs forward/backward at this shape and cell, with their
+    generation (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs;
+    "n/a: why" where the variant cannot run."""
     from fastpar.ops import interpreter_active
 
     if device.type != "cuda" and not interpreter_active():
         return ""
     kernel = variant.removeprefix("fastpar-")
-    if cell != "lstm":
-        try:
-            from fastpar.ops import rnn_op  # noqa: F401
-        except ImportError:
-            return f"n/a: no Triton {MODULES[cell]} kernels in this build (fastpar.ops.rnn_op)"
-        return f"{cell} {kernel}"
     from fastpar.ops.lstm_config import choose_kernel as choose
     from fastpar.ops.lstm_config import kernel_version
 
+    kind = "rnn_tanh" if cell == "rnn" else cell  # the benchmarks' RNN is torch's default, tanh
+    size = proj or hidden
     try:
-        forward = choose(batch, hidden, proj or hidden, dtype, device, kernel)
-        backward = choose(batch, hidden, proj or hidden, dtype, device, kernel, backward=True)
+        forward = choose(batch, hidden, size, dtype, device, kernel, cell=kind)
+        backward = choose(batch, hidden, size, dtype, device, kernel, backward=True, cell=kind)
     except ValueError as error:  # "persistent" named where it does not apply
         return f"n/a: {error}"
     return f"{kernel_version()} {forward}/{backward}"
