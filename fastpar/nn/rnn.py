@@ -152,17 +152,9 @@ class _OneStateCellBase(RecurrentCellBase):
 class GRU(_OneStateBase):
     """Multi-layer GRU with torch.nn.GRU's interface, parameters and results.
 
-    Arguments:
-        input_size: I, features per step of the input.
-        hidden_size: H, hidden units per layer and direction.
-        num_layers: L, stacked layers.
-        bias: use b_ih and b_hh.
-        batch_first: input and output are (B, T, .) instead of (T, B, .).
-        dropout: dropout probability on the outputs of every layer but the last (training only).
-        bidirectional: run a second, reversed direction per layer (D = 2).
-        device, dtype: of the parameters.
-        backend: "auto", "triton", "torch" or "reference" (see fastpar.nn.recurrent).
-        kernel: the Triton kernel variant, as fastpar.nn.LSTM's.
+    Arguments: torch.nn.GRU's, as fastpar.nn.LSTM documents them (input_size I, hidden_size H,
+    num_layers L, bias, batch_first, dropout, bidirectional, device, dtype), and fastpar's
+    backend and kernel (see fastpar.nn.recurrent).
 
     ``forward(input, hx=None) -> (output, h_n)``: input (T, B, I), (B, T, I) when batch_first,
     (T, I) unbatched, or a PackedSequence; hx = h_0 (L*D, B, H) ((L*D, H) unbatched), zeros when

@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
+from tests.nn.recurrent_helpers import compare_with_torch
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -34,31 +35,9 @@ def _pair(backend: str = "triton", dtype: torch.dtype = torch.float32, **kwargs:
     return ours.to(dtype), theirs
 
 
-def _compare(ours, theirs, x, hx, dtype=torch.float32, atol=FP32_ATOL, rtol=FP32_RTOL, check=True):
-    """Outputs and the gradients of input, h0, c0 and every parameter, ours vs float64
-    (asserted within atol/rtol when check, else only returned)."""
-    xs = x.detach().to(dtype).requires_grad_()
-    hxs = tuple(h.detach().to(dtype).requires_grad_() for h in hx)
-    xd = x.detach().double().requires_grad_()
-    hxd = tuple(h.detach().double().requires_grad_() for h in hx)
-    out, (h_n, c_n) = ours(xs, hxs)
-    want, (want_h, want_c) = theirs(xd, hxd)
-    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate((want, want_h, want_c))]
-    got = [out, h_n, c_n] + list(
-        grads((out, h_n, c_n), [c.to(dtype) for c in cot], [xs, *hxs, *ours.parameters()])
-    )
-    exp = [want, want_h, want_c] + list(
-        grads((want, want_h, want_c), cot, [xd, *hxd, *theirs.parameters()])
-    )
-    names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"] + [
-        "d " + n for n, _ in ours.named_parameters()
-    ]
-    assert len(got) == len(exp) == len(names)
-    for name, a, b in zip(names, got, exp, strict=True):
-        assert a.shape == b.shape, name
-        if check:
-            assert_close(a, b, atol, rtol, name)
-    return got, exp, names
+# Outputs and the gradients of input, h0, c0 and every parameter, ours vs float64 (asserted
+# within atol/rtol when check, else only returned); hx = (h_0, c_0).
+_compare = compare_with_torch
 
 
 CONFIGS = [

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
+from tests.nn.recurrent_helpers import compare_with_torch
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -46,22 +47,8 @@ def _pair(kind: str, backend: str = "reference", dtype: torch.dtype = torch.floa
 
 
 def _compare(ours, theirs, x, h0, dtype=torch.float32, atol=FP32_ATOL, rtol=FP32_RTOL, check=True):
-    """Output, h_n and the gradients of input, h_0 and every parameter, ours vs float64 (asserted
-    within atol/rtol when check, else only returned)."""
-    xs, hs = (t.detach().to(dtype).requires_grad_() for t in (x, h0))
-    xd, hd = (t.detach().double().requires_grad_() for t in (x, h0))
-    got_out = list(ours(xs, hs))
-    want_out = list(theirs(xd, hd))
-    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate(want_out)]
-    got = got_out + list(grads(got_out, [c.to(dtype) for c in cot], [xs, hs, *ours.parameters()]))
-    exp = want_out + list(grads(want_out, cot, [xd, hd, *theirs.parameters()]))
-    names = ["output", "h_n", "d input", "d h0"] + ["d " + n for n, _ in ours.named_parameters()]
-    assert len(got) == len(exp) == len(names)
-    for name, a, b in zip(names, got, exp, strict=True):
-        assert a.shape == b.shape, name
-        if check:
-            assert_close(a, b, atol, rtol, name)
-    return got, exp, names
+    """Output, h_n and the gradients of input, h_0 and every parameter, ours vs float64."""
+    return compare_with_torch(ours, theirs, x, (h0,), dtype, atol, rtol, check)
 
 
 CONFIGS = [
@@ -312,13 +299,17 @@ def test_kernel_argument_reaches_the_triton_recurrence(
         return real(*args, kernel=kernel, **kwargs)
 
     monkeypatch.setattr(rnn_op, name, spy)
-    ours, theirs = _pair(kind, "triton", kernel="step")
-    assert "kernel='step'" in repr(ours)
+    module_type, _, _, _, options = KINDS[kind]
+    _, theirs = _pair(kind)
+    step = module_type(F_IN, H, backend="triton", kernel="step", **options)
+    step.load_state_dict(theirs.state_dict())
+    assert "kernel='step'" in repr(step)
     x = randn(4, B, F_IN, seed=1)
-    assert_close(ours(x.float())[0], theirs(x)[0], FP32_ATOL, FP32_RTOL, "kernel='step'")
+    assert_close(step(x.float())[0], theirs(x)[0], FP32_ATOL, FP32_RTOL, "kernel='step'")
     assert seen == ["step"]
     # "auto" ignores it where it takes torch's kernels (CPU), so one script runs on both.
-    auto, _ = _pair(kind, "auto", kernel="persistent")
+    auto = module_type(F_IN, H, kernel="persistent", **options)
+    auto.load_state_dict(theirs.state_dict())
     assert_close(auto(x.float())[0], theirs(x)[0], FP32_ATOL, FP32_RTOL, "auto")
     assert seen == ["step"]
 
