@@ -12,6 +12,7 @@ finishes; a case that raises is a row with its error, and the next case runs.
     python3 bench/lstm.py                           # GPU table (or the CPU mode without a GPU)
     python3 bench/lstm.py --device cpu              # CPU mode: 1 thread, backend="auto"
     python3 bench/lstm.py --scale tiny              # every kind of case at interpreter sizes
+    python3 bench/lstm.py --device cpu --cell gru rnn   # only the GRU and RNN shapes
     python3 bench/lstm.py --csv results/lstm.csv --profile-csv results/lstm_profile.csv
 
 Exit status: 0 all checks passed, 4 a check failed or a case raised (see its row).
@@ -351,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         help="shapes of bench/shapes.py (default: gpu on cuda, cpu on cpu)",
     )
     parser.add_argument("--quick", action="store_true", help="the first shape only")
+    cells = ("lstm", "gru", "rnn")
+    parser.add_argument(
+        "--cell", nargs="+", choices=cells, default=cells, help="only the shapes of these cells"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in CPU mode")
     parser.add_argument("--csv", type=Path, default=Path("results/lstm.csv"))
     parser.add_argument(
@@ -391,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         timer = do_bench_timer
     else:
         timer = host_timer(repeats=5)
-    shapes = lstm_shapes(scale)[:1] if args.quick else lstm_shapes(scale)
+    shapes = tuple(s for s in lstm_shapes(scale) if s.cell in args.cell)
+    shapes = shapes[:1] if args.quick else shapes
     if args.warm_only:
         warm(shapes, device, cases)
         return 0

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from fastpar._checks import check_int_at_least
+from fastpar._checks import check_choice, check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
 from fastpar.ops.reference import LayerWeights
@@ -48,14 +48,12 @@ _log = get_logger(__name__)
 
 
 def check_backend(backend: object) -> Backend:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     return backend  # type: ignore[return-value]
 
 
 def check_kernel(kernel: object, backend: Backend) -> Kernel:
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    check_choice("kernel", kernel, KERNELS)
     if kernel != "auto" and backend not in ("auto", "triton"):
         raise ValueError(
             f"kernel={kernel!r} chooses a Triton kernel variant, but backend={backend!r} runs "
@@ -197,7 +195,7 @@ def _check_dropout(dropout: object, num_layers: int) -> float:
     if dropout > 0 and num_layers == 1:
         warnings.warn(
             f"dropout acts between layers: with num_layers=1 it has no effect (dropout={dropout})",
-            stacklevel=3,
+            stacklevel=4,  # the user's call of the module's constructor
         )
     return float(dropout)
 
