@@ -9,14 +9,16 @@ registered autograd formula, so ``fullgraph=True`` holds):
 
 * forward: the same ``torch._VF`` call on one layer and direction without autograd (packed
   through batch_sizes when there are lengths; lengths and reversal by
-  ``aten_common.Arrangement``);
+  ``aten_common.Arrangement``); for a GRU with large steps and no lengths, fastpar's own step
+  loop, which keeps the gates for backward (see ``GRU_SAVED_GATES_MIN_MACS``);
 * backward (``fastpar::rnn_aten_layer_backward``): every per-step factor from the saved input and
-  outputs at once (for the GRU, the gates from two GEMMs over all steps), then two ops per step
-  for the RNN and three for the GRU, and the weight gradients as single GEMMs after the loop.
+  outputs at once (for the GRU, from the kept gates or gates recomputed by two GEMMs over all
+  steps), then two ops per step for the RNN and three for the GRU, and the weight gradients as
+  single GEMMs after the loop, over the valid steps only.
 
 torch has no oneDNN path for these cells (it runs them as aten ops under autograd on CPU), so
-there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch's fused
-``torch._VF`` cell calls, which torch.compile traces without a break.
+there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch.nn.GRUCell's and
+torch.nn.RNNCell's own ``torch._VF`` calls, which torch.compile traces without a break.
 
 Glossary: T time, B batch, I input features, H hidden units, G gates (3 for the GRU in torch's
 order r, z, n; 1 for the RNN).
@@ -25,133 +27,192 @@ order r, z, n; 1 for the RNN).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
 
 from fastpar._checks import check_choice
-from fastpar.ops.aten_common import (
-    Arrangement,
-    VFCall,
-    autocast_layer,
-    backward_inputs,
-    check_bias,
-    eager_whole_stack,
-    opmath_dtype,
-    vf_layer,
-    vf_whole_stack,
-)
-from fastpar.ops.reference import LayerWeights, stack_layers
+from fastpar.ops import aten_common
+from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
 
 Cell = Literal["gru", "rnn_tanh", "rnn_relu"]
-NONLINEARITIES: tuple[Nonlinearity, ...] = ("tanh", "relu")
+CELLS: tuple[Cell, ...] = get_args(Cell)
+NONLINEARITIES: tuple[Nonlinearity, ...] = get_args(Nonlinearity)
 
-
-_VF_CALLS: dict[str, VFCall] = {
+_VF_CALLS: dict[str, aten_common.VFCall] = {
     "gru": torch._VF.gru,
     "rnn_tanh": torch._VF.rnn_tanh,
     "rnn_relu": torch._VF.rnn_relu,
 }
 
 
+# The GRU's forward runs fastpar's own step loop, which keeps the gates for backward, where one
+# step's recurrent and input GEMMs hold at least this many multiply-adds (B * 3H * (I + H)): there
+# recomputing the gates (two GEMMs as large as the forward's) costs more than the loop's Python
+# dispatch (eight ops a step). CPU, one thread, fwd+bwd against torch.nn.GRU: recomputing,
+# 1.06-1.25x at B16 T64 I64 H256 L2, B32 T128 I128 H512 and B64 T32 I256 H1024; keeping the
+# gates, 0.92-0.93x; below the bound (B8 T256 I32 H64, 0.15M) recomputing gives 0.47-0.50x.
+# The crossing between those sizes was not measured.
+GRU_SAVED_GATES_MIN_MACS = 1 << 20
+
+
+def saves_gru_gates(cell: str, x: Tensor, w_hh: Tensor, lengths: Tensor | None) -> bool:
+    """Whether the GRU layer's forward keeps its gates (see GRU_SAVED_GATES_MIN_MACS). Half types
+    keep torch's loop, which rounds as torch.nn.GRU does (fastpar's is checked in float32/64)."""
+    if cell != "gru" or lengths is not None or x.dtype not in (torch.float32, torch.float64):
+        return False
+    batch, hidden = x.shape[1], w_hh.shape[1]
+    return batch * 3 * hidden * (x.shape[2] + hidden) >= GRU_SAVED_GATES_MIN_MACS
+
+
+def _gru_forward_saving_gates(
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """torch.nn.GRU's forward over canonical (T, B, I) input, all rows running: out (T, B, H)
+    and gates (T, B, 4, H) = (r, z, n, h W_hn^T + b_hn) of every step."""
+    T, B, _ = x.shape
+    H = w_hh.shape[1]
+    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(T, B, 3, H)
+    gates = x.new_empty(T, B, 4, H)
+    out = x.new_empty(T, B, H)
+    hg = x.new_empty(B, 3 * H)
+    w_hh_t = w_hh.t()
+    h = h0
+    for t in range(T):
+        if b_hh is None:
+            torch.mm(h, w_hh_t, out=hg)
+        else:
+            torch.addmm(b_hh, h, w_hh_t, out=hg)
+        hg3, g = hg.view(B, 3, H), gates[t]
+        torch.add(xg[t, :, :2], hg3[:, :2], out=g[:, :2]).sigmoid_()
+        g[:, 3].copy_(hg3[:, 2])
+        torch.addcmul(xg[t, :, 2], g[:, 0], hg3[:, 2], out=g[:, 2]).tanh_()
+        # h_t = n + z * (h_{t-1} - n)
+        h = torch.sub(h, g[:, 2], out=out[t]).mul_(g[:, 1]).add_(g[:, 2])
+    return out, gates
+
+
 @torch.library.custom_op("fastpar::rnn_aten_layer", mutates_args=())
 def rnn_aten_layer_op(
-    x: Tensor,
-    h0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    cell: str,
-) -> tuple[Tensor, Tensor]:
+    x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
+    lengths: Tensor | None, reverse: bool, cell: str, save_gates: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """One layer and direction of a GRU (cell "gru") or RNN ("rnn_tanh", "rnn_relu").
 
-    Returns out (T, B, H) (zeros past each length) and h_n (B, H)."""
-    check_bias(b_ih, b_hh)
-    arrange = Arrangement(lengths, reverse, x.shape[0])
+    Returns out (T, B, H) (zeros past each length), h_n (B, H), and with save_gates (a GRU
+    without lengths only) the gates for backward, (T, B, 4, H); otherwise (0,)."""
+    check_choice("cell", cell, CELLS)
+    aten_common.check_bias(b_ih, b_hh)
+    arrange = aten_common.Arrangement(lengths, reverse, x.shape[0])
+    if save_gates:
+        if cell != "gru" or lengths is not None:
+            raise ValueError(f"save_gates needs cell 'gru' without lengths, got cell {cell!r}")
+        with torch.no_grad():
+            out, gates = _gru_forward_saving_gates(arrange.apply(x), h0, w_ih, w_hh, b_ih, b_hh)
+        return arrange.restore(out), out[-1].clone(), gates
     w = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
-    out, (h_n,) = vf_layer(_VF_CALLS[cell], x, (h0,), w, arrange)
-    return out, h_n
+    out, (h_n,) = aten_common.vf_layer(_VF_CALLS[cell], x, (h0,), w, arrange)
+    return out, h_n, x.new_empty(0)
 
 
 @rnn_aten_layer_op.register_fake
-def _(x: Tensor, h0: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, h0: Tensor, *args: object) -> tuple[Tensor, Tensor, Tensor]:
     T, B, _ = x.shape
-    return x.new_empty(T, B, h0.shape[1]), h0.new_empty(h0.shape)
+    H = h0.shape[1]
+    gates_shape = (T, B, 4, H) if args[-1] else (0,)
+    return x.new_empty(T, B, H), h0.new_empty(h0.shape), x.new_empty(gates_shape)
 
 
-def _gru_factors(
+def _gru_gates(
     x: Tensor, h_prev: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """From x (T, B, I) and h_prev (T, B, H): k (T, B, 3, H), the gradients of the recurrent
-    pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t; z (T, B, H), dh_{t-1}'s direct
-    share; and dn (T, B, H), the input pre-activation gradient of n per unit of dh_t (k's n part
-    is dn * r)."""
-    T, B, H = h_prev.shape
-    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(T, B, 3, H)
-    hg = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(T, B, 3, H)
-    rz = (xg[:, :, :2] + hg[:, :, :2]).sigmoid_()
-    r, z = rz.unbind(2)
-    hn = hg[:, :, 2]
-    n = torch.addcmul(xg[:, :, 2], r, hn).tanh_()
-    dn = (1 - z) * (1 - n * n)
-    k = torch.empty_like(hg)
-    torch.mul(dn * hn, r * (1 - r), out=k[:, :, 0])
-    torch.mul((h_prev - n) * z, 1 - z, out=k[:, :, 1])
-    torch.mul(dn, r, out=k[:, :, 2])
+) -> Tensor:  # fmt: skip
+    """The gates the forward computed, again, from the steps' x (N, I) and h_{t-1} (N, H):
+    (N, 4, H) = (r, z, n, h W_hn^T + b_hn)."""
+    N, H = h_prev.shape
+    gates = x.new_empty(N, 4, H)
+    xg = torch.nn.functional.linear(x, w_ih, b_ih).view(N, 3, H)
+    hg = torch.nn.functional.linear(h_prev, w_hh, b_hh).view(N, 3, H)
+    torch.add(xg[:, :2], hg[:, :2], out=gates[:, :2]).sigmoid_()
+    gates[:, 3] = hg[:, 2]
+    torch.addcmul(xg[:, 2], gates[:, 0], hg[:, 2], out=gates[:, 2]).tanh_()
+    return gates
+
+
+def _gru_factors(gates: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """From the gates (N, 4, H) (see ``_gru_gates``) and h_{t-1} (N, H): k (N, 3, H), the
+    gradients of the recurrent pre-activations (h W_hh^T + b_hh, per gate) per unit of dh_t;
+    z (N, H), dh_{t-1}'s direct share; and dn (N, H), the gradient of n's input pre-activation
+    per unit of dh_t (k's n part is dn * r: the reset gate scales only the recurrent side)."""
+    r, z, n, hn = gates.unbind(1)
+    # In place where a buffer is free: these passes over (N, H) are memory-bound.
+    k = torch.empty_like(gates[:, :3])
+    one_minus_z = 1 - z
+    dn = (n * n).neg_().add_(1).mul_(one_minus_z)  # (1 - n^2)(1 - z)
+    torch.mul(hn, dn, out=k[:, 0]).mul_(r).mul_(1 - r)
+    torch.sub(h_prev, n, out=k[:, 1]).mul_(z).mul_(one_minus_z)
+    torch.mul(dn, r, out=k[:, 2])
     return k, z, dn
 
 
 def _backward_recompute(
     dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
-    out: Tensor, cell: str, need_dx: bool,
+    out: Tensor, gates: Tensor, cell: str, need_dx: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath)."""
-    dtype = opmath_dtype(x.dtype)
-    arrange = Arrangement(lengths, reverse, x.shape[0])
+    """dx, dh0, dw_ih, dw_hh, db_ih, db_hh, in float32 for half types (torch's opmath); the
+    GRU's gates are recomputed unless the forward kept them (``gates`` not empty).
+
+    Works on the valid steps only (``Arrangement.pack``, N rows): with lengths, the GEMMs and
+    elementwise passes skip the padding."""
+    dtype = aten_common.opmath_dtype(x.dtype)
+    arrange = aten_common.Arrangement(lengths, reverse, x.shape[0])
     T, B, _ = x.shape
     H = w_hh.shape[1]
     w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
     b_ih = b_ih.to(dtype) if b_ih is not None else None
     b_hh = b_hh.to(dtype) if b_hh is not None else None
-    xc, hs, dhs = backward_inputs(arrange, x, h0, out, dout, dh_n)
-    h_prev = hs[:-1]
+    xc, hs, dhs = aten_common.backward_inputs(arrange, x, h0, out, dout, dh_n)
+    x_p, h_prev = arrange.pack(xc), arrange.pack(hs[:-1])
     carry: Tensor | None = None  # the GRU's z: dh_{t-1} += dh_t * z_t
     if cell == "gru":
-        k, carry, dn = _gru_factors(xc, h_prev, w_ih, w_hh, b_ih, b_hh)
-    elif cell == "rnn_tanh":
-        k = (1 - hs[1:] * hs[1:]).unsqueeze(2)
+        if gates.numel():
+            gates = gates.to(dtype).view(-1, 4, H)  # no lengths: the packed layout is a view
+        else:
+            gates = _gru_gates(x_p, h_prev, w_ih, w_hh, b_ih, b_hh)
+        k, carry, dn = _gru_factors(gates, h_prev)
     else:
-        k = (hs[1:] > 0).to(dtype).unsqueeze(2)
-    G = k.shape[2]
-    # dg[t]: gradients of step t's recurrent pre-activations; rows a step does not run stay 0.
-    dg = x.new_zeros(T, B, G, H, dtype=dtype) if lengths is not None else torch.empty_like(k)
+        h = arrange.pack(hs[1:])
+        k = ((1 - h * h) if cell == "rnn_tanh" else (h > 0).to(dtype)).unsqueeze(1)
+    G = k.shape[1]
+    dg = torch.empty_like(k)  # (N, G, H): gradients of each step's recurrent pre-activations
     sizes = arrange.batch_sizes or [B] * T
+    end = dg.shape[0]
     for t in range(T - 1, -1, -1):
         bs = sizes[t]
-        dh, dg_t, k_t, prev = dhs[t + 1], dg[t], k[t], dhs[t]  # prev: gradient of h_{t-1}
+        if bs == 0:
+            continue
+        rows = slice(end - bs, end)  # step t's rows in the packed layout
+        end -= bs
+        dh, prev = dhs[t + 1], dhs[t]  # of h_t, and of h_{t-1}
         if bs < B:
-            dh, dg_t, k_t, prev = dh[:bs], dg_t[:bs], k_t[:bs], prev[:bs]
-        torch.mul(dh.unsqueeze(1), k_t, out=dg_t)
-        prev.addmm_(dg_t.view(bs, G * H), w_hh)
+            dh, prev = dh[:bs], prev[:bs]
+        torch.mul(dh.unsqueeze(1), k[rows], out=dg[rows])
+        prev.addmm_(dg[rows].view(bs, G * H), w_hh)
         if carry is not None:
-            prev.addcmul_(dh, carry[t][:bs] if bs < B else carry[t])
+            prev.addcmul_(dh, carry[rows])
 
-    dgh = dg.view(T * B, G * H)  # of h W_hh^T + b_hh
-    if cell == "gru":  # of x W_ih^T + b_ih: the n part differs (r scales only the h side)
-        dgx4 = dg.clone()
-        torch.mul(dhs[1:], dn, out=dgx4[:, :, 2])
-        dgx = dgx4.view(T * B, G * H)
-    else:
-        dgx = dgh
-    dw_ih = (dgx.t() @ xc.reshape(T * B, -1)).to(x.dtype)
-    dw_hh = (dgh.t() @ h_prev.reshape(T * B, H)).to(x.dtype)
+    dgh = dg.view(-1, G * H)  # of h W_hh^T + b_hh
+    dgx = dgh  # of x W_ih^T + b_ih
+    if cell == "gru":  # the n part differs
+        dgx = dg.clone()
+        torch.mul(arrange.pack(dhs[1:]), dn, out=dgx[:, 2])
+        dgx = dgx.view(-1, G * H)
+    dw_ih = (dgx.t() @ x_p).to(x.dtype)
+    dw_hh = (dgh.t() @ h_prev).to(x.dtype)
     db_ih, db_hh = x.new_empty(0), x.new_empty(0)
     if b_ih is not None:
         db_ih, db_hh = dgx.sum(0).to(x.dtype), dgh.sum(0).to(x.dtype)
@@ -159,30 +220,20 @@ def _backward_recompute(
             db_hh = db_hh.clone()  # outputs of a custom op may not alias each other
     dx = x.new_empty(0)
     if need_dx:
-        dx = arrange.restore((dgx @ w_ih).view(T, B, -1)).to(x.dtype)
+        dx = arrange.restore(arrange.unpack(dgx @ w_ih, T)).to(x.dtype)
     dh0 = arrange.unrows(dhs[0]).to(h0.dtype)
     return dx, dh0, dw_ih, dw_hh, db_ih, db_hh
 
 
 @torch.library.custom_op("fastpar::rnn_aten_layer_backward", mutates_args=())
 def rnn_aten_layer_backward_op(
-    dout: Tensor,
-    dh_n: Tensor,
-    x: Tensor,
-    h0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    cell: str,
-    need_dx: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
+    b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool, out: Tensor,
+    gates: Tensor, cell: str, need_dx: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """Returns dx ((0,) unless need_dx), dh0, dw_ih, dw_hh, db_ih, db_hh ((0,) without biases)."""
     return _backward_recompute(
-        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, out, cell, need_dx
+        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, out, gates, cell, need_dx
     )
 
 
@@ -202,24 +253,27 @@ def _(dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Ten
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, cell = inputs
-    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, output[0])
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, cell, _save = inputs
+    out, _, gates = output
+    ctx.save_for_backward(x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates)
     ctx.reverse, ctx.cell = reverse, cell
+    ctx.mark_non_differentiable(gates)  # without this autograd fills a zero "gradient" as large
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None) -> tuple[Tensor | None, ...]:
-    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out = ctx.saved_tensors
+def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None,
+              _dgates: Any) -> tuple[Tensor | None, ...]:  # fmt: skip
+    x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = rnn_aten_layer_backward_op(
-        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, out, ctx.cell,
+        dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, out, gates, ctx.cell,
         ctx.needs_input_grad[0],
     )  # fmt: skip
     has_bias = b_ih is not None
     return (
         dx if ctx.needs_input_grad[0] else None, dh0, dw_ih, dw_hh,
-        db_ih if has_bias else None, db_hh if has_bias else None, None, None, None,
+        db_ih if has_bias else None, db_hh if has_bias else None, None, None, None, None,
     )  # fmt: skip
 
 
@@ -227,13 +281,9 @@ rnn_aten_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def rnn_layer_aten(
-    cell: Cell,
-    x: Tensor,
-    h0: Tensor,
-    w: LayerWeights,
-    lengths: Tensor | None = None,
+    cell: Cell, x: Tensor, h0: Tensor, w: LayerWeights, lengths: Tensor | None = None,
     reverse: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """One layer and direction of torch.nn.GRU (cell "gru") or torch.nn.RNN ("rnn_tanh",
     "rnn_relu") on torch's kernels, through the custom op.
 
@@ -246,45 +296,46 @@ def rnn_layer_aten(
         out: (T, B, H) hidden state after every step, zero past each length; h_n: (B, H), the
         state after each sequence's last step.
     """
-    x, (h0,), w = autocast_layer(x, (h0,), w)
-    return rnn_aten_layer_op(x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell)
+    state_dtype = h0.dtype
+    x, (h0,), w = aten_common.autocast_layer(x, (h0,), w)
+    save = aten_common.needs_grad(x, h0, *w) and saves_gru_gates(cell, x, w.w_hh, lengths)
+    out, h_n, _ = rnn_aten_layer_op(
+        x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell, save
+    )
+    if cell == "gru" and h0.dtype != state_dtype:
+        # Under autocast torch.nn.GRU's state update, z * h_{t-1}, promotes to h0's dtype.
+        dtype = torch.promote_types(h0.dtype, state_dtype)
+        out, h_n = out.to(dtype), h_n.to(dtype)
+    return out, h_n
 
 
 def _stack(
     cell: Cell, x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, num_layers: int,
     bidirectional: bool, dropout: float, training: bool, lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    if eager_whole_stack(lengths):
-        out, h_n = vf_whole_stack(
+    if aten_common.eager_whole_stack(lengths):
+        out, h_n = aten_common.vf_whole_stack(
             _VF_CALLS[cell], x, (h0,), weights, num_layers=num_layers, bidirectional=bidirectional,
             dropout=dropout, training=training,
         )  # fmt: skip
         return out, h_n
 
     def run_layer(
-        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        out, h_n = rnn_layer_aten(cell, layer_input, states[0], w, lengths, reverse)
-        return out, (h_n,)
+        layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        return rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
 
-    out, (h_n,) = stack_layers(
-        x, (h0,), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    return stack_layers_h(
+        x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
-    return out, h_n
 
 
 def gru_stack_aten(
-    x: Tensor,
-    h0: Tensor,
-    weights: Sequence[LayerWeights],
-    *,
-    num_layers: int,
-    bidirectional: bool,
-    dropout: float = 0.0,
-    training: bool = False,
+    x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, num_layers: int,
+    bidirectional: bool, dropout: float = 0.0, training: bool = False,
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``rnn_reference.gru_stack`` on torch's kernels: same arguments and results.
 
     Arguments:
@@ -302,17 +353,10 @@ def gru_stack_aten(
 
 
 def rnn_stack_aten(
-    x: Tensor,
-    h0: Tensor,
-    weights: Sequence[LayerWeights],
-    *,
-    nonlinearity: Nonlinearity,
-    num_layers: int,
-    bidirectional: bool,
-    dropout: float = 0.0,
-    training: bool = False,
+    x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, nonlinearity: Nonlinearity,
+    num_layers: int, bidirectional: bool, dropout: float = 0.0, training: bool = False,
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``rnn_reference.rnn_stack`` on torch's kernels: arguments and results as
     ``gru_stack_aten``, with torch.nn.RNN's ``nonlinearity`` ("tanh" or "relu")."""
     check_choice("nonlinearity", nonlinearity, NONLINEARITIES)
