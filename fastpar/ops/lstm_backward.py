@@ -226,7 +226,7 @@ def recurrence_backward(
         "DOT_PRECISION": precision or dot_precision(dtype, dev),
         "INTERPRETED": interpreter_active(),
     }  # fmt: skip
-    version = kernel_version()
+    version = kernel_version(cell)
     order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
     if choose_kernel(B, H, P, dtype, dev, kernel, backward=True, cell=cell) == "persistent":
         cfg = persistent_config(

@@ -15,7 +15,8 @@ Which generation of persistent kernel runs (``kernel_version``, environment vari
 ``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh on chip for
 the whole sequence where its tiles fit (``PersistentConfig.w_resident``) and splits the
 backward's K loop across warps (``k_split``); "v1" re-reads the share every step (from L2: the
-barrier invalidates L1). v1 stays selectable until a GPU run has compared the two.
+barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
+to the LSTM only (the GRU and RNN were built on v2).
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -65,9 +66,12 @@ def gate_slots(cell: CellKind) -> int:
     return triton.next_power_of_2(gate_count(cell))
 
 
-def kernel_version() -> KernelVersion:
-    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2")."""
+def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
+    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2"); the GRU
+    and RNN, which have no v1 to compare against, always run v2."""
     version = os.environ.get(KERNEL_VERSION_ENV, "v2")
+    if cell != "lstm":
+        return "v2"
     if version not in get_args(KernelVersion):
         raise ValueError(
             f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
@@ -116,7 +120,9 @@ def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
     Activations lie in [0, 1] (i, f, o) or [-1, 1] (g), where float16 keeps 11 significant bits
     (bfloat16 only 8): rounded to bfloat16 they put bfloat16 gradients outside tests/ops' bound
     (twice PyTorch's own error), rounded to float16 the errors stay where float32 put them. c_t
-    is saved in float32: it is unbounded and carries the recurrence.
+    is saved in float32: it is unbounded and carries the recurrence. The GRU saves r, z, n and
+    ``h_{t-1} W_hn^T + b_hn`` in the same dtype: the last is unbounded but only scales the reset
+    gate's gradient (11 significant bits suffice), and carries nothing.
     """
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -138,14 +144,21 @@ def padded_k(size: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(size))
 
 
+def resident_warps(cell: CellKind = "lstm") -> int:
+    """Warps of a program that holds W_hh's share: RESIDENT_WARPS, halved for the RNN, whose
+    output tile is a quarter as wide (GS = 1): 8 warps over its 16 columns spill where the
+    rows of h are not 16-byte aligned (bench/kernel_report.py, H=1001), 4 do not."""
+    return RESIDENT_WARPS if gate_slots(cell) == 4 else RESIDENT_WARPS // 2
+
+
 def w_fits_registers(
     block_b: int, hidden: int, block_h: int, dtype: torch.dtype, cell: CellKind = "lstm"
 ) -> bool:
     """Whether a (KP, GS*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
-    registers of RESIDENT_WARPS warps (RESIDENT_BYTES_PER_THREAD each)."""
+    registers of ``resident_warps(cell)`` warps (RESIDENT_BYTES_PER_THREAD each)."""
     kp = padded_k(hidden)
     size = (block_b * kp + kp * gate_slots(cell) * block_h) * torch.finfo(dtype).bits // 8
-    return size <= RESIDENT_BYTES_PER_THREAD * RESIDENT_WARPS * 32
+    return size <= RESIDENT_BYTES_PER_THREAD * resident_warps(cell) * 32
 
 
 @dataclass(frozen=True)
@@ -204,7 +217,7 @@ def step_config(
         and w_fits_registers(block_b, hidden, block_h, dtype, cell)
         and (interpreter or one_wave)
     )
-    num_warps = RESIDENT_WARPS if resident else 4
+    num_warps = resident_warps(cell) if resident else 4
     # v2 backward splits its K loop over 4H across the warps (see recurrent_grad).
     k_split = (4 if block_b < 64 else 2) if version == "v2" else 1
     return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
@@ -251,7 +264,7 @@ def persistent_config(
         and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype, cell))
     )
     if resident:
-        return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
+        return PersistentConfig(block_b, block_h, MIN_DOT, resident_warps(cell), w_resident=True)
     w_bytes = gate_count(cell) * block_h * hidden * torch.finfo(dtype).bits // 8
     w_share_fits_l1 = w_bytes <= PERSISTENT_W_BYTES
     if backward and version == "v2":
@@ -296,7 +309,7 @@ def choose_kernel(
         return "step"
     cfg = persistent_config(
         batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward,
-        kernel_version(), cell,
+        kernel_version(cell), cell,
     )  # fmt: skip
     if kernel == "persistent":
         if cfg is None and backward:

@@ -145,7 +145,7 @@ def recurrence_forward(
         "INTERPRETED": interpreter_active(),
     }  # fmt: skip
 
-    version = kernel_version()
+    version = kernel_version(cell)
     if choose_kernel(B, H, P, xg.dtype, dev, kernel, cell=cell) == "persistent":
         cfg = persistent_config(
             B, H, P, xg.dtype, num_sms(dev), interpreter_active(), False, version, cell
