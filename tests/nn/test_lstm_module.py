@@ -11,7 +11,6 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
-import fastpar.nn.recurrent
 from tests.nn.recurrent_helpers import compare_with_torch
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
@@ -201,31 +200,6 @@ def test_bad_input_names_the_argument() -> None:
         fastpar.nn.LSTM(F_IN, H, num_layers=2, dropout=1.5)
     with pytest.raises(ValueError, match="hidden_size must be an integer >= 1"):
         fastpar.nn.LSTM(F_IN, 0)
-
-
-def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(3, B, F_IN)
-    m = fastpar.nn.LSTM(F_IN, H, backend="triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
-        m(x)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(ValueError, match="backend='triton' supports"):
-        m.double()(x.double())
-    # auto on CPU: torch's kernels (bitwise the torch backend), said through log_once.
-    said: list[str] = []
-    monkeypatch.setattr(fastpar.nn.recurrent, "log_once", lambda _logger, msg: said.append(msg))
-    torch.manual_seed(0)
-    auto = fastpar.nn.LSTM(F_IN, H, backend="auto")
-    torch.manual_seed(0)
-    ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
-    assert torch.equal(auto(x)[0], ref(x)[0])
-    assert len(said) == 1 and "torch's native LSTM kernels" in said[0]
-    # ... and float64 too; the reference loop only when named.
-    assert torch.equal(auto.double()(x.double())[0], ref.double()(x.double())[0])
-    torch.manual_seed(0)
-    oracle = fastpar.nn.LSTM(F_IN, H, backend="reference")
-    assert_close(oracle(x)[0], ref.float()(x)[0], FP32_ATOL, FP32_RTOL, "reference vs torch")
 
 
 def test_kernel_argument(monkeypatch: pytest.MonkeyPatch) -> None:

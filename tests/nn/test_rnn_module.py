@@ -260,8 +260,11 @@ def test_bad_input_names_the_argument() -> None:
         cell(x)
 
 
-@pytest.mark.parametrize("cls", [fastpar.nn.GRU, fastpar.nn.RNN, fastpar.nn.GRUCell])
+@pytest.mark.parametrize(
+    "cls", [fastpar.nn.LSTM, fastpar.nn.GRU, fastpar.nn.RNN, fastpar.nn.GRUCell]
+)
 def test_backend_selection(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The backend choice is fastpar.nn.recurrent's, shared by every module (the LSTM's too).
     cell = cls is fastpar.nn.GRUCell
     x = torch.randn(B, F_IN) if cell else torch.randn(3, B, F_IN)
     named = cls(F_IN, H, backend="triton")
