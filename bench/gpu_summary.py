@@ -97,7 +97,8 @@ def summary(out: Path, dry_run: bool = False) -> str:
     lstm = _rows(out / "lstm.csv") + _rows(out / "lstm_v1.csv")
     parts.append(
         _section(
-            f"LSTM vs torch.nn.LSTM (x base: time / baseline's; {CUDNN_H100})",
+            "LSTM, GRU, RNN vs torch's module of the cell (x base: time / baseline's; LSTM "
+            f"{CUDNN_H100})",
             lstm,
             [
                 ("shape", "shape"),

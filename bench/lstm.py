@@ -1,8 +1,9 @@
-"""LSTM benchmark: each fastpar kernel variant next to torch.nn.LSTM (cuDNN on a GPU), same run.
+"""LSTM, GRU and RNN benchmark: each fastpar kernel variant next to torch's module of the same
+cell (torch.nn.LSTM, GRU, RNN; cuDNN on a GPU), same run.
 
 For every shape of `bench/shapes.py` the baseline runs first, then each fastpar variant with the
-same weights and inputs. Every case is first checked, output and every gradient, against a
-float64 torch.nn.LSTM: its error may be at most a per-dtype multiple of the baseline's own error
+same weights and inputs. Every case is first checked, output and every gradient, against
+torch's module in float64: its error may be at most a per-dtype multiple of the baseline's own error
 in that dtype (`shapes.TOLERANCES`), so a fast but wrong kernel posts no time. Then forward and
 forward+backward are timed (median, p20, p80; `triton.testing.do_bench` on a GPU, the host clock
 on a CPU) and divided by the baseline's. Each case is one row of the CSV, written as soon as it
@@ -11,6 +12,7 @@ finishes; a case that raises is a row with its error, and the next case runs.
     python3 bench/lstm.py                           # GPU table (or the CPU mode without a GPU)
     python3 bench/lstm.py --device cpu              # CPU mode: 1 thread, backend="auto"
     python3 bench/lstm.py --scale tiny              # every kind of case at interpreter sizes
+    python3 bench/lstm.py --device cpu --cell gru rnn   # only the GRU and RNN shapes
     python3 bench/lstm.py --csv results/lstm.csv --profile-csv results/lstm_profile.csv
 
 Exit status: 0 all checks passed, 4 a check failed or a case raised (see its row).
@@ -60,24 +62,25 @@ def _dtype(name: str):
 
 
 def build_models(shape, device, variants_: tuple[str, ...]) -> dict[str, object]:
-    """The baseline, each fastpar variant (or the exception building it raised) and the
-    float64 reference, all with the baseline's weights."""
+    """The baseline (under `baseline(shape.cell)`), each fastpar variant (or the exception
+    building it raised) and the float64 reference, all with the baseline's weights."""
     import torch
-    from variants import BASELINE, fastpar_lstm
+    from variants import baseline, fastpar_module, torch_module
 
     torch.manual_seed(0)
-    kwargs = dict(input_size=shape.input, hidden_size=shape.hidden, num_layers=shape.layers,
-                  proj_size=shape.proj)  # fmt: skip
-    base = torch.nn.LSTM(**kwargs).to(device, _dtype(shape.dtype))
-    models: dict[str, object] = {BASELINE: base}
+    kwargs = dict(input_size=shape.input, hidden_size=shape.hidden, num_layers=shape.layers)
+    if shape.cell == "lstm":
+        kwargs["proj_size"] = shape.proj
+    base = torch_module(shape.cell, **kwargs).to(device, _dtype(shape.dtype))
+    models: dict[str, object] = {baseline(shape.cell): base}
     for variant in variants_:
         try:
-            module = fastpar_lstm(variant, **kwargs).to(device, _dtype(shape.dtype))
+            module = fastpar_module(variant, shape.cell, **kwargs).to(device, _dtype(shape.dtype))
             module.load_state_dict(base.state_dict())
             models[variant] = module
         except Exception as error:  # a variant that cannot be built is that case's row
             models[variant] = error
-    reference = torch.nn.LSTM(**kwargs).to(device, torch.float64)
+    reference = torch_module(shape.cell, **kwargs).to(device, torch.float64)
     reference.load_state_dict(base.state_dict())
     models["reference"] = reference
     return models
@@ -205,17 +208,18 @@ def bench_shape(shape, device, timer: Timer, log, variants_: tuple[str, ...]) ->
     """Rows of one shape into `log`, unless it has them all already (a resumed run)."""
     import torch
     from common import error_text
-    from variants import BASELINE, kernel_name
+    from variants import baseline, kernel_name
 
-    cases = [BASELINE, *variants_]
+    base_impl = baseline(shape.cell)
+    cases = [base_impl, *variants_]
     done = {r["case"]: r for r in log.rows()}
     if all(f"{shape.name} | {impl}" in done for impl in cases):
         return
     models = build_models(shape, device, variants_)
     x, grad = make_inputs(shape, device)
     reference = run_once(models["reference"], x, grad, torch.float64)
-    base_run = run_once(models[BASELINE], x, grad)
-    base_row = done.get(f"{shape.name} | {BASELINE}", {})
+    base_run = run_once(models[base_impl], x, grad)
+    base_row = done.get(f"{shape.name} | {base_impl}", {})
     base_times = {k: float(base_row[k]) for k in ("fwd_ms", "fwdbwd_ms") if base_row.get(k)}
     for impl in cases:
         case = f"{shape.name} | {impl}"
@@ -223,9 +227,9 @@ def bench_shape(shape, device, timer: Timer, log, variants_: tuple[str, ...]) ->
             continue
         row: dict[str, object] = {"case": case, "device": str(device), "shape": shape.name,
                                   "impl": impl}  # fmt: skip
-        if impl != BASELINE:
+        if impl != base_impl:
             row["kernel"] = kernel_name(impl, shape.batch, shape.hidden, shape.proj,
-                                        _dtype(shape.dtype), device)  # fmt: skip
+                                        _dtype(shape.dtype), device, shape.cell)  # fmt: skip
         log.begin(case)
         try:
             model = models[impl]
@@ -235,7 +239,7 @@ def bench_shape(shape, device, timer: Timer, log, variants_: tuple[str, ...]) ->
                 row.update(status="n/a", error=row.pop("kernel"))
                 log.write(row)
                 continue
-            run = base_run if impl == BASELINE else run_once(model, x, grad)
+            run = base_run if impl == base_impl else run_once(model, x, grad)
             err, base_err, worst, ok = compare(run, base_run, reference, shape.dtype)
             row.update(max_rel_err=err, base_rel_err=base_err, worst=worst)
             if not ok:
@@ -243,7 +247,7 @@ def bench_shape(shape, device, timer: Timer, log, variants_: tuple[str, ...]) ->
                            f"{base_err:.3g}, beyond the {shape.dtype} tolerance")  # fmt: skip
             else:
                 row.update(status="ok", **time_model(model, x, grad, device, timer))
-                if impl == BASELINE:
+                if impl == base_impl:
                     base_times = {k: float(row[k]) for k in ("fwd_ms", "fwdbwd_ms")}
                 if len(base_times) == 2:
                     row["fwd_vs_base"] = float(row["fwd_ms"]) / base_times["fwd_ms"]
@@ -265,14 +269,15 @@ def profile_shape(shape, device, variants_: tuple[str, ...], log) -> None:
     import torch
     from common import error_text
     from torch.profiler import ProfilerActivity, profile
-    from variants import BASELINE
+    from variants import baseline
 
+    base_impl = baseline(shape.cell)
     models = build_models(shape, device, variants_[:1])
     x, grad = make_inputs(shape, device)
     activities = [ProfilerActivity.CPU]
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    for impl in (BASELINE, variants_[0]):
+    for impl in (base_impl, variants_[0]):
         case = f"profile {shape.name} | {impl}"
         if case in log.done():
             continue
@@ -347,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
         help="shapes of bench/shapes.py (default: gpu on cuda, cpu on cpu)",
     )
     parser.add_argument("--quick", action="store_true", help="the first shape only")
+    cells = ("lstm", "gru", "rnn")
+    parser.add_argument(
+        "--cell", nargs="+", choices=cells, default=cells, help="only the shapes of these cells"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads in CPU mode")
     parser.add_argument("--csv", type=Path, default=Path("results/lstm.csv"))
     parser.add_argument(
@@ -387,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         timer = do_bench_timer
     else:
         timer = host_timer(repeats=5)
-    shapes = lstm_shapes(scale)[:1] if args.quick else lstm_shapes(scale)
+    shapes = tuple(s for s in lstm_shapes(scale) if s.cell in args.cell)
+    shapes = shapes[:1] if args.quick else shapes
     if args.warm_only:
         warm(shapes, device, cases)
         return 0

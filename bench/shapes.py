@@ -13,11 +13,15 @@ from typing import Literal
 
 Scale = Literal["gpu", "cpu", "tiny"]
 SCALES: tuple[Scale, ...] = ("gpu", "cpu", "tiny")
+Cell = Literal["lstm", "gru", "rnn"]
+# Gates per hidden unit: rows of W_ih and W_hh are GATES[cell] * H.
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
 
 @dataclass(frozen=True)
 class LSTMShape:
-    """One LSTM benchmark case: batch B, time T, input I, hidden H, layers L, proj P (0: none).
+    """One recurrent benchmark case: batch B, time T, input I, hidden H, layers L, proj P (0:
+    none; LSTM only), of an LSTM, a GRU or a (tanh) RNN.
 
     `packed`: the batch is a PackedSequence whose lengths spread evenly from T/8 to T.
     """
@@ -30,10 +34,12 @@ class LSTMShape:
     layers: int = 1
     proj: int = 0
     packed: bool = False
+    cell: Cell = "lstm"
 
     @property
     def name(self) -> str:
-        parts = [f"B{self.batch}", f"T{self.time}", f"I{self.input}", f"H{self.hidden}"]
+        parts = [] if self.cell == "lstm" else [self.cell.upper()]
+        parts += [f"B{self.batch}", f"T{self.time}", f"I{self.input}", f"H{self.hidden}"]
         if self.layers != 1:
             parts.append(f"L{self.layers}")
         if self.proj:
@@ -60,7 +66,7 @@ class LSTMShape:
         flops = 0.0
         for layer in range(self.layers):
             width = self.input if layer == 0 else out
-            flops += 2 * steps * 4 * self.hidden * (width + out)
+            flops += 2 * steps * GATES[self.cell] * self.hidden * (width + out)
             if self.proj:
                 flops += 2 * steps * self.hidden * self.proj
         return flops
@@ -68,9 +74,11 @@ class LSTMShape:
 
 # The table of a GPU run, most important first: a stage that runs out of time keeps the rows
 # it finished. The first is the public reference point (cuDNN on an H100: 2.01 ms forward,
-# 5.19 ms forward+backward in bfloat16).
+# 5.19 ms forward+backward in bfloat16); the GRU and the RNN follow at the same shape.
 GPU_LSTM_SHAPES = (
     LSTMShape(16, 1024, 768, 768, "bfloat16"),
+    LSTMShape(16, 1024, 768, 768, "bfloat16", cell="gru"),
+    LSTMShape(16, 1024, 768, 768, "bfloat16", cell="rnn"),
     LSTMShape(16, 1024, 768, 768, "float16"),
     LSTMShape(64, 256, 1024, 1024, "bfloat16"),
     LSTMShape(256, 100, 512, 512, "bfloat16"),
@@ -85,6 +93,10 @@ CPU_LSTM_SHAPES = (
     LSTMShape(32, 128, 128, 512, "float32"),
     LSTMShape(8, 256, 32, 64, "float32"),
     LSTMShape(64, 32, 256, 1024, "float32"),
+    LSTMShape(16, 64, 64, 256, "float32", layers=2, cell="gru"),
+    LSTMShape(32, 128, 128, 512, "float32", cell="gru"),
+    LSTMShape(16, 64, 64, 256, "float32", layers=2, cell="rnn"),
+    LSTMShape(32, 128, 128, 512, "float32", cell="rnn"),
 )
 # Dry run and CI: every kind of GPU case (dtypes, packed, proj, layers) at interpreter sizes.
 TINY_LSTM_SHAPES = (
@@ -93,6 +105,9 @@ TINY_LSTM_SHAPES = (
     LSTMShape(4, 6, 8, 16, "float32", packed=True),
     LSTMShape(3, 4, 8, 16, "float32", proj=8),
     LSTMShape(2, 4, 8, 16, "float32", layers=2),
+    LSTMShape(3, 5, 8, 16, "bfloat16", cell="gru"),
+    LSTMShape(4, 6, 8, 16, "float32", packed=True, cell="gru"),
+    LSTMShape(3, 5, 8, 16, "float32", layers=2, cell="rnn"),
 )
 # torch.profiler's kernel count and time per sequence, one forward+backward each.
 PROFILE_SHAPES = {"gpu": GPU_LSTM_SHAPES[0], "cpu": CPU_LSTM_SHAPES[0], "tiny": TINY_LSTM_SHAPES[0]}

@@ -1,9 +1,10 @@
-"""The LSTM implementations a benchmark compares, built in one place.
+"""The recurrent implementations a benchmark compares, built in one place.
 
 Every fastpar kernel variant is its own case ("fastpar-auto", "fastpar-step",
-"fastpar-persistent" on a GPU; "fastpar-auto" on a CPU), next to torch.nn.LSTM (cuDNN on a GPU)
-with the same weights. `fastpar_lstm` is the only function that knows how a variant becomes a
-module, and this file the only one in bench/ that imports fastpar's kernel choice.
+"fastpar-persistent" on a GPU; "fastpar-auto" on a CPU), next to torch's module of the same cell
+(torch.nn.LSTM, GRU or RNN; cuDNN on a GPU) with the same weights. `fastpar_module` is the only
+function that knows how a variant becomes a module, and this file the only one in bench/ that
+imports fastpar's kernel choice.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ import torch
 BASELINE = "torch.nn.LSTM"
 GPU_VARIANTS = ("fastpar-auto", "fastpar-step", "fastpar-persistent")
 CPU_VARIANTS = ("fastpar-auto",)
+# A benchmark shape's cell -> the class name of its module, in torch.nn and in fastpar.nn.
+MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
+
+
+def baseline(cell: str = "lstm") -> str:
+    """The baseline case of a cell: torch's module ("torch.nn.GRU")."""
+    return f"torch.nn.{MODULES[cell]}"
+
+
+def torch_module(cell: str = "lstm", **kwargs: object) -> torch.nn.Module:
+    """torch's module of a cell; `kwargs` are its constructor arguments."""
+    return getattr(torch.nn, MODULES[cell])(**kwargs)
 
 
 def variants(device: torch.device) -> tuple[str, ...]:
@@ -22,25 +35,33 @@ def variants(device: torch.device) -> tuple[str, ...]:
     return GPU_VARIANTS
 
 
-def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
-    """The fastpar module of a case; `kwargs` are torch.nn.LSTM's constructor arguments."""
+def fastpar_module(variant: str, cell: str = "lstm", **kwargs: object) -> torch.nn.Module:
+    """The fastpar module of a case; `kwargs` are torch's constructor arguments for `cell`."""
     import fastpar.nn
     from fastpar.ops import interpreter_active
 
+    module_type = getattr(fastpar.nn, MODULES[cell])
     kernel = variant.removeprefix("fastpar-")
     if kernel == "auto":
         # In Triton's interpreter (the dry run) "auto" would take the CPU path: name the kernels.
-        return fastpar.nn.LSTM(**kwargs, backend="triton" if interpreter_active() else "auto")
+        return module_type(**kwargs, backend="triton" if interpreter_active() else "auto")
     if kernel not in ("step", "persistent"):
         raise ValueError(f"unknown fastpar variant {variant!r}; choose from {GPU_VARIANTS}")
-    return fastpar.nn.LSTM(**kwargs, backend="triton", kernel=kernel)
+    return module_type(**kwargs, backend="triton", kernel=kernel)
+
+
+def fastpar_lstm(variant: str, **kwargs: object) -> torch.nn.Module:
+    """`fastpar_module` of an LSTM case."""
+    return fastpar_module(variant, "lstm", **kwargs)
 
 
 def kernel_name(
-    variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device
-) -> str:
-    """The Triton kernels a variant runs forward/backward at this shape, with their generation
-    (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs."""
+    variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device,
+    cell: str = "lstm",
+) -> str:  # fmt: skip
+    """The Triton kernels a variant runs forward/backward at this shape and cell, with their
+    generation (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs;
+    "n/a: why" where the variant cannot run."""
     from fastpar.ops import interpreter_active
 
     if device.type != "cuda" and not interpreter_active():
@@ -49,9 +70,11 @@ def kernel_name(
     from fastpar.ops.lstm_config import choose_kernel as choose
     from fastpar.ops.lstm_config import kernel_version
 
+    kind = "rnn_tanh" if cell == "rnn" else cell  # the benchmarks' RNN is torch's default, tanh
+    size = proj or hidden
     try:
-        forward = choose(batch, hidden, proj or hidden, dtype, device, kernel)
-        backward = choose(batch, hidden, proj or hidden, dtype, device, kernel, backward=True)
+        forward = choose(batch, hidden, size, dtype, device, kernel, cell=kind)
+        backward = choose(batch, hidden, size, dtype, device, kernel, backward=True, cell=kind)
     except ValueError as error:  # "persistent" named where it does not apply
         return f"n/a: {error}"
     return f"{kernel_version()} {forward}/{backward}"

@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from fastpar.nn.lstm import LSTM, LSTMCell
+from fastpar.nn.rnn import GRU, RNN, GRUCell, RNNCell
 
-__all__ = ["LSTM", "LSTMCell"]
+__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNCell"]

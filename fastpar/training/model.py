@@ -1,32 +1,53 @@
-"""The character language model: embedding, a stack of single-layer `fastpar.nn.LSTM`s and a
-linear head, as an `nn.Sequential` so a pipeline can cut it between any two layers."""
+"""The character language model: embedding, a stack of single-layer recurrent modules
+(`fastpar.nn.LSTM`, `GRU` or tanh `RNN`) and a linear head, as an `nn.Sequential` so a pipeline
+can cut it between any two layers."""
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 from torch import nn
 
-from fastpar.nn import LSTM
+from fastpar._checks import check_choice
+from fastpar.nn import GRU, LSTM, RNN
 from fastpar.parallel import OutputOnly
+
+CellName = Literal["lstm", "gru", "rnn"]
+CELLS: tuple[str, ...] = get_args(CellName)
+
+
+def _recurrent_layer(cell: str, size_in: int, hidden: int, backend: str) -> nn.Module:
+    """One single-layer, batch-first recurrent module of `cell`'s kind (rnn: tanh)."""
+    module_type = {"lstm": LSTM, "gru": GRU, "rnn": RNN}[cell]
+    return module_type(size_in, hidden, num_layers=1, batch_first=True, backend=backend)
 
 
 def build_model(
-    *, vocab: int, embed: int, hidden: int, layers: int, backend: str, seed: int
-) -> nn.Sequential:
+    *, vocab: int, embed: int, hidden: int, layers: int, backend: str, seed: int,
+    cell: CellName = "lstm",
+) -> nn.Sequential:  # fmt: skip
     """The same initial weights on every rank (seeded), batch-first.
 
+    Arguments:
+        vocab, embed, hidden: sizes of the vocabulary, the embedding and each hidden state.
+        layers: recurrent layers, each its own module (so a pipeline can cut between them).
+        backend: the recurrent modules' backend ("auto", "triton", "torch", "reference").
+        seed: of the initial weights.
+        cell: "lstm", "gru" or "rnn" (Elman, tanh).
+
     Returns:
-        nn.Sequential(Embedding, OutputOnly(LSTM) x layers, Linear): (B, T) int64 -> (B, T, vocab)
-        logits.
+        nn.Sequential(Embedding, OutputOnly(recurrent module) x layers, Linear): (B, T) int64 ->
+        (B, T, vocab) logits.
     """
+    check_choice("cell", cell, CELLS)
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
         modules: list[nn.Module] = [nn.Embedding(vocab, embed)]
         for layer in range(layers):
             size_in = embed if layer == 0 else hidden
-            lstm = LSTM(size_in, hidden, num_layers=1, batch_first=True, backend=backend)
-            modules.append(OutputOnly(lstm))
+            modules.append(OutputOnly(_recurrent_layer(cell, size_in, hidden, backend)))
         modules.append(nn.Linear(hidden, vocab))
     finally:
         torch.random.set_rng_state(generator_state)
@@ -39,7 +60,7 @@ def stage_bounds(num_layers: int, num_stages: int) -> list[tuple[int, int]]:
     if num_stages > num_layers:
         raise ValueError(
             f"{num_stages} pipeline stages need a model of at least {num_stages} layers; this "
-            f"one has {num_layers} (embedding + LSTM layers + head): add --layers"
+            f"one has {num_layers} (embedding + recurrent layers + head): add --layers"
         )
     base, extra = divmod(num_layers, num_stages)
     bounds, start = [], 0

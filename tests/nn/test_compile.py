@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of a model containing fastpar.nn.LSTM, forward and backward.
+"""torch.compile(fullgraph=True) of models containing fastpar.nn.LSTM (and GRU and RNN), forward
+and backward.
 
 On CPU this runs Inductor (C++ codegen for the surrounding ops) with the fastpar custom ops as
 opaque calls (into the Triton interpreter, or torch's own LSTM kernels for backend "torch",
@@ -35,9 +36,28 @@ class _Tagger(torch.nn.Module):
         return self.head(torch.tanh(out)).sum() + h_n.square().sum() + c_n.sum()
 
 
-def _check_compiled_matches_eager(device: str, backend: str = "triton") -> None:
+class _GRUTagger(torch.nn.Module):
+    """A GRU (bidirectional, two layers) feeding a relu RNN and a GRU cell."""
+
+    def __init__(self, backend: str) -> None:
+        super().__init__()
+        self.gru = fastpar.nn.GRU(6, 17, num_layers=2, bidirectional=True, backend=backend)
+        self.rnn = fastpar.nn.RNN(34, 9, nonlinearity="relu", backend=backend)
+        self.cell = fastpar.nn.GRUCell(9, 5, backend=backend)
+        self.head = torch.nn.Linear(9, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out, h_n = self.gru(x)
+        out, h_rnn = self.rnn(out)
+        h = self.cell(out[-1])
+        return self.head(torch.tanh(out)).sum() + h_n.square().sum() + h_rnn.sum() + h.sum()
+
+
+def _check_compiled_matches_eager(
+    device: str, backend: str = "triton", model_type: type[torch.nn.Module] = _Tagger
+) -> None:
     torch.manual_seed(0)
-    model = _Tagger(backend).to(device)
+    model = model_type(backend).to(device)
     x = randn(5, 3, 6, seed=1).float().to(device)
     eager_loss = model(x)
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
@@ -65,3 +85,15 @@ def test_torch_compile_fullgraph_torch_backend_cpu() -> None:
 def test_torch_compile_fullgraph_forward_backward_cuda() -> None:
     torch._dynamo.reset()
     _check_compiled_matches_eager("cuda")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_gru_and_rnn_cpu(backend: str) -> None:
+    torch._dynamo.reset()
+    _check_compiled_matches_eager("cpu", backend, _GRUTagger)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_gru_and_rnn_cuda() -> None:
+    torch._dynamo.reset()
+    _check_compiled_matches_eager("cuda", "auto", _GRUTagger)

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
-import fastpar.nn.lstm
+from tests.nn.recurrent_helpers import compare_with_torch
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -34,31 +34,9 @@ def _pair(backend: str = "triton", dtype: torch.dtype = torch.float32, **kwargs:
     return ours.to(dtype), theirs
 
 
-def _compare(ours, theirs, x, hx, dtype=torch.float32, atol=FP32_ATOL, rtol=FP32_RTOL, check=True):
-    """Outputs and the gradients of input, h0, c0 and every parameter, ours vs float64
-    (asserted within atol/rtol when check, else only returned)."""
-    xs = x.detach().to(dtype).requires_grad_()
-    hxs = tuple(h.detach().to(dtype).requires_grad_() for h in hx)
-    xd = x.detach().double().requires_grad_()
-    hxd = tuple(h.detach().double().requires_grad_() for h in hx)
-    out, (h_n, c_n) = ours(xs, hxs)
-    want, (want_h, want_c) = theirs(xd, hxd)
-    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate((want, want_h, want_c))]
-    got = [out, h_n, c_n] + list(
-        grads((out, h_n, c_n), [c.to(dtype) for c in cot], [xs, *hxs, *ours.parameters()])
-    )
-    exp = [want, want_h, want_c] + list(
-        grads((want, want_h, want_c), cot, [xd, *hxd, *theirs.parameters()])
-    )
-    names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"] + [
-        "d " + n for n, _ in ours.named_parameters()
-    ]
-    assert len(got) == len(exp) == len(names)
-    for name, a, b in zip(names, got, exp, strict=True):
-        assert a.shape == b.shape, name
-        if check:
-            assert_close(a, b, atol, rtol, name)
-    return got, exp, names
+# Outputs and the gradients of input, h0, c0 and every parameter, ours vs float64 (asserted
+# within atol/rtol when check, else only returned); hx = (h_0, c_0).
+_compare = compare_with_torch
 
 
 CONFIGS = [
@@ -222,31 +200,6 @@ def test_bad_input_names_the_argument() -> None:
         fastpar.nn.LSTM(F_IN, H, num_layers=2, dropout=1.5)
     with pytest.raises(ValueError, match="hidden_size must be an integer >= 1"):
         fastpar.nn.LSTM(F_IN, 0)
-
-
-def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:
-    x = torch.randn(3, B, F_IN)
-    m = fastpar.nn.LSTM(F_IN, H, backend="triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="backend='triton' needs CUDA tensors"):
-        m(x)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    with pytest.raises(ValueError, match="backend='triton' supports"):
-        m.double()(x.double())
-    # auto on CPU: torch's kernels (bitwise the torch backend), said through log_once.
-    said: list[str] = []
-    monkeypatch.setattr(fastpar.nn.lstm, "log_once", lambda _logger, msg: said.append(msg))
-    torch.manual_seed(0)
-    auto = fastpar.nn.LSTM(F_IN, H, backend="auto")
-    torch.manual_seed(0)
-    ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
-    assert torch.equal(auto(x)[0], ref(x)[0])
-    assert len(said) == 1 and "torch's native LSTM kernels" in said[0]
-    # ... and float64 too; the reference loop only when named.
-    assert torch.equal(auto.double()(x.double())[0], ref.double()(x.double())[0])
-    torch.manual_seed(0)
-    oracle = fastpar.nn.LSTM(F_IN, H, backend="reference")
-    assert_close(oracle(x)[0], ref.float()(x)[0], FP32_ATOL, FP32_RTOL, "reference vs torch")
 
 
 def test_kernel_argument(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,488 @@
+"""What fastpar's recurrent modules share: ``RecurrentBase`` (LSTM, GRU, RNN) and
+``RecurrentCellBase`` (their cells), and the backend choice.
+
+A subclass names its cell (``cell``, ``gates`` per hidden unit, ``state_names``) and runs the
+stack or the step on the chosen backend; everything else lives here once: constructor checks,
+parameters with torch's names, shapes, order and initialisation, input and state checks,
+batch_first, unbatched and packed input, and the backend choice:
+
+* ``"triton"``: fastpar's Triton recurrence (CUDA, or Triton's interpreter; float32, bfloat16,
+  float16); ``kernel`` chooses its variant;
+* ``"torch"``: torch's own native kernels (``fastpar.ops.lstm_aten``, ``fastpar.ops.rnn_aten``);
+* ``"reference"``: the pure-PyTorch loop (the test oracle; slow);
+* ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said once
+  in the log.
+
+A backend named explicitly either runs or raises.
+
+Dimension letters: T time, B batch, I input_size, H hidden_size, P proj_size or H (the size of
+h), L num_layers, D directions, G gates per hidden unit (4 LSTM, 3 GRU, 1 RNN).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from fastpar._checks import check_choice, check_int_at_least
+from fastpar._logging import get_logger, log_once
+from fastpar.ops import interpreter_active
+from fastpar.ops.reference import LayerWeights
+
+Backend = Literal["auto", "triton", "torch", "reference"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+# The Triton recurrence's kernel variant: "auto" lets it choose per shape; "step" launches one
+# kernel per time step; "persistent" runs the whole sequence in one launch (where it applies).
+Kernel = Literal["auto", "step", "persistent"]
+KERNELS: tuple[str, ...] = get_args(Kernel)
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_log = get_logger(__name__)
+
+
+def check_backend(backend: object) -> Backend:
+    check_choice("backend", backend, BACKENDS)
+    return backend  # type: ignore[return-value]
+
+
+def check_kernel(kernel: object, backend: Backend) -> Kernel:
+    check_choice("kernel", kernel, KERNELS)
+    if kernel != "auto" and backend not in ("auto", "triton"):
+        raise ValueError(
+            f"kernel={kernel!r} chooses a Triton kernel variant, but backend={backend!r} runs "
+            "no Triton kernel; use backend='triton' or 'auto', or leave kernel='auto'"
+        )
+    return kernel  # type: ignore[return-value]
+
+
+def takes_triton(backend: Backend, x: Tensor, cell: str) -> bool:
+    """Whether ``backend`` runs the Triton kernels for ``x``; raises when backend='triton'
+    cannot run them. ``cell`` ("LSTM", "GRU", "RNN") names the kernels in messages."""
+    if backend in ("torch", "reference"):
+        return False
+    if backend == "auto":
+        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
+            return True
+        if not torch.compiler.is_compiling():  # the eager call before compiling said it
+            log_once(
+                _log,
+                f"fastpar {cell} backend='auto': {x.dtype} input on {x.device.type} runs torch's "
+                f"native {cell} kernels (backend='torch'; the Triton kernels need CUDA and "
+                "float32/bfloat16/float16)",
+            )
+        return False
+    if x.device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors, got input on {x.device}; set "
+            "TRITON_INTERPRET=1 to run the kernels in Triton's CPU interpreter, or use "
+            "backend='torch'"
+        )
+    if x.dtype not in TRITON_DTYPES:
+        raise ValueError(
+            f"backend='triton' supports {TRITON_DTYPES}, got input of {x.dtype}; use "
+            "backend='torch' (or 'auto', which takes it for float64)"
+        )
+    return True
+
+
+def choose_recurrence(
+    backend: Backend,
+    x: Tensor,
+    kernel: Kernel,
+    *,
+    cell: str,
+    reference: Callable[..., Any],
+    triton: Callable[[], Callable[..., Any]],
+) -> Callable[..., Any] | None:
+    """The single-direction recurrence a stack runs for ``x``, or None for torch's kernels.
+
+    Arguments:
+        backend: "auto", "triton", "torch" or "reference".
+        x: the (already validated) input, whose device and dtype decide.
+        kernel: the Triton kernel variant (used only when the Triton kernels run).
+        cell: "LSTM", "GRU" or "RNN", for messages.
+        reference: the pure-PyTorch recurrence.
+        triton: returns the Triton recurrence, importing it (the Triton modules import
+            Triton, so only the calls that run them do; with an import statement, which
+            torch.compile traces, where importlib would break the graph).
+
+    Returns:
+        ``reference``, the Triton recurrence with ``kernel`` bound, or None.
+    """
+    if backend == "reference":
+        return reference
+    if not takes_triton(backend, x, cell):
+        return None
+    return functools.partial(triton(), kernel=kernel)
+
+
+def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
+    """Validate the input tensor; returns whether it is batched."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"input must be a Tensor or PackedSequence, got {type(x).__name__}")
+    if x.dim() not in (batched_dims - 1, batched_dims):
+        raise ValueError(
+            f"input must have {batched_dims - 1} (unbatched) or {batched_dims} (batched) "
+            f"dimensions, got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+    if x.shape[-1] != input_size:
+        raise ValueError(
+            f"input.size(-1) must be equal to input_size {input_size}, got shape {tuple(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"input dtype {x.dtype} does not match the parameters' dtype {weight.dtype}; "
+            "convert the module with .to(dtype)"
+        )
+    if x.device != weight.device:
+        raise ValueError(
+            f"input is on {x.device} but the parameters are on {weight.device}; "
+            "move the module with .to(device)"
+        )
+    return x.dim() == batched_dims
+
+
+def check_state(name: str, state: object, expected: tuple[int, ...], x: Tensor) -> Tensor:
+    if not isinstance(state, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+    if tuple(state.shape) != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(state.shape)}")
+    if state.dtype != x.dtype:
+        raise TypeError(f"{name} dtype {state.dtype} does not match input dtype {x.dtype}")
+    if state.device != x.device:
+        raise ValueError(f"{name} is on {state.device} but input is on {x.device}")
+    return state
+
+
+def split_hx(hx: object, names: tuple[str, ...]) -> tuple[object, ...]:
+    """The states in ``hx``: the tensor itself for one state (GRU, RNN), a tuple of them for
+    more (the LSTM's (h_0, c_0))."""
+    if len(names) == 1:
+        return (hx,)
+    if not isinstance(hx, (tuple, list)) or len(hx) != len(names):  # only the LSTM has two
+        raise TypeError(f"hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx)}")
+    return tuple(hx)
+
+
+def join_states(states: tuple[Tensor, ...]) -> Tensor | tuple[Tensor, ...]:
+    """The inverse of ``split_hx``: one tensor, or a tuple of them."""
+    return states[0] if len(states) == 1 else states
+
+
+def init_uniform(params: list[Tensor], hidden_size: int) -> None:
+    # torch's initialisation of its recurrent modules, drawn in the same order: same seed, same
+    # weights.
+    stdv = 1.0 / math.sqrt(hidden_size) if hidden_size > 0 else 0.0
+    with torch.no_grad():
+        for p in params:
+            p.uniform_(-stdv, stdv)
+
+
+def _check_dropout(dropout: object, num_layers: int) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+        raise TypeError(f"dropout must be a number in [0, 1], got {dropout!r}")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            f"dropout acts between layers: with num_layers=1 it has no effect (dropout={dropout})",
+            stacklevel=4,  # the user's call of the module's constructor
+        )
+    return float(dropout)
+
+
+class RecurrentBase(nn.Module):
+    """A multi-layer recurrent network with torch's RNNBase interface, parameters and results.
+
+    Subclasses set ``cell``, ``gates`` and ``state_names``, and implement ``_run_stack``.
+    The constructor arguments are torch's (see fastpar.nn.LSTM, GRU, RNN) plus ``backend`` and
+    ``kernel`` (see the module docstring).
+
+    ``forward(input, hx=None) -> (output, h_n)``: input (T, B, I), (B, T, I) when batch_first,
+    (T, I) unbatched, or a PackedSequence; hx: each state (L*D, B, .) ((L*D, .) unbatched), zeros
+    when omitted; output (T, B, D*P) (or packed, or (B, T, D*P) when batch_first).
+    """
+
+    cell: ClassVar[str]  # "LSTM", "GRU", "RNN": names the kernels in messages
+    gates: ClassVar[int]  # G: rows of W_ih and W_hh per hidden unit
+    state_names: ClassVar[tuple[str, ...]]  # how messages name each state of hx
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int,
+        bias: bool,
+        batch_first: bool,
+        dropout: float,
+        bidirectional: bool,
+        proj_size: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        backend: Backend,
+        kernel: Kernel,
+    ) -> None:
+        super().__init__()
+        self.input_size = check_int_at_least("input_size", input_size)
+        self.hidden_size = check_int_at_least("hidden_size", hidden_size)
+        self.num_layers = check_int_at_least("num_layers", num_layers)
+        self.proj_size = check_int_at_least("proj_size", proj_size, minimum=0)
+        if self.proj_size >= hidden_size:
+            raise ValueError(
+                f"proj_size must be smaller than hidden_size {hidden_size}, got {proj_size}"
+            )
+        self.dropout = _check_dropout(dropout, num_layers)
+        self.bias = bool(bias)
+        self.batch_first = bool(batch_first)
+        self.bidirectional = bool(bidirectional)
+        self.backend: Backend = check_backend(backend)
+        self.kernel: Kernel = check_kernel(kernel, self.backend)
+        factory = {"device": device, "dtype": dtype}
+        num_dirs = 2 if bidirectional else 1
+        h_out = self.proj_size or hidden_size
+        rows = self.gates * hidden_size
+        for layer in range(num_layers):
+            for direction in range(num_dirs):
+                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                in_size = input_size if layer == 0 else h_out * num_dirs
+                shapes = {"weight_ih": (rows, in_size), "weight_hh": (rows, h_out)}
+                if bias:
+                    shapes.update(bias_ih=(rows,), bias_hh=(rows,))
+                if self.proj_size > 0:
+                    shapes["weight_hr"] = (self.proj_size, hidden_size)
+                for name, shape in shapes.items():
+                    self.register_parameter(name + sfx, nn.Parameter(torch.empty(shape, **factory)))
+        self.reset_parameters()
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch."""
+        init_uniform(list(self.parameters()), self.hidden_size)
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: kept so code written for torch's modules (which pack their weights for
+        cuDNN here) runs unchanged; the kernels read the parameters where they are."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters per layer and direction, as torch's ``all_weights``."""
+        return [[p for p in w if p is not None] for w in self.layer_weights()]
+
+    def layer_weights(self) -> list[LayerWeights]:
+        """The parameters per layer and direction, in the order of h_0's first dimension."""
+        return layer_weights(self, self.num_layers, self.num_directions)
+
+    def state_sizes(self) -> tuple[int, ...]:
+        """The last dimension of each state of hx: (P,) or, for the LSTM, (P, H)."""
+        return (self.proj_size or self.hidden_size,)
+
+    def extra_repr(self) -> str:
+        # torch's repr, then what torch's leaves out (the RNN's nonlinearity) and fastpar's own.
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        for name, default in (("bias", True), ("batch_first", False), ("bidirectional", False)):
+            if getattr(self, name) != default:
+                s += f", {name}={getattr(self, name)}"
+        if self.dropout:
+            s += f", dropout={self.dropout}"
+        nonlinearity = getattr(self, "nonlinearity", "tanh")
+        if nonlinearity != "tanh":
+            s += f", nonlinearity={nonlinearity!r}"
+        s += f", backend={self.backend!r}"
+        return s + (f", kernel={self.kernel!r}" if self.kernel != "auto" else "")
+
+    def _run_stack(
+        self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The stack on the chosen backend: x (T, B, I) -> output (T, B, D*P) (zero past each
+        length) and the final states, each (L*D, B, .)."""
+        raise NotImplementedError
+
+    def stack_options(self, lengths: Tensor | None) -> dict[str, Any]:
+        """The keyword arguments every stack function takes, from this module's options."""
+        return {
+            "num_layers": self.num_layers,
+            "bidirectional": self.bidirectional,
+            "dropout": self.dropout,
+            "training": self.training,
+            "lengths": lengths,
+        }
+
+    def forward(
+        self, input: Tensor | PackedSequence, hx: Any = None
+    ) -> tuple[Tensor | PackedSequence, Any]:
+        weight = self.weight_ih_l0
+        lengths = None
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
+            lengths = lengths.to(x.device)
+            batched = check_input(x, self.input_size, weight, 3)
+        else:
+            batched = check_input(input, self.input_size, weight, 3)
+            x = input if batched else input.unsqueeze(1)
+            if self.batch_first and batched:
+                x = x.transpose(0, 1)
+        rows = self.num_layers * self.num_directions
+        shapes = [(rows, x.shape[1], size) for size in self.state_sizes()]
+        if hx is None:
+            states = tuple(x.new_zeros(shape) for shape in shapes)
+        else:
+            given = split_hx(hx, self.state_names)
+            states = tuple(
+                check_state(name, s, shape if batched else (rows, shape[2]), x)
+                for name, s, shape in zip(self.state_names, given, shapes, strict=True)
+            )
+            if not batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+
+        out, finals = self._run_stack(x, states, lengths)
+
+        if packed:
+            return _repack(out, lengths, input), join_states(finals)
+        if not batched:
+            return out.squeeze(1), join_states(tuple(s.squeeze(1) for s in finals))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, join_states(finals)
+
+
+def _repack(out: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+    """Pack ``out`` (T, B, .) exactly as ``like`` is packed (same batch_sizes and indices)."""
+    if like.sorted_indices is None:
+        packed = pack_padded_sequence(out, lengths.cpu(), enforce_sorted=True)
+        return PackedSequence(packed.data, like.batch_sizes, None, None)
+    order = like.sorted_indices.to(out.device)
+    packed = pack_padded_sequence(
+        out.index_select(1, order), lengths.index_select(0, order).cpu(), enforce_sorted=True
+    )
+    return PackedSequence(packed.data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[LayerWeights]:
+    """LayerWeights of a module with torch's recurrent parameter names (torch's or fastpar's
+    LSTM, GRU or RNN).
+
+    Arguments:
+        module: holds weight_ih_l{k}[_reverse], weight_hh_..., optional bias_ih_..., bias_hh_...,
+            weight_hr_....
+        num_layers: L.
+        num_dirs: D.
+
+    Returns:
+        L*D LayerWeights, layer-major then direction.
+    """
+    weights = []
+    for layer in range(num_layers):
+        for direction in range(num_dirs):
+            sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            weights.append(
+                LayerWeights(
+                    getattr(module, "weight_ih" + sfx),
+                    getattr(module, "weight_hh" + sfx),
+                    getattr(module, "bias_ih" + sfx, None),
+                    getattr(module, "bias_hh" + sfx, None),
+                    getattr(module, "weight_hr" + sfx, None),
+                )
+            )
+    return weights
+
+
+class RecurrentCellBase(nn.Module):
+    """One step of a recurrent cell with torch's RNNCellBase interface, parameters and results.
+
+    Subclasses set ``cell``, ``gates`` and ``state_names`` and implement ``_step``.
+
+    ``forward(input, hx=None)``: input (B, I) or (I,) unbatched; each state of hx (B, H) or (H,),
+    zeros when omitted; returns the next states in hx's form.
+    """
+
+    cell: ClassVar[str]
+    gates: ClassVar[int]
+    state_names: ClassVar[tuple[str, ...]]
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+        backend: Backend,
+    ) -> None:
+        super().__init__()
+        self.input_size = check_int_at_least("input_size", input_size)
+        self.hidden_size = check_int_at_least("hidden_size", hidden_size)
+        self.bias = bool(bias)
+        self.backend: Backend = check_backend(backend)
+        factory = {"device": device, "dtype": dtype}
+        rows = self.gates * hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(rows, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(rows, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(rows, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(rows, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch."""
+        init_uniform(list(self.parameters()), self.hidden_size)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, backend={self.backend!r}"
+
+    def weights(self) -> LayerWeights:
+        return LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+
+    def _step(self, x: Tensor, states: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        """One step on the chosen backend: x (B, I), states each (B, H) -> the next states."""
+        raise NotImplementedError
+
+    def forward(self, input: Tensor, hx: Any = None) -> Any:
+        batched = check_input(input, self.input_size, self.weight_ih, 2)
+        x = input if batched else input.unsqueeze(0)
+        shape = (x.shape[0], self.hidden_size)
+        if hx is None:
+            states = tuple(x.new_zeros(shape) for _ in self.state_names)
+        else:
+            expected = shape if batched else (self.hidden_size,)
+            given = split_hx(hx, self.state_names)
+            states = tuple(
+                check_state(name, s, expected, x).reshape(shape)
+                for name, s in zip(self.state_names, given, strict=True)
+            )
+        finals = self._step(x, states)
+        if not batched:
+            finals = tuple(s[0] for s in finals)
+        return join_states(finals)
+
+
+__all__ = [
+    "BACKENDS",
+    "KERNELS",
+    "Backend",
+    "Kernel",
+    "RecurrentBase",
+    "RecurrentCellBase",
+    "choose_recurrence",
+    "layer_weights",
+    "takes_triton",
+]

@@ -1,0 +1,61 @@
+"""Shared by the module tests: a fastpar recurrent module against torch's in float64, results and
+every gradient."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, grads, randn
+
+
+def _hx(states: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
+    """hx as the modules take it: (h_0, c_0) for the LSTM, h_0 alone for the GRU and RNN."""
+    return tuple(states) if len(states) > 1 else states[0]
+
+
+def _flat(result: tuple) -> list[Tensor]:
+    out, final = result
+    return [out, *(final if isinstance(final, tuple) else (final,))]
+
+
+def compare_with_torch(
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module,
+    x: Tensor,
+    states: Sequence[Tensor],
+    dtype: torch.dtype = torch.float32,
+    atol: float = FP32_ATOL,
+    rtol: float = FP32_RTOL,
+    check: bool = True,
+) -> tuple[list[Tensor], list[Tensor], list[str]]:
+    """Output, final states and the gradients of input, initial states and every parameter, ours
+    (in `dtype`) vs `theirs` (float64), for random cotangents; asserted within atol/rtol when
+    `check`, else only returned.
+
+    Arguments:
+        states: the initial states, (h_0, c_0) for the LSTM, (h_0,) for the GRU and RNN.
+
+    Returns:
+        (ours, theirs, names), in the same order.
+    """
+    xs = x.detach().to(dtype).requires_grad_()
+    ss = [s.detach().to(dtype).requires_grad_() for s in states]
+    xd = x.detach().double().requires_grad_()
+    sd = [s.detach().double().requires_grad_() for s in states]
+    got_out = _flat(ours(xs, _hx(ss)))
+    want_out = _flat(theirs(xd, _hx(sd)))
+    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate(want_out)]
+    got = got_out + list(grads(got_out, [c.to(dtype) for c in cot], [xs, *ss, *ours.parameters()]))
+    exp = want_out + list(grads(want_out, cot, [xd, *sd, *theirs.parameters()]))
+    letters = "hc"[: len(states)]
+    names = ["output", *(f"{s}_n" for s in letters), "d input", *(f"d {s}0" for s in letters)]
+    names += ["d " + n for n, _ in ours.named_parameters()]
+    assert len(got) == len(exp) == len(names)
+    for name, a, b in zip(names, got, exp, strict=True):
+        assert a.shape == b.shape, name
+        if check:
+            assert_close(a, b, atol, rtol, name)
+    return got, exp, names
