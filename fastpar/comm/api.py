@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.work import CudaRingWork, RingWork
+from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 _rings: dict[tuple[dist.ProcessGroup, torch.device], RingAllReduce] = {}
 _rings_lock = threading.Lock()
@@ -33,7 +33,7 @@ def all_reduce(
     op: object = dist.ReduceOp.SUM,
     group: dist.ProcessGroup | None = None,
     async_op: bool = False,
-) -> RingWork | CudaRingWork | dist.Work | None:
+) -> RingWork | CudaRingWork | CopyBackWork | dist.Work | None:
     """`torch.distributed.all_reduce` through fastpar's ring where it applies.
 
     Arguments:

@@ -40,8 +40,9 @@ from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
 from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
+from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
-from fastpar.comm.work import CudaRingWork, RingWork
+from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 logger = get_logger(__name__)
 
@@ -76,17 +77,6 @@ def _as_timedelta(timeout: timedelta | float) -> timedelta:
     if value.total_seconds() <= 0:
         raise ValueError(f"timeout must be positive, got {timeout!r}")
     return value
-
-
-def _has_internal_overlap(tensor: torch.Tensor) -> bool:
-    """Whether two elements of `tensor` may share memory (as after expand()); conservative."""
-    extent = 1
-    dims = zip(tensor.stride(), tensor.shape, strict=True)
-    for stride, size in sorted((s, n) for s, n in dims if n > 1):
-        if stride < extent:
-            return True
-        extent += stride * (size - 1)
-    return False
 
 
 class RingAllReduce:
@@ -316,14 +306,15 @@ class RingAllReduce:
         op: object = dist.ReduceOp.SUM,
         group: dist.ProcessGroup | None = None,
         async_op: bool = False,
-    ) -> RingWork | CudaRingWork | dist.Work | None:
+    ) -> RingWork | CudaRingWork | CopyBackWork | dist.Work | None:
         """In place: `tensor` becomes the reduction of every rank's `tensor`, as
         `torch.distributed.all_reduce` does.
 
         Arguments:
             tensor: any shape and size (0 included); contiguous, or a non-overlapping view
-                (reduced through a contiguous copy). dtypes float32, float64, float16, bfloat16
-                (accumulated in float32), int32, int64.
+                (reduced through a contiguous copy, here and on torch.distributed alike, so
+                elements outside the view are never touched). dtypes float32, float64, float16,
+                bfloat16 (accumulated in float32), int32, int64.
             op: `torch.distributed.ReduceOp` SUM, AVG (floating dtypes), PRODUCT, MIN or MAX.
             group: None or this ring's group.
             async_op: return a work handle instead of waiting.
@@ -350,7 +341,7 @@ class RingAllReduce:
         reason = self._fallback_reason(tensor, code, op)
         if reason is not None:
             log_once(logger, f"fastpar all_reduce goes to torch.distributed: {reason}")
-            return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+            return torch_all_reduce(tensor, op, self.group, async_op)
         if code == AVG and not tensor.is_floating_point():
             raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
         if self._stream is not None:
@@ -364,20 +355,8 @@ class RingAllReduce:
             self._run(tensor, code)
         return None
 
-    @staticmethod
-    def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor`, or a contiguous copy of a non-overlapping view (copied back afterwards)."""
-        if tensor.is_contiguous():
-            return tensor
-        if _has_internal_overlap(tensor):
-            raise ValueError(
-                "tensor has elements that share memory (as after expand()), so an in-place "
-                "all_reduce is ill-defined; pass tensor.clone()"
-            )
-        return tensor.detach().contiguous()
-
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
-        target = self._contiguous(tensor)
+        target = dense(tensor)
         capturing = torch.cuda.is_current_stream_capturing()
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
@@ -409,7 +388,7 @@ class RingAllReduce:
     def _run(self, tensor: torch.Tensor, code: int) -> None:
         if self.world_size == 1:
             return
-        target = self._contiguous(tensor)
+        target = dense(tensor)
         try:
             self._transport.all_reduce(target, code)
         except self._native_errors as error:
