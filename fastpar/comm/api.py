@@ -1,8 +1,9 @@
 """`all_reduce` with torch.distributed's signature, on fastpar's ring where it applies.
 
 The first call for a (group, device) creates that pair's RingAllReduce (a collective step, like
-the first NCCL call of a group); later calls reuse it. `close_rings()` releases them all (also
-run at exit).
+the first NCCL call of a group); later calls reuse it. Its waits are bounded by the group's own
+timeout (the one given to `init_process_group` or `new_group`). `close_rings()` releases them all
+(also run at exit).
 """
 
 from __future__ import annotations

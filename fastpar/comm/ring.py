@@ -42,11 +42,11 @@ from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, w
 from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
+from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 logger = get_logger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=5)
 DEFAULT_CHUNK_BYTES = {"cpu": 256 * 1024, "cuda": 8 * 1024 * 1024}
 DEFAULT_SLOTS = 4
 # Calls between different GPUs larger than this go to torch.distributed (NCCL): a design value
@@ -72,20 +72,15 @@ def host_identity() -> str:
     return f"{socket.gethostname()}|{boot}|{ipc}"
 
 
-def _as_timedelta(timeout: timedelta | float) -> timedelta:
-    value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
-    if value.total_seconds() <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout!r}")
-    return value
-
-
 class RingAllReduce:
     """All-reduce over the ranks of `group` through fastpar's native ring.
 
     Arguments:
         group: the process group (None: the default group). This process must be a member.
-        timeout: how long any wait for a peer may take (timedelta or seconds); a peer that dead
-            or absent makes every rank raise CommTimeoutError within twice this.
+        timeout: how long any wait for a peer may take (timedelta or seconds; None: the
+            group's own timeout, as given to `init_process_group` or `new_group`); a peer that
+            is absent or hung makes every rank raise CommTimeoutError within twice this, one
+            whose process is gone within about a second.
         device: the device whose tensors this ring reduces ("cpu", or a CUDA device: this
             rank's GPU); tensors elsewhere go to torch.distributed.
         chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
@@ -98,7 +93,7 @@ class RingAllReduce:
         self,
         group: dist.ProcessGroup | None = None,
         *,
-        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        timeout: timedelta | float | None = None,
         device: torch.device | str = "cpu",
         chunk_bytes: int | None = None,
         slots: int = DEFAULT_SLOTS,
@@ -118,7 +113,11 @@ class RingAllReduce:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.timeout = _as_timedelta(timeout)
+        self.timeout = (
+            group_timeout(self.group, self.device)
+            if timeout is None
+            else as_timedelta("timeout", timeout)
+        )
         self._transport: ShmAllReduce | IpcAllReduce | None = None
         self._native_errors: tuple[type[BaseException], ...] = ()
         self._disabled: str | None = None
