@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
@@ -38,10 +39,16 @@ import torch.distributed as dist
 from fastpar import _native
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
+from fastpar.comm import processes
 from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
-from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
+from fastpar.comm.errors import (
+    CommClosedError,
+    CommMismatchError,
+    native_error_types,
+    translate_native_error,
+)
 from fastpar.comm.fallback import dense, torch_all_reduce
-from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
+from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
@@ -129,6 +136,7 @@ class RingAllReduce:
         self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
         self._store: dist.Store | None = None
         self._prefix = ""
+        self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -141,7 +149,7 @@ class RingAllReduce:
     # --- setup ---------------------------------------------------------------------------------
 
     def _store_wait(self, store: dist.Store, keys: dict[int, str], what: str) -> None:
-        wait_for_ranks(store, keys, self.timeout, self.rank, what)
+        wait_for_ranks(store, keys, self.timeout, self.rank, what, self._peer_pids)
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
@@ -152,11 +160,16 @@ class RingAllReduce:
         prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
         self._store, self._prefix = store, prefix
         hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
+        pids = {rank: f"{prefix}/pid/{rank}" for rank in range(self.world_size)}
+        store.set(pids[self.rank], processes.identity())  # before the host: read after it
         store.set(hosts[self.rank], host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
         if len({store.get(key) for key in hosts.values()}) != 1:
             self._disabled = "its ranks do not all share one host's shared memory"
             return
+        self._peer_pids = processes.watchable_pids(
+            {rank: store.get(key).decode() for rank, key in pids.items() if rank != self.rank}
+        )
         native = _native.load()
         self._native_errors = native_error_types(native)
         if self.device.type == "cuda":
@@ -219,6 +232,9 @@ class RingAllReduce:
         self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
     ) -> None:
         everyone = range(self.world_size)
+        # The name is published before the segment exists, so that whoever meets a failure
+        # (a creator that died before the others mapped it) can remove it.
+        name_key = f"{prefix}/segment-name"
         segment_key = f"{prefix}/segment"
         mapped = {rank: f"{prefix}/mapped/{rank}" for rank in everyone}
         timeout_s = self.timeout.total_seconds()
@@ -227,6 +243,7 @@ class RingAllReduce:
             if self.rank == 0:
                 # The creator's pid in the name says whose segment it is (tests look for it).
                 name = f"/fastpar-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+                store.set(name_key, name)
                 try:
                     transport = native.ShmAllReduce(
                         name=name, create=True, rank=0, world=self.world_size, slots=slots,
@@ -260,6 +277,8 @@ class RingAllReduce:
         except BaseException:
             if transport is not None:
                 transport.close()
+            if store.check([name_key]):  # nobody uses a segment whose setup failed
+                native.remove_shared_segment(store.get(name_key).decode())
             raise
         self._transport = transport
 
@@ -340,6 +359,7 @@ class RingAllReduce:
         reason = self._fallback_reason(tensor, code, op)
         if reason is not None:
             log_once(logger, f"fastpar all_reduce goes to torch.distributed: {reason}")
+            self._announce_torch_path(tensor, op, reason)
             return torch_all_reduce(tensor, op, self.group, async_op)
         if code == AVG and not tensor.is_floating_point():
             raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
@@ -353,6 +373,43 @@ class RingAllReduce:
         else:
             self._run(tensor, code)
         return None
+
+    def _announce_torch_path(self, tensor: torch.Tensor, op: object, reason: str) -> None:
+        """Tell the peers through the ring that this call goes to torch.distributed, so that a
+        rank whose call would take the ring instead (another dtype, size or op) and this one
+        both raise CommMismatchError saying so, instead of each waiting for the other in a
+        different place until both time out. CPU rings only (on CUDA the choice depends on
+        nothing that differs between ranks but the call itself)."""
+        if self._transport is None or self._stream is not None:
+            return
+        transport = self._transport
+
+        def announce() -> None:
+            transport.agree_torch_path(tensor, torch_op_code(op))
+
+        try:
+            self._in_order(announce)
+        except CommMismatchError as error:
+            raise CommMismatchError(f"{error}; on rank {self.rank}: {reason}") from None
+
+    def _in_order(self, call: Callable[[], None]) -> None:
+        """Run `call` after the asynchronous calls still queued, translating native errors."""
+
+        def translated() -> None:
+            try:
+                call()
+            except self._native_errors as error:
+                raise translate_native_error(error) from None
+
+        last = self._last
+        if last is None or last.done():
+            translated()
+            return
+        with self._submit_lock:
+            assert self._executor is not None
+            future = self._executor.submit(translated)
+            self._last = future
+        future.result()
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = dense(tensor)
