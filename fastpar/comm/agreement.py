@@ -66,6 +66,7 @@ def agree(
     problem: str,
     timeout: timedelta,
     what: str,
+    pids: dict[int, int] | None = None,
 ) -> str | None:
     """Every rank's verdict on one question, combined: None when no rank has a problem, else the
     first problem in rank order ("rank 1: ..."), the same string on every rank.
@@ -76,10 +77,11 @@ def agree(
         problem: "" when this rank can take the path, else why not.
         timeout: how long to wait for the other ranks' verdicts.
         what: what the ranks are deciding, for the timeout's message.
+        pids: rank -> pid of the peers whose death ends the wait early (`wait_for_ranks`).
     """
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     store.set(keys[rank], "no: " + problem if problem else "ok")
-    wait_for_ranks(store, keys, timeout, rank, what)
+    wait_for_ranks(store, keys, timeout, rank, what, pids)
     for r, key in keys.items():
         verdict = store.get(key).decode()
         if verdict != "ok":

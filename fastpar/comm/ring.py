@@ -182,7 +182,7 @@ class RingAllReduce:
         rank has a problem."""
         reason = agree(
             self._store, f"{self._prefix}/{question}", self.rank, self.world_size, problem,
-            self.timeout, what,
+            self.timeout, what, self._peer_pids,
         )  # fmt: skip
         if reason is not None:
             self._disabled = reason
