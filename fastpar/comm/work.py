@@ -10,6 +10,15 @@ from typing import Any
 import torch
 
 
+def _copy_back(pending: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Write a reduced contiguous copy into the caller's non-contiguous tensor: `pending` is
+    (the caller's tensor, its reduced copy), or None when nothing is left to copy."""
+    if pending is not None:
+        tensor, reduced = pending
+        with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+            tensor.copy_(reduced)
+
+
 class RingWork:
     """An all-reduce running on the ring's worker thread.
 
@@ -67,11 +76,7 @@ class CopyBackWork:
             self._work.wait()
         else:
             self._work.wait(timeout)
-        if self._copy_back is not None:
-            tensor, reduced = self._copy_back
-            with torch.no_grad():
-                tensor.copy_(reduced)
-            self._copy_back = None
+        self._copy_back = _copy_back(self._copy_back)
         return True
 
     def is_completed(self) -> bool:
@@ -126,11 +131,7 @@ class CudaRingWork:
             self._event.synchronize()  # bounded: every device-side wait ends by the timeout
             self._check()
             torch.cuda.current_stream(self._device).wait_event(self._event)
-        if self._copy_back is not None:
-            tensor, reduced = self._copy_back
-            with torch.no_grad():
-                tensor.copy_(reduced)
-            self._copy_back = None
+        self._copy_back = _copy_back(self._copy_back)
         return True
 
     def is_completed(self) -> bool:
