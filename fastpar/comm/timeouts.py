@@ -20,13 +20,14 @@ def as_timedelta(name: str, timeout: timedelta | float) -> timedelta:
 
 def group_timeout(group: dist.ProcessGroup, device: torch.device | str = "cpu") -> timedelta:
     """The timeout of `group`'s backend for tensors on `device` (gloo's for CPU, NCCL's for
-    CUDA): the `timeout` given to `init_process_group` or `new_group`, else that backend's
-    default (`torch.distributed.default_pg_timeout`)."""
-    try:
-        backend = group._get_backend(torch.device(torch.device(device).type))
-        timeout = backend.options._timeout
-    except (AttributeError, RuntimeError, ValueError):  # an unknown or custom backend
-        timeout = None
-    if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
-        return timeout
+    CUDA; the group's other backend when it has none for that device): the `timeout` given to
+    `init_process_group` or `new_group`, else `torch.distributed.default_pg_timeout`."""
+    wanted = torch.device(device).type
+    for device_type in (wanted, *(t for t in ("cpu", "cuda") if t != wanted)):
+        try:
+            timeout = group._get_backend(torch.device(device_type)).options._timeout
+        except (AttributeError, RuntimeError, ValueError):  # no such backend, or a custom one
+            continue
+        if isinstance(timeout, timedelta) and timeout.total_seconds() > 0:
+            return timeout
     return dist.default_pg_timeout
