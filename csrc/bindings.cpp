@@ -30,9 +30,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("unlink", &fastpar::ShmAllReduce::unlink)
       .def("all_reduce", &fastpar::ShmAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
            py::call_guard<py::gil_scoped_release>())
+      .def("agree_torch_path", &fastpar::ShmAllReduce::agree_torch_path, py::arg("tensor"),
+           py::arg("op"), py::call_guard<py::gil_scoped_release>())
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
       .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
+  m.def("remove_shared_segment", &fastpar::SharedSegment::remove,
+        "removes a shared-memory segment's name (idempotent)", py::arg("name"));
   m.attr("PIPE_ABORT_TEXT_BYTES") = fastpar::ShmPipe::kMaxAbortText;
   py::register_exception<fastpar::PipeAbortedError>(m, "PipeAbortedError", PyExc_RuntimeError);
   py::register_exception<fastpar::PipeBrokenError>(m, "PipeBrokenError", PyExc_RuntimeError);

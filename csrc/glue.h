@@ -44,6 +44,10 @@ class ShmAllReduce {
   // In place on a contiguous CPU tensor; op is a ReduceOp code or kOpAvg (which sums: the
   // caller divides).
   void all_reduce(at::Tensor& tensor, int64_t op);
+  // Announces that this rank's call of `tensor` with `op` (a c10d ReduceOp code) goes to
+  // torch.distributed: returns when every rank announced the same call, raises
+  // RingMismatchError on every rank when some take the ring or call differently.
+  void agree_torch_path(const at::Tensor& tensor, int64_t op);
   // Unmaps; later calls raise RingClosedError. Idempotent.
   void close();
   bool closed() const;

@@ -36,6 +36,12 @@ class RingClosedError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// A call header whose op has this bit is a rank's announcement that its call goes to
+// torch.distributed (a dtype or op the ring does not serve): dtype is then
+// kTorchPath | c10::ScalarType and op kTorchPath | c10d::ReduceOp::RedOpType, so that ranks
+// about to take different paths (ring vs torch.distributed) find out and all raise.
+constexpr int32_t kTorchPath = 1 << 16;
+
 // What each rank announces with its first chunk; all ranks must announce the same.
 struct CallHeader {
   int64_t count;
@@ -64,7 +70,28 @@ inline const char* op_name(int32_t op) {
   return op >= 0 && op <= kMaxRingOp ? kNames[op] : "unknown op";
 }
 
+// Names of c10::ScalarType 0..15 and c10d's RedOpType 0..8 (both enums' values are fixed: they
+// are serialised), for the announcements of calls that go to torch.distributed.
+inline const char* torch_dtype_name(int32_t type) {
+  static const char* const kNames[] = {
+      "uint8", "int8",       "int16", "int32", "int64", "float16", "float32", "float64",
+      "complex32", "complex64", "complex128", "bool", "qint8", "quint8", "qint32", "bfloat16"};
+  return type >= 0 && type < 16 ? kNames[type] : "another dtype";
+}
+
+inline const char* torch_op_name(int32_t op) {
+  static const char* const kNames[] = {"SUM", "AVG",  "PRODUCT", "MIN",       "MAX",
+                                       "BAND", "BOR", "BXOR",    "PREMUL_SUM"};
+  return op >= 0 && op < 9 ? kNames[op] : "another op";
+}
+
+inline bool takes_torch_path(const CallHeader& h) { return (h.op & kTorchPath) != 0; }
+
 inline std::string describe(const CallHeader& h) {
+  if (takes_torch_path(h)) {
+    return std::to_string(h.count) + " x " + torch_dtype_name(h.dtype & ~kTorchPath) + " " +
+           torch_op_name(h.op & ~kTorchPath) + " via torch.distributed";
+  }
   return std::to_string(h.count) + " x " + dtype_name(h.dtype) + " " + op_name(h.op);
 }
 

@@ -13,8 +13,9 @@
 
 #include <algorithm>
 #include <cstring>
-#include <fstream>
 #include <utility>
+
+#include "process.h"
 
 namespace fastpar {
 namespace {
@@ -26,26 +27,6 @@ constexpr uint64_t kMagic = 0x66617374706970ULL;  // "fastpip"
 uint64_t load_acquire(const uint64_t* word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
 void store_release(uint64_t* word, uint64_t value) {
   __atomic_store_n(word, value, __ATOMIC_RELEASE);
-}
-
-// Whether `pid` is a live process: it exists and is not a zombie waiting to be reaped (a
-// crashed rank stays a zombie until its launcher reaps it). Unknown counts as alive.
-bool process_alive(pid_t pid) {
-  if (kill(pid, 0) != 0 && errno == ESRCH) return false;
-  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
-  std::string line;
-  if (!std::getline(stat, line)) return true;
-  const size_t name_end = line.rfind(')');  // the command name may itself hold ") "
-  if (name_end == std::string::npos || name_end + 2 >= line.size()) return true;
-  const char state = line[name_end + 2];
-  return state != 'Z' && state != 'X';
-}
-
-std::string seconds(double value) {
-  std::string text = std::to_string(value);
-  text.erase(text.find_last_not_of('0') + 1);
-  if (!text.empty() && text.back() == '.') text.pop_back();
-  return text + " s";
 }
 
 }  // namespace
@@ -198,7 +179,7 @@ void ShmPipe::sender_loop() {
           },
           [&] { check_peer(next_liveness, "sending"); });
       if (!room) {
-        error = "timed out after " + seconds(policy_.timeout_s) +
+        error = "timed out after " + format_seconds(policy_.timeout_s) +
                 " waiting for the peer to receive what this process sent (the peer is hung or "
                 "no longer receiving)";
       }
@@ -244,7 +225,7 @@ void ShmPipe::recv(char* out, int64_t bytes, const char* what) {
           policy_, [&] { return load_acquire(written) != read_; },
           [&] { check_peer(next_liveness, what); });
       if (!arrived) {
-        fail("timed out after " + seconds(policy_.timeout_s) + " waiting for " + what +
+        fail("timed out after " + format_seconds(policy_.timeout_s) + " waiting for " + what +
              " (the peer is hung, or is not sending it)");
       }
       continue;

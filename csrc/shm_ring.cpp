@@ -3,13 +3,19 @@
 // Segment layout (every offset page-aligned, so data slots start on cache lines):
 //   [ SegmentInfo | control of rank 0 | ... | control of rank n-1 | data: rank 0 slots 0..S-1,
 //     rank 1 slots 0..S-1, ... ]
-// A rank's control block holds its abort word, then one Flags record per slot. Only the owner
+// A rank's control block holds its abort word, pid and pid namespace (one line), then one Flags
+// record per slot. Only the owner
 // writes its control block and its data slots (the reduce writes its result over the owner's
 // own slot); everyone reads everyone's.
 #include "shm_ring.h"
 
+#include <unistd.h>
+
+#include <chrono>
 #include <cstring>
 #include <stdexcept>
+
+#include "process.h"
 
 namespace fastpar {
 namespace {
@@ -24,6 +30,15 @@ struct SegmentInfo {
   int32_t slots;
   int64_t chunk_bytes;
 };
+
+// A flag holding kPoison | r: rank r gave up waiting for it; its owner can no longer set it.
+constexpr uint64_t kPoison = 1ULL << 63;
+
+bool poisoned(uint64_t value) { return (value & kPoison) != 0; }
+int poisoner(uint64_t value) { return static_cast<int>(value & ~kPoison); }
+
+// Thrown by a wait's check when the awaited peer's process is gone (caught by wait_for).
+struct PeerGone {};
 
 size_t round_up(size_t value, size_t to) { return (value + to - 1) / to * to; }
 
@@ -71,6 +86,7 @@ ShmRing::ShmRing(char* base, size_t bytes, int rank, int world, int slots, int64
       slots_(slots),
       chunk_bytes_(chunk_bytes),
       policy_(policy),
+      pid_namespace_(pid_namespace()),
       inputs_(world > 0 ? world : 0) {
   if (world < 1 || rank < 0 || rank >= world)
     throw std::invalid_argument("rank " + std::to_string(rank) + " is not in a world of " +
@@ -89,6 +105,9 @@ ShmRing::ShmRing(char* base, size_t bytes, int rank, int world, int slots, int64
       info->chunk_bytes != chunk_bytes)
     throw std::invalid_argument(
         "the shared segment was formatted for another ring (world, slots or chunk_bytes differ)");
+  uint64_t* mine = pid_word(rank_);
+  store_release(&mine[1], pid_namespace_);
+  store_release(&mine[0], static_cast<uint64_t>(getpid()));  // releases the namespace too
 }
 
 ShmFlags& ShmRing::flags(int rank, int slot) const {
@@ -100,15 +119,32 @@ uint64_t* ShmRing::abort_word(int rank) const {
   return reinterpret_cast<uint64_t*>(base_ + kPage + rank * control_bytes(slots_));
 }
 
+uint64_t* ShmRing::pid_word(int rank) const { return abort_word(rank) + 1; }
+
 char* ShmRing::slot_data(int rank, int slot) const {
   const size_t data = kPage + world_ * control_bytes(slots_);
   return base_ + data + (static_cast<size_t>(rank) * slots_ + slot) * chunk_bytes_;
 }
 
-void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
+void ShmRing::check_usable() const {
   if (!failure_.empty())
     throw RingClosedError("this ring all-reduce is unusable after an earlier failure: " +
                           failure_);
+}
+
+void ShmRing::agree(const CallHeader& header) {
+  check_usable();
+  const uint64_t step = step_;
+  publish(step, nullptr, 0, header, {0, 0});
+  check_headers(step, header);
+  ShmFlags& mine = flags(rank_, static_cast<int>(step % slots_));
+  arrive(&mine.reduced, step + 1, "agree on a call", /*complete=*/true);
+  arrive(&mine.done, step + 1, "agree on a call", /*complete=*/true);
+  step_ = step + 1;
+}
+
+void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
+  check_usable();
   if (count < 0) throw std::invalid_argument("count must be >= 0, got " + std::to_string(count));
   if (op < 0 || op > kMaxRingOp)
     throw std::invalid_argument("op must be 0..4, got " + std::to_string(op));
@@ -150,8 +186,9 @@ void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, Re
   for (int peer = 0; peer < world_; ++peer) inputs_[peer] = slot_data(peer, slot);
   if (count > 0) reduce_buffers(inputs_.data(), world_, data, count, dtype, op);
   ShmFlags& mine = flags(rank_, slot);
-  store_release(&mine.reduced, step + 1);
-  store_release(&mine.done, step + 1);
+  // The result is in `data`: a peer that gave up on these flags only fails the next call.
+  arrive(&mine.reduced, step + 1, "reduce its part", /*complete=*/true);
+  arrive(&mine.done, step + 1, "finish a previous chunk", /*complete=*/true);
   step_ = step + 1;
 }
 
@@ -174,7 +211,7 @@ void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const Cal
   if (bytes > skip_end)
     std::memcpy(slot_bytes + skip_end, chunk + skip_end, static_cast<size_t>(bytes - skip_end));
   mine.header = header;
-  store_release(&mine.ready, step + 1);
+  arrive(&mine.ready, step + 1, "start the same all_reduce call");
 }
 
 void ShmRing::check_headers(uint64_t step, const CallHeader& header) {
@@ -187,16 +224,24 @@ void ShmRing::check_headers(uint64_t step, const CallHeader& header) {
   }
   if (same) return;
   std::string calls;
+  bool ring_path = false;
+  bool torch_path = false;
   for (int peer = 0; peer < world_; ++peer) {
-    calls += (peer ? "; rank " : "rank ") + std::to_string(peer) + ": " +
-             describe(flags(peer, slot).header);
+    const CallHeader& call = peer == rank_ ? header : flags(peer, slot).header;
+    (takes_torch_path(call) ? torch_path : ring_path) = true;
+    calls += (peer ? "; rank " : "rank ") + std::to_string(peer) + ": " + describe(call);
   }
   // Every rank saw the same headers and gives up the same single step, so the ring stays in
   // step and usable. Nobody reads this step's data; `done` lets the slot be reused.
   ShmFlags& mine = flags(rank_, slot);
-  store_release(&mine.reduced, step + 1);
-  store_release(&mine.done, step + 1);
+  arrive(&mine.reduced, step + 1, "reduce its part", /*complete=*/true);
+  arrive(&mine.done, step + 1, "finish a previous chunk", /*complete=*/true);
   step_ = step + 1;
+  if (ring_path && torch_path) {
+    throw RingMismatchError(
+        "all_reduce would take different paths on different ranks: fastpar's ring on some, "
+        "torch.distributed (a dtype or op the ring does not serve) on others (" + calls + ")");
+  }
   throw RingMismatchError("all_reduce was called with different arguments on different ranks (" +
                           calls + ")");
 }
@@ -216,7 +261,7 @@ void ShmRing::reduce(uint64_t step, const char* chunk, int64_t chunk_count, DTyp
     reduce_buffers(inputs_.data(), world_, slot_data(rank_, slot) + part.begin * element_size,
                    part.size(), dtype, op);
   }
-  store_release(&flags(rank_, slot).reduced, step + 1);
+  arrive(&flags(rank_, slot).reduced, step + 1, "reduce its part");
 }
 
 void ShmRing::gather(uint64_t step, char* chunk, int64_t chunk_count, int64_t element_size) {
@@ -233,30 +278,92 @@ void ShmRing::gather(uint64_t step, char* chunk, int64_t chunk_count, int64_t el
                   static_cast<size_t>(part.size() * element_size));
     }
   }
-  store_release(&flags(rank_, slot).done, step + 1);
+  // Everything is copied out: a peer that gave up on this flag fails this call only where the
+  // call still needs that peer (the wait for it then raises), else the next one.
+  arrive(&flags(rank_, slot).done, step + 1, "finish a previous chunk", /*complete=*/true);
 }
 
-void ShmRing::wait_for(int peer, const uint64_t* word, uint64_t value, const char* what,
+void ShmRing::arrive(uint64_t* word, uint64_t value, const char* what, bool complete) {
+  uint64_t current = load_acquire(word);
+  while (!poisoned(current)) {
+    if (__atomic_compare_exchange_n(word, &current, value, false, __ATOMIC_ACQ_REL,
+                                    __ATOMIC_ACQUIRE))
+      return;
+  }
+  failure_ = "rank " + std::to_string(rank_) + " arrived late: rank " +
+             std::to_string(poisoner(current)) + " had given up waiting for it to " + what +
+             " (timeout " + format_seconds(policy_.timeout_s) +
+             "), so this call fails here too rather than succeed where a peer failed";
+  if (!complete) throw RingTimeoutError(failure_);
+}
+
+bool ShmRing::peer_dead(int peer) const {
+  const uint64_t* word = pid_word(peer);
+  const uint64_t pid = load_acquire(&word[0]);
+  if (pid == 0 || pid_namespace_ == 0 || load_acquire(&word[1]) != pid_namespace_) return false;
+  return !process_alive(static_cast<pid_t>(pid));
+}
+
+void ShmRing::wait_for(int peer, uint64_t* word, uint64_t value, const char* what,
                        uint64_t step) {
-  auto arrived = [&] { return load_acquire(word) >= value; };
+  auto arrived = [&] {
+    const uint64_t current = load_acquire(word);
+    return current >= value && !poisoned(current);
+  };
+  const std::string waiting = "rank " + std::to_string(rank_) + " stopped waiting for rank " +
+                              std::to_string(peer) + " to " + what + " because rank ";
+  auto given_up_by = [&](int other) {
+    give_up(other, waiting + std::to_string(other) + " gave up waiting for rank " +
+                       std::to_string(peer) + " (dead, hung, or not calling all_reduce)");
+  };
+  using Clock = std::chrono::steady_clock;
+  const auto period = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(kLivenessPeriod));
+  auto next_liveness = Clock::now() + period;
   auto check_peers = [&] {
+    const uint64_t current = load_acquire(word);
+    if (poisoned(current)) given_up_by(poisoner(current));
     for (int other = 0; other < world_; ++other) {
       if (other == rank_) continue;
       const uint64_t aborted = load_acquire(abort_word(other));
       if (aborted != 0) {
         const int culprit = static_cast<int>(aborted - 1);
-        give_up(culprit, "rank " + std::to_string(rank_) + " stopped waiting for rank " +
-                             std::to_string(peer) + " to " + what + " because rank " +
-                             std::to_string(other) + " gave up waiting for rank " +
-                             std::to_string(culprit) + " (dead, hung, or not calling all_reduce)");
+        give_up(culprit, waiting + std::to_string(other) + " gave up waiting for rank " +
+                             std::to_string(culprit) +
+                             " (dead, hung, or not calling all_reduce)");
       }
     }
+    const auto now = Clock::now();
+    if (now >= next_liveness) {
+      next_liveness = now + period;
+      if (peer_dead(peer)) throw PeerGone{};
+    }
   };
-  if (bounded_wait(policy_, arrived, check_peers)) return;
+  bool gone = false;
+  try {
+    if (bounded_wait(policy_, arrived, check_peers)) return;
+  } catch (const PeerGone&) {
+    gone = true;
+  }
+  // Give up only if the flag has not arrived meanwhile: the poison and the owner's store are
+  // both compare-and-swaps, so exactly one of them wins.
+  uint64_t current = load_acquire(word);
+  for (;;) {
+    if (poisoned(current)) given_up_by(poisoner(current));
+    if (current >= value) return;
+    if (__atomic_compare_exchange_n(word, &current, kPoison | static_cast<uint64_t>(rank_), false,
+                                    __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+      break;
+  }
+  const std::string who = "rank " + std::to_string(peer);
+  if (gone) {
+    give_up(peer, who + " (pid " + std::to_string(load_acquire(pid_word(peer))) +
+                      ") exited while rank " + std::to_string(rank_) + " waited for it to " +
+                      what + " (step " + std::to_string(step) + ")");
+  }
   give_up(peer, "rank " + std::to_string(rank_) + " timed out after " +
-                    std::to_string(policy_.timeout_s) + " s waiting for rank " +
-                    std::to_string(peer) + " to " + what + " (step " + std::to_string(step) +
-                    "); rank " + std::to_string(peer) +
+                    format_seconds(policy_.timeout_s) + " waiting for " + who + " to " + what +
+                    " (step " + std::to_string(step) + "); " + who +
                     " is dead, hung, or not calling all_reduce");
 }
 

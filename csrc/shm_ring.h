@@ -33,10 +33,21 @@
 //
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
-// rank's call, and the ring stays usable (all ranks used the same one step). Every wait is
-// bounded by the timeout; a rank that gives up marks itself aborted in the segment, so its
-// peers give up too instead of waiting out their own timeouts, and the ring is unusable
-// afterwards (RingClosedError says why).
+// rank's call, and the ring stays usable (all ranks used the same one step). A rank whose call
+// goes to torch.distributed announces it through `agree` (a header-only step), so ranks about
+// to take different paths all raise RingMismatchError saying so, instead of one waiting in the
+// ring and the other in torch.distributed until both time out blaming each other.
+//
+// Every wait is bounded by the timeout, and a peer whose process is gone (pid checked every
+// kLivenessPeriod) is given up on at once. Giving up is agreed with the late peer itself: the
+// waiting rank replaces the awaited flag, by compare-and-swap, with a poison value naming
+// itself, and owners set their flags by compare-and-swap too. Either the flag arrived first
+// (the wait succeeds after all), or the poison did, and then the owner can never set it: a rank
+// that arrives after a peer gave up on it raises as well, never returns a result its peer did
+// not get (a `done` flag poisoned after the call's data was complete only fails the next call).
+// A rank that gives up also marks itself aborted in the segment, so its peers give up too
+// instead of waiting out their own timeouts; the ring is unusable afterwards (RingClosedError
+// says why).
 //
 // Flags are 64-bit step numbers (+1) that only grow, stored with release and loaded with
 // acquire; steps continue across calls, so no flag is ever reset.
@@ -57,6 +68,7 @@ struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
 class ShmRing {
  public:
   static constexpr int64_t kOneShotBytes = 64 * 1024;
+  static constexpr double kLivenessPeriod = 0.05;  // seconds between checks of a peer's pid
 
   // Bytes of the segment for `world` ranks with `slots` slots of `chunk_bytes` each.
   static size_t segment_bytes(int world, int slots, int64_t chunk_bytes);
@@ -72,6 +84,10 @@ class ShmRing {
   // ReduceOp code or kOpAvg; for kOpAvg the elements are summed (the caller divides). Not
   // thread-safe: one call at a time (the torch glue serialises).
   void all_reduce(void* data, int64_t count, DType dtype, int32_t op);
+  // A step that moves no data: every rank must pass the same header (RingMismatchError on
+  // every rank otherwise, and the ring stays usable). Announces a call that goes elsewhere
+  // (header with kTorchPath).
+  void agree(const CallHeader& header);
 
   // Why this ring is unusable (empty while it is usable).
   const std::string& failure() const { return failure_; }
@@ -82,6 +98,7 @@ class ShmRing {
   ShmFlags& flags(int rank, int slot) const;
   char* slot_data(int rank, int slot) const;
   uint64_t* abort_word(int rank) const;
+  uint64_t* pid_word(int rank) const;  // the rank's pid, then its pid namespace
 
   void one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
                 const CallHeader& header);
@@ -92,10 +109,20 @@ class ShmRing {
   void reduce(uint64_t step, const char* chunk, int64_t chunk_count, DType dtype, ReduceOp op);
   void gather(uint64_t step, char* chunk, int64_t chunk_count, int64_t element_size);
 
+  // Sets this rank's flag `word` to `value` (step + 1); throws RingTimeoutError when a peer
+  // gave up waiting for it (poisoned it), unless `complete` (the call's data is already
+  // final): then the failure is kept for the next call.
+  void arrive(uint64_t* word, uint64_t value, const char* what, bool complete = false);
   // Waits until `word` of rank `peer` is at least `value`; throws RingTimeoutError (and leaves
-  // the ring unusable) when the timeout passes or a peer has given up.
-  void wait_for(int peer, const uint64_t* word, uint64_t value, const char* what, uint64_t step);
+  // the ring unusable) when the timeout passes, the peer's process is gone, or a peer has
+  // given up.
+  void wait_for(int peer, uint64_t* word, uint64_t value, const char* what, uint64_t step);
+  // Whether rank `peer`'s process is known to be gone (its pid is checked only where it means
+  // the same process here: the same pid namespace).
+  bool peer_dead(int peer) const;
   [[noreturn]] void give_up(int culprit, const std::string& message);
+
+  void check_usable() const;
 
   char* base_;
   int rank_;
@@ -103,6 +130,7 @@ class ShmRing {
   int slots_;
   int64_t chunk_bytes_;
   WaitPolicy policy_;
+  uint64_t pid_namespace_;  // this process's (process.h)
   uint64_t step_ = 0;  // next step; the same on every rank
   std::vector<const void*> inputs_;  // reduce's input pointers, allocated once
   std::string failure_;

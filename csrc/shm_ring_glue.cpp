@@ -44,6 +44,15 @@ void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
   ring_->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op));
 }
 
+void ShmAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
+  TORCH_CHECK_VALUE(op >= 0 && op < kTorchPath, "op must be a ReduceOp code, got ", op);
+  const int32_t dtype = static_cast<int32_t>(tensor.scalar_type());
+  const CallHeader header{tensor.numel(), kTorchPath | dtype, kTorchPath | static_cast<int32_t>(op)};
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (!ring_) throw RingClosedError("this ring all-reduce was closed");
+  ring_->agree(header);
+}
+
 void ShmAllReduce::close() {
   const std::lock_guard<std::mutex> lock(mutex_);
   ring_.reset();

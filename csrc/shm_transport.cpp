@@ -77,6 +77,10 @@ SharedSegment SharedSegment::open(const std::string& name, size_t bytes) {
   return segment;
 }
 
+void SharedSegment::remove(const std::string& name) {
+  if (shm_unlink(name.c_str()) != 0 && errno != ENOENT) fail("shm_unlink", name, errno);
+}
+
 SharedSegment::SharedSegment(SharedSegment&& other) noexcept { *this = std::move(other); }
 
 SharedSegment& SharedSegment::operator=(SharedSegment&& other) noexcept {

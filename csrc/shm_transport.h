@@ -15,6 +15,8 @@ class SharedSegment {
   static SharedSegment create(const std::string& name, size_t bytes);
   // Maps an existing segment; fails when it is missing or its size is not `bytes`.
   static SharedSegment open(const std::string& name, size_t bytes);
+  // Removes the name `name` (one a crashed creator left); a name that is gone already is fine.
+  static void remove(const std::string& name);
 
   SharedSegment() = default;
   SharedSegment(SharedSegment&& other) noexcept;

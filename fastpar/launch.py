@@ -217,6 +217,13 @@ def spawn_ranks(
                 if process.exitcode not in (None, 0) and dead not in may_die:
                     death = _death(dead, process.exitcode)
                     failures.append((-math.inf, dead, death, death.removeprefix(f"rank {dead} ")))
+            # A stopped rank (SIGSTOP, a debugger) is silent, and likely why its peers timed
+            # out: it is named first too.
+            for silent, process in enumerate(processes):
+                reported = silent in outcomes or any(f[1] == silent for f in failures)
+                if not reported and _is_stopped(process):
+                    note = f"rank {silent} is stopped (SIGSTOP or a debugger) and never answered"
+                    failures.append((-math.inf, silent, note, note.removeprefix(f"rank {silent} ")))
             failures.sort(key=lambda failure: failure[:2])
             raise RankFailure(
                 "\n--- then ".join(message for _, _, message, _ in failures),
@@ -260,6 +267,16 @@ def _check_dead(
             raise RankFailure(death, f"rank {rank}: {death.removeprefix(f'rank {rank} ')}")
 
 
+def _is_stopped(process: mp.process.BaseProcess) -> bool:
+    """Whether `process` is stopped (state T: SIGSTOP, or t: held by a debugger)."""
+    try:
+        with open(f"/proc/{process.pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2 : stat.rfind(")") + 3] in ("T", "t")
+
+
 def _death(rank: int, exitcode: int | None) -> str:
     message = f"rank {rank} died with exit code {exitcode}"
     if exitcode is not None and exitcode < 0:
@@ -268,15 +285,25 @@ def _death(rank: int, exitcode: int | None) -> str:
     return message
 
 
+STOP_GRACE_S = 5.0  # how long stopped ranks may take to exit on SIGTERM before SIGKILL
+
+
 def _stop_all(processes: list[mp.process.BaseProcess]) -> None:
+    """End every rank: SIGTERM, then SIGKILL for those still there after STOP_GRACE_S (in all,
+    not per rank). A stopped rank (SIGSTOP, a debugger) also gets SIGCONT, without which it
+    would not act on SIGTERM."""
     # Only processes that started: when starting one fails, that error must surface, not an
     # assertion from joining the ones after it.
     processes = [process for process in processes if process.pid is not None]
     for process in processes:
         if process.is_alive():
             process.terminate()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGCONT)
+    deadline = time.monotonic() + STOP_GRACE_S
     for process in processes:
-        process.join(timeout=5)
+        process.join(timeout=max(0.0, deadline - time.monotonic()))
+    for process in processes:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)

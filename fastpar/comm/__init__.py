@@ -8,13 +8,14 @@ from fastpar.comm.api import all_reduce, close_rings
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.reduce import reduce_buffers
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.work import CudaRingWork, RingWork
+from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 __all__ = [
     "CommClosedError",
     "CommError",
     "CommMismatchError",
     "CommTimeoutError",
+    "CopyBackWork",
     "CudaRingWork",
     "RingAllReduce",
     "RingWork",

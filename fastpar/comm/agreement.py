@@ -8,30 +8,54 @@ same device, or peer access (P2P over NVLink or PCIe) works between the two devi
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from fastpar.comm.errors import CommTimeoutError
+from fastpar.comm.processes import process_alive
+
+LIVENESS_PERIOD_S = 0.2  # how often a wait checks that the awaited peers' processes live
 
 CanAccessPeer = Callable[[int, int], bool]
 
 
 def wait_for_ranks(
-    store: dist.Store, keys: dict[int, str], timeout: timedelta, rank: int, what: str
+    store: dist.Store,
+    keys: dict[int, str],
+    timeout: timedelta,
+    rank: int,
+    what: str,
+    pids: dict[int, int] | None = None,
 ) -> None:
     """Wait until every key of `keys` (rank -> key) is set; CommTimeoutError naming the ranks
-    that did not set theirs within `timeout`."""
-    try:
-        store.wait(list(keys.values()), timeout)
-    except RuntimeError as error:
-        missing = [r for r, key in keys.items() if not store.check([key])]
-        raise CommTimeoutError(
-            f"rank {rank} timed out after {timeout.total_seconds():g} s waiting for rank(s) "
-            f"{missing} to {what} while creating a RingAllReduce (does every rank of the group "
-            "create it?)"
-        ) from error
+    that did not set theirs within `timeout`, or at once (within LIVENESS_PERIOD_S) when the
+    process of one of them, as given by `pids` (rank -> pid), is gone."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        left = deadline - time.monotonic()
+        step = min(left, LIVENESS_PERIOD_S) if pids else left
+        try:
+            store.wait(list(keys.values()), timedelta(seconds=max(step, 1e-3)))
+            return
+        except RuntimeError as error:
+            missing = [r for r, key in keys.items() if not store.check([key])]
+            if not missing:
+                return
+            gone = [r for r in missing if pids and r in pids and not process_alive(pids[r])]
+            if gone:
+                raise CommTimeoutError(
+                    f"rank {rank} stopped waiting for rank(s) {gone} to {what} while creating "
+                    f"a RingAllReduce: the process of rank(s) {gone} exited"
+                ) from error
+            if time.monotonic() >= deadline:
+                raise CommTimeoutError(
+                    f"rank {rank} timed out after {timeout.total_seconds():g} s waiting for "
+                    f"rank(s) {missing} to {what} while creating a RingAllReduce (does every "
+                    "rank of the group create it?)"
+                ) from error
 
 
 def agree(
@@ -42,6 +66,7 @@ def agree(
     problem: str,
     timeout: timedelta,
     what: str,
+    pids: dict[int, int] | None = None,
 ) -> str | None:
     """Every rank's verdict on one question, combined: None when no rank has a problem, else the
     first problem in rank order ("rank 1: ..."), the same string on every rank.
@@ -52,10 +77,11 @@ def agree(
         problem: "" when this rank can take the path, else why not.
         timeout: how long to wait for the other ranks' verdicts.
         what: what the ranks are deciding, for the timeout's message.
+        pids: rank -> pid of the peers whose death ends the wait early (`wait_for_ranks`).
     """
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     store.set(keys[rank], "no: " + problem if problem else "ok")
-    wait_for_ranks(store, keys, timeout, rank, what)
+    wait_for_ranks(store, keys, timeout, rank, what, pids)
     for r, key in keys.items():
         verdict = store.get(key).decode()
         if verdict != "ok":

@@ -1,8 +1,9 @@
 """`all_reduce` with torch.distributed's signature, on fastpar's ring where it applies.
 
 The first call for a (group, device) creates that pair's RingAllReduce (a collective step, like
-the first NCCL call of a group); later calls reuse it. `close_rings()` releases them all (also
-run at exit).
+the first NCCL call of a group); later calls reuse it. Its waits are bounded by the group's own
+timeout (the one given to `init_process_group` or `new_group`). `close_rings()` releases them all
+(also run at exit).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.work import CudaRingWork, RingWork
+from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 _rings: dict[tuple[dist.ProcessGroup, torch.device], RingAllReduce] = {}
 _rings_lock = threading.Lock()
@@ -33,7 +34,7 @@ def all_reduce(
     op: object = dist.ReduceOp.SUM,
     group: dist.ProcessGroup | None = None,
     async_op: bool = False,
-) -> RingWork | CudaRingWork | dist.Work | None:
+) -> RingWork | CudaRingWork | CopyBackWork | dist.Work | None:
     """`torch.distributed.all_reduce` through fastpar's ring where it applies.
 
     Arguments:

@@ -31,6 +31,16 @@ def ring_op_code(op: object) -> int | None:
     return lookup_op(op, _CODES)
 
 
+def torch_op_code(op: object) -> int:
+    """`op`'s value in torch.distributed's own numbering (`ReduceOp.RedOpType`: SUM 0, AVG 1,
+    PRODUCT 2, MIN 3, MAX 4, BAND 5, BOR 6, BXOR 7, PREMUL_SUM 8), or 15 for anything else;
+    names the op of a call that goes to torch.distributed when ranks compare calls."""
+    try:
+        return int(getattr(op, "op", op))
+    except (TypeError, ValueError):
+        return 15
+
+
 def unsupported_reason(tensor_dtype: object, code: int | None, op: object) -> str | None:
     """Why the ring cannot reduce tensors of `tensor_dtype` with `op`, or None when it can."""
     if code is None:

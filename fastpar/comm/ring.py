@@ -28,6 +28,7 @@ import os
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from types import TracebackType
@@ -38,14 +39,21 @@ import torch.distributed as dist
 from fastpar import _native
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
+from fastpar.comm import processes
 from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
-from fastpar.comm.errors import CommClosedError, native_error_types, translate_native_error
-from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
-from fastpar.comm.work import CudaRingWork, RingWork
+from fastpar.comm.errors import (
+    CommClosedError,
+    CommMismatchError,
+    native_error_types,
+    translate_native_error,
+)
+from fastpar.comm.fallback import dense, torch_all_reduce
+from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
+from fastpar.comm.timeouts import as_timedelta, group_timeout
+from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 logger = get_logger(__name__)
 
-DEFAULT_TIMEOUT = timedelta(minutes=5)
 DEFAULT_CHUNK_BYTES = {"cpu": 256 * 1024, "cuda": 8 * 1024 * 1024}
 DEFAULT_SLOTS = 4
 # Calls between different GPUs larger than this go to torch.distributed (NCCL): a design value
@@ -71,31 +79,15 @@ def host_identity() -> str:
     return f"{socket.gethostname()}|{boot}|{ipc}"
 
 
-def _as_timedelta(timeout: timedelta | float) -> timedelta:
-    value = timeout if isinstance(timeout, timedelta) else timedelta(seconds=float(timeout))
-    if value.total_seconds() <= 0:
-        raise ValueError(f"timeout must be positive, got {timeout!r}")
-    return value
-
-
-def _has_internal_overlap(tensor: torch.Tensor) -> bool:
-    """Whether two elements of `tensor` may share memory (as after expand()); conservative."""
-    extent = 1
-    dims = zip(tensor.stride(), tensor.shape, strict=True)
-    for stride, size in sorted((s, n) for s, n in dims if n > 1):
-        if stride < extent:
-            return True
-        extent += stride * (size - 1)
-    return False
-
-
 class RingAllReduce:
     """All-reduce over the ranks of `group` through fastpar's native ring.
 
     Arguments:
         group: the process group (None: the default group). This process must be a member.
-        timeout: how long any wait for a peer may take (timedelta or seconds); a peer that dead
-            or absent makes every rank raise CommTimeoutError within twice this.
+        timeout: how long any wait for a peer may take (timedelta or seconds; None: the
+            group's own timeout, as given to `init_process_group` or `new_group`); a peer that
+            is absent or hung makes every rank raise CommTimeoutError within twice this, one
+            whose process is gone within about a second.
         device: the device whose tensors this ring reduces ("cpu", or a CUDA device: this
             rank's GPU); tensors elsewhere go to torch.distributed.
         chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
@@ -108,7 +100,7 @@ class RingAllReduce:
         self,
         group: dist.ProcessGroup | None = None,
         *,
-        timeout: timedelta | float = DEFAULT_TIMEOUT,
+        timeout: timedelta | float | None = None,
         device: torch.device | str = "cpu",
         chunk_bytes: int | None = None,
         slots: int = DEFAULT_SLOTS,
@@ -128,7 +120,11 @@ class RingAllReduce:
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
-        self.timeout = _as_timedelta(timeout)
+        self.timeout = (
+            group_timeout(self.group, self.device)
+            if timeout is None
+            else as_timedelta("timeout", timeout)
+        )
         self._transport: ShmAllReduce | IpcAllReduce | None = None
         self._native_errors: tuple[type[BaseException], ...] = ()
         self._disabled: str | None = None
@@ -140,6 +136,7 @@ class RingAllReduce:
         self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
         self._store: dist.Store | None = None
         self._prefix = ""
+        self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -152,7 +149,7 @@ class RingAllReduce:
     # --- setup ---------------------------------------------------------------------------------
 
     def _store_wait(self, store: dist.Store, keys: dict[int, str], what: str) -> None:
-        wait_for_ranks(store, keys, self.timeout, self.rank, what)
+        wait_for_ranks(store, keys, self.timeout, self.rank, what, self._peer_pids)
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
@@ -163,11 +160,16 @@ class RingAllReduce:
         prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
         self._store, self._prefix = store, prefix
         hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
+        pids = {rank: f"{prefix}/pid/{rank}" for rank in range(self.world_size)}
+        store.set(pids[self.rank], processes.identity())  # before the host: read after it
         store.set(hosts[self.rank], host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
         if len({store.get(key) for key in hosts.values()}) != 1:
             self._disabled = "its ranks do not all share one host's shared memory"
             return
+        self._peer_pids = processes.watchable_pids(
+            {rank: store.get(key).decode() for rank, key in pids.items() if rank != self.rank}
+        )
         native = _native.load()
         self._native_errors = native_error_types(native)
         if self.device.type == "cuda":
@@ -180,7 +182,7 @@ class RingAllReduce:
         rank has a problem."""
         reason = agree(
             self._store, f"{self._prefix}/{question}", self.rank, self.world_size, problem,
-            self.timeout, what,
+            self.timeout, what, self._peer_pids,
         )  # fmt: skip
         if reason is not None:
             self._disabled = reason
@@ -230,6 +232,9 @@ class RingAllReduce:
         self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
     ) -> None:
         everyone = range(self.world_size)
+        # The name is published before the segment exists, so that whoever meets a failure
+        # (a creator that died before the others mapped it) can remove it.
+        name_key = f"{prefix}/segment-name"
         segment_key = f"{prefix}/segment"
         mapped = {rank: f"{prefix}/mapped/{rank}" for rank in everyone}
         timeout_s = self.timeout.total_seconds()
@@ -238,6 +243,7 @@ class RingAllReduce:
             if self.rank == 0:
                 # The creator's pid in the name says whose segment it is (tests look for it).
                 name = f"/fastpar-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+                store.set(name_key, name)
                 try:
                     transport = native.ShmAllReduce(
                         name=name, create=True, rank=0, world=self.world_size, slots=slots,
@@ -271,6 +277,8 @@ class RingAllReduce:
         except BaseException:
             if transport is not None:
                 transport.close()
+            if store.check([name_key]):  # nobody uses a segment whose setup failed
+                native.remove_shared_segment(store.get(name_key).decode())
             raise
         self._transport = transport
 
@@ -316,14 +324,15 @@ class RingAllReduce:
         op: object = dist.ReduceOp.SUM,
         group: dist.ProcessGroup | None = None,
         async_op: bool = False,
-    ) -> RingWork | CudaRingWork | dist.Work | None:
+    ) -> RingWork | CudaRingWork | CopyBackWork | dist.Work | None:
         """In place: `tensor` becomes the reduction of every rank's `tensor`, as
         `torch.distributed.all_reduce` does.
 
         Arguments:
             tensor: any shape and size (0 included); contiguous, or a non-overlapping view
-                (reduced through a contiguous copy). dtypes float32, float64, float16, bfloat16
-                (accumulated in float32), int32, int64.
+                (reduced through a contiguous copy, here and on torch.distributed alike, so
+                elements outside the view are never touched). dtypes float32, float64, float16,
+                bfloat16 (accumulated in float32), int32, int64.
             op: `torch.distributed.ReduceOp` SUM, AVG (floating dtypes), PRODUCT, MIN or MAX.
             group: None or this ring's group.
             async_op: return a work handle instead of waiting.
@@ -350,7 +359,8 @@ class RingAllReduce:
         reason = self._fallback_reason(tensor, code, op)
         if reason is not None:
             log_once(logger, f"fastpar all_reduce goes to torch.distributed: {reason}")
-            return dist.all_reduce(tensor, op=op, group=self.group, async_op=async_op)
+            self._announce_torch_path(tensor, op, reason)
+            return torch_all_reduce(tensor, op, self.group, async_op)
         if code == AVG and not tensor.is_floating_point():
             raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
         if self._stream is not None:
@@ -364,20 +374,45 @@ class RingAllReduce:
             self._run(tensor, code)
         return None
 
-    @staticmethod
-    def _contiguous(tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor`, or a contiguous copy of a non-overlapping view (copied back afterwards)."""
-        if tensor.is_contiguous():
-            return tensor
-        if _has_internal_overlap(tensor):
-            raise ValueError(
-                "tensor has elements that share memory (as after expand()), so an in-place "
-                "all_reduce is ill-defined; pass tensor.clone()"
-            )
-        return tensor.detach().contiguous()
+    def _announce_torch_path(self, tensor: torch.Tensor, op: object, reason: str) -> None:
+        """Tell the peers through the ring that this call goes to torch.distributed, so that a
+        rank whose call would take the ring instead (another dtype, size or op) and this one
+        both raise CommMismatchError saying so, instead of each waiting for the other in a
+        different place until both time out. CPU rings only (on CUDA the choice depends on
+        nothing that differs between ranks but the call itself)."""
+        if self._transport is None or self._stream is not None:
+            return
+        transport = self._transport
+
+        def announce() -> None:
+            transport.agree_torch_path(tensor, torch_op_code(op))
+
+        try:
+            self._in_order(announce)
+        except CommMismatchError as error:
+            raise CommMismatchError(f"{error}; on rank {self.rank}: {reason}") from None
+
+    def _in_order(self, call: Callable[[], None]) -> None:
+        """Run `call` after the asynchronous calls still queued, translating native errors."""
+
+        def translated() -> None:
+            try:
+                call()
+            except self._native_errors as error:
+                raise translate_native_error(error) from None
+
+        last = self._last
+        if last is None or last.done():
+            translated()
+            return
+        with self._submit_lock:
+            assert self._executor is not None
+            future = self._executor.submit(translated)
+            self._last = future
+        future.result()
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
-        target = self._contiguous(tensor)
+        target = dense(tensor)
         capturing = torch.cuda.is_current_stream_capturing()
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
@@ -409,7 +444,7 @@ class RingAllReduce:
     def _run(self, tensor: torch.Tensor, code: int) -> None:
         if self.world_size == 1:
             return
-        target = self._contiguous(tensor)
+        target = dense(tensor)
         try:
             self._transport.all_reduce(target, code)
         except self._native_errors as error:

@@ -5,8 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import Future
 from datetime import timedelta
+from typing import Any
 
 import torch
+
+
+def _copy_back(pending: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    """Write a reduced contiguous copy into the caller's non-contiguous tensor: `pending` is
+    (the caller's tensor, its reduced copy), or None when nothing is left to copy."""
+    if pending is not None:
+        tensor, reduced = pending
+        with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+            tensor.copy_(reduced)
 
 
 class RingWork:
@@ -43,6 +53,44 @@ class RingWork:
     def exception(self) -> BaseException | None:
         """The error of a finished all-reduce (None while it runs or when it succeeded)."""
         return self._future.exception() if self._future.done() else None
+
+
+class CopyBackWork:
+    """torch.distributed's work on a contiguous copy of a non-contiguous tensor: `wait()` waits
+    for it, then writes the result into the caller's tensor."""
+
+    def __init__(self, work: Any, tensor: torch.Tensor, reduced: torch.Tensor) -> None:
+        self._work = work
+        self._copy_back: tuple[torch.Tensor, torch.Tensor] | None = (tensor, reduced)
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Wait for the all-reduce (raising its error), then copy the result back.
+
+        Arguments:
+            timeout: passed to torch.distributed's `Work.wait`.
+
+        Returns:
+            True.
+        """
+        if timeout is None:
+            self._work.wait()
+        else:
+            self._work.wait(timeout)
+        self._copy_back = _copy_back(self._copy_back)
+        return True
+
+    def is_completed(self) -> bool:
+        """Whether torch.distributed has finished the all-reduce (the copy back happens in
+        `wait()`)."""
+        return bool(self._work.is_completed())
+
+    def is_success(self) -> bool:
+        """Whether the all-reduce finished without an error."""
+        return bool(self._work.is_success())
+
+    def exception(self) -> BaseException | None:
+        """The all-reduce's error, if it failed."""
+        return self._work.exception()
 
 
 class CudaRingWork:
@@ -83,11 +131,7 @@ class CudaRingWork:
             self._event.synchronize()  # bounded: every device-side wait ends by the timeout
             self._check()
             torch.cuda.current_stream(self._device).wait_event(self._event)
-        if self._copy_back is not None:
-            tensor, reduced = self._copy_back
-            with torch.no_grad():
-                tensor.copy_(reduced)
-            self._copy_back = None
+        self._copy_back = _copy_back(self._copy_back)
         return True
 
     def is_completed(self) -> bool:

@@ -3,6 +3,7 @@ calls the ring hands to torch.distributed (logged once)."""
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import random
@@ -109,3 +110,32 @@ def test_op_codes_and_what_falls_back() -> None:
     assert unsupported_reason(torch.float16, 0, R.SUM) is None
     assert "dtype torch.uint8" in str(unsupported_reason(torch.uint8, 0, R.SUM))
     assert "op RedOpType.BOR" in str(unsupported_reason(torch.int32, None, R.BOR))
+
+
+def _timeouts(rank: int, world_size: int) -> tuple[list[float], str]:
+    world = comm.api._ring_for(dist.group.WORLD, torch.device("cpu"))
+    short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=2))
+    seconds = [
+        world.timeout.total_seconds(),
+        comm.RingAllReduce(short, timeout=1.5).timeout.total_seconds(),
+    ]
+    store = dist.distributed_c10d._get_default_store()
+    message = ""
+    if rank == 0:  # rank 1 never calls: the subgroup's own 2 s bound the wait
+        with pytest.raises(comm.CommTimeoutError) as error:
+            comm.all_reduce(torch.ones(10), group=short)
+        seconds.append(comm.api._rings[(short, torch.device("cpu"))].timeout.total_seconds())
+        message = str(error.value)
+        store.set("timeouts/done", "1")
+    else:
+        comm.api._ring_for(short, torch.device("cpu"))  # creation is collective
+        store.wait(["timeouts/done"])
+    comm.close_rings()
+    return seconds, message
+
+
+def test_rings_take_their_groups_timeout() -> None:
+    results = run_multiprocess(_timeouts, 2, timeout=60, group_timeout=7)
+    assert results[0][0] == [7.0, 1.5, 2.0]
+    assert results[1][0] == [7.0, 1.5]
+    assert "rank 0 timed out after 2" in results[0][1] and "waiting for rank 1" in results[0][1]

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from fastpar import _native
 from fastpar.comm import CommClosedError, CommMismatchError, CommTimeoutError, RingAllReduce
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import shm_segments
@@ -162,3 +163,119 @@ def _closed(rank: int, world_size: int) -> int:
 def test_a_closed_ring_refuses_calls() -> None:
     pid = run_multiprocess(_closed, 2, timeout=60)[0]
     assert shm_segments(pid) == set()
+
+
+def _late_rank(rank: int, world_size: int, timeout_s: float) -> list[str]:
+    """Rank 0 calls and gives up; only then does rank 1 call, for a one-shot call (<= 64 KB)
+    and a call of several chunks."""
+    store = dist.distributed_c10d._get_default_store()
+    messages = []
+    for size in (1000, 300_000):
+        with RingAllReduce(timeout=timeout_s, chunk_bytes=65536) as ring:
+            tensor = torch.full((size,), float(rank + 1))
+            if rank == 0:
+                with pytest.raises(CommTimeoutError) as error:
+                    ring.all_reduce(tensor)
+                store.set(f"late/{size}/gave-up", "1")
+            else:
+                store.wait([f"late/{size}/gave-up"])
+                with pytest.raises(CommTimeoutError) as error:
+                    ring.all_reduce(tensor)  # must not succeed where rank 0 failed
+            messages.append(str(error.value))
+            with pytest.raises(CommClosedError):
+                ring.all_reduce(tensor)
+            store.set(f"late/{size}/done/{rank}", "1")
+            store.wait([f"late/{size}/done/{r}" for r in range(world_size)])
+    return messages
+
+
+def test_a_rank_arriving_after_its_peer_gave_up_raises_too() -> None:
+    results = run_multiprocess(_late_rank, 2, args=(1.0,), timeout=60)
+    for message in results[0]:
+        assert "rank 0 timed out after 1 s waiting for rank 1" in message, message
+    for message in results[1]:
+        assert "rank 1 arrived late: rank 0 had given up waiting for it" in message, message
+
+
+def _killed_mid_call(rank: int, world_size: int) -> tuple[float, str] | None:
+    store = dist.distributed_c10d._get_default_store()
+    # The timeout is long: only the dead process's pid can end the survivors' wait early.
+    with RingAllReduce(timeout=120) as ring:
+        tensor = torch.ones(1 << 22)
+        ring.all_reduce(tensor)
+        if rank == 2:
+            work = ring.all_reduce(tensor, async_op=True)
+            store.set("killed/at", repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+            work.wait()  # not reached
+        with pytest.raises(CommTimeoutError) as error:
+            ring.all_reduce(tensor)
+        return time.time() - float(store.get("killed/at").decode()), str(error.value)
+
+
+def test_a_killed_peer_is_named_within_two_seconds_whatever_the_timeout() -> None:
+    results = run_multiprocess(_killed_mid_call, 3, timeout=90, may_die=(2,))
+    assert results[2] is None
+    for after_kill, message in results[:2]:
+        assert "rank 2" in message, message
+        assert after_kill < 2.0, (after_kill, message)  # the issue's bound, not a benchmark
+    assert any("exited" in message for _, message in results[:2]), results
+
+
+def _different_paths(rank: int, world_size: int) -> list[str]:
+    messages = []
+    with RingAllReduce(chunk_bytes=4096, slots=3) as ring:
+        calls = [
+            # rank 0 goes to torch.distributed (int8), rank 1 to the ring (float32)
+            torch.ones(100, dtype=torch.int8 if rank == 0 else torch.float32),
+            # both go to torch.distributed, with different dtypes
+            torch.ones(100, dtype=torch.int8 if rank == 0 else torch.complex64),
+            # a ring call of several chunks against torch.distributed
+            torch.ones(5000, dtype=torch.int8 if rank == 1 else torch.float64),
+        ]
+        for tensor in calls:
+            with pytest.raises(CommMismatchError) as error:
+                ring.all_reduce(tensor)
+            messages.append(str(error.value))
+        # Still in step: both paths work when the ranks agree.
+        for dtype in (torch.float32, torch.int8, torch.complex64):
+            tensor = torch.full((3000,), rank + 1, dtype=dtype)
+            ring.all_reduce(tensor)
+            assert torch.equal(tensor, torch.full((3000,), 3, dtype=dtype))
+    return messages
+
+
+def test_ranks_taking_different_paths_all_say_so() -> None:
+    results = run_multiprocess(_different_paths, 2, timeout=60)
+    for rank, (paths, dtypes, chunks) in enumerate(results):
+        assert "would take different paths" in paths, paths
+        assert "rank 0: 100 x int8 SUM via torch.distributed; rank 1: 100 x float32 SUM" in paths
+        assert "different arguments" in dtypes and "rank 1: 100 x complex64 SUM via" in dtypes
+        assert "rank 0: 5000 x float64 SUM; rank 1: 5000 x int8 SUM via" in chunks, chunks
+        if rank == 0:
+            assert "on rank 0: dtype torch.int8 is not one of" in paths, paths
+
+
+def _creator_dies(rank: int, world_size: int) -> tuple[int, str] | None:
+    store = dist.distributed_c10d._get_default_store()
+    native = _native.load()
+    if rank == 0:
+        real = native.ShmAllReduce
+
+        def create_then_die(**kwargs: object) -> None:
+            real(**kwargs)  # the segment exists in /dev/shm, nobody else has mapped it
+            store.set("creator/pid", str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        native.ShmAllReduce = create_then_die
+        RingAllReduce(timeout=120)  # not returned from
+    with pytest.raises(CommTimeoutError) as error:
+        RingAllReduce(timeout=120)  # only rank 0's death can end this wait early
+    return int(store.get("creator/pid").decode()), str(error.value)
+
+
+def test_a_segment_whose_creator_died_before_it_was_mapped_is_removed() -> None:
+    results = run_multiprocess(_creator_dies, 2, timeout=60, may_die=(0,))
+    creator, message = results[1]
+    assert "the process of rank(s) [0] exited" in message, message
+    assert shm_segments(creator) == set()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import time
 
@@ -38,6 +39,15 @@ def _kill_self_on_rank_one(rank: int, world_size: int) -> int:
     if rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     return rank
+
+
+def _stop_self_on_rank_one(rank: int, world_size: int) -> None:
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:
+        store.set("stopped/pid", str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGSTOP)  # ignores SIGTERM until continued
+    store.wait(["stopped/pid"])
+    raise RuntimeError(f"rank 1 (pid {store.get('stopped/pid').decode()}) does not answer")
 
 
 def _alive(pid: int) -> bool:
@@ -81,3 +91,14 @@ def test_a_rank_that_cannot_start_raises_the_cause() -> None:
     # (not one from cleaning up ranks that never started) reaches the caller.
     with pytest.raises((pickle.PicklingError, AttributeError), match="lambda"):
         run_multiprocess(lambda rank, world_size: rank, 2, timeout=30)
+
+
+def test_a_stopped_rank_is_named_and_killed() -> None:
+    start = time.monotonic()
+    with pytest.raises(RankFailure) as failure:
+        run_multiprocess(_stop_self_on_rank_one, 2, timeout=60)
+    assert time.monotonic() - start < 30
+    summary = failure.value.summary.splitlines()
+    assert summary[0] == "rank 1: is stopped (SIGSTOP or a debugger) and never answered"
+    (pid,) = re.findall(r"rank 0: RuntimeError: rank 1 \(pid (\d+)\) does not answer", summary[1])
+    assert not _alive(int(pid))  # killed (SIGCONT + SIGTERM, or SIGKILL) and reaped
