@@ -22,17 +22,15 @@ from torch import nn
 from torch.profiler import ProfilerActivity
 
 from fastpar.nn import LSTM
-from fastpar.parallel import pipeline_comm
 from fastpar.parallel.pipeline import (
-    SCHEDULES,
     OutputOnly,
     Pipeline,
     PipelineConfig,
     ideal_bubbles,
-    schedule_actions,
+    shm_link,
     split_sequential,
 )
-from fastpar.parallel.pipeline_comm import MAX_SLOT_BYTES, next_slot_bytes
+from fastpar.parallel.pipeline.wire import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
 
 IN, WIDTH, OUT = 6, 16, 3
@@ -44,6 +42,7 @@ SPLITS = {
     "lstm": {1: [], 2: [3], 3: [2, 3]},
     "tokens": {2: [1], 3: [1, 2]},
 }
+SCHEDULES = ("gpipe", "1f1b")  # one stage per rank; the others: test_pipeline_schedules*.py
 RTOL, ATOL = 1e-5, 1e-6  # float32; micro-batching changes only the order of summation
 SMALL_PIPE = 8192  # bytes: the "long" cases' activations (up to ~10 KiB) do not fit whole
 
@@ -149,7 +148,7 @@ def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torc
     return losses, [[p.grad.clone() for p in stage.parameters()] for stage in stages]
 
 
-DEFAULT_PIPE = pipeline_comm.PIPE_CAPACITY
+DEFAULT_PIPE = shm_link.PIPE_CAPACITY
 
 
 def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
@@ -157,7 +156,7 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
     for case in cases:
         stage = split_sequential(_model(case.model), SPLITS[case.model][world_size])[rank]
         # Long cases stream through a pipe smaller than their activations.
-        pipeline_comm.PIPE_CAPACITY = SMALL_PIPE if case.long else DEFAULT_PIPE
+        shm_link.PIPE_CAPACITY = SMALL_PIPE if case.long else DEFAULT_PIPE
         pipe = Pipeline(
             stage,
             stage_index=rank,
@@ -188,7 +187,7 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             timed = (
                 0 < stats.compute_s <= stats.step_s
                 and 0 <= stats.bubble < 1
-                and sorted(k for _, k, _, _ in stats.per_microbatch)
+                and sorted(a.microbatch for a in stats.per_microbatch)
                 == sorted(2 * list(range(case.num_microbatches)))
             )
             losses.append((None if loss is None else loss.item(), unchanged, timed))
@@ -284,26 +283,6 @@ def _expected_ranges(rank: int, world_size: int, num_microbatches: int) -> set[s
 
 
 # --- pieces that need no processes -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("num_stages, num_microbatches", [(1, 1), (2, 1), (2, 8), (3, 2), (4, 9)])
-def test_schedules_run_each_microbatch_once_in_order(
-    schedule: str, num_stages: int, num_microbatches: int
-) -> None:
-    for stage in range(num_stages):
-        actions = schedule_actions(schedule, stage, num_stages, num_microbatches)  # type: ignore[arg-type]
-        forwards = [k for kind, k in actions if kind == "F"]
-        backwards = [k for kind, k in actions if kind == "B"]
-        assert forwards == backwards == list(range(num_microbatches))
-        in_flight, peak = 0, 0
-        for kind, _ in actions:
-            in_flight += 1 if kind == "F" else -1
-            peak = max(peak, in_flight)
-        if schedule == "1f1b":
-            assert peak == min(num_stages - stage, num_microbatches)
-        else:
-            assert peak == num_microbatches
 
 
 def test_split_sequential_shares_layers_and_checks_points() -> None:
