@@ -70,8 +70,9 @@ class DeferredWeights:
     def run(self) -> None:
         """The W pass: every job once, in the order they were filed."""
         jobs, self.jobs = self.jobs, []
-        for job in jobs:
-            job()
+        with torch.no_grad():  # like autograd's own accumulation: no graph of the gradients
+            for job in jobs:
+                job()
 
 
 class _SplitMode(TorchFunctionMode):
