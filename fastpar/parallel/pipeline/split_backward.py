@@ -51,6 +51,7 @@ class WeightSplit(Protocol):
 
 
 _SPLITS: dict[Callable[..., Any], WeightSplit] = {}
+_REPORTED: set[str] = set()  # stages whose unsplit parameters were reported
 
 
 def register_weight_split(function: Callable[..., Any], split: WeightSplit) -> None:
@@ -108,6 +109,9 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
     covered: set[int] = set()
     with _SplitMode(deferred, covered):
         yield
+    if name in _REPORTED:  # walking the parameters costs per micro-batch: once per stage
+        return
+    _REPORTED.add(name)
     whole = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in covered]
     if whole:
         log_once(
@@ -146,8 +150,10 @@ class _Linear(torch.autograd.Function):
 
         def job() -> None:
             rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
-            if weight.requires_grad:
-                _accumulate(weight, rows.t() @ x.reshape(-1, x.shape[-1]))
+            if weight.requires_grad and weight.grad is not None:
+                weight.grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))  # no temporary
+            elif weight.requires_grad:
+                weight.grad = rows.t() @ x.reshape(-1, x.shape[-1])
             if _needs(bias):
                 _accumulate(bias, rows.sum(0))
 
