@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -105,27 +106,62 @@ def test_balanced_cuts_prefer_small_activations_among_equals() -> None:
     assert balanced_cuts([1.0] * 6, 3, [9, 1, 9, 1, 9, 9]) == [2, 4]
 
 
-class Work(nn.Module):
-    """A layer whose cost is `repeats` matrix products of a fixed size."""
+class Clock:
+    """A clock that advances only by the costs layers charge it: profiling sees exactly the
+    costs the test chose, whatever else runs on the machine."""
 
-    def __init__(self, repeats: int) -> None:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _ChargeBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, clock: Clock, cost: float) -> torch.Tensor:
+        ctx.clock, ctx.cost = clock, cost
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.clock.now += ctx.cost
+        return grad, None, None
+
+
+class Costly(nn.Module):
+    """A linear layer whose forward costs `cost` and backward 2 `cost` on `clock`."""
+
+    def __init__(self, cost: float, clock: Clock) -> None:
         super().__init__()
-        self.repeats = repeats
-        self.weight = nn.Parameter(torch.randn(96, 96) / 10)
+        self.linear = nn.Linear(8, 8)
+        self.cost, self.clock = cost, clock
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for _ in range(self.repeats):
-            x = torch.tanh(x @ self.weight)
-        return x
+        self.clock.now += self.cost
+        return _ChargeBackward.apply(self.linear(x), self.clock, 2 * self.cost)
 
 
-def test_auto_balance_isolates_the_heavy_layer() -> None:
-    # Costs 4, 4, 4, 4, 20, 4, 4, 4, 4 in 3 stages: the only partition with a slowest stage of
-    # 20 is [0, 4) [4] [5, 9); every other one is >= 24, 20 % slower.
-    torch.manual_seed(0)
-    model = nn.Sequential(*[Work(20 if i == 4 else 4) for i in range(9)])
-    stages = split_sequential(model, 3, balance="auto", example_input=torch.randn(64, 96))
-    assert [len(s) for s in stages] == [4, 1, 4]
+@pytest.mark.parametrize(
+    "costs, num_stages, sizes",
+    [
+        ([4, 4, 4, 4, 20, 4, 4, 4, 4], 3, [4, 1, 4]),  # the heavy layer alone
+        ([1, 1, 1, 1, 1, 1, 1, 9], 2, [7, 1]),
+        ([4, 1, 1, 1, 1, 1, 1, 1, 1, 4], 4, [1, 4, 4, 1]),
+    ],
+)
+def test_auto_balance_picks_the_optimal_cuts(
+    costs: list[float], num_stages: int, sizes: list[int]
+) -> None:
+    clock = Clock()
+    model = nn.Sequential(*[Costly(c, clock) for c in costs])
+    stages = split_sequential(
+        model, num_stages, balance="auto", example_input=torch.randn(3, 8), timer=clock
+    )
+    assert [len(s) for s in stages] == sizes
+    bounds = [0, *itertools.accumulate(sizes)]
+    slowest = max(3 * sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+    assert slowest == pytest.approx(3 * _brute_force(costs, num_stages))
     assert all(p.grad is None for p in model.parameters())  # profiling left no gradients
     assert [id(m) for s in stages for m in s] == [id(m) for m in model]
 

@@ -4,9 +4,8 @@ the slowest stage is fastest (`balance="auto"`)."""
 from __future__ import annotations
 
 import itertools
-import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +27,7 @@ class LayerProfile:
     """One layer's measured cost.
 
     Attributes:
-        seconds: forward + backward time (median over the repeats).
+        seconds: forward + backward time (the fastest repeat: load on the machine only adds).
         output_bytes: size of its output: what a cut after it sends each micro-batch.
     """
 
@@ -43,6 +42,7 @@ def split_sequential(
     balance: Balance | None = None,
     example_input: Tensor | None = None,
     repeats: int = 5,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> list[nn.Sequential]:
     """Cut an `nn.Sequential` into consecutive stages.
 
@@ -55,7 +55,8 @@ def split_sequential(
         balance: "auto": time each layer's forward and backward on `example_input` (see
             `profile_layers`) and cut where the slowest stage is fastest (`balanced_cuts`).
         example_input: a micro-batch as the first stage gets it (needed with balance).
-        repeats: timed runs per layer with balance (the median counts).
+        repeats: timed runs per layer with balance (the fastest counts).
+        timer: the clock profiling reads, in seconds.
 
     Returns:
         The stages: stage i is `nn.Sequential(model[split_points[i-1] : split_points[i]])`.
@@ -67,7 +68,7 @@ def split_sequential(
         num_stages = check_int("num_stages", split_points, 1, len(model))
         if example_input is None:
             raise ValueError('balance="auto" needs an example_input to time the layers on')
-        profiles = profile_layers(model, example_input, repeats=repeats)
+        profiles = profile_layers(model, example_input, repeats=repeats, timer=timer)
         points = balanced_cuts([p.seconds for p in profiles], num_stages,
                                [p.output_bytes for p in profiles])  # fmt: skip
         bounds = [0, *points, len(profiles)]
@@ -95,7 +96,11 @@ def split_sequential(
 
 
 def profile_layers(
-    model: nn.Sequential, example_input: Tensor, *, repeats: int = 5
+    model: nn.Sequential,
+    example_input: Tensor,
+    *,
+    repeats: int = 5,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> list[LayerProfile]:
     """Time each layer's forward and backward, feeding it the previous layer's output.
 
@@ -112,12 +117,12 @@ def profile_layers(
         y = x
         for _ in range(repeats + 1):  # the first run warms up (allocations, lazy init)
             leaf = x.detach().requires_grad_(x.is_floating_point())
-            start = time.perf_counter()
+            start = timer()
             y = layer(leaf)
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
-            times.append(time.perf_counter() - start)
-        profiles.append(LayerProfile(statistics.median(times[1:]), y.numel() * y.element_size()))
+            times.append(timer() - start)
+        profiles.append(LayerProfile(min(times[1:]), y.numel() * y.element_size()))
         x = y.detach()
     for param, grad in saved:
         param.grad = grad
