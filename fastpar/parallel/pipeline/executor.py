@@ -98,6 +98,9 @@ class Pipeline:
         config: the validated `PipelineConfig`.
         last_stats: `StepStats` of the last step (times, bubble, messages sent apart).
         transports: for each peer's first stage, "shm", "torch" or "local".
+        placement: which rank of `group` holds each global stage.
+        is_first, is_last: whether this rank holds stage 0 / the last stage (it takes the
+            inputs / the targets and returns the loss).
     """
 
     def __init__(
