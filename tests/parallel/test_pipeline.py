@@ -28,7 +28,6 @@ from fastpar.parallel.pipeline import (
     OutputOnly,
     Pipeline,
     PipelineConfig,
-    ideal_bubbles,
     shm_link,
     split_sequential,
 )
@@ -377,26 +376,3 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     lstm = LSTM(IN, WIDTH, backend="torch")
     x = torch.randn(4, 2, IN)
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("num_stages, num_microbatches", [(1, 3), (2, 8), (3, 4), (4, 9)])
-def test_ideal_bubbles_of_equal_stages_are_the_theory(
-    schedule: str, num_stages: int, num_microbatches: int
-) -> None:
-    forward = [[1.0] * num_microbatches for _ in range(num_stages)]
-    backward = [[2.0] * num_microbatches for _ in range(num_stages)]
-    theory = (num_stages - 1) / (num_microbatches + num_stages - 1)
-    assert ideal_bubbles(schedule, forward, backward) == pytest.approx([theory] * num_stages)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_ideal_bubbles_of_unequal_stages(schedule: str) -> None:
-    # Stage 0's backwards take 1.75, stage 1's 2 (forwards 1). Stage 1 never waits after its
-    # first forward and ends backward k at 11 + 2k (GPipe) or 3k + 4 (1F1B): 25 for k = 7
-    # either way. Stage 0 keeps up, so the step ends with its last backward at 25 + 1.75.
-    forward = [[1.0] * 8, [1.0] * 8]
-    backward = [[1.75] * 8, [2.0] * 8]
-    step = 26.75
-    expected = [1 - (8 + 14) / step, 1 - (8 + 16) / step]
-    assert ideal_bubbles(schedule, forward, backward) == pytest.approx(expected)
