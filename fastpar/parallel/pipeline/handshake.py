@@ -166,7 +166,7 @@ def check_handshakes(table: list[Handshake], group_rank: int) -> Placement:
             "let stages on other hosts use torch.distributed"
         )
     placement = Placement.of(schedule, size, num_stages[0])  # type: ignore[arg-type]
-    held = [list(row.stages) for row in table]
+    held = [sorted(row.stages) for row in table]  # a rank may list its chunks in any order
     wanted = [list(placement.stages_of(rank)) for rank in range(size)]
     if held != wanted:
         if one_each and all(len(w) == 1 for w in wanted):
