@@ -141,6 +141,15 @@ def test_interleaving_divides_the_bubble_by_the_chunks(ranks: int, microbatches:
     assert max(bubbles) == pytest.approx(theory)
 
 
+@pytest.mark.parametrize("ranks, microbatches", [(w, m) for w, m in GRID if 1 < w <= m])
+def test_zero_bubble_meets_zb_h1(ranks: int, microbatches: int) -> None:
+    # F = I = W = 1, m >= p: ZB-H1 idles (p-1)(F+B-2W) = p-1 units of a step of 3m + p-1.
+    ones = [[1.0] * microbatches for _ in range(ranks)]
+    bubbles = ideal_bubbles("zero-bubble", ones, ones, ones)
+    theory = (ranks - 1) / (3 * microbatches + ranks - 1)
+    assert max(bubbles) == pytest.approx(theory)
+
+
 def test_zero_bubble_meets_zb_h1_with_two_stages() -> None:
     # F = I = W = 1: ZB-H1's bubble is (p-1)(F+B-2W) = 1 of a step of 3m + 1.
     m = 8

@@ -20,8 +20,8 @@ Schedules (p stages, m micro-batches; F forward, B backward, I / W its input / w
                         for somewhat more activation memory.
     "zero-bubble"       ZB-H1: I passes go back at once, W passes fill the bubble; activations
                         held no longer than under 1F1B, and no rank holds more micro-batches
-                        (deferred W state included) than 1F1B's first stage. Idle (p-1)(F+B-2W)
-                        with 2 ranks, as ZB-H1; more than that (still less than 1F1B's) beyond.
+                        (deferred W state included) than 1F1B's first stage. Idle
+                        (p-1)(F+B-2W) per rank for equal stages, as ZB-H1.
     "zbv"               zero-bubble with two chunks per rank in a V (rank r: stages r and
                         2w-1-r, so rank 0 holds the first and the last stage).
 

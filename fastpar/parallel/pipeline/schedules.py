@@ -270,10 +270,12 @@ def _greedy_orders(schedule: Schedule, placement: Placement, m: int) -> list[lis
             forward = next((a for a in candidates if ready(a, now)), None)
         # A backward first (it frees memory and others wait for it), except that a rank
         # with several chunks alternates one forward and one backward, as 1F1B does, so a
-        # run of backwards does not starve the next rank of forwards.
+        # run of backwards does not starve the next rank of forwards; and under ZB-H1 a
+        # forward the caps allow goes first (it cannot lift memory above 1F1B's, and the
+        # next stage's I depends on it), which is what lets the W passes fill the bubble.
         last_forward = bool(orders[rank]) and orders[rank][-1].op is Op.FORWARD
-        alternate = chunks[rank] > 1 and not last_forward
-        choice = (forward or backward) if alternate else (backward or forward)
+        forward_first = schedule == "zero-bubble" or (chunks[rank] > 1 and not last_forward)
+        choice = (forward or backward) if forward_first else (backward or forward)
         if choice is None and weights[rank]:
             choice = weights[rank][0]
         if choice is None:
