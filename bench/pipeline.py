@@ -1,16 +1,25 @@
-"""Pipeline step time, fastpar vs torch.distributed.pipelining, and the measured bubble.
+"""Pipeline step time, fastpar vs torch.distributed.pipelining, and the measured bubble, for
+every schedule.
 
-2 stages (one process each, gloo), 8 micro-batches, an 8-layer 512-wide MLP cut in the middle,
-batch 64: fastpar's Pipeline with "gpipe" and "1f1b" against `ScheduleGPipe` and
-`Schedule1F1B` on the same split, interleaved step by step in one run so both see the same
-machine load. A step (zero_grad, forward, backward) is as slow as its slowest rank.
+2 ranks (one process each, gloo), 8 micro-batches, an 8-layer 512-wide MLP, batch 64; each
+fastpar schedule next to torch's matching one on the same cut of the same model:
 
-Idle per stage: "bubble" is the fraction of fastpar's pipeline step (until the last stage is
-done) in which the stage was not running forward or backward (`Pipeline.last_stats`). Next to
-it, "theory" (p-1)/(m+p-1) holds for stages of equal speed, and "ideal" is the bubble the
+    gpipe             ScheduleGPipe                  2 stages, one per rank
+    1f1b              Schedule1F1B                   2 stages
+    interleaved-1f1b  ScheduleInterleaved1F1B        4 stages, looped: rank r holds r, r + 2
+    zero-bubble       ScheduleInterleavedZeroBubble  2 stages (one local stage: ZB-H1)
+    zbv               ScheduleZBVZeroBubble          4 stages in a V: rank r holds r, 3 - r
+
+Runs are interleaved step by step in one run so all see the same machine load. A step
+(zero_grad, forward, backward) is as slow as its slowest rank.
+
+Idle per rank: "bubble" is the fraction of fastpar's pipeline step (until the last rank is
+done) in which the rank was not computing (`Pipeline.last_stats`). "ideal" is the bubble the
 schedule alone gives with the stages' measured compute times and free transfers
-(`ideal_bubbles`): bubble - ideal is what transfers and overheads cost. (torch does not report
-its compute times.)
+(`ideal_bubbles`): bubble - ideal is what transfers and overheads cost. "theory" replays the
+schedule with every stage at its mean times, i.e. perfectly balanced stages: (p-1)/(m+p-1) for
+gpipe and 1f1b, (p-1)/(v m+p-1) for interleaved-1f1b, (p-1)(F+I-W) of idle for zero-bubble
+(ZB-H1). torch does not report its compute times.
 
     python bench/pipeline.py [--steps 40] [--csv results/pipeline.csv]
 """
@@ -27,17 +36,24 @@ import torch
 import torch.distributed as dist
 from common import device_name, format_table, write_csv
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed import pipelining
 
 from fastpar.parallel.pipeline import Pipeline, StepStats, ideal_bubbles, split_sequential
+from fastpar.parallel.pipeline.schedules import Placement, splits_backward
 from fastpar.testing.distributed import run_multiprocess
 
-STAGES, MICROBATCHES, LAYERS, WIDTH, BATCH, WARMUP = 2, 8, 8, 512, 64, 3
-SCHEDULES = ("gpipe", "1f1b")
-TRANSPORTS = ("shm", "torch")
+RANKS, MICROBATCHES, LAYERS, WIDTH, BATCH, WARMUP = 2, 8, 8, 512, 64, 3
+# fastpar schedule -> (torch's schedule class, global stages)
+MATCHES = {
+    "gpipe": ("ScheduleGPipe", 2),
+    "1f1b": ("Schedule1F1B", 2),
+    "interleaved-1f1b": ("ScheduleInterleaved1F1B", 4),
+    "zero-bubble": ("ScheduleInterleavedZeroBubble", 2),
+    "zbv": ("ScheduleZBVZeroBubble", 4),
+}
 HEADERS = (
-    "device", "schedule", "library", "transport", "step_ms", "p20_ms", "p80_ms", "torch/this",
-    "bubble_s0", "bubble_s1", "ideal_s0", "ideal_s1", "theory",
+    "device", "schedule", "library", "step_ms", "p20_ms", "p80_ms", "torch/this",
+    "bubble_r0", "bubble_r1", "ideal_r0", "ideal_r1", "theory",
 )  # fmt: skip
 
 
@@ -51,45 +67,60 @@ def _model() -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
-    # Each stage holds LAYERS / 2 linear layers (the split falls after a ReLU).
-    split = [len(_model()) // 2 + 1]
+def _stages(num_stages: int) -> list[nn.Sequential]:
+    """The model cut into `num_stages` stages of equal linear layers (each cut after a ReLU)."""
+    per_stage = LAYERS // num_stages
+    return split_sequential(_model(), [2 * per_stage * s for s in range(1, num_stages)])
+
+
+def _runners(rank: int, world_size: int) -> dict[str, tuple[list[nn.Module], Any, bool, bool]]:
+    """name -> (modules, runner, holds stage 0, holds the last stage)."""
     runners = {}
-    for schedule in SCHEDULES:
-        for transport in TRANSPORTS:
-            stage = split_sequential(_model(), split)[rank]
-            pipe = Pipeline(
-                stage,
-                stage_index=rank,
-                num_stages=world_size,
-                loss_fn=nn.MSELoss(),
-                schedule=schedule,
-                num_microbatches=MICROBATCHES,
-                transport=transport,
-            )
-            runners[f"fastpar {schedule} {transport}"] = (stage, pipe)
-        torch_stage = split_sequential(_model(), split)[rank]
-        schedule_cls = ScheduleGPipe if schedule == "gpipe" else Schedule1F1B
+    for schedule, (torch_name, num_stages) in MATCHES.items():
+        placement = Placement.of(schedule, world_size, num_stages)  # type: ignore[arg-type]
+        mine = placement.stages_of(rank)
+        first, last = 0 in mine, num_stages - 1 in mine
+        stages = _stages(num_stages)
+        chunks = [stages[s] for s in mine]
+        pipe = Pipeline(
+            chunks[0] if len(chunks) == 1 else chunks,
+            stage_index=mine[0] if len(chunks) == 1 else list(mine),
+            num_stages=num_stages,
+            loss_fn=nn.MSELoss(),
+            schedule=schedule,  # type: ignore[arg-type]
+            num_microbatches=MICROBATCHES,
+        )
+        runners[f"fastpar {schedule}"] = (chunks, pipe, first, last)
+        stages = _stages(num_stages)
+        torch_stages = [
+            pipelining.PipelineStage(stages[s], s, num_stages, torch.device("cpu")) for s in mine
+        ]
+        schedule_cls = getattr(pipelining, torch_name)
+        single = torch_name in ("ScheduleGPipe", "Schedule1F1B")
         torch_schedule = schedule_cls(
-            PipelineStage(torch_stage, rank, world_size, torch.device("cpu")),
+            torch_stages[0] if single else torch_stages,
             n_microbatches=MICROBATCHES,
             loss_fn=nn.MSELoss(),
         )
-        runners[f"torch {schedule}"] = (torch_stage, torch_schedule)
+        runners[f"torch {schedule}"] = ([stages[s] for s in mine], torch_schedule, first, last)
+    return runners
+
+
+def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+    runners = _runners(rank, world_size)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(BATCH, WIDTH, generator=generator)
     y = torch.randn(BATCH, WIDTH, generator=generator)
-    first, last = rank == 0, rank == world_size - 1
 
     def run(name: str) -> None:
-        module, runner = runners[name]
-        module.zero_grad(set_to_none=True)
+        modules, runner, first, last = runners[name]
+        for module in modules:
+            module.zero_grad(set_to_none=True)
         if isinstance(runner, Pipeline):
             runner.step(x if first else None, y if last else None)
-        elif first:
-            runner.step(x)
-        else:
-            runner.step(target=y, losses=[])
+            return
+        kwargs: dict[str, Any] = {"target": y, "losses": []} if last else {}
+        runner.step(*([x] if first else []), **kwargs)
 
     times: dict[str, list[float]] = {name: [] for name in runners}
     stats: dict[str, list[StepStats]] = {name: [] for name in runners if name.startswith("f")}
@@ -106,18 +137,23 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
     return {"times": times, "stats": stats}
 
 
-def _idle(schedule: str, per_stage: list[StepStats]) -> tuple[list[float], list[float]]:
-    """One step's measured and ideal bubble of every stage, over the pipeline's step."""
-    step = max(stats.step_s for stats in per_stage)
-    measured = [1.0 - stats.compute_s / step for stats in per_stage]
-    durations: dict[str, list[list[float]]] = {"F": [], "B": []}
-    for stats in per_stage:
-        for kind, rows in durations.items():
-            steps = sorted(
-                (k, end - begin) for name, k, begin, end in stats.per_microbatch if name == kind
-            )
-            rows.append([duration for _, duration in steps])
-    return measured, ideal_bubbles(schedule, durations["F"], durations["B"])
+def _idle(schedule: str, per_rank: list[StepStats]) -> tuple[list[float], list[float], float]:
+    """One step's measured and ideal bubble of every rank, and the balanced-stage theory."""
+    step = max(stats.step_s for stats in per_rank)
+    measured = [1.0 - stats.compute_s / step for stats in per_rank]
+    split = splits_backward(schedule)  # type: ignore[arg-type]
+    kinds = ("F", "I", "W") if split else ("F", "B")
+    times: list[list[list[float]]] = []
+    for kind in kinds:
+        by_stage: dict[int, list[float]] = {}
+        for stats in per_rank:
+            by_stage.update(stats.durations(kind))
+        times.append([by_stage[s] for s in sorted(by_stage)])
+    ideal = ideal_bubbles(schedule, *times, num_ranks=RANKS)  # type: ignore[arg-type]
+    means = [[[statistics.mean(t for row in kind for t in row)] * MICROBATCHES
+              for _ in kind] for kind in times]  # fmt: skip
+    theory = max(ideal_bubbles(schedule, *means, num_ranks=RANKS))  # type: ignore[arg-type]
+    return measured, ideal, theory
 
 
 def main() -> None:
@@ -125,40 +161,33 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
-    results = run_multiprocess(_rank, STAGES, args=(args.steps,), timeout=1800)
+    results = run_multiprocess(_rank, RANKS, args=(args.steps,), timeout=1800)
     steps = {
         name: [max(r["times"][name][i] for r in results) for i in range(args.steps)]
         for name in results[0]["times"]
     }
-    theory = (STAGES - 1) / (MICROBATCHES + STAGES - 1)
     rows = []
-    for schedule in SCHEDULES:
+    for schedule in MATCHES:
         baseline = statistics.median(steps[f"torch {schedule}"])
-        for name in [f"fastpar {schedule} {t}" for t in TRANSPORTS] + [f"torch {schedule}"]:
-            library, _, transport = (
-                name.split(" ") if name.count(" ") == 2 else (*name.split(" "), "gloo")
-            )
-            idle: list[object] = ["-"] * 2 * STAGES  # torch does not report its compute
+        for library in ("fastpar", "torch"):
+            name = f"{library} {schedule}"
+            idle: list[object] = ["-"] * (2 * RANKS + 1)  # torch does not report its compute
             if library == "fastpar":
                 per_step = [
                     _idle(schedule, [r["stats"][name][i] for r in results])
                     for i in range(args.steps)
                 ]
                 idle = [
-                    statistics.median(step[which][stage] for step in per_step)
+                    statistics.median(step[which][rank] for step in per_step)
                     for which in (0, 1)
-                    for stage in range(STAGES)
-                ]
+                    for rank in range(RANKS)
+                ] + [statistics.median(step[2] for step in per_step)]
             ratio = baseline / statistics.median(steps[name])
-            rows.append([
-                device_name(), schedule, library, transport, *_ms(steps[name]), ratio, *idle,
-                theory,
-            ])  # fmt: skip
+            rows.append([device_name(), schedule, library, *_ms(steps[name]), ratio, *idle])
     print(
-        f"MLP {LAYERS} x {WIDTH}, batch {BATCH}, {MICROBATCHES} micro-batches, {STAGES} stages "
-        f"(1 thread each, gloo); median of {args.steps} steps, slowest rank per step; "
-        "torch/this > 1: faster than torch; transport shm: fastpar's shared-memory pipes "
-        "(the default on one host), torch: torch.distributed over gloo"
+        f"MLP {LAYERS} x {WIDTH}, batch {BATCH}, {MICROBATCHES} micro-batches, {RANKS} ranks "
+        f"(1 thread each, gloo; fastpar over its shared-memory pipes); median of {args.steps} "
+        "steps, slowest rank per step; torch/this > 1: faster than torch"
     )
     print(format_table(HEADERS, rows))
     if args.csv is not None:

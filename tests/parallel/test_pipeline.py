@@ -1,5 +1,7 @@
 """Pipeline against single-process training: the gradients of every stage and the loss equal
-those of the whole model on the whole batch, for both schedules, 1, 2 and 3 stages, 1 to 8
+those of the whole model on the whole batch, for every schedule (two chunks per rank for
+interleaved-1f1b and zbv; split backwards with deferred weight passes for zero-bubble and zbv,
+with LSTMs falling back to their whole backward), 1, 2 and 3 ranks holding 1 to 6 stages, 1 to 8
 micro-batches (some not dividing the batch), micro-batches of differing shapes (small ones and
 ones that outgrow the transport's slots), an LSTM stack cut between two stages, integer
 activations that carry no gradient, both loss reductions, and gradients accumulated over
@@ -22,35 +24,38 @@ from torch import nn
 from torch.profiler import ProfilerActivity
 
 from fastpar.nn import LSTM
-from fastpar.parallel import pipeline_comm
 from fastpar.parallel.pipeline import (
-    SCHEDULES,
     OutputOnly,
     Pipeline,
     PipelineConfig,
-    ideal_bubbles,
-    schedule_actions,
+    shm_link,
     split_sequential,
 )
-from fastpar.parallel.pipeline_comm import MAX_SLOT_BYTES, next_slot_bytes
+from fastpar.parallel.pipeline.schedules import Placement
+from fastpar.parallel.pipeline.wire import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
 
 IN, WIDTH, OUT = 6, 16, 3
 VOCAB = 13
 # Split points per model and stage count. "lstm": mid-stack (the stack is layers 1..3);
 # "tokens": integer activations (no gradient goes back) out of the first stage.
+# "deep": an MLP with a LayerNorm, cut into up to 6 stages (2 chunks on each of 3 ranks).
 SPLITS = {
     "mlp": {1: [], 2: [3], 3: [2, 3]},
-    "lstm": {1: [], 2: [3], 3: [2, 3]},
+    "lstm": {1: [], 2: [3], 3: [2, 3], 4: [1, 2, 3]},
     "tokens": {2: [1], 3: [1, 2]},
+    "deep": {1: [], 2: [3], 3: [2, 4], 4: [2, 3, 5], 6: [1, 2, 3, 4, 5]},
 }
+SCHEDULES = ("gpipe", "1f1b")  # one stage per rank, the most cases
+CHUNKED = {"interleaved-1f1b": 2, "zbv": 2}  # chunks per rank
+NEW = ("interleaved-1f1b", "zero-bubble", "zbv")
 RTOL, ATOL = 1e-5, 1e-6  # float32; micro-batching changes only the order of summation
 SMALL_PIPE = 8192  # bytes: the "long" cases' activations (up to ~10 KiB) do not fit whole
 
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "mlp": rows (B, IN); "lstm": sequence-first (T, B, IN); "tokens": ids (B, T)
+    model: str  # "mlp", "deep": rows (B, IN); "lstm": sequence-first (T, B, IN); "tokens": ids
     schedule: str
     num_microbatches: int
     batch: int = 12
@@ -64,6 +69,12 @@ class Case:
     @property
     def batch_dim(self) -> int:
         return 1 if self.model == "lstm" else 0
+
+    def num_stages(self, world_size: int) -> int:
+        return CHUNKED.get(self.schedule, 1) * world_size
+
+    def placement(self, world_size: int) -> Placement:
+        return Placement.of(self.schedule, world_size, self.num_stages(world_size))  # type: ignore[arg-type]
 
     def __str__(self) -> str:
         shape = ("long" if self.long else "variable") if self.variable else f"B{self.batch}"
@@ -83,6 +94,16 @@ def _model(kind: str) -> nn.Sequential:
     torch.manual_seed(1234)
     if kind == "tokens":
         return nn.Sequential(Tokens(), nn.Embedding(VOCAB, WIDTH), nn.Linear(WIDTH, OUT))
+    if kind == "deep":
+        return nn.Sequential(
+            nn.Linear(IN, WIDTH),
+            nn.Tanh(),
+            nn.Linear(WIDTH, WIDTH),
+            nn.LayerNorm(WIDTH),
+            nn.Linear(WIDTH, WIDTH),
+            nn.Tanh(),
+            nn.Linear(WIDTH, OUT),
+        )
     if kind == "mlp":
         return nn.Sequential(
             nn.Linear(IN, WIDTH),
@@ -111,7 +132,7 @@ def _data(case: Case, step: int) -> tuple[Any, Any]:
         ids = torch.randint(0, 10 * VOCAB, (case.batch, 4), generator=generator)
         return ids, randn(case.batch, 4, OUT)
     if not case.variable:
-        if case.model == "mlp":
+        if case.model != "lstm":
             return randn(case.batch, IN), randn(case.batch, OUT)
         return randn(5, case.batch, IN), randn(5, case.batch, OUT)
     # Micro-batch k: batch 1 + k % 3, length 2 + (3 * k) % 5 (rows of sequences for "mlp").
@@ -119,14 +140,14 @@ def _data(case: Case, step: int) -> tuple[Any, Any]:
     # 0, the grown ones in step 1, and fit in step 2: the split and the inline paths both run.
     stretch = (10 + 5 * min(step, 1)) if case.long else 1
     shapes = [(1 + k % 3, (2 + (3 * k) % 5) * stretch) for k in range(case.num_microbatches)]
-    if case.model == "mlp":
+    if case.model != "lstm":
         return [randn(b, t, IN) for b, t in shapes], [randn(b, t, OUT) for b, t in shapes]
     return [randn(t, b, IN) for b, t in shapes], [randn(t, b, OUT) for b, t in shapes]
 
 
-def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torch.Tensor]]]:
+def _reference(case: Case, world_size: int) -> tuple[list[float], list[list[torch.Tensor]]]:
     """Single-process training: the losses of every step and the accumulated gradients of
-    each stage's parameters."""
+    each rank's parameters (its stages in the order it holds them)."""
     model = _model(case.model)
     loss_fn = nn.MSELoss(reduction=case.reduction)
     losses = []
@@ -145,23 +166,30 @@ def _reference(case: Case, num_stages: int) -> tuple[list[float], list[list[torc
             loss = loss_fn(model(inputs), targets)
         loss.backward()
         losses.append(loss.item())
-    stages = split_sequential(model, SPLITS[case.model][num_stages])
-    return losses, [[p.grad.clone() for p in stage.parameters()] for stage in stages]
+    placement = case.placement(world_size)
+    stages = split_sequential(model, SPLITS[case.model][placement.num_stages])
+    return losses, [
+        [p.grad.clone() for s in placement.stages_of(rank) for p in stages[s].parameters()]
+        for rank in range(world_size)
+    ]
 
 
-DEFAULT_PIPE = pipeline_comm.PIPE_CAPACITY
+DEFAULT_PIPE = shm_link.PIPE_CAPACITY
 
 
 def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
     results = {}
     for case in cases:
-        stage = split_sequential(_model(case.model), SPLITS[case.model][world_size])[rank]
+        placement = case.placement(world_size)
+        stages = split_sequential(_model(case.model), SPLITS[case.model][placement.num_stages])
+        mine = placement.stages_of(rank)
+        chunks = [stages[s] for s in mine]
         # Long cases stream through a pipe smaller than their activations.
-        pipeline_comm.PIPE_CAPACITY = SMALL_PIPE if case.long else DEFAULT_PIPE
+        shm_link.PIPE_CAPACITY = SMALL_PIPE if case.long else DEFAULT_PIPE
         pipe = Pipeline(
-            stage,
-            stage_index=rank,
-            num_stages=world_size,
+            chunks[0] if len(mine) == 1 else chunks,
+            stage_index=mine[0] if len(mine) == 1 else list(mine),
+            num_stages=placement.num_stages,
             loss_fn=nn.MSELoss(reduction=case.reduction),
             loss_reduction=case.reduction,
             schedule=case.schedule,
@@ -170,8 +198,9 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             timeout_s=60,
             transport=case.transport,
         )
-        want = "torch" if case.transport == "torch" or world_size == 1 else "shm"
-        assert set(pipe.transports.values()) <= {want}, pipe.transports
+        want = "torch" if case.transport == "torch" else "shm"
+        assert set(pipe.transports.values()) <= {want, "local"}, pipe.transports
+        per_microbatch = len(mine) * (3 if case.schedule in ("zero-bubble", "zbv") else 2)
         losses, splits, ranges = [], [], set()
         for step in range(case.steps):
             inputs, targets = _data(case, step)
@@ -188,12 +217,12 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
             timed = (
                 0 < stats.compute_s <= stats.step_s
                 and 0 <= stats.bubble < 1
-                and sorted(k for _, k, _, _ in stats.per_microbatch)
-                == sorted(2 * list(range(case.num_microbatches)))
+                and sorted(a.microbatch for a in stats.per_microbatch)
+                == sorted(per_microbatch * list(range(case.num_microbatches)))
             )
             losses.append((None if loss is None else loss.item(), unchanged, timed))
             splits.append(pipe.last_stats.split_sends)
-        grads = [p.grad.numpy() for p in stage.parameters()]
+        grads = [p.grad.numpy() for chunk in chunks for p in chunk.parameters()]
         results[str(case)] = (losses, grads, splits, ranges)
     return results
 
@@ -221,8 +250,26 @@ CASES: dict[int, list[Case]] = {
     + [Case("lstm", "gpipe", 4, variable=True)]
     + [Case("lstm", s, 4, variable=True, transport="torch") for s in SCHEDULES]
     + [Case("mlp", "1f1b", 3, profiled=True)]
-    + [Case("mlp", "gpipe", 3, profiled=True, transport="torch")],
+    + [Case("mlp", "gpipe", 3, profiled=True, transport="torch")]
+    + [Case("deep", s, m) for s in NEW for m in (2, 5)]
+    + [Case("deep", s, 6, variable=True, transport="torch") for s in NEW]
+    + [Case("lstm", "zero-bubble", 4, variable=True, steps=2)],
 }
+# Several chunks per rank and split backwards: 2 ranks hold 4 stages with interleaved-1f1b and
+# zbv; one rank holds 2 (its links are local).
+CASES[1] += [Case("deep", s, 5) for s in NEW]
+CASES[2] += (
+    [Case("deep", s, m) for s in NEW for m in (1, 3, 4, 8)]
+    + [Case("deep", s, 4, variable=True, steps=2) for s in NEW]
+    + [
+        Case("deep", s, 6, variable=True, long=True, steps=3, transport=t)
+        for s in ("interleaved-1f1b", "zbv")
+        for t in ("auto", "torch")
+    ]
+    + [Case("deep", "zero-bubble", 5, reduction="sum"), Case("tokens", "zero-bubble", 3, steps=2)]
+    + [Case("lstm", s, 3, batch=5) for s in NEW]
+    + [Case("lstm", "zbv", 4, variable=True, transport="torch")]
+)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +314,7 @@ def test_gradients_match_single_process(
             assert splits == [0] * case.steps, splits
         if case.profiled:
             assert ranges == _expected_ranges(rank, world_size, case.num_microbatches)
-        if rank == world_size - 1:
+        if rank == case.placement(world_size).stage_ranks[-1]:
             assert [loss for loss, _, _ in losses] == pytest.approx(ref_losses, rel=RTOL)
         else:
             assert all(loss is None for loss, _, _ in losses)
@@ -284,26 +331,6 @@ def _expected_ranges(rank: int, world_size: int, num_microbatches: int) -> set[s
 
 
 # --- pieces that need no processes -----------------------------------------------------------
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("num_stages, num_microbatches", [(1, 1), (2, 1), (2, 8), (3, 2), (4, 9)])
-def test_schedules_run_each_microbatch_once_in_order(
-    schedule: str, num_stages: int, num_microbatches: int
-) -> None:
-    for stage in range(num_stages):
-        actions = schedule_actions(schedule, stage, num_stages, num_microbatches)  # type: ignore[arg-type]
-        forwards = [k for kind, k in actions if kind == "F"]
-        backwards = [k for kind, k in actions if kind == "B"]
-        assert forwards == backwards == list(range(num_microbatches))
-        in_flight, peak = 0, 0
-        for kind, _ in actions:
-            in_flight += 1 if kind == "F" else -1
-            peak = max(peak, in_flight)
-        if schedule == "1f1b":
-            assert peak == min(num_stages - stage, num_microbatches)
-        else:
-            assert peak == num_microbatches
 
 
 def test_split_sequential_shares_layers_and_checks_points() -> None:
@@ -349,26 +376,3 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     lstm = LSTM(IN, WIDTH, backend="torch")
     x = torch.randn(4, 2, IN)
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-@pytest.mark.parametrize("num_stages, num_microbatches", [(1, 3), (2, 8), (3, 4), (4, 9)])
-def test_ideal_bubbles_of_equal_stages_are_the_theory(
-    schedule: str, num_stages: int, num_microbatches: int
-) -> None:
-    forward = [[1.0] * num_microbatches for _ in range(num_stages)]
-    backward = [[2.0] * num_microbatches for _ in range(num_stages)]
-    theory = (num_stages - 1) / (num_microbatches + num_stages - 1)
-    assert ideal_bubbles(schedule, forward, backward) == pytest.approx([theory] * num_stages)
-
-
-@pytest.mark.parametrize("schedule", SCHEDULES)
-def test_ideal_bubbles_of_unequal_stages(schedule: str) -> None:
-    # Stage 0's backwards take 1.75, stage 1's 2 (forwards 1). Stage 1 never waits after its
-    # first forward and ends backward k at 11 + 2k (GPipe) or 3k + 4 (1F1B): 25 for k = 7
-    # either way. Stage 0 keeps up, so the step ends with its last backward at 25 + 1.75.
-    forward = [[1.0] * 8, [1.0] * 8]
-    backward = [[1.75] * 8, [2.0] * 8]
-    step = 26.75
-    expected = [1 - (8 + 14) / step, 1 - (8 + 16) / step]
-    assert ideal_bubbles(schedule, forward, backward) == pytest.approx(expected)

@@ -17,17 +17,14 @@ import torch.distributed as dist
 from torch import nn
 
 from fastpar import _native
-from fastpar.parallel import pipeline_comm
-from fastpar.parallel.pipeline import Pipeline
-from fastpar.parallel.pipeline_comm import (
-    Peer,
-    PipelineError,
+from fastpar.parallel.pipeline import Pipeline, shm_link
+from fastpar.parallel.pipeline.shm_link import (
     ShmLink,
     _error_text,
     _parse_error_text,
-    check_sendable,
     connect_shm_links,
 )
+from fastpar.parallel.pipeline.wire import Peer, PipelineError, check_sendable
 from fastpar.testing.distributed import run_multiprocess
 
 CAPACITY = 4096  # the smallest pipe: most tensors below do not fit whole
@@ -179,7 +176,7 @@ def test_bad_arguments_are_named() -> None:
 
 def _unmappable(rank: int, world_size: int) -> dict[str, Any]:
     # A pipe larger than any /dev/shm: creating its segment fails on the creator.
-    pipeline_comm.PIPE_CAPACITY = 2**42
+    shm_link.PIPE_CAPACITY = 2**42
     x, y = torch.randn(8, 4), torch.randn(8, 4)
     stage = nn.Linear(4, 4)
     results: dict[str, Any] = {}

@@ -1,5 +1,7 @@
-"""DP x PP: 4 ranks as 2 pipelines of 2 stages; the two replicas of each stage average their
-gradients with `DataParallel`. Gradients equal single-process training on the whole batch.
+"""DP x PP: 4 ranks as 2 pipelines of 2 ranks; the two replicas of each stage average their
+gradients with `DataParallel`. Gradients equal single-process training on the whole batch, for
+every schedule (with 2 chunks per rank, each its own DataParallel, for interleaved-1f1b and
+zbv; data-parallel stages keep their whole backward under the zero-bubble schedules).
 
 Rank r holds stage r % 2 of pipeline r // 2; pipeline groups {0, 1} and {2, 3}, data-parallel
 groups {0, 2} and {1, 3}. Each pipeline trains on its half of the batch.
@@ -15,10 +17,18 @@ from torch import nn
 
 from fastpar.parallel.data_parallel import DataParallel
 from fastpar.parallel.pipeline import Pipeline, split_sequential
+from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.testing.distributed import run_multiprocess
 
 STAGES, REPLICAS, HALF = 2, 2, 7  # 7 rows per pipeline: 3 micro-batches do not divide it
-CASES = [("gpipe", 3, 1), ("1f1b", 4, 2)]  # schedule, micro-batches, steps
+# schedule, micro-batches, steps, split points of the global stages
+CASES = [
+    ("gpipe", 3, 1, [3]),
+    ("1f1b", 4, 2, [3]),
+    ("interleaved-1f1b", 4, 1, [1, 2, 3]),
+    ("zero-bubble", 3, 2, [3]),
+    ("zbv", 5, 1, [1, 2, 3]),
+]
 
 
 def _model() -> nn.Sequential:
@@ -38,14 +48,16 @@ def _dp_pp(rank: int, world_size: int) -> list[list[Any]]:
     # Every rank creates every group, in the same order (new_group is collective).
     pipelines = [dist.new_group([p * STAGES + s for s in range(STAGES)]) for p in range(REPLICAS)]
     replicas = [dist.new_group([p * STAGES + s for p in range(REPLICAS)]) for s in range(STAGES)]
-    replica, stage_index = divmod(rank, STAGES)
+    replica, place = divmod(rank, STAGES)
     results = []
-    for schedule, num_microbatches, steps in CASES:
-        stage = split_sequential(_model(), [3])[stage_index]
+    for schedule, num_microbatches, steps, points in CASES:
+        stages = split_sequential(_model(), points)
+        mine = Placement.of(schedule, STAGES, len(stages)).stages_of(place)
+        chunks = [DataParallel(stages[s], group=replicas[place], comm="torch") for s in mine]
         pipe = Pipeline(
-            DataParallel(stage, group=replicas[stage_index], comm="torch"),
-            stage_index=stage_index,
-            num_stages=STAGES,
+            chunks[0] if len(chunks) == 1 else chunks,
+            stage_index=mine[0] if len(chunks) == 1 else list(mine),
+            num_stages=len(stages),
             group=pipelines[replica],
             loss_fn=nn.MSELoss(),
             schedule=schedule,
@@ -56,21 +68,22 @@ def _dp_pp(rank: int, world_size: int) -> list[list[Any]]:
             x, y = _batch(step)
             rows = slice(replica * HALF, (replica + 1) * HALF)
             pipe.step(x[rows], y[rows])
-        results.append([p.grad.numpy() for p in stage.parameters()])
+        results.append([p.grad.numpy() for s in mine for p in stages[s].parameters()])
     return results
 
 
 def test_dp_x_pp_matches_single_process() -> None:
     results = run_multiprocess(_dp_pp, STAGES * REPLICAS, timeout=120)
-    for case, (_, _, steps) in enumerate(CASES):
+    for case, (schedule, _, steps, points) in enumerate(CASES):
         model = _model()
         for step in range(steps):
             x, y = _batch(step)
             nn.MSELoss()(model(x), y).backward()
-        reference = split_sequential(model, [3])
+        reference = split_sequential(model, points)
+        placement = Placement.of(schedule, STAGES, len(reference))
         for rank, per_rank in enumerate(results):
-            stage_index = rank % STAGES
-            want = [p.grad for p in reference[stage_index].parameters()]
+            mine = placement.stages_of(rank % STAGES)
+            want = [p.grad for s in mine for p in reference[s].parameters()]
             got = [torch.from_numpy(g) for g in per_rank[case]]
             assert len(got) == len(want) > 0
             for g, w in zip(got, want, strict=True):

@@ -261,3 +261,76 @@ def test_a_stalled_peer_times_out_with_its_name(transport: str) -> None:
     assert timeout_s <= seconds < stall_s
     # The stalled stage finds its peer gone when it resumes, and raises too.
     assert outcomes[1][0] == "PipelineError", outcomes[1]
+
+
+# --- several chunks per rank --------------------------------------------------------------------
+
+# (schedule, failing rank, its chunk (0 or 1), mode, at which call); 2 ranks, 4 global stages
+# for interleaved-1f1b and zbv. zbv's loss is on rank 0; zero-bubble's backward fails in the
+# input pass.
+CHUNKED_CASES = [
+    ("interleaved-1f1b", 1, 1, "forward", 2),
+    ("zero-bubble", 1, 0, "backward", 1),
+    ("zbv", 0, 1, "loss", 2),
+    ("zbv", 1, 0, "forward", 1),
+]
+
+
+def _chunked_pipeline(rank: int, schedule: str, chunks: list[nn.Module], **kwargs: Any) -> Pipeline:
+    if schedule == "zero-bubble":
+        return _pipeline(rank, 2, chunks[0], schedule=schedule, **kwargs)
+    stages = [rank, rank + 2] if schedule == "interleaved-1f1b" else [rank, 3 - rank]
+    return Pipeline(chunks, stage_index=stages, num_stages=4, schedule=schedule,
+                    num_microbatches=4, **kwargs)  # fmt: skip
+
+
+def _chunked_failures(rank: int, world_size: int, transport: str) -> list[Outcome]:
+    results = []
+    for schedule, failing, chunk, mode, at in CHUNKED_CASES:
+        group = dist.new_group(list(range(world_size)))
+        planted = [
+            Planted(mode if (rank, c) == (failing, chunk) and mode != "loss" else "none", at)
+            for c in range(2)
+        ]
+        loss_fn = PlantedLoss(at if mode == "loss" and rank == failing else -1)
+        pipe = _chunked_pipeline(rank, schedule, planted, group=group, loss_fn=loss_fn,
+                                 timeout_s=30, transport=transport)  # fmt: skip
+        x, y = _batch()
+        results.append(_outcome(lambda p=pipe, x=x, y=y: p.step(x, y)))
+    return results
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_raising_chunk_fails_every_rank(transport: str) -> None:
+    outcomes = run_multiprocess(_chunked_failures, 2, args=(transport,), timeout=90)
+    for case, (_, failing, _, mode, _) in enumerate(CHUNKED_CASES):
+        original = {
+            "forward": "RuntimeError: planted failure in forward",
+            "backward": "RuntimeError: planted failure in backward",
+            "loss": "ValueError: planted failure in the loss",
+        }[mode]
+        for rank in range(2):
+            kind, message, seconds = outcomes[rank][case]
+            if rank == failing:
+                assert f"{kind}: {message}" == original, (case, rank)
+            else:
+                assert kind == "PipelineError", (case, rank, kind, message)
+                assert message == f"stage {failing} (rank {failing}) raised {original}"
+            assert seconds < 10, (case, rank, seconds)
+
+
+def _dying_chunked_peer(rank: int, world_size: int, schedule: str) -> Outcome:
+    chunks = [Planted("die" if rank == 1 and c == 1 else "none", 1) for c in range(2)]
+    pipe = _chunked_pipeline(rank, schedule, chunks, loss_fn=nn.MSELoss(), timeout_s=30)
+    x, y = _batch()
+    return _outcome(lambda: pipe.step(x, y))
+
+
+@pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zbv"])
+def test_a_dead_peer_holding_two_chunks_is_named(schedule: str) -> None:
+    outcomes = run_multiprocess(_dying_chunked_peer, 2, args=(schedule,), timeout=60, may_die=(1,))
+    assert outcomes[1] is None
+    kind, message, seconds = outcomes[0]
+    assert kind == "PipelineError", message
+    assert "stage 1 (rank 1) failed: the peer died" in message, message
+    assert seconds < 10, seconds

@@ -1,4 +1,5 @@
-"""Pipelines with stages on GPUs: gradients equal single-process training on the same device.
+"""Pipelines with stages on GPUs: gradients equal single-process training on the same device,
+for every schedule.
 
 Two transports: stages on GPUs with a gloo group (tensors cross through the host; two ranks may
 share one GPU), and NCCL (payloads on the GPU, headers on a gloo side group, one NCCL group
@@ -13,11 +14,14 @@ import torch.distributed as dist
 from torch import nn
 
 from fastpar.parallel.pipeline import SCHEDULES, Pipeline, split_sequential
+from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.testing.distributed import run_multiprocess
 
 pytestmark = pytest.mark.gpu
 
 WIDTH = 32
+CUTS = {2: [3], 4: [1, 2, 3]}  # per global stage count
+CHUNKED = {"interleaved-1f1b": 2, "zbv": 2}  # chunks per rank
 
 
 def _model(device: torch.device) -> nn.Sequential:
@@ -52,16 +56,27 @@ def _compare_on_device(rank: int, world_size: int, one_gpu_each: bool) -> None:
         for x, y in zip(inputs, targets, strict=True)
     )
     loss.backward()
-    want = [p.grad for p in split_sequential(reference, [3])[rank].parameters()]
     for schedule in SCHEDULES:
-        stage = split_sequential(_model(device), [3])[rank]
+        num_stages = CHUNKED.get(schedule, 1) * world_size
+        placement = Placement.of(schedule, world_size, num_stages)  # type: ignore[arg-type]
+        mine = placement.stages_of(rank)
+        wanted = split_sequential(reference, CUTS[num_stages])
+        want = [p.grad for s in mine for p in wanted[s].parameters()]
+        stages = split_sequential(_model(device), CUTS[num_stages])
+        chunks = [stages[s] for s in mine]
         options = dict(schedule=schedule, num_microbatches=len(inputs), loss_fn=nn.MSELoss())
-        pipe = Pipeline(stage, stage_index=rank, num_stages=world_size, **options)
+        pipe = Pipeline(
+            chunks[0] if len(mine) == 1 else chunks,
+            stage_index=mine[0] if len(mine) == 1 else list(mine),
+            num_stages=num_stages,
+            **options,
+        )
         got_loss = pipe.step(inputs, targets)
         torch.cuda.synchronize(device)
-        for got, expected in zip([p.grad for p in stage.parameters()], want, strict=True):
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-        if rank == world_size - 1:
+        got = [p.grad for chunk in chunks for p in chunk.parameters()]
+        for g, expected in zip(got, want, strict=True):
+            torch.testing.assert_close(g, expected, rtol=1e-5, atol=1e-6)
+        if rank == placement.stage_ranks[-1]:
             assert got_loss is not None
             torch.testing.assert_close(got_loss, loss.detach(), rtol=1e-5, atol=0)
     dist.barrier()

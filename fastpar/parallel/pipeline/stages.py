@@ -1,0 +1,188 @@
+"""Cutting an `nn.Sequential` into pipeline stages: at given layers, or where profiling says
+the slowest stage is fastest (`balance="auto"`)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastpar._checks import check_choice, check_int
+from fastpar._logging import get_logger
+
+__all__ = ["LayerProfile", "OutputOnly", "balanced_cuts", "profile_layers", "split_sequential"]
+
+logger = get_logger(__name__)
+
+Balance = Literal["auto"]
+
+
+@dataclass(frozen=True)
+class LayerProfile:
+    """One layer's measured cost.
+
+    Attributes:
+        seconds: forward + backward time (the fastest repeat: load on the machine only adds).
+        output_bytes: size of its output: what a cut after it sends each micro-batch.
+    """
+
+    seconds: float
+    output_bytes: int
+
+
+def split_sequential(
+    model: nn.Sequential,
+    split_points: Sequence[int] | int,
+    *,
+    balance: Balance | None = None,
+    example_input: Tensor | None = None,
+    repeats: int = 5,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[nn.Sequential]:
+    """Cut an `nn.Sequential` into consecutive stages.
+
+    Arguments:
+        model: the model; it is not modified, and the stages hold its own layers (no copies),
+            so training the stages trains `model`.
+        split_points: indices of the layers that start a new stage, strictly increasing, in
+            (0, len(model)) (k split points give k + 1 stages); or, with balance="auto", the
+            number of stages.
+        balance: "auto": time each layer's forward and backward on `example_input` (see
+            `profile_layers`) and cut where the slowest stage is fastest (`balanced_cuts`).
+        example_input: a micro-batch as the first stage gets it (needed with balance).
+        repeats: timed runs per layer with balance (the fastest counts).
+        timer: the clock profiling reads, in seconds.
+
+    Returns:
+        The stages: stage i is `nn.Sequential(model[split_points[i-1] : split_points[i]])`.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
+    if balance is not None:
+        check_choice("balance", balance, ("auto",))
+        num_stages = check_int("num_stages", split_points, 1, len(model))
+        if example_input is None:
+            raise ValueError('balance="auto" needs an example_input to time the layers on')
+        profiles = profile_layers(model, example_input, repeats=repeats, timer=timer)
+        points = balanced_cuts([p.seconds for p in profiles], num_stages,
+                               [p.output_bytes for p in profiles])  # fmt: skip
+        bounds = [0, *points, len(profiles)]
+        costs = [sum(p.seconds for p in profiles[a:b]) for a, b in itertools.pairwise(bounds)]
+        logger.info("balanced cuts %s: stage costs %s ms", points,
+                    [round(c * 1e3, 3) for c in costs])  # fmt: skip
+    elif isinstance(split_points, int) and not isinstance(split_points, bool):
+        raise ValueError(
+            f"split_points {split_points} is a stage count: pass balance='auto' and an "
+            "example_input, or the layer indices where stages start"
+        )
+    else:
+        points = list(split_points)
+    bounds = [0, *points, len(model)]
+    for index, point in enumerate(points):
+        if isinstance(point, bool) or not isinstance(point, int):
+            raise TypeError(f"split_points[{index}] must be an int, got {point!r}")
+        if not bounds[index] < point < len(model):
+            raise ValueError(
+                f"split_points must be strictly increasing in (0, {len(model)}) for a model of "
+                f"{len(model)} layers, got {points}"
+            )
+    layers = list(model)
+    return [nn.Sequential(*layers[start:end]) for start, end in itertools.pairwise(bounds)]
+
+
+def profile_layers(
+    model: nn.Sequential,
+    example_input: Tensor,
+    *,
+    repeats: int = 5,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[LayerProfile]:
+    """Time each layer's forward and backward, feeding it the previous layer's output.
+
+    The backward of a layer gets a gradient of ones for its output (its cost does not depend
+    on the values); parameters' `.grad` are restored afterwards. Layers whose output carries
+    no gradient (integer ids) are timed forward only.
+    """
+    check_int("repeats", repeats, 1)
+    saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    profiles = []
+    x = example_input
+    for layer in model:
+        times = []
+        y = x
+        for _ in range(repeats + 1):  # the first run warms up (allocations, lazy init)
+            leaf = x.detach().requires_grad_(x.is_floating_point())
+            start = timer()
+            y = layer(leaf)
+            if y.requires_grad:
+                y.backward(torch.ones_like(y))
+            times.append(timer() - start)
+        profiles.append(LayerProfile(min(times[1:]), y.numel() * y.element_size()))
+        x = y.detach()
+    for param, grad in saved:
+        param.grad = grad
+    return profiles
+
+
+def balanced_cuts(
+    costs: Sequence[float], num_stages: int, output_bytes: Sequence[int] | None = None
+) -> list[int]:
+    """The split points that minimise the slowest stage (the sum of its layers' costs); among
+    equally slow choices, the one sending the fewest bytes between stages.
+
+    Arguments:
+        costs: per layer, its time (any unit).
+        num_stages: p, in [1, len(costs)].
+        output_bytes: per layer, its output size (None: all equal).
+
+    Returns:
+        p - 1 strictly increasing indices in (0, len(costs)).
+    """
+    n = len(costs)
+    check_int("num_stages", num_stages, 1, n)
+    sent = list(output_bytes) if output_bytes is not None else [0] * n
+    prefix = [0.0, *itertools.accumulate(costs)]
+    inf = (float("inf"), float("inf"))
+    # best[s][i]: (slowest stage, bytes sent) for the first i layers in s stages; cut[s][i]:
+    # where the last of those stages starts. A linear-partition dynamic programme.
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0)
+    for s in range(1, num_stages + 1):
+        for i in range(s, n + 1):
+            for j in range(s - 1, i):
+                previous = best[s - 1][j]
+                if previous == inf:
+                    continue
+                value = (
+                    max(previous[0], prefix[i] - prefix[j]),
+                    previous[1] + (sent[j - 1] if j > 0 else 0),
+                )
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    points, i = [], n
+    for s in range(num_stages, 1, -1):
+        i = cut[s][i]
+        points.append(i)
+    return points[::-1]
+
+
+class OutputOnly(nn.Module):
+    """Keeps the first element of a module's tuple output, e.g. the output sequence of an LSTM
+    (which returns `(output, (h, c))`), so the stage passes on one tensor.
+
+    Arguments:
+        module: the wrapped module; its parameters are this module's.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: object, **kwargs: object) -> Tensor:
+        return self.module(*args, **kwargs)[0]

@@ -1,0 +1,176 @@
+"""Stage pieces without processes: the split backward (an input pass, then deferred weight
+passes) gives the gradients of a whole backward for Linear, Embedding and LayerNorm and falls
+back, said once, for other modules; `balanced_cuts` is the brute-force optimum; and
+`split_sequential(..., balance="auto")` finds the cuts of a model with known, uneven layer
+costs."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from fastpar.parallel.pipeline import split_sequential
+from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
+from fastpar.parallel.pipeline.stages import balanced_cuts
+
+DTYPES = [(torch.float32, 1e-5, 1e-6), (torch.float64, 1e-12, 1e-12)]
+
+
+def _model(dtype: torch.dtype) -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Embedding(11, 8, padding_idx=2),
+        nn.Linear(8, 12),
+        nn.LayerNorm(12),
+        nn.Tanh(),
+        nn.Linear(12, 12, bias=False),
+        nn.LSTM(12, 6),  # no split: its weight gradients come in the input pass
+    ).to(dtype)
+
+
+def _forward(model: nn.Sequential, ids: torch.Tensor) -> torch.Tensor:
+    hidden = model[:5](ids)  # (T, B, 12)
+    return model[5](hidden)[0]
+
+
+@pytest.mark.parametrize("dtype, rtol, atol", DTYPES)
+def test_split_backward_equals_whole_backward(
+    dtype: torch.dtype, rtol: float, atol: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    ids = torch.randint(0, 11, (5, 3))  # (T, B), some of them the padding index
+    grad = torch.randn(5, 3, 6, dtype=dtype)
+    whole = _model(dtype)
+    _forward(whole, ids).backward(grad)
+
+    split = _model(dtype)
+    deferred = DeferredWeights()
+    with caplog.at_level(logging.INFO), weight_split(split, deferred, f"stage {dtype}"):
+        out = _forward(split, ids)
+    out.backward(grad)  # the input pass
+    deferred_params = [p for n, p in split.named_parameters() if not n.startswith("5.")]
+    assert all(p.grad is None for p in deferred_params)  # not yet: they wait for W
+    assert all(p.grad is not None for p in split[5].parameters())  # computed in the I pass
+    assert len(deferred.jobs) == 4  # Embedding, Linear, LayerNorm, Linear
+    deferred.run()
+    for (name, got), want in zip(split.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=rtol, atol=atol, msg=name)
+    said = [r.message for r in caplog.records if "no weight-gradient split" in r.message]
+    assert len(said) == 1 and f"stage {dtype}" in said[0] and "5.weight_ih_l0" in said[0]
+
+
+def test_split_backward_passes_input_gradients_at_once() -> None:
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x = torch.randn(2, 4, requires_grad=True)
+    deferred = DeferredWeights()
+    with weight_split(layer, deferred, "stage 0"):
+        y = layer(x)
+    y.backward(torch.ones_like(y))
+    torch.testing.assert_close(x.grad, torch.ones(2, 3) @ layer.weight)
+    assert layer.weight.grad is None
+    deferred.run()
+    torch.testing.assert_close(layer.weight.grad, torch.ones(3, 2) @ x.detach())
+    assert deferred.jobs == []
+
+
+def _brute_force(costs: list[float], num_stages: int) -> float:
+    best = float("inf")
+    for points in itertools.combinations(range(1, len(costs)), num_stages - 1):
+        bounds = [0, *points, len(costs)]
+        best = min(best, max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_balanced_cuts_minimise_the_slowest_stage(seed: int) -> None:
+    rng = random.Random(seed)
+    costs = [rng.uniform(0.1, 3.0) for _ in range(rng.randint(3, 9))]
+    for num_stages in range(1, len(costs) + 1):
+        points = balanced_cuts(costs, num_stages)
+        bounds = [0, *points, len(costs)]
+        assert len(points) == num_stages - 1 and points == sorted(set(points))
+        slowest = max(sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+        assert slowest == pytest.approx(_brute_force(costs, num_stages))
+
+
+def test_balanced_cuts_prefer_small_activations_among_equals() -> None:
+    # Four equal layers, two stages: only cut 2 is optimal; with 3 stages of [1, 1, 1, 1, 1, 1]
+    # several cuts tie, and the one sending the fewest bytes wins.
+    assert balanced_cuts([1.0] * 4, 2) == [2]
+    assert balanced_cuts([1.0] * 6, 3, [9, 1, 9, 1, 9, 9]) == [2, 4]
+
+
+class Clock:
+    """A clock that advances only by the costs layers charge it: profiling sees exactly the
+    costs the test chose, whatever else runs on the machine."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _ChargeBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, clock: Clock, cost: float) -> torch.Tensor:
+        ctx.clock, ctx.cost = clock, cost
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        ctx.clock.now += ctx.cost
+        return grad, None, None
+
+
+class Costly(nn.Module):
+    """A linear layer whose forward costs `cost` and backward 2 `cost` on `clock`."""
+
+    def __init__(self, cost: float, clock: Clock) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.cost, self.clock = cost, clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.clock.now += self.cost
+        return _ChargeBackward.apply(self.linear(x), self.clock, 2 * self.cost)
+
+
+@pytest.mark.parametrize(
+    "costs, num_stages, sizes",
+    [
+        ([4, 4, 4, 4, 20, 4, 4, 4, 4], 3, [4, 1, 4]),  # the heavy layer alone
+        ([1, 1, 1, 1, 1, 1, 1, 9], 2, [7, 1]),
+        ([4, 1, 1, 1, 1, 1, 1, 1, 1, 4], 4, [1, 4, 4, 1]),
+    ],
+)
+def test_auto_balance_picks_the_optimal_cuts(
+    costs: list[float], num_stages: int, sizes: list[int]
+) -> None:
+    clock = Clock()
+    model = nn.Sequential(*[Costly(c, clock) for c in costs])
+    stages = split_sequential(
+        model, num_stages, balance="auto", example_input=torch.randn(3, 8), timer=clock
+    )
+    assert [len(s) for s in stages] == sizes
+    bounds = [0, *itertools.accumulate(sizes)]
+    slowest = max(3 * sum(costs[a:b]) for a, b in itertools.pairwise(bounds))
+    assert slowest == pytest.approx(3 * _brute_force(costs, num_stages))
+    assert all(p.grad is None for p in model.parameters())  # profiling left no gradients
+    assert [id(m) for s in stages for m in s] == [id(m) for m in model]
+
+
+def test_split_sequential_rejects_a_count_without_balance() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="stage count: pass balance='auto'"):
+        split_sequential(model, 2)
+    with pytest.raises(ValueError, match="needs an example_input"):
+        split_sequential(model, 2, balance="auto")
+    with pytest.raises(ValueError, match="num_stages must be an integer in \\[1, 2\\], got 3"):
+        split_sequential(model, 3, balance="auto", example_input=torch.ones(1, 2))
