@@ -30,8 +30,8 @@ from torch import Tensor, nn
 
 from fastpar._checks import check_int
 from fastpar._logging import get_logger, log_once
+from fastpar.comm.timeouts import group_timeout
 from fastpar.parallel.pipeline.config import (
-    DEFAULT_TIMEOUT_S,
     ActionTime,
     PipelineConfig,
     Reduction,
@@ -88,7 +88,8 @@ class Pipeline:
             over the same ranks; every rank of `group` must construct its Pipeline together).
         loss_fn: `loss_fn(output, target) -> scalar`, needed on the rank of the last stage.
         schedule, num_microbatches, loss_reduction, batch_dim, timeout_s, transport: see
-            `PipelineConfig`.
+            `PipelineConfig`; timeout_s None takes `group`'s own timeout (the one given to
+            init_process_group / new_group).
 
     Construction is collective over `group` (bounded by `timeout_s`).
 
@@ -115,7 +116,7 @@ class Pipeline:
         num_microbatches: int = 8,
         loss_reduction: Reduction = "mean",
         batch_dim: int = 0,
-        timeout_s: float = DEFAULT_TIMEOUT_S,
+        timeout_s: float | None = None,
         transport: Transport = "auto",
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
@@ -125,6 +126,9 @@ class Pipeline:
             )
         self.group = group if group is not None else dist.group.WORLD
         self.loss_fn = loss_fn
+        group_wait_s = group_timeout(self.group).total_seconds()
+        if timeout_s is None:  # the group's own (init_process_group / new_group timeout=)
+            timeout_s = group_wait_s
         # Arguments are exchanged before any of them is judged, so that a rank with bad
         # arguments still joins the exchange and every rank raises, none waits.
         local_error: ValueError | TypeError | None = None
@@ -149,7 +153,7 @@ class Pipeline:
         mine = Handshake.local(ok=local_error is None, stages=stage_index, num_stages=num_stages,
                                num_microbatches=num_microbatches, schedule=schedule,
                                transport=transport)  # fmt: skip
-        timeout = self.config.timeout_s if local_error is None else DEFAULT_TIMEOUT_S
+        timeout = self.config.timeout_s if local_error is None else group_wait_s
         table = exchange_handshakes(self.group, mine, timeout)
         if local_error is not None:
             raise local_error
