@@ -16,10 +16,13 @@ communication.
 
 Policies:
     "throughput": a fixed global batch is shared in proportion to each rank's smoothed
-        samples/second, so a slow worker gets less and nobody waits long for it. A new split
-        replaces the current one only when some block would change by more than
-        `rebalance_threshold`: measurement noise does not make the blocks flicker, while a
-        straggler that appears or recovers moves them within a few steps.
+        samples/second, so a slow worker gets less and nobody waits long for it. Rates are
+        smoothed heavily (`rate_momentum`) so that noise does not move the blocks, but a speed
+        change is followed at once: a measurement more than `change_threshold` away from the
+        smoothed rate is set aside, and when `change_steps` of them in a row lie on the same
+        side, the smoothed rate restarts from their mean (a single outlier, e.g. a preempted
+        step, is ignored). A new split replaces the current one only when some block would
+        change by more than `rebalance_threshold`, so the blocks do not flicker.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
@@ -63,8 +66,14 @@ class DynamicSlicerConfig:
     global_batch: int | None = None
     """"throughput" only (required there): samples per step summed over ranks; it must lie
     in [world_size * min_size, world_size * max_size], checked when the world size is known."""
-    rate_momentum: float = 0.5
+    rate_momentum: float = 0.8
     """"throughput": weight of the old smoothed rate in rate <- m * rate + (1 - m) * new."""
+    change_threshold: float = 0.3
+    """"throughput": a measured rate further than this fraction from the smoothed rate is a
+    candidate speed change, not folded into the average, > 0."""
+    change_steps: int = 2
+    """"throughput": candidates in a row on the same side that restart the smoothed rate from
+    their mean, >= 1."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
@@ -99,6 +108,8 @@ class DynamicSlicerConfig:
                 "policy 'loss' uses one block size per rank"
             )
         check_float("rate_momentum", self.rate_momentum, 0.0, 1.0, high_open=True)
+        check_float("change_threshold", self.change_threshold, 0.0, math.inf, low_open=True)
+        check_int("change_steps", self.change_steps, 1)
         check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
         if self.initial_size is not None:
             check_int("initial_size", self.initial_size, self.min_size, self.max_size)
@@ -202,6 +213,7 @@ class DynamicSlicer:
         self._cursor = 0
         self._steps = 0
         self._rates = [0.0] * self.world_size  # 0: not measured yet
+        self._candidates: list[list[float]] = [[] for _ in range(self.world_size)]
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
@@ -405,11 +417,9 @@ class DynamicSlicer:
             else None
         )
         if self.config.policy == "throughput":
-            momentum = self.config.rate_momentum
             for rank, rate in enumerate(measured):
                 if rate > 0:
-                    old = self._rates[rank]
-                    self._rates[rank] = rate if old == 0 else momentum * old + (1 - momentum) * rate
+                    self._smooth_rate(rank, rate)
             proposal = self._decide_sizes()
             moved = self._moves(proposal)
             event = "rebalance" if moved else "hold"
@@ -439,6 +449,24 @@ class DynamicSlicer:
             event=event,
             sizes=tuple(self._sizes),
         )
+
+    def _smooth_rate(self, rank: int, rate: float) -> None:
+        config = self.config
+        old = self._rates[rank]
+        if old == 0:
+            self._rates[rank] = rate  # the first measurement is taken as is
+            return
+        candidates = self._candidates[rank]
+        if abs(rate - old) <= config.change_threshold * old:
+            candidates.clear()
+            self._rates[rank] = config.rate_momentum * old + (1 - config.rate_momentum) * rate
+            return
+        if candidates and (candidates[-1] > old) != (rate > old):
+            candidates.clear()  # the other side: an outlier, not the same change
+        candidates.append(rate)
+        if len(candidates) >= config.change_steps:
+            self._rates[rank] = sum(candidates) / len(candidates)
+            candidates.clear()
 
     def _moves(self, proposal: list[int]) -> bool:
         """Whether `proposal` moves some block by more than the rebalance threshold."""
@@ -501,6 +529,7 @@ class DynamicSlicer:
             "position": self._cursor,
             "steps": self._steps,
             "rates": list(self._rates),
+            "rate_candidates": [list(c) for c in self._candidates],
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -550,10 +579,13 @@ class DynamicSlicer:
             low, high = float(self.config.min_size), float(self.config.max_size)
             self._size = min(max(self._size, low), high)
             self._rates = [0.0] * self.world_size
+            self._candidates = [[] for _ in range(self.world_size)]
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
         self._rates = [float(rate) for rate in state["rates"]]
+        candidates = state.get("rate_candidates") or [[] for _ in range(self.world_size)]
+        self._candidates = [[float(rate) for rate in c] for c in candidates]
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 
