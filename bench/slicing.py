@@ -6,13 +6,13 @@ gradients are summed with torch.distributed (gloo) and every step is synchronous
 takes as long as the slowest rank. A run is a sequence of phases (`--phases`, steps each) that
 alternate between all ranks at full speed and rank 1 slowed `--slowdown` times by an injected
 delay per sample (calibrated on the measured compute time per sample). Scenarios, measured in
-the same run and interleaved in rounds so that load from other processes hits them alike:
+the same run and interleaved step by step so that load from other processes hits them alike:
 
 - fixed: equal halves of the global batch, whatever the speeds;
 - throughput: DynamicSlicer(policy="throughput") shares the global batch by the measured
   samples/second of each rank, knowing nothing of the phases;
 - oracle: the speed-proportional split of each phase, switched exactly at each change; the
-  speeds are each rank's median samples/s in that phase of the same round's fixed-slicing run
+  speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
   (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise).
 
 Reported: samples/s per scenario over the whole run and per phase; the share of the oracle's
@@ -133,34 +133,36 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
     dist.all_reduce(cost)
     trainer.delay_per_sample = cost.item() / world_size
 
+    # The oracle's splits: each rank's speed in each phase, measured in a fixed-slicing pass.
+    compute = [trainer.step(block(args.calibrate + step, [half] * world_size), args.global_batch,
+                            slowdown) for step, slowdown in enumerate(plan)]  # fmt: skip
+    splits = _measured_splits(compute, bounds, half, args.global_batch)
+
+    # Scenarios interleaved step by step: whatever else runs on the machine hits them alike.
     times: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
     sizes: dict[str, list[list[list[int]]]] = {name: [] for name in SCENARIOS}
-    splits: list[list[list[int]]] = []  # per round and phase: the oracle's split
     for _ in range(args.rounds):
+        slicer = DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
+                               global_batch=args.global_batch)  # fmt: skip
         for name in SCENARIOS:
-            slicer = DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
-                                   global_batch=args.global_batch)  # fmt: skip
-            run_times, run_sizes, run_compute = [], [], []
-            dist.barrier()
-            for step, slowdown in enumerate(plan):
+            times[name].append([])
+            sizes[name].append([])
+        dist.barrier()
+        for step, slowdown in enumerate(plan):
+            for name in SCENARIOS:
                 start = time.perf_counter()
                 if name == "throughput":
                     step_sizes = [len(b) for b in slicer.next_step()]
                 elif name == "oracle":
-                    step_sizes = splits[-1][bisect.bisect_right(bounds, step) - 1]
+                    step_sizes = splits[bisect.bisect_right(bounds, step) - 1]
                 else:
                     step_sizes = [half] * world_size
                 indices = block(args.calibrate + step, step_sizes)
-                compute = trainer.step(indices, args.global_batch, slowdown)
+                seconds = trainer.step(indices, args.global_batch, slowdown)
                 if name == "throughput":
-                    slicer.record_step(len(indices), compute)
-                run_times.append(time.perf_counter() - start)
-                run_sizes.append(step_sizes)
-                run_compute.append(compute)
-            times[name].append(run_times)
-            sizes[name].append(run_sizes)
-            if name == "fixed":
-                splits.append(_measured_splits(run_compute, bounds, half, args.global_batch))
+                    slicer.record_step(len(indices), seconds)
+                times[name][-1].append(time.perf_counter() - start)
+                sizes[name][-1].append(step_sizes)
     return {"times": times, "sizes": sizes, "splits": splits, "delay": trainer.delay_per_sample}
 
 
@@ -214,7 +216,7 @@ def main() -> None:
     bounds = phase_bounds(args.phases)
 
     # Synchronous steps: rank 0's step times are the job's.
-    times, sizes, splits = (results[0][key] for key in ("times", "sizes", "splits"))
+    times, sizes, split = (results[0][key] for key in ("times", "sizes", "splits"))
     rows, rate = [], {}
     for name in SCENARIOS:
         total = sum(sum(run) for run in times[name])
@@ -250,14 +252,12 @@ def main() -> None:
     )
     for phase in range(1, len(args.phases)):
         first, last = bounds[phase], bounds[phase + 1]
-        settled = [settle_steps(run[first:last], split[phase])
-                   for run, split in zip(sizes["throughput"], splits, strict=True)]  # fmt: skip
+        settled = [settle_steps(run[first:last], split[phase]) for run in sizes["throughput"]]
         steps = ["never" if s is None else str(s) for s, _ in settled]
         changes = [str(c) for _, c in settled]
-        targets = ", ".join("/".join(map(str, split[phase])) for split in splits)
         print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured split "
-              f"{targets}): settled after {', '.join(steps)} steps; block changes after "
-              f"settling: {', '.join(changes)} (per round)")  # fmt: skip
+              f"{'/'.join(map(str, split[phase]))}): settled after {', '.join(steps)} steps; "
+              f"block changes after settling: {', '.join(changes)} (per round)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -175,11 +175,11 @@ def _row(stage: Stage, loss: float | None, samples: int, global_samples: int,
 
 def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batches,
               corpus: Corpus, first_step: int,
-              writer: MetricsWriter | None = None) -> tuple[float, float]:  # fmt: skip
+              writer: MetricsWriter | None = None) -> tuple[float, StepMetrics]:  # fmt: skip
     """Steps first_step .. config.steps - 1, with progress, metrics and checkpoints.
 
     Returns:
-        (tokens/s, seconds spent in metrics: recording, gathering and writing on this rank).
+        (tokens/s, this rank's recorder, which counts the time its recording took).
     """
     device = next(stage.module.parameters()).device
     progress = _Progress(config.steps, first_step, enabled=place.rank == 0)
@@ -224,7 +224,7 @@ def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batc
                     writer.write_validation(step + 1, loss_v)
     progress.close()
     elapsed_run = time.perf_counter() - run_start
-    return (tokens_seen / elapsed_run if elapsed_run > 0 else 0.0), metrics.cost_s
+    return (tokens_seen / elapsed_run if elapsed_run > 0 else 0.0), metrics
 
 
 def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, Any] | None:
@@ -257,7 +257,7 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
             writer = MetricsWriter(config.metrics_dir, dims, config.seq_len, title,
                                    append=first_step > 0)  # fmt: skip
         run_start = time.perf_counter()
-        tokens_per_s, metrics_s = run_steps(config, place, stage, batches, corpus, first_step,
+        tokens_per_s, metrics = run_steps(config, place, stage, batches, corpus, first_step,
                                             writer)  # fmt: skip
         run_s = time.perf_counter() - run_start
         model = _assemble_on_rank0(place, stage)
@@ -269,8 +269,8 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
     summary = _summarize(config, model, corpus.validation, tokens_per_s, first_step)
     if writer is not None:
         writer.write_validation(config.steps, summary["validation_loss"])
-        summary["metrics"] = {"cost_s": metrics_s + writer.cost_s, "run_s": run_s,
-                              "plot": writer.close()}  # fmt: skip
+        summary["metrics"] = {"cost_s": metrics.cost_s + writer.cost_s, "run_s": run_s,
+                              "gather_s": metrics.gather_s, "plot": writer.close()}  # fmt: skip
     return summary
 
 

@@ -87,7 +87,10 @@ class StepMetrics:
     steps: list[int] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     cost_s: float = 0.0
-    """Seconds spent recording and gathering, for the metrics' cost."""
+    """Seconds spent recording the rows and packing/unpacking them, for the metrics' cost."""
+    gather_s: float = 0.0
+    """Seconds in the all-gather itself (mostly waiting for the slowest rank to arrive), which
+    replaced the all-reduce of the losses that ran at the same place before."""
 
     def record(self, step: int, row: dict[str, float], decision: Decision | None) -> None:
         """Keep this rank's `row` (every ROW field) of `step`; cheap, no communication."""
@@ -104,13 +107,16 @@ class StepMetrics:
         start = time.perf_counter()
         mine = torch.tensor(self.rows, dtype=torch.float64, device=collective_device(None))
         everyone = [torch.empty_like(mine) for _ in range(self.place.dims.world_size)]
+        collective = time.perf_counter()
         dist.all_gather(everyone, mine)
+        waited = time.perf_counter() - collective
+        self.gather_s += waited
         window = None
         if self.place.rank == 0:
             rows = torch.stack([t.cpu() for t in everyone], dim=1)
             window = Window(self.steps, rows, self.decisions)
         self.rows, self.steps, self.decisions = [], [], []
-        self.cost_s += time.perf_counter() - start
+        self.cost_s += time.perf_counter() - start - waited
         return window
 
 
