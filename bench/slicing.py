@@ -10,7 +10,8 @@ the same run and interleaved step by step so that load from other processes hits
 
 - fixed: equal halves of the global batch, whatever the speeds;
 - throughput: DynamicSlicer(policy="throughput") shares the global batch by the measured
-  samples/second of each rank, knowing nothing of the phases;
+  samples/second of each rank, knowing nothing of the phases; its statistics ride along in the
+  gradient all-reduce (`step_statistics` / `record_reduced`), so it adds no collective;
 - oracle: the speed-proportional split of each phase, switched exactly at each change; the
   speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
   (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise).
@@ -64,8 +65,11 @@ class Trainer:
         )
         self.delay_per_sample = 0.0
 
-    def step(self, indices: list[int], global_size: int, slowdown: float) -> float:
+    def step(self, indices: list[int], global_size: int, slowdown: float,
+             slicer: DynamicSlicer | None = None) -> float:  # fmt: skip
         """Train on this rank's block; returns the compute seconds (before the all-reduce).
+        With a `slicer`, its statistics ride along in the gradient all-reduce (no collective
+        of its own) and it decides the next step's blocks.
 
         Compute is this thread's CPU time, and the injected delay spins for CPU time too: on a
         shared machine, time taken by other processes must not pass for a straggler, in the
@@ -92,12 +96,17 @@ class Trainer:
                 pass
         compute = time.thread_time() - start
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
+        parts = [g.flatten() for g in grads]
+        if slicer is not None:
+            parts.append(slicer.step_statistics(len(indices), compute).float())
+        flat = torch.cat(parts)
         dist.all_reduce(flat)
         offset = 0
         for grad in grads:  # the sums back into .grad
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
+        if slicer is not None:
+            slicer.record_reduced(flat[offset:])
         self.optimizer.step()
         return compute
 
@@ -149,7 +158,8 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
             sizes[name].append([])
         dist.barrier()
         for step, slowdown in enumerate(plan):
-            for name in SCENARIOS:
+            # A different order each step, so no scenario always follows the same one.
+            for name in SCENARIOS[step % 3 :] + SCENARIOS[: step % 3]:
                 start = time.perf_counter()
                 if name == "throughput":
                     step_sizes = [len(b) for b in slicer.next_step()]
@@ -158,9 +168,8 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
                 else:
                     step_sizes = [half] * world_size
                 indices = block(args.calibrate + step, step_sizes)
-                seconds = trainer.step(indices, args.global_batch, slowdown)
-                if name == "throughput":
-                    slicer.record_step(len(indices), seconds)
+                trainer.step(indices, args.global_batch, slowdown,
+                             slicer if name == "throughput" else None)  # fmt: skip
                 times[name][-1].append(time.perf_counter() - start)
                 sizes[name][-1].append(step_sizes)
     return {"times": times, "sizes": sizes, "splits": splits, "delay": trainer.delay_per_sample}

@@ -500,3 +500,19 @@ def test_last_stats_show_what_was_measured_and_decided() -> None:
         loss.record_all(blocks, [1.0, 1.0], [value, value])
         events.append((loss.last_stats.event, loss.last_stats.sizes))
     assert events == [("start", (8, 8)), ("grow", (10, 10)), ("shrink", (5, 5))]
+
+
+def test_statistics_sent_with_another_all_reduce_decide_as_record_step() -> None:
+    """step_statistics summed elsewhere (here: cast to float32, as inside a gradient buffer)
+    and given to record_reduced take the same decisions as record_step."""
+    rng = random.Random()
+    twins = [DynamicSlicer(500, min_size=1, max_size=30, policy="loss", initial_size=4)
+             for _ in range(2)]  # fmt: skip
+    for _ in range(40):
+        blocks = [twin.next_step() for twin in twins]
+        assert blocks[0] == blocks[1]
+        samples, seconds, loss = len(blocks[0][0]), rng.uniform(0.01, 0.1), rng.uniform(1, 2)
+        twins[0].record_step(samples, seconds, loss)
+        twins[1].record_reduced(twins[1].step_statistics(samples, seconds, loss).float())
+        assert twins[0].sizes == twins[1].sizes
+        assert twins[0].last_stats.event == twins[1].last_stats.event
