@@ -170,7 +170,10 @@ class DynamicSlicer:
                 slicer.record_step(len(indices), time.perf_counter() - start, loss.item())
                 all_reduce_sum_gradients(model); optimizer.step(); optimizer.zero_grad()
 
-    `record_step` is timed before the gradient all-reduce on purpose (see there). In the last
+    `record_step` is timed before the gradient all-reduce on purpose (see there). To save its
+    collective, send `step_statistics(...)` along with the gradient all-reduce and hand the sum
+    to `record_reduced`. `last_stats` (`SlicerStats`) holds what the last step measured and
+    decided: blocks, samples/s per rank, smoothed rates, grow/shrink/rebalance/hold. In the last
     step of an epoch a rank can get an empty block (fewer samples left than ranks); it then
     contributes zero gradients and still calls `record_step` with 0 samples.
 
