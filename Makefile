@@ -1,6 +1,7 @@
 # The two commands of the README: `make test` and `make demo`. Both set up everything on a fresh
 # machine: a virtual environment in .venv with the CPU build of torch (CUDA builds are several GB
-# and useless without a GPU), the package with its extras, and the native extension.
+# and useless without a GPU), the package with its extras (test, bench, metrics: the CI runs the
+# --metrics tests, which need TensorBoard), and the native extension.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet -e ".[test,bench,metrics]"
 	touch $@
 
 build: $(VENV)/.installed

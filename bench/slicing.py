@@ -1,28 +1,34 @@
-"""Straggler benchmark: fixed vs throughput slicing, 2 CPU processes, one rank slowed 2x.
+"""Straggler benchmark: fixed vs throughput slicing on 2 CPU processes, with a straggler that
+appears mid-run and recovers.
 
 Each process trains the same 2-layer LSTM language model on its own block of every step;
 gradients are summed with torch.distributed (gloo) and every step is synchronous, so the step
-takes as long as the slowest rank. Rank 1 is slowed 2x by an injected delay per sample (equal to
-the measured compute time per sample). Scenarios, measured in the same run and interleaved in
-rounds so that load from other processes hits them alike:
+takes as long as the slowest rank. A run is a sequence of phases (`--phases`, steps each) that
+alternate between all ranks at full speed and rank 1 slowed `--slowdown` times by an injected
+delay per sample (calibrated on the measured compute time per sample). Scenarios, measured in
+the same run and interleaved step by step so that load from other processes hits them alike:
 
-- baseline: no delay, fixed slicing (equal halves of the global batch);
-- fixed: rank 1 slowed, fixed slicing: the fast rank waits for the slow one;
-- throughput: rank 1 slowed, DynamicSlicer(policy="throughput") shares the global batch by the
-  measured samples/second of each rank;
-- oracle: rank 1 slowed, a static 2 : 1 split (the best split for an exact 2x straggler).
+- fixed: equal halves of the global batch, whatever the speeds;
+- throughput: DynamicSlicer(policy="throughput") shares the global batch by the measured
+  samples/second of each rank, knowing nothing of the phases; its statistics ride along in the
+  gradient all-reduce (`step_statistics` / `record_reduced`), so it adds no collective;
+- oracle: the speed-proportional split of each phase, switched exactly at each change; the
+  speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
+  (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise).
 
-With per-rank rates r and r / 2, no slicing can beat r + r / 2 = 0.75x the baseline: the slow
-rank's lost capacity is gone. So "recovered" is reported against that balanced ideal (the
-throughput fixed slicing loses that slicing can win back) and, for reference, against the
-unslowed baseline (at most (0.75 - 0.5) / (1 - 0.5) = 50% for a 2x straggler on 2 ranks).
+Reported: samples/s per scenario over the whole run and per phase; the share of the oracle's
+gain over fixed slicing that throughput slicing achieves over the whole run (goal >= 90 %); and,
+after each speed change, how many steps the throughput slicer took until every rank's block
+stayed within 10 % of the speed-proportional split for the rest of the phase (goal <= 20), and
+how often its blocks changed once there (oscillation).
 
-    python bench/slicing.py [--rounds 8] [--steps 10] [--csv results/slicing.csv]
+    python bench/slicing.py [--rounds 3] [--phases 20,40,40] [--csv results/slicing.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import statistics
 import time
 from pathlib import Path
@@ -32,15 +38,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import LSTMLanguageModel, device_name, format_table, write_csv
 
-from fastpar.data import DynamicSlicer, FixedSlicer
+from fastpar.data import DynamicSlicer, apportion
 from fastpar.testing.distributed import run_multiprocess
 
 WORLD_SIZE = 2
 SLOW_RANK = 1
-SCENARIOS = ("baseline", "fixed", "throughput", "oracle")
+SCENARIOS = ("fixed", "throughput", "oracle")
+TOLERANCE = 0.1  # a block within 10 % of its speed-proportional size counts as balanced
 HEADERS = (
-    "device", "scenario", "rank_blocks", "step_ms", "p20_ms", "p80_ms", "samples_per_s",
-    "vs_baseline",
+    "device", "scenario", "phase", "slowdown", "rank_blocks", "step_ms", "p20_ms", "p80_ms",
+    "samples_per_s", "vs_fixed",
 )  # fmt: skip
 
 
@@ -58,8 +65,15 @@ class Trainer:
         )
         self.delay_per_sample = 0.0
 
-    def step(self, indices: list[int], global_size: int, slowed: bool) -> float:
+    def step(self, indices: list[int], global_size: int, slowdown: float,
+             slicer: DynamicSlicer | None = None) -> float:  # fmt: skip
         """Train on this rank's block; returns the compute seconds (before the all-reduce).
+        With a `slicer`, its statistics ride along in the gradient all-reduce (no collective
+        of its own) and it decides the next step's blocks.
+
+        Compute is this thread's CPU time, and the injected delay spins for CPU time too: on a
+        shared machine, time taken by other processes must not pass for a straggler, in the
+        calibration, the slicer's measurements or the oracle's split alike.
 
         The loss is summed over the block and divided by the global batch's token count, so
         the all-reduced sum of gradients is the gradient of the global batch's mean loss. The
@@ -67,88 +81,138 @@ class Trainer:
         rank's own compute, and DataParallel's backward would include the wait for the slow
         peer.
         """
-        start = time.perf_counter()
+        start = time.thread_time()
         batch = self.tokens[indices]
         logits = self.model(batch[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
         loss = loss / (global_size * (batch.shape[1] - 1))
         self.optimizer.zero_grad(set_to_none=False)
         loss.backward()
-        if slowed and self.rank == SLOW_RANK:
+        if self.rank == SLOW_RANK and slowdown != 1.0:
             # The injected straggler delay spins rather than sleeps: a slow worker still holds
             # its core, so the other rank does not run faster on a shared machine meanwhile.
-            until = time.perf_counter() + self.delay_per_sample * len(indices)
-            while time.perf_counter() < until:
+            until = time.thread_time() + (slowdown - 1) * self.delay_per_sample * len(indices)
+            while time.thread_time() < until:
                 pass
-        compute = time.perf_counter() - start
+        compute = time.thread_time() - start
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        flat = torch.cat([g.flatten() for g in grads])
+        parts = [g.flatten() for g in grads]
+        if slicer is not None:
+            parts.append(slicer.step_statistics(len(indices), compute).float())
+        flat = torch.cat(parts)
         dist.all_reduce(flat)
         offset = 0
         for grad in grads:  # the sums back into .grad
             grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
             offset += grad.numel()
+        if slicer is not None:
+            slicer.record_reduced(flat[offset:])
         self.optimizer.step()
         return compute
 
 
-def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, object]:
-    half = args.global_batch // 2
-    steps_per_run = args.warmup + args.steps
-    runs = args.rounds * steps_per_run
-    # Enough samples that no scenario reaches the end of an epoch: every step is a full one.
-    num_samples = args.global_batch * (2 * runs + args.calibrate + 1)
-    trainer = Trainer(rank, args, num_samples)
-    fixed = FixedSlicer(num_samples, num_samples // half).shard(rank, world_size)
-    blocks = iter(fixed)
+def phase_plan(phases: list[int], slowdown: float) -> list[float]:
+    """The slowdown of rank 1 at each step: phases alternate full speed and `slowdown`."""
+    return [slowdown if index % 2 else 1.0 for index, steps in enumerate(phases)
+            for _ in range(steps)]  # fmt: skip
 
-    # Calibration: compute seconds per sample without delay; both ranks use the mean, so the
-    # slow rank's delay doubles the compute time of the ranks' typical sample.
-    costs = [
-        trainer.step(next(blocks), args.global_batch, False) / half for _ in range(args.calibrate)
-    ]
-    cost = torch.tensor([statistics.median(costs[1:])], dtype=torch.float64)
+
+def phase_bounds(phases: list[int]) -> list[int]:
+    """The first step of every phase, then the number of steps."""
+    return [sum(phases[:i]) for i in range(len(phases) + 1)]
+
+
+def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str, object]:
+    plan = phase_plan(args.phases, args.slowdown)
+    bounds = phase_bounds(args.phases)
+    half = args.global_batch // 2
+    # Enough samples that no run reaches the end of an epoch: every step is a full one.
+    num_samples = args.global_batch * (len(plan) + args.calibrate + 1)
+    trainer = Trainer(rank, args, num_samples)
+
+    def block(step: int, sizes: list[int]) -> list[int]:
+        start = (step % (len(plan) + args.calibrate)) * args.global_batch + sum(sizes[:rank])
+        return list(range(start, start + sizes[rank]))
+
+    # Calibration: compute seconds per sample without delay, after a warm-up; both ranks use
+    # the mean, so a slowdown s makes the slow rank's typical sample take about s times as long.
+    costs = [trainer.step(block(i, [half] * world_size), args.global_batch, 1.0) / half
+             for i in range(args.calibrate)]  # fmt: skip
+    cost = torch.tensor([statistics.median(costs[args.calibrate // 2 :])], dtype=torch.float64)
     dist.all_reduce(cost)
     trainer.delay_per_sample = cost.item() / world_size
 
-    throughput = DynamicSlicer(
-        num_samples, min_size=2, max_size=args.global_batch - 2, global_batch=args.global_batch
-    )
-    oracle_sizes = [args.global_batch * 2 // 3, args.global_batch - args.global_batch * 2 // 3]
-    oracle_cursor = 0
-    times: dict[str, list[float]] = {name: [] for name in SCENARIOS}
-    sizes: dict[str, list[int]] = {name: [] for name in SCENARIOS}
+    # The oracle's splits: each rank's speed in each phase, measured in a fixed-slicing pass.
+    compute = [trainer.step(block(args.calibrate + step, [half] * world_size), args.global_batch,
+                            slowdown) for step, slowdown in enumerate(plan)]  # fmt: skip
+    splits = _measured_splits(compute, bounds, half, args.global_batch)
+
+    # Scenarios interleaved step by step: whatever else runs on the machine hits them alike.
+    times: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
+    sizes: dict[str, list[list[list[int]]]] = {name: [] for name in SCENARIOS}
     for _ in range(args.rounds):
+        slicer = DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
+                               global_batch=args.global_batch)  # fmt: skip
         for name in SCENARIOS:
-            dist.barrier()
-            for step in range(steps_per_run):
+            times[name].append([])
+            sizes[name].append([])
+        dist.barrier()
+        for step, slowdown in enumerate(plan):
+            # A different order each step, so no scenario always follows the same one.
+            for name in SCENARIOS[step % 3 :] + SCENARIOS[: step % 3]:
                 start = time.perf_counter()
                 if name == "throughput":
-                    step_blocks = throughput.next_step()
-                    indices = step_blocks[rank]
-                    compute = trainer.step(indices, args.global_batch, True)
-                    throughput.record_step(len(indices), compute)
+                    step_sizes = [len(b) for b in slicer.next_step()]
                 elif name == "oracle":
-                    offset = oracle_cursor + sum(oracle_sizes[:rank])
-                    indices = list(range(offset, offset + oracle_sizes[rank]))
-                    oracle_cursor += args.global_batch
-                    trainer.step(indices, args.global_batch, True)
+                    step_sizes = splits[bisect.bisect_right(bounds, step) - 1]
                 else:
-                    indices = next(blocks)
-                    trainer.step(indices, args.global_batch, name == "fixed")
-                if step >= args.warmup:
-                    times[name].append(time.perf_counter() - start)
-                    sizes[name].append(len(indices))
-    return {"times": times, "sizes": sizes, "delay": trainer.delay_per_sample}
+                    step_sizes = [half] * world_size
+                indices = block(args.calibrate + step, step_sizes)
+                trainer.step(indices, args.global_batch, slowdown,
+                             slicer if name == "throughput" else None)  # fmt: skip
+                times[name][-1].append(time.perf_counter() - start)
+                sizes[name][-1].append(step_sizes)
+    return {"times": times, "sizes": sizes, "splits": splits, "delay": trainer.delay_per_sample}
+
+
+def _measured_splits(
+    compute: list[float], bounds: list[int], half: int, global_batch: int
+) -> list[list[int]]:
+    """Per phase, the split proportional to each rank's median samples/s with equal blocks
+    (a collective): what a static split that knew every phase's speeds would use."""
+    rates = torch.zeros(len(bounds) - 1, WORLD_SIZE, dtype=torch.float64)
+    for phase in range(len(bounds) - 1):
+        rates[phase, dist.get_rank()] = half / statistics.median(
+            compute[bounds[phase] : bounds[phase + 1]]
+        )
+    dist.all_reduce(rates)
+    low, high = [1] * WORLD_SIZE, [global_batch - 1] * WORLD_SIZE
+    return [apportion(global_batch, row, low, high) for row in rates.tolist()]
+
+
+def settle_steps(blocks: list[list[int]], target: list[int]) -> tuple[int | None, int]:
+    """(steps until every block stays within TOLERANCE of `target` to the end, or None when it
+    never does; how often the blocks changed after that)."""
+    balanced = [all(abs(b - t) <= TOLERANCE * t for b, t in zip(step, target, strict=True))
+                for step in blocks]  # fmt: skip
+    settled = len(blocks)
+    while settled > 0 and balanced[settled - 1]:
+        settled -= 1
+    if settled == len(blocks):
+        return None, 0
+    changes = sum(blocks[i] != blocks[i - 1] for i in range(settled + 1, len(blocks)))
+    return settled, changes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=8, help="interleaved rounds of scenarios")
-    parser.add_argument("--steps", type=int, default=10, help="measured steps per round")
-    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps per round")
-    parser.add_argument("--calibrate", type=int, default=8, help="steps measuring compute")
-    parser.add_argument("--global-batch", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of scenarios")
+    parser.add_argument("--phases", type=lambda s: [int(x) for x in s.split(",")],
+                        default=[20, 40, 40],
+                        help="steps per phase: all at full speed, rank 1 slow, ...")  # fmt: skip
+    parser.add_argument("--slowdown", type=float, default=2.0, help="rank 1's slowdown")
+    parser.add_argument("--calibrate", type=int, default=12, help="steps measuring compute")
+    parser.add_argument("--global-batch", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--embedding", type=int, default=64)
@@ -156,42 +220,53 @@ def main() -> None:
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # as in each rank (run_multiprocess), so device_name says so
-    results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=600)
+    results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=1200)
+    plan = phase_plan(args.phases, args.slowdown)
+    bounds = phase_bounds(args.phases)
 
     # Synchronous steps: rank 0's step times are the job's.
-    rows, throughput = [], {}
+    times, sizes, split = (results[0][key] for key in ("times", "sizes", "splits"))
+    rows, rate = [], {}
     for name in SCENARIOS:
-        samples = sorted(results[0]["times"][name])
-        deciles = statistics.quantiles(samples, n=10)
-        median = statistics.median(samples)
-        throughput[name] = args.global_batch / median
-        blocks = "/".join(str(round(statistics.median(r["sizes"][name]))) for r in results)
-        rows.append(
-            [
-                device_name(),
-                name,
-                blocks,
-                median * 1e3,
-                deciles[1] * 1e3,
-                deciles[7] * 1e3,
-                throughput[name],
-                throughput[name] / throughput["baseline"],
-            ]
-        )
+        total = sum(sum(run) for run in times[name])
+        rate[name] = args.global_batch * len(plan) * args.rounds / total
+        for phase in range(-1, len(args.phases)):
+            first, last = (0, len(plan)) if phase < 0 else (bounds[phase], bounds[phase + 1])
+            samples = [t for run in times[name] for t in run[first:last]]
+            phase_sizes = [s for run in sizes[name] for s in run[first:last]]
+            q = statistics.quantiles(samples, n=10)
+            median_blocks = "/".join(
+                str(round(statistics.median(s[r] for s in phase_sizes))) for r in range(WORLD_SIZE)
+            )
+            phase_rate = args.global_batch * len(samples) / sum(samples)
+            rows.append([
+                device_name(), name, "all" if phase < 0 else phase,
+                "" if phase < 0 else plan[first], median_blocks, statistics.median(samples) * 1e3,
+                q[1] * 1e3, q[7] * 1e3, phase_rate, 0.0,
+            ])  # fmt: skip
+    fixed_rates = {row[2]: row[8] for row in rows if row[1] == "fixed"}
+    for row in rows:
+        row[9] = row[8] / fixed_rates[row[2]]
     if args.csv is not None:
         write_csv(args.csv, HEADERS, rows)
     print(format_table(HEADERS, rows))
-    fixed, dynamic = throughput["fixed"], throughput["throughput"]
-    references = {
-        "balanced ideal, 0.75x baseline (goal >= 70%)": 0.75 * throughput["baseline"],
-        "oracle 2:1 split, measured": throughput["oracle"],
-        "unslowed baseline (at most 50% on an idle machine)": throughput["baseline"],
-    }
     delay_ms = results[SLOW_RANK]["delay"] * 1e3
-    print(f"\ninjected delay on rank {SLOW_RANK}: {delay_ms:.3f} ms per sample")
-    print("share of the throughput lost by fixed slicing that throughput slicing wins back:")
-    for label, reference in references.items():
-        print(f"  vs {label}: {(dynamic - fixed) / (reference - fixed):.0%}")
+    print(f"\ncompute per sample (the delay unit on rank {SLOW_RANK}): {delay_ms:.3f} ms")
+    gain = (rate["throughput"] - rate["fixed"]) / (rate["oracle"] - rate["fixed"])
+    print(f"whole run: throughput slicing wins {gain:.0%} of the oracle's gain over fixed "
+          f"slicing (goal >= 90%)")  # fmt: skip
+    print(
+        f"after each speed change (blocks within {TOLERANCE:.0%} of the proportional split "
+        "to the end of the phase; goal <= 20 steps):"
+    )
+    for phase in range(1, len(args.phases)):
+        first, last = bounds[phase], bounds[phase + 1]
+        settled = [settle_steps(run[first:last], split[phase]) for run in sizes["throughput"]]
+        steps = ["never" if s is None else str(s) for s, _ in settled]
+        changes = [str(c) for _, c in settled]
+        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured split "
+              f"{'/'.join(map(str, split[phase]))}): settled after {', '.join(steps)} steps; "
+              f"block changes after settling: {', '.join(changes)} (per round)")  # fmt: skip
 
 
 if __name__ == "__main__":

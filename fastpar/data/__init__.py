@@ -3,13 +3,21 @@
 - `FixedSlicer`: k blocks of (almost) equal size, contiguous or shuffled per epoch; a DataLoader
   `batch_sampler`, with `shard(rank, world_size)` for the per-rank view.
 - `DynamicSlicer`: per-rank block sizes that follow measured throughput or the loss, decided
-  from statistics all-reduced across ranks so every rank agrees.
+  from statistics all-reduced across ranks so every rank agrees; `last_stats` (`SlicerStats`)
+  shows each step's measurements and decision.
 """
 
 from __future__ import annotations
 
 from fastpar.data.apportion import apportion
-from fastpar.data.dynamic import DynamicSlicer, DynamicSlicerConfig
+from fastpar.data.dynamic import DynamicSlicer, DynamicSlicerConfig, SlicerStats
 from fastpar.data.fixed import FixedShard, FixedSlicer
 
-__all__ = ["DynamicSlicer", "DynamicSlicerConfig", "FixedShard", "FixedSlicer", "apportion"]
+__all__ = [
+    "DynamicSlicer",
+    "DynamicSlicerConfig",
+    "FixedShard",
+    "FixedSlicer",
+    "SlicerStats",
+    "apportion",
+]

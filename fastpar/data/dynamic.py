@@ -10,9 +10,19 @@ with `record_step` (a collective). The measurements of all ranks are all-reduced
 sizes are computed from the reduced numbers in a fixed order, so every rank takes the same
 decision and the slicers stay identical: the state of any rank resumes all of them.
 
+`last_stats` shows what the last step measured and decided (per-rank blocks, samples/s,
+smoothed rates, grow/shrink or rebalance), read from the same reduced numbers: it costs no
+communication.
+
 Policies:
     "throughput": a fixed global batch is shared in proportion to each rank's smoothed
-        samples/second, so a slow worker gets less and nobody waits long for it.
+        samples/second, so a slow worker gets less and nobody waits long for it. Rates are
+        smoothed heavily (`rate_momentum`) so that noise does not move the blocks, but a speed
+        change is followed at once: a measurement more than `change_threshold` away from the
+        smoothed rate is set aside, and when `change_steps` of them in a row lie on the same
+        side, the smoothed rate restarts from their mean (a single outlier, e.g. a preempted
+        step, is ignored). A new split replaces the current one only when some block would
+        change by more than `rebalance_threshold`, so the blocks do not flicker.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
@@ -56,8 +66,17 @@ class DynamicSlicerConfig:
     global_batch: int | None = None
     """"throughput" only (required there): samples per step summed over ranks; it must lie
     in [world_size * min_size, world_size * max_size], checked when the world size is known."""
-    rate_momentum: float = 0.5
+    rate_momentum: float = 0.8
     """"throughput": weight of the old smoothed rate in rate <- m * rate + (1 - m) * new."""
+    change_threshold: float = 0.3
+    """"throughput": a measured rate further than this fraction from the smoothed rate is a
+    candidate speed change, not folded into the average, > 0."""
+    change_steps: int = 2
+    """"throughput": candidates in a row on the same side that restart the smoothed rate from
+    their mean, >= 1."""
+    rebalance_threshold: float = 0.05
+    """"throughput": the blocks change only when some rank's new block differs from its
+    current one by more than this fraction of it (and by more than one sample), >= 0."""
     initial_size: int | None = None
     """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
     growth: float = 1.25
@@ -89,6 +108,9 @@ class DynamicSlicerConfig:
                 "policy 'loss' uses one block size per rank"
             )
         check_float("rate_momentum", self.rate_momentum, 0.0, 1.0, high_open=True)
+        check_float("change_threshold", self.change_threshold, 0.0, math.inf, low_open=True)
+        check_int("change_steps", self.change_steps, 1)
+        check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
         if self.initial_size is not None:
             check_int("initial_size", self.initial_size, self.min_size, self.max_size)
         check_float("growth", self.growth, 1.0, math.inf)
@@ -96,6 +118,32 @@ class DynamicSlicerConfig:
         check_float("jump_threshold", self.jump_threshold, 0.0, math.inf, low_open=True)
         check_float("loss_momentum", self.loss_momentum, 0.0, 1.0, high_open=True)
         check_int("seed", self.seed, 0)
+
+
+@dataclass(frozen=True)
+class SlicerStats:
+    """What one step measured and what the slicer decided from it, indexed by rank; the same on
+    every rank (it is read from the all-reduced statistics)."""
+
+    step: int
+    """Steps recorded so far, this one included (1 for the first)."""
+    blocks: tuple[int, ...]
+    """Samples each rank reported for the step: the blocks it trained on."""
+    seconds: tuple[float, ...]
+    """Compute seconds each rank reported."""
+    samples_per_s: tuple[float, ...]
+    """blocks / seconds of this step (0.0 where a rank had no samples or no time)."""
+    rates: tuple[float, ...]
+    """"throughput": the smoothed samples/s the next sizes follow (0.0: not measured yet);
+    "loss": all 0.0."""
+    loss: float | None
+    """The step's mean loss over all ranks' samples (None when no rank gave one)."""
+    event: Literal["grow", "shrink", "rebalance", "hold", "start"]
+    """The decision: "loss" grows the block after a stable step or shrinks it after a jump
+    ("start": the first loss only sets the reference); "throughput" rebalances the blocks or
+    holds them (no block would move by more than rebalance_threshold)."""
+    sizes: tuple[int, ...]
+    """The blocks of the next full step."""
 
 
 class DynamicSlicer:
@@ -122,7 +170,10 @@ class DynamicSlicer:
                 slicer.record_step(len(indices), time.perf_counter() - start, loss.item())
                 all_reduce_sum_gradients(model); optimizer.step(); optimizer.zero_grad()
 
-    `record_step` is timed before the gradient all-reduce on purpose (see there). In the last
+    `record_step` is timed before the gradient all-reduce on purpose (see there). To save its
+    collective, send `step_statistics(...)` along with the gradient all-reduce and hand the sum
+    to `record_reduced`. `last_stats` (`SlicerStats`) holds what the last step measured and
+    decided: blocks, samples/s per rank, smoothed rates, grow/shrink/rebalance/hold. In the last
     step of an epoch a rank can get an empty block (fewer samples left than ranks); it then
     contributes zero gradients and still calls `record_step` with 0 samples.
 
@@ -165,13 +216,21 @@ class DynamicSlicer:
         self._cursor = 0
         self._steps = 0
         self._rates = [0.0] * self.world_size  # 0: not measured yet
+        self._candidates: list[list[float]] = [[] for _ in range(self.world_size)]
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
         self._last_sizes = [0] * self.world_size
         self._order = self._epoch_order()
+        self._last_stats: SlicerStats | None = None
 
     # ------------------------------------------------------------------ iteration
+
+    @property
+    def last_stats(self) -> SlicerStats | None:
+        """What the last `record_step`/`record_all` measured and decided (None before the first;
+        not part of the state dict)."""
+        return self._last_stats
 
     @property
     def epoch(self) -> int:
@@ -287,17 +346,39 @@ class DynamicSlicer:
                 after the collective); or a bad `samples`/`seconds`, raised on this rank before
                 the collective (the other ranks then wait in it until the group's timeout).
         """
+        stats = self.step_statistics(samples, seconds, loss)
+        if self.rank is not None and self.world_size > 1:
+            device = collective_device(self.group)
+            reduced = stats.to(device)
+            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
+            stats = reduced.cpu()
+        self.record_reduced(stats)
+
+    def step_statistics(
+        self, samples: int, seconds: float, loss: float | None = None
+    ) -> torch.Tensor:
+        """This rank's part of `record_step`'s collective, to send with an all-reduce that runs
+        anyway (e.g. appended to the gradients' buffer): the summed result goes to
+        `record_reduced`, on every rank, in the same step. Saves one collective per step.
+
+        Arguments: as `record_step`.
+
+        Returns:
+            (6 * W,) float64 on the CPU: zeros but for this rank's column. Every column holds
+            one rank's numbers, so a sum in float32 is exact too (sample counts and positions
+            below 2**24).
+        """
         rank = self._own_rank()
         check_int("samples", samples, 0)
         check_float("seconds", seconds, 0.0, math.inf)
         stats = torch.zeros(6, self.world_size, dtype=torch.float64)
         stats[:, rank] = torch.tensor(self._row(samples, seconds, loss), dtype=torch.float64)
-        if self.rank is not None and self.world_size > 1:
-            device = _collective_device(self.group)
-            reduced = stats.to(device)
-            dist.all_reduce(reduced, op=dist.ReduceOp.SUM, group=self.group)
-            stats = reduced.cpu()
-        self._apply(stats.tolist())
+        return stats.flatten()
+
+    def record_reduced(self, stats: torch.Tensor) -> None:
+        """Update the sizes from the sum over the group of every rank's `step_statistics`
+        (any dtype or device, any shape with 6 * W elements); raises as `record_step`."""
+        self._apply(stats.detach().to("cpu", torch.float64).reshape(6, self.world_size).tolist())
 
     def record_all(
         self,
@@ -349,13 +430,26 @@ class DynamicSlicer:
                 "call next_step and then record_step once per step"
             )
         samples, seconds = stats[_SAMPLES], stats[_SECONDS]
+        measured = [
+            n / t if n > 0 and t > 0 else 0.0 for n, t in zip(samples, seconds, strict=True)
+        ]
+        with_loss = [n if has else 0.0 for n, has in zip(samples, stats[_HAS_LOSS], strict=True)]
+        total = sum(with_loss)
+        # The global batch's mean loss: each rank's mean weighted by its samples.
+        loss = (
+            sum(value * count for value, count in zip(stats[_LOSS], with_loss, strict=True)) / total
+            if total > 0
+            else None
+        )
         if self.config.policy == "throughput":
-            momentum = self.config.rate_momentum
-            for rank in range(self.world_size):
-                if samples[rank] > 0 and seconds[rank] > 0:
-                    rate = samples[rank] / seconds[rank]
-                    old = self._rates[rank]
-                    self._rates[rank] = rate if old == 0 else momentum * old + (1 - momentum) * rate
+            for rank, rate in enumerate(measured):
+                if rate > 0:
+                    self._smooth_rate(rank, rate)
+            proposal = self._decide_sizes()
+            moved = self._moves(proposal)
+            event = "rebalance" if moved else "hold"
+            if moved:
+                self._sizes = proposal
         else:
             missing = [
                 r for r in range(self.world_size) if samples[r] > 0 and stats[_HAS_LOSS][r] == 0
@@ -365,27 +459,66 @@ class DynamicSlicer:
                     f"policy 'loss' needs the loss of every rank with samples; "
                     f"rank(s) {missing} gave none"
                 )
-            self._update_size(stats[_LOSS], samples)
+            event = self._update_size(loss)
+            self._sizes = self._decide_sizes()
         self._steps += 1
-        self._sizes = self._decide_sizes()
+        self._last_stats = SlicerStats(
+            step=self._steps,
+            blocks=tuple(int(n) for n in samples),
+            seconds=tuple(seconds),
+            samples_per_s=tuple(measured),
+            rates=tuple(self._rates)
+            if self.config.policy == "throughput"
+            else (0.0,) * len(measured),
+            loss=loss,
+            event=event,
+            sizes=tuple(self._sizes),
+        )
 
-    def _update_size(self, losses: list[float], samples: list[float]) -> None:
-        total = sum(samples)
-        if total == 0:
-            return
-        # The global batch's mean loss: each rank's mean weighted by its samples.
-        loss = sum(value * count for value, count in zip(losses, samples, strict=True)) / total
+    def _smooth_rate(self, rank: int, rate: float) -> None:
         config = self.config
+        old = self._rates[rank]
+        if old == 0:
+            self._rates[rank] = rate  # the first measurement is taken as is
+            return
+        candidates = self._candidates[rank]
+        if abs(rate - old) <= config.change_threshold * old:
+            candidates.clear()
+            self._rates[rank] = config.rate_momentum * old + (1 - config.rate_momentum) * rate
+            return
+        if candidates and (candidates[-1] > old) != (rate > old):
+            candidates.clear()  # the other side: an outlier, not the same change
+        candidates.append(rate)
+        if len(candidates) >= config.change_steps:
+            self._rates[rank] = sum(candidates) / len(candidates)
+            candidates.clear()
+
+    def _moves(self, proposal: list[int]) -> bool:
+        """Whether `proposal` moves some block by more than the rebalance threshold."""
+        threshold = self.config.rebalance_threshold
+        return any(
+            abs(new - old) > max(1.0, threshold * old)
+            for new, old in zip(proposal, self._sizes, strict=True)
+        )
+
+    def _update_size(self, loss: float | None) -> Literal["grow", "shrink", "hold", "start"]:
+        if loss is None:
+            return "hold"
+        config = self.config
+        event: Literal["grow", "shrink", "hold", "start"]
         if not math.isfinite(loss):
-            self._size *= config.shrink
+            event = "shrink"
         elif self._loss_average is None:
             self._loss_average = loss  # the first loss only sets the reference
+            return "start"
         else:
             average = self._loss_average
             jumped = loss - average > config.jump_threshold * abs(average)
-            self._size *= config.shrink if jumped else config.growth
+            event = "shrink" if jumped else "grow"
             self._loss_average = config.loss_momentum * average + (1 - config.loss_momentum) * loss
+        self._size *= config.shrink if event == "shrink" else config.growth
         self._size = min(max(self._size, float(config.min_size)), float(config.max_size))
+        return event
 
     def _decide_sizes(self) -> list[int]:
         config = self.config
@@ -421,6 +554,7 @@ class DynamicSlicer:
             "position": self._cursor,
             "steps": self._steps,
             "rates": list(self._rates),
+            "rate_candidates": [list(c) for c in self._candidates],
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -470,10 +604,13 @@ class DynamicSlicer:
             low, high = float(self.config.min_size), float(self.config.max_size)
             self._size = min(max(self._size, low), high)
             self._rates = [0.0] * self.world_size
+            self._candidates = [[] for _ in range(self.world_size)]
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
         self._rates = [float(rate) for rate in state["rates"]]
+        candidates = state.get("rate_candidates") or [[] for _ in range(self.world_size)]
+        self._candidates = [[float(rate) for rate in c] for c in candidates]
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 
@@ -519,8 +656,9 @@ def _world(group: dist.ProcessGroup | None, world_size: int | None) -> tuple[int
     return (0 if size == 1 else None), size
 
 
-def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    # NCCL reduces CUDA tensors only; gloo (and others) take CPU tensors.
+def collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    """Where a tensor must live for `group`'s collectives: NCCL reduces CUDA tensors only; gloo
+    (and others) take CPU tensors."""
     if dist.get_backend(group) == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

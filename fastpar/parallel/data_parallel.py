@@ -18,6 +18,12 @@ How a step flows:
    buckets that still miss gradients (see "unused parameters") and waits for every bucket.
    `backward()` returns after that, with every `param.grad` holding the average.
 
+Measurements: `last_stats` (`CommStats`) holds the last synchronised backward's communication,
+timed on the host as the hooks and the final wait run (no extra synchronisation): how long the
+all-reduces took from the first launch to the last completion, and how much of that was exposed,
+i.e. waited for after autograd had finished. On CUDA, `wait()` only orders the streams, so
+there the figures are host-side (launch and enqueue) times unless the caller synchronises.
+
 Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
 that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to
 None first: an optimizer step that runs anyway (the error caught) changes nothing, and no rank
@@ -80,6 +86,23 @@ class DataParallelConfig:
             check_positive(name, getattr(self, name))
 
 
+@dataclass(kw_only=True, frozen=True)
+class CommStats:
+    """One synchronised backward's gradient communication, in seconds (host clock)."""
+
+    backward_s: float = 0.0
+    """From this rank's first gradient to the end of backward (its waits included)."""
+    allreduce_s: float = 0.0
+    """From the first bucket's launch to the end of the wait for the last one."""
+    exposed_s: float = 0.0
+    """Waited for all-reduces after autograd had finished: communication backward did not hide
+    (backward time minus this is this rank's own compute)."""
+    buckets: int = 0
+    """All-reduces launched."""
+    bytes: int = 0
+    """Bytes all-reduced (gradients and "used" flags)."""
+
+
 @dataclass(eq=False)
 class _Bucket:
     index: int
@@ -140,9 +163,10 @@ class DataParallel(nn.Module):
 
     `forward` calls `module`; `backward()` on its result returns once gradients are averaged
     (each `.grad` a view into its bucket), or raises the communication error with every `.grad`
-    set to None. `no_sync()` skips communication while gradients accumulate (the next
-    synchronised backward averages the accumulated sum). `state_dict()`/`load_state_dict()` are
-    the plain module's, with no "module." prefix.
+    set to None. `last_stats` (`CommStats`) times the last synchronised backward's
+    all-reduces and the part of them left exposed. `no_sync()` skips communication while
+    gradients accumulate (the next synchronised backward averages the accumulated sum).
+    `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix.
     """
 
     def __init__(
@@ -181,9 +205,8 @@ class DataParallel(nn.Module):
         # What happened in the last backward, in order: ("grad", param index) as hooks fire,
         # ("launch", bucket index) as all-reduces start, ("end",) when backward finished.
         self.last_backward_events: list[tuple[Any, ...]] = []
-        # Seconds the last backward spent after autograd finished, waiting for all-reduces:
-        # backward time minus this is this rank's own compute (what throughput slicing needs).
-        self.last_comm_wait_s = 0.0
+        self.last_stats = CommStats()
+        self._first_grad_at = self._first_launch_at = 0.0
 
         self._check_same_parameters()
         self._broadcast_state()
@@ -336,10 +359,14 @@ class DataParallel(nn.Module):
                 return
             self._callback_queued = True
             self.last_backward_events = []
+            self._first_grad_at = time.perf_counter()
+            self._first_launch_at = 0.0
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _launch(self, bucket: _Bucket) -> None:
         self.last_backward_events.append(("launch", bucket.index))
+        if not self._first_launch_at:
+            self._first_launch_at = time.perf_counter()
         with record_range(f"fastpar.dp.allreduce.bucket{bucket.index}"):
             bucket.work = bucket.comm(bucket.buffer)
 
@@ -388,7 +415,7 @@ class DataParallel(nn.Module):
                     self._callback_queued = False
                     self._next_bucket = 0
                     self._some_unused = False
-                self.last_comm_wait_s = time.perf_counter() - started
+                self._record_stats(started)
                 for bucket in self._buckets:
                     bucket.work = None
                     bucket.pending = len(bucket.params)
@@ -400,6 +427,23 @@ class DataParallel(nn.Module):
                 "to None (an optimizer step changes nothing)"
             )
             raise error
+
+    def _record_stats(self, autograd_done: float) -> None:
+        now = time.perf_counter()
+        launched = [bucket for bucket in self._buckets if bucket.work is not None]
+        self.last_stats = CommStats(
+            backward_s=now - self._first_grad_at,
+            allreduce_s=now - self._first_launch_at if self._first_launch_at else 0.0,
+            exposed_s=now - autograd_done,
+            buckets=len(launched),
+            bytes=sum(b.buffer.numel() * b.buffer.element_size() for b in launched),
+        )
+
+    @property
+    def last_comm_wait_s(self) -> float:
+        """Seconds the last backward waited for all-reduces after autograd finished (the same as
+        `last_stats.exposed_s`)."""
+        return self.last_stats.exposed_s
 
     @torch.no_grad()
     def _scale_and_expose(self) -> None:

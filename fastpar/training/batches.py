@@ -13,6 +13,24 @@ from fastpar.training.config import TrainConfig
 from fastpar.training.parallel_dims import RankPlace
 
 
+def dynamic_options(config: TrainConfig, replicas: int) -> dict[str, Any]:
+    """The DynamicSlicer options of `--slicing throughput|loss` with `replicas` replicas: blocks
+    between a quarter and twice --batch-size; "throughput" shares --batch-size x replicas,
+    "loss" starts every replica at --batch-size."""
+    options: dict[str, Any] = {
+        "min_size": max(1, config.batch_size // 4),
+        "max_size": config.batch_size * 2,
+        "shuffle": True,
+        "seed": config.seed,
+        "policy": config.slicing,
+    }
+    if config.slicing == "throughput":
+        options["global_batch"] = config.batch_size * replicas
+    else:
+        options["initial_size"] = config.batch_size
+    return options
+
+
 class PositionError(ValueError):
     """A recorded data position does not fit this run (another seed, slicing or batch size)."""
 
@@ -43,19 +61,8 @@ class Batches:
             self.fixed = FixedSlicer(num_samples, self.num_blocks, drop_last=True, shuffle=True,
                                      seed=config.seed)  # fmt: skip
         else:
-            options: dict[str, Any] = {
-                "min_size": max(1, config.batch_size // 4),
-                "max_size": config.batch_size * 2,
-                "shuffle": True,
-                "seed": config.seed,
-                "policy": config.slicing,
-            }
-            if config.slicing == "throughput":
-                options["global_batch"] = config.batch_size * replicas
-            else:
-                options["initial_size"] = config.batch_size
             self.dynamic = DynamicSlicer(num_samples, group=place.dp_group, world_size=replicas,
-                                         **options)  # fmt: skip
+                                         **dynamic_options(config, replicas))  # fmt: skip
 
     def next(self) -> tuple[list[int], int]:
         """(this replica's sample indices, the step's global sample count); advances."""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from fastpar.training.config import (
     BackendName,
+    CellName,
     CommName,
     ParallelMode,
     ScheduleName,
@@ -37,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
     add("--comm", choices=get_args(CommName), default=d.comm, help="gradient all-reduce")
     add("--backend", choices=get_args(BackendName), default=d.backend, help="LSTM kernels")
+    add("--cell", choices=get_args(CellName), default=d.cell, help="recurrent cell per layer")
     add("--embed", type=int, default=d.embed, help="embedding size")
     add("--hidden", type=int, default=d.hidden, help="LSTM hidden size")
     add("--layers", type=int, default=d.layers, help="LSTM layers")
@@ -56,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start anew in a --checkpoint-dir holding checkpoints, deleting them")  # fmt: skip
     add("--profile", dest="profile_dir", type=Path, default=None,
         help="write a torch.profiler Chrome trace per rank into this folder")  # fmt: skip
+    add("--metrics", dest="metrics_dir", type=Path, default=None,
+        help="write TensorBoard events, CSV and a PNG of the run into this folder")  # fmt: skip
     add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
     add("--seed", type=int, default=d.seed)
     add("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
@@ -71,7 +75,11 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         config = TrainConfig(**values)
         if not _under_torchrun():
             config.layout(config.nproc)  # torchrun's world size is checked by the ranks
-    except (ValueError, TypeError) as error:
+        if config.metrics_dir is not None:
+            from fastpar.training.metrics_files import check_metrics_available
+
+            check_metrics_available()
+    except (ValueError, TypeError, ImportError) as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
     return config
@@ -156,6 +164,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(f"steps: {summary['steps']}")
     print(f"validation loss: {summary['validation_loss']:.4f} (nats per byte)")
     print(f"throughput: {summary['tokens_per_s']:,.0f} tokens/s")
+    if "metrics" in summary:
+        metrics = summary["metrics"]
+        share = metrics["cost_s"] / metrics["run_s"] if metrics["run_s"] > 0 else 0.0
+        print(
+            f"metrics: {metrics['plot'].parent} (recording and writing took "
+            f"{metrics['cost_s'] * 1e3:,.0f} ms, {share:.2%} of the run; plot "
+            f"{metrics['plot'].name})"
+        )
     print("sample:")
     print(summary["sample"])
 

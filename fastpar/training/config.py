@@ -17,6 +17,7 @@ ScheduleName = Literal["gpipe", "1f1b"]
 CommName = Literal["ring", "torch"]
 # fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
 BackendName = Literal["auto", "triton", "torch", "reference"]
+CellName = Literal["lstm", "gru", "rnn"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -38,6 +39,8 @@ class TrainConfig:
     """Gradient all-reduce: fastpar's ring or torch.distributed."""
     backend: BackendName = "auto"
     """LSTM backend."""
+    cell: CellName = "lstm"
+    """Recurrent cell of every layer: LSTM, GRU or Elman RNN (tanh)."""
     embed: int = 48
     hidden: int = 128
     layers: int = 2
@@ -61,6 +64,9 @@ class TrainConfig:
     overwrite: bool = False
     """Start a new run in a checkpoint_dir that holds checkpoints, deleting them."""
     profile_dir: Path | None = None
+    metrics_dir: Path | None = None
+    """Write TensorBoard events, CSV and an end-of-run PNG of every rank's step metrics here
+    (None: nothing is written)."""
     sample_bytes: int = 240
     seed: int = 0
     timeout_s: float = 120.0
@@ -75,7 +81,7 @@ class TrainConfig:
             check_int(_flag(name), getattr(self, name), 1)
         check_int("--sample-bytes", self.sample_bytes, 0)
         check_int("--seed", self.seed, 0)
-        for name in ("parallel", "schedule", "comm", "backend", "slicing"):
+        for name in ("parallel", "schedule", "comm", "backend", "cell", "slicing"):
             choices = get_args(_FIELD_TYPES[name])
             check_choice(_flag(name), getattr(self, name), choices)
         check_positive("--lr", self.lr)
@@ -119,5 +125,6 @@ _FIELD_TYPES = {
     "schedule": ScheduleName,
     "comm": CommName,
     "backend": BackendName,
+    "cell": CellName,
     "slicing": SlicingMode,
 }

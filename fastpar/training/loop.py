@@ -1,37 +1,41 @@
 """One rank of `fastpar train`, in named steps: place the rank in the layout (`ParallelDims`),
 build and wrap its stage (`build_stage`), return to a checkpoint (`restore`), train
-(`run_steps`, which checkpoints), and on rank 0 assemble the model and report validation loss,
-throughput and a generated sample.
+(`run_steps`, which checkpoints and records every step's metrics), and on rank 0 assemble the
+model and report validation loss, throughput and a generated sample.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fastpar.parallel import DataParallel, Pipeline
+from fastpar.parallel.data_parallel import CommStats
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found
 from fastpar.training.config import TrainConfig
-from fastpar.training.corpus import VOCAB_SIZE, load_corpus, num_windows, windows
+from fastpar.training.corpus import VOCAB_SIZE, Corpus, load_corpus, num_windows, windows
+from fastpar.training.faults import KILL_ENV, maybe_die, maybe_noise, maybe_straggle
+from fastpar.training.metrics import Decision, StepMetrics, progress_notes
 from fastpar.training.model import build_model, generate, stage_bounds
 from fastpar.training.parallel_dims import RankPlace
 from fastpar.training.state import restore, save_checkpoint
 
-# Fault injection for the tests: "RANK:STEP" makes that rank kill itself at that step.
-KILL_ENV = "FASTPAR_TEST_KILL_AT"
+if TYPE_CHECKING:
+    from fastpar.training.metrics_files import MetricsWriter
+
+__all__ = ["KILL_ENV", "Stage", "build_stage", "run_steps", "train_rank"]
 
 
 def _device() -> torch.device:
@@ -47,14 +51,15 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class _Progress:
-    """A one-line progress display on rank 0: step, loss, tokens/s, ETA."""
+    """A one-line progress display on rank 0: step, loss, tokens/s, ETA, and the layout's notes
+    (blocks, exposed communication, bubble; see `metrics.progress_notes`)."""
 
     def __init__(self, total: int, first: int, enabled: bool) -> None:
         self.total, self.first, self.enabled = total, first, enabled
         self.start = time.perf_counter()
         self.tty = sys.stdout.isatty()
 
-    def update(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def update(self, step: int, loss: float, tokens_per_s: float, notes: str) -> None:
         if not self.enabled:
             return
         done = step + 1 - self.first
@@ -63,7 +68,8 @@ class _Progress:
         width = 24
         filled = int(width * (step + 1) / self.total)
         line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step + 1}/{self.total}  "
-                f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  ETA {eta:4.0f}s")  # fmt: skip
+                f"loss {loss:.3f}  {tokens_per_s:,.0f} tok/s  {notes + '  ' if notes else ''}"
+                f"ETA {eta:4.0f}s")  # fmt: skip
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", flush=True)
 
     def close(self) -> None:
@@ -91,22 +97,6 @@ def _profiler(config: TrainConfig, rank: int) -> Iterator[Any]:
         yield prof
 
 
-def _maybe_die(rank: int, step: int) -> None:
-    target = os.environ.get(KILL_ENV)
-    # Once per job: a run that torchrun restarted must get past the step that killed it.
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    if target and target == f"{rank}:{step}" and first_attempt:
-        os.kill(os.getpid(), 9)
-
-
-def _global_mean(values: list[float], counts: list[int]) -> float:
-    """Mean of per-step losses over the ranks that have them (the last stages), a collective."""
-    total = torch.tensor([sum(v * c for v, c in zip(values, counts, strict=True)),
-                          float(sum(counts))], dtype=torch.float64)  # fmt: skip
-    dist.all_reduce(total)
-    return (total[0] / total[1]).item() if total[1] > 0 else math.nan
-
-
 @dataclass(eq=False)
 class Stage:
     """This rank's part of the model and what trains it."""
@@ -122,8 +112,12 @@ class Stage:
 def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> Stage:
     """The seeded model, cut to this rank's stage and wrapped for its replicas and pipeline
     (collective over the data-parallel and pipeline groups)."""
+    # The cell is passed only when it is not the default, so a model builder that predates the
+    # `cell` keyword still builds the LSTM model.
+    cell = {} if config.cell == "lstm" else {"cell": config.cell}
     model = build_model(vocab=VOCAB_SIZE, embed=config.embed, hidden=config.hidden,
-                        layers=config.layers, backend=config.backend, seed=config.seed)  # fmt: skip
+                        layers=config.layers, backend=config.backend, seed=config.seed,
+                        **cell)  # fmt: skip
     model.to(device)
     start, end = stage_bounds(len(model), place.dims.pp)[place.stage]
     # Full-model names ("2.module.weight_ih_l0"): a checkpoint does not depend on the layout.
@@ -163,43 +157,74 @@ def _train_step(
     return value
 
 
+def _row(stage: Stage, loss: float | None, samples: int, global_samples: int,
+         elapsed: float) -> dict[str, float]:  # fmt: skip
+    """This rank's metrics of the step just trained (host-clock times the executors kept)."""
+    comm = stage.dp.last_stats if stage.dp is not None else CommStats()
+    row = {"loss": float("nan") if loss is None else loss, "samples": samples,
+           "global_samples": global_samples, "step_s": elapsed, "allreduce_s": comm.allreduce_s,
+           "exposed_s": comm.exposed_s, "forward_s": 0.0, "backward_s": 0.0, "bubble": 0.0,
+           # This rank's own compute: the step without the wait for the other replicas.
+           "compute_s": elapsed - comm.exposed_s}  # fmt: skip
+    if stage.pipe is not None:
+        pipe = stage.pipe.last_stats
+        row.update(forward_s=pipe.forward_s, backward_s=pipe.backward_s, bubble=pipe.bubble,
+                   compute_s=pipe.compute_s)  # fmt: skip
+    return row
+
+
 def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batches,
-              text: torch.Tensor, first_step: int) -> float:  # fmt: skip
-    """Steps first_step .. config.steps - 1, with progress and checkpoints; returns tokens/s."""
+              corpus: Corpus, first_step: int,
+              writer: MetricsWriter | None = None) -> tuple[float, StepMetrics]:  # fmt: skip
+    """Steps first_step .. config.steps - 1, with progress, metrics and checkpoints.
+
+    Returns:
+        (tokens/s, this rank's recorder, which counts the time its recording took).
+    """
     device = next(stage.module.parameters()).device
     progress = _Progress(config.steps, first_step, enabled=place.rank == 0)
-    window_losses: list[float] = []
-    window_counts: list[int] = []
+    metrics = StepMetrics(place)
     tokens_seen = 0
     run_start = time.perf_counter()
     with _profiler(config, place.rank) as prof:
         for step in range(first_step, config.steps):
-            _maybe_die(place.rank, step)
+            maybe_die(place.rank, step)
             step_start = time.perf_counter()
             with record_range("fastpar.train.step"):
                 indices, global_samples = batches.next()
-                inputs, targets = windows(text, indices, config.seq_len)
+                inputs, targets = windows(corpus.train, indices, config.seq_len)
+                inputs, targets = maybe_noise(step, inputs, targets, VOCAB_SIZE, config.seed)
+                maybe_straggle(place.rank, step, len(indices))
                 share = len(indices) * place.dims.dp / global_samples
                 loss = _train_step(stage, place, inputs.to(device), targets.to(device), share)
+            row = _row(stage, loss, len(indices), global_samples,
+                       time.perf_counter() - step_start)  # fmt: skip
+            decision = None
             if batches.dynamic is not None:
-                elapsed = time.perf_counter() - step_start
-                compute_s = elapsed - (stage.dp.last_comm_wait_s if stage.dp is not None else 0.0)
-                batches.dynamic.record_step(len(indices), compute_s, loss=loss)
+                blocks = tuple(batches.dynamic.last_sizes)
+                batches.dynamic.record_step(len(indices), row["compute_s"], loss=loss)
+                decision = Decision(blocks, batches.dynamic.last_stats)
+            metrics.record(step, row, decision)
             if prof is not None:
                 prof.step()
             tokens_seen += global_samples * config.seq_len
-            if loss is not None:
-                window_losses.append(loss)
-                window_counts.append(len(indices))
             if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-                mean = _global_mean(window_losses, window_counts)
-                progress.update(step, mean, tokens_seen / (time.perf_counter() - run_start))
-                window_losses, window_counts = [], []
+                window = metrics.gather()
+                if window is not None:
+                    rate = tokens_seen / (time.perf_counter() - run_start)
+                    progress.update(step, window.mean_loss(), rate, progress_notes(window, place))
+                    if writer is not None:
+                        writer.write(window)
             if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
                 save_checkpoint(config, step + 1, place, stage.module, stage.optimizer, batches)
+                if writer is not None and place.dims.pp == 1 and step + 1 < config.steps:
+                    # Rank 0 holds the whole model: a validation point between checkpoints
+                    # (the last one comes from the summary).
+                    loss_v = validation_loss(config, stage.model, corpus.validation)
+                    writer.write_validation(step + 1, loss_v)
     progress.close()
     elapsed_run = time.perf_counter() - run_start
-    return tokens_seen / elapsed_run if elapsed_run > 0 else 0.0
+    return (tokens_seen / elapsed_run if elapsed_run > 0 else 0.0), metrics
 
 
 def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, Any] | None:
@@ -211,25 +236,42 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
             the same on every rank); None starts at step 0.
 
     Returns:
-        On rank 0 a summary (validation loss, tokens/s, sample text, steps); None elsewhere.
+        On rank 0 a summary (validation loss, tokens/s, sample text, steps, and with
+        `metrics_dir` the metrics' files and cost); None elsewhere.
     """
     dims = config.layout(dist.get_world_size())
     place = dims.build(dist.get_rank(), config.timeout_s)
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, _device())
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
+    writer = None
     try:
         first_step = 0
         if resume is not None:
             first_step = restore(config, resume, stage.module, stage.optimizer, batches)
-        tokens_per_s = run_steps(config, place, stage, batches, corpus.train, first_step)
+        if config.metrics_dir is not None and place.rank == 0:
+            from fastpar.training.metrics_files import MetricsWriter
+
+            title = (f"fastpar train --parallel {config.parallel} --slicing {config.slicing}, "
+                     f"{dims.dp} replica(s) x {dims.pp} stage(s)")  # fmt: skip
+            writer = MetricsWriter(config.metrics_dir, dims, config.seq_len, title,
+                                   append=first_step > 0)  # fmt: skip
+        run_start = time.perf_counter()
+        tokens_per_s, metrics = run_steps(config, place, stage, batches, corpus, first_step,
+                                            writer)  # fmt: skip
+        run_s = time.perf_counter() - run_start
         model = _assemble_on_rank0(place, stage)
     finally:
         if stage.dp is not None:
             stage.dp.close()
     if model is None:
         return None
-    return _summarize(config, model, corpus.validation, tokens_per_s, first_step)
+    summary = _summarize(config, model, corpus.validation, tokens_per_s, first_step)
+    if writer is not None:
+        writer.write_validation(config.steps, summary["validation_loss"])
+        summary["metrics"] = {"cost_s": metrics.cost_s + writer.cost_s, "run_s": run_s,
+                              "gather_s": metrics.gather_s, "plot": writer.close()}  # fmt: skip
+    return summary
 
 
 def _assemble_on_rank0(place: RankPlace, stage: Stage) -> nn.Sequential | None:
@@ -245,20 +287,33 @@ def _assemble_on_rank0(place: RankPlace, stage: Stage) -> nn.Sequential | None:
 
 
 @torch.no_grad()
-def _summarize(config: TrainConfig, model: nn.Sequential, validation: torch.Tensor,
-               tokens_per_s: float, first_step: int) -> dict[str, Any]:  # fmt: skip
+def validation_loss(config: TrainConfig, model: nn.Module, validation: torch.Tensor) -> float:
+    """Mean loss of the whole model over the first `validation_batches` batches of the
+    validation text (the model is left in the mode it was in)."""
+    device = next(model.parameters()).device
+    was_training = model.training
     model.eval()
     count = num_windows(validation, config.seq_len)
     batches = min(config.validation_batches, max(1, count // config.batch_size))
     losses = []
-    for b in range(batches):
-        indices = list(range(b * config.batch_size, min((b + 1) * config.batch_size, count)))
-        inputs, targets = windows(validation, indices, config.seq_len)
-        losses.append(_cross_entropy(model(inputs), targets).item())
+    try:
+        for b in range(batches):
+            indices = list(range(b * config.batch_size, min((b + 1) * config.batch_size, count)))
+            inputs, targets = windows(validation, indices, config.seq_len)
+            logits = model(inputs.to(device))
+            losses.append(_cross_entropy(logits, targets.to(device)).item())
+    finally:
+        model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _summarize(config: TrainConfig, model: nn.Sequential, validation: torch.Tensor,
+               tokens_per_s: float, first_step: int) -> dict[str, Any]:  # fmt: skip
     prompt = b"def "
     sample = generate(model, prompt, config.sample_bytes, config.seq_len, seed=config.seed)
     return {
-        "validation_loss": sum(losses) / len(losses),
+        "validation_loss": validation_loss(config, model, validation),
         "tokens_per_s": tokens_per_s,
         "sample": (prompt + sample).decode("utf-8", errors="replace"),
         "steps": config.steps,

@@ -168,15 +168,26 @@ def test_throughput_gives_the_slow_rank_a_smaller_share() -> None:
     assert capped.sizes == [30, 18, 12]
 
 
-def test_throughput_rates_are_smoothed() -> None:
-    slicer = DynamicSlicer(
-        1_000, min_size=1, max_size=99, global_batch=100, world_size=2, rate_momentum=0.5
-    )
-    slicer.next_step()
-    slicer.record_all([50, 50], [1.0, 1.0])  # rates 50, 50 (the first measurement is taken as is)
-    slicer.next_step()
-    slicer.record_all([50, 50], [0.5, 1.0])  # rank 0: 0.5 * 50 + 0.5 * 100 = 75; rank 1: 50
-    assert slicer.sizes == [60, 40]
+def test_throughput_rates_are_smoothed_and_follow_a_confirmed_change() -> None:
+    slicer = DynamicSlicer(1_000, min_size=1, max_size=99, global_batch=100, world_size=2,
+                           rate_momentum=0.5, rebalance_threshold=0.0)  # fmt: skip
+
+    def step(seconds: list[float]) -> list[int]:
+        blocks = [len(b) for b in slicer.next_step()]
+        slicer.record_all(blocks, [s * n / 50 for s, n in zip(seconds, blocks, strict=True)])
+        return slicer.sizes
+
+    # Rates 50, 50 (the first measurement is taken as is); then rank 0 measures 60/s, within
+    # change_threshold 0.3: smoothed to 0.5 * 50 + 0.5 * 60 = 55, shares 55 : 50.
+    assert step([1.0, 1.0]) == [50, 50]
+    assert step([50 / 60, 1.0]) == [52, 48]
+    # One outlier (rank 1 at 10/s, -80 %) is set aside, and the next normal step drops it.
+    assert step([50 / 55, 5.0]) == [52, 48]
+    assert step([50 / 55, 1.0]) == [52, 48]
+    # Rank 1 at 25/s twice in a row on the same side: a real change, the rate restarts at 25
+    # (after the first, it is only a candidate): shares 55 : 25.
+    assert step([50 / 55, 2.0]) == [52, 48]
+    assert step([50 / 55, 2.0]) == [69, 31]
 
 
 def test_loss_policy_grows_while_stable_and_shrinks_on_a_jump() -> None:
@@ -279,6 +290,12 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
          r"initial_size must be an integer in \[1, 4\], got 5"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "rate_momentum": 1.0}, ValueError,
          r"rate_momentum must be a finite number in \[0.0, 1.0\)"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "change_threshold": 0}, ValueError,
+         r"change_threshold must be a finite number in \(0.0, inf\]"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "change_steps": True}, TypeError,
+         r"change_steps must be an integer, got bool True"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "rebalance_threshold": -0.1},
+         ValueError, r"rebalance_threshold must be a finite number in \[0.0, inf\]"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
     ],
 )  # fmt: skip
@@ -412,3 +429,90 @@ def test_ranks_agree_and_match_a_one_process_replay() -> None:
     assert throughput_sizes[-1][0] > throughput_sizes[-1][1] > throughput_sizes[-1][2], seed
     for result in results:
         assert "different (epoch, position) pairs" in result["desync"]
+
+
+# ---------------------------------------------------------------------------- changing speeds
+
+SETTLE_STEPS = 4
+"""Steps the throughput policy (default options) may take after a speed change before every
+block stays within 10 % of the speed-proportional split (it needs change_steps = 2 to confirm
+the change, plus one at most to cut the next step with the new rates)."""
+
+
+def _proportional(global_batch: int, costs: list[float]) -> list[float]:
+    """The real-valued blocks proportional to each rank's speed (1 / cost per sample)."""
+    speeds = [1.0 / c for c in costs]
+    return [global_batch * s / sum(speeds) for s in speeds]
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_throughput_follows_a_straggler_that_comes_and_goes(run: int) -> None:
+    """Rank 2 slows down 2x mid-run and later recovers; measured times carry +-10 % noise.
+    After each change the blocks reach the proportional split within SETTLE_STEPS steps and
+    stay there (no oscillation: at most a few one-off adjustments, all inside the band)."""
+    rng = random.Random()  # fresh noise every run
+    phases = [(30, [1.0, 1.0, 1.0]), (40, [1.0, 1.0, 2.0]), (40, [1.0, 1.0, 1.0])]
+    slicer = DynamicSlicer(100_000, min_size=2, max_size=60, global_batch=60, world_size=3)
+    for length, costs in phases:
+        ideal = _proportional(60, costs)
+        sizes = []
+        for _ in range(length):
+            step = slicer.next_step()
+            samples = [len(block) for block in step]
+            sizes.append(samples)
+            seconds = [
+                n * 1e-3 * c * rng.uniform(0.9, 1.1) for n, c in zip(samples, costs, strict=True)
+            ]
+            slicer.record_all(samples, seconds)
+        balanced = [
+            all(abs(n - i) <= 0.1 * i for n, i in zip(s, ideal, strict=True)) for s in sizes
+        ]
+        assert all(balanced[SETTLE_STEPS:]), (costs, sizes)
+        changes = sum(
+            a != b for a, b in zip(sizes[SETTLE_STEPS:-1], sizes[SETTLE_STEPS + 1 :], strict=True)
+        )
+        assert changes <= 3, (costs, sizes)
+
+
+def test_last_stats_show_what_was_measured_and_decided() -> None:
+    slicer = DynamicSlicer(1_000, min_size=1, max_size=99, global_batch=100, world_size=2)
+    assert slicer.last_stats is None
+    blocks = [len(b) for b in slicer.next_step()]
+    slicer.record_all(blocks, [0.5, 1.0], [2.0, 4.0])
+    stats = slicer.last_stats
+    assert stats is not None
+    assert (stats.step, stats.blocks, stats.seconds) == (1, (50, 50), (0.5, 1.0))
+    assert stats.samples_per_s == (100.0, 50.0) == stats.rates  # the first rates as measured
+    assert stats.loss == 3.0 and stats.event == "rebalance"
+    assert list(stats.sizes) == slicer.sizes == [67, 33]
+    blocks = [len(b) for b in slicer.next_step()]
+    assert blocks == [67, 33]
+    slicer.record_all(blocks, [0.67, 0.66])  # the same speeds: nothing moves
+    stats = slicer.last_stats
+    assert stats.blocks == (67, 33) and stats.event == "hold" and stats.loss is None
+    assert stats.sizes == (67, 33)
+
+    loss = DynamicSlicer(1_000, min_size=2, max_size=40, policy="loss", world_size=2,
+                         initial_size=8, jump_threshold=0.5)  # fmt: skip
+    events = []
+    for value in (1.0, 1.0, 3.0):
+        blocks = [len(b) for b in loss.next_step()]
+        loss.record_all(blocks, [1.0, 1.0], [value, value])
+        events.append((loss.last_stats.event, loss.last_stats.sizes))
+    assert events == [("start", (8, 8)), ("grow", (10, 10)), ("shrink", (5, 5))]
+
+
+def test_statistics_sent_with_another_all_reduce_decide_as_record_step() -> None:
+    """step_statistics summed elsewhere (here: cast to float32, as inside a gradient buffer)
+    and given to record_reduced take the same decisions as record_step."""
+    rng = random.Random()
+    twins = [DynamicSlicer(500, min_size=1, max_size=30, policy="loss", initial_size=4)
+             for _ in range(2)]  # fmt: skip
+    for _ in range(40):
+        blocks = [twin.next_step() for twin in twins]
+        assert blocks[0] == blocks[1]
+        samples, seconds, loss = len(blocks[0][0]), rng.uniform(0.01, 0.1), rng.uniform(1, 2)
+        twins[0].record_step(samples, seconds, loss)
+        twins[1].record_reduced(twins[1].step_statistics(samples, seconds, loss).float())
+        assert twins[0].sizes == twins[1].sizes
+        assert twins[0].last_stats.event == twins[1].last_stats.event

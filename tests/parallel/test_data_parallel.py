@@ -174,8 +174,23 @@ def _record_overlap(rank: int, world_size: int) -> list[tuple]:
             assert p.grad.untyped_storage().data_ptr() in buckets, f"{name}: not a bucket view"
     events = list(dp.last_backward_events)
     assert len(dp.bucket_sizes) >= 3, dp.bucket_sizes
+    _check_comm_stats(dp, model)
     dp.close()
     return events
+
+
+def _check_comm_stats(dp: DataParallel, model: nn.Module) -> None:
+    """`last_stats` counts every bucket and byte the backward all-reduced, and its times nest:
+    the exposed wait is part of the all-reduce span, which is part of backward."""
+    stats = dp.last_stats
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert stats.buckets == len(dp.bucket_sizes)
+    assert stats.bytes == sum((p.numel() + 1) * p.element_size() for p in params)
+    assert 0 < stats.exposed_s <= stats.allreduce_s <= stats.backward_s
+    assert dp.last_comm_wait_s == stats.exposed_s
+    with dp.no_sync():  # nothing is all-reduced, nothing is recorded
+        _loss(dp, "lm", *_batch("lm", 0, 1), 0, 1).backward()
+    assert dp.last_stats == stats
 
 
 def test_first_bucket_is_launched_before_backward_ends() -> None:

@@ -46,7 +46,7 @@ def _resume_check_and_train(
     assert batches.state_dict() == found.manifest["data"]
     before = [p.detach().clone() for p in stage.module.parameters()]
     dist.barrier()
-    run_steps(config, place, stage, batches, corpus.train, step)
+    run_steps(config, place, stage, batches, corpus, step)
     if stage.dp is not None:
         stage.dp.close()
     moved = any(
@@ -78,7 +78,7 @@ def _train_from_scratch(rank: int, world_size: int, config: TrainConfig) -> None
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, torch.device("cpu"))
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
-    run_steps(config, place, stage, batches, corpus.train, 0)
+    run_steps(config, place, stage, batches, corpus, 0)
     if stage.dp is not None:
         stage.dp.close()
 

@@ -97,6 +97,7 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
     [
         (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
         (["--parallel", "mesh"], "argument --parallel: invalid choice: 'mesh'"),
+        (["--cell", "lstmx"], "argument --cell: invalid choice: 'lstmx'"),
         (["--parallel", "pp", "--slicing", "loss"], "--slicing loss adapts data-parallel"),
         (["--parallel", "dp+pp", "--nproc", "3"], "multiple of --pp-stages 2"),
         (["--parallel", "pp", "--nproc", "1"], "--parallel pp needs at least 2 ranks, got 1"),
