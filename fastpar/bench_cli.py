@@ -40,7 +40,8 @@ SUITES: dict[str, Suite] = {
                 "bars", "schedule/library/transport", ("step_ms",), ylabel="ms"),
     "reduce": Suite("reduce.py", "k-input reduction bandwidth", "bars", "dtype/size_MB/inputs",
                     ("fastpar_GBps", "stack_sum_GBps", "add_chain_GBps"), ylabel="GB/s"),
-    "slicing": Suite("slicing.py", "straggler: samples/s by slicing", "bars", "scenario",
+    "slicing": Suite("slicing.py", "straggler that comes and goes: samples/s by slicing",
+                     "bars", "scenario/phase",
                      ("samples_per_s",), ylabel="samples/s"),
 }  # fmt: skip
 GROUPS = {"all": ("reduce", "allreduce", "dp", "pp", "slicing", "lstm")}

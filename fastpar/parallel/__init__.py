@@ -2,7 +2,7 @@
 model parallelism (consecutive stages on different ranks, fed with micro-batches)."""
 
 from fastpar.parallel import pipeline
-from fastpar.parallel.data_parallel import DataParallel, DataParallelConfig
+from fastpar.parallel.data_parallel import CommStats, DataParallel, DataParallelConfig
 from fastpar.parallel.pipeline import *  # noqa: F403  (the names in pipeline.__all__)
 
-__all__ = ["DataParallel", "DataParallelConfig", *pipeline.__all__]
+__all__ = ["CommStats", "DataParallel", "DataParallelConfig", *pipeline.__all__]

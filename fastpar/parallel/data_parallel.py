@@ -44,8 +44,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import Any, Literal, get_args
 
@@ -76,14 +76,17 @@ class DataParallelConfig:
     first_bucket_mb: float = 1.0
     """Size of the first bucket (the last layers' gradients), small so communication starts
     as early as possible in backward."""
-    timeout_s: float = 300.0
-    """How long the ring waits for a peer before backward raises (torch.distributed's
-    collectives are bounded by the process group's timeout instead)."""
+    timeout_s: float | None = None
+    """How long the ring waits for a peer before backward raises; None: the group's own
+    timeout (given to init_process_group / new_group), which also bounds torch.distributed's
+    collectives."""
 
     def __post_init__(self) -> None:
         check_choice("comm", self.comm, get_args(CommChoice))
-        for name in ("bucket_cap_mb", "first_bucket_mb", "timeout_s"):
+        for name in ("bucket_cap_mb", "first_bucket_mb"):
             check_positive(name, getattr(self, name))
+        if self.timeout_s is not None:
+            check_positive("timeout_s", self.timeout_s)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -101,6 +104,13 @@ class CommStats:
     """All-reduces launched."""
     bytes: int = 0
     """Bytes all-reduced (gradients and "used" flags)."""
+
+    @classmethod
+    def total(cls, stats: Iterable[CommStats]) -> CommStats:
+        """Several backwards' communication added up (a rank with one DataParallel per
+        pipeline chunk); all zeros for none."""
+        rows = list(stats)
+        return cls(**{f.name: sum(getattr(row, f.name) for row in rows) for f in fields(cls)})
 
 
 @dataclass(eq=False)
@@ -158,8 +168,8 @@ class DataParallel(nn.Module):
         comm: "auto", "ring" or "torch" (see `DataParallelConfig`).
         bucket_cap_mb: gradient bucket size in MiB.
         first_bucket_mb: size of the first bucket in MiB.
-        timeout: how long the ring waits for a peer (timedelta or seconds) before backward
-            raises naming it.
+        timeout: how long the ring waits for a peer (timedelta or seconds; None: the group's
+            own timeout) before backward raises naming it.
 
     `forward` calls `module`; `backward()` on its result returns once gradients are averaged
     (each `.grad` a view into its bucket), or raises the communication error with every `.grad`
@@ -177,7 +187,7 @@ class DataParallel(nn.Module):
         comm: CommChoice = "auto",
         bucket_cap_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
-        timeout: timedelta | float = 300.0,
+        timeout: timedelta | float | None = None,
     ) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):

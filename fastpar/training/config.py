@@ -13,7 +13,8 @@ if TYPE_CHECKING:  # the command line parses options without importing torch
 
 ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
-ScheduleName = Literal["gpipe", "1f1b"]
+# fastpar.parallel.SCHEDULES, kept literal so that reading a config imports no torch.
+ScheduleName = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv"]
 CommName = Literal["ring", "torch"]
 # fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
 BackendName = Literal["auto", "triton", "torch", "reference"]

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar.parallel import DataParallel, Pipeline
-from fastpar.parallel.data_parallel import CommStats
+from fastpar.parallel import CommStats, DataParallel, Pipeline
+from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found
@@ -103,8 +103,8 @@ class Stage:
 
     model: nn.Sequential  # the whole model (only this stage's layers train here)
     module: nn.Sequential  # this stage's layers, named by their index in the whole model
-    runner: nn.Module  # what a step calls: module, or DataParallel over it
-    dp: DataParallel | None
+    runner: nn.Module  # what a step calls without a pipeline: module, or DataParallel over it
+    dps: list[DataParallel]  # one per chunk when replicated, else empty
     pipe: Pipeline | None
     optimizer: torch.optim.Optimizer
 
@@ -112,29 +112,36 @@ class Stage:
 def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> Stage:
     """The seeded model, cut to this rank's stage and wrapped for its replicas and pipeline
     (collective over the data-parallel and pipeline groups)."""
-    # The cell is passed only when it is not the default, so a model builder that predates the
-    # `cell` keyword still builds the LSTM model.
-    cell = {} if config.cell == "lstm" else {"cell": config.cell}
     model = build_model(vocab=VOCAB_SIZE, embed=config.embed, hidden=config.hidden,
                         layers=config.layers, backend=config.backend, seed=config.seed,
-                        **cell)  # fmt: skip
+                        cell=config.cell)  # fmt: skip
     model.to(device)
-    start, end = stage_bounds(len(model), place.dims.pp)[place.stage]
-    # Full-model names ("2.module.weight_ih_l0"): a checkpoint does not depend on the layout.
-    module = nn.Sequential(OrderedDict((str(i), model[i]) for i in range(start, end)))
-    runner: nn.Module = module
-    dp = pipe = None
-    if place.dims.dp > 1:
-        dp = DataParallel(module, group=place.dp_group, comm=config.comm,
-                          timeout=config.timeout_s)  # fmt: skip
-        runner = dp
+    # Interleaved schedules give each rank several chunks (global stages) of the model.
+    chunked = place.dims.pp > 1 and config.schedule in CHUNKED_SCHEDULES
+    num_stages = place.dims.pp * (2 if chunked else 1)
+    bounds = stage_bounds(len(model), num_stages)
+    mine = (0,)
     if place.dims.pp > 1:
-        pipe = Pipeline(runner, stage_index=place.stage, num_stages=place.dims.pp,
-                        group=place.pp_group, loss_fn=_cross_entropy,
+        mine = Placement.of(config.schedule, place.dims.pp, num_stages).stages_of(place.stage)
+    # Full-model names ("2.module.weight_ih_l0"): a checkpoint does not depend on the layout.
+    chunks = [nn.Sequential(OrderedDict((str(i), model[i]) for i in range(*bounds[s])))
+              for s in mine]  # fmt: skip
+    module = nn.Sequential(OrderedDict(kv for chunk in chunks for kv in chunk.named_children()))
+    runners: list[nn.Module] = list(chunks)
+    dps: list[DataParallel] = []
+    if place.dims.dp > 1:
+        dps = [DataParallel(chunk, group=place.dp_group, comm=config.comm,
+                            timeout=config.timeout_s) for chunk in chunks]  # fmt: skip
+        runners = list(dps)
+    pipe = None
+    if place.dims.pp > 1:
+        pipe = Pipeline(runners[0] if len(runners) == 1 else runners,
+                        stage_index=mine[0] if len(mine) == 1 else list(mine),
+                        num_stages=num_stages, group=place.pp_group, loss_fn=_cross_entropy,
                         schedule=config.schedule, num_microbatches=config.microbatches,
                         timeout_s=config.timeout_s)  # fmt: skip
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
-    return Stage(model, module, runner, dp, pipe, optimizer)
+    return Stage(model, module, runners[0], dps, pipe, optimizer)
 
 
 def _train_step(
@@ -149,8 +156,9 @@ def _train_step(
         (loss * share).backward()
         value: float | None = loss.item()
     else:
-        result = stage.pipe.step(inputs if place.stage == 0 else None,
-                                 targets if place.is_last_stage else None)  # fmt: skip
+        # zbv holds the first and the last stage on rank 0.
+        result = stage.pipe.step(inputs if stage.pipe.is_first else None,
+                                 targets if stage.pipe.is_last else None)  # fmt: skip
         value = result.item() if result is not None else None
     with record_range("fastpar.train.optimizer"):
         stage.optimizer.step()
@@ -160,7 +168,7 @@ def _train_step(
 def _row(stage: Stage, loss: float | None, samples: int, global_samples: int,
          elapsed: float) -> dict[str, float]:  # fmt: skip
     """This rank's metrics of the step just trained (host-clock times the executors kept)."""
-    comm = stage.dp.last_stats if stage.dp is not None else CommStats()
+    comm = CommStats.total(d.last_stats for d in stage.dps)
     row = {"loss": float("nan") if loss is None else loss, "samples": samples,
            "global_samples": global_samples, "step_s": elapsed, "allreduce_s": comm.allreduce_s,
            "exposed_s": comm.exposed_s, "forward_s": 0.0, "backward_s": 0.0, "bubble": 0.0,
@@ -262,8 +270,8 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
         run_s = time.perf_counter() - run_start
         model = _assemble_on_rank0(place, stage)
     finally:
-        if stage.dp is not None:
-            stage.dp.close()
+        for dp in stage.dps:
+            dp.close()
     if model is None:
         return None
     summary = _summarize(config, model, corpus.validation, tokens_per_s, first_step)

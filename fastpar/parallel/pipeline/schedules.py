@@ -57,6 +57,8 @@ _PLACEMENTS: dict[str, PlacementKind] = {
     "zero-bubble": "single",
     "zbv": "v",
 }
+# Schedules that give each rank several chunks (global stages) of the model.
+CHUNKED_SCHEDULES: tuple[str, ...] = tuple(s for s, kind in _PLACEMENTS.items() if kind != "single")
 # Unit costs the list scheduler plans with (a backward is two forwards' work).
 _PLAN_COST = {"F": 1, "B": 2, "I": 1, "W": 1}
 
