@@ -53,6 +53,34 @@ def test_layouts_train_the_same_model(tmp_path: Path) -> None:
     assert any(not torch.equal(first[k], last[k]) for k in first)
 
 
+def test_every_schedule_and_cell_trains_the_same_model(tmp_path: Path) -> None:
+    """The schedules with split backwards or two chunks per rank, and the GRU and RNN cells,
+    reach the parameters of the same model trained without a pipeline."""
+    pp = ("--nproc", "2", "--parallel", "pp", "--microbatches", "3", "--schedule")
+    runs = {
+        "lstm": ("--nproc", "1"),
+        "lstm-interleaved": (*pp, "interleaved-1f1b"),
+        "lstm-zero-bubble": (*pp, "zero-bubble"),
+        "gru": ("--nproc", "1", "--cell", "gru"),
+        "gru-zbv": (*pp, "zbv", "--cell", "gru"),
+        "rnn-dp": ("--nproc", "2", "--parallel", "dp", "--cell", "rnn"),
+        "rnn-dp+pp": ("--nproc", "4", "--parallel", "dp+pp", "--schedule", "interleaved-1f1b",
+                      "--cell", "rnn"),
+    }  # fmt: skip
+    for name, args in runs.items():
+        result = _train(tmp_path / name, "--steps", "4", "--checkpoint-every", "4", *args)
+        assert result.returncode == 0, f"{name}:\n{result.stderr[-3000:]}"
+    for name, same_as in (("lstm-interleaved", "lstm"), ("lstm-zero-bubble", "lstm"),
+                          ("gru-zbv", "gru"), ("rnn-dp+pp", "rnn-dp")):  # fmt: skip
+        _assert_close(_parameters(tmp_path / name), _parameters(tmp_path / same_as))
+
+    # The cells build different models: the runs above compare like with like.
+    def shapes(name: str) -> dict[str, torch.Size]:
+        return {key: value.shape for key, value in _parameters(tmp_path / name).items()}
+
+    assert shapes("gru") != shapes("lstm") != shapes("rnn-dp")
+
+
 def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) -> None:
     common = ("--nproc", "2", "--steps", "6", "--checkpoint-every", "3", "--comm", "ring")
     reference = _train(tmp_path / "whole", *common)
