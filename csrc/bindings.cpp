@@ -35,6 +35,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("closed", &fastpar::ShmAllReduce::closed)
       .def_property_readonly("failure", &fastpar::ShmAllReduce::failure);
+  py::class_<fastpar::PeerWatchdog>(
+      m, "PeerWatchdog", "a thread that reports the first watched process found gone")
+      .def(py::init([](std::vector<int64_t> pids, double period_s) {
+             return std::make_unique<fastpar::PeerWatchdog>(std::move(pids), period_s,
+                                                            [](int) {});
+           }),
+           py::kw_only(), py::arg("pids"), py::arg("period_s"))
+      .def_property_readonly("culprit", &fastpar::PeerWatchdog::culprit);
   m.def("remove_shared_segment", &fastpar::SharedSegment::remove,
         "removes a shared-memory segment's name (idempotent)", py::arg("name"));
   m.attr("PIPE_ABORT_TEXT_BYTES") = fastpar::ShmPipe::kMaxAbortText;
@@ -72,6 +80,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("connect_local", &Ring::connect_local, py::arg("addresses"))
         .def("all_reduce", &Ring::all_reduce, py::arg("tensor"), py::arg("op"), py::kw_only(),
              py::arg("block_current_stream"))
+        .def("agree_torch_path", &Ring::agree_torch_path, py::arg("tensor"), py::arg("op"),
+             release)
+        .def("watch_peers", &Ring::watch_peers, py::arg("pids"))
         .def("check", &Ring::check)
         .def_property_readonly("stream_handle", &Ring::stream_handle)
         .def("stop", &Ring::stop, release)

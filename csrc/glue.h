@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "process.h"
 #include "reduce.h"
 #include "ring.h"
 #include "shm_pipe.h"
@@ -115,6 +116,14 @@ class IpcAllReduce {
   // Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the device reported
   // about earlier calls.
   void all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
+  // Announces that this rank's call of `tensor` with `op` (a c10d ReduceOp code) goes to
+  // torch.distributed: a kernel meets the peers' calls at a barrier and the host waits for it;
+  // raises RingMismatchError on every rank when some take the ring or call differently. Does
+  // nothing while the current stream captures a CUDA graph (the host cannot wait there).
+  void agree_torch_path(const at::Tensor& tensor, int64_t op);
+  // Watches the peers' processes (pids[p] is rank p's pid; <= 0: not watched) until stop():
+  // when one is gone, this rank's kernels fail at their next barrier poll, naming it.
+  void watch_peers(const std::vector<int64_t>& pids);
   // Raises what the device reported, if anything (does not wait for the device).
   void check();
   // The ring's cudaStream_t, for torch.cuda.ExternalStream.

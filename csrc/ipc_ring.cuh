@@ -34,6 +34,25 @@
 // every block, so all blocks of all ranks stop at the same barrier, before the tensor is
 // written) sets this rank's abort word: later kernels return at once, and the host reads the
 // report (host-mapped memory) after waiting for the call.
+//
+// Dead peers. The host's watchdog (process.h's PeerWatchdog) checks the peers' pids while the
+// ring is open and writes the dead rank into `DeviceFailure::dead_peer`, which lives in mapped
+// pinned host memory: a plain host store that the spinning kernel's volatile loads see over the
+// bus, with no CUDA call involved (a cudaMemcpyAsync into the device-memory abort word would
+// also run beside the kernel on a non-blocking stream, but it needs the CUDA driver on a thread
+// while another may sit in a synchronize, and on a GPU time-sliced between the ranks' processes
+// it waits for this process's time slice; the mapped word needs nothing). Polls read it every
+// kHostPollSpins spins only (a read across the bus costs about a microsecond). The kernel then
+// fails naming the dead rank and sets this rank's abort word as for any failure, so the other
+// ranks stop too.
+//
+// A late rank. A block stores its flag into every peer's control block before waiting, so a
+// rank arriving after a peer gave up (timed out waiting for it) finds that peer's flag already
+// there. After the flags arrived it therefore reads each peer's abort word once more: a peer
+// that gave up makes this rank fail too instead of returning a result the peer did not get.
+// This closes the window except for a flag store still in flight when the peer's timeout fires
+// (nanoseconds; exact agreement would need a compare-and-swap on the peer's memory, which PCIe
+// peer links do not all support).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -64,12 +83,17 @@ constexpr int64_t kOneShotMaxBytes = 256 * 1024;
 // What the device reports to the host; lives in mapped pinned memory.
 struct DeviceFailure {
   int32_t kind;     // 0 none, or one of kFailure*
-  int32_t culprit;  // the rank waited for (timeout, peer aborted)
+  int32_t culprit;  // the rank waited for (timeout, peer aborted), or the dead rank
+  int32_t blamed;   // peer aborted: the rank that peer blamed (-1: none, e.g. a mismatch)
   CallHeader headers[kMaxRanks];  // every rank's call (mismatch)
+  int32_t dead_peer;  // written by the host: 1 + a rank whose process is gone (0: none)
 };
 constexpr int32_t kFailureTimeout = 1;
 constexpr int32_t kFailureMismatch = 2;
 constexpr int32_t kFailurePeerAborted = 3;
+constexpr int32_t kFailurePeerDead = 4;
+// Spins of a barrier poll between two reads of the host-written `dead_peer`.
+constexpr unsigned kHostPollSpins = 64;
 
 // Start of every rank's buffer.
 struct Control {
@@ -77,7 +101,7 @@ struct Control {
   uint64_t passed[kBlocks];            // [b]: barriers this rank's block b has passed
   uint64_t chunks[kBlocks];            // [b]: chunks this rank's block b has handled
   CallHeader headers[2][kMaxRanks];    // [parity of a call's first barrier][p]: rank p's call
-  uint32_t abort;                      // set by this rank's own kernels only
+  uint32_t abort;  // set by this rank's own kernels only: 0, or 2 + the rank it blames (or 1)
 };
 constexpr size_t kControlBytes = 4096;
 static_assert(sizeof(Control) <= kControlBytes, "control block too large");
@@ -121,6 +145,11 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
 
 __device__ __forceinline__ bool aborted(const uint32_t* abort) {
   return *static_cast<const volatile uint32_t*>(abort) != 0;
+}
+
+// The rank an aborted rank's abort word blames (-1: none).
+__device__ __forceinline__ int blamed_by(const uint32_t* abort) {
+  return static_cast<int>(*static_cast<const volatile uint32_t*>(abort)) - 2;
 }
 
 __device__ __forceinline__ Control* control_of(const CallArgs& a, int p) {
@@ -236,10 +265,14 @@ __device__ __forceinline__ uint4 reduce_pack(const CallArgs& a, uint64_t chunk_n
 __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool first) {
   __shared__ int failed;  // 0, a kFailure* kind, or -1: another block of this rank failed
   __shared__ int culprit;
+  __shared__ int blamed;   // peer aborted: whom that peer blamed
+  __shared__ int gave_up;  // 1 + a peer whose flag arrived but which had given up meanwhile
   Control* own = control_of(a, a.rank);
   if (threadIdx.x == 0) {
     failed = 0;
     culprit = -1;
+    blamed = -1;
+    gave_up = 0;
   }
   __syncthreads();  // also: every write of this block so far precedes the releases below
   const int peer = threadIdx.x;
@@ -249,22 +282,40 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
     if (first) theirs->headers[barrier & 1][a.rank] = a.header;
     store_release_sys(&theirs->flags[b][a.rank], barrier);
     const uint64_t start = global_timer_ns();
-    while (load_acquire_sys(&own->flags[b][peer]) < barrier) {
+    unsigned spins = 0;
+    bool arrived = false;
+    for (;;) {
+      if (load_acquire_sys(&own->flags[b][peer]) >= barrier) {
+        arrived = true;
+        break;
+      }
       if (*static_cast<volatile int*>(&failed) != 0) break;
       if (aborted(&own->abort)) {
         atomicCAS(&failed, 0, -1);
         break;
       }
       if (aborted(&theirs->abort)) {
-        if (atomicCAS(&failed, 0, kFailurePeerAborted) == 0) culprit = peer;
+        if (atomicCAS(&failed, 0, kFailurePeerAborted) == 0) {
+          culprit = peer;
+          blamed = blamed_by(&theirs->abort);
+        }
         break;
       }
       if (global_timer_ns() - start > a.timeout_ns) {
         if (atomicCAS(&failed, 0, kFailureTimeout) == 0) culprit = peer;
         break;
       }
+      if (++spins % kHostPollSpins == 0) {
+        const int dead = *static_cast<const volatile int32_t*>(&a.failure->dead_peer);
+        if (dead != 0) {
+          if (atomicCAS(&failed, 0, kFailurePeerDead) == 0) culprit = dead - 1;
+          break;
+        }
+      }
       __nanosleep(32);
     }
+    // The peer's flag came, but it may have given up on this rank before (see the file comment).
+    if (arrived && aborted(&theirs->abort)) atomicCAS(&gave_up, 0, peer + 1);
   }
   __syncthreads();
   auto header_of = [&](int p) {
@@ -279,12 +330,21 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
         failed = kFailureMismatch;
     }
   }
+  if (threadIdx.x == 0 && failed == 0 && gave_up != 0) {  // a mismatch takes precedence
+    failed = kFailurePeerAborted;
+    culprit = gave_up - 1;
+    blamed = blamed_by(&control_of(a, culprit)->abort);
+  }
   __syncthreads();
   if (failed == 0) return true;
   // The first block of this rank to fail reports; the others just stop.
-  if (threadIdx.x == 0 && failed > 0 && atomicCAS(&own->abort, 0u, 1u) == 0u) {
+  // The abort word carries whom this rank blames, so that peers stopped by it name the cause.
+  const int blame = failed == kFailurePeerAborted && blamed >= 0 ? blamed : culprit;
+  if (threadIdx.x == 0 && failed > 0 &&
+      atomicCAS(&own->abort, 0u, static_cast<uint32_t>(blame + 2)) == 0u) {
     volatile DeviceFailure* report = a.failure;
     report->culprit = culprit;
+    report->blamed = blamed;
     for (int p = 0; p < a.world; ++p) {
       const CallHeader call = header_of(p);
       report->headers[p].count = call.count;
@@ -506,12 +566,37 @@ class IpcRing {
     check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
   }
 
+  // Enqueues a call that moves no data but meets the peers' calls at a first barrier with
+  // `header` (a kTorchPath announcement): a peer whose call differs fails, as this one does.
+  void agree(const CallHeader& header, cudaStream_t stream) {
+    if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
+    CallArgs args{};
+    args.ranks = ranks_;
+    args.rank = rank_;
+    args.world = world_;
+    args.chunk = chunk_bytes_ / static_cast<int64_t>(sizeof(int32_t));
+    args.data_align = 16;
+    args.header = header;
+    args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
+    args.timeout_ns = timeout_ns_;
+    args.failure = failure_device_;
+    launch_op<int32_t>(args, ReduceOp::kSum, stream);
+    check_cuda(cudaGetLastError(), "the agreement kernel launch");
+  }
+
+  // Makes this rank's barriers fail naming `rank`, whose process is gone (any thread; the
+  // spinning kernel sees it within kHostPollSpins spins).
+  void report_dead_peer(int rank) {
+    __atomic_store_n(&failure_->dead_peer, rank + 1, __ATOMIC_RELEASE);
+  }
+
   // What the device reported (kind 0: nothing). Read without synchronising.
   DeviceFailure failure() const {
     DeviceFailure copy;
     const volatile DeviceFailure* source = failure_;
     copy.kind = source->kind;
     copy.culprit = source->culprit;
+    copy.blamed = source->blamed;
     for (int p = 0; p < kMaxRanks; ++p) {
       copy.headers[p].count = source->headers[p].count;
       copy.headers[p].dtype = source->headers[p].dtype;

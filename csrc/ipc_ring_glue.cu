@@ -14,6 +14,16 @@
 #include "glue.h"
 
 namespace fastpar {
+namespace {
+
+// Whether `stream` is capturing a CUDA graph (then the host cannot wait for what it enqueues).
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  cuda::check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  return capture != cudaStreamCaptureStatusNone;
+}
+
+}  // namespace
 
 struct IpcAllReduce::Impl {
   explicit Impl(c10::DeviceIndex device_index) : device(device_index) {
@@ -49,7 +59,14 @@ struct IpcAllReduce::Impl {
   std::unique_ptr<cuda::IpcRing> ring;
   bool stopped = false;  // stop() ran: no more calls
   std::string failure;  // why the ring is unusable ("" while it is usable)
+  std::vector<int64_t> pids;  // the watched peers' pids, for messages
+  std::unique_ptr<PeerWatchdog> watchdog;  // after `ring`: destroyed (joined) before it
 };
+
+// Seconds between two checks of the peers' pids: a dead peer is noticed within about this
+// (plus a few barrier polls), far below any useful timeout, for N - 1 kill(0) calls and /proc
+// reads per period.
+constexpr double kWatchPeriodS = 0.1;
 
 IpcAllReduce::IpcAllReduce(int64_t rank, int64_t world, int64_t device, int64_t chunk_bytes,
                            double timeout_s) {
@@ -146,17 +163,30 @@ void IpcAllReduce::check() {
                      culprit + " is dead, hung, or not calling all_reduce";
     throw RingTimeoutError(impl_->failure);
   }
-  if (failure.kind == cuda::kFailurePeerAborted) {
-    impl_->failure = "rank " + rank + " (GPU) stopped waiting for rank " + culprit +
-                     ", which had given up on the ring after an error of its own";
+  if (failure.kind == cuda::kFailurePeerDead) {
+    const int dead = failure.culprit;
+    const bool known = dead >= 0 && dead < static_cast<int>(impl_->pids.size());
+    impl_->failure = "rank " + rank + " (GPU) stopped waiting: rank " + culprit +
+                     (known ? " (pid " + std::to_string(impl_->pids[dead]) + ")" : "") +
+                     " exited while an all_reduce was in flight";
     throw RingTimeoutError(impl_->failure);
   }
-  std::string calls;
-  for (int p = 0; p < impl_->ring->world(); ++p)
-    calls += (p ? "; rank " : "rank ") + std::to_string(p) + ": " + describe(failure.headers[p]);
-  impl_->failure =
-      "an all_reduce was called with different arguments on different ranks (" + calls +
-      "); the GPU found it, so the tensors of that call were left as they were";
+  if (failure.kind == cuda::kFailurePeerAborted && failure.blamed == impl_->ring->rank()) {
+    impl_->failure = "rank " + rank + " (GPU) arrived late: rank " + culprit +
+                     " had given up waiting for it, so this call fails here too rather than "
+                     "succeed where a peer failed";
+    throw RingTimeoutError(impl_->failure);
+  }
+  if (failure.kind == cuda::kFailurePeerAborted) {
+    const std::string cause = failure.blamed >= 0 && failure.blamed != failure.culprit
+                                  ? "because of rank " + std::to_string(failure.blamed)
+                                  : "after an error of its own";
+    impl_->failure = "rank " + rank + " (GPU) stopped waiting for rank " + culprit +
+                     ", which had given up on the ring " + cause;
+    throw RingTimeoutError(impl_->failure);
+  }
+  impl_->failure = describe_mismatch(failure.headers, impl_->ring->world()) +
+                   "; the GPU found it, so the tensors of that call were left as they were";
   throw RingMismatchError(impl_->failure);
 }
 
@@ -169,9 +199,7 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
   TORCH_CHECK(impl_->ring->connected(), "this ring all-reduce is not connected to its peers");
   const c10::cuda::CUDAGuard guard(impl_->device);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream(impl_->device);
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  cuda::check_cuda(cudaStreamIsCapturing(current.stream(), &capture), "cudaStreamIsCapturing");
-  if (capture != cudaStreamCaptureStatusNone) {
+  if (capturing(current.stream())) {
     // Captured into a CUDA graph: the kernel goes on the capturing stream itself (the barrier
     // counters live on the device, so every replay meets fresh barriers).
     impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
@@ -187,11 +215,42 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
   if (block_current_stream) impl_->order(impl_->done, impl_->raw_stream, current.stream());
 }
 
+void IpcAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
+  const CallHeader header =
+      torch_path_header(tensor.numel(), static_cast<int32_t>(tensor.scalar_type()), op);
+  check();
+  TORCH_CHECK(impl_->ring->connected(), "this ring all-reduce is not connected to its peers");
+  const c10::cuda::CUDAGuard guard(impl_->device);
+  if (capturing(c10::cuda::getCurrentCUDAStream(impl_->device).stream())) return;
+  // After the ring's earlier calls (its own stream), not after the caller's pending work: the
+  // announcement reads no tensor.
+  impl_->ring->agree(header, impl_->raw_stream);
+  // Bounded: every barrier poll ends by the timeout, or sooner when a peer gave up or died.
+  cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  check();
+}
+
+void IpcAllReduce::watch_peers(const std::vector<int64_t>& pids) {
+  TORCH_CHECK(impl_->ring && !impl_->stopped, "this ring all-reduce was closed");
+  const int world = impl_->ring->world();
+  TORCH_CHECK_VALUE(static_cast<int>(pids.size()) == world,
+                    "pids must hold one pid per rank (", world, "), got ", pids.size());
+  std::vector<int64_t> watched = pids;
+  watched[impl_->ring->rank()] = 0;  // never this process
+  impl_->watchdog.reset();
+  impl_->pids = pids;
+  cuda::IpcRing* ring = impl_->ring.get();  // outlives the watchdog (stop() joins it first)
+  impl_->watchdog = std::make_unique<PeerWatchdog>(
+      std::move(watched), kWatchPeriodS, [ring](int dead) { ring->report_dead_peer(dead); });
+}
+
 void IpcAllReduce::stop() {
   if (!impl_ || !impl_->ring || impl_->stopped) return;
   const c10::cuda::CUDAGuard guard(impl_->device);
   impl_->stopped = true;
+  // The watchdog keeps running meanwhile: a peer that died ends this wait early.
   cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  impl_->watchdog.reset();
   impl_->ring->unmap_peers();
 }
 

@@ -5,7 +5,9 @@
 #include <signal.h>
 #include <sys/stat.h>
 
+#include <chrono>
 #include <fstream>
+#include <stdexcept>
 
 namespace fastpar {
 
@@ -31,6 +33,60 @@ std::string format_seconds(double value) {
   text.erase(text.find_last_not_of('0') + 1);
   if (!text.empty() && text.back() == '.') text.pop_back();
   return text + " s";
+}
+
+namespace {
+
+double positive_period(double period_s) {
+  if (!(period_s > 0))
+    throw std::invalid_argument("period_s must be positive, got " + std::to_string(period_s));
+  return period_s;
+}
+
+}  // namespace
+
+int first_dead_rank(const std::vector<int64_t>& pids, const std::function<bool(pid_t)>& alive) {
+  for (size_t rank = 0; rank < pids.size(); ++rank) {
+    if (pids[rank] > 0 && !alive(static_cast<pid_t>(pids[rank]))) return static_cast<int>(rank);
+  }
+  return -1;
+}
+
+PeerWatchdog::PeerWatchdog(std::vector<int64_t> pids, double period_s,
+                           std::function<void(int)> on_dead, std::function<bool(pid_t)> alive)
+    : pids_(std::move(pids)),
+      period_s_(positive_period(period_s)),
+      on_dead_(std::move(on_dead)),
+      alive_(std::move(alive)),
+      thread_([this] { run(); }) {}
+
+PeerWatchdog::~PeerWatchdog() {
+  {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    stopping_ = true;
+  }
+  wake_.notify_all();
+  thread_.join();
+}
+
+int PeerWatchdog::culprit() const {
+  const std::lock_guard<std::mutex> lock(mutex_);
+  return culprit_;
+}
+
+void PeerWatchdog::run() {
+  const auto period = std::chrono::duration<double>(period_s_);
+  std::unique_lock<std::mutex> lock(mutex_);
+  while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
+    lock.unlock();
+    const int dead = first_dead_rank(pids_, alive_);
+    lock.lock();
+    if (dead < 0) continue;
+    culprit_ = dead;
+    lock.unlock();
+    on_dead_(dead);
+    return;
+  }
 }
 
 }  // namespace fastpar

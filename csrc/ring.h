@@ -95,6 +95,31 @@ inline std::string describe(const CallHeader& h) {
   return std::to_string(h.count) + " x " + dtype_name(h.dtype) + " " + op_name(h.op);
 }
 
+// The announcement of a call of `count` elements of c10::ScalarType `scalar_type` with c10d op
+// `op` that goes to torch.distributed.
+inline CallHeader torch_path_header(int64_t count, int32_t scalar_type, int64_t op) {
+  if (op < 0 || op >= kTorchPath)
+    throw std::invalid_argument("op must be a ReduceOp code, got " + std::to_string(op));
+  return CallHeader{count, kTorchPath | scalar_type, kTorchPath | static_cast<int32_t>(op)};
+}
+
+// Why the calls of ranks 0..world-1 (not all equal) fail: every rank's call, and whether some
+// would take fastpar's ring and others torch.distributed.
+inline std::string describe_mismatch(const CallHeader* calls, int world) {
+  std::string list;
+  bool ring_path = false;
+  bool torch_path = false;
+  for (int p = 0; p < world; ++p) {
+    (takes_torch_path(calls[p]) ? torch_path : ring_path) = true;
+    list += (p ? "; rank " : "rank ") + std::to_string(p) + ": " + describe(calls[p]);
+  }
+  if (ring_path && torch_path) {
+    return "all_reduce would take different paths on different ranks: fastpar's ring on some, "
+           "torch.distributed on others (" + list + ")";
+  }
+  return "all_reduce was called with different arguments on different ranks (" + list + ")";
+}
+
 // Elements [begin, end) of a chunk.
 struct Span {
   int64_t begin;

@@ -12,9 +12,11 @@ results. Transports:
   kernel on the ring's own stream, ordered after the caller's current stream; a synchronous call
   returns once the result is in the tensor, and `Work.wait()` of an asynchronous one blocks
   until it is: both raise what the device found (a peer that timed out, named; a mismatch), so
-  nobody uses a tensor the ring did not reduce. Above CUDA_RING_MAX_BYTES, calls between
-  different GPUs go to torch.distributed (NCCL). Closing is collective (every rank stops, then
-  unmaps the peers' buffers, then frees its own).
+  nobody uses a tensor the ring did not reduce. A thread of the native ring watches the peers'
+  pids while the ring is open: a peer whose process is gone makes the spinning kernels stop
+  within about 0.1 s, naming it. Above CUDA_RING_MAX_BYTES, calls between different GPUs go to
+  torch.distributed (NCCL), announced through the ring as on CPU. Closing is collective (every
+  rank stops, then unmaps the peers' buffers, then frees its own).
 
 Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
 order (as with process groups), and the ranks meet once through the default store to name and
@@ -222,6 +224,7 @@ class RingAllReduce:
             if not self._agree("mapped", problem, "map the peers' CUDA buffers"):
                 transport.close()  # nobody runs a kernel on these buffers: a local close is safe
                 return
+            transport.watch_peers([self._peer_pids.get(r, 0) for r in range(self.world_size)])
         except BaseException:
             transport.close()
             raise
@@ -378,9 +381,9 @@ class RingAllReduce:
         """Tell the peers through the ring that this call goes to torch.distributed, so that a
         rank whose call would take the ring instead (another dtype, size or op) and this one
         both raise CommMismatchError saying so, instead of each waiting for the other in a
-        different place until both time out. CPU rings only (on CUDA the choice depends on
-        nothing that differs between ranks but the call itself)."""
-        if self._transport is None or self._stream is not None:
+        different place until both time out. On CUDA a kernel on the ring's stream meets the
+        peers' calls and the host waits for it (except inside a CUDA graph capture)."""
+        if self._transport is None:
             return
         transport = self._transport
 
@@ -388,7 +391,7 @@ class RingAllReduce:
             transport.agree_torch_path(tensor, torch_op_code(op))
 
         try:
-            self._in_order(announce)
+            self._in_order(announce)  # on CUDA nothing is queued: the ring's stream orders it
         except CommMismatchError as error:
             raise CommMismatchError(f"{error}; on rank {self.rank}: {reason}") from None
 

@@ -128,7 +128,9 @@ class CudaRingWork:
             CommTimeoutError, CommMismatchError: what the device found.
         """
         if self._event is not None:
-            self._event.synchronize()  # bounded: every device-side wait ends by the timeout
+            # Bounded: every device-side wait ends by the timeout, or within about 0.1 s of a
+            # peer's death (the ring's watchdog thread tells the spinning kernel).
+            self._event.synchronize()
             self._check()
             torch.cuda.current_stream(self._device).wait_event(self._event)
         self._copy_back = _copy_back(self._copy_back)

@@ -1,8 +1,9 @@
 """The CUDA IPC all-reduce on one GPU: processes sharing it (2, 3, 4 and 8 ranks) against gloo
 on host copies of integer-valued inputs, bitwise-equal ranks, a late rank, a misaligned view, a
-captured CUDA graph replayed, the device-side mismatch check, and endpoints of one process on
-concurrent streams (processes on one GPU time-slice; streams of one process run at once, so only
-this exercises the barriers' memory ordering for real).
+captured CUDA graph replayed, the device-side mismatch check, failures (a killed rank named
+within 2 s, a rank arriving after its peer gave up, ranks on different paths), and endpoints of
+one process on concurrent streams (processes on one GPU time-slice; streams of one process run
+at once, so only this exercises the barriers' memory ordering for real).
 
 Results are read with `.cpu()` on the caller's stream, never after a device-wide synchronize, so
 a missing stream dependency shows as a wrong result.
@@ -16,8 +17,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastpar.comm import CommClosedError, CommMismatchError, RingAllReduce
+from fastpar.comm import CommClosedError, CommMismatchError, CommTimeoutError, RingAllReduce
 from fastpar.testing.distributed import run_multiprocess
+from tests.comm.killed import KILLED, check_killed_rank_named, killed_mid_call
 from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
 
 pytestmark = pytest.mark.gpu
@@ -128,6 +130,68 @@ def _late_misaligned_graph_mismatch(rank: int, world_size: int, seed: int) -> No
 
 def test_late_rank_misaligned_views_graph_replays_and_mismatch() -> None:
     run_multiprocess(_late_misaligned_graph_mismatch, 2, args=(SEED,), timeout=240)
+
+
+def test_a_killed_rank_is_named_within_two_seconds_whatever_the_timeout() -> None:
+    results = run_multiprocess(killed_mid_call, 3, args=("cuda:0",), timeout=90, may_die=(KILLED,))
+    check_killed_rank_named(results)
+    assert any("(pid " in message for _, message in results[:KILLED]), results
+
+
+def _late_rank(rank: int, world_size: int, size: int) -> tuple[str, str]:
+    device = _device(rank)
+    torch.ones(1, device=device)  # CUDA is up on every rank before rank 0's short setup waits
+    dist.barrier()
+    # Rank 0 gives up on rank 1 after 3 s; rank 1 would wait a minute, but arrives only after
+    # rank 0 has raised (the gloo barrier), and finds rank 0's barrier flag already stored.
+    with RingAllReduce(device=device, timeout=3 if rank == 0 else 60,
+                       chunk_bytes=CHUNK_BYTES) as ring:  # fmt: skip
+        tensor = torch.full((size,), float(rank + 1), device=device)
+        if rank == 0:
+            with pytest.raises(CommTimeoutError) as error:
+                ring.all_reduce(tensor)
+            dist.barrier()
+        else:
+            dist.barrier()
+            with pytest.raises(CommTimeoutError) as error:
+                ring.all_reduce(tensor)
+        with pytest.raises(CommClosedError) as closed:
+            ring.all_reduce(torch.ones(4, device=device))
+        if rank == 1:  # found at the call's first barrier: the tensor was never written
+            assert torch.equal(tensor.cpu(), torch.full((size,), 2.0))
+    return str(error.value), str(closed.value)
+
+
+@pytest.mark.parametrize("size", [1000, 300001])  # one-shot, two-shot over several chunks
+def test_a_rank_arriving_after_its_peer_gave_up_raises_too(size: int) -> None:
+    results = run_multiprocess(_late_rank, 2, args=(size,), timeout=120)
+    (timed_out, closed0), (late, closed1) = results
+    assert "rank 0 (GPU) timed out waiting for rank 1" in timed_out, timed_out
+    assert "rank 1 (GPU) arrived late: rank 0 had given up waiting for it" in late, late
+    assert "unusable" in closed0 and "unusable" in closed1
+
+
+def _different_paths(rank: int, world_size: int) -> str:
+    device = _device(rank)
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
+        # Every rank's call goes to torch.distributed (host tensors): announced, agreed, reduced.
+        host = torch.full((1000,), float(rank + 1))
+        ring.all_reduce(host)
+        assert torch.equal(host, torch.full((1000,), float(sum(range(1, world_size + 1)))))
+        # rank 0 goes to torch.distributed (int8), the others to the ring (float32)
+        tensor = torch.ones(100, dtype=torch.int8 if rank == 0 else torch.float32, device=device)
+        with pytest.raises(CommMismatchError) as error:
+            ring.all_reduce(tensor)
+        return str(error.value)
+
+
+def test_ranks_taking_different_paths_all_say_so() -> None:
+    messages = run_multiprocess(_different_paths, 3, timeout=120)
+    for rank, message in enumerate(messages):
+        assert "would take different paths" in message, message
+        assert "rank 0: 100 x int8 SUM via torch.distributed; rank 1: 100 x float32 SUM" in message
+        if rank == 0:
+            assert "on rank 0: dtype torch.int8 is not one of" in message, message
 
 
 @pytest.mark.parametrize("endpoints", [2, 4, 8])
