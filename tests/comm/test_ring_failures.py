@@ -14,6 +14,7 @@ import torch.distributed as dist
 from fastpar import _native
 from fastpar.comm import CommClosedError, CommMismatchError, CommTimeoutError, RingAllReduce
 from fastpar.testing.distributed import run_multiprocess
+from tests.comm.killed import KILLED, check_killed_rank_named, killed_mid_call
 from tests.comm.util import shm_segments
 
 R = dist.ReduceOp
@@ -197,29 +198,8 @@ def test_a_rank_arriving_after_its_peer_gave_up_raises_too() -> None:
         assert "rank 1 arrived late: rank 0 had given up waiting for it" in message, message
 
 
-def _killed_mid_call(rank: int, world_size: int) -> tuple[float, str] | None:
-    store = dist.distributed_c10d._get_default_store()
-    # The timeout is long: only the dead process's pid can end the survivors' wait early.
-    with RingAllReduce(timeout=120) as ring:
-        tensor = torch.ones(1 << 22)
-        ring.all_reduce(tensor)
-        if rank == 2:
-            work = ring.all_reduce(tensor, async_op=True)
-            store.set("killed/at", repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-            work.wait()  # not reached
-        with pytest.raises(CommTimeoutError) as error:
-            ring.all_reduce(tensor)
-        return time.time() - float(store.get("killed/at").decode()), str(error.value)
-
-
 def test_a_killed_peer_is_named_within_two_seconds_whatever_the_timeout() -> None:
-    results = run_multiprocess(_killed_mid_call, 3, timeout=90, may_die=(2,))
-    assert results[2] is None
-    for after_kill, message in results[:2]:
-        assert "rank 2" in message, message
-        assert after_kill < 2.0, (after_kill, message)  # the issue's bound, not a benchmark
-    assert any("exited" in message for _, message in results[:2]), results
+    check_killed_rank_named(run_multiprocess(killed_mid_call, 3, timeout=90, may_die=(KILLED,)))
 
 
 def _different_paths(rank: int, world_size: int) -> list[str]:
