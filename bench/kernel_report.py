@@ -1,4 +1,5 @@
-"""Registers, spills and shared memory of every LSTM kernel configuration, compiled for sm_90.
+"""Registers, spills and shared memory of every recurrent kernel configuration (LSTM, GRU, Elman
+RNN), compiled for sm_90.
 
 Runs on a machine without a GPU: each configuration the launchers would choose on an H100
 (132 SMs) is compiled by Triton for sm_90, with the specialization a launch gets (constexprs,
@@ -28,34 +29,48 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from fastpar.ops.lstm_compile_cases import compile_cases
-from fastpar.ops.lstm_config import KernelVersion
+from fastpar.ops.lstm_config import CellKind, KernelVersion
 from fastpar.testing.triton_compile import compile_for_sm90
 
 H100_SMS = 132
-# (B, H, P, dtype): the benchmark shapes (B=16 T=1024 H=768 bf16/fp16/fp32; B=64 T=256 H=1024;
-# B=256 T=100 H=512; a projection; the packed batch B=64 T=512 H=512 takes the lengths
-# variants), bench/lstm.py's others, then those of the interpreter tests.
-BENCH_SHAPES = [
-    (16, 768, 768, torch.bfloat16),
-    (16, 768, 768, torch.float16),
-    (16, 768, 768, torch.float32),
-    (64, 1024, 1024, torch.bfloat16),
-    (256, 512, 512, torch.bfloat16),
-    (16, 768, 256, torch.bfloat16),
-    (64, 512, 512, torch.bfloat16),
-    (256, 1000, 1000, torch.bfloat16),
-    (8, 256, 256, torch.bfloat16),
+Shape = tuple[CellKind, int, int, int, torch.dtype]  # cell, B, H, P, dtype
+# The LSTM benchmark shapes (B=16 T=1024 H=768 bf16/fp16/fp32; B=64 T=256 H=1024; B=256 T=100
+# H=512; a projection; the packed batch B=64 T=512 H=512 takes the lengths variants),
+# bench/lstm.py's others; the GRU and RNN at the benchmark shape (B=16 T=1024 H=768) and
+# H=1001 (no multiple of any tile); then the shapes of the interpreter tests.
+BENCH_SHAPES: list[Shape] = [
+    ("lstm", 16, 768, 768, torch.bfloat16),
+    ("lstm", 16, 768, 768, torch.float16),
+    ("lstm", 16, 768, 768, torch.float32),
+    ("lstm", 64, 1024, 1024, torch.bfloat16),
+    ("lstm", 256, 512, 512, torch.bfloat16),
+    ("lstm", 16, 768, 256, torch.bfloat16),
+    ("lstm", 64, 512, 512, torch.bfloat16),
+    ("lstm", 256, 1000, 1000, torch.bfloat16),
+    ("lstm", 8, 256, 256, torch.bfloat16),
+    ("gru", 16, 768, 768, torch.bfloat16),
+    ("gru", 16, 768, 768, torch.float16),
+    ("gru", 16, 768, 768, torch.float32),
+    ("gru", 16, 1001, 1001, torch.bfloat16),
+    ("rnn_tanh", 16, 768, 768, torch.bfloat16),
+    ("rnn_tanh", 16, 768, 768, torch.float32),
+    ("rnn_relu", 16, 768, 768, torch.bfloat16),
+    ("rnn_tanh", 16, 1001, 1001, torch.bfloat16),
 ]
-TEST_SHAPES = [
-    (3, 33, 33, torch.float32),
-    (3, 33, 5, torch.float32),
-    (3, 33, 33, torch.bfloat16),
-    (3, 33, 33, torch.float16),
+TEST_SHAPES: list[Shape] = [
+    ("lstm", 3, 33, 33, torch.float32),
+    ("lstm", 3, 33, 5, torch.float32),
+    ("lstm", 3, 33, 33, torch.bfloat16),
+    ("lstm", 3, 33, 33, torch.float16),
+    ("gru", 3, 33, 33, torch.float32),
+    ("gru", 3, 33, 33, torch.bfloat16),
+    ("rnn_tanh", 3, 33, 33, torch.float32),
+    ("rnn_relu", 3, 33, 33, torch.bfloat16),
 ]
 
 
 def report(
-    shapes: list[tuple[int, int, int, torch.dtype]],
+    shapes: list[Shape],
     num_sms: int,
     versions: tuple[KernelVersion, ...] = ("v2", "v1"),
 ) -> list[dict]:
@@ -63,8 +78,8 @@ def report(
     rows: list[dict] = []
     seen: set[str] = set()
     for version in versions:
-        for batch, hidden, proj, dtype in shapes:
-            for case in compile_cases(batch, hidden, proj, dtype, num_sms, version):
+        for cell, batch, hidden, proj, dtype in shapes:
+            for case in compile_cases(batch, hidden, proj, dtype, num_sms, version, cell):
                 key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
                 key += f"{case.num_warps}{case.divisible_by_16}"
                 if key in seen:

@@ -3,8 +3,9 @@ synccheck) watches in a GPU check. Each case is one CSV row written as it ends; 
 raises is a row with its error and the next case runs.
 
 Kernels: the Triton LSTM forward and backward of every fastpar variant (float32 and bfloat16,
-with a projection, a packed batch and a reversed direction), the native k-input reduction and
-the native ring all-reduce across 2 processes (CUDA IPC on a GPU, shared memory on a CPU).
+with a projection, a packed batch and a reversed direction), the same kernels with the GRU and
+Elman RNN cells (step and persistent, lengths, reversed), the native k-input reduction and the
+native ring all-reduce across 2 processes (CUDA IPC on a GPU, shared memory on a CPU).
 
     compute-sanitizer --tool memcheck --target-processes all \\
         python3 bench/kernel_smoke.py --device cuda --tool memcheck --csv results/sanitizer.csv
@@ -57,6 +58,51 @@ def lstm_case(variant: str, dtype_name: str, device, **options) -> Callable[[], 
             err = (a - b).abs().max().item()
             if not err <= tol * max(1.0, b.abs().max().item()):
                 raise AssertionError(f"{name} differs from torch.nn.LSTM by {err:.3g}")
+
+    return run
+
+
+def cell_case(cell: str, kernel: str, dtype_name: str, device) -> Callable[[], None]:
+    """Forward and backward of one GRU or RNN recurrence (lengths, reversed), checked loosely
+    against the float64 reference."""
+
+    def run() -> None:
+        import torch
+
+        from fastpar.ops.rnn_op import gru_recurrence_triton, rnn_recurrence_triton
+        from fastpar.ops.rnn_reference import gru_recurrence_reference, rnn_recurrence_reference
+
+        dtype = getattr(torch, dtype_name)
+        gen = torch.Generator().manual_seed(0)
+        T, B, H, G = 5, 3, 32, 3 if cell == "gru" else 1
+        shapes = [(T, B, G * H), (B, H), (G * H, H)] + ([(H,)] if cell == "gru" else [])
+        leaves = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
+        leaves[2] *= H**-0.5
+        lengths = torch.tensor([5, 4, 2])
+        results = []
+        for kind, ts in (("ours", [t.to(device, dtype) for t in leaves]), ("exact", leaves)):
+            inputs = [t.detach().requires_grad_() for t in ts]
+            if cell == "gru":
+                args = (*inputs[:3], inputs[3], lengths, True)
+                out = (
+                    gru_recurrence_triton(*args, kernel=kernel)
+                    if kind == "ours"
+                    else gru_recurrence_reference(*args)
+                )
+            else:
+                args = (*inputs, lengths, True, cell.removeprefix("rnn_"))
+                out = (
+                    rnn_recurrence_triton(*args, kernel=kernel)
+                    if kind == "ours"
+                    else rnn_recurrence_reference(*args)
+                )
+            out.double().square().sum().backward()
+            results.append([out.double().cpu()] + [t.grad.double().cpu() for t in inputs])
+        tol = 5e-2 if dtype != torch.float32 else 1e-3
+        for k, (a, b) in enumerate(zip(*results, strict=True)):
+            err = (a - b).abs().max().item()
+            if not err <= tol * max(1.0, b.abs().max().item()):
+                raise AssertionError(f"{cell} output/gradient {k} differs by {err:.3g}")
 
     return run
 
@@ -122,6 +168,12 @@ def cases(device) -> dict[str, Callable[[], None]]:
     out[f"lstm {auto} proj"] = lstm_case(auto, "float32", device, proj_size=16)
     out[f"lstm {auto} packed"] = lstm_case(auto, "float32", device, packed=True)
     out[f"lstm {auto} bidirectional"] = lstm_case(auto, "bfloat16", device, bidirectional=True)
+    triton_runs = device.type == "cuda" or interpreter_active()
+    for cell in ("gru", "rnn_tanh", "rnn_relu") if triton_runs else ():
+        for kernel in ("step", "persistent"):
+            # relu's derivative jumps at 0: bfloat16 rounding could flip one, float32 will not.
+            dtype = "float32" if cell == "rnn_relu" else "bfloat16"
+            out[f"{cell} {kernel} {dtype}"] = cell_case(cell, kernel, dtype, device)
     for dtype in ("float32", "bfloat16", "int64"):
         for op in ("sum", "max"):
             out[f"reduce {dtype} {op}"] = reduce_case(dtype, op, device)

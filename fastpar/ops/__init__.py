@@ -1,14 +1,18 @@
-"""LSTM operators: the pure-PyTorch reference, torch's native kernels in a custom op
-(``lstm_aten``, no Triton), and the Triton kernels.
+"""Recurrent operators (LSTM, GRU, Elman RNN): the pure-PyTorch references (``reference``,
+``rnn_reference``), torch's native LSTM kernels in a custom op (``lstm_aten``, no Triton), and
+the Triton kernels.
 
-The Triton modules import one way, each only from those above it:
+The Triton modules serve every cell: the cell ("lstm", "gru", "rnn_tanh", "rnn_relu") is a
+compile-time parameter of one shared step body, so the GRU and RNN run the LSTM's drivers and
+launchers. They import one way, each only from those above it:
 
-    lstm_jit         gate math, tile layout, dot, grid barrier (@triton.jit helpers)
-    lstm_config      tiles, kernel choice, dot precision (no kernels)
+    lstm_jit         the cells' math, tile layout, dot, grid barrier (@triton.jit helpers)
+    lstm_config      tiles, kernel choice, dot precision, gates per cell (no kernels)
     lstm_step        the per-step bodies and the step kernels
     lstm_persistent  the persistent kernels (the same bodies in a loop over time)
     lstm_forward, lstm_backward   launchers: shapes, allocation, grid
-    lstm_op          the custom ops with autograd: ``lstm_recurrence_triton``
+    lstm_op          the LSTM's custom ops with autograd: ``lstm_recurrence_triton``
+    rnn_op           the GRU's and RNN's: ``gru_recurrence_triton``, ``rnn_recurrence_triton``
     lstm_compile_cases            the configurations the launchers choose, for sm_90 reports
 
 They import Triton and are imported by their callers when needed, so ``import fastpar.ops``

@@ -1,4 +1,5 @@
-"""The kernel configurations the LSTM launchers choose for given shapes, as compile cases.
+"""The kernel configurations the recurrent launchers (LSTM, GRU, Elman RNN) choose for given
+shapes, as compile cases.
 
 ``bench/kernel_report.py`` compiles each case for sm_90 (registers, spills, shared memory) and
 the tests check that every case compiles: the interpreter runs kernels on the CPU but enforces
@@ -7,7 +8,8 @@ them. Each case carries the specialization a real launch gets: the constexprs th
 pass, and 16-divisibility of every pointer (torch's allocations are aligned) and of every
 integer argument that is a multiple of 16 and not excluded by ``do_not_specialize``.
 
-Glossary: B batch, H hidden units, P size of h (proj_size or H).
+Glossary: B batch, H hidden units, P size of h (proj_size or H), G gates per unit, GS gate slots
+of a tile (lstm_config.gate_count, gate_slots).
 """
 
 from __future__ import annotations
@@ -19,8 +21,12 @@ import torch
 import triton
 
 from fastpar.ops.lstm_config import (
+    CellKind,
     KernelVersion,
     dot_precision,
+    gate_count,
+    gate_slots,
+    kernel_version,
     padded_k,
     persistent_config,
     saved_gates_dtype,
@@ -59,12 +65,14 @@ def compile_cases(
     dtype: torch.dtype,
     num_sms: int,
     version: KernelVersion = "v2",
+    cell: CellKind = "lstm",
 ) -> list[CompileCase]:
     """Every kernel specialisation a layer of this shape launches on a GPU with num_sms SMs.
 
     Arguments:
-        batch: B; hidden: H; proj: P (= H without a projection); dtype: of input and weights;
-        num_sms: streaming multiprocessors (132 on an H100 SXM); version: of the kernels.
+        batch: B; hidden: H; proj: P (= H without a projection, the only choice but for the
+        LSTM); dtype: of input and weights; num_sms: streaming multiprocessors (132 on an H100
+        SXM); version: of the kernels; cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
 
     Returns:
         For the forward step kernel, the backward step kernel and, where the heuristic would
@@ -72,18 +80,22 @@ def compile_cases(
         (no lengths, inference, first backward step) and the heaviest (lengths, reverse,
         training, a later backward step).
     """
+    if cell != "lstm" and version != kernel_version(cell):
+        return []  # the GRU and RNN run v2 only
     dt = "*" + _TRITON_TYPE[dtype]
     f32, i32 = "*fp32", "*i32"
     gates = "*" + _TRITON_TYPE[saved_gates_dtype(dtype)]
-    shape = f"B={batch} H={hidden} P={proj} {_TRITON_TYPE[dtype]} {version}"
+    shape = f"{cell} B={batch} H={hidden} P={proj} {_TRITON_TYPE[dtype]} {version}"
     prec = dot_precision(dtype, _CUDA)
     kp = padded_k(proj)
+    cell_consts = {"CELL": cell, "G": gate_count(cell), "GS": gate_slots(cell)}
     cases: list[CompileCase] = []
-    cfg = step_config(batch, hidden, dtype, num_sms, version)
+    cfg = step_config(batch, hidden, dtype, num_sms, version, cell=cell)
     step_grid = triton.cdiv(batch, cfg.block_b) * triton.cdiv(hidden, cfg.block_h)
     fwd_sig = {
-        "xg_ptr": dt, "hprev_ptr": dt, "c_state_ptr": f32, "w_ptr": dt, "len_ptr": i32,
-        "gates_ptr": gates, "cs_ptr": f32, "h_ptr": dt, "t": "i32", "t_prev": "i32", "B": "i32",
+        "xg_ptr": dt, "hprev_ptr": dt, "c_state_ptr": f32, "w_ptr": dt, "b_ptr": f32,
+        "len_ptr": i32, "gates_ptr": gates, "cs_ptr": f32, "h_ptr": dt, "t": "i32",
+        "t_prev": "i32", "B": "i32",
     }  # fmt: skip
     # Per kernel the lightest and the heaviest specialisation a launch takes: the ones between
     # hold a subset of the heaviest one's live values (fewer cases keep the CPU report short).
@@ -92,7 +104,7 @@ def compile_cases(
             "H": hidden, "P": proj, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h,
             "BLOCK_K": cfg.block_k, "KP": kp, "W_RESIDENT": cfg.w_resident,
             "HAS_LENGTHS": lengths, "CARRY_H": proj == hidden, "SAVE": save,
-            "DOT_PRECISION": prec, "INTERPRETED": False,
+            "DOT_PRECISION": prec, "INTERPRETED": False, **cell_consts,
         }  # fmt: skip
         label = (
             f"fwd_step {shape} BLOCK_B={cfg.block_b} BLOCK_H={cfg.block_h} "
@@ -105,9 +117,10 @@ def compile_cases(
             )
         )
     has_rec = proj == hidden
+    state = f32 if cell == "lstm" else dt  # c (LSTM) or h (GRU, RNN)
     bwd_sig = {
         "dgates_ptr": dt, "w_ptr": dt, "dh_ptr": dt if has_rec else f32, "gates_ptr": gates,
-        "c_ptr": f32, "cprev_ptr": f32, "len_ptr": i32, "dh_carry_ptr": f32,
+        "state_ptr": state, "prev_ptr": state, "len_ptr": i32, "dh_carry_ptr": f32,
         "dc_carry_ptr": f32, "t": "i32", "t_next": "i32", "t_prev": "i32", "B": "i32",
     }  # fmt: skip
     bwd_grid = triton.cdiv(batch, cfg.block_b) * triton.cdiv(hidden, cfg.block_h_bwd)
@@ -116,7 +129,7 @@ def compile_cases(
             "H": hidden, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd,
             "BLOCK_K": cfg.block_k, "HAS_REC": has_rec, "HAS_NEXT": has_next,
             "HAS_LENGTHS": lengths, "K_SPLIT": cfg.k_split, "DOT_PRECISION": prec,
-            "INTERPRETED": False,
+            "INTERPRETED": False, **cell_consts,
         }  # fmt: skip
         label = (
             f"bwd_step {shape} BLOCK_B={cfg.block_b} BLOCK_H={cfg.block_h_bwd} "
@@ -128,14 +141,14 @@ def compile_cases(
         )
     p_sigs = {
         "fwd_persistent": {
-            "xg_ptr": dt, "h0_ptr": dt, "c0_ptr": f32, "w_ptr": dt, "len_ptr": i32,
-            "gates_ptr": gates, "cs_ptr": f32, "h_ptr": dt, "c_n_ptr": f32, "sync_ptr": i32,
-            "T": "i32", "B": "i32",
+            "xg_ptr": dt, "h0_ptr": dt, "c0_ptr": f32, "w_ptr": dt, "b_ptr": f32,
+            "len_ptr": i32, "gates_ptr": gates, "cs_ptr": f32, "h_ptr": dt, "c_n_ptr": f32,
+            "sync_ptr": i32, "T": "i32", "B": "i32",
         },
         "bwd_persistent": {
-            "dgates_ptr": dt, "w_ptr": dt, "dh_ptr": dt, "gates_ptr": gates, "c_ptr": f32,
-            "c0_ptr": f32, "len_ptr": i32, "dh_carry_ptr": f32, "dc_carry_ptr": f32,
-            "sync_ptr": i32, "T": "i32", "B": "i32",
+            "dgates_ptr": dt, "w_ptr": dt, "dh_ptr": dt, "gates_ptr": gates,
+            "state_ptr": state, "state0_ptr": state, "len_ptr": i32, "dh_carry_ptr": f32,
+            "dc_carry_ptr": f32, "sync_ptr": i32, "T": "i32", "B": "i32",
         },
     }  # fmt: skip
     p_kernels = {
@@ -146,7 +159,7 @@ def compile_cases(
         backward = name[0] == "b"
         pcfg = persistent_config(
             batch, hidden, proj, dtype, num_sms, interpreter=False, backward=backward,
-            version=version,
+            version=version, cell=cell,
         )  # fmt: skip
         if pcfg is None:
             continue
@@ -156,7 +169,7 @@ def compile_cases(
             consts = {
                 "H": hidden, "BLOCK_B": pcfg.block_b, "BLOCK_H": pcfg.block_h,
                 "BLOCK_K": pcfg.block_k, "REVERSE": reverse, "HAS_LENGTHS": lengths,
-                "DOT_PRECISION": prec, "INTERPRETED": False,
+                "DOT_PRECISION": prec, "INTERPRETED": False, **cell_consts,
             }  # fmt: skip
             label = (
                 f"{name} {shape} BLOCK_B={pcfg.block_b} BLOCK_H={pcfg.block_h} "

@@ -1,7 +1,10 @@
-"""Launch configurations of the LSTM kernels and the choice between them.
+"""Launch configurations of the recurrent kernels (LSTM, GRU, Elman RNN) and the choice between
+them.
 
-Glossary: B batch, H hidden units, P size of h (proj_size or H), G = 4 gates, KP = H rounded up
-to a power of two (the K of a dot that takes all of h_{t-1} at once).
+Glossary: B batch, H hidden units, P size of h (proj_size or H), G gates per hidden unit (LSTM 4,
+GRU 3, RNN 1: ``gate_count``), GS gate slots of a tile (``gate_slots``), KP = H rounded up to a
+power of two (the K of a dot that takes all of h_{t-1} at once). Every function takes the cell
+(``CellKind``, default "lstm"): the kernels are shared, only their gate count differs.
 
 Which kernel runs (``choose_kernel``):
 - "step": one launch per time step (and direction), any shape, with or without a projection.
@@ -12,7 +15,8 @@ Which generation of persistent kernel runs (``kernel_version``, environment vari
 ``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh on chip for
 the whole sequence where its tiles fit (``PersistentConfig.w_resident``) and splits the
 backward's K loop across warps (``k_split``); "v1" re-reads the share every step (from L2: the
-barrier invalidates L1). v1 stays selectable until a GPU run has compared the two.
+barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
+to the LSTM only (the GRU and RNN were built on v2).
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -29,6 +33,8 @@ import triton
 from fastpar.ops import interpreter_active
 
 KernelChoice = Literal["auto", "step", "persistent"]
+# The cells the kernels run: "rnn_tanh" and "rnn_relu" are torch.nn.RNN's two nonlinearities.
+CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
 
@@ -47,9 +53,25 @@ RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
 
 
-def kernel_version() -> KernelVersion:
-    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2")."""
+def gate_count(cell: CellKind) -> int:
+    """G: gates per hidden unit (rows of W_hh per unit): LSTM 4, GRU 3, RNN 1."""
+    if cell not in get_args(CellKind):
+        raise ValueError(f"cell must be one of {get_args(CellKind)}, got {cell!r}")
+    return {"lstm": 4, "gru": 3}.get(cell, 1)
+
+
+def gate_slots(cell: CellKind) -> int:
+    """GS: columns per hidden unit of a kernel tile, G rounded up to a power of two (tl.arange
+    sizes are powers of two; the GRU's fourth slot is masked)."""
+    return triton.next_power_of_2(gate_count(cell))
+
+
+def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
+    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2"); the GRU
+    and RNN, which have no v1 to compare against, always run v2."""
     version = os.environ.get(KERNEL_VERSION_ENV, "v2")
+    if cell != "lstm":
+        return "v2"
     if version not in get_args(KernelVersion):
         raise ValueError(
             f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
@@ -98,7 +120,9 @@ def saved_gates_dtype(dtype: torch.dtype) -> torch.dtype:
     Activations lie in [0, 1] (i, f, o) or [-1, 1] (g), where float16 keeps 11 significant bits
     (bfloat16 only 8): rounded to bfloat16 they put bfloat16 gradients outside tests/ops' bound
     (twice PyTorch's own error), rounded to float16 the errors stay where float32 put them. c_t
-    is saved in float32: it is unbounded and carries the recurrence.
+    is saved in float32: it is unbounded and carries the recurrence. The GRU saves r, z, n and
+    ``h_{t-1} W_hn^T + b_hn`` in the same dtype: the last is unbounded but only scales the reset
+    gate's gradient (11 significant bits suffice), and carries nothing.
     """
     return torch.float16 if dtype in (torch.bfloat16, torch.float16) else torch.float32
 
@@ -120,12 +144,21 @@ def padded_k(size: int) -> int:
     return max(MIN_DOT, triton.next_power_of_2(size))
 
 
-def w_fits_registers(block_b: int, hidden: int, block_h: int, dtype: torch.dtype) -> bool:
-    """Whether a (KP, 4*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
-    registers of RESIDENT_WARPS warps (RESIDENT_BYTES_PER_THREAD each)."""
+def resident_warps(cell: CellKind = "lstm") -> int:
+    """Warps of a program that holds W_hh's share: RESIDENT_WARPS, halved for the RNN, whose
+    output tile is a quarter as wide (GS = 1): 8 warps over its 16 columns spill where the
+    rows of h are not 16-byte aligned (bench/kernel_report.py, H=1001), 4 do not."""
+    return RESIDENT_WARPS if gate_slots(cell) == 4 else RESIDENT_WARPS // 2
+
+
+def w_fits_registers(
+    block_b: int, hidden: int, block_h: int, dtype: torch.dtype, cell: CellKind = "lstm"
+) -> bool:
+    """Whether a (KP, GS*block_h) share of W_hh and a (block_b, KP) tile of h_{t-1} fit in the
+    registers of ``resident_warps(cell)`` warps (RESIDENT_BYTES_PER_THREAD each)."""
     kp = padded_k(hidden)
-    size = (block_b * kp + kp * 4 * block_h) * torch.finfo(dtype).bits // 8
-    return size <= RESIDENT_BYTES_PER_THREAD * RESIDENT_WARPS * 32
+    size = (block_b * kp + kp * gate_slots(cell) * block_h) * torch.finfo(dtype).bits // 8
+    return size <= RESIDENT_BYTES_PER_THREAD * resident_warps(cell) * 32
 
 
 @dataclass(frozen=True)
@@ -133,7 +166,7 @@ class StepConfig:
     """Tiles of the per-step kernels (forward and backward)."""
 
     block_b: int  # batch rows per program (>= 16)
-    block_h: int  # hidden units per forward program (4*block_h >= 16)
+    block_h: int  # hidden units per forward program (GS*block_h >= 16)
     block_h_bwd: int  # hidden units per backward program (>= 16: it is a tl.dot N)
     block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
     num_warps: int
@@ -160,6 +193,7 @@ def step_config(
     num_sms: int,
     version: KernelVersion = "v2",
     interpreter: bool = False,
+    cell: CellKind = "lstm",
 ) -> StepConfig:
     """Tiles for the per-step kernels: the widest hidden tile (fewer programs re-read h_{t-1})
     that still gives every SM a program, since one step is far too small to fill the GPU.
@@ -172,17 +206,18 @@ def step_config(
     block_b = batch_block(batch)
     n_b = triton.cdiv(batch, block_b)
     block_h = 32
-    while block_h > 4 and n_b * triton.cdiv(hidden, block_h) < num_sms:
+    min_h = MIN_DOT // gate_slots(cell)  # the dot's N is GS*block_h
+    while block_h > min_h and n_b * triton.cdiv(hidden, block_h) < num_sms:
         block_h //= 2
     block_h_bwd = 32 if n_b * triton.cdiv(hidden, 32) >= num_sms else MIN_DOT
     block_k = 32 if dtype == torch.float32 else 64
     one_wave = n_b * triton.cdiv(hidden, block_h) <= num_sms
     resident = (
         version == "v2"
-        and w_fits_registers(block_b, hidden, block_h, dtype)
+        and w_fits_registers(block_b, hidden, block_h, dtype, cell)
         and (interpreter or one_wave)
     )
-    num_warps = RESIDENT_WARPS if resident else 4
+    num_warps = resident_warps(cell) if resident else 4
     # v2 backward splits its K loop over 4H across the warps (see recurrent_grad).
     k_split = (4 if block_b < 64 else 2) if version == "v2" else 1
     return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
@@ -197,6 +232,7 @@ def persistent_config(
     interpreter: bool,
     backward: bool = False,
     version: KernelVersion = "v2",
+    cell: CellKind = "lstm",
 ) -> PersistentConfig | None:
     """The persistent kernel's tiles, or None when it does not apply.
 
@@ -213,7 +249,7 @@ def persistent_config(
         return None
     block_b = batch_block(batch)
     n_b = triton.cdiv(batch, block_b)
-    min_h = MIN_DOT if backward else 4
+    min_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
     if interpreter:
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
@@ -225,11 +261,12 @@ def persistent_config(
     resident = (
         version == "v2"
         and not backward
-        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype))
+        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype, cell))
     )
     if resident:
-        return PersistentConfig(block_b, block_h, MIN_DOT, RESIDENT_WARPS, w_resident=True)
-    w_share_fits_l1 = 4 * block_h * hidden * torch.finfo(dtype).bits // 8 <= PERSISTENT_W_BYTES
+        return PersistentConfig(block_b, block_h, MIN_DOT, resident_warps(cell), w_resident=True)
+    w_bytes = gate_count(cell) * block_h * hidden * torch.finfo(dtype).bits // 8
+    w_share_fits_l1 = w_bytes <= PERSISTENT_W_BYTES
     if backward and version == "v2":
         # v2 backward runs persistent even when its W_hh share spills from L1 to L2: the step
         # kernels read it from L2 as well, and pay a launch per step on top. Its tile must stay
@@ -257,6 +294,7 @@ def choose_kernel(
     device: torch.device,
     kernel: KernelChoice = "auto",
     backward: bool = False,
+    cell: CellKind = "lstm",
 ) -> Literal["step", "persistent"]:
     """Step or persistent kernel for this shape, forward or backward.
 
@@ -271,7 +309,7 @@ def choose_kernel(
         return "step"
     cfg = persistent_config(
         batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward,
-        kernel_version(),
+        kernel_version(cell), cell,
     )  # fmt: skip
     if kernel == "persistent":
         if cfg is None and backward:

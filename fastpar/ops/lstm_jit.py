@@ -1,11 +1,13 @@
-"""Triton building blocks of the LSTM kernels: gate math, the gate-major tile layout, the dot
-with float32 accumulation, and the grid barrier of the persistent kernels.
+"""Triton building blocks of the recurrent kernels (LSTM, GRU, Elman RNN): the cells' math, the
+gate-major tile layout, the dot with float32 accumulation, and the grid barrier of the
+persistent kernels.
 
-Glossary: B batch, H hidden units, G = 4 gates (i, f, g, o in torch's order). ``BLOCK_B`` rows
-of the batch and ``BLOCK_H`` hidden units are one program's tile; a tile of the four gates is
-``4 * BLOCK_H`` columns ordered gate-major (column n holds gate ``n // BLOCK_H`` of hidden unit
-``n % BLOCK_H``), so the recurrent GEMM of all four gates is one ``tl.dot`` whose N dimension is
-16 or more even when ``BLOCK_H`` is only 4.
+Glossary: B batch, H hidden units, G gates per hidden unit (LSTM 4: i, f, g, o; GRU 3: r, z, n;
+RNN 1, in torch's order), GS gate slots of a tile (G rounded up to a power of two: 4, 4, 1).
+``BLOCK_B`` rows of the batch and ``BLOCK_H`` hidden units are one program's tile; a tile of
+the gates is ``GS * BLOCK_H`` columns ordered gate-major (column n holds gate ``n // BLOCK_H``
+of hidden unit ``n % BLOCK_H``; the GRU's fourth slot is masked), so the recurrent GEMM of all
+gates is one ``tl.dot`` whose N dimension is 16 or more even when ``BLOCK_H`` is only 4.
 
 Nothing here imports another fastpar module: every kernel file imports this one.
 """
@@ -51,6 +53,47 @@ def cell_forward(pre_i, pre_f, pre_g, pre_o, c_prev):
 
 
 @triton.jit
+def gru_cell_forward(hr, hz, hn, xr, xz, xn, h_prev):
+    """GRU gates and update in float32, as torch.nn.GRU: hr, hz, hn are ``h_{t-1} @ W_h*^T``
+    (hn with b_hn added), xr, xz, xn the input projection. Returns r, z, n and h_t."""
+    r = sigmoid(xr + hr)
+    z = sigmoid(xz + hz)
+    n = tanh(xn + r * hn)
+    return r, z, n, n + z * (h_prev - n)
+
+
+@triton.jit
+def gru_cell_backward(dh, r, z, n, hn, h_prev):
+    """Gradients of one GRU step from dh = dL/dh_t and the saved r, z, n, hn (= h W_hn^T +
+    b_hn): of the pre-activations of r and z, of hn (the n rows of the recurrent GEMM), of the
+    input part of n, and the part of dL/dh_{t-1} that does not pass through W_hh (dh * z)."""
+    d_pre_n = dh * (1.0 - z) * (1.0 - n * n)
+    d_r = d_pre_n * hn * r * (1.0 - r)
+    d_z = dh * (h_prev - n) * z * (1.0 - z)
+    return d_r, d_z, d_pre_n * r, d_pre_n, dh * z
+
+
+@triton.jit
+def rnn_activation(pre, CELL: tl.constexpr):
+    """The Elman RNN's nonlinearity: tanh ("rnn_tanh") or relu ("rnn_relu")."""
+    if CELL == "rnn_relu":
+        h = tl.maximum(pre, 0.0)
+    else:
+        h = tanh(pre)
+    return h
+
+
+@triton.jit
+def rnn_activation_grad(dh, h, CELL: tl.constexpr):
+    """dL/d(pre-activation) from dL/dh_t and h_t = act(pre-activation)."""
+    if CELL == "rnn_relu":
+        d = tl.where(h > 0.0, dh, 0.0)
+    else:
+        d = dh * (1.0 - h * h)
+    return d
+
+
+@triton.jit
 def _round_to_tf32(x):
     # Round to nearest (ties away from zero, as cvt.rna.tf32.f32) at TF32's 10 mantissa bits.
     bits = x.to(tl.uint32, bitcast=True)
@@ -80,12 +123,16 @@ def dot_acc(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
-def gate_columns(j0, H, BLOCK_H: tl.constexpr):
-    """Column of the (., 4H) gate layout for each of the tile's 4*BLOCK_H gate-major columns."""
-    n = tl.arange(0, 4 * BLOCK_H)
+def gate_columns(j0, H, BLOCK_H: tl.constexpr, G: tl.constexpr, GS: tl.constexpr):
+    """Column of the (., G*H) gate layout for each of the tile's GS*BLOCK_H gate-major columns,
+    and whether it exists (its unit is < H and its gate < G)."""
+    n = tl.arange(0, GS * BLOCK_H)
+    gate = n // BLOCK_H
     j = j0 + n % BLOCK_H
-    col = (n // BLOCK_H) * H + j
-    return col, j < H
+    valid = j < H
+    if G < GS:
+        valid = valid & (gate < G)
+    return gate * H + j, valid
 
 
 @triton.jit
@@ -96,6 +143,16 @@ def store_gates(ptr, row_off, offs_j, mask, i, f, g, o, H):
     tl.store(p + H, f.to(ptr.dtype.element_ty), mask=mask)
     tl.store(p + 2 * H, g.to(ptr.dtype.element_ty), mask=mask)
     tl.store(p + 3 * H, o.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def store_slots(ptr, row_off, offs_j, mask, a0, a1, a2, a3, H, GS: tl.constexpr):
+    """store_gates for GS slots per row: four, or only a0 when GS == 1."""
+    if GS == 1:
+        p = ptr + row_off[:, None] + offs_j[None, :]
+        tl.store(p, a0.to(ptr.dtype.element_ty), mask=mask)
+    else:
+        store_gates(ptr, row_off, offs_j, mask, a0, a1, a2, a3, H)
 
 
 @triton.jit
