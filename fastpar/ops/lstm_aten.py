@@ -17,10 +17,8 @@ Outside torch.compile, ``lstm_stack_aten`` without lengths makes torch.nn.LSTM's
 ``torch._VF.lstm`` for the whole stack, torch's autograd): no op is needed there, and it costs
 nothing more than torch.nn.LSTM. The op serves compiled graphs, and packed input everywhere.
 
-Lengths and reversal are handled by arranging the batch canonically: rows sorted by length
-(longest first, so the rows still running at step t are a prefix of size batch_sizes[t]) and,
-for the reverse direction, each sequence's valid steps reversed in time. The layer then runs
-forward, and its results are put back in the caller's arrangement.
+Lengths and reversal are handled by ``aten_common.Arrangement`` (the batch sorted by length,
+each sequence's valid steps reversed for the reverse direction), shared with ``rnn_aten``.
 
 Glossary: T time, B batch, I input features, H hidden units, P size of h (proj_size or H),
 G = 4 gates in torch's order (i, f, g, o).
@@ -35,6 +33,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpar.ops.aten_common import (
+    Arrangement,
+    autocast_layer,
+    backward_inputs,
+    check_bias,
+    eager_whole_stack,
+    needs_grad,
+    opmath_dtype,
+    vf_layer,
+    vf_whole_stack,
+)
 from fastpar.ops.reference import LayerWeights, stack_layers
 
 _ONEDNN_LSTM_MODE = 2  # ideep::rnn_kind::LSTM, the `mode` argument of aten.mkldnn_rnn_layer
@@ -49,68 +58,6 @@ def uses_onednn(x: Tensor, w_hr: Tensor | None, lengths: Tensor | None) -> bool:
     if x.dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return x.dtype == torch.float32
-
-
-class _Arrangement:
-    """Maps (T, B, .) tensors to and from the canonical arrangement described above."""
-
-    def __init__(self, lengths: Tensor | None, reverse: bool, steps: int) -> None:
-        self.reverse = reverse
-        self.perm: Tensor | None = None
-        self.batch_sizes: list[int] | None = None
-        if lengths is None:
-            return
-        lengths = lengths.to("cpu", torch.int64)
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"lengths must all be >= 1, got {lengths.tolist()}")
-        if lengths.numel() and int(lengths.max()) > steps:
-            raise ValueError(f"lengths must be <= T = {steps}, got {lengths.tolist()}")
-        self.sorted_lengths, perm = lengths.sort(descending=True, stable=True)
-        self.perm = perm
-        self.inverse = torch.empty_like(perm)
-        self.inverse[perm] = torch.arange(perm.numel())
-        t = torch.arange(steps).unsqueeze(1)
-        valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in sorted order
-        self.batch_sizes = valid.sum(1).tolist()
-        # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
-        self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
-
-    def rows(self, state: Tensor) -> Tensor:
-        """(B, .) in canonical row order."""
-        return state if self.perm is None else state.index_select(0, self.perm.to(state.device))
-
-    def unrows(self, state: Tensor) -> Tensor:
-        return state if self.perm is None else state.index_select(0, self.inverse.to(state.device))
-
-    def _flip(self, seq: Tensor) -> Tensor:
-        if not self.reverse:
-            return seq
-        if self.perm is None:
-            return seq.flip(0)
-        index = self.time_index.to(seq.device).unsqueeze(2).expand(seq.shape)
-        return seq.gather(0, index)
-
-    def apply(self, seq: Tensor) -> Tensor:
-        """(T, B, .) in the caller's arrangement -> canonical."""
-        if self.perm is not None:
-            seq = seq.index_select(1, self.perm.to(seq.device))
-        return self._flip(seq)
-
-    def restore(self, seq: Tensor) -> Tensor:
-        """(T, B, .) canonical -> the caller's arrangement."""
-        seq = self._flip(seq)  # the reversal is its own inverse
-        return seq if self.perm is None else seq.index_select(1, self.inverse.to(seq.device))
-
-
-def _params(w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None,
-            w_hr: Tensor | None) -> list[Tensor]:  # fmt: skip
-    params = [w_ih, w_hh] + ([b_ih, b_hh] if b_ih is not None and b_hh is not None else [])
-    return params + ([w_hr] if w_hr is not None else [])
-
-
-def _check_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> None:
-    if (b_ih is None) != (b_hh is None):
-        raise ValueError("b_ih and b_hh must both be given or both be None, as in torch.nn.LSTM")
 
 
 def _onednn_forward(
@@ -148,32 +95,16 @@ def lstm_aten_layer_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns out (T, B, P) (zeros past each length), h_n (B, P), c_n (B, H), and oneDNN's
     workspace for backward (uint8; empty on the other path or without keep_workspace)."""
-    _check_bias(b_ih, b_hh)
-    has_bias = b_ih is not None
+    check_bias(b_ih, b_hh)
     if uses_onednn(x, w_hr, lengths):
         out, h_n, c_n, ws = _onednn_forward(
             x, h0, c0, w_ih, w_hh, b_ih, b_hh, reverse, keep_workspace
         )
         return out, h_n[0], c_n[0], ws
-    arrange = _Arrangement(lengths, reverse, x.shape[0])
-    params = _params(w_ih, w_hh, b_ih, b_hh, w_hr)
-    hx = (arrange.rows(h0).unsqueeze(0), arrange.rows(c0).unsqueeze(0))
-    xc = arrange.apply(x)
-    with torch.no_grad():
-        if arrange.batch_sizes is None:
-            out, h_n, c_n = torch._VF.lstm(xc, hx, params, has_bias, 1, 0.0, False, False, False)
-        else:
-            data, batch_sizes = torch._pack_padded_sequence(xc, arrange.sorted_lengths, False)
-            out_data, h_n, c_n = torch._VF.lstm(
-                data, batch_sizes, hx, params, has_bias, 1, 0.0, False, False
-            )
-            out, _ = torch._pad_packed_sequence(out_data, batch_sizes, False, 0.0, x.shape[0])
-    return (
-        arrange.restore(out),
-        arrange.unrows(h_n[0]),
-        arrange.unrows(c_n[0]),
-        x.new_empty(0, dtype=torch.uint8),
-    )
+    arrange = Arrangement(lengths, reverse, x.shape[0])
+    w = LayerWeights(w_ih, w_hh, b_ih, b_hh, w_hr)
+    out, (h_n, c_n) = vf_layer(torch._VF.lstm, x, (h0, c0), w, arrange)
+    return out, h_n, c_n, x.new_empty(0, dtype=torch.uint8)
 
 
 @lstm_aten_layer_op.register_fake
@@ -208,21 +139,19 @@ def _backward_recompute(
     lengths: Tensor | None, reverse: bool, out: Tensor, need_dx: bool,
 ) -> _Grads:  # fmt: skip
     """The backward of the non-oneDNN path, in float32 for half types (torch's opmath)."""
-    dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    arrange = _Arrangement(lengths, reverse, x.shape[0])
+    dtype = opmath_dtype(x.dtype)
+    arrange = Arrangement(lengths, reverse, x.shape[0])
     T, B, _ = x.shape
     H, P = w_hh.shape[0] // 4, w_hh.shape[1]
     w_ih, w_hh = w_ih.to(dtype), w_hh.to(dtype)
     w_hr = w_hr.to(dtype) if w_hr is not None else None
-    xc = arrange.apply(x).to(dtype)
-    hc = arrange.apply(out).to(dtype)
-    dhs = arrange.apply(dout).to(dtype, copy=True)
-    h0c, c0c = arrange.rows(h0).to(dtype), arrange.rows(c0).to(dtype)
-    dh_n, dc_n = arrange.rows(dh_n).to(dtype), arrange.rows(dc_n).to(dtype)
+    xc, hs, dhs = backward_inputs(arrange, x, h0, out, dout, dh_n)
+    dhs = dhs[1:]  # dhs[t]: of h_t, dh_n included
+    c0c, dc_n = arrange.rows(c0).to(dtype), arrange.rows(dc_n).to(dtype)
     sizes = arrange.batch_sizes or [B] * T
 
     # Gate activations for every step at once, from the saved h_{t-1}.
-    h_prev = torch.cat([h0c.unsqueeze(0), hc[:-1]]).reshape(T * B, P)
+    h_prev = hs[:-1].reshape(T * B, P)
     x2 = xc.reshape(T * B, -1)
     gates = F.linear(x2, w_ih, (b_ih.to(dtype) + b_hh.to(dtype)) if b_ih is not None else None)
     gates = gates.addmm_(h_prev, w_hh.t()).view(T, B, 4, H)
@@ -258,7 +187,7 @@ def _backward_recompute(
     del gates, ig, tanh_c
 
     # work[t] = [dc_{t-1} (carried into step t-1), di, df, dg, do] of step t; work[T] holds
-    # dc_n, and for a sequence of length L, its dc_n enters at work[L] and dh_n at dhs[L - 1].
+    # dc_n, and for a sequence of length L, its dc_n enters at work[L].
     if lengths is None:  # every step writes all of work[t]
         work = x.new_empty(T + 1, B, 5, H, dtype=dtype)
         work[T].zero_()
@@ -267,12 +196,9 @@ def _backward_recompute(
     dgates = work[:, :, 1:].flatten(2)  # (T + 1, B, 4H) view, row stride 5H
     if lengths is None:
         work[T, :, 0] = dc_n
-        dhs[T - 1] += dh_n
     else:
         last = arrange.sorted_lengths.to(x.device)
-        rows = torch.arange(B, device=x.device)
-        work[last, rows, 0] = dc_n
-        dhs.index_put_((last - 1, rows), dh_n, accumulate=True)
+        work[last, torch.arange(B, device=x.device), 0] = dc_n
     dh_all = x.new_zeros(T, B, P, dtype=dtype) if w_hr is not None else None
     work_t, dgates_t, dhs_t = work.unbind(0), dgates.unbind(0), dhs.unbind(0)
     a_t, b_t, k_t = dc_from_dh.unbind(0), do_from_dh.unbind(0), from_dc.unbind(0)
@@ -412,14 +338,6 @@ def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None, dc_n: Tensor |
 lstm_aten_layer_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _eager_whole_stack(lengths: Tensor | None) -> bool:
-    """Whether to run the whole stack as torch.nn.LSTM does: one ``torch._VF.lstm`` call under
-    torch's autograd. Outside torch.compile the custom op is not needed, and per layer it only
-    adds dispatch overhead (0.9 ms a layer, 13% at B8 T256 H64); with lengths the op stays, as
-    its backward beats torch's packed one (0.4-0.9x measured on CPU)."""
-    return lengths is None and not torch.compiler.is_compiling()
-
-
 def lstm_layer_aten(
     x: Tensor,
     h0: Tensor,
@@ -440,13 +358,8 @@ def lstm_layer_aten(
         out: (T, B, P) hidden state after every step, zero past each length; h_n: (B, P);
         c_n: (B, H): the states after each sequence's last step.
     """
-    if torch.is_autocast_enabled(x.device.type):
-        # Custom ops are outside autocast's lists: take its dtype here, as torch's LSTM does.
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, h0, c0 = x.to(dtype), h0.to(dtype), c0.to(dtype)
-        w = LayerWeights(*(t.to(dtype) if t is not None else None for t in w))
-    tensors = [x, h0, c0, *(t for t in w if t is not None)]
-    keep = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
+    keep = needs_grad(x, h0, c0, *w)
     out, h_n, c_n, _ = lstm_aten_layer_op(
         x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
     )
@@ -467,12 +380,11 @@ def lstm_stack_aten(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.lstm_stack`` on torch's kernels: same arguments and results (dropout draws
     one mask per layer output, as torch.nn.LSTM)."""
-    if _eager_whole_stack(lengths):
-        params = [t for w in weights for t in _params(*w)]
-        has_bias = weights[0].b_ih is not None
-        out, h_n, c_n = torch._VF.lstm(
-            x, (h0, c0), params, has_bias, num_layers, dropout, training, bidirectional, False
-        )
+    if eager_whole_stack(lengths):
+        out, h_n, c_n = vf_whole_stack(
+            torch._VF.lstm, x, (h0, c0), weights, num_layers=num_layers,
+            bidirectional=bidirectional, dropout=dropout, training=training,
+        )  # fmt: skip
         return out, h_n, c_n
 
     def run_layer(

@@ -225,6 +225,31 @@ def stack_layers(
     return layer_input, tuple(torch.stack(list(column)) for column in zip(*finals, strict=True))
 
 
+# (layer_input, h0, weights, reverse) -> (output, h_n); see stack_layers_h.
+HLayerFn = Callable[[Tensor, Tensor, LayerWeights, bool], tuple[Tensor, Tensor]]
+
+
+def stack_layers_h(
+    x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], run_layer: HLayerFn, *,
+    num_layers: int, bidirectional: bool, dropout: float, training: bool,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``stack_layers`` for the cells whose only state is h (GRU, RNN): ``run_layer(layer_input,
+    h0_k, weights_k, reverse)`` returns the layer's output and its h_n (B, H); returns the last
+    layer's output (T, B, D*H) and h_n (L*D, B, H)."""
+
+    def run(
+        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        out, h_n = run_layer(layer_input, states[0], w, reverse)
+        return out, (h_n,)
+
+    out, (h_n,) = stack_layers(
+        x, (h0,), weights, run, num_layers=num_layers, bidirectional=bidirectional,
+        dropout=dropout, training=training,
+    )  # fmt: skip
+    return out, h_n
+
+
 def lstm_cell_reference(x: Tensor, h: Tensor, c: Tensor, w: LayerWeights) -> tuple[Tensor, Tensor]:
     """One LSTM cell step, as torch.nn.LSTMCell.
 

@@ -29,7 +29,7 @@ from fastpar.ops.reference import (
     LayerWeights,
     input_projection,
     masked,
-    stack_layers,
+    stack_layers_h,
     step_mask,
     time_steps,
     valid_steps_mask,
@@ -154,17 +154,16 @@ def gru_stack(
     mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
 
     def run_layer(
-        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
         xg, b_hn = gru_input_projection(layer_input, w)
-        hs = recurrence(xg, states[0], w.w_hh, b_hn, lengths, reverse)
-        return masked(hs, mask), (hs[0] if reverse else hs[-1],)
+        hs = recurrence(xg, h0, w.w_hh, b_hn, lengths, reverse)
+        return masked(hs, mask), hs[0] if reverse else hs[-1]
 
-    out, (h_n,) = stack_layers(
-        x, (h0,), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    return stack_layers_h(
+        x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
-    return out, h_n
 
 
 def rnn_stack(
@@ -185,14 +184,33 @@ def rnn_stack(
     mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
 
     def run_layer(
-        layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
-    ) -> tuple[Tensor, tuple[Tensor, ...]]:
-        xg = input_projection(layer_input, w)
-        hs = recurrence(xg, states[0], w.w_hh, lengths, reverse, nonlinearity)
-        return masked(hs, mask), (hs[0] if reverse else hs[-1],)
+        layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        hs = recurrence(input_projection(layer_input, w), h0, w.w_hh, lengths, reverse,
+                        nonlinearity)  # fmt: skip
+        return masked(hs, mask), hs[0] if reverse else hs[-1]
 
-    out, (h_n,) = stack_layers(
-        x, (h0,), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
+    return stack_layers_h(
+        x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
     )  # fmt: skip
-    return out, h_n
+
+
+def gru_cell_reference(x: Tensor, h: Tensor, w: LayerWeights) -> Tensor:
+    """One GRU step, as torch.nn.GRUCell.
+
+    Arguments:
+        x: (B, I) input; h: (B, H) hidden state; w: the cell's weights (``w_hr`` None).
+
+    Returns:
+        h_next: (B, H).
+    """
+    xg, b_hn = gru_input_projection(x.unsqueeze(0), w)
+    return gru_recurrence_reference(xg, h, w.w_hh, b_hn)[0]
+
+
+def rnn_cell_reference(x: Tensor, h: Tensor, w: LayerWeights, nonlinearity: Nonlinearity) -> Tensor:
+    """One Elman RNN step, as torch.nn.RNNCell: arguments and result as ``gru_cell_reference``,
+    with its ``nonlinearity`` ("tanh" or "relu")."""
+    xg = input_projection(x.unsqueeze(0), w)
+    return rnn_recurrence_reference(xg, h, w.w_hh, nonlinearity=nonlinearity)[0]

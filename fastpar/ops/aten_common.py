@@ -1,0 +1,223 @@
+"""What the custom ops on torch's native recurrent kernels share (``lstm_aten``, ``rnn_aten``).
+
+* ``Arrangement``: lengths and reversal. A layer runs forward in time on a canonical batch: rows
+  sorted by length (longest first, so the rows still running at step t are a prefix of size
+  batch_sizes[t]) and, for the reverse direction, each sequence's valid steps reversed in time.
+  Its results are then put back in the caller's arrangement.
+* ``vf_layer`` / ``vf_whole_stack``: one layer and direction, or a whole stack, through torch's
+  ``torch._VF`` calls (``lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``), which take the same
+  arguments apart from the states.
+* ``eager_whole_stack``: when the stack is torch's own single call rather than the per-layer op.
+* ``autocast_layer``: custom ops are outside autocast's op lists, so a layer takes autocast's
+  dtype itself, as torch's modules do.
+* ``backward_inputs``: the canonical tensors every recompute backward starts from.
+
+Glossary: T time, B batch, I input features, P size of h.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from fastpar.ops.reference import LayerWeights
+
+# torch._VF.lstm / gru / rnn_tanh / rnn_relu: (out, *final states).
+VFCall = Callable[..., Any]
+
+
+class Arrangement:
+    """Maps (T, B, .) tensors to and from the canonical arrangement described above."""
+
+    def __init__(self, lengths: Tensor | None, reverse: bool, steps: int) -> None:
+        self.reverse = reverse
+        self.perm: Tensor | None = None
+        self.batch_sizes: list[int] | None = None  # (T,) rows running at each step
+        if lengths is None:
+            return
+        lengths = lengths.to("cpu", torch.int64)
+        if lengths.numel() and int(lengths.min()) < 1:
+            raise ValueError(f"lengths must all be >= 1, got {lengths.tolist()}")
+        if lengths.numel() and int(lengths.max()) > steps:
+            raise ValueError(f"lengths must be <= T = {steps}, got {lengths.tolist()}")
+        self.sorted_lengths, perm = lengths.sort(descending=True, stable=True)
+        self.perm = perm
+        self.inverse = torch.empty_like(perm)
+        self.inverse[perm] = torch.arange(perm.numel())
+        t = torch.arange(steps).unsqueeze(1)
+        valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in canonical order
+        self.batch_sizes = valid.sum(1).tolist()
+        # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
+        self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
+
+    def rows(self, state: Tensor) -> Tensor:
+        """(B, .) in canonical row order."""
+        return state if self.perm is None else state.index_select(0, self.perm.to(state.device))
+
+    def unrows(self, state: Tensor) -> Tensor:
+        return state if self.perm is None else state.index_select(0, self.inverse.to(state.device))
+
+    def _flip(self, seq: Tensor) -> Tensor:
+        if not self.reverse:
+            return seq
+        if self.perm is None:
+            return seq.flip(0)
+        index = self.time_index.to(seq.device).unsqueeze(2).expand(seq.shape)
+        return seq.gather(0, index)
+
+    def apply(self, seq: Tensor) -> Tensor:
+        """(T, B, .) in the caller's arrangement -> canonical."""
+        if self.perm is not None:
+            seq = seq.index_select(1, self.perm.to(seq.device))
+        return self._flip(seq)
+
+    def restore(self, seq: Tensor) -> Tensor:
+        """(T, B, .) canonical -> the caller's arrangement."""
+        seq = self._flip(seq)  # the reversal is its own inverse
+        return seq if self.perm is None else seq.index_select(1, self.inverse.to(seq.device))
+
+    def pack(self, seq: Tensor) -> Tensor:
+        """(T, B, F) canonical -> (N, F): the valid rows, step after step (step t's are the
+        batch_sizes[t] rows from sum(batch_sizes[:t])); without lengths a view, N = T * B."""
+        if self.batch_sizes is None:
+            return seq.reshape(-1, seq.shape[2])
+        return torch._pack_padded_sequence(seq, self.sorted_lengths, False)[0]
+
+    def unpack(self, data: Tensor, steps: int) -> Tensor:
+        """(N, F) from ``pack`` -> (T, B, F) canonical, zero past each length."""
+        if self.batch_sizes is None:
+            return data.view(steps, -1, data.shape[1])
+        sizes = torch.tensor([b for b in self.batch_sizes if b > 0])
+        return torch._pad_packed_sequence(data, sizes, False, 0.0, steps)[0]
+
+
+def flat_params(w: LayerWeights) -> list[Tensor]:
+    """One layer's parameters in the order torch's ``_VF`` calls take them."""
+    params = [w.w_ih, w.w_hh]
+    if w.b_ih is not None and w.b_hh is not None:
+        params += [w.b_ih, w.b_hh]
+    return params + ([w.w_hr] if w.w_hr is not None else [])
+
+
+def check_bias(b_ih: Tensor | None, b_hh: Tensor | None) -> None:
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be given or both be None, as in torch's modules")
+
+
+def _hx(states: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
+    """The LSTM's calls take (h, c); the GRU's and RNN's take h alone."""
+    return tuple(states) if len(states) > 1 else states[0]
+
+
+def vf_layer(
+    vf: VFCall, x: Tensor, states: Sequence[Tensor], w: LayerWeights, arrange: Arrangement
+) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One layer and direction through ``vf`` without autograd, lengths and reversal by
+    ``arrange``.
+
+    Arguments:
+        vf: torch._VF.lstm, gru, rnn_tanh or rnn_relu.
+        x: (T, B, I) layer input; states: the initial states, each (B, .); w: the weights.
+
+    Returns:
+        out: (T, B, P) zero past each length; the final states, each (B, .).
+    """
+    hx = _hx([arrange.rows(s).unsqueeze(0) for s in states])
+    params = flat_params(w)
+    has_bias = w.b_ih is not None
+    xc = arrange.apply(x)
+    with torch.no_grad():
+        if arrange.batch_sizes is None:
+            out, *finals = vf(xc, hx, params, has_bias, 1, 0.0, False, False, False)
+        else:
+            data, batch_sizes = torch._pack_padded_sequence(xc, arrange.sorted_lengths, False)
+            out_data, *finals = vf(data, batch_sizes, hx, params, has_bias, 1, 0.0, False, False)
+            out, _ = torch._pad_packed_sequence(out_data, batch_sizes, False, 0.0, x.shape[0])
+    return arrange.restore(out), tuple(arrange.unrows(f[0]) for f in finals)
+
+
+def vf_whole_stack(
+    vf: VFCall,
+    x: Tensor,
+    states: Sequence[Tensor],
+    weights: Sequence[LayerWeights],
+    *,
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+    training: bool,
+) -> tuple[Tensor, ...]:
+    """torch's modules' own call: the whole stack in one ``vf`` under torch's autograd (dropout
+    from torch's generator, as the module draws it). Returns (out, *final states)."""
+    params = [t for w in weights for t in flat_params(w)]
+    has_bias = weights[0].b_ih is not None
+    return tuple(
+        vf(x, _hx(states), params, has_bias, num_layers, dropout, training, bidirectional, False)
+    )
+
+
+def eager_whole_stack(lengths: Tensor | None) -> bool:
+    """Whether to run the whole stack as torch's module does (``vf_whole_stack``). Outside
+    torch.compile the custom op is not needed, and per layer it only adds dispatch overhead
+    (0.9 ms a layer, 13% for the LSTM at B8 T256 H64); with lengths the op stays, as its
+    backward beats torch's packed one (forward+backward on CPU, one thread, at the four CPU
+    benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN)."""
+    return lengths is None and not torch.compiler.is_compiling()
+
+
+def autocast_layer(
+    x: Tensor, states: tuple[Tensor, ...], w: LayerWeights
+) -> tuple[Tensor, tuple[Tensor, ...], LayerWeights]:
+    """Under autocast, everything in autocast's dtype (the custom ops are outside its lists);
+    otherwise unchanged."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return x, states, w
+    dtype = torch.get_autocast_dtype(x.device.type)
+    return (
+        x.to(dtype),
+        tuple(s.to(dtype) for s in states),
+        LayerWeights(*(t.to(dtype) if t is not None else None for t in w)),
+    )
+
+
+def needs_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd will ask for a gradient of any of ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a backward computes in: float32 for half types (torch's opmath)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class BackwardInputs(NamedTuple):
+    """A layer's saved tensors in the canonical arrangement and the backward's dtype."""
+
+    x: Tensor  # (T, B, I)
+    hs: Tensor  # (T + 1, B, P): h0, then out (h_t at hs[t + 1]; zero past each length)
+    dhs: Tensor  # (T + 1, B, P): dout at dhs[t + 1] with dh_n added at the last valid step
+    # (past each length: dout as given, which a backward must not read); dhs[0] zero (for dh0)
+
+
+def backward_inputs(
+    arrange: Arrangement, x: Tensor, h0: Tensor, out: Tensor, dout: Tensor, dh_n: Tensor
+) -> BackwardInputs:
+    """``BackwardInputs`` from the caller's (T, B, .) x, out, dout and (B, P) h0, dh_n."""
+    dtype = opmath_dtype(x.dtype)
+    T, B, P = out.shape
+    hs = x.new_empty(T + 1, B, P, dtype=dtype)
+    hs[0] = arrange.rows(h0)
+    hs[1:] = arrange.apply(out)
+    dhs = x.new_empty(T + 1, B, P, dtype=dtype)
+    dhs[0].zero_()
+    dhs[1:] = arrange.apply(dout)
+    dh_n = arrange.rows(dh_n).to(dtype)
+    if arrange.batch_sizes is None:
+        dhs[T] += dh_n
+    else:
+        last = arrange.sorted_lengths.to(x.device)
+        dhs.index_put_((last, torch.arange(B, device=x.device)), dh_n, accumulate=True)
+    return BackwardInputs(arrange.apply(x).to(dtype), hs, dhs)
