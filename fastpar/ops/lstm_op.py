@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_backward import lstm_backward
+from fastpar.ops.lstm_backward import lstm_backward, weight_grad_hh
 from fastpar.ops.lstm_config import KernelChoice, saved_gates_dtype
 from fastpar.ops.lstm_forward import lstm_forward
 from fastpar.profiling import record_range
@@ -111,29 +111,54 @@ def lstm_recurrence_backward_op(
     cs: Tensor,
     hraw: Tensor,
     kernel: str,
+    need_weight_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward recurrence; returns dxg, dh0, dc0 (c0's dtype), dw_hh, dw_hr ((0,) without
-    a projection: a custom op cannot return None)."""
+    a projection: a custom op cannot return None).
+
+    need_weight_grads=False skips the weight-gradient GEMMs (dw_hh and dw_hr are then (0,)):
+    the input pass of a split backward, whose weight pass is ``lstm_recurrence_weight_grad``.
+    """
     with record_range("fastpar.lstm.backward"):
         g = lstm_backward(
-            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel
-        )
+            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel,
+            need_weight_grads=need_weight_grads,
+        )  # fmt: skip
+    dw_hh = g.dw_hh if g.dw_hh is not None else w_hh.new_empty(0)
     dw_hr = g.dw_hr if g.dw_hr is not None else w_hh.new_empty(0)
-    return g.dxg, g.dh0, g.dc0.to(c0.dtype), g.dw_hh, dw_hr
+    return g.dxg, g.dh0, g.dc0.to(c0.dtype), dw_hh, dw_hr
 
 
 @lstm_recurrence_backward_op.register_fake
 def _(
     dhs: Tensor, dc_n: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    lengths: Tensor | None, reverse: bool, hs: Tensor, gates: Tensor, *_: object,
+    lengths: Tensor | None, reverse: bool, hs: Tensor, gates: Tensor, cs: Tensor, hraw: Tensor,
+    kernel: str, need_weight_grads: bool = True,
 ) -> tuple:  # fmt: skip
     return (
         gates.new_empty(gates.shape, dtype=hs.dtype),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
-        w_hh.new_empty(w_hh.shape),
-        w_hh.new_empty(w_hr.shape if w_hr is not None else (0,)),
+        w_hh.new_empty(w_hh.shape if need_weight_grads else (0,)),
+        w_hh.new_empty(w_hr.shape if need_weight_grads and w_hr is not None else (0,)),
     )
+
+
+def lstm_recurrence_weight_grad(
+    dxg: Tensor, h0: Tensor, hs: Tensor, reverse: bool, dtype: torch.dtype
+) -> Tensor:
+    """The weight pass of a split backward: dW_hh from what the input pass produced.
+
+    Arguments:
+        dxg: (T, B, 4H) the input pass's dxg (``lstm_recurrence_backward_op`` with
+            need_weight_grads=False), the gradient of the gate pre-activations.
+        h0: (B, P) and hs: (T, B, P) the forward's initial state and output; reverse its direction.
+        dtype: W_hh's dtype.
+
+    Returns:
+        (4H, P) dW_hh in ``dtype``, as the whole backward computes it (accumulated in float32).
+    """
+    return weight_grad_hh(dxg, hs, h0, reverse).to(dtype)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

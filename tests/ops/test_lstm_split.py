@@ -1,0 +1,83 @@
+"""The split backward of fastpar.nn.LSTM (backend="triton", in the interpreter on CPU): the
+input pass gives the gradients of the input and the states and leaves W_hh's for the deferred
+weight pass; after it every gradient equals the whole backward's, and the float64 reference's.
+A projection is declined: its whole backward runs in the input pass, said once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from fastpar.nn import LSTM
+from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
+from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL
+
+T, B, IN, H = 5, 3, 4, 6
+LENGTHS = torch.tensor([5, 2, 4])  # unsorted, one full, one short
+# Split and whole run the same kernels and GEMMs: only the order of a few float32 sums differs.
+SPLIT_ATOL, SPLIT_RTOL = 1e-6, 1e-5
+
+
+def _model(dtype: torch.dtype, backend: str, **kwargs: object) -> LSTM:
+    torch.manual_seed(3)
+    model = LSTM(IN, H, dtype=torch.float64, backend=backend, **kwargs)  # type: ignore[arg-type]
+    return model.to(dtype)
+
+
+def _gradients(
+    model: LSTM, data: dict[str, Tensor], lengths: Tensor | None, split: bool
+) -> dict[str, Tensor]:
+    """Every gradient of the loss sum(out * g_out) + sum(h_n * g_h) + sum(c_n * g_c)."""
+    dtype = model.weight_hh_l0.dtype
+    x, h0, c0 = (data[n].to(dtype, copy=True).requires_grad_() for n in ("x", "h0", "c0"))
+    deferred = DeferredWeights()
+    mode = weight_split(model, deferred, "lstm stage") if split else contextlib.nullcontext()
+    with mode:
+        inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, (h_n, c_n) = model(inp, (h0, c0))
+    if lengths is not None:
+        out = pad_packed_sequence(out, total_length=T)[0]
+    loss = sum(
+        (t * data[g].to(dtype)).sum() for t, g in ((out, "g_out"), (h_n, "g_h"), (c_n, "g_c"))
+    )
+    loss.backward()
+    if split:
+        w_hh = [p for n, p in model.named_parameters() if n.startswith("weight_hh")]
+        assert all(p.grad is None for p in w_hh)  # deferred to the weight pass
+        assert x.grad is not None and h0.grad is not None and c0.grad is not None
+        deferred.run()
+    found = {"x": x.grad, "h0": h0.grad, "c0": c0.grad}
+    return found | {n: p.grad for n, p in model.named_parameters()}
+
+
+def _data(model: LSTM) -> dict[str, Tensor]:
+    states = model.num_layers * (2 if model.bidirectional else 1)
+    out = H * (2 if model.bidirectional else 1)
+    shapes = {"x": (T, B, IN), "h0": (states, B, H), "c0": (states, B, H),
+              "g_out": (T, B, out), "g_h": (states, B, H), "g_c": (states, B, H)}  # fmt: skip
+    return {name: torch.randn(*shape, dtype=torch.float64) for name, shape in shapes.items()}
+
+
+@pytest.mark.parametrize(
+    "num_layers, bidirectional, packed", [(1, False, False), (2, True, False), (1, True, True)]
+)
+def test_split_backward_equals_whole_backward(
+    num_layers: int, bidirectional: bool, packed: bool
+) -> None:
+    kwargs = {"num_layers": num_layers, "bidirectional": bidirectional}
+    lengths = LENGTHS if packed else None
+    data = _data(_model(torch.float64, "reference", **kwargs))
+    want = _gradients(_model(torch.float64, "reference", **kwargs), data, lengths, split=False)
+    whole = _gradients(_model(torch.float32, "triton", **kwargs), data, lengths, split=False)
+    split = _gradients(_model(torch.float32, "triton", **kwargs), data, lengths, split=True)
+    assert split.keys() == want.keys()
+    for name, got in split.items():
+        torch.testing.assert_close(got, whole[name], atol=SPLIT_ATOL, rtol=SPLIT_RTOL, msg=name)
+        torch.testing.assert_close(
+            got.double(), want[name], atol=FP32_ATOL, rtol=FP32_RTOL, msg=name
+        )
