@@ -7,6 +7,7 @@ A projection is declined: its whole backward runs in the input pass, said once.
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -14,6 +15,12 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from fastpar.nn import LSTM
+from fastpar.ops.lstm_op import (
+    lstm_recurrence_backward_op,
+    lstm_recurrence_op,
+    lstm_recurrence_weight_grad,
+)
+from fastpar.ops.reference import lstm_recurrence_reference
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL
 
@@ -32,11 +39,13 @@ def _model(dtype: torch.dtype, backend: str, **kwargs: object) -> LSTM:
 def _gradients(
     model: LSTM, data: dict[str, Tensor], lengths: Tensor | None, split: bool
 ) -> dict[str, Tensor]:
-    """Every gradient of the loss sum(out * g_out) + sum(h_n * g_h) + sum(c_n * g_c)."""
+    """Every gradient of the loss sum(out * g_out) + sum(h_n * g_h) + sum(c_n * g_c); with
+    `split`, W_hh's deferred to the weight pass unless the LSTM has a projection."""
     dtype = model.weight_hh_l0.dtype
     x, h0, c0 = (data[n].to(dtype, copy=True).requires_grad_() for n in ("x", "h0", "c0"))
     deferred = DeferredWeights()
-    mode = weight_split(model, deferred, "lstm stage") if split else contextlib.nullcontext()
+    stage = f"stage {model.extra_repr()}"  # the report of unsplit parameters: once per name
+    mode = weight_split(model, deferred, stage) if split else contextlib.nullcontext()
     with mode:
         inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
         out, (h_n, c_n) = model(inp, (h0, c0))
@@ -48,7 +57,8 @@ def _gradients(
     loss.backward()
     if split:
         w_hh = [p for n, p in model.named_parameters() if n.startswith("weight_hh")]
-        assert all(p.grad is None for p in w_hh)  # deferred to the weight pass
+        deferred_hh = model.proj_size == 0  # a projection declines: the whole backward runs
+        assert all((p.grad is None) == deferred_hh for p in w_hh)
         assert x.grad is not None and h0.grad is not None and c0.grad is not None
         deferred.run()
     found = {"x": x.grad, "h0": h0.grad, "c0": c0.grad}
@@ -81,3 +91,44 @@ def test_split_backward_equals_whole_backward(
         torch.testing.assert_close(
             got.double(), want[name], atol=FP32_ATOL, rtol=FP32_RTOL, msg=name
         )
+
+
+def test_projection_declines_to_the_whole_backward(caplog: pytest.LogCaptureFixture) -> None:
+    kwargs = {"proj_size": 2}
+    data = _data(_model(torch.float64, "reference", **kwargs))
+    data |= {n: data[n][..., :2].clone() for n in ("h0", "g_out", "g_h")}  # h: proj_size units
+    whole = _gradients(_model(torch.float32, "triton", **kwargs), data, None, split=False)
+    with caplog.at_level(logging.INFO):
+        split = _gradients(_model(torch.float32, "triton", **kwargs), data, None, split=True)
+    for name, got in split.items():
+        torch.testing.assert_close(got, whole[name], atol=SPLIT_ATOL, rtol=SPLIT_RTOL, msg=name)
+    said = [r.message for r in caplog.records if "no weight-gradient split for" in r.message]
+    assert len(said) == 1 and "weight_hh_l0" in said[0] and "weight_hr_l0" in said[0], said
+
+
+def test_backward_op_without_weight_grads_then_weight_pass() -> None:
+    torch.manual_seed(1)
+    xg, h0, c0 = torch.randn(T, B, 4 * H), torch.randn(B, H), torch.randn(B, H)
+    w_hh = torch.randn(4 * H, H) / H
+    for reverse in (False, True):
+        hs, c_n, gates, cs, hraw = lstm_recurrence_op(
+            xg, h0, c0, w_hh, None, LENGTHS, reverse, "step", True
+        )
+        dhs, dc_n = torch.randn_like(hs), torch.randn_like(c_n)
+        args = (dhs, dc_n, h0, c0, w_hh, None, LENGTHS, reverse, hs, gates, cs, hraw, "step")
+        whole = lstm_recurrence_backward_op(*args)
+        split = lstm_recurrence_backward_op(*args, need_weight_grads=False)
+        assert split[3].numel() == 0 and split[4].numel() == 0  # no GEMMs ran
+        torch.library.opcheck(  # the fake implementation gives the same shapes
+            lstm_recurrence_backward_op, args, {"need_weight_grads": False},
+            test_utils=("test_schema", "test_faketensor"),
+        )  # fmt: skip
+        for name, got, want in zip(("dxg", "dh0", "dc0"), split[:3], whole[:3], strict=True):
+            torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
+        later = lstm_recurrence_weight_grad(split[0], h0, hs, reverse, w_hh.dtype)
+        torch.testing.assert_close(later, whole[3], atol=0, rtol=0)
+        # Against autograd through the float64 reference recurrence.
+        leaves = [t.double().requires_grad_() for t in (xg, h0, c0, w_hh)]
+        ref_hs, ref_c = lstm_recurrence_reference(*leaves, None, LENGTHS, reverse)
+        want = torch.autograd.grad([ref_hs, ref_c], leaves[3], [dhs.double(), dc_n.double()])
+        torch.testing.assert_close(later.double(), want[0], atol=FP32_ATOL, rtol=FP32_RTOL)
