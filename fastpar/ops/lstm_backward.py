@@ -47,6 +47,7 @@ class BackwardResult(NamedTuple):
     dw_hh: Tensor | None  # (G*H, P); None when the weight gradients were not asked for
     dw_hr: Tensor | None  # (P, H)
     db_hn: Tensor | None = None  # (H,) float32, GRU
+    dhn: Tensor | None = None  # (T, B, H) GRU: gradient of h_{t-1} W_hn^T + b_hn (a view)
 
 
 def _grad_wrt_prev(dgates: Tensor, w_hh: Tensor, t: int) -> Tensor:
@@ -219,11 +220,12 @@ def recurrence_backward(
     state, state0 = (cs, state0) if cell == "lstm" else (hs, h0.contiguous())
     if T == 0:
         db_hn = torch.zeros(H, device=dev) if cell == "gru" else None
+        dhn = dgates[..., 2 * H : 3 * H] if cell == "gru" else None
         weights = need_weight_grads
         return BackwardResult(
             dgates[..., : G * H], torch.zeros_like(h0), dc_carry,
             torch.zeros_like(w_hh) if weights else None,
-            torch.zeros_like(w_hr) if weights and w_hr is not None else None, db_hn,
+            torch.zeros_like(w_hr) if weights and w_hr is not None else None, db_hn, dhn,
         )  # fmt: skip
 
     has_rec = w_hr is None
@@ -269,8 +271,9 @@ def recurrence_backward(
         dw_hh = weight_grad_hh(dgates[..., : G * H], hs, h0, reverse).to(w_hh.dtype)
     if need_weight_grads and w_hr is not None and dhp is not None:
         dw_hr = matmul_fp32(dhp.reshape(-1, P).t(), hraw.reshape(-1, H)).to(w_hr.dtype)
-    dxg, db_hn = dgates, None
+    dxg, db_hn, dhn = dgates, None, None
     if cell == "gru":
         dxg = torch.cat([dgates[..., : 2 * H], dgates[..., 3 * H :]], dim=2)
-        db_hn = dgates[..., 2 * H : 3 * H].sum(dim=(0, 1), dtype=torch.float32)
-    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn)
+        dhn = dgates[..., 2 * H : 3 * H]
+        db_hn = dhn.sum(dim=(0, 1), dtype=torch.float32)
+    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn, dhn)

@@ -1,12 +1,14 @@
 """The split backward of fastpar.nn.LSTM (backend="triton", in the interpreter on CPU): the
 input pass gives the gradients of the input and the states and leaves W_hh's for the deferred
 weight pass; after it every gradient equals the whole backward's, and the float64 reference's.
-A projection is declined: its whole backward runs in the input pass, said once.
+A projection is declined: its whole backward runs in the input pass, said once. The same for
+the Triton GRU and Elman RNN (fastpar::cell_recurrence).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 
 import pytest
@@ -21,8 +23,12 @@ from fastpar.ops.lstm_op import (
     lstm_recurrence_weight_grad,
 )
 from fastpar.ops.reference import lstm_recurrence_reference
+from fastpar.ops.rnn_op import gru_recurrence_triton, rnn_recurrence_triton
+from fastpar.ops.rnn_reference import gru_stack, rnn_stack
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL
+from tests.ops.test_rnn_reference import _module as _rnn_module
+from tests.ops.test_rnn_reference import _weights as _rnn_weights
 
 T, B, IN, H = 5, 3, 4, 6
 LENGTHS = torch.tensor([5, 2, 4])  # unsorted, one full, one short
@@ -132,3 +138,40 @@ def test_backward_op_without_weight_grads_then_weight_pass() -> None:
         ref_hs, ref_c = lstm_recurrence_reference(*leaves, None, LENGTHS, reverse)
         want = torch.autograd.grad([ref_hs, ref_c], leaves[3], [dhs.double(), dc_n.double()])
         torch.testing.assert_close(later.double(), want[0], atol=FP32_ATOL, rtol=FP32_RTOL)
+
+
+@pytest.mark.parametrize("cell, packed", [("gru", True), ("gru", False), ("rnn_tanh", True)])
+def test_gru_and_rnn_split_backward_equals_whole_backward(cell: str, packed: bool) -> None:
+    # The Triton GRU / RNN in the multi-layer driver (two layers, bidirectional); the whole
+    # backward is checked against torch.nn.GRU / torch.nn.RNN in test_rnn_triton.py.
+    lengths = torch.tensor([6, 3, 5, 1]) if packed else None
+    x, h0 = torch.randn(6, 4, 5), torch.randn(4, 4, 7)  # test_rnn_reference's module
+    cot = [torch.randn(6, 4, 14), torch.randn(4, 4, 7)]
+    found = []
+    for split in (False, True):
+        module = _rnn_module(cell, bias=True).float()
+        leaves = [x.clone().requires_grad_(), h0.clone().requires_grad_()]
+        deferred = DeferredWeights()
+        stage = f"{cell} stage"
+        with weight_split(module, deferred, stage) if split else contextlib.nullcontext():
+            out, h_n = _rnn_stack(cell, *leaves, _rnn_weights(module), lengths)
+        torch.autograd.backward([out, h_n], cot)
+        w_hh = [p for n, p in module.named_parameters() if n.startswith("weight_hh")]
+        assert all((p.grad is None) == split for p in w_hh)  # deferred to the weight pass
+        deferred.run()
+        found.append([t.grad for t in leaves] + [p.grad for p in module.parameters()])
+    for k, (got, want) in enumerate(zip(*found, strict=True)):
+        torch.testing.assert_close(got, want, atol=SPLIT_ATOL, rtol=SPLIT_RTOL, msg=str(k))
+
+
+def _rnn_stack(
+    cell: str, x: Tensor, h0: Tensor, weights: list, lengths: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    options = {"num_layers": 2, "bidirectional": True, "lengths": lengths}
+    if cell == "gru":
+        recurrence = functools.partial(gru_recurrence_triton, kernel="step")
+        return gru_stack(x, h0, weights, recurrence=recurrence, **options)
+    recurrence = functools.partial(rnn_recurrence_triton, kernel="step")
+    return rnn_stack(
+        x, h0, weights, nonlinearity=cell.removeprefix("rnn_"), recurrence=recurrence, **options
+    )

@@ -4,7 +4,7 @@ Zero-bubble schedules send the gradient of a stage's input back as soon as it is
 run the weight gradients later, in time the stage would otherwise spend waiting. Autograd
 computes both in one backward, so the forward of such a stage runs under `weight_split`: a
 torch function mode that reroutes every call of a registered function (F.linear, F.embedding,
-F.layer_norm, and fastpar's LSTM recurrence in split_lstm.py) to a split implementation. Its
+F.layer_norm, and fastpar's recurrences in split_recurrence.py) to a split implementation. Its
 autograd backward returns the input gradient and, instead of the weight gradient, files a job
 (a closure over the tensors it needs, e.g. the layer's input and output gradient) with the
 micro-batch's `DeferredWeights`; the W pass runs the jobs, which add into `param.grad`. The
@@ -36,7 +36,12 @@ from torch.overrides import TorchFunctionMode
 from fastpar._logging import get_logger, log_once
 from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
-from fastpar.parallel.pipeline.split_lstm import LSTM_RECURRENCE, split_lstm_recurrence
+from fastpar.parallel.pipeline.split_recurrence import (
+    CELL_RECURRENCE,
+    LSTM_RECURRENCE,
+    split_cell_recurrence,
+    split_lstm_recurrence,
+)
 
 __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_split"]
 
@@ -269,3 +274,4 @@ register_weight_split(F.linear, _split_linear)
 register_weight_split(F.embedding, _split_embedding)
 register_weight_split(F.layer_norm, _split_layer_norm)
 register_weight_split(LSTM_RECURRENCE, split_lstm_recurrence)
+register_weight_split(CELL_RECURRENCE, split_cell_recurrence)

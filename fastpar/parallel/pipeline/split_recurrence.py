@@ -1,0 +1,169 @@
+"""The split backward of fastpar's recurrences: the LSTM (``fastpar::lstm_recurrence``) and the
+GRU / Elman RNN (``fastpar::cell_recurrence``), run by the Triton kernels.
+
+A recurrence's backward produces dgates, the gradient of the gate pre-activations, which is
+also the gradient of its input xg; from it follow dh0 (and the LSTM's dc0). The recurrent
+weight's gradient ``dW_hh = sum_t dgates_t^T h_{t-1}`` is one GEMM over saved tensors that
+nothing else waits for. So the input pass runs the backward op with ``need_weight_grads=False``
+and hands back the input and state gradients at once, and the GEMM
+(``lstm_recurrence_weight_grad``, ``cell_recurrence_weight_grad``) is deferred to the weight
+pass. The input projection's weights go through F.linear, split on its own (split_backward.py);
+the GRU's b_hn (a slice of b_hh, not a leaf) gets its gradient in the input pass.
+
+Declined (the recurrence keeps its whole backward, said once): an LSTM projection (proj_size >
+0: dW_hr needs the gradient reaching each h_t, which the input pass does not keep), and a W_hh
+that is not a leaf (e.g. cast by autocast: its gradient must flow through the cast).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastpar._logging import get_logger, log_once
+from fastpar.ops.lstm_op import (
+    lstm_recurrence_backward_op,
+    lstm_recurrence_op,
+    lstm_recurrence_weight_grad,
+)
+from fastpar.ops.rnn_op import (
+    cell_recurrence_backward_op,
+    cell_recurrence_op,
+    cell_recurrence_weight_grad,
+)
+from fastpar.parallel.pipeline.grad_accumulate import accumulate
+
+__all__ = [
+    "CELL_RECURRENCE",
+    "LSTM_RECURRENCE",
+    "split_cell_recurrence",
+    "split_lstm_recurrence",
+]
+
+logger = get_logger(__name__)
+
+Defer = Callable[[Callable[[], None]], None]
+
+LSTM_RECURRENCE = torch.ops.fastpar.lstm_recurrence.default
+"""What the pipeline's function mode sees when ``lstm_recurrence_op`` is called."""
+CELL_RECURRENCE = torch.ops.fastpar.cell_recurrence.default
+"""What the pipeline's function mode sees when ``cell_recurrence_op`` is called."""
+
+
+def _splits(op: str, need_backward: bool, w_hh: Tensor, w_hr: Tensor | None = None) -> bool:
+    """Whether a recurrence can split its backward; says once why not where it matters."""
+    if not (need_backward and w_hh.requires_grad):
+        return False  # no W_hh gradient to defer
+    if w_hr is None and w_hh.is_leaf:
+        return True
+    why = "a projection (proj_size > 0)" if w_hr is not None else "a W_hh that is not a leaf"
+    log_once(
+        logger,
+        f"fastpar::{op} with {why}: no weight-gradient split, its whole backward runs in the "
+        "input pass",
+    )
+    return False
+
+
+class _LSTMRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, lengths: Tensor | None,
+        reverse: bool, kernel: str, defer: Defer,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        hs, c_n, gates, cs, hraw = lstm_recurrence_op(
+            xg, h0, c0, w_hh, None, lengths, reverse, kernel, True
+        )
+        ctx.save_for_backward(h0, c0, w_hh, lengths, hs, gates, cs, hraw)
+        ctx.reverse, ctx.kernel, ctx.defer = reverse, kernel, defer
+        ctx.mark_non_differentiable(gates, cs, hraw)
+        return hs, c_n, gates, cs, hraw
+
+    @staticmethod
+    def backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -> tuple:
+        h0, c0, w_hh, lengths, hs, gates, cs, hraw = ctx.saved_tensors
+        dhs = torch.zeros_like(hs) if dhs is None else dhs
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+        dxg, dh0, dc0, _, _ = lstm_recurrence_backward_op(
+            dhs, dc_n, h0, c0, w_hh, None, lengths, ctx.reverse, hs, gates, cs, hraw,
+            ctx.kernel, need_weight_grads=False,
+        )  # fmt: skip
+        reverse = ctx.reverse
+
+        def job() -> None:
+            accumulate(w_hh, lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype))
+
+        ctx.defer(job)
+        return dxg, dh0, dc0, None, None, None, None, None
+
+
+def split_lstm_recurrence(
+    defer: Defer,
+    xg: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_hh: Tensor,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    kernel: str,
+    need_backward: bool,
+) -> Any:
+    """``lstm_recurrence_op`` with W_hh's gradient deferred (a ``WeightSplit``); NotImplemented
+    where it cannot split (see the module docstring)."""
+    if not _splits("lstm_recurrence", need_backward, w_hh, w_hr):
+        return NotImplemented
+    return _LSTMRecurrence.apply(xg, h0, c0, w_hh, lengths, reverse, kernel, defer)
+
+
+class _CellRecurrence(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
+        lengths: Tensor | None, reverse: bool, cell: str, kernel: str, defer: Defer,
+    ) -> tuple[Tensor, Tensor]:  # fmt: skip
+        hs, gates = cell_recurrence_op(xg, h0, w_hh, b_hn, lengths, reverse, cell, kernel, True)
+        ctx.save_for_backward(h0, w_hh, lengths, hs, gates)
+        ctx.b_hn_dtype = None if b_hn is None else b_hn.dtype
+        ctx.reverse, ctx.cell, ctx.kernel, ctx.defer = reverse, cell, kernel, defer
+        ctx.mark_non_differentiable(gates)
+        return hs, gates
+
+    @staticmethod
+    def backward(ctx: Any, dhs: Tensor | None, _dgates: Tensor | None) -> tuple:
+        h0, w_hh, lengths, hs, gates = ctx.saved_tensors
+        dhs = torch.zeros_like(hs) if dhs is None else dhs
+        dxg, dh0, dhn, db_hn = cell_recurrence_backward_op(
+            dhs, h0, w_hh, lengths, ctx.reverse, hs, gates, ctx.cell, ctx.kernel,
+            need_weight_grads=False,
+        )  # fmt: skip
+        reverse = ctx.reverse
+
+        def job() -> None:
+            accumulate(w_hh, cell_recurrence_weight_grad(dxg, dhn, h0, hs, reverse, w_hh.dtype))
+
+        ctx.defer(job)
+        db = None if ctx.b_hn_dtype is None else db_hn.to(ctx.b_hn_dtype)
+        return dxg, dh0, None, db, None, None, None, None, None
+
+
+def split_cell_recurrence(
+    defer: Defer,
+    xg: Tensor,
+    h0: Tensor,
+    w_hh: Tensor,
+    b_hn: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    cell: str,
+    kernel: str,
+    need_backward: bool,
+) -> Any:
+    """``cell_recurrence_op`` with W_hh's gradient deferred (a ``WeightSplit``); NotImplemented
+    where it cannot split (see the module docstring)."""
+    if not _splits("cell_recurrence", need_backward, w_hh):
+        return NotImplemented
+    return _CellRecurrence.apply(xg, h0, w_hh, b_hn, lengths, reverse, cell, kernel, defer)
