@@ -34,12 +34,15 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fastpar._logging import get_logger, log_once
+from fastpar.ops.aten_common import per_layer_ops
 from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
 from fastpar.parallel.pipeline.split_recurrence import (
     CELL_RECURRENCE,
+    LSTM_ATEN_LAYER,
     LSTM_RECURRENCE,
     split_cell_recurrence,
+    split_lstm_aten_layer,
     split_lstm_recurrence,
 )
 
@@ -116,7 +119,7 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
         name: the stage, for the one-time log of parameters that cannot be deferred.
     """
     covered: set[int] = set()
-    with _SplitMode(deferred, covered):
+    with _SplitMode(deferred, covered), per_layer_ops():  # the mode sees each layer's op
         yield
     if name in _REPORTED:  # walking the parameters costs per micro-batch: once per stage
         return
@@ -275,3 +278,4 @@ register_weight_split(F.embedding, _split_embedding)
 register_weight_split(F.layer_norm, _split_layer_norm)
 register_weight_split(LSTM_RECURRENCE, split_lstm_recurrence)
 register_weight_split(CELL_RECURRENCE, split_cell_recurrence)
+register_weight_split(LSTM_ATEN_LAYER, split_lstm_aten_layer)

@@ -1,5 +1,6 @@
 """The split backward of fastpar's recurrences: the LSTM (``fastpar::lstm_recurrence``) and the
-GRU / Elman RNN (``fastpar::cell_recurrence``), run by the Triton kernels.
+GRU / Elman RNN (``fastpar::cell_recurrence``), run by the Triton kernels, and the LSTM layer on
+torch's kernels (``fastpar::lstm_aten_layer``, the CPU default).
 
 A recurrence's backward produces dgates, the gradient of the gate pre-activations, which is
 also the gradient of its input xg; from it follow dh0 (and the LSTM's dc0). The recurrent
@@ -9,6 +10,12 @@ and hands back the input and state gradients at once, and the GEMM
 (``lstm_recurrence_weight_grad``, ``cell_recurrence_weight_grad``) is deferred to the weight
 pass. The input projection's weights go through F.linear, split on its own (split_backward.py);
 the GRU's b_hn (a slice of b_hh, not a leaf) gets its gradient in the input pass.
+
+``fastpar::lstm_aten_layer`` holds the whole layer: its input pass is the recomputing backward
+(``lstm_aten_layer_input_pass``) up to dgates and dx, dh0, dc0, also where a whole backward
+would run oneDNN's (which computes everything at once); its weight pass the GEMMs for W_ih,
+W_hh and the biases. Stacks without lengths, which outside torch.compile call torch's
+whole-stack kernel, run layer by layer in a split stage (``aten_common.per_layer_ops``).
 
 Declined (the recurrence keeps its whole backward, said once): an LSTM projection (proj_size >
 0: dW_hr needs the gradient reaching each h_t, which the input pass does not keep), and a W_hh
@@ -24,6 +31,11 @@ import torch
 from torch import Tensor
 
 from fastpar._logging import get_logger, log_once
+from fastpar.ops.lstm_aten import (
+    lstm_aten_layer_input_pass,
+    lstm_aten_layer_op,
+    lstm_aten_layer_weight_grads,
+)
 from fastpar.ops.lstm_op import (
     lstm_recurrence_backward_op,
     lstm_recurrence_op,
@@ -38,8 +50,10 @@ from fastpar.parallel.pipeline.grad_accumulate import accumulate
 
 __all__ = [
     "CELL_RECURRENCE",
+    "LSTM_ATEN_LAYER",
     "LSTM_RECURRENCE",
     "split_cell_recurrence",
+    "split_lstm_aten_layer",
     "split_lstm_recurrence",
 ]
 
@@ -51,6 +65,8 @@ LSTM_RECURRENCE = torch.ops.fastpar.lstm_recurrence.default
 """What the pipeline's function mode sees when ``lstm_recurrence_op`` is called."""
 CELL_RECURRENCE = torch.ops.fastpar.cell_recurrence.default
 """What the pipeline's function mode sees when ``cell_recurrence_op`` is called."""
+LSTM_ATEN_LAYER = torch.ops.fastpar.lstm_aten_layer.default
+"""What the pipeline's function mode sees when ``lstm_aten_layer_op`` is called."""
 
 
 def _splits(op: str, need_backward: bool, w_hh: Tensor, w_hr: Tensor | None = None) -> bool:
@@ -167,3 +183,69 @@ def split_cell_recurrence(
     if not _splits("cell_recurrence", need_backward, w_hh):
         return NotImplemented
     return _CellRecurrence.apply(xg, h0, w_hh, b_hn, lengths, reverse, cell, kernel, defer)
+
+
+class _LSTMAtenLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
+        b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
+        defer: Defer,
+    ) -> tuple[Tensor, ...]:  # fmt: skip
+        # No workspace: the recomputing backward reads only the inputs and out.
+        out, h_n, c_n, ws = lstm_aten_layer_op(
+            x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, False
+        )
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, out)
+        ctx.reverse, ctx.defer = reverse, defer
+        ctx.mark_non_differentiable(ws)
+        return out, h_n, c_n, ws
+
+    @staticmethod
+    def backward(
+        ctx: Any, dout: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None, _dws: Any
+    ) -> tuple:
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, out = ctx.saved_tensors
+        dout = torch.zeros_like(out) if dout is None else dout
+        dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+        dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
+        grads = lstm_aten_layer_input_pass(
+            dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, ctx.reverse,
+            out, ctx.needs_input_grad[0],
+        )  # fmt: skip
+        dx, dh0, dc0 = grads.dx, grads.dh0, grads.dc0
+        grads = grads._replace(dx=dx[:0], dh0=dh0[:0], dc0=dc0[:0])  # the job keeps the rest
+
+        def job() -> None:
+            dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, b_ih is not None, x.dtype)
+            for param, grad in ((w_ih, dw_ih), (w_hh, dw_hh), (b_ih, db), (b_hh, db)):
+                if param is not None and param.requires_grad:
+                    accumulate(param, grad)
+
+        ctx.defer(job)
+        return (dx if ctx.needs_input_grad[0] else None, dh0, dc0) + (None,) * 7
+
+
+def split_lstm_aten_layer(
+    defer: Defer,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    lengths: Tensor | None,
+    reverse: bool,
+    keep_workspace: bool,
+) -> Any:
+    """``lstm_aten_layer_op`` with its weight gradients deferred (a ``WeightSplit``): the input
+    pass is the recomputing backward up to dgates (also where torch's would run oneDNN's), the
+    weight pass its three GEMMs. NotImplemented where it cannot split (module docstring)."""
+    weights = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
+    if not (keep_workspace and any(t.requires_grad for t in weights)):
+        return NotImplemented
+    if not _splits("lstm_aten_layer", True, w_hh, w_hr) or not all(t.is_leaf for t in weights):
+        return NotImplemented
+    return _LSTMAtenLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, defer)
