@@ -49,31 +49,33 @@ def _gradients(
     `split`, W_hh's deferred to the weight pass unless the LSTM has a projection."""
     dtype = model.weight_hh_l0.dtype
     x, h0, c0 = (data[n].to(dtype, copy=True).requires_grad_() for n in ("x", "h0", "c0"))
-    deferred = DeferredWeights()
     stage = f"stage {model.extra_repr()}"  # the report of unsplit parameters: once per name
-    mode = weight_split(model, deferred, stage) if split else contextlib.nullcontext()
-    with mode:
-        inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
-        out, (h_n, c_n) = model(inp, (h0, c0))
-    if lengths is not None:
-        out = pad_packed_sequence(out, total_length=T)[0]
-    loss = sum(
-        (t * data[g].to(dtype)).sum() for t, g in ((out, "g_out"), (h_n, "g_h"), (c_n, "g_c"))
-    )
-    loss.backward()
-    if split:
-        w_hh = [p for n, p in model.named_parameters() if n.startswith("weight_hh")]
-        deferred_hh = model.proj_size == 0  # a projection declines: the whole backward runs
-        if deferred_hh:  # the Triton path's biases are summed first: not leaves, not deferred
-            waiting = [
-                p for n, p in model.named_parameters() if model.backend == "torch" or "weight" in n
-            ]
-            assert all(p.grad is None for p in waiting)
-        assert all((p.grad is None) == deferred_hh for p in w_hh)
-        assert x.grad is not None and h0.grad is not None and c0.grad is not None
+    for step in range(2):  # gradients accumulate over two, as over a pipeline's micro-batches
+        deferred = DeferredWeights()
+        mode = weight_split(model, deferred, stage) if split else contextlib.nullcontext()
+        with mode:
+            inp = x if lengths is None else pack_padded_sequence(x, lengths, enforce_sorted=False)
+            out, (h_n, c_n) = model(inp, (h0, c0))
+        if lengths is not None:
+            out = pad_packed_sequence(out, total_length=T)[0]
+        cotangents = ((out, "g_out"), (h_n, "g_h"), (c_n, "g_c"))
+        sum((t * data[g].to(dtype)).sum() for t, g in cotangents).backward()
+        if split and step == 0:
+            _check_input_pass(model, x, h0, c0)
         deferred.run()
     found = {"x": x.grad, "h0": h0.grad, "c0": c0.grad}
     return found | {n: p.grad for n, p in model.named_parameters()}
+
+
+def _check_input_pass(model: LSTM, x: Tensor, h0: Tensor, c0: Tensor) -> None:
+    """After the input pass: the input and state gradients are there, W_hh's waits (all the
+    weights' on the ATen path; the Triton path's biases are summed first, not leaves)."""
+    assert x.grad is not None and h0.grad is not None and c0.grad is not None
+    if model.proj_size:  # the recurrence declined: its whole backward ran
+        assert model.weight_hh_l0.grad is not None and model.weight_hr_l0.grad is not None
+        return
+    waiting = [p for n, p in model.named_parameters() if model.backend == "torch" or "weight" in n]
+    assert all(p.grad is None for p in waiting)
 
 
 def _data(model: LSTM) -> dict[str, Tensor]:

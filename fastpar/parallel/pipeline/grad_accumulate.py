@@ -8,7 +8,8 @@ __all__ = ["accumulate", "needs_grad"]
 
 
 def accumulate(param: Tensor, grad: Tensor) -> None:
-    """``param.grad += grad`` in param's dtype, or ``param.grad = grad`` when it has none."""
+    """``param.grad += grad`` in param's dtype, or ``param.grad = grad`` when it has none (then
+    `grad` itself, where its dtype is param's: give each parameter a tensor of its own)."""
     if param.grad is None:
         param.grad = grad.to(param.dtype)
     else:

@@ -69,6 +69,11 @@ LSTM_ATEN_LAYER = torch.ops.fastpar.lstm_aten_layer.default
 """What the pipeline's function mode sees when ``lstm_aten_layer_op`` is called."""
 
 
+def _arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The op's arguments by their schema's names, however the mode received them."""
+    return dict(zip((a.name for a in op._schema.arguments), args, strict=False)) | kwargs
+
+
 def _splits(op: str, need_backward: bool, w_hh: Tensor, w_hr: Tensor | None = None) -> bool:
     """Whether a recurrence can split its backward; says once why not where it matters."""
     if not (need_backward and w_hh.requires_grad):
@@ -84,17 +89,16 @@ def _splits(op: str, need_backward: bool, w_hh: Tensor, w_hr: Tensor | None = No
     return False
 
 
+# Each Function's forward takes the op's arguments by name (`a`, its tensors the same objects
+# as the positional ones, which autograd differentiates) and runs the op itself.
+
+
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, xg: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, lengths: Tensor | None,
-        reverse: bool, kernel: str, defer: Defer,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
-        hs, c_n, gates, cs, hraw = lstm_recurrence_op(
-            xg, h0, c0, w_hh, None, lengths, reverse, kernel, True
-        )
-        ctx.save_for_backward(h0, c0, w_hh, lengths, hs, gates, cs, hraw)
-        ctx.reverse, ctx.kernel, ctx.defer = reverse, kernel, defer
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
+        hs, c_n, gates, cs, hraw = lstm_recurrence_op(**a)
+        ctx.save_for_backward(a["h0"], a["c0"], a["w_hh"], a["lengths"], hs, gates, cs, hraw)
+        ctx.reverse, ctx.kernel, ctx.defer = a["reverse"], a["kernel"], defer
         ctx.mark_non_differentiable(gates, cs, hraw)
         return hs, c_n, gates, cs, hraw
 
@@ -113,38 +117,25 @@ class _LSTMRecurrence(torch.autograd.Function):
             accumulate(w_hh, lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype))
 
         ctx.defer(job)
-        return dxg, dh0, dc0, None, None, None, None, None
+        return None, None, dxg, dh0, dc0, None
 
 
-def split_lstm_recurrence(
-    defer: Defer,
-    xg: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_hh: Tensor,
-    w_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    kernel: str,
-    need_backward: bool,
-) -> Any:
+def split_lstm_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     """``lstm_recurrence_op`` with W_hh's gradient deferred (a ``WeightSplit``); NotImplemented
     where it cannot split (see the module docstring)."""
-    if not _splits("lstm_recurrence", need_backward, w_hh, w_hr):
+    a = _arguments(LSTM_RECURRENCE, args, kwargs)
+    if not _splits("lstm_recurrence", a["need_backward"], a["w_hh"], a["w_hr"]):
         return NotImplemented
-    return _LSTMRecurrence.apply(xg, h0, c0, w_hh, lengths, reverse, kernel, defer)
+    return _LSTMRecurrence.apply(defer, a, a["xg"], a["h0"], a["c0"], a["w_hh"])
 
 
 class _CellRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, xg: Tensor, h0: Tensor, w_hh: Tensor, b_hn: Tensor | None,
-        lengths: Tensor | None, reverse: bool, cell: str, kernel: str, defer: Defer,
-    ) -> tuple[Tensor, Tensor]:  # fmt: skip
-        hs, gates = cell_recurrence_op(xg, h0, w_hh, b_hn, lengths, reverse, cell, kernel, True)
-        ctx.save_for_backward(h0, w_hh, lengths, hs, gates)
-        ctx.b_hn_dtype = None if b_hn is None else b_hn.dtype
-        ctx.reverse, ctx.cell, ctx.kernel, ctx.defer = reverse, cell, kernel, defer
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
+        hs, gates = cell_recurrence_op(**a)
+        ctx.save_for_backward(a["h0"], a["w_hh"], a["lengths"], hs, gates)
+        ctx.b_hn_dtype = None if a["b_hn"] is None else a["b_hn"].dtype
+        ctx.reverse, ctx.cell, ctx.kernel, ctx.defer = a["reverse"], a["cell"], a["kernel"], defer
         ctx.mark_non_differentiable(gates)
         return hs, gates
 
@@ -163,41 +154,30 @@ class _CellRecurrence(torch.autograd.Function):
 
         ctx.defer(job)
         db = None if ctx.b_hn_dtype is None else db_hn.to(ctx.b_hn_dtype)
-        return dxg, dh0, None, db, None, None, None, None, None
+        return None, None, dxg, dh0, None, db
 
 
-def split_cell_recurrence(
-    defer: Defer,
-    xg: Tensor,
-    h0: Tensor,
-    w_hh: Tensor,
-    b_hn: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    cell: str,
-    kernel: str,
-    need_backward: bool,
-) -> Any:
+def split_cell_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     """``cell_recurrence_op`` with W_hh's gradient deferred (a ``WeightSplit``); NotImplemented
     where it cannot split (see the module docstring)."""
-    if not _splits("cell_recurrence", need_backward, w_hh):
+    a = _arguments(CELL_RECURRENCE, args, kwargs)
+    if not _splits("cell_recurrence", a["need_backward"], a["w_hh"]):
         return NotImplemented
-    return _CellRecurrence.apply(xg, h0, w_hh, b_hn, lengths, reverse, cell, kernel, defer)
+    # b_hn last: None (no bias) ends the differentiable arguments.
+    return _CellRecurrence.apply(defer, a, a["xg"], a["h0"], a["w_hh"], a["b_hn"])
+
+
+_ATEN_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 
 class _LSTMAtenLayer(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor,
-        b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,
-        defer: Defer,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
         # No workspace: the recomputing backward reads only the inputs and out.
-        out, h_n, c_n, ws = lstm_aten_layer_op(
-            x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, reverse, False
-        )
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, out)
-        ctx.reverse, ctx.defer = reverse, defer
+        out, h_n, c_n, ws = lstm_aten_layer_op(**(a | {"keep_workspace": False}))
+        ctx.a = {k: v for k, v in a.items() if k not in ("x", "h0", "c0", *_ATEN_WEIGHTS)}
+        ctx.save_for_backward(*(a[k] for k in ("x", "h0", "c0", *_ATEN_WEIGHTS)), out)
+        ctx.defer = defer
         ctx.mark_non_differentiable(ws)
         return out, h_n, c_n, ws
 
@@ -205,47 +185,40 @@ class _LSTMAtenLayer(torch.autograd.Function):
     def backward(
         ctx: Any, dout: Tensor | None, dh_n: Tensor | None, dc_n: Tensor | None, _dws: Any
     ) -> tuple:
-        x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, out = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh, out = ctx.saved_tensors
         dout = torch.zeros_like(out) if dout is None else dout
         dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
         grads = lstm_aten_layer_input_pass(
-            dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, lengths, ctx.reverse,
-            out, ctx.needs_input_grad[0],
+            dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, ctx.a["lengths"],
+            ctx.a["reverse"], out, ctx.needs_input_grad[2],
         )  # fmt: skip
         dx, dh0, dc0 = grads.dx, grads.dh0, grads.dc0
         grads = grads._replace(dx=dx[:0], dh0=dh0[:0], dc0=dc0[:0])  # the job keeps the rest
 
         def job() -> None:
             dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, b_ih is not None, x.dtype)
-            for param, grad in ((w_ih, dw_ih), (w_hh, dw_hh), (b_ih, db), (b_hh, db)):
+            # b_hh gets its own copy: a first gradient becomes `.grad` itself (accumulate).
+            db_hh = db.clone() if db.numel() else db
+            for param, grad in ((w_ih, dw_ih), (w_hh, dw_hh), (b_ih, db), (b_hh, db_hh)):
                 if param is not None and param.requires_grad:
                     accumulate(param, grad)
 
         ctx.defer(job)
-        return (dx if ctx.needs_input_grad[0] else None, dh0, dc0) + (None,) * 7
+        return None, None, dx if ctx.needs_input_grad[2] else None, dh0, dc0, None, None, None, None
 
 
-def split_lstm_aten_layer(
-    defer: Defer,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    lengths: Tensor | None,
-    reverse: bool,
-    keep_workspace: bool,
-) -> Any:
+def split_lstm_aten_layer(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     """``lstm_aten_layer_op`` with its weight gradients deferred (a ``WeightSplit``): the input
     pass is the recomputing backward up to dgates (also where torch's would run oneDNN's), the
     weight pass its three GEMMs. NotImplemented where it cannot split (module docstring)."""
-    weights = [t for t in (w_ih, w_hh, b_ih, b_hh) if t is not None]
-    if not (keep_workspace and any(t.requires_grad for t in weights)):
+    a = _arguments(LSTM_ATEN_LAYER, args, kwargs)
+    weights = [a[k] for k in _ATEN_WEIGHTS if a[k] is not None]
+    if not (a["keep_workspace"] and any(t.requires_grad for t in weights)):
+        return NotImplemented  # keep_workspace: whether a gradient is wanted at all
+    if not _splits("lstm_aten_layer", True, a["w_hh"], a["w_hr"]):
         return NotImplemented
-    if not _splits("lstm_aten_layer", True, w_hh, w_hr) or not all(t.is_leaf for t in weights):
+    if not all(t.is_leaf for t in weights):
         return NotImplemented
-    return _LSTMAtenLayer.apply(x, h0, c0, w_ih, w_hh, b_ih, b_hh, lengths, reverse, defer)
+    # The weights too: a stage's first layer may have no input that requires a gradient.
+    return _LSTMAtenLayer.apply(defer, a, a["x"], a["h0"], a["c0"], *(a[k] for k in _ATEN_WEIGHTS))
