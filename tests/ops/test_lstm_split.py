@@ -23,7 +23,13 @@ from fastpar.ops.lstm_op import (
     lstm_recurrence_weight_grad,
 )
 from fastpar.ops.reference import lstm_recurrence_reference
-from fastpar.ops.rnn_op import gru_recurrence_triton, rnn_recurrence_triton
+from fastpar.ops.rnn_op import (
+    cell_recurrence_backward_op,
+    cell_recurrence_op,
+    cell_recurrence_weight_grad,
+    gru_recurrence_triton,
+    rnn_recurrence_triton,
+)
 from fastpar.ops.rnn_reference import gru_stack, rnn_stack
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL
@@ -202,3 +208,41 @@ def _rnn_stack(
     return rnn_stack(
         x, h0, weights, nonlinearity=cell.removeprefix("rnn_"), recurrence=recurrence, **options
     )
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn_relu"])
+def test_cell_backward_op_without_weight_grads_then_weight_pass(cell: str) -> None:
+    torch.manual_seed(2)
+    G = 3 if cell == "gru" else 1
+    xg, h0, w_hh = torch.randn(T, B, G * H), torch.randn(B, H), torch.randn(G * H, H) / H
+    b_hn = torch.randn(H) if cell == "gru" else None
+    hs, gates = cell_recurrence_op(xg, h0, w_hh, b_hn, LENGTHS, True, cell, "step", True)
+    args = (torch.randn_like(hs), h0, w_hh, LENGTHS, True, hs, gates, cell, "step")
+    whole = cell_recurrence_backward_op(*args)
+    split = cell_recurrence_backward_op(*args, need_weight_grads=False)
+    torch.library.opcheck(  # the fake implementation gives the same shapes
+        cell_recurrence_backward_op, args, {"need_weight_grads": False},
+        test_utils=("test_schema", "test_faketensor"),
+    )  # fmt: skip
+    for name, k in (("dxg", 0), ("dh0", 1), ("db_hn", 3)):
+        torch.testing.assert_close(split[k], whole[k], atol=0, rtol=0, msg=name)
+    later = cell_recurrence_weight_grad(split[0], split[2], h0, hs, True, w_hh.dtype)
+    torch.testing.assert_close(later, whole[2], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_first_layer_without_input_gradients(backend: str) -> None:
+    # A stage that starts with the LSTM: nothing but the weights wants a gradient.
+    x, cot = torch.randn(T, B, IN), torch.randn(T, B, H)
+    found = []
+    for split in (False, True):
+        model = _model(torch.float32, backend)
+        deferred = DeferredWeights()
+        with weight_split(model, deferred, "first") if split else contextlib.nullcontext():
+            out, _ = model(x)
+        out.backward(cot)
+        assert (model.weight_hh_l0.grad is None) == split
+        deferred.run()
+        found.append({n: p.grad for n, p in model.named_parameters()})
+    for name, got in found[1].items():
+        torch.testing.assert_close(got, found[0][name], atol=FP32_ATOL, rtol=FP32_RTOL, msg=name)
