@@ -48,6 +48,7 @@ class BackwardResult(NamedTuple):
     dw_hr: Tensor | None  # (P, H)
     db_hn: Tensor | None = None  # (H,) float32, GRU
     dhn: Tensor | None = None  # (T, B, H) GRU: gradient of h_{t-1} W_hn^T + b_hn (a view)
+    dhp: Tensor | None = None  # (T, B, P) float32, projection: the gradient reaching each h_t
 
 
 def _grad_wrt_prev(dgates: Tensor, w_hh: Tensor, t: int) -> Tensor:
@@ -79,6 +80,15 @@ def weight_grad_hh(dgates: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Ten
     else:
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
     return matmul_fp32(dgates.reshape(T * B, G).t(), h_prev.reshape(T * B, P))
+
+
+def weight_grad_hr(dhp: Tensor, hraw: Tensor) -> Tensor:
+    """(P, H) float32 ``sum_t dhp_t^T hraw_t``, the projection's weight gradient, as one GEMM.
+
+    dhp: (T, B, P) the gradient reaching each h_t; hraw: (T, B, H) o*tanh(c_t) before the
+    projection.
+    """
+    return matmul_fp32(dhp.reshape(-1, dhp.shape[2]).t(), hraw.reshape(-1, hraw.shape[2]))
 
 
 def _backward_steps(
@@ -270,10 +280,10 @@ def recurrence_backward(
     if need_weight_grads:
         dw_hh = weight_grad_hh(dgates[..., : G * H], hs, h0, reverse).to(w_hh.dtype)
     if need_weight_grads and w_hr is not None and dhp is not None:
-        dw_hr = matmul_fp32(dhp.reshape(-1, P).t(), hraw.reshape(-1, H)).to(w_hr.dtype)
+        dw_hr = weight_grad_hr(dhp, hraw).to(w_hr.dtype)
     dxg, db_hn, dhn = dgates, None, None
     if cell == "gru":
         dxg = torch.cat([dgates[..., : 2 * H], dgates[..., 3 * H :]], dim=2)
         dhn = dgates[..., 2 * H : 3 * H]
         db_hn = dhn.sum(dim=(0, 1), dtype=torch.float32)
-    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn, dhn)
+    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn, dhn, dhp)

@@ -1,8 +1,9 @@
 """The split backward of fastpar.nn.LSTM (backend="triton", in the interpreter on CPU): the
 input pass gives the gradients of the input and the states and leaves W_hh's for the deferred
 weight pass; after it every gradient equals the whole backward's, and the float64 reference's.
-A projection is declined: its whole backward runs in the input pass, said once. The same for
-the Triton GRU and Elman RNN (fastpar::cell_recurrence).
+With a projection W_hr waits too; the ATen layer declines a projection (its whole backward runs
+in the input pass, said once). The same for the Triton GRU and Elman RNN
+(fastpar::cell_recurrence), and for backend="torch" (the ATen layer, CPU's default).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ def _model(dtype: torch.dtype, backend: str, **kwargs: object) -> LSTM:
 def _gradients(
     model: LSTM, data: dict[str, Tensor], lengths: Tensor | None, split: bool
 ) -> dict[str, Tensor]:
-    """Every gradient of the loss sum(out * g_out) + sum(h_n * g_h) + sum(c_n * g_c); with
-    `split`, W_hh's deferred to the weight pass unless the LSTM has a projection."""
+    """Every gradient of the loss sum(out * g_out) + sum(h_n * g_h) + sum(c_n * g_c), two
+    steps accumulated; with `split`, the weights' deferred to the weight passes."""
     dtype = model.weight_hh_l0.dtype
     x, h0, c0 = (data[n].to(dtype, copy=True).requires_grad_() for n in ("x", "h0", "c0"))
     stage = f"stage {model.extra_repr()}"  # the report of unsplit parameters: once per name
@@ -77,8 +78,8 @@ def _check_input_pass(model: LSTM, x: Tensor, h0: Tensor, c0: Tensor) -> None:
     """After the input pass: the input and state gradients are there, W_hh's waits (all the
     weights' on the ATen path; the Triton path's biases are summed first, not leaves)."""
     assert x.grad is not None and h0.grad is not None and c0.grad is not None
-    if model.proj_size:  # the recurrence declined: its whole backward ran
-        assert model.weight_hh_l0.grad is not None and model.weight_hr_l0.grad is not None
+    if model.proj_size and model.backend == "torch":  # declined: the whole backward ran
+        assert all(p.grad is not None for p in model.parameters())
         return
     waiting = [p for n, p in model.named_parameters() if model.backend == "torch" or "weight" in n]
     assert all(p.grad is None for p in waiting)
@@ -132,13 +133,30 @@ def test_aten_split_backward_equals_whole_backward(
         torch.testing.assert_close(got.double(), want[name], atol=atol, rtol=rtol, msg=name)
 
 
-def test_projection_declines_to_the_whole_backward(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("packed", [False, True])
+def test_projection_splits_too(packed: bool) -> None:
+    kwargs = {"proj_size": 2, "bidirectional": packed}
+    lengths = LENGTHS if packed else None
+    data = _data(_model(torch.float64, "reference", **kwargs))
+    data |= {n: data[n][..., :2].clone() for n in ("h0", "g_h")}  # h has proj_size units
+    data["g_out"] = data["g_out"][..., : 2 * (1 + packed)].clone()
+    want = _gradients(_model(torch.float64, "reference", **kwargs), data, lengths, split=False)
+    whole = _gradients(_model(torch.float32, "triton", **kwargs), data, lengths, split=False)
+    split = _gradients(_model(torch.float32, "triton", **kwargs), data, lengths, split=True)
+    for name, got in split.items():
+        torch.testing.assert_close(got, whole[name], atol=SPLIT_ATOL, rtol=SPLIT_RTOL, msg=name)
+        torch.testing.assert_close(
+            got.double(), want[name], atol=FP32_ATOL, rtol=FP32_RTOL, msg=name
+        )
+
+
+def test_aten_projection_declines_to_the_whole_backward(caplog: pytest.LogCaptureFixture) -> None:
     kwargs = {"proj_size": 2}
     data = _data(_model(torch.float64, "reference", **kwargs))
     data |= {n: data[n][..., :2].clone() for n in ("h0", "g_out", "g_h")}  # h: proj_size units
-    whole = _gradients(_model(torch.float32, "triton", **kwargs), data, None, split=False)
+    whole = _gradients(_model(torch.float32, "torch", **kwargs), data, None, split=False)
     with caplog.at_level(logging.INFO):
-        split = _gradients(_model(torch.float32, "triton", **kwargs), data, None, split=True)
+        split = _gradients(_model(torch.float32, "torch", **kwargs), data, None, split=True)
     for name, got in split.items():
         torch.testing.assert_close(got, whole[name], atol=SPLIT_ATOL, rtol=SPLIT_RTOL, msg=name)
     said = [r.message for r in caplog.records if "no weight-gradient split for" in r.message]
@@ -164,7 +182,8 @@ def test_backward_op_without_weight_grads_then_weight_pass() -> None:
         )  # fmt: skip
         for name, got, want in zip(("dxg", "dh0", "dc0"), split[:3], whole[:3], strict=True):
             torch.testing.assert_close(got, want, atol=0, rtol=0, msg=name)
-        later = lstm_recurrence_weight_grad(split[0], h0, hs, reverse, w_hh.dtype)
+        later, no_projection = lstm_recurrence_weight_grad(split[0], h0, hs, reverse, w_hh.dtype)
+        assert no_projection is None
         torch.testing.assert_close(later, whole[3], atol=0, rtol=0)
         # Against autograd through the float64 reference recurrence.
         leaves = [t.double().requires_grad_() for t in (xg, h0, c0, w_hh)]

@@ -8,8 +8,10 @@ weight's gradient ``dW_hh = sum_t dgates_t^T h_{t-1}`` is one GEMM over saved te
 nothing else waits for. So the input pass runs the backward op with ``need_weight_grads=False``
 and hands back the input and state gradients at once, and the GEMM
 (``lstm_recurrence_weight_grad``, ``cell_recurrence_weight_grad``) is deferred to the weight
-pass. The input projection's weights go through F.linear, split on its own (split_backward.py);
-the GRU's b_hn (a slice of b_hh, not a leaf) gets its gradient in the input pass.
+pass. With a projection the Triton LSTM's input pass also keeps dhp, the gradient reaching each
+h_t, for the deferred ``dW_hr = sum_t dhp_t^T hraw_t``. The input projection's weights go
+through F.linear, split on its own (split_backward.py); the GRU's b_hn (a slice of b_hh, not a
+leaf) gets its gradient in the input pass.
 
 ``fastpar::lstm_aten_layer`` holds the whole layer: its input pass is the recomputing backward
 (``lstm_aten_layer_input_pass``) up to dgates and dx, dh0, dc0, also where a whole backward
@@ -17,9 +19,9 @@ would run oneDNN's (which computes everything at once); its weight pass the GEMM
 W_hh and the biases. Stacks without lengths, which outside torch.compile call torch's
 whole-stack kernel, run layer by layer in a split stage (``aten_common.per_layer_ops``).
 
-Declined (the recurrence keeps its whole backward, said once): an LSTM projection (proj_size >
-0: dW_hr needs the gradient reaching each h_t, which the input pass does not keep), and a W_hh
-that is not a leaf (e.g. cast by autocast: its gradient must flow through the cast).
+Declined (the recurrence keeps its whole backward, said once): weights that are not leaves
+(e.g. cast by autocast: their gradient must flow through the cast), and a projection on the
+ATen layer (its input pass does not keep dhp).
 """
 
 from __future__ import annotations
@@ -74,17 +76,18 @@ def _arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str
     return dict(zip((a.name for a in op._schema.arguments), args, strict=False)) | kwargs
 
 
-def _splits(op: str, need_backward: bool, w_hh: Tensor, w_hr: Tensor | None = None) -> bool:
-    """Whether a recurrence can split its backward; says once why not where it matters."""
-    if not (need_backward and w_hh.requires_grad):
+def _splits(op: str, need_backward: bool, *weights: Tensor | None) -> bool:
+    """Whether a recurrence can split its backward (leaf weights, W_hh's gradient wanted);
+    says once why not where it matters."""
+    w_hh = weights[0]
+    if not (need_backward and w_hh is not None and w_hh.requires_grad):
         return False  # no W_hh gradient to defer
-    if w_hr is None and w_hh.is_leaf:
+    if all(w is None or w.is_leaf for w in weights):
         return True
-    why = "a projection (proj_size > 0)" if w_hr is not None else "a W_hh that is not a leaf"
     log_once(
         logger,
-        f"fastpar::{op} with {why}: no weight-gradient split, its whole backward runs in the "
-        "input pass",
+        f"fastpar::{op} with weights that are not leaves (e.g. cast by autocast): no "
+        "weight-gradient split, its whole backward runs in the input pass",
     )
     return False
 
@@ -97,36 +100,44 @@ class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
         hs, c_n, gates, cs, hraw = lstm_recurrence_op(**a)
-        ctx.save_for_backward(a["h0"], a["c0"], a["w_hh"], a["lengths"], hs, gates, cs, hraw)
+        saved = (a["h0"], a["c0"], a["w_hh"], a["w_hr"], a["lengths"], hs, gates, cs, hraw)
+        ctx.save_for_backward(*saved)
         ctx.reverse, ctx.kernel, ctx.defer = a["reverse"], a["kernel"], defer
         ctx.mark_non_differentiable(gates, cs, hraw)
         return hs, c_n, gates, cs, hraw
 
     @staticmethod
     def backward(ctx: Any, dhs: Tensor | None, dc_n: Tensor | None, *_saved: Any) -> tuple:
-        h0, c0, w_hh, lengths, hs, gates, cs, hraw = ctx.saved_tensors
+        h0, c0, w_hh, w_hr, lengths, hs, gates, cs, hraw = ctx.saved_tensors
         dhs = torch.zeros_like(hs) if dhs is None else dhs
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
-        dxg, dh0, dc0, _, _ = lstm_recurrence_backward_op(
-            dhs, dc_n, h0, c0, w_hh, None, lengths, ctx.reverse, hs, gates, cs, hraw,
+        dxg, dh0, dc0, _, dhp = lstm_recurrence_backward_op(
+            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, ctx.reverse, hs, gates, cs, hraw,
             ctx.kernel, need_weight_grads=False,
         )  # fmt: skip
         reverse = ctx.reverse
+        projection = (dhp, hraw) if w_hr is not None else (None, None)
 
         def job() -> None:
-            accumulate(w_hh, lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype))
+            dw_hh, dw_hr = lstm_recurrence_weight_grad(
+                dxg, h0, hs, reverse, w_hh.dtype, *projection
+            )
+            if w_hh.requires_grad:
+                accumulate(w_hh, dw_hh)
+            if w_hr is not None and dw_hr is not None and w_hr.requires_grad:
+                accumulate(w_hr, dw_hr)
 
         ctx.defer(job)
-        return None, None, dxg, dh0, dc0, None
+        return None, None, dxg, dh0, dc0, None, None
 
 
 def split_lstm_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
-    """``lstm_recurrence_op`` with W_hh's gradient deferred (a ``WeightSplit``); NotImplemented
-    where it cannot split (see the module docstring)."""
+    """``lstm_recurrence_op`` with the W_hh and W_hr gradients deferred (a ``WeightSplit``);
+    NotImplemented where it cannot split (see the module docstring)."""
     a = _arguments(LSTM_RECURRENCE, args, kwargs)
     if not _splits("lstm_recurrence", a["need_backward"], a["w_hh"], a["w_hr"]):
         return NotImplemented
-    return _LSTMRecurrence.apply(defer, a, a["xg"], a["h0"], a["c0"], a["w_hh"])
+    return _LSTMRecurrence.apply(defer, a, a["xg"], a["h0"], a["c0"], a["w_hh"], a["w_hr"])
 
 
 class _CellRecurrence(torch.autograd.Function):
@@ -216,9 +227,14 @@ def split_lstm_aten_layer(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     weights = [a[k] for k in _ATEN_WEIGHTS if a[k] is not None]
     if not (a["keep_workspace"] and any(t.requires_grad for t in weights)):
         return NotImplemented  # keep_workspace: whether a gradient is wanted at all
-    if not _splits("lstm_aten_layer", True, a["w_hh"], a["w_hr"]):
+    if a["w_hr"] is not None:
+        log_once(
+            logger,
+            "fastpar::lstm_aten_layer with a projection (proj_size > 0): no weight-gradient "
+            "split, its whole backward runs in the input pass",
+        )
         return NotImplemented
-    if not all(t.is_leaf for t in weights):
+    if not _splits("lstm_aten_layer", True, a["w_hh"], *weights):
         return NotImplemented
     # The weights too: a stage's first layer may have no input that requires a gradient.
     return _LSTMAtenLayer.apply(defer, a, a["x"], a["h0"], a["c0"], *(a[k] for k in _ATEN_WEIGHTS))
