@@ -17,7 +17,9 @@ Glossary: T time, B batch, I input features, P size of h.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -164,8 +166,24 @@ def eager_whole_stack(lengths: Tensor | None) -> bool:
     torch.compile the custom op is not needed, and per layer it only adds dispatch overhead
     (0.9 ms a layer, 13% for the LSTM at B8 T256 H64); with lengths the op stays, as its
     backward beats torch's packed one (forward+backward on CPU, one thread, at the four CPU
-    benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN)."""
-    return lengths is None and not torch.compiler.is_compiling()
+    benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN).
+    Inside ``per_layer_ops()`` the ops run (a pipeline stage splitting its backward reroutes
+    them)."""
+    return lengths is None and not torch.compiler.is_compiling() and _PER_LAYER.get() == 0
+
+
+_PER_LAYER: contextvars.ContextVar[int] = contextvars.ContextVar("per_layer_ops", default=0)
+
+
+@contextlib.contextmanager
+def per_layer_ops() -> Iterator[None]:
+    """Run the stacks through their per-layer custom ops even where ``eager_whole_stack``
+    would call torch's whole-stack kernel, so that a torch function mode sees every layer."""
+    token = _PER_LAYER.set(_PER_LAYER.get() + 1)
+    try:
+        yield
+    finally:
+        _PER_LAYER.reset(token)
 
 
 def autocast_layer(

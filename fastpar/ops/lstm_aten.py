@@ -133,12 +133,52 @@ class _Grads(NamedTuple):
     dw_hr: Tensor  # (P, H); (0,) without a projection
 
 
+class InputPass(NamedTuple):
+    """The gradients of a layer's inputs and states, and what its weight gradients need."""
+
+    dx: Tensor  # (T, B, I), or (0,) when not asked for
+    dh0: Tensor  # (B, P)
+    dc0: Tensor  # (B, H)
+    dw_hr: Tensor  # (P, H); (0,) without a projection
+    dgates: Tensor  # (T*B, 4H) opmath: gate pre-activation gradients, rows in x_rows' order
+    x_rows: Tensor  # (T*B, I) opmath: the layer input
+    h_prev: Tensor  # (T*B, P) opmath: h_{t-1} of each row
+
+
+def lstm_aten_layer_weight_grads(
+    grads: InputPass, has_bias: bool, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The weight pass of a split backward: dW_ih (4H, I), dW_hh (4H, P) and db (4H,) (the
+    gradient of b_ih and of b_hh; (0,) without biases) in ``dtype``, as GEMMs over all rows."""
+    dg = grads.dgates
+    dw_ih = (dg.t() @ grads.x_rows).to(dtype)
+    dw_hh = (dg.t() @ grads.h_prev).to(dtype)
+    db = dg.sum(0).to(dtype) if has_bias else dg.new_empty(0, dtype=dtype)
+    return dw_ih, dw_hh, db
+
+
 def _backward_recompute(
     dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
     w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
     lengths: Tensor | None, reverse: bool, out: Tensor, need_dx: bool,
 ) -> _Grads:  # fmt: skip
     """The backward of the non-oneDNN path, in float32 for half types (torch's opmath)."""
+    grads = lstm_aten_layer_input_pass(
+        dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, out,
+        need_dx,
+    )  # fmt: skip
+    dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, b_ih is not None, x.dtype)
+    return _Grads(grads.dx, grads.dh0, grads.dc0, dw_ih, dw_hh, db, grads.dw_hr)
+
+
+def lstm_aten_layer_input_pass(
+    dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
+    w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,
+    lengths: Tensor | None, reverse: bool, out: Tensor, need_dx: bool,
+) -> InputPass:  # fmt: skip
+    """The input pass of the recomputing backward (the non-oneDNN path; any dtype and device):
+    arguments as ``lstm_aten_layer_backward_op``; ``lstm_aten_layer_weight_grads`` completes it
+    (the projection's gradient is computed here)."""
     dtype = opmath_dtype(x.dtype)
     arrange = Arrangement(lengths, reverse, x.shape[0])
     T, B, _ = x.shape
@@ -223,9 +263,6 @@ def _backward_recompute(
     dg_all = dgates[:T].reshape(T * B, 4 * H)
     dh0 = arrange.unrows(dgates[0] @ w_hh).to(h0.dtype)
     dc0 = arrange.unrows(work[0, :, 0]).to(c0.dtype)
-    dw_ih = (dg_all.t() @ x2).to(x.dtype)
-    dw_hh = (dg_all.t() @ h_prev).to(x.dtype)
-    db = dg_all.sum(0).to(x.dtype) if b_ih is not None else x.new_empty(0)
     dw_hr = x.new_empty(0)
     if w_hr is not None and dh_all is not None:
         hraw = (o * c[1:].tanh()).reshape(T * B, H)
@@ -233,7 +270,7 @@ def _backward_recompute(
     dx = x.new_empty(0)
     if need_dx:
         dx = arrange.restore((dg_all @ w_ih).view(T, B, -1)).to(x.dtype)
-    return _Grads(dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr)
+    return InputPass(dx, dh0, dc0, dw_hr, dg_all, x2, h_prev)
 
 
 @torch.library.custom_op("fastpar::lstm_aten_layer_backward", mutates_args=())

@@ -44,9 +44,11 @@ class BackwardResult(NamedTuple):
     dxg: Tensor  # (T, B, G*H) gradient of the input projection
     dh0: Tensor  # (B, P)
     dc0: Tensor  # (B, H) float32 (LSTM; zeros for the other cells)
-    dw_hh: Tensor  # (G*H, P)
+    dw_hh: Tensor | None  # (G*H, P); None when the weight gradients were not asked for
     dw_hr: Tensor | None  # (P, H)
     db_hn: Tensor | None = None  # (H,) float32, GRU
+    dhn: Tensor | None = None  # (T, B, H) GRU: gradient of h_{t-1} W_hn^T + b_hn (a view)
+    dhp: Tensor | None = None  # (T, B, P) float32, projection: the gradient reaching each h_t
 
 
 def _grad_wrt_prev(dgates: Tensor, w_hh: Tensor, t: int) -> Tensor:
@@ -78,6 +80,15 @@ def weight_grad_hh(dgates: Tensor, hs: Tensor, h0: Tensor, reverse: bool) -> Ten
     else:
         h_prev = torch.cat([h0.unsqueeze(0), hs[:-1]])
     return matmul_fp32(dgates.reshape(T * B, G).t(), h_prev.reshape(T * B, P))
+
+
+def weight_grad_hr(dhp: Tensor, hraw: Tensor) -> Tensor:
+    """(P, H) float32 ``sum_t dhp_t^T hraw_t``, the projection's weight gradient, as one GEMM.
+
+    dhp: (T, B, P) the gradient reaching each h_t; hraw: (T, B, H) o*tanh(c_t) before the
+    projection.
+    """
+    return matmul_fp32(dhp.reshape(-1, dhp.shape[2]).t(), hraw.reshape(-1, hraw.shape[2]))
 
 
 def _backward_steps(
@@ -144,6 +155,8 @@ def lstm_backward(
     hraw: Tensor,
     kernel: str = "auto",
     precision: Precision | None = None,
+    *,
+    need_weight_grads: bool = True,
 ) -> BackwardResult:
     """Gradients of one layer and direction of the LSTM recurrence (see lstm_forward).
 
@@ -154,13 +167,15 @@ def lstm_backward(
         hs, gates, cs, hraw: the forward's outputs (ForwardResult, run with need_backward).
         kernel: "auto", "step" or "persistent", as for lstm_forward.
         precision: input_precision of float32 dots; None follows torch (see dot_precision).
+        need_weight_grads: False skips the dW_hh / dW_hr GEMMs (both None in the result), for
+            a backward split into an input pass and a deferred weight pass (weight_grad_hh).
 
     Returns:
         BackwardResult; dh0 and the weight gradients in the dtype of their forward tensor.
     """
     return recurrence_backward(
         "lstm", dhs, dc_n, h0, c0.to(torch.float32).contiguous(), w_hh, w_hr, lengths, reverse,
-        hs, gates, cs, hraw, kernel, precision,
+        hs, gates, cs, hraw, kernel, precision, need_weight_grads=need_weight_grads,
     )  # fmt: skip
 
 
@@ -180,6 +195,8 @@ def recurrence_backward(
     hraw: Tensor,
     kernel: str = "auto",
     precision: Precision | None = None,
+    *,
+    need_weight_grads: bool = True,
 ) -> BackwardResult:
     """Gradients of one layer and direction of any cell's recurrence (see recurrence_forward).
 
@@ -191,7 +208,7 @@ def recurrence_backward(
         state0: (B, H) LSTM: float32 c0 (contiguous); other cells: unread (h0 serves).
         w_hh, w_hr, lengths, reverse: the forward's arguments.
         hs, gates, cs, hraw: the forward's outputs (ForwardResult, run with need_backward).
-        kernel, precision: as lstm_backward.
+        kernel, precision, need_weight_grads: as lstm_backward.
 
     Returns:
         BackwardResult; db_hn for the GRU.
@@ -213,9 +230,12 @@ def recurrence_backward(
     state, state0 = (cs, state0) if cell == "lstm" else (hs, h0.contiguous())
     if T == 0:
         db_hn = torch.zeros(H, device=dev) if cell == "gru" else None
+        dhn = dgates[..., 2 * H : 3 * H] if cell == "gru" else None
+        weights = need_weight_grads
         return BackwardResult(
-            dgates[..., : G * H], torch.zeros_like(h0), dc_carry, torch.zeros_like(w_hh),
-            None if w_hr is None else torch.zeros_like(w_hr), db_hn,
+            dgates[..., : G * H], torch.zeros_like(h0), dc_carry,
+            torch.zeros_like(w_hh) if weights else None,
+            torch.zeros_like(w_hr) if weights and w_hr is not None else None, db_hn, dhn,
         )  # fmt: skip
 
     has_rec = w_hr is None
@@ -256,12 +276,14 @@ def recurrence_backward(
 
     dh0 = (dh_carry + _grad_wrt_prev(dgates, w_hh, order[-1])).to(h0.dtype)
     # The gradient of h_{t-1} @ W_hh^T: all of dgates but the GRU's fourth slot.
-    dw_hh = weight_grad_hh(dgates[..., : G * H], hs, h0, reverse).to(w_hh.dtype)
-    dw_hr = None
-    if w_hr is not None and dhp is not None:
-        dw_hr = matmul_fp32(dhp.reshape(-1, P).t(), hraw.reshape(-1, H)).to(w_hr.dtype)
-    dxg, db_hn = dgates, None
+    dw_hh = dw_hr = None
+    if need_weight_grads:
+        dw_hh = weight_grad_hh(dgates[..., : G * H], hs, h0, reverse).to(w_hh.dtype)
+    if need_weight_grads and w_hr is not None and dhp is not None:
+        dw_hr = weight_grad_hr(dhp, hraw).to(w_hr.dtype)
+    dxg, db_hn, dhn = dgates, None, None
     if cell == "gru":
         dxg = torch.cat([dgates[..., : 2 * H], dgates[..., 3 * H :]], dim=2)
-        db_hn = dgates[..., 2 * H : 3 * H].sum(dim=(0, 1), dtype=torch.float32)
-    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn)
+        dhn = dgates[..., 2 * H : 3 * H]
+        db_hn = dhn.sum(dim=(0, 1), dtype=torch.float32)
+    return BackwardResult(dxg, dh0, dc_carry, dw_hh, dw_hr, db_hn, dhn, dhp)

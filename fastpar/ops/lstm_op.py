@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_backward import lstm_backward
+from fastpar.ops.lstm_backward import lstm_backward, weight_grad_hh, weight_grad_hr
 from fastpar.ops.lstm_config import KernelChoice, saved_gates_dtype
 from fastpar.ops.lstm_forward import lstm_forward
 from fastpar.profiling import record_range
@@ -111,29 +111,77 @@ def lstm_recurrence_backward_op(
     cs: Tensor,
     hraw: Tensor,
     kernel: str,
+    need_weight_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Backward recurrence; returns dxg, dh0, dc0 (c0's dtype), dw_hh, dw_hr ((0,) without
-    a projection: a custom op cannot return None)."""
+    a projection: a custom op cannot return None).
+
+    need_weight_grads=False skips the weight-gradient GEMMs, the input pass of a split backward
+    whose weight pass is ``lstm_recurrence_weight_grad``: dw_hh is then (0,), and in place of
+    dw_hr comes what its GEMM needs, dhp (T, B, P) float32, the gradient reaching each h_t
+    ((0,) without a projection).
+    """
     with record_range("fastpar.lstm.backward"):
         g = lstm_backward(
-            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel
-        )
-    dw_hr = g.dw_hr if g.dw_hr is not None else w_hh.new_empty(0)
-    return g.dxg, g.dh0, g.dc0.to(c0.dtype), g.dw_hh, dw_hr
+            dhs, dc_n, h0, c0, w_hh, w_hr, lengths, reverse, hs, gates, cs, hraw, kernel,
+            need_weight_grads=need_weight_grads,
+        )  # fmt: skip
+    dw_hh = g.dw_hh if g.dw_hh is not None else w_hh.new_empty(0)
+    dw_hr = g.dw_hr if need_weight_grads else g.dhp
+    dw_hr = dw_hr if dw_hr is not None else w_hh.new_empty(0)
+    return g.dxg, g.dh0, g.dc0.to(c0.dtype), dw_hh, dw_hr
 
 
 @lstm_recurrence_backward_op.register_fake
 def _(
     dhs: Tensor, dc_n: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, w_hr: Tensor | None,
-    lengths: Tensor | None, reverse: bool, hs: Tensor, gates: Tensor, *_: object,
+    lengths: Tensor | None, reverse: bool, hs: Tensor, gates: Tensor, cs: Tensor, hraw: Tensor,
+    kernel: str, need_weight_grads: bool = True,
 ) -> tuple:  # fmt: skip
     return (
         gates.new_empty(gates.shape, dtype=hs.dtype),
         h0.new_empty(h0.shape),
         c0.new_empty(c0.shape),
-        w_hh.new_empty(w_hh.shape),
-        w_hh.new_empty(w_hr.shape if w_hr is not None else (0,)),
+        w_hh.new_empty(w_hh.shape if need_weight_grads else (0,)),
+        _fake_dw_hr(hs, w_hh, w_hr, need_weight_grads),
     )
+
+
+def _fake_dw_hr(hs: Tensor, w_hh: Tensor, w_hr: Tensor | None, need_weight_grads: bool) -> Tensor:
+    if w_hr is None:
+        return w_hh.new_empty(0)
+    if need_weight_grads:
+        return w_hh.new_empty(w_hr.shape)
+    return hs.new_empty(hs.shape, dtype=torch.float32)  # dhp
+
+
+def lstm_recurrence_weight_grad(
+    dxg: Tensor,
+    h0: Tensor,
+    hs: Tensor,
+    reverse: bool,
+    dtype: torch.dtype,
+    dhp: Tensor | None = None,
+    hraw: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """The weight pass of a split backward: dW_hh (and dW_hr) from what the input pass produced.
+
+    Arguments:
+        dxg: (T, B, 4H) the input pass's dxg (``lstm_recurrence_backward_op`` with
+            need_weight_grads=False), the gradient of the gate pre-activations.
+        h0: (B, P) and hs: (T, B, P) the forward's initial state and output; reverse its direction.
+        dtype: the weights' dtype.
+        dhp: (T, B, P) with a projection, the input pass's last output; hraw: (T, B, H) the
+            forward's.
+
+    Returns:
+        (4H, P) dW_hh and (P, H) dW_hr (None without dhp) in ``dtype``, as the whole backward
+        computes them (accumulated in float32).
+    """
+    dw_hh = weight_grad_hh(dxg, hs, h0, reverse).to(dtype)
+    if dhp is None or hraw is None:
+        return dw_hh, None
+    return dw_hh, weight_grad_hr(dhp, hraw).to(dtype)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

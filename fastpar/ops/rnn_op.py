@@ -25,7 +25,7 @@ from torch import Tensor
 
 from fastpar._checks import check_bool, check_choice
 from fastpar.ops import interpreter_active
-from fastpar.ops.lstm_backward import recurrence_backward
+from fastpar.ops.lstm_backward import recurrence_backward, weight_grad_hh
 from fastpar.ops.lstm_config import KernelChoice, gate_count, saved_gates_dtype
 from fastpar.ops.lstm_forward import recurrence_forward
 from fastpar.ops.rnn_reference import Nonlinearity
@@ -112,30 +112,63 @@ def cell_recurrence_backward_op(
     gates: Tensor,
     cell: str,
     kernel: str,
+    need_weight_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward recurrence; returns dxg (T, B, G*H), dh0, dw_hh (h0's and w_hh's dtype) and
-    the GRU's db_hn (H,) float32 ((0,) for the RNN: a custom op cannot return None)."""
+    the GRU's db_hn (H,) float32 ((0,) for the RNN: a custom op cannot return None).
+
+    need_weight_grads=False skips the dW_hh GEMM, the input pass of a split backward: the third
+    output is then what the weight pass (``cell_recurrence_weight_grad``) needs besides dxg,
+    the GRU's d(hn) (T, B, H), the gradient of ``h_{t-1} W_hn^T + b_hn`` ((0,) for the RNN).
+    """
     with record_range(f"fastpar.{cell}.backward"):
         g = recurrence_backward(
             cell, dhs, None, h0, h0, w_hh, None, lengths, reverse, hs,  # type: ignore[arg-type]
-            gates, gates, hs, kernel,
+            gates, gates, hs, kernel, need_weight_grads=need_weight_grads,
         )  # fmt: skip
     db_hn = g.db_hn if g.db_hn is not None else w_hh.new_empty(0, dtype=torch.float32)
-    return g.dxg, g.dh0, g.dw_hh, db_hn
+    if g.dw_hh is not None:
+        return g.dxg, g.dh0, g.dw_hh, db_hn
+    dhn = g.dhn.contiguous() if g.dhn is not None else w_hh.new_empty(0)
+    return g.dxg, g.dh0, dhn, db_hn
 
 
 @cell_recurrence_backward_op.register_fake
 def _(
     dhs: Tensor, h0: Tensor, w_hh: Tensor, lengths: Tensor | None, reverse: bool, hs: Tensor,
-    gates: Tensor, cell: str, kernel: str,
+    gates: Tensor, cell: str, kernel: str, need_weight_grads: bool = True,
 ) -> tuple:  # fmt: skip
     T, B, H = hs.shape
+    if need_weight_grads:
+        third = w_hh.shape
+    else:
+        third = (T, B, H) if cell == "gru" else (0,)
     return (
         hs.new_empty(T, B, w_hh.shape[0]),
         h0.new_empty(h0.shape),
-        w_hh.new_empty(w_hh.shape),
+        w_hh.new_empty(third),
         w_hh.new_empty(H if cell == "gru" else 0, dtype=torch.float32),
     )
+
+
+def cell_recurrence_weight_grad(
+    dxg: Tensor, dhn: Tensor, h0: Tensor, hs: Tensor, reverse: bool, dtype: torch.dtype
+) -> Tensor:
+    """The weight pass of a split backward: dW_hh from what the input pass produced.
+
+    Arguments:
+        dxg: (T, B, G*H) and dhn: the first and third outputs of ``cell_recurrence_backward_op``
+            with need_weight_grads=False (dhn: the GRU's (T, B, H) d(hn), the RNN's (0,)).
+        h0: (B, H) and hs: (T, B, H) the forward's initial state and output; reverse its direction.
+        dtype: W_hh's dtype.
+
+    Returns:
+        (G*H, H) dW_hh in ``dtype``, as the whole backward computes it (accumulated in float32).
+    """
+    if dhn.numel():  # GRU: the gradient of h_{t-1} W_hh^T is r and z's slots, then d(hn)
+        H = dhn.shape[2]
+        dxg = torch.cat([dxg[..., : 2 * H], dhn], dim=2)
+    return weight_grad_hh(dxg, hs, h0, reverse).to(dtype)
 
 
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

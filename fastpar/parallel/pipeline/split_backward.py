@@ -4,10 +4,11 @@ Zero-bubble schedules send the gradient of a stage's input back as soon as it is
 run the weight gradients later, in time the stage would otherwise spend waiting. Autograd
 computes both in one backward, so the forward of such a stage runs under `weight_split`: a
 torch function mode that reroutes every call of a registered function (F.linear, F.embedding,
-F.layer_norm) to a split implementation. Its autograd backward returns the input gradient and,
-instead of the weight gradient, files a job (a closure over the tensors it needs, e.g. the
-layer's input and output gradient) with the micro-batch's `DeferredWeights`; the W pass runs
-the jobs, which add into `param.grad`. The gradients equal those of a whole backward.
+F.layer_norm, and fastpar's recurrences in split_recurrence.py) to a split implementation. Its
+autograd backward returns the input gradient and, instead of the weight gradient, files a job
+(a closure over the tensors it needs, e.g. the layer's input and output gradient) with the
+micro-batch's `DeferredWeights`; the W pass runs the jobs, which add into `param.grad`. The
+gradients equal those of a whole backward.
 
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
@@ -33,6 +34,17 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fastpar._logging import get_logger, log_once
+from fastpar.ops.aten_common import per_layer_ops
+from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
+from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
+from fastpar.parallel.pipeline.split_recurrence import (
+    CELL_RECURRENCE,
+    LSTM_ATEN_LAYER,
+    LSTM_RECURRENCE,
+    split_cell_recurrence,
+    split_lstm_aten_layer,
+    split_lstm_recurrence,
+)
 
 __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_split"]
 
@@ -107,7 +119,7 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
         name: the stage, for the one-time log of parameters that cannot be deferred.
     """
     covered: set[int] = set()
-    with _SplitMode(deferred, covered):
+    with _SplitMode(deferred, covered), per_layer_ops():  # the mode sees each layer's op
         yield
     if name in _REPORTED:  # walking the parameters costs per micro-batch: once per stage
         return
@@ -121,17 +133,6 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
         )
 
 
-def _accumulate(param: Tensor, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.to(param.dtype)
-    else:
-        param.grad.add_(grad)
-
-
-def _needs(param: Tensor | None) -> bool:
-    return param is not None and param.requires_grad
-
-
 # --- Linear ------------------------------------------------------------------------------------
 
 
@@ -140,25 +141,36 @@ class _Linear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.bias, ctx.defer = bias, defer
+        # Only a leaf's gradient can wait: a computed weight or bias (the LSTM's b_ih + b_hh)
+        # passes its gradient on through autograd, so it is computed in the input pass.
+        ctx.leaf_weight, ctx.leaf_bias = weight.is_leaf, bias is not None and bias.is_leaf
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight = ctx.saved_tensors
         bias = ctx.bias
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        leaf_weight, leaf_bias = ctx.leaf_weight, ctx.leaf_bias
+        now_w = ctx.needs_input_grad[1] and not leaf_weight
+        now_b = ctx.needs_input_grad[2] and not leaf_bias
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if now_w else None
+        grad_b = rows.sum(0) if now_b else None
 
         def job() -> None:
-            rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
-            if weight.requires_grad and weight.grad is not None:
+            if leaf_weight and weight.requires_grad and weight.grad is not None:
                 weight.grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))  # no temporary
-            elif weight.requires_grad:
+            elif leaf_weight and weight.requires_grad:
                 weight.grad = rows.t() @ x.reshape(-1, x.shape[-1])
-            if _needs(bias):
+            if leaf_bias and _needs(bias):
                 _accumulate(bias, rows.sum(0))
 
-        ctx.defer(job)
-        return grad_x, None, None, None
+        if leaf_weight or leaf_bias:
+            ctx.defer(job)
+        return grad_x, grad_w, grad_b, None
 
 
 def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
@@ -264,3 +276,6 @@ def _split_layer_norm(
 register_weight_split(F.linear, _split_linear)
 register_weight_split(F.embedding, _split_embedding)
 register_weight_split(F.layer_norm, _split_layer_norm)
+register_weight_split(LSTM_RECURRENCE, split_lstm_recurrence)
+register_weight_split(CELL_RECURRENCE, split_cell_recurrence)
+register_weight_split(LSTM_ATEN_LAYER, split_lstm_aten_layer)
