@@ -30,6 +30,8 @@ The package, one role per module:
     simulate.py        replaying a schedule with stage times (`ideal_bubbles`)
     stages.py          `split_sequential` (given cuts or balanced by profiling), `OutputOnly`
     split_backward.py  splitting a backward into input and weight passes
+    split_recurrence.py  the split of fastpar's LSTM / GRU / RNN ops (W_hh, W_hr, W_ih deferred)
+    grad_accumulate.py   adding a deferred gradient into .grad
     handshake.py       the construction handshake (every rank checks every rank's arguments)
     wire.py            message headers and `PipelineError`
     links.py           the `Link` protocol, `LocalLink`, `Inbox`; shm_link.py, torch_link.py
