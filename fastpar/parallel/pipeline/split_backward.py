@@ -37,14 +37,6 @@ from fastpar._logging import get_logger, log_once
 from fastpar.ops.aten_common import per_layer_ops
 from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
-from fastpar.parallel.pipeline.split_recurrence import (
-    CELL_RECURRENCE,
-    LSTM_ATEN_LAYER,
-    LSTM_RECURRENCE,
-    split_cell_recurrence,
-    split_lstm_aten_layer,
-    split_lstm_recurrence,
-)
 
 __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_split"]
 
@@ -62,13 +54,22 @@ class WeightSplit(Protocol):
     def __call__(self, defer: Callable[[WeightJob], None], /, *args: Any, **kwargs: Any) -> Any: ...
 
 
-_SPLITS: dict[Callable[..., Any], WeightSplit] = {}
+_SPLITS: dict[Callable[..., Any] | str, WeightSplit] = {}
 _REPORTED: set[str] = set()  # stages whose unsplit parameters were reported
 
 
-def register_weight_split(function: Callable[..., Any], split: WeightSplit) -> None:
-    """Run `split` in place of `function` in the forward of stages whose backward is split."""
+def register_weight_split(function: Callable[..., Any] | str, split: WeightSplit) -> None:
+    """Run `split` in place of `function` in the forward of stages whose backward is split.
+    `function` may be a custom op's qualified name ("namespace::op"), so that registering it
+    needs no import of the module that defines the op."""
     _SPLITS[function] = split
+
+
+def _registered_split(func: Any) -> WeightSplit | None:
+    split = _SPLITS.get(func)
+    if split is None and isinstance(func, torch._ops.OpOverload):
+        split = _SPLITS.get(func.name())
+    return split
 
 
 class DeferredWeights:
@@ -98,7 +99,7 @@ class _SplitMode(TorchFunctionMode):
         self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
     ) -> Any:
         kwargs = kwargs or {}
-        split = _SPLITS.get(func)
+        split = _registered_split(func)
         if split is not None and torch.is_grad_enabled():
             out = split(self._defer, *args, **kwargs)
             if out is not NotImplemented:
@@ -276,6 +277,23 @@ def _split_layer_norm(
 register_weight_split(F.linear, _split_linear)
 register_weight_split(F.embedding, _split_embedding)
 register_weight_split(F.layer_norm, _split_layer_norm)
-register_weight_split(LSTM_RECURRENCE, split_lstm_recurrence)
-register_weight_split(CELL_RECURRENCE, split_cell_recurrence)
-register_weight_split(LSTM_ATEN_LAYER, split_lstm_aten_layer)
+
+
+def _recurrence_split(name: str) -> WeightSplit:
+    """split_recurrence's `name`, imported when a stage first calls the op: it imports the ops
+    (and Triton), which `import fastpar.parallel` must not."""
+
+    def split(defer: Callable[[WeightJob], None], /, *args: Any, **kwargs: Any) -> Any:
+        from fastpar.parallel.pipeline import split_recurrence
+
+        return getattr(split_recurrence, name)(defer, *args, **kwargs)
+
+    return split
+
+
+for _op, _name in (
+    ("fastpar::lstm_recurrence", "split_lstm_recurrence"),
+    ("fastpar::cell_recurrence", "split_cell_recurrence"),
+    ("fastpar::lstm_aten_layer", "split_lstm_aten_layer"),
+):
+    register_weight_split(_op, _recurrence_split(_name))
