@@ -85,7 +85,7 @@ class DynamicSlicerConfig:
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
-    gain_threshold: float = 0.02
+    gain_threshold: float = 0.05
     """"throughput": ... and when the new split shortens the slowest rank's predicted step
     time by more than this fraction, >= 0."""
     initial_size: int | None = None
