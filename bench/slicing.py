@@ -9,12 +9,18 @@ delay per sample (calibrated on the measured compute time per sample). Scenarios
 the same run and interleaved step by step so that load from other processes hits them alike:
 
 - fixed: equal halves of the global batch, whatever the speeds;
-- throughput: DynamicSlicer(policy="throughput") shares the global batch by the measured
-  samples/second of each rank, knowing nothing of the phases; its statistics ride along in the
-  gradient all-reduce (`step_statistics` / `record_reduced`), so it adds no collective;
+- throughput: DynamicSlicer(policy="throughput") splits the global batch so that every rank's
+  modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
+  same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
+  (`step_statistics` / `record_reduced`), so it adds no collective;
 - oracle: the speed-proportional split of each phase, switched exactly at each change; the
   speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
   (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise).
+
+Every figure is given for two clocks: "wall", rank 0's wall-clock step (what the job sees;
+on a shared host it carries other processes' load and the all-reduce's scheduling), and
+"compute", the slowest rank's compute CPU time per step (the synchronous step with free
+communication on an idle host: what the slicer balances, and stable under load).
 
 Reported: samples/s per scenario over the whole run and per phase; the share of the oracle's
 gain over fixed slicing that throughput slicing achieves over the whole run (goal >= 90 %), per
@@ -23,7 +29,7 @@ until every rank's block stayed within 10 % of the speed-proportional split for 
 phase (goal <= 20; median and per round), and how often its blocks changed once there
 (oscillation).
 
-    python bench/slicing.py [--rounds 3] [--phases 20,40,40] [--csv results/slicing.csv]
+    python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--csv results/slicing.csv]
 """
 
 from __future__ import annotations
@@ -211,7 +217,7 @@ def settle_steps(blocks: list[list[int]], target: list[int]) -> tuple[int | None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of scenarios")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of scenarios")
     parser.add_argument("--phases", type=lambda s: [int(x) for x in s.split(",")],
                         default=[20, 40, 40],
                         help="steps per phase: all at full speed, rank 1 slow, ...")  # fmt: skip
