@@ -15,7 +15,9 @@ the same run and interleaved step by step so that load from other processes hits
   (`step_statistics` / `record_reduced`), so it adds no collective;
 - oracle: the speed-proportional split of each phase, switched exactly at each change; the
   speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
-  (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise).
+  (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise). On a shared host, load during
+  that pass can tilt it (equal speeds measured 27 : 21 once): read a "never" settled or a share
+  far above 100 % with the measured split printed next to it.
 
 Every figure is given for two clocks: "wall", rank 0's wall-clock step (what the job sees;
 on a shared host it carries other processes' load and the all-reduce's scheduling), and
