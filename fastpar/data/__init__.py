@@ -2,9 +2,9 @@
 
 - `FixedSlicer`: k blocks of (almost) equal size, contiguous or shuffled per epoch; a DataLoader
   `batch_sampler`, with `shard(rank, world_size)` for the per-rank view.
-- `DynamicSlicer`: per-rank block sizes that follow measured throughput or the loss, decided
-  from statistics all-reduced across ranks so every rank agrees; `last_stats` (`SlicerStats`)
-  shows each step's measurements and decision.
+- `DynamicSlicer`: per-rank block sizes that equalise modelled step times or follow the loss,
+  decided from statistics all-reduced across ranks so every rank agrees; `last_stats`
+  (`SlicerStats`) shows each step's measurements and decision.
 """
 
 from __future__ import annotations

@@ -11,18 +11,22 @@ sizes are computed from the reduced numbers in a fixed order, so every rank take
 decision and the slicers stay identical: the state of any rank resumes all of them.
 
 `last_stats` shows what the last step measured and decided (per-rank blocks, samples/s,
-smoothed rates, grow/shrink or rebalance), read from the same reduced numbers: it costs no
+modelled rates, grow/shrink or rebalance), read from the same reduced numbers: it costs no
 communication.
 
 Policies:
-    "throughput": a fixed global batch is shared in proportion to each rank's smoothed
-        samples/second, so a slow worker gets less and nobody waits long for it. Rates are
-        smoothed heavily (`rate_momentum`) so that noise does not move the blocks, but a speed
-        change is followed at once: a measurement more than `change_threshold` away from the
-        smoothed rate is set aside, and when `change_steps` of them in a row lie on the same
-        side, the smoothed rate restarts from their mean (a single outlier, e.g. a preempted
-        step, is ignored). A new split replaces the current one only when some block would
-        change by more than `rebalance_threshold`, so the blocks do not flicker.
+    "throughput": a fixed global batch is split so that every rank's predicted compute time
+        is the same, so a slow worker gets less and nobody waits long for it. Each rank's step
+        time is modelled as a fixed part plus a per-sample part (`step_model.StepTimeModel`),
+        fitted over its last `model_window` steps at the blocks it actually ran: a fixed
+        per-step cost does not make a smaller block look slower, so equal speeds keep equal
+        blocks. A measurement more than `change_threshold` away from the prediction is set
+        aside, and only when `change_steps` of them in a row lie on the same side is it a speed
+        change: the model is rescaled by their median and refitted from them (bursts of fewer
+        steps, e.g. another process's spike, are ignored). A new split replaces the current
+        one only when it shortens the slowest rank's predicted time by more than
+        `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
+        blocks neither flicker nor drift where the split makes no difference.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
@@ -40,8 +44,9 @@ import torch.distributed as dist
 
 from fastpar._checks import check_choice, check_float, check_int
 from fastpar.data.apportion import apportion
+from fastpar.data.step_model import StepTimeModel, equal_time_split, slowest
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2
 # Rows of the statistics matrix that record_step all-reduces: one column per rank, each rank
 # fills only its own column, so the sum is exact and the same bits on every rank.
 _SAMPLES, _SECONDS, _LOSS, _HAS_LOSS, _EPOCH, _CURSOR = range(6)
@@ -62,21 +67,27 @@ class DynamicSlicerConfig:
     max_size: int
     """Largest block a rank gets, >= min_size."""
     policy: Literal["throughput", "loss"] = "throughput"
-    """How sizes adapt: by measured samples/second, or by the loss."""
+    """How sizes adapt: equal predicted step times (measured per rank), or by the loss."""
     global_batch: int | None = None
     """"throughput" only (required there): samples per step summed over ranks; it must lie
     in [world_size * min_size, world_size * max_size], checked when the world size is known."""
-    rate_momentum: float = 0.8
-    """"throughput": weight of the old smoothed rate in rate <- m * rate + (1 - m) * new."""
+    rate_momentum: float = 0.5
+    """"throughput": weight of the old step-time model in model <- m * model + (1 - m) * fit,
+    after each step within change_threshold of the prediction, in [0, 1)."""
+    model_window: int = 8
+    """"throughput": the last steps each rank's step-time model is fitted on, >= 2."""
     change_threshold: float = 0.3
-    """"throughput": a measured rate further than this fraction from the smoothed rate is a
-    candidate speed change, not folded into the average, > 0."""
-    change_steps: int = 2
-    """"throughput": candidates in a row on the same side that restart the smoothed rate from
-    their mean, >= 1."""
+    """"throughput": a step time further than this fraction from the model's prediction is a
+    candidate speed change, not fitted, > 0."""
+    change_steps: int = 4
+    """"throughput": candidates in a row on the same side that make a speed change (rescale
+    the model); bursts of fewer steps are ignored, >= 1."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
+    gain_threshold: float = 0.05
+    """"throughput": ... and when the new split shortens the slowest rank's predicted step
+    time by more than this fraction, >= 0."""
     initial_size: int | None = None
     """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
     growth: float = 1.25
@@ -109,8 +120,10 @@ class DynamicSlicerConfig:
             )
         check_float("rate_momentum", self.rate_momentum, 0.0, 1.0, high_open=True)
         check_float("change_threshold", self.change_threshold, 0.0, math.inf, low_open=True)
+        check_int("model_window", self.model_window, 2)
         check_int("change_steps", self.change_steps, 1)
         check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
+        check_float("gain_threshold", self.gain_threshold, 0.0, math.inf)
         if self.initial_size is not None:
             check_int("initial_size", self.initial_size, self.min_size, self.max_size)
         check_float("growth", self.growth, 1.0, math.inf)
@@ -134,14 +147,14 @@ class SlicerStats:
     samples_per_s: tuple[float, ...]
     """blocks / seconds of this step (0.0 where a rank had no samples or no time)."""
     rates: tuple[float, ...]
-    """"throughput": the smoothed samples/s the next sizes follow (0.0: not measured yet);
-    "loss": all 0.0."""
+    """"throughput": the samples/s each rank's step-time model predicts for its next block
+    (0.0: not measured yet); "loss": all 0.0."""
     loss: float | None
     """The step's mean loss over all ranks' samples (None when no rank gave one)."""
     event: Literal["grow", "shrink", "rebalance", "hold", "start"]
     """The decision: "loss" grows the block after a stable step or shrinks it after a jump
     ("start": the first loss only sets the reference); "throughput" rebalances the blocks or
-    holds them (no block would move by more than rebalance_threshold)."""
+    holds them (a new split would gain too little time or move no block far enough)."""
     sizes: tuple[int, ...]
     """The blocks of the next full step."""
 
@@ -173,7 +186,7 @@ class DynamicSlicer:
     `record_step` is timed before the gradient all-reduce on purpose (see there). To save its
     collective, send `step_statistics(...)` along with the gradient all-reduce and hand the sum
     to `record_reduced`. `last_stats` (`SlicerStats`) holds what the last step measured and
-    decided: blocks, samples/s per rank, smoothed rates, grow/shrink/rebalance/hold. In the last
+    decided: blocks, samples/s per rank, modelled rates, grow/shrink/rebalance/hold. In the last
     step of an epoch a rank can get an empty block (fewer samples left than ranks); it then
     contributes zero gradients and still calls `record_step` with 0 samples.
 
@@ -215,8 +228,7 @@ class DynamicSlicer:
         self._epoch = 0
         self._cursor = 0
         self._steps = 0
-        self._rates = [0.0] * self.world_size  # 0: not measured yet
-        self._candidates: list[list[float]] = [[] for _ in range(self.world_size)]
+        self._models = [StepTimeModel() for _ in range(self.world_size)]
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
@@ -442,9 +454,13 @@ class DynamicSlicer:
             else None
         )
         if self.config.policy == "throughput":
-            for rank, rate in enumerate(measured):
-                if rate > 0:
-                    self._smooth_rate(rank, rate)
+            config = self.config
+            for model, n, t in zip(self._models, samples, seconds, strict=True):
+                if n > 0 and t > 0:
+                    model.observe(int(n), t, window=config.model_window,
+                                  change_threshold=config.change_threshold,
+                                  change_steps=config.change_steps,
+                                  momentum=config.rate_momentum)  # fmt: skip
             proposal = self._decide_sizes()
             moved = self._moves(proposal)
             event = "rebalance" if moved else "hold"
@@ -467,37 +483,32 @@ class DynamicSlicer:
             blocks=tuple(int(n) for n in samples),
             seconds=tuple(seconds),
             samples_per_s=tuple(measured),
-            rates=tuple(self._rates)
-            if self.config.policy == "throughput"
-            else (0.0,) * len(measured),
+            rates=self._rates(),
             loss=loss,
             event=event,
             sizes=tuple(self._sizes),
         )
 
-    def _smooth_rate(self, rank: int, rate: float) -> None:
-        config = self.config
-        old = self._rates[rank]
-        if old == 0:
-            self._rates[rank] = rate  # the first measurement is taken as is
-            return
-        candidates = self._candidates[rank]
-        if abs(rate - old) <= config.change_threshold * old:
-            candidates.clear()
-            self._rates[rank] = config.rate_momentum * old + (1 - config.rate_momentum) * rate
-            return
-        if candidates and (candidates[-1] > old) != (rate > old):
-            candidates.clear()  # the other side: an outlier, not the same change
-        candidates.append(rate)
-        if len(candidates) >= config.change_steps:
-            self._rates[rank] = sum(candidates) / len(candidates)
-            candidates.clear()
+    def _rates(self) -> tuple[float, ...]:
+        """The samples/s each rank's model predicts for its next block (0.0: not measured)."""
+        if self.config.policy != "throughput":
+            return (0.0,) * self.world_size
+        return tuple(
+            n / m.predict(n) if m.known and n > 0 and m.predict(n) > 0 else 0.0
+            for n, m in zip(self._sizes, self._models, strict=True)
+        )
 
     def _moves(self, proposal: list[int]) -> bool:
-        """Whether `proposal` moves some block by more than the rebalance threshold."""
-        threshold = self.config.rebalance_threshold
+        """Whether `proposal` shortens the slowest rank's predicted time by more than the gain
+        threshold and moves some block by more than the rebalance threshold."""
+        config = self.config
+        current = slowest(self._sizes, self._models)
+        if current > 0 and current - slowest(proposal, self._models) <= (
+            config.gain_threshold * current
+        ):
+            return False
         return any(
-            abs(new - old) > max(1.0, threshold * old)
+            abs(new - old) > max(1.0, config.rebalance_threshold * old)
             for new, old in zip(proposal, self._sizes, strict=True)
         )
 
@@ -524,14 +535,10 @@ class DynamicSlicer:
         config = self.config
         if config.policy == "loss":
             return [int(self._size)] * self.world_size
-        known = [rate for rate in self._rates if rate > 0]
-        # A rank not measured yet is assumed as fast as the average measured one.
-        fill = sum(known) / len(known) if known else 1.0
-        weights = [rate if rate > 0 else fill for rate in self._rates]
         assert config.global_batch is not None  # checked at construction
-        return apportion(
+        return equal_time_split(
             config.global_batch,
-            weights,
+            self._models,
             [config.min_size] * self.world_size,
             [config.max_size] * self.world_size,
         )
@@ -553,8 +560,7 @@ class DynamicSlicer:
             "epoch": self._epoch,
             "position": self._cursor,
             "steps": self._steps,
-            "rates": list(self._rates),
-            "rate_candidates": [list(c) for c in self._candidates],
+            "models": [model.state() for model in self._models],
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -603,14 +609,11 @@ class DynamicSlicer:
         if reshard and (state["world_size"], state["config"]) != (self.world_size, config):
             low, high = float(self.config.min_size), float(self.config.max_size)
             self._size = min(max(self._size, low), high)
-            self._rates = [0.0] * self.world_size
-            self._candidates = [[] for _ in range(self.world_size)]
+            self._models = [StepTimeModel() for _ in range(self.world_size)]
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
-        self._rates = [float(rate) for rate in state["rates"]]
-        candidates = state.get("rate_candidates") or [[] for _ in range(self.world_size)]
-        self._candidates = [[float(rate) for rate in c] for c in candidates]
+        self._models = [StepTimeModel.from_state(model) for model in state["models"]]
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 

@@ -1,0 +1,165 @@
+"""Per-rank step-time model of the throughput slicer: t = fixed + per_sample * n.
+
+Glossary: n samples in a rank's block, t the rank's compute seconds for it, W ranks.
+
+A step's time is not proportional to its block: a per-step cost (launches, the optimizer, the
+loss) does not shrink with the block. Splitting by samples/s then drifts when that fixed part
+dominates (the rank with the smaller block looks slower and gets smaller still). Each rank's
+time is therefore modelled as `fixed + per_sample * n`, fitted over its recent steps, and the
+global batch is split so that the predicted step times are equal (the slowest rank's predicted
+time is as small as the bounds allow).
+
+Everything here is a pure function of the all-reduced measurements, computed in rank order, so
+every rank that feeds the same numbers gets the same model and the same split.
+"""
+
+from __future__ import annotations
+
+import heapq
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+# Weight of the previous per-sample cost in the fit, as a spread of this fraction of the mean
+# block on every point of the window: with blocks that stay put (no spread, the slope is not
+# identifiable) the slope stays where it was; after a rebalance the data decide.
+_PRIOR_SPREAD = 0.05
+
+
+@dataclass
+class StepTimeModel:
+    """One rank's fitted step time `fixed + per_sample * n` and the steps it was fitted on.
+
+    A measurement further than `change_threshold` from the prediction is set aside as a
+    candidate speed change; `change_steps` of them in a row on the same side confirm it: the
+    model is scaled by their median ratio measured / predicted and refitted from them alone.
+    Shorter bursts (a preempted step, another process's spike) leave the model untouched.
+    """
+
+    fixed: float = 0.0
+    """Seconds per step whatever the block, >= 0."""
+    per_sample: float = 0.0
+    """Seconds per sample, > 0 once measured (0.0: nothing measured yet)."""
+    window: list[tuple[int, float]] = field(default_factory=list)
+    """The accepted (n, t) of recent steps, oldest first."""
+    candidates: list[tuple[int, float]] = field(default_factory=list)
+    """Measurements set aside as a possible speed change, oldest first."""
+
+    @property
+    def known(self) -> bool:
+        return self.per_sample > 0
+
+    def predict(self, samples: float) -> float:
+        """Predicted compute seconds of a block of `samples`."""
+        return self.fixed + self.per_sample * samples
+
+    def observe(
+        self, samples: int, seconds: float, *, window: int, change_threshold: float,
+        change_steps: int, momentum: float,
+    ) -> None:  # fmt: skip
+        """Fold one step's measurement (samples > 0, seconds > 0) into the model."""
+        if not self.known:
+            # The first measurement: no fixed part can be told apart yet.
+            self.fixed, self.per_sample = 0.0, seconds / samples
+            self.window = [(samples, seconds)]
+            return
+        predicted = self.predict(samples)
+        if abs(seconds - predicted) <= change_threshold * predicted:
+            self.candidates.clear()
+            self.window = (self.window + [(samples, seconds)])[-window:]
+            fixed, per_sample = _fit(self.window, self.per_sample)
+            self.fixed = momentum * self.fixed + (1 - momentum) * fixed
+            self.per_sample = momentum * self.per_sample + (1 - momentum) * per_sample
+            return
+        if self.candidates and (self.candidates[-1][1] > self.predict(self.candidates[-1][0])) != (
+            seconds > predicted
+        ):
+            self.candidates.clear()  # the other side: not the same change
+        self.candidates.append((samples, seconds))
+        if len(self.candidates) >= change_steps:
+            factor = statistics.median(t / self.predict(n) for n, t in self.candidates)
+            self.fixed *= factor
+            self.per_sample *= factor
+            self.window = self.candidates[-window:]
+            self.candidates = []
+            self.fixed, self.per_sample = _fit(self.window, self.per_sample)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "fixed": self.fixed,
+            "per_sample": self.per_sample,
+            "window": [list(p) for p in self.window],
+            "candidates": [list(p) for p in self.candidates],
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
+        return cls(
+            fixed=float(state["fixed"]),
+            per_sample=float(state["per_sample"]),
+            window=[(int(n), float(t)) for n, t in state["window"]],
+            candidates=[(int(n), float(t)) for n, t in state["candidates"]],
+        )
+
+
+def _fit(points: Sequence[tuple[int, float]], prior_slope: float) -> tuple[float, float]:
+    """(fixed, per_sample) of `points`: the slope by least squares pulled towards
+    `prior_slope` (ridge, see _PRIOR_SPREAD), the fixed part as the median residual, so a
+    burst inside the window moves it little. A negative fixed part is not physical: then the
+    line goes through the origin (per_sample = median seconds per sample)."""
+    count = len(points)
+    mean_n = sum(n for n, _ in points) / count
+    mean_t = sum(t for _, t in points) / count
+    spread = sum((n - mean_n) ** 2 for n, _ in points)
+    covariance = sum((n - mean_n) * (t - mean_t) for n, t in points)
+    prior = count * (_PRIOR_SPREAD * mean_n) ** 2
+    per_sample = max((covariance + prior * prior_slope) / (spread + prior), 0.0)
+    fixed = statistics.median(t - per_sample * n for n, t in points)
+    if fixed < 0 or per_sample == 0:
+        return 0.0, statistics.median(t / n for n, t in points)
+    return fixed, per_sample
+
+
+def equal_time_split(
+    total: int, models: Sequence[StepTimeModel], low: Sequence[int], high: Sequence[int]
+) -> list[int]:
+    """Integer blocks summing to `total` within [low, high] that minimise the slowest rank's
+    predicted time: every unit goes to the rank whose predicted time after taking it is the
+    smallest (ties to the lower rank), which is optimal for times that grow linearly.
+
+    Arguments:
+        total: the global batch, in [sum(low), sum(high)].
+        models: one model per rank; a rank not measured yet is assumed to be the mean of the
+            measured ones (all unknown: equal costs).
+        low, high: per-rank bounds.
+
+    Returns:
+        One block size per rank.
+    """
+    known = [m for m in models if m.known]
+    if known:
+        mean_fixed = sum(m.fixed for m in known) / len(known)
+        mean_slope = sum(m.per_sample for m in known) / len(known)
+    else:
+        mean_fixed, mean_slope = 0.0, 1.0
+    costs = [(m.fixed, m.per_sample) if m.known else (mean_fixed, mean_slope) for m in models]
+    sizes = list(low)
+    heap = [
+        (fixed + slope * (size + 1), rank)
+        for rank, ((fixed, slope), size) in enumerate(zip(costs, sizes, strict=True))
+        if size < high[rank]
+    ]
+    heapq.heapify(heap)
+    for _ in range(total - sum(sizes)):
+        _, rank = heapq.heappop(heap)
+        sizes[rank] += 1
+        if sizes[rank] < high[rank]:
+            fixed, slope = costs[rank]
+            heapq.heappush(heap, (fixed + slope * (sizes[rank] + 1), rank))
+    return sizes
+
+
+def slowest(sizes: Sequence[int], models: Sequence[StepTimeModel]) -> float:
+    """The slowest measured rank's predicted seconds with these blocks (0.0: none measured)."""
+    return max((m.predict(n) for n, m in zip(sizes, models, strict=True) if m.known), default=0.0)
