@@ -13,11 +13,14 @@ the same run and interleaved step by step so that load from other processes hits
   modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
   same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
   (`step_statistics` / `record_reduced`), so it adds no collective;
-- oracle: the speed-proportional split of each phase, switched exactly at each change; the
-  speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
-  (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise). On a shared host, load during
-  that pass can tilt it (equal speeds measured 27 : 21 once): read a "never" settled or a share
-  far above 100 % with the measured split printed next to it.
+- oracle: the time-equalising split of each phase, switched exactly at each change. It comes
+  from each rank's step-time line (fixed + per-sample seconds) in that phase, measured in a
+  static pass run first that alternates the splits 3/4 : 1/4 and 1/4 : 3/4, so every rank runs
+  two block sizes (the line through their medians). The delay is per sample and the fixed part
+  stays, so the slowed rank's equal-time block is smaller than the speed-proportional third
+  (about 34/14 of 48 with a 30 % fixed part, not 32/16). On a shared host, load during that pass
+  can tilt it: read a "never" settled or a share far above 100 % with the measured split and
+  lines printed next to it.
 
 Every figure is given for two clocks: "wall", rank 0's wall-clock step (what the job sees;
 on a shared host it carries other processes' load and the all-reduce's scheduling), and
@@ -27,8 +30,8 @@ communication on an idle host: what the slicer balances, and stable under load).
 Reported: samples/s per scenario over the whole run and per phase; the share of the oracle's
 gain over fixed slicing that throughput slicing achieves over the whole run (goal >= 90 %), per
 round and their median; and, after each speed change, how many steps the throughput slicer took
-until every rank's block stayed within 10 % of the speed-proportional split for the rest of the
-phase (goal <= 20; median and per round), and how often its blocks changed once there
+until every rank's block stayed within 10 % of the oracle's time-equalising split for the rest of
+the phase (goal <= 20; median and per round), and how often its blocks changed once there
 (oscillation).
 
     python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--csv results/slicing.csv]
@@ -47,13 +50,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import LSTMLanguageModel, device_name, format_table, write_csv
 
-from fastpar.data import DynamicSlicer, apportion
+from fastpar.data import DynamicSlicer
+from fastpar.data.step_model import StepTimeModel, equal_time_split
 from fastpar.testing.distributed import run_multiprocess
 
 WORLD_SIZE = 2
 SLOW_RANK = 1
 SCENARIOS = ("fixed", "throughput", "oracle")
-TOLERANCE = 0.1  # a block within 10 % of its speed-proportional size counts as balanced
+TOLERANCE = 0.1  # a block within 10 % of its time-equalising size counts as balanced
 HEADERS = (
     "device", "clock", "scenario", "phase", "slowdown", "rank_blocks", "step_ms", "p20_ms",
     "p80_ms", "samples_per_s", "vs_fixed",
@@ -151,10 +155,17 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
     dist.all_reduce(cost)
     trainer.delay_per_sample = cost.item() / world_size
 
-    # The oracle's splits: each rank's speed in each phase, measured in a fixed-slicing pass.
-    compute = [trainer.step(block(args.calibrate + step, [half] * world_size), args.global_batch,
+    # The oracle's splits: each rank's step-time line in each phase, measured in a static pass
+    # that alternates two uneven splits, so every rank runs two block sizes in every phase.
+    uneven = [[half + half // 2, half - half // 2], [half - half // 2, half + half // 2]]
+    probe = [uneven[step % 2] for step in range(len(plan))]
+    compute = [trainer.step(block(args.calibrate + step, probe[step]), args.global_batch,
                             slowdown) for step, slowdown in enumerate(plan)]  # fmt: skip
-    splits = _measured_splits(compute, bounds, half, args.global_batch)
+    lines = _measured_lines(compute, [pair[rank] for pair in probe], bounds)
+    low, high = [1] * world_size, [args.global_batch - 1] * world_size
+    splits = [equal_time_split(args.global_batch, [StepTimeModel(fixed=a, per_sample=b)
+                                                   for a, b in row], low, high)
+              for row in lines]  # fmt: skip
 
     # Scenarios interleaved step by step: whatever else runs on the machine hits them alike.
     times: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
@@ -185,22 +196,28 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
                 compute[name][-1].append(seconds)
                 sizes[name][-1].append(step_sizes)
     return {"times": times, "compute": compute, "sizes": sizes, "splits": splits,
-            "delay": trainer.delay_per_sample}  # fmt: skip
+            "lines": lines, "delay": trainer.delay_per_sample}  # fmt: skip
 
 
-def _measured_splits(
-    compute: list[float], bounds: list[int], half: int, global_batch: int
-) -> list[list[int]]:
-    """Per phase, the split proportional to each rank's median samples/s with equal blocks
-    (a collective): what a static split that knew every phase's speeds would use."""
-    rates = torch.zeros(len(bounds) - 1, WORLD_SIZE, dtype=torch.float64)
+def _measured_lines(
+    compute: list[float], blocks: list[int], bounds: list[int]
+) -> list[list[tuple[float, float]]]:
+    """Per phase and rank (a collective), the step-time line (fixed seconds, seconds per
+    sample) through this rank's median compute at each of the two block sizes it ran in that
+    phase; a line with a negative part goes through the origin instead."""
+    lines = torch.zeros(len(bounds) - 1, WORLD_SIZE, 2, dtype=torch.float64)
     for phase in range(len(bounds) - 1):
-        rates[phase, dist.get_rank()] = half / statistics.median(
-            compute[bounds[phase] : bounds[phase + 1]]
-        )
-    dist.all_reduce(rates)
-    low, high = [1] * WORLD_SIZE, [global_batch - 1] * WORLD_SIZE
-    return [apportion(global_batch, row, low, high) for row in rates.tolist()]
+        steps = range(bounds[phase], bounds[phase + 1])
+        small, large = sorted({blocks[i] for i in steps})
+        median = {n: statistics.median(compute[i] for i in steps if blocks[i] == n)
+                  for n in (small, large)}  # fmt: skip
+        per_sample = (median[large] - median[small]) / (large - small)
+        fixed = median[small] - per_sample * small
+        if fixed < 0 or per_sample <= 0:
+            fixed, per_sample = 0.0, median[large] / large
+        lines[phase, dist.get_rank()] = torch.tensor([fixed, per_sample], dtype=torch.float64)
+    dist.all_reduce(lines)
+    return [[(a, b) for a, b in row] for row in lines.tolist()]
 
 
 def settle_steps(blocks: list[list[int]], target: list[int]) -> tuple[int | None, int]:
@@ -232,6 +249,8 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
+    if min(args.phases) < 2:
+        parser.error(f"--phases: every phase needs >= 2 steps (two probe sizes), got {args.phases}")
     torch.set_num_threads(1)  # as in each rank (run_multiprocess), so device_name says so
     results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=1200)
     plan = phase_plan(args.phases, args.slowdown)
@@ -240,7 +259,7 @@ def main() -> None:
     # Synchronous steps: rank 0's wall-clock step times are the job's; the slowest rank's
     # compute (CPU time) is what the step would take with free communication and no other
     # process on the machine, and what the slicer balances.
-    sizes, split = results[0]["sizes"], results[0]["splits"]
+    sizes, split, lines = results[0]["sizes"], results[0]["splits"], results[0]["lines"]
     clocks = {
         "wall": results[0]["times"],
         "compute": {name: [[max(ts) for ts in zip(*(r["compute"][name][i] for r in results),
@@ -264,7 +283,7 @@ def main() -> None:
               f"of {args.rounds} rounds: {', '.join(f'{s:.0%}' for s in shares)}; pooled "
               f"{pooled:.0%}; goal >= 90%)")  # fmt: skip
     print(
-        f"after each speed change (blocks within {TOLERANCE:.0%} of the proportional split "
+        f"after each speed change (blocks within {TOLERANCE:.0%} of the time-equalising split "
         "to the end of the phase; goal <= 20 steps):"
     )
     for phase in range(1, len(args.phases)):
@@ -273,10 +292,11 @@ def main() -> None:
         steps = ["never" if s is None else str(s) for s, _ in settled]
         median = statistics.median(last - first if s is None else s for s, _ in settled)
         changes = [str(c) for _, c in settled]
-        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured split "
-              f"{'/'.join(map(str, split[phase]))}): settled after {median:g} steps (median; "
-              f"per round {', '.join(steps)}); block changes after settling: "
-              f"{', '.join(changes)} (per round)")  # fmt: skip
+        fitted = ", ".join(f"{a * 1e3:.2f} + {b * 1e3:.3f} n" for a, b in lines[phase])
+        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured ms per step "
+              f"{fitted}; split {'/'.join(map(str, split[phase]))}): settled after "
+              f"{median:g} steps (median; per round {', '.join(steps)}); block changes after "
+              f"settling: {', '.join(changes)} (per round)")  # fmt: skip
 
 
 def _rows(
