@@ -13,14 +13,13 @@ the same run and interleaved step by step so that load from other processes hits
   modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
   same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
   (`step_statistics` / `record_reduced`), so it adds no collective;
-- oracle: the time-equalising split of each phase, switched exactly at each change. It comes
-  from each rank's step-time line (fixed + per-sample seconds) in that phase, measured in a
-  static pass run first that alternates the splits 3/4 : 1/4 and 1/4 : 3/4, so every rank runs
-  two block sizes (the line through their medians). The delay is per sample and the fixed part
-  stays, so the slowed rank's equal-time block is smaller than the speed-proportional third
-  (about 34/14 of 48 with a 30 % fixed part, not 32/16). On a shared host, load during that pass
-  can tilt it: read a "never" settled or a share far above 100 % with the measured split and
-  lines printed next to it.
+- oracle: the time-equalising split of each phase, switched exactly at each change, from the
+  step-time line fixed + per_sample * n measured in the calibration (both ranks alternate a
+  3/4 and a 1/4 block; the line through the medians, averaged over the ranks) plus the known
+  delay on the slow rank's per-sample part. The fixed part stays, so the slowed rank's
+  equal-time block is smaller than its speed share at equal blocks (about 34/14 of 48 with a
+  30 % fixed part, not 32/16). On a shared host, load during the calibration can bend the line:
+  read a "never" settled or a share far above 100 % with the line printed next to it.
 
 Every figure is given for two clocks: "wall", rank 0's wall-clock step (what the job sees;
 on a shared host it carries other processes' load and the all-reduce's scheduling), and
@@ -147,21 +146,27 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
         start = (step % (len(plan) + args.calibrate)) * args.global_batch + sum(sizes[:rank])
         return list(range(start, start + sizes[rank]))
 
-    # Calibration: compute seconds per sample without delay, after a warm-up; both ranks use
-    # the mean, so a slowdown s makes the slow rank's typical sample take about s times as long.
-    costs = [trainer.step(block(i, [half] * world_size), args.global_batch, 1.0) / half
-             for i in range(args.calibrate)]  # fmt: skip
-    cost = torch.tensor([statistics.median(costs[args.calibrate // 2 :])], dtype=torch.float64)
-    dist.all_reduce(cost)
-    trainer.delay_per_sample = cost.item() / world_size
+    # Calibration without delay, after a warm-up: every rank alternates a 3/4 and a 1/4 block;
+    # the line fixed + per_sample * n through the medians at the two sizes, averaged over the
+    # ranks (they run the same model), is every rank's undelayed step time. The delay unit is
+    # its time per sample at the equal split, so a slowdown s makes the slow rank's equal-split
+    # step take s times as long.
+    small, large = half - half // 2, half + half // 2
+    probe = [[large, small] if i % 2 else [small, large] for i in range(args.calibrate)]
+    seconds = [trainer.step(block(i, probe[i]), args.global_batch, 1.0)
+               for i in range(args.calibrate)]  # fmt: skip
+    kept = range(args.calibrate // 2, args.calibrate)
+    medians = torch.tensor([statistics.median(seconds[i] for i in kept if probe[i][rank] == n)
+                            for n in (small, large)], dtype=torch.float64)  # fmt: skip
+    dist.all_reduce(medians)
+    fixed, per_sample = _line(small, large, *(medians / world_size).tolist())
+    trainer.delay_per_sample = (fixed + per_sample * half) / half
 
-    # The oracle's splits: each rank's step-time line in each phase, measured in a static pass
-    # that alternates two uneven splits, so every rank runs two block sizes in every phase.
-    uneven = [[half + half // 2, half - half // 2], [half - half // 2, half + half // 2]]
-    probe = [uneven[step % 2] for step in range(len(plan))]
-    compute = [trainer.step(block(args.calibrate + step, probe[step]), args.global_batch,
-                            slowdown) for step, slowdown in enumerate(plan)]  # fmt: skip
-    lines = _measured_lines(compute, [pair[rank] for pair in probe], bounds)
+    # The oracle's splits: equal step times for each phase's lines (the slow rank's delay adds
+    # to its per-sample part only).
+    delays = [(plan[first] - 1) * trainer.delay_per_sample for first in bounds[:-1]]
+    lines = [[(fixed, per_sample + delay if r == SLOW_RANK else per_sample)
+              for r in range(world_size)] for delay in delays]  # fmt: skip
     low, high = [1] * world_size, [args.global_batch - 1] * world_size
     splits = [equal_time_split(args.global_batch, [StepTimeModel(fixed=a, per_sample=b)
                                                    for a, b in row], low, high)
@@ -199,25 +204,14 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
             "lines": lines, "delay": trainer.delay_per_sample}  # fmt: skip
 
 
-def _measured_lines(
-    compute: list[float], blocks: list[int], bounds: list[int]
-) -> list[list[tuple[float, float]]]:
-    """Per phase and rank (a collective), the step-time line (fixed seconds, seconds per
-    sample) through this rank's median compute at each of the two block sizes it ran in that
-    phase; a line with a negative part goes through the origin instead."""
-    lines = torch.zeros(len(bounds) - 1, WORLD_SIZE, 2, dtype=torch.float64)
-    for phase in range(len(bounds) - 1):
-        steps = range(bounds[phase], bounds[phase + 1])
-        small, large = sorted({blocks[i] for i in steps})
-        median = {n: statistics.median(compute[i] for i in steps if blocks[i] == n)
-                  for n in (small, large)}  # fmt: skip
-        per_sample = (median[large] - median[small]) / (large - small)
-        fixed = median[small] - per_sample * small
-        if fixed < 0 or per_sample <= 0:
-            fixed, per_sample = 0.0, median[large] / large
-        lines[phase, dist.get_rank()] = torch.tensor([fixed, per_sample], dtype=torch.float64)
-    dist.all_reduce(lines)
-    return [[(a, b) for a, b in row] for row in lines.tolist()]
+def _line(small: int, large: int, small_t: float, large_t: float) -> tuple[float, float]:
+    """(fixed seconds, seconds per sample) of the line through (small, small_t) and (large,
+    large_t); through the origin at `large` when a part would be negative (noise)."""
+    per_sample = (large_t - small_t) / (large - small)
+    fixed = small_t - per_sample * small
+    if fixed < 0 or per_sample <= 0:
+        return 0.0, large_t / large
+    return fixed, per_sample
 
 
 def settle_steps(blocks: list[list[int]], target: list[int]) -> tuple[int | None, int]:
@@ -241,7 +235,7 @@ def main() -> None:
                         default=[20, 40, 40],
                         help="steps per phase: all at full speed, rank 1 slow, ...")  # fmt: skip
     parser.add_argument("--slowdown", type=float, default=2.0, help="rank 1's slowdown")
-    parser.add_argument("--calibrate", type=int, default=12, help="steps measuring compute")
+    parser.add_argument("--calibrate", type=int, default=24, help="steps measuring compute")
     parser.add_argument("--global-batch", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=256)
@@ -249,8 +243,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
-    if min(args.phases) < 2:
-        parser.error(f"--phases: every phase needs >= 2 steps (two probe sizes), got {args.phases}")
+    if args.calibrate < 4:
+        parser.error(
+            f"--calibrate needs >= 4 steps (warm-up, then two sizes), got {args.calibrate}"
+        )
     torch.set_num_threads(1)  # as in each rank (run_multiprocess), so device_name says so
     results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=1200)
     plan = phase_plan(args.phases, args.slowdown)
@@ -293,7 +289,7 @@ def main() -> None:
         median = statistics.median(last - first if s is None else s for s, _ in settled)
         changes = [str(c) for _, c in settled]
         fitted = ", ".join(f"{a * 1e3:.2f} + {b * 1e3:.3f} n" for a, b in lines[phase])
-        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured ms per step "
+        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; modelled ms per step "
               f"{fitted}; split {'/'.join(map(str, split[phase]))}): settled after "
               f"{median:g} steps (median; per round {', '.join(steps)}); block changes after "
               f"settling: {', '.join(changes)} (per round)")  # fmt: skip
