@@ -13,11 +13,13 @@ the same run and interleaved step by step so that load from other processes hits
   modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
   same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
   (`step_statistics` / `record_reduced`), so it adds no collective;
-- oracle: the speed-proportional split of each phase, switched exactly at each change; the
-  speeds are each rank's median samples/s in that phase of a fixed-slicing pass run first
-  (about 2 : 1 while rank 1 is slowed 2x, 1 : 1 otherwise). On a shared host, load during
-  that pass can tilt it (equal speeds measured 27 : 21 once): read a "never" settled or a share
-  far above 100 % with the measured split printed next to it.
+- oracle: the time-equalising split of each phase, switched exactly at each change, from the
+  step-time line fixed + per_sample * n measured in the calibration (both ranks alternate a
+  3/4 and a 1/4 block; the line through the medians, averaged over the ranks) plus the known
+  delay on the slow rank's per-sample part. The fixed part stays, so the slowed rank's
+  equal-time block is smaller than its speed share at equal blocks (about 34/14 of 48 with a
+  30 % fixed part, not 32/16). On a shared host, load during the calibration can bend the line:
+  read a "never" settled or a share far above 100 % with the line printed next to it.
 
 Every figure is given for two clocks: "wall", rank 0's wall-clock step (what the job sees;
 on a shared host it carries other processes' load and the all-reduce's scheduling), and
@@ -27,8 +29,8 @@ communication on an idle host: what the slicer balances, and stable under load).
 Reported: samples/s per scenario over the whole run and per phase; the share of the oracle's
 gain over fixed slicing that throughput slicing achieves over the whole run (goal >= 90 %), per
 round and their median; and, after each speed change, how many steps the throughput slicer took
-until every rank's block stayed within 10 % of the speed-proportional split for the rest of the
-phase (goal <= 20; median and per round), and how often its blocks changed once there
+until every rank's block stayed within 10 % of the oracle's time-equalising split for the rest of
+the phase (goal <= 20; median and per round), and how often its blocks changed once there
 (oscillation).
 
     python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--csv results/slicing.csv]
@@ -47,13 +49,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import LSTMLanguageModel, device_name, format_table, write_csv
 
-from fastpar.data import DynamicSlicer, apportion
+from fastpar.data import DynamicSlicer
+from fastpar.data.step_model import StepTimeModel, equal_time_split
 from fastpar.testing.distributed import run_multiprocess
 
 WORLD_SIZE = 2
 SLOW_RANK = 1
 SCENARIOS = ("fixed", "throughput", "oracle")
-TOLERANCE = 0.1  # a block within 10 % of its speed-proportional size counts as balanced
+TOLERANCE = 0.1  # a block within 10 % of its time-equalising size counts as balanced
 HEADERS = (
     "device", "clock", "scenario", "phase", "slowdown", "rank_blocks", "step_ms", "p20_ms",
     "p80_ms", "samples_per_s", "vs_fixed",
@@ -143,18 +146,31 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
         start = (step % (len(plan) + args.calibrate)) * args.global_batch + sum(sizes[:rank])
         return list(range(start, start + sizes[rank]))
 
-    # Calibration: compute seconds per sample without delay, after a warm-up; both ranks use
-    # the mean, so a slowdown s makes the slow rank's typical sample take about s times as long.
-    costs = [trainer.step(block(i, [half] * world_size), args.global_batch, 1.0) / half
-             for i in range(args.calibrate)]  # fmt: skip
-    cost = torch.tensor([statistics.median(costs[args.calibrate // 2 :])], dtype=torch.float64)
-    dist.all_reduce(cost)
-    trainer.delay_per_sample = cost.item() / world_size
+    # Calibration without delay, after a warm-up: every rank alternates a 3/4 and a 1/4 block;
+    # the line fixed + per_sample * n through the medians at the two sizes, averaged over the
+    # ranks (they run the same model), is every rank's undelayed step time. The delay unit is
+    # its time per sample at the equal split, so a slowdown s makes the slow rank's equal-split
+    # step take s times as long.
+    small, large = half - half // 2, half + half // 2
+    probe = [[large, small] if i % 2 else [small, large] for i in range(args.calibrate)]
+    seconds = [trainer.step(block(i, probe[i]), args.global_batch, 1.0)
+               for i in range(args.calibrate)]  # fmt: skip
+    kept = range(args.calibrate // 2, args.calibrate)
+    medians = torch.tensor([statistics.median(seconds[i] for i in kept if probe[i][rank] == n)
+                            for n in (small, large)], dtype=torch.float64)  # fmt: skip
+    dist.all_reduce(medians)
+    fixed, per_sample = _line(small, large, *(medians / world_size).tolist())
+    trainer.delay_per_sample = (fixed + per_sample * half) / half
 
-    # The oracle's splits: each rank's speed in each phase, measured in a fixed-slicing pass.
-    compute = [trainer.step(block(args.calibrate + step, [half] * world_size), args.global_batch,
-                            slowdown) for step, slowdown in enumerate(plan)]  # fmt: skip
-    splits = _measured_splits(compute, bounds, half, args.global_batch)
+    # The oracle's splits: equal step times for each phase's lines (the slow rank's delay adds
+    # to its per-sample part only).
+    delays = [(plan[first] - 1) * trainer.delay_per_sample for first in bounds[:-1]]
+    lines = [[(fixed, per_sample + delay if r == SLOW_RANK else per_sample)
+              for r in range(world_size)] for delay in delays]  # fmt: skip
+    low, high = [1] * world_size, [args.global_batch - 1] * world_size
+    splits = [equal_time_split(args.global_batch, [StepTimeModel(fixed=a, per_sample=b)
+                                                   for a, b in row], low, high)
+              for row in lines]  # fmt: skip
 
     # Scenarios interleaved step by step: whatever else runs on the machine hits them alike.
     times: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
@@ -185,22 +201,17 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
                 compute[name][-1].append(seconds)
                 sizes[name][-1].append(step_sizes)
     return {"times": times, "compute": compute, "sizes": sizes, "splits": splits,
-            "delay": trainer.delay_per_sample}  # fmt: skip
+            "lines": lines, "delay": trainer.delay_per_sample}  # fmt: skip
 
 
-def _measured_splits(
-    compute: list[float], bounds: list[int], half: int, global_batch: int
-) -> list[list[int]]:
-    """Per phase, the split proportional to each rank's median samples/s with equal blocks
-    (a collective): what a static split that knew every phase's speeds would use."""
-    rates = torch.zeros(len(bounds) - 1, WORLD_SIZE, dtype=torch.float64)
-    for phase in range(len(bounds) - 1):
-        rates[phase, dist.get_rank()] = half / statistics.median(
-            compute[bounds[phase] : bounds[phase + 1]]
-        )
-    dist.all_reduce(rates)
-    low, high = [1] * WORLD_SIZE, [global_batch - 1] * WORLD_SIZE
-    return [apportion(global_batch, row, low, high) for row in rates.tolist()]
+def _line(small: int, large: int, small_t: float, large_t: float) -> tuple[float, float]:
+    """(fixed seconds, seconds per sample) of the line through (small, small_t) and (large,
+    large_t); through the origin at `large` when a part would be negative (noise)."""
+    per_sample = (large_t - small_t) / (large - small)
+    fixed = small_t - per_sample * small
+    if fixed < 0 or per_sample <= 0:
+        return 0.0, large_t / large
+    return fixed, per_sample
 
 
 def settle_steps(blocks: list[list[int]], target: list[int]) -> tuple[int | None, int]:
@@ -224,7 +235,7 @@ def main() -> None:
                         default=[20, 40, 40],
                         help="steps per phase: all at full speed, rank 1 slow, ...")  # fmt: skip
     parser.add_argument("--slowdown", type=float, default=2.0, help="rank 1's slowdown")
-    parser.add_argument("--calibrate", type=int, default=12, help="steps measuring compute")
+    parser.add_argument("--calibrate", type=int, default=24, help="steps measuring compute")
     parser.add_argument("--global-batch", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=256)
@@ -232,6 +243,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
+    if args.calibrate < 4:
+        parser.error(
+            f"--calibrate needs >= 4 steps (warm-up, then two sizes), got {args.calibrate}"
+        )
     torch.set_num_threads(1)  # as in each rank (run_multiprocess), so device_name says so
     results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=1200)
     plan = phase_plan(args.phases, args.slowdown)
@@ -240,7 +255,7 @@ def main() -> None:
     # Synchronous steps: rank 0's wall-clock step times are the job's; the slowest rank's
     # compute (CPU time) is what the step would take with free communication and no other
     # process on the machine, and what the slicer balances.
-    sizes, split = results[0]["sizes"], results[0]["splits"]
+    sizes, split, lines = results[0]["sizes"], results[0]["splits"], results[0]["lines"]
     clocks = {
         "wall": results[0]["times"],
         "compute": {name: [[max(ts) for ts in zip(*(r["compute"][name][i] for r in results),
@@ -264,7 +279,7 @@ def main() -> None:
               f"of {args.rounds} rounds: {', '.join(f'{s:.0%}' for s in shares)}; pooled "
               f"{pooled:.0%}; goal >= 90%)")  # fmt: skip
     print(
-        f"after each speed change (blocks within {TOLERANCE:.0%} of the proportional split "
+        f"after each speed change (blocks within {TOLERANCE:.0%} of the time-equalising split "
         "to the end of the phase; goal <= 20 steps):"
     )
     for phase in range(1, len(args.phases)):
@@ -273,10 +288,11 @@ def main() -> None:
         steps = ["never" if s is None else str(s) for s, _ in settled]
         median = statistics.median(last - first if s is None else s for s, _ in settled)
         changes = [str(c) for _, c in settled]
-        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; measured split "
-              f"{'/'.join(map(str, split[phase]))}): settled after {median:g} steps (median; "
-              f"per round {', '.join(steps)}); block changes after settling: "
-              f"{', '.join(changes)} (per round)")  # fmt: skip
+        fitted = ", ".join(f"{a * 1e3:.2f} + {b * 1e3:.3f} n" for a, b in lines[phase])
+        print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; modelled ms per step "
+              f"{fitted}; split {'/'.join(map(str, split[phase]))}): settled after "
+              f"{median:g} steps (median; per round {', '.join(steps)}); block changes after "
+              f"settling: {', '.join(changes)} (per round)")  # fmt: skip
 
 
 def _rows(

@@ -523,6 +523,31 @@ def test_throughput_follows_a_straggler_that_comes_and_goes(seed: int) -> None:
         assert history[first : last + 1] == quiet[first : last + 1], (seed, first, last)
 
 
+@pytest.mark.parametrize(("seed", "fixed_share"), [(0, 0.3), (1, 0.3), (2, 0.5), (3, 0.5)])
+def test_a_per_sample_straggler_gets_the_time_equalising_block(
+    seed: int, fixed_share: float
+) -> None:
+    """Rank 1 is slowed 2x at the equal split by a delay per sample (as bench/slicing.py
+    injects it: one equal-split step's time per sample, fixed part included), then recovers.
+    Its fixed part stays, so equal step times give it less than the speed-proportional
+    third: the blocks settle within 10 % of the time-equalising split (float64 closed form)
+    within SETTLE_STEPS of each change, and stay there."""
+    half = _BATCH // 2
+    fixed = fixed_share * 3e-3  # a 3 ms step at the equal split, fixed_share of it fixed
+    per_sample = (3e-3 - fixed) / half
+    normal = (fixed, per_sample)
+    slow = (fixed, per_sample + (fixed + per_sample * half) / half)
+    phases = [(20, [normal] * 2), (40, [normal, slow]), (40, [normal] * 2)]
+    history = _simulate(phases, {}, 0.03, random.Random(seed))
+    ideal = _equal_time_split([normal, slow])
+    # The case this test is about: the speed-proportional split is not balanced here.
+    assert not _balanced([2 * _BATCH // 3, _BATCH // 3], ideal), ideal
+    for first, last, target in ((20, 60, ideal), (60, 100, [half, half])):
+        blocks = history[first + SETTLE_STEPS : last]
+        assert all(_balanced(b, target) for b in blocks), (seed, target, history[first:last])
+        assert _changes(history[first:last]) <= MAX_CHANGES, (seed, history[first:last])
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_a_dominant_fixed_cost_brings_equal_speeds_back_to_equal_blocks(seed: int) -> None:
     """60 % of an equal step is a fixed cost. While rank 1 is 2x slow it gets a small block;
