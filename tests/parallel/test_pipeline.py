@@ -2,14 +2,11 @@
 those of the whole model on the whole batch, for every schedule (two chunks per rank for
 interleaved-1f1b and zbv; split backwards with deferred weight passes for zero-bubble and zbv,
 with fastpar's LSTMs split as well (fastpar::lstm_aten_layer)), 1, 2 and 3 ranks holding 1 to
-6 stages, 1 to 8 micro-batches (some not dividing the batch), micro-batches of differing shapes (small ones and
-ones that outgrow the transport's slots), an LSTM stack cut between two stages, integer
-activations that carry no gradient, both loss reductions, and gradients accumulated over
-steps; over the shared-memory pipes (the default on one host) and over gloo. The inputs stay
-unmodified, and the profiler sees a range per micro-batch and transfer.
-
-Starting ranks costs seconds, so one multi-process run per stage count computes every case
-(module-scoped fixture) and each case is checked as its own test against its reference.
+6 stages, 1 to 8 micro-batches (some not dividing the batch), micro-batches of differing
+shapes (small ones and ones that outgrow the transport's slots), an LSTM stack cut between two
+stages, integer activations that carry no gradient, both loss reductions, and gradients
+accumulated over steps; over the shared-memory pipes (the default on one host) and over gloo.
+The inputs stay unmodified, and the profiler sees a range per micro-batch and transfer.
 """
 
 from __future__ import annotations
