@@ -47,8 +47,8 @@ def _resume_check_and_train(
     before = [p.detach().clone() for p in stage.module.parameters()]
     dist.barrier()
     run_steps(config, place, stage, batches, corpus, step)
-    if stage.dp is not None:
-        stage.dp.close()
+    for dp in stage.dps:
+        dp.close()
     moved = any(
         not torch.equal(a, p) for a, p in zip(before, stage.module.parameters(), strict=True)
     )
@@ -79,8 +79,8 @@ def _train_from_scratch(rank: int, world_size: int, config: TrainConfig) -> None
     stage = build_stage(config, place, torch.device("cpu"))
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
     run_steps(config, place, stage, batches, corpus, 0)
-    if stage.dp is not None:
-        stage.dp.close()
+    for dp in stage.dps:
+        dp.close()
 
 
 @pytest.fixture(scope="module")
