@@ -15,8 +15,10 @@ results. Transports:
   nobody uses a tensor the ring did not reduce. A thread of the native ring watches the peers'
   pids while the ring is open: a peer whose process is gone makes the spinning kernels stop
   within about 0.1 s, naming it. Above CUDA_RING_MAX_BYTES, calls between different GPUs go to
-  torch.distributed (NCCL), announced through the ring as on CPU. Closing is collective (every
-  rank stops, then unmaps the peers' buffers, then frees its own).
+  torch.distributed (NCCL), announced through the ring as on CPU. Ranks that share a GPU are
+  left to gloo unless `serve_shared_gpu=True`: processes time-slice a GPU, and the ring's
+  barriers wait out the slices (about 5x slower than gloo, measured). Closing is collective
+  (every rank stops, then unmaps the peers' buffers, then frees its own).
 
 Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
 order (as with process groups), and the ranks meet once through the default store to name and
