@@ -147,7 +147,9 @@ def _ring_rank(rank: int, world: int, device_type: str) -> None:
     from fastpar.comm import RingAllReduce
 
     device = torch.device(device_type, 0) if device_type == "cuda" else torch.device("cpu")
-    with RingAllReduce(device=device, timeout=60, chunk_bytes=1 << 16) as ring:
+    with RingAllReduce(
+        device=device, timeout=60, chunk_bytes=1 << 16, serve_shared_gpu=True
+    ) as ring:
         for numel in (1, 1009, 70001):  # the last spans several chunks
             tensor = torch.full((numel,), float(rank + 1), device=device)
             if not ring.should_use(tensor):
