@@ -18,6 +18,11 @@ backward's K loop across warps (``k_split``); "v1" re-reads the share every step
 barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
 to the LSTM only (the GRU and RNN were built on v2).
 
+Which tiles the persistent v2 backward takes (``backward_tiles``, environment variable
+``FASTPAR_LSTM_BWD_TILES``): "min-traffic" (default) the tiles that move the fewest bytes from
+L2 per step (``min_traffic_tiles``); "v2" the previous choice, the batch tile of the forward
+and the narrowest hidden tile whose grid fits in the SMs. Kept until a GPU run has compared them.
+
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
 
@@ -37,6 +42,8 @@ KernelChoice = Literal["auto", "step", "persistent"]
 CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
+BackwardTiles = Literal["min-traffic", "v2"]
+BACKWARD_TILES_ENV = "FASTPAR_LSTM_BWD_TILES"
 
 MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpreter accepts less)
 # A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
@@ -51,6 +58,10 @@ PERSISTENT_BWD_MAX_TILE = 64 * 16
 # inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
+# What one SM streams from L2 against what the whole L2 delivers to all SMs (an H100 SM takes
+# about 64 B/clock, ~110 GB/s; the first GPU run's backward moved ~2.1 TB/s from L2 in all: its
+# per-step time grew with the bytes all programs read, not with the bytes of one program).
+SM_SHARE_OF_L2 = 1 / 20
 
 
 def gate_count(cell: CellKind) -> int:
@@ -77,6 +88,17 @@ def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
             f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
         )
     return version  # type: ignore[return-value]
+
+
+def backward_tiles() -> BackwardTiles:
+    """The persistent v2 backward's tile choice, from FASTPAR_LSTM_BWD_TILES (default
+    "min-traffic"; "v2" the previous one)."""
+    tiles = os.environ.get(BACKWARD_TILES_ENV, "min-traffic")
+    if tiles not in get_args(BackwardTiles):
+        raise ValueError(
+            f"{BACKWARD_TILES_ENV} must be one of {get_args(BackwardTiles)}, got {tiles!r}"
+        )
+    return tiles  # type: ignore[return-value]
 
 
 def fp32_rnn_allows_tf32() -> bool:
@@ -159,6 +181,39 @@ def w_fits_registers(
     kp = padded_k(hidden)
     size = (block_b * kp + kp * gate_slots(cell) * block_h) * torch.finfo(dtype).bits // 8
     return size <= RESIDENT_BYTES_PER_THREAD * resident_warps(cell) * 32
+
+
+def min_traffic_tiles(
+    batch: int, hidden: int, num_sms: int, cell: CellKind = "lstm"
+) -> tuple[int, int] | None:
+    """(block_b, block_h) of the persistent backward that reads the fewest bytes from L2 per
+    step, or None when no tile fits.
+
+    Every step each program reads all G*H columns of its batch rows of dgates_{t+1} and its
+    G*H x block_h share of W_hh (the barrier empties L1, so both come from L2): in all,
+    ``G*H * (B * n_h + H * n_b)`` elements for n_b batch and n_h hidden tiles. Narrow tiles
+    multiply the first term, short ones the second; square tiles balance them. A step takes
+    the longer of that total through the whole L2 and one program's share through its SM
+    (SM_SHARE_OF_L2), so a few very wide tiles lose to more, narrower ones. Tiles are at most
+    PERSISTENT_BWD_MAX_TILE (registers) and the grid at most num_sms (one program per SM).
+    """
+    gates = gate_count(cell)
+    best = None
+    for block_b in (16, 32, 64):
+        if block_b > batch_block(batch):
+            break
+        n_b = triton.cdiv(batch, block_b)
+        block_h = MIN_DOT
+        while block_b * block_h <= PERSISTENT_BWD_MAX_TILE and block_h < 2 * hidden:
+            n_h = triton.cdiv(hidden, block_h)
+            if n_b * n_h <= num_sms:
+                per_program = gates * hidden * (min(block_b, batch) + min(block_h, hidden))
+                cost = max(n_b * n_h * per_program, per_program / SM_SHARE_OF_L2)
+                key = (cost, n_b * n_h)  # on a tie, fewer programs meet at the barrier
+                if best is None or key < best[0]:
+                    best = (key, block_b, block_h)
+            block_h *= 2
+    return None if best is None else (best[1], best[2])
 
 
 @dataclass(frozen=True)
@@ -252,6 +307,11 @@ def persistent_config(
     min_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
     if interpreter:
         block_h = max(min_h, triton.next_power_of_2(hidden))
+    elif backward and version == "v2" and backward_tiles() == "min-traffic":
+        tiles = min_traffic_tiles(batch, hidden, num_sms, cell)
+        if tiles is None:
+            return None
+        block_b, block_h = tiles
     else:
         if n_b > num_sms:
             return None
@@ -275,10 +335,11 @@ def persistent_config(
             return None
     elif not interpreter and not w_share_fits_l1:
         return None
-    # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
-    # without spilling, and so does backward with 16-byte aligned operands (bench/kernel_report.py
-    # shows the registers). One program per SM: the extra warps cost no occupancy.
-    block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
+    # A 64-row batch tile needs 8 warps to hold its tiles without spilling, and so does
+    # backward with 16-byte aligned operands; backward tiles of 512 units or more also need a
+    # narrower K tile (bench/kernel_report.py shows the registers). One program per SM: the
+    # extra warps cost no occupancy.
+    block_k = 32 if dtype == torch.float32 or (backward and block_b * block_h >= 512) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
     # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
     # serial iterations over 4H (see recurrent_grad).
