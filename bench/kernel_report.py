@@ -9,7 +9,7 @@ its whole grid resident at once.
 
     python bench/kernel_report.py                 # benchmark and test shapes, as a table
     python bench/kernel_report.py --json out.json # also write the rows as JSON
-    python bench/kernel_report.py --bwd-tiles v2  # the previous persistent backward tiles
+    python bench/kernel_report.py --tiles v2      # the previous persistent kernels' tiles
 
 Exits non-zero if a configuration fails to compile or spills.
 """
@@ -115,13 +115,13 @@ def main() -> int:
         help="kernel generations to compile (see FASTPAR_LSTM_KERNELS)",
     )  # fmt: skip
     parser.add_argument(
-        "--bwd-tiles", choices=["min-traffic", "v2"],
-        help="the persistent backward's tile choice (sets FASTPAR_LSTM_BWD_TILES)",
+        "--tiles", choices=["min-traffic", "v2"],
+        help="the persistent kernels' tile choice (sets FASTPAR_LSTM_TILES)",
     )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
-    if args.bwd_tiles:
-        os.environ["FASTPAR_LSTM_BWD_TILES"] = args.bwd_tiles
+    if args.tiles:
+        os.environ["FASTPAR_LSTM_TILES"] = args.tiles
     shapes = {"bench": BENCH_SHAPES, "test": TEST_SHAPES, "all": BENCH_SHAPES + TEST_SHAPES}
     rows = report(shapes[args.shapes], args.sms, tuple(args.versions))
     width = max(len(r["label"]) for r in rows)

@@ -18,10 +18,10 @@ backward's K loop across warps (``k_split``); "v1" re-reads the share every step
 barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
 to the LSTM only (the GRU and RNN were built on v2).
 
-Which tiles the persistent v2 backward takes (``backward_tiles``, environment variable
-``FASTPAR_LSTM_BWD_TILES``): "min-traffic" (default) the tiles that move the fewest bytes from
-L2 per step (``min_traffic_tiles``); "v2" the previous choice, the batch tile of the forward
-and the narrowest hidden tile whose grid fits in the SMs. Kept until a GPU run has compared them.
+Which tiles the persistent v2 kernels take (``tile_choice``, environment variable
+``FASTPAR_LSTM_TILES``): "min-traffic" (default) the tiles that read the fewest bytes from L2
+per step (``min_traffic_tiles``); "v2" the previous choice, the narrowest hidden tile whose
+grid fits in the SMs (backward: with 64-row batch tiles). Kept until a GPU run has compared them.
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -42,8 +42,8 @@ KernelChoice = Literal["auto", "step", "persistent"]
 CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
-BackwardTiles = Literal["min-traffic", "v2"]
-BACKWARD_TILES_ENV = "FASTPAR_LSTM_BWD_TILES"
+TileChoice = Literal["min-traffic", "v2"]
+TILES_ENV = "FASTPAR_LSTM_TILES"
 
 MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpreter accepts less)
 # A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
@@ -90,14 +90,12 @@ def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
     return version  # type: ignore[return-value]
 
 
-def backward_tiles() -> BackwardTiles:
-    """The persistent v2 backward's tile choice, from FASTPAR_LSTM_BWD_TILES (default
-    "min-traffic"; "v2" the previous one)."""
-    tiles = os.environ.get(BACKWARD_TILES_ENV, "min-traffic")
-    if tiles not in get_args(BackwardTiles):
-        raise ValueError(
-            f"{BACKWARD_TILES_ENV} must be one of {get_args(BackwardTiles)}, got {tiles!r}"
-        )
+def tile_choice() -> TileChoice:
+    """The persistent v2 kernels' tile choice, from FASTPAR_LSTM_TILES (default "min-traffic";
+    "v2" the previous one)."""
+    tiles = os.environ.get(TILES_ENV, "min-traffic")
+    if tiles not in get_args(TileChoice):
+        raise ValueError(f"{TILES_ENV} must be one of {get_args(TileChoice)}, got {tiles!r}")
     return tiles  # type: ignore[return-value]
 
 
@@ -184,30 +182,46 @@ def w_fits_registers(
 
 
 def min_traffic_tiles(
-    batch: int, hidden: int, num_sms: int, cell: CellKind = "lstm"
+    batch: int,
+    hidden: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    backward: bool,
+    cell: CellKind = "lstm",
 ) -> tuple[int, int] | None:
-    """(block_b, block_h) of the persistent backward that reads the fewest bytes from L2 per
+    """(block_b, block_h) of a persistent v2 kernel that reads the fewest bytes from L2 per
     step, or None when no tile fits.
 
-    Every step each program reads all G*H columns of its batch rows of dgates_{t+1} and its
-    G*H x block_h share of W_hh (the barrier empties L1, so both come from L2): in all,
-    ``G*H * (B * n_h + H * n_b)`` elements for n_b batch and n_h hidden tiles. Narrow tiles
-    multiply the first term, short ones the second; square tiles balance them. A step takes
-    the longer of that total through the whole L2 and one program's share through its SM
-    (SM_SHARE_OF_L2), so a few very wide tiles lose to more, narrower ones. Tiles are at most
-    PERSISTENT_BWD_MAX_TILE (registers) and the grid at most num_sms (one program per SM).
+    Every step each program reads, from L2 (the barrier empties L1), what the other programs
+    wrote for all units of its batch rows: forward h_{t-1} (H columns), backward dgates_{t+1}
+    (G*H columns); backward also its G*H x block_h share of W_hh (forward holds it on chip). For
+    n_b batch and n_h hidden tiles that is ``B*H*n_h`` elements in all forward and
+    ``G*H*(B*n_h + H*n_b)`` backward: narrow tiles multiply the first term, short ones the
+    second. A step takes the longer of that total through the whole L2 and one program's share
+    through its SM (SM_SHARE_OF_L2), so a few very wide tiles lose to more, narrower ones.
+
+    Forward keeps the batch tile of ``batch_block`` and takes only tiles whose W_hh share fits
+    in registers (``w_fits_registers``; None if none does); backward tiles are at most
+    PERSISTENT_BWD_MAX_TILE (registers) and at least 16 wide (a tl.dot N). The grid is at most
+    num_sms (one program per SM).
     """
-    gates = gate_count(cell)
+    width = gate_count(cell) * hidden if backward else hidden
     best = None
-    for block_b in (16, 32, 64):
+    for block_b in (16, 32, 64) if backward else (batch_block(batch),):
         if block_b > batch_block(batch):
             break
         n_b = triton.cdiv(batch, block_b)
-        block_h = MIN_DOT
-        while block_b * block_h <= PERSISTENT_BWD_MAX_TILE and block_h < 2 * hidden:
+        block_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
+        while block_h < 2 * hidden:
+            if backward and block_b * block_h > PERSISTENT_BWD_MAX_TILE:
+                break
+            if not backward and not w_fits_registers(block_b, hidden, block_h, dtype, cell):
+                break
             n_h = triton.cdiv(hidden, block_h)
             if n_b * n_h <= num_sms:
-                per_program = gates * hidden * (min(block_b, batch) + min(block_h, hidden))
+                per_program = width * min(block_b, batch)
+                if backward:
+                    per_program += width * min(block_h, hidden)
                 cost = max(n_b * n_h * per_program, per_program / SM_SHARE_OF_L2)
                 key = (cost, n_b * n_h)  # on a tie, fewer programs meet at the barrier
                 if best is None or key < best[0]:
@@ -307,17 +321,20 @@ def persistent_config(
     min_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
     if interpreter:
         block_h = max(min_h, triton.next_power_of_2(hidden))
-    elif backward and version == "v2" and backward_tiles() == "min-traffic":
-        tiles = min_traffic_tiles(batch, hidden, num_sms, cell)
-        if tiles is None:
-            return None
-        block_b, block_h = tiles
     else:
-        if n_b > num_sms:
-            return None
-        block_h = min_h
-        while n_b * triton.cdiv(hidden, block_h) > num_sms:
-            block_h *= 2
+        tiles = None
+        if version == "v2" and tile_choice() == "min-traffic":
+            tiles = min_traffic_tiles(batch, hidden, dtype, num_sms, backward, cell)
+            if tiles is None and backward:
+                return None
+        if tiles is not None:
+            block_b, block_h = tiles
+        else:  # "v2", v1, and a forward whose W_hh share fits in no tile's registers
+            if n_b > num_sms:
+                return None
+            block_h = min_h
+            while n_b * triton.cdiv(hidden, block_h) > num_sms:
+                block_h *= 2
     resident = (
         version == "v2"
         and not backward

@@ -144,6 +144,15 @@ def fwd_step(
     tiles save_step keeps: i, f, g, o for the LSTM, r, z, n, hn for the GRU)."""
     offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     h_rows = hprev_ptr + offs_b[:, None] * P
+    # The lengths and the carried h load before the dot, so their latency hides behind it.
+    valid = True
+    h_old = 0.0
+    if HAS_LENGTHS:
+        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        if CELL == "lstm" and CARRY_H:
+            h_old = tl.load(
+                h_rows + offs_j[None, :], mask=mask, other=0.0, cache_modifier=HPREV_CACHE
+            )
     acc = tl.zeros((BLOCK_B, GS * BLOCK_H), dtype=tl.float32)
     if W_RESIDENT:
         offs_k = tl.arange(0, KP)
@@ -191,14 +200,10 @@ def fwd_step(
         a0, a1, a2, a3 = h_new, h_new, h_new, h_new  # nothing to save
     if HAS_LENGTHS:
         # Past its length a sequence keeps its state, so h_n/c_n are those of its last step.
-        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
         c = tl.where(valid, c, c_prev)
         if CELL != "lstm":
             h_new = c  # the state is h_{t-1} in float32
         elif CARRY_H:
-            h_old = tl.load(
-                h_rows + offs_j[None, :], mask=mask, other=0.0, cache_modifier=HPREV_CACHE
-            )
             h_new = tl.where(valid, h_new, h_old.to(tl.float32))
     row = t.to(tl.int64) * B * H + offs_b * H
     tl.store(h_ptr + row[:, None] + offs_j[None, :], h_new.to(h_ptr.dtype.element_ty), mask=mask)
