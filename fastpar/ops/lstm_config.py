@@ -353,10 +353,10 @@ def persistent_config(
     elif not interpreter and not w_share_fits_l1:
         return None
     # A 64-row batch tile needs 8 warps to hold its tiles without spilling, and so does
-    # backward with 16-byte aligned operands; backward tiles of 512 units or more also need a
+    # backward with 16-byte aligned operands; backward tiles of 1024 units also need a
     # narrower K tile (bench/kernel_report.py shows the registers). One program per SM: the
     # extra warps cost no occupancy.
-    block_k = 32 if dtype == torch.float32 or (backward and block_b * block_h >= 512) else 64
+    block_k = 32 if dtype == torch.float32 or (backward and block_b * block_h >= 1024) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
     # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
     # serial iterations over 4H (see recurrent_grad).

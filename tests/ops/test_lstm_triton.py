@@ -178,8 +178,11 @@ def test_step_body_with_many_programs(
     # in the interpreter's step configuration: six programs run the body the persistent kernel
     # runs (v2: all of h_{t-1} in one dot; v1: a loop over K tiles). T=12 with lengths.
     monkeypatch.setenv(KERNEL_VERSION_ENV, version)
-    T, batch, hidden = 12, 18, 70
-    lengths = torch.arange(batch) % 4 * 3 + 3  # unsorted, 3..12
+    _check_step_kernels(12, 18, 70, torch.arange(18) % 4 * 3 + 3, reverse)  # lengths 3..12
+
+
+def _check_step_kernels(T: int, batch: int, hidden: int, lengths: torch.Tensor, reverse: bool):
+    """The step kernels against the float64 reference, float32, with lengths."""
     inputs = recurrence_inputs(T, 0, torch.float32, batch=batch, hidden=hidden)
     exact = [t.detach().double().requires_grad_() for t in inputs]
     ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="step")
@@ -198,14 +201,7 @@ def test_step_body_with_the_wide_backward_tiles(monkeypatch: pytest.MonkeyPatch)
         return dataclasses.replace(cfg, block_b=32, block_h_bwd=32, block_k=32, k_split=8)
 
     monkeypatch.setattr(fastpar.ops.lstm_backward, "step_config", wide)
-    T, batch, hidden = 9, 40, 70
-    lengths = torch.arange(batch) % 5 * 2 + 1  # unsorted, 1..9
-    inputs = recurrence_inputs(T, 0, torch.float32, batch=batch, hidden=hidden)
-    exact = [t.detach().double().requires_grad_() for t in inputs]
-    ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, True, kernel="step")
-    want = run_recurrence(lstm_recurrence_reference, exact, lengths, True)
-    for name, a, b in zip(NAMES, ours, want, strict=False):
-        assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+    _check_step_kernels(9, 40, 70, torch.arange(40) % 5 * 2 + 1, True)  # lengths 1..9
 
 
 def _l2_elements(batch: int, hidden: int, block_b: int, block_h: int, backward: bool) -> int:
