@@ -223,7 +223,8 @@ def min_traffic_tiles(
                 if backward:
                     per_program += width * min(block_h, hidden)
                 cost = max(n_b * n_h * per_program, per_program / SM_SHARE_OF_L2)
-                key = (cost, n_b * n_h)  # on a tie, fewer programs meet at the barrier
+                # On a tie (one program's share bounds the step) more programs share the math.
+                key = (cost, -n_b * n_h)
                 if best is None or key < best[0]:
                     best = (key, block_b, block_h)
             block_h *= 2
