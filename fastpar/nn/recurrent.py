@@ -10,8 +10,10 @@ batch_first, unbatched and packed input, and the backend choice:
   float16); ``kernel`` chooses its variant;
 * ``"torch"``: torch's own native kernels (``fastpar.ops.lstm_aten``, ``fastpar.ops.rnn_aten``);
 * ``"reference"``: the pure-PyTorch loop (the test oracle; slow);
-* ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said once
-  in the log.
+* ``"auto"``: triton only where a GPU measurement shows it faster than torch's own module (on
+  CUDA: bfloat16 where the persistent kernel applies), torch's kernels (cuDNN on CUDA) everywhere
+  else; ``fastpar.ops.auto_backend`` holds the measurements and the rule. The choice and its
+  reason are said once in the log.
 
 A backend named explicitly either runs or raises.
 
@@ -34,6 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fastpar._checks import check_choice, check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
+from fastpar.ops.auto_backend import choose_auto_backend
 from fastpar.ops.reference import LayerWeights
 
 Backend = Literal["auto", "triton", "torch", "reference"]
@@ -62,22 +65,42 @@ def check_kernel(kernel: object, backend: Backend) -> Kernel:
     return kernel  # type: ignore[return-value]
 
 
-def takes_triton(backend: Backend, x: Tensor, cell: str) -> bool:
+def takes_triton(
+    backend: Backend,
+    x: Tensor,
+    kind: str,
+    *,
+    hidden: int,
+    proj: int = 0,
+    kernel: Kernel = "auto",
+    one_step: bool = False,
+) -> bool:
     """Whether ``backend`` runs the Triton kernels for ``x``; raises when backend='triton'
-    cannot run them. ``cell`` ("LSTM", "GRU", "RNN") names the kernels in messages."""
+    cannot run them.
+
+    Arguments:
+        backend: "auto", "triton", "torch" or "reference".
+        x: the (already validated) input, (T, B, I) or, for a cell, (B, I).
+        kind: the cell, "lstm", "gru", "rnn_tanh" or "rnn_relu".
+        hidden: H; proj: the LSTM's proj_size (0: none); kernel: the module's Triton variant;
+        one_step: a cell module. "auto" decides with these (``choose_auto_backend``).
+    """
+    cell = kind.split("_")[0].upper()  # "LSTM", "GRU", "RNN", for messages
     if backend in ("torch", "reference"):
         return False
     if backend == "auto":
-        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
-            return True
+        choice = choose_auto_backend(
+            kind, x.device, x.dtype, batch=x.shape[-2], hidden=hidden, proj=proj,
+            kernel=kernel, backward=torch.is_grad_enabled(), one_step=one_step,
+        )  # fmt: skip
         if not torch.compiler.is_compiling():  # the eager call before compiling said it
-            log_once(
-                _log,
-                f"fastpar {cell} backend='auto': {x.dtype} input on {x.device.type} runs torch's "
-                f"native {cell} kernels (backend='torch'; the Triton kernels need CUDA and "
-                "float32/bfloat16/float16)",
+            runs = (
+                "fastpar's Triton kernels"
+                if choice.backend == "triton"
+                else f"torch's native {cell} kernels (backend='torch')"
             )
-        return False
+            log_once(_log, f"fastpar {cell} backend='auto' runs {runs}: {choice.reason}")
+        return choice.backend == "triton"
     if x.device.type != "cuda" and not interpreter_active():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got input on {x.device}; set "
@@ -97,7 +120,10 @@ def choose_recurrence(
     x: Tensor,
     kernel: Kernel,
     *,
-    cell: str,
+    kind: str,
+    hidden: int,
+    proj: int = 0,
+    one_step: bool = False,
     reference: Callable[..., Any],
     triton: Callable[[], Callable[..., Any]],
 ) -> Callable[..., Any] | None:
@@ -105,9 +131,9 @@ def choose_recurrence(
 
     Arguments:
         backend: "auto", "triton", "torch" or "reference".
-        x: the (already validated) input, whose device and dtype decide.
+        x: the (already validated) input, whose device, dtype and batch decide.
         kernel: the Triton kernel variant (used only when the Triton kernels run).
-        cell: "LSTM", "GRU" or "RNN", for messages.
+        kind, hidden, proj, one_step: the cell and its sizes (see ``takes_triton``).
         reference: the pure-PyTorch recurrence.
         triton: returns the Triton recurrence, importing it (the Triton modules import
             Triton, so only the calls that run them do; with an import statement, which
@@ -118,7 +144,9 @@ def choose_recurrence(
     """
     if backend == "reference":
         return reference
-    if not takes_triton(backend, x, cell):
+    if not takes_triton(
+        backend, x, kind, hidden=hidden, proj=proj, kernel=kernel, one_step=one_step
+    ):
         return None
     return functools.partial(triton(), kernel=kernel)
 

@@ -47,7 +47,8 @@ def compare_with_torch(
     sd = [s.detach().double().requires_grad_() for s in states]
     got_out = _flat(ours(xs, _hx(ss)))
     want_out = _flat(theirs(xd, _hx(sd)))
-    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate(want_out)]
+    # On the outputs' device: autograd takes no cotangent from another device.
+    cot = [randn(*t.shape, seed=30 + k).to(t.device) for k, t in enumerate(want_out)]
     got = got_out + list(grads(got_out, [c.to(dtype) for c in cot], [xs, *ss, *ours.parameters()]))
     exp = want_out + list(grads(want_out, cot, [xd, *sd, *theirs.parameters()]))
     letters = "hc"[: len(states)]

@@ -304,13 +304,16 @@ def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
-def test_auto_backend_on_cuda_matches_torch(
-    num_layers: int, bidirectional: bool, proj_size: int, batch_first: bool, bias: bool, T: int
-) -> None:
-    # "auto" takes the Triton kernels for CUDA tensors; the float64 oracle runs on the GPU too.
+def test_backend_on_cuda_matches_torch(
+    backend: str, num_layers: int, bidirectional: bool, proj_size: int, batch_first: bool,
+    bias: bool, T: int, cudnn_fp32_ieee: None,
+) -> None:  # fmt: skip
+    # float32 on CUDA: "auto" takes cuDNN (fastpar.ops.auto_backend), "triton" the kernels; the
+    # float64 oracle runs on the GPU too.
     ours, theirs = _pair(
-        "auto", num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+        backend, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
         batch_first=batch_first, bias=bias,
     )  # fmt: skip
     ours, theirs = ours.cuda(), theirs.cuda()

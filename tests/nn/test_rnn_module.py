@@ -385,14 +385,17 @@ def test_save_and_load_whole_model_weights_only() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_layers, bidirectional, batch_first, bias, T", CONFIGS)
-def test_auto_backend_on_cuda_matches_torch(
-    kind: str, num_layers: int, bidirectional: bool, batch_first: bool, bias: bool, T: int
-) -> None:
-    # "auto" takes the Triton kernels for CUDA tensors; the float64 oracle runs on the GPU too.
+def test_backend_on_cuda_matches_torch(
+    backend: str, kind: str, num_layers: int, bidirectional: bool, batch_first: bool, bias: bool,
+    T: int, cudnn_fp32_ieee: None,
+) -> None:  # fmt: skip
+    # float32 on CUDA: "auto" takes cuDNN (fastpar.ops.auto_backend), "triton" the kernels; the
+    # float64 oracle runs on the GPU too.
     ours, theirs = _pair(
-        kind, "auto", num_layers=num_layers, bidirectional=bidirectional,
+        kind, backend, num_layers=num_layers, bidirectional=bidirectional,
         batch_first=batch_first, bias=bias,
     )  # fmt: skip
     ours, theirs = ours.cuda(), theirs.cuda()
