@@ -16,6 +16,7 @@ from fastpar.ops import aten_common
 from fastpar.ops.auto_backend import MEASURED, AutoChoice, choose_auto_backend
 from fastpar.ops.lstm_config import persistent_config
 from fastpar.ops.reference import LayerWeights
+from tests.nn.recurrent_helpers import TRITON_RECURRENCES, spy_triton
 from tests.ops.lstm_helpers import randn
 
 CUDA = torch.device("cuda")  # a device object only: nothing here runs on it
@@ -221,17 +222,6 @@ TORCH_CASES = [
 ]
 
 
-def _forbid_triton(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fastpar.ops import lstm_op, rnn_op
-
-    def fail(*args: object, **kwargs: object) -> None:
-        raise AssertionError("auto ran a Triton recurrence")
-
-    for module, name in ((lstm_op, "lstm_recurrence_triton"), (rnn_op, "gru_recurrence_triton"),
-                         (rnn_op, "rnn_recurrence_triton")):  # fmt: skip
-        monkeypatch.setattr(module, name, fail)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("name, options, dtype", TORCH_CASES)
@@ -241,7 +231,8 @@ def test_auto_on_cuda_is_torchs_module_where_triton_loses(
 ) -> None:  # fmt: skip
     # Same weights, same input: torch's module (cuDNN) and fastpar's auto, which must run
     # torch's own call (no Triton) and so give torch's results, outputs and every gradient.
-    _forbid_triton(monkeypatch)
+    for cell in TRITON_RECURRENCES:
+        spy_triton(monkeypatch, cell, fail=True)
     said: list[str] = []
     monkeypatch.setattr(fastpar.nn.recurrent, "log_once", lambda _logger, msg: said.append(msg))
     torch.manual_seed(0)
@@ -270,19 +261,7 @@ def test_auto_on_cuda_is_torchs_module_where_triton_loses(
 def test_auto_on_cuda_takes_triton_for_bfloat16_persistent(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastpar.ops import lstm_op, rnn_op
-
-    ops_module, fn = {"LSTM": (lstm_op, "lstm_recurrence_triton"),
-                      "GRU": (rnn_op, "gru_recurrence_triton"),
-                      "RNN": (rnn_op, "rnn_recurrence_triton")}[name]  # fmt: skip
-    kinds: list[str] = []
-    real = getattr(ops_module, fn)
-
-    def spy(*args: object, kernel: str, **kwargs: object):
-        kinds.append(kernel)
-        return real(*args, kernel=kernel, **kwargs)
-
-    monkeypatch.setattr(ops_module, fn, spy)
+    kinds = spy_triton(monkeypatch, name)
     model = getattr(fastpar.nn, name)(48, 64).to("cuda", BF16)
     cell = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}[name]
     choice = choose_auto_backend(cell, torch.device("cuda"), BF16, batch=16, hidden=64)

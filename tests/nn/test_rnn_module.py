@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
-from tests.nn.recurrent_helpers import compare_with_torch
+from tests.nn.recurrent_helpers import compare_with_torch, spy_triton
 from tests.ops.lstm_helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -297,17 +297,7 @@ def test_backend_selection(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_kernel_argument_reaches_the_triton_recurrence(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastpar.ops import rnn_op
-
-    name = "gru_recurrence_triton" if kind == "gru" else "rnn_recurrence_triton"
-    seen: list[str] = []
-    real = getattr(rnn_op, name)
-
-    def spy(*args: object, kernel: str, **kwargs: object):
-        seen.append(kernel)
-        return real(*args, kernel=kernel, **kwargs)
-
-    monkeypatch.setattr(rnn_op, name, spy)
+    seen = spy_triton(monkeypatch, KINDS[kind][0].__name__)
     module_type, _, _, _, options = KINDS[kind]
     _, theirs = _pair(kind)
     step = module_type(F_IN, H, backend="triton", kernel="step", **options)
