@@ -30,6 +30,7 @@ from fastpar.nn.recurrent import (
     RecurrentCellBase,
     choose_recurrence,
     layer_weights,
+    lengths_on_device,
 )
 from fastpar.ops.lstm_aten import lstm_stack_aten
 from fastpar.ops.reference import (
@@ -79,6 +80,7 @@ def _run_stack(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     if recurrence is None:
         return lstm_stack_aten(x, h0, c0, weights, **kwargs)  # type: ignore[arg-type]
+    kwargs = lengths_on_device(kwargs, x)
     return lstm_stack(x, h0, c0, weights, recurrence=recurrence, **kwargs)  # type: ignore[arg-type]
 
 

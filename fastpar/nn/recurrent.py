@@ -358,8 +358,10 @@ class RecurrentBase(nn.Module):
         lengths = None
         packed = isinstance(input, PackedSequence)
         if packed:
-            x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
-            lengths = lengths.to(x.device)
+            # (T, B, I) in the caller's batch order; lengths stay on the CPU, where torch's
+            # kernels take them (``lengths_on_device`` moves them for the other stacks): a copy
+            # to the GPU and back would wait for the GPU.
+            x, lengths = pad_packed_sequence(input)
             batched = check_input(x, self.input_size, weight, 3)
         else:
             batched = check_input(input, self.input_size, weight, 3)
@@ -382,7 +384,7 @@ class RecurrentBase(nn.Module):
         out, finals = self._run_stack(x, states, lengths)
 
         if packed:
-            return _repack(out, lengths, input), join_states(finals)
+            return _repack(out, input), join_states(finals)
         if not batched:
             return out.squeeze(1), join_states(tuple(s.squeeze(1) for s in finals))
         if self.batch_first:
@@ -390,16 +392,21 @@ class RecurrentBase(nn.Module):
         return out, join_states(finals)
 
 
-def _repack(out: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack ``out`` (T, B, .) exactly as ``like`` is packed (same batch_sizes and indices)."""
-    if like.sorted_indices is None:
-        packed = pack_padded_sequence(out, lengths.cpu(), enforce_sorted=True)
-        return PackedSequence(packed.data, like.batch_sizes, None, None)
-    order = like.sorted_indices.to(out.device)
-    packed = pack_padded_sequence(
-        out.index_select(1, order), lengths.index_select(0, order).cpu(), enforce_sorted=True
-    )
-    return PackedSequence(packed.data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+    batch_sizes = like.batch_sizes  # (T,) on the CPU: sorted lengths without a device sync
+    sorted_lengths = (batch_sizes.unsqueeze(0) > torch.arange(out.shape[1]).unsqueeze(1)).sum(1)
+    if like.sorted_indices is not None:
+        out = out.index_select(1, like.sorted_indices.to(out.device))
+    packed = pack_padded_sequence(out, sorted_lengths, enforce_sorted=True)
+    return PackedSequence(packed.data, batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def lengths_on_device(options: dict[str, Any], x: Tensor) -> dict[str, Any]:
+    """A stack's ``options`` with their lengths on x's device, where the reference and Triton
+    stacks use them (torch's kernels take them on the CPU, as ``forward`` keeps them)."""
+    lengths = options.get("lengths")
+    return options if lengths is None else {**options, "lengths": lengths.to(x.device)}
 
 
 def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[LayerWeights]:
@@ -512,5 +519,6 @@ __all__ = [
     "RecurrentCellBase",
     "choose_recurrence",
     "layer_weights",
+    "lengths_on_device",
     "takes_triton",
 ]

@@ -30,6 +30,7 @@ from fastpar.nn.recurrent import (
     RecurrentBase,
     RecurrentCellBase,
     choose_recurrence,
+    lengths_on_device,
 )
 from fastpar.ops.reference import LayerWeights
 from fastpar.ops.rnn_aten import gru_cell_aten, gru_stack_aten, rnn_cell_aten, rnn_stack_aten
@@ -82,7 +83,7 @@ class CellOps:
         )
         if recurrence is None:
             return self.stack_aten(x, h0, weights, **options)
-        return self.stack(x, h0, weights, recurrence=recurrence, **options)
+        return self.stack(x, h0, weights, recurrence=recurrence, **lengths_on_device(options, x))
 
     def run_cell(
         self, backend: Backend, x: Tensor, h: Tensor, w: LayerWeights, **options: Any
