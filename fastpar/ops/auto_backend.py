@@ -62,7 +62,8 @@ def triton_measured_faster(cell: str, dtype: torch.dtype, kernel: str) -> bool:
     dtype and Triton kernel, and Triton beat torch in every one, forward and forward+backward."""
     family = "rnn" if cell.startswith("rnn") else cell
     rows = [m for m in MEASURED if (m.cell, m.dtype, m.kernel) == (family, dtype, kernel)]
-    return bool(rows) and all(m.triton_wins for m in rows)
+    # len(): torch.compile traces this, and torch 2.11's dynamo cannot trace bool(list).
+    return len(rows) > 0 and all(m.triton_wins for m in rows)
 
 
 class AutoChoice(NamedTuple):
