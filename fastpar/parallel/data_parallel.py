@@ -256,7 +256,10 @@ class DataParallel(nn.Module):
                 from fastpar.comm import RingAllReduce
 
                 self._ring = RingAllReduce(
-                    self.group, device=buffer.device, timeout=self.config.timeout_s
+                    self.group,
+                    device=buffer.device,
+                    timeout=self.config.timeout_s,
+                    serve_shared_gpu=choice == "ring",
                 )
             if self._ring.should_use(buffer, dist.ReduceOp.AVG):
                 ring, average = self._ring, dist.ReduceOp.AVG
