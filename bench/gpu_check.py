@@ -36,15 +36,15 @@ sys.path.insert(0, str(BENCH))
 # Seconds per stage. Their sum stays under 8 minutes; time a stage leaves unused goes to the
 # stages after it.
 # Measured on the H200 (first run): versions 6 s, build 48, the gpu tests one module at a time
-# over 190, lstm 43, lstm-v1 13, allreduce 25, sanitizer 108.
+# over 190, lstm 43, allreduce 25, sanitizer 108.
 BUDGETS = {
     "versions": 15,
     "build": 70,
-    "tests": 170,
+    "tests": 160,
     "lstm": 70,
-    "lstm-v1": 20,
+    "lstm-tiles": 35,
     "allreduce": 35,
-    "sanitizer": 100,
+    "sanitizer": 95,
 }
 # Test modules run side by side, a quarter of the cores each (their time is mostly compilers).
 TEST_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
@@ -341,14 +341,14 @@ def stage_lstm(check: Check, timeout: float) -> tuple[str, str]:
     return _resumable(check, "lstm", command, check.out / "lstm.csv", timeout)
 
 
-def stage_lstm_v1(check: Check, timeout: float) -> tuple[str, str]:
-    """The first shape again on the v1 kernels (FASTPAR_LSTM_KERNELS=v1), kept selectable until
-    a GPU run has compared the two generations."""
-    command = [check.python, str(BENCH / "lstm.py"), "--quick", "--csv",
-               str(check.out / "lstm_v1.csv")]  # fmt: skip
+def stage_lstm_tiles(check: Check, timeout: float) -> tuple[str, str]:
+    """The LSTM shapes again on the candidate tiles of the persistent kernels
+    (FASTPAR_LSTM_TILES=min-traffic), beside the default's rows, until a GPU run decides."""
+    command = [check.python, str(BENCH / "lstm.py"), "--cell", "lstm", "--csv",
+               str(check.out / "lstm_tiles.csv")]  # fmt: skip
     command += _lstm_scale(check)
-    return _resumable(check, "lstm-v1", command, check.out / "lstm_v1.csv", timeout,
-                      FASTPAR_LSTM_KERNELS="v1")  # fmt: skip
+    return _resumable(check, "lstm-tiles", command, check.out / "lstm_tiles.csv", timeout,
+                      FASTPAR_LSTM_TILES="min-traffic")  # fmt: skip
 
 
 def stage_allreduce(check: Check, timeout: float) -> tuple[str, str]:
@@ -428,7 +428,7 @@ STAGES: dict[str, tuple[Callable[[Check, float], tuple[str, str]], str | None]] 
     "build": (stage_build, None),
     "tests": (stage_tests, "tests.csv"),
     "lstm": (stage_lstm, "lstm.csv"),
-    "lstm-v1": (stage_lstm_v1, "lstm_v1.csv"),
+    "lstm-tiles": (stage_lstm_tiles, "lstm_tiles.csv"),
     "allreduce": (stage_allreduce, "allreduce.csv"),
     "sanitizer": (stage_sanitizer, "sanitizer.csv"),
 }
@@ -444,7 +444,7 @@ def run_stages(check: Check, names: list[str]) -> None:
         function, rows_file = STAGES[name]
         if name == "build" and "lstm" in names:
             check.start_warming()
-        if name in ("lstm", "lstm-v1", "allreduce", "sanitizer"):
+        if name in ("lstm", "lstm-tiles", "allreduce", "sanitizer"):
             check.stop_warming()
         timeout = check.budget(name, names)
         print(f"\n===== stage {name} (budget {timeout:.0f} s) =====", flush=True)

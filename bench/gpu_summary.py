@@ -94,7 +94,7 @@ def summary(out: Path, dry_run: bool = False) -> str:
         )
     else:
         parts.append("== GPU tests: no rows")
-    lstm = _rows(out / "lstm.csv") + _rows(out / "lstm_v1.csv")
+    lstm = _rows(out / "lstm.csv") + _rows(out / "lstm_tiles.csv")
     parts.append(
         _section(
             "LSTM, GRU, RNN vs torch's module of the cell (x base: time / baseline's; LSTM "

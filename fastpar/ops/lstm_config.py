@@ -19,9 +19,10 @@ barrier invalidates L1). v1 stays selectable until a GPU run has compared the tw
 to the LSTM only (the GRU and RNN were built on v2).
 
 Which tiles the persistent v2 kernels take (``tile_choice``, environment variable
-``FASTPAR_LSTM_TILES``): "min-traffic" (default) the tiles that read the fewest bytes from L2
-per step (``min_traffic_tiles``); "v2" the previous choice, the narrowest hidden tile whose
-grid fits in the SMs (backward: with 64-row batch tiles). Kept until a GPU run has compared them.
+``FASTPAR_LSTM_TILES``): "v2" (default, the tiles the H200 measured) the narrowest hidden tile
+whose grid fits in the SMs (backward: with 64-row batch tiles); "min-traffic" the tiles that read
+the fewest bytes from L2 per step (``min_traffic_tiles``), a model's choice that becomes the
+default only if a GPU run shows it faster (the GPU check times both).
 
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
@@ -92,9 +93,9 @@ def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
 
 
 def tile_choice() -> TileChoice:
-    """The persistent v2 kernels' tile choice, from FASTPAR_LSTM_TILES (default "min-traffic";
-    "v2" the previous one)."""
-    tiles = os.environ.get(TILES_ENV, "min-traffic")
+    """The persistent v2 kernels' tile choice, from FASTPAR_LSTM_TILES (default "v2", the
+    measured one; "min-traffic" the candidate)."""
+    tiles = os.environ.get(TILES_ENV, "v2")
     if tiles not in get_args(TileChoice):
         raise ValueError(f"{TILES_ENV} must be one of {get_args(TileChoice)}, got {tiles!r}")
     return tiles  # type: ignore[return-value]

@@ -227,6 +227,7 @@ def test_min_traffic_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
 
     shapes = [(16, 768, True), (64, 512, True), (64, 1024, True), (256, 512, True)]
     shapes += [(64, 512, False), (256, 512, False)]
+    monkeypatch.setenv(TILES_ENV, "min-traffic")
     chosen = {shape: tiles(*shape) for shape in shapes}
     monkeypatch.setenv(TILES_ENV, "v2")
     previous = {shape: tiles(*shape) for shape in shapes}
