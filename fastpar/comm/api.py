@@ -4,7 +4,7 @@ The first call for a (group, device) learns which hosts the group's ranks are on
 all-reduce that layout calls for (`create_all_reduce`; a collective step, like the first NCCL
 call of a group): the ring when all ranks share a host, the hierarchical all-reduce when several
 hosts hold the same number (>= 2) of ranks, else one that hands every call to torch.distributed;
-the choice and its reason are logged once on the group's first rank. Later calls reuse it. Its
+the choice and its reason are logged once on global rank 0. Later calls reuse it. Its
 waits are bounded by the group's own timeout (the one given to `init_process_group` or
 `new_group`). `close_rings()` releases them all (also run at exit).
 """
@@ -55,11 +55,15 @@ def create_all_reduce(
     wait = group_timeout(pg, device) if timeout is None else as_timedelta("timeout", timeout)
     layout = gather_host_layout(pg, wait)
     path, reason = layout.path()
-    if layout.rank == 0:
-        log_once(logger, f"fastpar all-reduce: {path} ({reason})")
     if path == "ring":
-        return RingAllReduce(pg, device=device, timeout=wait)
-    return HierarchicalAllReduce(pg, device=device, timeout=wait, layout=layout)
+        reducer: AllReduce = RingAllReduce(pg, device=device, timeout=wait)
+    else:
+        reducer = HierarchicalAllReduce(pg, device=device, timeout=wait, layout=layout)
+        if path == "hierarchical" and not reducer.should_use(torch.empty(0, device=device)):
+            path, reason = "torch", str(reducer.fallback_reason(torch.empty(0, device=device)))
+    if dist.get_rank() == 0:  # once per run, not once per group
+        log_once(logger, f"fastpar all-reduce: {path} ({reason})")
+    return reducer
 
 
 def _ring_for(group: dist.ProcessGroup, device: torch.device) -> AllReduce:

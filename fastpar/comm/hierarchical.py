@@ -101,7 +101,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         group: the process group (None: the default group); this process must be a member.
         device: the device whose tensors it reduces ("cpu" or this rank's CUDA device).
         timeout: bound on every wait for a peer (timedelta or seconds; None: the group's own).
-        layout: the group's hosts, when the caller has gathered them (else gathered here).
+        layout: the group's hosts, when the caller has gathered them and says why this object
+            is off (else gathered here, and the reason logged on global rank 0).
 
     Creating it is collective over `group` (it creates a process group per host and a ring in
     each). Where the layout does not fit (one host, one rank per host, uneven hosts) or a host's
@@ -143,7 +144,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._disabled: str | None = None if path == "hierarchical" else reason
         if self._disabled is None:
             self._connect()
-        if self._disabled is not None:
+        if self._disabled is not None and layout is None and dist.get_rank() == 0:
             log_once(logger, f"fastpar hierarchical all-reduce is off: {self._disabled}")
 
     # --- setup ---------------------------------------------------------------------------------

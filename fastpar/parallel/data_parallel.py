@@ -270,7 +270,7 @@ class DataParallel(nn.Module):
                     f"comm='ring' was requested but fastpar's all-reduce cannot serve this "
                     f"{buffer.dtype} bucket on {buffer.device}: {reason}; use comm='auto'"
                 )
-            if dist.get_rank(self.group) == 0:
+            if dist.get_rank() == 0:  # once per run (create_all_reduce said why for a layout)
                 log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
         return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True), False
