@@ -2,17 +2,19 @@
 holding the same number L >= 2 of them.
 
 A call, on a tensor cut into L shards (shard l belongs to each host's l-th rank):
-1. inside each host, fastpar's ring (shared memory on CPU, CUDA IPC on GPU) all-reduces the
-   whole tensor over the host's ranks, combining them in rank order;
-2. between hosts, the l-th rank of every host exchanges shard l with the l-th rank of every other
-   host (torch.distributed send/recv on the group: gloo on CPU, NCCL on GPU) and combines the
-   hosts' shards in host order (`reduce_buffers`); the L exchanges of a host run in parallel,
-   each on its own pair of processes;
-3. inside each host the ring gathers the shards: each rank contributes its shard and zeros
-   elsewhere, summed as 64-bit integers, which copies every bit exactly.
-The combination order is fixed (ranks inside a host, then hosts), so every rank gets the same
-bits. Step 2 sends every shard to every other host: with H hosts that is (H - 1) / L of the
-tensor per rank, the bandwidth of a ring for 2 hosts, more for many hosts.
+1. reduce-scatter inside each host: the l-th rank combines shard l of its host's ranks in rank
+   order;
+2. between hosts, the l-th ranks of all hosts all-reduce shard l through torch.distributed
+   (gloo on CPU, NCCL on GPU) on a process group of their own, one per local index l, so the L
+   shards of a host travel in parallel, each between its own processes;
+3. all-gather inside each host.
+On CPU, steps 1 and 3 go through a shared-memory buffer of the host (`HostBuffer`), chunk by
+chunk, with barriers on fastpar's ring; on CUDA the CUDA-IPC ring all-reduces the tensor for
+step 1 and gathers the shards for step 3 (each rank adds its shard to zeros elsewhere as 64-bit
+integers, which copies every bit exactly).
+Every rank gets the same bits: inside a host each element is combined in rank order by one
+rank; between hosts gloo's and NCCL's all-reduces give every rank the same result (with two
+hosts it is a + b, the host-order fold; with more, the backend's fixed order).
 
 Failures: the ring names a dead or late peer inside a host; the rank that meets a failure
 posts it in the store, and ranks waiting on another host (for a shard that will not come) raise
@@ -37,6 +39,7 @@ from fastpar._logging import get_logger, log_once
 from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
+from fastpar.comm.host_buffer import HostBuffer
 from fastpar.comm.hosts import HostLayout, gather_host_layout
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
 from fastpar.comm.reduce import reduce_buffers
@@ -46,6 +49,7 @@ from fastpar.comm.work import RingWork
 
 logger = get_logger(__name__)
 
+CHUNK_BYTES = 4 << 20  # per slot of a host's CPU buffer, which holds (local ranks + 1) of them
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
 _created: dict[tuple[int, ...], int] = {}
@@ -56,13 +60,13 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
-def _host_group(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
-    """The process group of one host's `ranks` (global ranks), created by those ranks alone.
+def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
+    """The process group of `ranks` (global ranks), created by those ranks alone.
 
     `new_group(use_local_synchronization=True)` would name the group after the count of groups
-    each creator belongs to, which differs between ranks of one host when they belong to
-    different subgroups (then the creators wait for each other forever); here the name is
-    fastpar's own, the same on every creator. torch's helper behind `new_group` does the rest.
+    each creator belongs to, which differs between the creators when they belong to different
+    subgroups (then they wait for each other forever); here the name is fastpar's own, the same
+    on every creator. torch's helper behind `new_group` does the rest.
     """
     c10d = dist.distributed_c10d
     default = c10d._get_default_group()
@@ -103,6 +107,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         timeout: bound on every wait for a peer (timedelta or seconds; None: the group's own).
         layout: the group's hosts, when the caller has gathered them and says why this object
             is off (else gathered here, and the reason logged on global rank 0).
+        chunk_bytes: CPU: bytes per chunk, a multiple of 64; each host's shared memory holds
+            (local ranks + 1) chunks.
 
     Creating it is collective over `group` (it creates a process group per host and a ring in
     each). Where the layout does not fit (one host, one rank per host, uneven hosts) or a host's
@@ -118,6 +124,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         device: torch.device | str = "cpu",
         timeout: timedelta | float | None = None,
         layout: HostLayout | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("HierarchicalAllReduce needs torch.distributed to be initialised")
@@ -135,6 +142,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self.timeout = as_timedelta("timeout", timeout)
         self.layout = layout if layout is not None else gather_host_layout(self.group, self.timeout)
         self._ring: RingAllReduce | None = None
+        self._buffer: HostBuffer | None = None  # CPU: the host's shared slots
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
         self._closed = False
@@ -143,25 +151,27 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         path, reason = self.layout.path()
         self._disabled: str | None = None if path == "hierarchical" else reason
         if self._disabled is None:
-            self._connect()
+            self._connect(chunk_bytes)
         if self._disabled is not None and layout is None and dist.get_rank() == 0:
             log_once(logger, f"fastpar hierarchical all-reduce is off: {self._disabled}")
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _connect(self) -> None:
+    def _connect(self, chunk_bytes: int) -> None:
         ranks = tuple(dist.get_process_group_ranks(self.group))
         with _created_lock:
             index = _created.get(ranks, 0)
             _created[ranks] = index + 1
         self._store = dist.distributed_c10d._get_default_store()
         self._prefix = f"fastpar/hier/{'-'.join(map(str, ranks))}/{index}"
-        self._tag = 0x4000 + index  # two objects on one group never take each other's shards
         layout = self.layout
         self._host, self._local = layout.host, layout.local_rank
         self._local_ranks = layout.hosts[self._host]
-        name = f"{self._prefix}/host{self._host}".replace("/", "_")
-        local_group = _host_group([ranks[r] for r in self._local_ranks], name, self.timeout)
+        name = self._prefix.replace("/", "_")
+        local_group = _subgroup([ranks[r] for r in self._local_ranks], f"{name}_host{self._host}",
+                                self.timeout)  # fmt: skip
+        across = [ranks[host[self._local]] for host in layout.hosts]
+        self._across = _subgroup(across, f"{name}_local{self._local}", self.timeout)
         ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device)
         problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
         verdict = agree(self._store, f"{self._prefix}/ring", self.rank, self.world_size,
@@ -171,6 +181,13 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self._disabled = f"the ring inside a host is off ({verdict})"
             return
         self._ring = ring
+        if self.device.type == "cpu":
+            self._buffer = HostBuffer(
+                self._store, f"{self._prefix}/buffer/{self._host}", rank=self.rank,
+                local_rank=self._local, local_size=len(self._local_ranks),
+                owner=self._local_ranks[0], chunk_bytes=chunk_bytes, timeout=self.timeout,
+                barrier=lambda: self._barrier(0),
+            )  # fmt: skip
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
 
     # --- calls ---------------------------------------------------------------------------------
@@ -231,26 +248,76 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         target = dense(tensor)
         inner = dist.ReduceOp.SUM if code == AVG else op
         flat = target.view(-1)
-        n, size = flat.numel(), flat.element_size()
-        local_size = len(self._local_ranks)
-        unit = 8 // size  # shards start at 8-byte boundaries: step 3 sums int64 words
-        shard = _round_up(_round_up(n, local_size) // local_size, unit)
         with torch.no_grad():  # as in torch.distributed, autograd does not see the update
-            self._local_all_reduce(target, inner)
-            lo, hi = min(self._local * shard, n), min((self._local + 1) * shard, n)
-            mine = flat[lo:hi]
-            if hi > lo:
-                reduce_buffers(self._exchange(mine), out=mine, op=inner)
-            words = self._words(local_size * shard * size // 8)
-            words.zero_()
-            gathered = words.view(target.dtype)
-            gathered[self._local * shard : self._local * shard + (hi - lo)] = mine
-            self._local_all_reduce(words, dist.ReduceOp.SUM)
-            flat.copy_(gathered[:n])
+            if self._buffer is not None:
+                self._run_shared(flat, inner)
+            else:
+                self._run_ring(flat, inner)
             if code == AVG:
                 flat.div_(self.world_size)
             if target is not tensor:
                 tensor.copy_(target)
+
+    def _shard(self, count: int, align: int) -> tuple[int, int]:
+        """[lo, hi) of `count` elements that this rank reduces: equal parts rounded up to
+        `align` elements, so trailing parts may be empty."""
+        per = _round_up(_round_up(count, len(self._local_ranks)) // len(self._local_ranks), align)
+        return min(self._local * per, count), min((self._local + 1) * per, count)
+
+    def _run_shared(self, flat: torch.Tensor, op: object) -> None:
+        """CPU: chunk by chunk through the host's buffer. Each rank copies its chunk into its
+        slot; after a barrier, it reduces its shard of every slot (local order) into the result
+        area and all-reduces it there with the other hosts; after a second barrier, every rank
+        copies the result out. The next chunk's first barrier keeps the
+        areas from being overwritten while a rank still reads them."""
+        assert self._buffer is not None
+        buffer, dtype = self._buffer, flat.dtype
+        step = buffer.chunk_bytes // flat.element_size()
+        for start in range(0, max(flat.numel(), 1), step):  # an empty call still compares
+            piece = flat[start : start + step]
+            count = piece.numel()
+            buffer.slot(self._local, dtype, count).copy_(piece)
+            self._barrier(count)
+            lo, hi = self._shard(count, 64 // flat.element_size())  # whole cache lines
+            if hi > lo:
+                slots = [buffer.slot(r, dtype, count)[lo:hi] for r in range(len(self._local_ranks))]
+                mine = reduce_buffers(slots, out=buffer.result(dtype, count)[lo:hi], op=op)
+                self._between_hosts(mine, op)
+            self._barrier(count)
+            piece.copy_(buffer.result(dtype, count))
+
+    def _barrier(self, count: int) -> None:
+        """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
+        CommMismatchError when they passed different chunk sizes."""
+        sizes = torch.tensor([count, -count], dtype=torch.int64)
+        self._local_all_reduce(sizes, dist.ReduceOp.MAX)
+        if sizes.tolist() != [count, -count]:
+            high, low = sizes[0].item(), -sizes[1].item()
+            message = (
+                f"inside host {self._host}: ranks {list(self._local_ranks)} called "
+                f"all_reduce with different sizes (chunks of {low} to {high} elements)"
+            )
+            self._post("CommMismatchError", message)
+            raise CommMismatchError(message)
+
+    def _run_ring(self, flat: torch.Tensor, op: object) -> None:
+        """CUDA: the ring all-reduces the whole tensor inside the host, each rank exchanges its
+        shard between hosts, and the ring gathers the shards: each rank adds its shard to zeros
+        elsewhere as 64-bit integers, which copies every bit exactly."""
+        n, size = flat.numel(), flat.element_size()
+        local_size = len(self._local_ranks)
+        shard = _round_up(_round_up(n, local_size) // local_size, 8 // size)
+        self._local_all_reduce(flat, op)
+        lo, hi = self._shard(n, 8 // size)
+        mine = flat[lo:hi]
+        if hi > lo:
+            self._between_hosts(mine, op)
+        words = self._words(local_size * shard * size // 8)
+        words.zero_()
+        gathered = words.view(flat.dtype)
+        gathered[self._local * shard : self._local * shard + (hi - lo)] = mine
+        self._local_all_reduce(words, dist.ReduceOp.SUM)
+        flat.copy_(gathered[:n])
 
     def _words(self, count: int) -> torch.Tensor:
         if self._workspace.numel() < count:
@@ -266,32 +333,20 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self._post(type(error).__name__, message)
             raise type(error)(message) from None
 
-    def _exchange(self, mine: torch.Tensor) -> list[torch.Tensor]:
-        """Every host's shard `self._local` (this rank's is `mine`), in host order."""
-        peers = [ranks[self._local] for ranks in self.layout.hosts]
-        shards, ops = [], []
-        for host, peer in enumerate(peers):
-            if host == self._host:
-                shards.append(mine)
-                continue
-            shards.append(torch.empty_like(mine))
-            ops.append(dist.P2POp(dist.irecv, shards[-1], group=self.group, group_peer=peer,
-                                  tag=self._tag))  # fmt: skip
-            ops.append(dist.P2POp(dist.isend, mine, group=self.group, group_peer=peer,
-                                  tag=self._tag))  # fmt: skip
+    def _between_hosts(self, shard: torch.Tensor, op: object) -> None:
+        """All-reduce `shard` in place with the same-index ranks of the other hosts."""
         try:
-            for work in dist.batch_isend_irecv(ops):
-                work.wait(self.timeout)
+            dist.all_reduce(shard, op=op, group=self._across)
         except RuntimeError as error:
-            others = [p for h, p in enumerate(peers) if h != self._host]
             note = self._read_note(wait_s=NOTE_WAIT_S)
             if note is None:
-                message = (f"rank {self.rank} lost its exchange with rank(s) {others} on other "
+                peers = [host[self._local] for h, host in enumerate(self.layout.hosts)
+                         if h != self._host]  # fmt: skip
+                message = (f"rank {self.rank} lost its all-reduce with rank(s) {peers} on other "
                            f"hosts: {str(error).splitlines()[0]}")  # fmt: skip
                 self._post("CommTimeoutError", message)
                 note = ("CommTimeoutError", message)
             raise self._error_from(note) from None
-        return shards
 
     # --- failures ------------------------------------------------------------------------------
 
@@ -367,6 +422,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             logger.warning("rank %d leaves its host ring open: a failed call still waits for "
                            "a peer (bounded by the timeout)", self.rank)  # fmt: skip
             return
+        if self._buffer is not None:
+            self._buffer.close()
         if self._ring is not None:
             self._ring.close()
 

@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import torch.distributed as dist
 
 from fastpar import comm
 from fastpar.comm import CommTimeoutError, HierarchicalAllReduce
+from fastpar.comm.hierarchical import CHUNK_BYTES
 from fastpar.comm.hosts import HOST_ENV, HostLayout
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
@@ -37,8 +39,8 @@ def _every_dtype_and_op(rank: int, world_size: int, hosts: list[int], seed: int)
     simulate_hosts(rank, hosts)
     generator = torch.Generator().manual_seed(seed + rank)
     calls = list(every_call(SIZES))
-    with comm.create_all_reduce() as reducer:
-        assert isinstance(reducer, HierarchicalAllReduce), reducer
+    # Small chunks: calls of a few thousand elements cross several.
+    with HierarchicalAllReduce(chunk_bytes=4096) as reducer:
         differ = []
         for dtype, op, size in calls:
             tensor = integer_valued(size, dtype, op, generator)
@@ -85,24 +87,37 @@ def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> l
                 reducer.all_reduce(tensor, op)
                 assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
                 out.append(tensor.view(torch.uint8).numpy().tobytes())
+        # The default chunks: more than one.
+        tensor = torch.randn(CHUNK_BYTES // 4 + 5, generator=generator)
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor)
+        reducer.all_reduce(tensor)
+        expected = fold_in_rank_order(
+            [fold_in_rank_order(gathered[:2], R.SUM), fold_in_rank_order(gathered[2:], R.SUM)],
+            R.SUM,
+        )
+        assert torch.equal(tensor, expected), f"seed {seed}: {tensor.numel()} elements"
     return out
 
 
-def _two_hosts_of_two(rank: int, world_size: int, seed: int) -> tuple[int, list[bytes], list]:
+def _two_hosts_of_two(rank: int, world_size: int, seed: int) -> tuple[int, list[bytes], list, int]:
     """One run of 2 simulated hosts x 2 ranks for the three checks below (each run costs
     seconds of process start-up)."""
     hosts = [0, 0, 1, 1]
     checked = _every_dtype_and_op(rank, world_size, hosts, seed)
     floats = _random_floats(rank, world_size, hosts, seed)
     ddp = _train_against_ddp(rank, world_size, [("lm", "auto", 0.01, 0.004)])
-    return checked, floats, ddp
+    return checked, floats, ddp, os.getpid()
 
 
 def test_two_hosts_of_two_ranks() -> None:
     """Every dtype and op equals gloo; random floats give every rank the same bits, the fixed
-    fold; DataParallel(comm="auto") trains as DDP does for 10 steps."""
+    fold; DataParallel(comm="auto") trains as DDP does for 10 steps; nothing is left in
+    /dev/shm."""
     results = run_multiprocess(_two_hosts_of_two, 4, args=(SEED,), timeout=240)
-    checked, floats, ddp = zip(*results, strict=True)
+    checked, floats, ddp, pids = zip(*results, strict=True)
+    for pid in pids:
+        assert not list(Path("/dev/shm").glob(f"fastpar-hier-{pid}-*"))
     assert checked == (checked[0],) * 4 and checked[0] > 0
     assert all(result == floats[0] for result in floats)
     assert ddp == ([],) * 4
