@@ -31,6 +31,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,7 @@ from fastpar.comm.work import RingWork
 
 logger = get_logger(__name__)
 
-CHUNK_BYTES = 4 << 20  # per slot of a host's CPU buffer, which holds (local ranks + 1) of them
+CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
 _created: dict[tuple[int, ...], int] = {}
@@ -108,7 +109,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         layout: the group's hosts, when the caller has gathered them and says why this object
             is off (else gathered here, and the reason logged on global rank 0).
         chunk_bytes: CPU: bytes per chunk, a multiple of 64; each host's shared memory holds
-            (local ranks + 1) chunks.
+            2 x (local ranks + 1) chunks.
 
     Creating it is collective over `group` (it creates a process group per host and a ring in
     each). Where the layout does not fit (one host, one rank per host, uneven hosts) or a host's
@@ -265,26 +266,41 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         return min(self._local * per, count), min((self._local + 1) * per, count)
 
     def _run_shared(self, flat: torch.Tensor, op: object) -> None:
-        """CPU: chunk by chunk through the host's buffer. Each rank copies its chunk into its
-        slot; after a barrier, it reduces its shard of every slot (local order) into the result
-        area and all-reduces it there with the other hosts; after a second barrier, every rank
-        copies the result out. The next chunk's first barrier keeps the
-        areas from being overwritten while a rank still reads them."""
+        """CPU: chunk by chunk through the host's buffer, alternating between its two halves.
+        Each rank copies chunk k into its slot; after a barrier, it reduces its shard of every
+        slot (local order) into the result area and starts the all-reduce of that shard with
+        the other hosts; while it travels, chunk k + 1 goes through the same steps in the other
+        half; then the rank waits for chunk k's all-reduce, meets the others at a barrier and
+        copies chunk k's result out. Every write to a half follows a barrier that all ranks
+        reach only after their last read of it (two chunks earlier)."""
         assert self._buffer is not None
         buffer, dtype = self._buffer, flat.dtype
         step = buffer.chunk_bytes // flat.element_size()
-        for start in range(0, max(flat.numel(), 1), step):  # an empty call still compares
+        local = range(len(self._local_ranks))
+        pending: tuple[torch.Tensor, int, Any] | None = None  # (chunk, count, its work)
+        for index, start in enumerate(range(0, max(flat.numel(), 1), step)):
+            half = index % 2
             piece = flat[start : start + step]
             count = piece.numel()
-            buffer.slot(self._local, dtype, count).copy_(piece)
+            buffer.slot(half, self._local, dtype, count).copy_(piece)
             self._barrier(count)
             lo, hi = self._shard(count, 64 // flat.element_size())  # whole cache lines
+            work = None
             if hi > lo:
-                slots = [buffer.slot(r, dtype, count)[lo:hi] for r in range(len(self._local_ranks))]
-                mine = reduce_buffers(slots, out=buffer.result(dtype, count)[lo:hi], op=op)
-                self._between_hosts(mine, op)
-            self._barrier(count)
-            piece.copy_(buffer.result(dtype, count))
+                slots = [buffer.slot(half, r, dtype, count)[lo:hi] for r in local]
+                mine = reduce_buffers(slots, out=buffer.result(half, dtype, count)[lo:hi], op=op)
+                work = self._between_hosts(mine, op)
+            if pending is not None:
+                self._finish_chunk(*pending, 1 - half)
+            pending = (piece, count, work)
+        assert pending is not None
+        self._finish_chunk(*pending, index % 2)
+
+    def _finish_chunk(self, piece: torch.Tensor, count: int, work: Any, half: int) -> None:
+        self._wait_between_hosts(work)
+        self._barrier(count)
+        assert self._buffer is not None
+        piece.copy_(self._buffer.result(half, piece.dtype, count))
 
     def _barrier(self, count: int) -> None:
         """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
@@ -311,7 +327,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         lo, hi = self._shard(n, 8 // size)
         mine = flat[lo:hi]
         if hi > lo:
-            self._between_hosts(mine, op)
+            self._wait_between_hosts(self._between_hosts(mine, op))
         words = self._words(local_size * shard * size // 8)
         words.zero_()
         gathered = words.view(flat.dtype)
@@ -333,20 +349,34 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self._post(type(error).__name__, message)
             raise type(error)(message) from None
 
-    def _between_hosts(self, shard: torch.Tensor, op: object) -> None:
-        """All-reduce `shard` in place with the same-index ranks of the other hosts."""
+    def _between_hosts(self, shard: torch.Tensor, op: object) -> Any:
+        """Start the all-reduce of `shard`, in place, with the same-index ranks of the other
+        hosts; its work goes to `_wait_between_hosts`."""
         try:
-            dist.all_reduce(shard, op=op, group=self._across)
+            return dist.all_reduce(shard, op=op, group=self._across, async_op=True)
         except RuntimeError as error:
-            note = self._read_note(wait_s=NOTE_WAIT_S)
-            if note is None:
-                peers = [host[self._local] for h, host in enumerate(self.layout.hosts)
-                         if h != self._host]  # fmt: skip
-                message = (f"rank {self.rank} lost its all-reduce with rank(s) {peers} on other "
-                           f"hosts: {str(error).splitlines()[0]}")  # fmt: skip
-                self._post("CommTimeoutError", message)
-                note = ("CommTimeoutError", message)
-            raise self._error_from(note) from None
+            raise self._lost(error) from None
+
+    def _wait_between_hosts(self, work: Any) -> None:
+        if work is None:
+            return
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise self._lost(error) from None
+
+    def _lost(self, error: RuntimeError) -> CommError:
+        """The error for a failed all-reduce between hosts: the failure a peer posted (the
+        cause, usually), else this one, posted for the others."""
+        note = self._read_note(wait_s=NOTE_WAIT_S)
+        if note is None:
+            peers = [host[self._local] for h, host in enumerate(self.layout.hosts)
+                     if h != self._host]  # fmt: skip
+            message = (f"rank {self.rank} lost its all-reduce with rank(s) {peers} on other "
+                       f"hosts: {str(error).splitlines()[0]}")  # fmt: skip
+            self._post("CommTimeoutError", message)
+            note = ("CommTimeoutError", message)
+        return self._error_from(note)
 
     # --- failures ------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """The shared memory of one host's ranks in the hierarchical all-reduce on CPU: a slot per local
-rank, where it puts its part of a call, and a result area, where each rank writes the shard it
-reduced. One POSIX shared-memory file of (ranks + 1) x `chunk_bytes`, mapped by every local rank
-and unlinked as soon as all have mapped it (a crash then leaves nothing in /dev/shm).
+rank, where it puts its part of a chunk, and a result area, where each rank writes the shard it
+reduced; twice, so that one chunk can travel between hosts while the next is reduced. One POSIX
+shared-memory file of 2 x (ranks + 1) x `chunk_bytes`, mapped by every local rank and unlinked as
+soon as all have mapped it (a crash then leaves nothing in /dev/shm).
 
 The buffer synchronises nothing itself: the caller orders writes and reads with barriers.
 """
@@ -23,7 +24,7 @@ SHM_DIR = "/dev/shm"
 
 
 class HostBuffer:
-    """(local_size + 1) areas of `chunk_bytes` shared by one host's ranks.
+    """2 x (local_size + 1) areas of `chunk_bytes` shared by one host's ranks.
 
     Arguments:
         store, key: where local rank 0 publishes the file's name (key unique to this host).
@@ -44,7 +45,7 @@ class HostBuffer:
             raise ValueError(f"chunk_bytes must be a positive multiple of 64, got {chunk_bytes}")
         self.chunk_bytes = chunk_bytes
         self._local_size = local_size
-        size = (local_size + 1) * chunk_bytes
+        size = 2 * (local_size + 1) * chunk_bytes
         path = ""
         try:
             if local_rank == 0:
@@ -69,13 +70,14 @@ class HostBuffer:
             raise ValueError(f"{nbytes} bytes do not fit an area of {self.chunk_bytes}")
         return self._memory[start : start + nbytes].view(dtype)
 
-    def slot(self, local_rank: int, dtype: torch.dtype, count: int) -> torch.Tensor:
-        """The first `count` elements of local rank `local_rank`'s slot, as `dtype`."""
-        return self._area(local_rank, dtype, count)
+    def slot(self, half: int, local_rank: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The first `count` elements of local rank `local_rank`'s slot in half `half` (0 or 1),
+        as `dtype`."""
+        return self._area(half * (self._local_size + 1) + local_rank, dtype, count)
 
-    def result(self, dtype: torch.dtype, count: int) -> torch.Tensor:
-        """The first `count` elements of the result area, as `dtype`."""
-        return self._area(self._local_size, dtype, count)
+    def result(self, half: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The first `count` elements of the result area of half `half`, as `dtype`."""
+        return self._area(half * (self._local_size + 1) + self._local_size, dtype, count)
 
     def close(self) -> None:
         """Drop this rank's mapping (unmapped once no view of it is left)."""
