@@ -74,6 +74,7 @@ def _two_hosts(tmp: Path, *args: str) -> list[subprocess.CompletedProcess[str]]:
             "fastpar all-reduce: torch (2 ranks on 2 hosts ([0], [1]): each host holds one rank",
         ),
     ],
+    ids=["dp", "pp", "dp+pp"],
 )
 def test_default_options_train_across_two_hosts(
     tmp_path: Path, layout: str, args: tuple[str, ...], choice: str | None
