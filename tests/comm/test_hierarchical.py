@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 
 from fastpar import comm
-from fastpar.comm import CommTimeoutError, HierarchicalAllReduce
+from fastpar.comm import (
+    CommClosedError,
+    CommMismatchError,
+    CommTimeoutError,
+    HierarchicalAllReduce,
+)
 from fastpar.comm.hierarchical import CHUNK_BYTES
 from fastpar.comm.hosts import HOST_ENV, HostLayout
 from fastpar.testing.distributed import run_multiprocess
@@ -177,9 +182,17 @@ def test_host_layouts_and_their_paths() -> None:
 KILLED = 3
 
 
-def _killed(rank: int, world_size: int, timeout_s: float) -> tuple[float, str] | None:
+def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float, str] | None:
+    """Rank 1 passes a larger tensor than the others (every rank raises CommMismatchError,
+    host 1's through the failure host 0 posted), then, on a new object, rank KILLED dies."""
     simulate_hosts(rank, [0, 0, 1, 1])
     store = dist.distributed_c10d._get_default_store()
+    # A short timeout: host 1's shards wait for host 0's, which never come, that long.
+    with comm.create_all_reduce(timeout=3) as reducer:
+        with pytest.raises(CommMismatchError) as mismatch:
+            reducer.all_reduce(torch.ones(100 + (rank == 1)))
+        with pytest.raises(CommClosedError):
+            reducer.all_reduce(torch.ones(100))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
         tensor = torch.ones(1 << 18)
         reducer.all_reduce(tensor)
@@ -188,16 +201,19 @@ def _killed(rank: int, world_size: int, timeout_s: float) -> tuple[float, str] |
             os.kill(os.getpid(), signal.SIGKILL)
         with pytest.raises(CommTimeoutError) as error:
             reducer.all_reduce(tensor)
-        return time.time() - float(store.get("killed/at").decode()), str(error.value)
+        after = time.time() - float(store.get("killed/at").decode())
+        return str(mismatch.value), after, str(error.value)
 
 
-def test_a_killed_rank_on_one_host_is_named_on_every_rank() -> None:
+def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
     timeout_s = 20.0
-    results = run_multiprocess(_killed, 4, args=(timeout_s,), timeout=120, may_die=(KILLED,))
+    results = run_multiprocess(_failures, 4, args=(timeout_s,), timeout=120, may_die=(KILLED,))
     assert results[KILLED] is None
     survivors = [r for r in results if r is not None]
     assert len(survivors) == 3
-    for after_kill, message in survivors:
+    for mismatch, _, _ in survivors:
+        assert "inside host 0: ranks [0, 1] called all_reduce with different sizes" in mismatch
+    for _, after_kill, message in survivors:
         assert f"rank {KILLED}" in message, message
         assert after_kill < timeout_s, (after_kill, message)
-    assert any("exited" in message for _, message in survivors), survivors
+    assert any("exited" in message for _, _, message in survivors), survivors
