@@ -18,12 +18,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar import comm
-from fastpar.comm import (
-    CommClosedError,
-    CommMismatchError,
-    CommTimeoutError,
-    HierarchicalAllReduce,
-)
+from fastpar.comm import HierarchicalAllReduce
 from fastpar.comm.hierarchical import CHUNK_BYTES
 from fastpar.comm.hosts import HOST_ENV, HostLayout
 from fastpar.testing.distributed import run_multiprocess
@@ -189,9 +184,9 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
     store = dist.distributed_c10d._get_default_store()
     # A short timeout: host 1's shards wait for host 0's, which never come, that long.
     with comm.create_all_reduce(timeout=3) as reducer:
-        with pytest.raises(CommMismatchError) as mismatch:
+        with pytest.raises(comm.CommMismatchError) as mismatch:
             reducer.all_reduce(torch.ones(100 + (rank == 1)))
-        with pytest.raises(CommClosedError):
+        with pytest.raises(comm.CommClosedError):
             reducer.all_reduce(torch.ones(100))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
         tensor = torch.ones(1 << 18)
@@ -199,7 +194,7 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
         if rank == KILLED:
             store.set("killed/at", repr(time.time()))
             os.kill(os.getpid(), signal.SIGKILL)
-        with pytest.raises(CommTimeoutError) as error:
+        with pytest.raises(comm.CommTimeoutError) as error:
             reducer.all_reduce(tensor)
         after = time.time() - float(store.get("killed/at").decode())
         return str(mismatch.value), after, str(error.value)
