@@ -86,7 +86,7 @@ class HostLayout:
         """
         sizes = [len(ranks) for ranks in self.hosts]
         if len(sizes) == 1:
-            return "ring", f"all {self.describe()} share memory"
+            return "ring", f"{self.describe()}: they share memory"
         if len(set(sizes)) > 1:
             return "torch", (
                 f"{self.describe()}: the hierarchical all-reduce needs the same number of ranks "

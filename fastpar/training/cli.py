@@ -96,7 +96,14 @@ def _under_torchrun() -> bool:
 def _train_entry(
     rank: int, world_size: int, config: TrainConfig, resume: Found | None
 ) -> dict[str, Any] | None:
+    import logging
+
     from fastpar.training.loop import train_rank
+
+    if rank == 0 and not logging.getLogger().handlers:
+        # A spawned rank (--nproc): rank 0 says what it chose (all-reduce, kernels) as it does
+        # under torchrun, where `python -m fastpar` configured logging.
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     return train_rank(config, resume)
 
