@@ -136,7 +136,7 @@ def _rank(
     backend = dist.get_backend()
     log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
     baseline = True
-    with create_all_reduce(device=device, timeout=120) as ring:
+    with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
         for nbytes in sizes:
             case = _case(world, hosts, nbytes)
             row: dict[str, object] = {"case": case, "device": label, "ranks": world,
@@ -207,7 +207,7 @@ def serve_peer(rank: int, world: int, port: int, device_type: str) -> None:
     store = dist.TCPStore("127.0.0.1", port, world, is_master=False, timeout=timeout)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     device = _device_for(rank, device_type)
-    with RingAllReduce(device=device, timeout=120) as ring:
+    with RingAllReduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
         while True:
             job = torch.zeros(3, dtype=torch.int64)
             dist.broadcast(job, 0)

@@ -5,7 +5,8 @@
 # summary table printed last. `--dry-run` runs the same stages on a machine without a GPU (tiny
 # shapes, Triton's interpreter, CPU processes), as `make test` does.
 #
-#   bash bench/gpu_check.sh [--out results] [--dry-run] [--python python3] [--only STAGE ...]
+#   bash bench/gpu_check.sh [--out results] [--bundle results.tar.gz] [--dry-run] [--python python3]
+#                           [--only STAGE ...]
 #
 # Exit status: 0 all checks passed, 1 a correctness check failed (or, dry run, a stage wrote no
 # rows), 3 nothing failed but a stage ran out of time. The stages live in bench/gpu_check.py.

@@ -9,6 +9,7 @@ its whole grid resident at once.
 
     python bench/kernel_report.py                 # benchmark and test shapes, as a table
     python bench/kernel_report.py --json out.json # also write the rows as JSON
+    python bench/kernel_report.py --tiles v2      # the previous persistent kernels' tiles
 
 Exits non-zero if a configuration fails to compile or spills.
 """
@@ -113,8 +114,14 @@ def main() -> int:
         "--versions", nargs="+", choices=["v1", "v2"], default=["v2", "v1"],
         help="kernel generations to compile (see FASTPAR_LSTM_KERNELS)",
     )  # fmt: skip
+    parser.add_argument(
+        "--tiles", choices=["min-traffic", "v2"],
+        help="the persistent kernels' tile choice (sets FASTPAR_LSTM_TILES)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.tiles:
+        os.environ["FASTPAR_LSTM_TILES"] = args.tiles
     shapes = {"bench": BENCH_SHAPES, "test": TEST_SHAPES, "all": BENCH_SHAPES + TEST_SHAPES}
     rows = report(shapes[args.shapes], args.sms, tuple(args.versions))
     width = max(len(r["label"]) for r in rows)

@@ -80,6 +80,8 @@ GPU_LSTM_SHAPES = (
     LSTMShape(16, 1024, 768, 768, "bfloat16", cell="gru"),
     LSTMShape(16, 1024, 768, 768, "bfloat16", cell="rnn"),
     LSTMShape(16, 1024, 768, 768, "float16"),
+    LSTMShape(16, 1024, 768, 768, "float16", cell="gru"),
+    LSTMShape(16, 1024, 768, 768, "float16", cell="rnn"),
     LSTMShape(64, 256, 1024, 1024, "bfloat16"),
     LSTMShape(256, 100, 512, 512, "bfloat16"),
     LSTMShape(64, 512, 512, 512, "bfloat16", packed=True),

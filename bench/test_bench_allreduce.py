@@ -63,7 +63,7 @@ def group(request: pytest.FixtureRequest, device: torch.device) -> Iterator[Grou
     try:
         dist.init_process_group("gloo", store=store, rank=0, world_size=world, timeout=timeout)
         ring_device = _device_for(0, device.type)
-        with RingAllReduce(device=ring_device, timeout=120) as ring:
+        with RingAllReduce(device=ring_device, timeout=120, serve_shared_gpu=True) as ring:
             group = Group(world, ring, ring_device)
             yield group
             group.job(JOB_STOP, 0, 0)

@@ -2,9 +2,11 @@
 
 Every fastpar kernel variant is its own case ("fastpar-auto", "fastpar-step",
 "fastpar-persistent" on a GPU; "fastpar-auto" on a CPU), next to torch's module of the same cell
-(torch.nn.LSTM, GRU or RNN; cuDNN on a GPU) with the same weights. `fastpar_module` is the only
-function that knows how a variant becomes a module, and this file the only one in bench/ that
-imports fastpar's kernel choice.
+(torch.nn.LSTM, GRU or RNN; cuDNN on a GPU) with the same weights. "fastpar-auto" is
+backend="auto": Triton or torch's kernels as fastpar.ops.auto_backend decides (its row's kernel
+column says which); "fastpar-step" and "fastpar-persistent" always run Triton. `fastpar_module`
+is the only function that knows how a variant becomes a module, and this file the only one in
+bench/ that imports fastpar's kernel choice.
 """
 
 from __future__ import annotations
@@ -59,22 +61,31 @@ def kernel_name(
     variant: str, batch: int, hidden: int, proj: int, dtype: torch.dtype, device: torch.device,
     cell: str = "lstm",
 ) -> str:  # fmt: skip
-    """The Triton kernels a variant runs forward/backward at this shape and cell, with their
-    generation (FASTPAR_LSTM_KERNELS), e.g. "v2 persistent/step"; "" where no Triton kernel runs;
-    "n/a: why" where the variant cannot run."""
+    """What a variant runs at this shape and cell: the Triton kernels forward/backward with their
+    generation (FASTPAR_LSTM_KERNELS) and tiles (FASTPAR_LSTM_TILES), e.g. "v2 min-traffic
+    persistent/step"; for "fastpar-auto" where auto takes torch's kernels, "torch (cuDNN)" on a
+    GPU and "torch" on a CPU (with the reason in the log); "n/a: why" where the variant cannot
+    run."""
     from fastpar.ops import interpreter_active
-
-    if device.type != "cuda" and not interpreter_active():
-        return ""
-    kernel = variant.removeprefix("fastpar-")
-    from fastpar.ops.lstm_config import choose_kernel as choose
-    from fastpar.ops.lstm_config import kernel_version
+    from fastpar.ops.auto_backend import choose_auto_backend
 
     kind = "rnn_tanh" if cell == "rnn" else cell  # the benchmarks' RNN is torch's default, tanh
+    kernel = variant.removeprefix("fastpar-")
+    # In the interpreter (the dry run) "fastpar-auto" names the Triton kernels (fastpar_module).
+    if kernel == "auto" and not interpreter_active():
+        choice = choose_auto_backend(kind, device, dtype, batch=batch, hidden=hidden, proj=proj)
+        if choice.backend == "torch":
+            return "torch (cuDNN)" if device.type == "cuda" else "torch"
+    if device.type != "cuda" and not interpreter_active():
+        return ""
+    from fastpar.ops.lstm_config import choose_kernel as choose
+    from fastpar.ops.lstm_config import kernel_version, tile_choice
+
     size = proj or hidden
     try:
         forward = choose(batch, hidden, size, dtype, device, kernel, cell=kind)
         backward = choose(batch, hidden, size, dtype, device, kernel, backward=True, cell=kind)
     except ValueError as error:  # "persistent" named where it does not apply
         return f"n/a: {error}"
-    return f"{kernel_version()} {forward}/{backward}"
+    # The tile choice (FASTPAR_LSTM_TILES) tells two runs of the persistent kernels apart.
+    return f"{kernel_version()} {tile_choice()} {forward}/{backward}"

@@ -9,6 +9,9 @@
 #include <torch/types.h>
 
 #include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
 
 #include "ipc_ring.cuh"
 #include "glue.h"
@@ -23,21 +26,72 @@ bool capturing(cudaStream_t stream) {
   return capture != cudaStreamCaptureStatusNone;
 }
 
+// The rings' streams, never destroyed. A ring call ties the caller's tensor to the ring's
+// stream (recordStream), and when that tensor is freed, even long after the ring is gone, torch's
+// caching allocator records an event on the stream; on a destroyed stream that fails inside the
+// tensor's destructor, and the process aborts (std::terminate). So a ring that ends hands its
+// stream back here, idle, for the next ring of the same device.
+class RingStreams {
+ public:
+  // Leaked on purpose: nothing to destroy while the CUDA runtime shuts down at exit.
+  static RingStreams& get() {
+    static RingStreams* streams = new RingStreams();
+    return *streams;
+  }
+
+  // An idle stream of the current device (`device`), at normal priority: not one of torch's
+  // pooled streams, which other work also draws from (a spinning barrier would hold up whatever
+  // is queued behind it).
+  cudaStream_t acquire(c10::DeviceIndex device) {
+    {
+      const std::lock_guard<std::mutex> lock(mutex_);
+      for (auto it = idle_.begin(); it != idle_.end(); ++it) {
+        if (it->first == device) {
+          const cudaStream_t stream = it->second;
+          idle_.erase(it);
+          return stream;
+        }
+      }
+    }
+    cudaStream_t stream = nullptr;
+    cuda::check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking),
+                     "cudaStreamCreate");
+    return stream;
+  }
+
+  // `stream` has no work left (its ring synchronized it, or never used it).
+  void release(c10::DeviceIndex device, cudaStream_t stream) {
+    const std::lock_guard<std::mutex> lock(mutex_);
+    idle_.emplace_back(device, stream);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> idle_;
+};
+
 }  // namespace
 
 struct IpcAllReduce::Impl {
   explicit Impl(c10::DeviceIndex device_index) : device(device_index) {
-    // The ring's own stream, at normal priority: not one of torch's pooled streams, which other
-    // work also draws from (a spinning barrier would hold up whatever is queued behind it).
-    cuda::check_cuda(cudaStreamCreateWithFlags(&raw_stream, cudaStreamNonBlocking),
-                     "cudaStreamCreate");
-    cuda::check_cuda(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming), "cudaEventCreate");
-    cuda::check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreate");
+    raw_stream = RingStreams::get().acquire(device);
+    try {
+      cuda::check_cuda(cudaEventCreateWithFlags(&ready, cudaEventDisableTiming),
+                       "cudaEventCreate");
+      cuda::check_cuda(cudaEventCreateWithFlags(&done, cudaEventDisableTiming),
+                       "cudaEventCreate");
+    } catch (...) {
+      if (ready != nullptr) cudaEventDestroy(ready);
+      RingStreams::get().release(device, raw_stream);
+      throw;
+    }
   }
   ~Impl() {
     cudaEventDestroy(ready);
     cudaEventDestroy(done);
-    cudaStreamDestroy(raw_stream);
+    // A stream whose last call may still run (a ring dropped without stop()) is never reused:
+    // the next ring's calls would queue behind a kernel waiting for peers that left.
+    if (idle) RingStreams::get().release(device, raw_stream);
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;
@@ -56,6 +110,7 @@ struct IpcAllReduce::Impl {
   cudaStream_t raw_stream = nullptr;
   cudaEvent_t ready = nullptr;  // the caller's stream reached the call
   cudaEvent_t done = nullptr;   // the ring's stream finished the call
+  bool idle = true;  // nothing enqueued on raw_stream since it was last synchronized
   std::unique_ptr<cuda::IpcRing> ring;
   bool stopped = false;  // stop() ran: no more calls
   std::string failure;  // why the ring is unusable ("" while it is usable)
@@ -206,6 +261,7 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
                             current.stream());
     return;
   }
+  impl_->idle = false;
   impl_->order(impl_->ready, current.stream(), impl_->raw_stream);
   impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
                           impl_->raw_stream);
@@ -224,9 +280,11 @@ void IpcAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
   if (capturing(c10::cuda::getCurrentCUDAStream(impl_->device).stream())) return;
   // After the ring's earlier calls (its own stream), not after the caller's pending work: the
   // announcement reads no tensor.
+  impl_->idle = false;
   impl_->ring->agree(header, impl_->raw_stream);
   // Bounded: every barrier poll ends by the timeout, or sooner when a peer gave up or died.
   cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  impl_->idle = true;
   check();
 }
 
@@ -250,6 +308,7 @@ void IpcAllReduce::stop() {
   impl_->stopped = true;
   // The watchdog keeps running meanwhile: a peer that died ends this wait early.
   cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  impl_->idle = true;
   impl_->watchdog.reset();
   impl_->ring->unmap_peers();
 }

@@ -66,7 +66,13 @@ PeerWatchdog::~PeerWatchdog() {
     stopping_ = true;
   }
   wake_.notify_all();
-  thread_.join();
+  // join() throws when called from the thread itself (an on_dead_ that dropped the watchdog),
+  // and a destructor that throws aborts the process: that thread ends on its own.
+  if (thread_.get_id() == std::this_thread::get_id()) {
+    thread_.detach();
+  } else if (thread_.joinable()) {
+    thread_.join();
+  }
 }
 
 int PeerWatchdog::culprit() const {
@@ -75,16 +81,26 @@ int PeerWatchdog::culprit() const {
 }
 
 void PeerWatchdog::run() {
+  // An exception leaving a thread's function aborts the process: none may. A check that throws
+  // counts as "all alive" (the kernel's timeout still bounds the wait); a report that throws
+  // ends the watch.
   const auto period = std::chrono::duration<double>(period_s_);
   std::unique_lock<std::mutex> lock(mutex_);
   while (!wake_.wait_for(lock, period, [this] { return stopping_; })) {
     lock.unlock();
-    const int dead = first_dead_rank(pids_, alive_);
+    int dead = -1;
+    try {
+      dead = first_dead_rank(pids_, alive_);
+    } catch (...) {
+    }
     lock.lock();
     if (dead < 0) continue;
     culprit_ = dead;
     lock.unlock();
-    on_dead_(dead);
+    try {
+      on_dead_(dead);
+    } catch (...) {
+    }
     return;
   }
 }

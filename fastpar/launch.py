@@ -5,8 +5,12 @@ each (gloo on CPU, NCCL when CUDA is available, rendezvous through a TCPStore th
 hosts on a free port, so there is no port race), calls `fn(rank, world_size, *args)` and
 returns the ranks' results. When a rank raises, dies or outlives the timeout, the remaining
 ranks are killed and the call raises `RankFailure` naming the first rank that failed, with its
-traceback; no child outlives the call (each child is also tied to its parent with
+traceback, or for a rank that died (a signal, an abort in native code) the last lines it wrote
+to stderr; no child outlives the call (each child is also tied to its parent with
 PR_SET_PDEATHSIG, so even a killed parent leaves no orphans).
+
+Each rank's stderr goes to a file, which the parent relays line by line to its own stderr: a
+file keeps what a dying process wrote last, which a pipe read by that process would lose.
 
 `fastpar train --nproc N` launches through it; the tests use it as `run_multiprocess`.
 """
@@ -16,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import datetime
+import faulthandler
 import math
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Collection, Sequence
@@ -32,6 +39,8 @@ import torch
 from fastpar._checks import check_int
 
 _PR_SET_PDEATHSIG = 1
+STDERR_TAIL_LINES = 60  # of a rank that died, quoted in RankFailure (faulthandler's included)
+_STDERR_TAIL_BYTES = 64 * 1024
 
 
 class RankFailure(RuntimeError):
@@ -64,8 +73,10 @@ def _rank_main(
     timeout_s: float,
     env: dict[str, str],
     results: mp.Queue,
+    stderr_path: str,
 ) -> None:
     _die_with_parent()
+    _send_stderr_to(stderr_path)
     # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and
     # stops the ranks, so they do not each print a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -102,6 +113,64 @@ def _rank_main(
         return
     _destroy_group()
     results.put((rank, True, value))
+
+
+def _send_stderr_to(path: str) -> None:
+    """Point this process's stderr (fd 2, which native code writes too) at the file `path`, and
+    have a fatal signal print every thread's Python stack there (faulthandler)."""
+    if sys.stderr is not None:
+        sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    faulthandler.enable(file=2, all_threads=True)
+
+
+class _StderrRelay:
+    """The ranks' stderr files: relayed to this process's stderr in whole lines, and the last
+    lines of a rank that died quoted in its failure."""
+
+    def __init__(self, world_size: int) -> None:
+        self.directory = tempfile.mkdtemp(prefix="fastpar-ranks-")
+        self.paths = [os.path.join(self.directory, f"rank{r}.stderr") for r in range(world_size)]
+        self._offsets = [0] * world_size
+        self._partial = [b""] * world_size  # a line not yet ended, held back
+
+    def pump(self, final: bool = False) -> None:
+        """Relay what the ranks wrote since the last call (with `final`, unended lines too)."""
+        for rank, path in enumerate(self.paths):
+            try:
+                with open(path, "rb") as f:
+                    f.seek(self._offsets[rank])
+                    data = f.read()
+            except OSError:  # not created yet
+                continue
+            self._offsets[rank] += len(data)
+            text = self._partial[rank] + data
+            cut = len(text) if final else text.rfind(b"\n") + 1
+            self._partial[rank] = text[cut:]
+            if cut and sys.stderr is not None:
+                sys.stderr.write(text[:cut].decode("utf-8", "replace"))
+                sys.stderr.flush()
+
+    def tail(self, rank: int) -> str:
+        """The last STDERR_TAIL_LINES lines rank `rank` wrote to stderr, indented, under a
+        heading ("" when it wrote nothing)."""
+        try:
+            with open(self.paths[rank], "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - _STDERR_TAIL_BYTES))
+                lines = f.read().decode("utf-8", "replace").splitlines()
+        except OSError:
+            return ""
+        lines = [line for line in lines if line.strip()][-STDERR_TAIL_LINES:]
+        if not lines:
+            return ""
+        body = "\n".join(f"    {line}" for line in lines)
+        return f"\n  the last lines rank {rank} wrote to stderr:\n{body}"
+
+    def close(self) -> None:
+        self.pump(final=True)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _one_line() -> str:
@@ -170,6 +239,7 @@ def spawn_ranks(
         timeout=datetime.timedelta(seconds=group_timeout),
     )
     results: mp.Queue = context.Queue()
+    relay = _StderrRelay(world_size)
     processes = [
         context.Process(
             target=_rank_main,
@@ -183,6 +253,7 @@ def spawn_ranks(
                 group_timeout,
                 env or {},
                 results,
+                relay.paths[rank],
             ),
             name=f"fastpar-rank{rank}",
             daemon=True,
@@ -196,10 +267,11 @@ def spawn_ranks(
         for process in processes:
             process.start()
         while len(outcomes) < world_size:
+            relay.pump()
             try:
                 rank, ok, value = results.get(timeout=0.05)
             except queue.Empty:
-                _check_dead(processes, outcomes, set(may_die))
+                _check_dead(processes, outcomes, set(may_die), relay)
                 if time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in outcomes]
                     raise RankFailure(
@@ -216,7 +288,8 @@ def spawn_ranks(
             for dead, process in enumerate(processes):
                 if process.exitcode not in (None, 0) and dead not in may_die:
                     death = _death(dead, process.exitcode)
-                    failures.append((-math.inf, dead, death, death.removeprefix(f"rank {dead} ")))
+                    failures.append((-math.inf, dead, death + relay.tail(dead),
+                                     death.removeprefix(f"rank {dead} ")))  # fmt: skip
             # A stopped rank (SIGSTOP, a debugger) is silent, and likely why its peers timed
             # out: it is named first too.
             for silent, process in enumerate(processes):
@@ -232,6 +305,7 @@ def spawn_ranks(
     finally:
         _stop_all(processes)
         results.close()
+        relay.close()
         del store
     return [outcomes.get(rank) for rank in range(world_size)]
 
@@ -252,7 +326,10 @@ def _collect_more_failures(
 
 
 def _check_dead(
-    processes: list[mp.process.BaseProcess], outcomes: dict[int, Any], may_die: set[int]
+    processes: list[mp.process.BaseProcess],
+    outcomes: dict[int, Any],
+    may_die: set[int],
+    relay: _StderrRelay,
 ) -> None:
     for rank, process in enumerate(processes):
         if rank in outcomes or process.is_alive():
@@ -264,7 +341,9 @@ def _check_dead(
                 outcomes[rank] = None
                 continue
             death = _death(rank, process.exitcode)
-            raise RankFailure(death, f"rank {rank}: {death.removeprefix(f'rank {rank} ')}")
+            raise RankFailure(
+                death + relay.tail(rank), f"rank {rank}: {death.removeprefix(f'rank {rank} ')}"
+            )
 
 
 def _is_stopped(process: mp.process.BaseProcess) -> bool:

@@ -11,6 +11,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
@@ -81,11 +83,14 @@ def test_a_timeout_keeps_earlier_rows_and_names_the_running_case(tmp_path: Path)
     ]  # fmt: skip
 
 
-def test_every_test_is_a_row_even_when_the_module_runs_out_of_time(tmp_path: Path) -> None:
+def test_every_test_is_a_row_even_when_a_module_runs_out_of_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     module = tmp_path / "test_sample.py"
     module.write_text(
         textwrap.dedent("""
         import time, pytest
+        pytestmark = getattr(pytest.mark, "gpu")  # (spelled so: this file holds no gpu test)
         def test_passes(): pass
         def test_fails(): assert 1 == 2, "one is not two"
         @pytest.mark.skip(reason="not here")
@@ -95,15 +100,12 @@ def test_every_test_is_a_row_even_when_the_module_runs_out_of_time(tmp_path: Pat
     )
     broken = tmp_path / "test_broken.py"
     broken.write_text("import no_such_module_anywhere\n")
-    rows_csv = tmp_path / "tests.csv"
-    check = _check(tmp_path)
-    for path, timeout in ((module, 20), (broken, 60)):
-        rc = check.run("tests", [sys.executable, "-m", "pytest", str(path), "-p", "pytest_rows",
-                                 "-p", "no:cacheprovider", "-rA"], timeout,
-                       FASTPAR_TEST_ROWS=str(rows_csv))  # fmt: skip
-        if rc is None:
-            gpu_check.note_running(rows_csv, "TIMEOUT", "the module's time ran out here")
-    rows = {r["case"].rsplit("::", 1)[-1]: r for r in gpu_check.read_rows(rows_csv)}
+    monkeypatch.setattr(gpu_check, "gpu_test_modules", lambda: [module, broken])
+    monkeypatch.setattr(gpu_check, "TEST_WORKERS", 2)  # side by side, as on the GPU machine
+    check = _check(tmp_path / "out")
+    status, detail = gpu_check.stage_tests(check, 25)
+    assert status == "TIMEOUT" and "test_sample.py" in detail
+    rows = {r["case"].rsplit("::", 1)[-1]: r for r in gpu_check.read_rows(check.out / "tests.csv")}
     assert rows["test_passes"]["status"] == "passed"
     assert rows["test_fails"]["status"] == "failed"
     assert "one is not two" in rows["test_fails"]["error"]
@@ -111,6 +113,7 @@ def test_every_test_is_a_row_even_when_the_module_runs_out_of_time(tmp_path: Pat
     assert rows["test_hangs"]["status"] == "TIMEOUT"
     collect = [r for r in rows.values() if r["case"].endswith("[collect]")]
     assert collect and "no_such_module_anywhere" in collect[0]["error"]
+    assert (check.logs / "tests-test_sample.log").read_text().count("test_sample.py") >= 1
 
 
 def test_exit_status_says_whether_a_check_failed(tmp_path: Path) -> None:

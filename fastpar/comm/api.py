@@ -38,6 +38,7 @@ def create_all_reduce(
     *,
     device: torch.device | str = "cpu",
     timeout: timedelta | float | None = None,
+    serve_shared_gpu: bool = False,
 ) -> AllReduce:
     """The all-reduce for `group`'s hosts (collective over `group`; the caller closes it).
 
@@ -45,6 +46,8 @@ def create_all_reduce(
         group: the process group (None: the default group).
         device: the device whose tensors it reduces.
         timeout: bound on every wait for a peer (None: the group's own timeout).
+        serve_shared_gpu: CUDA: let the ring serve ranks that share one GPU (see
+            RingAllReduce).
 
     Returns:
         A RingAllReduce when every rank shares this host; else a HierarchicalAllReduce, which
@@ -56,9 +59,12 @@ def create_all_reduce(
     layout = gather_host_layout(pg, wait)
     path, reason = layout.path()
     if path == "ring":
-        reducer: AllReduce = RingAllReduce(pg, device=device, timeout=wait)
+        reducer: AllReduce = RingAllReduce(
+            pg, device=device, timeout=wait, serve_shared_gpu=serve_shared_gpu
+        )
     else:
-        reducer = HierarchicalAllReduce(pg, device=device, timeout=wait, layout=layout)
+        reducer = HierarchicalAllReduce(pg, device=device, timeout=wait, layout=layout,
+                                        serve_shared_gpu=serve_shared_gpu)  # fmt: skip
         if path == "hierarchical" and not reducer.should_use(torch.empty(0, device=device)):
             path, reason = "torch", str(reducer.fallback_reason(torch.empty(0, device=device)))
     if dist.get_rank() == 0:  # once per run, not once per group

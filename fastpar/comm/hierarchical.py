@@ -110,6 +110,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             is off (else gathered here, and the reason logged on global rank 0).
         chunk_bytes: CPU: bytes per chunk, a multiple of 64; each host's shared memory holds
             2 x (local ranks + 1) chunks.
+        serve_shared_gpu: CUDA: passed to each host's RingAllReduce.
 
     Creating it is collective over `group` (it creates a process group per host and a ring in
     each). Where the layout does not fit (one host, one rank per host, uneven hosts) or a host's
@@ -126,6 +127,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         timeout: timedelta | float | None = None,
         layout: HostLayout | None = None,
         chunk_bytes: int = CHUNK_BYTES,
+        serve_shared_gpu: bool = False,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("HierarchicalAllReduce needs torch.distributed to be initialised")
@@ -152,13 +154,13 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         path, reason = self.layout.path()
         self._disabled: str | None = None if path == "hierarchical" else reason
         if self._disabled is None:
-            self._connect(chunk_bytes)
+            self._connect(chunk_bytes, serve_shared_gpu)
         if self._disabled is not None and layout is None and dist.get_rank() == 0:
             log_once(logger, f"fastpar hierarchical all-reduce is off: {self._disabled}")
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _connect(self, chunk_bytes: int) -> None:
+    def _connect(self, chunk_bytes: int, serve_shared_gpu: bool) -> None:
         ranks = tuple(dist.get_process_group_ranks(self.group))
         with _created_lock:
             index = _created.get(ranks, 0)
@@ -173,7 +175,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                                 self.timeout)  # fmt: skip
         across = [ranks[host[self._local]] for host in layout.hosts]
         self._across = _subgroup(across, f"{name}_local{self._local}", self.timeout)
-        ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device)
+        ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device,
+                             serve_shared_gpu=serve_shared_gpu)  # fmt: skip
         problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
         verdict = agree(self._store, f"{self._prefix}/ring", self.rank, self.world_size,
                         problem, self.timeout, "say whether its host's ring works")  # fmt: skip

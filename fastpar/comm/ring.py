@@ -15,8 +15,10 @@ results. Transports:
   nobody uses a tensor the ring did not reduce. A thread of the native ring watches the peers'
   pids while the ring is open: a peer whose process is gone makes the spinning kernels stop
   within about 0.1 s, naming it. Above CUDA_RING_MAX_BYTES, calls between different GPUs go to
-  torch.distributed (NCCL), announced through the ring as on CPU. Closing is collective (every
-  rank stops, then unmaps the peers' buffers, then frees its own).
+  torch.distributed (NCCL), announced through the ring as on CPU. Ranks that share a GPU are
+  left to gloo unless `serve_shared_gpu=True`: processes time-slice a GPU, and the ring's
+  barriers wait out the slices (about 5x slower than gloo, measured). Closing is collective
+  (every rank stops, then unmaps the peers' buffers, then frees its own).
 
 Creating it is collective: every rank of the group creates its RingAllReduce objects in the same
 order (as with process groups), and the ranks meet once through the default store to name and
@@ -42,7 +44,13 @@ from fastpar import _native
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
-from fastpar.comm.agreement import agree, cuda_peer_problem, local_device_ids, wait_for_ranks
+from fastpar.comm.agreement import (
+    agree,
+    cuda_peer_problem,
+    local_device_ids,
+    shared_gpu_problem,
+    wait_for_ranks,
+)
 from fastpar.comm.errors import (
     CommClosedError,
     CommMismatchError,
@@ -61,7 +69,8 @@ DEFAULT_SLOTS = 4
 # Calls between different GPUs larger than this go to torch.distributed (NCCL): a design value
 # (one-shot/two-shot all-reduces over P2P beat NCCL up to a few MiB in published figures of
 # custom all-reduces; NCCL's ring bandwidth wins above), not measured on this code yet. Ranks
-# sharing one GPU always use the ring (NCCL refuses two ranks on one device).
+# sharing a GPU use the ring only on request, or where NCCL (which refuses them) is the group's
+# CUDA backend: see agreement.SHARED_GPU_REASON.
 CUDA_RING_MAX_BYTES = 8 * 1024 * 1024
 
 # Per group (its global ranks), how many rings this process has created: the ranks of a group
@@ -81,6 +90,15 @@ def host_identity() -> str:
     return f"{socket.gethostname()}|{boot}|{ipc}"
 
 
+def _cuda_backend_name(group: dist.ProcessGroup) -> str:
+    """The name of `group`'s torch.distributed backend for CUDA tensors ("gloo", "nccl"); ""
+    when it has none."""
+    try:
+        return str(group._get_backend(torch.device("cuda")).name())
+    except (AttributeError, RuntimeError, ValueError):
+        return ""
+
+
 class RingAllReduce:
     """All-reduce over the ranks of `group` through fastpar's native ring.
 
@@ -96,6 +114,10 @@ class RingAllReduce:
             8 MiB on CUDA, where each rank's IPC buffer holds two chunks).
         slots: CPU chunks in flight per rank (>= 3); the segment holds
             world * slots * chunk_bytes.
+        serve_shared_gpu: CUDA: serve ranks that share a GPU even where torch.distributed can
+            (gloo). Off by default: processes time-slice a GPU, which makes every call of the
+            ring wait out slices, about 5x slower than gloo (agreement.SHARED_GPU_REASON); on
+            for comm="ring", and under MPS, where the ranks' kernels run at once.
     """
 
     def __init__(
@@ -106,6 +128,7 @@ class RingAllReduce:
         device: torch.device | str = "cpu",
         chunk_bytes: int | None = None,
         slots: int = DEFAULT_SLOTS,
+        serve_shared_gpu: bool = False,
     ) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(
@@ -139,6 +162,7 @@ class RingAllReduce:
         self._store: dist.Store | None = None
         self._prefix = ""
         self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
+        self._serve_shared_gpu = bool(serve_shared_gpu)
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -201,7 +225,9 @@ class RingAllReduce:
             self._store_wait(store, ids, "say which GPU it uses")
             device_ids = [store.get(key).decode() for key in ids.values()]
             self._single_device = len(set(device_ids)) == 1
-            problem = cuda_peer_problem(self.rank, device_ids, local_ids)
+            problem = cuda_peer_problem(self.rank, device_ids, local_ids) or shared_gpu_problem(
+                device_ids, self._serve_shared_gpu, _cuda_backend_name(self.group)
+            )
         if not self._agree("peer-access", problem, "say whether it can map every peer's GPU"):
             return
         transport = native.IpcAllReduce(

@@ -10,8 +10,9 @@ fastpar.nn.recurrent, which they share with the GRU and the RNN):
   direction at a time inside fastpar's custom op, so torch.compile(fullgraph=True) still sees
   no graph break;
 * ``"reference"``: the pure-PyTorch loop of fastpar.ops.reference (the test oracle; slow);
-* ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said
-  once in the log.
+* ``"auto"``: triton where a GPU measurement shows it faster than torch (CUDA bfloat16 where the
+  persistent kernel applies), torch otherwise (cuDNN on CUDA; CPU; float64), said once in the
+  log (see fastpar.ops.auto_backend).
 
 Dimension letters: T time, B batch, I input_size, H hidden_size, P proj_size or H, L num_layers,
 D directions.
@@ -29,6 +30,7 @@ from fastpar.nn.recurrent import (
     RecurrentCellBase,
     choose_recurrence,
     layer_weights,
+    lengths_on_device,
 )
 from fastpar.ops.lstm_aten import lstm_stack_aten
 from fastpar.ops.reference import (
@@ -39,21 +41,30 @@ from fastpar.ops.reference import (
 )
 
 
-def select_recurrence(backend: Backend, x: Tensor, kernel: Kernel = "auto") -> Recurrence | None:
+def select_recurrence(
+    backend: Backend,
+    x: Tensor,
+    kernel: Kernel = "auto",
+    *,
+    hidden: int,
+    proj: int = 0,
+    one_step: bool = False,
+) -> Recurrence | None:
     """The single-direction recurrence ``lstm_stack`` runs for ``x``, or None for torch's
     kernels (``lstm_stack_aten``); raises when a named backend cannot run it.
 
     Arguments:
         backend: "auto", "triton", "torch" or "reference".
-        x: the (already validated) input, whose device and dtype decide.
+        x: the (already validated) input, whose device, dtype and batch decide.
         kernel: the Triton kernel variant (used only when the Triton kernels run).
+        hidden: H; proj: proj_size (0: none); one_step: LSTMCell's call.
 
     Returns:
         A function with the signature of ``lstm_recurrence_reference``, or None.
     """
     return choose_recurrence(
-        backend, x, kernel, cell="LSTM", reference=lstm_recurrence_reference,
-        triton=_triton_recurrence,
+        backend, x, kernel, kind="lstm", hidden=hidden, proj=proj, one_step=one_step,
+        reference=lstm_recurrence_reference, triton=_triton_recurrence,
     )  # fmt: skip
 
 
@@ -69,6 +80,7 @@ def _run_stack(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     if recurrence is None:
         return lstm_stack_aten(x, h0, c0, weights, **kwargs)  # type: ignore[arg-type]
+    kwargs = lengths_on_device(kwargs, x)
     return lstm_stack(x, h0, c0, weights, recurrence=recurrence, **kwargs)  # type: ignore[arg-type]
 
 
@@ -89,7 +101,8 @@ class LSTM(RecurrentBase):
         kernel: the Triton kernel variant: "auto" (chosen per shape), "step" (one launch per
             time step) or "persistent" (one launch for the whole sequence, where it applies).
             Only the Triton kernels read it: with backend="auto" it is ignored where auto takes
-            torch's kernels (CPU, float64); with backend="torch" or "reference" anything but
+            torch's kernels, and "step" makes auto take them on CUDA too (the step kernel was
+            measured slower than cuDNN); with backend="torch" or "reference" anything but
             "auto" is an error.
 
     ``forward(input, hx=None) -> (output, (h_n, c_n))``: input (T, B, I), (B, T, I) when
@@ -133,8 +146,9 @@ class LSTM(RecurrentBase):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         h0, c0 = states
         out, h_n, c_n = _run_stack(
-            select_recurrence(self.backend, x, self.kernel), x, h0, c0, self.layer_weights(),
-            **self.stack_options(lengths),
+            select_recurrence(self.backend, x, self.kernel, hidden=self.hidden_size,
+                              proj=self.proj_size),
+            x, h0, c0, self.layer_weights(), **self.stack_options(lengths),
         )  # fmt: skip
         return out, (h_n, c_n)
 
@@ -169,7 +183,8 @@ class LSTMCell(RecurrentCellBase):
         h0, c0 = states
         # One step of a one-layer LSTM: the same recurrence (and kernels) as LSTM.
         _, h_n, c_n = _run_stack(
-            select_recurrence(self.backend, x), x.unsqueeze(0), h0.unsqueeze(0),
+            select_recurrence(self.backend, x, hidden=self.hidden_size, one_step=True),
+            x.unsqueeze(0), h0.unsqueeze(0),
             c0.unsqueeze(0), [self.weights()], num_layers=1, bidirectional=False,
         )  # fmt: skip
         return h_n[0], c_n[0]

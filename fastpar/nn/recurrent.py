@@ -10,8 +10,10 @@ batch_first, unbatched and packed input, and the backend choice:
   float16); ``kernel`` chooses its variant;
 * ``"torch"``: torch's own native kernels (``fastpar.ops.lstm_aten``, ``fastpar.ops.rnn_aten``);
 * ``"reference"``: the pure-PyTorch loop (the test oracle; slow);
-* ``"auto"``: triton for CUDA tensors of a Triton dtype, torch otherwise (CPU, float64), said once
-  in the log.
+* ``"auto"``: triton only where a GPU measurement shows it faster than torch's own module (on
+  CUDA: bfloat16 where the persistent kernel applies), torch's kernels (cuDNN on CUDA) everywhere
+  else; ``fastpar.ops.auto_backend`` holds the measurements and the rule. The choice and its
+  reason are said once in the log.
 
 A backend named explicitly either runs or raises.
 
@@ -34,6 +36,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_
 from fastpar._checks import check_choice, check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
+from fastpar.ops.auto_backend import choose_auto_backend
 from fastpar.ops.reference import LayerWeights
 
 Backend = Literal["auto", "triton", "torch", "reference"]
@@ -62,22 +65,42 @@ def check_kernel(kernel: object, backend: Backend) -> Kernel:
     return kernel  # type: ignore[return-value]
 
 
-def takes_triton(backend: Backend, x: Tensor, cell: str) -> bool:
+def takes_triton(
+    backend: Backend,
+    x: Tensor,
+    kind: str,
+    *,
+    hidden: int,
+    proj: int = 0,
+    kernel: Kernel = "auto",
+    one_step: bool = False,
+) -> bool:
     """Whether ``backend`` runs the Triton kernels for ``x``; raises when backend='triton'
-    cannot run them. ``cell`` ("LSTM", "GRU", "RNN") names the kernels in messages."""
+    cannot run them.
+
+    Arguments:
+        backend: "auto", "triton", "torch" or "reference".
+        x: the (already validated) input, (T, B, I) or, for a cell, (B, I).
+        kind: the cell, "lstm", "gru", "rnn_tanh" or "rnn_relu".
+        hidden: H; proj: the LSTM's proj_size (0: none); kernel: the module's Triton variant;
+        one_step: a cell module. "auto" decides with these (``choose_auto_backend``).
+    """
+    cell = kind.split("_")[0].upper()  # "LSTM", "GRU", "RNN", for messages
     if backend in ("torch", "reference"):
         return False
     if backend == "auto":
-        if x.device.type == "cuda" and x.dtype in TRITON_DTYPES:
-            return True
+        choice = choose_auto_backend(
+            kind, x.device, x.dtype, batch=x.shape[-2], hidden=hidden, proj=proj,
+            kernel=kernel, backward=torch.is_grad_enabled(), one_step=one_step,
+        )  # fmt: skip
         if not torch.compiler.is_compiling():  # the eager call before compiling said it
-            log_once(
-                _log,
-                f"fastpar {cell} backend='auto': {x.dtype} input on {x.device.type} runs torch's "
-                f"native {cell} kernels (backend='torch'; the Triton kernels need CUDA and "
-                "float32/bfloat16/float16)",
+            runs = (
+                "fastpar's Triton kernels"
+                if choice.backend == "triton"
+                else f"torch's native {cell} kernels (backend='torch')"
             )
-        return False
+            log_once(_log, f"fastpar {cell} backend='auto' runs {runs}: {choice.reason}")
+        return choice.backend == "triton"
     if x.device.type != "cuda" and not interpreter_active():
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors, got input on {x.device}; set "
@@ -97,7 +120,10 @@ def choose_recurrence(
     x: Tensor,
     kernel: Kernel,
     *,
-    cell: str,
+    kind: str,
+    hidden: int,
+    proj: int = 0,
+    one_step: bool = False,
     reference: Callable[..., Any],
     triton: Callable[[], Callable[..., Any]],
 ) -> Callable[..., Any] | None:
@@ -105,9 +131,9 @@ def choose_recurrence(
 
     Arguments:
         backend: "auto", "triton", "torch" or "reference".
-        x: the (already validated) input, whose device and dtype decide.
+        x: the (already validated) input, whose device, dtype and batch decide.
         kernel: the Triton kernel variant (used only when the Triton kernels run).
-        cell: "LSTM", "GRU" or "RNN", for messages.
+        kind, hidden, proj, one_step: the cell and its sizes (see ``takes_triton``).
         reference: the pure-PyTorch recurrence.
         triton: returns the Triton recurrence, importing it (the Triton modules import
             Triton, so only the calls that run them do; with an import statement, which
@@ -118,7 +144,9 @@ def choose_recurrence(
     """
     if backend == "reference":
         return reference
-    if not takes_triton(backend, x, cell):
+    if not takes_triton(
+        backend, x, kind, hidden=hidden, proj=proj, kernel=kernel, one_step=one_step
+    ):
         return None
     return functools.partial(triton(), kernel=kernel)
 
@@ -330,8 +358,10 @@ class RecurrentBase(nn.Module):
         lengths = None
         packed = isinstance(input, PackedSequence)
         if packed:
-            x, lengths = pad_packed_sequence(input)  # (T, B, I) in the caller's batch order
-            lengths = lengths.to(x.device)
+            # (T, B, I) in the caller's batch order; lengths stay on the CPU, where torch's
+            # kernels take them (``lengths_on_device`` moves them for the other stacks): a copy
+            # to the GPU and back would wait for the GPU.
+            x, lengths = pad_packed_sequence(input)
             batched = check_input(x, self.input_size, weight, 3)
         else:
             batched = check_input(input, self.input_size, weight, 3)
@@ -354,7 +384,7 @@ class RecurrentBase(nn.Module):
         out, finals = self._run_stack(x, states, lengths)
 
         if packed:
-            return _repack(out, lengths, input), join_states(finals)
+            return _repack(out, input), join_states(finals)
         if not batched:
             return out.squeeze(1), join_states(tuple(s.squeeze(1) for s in finals))
         if self.batch_first:
@@ -362,16 +392,21 @@ class RecurrentBase(nn.Module):
         return out, join_states(finals)
 
 
-def _repack(out: Tensor, lengths: Tensor, like: PackedSequence) -> PackedSequence:
+def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
     """Pack ``out`` (T, B, .) exactly as ``like`` is packed (same batch_sizes and indices)."""
-    if like.sorted_indices is None:
-        packed = pack_padded_sequence(out, lengths.cpu(), enforce_sorted=True)
-        return PackedSequence(packed.data, like.batch_sizes, None, None)
-    order = like.sorted_indices.to(out.device)
-    packed = pack_padded_sequence(
-        out.index_select(1, order), lengths.index_select(0, order).cpu(), enforce_sorted=True
-    )
-    return PackedSequence(packed.data, like.batch_sizes, like.sorted_indices, like.unsorted_indices)
+    batch_sizes = like.batch_sizes  # (T,) on the CPU: sorted lengths without a device sync
+    sorted_lengths = (batch_sizes.unsqueeze(0) > torch.arange(out.shape[1]).unsqueeze(1)).sum(1)
+    if like.sorted_indices is not None:
+        out = out.index_select(1, like.sorted_indices.to(out.device))
+    packed = pack_padded_sequence(out, sorted_lengths, enforce_sorted=True)
+    return PackedSequence(packed.data, batch_sizes, like.sorted_indices, like.unsorted_indices)
+
+
+def lengths_on_device(options: dict[str, Any], x: Tensor) -> dict[str, Any]:
+    """A stack's ``options`` with their lengths on x's device, where the reference and Triton
+    stacks use them (torch's kernels take them on the CPU, as ``forward`` keeps them)."""
+    lengths = options.get("lengths")
+    return options if lengths is None else {**options, "lengths": lengths.to(x.device)}
 
 
 def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[LayerWeights]:
@@ -484,5 +519,6 @@ __all__ = [
     "RecurrentCellBase",
     "choose_recurrence",
     "layer_weights",
+    "lengths_on_device",
     "takes_triton",
 ]

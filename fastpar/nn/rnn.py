@@ -4,7 +4,8 @@ They hold the same parameters as ``torch.nn.GRU``/``RNN``/``GRUCell``/``RNNCell`
 order and initialisation), so state dicts load in both directions, and pick a backend per call
 exactly as fastpar.nn.LSTM does (fastpar.nn.recurrent): "triton" (fastpar.ops.rnn_op), "torch"
 (torch's native kernels, fastpar.ops.rnn_aten), "reference" (fastpar.ops.rnn_reference) or
-"auto" (triton for CUDA tensors of a Triton dtype, torch otherwise).
+"auto" (triton where a GPU measurement shows it faster than torch, torch's kernels otherwise:
+see fastpar.ops.auto_backend).
 
 Both have one state, h; a ``CellOps`` names where each cell's functions live, and the modules
 here are the same code for both.
@@ -29,6 +30,7 @@ from fastpar.nn.recurrent import (
     RecurrentBase,
     RecurrentCellBase,
     choose_recurrence,
+    lengths_on_device,
 )
 from fastpar.ops.reference import LayerWeights
 from fastpar.ops.rnn_aten import gru_cell_aten, gru_stack_aten, rnn_cell_aten, rnn_stack_aten
@@ -61,29 +63,37 @@ class CellOps:
         return getattr(rnn_op, self.triton)
 
     def recurrence(
-        self, backend: Backend, x: Tensor, kernel: Kernel
-    ) -> Callable[..., Tensor] | None:
+        self, backend: Backend, x: Tensor, kernel: Kernel, hidden: int, one_step: bool = False,
+        nonlinearity: Nonlinearity = "tanh",
+    ) -> Callable[..., Tensor] | None:  # fmt: skip
         """The recurrence ``stack`` runs for ``x`` on ``backend``, or None for torch's kernels."""
+        kind = "gru" if self.cell == "GRU" else f"rnn_{nonlinearity}"
         return choose_recurrence(
-            backend, x, kernel, cell=self.cell, reference=self.reference, triton=self._triton
-        )
+            backend, x, kernel, kind=kind, hidden=hidden, one_step=one_step,
+            reference=self.reference, triton=self._triton,
+        )  # fmt: skip
 
     def run_stack(
         self, backend: Backend, kernel: Kernel, x: Tensor, h0: Tensor,
         weights: list[LayerWeights], **options: Any,
     ) -> tuple[Tensor, Tensor]:  # fmt: skip
         """x (T, B, I), h0 (L*D, B, H) -> output (T, B, D*H), h_n (L*D, B, H)."""
-        recurrence = self.recurrence(backend, x, kernel)
+        recurrence = self.recurrence(
+            backend, x, kernel, h0.shape[-1], nonlinearity=options.get("nonlinearity", "tanh")
+        )
         if recurrence is None:
             return self.stack_aten(x, h0, weights, **options)
-        return self.stack(x, h0, weights, recurrence=recurrence, **options)
+        return self.stack(x, h0, weights, recurrence=recurrence, **lengths_on_device(options, x))
 
     def run_cell(
         self, backend: Backend, x: Tensor, h: Tensor, w: LayerWeights, **options: Any
     ) -> Tensor:
         """x (B, I), h (B, H) -> h_next (B, H): torch's cell op, or one step of a one-layer
         stack (the same recurrence and kernels as the module)."""
-        recurrence = self.recurrence(backend, x, "auto")
+        recurrence = self.recurrence(
+            backend, x, "auto", h.shape[-1], one_step=True,
+            nonlinearity=options.get("nonlinearity", "tanh"),
+        )  # fmt: skip
         if recurrence is None:
             return self.cell_aten(x, h, w, **options)
         _, h_n = self.stack(x.unsqueeze(0), h.unsqueeze(0), [w], num_layers=1,

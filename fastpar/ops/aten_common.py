@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from fastpar.ops.reference import LayerWeights
 
@@ -114,6 +116,23 @@ def _hx(states: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
     return tuple(states) if len(states) > 1 else states[0]
 
 
+# cuDNN's RNNs want every weight in one buffer (torch.nn's modules keep them there, see
+# flatten_parameters) and warn on each call that gets separate tensors, before copying them into
+# one. fastpar's modules hold their parameters as separate tensors, so the copy (one pass over
+# the weights, small next to the recurrence) is expected here; its warning is not the user's.
+_CUDNN_COMPACTS = "RNN module weights are not part of single contiguous chunk of memory"
+
+
+@contextlib.contextmanager
+def _expected_cudnn_compaction(x: Tensor) -> Iterator[None]:
+    if x.device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_CUDNN_COMPACTS)
+        yield
+
+
 def vf_layer(
     vf: VFCall, x: Tensor, states: Sequence[Tensor], w: LayerWeights, arrange: Arrangement
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -131,7 +150,7 @@ def vf_layer(
     params = flat_params(w)
     has_bias = w.b_ih is not None
     xc = arrange.apply(x)
-    with torch.no_grad():
+    with torch.no_grad(), _expected_cudnn_compaction(x):
         if arrange.batch_sizes is None:
             out, *finals = vf(xc, hx, params, has_bias, 1, 0.0, False, False, False)
         else:
@@ -151,25 +170,40 @@ def vf_whole_stack(
     bidirectional: bool,
     dropout: float,
     training: bool,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, ...]:
     """torch's modules' own call: the whole stack in one ``vf`` under torch's autograd (dropout
-    from torch's generator, as the module draws it). Returns (out, *final states)."""
+    from torch's generator, as the module draws it), packed through batch_sizes with
+    ``lengths`` as torch.nn.LSTM packs a PackedSequence. Returns (out, *final states), out
+    (T, B, D*P) zero past each length."""
     params = [t for w in weights for t in flat_params(w)]
     has_bias = weights[0].b_ih is not None
-    return tuple(
-        vf(x, _hx(states), params, has_bias, num_layers, dropout, training, bidirectional, False)
+    options = (has_bias, num_layers, dropout, training, bidirectional)
+    with _expected_cudnn_compaction(x):
+        if lengths is None:
+            return tuple(vf(x, _hx(states), params, *options, False))
+        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+        order, inverse = packed.sorted_indices, packed.unsorted_indices
+        hx = _hx([s.index_select(1, order) for s in states])
+        out_data, *finals = vf(packed.data, packed.batch_sizes, hx, params, *options)
+    out, _ = pad_packed_sequence(
+        PackedSequence(out_data, packed.batch_sizes, order, inverse), total_length=x.shape[0]
     )
+    return (out, *(f.index_select(1, inverse) for f in finals))
 
 
-def eager_whole_stack(lengths: Tensor | None) -> bool:
+def eager_whole_stack(x: Tensor, lengths: Tensor | None) -> bool:
     """Whether to run the whole stack as torch's module does (``vf_whole_stack``). Outside
     torch.compile the custom op is not needed, and per layer it only adds dispatch overhead
-    (0.9 ms a layer, 13% for the LSTM at B8 T256 H64); with lengths the op stays, as its
+    (0.9 ms a layer, 13% for the LSTM at B8 T256 H64). With lengths on CPU the op stays, as its
     backward beats torch's packed one (forward+backward on CPU, one thread, at the four CPU
-    benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN).
-    Inside ``per_layer_ops()`` the ops run (a pipeline stage splitting its backward reroutes
-    them)."""
-    return lengths is None and not torch.compiler.is_compiling() and _PER_LAYER.get() == 0
+    benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN); on CUDA
+    torch's packed call (cuDNN's) runs, which the op's step loop backward was never measured
+    against. Inside ``per_layer_ops()`` the ops run (a pipeline stage splitting its backward
+    reroutes them)."""
+    if torch.compiler.is_compiling() or _PER_LAYER.get() != 0:
+        return False
+    return lengths is None or x.device.type == "cuda"
 
 
 _PER_LAYER: contextvars.ContextVar[int] = contextvars.ContextVar("per_layer_ops", default=0)

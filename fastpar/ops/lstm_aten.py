@@ -13,9 +13,10 @@ a fake implementation and a registered autograd formula) the same kernels compil
   (all gate pre-activations in one GEMM over the saved h_{t-1}, c_t by one addcmul per step),
   runs four or five ops per step, and takes the weight gradients as single GEMMs after the loop.
 
-Outside torch.compile, ``lstm_stack_aten`` without lengths makes torch.nn.LSTM's own call (one
-``torch._VF.lstm`` for the whole stack, torch's autograd): no op is needed there, and it costs
-nothing more than torch.nn.LSTM. The op serves compiled graphs, and packed input everywhere.
+Outside torch.compile, ``lstm_stack_aten`` without lengths (and, on CUDA, with them) makes
+torch.nn.LSTM's own call (one ``torch._VF.lstm`` for the whole stack, torch's autograd; cuDNN on
+CUDA): no op is needed there, and it costs nothing more than torch.nn.LSTM. The op serves
+compiled graphs, and packed input on CPU (``aten_common.eager_whole_stack``).
 
 Lengths and reversal are handled by ``aten_common.Arrangement`` (the batch sorted by length,
 each sequence's valid steps reversed for the reverse direction), shared with ``rnn_aten``.
@@ -417,10 +418,10 @@ def lstm_stack_aten(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``reference.lstm_stack`` on torch's kernels: same arguments and results (dropout draws
     one mask per layer output, as torch.nn.LSTM)."""
-    if eager_whole_stack(lengths):
+    if eager_whole_stack(x, lengths):
         out, h_n, c_n = vf_whole_stack(
             torch._VF.lstm, x, (h0, c0), weights, num_layers=num_layers,
-            bidirectional=bidirectional, dropout=dropout, training=training,
+            bidirectional=bidirectional, dropout=dropout, training=training, lengths=lengths,
         )  # fmt: skip
         return out, h_n, c_n
 

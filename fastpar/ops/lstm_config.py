@@ -18,6 +18,11 @@ backward's K loop across warps (``k_split``); "v1" re-reads the share every step
 barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
 to the LSTM only (the GRU and RNN were built on v2).
 
+Which tiles the persistent v2 kernels take (``tile_choice``, environment variable
+``FASTPAR_LSTM_TILES``): "min-traffic" (default) the tiles that read the fewest bytes from L2
+per step (``min_traffic_tiles``); "v2" the previous choice, the narrowest hidden tile whose
+grid fits in the SMs (backward: with 64-row batch tiles). Kept until a GPU run has compared them.
+
 float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 """
 
@@ -37,6 +42,8 @@ KernelChoice = Literal["auto", "step", "persistent"]
 CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
+TileChoice = Literal["min-traffic", "v2"]
+TILES_ENV = "FASTPAR_LSTM_TILES"
 
 MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpreter accepts less)
 # A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
@@ -51,6 +58,11 @@ PERSISTENT_BWD_MAX_TILE = 64 * 16
 # inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
+# What one SM streams from L2 against what the whole L2 delivers to all SMs: an H100 SM takes
+# about 64 B/clock (~110 GB/s); the first H200 run's persistent backward read about 2 TB/s in
+# all (42 MB per step in ~20 us at B=64 H=1024 on 64 programs and at B=256 H=512 on 128: its
+# step time followed the bytes all programs read, not the bytes of one program).
+SM_SHARE_OF_L2 = 1 / 20
 
 
 def gate_count(cell: CellKind) -> int:
@@ -77,6 +89,15 @@ def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
             f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
         )
     return version  # type: ignore[return-value]
+
+
+def tile_choice() -> TileChoice:
+    """The persistent v2 kernels' tile choice, from FASTPAR_LSTM_TILES (default "min-traffic";
+    "v2" the previous one)."""
+    tiles = os.environ.get(TILES_ENV, "min-traffic")
+    if tiles not in get_args(TileChoice):
+        raise ValueError(f"{TILES_ENV} must be one of {get_args(TileChoice)}, got {tiles!r}")
+    return tiles  # type: ignore[return-value]
 
 
 def fp32_rnn_allows_tf32() -> bool:
@@ -159,6 +180,56 @@ def w_fits_registers(
     kp = padded_k(hidden)
     size = (block_b * kp + kp * gate_slots(cell) * block_h) * torch.finfo(dtype).bits // 8
     return size <= RESIDENT_BYTES_PER_THREAD * resident_warps(cell) * 32
+
+
+def min_traffic_tiles(
+    batch: int,
+    hidden: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    backward: bool,
+    cell: CellKind = "lstm",
+) -> tuple[int, int] | None:
+    """(block_b, block_h) of a persistent v2 kernel that reads the fewest bytes from L2 per
+    step, or None when no tile fits.
+
+    Every step each program reads, from L2 (the barrier empties L1), what the other programs
+    wrote for all units of its batch rows: forward h_{t-1} (H columns), backward dgates_{t+1}
+    (G*H columns); backward also its G*H x block_h share of W_hh (forward holds it on chip). For
+    n_b batch and n_h hidden tiles that is ``B*H*n_h`` elements in all forward and
+    ``G*H*(B*n_h + H*n_b)`` backward: narrow tiles multiply the first term, short ones the
+    second. A step takes the longer of that total through the whole L2 and one program's share
+    through its SM (SM_SHARE_OF_L2), so a few very wide tiles lose to more, narrower ones.
+
+    Forward keeps the batch tile of ``batch_block`` and takes only tiles whose W_hh share fits
+    in registers (``w_fits_registers``; None if none does); backward tiles are at most
+    PERSISTENT_BWD_MAX_TILE (registers) and at least 16 wide (a tl.dot N). The grid is at most
+    num_sms (one program per SM).
+    """
+    width = gate_count(cell) * hidden if backward else hidden
+    best = None
+    for block_b in (16, 32, 64) if backward else (batch_block(batch),):
+        if block_b > batch_block(batch):
+            break
+        n_b = triton.cdiv(batch, block_b)
+        block_h = MIN_DOT if backward else MIN_DOT // gate_slots(cell)
+        while block_h < 2 * hidden:
+            if backward and block_b * block_h > PERSISTENT_BWD_MAX_TILE:
+                break
+            if not backward and not w_fits_registers(block_b, hidden, block_h, dtype, cell):
+                break
+            n_h = triton.cdiv(hidden, block_h)
+            if n_b * n_h <= num_sms:
+                per_program = width * min(block_b, batch)
+                if backward:
+                    per_program += width * min(block_h, hidden)
+                cost = max(n_b * n_h * per_program, per_program / SM_SHARE_OF_L2)
+                # On a tie (one program's share bounds the step) more programs share the math.
+                key = (cost, -n_b * n_h)
+                if best is None or key < best[0]:
+                    best = (key, block_b, block_h)
+            block_h *= 2
+    return None if best is None else (best[1], best[2])
 
 
 @dataclass(frozen=True)
@@ -253,11 +324,19 @@ def persistent_config(
     if interpreter:
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
-        if n_b > num_sms:
-            return None
-        block_h = min_h
-        while n_b * triton.cdiv(hidden, block_h) > num_sms:
-            block_h *= 2
+        tiles = None
+        if version == "v2" and tile_choice() == "min-traffic":
+            tiles = min_traffic_tiles(batch, hidden, dtype, num_sms, backward, cell)
+            if tiles is None and backward:
+                return None
+        if tiles is not None:
+            block_b, block_h = tiles
+        else:  # "v2", v1, and a forward whose W_hh share fits in no tile's registers
+            if n_b > num_sms:
+                return None
+            block_h = min_h
+            while n_b * triton.cdiv(hidden, block_h) > num_sms:
+                block_h *= 2
     resident = (
         version == "v2"
         and not backward
@@ -275,10 +354,11 @@ def persistent_config(
             return None
     elif not interpreter and not w_share_fits_l1:
         return None
-    # A 64-row batch tile needs 8 warps (and, backward, a narrower K tile) to hold its tiles
-    # without spilling, and so does backward with 16-byte aligned operands (bench/kernel_report.py
-    # shows the registers). One program per SM: the extra warps cost no occupancy.
-    block_k = 32 if dtype == torch.float32 or (backward and block_b >= 64) else 64
+    # A 64-row batch tile needs 8 warps to hold its tiles without spilling, and so does
+    # backward with 16-byte aligned operands; backward tiles of 1024 units also need a
+    # narrower K tile (bench/kernel_report.py shows the registers). One program per SM: the
+    # extra warps cost no occupancy.
+    block_k = 32 if dtype == torch.float32 or (backward and block_b * block_h >= 1024) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
     # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
     # serial iterations over 4H (see recurrent_grad).

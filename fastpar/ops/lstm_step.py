@@ -144,6 +144,15 @@ def fwd_step(
     tiles save_step keeps: i, f, g, o for the LSTM, r, z, n, hn for the GRU)."""
     offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
     h_rows = hprev_ptr + offs_b[:, None] * P
+    # The lengths and the carried h load before the dot, so their latency hides behind it.
+    valid = True
+    h_old = 0.0
+    if HAS_LENGTHS:
+        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
+        if CELL == "lstm" and CARRY_H:
+            h_old = tl.load(
+                h_rows + offs_j[None, :], mask=mask, other=0.0, cache_modifier=HPREV_CACHE
+            )
     acc = tl.zeros((BLOCK_B, GS * BLOCK_H), dtype=tl.float32)
     if W_RESIDENT:
         offs_k = tl.arange(0, KP)
@@ -191,14 +200,10 @@ def fwd_step(
         a0, a1, a2, a3 = h_new, h_new, h_new, h_new  # nothing to save
     if HAS_LENGTHS:
         # Past its length a sequence keeps its state, so h_n/c_n are those of its last step.
-        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
         c = tl.where(valid, c, c_prev)
         if CELL != "lstm":
             h_new = c  # the state is h_{t-1} in float32
         elif CARRY_H:
-            h_old = tl.load(
-                h_rows + offs_j[None, :], mask=mask, other=0.0, cache_modifier=HPREV_CACHE
-            )
             h_new = tl.where(valid, h_new, h_old.to(tl.float32))
     row = t.to(tl.int64) * B * H + offs_b * H
     tl.store(h_ptr + row[:, None] + offs_j[None, :], h_new.to(h_ptr.dtype.element_ty), mask=mask)
@@ -398,51 +403,60 @@ def bwd_step(
     a sequence's length (which pass h through) and, for the GRU, dh_{t+1} * z_{t+1}.
     """
     offs_b, offs_j, mask_b, mask = tile_offsets(pid_b, pid_h, B, H, BLOCK_B, BLOCK_H)
-    mask_j = offs_j < H
     t64 = t.to(tl.int64)
     row = t64 * B * H + offs_b * H
     row_dg = t64 * B * GS * H + offs_b * (GS * H)
     row4 = t64 * B * 4 * H + offs_b * (4 * H)
     carry = offs_b[:, None] * H + offs_j[None, :]
 
+    # Every load of the tile first, so that they are in flight during the recurrent GEMM's K
+    # loop rather than one more memory round trip after it.
     if HAS_REC:
         dh = tl.load(dh_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0.0)
         dh = dh.to(tl.float32) + tl.load(dh_carry_ptr + carry, mask=mask, other=0.0)
-        if HAS_NEXT:
-            dg_next = dgates_ptr + t_next.to(tl.int64) * B * GS * H
-            dh += recurrent_grad(
-                dg_next, w_ptr, offs_b, offs_j, mask_b, mask_j, H=H, BLOCK_B=BLOCK_B,
-                BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, G=G, GS=GS, K_SPLIT=K_SPLIT,
-                DG_CACHE=DG_CACHE, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
-            )  # fmt: skip
     else:
         dh = tl.load(dh_ptr + carry, mask=mask, other=0.0)
+    # What each cell reads: gates (LSTM, GRU), state_t (LSTM: c_t, RNN: h_t), prev (LSTM:
+    # c_{t-1}, GRU: h_{t-1}), dc (LSTM).
+    a0, a1, a2, a3, state, prev, dc = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
+    if CELL == "lstm" or CELL == "gru":
+        a0, a1, a2, a3 = load_gates(gates_ptr, row4, offs_j, mask, H)
+        prev = tl.load(prev_ptr + carry, mask=mask, other=0.0).to(tl.float32)
+    if CELL != "gru":
+        state = tl.load(state_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0.0)
+    if HAS_REC and HAS_NEXT:
+        dg_next = dgates_ptr + t_next.to(tl.int64) * B * GS * H
+        dh += recurrent_grad(
+            dg_next, w_ptr, offs_b, offs_j, mask_b, offs_j < H, H=H, BLOCK_B=BLOCK_B,
+            BLOCK_H=BLOCK_H, BLOCK_K=BLOCK_K, G=G, GS=GS, K_SPLIT=K_SPLIT,
+            DG_CACHE=DG_CACHE, DOT_PRECISION=DOT_PRECISION, INTERPRETED=INTERPRETED,
+        )  # fmt: skip
 
+    # dc and the lengths after: this program wrote dc itself (an L2 hit), and fewer tiles stay
+    # live across the K loop (registers).
     if CELL == "lstm":
         dc = tl.load(dc_carry_ptr + carry, mask=mask, other=0.0)
-        i, f, g, o = load_gates(gates_ptr, row4, offs_j, mask, H)
-        c = tl.load(state_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0.0)
-        cprev = tl.load(prev_ptr + carry, mask=mask, other=0.0)
-        tc = tanh(c)
+    valid = True
+    if HAS_LENGTHS:
+        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
+    if CELL == "lstm":
+        i, f, g, o = a0, a1, a2, a3
+        tc = tanh(state)
         dc_total = dc + dh * o * (1.0 - tc * tc)
         d0 = dc_total * g * i * (1.0 - i)
-        d1 = dc_total * cprev * f * (1.0 - f)
+        d1 = dc_total * prev * f * (1.0 - f)
         d2 = dc_total * i * (1.0 - g * g)
         d3 = dh * tc * o * (1.0 - o)
         dc_prev = dc_total * f
         dh_keep = tl.zeros_like(dh)
     elif CELL == "gru":
-        r, z, n, hn = load_gates(gates_ptr, row4, offs_j, mask, H)
-        h_prev = tl.load(prev_ptr + carry, mask=mask, other=0.0).to(tl.float32)
-        d0, d1, d2, d3, dh_keep = gru_cell_backward(dh, r, z, n, hn, h_prev)
+        d0, d1, d2, d3, dh_keep = gru_cell_backward(dh, a0, a1, a2, a3, prev)
     else:
-        h = tl.load(state_ptr + row[:, None] + offs_j[None, :], mask=mask, other=0.0)
-        d0 = rnn_activation_grad(dh, h.to(tl.float32), CELL)
+        d0 = rnn_activation_grad(dh, state.to(tl.float32), CELL)
         d1, d2, d3 = d0, d0, d0  # a single gate
         dh_keep = tl.zeros_like(dh)
     if HAS_LENGTHS:
         # A skipped step passes h (and c) through unchanged: so do their gradients.
-        valid = (t < tl.load(len_ptr + offs_b, mask=mask_b, other=0))[:, None]
         d0 = tl.where(valid, d0, 0.0)
         d1 = tl.where(valid, d1, 0.0)
         d2 = tl.where(valid, d2, 0.0)

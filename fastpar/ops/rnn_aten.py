@@ -1,11 +1,12 @@
 """The GRU and the Elman RNN on torch's native ATen kernels, as a ``torch.library`` custom op.
 
-As ``lstm_aten`` does for the LSTM: outside torch.compile and without lengths, ``gru_stack_aten``
-and ``rnn_stack_aten`` make torch.nn.GRU's / torch.nn.RNN's own call (one ``torch._VF.gru``,
-``rnn_tanh`` or ``rnn_relu`` for the whole stack, torch's autograd), so they cost what the
-module costs. Under torch.compile (which graph-breaks on torch's RNN modules) and with lengths,
-every layer and direction runs through ``fastpar::rnn_aten_layer`` (a fake implementation and a
-registered autograd formula, so ``fullgraph=True`` holds):
+As ``lstm_aten`` does for the LSTM: outside torch.compile and without lengths (on CUDA with them
+too), ``gru_stack_aten`` and ``rnn_stack_aten`` make torch.nn.GRU's / torch.nn.RNN's own call
+(one ``torch._VF.gru``, ``rnn_tanh`` or ``rnn_relu`` for the whole stack, torch's autograd;
+cuDNN on CUDA), so they cost what the module costs. Under torch.compile (which graph-breaks on
+torch's RNN modules) and with lengths on CPU, every layer and direction runs through
+``fastpar::rnn_aten_layer`` (a fake implementation and a registered autograd formula, so
+``fullgraph=True`` holds):
 
 * forward: the same ``torch._VF`` call on one layer and direction without autograd (packed
   through batch_sizes when there are lengths; lengths and reversal by
@@ -313,10 +314,10 @@ def _stack(
     cell: Cell, x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], *, num_layers: int,
     bidirectional: bool, dropout: float, training: bool, lengths: Tensor | None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    if aten_common.eager_whole_stack(lengths):
+    if aten_common.eager_whole_stack(x, lengths):
         out, h_n = aten_common.vf_whole_stack(
             _VF_CALLS[cell], x, (h0,), weights, num_layers=num_layers, bidirectional=bidirectional,
-            dropout=dropout, training=training,
+            dropout=dropout, training=training, lengths=lengths,
         )  # fmt: skip
         return out, h_n
 

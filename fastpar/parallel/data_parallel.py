@@ -259,7 +259,10 @@ class DataParallel(nn.Module):
                 from fastpar.comm import create_all_reduce
 
                 self._ring = create_all_reduce(
-                    self.group, device=buffer.device, timeout=self.config.timeout_s
+                    self.group,
+                    device=buffer.device,
+                    timeout=self.config.timeout_s,
+                    serve_shared_gpu=choice == "ring",
                 )
             if self._ring.should_use(buffer, dist.ReduceOp.AVG):
                 ring, average = self._ring, dist.ReduceOp.AVG

@@ -24,7 +24,8 @@ def killed_mid_call(rank: int, world_size: int, device: str = "cpu") -> tuple[fl
     if where.type == "cuda":
         torch.cuda.set_device(where)
     store = dist.distributed_c10d._get_default_store()
-    with RingAllReduce(device=where, timeout=120) as ring:
+    # serve_shared_gpu: the CUDA test runs every rank on one GPU.
+    with RingAllReduce(device=where, timeout=120, serve_shared_gpu=True) as ring:
         tensor = torch.ones(1 << 22, device=where)  # several chunks on either transport
         ring.all_reduce(tensor)
         if rank == KILLED:

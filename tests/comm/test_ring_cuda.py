@@ -3,7 +3,9 @@ on host copies of integer-valued inputs, bitwise-equal ranks, a late rank, a mis
 captured CUDA graph replayed, the device-side mismatch check, failures (a killed rank named
 within 2 s, a rank arriving after its peer gave up, ranks on different paths), and endpoints of
 one process on concurrent streams (processes on one GPU time-slice; streams of one process run
-at once, so only this exercises the barriers' memory ordering for real).
+at once, so only this exercises the barriers' memory ordering for real). Ranks sharing a GPU get
+the ring on request only (serve_shared_gpu=True, as comm="ring" asks): by default they are left
+to gloo, which is faster there. A tensor that outlives its ring is freed without error.
 
 Results are read with `.cpu()` on the caller's stream, never after a device-wide synchronize, so
 a missing stream dependency shows as a wrong result.
@@ -40,7 +42,8 @@ def _device(rank: int) -> torch.device:
 def _sharing_one_gpu(rank: int, world_size: int, seed: int, full: bool) -> list[bytes]:
     device = _device(rank)
     generator = torch.Generator().manual_seed(seed + rank)
-    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES,
+                       serve_shared_gpu=True) as ring:  # fmt: skip
         assert ring.should_use(torch.ones(1, device=device)), ring.fallback_reason(
             torch.ones(1, device=device)
         )
@@ -79,7 +82,8 @@ def test_processes_sharing_one_gpu_equal_gloo_bitwise(world_size: int) -> None:
 def _late_misaligned_graph_mismatch(rank: int, world_size: int, seed: int) -> None:
     device = _device(rank)
     generator = torch.Generator().manual_seed(seed + rank)
-    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES,
+                       serve_shared_gpu=True) as ring:  # fmt: skip
         # One rank is late: its stream sleeps before the call; the others' kernels wait in the
         # barrier, and every result is read on the caller's stream.
         for size in (1000, 200003):
@@ -145,7 +149,7 @@ def _late_rank(rank: int, world_size: int, size: int) -> tuple[str, str]:
     # Rank 0 gives up on rank 1 after 3 s; rank 1 would wait a minute, but arrives only after
     # rank 0 has raised (the gloo barrier), and finds rank 0's barrier flag already stored.
     with RingAllReduce(device=device, timeout=3 if rank == 0 else 60,
-                       chunk_bytes=CHUNK_BYTES) as ring:  # fmt: skip
+                       chunk_bytes=CHUNK_BYTES, serve_shared_gpu=True) as ring:  # fmt: skip
         tensor = torch.full((size,), float(rank + 1), device=device)
         if rank == 0:
             with pytest.raises(CommTimeoutError) as error:
@@ -173,7 +177,8 @@ def test_a_rank_arriving_after_its_peer_gave_up_raises_too(size: int) -> None:
 
 def _different_paths(rank: int, world_size: int) -> str:
     device = _device(rank)
-    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES) as ring:
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES,
+                       serve_shared_gpu=True) as ring:  # fmt: skip
         # Every rank's call goes to torch.distributed (host tensors): announced, agreed, reduced.
         host = torch.full((1000,), float(rank + 1))
         ring.all_reduce(host)
@@ -232,6 +237,57 @@ def test_endpoints_on_concurrent_streams_of_one_process(endpoints: int) -> None:
             ring.stop()
         for ring in rings:
             ring.free()
+
+
+def _auto_on_one_gpu(rank: int, world_size: int) -> str:
+    device = _device(rank)
+    # Rank 0 asks for the ring; rank 1 does not, and its "no" decides for both.
+    with RingAllReduce(device=device, timeout=60, serve_shared_gpu=rank == 0) as ring:
+        tensor = torch.full((1000,), float(rank + 1), device=device)
+        assert not ring.should_use(tensor)
+        ring.all_reduce(tensor)  # gloo, on the CUDA tensor
+        assert torch.equal(tensor.cpu(), torch.full((1000,), 3.0))
+        return ring.fallback_reason(tensor)
+
+
+def test_ranks_sharing_one_gpu_are_left_to_gloo_unless_the_ring_is_asked_for() -> None:
+    reasons = run_multiprocess(_auto_on_one_gpu, 2, timeout=120)
+    assert reasons[0] == reasons[1]
+    assert reasons[0].startswith("rank 1: ranks share one GPU: processes time-slice it"), reasons
+
+
+def _tensor_outliving_its_ring(rank: int, world_size: int) -> None:
+    from fastpar import _native
+
+    native = _native.load()
+    device = _device(rank)
+
+    def one_ring() -> tuple[torch.Tensor, int]:
+        ring = native.IpcAllReduce(rank=0, world=1, device=0, chunk_bytes=CHUNK_BYTES,
+                                   timeout_s=60.0)  # fmt: skip
+        ring.connect_local([ring.buffer_address])
+        tensor = torch.ones(4099, device=device)  # tied to the ring's stream by the call
+        ring.all_reduce(tensor, 0, block_current_stream=True)
+        assert torch.equal(tensor.cpu(), torch.ones(4099))
+        ring.close()
+        return tensor, ring.stream_handle  # the ring object is destroyed on return
+
+    tensor, stream = one_ring()
+    # The allocator records an event on the ring's stream when it frees the tensor: that stream
+    # must still exist (a destroyed one made this abort the process).
+    del tensor
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()  # frees the block once the event has passed
+    # The next ring of the device takes the idle stream back.
+    tensor, again = one_ring()
+    assert again == stream
+    del tensor
+    torch.cuda.synchronize()
+
+
+def test_a_tensor_outliving_its_ring_is_freed_without_error() -> None:
+    # In a child process: were it to abort, that is a RankFailure here, not a dead pytest.
+    run_multiprocess(_tensor_outliving_its_ring, 1, timeout=120)
 
 
 def _data_parallel_on_one_gpu(rank: int, world_size: int) -> list[torch.Tensor]:

@@ -3,12 +3,39 @@ every gradient."""
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 
+import pytest
 import torch
 from torch import Tensor
 
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, grads, randn
+
+# A module's class name -> (module of fastpar.ops, name) of its Triton recurrence.
+TRITON_RECURRENCES = {
+    "LSTM": ("fastpar.ops.lstm_op", "lstm_recurrence_triton"),
+    "GRU": ("fastpar.ops.rnn_op", "gru_recurrence_triton"),
+    "RNN": ("fastpar.ops.rnn_op", "rnn_recurrence_triton"),
+}
+
+
+def spy_triton(monkeypatch: pytest.MonkeyPatch, cell: str, fail: bool = False) -> list[str]:
+    """Record the ``kernel`` of every call of the Triton recurrence of ``cell`` ("LSTM", "GRU",
+    "RNN") into the returned list; with ``fail``, a call raises instead."""
+    module_name, name = TRITON_RECURRENCES[cell]
+    module = importlib.import_module(module_name)
+    real = getattr(module, name)
+    seen: list[str] = []
+
+    def spy(*args: object, kernel: str, **kwargs: object):
+        if fail:
+            raise AssertionError(f"a Triton recurrence ran ({name})")
+        seen.append(kernel)
+        return real(*args, kernel=kernel, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return seen
 
 
 def _hx(states: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
@@ -47,7 +74,8 @@ def compare_with_torch(
     sd = [s.detach().double().requires_grad_() for s in states]
     got_out = _flat(ours(xs, _hx(ss)))
     want_out = _flat(theirs(xd, _hx(sd)))
-    cot = [randn(*t.shape, seed=30 + k) for k, t in enumerate(want_out)]
+    # On the outputs' device: autograd takes no cotangent from another device.
+    cot = [randn(*t.shape, seed=30 + k).to(t.device) for k, t in enumerate(want_out)]
     got = got_out + list(grads(got_out, [c.to(dtype) for c in cot], [xs, *ss, *ours.parameters()]))
     exp = want_out + list(grads(want_out, cot, [xd, *sd, *theirs.parameters()]))
     letters = "hc"[: len(states)]

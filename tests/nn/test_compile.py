@@ -82,7 +82,7 @@ def test_torch_compile_fullgraph_torch_backend_cpu() -> None:
 
 
 @pytest.mark.gpu
-def test_torch_compile_fullgraph_forward_backward_cuda() -> None:
+def test_torch_compile_fullgraph_forward_backward_cuda(cudnn_fp32_ieee: None) -> None:
     torch._dynamo.reset()
     _check_compiled_matches_eager("cuda")
 
@@ -94,6 +94,16 @@ def test_torch_compile_fullgraph_gru_and_rnn_cpu(backend: str) -> None:
 
 
 @pytest.mark.gpu
-def test_torch_compile_fullgraph_gru_and_rnn_cuda() -> None:
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_torch_compile_fullgraph_gru_and_rnn_cuda(backend: str, cudnn_fp32_ieee: None) -> None:
+    # float32: "auto" compiles torch's kernels (cuDNN) inside fastpar's ops, "triton" the kernels;
+    # without TF32 in cuDNN, so eager (cuDNN's backward) and compiled (the ops') agree closely.
     torch._dynamo.reset()
-    _check_compiled_matches_eager("cuda", "auto", _GRUTagger)
+    _check_compiled_matches_eager("cuda", backend, _GRUTagger)
+
+
+@pytest.mark.gpu
+def test_torch_compile_fullgraph_lstm_auto_cuda(cudnn_fp32_ieee: None) -> None:
+    # auto on float32 CUDA: torch's LSTM kernels (cuDNN) inside fastpar's op, no graph break.
+    torch._dynamo.reset()
+    _check_compiled_matches_eager("cuda", "auto")

@@ -11,7 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
-from tests.nn.recurrent_helpers import compare_with_torch
+from tests.nn.recurrent_helpers import compare_with_torch, spy_triton
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -215,16 +215,7 @@ def test_kernel_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     torch.manual_seed(0)
     ref = fastpar.nn.LSTM(F_IN, H, backend="torch")
     # The variant reaches the Triton recurrence (interpreter on CPU) ...
-    from fastpar.ops import lstm_op
-
-    seen: list[str] = []
-    real = lstm_op.lstm_recurrence_triton
-
-    def spy(*args: object, kernel: str, **kwargs: object):
-        seen.append(kernel)
-        return real(*args, kernel=kernel, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(lstm_op, "lstm_recurrence_triton", spy)
+    seen = spy_triton(monkeypatch, "LSTM")
     assert_close(step(x)[0], ref(x)[0], FP32_ATOL, FP32_RTOL, "kernel='step'")
     assert seen == ["step"]
     # ... and "auto" ignores it where it takes torch's kernels (CPU), so one script runs on both.
@@ -304,13 +295,16 @@ def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
-def test_auto_backend_on_cuda_matches_torch(
-    num_layers: int, bidirectional: bool, proj_size: int, batch_first: bool, bias: bool, T: int
-) -> None:
-    # "auto" takes the Triton kernels for CUDA tensors; the float64 oracle runs on the GPU too.
+def test_backend_on_cuda_matches_torch(
+    backend: str, num_layers: int, bidirectional: bool, proj_size: int, batch_first: bool,
+    bias: bool, T: int, cudnn_fp32_ieee: None,
+) -> None:  # fmt: skip
+    # float32 on CUDA: "auto" takes cuDNN (fastpar.ops.auto_backend), "triton" the kernels; the
+    # float64 oracle runs on the GPU too.
     ours, theirs = _pair(
-        "auto", num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+        backend, num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
         batch_first=batch_first, bias=bias,
     )  # fmt: skip
     ours, theirs = ours.cuda(), theirs.cuda()

@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
-from tests.nn.recurrent_helpers import compare_with_torch
+from tests.nn.recurrent_helpers import compare_with_torch, spy_triton
 from tests.ops.lstm_helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -297,17 +297,7 @@ def test_backend_selection(cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_kernel_argument_reaches_the_triton_recurrence(
     kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastpar.ops import rnn_op
-
-    name = "gru_recurrence_triton" if kind == "gru" else "rnn_recurrence_triton"
-    seen: list[str] = []
-    real = getattr(rnn_op, name)
-
-    def spy(*args: object, kernel: str, **kwargs: object):
-        seen.append(kernel)
-        return real(*args, kernel=kernel, **kwargs)
-
-    monkeypatch.setattr(rnn_op, name, spy)
+    seen = spy_triton(monkeypatch, KINDS[kind][0].__name__)
     module_type, _, _, _, options = KINDS[kind]
     _, theirs = _pair(kind)
     step = module_type(F_IN, H, backend="triton", kernel="step", **options)
@@ -385,14 +375,17 @@ def test_save_and_load_whole_model_weights_only() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("num_layers, bidirectional, batch_first, bias, T", CONFIGS)
-def test_auto_backend_on_cuda_matches_torch(
-    kind: str, num_layers: int, bidirectional: bool, batch_first: bool, bias: bool, T: int
-) -> None:
-    # "auto" takes the Triton kernels for CUDA tensors; the float64 oracle runs on the GPU too.
+def test_backend_on_cuda_matches_torch(
+    backend: str, kind: str, num_layers: int, bidirectional: bool, batch_first: bool, bias: bool,
+    T: int, cudnn_fp32_ieee: None,
+) -> None:  # fmt: skip
+    # float32 on CUDA: "auto" takes cuDNN (fastpar.ops.auto_backend), "triton" the kernels; the
+    # float64 oracle runs on the GPU too.
     ours, theirs = _pair(
-        kind, "auto", num_layers=num_layers, bidirectional=bidirectional,
+        kind, backend, num_layers=num_layers, bidirectional=bidirectional,
         batch_first=batch_first, bias=bias,
     )  # fmt: skip
     ours, theirs = ours.cuda(), theirs.cuda()

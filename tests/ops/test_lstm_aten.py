@@ -86,7 +86,7 @@ def test_matches_torch_lstm_float64_and_float32(
     proj_size: int, bias: bool, with_lengths: bool,
 ) -> None:  # fmt: skip
     if path != "eager":
-        monkeypatch.setattr(lstm_aten, "eager_whole_stack", lambda _lengths: False)
+        monkeypatch.setattr(lstm_aten, "eager_whole_stack", lambda *_: False)
     onednn = path != "recompute"
     model, inputs, lengths, cot = _case(num_layers, bidirectional, proj_size, bias, with_lengths)
     names = ["output", "h_n", "c_n", "d input", "d h0", "d c0"]
@@ -112,7 +112,7 @@ def test_matches_torch_lstm_float64_and_float32(
 def test_half_types_within_torch_own_error(
     monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, proj_size: int, with_lengths: bool
 ) -> None:
-    monkeypatch.setattr(lstm_aten, "eager_whole_stack", lambda _lengths: False)  # the op
+    monkeypatch.setattr(lstm_aten, "eager_whole_stack", lambda *_: False)  # the op
     model, inputs, lengths, cot = _case(2, True, proj_size, True, with_lengths)
     model_h = model.to(dtype)  # the rounded weights are the problem both sides solve
     exact_model = torch.nn.LSTM(F_IN, H, num_layers=2, bidirectional=True, proj_size=proj_size)

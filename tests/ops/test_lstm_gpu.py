@@ -3,7 +3,8 @@ kernel's grid barrier across many programs (the interpreter runs programs one af
 on CPU a batch block is a single program). Shapes are those where the persistent kernel splits
 the hidden units over tens of programs and, for B=200, over several batch blocks; H=1001 is no
 multiple of any tile, T=512 runs long sequences, and B=64 T=512 H=512 with lengths is the
-packed benchmark batch. Both generations of kernels run (FASTPAR_LSTM_KERNELS)."""
+packed benchmark batch. Both generations of kernels run (FASTPAR_LSTM_KERNELS), and the long
+sequences with both choices of persistent tiles (FASTPAR_LSTM_TILES)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fastpar.ops.lstm_config import KERNEL_VERSION_ENV, choose_kernel, dot_precision
+from fastpar.ops.lstm_config import KERNEL_VERSION_ENV, TILES_ENV, choose_kernel, dot_precision
 from fastpar.ops.lstm_op import lstm_recurrence_triton
 from fastpar.ops.reference import lstm_recurrence_reference
 from tests.ops.lstm_helpers import (
@@ -37,6 +38,12 @@ SHAPES = [  # B, H, dtype, atol, rtol
 @pytest.fixture(params=["v2", "v1"])
 def kernel_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.setenv(KERNEL_VERSION_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture(params=["min-traffic", "v2"])
+def tiles(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv(TILES_ENV, request.param)
     return request.param
 
 
@@ -89,7 +96,7 @@ def test_kernels_match_reference_on_gpu(
     [(16, 768, 512, False), (64, 512, 512, True), (16, 1001, 600, True)],
 )
 def test_long_sequences_match_reference_on_gpu(
-    batch: int, hidden: int, T: int, packed: bool, kernel_version: str
+    batch: int, hidden: int, T: int, packed: bool, kernel_version: str, tiles: str
 ) -> None:
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(T // 4, T + 1, (batch,), generator=gen).cuda() if packed else None
@@ -115,7 +122,7 @@ def test_fp32_follows_cudnn_tf32_switch(fp32_precision: None) -> None:
 
 
 @pytest.mark.parametrize("kernel", ["step", "persistent"])
-def test_gpu_results_are_bitwise_reproducible(kernel: str, kernel_version: str) -> None:
+def test_gpu_results_are_bitwise_reproducible(kernel: str, kernel_version: str, tiles: str) -> None:
     inputs = recurrence_inputs(64, 0, torch.bfloat16, 16, 768, device="cuda")
     first = run_recurrence(lstm_recurrence_triton, inputs, None, False, kernel=kernel)
     second = run_recurrence(lstm_recurrence_triton, inputs, None, False, kernel=kernel)

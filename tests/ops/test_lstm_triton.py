@@ -4,16 +4,22 @@ reference, which test_reference.py checks against torch.nn.LSTM. Runs in the int
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import fastpar.ops.lstm_backward
 from fastpar.nn.lstm import layer_weights
 from fastpar.ops.lstm_backward import weight_grad_hh
 from fastpar.ops.lstm_config import (
     KERNEL_VERSION_ENV,
+    TILES_ENV,
     choose_kernel,
     dot_precision,
     fp32_rnn_allows_tf32,
+    persistent_config,
+    step_config,
 )
 from fastpar.ops.lstm_forward import lstm_forward
 from fastpar.ops.lstm_op import lstm_recurrence_op, lstm_recurrence_triton
@@ -172,14 +178,75 @@ def test_step_body_with_many_programs(
     # in the interpreter's step configuration: six programs run the body the persistent kernel
     # runs (v2: all of h_{t-1} in one dot; v1: a loop over K tiles). T=12 with lengths.
     monkeypatch.setenv(KERNEL_VERSION_ENV, version)
-    T, batch, hidden = 12, 18, 70
-    lengths = torch.arange(batch) % 4 * 3 + 3  # unsorted, 3..12
+    _check_step_kernels(12, 18, 70, torch.arange(18) % 4 * 3 + 3, reverse)  # lengths 3..12
+
+
+def _check_step_kernels(T: int, batch: int, hidden: int, lengths: torch.Tensor, reverse: bool):
+    """The step kernels against the float64 reference, float32, with lengths."""
     inputs = recurrence_inputs(T, 0, torch.float32, batch=batch, hidden=hidden)
     exact = [t.detach().double().requires_grad_() for t in inputs]
     ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="step")
     want = run_recurrence(lstm_recurrence_reference, exact, lengths, reverse)
     for name, a, b in zip(NAMES, ours, want, strict=False):
         assert_close(a, b, FP32_ATOL, FP32_RTOL, name)
+
+
+def test_step_body_with_the_wide_backward_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The persistent backward's GPU tiles (32 x 32, K tiles of 32, eight per batched dot; see
+    # persistent_config) on many programs: the step kernels run the same body, here with those
+    # tiles on B=40 (two batch tiles, the second mostly masked) and H=70 (three hidden tiles,
+    # the last mostly masked), with lengths and in reverse.
+    def wide(*args: object, **kwargs: object):
+        cfg = step_config(*args, **kwargs)  # type: ignore[arg-type]
+        return dataclasses.replace(cfg, block_b=32, block_h_bwd=32, block_k=32, k_split=8)
+
+    monkeypatch.setattr(fastpar.ops.lstm_backward, "step_config", wide)
+    _check_step_kernels(9, 40, 70, torch.arange(40) % 5 * 2 + 1, True)  # lengths 1..9
+
+
+def _l2_elements(batch: int, hidden: int, block_b: int, block_h: int, backward: bool) -> int:
+    """Elements the programs of a persistent kernel read per step that other SMs wrote (or that
+    the barrier evicted from L1), counted program by program over the valid rows and units."""
+    total = 0
+    for b0 in range(0, batch, block_b):
+        rows = min(block_b, batch - b0)
+        for j0 in range(0, hidden, block_h):
+            units = min(block_h, hidden - j0)
+            # Forward: h_{t-1} of its rows; backward: dgates_{t+1} of its rows, W_hh's columns.
+            total += rows * 4 * hidden + 4 * hidden * units if backward else rows * hidden
+    return total
+
+
+def test_min_traffic_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    bf16 = torch.bfloat16
+
+    def tiles(batch: int, hidden: int, backward: bool) -> tuple[int, int]:
+        cfg = persistent_config(batch, hidden, hidden, bf16, 132, False, backward)
+        assert cfg is not None
+        return cfg.block_b, cfg.block_h
+
+    shapes = [(16, 768, True), (64, 512, True), (64, 1024, True), (256, 512, True)]
+    shapes += [(64, 512, False), (256, 512, False)]
+    chosen = {shape: tiles(*shape) for shape in shapes}
+    monkeypatch.setenv(TILES_ENV, "v2")
+    previous = {shape: tiles(*shape) for shape in shapes}
+    # The previous choice: 64-row batch tiles (backward), the narrowest hidden tile that fits.
+    assert previous[16, 768, True] == (16, 16) and previous[64, 512, True] == (64, 16)
+    assert previous[64, 512, False] == (64, 4)
+    # Backward: dgates (B x 4H) is read once per hidden tile and W_hh once per batch tile.
+    assert chosen[16, 768, True] == (16, 32) and chosen[64, 512, True] == (32, 32)
+    # Forward (the packed benchmark batch): 32 programs read h_{t-1}, not 128.
+    assert chosen[64, 512, False] == (64, 16)
+    for (batch, hidden, backward), (block_b, block_h) in chosen.items():
+        programs = -(-batch // block_b) * -(-hidden // block_h)
+        assert programs <= 132 and block_b >= 16 and block_h * (4 if backward else 1) >= 16
+        new = _l2_elements(batch, hidden, block_b, block_h, backward)
+        old = _l2_elements(batch, hidden, *previous[batch, hidden, backward], backward)
+        assert new <= old, (batch, hidden, backward, new, old)
+    assert _l2_elements(16, 768, 16, 32, True) < 0.8 * _l2_elements(16, 768, 16, 16, True)
+    monkeypatch.setenv(TILES_ENV, "widest")
+    with pytest.raises(ValueError, match=TILES_ENV):
+        tiles(16, 768, True)
 
 
 @pytest.mark.parametrize("kernel", ["step", "persistent"])

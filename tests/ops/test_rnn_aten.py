@@ -113,7 +113,7 @@ def _force(monkeypatch: pytest.MonkeyPatch, path: str) -> None:
     op with them); "custom_op": every layer through fastpar::rnn_aten_layer, as torch.compile runs
     it; "saved_gates": the op, and the GRU's own forward loop keeping its gates at every size."""
     if path != "eager":
-        monkeypatch.setattr(aten_common, "eager_whole_stack", lambda _lengths: False)
+        monkeypatch.setattr(aten_common, "eager_whole_stack", lambda *_: False)
     if path == "saved_gates":
         monkeypatch.setattr(rnn_aten, "GRU_SAVED_GATES_MIN_MACS", 0)
 
@@ -194,7 +194,7 @@ def test_autocast_gives_torch_dtypes_on_both_paths(
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want, want_h = _torch(model, x, h0, None)
         eager, eager_h = _stack(cell, model, x, h0, None)
-        monkeypatch.setattr(aten_common, "eager_whole_stack", lambda _lengths: False)
+        monkeypatch.setattr(aten_common, "eager_whole_stack", lambda *_: False)
         op, op_h = _stack(cell, model, x, h0, None)
         packed, _ = _stack(cell, model, x, h0, lengths)
     for out, h_n in ((eager, eager_h), (op, op_h)):
