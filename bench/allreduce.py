@@ -9,7 +9,12 @@ ring), and the ratio of torch's time to the ring's. Rank 0 writes each size's ro
 soon as it is measured; a size that fails is a row with its error.
 
     python bench/allreduce.py [--ranks 2 4] [--scale cpu|gpu|tiny] [--device cpu|cuda]
-                              [--csv results/allreduce.csv] [--table results/allreduce.txt]
+                              [--hosts 2] [--csv results/allreduce.csv]
+                              [--table results/allreduce.txt]
+
+--hosts H simulates H hosts on this machine (FASTPAR_HOST_ID: ranks 0..n/H-1 on the first, and
+so on), so fastpar's side is the hierarchical all-reduce (`fastpar.comm.create_all_reduce`)
+and busbw counts 2(n-1)/n of the bytes as for a flat ring, the same factor on both sides.
 
 On CPU the baseline is gloo. With --device cuda and one GPU per rank it is NCCL; ranks that
 share one GPU (NCCL refuses that) are compared with gloo on the same CUDA tensors, and their
@@ -38,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RowLog, device_name, error_text, format_table
 from shapes import ALLREDUCE
 
-from fastpar.comm import RingAllReduce
+from fastpar.comm import HOST_ENV, HierarchicalAllReduce, RingAllReduce, create_all_reduce
 from fastpar.testing.distributed import run_multiprocess
 
 CHECK_FAILED = 4
@@ -98,7 +103,10 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
     return statistics.median(times), q[1], q[7]
 
 
-def _check(ring: RingAllReduce, rank: int, world: int, nbytes: int, device: torch.device):
+def _check(
+    ring: RingAllReduce | HierarchicalAllReduce, rank: int, world: int, nbytes: int,
+    device: torch.device,
+) -> tuple[bool, bool]:  # fmt: skip
     """(exact sum, bitwise equal on all ranks) of one call on integer-valued data."""
     count = nbytes // 4
     tensor = _integers(rank, count, nbytes).to(device)
@@ -113,18 +121,24 @@ def _check(ring: RingAllReduce, rank: int, world: int, nbytes: int, device: torc
     return bool(torch.equal(result, expected)), len(set(digests)) == 1
 
 
+def _case(world: int, hosts: int, nbytes: int) -> str:
+    return f"{world} ranks{f' on {hosts} hosts' if hosts > 1 else ''} {nbytes} B"
+
+
 def _rank(
     rank: int, world: int, sizes: list[int], samples: int, max_calls: int, device_type: str,
-    csv_path: str, label: str,
+    csv_path: str, label: str, hosts: int = 1,
 ) -> None:  # fmt: skip
+    if hosts > 1:  # before anything learns this process's host
+        os.environ[HOST_ENV] = f"bench-host-{rank * hosts // world}"
     device = _device_for(rank, device_type)
     gpus = torch.cuda.device_count() if device.type == "cuda" else 0
     backend = dist.get_backend()
     log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
     baseline = True
-    with RingAllReduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
+    with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
         for nbytes in sizes:
-            case = f"{world} ranks {nbytes} B"
+            case = _case(world, hosts, nbytes)
             row: dict[str, object] = {"case": case, "device": label, "ranks": world,
                                       "gpus": gpus, "bytes": nbytes}  # fmt: skip
             if log is not None:
@@ -224,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--max-calls", type=int, default=None, help="calls per sample, at most")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--hosts", type=int, default=1, help="simulated hosts (see above)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per world size")
     parser.add_argument("--csv", type=Path, default=Path("results/allreduce.csv"))
     parser.add_argument("--table", type=Path, default=None, help="also write the table here")
@@ -243,7 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     log = RowLog(args.csv, HEADERS)
     label = device_name(args.device if args.device == "cpu" else "cuda:0")
     for ranks in args.ranks or plan.ranks:
-        todo = [s for s in sizes if f"{ranks} ranks {s} B" not in log.done()]
+        if ranks % args.hosts:
+            parser.error(f"--hosts {args.hosts} must divide every --ranks, got {ranks}")
+        todo = [s for s in sizes if _case(ranks, args.hosts, s) not in log.done()]
         if not todo:
             continue
         # NCCL needs a GPU per rank; ranks sharing a GPU meet through gloo.
@@ -255,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             run_multiprocess(
                 _rank, ranks,
                 args=(todo, args.samples or plan.samples, args.max_calls or plan.max_calls,
-                      args.device, str(args.csv), label),
+                      args.device, str(args.csv), label, args.hosts),
                 timeout=args.timeout, backend="nccl" if nccl else "gloo",
             )  # fmt: skip
         except Exception as error:  # the failing size has its row; the next world size runs

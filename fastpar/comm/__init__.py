@@ -1,25 +1,34 @@
-"""Collective communication: the native ring all-reduce and its building blocks.
+"""Collective communication: the native ring all-reduce, the hierarchical all-reduce across
+hosts, and their building blocks.
 
 `all_reduce(tensor, op, group, async_op)` means what `torch.distributed.all_reduce` means;
-`RingAllReduce` is the object behind it, for callers that manage its lifetime.
+`create_all_reduce` makes the object behind it (`RingAllReduce` on one host,
+`HierarchicalAllReduce` across hosts), for callers that manage its lifetime.
 """
 
-from fastpar.comm.api import all_reduce, close_rings
+from fastpar.comm.api import all_reduce, close_rings, create_all_reduce
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
+from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
+from fastpar.comm.hosts import HOST_ENV, HostLayout
 from fastpar.comm.reduce import reduce_buffers
 from fastpar.comm.ring import RingAllReduce
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 __all__ = [
+    "HOST_ENV",
     "CommClosedError",
     "CommError",
     "CommMismatchError",
     "CommTimeoutError",
     "CopyBackWork",
     "CudaRingWork",
+    "HierarchicalAllReduce",
+    "HierarchicalWork",
+    "HostLayout",
     "RingAllReduce",
     "RingWork",
     "all_reduce",
     "close_rings",
+    "create_all_reduce",
     "reduce_buffers",
 ]

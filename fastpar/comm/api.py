@@ -1,31 +1,82 @@
-"""`all_reduce` with torch.distributed's signature, on fastpar's ring where it applies.
+"""`all_reduce` with torch.distributed's signature, on fastpar's collectives where they apply.
 
-The first call for a (group, device) creates that pair's RingAllReduce (a collective step, like
-the first NCCL call of a group); later calls reuse it. Its waits are bounded by the group's own
-timeout (the one given to `init_process_group` or `new_group`). `close_rings()` releases them all
-(also run at exit).
+The first call for a (group, device) learns which hosts the group's ranks are on and creates the
+all-reduce that layout calls for (`create_all_reduce`; a collective step, like the first NCCL
+call of a group): the ring when all ranks share a host, the hierarchical all-reduce when several
+hosts hold the same number (>= 2) of ranks, else one that hands every call to torch.distributed;
+the choice and its reason are logged once on global rank 0. Later calls reuse it. Its
+waits are bounded by the group's own timeout (the one given to `init_process_group` or
+`new_group`). `close_rings()` releases them all (also run at exit).
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from fastpar._logging import get_logger, log_once
+from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
+from fastpar.comm.hosts import gather_host_layout
 from fastpar.comm.ring import RingAllReduce
+from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
-_rings: dict[tuple[dist.ProcessGroup, torch.device], RingAllReduce] = {}
+logger = get_logger(__name__)
+
+AllReduce = RingAllReduce | HierarchicalAllReduce
+
+_rings: dict[tuple[dist.ProcessGroup, torch.device], AllReduce] = {}
 _rings_lock = threading.Lock()
 
 
-def _ring_for(group: dist.ProcessGroup, device: torch.device) -> RingAllReduce:
+def create_all_reduce(
+    group: dist.ProcessGroup | None = None,
+    *,
+    device: torch.device | str = "cpu",
+    timeout: timedelta | float | None = None,
+    serve_shared_gpu: bool = False,
+) -> AllReduce:
+    """The all-reduce for `group`'s hosts (collective over `group`; the caller closes it).
+
+    Arguments:
+        group: the process group (None: the default group).
+        device: the device whose tensors it reduces.
+        timeout: bound on every wait for a peer (None: the group's own timeout).
+        serve_shared_gpu: CUDA: let the ring serve ranks that share one GPU (see
+            RingAllReduce).
+
+    Returns:
+        A RingAllReduce when every rank shares this host; else a HierarchicalAllReduce, which
+        runs where several hosts hold the same number (>= 2) of ranks and otherwise hands every
+        call to torch.distributed (its `fallback_reason` says why).
+    """
+    pg = group if group is not None else dist.group.WORLD
+    wait = group_timeout(pg, device) if timeout is None else as_timedelta("timeout", timeout)
+    layout = gather_host_layout(pg, wait)
+    path, reason = layout.path()
+    if path == "ring":
+        reducer: AllReduce = RingAllReduce(
+            pg, device=device, timeout=wait, serve_shared_gpu=serve_shared_gpu
+        )
+    else:
+        reducer = HierarchicalAllReduce(pg, device=device, timeout=wait, layout=layout,
+                                        serve_shared_gpu=serve_shared_gpu)  # fmt: skip
+        if path == "hierarchical" and not reducer.should_use(torch.empty(0, device=device)):
+            path, reason = "torch", str(reducer.fallback_reason(torch.empty(0, device=device)))
+    if dist.get_rank() == 0:  # once per run, not once per group
+        log_once(logger, f"fastpar all-reduce: {path} ({reason})")
+    return reducer
+
+
+def _ring_for(group: dist.ProcessGroup, device: torch.device) -> AllReduce:
     with _rings_lock:
         ring = _rings.get((group, device))
         if ring is None:
-            ring = _rings[(group, device)] = RingAllReduce(group, device=device)
+            ring = _rings[(group, device)] = create_all_reduce(group, device=device)
     return ring
 
 
@@ -34,12 +85,12 @@ def all_reduce(
     op: object = dist.ReduceOp.SUM,
     group: dist.ProcessGroup | None = None,
     async_op: bool = False,
-) -> RingWork | CudaRingWork | CopyBackWork | dist.Work | None:
-    """`torch.distributed.all_reduce` through fastpar's ring where it applies.
+) -> RingWork | CudaRingWork | CopyBackWork | HierarchicalWork | dist.Work | None:
+    """`torch.distributed.all_reduce` through fastpar's collectives where they apply.
 
     Arguments:
-        tensor: reduced in place; see RingAllReduce.all_reduce for what the ring handles (the
-            rest goes to torch.distributed, the reason logged once).
+        tensor: reduced in place; see RingAllReduce.all_reduce and HierarchicalAllReduce for
+            what they handle (the rest goes to torch.distributed, the reason logged once).
         op: a `torch.distributed.ReduceOp`.
         group: the process group (None: the default group).
         async_op: return a work handle with `wait()` and `is_completed()` instead of waiting.
@@ -59,7 +110,7 @@ def all_reduce(
 
 
 def close_rings() -> None:
-    """Close every ring that all_reduce created (local; later calls create new ones)."""
+    """Close every all-reduce that all_reduce created (local; later calls create new ones)."""
     with _rings_lock:
         rings = list(_rings.values())
         _rings.clear()

@@ -11,9 +11,10 @@ How a step flows:
 3. During backward, a post-accumulate-grad hook makes `param.grad` that view (a gradient that
    autograd accumulated into the view already costs nothing; a fresh one, after
    `zero_grad(set_to_none=True)`, is copied in once); when the last gradient of a bucket arrives,
-   that bucket's all-reduce is launched asynchronously (fastpar's ring, which also divides by the
-   world size; torch.distributed otherwise: NCCL runs on its own CUDA stream, gloo and the CPU
-   ring on their own threads) while autograd keeps computing.
+   that bucket's all-reduce is launched asynchronously (fastpar's ring or hierarchical
+   all-reduce, which also divide by the world size; torch.distributed otherwise: NCCL runs on
+   its own CUDA stream, gloo and fastpar's CPU all-reduces on their own threads) while autograd
+   keeps computing.
 4. A callback queued on the autograd engine runs when backward finishes: it launches the
    buckets that still miss gradients (see "unused parameters") and waits for every bucket.
    `backward()` returns after that, with every `param.grad` holding the average.
@@ -68,9 +69,11 @@ class DataParallelConfig:
     """Options of `DataParallel`."""
 
     comm: CommChoice = "auto"
-    """"ring": fastpar's ring (raises where it cannot serve a bucket); "torch":
-    torch.distributed (NCCL on GPU, gloo on CPU); "auto": the ring where it applies, else torch,
-    the reason logged once."""
+    """"auto": fastpar's all-reduce where it applies (the ring when every rank shares a host,
+    the hierarchical all-reduce when several hosts hold the same number >= 2 of ranks), else
+    torch.distributed, the choice and its reason logged once on rank 0; "ring": fastpar's
+    all-reduce, raising where it cannot serve a bucket (naming why); "torch": torch.distributed
+    (NCCL on GPU, gloo on CPU)."""
     bucket_cap_mb: float = 25.0
     """Size of a gradient bucket in MiB; larger buckets mean fewer, longer all-reduces."""
     first_bucket_mb: float = 1.0
@@ -248,14 +251,14 @@ class DataParallel(nn.Module):
             dist.broadcast(tensor, src=self._src, group=self.group)
 
     def _comm_for(self, buffer: torch.Tensor) -> tuple[Callable[[torch.Tensor], Any], bool]:
-        """The all-reduce of this bucket, and whether it averages (the ring divides by the world
+        """The all-reduce of this bucket, and whether it averages (fastpar's divides by the world
         size where it reduces; torch.distributed's gloo has no AVG, so its sums are scaled)."""
         choice = self.config.comm
         if choice != "torch":
             if self._ring is None:
-                from fastpar.comm import RingAllReduce
+                from fastpar.comm import create_all_reduce
 
-                self._ring = RingAllReduce(
+                self._ring = create_all_reduce(
                     self.group,
                     device=buffer.device,
                     timeout=self.config.timeout_s,
@@ -266,8 +269,12 @@ class DataParallel(nn.Module):
                 return lambda tensor: ring.all_reduce(tensor, average, async_op=True), True
             reason = self._ring.fallback_reason(buffer, dist.ReduceOp.AVG)
             if choice == "ring":
-                raise ValueError(f"comm='ring' was requested but {reason}; use comm='auto'")
-            log_once(logger, f"DataParallel uses torch.distributed: {reason}")
+                raise ValueError(
+                    f"comm='ring' was requested but fastpar's all-reduce cannot serve this "
+                    f"{buffer.dtype} bucket on {buffer.device}: {reason}; use comm='auto'"
+                )
+            if dist.get_rank() == 0:  # once per run (create_all_reduce said why for a layout)
+                log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
         return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True), False
 

@@ -36,7 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
     add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
     add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
-    add("--comm", choices=get_args(CommName), default=d.comm, help="gradient all-reduce")
+    add("--comm", choices=get_args(CommName), default=d.comm,
+        help="gradient all-reduce: auto (fastpar's ring inside a host, hierarchical across "
+             "hosts, else torch.distributed), ring (fastpar's or an error) or torch")  # fmt: skip
     add("--backend", choices=get_args(BackendName), default=d.backend, help="LSTM kernels")
     add("--cell", choices=get_args(CellName), default=d.cell, help="recurrent cell per layer")
     add("--embed", type=int, default=d.embed, help="embedding size")
@@ -94,7 +96,14 @@ def _under_torchrun() -> bool:
 def _train_entry(
     rank: int, world_size: int, config: TrainConfig, resume: Found | None
 ) -> dict[str, Any] | None:
+    import logging
+
     from fastpar.training.loop import train_rank
+
+    if rank == 0 and not logging.getLogger().handlers:
+        # A spawned rank (--nproc): rank 0 says what it chose (all-reduce, kernels) as it does
+        # under torchrun, where `python -m fastpar` configured logging.
+        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 
     return train_rank(config, resume)
 

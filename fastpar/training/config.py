@@ -15,7 +15,7 @@ ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
 # fastpar.parallel.SCHEDULES, kept literal so that reading a config imports no torch.
 ScheduleName = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv"]
-CommName = Literal["ring", "torch"]
+CommName = Literal["auto", "ring", "torch"]
 # fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
 BackendName = Literal["auto", "triton", "torch", "reference"]
 CellName = Literal["lstm", "gru", "rnn"]
@@ -36,8 +36,12 @@ class TrainConfig:
     """Micro-batches per pipeline step."""
     schedule: ScheduleName = "1f1b"
     """Pipeline schedule."""
-    comm: CommName = "ring"
-    """Gradient all-reduce: fastpar's ring or torch.distributed."""
+    comm: CommName = "auto"
+    """Gradient all-reduce. auto: fastpar's shared-memory (CPU) or CUDA-IPC (GPU) ring when every
+    rank of a data-parallel group shares a host, the hierarchical all-reduce when several hosts
+    hold the same number (>= 2) of its ranks, torch.distributed otherwise (the choice and its
+    reason logged on rank 0); ring: fastpar's all-reduce or an error naming why it cannot
+    serve; torch: torch.distributed (gloo on CPU, NCCL on GPU)."""
     backend: BackendName = "auto"
     """LSTM backend."""
     cell: CellName = "lstm"

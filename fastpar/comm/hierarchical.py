@@ -1,0 +1,468 @@
+"""`HierarchicalAllReduce`: the all-reduce of a group whose ranks sit on several hosts, each host
+holding the same number L >= 2 of them.
+
+A call, on a tensor cut into L shards (shard l belongs to each host's l-th rank):
+1. reduce-scatter inside each host: the l-th rank combines shard l of its host's ranks in rank
+   order;
+2. between hosts, the l-th ranks of all hosts all-reduce shard l through torch.distributed
+   (gloo on CPU, NCCL on GPU) on a process group of their own, one per local index l, so the L
+   shards of a host travel in parallel, each between its own processes;
+3. all-gather inside each host.
+On CPU, steps 1 and 3 go through a shared-memory buffer of the host (`HostBuffer`), chunk by
+chunk, with barriers on fastpar's ring; on CUDA the CUDA-IPC ring all-reduces the tensor for
+step 1 and gathers the shards for step 3 (each rank adds its shard to zeros elsewhere as 64-bit
+integers, which copies every bit exactly).
+Every rank gets the same bits: inside a host each element is combined in rank order by one
+rank; between hosts gloo's and NCCL's all-reduces give every rank the same result (with two
+hosts it is a + b, the host-order fold; with more, the backend's fixed order).
+
+Failures: the ring names a dead or late peer inside a host; the rank that meets a failure
+posts it in the store, and ranks waiting on another host (for a shard that will not come) raise
+the same error within about 0.2 s of it being posted, else when torch.distributed's wait ends
+(the timeout). After a failure the object is unusable (CommClosedError), as the ring is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastpar._logging import get_logger, log_once
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree
+from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
+from fastpar.comm.fallback import dense, torch_all_reduce
+from fastpar.comm.host_buffer import HostBuffer
+from fastpar.comm.hosts import HostLayout, gather_host_layout
+from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
+from fastpar.comm.reduce import reduce_buffers
+from fastpar.comm.ring import RingAllReduce
+from fastpar.comm.timeouts import as_timedelta, group_timeout
+from fastpar.comm.work import RingWork
+
+logger = get_logger(__name__)
+
+CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
+NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
+_ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
+_created: dict[tuple[int, ...], int] = {}
+_created_lock = threading.Lock()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
+    """The process group of `ranks` (global ranks), created by those ranks alone.
+
+    `new_group(use_local_synchronization=True)` would name the group after the count of groups
+    each creator belongs to, which differs between the creators when they belong to different
+    subgroups (then they wait for each other forever); here the name is fastpar's own, the same
+    on every creator. torch's helper behind `new_group` does the rest.
+    """
+    c10d = dist.distributed_c10d
+    default = c10d._get_default_group()
+    backend = c10d.Backend(dist.get_backend(default))
+    group, _ = c10d._new_process_group_helper(
+        len(ranks), ranks.index(dist.get_rank()), ranks, backend,
+        c10d._get_default_store(), c10d.GroupName(name), timeout=timeout,
+        device_id=default.bound_device_id, group_desc=name,
+    )  # fmt: skip
+    c10d._world.pg_group_ranks[group] = {g: i for i, g in enumerate(ranks)}
+    return group
+
+
+class HierarchicalWork(RingWork):
+    """An all-reduce running on the object's worker thread; `wait()` raises its error, or the
+    error another rank posted while this one still waits for a shard."""
+
+    def __init__(self, future: Future[None], owner: HierarchicalAllReduce) -> None:
+        super().__init__(future)
+        self._owner = owner
+
+    def wait(self, timeout: timedelta | None = None) -> bool:
+        """Block until the all-reduce is done (bounded by the object's timeout); raise its error.
+
+        Returns:
+            True, as torch.distributed's Work.wait does.
+        """
+        self._owner._result(self._future, timeout)
+        return True
+
+
+class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllReduce"]):
+    """All-reduce over `group` when its ranks are on several hosts with L >= 2 ranks each.
+
+    Arguments:
+        group: the process group (None: the default group); this process must be a member.
+        device: the device whose tensors it reduces ("cpu" or this rank's CUDA device).
+        timeout: bound on every wait for a peer (timedelta or seconds; None: the group's own).
+        layout: the group's hosts, when the caller has gathered them and says why this object
+            is off (else gathered here, and the reason logged on global rank 0).
+        chunk_bytes: CPU: bytes per chunk, a multiple of 64; each host's shared memory holds
+            2 x (local ranks + 1) chunks.
+        serve_shared_gpu: CUDA: passed to each host's RingAllReduce.
+
+    Creating it is collective over `group` (it creates a process group per host and a ring in
+    each). Where the layout does not fit (one host, one rank per host, uneven hosts) or a host's
+    ring is off, every call goes to torch.distributed and `fallback_reason` says why. Dtypes and
+    ops are the ring's (float32, float64, float16, bfloat16, int32, int64; SUM, AVG, PRODUCT,
+    MIN, MAX); half types are accumulated in float32 in each step and rounded after each.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        timeout: timedelta | float | None = None,
+        layout: HostLayout | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        serve_shared_gpu: bool = False,
+    ) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("HierarchicalAllReduce needs torch.distributed to be initialised")
+        self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise ValueError(f"this process (rank {dist.get_rank()}) is not in the group")
+        self.world_size = dist.get_world_size(self.group)
+        self.device = torch.device(device)
+        if self.device == torch.device("cuda"):  # this rank's GPU
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        if timeout is None:
+            self.timeout = group_timeout(self.group, self.device)
+        else:
+            self.timeout = as_timedelta("timeout", timeout)
+        self.layout = layout if layout is not None else gather_host_layout(self.group, self.timeout)
+        self._ring: RingAllReduce | None = None
+        self._buffer: HostBuffer | None = None  # CPU: the host's shared slots
+        self._executor: ThreadPoolExecutor | None = None
+        self._last: Future[None] | None = None
+        self._closed = False
+        self._failure = ""
+        self._workspace = torch.empty(0, dtype=torch.int64, device=self.device)
+        path, reason = self.layout.path()
+        self._disabled: str | None = None if path == "hierarchical" else reason
+        if self._disabled is None:
+            self._connect(chunk_bytes, serve_shared_gpu)
+        if self._disabled is not None and layout is None and dist.get_rank() == 0:
+            log_once(logger, f"fastpar hierarchical all-reduce is off: {self._disabled}")
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _connect(self, chunk_bytes: int, serve_shared_gpu: bool) -> None:
+        ranks = tuple(dist.get_process_group_ranks(self.group))
+        with _created_lock:
+            index = _created.get(ranks, 0)
+            _created[ranks] = index + 1
+        self._store = dist.distributed_c10d._get_default_store()
+        self._prefix = f"fastpar/hier/{'-'.join(map(str, ranks))}/{index}"
+        layout = self.layout
+        self._host, self._local = layout.host, layout.local_rank
+        self._local_ranks = layout.hosts[self._host]
+        name = self._prefix.replace("/", "_")
+        local_group = _subgroup([ranks[r] for r in self._local_ranks], f"{name}_host{self._host}",
+                                self.timeout)  # fmt: skip
+        across = [ranks[host[self._local]] for host in layout.hosts]
+        self._across = _subgroup(across, f"{name}_local{self._local}", self.timeout)
+        ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device,
+                             serve_shared_gpu=serve_shared_gpu)  # fmt: skip
+        problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
+        verdict = agree(self._store, f"{self._prefix}/ring", self.rank, self.world_size,
+                        problem, self.timeout, "say whether its host's ring works")  # fmt: skip
+        if verdict is not None:
+            ring.close()
+            self._disabled = f"the ring inside a host is off ({verdict})"
+            return
+        self._ring = ring
+        if self.device.type == "cpu":
+            self._buffer = HostBuffer(
+                self._store, f"{self._prefix}/buffer/{self._host}", rank=self.rank,
+                local_rank=self._local, local_size=len(self._local_ranks),
+                owner=self._local_ranks[0], chunk_bytes=chunk_bytes, timeout=self.timeout,
+                barrier=lambda: self._barrier(0),
+            )  # fmt: skip
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
+
+    # --- calls ---------------------------------------------------------------------------------
+
+    def fallback_reason(self, tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> str | None:
+        """Why `all_reduce(tensor, op)` would go to torch.distributed; None when it runs here."""
+        if self._closed:
+            return "this HierarchicalAllReduce was closed"
+        if tensor.device != self.device:
+            return f"tensor is on {tensor.device}; this all-reduce serves {self.device}"
+        if self._disabled is not None:
+            return self._disabled
+        reason = unsupported_reason(tensor.dtype, ring_op_code(op), op)
+        if reason is None and self._ring is not None:
+            reason = self._ring.fallback_reason(tensor, op)  # e.g. a size limit between GPUs
+        return reason
+
+    def should_use(self, tensor: torch.Tensor, op: object = dist.ReduceOp.SUM) -> bool:
+        """Whether `all_reduce(tensor, op)` runs here (False: on torch.distributed)."""
+        return isinstance(tensor, torch.Tensor) and self.fallback_reason(tensor, op) is None
+
+    def all_reduce(self, tensor: torch.Tensor, op: object = dist.ReduceOp.SUM,
+                   group: dist.ProcessGroup | None = None, async_op: bool = False,
+                   ) -> HierarchicalWork | dist.Work | object | None:  # fmt: skip
+        """In place, as `torch.distributed.all_reduce`: see the class for what runs here.
+
+        Raises:
+            CommTimeoutError: a peer (on this host or another) died or did not arrive.
+            CommMismatchError: ranks of one host called differently.
+            CommClosedError: closed, or unusable after an earlier failure.
+        """
+        if self._closed:
+            raise CommClosedError("this HierarchicalAllReduce was closed")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
+        if group is not None and group is not self.group:
+            raise ValueError("group must be None or the group this object was created for")
+        reason = self.fallback_reason(tensor, op)
+        if reason is not None:
+            log_once(logger, f"fastpar all_reduce goes to torch.distributed: {reason}")
+            return torch_all_reduce(tensor, op, self.group, async_op)
+        if self._failure:
+            raise CommClosedError(f"unusable after an earlier failure: {self._failure}")
+        code = ring_op_code(op)
+        if code == AVG and not tensor.is_floating_point():
+            raise ValueError(f"op AVG needs a floating-point tensor, got {tensor.dtype}")
+        if not tensor.is_contiguous():
+            dense(tensor)  # refuses overlapping views here, not on the worker
+        assert self._executor is not None
+        self._last = self._executor.submit(self._run, tensor, op, code)
+        work = HierarchicalWork(self._last, self)
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    def _run(self, tensor: torch.Tensor, op: object, code: int) -> None:
+        target = dense(tensor)
+        inner = dist.ReduceOp.SUM if code == AVG else op
+        flat = target.view(-1)
+        with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+            if self._buffer is not None:
+                self._run_shared(flat, inner)
+            else:
+                self._run_ring(flat, inner)
+            if code == AVG:
+                flat.div_(self.world_size)
+            if target is not tensor:
+                tensor.copy_(target)
+
+    def _shard(self, count: int, align: int) -> tuple[int, int]:
+        """[lo, hi) of `count` elements that this rank reduces: equal parts rounded up to
+        `align` elements, so trailing parts may be empty."""
+        per = _round_up(_round_up(count, len(self._local_ranks)) // len(self._local_ranks), align)
+        return min(self._local * per, count), min((self._local + 1) * per, count)
+
+    def _run_shared(self, flat: torch.Tensor, op: object) -> None:
+        """CPU: chunk by chunk through the host's buffer, alternating between its two halves.
+        Each rank copies chunk k into its slot; after a barrier, it reduces its shard of every
+        slot (local order) into the result area and starts the all-reduce of that shard with
+        the other hosts; while it travels, chunk k + 1 goes through the same steps in the other
+        half; then the rank waits for chunk k's all-reduce, meets the others at a barrier and
+        copies chunk k's result out. Every write to a half follows a barrier that all ranks
+        reach only after their last read of it (two chunks earlier)."""
+        assert self._buffer is not None
+        buffer, dtype = self._buffer, flat.dtype
+        step = buffer.chunk_bytes // flat.element_size()
+        local = range(len(self._local_ranks))
+        pending: tuple[torch.Tensor, int, Any] | None = None  # (chunk, count, its work)
+        for index, start in enumerate(range(0, max(flat.numel(), 1), step)):
+            half = index % 2
+            piece = flat[start : start + step]
+            count = piece.numel()
+            buffer.slot(half, self._local, dtype, count).copy_(piece)
+            self._barrier(count)
+            lo, hi = self._shard(count, 64 // flat.element_size())  # whole cache lines
+            work = None
+            if hi > lo:
+                slots = [buffer.slot(half, r, dtype, count)[lo:hi] for r in local]
+                mine = reduce_buffers(slots, out=buffer.result(half, dtype, count)[lo:hi], op=op)
+                work = self._between_hosts(mine, op)
+            if pending is not None:
+                self._finish_chunk(*pending, 1 - half)
+            pending = (piece, count, work)
+        assert pending is not None
+        self._finish_chunk(*pending, index % 2)
+
+    def _finish_chunk(self, piece: torch.Tensor, count: int, work: Any, half: int) -> None:
+        self._wait_between_hosts(work)
+        self._barrier(count)
+        assert self._buffer is not None
+        piece.copy_(self._buffer.result(half, piece.dtype, count))
+
+    def _barrier(self, count: int) -> None:
+        """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
+        CommMismatchError when they passed different chunk sizes."""
+        sizes = torch.tensor([count, -count], dtype=torch.int64)
+        self._local_all_reduce(sizes, dist.ReduceOp.MAX)
+        if sizes.tolist() != [count, -count]:
+            high, low = sizes[0].item(), -sizes[1].item()
+            message = (
+                f"inside host {self._host}: ranks {list(self._local_ranks)} called "
+                f"all_reduce with different sizes (chunks of {low} to {high} elements)"
+            )
+            self._post("CommMismatchError", message)
+            raise CommMismatchError(message)
+
+    def _run_ring(self, flat: torch.Tensor, op: object) -> None:
+        """CUDA: the ring all-reduces the whole tensor inside the host, each rank exchanges its
+        shard between hosts, and the ring gathers the shards: each rank adds its shard to zeros
+        elsewhere as 64-bit integers, which copies every bit exactly."""
+        n, size = flat.numel(), flat.element_size()
+        local_size = len(self._local_ranks)
+        shard = _round_up(_round_up(n, local_size) // local_size, 8 // size)
+        self._local_all_reduce(flat, op)
+        lo, hi = self._shard(n, 8 // size)
+        mine = flat[lo:hi]
+        if hi > lo:
+            self._wait_between_hosts(self._between_hosts(mine, op))
+        words = self._words(local_size * shard * size // 8)
+        words.zero_()
+        gathered = words.view(flat.dtype)
+        gathered[self._local * shard : self._local * shard + (hi - lo)] = mine
+        self._local_all_reduce(words, dist.ReduceOp.SUM)
+        flat.copy_(gathered[:n])
+
+    def _words(self, count: int) -> torch.Tensor:
+        if self._workspace.numel() < count:
+            self._workspace = torch.empty(count, dtype=torch.int64, device=self.device)
+        return self._workspace[:count]
+
+    def _local_all_reduce(self, tensor: torch.Tensor, op: object) -> None:
+        assert self._ring is not None
+        try:
+            self._ring.all_reduce(tensor, op)
+        except CommError as error:
+            message = f"inside host {self._host}: {self._group_ranks(str(error))}"
+            self._post(type(error).__name__, message)
+            raise type(error)(message) from None
+
+    def _between_hosts(self, shard: torch.Tensor, op: object) -> Any:
+        """Start the all-reduce of `shard`, in place, with the same-index ranks of the other
+        hosts; its work goes to `_wait_between_hosts`."""
+        try:
+            return dist.all_reduce(shard, op=op, group=self._across, async_op=True)
+        except RuntimeError as error:
+            raise self._lost(error) from None
+
+    def _wait_between_hosts(self, work: Any) -> None:
+        if work is None:
+            return
+        try:
+            work.wait()
+        except RuntimeError as error:
+            raise self._lost(error) from None
+
+    def _lost(self, error: RuntimeError) -> CommError:
+        """The error for a failed all-reduce between hosts: the failure a peer posted (the
+        cause, usually), else this one, posted for the others."""
+        note = self._read_note(wait_s=NOTE_WAIT_S)
+        if note is None:
+            peers = [host[self._local] for h, host in enumerate(self.layout.hosts)
+                     if h != self._host]  # fmt: skip
+            message = (f"rank {self.rank} lost its all-reduce with rank(s) {peers} on other "
+                       f"hosts: {str(error).splitlines()[0]}")  # fmt: skip
+            self._post("CommTimeoutError", message)
+            note = ("CommTimeoutError", message)
+        return self._error_from(note)
+
+    # --- failures ------------------------------------------------------------------------------
+
+    def _group_ranks(self, message: str) -> str:
+        """The ring's message with its host-local ranks written as ranks of the group."""
+        local = self._local_ranks
+        return re.sub(
+            r"\brank (\d+)",
+            lambda m: f"rank {local[int(m[1])]}" if int(m[1]) < len(local) else m[0],
+            message,
+        )
+
+    def _post(self, kind: str, message: str) -> None:
+        """Record the first failure of this object for every rank (later ones are kept out)."""
+        self._failure = self._failure or message
+        try:
+            self._store.compare_set(f"{self._prefix}/failure", "", f"{kind}|{message}")
+        except Exception as error:  # the store itself is gone: the local error still stands
+            logger.warning("rank %d could not post its failure: %s", self.rank, error)
+
+    def _read_note(self, wait_s: float = 0.0) -> tuple[str, str] | None:
+        key = f"{self._prefix}/failure"
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                if self._store.check([key]):
+                    kind, _, message = self._store.get(key).decode().partition("|")
+                    return kind, message
+            except Exception:  # an unreachable store says nothing about the peers
+                return None
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
+
+    def _error_from(self, note: tuple[str, str]) -> CommError:
+        kind, message = note
+        self._failure = self._failure or message
+        return _ERRORS.get(kind, CommTimeoutError)(f"rank {self.rank} stopped: {message}")
+
+    def _result(self, future: Future[None], timeout: timedelta | None) -> None:
+        """The call's result; a failure another rank posted meanwhile ends the wait early."""
+        deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
+        while True:
+            step = LIVENESS_PERIOD_S
+            if deadline is not None:
+                step = max(0.0, min(step, deadline - time.monotonic()))
+            try:
+                future.result(timeout=step)
+                return
+            except FutureTimeout:
+                note = self._read_note()
+                if note is not None:
+                    raise self._error_from(note) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Finish queued calls (unless a failure left one waiting on a peer), then release the
+        ring. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=not self._failure)
+        if self._last is not None and not self._last.done():
+            # A failed call may still wait for a peer (bounded): the ring stays open meanwhile.
+            logger.warning("rank %d leaves its host ring open: a failed call still waits for "
+                           "a peer (bounded by the timeout)", self.rank)  # fmt: skip
+            return
+        if self._buffer is not None:
+            self._buffer.close()
+        if self._ring is not None:
+            self._ring.close()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else (self._disabled and "off") or "open"
+        return f"HierarchicalAllReduce({self.layout.describe()}, rank={self.rank}, {state})"

@@ -1,0 +1,84 @@
+"""The shared memory of one host's ranks in the hierarchical all-reduce on CPU: a slot per local
+rank, where it puts its part of a chunk, and a result area, where each rank writes the shard it
+reduced; twice, so that one chunk can travel between hosts while the next is reduced. One POSIX
+shared-memory file of 2 x (ranks + 1) x `chunk_bytes`, mapped by every local rank and unlinked as
+soon as all have mapped it (a crash then leaves nothing in /dev/shm).
+
+The buffer synchronises nothing itself: the caller orders writes and reads with barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fastpar.comm.agreement import wait_for_ranks
+
+SHM_DIR = "/dev/shm"
+
+
+class HostBuffer:
+    """2 x (local_size + 1) areas of `chunk_bytes` shared by one host's ranks.
+
+    Arguments:
+        store, key: where local rank 0 publishes the file's name (key unique to this host).
+        rank: this process's rank in the group (named in errors).
+        local_rank, local_size: this rank's position among its host's ranks, and their number.
+        owner: the group rank of local rank 0 (named when it does not publish in time).
+        chunk_bytes: bytes per area, a multiple of 64.
+        timeout: how long the other ranks wait for the name.
+        barrier: a collective over the host's ranks, run once all have mapped the file.
+    """
+
+    def __init__(
+        self, store: dist.Store, key: str, *, rank: int, local_rank: int, local_size: int,
+        owner: int,
+        chunk_bytes: int, timeout: timedelta, barrier: Callable[[], None],
+    ) -> None:  # fmt: skip
+        if chunk_bytes <= 0 or chunk_bytes % 64:
+            raise ValueError(f"chunk_bytes must be a positive multiple of 64, got {chunk_bytes}")
+        self.chunk_bytes = chunk_bytes
+        self._local_size = local_size
+        size = 2 * (local_size + 1) * chunk_bytes
+        path = ""
+        try:
+            if local_rank == 0:
+                # The creator's pid in the name says whose file it is.
+                path = f"{SHM_DIR}/fastpar-hier-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+                store.set(key, path)
+            else:
+                wait_for_ranks(store, {owner: key}, timeout, rank, "create its host's buffer")
+                path = store.get(key).decode()
+            self._memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
+            barrier()  # every local rank has mapped it: the name is no longer needed
+        finally:
+            # Whoever gets here first removes the name (a failed setup leaves nothing either).
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+
+    def _area(self, index: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        start = index * self.chunk_bytes
+        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        if nbytes > self.chunk_bytes:
+            raise ValueError(f"{nbytes} bytes do not fit an area of {self.chunk_bytes}")
+        return self._memory[start : start + nbytes].view(dtype)
+
+    def slot(self, half: int, local_rank: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The first `count` elements of local rank `local_rank`'s slot in half `half` (0 or 1),
+        as `dtype`."""
+        return self._area(half * (self._local_size + 1) + local_rank, dtype, count)
+
+    def result(self, half: int, dtype: torch.dtype, count: int) -> torch.Tensor:
+        """The first `count` elements of the result area of half `half`, as `dtype`."""
+        return self._area(half * (self._local_size + 1) + self._local_size, dtype, count)
+
+    def close(self) -> None:
+        """Drop this rank's mapping (unmapped once no view of it is left)."""
+        self._memory = torch.empty(0, dtype=torch.uint8)

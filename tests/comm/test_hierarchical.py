@@ -1,0 +1,214 @@
+"""The hierarchical all-reduce on simulated hosts (FASTPAR_HOST_ID per rank), against gloo.
+
+Integer-valued inputs must give gloo's result exactly; random floats must give every rank the
+same bits, which are the fold in rank order inside each host, then in host order. The layouts it
+does not serve (one rank per host, uneven hosts) must go to torch.distributed saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastpar import comm
+from fastpar.comm import HierarchicalAllReduce
+from fastpar.comm.hierarchical import CHUNK_BYTES
+from fastpar.comm.hosts import HOST_ENV, HostLayout
+from fastpar.testing.distributed import run_multiprocess
+from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
+from tests.parallel.test_data_parallel import _train_against_ddp
+
+R = dist.ReduceOp
+SEED = random.randrange(2**31)
+SIZES = (0, 1, 3, 1009, 65539)  # primes: shards of uneven length
+
+
+def simulate_hosts(rank: int, hosts: list[int]) -> None:
+    """Make this rank count as running on host `hosts[rank]` (before anything is created)."""
+    os.environ[HOST_ENV] = f"simulated-{hosts[rank]}"
+
+
+def _every_dtype_and_op(rank: int, world_size: int, hosts: list[int], seed: int) -> int:
+    simulate_hosts(rank, hosts)
+    generator = torch.Generator().manual_seed(seed + rank)
+    calls = list(every_call(SIZES))
+    # Small chunks: calls of a few thousand elements cross several.
+    with HierarchicalAllReduce(chunk_bytes=4096) as reducer:
+        differ = []
+        for dtype, op, size in calls:
+            tensor = integer_valued(size, dtype, op, generator)
+            assert reducer.should_use(tensor, op), reducer.fallback_reason(tensor, op)
+            expected = expect_gloo(tensor, op, world_size)
+            reducer.all_reduce(tensor, op)
+            if not torch.equal(tensor, expected):
+                differ.append(f"{size} x {dtype} {op}")
+        assert not differ, f"seed {seed}: these differ from gloo: {differ}"
+        # Asynchronous calls in flight together, and a view inside a larger buffer.
+        buffer = integer_valued(3000, torch.float32, R.SUM, generator)
+        before = buffer.clone()
+        view = buffer[5:2995:2]
+        tensors = [integer_valued(1000 + i, torch.int64, R.SUM, generator) for i in range(3)]
+        expected = [expect_gloo(t, R.SUM, world_size) for t in [view, *tensors]]
+        works = [reducer.all_reduce(t, async_op=True) for t in [view, *tensors]]
+        for work, tensor, want in zip(works, [view, *tensors], expected, strict=True):
+            assert work is not None and work.wait()
+            assert torch.equal(tensor, want)
+        outside = torch.ones(3000, dtype=torch.bool)
+        outside[5:2995:2] = False
+        assert torch.equal(buffer[outside], before[outside]), "elements outside the view changed"
+    return len(calls)
+
+
+def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> list[bytes]:
+    simulate_hosts(rank, hosts)
+    generator = torch.Generator().manual_seed(seed + rank)
+    out = []
+    with comm.create_all_reduce() as reducer:
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for op in (R.SUM, R.AVG, R.PRODUCT, R.MAX):
+                tensor = torch.randn(4099, generator=generator).to(dtype)
+                gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+                dist.all_gather(gathered, tensor)
+                inner = R.SUM if op == R.AVG else op
+                per_host = [
+                    fold_in_rank_order([gathered[r] for r in ranks], inner)
+                    for ranks in HostLayout.from_identities(hosts, rank).hosts
+                ]
+                expected = fold_in_rank_order(per_host, inner)
+                if op == R.AVG:
+                    expected = expected.div_(world_size)
+                reducer.all_reduce(tensor, op)
+                assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
+                out.append(tensor.view(torch.uint8).numpy().tobytes())
+        # The default chunks: more than one.
+        tensor = torch.randn(CHUNK_BYTES // 4 + 5, generator=generator)
+        gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(gathered, tensor)
+        reducer.all_reduce(tensor)
+        expected = fold_in_rank_order(
+            [fold_in_rank_order(gathered[:2], R.SUM), fold_in_rank_order(gathered[2:], R.SUM)],
+            R.SUM,
+        )
+        assert torch.equal(tensor, expected), f"seed {seed}: {tensor.numel()} elements"
+    return out
+
+
+def _two_hosts_of_two(rank: int, world_size: int, seed: int) -> tuple[int, list[bytes], list, int]:
+    """One run of 2 simulated hosts x 2 ranks for the three checks below (each run costs
+    seconds of process start-up)."""
+    hosts = [0, 0, 1, 1]
+    checked = _every_dtype_and_op(rank, world_size, hosts, seed)
+    floats = _random_floats(rank, world_size, hosts, seed)
+    ddp = _train_against_ddp(rank, world_size, [("lm", "auto", 0.01, 0.004)])
+    return checked, floats, ddp, os.getpid()
+
+
+def test_two_hosts_of_two_ranks() -> None:
+    """Every dtype and op equals gloo; random floats give every rank the same bits, the fixed
+    fold; DataParallel(comm="auto") trains as DDP does for 10 steps; nothing is left in
+    /dev/shm."""
+    results = run_multiprocess(_two_hosts_of_two, 4, args=(SEED,), timeout=240)
+    checked, floats, ddp, pids = zip(*results, strict=True)
+    for pid in pids:
+        assert not list(Path("/dev/shm").glob(f"fastpar-hier-{pid}-*"))
+    assert checked == (checked[0],) * 4 and checked[0] > 0
+    assert all(result == floats[0] for result in floats)
+    assert ddp == ([],) * 4
+
+
+def _layouts(rank: int, world_size: int, seed: int) -> dict[str, str | None]:
+    """Six ranks on three hosts of two: the world (3 x 2) and a subgroup (2 x 2) run
+    hierarchically; a group with one rank per host, one with uneven hosts (2 + 1) and one
+    inside a host do not."""
+    hosts = [0, 0, 1, 1, 2, 2]
+    simulate_hosts(rank, hosts)
+    generator = torch.Generator().manual_seed(seed + rank)
+    groups = {
+        "world": dist.group.WORLD,
+        "two hosts": dist.new_group([0, 1, 2, 3]),
+        "one rank per host": dist.new_group([1, 3, 5]),
+        "one host": dist.new_group([4, 5]),
+        "uneven": dist.new_group([3, 4, 5]),
+    }
+    reasons: dict[str, str | None] = {}
+    for name, group in groups.items():
+        if dist.get_rank(group) < 0:
+            continue
+        with comm.create_all_reduce(group) as reducer:
+            tensor = integer_valued(1009, torch.float32, R.SUM, generator)
+            expected = tensor.clone()
+            dist.all_reduce(expected, group=group)
+            reducer.all_reduce(tensor)
+            assert torch.equal(tensor, expected), f"seed {seed}: {name}"
+            kind = type(reducer).__name__
+            reasons[name] = f"{kind}: {reducer.fallback_reason(tensor)}"
+    return reasons
+
+
+def test_three_hosts_subgroups_and_layouts_it_does_not_serve() -> None:
+    results = run_multiprocess(_layouts, 6, args=(SEED,), timeout=240)
+    assert all(r["world"] == "HierarchicalAllReduce: None" for r in results)
+    assert all(r["two hosts"] == "HierarchicalAllReduce: None" for r in results[:4])
+    for rank in (1, 3, 5):
+        reason = results[rank]["one rank per host"]
+        assert reason.startswith("HierarchicalAllReduce: 3 ranks on 3 hosts"), reason
+        assert "each host holds one rank" in reason
+    assert results[4]["one host"] == results[5]["one host"] == "RingAllReduce: None"
+    for rank in (3, 4, 5):
+        reason = results[rank]["uneven"]
+        assert "3 ranks on 2 hosts ([0], [1, 2])" in reason, reason
+        assert "same number of ranks on every host, these hold 1, 2" in reason, reason
+
+
+def test_host_layouts_and_their_paths() -> None:
+    layout = HostLayout.from_identities(["a", "b", "a", "b"], rank=2)
+    assert layout.hosts == ((0, 2), (1, 3)) and layout.host == 0 and layout.local_rank == 1
+    assert layout.path()[0] == "hierarchical"
+    assert HostLayout.from_identities(["a", "a"], rank=0).path()[0] == "ring"
+
+
+KILLED = 3
+
+
+def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float, str] | None:
+    """Rank 1 passes a larger tensor than the others (every rank raises CommMismatchError,
+    host 1's through the failure host 0 posted), then, on a new object, rank KILLED dies."""
+    simulate_hosts(rank, [0, 0, 1, 1])
+    store = dist.distributed_c10d._get_default_store()
+    # A short timeout: host 1's shards wait for host 0's, which never come, that long.
+    with comm.create_all_reduce(timeout=3) as reducer:
+        with pytest.raises(comm.CommMismatchError) as mismatch:
+            reducer.all_reduce(torch.ones(100 + (rank == 1)))
+        with pytest.raises(comm.CommClosedError):
+            reducer.all_reduce(torch.ones(100))
+    with comm.create_all_reduce(timeout=timeout_s) as reducer:
+        tensor = torch.ones(1 << 18)
+        reducer.all_reduce(tensor)
+        if rank == KILLED:
+            store.set("killed/at", repr(time.time()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        with pytest.raises(comm.CommTimeoutError) as error:
+            reducer.all_reduce(tensor)
+        after = time.time() - float(store.get("killed/at").decode())
+        return str(mismatch.value), after, str(error.value)
+
+
+def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
+    timeout_s = 20.0
+    results = run_multiprocess(_failures, 4, args=(timeout_s,), timeout=120, may_die=(KILLED,))
+    assert results[KILLED] is None
+    survivors = [r for r in results if r is not None]
+    assert len(survivors) == 3
+    for mismatch, _, _ in survivors:
+        assert "inside host 0: ranks [0, 1] called all_reduce with different sizes" in mismatch
+    for _, after_kill, message in survivors:
+        assert f"rank {KILLED}" in message, message
+        assert after_kill < timeout_s, (after_kill, message)
+    assert any("exited" in message for _, _, message in survivors), survivors
