@@ -11,6 +11,7 @@ namespace (`unshare --ipc torchrun ...`), which changes the real identity.
 from __future__ import annotations
 
 import os
+import socket
 import threading
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,7 +20,6 @@ from typing import Literal
 import torch.distributed as dist
 
 from fastpar.comm.agreement import wait_for_ranks
-from fastpar.comm.ring import host_identity as real_host_identity
 
 HOST_ENV = "FASTPAR_HOST_ID"
 
@@ -31,11 +31,23 @@ _gathered: dict[tuple[int, ...], int] = {}
 _gathered_lock = threading.Lock()
 
 
+def shared_memory_identity() -> str:
+    """Equal on two processes when they can share a POSIX shared-memory segment (hostname, boot
+    id, IPC namespace)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        ipc = os.readlink("/proc/self/ns/ipc")
+    except OSError:
+        boot, ipc = "", ""
+    return f"{socket.gethostname()}|{boot}|{ipc}"
+
+
 def host_identity() -> str:
-    """This process's host: FASTPAR_HOST_ID when set, else the shared-memory identity
-    (hostname, boot id, IPC namespace)."""
+    """This process's host: FASTPAR_HOST_ID when set, else `shared_memory_identity()`. The ring,
+    the hierarchical all-reduce and the pipeline's links all ask this one function."""
     override = os.environ.get(HOST_ENV, "")
-    return f"{HOST_ENV}={override}" if override else real_host_identity()
+    return f"{HOST_ENV}={override}" if override else shared_memory_identity()
 
 
 @dataclass(frozen=True)

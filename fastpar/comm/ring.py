@@ -29,7 +29,6 @@ neither the store nor the allocator.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import uuid
 from collections.abc import Callable
@@ -58,6 +57,7 @@ from fastpar.comm.errors import (
     translate_native_error,
 )
 from fastpar.comm.fallback import dense, torch_all_reduce
+from fastpar.comm.hosts import host_identity
 from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
@@ -77,17 +77,6 @@ CUDA_RING_MAX_BYTES = 8 * 1024 * 1024
 # create theirs in the same order, so the count names the same ring on every rank.
 _created: dict[tuple[int, ...], int] = {}
 _created_lock = threading.Lock()
-
-
-def host_identity() -> str:
-    """Equal on two processes when they can share a POSIX shared-memory segment."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-        ipc = os.readlink("/proc/self/ns/ipc")
-    except OSError:
-        boot, ipc = "", ""
-    return f"{socket.gethostname()}|{boot}|{ipc}"
 
 
 def _cuda_backend_name(group: dist.ProcessGroup) -> str:
@@ -190,8 +179,15 @@ class RingAllReduce:
         store.set(pids[self.rank], processes.identity())  # before the host: read after it
         store.set(hosts[self.rank], host_identity())
         self._store_wait(store, hosts, "say which host it runs on")
-        if len({store.get(key) for key in hosts.values()}) != 1:
-            self._disabled = "its ranks do not all share one host's shared memory"
+        by_host: dict[bytes, list[int]] = {}
+        for rank in range(self.world_size):
+            by_host.setdefault(store.get(hosts[rank]), []).append(rank)
+        if len(by_host) != 1:
+            self._disabled = (
+                f"its ranks are on {len(by_host)} hosts "
+                f"({', '.join(map(str, by_host.values()))}), which share no memory; "
+                "fastpar.comm.create_all_reduce picks the hierarchical all-reduce for such groups"
+            )
             return
         self._peer_pids = processes.watchable_pids(
             {rank: store.get(key).decode() for rank, key in pids.items() if rank != self.rank}

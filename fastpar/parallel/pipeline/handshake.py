@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastpar.comm.ring import host_identity
+from fastpar.comm.hosts import host_identity
 from fastpar.parallel.pipeline.config import TRANSPORTS
 from fastpar.parallel.pipeline.schedules import SCHEDULES, Placement
 from fastpar.parallel.pipeline.wire import PipelineError
