@@ -20,9 +20,10 @@ Policies:
         time is modelled as a fixed part plus a per-sample part (`step_model.StepTimeModel`),
         fitted over its last `model_window` steps at the blocks it actually ran: a fixed
         per-step cost does not make a smaller block look slower, so equal speeds keep equal
-        blocks. A measurement more than `change_threshold` away from the prediction is set
-        aside, and only when `change_steps` of them in a row lie on the same side is it a speed
-        change: the model is rescaled by their median and refitted from them (bursts of fewer
+        blocks. A measurement off the prediction by more than a factor 1 + `change_threshold`
+        (either way: a straggler's recovery is judged as its slowdown) is set aside, and
+        only when `change_steps` of them in a row lie on the same side is it a speed change:
+        the model is rescaled by their median and refitted from them (bursts of fewer
         steps, e.g. another process's spike, are ignored). A new split replaces the current
         one only when it shortens the slowest rank's predicted time by more than
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
@@ -77,8 +78,9 @@ class DynamicSlicerConfig:
     model_window: int = 8
     """"throughput": the last steps each rank's step-time model is fitted on, >= 2."""
     change_threshold: float = 0.3
-    """"throughput": a step time further than this fraction from the model's prediction is a
-    candidate speed change, not fitted, > 0."""
+    """"throughput": a step time off the model's prediction by more than a factor
+    1 + change_threshold either way (slower or faster) is a candidate speed change, not
+    fitted, > 0."""
     change_steps: int = 4
     """"throughput": candidates in a row on the same side that make a speed change (rescale
     the model); bursts of fewer steps are ignored, >= 1."""
