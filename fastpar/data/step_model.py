@@ -37,8 +37,9 @@ class StepTimeModel:
 
     A measurement off the prediction by more than a factor 1 + `change_threshold` either way
     is set aside as a candidate speed change; `change_steps` of them in a row on the same side
-    confirm it: the model is scaled by their median ratio measured / predicted and refitted
-    from them alone.
+    confirm it (`speedup_steps` when they are faster: interference from other processes only
+    lengthens a step, so a much shorter one is not a burst): the model is scaled by their
+    median ratio measured / predicted and refitted from them alone.
     Shorter bursts (a preempted step, another process's spike) leave the model untouched.
     """
 
@@ -61,7 +62,7 @@ class StepTimeModel:
 
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
-        change_steps: int, momentum: float,
+        change_steps: int, speedup_steps: int, momentum: float,
     ) -> None:  # fmt: skip
         """Fold one step's measurement (samples > 0, seconds > 0) into the model."""
         if not self.known:
@@ -84,7 +85,7 @@ class StepTimeModel:
         ):
             self.candidates.clear()  # the other side: not the same change
         self.candidates.append((samples, seconds))
-        if len(self.candidates) >= change_steps:
+        if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps):
             factor = statistics.median(t / self.predict(n) for n, t in self.candidates)
             self.fixed *= factor
             self.per_sample *= factor
