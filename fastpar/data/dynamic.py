@@ -596,6 +596,9 @@ class DynamicSlicer:
                 world size or config (without `reshard`), or another sample order (with it).
         """
         config = asdict(self.config)
+        # Options added since the state was saved take this slicer's values (speedup_steps), so
+        # an older checkpoint still resumes.
+        state = {**state, "config": {**config, **state["config"]}}
         expected: dict[str, Any] = {"version": _STATE_VERSION, "num_samples": self.num_samples}
         if not reshard:
             expected.update(world_size=self.world_size, config=config)

@@ -118,6 +118,21 @@ def test_state_dict_resumes_identically(
     assert resumed.state_dict() == slicer.state_dict()
 
 
+def test_a_state_saved_before_an_option_existed_still_resumes() -> None:
+    slicer = DynamicSlicer(
+        64,
+        DynamicSlicerConfig(policy="throughput", min_size=1, max_size=16, global_batch=16),
+        world_size=2,
+    )
+    rng = random.Random(3)
+    _run(slicer, 5, rng)
+    state = json.loads(json.dumps(slicer.state_dict(), allow_nan=True))
+    del state["config"]["speedup_steps"]  # as saved by a slicer without the option
+    resumed = DynamicSlicer(64, slicer.config, world_size=2)
+    resumed.load_state_dict(state)
+    assert resumed.state_dict() == slicer.state_dict()
+
+
 @settings(max_examples=30, deadline=None)
 @given(slicer=slicers(), before=st.integers(0, 30), new_world=st.integers(1, 4),
        seed=st.integers(0, 2**31))  # fmt: skip
