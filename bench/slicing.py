@@ -33,7 +33,12 @@ until every rank's block stayed within 10 % of the oracle's time-equalising spli
 the phase (goal <= 20; median and per round), and how often its blocks changed once there
 (oscillation).
 
-    python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--csv results/slicing.csv]
+Each slowdown costs change_steps steps at the old split before the slicer follows it, and each
+recovery speedup_steps: with 40 slow steps that alone caps the share near 87 % against an exact
+oracle (4 + 2 steps); `--change-steps` trades it against ignoring longer bursts.
+
+    python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--change-steps 4]
+        [--csv results/slicing.csv]
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import LSTMLanguageModel, device_name, format_table, write_csv
 
-from fastpar.data import DynamicSlicer
+from fastpar.data import DynamicSlicer, DynamicSlicerConfig
 from fastpar.data.step_model import StepTimeModel, equal_time_split
 from fastpar.testing.distributed import run_multiprocess
 
@@ -178,7 +183,8 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
     sizes: dict[str, list[list[list[int]]]] = {name: [] for name in SCENARIOS}
     for _ in range(args.rounds):
         slicer = DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
-                               global_batch=args.global_batch)  # fmt: skip
+                               global_batch=args.global_batch, change_steps=args.change_steps,
+                               speedup_steps=args.speedup_steps)  # fmt: skip
         for name in SCENARIOS:
             times[name].append([])
             compute[name].append([])
@@ -235,7 +241,12 @@ def main() -> None:
                         default=[20, 40, 40],
                         help="steps per phase: all at full speed, rank 1 slow, ...")  # fmt: skip
     parser.add_argument("--slowdown", type=float, default=2.0, help="rank 1's slowdown")
-    parser.add_argument("--calibrate", type=int, default=24, help="steps measuring compute")
+    parser.add_argument("--calibrate", type=int, default=48, help="steps measuring compute")
+    defaults = DynamicSlicerConfig(min_size=1, max_size=1, global_batch=1)
+    parser.add_argument("--change-steps", type=int, default=defaults.change_steps,
+                        help="the throughput slicer's change_steps (slowdowns)")  # fmt: skip
+    parser.add_argument("--speedup-steps", type=int, default=defaults.speedup_steps,
+                        help="the throughput slicer's speedup_steps")  # fmt: skip
     parser.add_argument("--global-batch", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=256)

@@ -20,10 +20,12 @@ Policies:
         time is modelled as a fixed part plus a per-sample part (`step_model.StepTimeModel`),
         fitted over its last `model_window` steps at the blocks it actually ran: a fixed
         per-step cost does not make a smaller block look slower, so equal speeds keep equal
-        blocks. A measurement more than `change_threshold` away from the prediction is set
-        aside, and only when `change_steps` of them in a row lie on the same side is it a speed
-        change: the model is rescaled by their median and refitted from them (bursts of fewer
-        steps, e.g. another process's spike, are ignored). A new split replaces the current
+        blocks. A measurement off the prediction by more than a factor 1 + `change_threshold`
+        (either way: a straggler's recovery is judged as its slowdown) is set aside, and
+        only when `change_steps` of them in a row lie on the same side (`speedup_steps` when
+        faster: load only slows steps) is it a speed change: the model is rescaled by their
+        median and refitted from them (bursts of fewer steps, e.g. another process's spike,
+        are ignored). A new split replaces the current
         one only when it shortens the slowest rank's predicted time by more than
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
         blocks neither flicker nor drift where the split makes no difference.
@@ -77,11 +79,17 @@ class DynamicSlicerConfig:
     model_window: int = 8
     """"throughput": the last steps each rank's step-time model is fitted on, >= 2."""
     change_threshold: float = 0.3
-    """"throughput": a step time further than this fraction from the model's prediction is a
-    candidate speed change, not fitted, > 0."""
+    """"throughput": a step time off the model's prediction by more than a factor
+    1 + change_threshold either way (slower or faster) is a candidate speed change, not
+    fitted, > 0."""
     change_steps: int = 4
     """"throughput": candidates in a row on the same side that make a speed change (rescale
     the model); bursts of fewer steps are ignored, >= 1."""
+    speedup_steps: int = 2
+    """"throughput": the same for candidates faster than the model (never more than
+    change_steps), >= 1: other processes' load only lengthens steps, so a much shorter step is
+    no burst, and a straggler's recovery (or the end of a long load episode) is confirmed
+    sooner."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
@@ -122,6 +130,7 @@ class DynamicSlicerConfig:
         check_float("change_threshold", self.change_threshold, 0.0, math.inf, low_open=True)
         check_int("model_window", self.model_window, 2)
         check_int("change_steps", self.change_steps, 1)
+        check_int("speedup_steps", self.speedup_steps, 1)
         check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
         check_float("gain_threshold", self.gain_threshold, 0.0, math.inf)
         if self.initial_size is not None:
@@ -460,6 +469,8 @@ class DynamicSlicer:
                     model.observe(int(n), t, window=config.model_window,
                                   change_threshold=config.change_threshold,
                                   change_steps=config.change_steps,
+                                  speedup_steps=min(config.speedup_steps,
+                                                    config.change_steps),
                                   momentum=config.rate_momentum)  # fmt: skip
             proposal = self._decide_sizes()
             moved = self._moves(proposal)
@@ -585,6 +596,9 @@ class DynamicSlicer:
                 world size or config (without `reshard`), or another sample order (with it).
         """
         config = asdict(self.config)
+        # Options added since the state was saved take this slicer's values (speedup_steps), so
+        # an older checkpoint still resumes.
+        state = {**state, "config": {**config, **state["config"]}}
         expected: dict[str, Any] = {"version": _STATE_VERSION, "num_samples": self.num_samples}
         if not reshard:
             expected.update(world_size=self.world_size, config=config)

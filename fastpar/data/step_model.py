@@ -16,6 +16,7 @@ every rank that feeds the same numbers gets the same model and the same split.
 from __future__ import annotations
 
 import heapq
+import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,15 +26,20 @@ from typing import Any
 # block on every point of the window: with blocks that stay put (no spread, the slope is not
 # identifiable) the slope stays where it was; after a rebalance the data decide.
 _PRIOR_SPREAD = 0.05
+# Relative doubt in the previous per-sample cost, against which the data's slope is weighed by
+# its noise (see _fit).
+_PRIOR_DOUBT = 0.25
 
 
 @dataclass
 class StepTimeModel:
     """One rank's fitted step time `fixed + per_sample * n` and the steps it was fitted on.
 
-    A measurement further than `change_threshold` from the prediction is set aside as a
-    candidate speed change; `change_steps` of them in a row on the same side confirm it: the
-    model is scaled by their median ratio measured / predicted and refitted from them alone.
+    A measurement off the prediction by more than a factor 1 + `change_threshold` either way
+    is set aside as a candidate speed change; `change_steps` of them in a row on the same side
+    confirm it (`speedup_steps` when they are faster: interference from other processes only
+    lengthens a step, so a much shorter one is not a burst): the model is scaled by their
+    median ratio measured / predicted and refitted from them alone.
     Shorter bursts (a preempted step, another process's spike) leave the model untouched.
     """
 
@@ -56,7 +62,7 @@ class StepTimeModel:
 
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
-        change_steps: int, momentum: float,
+        change_steps: int, speedup_steps: int, momentum: float,
     ) -> None:  # fmt: skip
         """Fold one step's measurement (samples > 0, seconds > 0) into the model."""
         if not self.known:
@@ -65,7 +71,9 @@ class StepTimeModel:
             self.window = [(samples, seconds)]
             return
         predicted = self.predict(samples)
-        if abs(seconds - predicted) <= change_threshold * predicted:
+        # A factor either way: a slowdown by 1 + c and its recovery (1 / (1 + c), a smaller
+        # relative step) are judged alike, so a straggler's recovery is caught as fast.
+        if abs(math.log(seconds / predicted)) <= math.log1p(change_threshold):
             self.candidates.clear()
             self.window = (self.window + [(samples, seconds)])[-window:]
             fixed, per_sample = _fit(self.window, self.per_sample)
@@ -77,7 +85,7 @@ class StepTimeModel:
         ):
             self.candidates.clear()  # the other side: not the same change
         self.candidates.append((samples, seconds))
-        if len(self.candidates) >= change_steps:
+        if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps):
             factor = statistics.median(t / self.predict(n) for n, t in self.candidates)
             self.fixed *= factor
             self.per_sample *= factor
@@ -105,15 +113,26 @@ class StepTimeModel:
 
 def _fit(points: Sequence[tuple[int, float]], prior_slope: float) -> tuple[float, float]:
     """(fixed, per_sample) of `points`: the slope by least squares pulled towards
-    `prior_slope` (ridge, see _PRIOR_SPREAD), the fixed part as the median residual, so a
-    burst inside the window moves it little. A negative fixed part is not physical: then the
-    line goes through the origin (per_sample = median seconds per sample)."""
+    `prior_slope` (ridge), the fixed part as the median residual, so a burst inside the window
+    moves it little. A negative fixed part is not physical: then the line goes through the
+    origin (per_sample = median seconds per sample).
+
+    The ridge weighs the prior as a Bayesian would: the data's slope counts by its precision
+    spread / noise**2, the prior's by 1 / (_PRIOR_DOUBT * prior_slope)**2, with the noise
+    measured as the spread of the points about the least-squares line. Blocks a few samples
+    apart under noisy times then barely move the slope (they cannot tell it), blocks far apart
+    decide it; _PRIOR_SPREAD keeps a floor for exact times."""
     count = len(points)
     mean_n = sum(n for n, _ in points) / count
     mean_t = sum(t for _, t in points) / count
     spread = sum((n - mean_n) ** 2 for n, _ in points)
     covariance = sum((n - mean_n) * (t - mean_t) for n, t in points)
     prior = count * (_PRIOR_SPREAD * mean_n) ** 2
+    if prior_slope > 0:
+        slope = covariance / spread if spread > 0 else prior_slope
+        noise = sum((t - mean_t - slope * (n - mean_n)) ** 2 for n, t in points)
+        variance = noise / (count - 2) if count > 2 else 0.0
+        prior += variance / (_PRIOR_DOUBT * prior_slope) ** 2
     per_sample = max((covariance + prior * prior_slope) / (spread + prior), 0.0)
     fixed = statistics.median(t - per_sample * n for n, t in points)
     if fixed < 0 or per_sample == 0:
