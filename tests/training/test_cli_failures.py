@@ -113,13 +113,20 @@ def test_resume_passes_over_a_corrupt_newest_checkpoint(tmp_path: Path) -> None:
     assert checkpoint.list_steps(tmp_path) == [4, 6]
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
                str(tmp_path), "--nproc", "2", "--steps", "100000", "--checkpoint-every", "2",
                "--comm", "torch"]  # fmt: skip
     # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does.
+    # SIGINT at its default, as in a terminal: a job started in the background by a
+    # non-interactive shell (a CI script's `cmd &`) inherits it ignored, and so would this one.
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)  # fmt: skip
+                               text=True, start_new_session=True,
+                               preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     try:
         deadline = time.monotonic() + 120
         while find_intact(tmp_path)[0] is None:
