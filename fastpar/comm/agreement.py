@@ -9,6 +9,7 @@ share a GPU are served only on request (`shared_gpu_problem`).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -88,6 +89,23 @@ def agree(
         if verdict != "ok":
             return f"rank {r}: {verdict.removeprefix('no: ')}"
     return None
+
+
+# Per kind and group (its global ranks), how many store exchanges of that kind this process
+# has begun: the ranks of a group begin theirs in the same order, so the count names the same
+# exchange on every rank.
+_begun: dict[tuple[str, tuple[int, ...]], int] = {}
+_begun_lock = threading.Lock()
+
+
+def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
+    """The store-key prefix of this process's next `kind` exchange over `group` (a ring, a
+    host layout...), the same on every rank of the group."""
+    ranks = tuple(dist.get_process_group_ranks(group))
+    with _begun_lock:
+        index = _begun.get((kind, ranks), 0)
+        _begun[(kind, ranks)] = index + 1
+    return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
 
 
 # Processes on one GPU (without MPS) run their kernels in turns, one time slice each: a rank's

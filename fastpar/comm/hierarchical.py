@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -37,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostBuffer
@@ -53,8 +52,6 @@ logger = get_logger(__name__)
 CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
-_created: dict[tuple[int, ...], int] = {}
-_created_lock = threading.Lock()
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -161,12 +158,9 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
     # --- setup ---------------------------------------------------------------------------------
 
     def _connect(self, chunk_bytes: int, serve_shared_gpu: bool) -> None:
-        ranks = tuple(dist.get_process_group_ranks(self.group))
-        with _created_lock:
-            index = _created.get(ranks, 0)
-            _created[ranks] = index + 1
+        ranks = dist.get_process_group_ranks(self.group)
         self._store = dist.distributed_c10d._get_default_store()
-        self._prefix = f"fastpar/hier/{'-'.join(map(str, ranks))}/{index}"
+        self._prefix = exchange_prefix("hier", self.group)
         layout = self.layout
         self._host, self._local = layout.host, layout.local_rank
         self._local_ranks = layout.hosts[self._host]

@@ -12,23 +12,17 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Literal
 
 import torch.distributed as dist
 
-from fastpar.comm.agreement import wait_for_ranks
+from fastpar.comm.agreement import exchange_prefix, wait_for_ranks
 
 HOST_ENV = "FASTPAR_HOST_ID"
 
 Path = Literal["ring", "hierarchical", "torch"]
-
-# Per group (its global ranks), how many layouts this process has gathered: every rank of a
-# group gathers in the same order, so the count names the same exchange on every rank.
-_gathered: dict[tuple[int, ...], int] = {}
-_gathered_lock = threading.Lock()
 
 
 def shared_memory_identity() -> str:
@@ -118,12 +112,8 @@ def gather_host_layout(group: dist.ProcessGroup, timeout: timedelta) -> HostLayo
     `timeout`; CommTimeoutError naming the ranks that did not answer)."""
     rank = dist.get_rank(group)
     world_size = dist.get_world_size(group)
-    ranks = tuple(dist.get_process_group_ranks(group))
-    with _gathered_lock:
-        index = _gathered.get(ranks, 0)
-        _gathered[ranks] = index + 1
     store = dist.distributed_c10d._get_default_store()
-    prefix = f"fastpar/hosts/{'-'.join(map(str, ranks))}/{index}"
+    prefix = exchange_prefix("hosts", group)
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     store.set(keys[rank], host_identity())
     wait_for_ranks(store, keys, timeout, rank, "say which host it runs on")

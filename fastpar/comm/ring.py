@@ -46,6 +46,7 @@ from fastpar.comm import processes
 from fastpar.comm.agreement import (
     agree,
     cuda_peer_problem,
+    exchange_prefix,
     local_device_ids,
     shared_gpu_problem,
     wait_for_ranks,
@@ -72,11 +73,6 @@ DEFAULT_SLOTS = 4
 # sharing a GPU use the ring only on request, or where NCCL (which refuses them) is the group's
 # CUDA backend: see agreement.SHARED_GPU_REASON.
 CUDA_RING_MAX_BYTES = 8 * 1024 * 1024
-
-# Per group (its global ranks), how many rings this process has created: the ranks of a group
-# create theirs in the same order, so the count names the same ring on every rank.
-_created: dict[tuple[int, ...], int] = {}
-_created_lock = threading.Lock()
 
 
 def _cuda_backend_name(group: dist.ProcessGroup) -> str:
@@ -168,11 +164,7 @@ class RingAllReduce:
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
-        ranks = tuple(dist.get_process_group_ranks(self.group))
-        with _created_lock:
-            index = _created.get(ranks, 0)
-            _created[ranks] = index + 1
-        prefix = f"fastpar/ring/{'-'.join(map(str, ranks))}/{index}"
+        prefix = exchange_prefix("ring", self.group)
         self._store, self._prefix = store, prefix
         hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
         pids = {rank: f"{prefix}/pid/{rank}" for rank in range(self.world_size)}
