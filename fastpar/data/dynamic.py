@@ -25,10 +25,13 @@ Policies:
         only when `change_steps` of them in a row lie on the same side (`speedup_steps` when
         faster: load only slows steps) is it a speed change: the model is rescaled by their
         median and refitted from them (bursts of fewer steps, e.g. another process's spike,
-        are ignored). A new split replaces the current
+        are ignored); a change back to the speed before the last one refits the model of
+        that speed instead (stragglers come and go). A new split replaces the current
         one only when it shortens the slowest rank's predicted time by more than
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
-        blocks neither flicker nor drift where the split makes no difference.
+        blocks neither flicker nor drift where the split makes no difference; once the fit
+        after a speed change has a full `model_window` of its own, the split is corrected by
+        any amount that shortens that time.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
@@ -82,14 +85,18 @@ class DynamicSlicerConfig:
     """"throughput": a step time off the model's prediction by more than a factor
     1 + change_threshold either way (slower or faster) is a candidate speed change, not
     fitted, > 0."""
-    change_steps: int = 4
+    change_steps: int = 2
     """"throughput": candidates in a row on the same side that make a speed change (rescale
-    the model); bursts of fewer steps are ignored, >= 1."""
-    speedup_steps: int = 2
+    the model); bursts of fewer steps are ignored, >= 1. Each slowdown runs this many steps at
+    the old split; a burst this long or longer is followed, and costs speedup_steps steps at
+    its split once it ends (about what one of its own steps cost): 2 follows a straggler
+    soon and still ignores single-step spikes; raise it where bursts of several steps are
+    common and speed changes rare."""
+    speedup_steps: int = 1
     """"throughput": the same for candidates faster than the model (never more than
     change_steps), >= 1: other processes' load only lengthens steps, so a much shorter step is
     no burst, and a straggler's recovery (or the end of a long load episode) is confirmed
-    sooner."""
+    at once."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
@@ -464,16 +471,18 @@ class DynamicSlicer:
         )
         if self.config.policy == "throughput":
             config = self.config
+            settled = False
             for model, n, t in zip(self._models, samples, seconds, strict=True):
                 if n > 0 and t > 0:
-                    model.observe(int(n), t, window=config.model_window,
-                                  change_threshold=config.change_threshold,
-                                  change_steps=config.change_steps,
-                                  speedup_steps=min(config.speedup_steps,
-                                                    config.change_steps),
-                                  momentum=config.rate_momentum)  # fmt: skip
+                    settled |= model.observe(
+                        int(n), t, window=config.model_window,
+                        change_threshold=config.change_threshold,
+                        change_steps=config.change_steps,
+                        speedup_steps=min(config.speedup_steps, config.change_steps),
+                        momentum=config.rate_momentum,
+                    )  # fmt: skip
             proposal = self._decide_sizes()
-            moved = self._moves(proposal)
+            moved = self._moves(proposal, settled)
             event = "rebalance" if moved else "hold"
             if moved:
                 self._sizes = proposal
@@ -509,11 +518,17 @@ class DynamicSlicer:
             for n, m in zip(self._sizes, self._models, strict=True)
         )
 
-    def _moves(self, proposal: list[int]) -> bool:
+    def _moves(self, proposal: list[int], settled: bool) -> bool:
         """Whether `proposal` shortens the slowest rank's predicted time by more than the gain
-        threshold and moves some block by more than the rebalance threshold."""
+        threshold and moves some block by more than the rebalance threshold; when a model has
+        just `settled` after a speed change, whether it shortens that time at all (the
+        thresholds keep noise from moving well-fitted blocks, but the split made right after
+        the change rests on a rough fit, and a block left one sample off would cost every
+        step until the next change)."""
         config = self.config
         current = slowest(self._sizes, self._models)
+        if settled:
+            return proposal != self._sizes and slowest(proposal, self._models) < current
         if current > 0 and current - slowest(proposal, self._models) <= (
             config.gain_threshold * current
         ):

@@ -41,6 +41,11 @@ class StepTimeModel:
     lengthens a step, so a much shorter one is not a burst): the model is scaled by their
     median ratio measured / predicted and refitted from them alone.
     Shorter bursts (a preempted step, another process's spike) leave the model untouched.
+
+    The model in use before the last confirmed change is kept (`previous`): stragglers come and
+    go, and a change that brings the rank back to that speed (the candidates' median within
+    the threshold of its prediction) restores it, fitted over many steps, where the
+    candidates alone would leave a one- or two-step estimate.
     """
 
     fixed: float = 0.0
@@ -51,6 +56,12 @@ class StepTimeModel:
     """The accepted (n, t) of recent steps, oldest first."""
     candidates: list[tuple[int, float]] = field(default_factory=list)
     """Measurements set aside as a possible speed change, oldest first."""
+    previous: StepTimeModel | None = None
+    """The model in use before the last confirmed speed change (None: no change yet)."""
+    settling: int = 0
+    """Accepted steps left until the fit after the last confirmed change has a full window
+    (0: none pending). The split made right after a change rests on a rough fit; the one made
+    when this reaches 0 may correct it by any amount (see `observe`'s return)."""
 
     @property
     def known(self) -> bool:
@@ -63,13 +74,18 @@ class StepTimeModel:
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
         change_steps: int, speedup_steps: int, momentum: float,
-    ) -> None:  # fmt: skip
-        """Fold one step's measurement (samples > 0, seconds > 0) into the model."""
+    ) -> bool:  # fmt: skip
+        """Fold one step's measurement (samples > 0, seconds > 0) into the model.
+
+        Returns:
+            True when this measurement completes the window fitted since the last confirmed
+            speed change: from now on the model is as well fitted as before it.
+        """
         if not self.known:
             # The first measurement: no fixed part can be told apart yet.
             self.fixed, self.per_sample = 0.0, seconds / samples
             self.window = [(samples, seconds)]
-            return
+            return False
         predicted = self.predict(samples)
         # A factor either way: a slowdown by 1 + c and its recovery (1 / (1 + c), a smaller
         # relative step) are judged alike, so a straggler's recovery is caught as fast.
@@ -79,19 +95,38 @@ class StepTimeModel:
             fixed, per_sample = _fit(self.window, self.per_sample)
             self.fixed = momentum * self.fixed + (1 - momentum) * fixed
             self.per_sample = momentum * self.per_sample + (1 - momentum) * per_sample
-            return
+            if self.settling == 0:
+                return False
+            self.settling -= 1
+            return self.settling == 0
         if self.candidates and (self.candidates[-1][1] > self.predict(self.candidates[-1][0])) != (
             seconds > predicted
         ):
             self.candidates.clear()  # the other side: not the same change
         self.candidates.append((samples, seconds))
         if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps):
-            factor = statistics.median(t / self.predict(n) for n, t in self.candidates)
-            self.fixed *= factor
-            self.per_sample *= factor
-            self.window = self.candidates[-window:]
-            self.candidates = []
-            self.fixed, self.per_sample = _fit(self.window, self.per_sample)
+            self._change(window, change_threshold)
+        return False
+
+    def _change(self, window: int, change_threshold: float) -> None:
+        """Follow the speed change the candidates confirm: back to the previous model when
+        they fit it, else this one rescaled by their median ratio and refitted from them."""
+        candidates, self.candidates = self.candidates, []
+        before = StepTimeModel(self.fixed, self.per_sample, self.window)
+        previous = self.previous
+        if previous is not None and abs(
+            math.log(statistics.median(t / previous.predict(n) for n, t in candidates))
+        ) <= math.log1p(change_threshold):
+            # Its window and the candidates: blocks apart, so the fit also learns how the time
+            # splits into fixed and per-sample parts (a window at one block cannot tell).
+            self.window = (previous.window + candidates)[-window:]
+            self.fixed, self.per_sample = _fit(self.window, previous.per_sample)
+        else:
+            factor = statistics.median(t / self.predict(n) for n, t in candidates)
+            self.window = candidates[-window:]
+            self.fixed, self.per_sample = _fit(self.window, self.per_sample * factor)
+        self.previous = before
+        self.settling = window
 
     def state(self) -> dict[str, Any]:
         return {
@@ -99,6 +134,8 @@ class StepTimeModel:
             "per_sample": self.per_sample,
             "window": [list(p) for p in self.window],
             "candidates": [list(p) for p in self.candidates],
+            "previous": None if self.previous is None else self.previous.state(),
+            "settling": self.settling,
         }
 
     @classmethod
@@ -108,6 +145,9 @@ class StepTimeModel:
             per_sample=float(state["per_sample"]),
             window=[(int(n), float(t)) for n, t in state["window"]],
             candidates=[(int(n), float(t)) for n, t in state["candidates"]],
+            # Absent from states saved before the model kept it.
+            previous=None if state.get("previous") is None else cls.from_state(state["previous"]),
+            settling=int(state.get("settling", 0)),
         )
 
 

@@ -128,9 +128,14 @@ def test_a_state_saved_before_an_option_existed_still_resumes() -> None:
     _run(slicer, 5, rng)
     state = json.loads(json.dumps(slicer.state_dict(), allow_nan=True))
     del state["config"]["speedup_steps"]  # as saved by a slicer without the option
+    for model in state["models"]:  # ... and by step-time models that kept no history
+        del model["previous"], model["settling"]
     resumed = DynamicSlicer(64, slicer.config, world_size=2)
     resumed.load_state_dict(state)
-    assert resumed.state_dict() == slicer.state_dict()
+    expected = slicer.state_dict()
+    for model in expected["models"]:
+        model.update(previous=None, settling=0)
+    assert resumed.state_dict() == expected
 
 
 @settings(max_examples=30, deadline=None)
@@ -500,21 +505,29 @@ def _changes(history: list[list[int]]) -> int:
 
 
 SETTLE_STEPS = 10
-"""Steps the throughput policy (default options) may take after a speed change before every
-block stays within 10 % of the time-equalising split: change_steps = 4 to confirm the change,
-one to cut the next step with the rescaled model, and a few while the fit learns how the new
-time splits into fixed and per-sample parts (the blocks did not move before the change)."""
+"""Steps the throughput policy may take after a speed change before every block stays within
+10 % of the time-equalising split: change_steps (2 by default, 4 in the burst test below) to
+confirm the change, one to cut the next step with the rescaled model, and a few while the fit
+learns how the new time splits into fixed and per-sample parts (the blocks did not move
+before the change)."""
 MAX_CHANGES = 5
 """Block changes allowed per phase: the rebalance after the change and a few refinements."""
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_throughput_follows_a_straggler_that_comes_and_goes(seed: int) -> None:
+@pytest.mark.parametrize(
+    ("seed", "options"),
+    [(seed, {}) for seed in range(4)]
+    + [(seed, {"change_steps": 4, "speedup_steps": 2}) for seed in range(4)],
+)
+def test_throughput_follows_a_straggler_that_comes_and_goes(
+    seed: int, options: dict[str, int]
+) -> None:
     """Rank 2 slows down 2x mid-run and later recovers; a third of each step is a fixed cost;
-    step times carry +-3 % noise and bursts of 1-3 steps (1.5x-3x on one rank) that are not
-    speed changes. After each change the blocks reach the time-equalising split within
-    SETTLE_STEPS and stay there; they change at most MAX_CHANGES times per phase and never
-    in answer to a burst."""
+    step times carry +-3 % noise and bursts shorter than change_steps (1.5x-3x on one rank)
+    that are not speed changes. After each change the blocks reach the time-equalising split
+    within SETTLE_STEPS and stay there; they change at most MAX_CHANGES times per phase and
+    never in answer to a burst."""
+    longest_burst = options.get("change_steps", DynamicSlicerConfig.change_steps) - 1
     rng = random.Random(seed)
     fixed, per_sample = 1e-3, 2e-3 / 32  # 1 ms + 2 ms at the equal split of 32 samples
     normal, slow = (fixed, per_sample), (2 * fixed, 2 * per_sample)
@@ -523,10 +536,11 @@ def test_throughput_follows_a_straggler_that_comes_and_goes(seed: int) -> None:
     bursts: dict[tuple[int, int], float] = {}
     burst_steps = []
     for first in (15, 28, 40 + SETTLE_STEPS + 5, 40 + 40, 100 + SETTLE_STEPS + 5, 100 + 40):
-        length, rank, factor = rng.randint(1, 3), rng.randrange(3), rng.uniform(1.5, 3.0)
+        length = rng.randint(1, longest_burst)
+        rank, factor = rng.randrange(3), rng.uniform(1.5, 3.0)
         bursts.update({(first + k, rank): factor for k in range(length)})
         burst_steps.append((first, first + length))
-    history = _simulate(phases, bursts, 0.03, random.Random(seed + 1))
+    history = _simulate(phases, bursts, 0.03, random.Random(seed + 1), **options)
     for (_, costs), first, last in zip(phases, starts, starts[1:], strict=False):
         ideal, blocks = _equal_time_split(costs), history[first:last]
         settle = 0 if first == 0 else SETTLE_STEPS
@@ -535,7 +549,7 @@ def test_throughput_follows_a_straggler_that_comes_and_goes(seed: int) -> None:
         assert changes <= MAX_CHANGES, (seed, costs, blocks)
     # The same cluster with the same noise and no bursts: during a burst and the step after it
     # (the first its measurements could move), the blocks are those of the quiet run.
-    quiet = _simulate(phases, {}, 0.03, random.Random(seed + 1))
+    quiet = _simulate(phases, {}, 0.03, random.Random(seed + 1), **options)
     for first, last in burst_steps:
         assert history[first : last + 1] == quiet[first : last + 1], (seed, first, last)
 
@@ -689,7 +703,7 @@ def test_a_straggler_that_comes_and_goes_settles_within_20_steps_each_time(
     recovers at step 60, under +-3 % noise. Within SETTLE_STEPS (the goal: 20) of each change
     the blocks are within 10 % of the time-equalising split (float64 closed form) and stay
     there. The recovery is the same factor as the slowdown, so it is caught alike, and being
-    faster, after speedup_steps = 2 measurements; then the blocks are back (the model was
+    faster, after speedup_steps = 1 measurement; then the blocks are back (the model was
     fitted at blocks far apart, so nothing is left to learn). Judged as a relative difference,
     a 1.35x-1.4x slowdown's recovery (26-29 % faster) would stay under change_threshold (30 %)
     and be learnt only slowly through the fit (7-10 steps)."""
@@ -705,6 +719,32 @@ def test_a_straggler_that_comes_and_goes_settles_within_20_steps_each_time(
         blocks = history[first + settle : last]
         assert all(_balanced(b, ideal) for b in blocks), (seed, ideal, history[first:last])
         assert _changes(history[first:last]) <= MAX_CHANGES, (seed, history[first:last])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_after_each_change_the_split_ends_within_the_fit_of_the_best(seed: int) -> None:
+    """Rank 1's delay per sample doubles its per-sample cost from step 20 to 59 (under +-3 %
+    noise): the best splits are 2:1 and then 1:1. The first split after each change rests on
+    a rough fit (the change is rescaled as a whole, fixed part included) and may cost several
+    per cent, which the thresholds would keep for good (a small move does not pass them);
+    once the fit has a full model_window of its own, the blocks' true step time is within 2 %
+    of the best split's until the next change. The recovery brings back the model of the
+    first phase: blocks within 10 % of 1:1 from its first decision on."""
+    normal = (1e-3, 2e-3 / _BATCH)
+    slow = (normal[0], 2 * normal[1])
+    phases = [(20, [normal] * 2), (40, [normal, slow]), (40, [normal] * 2)]
+    history = _simulate(phases, {}, 0.03, random.Random(seed))
+    config = DynamicSlicerConfig(min_size=1, max_size=1, global_batch=1)
+    # Confirmed after change_steps measurements, settled after model_window more, + 1 to act.
+    for first, last, costs in ((20, 60, [normal, slow]), (60, 100, [normal] * 2)):
+        steps = config.change_steps if first == 20 else config.speedup_steps
+        settled = first + steps + config.model_window + 1
+        best = min(max(a + b * n for n, (a, b) in zip((m, _BATCH - m), costs, strict=True))
+                   for m in range(_BATCH + 1))  # fmt: skip
+        for blocks in history[settled:last]:
+            seconds = max(a + b * n for n, (a, b) in zip(blocks, costs, strict=True))
+            assert seconds <= 1.02 * best, (seed, blocks, history[first:last])
+    assert all(_balanced(b, [_BATCH / 2] * 2) for b in history[61:]), (seed, history[60:])
 
 
 def _flickers(history: list[list[int]], within: int = 10) -> int:
