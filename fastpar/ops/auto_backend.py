@@ -57,13 +57,18 @@ MEASURED: tuple[Measurement, ...] = (
 )
 
 
+# (cell, dtype, kernel) of MEASURED where Triton beat torch in every case: asked every forward.
+_TRITON_WINS = frozenset(
+    key
+    for key in {(m.cell, m.dtype, m.kernel) for m in MEASURED}
+    if all(m.triton_wins for m in MEASURED if (m.cell, m.dtype, m.kernel) == key)
+)
+
+
 def triton_measured_faster(cell: str, dtype: torch.dtype, kernel: str) -> bool:
     """Whether ``MEASURED`` has cases of this cell ("lstm", "gru", "rnn_tanh", "rnn_relu"),
     dtype and Triton kernel, and Triton beat torch in every one, forward and forward+backward."""
-    family = "rnn" if cell.startswith("rnn") else cell
-    rows = [m for m in MEASURED if (m.cell, m.dtype, m.kernel) == (family, dtype, kernel)]
-    # len(): torch.compile traces this, and torch 2.11's dynamo cannot trace bool(list).
-    return len(rows) > 0 and all(m.triton_wins for m in rows)
+    return ("rnn" if cell.startswith("rnn") else cell, dtype, kernel) in _TRITON_WINS
 
 
 class AutoChoice(NamedTuple):

@@ -29,6 +29,7 @@ float32 dots use TF32 exactly when cuDNN's LSTM would (``fp32_dot_precision``).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from typing import Literal, get_args
@@ -317,6 +318,28 @@ def persistent_config(
     PERSISTENT_BWD_MAX_TILE. The backward kernel's hidden tile is the N of its tl.dot, so it
     is at least 16 wide.
     """
+    # Every layer's forward and backward asks, and "auto" asks twice more: cached per shape
+    # (and per FASTPAR_LSTM_TILES value), which saves tens of microseconds a call.
+    args = (batch, hidden, proj, dtype, num_sms, interpreter, backward, version, cell,
+            tile_choice())  # fmt: skip
+    if torch.compiler.is_compiling():  # dynamo traces the function, not the cache
+        return _persistent_config.__wrapped__(*args)
+    return _persistent_config(*args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _persistent_config(
+    batch: int,
+    hidden: int,
+    proj: int,
+    dtype: torch.dtype,
+    num_sms: int,
+    interpreter: bool,
+    backward: bool,
+    version: KernelVersion,
+    cell: CellKind,
+    tiles: TileChoice,
+) -> PersistentConfig | None:
     if proj != hidden:
         return None
     block_b = batch_block(batch)
@@ -326,7 +349,7 @@ def persistent_config(
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
         tiles = None
-        if version == "v2" and tile_choice() == "min-traffic":
+        if version == "v2" and tiles == "min-traffic":
             tiles = min_traffic_tiles(batch, hidden, dtype, num_sms, backward, cell)
             if tiles is None and backward:
                 return None
