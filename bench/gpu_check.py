@@ -240,9 +240,14 @@ def gpu_test_modules() -> list[Path]:
                                         else len(order), "compile" in p.name, str(p)))  # fmt: skip
 
 
+def _relative(module: Path) -> Path:
+    """A test module's path as pytest and the rows name it: relative to the repository."""
+    return module.relative_to(ROOT) if module.is_relative_to(ROOT) else module
+
+
 def _pytest_module(check: Check, module: Path) -> tuple[list[str], Path, str]:
     """The command, rows file and log name of one module's pytest run."""
-    relative = module.relative_to(ROOT) if module.is_relative_to(ROOT) else module
+    relative = _relative(module)
     command = [check.python, "-m", "pytest", "-m", "gpu", str(relative), "-p", "pytest_rows",
                "-rA", "-p", "no:cacheprovider",
                f"--junitxml={check.out / 'junit' / (relative.stem + '.xml')}"]  # fmt: skip
@@ -281,7 +286,7 @@ def stage_tests(check: Check, timeout: float) -> tuple[str, str]:
             if rc is None and not out_of_time:
                 continue
             del running[module]
-            relative = module.relative_to(ROOT) if module.is_relative_to(ROOT) else module
+            relative = _relative(module)
             if out_of_time:
                 _kill_group(process)
                 timed_out.append(relative.name)
