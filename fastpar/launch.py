@@ -25,6 +25,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import re
 import shutil
 import signal
 import sys
@@ -126,12 +127,31 @@ def _send_stderr_to(path: str) -> None:
     faulthandler.enable(file=2, all_threads=True)
 
 
+_RELAY_PREFIX = "fastpar-ranks-"
+
+
+def _remove_orphaned_relays() -> None:
+    """Remove the stderr folders of launchers that died without closing them (killed): each
+    is named after its launcher's process id."""
+    for entry in os.scandir(tempfile.gettempdir()):
+        match = re.fullmatch(rf"{_RELAY_PREFIX}(\d+)-\w+", entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # alive, another user's
+            pass
+
+
 class _StderrRelay:
     """The ranks' stderr files: relayed to this process's stderr in whole lines, and the last
     lines of a rank that died quoted in its failure."""
 
     def __init__(self, world_size: int) -> None:
-        self.directory = tempfile.mkdtemp(prefix="fastpar-ranks-")
+        _remove_orphaned_relays()
+        self.directory = tempfile.mkdtemp(prefix=f"{_RELAY_PREFIX}{os.getpid()}-")
         self.paths = [os.path.join(self.directory, f"rank{r}.stderr") for r in range(world_size)]
         self._offsets = [0] * world_size
         self._partial = [b""] * world_size  # a line not yet ended, held back

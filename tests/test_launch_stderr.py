@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -48,3 +50,20 @@ def test_what_ranks_write_to_stderr_reaches_the_launcher(capsys: pytest.CaptureF
     for rank in range(2):
         assert f"rank {rank} says hello\n" in err
         assert f"rank {rank} ends without a newline" in err
+
+
+def test_a_killed_launchers_stderr_folder_is_removed_by_the_next_launch() -> None:
+    """A launcher killed with SIGKILL cannot remove its ranks' stderr folder; the next launch
+    removes every folder whose launcher is gone, and leaves a live launcher's alone."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    orphan = tempfile.mkdtemp(prefix=f"fastpar-ranks-{gone.stdout.strip()}-")
+    live = tempfile.mkdtemp(prefix=f"fastpar-ranks-{os.getppid()}-")
+    try:
+        assert spawn_ranks(_say, 1, timeout=120) == [0]
+        assert not os.path.exists(orphan)
+        assert os.path.isdir(live)
+    finally:
+        for path in (orphan, live):
+            if os.path.isdir(path):
+                os.rmdir(path)
