@@ -117,10 +117,9 @@ class StepTimeModel:
         if previous is not None and abs(
             math.log(statistics.median(t / previous.predict(n) for n, t in candidates))
         ) <= math.log1p(change_threshold):
-            # Its window and the candidates: blocks apart, so the fit also learns how the time
-            # splits into fixed and per-sample parts (a window at one block cannot tell).
-            self.window = (previous.window + candidates)[-window:]
-            self.fixed, self.per_sample = _fit(self.window, previous.per_sample)
+            self.fixed, self.per_sample, self.window = (
+                previous.fixed, previous.per_sample, previous.window
+            )  # fmt: skip
         else:
             factor = statistics.median(t / self.predict(n) for n, t in candidates)
             self.window = candidates[-window:]
