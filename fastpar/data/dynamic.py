@@ -25,7 +25,7 @@ Policies:
         only when `change_steps` of them in a row lie on the same side (`speedup_steps` when
         faster: load only slows steps) is it a speed change: the model is rescaled by their
         median and refitted from them (bursts of fewer steps, e.g. another process's spike,
-        are ignored); a change back to the speed before the last one refits the model of
+        are ignored); a change back to the speed before the last one restores the model of
         that speed instead (stragglers come and go). A new split replaces the current
         one only when it shortens the slowest rank's predicted time by more than
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
