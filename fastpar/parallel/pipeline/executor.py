@@ -222,7 +222,7 @@ class Pipeline:
         peer = self.placement.stage_ranks[message.dest if send else message.source]
         device = self._devices[s] if self._devices[s] != self._comm_device else None
         if send:
-            return _Planned(action, (s, k), self._links[peer], self._names[message], device)
+            return _Planned(action, (s, k), self._links[peer], self._names[message], None)
         return _Planned(action, (s, k), self._inboxes[peer], message, device)
 
     def _expected(self, peer_actions: list[Action]) -> list[Message]:
@@ -417,7 +417,8 @@ class Pipeline:
 
     def _send(self, planned: _Planned, tensor: Tensor) -> None:
         # A stage on a GPU sends via the host unless its link is NCCL (see _make_links).
-        tensor = tensor if planned.device is None else tensor.to(self._comm_device)
+        if tensor.device != self._comm_device:
+            tensor = tensor.to(self._comm_device)
         planned.route.send(tensor, planned.what)
 
     def _backward_context(
@@ -452,7 +453,7 @@ class _Planned(NamedTuple):
     key: tuple[int, int]  # (stage, micro-batch)
     route: Any  # SEND: the Link to the peer; RECV: the Inbox of the peer; compute: None
     what: Any  # SEND: the message's name; RECV: the Message; compute: its profiler range
-    device: torch.device | None  # a transfer's stage device when it differs from the link's
+    device: torch.device | None  # RECV: the stage's device, when not the link's (None)
 
 
 class _StepState:
