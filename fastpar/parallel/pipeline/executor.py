@@ -363,6 +363,7 @@ class Pipeline:
             else:
                 self._compute(planned, run)
         stats = run.stats
+        _record_times(stats, run.times, run.start)
         for link in self._links.values():
             link.finish_sends()
             link.end_step()
@@ -393,13 +394,11 @@ class Pipeline:
                     y = self.loss_fn(y, run.targets[k]) * run.weights[k]
                     run.losses.append(y.detach())
             run.outputs[key] = y
-            run.stats.forward_s += time.perf_counter() - began
         elif action.op is Op.BACKWARD_WEIGHT:
             with record_range(name):
                 deferred = run.deferred.pop(key, None)
                 if deferred is not None:
                     deferred.run()
-            run.stats.weight_s += time.perf_counter() - began
         else:
             y = run.outputs.pop(key)
             grad = run.output_grads.pop(key, None)
@@ -410,10 +409,9 @@ class Pipeline:
             with self._backward_context(s, k), record_range(name):
                 if y.requires_grad and (grad is not None or s == self.num_stages - 1):
                     torch.autograd.backward(y, grad)
-            run.stats.backward_s += time.perf_counter() - began
-        run.stats.per_microbatch.append(
-            ActionTime(action.op.value, s, k, began - run.start, time.perf_counter() - run.start)
-        )
+        # Only the times here: the stats are made at the end of the step (_record_times), off
+        # the path between this compute and the send a peer waits for.
+        run.times.append((action, began, time.perf_counter()))
 
     def _send(self, planned: _Planned, tensor: Tensor) -> None:
         # A stage on a GPU sends via the host unless its link is NCCL (see _make_links).
@@ -470,6 +468,20 @@ class _StepState:
         self.output_grads: dict[tuple[int, int], Tensor] = {}
         self.deferred: dict[tuple[int, int], DeferredWeights] = {}
         self.losses: list[Tensor] = []
+        self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
+
+
+def _record_times(stats: StepStats, times: list[tuple[Action, float, float]], start: float) -> None:
+    """Add a step's compute times (host clock) to its stats, in seconds from `start`."""
+    for action, began, ended in times:
+        if action.op is Op.FORWARD:
+            stats.forward_s += ended - began
+        elif action.op is Op.BACKWARD_WEIGHT:
+            stats.weight_s += ended - began
+        else:
+            stats.backward_s += ended - began
+        s, k = action.stage, action.microbatch
+        stats.per_microbatch.append(ActionTime(action.op.value, s, k, began - start, ended - start))
 
 
 def _check_chunks(
