@@ -21,7 +21,17 @@ schedule with every stage at its mean times, i.e. perfectly balanced stages: (p-
 gpipe and 1f1b, (p-1)/(v m+p-1) for interleaved-1f1b, (p-1)(F+I-W) of idle for zero-bubble
 (ZB-H1). torch does not report its compute times.
 
-    python bench/pipeline.py [--steps 40] [--csv results/pipeline.csv]
+"idle_ms" and "ideal_idle_ms" are the same bubbles in time, as the zero-bubble paper counts
+them: ZB-H1's (p-1)(F+B-W) is 1/3 of 1F1B's (p-1)(F+B+W) with F = B = W. As fractions of the
+step the ratio is larger, since zero-bubble's step is also shorter (p = 2, m = 8, F = B = W:
+1/25 against 1/9, 0.36; and no schedule does better there: the last stage cannot start before
+the first forward, so its idle fraction is at least F / (F + m (F+B+W)) = 1/25). The lines
+under the table compare zero-bubble with 1F1B and zbv with interleaved-1f1b per rank.
+
+--batch sets the rows per step: each micro-batch's compute grows with it, while the per-
+micro-batch costs (transfers, the executor's Python) stay, so bubble - ideal shrinks.
+
+    python bench/pipeline.py [--steps 40] [--batch 64] [--csv results/pipeline.csv]
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ from fastpar.parallel.pipeline import Pipeline, StepStats, ideal_bubbles, split_
 from fastpar.parallel.pipeline.schedules import Placement, splits_backward
 from fastpar.testing.distributed import run_multiprocess
 
-RANKS, MICROBATCHES, LAYERS, WIDTH, BATCH, WARMUP = 2, 8, 8, 512, 64, 3
+RANKS, MICROBATCHES, LAYERS, WIDTH, WARMUP = 2, 8, 8, 512, 3
 # fastpar schedule -> (torch's schedule class, global stages)
 MATCHES = {
     "gpipe": ("ScheduleGPipe", 2),
@@ -54,6 +64,7 @@ MATCHES = {
 HEADERS = (
     "device", "schedule", "library", "step_ms", "p20_ms", "p80_ms", "torch/this",
     "bubble_r0", "bubble_r1", "ideal_r0", "ideal_r1", "theory",
+    "idle_ms_r0", "idle_ms_r1", "ideal_idle_ms_r0", "ideal_idle_ms_r1",
 )  # fmt: skip
 
 
@@ -106,11 +117,11 @@ def _runners(rank: int, world_size: int) -> dict[str, tuple[list[nn.Module], Any
     return runners
 
 
-def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
+def _rank(rank: int, world_size: int, steps: int, batch: int) -> dict[str, Any]:
     runners = _runners(rank, world_size)
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(BATCH, WIDTH, generator=generator)
-    y = torch.randn(BATCH, WIDTH, generator=generator)
+    x = torch.randn(batch, WIDTH, generator=generator)
+    y = torch.randn(batch, WIDTH, generator=generator)
 
     def run(name: str) -> None:
         modules, runner, first, last = runners[name]
@@ -137,8 +148,10 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, Any]:
     return {"times": times, "stats": stats}
 
 
-def _idle(schedule: str, per_rank: list[StepStats]) -> tuple[list[float], list[float], float]:
-    """One step's measured and ideal bubble of every rank, and the balanced-stage theory."""
+def _idle(schedule: str, per_rank: list[StepStats]) -> list[list[float]]:
+    """One step's measured and ideal bubble of every rank, the balanced-stage theory, and the
+    measured and ideal idle seconds of every rank (the bubble's time, as the zero-bubble paper
+    counts it: (p-1)(F+B-W) for ZB-H1 against (p-1)(F+B+W) for 1F1B)."""
     step = max(stats.step_s for stats in per_rank)
     measured = [1.0 - stats.compute_s / step for stats in per_rank]
     split = splits_backward(schedule)  # type: ignore[arg-type]
@@ -153,43 +166,56 @@ def _idle(schedule: str, per_rank: list[StepStats]) -> tuple[list[float], list[f
     means = [[[statistics.mean(t for row in kind for t in row)] * MICROBATCHES
               for _ in kind] for kind in times]  # fmt: skip
     theory = max(ideal_bubbles(schedule, *means, num_ranks=RANKS))  # type: ignore[arg-type]
-    return measured, ideal, theory
+    idle = [step - stats.compute_s for stats in per_rank]
+    # The replay's step is each rank's compute / (1 - its ideal bubble).
+    ideal_idle = [stats.compute_s * b / (1.0 - b) for stats, b in zip(per_rank, ideal, strict=True)]
+    return [measured, ideal, [theory], idle, ideal_idle]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--batch", type=int, default=64, help=f"rows per step ({MICROBATCHES} micro-batches)"
+    )
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
-    results = run_multiprocess(_rank, RANKS, args=(args.steps,), timeout=1800)
+    results = run_multiprocess(_rank, RANKS, args=(args.steps, args.batch), timeout=1800)
     steps = {
         name: [max(r["times"][name][i] for r in results) for i in range(args.steps)]
         for name in results[0]["times"]
     }
     rows = []
+    idles: dict[str, list[float]] = {}  # measured and ideal idle ms per rank
     for schedule in MATCHES:
         baseline = statistics.median(steps[f"torch {schedule}"])
         for library in ("fastpar", "torch"):
             name = f"{library} {schedule}"
-            idle: list[object] = ["-"] * (2 * RANKS + 1)  # torch does not report its compute
+            idle: list[object] = ["-"] * (4 * RANKS + 1)  # torch does not report its compute
             if library == "fastpar":
                 per_step = [
                     _idle(schedule, [r["stats"][name][i] for r in results])
                     for i in range(args.steps)
                 ]
                 idle = [
-                    statistics.median(step[which][rank] for step in per_step)
-                    for which in (0, 1)
-                    for rank in range(RANKS)
-                ] + [statistics.median(step[2] for step in per_step)]
+                    statistics.median(step[which][rank] for step in per_step) * scale
+                    for which, scale in ((0, 1), (1, 1), (2, 1), (3, 1e3), (4, 1e3))
+                    for rank in range(len(per_step[0][which]))
+                ]
+                idles[schedule] = idle[-2 * RANKS :]
             ratio = baseline / statistics.median(steps[name])
             rows.append([device_name(), schedule, library, *_ms(steps[name]), ratio, *idle])
     print(
-        f"MLP {LAYERS} x {WIDTH}, batch {BATCH}, {MICROBATCHES} micro-batches, {RANKS} ranks "
+        f"MLP {LAYERS} x {WIDTH}, batch {args.batch}, {MICROBATCHES} micro-batches, {RANKS} ranks "
         f"(1 thread each, gloo; fastpar over its shared-memory pipes); median of {args.steps} "
         "steps, slowest rank per step; torch/this > 1: faster than torch"
     )
     print(format_table(HEADERS, rows))
+    for pair in (("zero-bubble", "1f1b"), ("zbv", "interleaved-1f1b")):
+        ratios = [a / b for a, b in zip(idles[pair[0]], idles[pair[1]], strict=True)]
+        print(f"{pair[0]} idle / {pair[1]} idle, per rank: measured "
+              f"{' '.join(f'{r:.2f}' for r in ratios[:RANKS])}, ideal "
+              f"{' '.join(f'{r:.2f}' for r in ratios[RANKS:])}")  # fmt: skip
     if args.csv is not None:
         write_csv(args.csv, HEADERS, rows)
 

@@ -166,6 +166,35 @@ def test_auto_balance_picks_the_optimal_cuts(
     assert [id(m) for s in stages for m in s] == [id(m) for m in model]
 
 
+class BurstClock(Clock):
+    """A `Clock` under a burst of load: the `burst` consecutive timings after the first `skip`
+    each take `extra` longer."""
+
+    def __init__(self, skip: int, burst: int, extra: float) -> None:
+        super().__init__()
+        self.calls, self.skip, self.burst, self.extra = 0, skip, burst, extra
+
+    def __call__(self) -> float:
+        self.calls += 1
+        timing = (self.calls - 1) // 2  # each timing reads the clock at its start and its end
+        if self.calls % 2 == 0 and self.skip <= timing < self.skip + self.burst:
+            self.now += self.extra
+        return self.now
+
+
+def test_auto_balance_outlasts_a_burst_of_load() -> None:
+    # Six equal layers, 5 repeats (+1 warm-up): a burst over six consecutive timings would
+    # hit every timing of one layer if layers were timed one after another (and move the
+    # cut); timed in rounds, it hits one round, which the others outvote.
+    repeats, layers = 5, 6
+    clock = BurstClock(skip=repeats + 1, burst=repeats + 1, extra=10.0)
+    model = nn.Sequential(*[Costly(1.0, clock) for _ in range(layers)])
+    stages = split_sequential(model, 2, balance="auto", example_input=torch.randn(3, 8),
+                              repeats=repeats, timer=clock)  # fmt: skip
+    assert clock.calls == 2 * layers * (repeats + 1)  # the burst fell within the profile
+    assert [len(s) for s in stages] == [3, 3]
+
+
 def test_split_sequential_rejects_a_count_without_balance() -> None:
     model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2))
     with pytest.raises(ValueError, match="stage count: pass balance='auto'"):

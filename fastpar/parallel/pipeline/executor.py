@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -47,6 +48,7 @@ from fastpar.parallel.pipeline.handshake import (
 from fastpar.parallel.pipeline.links import Inbox, Link, LocalLink
 from fastpar.parallel.pipeline.microbatches import carries_grad, loss_weights, split_batch
 from fastpar.parallel.pipeline.schedules import (
+    COMPUTE_OPS,
     Action,
     Message,
     Op,
@@ -191,6 +193,7 @@ class Pipeline:
             peer: Inbox(link, self._expected(everyone[peer]), self._names)
             for peer, link in self._links.items()
         }
+        self._plan = [self._planned(action) for action in self._actions]
         self.transports = {link.peer.stage: _transport_name(link) for link in self._links.values()}
 
     # --- construction ---------------------------------------------------------------------------
@@ -204,6 +207,23 @@ class Pipeline:
                      "inside autograd's backward, so its backward is not split")  # fmt: skip
             return False
         return True
+
+    def _planned(self, action: Action) -> _Planned:
+        """What `action` needs at run time, looked up once: every lookup between two compute
+        actions delays a peer waiting for this rank's message (and runs on caches cooled by the
+        stage's compute, several times slower than in a loop)."""
+        s, k = action.stage, action.microbatch
+        if action.op in COMPUTE_OPS:
+            kind = {Op.FORWARD: "forward", Op.BACKWARD_WEIGHT: "weight"}.get(action.op, "backward")
+            name = f"s{s}.mb{k}" if len(self._chunks) > 1 else f"mb{k}"
+            return _Planned(action, (s, k), None, f"fastpar.pp.{kind}.{name}", None)
+        message = message_of(action)
+        send = action.op in _SENDS
+        peer = self.placement.stage_ranks[message.dest if send else message.source]
+        device = self._devices[s] if self._devices[s] != self._comm_device else None
+        if send:
+            return _Planned(action, (s, k), self._links[peer], self._names[message], None)
+        return _Planned(action, (s, k), self._inboxes[peer], message, device)
 
     def _expected(self, peer_actions: list[Action]) -> list[Message]:
         """The messages a peer sends this rank in a step, in the order it sends them."""
@@ -326,22 +346,24 @@ class Pipeline:
         self.last_stats = run.stats
         for inbox in self._inboxes.values():
             inbox.start_step()
-        for action in self._actions:
-            key = (action.stage, action.microbatch)
-            if action.op is Op.RECV_ACTIVATION:
-                x = self._receive(action).to(self._devices[action.stage])
+        for planned in self._plan:
+            op, key, route = planned.action.op, planned.key, planned.route
+            if op is Op.RECV_ACTIVATION:
+                x = route.recv(planned.what)
+                x = x if planned.device is None else x.to(planned.device)
                 run.stage_inputs[key] = x.detach().requires_grad_(True) if carries_grad(x) else x
-            elif action.op is Op.RECV_GRADIENT:
-                run.output_grads[key] = self._receive(action)
-            elif action.op is Op.SEND_ACTIVATION:
-                self._send(action, run.outputs[key].detach())
-            elif action.op is Op.SEND_GRADIENT:
+            elif op is Op.RECV_GRADIENT:
+                run.output_grads[key] = route.recv(planned.what)
+            elif op is Op.SEND_ACTIVATION:
+                self._send(planned, run.outputs[key].detach())
+            elif op is Op.SEND_GRADIENT:
                 x = run.stage_inputs.pop(key)
                 grad = _NO_GRADIENT if not carries_grad(x) else x.grad
-                self._send(action, torch.zeros_like(x) if grad is None else grad)
+                self._send(planned, torch.zeros_like(x) if grad is None else grad)
             else:
-                self._compute(action, run)
+                self._compute(planned, run)
         stats = run.stats
+        _record_times(stats, run.times, run.start)
         for link in self._links.values():
             link.finish_sends()
             link.end_step()
@@ -350,18 +372,17 @@ class Pipeline:
         stats.step_s = time.perf_counter() - run.start
         return torch.stack(run.losses).sum() if self.is_last else None
 
-    def _compute(self, action: Action, run: _StepState) -> None:
-        s, k = action.stage, action.microbatch
-        key = (s, k)
+    def _compute(self, planned: _Planned, run: _StepState) -> None:
+        action, key, name = planned.action, planned.key, planned.what
+        s, k = key
         began = time.perf_counter()
-        name = f"s{s}.mb{k}" if len(self._chunks) > 1 else f"mb{k}"
         if action.op is Op.FORWARD:
             x = run.inputs[k] if s == 0 else run.stage_inputs[key]
             split = self._split[s] and torch.is_grad_enabled()
             deferred = run.deferred.setdefault(key, DeferredWeights()) if split else None
             context = (weight_split(self._chunks[s], deferred, f"stage {s}")
                        if deferred is not None else _NO_CONTEXT)  # fmt: skip
-            with record_range(f"fastpar.pp.forward.{name}"), context:
+            with record_range(name), context:
                 y = self._chunks[s](x)
                 if not isinstance(y, Tensor):
                     raise TypeError(
@@ -373,13 +394,11 @@ class Pipeline:
                     y = self.loss_fn(y, run.targets[k]) * run.weights[k]
                     run.losses.append(y.detach())
             run.outputs[key] = y
-            run.stats.forward_s += time.perf_counter() - began
         elif action.op is Op.BACKWARD_WEIGHT:
-            with record_range(f"fastpar.pp.weight.{name}"):
+            with record_range(name):
                 deferred = run.deferred.pop(key, None)
                 if deferred is not None:
                     deferred.run()
-            run.stats.weight_s += time.perf_counter() - began
         else:
             y = run.outputs.pop(key)
             grad = run.output_grads.pop(key, None)
@@ -387,22 +406,18 @@ class Pipeline:
                 grad = grad.to(y.device)
             else:
                 grad = None
-            with self._backward_context(s, k), record_range(f"fastpar.pp.backward.{name}"):
+            with self._backward_context(s, k), record_range(name):
                 if y.requires_grad and (grad is not None or s == self.num_stages - 1):
                     torch.autograd.backward(y, grad)
-            run.stats.backward_s += time.perf_counter() - began
-        run.stats.per_microbatch.append(
-            ActionTime(action.op.value, s, k, began - run.start, time.perf_counter() - run.start)
-        )
+        # Only the times here: the stats are made at the end of the step (_record_times), off
+        # the path between this compute and the send a peer waits for.
+        run.times.append((action, began, time.perf_counter()))
 
-    def _receive(self, action: Action) -> Tensor:
-        message = message_of(action)
-        return self._inboxes[self.placement.stage_ranks[message.source]].recv(message)
-
-    def _send(self, action: Action, tensor: Tensor) -> None:
-        message = message_of(action)
-        link = self._links[self.placement.stage_ranks[message.dest]]
-        link.send(tensor.to(self._comm_device), self._names[message])
+    def _send(self, planned: _Planned, tensor: Tensor) -> None:
+        # A stage on a GPU sends via the host unless its link is NCCL (see _make_links).
+        if tensor.device != self._comm_device:
+            tensor = tensor.to(self._comm_device)
+        planned.route.send(tensor, planned.what)
 
     def _backward_context(
         self, stage: int, microbatch: int
@@ -429,6 +444,16 @@ class Pipeline:
             link.drop()
 
 
+class _Planned(NamedTuple):
+    """One action of this rank's list and what it needs at run time (see `_planned`)."""
+
+    action: Action
+    key: tuple[int, int]  # (stage, micro-batch)
+    route: Any  # SEND: the Link to the peer; RECV: the Inbox of the peer; compute: None
+    what: Any  # SEND: the message's name; RECV: the Message; compute: its profiler range
+    device: torch.device | None  # RECV: the stage's device, when not the link's (None)
+
+
 class _StepState:
     """What one step keeps between actions, keyed by (stage, micro-batch)."""
 
@@ -443,6 +468,20 @@ class _StepState:
         self.output_grads: dict[tuple[int, int], Tensor] = {}
         self.deferred: dict[tuple[int, int], DeferredWeights] = {}
         self.losses: list[Tensor] = []
+        self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
+
+
+def _record_times(stats: StepStats, times: list[tuple[Action, float, float]], start: float) -> None:
+    """Add a step's compute times (host clock) to its stats, in seconds from `start`."""
+    for action, began, ended in times:
+        if action.op is Op.FORWARD:
+            stats.forward_s += ended - began
+        elif action.op is Op.BACKWARD_WEIGHT:
+            stats.weight_s += ended - began
+        else:
+            stats.backward_s += ended - began
+        s, k = action.stage, action.microbatch
+        stats.per_microbatch.append(ActionTime(action.op.value, s, k, began - start, ended - start))
 
 
 def _check_chunks(

@@ -55,6 +55,7 @@ class ShmLink:
         self._errors = (native.PipeAbortedError, native.PipeBrokenError)
         self._sends: list[Tensor] = []  # read by the pipe until finish_sends
         self._deferred_seen = 0
+        self._ranges: dict[tuple[str, str], str] = {}
         self.split_sends = 0
 
     def post_receives(self, count: int) -> None:
@@ -64,7 +65,7 @@ class ShmLink:
         """The peer's next tensor, on the CPU (see `Link.recv`)."""
         # try/except rather than a context manager: this runs per micro-batch, where every
         # microsecond is bubble.
-        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
+        with record_range(self._range("recv", what)):
             try:
                 return self._pipe.recv(what)
             except self._errors as error:
@@ -73,13 +74,20 @@ class ShmLink:
     def send(self, tensor: Tensor, what: str) -> None:
         """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
         check_sendable(tensor)
-        data = tensor.detach().contiguous()
-        with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
+        data = (tensor.detach() if tensor.requires_grad else tensor).contiguous()
+        with record_range(self._range("send", what)):
             try:
                 self._pipe.send(data)
             except self._errors as error:
                 raise self._pipeline_error(error, "sending to") from error
         self._sends.append(data)
+
+    def _range(self, verb: str, what: str) -> str:
+        """The profiler range of a transfer, built once per message name."""
+        name = self._ranges.get((verb, what))
+        if name is None:
+            name = self._ranges[verb, what] = f"fastpar.pp.{verb}.{what.replace(' ', '')}"
+        return name
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Make the peer's waits on this pipe raise the error (it is in shared memory at once:

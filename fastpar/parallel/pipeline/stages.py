@@ -104,29 +104,35 @@ def profile_layers(
 ) -> list[LayerProfile]:
     """Time each layer's forward and backward, feeding it the previous layer's output.
 
-    The backward of a layer gets a gradient of ones for its output (its cost does not depend
-    on the values); parameters' `.grad` are restored afterwards. Layers whose output carries
-    no gradient (integer ids) are timed forward only.
+    The layers are timed in rounds, each round once through every layer, and a layer's cost is
+    its fastest round: a burst of load on the machine then slows one round of a few layers,
+    which the other rounds outvote, instead of every repeat of one layer (identical layers
+    timed back to back differed by a quarter under load, enough to move a cut). The backward
+    of a layer gets a gradient of ones for its output (its cost does not depend on the
+    values); parameters' `.grad` are restored afterwards. Layers whose output carries no
+    gradient (integer ids) are timed forward only.
     """
     check_int("repeats", repeats, 1)
     saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
-    profiles = []
-    x = example_input
-    for layer in model:
-        times = []
-        y = x
-        for _ in range(repeats + 1):  # the first run warms up (allocations, lazy init)
+    inputs = [example_input]
+    with torch.no_grad():
+        for layer in model:
+            inputs.append(layer(inputs[-1]))
+    times: list[list[float]] = [[] for _ in model]
+    sizes = [0] * len(model)
+    for _ in range(repeats + 1):  # the first round warms up (allocations, lazy init)
+        for index, layer in enumerate(model):
+            x = inputs[index]
             leaf = x.detach().requires_grad_(x.is_floating_point())
             start = timer()
             y = layer(leaf)
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
-            times.append(timer() - start)
-        profiles.append(LayerProfile(min(times[1:]), y.numel() * y.element_size()))
-        x = y.detach()
+            times[index].append(timer() - start)
+            sizes[index] = y.numel() * y.element_size()
     for param, grad in saved:
         param.grad = grad
-    return profiles
+    return [LayerProfile(min(t[1:]), size) for t, size in zip(times, sizes, strict=True)]
 
 
 def balanced_cuts(
