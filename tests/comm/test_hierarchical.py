@@ -177,9 +177,10 @@ def test_host_layouts_and_their_paths() -> None:
 KILLED = 3
 
 
-def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float, str] | None:
+def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, float, str] | None:
     """Rank 1 passes a larger tensor than the others (every rank raises CommMismatchError,
-    host 1's through the failure host 0 posted), then, on a new object, rank KILLED dies."""
+    host 1's through the failure host 0 posted), then, on a new object, another dtype of the
+    same size; then, on a third, rank KILLED dies."""
     simulate_hosts(rank, [0, 0, 1, 1])
     store = dist.distributed_c10d._get_default_store()
     # A short timeout: host 1's shards wait for host 0's, which never come, that long.
@@ -188,6 +189,12 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
             reducer.all_reduce(torch.ones(100 + (rank == 1)))
         with pytest.raises(comm.CommClosedError):
             reducer.all_reduce(torch.ones(100))
+    dtype = torch.int32 if rank == 1 else torch.float32
+    with (
+        comm.create_all_reduce(timeout=3) as reducer,
+        pytest.raises(comm.CommMismatchError) as dtypes,
+    ):
+        reducer.all_reduce(torch.ones(100, dtype=dtype))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
         tensor = torch.ones(1 << 18)
         reducer.all_reduce(tensor)
@@ -197,7 +204,7 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
         with pytest.raises(comm.CommTimeoutError) as error:
             reducer.all_reduce(tensor)
         after = time.time() - float(store.get("killed/at").decode())
-        return str(mismatch.value), after, str(error.value)
+        return str(mismatch.value), str(dtypes.value), after, str(error.value)
 
 
 def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
@@ -206,9 +213,10 @@ def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
     assert results[KILLED] is None
     survivors = [r for r in results if r is not None]
     assert len(survivors) == 3
-    for mismatch, _, _ in survivors:
-        assert "inside host 0: ranks [0, 1] called all_reduce with different sizes" in mismatch
-    for _, after_kill, message in survivors:
+    called = "inside host 0: ranks [0, 1] called all_reduce with different"
+    for mismatch, dtypes, _, _ in survivors:
+        assert f"{called} sizes" in mismatch and f"{called} dtypes or ops" in dtypes
+    for _, _, after_kill, message in survivors:
         assert f"rank {KILLED}" in message, message
         assert after_kill < timeout_s, (after_kill, message)
-    assert any("exited" in message for _, _, message in survivors), survivors
+    assert any("exited" in message for *_, message in survivors), survivors
