@@ -7,6 +7,7 @@ does not serve (one rank per host, uneven hosts) must go to torch.distributed sa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -126,7 +127,8 @@ def test_two_hosts_of_two_ranks() -> None:
 def _layouts(rank: int, world_size: int, seed: int) -> dict[str, str | None]:
     """Six ranks on three hosts of two: the world (3 x 2) and a subgroup (2 x 2) run
     hierarchically; a group with one rank per host, one with uneven hosts (2 + 1) and one
-    inside a host do not."""
+    inside a host do not. The world also reduces random floats, a small call and one of
+    several chunks: their bits (a digest) must be the same on every rank."""
     hosts = [0, 0, 1, 1, 2, 2]
     simulate_hosts(rank, hosts)
     generator = torch.Generator().manual_seed(seed + rank)
@@ -149,12 +151,20 @@ def _layouts(rank: int, world_size: int, seed: int) -> dict[str, str | None]:
             assert torch.equal(tensor, expected), f"seed {seed}: {name}"
             kind = type(reducer).__name__
             reasons[name] = f"{kind}: {reducer.fallback_reason(tensor)}"
+            if name == "world":
+                digest = hashlib.sha256()
+                for count in (1009, CHUNK_BYTES // 2 + 17):
+                    floats = torch.randn(count, generator=generator)
+                    reducer.all_reduce(floats)
+                    digest.update(floats.numpy().tobytes())
+                reasons["world bits"] = digest.hexdigest()
     return reasons
 
 
 def test_three_hosts_subgroups_and_layouts_it_does_not_serve() -> None:
     results = run_multiprocess(_layouts, 6, args=(SEED,), timeout=240)
     assert all(r["world"] == "HierarchicalAllReduce: None" for r in results)
+    assert len({r["world bits"] for r in results}) == 1, [r["world bits"] for r in results]
     assert all(r["two hosts"] == "HierarchicalAllReduce: None" for r in results[:4])
     for rank in (1, 3, 5):
         reason = results[rank]["one rank per host"]
