@@ -9,12 +9,13 @@ A call, on a tensor cut into L shards (shard l belongs to each host's l-th rank)
    shards of a host travel in parallel, each between its own processes;
 3. all-gather inside each host.
 On CPU, steps 1 and 3 go through a shared-memory buffer of the host (`HostBuffer`), chunk by
-chunk, with barriers on fastpar's ring; on CUDA the CUDA-IPC ring all-reduces the tensor for
-step 1 and gathers the shards for step 3 (each rank adds its shard to zeros elsewhere as 64-bit
-integers, which copies every bit exactly).
-Every rank gets the same bits: inside a host each element is combined in rank order by one
-rank; between hosts gloo's and NCCL's all-reduces give every rank the same result (with two
-hosts it is a + b, the host-order fold; with more, the backend's fixed order).
+chunk, with barriers on fastpar's ring (`_run_shared`); small calls skip the scatter: every rank
+reduces the whole tensor and sends it between hosts (`_run_whole`). On CUDA the CUDA-IPC ring
+all-reduces the tensor for step 1 and gathers the shards for step 3 (each rank adds its shard
+to zeros elsewhere as 64-bit integers, which copies every bit exactly).
+Every rank gets the same bits: inside a host each element is combined in rank order; between
+hosts gloo's and NCCL's all-reduces give every rank the same result from the same inputs (with
+two hosts it is a + b, the host-order fold; with more, the backend's fixed order).
 
 Failures: the ring names a dead or late peer inside a host; the rank that meets a failure
 posts it in the store, and ranks waiting on another host (for a shard that will not come) raise
@@ -52,8 +53,8 @@ logger = get_logger(__name__)
 CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
 # CPU calls whose bytes times the local ranks are at most this take `_run_whole` (one barrier;
 # every rank sends the whole tensor between hosts), larger ones `_run_shared` (a barrier per
-# chunk and pass; a shard each). 64 KiB on 2 x 2 ranks: 1.7x lower latency than flat gloo
-# instead of 1.5x (bench/allreduce.py --hosts 2).
+# chunk and pass; a shard each). At 64 KiB on 2 x 2 CPU ranks the one barrier saves 10-20%
+# of the latency, measured side by side.
 WHOLE_BYTES = 512 << 10
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
@@ -288,7 +289,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         copies its piece of the finished shard into the result area; after the barrier it
         copies the others' pieces into its tensor. The shard travels between hosts in one
         call, after the reduce-scatter: on CPU the passes and gloo compete for the same cores,
-        and splitting the shard to overlap them was slower (bench/allreduce.py --hosts 2)."""
+        and splitting the shard to overlap them was slower (measured side by side, 2 x 2 ranks)."""
         assert self._buffer is not None
         buffer, dtype, count = self._buffer, flat.dtype, flat.numel()
         local, me = len(self._local_ranks), self._local
