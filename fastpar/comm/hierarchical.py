@@ -9,12 +9,13 @@ A call, on a tensor cut into L shards (shard l belongs to each host's l-th rank)
    shards of a host travel in parallel, each between its own processes;
 3. all-gather inside each host.
 On CPU, steps 1 and 3 go through a shared-memory buffer of the host (`HostBuffer`), chunk by
-chunk, with barriers on fastpar's ring; on CUDA the CUDA-IPC ring all-reduces the tensor for
-step 1 and gathers the shards for step 3 (each rank adds its shard to zeros elsewhere as 64-bit
-integers, which copies every bit exactly).
-Every rank gets the same bits: inside a host each element is combined in rank order by one
-rank; between hosts gloo's and NCCL's all-reduces give every rank the same result (with two
-hosts it is a + b, the host-order fold; with more, the backend's fixed order).
+chunk, with barriers on fastpar's ring (`_run_shared`); small calls skip the scatter: every rank
+reduces the whole tensor and sends it between hosts (`_run_whole`). On CUDA the CUDA-IPC ring
+all-reduces the tensor for step 1 and gathers the shards for step 3 (each rank adds its shard
+to zeros elsewhere as 64-bit integers, which copies every bit exactly).
+Every rank gets the same bits: inside a host each element is combined in rank order; between
+hosts gloo's and NCCL's all-reduces give every rank the same result from the same inputs (with
+two hosts it is a + b, the host-order fold; with more, the backend's fixed order).
 
 Failures: the ring names a dead or late peer inside a host; the rank that meets a failure
 posts it in the store, and ranks waiting on another host (for a shard that will not come) raise
@@ -42,7 +43,7 @@ from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostBuffer
 from fastpar.comm.hosts import HostLayout, gather_host_layout
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
-from fastpar.comm.reduce import reduce_buffers
+from fastpar.comm.reduce import SUPPORTED_DTYPES, reduce_buffers
 from fastpar.comm.ring import RingAllReduce
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import RingWork
@@ -50,6 +51,11 @@ from fastpar.comm.work import RingWork
 logger = get_logger(__name__)
 
 CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
+# CPU calls whose bytes times the local ranks are at most this take `_run_whole` (one barrier;
+# every rank sends the whole tensor between hosts), larger ones `_run_shared` (a barrier per
+# chunk and pass; a shard each). At 64 KiB on 2 x 2 CPU ranks the one barrier saves 10-20%
+# of the latency, measured side by side.
+WHOLE_BYTES = 512 << 10
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
 
@@ -148,6 +154,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._closed = False
         self._failure = ""
         self._workspace = torch.empty(0, dtype=torch.int64, device=self.device)
+        self._steps = 0  # CPU: steps through the host buffer so far (each uses one half)
         path, reason = self.layout.path()
         self._disabled: str | None = None if path == "hierarchical" else reason
         if self._disabled is None:
@@ -184,7 +191,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                 self._store, f"{self._prefix}/buffer/{self._host}", rank=self.rank,
                 local_rank=self._local, local_size=len(self._local_ranks),
                 owner=self._local_ranks[0], chunk_bytes=chunk_bytes, timeout=self.timeout,
-                barrier=lambda: self._barrier(0),
+                barrier=lambda: self._barrier((0, 0)),
             )  # fmt: skip
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
 
@@ -247,8 +254,10 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         inner = dist.ReduceOp.SUM if code == AVG else op
         flat = target.view(-1)
         with torch.no_grad():  # as in torch.distributed, autograd does not see the update
-            if self._buffer is not None:
-                self._run_shared(flat, inner)
+            if self._buffer is not None and self._whole(flat):
+                self._run_whole(flat, inner, code)
+            elif self._buffer is not None:
+                self._run_shared(flat, inner, code)
             else:
                 self._run_ring(flat, inner)
             if code == AVG:
@@ -256,60 +265,124 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             if target is not tensor:
                 tensor.copy_(target)
 
+    def _shard_length(self, count: int, align: int) -> int:
+        """Elements of each local rank's shard of `count`: equal parts rounded up to `align`
+        elements (whole cache lines on CPU), so trailing shards may be short or empty."""
+        local = len(self._local_ranks)
+        return _round_up(_round_up(count, local) // local, align)
+
     def _shard(self, count: int, align: int) -> tuple[int, int]:
-        """[lo, hi) of `count` elements that this rank reduces: equal parts rounded up to
-        `align` elements, so trailing parts may be empty."""
-        per = _round_up(_round_up(count, len(self._local_ranks)) // len(self._local_ranks), align)
+        """[lo, hi) of `count` elements that this rank reduces (`_shard_length` each)."""
+        per = self._shard_length(count, align)
         return min(self._local * per, count), min((self._local + 1) * per, count)
 
-    def _run_shared(self, flat: torch.Tensor, op: object) -> None:
-        """CPU: chunk by chunk through the host's buffer, alternating between its two halves.
-        Each rank copies chunk k into its slot; after a barrier, it reduces its shard of every
-        slot (local order) into the result area and starts the all-reduce of that shard with
-        the other hosts; while it travels, chunk k + 1 goes through the same steps in the other
-        half; then the rank waits for chunk k's all-reduce, meets the others at a barrier and
-        copies chunk k's result out. Every write to a half follows a barrier that all ranks
-        reach only after their last read of it (two chunks earlier)."""
-        assert self._buffer is not None
-        buffer, dtype = self._buffer, flat.dtype
-        step = buffer.chunk_bytes // flat.element_size()
-        local = range(len(self._local_ranks))
-        pending: tuple[torch.Tensor, int, Any] | None = None  # (chunk, count, its work)
-        for index, start in enumerate(range(0, max(flat.numel(), 1), step)):
-            half = index % 2
-            piece = flat[start : start + step]
-            count = piece.numel()
-            buffer.slot(half, self._local, dtype, count).copy_(piece)
-            self._barrier(count)
-            lo, hi = self._shard(count, 64 // flat.element_size())  # whole cache lines
-            work = None
-            if hi > lo:
-                slots = [buffer.slot(half, r, dtype, count)[lo:hi] for r in local]
-                mine = reduce_buffers(slots, out=buffer.result(half, dtype, count)[lo:hi], op=op)
-                work = self._between_hosts(mine, op)
-            if pending is not None:
-                self._finish_chunk(*pending, 1 - half)
-            pending = (piece, count, work)
-        assert pending is not None
-        self._finish_chunk(*pending, index % 2)
+    def _run_shared(self, flat: torch.Tensor, op: object, code: int) -> None:
+        """CPU: a reduce-scatter inside the host, one all-reduce of each rank's shard between
+        hosts, an all-gather inside the host.
 
-    def _finish_chunk(self, piece: torch.Tensor, count: int, work: Any, half: int) -> None:
-        self._wait_between_hosts(work)
-        self._barrier(count)
+        The passes inside the host go through the host's buffer chunk by chunk (chunk k holds
+        the k-th piece of every rank's shard), alternating between its two halves, one barrier
+        per chunk: every write to a half follows a barrier that all ranks reach only after
+        their last read of it. Reduce-scatter: each rank copies its pieces of the others'
+        shards into its slot; after the barrier it reduces its own piece from the peers' slots
+        and its own tensor, in local order, in place in its tensor. All-gather: each rank
+        copies its piece of the finished shard into the result area; after the barrier it
+        copies the others' pieces into its tensor. The shard travels between hosts in one
+        call, after the reduce-scatter: on CPU the passes and gloo compete for the same cores,
+        and splitting the shard to overlap them was slower (measured side by side, 2 x 2 ranks)."""
         assert self._buffer is not None
-        piece.copy_(self._buffer.result(half, piece.dtype, count))
+        buffer, dtype, count = self._buffer, flat.dtype, flat.numel()
+        local, me = len(self._local_ranks), self._local
+        piece = buffer.piece_bytes() // flat.element_size()  # of each shard, per chunk
+        per = self._shard_length(count, 64 // flat.element_size())
+        key = self._call_key(count, dtype, code)
+        slots = [[buffer.slot(half, rank, dtype, local * piece) for rank in range(local)]
+                 for half in (0, 1)]  # fmt: skip
+        results = [buffer.result(half, dtype, local * piece) for half in (0, 1)]
 
-    def _barrier(self, count: int) -> None:
+        def parts(chunk: int) -> list[tuple[int, slice, slice]]:
+            """Chunk `chunk`: each local rank's piece, where it lies in `flat` and in an area."""
+            out = []
+            for rank in range(local):
+                end = min(count, (rank + 1) * per)
+                lo = min(end, rank * per + chunk * piece)
+                hi = min(end, lo + piece)
+                if hi > lo:
+                    out.append((rank, slice(lo, hi), slice(rank * piece, rank * piece + hi - lo)))
+            return out
+
+        chunks = [parts(chunk) for chunk in range(max(1, -(-per // piece)))]
+        for here in chunks:  # reduce-scatter
+            area = slots[self._next_half()]
+            for rank, at, part in here:
+                if rank != me:
+                    area[me][part].copy_(flat[at])
+            self._barrier(key)
+            for rank, at, part in here:
+                if rank == me:
+                    inputs = [flat[at] if r == me else area[r][part] for r in range(local)]
+                    reduce_buffers(inputs, out=flat[at], op=op)
+        lo, hi = min(count, me * per), min(count, (me + 1) * per)
+        if hi > lo:
+            self._wait_between_hosts(self._between_hosts(flat[lo:hi], op))
+        for here in chunks:  # all-gather
+            result = results[self._next_half()]
+            for rank, at, part in here:
+                if rank == me:
+                    result[part].copy_(flat[at])
+            self._barrier(key)
+            for rank, at, part in here:
+                if rank != me:
+                    flat[at].copy_(result[part])
+
+    def _whole(self, flat: torch.Tensor) -> bool:
+        """Whether a CPU call of `flat` takes `_run_whole`: small enough, and within a slot."""
+        assert self._buffer is not None
+        nbytes = flat.numel() * flat.element_size()
+        return nbytes * len(self._local_ranks) <= WHOLE_BYTES and nbytes <= self._buffer.chunk_bytes
+
+    def _next_half(self) -> int:
+        """The half of the host buffer for the next step (a write, a barrier, reads): halves
+        alternate over all steps of all calls, so a step writes a half only after a barrier
+        that every rank reaches once done reading it (the step before last)."""
+        self._steps += 1
+        return self._steps % 2
+
+    def _run_whole(self, flat: torch.Tensor, op: object, code: int) -> None:
+        """CPU, small calls: one barrier instead of two per chunk. Each rank copies its tensor
+        into its slot; after the barrier, every rank reduces all of them (local order) into its
+        tensor, so the host's ranks hold the same bits, and all-reduces the whole tensor with
+        the same-index ranks of the other hosts: the same inputs in every such group, hence the
+        same result. Each rank sends the whole tensor between hosts, not a shard, which only
+        small calls (latency-bound) afford."""
+        assert self._buffer is not None
+        local, me, dtype, count = len(self._local_ranks), self._local, flat.dtype, flat.numel()
+        half = self._next_half()
+        slots = [self._buffer.slot(half, rank, dtype, count) for rank in range(local)]
+        slots[me].copy_(flat)
+        self._barrier(self._call_key(count, dtype, code))
+        if count:
+            reduce_buffers([flat if r == me else slots[r] for r in range(local)], out=flat, op=op)
+            self._wait_between_hosts(self._between_hosts(flat, op))
+
+    def _call_key(self, count: int, dtype: torch.dtype, code: int) -> tuple[int, int]:
+        """What the host's ranks must agree on at every barrier of a call: its size, and its
+        dtype and op as one number."""
+        return count, SUPPORTED_DTYPES.index(dtype) * 16 + code
+
+    def _barrier(self, key: tuple[int, int]) -> None:
         """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
-        CommMismatchError when they passed different chunk sizes."""
-        sizes = torch.tensor([count, -count], dtype=torch.int64)
-        self._local_all_reduce(sizes, dist.ReduceOp.MAX)
-        if sizes.tolist() != [count, -count]:
-            high, low = sizes[0].item(), -sizes[1].item()
-            message = (
-                f"inside host {self._host}: ranks {list(self._local_ranks)} called "
-                f"all_reduce with different sizes (chunks of {low} to {high} elements)"
-            )
+        CommMismatchError when they passed different calls (`_call_key`)."""
+        count, kind = key
+        sent = [count, -count, kind, -kind]
+        agreed = torch.tensor(sent, dtype=torch.int64)
+        self._local_all_reduce(agreed, dist.ReduceOp.MAX)
+        if agreed.tolist() != sent:
+            high, low = agreed[0].item(), -agreed[1].item()
+            what = (f"different sizes ({low} to {high} elements)" if high != low
+                    else "different dtypes or ops")  # fmt: skip
+            message = (f"inside host {self._host}: ranks {list(self._local_ranks)} called "
+                       f"all_reduce with {what}")  # fmt: skip
             self._post("CommMismatchError", message)
             raise CommMismatchError(message)
 
@@ -319,7 +392,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         elsewhere as 64-bit integers, which copies every bit exactly."""
         n, size = flat.numel(), flat.element_size()
         local_size = len(self._local_ranks)
-        shard = _round_up(_round_up(n, local_size) // local_size, 8 // size)
+        shard = self._shard_length(n, 8 // size)
         self._local_all_reduce(flat, op)
         lo, hi = self._shard(n, 8 // size)
         mine = flat[lo:hi]

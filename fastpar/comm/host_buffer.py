@@ -41,8 +41,9 @@ class HostBuffer:
         owner: int,
         chunk_bytes: int, timeout: timedelta, barrier: Callable[[], None],
     ) -> None:  # fmt: skip
-        if chunk_bytes <= 0 or chunk_bytes % 64:
-            raise ValueError(f"chunk_bytes must be a positive multiple of 64, got {chunk_bytes}")
+        if chunk_bytes <= 0 or chunk_bytes % 64 or chunk_bytes < 64 * local_size:
+            raise ValueError(f"chunk_bytes must be a multiple of 64 of at least 64 x {local_size} "
+                             f"(the local ranks), got {chunk_bytes}")  # fmt: skip
         self.chunk_bytes = chunk_bytes
         self._local_size = local_size
         size = 2 * (local_size + 1) * chunk_bytes
@@ -63,9 +64,13 @@ class HostBuffer:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
 
+    def piece_bytes(self) -> int:
+        """Bytes of each local rank's part of an area: an equal share, in whole cache lines."""
+        return self.chunk_bytes // self._local_size // 64 * 64
+
     def _area(self, index: int, dtype: torch.dtype, count: int) -> torch.Tensor:
         start = index * self.chunk_bytes
-        nbytes = count * torch.empty(0, dtype=dtype).element_size()
+        nbytes = count * dtype.itemsize
         if nbytes > self.chunk_bytes:
             raise ValueError(f"{nbytes} bytes do not fit an area of {self.chunk_bytes}")
         return self._memory[start : start + nbytes].view(dtype)

@@ -7,6 +7,7 @@ does not serve (one rank per host, uneven hosts) must go to torch.distributed sa
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import signal
@@ -126,7 +127,8 @@ def test_two_hosts_of_two_ranks() -> None:
 def _layouts(rank: int, world_size: int, seed: int) -> dict[str, str | None]:
     """Six ranks on three hosts of two: the world (3 x 2) and a subgroup (2 x 2) run
     hierarchically; a group with one rank per host, one with uneven hosts (2 + 1) and one
-    inside a host do not."""
+    inside a host do not. The world also reduces random floats, a small call and one of
+    several chunks: their bits (a digest) must be the same on every rank."""
     hosts = [0, 0, 1, 1, 2, 2]
     simulate_hosts(rank, hosts)
     generator = torch.Generator().manual_seed(seed + rank)
@@ -149,12 +151,20 @@ def _layouts(rank: int, world_size: int, seed: int) -> dict[str, str | None]:
             assert torch.equal(tensor, expected), f"seed {seed}: {name}"
             kind = type(reducer).__name__
             reasons[name] = f"{kind}: {reducer.fallback_reason(tensor)}"
+            if name == "world":
+                digest = hashlib.sha256()
+                for count in (1009, CHUNK_BYTES // 2 + 17):
+                    floats = torch.randn(count, generator=generator)
+                    reducer.all_reduce(floats)
+                    digest.update(floats.numpy().tobytes())
+                reasons["world bits"] = digest.hexdigest()
     return reasons
 
 
 def test_three_hosts_subgroups_and_layouts_it_does_not_serve() -> None:
     results = run_multiprocess(_layouts, 6, args=(SEED,), timeout=240)
     assert all(r["world"] == "HierarchicalAllReduce: None" for r in results)
+    assert len({r["world bits"] for r in results}) == 1, [r["world bits"] for r in results]
     assert all(r["two hosts"] == "HierarchicalAllReduce: None" for r in results[:4])
     for rank in (1, 3, 5):
         reason = results[rank]["one rank per host"]
@@ -177,9 +187,10 @@ def test_host_layouts_and_their_paths() -> None:
 KILLED = 3
 
 
-def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float, str] | None:
+def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, float, str] | None:
     """Rank 1 passes a larger tensor than the others (every rank raises CommMismatchError,
-    host 1's through the failure host 0 posted), then, on a new object, rank KILLED dies."""
+    host 1's through the failure host 0 posted), then, on a new object, another dtype of the
+    same size; then, on a third, rank KILLED dies."""
     simulate_hosts(rank, [0, 0, 1, 1])
     store = dist.distributed_c10d._get_default_store()
     # A short timeout: host 1's shards wait for host 0's, which never come, that long.
@@ -188,6 +199,12 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
             reducer.all_reduce(torch.ones(100 + (rank == 1)))
         with pytest.raises(comm.CommClosedError):
             reducer.all_reduce(torch.ones(100))
+    dtype = torch.int32 if rank == 1 else torch.float32
+    with (
+        comm.create_all_reduce(timeout=3) as reducer,
+        pytest.raises(comm.CommMismatchError) as dtypes,
+    ):
+        reducer.all_reduce(torch.ones(100, dtype=dtype))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
         tensor = torch.ones(1 << 18)
         reducer.all_reduce(tensor)
@@ -197,7 +214,7 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, float,
         with pytest.raises(comm.CommTimeoutError) as error:
             reducer.all_reduce(tensor)
         after = time.time() - float(store.get("killed/at").decode())
-        return str(mismatch.value), after, str(error.value)
+        return str(mismatch.value), str(dtypes.value), after, str(error.value)
 
 
 def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
@@ -206,9 +223,10 @@ def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
     assert results[KILLED] is None
     survivors = [r for r in results if r is not None]
     assert len(survivors) == 3
-    for mismatch, _, _ in survivors:
-        assert "inside host 0: ranks [0, 1] called all_reduce with different sizes" in mismatch
-    for _, after_kill, message in survivors:
+    called = "inside host 0: ranks [0, 1] called all_reduce with different"
+    for mismatch, dtypes, _, _ in survivors:
+        assert f"{called} sizes" in mismatch and f"{called} dtypes or ops" in dtypes
+    for _, _, after_kill, message in survivors:
         assert f"rank {KILLED}" in message, message
         assert after_kill < timeout_s, (after_kill, message)
-    assert any("exited" in message for _, _, message in survivors), survivors
+    assert any("exited" in message for *_, message in survivors), survivors
