@@ -124,6 +124,27 @@ uint64_t* ShmPipe::written_word(int side) const {
 // adjacent-line prefetch).
 uint64_t* ShmPipe::read_word(int side) const { return written_word(side) + 2 * kLine / 8; }
 
+bool ShmPipe::try_send(const char* header, int64_t header_bytes, const char* payload,
+                       int64_t payload_bytes) {
+  throw_if_peer_aborted();  // nobody would receive it
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (!failure_.empty()) throw PipeBrokenError("this pipe is unusable: " + failure_);
+  const int64_t room = capacity_ - static_cast<int64_t>(written_ - load_acquire(read_word(side_)));
+  if (!queue_.empty() || header_bytes + payload_bytes > room) return false;
+  char* data = ring(side_);
+  for (const auto& [source, bytes] : {std::pair{header, header_bytes}, {payload, payload_bytes}}) {
+    for (int64_t done = 0; done < bytes;) {  // at most two pieces: up to the ring's end, then on
+      const auto offset = static_cast<int64_t>(written_ % static_cast<uint64_t>(capacity_));
+      const int64_t piece = std::min(bytes - done, capacity_ - offset);
+      std::memcpy(data + offset, source + done, static_cast<size_t>(piece));
+      written_ += static_cast<uint64_t>(piece);
+      done += piece;
+    }
+  }
+  store_release(written_word(side_), written_);
+  return true;
+}
+
 void ShmPipe::send(std::string header, const char* payload, int64_t payload_bytes,
                    std::shared_ptr<void> keep) {
   throw_if_peer_aborted();  // nobody would receive it
