@@ -71,6 +71,11 @@ class ShmPipe {
   // only the timeout to notice a dead peer.
   void connect();
 
+  // Copies header then payload into the ring now and returns true when nothing is queued ahead
+  // and both fit whole; otherwise does nothing and returns false (then call `send`). The common
+  // case of a message smaller than the free room thus costs a memcpy: no allocation, no owner.
+  bool try_send(const char* header, int64_t header_bytes, const char* payload,
+                int64_t payload_bytes);
   // Queues header (copied) then `payload_bytes` from `payload`, which must stay valid until
   // written: `keep` owns it and is dropped then (at once when everything fits), under the pipe's
   // lock, so its last owner should be the caller.

@@ -2,6 +2,7 @@
 //
 // Header: int64 words [kTensorMagic, scalar type, ndim, size 0, ..., size ndim-1]. Both ends run
 // the same torch build (one host, one installation), so scalar type codes agree.
+#include <ATen/EmptyTensor.h>
 #include <torch/types.h>
 
 #include <cstring>
@@ -49,15 +50,19 @@ void ShmTensorPipe::send(const at::Tensor& tensor) {
   TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
   TORCH_CHECK_VALUE(tensor.dim() <= kMaxDims, "tensor may have at most ", kMaxDims,
                     " dimensions, got ", tensor.dim());
-  std::string header((3 + tensor.dim()) * sizeof(int64_t), '\0');
-  auto* words = reinterpret_cast<int64_t*>(header.data());
+  int64_t words[3 + kMaxDims];
   words[0] = kTensorMagic;
   words[1] = static_cast<int64_t>(tensor.scalar_type());
   words[2] = tensor.dim();
   for (int64_t d = 0; d < tensor.dim(); ++d) words[3 + d] = tensor.size(d);
+  const auto header = reinterpret_cast<const char*>(words);
+  const auto header_bytes = static_cast<int64_t>((3 + tensor.dim()) * sizeof(int64_t));
+  const auto* payload = static_cast<const char*>(tensor.const_data_ptr());
   const auto bytes = static_cast<int64_t>(tensor.nbytes());
-  pipe().send(std::move(header), static_cast<const char*>(tensor.const_data_ptr()), bytes,
-              std::make_shared<at::Tensor>(tensor));
+  ShmPipe& sink = pipe();
+  if (sink.try_send(header, header_bytes, payload, bytes)) return;
+  sink.send(std::string(header, static_cast<size_t>(header_bytes)), payload, bytes,
+            std::make_shared<at::Tensor>(tensor));
 }
 
 void ShmTensorPipe::flush() { pipe().flush(); }
@@ -73,8 +78,10 @@ at::Tensor ShmTensorPipe::recv(const std::string& what) {
   std::vector<int64_t> sizes(static_cast<size_t>(words[2]));
   source.recv(reinterpret_cast<char*>(sizes.data()),
               static_cast<int64_t>(sizes.size() * sizeof(int64_t)), what.c_str());
-  at::Tensor tensor =
-      at::empty(sizes, at::TensorOptions().dtype(static_cast<at::ScalarType>(words[1])));
+  // The CPU allocation itself, not at::empty: the dispatcher's way there (op lookup, dispatch
+  // keys, profiler hook) costs more than the copy of a small message when its code is cold, as it
+  // is after every stage's compute.
+  at::Tensor tensor(at::detail::empty_cpu(sizes, static_cast<at::ScalarType>(words[1])));
   source.recv(static_cast<char*>(tensor.data_ptr()), static_cast<int64_t>(tensor.nbytes()),
               what.c_str());
   return tensor;

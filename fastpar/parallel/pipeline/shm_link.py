@@ -74,7 +74,11 @@ class ShmLink:
     def send(self, tensor: Tensor, what: str) -> None:
         """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
         check_sendable(tensor)
-        data = (tensor.detach() if tensor.requires_grad else tensor).contiguous()
+        # Each torch op here costs microseconds right after a compute (its code is cold): call
+        # detach and contiguous only when they change something.
+        data = tensor.detach() if tensor.requires_grad else tensor
+        if not data.is_contiguous():
+            data = data.contiguous()
         with record_range(self._range("send", what)):
             try:
                 self._pipe.send(data)
