@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, TypeVar, cast, get_args
 
 import torch
 import triton
@@ -43,6 +44,7 @@ KernelChoice = Literal["auto", "step", "persistent"]
 # The cells the kernels run: "rnn_tanh" and "rnn_relu" are torch.nn.RNN's two nonlinearities.
 CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
 KernelVersion = Literal["v1", "v2"]
+_F = TypeVar("_F", bound=Callable[..., Any])
 KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
 TileChoice = Literal["min-traffic", "v2"]
 TILES_ENV = "FASTPAR_LSTM_TILES"
@@ -296,6 +298,25 @@ def step_config(
     return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
 
 
+def _cached_per_tile_choice(function: _F) -> _F:
+    """`function` cached per arguments and FASTPAR_LSTM_TILES value: every layer's forward and
+    backward asks for its tiles, and "auto" twice more, tens of microseconds each. Under
+    torch.compile it runs uncached (dynamo traces functions, not caches)."""
+
+    @functools.lru_cache(maxsize=1024)
+    def cached(tiles: TileChoice, args: tuple, keywords: tuple) -> Any:
+        return function(*args, **dict(keywords))
+
+    @functools.wraps(function)
+    def choose(*args: Any, **keywords: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return function(*args, **keywords)
+        return cached(tile_choice(), args, tuple(sorted(keywords.items())))
+
+    return cast("_F", choose)
+
+
+@_cached_per_tile_choice
 def persistent_config(
     batch: int,
     hidden: int,
@@ -318,28 +339,6 @@ def persistent_config(
     PERSISTENT_BWD_MAX_TILE. The backward kernel's hidden tile is the N of its tl.dot, so it
     is at least 16 wide.
     """
-    # Every layer's forward and backward asks, and "auto" asks twice more: cached per shape
-    # (and per FASTPAR_LSTM_TILES value), which saves tens of microseconds a call.
-    args = (batch, hidden, proj, dtype, num_sms, interpreter, backward, version, cell,
-            tile_choice())  # fmt: skip
-    if torch.compiler.is_compiling():  # dynamo traces the function, not the cache
-        return _persistent_config.__wrapped__(*args)
-    return _persistent_config(*args)
-
-
-@functools.lru_cache(maxsize=1024)
-def _persistent_config(
-    batch: int,
-    hidden: int,
-    proj: int,
-    dtype: torch.dtype,
-    num_sms: int,
-    interpreter: bool,
-    backward: bool,
-    version: KernelVersion,
-    cell: CellKind,
-    tiles: TileChoice,
-) -> PersistentConfig | None:
     if proj != hidden:
         return None
     block_b = batch_block(batch)
@@ -349,7 +348,7 @@ def _persistent_config(
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
         tiles = None
-        if version == "v2" and tiles == "min-traffic":
+        if version == "v2" and tile_choice() == "min-traffic":
             tiles = min_traffic_tiles(batch, hidden, dtype, num_sms, backward, cell)
             if tiles is None and backward:
                 return None
