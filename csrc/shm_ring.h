@@ -31,15 +31,15 @@
 // (the same fold, so the same bits everywhere): one wait for the peers instead of two, and no
 // gather. "Small" is at most a chunk and kOneShotBytes * 2 / n: each rank reads all n inputs,
 // so its traffic grows with n where the pipelined path's does not (2 ranks, measured: the
-// one-shot call takes half the time at 64-128 KiB, 0.85x at 256 KiB, the same at 512 KiB and
-// 1 MiB; a page multiple). Their inputs go to window t % W of a
-// separate area for step t, not to the slots, and each rank reduces its own input from its
-// tensor. The windows turn over slowly: between two writes of a window every peer has moved
-// about kOneShotTurnoverBytes of other windows through its caches, so the lines a publish
-// writes have left the peers' private caches, and the copy does not stall invalidating the
-// peers' copies line by line (with one window per slot, a 64 KiB call of 2 ranks took twice as
-// long). W >= S, so the wait for step t - S that frees slot t % S frees the window too: every
-// rank finishes its steps in order.
+// one-shot call takes half the time at 64-128 KiB; at 256 KiB it was faster in a quiet C++
+// loop but slower in bench/allreduce.py under load; a page multiple). Their inputs go to
+// window t % W of a separate area for step t, not to the slots, and each rank reduces its own
+// input from its tensor. The windows turn over slowly: between two writes of a window every
+// peer has moved about kOneShotTurnoverBytes of other windows through its caches, so the lines
+// a publish writes have left the peers' private caches, and the copy does not stall
+// invalidating the peers' copies line by line (with one window per slot, a 64 KiB call of 2
+// ranks took twice as long). W >= S, so the wait for step t - S that frees slot t % S frees
+// the window too: every rank finishes its steps in order.
 //
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
@@ -77,7 +77,7 @@ struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
 
 class ShmRing {
  public:
-  static constexpr int64_t kOneShotBytes = 256 * 1024;  // for 2 ranks; see "Small calls"
+  static constexpr int64_t kOneShotBytes = 128 * 1024;  // for 2 ranks; see "Small calls"
   static constexpr int64_t kOneShotTurnoverBytes = 4 << 20;  // all ranks' windows; see above
   static constexpr double kLivenessPeriod = 0.05;  // seconds between checks of a peer's pid
 
