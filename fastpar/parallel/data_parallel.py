@@ -62,13 +62,6 @@ logger = get_logger(__name__)
 
 CommChoice = Literal["auto", "ring", "torch"]
 _MB = 2**20
-# Default bucket sizes in MiB. torch.distributed: DDP's 25, which amortises gloo's and NCCL's
-# per-call cost. fastpar's all-reduce costs microseconds per call, so smaller buckets cost
-# nothing there and let each one start as soon as its gradients exist, instead of waiting for
-# the first layers' gradients at the end of backward (measured on the bench's LSTM LM: 25 MiB
-# buckets put both LSTM layers in one bucket, launched only when backward ends).
-TORCH_BUCKET_MB = 25.0
-RING_BUCKET_MB = 1.0
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -81,10 +74,8 @@ class DataParallelConfig:
     torch.distributed, the choice and its reason logged once on rank 0; "ring": fastpar's
     all-reduce, raising where it cannot serve a bucket (naming why); "torch": torch.distributed
     (NCCL on GPU, gloo on CPU)."""
-    bucket_cap_mb: float | None = None
-    """Size of a gradient bucket in MiB; larger buckets mean fewer, longer all-reduces. None:
-    RING_BUCKET_MB (1) where fastpar's all-reduce serves the gradients, TORCH_BUCKET_MB (25, as
-    DDP) where torch.distributed does."""
+    bucket_cap_mb: float = 25.0
+    """Size of a gradient bucket in MiB; larger buckets mean fewer, longer all-reduces."""
     first_bucket_mb: float = 1.0
     """Size of the first bucket (the last layers' gradients), small so communication starts
     as early as possible in backward."""
@@ -96,8 +87,7 @@ class DataParallelConfig:
     def __post_init__(self) -> None:
         check_choice("comm", self.comm, get_args(CommChoice))
         for name in ("bucket_cap_mb", "first_bucket_mb"):
-            if getattr(self, name) is not None:
-                check_positive(name, getattr(self, name))
+            check_positive(name, getattr(self, name))
         if self.timeout_s is not None:
             check_positive("timeout_s", self.timeout_s)
 
@@ -179,8 +169,7 @@ class DataParallel(nn.Module):
             overwritten with the group's first rank's values at construction.
         group: the process group of the replicas (None: the default group).
         comm: "auto", "ring" or "torch" (see `DataParallelConfig`).
-        bucket_cap_mb: gradient bucket size in MiB (None: by transport, see
-            `DataParallelConfig`).
+        bucket_cap_mb: gradient bucket size in MiB.
         first_bucket_mb: size of the first bucket in MiB.
         timeout: how long the ring waits for a peer (timedelta or seconds; None: the group's
             own timeout) before backward raises naming it.
@@ -199,7 +188,7 @@ class DataParallel(nn.Module):
         *,
         group: dist.ProcessGroup | None = None,
         comm: CommChoice = "auto",
-        bucket_cap_mb: float | None = None,
+        bucket_cap_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
         timeout: timedelta | float | None = None,
     ) -> None:
@@ -266,7 +255,16 @@ class DataParallel(nn.Module):
         size where it reduces; torch.distributed's gloo has no AVG, so its sums are scaled)."""
         choice = self.config.comm
         if choice != "torch":
-            if self._ring_for(buffer).should_use(buffer, dist.ReduceOp.AVG):
+            if self._ring is None:
+                from fastpar.comm import create_all_reduce
+
+                self._ring = create_all_reduce(
+                    self.group,
+                    device=buffer.device,
+                    timeout=self.config.timeout_s,
+                    serve_shared_gpu=choice == "ring",
+                )
+            if self._ring.should_use(buffer, dist.ReduceOp.AVG):
                 ring, average = self._ring, dist.ReduceOp.AVG
                 return lambda tensor: ring.all_reduce(tensor, average, async_op=True), True
             reason = self._ring.fallback_reason(buffer, dist.ReduceOp.AVG)
@@ -280,35 +278,9 @@ class DataParallel(nn.Module):
         group = self.group
         return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True), False
 
-    def _bucket_cap_mb(self, params: list[nn.Parameter]) -> float:
-        """The configured bucket size, or the default of the transport that will serve the
-        gradients (see TORCH_BUCKET_MB)."""
-        if self.config.bucket_cap_mb is not None:
-            return self.config.bucket_cap_mb
-        if params and self.config.comm != "torch":
-            probe = torch.empty(0, dtype=params[-1].dtype, device=params[-1].device)
-            if self._ring_for(probe).should_use(probe, dist.ReduceOp.AVG):
-                return RING_BUCKET_MB
-        return TORCH_BUCKET_MB
-
-    def _ring_for(self, tensor: torch.Tensor) -> Any:
-        """fastpar's all-reduce of this group, created (collectively) on first use for the
-        device of `tensor`."""
-        if self._ring is None:
-            from fastpar.comm import create_all_reduce
-
-            self._ring = create_all_reduce(
-                self.group,
-                device=tensor.device,
-                timeout=self.config.timeout_s,
-                serve_shared_gpu=self.config.comm == "ring",
-            )
-        return self._ring
-
     def _build_buckets(self) -> list[_Bucket]:
         params = [p for p in self.module.parameters() if p.requires_grad]
         self._param_index = {id(p): i for i, p in enumerate(params)}
-        bucket_cap_mb = self._bucket_cap_mb(params)
         buckets: list[_Bucket] = []
         current: list[nn.Parameter] = []
         current_bytes = 0
@@ -320,7 +292,7 @@ class DataParallel(nn.Module):
             current, current_bytes = [], 0
 
         for param in reversed(params):
-            cap = (self.config.first_bucket_mb if not buckets else bucket_cap_mb) * _MB
+            cap = (self.config.first_bucket_mb if not buckets else self.config.bucket_cap_mb) * _MB
             if current and (
                 param.dtype != current[0].dtype
                 or param.device != current[0].device

@@ -236,26 +236,6 @@ def test_a_dead_peer_raises_in_backward_and_nothing_steps(comm: str) -> None:
     assert "rank 1 (pid" in results[0] and "exited" in results[0], results[0]
 
 
-def _default_bucket_sizes(rank: int, world_size: int) -> dict[str, list[int]]:
-    model = nn.Sequential(*[nn.Linear(256, 256) for _ in range(16)])  # 16 x 257 KiB
-    sizes = {}
-    for comm in ("ring", "torch"):
-        dp = DataParallel(model, comm=comm)
-        sizes[comm] = dp.bucket_sizes
-        dp.close()
-    return sizes
-
-
-def test_default_buckets_are_small_on_the_ring_and_ddp_sized_on_torch() -> None:
-    for sizes in run_multiprocess(_default_bucket_sizes, 2, timeout=60):
-        total = 16 * (256 * 256 + 256)
-        assert sum(sizes["ring"]) == sum(sizes["torch"]) == total
-        # fastpar's all-reduce: buckets of at most 1 MiB; torch.distributed: DDP's 1 MiB first
-        # bucket, then one 25 MiB bucket for the rest.
-        assert max(sizes["ring"]) * 4 <= 2**20 and len(sizes["ring"]) >= 4, sizes
-        assert len(sizes["torch"]) == 2, sizes
-
-
 def _mismatched_parameters(rank: int, world_size: int) -> str:
     model = nn.Linear(4, 3 if rank == 0 else 5)
     with pytest.raises(ValueError, match="same parameters on every rank") as info:
