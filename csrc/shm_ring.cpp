@@ -69,11 +69,13 @@ int64_t one_shot_window_bytes(int world, int64_t chunk_bytes) {
   return std::min(std::max(scaled, page), chunk_bytes);
 }
 
-// Windows per rank: at least S (see "Small calls" in shm_ring.h), and kOneShotTurnoverBytes
-// across the ranks.
+// Windows per rank: at least S (see "Small calls" in shm_ring.h), and enough that calls of
+// kOneShotTurnoverCallBytes (or whole windows, if smaller) move kOneShotTurnoverBytes across
+// the ranks before a window comes round again.
 int one_shot_windows(int world, int slots, int64_t chunk_bytes) {
-  const int64_t fill =
-      ShmRing::kOneShotTurnoverBytes / world / one_shot_window_bytes(world, chunk_bytes);
+  const int64_t call =
+      std::min(ShmRing::kOneShotTurnoverCallBytes, one_shot_window_bytes(world, chunk_bytes));
+  const int64_t fill = ShmRing::kOneShotTurnoverBytes / world / call;
   return static_cast<int>(std::max<int64_t>(slots, fill));
 }
 

@@ -35,11 +35,12 @@
 // loop but slower in bench/allreduce.py under load; a page multiple). Their inputs go to
 // window t % W of a separate area for step t, not to the slots, and each rank reduces its own
 // input from its tensor. The windows turn over slowly: between two writes of a window every
-// peer has moved about kOneShotTurnoverBytes of other windows through its caches, so the lines
-// a publish writes have left the peers' private caches, and the copy does not stall
-// invalidating the peers' copies line by line (with one window per slot, a 64 KiB call of 2
-// ranks took twice as long). W >= S, so the wait for step t - S that frees slot t % S frees
-// the window too: every rank finishes its steps in order.
+// peer has moved about kOneShotTurnoverBytes of other windows through its caches (calls of
+// kOneShotTurnoverCallBytes; more for larger ones), so the lines a publish writes have left
+// the peers' private caches, and the copy does not stall invalidating the peers' copies line
+// by line (with one window per slot, a 64 KiB call of 2 ranks took twice as long). W >= S, so
+// the wait for step t - S that frees slot t % S frees the window too: every rank finishes its
+// steps in order.
 //
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
@@ -78,7 +79,10 @@ struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
 class ShmRing {
  public:
   static constexpr int64_t kOneShotBytes = 128 * 1024;  // for 2 ranks; see "Small calls"
-  static constexpr int64_t kOneShotTurnoverBytes = 4 << 20;  // all ranks' windows; see above
+  static constexpr int64_t kOneShotTurnoverBytes = 4 << 20;  // see "Small calls"
+  // The call size the windows' turnover is sized for (with 128 KiB windows sized for whole
+  // windows, a 64 KiB call of 2 ranks took 1.4x as long).
+  static constexpr int64_t kOneShotTurnoverCallBytes = 64 * 1024;
   static constexpr double kLivenessPeriod = 0.05;  // seconds between checks of a peer's pid
 
   // Bytes of the segment for `world` ranks with `slots` slots of `chunk_bytes` each.

@@ -157,7 +157,7 @@ def _back_to_back(rank: int, world_size: int, seed: int, ring_kwargs: dict) -> i
 
 
 # Small chunks: slots wrap. The default ring of 2 ranks: calls up to 128 KiB use the one-shot
-# windows (16 per rank), which wrap several times in 150 calls.
+# windows (32 per rank), which wrap several times in 150 calls.
 @pytest.mark.parametrize(("world_size", "ring_kwargs"), [(3, SMALL_RING), (2, {})])
 def test_many_back_to_back_calls_reuse_slots_correctly(world_size: int, ring_kwargs: dict) -> None:
     results = run_multiprocess(_back_to_back, world_size, args=(SEED, ring_kwargs), timeout=120)
