@@ -2,11 +2,10 @@
 //
 // Segment layout (every offset page-aligned, so data slots start on cache lines):
 //   [ SegmentInfo | control of rank 0 | ... | control of rank n-1 | data: rank 0 slots 0..S-1,
-//     rank 1 slots 0..S-1, ... ]
+//     rank 1 slots 0..S-1, ... | one-shot windows: rank 0 windows 0..W-1, rank 1 ... ]
 // A rank's control block holds its abort word, pid and pid namespace (one line), then one Flags
-// record per slot. Only the owner
-// writes its control block and its data slots (the reduce writes its result over the owner's
-// own slot); everyone reads everyone's.
+// record per slot. Only the owner writes its control block, its data slots (the reduce writes
+// its result over the owner's own slot) and its windows; everyone reads everyone's.
 #include "shm_ring.h"
 
 #include <unistd.h>
@@ -63,11 +62,31 @@ size_t control_bytes(int slots) {
   return round_up(kLine + slots * sizeof(ShmFlags), kPage);
 }
 
+// The largest one-shot call of `world` ranks (see "Small calls" in shm_ring.h).
+int64_t one_shot_window_bytes(int world, int64_t chunk_bytes) {
+  const int64_t page = static_cast<int64_t>(kPage);
+  const int64_t scaled = ShmRing::kOneShotBytes * 2 / std::max(world, 2) / page * page;
+  return std::min(std::max(scaled, page), chunk_bytes);
+}
+
+// Windows per rank: at least S (see "Small calls" in shm_ring.h), and enough that calls of
+// kOneShotTurnoverCallBytes (or whole windows, if smaller) move kOneShotTurnoverBytes across
+// the ranks before a window comes round again.
+int one_shot_windows(int world, int slots, int64_t chunk_bytes) {
+  const int64_t call =
+      std::min(ShmRing::kOneShotTurnoverCallBytes, one_shot_window_bytes(world, chunk_bytes));
+  const int64_t fill = ShmRing::kOneShotTurnoverBytes / world / call;
+  return static_cast<int>(std::max<int64_t>(slots, fill));
+}
+
 }  // namespace
 
 size_t ShmRing::segment_bytes(int world, int slots, int64_t chunk_bytes) {
-  return kPage + world * control_bytes(slots) +
-         static_cast<size_t>(world) * slots * static_cast<size_t>(chunk_bytes);
+  const size_t per_rank =
+      static_cast<size_t>(slots) * static_cast<size_t>(chunk_bytes) +
+      static_cast<size_t>(one_shot_windows(world, slots, chunk_bytes)) *
+          static_cast<size_t>(one_shot_window_bytes(world, chunk_bytes));
+  return kPage + world * control_bytes(slots) + static_cast<size_t>(world) * per_rank;
 }
 
 void ShmRing::format(char* base, int world, int slots, int64_t chunk_bytes) {
@@ -97,6 +116,8 @@ ShmRing::ShmRing(char* base, size_t bytes, int rank, int world, int slots, int64
   if (chunk_bytes <= 0 || chunk_bytes % kPage != 0)
     throw std::invalid_argument("chunk_bytes must be a positive multiple of " +
                                 std::to_string(kPage) + ", got " + std::to_string(chunk_bytes));
+  window_bytes_ = one_shot_window_bytes(world, chunk_bytes);
+  windows_ = one_shot_windows(world, slots, chunk_bytes);
   if (bytes != segment_bytes(world, slots, chunk_bytes))
     throw std::invalid_argument("the segment has " + std::to_string(bytes) + " bytes; expected " +
                                 std::to_string(segment_bytes(world, slots, chunk_bytes)));
@@ -126,6 +147,12 @@ char* ShmRing::slot_data(int rank, int slot) const {
   return base_ + data + (static_cast<size_t>(rank) * slots_ + slot) * chunk_bytes_;
 }
 
+char* ShmRing::window_data(int rank, uint64_t step) const {
+  const size_t windows = slot_data(world_, 0) - base_;  // after the last rank's slots
+  const size_t window = static_cast<size_t>(rank) * windows_ + step % windows_;
+  return base_ + windows + window * window_bytes_;
+}
+
 void ShmRing::check_usable() const {
   if (!failure_.empty())
     throw RingClosedError("this ring all-reduce is unusable after an earlier failure: " +
@@ -135,7 +162,7 @@ void ShmRing::check_usable() const {
 void ShmRing::agree(const CallHeader& header) {
   check_usable();
   const uint64_t step = step_;
-  publish(step, nullptr, 0, header, {0, 0});
+  publish(step, nullptr, 0, header, {0, 0}, nullptr);
   check_headers(step, header);
   ShmFlags& mine = flags(rank_, static_cast<int>(step % slots_));
   arrive(&mine.reduced, step + 1, "agree on a call", /*complete=*/true);
@@ -158,7 +185,7 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
   auto chunk_at = [&](int64_t c) { return bytes + c * chunk_count * element_size; };
 
   const uint64_t first = step_;
-  if (count * element_size <= std::min<int64_t>(kOneShotBytes, chunk_bytes_)) {
+  if (count * element_size <= window_bytes_) {
     one_shot(first, bytes, count, dtype, reduce_op, header);
     return;
   }
@@ -166,8 +193,10 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
     if (c < chunks) {
       // The own part stays out of the slot: only this rank reduces it, from the tensor itself.
       const Span own = portion(elements(c), rank_, world_, kLine / element_size);
-      publish(first + c, chunk_at(c), elements(c) * element_size, header,
-              {own.begin * element_size, own.end * element_size});
+      const uint64_t step = first + c;
+      publish(step, chunk_at(c), elements(c) * element_size, header,
+              {own.begin * element_size, own.end * element_size},
+              slot_data(rank_, static_cast<int>(step % slots_)));
       // Nothing of the call moves before every rank agrees on it.
       if (c == 0) check_headers(first, header);
     }
@@ -180,12 +209,13 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
 
 void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
                        const CallHeader& header) {
-  const int slot = static_cast<int>(step % slots_);
-  publish(step, data, count * dtype_size(dtype), header, {0, 0});  // peers read all of it
+  // Nothing to skip: the peers read all of it.
+  publish(step, data, count * dtype_size(dtype), header, {0, 0}, window_data(rank_, step));
   check_headers(step, header);  // also waits until every rank's input is there
-  for (int peer = 0; peer < world_; ++peer) inputs_[peer] = slot_data(peer, slot);
+  for (int peer = 0; peer < world_; ++peer)
+    inputs_[peer] = peer == rank_ ? data : window_data(peer, step);
   if (count > 0) reduce_buffers(inputs_.data(), world_, data, count, dtype, op);
-  ShmFlags& mine = flags(rank_, slot);
+  ShmFlags& mine = flags(rank_, static_cast<int>(step % slots_));
   // The result is in `data`: a peer that gave up on these flags only fails the next call.
   arrive(&mine.reduced, step + 1, "reduce its part", /*complete=*/true);
   arrive(&mine.done, step + 1, "finish a previous chunk", /*complete=*/true);
@@ -193,7 +223,7 @@ void ShmRing::one_shot(uint64_t step, char* data, int64_t count, DType dtype, Re
 }
 
 void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header,
-                      Span skip) {
+                      Span skip, char* destination) {
   const int slot = static_cast<int>(step % slots_);
   if (step >= static_cast<uint64_t>(slots_)) {
     // The slot's previous chunk (step - S) must have been copied out by everyone.
@@ -204,12 +234,11 @@ void ShmRing::publish(uint64_t step, const char* chunk, int64_t bytes, const Cal
     }
   }
   ShmFlags& mine = flags(rank_, slot);
-  char* slot_bytes = slot_data(rank_, slot);
   const int64_t skip_begin = std::min(skip.begin, bytes);
   const int64_t skip_end = std::max(skip_begin, std::min(skip.end, bytes));
-  if (skip_begin > 0) std::memcpy(slot_bytes, chunk, static_cast<size_t>(skip_begin));
+  if (skip_begin > 0) std::memcpy(destination, chunk, static_cast<size_t>(skip_begin));
   if (bytes > skip_end)
-    std::memcpy(slot_bytes + skip_end, chunk + skip_end, static_cast<size_t>(bytes - skip_end));
+    std::memcpy(destination + skip_end, chunk + skip_end, static_cast<size_t>(bytes - skip_end));
   mine.header = header;
   arrive(&mine.ready, step + 1, "start the same all_reduce call");
 }

@@ -26,10 +26,21 @@
 // "ring" here is the ring of slots that the chunks flow through. The bus bandwidth of nccl-tests
 // (algbw * 2(n-1)/n) still measures it: that is the data every rank must receive and send.
 //
-// Small calls (at most kOneShotBytes) take a shorter path where latency, not bandwidth, counts:
-// after the publish, every rank reduces the whole tensor from all n slots in rank order straight
-// into its tensor (the same fold, so the same bits everywhere): one wait for the peers instead
-// of two, and no gather.
+// Small calls take a shorter path where latency, not bandwidth, counts: after the publish,
+// every rank reduces the whole tensor from all n inputs in rank order straight into its tensor
+// (the same fold, so the same bits everywhere): one wait for the peers instead of two, and no
+// gather. "Small" is at most a chunk and kOneShotBytes * 2 / n: each rank reads all n inputs,
+// so its traffic grows with n where the pipelined path's does not (2 ranks, measured: the
+// one-shot call takes half the time at 64-128 KiB; at 256 KiB it was faster in a quiet C++
+// loop but slower in bench/allreduce.py under load; a page multiple). Their inputs go to
+// window t % W of a separate area for step t, not to the slots, and each rank reduces its own
+// input from its tensor. The windows turn over slowly: between two writes of a window every
+// peer has moved about kOneShotTurnoverBytes of other windows through its caches (calls of
+// kOneShotTurnoverCallBytes; more for larger ones), so the lines a publish writes have left
+// the peers' private caches, and the copy does not stall invalidating the peers' copies line
+// by line (with one window per slot, a 64 KiB call of 2 ranks took twice as long). W >= S, so
+// the wait for step t - S that frees slot t % S frees the window too: every rank finishes its
+// steps in order.
 //
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
@@ -67,7 +78,11 @@ struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
 
 class ShmRing {
  public:
-  static constexpr int64_t kOneShotBytes = 64 * 1024;
+  static constexpr int64_t kOneShotBytes = 128 * 1024;  // for 2 ranks; see "Small calls"
+  static constexpr int64_t kOneShotTurnoverBytes = 4 << 20;  // see "Small calls"
+  // The call size the windows' turnover is sized for (with 128 KiB windows sized for whole
+  // windows, a 64 KiB call of 2 ranks took 1.4x as long).
+  static constexpr int64_t kOneShotTurnoverCallBytes = 64 * 1024;
   static constexpr double kLivenessPeriod = 0.05;  // seconds between checks of a peer's pid
 
   // Bytes of the segment for `world` ranks with `slots` slots of `chunk_bytes` each.
@@ -97,14 +112,16 @@ class ShmRing {
  private:
   ShmFlags& flags(int rank, int slot) const;
   char* slot_data(int rank, int slot) const;
+  char* window_data(int rank, uint64_t step) const;  // the one-shot input of `step`
   uint64_t* abort_word(int rank) const;
   uint64_t* pid_word(int rank) const;  // the rank's pid, then its pid namespace
 
   void one_shot(uint64_t step, char* data, int64_t count, DType dtype, ReduceOp op,
                 const CallHeader& header);
-  // Copies the chunk (but the bytes in `skip`) into the own slot and announces it.
+  // Copies the chunk (but the bytes in `skip`) to `destination` (the own slot or window of
+  // `step`) once the slot is free, and announces it.
   void publish(uint64_t step, const char* chunk, int64_t bytes, const CallHeader& header,
-               Span skip);
+               Span skip, char* destination);
   void check_headers(uint64_t step, const CallHeader& mine);
   void reduce(uint64_t step, const char* chunk, int64_t chunk_count, DType dtype, ReduceOp op);
   void gather(uint64_t step, char* chunk, int64_t chunk_count, int64_t element_size);
@@ -129,6 +146,8 @@ class ShmRing {
   int world_;
   int slots_;
   int64_t chunk_bytes_;
+  int64_t window_bytes_ = 0;  // the largest one-shot call
+  int windows_ = 0;           // one-shot windows per rank
   WaitPolicy policy_;
   uint64_t pid_namespace_;  // this process's (process.h)
   uint64_t step_ = 0;  // next step; the same on every rank

@@ -98,7 +98,8 @@ class RingAllReduce:
         chunk_bytes: bytes per pipeline chunk, a multiple of 4096 (None: 256 KiB on CPU,
             8 MiB on CUDA, where each rank's IPC buffer holds two chunks).
         slots: CPU chunks in flight per rank (>= 3); the segment holds
-            world * slots * chunk_bytes.
+            world * slots * chunk_bytes, plus about 8 MiB of windows for small calls
+            (`csrc/shm_ring.h`).
         serve_shared_gpu: CUDA: serve ranks that share a GPU even where torch.distributed can
             (gloo). Off by default: processes time-slice a GPU, which makes every call of the
             ring wait out slices, about 5x slower than gloo (agreement.SHARED_GPU_REASON); on

@@ -138,10 +138,10 @@ def test_views_non_contiguous_and_overlapping_tensors() -> None:
     run_multiprocess(_layouts, 2, args=(SEED,), timeout=120)
 
 
-def _back_to_back(rank: int, world_size: int, seed: int) -> int:
+def _back_to_back(rank: int, world_size: int, seed: int, ring_kwargs: dict) -> int:
     generator = torch.Generator().manual_seed(seed + rank)
     sizes = torch.Generator().manual_seed(seed)
-    with RingAllReduce(**SMALL_RING) as ring:
+    with RingAllReduce(**ring_kwargs) as ring:
         tensors, expected = [], []
         for _ in range(150):
             size = int(torch.randint(0, 20000, (1,), generator=sizes))
@@ -156,8 +156,12 @@ def _back_to_back(rank: int, world_size: int, seed: int) -> int:
     return len(tensors)
 
 
-def test_many_back_to_back_calls_reuse_slots_correctly() -> None:
-    assert run_multiprocess(_back_to_back, 3, args=(SEED,), timeout=120) == [150] * 3
+# Small chunks: slots wrap. The default ring of 2 ranks: calls up to 128 KiB use the one-shot
+# windows (32 per rank), which wrap several times in 150 calls.
+@pytest.mark.parametrize(("world_size", "ring_kwargs"), [(3, SMALL_RING), (2, {})])
+def test_many_back_to_back_calls_reuse_slots_correctly(world_size: int, ring_kwargs: dict) -> None:
+    results = run_multiprocess(_back_to_back, world_size, args=(SEED, ring_kwargs), timeout=120)
+    assert results == [150] * world_size
 
 
 def _async(rank: int, world_size: int, seed: int) -> None:
