@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from fastpar.training.config import (
     BackendName,
+    BalanceName,
     CellName,
     CommName,
     ParallelMode,
@@ -36,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
     add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
     add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
+    add("--balance", choices=get_args(BalanceName), default=d.balance,
+        help="pipeline cuts: even (modules per stage) or auto (measured forward+backward "
+             "time per module, the slowest stage made fastest)")  # fmt: skip
     add("--comm", choices=get_args(CommName), default=d.comm,
         help="gradient all-reduce: auto (fastpar's ring inside a host, hierarchical across "
              "hosts, else torch.distributed), ring (fastpar's or an error) or torch")  # fmt: skip

@@ -19,6 +19,7 @@ CommName = Literal["auto", "ring", "torch"]
 # fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
 BackendName = Literal["auto", "triton", "torch", "reference"]
 CellName = Literal["lstm", "gru", "rnn"]
+BalanceName = Literal["even", "auto"]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -36,6 +37,10 @@ class TrainConfig:
     """Micro-batches per pipeline step."""
     schedule: ScheduleName = "1f1b"
     """Pipeline schedule."""
+    balance: BalanceName = "even"
+    """How the model is cut into pipeline stages. even: the same number of modules per stage;
+    auto: rank 0 times each module's forward and backward on a micro-batch and every rank takes
+    the cuts where the slowest stage is fastest (`split_sequential(balance="auto")`)."""
     comm: CommName = "auto"
     """Gradient all-reduce. auto: fastpar's shared-memory (CPU) or CUDA-IPC (GPU) ring when every
     rank of a data-parallel group shares a host, the hierarchical all-reduce when several hosts
@@ -86,7 +91,7 @@ class TrainConfig:
             check_int(_flag(name), getattr(self, name), 1)
         check_int("--sample-bytes", self.sample_bytes, 0)
         check_int("--seed", self.seed, 0)
-        for name in ("parallel", "schedule", "comm", "backend", "cell", "slicing"):
+        for name in ("parallel", "schedule", "balance", "comm", "backend", "cell", "slicing"):
             choices = get_args(_FIELD_TYPES[name])
             check_choice(_flag(name), getattr(self, name), choices)
         check_positive("--lr", self.lr)
@@ -128,6 +133,7 @@ def _flag(name: str) -> str:
 _FIELD_TYPES = {
     "parallel": ParallelMode,
     "schedule": ScheduleName,
+    "balance": BalanceName,
     "comm": CommName,
     "backend": BackendName,
     "cell": CellName,

@@ -7,6 +7,7 @@ model and report validation loss, throughput and a generated sample.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import sys
 import time
@@ -19,8 +20,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastpar._logging import get_logger
 from fastpar.parallel import CommStats, DataParallel, Pipeline
 from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
+from fastpar.parallel.pipeline.stages import balanced_cuts, profile_layers
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from fastpar.training.metrics_files import MetricsWriter
 
 __all__ = ["KILL_ENV", "Stage", "build_stage", "run_steps", "train_rank"]
+
+_log = get_logger(__name__)
 
 
 def _device() -> torch.device:
@@ -120,6 +125,8 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
     chunked = place.dims.pp > 1 and config.schedule in CHUNKED_SCHEDULES
     num_stages = place.dims.pp * (2 if chunked else 1)
     bounds = stage_bounds(len(model), num_stages)
+    if num_stages > 1 and config.balance == "auto":
+        bounds = _balanced_bounds(model, num_stages, config, device)
     mine = (0,)
     if place.dims.pp > 1:
         mine = Placement.of(config.schedule, place.dims.pp, num_stages).stages_of(place.stage)
@@ -142,6 +149,32 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
                         timeout_s=config.timeout_s)  # fmt: skip
     optimizer = torch.optim.Adam(module.parameters(), lr=config.lr)
     return Stage(model, module, runners[0], dps, pipe, optimizer)
+
+
+def _balanced_bounds(
+    model: nn.Sequential, num_stages: int, config: TrainConfig, device: torch.device
+) -> list[tuple[int, int]]:
+    """--balance auto: rank 0 times every module's forward and backward on a micro-batch of
+    random windows and cuts where the slowest stage is fastest; every rank takes its cuts, so
+    all replicas and stages agree (timings differ from rank to rank)."""
+    cuts: list[list[int] | None] = [None]
+    if dist.get_rank() == 0:
+        rows = max(1, config.batch_size // config.microbatches)
+        generator = torch.Generator().manual_seed(config.seed)
+        example = torch.randint(VOCAB_SIZE, (rows, config.seq_len), generator=generator)
+        profiles = profile_layers(model, example.to(device))
+        cuts[0] = balanced_cuts([p.seconds for p in profiles], num_stages,
+                                [p.output_bytes for p in profiles])  # fmt: skip
+        points = [0, *cuts[0], len(model)]
+        costs = [sum(p.seconds for p in profiles[a:b]) for a, b in itertools.pairwise(points)]
+        _log.info(
+            "--balance auto: stages start at modules %s; measured forward+backward per stage "
+            "%s ms (slowest %.2fx the mean)", points[:-1], [round(c * 1e3, 2) for c in costs],
+            max(costs) * len(costs) / sum(costs),
+        )  # fmt: skip
+    dist.broadcast_object_list(cuts, src=0)
+    assert cuts[0] is not None
+    return list(itertools.pairwise([0, *cuts[0], len(model)]))
 
 
 def _train_step(
