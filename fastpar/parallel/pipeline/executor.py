@@ -355,7 +355,7 @@ class Pipeline:
             elif op is Op.RECV_GRADIENT:
                 run.output_grads[key] = route.recv(planned.what)
             elif op is Op.SEND_ACTIVATION:
-                self._send(planned, run.outputs[key].detach())
+                self._send(planned, run.outputs[key])
             elif op is Op.SEND_GRADIENT:
                 x = run.stage_inputs.pop(key)
                 grad = _NO_GRADIENT if not carries_grad(x) else x.grad
@@ -414,9 +414,12 @@ class Pipeline:
         run.times.append((action, began, time.perf_counter()))
 
     def _send(self, planned: _Planned, tensor: Tensor) -> None:
-        # A stage on a GPU sends via the host unless its link is NCCL (see _make_links).
-        if tensor.device != self._comm_device:
-            tensor = tensor.to(self._comm_device)
+        # A stage on a GPU sends via the host unless its link is NCCL (see _make_links). The
+        # links detach what they send. is_cpu first: tensor.device builds an object, which
+        # costs microseconds right after a compute, when this code is cold.
+        on_cpu = tensor.is_cpu and self._comm_device.type == "cpu"
+        if not on_cpu and tensor.device != self._comm_device:
+            tensor = tensor.detach().to(self._comm_device)
         planned.route.send(tensor, planned.what)
 
     def _backward_context(

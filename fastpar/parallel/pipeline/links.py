@@ -42,7 +42,8 @@ class Link(Protocol):
         ...
 
     def send(self, tensor: Tensor, what: str) -> None:
-        """Start sending `tensor`; `finish_sends` waits for it."""
+        """Start sending `tensor`'s values (detached from autograd here); `finish_sends` waits
+        for it."""
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Deliver `message` in place of the next tensor the peer expects (bounded)."""
