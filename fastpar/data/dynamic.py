@@ -92,11 +92,11 @@ class DynamicSlicerConfig:
     its split once it ends (about what one of its own steps cost): 2 follows a straggler
     soon and still ignores single-step spikes; raise it where bursts of several steps are
     common and speed changes rare."""
-    speedup_steps: int = 1
+    speedup_steps: int = 2
     """"throughput": the same for candidates faster than the model (never more than
-    change_steps), >= 1: other processes' load only lengthens steps, so a much shorter step is
-    no burst, and a straggler's recovery (or the end of a long load episode) is confirmed
-    at once."""
+    change_steps), >= 1. Load from other processes only lengthens steps, but noise shortens
+    them too: with +-20 % noise per step, 1 let single short steps rescale the model and the
+    blocks swing."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
