@@ -23,7 +23,7 @@ from torch import nn
 from fastpar._logging import get_logger
 from fastpar.parallel import CommStats, DataParallel, Pipeline
 from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
-from fastpar.parallel.pipeline.stages import balanced_cuts, profile_layers
+from fastpar.parallel.pipeline.stages import measured_cuts
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found
@@ -162,16 +162,7 @@ def _balanced_bounds(
         rows = max(1, config.batch_size // config.microbatches)
         generator = torch.Generator().manual_seed(config.seed)
         example = torch.randint(VOCAB_SIZE, (rows, config.seq_len), generator=generator)
-        profiles = profile_layers(model, example.to(device))
-        cuts[0] = balanced_cuts([p.seconds for p in profiles], num_stages,
-                                [p.output_bytes for p in profiles])  # fmt: skip
-        points = [0, *cuts[0], len(model)]
-        costs = [sum(p.seconds for p in profiles[a:b]) for a, b in itertools.pairwise(points)]
-        _log.info(
-            "--balance auto: stages start at modules %s; measured forward+backward per stage "
-            "%s ms (slowest %.2fx the mean)", points[:-1], [round(c * 1e3, 2) for c in costs],
-            max(costs) * len(costs) / sum(costs),
-        )  # fmt: skip
+        cuts[0] = measured_cuts(model, num_stages, example.to(device))
     dist.broadcast_object_list(cuts, src=0)
     assert cuts[0] is not None
     return list(itertools.pairwise([0, *cuts[0], len(model)]))

@@ -68,13 +68,7 @@ def split_sequential(
         num_stages = check_int("num_stages", split_points, 1, len(model))
         if example_input is None:
             raise ValueError('balance="auto" needs an example_input to time the layers on')
-        profiles = profile_layers(model, example_input, repeats=repeats, timer=timer)
-        points = balanced_cuts([p.seconds for p in profiles], num_stages,
-                               [p.output_bytes for p in profiles])  # fmt: skip
-        bounds = [0, *points, len(profiles)]
-        costs = [sum(p.seconds for p in profiles[a:b]) for a, b in itertools.pairwise(bounds)]
-        logger.info("balanced cuts %s: stage costs %s ms", points,
-                    [round(c * 1e3, 3) for c in costs])  # fmt: skip
+        points = measured_cuts(model, num_stages, example_input, repeats=repeats, timer=timer)
     elif isinstance(split_points, int) and not isinstance(split_points, bool):
         raise ValueError(
             f"split_points {split_points} is a stage count: pass balance='auto' and an "
@@ -93,6 +87,28 @@ def split_sequential(
             )
     layers = list(model)
     return [nn.Sequential(*layers[start:end]) for start, end in itertools.pairwise(bounds)]
+
+
+def measured_cuts(
+    model: nn.Sequential,
+    num_stages: int,
+    example_input: Tensor,
+    *,
+    repeats: int = 5,
+    timer: Callable[[], float] = time.perf_counter,
+) -> list[int]:
+    """balance="auto"'s split points: each layer timed (`profile_layers`), the cuts where the
+    slowest stage is fastest (`balanced_cuts`); logs each stage's measured cost."""
+    profiles = profile_layers(model, example_input, repeats=repeats, timer=timer)
+    points = balanced_cuts([p.seconds for p in profiles], num_stages,
+                           [p.output_bytes for p in profiles])  # fmt: skip
+    bounds = [0, *points, len(profiles)]
+    costs = [sum(p.seconds for p in profiles[a:b]) for a, b in itertools.pairwise(bounds)]
+    logger.info(
+        "balanced cuts %s: stage costs %s ms (slowest %.2fx the mean)", points,
+        [round(c * 1e3, 3) for c in costs], max(costs) * len(costs) / sum(costs),
+    )  # fmt: skip
+    return points
 
 
 def profile_layers(
