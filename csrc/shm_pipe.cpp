@@ -124,6 +124,17 @@ uint64_t* ShmPipe::written_word(int side) const {
 // adjacent-line prefetch).
 uint64_t* ShmPipe::read_word(int side) const { return written_word(side) + 2 * kLine / 8; }
 
+void ShmPipe::put_locked(const char* source, int64_t bytes) {
+  char* data = ring(side_);
+  for (int64_t done = 0; done < bytes;) {  // at most two pieces: up to the ring's end, then on
+    const auto offset = static_cast<int64_t>(written_ % static_cast<uint64_t>(capacity_));
+    const int64_t piece = std::min(bytes - done, capacity_ - offset);
+    std::memcpy(data + offset, source + done, static_cast<size_t>(piece));
+    written_ += static_cast<uint64_t>(piece);
+    done += piece;
+  }
+}
+
 bool ShmPipe::try_send(const char* header, int64_t header_bytes, const char* payload,
                        int64_t payload_bytes) {
   throw_if_peer_aborted();  // nobody would receive it
@@ -131,16 +142,8 @@ bool ShmPipe::try_send(const char* header, int64_t header_bytes, const char* pay
   if (!failure_.empty()) throw PipeBrokenError("this pipe is unusable: " + failure_);
   const int64_t room = capacity_ - static_cast<int64_t>(written_ - load_acquire(read_word(side_)));
   if (!queue_.empty() || header_bytes + payload_bytes > room) return false;
-  char* data = ring(side_);
-  for (const auto& [source, bytes] : {std::pair{header, header_bytes}, {payload, payload_bytes}}) {
-    for (int64_t done = 0; done < bytes;) {  // at most two pieces: up to the ring's end, then on
-      const auto offset = static_cast<int64_t>(written_ % static_cast<uint64_t>(capacity_));
-      const int64_t piece = std::min(bytes - done, capacity_ - offset);
-      std::memcpy(data + offset, source + done, static_cast<size_t>(piece));
-      written_ += static_cast<uint64_t>(piece);
-      done += piece;
-    }
-  }
+  put_locked(header, header_bytes);
+  put_locked(payload, payload_bytes);
   store_release(written_word(side_), written_);
   return true;
 }
@@ -162,7 +165,6 @@ void ShmPipe::send(std::string header, const char* payload, int64_t payload_byte
 
 bool ShmPipe::write_queued_locked() {
   bool progress = false;
-  char* data = ring(side_);
   uint64_t* written = written_word(side_);
   const uint64_t read = load_acquire(read_word(side_));
   while (!queue_.empty()) {
@@ -175,15 +177,13 @@ bool ShmPipe::write_queued_locked() {
         if (progress) store_release(written, written_);
         return progress;
       }
-      // One contiguous piece: within the header or the payload, and before the ring's end.
+      // What fits of the rest of the header, or else of the payload.
       const bool in_header = item.done < header_bytes;
       const char* source =
           in_header ? item.header.data() + item.done : item.payload + (item.done - header_bytes);
       const int64_t left = in_header ? header_bytes - item.done : total - item.done;
-      const auto offset = static_cast<int64_t>(written_ % static_cast<uint64_t>(capacity_));
-      const int64_t piece = std::min({left, room, capacity_ - offset});
-      std::memcpy(data + offset, source, static_cast<size_t>(piece));
-      written_ += static_cast<uint64_t>(piece);
+      const int64_t piece = std::min(left, room);
+      put_locked(source, piece);
       item.done += piece;
       progress = true;
     }

@@ -108,6 +108,9 @@ class ShmPipe {
   char* ring(int side) const;
   uint64_t* written_word(int side) const;
   uint64_t* read_word(int side) const;
+  // Copies `bytes` (at most the free room) into this side's ring after what is written,
+  // wrapping at its end, and counts them in written_ without publishing them; needs mutex_.
+  void put_locked(const char* source, int64_t bytes);
   // Writes as much of the queue as fits now; needs mutex_. Returns whether anything was written.
   bool write_queued_locked();
   void sender_loop();
