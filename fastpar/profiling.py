@@ -4,11 +4,13 @@
 and Chrome traces) while a torch profiler runs, and, when CUDA is initialised, an NVTX range of
 the same name (seen in Nsight Systems with `nsys profile -t cuda,nvtx`). With neither, it costs
 well under a microsecond: ranges sit on per-micro-batch paths, where `record_function`'s own
-~6 us (it enters a torch op even when nobody listens) would show.
+~6 us (it enters a torch op even when nobody listens) would show. `range_name(...)` builds
+a range's name once, for paths that name their ranges per call.
 """
 
 from __future__ import annotations
 
+import functools
 from types import TracebackType
 
 import torch
@@ -18,6 +20,13 @@ def _cuda_ready() -> bool:
     # Never initialise CUDA just to name a range: ranges must be free on CPU-only runs (and
     # is_initialized is False wherever CUDA is unavailable).
     return torch.cuda.is_initialized()
+
+
+@functools.cache  # a run's names are few; one lookup per call, not a replace and a format
+def range_name(*parts: str) -> str:
+    """The range named `fastpar.<part>.<part>...`, without spaces: `range_name("pp", "send",
+    "activation 3")` is "fastpar.pp.send.activation3"."""
+    return ".".join(("fastpar", *parts)).replace(" ", "")
 
 
 class record_range:  # lower case, like torch.profiler.record_function

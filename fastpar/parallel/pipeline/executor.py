@@ -61,7 +61,7 @@ from fastpar.parallel.pipeline.shm_link import ShmLink, connect_shm_links
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from fastpar.parallel.pipeline.torch_link import TorchLink
 from fastpar.parallel.pipeline.wire import Peer, PipelineError
-from fastpar.profiling import record_range
+from fastpar.profiling import range_name, record_range
 
 __all__ = ["Pipeline"]
 
@@ -216,7 +216,7 @@ class Pipeline:
         if action.op in COMPUTE_OPS:
             kind = {Op.FORWARD: "forward", Op.BACKWARD_WEIGHT: "weight"}.get(action.op, "backward")
             name = f"s{s}.mb{k}" if len(self._chunks) > 1 else f"mb{k}"
-            return _Planned(action, (s, k), None, f"fastpar.pp.{kind}.{name}", None)
+            return _Planned(action, (s, k), None, range_name("pp", kind, name), None)
         message = message_of(action)
         send = action.op in _SENDS
         peer = self.placement.stage_ranks[message.dest if send else message.source]

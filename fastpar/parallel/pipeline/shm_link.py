@@ -23,7 +23,7 @@ from torch import Tensor
 
 from fastpar import _native
 from fastpar.parallel.pipeline.wire import Peer, PipelineError, check_sendable
-from fastpar.profiling import record_range
+from fastpar.profiling import range_name, record_range
 
 __all__ = ["PIPE_CAPACITY", "ShmLink", "connect_shm_links"]
 
@@ -55,7 +55,6 @@ class ShmLink:
         self._errors = (native.PipeAbortedError, native.PipeBrokenError)
         self._sends: list[Tensor] = []  # read by the pipe until finish_sends
         self._deferred_seen = 0
-        self._ranges: dict[tuple[str, str], str] = {}
         self.split_sends = 0
 
     def post_receives(self, count: int) -> None:
@@ -65,7 +64,7 @@ class ShmLink:
         """The peer's next tensor, on the CPU (see `Link.recv`)."""
         # try/except rather than a context manager: this runs per micro-batch, where every
         # microsecond is bubble.
-        with record_range(self._range("recv", what)):
+        with record_range(range_name("pp", "recv", what)):
             try:
                 return self._pipe.recv(what)
             except self._errors as error:
@@ -79,19 +78,12 @@ class ShmLink:
         data = tensor.detach() if tensor.requires_grad else tensor
         if not data.is_contiguous():
             data = data.contiguous()
-        with record_range(self._range("send", what)):
+        with record_range(range_name("pp", "send", what)):
             try:
                 self._pipe.send(data)
             except self._errors as error:
                 raise self._pipeline_error(error, "sending to") from error
         self._sends.append(data)
-
-    def _range(self, verb: str, what: str) -> str:
-        """The profiler range of a transfer, built once per message name."""
-        name = self._ranges.get((verb, what))
-        if name is None:
-            name = self._ranges[verb, what] = f"fastpar.pp.{verb}.{what.replace(' ', '')}"
-        return name
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Make the peer's waits on this pipe raise the error (it is in shared memory at once:

@@ -37,7 +37,7 @@ from fastpar.parallel.pipeline.wire import (
     PipelineError,
     next_slot_bytes,
 )
-from fastpar.profiling import record_range
+from fastpar.profiling import range_name, record_range
 
 __all__ = ["ERROR_DELIVERY_S", "TorchLink"]
 
@@ -113,7 +113,7 @@ class TorchLink:
         if not self._slots:
             raise RuntimeError(f"{self.me}: no receive posted for {what} from {self.peer}")
         work, buffer = self._slots.popleft()
-        with record_range(f"fastpar.pp.recv.{what.replace(' ', '')}"):
+        with record_range(range_name("pp", "recv", what)):
             self._wait(work, f"receiving {what} from")
             try:
                 header = Header.decode(buffer[:HEADER_BYTES].view(torch.int64).tolist())
@@ -154,7 +154,7 @@ class TorchLink:
         goes on computing while the transfer runs."""
         size = HEADER_BYTES + tensor.numel() * tensor.element_size()
         self._sent_largest = max(self._sent_largest, size)
-        with record_range(f"fastpar.pp.send.{what.replace(' ', '')}"):
+        with record_range(range_name("pp", "send", what)):
             if self._inline and size <= self._send_slot:
                 header = Header.for_tensor(Kind.INLINE, tensor).view(torch.uint8)
                 payload = tensor.detach().reshape(-1).view(torch.uint8)
