@@ -1,11 +1,13 @@
 """The shared-memory pipe between two stages (`connect_shm_links`, `csrc/shm_pipe.h`) on its own:
-tensors of every dtype and shape arrive equal, tensors far larger than the pipe stream through
+tensors of every dtype and shape arrive equal, also where a message wraps around the end of the
+pipe's ring, tensors far larger than the pipe stream through
 it even when both sides send at once, nothing stays in /dev/shm, and an abort, a dead peer or a
 silent one ends every wait on the other side within a bounded time, with the error named. A
 pipe that cannot be set up makes Pipeline fall back to torch.distributed under "auto" only."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from pathlib import Path
@@ -81,6 +83,44 @@ def test_tensors_arrive_equal_in_both_directions_at_once() -> None:
         assert all(result["equal"]), (rank, result["equal"])
         assert result["unchanged"], "sending must not modify the tensors"
         assert result["deferred"] > 0, "the big tensor must have streamed through the pipe"
+
+
+ROUND_TRIPS = 2000
+HEADER_BYTES = 4 * 8  # the glue's header of a 1-d tensor: magic, dtype, ndim, its size
+
+
+def _round_trips(rank: int, world_size: int, seed: int) -> dict[str, Any]:
+    """Rank 0 sends tensors of random sizes one at a time and rank 1 sends each straight back:
+    every message finds its ring empty, so it goes in at once (no sender thread), wherever the
+    previous one left off."""
+    link = _link(rank)
+    if rank == 1:
+        for index in range(ROUND_TRIPS):
+            link.send(link.recv(f"tensor {index}"), f"tensor {index}")
+        link.finish_sends()
+        return {"deferred": link.split_sends}
+    generator = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(1, 200, (ROUND_TRIPS,), generator=generator).tolist()
+    sent = [torch.randint(0, 256, (n,), generator=generator, dtype=torch.uint8) for n in sizes]
+    returned = []
+    for index, tensor in enumerate(sent):
+        link.send(tensor, f"tensor {index}")
+        returned.append(link.recv(f"tensor {index}"))
+    link.finish_sends()
+    equal = [torch.equal(a, b) for a, b in zip(sent, returned, strict=True)]
+    return {"deferred": link.split_sends, "equal": equal, "sizes": sizes}
+
+
+def test_messages_wrap_around_the_ring_intact() -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    first, second = run_multiprocess(_round_trips, 2, args=(seed,), timeout=120)
+    assert all(first["equal"]), (seed, first["equal"].index(False))
+    assert first["deferred"] == second["deferred"] == 0, "every message must fit at once"
+    # The random sizes must have cut headers and payloads at the ring's end.
+    starts = list(itertools.accumulate(HEADER_BYTES + n for n in first["sizes"]))[:-1]
+    offsets = [(start % CAPACITY, n) for start, n in zip(starts, first["sizes"][1:], strict=True)]
+    assert any(o > CAPACITY - HEADER_BYTES for o, _ in offsets), seed
+    assert any(0 < CAPACITY - o - HEADER_BYTES < n for o, n in offsets), seed
 
 
 def _segments(rank: int, world_size: int) -> list[str]:
