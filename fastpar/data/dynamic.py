@@ -48,6 +48,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar._checks import check_choice, check_float, check_int
+from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
 from fastpar.data.step_model import StepTimeModel, equal_time_split, slowest
 
@@ -686,11 +687,3 @@ def _world(group: dist.ProcessGroup | None, world_size: int | None) -> tuple[int
             return dist.get_rank(group), size
     size = 1 if world_size is None else check_int("world_size", world_size, 1)
     return (0 if size == 1 else None), size
-
-
-def collective_device(group: dist.ProcessGroup | None) -> torch.device:
-    """Where a tensor must live for `group`'s collectives: NCCL reduces CUDA tensors only; gloo
-    (and others) take CPU tensors."""
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

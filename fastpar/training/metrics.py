@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from fastpar.comm.devices import collective_device
 from fastpar.data import SlicerStats
-from fastpar.data.dynamic import collective_device
 from fastpar.training.parallel_dims import RankPlace
 
 ROW = ("loss", "samples", "global_samples", "compute_s", "step_s", "allreduce_s", "exposed_s",
