@@ -23,7 +23,7 @@ Policies:
         blocks. A measurement off the prediction by more than a factor 1 + `change_threshold`
         (either way: a straggler's recovery is judged as its slowdown) is set aside, and
         only when `change_steps` of them in a row lie on the same side (`speedup_steps` when
-        faster: load only slows steps) is it a speed change: the model is rescaled by their
+        faster; noise shortens steps too) is it a speed change: the model is rescaled by their
         median and refitted from them (bursts of fewer steps, e.g. another process's spike,
         are ignored); a change back to the speed before the last one restores the model of
         that speed instead (stragglers come and go). A new split replaces the current

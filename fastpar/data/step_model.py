@@ -37,9 +37,9 @@ class StepTimeModel:
 
     A measurement off the prediction by more than a factor 1 + `change_threshold` either way
     is set aside as a candidate speed change; `change_steps` of them in a row on the same side
-    confirm it (`speedup_steps` when they are faster: interference from other processes only
-    lengthens a step, so a much shorter one is not a burst): the model is scaled by their
-    median ratio measured / predicted and refitted from them alone.
+    confirm it (`speedup_steps` when they are faster: noise shortens steps too, and with +-20 %
+    of it per step, one short step alone would rescale the model and make the blocks swing):
+    the model is scaled by their median ratio measured / predicted and refitted from them alone.
     Shorter bursts (a preempted step, another process's spike) leave the model untouched.
 
     The model in use before the last confirmed change is kept (`previous`): stragglers come and
