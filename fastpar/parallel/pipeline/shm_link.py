@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastpar import _native
-from fastpar.parallel.pipeline.wire import Peer, PipelineError, check_sendable
+from fastpar.parallel.pipeline.wire import Peer, PipelineError, check_sendable, peer_failed
 from fastpar.profiling import range_name, record_range
 
 __all__ = ["PIPE_CAPACITY", "ShmLink", "connect_shm_links"]
@@ -113,14 +113,10 @@ class ShmLink:
         if isinstance(error, self._errors[0]):  # the peer aborted
             origin, message = _parse_error_text(str(error), self.peer)
             return PipelineError(message, stage=origin.stage, rank=origin.rank, via=self.peer.stage)
-        message = (
-            f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
-            f"timeout_s={self._timeout_s:g}, or left the pipeline ({error})"
-        )
-        self._pipe.abort(_error_text(message, self.peer))
-        return PipelineError(
-            message, stage=self.peer.stage, rank=self.peer.rank, via=self.peer.stage
-        )
+        cause = f"left the pipeline ({error})"
+        failure = peer_failed(self.me, doing, self.peer, self._timeout_s, cause)
+        self._pipe.abort(_error_text(str(failure), self.peer))
+        return failure
 
 
 def _error_text(message: str, origin: Peer) -> str:

@@ -36,6 +36,7 @@ from fastpar.parallel.pipeline.wire import (
     Peer,
     PipelineError,
     next_slot_bytes,
+    peer_failed,
 )
 from fastpar.profiling import range_name, record_range
 
@@ -217,10 +218,5 @@ class TorchLink:
         try:
             yield
         except RuntimeError as error:
-            raise PipelineError(
-                f"{self.me}: {doing} {self.peer} failed: the peer died, stalled for more than "
-                f"timeout_s={self._timeout_s:g}, or its connection broke ({error})",
-                stage=self.peer.stage,
-                rank=self.peer.rank,
-                via=self.peer.stage,
-            ) from error
+            cause = f"its connection broke ({error})"
+            raise peer_failed(self.me, doing, self.peer, self._timeout_s, cause) from error

@@ -83,6 +83,18 @@ class Peer:
         return f"stage {self.stage} (rank {self.rank})"
 
 
+def peer_failed(me: Peer, doing: str, peer: Peer, timeout_s: float, cause: str) -> PipelineError:
+    """The error of a transfer with `peer` that broke on this side: the peer died, stalled, or
+    `cause` (the transport's account); the peer is named as where the failure happened."""
+    return PipelineError(
+        f"{me}: {doing} {peer} failed: the peer died, stalled for more than "
+        f"timeout_s={timeout_s:g}, or {cause}",
+        stage=peer.stage,
+        rank=peer.rank,
+        via=peer.stage,
+    )
+
+
 def check_sendable(tensor: Tensor) -> None:
     """Raise unless `tensor` can travel between stages (on either transport)."""
     if tensor.dim() > MAX_NDIM:
