@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from fastpar._checks import check_choice, check_int
 from fastpar._logging import get_logger
 
-__all__ = ["LayerProfile", "OutputOnly", "balanced_cuts", "profile_layers", "split_sequential"]
+__all__ = [
+    "LayerProfile",
+    "OutputOnly",
+    "balanced_cuts",
+    "measured_cuts",
+    "profile_layers",
+    "split_sequential",
+]
 
 logger = get_logger(__name__)
 
