@@ -78,8 +78,7 @@ class StepTimeModel:
     noise: float = 0.0
     """Spread of accepted steps about the prediction made before each of them (root mean
     square of log(measured / predicted), a running average over about ten steps; 0.0: not
-    measured).
-    A property of the host more than of the speed, so it carries across speed changes."""
+    measured). A property of the host more than of the speed: it carries across changes."""
 
     @property
     def known(self) -> bool:
