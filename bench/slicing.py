@@ -36,9 +36,10 @@ until every rank's block stayed within 10 % of the oracle's split for the rest o
 (goal <= 20; median and per round), and how often its blocks changed once there (oscillation).
 
 Each slowdown costs change_steps steps at the old split before the slicer follows it, and each
-recovery speedup_steps: with 40 slow steps and the defaults (2 + 2 steps) that alone caps the
-share near 92 % against an exact oracle; `--change-steps` trades it against ignoring longer
-bursts (4 + 2: near 85 %).
+recovery one (a step back at the old speed, far outside the measured noise, confirms it alone;
+speedup_steps where it is not): with 40 slow steps and the defaults (2 + 1 steps) that alone
+caps the share near 94 % against an exact oracle; `--change-steps` trades it against ignoring
+longer bursts (4 + 1: near 88 %).
 
     python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--change-steps 4]
         [--csv results/slicing.csv]

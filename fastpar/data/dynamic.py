@@ -50,7 +50,7 @@ import torch.distributed as dist
 from fastpar._checks import check_choice, check_float, check_int
 from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
-from fastpar.data.step_model import StepTimeModel, equal_time_split, slowest
+from fastpar.data.step_model import Observation, StepTimeModel, equal_time_split, slowest
 
 _STATE_VERSION = 2
 # Rows of the statistics matrix that record_step all-reduces: one column per rank, each rank
@@ -97,7 +97,9 @@ class DynamicSlicerConfig:
     """"throughput": the same for candidates faster than the model (never more than
     change_steps), >= 1. Load from other processes only lengthens steps, but noise shortens
     them too: with +-20 % noise per step, 1 let single short steps rescale the model and the
-    blocks swing."""
+    blocks swing. One step is enough for a return to the speed before the last change when it
+    lies far outside the measured noise (a straggler's recovery); the blocks in use before
+    that change then come back."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
@@ -246,6 +248,9 @@ class DynamicSlicer:
         self._cursor = 0
         self._steps = 0
         self._models = [StepTimeModel() for _ in range(self.world_size)]
+        # Confirmed speed changes not yet undone, the latest last (see _after_changes).
+        self._changes: list[_Change] = []
+        self._hold = 0  # steps the blocks stay put after a restore (see _after_changes)
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
@@ -472,18 +477,25 @@ class DynamicSlicer:
         )
         if self.config.policy == "throughput":
             config = self.config
-            settled = False
-            for model, n, t in zip(self._models, samples, seconds, strict=True):
-                if n > 0 and t > 0:
-                    settled |= model.observe(
-                        int(n), t, window=config.model_window,
-                        change_threshold=config.change_threshold,
-                        change_steps=config.change_steps,
-                        speedup_steps=min(config.speedup_steps, config.change_steps),
-                        momentum=config.rate_momentum,
-                    )  # fmt: skip
-            proposal = self._decide_sizes()
-            moved = self._moves(proposal, settled)
+            observations = [
+                model.observe(
+                    int(n), t, window=config.model_window,
+                    change_threshold=config.change_threshold,
+                    change_steps=config.change_steps,
+                    speedup_steps=min(config.speedup_steps, config.change_steps),
+                    momentum=config.rate_momentum,
+                ) if n > 0 and t > 0 else None
+                for model, n, t in zip(self._models, samples, seconds, strict=True)
+            ]  # fmt: skip
+            restored = self._after_changes(observations)
+            if restored is not None:
+                proposal, moved = restored, restored != self._sizes
+            elif self._hold > 0:
+                self._hold -= 1
+                proposal, moved = self._sizes, False
+            else:
+                proposal = self._decide_sizes()
+                moved = self._moves(proposal, "settled" in observations)
             event = "rebalance" if moved else "hold"
             if moved:
                 self._sizes = proposal
@@ -519,21 +531,55 @@ class DynamicSlicer:
             for n, m in zip(self._sizes, self._models, strict=True)
         )
 
+    def _after_changes(self, observations: list[Observation | None]) -> list[int] | None:
+        """The blocks to restore when this step confirmed that a rank is back at its speed
+        before its latest change, that change being the latest of all (a straggler that
+        recovered; nested changes unwind in order); None otherwise.
+
+        Those blocks were balanced for the speeds that are back, while a split recomputed now
+        would rest on models fitted at other blocks (the other ranks' at the straggler's
+        split), a sample or two off, which the thresholds would then keep for the whole phase.
+        After a restore the blocks stay put for model_window steps, until every model is
+        fitted at them again; a new change ends that at once."""
+        changed = [r for r, seen in enumerate(observations) if seen in ("changed", "returned")]
+        if not changed:
+            return None
+        self._hold = 0
+        if len(changed) > 1:
+            self._changes.clear()  # several at once: no earlier split fits them
+            return None
+        rank = changed[0]
+        model = self._models[rank]
+        if observations[rank] == "changed":
+            assert model.previous is not None  # a confirmed change keeps the model before it
+            before = (model.previous.fixed, model.previous.per_sample)
+            self._changes = [*self._changes, _Change(rank, list(self._sizes), before)]
+            del self._changes[: -2 * self.world_size]
+            return None
+        latest = self._changes.pop() if self._changes else None
+        if latest is None or (latest.rank, latest.model) != (rank, (model.fixed, model.per_sample)):
+            self._changes.clear()
+            return None
+        self._hold = self.config.model_window
+        return latest.sizes
+
     def _moves(self, proposal: list[int], settled: bool) -> bool:
-        """Whether `proposal` shortens the slowest rank's predicted time by more than the gain
-        threshold and moves some block by more than the rebalance threshold; when a model has
-        just `settled` after a speed change, whether it shortens that time at all (the
-        thresholds keep noise from moving well-fitted blocks, but the split made right after
-        the change rests on a rough fit, and a block left one sample off would cost every
-        step until the next change)."""
+        """Whether `proposal` shortens the slowest rank's predicted time by more than the fits
+        can tell (twice the largest `doubt`) and by more than the gain threshold, and moves
+        some block by more than the rebalance threshold. When a model has just `settled` after
+        a speed change, the thresholds are waived (the noise bound stays): they keep noise
+        from moving well-fitted blocks, but the split made right after the change rests on a
+        rough fit, and a block left one sample off would cost every step until the next
+        change."""
         config = self.config
         current = slowest(self._sizes, self._models)
-        if settled:
-            return proposal != self._sizes and slowest(proposal, self._models) < current
-        if current > 0 and current - slowest(proposal, self._models) <= (
-            config.gain_threshold * current
-        ):
-            return False
+        if current > 0:
+            doubt = max(model.doubt for model in self._models if model.known)
+            gain = 1 - slowest(proposal, self._models) / current
+            if settled:
+                return proposal != self._sizes and gain > 2 * doubt
+            if gain <= max(config.gain_threshold, 2 * doubt):
+                return False
         return any(
             abs(new - old) > max(1.0, config.rebalance_threshold * old)
             for new, old in zip(proposal, self._sizes, strict=True)
@@ -588,6 +634,8 @@ class DynamicSlicer:
             "position": self._cursor,
             "steps": self._steps,
             "models": [model.state() for model in self._models],
+            "changes": [[c.rank, list(c.sizes), list(c.model)] for c in self._changes],
+            "hold": self._hold,
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -640,10 +688,17 @@ class DynamicSlicer:
             low, high = float(self.config.min_size), float(self.config.max_size)
             self._size = min(max(self._size, low), high)
             self._models = [StepTimeModel() for _ in range(self.world_size)]
+            self._changes, self._hold = [], 0
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
         self._models = [StepTimeModel.from_state(model) for model in state["models"]]
+        # Absent from states saved before the slicer kept them.
+        self._changes = [
+            _Change(int(rank), [int(n) for n in sizes], (float(model[0]), float(model[1])))
+            for rank, sizes, model in state.get("changes", [])
+        ]
+        self._hold = int(state.get("hold", 0))
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 
@@ -662,6 +717,17 @@ class DynamicSlicer:
                 "steps()/next_step() for the blocks and record_all for the measurements"
             )
         return self.rank
+
+
+@dataclass(frozen=True)
+class _Change:
+    """A confirmed speed change of one rank, as the throughput policy remembers it."""
+
+    rank: int
+    sizes: list[int]
+    """The blocks in use before the change (balanced for the speeds before it)."""
+    model: tuple[float, float]
+    """The rank's (fixed, per_sample) before the change: a return restores exactly these."""
 
 
 class _Blocks:

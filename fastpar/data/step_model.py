@@ -20,7 +20,12 @@ import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Observation = Literal["first", "fitted", "settled", "candidate", "changed", "returned"]
+"""What one measurement did to a model: the first one; folded into the fit; folded in and
+completing the window fitted since the last speed change; set aside as a possible change;
+confirmed a change to a new speed; confirmed a return to the speed before the last change."""
 
 # Weight of the previous per-sample cost in the fit, as a spread of this fraction of the mean
 # block on every point of the window: with blocks that stay put (no spread, the slope is not
@@ -29,6 +34,13 @@ _PRIOR_SPREAD = 0.05
 # Relative doubt in the previous per-sample cost, against which the data's slope is weighed by
 # its noise (see _fit).
 _PRIOR_DOUBT = 0.25
+# Weight of the old mean square in the noise's running average: about ten steps, so that one
+# quiet stretch of two or three steps does not lower the bar a move must clear.
+_NOISE_MOMENTUM = 0.9
+# How many times the measured noise a faster step must lie below the model to confirm a return
+# to the previous speed on its own (see StepTimeModel._returns): +-20 % noise per step has an
+# r.m.s. of 0.115 in log, so 4 of them is a factor 1.6, which noise alone does not reach.
+_RETURN_NOISES = 4.0
 
 
 @dataclass
@@ -61,7 +73,12 @@ class StepTimeModel:
     settling: int = 0
     """Accepted steps left until the fit after the last confirmed change has a full window
     (0: none pending). The split made right after a change rests on a rough fit; the one made
-    when this reaches 0 may correct it by any amount (see `observe`'s return)."""
+    when this reaches 0 may correct it by any amount its noise can tell (see `observe`'s
+    return and `doubt`)."""
+    noise: float = 0.0
+    """Spread of accepted steps about the prediction made before each of them (root mean
+    square of log(measured / predicted), a running average over about ten steps; 0.0: not
+    measured). A property of the host more than of the speed: it carries across changes."""
 
     @property
     def known(self) -> bool:
@@ -71,52 +88,84 @@ class StepTimeModel:
         """Predicted compute seconds of a block of `samples`."""
         return self.fixed + self.per_sample * samples
 
+    @property
+    def doubt(self) -> float:
+        """Relative standard error of a prediction: `noise` over the square root of the steps
+        fitted (0.0 while the noise is not measured). A predicted gain smaller than a couple
+        of these is noise."""
+        return self.noise / math.sqrt(max(len(self.window), 1))
+
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
         change_steps: int, speedup_steps: int, momentum: float,
-    ) -> bool:  # fmt: skip
+    ) -> Observation:  # fmt: skip
         """Fold one step's measurement (samples > 0, seconds > 0) into the model.
 
         Returns:
-            True when this measurement completes the window fitted since the last confirmed
-            speed change: from now on the model is as well fitted as before it.
+            What the measurement did (`Observation`); "settled" when it completes the window
+            fitted since the last confirmed speed change: from now on the model is as well
+            fitted as before it.
         """
         if not self.known:
             # The first measurement: no fixed part can be told apart yet.
             self.fixed, self.per_sample = 0.0, seconds / samples
             self.window = [(samples, seconds)]
-            return False
+            return "first"
         predicted = self.predict(samples)
         # A factor either way: a slowdown by 1 + c and its recovery (1 / (1 + c), a smaller
         # relative step) are judged alike, so a straggler's recovery is caught as fast.
-        if abs(math.log(seconds / predicted)) <= math.log1p(change_threshold):
+        deviation = math.log(seconds / predicted)
+        if abs(deviation) <= math.log1p(change_threshold):
             self.candidates.clear()
+            self.noise = math.sqrt(
+                _NOISE_MOMENTUM * self.noise**2 + (1 - _NOISE_MOMENTUM) * deviation**2
+            )
             self.window = (self.window + [(samples, seconds)])[-window:]
             fixed, per_sample = _fit(self.window, self.per_sample)
             self.fixed = momentum * self.fixed + (1 - momentum) * fixed
             self.per_sample = momentum * self.per_sample + (1 - momentum) * per_sample
             if self.settling == 0:
-                return False
+                return "fitted"
             self.settling -= 1
-            return self.settling == 0
+            return "fitted" if self.settling else "settled"
         if self.candidates and (self.candidates[-1][1] > self.predict(self.candidates[-1][0])) != (
             seconds > predicted
         ):
             self.candidates.clear()  # the other side: not the same change
         self.candidates.append((samples, seconds))
-        if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps):
-            self._change(window, change_threshold)
-        return False
+        if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps) or (
+            self._returns(samples, seconds, deviation, change_threshold)
+        ):
+            return self._change(window, change_threshold)
+        return "candidate"
 
-    def _change(self, window: int, change_threshold: float) -> None:
+    def _returns(
+        self, samples: int, seconds: float, deviation: float, change_threshold: float
+    ) -> bool:
+        """Whether one faster step is enough to confirm a return to the speed before the last
+        change: it fits the previous model within the threshold and lies below this one by
+        more than _RETURN_NOISES times the measured `noise` (a straggler's recovery, not a
+        lucky step). A slowdown is never confirmed by one step: a single long step is the
+        common burst (a pause, another process), while a step does not come out much shorter
+        than its speed allows."""
+        limit = math.log1p(change_threshold)
+        return (
+            self.previous is not None
+            and deviation < -_RETURN_NOISES * self.noise
+            and abs(math.log(seconds / self.previous.predict(samples))) <= limit
+        )
+
+    def _change(self, window: int, change_threshold: float) -> Observation:
         """Follow the speed change the candidates confirm: back to the previous model when
-        they fit it, else this one rescaled by their median ratio and refitted from them."""
+        they fit it ("returned"), else this one rescaled by their median ratio and refitted
+        from them ("changed")."""
         candidates, self.candidates = self.candidates, []
-        before = StepTimeModel(self.fixed, self.per_sample, self.window)
+        before = StepTimeModel(self.fixed, self.per_sample, self.window, noise=self.noise)
         previous = self.previous
-        if previous is not None and abs(
+        returned = previous is not None and abs(
             math.log(statistics.median(t / previous.predict(n) for n, t in candidates))
-        ) <= math.log1p(change_threshold):
+        ) <= math.log1p(change_threshold)
+        if returned:
             self.fixed, self.per_sample, self.window = (
                 previous.fixed, previous.per_sample, previous.window
             )  # fmt: skip
@@ -126,6 +175,7 @@ class StepTimeModel:
             self.fixed, self.per_sample = _fit(self.window, self.per_sample * factor)
         self.previous = before
         self.settling = window
+        return "returned" if returned else "changed"
 
     def state(self) -> dict[str, Any]:
         return {
@@ -135,6 +185,7 @@ class StepTimeModel:
             "candidates": [list(p) for p in self.candidates],
             "previous": None if self.previous is None else self.previous.state(),
             "settling": self.settling,
+            "noise": self.noise,
         }
 
     @classmethod
@@ -147,6 +198,7 @@ class StepTimeModel:
             # Absent from states saved before the model kept it.
             previous=None if state.get("previous") is None else cls.from_state(state["previous"]),
             settling=int(state.get("settling", 0)),
+            noise=float(state.get("noise", 0.0)),
         )
 
 
