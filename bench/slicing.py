@@ -68,7 +68,7 @@ SLOW_RANK = 1
 SCENARIOS = ("fixed", "throughput", "oracle")
 TOLERANCE = 0.1  # a block within 10 % of the oracle's size counts as balanced
 ORACLE_REACH = 2  # the oracle measures the splits this many samples either side of its guess
-ORACLE_PROBE = 6  # steps per measured split
+ORACLE_PROBE = 12  # steps per measured split
 HEADERS = (
     "device", "clock", "scenario", "phase", "slowdown", "rank_blocks", "step_ms", "p20_ms",
     "p80_ms", "samples_per_s", "vs_fixed",
