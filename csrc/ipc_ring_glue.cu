@@ -30,7 +30,9 @@ bool capturing(cudaStream_t stream) {
 // stream (recordStream), and when that tensor is freed, even long after the ring is gone, torch's
 // caching allocator records an event on the stream; on a destroyed stream that fails inside the
 // tensor's destructor, and the process aborts (std::terminate). So a ring that ends hands its
-// stream back here, idle, for the next ring of the same device.
+// stream back here for the next ring of the same device: idle, or still draining (a ring
+// dropped without stop() may have left a call running, even one waiting for peers that left):
+// such a stream is reused only once an event recorded behind that call has completed.
 class RingStreams {
  public:
   // Leaked on purpose: nothing to destroy while the CUDA runtime shuts down at exit.
@@ -45,6 +47,7 @@ class RingStreams {
   cudaStream_t acquire(c10::DeviceIndex device) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
+      settle_drained_locked();
       for (auto it = idle_.begin(); it != idle_.end(); ++it) {
         if (it->first == device) {
           const cudaStream_t stream = it->second;
@@ -65,9 +68,46 @@ class RingStreams {
     idle_.emplace_back(device, stream);
   }
 
+  // `stream` may still run its ring's last call: reusable once that call has ended. Never
+  // throws (it runs in a destructor); a stream whose event cannot be recorded stays out.
+  void release_draining(c10::DeviceIndex device, cudaStream_t stream) noexcept {
+    cudaEvent_t drained = nullptr;
+    if (cudaEventCreateWithFlags(&drained, cudaEventDisableTiming) != cudaSuccess) return;
+    if (cudaEventRecord(drained, stream) != cudaSuccess) {
+      cudaEventDestroy(drained);
+      return;
+    }
+    const std::lock_guard<std::mutex> lock(mutex_);
+    draining_.push_back({device, stream, drained});
+  }
+
  private:
+  struct Draining {
+    c10::DeviceIndex device;
+    cudaStream_t stream;
+    cudaEvent_t drained;
+  };
+
+  // Moves the draining streams whose last call has ended to the idle ones.
+  void settle_drained_locked() {
+    for (auto it = draining_.begin(); it != draining_.end();) {
+      const cudaError_t state = cudaEventQuery(it->drained);
+      if (state == cudaSuccess) {
+        cudaEventDestroy(it->drained);
+        idle_.emplace_back(it->device, it->stream);
+        it = draining_.erase(it);
+        continue;
+      }
+      // Still running: not an error of the caller's (cleared as torch's stream query does);
+      // any other answer is left for the caller's own checks to report.
+      if (state == cudaErrorNotReady) cudaGetLastError();
+      ++it;
+    }
+  }
+
   std::mutex mutex_;
   std::vector<std::pair<c10::DeviceIndex, cudaStream_t>> idle_;
+  std::vector<Draining> draining_;
 };
 
 }  // namespace
@@ -89,9 +129,14 @@ struct IpcAllReduce::Impl {
   ~Impl() {
     cudaEventDestroy(ready);
     cudaEventDestroy(done);
-    // A stream whose last call may still run (a ring dropped without stop()) is never reused:
-    // the next ring's calls would queue behind a kernel waiting for peers that left.
-    if (idle) RingStreams::get().release(device, raw_stream);
+    // A stream whose last call may still run (a ring dropped without stop()) is reused only
+    // once that call has ended: the next ring's calls would queue behind a kernel waiting for
+    // peers that left.
+    if (idle) {
+      RingStreams::get().release(device, raw_stream);
+    } else {
+      RingStreams::get().release_draining(device, raw_stream);
+    }
   }
   Impl(const Impl&) = delete;
   Impl& operator=(const Impl&) = delete;

@@ -290,6 +290,33 @@ def test_a_tensor_outliving_its_ring_is_freed_without_error() -> None:
     run_multiprocess(_tensor_outliving_its_ring, 1, timeout=120)
 
 
+def _ring_dropped_without_close(rank: int, world_size: int) -> None:
+    from fastpar import _native
+
+    native = _native.load()
+    device = _device(rank)
+
+    def one_call(close: bool) -> int:
+        ring = native.IpcAllReduce(rank=0, world=1, device=0, chunk_bytes=CHUNK_BYTES,
+                                   timeout_s=60.0)  # fmt: skip
+        ring.connect_local([ring.buffer_address])
+        tensor = torch.ones(4099, device=device)
+        ring.all_reduce(tensor, 0, block_current_stream=False)
+        if close:
+            ring.close()
+        return ring.stream_handle  # destroyed on return; without close() its call may still run
+
+    dropped = one_call(close=False)
+    torch.cuda.synchronize()  # that call has ended
+    # The next ring takes the drained stream back instead of creating another one each time.
+    assert one_call(close=True) == dropped
+    torch.cuda.synchronize()
+
+
+def test_a_ring_dropped_without_close_gives_its_stream_back_once_drained() -> None:
+    run_multiprocess(_ring_dropped_without_close, 1, timeout=120)
+
+
 def _data_parallel_on_one_gpu(rank: int, world_size: int) -> list[torch.Tensor]:
     from torch import nn
 
