@@ -66,6 +66,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -74,7 +75,15 @@
 
 namespace fastpar {
 
-struct ShmFlags;  // one slot's flags of one rank (shm_ring.cpp)
+struct ShmFlags;  // one slot's flags of one rank (shm_ring_flags.h)
+
+// Memory that every rank allocated in the same order and every rank maps: a tensor at byte
+// `offset` of this rank's area is reduced straight from bases[p] + offset of every rank p.
+struct ShmArea {
+  std::vector<char*> bases;  // bases[p]: rank p's area as mapped in this process
+  int64_t bytes = 0;         // of each rank's area
+  std::shared_ptr<void> keeper;  // keeps the mappings alive while the ring may read them
+};
 
 class ShmRing {
  public:
@@ -96,9 +105,14 @@ class ShmRing {
           WaitPolicy policy);
 
   // In place: data (count elements of dtype) becomes the reduction over all ranks. `op` is a
-  // ReduceOp code or kOpAvg; for kOpAvg the elements are summed (the caller divides). Not
-  // thread-safe: one call at a time (the torch glue serialises).
+  // ReduceOp code or kOpAvg; for kOpAvg the elements are summed (the caller divides). Data in
+  // this rank's registered area is reduced without copies (see "Tensors in registered areas").
+  // Not thread-safe: one call at a time (the torch glue serialises).
   void all_reduce(void* data, int64_t count, DType dtype, int32_t op);
+  // Registers an area (bases.size() == world, each of `bytes`; bases[rank] is this rank's) and
+  // returns its index: 0, 1, ... in registration order, the same on every rank when every rank
+  // registers its areas in the same order. `keeper` is held until the ring is destroyed.
+  int register_area(std::vector<char*> bases, int64_t bytes, std::shared_ptr<void> keeper);
   // A step that moves no data: every rank must pass the same header (RingMismatchError on
   // every rank otherwise, and the ring stays usable). Announces a call that goes elsewhere
   // (header with kTorchPath).
@@ -141,6 +155,17 @@ class ShmRing {
 
   void check_usable() const;
 
+  // The registered area that holds `bytes` at `data` of this rank (-1: none); throws
+  // std::invalid_argument when they start inside one and end past it.
+  int find_area(const char* data, int64_t bytes) const;
+  // The pipelined all-reduce of `count` elements at `offset` of area `area` (shm_ring_areas.cpp).
+  void all_reduce_in_area(const ShmArea& area, int64_t offset, int64_t count, DType dtype,
+                          ReduceOp op, const CallHeader& header);
+  void reduce_in_area(uint64_t step, const ShmArea& area, int64_t offset, int64_t chunk_count,
+                      DType dtype, ReduceOp op);
+  void gather_in_area(uint64_t step, const ShmArea& area, int64_t offset, int64_t chunk_count,
+                      int64_t element_size);
+
   char* base_;
   int rank_;
   int world_;
@@ -152,6 +177,7 @@ class ShmRing {
   uint64_t pid_namespace_;  // this process's (process.h)
   uint64_t step_ = 0;  // next step; the same on every rank
   std::vector<const void*> inputs_;  // reduce's input pointers, allocated once
+  std::vector<ShmArea> areas_;
   std::string failure_;
 };
 
