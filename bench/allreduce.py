@@ -5,8 +5,12 @@ size by size. First the checks: integer-valued inputs whose sum every rank can c
 must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
 `--samples` timed samples of back-to-back calls. Reported per size: the median time per call
 (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
-ring), and the ratio of torch's time to the ring's. Rank 0 writes each size's row to the CSV as
-soon as it is measured; a size that fails is a row with its error.
+ring), and the ratio of torch's time to the ring's.
+On CPU with the shared-memory ring, a tensor in the ring's shared area
+(`RingAllReduce.empty_shared`, reduced without copies in or out) is checked and timed the same
+way right after the ordinary one: shared_* columns, and shared_speedup = ring_us / shared_us.
+Rank 0 writes each size's row to the CSV as soon as it is measured; a size that fails is a row
+with its error.
 
     python bench/allreduce.py [--ranks 2 4] [--scale cpu|gpu|tiny] [--device cpu|cuda]
                               [--hosts 2] [--csv results/allreduce.csv]
@@ -50,7 +54,9 @@ CHECK_FAILED = 4
 HEADERS = (
     "case", "device", "ranks", "gpus", "bytes", "status", "exact", "bitwise_equal", "ring_us",
     "ring_p20_us", "ring_p80_us", "ring_algbw_GBps", "ring_busbw_GBps", "torch_backend",
-    "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "error",
+    "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "shared_exact",
+    "shared_bitwise_equal", "shared_us", "shared_p20_us", "shared_p80_us", "shared_busbw_GBps",
+    "shared_speedup", "error",
 )  # fmt: skip
 
 
@@ -105,11 +111,14 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def _check(
     ring: RingAllReduce | HierarchicalAllReduce, rank: int, world: int, nbytes: int,
-    device: torch.device,
+    device: torch.device, shared: torch.Tensor | None = None,
 ) -> tuple[bool, bool]:  # fmt: skip
-    """(exact sum, bitwise equal on all ranks) of one call on integer-valued data."""
+    """(exact sum, bitwise equal on all ranks) of one call on integer-valued data (in `shared`,
+    a tensor of the ring's shared area, when given)."""
     count = nbytes // 4
     tensor = _integers(rank, count, nbytes).to(device)
+    if shared is not None:
+        tensor = shared[:count].copy_(tensor)
     if not ring.should_use(tensor):
         raise RuntimeError(f"the ring does not take a {nbytes}-byte {device.type} tensor")
     ring.all_reduce(tensor)
@@ -137,6 +146,10 @@ def _rank(
     log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
     baseline = True
     with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
+        # One area for every size: each size reduces its first bytes.
+        area = None
+        if isinstance(ring, RingAllReduce) and device.type == "cpu":
+            area = ring.empty_shared(max(sizes) // 4)
         for nbytes in sizes:
             case = _case(world, hosts, nbytes)
             row: dict[str, object] = {"case": case, "device": label, "ranks": world,
@@ -168,6 +181,18 @@ def _rank(
                                torch_algbw_GBps=nbytes / base / 1e9,
                                torch_busbw_GBps=nbytes / base / 1e9 * bus,
                                speedup=base / median)  # fmt: skip
+                if area is not None:
+                    shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
+                    shared = area[: nbytes // 4].copy_(tensor)
+                    shared_fn = lambda t=shared: ring.all_reduce(t)
+                    calls = _calls(nbytes, 8 << 20, max_calls)
+                    median_shared, p20, p80 = _quantiles(_samples(shared_fn, calls, samples))
+                    row.update(shared_exact=shared_exact, shared_bitwise_equal=shared_equal,
+                               shared_us=median_shared * 1e6, shared_p20_us=p20 * 1e6,
+                               shared_p80_us=p80 * 1e6,
+                               shared_busbw_GBps=nbytes / median_shared / 1e9 * bus,
+                               shared_speedup=median / median_shared)  # fmt: skip
+                    exact, equal = exact and shared_exact, equal and shared_equal
                 row["status"] = "ok" if exact and equal else "FAIL"
                 if not exact or not equal:
                     row["error"] = ("sum not exact; " if not exact else "") + (
@@ -220,7 +245,7 @@ def serve_peer(rank: int, world: int, port: int, device_type: str) -> None:
 def _table(rows: list[dict[str, str]]) -> str:
     columns = ("ranks", "bytes", "status", "ring_us", "ring_p20_us", "ring_p80_us",
                "ring_busbw_GBps", "torch_backend", "torch_us", "torch_busbw_GBps", "speedup",
-               "error")  # fmt: skip
+               "shared_us", "shared_busbw_GBps", "shared_speedup", "error")  # fmt: skip
     return format_table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 

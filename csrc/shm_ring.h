@@ -42,6 +42,24 @@
 // the wait for step t - S that frees slot t % S frees the window too: every rank finishes its
 // steps in order.
 //
+// Tensors in registered areas. Memory that every rank allocated in the same order and every
+// rank maps (fastpar.comm.empty_shared: one file per rank, registered with register_area) holds
+// a rank's tensor at the same offset as its peers'. Such a call copies nothing in: the header
+// names the area and the offset (so ranks at different places raise RingMismatchError like any
+// other difference), publish only announces, and the chunks are reduced and gathered straight
+// from the areas, with the same passes and flags as above:
+//   reduce: rank r reduces its part of chunk c from all n areas in rank order (the same fold,
+//     so the same bits as the copying path) into its own area, over its own input. Each rank
+//     reads only its own part of the others' areas, so nobody reads what r overwrites;
+//   gather: once rank q's `reduced` is acquired (q has read its part of r's area for the last
+//     time), r copies part q from q's area into its own.
+// The call returns only after every peer's `done` for the last chunk (peers finish steps in
+// order): from then on nobody reads this rank's area, and the caller may write it again.
+// Per byte every rank reads 2 - 1/n bytes (its part of n inputs, the others' parts of the
+// result) and writes 1, instead of 3 - 1/n and 2. Calls that take the one-shot path copy as
+// before (into the windows, reading nothing in place: small calls gain nothing from the area
+// and would need a second wait).
+//
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
 // rank's call, and the ring stays usable (all ranks used the same one step). A rank whose call
