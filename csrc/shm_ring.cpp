@@ -178,7 +178,7 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
     one_shot(first, bytes, count, dtype, reduce_op, header);
     return;
   }
-  if (header.area >= 0) {
+  if (header.area >= 0 && chunks >= kAreaMinChunks) {
     all_reduce_in_area(areas_[header.area], header.offset, count, dtype, reduce_op, header);
     return;
   }

@@ -311,10 +311,12 @@ class RingAllReduce:
         allocates the same sizes in the same order, as with `new_group`).
 
         `all_reduce` of a contiguous tensor inside it (all of it or any slice, the same on every
-        rank) copies nothing in or out: each rank reduces its part straight from every rank's
-        memory into its own, then copies the other parts from their owners; it returns once no
-        peer reads this rank's memory any more, so the tensor may be written again. The memory
-        lives as long as the tensor (or a view of it) does.
+        rank) copies nothing in or out when it spans 8 chunks or more (2 MiB by default;
+        smaller calls copy as usual, which is faster where the data fits the caches): each
+        rank reduces its part straight from every rank's memory into its own, then copies the
+        other parts from their owners; it returns once no peer reads this rank's memory any
+        more, so the tensor may be written again. The memory
+        is released once the tensor (and every view of it) is gone and the ring is closed.
 
         Arguments:
             size: number of elements (>= 0).

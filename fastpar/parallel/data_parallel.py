@@ -9,9 +9,10 @@ How a step flows:
    roughly in that order), the first bucket small so communication starts early. Each bucket is
    one flat buffer; every parameter's gradient is a view into it. On CPU with fastpar's ring the
    buffers live in memory every rank maps (`RingAllReduce.empty_shared`), so the all-reduce
-   reads the peers' gradients where they lie and copies nothing in or out; where that memory
-   cannot be allocated (a small /dev/shm), ordinary buffers serve, with the same results, and
-   the reason is logged once.
+   of a bucket of 2 MiB or more reads the peers' gradients where they lie and copies nothing
+   in or out (smaller ones copy, which is faster there); where that memory cannot be allocated
+   (a small /dev/shm), ordinary buffers serve, with the same results, and the reason is logged
+   once.
 3. During backward, a post-accumulate-grad hook makes `param.grad` that view (a gradient that
    autograd accumulated into the view already costs nothing; a fresh one, after
    `zero_grad(set_to_none=True)`, is copied in once); when the last gradient of a bucket arrives,

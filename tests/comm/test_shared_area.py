@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,6 @@ import torch.distributed as dist
 import fastpar.comm.shared_area as shared_area
 from fastpar.comm import (
     CommMismatchError,
-    CommTimeoutError,
     RingAllReduce,
     SharedMemoryUnavailableError,
     empty_shared,
@@ -26,6 +23,7 @@ from fastpar.comm import (
 from fastpar.comm.api import close_rings
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
+from tests.comm.killed import KILLED, check_killed_rank_named, killed_mid_call
 from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
 
 R = dist.ReduceOp
@@ -200,28 +198,11 @@ def test_a_full_dev_shm_raises_on_every_rank_saying_how_full() -> None:
     assert "1.0 MiB free" in messages[0] and "needs 4.0 MiB" in messages[0]
 
 
-def _killed_peer(rank: int, world_size: int) -> tuple[float, str] | None:
-    store = dist.distributed_c10d._get_default_store()
-    with RingAllReduce(timeout=120) as ring:  # only the pid check can end the wait early
-        area = ring.empty_shared(1 << 22)
-        area.fill_(1)
-        ring.all_reduce(area)
-        if rank == 2:
-            work = ring.all_reduce(area, async_op=True)
-            store.set("area-killed/at", repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-            work.wait()  # not reached
-        with pytest.raises(CommTimeoutError) as error:
-            ring.all_reduce(area)
-        return time.time() - float(store.get("area-killed/at").decode()), str(error.value)
-
-
 def test_a_killed_peer_is_named_within_two_seconds() -> None:
-    results = run_multiprocess(_killed_peer, 3, timeout=60, may_die=(2,))
-    assert results[2] is None
-    for elapsed, message in results[:2]:
-        assert elapsed < 2.0, message
-        assert "rank 2" in message, message
+    results = run_multiprocess(
+        killed_mid_call, 3, args=("cpu", True), timeout=90, may_die=(KILLED,)
+    )
+    check_killed_rank_named(results)
 
 
 def _world_of_one(rank: int, world_size: int) -> None:

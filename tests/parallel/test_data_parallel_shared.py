@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import fastpar.comm.shared_area as shared_area
@@ -17,20 +18,38 @@ from tests.parallel.test_data_parallel import _batch, _loss, _new_model
 STEPS = 10
 
 
+def _wide_model() -> nn.Module:
+    """4.4 MB of parameters: a bucket of 16 ring chunks, reduced in place in shared memory
+    (smaller calls copy)."""
+    return nn.Sequential(nn.Linear(64, 1024), nn.Tanh(), nn.Linear(1024, 1024), nn.Tanh(),
+                         nn.Linear(1024, 8))  # fmt: skip
+
+
+def _wide_loss(model: nn.Module, rank: int, step: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1000 * step + rank)
+    inputs = torch.randn(4, 64, generator=generator)
+    targets = torch.randint(0, 8, (4,), generator=generator)
+    return nn.functional.cross_entropy(model(inputs), targets)
+
+
 def _train(rank: int, kind: str, set_to_none: bool, **options: object) -> tuple[list, bool]:
     """10 SGD steps (momentum) of a DataParallel (or DDP when options is empty): the final
     parameters, and whether the buckets were in shared memory."""
     torch.manual_seed(rank)  # different on purpose: the wrappers broadcast from rank 0
-    model = _new_model(kind)
+    model = _wide_model() if kind == "wide" else _new_model(kind)
     if options:
         wrapped = DataParallel(model, **options)
     else:
         wrapped = DistributedDataParallel(model, find_unused_parameters=kind == "branchy")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for step in range(STEPS):
-        inputs, targets = _batch(kind, rank, step)
         optimizer.zero_grad(set_to_none=set_to_none)
-        _loss(wrapped, kind, inputs, targets, rank, step).backward()
+        if kind == "wide":
+            loss = _wide_loss(wrapped, rank, step)
+        else:
+            inputs, targets = _batch(kind, rank, step)
+            loss = _loss(wrapped, kind, inputs, targets, rank, step)
+        loss.backward()
         optimizer.step()
     shared = isinstance(wrapped, DataParallel) and wrapped.buckets_in_shared_memory
     if isinstance(wrapped, DataParallel):
@@ -41,6 +60,8 @@ def _train(rank: int, kind: str, set_to_none: bool, **options: object) -> tuple[
 def _against_ordinary_and_ddp(rank: int, world_size: int) -> list[str]:
     failures = []
     for kind, set_to_none, bucket_mb in [
+        ("wide", True, 25.0),  # a bucket reduced in place
+        ("wide", False, 25.0),  # gradients accumulated in place in it
         ("lm", True, 25.0),
         ("lm", False, 0.004),  # several buckets; gradients accumulate in place in the buckets
         ("branchy", True, 0.001),  # unused parameters
