@@ -7,8 +7,9 @@ must come back exactly, and every rank's result must be bitwise equal to rank 0'
 (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
 ring), and the ratio of torch's time to the ring's.
 On CPU with the shared-memory ring, a tensor in the ring's shared area
-(`RingAllReduce.empty_shared`, reduced without copies in or out) is checked and timed the same
-way right after the ordinary one: shared_* columns, and shared_speedup = ring_us / shared_us.
+(`RingAllReduce.empty_shared`; from 2 MiB on reduced without copies in or out) is checked and
+timed the same way, its samples taken in turn with the ordinary tensor's: the shared_* columns,
+and shared_speedup = ring_us / shared_us.
 Rank 0 writes each size's row to the CSV as soon as it is measured; a size that fails is a row
 with its error.
 
@@ -63,14 +64,24 @@ HEADERS = (
 def _samples(fn: Callable[[], object], calls: int, samples: int) -> list[float]:
     """Seconds per call of `samples` groups of `calls` back-to-back calls. Every rank makes the
     same number of calls (a collective cannot be timed adaptively per rank)."""
-    fn()  # warm-up
-    out = []
+    return _interleaved_samples([fn], calls, samples)[0]
+
+
+def _interleaved_samples(
+    fns: list[Callable[[], object]], calls: int, samples: int
+) -> list[list[float]]:
+    """`_samples` of each of `fns`, taken in turn sample by sample, so that a disturbance of
+    the machine falls on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(samples):
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - start) / calls)
+        for fn, times in zip(fns, out, strict=True):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls)
     return out
 
 
@@ -160,9 +171,13 @@ def _rank(
                 exact, equal = _check(ring, rank, world, nbytes, device)
                 row.update(exact=exact, bitwise_equal=equal)
                 tensor = torch.randn(nbytes // 4, device=device)
-                ring_fn = _synchronized(lambda t=tensor: ring.all_reduce(t), device)
-                ring_times = _samples(ring_fn, _calls(nbytes, 8 << 20, max_calls), samples)
-                median, p20, p80 = _quantiles(ring_times)
+                fns = [_synchronized(lambda t=tensor: ring.all_reduce(t), device)]
+                if area is not None:  # the same calls on a tensor in the shared area
+                    shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
+                    shared = area[: nbytes // 4].copy_(tensor)
+                    fns.append(lambda t=shared: ring.all_reduce(t))
+                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
+                median, p20, p80 = _quantiles(times[0])
                 bus = 2 * (world - 1) / world
                 row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
                            ring_algbw_GBps=nbytes / median / 1e9,
@@ -182,11 +197,7 @@ def _rank(
                                torch_busbw_GBps=nbytes / base / 1e9 * bus,
                                speedup=base / median)  # fmt: skip
                 if area is not None:
-                    shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
-                    shared = area[: nbytes // 4].copy_(tensor)
-                    shared_fn = lambda t=shared: ring.all_reduce(t)
-                    calls = _calls(nbytes, 8 << 20, max_calls)
-                    median_shared, p20, p80 = _quantiles(_samples(shared_fn, calls, samples))
+                    median_shared, p20, p80 = _quantiles(times[1])
                     row.update(shared_exact=shared_exact, shared_bitwise_equal=shared_equal,
                                shared_us=median_shared * 1e6, shared_p20_us=p20 * 1e6,
                                shared_p80_us=p80 * 1e6,
