@@ -59,9 +59,9 @@
 // result) and writes 1, instead of 3 - 1/n and 2. That pays once the lines it writes have left
 // the peers' caches: every line written in place was read by a peer in this call or the last,
 // so while a call fits the caches each write waits for the peers' copies to be invalidated,
-// and the end of the call waits once more. Measured with 2 ranks (bench/allreduce.py, shared
-// vs ordinary tensor): 0.63x at 256 KiB, 0.98x at 1 MiB, 1.34x at 2 MiB, 1.12-1.3x up to
-// 32 MiB. So calls of fewer than kAreaMinChunks chunks (2 MiB with 256 KiB chunks) take the
+// and the end of the call waits once more. Measured with 2 ranks on 2 cores (bench/allreduce.py,
+// time of an ordinary tensor over a shared one, several runs): 0.5-0.7x at 256 KiB, 0.86-0.98x
+// at 1 MiB, 1.1-1.3x at 2-4 MiB, 1.05-1.1x at 16-64 MiB. So calls of fewer than kAreaMinChunks chunks (2 MiB with 256 KiB chunks) take the
 // copying paths above, one-shot included, whatever memory they are in; their header still
 // names the area.
 //
