@@ -7,12 +7,12 @@ How a step flows:
    and broadcasts parameters and buffers from the group's first rank.
 2. Parameters are cut into buckets in reverse registration order (backward produces gradients
    roughly in that order), the first bucket small so communication starts early. Each bucket is
-   one flat buffer; every parameter's gradient is a view into it. On CPU with fastpar's ring the
-   buffers live in memory every rank maps (`RingAllReduce.empty_shared`), so the all-reduce
-   of a bucket of 2 MiB or more reads the peers' gradients where they lie and copies nothing
-   in or out (smaller ones copy, which is faster there); where that memory cannot be allocated
-   (a small /dev/shm), ordinary buffers serve, with the same results, and the reason is logged
-   once.
+   one flat buffer; every parameter's gradient is a view into it. With `shared_buckets=True`
+   (CPU, fastpar's ring) the buffers live in memory every rank maps
+   (`RingAllReduce.empty_shared`), so the all-reduce of a bucket of 2 MiB or more reads the
+   peers' gradients where they lie and copies nothing in or out (smaller ones copy, which is
+   faster there); where that memory cannot be allocated (a small /dev/shm), ordinary buffers
+   serve, with the same results, and the reason is logged once.
 3. During backward, a post-accumulate-grad hook makes `param.grad` that view (a gradient that
    autograd accumulated into the view already costs nothing; a fresh one, after
    `zero_grad(set_to_none=True)`, is copied in once); when the last gradient of a bucket arrives,
@@ -88,10 +88,13 @@ class DataParallelConfig:
     """How long the ring waits for a peer before backward raises; None: the group's own
     timeout (given to init_process_group / new_group), which also bounds torch.distributed's
     collectives."""
-    shared_buckets: bool = True
-    """CPU with fastpar's ring: keep the buckets in memory every rank maps, so the all-reduce
-    copies nothing in or out (ordinary buckets, logged once, where it cannot be allocated).
-    False: ordinary buckets always. The results are the same bits either way."""
+    shared_buckets: bool = False
+    """CPU with fastpar's ring: keep the buckets in memory every rank maps (/dev/shm, as much
+    as the gradients), so the all-reduce of a bucket of 2 MiB or more copies nothing in or out
+    (ordinary buckets, logged once, where it cannot be allocated). Off by default: on 2 ranks
+    it made large all-reduces 1.05-1.3x faster but no measured difference to a training step,
+    and /dev/shm is often small (docker: 64 MiB) and shared with data loaders. The results are
+    the same bits either way."""
 
     def __post_init__(self) -> None:
         check_choice("comm", self.comm, get_args(CommChoice))
@@ -202,7 +205,7 @@ class DataParallel(nn.Module):
         bucket_cap_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
         timeout: timedelta | float | None = None,
-        shared_buckets: bool = True,
+        shared_buckets: bool = False,
     ) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):

@@ -67,7 +67,7 @@ def _against_ordinary_and_ddp(rank: int, world_size: int) -> list[str]:
         ("branchy", True, 0.001),  # unused parameters
     ]:
         sizes = {"bucket_cap_mb": bucket_mb, "first_bucket_mb": bucket_mb / 2}
-        shared, in_shm = _train(rank, kind, set_to_none, comm="ring", **sizes)
+        shared, in_shm = _train(rank, kind, set_to_none, comm="ring", shared_buckets=True, **sizes)
         ordinary, not_in_shm = _train(
             rank, kind, set_to_none, comm="ring", shared_buckets=False, **sizes
         )
@@ -97,8 +97,8 @@ def _small_dev_shm(rank: int, world_size: int) -> tuple[bool, list[str]]:
     handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("fastpar").addHandler(handler)
     logging.getLogger("fastpar").setLevel(logging.INFO)
-    params, shared = _train(rank, "lm", True, comm="auto")
-    reference, _ = _train(rank, "lm", True, comm="auto", shared_buckets=False)
+    params, shared = _train(rank, "lm", True, comm="auto", shared_buckets=True)
+    reference, _ = _train(rank, "lm", True, comm="auto")
     assert all(torch.equal(a, b) for a, b in zip(params, reference, strict=True))
     return shared, [m for m in messages if "ordinary memory" in m]
 
