@@ -5,8 +5,13 @@ size by size. First the checks: integer-valued inputs whose sum every rank can c
 must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
 `--samples` timed samples of back-to-back calls. Reported per size: the median time per call
 (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
-ring), and the ratio of torch's time to the ring's. Rank 0 writes each size's row to the CSV as
-soon as it is measured; a size that fails is a row with its error.
+ring), and the ratio of torch's time to the ring's.
+On CPU with the shared-memory ring, a tensor in the ring's shared area
+(`RingAllReduce.empty_shared`; from 2 MiB on reduced without copies in or out) is checked and
+timed the same way, its samples taken in turn with the ordinary tensor's: the shared_* columns,
+and shared_speedup = ring_us / shared_us.
+Rank 0 writes each size's row to the CSV as soon as it is measured; a size that fails is a row
+with its error.
 
     python bench/allreduce.py [--ranks 2 4] [--scale cpu|gpu|tiny] [--device cpu|cuda]
                               [--hosts 2] [--csv results/allreduce.csv]
@@ -50,21 +55,33 @@ CHECK_FAILED = 4
 HEADERS = (
     "case", "device", "ranks", "gpus", "bytes", "status", "exact", "bitwise_equal", "ring_us",
     "ring_p20_us", "ring_p80_us", "ring_algbw_GBps", "ring_busbw_GBps", "torch_backend",
-    "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "error",
+    "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "shared_exact",
+    "shared_bitwise_equal", "shared_us", "shared_p20_us", "shared_p80_us", "shared_busbw_GBps",
+    "shared_speedup", "error",
 )  # fmt: skip
 
 
 def _samples(fn: Callable[[], object], calls: int, samples: int) -> list[float]:
     """Seconds per call of `samples` groups of `calls` back-to-back calls. Every rank makes the
     same number of calls (a collective cannot be timed adaptively per rank)."""
-    fn()  # warm-up
-    out = []
+    return _interleaved_samples([fn], calls, samples)[0]
+
+
+def _interleaved_samples(
+    fns: list[Callable[[], object]], calls: int, samples: int
+) -> list[list[float]]:
+    """`_samples` of each of `fns`, taken in turn sample by sample, so that a disturbance of
+    the machine falls on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(samples):
-        dist.barrier()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        out.append((time.perf_counter() - start) / calls)
+        for fn, times in zip(fns, out, strict=True):
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - start) / calls)
     return out
 
 
@@ -105,11 +122,14 @@ def _quantiles(times: list[float]) -> tuple[float, float, float]:
 
 def _check(
     ring: RingAllReduce | HierarchicalAllReduce, rank: int, world: int, nbytes: int,
-    device: torch.device,
+    device: torch.device, shared: torch.Tensor | None = None,
 ) -> tuple[bool, bool]:  # fmt: skip
-    """(exact sum, bitwise equal on all ranks) of one call on integer-valued data."""
+    """(exact sum, bitwise equal on all ranks) of one call on integer-valued data (in `shared`,
+    a tensor of the ring's shared area, when given)."""
     count = nbytes // 4
     tensor = _integers(rank, count, nbytes).to(device)
+    if shared is not None:
+        tensor = shared[:count].copy_(tensor)
     if not ring.should_use(tensor):
         raise RuntimeError(f"the ring does not take a {nbytes}-byte {device.type} tensor")
     ring.all_reduce(tensor)
@@ -137,6 +157,10 @@ def _rank(
     log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
     baseline = True
     with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
+        # One area for every size: each size reduces its first bytes.
+        area = None
+        if isinstance(ring, RingAllReduce) and device.type == "cpu":
+            area = ring.empty_shared(max(sizes) // 4)
         for nbytes in sizes:
             case = _case(world, hosts, nbytes)
             row: dict[str, object] = {"case": case, "device": label, "ranks": world,
@@ -147,9 +171,13 @@ def _rank(
                 exact, equal = _check(ring, rank, world, nbytes, device)
                 row.update(exact=exact, bitwise_equal=equal)
                 tensor = torch.randn(nbytes // 4, device=device)
-                ring_fn = _synchronized(lambda t=tensor: ring.all_reduce(t), device)
-                ring_times = _samples(ring_fn, _calls(nbytes, 8 << 20, max_calls), samples)
-                median, p20, p80 = _quantiles(ring_times)
+                fns = [_synchronized(lambda t=tensor: ring.all_reduce(t), device)]
+                if area is not None:  # the same calls on a tensor in the shared area
+                    shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
+                    shared = area[: nbytes // 4].copy_(tensor)
+                    fns.append(lambda t=shared: ring.all_reduce(t))
+                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
+                median, p20, p80 = _quantiles(times[0])
                 bus = 2 * (world - 1) / world
                 row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
                            ring_algbw_GBps=nbytes / median / 1e9,
@@ -168,6 +196,14 @@ def _rank(
                                torch_algbw_GBps=nbytes / base / 1e9,
                                torch_busbw_GBps=nbytes / base / 1e9 * bus,
                                speedup=base / median)  # fmt: skip
+                if area is not None:
+                    median_shared, p20, p80 = _quantiles(times[1])
+                    row.update(shared_exact=shared_exact, shared_bitwise_equal=shared_equal,
+                               shared_us=median_shared * 1e6, shared_p20_us=p20 * 1e6,
+                               shared_p80_us=p80 * 1e6,
+                               shared_busbw_GBps=nbytes / median_shared / 1e9 * bus,
+                               shared_speedup=median / median_shared)  # fmt: skip
+                    exact, equal = exact and shared_exact, equal and shared_equal
                 row["status"] = "ok" if exact and equal else "FAIL"
                 if not exact or not equal:
                     row["error"] = ("sum not exact; " if not exact else "") + (
@@ -220,7 +256,7 @@ def serve_peer(rank: int, world: int, port: int, device_type: str) -> None:
 def _table(rows: list[dict[str, str]]) -> str:
     columns = ("ranks", "bytes", "status", "ring_us", "ring_p20_us", "ring_p80_us",
                "ring_busbw_GBps", "torch_backend", "torch_us", "torch_busbw_GBps", "speedup",
-               "error")  # fmt: skip
+               "shared_us", "shared_busbw_GBps", "shared_speedup", "error")  # fmt: skip
     return format_table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 

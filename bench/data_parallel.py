@@ -1,6 +1,7 @@
 """Data-parallel training step of a 2-layer LSTM language model: fastpar's DataParallel (ring and
-torch.distributed transports) against PyTorch DDP (gloo) and compute alone (no communication,
-the floor), measured in the same processes, variants interleaved step by step.
+torch.distributed transports; the ring with its buckets in ordinary memory, the default, and
+in shared memory) against PyTorch DDP (gloo) and compute alone (no communication, the floor),
+measured in the same processes, variants interleaved step by step.
 
     python bench/data_parallel.py [--ranks 2] [--steps 30] [--csv results/data_parallel.csv]
 
@@ -36,6 +37,7 @@ def _rank(rank: int, world_size: int, steps: int) -> dict[str, list[float]]:
     models = {
         "ddp (gloo)": DistributedDataParallel(_model()),
         "fastpar ring": DataParallel(_model(), comm="ring"),
+        "fastpar ring, shared buckets": DataParallel(_model(), comm="ring", shared_buckets=True),
         "fastpar torch": DataParallel(_model(), comm="torch"),
     }
     compute_only = DataParallel(_model(), comm="torch")

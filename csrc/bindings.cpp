@@ -30,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("unlink", &fastpar::ShmAllReduce::unlink)
       .def("all_reduce", &fastpar::ShmAllReduce::all_reduce, py::arg("tensor"), py::arg("op"),
            py::call_guard<py::gil_scoped_release>())
+      .def("register_area", &fastpar::ShmAllReduce::register_area, py::arg("areas"))
       .def("agree_torch_path", &fastpar::ShmAllReduce::agree_torch_path, py::arg("tensor"),
            py::arg("op"), py::call_guard<py::gil_scoped_release>())
       .def("close", &fastpar::ShmAllReduce::close, py::call_guard<py::gil_scoped_release>())

@@ -45,6 +45,10 @@ class ShmAllReduce {
   // In place on a contiguous CPU tensor; op is a ReduceOp code or kOpAvg (which sums: the
   // caller divides).
   void all_reduce(at::Tensor& tensor, int64_t op);
+  // Registers memory every rank maps (areas[p]: rank p's, contiguous CPU tensors of one size;
+  // kept alive until close) and returns its index; tensors inside areas[rank] are then reduced
+  // without copies.
+  int64_t register_area(const std::vector<at::Tensor>& areas);
   // Announces that this rank's call of `tensor` with `op` (a c10d ReduceOp code) goes to
   // torch.distributed: returns when every rank announced the same call, raises
   // RingMismatchError on every rank when some take the ring or call differently.

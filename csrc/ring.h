@@ -42,15 +42,20 @@ class RingClosedError : public std::runtime_error {
 // about to take different paths (ring vs torch.distributed) find out and all raise.
 constexpr int32_t kTorchPath = 1 << 16;
 
-// What each rank announces with its first chunk; all ranks must announce the same.
+// What each rank announces with its first chunk; all ranks must announce the same. A tensor in
+// a registered area (memory every peer maps, allocated in the same order on every rank) names
+// the area and its byte offset there: peers read it at that place, so it must be the same.
 struct CallHeader {
   int64_t count;
   int32_t dtype;
   int32_t op;
+  int32_t area = -1;    // index of the registered area holding the tensor; -1: none
+  int64_t offset = 0;   // the tensor's byte offset in that area
 };
 
 inline bool operator==(const CallHeader& a, const CallHeader& b) {
-  return a.count == b.count && a.dtype == b.dtype && a.op == b.op;
+  return a.count == b.count && a.dtype == b.dtype && a.op == b.op && a.area == b.area &&
+         a.offset == b.offset;
 }
 
 inline const char* dtype_name(int32_t dtype) {
@@ -92,7 +97,11 @@ inline std::string describe(const CallHeader& h) {
     return std::to_string(h.count) + " x " + torch_dtype_name(h.dtype & ~kTorchPath) + " " +
            torch_op_name(h.op & ~kTorchPath) + " via torch.distributed";
   }
-  return std::to_string(h.count) + " x " + dtype_name(h.dtype) + " " + op_name(h.op);
+  std::string call = std::to_string(h.count) + " x " + dtype_name(h.dtype) + " " + op_name(h.op);
+  if (h.area >= 0) {
+    call += " in shared area " + std::to_string(h.area) + " at byte " + std::to_string(h.offset);
+  }
+  return call;
 }
 
 // The announcement of a call of `count` elements of c10::ScalarType `scalar_type` with c10d op

@@ -15,12 +15,16 @@
 #include <stdexcept>
 
 #include "process.h"
+#include "shm_ring_flags.h"
 
 namespace fastpar {
 namespace {
 
-constexpr size_t kPage = 4096;
-constexpr size_t kLine = 64;
+using shm::kLine;
+using shm::kPage;
+using shm::load_acquire;
+using shm::store_release;
+
 constexpr uint64_t kMagic = 0x66617374706172ULL;  // "fastpar"
 
 struct SegmentInfo {
@@ -40,23 +44,6 @@ int poisoner(uint64_t value) { return static_cast<int>(value & ~kPoison); }
 struct PeerGone {};
 
 size_t round_up(size_t value, size_t to) { return (value + to - 1) / to * to; }
-
-uint64_t load_acquire(const uint64_t* word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
-void store_release(uint64_t* word, uint64_t value) {
-  __atomic_store_n(word, value, __ATOMIC_RELEASE);
-}
-
-}  // namespace
-
-// Each flag on its own cache line: the owner's stores to one do not disturb readers of another.
-struct ShmFlags {
-  alignas(kLine) uint64_t ready;  // step + 1 once the slot holds this rank's chunk of the step
-  CallHeader header;              // of the call that step belongs to; released by `ready`
-  alignas(kLine) uint64_t reduced;  // step + 1 once this rank's part of the slot is reduced
-  alignas(kLine) uint64_t done;     // step + 1 once this rank has copied every part out
-};
-
-namespace {
 
 size_t control_bytes(int slots) {
   return round_up(kLine + slots * sizeof(ShmFlags), kPage);
@@ -179,14 +166,20 @@ void ShmRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op) {
   const int64_t chunk_count = chunk_bytes_ / element_size;
   const int64_t chunks = count == 0 ? 1 : (count + chunk_count - 1) / chunk_count;
   const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
-  const CallHeader header{count, static_cast<int32_t>(dtype), op};
   char* bytes = static_cast<char*>(data);
+  CallHeader header{count, static_cast<int32_t>(dtype), op};
+  header.area = find_area(bytes, count * element_size);
+  if (header.area >= 0) header.offset = bytes - areas_[header.area].bases[rank_];
   auto elements = [&](int64_t c) { return std::min(chunk_count, count - c * chunk_count); };
   auto chunk_at = [&](int64_t c) { return bytes + c * chunk_count * element_size; };
 
   const uint64_t first = step_;
   if (count * element_size <= window_bytes_) {
     one_shot(first, bytes, count, dtype, reduce_op, header);
+    return;
+  }
+  if (header.area >= 0 && chunks >= kAreaMinChunks) {
+    all_reduce_in_area(areas_[header.area], header.offset, count, dtype, reduce_op, header);
     return;
   }
   for (int64_t c = 0; c < chunks + 2; ++c) {

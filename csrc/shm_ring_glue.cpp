@@ -44,6 +44,25 @@ void ShmAllReduce::all_reduce(at::Tensor& tensor, int64_t op) {
   ring_->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op));
 }
 
+int64_t ShmAllReduce::register_area(const std::vector<at::Tensor>& areas) {
+  TORCH_CHECK_VALUE(!areas.empty(), "areas must hold one tensor per rank, got none");
+  const int64_t bytes = static_cast<int64_t>(areas[0].nbytes());
+  std::vector<char*> bases;
+  for (size_t p = 0; p < areas.size(); ++p) {
+    const at::Tensor& area = areas[p];
+    TORCH_CHECK_VALUE(area.device().is_cpu() && area.is_contiguous(), "areas[", p,
+                      "] must be a contiguous CPU tensor");
+    TORCH_CHECK_VALUE(static_cast<int64_t>(area.nbytes()) == bytes, "areas[", p, "] has ",
+                      area.nbytes(), " bytes; areas[0] has ", bytes);
+    bases.push_back(static_cast<char*>(area.data_ptr()));
+  }
+  // The tensors own the mappings: the ring holds them while it may read the areas.
+  auto keeper = std::make_shared<std::vector<at::Tensor>>(areas);
+  const std::lock_guard<std::mutex> lock(mutex_);
+  if (!ring_) throw RingClosedError("this ring all-reduce was closed");
+  return ring_->register_area(std::move(bases), bytes, std::move(keeper));
+}
+
 void ShmAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
   TORCH_CHECK_VALUE(op >= 0 && op < kTorchPath, "op must be a ReduceOp code, got ", op);
   const int32_t dtype = static_cast<int32_t>(tensor.scalar_type());

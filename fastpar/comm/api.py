@@ -22,6 +22,7 @@ from fastpar._logging import get_logger, log_once
 from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
 from fastpar.comm.hosts import gather_host_layout
 from fastpar.comm.ring import RingAllReduce
+from fastpar.comm.shared_area import SharedMemoryUnavailableError
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
@@ -107,6 +108,37 @@ def all_reduce(
             return dist.all_reduce(tensor, op=op, group=pg, async_op=async_op)
         ring = _ring_for(pg, tensor.device)
     return ring.all_reduce(tensor, op, async_op=async_op)
+
+
+def empty_shared(
+    size: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    group: dist.ProcessGroup | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """A zero-filled tensor in memory every rank of `group` maps, which `all_reduce` reduces
+    without copying it in or out (collective: every rank allocates the same sizes in the same
+    order). See RingAllReduce.empty_shared.
+
+    Arguments:
+        size: number of elements.
+        dtype: the element type.
+        group: the process group (None: the default group).
+        device: the device whose all-reduce serves it (CPU so far).
+
+    Returns:
+        A 1-D tensor of `size` elements.
+
+    Raises:
+        SharedMemoryUnavailableError: on every rank, when it cannot be allocated (the reason
+            says why: /dev/shm too small, ranks on several hosts, CUDA).
+    """
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    ring = _ring_for(pg, torch.device(device))
+    if not isinstance(ring, RingAllReduce):
+        raise SharedMemoryUnavailableError("the group's ranks are on several hosts")
+    return ring.empty_shared(size, dtype=dtype)
 
 
 def close_rings() -> None:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar import _native
+from fastpar._checks import check_int
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
@@ -60,6 +61,7 @@ from fastpar.comm.errors import (
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.hosts import host_identity
 from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
+from fastpar.comm.shared_area import SharedMemoryUnavailableError, allocate_symmetric
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
@@ -149,6 +151,8 @@ class RingAllReduce:
         self._prefix = ""
         self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
         self._serve_shared_gpu = bool(serve_shared_gpu)
+        self._shared_areas: list[tuple[int, int]] = []  # (address, bytes) of this rank's areas
+        self._area_requests = 0  # empty_shared calls so far (failed ones too), as on every rank
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -299,6 +303,68 @@ class RingAllReduce:
                 native.remove_shared_segment(store.get(name_key).decode())
             raise
         self._transport = transport
+
+    # --- shared memory -------------------------------------------------------------------------
+
+    def empty_shared(self, size: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A tensor in memory that every rank of the group maps (collective: every rank
+        allocates the same sizes in the same order, as with `new_group`).
+
+        `all_reduce` of a contiguous tensor inside it (all of it or any slice, the same on every
+        rank) copies nothing in or out when it spans 8 chunks or more (2 MiB by default;
+        smaller calls copy as usual, which is faster where the data fits the caches): each
+        rank reduces its part straight from every rank's memory into its own, then copies the
+        other parts from their owners; it returns once no peer reads this rank's memory any
+        more, so the tensor may be written again. The memory
+        is released once the tensor (and every view of it) is gone and the ring is closed.
+
+        Arguments:
+            size: number of elements (>= 0).
+            dtype: the element type.
+
+        Returns:
+            A zero-filled 1-D CPU tensor of `size` elements.
+
+        Raises:
+            SharedMemoryUnavailableError: on every rank, when some rank cannot allocate or map
+                its part (/dev/shm too small: the message shows its free space), or this ring
+                does not serve the group (ranks on several hosts; CUDA, not implemented yet).
+            CommMismatchError: on every rank, when ranks ask for different sizes or dtypes.
+            CommTimeoutError: a peer did not take part within the timeout.
+        """
+        check_int("size", size, 0)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        if self._closed:
+            raise CommClosedError("this RingAllReduce was closed")
+        if self.world_size == 1:  # no peer reads it: ordinary memory is shared with everyone
+            return torch.zeros(size, dtype=dtype, device=self.device)
+        if self._disabled is not None:
+            raise SharedMemoryUnavailableError(f"the ring is off for this group: {self._disabled}")
+        if self._stream is not None:
+            raise SharedMemoryUnavailableError("shared areas serve CPU tensors only so far")
+        assert self._store is not None and self._transport is not None
+        prefix = f"{self._prefix}/area/{self._area_requests}"
+        self._area_requests += 1
+        areas = allocate_symmetric(
+            self._store, prefix, rank=self.rank, world_size=self.world_size, numel=size,
+            dtype=dtype, timeout=self.timeout, pids=self._peer_pids,
+        )  # fmt: skip
+        try:
+            self._transport.register_area(areas)
+        except self._native_errors as error:
+            raise translate_native_error(error) from None
+        mine = areas[self.rank]
+        self._shared_areas.append((mine.data_ptr(), mine.numel()))
+        return mine[: size * dtype.itemsize].view(dtype)
+
+    def in_shared_area(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s elements lie in memory from this ring's `empty_shared`."""
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        return tensor.device.type == "cpu" and any(
+            address <= start and end <= address + nbytes for address, nbytes in self._shared_areas
+        )
 
     # --- calls ---------------------------------------------------------------------------------
 

@@ -17,16 +17,21 @@ from fastpar.comm import CommTimeoutError, RingAllReduce
 KILLED = 2  # the rank that dies; run with 3 ranks and may_die=(KILLED,)
 
 
-def killed_mid_call(rank: int, world_size: int, device: str = "cpu") -> tuple[float, str] | None:
+def killed_mid_call(
+    rank: int, world_size: int, device: str = "cpu", shared: bool = False
+) -> tuple[float, str] | None:
     """Rank KILLED enqueues a call and kills itself; the others call and return (seconds from
-    the kill to their error, the error's text)."""
+    the kill to their error, the error's text). With `shared`, the tensor is in the ring's
+    shared area (reduced without copies)."""
     where = torch.device(device)
     if where.type == "cuda":
         torch.cuda.set_device(where)
     store = dist.distributed_c10d._get_default_store()
     # serve_shared_gpu: the CUDA test runs every rank on one GPU.
     with RingAllReduce(device=where, timeout=120, serve_shared_gpu=True) as ring:
-        tensor = torch.ones(1 << 22, device=where)  # several chunks on either transport
+        # Several chunks on either transport.
+        tensor = ring.empty_shared(1 << 22) if shared else torch.empty(1 << 22, device=where)
+        tensor.fill_(1)
         ring.all_reduce(tensor)
         if rank == KILLED:
             work = ring.all_reduce(tensor, async_op=True)

@@ -8,8 +8,6 @@ timeout; the seed is fresh per run and shown on failure.
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -18,6 +16,8 @@ from fastpar.comm import RingAllReduce
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import (
+    SEED,
+    SMALL_RING,
     every_call,
     expect_gloo,
     fold_in_rank_order,
@@ -25,9 +25,6 @@ from tests.comm.util import (
 )
 
 R = dist.ReduceOp
-SEED = random.randrange(2**31)
-# Small chunks so that calls of a few thousand elements already cross chunks and wrap the slots.
-SMALL_RING = {"chunk_bytes": 4096, "slots": 3}
 
 
 def _sizes(generator: torch.Generator) -> list[int]:

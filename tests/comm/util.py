@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +13,10 @@ from fastpar.comm.reduce import SUPPORTED_DTYPES
 
 R = dist.ReduceOp
 OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
+# Fresh per run and shown in failures; the ranks get it as an argument.
+SEED = random.randrange(2**31)
+# Small chunks so that calls of a few thousand elements already cross chunks and wrap the slots.
+SMALL_RING = {"chunk_bytes": 4096, "slots": 3}
 
 
 def every_call(sizes: Sequence[int]) -> Iterator[tuple[torch.dtype, R, int]]:

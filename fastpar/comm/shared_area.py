@@ -1,0 +1,141 @@
+"""Symmetric shared memory on one host: each rank of a group allocates an area of the same size,
+in the same order, and every rank maps every rank's area, so a tensor at byte offset `o` of one
+rank's area has its counterparts at offset `o` of all the others (as PyTorch's SymmetricMemory
+and NCCL's registered buffers do on GPUs). The ring all-reduce reduces such tensors without
+copying them in or out (`csrc/shm_ring.h`, "Tensors in registered areas").
+
+Each area is a file in /dev/shm per rank, its pages reserved at creation (so a full /dev/shm
+fails there, with its free space in the message, and never later with SIGBUS), and unlinked as
+soon as every rank has mapped it: a crash leaves nothing behind. The mappings live as long as a
+tensor of them does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from fastpar.comm.agreement import agree, wait_for_ranks
+from fastpar.comm.errors import CommError, CommMismatchError
+
+SHM_DIR = "/dev/shm"
+PAGE_BYTES = 4096
+_MIB = 2**20
+
+
+class SharedMemoryUnavailableError(CommError, RuntimeError):
+    """Shared memory for the group could not be allocated (a full /dev/shm, a group across
+    hosts, a device without an implementation); raised on every rank, with the reason."""
+
+
+def area_bytes(numel: int, dtype: torch.dtype) -> int:
+    """Bytes of the file holding `numel` elements of `dtype`: whole pages, at least one."""
+    nbytes = numel * dtype.itemsize
+    return max(PAGE_BYTES, (nbytes + PAGE_BYTES - 1) // PAGE_BYTES * PAGE_BYTES)
+
+
+def _free_bytes(directory: str) -> int:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
+def _reserve_file(path: str, nbytes: int, world_size: int) -> str:
+    """Creates `path` with `nbytes` reserved; "" on success, else why not (with the free space
+    of the file system)."""
+    free = _free_bytes(os.path.dirname(path))
+    shortage = (
+        f"{os.path.dirname(path)} has {free / _MIB:.1f} MiB free and each of the {world_size} "
+        f"ranks needs {nbytes / _MIB:.1f} MiB (docker's default is 64 MiB in all: "
+        "--shm-size raises it)"
+    )
+    if free < nbytes:
+        return shortage
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    except OSError as error:
+        return f"creating {path} failed: {error}"
+    try:
+        os.posix_fallocate(fd, 0, nbytes)  # the pages now, not a SIGBUS at the first write
+    except OSError as error:
+        os.unlink(path)
+        return f"{shortage}; reserving them failed: {error}"
+    finally:
+        os.close(fd)
+    return ""
+
+
+def allocate_symmetric(
+    store: dist.Store,
+    prefix: str,
+    *,
+    rank: int,
+    world_size: int,
+    numel: int,
+    dtype: torch.dtype,
+    timeout: timedelta,
+    pids: dict[int, int] | None = None,
+) -> list[torch.Tensor]:
+    """Allocates one area per rank (collective: every rank calls it with the same `prefix`).
+
+    Arguments:
+        store, prefix: where the ranks exchange their files' names; `prefix` names this
+            allocation (the same on every rank, unique per allocation).
+        rank, world_size: this rank and the group's size.
+        numel, dtype: the area's size; every rank must ask for the same.
+        timeout: how long to wait for the peers; `pids` (rank -> pid) ends the wait at once
+            when a peer's process is gone.
+
+    Returns:
+        areas[p]: rank p's area as mapped here, `area_bytes(numel, dtype)` uint8 each, zeros.
+
+    Raises:
+        CommMismatchError: ranks asked for different sizes or dtypes (on every rank).
+        SharedMemoryUnavailableError: some rank could not create or map an area (on every rank).
+        CommTimeoutError: a peer did not take part within the timeout.
+    """
+    nbytes = area_bytes(numel, dtype)
+    path = f"{SHM_DIR}/fastpar-area-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+    problem = _reserve_file(path, nbytes, world_size)
+    keys = {r: f"{prefix}/file/{r}" for r in range(world_size)}
+    request = f"{numel} x {str(dtype).removeprefix('torch.')}"
+    store.set(keys[rank], f"no: {problem}" if problem else f"ok {request}|{path}")
+    try:
+        wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids)
+        answers = [store.get(keys[r]).decode() for r in range(world_size)]
+        failed = [(r, a.removeprefix("no: ")) for r, a in enumerate(answers) if a.startswith("no:")]
+        if failed:
+            r, why = failed[0]
+            raise SharedMemoryUnavailableError(f"rank {r} could not allocate shared memory: {why}")
+        requests = [a.removeprefix("ok ").split("|")[0] for a in answers]
+        if any(other != request for other in requests):
+            calls = "; ".join(f"rank {r}: {call}" for r, call in enumerate(requests))
+            raise CommMismatchError(
+                "shared memory was allocated with different sizes or dtypes on different ranks, "
+                f"or in a different order ({calls})"
+            )
+        areas: list[torch.Tensor] = []
+        problem = ""
+        try:
+            for answer in answers:
+                peer_path = answer.split("|", 1)[1]
+                areas.append(
+                    torch.from_file(peer_path, shared=True, size=nbytes, dtype=torch.uint8)
+                )
+        except (RuntimeError, OSError) as error:
+            problem = f"mapping a peer's shared area failed: {error}"
+        reason = agree(
+            store, f"{prefix}/mapped", rank, world_size, problem, timeout,
+            "map every rank's shared area", pids,
+        )  # fmt: skip
+        if reason is not None:
+            raise SharedMemoryUnavailableError(f"shared memory is unavailable: {reason}")
+        return areas
+    finally:
+        # Mapped by every rank (or given up): the name is no longer needed.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
