@@ -61,9 +61,9 @@
 // so while a call fits the caches each write waits for the peers' copies to be invalidated,
 // and the end of the call waits once more. Measured with 2 ranks on 2 cores (bench/allreduce.py,
 // time of an ordinary tensor over a shared one, several runs): 0.5-0.7x at 256 KiB, 0.86-0.98x
-// at 1 MiB, 1.1-1.3x at 2-4 MiB, 1.05-1.1x at 16-64 MiB. So calls of fewer than kAreaMinChunks chunks (2 MiB with 256 KiB chunks) take the
-// copying paths above, one-shot included, whatever memory they are in; their header still
-// names the area.
+// at 1 MiB, 1.1-1.3x at 2-4 MiB, 1.05-1.1x at 16-64 MiB. So calls of fewer than kAreaMinChunks
+// chunks (2 MiB with 256 KiB chunks) take the copying paths above, one-shot included, whatever
+// memory they are in; their header still names the area.
 //
 // Checks and failures. The header of the first chunk of a call is compared on every rank before
 // anything else happens; on a difference every rank raises RingMismatchError listing each
