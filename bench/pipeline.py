@@ -10,12 +10,15 @@ fastpar schedule next to torch's matching one on the same cut of the same model:
     zero-bubble       ScheduleInterleavedZeroBubble  2 stages (one local stage: ZB-H1)
     zbv               ScheduleZBVZeroBubble          4 stages in a V: rank r holds r, 3 - r
 
-Runs are interleaved step by step in one run so all see the same machine load. A step
-(zero_grad, forward, backward) is as slow as its slowest rank.
+Runs are interleaved step by step in one run so all see the same machine load. A step (forward
+and backward; zero_grad comes before) starts on both ranks at one agreed instant (the ranks
+share the host's monotonic clock) and lasts until its slowest rank is done: a barrier alone
+releases the ranks up to a few hundred microseconds apart, and the rank released first would
+count the other's lateness as its own waiting (the replay below starts every rank at 0).
 
-Idle per rank: "bubble" is the fraction of fastpar's pipeline step (until the last rank is
-done) in which the rank was not computing (`Pipeline.last_stats`). "ideal" is the bubble the
-schedule alone gives with the stages' measured compute times and free transfers
+Idle per rank: "bubble" is the fraction of fastpar's pipeline step (from the common start until
+the last rank is done) in which the rank was not computing (`Pipeline.last_stats`). "ideal" is
+the bubble the schedule alone gives with the stages' measured compute times and free transfers
 (`ideal_bubbles`): bubble - ideal is what transfers and overheads cost. "theory" replays the
 schedule with every stage at its mean times, i.e. perfectly balanced stages: (p-1)/(m+p-1) for
 gpipe and 1f1b, (p-1)/(v m+p-1) for interleaved-1f1b, (p-1)(F+I-W) of idle for zero-bubble
@@ -53,6 +56,7 @@ from fastpar.parallel.pipeline.schedules import Placement, splits_backward
 from fastpar.testing.distributed import run_multiprocess
 
 RANKS, MICROBATCHES, LAYERS, WIDTH, WARMUP = 2, 8, 8, 512, 3
+START_MARGIN_S = 2e-3  # from the later rank's arrival to the common start: covers the all-reduce
 # fastpar schedule -> (torch's schedule class, global stages)
 MATCHES = {
     "gpipe": ("ScheduleGPipe", 2),
@@ -124,9 +128,7 @@ def _rank(rank: int, world_size: int, steps: int, batch: int) -> dict[str, Any]:
     y = torch.randn(batch, WIDTH, generator=generator)
 
     def run(name: str) -> None:
-        modules, runner, first, last = runners[name]
-        for module in modules:
-            module.zero_grad(set_to_none=True)
+        _, runner, first, last = runners[name]
         if isinstance(runner, Pipeline):
             runner.step(x if first else None, y if last else None)
             return
@@ -137,8 +139,9 @@ def _rank(rank: int, world_size: int, steps: int, batch: int) -> dict[str, Any]:
     stats: dict[str, list[StepStats]] = {name: [] for name in runners if name.startswith("f")}
     for index in range(steps + WARMUP):
         for name in runners:
-            dist.barrier()  # both ranks start each step together
-            start = time.perf_counter()
+            for module in runners[name][0]:
+                module.zero_grad(set_to_none=True)
+            start = _common_start()
             run(name)
             elapsed = time.perf_counter() - start
             if index >= WARMUP:
@@ -148,11 +151,22 @@ def _rank(rank: int, world_size: int, steps: int, batch: int) -> dict[str, Any]:
     return {"times": times, "stats": stats}
 
 
-def _idle(schedule: str, per_rank: list[StepStats]) -> list[list[float]]:
+def _common_start() -> float:
+    """Wait until an instant both ranks agree on (the later one's arrival plus a margin) and
+    return it: perf_counter is the host's monotonic clock, the same in every process."""
+    start = torch.tensor([time.perf_counter() + START_MARGIN_S], dtype=torch.float64)
+    dist.all_reduce(start, op=dist.ReduceOp.MAX)
+    instant = start.item()
+    while time.perf_counter() < instant:
+        pass
+    return instant
+
+
+def _idle(schedule: str, per_rank: list[StepStats], step: float) -> list[list[float]]:
     """One step's measured and ideal bubble of every rank, the balanced-stage theory, and the
     measured and ideal idle seconds of every rank (the bubble's time, as the zero-bubble paper
-    counts it: (p-1)(F+B-W) for ZB-H1 against (p-1)(F+B+W) for 1F1B)."""
-    step = max(stats.step_s for stats in per_rank)
+    counts it: (p-1)(F+B-W) for ZB-H1 against (p-1)(F+B+W) for 1F1B). `step`: seconds from the
+    common start until the last rank was done."""
     measured = [1.0 - stats.compute_s / step for stats in per_rank]
     split = splits_backward(schedule)  # type: ignore[arg-type]
     kinds = ("F", "I", "W") if split else ("F", "B")
@@ -194,7 +208,7 @@ def main() -> None:
             idle: list[object] = ["-"] * (4 * RANKS + 1)  # torch does not report its compute
             if library == "fastpar":
                 per_step = [
-                    _idle(schedule, [r["stats"][name][i] for r in results])
+                    _idle(schedule, [r["stats"][name][i] for r in results], steps[name][i])
                     for i in range(args.steps)
                 ]
                 idle = [

@@ -61,8 +61,9 @@ void ShmTensorPipe::send(const at::Tensor& tensor) {
   const auto bytes = static_cast<int64_t>(tensor.nbytes());
   ShmPipe& sink = pipe();
   if (sink.try_send(header, header_bytes, payload, bytes)) return;
+  // Kept without its autograd graph, which the sender thread must not be the one to free.
   sink.send(std::string(header, static_cast<size_t>(header_bytes)), payload, bytes,
-            std::make_shared<at::Tensor>(tensor));
+            std::make_shared<at::Tensor>(tensor.detach()));
 }
 
 void ShmTensorPipe::flush() { pipe().flush(); }
