@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar._logging import get_logger
 from fastpar.parallel import CommStats, DataParallel, Pipeline
 from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
 from fastpar.parallel.pipeline.stages import measured_cuts
@@ -39,8 +38,6 @@ if TYPE_CHECKING:
     from fastpar.training.metrics_files import MetricsWriter
 
 __all__ = ["KILL_ENV", "Stage", "build_stage", "run_steps", "train_rank"]
-
-_log = get_logger(__name__)
 
 
 def _device() -> torch.device:
