@@ -17,18 +17,17 @@
 #include <utility>
 
 #include "process.h"
+#include "shm_atomic.h"
 
 namespace fastpar {
 namespace {
 
-constexpr size_t kPage = 4096;
-constexpr size_t kLine = 64;
-constexpr uint64_t kMagic = 0x66617374706970ULL;  // "fastpip"
+using shm::kLine;
+using shm::kPage;
+using shm::load_acquire;
+using shm::store_release;
 
-uint64_t load_acquire(const uint64_t* word) { return __atomic_load_n(word, __ATOMIC_ACQUIRE); }
-void store_release(uint64_t* word, uint64_t value) {
-  __atomic_store_n(word, value, __ATOMIC_RELEASE);
-}
+constexpr uint64_t kMagic = 0x66617374706970ULL;  // "fastpip"
 
 // Maps every page of the segment into this process now. Otherwise each page of a ring faults on
 // its first write and first read (a few microseconds each, more in a VM), so the first lap around

@@ -15,6 +15,7 @@
 #include <stdexcept>
 
 #include "process.h"
+#include "shm_atomic.h"
 #include "shm_ring_flags.h"
 
 namespace fastpar {

@@ -6,6 +6,7 @@
 #include <string>
 #include <utility>
 
+#include "shm_atomic.h"
 #include "shm_ring.h"
 #include "shm_ring_flags.h"
 
