@@ -31,9 +31,9 @@ int ShmRing::find_area(const char* data, int64_t bytes) const {
     const char* begin = area.bases[rank_];
     if (data < begin || data >= begin + area.bytes) continue;
     if (bytes > begin + area.bytes - data)
-      throw std::invalid_argument("the tensor starts in shared area " + std::to_string(index) +
-                                  " but runs " + std::to_string(bytes - (begin + area.bytes - data)) +
-                                  " bytes past its end");
+      throw std::invalid_argument(
+          "the tensor starts in shared area " + std::to_string(index) + " but runs " +
+          std::to_string(bytes - (begin + area.bytes - data)) + " bytes past its end");
     return static_cast<int>(index);
   }
   return -1;
@@ -56,7 +56,8 @@ void ShmRing::all_reduce_in_area(const ShmArea& area, int64_t offset, int64_t co
     }
     if (c >= 1 && c <= chunks)
       reduce_in_area(first + c - 1, area, offset_of(c - 1), elements(c - 1), dtype, op);
-    if (c >= 2) gather_in_area(first + c - 2, area, offset_of(c - 2), elements(c - 2), element_size);
+    if (c >= 2)
+      gather_in_area(first + c - 2, area, offset_of(c - 2), elements(c - 2), element_size);
   }
   step_ = first + chunks;
   // The peers read this rank's area until they have copied its parts out (their `done`, given

@@ -8,8 +8,8 @@ namespace fastpar {
 
 ShmAllReduce::ShmAllReduce(const std::string& name, bool create, int64_t rank, int64_t world,
                            int64_t slots, int64_t chunk_bytes, double timeout_s) {
-  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world, "rank must be in [0, world), got rank ",
-                    rank, " of world ", world);
+  TORCH_CHECK_VALUE(world >= 1 && rank >= 0 && rank < world,
+                    "rank must be in [0, world), got rank ", rank, " of world ", world);
   TORCH_CHECK_VALUE(slots >= 3 && slots <= 64, "slots must be in [3, 64], got ", slots);
   TORCH_CHECK_VALUE(chunk_bytes > 0 && chunk_bytes % 4096 == 0,
                     "chunk_bytes must be a positive multiple of 4096, got ", chunk_bytes);
@@ -66,7 +66,8 @@ int64_t ShmAllReduce::register_area(const std::vector<at::Tensor>& areas) {
 void ShmAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
   TORCH_CHECK_VALUE(op >= 0 && op < kTorchPath, "op must be a ReduceOp code, got ", op);
   const int32_t dtype = static_cast<int32_t>(tensor.scalar_type());
-  const CallHeader header{tensor.numel(), kTorchPath | dtype, kTorchPath | static_cast<int32_t>(op)};
+  const CallHeader header{tensor.numel(), kTorchPath | dtype,
+                          kTorchPath | static_cast<int32_t>(op)};
   const std::lock_guard<std::mutex> lock(mutex_);
   if (!ring_) throw RingClosedError("this ring all-reduce was closed");
   ring_->agree(header);
