@@ -179,11 +179,12 @@ def test_step_body_with_many_programs(cell: str, hidden: int, reverse: bool) -> 
     # 32 (the last mostly masked) in the interpreter's step configuration: six programs run
     # the body the persistent kernel runs, with all of h_{t-1} in one dot. At H=130 W_hh's
     # share no longer fits in registers (w_fits_registers), so the body loops over K tiles
-    # (the GPU's step path for wide layers). T=12 with lengths 1..12.
-    T, batch = 12, 70
+    # (the GPU's step path for wide layers). T=6 with every length 1..6: the tiling is the
+    # subject, and each further step is one more launch of the same programs.
+    T, batch = 6, 70
     resident = step_config(batch, hidden, torch.float32, 1, interpreter=True, cell=cell).w_resident
     assert resident == (hidden == 70)
-    lengths = torch.arange(batch) * 7 % T + 1  # unsorted
+    lengths = torch.arange(batch) * 5 % T + 1  # unsorted
     inputs = cell_inputs(cell, T, torch.float32, batch=batch, hidden=hidden)
     ours = run_cell(cell, inputs, lengths, reverse, "step")
     _assert_all_close(ours, run_cell(cell, _exact(inputs), lengths, reverse))
