@@ -103,7 +103,9 @@ def test_every_test_is_a_row_even_when_a_module_runs_out_of_time(
     monkeypatch.setattr(gpu_check, "gpu_test_modules", lambda: [module, broken])
     monkeypatch.setattr(gpu_check, "TEST_WORKERS", 2)  # side by side, as on the GPU machine
     check = _check(tmp_path / "out")
-    status, detail = gpu_check.stage_tests(check, 25)
+    # The budget is waited out in full (test_hangs); two pytest processes that import nothing
+    # heavy finish the other tests in a second or two.
+    status, detail = gpu_check.stage_tests(check, 12)
     assert status == "TIMEOUT" and "test_sample.py" in detail
     rows = {r["case"].rsplit("::", 1)[-1]: r for r in gpu_check.read_rows(check.out / "tests.csv")}
     assert rows["test_passes"]["status"] == "passed"
