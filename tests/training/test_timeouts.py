@@ -19,7 +19,8 @@ from fastpar.training.checkpoint import find_intact
 
 from .util import REPO, SMALL
 
-TIMEOUT_S = 10
+# Waited out once per test (the run ends between one and three of them after the stop).
+TIMEOUT_S = 5
 
 
 def _ranks(launcher: int) -> list[int]:
