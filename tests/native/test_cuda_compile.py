@@ -9,6 +9,8 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,23 +40,50 @@ def test_there_are_cuda_sources() -> None:
     assert CUDA_SOURCES, f"no .cu files in {source_dir()}"
 
 
+@dataclass
+class _Compile:
+    process: subprocess.Popen[bytes]
+    stderr: Path
+
+
+@pytest.fixture(scope="module")
+def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _Compile]]:
+    """Every source's nvcc, all started at once: one compile keeps one core busy for most of a
+    minute, so side by side they take about the time of the longest instead of the sum."""
+    root = tmp_path_factory.mktemp("nvcc")
+    includes = _include_flags(root / "shim")
+    started = {}
+    for source in CUDA_SOURCES:
+        command = [
+            str(NVCC),
+            "-c",
+            str(source),
+            "-o",
+            str(root / (source.stem + ".o")),
+            *_CUDA_FLAGS,  # the flags of the real build
+            "-gencode=arch=compute_90,code=sm_90",
+            "-DFASTPAR_WITH_CUDA",
+            "-D_GLIBCXX_USE_CXX11_ABI=1",
+            "--expt-relaxed-constexpr",
+            "-Xptxas=-warn-spills",
+            *includes,
+        ]
+        stderr = root / (source.stem + ".stderr")
+        with open(stderr, "wb") as log:  # a file: a full pipe would stall a compile
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+        started[source] = _Compile(process, stderr)
+    yield started
+    for compile_ in started.values():  # a test that failed early leaves none running
+        if compile_.process.poll() is None:
+            compile_.process.kill()
+            compile_.process.wait()
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
-def test_compiles_for_sm90(source: Path, tmp_path: Path) -> None:
-    command = [
-        str(NVCC),
-        "-c",
-        str(source),
-        "-o",
-        str(tmp_path / (source.stem + ".o")),
-        *_CUDA_FLAGS,  # the flags of the real build
-        "-gencode=arch=compute_90,code=sm_90",
-        "-DFASTPAR_WITH_CUDA",
-        "-D_GLIBCXX_USE_CXX11_ABI=1",
-        "--expt-relaxed-constexpr",
-        "-Xptxas=-warn-spills",
-        *_include_flags(tmp_path / "shim"),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    assert result.returncode == 0, f"nvcc failed for {source.name}:\n{result.stderr[-4000:]}"
-    assert "spill" not in result.stderr.lower(), result.stderr
+def test_compiles_for_sm90(source: Path, compiles: dict[Path, _Compile]) -> None:
+    compile_ = compiles[source]
+    returncode = compile_.process.wait(timeout=600)
+    stderr = compile_.stderr.read_text(errors="replace")
+    assert returncode == 0, f"nvcc failed for {source.name}:\n{stderr[-4000:]}"
+    assert "spill" not in stderr.lower(), stderr
