@@ -3,9 +3,9 @@
 For each world size and each size (float32, SUM), both collectives run in the same processes,
 size by size. First the checks: integer-valued inputs whose sum every rank can compute alone
 must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
-`--samples` timed samples of back-to-back calls. Reported per size: the median time per call
-(p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
-ring), and the ratio of torch's time to the ring's.
+`--samples` timed samples of back-to-back calls, fastpar's and torch's taken in turn. Reported
+per size: the median time per call (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n
+(the bytes each link carries in a ring), and the ratio of torch's time to the ring's.
 On CPU, a tensor in the all-reduce's shared memory (`RingAllReduce.empty_shared`: from 2 MiB on
 reduced without copies in or out; `HierarchicalAllReduce.empty_shared`: the passes inside a host
 read the peers' tensors in place) is checked and timed the same way, its samples taken in turn
@@ -63,17 +63,13 @@ HEADERS = (
 )  # fmt: skip
 
 
-def _samples(fn: Callable[[], object], calls: int, samples: int) -> list[float]:
-    """Seconds per call of `samples` groups of `calls` back-to-back calls. Every rank makes the
-    same number of calls (a collective cannot be timed adaptively per rank)."""
-    return _interleaved_samples([fn], calls, samples)[0]
-
-
 def _interleaved_samples(
     fns: list[Callable[[], object]], calls: int, samples: int
 ) -> list[list[float]]:
-    """`_samples` of each of `fns`, taken in turn sample by sample, so that a disturbance of
-    the machine falls on all of them alike."""
+    """Seconds per call of `samples` groups of `calls` back-to-back calls of each of `fns`,
+    taken in turn sample by sample, so that a disturbance of the machine falls on all of them
+    alike. Every rank makes the same number of calls (a collective cannot be timed adaptively
+    per rank)."""
     for fn in fns:
         fn()  # warm-up
     out: list[list[float]] = [[] for _ in fns]
@@ -178,12 +174,6 @@ def _rank(
                     shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
                     shared = area[: nbytes // 4].copy_(tensor)
                     fns.append(lambda t=shared: ring.all_reduce(t))
-                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
-                median, p20, p80 = _quantiles(times[0])
-                bus = 2 * (world - 1) / world
-                row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
-                           ring_algbw_GBps=nbytes / median / 1e9,
-                           ring_busbw_GBps=nbytes / median / 1e9 * bus)  # fmt: skip
                 if baseline:
                     base_fn = _synchronized(lambda t=tensor: dist.all_reduce(t), device)
                     try:
@@ -191,9 +181,16 @@ def _rank(
                     except RuntimeError as error:  # e.g. a backend without CUDA tensors
                         baseline = False
                         row["torch_backend"] = f"{backend}: {error_text(error, 80)}"
+                if baseline:  # sampled in turn with fastpar's calls
+                    fns.append(base_fn)
+                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
+                median, p20, p80 = _quantiles(times[0])
+                bus = 2 * (world - 1) / world
+                row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
+                           ring_algbw_GBps=nbytes / median / 1e9,
+                           ring_busbw_GBps=nbytes / median / 1e9 * bus)  # fmt: skip
                 if baseline:
-                    calls = _calls(nbytes, 1 << 20, min(20, max_calls))
-                    base = _quantiles(_samples(base_fn, calls, samples))[0]
+                    base = _quantiles(times[-1])[0]
                     row.update(torch_backend=backend, torch_us=base * 1e6,
                                torch_algbw_GBps=nbytes / base / 1e9,
                                torch_busbw_GBps=nbytes / base / 1e9 * bus,
