@@ -208,21 +208,10 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         of each shard fewer (`CpuHostPasses._in_area`), the same bits. It returns once no peer
         on its host reads this rank's tensor any more, so the tensor may be written again. The
         memory is released once the tensor (and every view of it) is gone and this object is
-        closed.
-
-        Arguments:
-            size: number of elements (>= 0).
-            dtype: the element type.
-
-        Returns:
-            A zero-filled 1-D CPU tensor of `size` elements.
-
-        Raises:
-            SharedMemoryUnavailableError: on every rank, when some rank cannot allocate or map
-                its area (/dev/shm too small: the message shows its free space), or this object
-                does not run here (off, or on CUDA).
-            CommMismatchError: on every rank, when ranks ask for different sizes or dtypes.
-            CommTimeoutError: a peer did not take part within the timeout.
+        closed. Arguments, result and errors as `RingAllReduce.empty_shared` (a zero-filled 1-D
+        tensor of `size` elements of `dtype`), and SharedMemoryUnavailableError on every rank
+        where this object does not run (off, or on CUDA); every rank names the rank that
+        failed first, or lists every rank's request when they differ, across hosts too.
         """
         check_int("size", size, 0)
         if not isinstance(dtype, torch.dtype):
