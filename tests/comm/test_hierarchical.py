@@ -69,6 +69,18 @@ def _every_dtype_and_op(rank: int, world_size: int, hosts: list[int], seed: int)
     return len(calls)
 
 
+def _host_order_fold(tensor: torch.Tensor, op: R, layout: HostLayout) -> torch.Tensor:
+    """Every rank's `tensor` folded in rank order inside each host, then in host order (AVG:
+    the sum, divided by the ranks)."""
+    world_size = dist.get_world_size()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor)
+    inner = R.SUM if op == R.AVG else op
+    per_host = [fold_in_rank_order([gathered[r] for r in ranks], inner) for ranks in layout.hosts]
+    expected = fold_in_rank_order(per_host, inner)
+    return expected.div_(world_size) if op == R.AVG else expected
+
+
 def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> list[bytes]:
     simulate_hosts(rank, hosts)
     generator = torch.Generator().manual_seed(seed + rank)
@@ -77,16 +89,7 @@ def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> l
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             for op in (R.SUM, R.AVG, R.PRODUCT, R.MAX):
                 tensor = torch.randn(4099, generator=generator).to(dtype)
-                gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-                dist.all_gather(gathered, tensor)
-                inner = R.SUM if op == R.AVG else op
-                per_host = [
-                    fold_in_rank_order([gathered[r] for r in ranks], inner)
-                    for ranks in HostLayout.from_identities(hosts, rank).hosts
-                ]
-                expected = fold_in_rank_order(per_host, inner)
-                if op == R.AVG:
-                    expected = expected.div_(world_size)
+                expected = _host_order_fold(tensor, op, HostLayout.from_identities(hosts, rank))
                 reducer.all_reduce(tensor, op)
                 assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
                 out.append(tensor.view(torch.uint8).numpy().tobytes())
@@ -194,7 +197,6 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, f
     host 1's through the failure host 0 posted), then, on a new object, another dtype of the
     same size; then, on a third, rank KILLED dies."""
     simulate_hosts(rank, [0, 0, 1, 1])
-    store = dist.distributed_c10d._get_default_store()
     # A short timeout: host 1's shards wait for host 0's, which never come, that long.
     with comm.create_all_reduce(timeout=3) as reducer:
         with pytest.raises(comm.CommMismatchError) as mismatch:
@@ -208,15 +210,23 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, f
     ):
         reducer.all_reduce(torch.ones(100, dtype=dtype))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
-        tensor = torch.ones(1 << 18)
+        after, error = _killed_after_a_call(reducer, torch.ones(1 << 18), rank)
+        return str(mismatch.value), str(dtypes.value), after, error
+
+
+def _killed_after_a_call(
+    reducer: comm.HierarchicalAllReduce, tensor: torch.Tensor, rank: int
+) -> tuple[float, str]:
+    """One call, then rank KILLED dies; the others' next call must raise CommTimeoutError:
+    (seconds from the death to that error, its message)."""
+    store = dist.distributed_c10d._get_default_store()
+    reducer.all_reduce(tensor)
+    if rank == KILLED:
+        store.set("killed/at", repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    with pytest.raises(comm.CommTimeoutError) as error:
         reducer.all_reduce(tensor)
-        if rank == KILLED:
-            store.set("killed/at", repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        with pytest.raises(comm.CommTimeoutError) as error:
-            reducer.all_reduce(tensor)
-        after = time.time() - float(store.get("killed/at").decode())
-        return str(mismatch.value), str(dtypes.value), after, str(error.value)
+    return time.time() - float(store.get("killed/at").decode()), str(error.value)
 
 
 def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
@@ -262,32 +272,25 @@ def _in_area(rank: int, world_size: int, seed: int) -> tuple[list[bytes], int]:
     floats = []
     with HierarchicalAllReduce(chunk_bytes=4096) as reducer:
         areas = {dtype: reducer.empty_shared(AREA_ELEMENTS, dtype=dtype) for dtype in SUPPORTED}
+        differ = []
         for dtype, op, (offset, size) in every_call(places):
             area = areas[dtype]
             area.copy_(integer_valued(AREA_ELEMENTS, dtype, op, generator))
-            outside = area.clone()
-            tensor = area[offset : offset + size]
-            copy = tensor.clone()  # ordinary memory: through the host's buffer
-            expected = expect_gloo(tensor, op, world_size)
-            reducer.all_reduce(tensor, op)
-            reducer.all_reduce(copy, op)
-            where = f"seed {seed}: {size} x {dtype} {op} at {offset}"
-            assert torch.equal(tensor, expected), f"{where} differs from gloo"
-            assert torch.equal(tensor.view(torch.uint8), copy.view(torch.uint8)), where
-            outside[offset : offset + size] = tensor
-            assert torch.equal(area, outside), f"{where}: elements outside it changed"
+            before = area.clone()
+            buffered = area[offset : offset + size].clone()  # ordinary memory: the host buffer
+            reducer.all_reduce(area[offset : offset + size], op)
+            reducer.all_reduce(buffered, op)
+            gloo = expect_gloo(before[offset : offset + size], op, world_size)
+            before[offset : offset + size] = buffered  # and nothing outside the slice changes
+            same_bits = torch.equal(area.view(torch.uint8), before.view(torch.uint8))
+            if not (same_bits and torch.equal(buffered, gloo)):
+                differ.append(f"{size} x {dtype} {op} at {offset}")
+        assert not differ, f"seed {seed}: these differ from gloo or the buffered path: {differ}"
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             for op in (R.SUM, R.AVG, R.PRODUCT, R.MAX):
                 tensor = areas[dtype][7:]
                 tensor.copy_(torch.randn(tensor.numel(), generator=generator).to(dtype))
-                gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-                dist.all_gather(gathered, tensor)
-                inner = R.SUM if op == R.AVG else op
-                per_host = [fold_in_rank_order(gathered[:2], inner),
-                            fold_in_rank_order(gathered[2:], inner)]  # fmt: skip
-                expected = fold_in_rank_order(per_host, inner)
-                if op == R.AVG:
-                    expected = expected.div_(world_size)
+                expected = _host_order_fold(tensor, op, HostLayout.from_identities(hosts, rank))
                 reducer.all_reduce(tensor, op)
                 assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
                 floats.append(tensor.view(torch.uint8).numpy().tobytes())
@@ -319,7 +322,6 @@ def _area_failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, .
     the object usable; a group with one rank per host has no shared areas; tensors at
     different places raise on every rank; then rank KILLED dies after a call in an area."""
     simulate_hosts(rank, [0, 0, 1, 1])
-    store = dist.distributed_c10d._get_default_store()
     one_per_host = dist.new_group([0, 2])
     with HierarchicalAllReduce(timeout=3) as reducer:
         with pytest.raises(comm.CommMismatchError) as inside:
@@ -339,15 +341,8 @@ def _area_failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, .
                 reducer.empty_shared(100)
             off = str(unavailable.value)
     with HierarchicalAllReduce(timeout=timeout_s) as reducer:
-        tensor = reducer.empty_shared(1 << 18)
-        reducer.all_reduce(tensor)
-        if rank == KILLED:
-            store.set("killed/at", repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        with pytest.raises(comm.CommTimeoutError) as error:
-            reducer.all_reduce(tensor)
-        after = time.time() - float(store.get("killed/at").decode())
-    messages = inside.value, between.value, place.value, off, after, error.value
+        after, killed = _killed_after_a_call(reducer, reducer.empty_shared(1 << 18), rank)
+    messages = inside.value, between.value, place.value, off, after, killed
     return tuple(map(str, messages))
 
 
