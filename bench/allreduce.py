@@ -3,18 +3,20 @@
 For each world size and each size (float32, SUM), both collectives run in the same processes,
 size by size. First the checks: integer-valued inputs whose sum every rank can compute alone
 must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
-`--samples` timed samples of back-to-back calls. Reported per size: the median time per call
-(p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n (the bytes each link carries in a
-ring), and the ratio of torch's time to the ring's.
-On CPU with the shared-memory ring, a tensor in the ring's shared area
-(`RingAllReduce.empty_shared`; from 2 MiB on reduced without copies in or out) is checked and
-timed the same way, its samples taken in turn with the ordinary tensor's: the shared_* columns,
-and shared_speedup = ring_us / shared_us.
+`--samples` timed samples of back-to-back calls, fastpar's and torch's taken in turn. Reported
+per size: the median time per call (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n
+(the bytes each link carries in a ring), and the ratio of torch's time to the ring's.
+On CPU, a tensor in the all-reduce's shared memory (`RingAllReduce.empty_shared`: from 2 MiB on
+reduced without copies in or out; `HierarchicalAllReduce.empty_shared`: the passes inside a host
+read the peers' tensors in place) is checked and timed the same way, its samples taken in turn
+with the ordinary tensor's: the shared_* columns, shared_speedup = ring_us / shared_us and
+shared_vs_torch = torch_us / shared_us.
 Rank 0 writes each size's row to the CSV as soon as it is measured; a size that fails is a row
 with its error.
 
     python bench/allreduce.py [--ranks 2 4] [--scale cpu|gpu|tiny] [--device cpu|cuda]
-                              [--hosts 2] [--csv results/allreduce.csv]
+                              [--hosts 2] [--sizes 65536 16777216]
+                              [--csv results/allreduce.csv]
                               [--table results/allreduce.txt]
 
 --hosts H simulates H hosts on this machine (FASTPAR_HOST_ID: ranks 0..n/H-1 on the first, and
@@ -57,21 +59,17 @@ HEADERS = (
     "ring_p20_us", "ring_p80_us", "ring_algbw_GBps", "ring_busbw_GBps", "torch_backend",
     "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "shared_exact",
     "shared_bitwise_equal", "shared_us", "shared_p20_us", "shared_p80_us", "shared_busbw_GBps",
-    "shared_speedup", "error",
+    "shared_speedup", "shared_vs_torch", "error",
 )  # fmt: skip
-
-
-def _samples(fn: Callable[[], object], calls: int, samples: int) -> list[float]:
-    """Seconds per call of `samples` groups of `calls` back-to-back calls. Every rank makes the
-    same number of calls (a collective cannot be timed adaptively per rank)."""
-    return _interleaved_samples([fn], calls, samples)[0]
 
 
 def _interleaved_samples(
     fns: list[Callable[[], object]], calls: int, samples: int
 ) -> list[list[float]]:
-    """`_samples` of each of `fns`, taken in turn sample by sample, so that a disturbance of
-    the machine falls on all of them alike."""
+    """Seconds per call of `samples` groups of `calls` back-to-back calls of each of `fns`,
+    taken in turn sample by sample, so that a disturbance of the machine falls on all of them
+    alike. Every rank makes the same number of calls (a collective cannot be timed adaptively
+    per rank)."""
     for fn in fns:
         fn()  # warm-up
     out: list[list[float]] = [[] for _ in fns]
@@ -159,7 +157,7 @@ def _rank(
     with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
         # One area for every size: each size reduces its first bytes.
         area = None
-        if isinstance(ring, RingAllReduce) and device.type == "cpu":
+        if isinstance(ring, (RingAllReduce, HierarchicalAllReduce)) and device.type == "cpu":
             area = ring.empty_shared(max(sizes) // 4)
         for nbytes in sizes:
             case = _case(world, hosts, nbytes)
@@ -176,12 +174,6 @@ def _rank(
                     shared_exact, shared_equal = _check(ring, rank, world, nbytes, device, area)
                     shared = area[: nbytes // 4].copy_(tensor)
                     fns.append(lambda t=shared: ring.all_reduce(t))
-                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
-                median, p20, p80 = _quantiles(times[0])
-                bus = 2 * (world - 1) / world
-                row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
-                           ring_algbw_GBps=nbytes / median / 1e9,
-                           ring_busbw_GBps=nbytes / median / 1e9 * bus)  # fmt: skip
                 if baseline:
                     base_fn = _synchronized(lambda t=tensor: dist.all_reduce(t), device)
                     try:
@@ -189,9 +181,16 @@ def _rank(
                     except RuntimeError as error:  # e.g. a backend without CUDA tensors
                         baseline = False
                         row["torch_backend"] = f"{backend}: {error_text(error, 80)}"
+                if baseline:  # sampled in turn with fastpar's calls
+                    fns.append(base_fn)
+                times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
+                median, p20, p80 = _quantiles(times[0])
+                bus = 2 * (world - 1) / world
+                row.update(ring_us=median * 1e6, ring_p20_us=p20 * 1e6, ring_p80_us=p80 * 1e6,
+                           ring_algbw_GBps=nbytes / median / 1e9,
+                           ring_busbw_GBps=nbytes / median / 1e9 * bus)  # fmt: skip
                 if baseline:
-                    calls = _calls(nbytes, 1 << 20, min(20, max_calls))
-                    base = _quantiles(_samples(base_fn, calls, samples))[0]
+                    base = _quantiles(times[-1])[0]
                     row.update(torch_backend=backend, torch_us=base * 1e6,
                                torch_algbw_GBps=nbytes / base / 1e9,
                                torch_busbw_GBps=nbytes / base / 1e9 * bus,
@@ -203,6 +202,8 @@ def _rank(
                                shared_p80_us=p80 * 1e6,
                                shared_busbw_GBps=nbytes / median_shared / 1e9 * bus,
                                shared_speedup=median / median_shared)  # fmt: skip
+                    if baseline:
+                        row["shared_vs_torch"] = base / median_shared
                     exact, equal = exact and shared_exact, equal and shared_equal
                 row["status"] = "ok" if exact and equal else "FAIL"
                 if not exact or not equal:
@@ -256,7 +257,8 @@ def serve_peer(rank: int, world: int, port: int, device_type: str) -> None:
 def _table(rows: list[dict[str, str]]) -> str:
     columns = ("ranks", "bytes", "status", "ring_us", "ring_p20_us", "ring_p80_us",
                "ring_busbw_GBps", "torch_backend", "torch_us", "torch_busbw_GBps", "speedup",
-               "shared_us", "shared_busbw_GBps", "shared_speedup", "error")  # fmt: skip
+               "shared_us", "shared_busbw_GBps", "shared_speedup", "shared_vs_torch",
+               "error")  # fmt: skip
     return format_table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
@@ -271,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=None)
     parser.add_argument("--min-bytes", type=int, default=None)
     parser.add_argument("--max-bytes", type=int, default=None)
+    parser.add_argument(
+        "--sizes", type=int, nargs="+", default=None, help="bytes (default: the scale's sizes)"
+    )
     parser.add_argument("--samples", type=int, default=None)
     parser.add_argument("--max-calls", type=int, default=None, help="calls per sample, at most")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
@@ -285,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = ALLREDUCE[args.scale or ("gpu" if args.device == "cuda" else "cpu")]
     low = args.min_bytes or 0
     high = args.max_bytes or 1 << 62
-    sizes = [s for s in plan.sizes if low <= s <= high]
+    sizes = [s for s in args.sizes or plan.sizes if low <= s <= high]
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench/allreduce.py --device cuda: no CUDA device", file=sys.stderr)
         return 2

@@ -8,11 +8,12 @@ A call, on a tensor cut into L shards (shard l belongs to each host's l-th rank)
    (gloo on CPU, NCCL on GPU) on a process group of their own, one per local index l, so the L
    shards of a host travel in parallel, each between its own processes;
 3. all-gather inside each host.
-On CPU, steps 1 and 3 go through a shared-memory buffer of the host (`HostBuffer`), chunk by
-chunk, with barriers on fastpar's ring (`_run_shared`); small calls skip the scatter: every rank
-reduces the whole tensor and sends it between hosts (`_run_whole`). On CUDA the CUDA-IPC ring
-all-reduces the tensor for step 1 and gathers the shards for step 3 (each rank adds its shard
-to zeros elsewhere as 64-bit integers, which copies every bit exactly).
+On CPU, steps 1 and 3 go through the host's shared memory with barriers on fastpar's ring
+(`host_passes`): chunk by chunk through a buffer of the host, or, for a tensor in the host's
+symmetric memory (`empty_shared`), reading the peers' tensors where they lie; small calls skip
+the scatter: every rank reduces the whole tensor and sends it between hosts. On CUDA the
+CUDA-IPC ring all-reduces the tensor for step 1 and gathers the shards for step 3 (each rank
+adds its shard to zeros elsewhere as 64-bit integers, which copies every bit exactly).
 Every rank gets the same bits: inside a host each element is combined in rank order; between
 hosts gloo's and NCCL's all-reduces give every rank the same result from the same inputs (with
 two hosts it is a + b, the host-order fold; with more, the backend's fixed order).
@@ -36,32 +37,25 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastpar._checks import check_int
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix, wait_for_ranks
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
-from fastpar.comm.host_buffer import HostBuffer
+from fastpar.comm.host_buffer import HostAreas, HostBuffer
+from fastpar.comm.host_passes import CHUNK_BYTES, CallKey, CpuHostPasses, shard_length
 from fastpar.comm.hosts import HostLayout, gather_host_layout
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
-from fastpar.comm.reduce import SUPPORTED_DTYPES, reduce_buffers
 from fastpar.comm.ring import RingAllReduce
+from fastpar.comm.shared_area import SharedMemoryUnavailableError
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import RingWork
 
 logger = get_logger(__name__)
 
-CHUNK_BYTES = 2 << 20  # per area of a host's CPU buffer: 2 x (local ranks + 1) areas
-# CPU calls whose bytes times the local ranks are at most this take `_run_whole` (one barrier;
-# every rank sends the whole tensor between hosts), larger ones `_run_shared` (a barrier per
-# chunk and pass; a shard each). At 64 KiB on 2 x 2 CPU ranks the one barrier saves 10-20%
-# of the latency, measured side by side.
-WHOLE_BYTES = 512 << 10
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
+_AREA_ERRORS = {cls.__name__: cls for cls in (SharedMemoryUnavailableError, CommMismatchError)}
 
 
 def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
@@ -148,13 +142,13 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self.timeout = as_timedelta("timeout", timeout)
         self.layout = layout if layout is not None else gather_host_layout(self.group, self.timeout)
         self._ring: RingAllReduce | None = None
-        self._buffer: HostBuffer | None = None  # CPU: the host's shared slots
+        self._passes: CpuHostPasses | None = None  # CPU: steps 1 and 3
+        self._area_requests = 0  # empty_shared calls so far (failed ones too), as on every rank
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
         self._closed = False
         self._failure = ""
         self._workspace = torch.empty(0, dtype=torch.int64, device=self.device)
-        self._steps = 0  # CPU: steps through the host buffer so far (each uses one half)
         path, reason = self.layout.path()
         self._disabled: str | None = None if path == "hierarchical" else reason
         if self._disabled is None:
@@ -187,13 +181,85 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             return
         self._ring = ring
         if self.device.type == "cpu":
-            self._buffer = HostBuffer(
+            buffer = HostBuffer(
                 self._store, f"{self._prefix}/buffer/{self._host}", rank=self.rank,
                 local_rank=self._local, local_size=len(self._local_ranks),
                 owner=self._local_ranks[0], chunk_bytes=chunk_bytes, timeout=self.timeout,
-                barrier=lambda: self._barrier((0, 0)),
+                barrier=lambda: self._barrier((0, 0, 0)),
+            )  # fmt: skip
+            local, size = self._local, len(self._local_ranks)
+            self._passes = CpuHostPasses(
+                buffer, HostAreas(local_rank=local, local_size=size), local_rank=local,
+                local_size=size, barrier=self._barrier,
+                between_hosts=lambda shard, op: self._wait_between_hosts(
+                    self._between_hosts(shard, op)),
             )  # fmt: skip
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
+
+    # --- shared memory -------------------------------------------------------------------------
+
+    def empty_shared(self, size: int, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A CPU tensor in memory that every rank of its host maps, at the same offset on each
+        (collective over the group: every rank allocates the same sizes in the same order).
+
+        `all_reduce` of a contiguous tensor inside it (all of it or a slice, the same on every
+        rank), unless small enough for one barrier (`host_passes.WHOLE_BYTES`), reads the host's
+        peers' tensors where they lie instead of going through the host's buffer: two copies
+        of each shard fewer (`CpuHostPasses._in_area`), the same bits. It returns once no peer
+        on its host reads this rank's tensor any more, so the tensor may be written again. The
+        memory is released once the tensor (and every view of it) is gone and this object is
+        closed. Arguments, result and errors as `RingAllReduce.empty_shared` (a zero-filled 1-D
+        tensor of `size` elements of `dtype`), and SharedMemoryUnavailableError on every rank
+        where this object does not run (off, or on CUDA); every rank names the rank that
+        failed first, or lists every rank's request when they differ, across hosts too.
+        """
+        check_int("size", size, 0)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype, got {type(dtype).__name__}")
+        if self._closed:
+            raise CommClosedError("this HierarchicalAllReduce was closed")
+        if self._disabled is not None:
+            raise SharedMemoryUnavailableError(f"the hierarchical all-reduce is off: "
+                                               f"{self._disabled}")  # fmt: skip
+        if self._passes is None:
+            raise SharedMemoryUnavailableError("shared areas serve CPU tensors only so far")
+        prefix = f"{self._prefix}/area/{self._area_requests}"
+        self._area_requests += 1
+        tensor, outcome = None, ""
+        try:
+            tensor = self._passes.areas.allocate(
+                self._store, f"{prefix}/host{self._host}", numel=size, dtype=dtype,
+                timeout=self.timeout,
+            )  # fmt: skip
+        except (SharedMemoryUnavailableError, CommMismatchError) as error:
+            outcome = f"{type(error).__name__}|inside host {self._host}: " + self._group_ranks(
+                str(error))  # fmt: skip
+        try:
+            self._agree_on_area(prefix, f"{size} x {str(dtype).removeprefix('torch.')}", outcome)
+        except CommError:
+            if tensor is not None:
+                self._passes.areas.forget_last()
+            raise
+        assert tensor is not None
+        return tensor
+
+    def _agree_on_area(self, prefix: str, request: str, outcome: str) -> None:
+        """Every rank of the group learns every host's allocation: the first failure, or ranks of
+        different hosts that asked for different areas, raise on every rank."""
+        keys = {r: f"{prefix}/outcome/{r}" for r in range(self.world_size)}
+        self._store.set(keys[self.rank], f"{request}|{outcome}")
+        wait_for_ranks(self._store, keys, self.timeout, self.rank, "allocate its shared area")
+        answers = [self._store.get(key).decode().split("|", 2) for key in keys.values()]
+        for rank, (_, *failure) in enumerate(answers):
+            if failure and failure[0]:
+                kind, message = failure
+                raise _AREA_ERRORS[kind](f"rank {rank} could not allocate: {message}")
+        if any(asked != request for asked, *_ in answers):
+            calls = "; ".join(f"rank {r}: {asked}" for r, (asked, *_) in enumerate(answers))
+            raise CommMismatchError(
+                "empty_shared was called with different sizes or dtypes on different ranks, or "
+                f"in a different order ({calls})"
+            )
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -254,10 +320,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         inner = dist.ReduceOp.SUM if code == AVG else op
         flat = target.view(-1)
         with torch.no_grad():  # as in torch.distributed, autograd does not see the update
-            if self._buffer is not None and self._whole(flat):
-                self._run_whole(flat, inner, code)
-            elif self._buffer is not None:
-                self._run_shared(flat, inner, code)
+            if self._passes is not None:
+                self._passes.run(flat, inner, code)
             else:
                 self._run_ring(flat, inner)
             if code == AVG:
@@ -265,122 +329,26 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             if target is not tensor:
                 tensor.copy_(target)
 
-    def _shard_length(self, count: int, align: int) -> int:
-        """Elements of each local rank's shard of `count`: equal parts rounded up to `align`
-        elements (whole cache lines on CPU), so trailing shards may be short or empty."""
-        local = len(self._local_ranks)
-        return _round_up(_round_up(count, local) // local, align)
-
     def _shard(self, count: int, align: int) -> tuple[int, int]:
-        """[lo, hi) of `count` elements that this rank reduces (`_shard_length` each)."""
-        per = self._shard_length(count, align)
+        """[lo, hi) of `count` elements that this rank reduces (`shard_length` each)."""
+        per = shard_length(count, len(self._local_ranks), align)
         return min(self._local * per, count), min((self._local + 1) * per, count)
 
-    def _run_shared(self, flat: torch.Tensor, op: object, code: int) -> None:
-        """CPU: a reduce-scatter inside the host, one all-reduce of each rank's shard between
-        hosts, an all-gather inside the host.
-
-        The passes inside the host go through the host's buffer chunk by chunk (chunk k holds
-        the k-th piece of every rank's shard), alternating between its two halves, one barrier
-        per chunk: every write to a half follows a barrier that all ranks reach only after
-        their last read of it. Reduce-scatter: each rank copies its pieces of the others'
-        shards into its slot; after the barrier it reduces its own piece from the peers' slots
-        and its own tensor, in local order, in place in its tensor. All-gather: each rank
-        copies its piece of the finished shard into the result area; after the barrier it
-        copies the others' pieces into its tensor. The shard travels between hosts in one
-        call, after the reduce-scatter: on CPU the passes and gloo compete for the same cores,
-        and splitting the shard to overlap them was slower (measured side by side, 2 x 2 ranks)."""
-        assert self._buffer is not None
-        buffer, dtype, count = self._buffer, flat.dtype, flat.numel()
-        local, me = len(self._local_ranks), self._local
-        piece = buffer.piece_bytes() // flat.element_size()  # of each shard, per chunk
-        per = self._shard_length(count, 64 // flat.element_size())
-        key = self._call_key(count, dtype, code)
-        slots = [[buffer.slot(half, rank, dtype, local * piece) for rank in range(local)]
-                 for half in (0, 1)]  # fmt: skip
-        results = [buffer.result(half, dtype, local * piece) for half in (0, 1)]
-
-        def parts(chunk: int) -> list[tuple[int, slice, slice]]:
-            """Chunk `chunk`: each local rank's piece, where it lies in `flat` and in an area."""
-            out = []
-            for rank in range(local):
-                end = min(count, (rank + 1) * per)
-                lo = min(end, rank * per + chunk * piece)
-                hi = min(end, lo + piece)
-                if hi > lo:
-                    out.append((rank, slice(lo, hi), slice(rank * piece, rank * piece + hi - lo)))
-            return out
-
-        chunks = [parts(chunk) for chunk in range(max(1, -(-per // piece)))]
-        for here in chunks:  # reduce-scatter
-            area = slots[self._next_half()]
-            for rank, at, part in here:
-                if rank != me:
-                    area[me][part].copy_(flat[at])
-            self._barrier(key)
-            for rank, at, part in here:
-                if rank == me:
-                    inputs = [flat[at] if r == me else area[r][part] for r in range(local)]
-                    reduce_buffers(inputs, out=flat[at], op=op)
-        lo, hi = min(count, me * per), min(count, (me + 1) * per)
-        if hi > lo:
-            self._wait_between_hosts(self._between_hosts(flat[lo:hi], op))
-        for here in chunks:  # all-gather
-            result = results[self._next_half()]
-            for rank, at, part in here:
-                if rank == me:
-                    result[part].copy_(flat[at])
-            self._barrier(key)
-            for rank, at, part in here:
-                if rank != me:
-                    flat[at].copy_(result[part])
-
-    def _whole(self, flat: torch.Tensor) -> bool:
-        """Whether a CPU call of `flat` takes `_run_whole`: small enough, and within a slot."""
-        assert self._buffer is not None
-        nbytes = flat.numel() * flat.element_size()
-        return nbytes * len(self._local_ranks) <= WHOLE_BYTES and nbytes <= self._buffer.chunk_bytes
-
-    def _next_half(self) -> int:
-        """The half of the host buffer for the next step (a write, a barrier, reads): halves
-        alternate over all steps of all calls, so a step writes a half only after a barrier
-        that every rank reaches once done reading it (the step before last)."""
-        self._steps += 1
-        return self._steps % 2
-
-    def _run_whole(self, flat: torch.Tensor, op: object, code: int) -> None:
-        """CPU, small calls: one barrier instead of two per chunk. Each rank copies its tensor
-        into its slot; after the barrier, every rank reduces all of them (local order) into its
-        tensor, so the host's ranks hold the same bits, and all-reduces the whole tensor with
-        the same-index ranks of the other hosts: the same inputs in every such group, hence the
-        same result. Each rank sends the whole tensor between hosts, not a shard, which only
-        small calls (latency-bound) afford."""
-        assert self._buffer is not None
-        local, me, dtype, count = len(self._local_ranks), self._local, flat.dtype, flat.numel()
-        half = self._next_half()
-        slots = [self._buffer.slot(half, rank, dtype, count) for rank in range(local)]
-        slots[me].copy_(flat)
-        self._barrier(self._call_key(count, dtype, code))
-        if count:
-            reduce_buffers([flat if r == me else slots[r] for r in range(local)], out=flat, op=op)
-            self._wait_between_hosts(self._between_hosts(flat, op))
-
-    def _call_key(self, count: int, dtype: torch.dtype, code: int) -> tuple[int, int]:
-        """What the host's ranks must agree on at every barrier of a call: its size, and its
-        dtype and op as one number."""
-        return count, SUPPORTED_DTYPES.index(dtype) * 16 + code
-
-    def _barrier(self, key: tuple[int, int]) -> None:
+    def _barrier(self, key: CallKey) -> None:
         """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
         CommMismatchError when they passed different calls (`_call_key`)."""
-        count, kind = key
-        sent = [count, -count, kind, -kind]
+        sent = [value for part in key for value in (part, -part)]
         agreed = torch.tensor(sent, dtype=torch.int64)
         self._local_all_reduce(agreed, dist.ReduceOp.MAX)
         if agreed.tolist() != sent:
             high, low = agreed[0].item(), -agreed[1].item()
-            what = (f"different sizes ({low} to {high} elements)" if high != low
-                    else "different dtypes or ops")  # fmt: skip
+            if high != low:
+                what = f"different sizes ({low} to {high} elements)"
+            elif agreed[2] != -agreed[3]:
+                what = "different dtypes or ops"
+            else:
+                what = ("tensors in different places (ordinary memory, or shared areas at "
+                        "different offsets)")  # fmt: skip
             message = (f"inside host {self._host}: ranks {list(self._local_ranks)} called "
                        f"all_reduce with {what}")  # fmt: skip
             self._post("CommMismatchError", message)
@@ -392,7 +360,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         elsewhere as 64-bit integers, which copies every bit exactly."""
         n, size = flat.numel(), flat.element_size()
         local_size = len(self._local_ranks)
-        shard = self._shard_length(n, 8 // size)
+        shard = shard_length(n, local_size, 8 // size)
         self._local_all_reduce(flat, op)
         lo, hi = self._shard(n, 8 // size)
         mine = flat[lo:hi]
@@ -522,8 +490,9 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             logger.warning("rank %d leaves its host ring open: a failed call still waits for "
                            "a peer (bounded by the timeout)", self.rank)  # fmt: skip
             return
-        if self._buffer is not None:
-            self._buffer.close()
+        if self._passes is not None:
+            self._passes.buffer.close()
+            self._passes.areas.close()
         if self._ring is not None:
             self._ring.close()
 

@@ -2,9 +2,11 @@
 rank, where it puts its part of a chunk, and a result area, where each rank writes the shard it
 reduced; twice, so that one chunk can travel between hosts while the next is reduced. One POSIX
 shared-memory file of 2 x (ranks + 1) x `chunk_bytes`, mapped by every local rank and unlinked as
-soon as all have mapped it (a crash then leaves nothing in /dev/shm).
+soon as all have mapped it (a crash then leaves nothing in /dev/shm). And the host's symmetric
+areas (`HostAreas`): tensors from `HierarchicalAllReduce.empty_shared`, which every local rank
+maps at the same offset, so the passes inside the host read the peers' tensors where they lie.
 
-The buffer synchronises nothing itself: the caller orders writes and reads with barriers.
+Neither synchronises anything itself: the caller orders writes and reads with barriers.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar.comm.agreement import wait_for_ranks
+from fastpar.comm.shared_area import allocate_symmetric
 
 SHM_DIR = "/dev/shm"
 
@@ -87,3 +90,61 @@ class HostBuffer:
     def close(self) -> None:
         """Drop this rank's mapping (unmapped once no view of it is left)."""
         self._memory = torch.empty(0, dtype=torch.uint8)
+
+
+class HostAreas:
+    """The symmetric areas of one host's ranks (`shared_area.allocate_symmetric` over them), and
+    where a tensor lies among them.
+
+    Arguments:
+        local_rank, local_size: this rank's position among its host's ranks, and their number.
+    """
+
+    def __init__(self, *, local_rank: int, local_size: int) -> None:
+        self._local_rank = local_rank
+        self._local_size = local_size
+        self._areas: list[list[torch.Tensor]] = []  # [area][local rank]: uint8, as mapped here
+
+    def allocate(
+        self, store: dist.Store, prefix: str, *, numel: int, dtype: torch.dtype,
+        timeout: timedelta,
+    ) -> torch.Tensor:  # fmt: skip
+        """A zero-filled 1-D tensor of `numel` x `dtype` in a new area (collective over the
+        host's ranks, `prefix` unique to this host and allocation); raises as
+        `allocate_symmetric` does, naming the ranks by their local ranks."""
+        areas = allocate_symmetric(
+            store, prefix, rank=self._local_rank, world_size=self._local_size, numel=numel,
+            dtype=dtype, timeout=timeout,
+        )  # fmt: skip
+        self._areas.append(areas)
+        return areas[self._local_rank][: numel * dtype.itemsize].view(dtype)
+
+    def find(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        """(area index, byte offset) of a contiguous CPU `tensor` that lies wholly in one of this
+        rank's areas; None when it does not."""
+        if tensor.device.type != "cpu" or not tensor.is_contiguous() or not self._areas:
+            return None
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        for index, areas in enumerate(self._areas):
+            mine = areas[self._local_rank]
+            base = mine.data_ptr()
+            if base <= start and end <= base + mine.numel():
+                return index, start - base
+        return None
+
+    def view(self, place: tuple[int, int], local_rank: int, dtype: torch.dtype, lo: int,
+             hi: int) -> torch.Tensor:  # fmt: skip
+        """Elements [lo, hi) of local rank `local_rank`'s counterpart of the tensor of `dtype` at
+        `place` (from `find`), as mapped here."""
+        index, offset = place
+        size = dtype.itemsize
+        return self._areas[index][local_rank][offset + lo * size : offset + hi * size].view(dtype)
+
+    def forget_last(self) -> None:
+        """Drop the newest area (one the group's other hosts could not allocate)."""
+        self._areas.pop()
+
+    def close(self) -> None:
+        """Drop this object's mappings (each unmapped once no tensor of it is left)."""
+        self._areas = []

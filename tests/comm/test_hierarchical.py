@@ -1,7 +1,8 @@
 """The hierarchical all-reduce on simulated hosts (FASTPAR_HOST_ID per rank), against gloo.
 
 Integer-valued inputs must give gloo's result exactly; random floats must give every rank the
-same bits, which are the fold in rank order inside each host, then in host order. The layouts it
+same bits, which are the fold in rank order inside each host, then in host order. Tensors in a
+host's shared areas (`empty_shared`) must give the same bits as ordinary ones. The layouts it
 does not serve (one rank per host, uneven hosts) must go to torch.distributed saying why.
 """
 
@@ -20,8 +21,9 @@ import torch.distributed as dist
 
 from fastpar import comm
 from fastpar.comm import HierarchicalAllReduce
-from fastpar.comm.hierarchical import CHUNK_BYTES
+from fastpar.comm.host_passes import CHUNK_BYTES
 from fastpar.comm.hosts import HOST_ENV, HostLayout
+from fastpar.comm.reduce import SUPPORTED_DTYPES as SUPPORTED
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
 from tests.parallel.test_data_parallel import _train_against_ddp
@@ -67,6 +69,18 @@ def _every_dtype_and_op(rank: int, world_size: int, hosts: list[int], seed: int)
     return len(calls)
 
 
+def _host_order_fold(tensor: torch.Tensor, op: R, layout: HostLayout) -> torch.Tensor:
+    """Every rank's `tensor` folded in rank order inside each host, then in host order (AVG:
+    the sum, divided by the ranks)."""
+    world_size = dist.get_world_size()
+    gathered = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(gathered, tensor)
+    inner = R.SUM if op == R.AVG else op
+    per_host = [fold_in_rank_order([gathered[r] for r in ranks], inner) for ranks in layout.hosts]
+    expected = fold_in_rank_order(per_host, inner)
+    return expected.div_(world_size) if op == R.AVG else expected
+
+
 def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> list[bytes]:
     simulate_hosts(rank, hosts)
     generator = torch.Generator().manual_seed(seed + rank)
@@ -75,16 +89,7 @@ def _random_floats(rank: int, world_size: int, hosts: list[int], seed: int) -> l
         for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             for op in (R.SUM, R.AVG, R.PRODUCT, R.MAX):
                 tensor = torch.randn(4099, generator=generator).to(dtype)
-                gathered = [torch.empty_like(tensor) for _ in range(world_size)]
-                dist.all_gather(gathered, tensor)
-                inner = R.SUM if op == R.AVG else op
-                per_host = [
-                    fold_in_rank_order([gathered[r] for r in ranks], inner)
-                    for ranks in HostLayout.from_identities(hosts, rank).hosts
-                ]
-                expected = fold_in_rank_order(per_host, inner)
-                if op == R.AVG:
-                    expected = expected.div_(world_size)
+                expected = _host_order_fold(tensor, op, HostLayout.from_identities(hosts, rank))
                 reducer.all_reduce(tensor, op)
                 assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
                 out.append(tensor.view(torch.uint8).numpy().tobytes())
@@ -192,7 +197,6 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, f
     host 1's through the failure host 0 posted), then, on a new object, another dtype of the
     same size; then, on a third, rank KILLED dies."""
     simulate_hosts(rank, [0, 0, 1, 1])
-    store = dist.distributed_c10d._get_default_store()
     # A short timeout: host 1's shards wait for host 0's, which never come, that long.
     with comm.create_all_reduce(timeout=3) as reducer:
         with pytest.raises(comm.CommMismatchError) as mismatch:
@@ -206,15 +210,23 @@ def _failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, str, f
     ):
         reducer.all_reduce(torch.ones(100, dtype=dtype))
     with comm.create_all_reduce(timeout=timeout_s) as reducer:
-        tensor = torch.ones(1 << 18)
+        after, error = _killed_after_a_call(reducer, torch.ones(1 << 18), rank)
+        return str(mismatch.value), str(dtypes.value), after, error
+
+
+def _killed_after_a_call(
+    reducer: comm.HierarchicalAllReduce, tensor: torch.Tensor, rank: int
+) -> tuple[float, str]:
+    """One call, then rank KILLED dies; the others' next call must raise CommTimeoutError:
+    (seconds from the death to that error, its message)."""
+    store = dist.distributed_c10d._get_default_store()
+    reducer.all_reduce(tensor)
+    if rank == KILLED:
+        store.set("killed/at", repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    with pytest.raises(comm.CommTimeoutError) as error:
         reducer.all_reduce(tensor)
-        if rank == KILLED:
-            store.set("killed/at", repr(time.time()))
-            os.kill(os.getpid(), signal.SIGKILL)
-        with pytest.raises(comm.CommTimeoutError) as error:
-            reducer.all_reduce(tensor)
-        after = time.time() - float(store.get("killed/at").decode())
-        return str(mismatch.value), str(dtypes.value), after, str(error.value)
+    return time.time() - float(store.get("killed/at").decode()), str(error.value)
 
 
 def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
@@ -230,3 +242,119 @@ def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
         assert f"rank {KILLED}" in message, message
         assert after_kill < timeout_s, (after_kill, message)
     assert any("exited" in message for *_, message in survivors), survivors
+
+
+AREA_ELEMENTS = 70_001
+
+
+def _places(generator: torch.Generator) -> list[tuple[int, int]]:
+    """(offset, size) in elements: none, a few (one barrier: the whole-tensor path), odd offsets
+    and prime sizes (shards of uneven length, an empty last one), the whole area, and drawn."""
+    fixed = [(0, 0), (0, 3), (3, 1009), (0, 4099), (1, 65537), (0, AREA_ELEMENTS)]
+    drawn = []
+    for _ in range(2):
+        offset = int(torch.randint(0, 5000, (1,), generator=generator))
+        size = int(torch.randint(1100, AREA_ELEMENTS - offset, (1,), generator=generator))
+        drawn.append((offset, size))
+    return fixed + drawn
+
+
+def _in_area(rank: int, world_size: int, seed: int) -> tuple[list[bytes], int]:
+    """Tensors of `empty_shared` against gloo (integers, exact) and against the same call on
+    ordinary memory (bitwise), every dtype and op and place; random floats are the fold in rank
+    order inside each host, then in host order; each call's inputs are rewritten the moment
+    the previous call returns (a rank that returned while a peer still read its area would
+    corrupt that peer's result)."""
+    hosts = [0, 0, 1, 1]
+    simulate_hosts(rank, hosts)
+    generator = torch.Generator().manual_seed(seed + rank)
+    places = _places(torch.Generator().manual_seed(seed))  # the same on every rank
+    floats = []
+    with HierarchicalAllReduce(chunk_bytes=4096) as reducer:
+        areas = {dtype: reducer.empty_shared(AREA_ELEMENTS, dtype=dtype) for dtype in SUPPORTED}
+        differ = []
+        for dtype, op, (offset, size) in every_call(places):
+            area = areas[dtype]
+            area.copy_(integer_valued(AREA_ELEMENTS, dtype, op, generator))
+            before = area.clone()
+            buffered = area[offset : offset + size].clone()  # ordinary memory: the host buffer
+            reducer.all_reduce(area[offset : offset + size], op)
+            reducer.all_reduce(buffered, op)
+            gloo = expect_gloo(before[offset : offset + size], op, world_size)
+            before[offset : offset + size] = buffered  # and nothing outside the slice changes
+            same_bits = torch.equal(area.view(torch.uint8), before.view(torch.uint8))
+            if not (same_bits and torch.equal(buffered, gloo)):
+                differ.append(f"{size} x {dtype} {op} at {offset}")
+        assert not differ, f"seed {seed}: these differ from gloo or the buffered path: {differ}"
+        for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            for op in (R.SUM, R.AVG, R.PRODUCT, R.MAX):
+                tensor = areas[dtype][7:]
+                tensor.copy_(torch.randn(tensor.numel(), generator=generator).to(dtype))
+                expected = _host_order_fold(tensor, op, HostLayout.from_identities(hosts, rank))
+                reducer.all_reduce(tensor, op)
+                assert torch.equal(tensor, expected), f"seed {seed}: {dtype} {op}"
+                floats.append(tensor.view(torch.uint8).numpy().tobytes())
+        sizes = torch.Generator().manual_seed(seed)
+        calls = []
+        for _ in range(30):
+            size = int(torch.randint(2000, AREA_ELEMENTS, (1,), generator=sizes))
+            tensor = integer_valued(size, torch.int64, R.SUM, generator)
+            calls.append((tensor, expect_gloo(tensor, R.SUM, world_size)))
+        area = areas[torch.int64]
+        for index, (tensor, expected) in enumerate(calls):
+            target = area[: tensor.numel()]
+            target.copy_(tensor)
+            reducer.all_reduce(target)
+            assert torch.equal(target, expected), f"seed {seed}: call {index}"
+    return floats, os.getpid()
+
+
+def test_tensors_in_shared_areas_equal_gloo_and_the_buffered_path() -> None:
+    results = run_multiprocess(_in_area, 4, args=(SEED,), timeout=240)
+    floats, pids = zip(*results, strict=True)
+    assert all(result == floats[0] for result in floats)
+    for pid in pids:
+        assert not list(Path("/dev/shm").glob(f"fastpar-area-{pid}-*"))
+
+
+def _area_failures(rank: int, world_size: int, timeout_s: float) -> tuple[str, ...] | None:
+    """Allocations that differ inside a host, and between hosts, raise on every rank and leave
+    the object usable; a group with one rank per host has no shared areas; tensors at
+    different places raise on every rank; then rank KILLED dies after a call in an area."""
+    simulate_hosts(rank, [0, 0, 1, 1])
+    one_per_host = dist.new_group([0, 2])
+    with HierarchicalAllReduce(timeout=3) as reducer:
+        with pytest.raises(comm.CommMismatchError) as inside:
+            reducer.empty_shared(1000 + rank)
+        with pytest.raises(comm.CommMismatchError) as between:
+            reducer.empty_shared(1000 + 1000 * (rank // 2))
+        area = reducer.empty_shared(200_000)  # halves too large for the whole-tensor path
+        area.fill_(1)
+        reducer.all_reduce(area)
+        assert torch.equal(area, torch.full((200_000,), 4.0))
+        with pytest.raises(comm.CommMismatchError) as place:
+            reducer.all_reduce(area[1:100_001] if rank == 1 else area[:100_000])
+    off = ""
+    if rank in (0, 2):
+        with HierarchicalAllReduce(one_per_host) as reducer:
+            with pytest.raises(comm.SharedMemoryUnavailableError) as unavailable:
+                reducer.empty_shared(100)
+            off = str(unavailable.value)
+    with HierarchicalAllReduce(timeout=timeout_s) as reducer:
+        after, killed = _killed_after_a_call(reducer, reducer.empty_shared(1 << 18), rank)
+    messages = inside.value, between.value, place.value, off, after, killed
+    return tuple(map(str, messages))
+
+
+def test_shared_area_mismatches_and_a_killed_rank_are_named_on_every_rank() -> None:
+    timeout_s = 20.0
+    results = run_multiprocess(_area_failures, 4, args=(timeout_s,), timeout=120,
+                               may_die=(KILLED,))  # fmt: skip
+    assert results[KILLED] is None
+    survivors = [r for r in results if r is not None]
+    for inside, between, place, _, after, killed in survivors:
+        assert "rank 0 could not allocate: inside host 0:" in inside, inside
+        assert "rank 0: 1000 x float32; rank 1: 1000 x float32; rank 2: 2000 x float32" in between
+        assert "ranks [0, 1] called all_reduce with tensors in different places" in place, place
+        assert f"rank {KILLED}" in killed and float(after) < timeout_s, (after, killed)
+    assert "the hierarchical all-reduce is off: 2 ranks on 2 hosts" in survivors[0][3]
