@@ -22,7 +22,6 @@ from fastpar._logging import get_logger, log_once
 from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
 from fastpar.comm.hosts import gather_host_layout
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.shared_area import SharedMemoryUnavailableError
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
@@ -119,7 +118,8 @@ def empty_shared(
 ) -> torch.Tensor:
     """A zero-filled tensor in memory every rank of `group` maps, which `all_reduce` reduces
     without copying it in or out (collective: every rank allocates the same sizes in the same
-    order). See RingAllReduce.empty_shared.
+    order). See RingAllReduce.empty_shared (ranks on one host) and
+    HierarchicalAllReduce.empty_shared (several hosts: memory shared inside each host).
 
     Arguments:
         size: number of elements.
@@ -132,13 +132,10 @@ def empty_shared(
 
     Raises:
         SharedMemoryUnavailableError: on every rank, when it cannot be allocated (the reason
-            says why: /dev/shm too small, ranks on several hosts, CUDA).
+            says why: /dev/shm too small, one rank per host or uneven hosts, CUDA).
     """
     pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    ring = _ring_for(pg, torch.device(device))
-    if not isinstance(ring, RingAllReduce):
-        raise SharedMemoryUnavailableError("the group's ranks are on several hosts")
-    return ring.empty_shared(size, dtype=dtype)
+    return _ring_for(pg, torch.device(device)).empty_shared(size, dtype=dtype)
 
 
 def close_rings() -> None:

@@ -243,6 +243,11 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         assert tensor is not None
         return tensor
 
+    def in_shared_area(self, tensor: torch.Tensor) -> bool:
+        """Whether `tensor`'s elements lie in memory from this object's `empty_shared`."""
+        return (self._passes is not None and tensor.device.type == "cpu"
+                and self._passes.areas.find(tensor) is not None)  # fmt: skip
+
     def _agree_on_area(self, prefix: str, request: str, outcome: str) -> None:
         """Every rank of the group learns every host's allocation: the first failure, or ranks of
         different hosts that asked for different areas, raise on every rank."""

@@ -1,5 +1,6 @@
-"""DataParallel with its buckets in the ring's shared memory: the same bits as ordinary buckets,
-DDP's results, and ordinary buckets (same numbers, the reason logged) where /dev/shm is full."""
+"""DataParallel with its buckets in the ring's shared memory (one host) or each host's (simulated
+hosts, the hierarchical all-reduce): the same bits as ordinary buckets, DDP's results, and
+ordinary buckets (same numbers, the reason logged) where /dev/shm is full."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 import fastpar.comm.shared_area as shared_area
 from fastpar.parallel import DataParallel
 from fastpar.testing.distributed import run_multiprocess
+from tests.comm.test_hierarchical import simulate_hosts
 from tests.parallel.test_data_parallel import _batch, _loss, _new_model
 
 STEPS = 10
@@ -57,15 +59,22 @@ def _train(rank: int, kind: str, set_to_none: bool, **options: object) -> tuple[
     return [p.detach().clone() for p in model.parameters()], shared
 
 
-def _against_ordinary_and_ddp(rank: int, world_size: int) -> list[str]:
+ONE_HOST_CASES = [
+    ("wide", True, 25.0),  # a bucket reduced in place
+    ("wide", False, 25.0),  # gradients accumulated in place in it
+    ("lm", True, 25.0),
+    ("lm", False, 0.004),  # several buckets; gradients accumulate in place in the buckets
+    ("branchy", True, 0.001),  # unused parameters
+]
+
+
+def _against_ordinary_and_ddp(
+    rank: int, world_size: int, cases: list = ONE_HOST_CASES, hosts: list[int] | None = None
+) -> list[str]:
+    if hosts is not None:
+        simulate_hosts(rank, hosts)
     failures = []
-    for kind, set_to_none, bucket_mb in [
-        ("wide", True, 25.0),  # a bucket reduced in place
-        ("wide", False, 25.0),  # gradients accumulated in place in it
-        ("lm", True, 25.0),
-        ("lm", False, 0.004),  # several buckets; gradients accumulate in place in the buckets
-        ("branchy", True, 0.001),  # unused parameters
-    ]:
+    for kind, set_to_none, bucket_mb in cases:
         sizes = {"bucket_cap_mb": bucket_mb, "first_bucket_mb": bucket_mb / 2}
         shared, in_shm = _train(rank, kind, set_to_none, comm="ring", shared_buckets=True, **sizes)
         ordinary, not_in_shm = _train(
@@ -87,6 +96,16 @@ def _against_ordinary_and_ddp(rank: int, world_size: int) -> list[str]:
 def test_shared_buckets_equal_ordinary_ones_bitwise_and_ddp(world_size: int) -> None:
     failures = run_multiprocess(_against_ordinary_and_ddp, world_size, timeout=240)
     assert failures == [[]] * world_size
+
+
+def test_shared_buckets_on_two_hosts_equal_ordinary_ones_bitwise_and_ddp() -> None:
+    """2 simulated hosts x 2 ranks: the buckets live in each host's areas and the hierarchical
+    all-reduce reads the host's peers in place (large buckets) or takes its one-barrier path
+    (small ones)."""
+    cases = [("wide", False, 25.0), ("lm", True, 0.004)]
+    failures = run_multiprocess(_against_ordinary_and_ddp, 4, args=(cases, [0, 0, 1, 1]),
+                                timeout=240)  # fmt: skip
+    assert failures == [[]] * 4
 
 
 def _small_dev_shm(rank: int, world_size: int) -> tuple[bool, list[str]]:
