@@ -145,7 +145,7 @@ class CpuHostPasses:
                     flat[at].copy_(result[part])
 
     def _in_area(self, flat: torch.Tensor, place: tuple[int, int], op: object,
-                     code: int) -> None:  # fmt: skip
+                 code: int) -> None:  # fmt: skip
         """A tensor in one of the host's areas (`HierarchicalAllReduce.empty_shared`): the
         passes read the peers' tensors where they lie, in three barriers. After the first
         (every rank's input is in place), each rank reduces its shard from the host's tensors,
