@@ -69,8 +69,7 @@ class CpuHostPasses:
     ) -> None:  # fmt: skip
         self.buffer = buffer
         self.areas = areas
-        self._local_rank = local_rank
-        self._local_size = local_size
+        self._local_rank, self._local_size = local_rank, local_size
         self._barrier = barrier
         self._between_hosts = between_hosts
         self._steps = 0  # steps through the buffer so far (each uses one half)

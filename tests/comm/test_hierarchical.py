@@ -25,7 +25,7 @@ from fastpar.comm.host_passes import CHUNK_BYTES
 from fastpar.comm.hosts import HOST_ENV, HostLayout
 from fastpar.comm.reduce import SUPPORTED_DTYPES as SUPPORTED
 from fastpar.testing.distributed import run_multiprocess
-from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
+from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued, places
 from tests.parallel.test_data_parallel import _train_against_ddp
 
 R = dist.ReduceOp
@@ -251,12 +251,7 @@ def _places(generator: torch.Generator) -> list[tuple[int, int]]:
     """(offset, size) in elements: none, a few (one barrier: the whole-tensor path), odd offsets
     and prime sizes (shards of uneven length, an empty last one), the whole area, and drawn."""
     fixed = [(0, 0), (0, 3), (3, 1009), (0, 4099), (1, 65537), (0, AREA_ELEMENTS)]
-    drawn = []
-    for _ in range(2):
-        offset = int(torch.randint(0, 5000, (1,), generator=generator))
-        size = int(torch.randint(1100, AREA_ELEMENTS - offset, (1,), generator=generator))
-        drawn.append((offset, size))
-    return fixed + drawn
+    return places(generator, fixed, area=AREA_ELEMENTS, drawn=2, smallest=1100)
 
 
 def _in_area(rank: int, world_size: int, seed: int) -> tuple[list[bytes], int]:

@@ -25,7 +25,7 @@ from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm import util
 from tests.comm.killed import KILLED, check_killed_rank_named, killed_mid_call
-from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued
+from tests.comm.util import every_call, expect_gloo, fold_in_rank_order, integer_valued, places
 
 R = dist.ReduceOp
 # With SMALL_RING (4 KiB chunks) calls of 8 chunks (32 KiB) or more are reduced in place.
@@ -37,15 +37,10 @@ def _areas(pid: int) -> set[str]:
 
 
 def _places(generator: torch.Generator) -> list[tuple[int, int]]:
-    """(offset, size) in elements: at the start, at odd offsets, the whole area, none of it;
-    sizes below, at and above a chunk, never a multiple of it."""
+    """At the start, at odd offsets, the whole area, none of it; sizes below, at and above a
+    chunk, never a multiple of it."""
     fixed = [(0, 0), (0, 1), (3, 7), (5, 1009), (0, 4099), (1, 65537), (0, AREA_ELEMENTS)]
-    drawn = []
-    for _ in range(3):
-        offset = int(torch.randint(0, 5000, (1,), generator=generator))
-        size = int(torch.randint(1, AREA_ELEMENTS - offset, (1,), generator=generator))
-        drawn.append((offset, size))
-    return fixed + drawn
+    return places(generator, fixed, area=AREA_ELEMENTS, drawn=3)
 
 
 def _in_area_every_dtype_and_op(rank: int, world_size: int, seed: int) -> None:

@@ -75,3 +75,17 @@ def shm_segments(creator_pid: int) -> set[str]:
     """The shared-memory segments in /dev/shm of the rings that process `creator_pid` (a group's
     rank 0) created; other processes' rings, of concurrent runs, do not count."""
     return {path.name for path in Path("/dev/shm").glob(f"fastpar-{creator_pid}-*")}
+
+
+def places(
+    generator: torch.Generator, fixed: list[tuple[int, int]], *, area: int, drawn: int,
+    smallest: int = 1,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """(offset, size) in elements of an area of `area`: `fixed`, then `drawn` more at random
+    offsets below 5000, of at least `smallest` elements."""
+    out = list(fixed)
+    for _ in range(drawn):
+        offset = int(torch.randint(0, 5000, (1,), generator=generator))
+        size = int(torch.randint(smallest, area - offset, (1,), generator=generator))
+        out.append((offset, size))
+    return out
