@@ -107,12 +107,13 @@ class DynamicSlicerConfig:
     gain_threshold: float = 0.05
     """"throughput": ... and when the new split shortens the slowest rank's predicted step
     time by more than this fraction, >= 0."""
-    probe_steps: int = 6
+    probe_steps: int = 4
     """"throughput": once the fit after a speed change has settled, the neighbouring split
-    that takes a sample off the measured bottleneck runs for this many steps and is kept when
-    its slowest rank's time is measured shorter, and so on once more (`probe.SplitProbe`): a
-    line fitted at the one block a rank ran since the change can hold it a sample from its
-    fastest split, at a cost in every step of the phase; 0: no trials, >= 0."""
+    that takes a sample off the bottleneck runs this many steps, in turn with the current
+    split, and is kept when measured faster; then the next one, at most twice
+    (`probe.SplitProbe`). A line fitted at the one block a rank ran since the change can hold
+    it a sample from its fastest split, at a cost in every step of the phase; each trial costs
+    up to this many steps at a worse split. 0: no trials, >= 0."""
     initial_size: int | None = None
     """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
     growth: float = 1.25
@@ -185,9 +186,9 @@ class SlicerStats:
     sizes: tuple[int, ...]
     """The blocks of the next full step."""
     probing: bool = False
-    """"throughput": `sizes` are a trial of a neighbouring split after a speed change
-    (`DynamicSlicerConfig.probe_steps`): the blocks going back to the split before it once
-    the trial is measured are a comparison made, not an oscillation."""
+    """"throughput": a trial of neighbouring splits is under way
+    (`DynamicSlicerConfig.probe_steps`): the blocks take turns between the current split and
+    a neighbour to compare them, which is not an oscillation."""
 
 
 class DynamicSlicer:
@@ -525,7 +526,9 @@ class DynamicSlicer:
                 if "settled" in observations and self._probe_due and config.probe_steps > 0:
                     self._probe_due = False
                     base = proposal if moved else self._sizes
-                    probe = SplitProbe.start(base, self._models, **self._probe_options())
+                    probe = SplitProbe.start(
+                        base, self._models, low=config.min_size, high=config.max_size
+                    )
                     self._probe = None if probe.over else probe
                     proposal = probe.sizes
                     moved = proposal != self._sizes
@@ -553,7 +556,7 @@ class DynamicSlicer:
             loss=loss,
             event=event,
             sizes=tuple(self._sizes),
-            probing=self._probe is not None and self._probe.trial is not None,
+            probing=self._probe is not None,
         )
 
     def _probe_options(self) -> dict[str, Any]:

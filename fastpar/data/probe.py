@@ -8,12 +8,15 @@ or two block sizes the rank ran since: it predicts those well but hardly sees it
 step time is not quite a line in the block (small blocks use the hardware less well), and a
 move of one sample gains less than the noise bar a move must clear. Its split can then stay a
 sample from the fastest one, at a cost in every step of the phase (the benchmark measured
-2-3 % of a straggler's step). So, once the fit after a change has settled, the slicer runs the
-neighbouring split that takes one sample off the measured bottleneck (the only move that can
-shorten the slowest rank's time) for a few steps, keeps it when the slowest rank's typical
-time there (`_typical`) is shorter, and then tries the next one in the same way; it goes back
-as soon as a trial is not faster. A trial's measurements are the reference of the next, so
-each move costs one trial.
+2-3 % of a straggler's step). So, once the fit after a change has settled, the slicer tries the
+neighbouring split that takes one sample off the predicted bottleneck (the only move that can
+shorten the slowest rank's time): it runs that trial and the current split in turn, step by
+step, and keeps the trial when the slowest rank's typical time there (`_typical`) is shorter
+by more than half a standard error of the difference; then it tries the next one in the same
+way (from the measured bottleneck), at most MAX_MOVES times, and stops at the first trial
+that is not faster. Taking turns matters on a shared host: load from other processes comes
+and goes over many steps, and a trial run in one stretch after its reference is judged by
+that load more than by its split.
 
 Everything here is a pure function of the all-reduced measurements, in rank order: every rank
 takes the same decisions.
@@ -21,12 +24,18 @@ takes the same decisions.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastpar.data.step_model import StepTimeModel
 
+# A trial is kept when it is faster by more than this many standard errors of the difference:
+# under heavy load a one-sample gain is lost in the noise, and a split kept by luck costs as
+# much as one missed.
+_CONFIDENCE = 0.5
 # Accepted moves per speed change at most, as the benchmark's oracle searches two samples
 # either side of its guess: noise could otherwise walk the blocks along a flat optimum.
 MAX_MOVES = 2
@@ -36,94 +45,94 @@ MAX_MOVES = 2
 class SplitProbe:
     """A search for a faster neighbour of `base`, one trial at a time.
 
-    The base is measured first unless the steps already run there suffice (`start`); then the
-    trial split runs until it has as many measurements, and `record` compares the two.
+    The trial split and the base take turns, step by step, until each has run `steps` times,
+    so that load from other processes, which comes and goes over many steps, falls on both
+    alike (as the benchmark interleaves its scenarios); then `record` compares them.
     """
 
     base: list[int]
     """The split trials are compared with: the best measured so far."""
-    base_times: list[list[float]]
-    """Per rank, the seconds measured at `base`."""
-    trial: list[int] | None = None
-    """The neighbouring split on trial (None: the base is still being measured)."""
+    trial: list[int] | None
+    """The neighbouring split on trial (None: the search has ended, keep `base`)."""
+    base_times: list[list[float]] = field(default_factory=list)
+    """Per rank, the seconds measured at `base` during this trial."""
     trial_times: list[list[float]] = field(default_factory=list)
     """Per rank, the seconds measured at `trial`."""
+    turn: int = 0
+    """Steps run in this trial: even ones run the trial split, odd ones the base."""
     moves: int = 0
     """Trials kept so far."""
-    over: bool = False
-    """The search has ended: `sizes` are the blocks to keep."""
 
     @classmethod
     def start(
-        cls, base: Sequence[int], models: Sequence[StepTimeModel], *, steps: int, low: int,
-        high: int,
-    ) -> SplitProbe:  # fmt: skip
-        """A probe of `base` that takes as its reference the measurements each model's window
-        holds at its rank's block of `base`, and goes to its first trial at once; when some
-        rank has fewer than `steps` of them, it measures the base first. `sizes` may still be
-        `base` when no neighbour is within [low, high] (then the probe is `over`)."""
-        times = [[t for n, t in model.window if n == size]
-                 for size, model in zip(base, models, strict=True)]  # fmt: skip
-        if min(len(ts) for ts in times) < steps:
-            return cls(list(base), [[] for _ in base])
-        probe = cls(list(base), times)
-        probe._next_trial(None, models, low, high)
+        cls, base: Sequence[int], models: Sequence[StepTimeModel], *, low: int, high: int
+    ) -> SplitProbe:
+        """A search from `base`, whose first trial takes a sample off the rank the models
+        (fitted at these blocks once settled) predict to be the slowest."""
+        predicted = [[model.predict(n)] for n, model in zip(base, models, strict=True)]
+        probe = cls(list(base), None)
+        probe._next_trial(predicted, None, models, low, high)
         return probe
+
+    @property
+    def over(self) -> bool:
+        """The search has ended: `sizes` are the blocks to keep."""
+        return self.trial is None
 
     @property
     def sizes(self) -> list[int]:
         """The blocks to run next."""
-        return list(self.base if self.trial is None else self.trial)
+        return list(self.base if self.trial is None or self.turn % 2 else self.trial)
 
     def record(
         self, blocks: Sequence[int], seconds: Sequence[float], models: Sequence[StepTimeModel],
         *, steps: int, low: int, high: int,
     ) -> bool:  # fmt: skip
-        """Fold in one step; returns whether the probe is `over` (then `sizes` are the blocks
-        to keep). A step counts when it ran the split being measured (not the last of an
-        epoch); a burst among them is a long step, which `_typical` leaves out as long as it
-        lasts fewer than half of them, so it does not delay the trials either."""
+        """Fold in one step; returns whether the search is `over`. A step counts when it ran
+        the split of its turn (not the last, smaller one of an epoch); a burst among them is a
+        long step, which `_typical` leaves out as long as it lasts fewer than half of them."""
+        if self.trial is None:
+            return True
         if list(blocks) == self.sizes:
-            times = self.base_times if self.trial is None else self.trial_times
+            times = self.base_times if self.turn % 2 else self.trial_times
             for rank, value in enumerate(seconds):
                 times[rank].append(value)
-        if min(len(ts) for ts in self.base_times) < steps:
+        self.turn += 1
+        if min(len(ts) for ts in self.base_times + self.trial_times) < steps:
             return False
-        if self.trial is not None:
-            if min(len(ts) for ts in self.trial_times) < steps:
-                return False
-            if _slowest(self.trial_times) >= _slowest(self.base_times):
-                self.trial, self.over = None, True  # no faster: back to the base
-                return True
-            previous = self.base
-            self.base, self.base_times = self.trial, self.trial_times
-            self.moves += 1
-            if self.moves >= MAX_MOVES:
-                self.trial, self.over = None, True
-                return True
-        else:
-            previous = None
-        self._next_trial(previous, models, low, high)
+        trial, trial_error = _slowest(self.trial_times)
+        base, base_error = _slowest(self.base_times)
+        if trial + _CONFIDENCE * math.hypot(trial_error, base_error) >= base:
+            self.trial = None  # not measurably faster: keep the base
+            return True
+        previous, self.base = self.base, self.trial
+        self.moves += 1
+        if self.moves >= MAX_MOVES:
+            self.trial = None
+            return True
+        self._next_trial(self.trial_times, previous, models, low, high)
         return self.over
 
     def _next_trial(
-        self, previous: list[int] | None, models: Sequence[StepTimeModel], low: int, high: int
-    ) -> None:
-        """Put the base's neighbour on trial, or end the probe when there is none or it is
-        only the split just left behind."""
-        self.trial = _neighbour(self.base, self.base_times, models, low, high)
+        self, times: Sequence[Sequence[float]], previous: list[int] | None,
+        models: Sequence[StepTimeModel], low: int, high: int,
+    ) -> None:  # fmt: skip
+        """Put on trial the base's neighbour away from the bottleneck in `times` (the base's),
+        unless there is none or it is the split just left behind."""
+        trial = _neighbour(self.base, times, models, low, high)
+        self.trial = None if trial == previous else trial
+        self.base_times = [[] for _ in self.base]
         self.trial_times = [[] for _ in self.base]
-        if self.trial is None or self.trial == previous:
-            self.trial, self.over = None, True
+        self.turn = 0
 
     def state(self) -> dict[str, Any]:
         return {
             "base": list(self.base),
-            "base_times": [list(ts) for ts in self.base_times],
             "trial": None if self.trial is None else list(self.trial),
+            "base_times": [list(ts) for ts in self.base_times],
             "trial_times": [list(ts) for ts in self.trial_times],
+            "turn": self.turn,
             "moves": self.moves,
-            "over": self.over,
         }
 
     @classmethod
@@ -131,11 +140,11 @@ class SplitProbe:
         trial = state["trial"]
         return cls(
             base=[int(n) for n in state["base"]],
-            base_times=[[float(t) for t in ts] for ts in state["base_times"]],
             trial=None if trial is None else [int(n) for n in trial],
+            base_times=[[float(t) for t in ts] for ts in state["base_times"]],
             trial_times=[[float(t) for t in ts] for ts in state["trial_times"]],
+            turn=int(state["turn"]),
             moves=int(state["moves"]),
-            over=bool(state["over"]),
         )
 
 
@@ -147,9 +156,15 @@ def _typical(times: Sequence[float]) -> float:
     return sum(faster) / len(faster)
 
 
-def _slowest(times: Sequence[Sequence[float]]) -> float:
-    """The split's step time: the slowest rank's typical time."""
-    return max(_typical(ts) for ts in times)
+def _slowest(times: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """The split's step time, the slowest rank's typical time, and its standard error: the
+    spread of that rank's measurements (median absolute deviation, scaled to a normal
+    distribution's standard deviation) over the root of their count."""
+    rank = max(range(len(times)), key=lambda r: _typical(times[r]))
+    values = times[rank]
+    middle = statistics.median(values)
+    spread = 1.4826 * statistics.median(abs(t - middle) for t in values)
+    return _typical(values), spread / math.sqrt(len(values))
 
 
 def _neighbour(
