@@ -31,7 +31,9 @@ Policies:
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
         blocks neither flicker nor drift where the split makes no difference; once the fit
         after a speed change has a full `model_window` of its own, the split is corrected by
-        any amount that shortens that time.
+        any amount that shortens that time, and then the neighbouring split that takes a
+        sample off the bottleneck is tried, in turn with it, for `probe_steps` steps and kept
+        when measured faster (`probe.SplitProbe`): the line cannot see a one-sample gain.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
