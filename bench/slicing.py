@@ -12,9 +12,11 @@ the same run and interleaved step by step so that load from other processes hits
 - throughput: DynamicSlicer(policy="throughput") splits the global batch so that every rank's
   modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
   same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
-  (`step_statistics` / `record_reduced`), so it adds no collective; once its fit after a
-  change has settled, it measures the neighbouring splits (probe_steps steps each);
-- line (with --baseline-line): the same slicer without those trials (probe_steps=0);
+  (`step_statistics` / `record_reduced`), so it adds no collective; with --probe-steps N,
+  once its fit after a change has settled, it tries the neighbouring splits (N steps each,
+  in turn with its own);
+- line (with --baseline-line): the same slicer without those trials (probe_steps=0), the
+  same-run reference for --probe-steps;
 - oracle: the best split of each phase, switched exactly at each change. The time-equalising
   split from the step-time line fixed + per_sample * n measured in the calibration (both
   ranks alternate a 3/4 and a 1/4 block; the line through the medians, averaged over the

@@ -34,6 +34,7 @@ def slicers(draw: st.DrawFn) -> DynamicSlicer:
             policy="throughput",
             global_batch=draw(st.integers(world_size * min_size, world_size * max_size)),
             rate_momentum=draw(st.floats(0.0, 0.9)),
+            probe_steps=draw(st.sampled_from([0, 2])),
             shuffle=shuffle,
             seed=seed,
         )
@@ -538,7 +539,8 @@ MAX_CHANGES = 5
 @pytest.mark.parametrize(
     ("seed", "options"),
     [(seed, {}) for seed in range(4)]
-    + [(seed, {"change_steps": 4, "speedup_steps": 2}) for seed in range(4)],
+    + [(seed, {"change_steps": 4, "speedup_steps": 2}) for seed in range(4)]
+    + [(seed, {"probe_steps": 4}) for seed in range(4)],
 )
 def test_throughput_follows_a_straggler_that_comes_and_goes(
     seed: int, options: dict[str, int]
@@ -897,12 +899,11 @@ def test_steady_noisy_speeds_do_not_make_the_blocks_oscillate(seed: int) -> None
     assert not any(trials), (seed, history)  # no speed change: nothing to probe
 
 
-def _curved_run(seed: int, **options: object) -> tuple[list[list[int]], list[bool]]:
-    """Two ranks with step times measured by bench/slicing.py on a CPU (ms): rank 0 18.8 at
-    24 samples plus 0.68 per sample; from step 20 on, rank 1 is a straggler whose time bends
-    up with its block (24.7 ms at 14, 1.25 ms per sample there, 40.2 ms at 24), under +-1 %
-    noise. Returns the blocks of 80 steps and whether each was a trial."""
-    batch = 48
+def _curved_step(slicer: DynamicSlicer, step: int, rng: random.Random) -> list[int]:
+    """One step of two ranks with step times measured by bench/slicing.py on a CPU (ms): rank
+    0 18.8 at 24 samples plus 0.68 per sample; from step 20 on, rank 1 is a straggler whose
+    time bends up with its block (24.7 ms at 14, 1.25 ms per sample there, 40.2 ms at 24),
+    under +-1 % noise. Returns its blocks."""
 
     def fast(n: int) -> float:
         return 1e-3 * (18.8 + 0.68 * (n - 24))
@@ -910,16 +911,24 @@ def _curved_run(seed: int, **options: object) -> tuple[list[list[int]], list[boo
     def slow(n: int) -> float:
         return 1e-3 * (24.7 + 1.25 * (n - 14) + 0.03 * (n - 14) ** 2)
 
-    rng = random.Random(seed)
-    slicer = DynamicSlicer(10**6, min_size=1, max_size=batch - 1, global_batch=batch,
-                           world_size=2, **options)  # fmt: skip
+    costs = (fast, fast if step < 20 else slow)
+    blocks = [len(b) for b in slicer.next_step()]
+    slicer.record_all(blocks, [c(n) * rng.uniform(0.99, 1.01) for c, n in zip(
+        costs, blocks, strict=True)])  # fmt: skip
+    return blocks
+
+
+def _curved_slicer(**options: object) -> DynamicSlicer:
+    return DynamicSlicer(10**6, min_size=1, max_size=47, global_batch=48, world_size=2,
+                         **options)  # fmt: skip
+
+
+def _curved_run(seed: int, **options: object) -> tuple[list[list[int]], list[bool]]:
+    """80 steps of `_curved_step`: the blocks of each and whether they were a trial."""
+    rng, slicer = random.Random(seed), _curved_slicer(**options)
     history, trials = [], [False]
     for step in range(80):
-        costs = (fast, fast if step < 20 else slow)
-        blocks = [len(b) for b in slicer.next_step()]
-        slicer.record_all(blocks, [c(n) * rng.uniform(0.99, 1.01) for c, n in zip(
-            costs, blocks, strict=True)])  # fmt: skip
-        history.append(blocks)
+        history.append(_curved_step(slicer, step, rng))
         trials.append(slicer.last_stats.probing)
     return history, trials[:-1]
 
@@ -932,15 +941,31 @@ def test_trials_find_the_fastest_split_where_the_line_misses_it_by_a_sample() ->
     settled fit (probe_steps) measure 34/14 and keep it: every run is there from step 50 (30
     steps after the change) to the end, with no change back and forth outside the trials.
     Without trials, some runs stay a sample off."""
-    best = [34, 14]
-    config = DynamicSlicerConfig(min_size=1, max_size=1, global_batch=1)
+    best, probe_steps = [34, 14], 4
     for seed in range(20):
-        history, trials = _curved_run(seed)
+        history, trials = _curved_run(seed, probe_steps=probe_steps)
         assert all(blocks == best for blocks in history[50:]), (seed, history[20:])
         outside = [b for b, trial in zip(history, trials, strict=True) if not trial]
         assert _flickers(outside) == 0, (seed, history[20:])
         # At most three trials (two kept, one not), each probe_steps steps in turn with the
         # current split.
-        assert 0 < sum(trials) <= 3 * 2 * config.probe_steps, (seed, history[20:])
+        assert 0 < sum(trials) <= 3 * 2 * probe_steps, (seed, history[20:])
     missed = [seed for seed in range(20) if _curved_run(seed, probe_steps=0)[0][-1] != best]
     assert missed, "the line alone found the fastest split in every run: nothing to test"
+
+
+def test_a_state_saved_during_a_trial_resumes_it() -> None:
+    """Saved in the middle of the trials (`_curved_step`), the state resumes them identically:
+    same blocks and decisions after, same state at the end."""
+    rng, slicer = random.Random(0), _curved_slicer(probe_steps=4)
+    for step in range(36):
+        _curved_step(slicer, step, rng)
+    state = json.loads(json.dumps(slicer.state_dict()))
+    assert state["probe"] is not None and slicer.last_stats.probing
+    resumed = _curved_slicer(probe_steps=4)
+    resumed.load_state_dict(state)
+    twin = random.Random()
+    twin.setstate(rng.getstate())
+    for step in range(36, 60):
+        assert _curved_step(resumed, step, twin) == _curved_step(slicer, step, rng), step
+    assert resumed.state_dict() == slicer.state_dict()
