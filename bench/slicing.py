@@ -12,7 +12,11 @@ the same run and interleaved step by step so that load from other processes hits
 - throughput: DynamicSlicer(policy="throughput") splits the global batch so that every rank's
   modelled step time (fixed part + per-sample part, fitted on its measured compute) is the
   same, knowing nothing of the phases; its statistics ride along in the gradient all-reduce
-  (`step_statistics` / `record_reduced`), so it adds no collective;
+  (`step_statistics` / `record_reduced`), so it adds no collective; with --probe-steps N,
+  once its fit after a change has settled, it tries the neighbouring splits (N steps each,
+  in turn with its own);
+- line (with --baseline-line): the same slicer without those trials (probe_steps=0), the
+  same-run reference for --probe-steps;
 - oracle: the best split of each phase, switched exactly at each change. The time-equalising
   split from the step-time line fixed + per_sample * n measured in the calibration (both
   ranks alternate a 3/4 and a 1/4 block; the line through the medians, averaged over the
@@ -41,8 +45,13 @@ speedup_steps where it is not): with 40 slow steps and the defaults (2 + 1 steps
 caps the share near 94 % against an exact oracle; `--change-steps` trades it against ignoring
 longer bursts (4 + 1: near 88 %).
 
+The share is a ratio of differences: the oracle's gain is a fifth of the run's time, so a load
+spike of a few per cent of one scenario's total moves a round's share by tens of points on
+the wall clock. The pooled share (all rounds' steps summed) averages that out better than the
+median of rounds; a same-run comparison of two slicers (--baseline-line) sees the same load.
+
     python bench/slicing.py [--rounds 5] [--phases 20,40,40] [--change-steps 4]
-        [--csv results/slicing.csv]
+        [--probe-steps 6] [--baseline-line] [--csv results/slicing.csv]
 """
 
 from __future__ import annotations
@@ -66,6 +75,9 @@ from fastpar.testing.distributed import run_multiprocess
 WORLD_SIZE = 2
 SLOW_RANK = 1
 SCENARIOS = ("fixed", "throughput", "oracle")
+# With --baseline-line: the throughput slicer without trials of neighbouring splits
+# (probe_steps=0), its line's split alone, in the same interleaved run.
+LINE = "line"
 TOLERANCE = 0.1  # a block within 10 % of the oracle's size counts as balanced
 ORACLE_REACH = 2  # the oracle measures the splits this many samples either side of its guess
 ORACLE_PROBE = 12  # steps per measured split
@@ -185,9 +197,10 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
               for row in lines]  # fmt: skip
 
     # Scenarios interleaved step by step: whatever else runs on the machine hits them alike.
-    times: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
-    compute: dict[str, list[list[float]]] = {name: [] for name in SCENARIOS}
-    sizes: dict[str, list[list[list[int]]]] = {name: [] for name in SCENARIOS}
+    scenarios = _scenarios(args)
+    times: dict[str, list[list[float]]] = {name: [] for name in scenarios}
+    compute: dict[str, list[list[float]]] = {name: [] for name in scenarios}
+    sizes: dict[str, list[list[list[int]]]] = {name: [] for name in scenarios}
     round_splits = []
     for _ in range(args.rounds):
         # Measured again before every round, from the last round's: the host's speed drifts.
@@ -197,27 +210,31 @@ def _rank_main(rank: int, world_size: int, args: argparse.Namespace) -> dict[str
                   if plan[first] != 1.0 else split
                   for split, first in zip(splits, bounds, strict=False)]  # fmt: skip
         round_splits.append(splits)
-        slicer = DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
-                               global_batch=args.global_batch, change_steps=args.change_steps,
-                               speedup_steps=args.speedup_steps)  # fmt: skip
-        for name in SCENARIOS:
+        slicers = {name: DynamicSlicer(num_samples, min_size=1, max_size=args.global_batch - 1,
+                                       global_batch=args.global_batch,
+                                       change_steps=args.change_steps,
+                                       speedup_steps=args.speedup_steps,
+                                       probe_steps=0 if name == LINE else args.probe_steps)
+                   for name in scenarios if name in ("throughput", LINE)}  # fmt: skip
+        for name in scenarios:
             times[name].append([])
             compute[name].append([])
             sizes[name].append([])
         dist.barrier()
         for step, slowdown in enumerate(plan):
             # A different order each step, so no scenario always follows the same one.
-            for name in SCENARIOS[step % 3 :] + SCENARIOS[: step % 3]:
+            turn = step % len(scenarios)
+            for name in scenarios[turn:] + scenarios[:turn]:
                 start = time.perf_counter()
-                if name == "throughput":
+                slicer = slicers.get(name)
+                if slicer is not None:
                     step_sizes = [len(b) for b in slicer.next_step()]
                 elif name == "oracle":
                     step_sizes = splits[bisect.bisect_right(bounds, step) - 1]
                 else:
                     step_sizes = [half] * world_size
                 indices = block(args.calibrate + step, step_sizes)
-                seconds = trainer.step(indices, args.global_batch, slowdown,
-                                       slicer if name == "throughput" else None)  # fmt: skip
+                seconds = trainer.step(indices, args.global_batch, slowdown, slicer)
                 times[name][-1].append(time.perf_counter() - start)
                 compute[name][-1].append(seconds)
                 sizes[name][-1].append(step_sizes)
@@ -280,6 +297,11 @@ def main() -> None:
                         help="the throughput slicer's change_steps (slowdowns)")  # fmt: skip
     parser.add_argument("--speedup-steps", type=int, default=defaults.speedup_steps,
                         help="the throughput slicer's speedup_steps")  # fmt: skip
+    parser.add_argument("--probe-steps", type=int, default=defaults.probe_steps,
+                        help="the throughput slicer's probe_steps (0: no trials)")  # fmt: skip
+    parser.add_argument("--baseline-line", action="store_true",
+                        help=f"also run the slicer with probe_steps=0 ('{LINE}') in the same "
+                             "interleaved steps")  # fmt: skip
     parser.add_argument("--global-batch", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=32)
     parser.add_argument("--vocab", type=int, default=256)
@@ -304,7 +326,7 @@ def main() -> None:
         "wall": results[0]["times"],
         "compute": {name: [[max(ts) for ts in zip(*(r["compute"][name][i] for r in results),
                                                    strict=True)]
-                           for i in range(args.rounds)] for name in SCENARIOS},
+                           for i in range(args.rounds)] for name in _scenarios(args)},
     }  # fmt: skip
     rows = []
     for clock, times in clocks.items():
@@ -314,33 +336,51 @@ def main() -> None:
     print(format_table(HEADERS, rows))
     delay_ms = results[SLOW_RANK]["delay"] * 1e3
     print(f"\ncompute per sample (the delay unit on rank {SLOW_RANK}): {delay_ms:.3f} ms")
+    slicers = [name for name in _scenarios(args) if name in ("throughput", LINE)]
     for clock, times in clocks.items():
-        shares = [oracle_share(*(times[name][r] for name in SCENARIOS))
-                  for r in range(args.rounds)]  # fmt: skip
-        pooled = oracle_share(*([t for run in times[name] for t in run] for name in SCENARIOS))
-        print(f"whole run ({clock} step time): throughput slicing wins "
-              f"{statistics.median(shares):.0%} of the oracle's gain over fixed slicing (median "
-              f"of {args.rounds} rounds: {', '.join(f'{s:.0%}' for s in shares)}; pooled "
-              f"{pooled:.0%}; goal >= 90%)")  # fmt: skip
+        for name in slicers:
+            shares = [oracle_share(times["fixed"][r], times[name][r], times["oracle"][r])
+                      for r in range(args.rounds)]  # fmt: skip
+            pooled = oracle_share(*([t for run in times[n] for t in run]
+                                    for n in ("fixed", name, "oracle")))  # fmt: skip
+            print(f"whole run ({clock} step time): {name} slicing wins "
+                  f"{statistics.median(shares):.0%} of the oracle's gain over fixed slicing "
+                  f"(median of {args.rounds} rounds: {', '.join(f'{s:.0%}' for s in shares)}; "
+                  f"pooled {pooled:.0%}; goal >= 90%)")  # fmt: skip
+        if LINE in slicers:
+            # Paired by round: both slicers' shares have the same fixed and oracle steps.
+            gains = [oracle_share(times["fixed"][r], times["throughput"][r], times["oracle"][r])
+                     - oracle_share(times["fixed"][r], times[LINE][r], times["oracle"][r])
+                     for r in range(args.rounds)]  # fmt: skip
+            print(
+                f"  throughput - {LINE} ({clock}): {statistics.median(gains):+.1%} of the "
+                f"oracle's gain (median of rounds: {', '.join(f'{g:+.0%}' for g in gains)})"
+            )
     print(
         f"after each speed change (blocks within {TOLERANCE:.0%} of the oracle's split to the "
         "end of the phase; goal <= 20 steps):"
     )
     for phase in range(1, len(args.phases)):
         first, last = bounds[phase], bounds[phase + 1]
-        settled = [
-            settle_steps(run[first:last], round_splits[phase])
-            for run, round_splits in zip(sizes["throughput"], splits, strict=True)
-        ]
-        steps = ["never" if s is None else str(s) for s, _ in settled]
-        median = statistics.median(last - first if s is None else s for s, _ in settled)
-        changes = [str(c) for _, c in settled]
         fitted = ", ".join(f"{a * 1e3:.2f} + {b * 1e3:.3f} n" for a, b in lines[phase])
         oracle = ", ".join("/".join(map(str, round_splits[phase])) for round_splits in splits)
         print(f"  step {first} (rank {SLOW_RANK} slowdown {plan[first]:g}; calibrated ms per "
-              f"step {fitted}; oracle's split per round {oracle}): settled after "
-              f"{median:g} steps (median; per round {', '.join(steps)}); block changes after "
-              f"settling: {', '.join(changes)} (per round)")  # fmt: skip
+              f"step {fitted}; oracle's split per round {oracle}):")  # fmt: skip
+        for name in slicers:
+            settled = [
+                settle_steps(run[first:last], round_splits[phase])
+                for run, round_splits in zip(sizes[name], splits, strict=True)
+            ]
+            steps = ["never" if s is None else str(s) for s, _ in settled]
+            median = statistics.median(last - first if s is None else s for s, _ in settled)
+            changes = [str(c) for _, c in settled]
+            print(f"    {name}: settled after {median:g} steps (median; per round "
+                  f"{', '.join(steps)}); block changes after settling: {', '.join(changes)} "
+                  "(per round)")  # fmt: skip
+
+
+def _scenarios(args: argparse.Namespace) -> tuple[str, ...]:
+    return SCENARIOS + ((LINE,) if args.baseline_line else ())
 
 
 def _rows(
@@ -353,7 +393,7 @@ def _rows(
 ) -> list[list[object]]:
     """Table rows of one clock: per scenario, the whole run and each phase."""
     rows: list[list[object]] = []
-    for name in SCENARIOS:
+    for name in _scenarios(args):
         for phase in range(-1, len(args.phases)):
             first, last = (0, len(plan)) if phase < 0 else (bounds[phase], bounds[phase + 1])
             samples = [t for run in times[name] for t in run[first:last]]

@@ -31,7 +31,9 @@ Policies:
         `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
         blocks neither flicker nor drift where the split makes no difference; once the fit
         after a speed change has a full `model_window` of its own, the split is corrected by
-        any amount that shortens that time.
+        any amount that shortens that time; with `probe_steps`, the neighbouring split that
+        takes a sample off the bottleneck is then tried, in turn with it, and kept when
+        measured faster (`probe.SplitProbe`): the line cannot see a one-sample gain.
     "loss": all ranks use one block size, multiplied by `growth` after every step whose loss
         is stable and by `shrink` after one whose loss jumps above its running average by more
         than `jump_threshold` (relative).
@@ -50,6 +52,7 @@ import torch.distributed as dist
 from fastpar._checks import check_choice, check_float, check_int
 from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
+from fastpar.data.probe import SplitProbe
 from fastpar.data.step_model import Observation, StepTimeModel, equal_time_split, slowest
 
 _STATE_VERSION = 2
@@ -106,6 +109,16 @@ class DynamicSlicerConfig:
     gain_threshold: float = 0.05
     """"throughput": ... and when the new split shortens the slowest rank's predicted step
     time by more than this fraction, >= 0."""
+    probe_steps: int = 0
+    """"throughput": once the fit after a speed change has settled, the neighbouring split
+    that takes a sample off the bottleneck runs this many steps, in turn with the current
+    split, and is kept when measured faster; then the next one, at most twice
+    (`probe.SplitProbe`). A line fitted at the one block a rank ran since the change can hold
+    it a sample from its fastest split, at a cost in every step of the phase; each trial costs
+    up to this many steps at a worse split. 0 (the default): no trials, >= 0. 4 found the
+    fastest split in simulations where the line misses it (+0.7 points of the oracle's gain
+    at +-3 % noise), but gave nothing measurable on a shared 2-core host, whose load hides a
+    one-sample difference (bench/slicing.py --probe-steps 4 --baseline-line)."""
     initial_size: int | None = None
     """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
     growth: float = 1.25
@@ -143,6 +156,7 @@ class DynamicSlicerConfig:
         check_int("speedup_steps", self.speedup_steps, 1)
         check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
         check_float("gain_threshold", self.gain_threshold, 0.0, math.inf)
+        check_int("probe_steps", self.probe_steps, 0)
         if self.initial_size is not None:
             check_int("initial_size", self.initial_size, self.min_size, self.max_size)
         check_float("growth", self.growth, 1.0, math.inf)
@@ -176,6 +190,10 @@ class SlicerStats:
     holds them (a new split would gain too little time or move no block far enough)."""
     sizes: tuple[int, ...]
     """The blocks of the next full step."""
+    probing: bool = False
+    """"throughput": a trial of neighbouring splits is under way
+    (`DynamicSlicerConfig.probe_steps`): the blocks take turns between the current split and
+    a neighbour to compare them, which is not an oscillation."""
 
 
 class DynamicSlicer:
@@ -251,6 +269,8 @@ class DynamicSlicer:
         # Confirmed speed changes not yet undone, the latest last (see _after_changes).
         self._changes: list[_Change] = []
         self._hold = 0  # steps the blocks stay put after a restore (see _after_changes)
+        self._probe: SplitProbe | None = None  # the trials of neighbouring splits under way
+        self._probe_due = False  # a speed change's settled split is still to be probed
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
@@ -477,25 +497,46 @@ class DynamicSlicer:
         )
         if self.config.policy == "throughput":
             config = self.config
+            # A trial's steps inform the probe, not the fits (see StepTimeModel.observe).
+            trial = self._probe is not None and [int(n) for n in samples] == self._probe.trial
             observations = [
                 model.observe(
                     int(n), t, window=config.model_window,
                     change_threshold=config.change_threshold,
                     change_steps=config.change_steps,
                     speedup_steps=min(config.speedup_steps, config.change_steps),
-                    momentum=config.rate_momentum,
+                    momentum=config.rate_momentum, fit=not trial,
                 ) if n > 0 and t > 0 else None
                 for model, n, t in zip(self._models, samples, seconds, strict=True)
             ]  # fmt: skip
+            if any(seen in ("changed", "returned") for seen in observations):
+                self._probe = None  # measured at speeds that are gone
+                self._probe_due = "changed" in observations
             restored = self._after_changes(observations)
             if restored is not None:
                 proposal, moved = restored, restored != self._sizes
+            elif self._probe is not None:
+                blocks = [int(n) for n in samples]
+                if self._probe.record(blocks, seconds, self._models, **self._probe_options()):
+                    proposal, self._probe = self._probe.sizes, None
+                else:
+                    proposal = self._probe.sizes
+                moved = proposal != self._sizes
             elif self._hold > 0:
                 self._hold -= 1
                 proposal, moved = self._sizes, False
             else:
                 proposal = self._decide_sizes()
                 moved = self._moves(proposal, "settled" in observations)
+                if "settled" in observations and self._probe_due and config.probe_steps > 0:
+                    self._probe_due = False
+                    base = proposal if moved else self._sizes
+                    probe = SplitProbe.start(
+                        base, self._models, low=config.min_size, high=config.max_size
+                    )
+                    self._probe = None if probe.over else probe
+                    proposal = probe.sizes
+                    moved = proposal != self._sizes
             event = "rebalance" if moved else "hold"
             if moved:
                 self._sizes = proposal
@@ -520,7 +561,12 @@ class DynamicSlicer:
             loss=loss,
             event=event,
             sizes=tuple(self._sizes),
+            probing=self._probe is not None,
         )
+
+    def _probe_options(self) -> dict[str, Any]:
+        config = self.config
+        return {"steps": config.probe_steps, "low": config.min_size, "high": config.max_size}
 
     def _rates(self) -> tuple[float, ...]:
         """The samples/s each rank's model predicts for its next block (0.0: not measured)."""
@@ -636,6 +682,8 @@ class DynamicSlicer:
             "models": [model.state() for model in self._models],
             "changes": [[c.rank, list(c.sizes), list(c.model)] for c in self._changes],
             "hold": self._hold,
+            "probe": None if self._probe is None else self._probe.state(),
+            "probe_due": self._probe_due,
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -689,6 +737,7 @@ class DynamicSlicer:
             self._size = min(max(self._size, low), high)
             self._models = [StepTimeModel() for _ in range(self.world_size)]
             self._changes, self._hold = [], 0
+            self._probe, self._probe_due = None, False
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
@@ -699,6 +748,9 @@ class DynamicSlicer:
             for rank, sizes, model in state.get("changes", [])
         ]
         self._hold = int(state.get("hold", 0))
+        probe = state.get("probe")
+        self._probe = None if probe is None else SplitProbe.from_state(probe)
+        self._probe_due = bool(state.get("probe_due", False))
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 

@@ -97,9 +97,12 @@ class StepTimeModel:
 
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
-        change_steps: int, speedup_steps: int, momentum: float,
+        change_steps: int, speedup_steps: int, momentum: float, fit: bool = True,
     ) -> Observation:  # fmt: skip
-        """Fold one step's measurement (samples > 0, seconds > 0) into the model.
+        """Fold one step's measurement (samples > 0, seconds > 0) into the model; with `fit`
+        False, a measurement within the threshold updates the noise only (a trial of a block
+        one sample away: the fit's ridge would drift its slope towards what a one-sample spread
+        under noise suggests, step after step).
 
         Returns:
             What the measurement did (`Observation`); "settled" when it completes the window
@@ -120,6 +123,8 @@ class StepTimeModel:
             self.noise = math.sqrt(
                 _NOISE_MOMENTUM * self.noise**2 + (1 - _NOISE_MOMENTUM) * deviation**2
             )
+            if not fit:
+                return "fitted"
             self.window = (self.window + [(samples, seconds)])[-window:]
             fixed, per_sample = _fit(self.window, self.per_sample)
             self.fixed = momentum * self.fixed + (1 - momentum) * fixed
