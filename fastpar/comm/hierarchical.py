@@ -341,7 +341,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
 
     def _barrier(self, key: CallKey) -> None:
         """Wait for the host's ranks (the ring's bounds and failure naming); every one raises
-        CommMismatchError when they passed different calls (`_call_key`)."""
+        CommMismatchError when they passed different calls (`host_passes.call_key`)."""
         sent = [value for part in key for value in (part, -part)]
         agreed = torch.tensor(sent, dtype=torch.int64)
         self._local_all_reduce(agreed, dist.ReduceOp.MAX)
