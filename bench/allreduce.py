@@ -11,6 +11,10 @@ reduced without copies in or out; `HierarchicalAllReduce.empty_shared`: the pass
 read the peers' tensors in place) is checked and timed the same way, its samples taken in turn
 with the ordinary tensor's: the shared_* columns, shared_speedup = ring_us / shared_us and
 shared_vs_torch = torch_us / shared_us.
+With --hosts, the floor_* columns time what the hierarchical all-reduce's step between hosts
+alone runs (each rank's shard all-reduced through torch.distributed with the same-index ranks of
+the other hosts, nothing inside a host), sampled in turn too: floor_vs_torch = torch_us /
+floor_us bounds what any hierarchical all-reduce over torch.distributed can gain here.
 Rank 0 writes each size's row to the CSV as soon as it is measured; a size that fails is a row
 with its error.
 
@@ -59,7 +63,7 @@ HEADERS = (
     "ring_p20_us", "ring_p80_us", "ring_algbw_GBps", "ring_busbw_GBps", "torch_backend",
     "torch_us", "torch_algbw_GBps", "torch_busbw_GBps", "speedup", "shared_exact",
     "shared_bitwise_equal", "shared_us", "shared_p20_us", "shared_p80_us", "shared_busbw_GBps",
-    "shared_speedup", "shared_vs_torch", "error",
+    "shared_speedup", "shared_vs_torch", "floor_us", "floor_vs_torch", "error",
 )  # fmt: skip
 
 
@@ -139,6 +143,15 @@ def _check(
     return bool(torch.equal(result, expected)), len(set(digests)) == 1
 
 
+def _groups_across_hosts(rank: int, world: int, hosts: int) -> dist.ProcessGroup:
+    """This rank's group with the same-index ranks of the other simulated hosts (ranks
+    0..world/hosts-1 on the first host, and so on), as the hierarchical all-reduce's step 2
+    uses; every rank creates every such group, in the same order."""
+    local = world // hosts
+    groups = [dist.new_group([h * local + index for h in range(hosts)]) for index in range(local)]
+    return groups[rank % local]
+
+
 def _case(world: int, hosts: int, nbytes: int) -> str:
     return f"{world} ranks{f' on {hosts} hosts' if hosts > 1 else ''} {nbytes} B"
 
@@ -154,6 +167,7 @@ def _rank(
     backend = dist.get_backend()
     log = RowLog(Path(csv_path), HEADERS) if rank == 0 else None
     baseline = True
+    across = _groups_across_hosts(rank, world, hosts) if hosts > 1 else None
     with create_all_reduce(device=device, timeout=120, serve_shared_gpu=True) as ring:
         # One area for every size: each size reduces its first bytes.
         area = None
@@ -181,6 +195,10 @@ def _rank(
                     except RuntimeError as error:  # e.g. a backend without CUDA tensors
                         baseline = False
                         row["torch_backend"] = f"{backend}: {error_text(error, 80)}"
+                if across is not None:  # step 2 alone, on this rank's shard
+                    shard = tensor[: -(-tensor.numel() // (world // hosts))].clone()
+                    fns.append(_synchronized(
+                        lambda t=shard: dist.all_reduce(t, group=across), device))  # fmt: skip
                 if baseline:  # sampled in turn with fastpar's calls
                     fns.append(base_fn)
                 times = _interleaved_samples(fns, _calls(nbytes, 8 << 20, max_calls), samples)
@@ -204,6 +222,11 @@ def _rank(
                                shared_speedup=median / median_shared)  # fmt: skip
                     if baseline:
                         row["shared_vs_torch"] = base / median_shared
+                if across is not None:
+                    floor = _quantiles(times[-2 if baseline else -1])[0]
+                    row["floor_us"] = floor * 1e6
+                    if baseline:
+                        row["floor_vs_torch"] = base / floor
                     exact, equal = exact and shared_exact, equal and shared_equal
                 row["status"] = "ok" if exact and equal else "FAIL"
                 if not exact or not equal:
@@ -258,7 +281,7 @@ def _table(rows: list[dict[str, str]]) -> str:
     columns = ("ranks", "bytes", "status", "ring_us", "ring_p20_us", "ring_p80_us",
                "ring_busbw_GBps", "torch_backend", "torch_us", "torch_busbw_GBps", "speedup",
                "shared_us", "shared_busbw_GBps", "shared_speedup", "shared_vs_torch",
-               "error")  # fmt: skip
+               "floor_us", "floor_vs_torch", "error")  # fmt: skip
     return format_table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
