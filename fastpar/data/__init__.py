@@ -10,8 +10,9 @@
 from __future__ import annotations
 
 from fastpar.data.apportion import apportion
-from fastpar.data.dynamic import DynamicSlicer, DynamicSlicerConfig, SlicerStats
+from fastpar.data.dynamic import DynamicSlicer
 from fastpar.data.fixed import FixedShard, FixedSlicer
+from fastpar.data.slicer_config import DynamicSlicerConfig, SlicerStats
 
 __all__ = [
     "DynamicSlicer",

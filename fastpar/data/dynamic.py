@@ -49,151 +49,17 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_choice, check_float, check_int
+from fastpar._checks import check_float, check_int
 from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
 from fastpar.data.probe import SplitProbe
+from fastpar.data.slicer_config import DynamicSlicerConfig, SlicerStats
 from fastpar.data.step_model import Observation, StepTimeModel, equal_time_split, slowest
 
 _STATE_VERSION = 2
 # Rows of the statistics matrix that record_step all-reduces: one column per rank, each rank
 # fills only its own column, so the sum is exact and the same bits on every rank.
 _SAMPLES, _SECONDS, _LOSS, _HAS_LOSS, _EPOCH, _CURSOR = range(6)
-
-
-@dataclass(kw_only=True, frozen=True)
-class DynamicSlicerConfig:
-    """Options of a DynamicSlicer; invalid values and combinations raise ValueError/TypeError.
-
-    Block sizes of full steps stay within [min_size, max_size]. Only the last step of an epoch
-    can be smaller: when fewer samples remain than a full global batch, they are shared among
-    the ranks in proportion to the current sizes (a rank can get fewer than min_size samples,
-    or none when fewer samples than ranks remain).
-    """
-
-    min_size: int
-    """Smallest block a rank gets in a full step, >= 1."""
-    max_size: int
-    """Largest block a rank gets, >= min_size."""
-    policy: Literal["throughput", "loss"] = "throughput"
-    """How sizes adapt: equal predicted step times (measured per rank), or by the loss."""
-    global_batch: int | None = None
-    """"throughput" only (required there): samples per step summed over ranks; it must lie
-    in [world_size * min_size, world_size * max_size], checked when the world size is known."""
-    rate_momentum: float = 0.5
-    """"throughput": weight of the old step-time model in model <- m * model + (1 - m) * fit,
-    after each step within change_threshold of the prediction, in [0, 1)."""
-    model_window: int = 8
-    """"throughput": the last steps each rank's step-time model is fitted on, >= 2."""
-    change_threshold: float = 0.3
-    """"throughput": a step time off the model's prediction by more than a factor
-    1 + change_threshold either way (slower or faster) is a candidate speed change, not
-    fitted, > 0."""
-    change_steps: int = 2
-    """"throughput": candidates in a row on the same side that make a speed change (rescale
-    the model); bursts of fewer steps are ignored, >= 1. Each slowdown runs this many steps at
-    the old split; a burst this long or longer is followed, and costs speedup_steps steps at
-    its split once it ends (about what one of its own steps cost): 2 follows a straggler
-    soon and still ignores single-step spikes; raise it where bursts of several steps are
-    common and speed changes rare."""
-    speedup_steps: int = 2
-    """"throughput": the same for candidates faster than the model (never more than
-    change_steps), >= 1. Load from other processes only lengthens steps, but noise shortens
-    them too: with +-20 % noise per step, 1 let single short steps rescale the model and the
-    blocks swing. One step is enough for a return to the speed before the last change when it
-    lies far outside the measured noise (a straggler's recovery); the blocks in use before
-    that change then come back."""
-    rebalance_threshold: float = 0.05
-    """"throughput": the blocks change only when some rank's new block differs from its
-    current one by more than this fraction of it (and by more than one sample), >= 0."""
-    gain_threshold: float = 0.05
-    """"throughput": ... and when the new split shortens the slowest rank's predicted step
-    time by more than this fraction, >= 0."""
-    probe_steps: int = 0
-    """"throughput": once the fit after a speed change has settled, the neighbouring split
-    that takes a sample off the bottleneck runs this many steps, in turn with the current
-    split, and is kept when measured faster; then the next one, at most twice
-    (`probe.SplitProbe`). A line fitted at the one block a rank ran since the change can hold
-    it a sample from its fastest split, at a cost in every step of the phase; each trial costs
-    up to this many steps at a worse split. 0 (the default): no trials, >= 0. 4 found the
-    fastest split in simulations where the line misses it (+0.7 points of the oracle's gain
-    at +-3 % noise), but gave nothing measurable on a shared 2-core host, whose load hides a
-    one-sample difference (bench/slicing.py --probe-steps 4 --baseline-line)."""
-    initial_size: int | None = None
-    """"loss": block size of the first step, in [min_size, max_size]; None: min_size."""
-    growth: float = 1.25
-    """"loss": factor applied to the block size after a stable step, >= 1."""
-    shrink: float = 0.5
-    """"loss": factor applied after a loss jump, in (0, 1]."""
-    jump_threshold: float = 0.2
-    """"loss": a step's loss jumps when loss - average > jump_threshold * |average|, > 0."""
-    loss_momentum: float = 0.9
-    """"loss": weight of the old average in average <- m * average + (1 - m) * loss."""
-    shuffle: bool = False
-    """Permute the indices every epoch (generator seeded with seed + epoch)."""
-    seed: int = 0
-    """Base seed of the permutation, >= 0."""
-
-    def __post_init__(self) -> None:
-        check_int("min_size", self.min_size, 1)
-        check_int("max_size", self.max_size, 1)
-        if self.max_size < self.min_size:
-            raise ValueError(f"max_size {self.max_size} < min_size {self.min_size}")
-        check_choice("policy", self.policy, ("throughput", "loss"))
-        if self.policy == "throughput":
-            if self.global_batch is None:
-                raise ValueError("policy 'throughput' needs global_batch (samples per step)")
-            check_int("global_batch", self.global_batch, self.min_size)
-        elif self.global_batch is not None:
-            raise ValueError(
-                f"global_batch ({self.global_batch}) applies to policy 'throughput' only; "
-                "policy 'loss' uses one block size per rank"
-            )
-        check_float("rate_momentum", self.rate_momentum, 0.0, 1.0, high_open=True)
-        check_float("change_threshold", self.change_threshold, 0.0, math.inf, low_open=True)
-        check_int("model_window", self.model_window, 2)
-        check_int("change_steps", self.change_steps, 1)
-        check_int("speedup_steps", self.speedup_steps, 1)
-        check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
-        check_float("gain_threshold", self.gain_threshold, 0.0, math.inf)
-        check_int("probe_steps", self.probe_steps, 0)
-        if self.initial_size is not None:
-            check_int("initial_size", self.initial_size, self.min_size, self.max_size)
-        check_float("growth", self.growth, 1.0, math.inf)
-        check_float("shrink", self.shrink, 0.0, 1.0, low_open=True)
-        check_float("jump_threshold", self.jump_threshold, 0.0, math.inf, low_open=True)
-        check_float("loss_momentum", self.loss_momentum, 0.0, 1.0, high_open=True)
-        check_int("seed", self.seed, 0)
-
-
-@dataclass(frozen=True)
-class SlicerStats:
-    """What one step measured and what the slicer decided from it, indexed by rank; the same on
-    every rank (it is read from the all-reduced statistics)."""
-
-    step: int
-    """Steps recorded so far, this one included (1 for the first)."""
-    blocks: tuple[int, ...]
-    """Samples each rank reported for the step: the blocks it trained on."""
-    seconds: tuple[float, ...]
-    """Compute seconds each rank reported."""
-    samples_per_s: tuple[float, ...]
-    """blocks / seconds of this step (0.0 where a rank had no samples or no time)."""
-    rates: tuple[float, ...]
-    """"throughput": the samples/s each rank's step-time model predicts for its next block
-    (0.0: not measured yet); "loss": all 0.0."""
-    loss: float | None
-    """The step's mean loss over all ranks' samples (None when no rank gave one)."""
-    event: Literal["grow", "shrink", "rebalance", "hold", "start"]
-    """The decision: "loss" grows the block after a stable step or shrinks it after a jump
-    ("start": the first loss only sets the reference); "throughput" rebalances the blocks or
-    holds them (a new split would gain too little time or move no block far enough)."""
-    sizes: tuple[int, ...]
-    """The blocks of the next full step."""
-    probing: bool = False
-    """"throughput": a trial of neighbouring splits is under way
-    (`DynamicSlicerConfig.probe_steps`): the blocks take turns between the current split and
-    a neighbour to compare them, which is not an oscillation."""
 
 
 class DynamicSlicer:
