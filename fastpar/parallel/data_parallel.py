@@ -93,11 +93,10 @@ class DataParallelConfig:
     """CPU with fastpar's ring or hierarchical all-reduce: keep the buckets in memory every
     rank of a host maps (/dev/shm, as much as the gradients), so the all-reduce of a large
     bucket reads the host's peers' gradients in place (ordinary buckets, logged once, where it
-    cannot be allocated). On 2 simulated hosts x 2 ranks it made 16-64 MB all-reduces
-    1.16-1.35x faster. Off by default: on 2 ranks of one host
-    it made large all-reduces 1.05-1.3x faster but no measured difference to a training step,
-    and /dev/shm is often small (docker: 64 MiB) and shared with data loaders. The results are
-    the same bits either way."""
+    cannot be allocated). It made 16-64 MB all-reduces 1.05-1.3x faster on 2 ranks of one
+    host and 1.2-1.7x on 2 simulated hosts x 2 ranks. Off by default: it made no measured
+    difference to a training step on 2 ranks, and /dev/shm is often small (docker: 64 MiB)
+    and shared with data loaders. The results are the same bits either way."""
 
     def __post_init__(self) -> None:
         check_choice("comm", self.comm, get_args(CommChoice))
