@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from fastpar._checks import check_int
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix, wait_for_ranks
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostAreas, HostBuffer
@@ -47,7 +47,11 @@ from fastpar.comm.host_passes import CHUNK_BYTES, CallKey, CpuHostPasses, shard_
 from fastpar.comm.hosts import HostLayout, gather_host_layout
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.shared_area import SharedMemoryUnavailableError
+from fastpar.comm.shared_area import (
+    SharedMemoryUnavailableError,
+    agree_on_allocation,
+    describe_request,
+)
 from fastpar.comm.timeouts import as_timedelta, group_timeout
 from fastpar.comm.work import RingWork
 
@@ -55,7 +59,6 @@ logger = get_logger(__name__)
 
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
-_AREA_ERRORS = {cls.__name__: cls for cls in (SharedMemoryUnavailableError, CommMismatchError)}
 
 
 def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
@@ -225,17 +228,20 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             raise SharedMemoryUnavailableError("shared areas serve CPU tensors only so far")
         prefix = f"{self._prefix}/area/{self._area_requests}"
         self._area_requests += 1
-        tensor, outcome = None, ""
+        tensor, failure = None, None
         try:
             tensor = self._passes.areas.allocate(
                 self._store, f"{prefix}/host{self._host}", numel=size, dtype=dtype,
                 timeout=self.timeout,
             )  # fmt: skip
         except (SharedMemoryUnavailableError, CommMismatchError) as error:
-            outcome = f"{type(error).__name__}|inside host {self._host}: " + self._group_ranks(
-                str(error))  # fmt: skip
-        try:
-            self._agree_on_area(prefix, f"{size} x {str(dtype).removeprefix('torch.')}", outcome)
+            failure = type(error)(f"rank {self.rank} could not allocate: inside host "
+                                  f"{self._host}: {self._group_ranks(str(error))}")  # fmt: skip
+        try:  # every host learns every other host's outcome
+            agree_on_allocation(
+                self._store, f"{prefix}/outcome", rank=self.rank, world_size=self.world_size,
+                request=describe_request(size, dtype), timeout=self.timeout, failure=failure,
+            )  # fmt: skip
         except CommError:
             if tensor is not None:
                 self._passes.areas.forget_last()
@@ -247,24 +253,6 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         """Whether `tensor`'s elements lie in memory from this object's `empty_shared`."""
         return (self._passes is not None and tensor.device.type == "cpu"
                 and self._passes.areas.find(tensor) is not None)  # fmt: skip
-
-    def _agree_on_area(self, prefix: str, request: str, outcome: str) -> None:
-        """Every rank of the group learns every host's allocation: the first failure, or ranks of
-        different hosts that asked for different areas, raise on every rank."""
-        keys = {r: f"{prefix}/outcome/{r}" for r in range(self.world_size)}
-        self._store.set(keys[self.rank], f"{request}|{outcome}")
-        wait_for_ranks(self._store, keys, self.timeout, self.rank, "allocate its shared area")
-        answers = [self._store.get(key).decode().split("|", 2) for key in keys.values()]
-        for rank, (_, *failure) in enumerate(answers):
-            if failure and failure[0]:
-                kind, message = failure
-                raise _AREA_ERRORS[kind](f"rank {rank} could not allocate: {message}")
-        if any(asked != request for asked, *_ in answers):
-            calls = "; ".join(f"rank {r}: {asked}" for r, (asked, *_) in enumerate(answers))
-            raise CommMismatchError(
-                "empty_shared was called with different sizes or dtypes on different ranks, or "
-                f"in a different order ({calls})"
-            )
 
     # --- calls ---------------------------------------------------------------------------------
 

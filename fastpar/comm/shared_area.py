@@ -69,6 +69,47 @@ def _reserve_file(path: str, nbytes: int, world_size: int) -> str:
     return ""
 
 
+def describe_request(numel: int, dtype: torch.dtype) -> str:
+    """An allocation as the ranks compare it, e.g. "1024 x float32"."""
+    return f"{numel} x {str(dtype).removeprefix('torch.')}"
+
+
+_FAILURES = {cls.__name__: cls for cls in (SharedMemoryUnavailableError, CommMismatchError)}
+
+
+def agree_on_allocation(
+    store: dist.Store, prefix: str, *, rank: int, world_size: int, request: str,
+    timeout: timedelta, failure: SharedMemoryUnavailableError | CommMismatchError | None = None,
+    payload: str = "", pids: dict[int, int] | None = None,
+) -> list[str]:  # fmt: skip
+    """Every rank posts the allocation it asked for (`describe_request`), its `failure` if it
+    had one, and a `payload` for the others (e.g. its file's path); all read every post.
+
+    Returns:
+        Every rank's payload, in rank order.
+
+    Raises:
+        The first failure in rank order (its type and message), on every rank; else
+        CommMismatchError when the ranks asked for different allocations; CommTimeoutError
+        when a peer does not post within `timeout` (or its process, in `pids`, is gone).
+    """
+    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
+    kind = "" if failure is None else type(failure).__name__
+    store.set(keys[rank], "|".join((request, payload, kind, str(failure or ""))))
+    wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids)
+    posts = [store.get(keys[r]).decode().split("|", 3) for r in range(world_size)]
+    for _, _, kind, message in posts:
+        if kind:
+            raise _FAILURES[kind](message)
+    if any(asked != request for asked, *_ in posts):
+        calls = "; ".join(f"rank {r}: {asked}" for r, (asked, *_) in enumerate(posts))
+        raise CommMismatchError(
+            "shared memory was allocated with different sizes or dtypes on different ranks, "
+            f"or in a different order ({calls})"
+        )
+    return [payload for _, payload, _, _ in posts]
+
+
 def allocate_symmetric(
     store: dist.Store,
     prefix: str,
@@ -101,28 +142,21 @@ def allocate_symmetric(
     nbytes = area_bytes(numel, dtype)
     path = f"{SHM_DIR}/fastpar-area-{os.getpid()}-{uuid.uuid4().hex[:16]}"
     problem = _reserve_file(path, nbytes, world_size)
-    keys = {r: f"{prefix}/file/{r}" for r in range(world_size)}
-    request = f"{numel} x {str(dtype).removeprefix('torch.')}"
-    store.set(keys[rank], f"no: {problem}" if problem else f"ok {request}|{path}")
+    failure = None
+    if problem:
+        failure = SharedMemoryUnavailableError(
+            f"rank {rank} could not allocate shared memory: {problem}"
+        )
     try:
-        wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids)
-        answers = [store.get(keys[r]).decode() for r in range(world_size)]
-        failed = [(r, a.removeprefix("no: ")) for r, a in enumerate(answers) if a.startswith("no:")]
-        if failed:
-            r, why = failed[0]
-            raise SharedMemoryUnavailableError(f"rank {r} could not allocate shared memory: {why}")
-        requests = [a.removeprefix("ok ").split("|")[0] for a in answers]
-        if any(other != request for other in requests):
-            calls = "; ".join(f"rank {r}: {call}" for r, call in enumerate(requests))
-            raise CommMismatchError(
-                "shared memory was allocated with different sizes or dtypes on different ranks, "
-                f"or in a different order ({calls})"
-            )
+        paths = agree_on_allocation(
+            store, f"{prefix}/file", rank=rank, world_size=world_size,
+            request=describe_request(numel, dtype), timeout=timeout, failure=failure,
+            payload=path, pids=pids,
+        )  # fmt: skip
         areas: list[torch.Tensor] = []
         problem = ""
         try:
-            for answer in answers:
-                peer_path = answer.split("|", 1)[1]
+            for peer_path in paths:
                 areas.append(
                     torch.from_file(peer_path, shared=True, size=nbytes, dtype=torch.uint8)
                 )
