@@ -77,10 +77,9 @@ class CpuHostPasses:
     def run(self, flat: torch.Tensor, op: object, code: int) -> None:
         """The all-reduce of `flat` (1-D, contiguous) with `op` (`code` its ring code, for the
         barriers' keys), in place."""
-        place = self.areas.find(flat)
         if self._small(flat):
             self._whole_tensor(flat, op, code)
-        elif place is not None:
+        elif (place := self.areas.find(flat)) is not None:
             self._in_area(flat, place, op, code)
         else:
             self._chunked(flat, op, code)
