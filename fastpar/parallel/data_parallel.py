@@ -27,7 +27,9 @@ How a step flows:
    bucket took 8-10 ms there, 0.1 ms after backward), so by default buckets wait for the end.
 4. A callback queued on the autograd engine runs when backward finishes: it launches the
    buckets not launched yet (also those that still miss gradients, see "unused parameters")
-   and waits for every bucket. `backward()` returns after that, with every `param.grad` holding
+   and waits for every bucket. Without overlap it runs them itself, one after the other: a
+   hand-over to the communication thread and back only adds wake-ups when nothing is left to
+   overlap. `backward()` returns after that, with every `param.grad` holding
    the average.
 
 Measurements: `last_stats` (`CommStats`) holds the last synchronised backward's communication,
@@ -154,7 +156,7 @@ class _Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor  # gradients, then one "used" flag per parameter
     views: list[torch.Tensor]  # views[slot]: params[slot]'s gradient inside `buffer`
-    comm: Callable[[torch.Tensor], Any]  # launches the sum of a buffer, returns its work
+    comm: Callable[[torch.Tensor, bool], Any]  # sums a buffer (async_op: returns its work)
     pending: int = 0
     ready: list[bool] = field(default_factory=list)
     work: Any = None
@@ -322,14 +324,14 @@ class DataParallel(nn.Module):
                         )
         return torch.zeros(numel, dtype=dtype, device=device)
 
-    def _comm_for(self, buffer: torch.Tensor) -> Callable[[torch.Tensor], Any]:
+    def _comm_for(self, buffer: torch.Tensor) -> Callable[[torch.Tensor, bool], Any]:
         """The sum of this bucket across the group (the hooks divided the gradients already)."""
         choice = self.config.comm
         if choice != "torch":
             self._fastpar_all_reduce(buffer.device)
             if self._ring.should_use(buffer, dist.ReduceOp.SUM):
                 ring = self._ring
-                return lambda tensor: ring.all_reduce(tensor, dist.ReduceOp.SUM, async_op=True)
+                return lambda tensor, async_op: ring.all_reduce(tensor, async_op=async_op)
             reason = self._ring.fallback_reason(buffer, dist.ReduceOp.SUM)
             if choice == "ring":
                 raise ValueError(
@@ -339,7 +341,7 @@ class DataParallel(nn.Module):
             if dist.get_rank() == 0:  # once per run (create_all_reduce said why for a layout)
                 log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
-        return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True)
+        return lambda tensor, async_op: dist.all_reduce(tensor, group=group, async_op=async_op)
 
     def _build_buckets(self) -> list[_Bucket]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -473,7 +475,11 @@ class DataParallel(nn.Module):
         if not self._first_launch_at:
             self._first_launch_at = time.perf_counter()
         with record_range(f"fastpar.dp.allreduce.bucket{bucket.index}"):
-            bucket.work = bucket.comm(bucket.buffer)
+            if self.overlaps_backward:
+                bucket.work = bucket.comm(bucket.buffer, True)
+            else:  # backward is over: this thread runs it, with no hand-over to another
+                bucket.comm(bucket.buffer, False)
+                bucket.work = _FINISHED
 
     @torch.no_grad()
     def _mark_unused(self, bucket: _Bucket) -> None:
@@ -612,3 +618,13 @@ def _scale_into(view: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
         view.copy_(grad)
     else:
         torch.mul(grad, scale, out=view)
+
+
+class _Finished:
+    """The work of an all-reduce that ran synchronously."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_FINISHED = _Finished()
