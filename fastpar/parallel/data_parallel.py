@@ -393,9 +393,8 @@ class DataParallel(nn.Module):
         if not self._buckets or self._buckets[0].buffer.device.type != "cpu":
             return True
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        busy = local_ranks * torch.get_num_threads()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        spare = cores is not None and cores > busy
+        spare = has_spare_core(local_ranks, torch.get_num_threads(), cores)
         if dist.get_rank() == 0:
             log_once(
                 logger,
@@ -602,6 +601,12 @@ class DataParallel(nn.Module):
     def bucket_sizes(self) -> list[int]:
         """Number of gradient elements per bucket, in launch order."""
         return [bucket.numel for bucket in self._buckets]
+
+
+def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:
+    """Whether a host of `cores` cores (None: unknown) has one left for communication once
+    `local_ranks` ranks run `threads` compute threads each."""
+    return cores is not None and cores > local_ranks * threads
 
 
 def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:

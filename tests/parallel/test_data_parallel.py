@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastpar.comm import CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
+from fastpar.parallel.data_parallel import has_spare_core
 from fastpar.testing.distributed import run_multiprocess
 
 VOCAB, EMBED, HIDDEN, SEQ, BATCH = 23, 8, 16, 7, 4
@@ -300,6 +301,16 @@ def test_state_dict_is_the_plain_modules() -> None:
 def test_bad_options_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DataParallelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("local_ranks", "threads", "cores", "spare"),
+    [(2, 1, 2, False), (2, 8, 16, False), (2, 1, 3, True), (4, 3, 16, True), (1, 1, None, False)],
+)
+def test_overlap_needs_a_core_beyond_the_compute_threads(
+    local_ranks: int, threads: int, cores: int | None, spare: bool
+) -> None:
+    assert has_spare_core(local_ranks, threads, cores) is spare
 
 
 def test_a_bool_is_not_a_size() -> None:
