@@ -29,8 +29,7 @@ How a step flows:
    buckets not launched yet (also those that still miss gradients, see "unused parameters")
    and waits for every bucket. Without overlap it runs them itself, one after the other: a
    hand-over to the communication thread and back only adds wake-ups when nothing is left to
-   overlap. `backward()` returns after that, with every `param.grad` holding
-   the average.
+   overlap. `backward()` returns after that, with every `param.grad` holding the average.
 
 Measurements: `last_stats` (`CommStats`) holds the last synchronised backward's communication,
 timed on the host as the hooks and the final wait run (no extra synchronisation): how long the

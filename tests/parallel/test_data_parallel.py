@@ -79,12 +79,13 @@ def _new_model(kind: str) -> nn.Module:
 
 
 def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list[str]:
-    """For each (kind, comm, bucket_cap_mb, first_bucket_mb, overlap): 10 SGD steps with
-    momentum with fastpar and with DDP from the same start, on different data per rank;
-    parameters must agree. Ranks start from different weights, so the initial broadcast is
-    exercised too."""
+    """For each (kind, comm, bucket_cap_mb, first_bucket_mb[, overlap]) (overlap "auto" when
+    left out): 10 SGD steps with momentum with fastpar and with DDP from the same start, on
+    different data per rank; parameters must agree. Ranks start from different weights, so the
+    initial broadcast is exercised too."""
     failures = []
-    for kind, comm, bucket_cap_mb, first_bucket_mb, overlap in configs:
+    for kind, comm, bucket_cap_mb, first_bucket_mb, *more in configs:
+        overlap = more[0] if more else "auto"
         torch.manual_seed(rank)  # different on purpose: both wrappers broadcast from rank 0
         ours = _new_model(kind)
         theirs = _new_model(kind)
