@@ -14,16 +14,22 @@ How a step flows:
    copying them in and out (small ones copy, which is faster there); where that memory cannot
    be allocated (a small /dev/shm), ordinary buffers serve, with the same results, and the
    reason is logged once.
-3. During backward, a post-accumulate-grad hook makes `param.grad` that view (a gradient that
-   autograd accumulated into the view already costs nothing; a fresh one, after
-   `zero_grad(set_to_none=True)`, is copied in once); when the last gradient of a bucket arrives,
-   that bucket's all-reduce is launched asynchronously (fastpar's ring or hierarchical
-   all-reduce, which also divide by the world size; torch.distributed otherwise: NCCL runs on
-   its own CUDA stream, gloo and fastpar's CPU all-reduces on their own threads) while autograd
-   keeps computing.
+3. During backward, a post-accumulate-grad hook makes `param.grad` that view, divided by the
+   world size on the way (a fresh gradient, after `zero_grad(set_to_none=True)`, is multiplied
+   into the view in the one pass that copies it; one that autograd accumulated into the view is
+   scaled in place), so the all-reduce is a plain sum and no pass over the gradients follows it:
+   the same arithmetic as DDP, which also divides before summing. When the last gradient of a
+   bucket arrives, and communication overlaps backward (`overlap`), that bucket's all-reduce is
+   launched asynchronously (fastpar's ring or hierarchical all-reduce; torch.distributed
+   otherwise: NCCL runs on its own CUDA stream, gloo and fastpar's CPU all-reduces on their own
+   threads) while autograd keeps computing. On a CPU host where every core already runs a
+   rank's compute thread, an all-reduce during backward only takes turns with compute (a 1 MiB
+   bucket took 8-10 ms there, 0.1 ms after backward), so by default buckets wait for the end.
 4. A callback queued on the autograd engine runs when backward finishes: it launches the
-   buckets that still miss gradients (see "unused parameters") and waits for every bucket.
-   `backward()` returns after that, with every `param.grad` holding the average.
+   buckets not launched yet (also those that still miss gradients, see "unused parameters")
+   and waits for every bucket. Without overlap it runs them itself, one after the other: a
+   hand-over to the communication thread and back only adds wake-ups when nothing is left to
+   overlap. `backward()` returns after that, with every `param.grad` holding the average.
 
 Measurements: `last_stats` (`CommStats`) holds the last synchronised backward's communication,
 timed on the host as the hooks and the final wait run (no extra synchronisation): how long the
@@ -37,18 +43,20 @@ None first: an optimizer step that runs anyway (the error caught) changes nothin
 ever steps on its own unreduced gradients.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
-Each bucket carries one extra element per parameter, 1 where this rank produced the gradient,
-summed by the same all-reduce. A parameter used by some rank gets the sum of the gradients of
-the ranks that used it divided by the world size (a rank that did not use it contributes
-zeros), exactly as DDP with `find_unused_parameters=True`. A parameter no rank used keeps its
-`.grad` as it was (None after `zero_grad()`), so optimizers skip it, again as DDP does. Those
-flags are read on the host (one synchronisation per backward) only in a backward where this
-rank left a parameter unused; otherwise every parameter was used and nothing needs reading.
+Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
+(set at the start of every backward), summed by the same all-reduce. A parameter used by some
+rank gets the sum of the gradients of the ranks that used it divided by the world size (a rank
+that did not use it contributes zeros), exactly as DDP with `find_unused_parameters=True`. A
+parameter no rank used keeps its `.grad` as it was (None after `zero_grad()`), so optimizers
+skip it, again as DDP does. Those flags are read on the host (one synchronisation per backward)
+only in a backward where this rank left a parameter unused; otherwise every parameter was used
+and nothing needs reading.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -67,6 +75,7 @@ from fastpar.profiling import record_range
 logger = get_logger(__name__)
 
 CommChoice = Literal["auto", "ring", "torch"]
+OverlapChoice = Literal["auto", "on", "off"]
 _MB = 2**20
 
 
@@ -89,6 +98,13 @@ class DataParallelConfig:
     """How long the ring waits for a peer before backward raises; None: the group's own
     timeout (given to init_process_group / new_group), which also bounds torch.distributed's
     collectives."""
+    overlap: OverlapChoice = "auto"
+    """When buckets are all-reduced: "on": each as soon as its gradients are ready, while
+    backward goes on; "off": all when backward has finished; "auto": "on", except on CPU where
+    this host has no core to spare for communication (LOCAL_WORLD_SIZE, else the group's size,
+    ranks x torch.get_num_threads() >= the cores this process may use): there an all-reduce
+    during backward only takes turns with compute (on 2 ranks of 2 cores a 1 MiB bucket took
+    8-10 ms during backward, 0.1 ms after it). The choice and its reason are logged once."""
     shared_buckets: bool = False
     """CPU with fastpar's ring or hierarchical all-reduce: keep the buckets in memory every
     rank of a host maps (/dev/shm, as much as the gradients), so the all-reduce of a large
@@ -100,6 +116,7 @@ class DataParallelConfig:
 
     def __post_init__(self) -> None:
         check_choice("comm", self.comm, get_args(CommChoice))
+        check_choice("overlap", self.overlap, get_args(OverlapChoice))
         check_bool("shared_buckets", self.shared_buckets)
         for name in ("bucket_cap_mb", "first_bucket_mb"):
             check_positive(name, getattr(self, name))
@@ -114,7 +131,8 @@ class CommStats:
     backward_s: float = 0.0
     """From this rank's first gradient to the end of backward (its waits included)."""
     allreduce_s: float = 0.0
-    """From the first bucket's launch to the end of the wait for the last one."""
+    """From the first bucket's launch (the end of autograd, if later) to the end of the wait
+    for the last one."""
     exposed_s: float = 0.0
     """Waited for all-reduces after autograd had finished: communication backward did not hide
     (backward time minus this is this rank's own compute)."""
@@ -137,11 +155,9 @@ class _Bucket:
     params: list[nn.Parameter]
     buffer: torch.Tensor  # gradients, then one "used" flag per parameter
     views: list[torch.Tensor]  # views[slot]: params[slot]'s gradient inside `buffer`
-    comm: Callable[[torch.Tensor], Any]  # launches the all-reduce of a buffer, returns its work
-    averages: bool  # whether `comm` divides by the world size (else the finish scales)
+    comm: Callable[[torch.Tensor, bool], Any]  # sums a buffer (async_op: returns its work)
     pending: int = 0
     ready: list[bool] = field(default_factory=list)
-    had_unused: bool = False  # some flag was set to 0 for this backward
     work: Any = None
 
     @property
@@ -188,6 +204,8 @@ class DataParallel(nn.Module):
         first_bucket_mb: size of the first bucket in MiB.
         timeout: how long the ring waits for a peer (timedelta or seconds; None: the group's
             own timeout) before backward raises naming it.
+        overlap: "auto", "on" or "off": whether buckets are all-reduced during backward (see
+            `DataParallelConfig`).
         shared_buckets: keep CPU buckets in shared memory (see `DataParallelConfig`).
 
     `forward` calls `module`; `backward()` on its result returns once gradients are averaged
@@ -207,6 +225,7 @@ class DataParallel(nn.Module):
         bucket_cap_mb: float = 25.0,
         first_bucket_mb: float = 1.0,
         timeout: timedelta | float | None = None,
+        overlap: OverlapChoice = "auto",
         shared_buckets: bool = False,
     ) -> None:
         super().__init__()
@@ -221,6 +240,7 @@ class DataParallel(nn.Module):
             bucket_cap_mb=bucket_cap_mb,
             first_bucket_mb=first_bucket_mb,
             timeout_s=timeout_s,
+            overlap=overlap,
             shared_buckets=shared_buckets,
         )
         self.module = module
@@ -243,6 +263,8 @@ class DataParallel(nn.Module):
         self._check_same_parameters()
         self._broadcast_state()
         self._buckets = self._build_buckets()
+        self._grad_scale = 1.0 / self.world_size
+        self.overlaps_backward = self._decide_overlap()
         self._hooks = [
             param.register_post_accumulate_grad_hook(self._make_hook(bucket, slot, position))
             for bucket in self._buckets
@@ -290,7 +312,7 @@ class DataParallel(nn.Module):
 
             ring = self._fastpar_all_reduce(device)
             probe = torch.empty(0, dtype=dtype)
-            if ring.should_use(probe, dist.ReduceOp.AVG) and self._shared_memory_problem is None:
+            if ring.should_use(probe, dist.ReduceOp.SUM) and self._shared_memory_problem is None:
                 try:
                     return ring.empty_shared(numel, dtype=dtype)
                 except SharedMemoryUnavailableError as error:
@@ -301,16 +323,15 @@ class DataParallel(nn.Module):
                         )
         return torch.zeros(numel, dtype=dtype, device=device)
 
-    def _comm_for(self, buffer: torch.Tensor) -> tuple[Callable[[torch.Tensor], Any], bool]:
-        """The all-reduce of this bucket, and whether it averages (fastpar's divides by the world
-        size where it reduces; torch.distributed's gloo has no AVG, so its sums are scaled)."""
+    def _comm_for(self, buffer: torch.Tensor) -> Callable[[torch.Tensor, bool], Any]:
+        """The sum of this bucket across the group (the hooks divided the gradients already)."""
         choice = self.config.comm
         if choice != "torch":
             self._fastpar_all_reduce(buffer.device)
-            if self._ring.should_use(buffer, dist.ReduceOp.AVG):
-                ring, average = self._ring, dist.ReduceOp.AVG
-                return lambda tensor: ring.all_reduce(tensor, average, async_op=True), True
-            reason = self._ring.fallback_reason(buffer, dist.ReduceOp.AVG)
+            if self._ring.should_use(buffer, dist.ReduceOp.SUM):
+                ring = self._ring
+                return lambda tensor, async_op: ring.all_reduce(tensor, async_op=async_op)
+            reason = self._ring.fallback_reason(buffer, dist.ReduceOp.SUM)
             if choice == "ring":
                 raise ValueError(
                     f"comm='ring' was requested but fastpar's all-reduce cannot serve this "
@@ -319,7 +340,7 @@ class DataParallel(nn.Module):
             if dist.get_rank() == 0:  # once per run (create_all_reduce said why for a layout)
                 log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
-        return lambda tensor: dist.all_reduce(tensor, group=group, async_op=True), False
+        return lambda tensor, async_op: dist.all_reduce(tensor, group=group, async_op=async_op)
 
     def _build_buckets(self) -> list[_Bucket]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -350,22 +371,36 @@ class DataParallel(nn.Module):
     def _make_bucket(self, index: int, params: list[nn.Parameter]) -> _Bucket:
         total = sum(p.numel() for p in params)
         buffer = self._bucket_buffer(total + len(params), params[0].dtype, params[0].device)
-        buffer[total:] = 1  # "used" flags: positive unless this rank leaves a parameter unused
         views, start = [], 0
         for param in params:
             views.append(buffer[start : start + param.numel()].view_as(param))
             start += param.numel()
-        comm, averages = self._comm_for(buffer)
         return _Bucket(
             index=index,
             params=params,
             buffer=buffer,
             views=views,
-            comm=comm,
-            averages=averages,
+            comm=self._comm_for(buffer),
             pending=len(params),
             ready=[False] * len(params),
         )
+
+    def _decide_overlap(self) -> bool:
+        """Whether buckets are all-reduced during backward (see `DataParallelConfig.overlap`)."""
+        if self.config.overlap != "auto":
+            return self.config.overlap == "on"
+        if not self._buckets or self._buckets[0].buffer.device.type != "cpu":
+            return True
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        spare = has_spare_core(local_ranks, torch.get_num_threads(), cores)
+        if dist.get_rank() == 0:
+            log_once(
+                logger,
+                f"DataParallel all-reduces CPU buckets {'during' if spare else 'after'} backward: "
+                f"{local_ranks} ranks x {torch.get_num_threads()} threads on {cores} cores",
+            )
+        return spare
 
     # --- the training step ----------------------------------------------------------------------
 
@@ -390,19 +425,23 @@ class DataParallel(nn.Module):
             if not self._sync_enabled:
                 return
             self._start_backward_if_needed()
-            grad = param.grad
-            assert grad is not None  # post-accumulate hooks fire after .grad is set
-            if not _is_view(grad, view):
-                with torch.no_grad():
-                    view.copy_(grad)
-                param.grad = view
             with self._lock:
                 self.last_backward_events.append(("grad", position))
                 if bucket.ready[slot]:
                     return  # AccumulateGrad runs once per leaf and backward; never twice
                 bucket.ready[slot] = True
+            grad = param.grad
+            assert grad is not None  # post-accumulate hooks fire after .grad is set
+            if not _is_view(grad, view):
+                _scale_into(view, grad, self._grad_scale)
+                param.grad = view
+            elif self._grad_scale != 1.0:  # autograd accumulated into the view
+                with torch.no_grad():
+                    view.mul_(self._grad_scale)
+            with self._lock:
                 bucket.pending -= 1
-                self._launch_ready_buckets()
+                if self.overlaps_backward:
+                    self._launch_ready_buckets()
 
         return hook
 
@@ -424,6 +463,9 @@ class DataParallel(nn.Module):
             self.last_backward_events = []
             self._first_grad_at = time.perf_counter()
             self._first_launch_at = 0.0
+            # "used" flags: 1 unless this rank leaves a parameter unused (the last sum is there)
+            for bucket in self._buckets:
+                bucket.flags.fill_(1)
         torch.autograd.Variable._execution_engine.queue_callback(self._finish_backward)
 
     def _launch(self, bucket: _Bucket) -> None:
@@ -431,12 +473,15 @@ class DataParallel(nn.Module):
         if not self._first_launch_at:
             self._first_launch_at = time.perf_counter()
         with record_range(f"fastpar.dp.allreduce.bucket{bucket.index}"):
-            bucket.work = bucket.comm(bucket.buffer)
+            if self.overlaps_backward:
+                bucket.work = bucket.comm(bucket.buffer, True)
+            else:  # backward is over: this thread runs it, with no hand-over to another
+                bucket.comm(bucket.buffer, False)
+                bucket.work = _FINISHED
 
     @torch.no_grad()
     def _mark_unused(self, bucket: _Bucket) -> None:
         """Parameters that got no gradient on this rank contribute zeros and a 0 flag."""
-        bucket.had_unused = True
         for slot, ready in enumerate(bucket.ready):
             if ready:
                 continue
@@ -468,8 +513,8 @@ class DataParallel(nn.Module):
                         bucket.work.wait()
                     except Exception as failure:  # re-raised below
                         error = error or failure
-                if error is None:
-                    self._scale_and_expose()
+                if error is None and self._some_unused:
+                    self._expose_used_elsewhere()
             except Exception as failure:  # re-raised below
                 error = error or failure
             finally:
@@ -496,7 +541,8 @@ class DataParallel(nn.Module):
         launched = [bucket for bucket in self._buckets if bucket.work is not None]
         self.last_stats = CommStats(
             backward_s=now - self._first_grad_at,
-            allreduce_s=now - self._first_launch_at if self._first_launch_at else 0.0,
+            # Launched when backward ended (overlap off): launching is part of the all-reduce.
+            allreduce_s=now - min(self._first_launch_at, autograd_done) if launched else 0.0,
             exposed_s=now - autograd_done,
             buckets=len(launched),
             bytes=sum(b.buffer.numel() * b.buffer.element_size() for b in launched),
@@ -508,16 +554,9 @@ class DataParallel(nn.Module):
         `last_stats.exposed_s`)."""
         return self.last_stats.exposed_s
 
-    @torch.no_grad()
-    def _scale_and_expose(self) -> None:
-        """Divide the sums torch.distributed returned (one fused multiply for all buckets), and
-        give parameters used only by other ranks their averaged gradient."""
-        # The whole buffer: the "used" flags too, which stay positive (about 1) from step to step.
-        summed = [bucket.buffer for bucket in self._buckets if not bucket.averages]
-        if summed:
-            torch._foreach_mul_(summed, 1.0 / self.world_size)
-        if not self._some_unused:
-            return  # every parameter was used here, so its .grad is its bucket view already
+    def _expose_used_elsewhere(self) -> None:
+        """Give the parameters this rank left unused but another rank used their averaged
+        gradient (every parameter this rank used has its bucket view as .grad already)."""
         used_by = torch.cat([bucket.flags for bucket in self._buckets]).tolist()
         position = 0
         for bucket in self._buckets:
@@ -525,9 +564,6 @@ class DataParallel(nn.Module):
                 if used_by[position] != 0 and not _is_view(param.grad, view):
                     param.grad = view
                 position += 1
-            if bucket.had_unused:
-                bucket.flags.fill_(1)  # positive again: the next backward's "used" marks
-                bucket.had_unused = False
 
     def _drop_gradients(self) -> None:
         for bucket in self._buckets:
@@ -566,8 +602,33 @@ class DataParallel(nn.Module):
         return [bucket.numel for bucket in self._buckets]
 
 
+def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:
+    """Whether a host of `cores` cores (None: unknown) has one left for communication once
+    `local_ranks` ranks run `threads` compute threads each."""
+    return cores is not None and cores > local_ranks * threads
+
+
 def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
     """Whether `grad` is the bucket view `view` (the same memory, shape and strides)."""
     return (
         grad is not None and grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride()
     )
+
+
+@torch.no_grad()
+def _scale_into(view: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
+    """view = grad * scale, in the one pass that copies the gradient into its bucket."""
+    if scale == 1.0:
+        view.copy_(grad)
+    else:
+        torch.mul(grad, scale, out=view)
+
+
+class _Finished:
+    """The work of an all-reduce that ran synchronously."""
+
+    def wait(self) -> bool:
+        return True
+
+
+_FINISHED = _Finished()

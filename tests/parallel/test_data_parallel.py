@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from fastpar.comm import CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
+from fastpar.parallel.data_parallel import has_spare_core
 from fastpar.testing.distributed import run_multiprocess
 
 VOCAB, EMBED, HIDDEN, SEQ, BATCH = 23, 8, 16, 7, 4
@@ -78,17 +79,19 @@ def _new_model(kind: str) -> nn.Module:
 
 
 def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list[str]:
-    """For each (kind, comm, bucket_cap_mb, first_bucket_mb): 10 SGD steps with momentum with
-    fastpar and with DDP from the same start, on different data per rank; parameters must
-    agree. Ranks start from different weights, so the initial broadcast is exercised too."""
+    """For each (kind, comm, bucket_cap_mb, first_bucket_mb[, overlap]) (overlap "auto" when
+    left out): 10 SGD steps with momentum with fastpar and with DDP from the same start, on
+    different data per rank; parameters must agree. Ranks start from different weights, so the
+    initial broadcast is exercised too."""
     failures = []
-    for kind, comm, bucket_cap_mb, first_bucket_mb in configs:
+    for kind, comm, bucket_cap_mb, first_bucket_mb, *more in configs:
+        overlap = more[0] if more else "auto"
         torch.manual_seed(rank)  # different on purpose: both wrappers broadcast from rank 0
         ours = _new_model(kind)
         theirs = _new_model(kind)
         theirs.load_state_dict(ours.state_dict())
         dp = DataParallel(ours, comm=comm, bucket_cap_mb=bucket_cap_mb,
-                          first_bucket_mb=first_bucket_mb)  # fmt: skip
+                          first_bucket_mb=first_bucket_mb, overlap=overlap)  # fmt: skip
         ddp = DistributedDataParallel(theirs, find_unused_parameters=kind == "branchy")
         opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
         opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
@@ -99,6 +102,10 @@ def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list
                 _loss(model, kind, inputs, targets, rank, step).backward()
                 opt.step()
         for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            # Both divide each gradient by the world size before summing; a sum of two is the
+            # same in any order, so on two ranks the bits agree.
+            if world_size == 2 and not torch.equal(a, b):
+                failures.append(f"{kind}/{comm}/{bucket_cap_mb}/{overlap}: {name} not bitwise")
             if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
                 error = (a - b).abs().max().item()
                 failures.append(f"{kind}/{comm}/{bucket_cap_mb}: {name} differs by {error:.3g}")
@@ -107,12 +114,14 @@ def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list
 
 
 CONFIGS = [
-    ("lm", "torch", 25.0, 1.0),
-    ("lm", "ring", 25.0, 1.0),
-    ("lm", "ring", 0.002, 0.001),  # a bucket or two per parameter
-    ("lm", "auto", 0.01, 0.004),
-    ("branchy", "torch", 25.0, 1.0),
-    ("branchy", "ring", 0.001, 0.0005),
+    ("lm", "torch", 25.0, 1.0, "on"),
+    ("lm", "ring", 25.0, 1.0, "off"),
+    ("lm", "ring", 0.002, 0.001, "on"),  # a bucket or two per parameter
+    ("lm", "ring", 0.002, 0.001, "off"),
+    ("lm", "auto", 0.01, 0.004, "auto"),
+    ("branchy", "torch", 25.0, 1.0, "off"),
+    ("branchy", "ring", 0.001, 0.0005, "on"),
+    ("branchy", "ring", 0.001, 0.0005, "off"),
 ]
 
 
@@ -122,7 +131,7 @@ def test_matches_ddp_on_two_ranks() -> None:
 
 
 def test_matches_ddp_on_three_ranks() -> None:
-    configs = [("lm", "ring", 0.002, 0.001), ("branchy", "auto", 0.001, 0.0005)]
+    configs = [("lm", "ring", 0.002, 0.001, "on"), ("branchy", "auto", 0.001, 0.0005, "off")]
     failures = run_multiprocess(_train_against_ddp, 3, args=(configs,), timeout=240)
     assert failures == [[], [], []]
 
@@ -156,10 +165,11 @@ def test_no_sync_accumulation_equals_one_large_batch() -> None:
     run_multiprocess(_no_sync_equals_large_batch, 2, args=(3,), timeout=120)
 
 
-def _record_overlap(rank: int, world_size: int) -> list[tuple]:
+def _record_overlap(rank: int, world_size: int, overlap: str) -> list[tuple]:
     torch.manual_seed(0)
     model = LanguageModel()
-    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002)
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002,
+                      overlap=overlap)  # fmt: skip
     buckets = {bucket.buffer.untyped_storage().data_ptr() for bucket in dp._buckets}
     for set_to_none in (True, False):  # a fresh .grad copied in once, or accumulated in place
         for p in model.parameters():
@@ -194,10 +204,20 @@ def _check_comm_stats(dp: DataParallel, model: nn.Module) -> None:
 
 
 def test_first_bucket_is_launched_before_backward_ends() -> None:
-    for events in run_multiprocess(_record_overlap, 2, timeout=120):
+    for events in run_multiprocess(_record_overlap, 2, args=("on",), timeout=120):
         first_launch = events.index(("launch", 0))
         last_grad = max(i for i, event in enumerate(events) if event[0] == "grad")
         assert first_launch < last_grad, events  # gradients were still being computed
+        assert events[-1] == ("end",)
+
+
+def test_without_overlap_every_bucket_is_launched_after_the_last_gradient() -> None:
+    for events in run_multiprocess(_record_overlap, 2, args=("off",), timeout=120):
+        first_launch = events.index(("launch", 0))
+        last_grad = max(i for i, event in enumerate(events) if event[0] == "grad")
+        assert first_launch > last_grad, events
+        launches = [event[1] for event in events if event[0] == "launch"]
+        assert launches == sorted(launches) and len(launches) >= 3, events
         assert events[-1] == ("end",)
 
 
@@ -276,11 +296,22 @@ def test_state_dict_is_the_plain_modules() -> None:
         ({"bucket_cap_mb": 0}, "bucket_cap_mb must be a finite number > 0, got 0"),
         ({"first_bucket_mb": -1.0}, r"first_bucket_mb must be a finite number > 0, got -1.0"),
         ({"timeout_s": float("inf")}, "timeout_s must be a finite number > 0, got inf"),
+        ({"overlap": True}, r"overlap must be one of \('auto', 'on', 'off'\), got True"),
     ],
 )
 def test_bad_options_are_named(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         DataParallelConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("local_ranks", "threads", "cores", "spare"),
+    [(2, 1, 2, False), (2, 8, 16, False), (2, 1, 3, True), (4, 3, 16, True), (1, 1, None, False)],
+)
+def test_overlap_needs_a_core_beyond_the_compute_threads(
+    local_ranks: int, threads: int, cores: int | None, spare: bool
+) -> None:
+    assert has_spare_core(local_ranks, threads, cores) is spare
 
 
 def test_a_bool_is_not_a_size() -> None:
