@@ -14,6 +14,7 @@ namespace {
 
 constexpr int64_t kTensorMagic = 0x74656e736f72LL;  // "tensor"
 constexpr int64_t kMaxDims = 64;
+constexpr double kYieldSeconds = 0.05;
 
 }  // namespace
 
@@ -39,6 +40,11 @@ ShmTensorPipe::ShmTensorPipe(const std::string& name, bool create, int64_t capac
   }
   WaitPolicy policy;
   policy.timeout_s = timeout_s;
+  // A stage waits for its neighbour up to about the other stages' compute of a step (GPipe's
+  // first backward: half of it). Past yield_s every check sleeps, and a sleep ends tens of
+  // microseconds late (the kernel's timer slack), on the pipeline's critical path each time;
+  // yielding instead leaves the core to anything else that is runnable.
+  policy.yield_s = kYieldSeconds;
   pipe_ = std::make_unique<ShmPipe>(segment_.data(), segment_.size(), create ? 0 : 1, capacity,
                                     policy);
 }
