@@ -406,8 +406,8 @@ class Pipeline:
         elif op is Op.SEND_ACTIVATION:
             self._send(planned, run.outputs[key])
         else:
-            x = run.stage_inputs.pop(key)
-            grad = _NO_GRADIENT if not carries_grad(x) else x.grad
+            x = run.stage_inputs.pop(key)  # a leaf that requires grad iff it carries one
+            grad = x.grad if x.requires_grad else _NO_GRADIENT
             self._send(planned, torch.zeros_like(x) if grad is None else grad)
 
     def _compute(self, planned: _Planned, run: _StepState, ranges: bool) -> None:
@@ -441,10 +441,10 @@ class Pipeline:
         else:
             y = run.outputs.pop(key)
             grad = run.output_grads.pop(key, None)
-            if grad is not None and carries_grad(y):
+            # An output that carries no gradient does not require grad: no backward runs.
+            # is_cpu first: y.device builds an object, and .to enters the dispatcher.
+            if grad is not None and not (grad.is_cpu and y.is_cpu):
                 grad = grad.to(y.device)
-            else:
-                grad = None
             with self._backward_context(s, k), profile:
                 if y.requires_grad and (grad is not None or s == self.num_stages - 1):
                     torch.autograd.backward(y, grad)
