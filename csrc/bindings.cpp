@@ -53,13 +53,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     using Pipe = fastpar::ShmTensorPipe;
     const auto release = py::call_guard<py::gil_scoped_release>();
     py::class_<Pipe>(m, "ShmTensorPipe", "CPU tensors between two processes through shared memory")
-        .def(py::init<const std::string&, bool, int64_t, double>(), py::arg("name"),
-             py::arg("create"), py::arg("capacity"), py::arg("timeout_s"))
+        .def(py::init<const std::string&, bool, int64_t, double, int64_t,
+                      const std::vector<at::ScalarType>&>(),
+             py::arg("name"), py::arg("create"), py::arg("capacity"), py::arg("timeout_s"),
+             py::kw_only(), py::arg("max_dims") = 64,
+             py::arg("dtypes") = std::vector<at::ScalarType>())
         .def("unlink", &Pipe::unlink)
         .def("connect", &Pipe::connect)
-        .def("send", &Pipe::send, py::arg("tensor"), release)
+        .def("send", &Pipe::send, py::arg("tensor"))  // never waits: keeps the GIL
         .def("flush", &Pipe::flush, release)
-        .def("recv", &Pipe::recv, py::arg("what"), release)
+        .def("recv", &Pipe::recv, py::arg("what"), py::arg("leaf") = false, release)
         .def("abort", &Pipe::abort, py::arg("text"), release)
         .def("close", &Pipe::close, release)
         .def_property_readonly("closed", &Pipe::closed)

@@ -71,16 +71,22 @@ class ShmAllReduce {
 // peer opens it; either unlinks it once both have mapped it. One thread uses an endpoint.
 class ShmTensorPipe {
  public:
-  ShmTensorPipe(const std::string& name, bool create, int64_t capacity, double timeout_s);
+  // `max_dims` and `dtypes` (empty: any) bound what send accepts: the pipe carries any tensor,
+  // but must refuse what the pipeline's other links cannot carry.
+  ShmTensorPipe(const std::string& name, bool create, int64_t capacity, double timeout_s,
+                int64_t max_dims, const std::vector<at::ScalarType>& dtypes);
   void unlink();
   // Call once both endpoints exist (records the peer's pid for the liveness check).
   void connect();
-  // Posts a contiguous CPU tensor; it is read until flush() returns (keep it alive until then).
+  // Posts a CPU tensor (a contiguous copy of it if it is not); it is read until flush()
+  // returns (keep it alive until then). Never waits for the peer. A tensor outside the limits
+  // raises ValueError (dimensions) or TypeError (dtype).
   void send(const at::Tensor& tensor);
-  // Waits until everything sent is in the pipe.
-  void flush();
-  // The peer's next tensor; `what` names it in errors.
-  at::Tensor recv(const std::string& what);
+  // Waits until everything sent is in the pipe; returns deferred_sends().
+  int64_t flush();
+  // The peer's next tensor; `what` names it in errors. With `leaf`, a floating or complex
+  // tensor comes back requiring grad: a leaf of autograd, as it is this process's alone.
+  at::Tensor recv(const std::string& what, bool leaf);
   // Makes the peer's waits raise PipeAbortedError(text); the pipe is unusable afterwards.
   void abort(const std::string& text);
   void close();
@@ -94,6 +100,8 @@ class ShmTensorPipe {
 
   SharedSegment segment_;
   std::unique_ptr<ShmPipe> pipe_;
+  int64_t max_dims_;
+  std::vector<bool> sendable_;  // by scalar type; empty: every type
 };
 
 #ifdef FASTPAR_WITH_CUDA

@@ -14,14 +14,23 @@ namespace {
 
 constexpr int64_t kTensorMagic = 0x74656e736f72LL;  // "tensor"
 constexpr int64_t kMaxDims = 64;
+constexpr double kYieldSeconds = 0.05;
 
 }  // namespace
 
 ShmTensorPipe::ShmTensorPipe(const std::string& name, bool create, int64_t capacity,
-                             double timeout_s) {
+                             double timeout_s, int64_t max_dims,
+                             const std::vector<at::ScalarType>& dtypes)
+    : max_dims_(max_dims) {
   TORCH_CHECK_VALUE(capacity > 0 && capacity % 4096 == 0,
                     "capacity must be a positive multiple of 4096, got ", capacity);
   TORCH_CHECK_VALUE(timeout_s > 0, "timeout must be positive, got ", timeout_s, " s");
+  TORCH_CHECK_VALUE(max_dims >= 0 && max_dims <= kMaxDims, "max_dims must be in [0, ",
+                    kMaxDims, "], got ", max_dims);
+  if (!dtypes.empty()) {
+    sendable_.assign(static_cast<size_t>(at::ScalarType::NumOptions), false);
+    for (const at::ScalarType dtype : dtypes) sendable_[static_cast<size_t>(dtype)] = true;
+  }
   const size_t bytes = ShmPipe::segment_bytes(capacity);
   if (create) {
     segment_ = SharedSegment::create(name, bytes);
@@ -31,6 +40,11 @@ ShmTensorPipe::ShmTensorPipe(const std::string& name, bool create, int64_t capac
   }
   WaitPolicy policy;
   policy.timeout_s = timeout_s;
+  // A stage waits for its neighbour up to about the other stages' compute of a step (GPipe's
+  // first backward: half of it). Past yield_s every check sleeps, and a sleep ends tens of
+  // microseconds late (the kernel's timer slack), on the pipeline's critical path each time;
+  // yielding instead leaves the core to anything else that is runnable.
+  policy.yield_s = kYieldSeconds;
   pipe_ = std::make_unique<ShmPipe>(segment_.data(), segment_.size(), create ? 0 : 1, capacity,
                                     policy);
 }
@@ -44,12 +58,15 @@ void ShmTensorPipe::unlink() { segment_.unlink(); }
 
 void ShmTensorPipe::connect() { pipe().connect(); }
 
-void ShmTensorPipe::send(const at::Tensor& tensor) {
-  TORCH_CHECK_VALUE(tensor.device().is_cpu(), "tensor must be a CPU tensor, got ",
-                    tensor.device());
-  TORCH_CHECK_VALUE(tensor.is_contiguous(), "tensor must be contiguous");
-  TORCH_CHECK_VALUE(tensor.dim() <= kMaxDims, "tensor may have at most ", kMaxDims,
-                    " dimensions, got ", tensor.dim());
+// One native call per message, checks included: right after a stage's compute every line of
+// Python or dispatcher code on the way costs microseconds (its caches are cold), and a peer waits.
+void ShmTensorPipe::send(const at::Tensor& input) {
+  TORCH_CHECK_VALUE(input.device().is_cpu(), "tensor must be a CPU tensor, got ", input.device());
+  TORCH_CHECK_VALUE(input.dim() <= max_dims_, "tensor may have at most ", max_dims_,
+                    " dimensions, got ", input.dim());
+  TORCH_CHECK_TYPE(sendable_.empty() || sendable_[static_cast<size_t>(input.scalar_type())],
+                   "tensors of dtype ", input.scalar_type(), " are not sendable");
+  const at::Tensor tensor = input.is_contiguous() ? input : input.contiguous();
   int64_t words[3 + kMaxDims];
   words[0] = kTensorMagic;
   words[1] = static_cast<int64_t>(tensor.scalar_type());
@@ -66,9 +83,13 @@ void ShmTensorPipe::send(const at::Tensor& tensor) {
             std::make_shared<at::Tensor>(tensor.detach()));
 }
 
-void ShmTensorPipe::flush() { pipe().flush(); }
+int64_t ShmTensorPipe::flush() {
+  ShmPipe& sink = pipe();
+  sink.flush();
+  return sink.deferred_sends();
+}
 
-at::Tensor ShmTensorPipe::recv(const std::string& what) {
+at::Tensor ShmTensorPipe::recv(const std::string& what, bool leaf) {
   ShmPipe& source = pipe();
   int64_t words[3];
   source.recv(reinterpret_cast<char*>(words), sizeof(words), what.c_str());
@@ -85,6 +106,10 @@ at::Tensor ShmTensorPipe::recv(const std::string& what) {
   at::Tensor tensor(at::detail::empty_cpu(sizes, static_cast<at::ScalarType>(words[1])));
   source.recv(static_cast<char*>(tensor.data_ptr()), static_cast<int64_t>(tensor.nbytes()),
               what.c_str());
+  const at::ScalarType dtype = tensor.scalar_type();
+  if (leaf && (at::isFloatingType(dtype) || at::isComplexType(dtype))) {
+    tensor.set_requires_grad(true);
+  }
   return tensor;
 }
 

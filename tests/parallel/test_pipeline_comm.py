@@ -1,6 +1,6 @@
 """The shared-memory pipe between two stages (`connect_shm_links`, `csrc/shm_pipe.h`) on its own:
-tensors of every dtype and shape arrive equal, also where a message wraps around the end of the
-pipe's ring, tensors far larger than the pipe stream through
+tensors of every dtype and shape arrive equal (received activations as leaves), also where a
+message wraps around the end of the pipe's ring, tensors far larger than the pipe stream through
 it even when both sides send at once, nothing stays in /dev/shm, and an abort, a dead peer or a
 silent one ends every wait on the other side within a bounded time, with the error named. A
 pipe that cannot be set up makes Pipeline fall back to torch.distributed under "auto" only."""
@@ -57,6 +57,7 @@ def _tensors(seed: int) -> list[torch.Tensor]:
         torch.empty(0, 4),  # no elements
         torch.randn(1, 1, 1, 1, 1, 1, 1, 1, generator=generator),  # MAX_NDIM dimensions
         torch.randn(4097, generator=generator)[1:],  # an offset view, one byte past a page
+        torch.randn(5, 3, generator=generator).t(),  # not contiguous: the pipe copies it
     ]
 
 
@@ -212,6 +213,47 @@ def test_bad_arguments_are_named() -> None:
         check_sendable(torch.zeros([1] * 9))
     with pytest.raises(TypeError, match=r"dtype torch\.uint16 are not supported"):
         check_sendable(torch.zeros(2, dtype=torch.uint16))
+
+
+def _leaves_and_refusals(rank: int, world_size: int, seed: int) -> dict[str, Any]:
+    """Rank 0 sends a float and an integer tensor twice, trying in between tensors no link may
+    carry; rank 1 receives them as leaves, then not."""
+    link = _link(rank)
+    generator = torch.Generator().manual_seed(seed)
+    floats, integers = torch.randn(4, 3, generator=generator), torch.arange(6)
+    if rank == 0:
+        errors = []
+        for refused in (torch.zeros([1] * 9), torch.zeros(2, dtype=torch.uint16)):
+            try:
+                link.send(refused, "refused")
+            except (ValueError, TypeError) as error:
+                errors.append(f"{type(error).__name__}: {error}")
+        for _ in range(2):
+            link.send(floats, "floats")
+            link.send(integers, "integers")
+        link.finish_sends()
+        return {"errors": errors}
+    received = [link.recv(what, leaf) for leaf in (True, False) for what in ("floats", "integers")]
+    return {
+        "equal": [torch.equal(got.detach(), want) for got, want in
+                  zip(received, [floats, integers] * 2, strict=True)],
+        "requires_grad": [tensor.requires_grad for tensor in received],
+        "is_leaf": [tensor.is_leaf for tensor in received],
+    }  # fmt: skip
+
+
+def test_received_tensors_become_leaves_and_refused_tensors_are_named() -> None:
+    seed = int.from_bytes(os.urandom(4), "little")
+    sender, receiver = run_multiprocess(_leaves_and_refusals, 2, args=(seed,), timeout=60)
+    assert len(sender["errors"]) == 2, sender
+    assert sender["errors"][0].startswith("ValueError: pipeline activations may have at most 8")
+    assert sender["errors"][1] == (
+        "TypeError: pipeline activations of dtype torch.uint16 are not supported"
+    )
+    assert all(receiver["equal"]), (seed, receiver)
+    # A leaf for a floating tensor asked as one; integers carry no gradient.
+    assert receiver["requires_grad"] == [True, False, False, False], receiver
+    assert all(receiver["is_leaf"]), receiver
 
 
 def _unmappable(rank: int, world_size: int) -> dict[str, Any]:

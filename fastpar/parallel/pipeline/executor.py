@@ -169,7 +169,8 @@ class Pipeline:
         self.num_stages = num_stages
         self.is_first = 0 in self._chunks
         self.is_last = num_stages - 1 in self._chunks
-        self.last_stats = StepStats()
+        self._last_run: _StepState | None = None
+        self._last_stats = StepStats()
         self._broken: str | None = None
         self._devices = {s: _module_device(module) for s, module in self._chunks.items()}
         self._no_sync = {s: getattr(module, "no_sync", None) for s, module in self._chunks.items()}
@@ -190,9 +191,10 @@ class Pipeline:
             if a.op in _SENDS
         }
         self._inboxes = {
-            peer: Inbox(link, self._expected(everyone[peer]), self._names)
+            peer: Inbox(link, self._expected(everyone[peer]), self._names, self._leaves(link))
             for peer, link in self._links.items()
         }
+        self._me = Peer(min(self._chunks), dist.get_rank())
         self._plan = [self._planned(action) for action in self._actions]
         self.transports = {link.peer.stage: _transport_name(link) for link in self._links.values()}
 
@@ -216,18 +218,29 @@ class Pipeline:
         if action.op in COMPUTE_OPS:
             kind = {Op.FORWARD: "forward", Op.BACKWARD_WEIGHT: "weight"}.get(action.op, "backward")
             name = f"s{s}.mb{k}" if len(self._chunks) > 1 else f"mb{k}"
-            return _Planned(action, (s, k), None, range_name("pp", kind, name))
+            return _Planned(action, (s, k), None, None, range_name("pp", kind, name))
         message = message_of(action)
         send = action.op in _SENDS
         peer = self.placement.stage_ranks[message.dest if send else message.source]
-        device = self._devices[s] if self._devices[s] != self._comm_device else None
+        what = self._names[message]
+        profile = range_name("pp", "send" if send else "recv", what)
         if send:
-            return _Planned(action, (s, k), self._links[peer], self._names[message], None)
-        # A pipe's and a local queue's tensors are new and detached, as is a copy to the
-        # device; a torch link's may be views of its receive buffers.
-        owned = device is not None or isinstance(self._links[peer], ShmLink | LocalLink)
+            return _Planned(action, (s, k), self._links[peer], what, profile)
+        device = self._devices[s] if self._devices[s] != self._comm_device else None
         inbox = self._inboxes[peer]
-        return _Planned(action, (s, k), inbox, inbox.position(message), device, owned)
+        return _Planned(action, (s, k), inbox, inbox.position(message), profile, device)
+
+    def _leaves(self, link: Link) -> set[Message]:
+        """The messages `link` should deliver as leaves (see `Link.recv`): the activations for
+        stages on the link's device (the others are copied there, and the copy becomes the
+        leaf)."""
+        return {
+            message
+            for message in self._names
+            if message.kind == "activation"
+            and message.dest in self._chunks
+            and self._devices[message.dest] == self._comm_device
+        }
 
     def _expected(self, peer_actions: list[Action]) -> list[Message]:
         """The messages a peer sends this rank in a step, in the order it sends them."""
@@ -319,7 +332,7 @@ class Pipeline:
         Raises:
             PipelineError: this or another stage failed, or a peer died or stalled.
         """
-        me = Peer(min(self._chunks), dist.get_rank())
+        me = self._me
         if self._broken is not None:
             raise PipelineError(
                 f"stage {me.stage}: this pipeline failed in an earlier step ({self._broken}); "
@@ -336,6 +349,15 @@ class Pipeline:
             self._fail(f"{me} raised {type(error).__name__}: {error}", me, skip=None)
             raise
 
+    @property
+    def last_stats(self) -> StepStats:
+        """`StepStats` of the last step, made when first asked for: off the step's path."""
+        run = self._last_run
+        if run is not None:
+            self._last_run = None
+            self._last_stats = run.stats()
+        return self._last_stats
+
     def _step(
         self, inputs: Tensor | Sequence[Tensor] | None, targets: Tensor | Sequence[Tensor] | None
     ) -> Tensor | None:
@@ -347,54 +369,59 @@ class Pipeline:
             targets=split_batch("targets", targets, m, dim) if self.is_last else [],
         )
         run.weights = loss_weights(run.targets, dim, cfg.loss_reduction) if self.is_last else []
-        self.last_stats = run.stats
+        self._last_run = run
+        # Asked once per step: a range costs microseconds even when nobody listens.
+        ranges = torch._C._autograd._profiler_enabled() or torch.cuda.is_initialized()
         for inbox in self._inboxes.values():
             inbox.start_step()
         for planned in self._plan:
-            op, key, route = planned.action.op, planned.key, planned.route
-            if op is Op.RECV_ACTIVATION:
-                x = route.recv(planned.what)
-                if planned.device is not None:
-                    x = x.to(planned.device)
-                if carries_grad(x):
-                    # The stage's input is a leaf; a tensor nobody else holds becomes one in
-                    # place (no detach: a torch op costs ~10 us after a compute, on the path).
-                    if planned.owned:
-                        x.requires_grad = True
-                    else:
-                        x = x.detach().requires_grad_(True)
-                run.stage_inputs[key] = x
-            elif op is Op.RECV_GRADIENT:
-                run.output_grads[key] = route.recv(planned.what)
-            elif op is Op.SEND_ACTIVATION:
-                self._send(planned, run.outputs[key])
-            elif op is Op.SEND_GRADIENT:
-                x = run.stage_inputs.pop(key)
-                grad = _NO_GRADIENT if not carries_grad(x) else x.grad
-                self._send(planned, torch.zeros_like(x) if grad is None else grad)
+            if planned.route is None:
+                self._compute(planned, run, ranges)
+            elif ranges:
+                with record_range(planned.profile):
+                    self._transfer(planned, run)
             else:
-                self._compute(planned, run)
-        stats = run.stats
-        _record_times(stats, run.times, run.start)
+                self._transfer(planned, run)
         for link in self._links.values():
             link.finish_sends()
             link.end_step()
-            stats.split_sends += link.split_sends
+            run.split_sends += link.split_sends
             link.split_sends = 0
-        stats.step_s = time.perf_counter() - run.start
+        run.end = time.perf_counter()
         return torch.stack(run.losses).sum() if self.is_last else None
 
-    def _compute(self, planned: _Planned, run: _StepState) -> None:
-        action, key, name = planned.action, planned.key, planned.what
+    def _transfer(self, planned: _Planned, run: _StepState) -> None:
+        op, key = planned.action.op, planned.key
+        if op is Op.RECV_ACTIVATION:
+            # The inbox delivers the stage's input as a leaf (see _leaves), but for a stage on
+            # another device than the link: there the copy becomes the leaf.
+            x = planned.route.recv(planned.what)
+            if planned.device is not None:
+                x = x.to(planned.device)
+                if carries_grad(x):
+                    x.requires_grad = True
+            run.stage_inputs[key] = x
+        elif op is Op.RECV_GRADIENT:
+            run.output_grads[key] = planned.route.recv(planned.what)
+        elif op is Op.SEND_ACTIVATION:
+            self._send(planned, run.outputs[key])
+        else:
+            x = run.stage_inputs.pop(key)  # a leaf that requires grad iff it carries one
+            grad = x.grad if x.requires_grad else _NO_GRADIENT
+            self._send(planned, torch.zeros_like(x) if grad is None else grad)
+
+    def _compute(self, planned: _Planned, run: _StepState, ranges: bool) -> None:
+        action, key = planned.action, planned.key
         s, k = key
         began = time.perf_counter()
+        profile = record_range(planned.profile) if ranges else _NO_CONTEXT
         if action.op is Op.FORWARD:
             x = run.inputs[k] if s == 0 else run.stage_inputs[key]
             split = self._split[s] and torch.is_grad_enabled()
             deferred = run.deferred.setdefault(key, DeferredWeights()) if split else None
             context = (weight_split(self._chunks[s], deferred, f"stage {s}")
                        if deferred is not None else _NO_CONTEXT)  # fmt: skip
-            with record_range(name), context:
+            with profile, context:
                 y = self._chunks[s](x)
                 if not isinstance(y, Tensor):
                     raise TypeError(
@@ -407,22 +434,22 @@ class Pipeline:
                     run.losses.append(y.detach())
             run.outputs[key] = y
         elif action.op is Op.BACKWARD_WEIGHT:
-            with record_range(name):
+            with profile:
                 deferred = run.deferred.pop(key, None)
                 if deferred is not None:
                     deferred.run()
         else:
             y = run.outputs.pop(key)
             grad = run.output_grads.pop(key, None)
-            if grad is not None and carries_grad(y):
+            # An output that carries no gradient does not require grad: no backward runs.
+            # is_cpu first: y.device builds an object, and .to enters the dispatcher.
+            if grad is not None and not (grad.is_cpu and y.is_cpu):
                 grad = grad.to(y.device)
-            else:
-                grad = None
-            with self._backward_context(s, k), record_range(name):
+            with self._backward_context(s, k), profile:
                 if y.requires_grad and (grad is not None or s == self.num_stages - 1):
                     torch.autograd.backward(y, grad)
-        # Only the times here: the stats are made at the end of the step (_record_times), off
-        # the path between this compute and the send a peer waits for.
+        # Only the times here: the stats are made when asked for (last_stats), off the path
+        # between this compute and the send a peer waits for.
         run.times.append((action, began, time.perf_counter()))
 
     def _send(self, planned: _Planned, tensor: Tensor) -> None:
@@ -465,9 +492,9 @@ class _Planned(NamedTuple):
     action: Action
     key: tuple[int, int]  # (stage, micro-batch)
     route: Any  # SEND: the Link to the peer; RECV: the Inbox of the peer; compute: None
-    what: Any  # SEND: the message's name; RECV: its Inbox position; compute: profiler range
+    what: Any  # SEND: the message's name; RECV: its Inbox position; compute: None
+    profile: str  # the profiler range's name
     device: torch.device | None = None  # RECV: the stage's device, when not the link's (None)
-    owned: bool = False  # RECV: the received tensor is this rank's alone (may become a leaf)
 
 
 class _StepState:
@@ -475,29 +502,32 @@ class _StepState:
 
     def __init__(self, *, start: float, inputs: list[Tensor], targets: list[Tensor]) -> None:
         self.start = start
+        self.end = start  # set when the step is done
         self.inputs = inputs  # micro-batches of stage 0
         self.targets = targets  # micro-batches' targets on the last stage
         self.weights: list[float] = []
-        self.stats = StepStats()
         self.stage_inputs: dict[tuple[int, int], Tensor] = {}  # received activations (leaves)
         self.outputs: dict[tuple[int, int], Tensor] = {}  # a stage's output (or weighted loss)
         self.output_grads: dict[tuple[int, int], Tensor] = {}
         self.deferred: dict[tuple[int, int], DeferredWeights] = {}
         self.losses: list[Tensor] = []
         self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
+        self.split_sends = 0
 
-
-def _record_times(stats: StepStats, times: list[tuple[Action, float, float]], start: float) -> None:
-    """Add a step's compute times (host clock) to its stats, in seconds from `start`."""
-    for action, began, ended in times:
-        if action.op is Op.FORWARD:
-            stats.forward_s += ended - began
-        elif action.op is Op.BACKWARD_WEIGHT:
-            stats.weight_s += ended - began
-        else:
-            stats.backward_s += ended - began
-        s, k = action.stage, action.microbatch
-        stats.per_microbatch.append(ActionTime(action.op.value, s, k, began - start, ended - start))
+    def stats(self) -> StepStats:
+        """The step's `StepStats` (compute times in seconds from its start)."""
+        stats = StepStats(step_s=self.end - self.start, split_sends=self.split_sends)
+        for action, began, ended in self.times:
+            if action.op is Op.FORWARD:
+                stats.forward_s += ended - began
+            elif action.op is Op.BACKWARD_WEIGHT:
+                stats.weight_s += ended - began
+            else:
+                stats.backward_s += ended - began
+            start, end = began - self.start, ended - self.start
+            timed = ActionTime(action.op.value, action.stage, action.microbatch, start, end)
+            stats.per_microbatch.append(timed)
+        return stats
 
 
 def _check_chunks(

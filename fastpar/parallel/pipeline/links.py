@@ -14,11 +14,12 @@ peer's send order; `Inbox` reads ahead in that order and keeps what is not wante
 from __future__ import annotations
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from torch import Tensor
 
+from fastpar.parallel.pipeline.microbatches import carries_grad
 from fastpar.parallel.pipeline.schedules import Message
 from fastpar.parallel.pipeline.wire import Peer, PipelineError
 
@@ -27,7 +28,9 @@ __all__ = ["Inbox", "Link", "LocalLink"]
 
 class Link(Protocol):
     """Sends to and receives from one peer rank, with every host wait bounded by the
-    pipeline's timeout_s; a transport error becomes a `PipelineError` naming the peer."""
+    pipeline's timeout_s; a transport error becomes a `PipelineError` naming the peer.
+    Profiler ranges around transfers are the caller's (only while a profiler runs: a range
+    costs microseconds even when nobody listens, on the path a peer waits on)."""
 
     peer: Peer
     split_sends: int
@@ -36,9 +39,11 @@ class Link(Protocol):
     def post_receives(self, count: int) -> None:
         """Get ready for the peer's next `count` messages (transports that post ahead)."""
 
-    def recv(self, what: str) -> Tensor:
-        """The peer's next tensor; `what` names it in errors and profiles ("activation 3").
-        Raises PipelineError when the peer reported a failure, died or stayed silent."""
+    def recv(self, what: str, leaf: bool = False) -> Tensor:
+        """The peer's next tensor; `what` names it in errors ("activation 3"). With `leaf`, a
+        floating or complex tensor comes back as a leaf that requires grad (the transport's own
+        tensor in place, or else a detached alias). Raises PipelineError when the peer reported
+        a failure, died or stayed silent."""
         ...
 
     def send(self, tensor: Tensor, what: str) -> None:
@@ -69,10 +74,13 @@ class LocalLink:
     def post_receives(self, count: int) -> None:
         """Nothing to post."""
 
-    def recv(self, what: str) -> Tensor:
+    def recv(self, what: str, leaf: bool = False) -> Tensor:
         if not self._queue:
             raise RuntimeError(f"{self.peer}: {what} was received before it was sent")
-        return self._queue.popleft()
+        tensor = self._queue.popleft()  # a detached alias: its own leaf
+        if leaf and carries_grad(tensor):
+            tensor.requires_grad = True
+        return tensor
 
     def send(self, tensor: Tensor, what: str) -> None:
         self._queue.append(tensor.detach())
@@ -97,13 +105,21 @@ class Inbox:
         link: the link to the peer.
         expected: the peer's messages to this rank, in the order the peer sends them.
         names: what to call a message in errors and profiles.
+        leaves: the messages to receive as leaves (see `Link.recv`).
     """
 
-    def __init__(self, link: Link, expected: Sequence[Message], names: dict[Message, str]) -> None:
+    def __init__(
+        self,
+        link: Link,
+        expected: Sequence[Message],
+        names: dict[Message, str],
+        leaves: Collection[Message] = (),
+    ) -> None:
         self.link = link
         self._expected = list(expected)
         self._names = names
         self._what = [names[message] for message in self._expected]
+        self._leaf = [message in leaves for message in self._expected]
         self._positions = {message: index for index, message in enumerate(self._expected)}
         self._received = 0  # messages of this step read from the link
         self._early: dict[int, Tensor] = {}  # read, not yet handed out, by position
@@ -129,7 +145,11 @@ class Inbox:
     def recv(self, position: int) -> Tensor:
         """The tensor of the peer's message at `position` (see `position`), reading (and
         keeping) the peer's earlier messages first."""
-        while self._received <= position:
-            self._early[self._received] = self.link.recv(self._what[self._received])
+        if position < self._received:
+            return self._early.pop(position)
+        while self._received < position:
+            index = self._received
+            self._early[index] = self.link.recv(self._what[index], self._leaf[index])
             self._received += 1
-        return self._early.pop(position)
+        self._received += 1
+        return self.link.recv(self._what[position], self._leaf[position])

@@ -22,8 +22,14 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fastpar import _native
-from fastpar.parallel.pipeline.wire import Peer, PipelineError, check_sendable, peer_failed
-from fastpar.profiling import range_name, record_range
+from fastpar.parallel.pipeline.wire import (
+    DTYPES,
+    MAX_NDIM,
+    Peer,
+    PipelineError,
+    check_sendable,
+    peer_failed,
+)
 
 __all__ = ["PIPE_CAPACITY", "ShmLink", "connect_shm_links"]
 
@@ -59,29 +65,27 @@ class ShmLink:
     def post_receives(self, count: int) -> None:
         """Nothing to post: the pipe keeps every message until it is received."""
 
-    def recv(self, what: str) -> Tensor:
-        """The peer's next tensor, on the CPU (see `Link.recv`)."""
-        # try/except rather than a context manager: this runs per micro-batch, where every
-        # microsecond is bubble.
-        with record_range(range_name("pp", "recv", what)):
-            try:
-                return self._pipe.recv(what)
-            except self._errors as error:
-                raise self._pipeline_error(error, f"receiving {what} from") from error
+    def recv(self, what: str, leaf: bool = False) -> Tensor:
+        """The peer's next tensor, on the CPU (see `Link.recv`); it is this process's alone, so
+        with `leaf` the pipe makes it the leaf itself."""
+        # One native call and try/except, no context manager nor range (see Link): this runs
+        # per micro-batch, right after a compute, where every microsecond is bubble.
+        try:
+            return self._pipe.recv(what, leaf)
+        except self._errors as error:
+            raise self._pipeline_error(error, f"receiving {what} from") from error
 
     def send(self, tensor: Tensor, what: str) -> None:
         """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
-        check_sendable(tensor)
-        # Each torch op here costs microseconds right after a compute (its code is cold, ~10 us
-        # for a detach): no detach (the pipe copies the values now, or keeps a detached alias
-        # until they are written) and contiguous only when it changes something.
-        if not tensor.is_contiguous():
-            tensor = tensor.contiguous()
-        with record_range(range_name("pp", "send", what)):
-            try:
-                self._pipe.send(tensor)
-            except self._errors as error:
-                raise self._pipeline_error(error, "sending to") from error
+        # The pipe checks the tensor, makes it contiguous if needed, and keeps a detached alias
+        # of what it could not write yet: one native call, no torch op on the way.
+        try:
+            self._pipe.send(tensor)
+        except self._errors as error:
+            raise self._pipeline_error(error, "sending to") from error
+        except (ValueError, TypeError):
+            check_sendable(tensor)  # the refusal worded as every link words it
+            raise
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Make the peer's waits on this pipe raise the error (it is in shared memory at once:
@@ -91,10 +95,9 @@ class ShmLink:
     def finish_sends(self) -> None:
         """Wait (bounded) until every tensor sent is in the pipe."""
         try:
-            self._pipe.flush()
+            deferred = self._pipe.flush()
         except self._errors as error:
             raise self._pipeline_error(error, "sending to") from error
-        deferred = self._pipe.deferred_sends
         self.split_sends += deferred - self._deferred_seen
         self._deferred_seen = deferred
 
@@ -191,7 +194,9 @@ def connect_shm_links(
     def open_pipe(peer: Peer, name: str, create: bool) -> str | None:
         """Create or map the segment `name` for the pipe to `peer`; why not, if it failed."""
         try:
-            pipes[peer.stage] = native.ShmTensorPipe(name, create, capacity, timeout_s)
+            pipes[peer.stage] = native.ShmTensorPipe(
+                name, create, capacity, timeout_s, max_dims=MAX_NDIM, dtypes=list(DTYPES)
+            )
         except RuntimeError as error:
             return f"{'creating' if create else 'mapping'} the segment failed: {error}"
         return None

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fastpar.parallel.pipeline.microbatches import carries_grad
 from fastpar.parallel.pipeline.wire import (
     HEADER_BYTES,
     MIN_SLOT_BYTES,
@@ -38,7 +39,6 @@ from fastpar.parallel.pipeline.wire import (
     next_slot_bytes,
     peer_failed,
 )
-from fastpar.profiling import range_name, record_range
 
 __all__ = ["ERROR_DELIVERY_S", "TorchLink"]
 
@@ -98,11 +98,13 @@ class TorchLink:
                 work = dist.irecv(buffer, src=self.peer.rank, group=self._slot_group, tag=SLOT_TAG)
             self._slots.append((work, buffer))
 
-    def recv(self, what: str) -> Tensor:
+    def recv(self, what: str, leaf: bool = False) -> Tensor:
         """The peer's next tensor (its slot must have been posted).
 
         Arguments:
-            what: names the message in errors and profiles, e.g. "activation 3".
+            what: names the message in errors, e.g. "activation 3".
+            leaf: return a floating or complex tensor as a leaf that requires grad (detached:
+                it may be a view of the slot).
 
         Returns:
             The tensor, on this link's device, with the shape and dtype the sender announced
@@ -113,40 +115,43 @@ class TorchLink:
         """
         if not self._slots:
             raise RuntimeError(f"{self.me}: no receive posted for {what} from {self.peer}")
-        work, buffer = self._slots.popleft()
-        with record_range(range_name("pp", "recv", what)):
+        tensor = self._receive(self._slots.popleft(), what)
+        if leaf and carries_grad(tensor):
+            return tensor.detach().requires_grad_(True)
+        return tensor
+
+    def _receive(self, slot: tuple[dist.Work, Tensor], what: str) -> Tensor:
+        work, buffer = slot
+        self._wait(work, f"receiving {what} from")
+        try:
+            header = Header.decode(buffer[:HEADER_BYTES].view(torch.int64).tolist())
+        except ValueError as error:
+            raise RuntimeError(f"{self.me}: {error} from {self.peer}") from error
+        if header.kind is Kind.ERROR:
+            assert header.origin is not None
+            text = bytes(buffer[HEADER_BYTES : HEADER_BYTES + header.text_bytes].tolist())
+            raise PipelineError(
+                text.decode("utf-8", errors="replace"),
+                stage=header.origin.stage,
+                rank=header.origin.rank,
+                via=self.peer.stage,
+            )
+        assert header.dtype is not None
+        dtype, shape, nbytes = header.dtype, header.shape, header.payload_bytes
+        self._received_largest = max(self._received_largest, HEADER_BYTES + nbytes)
+        if header.kind is Kind.INLINE:
+            return buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
+        payload = torch.empty(shape, dtype=dtype, device=self._device)
+        with self._failing_as(f"receiving {what} from"):
+            work = dist.irecv(payload, src=self.peer.rank, group=self._recv_group, tag=PAYLOAD_TAG)
+        if payload.is_cuda:
+            # Stream-ordered: the current stream waits for NCCL's, the host does not. A
+            # silent peer is caught by the process group's timeout (NCCL watchdog); the
+            # header already proved that the peer posted this payload.
+            work.wait()
+        else:
             self._wait(work, f"receiving {what} from")
-            try:
-                header = Header.decode(buffer[:HEADER_BYTES].view(torch.int64).tolist())
-            except ValueError as error:
-                raise RuntimeError(f"{self.me}: {error} from {self.peer}") from error
-            if header.kind is Kind.ERROR:
-                assert header.origin is not None
-                text = bytes(buffer[HEADER_BYTES : HEADER_BYTES + header.text_bytes].tolist())
-                raise PipelineError(
-                    text.decode("utf-8", errors="replace"),
-                    stage=header.origin.stage,
-                    rank=header.origin.rank,
-                    via=self.peer.stage,
-                )
-            assert header.dtype is not None
-            dtype, shape, nbytes = header.dtype, header.shape, header.payload_bytes
-            self._received_largest = max(self._received_largest, HEADER_BYTES + nbytes)
-            if header.kind is Kind.INLINE:
-                return buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
-            payload = torch.empty(shape, dtype=dtype, device=self._device)
-            with self._failing_as(f"receiving {what} from"):
-                work = dist.irecv(
-                    payload, src=self.peer.rank, group=self._recv_group, tag=PAYLOAD_TAG
-                )
-            if payload.is_cuda:
-                # Stream-ordered: the current stream waits for NCCL's, the host does not. A
-                # silent peer is caught by the process group's timeout (NCCL watchdog); the
-                # header already proved that the peer posted this payload.
-                work.wait()
-            else:
-                self._wait(work, f"receiving {what} from")
-            return payload
+        return payload
 
     # --- sending ------------------------------------------------------------------------------
 
@@ -155,16 +160,15 @@ class TorchLink:
         goes on computing while the transfer runs."""
         size = HEADER_BYTES + tensor.numel() * tensor.element_size()
         self._sent_largest = max(self._sent_largest, size)
-        with record_range(range_name("pp", "send", what)):
-            if self._inline and size <= self._send_slot:
-                header = Header.for_tensor(Kind.INLINE, tensor).view(torch.uint8)
-                payload = tensor.detach().reshape(-1).view(torch.uint8)
-                self._isend(torch.cat([header, payload]), self._slot_group, SLOT_TAG)
-            else:
-                self.split_sends += 1
-                header = Header.for_tensor(Kind.SPLIT, tensor).view(torch.uint8)
-                self._isend(header, self._slot_group, SLOT_TAG)
-                self._isend(tensor.detach().contiguous(), self._send_group, PAYLOAD_TAG)
+        if self._inline and size <= self._send_slot:
+            header = Header.for_tensor(Kind.INLINE, tensor).view(torch.uint8)
+            payload = tensor.detach().reshape(-1).view(torch.uint8)
+            self._isend(torch.cat([header, payload]), self._slot_group, SLOT_TAG)
+        else:
+            self.split_sends += 1
+            header = Header.for_tensor(Kind.SPLIT, tensor).view(torch.uint8)
+            self._isend(header, self._slot_group, SLOT_TAG)
+            self._isend(tensor.detach().contiguous(), self._send_group, PAYLOAD_TAG)
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Post an error in place of the next tensor the peer expects (the message is cut to
