@@ -22,6 +22,12 @@ def _cuda_ready() -> bool:
     return torch.cuda.is_initialized()
 
 
+def ranges_recorded() -> bool:
+    """Whether `record_range` records anything now (a torch profiler runs, or CUDA is
+    initialised for NVTX): a caller that opens many ranges can ask once and skip them all."""
+    return _cuda_ready() or torch._C._autograd._profiler_enabled()
+
+
 @functools.cache  # a run's names are few; one lookup per call, not a replace and a format
 def range_name(*parts: str) -> str:
     """The range named `fastpar.<part>.<part>...`, without spaces: `range_name("pp", "send",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastpar.profiling import range_name, record_range
+from fastpar.profiling import range_name, ranges_recorded, record_range
 
 
 def test_range_name_joins_parts_without_spaces() -> None:
@@ -26,3 +27,11 @@ def test_record_range_shows_its_name_to_the_profiler() -> None:
     names = [event.name for event in prof.events()]
     assert names.count("fastpar.pp.recv.activation7") == 1
     assert names.count("outside.fastpar") == 1
+
+
+def test_ranges_are_recorded_only_while_someone_listens() -> None:
+    nvtx = torch.cuda.is_initialized()  # NVTX ranges for Nsight: always recorded then
+    assert ranges_recorded() == nvtx
+    with profile(activities=[ProfilerActivity.CPU]):
+        assert ranges_recorded()
+    assert ranges_recorded() == nvtx

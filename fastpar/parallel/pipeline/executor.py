@@ -61,7 +61,7 @@ from fastpar.parallel.pipeline.shm_link import ShmLink, connect_shm_links
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from fastpar.parallel.pipeline.torch_link import TorchLink
 from fastpar.parallel.pipeline.wire import Peer, PipelineError
-from fastpar.profiling import range_name, record_range
+from fastpar.profiling import range_name, ranges_recorded, record_range
 
 __all__ = ["Pipeline"]
 
@@ -371,7 +371,7 @@ class Pipeline:
         run.weights = loss_weights(run.targets, dim, cfg.loss_reduction) if self.is_last else []
         self._last_run = run
         # Asked once per step: a range costs microseconds even when nobody listens.
-        ranges = torch._C._autograd._profiler_enabled() or torch.cuda.is_initialized()
+        ranges = ranges_recorded()
         for inbox in self._inboxes.values():
             inbox.start_step()
         for planned in self._plan:
