@@ -236,6 +236,12 @@ void ShmPipe::sender_loop() {
 }
 
 void ShmPipe::flush() {
+  {
+    // Everything sent is in the ring: nothing to wait for, so a peer's abort is news for the
+    // next send or recv. A stage that finished its step before a later one failed returns.
+    const std::lock_guard<std::mutex> lock(mutex_);
+    if (queue_.empty() && failure_.empty()) return;
+  }
   throw_if_peer_aborted();
   std::unique_lock<std::mutex> lock(mutex_);
   flushed_.wait(lock, [&] { return queue_.empty() || !failure_.empty(); });

@@ -14,8 +14,8 @@
 // bytes out as they arrive, so a message larger than the ring streams through it.
 //
 // Failures. Every wait is bounded by the timeout. `abort(text)` marks this endpoint failed in the
-// segment with a text; from then on every call of the peer (send, flush, recv, or one waiting
-// already) raises PipeAbortedError carrying that text verbatim. A peer process that exits (or
+// segment with a text; from then on every call of the peer (send, recv, a flush with something
+// left to write, or one waiting already) raises PipeAbortedError carrying that text verbatim. A peer process that exits (or
 // is a zombie) is noticed by its pid within about kLivenessPeriod; that and a timeout raise
 // PipeBrokenError. Either leaves the pipe unusable.
 #pragma once
@@ -81,7 +81,7 @@ class ShmPipe {
   // lock, so its last owner should be the caller.
   void send(std::string header, const char* payload, int64_t payload_bytes,
             std::shared_ptr<void> keep);
-  // Waits (bounded) until everything sent is in the ring.
+  // Waits (bounded) until everything sent is in the ring; returns at once when it is.
   void flush();
   // Copies the next `bytes` of the peer's stream into `out`, waiting (bounded) as they arrive.
   // `what` names them in errors.

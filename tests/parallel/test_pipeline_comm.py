@@ -157,6 +157,36 @@ def _aborted(rank: int, world_size: int) -> tuple[str, str, float]:
     return "no error", "", 0.0
 
 
+def _abort_after_delivery(rank: int, world_size: int) -> tuple[str, str]:
+    """Rank 0's message is in the pipe when rank 1 aborts: rank 0's flush has nothing left to
+    wait for and returns; its next send raises the abort."""
+    link = _link(rank)
+    if rank == 0:
+        link.send(torch.ones(3), "activation 0")
+        dist.barrier()  # delivered
+        dist.barrier()  # aborted
+        try:
+            link.finish_sends()
+        except PipelineError as error:
+            return "flush raised", str(error)
+        try:
+            link.send(torch.ones(3), "activation 1")
+        except PipelineError as error:
+            return "send raised", str(error)
+        return "nothing raised", ""
+    received = link.recv("activation 0")
+    dist.barrier()
+    link.send_error("stage 1 raised ValueError: planted", Peer(1, 1))
+    dist.barrier()
+    return "received", str(received.tolist())
+
+
+def test_a_flush_with_nothing_left_returns_after_an_abort() -> None:
+    sender, receiver = run_multiprocess(_abort_after_delivery, 2, timeout=60)
+    assert receiver == ("received", "[1.0, 1.0, 1.0]")
+    assert sender == ("send raised", "stage 1 raised ValueError: planted")
+
+
 def test_an_abort_reaches_the_waiting_peer_verbatim() -> None:
     _, (origin, message, waited) = run_multiprocess(_aborted, 2, timeout=60)
     assert origin == "0 0 0"
