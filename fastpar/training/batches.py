@@ -61,7 +61,10 @@ class Batches:
             self.fixed = FixedSlicer(num_samples, self.num_blocks, drop_last=True, shuffle=True,
                                      seed=config.seed)  # fmt: skip
         else:
-            self.dynamic = DynamicSlicer(num_samples, group=place.dp_group, world_size=replicas,
+            # Its statistics go through the run's --comm ("ring" asks what "auto" gives them).
+            comm = "torch" if config.comm == "torch" else "auto"
+            self.dynamic = DynamicSlicer(num_samples, group=place.dp_group,
+                                         world_size=replicas, comm=comm,
                                          **dynamic_options(config, replicas))  # fmt: skip
 
     def next(self) -> tuple[list[int], int]:

@@ -20,9 +20,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar.comm import all_reduce
-from fastpar.comm.devices import collective_device
-from fastpar.data import DynamicSlicer
 from fastpar.parallel import CommStats, DataParallel, Pipeline
 from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
 from fastpar.parallel.pipeline.stages import measured_cuts
@@ -205,21 +202,6 @@ def _row(stage: Stage, loss: float | None, samples: int, global_samples: int,
     return row
 
 
-def _record_slicer_step(slicer: DynamicSlicer, comm_choice: str, samples: int, seconds: float,
-                        loss: float | None) -> None:  # fmt: skip
-    """`slicer.record_step`, its statistics all-reduced as the run's --comm says: on CPU groups
-    fastpar's all-reduce (one host: the shared-memory ring, ~20 us where gloo takes 0.5-1.5 ms
-    and more under load, on a step of tens of ms), else torch.distributed's. The sum is the
-    same either way (each rank fills its own column)."""
-    on_cpu = slicer.world_size > 1 and collective_device(slicer.group).type == "cpu"
-    if comm_choice == "torch" or not on_cpu:
-        slicer.record_step(samples, seconds, loss=loss)
-        return
-    stats = slicer.step_statistics(samples, seconds, loss)
-    all_reduce(stats, group=slicer.group)
-    slicer.record_reduced(stats)
-
-
 def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batches,
               corpus: Corpus, first_step: int,
               writer: MetricsWriter | None = None) -> tuple[float, StepMetrics]:  # fmt: skip
@@ -249,8 +231,7 @@ def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batc
             decision = None
             if batches.dynamic is not None:
                 blocks = tuple(batches.dynamic.last_sizes)
-                _record_slicer_step(batches.dynamic, config.comm, len(indices),
-                                    row["compute_s"], loss)  # fmt: skip
+                batches.dynamic.record_step(len(indices), row["compute_s"], loss)
                 decision = Decision(blocks, batches.dynamic.last_stats)
             metrics.record(step, row, decision)
             if prof is not None:
