@@ -28,7 +28,8 @@ Policies:
         are ignored); a change back to the speed before the last one restores the model of
         that speed instead (stragglers come and go). A new split replaces the current
         one only when it shortens the slowest rank's predicted time by more than
-        `gain_threshold` and moves some block by more than `rebalance_threshold`, so the
+        `gain_threshold` and by more than the fits' noise can tell (so not before every
+        rank's second step), and moves some block by more than `rebalance_threshold`, so the
         blocks neither flicker nor drift where the split makes no difference; once the fit
         after a speed change has a full `model_window` of its own, the split is corrected by
         any amount that shortens that time; with `probe_steps`, the neighbouring split that

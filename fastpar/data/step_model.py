@@ -37,6 +37,8 @@ _PRIOR_DOUBT = 0.25
 # Weight of the old mean square in the noise's running average: about ten steps, so that one
 # quiet stretch of two or three steps does not lower the bar a move must clear.
 _NOISE_MOMENTUM = 0.9
+# Past this many steps the running average's start no longer biases it (0.9**64 < 0.002).
+_NOISE_STEPS_CAP = 64
 # How many times the measured noise a faster step must lie below the model to confirm a return
 # to the previous speed on its own (see StepTimeModel._returns): +-20 % noise per step has an
 # r.m.s. of 0.115 in log, so 4 of them is a factor 1.6, which noise alone does not reach.
@@ -77,8 +79,11 @@ class StepTimeModel:
     return and `doubt`)."""
     noise: float = 0.0
     """Spread of accepted steps about the prediction made before each of them (root mean
-    square of log(measured / predicted), a running average over about ten steps; 0.0: not
-    measured). A property of the host more than of the speed: it carries across changes."""
+    square of log(measured / predicted), a running average over about ten steps, started at
+    0.0; see `noise_level`). A property of the host more than of the speed: it carries across
+    changes."""
+    noise_steps: int = 0
+    """How many steps `noise` has averaged (0: none; capped, it only corrects the start)."""
 
     @property
     def known(self) -> bool:
@@ -89,11 +94,19 @@ class StepTimeModel:
         return self.fixed + self.per_sample * samples
 
     @property
+    def noise_level(self) -> float:
+        """`noise` without the bias of its start at 0.0 (the running average's first steps
+        would understate it); infinite while no step has measured it: until then nothing can
+        tell a real difference from noise."""
+        if self.noise_steps == 0:
+            return math.inf
+        return self.noise / math.sqrt(1 - _NOISE_MOMENTUM**self.noise_steps)
+
+    @property
     def doubt(self) -> float:
-        """Relative standard error of a prediction: `noise` over the square root of the steps
-        fitted (0.0 while the noise is not measured). A predicted gain smaller than a couple
-        of these is noise."""
-        return self.noise / math.sqrt(max(len(self.window), 1))
+        """Relative standard error of a prediction: `noise_level` over the square root of the
+        steps fitted. A predicted gain smaller than a couple of these is noise."""
+        return self.noise_level / math.sqrt(max(len(self.window), 1))
 
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
@@ -123,6 +136,7 @@ class StepTimeModel:
             self.noise = math.sqrt(
                 _NOISE_MOMENTUM * self.noise**2 + (1 - _NOISE_MOMENTUM) * deviation**2
             )
+            self.noise_steps = min(self.noise_steps + 1, _NOISE_STEPS_CAP)
             if not fit:
                 return "fitted"
             self.window = (self.window + [(samples, seconds)])[-window:]
@@ -156,7 +170,7 @@ class StepTimeModel:
         limit = math.log1p(change_threshold)
         return (
             self.previous is not None
-            and deviation < -_RETURN_NOISES * self.noise
+            and deviation < -_RETURN_NOISES * self.noise_level
             and abs(math.log(seconds / self.previous.predict(samples))) <= limit
         )
 
@@ -165,7 +179,9 @@ class StepTimeModel:
         they fit it ("returned"), else this one rescaled by their median ratio and refitted
         from them ("changed")."""
         candidates, self.candidates = self.candidates, []
-        before = StepTimeModel(self.fixed, self.per_sample, self.window, noise=self.noise)
+        before = StepTimeModel(
+            self.fixed, self.per_sample, self.window, noise=self.noise, noise_steps=self.noise_steps
+        )
         previous = self.previous
         returned = previous is not None and abs(
             math.log(statistics.median(t / previous.predict(n) for n, t in candidates))
@@ -191,10 +207,12 @@ class StepTimeModel:
             "previous": None if self.previous is None else self.previous.state(),
             "settling": self.settling,
             "noise": self.noise,
+            "noise_steps": self.noise_steps,
         }
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> StepTimeModel:
+        noise = float(state.get("noise", 0.0))
         return cls(
             fixed=float(state["fixed"]),
             per_sample=float(state["per_sample"]),
@@ -203,7 +221,9 @@ class StepTimeModel:
             # Absent from states saved before the model kept it.
             previous=None if state.get("previous") is None else cls.from_state(state["previous"]),
             settling=int(state.get("settling", 0)),
-            noise=float(state.get("noise", 0.0)),
+            noise=noise,
+            # States saved before the count: a measured noise counts as long measured.
+            noise_steps=int(state.get("noise_steps", _NOISE_STEPS_CAP if noise > 0 else 0)),
         )
 
 

@@ -134,12 +134,12 @@ def test_a_state_saved_before_an_option_existed_still_resumes() -> None:
     del state["changes"], state["hold"]  # ... that remembered no speed changes
     del state["probe"], state["probe_due"]  # ... nor trials of neighbouring splits
     for model in state["models"]:  # ... and by step-time models that kept no history
-        del model["previous"], model["settling"], model["noise"]
+        del model["previous"], model["settling"], model["noise"], model["noise_steps"]
     resumed = DynamicSlicer(64, slicer.config, world_size=2)
     resumed.load_state_dict(state)
     expected = {**slicer.state_dict(), "changes": [], "hold": 0, "probe": None, "probe_due": False}
     for model in expected["models"]:
-        model.update(previous=None, settling=0, noise=0.0)
+        model.update(previous=None, settling=0, noise=0.0, noise_steps=0)
     assert resumed.state_dict() == expected
 
 
@@ -190,9 +190,22 @@ def test_throughput_gives_the_slow_rank_a_smaller_share() -> None:
     assert slicer.sizes == [33, 16, 11]  # 60 * 6/11 = 32.7, 60 * 3/11 = 16.4, 60 * 2/11 = 10.9
     # The fast rank is capped at max_size, the others share the rest 3 : 2.
     capped = DynamicSlicer(10_000, min_size=4, max_size=30, global_batch=60, world_size=3)
-    step = capped.next_step()
-    capped.record_all([20, 20, 20], [0.02, 0.04, 0.06])
+    for _ in range(2):  # one step measures no noise: the blocks wait for a second
+        capped.next_step()
+        capped.record_all([20, 20, 20], [0.02, 0.04, 0.06])
     assert capped.sizes == [30, 18, 12]
+
+
+def test_throughput_waits_for_a_second_step_before_it_moves() -> None:
+    """A first step is often a warm-up and measures no noise: however different the ranks'
+    first times, the blocks stay until a second step can tell how far times scatter."""
+    slicer = DynamicSlicer(10_000, min_size=4, max_size=64, global_batch=60, world_size=2)
+    slicer.next_step()
+    slicer.record_all([30, 30], [0.03, 0.09])
+    assert slicer.sizes == [30, 30] and slicer.last_stats.event == "hold"
+    slicer.next_step()
+    slicer.record_all([30, 30], [0.03, 0.09])
+    assert slicer.sizes == [45, 15] and slicer.last_stats.event == "rebalance"
 
 
 def test_throughput_ignores_an_outlier_and_follows_a_confirmed_change() -> None:
@@ -704,7 +717,11 @@ def test_last_stats_show_what_was_measured_and_decided() -> None:
     assert stats is not None
     assert (stats.step, stats.blocks, stats.seconds) == (1, (50, 50), (0.5, 1.0))
     assert stats.samples_per_s == (100.0, 50.0) == stats.rates  # the first rates as measured
-    assert stats.loss == 3.0 and stats.event == "rebalance"
+    assert stats.loss == 3.0 and stats.event == "hold"  # one step measures no noise
+    blocks = [len(b) for b in slicer.next_step()]
+    slicer.record_all(blocks, [0.5, 1.0], [2.0, 4.0])
+    stats = slicer.last_stats
+    assert (stats.step, stats.event) == (2, "rebalance")
     assert list(stats.sizes) == slicer.sizes == [67, 33]
     blocks = [len(b) for b in slicer.next_step()]
     assert blocks == [67, 33]
