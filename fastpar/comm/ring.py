@@ -497,7 +497,8 @@ class RingAllReduce:
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = dense(tensor)
-        capturing = torch.cuda.is_current_stream_capturing()
+        with torch.cuda.device(self.device):  # the stream the native call looks at
+            capturing = torch.cuda.is_current_stream_capturing()
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
