@@ -147,6 +147,7 @@ class RingAllReduce:
         self._submit_lock = threading.Lock()
         self._stream: torch.cuda.ExternalStream | None = None
         self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
+        self._captured = False  # CUDA: a call was captured in a graph (replayed on other streams)
         self._store: dist.Store | None = None
         self._prefix = ""
         self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
@@ -507,6 +508,7 @@ class RingAllReduce:
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
             # cannot wait; the device's verdict is raised by the next call outside the graph.
+            self._captured = True
             work = CudaRingWork(None, self.device, copy_back, self.check)
         else:
             event = torch.cuda.Event()
@@ -569,7 +571,8 @@ class RingAllReduce:
         buffers and unmaps the peers', then frees its own once every rank has unmapped it (a
         buffer a peer may still map is never freed: if a peer does not get there within the
         timeout, this rank's buffer is left allocated until the process ends, and that is
-        logged).
+        logged). A CUDA graph that captured a call of this ring waits for its replays first and
+        must not be replayed after it.
         """
         if self._closed:
             return
@@ -581,6 +584,10 @@ class RingAllReduce:
         if self._stream is None:
             self._transport.close()
             return
+        if self._captured:
+            # Replays of captured calls run on the replaying streams, which stop() does not
+            # wait for: none may still read a buffer once the peers unmap and free it.
+            torch.cuda.synchronize(self.device)
         self._transport.stop()  # own stream finished, the peers' buffers unmapped
         keys = {rank: f"{self._prefix}/unmapped/{rank}" for rank in range(self.world_size)}
         try:
