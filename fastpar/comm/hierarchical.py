@@ -327,8 +327,10 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
     ) -> torch.cuda.Event | None:
         """The call, on the worker; CUDA: enqueued on `stream` (the caller's), returning an
         event behind its last kernel for `HierarchicalWork.wait`."""
-        # as in torch.distributed, autograd does not see the update
-        with torch.cuda.stream(stream), torch.no_grad():
+        # (torch.cuda.stream(None) would initialise CUDA for a CPU call on a GPU host.) No grad:
+        # as in torch.distributed, autograd does not see the update.
+        on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with on_stream, torch.no_grad():
             target = dense(tensor)
             inner = dist.ReduceOp.SUM if code == AVG else op
             flat = target.view(-1)
