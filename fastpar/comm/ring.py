@@ -230,12 +230,18 @@ class RingAllReduce:
         )  # fmt: skip
         try:
             keys = {rank: f"{prefix}/ipc/{rank}" for rank in range(self.world_size)}
-            store.set(keys[self.rank], bytes(transport.handle().tolist()))
+            # The handle, then this rank's chunk_bytes: a peer maps this buffer as two areas of
+            # its own chunk_bytes, so a larger one would read past its end.
+            shared = bytes(transport.handle().tolist()) + int(chunk_bytes).to_bytes(8, "little")
+            store.set(keys[self.rank], shared)
             self._store_wait(store, keys, "share its CUDA IPC handle")
-            handles = [
-                torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8)
-                for key in keys.values()
-            ]
+            values = [store.get(key) for key in keys.values()]
+            chunks = [int.from_bytes(value[-8:], "little") for value in values]
+            if len(set(chunks)) > 1:  # every rank reads the same values: all raise
+                raise ValueError(f"chunk_bytes must be the same on every rank, got {chunks} "
+                                 "(by rank)")  # fmt: skip
+            handles = [torch.frombuffer(bytearray(value[:-8]), dtype=torch.uint8)
+                       for value in values]  # fmt: skip
             try:
                 transport.connect(handles)
                 problem = ""

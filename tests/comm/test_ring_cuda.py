@@ -199,6 +199,25 @@ def test_ranks_taking_different_paths_all_say_so() -> None:
             assert "on rank 0: dtype torch.int8 is not one of" in message, message
 
 
+def _different_chunk_bytes(rank: int, world_size: int) -> str:
+    device = _device(rank)
+    with pytest.raises(ValueError) as error:  # each would read past the end of the other's areas
+        RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES << rank,
+                      serve_shared_gpu=True)  # fmt: skip
+    # Every rank gave up that ring alike: the next one works.
+    with RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES,
+                       serve_shared_gpu=True) as ring:  # fmt: skip
+        tensor = torch.full((1000,), float(rank + 1), device=device)
+        ring.all_reduce(tensor)
+        assert torch.equal(tensor.cpu(), torch.full((1000,), 3.0))
+    return str(error.value)
+
+
+def test_ranks_with_different_chunk_bytes_all_raise() -> None:
+    for message in run_multiprocess(_different_chunk_bytes, 2, timeout=120):
+        assert "chunk_bytes must be the same on every rank, got [1048576, 2097152]" in message
+
+
 @pytest.mark.parametrize("endpoints", [2, 4, 8])
 def test_endpoints_on_concurrent_streams_of_one_process(endpoints: int) -> None:
     from fastpar import _native

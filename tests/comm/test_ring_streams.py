@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from datetime import timedelta
 
 import pytest
 import torch
@@ -71,3 +72,60 @@ def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPat
     ring._run_cuda(torch.ones(4), 0, async_op=False)
     ring.close()
     assert steps == ["captured", "sync", "stop", "free"]
+
+
+@pytest.mark.parametrize("peer_chunk_bytes", [1 << 20, 2 << 20])
+def test_ranks_agree_on_chunk_bytes_before_mapping(
+    monkeypatch: pytest.MonkeyPatch, peer_chunk_bytes: int
+) -> None:
+    # Rank 0's setup with a fake transport and store, rank 1 having published its handle and
+    # chunk_bytes: different ones raise before any buffer is mapped, equal ones map.
+    handle = bytes(range(64))
+    store = {"p/device/1": b"gpu", "p/ipc/1": handle + peer_chunk_bytes.to_bytes(8, "little")}
+    steps: list[str] = []
+
+    class Transport:
+        stream_handle = 0
+
+        def __init__(self, **kwargs: object) -> None:
+            steps.append(f"created with {kwargs['chunk_bytes']}")
+
+        def handle(self) -> torch.Tensor:
+            return torch.zeros(64, dtype=torch.uint8)
+
+        def connect(self, handles: list[torch.Tensor]) -> None:
+            assert bytes(handles[1].tolist()) == handle
+            steps.append("connected")
+
+        def watch_peers(self, pids: list[int]) -> None:
+            pass
+
+        def close(self) -> None:
+            steps.append("closed")
+
+    class Native:
+        with_cuda = True
+        IpcAllReduce = Transport
+
+    class Store:
+        def set(self, key: str, value: str | bytes) -> None:
+            store[key] = value.encode() if isinstance(value, str) else value
+
+        def get(self, key: str) -> bytes:
+            return store[key]
+
+    monkeypatch.setattr("fastpar.comm.ring.local_device_ids", lambda: ["gpu"])
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device: object())
+    ring = object.__new__(RingAllReduce)
+    ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
+    ring.group, ring._serve_shared_gpu, ring._peer_pids = None, True, {}
+    ring.timeout = timedelta(seconds=60)
+    ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
+    ring._agree = lambda question, problem, what: not problem  # type: ignore[method-assign]
+    if peer_chunk_bytes != 1 << 20:
+        with pytest.raises(ValueError, match=r"same on every rank, got \[1048576, 2097152\]"):
+            ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+        assert steps == ["created with 1048576", "closed"]
+    else:
+        ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+        assert steps == ["created with 1048576", "connected"]
