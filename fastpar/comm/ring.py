@@ -439,6 +439,11 @@ class RingAllReduce:
             On CUDA the first two are found by the device and raised when the call is waited
             for (its return, or `wait()` of its work); inside a CUDA graph capture, by the next
             call outside it.
+
+        A captured call runs on the stream that replays its graph, not on the ring's: two
+        kernels of one ring must never run at once (they share its barrier counters), so wait()
+        for asynchronous calls before a replay, and make calls after a replay on the replaying
+        stream (or once it has finished).
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
