@@ -342,39 +342,49 @@ def test_a_ring_dropped_without_close_gives_its_stream_back_once_drained() -> No
     run_multiprocess(_ring_dropped_without_close, 1, timeout=120)
 
 
-def _data_parallel_on_one_gpu(rank: int, world_size: int) -> list[torch.Tensor]:
+def _data_parallel_on_one_gpu(rank: int, world_size: int) -> dict[str, list[torch.Tensor]]:
     from torch import nn
 
     from fastpar.parallel import DataParallel
 
     device = _device(rank)
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
-    reference = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
-    reference.load_state_dict(model.state_dict())
-    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.01, first_bucket_mb=0.004)
-    ours = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    theirs = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    for step in range(3):
-        batches = [
-            torch.randn(16, 8, generator=torch.Generator().manual_seed(100 * step + r))
-            for r in range(world_size)
-        ]
-        ours.zero_grad()
-        dp(batches[rank].to(device)).square().mean().backward()
-        ours.step()
-        # The single-process reference: every rank's batch at once (equal sizes: the mean of
-        # the ranks' means).
-        theirs.zero_grad()
-        reference(torch.cat(batches).to(device)).square().mean().backward()
-        theirs.step()
-    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    dp.close()
-    return [p.detach().cpu() for p in model.parameters()]
+    out = {}
+    # "on": buckets launched asynchronously from autograd's hooks; "off": run synchronously at
+    # the end of backward.
+    for overlap in ("on", "off"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
+        reference = nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 4)).to(device)
+        reference.load_state_dict(model.state_dict())
+        dp = DataParallel(model, comm="ring", bucket_cap_mb=0.01, first_bucket_mb=0.004,
+                          overlap=overlap)  # fmt: skip
+        ours = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        theirs = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+        for step in range(3):
+            batches = [
+                torch.randn(16, 8, generator=torch.Generator().manual_seed(100 * step + r))
+                for r in range(world_size)
+            ]
+            ours.zero_grad()
+            dp(batches[rank].to(device)).square().mean().backward()
+            ours.step()
+            # The single-process reference: every rank's batch at once (equal sizes: the mean
+            # of the ranks' means).
+            theirs.zero_grad()
+            reference(torch.cat(batches).to(device)).square().mean().backward()
+            theirs.step()
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        dp.close()
+        out[overlap] = [p.detach().cpu() for p in model.parameters()]
+    return out
 
 
 def test_data_parallel_two_processes_on_one_gpu_equal_one_process() -> None:
     results = run_multiprocess(_data_parallel_on_one_gpu, 2, timeout=240)
-    for a, b in zip(results[0], results[1], strict=True):
-        assert torch.equal(a, b)
+    # The same bits on both ranks, with and without overlap (the same sums, in the same order).
+    for overlap in ("on", "off"):
+        for a, b in zip(results[0][overlap], results[1][overlap], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(results[0]["on"], results[0][overlap], strict=True):
+            assert torch.equal(a, b), overlap
