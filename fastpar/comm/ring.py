@@ -582,8 +582,8 @@ class RingAllReduce:
         buffers and unmaps the peers', then frees its own once every rank has unmapped it (a
         buffer a peer may still map is never freed: if a peer does not get there within the
         timeout, this rank's buffer is left allocated until the process ends, and that is
-        logged). A CUDA graph that captured a call of this ring waits for its replays first and
-        must not be replayed after it.
+        logged). Where a call of this ring was captured in a CUDA graph, it first waits for the
+        device (the graph's replays), and the graph must not be replayed afterwards.
         """
         if self._closed:
             return
