@@ -91,12 +91,23 @@ class HierarchicalWork(RingWork):
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Block until the all-reduce is done (bounded by the object's timeout); raise its error.
+        On CUDA, the current stream then runs its later work after the call's last kernel.
 
         Returns:
             True, as torch.distributed's Work.wait does.
         """
         self._owner._result(self._future, timeout)
+        done = self._future.result()
+        if done is not None:
+            torch.cuda.current_stream(self._owner.device).wait_event(done)
         return True
+
+    def is_completed(self) -> bool:
+        """Whether the all-reduce has finished (on CUDA: its kernels too), or failed."""
+        if not self._future.done() or self._future.exception() is not None:
+            return self._future.done()
+        done = self._future.result()
+        return done is None or done.query()
 
 
 class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllReduce"]):
@@ -301,18 +312,28 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         if not tensor.is_contiguous():
             dense(tensor)  # refuses overlapping views here, not on the worker
         assert self._executor is not None
-        self._last = self._executor.submit(self._run, tensor, op, code)
+        # CUDA: the worker enqueues on the caller's stream, where the tensor was produced (its
+        # own current stream is the default one, which the ring's stream does not wait for).
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        self._last = self._executor.submit(self._run, tensor, op, code, stream)
         work = HierarchicalWork(self._last, self)
         if async_op:
             return work
         work.wait()
         return None
 
-    def _run(self, tensor: torch.Tensor, op: object, code: int) -> None:
-        target = dense(tensor)
-        inner = dist.ReduceOp.SUM if code == AVG else op
-        flat = target.view(-1)
-        with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+    def _run(
+        self, tensor: torch.Tensor, op: object, code: int, stream: torch.cuda.Stream | None
+    ) -> torch.cuda.Event | None:
+        """The call, on the worker; CUDA: enqueued on `stream` (the caller's), returning an
+        event behind its last kernel for `HierarchicalWork.wait`."""
+        # (torch.cuda.stream(None) would initialise CUDA for a CPU call on a GPU host.) No grad:
+        # as in torch.distributed, autograd does not see the update.
+        on_stream = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with on_stream, torch.no_grad():
+            target = dense(tensor)
+            inner = dist.ReduceOp.SUM if code == AVG else op
+            flat = target.view(-1)
             if self._passes is not None:
                 self._passes.run(flat, inner, code)
             else:
@@ -321,6 +342,11 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                 flat.div_(self.world_size)
             if target is not tensor:
                 tensor.copy_(target)
+        if stream is None:
+            return None
+        done = torch.cuda.Event()
+        done.record(stream)
+        return done
 
     def _shard(self, count: int, align: int) -> tuple[int, int]:
         """[lo, hi) of `count` elements that this rank reduces (`shard_length` each)."""
@@ -365,6 +391,9 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         gathered[self._local * shard : self._local * shard + (hi - lo)] = mine
         self._local_all_reduce(words, dist.ReduceOp.SUM)
         flat.copy_(gathered[:n])
+        # Callers' streams may differ from call to call: the workspace is not reallocated (on
+        # growth) under this stream's pending copy.
+        words.record_stream(torch.cuda.current_stream(self.device))
 
     def _words(self, count: int) -> torch.Tensor:
         if self._workspace.numel() < count:

@@ -147,6 +147,7 @@ class RingAllReduce:
         self._submit_lock = threading.Lock()
         self._stream: torch.cuda.ExternalStream | None = None
         self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
+        self._captured = False  # CUDA: a call was captured in a graph (replayed on other streams)
         self._store: dist.Store | None = None
         self._prefix = ""
         self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
@@ -229,12 +230,18 @@ class RingAllReduce:
         )  # fmt: skip
         try:
             keys = {rank: f"{prefix}/ipc/{rank}" for rank in range(self.world_size)}
-            store.set(keys[self.rank], bytes(transport.handle().tolist()))
+            # The handle, then this rank's chunk_bytes: a peer maps this buffer as two areas of
+            # its own chunk_bytes, so a larger one would read past its end.
+            shared = bytes(transport.handle().tolist()) + int(chunk_bytes).to_bytes(8, "little")
+            store.set(keys[self.rank], shared)
             self._store_wait(store, keys, "share its CUDA IPC handle")
-            handles = [
-                torch.frombuffer(bytearray(store.get(key)), dtype=torch.uint8)
-                for key in keys.values()
-            ]
+            values = [store.get(key) for key in keys.values()]
+            chunks = [int.from_bytes(value[-8:], "little") for value in values]
+            if len(set(chunks)) > 1:  # every rank reads the same values: all raise
+                raise ValueError(f"chunk_bytes must be the same on every rank, got {chunks} "
+                                 "(by rank)")  # fmt: skip
+            handles = [torch.frombuffer(bytearray(value[:-8]), dtype=torch.uint8)
+                       for value in values]  # fmt: skip
             try:
                 transport.connect(handles)
                 problem = ""
@@ -432,6 +439,11 @@ class RingAllReduce:
             On CUDA the first two are found by the device and raised when the call is waited
             for (its return, or `wait()` of its work); inside a CUDA graph capture, by the next
             call outside it.
+
+        A captured call runs on the stream that replays its graph, not on the ring's: two
+        kernels of one ring must never run at once (they share its barrier counters), so wait()
+        for asynchronous calls before a replay, and make calls after a replay on the replaying
+        stream (or once it has finished).
         """
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"tensor must be a torch.Tensor, got {type(tensor).__name__}")
@@ -497,7 +509,8 @@ class RingAllReduce:
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = dense(tensor)
-        capturing = torch.cuda.is_current_stream_capturing()
+        with torch.cuda.device(self.device):  # the stream the native call looks at
+            capturing = torch.cuda.is_current_stream_capturing()
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
@@ -506,6 +519,7 @@ class RingAllReduce:
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
             # cannot wait; the device's verdict is raised by the next call outside the graph.
+            self._captured = True
             work = CudaRingWork(None, self.device, copy_back, self.check)
         else:
             event = torch.cuda.Event()
@@ -568,7 +582,8 @@ class RingAllReduce:
         buffers and unmaps the peers', then frees its own once every rank has unmapped it (a
         buffer a peer may still map is never freed: if a peer does not get there within the
         timeout, this rank's buffer is left allocated until the process ends, and that is
-        logged).
+        logged). Where a call of this ring was captured in a CUDA graph, it first waits for the
+        device (the graph's replays), and the graph must not be replayed afterwards.
         """
         if self._closed:
             return
@@ -580,6 +595,10 @@ class RingAllReduce:
         if self._stream is None:
             self._transport.close()
             return
+        if self._captured:
+            # Replays of captured calls run on the replaying streams, which stop() does not
+            # wait for: none may still read a buffer once the peers unmap and free it.
+            torch.cuda.synchronize(self.device)
         self._transport.stop()  # own stream finished, the peers' buffers unmapped
         keys = {rank: f"{self._prefix}/unmapped/{rank}" for rank in range(self.world_size)}
         try:

@@ -34,8 +34,10 @@ How a step flows:
 Measurements: `last_stats` (`CommStats`) holds the last synchronised backward's communication,
 timed on the host as the hooks and the final wait run (no extra synchronisation): how long the
 all-reduces took from the first launch to the last completion, and how much of that was exposed,
-i.e. waited for after autograd had finished. On CUDA, `wait()` only orders the streams, so
-there the figures are host-side (launch and enqueue) times unless the caller synchronises.
+i.e. waited for after autograd had finished. On CUDA, torch.distributed's (NCCL's) `wait()` only
+orders the streams, so there the figures are host-side (launch and enqueue) times unless the
+caller synchronises; fastpar's CUDA ring's `wait()` also waits on the host for the kernel (to
+raise what the device found), so its figures include the device's time.
 
 Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
 that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to

@@ -353,3 +353,34 @@ def test_shared_area_mismatches_and_a_killed_rank_are_named_on_every_rank() -> N
         assert "ranks [0, 1] called all_reduce with tensors in different places" in place, place
         assert f"rank {KILLED}" in killed and float(after) < timeout_s, (after, killed)
     assert "the hierarchical all-reduce is off: 2 ranks on 2 hosts" in survivors[0][3]
+
+
+def _cuda_on_the_callers_stream(rank: int, world_size: int, seed: int) -> None:
+    simulate_hosts(rank, [0, 0, 1, 1])
+    device = torch.device("cuda", 0)  # every rank on one GPU
+    torch.cuda.set_device(device)
+    generator = torch.Generator().manual_seed(seed + rank)
+    with HierarchicalAllReduce(device=device, serve_shared_gpu=True) as reducer:
+        for size, asynchronous in ((1009, False), (65539, True)):
+            host = integer_valued(size, torch.float32, R.SUM, generator)
+            expected = expect_gloo(host, R.SUM, world_size)
+            staged, tensor = host.to(device), torch.zeros(size, device=device)
+            producer = torch.cuda.Stream(device)
+            producer.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(producer):
+                # The input lands late on the caller's stream: a call not ordered after it
+                # reduces zeros.
+                torch.cuda._sleep(50_000_000)
+                tensor.copy_(staged)
+                work = reducer.all_reduce(tensor, async_op=asynchronous)
+                if not asynchronous:
+                    assert torch.equal(tensor.cpu(), expected), f"seed {seed}: {size}"
+            if asynchronous:
+                # Waited for on another stream: that stream runs its reads after the call.
+                assert work is not None and work.wait()
+                assert torch.equal(tensor.cpu(), expected), f"seed {seed}: {size}, async"
+
+
+@pytest.mark.gpu
+def test_cuda_calls_run_on_the_callers_stream() -> None:
+    run_multiprocess(_cuda_on_the_callers_stream, 4, args=(SEED,), timeout=240)

@@ -17,6 +17,12 @@ OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
 SEED = random.randrange(2**31)
 # Small chunks so that calls of a few thousand elements already cross chunks and wrap the slots.
 SMALL_RING = {"chunk_bytes": 4096, "slots": 3}
+# The most ranks a test reduces over (the CUDA ring's limit, csrc/ipc_ring.cuh's kMaxRanks).
+MAX_RANKS = 8
+# bfloat16 holds the integers up to 256 exactly (8 significant bits), 257 not: its values stay
+# within 256 / MAX_RANKS, else a sum of 8 ranks rounds (gloo rounds after every addition, the
+# ring once at the end, and they differ).
+_SUM_BOUND = {torch.bfloat16: 256 // MAX_RANKS}
 
 
 def every_call(sizes: Sequence[int]) -> Iterator[tuple[torch.dtype, R, int]]:
@@ -33,13 +39,15 @@ def every_call(sizes: Sequence[int]) -> Iterator[tuple[torch.dtype, R, int]]:
 def integer_valued(
     size: int, dtype: torch.dtype, op: R, generator: torch.Generator
 ) -> torch.Tensor:
-    """Random integers that every dtype holds exactly, as do all their sums and products over a
-    few ranks (so a reduction in any order is exact); never all zeros."""
+    """Random integers that every dtype holds exactly, as do all their partial sums and
+    products over up to MAX_RANKS ranks (so a reduction in any order, rounding after each step
+    or once, is exact); never all zeros."""
     if op == R.PRODUCT:
         values = torch.randint(1, 3, (size,), generator=generator)
         signs = torch.randint(0, 2, (size,), generator=generator) * 2 - 1
         return (values * signs).to(dtype)
-    return torch.randint(-50, 51, (size,), generator=generator).to(dtype)
+    bound = _SUM_BOUND.get(dtype, 50)
+    return torch.randint(-bound, bound + 1, (size,), generator=generator).to(dtype)
 
 
 def expect_gloo(tensor: torch.Tensor, op: R, world_size: int) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""The CUDA ring's host-side logic that needs no GPU, with fakes for torch.cuda and the native
+transport (the GPU itself: tests/comm/test_ring_cuda.py)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from datetime import timedelta
+
+import pytest
+import torch
+
+from fastpar.comm import RingAllReduce
+
+
+def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cuda:1 captures a graph while cuda:0 is the current device: the native call captures the
+    # kernel (it looks at cuda:1's current stream), so no event may be recorded or waited for.
+    current = {"index": 0}
+
+    @contextlib.contextmanager
+    def device(where: torch.device) -> Iterator[None]:
+        before, current["index"] = current["index"], torch.device(where).index
+        try:
+            yield
+        finally:
+            current["index"] = before
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["index"] == 1)
+
+    class Transport:
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> None:
+            pass
+
+    ring = object.__new__(RingAllReduce)
+    ring.device = torch.device("cuda", 1)
+    ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    work = ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert work is not None and work._event is None
+    assert work.is_completed()
+
+
+def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A captured call replays on the caller's stream, not the ring's: close() must wait for the
+    # device before the peers' buffers are unmapped (stop) and its own freed.
+    steps: list[str] = []
+    monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: steps.append("sync"))
+
+    class Transport:
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> None:
+            steps.append("captured")
+
+        def stop(self) -> None:
+            steps.append("stop")
+
+        def free(self) -> None:
+            steps.append("free")
+
+    class Store:
+        def set(self, key: str, value: str) -> None:
+            pass
+
+    ring = object.__new__(RingAllReduce)
+    ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
+    ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    ring._closed, ring._captured, ring._executor = False, False, None
+    ring._store, ring._prefix = Store(), "test"
+    ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
+    ring._run_cuda(torch.ones(4), 0, async_op=False)
+    ring.close()
+    assert steps == ["captured", "sync", "stop", "free"]
+
+
+@pytest.mark.parametrize("peer_chunk_bytes", [1 << 20, 2 << 20])
+def test_ranks_agree_on_chunk_bytes_before_mapping(
+    monkeypatch: pytest.MonkeyPatch, peer_chunk_bytes: int
+) -> None:
+    # Rank 0's setup with a fake transport and store, rank 1 having published its handle and
+    # chunk_bytes: different ones raise before any buffer is mapped, equal ones map.
+    handle = bytes(range(64))
+    store = {"p/device/1": b"gpu", "p/ipc/1": handle + peer_chunk_bytes.to_bytes(8, "little")}
+    steps: list[str] = []
+
+    class Transport:
+        stream_handle = 0
+
+        def __init__(self, **kwargs: object) -> None:
+            steps.append(f"created with {kwargs['chunk_bytes']}")
+
+        def handle(self) -> torch.Tensor:
+            return torch.zeros(64, dtype=torch.uint8)
+
+        def connect(self, handles: list[torch.Tensor]) -> None:
+            assert bytes(handles[1].tolist()) == handle
+            steps.append("connected")
+
+        def watch_peers(self, pids: list[int]) -> None:
+            pass
+
+        def close(self) -> None:
+            steps.append("closed")
+
+    class Native:
+        with_cuda = True
+        IpcAllReduce = Transport
+
+    class Store:
+        def set(self, key: str, value: str | bytes) -> None:
+            store[key] = value.encode() if isinstance(value, str) else value
+
+        def get(self, key: str) -> bytes:
+            return store[key]
+
+    monkeypatch.setattr("fastpar.comm.ring.local_device_ids", lambda: ["gpu"])
+    monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device: object())
+    ring = object.__new__(RingAllReduce)
+    ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
+    ring.group, ring._serve_shared_gpu, ring._peer_pids = None, True, {}
+    ring.timeout = timedelta(seconds=60)
+    ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
+    ring._agree = lambda question, problem, what: not problem  # type: ignore[method-assign]
+    if peer_chunk_bytes != 1 << 20:
+        with pytest.raises(ValueError, match=r"same on every rank, got \[1048576, 2097152\]"):
+            ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+        assert steps == ["created with 1048576", "closed"]
+    else:
+        ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+        assert steps == ["created with 1048576", "connected"]
