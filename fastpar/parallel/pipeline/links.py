@@ -6,24 +6,20 @@
   with several stages per rank and one rank): a queue, no copy.
 
 A rank receives from one peer in the order that peer sent (every transport is first in, first
-out), but a schedule may want the peer's messages in another order (an activation and a
-gradient crossing between the same two ranks). Schedules are pure, so each side knows the
-peer's send order; `Inbox` reads ahead in that order and keeps what is not wanted yet.
+out); plan.py reads ahead where a schedule wants the messages in another order.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from torch import Tensor
 
 from fastpar.parallel.pipeline.microbatches import carries_grad
-from fastpar.parallel.pipeline.schedules import Message
-from fastpar.parallel.pipeline.wire import Peer, PipelineError
+from fastpar.parallel.pipeline.wire import Peer
 
-__all__ = ["Inbox", "Link", "LocalLink"]
+__all__ = ["Link", "LocalLink"]
 
 
 class Link(Protocol):
@@ -96,60 +92,3 @@ class LocalLink:
 
     def drop(self) -> None:
         self._queue.clear()
-
-
-class Inbox:
-    """The messages one peer sends this rank in a step, handed out in any order.
-
-    Arguments:
-        link: the link to the peer.
-        expected: the peer's messages to this rank, in the order the peer sends them.
-        names: what to call a message in errors and profiles.
-        leaves: the messages to receive as leaves (see `Link.recv`).
-    """
-
-    def __init__(
-        self,
-        link: Link,
-        expected: Sequence[Message],
-        names: dict[Message, str],
-        leaves: Collection[Message] = (),
-    ) -> None:
-        self.link = link
-        self._expected = list(expected)
-        self._names = names
-        self._what = [names[message] for message in self._expected]
-        self._leaf = [message in leaves for message in self._expected]
-        self._positions = {message: index for index, message in enumerate(self._expected)}
-        self._received = 0  # messages of this step read from the link
-        self._early: dict[int, Tensor] = {}  # read, not yet handed out, by position
-
-    def position(self, message: Message) -> int:
-        """Where `message` comes in the peer's sends of a step: what `recv` takes. Looked up
-        once, when the plan is made (a Message hashes in Python, microseconds per message on
-        the path between two computes)."""
-        if message not in self._positions:
-            raise PipelineError(
-                f"{self.link.peer} sends no {self._names[message]} in this schedule",
-                stage=self.link.peer.stage,
-                rank=self.link.peer.rank,
-            )
-        return self._positions[message]
-
-    def start_step(self) -> None:
-        """Post the step's receives (on transports that post ahead)."""
-        self._received = 0
-        self._early.clear()
-        self.link.post_receives(len(self._expected))
-
-    def recv(self, position: int) -> Tensor:
-        """The tensor of the peer's message at `position` (see `position`), reading (and
-        keeping) the peer's earlier messages first."""
-        if position < self._received:
-            return self._early.pop(position)
-        while self._received < position:
-            index = self._received
-            self._early[index] = self.link.recv(self._what[index], self._leaf[index])
-            self._received += 1
-        self._received += 1
-        return self.link.recv(self._what[position], self._leaf[position])
