@@ -56,6 +56,9 @@ class ShmLink:
         self.peer = peer
         self.me = me
         self._pipe = pipe
+        # The pipe's send and recv without pybind11's dispatch, which costs more than a small
+        # transfer when its code is cold (see csrc/shm_pipe_calls.h).
+        self._send, self._recv = pipe.calls()
         self._timeout_s = timeout_s
         native = _native.load()
         self._errors = (native.PipeAbortedError, native.PipeBrokenError)
@@ -71,7 +74,7 @@ class ShmLink:
         # One native call and try/except, no context manager nor range (see Link): this runs
         # per micro-batch, right after a compute, where every microsecond is bubble.
         try:
-            return self._pipe.recv(what, leaf)
+            return self._recv(what, leaf)
         except self._errors as error:
             raise self._pipeline_error(error, f"receiving {what} from") from error
 
@@ -80,7 +83,7 @@ class ShmLink:
         # The pipe checks the tensor, makes it contiguous if needed, and keeps a detached alias
         # of what it could not write yet: one native call, no torch op on the way.
         try:
-            self._pipe.send(tensor)
+            self._send(tensor)
         except self._errors as error:
             raise self._pipeline_error(error, "sending to") from error
         except (ValueError, TypeError):

@@ -1,0 +1,141 @@
+// CPython calls of the shared-memory pipe (see shm_pipe_calls.h): METH_FASTCALL functions whose
+// `self` is a capsule holding the endpoint.
+#include "shm_pipe_calls.h"
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <exception>
+#include <string>
+
+#include "shm_pipe.h"
+
+namespace fastpar {
+namespace {
+
+constexpr const char* kCapsuleName = "fastpar.ShmTensorPipe.calls";
+
+struct Bound {
+  ShmTensorPipe* pipe;
+  PyObject* owner;  // strong references, dropped with the capsule
+  PyObject* aborted_error;
+  PyObject* broken_error;
+};
+
+void drop_bound(PyObject* capsule) {
+  auto* bound = static_cast<Bound*>(PyCapsule_GetPointer(capsule, kCapsuleName));
+  if (bound == nullptr) return;
+  Py_XDECREF(bound->owner);
+  Py_XDECREF(bound->aborted_error);
+  Py_XDECREF(bound->broken_error);
+  delete bound;
+}
+
+// Sets the Python error for the exception being handled (as pybind11 and torch translate them)
+// and returns nullptr.
+PyObject* raise_current(const Bound& bound) {
+  try {
+    throw;
+  } catch (const PipeAbortedError& error) {
+    PyErr_SetString(bound.aborted_error, error.what());
+  } catch (const PipeBrokenError& error) {
+    PyErr_SetString(bound.broken_error, error.what());
+  } catch (const c10::ValueError& error) {
+    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
+  } catch (const c10::TypeError& error) {
+    PyErr_SetString(PyExc_TypeError, error.what_without_backtrace());
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what_without_backtrace());
+  } catch (const std::exception& error) {
+    PyErr_SetString(PyExc_RuntimeError, error.what());
+  }
+  return nullptr;
+}
+
+// Releases the GIL for a wait, like py::gil_scoped_release without pybind11's internals.
+class WithoutGil {
+ public:
+  WithoutGil() : state_(PyEval_SaveThread()) {}
+  ~WithoutGil() { PyEval_RestoreThread(state_); }
+  WithoutGil(const WithoutGil&) = delete;
+  WithoutGil& operator=(const WithoutGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+Bound& bound_of(PyObject* self) {
+  return *static_cast<Bound*>(PyCapsule_GetPointer(self, kCapsuleName));
+}
+
+// send(tensor): never waits for the peer, so it keeps the GIL.
+PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  Bound& bound = bound_of(self);
+  if (nargs != 1 || !THPVariable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "send(tensor) takes one torch.Tensor");
+    return nullptr;
+  }
+  try {
+    bound.pipe->send(THPVariable_Unpack(args[0]));
+  } catch (...) {
+    return raise_current(bound);
+  }
+  Py_RETURN_NONE;
+}
+
+// recv(what, leaf): waits for the peer's next tensor without the GIL.
+PyObject* recv(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  Bound& bound = bound_of(self);
+  if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyBool_Check(args[1])) {
+    PyErr_SetString(PyExc_TypeError, "recv(what, leaf) takes a str and a bool");
+    return nullptr;
+  }
+  Py_ssize_t length = 0;
+  const char* what = PyUnicode_AsUTF8AndSize(args[0], &length);
+  if (what == nullptr) return nullptr;
+  const bool leaf = args[1] == Py_True;
+  at::Tensor tensor;
+  try {
+    const std::string name(what, static_cast<size_t>(length));
+    const WithoutGil unlocked;
+    tensor = bound.pipe->recv(name, leaf);
+  } catch (...) {
+    return raise_current(bound);
+  }
+  return THPVariable_Wrap(std::move(tensor));
+}
+
+PyMethodDef kSend = {"send", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&send)),
+                     METH_FASTCALL, "send(tensor): copy a CPU tensor into the pipe"};
+PyMethodDef kRecv = {"recv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&recv)),
+                     METH_FASTCALL, "recv(what, leaf): the peer's next tensor"};
+
+}  // namespace
+
+PyObject* shm_pipe_calls(PyObject* owner, ShmTensorPipe* pipe, PyObject* aborted_error,
+                         PyObject* broken_error) {
+  auto* bound = new Bound{pipe, owner, aborted_error, broken_error};
+  Py_INCREF(owner);
+  Py_INCREF(aborted_error);
+  Py_INCREF(broken_error);
+  PyObject* capsule = PyCapsule_New(bound, kCapsuleName, &drop_bound);
+  if (capsule == nullptr) {
+    Py_DECREF(owner);
+    Py_DECREF(aborted_error);
+    Py_DECREF(broken_error);
+    delete bound;
+    return nullptr;
+  }
+  PyObject* send_call = PyCFunction_NewEx(&kSend, capsule, nullptr);
+  PyObject* recv_call = send_call == nullptr ? nullptr : PyCFunction_NewEx(&kRecv, capsule, nullptr);
+  Py_DECREF(capsule);  // the functions hold it
+  if (recv_call == nullptr) {
+    Py_XDECREF(send_call);
+    return nullptr;
+  }
+  PyObject* calls = PyTuple_Pack(2, send_call, recv_call);
+  Py_DECREF(send_call);
+  Py_DECREF(recv_call);
+  return calls;
+}
+
+}  // namespace fastpar
