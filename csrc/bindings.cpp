@@ -57,9 +57,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   {
     using Pipe = fastpar::ShmTensorPipe;
     const auto release = py::call_guard<py::gil_scoped_release>();
-    const auto calls = [aborted_error, broken_error](py::object self) {
-      PyObject* tuple =
-          fastpar::shm_pipe_calls(self.ptr(), self.cast<Pipe*>(), aborted_error, broken_error);
+    const auto calls = [aborted_error, broken_error](py::object self, py::object on_error) {
+      PyObject* tuple = fastpar::shm_pipe_calls(self.ptr(), self.cast<Pipe*>(), aborted_error,
+                                                broken_error, on_error.ptr());
       if (tuple == nullptr) throw py::error_already_set();
       return py::reinterpret_steal<py::tuple>(tuple);
     };
@@ -76,7 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("recv", &Pipe::recv, py::arg("what"), py::arg("leaf") = false, release)
         .def("abort", &Pipe::abort, py::arg("text"), release)
         .def("close", &Pipe::close, release)
-        .def("calls", calls, "(send, recv) as plain CPython functions (see shm_pipe_calls.h)")
+        .def("calls", calls, py::arg("on_error"),
+             "(send, recv) as plain CPython functions (see shm_pipe_calls.h)")
         .def_property_readonly("closed", &Pipe::closed)
         .def_property_readonly("failure", &Pipe::failure)
         .def_property_readonly("deferred_sends", &Pipe::deferred_sends)

@@ -19,15 +19,50 @@ struct Bound {
   PyObject* owner;  // strong references, dropped with the capsule
   PyObject* aborted_error;
   PyObject* broken_error;
+  PyObject* on_error;
 };
 
-void drop_bound(PyObject* capsule) {
-  auto* bound = static_cast<Bound*>(PyCapsule_GetPointer(capsule, kCapsuleName));
-  if (bound == nullptr) return;
+void drop_bound_fields(Bound* bound) {
   Py_XDECREF(bound->owner);
   Py_XDECREF(bound->aborted_error);
   Py_XDECREF(bound->broken_error);
+  Py_XDECREF(bound->on_error);
   delete bound;
+}
+
+void drop_bound(PyObject* capsule) {
+  auto* bound = static_cast<Bound*>(PyCapsule_GetPointer(capsule, kCapsuleName));
+  if (bound != nullptr) drop_bound_fields(bound);
+}
+
+// Replaces the Python error set by raise_current with on_error(error, call, argument), raised
+// from it; an error of on_error itself propagates instead. Returns nullptr.
+PyObject* reword(const Bound& bound, const char* call, PyObject* argument) {
+  PyObject* type = nullptr;
+  PyObject* error = nullptr;
+  PyObject* traceback = nullptr;
+  PyErr_Fetch(&type, &error, &traceback);
+  PyErr_NormalizeException(&type, &error, &traceback);
+  if (traceback != nullptr) PyException_SetTraceback(error, traceback);
+  Py_XDECREF(type);
+  Py_XDECREF(traceback);
+  PyObject* raised = PyObject_CallFunction(bound.on_error, "OsO", error, call, argument);
+  if (raised == nullptr || !PyExceptionInstance_Check(raised)) {
+    if (raised != nullptr) {
+      Py_DECREF(raised);
+      PyErr_SetString(PyExc_TypeError, "on_error must return an exception");
+    }
+    Py_DECREF(error);
+    return nullptr;
+  }
+  if (raised != error) {
+    PyException_SetCause(raised, error);  // steals `error`: raise raised from error
+  } else {
+    Py_DECREF(error);
+  }
+  PyErr_SetObject(reinterpret_cast<PyObject*>(Py_TYPE(raised)), raised);
+  Py_DECREF(raised);
+  return nullptr;
 }
 
 // Sets the Python error for the exception being handled (as pybind11 and torch translate them)
@@ -67,62 +102,68 @@ Bound& bound_of(PyObject* self) {
   return *static_cast<Bound*>(PyCapsule_GetPointer(self, kCapsuleName));
 }
 
-// send(tensor): never waits for the peer, so it keeps the GIL.
+// send(tensor, what=None): never waits for the peer, so it keeps the GIL. `what` is unused: it
+// is there so that the function has the signature of a pipeline link's send.
 PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Bound& bound = bound_of(self);
-  if (nargs != 1 || !THPVariable_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "send(tensor) takes one torch.Tensor");
-    return nullptr;
+  if (nargs < 1 || nargs > 2 || !THPVariable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "send(tensor, what=None) takes a torch.Tensor");
+    return reword(bound, "send", nargs >= 1 ? args[0] : Py_None);
   }
   try {
     bound.pipe->send(THPVariable_Unpack(args[0]));
   } catch (...) {
-    return raise_current(bound);
+    raise_current(bound);
+    return reword(bound, "send", args[0]);
   }
   Py_RETURN_NONE;
 }
 
-// recv(what, leaf): waits for the peer's next tensor without the GIL.
+// recv(what, leaf=False): waits for the peer's next tensor without the GIL.
 PyObject* recv(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Bound& bound = bound_of(self);
-  if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyBool_Check(args[1])) {
-    PyErr_SetString(PyExc_TypeError, "recv(what, leaf) takes a str and a bool");
-    return nullptr;
+  if (nargs < 1 || nargs > 2 || !PyUnicode_Check(args[0]) ||
+      (nargs == 2 && !PyBool_Check(args[1]))) {
+    PyErr_SetString(PyExc_TypeError, "recv(what, leaf=False) takes a str and a bool");
+    return reword(bound, "recv", nargs >= 1 ? args[0] : Py_None);
   }
   Py_ssize_t length = 0;
   const char* what = PyUnicode_AsUTF8AndSize(args[0], &length);
   if (what == nullptr) return nullptr;
-  const bool leaf = args[1] == Py_True;
+  const bool leaf = nargs == 2 && args[1] == Py_True;
   at::Tensor tensor;
   try {
     const std::string name(what, static_cast<size_t>(length));
     const WithoutGil unlocked;
     tensor = bound.pipe->recv(name, leaf);
   } catch (...) {
-    return raise_current(bound);
+    raise_current(bound);
+    return reword(bound, "recv", args[0]);
   }
   return THPVariable_Wrap(std::move(tensor));
 }
 
 PyMethodDef kSend = {"send", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&send)),
-                     METH_FASTCALL, "send(tensor): copy a CPU tensor into the pipe"};
+                     METH_FASTCALL, "send(tensor, what=None): copy a CPU tensor into the pipe"};
 PyMethodDef kRecv = {"recv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&recv)),
-                     METH_FASTCALL, "recv(what, leaf): the peer's next tensor"};
+                     METH_FASTCALL, "recv(what, leaf=False): the peer's next tensor"};
 
 }  // namespace
 
 PyObject* shm_pipe_calls(PyObject* owner, ShmTensorPipe* pipe, PyObject* aborted_error,
-                         PyObject* broken_error) {
-  auto* bound = new Bound{pipe, owner, aborted_error, broken_error};
+                         PyObject* broken_error, PyObject* on_error) {
+  if (!PyCallable_Check(on_error)) {
+    PyErr_SetString(PyExc_TypeError, "on_error must be callable");
+    return nullptr;
+  }
+  auto* bound = new Bound{pipe, owner, aborted_error, broken_error, on_error};
   Py_INCREF(owner);
   Py_INCREF(aborted_error);
   Py_INCREF(broken_error);
+  Py_INCREF(on_error);
   PyObject* capsule = PyCapsule_New(bound, kCapsuleName, &drop_bound);
   if (capsule == nullptr) {
-    Py_DECREF(owner);
-    Py_DECREF(aborted_error);
-    Py_DECREF(broken_error);
-    delete bound;
+    drop_bound_fields(bound);
     return nullptr;
   }
   PyObject* send_call = PyCFunction_NewEx(&kSend, capsule, nullptr);

@@ -1,5 +1,6 @@
-"""The pipe's plain CPython send and recv (`ShmTensorPipe.calls()`): the same tensors, leaves
-and errors as its pybind methods, both endpoints in one process."""
+"""The pipe's plain CPython send and recv (`ShmTensorPipe.calls`): the same tensors, leaves and
+errors as its pybind methods, errors reworded by the caller's callback; both endpoints in one
+process."""
 
 from __future__ import annotations
 
@@ -14,6 +15,10 @@ import torch
 from fastpar import _native
 
 CAPACITY = 4096
+
+
+def _unchanged(error: Exception, call: str, argument: object) -> BaseException:
+    return error
 
 
 @pytest.fixture
@@ -33,16 +38,16 @@ def pipes() -> Iterator[tuple[Any, Any]]:
 
 def test_calls_carry_tensors_and_make_leaves(pipes: tuple[Any, Any]) -> None:
     a, b = pipes
-    send, _ = a.calls()
-    _, recv = b.calls()
+    send, _ = a.calls(_unchanged)
+    _, recv = b.calls(_unchanged)
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     floats = torch.randn(3, 5, generator=generator)
     big = torch.randn(2, 1000, generator=generator)  # 8 KB: larger than the pipe
     integers = torch.randint(-(2**40), 2**40, (7,), generator=generator)
     view = torch.randn(5, 3, generator=generator).t()  # not contiguous
     for tensor in (floats, integers, view):
-        send(tensor)
-    got = [recv("floats", True), recv("integers", True), recv("view", False)]
+        send(tensor, "a name, unused")
+    got = [recv("floats", True), recv("integers", True), recv("view")]
     send(big)  # goes through the sender thread as the receiver makes room
     got.append(recv("big", False))
     a.flush()
@@ -56,11 +61,11 @@ def test_calls_carry_tensors_and_make_leaves(pipes: tuple[Any, Any]) -> None:
 def test_calls_raise_what_the_methods_raise(pipes: tuple[Any, Any]) -> None:
     native = _native.load()
     a, b = pipes
-    send, recv_a = a.calls()
-    _, recv = b.calls()
-    with pytest.raises(TypeError, match=r"one torch\.Tensor"):
+    send, recv_a = a.calls(_unchanged)
+    _, recv = b.calls(_unchanged)
+    with pytest.raises(TypeError, match=r"takes a torch\.Tensor"):
         send([1.0])
-    with pytest.raises(TypeError, match="a str and a bool"):
+    with pytest.raises(TypeError, match="takes a str and a bool"):
         recv("x", 1)
     with pytest.raises(ValueError, match="at most 3 dimensions, got 4"):
         send(torch.zeros(1, 1, 1, 1))
@@ -72,3 +77,25 @@ def test_calls_raise_what_the_methods_raise(pipes: tuple[Any, Any]) -> None:
     a.close()
     with pytest.raises(native.PipeBrokenError, match="closed"):
         recv_a("activation 1", True)
+
+
+def test_on_error_words_what_is_raised(pipes: tuple[Any, Any]) -> None:
+    native = _native.load()
+    a, b = pipes
+    seen: list[tuple[str, str, object]] = []
+
+    def reworded(error: Exception, call: str, argument: object) -> BaseException:
+        seen.append((type(error).__name__, call, argument))
+        return LookupError(f"{call} failed: {error}")
+
+    send, _ = a.calls(reworded)
+    _, recv = b.calls(reworded)
+    refused = torch.zeros(1, 1, 1, 1)
+    with pytest.raises(LookupError, match=r"^send failed: .*at most 3 dimensions") as caught:
+        send(refused, "activation 2")
+    assert isinstance(caught.value.__cause__, ValueError)
+    a.abort("planted failure")
+    with pytest.raises(LookupError, match=r"^recv failed: planted failure$") as caught:
+        recv("gradient 4", True)
+    assert isinstance(caught.value.__cause__, native.PipeAbortedError)
+    assert seen == [("ValueError", "send", refused), ("PipeAbortedError", "recv", "gradient 4")]

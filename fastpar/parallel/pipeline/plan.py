@@ -8,6 +8,11 @@ next compute starts, delays a peer. Hence, per action, one call of a function th
 writes a list of slots at fixed indices: no dispatch on the action's kind, no dict keyed by
 (stage, micro-batch), no name or device looked up.
 
+Each compute also does the receive right before it and the send right after it, when it can
+(its own message, nothing to read ahead, no device to copy to): one call per compute, and the
+send before the compute's bookkeeping. With a profiler on, the step runs the unfused actions,
+each in its own range.
+
 Receiving: a rank takes one peer's messages in the order that peer sent them (every transport
 is first in, first out), but a schedule may want them in another order (an activation and a
 gradient crossing between the same two ranks). Schedules are pure, so the reads each receive
@@ -40,8 +45,10 @@ __all__ = ["StepPlan", "StepState"]
 _NO_CONTEXT = contextlib.nullcontext()
 _NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 _SENDS = (Op.SEND_ACTIVATION, Op.SEND_GRADIENT)
+_RECEIVES = (Op.RECV_ACTIVATION, Op.RECV_GRADIENT)
 
 Run = Callable[["StepState"], None]
+_Call = tuple[Callable[..., Any], str]  # a link's send or recv, and the message's name
 
 
 class _Slot(enum.IntEnum):
@@ -107,8 +114,10 @@ class StepPlan:
         names: every message's name in errors and profiles.
 
     Attributes:
-        runs: one function per action (a receive of a message read earlier has none).
-        ranged: the same inside profiler ranges named after the actions.
+        runs: the step's functions: one per compute, with its receive and send where it can
+            (see the module docstring), and one per other transfer.
+        ranged: one function per action (a receive of a message read earlier has none), each
+            inside a profiler range named after the action.
         num_slots: the length of `StepState.slots`.
     """
 
@@ -138,6 +147,7 @@ class StepPlan:
         self._no_sync = no_sync
         self._devices = devices
         self._comm_device = comm_device
+        self._comm_cpu = comm_device.type == "cpu"
         self._links = links
         self._stage_ranks = stage_ranks
         self._expected = expected
@@ -148,17 +158,17 @@ class StepPlan:
         }
         self.num_slots = 4 * len(chunks) * num_microbatches
         multi = len(chunks) > 1
-        self.runs: list[Run] = []
-        self.ranged: list[Run] = []
-        for action in actions:
-            run = self._compile(action)
-            if run is None:
-                continue
-            self.runs.append(run)
-            self.ranged.append(_in_range(run, self._range_name(action, multi)))
+        # Each receive's reads (see the module docstring), in the order of the actions.
+        reads = {a: self._reads(a) for a in actions if a.op in _RECEIVES}
         unread = {peer: len(msgs) - self._read[peer] for peer, msgs in expected.items()}
         if any(unread.values()):
             raise ValueError(f"the schedule leaves messages unreceived: {unread}")
+        self.ranged = [
+            _in_range(run, self._range_name(action, multi))
+            for action in actions
+            if (run := self._compile(action, reads.get(action))) is not None
+        ]
+        self.runs = self._fused(actions, reads)
 
     def _slot(self, kind: _Slot, stage: int, microbatch: int) -> int:
         return (self._order.index(stage) * self._m + microbatch) * 4 + kind
@@ -171,7 +181,8 @@ class StepPlan:
         send = action.op in _SENDS
         return range_name("pp", "send" if send else "recv", self._names[message_of(action)])
 
-    def _compile(self, action: Action) -> Run | None:
+    def _compile(self, action: Action, reads: list[Message] | None) -> Run | None:
+        """`action` alone (None: a receive with nothing left to read)."""
         if action.op is Op.FORWARD:
             return self._forward(action)
         if action.op is Op.BACKWARD_WEIGHT:
@@ -180,11 +191,37 @@ class StepPlan:
             return self._backward(action)
         if action.op in _SENDS:
             return self._send(action)
-        return self._receive(action)
+        assert reads is not None
+        return self._receive(action, reads)
+
+    def _fused(self, actions: Sequence[Action], reads: dict[Action, list[Message]]) -> list[Run]:
+        """The step's functions with each compute's own receive and send inside it
+        (with_transfers puts a compute's receive right before it, its send right after it)."""
+        runs: list[Run] = []
+        for index, action in enumerate(actions):
+            if action.op not in COMPUTE_OPS:
+                continue
+            before = actions[index - 1] if index > 0 else None
+            after = actions[index + 1] if index + 1 < len(actions) else None
+            read: _Call | None = None
+            if before is not None and before.op in _RECEIVES:
+                if self._inline_read(before, reads[before]):
+                    read = self._read_call(message_of(before))
+                elif (run := self._receive(before, reads[before])) is not None:
+                    runs.append(run)
+            send = self._send_call(after) if after is not None and after.op in _SENDS else None
+            if action.op is Op.FORWARD:
+                runs.append(self._forward(action, read, send))
+            elif action.op is Op.BACKWARD_WEIGHT:
+                runs.append(self._weight(action))
+            else:
+                runs.append(self._backward(action, read, send))
+        return runs
 
     # --- compute ----------------------------------------------------------------------------
 
-    def _forward(self, action: Action) -> Run:
+    def _forward(self, action: Action, read: _Call | None = None, send: _Call | None = None) -> Run:
+        """F; with `read`, its input received first; with `send`, its output sent after."""
         s, k = action.stage, action.microbatch
         module, loss_fn = self._chunks[s], self._loss_fn
         first, last, split = s == 0, s == self._last_stage, self._split[s]
@@ -193,13 +230,20 @@ class StepPlan:
         deferred_slot = self._slot(_Slot.DEFERRED, s, k)
         stage_name = f"stage {s}"
         clock = time.perf_counter
+        recv, recv_what = read if read is not None else (None, "")
+        to_comm, comm_cpu = self._to_comm, self._comm_cpu
+        transmit, send_what = send if send is not None else (None, "")
 
         def forward(run: StepState) -> None:
-            x = run.inputs[k] if first else run.slots[source]
+            slots = run.slots
+            if recv is not None:
+                x = slots[source] = recv(recv_what, True)
+            else:
+                x = run.inputs[k] if first else slots[source]
             began = clock()
             context = _NO_CONTEXT
             if split and torch.is_grad_enabled():
-                deferred = run.slots[deferred_slot] = DeferredWeights()
+                deferred = slots[deferred_slot] = DeferredWeights()
                 context = weight_split(module, deferred, stage_name)
             with context:
                 y = module(x)
@@ -212,9 +256,12 @@ class StepPlan:
                     assert loss_fn is not None
                     y = loss_fn(y, run.targets[k]) * run.weights[k]
                     run.losses.append(y.detach())
-            run.slots[output] = y
+            ended = clock()
+            if transmit is not None:
+                transmit(y if y.is_cpu and comm_cpu else to_comm(y), send_what)
+            slots[output] = y
             # Only the times here: the stats are made when asked for (Pipeline.last_stats).
-            run.times.append((action, began, clock()))
+            run.times.append((action, began, ended))
 
         return forward
 
@@ -231,21 +278,32 @@ class StepPlan:
 
         return weight
 
-    def _backward(self, action: Action) -> Run:
+    def _backward(
+        self, action: Action, read: _Call | None = None, send: _Call | None = None
+    ) -> Run:
+        """B or I; with `read`, its output's gradient received first; with `send`, its input's
+        gradient sent after."""
         s, k = action.stage, action.microbatch
         output = self._slot(_Slot.OUTPUT, s, k)
         output_grad = self._slot(_Slot.OUTPUT_GRAD, s, k)
+        source = self._slot(_Slot.INPUT, s, k)
         last = s == self._last_stage
         # A data-parallel stage averages gradients once per step: in its last backward, with
         # the accumulated gradients.
         no_sync = self._no_sync[s] if k != self._last_backward[s] else None
         clock = time.perf_counter
         backward_fn = torch.autograd.backward
+        recv, recv_what = read if read is not None else (None, "")
+        to_comm, comm_cpu = self._to_comm, self._comm_cpu
+        transmit, send_what = send if send is not None else (None, "")
 
         def backward(run: StepState) -> None:
             slots = run.slots
             y, slots[output] = slots[output], None
-            grad, slots[output_grad] = slots[output_grad], None
+            if recv is not None:
+                grad = recv(recv_what, False)
+            else:
+                grad, slots[output_grad] = slots[output_grad], None
             # is_cpu first: y.device builds an object, and .to enters the dispatcher.
             if grad is not None and not (grad.is_cpu and y.is_cpu):
                 grad = grad.to(y.device)
@@ -254,50 +312,58 @@ class StepPlan:
             with no_sync() if no_sync is not None else _NO_CONTEXT:
                 if y.requires_grad and (grad is not None or last):
                     backward_fn(y, grad)
-            run.times.append((action, began, clock()))
+            ended = clock()
+            if transmit is not None:
+                # The input: a leaf that requires grad iff it carries one.
+                x, slots[source] = slots[source], None
+                dx = x.grad if x.requires_grad else _NO_GRADIENT
+                if dx is None:
+                    dx = torch.zeros_like(x)
+                transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
+            run.times.append((action, began, ended))
 
         return backward
 
     # --- transfers ----------------------------------------------------------------------------
 
-    def _send(self, action: Action) -> Run:
-        message = message_of(action)
-        link = self._links[self._stage_ranks[message.dest]]
-        send, what = link.send, self._names[message]
+    def _to_comm(self, tensor: Tensor) -> Tensor:
+        """`tensor` where the links take it: a stage on a GPU sends via the host unless its link
+        is NCCL (see Pipeline). The links detach what they send. Callers test
+        `tensor.is_cpu and self._comm_cpu` first (tensor.device builds an object)."""
         comm = self._comm_device
-        comm_cpu = comm.type == "cpu"
-        s, k = action.stage, action.microbatch
+        return tensor if tensor.device == comm else tensor.detach().to(comm)
 
-        # A stage on a GPU sends via the host unless its link is NCCL (see Pipeline). The
-        # links detach what they send. is_cpu first: tensor.device builds an object.
+    def _send_call(self, action: Action) -> _Call:
+        """The link's send and the message's name for a SEND action."""
+        message = message_of(action)
+        return self._links[self._stage_ranks[message.dest]].send, self._names[message]
+
+    def _send(self, action: Action) -> Run:
+        send, what = self._send_call(action)
+        to_comm, comm_cpu = self._to_comm, self._comm_cpu
+        index = self._slot(
+            _Slot.OUTPUT if action.op is Op.SEND_ACTIVATION else _Slot.INPUT,
+            action.stage,
+            action.microbatch,
+        )
+
         if action.op is Op.SEND_ACTIVATION:
-            output = self._slot(_Slot.OUTPUT, s, k)
 
             def send_activation(run: StepState) -> None:
-                y = run.slots[output]
-                if not (y.is_cpu and comm_cpu) and y.device != comm:
-                    y = y.detach().to(comm)
-                send(y, what)
+                y = run.slots[index]
+                send(y if y.is_cpu and comm_cpu else to_comm(y), what)
 
             return send_activation
 
-        source = self._slot(_Slot.INPUT, s, k)
-
         def send_gradient(run: StepState) -> None:
-            # A leaf that requires grad iff it carries one.
-            x, run.slots[source] = run.slots[source], None
-            grad = x.grad if x.requires_grad else _NO_GRADIENT
-            if grad is None:
-                grad = torch.zeros_like(x)
-            if not (grad.is_cpu and comm_cpu) and grad.device != comm:
-                grad = grad.detach().to(comm)
-            send(grad, what)
+            dx = _input_grad(run.slots, index)
+            send(dx if dx.is_cpu and comm_cpu else to_comm(dx), what)
 
         return send_gradient
 
-    def _receive(self, action: Action) -> Run | None:
-        """The reads `action` needs (see the module docstring); None when its message was read
-        by an earlier receive."""
+    def _reads(self, action: Action) -> list[Message]:
+        """The peer's messages a receive reads (see the module docstring): up to its own, or none
+        when an earlier receive read it."""
         message = message_of(action)
         peer = self._stage_ranks[message.source]
         expected = self._expected.get(peer, [])
@@ -310,21 +376,40 @@ class StepPlan:
             )
         position = expected.index(message)
         if position < self._read[peer]:
-            return None
-        reads = [self._read_of(peer, m) for m in expected[self._read[peer] : position + 1]]
+            return []
+        reads = expected[self._read[peer] : position + 1]
         self._read[peer] = position + 1
-        if len(reads) == 1:
-            return reads[0]
+        return reads
+
+    def _inline_read(self, action: Action, reads: list[Message]) -> bool:
+        """Whether a receive's reads are its own message alone, delivered where its stage runs
+        (so its compute can receive it itself)."""
+        message = message_of(action)
+        return reads == [message] and (
+            message.kind == "gradient" or self._devices[message.dest] == self._comm_device
+        )
+
+    def _read_call(self, message: Message) -> _Call:
+        """The link's recv and the message's name."""
+        return self._links[self._stage_ranks[message.source]].recv, self._names[message]
+
+    def _receive(self, action: Action, reads: list[Message]) -> Run | None:
+        """A receive alone: its reads, each into the slot where its stage takes it (None: no
+        reads)."""
+        del action
+        runs = [self._read_of(message) for message in reads]
+        if len(runs) <= 1:
+            return runs[0] if runs else None
 
         def receive_several(run: StepState) -> None:
-            for read in reads:
+            for read in runs:
                 read(run)
 
         return receive_several
 
-    def _read_of(self, peer: int, message: Message) -> Run:
-        """Reads `message` from `peer` into the slot where its stage takes it."""
-        recv, what = self._links[peer].recv, self._names[message]
+    def _read_of(self, message: Message) -> Run:
+        """Reads `message` into the slot where its stage takes it."""
+        recv, what = self._read_call(message)
         if message.kind == "gradient":
             index = self._slot(_Slot.OUTPUT_GRAD, message.dest, message.microbatch)
 
@@ -348,6 +433,15 @@ class StepPlan:
             run.slots[index] = x
 
         return read_activation_to
+
+
+def _input_grad(slots: list[Any], index: int) -> Tensor:
+    """The gradient of the stage input in slot `index` (which is emptied), to send back."""
+    x, slots[index] = slots[index], None  # a leaf that requires grad iff it carries one
+    if not x.requires_grad:
+        return _NO_GRADIENT
+    grad = x.grad
+    return torch.zeros_like(x) if grad is None else grad
 
 
 def _in_range(run: Run, name: str) -> Run:

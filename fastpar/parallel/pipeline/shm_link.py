@@ -11,10 +11,11 @@ The pipe also carries a failing stage's error to its neighbour.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +46,15 @@ class ShmLink:
     send returns once its tensor is in the pipe (or handed to the pipe's sender thread when the
     pipe is full, counted in `split_sends`). Errors name the peer like `Link`'s.
 
+    `send(tensor, what)` copies the tensor into the pipe (completed by `finish_sends` if it did
+    not fit); `recv(what, leaf=False)` is the peer's next tensor, on the CPU (see `Link.recv`):
+    it is this process's alone, so with `leaf` the pipe makes it the leaf itself. Both are the
+    pipe's own functions (`ShmTensorPipe.calls`), not methods: they run per micro-batch right
+    after a compute, when the code on the way is cold and every call layer costs microseconds
+    of bubble, so no Python, no pybind11 dispatch; the pipe checks the tensor, makes it
+    contiguous if needed and keeps a detached alias of what it could not write yet, and only
+    a failure calls back into Python, to word the error (`_reworded`).
+
     Arguments:
         peer: the neighbour.
         pipe: this end of the native pipe (see `connect_shm_links`).
@@ -52,43 +62,25 @@ class ShmLink:
         me: this stage.
     """
 
+    send: Callable[[Tensor, str], None]
+    recv: Callable[..., Tensor]
+
     def __init__(self, peer: Peer, *, pipe: Any, timeout_s: float, me: Peer) -> None:
         self.peer = peer
         self.me = me
         self._pipe = pipe
-        # The pipe's send and recv without pybind11's dispatch, which costs more than a small
-        # transfer when its code is cold (see csrc/shm_pipe_calls.h).
-        self._send, self._recv = pipe.calls()
         self._timeout_s = timeout_s
         native = _native.load()
         self._errors = (native.PipeAbortedError, native.PipeBrokenError)
+        # Bound to the pipe, not to self: the functions hold their callback, and a cycle
+        # through this link would keep the pipe open until the garbage collector ran.
+        reworded = functools.partial(_reworded, pipe, self._errors, me, peer, timeout_s)
+        self.send, self.recv = pipe.calls(reworded)
         self._deferred_seen = 0
         self.split_sends = 0
 
     def post_receives(self, count: int) -> None:
         """Nothing to post: the pipe keeps every message until it is received."""
-
-    def recv(self, what: str, leaf: bool = False) -> Tensor:
-        """The peer's next tensor, on the CPU (see `Link.recv`); it is this process's alone, so
-        with `leaf` the pipe makes it the leaf itself."""
-        # One native call and try/except, no context manager nor range (see Link): this runs
-        # per micro-batch, right after a compute, where every microsecond is bubble.
-        try:
-            return self._recv(what, leaf)
-        except self._errors as error:
-            raise self._pipeline_error(error, f"receiving {what} from") from error
-
-    def send(self, tensor: Tensor, what: str) -> None:
-        """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
-        # The pipe checks the tensor, makes it contiguous if needed, and keeps a detached alias
-        # of what it could not write yet: one native call, no torch op on the way.
-        try:
-            self._send(tensor)
-        except self._errors as error:
-            raise self._pipeline_error(error, "sending to") from error
-        except (ValueError, TypeError):
-            check_sendable(tensor)  # the refusal worded as every link words it
-            raise
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Make the peer's waits on this pipe raise the error (it is in shared memory at once:
@@ -100,7 +92,9 @@ class ShmLink:
         try:
             deferred = self._pipe.flush()
         except self._errors as error:
-            raise self._pipeline_error(error, "sending to") from error
+            raise _pipeline_error(
+                self._pipe, self._errors, self.me, self.peer, self._timeout_s, error, "sending to"
+            ) from error
         self.split_sends += deferred - self._deferred_seen
         self._deferred_seen = deferred
 
@@ -110,16 +104,49 @@ class ShmLink:
     def drop(self) -> None:
         """Nothing to forget: the pipe owns what it has not written yet."""
 
-    def _pipeline_error(self, error: Exception, doing: str) -> PipelineError:
-        """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
-        silent peer named as the culprit (and told so, should it wake up later)."""
-        if isinstance(error, self._errors[0]):  # the peer aborted
-            origin, message = _parse_error_text(str(error), self.peer)
-            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=self.peer.stage)
-        cause = f"left the pipeline ({error})"
-        failure = peer_failed(self.me, doing, self.peer, self._timeout_s, cause)
-        self._pipe.abort(_error_text(str(failure), self.peer))
-        return failure
+
+def _reworded(
+    pipe: Any,
+    errors: tuple[type[Exception], type[Exception]],
+    me: Peer,
+    peer: Peer,
+    timeout_s: float,
+    error: Exception,
+    call: str,
+    argument: object,
+) -> BaseException:
+    """The error a failed send or recv of the pipe raises (`error` is raised from it): the pipe's
+    own as a PipelineError; a refused tensor worded as every link words it."""
+    if isinstance(error, errors):
+        doing = "sending to" if call == "send" else f"receiving {argument} from"
+        return _pipeline_error(pipe, errors, me, peer, timeout_s, error, doing)
+    refused = isinstance(error, (ValueError, TypeError)) and isinstance(argument, Tensor)
+    if call == "send" and refused:
+        try:
+            check_sendable(argument)
+        except (ValueError, TypeError) as refusal:
+            return refusal
+    return error
+
+
+def _pipeline_error(
+    pipe: Any,
+    errors: tuple[type[Exception], type[Exception]],
+    me: Peer,
+    peer: Peer,
+    timeout_s: float,
+    error: Exception,
+    doing: str,
+) -> PipelineError:
+    """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
+    silent peer named as the culprit (and told so, should it wake up later)."""
+    if isinstance(error, errors[0]):  # the peer aborted
+        origin, message = _parse_error_text(str(error), peer)
+        return PipelineError(message, stage=origin.stage, rank=origin.rank, via=peer.stage)
+    cause = f"left the pipeline ({error})"
+    failure = peer_failed(me, doing, peer, timeout_s, cause)
+    pipe.abort(_error_text(str(failure), peer))
+    return failure
 
 
 def _error_text(message: str, origin: Peer) -> str:
