@@ -333,7 +333,9 @@ class Pipeline:
             targets=split_batch("targets", targets, m, dim) if self.is_last else [],
             num_slots=self._plan.num_slots,
         )
-        run.weights = loss_weights(run.targets, dim, cfg.loss_reduction) if self.is_last else []
+        if self.is_last:
+            assert targets is not None  # split_batch raised otherwise
+            run.weights = loss_weights(targets, m, dim, cfg.loss_reduction)
         self._last_run = run
         # Asked once per step: a range costs microseconds even when nobody listens.
         plan = self._plan.ranged if ranges_recorded() else self._plan.runs

@@ -55,11 +55,23 @@ def split_batch(
     return pieces
 
 
-def loss_weights(targets: Sequence[Tensor], dim: int, reduction: str) -> list[float]:
+def loss_weights(
+    targets: Tensor | Sequence[Tensor], num_microbatches: int, dim: int, reduction: str
+) -> list[float]:
     """Each micro-batch's loss weight: its share of the batch along `dim` for "mean" (so the
-    weighted sum is the whole batch's mean loss), 1 for "sum"."""
+    weighted sum is the whole batch's mean loss), 1 for "sum".
+
+    Arguments:
+        targets: as given to `split_batch` (and accepted by it): a tensor, whose pieces' sizes
+            are then known without touching them (each shape read costs microseconds on the
+            step's cold start), or the micro-batches.
+    """
     if reduction == "sum":
-        return [1.0] * len(targets)
+        return [1.0] * num_microbatches
+    if isinstance(targets, Tensor):
+        total = targets.shape[dim]
+        base, extra = divmod(total, num_microbatches)  # tensor_split's sizes
+        return [(base + (k < extra)) / total for k in range(num_microbatches)]
     sizes = [_size_along("targets", t, dim) for t in targets]
     total = sum(sizes)
     return [size / total for size in sizes]
