@@ -2,6 +2,7 @@
 // `self` is a capsule holding the endpoint.
 #include "shm_pipe_calls.h"
 
+#include <ATen/EmptyTensor.h>
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <exception>
@@ -119,6 +120,31 @@ PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
+// send_input_grad(leaf, what=None): sends the gradient a stage's input leaf got in its backward:
+// its .grad, zeros like it where it got none, an empty float tensor where it carries no gradient
+// (does not require grad); without making a Python object of the gradient.
+PyObject* send_input_grad(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  Bound& bound = bound_of(self);
+  if (nargs < 1 || nargs > 2 || !THPVariable_Check(args[0])) {
+    PyErr_SetString(PyExc_TypeError, "send_input_grad(leaf, what=None) takes a torch.Tensor");
+    return reword(bound, "send", nargs >= 1 ? args[0] : Py_None);
+  }
+  try {
+    const at::Tensor& leaf = THPVariable_Unpack(args[0]);
+    if (!leaf.requires_grad()) {
+      bound.pipe->send(at::detail::empty_cpu({0}, at::kFloat));
+    } else if (const at::Tensor& grad = leaf.grad(); grad.defined()) {
+      bound.pipe->send(grad);
+    } else {
+      bound.pipe->send(at::zeros_like(leaf));
+    }
+  } catch (...) {
+    raise_current(bound);
+    return reword(bound, "send", args[0]);
+  }
+  Py_RETURN_NONE;
+}
+
 // recv(what, leaf=False): waits for the peer's next tensor without the GIL.
 PyObject* recv(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Bound& bound = bound_of(self);
@@ -145,6 +171,10 @@ PyObject* recv(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
 
 PyMethodDef kSend = {"send", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&send)),
                      METH_FASTCALL, "send(tensor, what=None): copy a CPU tensor into the pipe"};
+PyMethodDef kSendInputGrad = {
+    "send_input_grad",
+    reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&send_input_grad)), METH_FASTCALL,
+    "send_input_grad(leaf, what=None): send the gradient of a stage's input leaf"};
 PyMethodDef kRecv = {"recv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(&recv)),
                      METH_FASTCALL, "recv(what, leaf=False): the peer's next tensor"};
 
@@ -166,16 +196,17 @@ PyObject* shm_pipe_calls(PyObject* owner, ShmTensorPipe* pipe, PyObject* aborted
     drop_bound_fields(bound);
     return nullptr;
   }
-  PyObject* send_call = PyCFunction_NewEx(&kSend, capsule, nullptr);
-  PyObject* recv_call = send_call == nullptr ? nullptr : PyCFunction_NewEx(&kRecv, capsule, nullptr);
-  Py_DECREF(capsule);  // the functions hold it
-  if (recv_call == nullptr) {
-    Py_XDECREF(send_call);
-    return nullptr;
+  PyObject* calls = PyTuple_New(3);
+  PyMethodDef* defs[3] = {&kSend, &kRecv, &kSendInputGrad};
+  for (Py_ssize_t index = 0; calls != nullptr && index < 3; ++index) {
+    PyObject* call = PyCFunction_NewEx(defs[index], capsule, nullptr);
+    if (call == nullptr) {
+      Py_CLEAR(calls);
+    } else {
+      PyTuple_SET_ITEM(calls, index, call);  // steals `call`
+    }
   }
-  PyObject* calls = PyTuple_Pack(2, send_call, recv_call);
-  Py_DECREF(send_call);
-  Py_DECREF(recv_call);
+  Py_DECREF(capsule);  // the functions hold it
   return calls;
 }
 

@@ -38,8 +38,8 @@ def pipes() -> Iterator[tuple[Any, Any]]:
 
 def test_calls_carry_tensors_and_make_leaves(pipes: tuple[Any, Any]) -> None:
     a, b = pipes
-    send, _ = a.calls(_unchanged)
-    _, recv = b.calls(_unchanged)
+    send, _, send_input_grad = a.calls(_unchanged)
+    _, recv, _ = b.calls(_unchanged)
     generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
     floats = torch.randn(3, 5, generator=generator)
     big = torch.randn(2, 1000, generator=generator)  # 8 KB: larger than the pipe
@@ -51,6 +51,16 @@ def test_calls_carry_tensors_and_make_leaves(pipes: tuple[Any, Any]) -> None:
     send(big)  # goes through the sender thread as the receiver makes room
     got.append(recv("big", False))
     a.flush()
+    # A leaf's gradient, zeros where it has none, an empty float tensor where it needs none.
+    with_grad = torch.randn(3, 5, generator=generator, requires_grad=True)
+    (with_grad * floats).sum().backward()
+    without_grad = torch.zeros(4, 2, requires_grad=True)
+    for leaf in (with_grad, without_grad, integers):
+        send_input_grad(leaf, "gradient")
+    grads = [recv("gradient", False) for _ in range(3)]
+    assert torch.equal(grads[0], floats)  # d(sum(w * floats)) / dw
+    assert torch.equal(grads[1], torch.zeros(4, 2))
+    assert grads[2].shape == (0,) and grads[2].dtype == torch.float32
     for received, sent in zip(got, (floats, integers, view, big), strict=True):
         assert received.dtype == sent.dtype and torch.equal(received.detach(), sent)
     assert [t.requires_grad for t in got] == [True, False, False, False]
@@ -61,8 +71,8 @@ def test_calls_carry_tensors_and_make_leaves(pipes: tuple[Any, Any]) -> None:
 def test_calls_raise_what_the_methods_raise(pipes: tuple[Any, Any]) -> None:
     native = _native.load()
     a, b = pipes
-    send, recv_a = a.calls(_unchanged)
-    _, recv = b.calls(_unchanged)
+    send, recv_a, _ = a.calls(_unchanged)
+    _, recv, _ = b.calls(_unchanged)
     with pytest.raises(TypeError, match=r"takes a torch\.Tensor"):
         send([1.0])
     with pytest.raises(TypeError, match="takes a str and a bool"):
@@ -88,8 +98,8 @@ def test_on_error_words_what_is_raised(pipes: tuple[Any, Any]) -> None:
         seen.append((type(error).__name__, call, argument))
         return LookupError(f"{call} failed: {error}")
 
-    send, _ = a.calls(reworded)
-    _, recv = b.calls(reworded)
+    send, _, _ = a.calls(reworded)
+    _, recv, _ = b.calls(reworded)
     refused = torch.zeros(1, 1, 1, 1)
     with pytest.raises(LookupError, match=r"^send failed: .*at most 3 dimensions") as caught:
         send(refused, "activation 2")

@@ -16,7 +16,7 @@ from typing import Protocol
 
 from torch import Tensor
 
-from fastpar.parallel.pipeline.microbatches import carries_grad
+from fastpar.parallel.pipeline.microbatches import carries_grad, input_grad
 from fastpar.parallel.pipeline.wire import Peer
 
 __all__ = ["Link", "LocalLink"]
@@ -45,6 +45,10 @@ class Link(Protocol):
     def send(self, tensor: Tensor, what: str) -> None:
         """Start sending `tensor`'s values (detached from autograd here); `finish_sends` waits
         for it."""
+
+    def send_input_grad(self, leaf: Tensor, what: str) -> None:
+        """`send(input_grad(leaf), what)` (see microbatches.input_grad): the gradient of a stage's
+        input, received as `leaf`, after the stage's backward."""
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Deliver `message` in place of the next tensor the peer expects (bounded)."""
@@ -88,6 +92,9 @@ class LocalLink:
             self._queue.append((tensor.detach(), True))
         else:
             self._queue.append((tensor, False))
+
+    def send_input_grad(self, leaf: Tensor, what: str) -> None:
+        self.send(input_grad(leaf), what)
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Nobody else to tell."""

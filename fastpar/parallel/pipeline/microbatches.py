@@ -7,13 +7,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["carries_grad", "loss_weights", "split_batch"]
+__all__ = ["carries_grad", "input_grad", "loss_weights", "split_batch"]
+
+_NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 
 
 def carries_grad(tensor: Tensor) -> bool:
     """Whether a gradient travels back for this activation. Both sides decide from its dtype
     alone, so they agree without a message."""
     return tensor.is_floating_point() or tensor.is_complex()
+
+
+def input_grad(leaf: Tensor) -> Tensor:
+    """What a stage sends back for its input `leaf` after its backward: the leaf's gradient,
+    zeros where it got none, an empty tensor where it carries none (does not require grad)."""
+    if not leaf.requires_grad:
+        return _NO_GRADIENT
+    grad = leaf.grad
+    return torch.zeros_like(leaf) if grad is None else grad
 
 
 def _size_along(name: str, tensor: Tensor, dim: int) -> int:

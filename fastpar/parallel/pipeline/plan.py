@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from fastpar.parallel.pipeline.config import ActionTime, StepStats
 from fastpar.parallel.pipeline.links import Link
-from fastpar.parallel.pipeline.microbatches import carries_grad
+from fastpar.parallel.pipeline.microbatches import carries_grad, input_grad
 from fastpar.parallel.pipeline.schedules import COMPUTE_OPS, Action, Message, Op, message_of
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from fastpar.parallel.pipeline.wire import PipelineError
@@ -43,7 +43,6 @@ from fastpar.profiling import range_name, record_range
 __all__ = ["StepPlan", "StepState"]
 
 _NO_CONTEXT = contextlib.nullcontext()
-_NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 _SENDS = (Op.SEND_ACTIVATION, Op.SEND_GRADIENT)
 _RECEIVES = (Op.RECV_ACTIVATION, Op.RECV_GRADIENT)
 
@@ -296,6 +295,7 @@ class StepPlan:
         recv, recv_what = read if read is not None else (None, "")
         to_comm, comm_cpu = self._to_comm, self._comm_cpu
         transmit, send_what = send if send is not None else (None, "")
+        direct = self._sends_leaf(s)
 
         def backward(run: StepState) -> None:
             slots = run.slots
@@ -314,12 +314,12 @@ class StepPlan:
                     backward_fn(y, grad)
             ended = clock()
             if transmit is not None:
-                # The input: a leaf that requires grad iff it carries one.
                 x, slots[source] = slots[source], None
-                dx = x.grad if x.requires_grad else _NO_GRADIENT
-                if dx is None:
-                    dx = torch.zeros_like(x)
-                transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
+                if direct:  # the link takes the leaf (see _send_call)
+                    transmit(x, send_what)
+                else:
+                    dx = input_grad(x)
+                    transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
             run.times.append((action, began, ended))
 
         return backward
@@ -333,10 +333,19 @@ class StepPlan:
         comm = self._comm_device
         return tensor if tensor.device == comm else tensor.detach().to(comm)
 
+    def _sends_leaf(self, stage: int) -> bool:
+        """Whether `stage` sends its input's gradient as `link.send_input_grad(leaf)`: its input
+        arrives as the leaf itself on the link's device (see _read_of), where the link can take
+        the gradient from (the pipe without making a Python object of it)."""
+        return self._devices[stage] == self._comm_device
+
     def _send_call(self, action: Action) -> _Call:
-        """The link's send and the message's name for a SEND action."""
+        """The link's call for a SEND action (send_input_grad for gradients of _sends_leaf
+        stages, else send) and the message's name."""
         message = message_of(action)
-        return self._links[self._stage_ranks[message.dest]].send, self._names[message]
+        link = self._links[self._stage_ranks[message.dest]]
+        gradient = action.op is Op.SEND_GRADIENT and self._sends_leaf(action.stage)
+        return link.send_input_grad if gradient else link.send, self._names[message]
 
     def _send(self, action: Action) -> Run:
         send, what = self._send_call(action)
@@ -355,8 +364,17 @@ class StepPlan:
 
             return send_activation
 
+        if self._sends_leaf(action.stage):
+
+            def send_leaf_gradient(run: StepState) -> None:
+                x, run.slots[index] = run.slots[index], None
+                send(x, what)
+
+            return send_leaf_gradient
+
         def send_gradient(run: StepState) -> None:
-            dx = _input_grad(run.slots, index)
+            x, run.slots[index] = run.slots[index], None
+            dx = input_grad(x)
             send(dx if dx.is_cpu and comm_cpu else to_comm(dx), what)
 
         return send_gradient
@@ -433,15 +451,6 @@ class StepPlan:
             run.slots[index] = x
 
         return read_activation_to
-
-
-def _input_grad(slots: list[Any], index: int) -> Tensor:
-    """The gradient of the stage input in slot `index` (which is emptied), to send back."""
-    x, slots[index] = slots[index], None  # a leaf that requires grad iff it carries one
-    if not x.requires_grad:
-        return _NO_GRADIENT
-    grad = x.grad
-    return torch.zeros_like(x) if grad is None else grad
 
 
 def _in_range(run: Run, name: str) -> Run:

@@ -48,12 +48,14 @@ class ShmLink:
 
     `send(tensor, what)` copies the tensor into the pipe (completed by `finish_sends` if it did
     not fit); `recv(what, leaf=False)` is the peer's next tensor, on the CPU (see `Link.recv`):
-    it is this process's alone, so with `leaf` the pipe makes it the leaf itself. Both are the
-    pipe's own functions (`ShmTensorPipe.calls`), not methods: they run per micro-batch right
-    after a compute, when the code on the way is cold and every call layer costs microseconds
-    of bubble, so no Python, no pybind11 dispatch; the pipe checks the tensor, makes it
-    contiguous if needed and keeps a detached alias of what it could not write yet, and only
-    a failure calls back into Python, to word the error (`_reworded`).
+    it is this process's alone, so with `leaf` the pipe makes it the leaf itself;
+    `send_input_grad(leaf, what)` sends the leaf's gradient (see `Link.send_input_grad`)
+    without a Python object of it. All three are the pipe's own functions
+    (`ShmTensorPipe.calls`), not methods: they run per micro-batch right after a compute, when
+    the code on the way is cold and every call layer costs microseconds of bubble, so no
+    Python, no pybind11 dispatch; the pipe checks the tensor, makes it contiguous if needed and
+    keeps a detached alias of what it could not write yet, and only a failure calls back into
+    Python, to word the error (`_reworded`).
 
     Arguments:
         peer: the neighbour.
@@ -64,6 +66,7 @@ class ShmLink:
 
     send: Callable[[Tensor, str], None]
     recv: Callable[..., Tensor]
+    send_input_grad: Callable[[Tensor, str], None]
 
     def __init__(self, peer: Peer, *, pipe: Any, timeout_s: float, me: Peer) -> None:
         self.peer = peer
@@ -75,7 +78,7 @@ class ShmLink:
         # Bound to the pipe, not to self: the functions hold their callback, and a cycle
         # through this link would keep the pipe open until the garbage collector ran.
         reworded = functools.partial(_reworded, pipe, self._errors, me, peer, timeout_s)
-        self.send, self.recv = pipe.calls(reworded)
+        self.send, self.recv, self.send_input_grad = pipe.calls(reworded)
         self._deferred_seen = 0
         self.split_sends = 0
 
