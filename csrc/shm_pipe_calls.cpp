@@ -103,16 +103,19 @@ Bound& bound_of(PyObject* self) {
   return *static_cast<Bound*>(PyCapsule_GetPointer(self, kCapsuleName));
 }
 
-// send(tensor, what=None): never waits for the peer, so it keeps the GIL. `what` is unused: it
-// is there so that the function has the signature of a pipeline link's send.
-PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+// A send of the one tensor argument (`what`, when given, is unused: it is there so that the
+// functions have the signatures of a pipeline link's): `send_tensor(pipe, tensor)` never waits
+// for the peer, so the GIL is kept.
+template <typename SendTensor>
+PyObject* send_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs, const char* usage,
+                    SendTensor&& send_tensor) {
   Bound& bound = bound_of(self);
   if (nargs < 1 || nargs > 2 || !THPVariable_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "send(tensor, what=None) takes a torch.Tensor");
+    PyErr_SetString(PyExc_TypeError, usage);
     return reword(bound, "send", nargs >= 1 ? args[0] : Py_None);
   }
   try {
-    bound.pipe->send(THPVariable_Unpack(args[0]));
+    send_tensor(*bound.pipe, THPVariable_Unpack(args[0]));
   } catch (...) {
     raise_current(bound);
     return reword(bound, "send", args[0]);
@@ -120,29 +123,25 @@ PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   Py_RETURN_NONE;
 }
 
-// send_input_grad(leaf, what=None): sends the gradient a stage's input leaf got in its backward:
-// its .grad, zeros like it where it got none, an empty float tensor where it carries no gradient
-// (does not require grad); without making a Python object of the gradient.
+PyObject* send(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return send_call(self, args, nargs, "send(tensor, what=None) takes a torch.Tensor",
+                   [](ShmTensorPipe& pipe, const at::Tensor& tensor) { pipe.send(tensor); });
+}
+
+// Sends the gradient a stage's input leaf got in its backward: its .grad, zeros like it where it
+// got none, an empty float tensor where it carries no gradient (does not require grad); without
+// making a Python object of the gradient.
 PyObject* send_input_grad(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  Bound& bound = bound_of(self);
-  if (nargs < 1 || nargs > 2 || !THPVariable_Check(args[0])) {
-    PyErr_SetString(PyExc_TypeError, "send_input_grad(leaf, what=None) takes a torch.Tensor");
-    return reword(bound, "send", nargs >= 1 ? args[0] : Py_None);
-  }
-  try {
-    const at::Tensor& leaf = THPVariable_Unpack(args[0]);
-    if (!leaf.requires_grad()) {
-      bound.pipe->send(at::detail::empty_cpu({0}, at::kFloat));
-    } else if (const at::Tensor& grad = leaf.grad(); grad.defined()) {
-      bound.pipe->send(grad);
-    } else {
-      bound.pipe->send(at::zeros_like(leaf));
-    }
-  } catch (...) {
-    raise_current(bound);
-    return reword(bound, "send", args[0]);
-  }
-  Py_RETURN_NONE;
+  return send_call(self, args, nargs, "send_input_grad(leaf, what=None) takes a torch.Tensor",
+                   [](ShmTensorPipe& pipe, const at::Tensor& leaf) {
+                     if (!leaf.requires_grad()) {
+                       pipe.send(at::detail::empty_cpu({0}, at::kFloat));
+                     } else if (const at::Tensor& grad = leaf.grad(); grad.defined()) {
+                       pipe.send(grad);
+                     } else {
+                       pipe.send(at::zeros_like(leaf));
+                     }
+                   });
 }
 
 // recv(what, leaf=False): waits for the peer's next tensor without the GIL.

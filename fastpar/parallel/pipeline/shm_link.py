@@ -11,7 +11,6 @@ The pipe also carries a failing stage's error to its neighbour.
 from __future__ import annotations
 
 import datetime
-import functools
 import json
 import os
 import uuid
@@ -55,7 +54,7 @@ class ShmLink:
     the code on the way is cold and every call layer costs microseconds of bubble, so no
     Python, no pybind11 dispatch; the pipe checks the tensor, makes it contiguous if needed and
     keeps a detached alias of what it could not write yet, and only a failure calls back into
-    Python, to word the error (`_reworded`).
+    Python, to word the error (`_PipeFailures`).
 
     Arguments:
         peer: the neighbour.
@@ -72,13 +71,8 @@ class ShmLink:
         self.peer = peer
         self.me = me
         self._pipe = pipe
-        self._timeout_s = timeout_s
-        native = _native.load()
-        self._errors = (native.PipeAbortedError, native.PipeBrokenError)
-        # Bound to the pipe, not to self: the functions hold their callback, and a cycle
-        # through this link would keep the pipe open until the garbage collector ran.
-        reworded = functools.partial(_reworded, pipe, self._errors, me, peer, timeout_s)
-        self.send, self.recv, self.send_input_grad = pipe.calls(reworded)
+        self._failures = _PipeFailures(pipe, me, peer, timeout_s)
+        self.send, self.recv, self.send_input_grad = pipe.calls(self._failures.reworded)
         self._deferred_seen = 0
         self.split_sends = 0
 
@@ -94,10 +88,8 @@ class ShmLink:
         """Wait (bounded) until every tensor sent is in the pipe."""
         try:
             deferred = self._pipe.flush()
-        except self._errors as error:
-            raise _pipeline_error(
-                self._pipe, self._errors, self.me, self.peer, self._timeout_s, error, "sending to"
-            ) from error
+        except self._failures.errors as error:
+            raise self._failures.pipeline_error(error, "sending to") from error
         self.split_sends += deferred - self._deferred_seen
         self._deferred_seen = deferred
 
@@ -108,48 +100,40 @@ class ShmLink:
         """Nothing to forget: the pipe owns what it has not written yet."""
 
 
-def _reworded(
-    pipe: Any,
-    errors: tuple[type[Exception], type[Exception]],
-    me: Peer,
-    peer: Peer,
-    timeout_s: float,
-    error: Exception,
-    call: str,
-    argument: object,
-) -> BaseException:
-    """The error a failed send or recv of the pipe raises (`error` is raised from it): the pipe's
-    own as a PipelineError; a refused tensor worded as every link words it."""
-    if isinstance(error, errors):
-        doing = "sending to" if call == "send" else f"receiving {argument} from"
-        return _pipeline_error(pipe, errors, me, peer, timeout_s, error, doing)
-    refused = isinstance(error, (ValueError, TypeError)) and isinstance(argument, Tensor)
-    if call == "send" and refused:
-        try:
-            check_sendable(argument)
-        except (ValueError, TypeError) as refusal:
-            return refusal
-    return error
+class _PipeFailures:
+    """Words a pipe's errors for one link (held by the pipe's functions: it must not hold the
+    link, or a cycle would keep the pipe open until the garbage collector ran)."""
 
+    def __init__(self, pipe: Any, me: Peer, peer: Peer, timeout_s: float) -> None:
+        native = _native.load()
+        self.errors = (native.PipeAbortedError, native.PipeBrokenError)
+        self._pipe, self._me, self._peer, self._timeout_s = pipe, me, peer, timeout_s
 
-def _pipeline_error(
-    pipe: Any,
-    errors: tuple[type[Exception], type[Exception]],
-    me: Peer,
-    peer: Peer,
-    timeout_s: float,
-    error: Exception,
-    doing: str,
-) -> PipelineError:
-    """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
-    silent peer named as the culprit (and told so, should it wake up later)."""
-    if isinstance(error, errors[0]):  # the peer aborted
-        origin, message = _parse_error_text(str(error), peer)
-        return PipelineError(message, stage=origin.stage, rank=origin.rank, via=peer.stage)
-    cause = f"left the pipeline ({error})"
-    failure = peer_failed(me, doing, peer, timeout_s, cause)
-    pipe.abort(_error_text(str(failure), peer))
-    return failure
+    def reworded(self, error: Exception, call: str, argument: object) -> BaseException:
+        """The error a failed send or recv of the pipe raises (`error` is raised from it): the
+        pipe's own as a PipelineError; a refused tensor worded as every link words it."""
+        if isinstance(error, self.errors):
+            doing = "sending to" if call == "send" else f"receiving {argument} from"
+            return self.pipeline_error(error, doing)
+        refused = isinstance(error, (ValueError, TypeError)) and isinstance(argument, Tensor)
+        if call == "send" and refused:
+            try:
+                check_sendable(argument)
+            except (ValueError, TypeError) as refusal:
+                return refusal
+        return error
+
+    def pipeline_error(self, error: Exception, doing: str) -> PipelineError:
+        """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
+        silent peer named as the culprit (and told so, should it wake up later)."""
+        peer = self._peer
+        if isinstance(error, self.errors[0]):  # the peer aborted
+            origin, message = _parse_error_text(str(error), peer)
+            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=peer.stage)
+        cause = f"left the pipeline ({error})"
+        failure = peer_failed(self._me, doing, peer, self._timeout_s, cause)
+        self._pipe.abort(_error_text(str(failure), peer))
+        return failure
 
 
 def _error_text(message: str, origin: Peer) -> str:
