@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "glue.h"
+#include "shm_pipe_calls.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastpar native extension: reduction kernels, the ring all-reduce, the pipeline pipe";
@@ -47,11 +48,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("remove_shared_segment", &fastpar::SharedSegment::remove,
         "removes a shared-memory segment's name (idempotent)", py::arg("name"));
   m.attr("PIPE_ABORT_TEXT_BYTES") = fastpar::ShmPipe::kMaxAbortText;
-  py::register_exception<fastpar::PipeAbortedError>(m, "PipeAbortedError", PyExc_RuntimeError);
-  py::register_exception<fastpar::PipeBrokenError>(m, "PipeBrokenError", PyExc_RuntimeError);
+  PyObject* const aborted_error =
+      py::register_exception<fastpar::PipeAbortedError>(m, "PipeAbortedError", PyExc_RuntimeError)
+          .ptr();
+  PyObject* const broken_error =
+      py::register_exception<fastpar::PipeBrokenError>(m, "PipeBrokenError", PyExc_RuntimeError)
+          .ptr();
   {
     using Pipe = fastpar::ShmTensorPipe;
     const auto release = py::call_guard<py::gil_scoped_release>();
+    const auto calls = [aborted_error, broken_error](py::object self, py::object on_error) {
+      PyObject* tuple = fastpar::shm_pipe_calls(self.ptr(), self.cast<Pipe*>(), aborted_error,
+                                                broken_error, on_error.ptr());
+      if (tuple == nullptr) throw py::error_already_set();
+      return py::reinterpret_steal<py::tuple>(tuple);
+    };
     py::class_<Pipe>(m, "ShmTensorPipe", "CPU tensors between two processes through shared memory")
         .def(py::init<const std::string&, bool, int64_t, double, int64_t,
                       const std::vector<at::ScalarType>&>(),
@@ -65,6 +76,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("recv", &Pipe::recv, py::arg("what"), py::arg("leaf") = false, release)
         .def("abort", &Pipe::abort, py::arg("text"), release)
         .def("close", &Pipe::close, release)
+        .def("calls", calls, py::arg("on_error"),
+             "(send, recv) as plain CPython functions (see shm_pipe_calls.h)")
         .def_property_readonly("closed", &Pipe::closed)
         .def_property_readonly("failure", &Pipe::failure)
         .def_property_readonly("deferred_sends", &Pipe::deferred_sends)

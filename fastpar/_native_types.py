@@ -7,6 +7,7 @@ caller; exception types are attributes, matched by type (`fastpar.comm.errors`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -87,6 +88,9 @@ class ShmTensorPipe(Protocol):
     def recv(self, what: str, leaf: bool = False) -> torch.Tensor: ...
     def abort(self, text: str) -> None: ...
     def close(self) -> None: ...
+    def calls(
+        self, on_error: Callable[[Exception, str, object], BaseException]
+    ) -> tuple[Callable[..., None], Callable[..., torch.Tensor], Callable[..., None]]: ...
 
 
 class NativeModule(Protocol):

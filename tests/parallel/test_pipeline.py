@@ -28,6 +28,7 @@ from fastpar.parallel.pipeline import (
     shm_link,
     split_sequential,
 )
+from fastpar.parallel.pipeline.microbatches import loss_weights, split_batch
 from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.parallel.pipeline.wire import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
@@ -373,3 +374,17 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     lstm = LSTM(IN, WIDTH, backend="torch")
     x = torch.randn(4, 2, IN)
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
+
+
+@pytest.mark.parametrize("rows, microbatches, dim", [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)])
+def test_loss_weights_of_a_tensor_are_its_pieces_shares(
+    rows: int, microbatches: int, dim: int
+) -> None:
+    shape = [3, 3]
+    shape[dim] = rows
+    targets = torch.zeros(shape)
+    pieces = split_batch("targets", targets, microbatches, dim)
+    expected = [piece.shape[dim] / rows for piece in pieces]  # what each piece holds
+    assert loss_weights(targets, microbatches, dim, "mean") == expected
+    assert loss_weights(pieces, microbatches, dim, "mean") == expected
+    assert loss_weights(targets, microbatches, dim, "sum") == [1.0] * microbatches

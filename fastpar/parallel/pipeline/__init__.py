@@ -34,7 +34,8 @@ The package, one role per module:
     grad_accumulate.py   adding a deferred gradient into .grad
     handshake.py       the construction handshake (every rank checks every rank's arguments)
     wire.py            message headers and `PipelineError`
-    links.py           the `Link` protocol, `LocalLink`, `Inbox`; shm_link.py, torch_link.py
+    links.py           the `Link` protocol, `LocalLink`; shm_link.py, torch_link.py
+    plan.py            a rank's step compiled once into one function per action
     executor.py        `Pipeline`
 """
 

@@ -20,10 +20,8 @@ raise on every rank.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -33,7 +31,6 @@ from fastpar._checks import check_int
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.timeouts import group_timeout
 from fastpar.parallel.pipeline.config import (
-    ActionTime,
     PipelineConfig,
     Reduction,
     StepStats,
@@ -45,10 +42,10 @@ from fastpar.parallel.pipeline.handshake import (
     check_handshakes,
     exchange_handshakes,
 )
-from fastpar.parallel.pipeline.links import Inbox, Link, LocalLink
-from fastpar.parallel.pipeline.microbatches import carries_grad, loss_weights, split_batch
+from fastpar.parallel.pipeline.links import Link, LocalLink
+from fastpar.parallel.pipeline.microbatches import loss_weights, split_batch
+from fastpar.parallel.pipeline.plan import StepPlan, StepState
 from fastpar.parallel.pipeline.schedules import (
-    COMPUTE_OPS,
     Action,
     Message,
     Op,
@@ -58,18 +55,15 @@ from fastpar.parallel.pipeline.schedules import (
     splits_backward,
 )
 from fastpar.parallel.pipeline.shm_link import ShmLink, connect_shm_links
-from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from fastpar.parallel.pipeline.torch_link import TorchLink
 from fastpar.parallel.pipeline.wire import Peer, PipelineError
-from fastpar.profiling import range_name, ranges_recorded, record_range
+from fastpar.profiling import ranges_recorded
 
 __all__ = ["Pipeline"]
 
 logger = get_logger(__name__)
 
 _SENDS = (Op.SEND_ACTIVATION, Op.SEND_GRADIENT)
-_NO_CONTEXT = contextlib.nullcontext()
-_NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 
 
 class Pipeline:
@@ -169,7 +163,7 @@ class Pipeline:
         self.num_stages = num_stages
         self.is_first = 0 in self._chunks
         self.is_last = num_stages - 1 in self._chunks
-        self._last_run: _StepState | None = None
+        self._last_run: StepState | None = None
         self._last_stats = StepStats()
         self._broken: str | None = None
         self._devices = {s: _module_device(module) for s, module in self._chunks.items()}
@@ -178,9 +172,6 @@ class Pipeline:
         everyone = schedule_actions(schedule, self.placement.num_ranks, num_stages,
                                     num_microbatches)  # fmt: skip
         self._actions = everyone[self._group_rank]
-        self._last_backward = {
-            a.stage: a.microbatch for a in self._actions if a.op in (Op.BACKWARD, Op.BACKWARD_INPUT)
-        }
         self._comm_device = torch.device("cpu")  # a stage on a GPU sends via the host...
         self._links = self._make_links()  # ...unless its links are NCCL (set there)
         multi = self.placement.num_stages != self.placement.num_ranks
@@ -190,12 +181,17 @@ class Pipeline:
             for a in actions
             if a.op in _SENDS
         }
-        self._inboxes = {
-            peer: Inbox(link, self._expected(everyone[peer]), self._names, self._leaves(link))
-            for peer, link in self._links.items()
-        }
         self._me = Peer(min(self._chunks), dist.get_rank())
-        self._plan = [self._planned(action) for action in self._actions]
+        expected = {peer: self._expected(everyone[peer]) for peer in self._links}
+        self._receive_counts = [(link, len(expected[q])) for q, link in self._links.items()]
+        self._plan = StepPlan(
+            self._actions, chunks=self._chunks, num_stages=num_stages,
+            num_microbatches=num_microbatches, loss_fn=loss_fn, split=self._split,
+            no_sync=self._no_sync, devices=self._devices, comm_device=self._comm_device,
+            links=self._links, stage_ranks=self.placement.stage_ranks,
+            expected=expected,
+            names=self._names,
+        )  # fmt: skip
         self.transports = {link.peer.stage: _transport_name(link) for link in self._links.values()}
 
     # --- construction ---------------------------------------------------------------------------
@@ -209,38 +205,6 @@ class Pipeline:
                      "inside autograd's backward, so its backward is not split")  # fmt: skip
             return False
         return True
-
-    def _planned(self, action: Action) -> _Planned:
-        """What `action` needs at run time, looked up once: every lookup between two compute
-        actions delays a peer waiting for this rank's message (and runs on caches cooled by the
-        stage's compute, several times slower than in a loop)."""
-        s, k = action.stage, action.microbatch
-        if action.op in COMPUTE_OPS:
-            kind = {Op.FORWARD: "forward", Op.BACKWARD_WEIGHT: "weight"}.get(action.op, "backward")
-            name = f"s{s}.mb{k}" if len(self._chunks) > 1 else f"mb{k}"
-            return _Planned(action, (s, k), None, None, range_name("pp", kind, name))
-        message = message_of(action)
-        send = action.op in _SENDS
-        peer = self.placement.stage_ranks[message.dest if send else message.source]
-        what = self._names[message]
-        profile = range_name("pp", "send" if send else "recv", what)
-        if send:
-            return _Planned(action, (s, k), self._links[peer], what, profile)
-        device = self._devices[s] if self._devices[s] != self._comm_device else None
-        inbox = self._inboxes[peer]
-        return _Planned(action, (s, k), inbox, inbox.position(message), profile, device)
-
-    def _leaves(self, link: Link) -> set[Message]:
-        """The messages `link` should deliver as leaves (see `Link.recv`): the activations for
-        stages on the link's device (the others are copied there, and the copy becomes the
-        leaf)."""
-        return {
-            message
-            for message in self._names
-            if message.kind == "activation"
-            and message.dest in self._chunks
-            and self._devices[message.dest] == self._comm_device
-        }
 
     def _expected(self, peer_actions: list[Action]) -> list[Message]:
         """The messages a peer sends this rank in a step, in the order it sends them."""
@@ -363,25 +327,22 @@ class Pipeline:
     ) -> Tensor | None:
         cfg = self.config
         m, dim = cfg.num_microbatches, cfg.batch_dim
-        run = _StepState(
+        run = StepState(
             start=time.perf_counter(),
             inputs=split_batch("inputs", inputs, m, dim) if self.is_first else [],
             targets=split_batch("targets", targets, m, dim) if self.is_last else [],
+            num_slots=self._plan.num_slots,
         )
-        run.weights = loss_weights(run.targets, dim, cfg.loss_reduction) if self.is_last else []
+        if self.is_last:
+            assert targets is not None  # split_batch raised otherwise
+            run.weights = loss_weights(targets, m, dim, cfg.loss_reduction)
         self._last_run = run
         # Asked once per step: a range costs microseconds even when nobody listens.
-        ranges = ranges_recorded()
-        for inbox in self._inboxes.values():
-            inbox.start_step()
-        for planned in self._plan:
-            if planned.route is None:
-                self._compute(planned, run, ranges)
-            elif ranges:
-                with record_range(planned.profile):
-                    self._transfer(planned, run)
-            else:
-                self._transfer(planned, run)
+        plan = self._plan.ranged if ranges_recorded() else self._plan.runs
+        for link, count in self._receive_counts:
+            link.post_receives(count)
+        for action in plan:
+            action(run)
         for link in self._links.values():
             link.finish_sends()
             link.end_step()
@@ -389,87 +350,6 @@ class Pipeline:
             link.split_sends = 0
         run.end = time.perf_counter()
         return torch.stack(run.losses).sum() if self.is_last else None
-
-    def _transfer(self, planned: _Planned, run: _StepState) -> None:
-        op, key = planned.action.op, planned.key
-        if op is Op.RECV_ACTIVATION:
-            # The inbox delivers the stage's input as a leaf (see _leaves), but for a stage on
-            # another device than the link: there the copy becomes the leaf.
-            x = planned.route.recv(planned.what)
-            if planned.device is not None:
-                x = x.to(planned.device)
-                if carries_grad(x):
-                    x.requires_grad = True
-            run.stage_inputs[key] = x
-        elif op is Op.RECV_GRADIENT:
-            run.output_grads[key] = planned.route.recv(planned.what)
-        elif op is Op.SEND_ACTIVATION:
-            self._send(planned, run.outputs[key])
-        else:
-            x = run.stage_inputs.pop(key)  # a leaf that requires grad iff it carries one
-            grad = x.grad if x.requires_grad else _NO_GRADIENT
-            self._send(planned, torch.zeros_like(x) if grad is None else grad)
-
-    def _compute(self, planned: _Planned, run: _StepState, ranges: bool) -> None:
-        action, key = planned.action, planned.key
-        s, k = key
-        began = time.perf_counter()
-        profile = record_range(planned.profile) if ranges else _NO_CONTEXT
-        if action.op is Op.FORWARD:
-            x = run.inputs[k] if s == 0 else run.stage_inputs[key]
-            split = self._split[s] and torch.is_grad_enabled()
-            deferred = run.deferred.setdefault(key, DeferredWeights()) if split else None
-            context = (weight_split(self._chunks[s], deferred, f"stage {s}")
-                       if deferred is not None else _NO_CONTEXT)  # fmt: skip
-            with profile, context:
-                y = self._chunks[s](x)
-                if not isinstance(y, Tensor):
-                    raise TypeError(
-                        f"stage {s} returned {type(y).__name__}; a pipeline stage must return "
-                        "one Tensor (wrap modules returning tuples, such as LSTMs, in OutputOnly)"
-                    )
-                if s == self.num_stages - 1:
-                    assert self.loss_fn is not None
-                    y = self.loss_fn(y, run.targets[k]) * run.weights[k]
-                    run.losses.append(y.detach())
-            run.outputs[key] = y
-        elif action.op is Op.BACKWARD_WEIGHT:
-            with profile:
-                deferred = run.deferred.pop(key, None)
-                if deferred is not None:
-                    deferred.run()
-        else:
-            y = run.outputs.pop(key)
-            grad = run.output_grads.pop(key, None)
-            # An output that carries no gradient does not require grad: no backward runs.
-            # is_cpu first: y.device builds an object, and .to enters the dispatcher.
-            if grad is not None and not (grad.is_cpu and y.is_cpu):
-                grad = grad.to(y.device)
-            with self._backward_context(s, k), profile:
-                if y.requires_grad and (grad is not None or s == self.num_stages - 1):
-                    torch.autograd.backward(y, grad)
-        # Only the times here: the stats are made when asked for (last_stats), off the path
-        # between this compute and the send a peer waits for.
-        run.times.append((action, began, time.perf_counter()))
-
-    def _send(self, planned: _Planned, tensor: Tensor) -> None:
-        # A stage on a GPU sends via the host unless its link is NCCL (see _make_links). The
-        # links detach what they send. is_cpu first: tensor.device builds an object, which
-        # costs microseconds right after a compute, when this code is cold.
-        on_cpu = tensor.is_cpu and self._comm_device.type == "cpu"
-        if not on_cpu and tensor.device != self._comm_device:
-            tensor = tensor.detach().to(self._comm_device)
-        planned.route.send(tensor, planned.what)
-
-    def _backward_context(
-        self, stage: int, microbatch: int
-    ) -> contextlib.AbstractContextManager[object]:
-        # A data-parallel stage averages gradients once per step: in its last backward, with
-        # the accumulated gradients.
-        no_sync = self._no_sync[stage]
-        if no_sync is None or microbatch == self._last_backward[stage]:
-            return _NO_CONTEXT
-        return no_sync()
 
     def _fail(self, message: str, origin: Peer, *, skip: int | None) -> None:
         """Tell the peers (except stage `skip`, where the news came from) and mark this
@@ -484,50 +364,6 @@ class Pipeline:
                 logger.warning("could not tell %s about the failure: %s", link.peer, error)
         for link in self._links.values():
             link.drop()
-
-
-class _Planned(NamedTuple):
-    """One action of this rank's list and what it needs at run time (see `_planned`)."""
-
-    action: Action
-    key: tuple[int, int]  # (stage, micro-batch)
-    route: Any  # SEND: the Link to the peer; RECV: the Inbox of the peer; compute: None
-    what: Any  # SEND: the message's name; RECV: its Inbox position; compute: None
-    profile: str  # the profiler range's name
-    device: torch.device | None = None  # RECV: the stage's device, when not the link's (None)
-
-
-class _StepState:
-    """What one step keeps between actions, keyed by (stage, micro-batch)."""
-
-    def __init__(self, *, start: float, inputs: list[Tensor], targets: list[Tensor]) -> None:
-        self.start = start
-        self.end = start  # set when the step is done
-        self.inputs = inputs  # micro-batches of stage 0
-        self.targets = targets  # micro-batches' targets on the last stage
-        self.weights: list[float] = []
-        self.stage_inputs: dict[tuple[int, int], Tensor] = {}  # received activations (leaves)
-        self.outputs: dict[tuple[int, int], Tensor] = {}  # a stage's output (or weighted loss)
-        self.output_grads: dict[tuple[int, int], Tensor] = {}
-        self.deferred: dict[tuple[int, int], DeferredWeights] = {}
-        self.losses: list[Tensor] = []
-        self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
-        self.split_sends = 0
-
-    def stats(self) -> StepStats:
-        """The step's `StepStats` (compute times in seconds from its start)."""
-        stats = StepStats(step_s=self.end - self.start, split_sends=self.split_sends)
-        for action, began, ended in self.times:
-            if action.op is Op.FORWARD:
-                stats.forward_s += ended - began
-            elif action.op is Op.BACKWARD_WEIGHT:
-                stats.weight_s += ended - began
-            else:
-                stats.backward_s += ended - began
-            start, end = began - self.start, ended - self.start
-            timed = ActionTime(action.op.value, action.stage, action.microbatch, start, end)
-            stats.per_microbatch.append(timed)
-        return stats
 
 
 def _check_chunks(

@@ -6,24 +6,20 @@
   with several stages per rank and one rank): a queue, no copy.
 
 A rank receives from one peer in the order that peer sent (every transport is first in, first
-out), but a schedule may want the peer's messages in another order (an activation and a
-gradient crossing between the same two ranks). Schedules are pure, so each side knows the
-peer's send order; `Inbox` reads ahead in that order and keeps what is not wanted yet.
+out); plan.py reads ahead where a schedule wants the messages in another order.
 """
 
 from __future__ import annotations
 
 import collections
-from collections.abc import Collection, Sequence
 from typing import Protocol
 
 from torch import Tensor
 
-from fastpar.parallel.pipeline.microbatches import carries_grad
-from fastpar.parallel.pipeline.schedules import Message
-from fastpar.parallel.pipeline.wire import Peer, PipelineError
+from fastpar.parallel.pipeline.microbatches import carries_grad, input_grad
+from fastpar.parallel.pipeline.wire import Peer
 
-__all__ = ["Inbox", "Link", "LocalLink"]
+__all__ = ["Link", "LocalLink"]
 
 
 class Link(Protocol):
@@ -50,6 +46,10 @@ class Link(Protocol):
         """Start sending `tensor`'s values (detached from autograd here); `finish_sends` waits
         for it."""
 
+    def send_input_grad(self, leaf: Tensor, what: str) -> None:
+        """`send(input_grad(leaf), what)` (see microbatches.input_grad): the gradient of a stage's
+        input, received as `leaf`, after the stage's backward."""
+
     def send_error(self, message: str, origin: Peer) -> None:
         """Deliver `message` in place of the next tensor the peer expects (bounded)."""
 
@@ -69,7 +69,8 @@ class LocalLink:
     def __init__(self, me: Peer) -> None:
         self.peer = me
         self.split_sends = 0
-        self._queue: collections.deque[Tensor] = collections.deque()
+        # (tensor, whether it is an alias of what was sent: detached, or else the tensor itself)
+        self._queue: collections.deque[tuple[Tensor, bool]] = collections.deque()
 
     def post_receives(self, count: int) -> None:
         """Nothing to post."""
@@ -77,13 +78,23 @@ class LocalLink:
     def recv(self, what: str, leaf: bool = False) -> Tensor:
         if not self._queue:
             raise RuntimeError(f"{self.peer}: {what} was received before it was sent")
-        tensor = self._queue.popleft()  # a detached alias: its own leaf
+        tensor, alias = self._queue.popleft()
         if leaf and carries_grad(tensor):
+            if not alias:  # the sender's own tensor must not become this leaf
+                tensor = tensor.detach()
             tensor.requires_grad = True
         return tensor
 
     def send(self, tensor: Tensor, what: str) -> None:
-        self._queue.append(tensor.detach())
+        # Detached only where it matters (a detach costs ~10 us when cold, on the path between
+        # two stages of this rank): a tensor that requires grad, or one received as a leaf.
+        if tensor.requires_grad:
+            self._queue.append((tensor.detach(), True))
+        else:
+            self._queue.append((tensor, False))
+
+    def send_input_grad(self, leaf: Tensor, what: str) -> None:
+        self.send(input_grad(leaf), what)
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Nobody else to tell."""
@@ -96,60 +107,3 @@ class LocalLink:
 
     def drop(self) -> None:
         self._queue.clear()
-
-
-class Inbox:
-    """The messages one peer sends this rank in a step, handed out in any order.
-
-    Arguments:
-        link: the link to the peer.
-        expected: the peer's messages to this rank, in the order the peer sends them.
-        names: what to call a message in errors and profiles.
-        leaves: the messages to receive as leaves (see `Link.recv`).
-    """
-
-    def __init__(
-        self,
-        link: Link,
-        expected: Sequence[Message],
-        names: dict[Message, str],
-        leaves: Collection[Message] = (),
-    ) -> None:
-        self.link = link
-        self._expected = list(expected)
-        self._names = names
-        self._what = [names[message] for message in self._expected]
-        self._leaf = [message in leaves for message in self._expected]
-        self._positions = {message: index for index, message in enumerate(self._expected)}
-        self._received = 0  # messages of this step read from the link
-        self._early: dict[int, Tensor] = {}  # read, not yet handed out, by position
-
-    def position(self, message: Message) -> int:
-        """Where `message` comes in the peer's sends of a step: what `recv` takes. Looked up
-        once, when the plan is made (a Message hashes in Python, microseconds per message on
-        the path between two computes)."""
-        if message not in self._positions:
-            raise PipelineError(
-                f"{self.link.peer} sends no {self._names[message]} in this schedule",
-                stage=self.link.peer.stage,
-                rank=self.link.peer.rank,
-            )
-        return self._positions[message]
-
-    def start_step(self) -> None:
-        """Post the step's receives (on transports that post ahead)."""
-        self._received = 0
-        self._early.clear()
-        self.link.post_receives(len(self._expected))
-
-    def recv(self, position: int) -> Tensor:
-        """The tensor of the peer's message at `position` (see `position`), reading (and
-        keeping) the peer's earlier messages first."""
-        if position < self._received:
-            return self._early.pop(position)
-        while self._received < position:
-            index = self._received
-            self._early[index] = self.link.recv(self._what[index], self._leaf[index])
-            self._received += 1
-        self._received += 1
-        return self.link.recv(self._what[position], self._leaf[position])

@@ -7,13 +7,24 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["carries_grad", "loss_weights", "split_batch"]
+__all__ = ["carries_grad", "input_grad", "loss_weights", "split_batch"]
+
+_NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 
 
 def carries_grad(tensor: Tensor) -> bool:
     """Whether a gradient travels back for this activation. Both sides decide from its dtype
     alone, so they agree without a message."""
     return tensor.is_floating_point() or tensor.is_complex()
+
+
+def input_grad(leaf: Tensor) -> Tensor:
+    """What a stage sends back for its input `leaf` after its backward: the leaf's gradient,
+    zeros where it got none, an empty tensor where it carries none (does not require grad)."""
+    if not leaf.requires_grad:
+        return _NO_GRADIENT
+    grad = leaf.grad
+    return torch.zeros_like(leaf) if grad is None else grad
 
 
 def _size_along(name: str, tensor: Tensor, dim: int) -> int:
@@ -55,11 +66,23 @@ def split_batch(
     return pieces
 
 
-def loss_weights(targets: Sequence[Tensor], dim: int, reduction: str) -> list[float]:
+def loss_weights(
+    targets: Tensor | Sequence[Tensor], num_microbatches: int, dim: int, reduction: str
+) -> list[float]:
     """Each micro-batch's loss weight: its share of the batch along `dim` for "mean" (so the
-    weighted sum is the whole batch's mean loss), 1 for "sum"."""
+    weighted sum is the whole batch's mean loss), 1 for "sum".
+
+    Arguments:
+        targets: as given to `split_batch` (and accepted by it): a tensor, whose pieces' sizes
+            are then known without touching them (each shape read costs microseconds on the
+            step's cold start), or the micro-batches.
+    """
     if reduction == "sum":
-        return [1.0] * len(targets)
+        return [1.0] * num_microbatches
+    if isinstance(targets, Tensor):
+        total = targets.shape[dim]
+        base, extra = divmod(total, num_microbatches)  # tensor_split's sizes
+        return [(base + (k < extra)) / total for k in range(num_microbatches)]
     sizes = [_size_along("targets", t, dim) for t in targets]
     total = sum(sizes)
     return [size / total for size in sizes]

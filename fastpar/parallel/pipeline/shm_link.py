@@ -14,7 +14,7 @@ import datetime
 import json
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -45,6 +45,17 @@ class ShmLink:
     send returns once its tensor is in the pipe (or handed to the pipe's sender thread when the
     pipe is full, counted in `split_sends`). Errors name the peer like `Link`'s.
 
+    `send(tensor, what)` copies the tensor into the pipe (completed by `finish_sends` if it did
+    not fit); `recv(what, leaf=False)` is the peer's next tensor, on the CPU (see `Link.recv`):
+    it is this process's alone, so with `leaf` the pipe makes it the leaf itself;
+    `send_input_grad(leaf, what)` sends the leaf's gradient (see `Link.send_input_grad`)
+    without a Python object of it. All three are the pipe's own functions
+    (`ShmTensorPipe.calls`), not methods: they run per micro-batch right after a compute, when
+    the code on the way is cold and every call layer costs microseconds of bubble, so no
+    Python, no pybind11 dispatch; the pipe checks the tensor, makes it contiguous if needed and
+    keeps a detached alias of what it could not write yet, and only a failure calls back into
+    Python, to word the error (`_PipeFailures`).
+
     Arguments:
         peer: the neighbour.
         pipe: this end of the native pipe (see `connect_shm_links`).
@@ -52,40 +63,21 @@ class ShmLink:
         me: this stage.
     """
 
+    send: Callable[[Tensor, str], None]
+    recv: Callable[..., Tensor]
+    send_input_grad: Callable[[Tensor, str], None]
+
     def __init__(self, peer: Peer, *, pipe: Any, timeout_s: float, me: Peer) -> None:
         self.peer = peer
         self.me = me
         self._pipe = pipe
-        self._timeout_s = timeout_s
-        native = _native.load()
-        self._errors = (native.PipeAbortedError, native.PipeBrokenError)
+        self._failures = _PipeFailures(pipe, me, peer, timeout_s)
+        self.send, self.recv, self.send_input_grad = pipe.calls(self._failures.reworded)
         self._deferred_seen = 0
         self.split_sends = 0
 
     def post_receives(self, count: int) -> None:
         """Nothing to post: the pipe keeps every message until it is received."""
-
-    def recv(self, what: str, leaf: bool = False) -> Tensor:
-        """The peer's next tensor, on the CPU (see `Link.recv`); it is this process's alone, so
-        with `leaf` the pipe makes it the leaf itself."""
-        # One native call and try/except, no context manager nor range (see Link): this runs
-        # per micro-batch, right after a compute, where every microsecond is bubble.
-        try:
-            return self._pipe.recv(what, leaf)
-        except self._errors as error:
-            raise self._pipeline_error(error, f"receiving {what} from") from error
-
-    def send(self, tensor: Tensor, what: str) -> None:
-        """Copy `tensor` into the pipe (completed by `finish_sends` if it did not fit)."""
-        # The pipe checks the tensor, makes it contiguous if needed, and keeps a detached alias
-        # of what it could not write yet: one native call, no torch op on the way.
-        try:
-            self._pipe.send(tensor)
-        except self._errors as error:
-            raise self._pipeline_error(error, "sending to") from error
-        except (ValueError, TypeError):
-            check_sendable(tensor)  # the refusal worded as every link words it
-            raise
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Make the peer's waits on this pipe raise the error (it is in shared memory at once:
@@ -96,8 +88,8 @@ class ShmLink:
         """Wait (bounded) until every tensor sent is in the pipe."""
         try:
             deferred = self._pipe.flush()
-        except self._errors as error:
-            raise self._pipeline_error(error, "sending to") from error
+        except self._failures.errors as error:
+            raise self._failures.pipeline_error(error, "sending to") from error
         self.split_sends += deferred - self._deferred_seen
         self._deferred_seen = deferred
 
@@ -107,15 +99,40 @@ class ShmLink:
     def drop(self) -> None:
         """Nothing to forget: the pipe owns what it has not written yet."""
 
-    def _pipeline_error(self, error: Exception, doing: str) -> PipelineError:
+
+class _PipeFailures:
+    """Words a pipe's errors for one link (held by the pipe's functions: it must not hold the
+    link, or a cycle would keep the pipe open until the garbage collector ran)."""
+
+    def __init__(self, pipe: Any, me: Peer, peer: Peer, timeout_s: float) -> None:
+        native = _native.load()
+        self.errors = (native.PipeAbortedError, native.PipeBrokenError)
+        self._pipe, self._me, self._peer, self._timeout_s = pipe, me, peer, timeout_s
+
+    def reworded(self, error: Exception, call: str, argument: object) -> BaseException:
+        """The error a failed send or recv of the pipe raises (`error` is raised from it): the
+        pipe's own as a PipelineError; a refused tensor worded as every link words it."""
+        if isinstance(error, self.errors):
+            doing = "sending to" if call == "send" else f"receiving {argument} from"
+            return self.pipeline_error(error, doing)
+        refused = isinstance(error, (ValueError, TypeError)) and isinstance(argument, Tensor)
+        if call == "send" and refused:
+            try:
+                check_sendable(argument)
+            except (ValueError, TypeError) as refusal:
+                return refusal
+        return error
+
+    def pipeline_error(self, error: Exception, doing: str) -> PipelineError:
         """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
         silent peer named as the culprit (and told so, should it wake up later)."""
-        if isinstance(error, self._errors[0]):  # the peer aborted
-            origin, message = _parse_error_text(str(error), self.peer)
-            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=self.peer.stage)
+        peer = self._peer
+        if isinstance(error, self.errors[0]):  # the peer aborted
+            origin, message = _parse_error_text(str(error), peer)
+            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=peer.stage)
         cause = f"left the pipeline ({error})"
-        failure = peer_failed(self.me, doing, self.peer, self._timeout_s, cause)
-        self._pipe.abort(_error_text(str(failure), self.peer))
+        failure = peer_failed(self._me, doing, peer, self._timeout_s, cause)
+        self._pipe.abort(_error_text(str(failure), peer))
         return failure
 
 

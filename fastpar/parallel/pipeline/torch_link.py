@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastpar.parallel.pipeline.microbatches import carries_grad
+from fastpar.parallel.pipeline.microbatches import carries_grad, input_grad
 from fastpar.parallel.pipeline.wire import (
     HEADER_BYTES,
     MIN_SLOT_BYTES,
@@ -154,6 +154,10 @@ class TorchLink:
         return payload
 
     # --- sending ------------------------------------------------------------------------------
+
+    def send_input_grad(self, leaf: Tensor, what: str) -> None:
+        """See `Link.send_input_grad`."""
+        self.send(input_grad(leaf), what)
 
     def send(self, tensor: Tensor, what: str) -> None:
         """Post `tensor` to the peer; completion is awaited by `finish_sends`, so the caller
