@@ -191,7 +191,7 @@ class StepPlan:
         if action.op in _SENDS:
             return self._send(action)
         assert reads is not None
-        return self._receive(action, reads)
+        return self._receive(reads)
 
     def _fused(self, actions: Sequence[Action], reads: dict[Action, list[Message]]) -> list[Run]:
         """The step's functions with each compute's own receive and send inside it
@@ -206,7 +206,7 @@ class StepPlan:
             if before is not None and before.op in _RECEIVES:
                 if self._inline_read(before, reads[before]):
                     read = self._read_call(message_of(before))
-                elif (run := self._receive(before, reads[before])) is not None:
+                elif (run := self._receive(reads[before])) is not None:
                     runs.append(run)
             send = self._send_call(after) if after is not None and after.op in _SENDS else None
             if action.op is Op.FORWARD:
@@ -411,10 +411,9 @@ class StepPlan:
         """The link's recv and the message's name."""
         return self._links[self._stage_ranks[message.source]].recv, self._names[message]
 
-    def _receive(self, action: Action, reads: list[Message]) -> Run | None:
+    def _receive(self, reads: list[Message]) -> Run | None:
         """A receive alone: its reads, each into the slot where its stage takes it (None: no
         reads)."""
-        del action
         runs = [self._read_of(message) for message in reads]
         if len(runs) <= 1:
             return runs[0] if runs else None
