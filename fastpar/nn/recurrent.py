@@ -31,12 +31,13 @@ from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from fastpar._checks import check_choice, check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
 from fastpar.ops.auto_backend import choose_auto_backend
+from fastpar.ops.packing import PackedLayout
 from fastpar.ops.reference import LayerWeights
 
 Backend = Literal["auto", "triton", "torch", "reference"]
@@ -356,12 +357,13 @@ class RecurrentBase(nn.Module):
     ) -> tuple[Tensor | PackedSequence, Any]:
         weight = self.weight_ih_l0
         lengths = None
-        packed = isinstance(input, PackedSequence)
-        if packed:
-            # (T, B, I) in the caller's batch order; lengths stay on the CPU, where torch's
-            # kernels take them (``lengths_on_device`` moves them for the other stacks): a copy
-            # to the GPU and back would wait for the GPU.
-            x, lengths = pad_packed_sequence(input)
+        layout = None
+        if isinstance(input, PackedSequence):
+            # (T, B, I) in the packed batch's sorted order, as torch's modules run; lengths stay
+            # on the CPU, where torch's kernels take them (``lengths_on_device`` moves them for
+            # the other stacks): a copy to the GPU and back would wait for the GPU.
+            layout = PackedLayout(input.batch_sizes, input.data.device)
+            x, lengths = layout.pad(input.data), layout.lengths
             batched = check_input(x, self.input_size, weight, 3)
         else:
             batched = check_input(input, self.input_size, weight, 3)
@@ -380,11 +382,19 @@ class RecurrentBase(nn.Module):
             )
             if not batched:
                 states = tuple(s.unsqueeze(1) for s in states)
+            if layout is not None and input.sorted_indices is not None:
+                states = tuple(s.index_select(1, input.sorted_indices) for s in states)
 
         out, finals = self._run_stack(x, states, lengths)
 
-        if packed:
-            return _repack(out, input), join_states(finals)
+        if layout is not None:
+            if input.unsorted_indices is not None:
+                finals = tuple(s.index_select(1, input.unsorted_indices) for s in finals)
+            data = layout.pack(out)
+            packed_out = PackedSequence(
+                data, input.batch_sizes, input.sorted_indices, input.unsorted_indices
+            )
+            return packed_out, join_states(finals)
         if not batched:
             return out.squeeze(1), join_states(tuple(s.squeeze(1) for s in finals))
         if self.batch_first:
@@ -392,21 +402,14 @@ class RecurrentBase(nn.Module):
         return out, join_states(finals)
 
 
-def _repack(out: Tensor, like: PackedSequence) -> PackedSequence:
-    """Pack ``out`` (T, B, .) exactly as ``like`` is packed (same batch_sizes and indices)."""
-    batch_sizes = like.batch_sizes  # (T,) on the CPU: sorted lengths without a device sync
-    sorted_lengths = (batch_sizes.unsqueeze(0) > torch.arange(out.shape[1]).unsqueeze(1)).sum(1)
-    if like.sorted_indices is not None:
-        out = out.index_select(1, like.sorted_indices.to(out.device))
-    packed = pack_padded_sequence(out, sorted_lengths, enforce_sorted=True)
-    return PackedSequence(packed.data, batch_sizes, like.sorted_indices, like.unsorted_indices)
-
-
 def lengths_on_device(options: dict[str, Any], x: Tensor) -> dict[str, Any]:
     """A stack's ``options`` with their lengths on x's device, where the reference and Triton
     stacks use them (torch's kernels take them on the CPU, as ``forward`` keeps them)."""
     lengths = options.get("lengths")
-    return options if lengths is None else {**options, "lengths": lengths.to(x.device)}
+    if lengths is None:
+        return options
+    # Not blocking: a blocking copy would wait for every kernel queued before it.
+    return {**options, "lengths": lengths.to(x.device, non_blocking=True)}
 
 
 def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[LayerWeights]:

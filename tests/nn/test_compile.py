@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, randn
@@ -107,3 +108,26 @@ def test_torch_compile_fullgraph_lstm_auto_cuda(cudnn_fp32_ieee: None) -> None:
     # auto on float32 CUDA: torch's LSTM kernels (cuDNN) inside fastpar's op, no graph break.
     torch._dynamo.reset()
     _check_compiled_matches_eager("cuda", "auto")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_compile_fullgraph_packed_input_cpu(backend: str) -> None:
+    # torch's pad_packed_sequence is skipped by dynamo (a graph break); the modules' own
+    # conversion of a PackedSequence compiles.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    lstm = fastpar.nn.LSTM(6, 5, num_layers=2, bidirectional=True, backend=backend)
+    lengths = torch.tensor([3, 7, 1, 5])
+    packed = pack_padded_sequence(randn(7, 4, 6, seed=2).float(), lengths, enforce_sorted=False)
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        out, (h_n, c_n) = model(packed)
+        return out.data.square().sum() + h_n.square().sum() + c_n.sum()
+
+    eager_loss = loss(lstm)
+    eager_grads = torch.autograd.grad(eager_loss, list(lstm.parameters()))
+    compiled_loss = loss(torch.compile(lstm, fullgraph=True))
+    got_grads = torch.autograd.grad(compiled_loss, list(lstm.parameters()))
+    assert_close(compiled_loss, eager_loss, FP32_ATOL, FP32_RTOL, "loss")
+    for (name, _), a, b in zip(lstm.named_parameters(), got_grads, eager_grads, strict=True):
+        assert_close(a, b, FP32_ATOL, FP32_RTOL, "d " + name)
