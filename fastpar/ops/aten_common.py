@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from fastpar.ops.packing import PackedLayout, batch_sizes_of, checked_lengths, take_rows
 from fastpar.ops.reference import LayerWeights
 
 # torch._VF.lstm / gru / rnn_tanh / rnn_relu: (out, *final states).
@@ -42,11 +42,7 @@ class Arrangement:
         self.batch_sizes: list[int] | None = None  # (T,) rows running at each step
         if lengths is None:
             return
-        lengths = lengths.to("cpu", torch.int64)
-        if lengths.numel() and int(lengths.min()) < 1:
-            raise ValueError(f"lengths must all be >= 1, got {lengths.tolist()}")
-        if lengths.numel() and int(lengths.max()) > steps:
-            raise ValueError(f"lengths must be <= T = {steps}, got {lengths.tolist()}")
+        lengths = checked_lengths(lengths, steps)
         self.sorted_lengths, perm = lengths.sort(descending=True, stable=True)
         self.perm = perm
         self.inverse = torch.empty_like(perm)
@@ -54,6 +50,7 @@ class Arrangement:
         t = torch.arange(steps).unsqueeze(1)
         valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in canonical order
         self.batch_sizes = valid.sum(1).tolist()
+        self._layouts: dict[torch.device, PackedLayout] = {}
         # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
         self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
 
@@ -83,19 +80,28 @@ class Arrangement:
         seq = self._flip(seq)  # the reversal is its own inverse
         return seq if self.perm is None else seq.index_select(1, self.inverse.to(seq.device))
 
+    def _layout(self, device: torch.device) -> PackedLayout:
+        layout = self._layouts.get(device)
+        if layout is None:
+            batch_sizes = torch.tensor(self.batch_sizes)  # type: ignore[arg-type]
+            layout = PackedLayout(batch_sizes, device)
+            self._layouts[device] = layout
+        return layout
+
     def pack(self, seq: Tensor) -> Tensor:
         """(T, B, F) canonical -> (N, F): the valid rows, step after step (step t's are the
         batch_sizes[t] rows from sum(batch_sizes[:t])); without lengths a view, N = T * B."""
         if self.batch_sizes is None:
             return seq.reshape(-1, seq.shape[2])
-        return torch._pack_padded_sequence(seq, self.sorted_lengths, False)[0]
+        layout = self._layout(seq.device)
+        return take_rows(seq.reshape(-1, seq.shape[2]), layout.flat, zero_row=False)
 
     def unpack(self, data: Tensor, steps: int) -> Tensor:
         """(N, F) from ``pack`` -> (T, B, F) canonical, zero past each length."""
         if self.batch_sizes is None:
             return data.view(steps, -1, data.shape[1])
-        sizes = torch.tensor([b for b in self.batch_sizes if b > 0])
-        return torch._pad_packed_sequence(data, sizes, False, 0.0, steps)[0]
+        layout = self._layout(data.device)
+        return take_rows(data, layout.where, zero_row=True).view(steps, -1, data.shape[1])
 
 
 def flat_params(w: LayerWeights) -> list[Tensor]:
@@ -154,9 +160,11 @@ def vf_layer(
         if arrange.batch_sizes is None:
             out, *finals = vf(xc, hx, params, has_bias, 1, 0.0, False, False, False)
         else:
-            data, batch_sizes = torch._pack_padded_sequence(xc, arrange.sorted_lengths, False)
-            out_data, *finals = vf(data, batch_sizes, hx, params, has_bias, 1, 0.0, False, False)
-            out, _ = torch._pad_packed_sequence(out_data, batch_sizes, False, 0.0, x.shape[0])
+            batch_sizes = batch_sizes_of(arrange.sorted_lengths)
+            out_data, *finals = vf(
+                arrange.pack(xc), batch_sizes, hx, params, has_bias, 1, 0.0, False, False
+            )
+            out = arrange.unpack(out_data, x.shape[0])
     return arrange.restore(out), tuple(arrange.unrows(f[0]) for f in finals)
 
 
@@ -182,14 +190,20 @@ def vf_whole_stack(
     with _expected_cudnn_compaction(x):
         if lengths is None:
             return tuple(vf(x, _hx(states), params, *options, False))
-        packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
-        order, inverse = packed.sorted_indices, packed.unsorted_indices
-        hx = _hx([s.index_select(1, order) for s in states])
-        out_data, *finals = vf(packed.data, packed.batch_sizes, hx, params, *options)
-    out, _ = pad_packed_sequence(
-        PackedSequence(out_data, packed.batch_sizes, order, inverse), total_length=x.shape[0]
-    )
-    return (out, *(f.index_select(1, inverse) for f in finals))
+        sorted_lengths, order = checked_lengths(lengths, x.shape[0]).sort(
+            descending=True, stable=True
+        )
+        batch_sizes = batch_sizes_of(sorted_lengths)
+        layout = PackedLayout(batch_sizes, x.device, steps=x.shape[0])
+        # fastpar's modules pass a packed batch's lengths, sorted already.
+        in_order = torch.equal(order, torch.arange(order.numel()))
+        if not in_order:
+            inverse = order.argsort().to(x.device, non_blocking=True)
+            order = order.to(x.device, non_blocking=True)
+            x, states = x.index_select(1, order), [s.index_select(1, order) for s in states]
+        out_data, *finals = vf(layout.pack(x), batch_sizes, _hx(states), params, *options)
+    results = (layout.pad(out_data), *finals)
+    return results if in_order else tuple(r.index_select(1, inverse) for r in results)
 
 
 def eager_whole_stack(x: Tensor, lengths: Tensor | None) -> bool:
