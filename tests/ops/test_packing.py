@@ -88,3 +88,24 @@ def test_packed_module_ops_do_not_grow_with_time(backend: str) -> None:
     # torch's pad and pack copy a step at a time in backward: thousands of small kernels at
     # T=512. The layout's gathers are one each way whatever T.
     assert _ops_for_packed_step(48, backend) == _ops_for_packed_step(12, backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_packed_module_never_waits_for_the_gpu(dtype: torch.dtype) -> None:
+    # torch's pad_packed_sequence copies unsorted_indices to the host, and a blocking copy of
+    # the lengths to the GPU waits for every queued kernel: either stalls the host each step.
+    lstm = fastpar.nn.LSTM(8, 16, num_layers=2, bidirectional=True, backend="triton")
+    lstm = lstm.to("cuda", dtype)
+    lengths = torch.tensor([5, 12, 3, 9, 12, 1])
+    x = torch.randn(12, 6, 8, device="cuda", dtype=dtype)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+    packed.data.requires_grad_()
+    lstm(packed)[0].data.sum().backward()  # compiles the kernels first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, (h_n, c_n) = lstm(packed)
+        (out.data.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
