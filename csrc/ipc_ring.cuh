@@ -174,26 +174,44 @@ __device__ __forceinline__ char* area_of(const CallArgs& a, int p, uint64_t chun
 __device__ __forceinline__ int64_t min64(int64_t x, int64_t y) { return x < y ? x : y; }
 
 // 16 bytes from/to `p`, in accesses as wide as `align` allows (never byte by byte).
-// 16-byte loads bypass L1 (ld.global.cg): the areas are written by other ranks, and a line of
+// Every load bypasses L1 (ld.global.cg): the areas are written by other ranks, and a line of
 // an earlier chunk must never be served from this SM's L1.
 __device__ __forceinline__ uint4 load_pack(const char* p, int align) {
   if (align == 16) return __ldcg(reinterpret_cast<const uint4*>(p));
   if (align == 8) {
     const uint2* q = reinterpret_cast<const uint2*>(p);
-    const uint2 a = q[0], b = q[1];
+    const uint2 a = __ldcg(q), b = __ldcg(q + 1);
     return make_uint4(a.x, a.y, b.x, b.y);
   }
   if (align == 4) {
-    const uint32_t* q = reinterpret_cast<const uint32_t*>(p);
-    return make_uint4(q[0], q[1], q[2], q[3]);
+    const unsigned int* q = reinterpret_cast<const unsigned int*>(p);
+    return make_uint4(__ldcg(q), __ldcg(q + 1), __ldcg(q + 2), __ldcg(q + 3));
   }
-  const uint16_t* q = reinterpret_cast<const uint16_t*>(p);
+  const unsigned short* q = reinterpret_cast<const unsigned short*>(p);
   uint4 v;
-  v.x = q[0] | (static_cast<uint32_t>(q[1]) << 16);
-  v.y = q[2] | (static_cast<uint32_t>(q[3]) << 16);
-  v.z = q[4] | (static_cast<uint32_t>(q[5]) << 16);
-  v.w = q[6] | (static_cast<uint32_t>(q[7]) << 16);
+  v.x = __ldcg(q) | (static_cast<uint32_t>(__ldcg(q + 1)) << 16);
+  v.y = __ldcg(q + 2) | (static_cast<uint32_t>(__ldcg(q + 3)) << 16);
+  v.z = __ldcg(q + 4) | (static_cast<uint32_t>(__ldcg(q + 5)) << 16);
+  v.w = __ldcg(q + 6) | (static_cast<uint32_t>(__ldcg(q + 7)) << 16);
   return v;
+}
+
+// One element, as load_pack: past L1.
+template <typename T>
+__device__ __forceinline__ T load_element(const char* p) {
+  static_assert(sizeof(T) == 2 || sizeof(T) == 4 || sizeof(T) == 8, "2, 4 or 8-byte elements");
+  T value;
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    memcpy(&value, &bits, sizeof(T));
+  } else if constexpr (sizeof(T) == 4) {
+    const unsigned int bits = __ldcg(reinterpret_cast<const unsigned int*>(p));
+    memcpy(&value, &bits, sizeof(T));
+  } else {
+    const unsigned long long bits = __ldcg(reinterpret_cast<const unsigned long long*>(p));
+    memcpy(&value, &bits, sizeof(T));
+  }
+  return value;
 }
 
 __device__ __forceinline__ void store_pack(char* p, int align, uint4 v) {
@@ -230,7 +248,7 @@ __device__ __forceinline__ void copy_pack(char* to, int to_align, const char* fr
   } else {
 #pragma unroll 1
     for (int i = 0; i < static_cast<int>(valid); ++i)
-      reinterpret_cast<T*>(to)[i] = reinterpret_cast<const T*>(from)[i];
+      reinterpret_cast<T*>(to)[i] = load_element<T>(from + i * sizeof(T));
   }
 }
 
