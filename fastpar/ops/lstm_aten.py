@@ -141,9 +141,9 @@ class InputPass(NamedTuple):
     dh0: Tensor  # (B, P)
     dc0: Tensor  # (B, H)
     dw_hr: Tensor  # (P, H); (0,) without a projection
-    dgates: Tensor  # (T*B, 4H) opmath: gate pre-activation gradients, rows in x_rows' order
-    x_rows: Tensor  # (T*B, I) opmath: the layer input
-    h_prev: Tensor  # (T*B, P) opmath: h_{t-1} of each row
+    dgates: Tensor  # (N, 4H) opmath: gate pre-activation gradients, rows in x_rows' order
+    x_rows: Tensor  # (N, I) opmath: the layer input (N: the valid rows; T*B without lengths)
+    h_prev: Tensor  # (N, P) opmath: h_{t-1} of each row
 
 
 def lstm_aten_layer_weight_grads(
@@ -191,11 +191,13 @@ def lstm_aten_layer_input_pass(
     c0c, dc_n = arrange.rows(c0).to(dtype), arrange.rows(dc_n).to(dtype)
     sizes = arrange.batch_sizes or [B] * T
 
-    # Gate activations for every step at once, from the saved h_{t-1}.
-    h_prev = hs[:-1].reshape(T * B, P)
-    x2 = xc.reshape(T * B, -1)
-    gates = F.linear(x2, w_ih, (b_ih.to(dtype) + b_hh.to(dtype)) if b_ih is not None else None)
-    gates = gates.addmm_(h_prev, w_hh.t()).view(T, B, 4, H)
+    # Gate activations for every step at once, from the saved h_{t-1}: the GEMMs (here and in
+    # the weight pass) over the valid rows only (N of T * B with lengths; zeros past them).
+    h_prev, x_rows = arrange.pack(hs[:-1]), arrange.pack(xc)
+    bias = (b_ih.to(dtype) + b_hh.to(dtype)) if b_ih is not None else None
+    gate_rows = F.linear(x_rows, w_ih, bias).addmm_(h_prev, w_hh.t())
+    gates = arrange.unpack(gate_rows, T).view(T, B, 4, H)
+    del gate_rows
     gates[:, :, 0:2].sigmoid_()
     gates[:, :, 2].tanh_()
     gates[:, :, 3].sigmoid_()
@@ -261,7 +263,7 @@ def lstm_aten_layer_input_pass(
         torch.mul(dc.unsqueeze(1), k, out=cur[:, 0:4])
         torch.mul(dh, b_, out=cur[:, 4])
 
-    dg_all = dgates[:T].reshape(T * B, 4 * H)
+    dg_all = arrange.pack(dgates[:T])
     dh0 = arrange.unrows(dgates[0] @ w_hh).to(h0.dtype)
     dc0 = arrange.unrows(work[0, :, 0]).to(c0.dtype)
     dw_hr = x.new_empty(0)
@@ -270,8 +272,8 @@ def lstm_aten_layer_input_pass(
         dw_hr = (dh_all.reshape(T * B, P).t() @ hraw).to(x.dtype)
     dx = x.new_empty(0)
     if need_dx:
-        dx = arrange.restore((dg_all @ w_ih).view(T, B, -1)).to(x.dtype)
-    return InputPass(dx, dh0, dc0, dw_hr, dg_all, x2, h_prev)
+        dx = arrange.restore(arrange.unpack(dg_all @ w_ih, T)).to(x.dtype)
+    return InputPass(dx, dh0, dc0, dw_hr, dg_all, x_rows, h_prev)
 
 
 @torch.library.custom_op("fastpar::lstm_aten_layer_backward", mutates_args=())
