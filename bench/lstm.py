@@ -418,7 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.empty_cache()
         if index == 0 and args.profile_csv is not None:  # early: a timeout later keeps it
             profile_log = RowLog(args.profile_csv, PROFILE_HEADERS)
-            profile_shape(PROFILE_SHAPES[scale], device, cases, profile_log)
+            for profiled in PROFILE_SHAPES[scale]:
+                profile_shape(profiled, device, cases, profile_log)
     import csv
 
     with open(args.csv, newline="") as f:
