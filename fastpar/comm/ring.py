@@ -509,8 +509,13 @@ class RingAllReduce:
 
     def _run_cuda(self, tensor: torch.Tensor, code: int, async_op: bool) -> CudaRingWork | None:
         target = dense(tensor)
-        with torch.cuda.device(self.device):  # the stream the native call looks at
+        # Whether the ring's device's current stream (the one the native call looks at) is
+        # capturing; switching devices costs microseconds of host time, so only when needed.
+        if torch.cuda.current_device() == self.device.index:
             capturing = torch.cuda.is_current_stream_capturing()
+        else:
+            with torch.cuda.device(self.device):
+                capturing = torch.cuda.is_current_stream_capturing()
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:

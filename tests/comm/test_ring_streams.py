@@ -27,6 +27,7 @@ def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyP
             current["index"] = before
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["index"] == 1)
 
     class Transport:
@@ -41,11 +42,47 @@ def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyP
     assert work.is_completed()
 
 
+def test_a_call_on_the_current_device_does_not_switch_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Entering torch.cuda.device costs microseconds of host time on every call: a ring whose
+    # device is already the current one must not enter it; another current device must.
+    entered: list[int] = []
+    current = {"index": 1}
+
+    @contextlib.contextmanager
+    def device(where: torch.device) -> Iterator[None]:
+        entered.append(torch.device(where).index)
+        before, current["index"] = current["index"], torch.device(where).index
+        try:
+            yield
+        finally:
+            current["index"] = before
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["index"] == 1)
+
+    class Transport:
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> None:
+            pass
+
+    ring = object.__new__(RingAllReduce)
+    ring.device = torch.device("cuda", 1)
+    ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    work = ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert entered == [] and work is not None and work._event is None  # captured on cuda:1
+    current["index"] = 0
+    ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert entered == [1] and current["index"] == 0
+
+
 def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
     # A captured call replays on the caller's stream, not the ring's: close() must wait for the
     # device before the peers' buffers are unmapped (stop) and its own freed.
     steps: list[str] = []
     monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: steps.append("sync"))
 
