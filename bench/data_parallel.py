@@ -8,7 +8,9 @@ variants interleaved step by step, in an order that rotates every step.
                                   [--malloc steady|default]
 
 Exposed communication is (step - compute) / compute: the part of the all-reduce that backward
-did not hide.
+did not hide. exposed_paired is the median over steps of the same ratio taken step by step (a
+variant's step i against compute alone's step i, run moments apart in the same rotation), which
+a change in the machine's load between steps moves less than the ratio of the medians.
 
 --malloc steady (the default) fixes glibc's trim and mmap thresholds in every rank. Left to
 itself, glibc moves them as large blocks come and go and hands freed memory back to the system,
@@ -39,7 +41,8 @@ VOCAB, EMBED, HIDDEN, LAYERS, BATCH, SEQ = 96, 64, 256, 2, 16, 64
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on 64 bits.
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 MMAP_THRESHOLD_MAX = 32 * 2**20
-HEADERS = ("device", "ranks", "variant", "step_ms", "p20_ms", "p80_ms", "vs_ddp", "exposed_comm")
+HEADERS = ("device", "ranks", "variant", "step_ms", "p20_ms", "p80_ms", "vs_ddp", "exposed_comm",
+           "exposed_paired")  # fmt: skip
 
 
 def _model() -> LSTMLanguageModel:
@@ -123,9 +126,11 @@ def main() -> None:
     rows = []
     for name, samples in merged.items():
         q = statistics.quantiles(samples, n=10)
+        alone = merged["compute only"]
+        paired = statistics.median((a - b) / b for a, b in zip(samples, alone, strict=True))
         rows.append([
             device_name(), args.ranks, name, medians[name] * 1e3, q[1] * 1e3, q[7] * 1e3,
-            medians[name] / medians["ddp (gloo)"], (medians[name] - compute) / compute,
+            medians[name] / medians["ddp (gloo)"], (medians[name] - compute) / compute, paired,
         ])  # fmt: skip
     if args.csv is not None:
         write_csv(args.csv, HEADERS, rows)

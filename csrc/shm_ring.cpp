@@ -333,6 +333,9 @@ void ShmRing::wait_for(int peer, uint64_t* word, uint64_t value, const char* wha
     const uint64_t current = load_acquire(word);
     return current >= value && !poisoned(current);
   };
+  // Usually the flag is there already: return before building the failure messages (their
+  // strings cost about as much as the rest of a small call's bookkeeping).
+  if (arrived()) return;
   const std::string waiting = "rank " + std::to_string(rank_) + " stopped waiting for rank " +
                               std::to_string(peer) + " to " + what + " because rank ";
   auto given_up_by = [&](int other) {

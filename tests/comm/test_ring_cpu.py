@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastpar.comm import RingAllReduce
+from fastpar.comm import CommClosedError, RingAllReduce
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import (
@@ -191,3 +191,40 @@ def _world_of_one(rank: int, world_size: int) -> None:
 
 def test_world_of_one_is_the_identity() -> None:
     run_multiprocess(_world_of_one, 1, timeout=60)
+
+
+def test_common_calls_go_straight_to_the_transport_and_others_through_the_checks() -> None:
+    # A fake transport records what reaches it: a contiguous tensor with SUM arrives as itself;
+    # AVG, a non-contiguous view and a Parameter take the general path (AVG divides afterwards,
+    # the view is reduced through a contiguous copy); after close() every call raises.
+    calls: list[tuple[int, int]] = []
+
+    class Transport:
+        def all_reduce(self, tensor: torch.Tensor, op: int) -> None:
+            calls.append((tensor.data_ptr(), op))
+            tensor.mul_(2)  # two ranks of equal tensors
+
+        def close(self) -> None:
+            pass
+
+    ring = object.__new__(RingAllReduce)
+    ring.device, ring.world_size, ring.group = torch.device("cpu"), 2, None
+    ring._transport = ring._cpu_transport = Transport()
+    ring._native_errors, ring._stream, ring._disabled = (), None, None
+    ring._closed, ring._last, ring._executor = False, None, None
+    plain = torch.arange(6.0)
+    ring.all_reduce(plain)
+    assert calls == [(plain.data_ptr(), 0)] and plain.tolist() == [0, 2, 4, 6, 8, 10]
+    ring.all_reduce(plain, R.AVG)
+    assert calls[-1] == (plain.data_ptr(), 4) and plain.tolist() == [0, 2, 4, 6, 8, 10]
+    view = plain.view(2, 3).t()
+    ring.all_reduce(view)
+    assert calls[-1][1] == 0 and calls[-1][0] != plain.data_ptr()
+    assert plain.tolist() == [0, 4, 8, 12, 16, 20]
+    param = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    ring.all_reduce(param)
+    assert param.tolist() == [2, 2, 2] and len(calls) == 4
+    ring.close()
+    with pytest.raises(CommClosedError, match="closed"):
+        ring.all_reduce(plain)
+    assert len(calls) == 4

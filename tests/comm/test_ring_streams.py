@@ -13,13 +13,15 @@ import torch
 from fastpar.comm import RingAllReduce
 
 
-def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyPatch) -> None:
-    # cuda:1 captures a graph while cuda:0 is the current device: the native call captures the
-    # kernel (it looks at cuda:1's current stream), so no event may be recorded or waited for.
-    current = {"index": 0}
+def _ring_on_cuda1_capturing(
+    monkeypatch: pytest.MonkeyPatch, current: dict[str, int], entered: list[int]
+) -> RingAllReduce:
+    """A ring of cuda:1 with fakes: torch.cuda's current device is current["index"] (each
+    torch.cuda.device entered is appended to `entered`), and only cuda:1's stream captures."""
 
     @contextlib.contextmanager
     def device(where: torch.device) -> Iterator[None]:
+        entered.append(torch.device(where).index)
         before, current["index"] = current["index"], torch.device(where).index
         try:
             yield
@@ -27,6 +29,7 @@ def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyP
             current["index"] = before
 
     monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current["index"])
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["index"] == 1)
 
     class Transport:
@@ -36,9 +39,28 @@ def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyP
     ring = object.__new__(RingAllReduce)
     ring.device = torch.device("cuda", 1)
     ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    return ring
+
+
+def test_a_capture_is_looked_for_on_the_rings_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cuda:1 captures a graph while cuda:0 is the current device: the native call captures the
+    # kernel (it looks at cuda:1's current stream), so no event may be recorded or waited for.
+    current, entered = {"index": 0}, []
+    ring = _ring_on_cuda1_capturing(monkeypatch, current, entered)
     work = ring._run_cuda(torch.ones(4), 0, async_op=True)
     assert work is not None and work._event is None
-    assert work.is_completed()
+    assert work.is_completed() and entered == [1] and current["index"] == 0
+
+
+def test_a_call_on_the_current_device_does_not_switch_devices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Entering torch.cuda.device costs microseconds of host time on every call: a ring whose
+    # device is already the current one must not enter it.
+    current, entered = {"index": 1}, []
+    ring = _ring_on_cuda1_capturing(monkeypatch, current, entered)
+    work = ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert entered == [] and work is not None and work._event is None  # captured on cuda:1
 
 
 def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,6 +68,7 @@ def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPat
     # device before the peers' buffers are unmapped (stop) and its own freed.
     steps: list[str] = []
     monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: steps.append("sync"))
 
