@@ -190,9 +190,8 @@ def vf_whole_stack(
     with _expected_cudnn_compaction(x):
         if lengths is None:
             return tuple(vf(x, _hx(states), params, *options, False))
-        sorted_lengths, order = checked_lengths(lengths, x.shape[0]).sort(
-            descending=True, stable=True
-        )
+        lengths = checked_lengths(lengths, x.shape[0])
+        sorted_lengths, order = lengths.sort(descending=True, stable=True)
         batch_sizes = batch_sizes_of(sorted_lengths)
         layout = PackedLayout(batch_sizes, x.device, steps=x.shape[0])
         # fastpar's modules pass a packed batch's lengths, sorted already.
