@@ -72,7 +72,7 @@ class StepState:
         self.end = start  # set when the step is done
         self.inputs = inputs  # micro-batches of stage 0
         self.targets = targets  # micro-batches' targets on the last stage
-        self.weights: list[float] = []
+        self.weights: Sequence[float] = ()
         self.slots: list[Any] = [None] * num_slots  # see _Slot
         self.losses: list[Tensor] = []
         self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
