@@ -358,6 +358,7 @@ class Pipeline:
             link.end_step()
             run.split_sends += link.split_sends
             link.split_sends = 0
+        run.spent.clear()
         run.end = time.perf_counter()
         return torch.stack(run.losses).sum() if self.is_last else None
 
