@@ -376,13 +376,20 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
 
 
-@pytest.mark.parametrize("rows, microbatches, dim", [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)])
+BATCH_CUTS = [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)]  # rows, micro-batches, batch dim
+
+
+def _batch(rows: int, dim: int) -> torch.Tensor:
+    shape = [3, 3]
+    shape[dim] = rows
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize("rows, microbatches, dim", BATCH_CUTS)
 def test_loss_weights_of_a_tensor_are_its_pieces_shares(
     rows: int, microbatches: int, dim: int
 ) -> None:
-    shape = [3, 3]
-    shape[dim] = rows
-    targets = torch.zeros(shape)
+    targets = _batch(rows, dim)
     pieces = split_batch("targets", targets, microbatches, dim)
     expected = [piece.shape[dim] / rows for piece in pieces]  # what each piece holds
     assert list(loss_weights(targets, microbatches, dim, "mean")) == expected
@@ -390,13 +397,11 @@ def test_loss_weights_of_a_tensor_are_its_pieces_shares(
     assert list(loss_weights(targets, microbatches, dim, "sum")) == [1.0] * microbatches
 
 
-@pytest.mark.parametrize("rows, microbatches, dim", [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)])
+@pytest.mark.parametrize("rows, microbatches, dim", BATCH_CUTS)
 def test_first_microbatch_is_tensor_splits_first_piece(
     rows: int, microbatches: int, dim: int
 ) -> None:
-    shape = [3, 3]
-    shape[dim] = rows
-    batch = torch.randn(shape)
+    batch = _batch(rows, dim)
     expected = torch.tensor_split(batch, microbatches, dim=dim)[0]
     first = first_microbatch("inputs", batch, microbatches, dim)
     assert first.shape == expected.shape
