@@ -28,7 +28,7 @@ from fastpar.parallel.pipeline import (
     shm_link,
     split_sequential,
 )
-from fastpar.parallel.pipeline.microbatches import loss_weights, split_batch
+from fastpar.parallel.pipeline.microbatches import first_microbatch, loss_weights, split_batch
 from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.parallel.pipeline.wire import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
@@ -376,15 +376,40 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
 
 
-@pytest.mark.parametrize("rows, microbatches, dim", [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)])
+BATCH_CUTS = [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)]  # rows, micro-batches, batch dim
+
+
+def _batch(rows: int, dim: int) -> torch.Tensor:
+    shape = [3, 3]
+    shape[dim] = rows
+    return torch.randn(shape)
+
+
+@pytest.mark.parametrize("rows, microbatches, dim", BATCH_CUTS)
 def test_loss_weights_of_a_tensor_are_its_pieces_shares(
     rows: int, microbatches: int, dim: int
 ) -> None:
-    shape = [3, 3]
-    shape[dim] = rows
-    targets = torch.zeros(shape)
+    targets = _batch(rows, dim)
     pieces = split_batch("targets", targets, microbatches, dim)
     expected = [piece.shape[dim] / rows for piece in pieces]  # what each piece holds
-    assert loss_weights(targets, microbatches, dim, "mean") == expected
-    assert loss_weights(pieces, microbatches, dim, "mean") == expected
-    assert loss_weights(targets, microbatches, dim, "sum") == [1.0] * microbatches
+    assert list(loss_weights(targets, microbatches, dim, "mean")) == expected
+    assert list(loss_weights(pieces, microbatches, dim, "mean")) == expected
+    assert list(loss_weights(targets, microbatches, dim, "sum")) == [1.0] * microbatches
+
+
+@pytest.mark.parametrize("rows, microbatches, dim", BATCH_CUTS)
+def test_first_microbatch_is_tensor_splits_first_piece(
+    rows: int, microbatches: int, dim: int
+) -> None:
+    batch = _batch(rows, dim)
+    expected = torch.tensor_split(batch, microbatches, dim=dim)[0]
+    first = first_microbatch("inputs", batch, microbatches, dim)
+    assert first.shape == expected.shape
+    assert first.data_ptr() == expected.data_ptr()  # a view, like tensor_split's
+    np.testing.assert_array_equal(first, expected)
+    pieces = [torch.randn(2, 3) for _ in range(microbatches)]
+    assert first_microbatch("inputs", pieces, microbatches, dim) is pieces[0]
+    with pytest.raises(ValueError, match="inputs batch size"):
+        first_microbatch("inputs", batch, rows + 1, dim)
+    with pytest.raises(ValueError, match="inputs are needed"):
+        first_microbatch("inputs", None, microbatches, dim)

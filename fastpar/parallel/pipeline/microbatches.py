@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["carries_grad", "input_grad", "loss_weights", "split_batch"]
+__all__ = ["carries_grad", "first_microbatch", "input_grad", "loss_weights", "split_batch"]
 
 _NO_GRADIENT = torch.empty(0)  # sent back for an activation that carries no gradient
 
@@ -46,15 +48,38 @@ def split_batch(
         num_microbatches: m.
         dim: the batch dimension.
     """
+    if isinstance(value, Tensor):
+        _check_batch(name, value, num_microbatches, dim)
+        return list(torch.tensor_split(value, num_microbatches, dim=dim))
+    return _given_microbatches(name, value, num_microbatches)
+
+
+def first_microbatch(
+    name: str, value: Tensor | Sequence[Tensor] | None, num_microbatches: int, dim: int
+) -> Tensor:
+    """`split_batch(name, value, num_microbatches, dim)[0]` (and its errors), without cutting
+    the other pieces: one view where `split_batch` makes m."""
+    if isinstance(value, Tensor):
+        size = _check_batch(name, value, num_microbatches, dim)
+        return value[_first_piece(size, num_microbatches, dim)]
+    return _given_microbatches(name, value, num_microbatches)[0]
+
+
+def _check_batch(name: str, value: Tensor, num_microbatches: int, dim: int) -> int:
+    """The batch size of `value` along `dim`, checked against m."""
+    size = _size_along(name, value, dim)
+    if size < num_microbatches:
+        raise ValueError(
+            f"{name} batch size {size} (dim {dim}) < num_microbatches {num_microbatches}"
+        )
+    return size
+
+
+def _given_microbatches(
+    name: str, value: Sequence[Tensor] | None, num_microbatches: int
+) -> list[Tensor]:
     if value is None:
         raise ValueError(f"{name} are needed on this stage, got None")
-    if isinstance(value, Tensor):
-        size = _size_along(name, value, dim)
-        if size < num_microbatches:
-            raise ValueError(
-                f"{name} batch size {size} (dim {dim}) < num_microbatches {num_microbatches}"
-            )
-        return list(torch.tensor_split(value, num_microbatches, dim=dim))
     pieces = list(value)
     if len(pieces) != num_microbatches:
         raise ValueError(
@@ -66,23 +91,39 @@ def split_batch(
     return pieces
 
 
+@functools.lru_cache(maxsize=64)
+def _first_piece(size: int, num_microbatches: int, dim: int) -> Any:
+    """The index of torch.tensor_split's first piece of a batch of `size` along `dim`."""
+    piece = slice(0, -(-size // num_microbatches))
+    return piece if dim == 0 else (*[slice(None)] * dim, piece)
+
+
 def loss_weights(
     targets: Tensor | Sequence[Tensor], num_microbatches: int, dim: int, reduction: str
-) -> list[float]:
+) -> Sequence[float]:
     """Each micro-batch's loss weight: its share of the batch along `dim` for "mean" (so the
     weighted sum is the whole batch's mean loss), 1 for "sum".
 
     Arguments:
         targets: as given to `split_batch` (and accepted by it): a tensor, whose pieces' sizes
-            are then known without touching them (each shape read costs microseconds on the
-            step's cold start), or the micro-batches.
+            are then known without touching them (kept per batch size), or the micro-batches.
     """
     if reduction == "sum":
-        return [1.0] * num_microbatches
+        return _ones(num_microbatches)
     if isinstance(targets, Tensor):
-        total = targets.shape[dim]
-        base, extra = divmod(total, num_microbatches)  # tensor_split's sizes
-        return [(base + (k < extra)) / total for k in range(num_microbatches)]
+        return _shares(targets.shape[dim], num_microbatches)
     sizes = [_size_along("targets", t, dim) for t in targets]
     total = sum(sizes)
     return [size / total for size in sizes]
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(num_microbatches: int) -> tuple[float, ...]:
+    return (1.0,) * num_microbatches
+
+
+@functools.lru_cache(maxsize=64)
+def _shares(total: int, num_microbatches: int) -> tuple[float, ...]:
+    """The pieces' shares of a batch of `total` cut like `torch.tensor_split`."""
+    base, extra = divmod(total, num_microbatches)
+    return tuple((base + (k < extra)) / total for k in range(num_microbatches))

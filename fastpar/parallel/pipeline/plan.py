@@ -62,8 +62,8 @@ class _Slot(enum.IntEnum):
 class StepState:
     """What one step keeps between actions."""
 
-    __slots__ = ("end", "inputs", "losses", "slots", "split_sends", "start", "targets",
-                 "times", "weights")  # fmt: skip
+    __slots__ = ("end", "inputs", "losses", "slots", "spent", "split_sends", "start",
+                 "targets", "times", "weights")  # fmt: skip
 
     def __init__(
         self, *, start: float, inputs: list[Tensor], targets: list[Tensor], num_slots: int
@@ -72,10 +72,13 @@ class StepState:
         self.end = start  # set when the step is done
         self.inputs = inputs  # micro-batches of stage 0
         self.targets = targets  # micro-batches' targets on the last stage
-        self.weights: list[float] = []
+        self.weights: Sequence[float] = ()
         self.slots: list[Any] = [None] * num_slots  # see _Slot
         self.losses: list[Tensor] = []
         self.times: list[tuple[Action, float, float]] = []  # compute actions: (began, ended)
+        # Outputs whose backward ran, dropped right before the rank's next receive (see
+        # StepPlan._backward).
+        self.spent: list[Tensor] = []
         self.split_sends = 0
 
     def stats(self) -> StepStats:
@@ -236,6 +239,8 @@ class StepPlan:
         def forward(run: StepState) -> None:
             slots = run.slots
             if recv is not None:
+                if run.spent:
+                    run.spent.clear()
                 x = slots[source] = recv(recv_what, True)
             else:
                 x = run.inputs[k] if first else slots[source]
@@ -281,7 +286,11 @@ class StepPlan:
         self, action: Action, read: _Call | None = None, send: _Call | None = None
     ) -> Run:
         """B or I; with `read`, its output's gradient received first; with `send`, its input's
-        gradient sent after."""
+        gradient sent after.
+
+        The output is not dropped here but right before the rank's next receive (`run.spent`):
+        dropping it frees its autograd graph, tens of microseconds between two computes when
+        cold, and before a receive the rank usually waits for its peer anyway."""
         s, k = action.stage, action.microbatch
         output = self._slot(_Slot.OUTPUT, s, k)
         output_grad = self._slot(_Slot.OUTPUT_GRAD, s, k)
@@ -301,6 +310,8 @@ class StepPlan:
             slots = run.slots
             y, slots[output] = slots[output], None
             if recv is not None:
+                if run.spent:
+                    run.spent.clear()
                 grad = recv(recv_what, False)
             else:
                 grad, slots[output_grad] = slots[output_grad], None
@@ -321,6 +332,7 @@ class StepPlan:
                     dx = input_grad(x)
                     transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
             run.times.append((action, began, ended))
+            run.spent.append(y)
 
         return backward
 
@@ -431,6 +443,8 @@ class StepPlan:
             index = self._slot(_Slot.OUTPUT_GRAD, message.dest, message.microbatch)
 
             def read_gradient(run: StepState) -> None:
+                if run.spent:
+                    run.spent.clear()
                 run.slots[index] = recv(what, False)
 
             return read_gradient
@@ -439,11 +453,15 @@ class StepPlan:
         if device == self._comm_device:
             # The link delivers the stage's input as a leaf (see Link.recv).
             def read_activation(run: StepState) -> None:
+                if run.spent:
+                    run.spent.clear()
                 run.slots[index] = recv(what, True)
 
             return read_activation
 
         def read_activation_to(run: StepState) -> None:
+            if run.spent:
+                run.spent.clear()
             x = recv(what, False).to(device)  # the copy on the stage's device becomes the leaf
             if carries_grad(x):
                 x.requires_grad = True
