@@ -411,15 +411,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(cases)}, interpreter: {interpreter_active()}",
         flush=True,
     )
-    for index, shape in enumerate(shapes):
+    profile_log = None if args.profile_csv is None else RowLog(args.profile_csv, PROFILE_HEADERS)
+    for shape in shapes:
         print(f"shape {shape.name}", flush=True)
         bench_shape(shape, device, timer, log, cases)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        if index == 0 and args.profile_csv is not None:  # early: a timeout later keeps it
-            profile_log = RowLog(args.profile_csv, PROFILE_HEADERS)
-            for profiled in PROFILE_SHAPES[scale]:
-                profile_shape(profiled, device, cases, profile_log)
+        # Right after the shape's own timing: its kernels are compiled, and a timeout later
+        # keeps the rows.
+        if profile_log is not None and shape in PROFILE_SHAPES[scale]:
+            profile_shape(shape, device, cases, profile_log)
     import csv
 
     with open(args.csv, newline="") as f:
