@@ -40,6 +40,7 @@ class Arrangement:
         self.reverse = reverse
         self.perm: Tensor | None = None
         self.batch_sizes: list[int] | None = None  # (T,) rows running at each step
+        self.packed_sizes = torch.empty(0, dtype=torch.int64)  # see below
         if lengths is None:
             return
         lengths = checked_lengths(lengths, steps)
@@ -50,6 +51,8 @@ class Arrangement:
         t = torch.arange(steps).unsqueeze(1)
         valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in canonical order
         self.batch_sizes = valid.sum(1).tolist()
+        # batch_sizes over the steps some row runs: what torch's packed calls take.
+        self.packed_sizes = batch_sizes_of(self.sorted_lengths)
         self._layouts: dict[torch.device, PackedLayout] = {}
         # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
         self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
@@ -83,8 +86,8 @@ class Arrangement:
     def _layout(self, device: torch.device) -> PackedLayout:
         layout = self._layouts.get(device)
         if layout is None:
-            batch_sizes = torch.tensor(self.batch_sizes)  # type: ignore[arg-type]
-            layout = PackedLayout(batch_sizes, device)
+            steps = len(self.batch_sizes or ())
+            layout = PackedLayout(self.packed_sizes, device, steps=steps)
             self._layouts[device] = layout
         return layout
 
@@ -160,9 +163,8 @@ def vf_layer(
         if arrange.batch_sizes is None:
             out, *finals = vf(xc, hx, params, has_bias, 1, 0.0, False, False, False)
         else:
-            batch_sizes = batch_sizes_of(arrange.sorted_lengths)
             out_data, *finals = vf(
-                arrange.pack(xc), batch_sizes, hx, params, has_bias, 1, 0.0, False, False
+                arrange.pack(xc), arrange.packed_sizes, hx, params, has_bias, 1, 0.0, False, False
             )
             out = arrange.unpack(out_data, x.shape[0])
     return arrange.restore(out), tuple(arrange.unrows(f[0]) for f in finals)
