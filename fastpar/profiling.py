@@ -1,31 +1,51 @@
 """Profiling ranges shared by every layer of fastpar.
 
 `record_range(name)` opens a `torch.profiler.record_function` range (seen in torch.profiler
-and Chrome traces) while a torch profiler runs, and, when CUDA is initialised, an NVTX range of
-the same name (seen in Nsight Systems with `nsys profile -t cuda,nvtx`). With neither, it costs
-well under a microsecond: ranges sit on per-micro-batch paths, where `record_function`'s own
-~6 us (it enters a torch op even when nobody listens) would show. `range_name(...)` builds
+and Chrome traces) while a torch profiler runs, and, when CUDA is initialised and an NVTX tool
+is attached, an NVTX range of the same name (seen in Nsight Systems with
+`nsys profile -t cuda,nvtx`). With neither, it costs well under a microsecond: ranges sit on
+per-micro-batch paths, where `record_function`'s own ~6 us (it enters a torch op even when
+nobody listens) would show, and callers that ask `ranges_recorded()` take faster paths that
+open no ranges at all. `range_name(...)` builds
 a range's name once, for paths that name their ranges per call.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 from types import TracebackType
 
 import torch
 
 
-def _cuda_ready() -> bool:
+@functools.cache  # NVTX itself decides once, at its first call
+def nvtx_tool_attached() -> bool:
+    """Whether an NVTX tool (Nsight Systems, Nsight Compute, a CUPTI-based profiler) receives
+    this process's NVTX ranges. NVTX asks the same two questions and, with no to both, makes
+    every call a no-op: does NVTX_INJECTION64_PATH name a tool library (nsys and ncu set it in
+    the processes they launch), or does a library already loaded export the tool entry point?"""
+    if os.environ.get("NVTX_INJECTION64_PATH"):
+        return True
+    try:
+        loaded = ctypes.CDLL(None)  # the process's global symbols, as NVTX's dlsym sees them
+    except OSError:
+        return False
+    return hasattr(loaded, "InitializeInjectionNvtx2")
+
+
+def _nvtx_recorded() -> bool:
     # Never initialise CUDA just to name a range: ranges must be free on CPU-only runs (and
     # is_initialized is False wherever CUDA is unavailable).
-    return torch.cuda.is_initialized()
+    return nvtx_tool_attached() and torch.cuda.is_initialized()
 
 
 def ranges_recorded() -> bool:
     """Whether `record_range` records anything now (a torch profiler runs, or CUDA is
-    initialised for NVTX): a caller that opens many ranges can ask once and skip them all."""
-    return _cuda_ready() or torch._C._autograd._profiler_enabled()
+    initialised and an NVTX tool attached): a caller that opens many ranges can ask once and
+    skip them all."""
+    return _nvtx_recorded() or torch._C._autograd._profiler_enabled()
 
 
 @functools.cache  # a run's names are few; one lookup per call, not a replace and a format
@@ -36,7 +56,8 @@ def range_name(*parts: str) -> str:
 
 
 class record_range:  # lower case, like torch.profiler.record_function
-    """Mark a named range for torch.profiler and, on CUDA, for NVTX: `with record_range(name):`."""
+    """Mark a named range for torch.profiler and, on CUDA with an NVTX tool attached, for NVTX:
+    `with record_range(name):`."""
 
     __slots__ = ("_function", "_nvtx", "name")
 
@@ -46,7 +67,7 @@ class record_range:  # lower case, like torch.profiler.record_function
         self._nvtx = False
 
     def __enter__(self) -> record_range:
-        self._nvtx = _cuda_ready()
+        self._nvtx = _nvtx_recorded()
         if self._nvtx:
             torch.cuda.nvtx.range_push(self.name)
         # The profiler's own switch (what record_function consults), read without entering an op.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from fastpar.profiling import range_name, ranges_recorded, record_range
+from fastpar import profiling
+from fastpar.profiling import nvtx_tool_attached, range_name, ranges_recorded, record_range
 
 
 def test_range_name_joins_parts_without_spaces() -> None:
@@ -30,8 +32,43 @@ def test_record_range_shows_its_name_to_the_profiler() -> None:
 
 
 def test_ranges_are_recorded_only_while_someone_listens() -> None:
-    nvtx = torch.cuda.is_initialized()  # NVTX ranges for Nsight: always recorded then
+    nvtx = torch.cuda.is_initialized() and nvtx_tool_attached()
     assert ranges_recorded() == nvtx
     with profile(activities=[ProfilerActivity.CPU]):
         assert ranges_recorded()
     assert ranges_recorded() == nvtx
+
+
+@pytest.fixture
+def fresh_nvtx_answer():
+    """The tool question is answered once per process; these tests ask it again."""
+    nvtx_tool_attached.cache_clear()
+    yield
+    nvtx_tool_attached.cache_clear()
+
+
+@pytest.mark.usefixtures("fresh_nvtx_answer")
+def test_nvtx_tool_is_attached_when_nvtx_would_load_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # What Nsight Systems and Nsight Compute set in the processes they launch.
+    monkeypatch.setenv("NVTX_INJECTION64_PATH", "/opt/nvidia/nsight-systems/libToolsInjection64.so")
+    assert nvtx_tool_attached()
+    nvtx_tool_attached.cache_clear()
+    monkeypatch.setenv("NVTX_INJECTION64_PATH", "")  # NVTX ignores an empty path
+    assert not nvtx_tool_attached()
+    nvtx_tool_attached.cache_clear()
+    monkeypatch.delenv("NVTX_INJECTION64_PATH")
+    assert not nvtx_tool_attached()  # and no tool library is loaded in the test process
+
+
+@pytest.mark.usefixtures("fresh_nvtx_answer")
+def test_cuda_alone_records_no_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU host without a tool, NVTX calls are no-ops: callers must keep their fast paths
+    (the pipeline's fused plan); with a tool attached, they must open their ranges."""
+    monkeypatch.setattr(profiling.torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.delenv("NVTX_INJECTION64_PATH", raising=False)
+    assert not ranges_recorded()
+    nvtx_tool_attached.cache_clear()
+    monkeypatch.setenv("NVTX_INJECTION64_PATH", "/opt/nvidia/nsight-systems/libToolsInjection64.so")
+    assert ranges_recorded()
+    monkeypatch.setattr(profiling.torch.cuda, "is_initialized", lambda: False)
+    assert not ranges_recorded()  # a tool, but CUDA not initialised: ranges would initialise it

@@ -78,14 +78,19 @@ class PackedLayout:
         sizes = batch_sizes.to(torch.int64)
         self.steps = sizes.numel() if steps is None else steps
         self.batch = int(sizes[0]) if sizes.numel() else 0
-        sizes = torch.cat([sizes, sizes.new_zeros(self.steps - sizes.numel())])
-        valid = (torch.arange(self.batch).unsqueeze(0) < sizes.unsqueeze(1)).flatten()
-        self.lengths = valid.view(self.steps, self.batch).sum(0)
-        # Packed row k is padded row flat[k]; padded row r is packed row where[r], or the
-        # zero row (index N) past its sequence's length. A blocking copy would wait for every
-        # kernel queued before it; these CPU tensors are staged by the copy and can go.
-        flat = valid.nonzero().squeeze(1)
-        where = torch.where(valid, valid.cumsum(0) - 1, flat.numel())
+        # Built from the S batch sizes and the N rows, without a (T, B) mask: a reduction and
+        # a nonzero over T * B booleans took most of the host time of building a layout.
+        # Sequence b runs while batch_sizes[t] > b; the sizes do not increase.
+        self.lengths = torch.searchsorted(sizes.neg(), torch.arange(0, -self.batch, -1))
+        rows = int(sizes.sum())
+        starts = sizes.cumsum(0) - sizes  # the first packed row of each step
+        # Packed row k = starts[t] + j is padded row t * B + j; padded row r is packed row
+        # where[r], or the zero row (index N) past its sequence's length. A blocking copy would
+        # wait for every kernel queued before it; these CPU tensors are staged by the copy.
+        shift = torch.arange(sizes.numel()) * self.batch - starts
+        flat = torch.arange(rows) + shift.repeat_interleave(sizes, output_size=rows)
+        where = torch.full((self.steps * self.batch,), rows, dtype=torch.int64)
+        where[flat] = torch.arange(rows)
         self.flat = flat.to(device, non_blocking=True)
         self.where = where.to(device, non_blocking=True)
 
