@@ -1,4 +1,4 @@
-// CPU implementation of reduce.h: blocked loops the compiler vectorises (-O3).
+// CPU implementation of reduce.h: steps of a few vector registers (GCC/Clang vector extensions).
 #include "reduce.h"
 
 #include <cmath>
@@ -9,9 +9,6 @@
 
 namespace fastpar {
 namespace {
-
-// Elements per block: the accumulator stays in L1 while every input streams through it once.
-constexpr int64_t kBlock = 1024;
 
 // --- 16-bit float conversions (bit exact with c10::Half / c10::BFloat16) ----------------------
 
@@ -73,48 +70,132 @@ struct Acc<BFloat16> {
 };
 
 // --- the combine functions (NaN propagates through MIN/MAX as in torch) ------------------------
-
-template <typename A>
-inline bool is_nan(A v) {
-  if constexpr (std::is_floating_point_v<A>) {
-    return v != v;
-  } else {
-    return false;
-  }
-}
+// `V` is the accumulator type A or a vector of A (below): one expression serves the vector body
+// and the scalar tail of a call.
 
 struct SumOp {
-  template <typename A>
-  static A apply(A acc, A x) { return acc + x; }
+  template <typename A, typename V>
+  static V apply(V acc, V x) { return acc + x; }
 };
 struct ProductOp {
-  template <typename A>
-  static A apply(A acc, A x) { return acc * x; }
+  template <typename A, typename V>
+  static V apply(V acc, V x) { return acc * x; }
 };
 struct MinOp {
-  template <typename A>
-  static A apply(A acc, A x) { return (x < acc || is_nan(x)) ? x : acc; }
+  template <typename A, typename V>
+  static V apply(V acc, V x) {
+    if constexpr (std::is_floating_point_v<A>) {
+      return ((x < acc) | (x != x)) ? x : acc;  // x != x: x is NaN
+    } else {
+      return x < acc ? x : acc;
+    }
+  }
 };
 struct MaxOp {
-  template <typename A>
-  static A apply(A acc, A x) { return (x > acc || is_nan(x)) ? x : acc; }
+  template <typename A, typename V>
+  static V apply(V acc, V x) {
+    if constexpr (std::is_floating_point_v<A>) {
+      return ((x > acc) | (x != x)) ? x : acc;
+    } else {
+      return x > acc ? x : acc;
+    }
+  }
+};
+
+// --- vectors of accumulators (GCC/Clang vector extensions) -------------------------------------
+
+constexpr int kVectorBytes = 32;  // one AVX register
+// Accumulator vectors per step: a step's accumulator stays in registers while every input is
+// folded into it, so each input element is loaded once and each output element stored once.
+// (An accumulator of 1024 elements in L1 cost three stores per element for 2 inputs, and the
+// compiler kept a register-sized one in memory unless written with vectors: a 64 KiB
+// all-reduce of 2 ranks took 1.5-1.9x as long in a C++ loop.)
+constexpr int kVectors = 8;
+
+template <typename A>
+struct VectorOf {
+  typedef A type __attribute__((vector_size(kVectorBytes)));
+};
+template <typename A>
+using Vector = typename VectorOf<A>::type;
+
+typedef uint16_t U16x8 __attribute__((vector_size(16)));
+typedef uint32_t U32x8 __attribute__((vector_size(32)));
+typedef _Float16 F16x8 __attribute__((vector_size(16)));
+
+// Loads and stores one vector of accumulators from and to storage type T (unaligned).
+template <typename T>
+struct VectorIo {
+  using V = Vector<typename Acc<T>::type>;
+  static V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+};
+template <>
+struct VectorIo<Half> {
+  using V = Vector<float>;
+  static V load(const Half* p) {
+    F16x8 h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, V);
+  }
+  static void store(Half* p, V v) {
+    const F16x8 h = __builtin_convertvector(v, F16x8);
+    std::memcpy(p, &h, sizeof(h));
+  }
+};
+template <>
+struct VectorIo<BFloat16> {  // float_to_bf16 and bf16_to_float, lane by lane
+  using V = Vector<float>;
+  static V load(const BFloat16* p) {
+    U16x8 b;
+    std::memcpy(&b, p, sizeof(b));
+    const U32x8 u = __builtin_convertvector(b, U32x8) << 16;
+    V v;
+    std::memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+  static void store(BFloat16* p, V v) {
+    U32x8 u;
+    std::memcpy(&u, &v, sizeof(u));
+    const U32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    const U32x8 bits = (u & 0x7fffffffu) > 0x7f800000u ? U32x8{} + 0x7fc0u : rounded;
+    const U16x8 b = __builtin_convertvector(bits, U16x8);
+    std::memcpy(p, &b, sizeof(b));
+  }
 };
 
 template <typename T, typename Op>
 void reduce_typed(const void* const* inputs, int num_inputs, void* out_raw, int64_t count) {
   using A = typename Acc<T>::type;
+  using Io = VectorIo<T>;
+  constexpr int64_t lanes = kVectorBytes / sizeof(A);
+  constexpr int64_t step = lanes * kVectors;
   T* out = static_cast<T*>(out_raw);
-  A acc[kBlock];
-  for (int64_t start = 0; start < count; start += kBlock) {
-    const int64_t n = count - start < kBlock ? count - start : kBlock;
-    const T* first = static_cast<const T*>(inputs[0]) + start;
-    for (int64_t i = 0; i < n; ++i) acc[i] = Acc<T>::load(first[i]);
+  const T* first = static_cast<const T*>(inputs[0]);
+  int64_t start = 0;
+  for (; start + step <= count; start += step) {
+    Vector<A> acc[kVectors];
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) acc[k] = Io::load(first + start + k * lanes);
     for (int j = 1; j < num_inputs; ++j) {
       const T* in = static_cast<const T*>(inputs[j]) + start;
-      for (int64_t i = 0; i < n; ++i) acc[i] = Op::apply(acc[i], Acc<T>::load(in[i]));
+#pragma GCC unroll 8
+      for (int k = 0; k < kVectors; ++k)
+        acc[k] = Op::template apply<A>(acc[k], Io::load(in + k * lanes));
     }
-    T* dst = out + start;
-    for (int64_t i = 0; i < n; ++i) dst[i] = Acc<T>::store(acc[i]);
+    // Stored only after every input of the step was read: `out` may alias an input.
+#pragma GCC unroll 8
+    for (int k = 0; k < kVectors; ++k) Io::store(out + start + k * lanes, acc[k]);
+  }
+  for (; start < count; ++start) {  // the tail, element by element
+    A acc = Acc<T>::load(first[start]);
+    for (int j = 1; j < num_inputs; ++j)
+      acc = Op::template apply<A>(acc, Acc<T>::load(static_cast<const T*>(inputs[j])[start]));
+    out[start] = Acc<T>::store(acc);
   }
 }
 

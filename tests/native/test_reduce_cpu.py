@@ -8,7 +8,7 @@ import torch
 from fastpar.comm.reduce import SUPPORTED_DTYPES, reduce_buffers
 
 OPS = ("sum", "product", "min", "max")
-LENGTHS = (1, 7, 1023, 1024, 1025, 4099)  # around the kernel's 1024-element block
+LENGTHS = (1, 7, 1023, 1024, 1025, 4099)  # whole vector steps of the kernel, and tails
 
 
 def _random(length: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
@@ -71,6 +71,21 @@ def test_nan_propagates_through_min_and_max() -> None:
     b = torch.tensor([float("nan"), 2.0, 0.5])
     assert torch.equal(reduce_buffers([a, b], op="max").isnan(), torch.tensor([True, True, False]))
     assert reduce_buffers([a, b], op="min")[2].item() == 0.5
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str
+)
+@pytest.mark.parametrize("op", ["min", "max"])
+def test_nan_propagates_in_vector_steps(dtype: torch.dtype, op: str) -> None:
+    generator = torch.Generator().manual_seed(hash((str(dtype), op)) % 2**31)
+    inputs = [_random(1030, dtype, generator) for _ in range(3)]
+    for x in inputs:  # NaNs in every input, inside whole steps and in the tail
+        x[torch.randperm(1030, generator=generator)[:50]] = float("nan")
+    out = reduce_buffers(inputs, op=op)
+    expected = _expected(inputs, op)
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert torch.equal(out.nan_to_num(0.0), expected.nan_to_num(0.0))
 
 
 def test_accepts_torch_distributed_reduce_op() -> None:
