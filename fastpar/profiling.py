@@ -6,8 +6,8 @@ is attached, an NVTX range of the same name (seen in Nsight Systems with
 `nsys profile -t cuda,nvtx`). With neither, it costs well under a microsecond: ranges sit on
 per-micro-batch paths, where `record_function`'s own ~6 us (it enters a torch op even when
 nobody listens) would show, and callers that ask `ranges_recorded()` take faster paths that
-open no ranges at all. `range_name(...)` builds
-a range's name once, for paths that name their ranges per call.
+open no ranges at all. `range_name(...)` builds a range's name once, for paths that name their
+ranges per call.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def nvtx_tool_attached() -> bool:
         return True
     try:
         loaded = ctypes.CDLL(None)  # the process's global symbols, as NVTX's dlsym sees them
-    except OSError:
+    except (OSError, TypeError):  # no such handle on this platform (Windows)
         return False
     return hasattr(loaded, "InitializeInjectionNvtx2")
 
