@@ -48,14 +48,16 @@ class Arrangement:
         self.perm = perm
         self.inverse = torch.empty_like(perm)
         self.inverse[perm] = torch.arange(perm.numel())
-        t = torch.arange(steps).unsqueeze(1)
-        valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in canonical order
-        self.batch_sizes = valid.sum(1).tolist()
         # batch_sizes over the steps some row runs: what torch's packed calls take.
         self.packed_sizes = batch_sizes_of(self.sorted_lengths)
+        self.batch_sizes = self.packed_sizes.tolist()
+        self.batch_sizes += [0] * (steps - len(self.batch_sizes))
         self._layouts: dict[torch.device, PackedLayout] = {}
-        # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
-        self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
+        if reverse:
+            # Reversal within each sequence: step t <-> length-1-t; padding stays where it is.
+            t = torch.arange(steps).unsqueeze(1)
+            valid = t < self.sorted_lengths.unsqueeze(0)  # (T, B) in canonical order
+            self.time_index = torch.where(valid, self.sorted_lengths - 1 - t, t)
 
     def rows(self, state: Tensor) -> Tensor:
         """(B, .) in canonical row order."""

@@ -57,9 +57,12 @@ def checked_lengths(lengths: Tensor, steps: int) -> Tensor:
 
 
 def batch_sizes_of(sorted_lengths: Tensor) -> Tensor:
-    """(max length,) int64: how many of the (longest first) sequences run at each step."""
-    steps = torch.arange(int(sorted_lengths[0]) if sorted_lengths.numel() else 0)
-    return (sorted_lengths.unsqueeze(0) > steps.unsqueeze(1)).sum(1)
+    """(max length,) int64: how many of the (longest first, >= 0) sequences run at each step."""
+    longest = int(sorted_lengths[0]) if sorted_lengths.numel() else 0
+    # Step t runs the sequences longer than t: all but those that end at t or before. A count
+    # per length, not a (T, B) mask.
+    ended = torch.bincount(sorted_lengths, minlength=longest + 1).cumsum(0)[:longest]
+    return sorted_lengths.numel() - ended
 
 
 class PackedLayout:
