@@ -39,11 +39,12 @@ round and their median; and, after each speed change, how many steps the through
 until every rank's block stayed within 10 % of the oracle's split for the rest of the phase
 (goal <= 20; median and per round), and how often its blocks changed once there (oscillation).
 
-Each slowdown costs change_steps steps at the old split before the slicer follows it, and each
-recovery one (a step back at the old speed, far outside the measured noise, confirms it alone;
-speedup_steps where it is not): with 40 slow steps and the defaults (2 + 1 steps) that alone
-caps the share near 94 % against an exact oracle; `--change-steps` trades it against ignoring
-longer bursts (4 + 1: near 88 %).
+Each slowdown costs change_steps steps at the old split before the slicer follows it (one
+while no rank had a slower burst in the last burst_memory steps), and each recovery one (a
+step back at the old speed, far outside the measured noise, confirms it alone; speedup_steps
+where it is not): with 40 slow steps and the defaults (2 + 1 steps) that alone caps the share
+near 94 % against an exact oracle (1 + 1: near 96 %); `--change-steps` trades it against
+ignoring longer bursts (4 + 1: near 88 %).
 
 The share is a ratio of differences: the oracle's gain is a fifth of the run's time, so a load
 spike of a few per cent of one scenario's total moves a round's share by tens of points on

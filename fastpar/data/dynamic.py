@@ -23,7 +23,8 @@ Policies:
         blocks. A measurement off the prediction by more than a factor 1 + `change_threshold`
         (either way: a straggler's recovery is judged as its slowdown) is set aside, and
         only when `change_steps` of them in a row lie on the same side (`speedup_steps` when
-        faster; noise shortens steps too) is it a speed change: the model is rescaled by their
+        faster; noise shortens steps too; one far outside the noise while bursts are rare,
+        `burst_memory`) is it a speed change: the model is rescaled by their
         median and refitted from them (bursts of fewer steps, e.g. another process's spike,
         are ignored); a change back to the speed before the last one restores the model of
         that speed instead (stragglers come and go). A new split replaces the current
@@ -378,6 +379,11 @@ class DynamicSlicer:
             config = self.config
             # A trial's steps inform the probe, not the fits (see StepTimeModel.observe).
             trial = self._probe is not None and [int(n) for n in samples] == self._probe.trial
+            memory = config.burst_memory
+            # Bursts hit any rank of a host alike: one burst anywhere makes every rank wait.
+            quiet = memory is not None and all(
+                model.since_burst is None or model.since_burst >= memory for model in self._models
+            )
             observations = [
                 model.observe(
                     int(n), t, window=config.model_window,
@@ -385,6 +391,7 @@ class DynamicSlicer:
                     change_steps=config.change_steps,
                     speedup_steps=min(config.speedup_steps, config.change_steps),
                     momentum=config.rate_momentum, fit=not trial,
+                    follow_at_once=quiet,
                 ) if n > 0 and t > 0 else None
                 for model, n, t in zip(self._models, samples, seconds, strict=True)
             ]  # fmt: skip

@@ -52,6 +52,14 @@ class DynamicSlicerConfig:
     blocks swing. One step is enough for a return to the speed before the last change when it
     lies far outside the measured noise (a straggler's recovery); the blocks in use before
     that change then come back."""
+    burst_memory: int | None = 64
+    """"throughput": a slowdown far outside the measured noise (4 times its r.m.s.) is
+    confirmed by one step, not change_steps, when no rank had a burst in its last this many
+    steps (a burst: slower candidates that came to nothing, or a change one step confirmed and
+    the next step undid). A real slowdown then costs one step at the old split instead of
+    change_steps; a burst followed this way costs one step at the new split, and after it the
+    ranks wait for change_steps again until this many steps pass without a burst. None: always
+    change_steps, >= 1."""
     rebalance_threshold: float = 0.05
     """"throughput": the blocks change only when some rank's new block differs from its
     current one by more than this fraction of it (and by more than one sample), >= 0."""
@@ -103,6 +111,8 @@ class DynamicSlicerConfig:
         check_int("model_window", self.model_window, 2)
         check_int("change_steps", self.change_steps, 1)
         check_int("speedup_steps", self.speedup_steps, 1)
+        if self.burst_memory is not None:
+            check_int("burst_memory", self.burst_memory, 1)
         check_float("rebalance_threshold", self.rebalance_threshold, 0.0, math.inf)
         check_float("gain_threshold", self.gain_threshold, 0.0, math.inf)
         check_int("probe_steps", self.probe_steps, 0)

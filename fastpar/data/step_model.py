@@ -54,7 +54,9 @@ class StepTimeModel:
     confirm it (`speedup_steps` when they are faster: noise shortens steps too, and with +-20 %
     of it per step, one short step alone would rescale the model and make the blocks swing):
     the model is scaled by their median ratio measured / predicted and refitted from them alone.
-    Shorter bursts (a preempted step, another process's spike) leave the model untouched.
+    Shorter bursts (a preempted step, another process's spike) leave the model untouched; a
+    rank that had no burst for a while follows a slowdown far outside the noise after one step
+    (`_follows_at_once`).
 
     The model in use before the last confirmed change is kept (`previous`): stragglers come and
     go, and a change that brings the rank back to that speed (the candidates' median within
@@ -84,6 +86,10 @@ class StepTimeModel:
     changes."""
     noise_steps: int = 0
     """How many steps `noise` has averaged (0: none; capped, it only corrects the start)."""
+    since_burst: int | None = None
+    """Steps measured since this rank's last burst (None: none yet): slower candidates that ended
+    without confirming a change, or a change undone before it lasted `change_steps` steps
+    (one a single step confirmed, see `_follows_at_once`)."""
 
     @property
     def known(self) -> bool:
@@ -111,11 +117,13 @@ class StepTimeModel:
     def observe(
         self, samples: int, seconds: float, *, window: int, change_threshold: float,
         change_steps: int, speedup_steps: int, momentum: float, fit: bool = True,
+        follow_at_once: bool = False,
     ) -> Observation:  # fmt: skip
         """Fold one step's measurement (samples > 0, seconds > 0) into the model; with `fit`
         False, a measurement within the threshold updates the noise only (a trial of a block
         one sample away: the fit's ridge would drift its slope towards what a one-sample spread
-        under noise suggests, step after step).
+        under noise suggests, step after step). With `follow_at_once` (no rank had a burst for a
+        while), a slowdown far outside the noise is confirmed by one step (`_follows_at_once`).
 
         Returns:
             What the measurement did (`Observation`); "settled" when it completes the window
@@ -127,12 +135,14 @@ class StepTimeModel:
             self.fixed, self.per_sample = 0.0, seconds / samples
             self.window = [(samples, seconds)]
             return "first"
+        if self.since_burst is not None:
+            self.since_burst += 1
         predicted = self.predict(samples)
         # A factor either way: a slowdown by 1 + c and its recovery (1 / (1 + c), a smaller
         # relative step) are judged alike, so a straggler's recovery is caught as fast.
         deviation = math.log(seconds / predicted)
         if abs(deviation) <= math.log1p(change_threshold):
-            self.candidates.clear()
+            self._drop_candidates()
             self.noise = math.sqrt(
                 _NOISE_MOMENTUM * self.noise**2 + (1 - _NOISE_MOMENTUM) * deviation**2
             )
@@ -147,45 +157,73 @@ class StepTimeModel:
                 return "fitted"
             self.settling -= 1
             return "fitted" if self.settling else "settled"
-        if self.candidates and (self.candidates[-1][1] > self.predict(self.candidates[-1][0])) != (
-            seconds > predicted
-        ):
-            self.candidates.clear()  # the other side: not the same change
+        if self.candidates and self._slower(*self.candidates[-1]) != (seconds > predicted):
+            self._drop_candidates()  # the other side: not the same change
         self.candidates.append((samples, seconds))
+        if self._returns(samples, seconds, deviation):
+            return self._change(window, change_threshold, change_steps, back=True)
         if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps) or (
-            self._returns(samples, seconds, deviation, change_threshold)
+            follow_at_once and self._follows_at_once(deviation)
         ):
-            return self._change(window, change_threshold)
+            return self._change(window, change_threshold, change_steps)
         return "candidate"
 
-    def _returns(
-        self, samples: int, seconds: float, deviation: float, change_threshold: float
-    ) -> bool:
-        """Whether one faster step is enough to confirm a return to the speed before the last
-        change: it fits the previous model within the threshold and lies below this one by
-        more than _RETURN_NOISES times the measured `noise` (a straggler's recovery, not a
-        lucky step). A slowdown is never confirmed by one step: a single long step is the
-        common burst (a pause, another process), while a step does not come out much shorter
-        than its speed allows."""
-        limit = math.log1p(change_threshold)
-        return (
-            self.previous is not None
-            and deviation < -_RETURN_NOISES * self.noise_level
-            and abs(math.log(seconds / self.previous.predict(samples))) <= limit
-        )
+    def _slower(self, samples: int, seconds: float) -> bool:
+        return seconds > self.predict(samples)
 
-    def _change(self, window: int, change_threshold: float) -> Observation:
-        """Follow the speed change the candidates confirm: back to the previous model when
-        they fit it ("returned"), else this one rescaled by their median ratio and refitted
-        from them ("changed")."""
-        candidates, self.candidates = self.candidates, []
-        before = StepTimeModel(
-            self.fixed, self.per_sample, self.window, noise=self.noise, noise_steps=self.noise_steps
-        )
+    def _drop_candidates(self) -> None:
+        """Forget the candidates: they were a burst. Only slower ones count for `since_burst`:
+        lucky or warm-up steps do not make a slowdown followed at once a mistake."""
+        if self.candidates and self._slower(*self.candidates[-1]):
+            self.since_burst = 0
+        self.candidates.clear()
+
+    def _follows_at_once(self, deviation: float) -> bool:
+        """Whether one slower step, at a time when bursts are rare (the caller knows), confirms
+        a slowdown: it lies above the model by more than _RETURN_NOISES times the measured
+        `noise`. Waiting for change_steps candidates costs every real slowdown that many steps
+        at the old split; following a burst costs one step at the new split (the next step,
+        back at speed, returns at once, and `since_burst` remembers it)."""
+        return deviation > _RETURN_NOISES * self.noise_level
+
+    def _returns(self, samples: int, seconds: float, deviation: float) -> bool:
+        """Whether one faster step is enough to confirm a return to the speed before the last
+        change: it lies below this model by more than _RETURN_NOISES times the measured
+        `noise` (a straggler's recovery or the end of a burst, not a lucky step), and nearer
+        the previous model than this one. Nearer, not within the threshold: the blocks moved
+        with the change, and the previous model, fitted at other blocks, can miss the new ones
+        by more than the threshold. A slowdown needs more (`_follows_at_once`): a single long
+        step is the common burst (a pause, another process), while a step does not come out
+        much shorter than its speed allows."""
         previous = self.previous
-        returned = previous is not None and abs(
-            math.log(statistics.median(t / previous.predict(n) for n, t in candidates))
-        ) <= math.log1p(change_threshold)
+        if previous is None or deviation >= -_RETURN_NOISES * self.noise_level:
+            return False
+        return abs(math.log(seconds / previous.predict(samples))) < -deviation
+
+    def _change(
+        self, window: int, change_threshold: float, change_steps: int, back: bool = False
+    ) -> Observation:
+        """Follow the speed change the candidates confirm: back to the previous model when
+        they fit it or `back` says so ("returned"), else this one rescaled by their median
+        ratio and refitted from them ("changed"). A return from a speed measured on fewer than
+        `change_steps` steps undoes a burst that one step confirmed (`_follows_at_once`)."""
+        candidates, self.candidates = self.candidates, []
+        # `before` keeps the model before it (its own one dropped, so the chain stays two
+        # long): undoing a burst puts both back.
+        earlier = None if self.previous is None else StepTimeModel(
+            self.previous.fixed, self.previous.per_sample, self.previous.window
+        )  # fmt: skip
+        before = StepTimeModel(
+            self.fixed, self.per_sample, self.window, previous=earlier,
+            noise=self.noise, noise_steps=self.noise_steps,
+        )  # fmt: skip
+        previous = self.previous
+        returned = previous is not None and (
+            back
+            or abs(math.log(statistics.median(t / previous.predict(n) for n, t in candidates)))
+            <= math.log1p(change_threshold)
+        )
+        burst = returned and len(self.window) < change_steps
         if returned:
             self.fixed, self.per_sample, self.window = (
                 previous.fixed, previous.per_sample, previous.window
@@ -194,7 +232,13 @@ class StepTimeModel:
             factor = statistics.median(t / self.predict(n) for n, t in candidates)
             self.window = candidates[-window:]
             self.fixed, self.per_sample = _fit(self.window, self.per_sample * factor)
-        self.previous = before
+        if burst:
+            # A change one step confirmed, undone before it lasted change_steps: a burst.
+            # The model before it comes back as it was, with the one before that.
+            assert previous is not None
+            self.previous, self.since_burst = previous.previous, 0
+        else:
+            self.previous = before
         self.settling = window
         return "returned" if returned else "changed"
 
@@ -208,6 +252,7 @@ class StepTimeModel:
             "settling": self.settling,
             "noise": self.noise,
             "noise_steps": self.noise_steps,
+            "since_burst": self.since_burst,
         }
 
     @classmethod
@@ -224,6 +269,8 @@ class StepTimeModel:
             noise=noise,
             # States saved before the count: a measured noise counts as long measured.
             noise_steps=int(state.get("noise_steps", _NOISE_STEPS_CAP if noise > 0 else 0)),
+            # States saved before the count: bursts unknown, as at the start.
+            since_burst=None if state.get("since_burst") is None else int(state["since_burst"]),
         )
 
 
