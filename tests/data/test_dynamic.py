@@ -334,6 +334,8 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
          r"change_steps must be an integer, got bool True"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "speedup_steps": 0}, ValueError,
          r"speedup_steps must be an integer >= 1, got 0"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "burst_memory": 0}, ValueError,
+         r"burst_memory must be an integer >= 1, got 0"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "rebalance_threshold": -0.1},
          ValueError, r"rebalance_threshold must be a finite number in \[0.0, inf\]"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "model_window": 1}, ValueError,
