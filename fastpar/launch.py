@@ -12,7 +12,11 @@ PR_SET_PDEATHSIG, so even a killed parent leaves no orphans).
 Each rank's stderr goes to a file, which the parent relays line by line to its own stderr: a
 file keeps what a dying process wrote last, which a pipe read by that process would lose.
 
-`fastpar train --nproc N` launches through it; the tests use it as `run_multiprocess`.
+`fastpar train --nproc N` launches through it; the tests use it as `run_multiprocess`, with
+`start_method="forkserver"`: importing torch costs a spawned rank seconds of CPU, and a suite
+starts hundreds of ranks, while a rank forked from the server (which imported torch once) starts
+in a fraction of a second. Either way a rank sees the launcher's environment as it is at the
+call, and imports `fn`'s module only after that environment is in place.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import faulthandler
 import math
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import re
 import shutil
@@ -40,6 +45,12 @@ import torch
 from fastpar._checks import check_int
 
 _PR_SET_PDEATHSIG = 1
+START_METHODS = ("spawn", "forkserver")
+# What the fork server imports once for every rank it forks: the launcher's main module (as
+# multiprocessing does by default; under pytest, pytest), torch and fastpar's packages. None of
+# them starts a thread that a fork could cut, or touches CUDA.
+FORKSERVER_PRELOAD = ("__main__", "torch", "torch.distributed", "fastpar.launch", "fastpar.comm",
+                      "fastpar.data", "fastpar.nn", "fastpar.parallel", "fastpar.training")  # fmt: skip
 STDERR_TAIL_LINES = 60  # of a rank that died, quoted in RankFailure (faulthandler's included)
 _STDERR_TAIL_BYTES = 64 * 1024
 
@@ -64,11 +75,24 @@ def _die_with_parent() -> None:
         pass
 
 
+def _release_fork_server() -> None:
+    """Close this rank's copy of the fork server's "alive" pipe (it has one when forked from the
+    server). The server lives until every holder has closed it, so a rank holding it would keep
+    the server, and with it the rank itself (its PR_SET_PDEATHSIG parent), alive after the
+    launcher was killed."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if isinstance(fd, int) and mp.parent_process() is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None
+
+
 def _rank_main(
-    fn: Callable[..., Any],
+    job: bytes,
     rank: int,
     world_size: int,
-    args: Sequence[Any],
     backend: str,
     port: int,
     timeout_s: float,
@@ -76,11 +100,15 @@ def _rank_main(
     results: mp.Queue,
     stderr_path: str,
 ) -> None:
+    _release_fork_server()
     _die_with_parent()
     _send_stderr_to(stderr_path)
     # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and
     # stops the ranks, so they do not each print a KeyboardInterrupt traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The launcher's environment at the call (a forked rank inherited the fork server's), in
+    # place before `job` imports fn's module.
+    os.environ.clear()
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))  # fmt: skip
@@ -105,6 +133,7 @@ def _rank_main(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
+        fn, args = pickle.loads(job)
         value = fn(rank, world_size, *args)
     except BaseException:
         # Report before tearing the group down: the teardown makes peers fail too, and the
@@ -221,6 +250,7 @@ def spawn_ranks(
     backend: str = "gloo",
     may_die: Collection[int] = (),
     env: dict[str, str] | None = None,
+    start_method: str = "spawn",
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes.
 
@@ -235,7 +265,9 @@ def spawn_ranks(
         backend: torch.distributed backend ("gloo" on CPU; see `default_backend`).
         may_die: ranks allowed to end without a result (for tests that kill a rank); their
             entry in the returned list is None.
-        env: extra environment variables for the children.
+        env: extra environment variables for the children (on top of this process's).
+        start_method: "spawn" (a fresh interpreter per rank) or "forkserver" (ranks forked
+            from a server that imported FORKSERVER_PRELOAD once; see the module docstring).
 
     Returns:
         The ranks' return values, indexed by rank.
@@ -245,11 +277,17 @@ def spawn_ranks(
             the run outlived `timeout` (the ranks still running are named).
     """
     check_int("world_size", world_size, 1)
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if group_timeout is None:
         group_timeout = timeout if timeout is not None else 300.0
     import torch.distributed as dist
 
-    context = mp.get_context("spawn")
+    context = mp.get_context(start_method)
+    if start_method == "forkserver":  # takes effect when the server starts (the first call)
+        context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+    job = pickle.dumps((fn, tuple(args)))
+    environment = {**os.environ, **(env or {})}
     store = dist.TCPStore(
         "127.0.0.1",
         0,
@@ -264,14 +302,13 @@ def spawn_ranks(
         context.Process(
             target=_rank_main,
             args=(
-                fn,
+                job,
                 rank,
                 world_size,
-                tuple(args),
                 backend,
                 store.port,
                 group_timeout,
-                env or {},
+                environment,
                 results,
                 relay.paths[rank],
             ),

@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from fastpar.launch import STDERR_TAIL_LINES, RankFailure, spawn_ranks
+from fastpar.launch import START_METHODS, STDERR_TAIL_LINES, RankFailure, spawn_ranks
 
 
 def _say_then_abort(rank: int, world_size: int) -> None:
@@ -23,9 +23,10 @@ def _say_then_abort(rank: int, world_size: int) -> None:
     os.abort()
 
 
-def test_a_rank_that_aborts_is_quoted_from_its_stderr() -> None:
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_rank_that_aborts_is_quoted_from_its_stderr(start_method: str) -> None:
     with pytest.raises(RankFailure) as failure:
-        spawn_ranks(_say_then_abort, 1, timeout=120)
+        spawn_ranks(_say_then_abort, 1, timeout=120, start_method=start_method)
     message = str(failure.value)
     assert message.startswith("rank 0 died with exit code -6 (SIGABRT)"), message
     assert "the last lines rank 0 wrote to stderr:" in message
