@@ -48,9 +48,13 @@ _PR_SET_PDEATHSIG = 1
 START_METHODS = ("spawn", "forkserver")
 # What the fork server imports once for every rank it forks: the launcher's main module (as
 # multiprocessing does by default; under pytest, pytest), torch and fastpar's packages. None of
-# them starts a thread that a fork could cut, or touches CUDA.
-FORKSERVER_PRELOAD = ("__main__", "torch", "torch.distributed", "fastpar.launch", "fastpar.comm",
-                      "fastpar.data", "fastpar.nn", "fastpar.parallel", "fastpar.training")  # fmt: skip
+# them touches CUDA, which a forked rank initialises itself; torch's import starts OpenMP's
+# pool, and a forked rank still runs parallel CPU ops on several threads (tests/test_launch_start).
+FORKSERVER_PRELOAD = (
+    "__main__", "torch", "torch.distributed",
+    "fastpar.launch", "fastpar.comm", "fastpar.data", "fastpar.nn", "fastpar.parallel",
+    "fastpar.training",
+)  # fmt: skip
 STDERR_TAIL_LINES = 60  # of a rank that died, quoted in RankFailure (faulthandler's included)
 _STDERR_TAIL_BYTES = 64 * 1024
 
@@ -134,7 +138,10 @@ def _rank_main(
             timeout=datetime.timedelta(seconds=timeout_s),
         )
         fn, args = pickle.loads(job)
-        value = fn(rank, world_size, *args)
+        # Pickled here, by value: the queue's pickler would hand a tensor's storage over through
+        # a file descriptor that this process, gone by then, must serve; and a value that does
+        # not pickle fails this rank with its traceback instead of the queue's feeder thread.
+        value = pickle.dumps(fn(rank, world_size, *args))
     except BaseException:
         # Report before tearing the group down: the teardown makes peers fail too, and the
         # parent must see this, the first failure, with the earliest time.
@@ -336,7 +343,7 @@ def spawn_ranks(
                     ) from None
                 continue
             if ok:
-                outcomes[rank] = value
+                outcomes[rank] = pickle.loads(value)
                 continue
             failures.append((value[0], rank, f"rank {rank} raised:\n{value[1]}", value[2]))
             _collect_more_failures(results, failures, grace_s=2.0)

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastpar.launch import START_METHODS, spawn_ranks
+from fastpar.launch import START_METHODS, RankFailure, spawn_ranks
 from fastpar.testing.distributed import run_multiprocess
 
 from . import launch_probe
@@ -39,7 +40,7 @@ def test_ranks_see_the_environment_of_the_call(
 
 
 def test_a_bad_start_method_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match="start_method must be one of .*'fork'"):
+    with pytest.raises(ValueError, match=r"start_method must be one of .*'fork'"):
         spawn_ranks(launch_probe.environment, 1, start_method="fork")
 
 
@@ -91,3 +92,44 @@ def test_the_test_helper_forks_its_ranks() -> None:
 
 def _loaded_modules(rank: int, world_size: int) -> set[str]:
     return {name for name in ("torch", "fastpar.parallel", "pytest") if name in sys.modules}
+
+
+def test_a_forked_rank_runs_parallel_cpu_ops() -> None:
+    # The server's import of torch started OpenMP's thread pool; the fork must not leave the
+    # rank a pool that hangs or computes wrongly.
+    data = torch.randn(4_000_000, dtype=torch.float64)
+    threads, total, product = run_multiprocess(_parallel_ops, 1, args=(data,), timeout=120)[0]
+    assert threads == (os.cpu_count() or 1)  # one rank: every core
+    torch.testing.assert_close(total, data.sum(), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(
+        product, data[:1_000_000].view(1000, 1000) @ data[-1000:], rtol=1e-12, atol=1e-9
+    )
+
+
+def _parallel_ops(
+    rank: int, world_size: int, data: torch.Tensor
+) -> tuple[int, torch.Tensor, torch.Tensor]:
+    return torch.get_num_threads(), data.sum(), data[:1_000_000].view(1000, 1000) @ data[-1000:]
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_ranks_return_tensors(start_method: str) -> None:
+    # A rank's result leaves by value: the rank may be gone before the launcher reads it.
+    seed = int(torch.randint(0, 2**31, ()))
+    results = spawn_ranks(_random_tensor, 2, args=(seed,), start_method=start_method, timeout=120)
+    for rank, result in enumerate(results):
+        expected = torch.randn(1000, generator=torch.Generator().manual_seed(seed + rank))
+        assert torch.equal(result, expected)
+
+
+def _random_tensor(rank: int, world_size: int, seed: int) -> torch.Tensor:
+    return torch.randn(1000, generator=torch.Generator().manual_seed(seed + rank))
+
+
+def test_a_result_that_does_not_pickle_fails_its_rank() -> None:
+    with pytest.raises(RankFailure, match=r"(?s)rank 0 raised:.*pickle local object '_unpicklable"):
+        run_multiprocess(_unpicklable, 1, timeout=600)
+
+
+def _unpicklable(rank: int, world_size: int) -> object:
+    return lambda: rank
