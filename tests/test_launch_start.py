@@ -70,6 +70,7 @@ def test_no_forked_rank_outlives_a_killed_launcher(tmp_path: Path) -> None:
         "run_multiprocess(launch_probe.sleep_then_report, 2, args=(sys.argv[1],), timeout=600)\n"
     )
     process = subprocess.Popen([sys.executable, "-c", launcher, str(pid_file)], cwd=REPO)
+    ranks: list[int] = []
     try:
         ranks = _pids(pid_file, 2, time.monotonic() + 120)
         os.kill(process.pid, signal.SIGKILL)
@@ -81,6 +82,8 @@ def test_no_forked_rank_outlives_a_killed_launcher(tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
+        for pid in filter(_alive, ranks):  # a failed check leaves no sleeper behind
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_the_test_helper_forks_its_ranks() -> None:
