@@ -28,10 +28,11 @@ build: $(VENV)/.installed
 # GPU: tiny shapes, Triton's interpreter, CPU ranks). The GPU test modules must collect: the suite
 # collects every module (gpu-marked tests are skipped, not deselected), and the dry run's tests
 # stage runs each of them in its own pytest, where a collection error is a failed row.
+# tests/run_suite.sh runs the suite in two pytest lanes side by side (single-process tests at
+# nice 19 beside the multi-process ones); PYTEST_ARGS gives one plain pytest instead.
 test: build
 	$(PY) -m ruff check fastpar tests bench
-	$(PY) -m pytest $(PYTEST_ARGS)
-	$(PY) -m pytest bench --benchmark-disable -q -p no:cacheprovider
+	bash tests/run_suite.sh $(PY) $(PYTEST_ARGS)
 	bash bench/gpu_check.sh --dry-run --out results/dry-run --python $(PY)
 
 # The main job: a character LSTM language model trained data-parallel on 2 local processes
