@@ -88,8 +88,25 @@ def _stages(num_stages: int) -> list[nn.Sequential]:
     return split_sequential(_model(), [2 * per_stage * s for s in range(1, num_stages)])
 
 
+def torch_cannot_run(placement: Placement, world_size: int) -> str | None:
+    """Why this torch cannot run its schedule on this placement over gloo, or None.
+
+    torch before the warm-up protocol of 2.13 (`_PipelineSchedule._warmup_p2p`) opens every
+    pipeline by sending each stage's neighbours a message through the process group, even a
+    neighbour on the same rank, and gloo cannot send to its own rank: with torch 2.11, ZBV on
+    2 ranks (stages 1 and 2 both on rank 1) failed on every rank."""
+    if hasattr(pipelining.schedules._PipelineSchedule, "_warmup_p2p"):
+        return None
+    owner = {stage: rank for rank in range(world_size) for stage in placement.stages_of(rank)}
+    if any(owner[stage] == owner.get(stage + 1) for stage in owner):
+        return (f"torch {torch.__version__} sends to a neighbouring stage on the same rank "
+                "through gloo, which gloo refuses (torch 2.13 runs it)")  # fmt: skip
+    return None
+
+
 def _runners(rank: int, world_size: int) -> dict[str, tuple[list[nn.Module], Any, bool, bool]]:
-    """name -> (modules, runner, holds stage 0, holds the last stage)."""
+    """name -> (modules, runner, holds stage 0, holds the last stage); torch's runner of a
+    schedule it cannot run here (`torch_cannot_run`) is left out."""
     runners = {}
     for schedule, (torch_name, num_stages) in MATCHES.items():
         placement = Placement.of(schedule, world_size, num_stages)  # type: ignore[arg-type]
@@ -106,6 +123,8 @@ def _runners(rank: int, world_size: int) -> dict[str, tuple[list[nn.Module], Any
             num_microbatches=MICROBATCHES,
         )
         runners[f"fastpar {schedule}"] = (chunks, pipe, first, last)
+        if torch_cannot_run(placement, world_size) is not None:
+            continue
         stages = _stages(num_stages)
         torch_stages = [
             pipelining.PipelineStage(stages[s], s, num_stages, torch.device("cpu")) for s in mine
@@ -201,11 +220,19 @@ def main() -> None:
     }
     rows = []
     idles: dict[str, list[float]] = {}  # measured and ideal idle ms per rank
-    for schedule in MATCHES:
-        baseline = statistics.median(steps[f"torch {schedule}"])
+    not_run: list[str] = []
+    for schedule, (_, num_stages) in MATCHES.items():
+        placement = Placement.of(schedule, RANKS, num_stages)  # type: ignore[arg-type]
+        why = torch_cannot_run(placement, RANKS)
+        if why is not None:
+            not_run.append(f"torch {schedule} ({MATCHES[schedule][0]}) not run: {why}")
+        baseline = statistics.median(steps[f"torch {schedule}"]) if why is None else None
         for library in ("fastpar", "torch"):
             name = f"{library} {schedule}"
             idle: list[object] = ["-"] * (4 * RANKS + 1)  # torch does not report its compute
+            if name not in steps:
+                rows.append([device_name(), schedule, library, "n/a", "-", "-", "-", *idle])
+                continue
             if library == "fastpar":
                 per_step = [
                     _idle(schedule, [r["stats"][name][i] for r in results], steps[name][i])
@@ -217,7 +244,7 @@ def main() -> None:
                     for rank in range(len(per_step[0][which]))
                 ]
                 idles[schedule] = idle[-2 * RANKS :]
-            ratio = baseline / statistics.median(steps[name])
+            ratio = "-" if baseline is None else baseline / statistics.median(steps[name])
             rows.append([device_name(), schedule, library, *_ms(steps[name]), ratio, *idle])
     print(
         f"MLP {LAYERS} x {WIDTH}, batch {args.batch}, {MICROBATCHES} micro-batches, {RANKS} ranks "
@@ -225,6 +252,8 @@ def main() -> None:
         "steps, slowest rank per step; torch/this > 1: faster than torch"
     )
     print(format_table(HEADERS, rows))
+    for line in not_run:
+        print(line)
     for pair in (("zero-bubble", "1f1b"), ("zbv", "interleaved-1f1b")):
         ratios = [a / b for a, b in zip(idles[pair[0]], idles[pair[1]], strict=True)]
         print(f"{pair[0]} idle / {pair[1]} idle, per rank: measured "
