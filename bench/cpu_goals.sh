@@ -28,6 +28,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 mkdir -p "$out"
+# fastpar from this checkout, installed or not (as the GPU check runs it).
+export PYTHONPATH="$(dirname "$here"):$here${PYTHONPATH:+:$PYTHONPATH}"
 
 # name, share of the time (percent), arguments
 benches=(
