@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +89,7 @@ def _stages(num_stages: int) -> list[nn.Sequential]:
     return split_sequential(_model(), [2 * per_stage * s for s in range(1, num_stages)])
 
 
-def torch_cannot_run(placement: Placement, world_size: int) -> str | None:
+def torch_cannot_run(placement: Placement) -> str | None:
     """Why this torch cannot run its schedule on this placement over gloo, or None.
 
     torch before the warm-up protocol of 2.13 (`_PipelineSchedule._warmup_p2p`) opens every
@@ -97,8 +98,7 @@ def torch_cannot_run(placement: Placement, world_size: int) -> str | None:
     2 ranks (stages 1 and 2 both on rank 1) failed on every rank."""
     if hasattr(pipelining.schedules._PipelineSchedule, "_warmup_p2p"):
         return None
-    owner = {stage: rank for rank in range(world_size) for stage in placement.stages_of(rank)}
-    if any(owner[stage] == owner.get(stage + 1) for stage in owner):
+    if any(rank == next_rank for rank, next_rank in pairwise(placement.stage_ranks)):
         return (f"torch {torch.__version__} sends to a neighbouring stage on the same rank "
                 "through gloo, which gloo refuses (torch 2.13 runs it)")  # fmt: skip
     return None
@@ -123,7 +123,7 @@ def _runners(rank: int, world_size: int) -> dict[str, tuple[list[nn.Module], Any
             num_microbatches=MICROBATCHES,
         )
         runners[f"fastpar {schedule}"] = (chunks, pipe, first, last)
-        if torch_cannot_run(placement, world_size) is not None:
+        if torch_cannot_run(placement) is not None:
             continue
         stages = _stages(num_stages)
         torch_stages = [
@@ -221,11 +221,10 @@ def main() -> None:
     rows = []
     idles: dict[str, list[float]] = {}  # measured and ideal idle ms per rank
     not_run: list[str] = []
-    for schedule, (_, num_stages) in MATCHES.items():
-        placement = Placement.of(schedule, RANKS, num_stages)  # type: ignore[arg-type]
-        why = torch_cannot_run(placement, RANKS)
+    for schedule, (torch_name, num_stages) in MATCHES.items():
+        why = torch_cannot_run(Placement.of(schedule, RANKS, num_stages))  # type: ignore[arg-type]
         if why is not None:
-            not_run.append(f"torch {schedule} ({MATCHES[schedule][0]}) not run: {why}")
+            not_run.append(f"torch {schedule} ({torch_name}) not run: {why}")
         baseline = statistics.median(steps[f"torch {schedule}"]) if why is None else None
         for library in ("fastpar", "torch"):
             name = f"{library} {schedule}"

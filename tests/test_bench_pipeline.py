@@ -26,7 +26,7 @@ def test_only_a_schedule_with_neighbours_on_one_rank_is_left_out_of_an_older_tor
     left_out = {
         name
         for name, (_, num_stages) in bench_pipeline.MATCHES.items()
-        if bench_pipeline.torch_cannot_run(Placement.of(name, 2, num_stages), 2) is not None
+        if bench_pipeline.torch_cannot_run(Placement.of(name, 2, num_stages)) is not None
     }
     # zbv on 2 ranks: rank 1 holds stages 1 and 2; no other schedule puts neighbours together.
     assert left_out == (set() if new_warmup else {"zbv"})
