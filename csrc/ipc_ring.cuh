@@ -2,9 +2,10 @@
 // CUDA, no torch headers): the GPU counterpart of shm_ring.h.
 //
 // Every rank allocates one device buffer: a control block (barrier flags written by the peers,
-// its own barrier counters, the peers' call headers, an abort word) and two data areas of
-// `chunk_bytes` each. The buffers are exchanged as cudaIpcMemHandle_t (by the Python layer,
-// through the process group's store, once), so every rank loads and stores every rank's buffer.
+// its own barrier counters, the peers' call headers, an abort word, the peers' abort notices)
+// and two data areas of `chunk_bytes` each. The buffers are exchanged as cudaIpcMemHandle_t (by
+// the Python layer, through the process group's store, once), so every rank loads and stores
+// every rank's buffer.
 //
 // A call is ONE kernel of kBlocks blocks, with barriers inside it. For each chunk of the tensor:
 //   one-shot (small calls):   copy the chunk in -> barrier -> every rank reads every peer's
@@ -29,11 +30,15 @@
 // starts only after its previous one has ended (every peer's blocks had reached its last
 // barrier), and a peer's kernel runs only after that peer's previous one has ended.
 //
-// Every poll is bounded by the timeout (%globaltimer) and also watches the peer's abort word. A
+// Every poll is bounded by the timeout (%globaltimer) and also watches the peer's abort notice. A
 // timeout, a peer that gave up, or different call headers (checked at a call's first barrier by
 // every block, so all blocks of all ranks stop at the same barrier, before the tensor is
 // written) sets this rank's abort word: later kernels return at once, and the host reads the
-// report (host-mapped memory) after waiting for the call.
+// report (host-mapped memory) after waiting for the call. The rank that sets it also posts it
+// as a notice into every peer's control block (`notices[rank]`), so that a poll reads nothing
+// but its own device's memory: a load from a peer's memory crosses NVLink or PCIe (about a
+// microsecond), and it would be paid by every spin and, after the flag arrives, by every
+// barrier.
 //
 // Dead peers. The host's watchdog (process.h's PeerWatchdog) checks the peers' pids while the
 // ring is open and writes the dead rank into `DeviceFailure::dead_peer`, which lives in mapped
@@ -48,11 +53,13 @@
 //
 // A late rank. A block stores its flag into every peer's control block before waiting, so a
 // rank arriving after a peer gave up (timed out waiting for it) finds that peer's flag already
-// there. After the flags arrived it therefore reads each peer's abort word once more: a peer
-// that gave up makes this rank fail too instead of returning a result the peer did not get.
-// This closes the window except for a flag store still in flight when the peer's timeout fires
-// (nanoseconds; exact agreement would need a compare-and-swap on the peer's memory, which PCIe
-// peer links do not all support).
+// there. After the flags arrived it therefore reads each peer's notice once more: a peer that
+// gave up makes this rank fail too instead of returning a result the peer did not get. This
+// closes the window except for a rank that arrives while the peer's notice is still in flight,
+// within about a microsecond of that peer's timeout (exact agreement would need a
+// compare-and-swap on the peer's memory, which PCIe peer links do not all support). Such a rank
+// returns its call's result (every rank's data was in place: a flag follows its copy-in) and
+// meets the failure at its next barrier, since the peer's kernels return at once from then on.
 //
 // Ranks sharing one GPU (processes, without MPS). The GPU runs one process's context at a time,
 // switching at the end of a time slice (the figures below fit about 2.3 ms on an H200) or when the
@@ -113,6 +120,7 @@ struct Control {
   uint64_t chunks[kBlocks];            // [b]: chunks this rank's block b has handled
   CallHeader headers[2][kMaxRanks];    // [parity of a call's first barrier][p]: rank p's call
   uint32_t abort;  // set by this rank's own kernels only: 0, or 2 + the rank it blames (or 1)
+  uint32_t notices[kMaxRanks];  // [p]: rank p's abort word, posted here by p when it set it
 };
 constexpr size_t kControlBytes = 4096;
 static_assert(sizeof(Control) <= kControlBytes, "control block too large");
@@ -154,11 +162,12 @@ __device__ __forceinline__ uint64_t global_timer_ns() {
   return now;
 }
 
+// An abort word, or a peer's notice of its own (see Control).
 __device__ __forceinline__ bool aborted(const uint32_t* abort) {
   return *static_cast<const volatile uint32_t*>(abort) != 0;
 }
 
-// The rank an aborted rank's abort word blames (-1: none).
+// The rank an aborted rank's abort word (or its notice) blames (-1: none).
 __device__ __forceinline__ int blamed_by(const uint32_t* abort) {
   return static_cast<int>(*static_cast<const volatile uint32_t*>(abort)) - 2;
 }
@@ -323,10 +332,10 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
         atomicCAS(&failed, 0, -1);
         break;
       }
-      if (aborted(&theirs->abort)) {
+      if (aborted(&own->notices[peer])) {
         if (atomicCAS(&failed, 0, kFailurePeerAborted) == 0) {
           culprit = peer;
-          blamed = blamed_by(&theirs->abort);
+          blamed = blamed_by(&own->notices[peer]);
         }
         break;
       }
@@ -344,7 +353,7 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
       __nanosleep(32);
     }
     // The peer's flag came, but it may have given up on this rank before (see the file comment).
-    if (arrived && aborted(&theirs->abort)) atomicCAS(&gave_up, 0, peer + 1);
+    if (arrived && aborted(&own->notices[peer])) atomicCAS(&gave_up, 0, peer + 1);
   }
   __syncthreads();
   auto header_of = [&](int p) {
@@ -362,7 +371,7 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
   if (threadIdx.x == 0 && failed == 0 && gave_up != 0) {  // a mismatch takes precedence
     failed = kFailurePeerAborted;
     culprit = gave_up - 1;
-    blamed = blamed_by(&control_of(a, culprit)->abort);
+    blamed = blamed_by(&own->notices[culprit]);
   }
   __syncthreads();
   if (failed == 0) return true;
@@ -371,6 +380,14 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
   const int blame = failed == kFailurePeerAborted && blamed >= 0 ? blamed : culprit;
   if (threadIdx.x == 0 && failed > 0 &&
       atomicCAS(&own->abort, 0u, static_cast<uint32_t>(blame + 2)) == 0u) {
+    // The peers poll their own memory: post the word there first, so that they stop soon.
+    for (int p = 0; p < a.world; ++p) {
+      if (p != a.rank) {
+        *static_cast<volatile uint32_t*>(&control_of(a, p)->notices[a.rank]) =
+            static_cast<uint32_t>(blame + 2);
+      }
+    }
+    __threadfence_system();
     volatile DeviceFailure* report = a.failure;
     report->culprit = culprit;
     report->blamed = blamed;
