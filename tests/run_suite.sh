@@ -29,15 +29,17 @@ if [ $# -gt 0 ]; then
 fi
 
 in_process=(tests/nn tests/ops tests/native/test_cuda_compile.py)
+# Each lane lists its slowest tests: where the suite's time goes, run after run.
+durations=(--durations=15 --durations-min=5)
 log_file=results/tests-in-process.log
 mkdir -p results
 # A session of its own, so that an interrupted run stops the lane and what it started (nvcc).
-setsid --wait nice -n 19 "$python" -m pytest -p no:cacheprovider "${in_process[@]}" \
-    >"$log_file" 2>&1 &
+setsid --wait nice -n 19 "$python" -m pytest -p no:cacheprovider "${durations[@]}" \
+    "${in_process[@]}" >"$log_file" 2>&1 &
 lane=$!
 trap 'kill -TERM -- "-$lane" "$lane" 2>/dev/null; exit 130' INT TERM
 
-"$python" -m pytest "${in_process[@]/#/--ignore=}" && bench_suites
+"$python" -m pytest "${durations[@]}" "${in_process[@]/#/--ignore=}" && bench_suites
 main_status=$?
 
 wait "$lane"
