@@ -14,7 +14,7 @@ decision and the slicers stay identical: the state of any rank resumes all of th
 modelled rates, grow/shrink or rebalance), read from the same reduced numbers: it costs no
 communication.
 
-Policies:
+Policies (the throughput policy's decisions: `throughput_policy.ThroughputPolicy`):
     "throughput": a fixed global batch is split so that every rank's predicted compute time
         is the same, so a slow worker gets less and nobody waits long for it. Each rank's step
         time is modelled as a fixed part plus a per-sample part (`step_model.StepTimeModel`),
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import torch
@@ -55,9 +55,8 @@ from fastpar._checks import check_choice, check_float, check_int
 from fastpar.comm import all_reduce
 from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
-from fastpar.data.probe import SplitProbe
 from fastpar.data.slicer_config import DynamicSlicerConfig, SlicerStats
-from fastpar.data.step_model import Observation, StepTimeModel, equal_time_split, slowest
+from fastpar.data.throughput_policy import ThroughputPolicy
 
 _STATE_VERSION = 2
 # Rows of the statistics matrix that record_step all-reduces: one column per rank, each rank
@@ -142,12 +141,8 @@ class DynamicSlicer:
         self._epoch = 0
         self._cursor = 0
         self._steps = 0
-        self._models = [StepTimeModel() for _ in range(self.world_size)]
-        # Confirmed speed changes not yet undone, the latest last (see _after_changes).
-        self._changes: list[_Change] = []
-        self._hold = 0  # steps the blocks stay put after a restore (see _after_changes)
-        self._probe: SplitProbe | None = None  # the trials of neighbouring splits under way
-        self._probe_due = False  # a speed change's settled split is still to be probed
+        # Also kept under policy "loss", where it stays as built: every state has its keys.
+        self._throughput = ThroughputPolicy(config, self.world_size)
         self._size = float(config.initial_size or config.min_size)
         self._loss_average: float | None = None
         self._sizes = self._decide_sizes()
@@ -376,56 +371,7 @@ class DynamicSlicer:
             else None
         )
         if self.config.policy == "throughput":
-            config = self.config
-            # A trial's steps inform the probe, not the fits (see StepTimeModel.observe).
-            trial = self._probe is not None and [int(n) for n in samples] == self._probe.trial
-            memory = config.burst_memory
-            # Bursts hit any rank of a host alike: one burst anywhere makes every rank wait.
-            quiet = memory is not None and all(
-                model.since_burst is None or model.since_burst >= memory for model in self._models
-            )
-            observations = [
-                model.observe(
-                    int(n), t, window=config.model_window,
-                    change_threshold=config.change_threshold,
-                    change_steps=config.change_steps,
-                    speedup_steps=min(config.speedup_steps, config.change_steps),
-                    momentum=config.rate_momentum, fit=not trial,
-                    follow_at_once=quiet,
-                ) if n > 0 and t > 0 else None
-                for model, n, t in zip(self._models, samples, seconds, strict=True)
-            ]  # fmt: skip
-            if any(seen in ("changed", "returned") for seen in observations):
-                self._probe = None  # measured at speeds that are gone
-                self._probe_due = "changed" in observations
-            restored = self._after_changes(observations)
-            if restored is not None:
-                proposal, moved = restored, restored != self._sizes
-            elif self._probe is not None:
-                blocks = [int(n) for n in samples]
-                if self._probe.record(blocks, seconds, self._models, **self._probe_options()):
-                    proposal, self._probe = self._probe.sizes, None
-                else:
-                    proposal = self._probe.sizes
-                moved = proposal != self._sizes
-            elif self._hold > 0:
-                self._hold -= 1
-                proposal, moved = self._sizes, False
-            else:
-                proposal = self._decide_sizes()
-                moved = self._moves(proposal, "settled" in observations)
-                if "settled" in observations and self._probe_due and config.probe_steps > 0:
-                    self._probe_due = False
-                    base = proposal if moved else self._sizes
-                    probe = SplitProbe.start(
-                        base, self._models, low=config.min_size, high=config.max_size
-                    )
-                    self._probe = None if probe.over else probe
-                    proposal = probe.sizes
-                    moved = proposal != self._sizes
-            event = "rebalance" if moved else "hold"
-            if moved:
-                self._sizes = proposal
+            self._sizes, event = self._throughput.update(self._sizes, samples, seconds)
         else:
             missing = [
                 r for r in range(self.world_size) if samples[r] > 0 and stats[_HAS_LOSS][r] == 0
@@ -447,75 +393,14 @@ class DynamicSlicer:
             loss=loss,
             event=event,
             sizes=tuple(self._sizes),
-            probing=self._probe is not None,
+            probing=self._throughput.probing,
         )
-
-    def _probe_options(self) -> dict[str, Any]:
-        config = self.config
-        return {"steps": config.probe_steps, "low": config.min_size, "high": config.max_size}
 
     def _rates(self) -> tuple[float, ...]:
         """The samples/s each rank's model predicts for its next block (0.0: not measured)."""
         if self.config.policy != "throughput":
             return (0.0,) * self.world_size
-        return tuple(
-            n / m.predict(n) if m.known and n > 0 and m.predict(n) > 0 else 0.0
-            for n, m in zip(self._sizes, self._models, strict=True)
-        )
-
-    def _after_changes(self, observations: list[Observation | None]) -> list[int] | None:
-        """The blocks to restore when this step confirmed that a rank is back at its speed
-        before its latest change, that change being the latest of all (a straggler that
-        recovered; nested changes unwind in order); None otherwise.
-
-        Those blocks were balanced for the speeds that are back, while a split recomputed now
-        would rest on models fitted at other blocks (the other ranks' at the straggler's
-        split), a sample or two off, which the thresholds would then keep for the whole phase.
-        After a restore the blocks stay put for model_window steps, until every model is
-        fitted at them again; a new change ends that at once."""
-        changed = [r for r, seen in enumerate(observations) if seen in ("changed", "returned")]
-        if not changed:
-            return None
-        self._hold = 0
-        if len(changed) > 1:
-            self._changes.clear()  # several at once: no earlier split fits them
-            return None
-        rank = changed[0]
-        model = self._models[rank]
-        if observations[rank] == "changed":
-            assert model.previous is not None  # a confirmed change keeps the model before it
-            before = (model.previous.fixed, model.previous.per_sample)
-            self._changes = [*self._changes, _Change(rank, list(self._sizes), before)]
-            del self._changes[: -2 * self.world_size]
-            return None
-        latest = self._changes.pop() if self._changes else None
-        if latest is None or (latest.rank, latest.model) != (rank, (model.fixed, model.per_sample)):
-            self._changes.clear()
-            return None
-        self._hold = self.config.model_window
-        return latest.sizes
-
-    def _moves(self, proposal: list[int], settled: bool) -> bool:
-        """Whether `proposal` shortens the slowest rank's predicted time by more than the fits
-        can tell (twice the largest `doubt`) and by more than the gain threshold, and moves
-        some block by more than the rebalance threshold. When a model has just `settled` after
-        a speed change, the thresholds are waived (the noise bound stays): they keep noise
-        from moving well-fitted blocks, but the split made right after the change rests on a
-        rough fit, and a block left one sample off would cost every step until the next
-        change."""
-        config = self.config
-        current = slowest(self._sizes, self._models)
-        if current > 0:
-            doubt = max(model.doubt for model in self._models if model.known)
-            gain = 1 - slowest(proposal, self._models) / current
-            if settled:
-                return proposal != self._sizes and gain > 2 * doubt
-            if gain <= max(config.gain_threshold, 2 * doubt):
-                return False
-        return any(
-            abs(new - old) > max(1.0, config.rebalance_threshold * old)
-            for new, old in zip(proposal, self._sizes, strict=True)
-        )
+        return self._throughput.rates(self._sizes)
 
     def _update_size(self, loss: float | None) -> Literal["grow", "shrink", "hold", "start"]:
         if loss is None:
@@ -537,16 +422,9 @@ class DynamicSlicer:
         return event
 
     def _decide_sizes(self) -> list[int]:
-        config = self.config
-        if config.policy == "loss":
+        if self.config.policy == "loss":
             return [int(self._size)] * self.world_size
-        assert config.global_batch is not None  # checked at construction
-        return equal_time_split(
-            config.global_batch,
-            self._models,
-            [config.min_size] * self.world_size,
-            [config.max_size] * self.world_size,
-        )
+        return self._throughput.split()
 
     # ------------------------------------------------------------------ state
 
@@ -565,11 +443,7 @@ class DynamicSlicer:
             "epoch": self._epoch,
             "position": self._cursor,
             "steps": self._steps,
-            "models": [model.state() for model in self._models],
-            "changes": [[c.rank, list(c.sizes), list(c.model)] for c in self._changes],
-            "hold": self._hold,
-            "probe": None if self._probe is None else self._probe.state(),
-            "probe_due": self._probe_due,
+            **self._throughput.state(),
             "size": self._size,
             "loss_average": self._loss_average,
             "sizes": list(self._sizes),
@@ -621,22 +495,11 @@ class DynamicSlicer:
         if reshard and (state["world_size"], state["config"]) != (self.world_size, config):
             low, high = float(self.config.min_size), float(self.config.max_size)
             self._size = min(max(self._size, low), high)
-            self._models = [StepTimeModel() for _ in range(self.world_size)]
-            self._changes, self._hold = [], 0
-            self._probe, self._probe_due = None, False
+            self._throughput = ThroughputPolicy(self.config, self.world_size)
             self._sizes = self._decide_sizes()
             self._last_sizes = [0] * self.world_size
             return
-        self._models = [StepTimeModel.from_state(model) for model in state["models"]]
-        # Absent from states saved before the slicer kept them.
-        self._changes = [
-            _Change(int(rank), [int(n) for n in sizes], (float(model[0]), float(model[1])))
-            for rank, sizes, model in state.get("changes", [])
-        ]
-        self._hold = int(state.get("hold", 0))
-        probe = state.get("probe")
-        self._probe = None if probe is None else SplitProbe.from_state(probe)
-        self._probe_due = bool(state.get("probe_due", False))
+        self._throughput.load_state(state)
         self._sizes = [int(size) for size in state["sizes"]]
         self._last_sizes = [int(size) for size in state["last_sizes"]]
 
@@ -655,17 +518,6 @@ class DynamicSlicer:
                 "steps()/next_step() for the blocks and record_all for the measurements"
             )
         return self.rank
-
-
-@dataclass(frozen=True)
-class _Change:
-    """A confirmed speed change of one rank, as the throughput policy remembers it."""
-
-    rank: int
-    sizes: list[int]
-    """The blocks in use before the change (balanced for the speeds before it)."""
-    model: tuple[float, float]
-    """The rank's (fixed, per_sample) before the change: a return restores exactly these."""
 
 
 class _Blocks:
