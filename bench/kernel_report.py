@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from fastpar.ops.lstm_compile_cases import compile_cases
-from fastpar.ops.lstm_config import CellKind, KernelVersion
+from fastpar.ops.lstm_config import CellKind
 from fastpar.testing.triton_compile import compile_for_sm90
 
 H100_SMS = 132
@@ -70,23 +70,18 @@ TEST_SHAPES: list[Shape] = [
 ]
 
 
-def report(
-    shapes: list[Shape],
-    num_sms: int,
-    versions: tuple[KernelVersion, ...] = ("v2", "v1"),
-) -> list[dict]:
+def report(shapes: list[Shape], num_sms: int) -> list[dict]:
     """Compile every distinct configuration for the shapes; one row per configuration."""
     rows: list[dict] = []
     seen: set[str] = set()
-    for version in versions:
-        for cell, batch, hidden, proj, dtype in shapes:
-            for case in compile_cases(batch, hidden, proj, dtype, num_sms, version, cell):
-                key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
-                key += f"{case.num_warps}{case.divisible_by_16}"
-                if key in seen:
-                    continue
-                seen.add(key)
-                rows.append(_compile_row(case))
+    for cell, batch, hidden, proj, dtype in shapes:
+        for case in compile_cases(batch, hidden, proj, dtype, num_sms, cell):
+            key = f"{case.kernel.__name__}{case.signature}{sorted(case.constexprs.items())}"
+            key += f"{case.num_warps}{case.divisible_by_16}"
+            if key in seen:
+                continue
+            seen.add(key)
+            rows.append(_compile_row(case))
     return rows
 
 
@@ -111,10 +106,6 @@ def main() -> int:
     parser.add_argument("--shapes", choices=["bench", "test", "all"], default="all")
     parser.add_argument("--sms", type=int, default=H100_SMS, help="SMs of the target GPU")
     parser.add_argument(
-        "--versions", nargs="+", choices=["v1", "v2"], default=["v2", "v1"],
-        help="kernel generations to compile (see FASTPAR_LSTM_KERNELS)",
-    )  # fmt: skip
-    parser.add_argument(
         "--tiles", choices=["min-traffic", "v2"],
         help="the persistent kernels' tile choice (sets FASTPAR_LSTM_TILES)",
     )  # fmt: skip
@@ -123,7 +114,7 @@ def main() -> int:
     if args.tiles:
         os.environ["FASTPAR_LSTM_TILES"] = args.tiles
     shapes = {"bench": BENCH_SHAPES, "test": TEST_SHAPES, "all": BENCH_SHAPES + TEST_SHAPES}
-    rows = report(shapes[args.shapes], args.sms, tuple(args.versions))
+    rows = report(shapes[args.shapes], args.sms)
     width = max(len(r["label"]) for r in rows)
     print(f"{'kernel / configuration (sm_90)':{width}}  warps  grid  regs  spills   smem  prog/SM")
     for r in rows:

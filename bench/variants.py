@@ -62,10 +62,9 @@ def kernel_name(
     cell: str = "lstm",
 ) -> str:  # fmt: skip
     """What a variant runs at this shape and cell: the Triton kernels forward/backward with their
-    generation (FASTPAR_LSTM_KERNELS) and tiles (FASTPAR_LSTM_TILES), e.g. "v2 min-traffic
-    persistent/step"; for "fastpar-auto" where auto takes torch's kernels, "torch (cuDNN)" on a
-    GPU and "torch" on a CPU (with the reason in the log); "n/a: why" where the variant cannot
-    run."""
+    tiles (FASTPAR_LSTM_TILES), e.g. "min-traffic persistent/step"; for "fastpar-auto" where
+    auto takes torch's kernels, "torch (cuDNN)" on a GPU and "torch" on a CPU (with the reason
+    in the log); "n/a: why" where the variant cannot run."""
     from fastpar.ops import interpreter_active
     from fastpar.ops.auto_backend import choose_auto_backend
 
@@ -79,7 +78,7 @@ def kernel_name(
     if device.type != "cuda" and not interpreter_active():
         return ""
     from fastpar.ops.lstm_config import choose_kernel as choose
-    from fastpar.ops.lstm_config import kernel_version, tile_choice
+    from fastpar.ops.lstm_config import tile_choice
 
     size = proj or hidden
     try:
@@ -88,4 +87,4 @@ def kernel_name(
     except ValueError as error:  # "persistent" named where it does not apply
         return f"n/a: {error}"
     # The tile choice (FASTPAR_LSTM_TILES) tells two runs of the persistent kernels apart.
-    return f"{kernel_version()} {tile_choice()} {forward}/{backward}"
+    return f"{tile_choice()} {forward}/{backward}"

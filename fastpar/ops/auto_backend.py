@@ -40,7 +40,8 @@ class Measurement(NamedTuple):
 
 _BF16, _FP16, _FP32 = torch.bfloat16, torch.float16, torch.float32
 # Measured on one H200 (132 SMs), torch 2.11+cu130, cuDNN 9.19, Triton 3.6, bench/lstm.py,
-# FASTPAR_LSTM_KERNELS=v2. Not measured yet (so torch's kernels): float16 and float32 GRU and RNN.
+# the kernels of today (then called v2). Not measured yet (so torch's kernels): float16 and
+# float32 GRU and RNN.
 MEASURED: tuple[Measurement, ...] = (
     Measurement("lstm", _BF16, "B16 T1024 I768 H768", "persistent", (18.6, 36.8), (3.85, 12.0)),
     Measurement("lstm", _FP16, "B16 T1024 I768 H768", "persistent", (2.10, 6.69), (3.85, 12.0)),
@@ -121,12 +122,11 @@ def choose_auto_backend(
         from fastpar.ops import lstm_config
 
         sms = lstm_config.num_sms(device) if num_sms is None else num_sms
-        version = lstm_config.kernel_version(cast("lstm_config.CellKind", cell))
         passes = (False, True) if backward else (False,)
         kind = cast("lstm_config.CellKind", cell)
         configs = [
             lstm_config.persistent_config(
-                batch, hidden, proj or hidden, dtype, sms, False, bwd, version, kind
+                batch, hidden, proj or hidden, dtype, sms, False, bwd, kind
             )
             for bwd in passes
         ]

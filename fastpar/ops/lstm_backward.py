@@ -28,7 +28,6 @@ from fastpar.ops.lstm_config import (
     dot_precision,
     gate_count,
     gate_slots,
-    kernel_version,
     num_sms,
     persistent_config,
     step_config,
@@ -246,12 +245,9 @@ def recurrence_backward(
         "DOT_PRECISION": precision or dot_precision(dtype, dev),
         "INTERPRETED": interpreter_active(),
     }  # fmt: skip
-    version = kernel_version(cell)
     order = list(range(T)) if reverse else list(range(T - 1, -1, -1))
     if choose_kernel(B, H, P, dtype, dev, kernel, backward=True, cell=cell) == "persistent":
-        cfg = persistent_config(
-            B, H, H, dtype, num_sms(dev), interpreter_active(), True, version, cell
-        )
+        cfg = persistent_config(B, H, H, dtype, num_sms(dev), interpreter_active(), True, cell)
         assert cfg is not None  # choose_kernel said it applies
         grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
         sync = torch.zeros(grid[0], device=dev, dtype=torch.int32)
@@ -263,7 +259,7 @@ def recurrence_backward(
         )  # fmt: skip
         dhp = None
     else:
-        cfg = step_config(B, H, dtype, num_sms(dev), version, interpreter_active(), cell)
+        cfg = step_config(B, H, dtype, num_sms(dev), interpreter_active(), cell)
         consts |= {
             "H": H, "BLOCK_B": cfg.block_b, "BLOCK_H": cfg.block_h_bwd, "BLOCK_K": cfg.block_k,
             "HAS_REC": has_rec, "K_SPLIT": cfg.k_split, "num_warps": cfg.num_warps,

@@ -22,11 +22,9 @@ import triton
 
 from fastpar.ops.lstm_config import (
     CellKind,
-    KernelVersion,
     dot_precision,
     gate_count,
     gate_slots,
-    kernel_version,
     padded_k,
     persistent_config,
     saved_gates_dtype,
@@ -64,7 +62,6 @@ def compile_cases(
     proj: int,
     dtype: torch.dtype,
     num_sms: int,
-    version: KernelVersion = "v2",
     cell: CellKind = "lstm",
 ) -> list[CompileCase]:
     """Every kernel specialisation a layer of this shape launches on a GPU with num_sms SMs.
@@ -72,7 +69,7 @@ def compile_cases(
     Arguments:
         batch: B; hidden: H; proj: P (= H without a projection, the only choice but for the
         LSTM); dtype: of input and weights; num_sms: streaming multiprocessors (132 on an H100
-        SXM); version: of the kernels; cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
+        SXM); cell: "lstm", "gru", "rnn_tanh" or "rnn_relu".
 
     Returns:
         For the forward step kernel, the backward step kernel and, where the heuristic would
@@ -80,17 +77,15 @@ def compile_cases(
         (no lengths, inference, first backward step) and the heaviest (lengths, reverse,
         training, a later backward step).
     """
-    if cell != "lstm" and version != kernel_version(cell):
-        return []  # the GRU and RNN run v2 only
     dt = "*" + _TRITON_TYPE[dtype]
     f32, i32 = "*fp32", "*i32"
     gates = "*" + _TRITON_TYPE[saved_gates_dtype(dtype)]
-    shape = f"{cell} B={batch} H={hidden} P={proj} {_TRITON_TYPE[dtype]} {version}"
+    shape = f"{cell} B={batch} H={hidden} P={proj} {_TRITON_TYPE[dtype]}"
     prec = dot_precision(dtype, _CUDA)
     kp = padded_k(proj)
     cell_consts = {"CELL": cell, "G": gate_count(cell), "GS": gate_slots(cell)}
     cases: list[CompileCase] = []
-    cfg = step_config(batch, hidden, dtype, num_sms, version, cell=cell)
+    cfg = step_config(batch, hidden, dtype, num_sms, cell=cell)
     step_grid = triton.cdiv(batch, cfg.block_b) * triton.cdiv(hidden, cfg.block_h)
     fwd_sig = {
         "xg_ptr": dt, "hprev_ptr": dt, "c_state_ptr": f32, "w_ptr": dt, "b_ptr": f32,
@@ -158,8 +153,7 @@ def compile_cases(
     for name, kernel in p_kernels.items():
         backward = name[0] == "b"
         pcfg = persistent_config(
-            batch, hidden, proj, dtype, num_sms, interpreter=False, backward=backward,
-            version=version, cell=cell,
+            batch, hidden, proj, dtype, num_sms, interpreter=False, backward=backward, cell=cell
         )  # fmt: skip
         if pcfg is None:
             continue

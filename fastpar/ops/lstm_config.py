@@ -11,14 +11,13 @@ Which kernel runs (``choose_kernel``):
 - "persistent": one launch runs all T steps; needs no projection and a grid that fits in the
   SMs at once (the programs meet at a grid barrier after every step).
 
-Which generation of persistent kernel runs (``kernel_version``, environment variable
-``FASTPAR_LSTM_KERNELS``): "v2" (default) holds each program's share of W_hh on chip for
-the whole sequence where its tiles fit (``PersistentConfig.w_resident``) and splits the
-backward's K loop across warps (``k_split``); "v1" re-reads the share every step (from L2: the
-barrier invalidates L1). v1 stays selectable until a GPU run has compared the two; it applies
-to the LSTM only (the GRU and RNN were built on v2).
+The kernels (the second generation, "v2") hold each program's share of W_hh on chip for the
+whole sequence where its tiles fit (``w_resident``) and split the backward's K loop across warps
+(``k_split``). The first generation, which re-read the share every step from L2, was retired
+after an H200 run measured v2's forward+backward 1.7x faster (12.0 against 20.2 ms at B16 T1024
+H768 bfloat16; the forwards took the same time).
 
-Which tiles the persistent v2 kernels take (``tile_choice``, environment variable
+Which tiles the persistent kernels take (``tile_choice``, environment variable
 ``FASTPAR_LSTM_TILES``): "v2" (default, the tiles the H200 measured) the narrowest hidden tile
 whose grid fits in the SMs (backward: with 64-row batch tiles); "min-traffic" the tiles that read
 the fewest bytes from L2 per step (``min_traffic_tiles``), a model's choice that becomes the
@@ -43,23 +42,23 @@ from fastpar.ops import interpreter_active
 KernelChoice = Literal["auto", "step", "persistent"]
 # The cells the kernels run: "rnn_tanh" and "rnn_relu" are torch.nn.RNN's two nonlinearities.
 CellKind = Literal["lstm", "gru", "rnn_tanh", "rnn_relu"]
-KernelVersion = Literal["v1", "v2"]
 _F = TypeVar("_F", bound=Callable[..., Any])
-KERNEL_VERSION_ENV = "FASTPAR_LSTM_KERNELS"
 TileChoice = Literal["min-traffic", "v2"]
 TILES_ENV = "FASTPAR_LSTM_TILES"
 
 MIN_DOT = 16  # every tl.dot dimension must be >= 16 on NVIDIA GPUs (the interpreter accepts less)
-# A program's share of W_hh must fit in its SM's L1 (256 KiB of L1 + shared memory on an H100,
-# of which the kernel's dot tiles take a few KiB) to stay on chip between steps (v1).
+# A persistent forward whose share of W_hh fits no tile's registers re-reads it every step: it
+# must then fit in its SM's L1 (256 KiB of L1 + shared memory on an H100, of which the kernel's
+# dot tiles take a few KiB).
 PERSISTENT_W_BYTES = 128 * 1024
-# The largest (batch x hidden) tile of the v2 persistent backward, whose W_hh share is not
+# The largest (batch x hidden) tile of the persistent backward, whose W_hh share is not
 # bounded by L1: 64 x 32 spills (bench/kernel_report.py at B=256 H=1000).
 PERSISTENT_BWD_MAX_TILE = 64 * 16
-# v2 takes one dot over all of h_{t-1} with W_hh's share as one tile (Triton keeps the share in
-# shared memory and streams both operands through registers): at most this many bytes of the
-# two per thread (of 255 registers; the rest hold addresses, the gate math and the prefetched
-# inputs). bench/kernel_report.py shows the registers and shared memory ptxas allocates.
+# The forward takes one dot over all of h_{t-1} with W_hh's share as one tile (Triton keeps the
+# share in shared memory and streams both operands through registers): at most this many bytes
+# of the two per thread (of 255 registers; the rest hold addresses, the gate math and the
+# prefetched inputs). bench/kernel_report.py shows the registers and shared memory ptxas
+# allocates.
 RESIDENT_BYTES_PER_THREAD = 128 * 4
 RESIDENT_WARPS = 8
 # What one SM streams from L2 against what the whole L2 delivers to all SMs: an H100 SM takes
@@ -82,21 +81,8 @@ def gate_slots(cell: CellKind) -> int:
     return triton.next_power_of_2(gate_count(cell))
 
 
-def kernel_version(cell: CellKind = "lstm") -> KernelVersion:
-    """The persistent kernels' generation, from FASTPAR_LSTM_KERNELS (default "v2"); the GRU
-    and RNN, which have no v1 to compare against, always run v2."""
-    version = os.environ.get(KERNEL_VERSION_ENV, "v2")
-    if cell != "lstm":
-        return "v2"
-    if version not in get_args(KernelVersion):
-        raise ValueError(
-            f"{KERNEL_VERSION_ENV} must be one of {get_args(KernelVersion)}, got {version!r}"
-        )
-    return version  # type: ignore[return-value]
-
-
 def tile_choice() -> TileChoice:
-    """The persistent v2 kernels' tile choice, from FASTPAR_LSTM_TILES (default "v2", the
+    """The persistent kernels' tile choice, from FASTPAR_LSTM_TILES (default "v2", the
     measured one; "min-traffic" the candidate)."""
     tiles = os.environ.get(TILES_ENV, "v2")
     if tiles not in get_args(TileChoice):
@@ -194,7 +180,7 @@ def min_traffic_tiles(
     backward: bool,
     cell: CellKind = "lstm",
 ) -> tuple[int, int] | None:
-    """(block_b, block_h) of a persistent v2 kernel that reads the fewest bytes from L2 per
+    """(block_b, block_h) of a persistent kernel that reads the fewest bytes from L2 per
     step, or None when no tile fits.
 
     Every step each program reads, from L2 (the barrier empties L1), what the other programs
@@ -245,8 +231,8 @@ class StepConfig:
     block_h_bwd: int  # hidden units per backward program (>= 16: it is a tl.dot N)
     block_k: int  # reduction tile of the recurrent GEMMs (>= 16)
     num_warps: int
-    w_resident: bool  # forward: one dot over all of h_{t-1} with W's share as one tile (v2)
-    k_split: int  # backward: K tiles per batched dot, spread over the warps (v2; 1 in v1)
+    w_resident: bool  # forward: one dot over all of h_{t-1} with W's share as one tile
+    k_split: int  # backward: K tiles per batched dot, spread over the warps
 
 
 @dataclass(frozen=True)
@@ -257,8 +243,8 @@ class PersistentConfig:
     block_h: int  # hidden units per program
     block_k: int  # reduction tile where W_hh's share is re-read every step
     num_warps: int
-    w_resident: bool  # forward: W_hh's (KP, 4*block_h) share stays on chip (v2)
-    k_split: int = 1  # backward: K tiles per batched dot, spread over the warps (v2)
+    w_resident: bool  # forward: W_hh's (KP, GS*block_h) share stays on chip
+    k_split: int = 1  # backward: K tiles per batched dot, spread over the warps
 
 
 def step_config(
@@ -266,15 +252,14 @@ def step_config(
     hidden: int,
     dtype: torch.dtype,
     num_sms: int,
-    version: KernelVersion = "v2",
     interpreter: bool = False,
     cell: CellKind = "lstm",
 ) -> StepConfig:
     """Tiles for the per-step kernels: the widest hidden tile (fewer programs re-read h_{t-1})
     that still gives every SM a program, since one step is far too small to fill the GPU.
 
-    v2 runs the forward step as one dot over all of h_{t-1} (the body the persistent v2 kernel
-    runs) where its tiles fit in registers and, on a GPU, the grid in one wave (the resident
+    The forward step runs as one dot over all of h_{t-1} (the body the persistent kernel runs)
+    where its tiles fit in registers and, on a GPU, the grid in one wave (the resident
     tiles leave room for few programs per SM); else as a loop over K tiles. The interpreter
     takes the resident body wherever it fits, so that it is tested with many programs.
     """
@@ -287,14 +272,10 @@ def step_config(
     block_h_bwd = 32 if n_b * triton.cdiv(hidden, 32) >= num_sms else MIN_DOT
     block_k = 32 if dtype == torch.float32 else 64
     one_wave = n_b * triton.cdiv(hidden, block_h) <= num_sms
-    resident = (
-        version == "v2"
-        and w_fits_registers(block_b, hidden, block_h, dtype, cell)
-        and (interpreter or one_wave)
-    )
+    resident = w_fits_registers(block_b, hidden, block_h, dtype, cell) and (interpreter or one_wave)
     num_warps = resident_warps(cell) if resident else 4
-    # v2 backward splits its K loop over 4H across the warps (see recurrent_grad).
-    k_split = (4 if block_b < 64 else 2) if version == "v2" else 1
+    # Backward splits its K loop over G*H across the warps (see recurrent_grad).
+    k_split = 4 if block_b < 64 else 2
     return StepConfig(block_b, block_h, block_h_bwd, block_k, num_warps, resident, k_split)
 
 
@@ -325,7 +306,6 @@ def persistent_config(
     num_sms: int,
     interpreter: bool,
     backward: bool = False,
-    version: KernelVersion = "v2",
     cell: CellKind = "lstm",
 ) -> PersistentConfig | None:
     """The persistent kernel's tiles, or None when it does not apply.
@@ -334,8 +314,8 @@ def persistent_config(
     resident at once: on a GPU the whole grid fits in the SMs (one program each); in the
     interpreter, which runs programs one after another, a batch block is a single program that
     covers every hidden unit. It also returns None with a projection (h_t then needs all hidden
-    units), when a program's share of W_hh fits neither in registers (v2 forward) nor in L1
-    (forward, and v1 backward), or when the v2 backward's tile would exceed
+    units), when a forward program's share of W_hh fits neither in registers nor in L1, or
+    when the backward's tile would exceed
     PERSISTENT_BWD_MAX_TILE. The backward kernel's hidden tile is the N of its tl.dot, so it
     is at least 16 wide.
     """
@@ -348,29 +328,27 @@ def persistent_config(
         block_h = max(min_h, triton.next_power_of_2(hidden))
     else:
         tiles = None
-        if version == "v2" and tile_choice() == "min-traffic":
+        if tile_choice() == "min-traffic":
             tiles = min_traffic_tiles(batch, hidden, dtype, num_sms, backward, cell)
             if tiles is None and backward:
                 return None
         if tiles is not None:
             block_b, block_h = tiles
-        else:  # "v2", v1, and a forward whose W_hh share fits in no tile's registers
+        else:  # "v2", and a forward whose W_hh share fits in no tile's registers
             if n_b > num_sms:
                 return None
             block_h = min_h
             while n_b * triton.cdiv(hidden, block_h) > num_sms:
                 block_h *= 2
-    resident = (
-        version == "v2"
-        and not backward
-        and (interpreter or w_fits_registers(block_b, hidden, block_h, dtype, cell))
+    resident = not backward and (
+        interpreter or w_fits_registers(block_b, hidden, block_h, dtype, cell)
     )
     if resident:
         return PersistentConfig(block_b, block_h, MIN_DOT, resident_warps(cell), w_resident=True)
     w_bytes = gate_count(cell) * block_h * hidden * torch.finfo(dtype).bits // 8
     w_share_fits_l1 = w_bytes <= PERSISTENT_W_BYTES
-    if backward and version == "v2":
-        # v2 backward runs persistent even when its W_hh share spills from L1 to L2: the step
+    if backward:
+        # Backward runs persistent even when its W_hh share spills from L1 to L2: the step
         # kernels read it from L2 as well, and pay a launch per step on top. Its tile must stay
         # small enough for its per-warp tiles to fit in registers.
         if not interpreter and block_b * block_h > PERSISTENT_BWD_MAX_TILE:
@@ -383,9 +361,9 @@ def persistent_config(
     # extra warps cost no occupancy.
     block_k = 32 if dtype == torch.float32 or (backward and block_b * block_h >= 1024) else 64
     num_warps = 8 if block_b >= 64 or backward else 4
-    # v2 backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer
-    # serial iterations over 4H (see recurrent_grad).
-    k_split = num_warps if backward and version == "v2" else 1
+    # Backward takes num_warps K tiles per step of its K loop, one per warp: 8x fewer serial
+    # iterations over G*H (see recurrent_grad).
+    k_split = num_warps if backward else 1
     return PersistentConfig(block_b, block_h, block_k, num_warps, w_resident=False, k_split=k_split)
 
 
@@ -411,13 +389,12 @@ def choose_kernel(
     if kernel == "step":
         return "step"
     cfg = persistent_config(
-        batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward,
-        kernel_version(cell), cell,
+        batch, hidden, proj, dtype, num_sms(device), interpreter_active(), backward, cell
     )  # fmt: skip
     if kernel == "persistent":
         if cfg is None and backward:
             # Backward follows a persistent forward where it can; its hidden tile is 16 wide
-            # (a tl.dot N), so it applies to fewer shapes (v1: its W_hh share must fit in L1).
+            # (a tl.dot N), so it applies to fewer shapes.
             return "step"
         if cfg is None:
             raise ValueError(

@@ -26,7 +26,6 @@ from fastpar.ops.lstm_config import (
     dot_precision,
     gate_count,
     gate_slots,
-    kernel_version,
     num_sms,
     padded_k,
     persistent_config,
@@ -145,11 +144,8 @@ def recurrence_forward(
         "INTERPRETED": interpreter_active(),
     }  # fmt: skip
 
-    version = kernel_version(cell)
     if choose_kernel(B, H, P, xg.dtype, dev, kernel, cell=cell) == "persistent":
-        cfg = persistent_config(
-            B, H, P, xg.dtype, num_sms(dev), interpreter_active(), False, version, cell
-        )
+        cfg = persistent_config(B, H, P, xg.dtype, num_sms(dev), interpreter_active(), False, cell)
         assert cfg is not None  # choose_kernel said it applies
         grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
         sync = torch.zeros(grid[0], device=dev, dtype=torch.int32)
@@ -162,7 +158,7 @@ def recurrence_forward(
         )  # fmt: skip
         return ForwardResult(hs, c_n, gates, cs, no_hraw)
 
-    cfg = step_config(B, H, xg.dtype, num_sms(dev), version, interpreter_active(), cell)
+    cfg = step_config(B, H, xg.dtype, num_sms(dev), interpreter_active(), cell)
     grid = (triton.cdiv(B, cfg.block_b), triton.cdiv(H, cfg.block_h))
     c_state = c0.clone()  # state_{t-1} in, state_t out: each program reads and writes its tile
     w_hr_t = w_hr.t() if w_hr is not None else None

@@ -8,17 +8,18 @@ power of two.
 Each program owns ``BLOCK_B`` batch rows and ``BLOCK_H`` hidden units for the whole sequence and
 loops over time inside the kernel, running the step bodies of lstm_step.py.
 
-Forward. v2 (``W_RESIDENT``) loads the program's share of W_hh, a (KP, GS*BLOCK_H) tile, once per
+Forward. With ``W_RESIDENT`` a program loads its share of W_hh, a (KP, GS*BLOCK_H) tile, once per
 launch: Triton stages it in shared memory outside the time loop (ttgir: its local_alloc is
 hoisted) and reads it from there with ldmatrix every step, so the barrier's acquire load,
 which invalidates L1 (CCTL.IVALL in the SASS), cannot evict it; c_t stays in registers. After
 storing h_t a program arrives at the barrier, then stores what backward saves and loads the
-next step's xg tile, and only then waits. v1 loads the share every step with an evict-last
-hint, but that invalidation sends every such load to L2. The float32 state (c for the LSTM, h
-for the GRU and RNN) stays in registers.
+next step's xg tile, and only then waits. Where the share fits no tile's registers, the body
+loads it a K tile at a time every step with an evict-last hint, but that invalidation sends
+every such load to L2. The float32 state (c for the LSTM, h for the GRU and RNN) stays in
+registers.
 
-Backward. Each step's ``dgates_{t+1} @ W_hh`` runs over the G*H gate rows; v2 takes num_warps
-K tiles per iteration as one batched dot whose batch dimension Triton gives one warp each, then
+Backward. Each step's ``dgates_{t+1} @ W_hh`` runs over the G*H gate rows in num_warps K tiles
+per iteration as one batched dot whose batch dimension Triton gives one warp each, then
 sums them in a fixed order (``recurrent_grad``): 8x fewer serial iterations, still no atomics.
 
 Variable lengths: the programs of a batch block run only the steps before the longest of its

@@ -263,7 +263,7 @@ def _lstm_fwd_step_kernel(
     CELL: tl.constexpr,  # "lstm", "gru", "rnn_tanh" or "rnn_relu"
     G: tl.constexpr,  # gates per hidden unit (4, 3, 1)
     GS: tl.constexpr,  # gate slots of a tile (4, 4, 1)
-    W_RESIDENT: tl.constexpr,  # one dot over all of h_{t-1} (the persistent v2 body)
+    W_RESIDENT: tl.constexpr,  # one dot over all of h_{t-1} (else a loop over K tiles)
     HAS_LENGTHS: tl.constexpr,
     CARRY_H: tl.constexpr,
     SAVE: tl.constexpr,  # store what backward reads (save_step)

@@ -79,7 +79,7 @@ def test_the_table_rows_are_where_the_kernels_say() -> None:
         cell = "rnn_tanh" if m.cell == "rnn" else m.cell
         applies = all(
             persistent_config(
-                sizes["B"], sizes["H"], proj or sizes["H"], m.dtype, H200_SMS, False, bwd, "v2",
+                sizes["B"], sizes["H"], proj or sizes["H"], m.dtype, H200_SMS, False, bwd,
                 cell,  # type: ignore[arg-type]
             ) is not None
             for bwd in (False, True)

@@ -3,8 +3,8 @@ kernel's grid barrier across many programs (the interpreter runs programs one af
 on CPU a batch block is a single program). Shapes are those where the persistent kernel splits
 the hidden units over tens of programs and, for B=200, over several batch blocks; H=1001 is no
 multiple of any tile, T=512 runs long sequences, and B=64 T=512 H=512 with lengths is the
-packed benchmark batch. Both generations of kernels run (FASTPAR_LSTM_KERNELS), and the long
-sequences with both choices of persistent tiles (FASTPAR_LSTM_TILES)."""
+packed benchmark batch. The forward runs both of its bodies (W_hh's share held whole, or read a
+K tile at a time), and the long sequences both choices of persistent tiles (FASTPAR_LSTM_TILES)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,14 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from fastpar.ops.lstm_config import KERNEL_VERSION_ENV, TILES_ENV, choose_kernel, dot_precision
+from fastpar.ops.lstm_config import TILES_ENV, choose_kernel, dot_precision
 from fastpar.ops.lstm_op import lstm_recurrence_triton
 from fastpar.ops.reference import lstm_recurrence_reference
 from tests.ops.lstm_helpers import (
     NAMES,
     assert_close,
     assert_within_torch_error,
+    force_k_loop,
     recurrence_inputs,
     run_recurrence,
 )
@@ -35,9 +36,10 @@ SHAPES = [  # B, H, dtype, atol, rtol
 ]
 
 
-@pytest.fixture(params=["v2", "v1"])
-def kernel_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv(KERNEL_VERSION_ENV, request.param)
+@pytest.fixture(params=["resident", "k-loop"])
+def forward_body(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    if request.param == "k-loop":
+        force_k_loop(monkeypatch)
     return request.param
 
 
@@ -77,7 +79,7 @@ def test_kernels_match_reference_on_gpu(
     dtype: torch.dtype,
     atol: float,
     rtol: float,
-    kernel_version: str,
+    forward_body: str,
     fp32_precision: None,
 ) -> None:
     torch.backends.cudnn.rnn.fp32_precision = "ieee"
@@ -96,7 +98,7 @@ def test_kernels_match_reference_on_gpu(
     [(16, 768, 512, False), (64, 512, 512, True), (16, 1001, 600, True)],
 )
 def test_long_sequences_match_reference_on_gpu(
-    batch: int, hidden: int, T: int, packed: bool, kernel_version: str, tiles: str
+    batch: int, hidden: int, T: int, packed: bool, tiles: str
 ) -> None:
     gen = torch.Generator().manual_seed(1)
     lengths = torch.randint(T // 4, T + 1, (batch,), generator=gen).cuda() if packed else None
@@ -122,7 +124,7 @@ def test_fp32_follows_cudnn_tf32_switch(fp32_precision: None) -> None:
 
 
 @pytest.mark.parametrize("kernel", ["step", "persistent"])
-def test_gpu_results_are_bitwise_reproducible(kernel: str, kernel_version: str, tiles: str) -> None:
+def test_gpu_results_are_bitwise_reproducible(kernel: str, tiles: str) -> None:
     inputs = recurrence_inputs(64, 0, torch.bfloat16, 16, 768, device="cuda")
     first = run_recurrence(lstm_recurrence_triton, inputs, None, False, kernel=kernel)
     second = run_recurrence(lstm_recurrence_triton, inputs, None, False, kernel=kernel)
@@ -130,14 +132,13 @@ def test_gpu_results_are_bitwise_reproducible(kernel: str, kernel_version: str, 
         assert torch.equal(a, b), name
 
 
-def test_heuristic_takes_persistent_where_it_applies(kernel_version: str) -> None:
+def test_heuristic_takes_persistent_where_it_applies() -> None:
     dev = torch.device("cuda")
     assert choose_kernel(16, 768, 768, torch.bfloat16, dev) == "persistent"
     assert choose_kernel(16, 768, 768, torch.bfloat16, dev, backward=True) == "persistent"
-    # float32: the backward's W_hh share (16 columns x 4H rows) would not fit in L1, which
-    # only v1 requires.
-    fp32_backward = "persistent" if kernel_version == "v2" else "step"
-    assert choose_kernel(16, 768, 768, torch.float32, dev, backward=True) == fp32_backward
+    # float32: the backward's W_hh share (16 columns x 4H rows) does not fit in L1, which the
+    # backward does not need (it reads the share from L2, as the step kernels would).
+    assert choose_kernel(16, 768, 768, torch.float32, dev, backward=True) == "persistent"
     assert choose_kernel(16, 768, 384, torch.bfloat16, dev) == "step"  # a projection
     # 64 batch blocks leave each program 384+ hidden units: its W_hh share exceeds L1.
     assert choose_kernel(4096, 768, 768, torch.bfloat16, dev) == "step"

@@ -13,7 +13,6 @@ import fastpar.ops.lstm_backward
 from fastpar.nn.lstm import layer_weights
 from fastpar.ops.lstm_backward import weight_grad_hh
 from fastpar.ops.lstm_config import (
-    KERNEL_VERSION_ENV,
     TILES_ENV,
     choose_kernel,
     dot_precision,
@@ -31,6 +30,7 @@ from tests.ops.lstm_helpers import (
     NAMES,
     assert_close,
     assert_within_torch_error,
+    force_k_loop,
     grads,
     randn,
     recurrence_inputs,
@@ -42,10 +42,11 @@ B, H, PROJ = 3, 33, 5
 LENGTHS = torch.tensor([7, 2, 5])  # unsorted, one full, one short
 
 
-@pytest.fixture(params=["v2", "v1"])
-def kernel_version(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test with each generation of kernels (FASTPAR_LSTM_KERNELS)."""
-    monkeypatch.setenv(KERNEL_VERSION_ENV, request.param)
+@pytest.fixture(params=["resident", "k-loop"])
+def forward_body(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run the test with each forward body: W_hh's share held whole, or read in K tiles."""
+    if request.param == "k-loop":
+        force_k_loop(monkeypatch)
     return request.param
 
 
@@ -70,7 +71,7 @@ def test_step_kernels_match_reference(T: int, proj: int, packed: bool, reverse: 
 def test_persistent_kernel_matches_reference(T: int, packed: bool, reverse: bool) -> None:
     # The interpreter configuration: one program per batch block covers all hidden units, so
     # the grid barrier only ever waits for itself (the multi-program barrier needs a GPU).
-    # Default kernels (v2); test_several_batch_blocks runs v1 too.
+    # The resident forward body; test_several_batch_blocks runs the K loop too.
     lengths = LENGTHS.clamp(max=T) if packed else None
     inputs = recurrence_inputs(T, 0, torch.float32)
     ours = run_recurrence(lstm_recurrence_triton, inputs, lengths, reverse, kernel="persistent")
@@ -107,7 +108,7 @@ def test_dtypes_match_reference(kernel: str, dtype: torch.dtype, atol: float, rt
 @pytest.mark.parametrize(
     "kernel, reverse", [("step", True), ("persistent", False), ("persistent", True)]
 )
-def test_several_batch_blocks(kernel: str, reverse: bool, kernel_version: str) -> None:
+def test_several_batch_blocks(kernel: str, reverse: bool, forward_body: str) -> None:
     # B=70 is two batch tiles of 64 (the second mostly masked); the persistent kernel keeps a
     # barrier counter per batch block. With T=6 and no length above 4 (the second block's
     # lengths stop at 2), both blocks skip the steps past their longest sequence.
@@ -170,14 +171,17 @@ def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
         lstm_recurrence_triton(xg, h0, c0, w_hh)
 
 
-@pytest.mark.parametrize("version, reverse", [("v2", False), ("v2", True), ("v1", False)])
+@pytest.mark.parametrize(
+    "body, reverse", [("resident", False), ("resident", True), ("k-loop", False)]
+)
 def test_step_body_with_many_programs(
-    version: str, reverse: bool, monkeypatch: pytest.MonkeyPatch
+    body: str, reverse: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # H=70 is three hidden tiles of 32 (the last mostly masked) and B=18 two batch tiles of 16
     # in the interpreter's step configuration: six programs run the body the persistent kernel
-    # runs (v2: all of h_{t-1} in one dot; v1: a loop over K tiles). T=12 with lengths.
-    monkeypatch.setenv(KERNEL_VERSION_ENV, version)
+    # runs (all of h_{t-1} in one dot, or a loop over K tiles). T=12 with lengths.
+    if body == "k-loop":
+        force_k_loop(monkeypatch)
     _check_step_kernels(12, 18, 70, torch.arange(18) % 4 * 3 + 3, reverse)  # lengths 3..12
 
 

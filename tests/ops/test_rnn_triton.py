@@ -11,9 +11,7 @@ import pytest
 import torch
 
 from fastpar.ops.lstm_config import (
-    KERNEL_VERSION_ENV,
     choose_kernel,
-    kernel_version,
     persistent_config,
     step_config,
 )
@@ -271,13 +269,6 @@ def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="need CUDA tensors"):
         gru_recurrence_triton(xg, h0, w_hh, b_hn)
-
-
-def test_gru_and_rnn_run_v2_whatever_lstm_generation(monkeypatch: pytest.MonkeyPatch) -> None:
-    # FASTPAR_LSTM_KERNELS compares the LSTM's two generations; the other cells have only v2.
-    monkeypatch.setenv(KERNEL_VERSION_ENV, "v1")
-    assert kernel_version() == "v1"
-    assert kernel_version("gru") == kernel_version("rnn_tanh") == "v2"
 
 
 def test_configs_keep_every_dot_at_least_16_wide() -> None:
