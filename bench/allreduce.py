@@ -5,9 +5,9 @@ size by size. First the checks: integer-valued inputs whose sum every rank can c
 must come back exactly, and every rank's result must be bitwise equal to rank 0's. Then
 `--samples` timed samples of back-to-back calls, fastpar's and torch's taken in turn, each
 after as many untimed calls of the same collective (its steady state, not the wake of the
-other's). Reported
-per size: the median time per call (p20/p80), algbw = bytes / time and busbw = algbw * 2(n-1)/n
-(the bytes each link carries in a ring), and the ratio of torch's time to the ring's.
+other's). Reported per size: the median time per call (p20/p80), algbw = bytes / time and
+busbw = algbw * 2(n-1)/n (the bytes each link carries in a ring), and the ratio of torch's time
+to the ring's.
 On CPU, a tensor in the all-reduce's shared memory (`RingAllReduce.empty_shared`: from 2 MiB on
 reduced without copies in or out; `HierarchicalAllReduce.empty_shared`: the passes inside a host
 read the peers' tensors in place) is checked and timed the same way, its samples taken in turn

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
-import pytest
 import torch
 from torch import Tensor
-
-from fastpar.ops import lstm_config, lstm_forward
 
 # Tolerances against a float64 oracle. float32 only rounds (no TF32 on CPU, and the kernels
 # follow torch's TF32 switch on GPU); half types are bounded relative to PyTorch's own error.
@@ -90,22 +86,3 @@ def run_recurrence(recurrence, inputs, lengths, reverse, **kw) -> list[Tensor]:
 
 
 NAMES = ["hs", "c_n", "d xg", "d h0", "d c0", "d w_hh", "d w_hr"]
-
-
-def force_k_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make the forward kernels read W_hh's share a K tile at a time, as a GPU does where the
-    share fits no tile's registers (or a step kernel's grid is more than one wave); the
-    interpreter's configurations hold it whole wherever it fits."""
-
-    def step(*args: object, **kwargs: object):
-        cfg = lstm_config.step_config(*args, **kwargs)  # type: ignore[arg-type]
-        return dataclasses.replace(cfg, w_resident=False, num_warps=4)
-
-    def persistent(*args: object, **kwargs: object):
-        cfg = lstm_config.persistent_config(*args, **kwargs)  # type: ignore[arg-type]
-        if cfg is None:
-            return None
-        return dataclasses.replace(cfg, w_resident=False, block_k=32, num_warps=4)
-
-    monkeypatch.setattr(lstm_forward, "step_config", step)
-    monkeypatch.setattr(lstm_forward, "persistent_config", persistent)

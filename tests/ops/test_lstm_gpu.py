@@ -20,7 +20,6 @@ from tests.ops.lstm_helpers import (
     NAMES,
     assert_close,
     assert_within_torch_error,
-    force_k_loop,
     recurrence_inputs,
     run_recurrence,
 )
@@ -34,13 +33,6 @@ SHAPES = [  # B, H, dtype, atol, rtol
     (8, 256, torch.bfloat16, 1e-3, 1e-3),
     (16, 1001, torch.bfloat16, 1e-3, 1e-3),
 ]
-
-
-@pytest.fixture(params=["resident", "k-loop"])
-def forward_body(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "k-loop":
-        force_k_loop(monkeypatch)
-    return request.param
 
 
 @pytest.fixture(params=["min-traffic", "v2"])

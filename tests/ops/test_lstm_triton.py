@@ -30,7 +30,6 @@ from tests.ops.lstm_helpers import (
     NAMES,
     assert_close,
     assert_within_torch_error,
-    force_k_loop,
     grads,
     randn,
     recurrence_inputs,
@@ -40,14 +39,6 @@ from tests.ops.lstm_helpers import (
 
 B, H, PROJ = 3, 33, 5
 LENGTHS = torch.tensor([7, 2, 5])  # unsorted, one full, one short
-
-
-@pytest.fixture(params=["resident", "k-loop"])
-def forward_body(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run the test with each forward body: W_hh's share held whole, or read in K tiles."""
-    if request.param == "k-loop":
-        force_k_loop(monkeypatch)
-    return request.param
 
 
 @pytest.mark.parametrize("T", [1, 7])
@@ -172,16 +163,14 @@ def test_bad_inputs_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    "body, reverse", [("resident", False), ("resident", True), ("k-loop", False)]
+    "forward_body, reverse",
+    [("resident", False), ("resident", True), ("k-loop", False)],
+    indirect=["forward_body"],
 )
-def test_step_body_with_many_programs(
-    body: str, reverse: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_step_body_with_many_programs(forward_body: str, reverse: bool) -> None:
     # H=70 is three hidden tiles of 32 (the last mostly masked) and B=18 two batch tiles of 16
     # in the interpreter's step configuration: six programs run the body the persistent kernel
     # runs (all of h_{t-1} in one dot, or a loop over K tiles). T=12 with lengths.
-    if body == "k-loop":
-        force_k_loop(monkeypatch)
     _check_step_kernels(12, 18, 70, torch.arange(18) % 4 * 3 + 3, reverse)  # lengths 3..12
 
 
