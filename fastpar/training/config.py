@@ -116,14 +116,40 @@ class TrainConfig:
         if self.parallel == "pp":
             if world_size < 2:
                 raise ValueError(f"--parallel pp needs at least 2 ranks, got {world_size}")
-            return ParallelDims(dp=1, pp=world_size, world_size=world_size)
-        if world_size % self.pp_stages != 0 or world_size == self.pp_stages:
+            dims = ParallelDims(dp=1, pp=world_size, world_size=world_size)
+        elif world_size % self.pp_stages != 0 or world_size == self.pp_stages:
             raise ValueError(
                 f"--parallel dp+pp needs a number of ranks that is a multiple of --pp-stages "
                 f"{self.pp_stages} with at least 2 replicas; got {world_size} ranks"
             )
-        return ParallelDims(dp=world_size // self.pp_stages, pp=self.pp_stages,
-                            world_size=world_size)  # fmt: skip
+        else:
+            dims = ParallelDims(dp=world_size // self.pp_stages, pp=self.pp_stages,
+                                world_size=world_size)  # fmt: skip
+        self._check_pipeline_fits(dims.pp)
+        return dims
+
+    def num_stages(self, pipeline_ranks: int) -> int:
+        """Global pipeline stages of a pipeline over `pipeline_ranks` ranks: two chunks per rank
+        with an interleaved schedule."""
+        from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES
+
+        chunked = pipeline_ranks > 1 and self.schedule in CHUNKED_SCHEDULES
+        return pipeline_ranks * (2 if chunked else 1)
+
+    def _check_pipeline_fits(self, pipeline_ranks: int) -> None:
+        """Refuse, before any rank starts, a pipeline the model or the batch cannot fill."""
+        stages, modules = self.num_stages(pipeline_ranks), self.layers + 2
+        if stages > modules:
+            raise ValueError(
+                f"--schedule {self.schedule} on {pipeline_ranks} pipeline ranks cuts the model "
+                f"into {stages} stages of at least one module each, and the model has {modules} "
+                f"(embedding, --layers {self.layers}, head): pass --layers {stages - 2} or more"
+            )
+        if self.microbatches > self.batch_size:
+            raise ValueError(
+                f"--microbatches {self.microbatches} needs --batch-size >= {self.microbatches} "
+                f"(a micro-batch holds at least one window); got --batch-size {self.batch_size}"
+            )
 
 
 def _flag(name: str) -> str:

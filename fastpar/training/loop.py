@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastpar.parallel import CommStats, DataParallel, Pipeline
-from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES, Placement
+from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.parallel.pipeline.stages import measured_cuts
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
@@ -118,9 +118,7 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
                         layers=config.layers, backend=config.backend, seed=config.seed,
                         cell=config.cell)  # fmt: skip
     model.to(device)
-    # Interleaved schedules give each rank several chunks (global stages) of the model.
-    chunked = place.dims.pp > 1 and config.schedule in CHUNKED_SCHEDULES
-    num_stages = place.dims.pp * (2 if chunked else 1)
+    num_stages = config.num_stages(place.dims.pp)
     bounds = stage_bounds(len(model), num_stages)
     if num_stages > 1 and config.balance == "auto":
         bounds = _balanced_bounds(model, num_stages, config, device)

@@ -145,6 +145,11 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
         (["--parallel", "pp", "--nproc", "1"], "--parallel pp needs at least 2 ranks, got 1"),
         (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
         (["--resume", "--overwrite"], "pass one of them"),
+        (
+            ["--parallel", "pp", "--nproc", "3", "--schedule", "zbv"],
+            "into 6 stages of at least one module each, and the model has 4",
+        ),
+        (["--parallel", "pp", "--microbatches", "5"], "--microbatches 5 needs --batch-size >= 5"),
     ],
 )
 def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: str) -> None:
