@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar._checks import check_int
+from fastpar.training.folders import probe_writable
 
 # torch.distributed.checkpoint is imported where it is used: the command line (which checks
 # folders and picks checkpoints) starts without it.
@@ -133,10 +134,8 @@ def check_folder(root: Path, *, resume: bool, overwrite: bool) -> None:
             f"checkpoint folder {root} belongs to user id {info.st_uid}, not to you "
             f"({os.geteuid()}); choose a folder of your own with --checkpoint-dir"
         )
-    try:  # os.access ignores read-only mounts and ACL subtleties: try a real file
-        descriptor, probe = tempfile.mkstemp(dir=root, prefix=".write-test.")
-        os.close(descriptor)
-        os.unlink(probe)
+    try:
+        probe_writable(root)
     except OSError as error:
         raise CheckpointError(
             f"checkpoint folder {root} is not writable ({error.strerror}); fix its permissions "

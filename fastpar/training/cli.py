@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--resume", action="store_true",
         help="continue from the newest intact checkpoint in --checkpoint-dir")  # fmt: skip
     add("--overwrite", action="store_true",
-        help="start anew in a --checkpoint-dir holding checkpoints, deleting them")  # fmt: skip
+        help="start anew in a --checkpoint-dir holding checkpoints (or a --metrics folder "
+             "holding an earlier run's metrics), deleting them")  # fmt: skip
     add("--profile", dest="profile_dir", type=Path, default=None,
         help="write a torch.profiler Chrome trace per rank into this folder")  # fmt: skip
     add("--metrics", dest="metrics_dir", type=Path, default=None,
@@ -113,20 +114,28 @@ def _train_entry(
 
 
 def prepare(config: TrainConfig) -> Found | None:
-    """Check the checkpoint folder and pick the checkpoint to resume, before any rank starts
-    work; reports every checkpoint passed over on stderr.
+    """Check the checkpoint and metrics folders and pick the checkpoint to resume, before any
+    rank starts work; reports every checkpoint passed over on stderr.
 
     Returns:
         The checkpoint to resume, or None for a new run.
 
     Raises:
-        CheckpointError: the folder is unusable, or `--resume` has nothing to continue.
+        CheckpointError: the checkpoint folder is unusable, or `--resume` has nothing to
+            continue.
+        MetricsFolderError: the metrics folder is unusable.
     """
-    from fastpar.training import checkpoint
+    from fastpar.training import checkpoint, metrics_folder
     from fastpar.training.checkpoint import CheckpointError
 
     root = config.checkpoint_dir
+    replaced: list[Path] = []
+    if config.metrics_dir is not None:  # checked before --overwrite deletes any checkpoint
+        replaced = metrics_folder.files_to_replace(
+            config.metrics_dir, resume=config.resume, overwrite=config.overwrite
+        )
     checkpoint.check_folder(root, resume=config.resume, overwrite=config.overwrite)
+    metrics_folder.delete_files(replaced)
     if not config.resume:
         return None
     found, notes = checkpoint.find_intact(root)
@@ -223,16 +232,17 @@ def _prepare_under_torchrun(config: TrainConfig) -> Found | None:
     import torch.distributed as dist
 
     from fastpar.training.checkpoint import CheckpointError
+    from fastpar.training.metrics_folder import MetricsFolderError
 
     answer: list[Any] = [None, None]
     if dist.get_rank() == 0:
         try:
             answer[0] = prepare(config)
-        except CheckpointError as error:
+        except (CheckpointError, MetricsFolderError) as error:
             answer[1] = str(error)
     dist.broadcast_object_list(answer, src=0)
     if answer[1] is not None:
-        raise CheckpointError(answer[1])
+        raise CheckpointError(answer[1])  # the same one line on every rank
     return answer[0]
 
 
@@ -244,13 +254,14 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
         return _run_under_torchrun(config)
     from fastpar.launch import RankFailure, default_backend, spawn_ranks
     from fastpar.training.checkpoint import CheckpointError
+    from fastpar.training.metrics_folder import MetricsFolderError
 
     try:
         resume = prepare(config)
         results = spawn_ranks(_train_entry, config.nproc, args=(config, resume), timeout=None,
                               group_timeout=config.timeout_s,
                               backend=default_backend())  # fmt: skip
-    except CheckpointError as error:
+    except (CheckpointError, MetricsFolderError) as error:
         print(f"fastpar train: {error}", file=sys.stderr)
         return 1
     except RankFailure as failure:
@@ -272,16 +283,28 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
     return 0
 
 
+def restarted_config(config: TrainConfig, restarts: int) -> TrainConfig:
+    """The options of a job that torchrun restarted `restarts` times: it continues from its
+    last checkpoint or, with none yet, starts over in folders that hold only its own first
+    attempt's files (they were checked when it began)."""
+    from fastpar.training import checkpoint
+
+    if restarts == 0:
+        return config
+    if checkpoint.list_steps(config.checkpoint_dir):
+        return dataclasses.replace(config, resume=True, overwrite=False)
+    if config.resume:  # nothing to continue: prepare says so
+        return config
+    return dataclasses.replace(config, overwrite=True)
+
+
 def _run_under_torchrun(config: TrainConfig) -> int:
     import torch.distributed as dist
 
-    from fastpar.training import checkpoint
     from fastpar.training.checkpoint import CheckpointError
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restarts > 0 and checkpoint.list_steps(config.checkpoint_dir):
-        # torchrun restarted us: continue the run, not a new one.
-        config = dataclasses.replace(config, resume=True, overwrite=False)
+    config = restarted_config(config, restarts)
     _init_under_torchrun(restarts, config.timeout_s)
     try:
         try:

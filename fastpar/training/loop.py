@@ -235,20 +235,28 @@ def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batc
             if prof is not None:
                 prof.step()
             tokens_seen += global_samples * config.seq_len
-            if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
+            log = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+            checkpoint = (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps
+            # With --metrics a checkpoint also closes a window (collective: the same condition
+            # on every rank), so the files hold every step a run resumed from it keeps.
+            if log or (checkpoint and config.metrics_dir is not None):
                 window = metrics.gather()
                 if window is not None:
-                    rate = tokens_seen / (time.perf_counter() - run_start)
-                    progress.update(step, window.mean_loss(), rate, progress_notes(window, place))
+                    if log:
+                        rate = tokens_seen / (time.perf_counter() - run_start)
+                        notes = progress_notes(window, place)
+                        progress.update(step, window.mean_loss(), rate, notes)
                     if writer is not None:
                         writer.write(window)
-            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+            if checkpoint:
                 save_checkpoint(config, step + 1, place, stage.module, stage.optimizer, batches)
                 if writer is not None and place.dims.pp == 1 and step + 1 < config.steps:
                     # Rank 0 holds the whole model: a validation point between checkpoints
                     # (the last one comes from the summary).
                     loss_v = validation_loss(config, stage.model, corpus.validation)
                     writer.write_validation(step + 1, loss_v)
+                if writer is not None:
+                    writer.flush()
     progress.close()
     elapsed_run = time.perf_counter() - run_start
     return (tokens_seen / elapsed_run if elapsed_run > 0 else 0.0), metrics
@@ -282,12 +290,17 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
             title = (f"fastpar train --parallel {config.parallel} --slicing {config.slicing}, "
                      f"{dims.dp} replica(s) x {dims.pp} stage(s)")  # fmt: skip
             writer = MetricsWriter(config.metrics_dir, dims, config.seq_len, title,
-                                   append=first_step > 0)  # fmt: skip
+                                   first_step=first_step)  # fmt: skip
         run_start = time.perf_counter()
         tokens_per_s, metrics = run_steps(config, place, stage, batches, corpus, first_step,
                                             writer)  # fmt: skip
         run_s = time.perf_counter() - run_start
         model = _assemble_on_rank0(place, stage)
+    except BaseException:
+        if writer is not None:  # what the failed run recorded, for whoever looks at it
+            with contextlib.suppress(OSError):  # the failure to report is the run's
+                writer.flush()
+        raise
     finally:
         for dp in stage.dps:
             dp.close()

@@ -8,7 +8,8 @@ Files in DIR:
   slicing/decision (+1 grow, -1 shrink, 1 rebalance, 0 hold); with replicas
   dp/allreduce_s/rankR and dp/exposed_comm/rankR (share of the step); with stages
   pp/bubble/rankR and pp/compute_s/rankR.
-- steps.csv: one row per step (the whole job): loss, tokens/s, step time, blocks, decision.
+- steps.csv: one row per step (the whole job, also across resumes): loss, tokens/s, step time,
+  blocks, decision.
 - ranks.csv: one row per step and rank: every field of `metrics.ROW`, and the block the slicer
   cut for that rank's replica with its measured and smoothed samples/s.
 - validation.csv: step, validation loss.
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from fastpar.training.metrics import ROW, Window
+from fastpar.training.metrics_folder import keep_rows
 from fastpar.training.parallel_dims import ParallelDims
 
 _DECISION_VALUE = {"grow": 1.0, "shrink": -1.0, "rebalance": 1.0, "hold": 0.0, "start": 0.0}
@@ -61,38 +63,80 @@ class Series:
     bubble: list[float] = field(default_factory=list)
     validation: list[tuple[int, float]] = field(default_factory=list)
 
+    @classmethod
+    def from_rows(cls, steps: list[dict[str, str]], validation: list[dict[str, str]]) -> Series:
+        """The series of the rows an earlier part of the run wrote to steps.csv and
+        validation.csv."""
+        series = cls()
+        for row in steps:
+            series.steps.append(int(row["step"]))
+            series.loss.append(float(row["loss"]))
+            series.tokens_per_s.append(float(row["tokens_per_s"]))
+            blocks = row["blocks"]
+            series.blocks.append(tuple(int(n) for n in blocks.split("/")) if blocks else ())
+            series.decisions.append(row["decision"])
+            series.exposed.append(float(row["exposed_comm"]))
+            series.bubble.append(float(row["bubble"]))
+        series.validation = [(int(r["step"]), float(r["validation_loss"])) for r in validation]
+        return series
+
 
 class MetricsWriter:
-    """Rank 0's TensorBoard and CSV files in `directory`, and the PNG at `close`."""
+    """Rank 0's TensorBoard and CSV files in `directory`, and the PNG at `close`.
+
+    Arguments:
+        first_step: the run's first step. A run resumed at step S keeps the earlier rows of
+            steps before S (validation: at S or before), drops the others (it trains them
+            again), tells TensorBoard to hide the earlier events at S or later, and draws the
+            whole run from step 0.
+    """
 
     def __init__(self, directory: Path, dims: ParallelDims, seq_len: int, title: str, *,
-                 append: bool = False) -> None:  # fmt: skip
-        """`append`: a resumed run adds its rows to the CSV files it finds (TensorBoard adds an
-        event file); its PNG shows the steps it ran."""
+                 first_step: int = 0) -> None:  # fmt: skip
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
         from torch.utils.tensorboard.writer import FileWriter
 
         self.directory, self.dims, self.seq_len, self.title = directory, dims, seq_len, title
-        self.append = append
         directory.mkdir(parents=True, exist_ok=True)
         self.cost_s = 0.0
+        self.series = Series()
+        kept_validation: list[dict[str, str]] = []
+        if first_step > 0:
+            kept = keep_rows(directory / "steps.csv", first_step)
+            keep_rows(directory / "ranks.csv", first_step)
+            kept_validation = keep_rows(directory / "validation.csv", first_step, inclusive=True)
+            self.series = Series.from_rows(kept, kept_validation)
         # One event per step holding all its scalars, queued for the writer thread without
         # blocking (a scalar per event through a 10-event queue costs milliseconds a step).
         self.tensorboard = FileWriter(str(directory), max_queue=1000, flush_secs=30)
+        # TensorBoard's restart marker (as SummaryWriter's purge_step writes it): events of
+        # earlier files at this step or later are hidden, the steps this run trains again.
+        restart = SessionLog(status=SessionLog.START)
+        self.tensorboard.add_event(Event(step=first_step, session_log=restart))
+        for row in kept_validation:
+            if int(row["step"]) == first_step:  # hidden by the marker, and still valid
+                self._add({"loss/validation": float(row["validation_loss"])}, first_step)
         self._files: list[Any] = []
-        self.steps_csv = self._csv("steps.csv", STEP_COLUMNS)
-        self.ranks_csv = self._csv("ranks.csv", RANK_COLUMNS)
-        self.validation_csv = self._csv("validation.csv", ("step", "validation_loss"))
-        self.series = Series()
+        self.steps_csv = self._csv("steps.csv", STEP_COLUMNS, first_step)
+        self.ranks_csv = self._csv("ranks.csv", RANK_COLUMNS, first_step)
+        self.validation_csv = self._csv("validation.csv", ("step", "validation_loss"), first_step)
 
-    def _csv(self, name: str, columns: tuple[str, ...]) -> Any:
+    def _csv(self, name: str, columns: tuple[str, ...], first_step: int) -> Any:
         path = self.directory / name
-        header = not (self.append and path.exists())
-        handle = open(path, "a" if self.append else "w", newline="")  # noqa: SIM115 (see close)
+        append = first_step > 0 and path.exists()
+        handle = open(path, "a" if append else "w", newline="")  # noqa: SIM115 (see close)
         self._files.append(handle)
         writer = csv.writer(handle)
-        if header:
+        if not append:
             writer.writerow(columns)
         return writer
+
+    def flush(self) -> None:
+        """Put every row and event written so far on disk (at each checkpoint, and when the
+        run fails: TensorBoard's writer thread would lose its queue at exit)."""
+        for handle in self._files:
+            handle.flush()
+        self.tensorboard.flush()
 
     def write(self, window: Window) -> None:
         """One gathered window: CSV rows and TensorBoard scalars."""

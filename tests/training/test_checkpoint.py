@@ -3,6 +3,7 @@ is skipped on resume and why, and what a planted symlink or an unusable folder d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -16,6 +17,8 @@ import torch
 
 from fastpar.training import checkpoint
 from fastpar.training.checkpoint import CheckpointError, check_folder, find_intact, step_name
+from fastpar.training.cli import restarted_config
+from fastpar.training.config import TrainConfig
 
 
 def _save(root: Path, step: int, keep: int = 2) -> dict[str, torch.Tensor]:
@@ -189,3 +192,16 @@ def test_someone_elses_folder_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(os, "geteuid", lambda: os.stat(tmp_path).st_uid + 1)
     with pytest.raises(CheckpointError, match=r"belongs to user id \d+, not to you"):
         check_folder(tmp_path, resume=False, overwrite=False)
+
+
+def test_a_restarted_torchrun_job_continues_or_starts_over(tmp_path: Path) -> None:
+    config = TrainConfig(checkpoint_dir=tmp_path, metrics_dir=tmp_path / "metrics")
+    assert restarted_config(config, 0) == config
+    # Restarted before its first checkpoint: it starts over, replacing its own first files.
+    assert restarted_config(config, 1) == dataclasses.replace(config, overwrite=True)
+    resume = dataclasses.replace(config, resume=True)
+    assert restarted_config(resume, 1) == resume
+    _save(tmp_path, 3)
+    assert restarted_config(config, 2) == resume
+    overwrite = dataclasses.replace(config, overwrite=True)
+    assert restarted_config(overwrite, 1) == resume

@@ -19,9 +19,10 @@ from fastpar.data import DynamicSlicer
 from fastpar.training import loop
 from fastpar.training.batches import dynamic_options
 from fastpar.training.config import TrainConfig
-from fastpar.training.faults import SLOW_ENV
+from fastpar.training.faults import KILL_ENV, SLOW_ENV
 from fastpar.training.metrics import ROW
 from fastpar.training.metrics_files import RANK_COLUMNS, STEP_COLUMNS
+from fastpar.training.metrics_folder import MetricsFolderError, files_to_replace, keep_rows
 from fastpar.training.parallel_dims import ParallelDims, RankPlace
 
 from .util import REPO, SMALL
@@ -143,6 +144,82 @@ def test_nothing_is_written_without_metrics(tmp_path: Path) -> None:
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written and all(p.startswith("ckpt/") for p in written), written
     assert not any(p.endswith((".csv", ".png")) or "tfevents" in p for p in written), written
+
+
+def test_a_resumed_run_continues_the_metrics_of_the_run_it_resumes(tmp_path: Path) -> None:
+    steps, folder = 10, tmp_path / "metrics"
+    options = ("--nproc", "2", "--steps", str(steps), "--checkpoint-every", "4", "--log-every",
+               "3", "--metrics", str(folder))  # fmt: skip
+    # Rank 1 dies at step 6. The checkpoint at 4 survives, and with it the metrics of steps 0-2
+    # (a window) and 3 (the checkpoint closes a window), flushed with it; steps 4-5 (a window)
+    # may be on disk too, depending on when the launcher stopped rank 0.
+    failed = _train(tmp_path / "ckpt", *options, env={KILL_ENV: "1:6"})
+    assert failed.returncode == 1, failed.stderr[-3000:]
+    before = _csv(folder / "steps.csv")
+    assert [int(r["step"]) for r in before] in (list(range(4)), list(range(6)))
+    result = _train(tmp_path / "ckpt", *options, "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4" in result.stdout
+    # Every step once (steps 4 and 5 trained again replace the failed run's), in both the CSV
+    # files and what TensorBoard shows; the validation at the checkpoint stays.
+    scalars = _check_common(folder, steps, world_size=2)
+    assert [int(r["step"]) for r in _csv(folder / "validation.csv")] == [4, 8, 10]
+    assert _csv(folder / "steps.csv")[:4] == before[:4]
+    train_loss = dict(scalars["loss/train"])
+    kept_loss = [float(row["loss"]) for row in before[:4]]
+    assert [train_loss[s] for s in range(4)] == pytest.approx(kept_loss)
+
+
+def test_a_new_run_keeps_off_an_earlier_runs_metrics_unless_told_to_overwrite(
+    tmp_path: Path,
+) -> None:
+    folder = _run(tmp_path / "first", 4, "--nproc", "1")
+    events = sorted(folder.glob("events.out.tfevents.*"))
+    kept = folder / "notes.txt"  # not the run's: --overwrite leaves it
+    kept.write_text("mine")
+    refused = _train(tmp_path / "second", "--nproc", "1", "--steps", "3", "--metrics", str(folder))
+    assert refused.returncode == 1
+    assert "already holds an earlier run's metrics" in refused.stderr, refused.stderr
+    assert sorted(folder.glob("events.out.tfevents.*")) == events
+    assert not (tmp_path / "second").exists()  # refused before the checkpoint folder was made
+    again = _train(tmp_path / "third", "--nproc", "1", "--steps", "3", "--log-every", "1",
+                   "--metrics", str(folder), "--overwrite")  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not set(events) & set(folder.glob("events.out.tfevents.*"))
+    _check_common(folder, 3, world_size=1)
+    assert kept.read_text() == "mine"
+
+
+def test_metrics_folder_checks(tmp_path: Path) -> None:
+    not_folder = tmp_path / "file"
+    not_folder.write_text("")
+    with pytest.raises(MetricsFolderError, match="is not a folder"):
+        files_to_replace(not_folder, resume=False, overwrite=True)
+    run_files = [tmp_path / "steps.csv", tmp_path / "events.out.tfevents.1.host.2.0"]
+    for path in run_files:
+        path.write_text("")
+    (tmp_path / "other.csv").write_text("")
+    assert files_to_replace(tmp_path, resume=True, overwrite=False) == []
+    assert files_to_replace(tmp_path, resume=False, overwrite=True) == sorted(run_files)
+    assert files_to_replace(tmp_path / "new", resume=False, overwrite=False) == []
+    assert (tmp_path / "new").is_dir()
+
+
+def test_a_read_only_metrics_folder_is_refused(read_only_folder: Path) -> None:
+    with pytest.raises(MetricsFolderError, match=r"cannot write into metrics folder .*\("):
+        files_to_replace(read_only_folder, resume=False, overwrite=False)
+
+
+def test_a_resume_keeps_the_complete_rows_before_its_step(tmp_path: Path) -> None:
+    path = tmp_path / "validation.csv"
+    lines = ["step,validation_loss", *(f"{step},{step / 10}" for step in range(6)), "1"]
+    path.write_text("\n".join(lines))  # the last line cut short by a killed run
+    assert [row["step"] for row in keep_rows(path, 4)] == ["0", "1", "2", "3"]
+    assert [row["step"] for row in _csv(path)] == ["0", "1", "2", "3"]
+    assert [row["step"] for row in keep_rows(path, 3, inclusive=True)] == ["0", "1", "2", "3"]
+    for cut in ("", "ste"):  # a file a killed run left without its whole header
+        path.write_text(cut)
+        assert keep_rows(path, 4) == [] and not path.exists()
 
 
 def test_row_fields_are_the_csv_columns() -> None:
