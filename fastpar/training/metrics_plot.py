@@ -5,6 +5,7 @@ layout has replicas / stages."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -55,13 +56,15 @@ def plot_run(series: Series, dims: ParallelDims, title: str, path: Path) -> None
 
     block_axis = axes[2]
     if any(series.blocks):
-        for replica in range(len(series.blocks[-1])):
-            block_axis.step(steps, [b[replica] for b in series.blocks], where="post", lw=1.2,
-                            label=f"replica {replica}")  # fmt: skip
+        # A run resumed on another layout has another number of replicas (or fixed slicing,
+        # no blocks) before its checkpoint: each replica's line has a gap where it did not run.
+        for replica in range(max(map(len, series.blocks))):
+            blocks = [b[replica] if replica < len(b) else math.nan for b in series.blocks]
+            block_axis.step(steps, blocks, where="post", lw=1.2, label=f"replica {replica}")
         # Shrinks are rare and always marked; grows only while few enough to tell apart.
         for event, marker, color, limit in (("grow", "^", "C2", 60), ("shrink", "v", "C3", None)):
             marked = [(s, b[0]) for s, b, e in zip(steps, series.blocks, series.decisions,
-                                                    strict=True) if e == event]  # fmt: skip
+                                                    strict=True) if e == event and b]  # fmt: skip
             if marked and (limit is None or len(marked) <= limit):
                 xs, ys = zip(*marked, strict=True)
                 block_axis.plot(xs, ys, marker, ls="none", ms=4, color=color, label=event)

@@ -5,6 +5,7 @@ measurements decides the same blocks; nothing is written without --metrics."""
 from __future__ import annotations
 
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -21,8 +22,9 @@ from fastpar.training.batches import dynamic_options
 from fastpar.training.config import TrainConfig
 from fastpar.training.faults import KILL_ENV, SLOW_ENV
 from fastpar.training.metrics import ROW
-from fastpar.training.metrics_files import RANK_COLUMNS, STEP_COLUMNS
+from fastpar.training.metrics_files import RANK_COLUMNS, STEP_COLUMNS, Series
 from fastpar.training.metrics_folder import MetricsFolderError, files_to_replace, keep_rows
+from fastpar.training.metrics_plot import plot_run
 from fastpar.training.parallel_dims import ParallelDims, RankPlace
 
 from .util import REPO, SMALL
@@ -244,3 +246,31 @@ def test_cell_reaches_the_model_builder(monkeypatch: pytest.MonkeyPatch, cell: s
 def test_a_bad_cell_is_named() -> None:
     with pytest.raises(ValueError, match=r"--cell must be one of \('lstm', 'gru', 'rnn'\)"):
         TrainConfig(cell="GRU")  # type: ignore[arg-type]
+
+
+def test_the_picture_of_a_run_resumed_on_another_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from matplotlib.axes import Axes
+
+    # Fixed slicing, then 2 replicas, then (resumed) 3: a line per replica, each with a gap
+    # where it did not run.
+    blocks = ["", "", "16/16", "18/14", "11/11/10", "12/10/10"]
+    rows = [{"step": str(step), "loss": "2.0", "tokens_per_s": "1.0", "blocks": b,
+             "decision": "grow" if b else "", "exposed_comm": "0.1", "bubble": "0"}
+            for step, b in enumerate(blocks)]  # fmt: skip
+    series = Series.from_rows(rows, [{"step": "4", "validation_loss": "2.1"}])
+    drawn: list[list[float]] = []
+    draw = Axes.step
+    monkeypatch.setattr(
+        Axes, "step", lambda ax, x, y, *a, **k: drawn.append(y) or draw(ax, x, y, *a, **k)
+    )
+    path = tmp_path / "metrics.png"
+    plot_run(series, ParallelDims(dp=3, pp=1, world_size=3), "resumed", path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gaps = [[None if math.isnan(v) else v for v in line] for line in drawn]
+    assert gaps == [
+        [None, None, 16, 18, 11, 12],
+        [None, None, 16, 14, 11, 10],
+        [None] * 4 + [10, 10],
+    ]
