@@ -33,30 +33,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = _DEFAULTS
     add = parser.add_argument
     add("--nproc", type=int, default=d.nproc, help="local processes (ignored under torchrun)")
-    add("--parallel", choices=get_args(ParallelMode), default=d.parallel)
+    add("--parallel", choices=get_args(ParallelMode), default=d.parallel,
+        help="dp: replicas of the whole model; pp: one pipeline with a stage per rank; dp+pp: "
+             "replicas of --pp-stages-stage pipelines")  # fmt: skip
     add("--pp-stages", type=int, default=d.pp_stages, help="stages per pipeline with dp+pp")
     add("--microbatches", type=int, default=d.microbatches, help="micro-batches per pipeline step")
-    add("--schedule", choices=get_args(ScheduleName), default=d.schedule)
+    add("--schedule", choices=get_args(ScheduleName), default=d.schedule,
+        help="pipeline schedule; interleaved-1f1b and zbv give each rank two model chunks, "
+             "zero-bubble and zbv defer the weight gradients into the bubble")  # fmt: skip
     add("--balance", choices=get_args(BalanceName), default=d.balance,
         help="pipeline cuts: even (modules per stage) or auto (measured forward+backward "
              "time per module, the slowest stage made fastest)")  # fmt: skip
     add("--comm", choices=get_args(CommName), default=d.comm,
         help="gradient all-reduce: auto (fastpar's ring inside a host, hierarchical across "
              "hosts, else torch.distributed), ring (fastpar's or an error) or torch")  # fmt: skip
-    add("--backend", choices=get_args(BackendName), default=d.backend, help="LSTM kernels")
+    add("--backend", choices=get_args(BackendName), default=d.backend,
+        help="recurrent kernels: triton (fastpar's), torch (torch's native ones), "
+             "reference (the pure-PyTorch loop), auto (triton where measured faster, "
+             "else torch's)")  # fmt: skip
     add("--cell", choices=get_args(CellName), default=d.cell, help="recurrent cell per layer")
     add("--embed", type=int, default=d.embed, help="embedding size")
-    add("--hidden", type=int, default=d.hidden, help="LSTM hidden size")
-    add("--layers", type=int, default=d.layers, help="LSTM layers")
+    add("--hidden", type=int, default=d.hidden, help="hidden size of each recurrent layer")
+    add("--layers", type=int, default=d.layers, help="recurrent layers")
     add("--seq-len", type=int, default=d.seq_len, help="bytes per training window")
     add("--batch-size", type=int, default=d.batch_size, help="windows per step and replica")
     add("--steps", type=int, default=d.steps, help="optimizer steps in the whole run")
     add("--lr", type=float, default=d.lr, help="Adam learning rate")
-    add("--slicing", choices=get_args(SlicingMode), default=d.slicing)
+    add("--slicing", choices=get_args(SlicingMode), default=d.slicing,
+        help="how a step's batch is cut between replicas: fixed (equal blocks), throughput "
+             "(blocks that follow each replica's speed) or loss (one block size, grown while "
+             "the loss is stable, shrunk after a spike)")  # fmt: skip
     add("--train-bytes", type=int, default=d.train_bytes, help="training text size")
-    add("--validation-bytes", type=int, default=d.validation_bytes)
-    add("--validation-batches", type=int, default=d.validation_batches)
-    add("--checkpoint-dir", type=Path, default=d.checkpoint_dir)
+    add("--validation-bytes", type=int, default=d.validation_bytes,
+        help="validation text size (files kept apart from the training text)")  # fmt: skip
+    add("--validation-batches", type=int, default=d.validation_batches,
+        help="batches of the validation text per validation loss")  # fmt: skip
+    add("--checkpoint-dir", type=Path, default=d.checkpoint_dir,
+        help="folder of the run's checkpoints")  # fmt: skip
     add("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between saves")
     add("--resume", action="store_true",
         help="continue from the newest intact checkpoint in --checkpoint-dir")  # fmt: skip
@@ -68,10 +81,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metrics", dest="metrics_dir", type=Path, default=None,
         help="write TensorBoard events, CSV and a PNG of the run into this folder")  # fmt: skip
     add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
-    add("--seed", type=int, default=d.seed)
+    add("--seed", type=int, default=d.seed, help="seed of the initialisation and the shuffle")
     add("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
         help="seconds any wait for a peer may take before the run stops with an error")  # fmt: skip
-    add("--log-every", type=int, default=d.log_every)
+    add("--log-every", type=int, default=d.log_every,
+        help="steps between progress lines (and metrics windows)")  # fmt: skip
     add("--debug", action="store_true", help="show the ranks' tracebacks when a run fails")
 
 

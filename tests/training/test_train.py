@@ -158,6 +158,20 @@ def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: s
     assert message in result.stderr
 
 
+def test_every_option_is_explained_with_its_default() -> None:
+    result = subprocess.run([sys.executable, "-m", "fastpar", "train", "--help"], cwd=REPO,
+                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    # An option's lines run until the next option: each holds a text, and a value's default.
+    entries = re.split(r"\n  (?=-)", result.stdout.split("options:", 1)[1])[1:]
+    assert len(entries) > 30
+    for entry in entries:
+        flag, _, text = entry.partition("  ")
+        text = " ".join(text.split())
+        assert text, f"{flag.strip()} has no help text"
+        takes_value = " " in flag.split(",")[-1].strip() or "{" in flag
+        assert not takes_value or "(default: " in text, f"{flag.strip()} shows no default"
+
+
 def test_profile_writes_a_trace_with_the_executor_phases(tmp_path: Path) -> None:
     traces = tmp_path / "traces"
     result = _train(tmp_path / "ckpt", "--nproc", "2", "--steps", "6", "--checkpoint-every", "6",
