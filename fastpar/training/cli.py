@@ -148,6 +148,10 @@ def prepare(config: TrainConfig) -> Found | None:
         replaced = metrics_folder.files_to_replace(
             config.metrics_dir, resume=config.resume, overwrite=config.overwrite
         )
+        if config.resume:
+            from fastpar.training.metrics_files import CSV_COLUMNS
+
+            metrics_folder.check_columns(config.metrics_dir, CSV_COLUMNS)
     checkpoint.check_folder(root, resume=config.resume, overwrite=config.overwrite)
     metrics_folder.delete_files(replaced)
     if not config.resume:

@@ -34,6 +34,9 @@ _DECISION_VALUE = {"grow": 1.0, "shrink": -1.0, "rebalance": 1.0, "hold": 0.0, "
 STEP_COLUMNS = ("step", "loss", "tokens_per_s", "step_s", "blocks", "decision",
                 "exposed_comm", "bubble")  # fmt: skip
 RANK_COLUMNS = ("step", "rank", "replica", "stage", *ROW, "block", "samples_per_s", "rate")
+VALIDATION_COLUMNS = ("step", "validation_loss")
+CSV_COLUMNS = {"steps.csv": STEP_COLUMNS, "ranks.csv": RANK_COLUMNS,
+               "validation.csv": VALIDATION_COLUMNS}  # fmt: skip
 
 
 def check_metrics_available() -> None:
@@ -119,7 +122,7 @@ class MetricsWriter:
         self._files: list[Any] = []
         self.steps_csv = self._csv("steps.csv", STEP_COLUMNS, first_step)
         self.ranks_csv = self._csv("ranks.csv", RANK_COLUMNS, first_step)
-        self.validation_csv = self._csv("validation.csv", ("step", "validation_loss"), first_step)
+        self.validation_csv = self._csv("validation.csv", VALIDATION_COLUMNS, first_step)
 
     def _csv(self, name: str, columns: tuple[str, ...], first_step: int) -> Any:
         path = self.directory / name

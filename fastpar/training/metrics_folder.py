@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from fastpar.training.folders import probe_writable
@@ -62,6 +63,31 @@ def files_to_replace(directory: Path, *, resume: bool, overwrite: bool) -> list[
             "choose another --metrics folder"
         )
     return found
+
+
+def check_columns(directory: Path, columns: Mapping[str, Sequence[str]]) -> None:
+    """Before a resumed run appends to the CSV files in `directory`: each must have the columns
+    this version writes (`columns`: file name -> columns), or its rows would sit under another
+    header.
+
+    Raises:
+        MetricsFolderError: a file's header names other columns (another version wrote it).
+    """
+    for name, expected in columns.items():
+        path = directory / name
+        if not path.exists():
+            continue
+        with open(path, newline="") as file:
+            line = file.readline()
+        if not line.endswith("\n"):  # cut short by a killed run: the writer starts it anew
+            continue
+        found = next(csv.reader([line]))
+        if found != list(expected):
+            raise MetricsFolderError(
+                f"metrics folder {directory}: {name} has the columns {','.join(found)}, not "
+                f"{','.join(expected)} as this version of fastpar writes them; resume with "
+                "another --metrics folder"
+            )
 
 
 def delete_files(paths: list[Path]) -> None:

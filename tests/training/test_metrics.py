@@ -19,11 +19,17 @@ from torch import nn
 from fastpar.data import DynamicSlicer
 from fastpar.training import loop
 from fastpar.training.batches import dynamic_options
+from fastpar.training.cli import prepare
 from fastpar.training.config import TrainConfig
 from fastpar.training.faults import KILL_ENV, SLOW_ENV
 from fastpar.training.metrics import ROW
-from fastpar.training.metrics_files import RANK_COLUMNS, STEP_COLUMNS, Series
-from fastpar.training.metrics_folder import MetricsFolderError, files_to_replace, keep_rows
+from fastpar.training.metrics_files import CSV_COLUMNS, RANK_COLUMNS, STEP_COLUMNS, Series
+from fastpar.training.metrics_folder import (
+    MetricsFolderError,
+    check_columns,
+    files_to_replace,
+    keep_rows,
+)
 from fastpar.training.metrics_plot import plot_run
 from fastpar.training.parallel_dims import ParallelDims, RankPlace
 
@@ -222,6 +228,18 @@ def test_a_resume_keeps_the_complete_rows_before_its_step(tmp_path: Path) -> Non
     for cut in ("", "ste"):  # a file a killed run left without its whole header
         path.write_text(cut)
         assert keep_rows(path, 4) == [] and not path.exists()
+
+
+def test_a_resume_refuses_csv_files_with_other_columns(tmp_path: Path) -> None:
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    config = TrainConfig(checkpoint_dir=tmp_path / "ckpt", metrics_dir=folder, resume=True)
+    (folder / "steps.csv").write_text(",".join(STEP_COLUMNS) + "\r\n0,2.0\r\n")
+    (folder / "validation.csv").write_text("ste")  # a header cut short: started anew
+    check_columns(folder, CSV_COLUMNS)
+    (folder / "steps.csv").write_text("step,loss,tokens_per_s\r\n0,2.0,1.0\r\n")
+    with pytest.raises(MetricsFolderError, match=r"steps.csv has the columns step,loss,tokens_"):
+        prepare(config)  # before it looks for a checkpoint to resume
 
 
 def test_row_fields_are_the_csv_columns() -> None:
