@@ -46,13 +46,14 @@ ever steps on its own unreduced gradients.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
-(set at the start of every backward), summed by the same all-reduce. A parameter used by some
-rank gets the sum of the gradients of the ranks that used it divided by the world size (a rank
-that did not use it contributes zeros), exactly as DDP with `find_unused_parameters=True`. A
-parameter no rank used keeps its `.grad` as it was (None after `zero_grad()`), so optimizers
-skip it, again as DDP does. Those flags are read on the host (one synchronisation per backward)
-only in a backward where this rank left a parameter unused; otherwise every parameter was used
-and nothing needs reading.
+(in this backward or in a `no_sync()` one since the last synchronised backward), summed by the
+same all-reduce. A parameter used by some rank gets the sum over ranks of the gradients they
+hold divided by the world size (a rank that did not use it in this backward contributes the
+`.grad` it accumulated before, zeros if None), exactly as DDP with
+`find_unused_parameters=True`. A parameter no rank used keeps its `.grad` as it was (None after
+`zero_grad()`), so optimizers skip it, again as DDP does. Those flags are read on the host (one
+synchronisation per backward) only in a backward where this rank left a parameter unused;
+otherwise every parameter was used and nothing needs reading.
 """
 
 from __future__ import annotations
@@ -160,6 +161,9 @@ class _Bucket:
     comm: Callable[[torch.Tensor, bool], Any]  # sums a buffer (async_op: returns its work)
     pending: int = 0
     ready: list[bool] = field(default_factory=list)
+    # accumulated[slot]: params[slot] got a gradient under no_sync() since the last
+    # synchronised backward, so it counts as used there (DDP's local_used_map)
+    accumulated: list[bool] = field(default_factory=list)
     work: Any = None
 
     @property
@@ -385,6 +389,7 @@ class DataParallel(nn.Module):
             comm=self._comm_for(buffer),
             pending=len(params),
             ready=[False] * len(params),
+            accumulated=[False] * len(params),
         )
 
     def _decide_overlap(self) -> bool:
@@ -425,6 +430,7 @@ class DataParallel(nn.Module):
 
         def hook(param: torch.Tensor) -> None:
             if not self._sync_enabled:
+                bucket.accumulated[slot] = True
                 return
             self._start_backward_if_needed()
             with self._lock:
@@ -483,16 +489,22 @@ class DataParallel(nn.Module):
 
     @torch.no_grad()
     def _mark_unused(self, bucket: _Bucket) -> None:
-        """Parameters that got no gradient on this rank contribute zeros and a 0 flag."""
+        """Parameters that got no gradient in this backward contribute the gradient they hold
+        (accumulated under no_sync(), or left from an earlier backward; zeros if None), as DDP
+        does, and a 0 flag unless a no_sync() backward since the last sync gave them one."""
         for slot, ready in enumerate(bucket.ready):
             if ready:
                 continue
             self._some_unused = True
             param, view = bucket.params[slot], bucket.views[slot]
-            if _is_view(param.grad, view):
+            if param.grad is None:
+                view.zero_()
+            elif _is_view(param.grad, view):
                 param.grad = view.clone()  # kept as it was if no rank uses the parameter
-            view.zero_()
-            bucket.flags[slot] = 0
+                view.mul_(self._grad_scale)
+            else:
+                _scale_into(view, param.grad, self._grad_scale)
+            bucket.flags[slot] = 1 if bucket.accumulated[slot] else 0
             bucket.ready[slot] = True
         bucket.pending = 0
 
@@ -530,6 +542,7 @@ class DataParallel(nn.Module):
                     bucket.work = None
                     bucket.pending = len(bucket.params)
                     bucket.ready = [False] * len(bucket.params)
+                    bucket.accumulated = [False] * len(bucket.params)
         if error is not None:
             self._drop_gradients()
             error.add_note(

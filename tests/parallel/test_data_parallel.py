@@ -5,6 +5,7 @@ Each multi-process run covers several configurations, since starting ranks costs
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -163,6 +164,47 @@ def _no_sync_equals_large_batch(rank: int, world_size: int, micro_batches: int) 
 
 def test_no_sync_accumulation_equals_one_large_batch() -> None:
     run_multiprocess(_no_sync_equals_large_batch, 2, args=(3,), timeout=120)
+
+
+def _accumulate_against_ddp(rank: int, world_size: int, patterns: list[tuple]) -> list[str]:
+    """For each (no_sync, uses_left): micro-batches accumulated into .grad, under no_sync() but
+    the last or each synchronised, `left` used on rank r in micro-batch j if uses_left[j][r]
+    (`rare` by none): the gradients must be DDP's."""
+    failures = []
+    for no_sync, uses_left in patterns:
+        torch.manual_seed(0)
+        ours, theirs = BranchyModel(), BranchyModel()
+        theirs.load_state_dict(ours.state_dict())
+        dp = DataParallel(ours, comm="ring", bucket_cap_mb=0.001, first_bucket_mb=0.0005)
+        ddp = DistributedDataParallel(theirs, find_unused_parameters=True,
+                                      gradient_as_bucket_view=True)  # fmt: skip
+        for model in (dp, ddp):
+            for micro, left in enumerate(uses_left):
+                inputs, targets = _batch("branchy", rank, micro)
+                last = micro == len(uses_left) - 1
+                with model.no_sync() if no_sync and not last else contextlib.nullcontext():
+                    logits = model(inputs, use_left=left[rank], use_rare=False)
+                    nn.functional.cross_entropy(logits, targets).backward()
+        for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+            if (a.grad is None) != (b.grad is None):
+                failures.append(f"{no_sync} {uses_left}: {name}.grad None {a.grad is None}")
+            elif a.grad is not None and not torch.allclose(a.grad, b.grad, rtol=1e-6, atol=1e-7):
+                error = (a.grad - b.grad).abs().max().item()
+                failures.append(f"{no_sync} {uses_left}: {name}.grad differs by {error:.3g}")
+        dp.close()
+    return failures
+
+
+def test_accumulated_gradients_of_parameters_unused_in_the_last_backward_match_ddp() -> None:
+    """A parameter that got gradients in earlier micro-batches but none in the synchronised
+    backward still contributes them (they were dropped, or left unaveraged on their rank)."""
+    patterns = [
+        (True, [(True, True), (False, False)]),  # used only under no_sync, by every rank
+        (True, [(True, False), (False, True)]),  # under no_sync on rank 0, at the sync on 1
+        (False, [(True, True), (False, True)]),  # each synchronised, no zero_grad between
+    ]
+    failures = run_multiprocess(_accumulate_against_ddp, 2, args=(patterns,), timeout=120)
+    assert failures == [[], []]
 
 
 def _record_overlap(rank: int, world_size: int, overlap: str) -> list[tuple]:
