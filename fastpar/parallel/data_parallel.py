@@ -42,7 +42,9 @@ raise what the device found), so its figures include the device's time.
 Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
 that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to
 None first: an optimizer step that runs anyway (the error caught) changes nothing, and no rank
-ever steps on its own unreduced gradients.
+ever steps on its own unreduced gradients. A backward that raised before its end (in autograd or
+a gradient hook, on every rank) is forgotten at the next forward, which sets every `.grad` to
+None (they were never averaged) and logs a warning; later backwards synchronise as usual.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
@@ -412,6 +414,10 @@ class DataParallel(nn.Module):
     # --- the training step ----------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # A backward left unfinished, unless this forward runs inside it (-1: outside any
+        # backward; activation checkpointing recomputes forwards within one)
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            self._abandon_unfinished_backward()
         with record_range("fastpar.dp.forward"):
             return self.module(*args, **kwargs)
 
@@ -534,15 +540,8 @@ class DataParallel(nn.Module):
             finally:
                 with self._lock:
                     self.last_backward_events.append(("end",))
-                    self._callback_queued = False
-                    self._next_bucket = 0
-                    self._some_unused = False
                 self._record_stats(started)
-                for bucket in self._buckets:
-                    bucket.work = None
-                    bucket.pending = len(bucket.params)
-                    bucket.ready = [False] * len(bucket.params)
-                    bucket.accumulated = [False] * len(bucket.params)
+                self._reset_backward_state()
         if error is not None:
             self._drop_gradients()
             error.add_note(
@@ -550,6 +549,42 @@ class DataParallel(nn.Module):
                 "to None (an optimizer step changes nothing)"
             )
             raise error
+
+    def _reset_backward_state(self) -> None:
+        """Nothing launched, no gradient arrived: ready for the next synchronised backward."""
+        with self._lock:
+            self._callback_queued = False
+            self._next_bucket = 0
+            self._some_unused = False
+            for bucket in self._buckets:
+                bucket.work = None
+                bucket.pending = len(bucket.params)
+                bucket.ready = [False] * len(bucket.params)
+                bucket.accumulated = [False] * len(bucket.params)
+
+    def _abandon_unfinished_backward(self) -> None:
+        """The last synchronised backward raised before its end (in autograd or a hook), so its
+        end-of-backward callback never ran. Its state would keep every later backward from
+        synchronising: wait for the all-reduces it launched (none may still write into a
+        bucket), forget it, and drop its gradients, never averaged."""
+        error: BaseException | None = None
+        for bucket in self._buckets:
+            if bucket.work is None:
+                continue
+            try:
+                bucket.work.wait()
+            except Exception as failure:  # re-raised below
+                error = error or failure
+        self._reset_backward_state()
+        self._drop_gradients()
+        message = (
+            "DataParallel: the last synchronised backward raised before its end, so its "
+            "gradients were not averaged and every parameter's .grad was set to None"
+        )
+        if error is not None:
+            error.add_note(message)
+            raise error
+        logger.warning(message)
 
     def _record_stats(self, autograd_done: float) -> None:
         now = time.perf_counter()

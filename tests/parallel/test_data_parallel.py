@@ -298,6 +298,47 @@ def test_a_dead_peer_raises_in_backward_and_nothing_steps(comm: str) -> None:
     assert "rank 1 (pid" in results[0] and "exited" in results[0], results[0]
 
 
+def _nan_guard(grad: torch.Tensor) -> torch.Tensor:
+    raise FloatingPointError("a non-finite gradient (test)")
+
+
+def _training_goes_on_after_a_backward_raised(rank: int, world_size: int, overlap: str) -> None:
+    """Every rank's backward raises in step 1 (a gradient hook), after the last layers' buckets
+    got their gradients, and the loop skips that step: the other steps must still average
+    gradients, as single-process training (float64) on every rank's data does."""
+    torch.manual_seed(0)
+    model, reference = LanguageModel().double(), LanguageModel().double()
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002,
+                      overlap=overlap)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    for step in range(4):
+        optimizer.zero_grad()
+        loss = _loss(dp, "lm", *_batch("lm", rank, step), rank, step)
+        if step == 1:  # the first layer's gradient comes last in backward
+            guard = model.embedding.weight.register_hook(_nan_guard)
+            with pytest.raises(FloatingPointError):
+                loss.backward()
+            guard.remove()
+            continue
+        loss.backward()
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        for r in range(world_size):
+            (_loss(reference, "lm", *_batch("lm", r, step), r, step) / world_size).backward()
+        reference_optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    dp.close()
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_training_goes_on_after_a_backward_raised(overlap: str) -> None:
+    """The raised backward's bookkeeping used to stay, so no later backward all-reduced."""
+    run_multiprocess(_training_goes_on_after_a_backward_raised, 2, args=(overlap,), timeout=120)
+
+
 def _mismatched_parameters(rank: int, world_size: int) -> str:
     model = nn.Linear(4, 3 if rank == 0 else 5)
     with pytest.raises(ValueError, match="same parameters on every rank") as info:
