@@ -64,6 +64,7 @@ import contextlib
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import timedelta
@@ -82,6 +83,8 @@ logger = get_logger(__name__)
 CommChoice = Literal["auto", "ring", "torch"]
 OverlapChoice = Literal["auto", "on", "off"]
 _MB = 2**20
+# Wrappers whose gradient hooks are registered (not closed): a parameter must be in one at most
+_open_wrappers: weakref.WeakSet[DataParallel] = weakref.WeakSet()
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -222,6 +225,9 @@ class DataParallel(nn.Module):
     all-reduces and the part of them left exposed. `no_sync()` skips communication while
     gradients accumulate (the next synchronised backward averages the accumulated sum).
     `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix.
+    `close()` removes the gradient hooks; until then its parameters cannot be wrapped again
+    (e.g. to average layers unfrozen since: a wrapper averages the parameters that required
+    gradients when it was built).
     """
 
     def __init__(
@@ -242,6 +248,7 @@ class DataParallel(nn.Module):
                 "DataParallel needs torch.distributed to be initialised "
                 "(call torch.distributed.init_process_group first)"
             )
+        _check_not_wrapped(module)
         timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         self.config = DataParallelConfig(
             comm=comm,
@@ -279,6 +286,7 @@ class DataParallel(nn.Module):
             for slot, param in enumerate(bucket.params)
             for position in [self._param_index[id(param)]]
         ]
+        _open_wrappers.add(self)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -635,6 +643,7 @@ class DataParallel(nn.Module):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+        _open_wrappers.discard(self)
         if self._ring is not None:
             self._ring.close()
             self._ring = None
@@ -650,6 +659,17 @@ class DataParallel(nn.Module):
     def bucket_sizes(self) -> list[int]:
         """Number of gradient elements per bucket, in launch order."""
         return [bucket.numel for bucket in self._buckets]
+
+
+def _check_not_wrapped(module: nn.Module) -> None:
+    """Refuse parameters whose gradients an open DataParallel averages already: both hooks
+    would scale and all-reduce them, each gradient ending divided by the world size twice."""
+    for name, param in module.named_parameters():
+        if any(id(param) in wrapper._param_index for wrapper in _open_wrappers):
+            raise ValueError(
+                f"parameter {name!r} belongs to another DataParallel that was not closed; call "
+                f"its close() before wrapping the module again (e.g. after unfreezing layers)"
+            )
 
 
 def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:

@@ -339,6 +339,42 @@ def test_training_goes_on_after_a_backward_raised(overlap: str) -> None:
     run_multiprocess(_training_goes_on_after_a_backward_raised, 2, args=(overlap,), timeout=120)
 
 
+def _unfreeze_and_wrap_again(rank: int, world_size: int) -> None:
+    """Fine-tuning: steps with the embedding frozen, then unfrozen and the model wrapped again
+    (a wrapper averages the parameters that required gradients when it was built). Wrapping
+    before closing the first wrapper is refused: both would average the gradients, each ending
+    divided by the world size twice. After close(), gradients are single-process training's
+    (float64) on every rank's data."""
+    torch.manual_seed(0)
+    model, reference = LanguageModel().double(), LanguageModel().double()
+    reference.load_state_dict(model.state_dict())
+    for module in (model, reference):
+        module.embedding.weight.requires_grad_(False)
+    dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002)
+    for step in range(4):
+        if step == 2:
+            for module in (model, reference):
+                module.embedding.weight.requires_grad_(True)
+            with pytest.raises(ValueError, match=r"'lstm\.weight_ih_l0' belongs to another"):
+                DataParallel(model, comm="ring")
+            dp.close()
+            dp = DataParallel(model, comm="ring", bucket_cap_mb=0.004, first_bucket_mb=0.002)
+        model.zero_grad()
+        reference.zero_grad()
+        _loss(dp, "lm", *_batch("lm", rank, step), rank, step).backward()
+        for r in range(world_size):
+            (_loss(reference, "lm", *_batch("lm", r, step), r, step) / world_size).backward()
+        for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    dp.close()
+
+
+def test_wrapping_parameters_of_an_open_data_parallel_again_is_refused() -> None:
+    run_multiprocess(_unfreeze_and_wrap_again, 2, timeout=120)
+
+
 def _mismatched_parameters(rank: int, world_size: int) -> str:
     model = nn.Linear(4, 3 if rank == 0 else 5)
     with pytest.raises(ValueError, match="same parameters on every rank") as info:
