@@ -18,7 +18,9 @@ How a step flows:
    world size on the way (a fresh gradient, after `zero_grad(set_to_none=True)`, is multiplied
    into the view in the one pass that copies it; one that autograd accumulated into the view is
    scaled in place), so the all-reduce is a plain sum and no pass over the gradients follows it:
-   the same arithmetic as DDP, which also divides before summing. When the last gradient of a
+   the same arithmetic as DDP, which also divides before summing. A sparse gradient
+   (`Embedding(sparse=True)`) is copied in dense, so `.grad` is dense from then on (DDP's
+   values; SGD and Adagrad take it, SparseAdam refuses it). When the last gradient of a
    bucket arrives, and communication overlaps backward (`overlap`), that bucket's all-reduce is
    launched asynchronously (fastpar's ring or hierarchical all-reduce; torch.distributed
    otherwise: NCCL runs on its own CUDA stream, gloo and fastpar's CPU all-reduces on their own
@@ -681,13 +683,18 @@ def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:
 def _is_view(grad: torch.Tensor | None, view: torch.Tensor) -> bool:
     """Whether `grad` is the bucket view `view` (the same memory, shape and strides)."""
     return (
-        grad is not None and grad.data_ptr() == view.data_ptr() and grad.stride() == view.stride()
+        grad is not None
+        and grad.layout == torch.strided  # a sparse one has no data pointer
+        and grad.data_ptr() == view.data_ptr()
+        and grad.stride() == view.stride()
     )
 
 
 @torch.no_grad()
 def _scale_into(view: torch.Tensor, grad: torch.Tensor, scale: float) -> None:
     """view = grad * scale, in the one pass that copies the gradient into its bucket."""
+    if grad.layout != torch.strided:  # Embedding(sparse=True): buckets are dense
+        grad = grad.to_dense()
     if scale == 1.0:
         view.copy_(grad)
     else:

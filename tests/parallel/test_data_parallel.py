@@ -375,6 +375,48 @@ def test_wrapping_parameters_of_an_open_data_parallel_again_is_refused() -> None
     run_multiprocess(_unfreeze_and_wrap_again, 2, timeout=120)
 
 
+def _sparse_embedding_against_ddp(rank: int, world_size: int) -> list[str]:
+    """An Embedding(sparse=True), whose gradients are sparse tensors: 4 steps of 2 micro-batches
+    (the first under no_sync()), with optimizers that take sparse gradients; parameters must be
+    DDP's."""
+    failures = []
+    for optimizer_class, options in (
+        (torch.optim.SGD, {"momentum": 0.9}),
+        (torch.optim.Adagrad, {}),
+    ):
+        results = []
+        for wrapper in ("fastpar", "ddp"):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Embedding(VOCAB, EMBED, sparse=True), nn.Linear(EMBED, VOCAB))
+            wrapped = (DataParallel(model, comm="ring") if wrapper == "fastpar"
+                       else DistributedDataParallel(model))  # fmt: skip
+            optimizer = optimizer_class(model.parameters(), lr=0.1, **options)
+            for step in range(4):
+                optimizer.zero_grad()
+                for micro in range(2):
+                    inputs, targets = _batch("lm", rank, 2 * step + micro)
+                    with wrapped.no_sync() if micro == 0 else contextlib.nullcontext():
+                        logits = wrapped(inputs)
+                        loss = nn.functional.cross_entropy(
+                            logits.reshape(-1, VOCAB), targets.reshape(-1)
+                        )
+                        loss.backward()
+                optimizer.step()
+            results.append([p.detach().clone() for p in model.parameters()])
+            if isinstance(wrapped, DataParallel):
+                wrapped.close()
+        for index, (a, b) in enumerate(zip(*results, strict=True)):
+            if not torch.allclose(a, b, rtol=1e-5, atol=1e-6):
+                failures.append(f"{optimizer_class.__name__}: parameter {index} differs")
+    return failures
+
+
+def test_sparse_gradients_are_averaged_as_ddp_does() -> None:
+    """They raised "Cannot access data pointer of Tensor that doesn't have storage"."""
+    failures = run_multiprocess(_sparse_embedding_against_ddp, 2, timeout=120)
+    assert failures == [[], []]
+
+
 def _mismatched_parameters(rank: int, world_size: int) -> str:
     model = nn.Linear(4, 3 if rank == 0 else 5)
     with pytest.raises(ValueError, match="same parameters on every rank") as info:
