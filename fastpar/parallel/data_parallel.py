@@ -226,7 +226,8 @@ class DataParallel(nn.Module):
     set to None. `last_stats` (`CommStats`) times the last synchronised backward's
     all-reduces and the part of them left exposed. `no_sync()` skips communication while
     gradients accumulate (the next synchronised backward averages the accumulated sum).
-    `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix.
+    `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix, also
+    within a parent module's.
     `close()` removes the gradient hooks; until then its parameters cannot be wrapped again
     (e.g. to average layers unfrozen since: a wrapper averages the parameters that required
     gradients when it was built).
@@ -261,6 +262,7 @@ class DataParallel(nn.Module):
             shared_buckets=shared_buckets,
         )
         self.module = module
+        self.register_load_state_dict_pre_hook(_under_module_prefix)
         self.group = group if group is not None else dist.group.WORLD
         self.world_size = dist.get_world_size(self.group)
         self._src = dist.get_global_rank(self.group, 0)
@@ -672,6 +674,15 @@ def _check_not_wrapped(module: nn.Module) -> None:
                 f"parameter {name!r} belongs to another DataParallel that was not closed; call "
                 f"its close() before wrapping the module again (e.g. after unfreezing layers)"
             )
+
+
+def _under_module_prefix(
+    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+) -> None:
+    """A parent module's `load_state_dict` looks for the wrapped module's entries under
+    prefix + "module.", where `state_dict()` writes them without it (the plain module's names)."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
 
 
 def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:

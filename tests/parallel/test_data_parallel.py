@@ -450,6 +450,28 @@ def test_state_dict_is_the_plain_modules() -> None:
     run_multiprocess(_state_dict_round_trip, 2, timeout=60)
 
 
+def _state_dict_inside_a_parent(rank: int, world_size: int) -> None:
+    """Part of a model wrapped in place (model.head = DataParallel(model.head)): the model's
+    state dict has the plain model's names, and loads back into it and into the plain model
+    (the parent's load looked for "head.module.weight" and, with strict=False, loaded nothing)."""
+    torch.manual_seed(0)
+    model, plain = LanguageModel(), LanguageModel()
+    model.head = DataParallel(model.head, comm="torch")
+    saved = {name: value.clone() for name, value in model.state_dict().items()}
+    assert saved.keys() == plain.state_dict().keys()
+    plain.load_state_dict(saved)
+    for wrong in model.parameters():
+        wrong.data.add_(1.0)
+    model.load_state_dict(saved)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    model.head.close()
+
+
+def test_state_dict_inside_a_parent_module_is_the_plain_models() -> None:
+    run_multiprocess(_state_dict_inside_a_parent, 2, timeout=60)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
