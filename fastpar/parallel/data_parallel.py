@@ -210,7 +210,9 @@ class DataParallel(nn.Module):
 
     Arguments:
         module: the model; the same architecture on every rank. Its parameters and buffers are
-            overwritten with the group's first rank's values at construction.
+            overwritten with the group's first rank's values at construction. Buffers only
+            then: afterwards each rank's (BatchNorm running statistics) follow its own data,
+            where DDP (broadcast_buffers=True) copies rank 0's at every forward.
         group: the process group of the replicas (None: the default group).
         comm: "auto", "ring" or "torch" (see `DataParallelConfig`).
         bucket_cap_mb: gradient bucket size in MiB.
