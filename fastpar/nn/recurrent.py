@@ -152,6 +152,16 @@ def choose_recurrence(
     return functools.partial(triton(), kernel=kernel)
 
 
+def accepted_dtypes(weight: Tensor) -> tuple[torch.dtype, ...]:
+    """The dtypes the input and states may have: the parameters', and under autocast also
+    autocast's (what a layer before gives, or the states of the previous call), which the
+    backends cast to as torch's modules do."""
+    device = weight.device.type
+    if torch.is_autocast_enabled(device):
+        return (weight.dtype, torch.get_autocast_dtype(device))
+    return (weight.dtype,)
+
+
 def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
     """Validate the input tensor; returns whether it is batched."""
     if not isinstance(x, Tensor):
@@ -167,7 +177,7 @@ def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -
         raise ValueError(
             f"input.size(-1) must be equal to input_size {input_size}, got shape {tuple(x.shape)}"
         )
-    if x.dtype != weight.dtype:
+    if x.dtype not in accepted_dtypes(weight):
         raise TypeError(
             f"input dtype {x.dtype} does not match the parameters' dtype {weight.dtype}; "
             "convert the module with .to(dtype)"
@@ -180,12 +190,14 @@ def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -
     return x.dim() == batched_dims
 
 
-def check_state(name: str, state: object, expected: tuple[int, ...], x: Tensor) -> Tensor:
+def check_state(
+    name: str, state: object, expected: tuple[int, ...], x: Tensor, weight: Tensor
+) -> Tensor:
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if tuple(state.shape) != expected:
         raise ValueError(f"{name} must have shape {expected}, got {tuple(state.shape)}")
-    if state.dtype != x.dtype:
+    if state.dtype not in accepted_dtypes(weight):
         raise TypeError(f"{name} dtype {state.dtype} does not match input dtype {x.dtype}")
     if state.device != x.device:
         raise ValueError(f"{name} is on {state.device} but input is on {x.device}")
@@ -377,7 +389,7 @@ class RecurrentBase(nn.Module):
         else:
             given = split_hx(hx, self.state_names)
             states = tuple(
-                check_state(name, s, shape if batched else (rows, shape[2]), x)
+                check_state(name, s, shape if batched else (rows, shape[2]), x, weight)
                 for name, s, shape in zip(self.state_names, given, shapes, strict=True)
             )
             if not batched:
@@ -504,7 +516,7 @@ class RecurrentCellBase(nn.Module):
             expected = shape if batched else (self.hidden_size,)
             given = split_hx(hx, self.state_names)
             states = tuple(
-                check_state(name, s, expected, x).reshape(shape)
+                check_state(name, s, expected, x, self.weight_ih).reshape(shape)
                 for name, s in zip(self.state_names, given, strict=True)
             )
         finals = self._step(x, states)

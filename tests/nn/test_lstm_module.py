@@ -329,6 +329,31 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype() -> None:
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_autocast_takes_the_previous_calls_states_and_a_half_input(backend: str) -> None:
+    # Under autocast the states a call returns are in autocast's dtype, and so is the output of
+    # a layer before the LSTM: torch.nn.LSTM takes both with float32 parameters.
+    ours, theirs = _pair(backend, num_layers=2, proj_size=5)
+    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
+    _, exact_states = theirs(x1)
+    exact, _ = theirs(x2, exact_states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, states = ours(x1.float())
+        out, _ = ours(x2.float(), states)
+        out_half_input, _ = ours(x2.bfloat16(), states)
+    assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's states")
+    assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
+    cell = fastpar.nn.LSTMCell(F_IN, H, backend=backend)
+    torch.manual_seed(0)
+    theirs_cell = torch.nn.LSTMCell(F_IN, H).double()
+    theirs_cell.load_state_dict(cell.state_dict())
+    exact_cell = theirs_cell(x2[0], theirs_cell(x1[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_cell = cell(x2[0].float(), cell(x1[0].float()))
+    for a, b, name in zip(got_cell, exact_cell, ("h_1", "c_1"), strict=True):
+        assert_close(a, b, 2e-2, 2e-2, f"LSTMCell {name} from the previous step under autocast")
+
+
 def test_torch_compatibility_helpers() -> None:
     ours, theirs = _pair(num_layers=2, bidirectional=True, proj_size=4)
     ours.flatten_parameters()  # a no-op, as code written for torch.nn.LSTM calls it

@@ -168,6 +168,31 @@ def test_unbatched_input(kind: str, backend: str) -> None:
     assert_close(h0_n, want0_h, FP32_ATOL, FP32_RTOL, "h_n without hx")
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_autocast_takes_the_previous_calls_state_and_a_half_input(kind: str, backend: str) -> None:
+    # Under autocast the state a call returns may be in autocast's dtype, and so is the output
+    # of a layer before the module: torch's modules take both with float32 parameters.
+    ours, theirs = _pair(kind, backend, num_layers=2)
+    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
+    _, exact_h = theirs(x1)
+    exact, _ = theirs(x2, exact_h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, h = ours(x1.float())
+        out, _ = ours(x2.float(), h)
+        out_half_input, _ = ours(x2.bfloat16(), h)
+    assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's state")
+    assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
+    _, _, cell_cls, theirs_cell_cls, options = KINDS[kind]
+    cell = cell_cls(F_IN, H, backend=backend, **options)
+    theirs_cell = theirs_cell_cls(F_IN, H, **options).double()
+    theirs_cell.load_state_dict(cell.state_dict())
+    exact_cell = theirs_cell(x2[0], theirs_cell(x1[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got_cell = cell(x2[0].bfloat16(), cell(x1[0].float()))
+    assert_close(got_cell, exact_cell, 2e-2, 2e-2, "cell from the previous step under autocast")
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("bias", [True, False])
 def test_parameters_init_and_state_dicts_match_torch(kind: str, bias: bool) -> None:
