@@ -181,11 +181,18 @@ class LSTMCell(RecurrentCellBase):
 
     def _step(self, x: Tensor, states: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         h0, c0 = states
+        w = self.weights()
+        recurrence = select_recurrence(self.backend, x, hidden=self.hidden_size, one_step=True)
+        if recurrence is None:
+            # torch.nn.LSTMCell's own call, as GRUCell and RNNCell make theirs: its results, and
+            # its dtypes under autocast (a float32 c_0 keeps the state float32), which the
+            # one-step stack below (all in autocast's dtype) does not give.
+            h_1, c_1 = torch._VF.lstm_cell(x, (h0, c0), w.w_ih, w.w_hh, w.b_ih, w.b_hh)
+            return h_1, c_1
         # One step of a one-layer LSTM: the same recurrence (and kernels) as LSTM.
         _, h_n, c_n = _run_stack(
-            select_recurrence(self.backend, x, hidden=self.hidden_size, one_step=True),
-            x.unsqueeze(0), h0.unsqueeze(0),
-            c0.unsqueeze(0), [self.weights()], num_layers=1, bidirectional=False,
+            recurrence, x.unsqueeze(0), h0.unsqueeze(0),
+            c0.unsqueeze(0), [w], num_layers=1, bidirectional=False,
         )  # fmt: skip
         return h_n[0], c_n[0]
 

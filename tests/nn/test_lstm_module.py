@@ -294,6 +294,24 @@ def test_lstm_cell_matches_torch(backend: str, batched: bool) -> None:
         ours(torch.randn(B, F_IN + 2))
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lstm_cell_on_torchs_kernels_is_torchs_cell(backend: str, autocast: bool) -> None:
+    # torch.nn.LSTMCell's results bit for bit, and its dtypes under autocast: there its float32
+    # c_0 keeps the new state in float32 (a one-step LSTM stack gave bfloat16).
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTMCell(F_IN, H, backend=backend)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTMCell(F_IN, H)
+    theirs.load_state_dict(ours.state_dict())
+    x = randn(B, F_IN, seed=1).float()
+    hx = (randn(B, H, seed=2).float(), randn(B, H, seed=3).float())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        got, want = ours(x, hx), theirs(x, hx)
+    for a, b, name in zip(got, want, ("h_1", "c_1"), strict=True):
+        assert a.dtype == b.dtype, f"{name}: {a.dtype} != torch's {b.dtype}"
+        assert torch.equal(a, b), name
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("num_layers, bidirectional, proj_size, batch_first, bias, T", CONFIGS)
