@@ -382,6 +382,11 @@ class RecurrentBase(nn.Module):
             x = input if batched else input.unsqueeze(1)
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
+            if x.shape[0] == 0:  # torch's modules refuse it too; the stacks would fail obscurely
+                raise ValueError(
+                    f"input has no time steps (shape {tuple(input.shape)}, batch_first="
+                    f"{self.batch_first}): the sequence length must be at least 1"
+                )
         rows = self.num_layers * self.num_directions
         shapes = [(rows, x.shape[1], size) for size in self.state_sizes()]
         if hx is None:

@@ -188,6 +188,10 @@ def test_bad_input_names_the_argument() -> None:
         m(torch.ones(4, B, F_IN, dtype=torch.int64))
     with pytest.raises(ValueError, match="dimensions"):
         m(torch.randn(B, F_IN, 4, 2))
+    for backend in ("triton", "torch", "reference"):  # torch.nn.LSTM refuses T=0 too
+        no_steps = fastpar.nn.LSTM(F_IN, H, batch_first=True, backend=backend)
+        with pytest.raises(ValueError, match=r"no time steps \(shape \(3, 0, 10\)"):
+            no_steps(torch.randn(B, 0, F_IN))
     with pytest.raises(ValueError, match="is on meta"):
         m(x, (torch.randn(2, B, H, device="meta"), torch.randn(2, B, H)))
     with pytest.raises(TypeError, match=r"hx must be a tuple \(h_0, c_0\)"):

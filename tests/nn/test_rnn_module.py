@@ -258,6 +258,11 @@ def test_bad_input_names_the_argument() -> None:
         m(torch.ones(4, B, F_IN, dtype=torch.int64))
     with pytest.raises(ValueError, match="dimensions"):
         m(torch.randn(B, F_IN, 4, 2))
+    for backend in BACKENDS:  # torch's modules refuse T=0 too
+        for no_steps in (fastpar.nn.GRU(F_IN, H, backend=backend),
+                         fastpar.nn.RNN(F_IN, H, backend=backend)):  # fmt: skip
+            with pytest.raises(ValueError, match=r"no time steps \(shape \(0, 10\)"):
+                no_steps(torch.randn(0, F_IN))  # unbatched
     with pytest.raises(ValueError, match="is on meta"):
         m(x, torch.randn(2, B, H, device="meta"))
     with pytest.raises(ValueError, match="backend must be one of"):
