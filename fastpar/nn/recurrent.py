@@ -152,13 +152,16 @@ def choose_recurrence(
     return functools.partial(triton(), kernel=kernel)
 
 
+# What autocast casts to its dtype (float64 it leaves alone).
+AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def accepted_dtypes(weight: Tensor) -> tuple[torch.dtype, ...]:
-    """The dtypes the input and states may have: the parameters', and under autocast also
-    autocast's (what a layer before gives, or the states of the previous call), which the
-    backends cast to as torch's modules do."""
-    device = weight.device.type
-    if torch.is_autocast_enabled(device):
-        return (weight.dtype, torch.get_autocast_dtype(device))
+    """The dtypes the input and states may have: the parameters', and under autocast any that
+    autocast casts (the output of a layer before, the states of the previous call, float32 data
+    for a bfloat16 module), as torch's modules take them; the backends run in autocast's dtype."""
+    if torch.is_autocast_enabled(weight.device.type):
+        return (weight.dtype, *AUTOCAST_ELIGIBLE)
     return (weight.dtype,)
 
 
