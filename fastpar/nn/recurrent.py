@@ -160,7 +160,9 @@ def accepted_dtypes(weight: Tensor) -> tuple[torch.dtype, ...]:
     """The dtypes the input and states may have: the parameters', and under autocast any that
     autocast casts (the output of a layer before, the states of the previous call, float32 data
     for a bfloat16 module), as torch's modules take them; the backends run in autocast's dtype."""
-    if torch.is_autocast_enabled(weight.device.type):
+    device = weight.device.type
+    # is_autocast_enabled raises for devices autocast does not know (meta: shape inference).
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
         return (weight.dtype, *AUTOCAST_ELIGIBLE)
     return (weight.dtype,)
 

@@ -295,6 +295,24 @@ def test_bad_input_names_the_argument() -> None:
         cell(x)
 
 
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_meta_device_forward_gives_torchs_shapes(name: str) -> None:
+    # Shape inference on the meta device (no data), as torch's modules allow it.
+    ours = getattr(fastpar.nn, name)(F_IN, H, device="meta")
+    theirs = getattr(torch.nn, name)(F_IN, H, device="meta")
+    x = torch.randn(4, B, F_IN, device="meta")[0 if name.endswith("Cell") else slice(None)]
+    got, want = _tensors(ours(x)), _tensors(theirs(x))
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert all(t.device.type == "meta" for t in got)
+
+
+def _tensors(result: object) -> list[torch.Tensor]:
+    """The tensors of a module's result, nested tuples flattened in order."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    return [t for part in result for t in _tensors(part)]  # type: ignore[union-attr]
+
+
 @pytest.mark.parametrize(
     "cls", [fastpar.nn.LSTM, fastpar.nn.GRU, fastpar.nn.RNN, fastpar.nn.GRUCell]
 )
