@@ -158,7 +158,8 @@ class LSTMCell(RecurrentCellBase):
 
     Arguments:
         input_size: I; hidden_size: H; bias: use b_ih and b_hh; device, dtype: of the parameters;
-        backend: "auto", "triton", "torch" or "reference" (as LSTM).
+        backend: "auto", "triton", "torch" or "reference" (as LSTM; "torch" makes
+            torch.nn.LSTMCell's own call, ``torch._VF.lstm_cell``).
 
     ``forward(input, hx=None) -> (h_1, c_1)``: input (B, I) or (I,) unbatched; hx = (h_0, c_0),
     each (B, H) or (H,), zeros when omitted.
