@@ -186,22 +186,29 @@ class _Bucket:
         return self.buffer[self.numel :]
 
 
-def _parameter_signature(module: nn.Module) -> list[tuple[str, tuple[int, ...], str, bool]]:
+def _state_signature(module: nn.Module) -> list[tuple[str, str, tuple[int, ...], str, bool]]:
+    """What every rank's module must agree on: each parameter's and buffer's name, shape, dtype
+    and requires_grad (a buffer that differs would block or corrupt the broadcast of state)."""
     return [
-        (name, tuple(p.shape), str(p.dtype), p.requires_grad)
-        for name, p in module.named_parameters()
-    ]
+        (kind, name, tuple(t.shape), str(t.dtype), t.requires_grad)
+        for kind, named in (("parameter", module.named_parameters()),
+                            ("buffer", module.named_buffers()))
+        for name, t in named
+    ]  # fmt: skip
 
 
 def _first_difference(
-    mine: list[tuple[str, tuple[int, ...], str, bool]],
-    reference: list[tuple[str, tuple[int, ...], str, bool]],
+    mine: list[tuple[str, str, tuple[int, ...], str, bool]],
+    reference: list[tuple[str, str, tuple[int, ...], str, bool]],
 ) -> str | None:
-    for index, (a, b) in enumerate(zip(mine, reference, strict=False)):
+    for a, b in zip(mine, reference, strict=False):
         if a != b:
-            return f"parameter #{index} is {a} here but {b} on the group's first rank"
+            return f"{a[0]} {a[1:]} here but {b[0]} {b[1:]} on the group's first rank"
     if len(mine) != len(reference):
-        return f"{len(mine)} parameters here but {len(reference)} on the group's first rank"
+        return (
+            f"{len(mine)} parameters and buffers here but {len(reference)} on the group's "
+            "first rank"
+        )
     return None
 
 
@@ -266,6 +273,12 @@ class DataParallel(nn.Module):
         self.module = module
         self.register_load_state_dict_pre_hook(_under_module_prefix)
         self.group = group if group is not None else dist.group.WORLD
+        if dist.get_rank(self.group) < 0:
+            raise ValueError(
+                f"group: this process (global rank {dist.get_rank()}) is not one of its ranks "
+                f"{dist.get_process_group_ranks(self.group)}; wrap the module only on the "
+                "group's members"
+            )
         self.world_size = dist.get_world_size(self.group)
         self._src = dist.get_global_rank(self.group, 0)
         self._sync_enabled = True
@@ -281,7 +294,7 @@ class DataParallel(nn.Module):
         self.last_stats = CommStats()
         self._first_grad_at = self._first_launch_at = 0.0
 
-        self._check_same_parameters()
+        self._check_same_state()
         self._broadcast_state()
         self._buckets = self._build_buckets()
         self._grad_scale = 1.0 / self.world_size
@@ -296,15 +309,15 @@ class DataParallel(nn.Module):
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _check_same_parameters(self) -> None:
+    def _check_same_state(self) -> None:
         signatures: list[Any] = [None] * self.world_size
-        dist.all_gather_object(signatures, _parameter_signature(self.module), group=self.group)
+        dist.all_gather_object(signatures, _state_signature(self.module), group=self.group)
         for rank, signature in enumerate(signatures):
             difference = _first_difference(signature, signatures[0])
             if difference is not None:
                 raise ValueError(
-                    f"DataParallel needs the same parameters on every rank; on group rank "
-                    f"{rank}, {difference}"
+                    "DataParallel needs the same parameters and buffers on every rank; on group "
+                    f"rank {rank}, {difference}"
                 )
 
     @torch.no_grad()

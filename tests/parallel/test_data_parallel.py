@@ -419,7 +419,7 @@ def test_sparse_gradients_are_averaged_as_ddp_does() -> None:
 
 def _mismatched_parameters(rank: int, world_size: int) -> str:
     model = nn.Linear(4, 3 if rank == 0 else 5)
-    with pytest.raises(ValueError, match="same parameters on every rank") as info:
+    with pytest.raises(ValueError, match="same parameters and buffers on every rank") as info:
         DataParallel(model)
     return str(info.value)
 
@@ -428,6 +428,35 @@ def test_different_parameters_are_an_error_on_every_rank() -> None:
     messages = run_multiprocess(_mismatched_parameters, 2, timeout=60)
     for message in messages:
         assert "group rank 1" in message and "'weight', (5, 4)" in message
+
+
+def _mismatched_buffers(rank: int, world_size: int) -> str:
+    """Buffers are broadcast from the first rank: one of another shape would be corrupted or
+    block the broadcast (it passed the parameters' check)."""
+    model = nn.Linear(4, 3)
+    model.register_buffer("scale", torch.ones(2 if rank == 0 else 3))
+    with pytest.raises(ValueError, match="same parameters and buffers on every rank") as info:
+        DataParallel(model, timeout=30)
+    return str(info.value)
+
+
+def test_different_buffers_are_an_error_on_every_rank() -> None:
+    messages = run_multiprocess(_mismatched_buffers, 2, timeout=60)
+    for message in messages:
+        assert "group rank 1" in message and "buffer ('scale', (3,)" in message
+
+
+def _outside_the_group(rank: int, world_size: int) -> str | None:
+    first_only = dist.new_group([0])
+    if rank == 0:
+        return None
+    with pytest.raises(ValueError, match="group: this process") as info:
+        DataParallel(nn.Linear(4, 3), group=first_only)
+    return str(info.value)
+
+
+def test_a_rank_outside_the_group_is_refused() -> None:
+    assert run_multiprocess(_outside_the_group, 2, timeout=60)[1] is not None
 
 
 def _state_dict_round_trip(rank: int, world_size: int) -> None:
