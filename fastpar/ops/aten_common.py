@@ -145,10 +145,16 @@ def _expected_cudnn_compaction(x: Tensor) -> Iterator[None]:
 
 
 def vf_layer(
-    vf: VFCall, x: Tensor, states: Sequence[Tensor], w: LayerWeights, arrange: Arrangement
+    vf: VFCall,
+    x: Tensor,
+    states: Sequence[Tensor],
+    w: LayerWeights,
+    arrange: Arrangement,
+    *,
+    differentiable: bool = False,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
-    """One layer and direction through ``vf`` without autograd, lengths and reversal by
-    ``arrange``.
+    """One layer and direction through ``vf``, lengths and reversal by ``arrange``; without
+    autograd unless ``differentiable``.
 
     Arguments:
         vf: torch._VF.lstm, gru, rnn_tanh or rnn_relu.
@@ -161,7 +167,8 @@ def vf_layer(
     params = flat_params(w)
     has_bias = w.b_ih is not None
     xc = arrange.apply(x)
-    with torch.no_grad(), _expected_cudnn_compaction(x):
+    autograd = contextlib.nullcontext() if differentiable else torch.no_grad()
+    with autograd, _expected_cudnn_compaction(x):
         if arrange.batch_sizes is None:
             out, *finals = vf(xc, hx, params, has_bias, 1, 0.0, False, False, False)
         else:
@@ -170,6 +177,45 @@ def vf_layer(
             )
             out = arrange.unpack(out_data, x.shape[0])
     return arrange.restore(out), tuple(arrange.unrows(f[0]) for f in finals)
+
+
+def double_backward_grads(
+    vf: VFCall,
+    inputs: Sequence[Tensor | None],
+    states: int,
+    grad_outputs: Sequence[Tensor],
+    needs_input_grad: Sequence[bool],
+    arrange: Arrangement,
+) -> list[Tensor | None]:
+    """A layer op's gradients as a graph autograd can differentiate again, for a backward run
+    with create_graph=True (a double backward: a gradient penalty, MAML): the ops' own backward
+    kernels have no derivative, so the layer is recomputed with ``vf`` under autograd (torch's
+    differentiable loop, torch.nn's double backward) and differentiated.
+
+    Arguments:
+        vf: torch._VF.lstm, gru, rnn_tanh or rnn_relu.
+        inputs: x, the `states` initial states, then w_ih, w_hh, b_ih, b_hh (and w_hr): the
+            op's differentiable inputs in its order.
+        grad_outputs: the gradients of out and of each final state.
+        needs_input_grad: the op's ctx.needs_input_grad (its leading entries match `inputs`).
+        arrange: the op's Arrangement of lengths and reversal.
+
+    Returns:
+        A gradient per entry of `inputs` (None where not needed).
+    """
+    x, initial, weights = inputs[0], inputs[1 : 1 + states], inputs[1 + states :]
+    w = LayerWeights(*weights, *[None] * (5 - len(weights)))
+    with torch.enable_grad():
+        out, finals = vf_layer(vf, x, initial, w, arrange, differentiable=True)  # type: ignore[arg-type]
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    grads = torch.autograd.grad(
+        (out, *finals), [inputs[i] for i in wanted], grad_outputs, create_graph=True,
+        allow_unused=True,
+    )  # fmt: skip
+    result: list[Tensor | None] = [None] * len(inputs)
+    for i, grad in zip(wanted, grads, strict=True):
+        result[i] = grad
+    return result
 
 
 def vf_whole_stack(

@@ -13,6 +13,10 @@ a fake implementation and a registered autograd formula) the same kernels compil
   (all gate pre-activations in one GEMM over the saved h_{t-1}, c_t by one addcmul per step),
   runs four or five ops per step, and takes the weight gradients as single GEMMs after the loop.
 
+Neither backward has a derivative: a backward with create_graph=True (a double backward)
+recomputes the layer with ``torch._VF.lstm`` under autograd and differentiates it
+(``aten_common.double_backward_grads``), as torch.nn.LSTM's own double backward does.
+
 Outside torch.compile, ``lstm_stack_aten`` without lengths (and, on CUDA, with them) makes
 torch.nn.LSTM's own call (one ``torch._VF.lstm`` for the whole stack, torch's autograd; cuDNN on
 CUDA): no op is needed there, and it costs nothing more than torch.nn.LSTM. The op serves
@@ -39,6 +43,7 @@ from fastpar.ops.aten_common import (
     autocast_layer,
     backward_inputs,
     check_bias,
+    double_backward_grads,
     eager_whole_stack,
     needs_grad,
     opmath_dtype,
@@ -363,6 +368,13 @@ def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None, dc_n: Tensor |
     dout = torch.zeros_like(out) if dout is None else dout
     dh_n = torch.zeros_like(h_n) if dh_n is None else dh_n
     dc_n = torch.zeros_like(c_n) if dc_n is None else dc_n
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        arrange = Arrangement(lengths, ctx.reverse, x.shape[0])
+        grads = double_backward_grads(
+            torch._VF.lstm, (x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr), 2, (dout, dh_n, dc_n),
+            ctx.needs_input_grad, arrange,
+        )  # fmt: skip
+        return (*grads, None, None, None)
     dx, dh0, dc0, dw_ih, dw_hh, db, dw_hr = lstm_aten_layer_backward_op(
         dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, ctx.reverse,
         out, h_n, c_n, workspace, ctx.needs_input_grad[0],

@@ -15,7 +15,9 @@ torch's RNN modules) and with lengths on CPU, every layer and direction runs thr
 * backward (``fastpar::rnn_aten_layer_backward``): every per-step factor from the saved input and
   outputs at once (for the GRU, from the kept gates or gates recomputed by two GEMMs over all
   steps), then two ops per step for the RNN and three for the GRU, and the weight gradients as
-  single GEMMs after the loop, over the valid steps only.
+  single GEMMs after the loop, over the valid steps only. That backward has no derivative: a
+  backward with create_graph=True (a double backward) recomputes the layer with the
+  ``torch._VF`` call under autograd and differentiates it (``aten_common.double_backward_grads``).
 
 torch has no oneDNN path for these cells (it runs them as aten ops under autograd on CPU), so
 there is none here. The cells (``gru_cell_aten``, ``rnn_cell_aten``) are torch.nn.GRUCell's and
@@ -267,6 +269,13 @@ def _backward(ctx: Any, dout: Tensor | None, dh_n: Tensor | None,
     x, h0, w_ih, w_hh, b_ih, b_hh, lengths, out, gates = ctx.saved_tensors
     dout = torch.zeros_like(out) if dout is None else dout
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
+    if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable
+        arrange = aten_common.Arrangement(lengths, ctx.reverse, x.shape[0])
+        grads = aten_common.double_backward_grads(
+            _VF_CALLS[ctx.cell], (x, h0, w_ih, w_hh, b_ih, b_hh), 1, (dout, dh_n),
+            ctx.needs_input_grad, arrange,
+        )  # fmt: skip
+        return (*grads, None, None, None, None)
     dx, dh0, dw_ih, dw_hh, db_ih, db_hh = rnn_aten_layer_backward_op(
         dout, dh_n, x, h0, w_ih, w_hh, b_ih, b_hh, lengths, ctx.reverse, out, gates, ctx.cell,
         ctx.needs_input_grad[0],

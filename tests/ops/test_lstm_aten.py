@@ -197,3 +197,30 @@ def test_opcheck(dtype: torch.dtype, proj_size: int, lengths: list[int] | None,
         keep_workspace,
     )  # fmt: skip
     torch.library.opcheck(lstm_aten_layer_op, args)
+
+
+@pytest.mark.parametrize("proj_size, lengths, reverse", [(0, [2, 4, 1], True), (2, None, False)])
+def test_double_backward_passes_gradgradcheck(
+    proj_size: int, lengths: list[int] | None, reverse: bool
+) -> None:
+    """A backward with create_graph=True (a gradient penalty, MAML) gives gradients that are
+    differentiable again (it raised "no autograd formula" for lstm_aten_layer_backward)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, features = 3, 2
+    P = proj_size or hidden
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    tensors = [r(4, 3, features), r(3, P), r(3, hidden), r(4 * hidden, features),
+               r(4 * hidden, P), r(4 * hidden), r(4 * hidden)]  # fmt: skip
+    if proj_size:
+        tensors.append(r(P, hidden))
+    given = torch.tensor(lengths) if lengths else None
+
+    def layer(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        w_hr = args[7] if proj_size else None
+        out, h_n, c_n, _ = lstm_aten_layer_op(*args[:7], w_hr, given, reverse, True)
+        return out, h_n, c_n
+
+    assert torch.autograd.gradgradcheck(layer, tensors)

@@ -336,3 +336,30 @@ def test_opcheck(cell: str, dtype: torch.dtype, bias: bool, lengths: list[int] |
         save_gates,
     )  # fmt: skip
     torch.library.opcheck(rnn_aten_layer_op, args)
+
+
+@pytest.mark.parametrize(
+    "cell, lengths, reverse, save_gates",
+    [("gru", [2, 4, 1], True, False), ("gru", None, False, True), ("rnn_tanh", None, True, False),
+     ("rnn_relu", [1, 3, 4], False, False)],
+)  # fmt: skip
+def test_double_backward_passes_gradgradcheck(
+    cell: str, lengths: list[int] | None, reverse: bool, save_gates: bool
+) -> None:
+    """A backward with create_graph=True (a gradient penalty, MAML) gives gradients that are
+    differentiable again (it raised "no autograd formula" for rnn_aten_layer_backward)."""
+    gen = torch.Generator().manual_seed(0)
+    hidden, features, G = 3, 2, 3 if cell == "gru" else 1
+
+    def r(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).requires_grad_()
+
+    tensors = [r(4, 3, features), r(3, hidden), r(G * hidden, features), r(G * hidden, hidden),
+               r(G * hidden), r(G * hidden)]  # fmt: skip
+    given = torch.tensor(lengths) if lengths else None
+
+    def layer(*args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out, h_n, _ = rnn_aten_layer_op(*args, given, reverse, cell, save_gates)
+        return out, h_n
+
+    assert torch.autograd.gradgradcheck(layer, tensors)
