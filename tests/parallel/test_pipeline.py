@@ -4,9 +4,10 @@ interleaved-1f1b and zbv; split backwards with deferred weight passes for zero-b
 with fastpar's LSTMs split as well (fastpar::lstm_aten_layer)), 1, 2 and 3 ranks holding 1 to
 6 stages, 1 to 8 micro-batches (some not dividing the batch), micro-batches of differing
 shapes (small ones and ones that outgrow the transport's slots), an LSTM stack cut between two
-stages, integer activations that carry no gradient, both loss reductions, and gradients
-accumulated over steps; over the shared-memory pipes (the default on one host) and over gloo.
-The inputs stay unmodified, and the profiler sees a range per micro-batch and transfer.
+stages, integer activations that carry no gradient, stages that start with an in-place layer,
+both loss reductions, and gradients accumulated over steps; over the shared-memory pipes (the
+default on one host) and over gloo. The inputs stay unmodified, and the profiler sees a range
+per micro-batch and transfer.
 """
 
 from __future__ import annotations
@@ -38,11 +39,14 @@ VOCAB = 13
 # Split points per model and stage count. "lstm": mid-stack (the stack is layers 1..3);
 # "tokens": integer activations (no gradient goes back) out of the first stage.
 # "deep": an MLP with a LayerNorm, cut into up to 6 stages (2 chunks on each of 3 ranks).
+# "inplace": every stage but the first starts with ReLU(inplace=True), which modifies the
+# received input.
 SPLITS = {
     "mlp": {1: [], 2: [3], 3: [2, 3]},
     "lstm": {1: [], 2: [3], 3: [2, 3], 4: [1, 2, 3]},
     "tokens": {2: [1], 3: [1, 2]},
     "deep": {1: [], 2: [3], 3: [2, 4], 4: [2, 3, 5], 6: [1, 2, 3, 4, 5]},
+    "inplace": {2: [1], 4: [1, 3, 5]},
 }
 SCHEDULES = ("gpipe", "1f1b")  # one stage per rank, the most cases
 CHUNKED = {"interleaved-1f1b": 2, "zbv": 2}  # chunks per rank
@@ -53,7 +57,8 @@ SMALL_PIPE = 8192  # bytes: the "long" cases' activations (up to ~10 KiB) do not
 
 @dataclass(frozen=True)
 class Case:
-    model: str  # "mlp", "deep": rows (B, IN); "lstm": sequence-first (T, B, IN); "tokens": ids
+    # "mlp", "deep", "inplace": rows (B, IN); "lstm": sequence-first (T, B, IN); "tokens": ids
+    model: str
     schedule: str
     num_microbatches: int
     batch: int = 12
@@ -100,6 +105,16 @@ def _model(kind: str) -> nn.Sequential:
             nn.LayerNorm(WIDTH),
             nn.Linear(WIDTH, WIDTH),
             nn.Tanh(),
+            nn.Linear(WIDTH, OUT),
+        )
+    if kind == "inplace":
+        return nn.Sequential(
+            nn.Linear(IN, WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Linear(WIDTH, WIDTH),
+            nn.ReLU(inplace=True),
+            nn.Linear(WIDTH, WIDTH),
+            nn.ReLU(inplace=True),
             nn.Linear(WIDTH, OUT),
         )
     if kind == "mlp":
@@ -267,6 +282,9 @@ CASES[2] += (
     + [Case("deep", "zero-bubble", 5, reduction="sum"), Case("tokens", "zero-bubble", 3, steps=2)]
     + [Case("lstm", s, 3, batch=5) for s in NEW]
     + [Case("lstm", "zbv", 4, variable=True, transport="torch")]
+    # zbv's V turn hands the input over within a rank (LocalLink).
+    + [Case("inplace", s, 4) for s in ("1f1b", "zero-bubble", "zbv")]
+    + [Case("inplace", "interleaved-1f1b", 3, transport="torch")]
 )
 
 

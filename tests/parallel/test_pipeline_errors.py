@@ -334,3 +334,26 @@ def test_a_dead_peer_holding_two_chunks_is_named(schedule: str) -> None:
     assert kind == "PipelineError", message
     assert "stage 1 (rank 1) failed: the peer died" in message, message
     assert seconds < 10, seconds
+
+
+# --- an in-place change of a tensor that autograd saved ------------------------------------------
+
+
+def _overwritten_saved_output(rank: int, world_size: int) -> tuple[Outcome, Outcome]:
+    # Tanh saves its output for its backward; the next stage's ReLU overwrites it in place.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    x, y = torch.randn(6, 4), torch.randn(6, 1)
+    whole = _outcome(lambda: nn.MSELoss()(model(x), y).backward())
+    # One rank holds both stages: the activation crosses a LocalLink, without a copy.
+    pipe = Pipeline([model[:2], model[2:]], stage_index=[0, 1], num_stages=2,
+                    schedule="interleaved-1f1b", loss_fn=nn.MSELoss(), num_microbatches=2,
+                    timeout_s=30)  # fmt: skip
+    return whole, _outcome(lambda: pipe.step(x, y))
+
+
+def test_an_overwritten_saved_output_fails_as_in_the_whole_model() -> None:
+    (whole, piped) = run_multiprocess(_overwritten_saved_output, 1, timeout=60)[0]
+    assert whole[0] == "RuntimeError" and "modified by an inplace operation" in whole[1], whole
+    # Not gradients computed from the overwritten values.
+    assert piped[0] == "RuntimeError" and "modified by an inplace operation" in piped[1], piped

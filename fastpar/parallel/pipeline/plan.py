@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from fastpar.parallel.pipeline.config import ActionTime, StepStats
-from fastpar.parallel.pipeline.links import Link
+from fastpar.parallel.pipeline.links import Link, LocalLink
 from fastpar.parallel.pipeline.microbatches import carries_grad, input_grad
 from fastpar.parallel.pipeline.schedules import COMPUTE_OPS, Action, Message, Op, message_of
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
@@ -235,6 +235,7 @@ class StepPlan:
         recv, recv_what = read if read is not None else (None, "")
         to_comm, comm_cpu = self._to_comm, self._comm_cpu
         transmit, send_what = send if send is not None else (None, "")
+        alias = None if first else self._input_alias(s)
 
         def forward(run: StepState) -> None:
             slots = run.slots
@@ -244,6 +245,8 @@ class StepPlan:
                 x = slots[source] = recv(recv_what, True)
             else:
                 x = run.inputs[k] if first else slots[source]
+            if alias is not None and x.requires_grad:
+                x = alias(x)
             began = clock()
             context = _NO_CONTEXT
             if split and torch.is_grad_enabled():
@@ -268,6 +271,14 @@ class StepPlan:
             run.times.append((action, began, ended))
 
         return forward
+
+    def _input_alias(self, stage: int) -> Callable[[Tensor], Tensor]:
+        """How `stage` takes its received input (see _alias_owned): the leaf from a LocalLink
+        shares its storage with the sending stage's output, which that stage's backward may
+        need, so its alias shares the version counter too (an in-place change then fails that
+        backward, as in the whole model, instead of corrupting its gradients)."""
+        link = self._links[self._stage_ranks[stage - 1]]
+        return _SharedAlias.apply if isinstance(link, LocalLink) else _alias_owned
 
     def _weight(self, action: Action) -> Run:
         index = self._slot(_Slot.DEFERRED, action.stage, action.microbatch)
@@ -468,6 +479,30 @@ class StepPlan:
             run.slots[index] = x
 
         return read_activation_to
+
+
+def _alias_owned(leaf: Tensor) -> Tensor:
+    """The received leaf as its stage takes it: autograd refuses in-place operations on a leaf
+    that requires grad (and on its views), but a stage may start with an in-place layer
+    (ReLU(inplace=True)) as that layer may in the whole model. An alias that autograd does not
+    count as a view, without a copy; its gradient lands in the leaf's .grad. Not for a leaf
+    sharing its storage with another tensor: the alias has a version counter of its own."""
+    return _unsafe_view(leaf, leaf.shape)
+
+
+_unsafe_view = torch.ops.aten._unsafe_view.default
+
+
+class _SharedAlias(torch.autograd.Function):
+    """`_alias_owned` sharing the leaf's version counter (a detach), at an autograd node's cost."""
+
+    @staticmethod
+    def forward(ctx: Any, leaf: Tensor) -> Tensor:
+        return leaf.detach()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
 
 
 def _in_range(run: Run, name: str) -> Run:
