@@ -2,7 +2,7 @@
 passes) gives the gradients of a whole backward for Linear, Embedding and LayerNorm and falls
 back, said once, for other modules; `balanced_cuts` is the brute-force optimum; and
 `split_sequential(..., balance="auto")` finds the cuts of a model with known, uneven layer
-costs."""
+costs, and leaves the model's buffers and the example input unchanged."""
 
 from __future__ import annotations
 
@@ -193,6 +193,29 @@ def test_auto_balance_outlasts_a_burst_of_load() -> None:
                               repeats=repeats, timer=clock)  # fmt: skip
     assert clock.calls == 2 * layers * (repeats + 1)  # the burst fell within the profile
     assert [len(s) for s in stages] == [3, 3]
+
+
+def test_auto_balance_leaves_the_model_and_input_as_they_were() -> None:
+    # In-place layers, one of them first, and BatchNorm's running statistics in train mode.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 8),
+        nn.BatchNorm1d(8),
+        nn.ReLU(inplace=True),
+        nn.Linear(8, 8),
+        nn.Dropout(0.5, inplace=True),
+        nn.Linear(8, 2),
+    )
+    example = torch.randn(4, 8)
+    example_before = example.clone()
+    buffers_before = {name: b.clone() for name, b in model.named_buffers()}
+    stages = split_sequential(model, 3, balance="auto", example_input=example, repeats=2)
+    assert [m for s in stages for m in s] == list(model)
+    torch.testing.assert_close(example, example_before, rtol=0, atol=0)
+    for name, buffer in model.named_buffers():
+        torch.testing.assert_close(buffer, buffers_before[name], rtol=0, atol=0, msg=name)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_split_sequential_rejects_a_count_without_balance() -> None:

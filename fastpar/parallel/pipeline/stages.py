@@ -132,29 +132,37 @@ def profile_layers(
     which the other rounds outvote, instead of every repeat of one layer (identical layers
     timed back to back differed by a quarter under load, enough to move a cut). The backward
     of a layer gets a gradient of ones for its output (its cost does not depend on the
-    values); parameters' `.grad` are restored afterwards. Layers whose output carries no
-    gradient (integer ids) are timed forward only.
+    values); parameters' `.grad` and the buffers (BatchNorm's running statistics) are restored
+    afterwards, and `example_input` is left as it was. Layers whose output carries no gradient
+    (integer ids) are timed forward only.
     """
     check_int("repeats", repeats, 1)
     saved = [(p, None if p.grad is None else p.grad.clone()) for p in model.parameters()]
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    # Every layer gets a copy of its input: a layer working in place (ReLU(inplace=True)) would
+    # otherwise overwrite example_input, and refuse a leaf that requires grad.
     inputs = [example_input]
     with torch.no_grad():
         for layer in model:
-            inputs.append(layer(inputs[-1]))
+            inputs.append(layer(inputs[-1].clone()))
     times: list[list[float]] = [[] for _ in model]
     sizes = [0] * len(model)
     for _ in range(repeats + 1):  # the first round warms up (allocations, lazy init)
         for index, layer in enumerate(model):
             x = inputs[index]
             leaf = x.detach().requires_grad_(x.is_floating_point())
+            fed = leaf.clone()  # with a grad_fn when leaf requires grad: no leaf, see above
             start = timer()
-            y = layer(leaf)
+            y = layer(fed)
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             times[index].append(timer() - start)
             sizes[index] = y.numel() * y.element_size()
     for param, grad in saved:
         param.grad = grad
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)
     return [LayerProfile(min(t[1:]), size) for t, size in zip(times, sizes, strict=True)]
 
 
