@@ -64,6 +64,28 @@ def test_split_backward_equals_whole_backward(
     assert len(said) == 1 and f"stage {dtype}" in said[0] and "5.weight_ih_l0" in said[0]
 
 
+def test_split_backward_under_autocast_equals_whole_backward() -> None:
+    # Autocast casts Linear's and LayerNorm's tensors: their gradients flow through the casts.
+    ids = torch.randint(0, 11, (5, 3))
+    grad = torch.randn(5, 3, 12)
+    whole = _model(torch.float32)[:5]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = whole(ids)
+    out.backward(grad.to(out.dtype))
+
+    split = _model(torch.float32)[:5]
+    deferred = DeferredWeights()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with weight_split(split, deferred, "stage autocast"):
+            got = split(ids)
+        got.backward(grad.to(got.dtype))
+    deferred.run()
+    assert got.dtype == out.dtype == torch.bfloat16
+    for (name, param), want in zip(split.named_parameters(), whole.parameters(), strict=True):
+        assert param.grad.dtype == want.grad.dtype == torch.float32, name
+        torch.testing.assert_close(param.grad, want.grad, rtol=1e-6, atol=1e-6, msg=name)
+
+
 def test_split_backward_passes_input_gradients_at_once() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)

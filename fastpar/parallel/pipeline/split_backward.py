@@ -12,7 +12,7 @@ gradients equal those of a whole backward.
 
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
-reports once per stage.
+reports once per stage. So do F.linear and F.layer_norm under autocast, which casts them.
 
 The protocol a module offers the split through (`WeightSplit`): register the function its
 forward calls with `register_weight_split(function, split)`; while a pipeline stage runs its
@@ -174,8 +174,15 @@ class _Linear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _autocast(input: Tensor) -> bool:
+    """Whether autocast would cast this op's tensors: then its gradients flow through the casts
+    (in the autocast dtype, cast back to each parameter's), which the split Functions below
+    do not model, so the op keeps its whole backward."""
+    return torch.is_autocast_enabled(input.device.type)
+
+
 def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
-    if not (_needs(weight) or _needs(bias)):
+    if not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
     return _Linear.apply(input, weight, bias, defer)
 
@@ -269,7 +276,7 @@ def _split_layer_norm(
     bias: Tensor | None = None,
     eps: float = 1e-5,
 ) -> Any:
-    if weight is None or not (_needs(weight) or _needs(bias)):
+    if weight is None or not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
     return _LayerNorm.apply(input, weight, bias, list(normalized_shape), eps, defer)
 
