@@ -199,8 +199,10 @@ def _run_cases(rank: int, world_size: int, cases: list[Case]) -> dict[str, Any]:
         chunks = [stages[s] for s in mine]
         # Long cases stream through a pipe smaller than their activations.
         shm_link.PIPE_CAPACITY = SMALL_PIPE if case.long else DEFAULT_PIPE
+        # Chunks as a list, or (torch-transport cases) as the ModuleList Pipeline.module holds.
+        given = chunks if case.transport != "torch" else nn.ModuleList(chunks)
         pipe = Pipeline(
-            chunks[0] if len(mine) == 1 else chunks,
+            chunks[0] if len(mine) == 1 else given,
             stage_index=mine[0] if len(mine) == 1 else list(mine),
             num_stages=placement.num_stages,
             loss_fn=nn.MSELoss(reduction=case.reduction),

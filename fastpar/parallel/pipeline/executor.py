@@ -72,10 +72,10 @@ class Pipeline:
 
     Arguments:
         stage: the stage's module (e.g. from `split_sequential`), already on its device; or a
-            list of modules, this rank's chunks, one per entry of `stage_index`. A stage maps
-            one tensor to one tensor. If it has `no_sync()` (fastpar's `DataParallel`), all
-            backwards but the step's last run inside it, so gradients are averaged across
-            replicas once per step.
+            list (or nn.ModuleList) of modules, this rank's chunks, one per entry of
+            `stage_index`. A stage maps one tensor to one tensor. If it has `no_sync()`
+            (fastpar's `DataParallel`), all backwards but the step's last run inside it, so
+            gradients are averaged across replicas once per step.
         stage_index: the global stage `stage` is (one stage per rank: the rank in `group`),
             or a list of them: looped for "interleaved-1f1b" (rank r of w holds r, r + w, ...),
             [r, 2w - 1 - r] for "zbv".
@@ -158,7 +158,7 @@ class Pipeline:
         self.placement = check_handshakes(table, self._group_rank)
         self._hosts = [row.host for row in table]
 
-        single = not isinstance(stage, Sequence)
+        single = _single_stage(stage)
         self.module: nn.Module = stage if single else nn.ModuleList(stage)  # type: ignore[arg-type]
         self.stage_index = stage_index
         self.num_stages = num_stages
@@ -393,6 +393,12 @@ class Pipeline:
             link.drop()
 
 
+def _single_stage(stage: nn.Module | Sequence[nn.Module]) -> bool:
+    """Whether `stage` is one module, not a list of chunks (an nn.ModuleList, as `module` holds
+    them, is a list: it has no forward of its own)."""
+    return isinstance(stage, nn.Module) and not isinstance(stage, nn.ModuleList)
+
+
 def _check_chunks(
     stage: nn.Module | Sequence[nn.Module],
     stage_index: int | Sequence[int],
@@ -400,7 +406,7 @@ def _check_chunks(
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None,
 ) -> dict[int, nn.Module]:
     """{global stage: module} for this rank; raises ValueError / TypeError naming the argument."""
-    single = isinstance(stage, nn.Module)
+    single = _single_stage(stage)
     modules = [stage] if single else list(stage)  # type: ignore[list-item]
     indices = [stage_index] if single else stage_index
     if not isinstance(indices, Sequence) or isinstance(indices, str):
