@@ -248,3 +248,12 @@ def test_split_sequential_rejects_a_count_without_balance() -> None:
         split_sequential(model, 2, balance="auto")
     with pytest.raises(ValueError, match="num_stages must be an integer in \\[1, 2\\], got 3"):
         split_sequential(model, 3, balance="auto", example_input=torch.ones(1, 2))
+
+
+def test_split_sequential_names_a_bad_argument() -> None:
+    with pytest.raises(TypeError, match="split_points must be a list of the layer indices"):
+        split_sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), None)  # type: ignore[arg-type]
+    # A layer returning a tuple (torch's LSTM) cannot end a stage: said while profiling.
+    model = nn.Sequential(nn.Linear(2, 4), nn.LSTM(4, 4), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"layer 1 \(LSTM\) returned tuple.*OutputOnly"):
+        split_sequential(model, 2, balance="auto", example_input=torch.randn(3, 1, 2))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -81,8 +81,13 @@ def split_sequential(
             f"split_points {split_points} is a stage count: pass balance='auto' and an "
             "example_input, or the layer indices where stages start"
         )
-    else:
+    elif isinstance(split_points, Iterable):
         points = list(split_points)
+    else:
+        raise TypeError(
+            "split_points must be a list of the layer indices where stages start, got "
+            f"{type(split_points).__name__} {split_points!r}"
+        )
     bounds = [0, *points, len(model)]
     for index, point in enumerate(points):
         if isinstance(point, bool) or not isinstance(point, int):
@@ -143,8 +148,15 @@ def profile_layers(
     # otherwise overwrite example_input, and refuse a leaf that requires grad.
     inputs = [example_input]
     with torch.no_grad():
-        for layer in model:
-            inputs.append(layer(inputs[-1].clone()))
+        for index, layer in enumerate(model):
+            output = layer(inputs[-1].clone())
+            if not isinstance(output, Tensor):
+                raise TypeError(
+                    f"layer {index} ({type(layer).__name__}) returned {type(output).__name__}; "
+                    "a pipeline stage passes on one Tensor (wrap modules returning tuples, such "
+                    "as LSTMs, in OutputOnly)"
+                )
+            inputs.append(output)
     times: list[list[float]] = [[] for _ in model]
     sizes = [0] * len(model)
     for _ in range(repeats + 1):  # the first round warms up (allocations, lazy init)
