@@ -257,3 +257,17 @@ def test_split_sequential_names_a_bad_argument() -> None:
     model = nn.Sequential(nn.Linear(2, 4), nn.LSTM(4, 4), nn.Linear(4, 2))
     with pytest.raises(TypeError, match=r"layer 1 \(LSTM\) returned tuple.*OutputOnly"):
         split_sequential(model, 2, balance="auto", example_input=torch.randn(3, 1, 2))
+
+
+def test_split_sequential_warns_of_weights_tied_across_stages(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    embedding, head = nn.Embedding(11, 8), nn.Linear(8, 11, bias=False)
+    head.weight = embedding.weight  # tied: each stage's rank sees the gradient of its own use
+    model = nn.Sequential(embedding, nn.Linear(8, 8), nn.Tanh(), head)
+    with caplog.at_level(logging.WARNING):
+        split_sequential(model, [1, 3])
+        split_sequential(model[:3], [1])  # nothing shared
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert "stages [0, 2] share a parameter (stage 0 0.weight, stage 2 0.weight)" in said[0]

@@ -98,7 +98,27 @@ def split_sequential(
                 f"{len(model)} layers, got {points}"
             )
     layers = list(model)
-    return [nn.Sequential(*layers[start:end]) for start, end in itertools.pairwise(bounds)]
+    stages = [nn.Sequential(*layers[start:end]) for start, end in itertools.pairwise(bounds)]
+    _warn_of_shared_parameters(stages)
+    return stages
+
+
+def _warn_of_shared_parameters(stages: Sequence[nn.Module]) -> None:
+    """Say which stages share a parameter (tied weights, e.g. an embedding and the output
+    layer): a rank adds into its `.grad` the gradient of its own stages' uses only."""
+    holders: dict[int, list[tuple[int, str]]] = {}
+    for index, stage in enumerate(stages):
+        for name, param in stage.named_parameters():  # once per stage, even if used twice
+            holders.setdefault(id(param), []).append((index, name))
+    for places in holders.values():
+        if len({index for index, _ in places}) > 1:
+            logger.warning(
+                "stages %s share a parameter (%s): its gradient is whole only on a rank that "
+                "holds all of them (zbv's rank 0 holds the first and the last stage); "
+                "elsewhere sum it across those ranks before the optimizer step",
+                [index for index, _ in places],
+                ", ".join(f"stage {index} {name}" for index, name in places),
+            )
 
 
 def measured_cuts(
