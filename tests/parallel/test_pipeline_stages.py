@@ -86,6 +86,37 @@ def test_split_backward_under_autocast_equals_whole_backward() -> None:
         torch.testing.assert_close(param.grad, want.grad, rtol=1e-6, atol=1e-6, msg=name)
 
 
+class _Checkpointed(nn.Module):
+    """`block` under torch.utils.checkpoint without reentry: recomputed in the backward."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_split_backward_of_a_checkpointed_block_equals_whole_backward() -> None:
+    def model() -> nn.Sequential:
+        torch.manual_seed(3)
+        inner = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 12), nn.LayerNorm(12))
+        return nn.Sequential(_Checkpointed(inner), nn.Tanh(), nn.Linear(12, 4))
+
+    ids = torch.randint(0, 11, (5, 3))
+    grad = torch.randn(5, 3, 4)
+    whole = model()
+    whole(ids).backward(grad)
+    split = model()
+    deferred = DeferredWeights()
+    with weight_split(split, deferred, "stage checkpointed"):
+        out = split(ids)
+    out.backward(grad)  # recomputes the block, outside weight_split
+    deferred.run()
+    for (name, got), want in zip(split.named_parameters(), whole.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_split_backward_passes_input_gradients_at_once() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(4, 3)

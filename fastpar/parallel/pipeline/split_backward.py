@@ -12,7 +12,9 @@ gradients equal those of a whole backward.
 
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
-reports once per stage. So do F.linear and F.layer_norm under autocast, which casts them.
+reports once per stage. So do F.linear and F.layer_norm under autocast, which casts them, and
+every registered function inside torch.utils.checkpoint(use_reentrant=False), which recomputes
+the forward outside the split.
 
 The protocol a module offers the split through (`WeightSplit`): register the function its
 forward calls with `register_weight_split(function, split)`; while a pipeline stage runs its
@@ -89,6 +91,14 @@ class DeferredWeights:
                 job()
 
 
+def _saved_through_hooks() -> bool:
+    """Whether saved tensors pass through hooks, as inside torch.utils.checkpoint(...,
+    use_reentrant=False): it recomputes the forward in the backward, outside the split, and
+    refuses a recomputation that saves other tensors than the forward did. There a registered
+    op keeps its whole backward."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
 class _SplitMode(TorchFunctionMode):
     def __init__(self, deferred: DeferredWeights, covered: set[int]) -> None:
         super().__init__()
@@ -100,7 +110,7 @@ class _SplitMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         split = _registered_split(func)
-        if split is not None and torch.is_grad_enabled():
+        if split is not None and torch.is_grad_enabled() and not _saved_through_hooks():
             out = split(self._defer, *args, **kwargs)
             if out is not NotImplemented:
                 for value in (*args, *kwargs.values()):
