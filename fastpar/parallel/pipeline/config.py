@@ -45,7 +45,10 @@ class PipelineConfig:
     loss_reduction: Reduction = "mean"
     """"mean": `loss_fn` averages over its micro-batch, and each micro-batch's loss is weighted
     by its share of the batch (its size along batch_dim over the batch's), which gives the loss
-    and gradients of `loss_fn` on the whole batch; "sum": losses are added unweighted."""
+    and gradients of `loss_fn` on the whole batch when it averages over the batch dimension;
+    "sum": losses are added unweighted. A loss averaged over a count that depends on the data
+    (cross-entropy with ignore_index, a padding mask) is not the whole batch's under "mean":
+    give such a `loss_fn` reduction="sum" and divide by the batch's count yourself."""
     batch_dim: int = 0
     """Dimension of inputs and targets along which micro-batches are cut (1 for
     sequence-first tensors)."""
