@@ -263,10 +263,20 @@ def eager_whole_stack(x: Tensor, lengths: Tensor | None) -> bool:
     benchmark shapes: 0.4-0.9x for the LSTM, 0.3-0.9x for the GRU and the tanh RNN); on CUDA
     torch's packed call (cuDNN's) runs, which the op's step loop backward was never measured
     against. Inside ``per_layer_ops()`` the ops run (a pipeline stage splitting its backward
-    reroutes them)."""
-    if torch.compiler.is_compiling() or _PER_LAYER.get() != 0:
+    reroutes them), unless saved tensors pass through hooks: torch.utils.checkpoint recomputes
+    the forward outside that context and must see the same ops, and no split happens there."""
+    if torch.compiler.is_compiling():
+        return False
+    if _PER_LAYER.get() != 0 and not saved_tensor_hooks_active():
         return False
     return lengths is None or x.device.type == "cuda"
+
+
+def saved_tensor_hooks_active() -> bool:
+    """Whether saved tensors pass through hooks (torch.utils.checkpoint(use_reentrant=False),
+    save_on_cpu): the forward may be recomputed in the backward, outside any context the
+    forward ran in. torch has no public query."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
 
 
 _PER_LAYER: contextvars.ContextVar[int] = contextvars.ContextVar("per_layer_ops", default=0)

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch import nn
 
-from fastpar.parallel.pipeline import split_sequential
+from fastpar.nn import LSTM
+from fastpar.parallel.pipeline import OutputOnly, split_sequential
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 from fastpar.parallel.pipeline.stages import balanced_cuts
 
@@ -97,10 +98,16 @@ class _Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
 
 
-def test_split_backward_of_a_checkpointed_block_equals_whole_backward() -> None:
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_split_backward_of_a_checkpointed_block_equals_whole_backward(recurrent: bool) -> None:
+    """The recomputation must run the ops the forward ran (a fastpar LSTM ran layer by layer
+    for the split, and as one stack in the recomputation: torch's CheckpointError)."""
+
     def model() -> nn.Sequential:
         torch.manual_seed(3)
         inner = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 12), nn.LayerNorm(12))
+        if recurrent:
+            inner.append(OutputOnly(LSTM(12, 12, num_layers=2, backend="torch")))
         return nn.Sequential(_Checkpointed(inner), nn.Tanh(), nn.Linear(12, 4))
 
     ids = torch.randint(0, 11, (5, 3))

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from fastpar._logging import get_logger, log_once
-from fastpar.ops.aten_common import per_layer_ops
+from fastpar.ops.aten_common import per_layer_ops, saved_tensor_hooks_active
 from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
 
@@ -91,14 +91,6 @@ class DeferredWeights:
                 job()
 
 
-def _saved_through_hooks() -> bool:
-    """Whether saved tensors pass through hooks, as inside torch.utils.checkpoint(...,
-    use_reentrant=False): it recomputes the forward in the backward, outside the split, and
-    refuses a recomputation that saves other tensors than the forward did. There a registered
-    op keeps its whole backward."""
-    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
-
-
 class _SplitMode(TorchFunctionMode):
     def __init__(self, deferred: DeferredWeights, covered: set[int]) -> None:
         super().__init__()
@@ -110,7 +102,9 @@ class _SplitMode(TorchFunctionMode):
     ) -> Any:
         kwargs = kwargs or {}
         split = _registered_split(func)
-        if split is not None and torch.is_grad_enabled() and not _saved_through_hooks():
+        # Inside torch.utils.checkpoint(use_reentrant=False) the forward is recomputed in the
+        # backward, outside the split, and must save what it saved: the op keeps its backward.
+        if split is not None and torch.is_grad_enabled() and not saved_tensor_hooks_active():
             out = split(self._defer, *args, **kwargs)
             if out is not NotImplemented:
                 for value in (*args, *kwargs.values()):
