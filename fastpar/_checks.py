@@ -8,6 +8,7 @@ that is out of range raises ValueError.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Collection
 
 
@@ -21,14 +22,15 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
         high: largest allowed value, or None.
 
     Returns:
-        `value`, typed as int.
+        `value` as a Python int (a numpy integer is one too, as torch takes it for a size).
 
     Raises:
-        TypeError: `value` is not an int (or is a bool).
+        TypeError: `value` is not an integer (or is a bool).
         ValueError: `value` is out of range; the message shows the bounds.
     """
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")

@@ -297,6 +297,15 @@ def test_split_sequential_names_a_bad_argument() -> None:
         split_sequential(model, 2, balance="auto", example_input=torch.randn(3, 1, 2))
 
 
+def test_split_sequential_takes_numpy_integers_as_torch_does() -> None:
+    numpy = pytest.importorskip("numpy")  # installed with the metrics extra
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(4)])
+    stages = split_sequential(model, list(numpy.array([1, 3])))
+    assert [len(stage) for stage in stages] == [1, 2, 1]
+    with pytest.raises(TypeError, match=r"split_points\[1\] must be an integer, got float 2.0"):
+        split_sequential(model, [1, 2.0])  # type: ignore[list-item]
+
+
 def test_split_sequential_warns_of_weights_tied_across_stages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

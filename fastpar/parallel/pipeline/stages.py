@@ -4,6 +4,7 @@ the slowest stage is fastest (`balance="auto"`)."""
 from __future__ import annotations
 
 import itertools
+import numbers
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ def split_sequential(
         if example_input is None:
             raise ValueError('balance="auto" needs an example_input to time the layers on')
         points = measured_cuts(model, num_stages, example_input, repeats=repeats, timer=timer)
-    elif isinstance(split_points, int) and not isinstance(split_points, bool):
+    elif isinstance(split_points, numbers.Integral) and not isinstance(split_points, bool):
         raise ValueError(
             f"split_points {split_points} is a stage count: pass balance='auto' and an "
             "example_input, or the layer indices where stages start"
@@ -88,10 +89,9 @@ def split_sequential(
             "split_points must be a list of the layer indices where stages start, got "
             f"{type(split_points).__name__} {split_points!r}"
         )
+    points = [check_int(f"split_points[{index}]", point, 0) for index, point in enumerate(points)]
     bounds = [0, *points, len(model)]
     for index, point in enumerate(points):
-        if isinstance(point, bool) or not isinstance(point, int):
-            raise TypeError(f"split_points[{index}] must be an int, got {point!r}")
         if not bounds[index] < point < len(model):
             raise ValueError(
                 f"split_points must be strictly increasing in (0, {len(model)}) for a model of "
