@@ -291,6 +291,8 @@ def test_split_sequential_rejects_a_count_without_balance() -> None:
 def test_split_sequential_names_a_bad_argument() -> None:
     with pytest.raises(TypeError, match="split_points must be a list of the layer indices"):
         split_sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="model has no layers"):
+        split_sequential(nn.Sequential(), 1, balance="auto", example_input=torch.zeros(1))
     # A layer returning a tuple (torch's LSTM) cannot end a stage: said while profiling.
     model = nn.Sequential(nn.Linear(2, 4), nn.LSTM(4, 4), nn.Linear(4, 2))
     with pytest.raises(TypeError, match=r"layer 1 \(LSTM\) returned tuple.*OutputOnly"):

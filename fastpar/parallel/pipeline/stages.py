@@ -71,6 +71,8 @@ def split_sequential(
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
+    if len(model) == 0:
+        raise ValueError("model has no layers to split into stages")
     if balance is not None:
         check_choice("balance", balance, ("auto",))
         num_stages = check_int("num_stages", split_points, 1, len(model))
