@@ -10,7 +10,7 @@ per-rank view for data-parallel training (every rank gets the same number of blo
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -71,7 +71,8 @@ class FixedSlicer:
         self._order: torch.Tensor | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose permutation the blocks use (like DistributedSampler).
+        """Select the epoch whose permutation the blocks use (like DistributedSampler); a pass
+        already under way keeps the permutation it started with.
 
         Arguments:
             epoch: the epoch number, >= 0; only matters with `shuffle`.
@@ -102,8 +103,14 @@ class FixedSlicer:
         return order[self._offsets[index] : self._offsets[index + 1]].tolist()
 
     def __iter__(self) -> Iterator[list[int]]:
-        for index in range(self.num_blocks):
-            yield self.block(index)
+        return self._blocks(range(self.num_blocks))
+
+    def _blocks(self, block_ids: Sequence[int]) -> Iterator[list[int]]:
+        # The order is taken when iteration starts, as DistributedSampler takes its indices: a
+        # set_epoch during a pass applies to the next pass instead of mixing two permutations
+        # in this one (samples seen twice or never).
+        order = self._epoch_order()
+        return (order[self._offsets[i] : self._offsets[i + 1]].tolist() for i in block_ids)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -167,8 +174,7 @@ class FixedShard:
         self.slicer.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        for index in self.block_ids:
-            yield self.slicer.block(index)
+        return self.slicer._blocks(self.block_ids)
 
     def __len__(self) -> int:
         return len(self.block_ids)

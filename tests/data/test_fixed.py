@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from fastpar.data import FixedSlicer
 
@@ -97,6 +97,20 @@ def test_shard_follows_the_slicer_epoch() -> None:
     expected = FixedSlicer(40, 8, shuffle=True, seed=3)
     expected.set_epoch(5)
     assert list(shard) == list(expected)[1::2]
+
+
+@pytest.mark.parametrize("view", ["slicer", "shard"])
+def test_set_epoch_during_a_pass_applies_to_the_next_pass(view: str) -> None:
+    slicer = FixedSlicer(20, 4, shuffle=True, seed=7)
+    blocks = slicer if view == "slicer" else slicer.shard(0, 1)
+    sampler = DistributedSampler(range(20), num_replicas=1, rank=0, shuffle=True, seed=7)
+    passes, reference = iter(blocks), iter(sampler)
+    started = [next(passes), next(passes)]
+    # A loop that moves to the next epoch before the loader's pass is over.
+    slicer.set_epoch(1)
+    sampler.set_epoch(1)
+    assert [i for b in started + list(passes) for i in b] == list(reference)
+    assert [i for b in blocks for i in b] == list(sampler)
 
 
 def test_dataloader_batch_sampler() -> None:
