@@ -262,7 +262,7 @@ class DynamicSlicer:
                 training the whole step takes the same time on every rank, so that would carry
                 no signal for the "throughput" policy.
             loss: this rank's mean loss over its block; required (on every rank with samples)
-                by policy "loss". A non-finite loss counts as a jump.
+                by policy "loss", ignored with 0 samples. A non-finite loss counts as a jump.
 
         Raises:
             RuntimeError: the ranks are at different positions (they did not step together),
@@ -364,9 +364,11 @@ class DynamicSlicer:
         ]
         with_loss = [n if has else 0.0 for n, has in zip(samples, stats[_HAS_LOSS], strict=True)]
         total = sum(with_loss)
-        # The global batch's mean loss: each rank's mean weighted by its samples.
+        # The global batch's mean loss: each rank's mean weighted by its samples. A rank with an
+        # empty block adds nothing, whatever it gave: the mean of no samples is NaN in torch.
+        weighted = zip(stats[_LOSS], with_loss, strict=True)
         loss = (
-            sum(value * count for value, count in zip(stats[_LOSS], with_loss, strict=True)) / total
+            sum(value * count for value, count in weighted if count > 0) / total
             if total > 0
             else None
         )

@@ -11,6 +11,7 @@ import math
 import random
 
 import pytest
+import torch
 import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -268,6 +269,22 @@ def test_loss_policy_weights_rank_losses_by_samples() -> None:
     # An unweighted mean (2.0) would count as a jump.
     slicer.record_all([30, 10], [1.0, 1.0], [1.0, 3.0])
     assert slicer.sizes == [12, 12]
+
+
+def test_a_rank_with_an_empty_block_adds_nothing_to_the_loss() -> None:
+    # 14 samples in steps of 3 x 4: the epoch's last step has the blocks [1, 1, 0], and the rank
+    # without samples reports the mean loss of its empty block as the documented loop does.
+    per_sample = 1.0 + 0.01 * torch.arange(14, dtype=torch.float64)
+    slicer = DynamicSlicer(14, min_size=4, max_size=8, policy="loss", world_size=3)
+    for step in slicer.steps():
+        losses = [per_sample[block].mean().item() for block in step]
+        slicer.record_all([len(block) for block in step], [1.0] * 3, losses)
+    assert slicer.last_sizes == [1, 1, 0] and math.isnan(losses[2])
+    stats = slicer.last_stats
+    assert stats is not None
+    assert stats.loss == pytest.approx(per_sample[12:].mean().item(), rel=1e-12)
+    # Within the jump threshold of the first step's loss: a stable step, 4 * 1.25 = 5.
+    assert (stats.event, slicer.sizes) == ("grow", [5, 5, 5])
 
 
 def test_missing_loss_is_an_error() -> None:
