@@ -280,8 +280,9 @@ def spawn_ranks(
         The ranks' return values, indexed by rank.
 
     Raises:
-        RankFailure: a rank raised or died (its traceback or exit code is in the message), or
-            the run outlived `timeout` (the ranks still running are named).
+        RankFailure: a rank raised, died or exited without returning (its traceback or exit
+            code is in the message), or the run outlived `timeout` (the ranks still running
+            are named).
     """
     check_int("world_size", world_size, 1)
     if start_method not in START_METHODS:
@@ -325,6 +326,7 @@ def spawn_ranks(
         for rank in range(world_size)
     ]
     outcomes: dict[int, Any] = {}
+    exited: set[int] = set()  # ranks seen ended with exit code 0 and no result yet
     failures: list[tuple[float, int, str, str]] = []
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     try:
@@ -335,7 +337,7 @@ def spawn_ranks(
             try:
                 rank, ok, value = results.get(timeout=0.05)
             except queue.Empty:
-                _check_dead(processes, outcomes, set(may_die), relay)
+                _check_dead(processes, outcomes, set(may_die), relay, exited)
                 if time.monotonic() > deadline:
                     missing = [r for r in range(world_size) if r not in outcomes]
                     raise RankFailure(
@@ -394,13 +396,22 @@ def _check_dead(
     outcomes: dict[int, Any],
     may_die: set[int],
     relay: _StderrRelay,
+    exited: set[int],
 ) -> None:
+    """Raise RankFailure for a rank that ended without a result (outcome None for one in
+    `may_die`). Called after the results queue came up empty; `exited` carries the ranks that
+    ended with exit code 0 from one call to the next."""
     for rank, process in enumerate(processes):
         if rank in outcomes or process.is_alive():
             continue
-        # The result may still sit in the queue's pipe; a dead process gets a short grace.
         process.join(timeout=0)
-        if process.exitcode not in (None, 0):
+        if process.exitcode == 0 and rank not in exited:
+            # A rank puts its outcome in the queue before it exits, but the queue was read
+            # before this check: only a rank still without one after the next read (at a
+            # later call) ended without one (os._exit(0) in fn), which no timeout must wait for.
+            exited.add(rank)
+            continue
+        if process.exitcode is not None:
             if rank in may_die:
                 outcomes[rank] = None
                 continue
@@ -421,6 +432,8 @@ def _is_stopped(process: mp.process.BaseProcess) -> bool:
 
 
 def _death(rank: int, exitcode: int | None) -> str:
+    if exitcode == 0:
+        return f"rank {rank} exited with code 0 without returning (os._exit in its function?)"
     message = f"rank {rank} died with exit code {exitcode}"
     if exitcode is not None and exitcode < 0:
         with contextlib.suppress(ValueError):

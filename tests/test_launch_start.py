@@ -136,3 +136,18 @@ def test_a_result_that_does_not_pickle_fails_its_rank() -> None:
 
 def _unpicklable(rank: int, world_size: int) -> object:
     return lambda: rank
+
+
+def test_a_rank_that_exits_without_returning_fails_at_once() -> None:
+    # Exit code 0 is no death, but no result comes: this must not wait for the timeout.
+    start = time.monotonic()
+    with pytest.raises(RankFailure, match=r"rank 1 exited with code 0 without returning"):
+        run_multiprocess(_exit_on_rank_one, 2, timeout=60)
+    assert run_multiprocess(_exit_on_rank_one, 2, timeout=60, may_die=(1,)) == [0, None]
+    assert time.monotonic() - start < 30
+
+
+def _exit_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        os._exit(0)
+    return rank
