@@ -538,6 +538,14 @@ def _world(group: dist.ProcessGroup | None, world_size: int | None) -> tuple[int
     if group is not None and not distributed:
         raise ValueError("a group was given but torch.distributed is not initialised")
     if distributed:
+        # A process outside `group` reads rank and size -1 from it, which would make it a
+        # one-rank slicer that deals itself the group's samples.
+        if group is not None and dist.get_rank(group) < 0:
+            raise ValueError(
+                f"group: this process (global rank {dist.get_rank()}) is not one of its ranks "
+                f"{dist.get_process_group_ranks(group)}; build the slicer only on the group's "
+                "members"
+            )
         size = dist.get_world_size(group)
         if world_size is not None and world_size != size:
             raise ValueError(f"world_size {world_size} != the process group's size {size}")

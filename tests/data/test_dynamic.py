@@ -453,6 +453,25 @@ def _slice_on_rank(rank: int, world_size: int, seed: int) -> dict[str, object]:
     return results
 
 
+def _slicer_on_the_first_two_ranks(rank: int, world_size: int) -> tuple[int, int] | str:
+    group = dist.new_group([0, 1])  # every rank takes part in creating it
+    try:
+        slicer = DynamicSlicer(100, min_size=2, max_size=10, global_batch=10, group=group)
+    except ValueError as error:
+        return str(error)
+    assert slicer.rank is not None
+    return slicer.rank, slicer.world_size
+
+
+def test_a_process_outside_the_group_is_refused() -> None:
+    results = run_multiprocess(_slicer_on_the_first_two_ranks, 3, timeout=120)
+    assert results[:2] == [(0, 2), (1, 2)]
+    assert results[2] == (
+        "group: this process (global rank 2) is not one of its ranks [0, 1]; build the slicer "
+        "only on the group's members"
+    )
+
+
 def _replay(policy: str, seed: int) -> tuple[list[list[tuple[int, list[int]]]], list[list[int]]]:
     """The same run in one process playing all ranks: the oracle for the ranks' blocks."""
     slicer = _make(policy, None, _WORLD)
