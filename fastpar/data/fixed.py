@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastpar._checks import check_int
+from fastpar._checks import check_bool, check_int
 
 
 class FixedSlicer:
@@ -56,8 +56,9 @@ class FixedSlicer:
                 "every block needs at least one sample"
             )
         self.seed = check_int("seed", seed, 0)
-        self.drop_last = bool(drop_last)
-        self.shuffle = bool(shuffle)
+        # A flag read from a config file as the string "false" must not turn it on.
+        self.drop_last = check_bool("drop_last", drop_last)
+        self.shuffle = check_bool("shuffle", shuffle)
         self.epoch = 0
         base, remainder = divmod(num_samples, num_blocks)
         extra = 0 if drop_last else remainder

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fastpar._checks import check_choice, check_float, check_int
+from fastpar._checks import check_bool, check_choice, check_float, check_int
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -122,6 +122,7 @@ class DynamicSlicerConfig:
         check_float("shrink", self.shrink, 0.0, 1.0, low_open=True)
         check_float("jump_threshold", self.jump_threshold, 0.0, math.inf, low_open=True)
         check_float("loss_momentum", self.loss_momentum, 0.0, 1.0, high_open=True)
+        check_bool("shuffle", self.shuffle)
         check_int("seed", self.seed, 0)
 
 

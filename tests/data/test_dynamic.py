@@ -359,6 +359,8 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
          r"model_window must be an integer >= 2, got 1"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "gain_threshold": math.nan},
          ValueError, r"gain_threshold must be a finite number in \[0.0, inf\], got nan"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "shuffle": "false"}, TypeError,
+         r"shuffle must be a bool, got str 'false'"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
     ],
 )  # fmt: skip

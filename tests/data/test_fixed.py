@@ -146,6 +146,12 @@ def test_dataloader_batch_sampler() -> None:
         ({"num_samples": 10, "num_blocks": 2.0}, TypeError, r"num_blocks must be an int"),
         ({"num_samples": True, "num_blocks": 1}, TypeError, r"num_samples must be an int"),
         ({"num_samples": 10, "num_blocks": 2, "seed": -1}, ValueError, r"seed must be an integer"),
+        (
+            {"num_samples": 10, "num_blocks": 3, "drop_last": "false"},
+            TypeError,
+            r"drop_last must be a bool, got str 'false'",
+        ),
+        ({"num_samples": 10, "num_blocks": 3, "shuffle": 0}, TypeError, r"shuffle must be a bool"),
     ],
 )
 def test_bad_arguments(kwargs: dict[str, object], error: type[Exception], message: str) -> None:
