@@ -31,6 +31,7 @@ def apportion(
         One int per weight, summing to `total`.
 
     Raises:
+        TypeError: `total` is not an int.
         ValueError: lengths differ, a weight is negative or not finite, or `total` is outside
             [sum(low), sum(high)].
     """
@@ -44,6 +45,9 @@ def apportion(
         raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
     if any(lo > hi for lo, hi in zip(low, high, strict=True)):
         raise ValueError(f"every low bound must be <= its high bound, got {low} and {high}")
+    if isinstance(total, bool) or not isinstance(total, int):
+        # Integer shares cannot sum to 5.5: they would silently sum to 5.
+        raise TypeError(f"total must be an integer, got {type(total).__name__} {total!r}")
     if not sum(low) <= total <= sum(high):
         raise ValueError(
             f"total {total} is outside [sum(low), sum(high)] = [{sum(low)}, {sum(high)}]"

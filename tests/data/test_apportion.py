@@ -66,3 +66,7 @@ def test_bad_problems() -> None:
         apportion(2, [1.0, 1.0], [0], [4, 4])
     with pytest.raises(ValueError, match=r"every low bound must be <= its high bound"):
         apportion(2, [1.0, 1.0], [3, 0], [2, 4])
+    with pytest.raises(TypeError, match=r"total must be an integer, got float 5.5"):
+        apportion(5.5, [1.0, 1.0], [0, 0], [4, 4])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"total must be an integer, got bool True"):
+        apportion(True, [1.0, 1.0], [0, 0], [4, 4])
