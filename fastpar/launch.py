@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from fastpar._checks import check_int
+from fastpar._checks import check_int, check_positive
 
 _PR_SET_PDEATHSIG = 1
 START_METHODS = ("spawn", "forkserver")
@@ -280,11 +280,19 @@ def spawn_ranks(
         The ranks' return values, indexed by rank.
 
     Raises:
+        TypeError, ValueError: a bad argument (named in the message).
         RankFailure: a rank raised, died or exited without returning (its traceback or exit
             code is in the message), or the run outlived `timeout` (the ranks still running
             are named).
     """
     check_int("world_size", world_size, 1)
+    # Checked here: the store would fail on them with a socket error, a rank with its death.
+    for name, seconds in (("timeout", timeout), ("group_timeout", group_timeout)):
+        if seconds is not None:
+            check_positive(name, seconds)
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"env must map str to str, got {key!r}: {value!r}")
     if start_method not in START_METHODS:
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if group_timeout is None:

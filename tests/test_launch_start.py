@@ -4,6 +4,7 @@ call, before its function's module is imported, and no rank outlives a killed la
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -42,6 +43,22 @@ def test_ranks_see_the_environment_of_the_call(
 def test_a_bad_start_method_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"start_method must be one of .*'fork'"):
         spawn_ranks(launch_probe.environment, 1, start_method="fork")
+
+
+@pytest.mark.parametrize(
+    "options, error, message",
+    [
+        ({"timeout": 0}, ValueError, r"timeout must be a finite number > 0, got 0"),
+        ({"timeout": -5.0}, ValueError, r"timeout must be a finite number > 0, got -5.0"),
+        ({"group_timeout": math.inf}, ValueError, r"group_timeout must be a finite number > 0"),
+        ({"env": {"OMP_NUM_THREADS": 1}}, TypeError, r"env must map str to str, got 'OMP_NUM"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(
+    options: dict[str, object], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        spawn_ranks(launch_probe.environment, 1, **options)  # type: ignore[arg-type]
 
 
 def _pids(pid_file: Path, count: int, deadline: float) -> list[int]:
