@@ -32,7 +32,9 @@ from fastpar.training.parallel_dims import RankPlace
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Options a resumed run must share with the run that wrote the checkpoint: they fix the model's
 # shapes and the meaning of the data position.
-MUST_MATCH = ("embed", "hidden", "layers", "seq_len", "train_bytes", "slicing", "seed")
+MUST_MATCH = ("embed", "hidden", "layers", "cell", "seq_len", "train_bytes", "slicing", "seed")
+# What an option missing from an older manifest was: checkpoints from before --cell hold LSTMs.
+_BEFORE_RECORDED = {"cell": "lstm"}
 
 
 def _tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -62,6 +64,25 @@ def save_checkpoint(
     return checkpoint.save(config.checkpoint_dir, step, _tensors(module, optimizer), metadata)
 
 
+def check_options(config: TrainConfig, found: checkpoint.Found) -> None:
+    """Refuse to resume `found` with options that change the model's shapes or the meaning of
+    its data position (`MUST_MATCH`).
+
+    Raises:
+        checkpoint.CheckpointError: naming the option, its recorded value and this run's.
+    """
+    recorded_options = found.manifest["options"]
+    for name in MUST_MATCH:
+        recorded = recorded_options.get(name, _BEFORE_RECORDED.get(name))
+        mine = getattr(config, name)
+        if recorded != mine:
+            flag = "--" + name.replace("_", "-")
+            raise checkpoint.CheckpointError(
+                f"checkpoint {found.directory} was written with {flag} {recorded}; this run has "
+                f"{flag} {mine}: resume with the same value"
+            )
+
+
 def restore(
     config: TrainConfig,
     found: checkpoint.Found,
@@ -78,14 +99,7 @@ def restore(
         checkpoint.CheckpointError: the checkpoint was written with other options.
     """
     manifest = found.manifest
-    for name in MUST_MATCH:
-        recorded, mine = manifest["options"][name], getattr(config, name)
-        if recorded != mine:
-            flag = "--" + name.replace("_", "-")
-            raise checkpoint.CheckpointError(
-                f"checkpoint {found.directory} was written with {flag} {recorded}; this run has "
-                f"{flag} {mine}: resume with the same value"
-            )
+    check_options(config, found)
     try:
         batches.load_state_dict(manifest["data"])
     except PositionError as error:

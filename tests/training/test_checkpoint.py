@@ -16,9 +16,13 @@ import pytest
 import torch
 
 from fastpar.training import checkpoint
+from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import CheckpointError, check_folder, find_intact, step_name
 from fastpar.training.cli import restarted_config
 from fastpar.training.config import TrainConfig
+from fastpar.training.loop import Stage, build_stage
+from fastpar.training.parallel_dims import RankPlace
+from fastpar.training.state import check_options, restore, save_checkpoint
 
 
 def _save(root: Path, step: int, keep: int = 2) -> dict[str, torch.Tensor]:
@@ -205,3 +209,32 @@ def test_a_restarted_torchrun_job_continues_or_starts_over(tmp_path: Path) -> No
     assert restarted_config(config, 2) == resume
     overwrite = dataclasses.replace(config, overwrite=True)
     assert restarted_config(overwrite, 1) == resume
+
+
+def _one_rank(config: TrainConfig) -> tuple[RankPlace, Stage, Batches]:
+    """What a one-rank run of `config` trains (no process group needed)."""
+    place = RankPlace(dims=config.layout(1), rank=0, replica=0, stage=0, dp_group=None,
+                      pp_group=None)  # fmt: skip
+    return place, build_stage(config, place, torch.device("cpu")), Batches(config, place, 64)
+
+
+def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None:
+    """An LSTM's weights do not fit a GRU: the resume must say which option changed, not fail in
+    torch.distributed.checkpoint with "CheckpointException ranks:dict_keys([0, 1])"."""
+    lstm = TrainConfig(
+        embed=4, hidden=8, layers=1, seq_len=8, batch_size=2, checkpoint_dir=tmp_path
+    )
+    place, stage, batches = _one_rank(lstm)
+    save_checkpoint(lstm, 1, place, stage.module, stage.optimizer, batches)
+    found, _ = find_intact(tmp_path)
+    assert found is not None
+    gru = dataclasses.replace(lstm, cell="gru")
+    _, stage, batches = _one_rank(gru)
+    with pytest.raises(CheckpointError, match="written with --cell lstm; this run has --cell gru"):
+        restore(gru, found, stage.module, stage.optimizer, batches)
+    # A manifest from before --cell existed was written by an LSTM run.
+    options = {k: v for k, v in found.manifest["options"].items() if k != "cell"}
+    older = dataclasses.replace(found, manifest={**found.manifest, "options": options})
+    check_options(lstm, older)
+    with pytest.raises(CheckpointError, match="--cell lstm"):
+        check_options(gru, older)
