@@ -101,6 +101,12 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("--resume continues the run in --checkpoint-dir and --overwrite "
                              "deletes it: pass one of them")  # fmt: skip
+        if self.validation_bytes <= self.seq_len:  # else the validation loss is a mean of none
+            raise ValueError(
+                f"--validation-bytes {self.validation_bytes} holds no window of --seq-len "
+                f"{self.seq_len} (its bytes and the next one's): pass --validation-bytes "
+                f"{self.seq_len + 1} or more"
+            )
         if self.parallel != "dp" and self.slicing != "fixed":
             raise ValueError(
                 f"--slicing {self.slicing} adapts data-parallel replicas and needs --parallel dp; "

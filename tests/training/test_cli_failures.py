@@ -163,3 +163,11 @@ def test_config_takes_no_bool_for_a_number() -> None:
         TrainConfig(lr=True)
     with pytest.raises(ValueError, match=r"--steps must be an integer >= 1, got 0"):
         TrainConfig(steps=0)
+
+
+def test_a_validation_text_shorter_than_a_window_is_refused() -> None:
+    """A window is --seq-len inputs and one more target byte; with none, the run reported
+    "validation loss: nan" at its end."""
+    TrainConfig(seq_len=16, validation_bytes=17)
+    with pytest.raises(ValueError, match="--validation-bytes 16 holds no window of --seq-len 16"):
+        TrainConfig(seq_len=16, validation_bytes=16)
