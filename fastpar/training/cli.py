@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import os
 import re
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -264,12 +268,41 @@ def _prepare_under_torchrun(config: TrainConfig) -> Found | None:
     return answer[0]
 
 
+class _Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` takes it
+    """SIGTERM reached the launcher (kill, a scheduler's time limit, `timeout`)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    # A second SIGTERM ends the launcher at once; PR_SET_PDEATHSIG still takes the ranks.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises `_Terminated` in the launcher, so that it stops the ranks and says how
+    to resume as it does on Ctrl-C (by default Python would die without a word)."""
+    if threading.current_thread() is not threading.main_thread():  # only it takes signals
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(config: TrainConfig, *, debug: bool = False) -> int:
     """Train with `config`: under torchrun as this process's rank, else on `nproc` local
     processes. Expected failures are reported in one line each on stderr (`debug`: with the
     ranks' tracebacks). Returns the exit status."""
     if _under_torchrun():
         return _run_under_torchrun(config)
+    with _sigterm_unwinds():
+        return _run_local(config, debug)
+
+
+def _run_local(config: TrainConfig, debug: bool) -> int:
     from fastpar.launch import RankFailure, default_backend, spawn_ranks
     from fastpar.training.checkpoint import CheckpointError
     from fastpar.training.metrics_folder import MetricsFolderError
@@ -296,6 +329,10 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
         print(f"\nfastpar train: interrupted; all ranks were stopped; {_resume_hint(config)}.",
               file=sys.stderr)  # fmt: skip
         return 130
+    except _Terminated:
+        print(f"\nfastpar train: terminated (SIGTERM); all ranks were stopped; "
+              f"{_resume_hint(config)}.", file=sys.stderr)  # fmt: skip
+        return 128 + signal.SIGTERM
     if results[0] is not None:
         _print_summary(results[0])
     return 0

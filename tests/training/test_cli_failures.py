@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastpar import launch
 from fastpar.training import checkpoint
 from fastpar.training.checkpoint import find_intact, step_name
+from fastpar.training.cli import run
 from fastpar.training.config import TrainConfig
 
 from .util import REPO, SMALL
@@ -148,6 +150,41 @@ def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
     while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left
+
+
+class _SigtermEscaped(Exception):
+    pass
+
+
+def _sigterm_escaped(signum: int, frame: object) -> None:
+    raise _SigtermEscaped
+
+
+def test_sigterm_stops_every_rank_and_says_how_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`kill`, `timeout` or a scheduler's time limit send the launcher SIGTERM: it must stop the
+    ranks and say how to resume, as on Ctrl-C (it died without a word). In this process: the
+    launch is replaced by one that receives SIGTERM while the ranks train."""
+
+    def terminated_while_training(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler runs as the signal arrives
+        raise AssertionError("SIGTERM did not reach the launcher")
+
+    monkeypatch.setattr(launch, "spawn_ranks", terminated_while_training)
+    # Without the launcher's own handler, SIGTERM fails this test instead of killing pytest.
+    previous = signal.signal(signal.SIGTERM, _sigterm_escaped)
+    try:
+        code = run(TrainConfig(checkpoint_dir=tmp_path))
+        assert signal.getsignal(signal.SIGTERM) is _sigterm_escaped  # restored after the run
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == (
+        "fastpar train: terminated (SIGTERM); all ranks were stopped; no checkpoint was written "
+        "yet."
+    )
 
 
 def _session_processes(session: int) -> list[str]:
