@@ -364,11 +364,12 @@ def _run_under_torchrun(config: TrainConfig) -> int:
     try:
         try:
             resume = _prepare_under_torchrun(config)
+            # A checkpoint of other options is refused by every rank as it restores.
+            summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
         except CheckpointError as error:
             if dist.get_rank() == 0:
                 print(f"fastpar train: {error}", file=sys.stderr)
             return 1
-        summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
     finally:
         dist.destroy_process_group()
     if summary is not None:

@@ -17,8 +17,14 @@ import torch
 
 from fastpar.training import checkpoint
 from fastpar.training.batches import Batches
-from fastpar.training.checkpoint import CheckpointError, check_folder, find_intact, step_name
-from fastpar.training.cli import restarted_config
+from fastpar.training.checkpoint import (
+    CheckpointError,
+    Found,
+    check_folder,
+    find_intact,
+    step_name,
+)
+from fastpar.training.cli import restarted_config, run
 from fastpar.training.config import TrainConfig
 from fastpar.training.loop import Stage, build_stage
 from fastpar.training.parallel_dims import RankPlace
@@ -218,16 +224,21 @@ def _one_rank(config: TrainConfig) -> tuple[RankPlace, Stage, Batches]:
     return place, build_stage(config, place, torch.device("cpu")), Batches(config, place, 64)
 
 
+def _lstm_checkpoint(root: Path) -> tuple[TrainConfig, Found]:
+    """A one-rank LSTM run's options and its checkpoint of step 1."""
+    lstm = TrainConfig(embed=4, hidden=8, layers=1, seq_len=8, batch_size=2, train_bytes=4_000,
+                       validation_bytes=1_000, steps=2, checkpoint_dir=root)  # fmt: skip
+    place, stage, batches = _one_rank(lstm)
+    save_checkpoint(lstm, 1, place, stage.module, stage.optimizer, batches)
+    found, _ = find_intact(root)
+    assert found is not None
+    return lstm, found
+
+
 def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None:
     """An LSTM's weights do not fit a GRU: the resume must say which option changed, not fail in
     torch.distributed.checkpoint with "CheckpointException ranks:dict_keys([0, 1])"."""
-    lstm = TrainConfig(
-        embed=4, hidden=8, layers=1, seq_len=8, batch_size=2, checkpoint_dir=tmp_path
-    )
-    place, stage, batches = _one_rank(lstm)
-    save_checkpoint(lstm, 1, place, stage.module, stage.optimizer, batches)
-    found, _ = find_intact(tmp_path)
-    assert found is not None
+    lstm, found = _lstm_checkpoint(tmp_path)
     gru = dataclasses.replace(lstm, cell="gru")
     _, stage, batches = _one_rank(gru)
     with pytest.raises(CheckpointError, match="written with --cell lstm; this run has --cell gru"):
@@ -238,3 +249,20 @@ def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None
     check_options(lstm, older)
     with pytest.raises(CheckpointError, match="--cell lstm"):
         check_options(gru, older)
+
+
+def test_under_torchrun_a_resume_with_other_options_fails_in_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """As the ranks restore, they refuse the checkpoint: torchrun's rank 0 says why in one line,
+    as the local launcher does (every rank printed its traceback). A one-rank torchrun job, in
+    this process."""
+    lstm, found = _lstm_checkpoint(tmp_path)
+    torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    assert run(dataclasses.replace(lstm, cell="rnn", resume=True)) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"fastpar train: checkpoint {found.directory} was written with --cell lstm; this run has "
+        "--cell rnn: resume with the same value"
+    )
