@@ -31,7 +31,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +41,8 @@ from fastpar.training.folders import probe_writable
 
 # torch.distributed.checkpoint is imported where it is used: the command line (which checks
 # folders and picks checkpoints) starts without it.
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
 MANIFEST = "fastpar.json"
@@ -246,6 +248,7 @@ def save(
         The folder of the new checkpoint.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     check_int("keep", keep, 1)
     distributed = dist.is_available() and dist.is_initialized()
@@ -264,7 +267,12 @@ def save(
     writer = dcp.FileSystemWriter(staging, sync_files=True)
     with warnings.catch_warnings():  # "assuming ... a single process": that is the intent
         warnings.simplefilter("ignore", UserWarning)
-        dcp.save(state, storage_writer=writer, no_dist=not distributed)
+        try:
+            dcp.save(state, storage_writer=writer, no_dist=not distributed)
+        except CheckpointException as failure:  # raised on every rank, with every rank's errors
+            raise CheckpointError(
+                f"could not write checkpoint {final}: {_rank_errors(failure)}"
+            ) from None
     # dcp.save returns on every rank once the coordinator wrote .metadata, after every rank's
     # files were written: rank 0 can now seal the checkpoint.
     if rank == 0:
@@ -276,6 +284,16 @@ def save(
             outcome[1] = f"could not write checkpoint {final}: {failure}"
     _raise_rank0_error(outcome, distributed)
     return final
+
+
+def _rank_errors(failure: CheckpointException) -> str:
+    """Each distinct error of a DCP failure once, with its ranks ("ranks 0, 1: OSError: [Errno
+    28] No space left on device: ...") for the message: DCP's own names only the ranks."""
+    ranks_of: dict[str, list[str]] = {}
+    for rank, (error, _) in sorted(failure.failures.items()):
+        ranks_of.setdefault(f"{type(error).__name__}: {error}", []).append(str(rank))
+    return "; ".join(f"{'ranks' if len(r) > 1 else 'rank'} {', '.join(r)}: {text}"
+                     for text, r in ranks_of.items())  # fmt: skip
 
 
 def _raise_rank0_error(outcome: list[str | None], distributed: bool) -> None:
@@ -311,8 +329,14 @@ def load(directory: Path, state: dict[str, Any]) -> None:
     """Fill `state` (this rank's tensors, named as when saved) in place from the checkpoint in
     `directory` (a collective over the default group)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
-    dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    try:
+        dcp.load(state, storage_reader=dcp.FileSystemReader(directory))
+    except CheckpointException as failure:
+        raise CheckpointError(
+            f"could not read checkpoint {directory}: {_rank_errors(failure)}"
+        ) from None
 
 
 def read_tensors(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:

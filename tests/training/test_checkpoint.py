@@ -4,6 +4,7 @@ is skipped on resume and why, and what a planted symlink or an unusable folder d
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -191,6 +192,39 @@ def test_temporary_files_never_follow_a_planted_symlink(
     assert found is not None and found.step == 1
     assert torch.equal(checkpoint.read_tensors(found.directory)["model.weight"],
                        saved["model.weight"])  # fmt: skip
+
+
+def test_a_full_disk_is_named_and_keeps_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch.distributed.checkpoint's error names only the ranks ("CheckpointException
+    ranks:dict_keys([0, 1])", all the user saw): the error says what each rank hit."""
+    import torch.distributed.checkpoint as dcp
+
+    saved = _save(tmp_path, 2)
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "write_data", full_disk)
+    with pytest.raises(CheckpointError) as raised:
+        _save(tmp_path, 4)
+    assert str(raised.value) == (
+        f"could not write checkpoint {tmp_path / step_name(4)}: rank 0: OSError: [Errno 28] No "
+        "space left on device"
+    )
+    found, _ = find_intact(tmp_path)
+    assert found is not None and found.step == 2
+    assert torch.equal(checkpoint.read_tensors(found.directory)["model.weight"],
+                       saved["model.weight"])  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant
+def test_a_checkpoint_that_does_not_fit_names_what_failed(tmp_path: Path) -> None:
+    _save(tmp_path, 2)
+    with pytest.raises(CheckpointError, match=r"could not read checkpoint .*step-00000002: "
+                       r"rank 0: ValueError: Size mismatch .* for model\.weight"):  # fmt: skip
+        checkpoint.load(tmp_path / step_name(2), {"model.weight": torch.empty(2, 2)})
 
 
 def test_a_read_only_folder_is_refused_before_any_work(read_only_folder: Path) -> None:
