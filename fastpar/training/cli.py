@@ -319,7 +319,10 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
         lines = [str(failure)] if debug else _failure_lines(failure.summary)
         print("\nfastpar train stopped:", *lines, sep="\n", file=sys.stderr)
         advice = ["the other ranks were stopped"]
-        if not any("CheckpointError: " in line for line in lines):  # those say what to do
+        # A refused or unreadable checkpoint says what to do; after a failed save, the newest
+        # checkpoint before it is where to continue.
+        if not any("CheckpointError: " in line and "could not write checkpoint" not in line
+                   for line in lines):  # fmt: skip
             advice.append(_resume_hint(config))
         if not debug:
             advice.append("--debug shows the tracebacks")

@@ -187,6 +187,29 @@ def test_sigterm_stops_every_rank_and_says_how_to_resume(
     )
 
 
+def test_a_failed_save_says_where_to_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A save that failed (a full disk) leaves the checkpoints before it, and the user must learn
+    which step --resume continues from, as after any other failure. In this process: the launch
+    is replaced by the failure the ranks report."""
+    _fake_run(tmp_path, 2)
+    error = (f"CheckpointError: could not write checkpoint {tmp_path / step_name(4)}: rank 0: "
+             "OSError: [Errno 28] No space left on device")  # fmt: skip
+
+    def save_failed(*args: object, **kwargs: object) -> None:
+        raise launch.RankFailure("tracebacks", f"rank 0: {error}\nrank 1: {error}")
+
+    monkeypatch.setattr(launch, "spawn_ranks", save_failed)
+    # --resume: a new run would refuse a folder that holds a checkpoint.
+    assert run(TrainConfig(checkpoint_dir=tmp_path, resume=True, steps=8)) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-2:] == [
+        f"ranks 0, 1: {error}",
+        "the other ranks were stopped; rerun with --resume to continue from step 2; --debug "
+        "shows the tracebacks.",
+    ]
+
+
 def _session_processes(session: int) -> list[str]:
     found = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True,
                            text=True, check=False)  # fmt: skip
