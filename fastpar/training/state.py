@@ -108,6 +108,9 @@ def restore(
     checkpoint.load(found.directory, state)
     set_state_dict(module, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=_OPTIONS)  # fmt: skip
+    # The loaded param groups carry the --lr of the run that wrote them; this run's applies.
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr
     rng = manifest["rng"]
     torch_state = bytearray(base64.b64decode(rng["torch"]))
     torch.set_rng_state(torch.frombuffer(torch_state, dtype=torch.uint8).clone())

@@ -285,6 +285,18 @@ def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None
         check_options(gru, older)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant
+def test_a_resume_trains_at_its_own_lr(tmp_path: Path) -> None:
+    """--lr may change across a resume (lowering it is common); the optimizer state loaded from
+    the checkpoint silently brought back the old one."""
+    lstm, found = _lstm_checkpoint(tmp_path)
+    lower = dataclasses.replace(lstm, lr=lstm.lr / 10)
+    _, stage, batches = _one_rank(lower)
+    restore(lower, found, stage.module, stage.optimizer, batches)
+    assert stage.optimizer.state  # the checkpoint's Adam moments were loaded
+    assert {group["lr"] for group in stage.optimizer.param_groups} == {lower.lr}
+
+
 def test_under_torchrun_a_resume_with_other_options_fails_in_one_line(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
