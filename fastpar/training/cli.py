@@ -184,6 +184,9 @@ def _resume_hint(config: TrainConfig) -> str:
     from fastpar.training import checkpoint
 
     found, _ = checkpoint.find_intact(config.checkpoint_dir)
+    if found is not None and found.step >= config.steps:  # stopped after its last save
+        return (f"training had reached --steps {config.steps}: checkpoint {found.directory} "
+                "holds the trained model")  # fmt: skip
     if found is not None:
         return f"rerun with --resume to continue from step {found.step}"
     if checkpoint.list_steps(config.checkpoint_dir):

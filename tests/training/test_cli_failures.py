@@ -16,7 +16,7 @@ import torch
 from fastpar import launch
 from fastpar.training import checkpoint
 from fastpar.training.checkpoint import find_intact, step_name
-from fastpar.training.cli import run
+from fastpar.training.cli import _resume_hint, run
 from fastpar.training.config import TrainConfig
 
 from .util import REPO, SMALL
@@ -208,6 +208,18 @@ def test_a_failed_save_says_where_to_resume(
         "the other ranks were stopped; rerun with --resume to continue from step 2; --debug "
         "shows the tracebacks.",
     ]
+
+
+def test_a_run_stopped_after_its_last_checkpoint_is_not_sent_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C while rank 0 writes the final sample came with "rerun with --resume to continue
+    from step 4", which --resume then refused: step 4 already reaches --steps 4."""
+    _fake_run(tmp_path, 4)
+    assert _resume_hint(TrainConfig(checkpoint_dir=tmp_path, steps=4)) == (
+        f"training had reached --steps 4: checkpoint {tmp_path / step_name(4)} holds the trained "
+        "model"
+    )
+    hint = _resume_hint(TrainConfig(checkpoint_dir=tmp_path, steps=6))
+    assert hint == "rerun with --resume to continue from step 4"
 
 
 def _session_processes(session: int) -> list[str]:
