@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -24,10 +25,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fastpar._logging import get_logger
 from fastpar.training import checkpoint
 from fastpar.training.batches import Batches, PositionError
 from fastpar.training.config import TrainConfig
 from fastpar.training.parallel_dims import RankPlace
+
+logger = get_logger(__name__)
 
 _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 # Options a resumed run must share with the run that wrote the checkpoint: they fix the model's
@@ -108,7 +112,12 @@ def restore(
     checkpoint.load(found.directory, state)
     set_state_dict(module, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"], options=_OPTIONS)  # fmt: skip
-    # The loaded param groups carry the --lr of the run that wrote them; this run's applies.
+    # The loaded param groups carry the --lr of the run that wrote them; this run's applies,
+    # and a change is said (a resume without --lr takes the default, not the earlier run's).
+    loaded = sorted({group["lr"] for group in optimizer.param_groups})
+    if loaded != [config.lr] and (not dist.is_initialized() or dist.get_rank() == 0):
+        logger.warning("training from step %d at --lr %g; the checkpoint's run trained at %s",
+                       found.step, config.lr, ", ".join(f"{lr:g}" for lr in loaded))  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = config.lr
     rng = manifest["rng"]

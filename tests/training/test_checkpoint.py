@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -286,15 +287,20 @@ def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant
-def test_a_resume_trains_at_its_own_lr(tmp_path: Path) -> None:
+def test_a_resume_trains_at_its_own_lr(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """--lr may change across a resume (lowering it is common); the optimizer state loaded from
     the checkpoint silently brought back the old one."""
     lstm, found = _lstm_checkpoint(tmp_path)
     lower = dataclasses.replace(lstm, lr=lstm.lr / 10)
     _, stage, batches = _one_rank(lower)
-    restore(lower, found, stage.module, stage.optimizer, batches)
+    with caplog.at_level(logging.WARNING, logger="fastpar.training.state"):
+        restore(lower, found, stage.module, stage.optimizer, batches)
     assert stage.optimizer.state  # the checkpoint's Adam moments were loaded
     assert {group["lr"] for group in stage.optimizer.param_groups} == {lower.lr}
+    assert [r.getMessage() for r in caplog.records if r.name == "fastpar.training.state"] == [
+        f"training from step {found.step} at --lr {lower.lr:g}; the checkpoint's run trained "
+        f"at {lstm.lr:g}"
+    ]
 
 
 def test_under_torchrun_a_resume_with_other_options_fails_in_one_line(
