@@ -551,15 +551,7 @@ class DataParallel(nn.Module):
                         if bucket.pending > 0:
                             self._mark_unused(bucket)
                     self._launch_ready_buckets()
-                # Wait for every bucket, even after a failure: no work may still be writing
-                # into a buffer (a .grad) once backward has returned.
-                for bucket in self._buckets:
-                    if bucket.work is None:
-                        continue
-                    try:
-                        bucket.work.wait()
-                    except Exception as failure:  # re-raised below
-                        error = error or failure
+                error = self._wait_for_launched()
                 if error is None and self._some_unused:
                     self._expose_used_elsewhere()
             except Exception as failure:  # re-raised below
@@ -576,6 +568,19 @@ class DataParallel(nn.Module):
                 "to None (an optimizer step changes nothing)"
             )
             raise error
+
+    def _wait_for_launched(self) -> BaseException | None:
+        """Wait for every launched all-reduce, even after one failed: no work may still write
+        into a bucket (a .grad) once backward has returned. Returns the first failure."""
+        error: BaseException | None = None
+        for bucket in self._buckets:
+            if bucket.work is None:
+                continue
+            try:
+                bucket.work.wait()
+            except Exception as failure:  # the caller raises it
+                error = error or failure
+        return error
 
     def _reset_backward_state(self) -> None:
         """Nothing launched, no gradient arrived: ready for the next synchronised backward."""
@@ -594,14 +599,7 @@ class DataParallel(nn.Module):
         end-of-backward callback never ran. Its state would keep every later backward from
         synchronising: wait for the all-reduces it launched (none may still write into a
         bucket), forget it, and drop its gradients, never averaged."""
-        error: BaseException | None = None
-        for bucket in self._buckets:
-            if bucket.work is None:
-                continue
-            try:
-                bucket.work.wait()
-            except Exception as failure:  # re-raised below
-                error = error or failure
+        error = self._wait_for_launched()
         self._reset_backward_state()
         self._drop_gradients()
         message = (
