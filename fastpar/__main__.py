@@ -71,7 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:  # before a command handles it itself (imports take seconds)
+        print(f"\nfastpar {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Makes `import triton` fail as it does where triton is not installed.
@@ -55,6 +57,24 @@ def test_info_reports_a_missing_triton() -> None:
     assert "triton: not importable (No module named 'triton')" in result.stdout
     assert "triton (interpreter)       no (needs triton" in result.stdout
     assert "native extension: builds and loads" in result.stdout
+
+
+def test_ctrl_c_before_a_command_takes_it_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while `fastpar train` still imports torch printed a KeyboardInterrupt traceback."""
+    from fastpar import __main__
+
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(__main__, "_info", interrupted)
+    try:
+        code = __main__.main(["info"])
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped fastpar's main")
+    assert code == 130
+    assert capsys.readouterr().err == "\nfastpar info: interrupted\n"
 
 
 def test_cli_rejects_an_unknown_command() -> None:
