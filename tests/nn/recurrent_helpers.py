@@ -87,3 +87,27 @@ def compare_with_torch(
         if check:
             assert_close(a, b, atol, rtol, name)
     return got, exp, names
+
+
+def check_autocast_takes_states_and_half_input(
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module,
+    half_module: torch.nn.Module,
+    rounded: torch.nn.Module,
+    x1: Tensor,
+    x2: Tensor,
+) -> None:
+    """Under autocast the states a call returns are in autocast's dtype, and so is the output of
+    a layer before the module: torch's modules take both with float32 parameters, and float32
+    data with bfloat16 parameters. `ours` (float32) against `theirs` (float64, same weights);
+    `half_module` (bfloat16) against `rounded` (float64 holding its weights); x1, x2 float64."""
+    _, exact_states = theirs(x1)
+    exact, _ = theirs(x2, exact_states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, states = ours(x1.float())
+        out, _ = ours(x2.float(), states)
+        out_half_input, _ = ours(x2.bfloat16(), states)
+        out_half_module, _ = half_module(x2.float())
+    assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's states")
+    assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
+    assert_close(out_half_module, rounded(x2)[0], 2e-2, 2e-2, "bfloat16 module, float32 input")

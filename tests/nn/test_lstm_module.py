@@ -11,7 +11,11 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
-from tests.nn.recurrent_helpers import compare_with_torch, spy_triton
+from tests.nn.recurrent_helpers import (
+    check_autocast_takes_states_and_half_input,
+    compare_with_torch,
+    spy_triton,
+)
 from tests.ops.lstm_helpers import (
     DTYPE_TOLERANCES,
     FP32_ATOL,
@@ -353,23 +357,11 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype() -> None:
 
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_autocast_takes_the_previous_calls_states_and_a_half_input(backend: str) -> None:
-    # Under autocast the states a call returns are in autocast's dtype, and so is the output of
-    # a layer before the LSTM: torch.nn.LSTM takes both with float32 parameters, and float32
-    # data with bfloat16 parameters.
     ours, theirs = _pair(backend, num_layers=2, proj_size=5)
-    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
-    _, exact_states = theirs(x1)
-    exact, _ = theirs(x2, exact_states)
     half_module, rounded = _pair(backend, dtype=torch.bfloat16, num_layers=2, proj_size=5)
     rounded.load_state_dict(half_module.state_dict())  # float64, the bfloat16 weights
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, states = ours(x1.float())
-        out, _ = ours(x2.float(), states)
-        out_half_input, _ = ours(x2.bfloat16(), states)
-        out_half_module, _ = half_module(x2.float())
-    assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's states")
-    assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
-    assert_close(out_half_module, rounded(x2)[0], 2e-2, 2e-2, "bfloat16 module, float32 input")
+    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
+    check_autocast_takes_states_and_half_input(ours, theirs, half_module, rounded, x1, x2)
     cell = fastpar.nn.LSTMCell(F_IN, H, backend=backend)
     torch.manual_seed(0)
     theirs_cell = torch.nn.LSTMCell(F_IN, H).double()

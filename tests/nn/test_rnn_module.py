@@ -13,7 +13,11 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
-from tests.nn.recurrent_helpers import compare_with_torch, spy_triton
+from tests.nn.recurrent_helpers import (
+    check_autocast_takes_states_and_half_input,
+    compare_with_torch,
+    spy_triton,
+)
 from tests.ops.lstm_helpers import (
     FP32_ATOL,
     FP32_RTOL,
@@ -171,23 +175,11 @@ def test_unbatched_input(kind: str, backend: str) -> None:
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_autocast_takes_the_previous_calls_state_and_a_half_input(kind: str, backend: str) -> None:
-    # Under autocast the state a call returns may be in autocast's dtype, and so is the output
-    # of a layer before the module: torch's modules take both with float32 parameters, and
-    # float32 data with bfloat16 parameters.
     ours, theirs = _pair(kind, backend, num_layers=2)
-    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
-    _, exact_h = theirs(x1)
-    exact, _ = theirs(x2, exact_h)
     half_module, rounded = _pair(kind, backend, dtype=torch.bfloat16, num_layers=2)
     rounded.load_state_dict(half_module.state_dict())  # float64, the bfloat16 weights
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, h = ours(x1.float())
-        out, _ = ours(x2.float(), h)
-        out_half_input, _ = ours(x2.bfloat16(), h)
-        out_half_module, _ = half_module(x2.float())
-    assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's state")
-    assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
-    assert_close(out_half_module, rounded(x2)[0], 2e-2, 2e-2, "bfloat16 module, float32 input")
+    x1, x2 = randn(6, B, F_IN, seed=1), randn(6, B, F_IN, seed=2)
+    check_autocast_takes_states_and_half_input(ours, theirs, half_module, rounded, x1, x2)
     _, _, cell_cls, theirs_cell_cls, options = KINDS[kind]
     cell = cell_cls(F_IN, H, backend=backend, **options)
     theirs_cell = theirs_cell_cls(F_IN, H, **options).double()
