@@ -450,7 +450,11 @@ class DataParallel(nn.Module):
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Accumulate gradients locally, without communication, inside this context."""
+        """Accumulate gradients locally, without communication, inside this context.
+
+        What counts is where the backward runs (DDP decides at the forward): a backward outside
+        the context synchronises, whatever the forward ran under. Either way the next
+        synchronised backward averages everything accumulated since the last one."""
         previous = self._sync_enabled
         self._sync_enabled = False
         try:
