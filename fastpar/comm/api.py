@@ -53,8 +53,15 @@ def create_all_reduce(
         A RingAllReduce when every rank shares this host; else a HierarchicalAllReduce, which
         runs where several hosts hold the same number (>= 2) of ranks and otherwise hands every
         call to torch.distributed (its `fallback_reason` says why).
+
+    Raises:
+        ValueError: this process is not a member of `group`.
     """
     pg = group if group is not None else dist.group.WORLD
+    if dist.get_rank(pg) < 0:  # else the host exchange fails with KeyError: -1
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()}) is not a member of the group"
+        )
     wait = group_timeout(pg, device) if timeout is None else as_timedelta("timeout", timeout)
     layout = gather_host_layout(pg, wait)
     path, reason = layout.path()
@@ -131,6 +138,7 @@ def empty_shared(
         A 1-D tensor of `size` elements.
 
     Raises:
+        ValueError: this process is not a member of `group`.
         SharedMemoryUnavailableError: on every rank, when it cannot be allocated (the reason
             says why: /dev/shm too small, one rank per host or uneven hosts, CUDA).
     """

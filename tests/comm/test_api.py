@@ -77,6 +77,11 @@ def _subgroup(rank: int, world_size: int, seed: int) -> list[float]:
     tensor = torch.full((7,), float(rank + 1))
     result = comm.all_reduce(tensor, group=group)  # rank 1 is not a member: a no-op
     assert result is None
+    if rank == 1:  # collectives a non-member cannot take part in: named, not KeyError: -1
+        with pytest.raises(ValueError, match=r"global rank 1\) is not a member of the group"):
+            comm.empty_shared(3, group=group)
+        with pytest.raises(ValueError, match=r"global rank 1\) is not a member of the group"):
+            comm.create_all_reduce(group)
     with comm.RingAllReduce(group) if rank != 1 else _nothing() as ring:
         if ring is not None:
             other = torch.full((2,), float(rank))
