@@ -39,7 +39,15 @@ class RingWork:
             True, as torch.distributed's Work.wait does.
         """
         seconds = None if timeout is None else timeout.total_seconds()
-        self._future.result(timeout=seconds)
+        try:
+            self._future.result(timeout=seconds)
+        except TimeoutError:
+            if self._future.done():  # the all-reduce's own error (a TimeoutError subclass)
+                raise
+            raise TimeoutError(
+                f"the all-reduce was still running after wait(timeout={seconds:g} s); it goes "
+                "on (bounded by the ring's timeout): wait() again before using the tensor"
+            ) from None
         return True
 
     def is_completed(self) -> bool:

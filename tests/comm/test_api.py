@@ -144,3 +144,29 @@ def test_rings_take_their_groups_timeout() -> None:
     assert results[0][0] == [7.0, 1.5, 2.0]
     assert results[1][0] == [7.0, 1.5]
     assert "rank 0 timed out after 2" in results[0][1] and "waiting for rank 1" in results[0][1]
+
+
+def _wait_with_a_timeout(rank: int, world_size: int) -> tuple[str, list[float]]:
+    """torch's Work.wait(timeout): a wait that runs out leaves the call running, and says so."""
+    ring = comm.create_all_reduce(dist.group.WORLD)
+    store = dist.distributed_c10d._get_default_store()
+    tensor = torch.full((4,), float(rank + 1))
+    message = ""
+    if rank == 0:
+        work = ring.all_reduce(tensor, async_op=True)
+        with pytest.raises(TimeoutError) as error:  # rank 1 calls only once told to
+            work.wait(datetime.timedelta(milliseconds=50))
+        message = str(error.value)
+        store.set("wait_timeout/late", "1")
+        work.wait()
+    else:
+        store.wait(["wait_timeout/late"])
+        ring.all_reduce(tensor)
+    ring.close()
+    return message, tensor.tolist()
+
+
+def test_a_wait_that_runs_out_says_the_call_goes_on() -> None:
+    results = run_multiprocess(_wait_with_a_timeout, 2, timeout=60)
+    assert results[0][0].startswith("the all-reduce was still running after wait(timeout=0.05 s)")
+    assert results[0][1] == results[1][1] == [3.0] * 4
