@@ -65,7 +65,8 @@ def source_dir() -> Path:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("FASTPAR_CACHE_DIR", Path.home() / ".cache" / "fastpar"))
+    # An empty FASTPAR_CACHE_DIR (`FASTPAR_CACHE_DIR= cmd`) means unset, not the current folder.
+    return Path(os.environ.get("FASTPAR_CACHE_DIR") or Path.home() / ".cache" / "fastpar")
 
 
 def cuda_build_possible() -> tuple[bool, str]:
@@ -223,9 +224,16 @@ def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:
     library = _built_library(plan)
     if library is not None:
         return library
-    plan.directory.mkdir(parents=True, exist_ok=True)
     lock_path = plan.directory.parent / f"{plan.name}.lock"
-    with open(lock_path, "w") as lock_file:
+    try:
+        plan.directory.mkdir(parents=True, exist_ok=True)
+        lock_file = open(lock_path, "w")  # noqa: SIM115 (closed by the with below)
+    except OSError as error:
+        raise NativeBuildError(
+            f"fastpar's native extension cannot be built in {plan.directory.parent} "
+            f"({error.strerror}): set FASTPAR_CACHE_DIR to a writable folder"
+        ) from error
+    with lock_file:
         # An flock dies with its process, so a rank killed mid-build never leaves a stale lock.
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:

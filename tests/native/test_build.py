@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fastpar import _native
 from fastpar.testing.distributed import run_multiprocess
 
@@ -76,3 +78,31 @@ def test_a_stale_lock_from_a_killed_build_does_not_block(tmp_path: Path) -> None
     # A build that waited on the stale lock would run past the timeout and fail.
     [library] = run_multiprocess(_build_and_call, 1, args=(str(tmp_path),), timeout=120)
     assert Path(library).exists()
+
+
+def test_an_empty_cache_dir_variable_means_the_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`FASTPAR_CACHE_DIR= fastpar build` compiled into the current folder."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FASTPAR_CACHE_DIR", "")
+    assert _native.cache_root() == tmp_path / ".cache" / "fastpar"
+
+
+def test_an_unusable_cache_folder_is_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cache folder that cannot be created (here a file is in the way; a read-only folder
+    alike) ended `fastpar build` with an OSError traceback."""
+    from fastpar.__main__ import main
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("FASTPAR_CACHE_DIR", str(not_a_folder))
+    assert main(["build"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(
+        f"fastpar build: fastpar's native extension cannot be built in {not_a_folder} "
+        "(Not a directory): set FASTPAR_CACHE_DIR to a writable folder"
+    )
+    assert error.count("\n") == 1
