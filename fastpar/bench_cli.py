@@ -6,7 +6,9 @@ prints their tables, and writes one CSV and one PNG plot per suite into a result
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
+import os
 import subprocess
 import sys
 from collections import defaultdict
@@ -124,8 +126,21 @@ def run(names: list[str], results: Path) -> int:
                 return 2
             if suite not in selected:
                 selected.append(suite)
+    if importlib.util.find_spec("matplotlib") is None:  # found out after the first suite ran
+        print("fastpar bench plots with matplotlib, which is not installed: "
+              "pip install 'fastpar[bench]'", file=sys.stderr)  # fmt: skip
+        return 2
     results = Path(results).resolve()
-    results.mkdir(parents=True, exist_ok=True)
+    try:  # before the long runs, not when the first suite writes its CSV
+        results.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        why = "a file is in the way" if results.is_file() else error.strerror
+        print(f"fastpar bench --results: cannot create the folder {results} ({why})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if not os.access(results, os.W_OK | os.X_OK):
+        print(f"fastpar bench --results: the folder {results} is not writable", file=sys.stderr)
+        return 2
     status = 0
     for name in selected:
         suite = SUITES[name]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,37 @@ def test_relative_results_folder_is_the_callers(
     assert (caller / "out" / "fake.csv").read_text().startswith("device,shape")
     assert (caller / "out" / "fake.png").read_bytes()[:4] == b"\x89PNG"
     assert not (checkout / "out").exists()
+
+
+def test_a_results_folder_that_cannot_be_made_is_refused_before_any_suite_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--results` naming a file ended in a FileExistsError traceback."""
+    import fastpar.bench_cli as bench_cli
+
+    monkeypatch.setattr(bench_cli.subprocess, "run", _no_suite_may_run)
+    a_file = tmp_path / "results.csv"
+    a_file.write_text("")
+    assert run(["reduce"], a_file) == 2
+    assert run(["reduce"], a_file / "below") == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"fastpar bench --results: cannot create the folder {a_file} (a file is in the way)",
+        f"fastpar bench --results: cannot create the folder {a_file / 'below'} (Not a directory)",
+    ]
+
+
+def test_a_missing_matplotlib_is_refused_before_any_suite_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without matplotlib the first suite ran for minutes, then plotting raised a traceback."""
+    import fastpar.bench_cli as bench_cli
+
+    monkeypatch.setattr(bench_cli.subprocess, "run", _no_suite_may_run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as where it is not installed
+    assert run(["reduce"], tmp_path / "out") == 2
+    assert "matplotlib, which is not installed: pip install" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def _no_suite_may_run(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a suite ran")
