@@ -27,6 +27,10 @@ def _build(args: argparse.Namespace) -> int:
     except _native.NativeBuildError as error:
         print(f"fastpar build: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # compiler errors: the message holds the compiler's log
+        print(f"fastpar build: building fastpar's native extension failed: {error}",
+              file=sys.stderr)  # fmt: skip
+        return 1
     print(f"native extension: {library}")
     return 0
 

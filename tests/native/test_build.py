@@ -106,3 +106,22 @@ def test_an_unusable_cache_folder_is_a_one_line_error(
         "(Not a directory): set FASTPAR_CACHE_DIR to a writable folder"
     )
     assert error.count("\n") == 1
+
+
+def test_a_compiler_error_is_its_log_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A source that did not compile ended `fastpar build` in a 40-line traceback above the
+    compiler's log; `load()` (and so `fastpar info`) named the failure, the command did not."""
+    from fastpar.__main__ import main
+
+    def compiler_fails(*args: object) -> None:  # what torch's load() raises when ninja fails
+        raise RuntimeError("Error building extension 'x': x.cpp:1:18: error: 'y' was not declared")
+
+    monkeypatch.setenv("FASTPAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_load_extension", compiler_fails)
+    assert main(["build"]) == 1
+    assert capsys.readouterr().err == (
+        "fastpar build: building fastpar's native extension failed: "
+        "Error building extension 'x': x.cpp:1:18: error: 'y' was not declared\n"
+    )
