@@ -24,6 +24,7 @@ def _build(args: argparse.Namespace) -> int:
 
     try:
         library = _native.build(verbose=args.verbose)
+        _native.load()  # a cached library that does not load is no success
     except _native.NativeBuildError as error:
         print(f"fastpar build: {error}", file=sys.stderr)
         return 1

@@ -265,7 +265,15 @@ def load(verbose: bool = False) -> NativeModule:
                 raise NativeBuildError(
                     f"building fastpar's native extension failed: {error}"
                 ) from error
-            module = sys.modules.get(plan.name) or _import_library(plan.name, library)
+            module = sys.modules.get(plan.name)
+            if module is None:
+                try:
+                    module = _import_library(plan.name, library)
+                except ImportError as error:  # corrupted, or a cache shared with another system
+                    raise NativeBuildError(
+                        f"the cached native extension does not load ({error}): delete "
+                        f"{plan.directory} and run `python -m fastpar build`"
+                    ) from error
             _loaded = cast(NativeModule, module)
     return _loaded
 

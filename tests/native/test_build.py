@@ -125,3 +125,25 @@ def test_a_compiler_error_is_its_log_not_a_traceback(
         "fastpar build: building fastpar's native extension failed: "
         "Error building extension 'x': x.cpp:1:18: error: 'y' was not declared\n"
     )
+
+
+def test_a_cached_library_that_does_not_load_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A cached library that did not load (corrupted, or a cache shared with a system with other
+    libraries) ended `fastpar info` in an ImportError traceback, and `fastpar build` said it
+    was fine."""
+    from fastpar.__main__ import main
+
+    monkeypatch.setenv("FASTPAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", None)
+    plan = _native.plan_build()
+    plan.directory.mkdir(parents=True)
+    (plan.directory / f"{plan.name}.so").write_text("not a library\n")
+    (plan.directory / "complete").write_text(f"{plan.name}.so")
+    usable, reason = _native.is_available()
+    assert not usable
+    assert reason.startswith("the cached native extension does not load (")
+    assert reason.endswith(f"delete {plan.directory} and run `python -m fastpar build`")
+    assert main(["build"]) == 1
+    assert capsys.readouterr().err == f"fastpar build: {reason}\n"
