@@ -28,8 +28,18 @@ def _nvcc_version() -> str | None:
     return lines[-1].strip() if lines else "unknown version"
 
 
+def _cpu_cores() -> str:
+    cores = os.cpu_count()
+    # taskset, a cgroup cpuset or a Slurm allocation leave this process fewer cores than the
+    # machine has; torch sizes its thread pool by those.
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return (
+        f"{cores} cores" if usable == cores else f"{cores} cores, {usable} usable by this process"
+    )
+
+
 def _devices() -> list[str]:
-    devices = [f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"]
+    devices = [f"cpu: {platform.processor() or platform.machine()}, {_cpu_cores()}"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)

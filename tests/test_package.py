@@ -98,3 +98,14 @@ def test_wheel_ships_the_native_sources(tmp_path: Path) -> None:
     for source in sorted((REPO / "csrc").iterdir()):
         assert f"fastpar/_csrc/{source.name}" in names
     assert "fastpar/_native.py" in names
+
+
+def test_info_counts_the_cores_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under taskset or a cgroup cpuset, `fastpar info` reported the machine's cores only."""
+    from fastpar import info
+
+    monkeypatch.setattr(info.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(info.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert info._devices()[0].endswith(", 8 cores, 2 usable by this process")
+    monkeypatch.setattr(info.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert info._devices()[0].endswith(", 8 cores")
