@@ -138,6 +138,8 @@ def test_a_cached_library_that_does_not_load_is_named(
     monkeypatch.setenv("FASTPAR_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(_native, "_loaded", None)
     plan = _native.plan_build()
+    # An earlier test of this process may have loaded the good library under the same name.
+    monkeypatch.delitem(sys.modules, plan.name, raising=False)
     plan.directory.mkdir(parents=True)
     (plan.directory / f"{plan.name}.so").write_text("not a library\n")
     (plan.directory / "complete").write_text(f"{plan.name}.so")
