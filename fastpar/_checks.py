@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 
 def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
@@ -102,3 +106,26 @@ def check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return value
+
+
+def check_member(group: dist.ProcessGroup | None) -> int:
+    """Return this process's rank in `group` (None: the default group), which must be initialised.
+
+    Raises:
+        ValueError: this process is not a member of `group`.
+    """
+    # Imported here so that importing _checks does not import torch (the `fastpar` command
+    # parses its arguments before torch is loaded).
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    if rank < 0:
+        # A process left out of new_group(ranks) holds the placeholder NON_GROUP_MEMBER, which
+        # carries no ranks: get_process_group_ranks answers for it with the ranks of the last
+        # group this process was left out of, so the message cannot show the group's ranks.
+        raise ValueError(
+            f"group: this process (global rank {dist.get_rank()} of {dist.get_world_size()}) "
+            "is not a member of it (torch.distributed.new_group returned "
+            "GroupMember.NON_GROUP_MEMBER here); call this only on the group's members"
+        )
+    return rank

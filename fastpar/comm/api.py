@@ -18,6 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from fastpar._checks import check_member
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
 from fastpar.comm.hosts import gather_host_layout
@@ -58,10 +59,7 @@ def create_all_reduce(
         ValueError: this process is not a member of `group`.
     """
     pg = group if group is not None else dist.group.WORLD
-    if dist.get_rank(pg) < 0:  # else the host exchange fails with KeyError: -1
-        raise ValueError(
-            f"group: this process (global rank {dist.get_rank()}) is not a member of the group"
-        )
+    check_member(pg)  # else the host exchange fails with KeyError: -1
     wait = group_timeout(pg, device) if timeout is None else as_timedelta("timeout", timeout)
     layout = gather_host_layout(pg, wait)
     path, reason = layout.path()

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_int
+from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
@@ -143,9 +143,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("HierarchicalAllReduce needs torch.distributed to be initialised")
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        if self.rank < 0:
-            raise ValueError(f"this process (rank {dist.get_rank()}) is not in the group")
+        self.rank = check_member(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.device = torch.device(device)
         if self.device == torch.device("cuda"):  # this rank's GPU

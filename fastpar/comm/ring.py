@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar import _native
-from fastpar._checks import check_int
+from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
@@ -126,11 +126,7 @@ class RingAllReduce:
                 "(call torch.distributed.init_process_group first)"
             )
         self.group: dist.ProcessGroup = group if group is not None else dist.group.WORLD
-        self.rank = dist.get_rank(self.group)
-        if self.rank < 0:
-            raise ValueError(
-                f"this process (global rank {dist.get_rank()}) is not a member of the group"
-            )
+        self.rank = check_member(self.group)
         self.world_size = dist.get_world_size(self.group)
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:

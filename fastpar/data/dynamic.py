@@ -51,7 +51,7 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_choice, check_float, check_int
+from fastpar._checks import check_choice, check_float, check_int, check_member
 from fastpar.comm import all_reduce
 from fastpar.comm.devices import collective_device
 from fastpar.data.apportion import apportion
@@ -540,16 +540,11 @@ def _world(group: dist.ProcessGroup | None, world_size: int | None) -> tuple[int
     if distributed:
         # A process outside `group` reads rank and size -1 from it, which would make it a
         # one-rank slicer that deals itself the group's samples.
-        if group is not None and dist.get_rank(group) < 0:
-            raise ValueError(
-                f"group: this process (global rank {dist.get_rank()}) is not one of its ranks "
-                f"{dist.get_process_group_ranks(group)}; build the slicer only on the group's "
-                "members"
-            )
+        rank = check_member(group)
         size = dist.get_world_size(group)
         if world_size is not None and world_size != size:
             raise ValueError(f"world_size {world_size} != the process group's size {size}")
         if size > 1:
-            return dist.get_rank(group), size
+            return rank, size
     size = 1 if world_size is None else check_int("world_size", world_size, 1)
     return (0 if size == 1 else None), size

@@ -76,7 +76,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar._checks import check_bool, check_choice, check_positive
+from fastpar._checks import check_bool, check_choice, check_member, check_positive
 from fastpar._logging import get_logger, log_once
 from fastpar.profiling import record_range
 
@@ -273,12 +273,7 @@ class DataParallel(nn.Module):
         self.module = module
         self.register_load_state_dict_pre_hook(_under_module_prefix)
         self.group = group if group is not None else dist.group.WORLD
-        if dist.get_rank(self.group) < 0:
-            raise ValueError(
-                f"group: this process (global rank {dist.get_rank()}) is not one of its ranks "
-                f"{dist.get_process_group_ranks(self.group)}; wrap the module only on the "
-                "group's members"
-            )
+        check_member(self.group)
         self.world_size = dist.get_world_size(self.group)
         self._src = dist.get_global_rank(self.group, 0)
         self._sync_enabled = True

@@ -447,16 +447,23 @@ def test_different_buffers_are_an_error_on_every_rank() -> None:
 
 
 def _outside_the_group(rank: int, world_size: int) -> str | None:
-    first_only = dist.new_group([0])
-    if rank == 0:
+    first_two = dist.new_group([0, 1])
+    if rank < 2:
+        DataParallel(nn.Linear(4, 3), group=first_two).close()
         return None
-    with pytest.raises(ValueError, match="group: this process") as info:
-        DataParallel(nn.Linear(4, 3), group=first_only)
+    with pytest.raises(ValueError) as info:
+        DataParallel(nn.Linear(4, 3), group=first_two)
     return str(info.value)
 
 
 def test_a_rank_outside_the_group_is_refused() -> None:
-    assert run_multiprocess(_outside_the_group, 2, timeout=60)[1] is not None
+    assert run_multiprocess(_outside_the_group, 3, timeout=60) == [
+        None,
+        None,
+        "group: this process (global rank 2 of 3) is not a member of it (torch.distributed."
+        "new_group returned GroupMember.NON_GROUP_MEMBER here); call this only on the group's "
+        "members",
+    ]
 
 
 def _state_dict_round_trip(rank: int, world_size: int) -> None:
