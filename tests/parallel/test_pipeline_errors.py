@@ -145,6 +145,26 @@ def test_mismatched_arguments_raise_on_every_rank() -> None:
             assert seconds < 10, (case, rank, seconds)
 
 
+def _construct_outside_the_group(rank: int, world_size: int) -> Outcome:
+    first_two = dist.new_group([0, 1])
+    if rank == 2:  # the outsider passes what the first member does
+        return _outcome(lambda: _pipeline(0, 2, nn.Linear(4, 4), group=first_two))
+    pipe = _pipeline(rank, 2, nn.Linear(4, 4), group=first_two)
+    x, y = _batch()
+    return _outcome(lambda: pipe.step(x, y))  # the members go on without the outsider
+
+
+def test_a_rank_outside_the_group_is_refused_by_name() -> None:
+    outcomes = run_multiprocess(_construct_outside_the_group, 3, timeout=60)
+    assert [kind for kind, _, _ in outcomes] == ["ok", "ok", "ValueError"], outcomes
+    assert outcomes[2][1] == (
+        "group: this process (global rank 2 of 3) is not a member of it (torch.distributed."
+        "new_group returned GroupMember.NON_GROUP_MEMBER here); call this only on the group's "
+        "members"
+    )
+    assert outcomes[2][2] < 10
+
+
 # --- a stage that raises -------------------------------------------------------------------------
 
 RAISING_CASES = [

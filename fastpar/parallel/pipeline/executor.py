@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastpar._checks import check_int
+from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.timeouts import group_timeout
 from fastpar.parallel.pipeline.config import (
@@ -122,6 +122,8 @@ class Pipeline:
                 "(call torch.distributed.init_process_group first)"
             )
         self.group = group if group is not None else dist.group.WORLD
+        # Before the handshake: a process outside the group cannot join it to raise with the rest.
+        self._group_rank = check_member(self.group)
         self.loss_fn = loss_fn
         group_wait_s = group_timeout(self.group).total_seconds()
         if timeout_s is None:  # the group's own (init_process_group / new_group timeout=)
@@ -154,7 +156,6 @@ class Pipeline:
         table = exchange_handshakes(self.group, mine, timeout)
         if local_error is not None:
             raise local_error
-        self._group_rank = dist.get_rank(self.group)
         self.placement = check_handshakes(table, self._group_rank)
         self._hosts = [row.host for row in table]
 
