@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from fastpar._checks import check_int
+
 
 def apportion(
     total: int, weights: Sequence[float], low: Sequence[int], high: Sequence[int]
@@ -22,7 +24,7 @@ def apportion(
     still missing go to the shares with the largest fractional parts (ties to the lower index).
 
     Arguments:
-        total: the sum of the shares, in [sum(low), sum(high)].
+        total: the sum of the shares, an integer (numpy's too) in [sum(low), sum(high)].
         weights: one non-negative finite weight per share; all zero means equal weights.
         low: lower bound per share.
         high: upper bound per share, >= low.
@@ -31,7 +33,7 @@ def apportion(
         One int per weight, summing to `total`.
 
     Raises:
-        TypeError: `total` is not an int.
+        TypeError: `total` is not an integer (or is a bool).
         ValueError: lengths differ, a weight is negative or not finite, or `total` is outside
             [sum(low), sum(high)].
     """
@@ -45,13 +47,8 @@ def apportion(
         raise ValueError(f"weights must be finite and >= 0, got {list(weights)}")
     if any(lo > hi for lo, hi in zip(low, high, strict=True)):
         raise ValueError(f"every low bound must be <= its high bound, got {low} and {high}")
-    if isinstance(total, bool) or not isinstance(total, int):
-        # Integer shares cannot sum to 5.5: they would silently sum to 5.
-        raise TypeError(f"total must be an integer, got {type(total).__name__} {total!r}")
-    if not sum(low) <= total <= sum(high):
-        raise ValueError(
-            f"total {total} is outside [sum(low), sum(high)] = [{sum(low)}, {sum(high)}]"
-        )
+    # Integer shares cannot sum to 5.5: they would silently sum to 5.
+    total = check_int("total", total, sum(low), sum(high))
     if sum(weights) == 0:
         weights = [1.0] * count
     real = _bounded_shares(total, weights, low, high)
