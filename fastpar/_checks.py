@@ -125,7 +125,6 @@ def check_member(group: dist.ProcessGroup | None) -> int:
         # group this process was left out of, so the message cannot show the group's ranks.
         raise ValueError(
             f"group: this process (global rank {dist.get_rank()} of {dist.get_world_size()}) "
-            "is not a member of it (torch.distributed.new_group returned "
-            "GroupMember.NON_GROUP_MEMBER here); call this only on the group's members"
+            "is not one of the group's members; call this only on its members"
         )
     return rank

@@ -469,9 +469,8 @@ def test_a_process_outside_the_group_is_refused() -> None:
     results = run_multiprocess(_slicer_on_the_first_two_ranks, 3, timeout=120)
     assert results[:2] == [(0, 2), (1, 2)]
     assert results[2] == (
-        "group: this process (global rank 2 of 3) is not a member of it (torch.distributed."
-        "new_group returned GroupMember.NON_GROUP_MEMBER here); call this only on the group's "
-        "members"
+        "group: this process (global rank 2 of 3) is not one of the group's members; call this "
+        "only on its members"
     )
 
 

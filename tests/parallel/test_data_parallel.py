@@ -460,9 +460,8 @@ def test_a_rank_outside_the_group_is_refused() -> None:
     assert run_multiprocess(_outside_the_group, 3, timeout=60) == [
         None,
         None,
-        "group: this process (global rank 2 of 3) is not a member of it (torch.distributed."
-        "new_group returned GroupMember.NON_GROUP_MEMBER here); call this only on the group's "
-        "members",
+        "group: this process (global rank 2 of 3) is not one of the group's members; call this "
+        "only on its members",
     ]
 
 

@@ -158,9 +158,8 @@ def test_a_rank_outside_the_group_is_refused_by_name() -> None:
     outcomes = run_multiprocess(_construct_outside_the_group, 3, timeout=60)
     assert [kind for kind, _, _ in outcomes] == ["ok", "ok", "ValueError"], outcomes
     assert outcomes[2][1] == (
-        "group: this process (global rank 2 of 3) is not a member of it (torch.distributed."
-        "new_group returned GroupMember.NON_GROUP_MEMBER here); call this only on the group's "
-        "members"
+        "group: this process (global rank 2 of 3) is not one of the group's members; call this "
+        "only on its members"
     )
     assert outcomes[2][2] < 10
 
