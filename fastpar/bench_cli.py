@@ -8,12 +8,13 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
-import os
 import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+from fastpar._machine import probe_writable
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "bench"
 
@@ -138,8 +139,11 @@ def run(names: list[str], results: Path) -> int:
         print(f"fastpar bench --results: cannot create the folder {results} ({why})",
               file=sys.stderr)  # fmt: skip
         return 2
-    if not os.access(results, os.W_OK | os.X_OK):
-        print(f"fastpar bench --results: the folder {results} is not writable", file=sys.stderr)
+    try:  # the probe the training folders use: os.access misses what only a write meets
+        probe_writable(results)
+    except OSError as error:
+        print(f"fastpar bench --results: the folder {results} is not writable "
+              f"({error.strerror})", file=sys.stderr)  # fmt: skip
         return 2
     status = 0
     for name in selected:

@@ -1,4 +1,5 @@
-"""Test-wide setup: the Triton interpreter on machines without a GPU, and the gpu/slow markers.
+"""Test-wide setup: the Triton interpreter on machines without a GPU, the gpu/slow markers, and a
+folder no file can be created in.
 
 TRITON_INTERPRET must be set before triton is first imported, which is why it happens here, at
 conftest import time, before any test module (and so fastpar.ops) is collected.
@@ -8,7 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +43,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def read_only_folder(tmp_path: Path) -> Iterator[Path]:
+    """A folder this user cannot create files in (for root, which ignores modes: immutable)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if (
+            shutil.which("chattr") is None
+            or subprocess.run(
+                ["chattr", "+i", str(folder)], capture_output=True, check=False
+            ).returncode
+        ):
+            pytest.skip("running as root without chattr +i: no folder is read-only for root")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import sys
 from pathlib import Path
@@ -90,6 +91,22 @@ def test_a_results_folder_that_cannot_be_made_is_refused_before_any_suite_runs(
         f"fastpar bench --results: cannot create the folder {a_file} (a file is in the way)",
         f"fastpar bench --results: cannot create the folder {a_file / 'below'} (Not a directory)",
     ]
+
+
+def test_a_results_folder_that_takes_no_file_is_refused_as_training_folders_are(
+    read_only_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--results` was checked with os.access, which says yes where only a real write fails (a
+    security module's path rules, a full inode table): every suite ran, then none could write
+    its CSV. It is probed by creating a file, as the checkpoint and metrics folders are."""
+    import fastpar.bench_cli as bench_cli
+
+    monkeypatch.setattr(bench_cli.subprocess, "run", _no_suite_may_run)
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)  # what it says there
+    assert run(["reduce"], read_only_folder) == 2
+    assert capsys.readouterr().err.startswith(
+        f"fastpar bench --results: the folder {read_only_folder} is not writable ("
+    )
 
 
 def test_a_missing_matplotlib_is_refused_before_any_suite_runs(

@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar._checks import check_int
-from fastpar.training.folders import probe_writable
+from fastpar._machine import probe_writable
 
 # torch.distributed.checkpoint is imported where it is used: the command line (which checks
 # folders and picks checkpoints) starts without it.

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fastpar.training.folders import probe_writable
+from fastpar._machine import probe_writable
 
 EVENT_FILES = "events.out.tfevents.*"
 RUN_FILES = ("steps.csv", "ranks.csv", "validation.csv", "metrics.png")
