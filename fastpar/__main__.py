@@ -22,17 +22,12 @@ def _info(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from fastpar import _native
 
-    try:
-        library = _native.build(verbose=args.verbose)
-        _native.load()  # a cached library that does not load is no success
-    except _native.NativeBuildError as error:
+    try:  # load() builds when nothing is cached, and a library that does not load is no success
+        module = _native.load(verbose=args.verbose)
+    except _native.NativeBuildError as error:  # every failure, compiler logs included
         print(f"fastpar build: {error}", file=sys.stderr)
         return 1
-    except Exception as error:  # compiler errors: the message holds the compiler's log
-        print(f"fastpar build: building fastpar's native extension failed: {error}",
-              file=sys.stderr)  # fmt: skip
-        return 1
-    print(f"native extension: {library}")
+    print(f"native extension: {module.__file__}")
     return 0
 
 

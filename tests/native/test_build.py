@@ -99,6 +99,7 @@ def test_an_unusable_cache_folder_is_a_one_line_error(
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     monkeypatch.setenv("FASTPAR_CACHE_DIR", str(not_a_folder))
+    monkeypatch.setattr(_native, "_loaded", None)  # as in a new process
     assert main(["build"]) == 1
     error = capsys.readouterr().err
     assert error.startswith(
@@ -119,6 +120,7 @@ def test_a_compiler_error_is_its_log_not_a_traceback(
         raise RuntimeError("Error building extension 'x': x.cpp:1:18: error: 'y' was not declared")
 
     monkeypatch.setenv("FASTPAR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_native, "_loaded", None)  # as in a new process
     monkeypatch.setattr(_native, "_load_extension", compiler_fails)
     assert main(["build"]) == 1
     assert capsys.readouterr().err == (
@@ -149,3 +151,14 @@ def test_a_cached_library_that_does_not_load_is_named(
     assert reason.endswith(f"delete {plan.directory} and run `python -m fastpar build`")
     assert main(["build"]) == 1
     assert capsys.readouterr().err == f"fastpar build: {reason}\n"
+
+
+def test_build_names_the_library_it_loaded(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fastpar.__main__ import main
+
+    monkeypatch.setattr(_native, "_loaded", None)  # as in a new process
+    assert main(["build"]) == 0
+    library = _native.build()  # cached: the session built it
+    assert capsys.readouterr().out == f"native extension: {library}\n"
