@@ -65,8 +65,13 @@ def source_dir() -> Path:
 
 
 def cache_root() -> Path:
+    configured = os.environ.get("FASTPAR_CACHE_DIR")
     # An empty FASTPAR_CACHE_DIR (`FASTPAR_CACHE_DIR= cmd`) means unset, not the current folder.
-    return Path(os.environ.get("FASTPAR_CACHE_DIR") or Path.home() / ".cache" / "fastpar")
+    if not configured:
+        return Path.home() / ".cache" / "fastpar"
+    # A `~` that no shell expanded (quoted, or from a job file or a container's environment)
+    # means the home folder, as torch.hub reads TORCH_HOME; not a folder named `~`.
+    return Path(configured).expanduser()
 
 
 def cuda_build_possible() -> tuple[bool, str]:

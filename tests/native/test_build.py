@@ -89,6 +89,15 @@ def test_an_empty_cache_dir_variable_means_the_default(
     assert _native.cache_root() == tmp_path / ".cache" / "fastpar"
 
 
+def test_a_tilde_in_the_cache_dir_variable_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`FASTPAR_CACHE_DIR="~/x"` (quoted, so no shell expanded it) built into a folder named `~`."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("FASTPAR_CACHE_DIR", "~/x")
+    assert _native.cache_root() == tmp_path / "x"
+
+
 def test_an_unusable_cache_folder_is_a_one_line_error(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
