@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
+from fastpar._machine import probe_writable
 from fastpar.training.config import (
     BackendName,
     BalanceName,
@@ -81,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start anew in a --checkpoint-dir holding checkpoints (or a --metrics folder "
              "holding an earlier run's metrics), deleting them")  # fmt: skip
     add("--profile", dest="profile_dir", type=Path, default=None,
-        help="write a torch.profiler Chrome trace per rank into this folder")  # fmt: skip
+        help="write a torch.profiler Chrome trace per rank (trace-rank<N>.json) into this "
+             "folder, created if missing")  # fmt: skip
     add("--metrics", dest="metrics_dir", type=Path, default=None,
         help="write TensorBoard events, CSV and a PNG of the run into this folder")  # fmt: skip
     add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
@@ -104,10 +106,34 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             from fastpar.training.metrics_files import check_metrics_available
 
             check_metrics_available()
+        if config.profile_dir is not None:
+            check_profile_folder(config.profile_dir)
     except (ValueError, TypeError, ImportError) as error:
         parser.error(str(error))
         raise  # unreachable: parser.error exits
     return config
+
+
+def check_profile_folder(directory: Path) -> None:
+    """Create `directory` and check that it takes files, before any rank starts: the ranks
+    write their traces into it only once the profiled steps are done.
+
+    Raises:
+        ValueError: `directory` is a file, or cannot be created or written.
+    """
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(
+            f"--profile {directory} is not a folder: each rank writes its trace "
+            "(trace-rank<N>.json) into the folder --profile names"
+        )
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe_writable(directory)
+    except OSError as error:
+        raise ValueError(
+            f"cannot write into profile folder {directory} ({error.strerror}); fix its "
+            "permissions or choose another --profile folder"
+        ) from None
 
 
 def _under_torchrun() -> bool:

@@ -243,3 +243,56 @@ def test_a_validation_text_shorter_than_a_window_is_refused() -> None:
     TrainConfig(seq_len=16, validation_bytes=17)
     with pytest.raises(ValueError, match="--validation-bytes 16 holds no window of --seq-len 16"):
         TrainConfig(seq_len=16, validation_bytes=16)
+
+
+def _no_rank_may_start(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a rank started")
+
+
+def _profile_refusal(
+    tmp_path: Path,
+    profile: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> str:
+    """The error line of `fastpar train --profile <profile>`, which must stop it as it reads
+    its options."""
+    from fastpar.__main__ import main
+
+    monkeypatch.setattr(launch, "spawn_ranks", _no_rank_may_start)
+    command = ["train", *SMALL, "--nproc", "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--profile", str(profile)])
+    assert stopped.value.code == 2
+    assert not (tmp_path / "ckpt").exists()  # nothing was prepared
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_profile_path_naming_a_file_is_refused_before_any_rank_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--profile trace.json` naming a file failed inside every rank with a FileExistsError."""
+    trace = tmp_path / "trace.json"
+    trace.write_text("")
+    assert _profile_refusal(tmp_path, trace, monkeypatch, capsys) == (
+        f"fastpar train: error: --profile {trace} is not a folder: each rank writes its trace "
+        "(trace-rank<N>.json) into the folder --profile names"
+    )
+    assert _profile_refusal(tmp_path, trace / "below", monkeypatch, capsys) == (
+        f"fastpar train: error: cannot write into profile folder {trace / 'below'} (Not a "
+        "directory); fix its permissions or choose another --profile folder"
+    )
+
+
+def test_a_profile_folder_that_takes_no_file_is_refused_before_any_rank_starts(
+    tmp_path: Path,
+    read_only_folder: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """torch's trace export logged "Failed to write to log file!" after the profiled steps, and
+    the run ended with success and no trace."""
+    line = _profile_refusal(tmp_path, read_only_folder, monkeypatch, capsys)
+    assert line.startswith(
+        f"fastpar train: error: cannot write into profile folder {read_only_folder} ("
+    )
