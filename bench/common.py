@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from fastpar._machine import describe_cores
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -48,7 +50,7 @@ def device_name(device: torch.device | str = "cpu") -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return f"CPU {platform.processor() or platform.machine()}, {describe_cores()}"
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

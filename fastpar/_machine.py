@@ -17,3 +17,21 @@ def probe_writable(directory: Path) -> None:
     descriptor, probe = tempfile.mkstemp(dir=directory, prefix=".write-test.")
     os.close(descriptor)
     os.unlink(probe)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: taskset, a cgroup cpuset or a Slurm allocation leave
+    it fewer than the machine has, and torch sizes its thread pool by these."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def describe_cores() -> str:
+    """The machine's cores, and those this process may use where fewer: "8 cores, 2 usable by
+    this process"."""
+    usable = usable_cores()
+    cores = os.cpu_count() or usable  # None where the platform cannot tell
+    if usable == cores:
+        return f"{cores} cores"
+    return f"{cores} cores, {usable} usable by this process"

@@ -10,6 +10,8 @@ import sys
 
 import torch
 
+from fastpar._machine import describe_cores
+
 
 def _triton_status() -> tuple[bool, str]:
     try:
@@ -28,18 +30,8 @@ def _nvcc_version() -> str | None:
     return lines[-1].strip() if lines else "unknown version"
 
 
-def _cpu_cores() -> str:
-    cores = os.cpu_count()
-    # taskset, a cgroup cpuset or a Slurm allocation leave this process fewer cores than the
-    # machine has; torch sizes its thread pool by those.
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
-    return (
-        f"{cores} cores" if usable == cores else f"{cores} cores, {usable} usable by this process"
-    )
-
-
 def _devices() -> list[str]:
-    devices = [f"cpu: {platform.processor() or platform.machine()}, {_cpu_cores()}"]
+    devices = [f"cpu: {platform.processor() or platform.machine()}, {describe_cores()}"]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(index)
