@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from fastpar._checks import check_int, check_positive
+from fastpar._machine import usable_cores
 
 _PR_SET_PDEATHSIG = 1
 START_METHODS = ("spawn", "forkserver")
@@ -116,8 +117,9 @@ def _rank_main(
     os.environ.update(env)
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size))  # fmt: skip
-    # Ranks share the machine's cores: more intra-op threads than cores only adds contention.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    # Ranks share the cores this process may use (taskset, a cpuset, Slurm leave fewer than the
+    # machine has): more intra-op threads than cores only adds contention.
+    torch.set_num_threads(max(1, usable_cores() // world_size))
     if backend == "nccl":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     import torch.distributed as dist

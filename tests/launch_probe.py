@@ -21,3 +21,10 @@ def sleep_then_report(rank: int, world_size: int, pid_file: str) -> None:
     with open(f"{pid_file}.{rank}", "w") as f:
         f.write(str(os.getpid()))
     time.sleep(600)
+
+
+def intra_op_threads(rank: int, world_size: int) -> int:
+    """The rank's torch intra-op thread count."""
+    import torch
+
+    return torch.get_num_threads()

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastpar._machine import usable_cores
 from fastpar.launch import START_METHODS, RankFailure, spawn_ranks
 from fastpar.testing.distributed import run_multiprocess
 
@@ -119,11 +120,24 @@ def test_a_forked_rank_runs_parallel_cpu_ops() -> None:
     # rank a pool that hangs or computes wrongly.
     data = torch.randn(4_000_000, dtype=torch.float64)
     threads, total, product = run_multiprocess(_parallel_ops, 1, args=(data,), timeout=120)[0]
-    assert threads == (os.cpu_count() or 1)  # one rank: every core
+    assert threads == usable_cores()  # one rank: every core it may use
     torch.testing.assert_close(total, data.sum(), rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(
         product, data[:1_000_000].view(1000, 1000) @ data[-1000:], rtol=1e-12, atol=1e-9
     )
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_ranks_size_their_threads_by_the_cores_they_may_use() -> None:
+    # taskset, a cpuset or Slurm leave a job fewer cores than the machine has; one thread per
+    # machine core would oversubscribe them. A spawned rank inherits the launcher's affinity.
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        threads = spawn_ranks(launch_probe.intra_op_threads, 1, timeout=120)
+    finally:
+        os.sched_setaffinity(0, allowed)
+    assert threads == [1]
 
 
 def _parallel_ops(
