@@ -314,7 +314,7 @@ def main() -> None:
         parser.error(
             f"--calibrate needs >= 4 steps (warm-up, then two sizes), got {args.calibrate}"
         )
-    torch.set_num_threads(1)  # as in each rank (run_multiprocess), so device_name says so
+    torch.set_num_threads(1)  # as in each rank (run_multiprocess)
     results = run_multiprocess(_rank_main, WORLD_SIZE, args=(args,), timeout=1200)
     plan = phase_plan(args.phases, args.slowdown)
     bounds = phase_bounds(args.phases)

@@ -96,6 +96,7 @@ class ShmTensorPipe(Protocol):
 class NativeModule(Protocol):
     """The extension module."""
 
+    __file__: str
     with_cuda: bool
     PIPE_ABORT_TEXT_BYTES: int
     RingTimeoutError: type[Exception]
