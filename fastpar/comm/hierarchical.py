@@ -82,25 +82,24 @@ def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGr
 
 
 class HierarchicalWork(RingWork):
-    """An all-reduce running on the object's worker thread; `wait()` raises its error, or the
-    error another rank posted while this one still waits for a shard."""
+    """An all-reduce of `tensor` running on `owner`'s worker thread (`future`, the worker's
+    task, returns the CUDA event behind its last kernel, or None on CPU); `wait()` raises its
+    error, or the error another rank posted while this one still waits for a shard, and on CUDA
+    then orders the current stream after the call's last kernel. Its `timeout` bounds the wait
+    (the call itself is bounded by the object's timeout)."""
 
-    def __init__(self, future: Future[None], owner: HierarchicalAllReduce) -> None:
-        super().__init__(future)
+    def __init__(
+        self, future: Future[torch.cuda.Event | None], owner: HierarchicalAllReduce,
+        tensor: torch.Tensor,
+    ) -> None:  # fmt: skip
+        super().__init__(future, tensor)
         self._owner = owner
 
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        """Block until the all-reduce is done (bounded by the object's timeout); raise its error.
-        On CUDA, the current stream then runs its later work after the call's last kernel.
-
-        Returns:
-            True, as torch.distributed's Work.wait does.
-        """
+    def _wait(self, timeout: timedelta | None) -> None:
         self._owner._result(self._future, timeout)
         done = self._future.result()
         if done is not None:
             torch.cuda.current_stream(self._owner.device).wait_event(done)
-        return True
 
     def is_completed(self) -> bool:
         """Whether the all-reduce has finished (on CUDA: its kernels too), or failed."""
@@ -314,7 +313,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         # own current stream is the default one, which the ring's stream does not wait for).
         stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
         self._last = self._executor.submit(self._run, tensor, op, code, stream)
-        work = HierarchicalWork(self._last, self)
+        work = HierarchicalWork(self._last, self, tensor)
         if async_op:
             return work
         work.wait()

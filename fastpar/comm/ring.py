@@ -540,16 +540,15 @@ class RingAllReduce:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
             raise translate_native_error(error) from None
-        copy_back = None if target is tensor else (tensor, target)
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
             # cannot wait; the device's verdict is raised by the next call outside the graph.
             self._captured = True
-            work = CudaRingWork(None, self.device, copy_back, self.check)
+            work = CudaRingWork(None, self.device, tensor, target, self.check)
         else:
             event = torch.cuda.Event()
             event.record(self._stream)
-            work = CudaRingWork(event, self.device, copy_back, self.check)
+            work = CudaRingWork(event, self.device, tensor, target, self.check)
         if async_op:
             return work
         work.wait()
@@ -588,7 +587,7 @@ class RingAllReduce:
                 self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-ring")
             future = self._executor.submit(self._run, tensor, code)
             self._last = future
-        return RingWork(future)
+        return RingWork(future, tensor)
 
     # --- lifetime ------------------------------------------------------------------------------
 

@@ -1,43 +1,176 @@
-"""The handle of `all_reduce(..., async_op=True)`, shaped like torch.distributed's Work."""
+"""The handles of `all_reduce(..., async_op=True)`, shaped like torch.distributed's Work:
+`wait()`, `is_completed()`, `is_success()`, `exception()`, `result()` and `get_future()`."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any
 
 import torch
 
+# Threads that complete the futures of `get_future()` and run their callbacks. They start only
+# as needed; several let a callback that waits for another all-reduce's future (PowerSGD's DDP
+# hook does) leave the other futures' completions running.
+COMPLETION_THREADS = 32
 
-def _copy_back(pending: tuple[torch.Tensor, torch.Tensor] | None) -> None:
-    """Write a reduced contiguous copy into the caller's non-contiguous tensor: `pending` is
-    (the caller's tensor, its reduced copy), or None when nothing is left to copy."""
-    if pending is not None:
-        tensor, reduced = pending
-        with torch.no_grad():  # as in torch.distributed, autograd does not see the update
-            tensor.copy_(reduced)
+_completion_pool: ThreadPoolExecutor | None = None
+_completion_lock = threading.Lock()
 
 
-class RingWork:
-    """An all-reduce running on the ring's worker thread.
+def _completion_executor() -> ThreadPoolExecutor:
+    global _completion_pool
+    with _completion_lock:
+        if _completion_pool is None:
+            _completion_pool = ThreadPoolExecutor(
+                COMPLETION_THREADS, thread_name_prefix="fastpar-work-future"
+            )
+        return _completion_pool
 
-    The tensor must not be read or written until `wait()` returns (as with torch.distributed).
+
+def _forget_completion_pool() -> None:
+    """In a forked child: the pool's threads stayed in the parent, so the child starts its own."""
+    global _completion_pool, _completion_lock
+    _completion_pool = None
+    _completion_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_completion_pool)
+
+
+class _CopyBack:
+    """The write of a reduced contiguous copy into the caller's non-contiguous tensor, done once
+    (by `wait()`, `result()` or the future's completion, whichever comes first): a later run
+    must not undo what the caller wrote into the tensor since."""
+
+    def __init__(self, tensor: torch.Tensor, reduced: torch.Tensor) -> None:
+        self._tensor = tensor
+        self._reduced: torch.Tensor | None = None if reduced is tensor else reduced
+        self._lock = threading.Lock()
+
+    def run(self) -> None:
+        with self._lock:
+            if self._reduced is not None:
+                with torch.no_grad():  # as in torch.distributed, autograd does not see the update
+                    self._tensor.copy_(self._reduced)
+                self._reduced = None
+
+
+class _Work:
+    """What every handle builds on its `_wait()` and `is_completed()`: `wait()`, `result()` and
+    `get_future()`, with torch.distributed's meanings.
+
+    The tensor must not be read or written until `wait()` returns or the future completes (as
+    with torch.distributed).
     """
 
-    def __init__(self, future: Future[None]) -> None:
-        self._future = future
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self._tensor = tensor
+        self._torch_future: torch.futures.Future[list[torch.Tensor]] | None = None
+        self._future_lock = threading.Lock()
+        self._future_claimed = False  # a thread is completing the future (or has)
+
+    def _wait(self, timeout: timedelta | None) -> None:
+        raise NotImplementedError
+
+    def is_completed(self) -> bool:
+        raise NotImplementedError
 
     def wait(self, timeout: timedelta | None = None) -> bool:
-        """Block until the all-reduce is done; raise its error if it failed.
+        """Block until the all-reduce is done (the tensor holds the result); raise its error if
+        it failed.
 
         Arguments:
-            timeout: give up waiting after this long (the collective itself is bounded by the
-                ring's timeout whatever is passed here).
+            timeout: give up waiting after this long, where the handle can (each handle's class
+                says how); the all-reduce itself is bounded by its own timeout.
 
         Returns:
             True, as torch.distributed's Work.wait does.
         """
+        self._wait(timeout)
+        if self._torch_future is not None:  # as torch's: once wait() returns, so has the future
+            self._complete_future()
+            self._torch_future.wait()  # at once, or once the thread completing it has
+        return True
+
+    def result(self) -> list[torch.Tensor]:
+        """The all-reduce's output, `[tensor]`, as torch.distributed's `Work.result()`.
+
+        Raises:
+            RuntimeError: the all-reduce has not finished yet (as torch's gloo work raises).
+            The all-reduce's error, when it failed (never an unreduced tensor).
+        """
+        if not self.is_completed():
+            raise RuntimeError("the all-reduce has not finished: call wait() before result()")
+        self.wait()
+        return [self._tensor]
+
+    def get_future(self) -> torch.futures.Future[list[torch.Tensor]]:
+        """A `torch.futures.Future` completed, without a call of `wait()`, once the all-reduce
+        has finished: with `[tensor]` (a non-contiguous tensor's result written into it first),
+        or with the all-reduce's error, which `fut.wait()` raises. As torch.distributed's
+        `Work.get_future()`, e.g. for DDP communication hooks.
+
+        Its callbacks (`then`, `add_done_callback`) run on a thread of fastpar's, never on the
+        ring's worker, so a callback may wait for another all-reduce; inline where the future
+        has already completed.
+
+        Returns:
+            The same future on every call.
+        """
+        with self._future_lock:
+            created = self._torch_future is None
+            if created:
+                # A future of CUDA tensors orders the waiter's stream after its value's.
+                devices = [self._tensor.device] if self._tensor.is_cuda else None
+                self._torch_future = torch.futures.Future(devices=devices)
+            future = self._torch_future
+        if created:
+            if self.is_completed():
+                self._complete_future()  # a finished call's future is done when returned
+            else:
+                self._complete_future_when_done()
+        assert future is not None
+        return future
+
+    def _complete_future_when_done(self) -> None:
+        """Have `_complete_future` run once the all-reduce has finished, not on this thread."""
+        raise NotImplementedError
+
+    def _completion_stream(self) -> contextlib.AbstractContextManager[Any]:
+        """The stream context in which `_complete_future` waits (CUDA: the call's stream)."""
+        return contextlib.nullcontext()
+
+    def _complete_future(self) -> None:
+        """Complete the future with the outcome of `_wait()`: once, by the first thread here."""
+        with self._future_lock:
+            if self._future_claimed:
+                return
+            self._future_claimed = True
+        future = self._torch_future
+        assert future is not None
+        try:
+            with self._completion_stream():
+                self._wait(None)
+        except Exception as error:
+            future.set_exception(error)
+        else:
+            future.set_result([self._tensor])
+
+
+class RingWork(_Work):
+    """An all-reduce running on the ring's worker thread (`future`, the worker's task, reduces
+    `tensor`). `wait(timeout)` gives up after `timeout`, leaving the call running."""
+
+    def __init__(self, future: Future[Any], tensor: torch.Tensor) -> None:
+        super().__init__(tensor)
+        self._future = future
+
+    def _wait(self, timeout: timedelta | None) -> None:
         seconds = None if timeout is None else timeout.total_seconds()
         try:
             self._future.result(timeout=seconds)
@@ -48,7 +181,13 @@ class RingWork:
                 f"the all-reduce was still running after wait(timeout={seconds:g} s); it goes "
                 "on (bounded by the ring's timeout): wait() again before using the tensor"
             ) from None
-        return True
+
+    def _complete_future_when_done(self) -> None:
+        # Not on the ring's worker (where the done-callback runs): a callback there that waits
+        # for another call of the ring would wait for itself.
+        self._future.add_done_callback(
+            lambda _: _completion_executor().submit(self._complete_future)
+        )
 
     def is_completed(self) -> bool:
         """Whether the all-reduce has finished (successfully or not)."""
@@ -63,33 +202,32 @@ class RingWork:
         return self._future.exception() if self._future.done() else None
 
 
-class CopyBackWork:
-    """torch.distributed's work on a contiguous copy of a non-contiguous tensor: `wait()` waits
-    for it, then writes the result into the caller's tensor."""
+class CopyBackWork(_Work):
+    """torch.distributed's `work` on `reduced`, a contiguous copy of the non-contiguous
+    `tensor`: `wait()` waits for it (`timeout` passed to torch's `Work.wait`), then writes the
+    result into `tensor`."""
 
     def __init__(self, work: Any, tensor: torch.Tensor, reduced: torch.Tensor) -> None:
+        super().__init__(tensor)
         self._work = work
-        self._copy_back: tuple[torch.Tensor, torch.Tensor] | None = (tensor, reduced)
+        self._copy_back = _CopyBack(tensor, reduced)
 
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        """Wait for the all-reduce (raising its error), then copy the result back.
-
-        Arguments:
-            timeout: passed to torch.distributed's `Work.wait`.
-
-        Returns:
-            True.
-        """
+    def _wait(self, timeout: timedelta | None) -> None:
         if timeout is None:
             self._work.wait()
         else:
             self._work.wait(timeout)
-        self._copy_back = _copy_back(self._copy_back)
-        return True
+        self._copy_back.run()
+
+    def _complete_future_when_done(self) -> None:
+        # Not on torch's thread that completes its future: the callbacks of ours may block.
+        self._work.get_future().add_done_callback(
+            lambda _: _completion_executor().submit(self._complete_future)
+        )
 
     def is_completed(self) -> bool:
         """Whether torch.distributed has finished the all-reduce (the copy back happens in
-        `wait()`)."""
+        `wait()`, `result()` or the future's completion)."""
         return bool(self._work.is_completed())
 
     def is_success(self) -> bool:
@@ -101,48 +239,55 @@ class CopyBackWork:
         return self._work.exception()
 
 
-class CudaRingWork:
-    """An all-reduce enqueued on the ring's CUDA stream.
+class CudaRingWork(_Work):
+    """An all-reduce of `tensor` enqueued on the ring's CUDA stream (`reduced`: `tensor`, or
+    the contiguous copy of it that the ring reduced; `event`: recorded behind the call, None
+    when captured in a CUDA graph; `check`: raises what the device reported).
 
     `wait()` blocks the host until the device has finished it and raises what the device found
     (a peer that timed out, named; a mismatch), so a failed all-reduce is never mistaken for a
     reduced tensor; then it orders the caller's current stream after it. (NCCL's work objects
-    return at once and report failures later, which lets a caller use unreduced data.)
+    return at once and report failures later, which lets a caller use unreduced data.) Its
+    `timeout` is accepted for torch.distributed's signature; the device-side waits are bounded
+    by the ring's timeout.
     """
 
     def __init__(
         self,
         event: torch.cuda.Event | None,
         device: torch.device,
-        copy_back: tuple[torch.Tensor, torch.Tensor] | None,
+        tensor: torch.Tensor,
+        reduced: torch.Tensor,
         check: Callable[[], None],
     ) -> None:
+        super().__init__(tensor)
         self._event = event  # None: enqueued while a CUDA graph was being captured
         self._device = device
-        self._copy_back = copy_back  # (the caller's non-contiguous tensor, its reduced copy)
+        self._copy_back = _CopyBack(tensor, reduced)
         self._check = check
+        # The caller's stream: where the future's completion writes a non-contiguous result
+        # back, as wait() on it would (the reduced copy was allocated on it).
+        self._call_stream = None if event is None else torch.cuda.current_stream(device)
 
-    def wait(self, timeout: timedelta | None = None) -> bool:
-        """Wait for the all-reduce; raise its error if it failed.
-
-        Arguments:
-            timeout: accepted for torch.distributed's signature; the device-side waits are
-                bounded by the ring's timeout.
-
-        Returns:
-            True.
-
-        Raises:
-            CommTimeoutError, CommMismatchError: what the device found.
-        """
+    def _wait(self, timeout: timedelta | None) -> None:
         if self._event is not None:
             # Bounded: every device-side wait ends by the timeout, or within about 0.1 s of a
             # peer's death (the ring's watchdog thread tells the spinning kernel).
             self._event.synchronize()
             self._check()
             torch.cuda.current_stream(self._device).wait_event(self._event)
-        self._copy_back = _copy_back(self._copy_back)
-        return True
+        self._copy_back.run()
+
+    def _complete_future_when_done(self) -> None:
+        # NCCL completes its future once the call is enqueued and reports a failure later; this
+        # future carries the device's verdict instead, so a thread of the pool waits for the
+        # event (bounded, as wait() is): CUDA offers no host callback through torch.
+        _completion_executor().submit(self._complete_future)
+
+    def _completion_stream(self) -> contextlib.AbstractContextManager[Any]:
+        if self._call_stream is None:
+            return contextlib.nullcontext()
+        return torch.cuda.stream(self._call_stream)
 
     def is_completed(self) -> bool:
         """Whether the device has finished the all-reduce."""

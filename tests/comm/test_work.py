@@ -1,0 +1,277 @@
+"""The handles of `fastpar.comm.all_reduce(..., async_op=True)` against torch.distributed's own
+(gloo's) Work: the same calls on both give the same `get_future()`, `result()` and `then()`
+chains; a future completes without `wait()`, after a non-contiguous tensor got its result; a
+failure is raised by `fut.wait()`. DDP's communication hooks take the future."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import datetime
+import os
+import random
+import threading
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastpar.comm as comm
+from fastpar.comm.hosts import HOST_ENV
+from fastpar.comm.work import CudaRingWork
+from fastpar.testing.distributed import run_multiprocess
+from tests.comm.util import integer_valued
+
+R = dist.ReduceOp
+SEED = random.randrange(2**31)
+WAIT_S = 60.0  # bound on waiting for a future's callback (a failure, not a slow machine)
+
+# (dtype, whether a view of every other column): float32 runs on fastpar's collective (the
+# ring, or the hierarchical all-reduce), int8 on gloo, a view through a contiguous copy that is
+# written back (CopyBackWork).
+CASES = {
+    "float32": (torch.float32, False),
+    "float32 view": (torch.float32, True),
+    "int8 view": (torch.int8, True),
+}
+
+
+def _input(generator: torch.Generator, dtype: torch.dtype, view: bool) -> torch.Tensor:
+    base = integer_valued(60 * 50, dtype, R.SUM, generator).view(60, 50)
+    return base[:, ::2] if view else base
+
+
+def _completion(future: torch.futures.Future[list[torch.Tensor]]) -> threading.Event:
+    """An event that a callback of `future` sets (whether it holds a value or an error)."""
+    done = threading.Event()
+    future.add_done_callback(lambda _: done.set())
+    return done
+
+
+class _Seen:
+    """What a callback of `future` saw of its value: an event once it ran, the number of
+    tensors, and a copy of the first as it was then (for a view: read from its base)."""
+
+    def __init__(self, future: torch.futures.Future[list[torch.Tensor]]) -> None:
+        self.done = threading.Event()
+        self.count = 0
+        self.value = torch.empty(0)
+        future.add_done_callback(self._record)
+
+    def _record(self, future: torch.futures.Future[list[torch.Tensor]]) -> None:
+        value = future.value()
+        self.count, self.value = len(value), value[0].clone()
+        self.done.set()
+
+
+def _against_gloo(rank: int, world_size: int, seed: int, hosts: list[int] | None) -> list[str]:
+    """Every case through fastpar's all_reduce and, on a contiguous copy, gloo's: rank 0 starts
+    both and looks at them before the other ranks call, so neither can have finished. `hosts`:
+    the host of each rank (None: all on this one)."""
+    if hosts is not None:  # this rank counts as running on host hosts[rank]
+        os.environ[HOST_ENV] = f"simulated-{hosts[rank]}"
+    store = dist.distributed_c10d._get_default_store()
+    generator = torch.Generator().manual_seed(seed + rank)
+    comm.all_reduce(torch.zeros(1))  # creating the all-reduce meets every rank
+    handled = []
+    for name, (dtype, view) in CASES.items():
+        context = f"seed {seed}, {name}"
+        tensor = _input(generator, dtype, view)
+        # A contiguous copy: gloo reduces a view's storage as if it were contiguous.
+        reference = tensor.clone(memory_format=torch.contiguous_format)
+        # The ring meets the peers before it hands a call to gloo (to agree on the path), so
+        # they cannot be held back there.
+        held = not (hosts is None and dtype == torch.int8)
+        if held and rank != 0:
+            store.wait([f"work/{name}/looked"])
+        ours = comm.all_reduce(tensor, async_op=True)
+        theirs = dist.all_reduce(reference, async_op=True)
+        assert ours is not None and theirs is not None
+        future, reference_future = ours.get_future(), theirs.get_future()
+        # torch's Work makes a Python object per call; fastpar's return the same one.
+        assert isinstance(ours, dist.Work) or ours.get_future() is future, context
+        if held and rank == 0:  # the peers have not called: both are running
+            assert not future.done() and not reference_future.done(), context
+            for work in (ours, theirs):
+                with pytest.raises(RuntimeError, match="wait"):
+                    work.result()
+        seen, reference_seen = _Seen(future), _Seen(reference_future)
+        doubled = future.then(lambda fut: fut.value()[0] * 2)
+        reference_doubled = reference_future.then(lambda fut: fut.value()[0] * 2)
+        if held and rank == 0:
+            store.set(f"work/{name}/looked", "1")
+        # Neither wait() nor fut.wait(): the futures complete by themselves.
+        assert seen.done.wait(WAIT_S) and reference_seen.done.wait(WAIT_S), context
+        assert seen.count == reference_seen.count == 1, context
+        assert torch.equal(seen.value, reference_seen.value), context
+        assert torch.equal(doubled.wait(), reference_doubled.wait()), context
+        # The futures' values are the caller's tensors, as gloo's are.
+        assert future.wait()[0] is tensor and reference_future.wait()[0] is reference, context
+        assert ours.wait() and theirs.wait()
+        assert ours.is_completed() and theirs.is_completed(), context
+        (result,), (reference_result,) = ours.result(), theirs.result()
+        assert result is tensor and torch.equal(result, reference_result), context
+        handled.append(type(ours).__name__)
+    comm.close_rings()
+    return handled
+
+
+def test_ring_futures_and_results_match_gloos() -> None:
+    results = run_multiprocess(_against_gloo, 2, args=(SEED, None), timeout=120)
+    assert results == [["RingWork", "RingWork", "CopyBackWork"]] * 2
+
+
+def test_hierarchical_futures_and_results_match_gloos() -> None:
+    results = run_multiprocess(_against_gloo, 4, args=(SEED, [0, 0, 1, 1]), timeout=240)
+    assert results == [["HierarchicalWork", "HierarchicalWork", "CopyBackWork"]] * 4
+
+
+def test_futures_and_results_of_calls_handed_to_torch_match_gloos() -> None:
+    # One rank per host: every call goes to torch.distributed (a view through a copy).
+    results = run_multiprocess(_against_gloo, 2, args=(SEED, [0, 1]), timeout=120)
+    assert results == [["Work", "CopyBackWork", "CopyBackWork"]] * 2
+
+
+FAILING_GROUP_TIMEOUT_S = 2.0
+
+
+def _failure(rank: int, world_size: int, hosts: list[int] | None) -> list[tuple[str, str, str]]:
+    """Rank 0 reduces a view on gloo and through fastpar.comm over groups whose rank 1 never
+    calls: (error type, message, the same from wait()) for each, as their futures carry it."""
+    if hosts is not None:
+        os.environ[HOST_ENV] = f"simulated-{hosts[rank]}"
+    store = dist.distributed_c10d._get_default_store()
+    timeout = datetime.timedelta(seconds=FAILING_GROUP_TIMEOUT_S)
+    reference_group = dist.new_group([0, 1], timeout=timeout)
+    group = dist.new_group([0, 1], timeout=timeout)  # the ring's bound too
+    comm.all_reduce(torch.zeros(1), group=group)  # creating the all-reduce meets every rank
+    outcomes = []
+    if rank == 0:
+        for work in (
+            dist.all_reduce(torch.ones(20), group=reference_group, async_op=True),
+            comm.all_reduce(torch.ones(10, 4)[:, ::2], group=group, async_op=True),
+        ):
+            assert work is not None
+            future = work.get_future()
+            # Without wait(): the future carries the failure by itself.
+            assert _completion(future).wait(WAIT_S)
+            with pytest.raises(Exception) as error:
+                future.wait()
+            with pytest.raises(Exception) as waited:
+                work.wait()
+            outcomes.append((type(error.value).__name__, str(error.value), str(waited.value)))
+        store.set("work/failure/done", "1")
+    else:
+        store.wait(["work/failure/done"])
+    comm.close_rings()
+    return outcomes
+
+
+def test_a_failed_ring_call_is_raised_by_its_future() -> None:
+    outcomes = run_multiprocess(_failure, 2, args=(None,), timeout=120)[0]
+    (reference_type, reference, _), (kind, message, waited) = outcomes
+    assert reference_type == "RuntimeError" and "Timed out" in reference
+    assert kind == "CommTimeoutError" and "waiting for rank 1" in message
+    assert message == waited  # the error wait() raises
+
+
+def test_a_failed_call_handed_to_torch_is_raised_by_its_future() -> None:
+    # One rank per host: the view goes to gloo through a copy (CopyBackWork).
+    outcomes = run_multiprocess(_failure, 2, args=([0, 1],), timeout=120)[0]
+    (reference_type, reference, _), (kind, message, waited) = outcomes
+    assert kind == reference_type == "RuntimeError"
+    assert "Timed out" in reference and "Timed out" in message and message == waited
+
+
+def _ddp_hook(rank: int, world_size: int, seed: int) -> int:
+    """DDP with a communication hook on fastpar's all_reduce, and with torch's allreduce_hook
+    (the same division, then gloo): bitwise the same gradients."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Unannotated: DDP checks a hook's annotations, which are strings here (annotations future).
+    def fastpar_hook(state, bucket):  # type: ignore[no-untyped-def]
+        tensor = bucket.buffer().div_(world_size)
+        work = comm.all_reduce(tensor, async_op=True)
+        assert work is not None
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 33), torch.nn.ReLU(), torch.nn.Linear(33, 3))
+    # Small buckets: several all-reduces in flight per backward.
+    theirs = DistributedDataParallel(copy.deepcopy(model), bucket_cap_mb=0.001)
+    theirs.register_comm_hook(None, allreduce_hook)
+    ours = DistributedDataParallel(model, bucket_cap_mb=0.001)
+    ours.register_comm_hook(None, fastpar_hook)
+    generator = torch.Generator().manual_seed(seed + rank)
+    for step in range(3):
+        inputs = torch.randn(5, 8, generator=generator)
+        for ddp in (ours, theirs):
+            ddp.zero_grad()
+            ddp(inputs).square().sum().backward()
+        for mine, reference in zip(ours.parameters(), theirs.parameters(), strict=True):
+            assert torch.equal(mine.grad, reference.grad), (seed, step)
+    comm.close_rings()
+    return step + 1
+
+
+def test_ddp_communication_hook_on_the_future() -> None:
+    assert run_multiprocess(_ddp_hook, 2, args=(SEED,), timeout=120) == [3, 3]
+
+
+class _FakeEvent:
+    """A CUDA event that the test completes (`finished`)."""
+
+    def __init__(self) -> None:
+        self.finished = threading.Event()
+
+    def query(self) -> bool:
+        return self.finished.is_set()
+
+    def synchronize(self) -> None:
+        assert self.finished.wait(WAIT_S)
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.waited_for: list[_FakeEvent] = []
+
+    def wait_event(self, event: _FakeEvent) -> None:
+        self.waited_for.append(event)
+
+
+def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CudaRingWork on CPU tensors, with the CUDA calls it makes faked: the future completes
+    once the event has, without wait(), with the view written back; or with check()'s error."""
+    stream = _FakeStream()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    generator = torch.Generator().manual_seed(SEED)
+    base = torch.randn(6, 10, generator=generator)
+    before = base.clone()
+    view = base[:, ::2]
+    reduced = torch.randn(6, 5, generator=generator)  # what the ring wrote into the copy
+    event = _FakeEvent()
+    work = CudaRingWork(event, torch.device("cpu"), view, reduced, check=lambda: None)  # type: ignore[arg-type]
+    future = work.get_future()
+    seen = _Seen(future)
+    assert not future.done() and not work.is_completed()  # synchronize() waits for the event
+    with pytest.raises(RuntimeError, match="wait"):
+        work.result()
+    event.finished.set()
+    assert seen.done.wait(WAIT_S)
+    assert seen.count == 1 and torch.equal(seen.value, reduced)
+    assert future.wait()[0] is view and stream.waited_for == [event]
+    before[:, ::2] = reduced
+    assert torch.equal(base, before)
+    assert work.wait() and work.result()[0] is view
+
+    def check() -> None:
+        raise comm.CommTimeoutError("rank 0 (GPU) stopped waiting for rank 1")
+
+    failing = _FakeEvent()
+    work = CudaRingWork(failing, torch.device("cpu"), view, view, check=check)  # type: ignore[arg-type]
+    future = work.get_future()
+    failing.finished.set()
+    with pytest.raises(comm.CommTimeoutError, match="waiting for rank 1"):
+        future.wait()
