@@ -6,13 +6,15 @@ call of a group): the ring when all ranks share a host, the hierarchical all-red
 hosts hold the same number (>= 2) of ranks, else one that hands every call to torch.distributed;
 the choice and its reason are logged once on global rank 0. Later calls reuse it. Its
 waits are bounded by the group's own timeout (the one given to `init_process_group` or
-`new_group`). `close_rings()` releases them all (also run at exit).
+`new_group`). `close_rings()` releases them all (also run at exit); those of a group that
+`destroy_process_group` destroyed are released at the next call that creates one.
 """
 
 from __future__ import annotations
 
 import atexit
 import threading
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
@@ -78,6 +80,7 @@ def create_all_reduce(
 
 
 def _ring_for(group: dist.ProcessGroup, device: torch.device) -> AllReduce:
+    _close_rings_of_destroyed_groups()
     with _rings_lock:
         ring = _rings.get((group, device))
         if ring is None:
@@ -144,12 +147,27 @@ def empty_shared(
     return _ring_for(pg, torch.device(device)).empty_shared(size, dtype=dtype)
 
 
+def _forget_rings(which: Callable[[dist.ProcessGroup], bool]) -> list[AllReduce]:
+    """Take the all-reduces of the groups `which` picks out of the registry (the caller closes
+    them, outside the lock: a close waits for the calls still queued)."""
+    with _rings_lock:
+        keys = [key for key in _rings if which(key[0])]
+        return [_rings.pop(key) for key in keys]
+
+
+def _close_rings_of_destroyed_groups() -> None:
+    """Close the all-reduces of the groups that `destroy_process_group` has destroyed, which
+    torch.distributed no longer registers (it calls no hook): else each cycle of
+    destroy/init_process_group would leave one mapped until `close_rings()`. Their closes are
+    local, waiting for no peer (see RingAllReduce.close)."""
+    registered = dist.distributed_c10d._world.pg_map
+    for ring in _forget_rings(lambda group: group not in registered):
+        ring.close()
+
+
 def close_rings() -> None:
     """Close every all-reduce that all_reduce created (local; later calls create new ones)."""
-    with _rings_lock:
-        rings = list(_rings.values())
-        _rings.clear()
-    for ring in rings:
+    for ring in _forget_rings(lambda group: True):
         ring.close()
 
 

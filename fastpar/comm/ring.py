@@ -609,8 +609,11 @@ class RingAllReduce:
         buffers and unmaps the peers', then frees its own once every rank has unmapped it (a
         buffer a peer may still map is never freed: if a peer does not get there within the
         timeout, this rank's buffer is left allocated until the process ends, and that is
-        logged). Where a call of this ring was captured in a CUDA graph, it first waits for the
-        device (the graph's replays), and the graph must not be replayed afterwards.
+        logged). Once `destroy_process_group` has destroyed the group, it waits for no peer (they
+        may have closed theirs already, or never will): the buffer is freed only where every
+        peer has unmapped it already. Where a call of this ring was captured in a CUDA graph, it
+        first waits for the device (the graph's replays), and the graph must not be replayed
+        afterwards.
         """
         if self._closed:
             return
@@ -629,12 +632,21 @@ class RingAllReduce:
             torch.cuda.synchronize(self.device)
         self._transport.stop()  # own stream finished, the peers' buffers unmapped
         keys = {rank: f"{self._prefix}/unmapped/{rank}" for rank in range(self.world_size)}
+        group_alive = self.group in dist.distributed_c10d._world.pg_map
         try:
             assert self._store is not None
             self._store.set(keys[self.rank], "1")
-            self._store_wait(self._store, keys, "unmap this rank's buffer")
+            if group_alive:
+                self._store_wait(self._store, keys, "unmap this rank's buffer")
+                unmapped = True
+            else:  # nobody may come to the close of a destroyed group
+                unmapped = self._store.check(list(keys.values()))
         except Exception as error:  # a dead peer or store: keep the buffer
             logger.warning("rank %d keeps its CUDA ring buffer allocated: %s", self.rank, error)
+            return
+        if not unmapped:
+            logger.warning("rank %d keeps its CUDA ring buffer allocated: its group was destroyed "
+                           "before every peer had unmapped it", self.rank)  # fmt: skip
             return
         self._transport.free()
 
