@@ -70,6 +70,10 @@ class _Work:
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self._tensor = tensor
+        # CUDA: the caller's stream, on which the future's completion waits for the call and
+        # writes a view's result back, as wait() there would (the view's copy was allocated on
+        # it, so the allocator reuses it only after that write).
+        self._call_stream = torch.cuda.current_stream(tensor.device) if tensor.is_cuda else None
         self._torch_future: torch.futures.Future[list[torch.Tensor]] | None = None
         self._future_lock = threading.Lock()
         self._future_claimed = False  # a thread is completing the future (or has)
@@ -141,10 +145,6 @@ class _Work:
         """Have `_complete_future` run once the all-reduce has finished, not on this thread."""
         raise NotImplementedError
 
-    def _completion_stream(self) -> contextlib.AbstractContextManager[Any]:
-        """The stream context in which `_complete_future` waits (CUDA: the call's stream)."""
-        return contextlib.nullcontext()
-
     def _complete_future(self) -> None:
         """Complete the future with the outcome of `_wait()`: once, by the first thread here."""
         with self._future_lock:
@@ -153,8 +153,13 @@ class _Work:
             self._future_claimed = True
         future = self._torch_future
         assert future is not None
+        on_call_stream = (
+            contextlib.nullcontext()
+            if self._call_stream is None
+            else torch.cuda.stream(self._call_stream)
+        )
         try:
-            with self._completion_stream():
+            with on_call_stream:
                 self._wait(None)
         except Exception as error:
             future.set_exception(error)
@@ -265,9 +270,6 @@ class CudaRingWork(_Work):
         self._device = device
         self._copy_back = _CopyBack(tensor, reduced)
         self._check = check
-        # The caller's stream: where the future's completion writes a non-contiguous result
-        # back, as wait() on it would (the reduced copy was allocated on it).
-        self._call_stream = None if event is None else torch.cuda.current_stream(device)
 
     def _wait(self, timeout: timedelta | None) -> None:
         if self._event is not None:
@@ -283,11 +285,6 @@ class CudaRingWork(_Work):
         # future carries the device's verdict instead, so a thread of the pool waits for the
         # event (bounded, as wait() is): CUDA offers no host callback through torch.
         _completion_executor().submit(self._complete_future)
-
-    def _completion_stream(self) -> contextlib.AbstractContextManager[Any]:
-        if self._call_stream is None:
-            return contextlib.nullcontext()
-        return torch.cuda.stream(self._call_stream)
 
     def is_completed(self) -> bool:
         """Whether the device has finished the all-reduce."""

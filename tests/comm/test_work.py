@@ -5,7 +5,6 @@ failure is raised by `fut.wait()`. DDP's communication hooks take the future."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import os
@@ -245,7 +244,6 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     once the event has, without wait(), with the view written back; or with check()'s error."""
     stream = _FakeStream()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     generator = torch.Generator().manual_seed(SEED)
     base = torch.randn(6, 10, generator=generator)
     before = base.clone()
