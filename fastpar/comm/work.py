@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import threading
@@ -60,7 +61,7 @@ class _CopyBack:
                 self._reduced = None
 
 
-class _Work:
+class _Work(abc.ABC):
     """What every handle builds on its `_wait()` and `is_completed()`: `wait()`, `result()` and
     `get_future()`, with torch.distributed's meanings.
 
@@ -78,11 +79,13 @@ class _Work:
         self._future_lock = threading.Lock()
         self._future_claimed = False  # a thread is completing the future (or has)
 
+    @abc.abstractmethod
     def _wait(self, timeout: timedelta | None) -> None:
-        raise NotImplementedError
+        """Wait for the call (and write a view's result back), raising its error."""
 
+    @abc.abstractmethod
     def is_completed(self) -> bool:
-        raise NotImplementedError
+        """Whether the call has finished (successfully or not)."""
 
     def wait(self, timeout: timedelta | None = None) -> bool:
         """Block until the all-reduce is done (the tensor holds the result); raise its error if
@@ -141,9 +144,9 @@ class _Work:
         assert future is not None
         return future
 
+    @abc.abstractmethod
     def _complete_future_when_done(self) -> None:
         """Have `_complete_future` run once the all-reduce has finished, not on this thread."""
-        raise NotImplementedError
 
     def _complete_future(self) -> None:
         """Complete the future with the outcome of `_wait()`: once, by the first thread here."""
