@@ -80,7 +80,11 @@ def create_all_reduce(
 
 
 def _ring_for(group: dist.ProcessGroup, device: torch.device) -> AllReduce:
-    _close_rings_of_destroyed_groups()
+    with _rings_lock:
+        ring = _rings.get((group, device))
+    if ring is not None:  # the per-call path: nothing more
+        return ring
+    _close_rings_of_destroyed_groups()  # a group made after a destroy gets here first
     with _rings_lock:
         ring = _rings.get((group, device))
         if ring is None:
