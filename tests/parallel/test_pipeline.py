@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.profiler import ProfilerActivity
 
 from fastpar.nn import LSTM
@@ -30,6 +32,7 @@ from fastpar.parallel.pipeline import (
     split_sequential,
 )
 from fastpar.parallel.pipeline.microbatches import first_microbatch, loss_weights, split_batch
+from fastpar.parallel.pipeline.plan import _leaves_input_alone
 from fastpar.parallel.pipeline.schedules import Placement
 from fastpar.parallel.pipeline.wire import MAX_SLOT_BYTES, next_slot_bytes
 from fastpar.testing.distributed import run_multiprocess
@@ -348,6 +351,71 @@ def _expected_ranges(rank: int, world_size: int, num_microbatches: int) -> set[s
     return {f"fastpar.pp.{kind}{k}" for kind in kinds for k in range(num_microbatches)}
 
 
+# --- a received input taken as it arrived -------------------------------------------------------
+
+
+class _LeafLinearInputs(TorchFunctionMode):
+    """Counts the F.linear calls whose input is a leaf that requires grad: a stage's received
+    input taken as it arrived, not through an alias."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        if func is F.linear and args[0].is_leaf and args[0].requires_grad:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _stage_starting_with_linear(
+    rank: int, world_size: int, schedule: str, seed: int, batch: tuple[torch.Tensor, ...]
+) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(IN, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
+                          nn.Linear(WIDTH, OUT))  # fmt: skip
+    inputs, targets = batch
+    nn.MSELoss()(model(inputs), targets).backward()
+    want = {id(p): p.grad.numpy().copy() for p in model.parameters()}
+    model.zero_grad(set_to_none=True)
+    placement = Placement.of(schedule, world_size, 2)  # type: ignore[arg-type]
+    stages = split_sequential(model, [2])  # stage 1 starts with a Linear
+    mine = placement.stages_of(rank)
+    pipe = Pipeline([stages[s] for s in mine], stage_index=list(mine), num_stages=2,
+                    schedule=schedule, loss_fn=nn.MSELoss(), num_microbatches=3,
+                    timeout_s=60)  # fmt: skip
+    with _LeafLinearInputs() as leaf_inputs:
+        pipe.step(inputs, targets)
+    mine_params = [p for s in mine for p in stages[s].parameters()]
+    return (
+        leaf_inputs.count,
+        [p.grad.numpy() for p in mine_params],
+        [want[id(p)] for p in mine_params],
+    )
+
+
+@pytest.mark.parametrize("world_size, schedule", [(2, "1f1b"), (1, "zbv")])
+def test_a_stage_that_leaves_its_input_alone_takes_it_without_an_alias(
+    world_size: int, schedule: str
+) -> None:
+    # 1f1b: stage 1's input comes over the pipe; zbv on one rank: from stage 0 on the same rank
+    # (a LocalLink), with the backward split. No alias node on the path of every micro-batch,
+    # and the gradients of the whole model.
+    seed = int(torch.randint(2**31, ()))
+    batch = (torch.randn(12, IN), torch.randn(12, OUT))
+    results = run_multiprocess(
+        _stage_starting_with_linear, world_size, args=(schedule, seed, batch), timeout=60
+    )
+    received = 0
+    for rank, (count, got, want) in enumerate(results):
+        received += count
+        for index, (g, w) in enumerate(zip(got, want, strict=True)):
+            np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} #{index}")
+    assert received == 3, "stage 1 took its 3 micro-batches through an alias"
+
+
 # --- pieces that need no processes -----------------------------------------------------------
 
 
@@ -394,6 +462,72 @@ def test_output_only_keeps_the_lstm_output_sequence() -> None:
     lstm = LSTM(IN, WIDTH, backend="torch")
     x = torch.randn(4, 2, IN)
     np.testing.assert_array_equal(OutputOnly(lstm)(x).detach(), lstm(x)[0].detach())
+
+
+class _OwnSequential(nn.Sequential):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.relu_())
+
+
+def _with_forward(module: nn.Module) -> nn.Module:
+    module.forward = lambda x: x.relu_()  # type: ignore[method-assign]
+    return module
+
+
+@pytest.mark.parametrize(
+    "stage, alone",
+    [
+        (nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True)), True),
+        (nn.Sequential(nn.Sequential(nn.LayerNorm(4), nn.Tanh()), nn.Linear(4, 4)), True),
+        (nn.Conv1d(4, 4, 3), True),
+        (nn.Sequential(nn.ReLU(), nn.Linear(4, 4)), True),
+        (nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)), False),
+        (nn.Sequential(nn.Dropout(0.5), nn.Linear(4, 4)), False),  # eval: its input itself
+        (nn.Sequential(nn.Identity(), nn.ReLU(inplace=True)), False),
+        (nn.Sequential(), False),
+        (_OwnSequential(nn.Linear(4, 4)), False),
+        (nn.Sequential(_with_forward(nn.Linear(4, 4))), False),
+        (OutputOnly(LSTM(4, 4, backend="torch")), False),
+    ],
+    ids=[
+        "linear",
+        "nested-layernorm",
+        "conv",
+        "relu",
+        "relu-inplace",
+        "dropout",
+        "identity",
+        "empty",
+        "own-sequential",
+        "own-forward",
+        "lstm",
+    ],
+)
+def test_only_a_stage_that_provably_leaves_its_input_alone_takes_it_without_an_alias(
+    stage: nn.Module, alone: bool
+) -> None:
+    assert _leaves_input_alone(stage) is alone
+
+
+@pytest.mark.parametrize("where", ["stage", "first layer", "every module"])
+@pytest.mark.parametrize("kind", ["pre", "post"])
+def test_a_forward_hook_takes_the_input_through_an_alias(where: str, kind: str) -> None:
+    stage = nn.Sequential(nn.Linear(4, 4))
+    assert _leaves_input_alone(stage)
+    register = {
+        ("stage", "pre"): stage.register_forward_pre_hook,
+        ("stage", "post"): stage.register_forward_hook,
+        ("first layer", "pre"): stage[0].register_forward_pre_hook,
+        ("first layer", "post"): stage[0].register_forward_hook,
+        ("every module", "pre"): nn.modules.module.register_module_forward_pre_hook,
+        ("every module", "post"): nn.modules.module.register_module_forward_hook,
+    }[where, kind]
+    handle = register(lambda *args: None)  # a hook may change the input in place
+    try:
+        assert not _leaves_input_alone(stage)
+    finally:
+        handle.remove()
+    assert _leaves_input_alone(stage)
 
 
 BATCH_CUTS = [(64, 8, 0), (13, 5, 0), (7, 7, 1), (10, 3, 1)]  # rows, micro-batches, batch dim

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module_hooks  # module-wide hooks
 
 from fastpar.parallel.pipeline.config import ActionTime, StepStats
 from fastpar.parallel.pipeline.links import Link, LocalLink
@@ -272,11 +273,14 @@ class StepPlan:
 
         return forward
 
-    def _input_alias(self, stage: int) -> Callable[[Tensor], Tensor]:
-        """How `stage` takes its received input (see _alias_owned): the leaf from a LocalLink
-        shares its storage with the sending stage's output, which that stage's backward may
-        need, so its alias shares the version counter too (an in-place change then fails that
-        backward, as in the whole model, instead of corrupting its gradients)."""
+    def _input_alias(self, stage: int) -> Callable[[Tensor], Tensor] | None:
+        """How `stage` takes its received input: the leaf itself (None) where the stage leaves
+        it alone (see _leaves_input_alone), else an alias (see _alias_owned). The leaf from a
+        LocalLink shares its storage with the sending stage's output, which that stage's
+        backward may need, so its alias shares the version counter too (an in-place change then
+        fails that backward, as in the whole model, instead of corrupting its gradients)."""
+        if _leaves_input_alone(self._chunks[stage]):
+            return None
         link = self._links[self._stage_ranks[stage - 1]]
         return _SharedAlias.apply if isinstance(link, LocalLink) else _alias_owned
 
@@ -479,6 +483,41 @@ class StepPlan:
             run.slots[index] = x
 
         return read_activation_to
+
+
+# Layers whose forward changes no input in place and returns a new tensor, one that shares no
+# memory with its input (with `inplace` False, for the layers that have the flag).
+_KEEPS_INPUT = frozenset(
+    {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.LayerNorm, nn.RMSNorm}
+    | {nn.ReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid}
+)
+
+
+def _leaves_input_alone(stage: nn.Module) -> bool:
+    """Whether `stage` provably neither changes its input in place nor hands it (or a view of
+    it) to a layer that may, so that it can take the received leaf without an alias (an
+    autograd node, tens of microseconds per micro-batch when the caches are cold): an
+    nn.Sequential whose first layer, through nested nn.Sequentials, is one of _KEEPS_INPUT,
+    none of them with a forward hook or a forward of its own, and no module-wide forward hook.
+
+    Decided once, when the plan is built. A stage changed afterwards so that it modifies its
+    input gets autograd's error for a leaf that requires grad, never other gradients: the
+    alias is what lets such a stage run, not what keeps its numbers right."""
+    if _module_hooks._global_forward_pre_hooks or _module_hooks._global_forward_hooks:
+        return False
+    module = stage
+    while type(module) is nn.Sequential and len(module) > 0 and not _hooked(module):
+        module = module[0]
+    return (
+        type(module) in _KEEPS_INPUT
+        and not getattr(module, "inplace", False)
+        and not _hooked(module)
+    )
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether `module` runs code of the user's around or instead of its class's forward."""
+    return bool(module._forward_pre_hooks or module._forward_hooks) or "forward" in vars(module)
 
 
 def _alias_owned(leaf: Tensor) -> Tensor:
