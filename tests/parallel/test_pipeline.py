@@ -4,10 +4,11 @@ interleaved-1f1b and zbv; split backwards with deferred weight passes for zero-b
 with fastpar's LSTMs split as well (fastpar::lstm_aten_layer)), 1, 2 and 3 ranks holding 1 to
 6 stages, 1 to 8 micro-batches (some not dividing the batch), micro-batches of differing
 shapes (small ones and ones that outgrow the transport's slots), an LSTM stack cut between two
-stages, integer activations that carry no gradient, stages that start with an in-place layer,
-both loss reductions, and gradients accumulated over steps; over the shared-memory pipes (the
-default on one host) and over gloo. The inputs stay unmodified, and the profiler sees a range
-per micro-batch and transfer.
+stages, integer activations that carry no gradient, stages that start with an in-place layer
+(and stages that leave their input alone, which take it without an alias), both loss
+reductions, and gradients accumulated over steps; over the shared-memory pipes (the default on
+one host) and over gloo. The inputs stay unmodified, and the profiler sees a range per
+micro-batch and transfer.
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ class _LeafLinearInputs(TorchFunctionMode):
 
 def _stage_starting_with_linear(
     rank: int, world_size: int, schedule: str, seed: int, batch: tuple[torch.Tensor, ...]
-) -> tuple[int, list[np.ndarray], list[np.ndarray]]:
+) -> tuple[int, list[np.ndarray], list[np.ndarray], tuple[str, str]]:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(IN, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(),
                           nn.Linear(WIDTH, OUT))  # fmt: skip
@@ -389,11 +390,16 @@ def _stage_starting_with_linear(
     with _LeafLinearInputs() as leaf_inputs:
         pipe.step(inputs, targets)
     mine_params = [p for s in mine for p in stages[s].parameters()]
-    return (
-        leaf_inputs.count,
-        [p.grad.numpy() for p in mine_params],
-        [want[id(p)] for p in mine_params],
-    )
+    grads = [p.grad.numpy().copy() for p in mine_params]
+    # Changed after the pipeline was built to modify its input: autograd refuses, as for any
+    # leaf that requires grad, instead of computing other gradients.
+    stages[1][0].register_forward_pre_hook(lambda module, args: args[0].relu_())
+    try:
+        pipe.step(inputs, targets)
+        changed = ("ok", "")
+    except RuntimeError as error:
+        changed = (type(error).__name__, str(error))
+    return leaf_inputs.count, grads, [want[id(p)] for p in mine_params], changed
 
 
 @pytest.mark.parametrize("world_size, schedule", [(2, "1f1b"), (1, "zbv")])
@@ -402,15 +408,17 @@ def test_a_stage_that_leaves_its_input_alone_takes_it_without_an_alias(
 ) -> None:
     # 1f1b: stage 1's input comes over the pipe; zbv on one rank: from stage 0 on the same rank
     # (a LocalLink), with the backward split. No alias node on the path of every micro-batch,
-    # and the gradients of the whole model.
+    # and the gradients of the whole model; and on every rank autograd's error once the stage
+    # modifies its input.
     seed = int(torch.randint(2**31, ()))
     batch = (torch.randn(12, IN), torch.randn(12, OUT))
     results = run_multiprocess(
         _stage_starting_with_linear, world_size, args=(schedule, seed, batch), timeout=60
     )
     received = 0
-    for rank, (count, got, want) in enumerate(results):
+    for rank, (count, got, want, changed) in enumerate(results):
         received += count
+        assert "a leaf Variable that requires grad is being used in an in-place" in changed[1]
         for index, (g, w) in enumerate(zip(got, want, strict=True)):
             np.testing.assert_allclose(g, w, rtol=RTOL, atol=ATOL, err_msg=f"rank {rank} #{index}")
     assert received == 3, "stage 1 took its 3 micro-batches through an alias"
