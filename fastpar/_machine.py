@@ -19,6 +19,23 @@ def probe_writable(directory: Path) -> None:
     os.unlink(probe)
 
 
+def output_folder_problem(directory: Path, option: str, purpose: str) -> str | None:
+    """Create `directory` (and its parents) for a run's output and check that it takes files;
+    what stops it, naming the command-line `option` and the folder's `purpose`, or None.
+    Checked before any rank starts: the ranks write into it only later."""
+    if directory.exists() and not directory.is_dir():
+        return f"{option} {directory} is not a folder"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe_writable(directory)
+    except OSError as error:
+        return (
+            f"cannot write into {purpose} folder {directory} ({error.strerror}); fix its "
+            f"permissions or choose another {option} folder"
+        )
+    return None
+
+
 def usable_cores() -> int:
     """The cores this process may run on: taskset, a cgroup cpuset or a Slurm allocation leave
     it fewer than the machine has, and torch sizes its thread pool by these."""

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
-from fastpar._machine import probe_writable
+from fastpar._machine import output_folder_problem
 from fastpar.training.config import (
     BackendName,
     BalanceName,
@@ -116,24 +116,14 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
 
 def check_profile_folder(directory: Path) -> None:
     """Create `directory` and check that it takes files, before any rank starts: the ranks
-    write their traces into it only once the profiled steps are done.
+    write their traces (trace-rank<N>.json) into it only once the profiled steps are done.
 
     Raises:
         ValueError: `directory` is a file, or cannot be created or written.
     """
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(
-            f"--profile {directory} is not a folder: each rank writes its trace "
-            "(trace-rank<N>.json) into the folder --profile names"
-        )
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe_writable(directory)
-    except OSError as error:
-        raise ValueError(
-            f"cannot write into profile folder {directory} ({error.strerror}); fix its "
-            "permissions or choose another --profile folder"
-        ) from None
+    problem = output_folder_problem(directory, "--profile", "profile")
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def _under_torchrun() -> bool:

@@ -15,7 +15,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from fastpar._machine import probe_writable
+from fastpar._machine import output_folder_problem
 
 EVENT_FILES = "events.out.tfevents.*"
 RUN_FILES = ("steps.csv", "ranks.csv", "validation.csv", "metrics.png")
@@ -42,16 +42,9 @@ def files_to_replace(directory: Path, *, resume: bool, overwrite: bool) -> list[
         MetricsFolderError: `directory` is not a folder, cannot be created or written, or a new
             run without `overwrite` would write beside an earlier run's files.
     """
-    if directory.exists() and not directory.is_dir():
-        raise MetricsFolderError(f"--metrics {directory} is not a folder")
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe_writable(directory)
-    except OSError as error:
-        raise MetricsFolderError(
-            f"cannot write into metrics folder {directory} ({error.strerror}); fix its "
-            "permissions or choose another --metrics folder"
-        ) from None
+    problem = output_folder_problem(directory, "--metrics", "metrics")
+    if problem is not None:
+        raise MetricsFolderError(problem)
     found = earlier_run_files(directory)
     if resume or not found:
         return []

@@ -275,8 +275,7 @@ def test_a_profile_path_naming_a_file_is_refused_before_any_rank_starts(
     trace = tmp_path / "trace.json"
     trace.write_text("")
     assert _profile_refusal(tmp_path, trace, monkeypatch, capsys) == (
-        f"fastpar train: error: --profile {trace} is not a folder: each rank writes its trace "
-        "(trace-rank<N>.json) into the folder --profile names"
+        f"fastpar train: error: --profile {trace} is not a folder"
     )
     assert _profile_refusal(tmp_path, trace / "below", monkeypatch, capsys) == (
         f"fastpar train: error: cannot write into profile folder {trace / 'below'} (Not a "
