@@ -44,9 +44,13 @@ raise what the device found), so its figures include the device's time.
 Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
 that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to
 None first: an optimizer step that runs anyway (the error caught) changes nothing, and no rank
-ever steps on its own unreduced gradients. A backward that raised before its end (in autograd or
-a gradient hook, on every rank) is forgotten at the next forward, which sets every `.grad` to
-None (they were never averaged) and logs a warning; later backwards synchronise as usual.
+ever steps on its own unreduced gradients. `timeout` bounds the waits through torch.distributed
+too (gloo's own bound is the group's timeout, 30 minutes by default): one that runs out raises
+CommTimeoutError naming this rank, and since torch.distributed goes on with that all-reduce, the
+wrapper is unusable afterwards (CommClosedError), as fastpar's ring is after its timeout. A
+backward that raised before its end (in autograd or a gradient hook, on every rank) is forgotten
+at the next forward, which sets every `.grad` to None (they were never averaged) and logs a
+warning; later backwards synchronise as usual.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
@@ -78,6 +82,7 @@ from torch import nn
 
 from fastpar._checks import check_bool, check_choice, check_member, check_positive
 from fastpar._logging import get_logger, log_once
+from fastpar.comm.errors import CommClosedError, CommTimeoutError
 from fastpar.profiling import record_range
 
 logger = get_logger(__name__)
@@ -105,9 +110,10 @@ class DataParallelConfig:
     """Size of the first bucket (the last layers' gradients), small so communication starts
     as early as possible in backward."""
     timeout_s: float | None = None
-    """How long the ring waits for a peer before backward raises; None: the group's own
-    timeout (given to init_process_group / new_group), which also bounds torch.distributed's
-    collectives."""
+    """How long a wait for a peer may last before backward raises CommTimeoutError naming this
+    rank: fastpar's all-reduce's waits, and the end of backward's wait for torch.distributed's
+    all-reduces (all of a backward's buckets within it). None: the group's own timeout (given to
+    init_process_group / new_group; 30 minutes by default for gloo)."""
     overlap: OverlapChoice = "auto"
     """When buckets are all-reduced: "on": each as soon as its gradients are ready, while
     backward goes on; "off": all when backward has finished; "auto": "on", except on CPU where
@@ -166,6 +172,7 @@ class _Bucket:
     buffer: torch.Tensor  # gradients, then one "used" flag per parameter
     views: list[torch.Tensor]  # views[slot]: params[slot]'s gradient inside `buffer`
     comm: Callable[[torch.Tensor, bool], Any]  # sums a buffer (async_op: returns its work)
+    through_torch: bool  # comm is torch.distributed's (its waits are bounded by ours)
     pending: int = 0
     ready: list[bool] = field(default_factory=list)
     # accumulated[slot]: params[slot] got a gradient under no_sync() since the last
@@ -224,8 +231,12 @@ class DataParallel(nn.Module):
         comm: "auto", "ring" or "torch" (see `DataParallelConfig`).
         bucket_cap_mb: gradient bucket size in MiB.
         first_bucket_mb: size of the first bucket in MiB.
-        timeout: how long the ring waits for a peer (timedelta or seconds; None: the group's
-            own timeout) before backward raises naming it.
+        timeout: how long a wait for a peer may last (timedelta or seconds; None: the group's
+            own timeout) before backward raises `CommTimeoutError` naming this rank (see
+            `DataParallelConfig.timeout_s`). After a backward timed out waiting for
+            torch.distributed, that all-reduce goes on (gloo ends it when the peer calls it, or
+            at the group's timeout) and may still write into the buckets, so this
+            DataParallel is unusable afterwards (`CommClosedError`), as fastpar's ring is.
         overlap: "auto", "on" or "off": whether buckets are all-reduced during backward (see
             `DataParallelConfig`).
         shared_buckets: keep CPU buckets in shared memory (see `DataParallelConfig`).
@@ -288,6 +299,9 @@ class DataParallel(nn.Module):
         self.last_backward_events: list[tuple[Any, ...]] = []
         self.last_stats = CommStats()
         self._first_grad_at = self._first_launch_at = 0.0
+        # Why this wrapper is unusable (a torch.distributed all-reduce that timed out may still
+        # write into its buckets); None while it is usable
+        self._unusable: str | None = None
 
         self._check_same_state()
         self._broadcast_state()
@@ -321,6 +335,42 @@ class DataParallel(nn.Module):
         for tensor in tensors:
             dist.broadcast(tensor, src=self._src, group=self.group)
 
+    def _deadline(self) -> float | None:
+        """When a wait that starts now must end (monotonic clock); None: no bound of ours (the
+        group's timeout)."""
+        timeout = self.config.timeout_s
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _wait_within(self, work: Any, deadline: float | None, what: str) -> None:
+        """Wait for torch.distributed's `work` until `deadline` (None: its own bound, the
+        group's timeout); CommTimeoutError naming this rank when it is still running then.
+        A failure of the collective itself is raised as torch raised it.
+
+        torch.distributed does not cancel a collective whose wait ran out: gloo completes it
+        when the peer calls it, or fails it at the group's timeout. Until then it may write into
+        the buckets, so from then on this wrapper refuses to run (CommClosedError)."""
+        if deadline is None:
+            work.wait()
+            return
+        # At least 1 ms: torch takes a zero timeout for "no bound"
+        left = max(deadline - time.monotonic(), 1e-3)
+        try:
+            work.wait(timeout=timedelta(seconds=left))
+        except Exception as error:
+            if work.is_completed():  # it ended, failed: not a wait that ran out
+                raise
+            message = (
+                f"rank {dist.get_rank()} timed out after {self.config.timeout_s:g} s waiting "
+                f"for {what} through torch.distributed ({dist.get_backend(self.group)}): a "
+                "peer has not called the collective (slow, hung, or not calling it at all)"
+            )
+            self._unusable = (
+                f"DataParallel is unusable: {message}, and that collective may still write "
+                "into its tensors (torch.distributed ends it when the peer calls it, or at the "
+                "group's timeout)"
+            )
+            raise CommTimeoutError(message) from error
+
     def _fastpar_all_reduce(self, device: torch.device) -> Any:
         """fastpar's all-reduce of the group (created on first use, collectively)."""
         if self._ring is None:
@@ -353,14 +403,15 @@ class DataParallel(nn.Module):
                         )
         return torch.zeros(numel, dtype=dtype, device=device)
 
-    def _comm_for(self, buffer: torch.Tensor) -> Callable[[torch.Tensor, bool], Any]:
-        """The sum of this bucket across the group (the hooks divided the gradients already)."""
+    def _comm_for(self, buffer: torch.Tensor) -> tuple[Callable[[torch.Tensor, bool], Any], bool]:
+        """The sum of this bucket across the group (the hooks divided the gradients already),
+        and whether torch.distributed computes it."""
         choice = self.config.comm
         if choice != "torch":
             self._fastpar_all_reduce(buffer.device)
             if self._ring.should_use(buffer, dist.ReduceOp.SUM):
                 ring = self._ring
-                return lambda tensor, async_op: ring.all_reduce(tensor, async_op=async_op)
+                return (lambda tensor, async_op: ring.all_reduce(tensor, async_op=async_op)), False
             reason = self._ring.fallback_reason(buffer, dist.ReduceOp.SUM)
             if choice == "ring":
                 raise ValueError(
@@ -370,7 +421,9 @@ class DataParallel(nn.Module):
             if dist.get_rank() == 0:  # once per run (create_all_reduce said why for a layout)
                 log_once(logger, f"DataParallel uses torch.distributed: {reason}")
         group = self.group
-        return lambda tensor, async_op: dist.all_reduce(tensor, group=group, async_op=async_op)
+        return (
+            lambda tensor, async_op: dist.all_reduce(tensor, group=group, async_op=async_op)
+        ), True
 
     def _build_buckets(self) -> list[_Bucket]:
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -405,12 +458,14 @@ class DataParallel(nn.Module):
         for param in params:
             views.append(buffer[start : start + param.numel()].view_as(param))
             start += param.numel()
+        comm, through_torch = self._comm_for(buffer)
         return _Bucket(
             index=index,
             params=params,
             buffer=buffer,
             views=views,
-            comm=self._comm_for(buffer),
+            comm=comm,
+            through_torch=through_torch,
             pending=len(params),
             ready=[False] * len(params),
             accumulated=[False] * len(params),
@@ -436,6 +491,7 @@ class DataParallel(nn.Module):
     # --- the training step ----------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_usable()
         # A backward left unfinished, unless this forward runs inside it (-1: outside any
         # backward; activation checkpointing recomputes forwards within one)
         if self._callback_queued and torch._C._current_graph_task_id() == -1:
@@ -496,6 +552,7 @@ class DataParallel(nn.Module):
             self._next_bucket += 1
 
     def _start_backward_if_needed(self) -> None:
+        self._check_usable()  # before this backward writes into a bucket
         with self._lock:
             if self._callback_queued:
                 return
@@ -513,7 +570,9 @@ class DataParallel(nn.Module):
         if not self._first_launch_at:
             self._first_launch_at = time.perf_counter()
         with record_range(f"fastpar.dp.allreduce.bucket{bucket.index}"):
-            if self.overlaps_backward:
+            # torch.distributed's synchronous call is its asynchronous one waited for with no
+            # bound but the group's timeout: its work is waited for at the end, within ours.
+            if self.overlaps_backward or bucket.through_torch:
                 bucket.work = bucket.comm(bucket.buffer, True)
             else:  # backward is over: this thread runs it, with no hand-over to another
                 bucket.comm(bucket.buffer, False)
@@ -570,16 +629,27 @@ class DataParallel(nn.Module):
 
     def _wait_for_launched(self) -> BaseException | None:
         """Wait for every launched all-reduce, even after one failed: no work may still write
-        into a bucket (a .grad) once backward has returned. Returns the first failure."""
+        into a bucket (a .grad) once backward has returned. torch.distributed's are waited for
+        within the timeout, all of them together (one still running then makes the wrapper
+        unusable, see `_wait_within`). Returns the first failure."""
         error: BaseException | None = None
+        deadline = self._deadline()
         for bucket in self._buckets:
             if bucket.work is None:
                 continue
             try:
-                bucket.work.wait()
+                if bucket.through_torch:
+                    what = f"the all-reduce of gradient bucket {bucket.index}"
+                    self._wait_within(bucket.work, deadline, what)
+                else:  # fastpar's all-reduce bounds its own waits
+                    bucket.work.wait()
             except Exception as failure:  # the caller raises it
                 error = error or failure
         return error
+
+    def _check_usable(self) -> None:
+        if self._unusable is not None:
+            raise CommClosedError(self._unusable)
 
     def _reset_backward_state(self) -> None:
         """Nothing launched, no gradient arrived: ready for the next synchronised backward."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
+from datetime import timedelta
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastpar.comm import CommTimeoutError
+from fastpar.comm import CommClosedError, CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
 from fastpar.parallel.data_parallel import has_spare_core
 from fastpar.testing.distributed import run_multiprocess
@@ -80,19 +82,21 @@ def _new_model(kind: str) -> nn.Module:
 
 
 def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list[str]:
-    """For each (kind, comm, bucket_cap_mb, first_bucket_mb[, overlap]) (overlap "auto" when
-    left out): 10 SGD steps with momentum with fastpar and with DDP from the same start, on
-    different data per rank; parameters must agree. Ranks start from different weights, so the
-    initial broadcast is exercised too."""
+    """For each (kind, comm, bucket_cap_mb, first_bucket_mb[, overlap[, timeout]]) (overlap
+    "auto" and no timeout when left out): 10 SGD steps with momentum with fastpar and with DDP
+    from the same start, on different data per rank; parameters must agree. Ranks start from
+    different weights, so the initial broadcast is exercised too."""
     failures = []
     for kind, comm, bucket_cap_mb, first_bucket_mb, *more in configs:
         overlap = more[0] if more else "auto"
+        timeout = more[1] if len(more) > 1 else None
         torch.manual_seed(rank)  # different on purpose: both wrappers broadcast from rank 0
         ours = _new_model(kind)
         theirs = _new_model(kind)
         theirs.load_state_dict(ours.state_dict())
         dp = DataParallel(ours, comm=comm, bucket_cap_mb=bucket_cap_mb,
-                          first_bucket_mb=first_bucket_mb, overlap=overlap)  # fmt: skip
+                          first_bucket_mb=first_bucket_mb, overlap=overlap,
+                          timeout=timeout)  # fmt: skip
         ddp = DistributedDataParallel(theirs, find_unused_parameters=kind == "branchy")
         opt_ours = torch.optim.SGD(ours.parameters(), lr=0.1, momentum=0.9)
         opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.9)
@@ -116,11 +120,13 @@ def _train_against_ddp(rank: int, world_size: int, configs: list[tuple]) -> list
 
 CONFIGS = [
     ("lm", "torch", 25.0, 1.0, "on"),
+    ("lm", "torch", 0.002, 0.001, "off", 30.0),  # waits on torch.distributed bounded by ours
     ("lm", "ring", 25.0, 1.0, "off"),
     ("lm", "ring", 0.002, 0.001, "on"),  # a bucket or two per parameter
     ("lm", "ring", 0.002, 0.001, "off"),
     ("lm", "auto", 0.01, 0.004, "auto"),
     ("branchy", "torch", 25.0, 1.0, "off"),
+    ("branchy", "torch", 0.001, 0.0005, "on", 30.0),
     ("branchy", "ring", 0.001, 0.0005, "on"),
     ("branchy", "ring", 0.001, 0.0005, "off"),
 ]
@@ -296,6 +302,59 @@ def test_a_dead_peer_raises_in_backward_and_nothing_steps(comm: str) -> None:
     assert results[1] is None
     # Named as soon as its process is gone, long before the 3 s timeout.
     assert "rank 1 (pid" in results[0] and "exited" in results[0], results[0]
+
+
+TIMEOUT_S = 2.0
+SLOW_PEER_S = 30.0  # a peer this late must never be waited for
+
+
+def _slow_peer_in_backward(rank: int, world_size: int, overlap: str) -> tuple[float, str] | None:
+    """Rank 1 is alive but late for its second backward (a data loader stuck for 30 s): rank 0's
+    backward through torch.distributed (gloo, whose own bound is the group's 60 s) must raise
+    within the timeout, with no .grad left for an optimizer step that runs anyway, and the
+    wrapper must refuse to run afterwards (that all-reduce goes on)."""
+    store = dist.distributed_c10d._get_default_store()
+    torch.manual_seed(rank)
+    model = LanguageModel()
+    dp = DataParallel(model, comm="torch", bucket_cap_mb=0.004, first_bucket_mb=0.002,
+                      timeout=TIMEOUT_S, overlap=overlap)  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for step in range(2):
+        optimizer.zero_grad()
+        inputs, targets = _batch("lm", rank, step)
+        loss = _loss(dp, "lm", inputs, targets, rank, step)
+        if step == 0:
+            loss.backward()
+            optimizer.step()
+            continue
+        if rank == 1:  # late until rank 0 has given up (at most SLOW_PEER_S), then leaves
+            store.wait(["slow-peer/given-up"], timedelta(seconds=SLOW_PEER_S))
+            return None
+        before = [p.detach().clone() for p in model.parameters()]
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError) as info:
+            loss.backward()
+        elapsed = time.monotonic() - start
+        assert all(p.grad is None for p in model.parameters())
+        optimizer.step()  # a caller that carries on anyway
+        for a, b in zip(model.parameters(), before, strict=True):
+            assert torch.equal(a, b), "a parameter moved after a timed-out all-reduce"
+        with pytest.raises(CommClosedError, match="DataParallel is unusable: rank 0 timed out"):
+            dp(inputs)
+        store.set("slow-peer/given-up", "1")
+    return elapsed, str(info.value)
+
+
+@pytest.mark.parametrize("overlap", ["on", "off"])
+def test_a_slow_peer_makes_backward_through_torch_raise_within_the_timeout(overlap: str) -> None:
+    """The timeout bounded fastpar's ring only: through torch.distributed, backward waited for
+    the group's timeout (30 minutes by default for gloo)."""
+    results = run_multiprocess(_slow_peer_in_backward, 2, args=(overlap,), timeout=60)
+    elapsed, message = results[0]
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, message)
+    assert "rank 0 timed out after 2 s waiting for the all-reduce of gradient bucket" in message
+    assert "torch.distributed (gloo)" in message
+    assert results[1] is None
 
 
 def _nan_guard(grad: torch.Tensor) -> torch.Tensor:
