@@ -68,6 +68,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import threading
 import time
 import weakref
@@ -110,9 +111,10 @@ class DataParallelConfig:
     """Size of the first bucket (the last layers' gradients), small so communication starts
     as early as possible in backward."""
     timeout_s: float | None = None
-    """How long a wait for a peer may last before backward raises CommTimeoutError naming this
-    rank: fastpar's all-reduce's waits, and the end of backward's wait for torch.distributed's
-    all-reduces (all of a backward's buckets within it). None: the group's own timeout (given to
+    """How long a wait for a peer may last before it raises CommTimeoutError naming this rank:
+    fastpar's all-reduce's waits, the end of backward's wait for torch.distributed's all-reduces
+    (all of a backward's buckets within it) and the construction's collectives (the same
+    parameters on every rank, the broadcast). None: the group's own timeout (given to
     init_process_group / new_group; 30 minutes by default for gloo)."""
     overlap: OverlapChoice = "auto"
     """When buckets are all-reduced: "on": each as soon as its gradients are ready, while
@@ -232,8 +234,8 @@ class DataParallel(nn.Module):
         bucket_cap_mb: gradient bucket size in MiB.
         first_bucket_mb: size of the first bucket in MiB.
         timeout: how long a wait for a peer may last (timedelta or seconds; None: the group's
-            own timeout) before backward raises `CommTimeoutError` naming this rank (see
-            `DataParallelConfig.timeout_s`). After a backward timed out waiting for
+            own timeout) before construction or backward raises `CommTimeoutError` naming this
+            rank (see `DataParallelConfig.timeout_s`). After a backward timed out waiting for
             torch.distributed, that all-reduce goes on (gloo ends it when the peer calls it, or
             at the group's timeout) and may still write into the buckets, so this
             DataParallel is unusable afterwards (`CommClosedError`), as fastpar's ring is.
@@ -303,8 +305,9 @@ class DataParallel(nn.Module):
         # write into its buckets); None while it is usable
         self._unusable: str | None = None
 
-        self._check_same_state()
-        self._broadcast_state()
+        deadline = self._deadline()
+        self._check_same_state(deadline)
+        self._broadcast_state(deadline)
         self._buckets = self._build_buckets()
         self._grad_scale = 1.0 / self.world_size
         self.overlaps_backward = self._decide_overlap()
@@ -318,9 +321,9 @@ class DataParallel(nn.Module):
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _check_same_state(self) -> None:
-        signatures: list[Any] = [None] * self.world_size
-        dist.all_gather_object(signatures, _state_signature(self.module), group=self.group)
+    def _check_same_state(self, deadline: float | None) -> None:
+        payloads = self._all_gather_bytes(pickle.dumps(_state_signature(self.module)), deadline)
+        signatures = [pickle.loads(payload) for payload in payloads]
         for rank, signature in enumerate(signatures):
             difference = _first_difference(signature, signatures[0])
             if difference is not None:
@@ -329,11 +332,38 @@ class DataParallel(nn.Module):
                     f"rank {rank}, {difference}"
                 )
 
+    def _all_gather_bytes(self, payload: bytes, deadline: float | None) -> list[bytes]:
+        """Every rank's `payload`, in group rank order: all_gather_object, whose wait has no
+        bound but the group's timeout, as two all-gathers waited for within `deadline`."""
+        device = next(self._state_tensors(), torch.empty(0)).device  # one the group serves
+        what = "the other ranks' parameter names and shapes (constructing DataParallel)"
+        mine = torch.tensor([len(payload)], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(mine) for _ in range(self.world_size)]
+        work = dist.all_gather(sizes, mine, group=self.group, async_op=True)
+        self._wait_within(work, deadline, what)
+        longest = max(int(size.item()) for size in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        work = dist.all_gather(gathered, padded, group=self.group, async_op=True)
+        self._wait_within(work, deadline, what)
+        return [
+            bytes(data[: int(size.item())].cpu().tolist())
+            for data, size in zip(gathered, sizes, strict=True)
+        ]
+
+    def _state_tensors(self) -> Iterator[torch.Tensor]:
+        yield from (p.data for p in self.module.parameters())
+        yield from self.module.buffers()
+
     @torch.no_grad()
-    def _broadcast_state(self) -> None:
-        tensors = [p.data for p in self.module.parameters()] + list(self.module.buffers())
-        for tensor in tensors:
-            dist.broadcast(tensor, src=self._src, group=self.group)
+    def _broadcast_state(self, deadline: float | None) -> None:
+        works = [
+            dist.broadcast(tensor, src=self._src, group=self.group, async_op=True)
+            for tensor in self._state_tensors()
+        ]
+        for work in works:
+            self._wait_within(work, deadline, "the group's first rank's parameters and buffers")
 
     def _deadline(self) -> float | None:
         """When a wait that starts now must end (monotonic clock); None: no bound of ours (the

@@ -357,6 +357,28 @@ def test_a_slow_peer_makes_backward_through_torch_raise_within_the_timeout(overl
     assert results[1] is None
 
 
+def _peer_never_constructs(rank: int, world_size: int) -> tuple[float, str] | None:
+    store = dist.distributed_c10d._get_default_store()
+    if rank == 1:  # never builds its DataParallel; leaves once rank 0 has given up
+        store.wait(["absent/given-up"], timedelta(seconds=SLOW_PEER_S))
+        return None
+    start = time.monotonic()
+    with pytest.raises(CommTimeoutError) as info:
+        DataParallel(LanguageModel(), timeout=TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    store.set("absent/given-up", "1")
+    return elapsed, str(info.value)
+
+
+def test_a_peer_that_never_constructs_is_a_timeout_within_the_timeout() -> None:
+    """Construction's collectives (the check of parameters, the broadcast) waited for the
+    group's timeout."""
+    (elapsed, message), absent = run_multiprocess(_peer_never_constructs, 2, timeout=60)
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, message)
+    assert "rank 0 timed out after 2 s waiting for the other ranks' parameter" in message
+    assert absent is None
+
+
 def _nan_guard(grad: torch.Tensor) -> torch.Tensor:
     raise FloatingPointError("a non-finite gradient (test)")
 
