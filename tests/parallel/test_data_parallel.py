@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastpar.comm import CommClosedError, CommTimeoutError
+from fastpar.comm import HOST_ENV, CommClosedError, CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
 from fastpar.parallel.data_parallel import has_spare_core
 from fastpar.testing.distributed import run_multiprocess
@@ -308,15 +308,19 @@ TIMEOUT_S = 2.0
 SLOW_PEER_S = 30.0  # a peer this late must never be waited for
 
 
-def _slow_peer_in_backward(rank: int, world_size: int, overlap: str) -> tuple[float, str] | None:
+def _slow_peer_in_backward(
+    rank: int, world_size: int, comm: str, overlap: str
+) -> tuple[float, str] | None:
     """Rank 1 is alive but late for its second backward (a data loader stuck for 30 s): rank 0's
     backward through torch.distributed (gloo, whose own bound is the group's 60 s) must raise
     within the timeout, with no .grad left for an optimizer step that runs anyway, and the
     wrapper must refuse to run afterwards (that all-reduce goes on)."""
+    if comm == "auto":
+        os.environ[HOST_ENV] = f"simulated-{rank}"  # a host each: "auto" takes torch.distributed
     store = dist.distributed_c10d._get_default_store()
     torch.manual_seed(rank)
     model = LanguageModel()
-    dp = DataParallel(model, comm="torch", bucket_cap_mb=0.004, first_bucket_mb=0.002,
+    dp = DataParallel(model, comm=comm, bucket_cap_mb=0.004, first_bucket_mb=0.002,
                       timeout=TIMEOUT_S, overlap=overlap)  # fmt: skip
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for step in range(2):
@@ -345,11 +349,13 @@ def _slow_peer_in_backward(rank: int, world_size: int, overlap: str) -> tuple[fl
     return elapsed, str(info.value)
 
 
-@pytest.mark.parametrize("overlap", ["on", "off"])
-def test_a_slow_peer_makes_backward_through_torch_raise_within_the_timeout(overlap: str) -> None:
+@pytest.mark.parametrize(("comm", "overlap"), [("torch", "on"), ("torch", "off"), ("auto", "off")])
+def test_a_slow_peer_makes_backward_through_torch_raise_within_the_timeout(
+    comm: str, overlap: str
+) -> None:
     """The timeout bounded fastpar's ring only: through torch.distributed, backward waited for
     the group's timeout (30 minutes by default for gloo)."""
-    results = run_multiprocess(_slow_peer_in_backward, 2, args=(overlap,), timeout=60)
+    results = run_multiprocess(_slow_peer_in_backward, 2, args=(comm, overlap), timeout=60)
     elapsed, message = results[0]
     assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, message)
     assert "rank 0 timed out after 2 s waiting for the all-reduce of gradient bucket" in message
