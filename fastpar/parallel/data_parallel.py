@@ -44,9 +44,9 @@ raise what the device found), so its figures include the device's time.
 Failures: if an all-reduce fails (a peer died, hung or called differently), `backward()` raises
 that error, which names the rank, after every bucket's work has ended, and sets every `.grad` to
 None first: an optimizer step that runs anyway (the error caught) changes nothing, and no rank
-ever steps on its own unreduced gradients. `timeout` bounds the waits through torch.distributed
-too (gloo's own bound is the group's timeout, 30 minutes by default): one that runs out raises
-CommTimeoutError naming this rank, and since torch.distributed goes on with that all-reduce, the
+ever steps on its own unreduced gradients. `timeout` bounds the waits through torch.distributed's
+gloo too (whose own bound is the group's timeout, 30 minutes by default): one that runs out
+raises CommTimeoutError naming this rank, and since gloo goes on with that all-reduce, the
 wrapper is unusable afterwards (CommClosedError), as fastpar's ring is after its timeout. A
 backward that raised before its end (in autograd or a gradient hook, on every rank) is forgotten
 at the next forward, which sets every `.grad` to None (they were never averaged) and logs a
@@ -112,10 +112,12 @@ class DataParallelConfig:
     as early as possible in backward."""
     timeout_s: float | None = None
     """How long a wait for a peer may last before it raises CommTimeoutError naming this rank:
-    fastpar's all-reduce's waits, the end of backward's wait for torch.distributed's all-reduces
-    (all of a backward's buckets within it) and the construction's collectives (the same
-    parameters on every rank, the broadcast). None: the group's own timeout (given to
-    init_process_group / new_group; 30 minutes by default for gloo)."""
+    fastpar's all-reduce's waits, and on CPU (gloo) the end of backward's wait for
+    torch.distributed's all-reduces (all of a backward's buckets within it) and construction's
+    collectives (the same parameters on every rank, the broadcast). None: the group's own
+    timeout (given to init_process_group / new_group; 30 minutes by default for gloo), which
+    also bounds NCCL's collectives on CUDA (its watchdog): NCCL's bounded wait would block the
+    host, count from the launch and abort the communicator."""
     overlap: OverlapChoice = "auto"
     """When buckets are all-reduced: "on": each as soon as its gradients are ready, while
     backward goes on; "off": all when backward has finished; "auto": "on", except on CPU where
@@ -235,10 +237,11 @@ class DataParallel(nn.Module):
         first_bucket_mb: size of the first bucket in MiB.
         timeout: how long a wait for a peer may last (timedelta or seconds; None: the group's
             own timeout) before construction or backward raises `CommTimeoutError` naming this
-            rank (see `DataParallelConfig.timeout_s`). After a backward timed out waiting for
-            torch.distributed, that all-reduce goes on (gloo ends it when the peer calls it, or
-            at the group's timeout) and may still write into the buckets, so this
-            DataParallel is unusable afterwards (`CommClosedError`), as fastpar's ring is.
+            rank (see `DataParallelConfig.timeout_s`; NCCL's collectives keep the group's
+            timeout). After a backward timed out waiting for gloo, that all-reduce goes on
+            (gloo ends it when the peer calls it, or at the group's timeout) and may still
+            write into the buckets, so this DataParallel is unusable afterwards
+            (`CommClosedError`), as fastpar's ring is.
         overlap: "auto", "on" or "off": whether buckets are all-reduced during backward (see
             `DataParallelConfig`).
         shared_buckets: keep CPU buckets in shared memory (see `DataParallelConfig`).
@@ -340,13 +343,13 @@ class DataParallel(nn.Module):
         mine = torch.tensor([len(payload)], dtype=torch.int64, device=device)
         sizes = [torch.empty_like(mine) for _ in range(self.world_size)]
         work = dist.all_gather(sizes, mine, group=self.group, async_op=True)
-        self._wait_within(work, deadline, what)
+        self._wait_within(work, deadline, what, device)
         longest = max(int(size.item()) for size in sizes)
         padded = torch.zeros(longest, dtype=torch.uint8, device=device)
         padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         work = dist.all_gather(gathered, padded, group=self.group, async_op=True)
-        self._wait_within(work, deadline, what)
+        self._wait_within(work, deadline, what, device)
         return [
             bytes(data[: int(size.item())].cpu().tolist())
             for data, size in zip(gathered, sizes, strict=True)
@@ -358,12 +361,13 @@ class DataParallel(nn.Module):
 
     @torch.no_grad()
     def _broadcast_state(self, deadline: float | None) -> None:
+        what = "the group's first rank's parameters and buffers"
         works = [
-            dist.broadcast(tensor, src=self._src, group=self.group, async_op=True)
+            (dist.broadcast(tensor, src=self._src, group=self.group, async_op=True), tensor.device)
             for tensor in self._state_tensors()
         ]
-        for work in works:
-            self._wait_within(work, deadline, "the group's first rank's parameters and buffers")
+        for work, device in works:
+            self._wait_within(work, deadline, what, device)
 
     def _deadline(self) -> float | None:
         """When a wait that starts now must end (monotonic clock); None: no bound of ours (the
@@ -371,15 +375,22 @@ class DataParallel(nn.Module):
         timeout = self.config.timeout_s
         return None if timeout is None else time.monotonic() + timeout
 
-    def _wait_within(self, work: Any, deadline: float | None, what: str) -> None:
-        """Wait for torch.distributed's `work` until `deadline` (None: its own bound, the
-        group's timeout); CommTimeoutError naming this rank when it is still running then.
-        A failure of the collective itself is raised as torch raised it.
+    def _wait_within(
+        self, work: Any, deadline: float | None, what: str, device: torch.device
+    ) -> None:
+        """Wait for torch.distributed's `work` on tensors on `device` until `deadline` (None:
+        its own bound, the group's timeout); CommTimeoutError naming this rank when it is still
+        running then. A failure of the collective itself is raised as torch raised it.
 
         torch.distributed does not cancel a collective whose wait ran out: gloo completes it
         when the peer calls it, or fails it at the group's timeout. Until then it may write into
-        the buckets, so from then on this wrapper refuses to run (CommClosedError)."""
-        if deadline is None:
+        the buckets, so from then on this wrapper refuses to run (CommClosedError).
+
+        CPU tensors only (gloo): NCCL's wait(timeout) blocks the host until the kernel ends,
+        counts from the launch (a bucket launched early in backward would time out while the
+        peers still compute theirs) and aborts the communicator when it runs out; there
+        NCCL's watchdog applies the group's timeout."""
+        if deadline is None or device.type != "cpu":
             work.wait()
             return
         # At least 1 ms: torch takes a zero timeout for "no bound"
@@ -670,7 +681,7 @@ class DataParallel(nn.Module):
             try:
                 if bucket.through_torch:
                     what = f"the all-reduce of gradient bucket {bucket.index}"
-                    self._wait_within(bucket.work, deadline, what)
+                    self._wait_within(bucket.work, deadline, what, bucket.buffer.device)
                 else:  # fastpar's all-reduce bounds its own waits
                     bucket.work.wait()
             except Exception as failure:  # the caller raises it
