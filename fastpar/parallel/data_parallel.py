@@ -83,6 +83,7 @@ from torch import nn
 
 from fastpar._checks import check_bool, check_choice, check_member, check_positive
 from fastpar._logging import get_logger, log_once
+from fastpar._machine import usable_cores
 from fastpar.comm.errors import CommClosedError, CommTimeoutError
 from fastpar.profiling import record_range
 
@@ -519,7 +520,7 @@ class DataParallel(nn.Module):
         if not self._buckets or self._buckets[0].buffer.device.type != "cpu":
             return True
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        cores = usable_cores()
         spare = has_spare_core(local_ranks, torch.get_num_threads(), cores)
         if dist.get_rank() == 0:
             log_once(
