@@ -8,6 +8,7 @@ rank's copy takes the same decision and the copies stay identical.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -44,6 +45,9 @@ class ThroughputPolicy:
         # Confirmed speed changes not yet undone, the latest last (see _after_changes).
         self._changes: list[_Change] = []
         self._hold = 0  # steps the blocks stay put after a restore (see _after_changes)
+        # Whether the blocks in use were chosen from measurements: moved to, restored, or held
+        # with every rank's noise measured (see _after_changes). The start's split was not.
+        self._chosen = False
         self._probe: SplitProbe | None = None  # the trials of neighbouring splits under way
         self._probe_due = False  # a speed change's settled split is still to be probed
 
@@ -125,6 +129,7 @@ class ThroughputPolicy:
         else:
             proposal = self.split()
             moved = self._moves(proposal, sizes, "settled" in observations)
+            self._chosen = self._chosen or moved or self._noise_measured()
             if "settled" in observations and self._probe_due and config.probe_steps > 0:
                 self._probe_due = False
                 base = proposal if moved else sizes
@@ -151,7 +156,13 @@ class ThroughputPolicy:
         would rest on models fitted at other blocks (the other ranks' at the straggler's
         split), a sample or two off, which the thresholds would then keep for the whole phase.
         After a restore the blocks stay put for model_window steps, until every model is
-        fitted at them again; a new change ends that at once."""
+        fitted at them again; a new change ends that at once.
+
+        Only blocks chosen from measurements are restored. The start's equal split, in use
+        until every rank's noise is measured, is balanced for nothing; and a change confirmed
+        then is judged against the first step or two alone: with +-20 % noise per step, two
+        steps in a row beyond a 30 % threshold of a lucky (or warm-up) first one are common,
+        and two more back make its "return"."""
         changed = [r for r, seen in enumerate(observations) if seen in ("changed", "returned")]
         if not changed:
             return None
@@ -163,6 +174,8 @@ class ThroughputPolicy:
         model = self.models[rank]
         if observations[rank] == "changed":
             assert model.previous is not None  # a confirmed change keeps the model before it
+            if not self._chosen:
+                return None
             before = (model.previous.fixed, model.previous.per_sample)
             self._changes = [*self._changes, _Change(rank, list(sizes), before)]
             del self._changes[: -2 * self.world_size]
@@ -172,7 +185,12 @@ class ThroughputPolicy:
             self._changes.clear()
             return None
         self._hold = self.config.model_window
+        self._chosen = True
         return latest.sizes
+
+    def _noise_measured(self) -> bool:
+        """Whether every rank's model is measured, its noise included (a finite `doubt`)."""
+        return all(model.known and math.isfinite(model.doubt) for model in self.models)
 
     def _moves(self, proposal: list[int], sizes: list[int], settled: bool) -> bool:
         """Whether `proposal` shortens the slowest rank's predicted time with `sizes` by more
@@ -202,6 +220,7 @@ class ThroughputPolicy:
             "models": [model.state() for model in self.models],
             "changes": [[c.rank, list(c.sizes), list(c.model)] for c in self._changes],
             "hold": self._hold,
+            "chosen": self._chosen,
             "probe": None if self._probe is None else self._probe.state(),
             "probe_due": self._probe_due,
         }
@@ -215,6 +234,8 @@ class ThroughputPolicy:
             for rank, sizes, model in state.get("changes", [])
         ]
         self._hold = int(state.get("hold", 0))
+        # States saved before the flag: blocks that came this far were chosen.
+        self._chosen = bool(state.get("chosen", True))
         probe = state.get("probe")
         self._probe = None if probe is None else SplitProbe.from_state(probe)
         self._probe_due = bool(state.get("probe_due", False))
