@@ -292,3 +292,18 @@ class CudaRingWork(_Work):
     def is_completed(self) -> bool:
         """Whether the device has finished the all-reduce."""
         return self._event is None or self._event.query()
+
+    def is_success(self) -> bool:
+        """Whether the device has finished the all-reduce without reporting an error."""
+        return self.is_completed() and self.exception() is None
+
+    def exception(self) -> BaseException | None:
+        """What the device reported once the all-reduce has finished (None while it runs or
+        when it succeeded), as `wait()` would raise it."""
+        if not self.is_completed():
+            return None
+        try:
+            self._check()
+        except Exception as error:
+            return error
+        return None

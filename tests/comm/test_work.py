@@ -254,6 +254,7 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     future = work.get_future()
     seen = _Seen(future)
     assert not future.done() and not work.is_completed()  # synchronize() waits for the event
+    assert not work.is_success() and work.exception() is None
     with pytest.raises(RuntimeError, match="wait"):
         work.result()
     event.finished.set()
@@ -263,6 +264,7 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     before[:, ::2] = reduced
     assert torch.equal(base, before)
     assert work.wait() and work.result()[0] is view
+    assert work.is_success() and work.exception() is None
 
     def check() -> None:
         raise comm.CommTimeoutError("rank 0 (GPU) stopped waiting for rank 1")
@@ -270,6 +272,8 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     failing = _FakeEvent()
     work = CudaRingWork(failing, torch.device("cpu"), view, view, check=check)  # type: ignore[arg-type]
     future = work.get_future()
+    assert work.exception() is None and not work.is_success()  # still running
     failing.finished.set()
     with pytest.raises(comm.CommTimeoutError, match="waiting for rank 1"):
         future.wait()
+    assert isinstance(work.exception(), comm.CommTimeoutError) and not work.is_success()
