@@ -9,6 +9,7 @@ from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from fastpar.comm import RingAllReduce
 
@@ -91,6 +92,9 @@ def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPat
     ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
     ring._closed, ring._captured, ring._executor = False, False, None
     ring._store, ring._prefix = Store(), "test"
+    # A live group, registered by torch (a destroyed group's close waits for no peer)
+    ring.group = object()
+    monkeypatch.setitem(dist.distributed_c10d._world.pg_map, ring.group, ("gloo", None))
     ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
     ring._run_cuda(torch.ones(4), 0, async_op=False)
     ring.close()
