@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from fastpar.ops.func_transforms import differentiating_transform_active
 from fastpar.ops.packing import PackedLayout, batch_sizes_of, checked_lengths, take_rows
 from fastpar.ops.reference import LayerWeights
 
@@ -264,8 +265,15 @@ def eager_whole_stack(x: Tensor, lengths: Tensor | None) -> bool:
     torch's packed call (cuDNN's) runs, which the op's step loop backward was never measured
     against. Inside ``per_layer_ops()`` the ops run (a pipeline stage splitting its backward
     reroutes them), unless saved tensors pass through hooks: torch.utils.checkpoint recomputes
-    the forward outside that context and must see the same ops, and no split happens there."""
+    the forward outside that context and must see the same ops, and no split happens there.
+    Under torch.func: torch's padded call where a transform differentiates (torch.func cannot
+    differentiate the ops; torch's packed call fails under it, as torch.nn.LSTM's does, so with
+    lengths the op says so), the ops under vmap alone (torch's call has no batching rule)."""
     if torch.compiler.is_compiling():
+        return False
+    if differentiating_transform_active():
+        return lengths is None
+    if torch._C._are_functorch_transforms_active():
         return False
     if _PER_LAYER.get() != 0 and not saved_tensor_hooks_active():
         return False

@@ -50,6 +50,7 @@ from fastpar.ops.aten_common import (
     vf_layer,
     vf_whole_stack,
 )
+from fastpar.ops.func_transforms import ATEN_INSTEAD, check_not_differentiated
 from fastpar.ops.reference import LayerWeights, stack_layers
 
 _ONEDNN_LSTM_MODE = 2  # ideep::rnn_kind::LSTM, the `mode` argument of aten.mkldnn_rnn_layer
@@ -412,6 +413,7 @@ def lstm_layer_aten(
     """
     x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
     keep = needs_grad(x, h0, c0, *w)
+    check_not_differentiated("fastpar::lstm_aten_layer", differentiable=keep, instead=ATEN_INSTEAD)
     out, h_n, c_n, _ = lstm_aten_layer_op(
         x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
     )

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from fastpar.ops import interpreter_active
+from fastpar.ops.func_transforms import TRITON_INSTEAD, check_not_differentiated
 from fastpar.ops.lstm_backward import lstm_backward, weight_grad_hh, weight_grad_hr
 from fastpar.ops.lstm_config import KernelChoice, saved_gates_dtype
 from fastpar.ops.lstm_forward import lstm_forward
@@ -243,6 +244,9 @@ def lstm_recurrence_triton(
         lengths = lengths.to(device=xg.device, dtype=torch.int32)
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xg, h0, c0, w_hh, w_hr)
+    )
+    check_not_differentiated(
+        "fastpar::lstm_recurrence", differentiable=need_backward, instead=TRITON_INSTEAD
     )
     hs, c_n, _gates, _cs, _hraw = lstm_recurrence_op(
         xg.contiguous(), h0, c0, w_hh, w_hr, lengths, reverse, kernel, need_backward

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fastpar._checks import check_choice
 from fastpar.ops import aten_common
+from fastpar.ops.func_transforms import ATEN_INSTEAD, check_not_differentiated
 from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
 
@@ -308,7 +309,12 @@ def rnn_layer_aten(
     """
     state_dtype = h0.dtype
     x, (h0,), w = aten_common.autocast_layer(x, (h0,), w)
-    save = aten_common.needs_grad(x, h0, *w) and saves_gru_gates(cell, x, w.w_hh, lengths)
+    differentiable = aten_common.needs_grad(x, h0, *w)
+    check_not_differentiated(
+        "fastpar::rnn_aten_layer", differentiable=differentiable,
+        instead=ATEN_INSTEAD,
+    )  # fmt: skip
+    save = differentiable and saves_gru_gates(cell, x, w.w_hh, lengths)
     out, h_n, _ = rnn_aten_layer_op(
         x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell, save
     )

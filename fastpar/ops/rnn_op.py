@@ -25,6 +25,7 @@ from torch import Tensor
 
 from fastpar._checks import check_bool, check_choice
 from fastpar.ops import interpreter_active
+from fastpar.ops.func_transforms import TRITON_INSTEAD, check_not_differentiated
 from fastpar.ops.lstm_backward import recurrence_backward, weight_grad_hh
 from fastpar.ops.lstm_config import KernelChoice, gate_count, saved_gates_dtype
 from fastpar.ops.lstm_forward import recurrence_forward
@@ -221,6 +222,9 @@ def _run(
         lengths = lengths.to(device=xg.device, dtype=torch.int32)
     need_backward = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xg, h0, w_hh, b_hn)
+    )
+    check_not_differentiated(
+        "fastpar::cell_recurrence", differentiable=need_backward, instead=TRITON_INSTEAD
     )
     hs, _gates = cell_recurrence_op(
         xg.contiguous(), h0, w_hh, b_hn, lengths, reverse, cell, kernel, need_backward
