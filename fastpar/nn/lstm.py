@@ -32,7 +32,7 @@ from fastpar.nn.recurrent import (
     layer_weights,
     lengths_on_device,
 )
-from fastpar.ops.lstm_aten import lstm_stack_aten
+from fastpar.ops.lstm_aten import autocast_runs_onednn, lstm_stack_aten
 from fastpar.ops.reference import (
     LayerWeights,
     Recurrence,
@@ -145,10 +145,16 @@ class LSTM(RecurrentBase):
         self, x: Tensor, states: tuple[Tensor, ...], lengths: Tensor | None
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         h0, c0 = states
+        weights = self.layer_weights()
+        if self.backend == "reference" and autocast_runs_onednn(x, weights[0].w_hr, lengths):
+            # Results in torch.nn.LSTM's dtypes: states in autocast's dtype keep the whole
+            # loop there (its matmuls already are), as oneDNN's cast layer does.
+            dtype = torch.get_autocast_dtype(x.device.type)
+            h0, c0 = h0.to(dtype), c0.to(dtype)
         out, h_n, c_n = _run_stack(
             select_recurrence(self.backend, x, self.kernel, hidden=self.hidden_size,
                               proj=self.proj_size),
-            x, h0, c0, self.layer_weights(), **self.stack_options(lengths),
+            x, h0, c0, weights, **self.stack_options(lengths),
         )  # fmt: skip
         return out, (h_n, c_n)
 

@@ -67,6 +67,13 @@ def uses_onednn(x: Tensor, w_hr: Tensor | None, lengths: Tensor | None) -> bool:
     return x.dtype == torch.float32
 
 
+def autocast_runs_onednn(x: Tensor, w_hr: Tensor | None, lengths: Tensor | None) -> bool:
+    """Whether torch.nn.LSTM under autocast runs this stack on oneDNN, whose layer autocast
+    casts whole (input, states and weights): it then returns output, h_n and c_n in autocast's
+    dtype, where its other paths cast op by op (c_n stays in the state's dtype there)."""
+    return torch.is_autocast_enabled(x.device.type) and uses_onednn(x, w_hr, lengths)
+
+
 def _onednn_forward(
     x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
     b_hh: Tensor | None, reverse: bool, keep_workspace: bool,

@@ -143,7 +143,7 @@ def lstm_stack(
     Returns:
         output: (T, B, D*P) outputs of the last layer; h_n: (L*D, B, P); c_n: (L*D, B, H).
     """
-    mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
+    mask = valid_steps_mask(lengths, x.shape[0])
 
     def run_layer(
         layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
@@ -160,17 +160,18 @@ def lstm_stack(
     return out, h_n, c_n
 
 
-def valid_steps_mask(lengths: Tensor | None, steps: int, dtype: torch.dtype) -> Tensor | None:
-    """(T, B, 1) 1 where a step is within its sequence's length, 0 past it; None without lengths."""
+def valid_steps_mask(lengths: Tensor | None, steps: int) -> Tensor | None:
+    """(T, B, 1) bool: True where a step is within its sequence's length; None without lengths."""
     if lengths is None:
         return None
     positions = torch.arange(steps, device=lengths.device)
-    return (positions.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2).to(dtype)
+    return (positions.unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)
 
 
 def masked(hs: Tensor, mask: Tensor | None) -> Tensor:
-    """A layer's output with the steps past each length zeroed, as torch's packed output."""
-    return hs if mask is None else hs * mask
+    """A layer's output with the steps past each length zeroed, as torch's packed output, in
+    the output's dtype (under autocast the input's may differ)."""
+    return hs if mask is None else hs.masked_fill(~mask, 0.0)
 
 
 # (layer_input, initial states, weights, reverse) -> (output, final states); see stack_layers.

@@ -124,7 +124,11 @@ def rnn_recurrence_reference(
     hs: list[Tensor] = [h0] * xg.shape[0]
     for t in time_steps(xg.shape[0], reverse):
         h_new = act(xg[t] + h @ w_hh.t())
-        h = h_new if lengths is None else torch.where(step_mask(lengths, t), h_new, h)
+        if lengths is not None:
+            # A state carried past a length takes the step's dtype (autocast's), as torch's
+            # packed loop keeps one; its matmul above rounds it to that dtype anyway.
+            h_new = torch.where(step_mask(lengths, t), h_new, h.to(h_new.dtype))
+        h = h_new
         hs[t] = h
     return torch.stack(hs)
 
@@ -151,7 +155,7 @@ def gru_stack(
     Returns:
         output: (T, B, D*H) of the last layer (zero past each length); h_n: (L*D, B, H).
     """
-    mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
+    mask = valid_steps_mask(lengths, x.shape[0])
 
     def run_layer(
         layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
@@ -181,7 +185,7 @@ def rnn_stack(
 ) -> tuple[Tensor, Tensor]:
     """A multi-layer, optionally bidirectional Elman RNN: arguments and results as
     ``gru_stack``, with torch.nn.RNN's ``nonlinearity``."""
-    mask = valid_steps_mask(lengths, x.shape[0], x.dtype)
+    mask = valid_steps_mask(lengths, x.shape[0])
 
     def run_layer(
         layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool

@@ -3,12 +3,14 @@ every gradient."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, grads, randn
 
@@ -44,6 +46,7 @@ def _hx(states: Sequence[Tensor]) -> Tensor | tuple[Tensor, ...]:
 
 
 def _flat(result: tuple) -> list[Tensor]:
+    """[output, *final states] of a module's result."""
     out, final = result
     return [out, *(final if isinstance(final, tuple) else (final,))]
 
@@ -111,3 +114,30 @@ def check_autocast_takes_states_and_half_input(
     assert_close(out, exact, 2e-2, 2e-2, "output from the previous call's states")
     assert_close(out_half_input, exact, 2e-2, 2e-2, "output from bfloat16 input")
     assert_close(out_half_module, rounded(x2)[0], 2e-2, 2e-2, "bfloat16 module, float32 input")
+
+
+def _torch_under_autocast(theirs: torch.nn.Module, x: Tensor | PackedSequence) -> list[Tensor]:
+    """torch's module (float32) under CPU bfloat16 autocast: output and final states. On oneDNN
+    (its LSTM without projection or packing) autocast casts the layer whole, module, input and
+    states; on a CPU without oneDNN bfloat16 that call fails, so the same cast is made here."""
+    onednn = isinstance(theirs, torch.nn.LSTM) and not theirs.proj_size
+    onednn = onednn and not isinstance(x, PackedSequence)
+    if onednn and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        assert isinstance(x, Tensor)
+        return _flat(copy.deepcopy(theirs).bfloat16()(x.bfloat16()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _flat(theirs(x))
+
+
+def check_autocast_dtypes_match_torch(
+    ours: torch.nn.Module, theirs: torch.nn.Module, x: Tensor | PackedSequence
+) -> None:
+    """Under CPU bfloat16 autocast, ``ours`` (float32) returns the dtypes of ``theirs``
+    (torch's module, float32, same weights), and values within a bfloat16 rounding of its."""
+    want = _torch_under_autocast(theirs, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _flat(ours(x))
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        a, b = (t.data if isinstance(t, PackedSequence) else t for t in (a, b))
+        assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
+        assert_close(a, b, 2e-2, 2e-2, f"result {k} under autocast")

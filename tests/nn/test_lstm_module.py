@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 from tests.nn.recurrent_helpers import (
+    check_autocast_dtypes_match_torch,
     check_autocast_takes_states_and_half_input,
     compare_with_torch,
     spy_triton,
@@ -371,6 +372,26 @@ def test_autocast_takes_the_previous_calls_states_and_a_half_input(backend: str)
         got_cell = cell(x2[0].float(), cell(x1[0].float()))
     for a, b, name in zip(got_cell, exact_cell, ("h_1", "c_1"), strict=True):
         assert_close(a, b, 2e-2, 2e-2, f"LSTMCell {name} from the previous step under autocast")
+
+
+@pytest.mark.parametrize(
+    "options, packed",
+    [({}, False), ({"num_layers": 2, "bidirectional": True}, False), ({"proj_size": 5}, False),
+     ({}, True)],
+)  # fmt: skip
+def test_reference_backend_under_autocast_returns_torchs_dtypes(
+    options: dict[str, object], packed: bool
+) -> None:
+    """torch.nn.LSTM returns everything in autocast's dtype where oneDNN runs it, and c_n in
+    float32 elsewhere (a projection, packed input); the reference backend follows."""
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTM(F_IN, H, backend="reference", **options)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTM(F_IN, H, **options)  # type: ignore[arg-type]
+    theirs.load_state_dict(ours.state_dict())
+    x = randn(6, B, F_IN, seed=1).float()
+    check_autocast_dtypes_match_torch(
+        ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x
+    )
 
 
 def test_torch_compatibility_helpers() -> None:

@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastpar.nn
 import fastpar.nn.recurrent
 from tests.nn.recurrent_helpers import (
+    check_autocast_dtypes_match_torch,
     check_autocast_takes_states_and_half_input,
     compare_with_torch,
     spy_triton,
@@ -188,6 +189,19 @@ def test_autocast_takes_the_previous_calls_state_and_a_half_input(kind: str, bac
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got_cell = cell(x2[0].bfloat16(), cell(x1[0].float()))
     assert_close(got_cell, exact_cell, 2e-2, 2e-2, "cell from the previous step under autocast")
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_backend_under_autocast_returns_torchs_dtypes(kind: str, packed: bool) -> None:
+    """Under autocast torch.nn.GRU's output stays float32 and torch.nn.RNN's is bfloat16 (op
+    by op in torch's loop); the reference backend follows."""
+    ours, theirs = _pair(kind, "reference", num_layers=2, bidirectional=True)
+    theirs.float()
+    x = randn(6, B, F_IN, seed=1).float()
+    check_autocast_dtypes_match_torch(
+        ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
