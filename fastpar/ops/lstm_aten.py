@@ -418,12 +418,21 @@ def lstm_layer_aten(
         out: (T, B, P) hidden state after every step, zero past each length; h_n: (B, P);
         c_n: (B, H): the states after each sequence's last step.
     """
+    state_dtype = c0.dtype
+    cast_op_by_op = x.device.type == "cpu" and not autocast_runs_onednn(x, w.w_hr, lengths)
     x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
     keep = needs_grad(x, h0, c0, *w)
     check_not_differentiated("fastpar::lstm_aten_layer", differentiable=keep, instead=ATEN_INSTEAD)
     out, h_n, c_n, _ = lstm_aten_layer_op(
         x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
     )
+    if cast_op_by_op and c_n.dtype != state_dtype:
+        # Off oneDNN torch.nn.LSTM's loop on CPU is cast op by op under autocast: its c_t
+        # promotes to c_0's dtype, and so does h_t = o * tanh(c_t) unless a projection follows.
+        dtype = torch.promote_types(c_n.dtype, state_dtype)
+        c_n = c_n.to(dtype)
+        if w.w_hr is None:
+            out, h_n = out.to(dtype), h_n.to(dtype)
     return out, h_n, c_n
 
 

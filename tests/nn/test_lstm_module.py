@@ -394,6 +394,22 @@ def test_reference_backend_under_autocast_returns_torchs_dtypes(
     )
 
 
+@pytest.mark.parametrize(
+    "options", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 5}]
+)
+def test_torch_backend_on_packed_input_under_autocast_returns_torchs_dtypes(
+    options: dict[str, object],
+) -> None:
+    """Packed input on CPU runs fastpar's per-layer op (in autocast's dtype), where torch's
+    packed loop casts op by op: c_n, and h without a projection, stay float32."""
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTM(F_IN, H, backend="torch", **options)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTM(F_IN, H, **options)  # type: ignore[arg-type]
+    theirs.load_state_dict(ours.state_dict())
+    x = pack_padded_sequence(randn(6, B, F_IN, seed=1).float(), torch.tensor([6, 4, 2]))
+    check_autocast_dtypes_match_torch(ours, theirs, x)
+
+
 def test_torch_compatibility_helpers() -> None:
     ours, theirs = _pair(num_layers=2, bidirectional=True, proj_size=4)
     ours.flatten_parameters()  # a no-op, as code written for torch.nn.LSTM calls it
