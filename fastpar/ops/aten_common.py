@@ -305,8 +305,8 @@ def autocast_layer(
     x: Tensor, states: tuple[Tensor, ...], w: LayerWeights
 ) -> tuple[Tensor, tuple[Tensor, ...], LayerWeights]:
     """Under autocast, everything in autocast's dtype (the custom ops are outside its lists);
-    otherwise unchanged."""
-    if not torch.is_autocast_enabled(x.device.type):
+    otherwise, and for float64 weights (which autocast leaves alone), unchanged."""
+    if not torch.is_autocast_enabled(x.device.type) or w.w_ih.dtype == torch.float64:
         return x, states, w
     dtype = torch.get_autocast_dtype(x.device.type)
     return (

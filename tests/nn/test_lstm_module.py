@@ -410,6 +410,18 @@ def test_torch_backend_on_packed_input_under_autocast_returns_torchs_dtypes(
     check_autocast_dtypes_match_torch(ours, theirs, x)
 
 
+def test_float64_packed_input_under_autocast_stays_float64() -> None:
+    """Autocast leaves float64 alone (see the GRU's and RNN's test)."""
+    ours, theirs = _pair("torch", dtype=torch.float64)
+    x = pack_padded_sequence(randn(6, B, F_IN, seed=1), torch.tensor([6, 4, 2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out, finals), (want_out, want_finals) = ours(x), theirs(x)
+    assert_close(out.data, want_out.data, 1e-12, 1e-12, "output")
+    for a, b, name in zip(finals, want_finals, ("h_n", "c_n"), strict=True):
+        assert a.dtype == torch.float64, name
+        assert_close(a, b, 1e-12, 1e-12, name)
+
+
 def test_torch_compatibility_helpers() -> None:
     ours, theirs = _pair(num_layers=2, bidirectional=True, proj_size=4)
     ours.flatten_parameters()  # a no-op, as code written for torch.nn.LSTM calls it

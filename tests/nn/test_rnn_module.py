@@ -191,6 +191,20 @@ def test_autocast_takes_the_previous_calls_state_and_a_half_input(kind: str, bac
     assert_close(got_cell, exact_cell, 2e-2, 2e-2, "cell from the previous step under autocast")
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_float64_packed_input_under_autocast_stays_float64(kind: str) -> None:
+    """Autocast leaves float64 alone: a float64 module on torch's kernels gives torch's float64
+    results under it (packed input on CPU runs the per-layer op, which takes autocast's dtype
+    for other dtypes)."""
+    ours, theirs = _pair(kind, "torch", dtype=torch.float64)
+    x = pack_padded_sequence(randn(6, B, F_IN, seed=1), torch.tensor([6, 4, 2]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        (out, h_n), (want_out, want_h_n) = ours(x), theirs(x)
+    assert out.data.dtype == h_n.dtype == torch.float64
+    assert_close(out.data, want_out.data, 1e-12, 1e-12, "output")
+    assert_close(h_n, want_h_n, 1e-12, 1e-12, "h_n")
+
+
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_backend_under_autocast_returns_torchs_dtypes(kind: str, packed: bool) -> None:
