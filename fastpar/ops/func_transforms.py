@@ -34,8 +34,10 @@ def differentiating_transform_active() -> bool:
     """Whether a torch.func transform that differentiates (grad, vjp, jacrev, jacfwd, jvp) is
     active. Under torch.compile, whether any torch.func transform is: Dynamo traces neither
     the transform stack nor a wrapped tensor's requires_grad."""
+    if not torch._C._are_functorch_transforms_active():  # the usual case, at once
+        return False
     if torch.compiler.is_compiling():
-        return torch._C._are_functorch_transforms_active()
+        return True
     return any(i.key() in _DIFFERENTIATING for i in retrieve_all_functorch_interpreters())
 
 
