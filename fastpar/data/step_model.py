@@ -43,6 +43,11 @@ _NOISE_STEPS_CAP = 64
 # to the previous speed on its own (see StepTimeModel._returns): +-20 % noise per step has an
 # r.m.s. of 0.115 in log, so 4 of them is a factor 1.6, which noise alone does not reach.
 _RETURN_NOISES = 4.0
+# Steps the noise must have averaged before one step may confirm a change on its own (see
+# StepTimeModel._one_step_bar): an r.m.s. of one or two steps is often a fraction of the true
+# one (under +-20 % noise, four of those fell below a single step's deviation), and a few
+# more steps bring its relative error to about a quarter, which 4 noises absorb.
+_TRUSTED_NOISE_STEPS = 6
 
 
 @dataclass
@@ -184,7 +189,15 @@ class StepTimeModel:
         `noise`. Waiting for change_steps candidates costs every real slowdown that many steps
         at the old split; following a burst costs one step at the new split (the next step,
         back at speed, returns at once, and `since_burst` remembers it)."""
-        return deviation > _RETURN_NOISES * self.noise_level
+        return deviation > self._one_step_bar()
+
+    def _one_step_bar(self) -> float:
+        """How far (in log) one step must lie from the model to confirm a change on its own:
+        _RETURN_NOISES times the measured noise, once it has averaged _TRUSTED_NOISE_STEPS
+        steps; before that, out of reach (change_steps confirm changes)."""
+        if self.noise_steps < _TRUSTED_NOISE_STEPS:
+            return math.inf
+        return _RETURN_NOISES * self.noise_level
 
     def _returns(self, samples: int, seconds: float, deviation: float) -> bool:
         """Whether one faster step is enough to confirm a return to the speed before the last
@@ -196,7 +209,7 @@ class StepTimeModel:
         step is the common burst (a pause, another process), while a step does not come out
         much shorter than its speed allows."""
         previous = self.previous
-        if previous is None or deviation >= -_RETURN_NOISES * self.noise_level:
+        if previous is None or deviation >= -self._one_step_bar():
             return False
         return abs(math.log(seconds / previous.predict(samples))) < -deviation
 
