@@ -45,8 +45,9 @@ _NOISE_STEPS_CAP = 64
 _RETURN_NOISES = 4.0
 # Steps the noise must have averaged before one step may confirm a change on its own (see
 # StepTimeModel._one_step_bar): an r.m.s. of one or two steps is often a fraction of the true
-# one (under +-20 % noise, four of those fell below a single step's deviation), and a few
-# more steps bring its relative error to about a quarter, which 4 noises absorb.
+# one, and 4 of it then lies within one step's noise (under +-20 % noise, nearly every
+# one-step slowdown confirmed that early was noise); over 6 steps its relative error is about
+# a quarter, which 4 noises absorb.
 _TRUSTED_NOISE_STEPS = 6
 
 
@@ -60,8 +61,8 @@ class StepTimeModel:
     of it per step, one short step alone would rescale the model and make the blocks swing):
     the model is scaled by their median ratio measured / predicted and refitted from them alone.
     Shorter bursts (a preempted step, another process's spike) leave the model untouched; a
-    rank that had no burst for a while follows a slowdown far outside the noise after one step
-    (`_follows_at_once`).
+    rank that had no burst for a while follows a slowdown far outside the noise, once measured
+    over a few steps, after one step (`_follows_at_once`).
 
     The model in use before the last confirmed change is kept (`previous`): stragglers come and
     go, and a change that brings the rank back to that speed (the candidates' median within
@@ -186,9 +187,10 @@ class StepTimeModel:
     def _follows_at_once(self, deviation: float) -> bool:
         """Whether one slower step, at a time when bursts are rare (the caller knows), confirms
         a slowdown: it lies above the model by more than _RETURN_NOISES times the measured
-        `noise`. Waiting for change_steps candidates costs every real slowdown that many steps
-        at the old split; following a burst costs one step at the new split (the next step,
-        back at speed, returns at once, and `since_burst` remembers it)."""
+        `noise` (`_one_step_bar`). Waiting for change_steps candidates costs every real
+        slowdown that many steps at the old split; following a burst costs one step at the new
+        split (the next step, back at speed, returns at once, and `since_burst` remembers
+        it)."""
         return deviation > self._one_step_bar()
 
     def _one_step_bar(self) -> float:
@@ -202,12 +204,12 @@ class StepTimeModel:
     def _returns(self, samples: int, seconds: float, deviation: float) -> bool:
         """Whether one faster step is enough to confirm a return to the speed before the last
         change: it lies below this model by more than _RETURN_NOISES times the measured
-        `noise` (a straggler's recovery or the end of a burst, not a lucky step), and nearer
-        the previous model than this one. Nearer, not within the threshold: the blocks moved
-        with the change, and the previous model, fitted at other blocks, can miss the new ones
-        by more than the threshold. A slowdown needs more (`_follows_at_once`): a single long
-        step is the common burst (a pause, another process), while a step does not come out
-        much shorter than its speed allows."""
+        `noise` (`_one_step_bar`; a straggler's recovery or the end of a burst, not a lucky
+        step), and nearer the previous model than this one. Nearer, not within the threshold:
+        the blocks moved with the change, and the previous model, fitted at other blocks, can
+        miss the new ones by more than the threshold. A slowdown needs more
+        (`_follows_at_once`): a single long step is the common burst (a pause, another
+        process), while a step does not come out much shorter than its speed allows."""
         previous = self.previous
         if previous is None or deviation >= -self._one_step_bar():
             return False
