@@ -21,6 +21,9 @@ COMPLETION_THREADS = 32
 
 _completion_pool: ThreadPoolExecutor | None = None
 _completion_lock = threading.Lock()
+# Guards every handle's creation and claiming of its future (a few instructions each): one lock
+# for all handles, so that a call that never asks for a future allocates none.
+_future_lock = threading.Lock()
 
 
 def _completion_executor() -> ThreadPoolExecutor:
@@ -35,9 +38,10 @@ def _completion_executor() -> ThreadPoolExecutor:
 
 def _forget_completion_pool() -> None:
     """In a forked child: the pool's threads stayed in the parent, so the child starts its own."""
-    global _completion_pool, _completion_lock
+    global _completion_pool, _completion_lock, _future_lock
     _completion_pool = None
     _completion_lock = threading.Lock()
+    _future_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_completion_pool)
@@ -51,7 +55,10 @@ class _CopyBack:
     def __init__(self, tensor: torch.Tensor, reduced: torch.Tensor) -> None:
         self._tensor = tensor
         self._reduced: torch.Tensor | None = None if reduced is tensor else reduced
-        self._lock = threading.Lock()
+        # Only a copy to write back needs one: a contiguous tensor was reduced in place.
+        self._lock: contextlib.AbstractContextManager[Any] = (
+            contextlib.nullcontext() if self._reduced is None else threading.Lock()
+        )
 
     def run(self) -> None:
         with self._lock:
@@ -76,7 +83,6 @@ class _Work(abc.ABC):
         # it, so the allocator reuses it only after that write).
         self._call_stream = torch.cuda.current_stream(tensor.device) if tensor.is_cuda else None
         self._torch_future: torch.futures.Future[list[torch.Tensor]] | None = None
-        self._future_lock = threading.Lock()
         self._future_claimed = False  # a thread is completing the future (or has)
 
     @abc.abstractmethod
@@ -129,7 +135,7 @@ class _Work(abc.ABC):
         Returns:
             The same future on every call.
         """
-        with self._future_lock:
+        with _future_lock:
             created = self._torch_future is None
             if created:
                 # A future of CUDA tensors orders the waiter's stream after its value's.
@@ -150,7 +156,7 @@ class _Work(abc.ABC):
 
     def _complete_future(self) -> None:
         """Complete the future with the outcome of `_wait()`: once, by the first thread here."""
-        with self._future_lock:
+        with _future_lock:
             if self._future_claimed:
                 return
             self._future_claimed = True
