@@ -22,8 +22,11 @@ HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # A fresh Inductor cache per run: a graph cached on disk by an earlier version of a custom op
-# must not be replayed against the current one.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="fastpar-inductor-"))
+# must not be replayed against the current one. Removed when the run ends (pytest_unconfigure).
+_RUN_INDUCTOR_CACHE: str | None = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _RUN_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="fastpar-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _RUN_INDUCTOR_CACHE
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -34,6 +37,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     with contextlib.suppress(_native.NativeBuildError):
         _native.build()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _RUN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_RUN_INDUCTOR_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
