@@ -244,6 +244,9 @@ class DynamicSlicer:
         cut with the sizes known at that time: sizes then follow the measurements with that lag
         (the same on every rank when all ranks use the same loader settings).
 
+        It has no `len()`, so neither has the DataLoader: how many blocks an epoch takes
+        depends on the sizes the measurements choose while it runs.
+
         Returns:
             An iterable whose every iteration is `self.blocks()`.
         """
