@@ -23,6 +23,10 @@ LIVENESS_PERIOD_S = 0.2  # how often a wait checks that the awaited peers' proce
 
 CanAccessPeer = Callable[[int, int], bool]
 
+# What the ranks of most exchanges here are doing (the ring's setup and its shared areas);
+# other callers name their own (`during`).
+CREATING_A_RING = "creating a RingAllReduce"
+
 
 def wait_for_ranks(
     store: dist.Store,
@@ -31,10 +35,16 @@ def wait_for_ranks(
     rank: int,
     what: str,
     pids: dict[int, int] | None = None,
+    *,
+    during: str = CREATING_A_RING,
 ) -> None:
     """Wait until every key of `keys` (rank -> key) is set; CommTimeoutError naming the ranks
     that did not set theirs within `timeout`, or at once (within LIVENESS_PERIOD_S) when the
-    process of one of them, as given by `pids` (rank -> pid), is gone."""
+    process of one of them, as given by `pids` (rank -> pid), is gone.
+
+    The message reads "... waiting for rank(s) [1] to {what} while {during}": `what` is the
+    step a peer missed ("say which host it runs on"), `during` what this rank was doing
+    ("constructing a DataParallel")."""
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
         left = deadline - time.monotonic()
@@ -49,14 +59,14 @@ def wait_for_ranks(
             gone = [r for r in missing if pids and r in pids and not process_alive(pids[r])]
             if gone:
                 raise CommTimeoutError(
-                    f"rank {rank} stopped waiting for rank(s) {gone} to {what} while creating "
-                    f"a RingAllReduce: the process of rank(s) {gone} exited"
+                    f"rank {rank} stopped waiting for rank(s) {gone} to {what} while {during}: "
+                    f"the process of rank(s) {gone} exited"
                 ) from error
             if time.monotonic() >= deadline:
                 raise CommTimeoutError(
                     f"rank {rank} timed out after {timeout.total_seconds():g} s waiting for "
-                    f"rank(s) {missing} to {what} while creating a RingAllReduce (does every "
-                    "rank of the group create it?)"
+                    f"rank(s) {missing} to {what} while {during} (is every rank of the group "
+                    f"{during}?)"
                 ) from error
 
 
@@ -69,6 +79,8 @@ def agree(
     timeout: timedelta,
     what: str,
     pids: dict[int, int] | None = None,
+    *,
+    during: str = CREATING_A_RING,
 ) -> str | None:
     """Every rank's verdict on one question, combined: None when no rank has a problem, else the
     first problem in rank order ("rank 1: ..."), the same string on every rank.
@@ -80,10 +92,11 @@ def agree(
         timeout: how long to wait for the other ranks' verdicts.
         what: what the ranks are deciding, for the timeout's message.
         pids: rank -> pid of the peers whose death ends the wait early (`wait_for_ranks`).
+        during: what the ranks are creating, for the timeout's message (`wait_for_ranks`).
     """
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     store.set(keys[rank], "no: " + problem if problem else "ok")
-    wait_for_ranks(store, keys, timeout, rank, what, pids)
+    wait_for_ranks(store, keys, timeout, rank, what, pids, during=during)
     for r, key in keys.items():
         verdict = store.get(key).decode()
         if verdict != "ok":

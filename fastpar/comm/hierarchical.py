@@ -59,6 +59,7 @@ logger = get_logger(__name__)
 
 NOTE_WAIT_S = 1.0  # after a lost exchange, how long to wait for a peer's account of the failure
 _ERRORS = {cls.__name__: cls for cls in (CommTimeoutError, CommMismatchError, CommClosedError)}
+_CREATING = "creating a HierarchicalAllReduce"  # for the messages of its setup's store waits
 
 
 def _subgroup(ranks: list[int], name: str, timeout: timedelta) -> dist.ProcessGroup:
@@ -151,7 +152,11 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             self.timeout = group_timeout(self.group, self.device)
         else:
             self.timeout = as_timedelta("timeout", timeout)
-        self.layout = layout if layout is not None else gather_host_layout(self.group, self.timeout)
+        self.layout = (
+            layout
+            if layout is not None
+            else gather_host_layout(self.group, self.timeout, during=_CREATING)
+        )
         self._ring: RingAllReduce | None = None
         self._passes: CpuHostPasses | None = None  # CPU: steps 1 and 3
         self._area_requests = 0  # empty_shared calls so far (failed ones too), as on every rank
@@ -185,7 +190,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                              serve_shared_gpu=serve_shared_gpu)  # fmt: skip
         problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
         verdict = agree(self._store, f"{self._prefix}/ring", self.rank, self.world_size,
-                        problem, self.timeout, "say whether its host's ring works")  # fmt: skip
+                        problem, self.timeout, "say whether its host's ring works",
+                        during=_CREATING)  # fmt: skip
         if verdict is not None:
             ring.close()
             self._disabled = f"the ring inside a host is off ({verdict})"

@@ -107,14 +107,20 @@ class HostLayout:
         )
 
 
-def gather_host_layout(group: dist.ProcessGroup, timeout: timedelta) -> HostLayout:
+def gather_host_layout(
+    group: dist.ProcessGroup,
+    timeout: timedelta,
+    *,
+    during: str = "creating fastpar's all-reduce (fastpar.comm.create_all_reduce)",
+) -> HostLayout:
     """Every rank's host, through the default store (collective over `group`, bounded by
-    `timeout`; CommTimeoutError naming the ranks that did not answer)."""
+    `timeout`; CommTimeoutError naming the ranks that did not answer and, from `during`, what
+    this rank was creating)."""
     rank = dist.get_rank(group)
     world_size = dist.get_world_size(group)
     store = dist.distributed_c10d._get_default_store()
     prefix = exchange_prefix("hosts", group)
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     store.set(keys[rank], host_identity())
-    wait_for_ranks(store, keys, timeout, rank, "say which host it runs on")
+    wait_for_ranks(store, keys, timeout, rank, "say which host it runs on", during=during)
     return HostLayout.from_identities([store.get(keys[r]).decode() for r in keys], rank)

@@ -3,6 +3,8 @@ ranks sharing a GPU are left to gloo unless the ring is asked for."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import timedelta
 
 import pytest
@@ -13,7 +15,11 @@ from fastpar.comm.agreement import (
     agree,
     cuda_peer_problem,
     shared_gpu_problem,
+    wait_for_ranks,
 )
+from fastpar.comm.errors import CommTimeoutError
+from fastpar.comm.hierarchical import HierarchicalAllReduce
+from fastpar.comm.hosts import gather_host_layout
 from fastpar.testing.distributed import run_multiprocess
 
 GPUS = ["GPU-a", "GPU-b", "GPU-c"]
@@ -99,3 +105,65 @@ def test_a_gloo_group_on_one_gpu_agrees_to_leave_it_to_gloo() -> None:
     decisions = run_multiprocess(_decide_shared, 2, timeout=60)
     assert decisions[0] == decisions[1]
     assert decisions[0].startswith(f"rank 1: {SHARED_GPU_REASON}"), decisions[0]
+
+
+def test_a_timeout_names_what_the_rank_was_doing() -> None:
+    """The messages said "while creating a RingAllReduce" whoever waited (the host layout,
+    DataParallel)."""
+    store = dist.HashStore()
+    store.set("test/during/0", "1")  # rank 1 never posts
+    keys = {0: "test/during/0", 1: "test/during/1"}
+    during = "gathering something else"
+    with pytest.raises(CommTimeoutError) as info:
+        wait_for_ranks(store, keys, timedelta(seconds=0.1), 0, "post it", during=during)
+    assert str(info.value).startswith(
+        f"rank 0 timed out after 0.1 s waiting for rank(s) [1] to post it while {during} "
+    ), info.value
+    assert "RingAllReduce" not in str(info.value)
+    with pytest.raises(CommTimeoutError, match=f"to decide while {during}"):
+        agree(store, "test/during-agree", 0, 2, "", timedelta(seconds=0.1), "decide",
+              during=during)  # fmt: skip
+
+
+def test_a_dead_peer_is_named_with_what_the_rank_was_doing() -> None:
+    store = dist.HashStore()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()  # reaped: its pid names no process
+    keys = {0: "test/gone/0", 1: "test/gone/1"}
+    store.set(keys[0], "1")
+    with pytest.raises(CommTimeoutError) as info:
+        wait_for_ranks(store, keys, timedelta(seconds=30), 0, "post it", {1: gone.pid},
+                       during="testing")  # fmt: skip
+    assert str(info.value) == (
+        "rank 0 stopped waiting for rank(s) [1] to post it while testing: the process of "
+        "rank(s) [1] exited"
+    )
+
+
+def _one_rank_gathers_alone(rank: int, world_size: int) -> list[str]:
+    """Rank 0 sets up alone what every rank must set up together; rank 1 stays away."""
+    store = dist.distributed_c10d._get_default_store()
+    messages = []
+    if rank == 0:
+        for create in (
+            lambda: gather_host_layout(dist.group.WORLD, timedelta(seconds=0.5)),
+            lambda: HierarchicalAllReduce(dist.group.WORLD, timeout=0.5),
+        ):
+            with pytest.raises(CommTimeoutError) as info:
+                create()
+            messages.append(str(info.value))
+        store.set("test/alone/done", "1")
+    else:
+        store.wait(["test/alone/done"], timedelta(seconds=30))
+    return messages
+
+
+def test_the_host_layouts_timeout_names_what_was_being_created() -> None:
+    messages, _ = run_multiprocess(_one_rank_gathers_alone, 2, timeout=60)
+    waiting = "rank 0 timed out after 0.5 s waiting for rank(s) [1] to say which host it runs on"
+    layout, hierarchical = messages
+    assert layout.startswith(
+        f"{waiting} while creating fastpar's all-reduce (fastpar.comm.create_all_reduce)"
+    ), layout
+    assert hierarchical.startswith(f"{waiting} while creating a HierarchicalAllReduce"), messages
+    assert all("RingAllReduce" not in message for message in messages), messages
