@@ -84,7 +84,9 @@ from torch import nn
 from fastpar._checks import check_bool, check_choice, check_member, check_positive
 from fastpar._logging import get_logger, log_once
 from fastpar._machine import usable_cores
+from fastpar.comm.agreement import exchange_prefix, wait_for_ranks
 from fastpar.comm.errors import CommClosedError, CommTimeoutError
+from fastpar.comm.timeouts import group_timeout
 from fastpar.profiling import record_range
 
 logger = get_logger(__name__)
@@ -115,7 +117,8 @@ class DataParallelConfig:
     """How long a wait for a peer may last before it raises CommTimeoutError naming this rank:
     fastpar's all-reduce's waits, and on CPU (gloo) the end of backward's wait for
     torch.distributed's all-reduces (all of a backward's buckets within it) and construction's
-    collectives (the same parameters on every rank, the broadcast). None: the group's own
+    waits: for every rank's parameter names and shapes (through the store, on any device; the
+    error names the ranks that did not post theirs), then for the broadcast. None: the group's own
     timeout (given to init_process_group / new_group; 30 minutes by default for gloo), which
     also bounds NCCL's collectives on CUDA (its watchdog): NCCL's bounded wait would block the
     host, count from the launch and abort the communicator."""
@@ -309,9 +312,8 @@ class DataParallel(nn.Module):
         # write into its buckets); None while it is usable
         self._unusable: str | None = None
 
-        deadline = self._deadline()
-        self._check_same_state(deadline)
-        self._broadcast_state(deadline)
+        self._check_same_state()
+        self._broadcast_state(self._deadline())
         self._buckets = self._build_buckets()
         self._grad_scale = 1.0 / self.world_size
         self.overlaps_backward = self._decide_overlap()
@@ -325,9 +327,23 @@ class DataParallel(nn.Module):
 
     # --- construction ---------------------------------------------------------------------------
 
-    def _check_same_state(self, deadline: float | None) -> None:
-        payloads = self._all_gather_bytes(pickle.dumps(_state_signature(self.module)), deadline)
-        signatures = [pickle.loads(payload) for payload in payloads]
+    def _check_same_state(self) -> None:
+        """Every rank posts its parameters' and buffers' signature through the default store and
+        reads everyone's, waiting at most the timeout (CommTimeoutError naming the ranks that did
+        not post theirs); ValueError naming the first rank whose signature differs."""
+        me = dist.get_rank(self.group)
+        store = dist.distributed_c10d._get_default_store()
+        prefix = exchange_prefix("data-parallel", self.group)
+        keys = {r: f"{prefix}/{r}" for r in range(self.world_size)}
+        store.set(keys[me], pickle.dumps(_state_signature(self.module)))
+        if self.config.timeout_s is not None:
+            timeout = timedelta(seconds=self.config.timeout_s)
+        else:
+            device = next(self._state_tensors(), torch.empty(0)).device
+            timeout = group_timeout(self.group, device)
+        wait_for_ranks(store, keys, timeout, me, "post its parameter names and shapes",
+                       during="constructing a DataParallel")  # fmt: skip
+        signatures = [pickle.loads(store.get(keys[r])) for r in range(self.world_size)]
         for rank, signature in enumerate(signatures):
             difference = _first_difference(signature, signatures[0])
             if difference is not None:
@@ -335,26 +351,6 @@ class DataParallel(nn.Module):
                     "DataParallel needs the same parameters and buffers on every rank; on group "
                     f"rank {rank}, {difference}"
                 )
-
-    def _all_gather_bytes(self, payload: bytes, deadline: float | None) -> list[bytes]:
-        """Every rank's `payload`, in group rank order: all_gather_object, whose wait has no
-        bound but the group's timeout, as two all-gathers waited for within `deadline`."""
-        device = next(self._state_tensors(), torch.empty(0)).device  # one the group serves
-        what = "the other ranks' parameter names and shapes (constructing DataParallel)"
-        mine = torch.tensor([len(payload)], dtype=torch.int64, device=device)
-        sizes = [torch.empty_like(mine) for _ in range(self.world_size)]
-        work = dist.all_gather(sizes, mine, group=self.group, async_op=True)
-        self._wait_within(work, deadline, what, device)
-        longest = max(int(size.item()) for size in sizes)
-        padded = torch.zeros(longest, dtype=torch.uint8, device=device)
-        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
-        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
-        work = dist.all_gather(gathered, padded, group=self.group, async_op=True)
-        self._wait_within(work, deadline, what, device)
-        return [
-            bytes(data[: int(size.item())].cpu().tolist())
-            for data, size in zip(gathered, sizes, strict=True)
-        ]
 
     def _state_tensors(self) -> Iterator[torch.Tensor]:
         yield from (p.data for p in self.module.parameters())

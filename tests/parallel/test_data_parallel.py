@@ -362,26 +362,41 @@ def test_a_slow_peer_makes_backward_through_torch_raise_within_the_timeout(
     assert results[1] is None
 
 
-def _peer_never_constructs(rank: int, world_size: int) -> tuple[float, str] | None:
+def _peer_never_constructs(
+    rank: int, world_size: int, timeout: float | None
+) -> tuple[float, str] | None:
     store = dist.distributed_c10d._get_default_store()
-    if rank == 1:  # never builds its DataParallel; leaves once rank 0 has given up
-        store.wait(["absent/given-up"], timedelta(seconds=SLOW_PEER_S))
+    if rank == 1:  # never builds its DataParallel; leaves once the others have given up
+        others = [f"absent/given-up/{r}" for r in range(world_size) if r != 1]
+        store.wait(others, timedelta(seconds=SLOW_PEER_S))
         return None
+    # The others start together: one that came late would be named too
+    store.set(f"absent/ready/{rank}", "1")
+    store.wait([f"absent/ready/{r}" for r in range(world_size) if r != 1])
     start = time.monotonic()
     with pytest.raises(CommTimeoutError) as info:
-        DataParallel(LanguageModel(), timeout=TIMEOUT_S)
+        DataParallel(LanguageModel(), timeout=timeout)
     elapsed = time.monotonic() - start
-    store.set("absent/given-up", "1")
+    store.set(f"absent/given-up/{rank}", "1")
     return elapsed, str(info.value)
 
 
-def test_a_peer_that_never_constructs_is_a_timeout_within_the_timeout() -> None:
+@pytest.mark.parametrize("timeout", [TIMEOUT_S, None])
+def test_a_peer_that_never_constructs_is_a_timeout_naming_it(timeout: float | None) -> None:
     """Construction's collectives (the check of parameters, the broadcast) waited for the
-    group's timeout."""
-    (elapsed, message), absent = run_multiprocess(_peer_never_constructs, 2, timeout=60)
-    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, message)
-    assert "rank 0 timed out after 2 s waiting for the other ranks' parameter" in message
-    assert absent is None
+    group's timeout, then said only that this rank timed out. None: the group's timeout."""
+    group_timeout = SLOW_PEER_S if timeout is not None else TIMEOUT_S
+    results = run_multiprocess(_peer_never_constructs, 3, args=(timeout,), timeout=60,
+                               group_timeout=group_timeout)  # fmt: skip
+    assert results[1] is None
+    for rank in (0, 2):
+        elapsed, message = results[rank]
+        assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, message)
+        assert (
+            f"rank {rank} timed out after 2 s waiting for rank(s) [1] to post its parameter "
+            "names and shapes while constructing a DataParallel"
+        ) in message, message
+        assert "RingAllReduce" not in message, message
 
 
 def _nan_guard(grad: torch.Tensor) -> torch.Tensor:
