@@ -590,10 +590,12 @@ class DataParallel(nn.Module):
             self._next_bucket += 1
 
     def _start_backward_if_needed(self) -> None:
-        self._check_usable()  # before this backward writes into a bucket
         with self._lock:
             if self._callback_queued:
                 return
+            # Once per backward, in its first hook, before it writes into a bucket (only the
+            # end of a backward, or a forward outside one, makes the wrapper unusable)
+            self._check_usable()
             self._callback_queued = True
             self.last_backward_events = []
             self._first_grad_at = time.perf_counter()

@@ -332,6 +332,7 @@ def _slow_peer_in_backward(
     if rank == 1:  # late until rank 0 has given up (at most SLOW_PEER_S), then leaves
         store.wait(["slow-peer/given-up"], timedelta(seconds=SLOW_PEER_S))
         return None
+    next_loss = _loss(dp, "lm", inputs, targets, rank, 1)  # its backward comes after the timeout
     assert all(p.grad is not None for p in model.parameters())
     before = [p.detach().clone() for p in model.parameters()]
     start = time.monotonic()
@@ -342,6 +343,10 @@ def _slow_peer_in_backward(
     optimizer.step()  # a caller that carries on anyway
     for a, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(a, b), "a parameter moved after a timed-out all-reduce"
+    buckets = [bucket.buffer.clone() for bucket in dp._buckets]
+    with pytest.raises(CommClosedError, match="DataParallel is unusable: rank 0 timed out"):
+        next_loss.backward()  # raised by its first gradient hook, before any bucket is written
+    assert all(torch.equal(a.buffer, b) for a, b in zip(dp._buckets, buckets, strict=True))
     with pytest.raises(CommClosedError, match="DataParallel is unusable: rank 0 timed out"):
         dp(inputs)
     store.set("slow-peer/given-up", "1")
@@ -397,6 +402,36 @@ def test_a_peer_that_never_constructs_is_a_timeout_naming_it(timeout: float | No
             "names and shapes while constructing a DataParallel"
         ) in message, message
         assert "RingAllReduce" not in message, message
+
+
+def _usability_checks_per_backward(rank: int, world_size: int) -> list[int]:
+    model = LanguageModel()
+    dp = DataParallel(model, comm="torch", bucket_cap_mb=0.004, first_bucket_mb=0.002)
+    checks = 0
+    check_usable = dp._check_usable
+
+    def counted() -> None:
+        nonlocal checks
+        checks += 1
+        check_usable()
+
+    dp._check_usable = counted  # type: ignore[method-assign]
+    counts = []
+    for step in range(3):
+        inputs, targets = _batch("lm", rank, step)
+        checks = 0
+        loss = nn.functional.cross_entropy(  # not through dp's forward, which checks too
+            model(inputs).reshape(-1, VOCAB), targets.reshape(-1)
+        )
+        loss.backward()
+        counts.append(checks)
+    dp.close()
+    return counts
+
+
+def test_usability_is_checked_once_per_backward() -> None:
+    """It was checked in every gradient hook, once per parameter and backward."""
+    assert run_multiprocess(_usability_checks_per_backward, 2, timeout=60) == [[1, 1, 1]] * 2
 
 
 def _nan_guard(grad: torch.Tensor) -> torch.Tensor:
