@@ -314,7 +314,13 @@ class DataParallel(nn.Module):
 
         self._check_same_state()
         self._broadcast_state(self._deadline())
-        self._buckets = self._build_buckets()
+        try:
+            self._buckets = self._build_buckets()
+        except BaseException:  # e.g. comm="ring" and a bucket it cannot serve
+            if self._ring is not None:  # created for the buckets, and no close() will come
+                self._ring.close()
+                self._ring = None
+            raise
         self._grad_scale = 1.0 / self.world_size
         self.overlaps_backward = self._decide_overlap()
         self._hooks = [

@@ -601,6 +601,30 @@ def test_a_rank_outside_the_group_is_refused() -> None:
     ]
 
 
+def _fastpar_mappings() -> int:
+    """This process's mappings of fastpar's shared memory (a ring's segment stays mapped until
+    the ring is closed)."""
+    with open("/proc/self/maps") as maps:
+        return sum("/fastpar-" in line for line in maps)
+
+
+def _ring_refused(rank: int, world_size: int) -> tuple[int, int, str]:
+    model = nn.Linear(3, 3)
+    model.phase = nn.Parameter(torch.zeros(3, dtype=torch.complex64))  # the ring sums no complex
+    before = _fastpar_mappings()
+    with pytest.raises(ValueError, match="comm='ring' was requested") as info:
+        DataParallel(model, comm="ring")
+    return before, _fastpar_mappings(), str(info.value)
+
+
+def test_a_construction_that_raises_closes_the_ring_it_created() -> None:
+    """The ring created for the buckets stayed open (its shared memory mapped, until the
+    process ended) when a bucket it could not serve made construction raise."""
+    for before, after, message in run_multiprocess(_ring_refused, 2, timeout=60):
+        assert "torch.complex64 bucket on cpu" in message, message
+        assert after == before, (before, after)
+
+
 def _state_dict_round_trip(rank: int, world_size: int) -> None:
     torch.manual_seed(rank)
     model = LanguageModel()
