@@ -57,7 +57,8 @@ class HostBuffer:
                 path = f"{SHM_DIR}/fastpar-hier-{os.getpid()}-{uuid.uuid4().hex[:16]}"
                 store.set(key, path)
             else:
-                wait_for_ranks(store, {owner: key}, timeout, rank, "create its host's buffer")
+                wait_for_ranks(store, {owner: key}, timeout, rank, "create its host's buffer",
+                               during="creating a HierarchicalAllReduce")  # fmt: skip
                 path = store.get(key).decode()
             self._memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
             barrier()  # every local rank has mapped it: the name is no longer needed

@@ -45,6 +45,7 @@ from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
 from fastpar.comm.agreement import (
+    CREATING_A_RING,
     agree,
     cuda_peer_problem,
     exchange_prefix,
@@ -168,8 +169,10 @@ class RingAllReduce:
 
     # --- setup ---------------------------------------------------------------------------------
 
-    def _store_wait(self, store: dist.Store, keys: dict[int, str], what: str) -> None:
-        wait_for_ranks(store, keys, self.timeout, self.rank, what, self._peer_pids)
+    def _store_wait(
+        self, store: dist.Store, keys: dict[int, str], what: str, during: str = CREATING_A_RING
+    ) -> None:
+        wait_for_ranks(store, keys, self.timeout, self.rank, what, self._peer_pids, during=during)
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
@@ -637,7 +640,9 @@ class RingAllReduce:
             assert self._store is not None
             self._store.set(keys[self.rank], "1")
             if group_alive:
-                self._store_wait(self._store, keys, "unmap this rank's buffer")
+                self._store_wait(
+                    self._store, keys, "unmap this rank's buffer", "closing a RingAllReduce"
+                )
                 unmapped = True
             else:  # nobody may come to the close of a destroyed group
                 unmapped = self._store.check(list(keys.values()))

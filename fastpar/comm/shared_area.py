@@ -24,6 +24,8 @@ from fastpar.comm.agreement import agree, wait_for_ranks
 from fastpar.comm.errors import CommError, CommMismatchError
 
 SHM_DIR = "/dev/shm"
+# What the ranks of an allocation are doing, for the messages of its store waits.
+ALLOCATING = "allocating shared memory (empty_shared)"
 PAGE_BYTES = 4096
 _MIB = 2**20
 
@@ -96,7 +98,7 @@ def agree_on_allocation(
     keys = {r: f"{prefix}/{r}" for r in range(world_size)}
     kind = "" if failure is None else type(failure).__name__
     store.set(keys[rank], "|".join((request, payload, kind, str(failure or ""))))
-    wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids)
+    wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids, during=ALLOCATING)
     posts = [store.get(keys[r]).decode().split("|", 3) for r in range(world_size)]
     for _, _, kind, message in posts:
         if kind:
@@ -164,7 +166,7 @@ def allocate_symmetric(
             problem = f"mapping a peer's shared area failed: {error}"
         reason = agree(
             store, f"{prefix}/mapped", rank, world_size, problem, timeout,
-            "map every rank's shared area", pids,
+            "map every rank's shared area", pids, during=ALLOCATING,
         )  # fmt: skip
         if reason is not None:
             raise SharedMemoryUnavailableError(f"shared memory is unavailable: {reason}")

@@ -6,6 +6,7 @@ every rank, a dead peer is named, nothing is left in /dev/shm."""
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import fastpar.comm.shared_area as shared_area
 from fastpar.comm import (
     CommMismatchError,
+    CommTimeoutError,
     RingAllReduce,
     SharedMemoryUnavailableError,
     all_reduce,
@@ -200,3 +202,15 @@ def _world_of_one(rank: int, world_size: int) -> None:
 
 def test_world_of_one() -> None:
     run_multiprocess(_world_of_one, 1, timeout=60)
+
+
+def test_a_peer_that_never_allocates_is_named_with_what_was_being_done() -> None:
+    """empty_shared's store waits said "while creating a RingAllReduce" (it allocates)."""
+    store = dist.HashStore()
+    with pytest.raises(CommTimeoutError) as info:
+        shared_area.allocate_symmetric(store, "test/alloc", rank=0, world_size=2, numel=16,
+                           dtype=torch.float32, timeout=timedelta(seconds=0.1))  # fmt: skip
+    assert str(info.value).startswith(
+        "rank 0 timed out after 0.1 s waiting for rank(s) [1] to allocate its shared area "
+        "while allocating shared memory (empty_shared)"
+    ), info.value
