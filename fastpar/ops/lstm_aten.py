@@ -40,6 +40,7 @@ from torch import Tensor
 
 from fastpar.ops.aten_common import (
     Arrangement,
+    autocast_carried_dtype,
     autocast_layer,
     backward_inputs,
     check_bias,
@@ -416,23 +417,15 @@ def lstm_layer_aten(
 
     Returns:
         out: (T, B, P) hidden state after every step, zero past each length; h_n: (B, P);
-        c_n: (B, H): the states after each sequence's last step.
+        c_n: (B, H): the states after each sequence's last step. Under autocast all in its
+        dtype; ``lstm_stack_aten`` gives them torch.nn.LSTM's (``autocast_carried_dtype``).
     """
-    state_dtype = c0.dtype
-    cast_op_by_op = x.device.type == "cpu" and not autocast_runs_onednn(x, w.w_hr, lengths)
     x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
     keep = needs_grad(x, h0, c0, *w)
     check_not_differentiated("fastpar::lstm_aten_layer", differentiable=keep, instead=ATEN_INSTEAD)
     out, h_n, c_n, _ = lstm_aten_layer_op(
         x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
     )
-    if cast_op_by_op and c_n.dtype != state_dtype:
-        # Off oneDNN torch.nn.LSTM's loop on CPU is cast op by op under autocast: its c_t
-        # promotes to c_0's dtype, and so does h_t = o * tanh(c_t) unless a projection follows.
-        dtype = torch.promote_types(c_n.dtype, state_dtype)
-        c_n = c_n.to(dtype)
-        if w.w_hr is None:
-            out, h_n = out.to(dtype), h_n.to(dtype)
     return out, h_n, c_n
 
 
@@ -457,10 +450,18 @@ def lstm_stack_aten(
         )  # fmt: skip
         return out, h_n, c_n
 
+    onednn = autocast_runs_onednn(x, weights[0].w_hr, lengths)
+    carried = autocast_carried_dtype(x, c0, onednn=onednn)
+
     def run_layer(
         layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         out, h_n, c_n = lstm_layer_aten(layer_input, *states, w, lengths, reverse)
+        if carried is not None:
+            # c_t = f * c_{t-1} + i * g, and h_t = o * tanh(c_t) unless a projection follows.
+            c_n = c_n.to(carried)
+            if w.w_hr is None:
+                out, h_n = out.to(carried), h_n.to(carried)
         return out, (h_n, c_n)
 
     out, (h_n, c_n) = stack_layers(

@@ -305,9 +305,9 @@ def rnn_layer_aten(
 
     Returns:
         out: (T, B, H) hidden state after every step, zero past each length; h_n: (B, H), the
-        state after each sequence's last step.
+        state after each sequence's last step. Under autocast both in its dtype; the stacks
+        give them torch's (``aten_common.autocast_carried_dtype``).
     """
-    state_dtype = h0.dtype
     x, (h0,), w = aten_common.autocast_layer(x, (h0,), w)
     differentiable = aten_common.needs_grad(x, h0, *w)
     check_not_differentiated(
@@ -318,10 +318,6 @@ def rnn_layer_aten(
     out, h_n, _ = rnn_aten_layer_op(
         x, h0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, lengths, reverse, cell, save
     )
-    if cell == "gru" and h0.dtype != state_dtype:
-        # Under autocast torch.nn.GRU's state update, z * h_{t-1}, promotes to h0's dtype.
-        dtype = torch.promote_types(h0.dtype, state_dtype)
-        out, h_n = out.to(dtype), h_n.to(dtype)
     return out, h_n
 
 
@@ -336,10 +332,15 @@ def _stack(
         )  # fmt: skip
         return out, h_n
 
+    carried = aten_common.autocast_carried_dtype(x, h0 if cell == "gru" else None)
+
     def run_layer(
         layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
     ) -> tuple[Tensor, Tensor]:
-        return rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
+        out, h_n = rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
+        if carried is not None:  # the GRU's h_t = (1 - z) * n + z * h_{t-1}
+            out, h_n = out.to(carried), h_n.to(carried)
+        return out, h_n
 
     return stack_layers_h(
         x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,

@@ -116,28 +116,42 @@ def check_autocast_takes_states_and_half_input(
     assert_close(out_half_module, rounded(x2)[0], 2e-2, 2e-2, "bfloat16 module, float32 input")
 
 
-def _torch_under_autocast(theirs: torch.nn.Module, x: Tensor | PackedSequence) -> list[Tensor]:
-    """torch's module (float32) under CPU bfloat16 autocast: output and final states. On oneDNN
-    (its LSTM without projection or packing) autocast casts the layer whole, module, input and
-    states; on a CPU without oneDNN bfloat16 that call fails, so the same cast is made here."""
+# Whether this CPU's oneDNN runs each half type (torch.nn.LSTM's oneDNN call fails without).
+_ONEDNN_SUPPORTS = {
+    torch.bfloat16: torch.ops.mkldnn._is_mkldnn_bf16_supported,
+    torch.float16: torch.ops.mkldnn._is_mkldnn_fp16_supported,
+}
+
+
+def _torch_under_autocast(
+    theirs: torch.nn.Module, x: Tensor | PackedSequence, dtype: torch.dtype
+) -> list[Tensor]:
+    """torch's module (float32) under CPU autocast to ``dtype``: output and final states. On
+    oneDNN (its LSTM without projection or packing) autocast casts the layer whole, module,
+    input and states; on a CPU without oneDNN ``dtype`` that call fails, so the same cast is
+    made here."""
     onednn = isinstance(theirs, torch.nn.LSTM) and not theirs.proj_size
     onednn = onednn and not isinstance(x, PackedSequence)
-    if onednn and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if onednn and not _ONEDNN_SUPPORTS[dtype]():
         assert isinstance(x, Tensor)
-        return _flat(copy.deepcopy(theirs).bfloat16()(x.bfloat16()))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return _flat(copy.deepcopy(theirs).to(dtype)(x.to(dtype)))
+    with torch.autocast("cpu", dtype=dtype):
         return _flat(theirs(x))
 
 
 def check_autocast_dtypes_match_torch(
-    ours: torch.nn.Module, theirs: torch.nn.Module, x: Tensor | PackedSequence
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module,
+    x: Tensor | PackedSequence,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> None:
-    """Under CPU bfloat16 autocast, ``ours`` (float32) returns the dtypes of ``theirs``
-    (torch's module, float32, same weights), and values within a bfloat16 rounding of its."""
-    want = _torch_under_autocast(theirs, x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    """Under CPU autocast to ``dtype`` (bfloat16 or float16), ``ours`` (float32) returns the
+    dtypes of ``theirs`` (torch's module, float32, same weights), and values within a rounding
+    to ``dtype`` of its."""
+    want = _torch_under_autocast(theirs, x, dtype)
+    with torch.autocast("cpu", dtype=dtype):
         got = _flat(ours(x))
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
         a, b = (t.data if isinstance(t, PackedSequence) else t for t in (a, b))
         assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
-        assert_close(a, b, 2e-2, 2e-2, f"result {k} under autocast")
+        assert_close(a, b, 2e-2, 2e-2, f"result {k} under {dtype} autocast")

@@ -11,6 +11,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
+from fastpar.ops.aten_common import per_layer_ops
 from tests.nn.recurrent_helpers import (
     check_autocast_dtypes_match_torch,
     check_autocast_takes_states_and_half_input,
@@ -408,6 +409,32 @@ def test_torch_backend_on_packed_input_under_autocast_returns_torchs_dtypes(
     theirs.load_state_dict(ours.state_dict())
     x = pack_padded_sequence(randn(6, B, F_IN, seed=1).float(), torch.tensor([6, 4, 2]))
     check_autocast_dtypes_match_torch(ours, theirs, x)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize(
+    "options, packed",
+    [({"num_layers": 2, "bidirectional": True}, False), ({"num_layers": 2, "proj_size": 5}, False),
+     ({"num_layers": 2, "bidirectional": True}, True), ({"num_layers": 2, "proj_size": 5}, True)],
+)  # fmt: skip
+def test_per_layer_ops_under_autocast_return_torchs_dtypes(
+    options: dict[str, object], packed: bool, training: bool, dtype: torch.dtype
+) -> None:
+    """The per-layer op (compiled graphs, vmap, split pipeline stages) returns torch.nn.LSTM's
+    dtypes under autocast. torch decides once for the stack, from its input, whether oneDNN
+    casts it whole; the second layer's input (the first's output, in autocast's dtype) must not
+    decide again (it did, returning float32 where oneDNN lacks bfloat16)."""
+    torch.manual_seed(0)
+    ours = fastpar.nn.LSTM(F_IN, H, backend="torch", **options)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTM(F_IN, H, **options)  # type: ignore[arg-type]
+    theirs.load_state_dict(ours.state_dict())
+    ours.train(training), theirs.train(training)
+    x = randn(6, B, F_IN, seed=1).float()
+    with per_layer_ops():
+        check_autocast_dtypes_match_torch(
+            ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x, dtype
+        )
 
 
 def test_float64_packed_input_under_autocast_stays_float64() -> None:

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastpar.nn
 import fastpar.nn.recurrent
+from fastpar.ops.aten_common import per_layer_ops
 from tests.nn.recurrent_helpers import (
     check_autocast_dtypes_match_torch,
     check_autocast_takes_states_and_half_input,
@@ -216,6 +217,26 @@ def test_reference_backend_under_autocast_returns_torchs_dtypes(kind: str, packe
     check_autocast_dtypes_match_torch(
         ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_per_layer_ops_under_autocast_return_torchs_dtypes(
+    kind: str, packed: bool, training: bool, dtype: torch.dtype
+) -> None:
+    """The per-layer op (compiled graphs, vmap, split pipeline stages, packed input on CPU)
+    returns torch's dtypes under CPU autocast: the GRU's state update promotes to h_0's dtype
+    (float32), the RNN's h (tanh or relu of matmuls) stays in autocast's."""
+    ours, theirs = _pair(kind, "torch", num_layers=2, bidirectional=True)
+    theirs.float()
+    ours.train(training), theirs.train(training)
+    x = randn(6, B, F_IN, seed=1).float()
+    with per_layer_ops():
+        check_autocast_dtypes_match_torch(
+            ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x, dtype
+        )
 
 
 @pytest.mark.parametrize("kind", KINDS)
