@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch._C._functorch import TransformType
-from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
 
 _DIFFERENTIATING = (TransformType.Grad, TransformType.Jvp)
 
@@ -32,19 +32,26 @@ TRITON_INSTEAD = (
 
 def differentiating_transform_active() -> bool:
     """Whether a torch.func transform that differentiates (grad, vjp, jacrev, jacfwd, jvp) is
-    active. Under torch.compile, whether any torch.func transform is: Dynamo traces neither
-    the transform stack nor a wrapped tensor's requires_grad."""
+    active, at any level: vmap(grad(f)) and grad(vmap(f)) differentiate, vmap alone does not.
+
+    The stack is walked from the innermost transform down, each popped for the next (``lower``),
+    because that is what Dynamo traces (torch 2.13: the current interpreter's key and lower(),
+    guarded on the interpreter; it skips ``retrieve_all_functorch_interpreters``), so a compiled
+    vmap runs the ops in one graph as an eager one does."""
     if not torch._C._are_functorch_transforms_active():  # the usual case, at once
         return False
-    if torch.compiler.is_compiling():
+    interpreter = retrieve_current_functorch_interpreter()
+    if interpreter.key() in _DIFFERENTIATING:
         return True
-    return any(i.key() in _DIFFERENTIATING for i in retrieve_all_functorch_interpreters())
+    with interpreter.lower():
+        return differentiating_transform_active()
 
 
 def check_not_differentiated(op: str, *, differentiable: bool, instead: str) -> None:
     """Raise NotImplementedError, naming ``op`` and what to do ``instead``, when a torch.func
     transform would differentiate it (``differentiable``: some input requires a gradient; under
-    torch.compile, where that cannot be read, any transform counts)."""
+    torch.compile, where Dynamo cannot read a wrapped tensor's requires_grad, any
+    differentiating transform counts)."""
     if not differentiating_transform_active():
         return
     if not (differentiable or torch.compiler.is_compiling()):

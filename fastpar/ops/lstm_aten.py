@@ -421,8 +421,15 @@ def lstm_layer_aten(
         dtype; ``lstm_stack_aten`` gives them torch.nn.LSTM's (``autocast_carried_dtype``).
     """
     x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
-    keep = needs_grad(x, h0, c0, *w)
-    check_not_differentiated("fastpar::lstm_aten_layer", differentiable=keep, instead=ATEN_INSTEAD)
+    differentiable = needs_grad(x, h0, c0, *w)
+    check_not_differentiated(
+        "fastpar::lstm_aten_layer", differentiable=differentiable, instead=ATEN_INSTEAD
+    )
+    # A compiled vmap calls the op once per example (torch's batching fallback) and stacks the
+    # results, which needs the workspaces' sizes (each its own unbacked symbol) to be equal:
+    # there the backward runs the forward again for its workspace instead.
+    batched = torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+    keep = differentiable and not batched
     out, h_n, c_n, _ = lstm_aten_layer_op(
         x, h0, c0, w.w_ih, w.w_hh, w.b_ih, w.b_hh, w.w_hr, lengths, reverse, keep
     )

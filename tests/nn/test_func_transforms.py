@@ -121,6 +121,24 @@ def test_vmap_over_inputs_matches_torch(cell: str, backend: str) -> None:
 
 
 @pytest.mark.parametrize("cell", list(CELLS))
+def test_compiled_fullgraph_vmap_matches_torch(cell: str) -> None:
+    """torch.compile(vmap(model), fullgraph=True): vmap does not differentiate, so the custom
+    ops run in the graph (Dynamo traces the transform stack, which tells vmap from grad); the
+    output of each input and the parameters' gradients against torch's module (float64)."""
+    torch._dynamo.reset()
+    ours, theirs = _pair(cell, "torch", num_layers=2)
+    xs = randn(3, T, B, F_IN, seed=1)
+    got = torch.compile(torch.func.vmap(lambda x: ours(x)[0]), backend="aot_eager",
+                        fullgraph=True)(xs.float())  # fmt: skip
+    got.sum().backward()
+    exact = torch.stack([theirs(x)[0] for x in xs])
+    exact.sum().backward()
+    assert_close(got, exact, FP32_ATOL, FP32_RTOL, "outputs of the inputs")
+    for (name, p), q in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert_close(p.grad, q.grad, FP32_ATOL, FP32_RTOL, "d " + name)
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_jacrev_matches_torch(cell: str, backend: str) -> None:
     ours, theirs = _pair(cell, backend)
