@@ -272,10 +272,8 @@ def eager_whole_stack(x: Tensor, lengths: Tensor | None) -> bool:
     lengths the op says so), the ops under vmap alone (torch's call has no batching rule)."""
     if torch.compiler.is_compiling():
         return False
-    if differentiating_transform_active():
-        return lengths is None
     if torch._C._are_functorch_transforms_active():
-        return False
+        return lengths is None and differentiating_transform_active()
     if _PER_LAYER.get() != 0 and not saved_tensor_hooks_active():
         return False
     return lengths is None or x.device.type == "cuda"
