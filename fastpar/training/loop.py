@@ -22,7 +22,7 @@ from torch import nn
 
 from fastpar.parallel import CommStats, DataParallel, Pipeline
 from fastpar.parallel.pipeline.schedules import Placement
-from fastpar.parallel.pipeline.stages import measured_cuts
+from fastpar.parallel.pipeline.stages import measured_cuts, split_sequential
 from fastpar.profiling import record_range
 from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found
@@ -125,9 +125,10 @@ def build_stage(config: TrainConfig, place: RankPlace, device: torch.device) -> 
     mine = (0,)
     if place.dims.pp > 1:
         mine = Placement.of(config.schedule, place.dims.pp, num_stages).stages_of(place.stage)
-    # Full-model names ("2.module.weight_ih_l0"): a checkpoint does not depend on the layout.
-    chunks = [nn.Sequential(OrderedDict((str(i), model[i]) for i in range(*bounds[s])))
-              for s in mine]  # fmt: skip
+    # The stages keep the full model's names ("2.module.weight_ih_l0"), so a checkpoint does
+    # not depend on the layout.
+    stages = split_sequential(model, [start for start, _ in bounds[1:]])
+    chunks = [stages[s] for s in mine]
     module = nn.Sequential(OrderedDict(kv for chunk in chunks for kv in chunk.named_children()))
     runners: list[nn.Module] = list(chunks)
     dps: list[DataParallel] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import logging
 import random
+from collections import OrderedDict
 from typing import Any
 
 import pytest
@@ -308,6 +309,60 @@ def test_split_sequential_takes_numpy_integers_as_torch_does() -> None:
         split_sequential(model, [1, 2.0])  # type: ignore[list-item]
 
 
+def _named_model(seed: int) -> nn.Sequential:
+    """Children named as a user names them, one of them nested, with buffers (BatchNorm) and a
+    layer used twice (the ReLU, under two names)."""
+    torch.manual_seed(seed)
+    relu = nn.ReLU()
+    return nn.Sequential(
+        OrderedDict(
+            embed=nn.Embedding(13, 8),
+            proj=nn.Linear(8, 12),
+            act=relu,
+            norm=nn.BatchNorm1d(5),
+            block=nn.Sequential(nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 6)),
+            act2=relu,
+            head=nn.Linear(6, 3),
+        )
+    )
+
+
+@pytest.mark.parametrize("points", [[1], [2, 4], [1, 3, 5, 6], [1, 2, 3, 4, 5, 6]])
+def test_split_sequential_keeps_the_models_names(points: list[int]) -> None:
+    """As torch.distributed.pipelining: a stage's state_dict keys are the model's, the stages'
+    state dicts are the model's state dict, and a stage's state loads into the model by key."""
+    seed = random.randrange(2**31)
+    model = _named_model(seed)
+    stages = split_sequential(model, points)
+    whole = model.state_dict()
+    merged: dict[str, torch.Tensor] = {}
+    for stage in stages:
+        state = stage.state_dict()
+        assert not merged.keys() & state.keys(), f"seed {seed}"  # no name in two stages
+        merged.update(state)
+    assert list(merged) == list(whole), f"seed {seed}"
+    for key, value in whole.items():
+        assert merged[key] is value or torch.equal(merged[key], value), f"{key} seed {seed}"
+    # Checkpoints of stages restore another model by key: one stage at a time, then merged.
+    other = _named_model(seed + 1)
+    for stage in stages:
+        missing, unexpected = other.load_state_dict(stage.state_dict(), strict=False)
+        # (BatchNorm fills in a missing num_batches_tracked with its own, unreported.)
+        others = whole.keys() - stage.state_dict().keys() - {"norm.num_batches_tracked"}
+        assert not unexpected and set(missing) == others, f"seed {seed}"
+    for key, value in other.state_dict().items():
+        torch.testing.assert_close(value, whole[key], rtol=0, atol=0, msg=key)
+    other.load_state_dict(merged)
+    # The stages still compute the model, and index their layers by position.
+    ids = torch.randint(0, 13, (4, 5))
+    out = ids
+    for stage in stages:
+        out = stage(out)
+    torch.testing.assert_close(out, model(ids), rtol=0, atol=0)
+    assert [id(m) for s in stages for m in s] == [id(m) for m in model]
+    assert stages[-1][-1] is model.head
+
+
 def test_split_sequential_warns_of_weights_tied_across_stages(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -319,4 +374,4 @@ def test_split_sequential_warns_of_weights_tied_across_stages(
         split_sequential(model[:3], [1])  # nothing shared
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1, said
-    assert "stages [0, 2] share a parameter (stage 0 0.weight, stage 2 0.weight)" in said[0]
+    assert "stages [0, 2] share a parameter (stage 0 0.weight, stage 2 3.weight)" in said[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -67,7 +68,12 @@ def split_sequential(
         timer: the clock profiling reads, in seconds.
 
     Returns:
-        The stages: stage i is `nn.Sequential(model[split_points[i-1] : split_points[i]])`.
+        The stages: stage i is `model[split_points[i-1] : split_points[i]]`, an `nn.Sequential`
+        whose layers keep their names in `model` ("4", not "0"), as torch.distributed.pipelining
+        keeps fully qualified names: a stage's `state_dict()` keys are the model's, so it loads
+        into `model` (or a stage of another split) by key, and the stages' state dicts merge
+        into the model's. (`nn.Sequential.append` names a layer by the stage's length, which
+        may be a name the stage holds already: add layers to `model` before splitting.)
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
@@ -99,8 +105,11 @@ def split_sequential(
                 f"split_points must be strictly increasing in (0, {len(model)}) for a model of "
                 f"{len(model)} layers, got {points}"
             )
-    layers = list(model)
-    stages = [nn.Sequential(*layers[start:end]) for start, end in itertools.pairwise(bounds)]
+    # Every entry of `_modules`, not `named_children()`, which skips a layer used twice.
+    named = list(model._modules.items())
+    stages = [
+        nn.Sequential(OrderedDict(named[start:end])) for start, end in itertools.pairwise(bounds)
+    ]
     _warn_of_shared_parameters(stages)
     return stages
 
