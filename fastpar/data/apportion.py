@@ -8,7 +8,9 @@ same (all-reduced) numbers gets the same sizes.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+from fractions import Fraction
 
 from fastpar._checks import check_int
 
@@ -22,6 +24,8 @@ def apportion(
     that would leave its bounds is pinned to the bound and the rest is shared among the others
     in proportion to their weights (water-filling). They are then rounded down, and the units
     still missing go to the shares with the largest fractional parts (ties to the lower index).
+    All of it in exact rational arithmetic: only the weights' ratios count, so weights of any
+    positive finite size (subnormal to 1e308, mixed) share as the same weights rescaled do.
 
     Arguments:
         total: the sum of the shares, an integer (numpy's too) in [sum(low), sum(high)].
@@ -49,13 +53,14 @@ def apportion(
         raise ValueError(f"every low bound must be <= its high bound, got {low} and {high}")
     # Integer shares cannot sum to 5.5: they would silently sum to 5.
     total = check_int("total", total, sum(low), sum(high))
-    if sum(weights) == 0:
+    if all(w == 0 for w in weights):
         weights = [1.0] * count
     real = _bounded_shares(total, weights, low, high)
     shares = [min(max(math.floor(x), lo), hi) for x, lo, hi in zip(real, low, high, strict=True)]
     missing = total - sum(shares)
-    # Fractional parts decide who gets the leftover units; rounding error can leave `missing`
-    # negative or beyond the shares with a fraction, so room is checked, not assumed.
+    # Fractional parts decide who gets the leftover units. The real shares sum to `total`
+    # exactly unless the bounds keep them from it (a total that needs units of zero-weight
+    # shares, or negative low bounds whose shares at t = 0 exceed it), so room is checked.
     by_fraction = sorted(range(count), key=lambda i: (-(real[i] - math.floor(real[i])), i))
     while missing > 0:
         for i in by_fraction:
@@ -72,26 +77,48 @@ def apportion(
 
 def _bounded_shares(
     total: int, weights: Sequence[float], low: Sequence[int], high: Sequence[int]
-) -> list[float]:
-    # The shares x_i(t) = clamp(t * w_i, low_i, high_i) never decrease as t grows, so the t
-    # whose shares sum to `total` is found by bisection: proportional where the bounds allow,
-    # pinned to a bound where they do not (water-filling). A zero weight stays at its low
-    # bound; the integer rounding in `apportion` gives it units only when nothing else can.
-    def shares_at(scale: float) -> list[float]:
-        return [
-            min(max(scale * w, float(lo)), float(hi))
-            for w, lo, hi in zip(weights, low, high, strict=True)
-        ]
+) -> list[Fraction]:
+    # The shares x_i(t) = clamp(t * w_i, low_i, high_i) never decrease as t grows, and their sum
+    # S(t) is linear between the breakpoints t = low_i / w_i and high_i / w_i, where a share
+    # reaches a bound: the t with S(t) = total lies between the last breakpoint below it and
+    # the first at or above, found by bisection over the sorted breakpoints. In exact fractions
+    # (a float weight is a dyadic rational), so the shares do not depend on the weights' scale
+    # (1e-320 and 1e300 alike) and ties of fractional parts are ties, not rounding noise.
+    # Water-filling: proportional where the bounds allow, pinned to a bound where they do not.
+    # A zero weight stays at its low bound; the integer rounding in `apportion` gives it units
+    # only when nothing else can.
+    exact = [
+        Fraction(w) if isinstance(w, numbers.Rational) else Fraction(float(w)) for w in weights
+    ]
+    bounds = [(Fraction(lo), Fraction(hi)) for lo, hi in zip(low, high, strict=True)]
 
-    lower, upper = 0.0, 1.0
-    while sum(shares_at(upper)) < total and upper < 1e300:
-        upper *= 2.0
-    for _ in range(200):
-        middle = 0.5 * (lower + upper)
-        if middle in (lower, upper):
-            break
-        if sum(shares_at(middle)) < total:
-            lower = middle
+    def shares_at(scale: Fraction) -> list[Fraction]:
+        return [min(max(scale * w, lo), hi) for w, (lo, hi) in zip(exact, bounds, strict=True)]
+
+    breakpoints = sorted(
+        {b for w, (lo, hi) in zip(exact, bounds, strict=True) if w > 0 for b in (lo / w, hi / w)}
+    )
+    points = [Fraction(0), *(b for b in breakpoints if b > 0)]
+    sums = {0: sum(shares_at(points[0]))}
+
+    def sum_at(index: int) -> Fraction:
+        if index not in sums:
+            sums[index] = sum(shares_at(points[index]))
+        return sums[index]
+
+    if sum_at(0) >= total:  # no share can shrink below its value at t = 0
+        return shares_at(points[0])
+    first, last = 1, len(points)  # the first breakpoint whose sum reaches total, in [1, last]
+    while first < last:
+        middle = (first + last) // 2
+        if sum_at(middle) < total:
+            first = middle + 1
         else:
-            upper = middle
-    return shares_at(upper)
+            last = middle
+    if first == len(points):  # past the last breakpoint, every weighted share is at its high
+        return shares_at(points[-1])
+    below, above = points[first - 1], points[first]
+    scale = below + (above - below) * (total - sum_at(first - 1)) / (
+        sum_at(first) - sum_at(first - 1)
+    )
+    return shares_at(scale)
