@@ -6,6 +6,11 @@ sources, the torch version, Python, the compiler flags and whether CUDA is compi
 several ranks start at once, one compiles while the others wait on a file lock, then all load
 the same build. CUDA sources (`*.cu`) are compiled only where torch has CUDA and nvcc exists.
 
+A finished build leaves a record of the library's name, size and SHA-256; a cached library is
+loaded only when it still matches them. Loading a library truncated after its build (a full
+disk, a copy cut short) is a bus error that kills the process, which Python cannot catch, so a
+cached library that no longer matches its record is rebuilt, saying why.
+
 `python -m fastpar build` prebuilds; `load()` returns the module.
 """
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import shutil
@@ -32,6 +38,11 @@ from fastpar._native_types import NativeModule
 logger = get_logger(__name__)
 
 _EXTENSION_PREFIX = "fastpar_native"
+# A finished build's markers, in its folder: the library's name alone (all an older fastpar
+# reads: kept, so one sharing the cache keeps using the build instead of rebuilding it), and
+# the record load() trusts: {"library": name, "size": bytes, "sha256": hex}.
+_MARKER = "complete"
+_RECORD = "complete.json"
 _SOURCE_SUFFIXES = (".cpp", ".cu")
 _HEADER_SUFFIXES = (".h", ".cuh")
 _CXX_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fno-math-errno")
@@ -163,12 +174,61 @@ def _check_toolchain() -> None:
         ) from error
 
 
-def _built_library(plan: BuildPlan) -> Path | None:
-    marker = plan.directory / "complete"
-    if not marker.exists():
-        return None
-    library = plan.directory / marker.read_text().strip()
-    return library if library.exists() else None
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_marker(plan: BuildPlan, library: Path) -> None:
+    """Vouch for the built `library`: its name, size and SHA-256, each marker written whole (a
+    rename) so a rank reading it without the lock never sees half of it."""
+    record = {
+        "library": library.name,
+        "size": library.stat().st_size,
+        "sha256": _file_sha256(library),
+    }
+    for name, text in ((_RECORD, json.dumps(record) + "\n"), (_MARKER, library.name)):
+        partial = plan.directory / f"{name}.partial"
+        partial.write_text(text)
+        os.replace(partial, plan.directory / name)
+
+
+def _built_library(plan: BuildPlan) -> tuple[Path | None, str]:
+    """The cached library when its record vouches for it; else None, and why not ("" when
+    nothing was built)."""
+    marker = plan.directory / _RECORD
+    try:
+        text = marker.read_text()
+    except (FileNotFoundError, NotADirectoryError):  # (a file in the way: build() says so)
+        if (plan.directory / _MARKER).exists():
+            return None, (
+                f"{plan.directory} was built by an older fastpar, which recorded no size and "
+                "SHA-256 of the library to check it against"
+            )
+        return None, ""
+    try:
+        record = json.loads(text)
+        name, size, sha256 = record["library"], record["size"], record["sha256"]
+        if not (isinstance(name, str) and Path(name).name == name and type(size) is int
+                and isinstance(sha256, str)):  # fmt: skip
+            raise TypeError(record)
+    except (ValueError, KeyError, TypeError):
+        return None, (
+            f"its build record {marker} holds no name, size and SHA-256 of the library (damaged)"
+        )
+    library = plan.directory / name
+    try:
+        actual = library.stat().st_size
+    except FileNotFoundError:
+        return None, f"{library} is missing"
+    if actual != size:
+        return None, f"{library} has {actual} bytes, its build wrote {size} (truncated or altered)"
+    if _file_sha256(library) != sha256:
+        return None, f"{library}'s SHA-256 is not its build's (altered)"
+    return library, ""
 
 
 def _import_library(name: str, library: Path) -> ModuleType:
@@ -201,7 +261,7 @@ def _compile(plan: BuildPlan, verbose: bool) -> Path:
     # library would run its module init again, and pybind11 refuses to register a class twice.
     sys.modules[plan.name] = module
     library = Path(module.__file__).resolve()
-    (plan.directory / "complete").write_text(library.name)
+    _write_marker(plan, library)
     return library
 
 
@@ -226,7 +286,7 @@ def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:
     Safe to call from many processes at once: they serialise on a file lock next to the build.
     """
     plan = plan or plan_build()
-    library = _built_library(plan)
+    library, _ = _built_library(plan)
     if library is not None:
         return library
     lock_path = plan.directory.parent / f"{plan.name}.lock"
@@ -242,8 +302,17 @@ def build(verbose: bool = False, plan: BuildPlan | None = None) -> Path:
         # An flock dies with its process, so a rank killed mid-build never leaves a stale lock.
         fcntl.flock(lock_file, fcntl.LOCK_EX)
         try:
-            library = _built_library(plan)
+            library, why = _built_library(plan)
             if library is None:
+                if why:
+                    # ninja would keep a truncated library (it is newer than its sources) and
+                    # objects damaged alike: build from nothing. Holding the flock, nobody else
+                    # reads the folder past its markers, which go first.
+                    logger.warning("rebuilding fastpar's native extension: %s", why)
+                    for marker in (_RECORD, _MARKER):
+                        (plan.directory / marker).unlink(missing_ok=True)
+                    shutil.rmtree(plan.directory)
+                    plan.directory.mkdir()
                 # torch's own lock file in the build folder outlives a build that was killed,
                 # and would make this one wait forever; holding our flock, nobody else builds.
                 (plan.directory / "lock").unlink(missing_ok=True)

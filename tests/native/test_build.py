@@ -1,7 +1,9 @@
-"""The native build: concurrent first use from several processes, and clear toolchain errors."""
+"""The native build: concurrent first use from several processes, clear toolchain errors, and
+a cached library that no longer matches its build rebuilt rather than loaded."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -152,14 +154,119 @@ def test_a_cached_library_that_does_not_load_is_named(
     # An earlier test of this process may have loaded the good library under the same name.
     monkeypatch.delitem(sys.modules, plan.name, raising=False)
     plan.directory.mkdir(parents=True)
-    (plan.directory / f"{plan.name}.so").write_text("not a library\n")
-    (plan.directory / "complete").write_text(f"{plan.name}.so")
+    library = plan.directory / f"{plan.name}.so"
+    library.write_text("not a library\n")
+    _native._write_marker(plan, library)  # intact as built, and still no library here
     usable, reason = _native.is_available()
     assert not usable
     assert reason.startswith("the cached native extension does not load (")
     assert reason.endswith(f"delete {plan.directory} and run `python -m fastpar build`")
     assert main(["build"]) == 1
     assert capsys.readouterr().err == f"fastpar build: {reason}\n"
+
+
+# load() with the probe's plan in place of csrc/'s, in a process of its own: loading a truncated
+# library is a bus error, which would kill pytest.
+_LOAD_PROBE = """
+import sys
+from pathlib import Path
+from fastpar import _native
+plan = _native.BuildPlan(name="fastpar_build_probe", directory=Path(sys.argv[1]),
+                         sources=(Path(sys.argv[2]),), with_cuda=False)
+_native.plan_build = lambda: plan
+print(_native.load().add(2, 3))
+"""
+
+
+def _load_probe(plan: _native.BuildPlan) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-c", _LOAD_PROBE, str(plan.directory), str(plan.sources[0])]
+    env = {**os.environ, "FASTPAR_CACHE_DIR": str(plan.directory.parent)}  # nothing shared
+    return subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=300, check=False
+    )
+
+
+def test_a_truncated_cached_library_is_rebuilt_not_loaded(tmp_path: Path) -> None:
+    """A cached library cut short after its build (a full disk, a copy cut short), its marker in
+    place, was dlopened: a bus error no Python code can catch."""
+    plan = _write_probe(tmp_path)
+    first = _load_probe(plan)
+    assert first.returncode == 0 and first.stdout == "5\n", first.stderr
+    marker = json.loads((plan.directory / "complete.json").read_text())
+    library = plan.directory / marker["library"]
+    assert marker["size"] == library.stat().st_size > 0
+    os.truncate(library, library.stat().st_size // 3)
+    second = _load_probe(plan)
+    assert second.returncode == 0 and second.stdout == "5\n", second.stderr
+    assert "rebuilding fastpar's native extension: " in second.stderr
+    assert f"{library} has {marker['size'] // 3} bytes, its build wrote" in second.stderr
+    rebuilt, why = _native._built_library(plan)
+    assert rebuilt == library and why == ""
+    assert (
+        library.stat().st_size == json.loads((plan.directory / "complete.json").read_text())["size"]
+    )
+
+
+def _vouched_library(tmp_path: Path) -> tuple[_native.BuildPlan, Path]:
+    """A plan whose folder holds a stand-in library (random bytes) and the marker for it."""
+    plan = _probe_plan(tmp_path)
+    plan.directory.mkdir(parents=True)
+    library = plan.directory / f"{plan.name}.so"
+    library.write_bytes(os.urandom(4096))
+    _native._write_marker(plan, library)
+    assert _native._built_library(plan) == (library, "")
+    return plan, library
+
+
+def test_an_altered_cached_library_of_its_size_is_not_vouched_for(tmp_path: Path) -> None:
+    plan, library = _vouched_library(tmp_path)
+    data = bytearray(library.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    library.write_bytes(bytes(data))
+    assert _native._built_library(plan) == (
+        None,
+        f"{library}'s SHA-256 is not its build's (altered)",
+    )
+    library.unlink()
+    assert _native._built_library(plan) == (None, f"{library} is missing")
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        '{"library": "fastpar_build_probe.so", "size": 4096}',
+        '{"library": "../elsewhere.so", "size": 4096, "sha256": "00"}',
+        '{"library": "fastpar_build_probe.so", "size": true, "sha256": "00"}',
+        '{"library": "fastpar_build_probe.so", "si',
+        "[]",
+    ],
+)
+def test_a_damaged_build_record_is_not_trusted(tmp_path: Path, record: str) -> None:
+    plan, _ = _vouched_library(tmp_path)
+    (plan.directory / "complete.json").write_text(record)
+    library, why = _native._built_library(plan)
+    assert library is None
+    assert why == (
+        f"its build record {plan.directory / 'complete.json'} holds no name, size and SHA-256 "
+        "of the library (damaged)"
+    )
+
+
+def test_an_older_fastpars_build_is_not_trusted_and_still_marked_for_it(tmp_path: Path) -> None:
+    """An older fastpar wrote the library's name alone in `complete` (all it reads, so new
+    builds still write it: an older fastpar sharing the cache would otherwise rebuild)."""
+    plan, library = _vouched_library(tmp_path)
+    assert (plan.directory / "complete").read_text() == library.name
+    (plan.directory / "complete.json").unlink()
+    assert _native._built_library(plan) == (
+        None,
+        f"{plan.directory} was built by an older fastpar, which recorded no size and SHA-256 "
+        "of the library to check it against",
+    )
+
+
+def test_a_build_finds_no_marker_as_nothing_built(tmp_path: Path) -> None:
+    assert _native._built_library(_probe_plan(tmp_path)) == (None, "")
 
 
 def test_build_names_the_library_it_loaded(
