@@ -771,7 +771,24 @@ class DataParallel(nn.Module):
         return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
 
     def close(self) -> None:
-        """Remove the gradient hooks and release the ring's buffers."""
+        """Remove the gradient hooks and release the ring's buffers.
+
+        A synchronised backward that raised before its end (in autograd or a hook) may have
+        launched all-reduces that nobody waited for: close() waits for them first, within the
+        timeout (the group's when None), so that none writes into a bucket (a `.grad`) or runs on
+        the ring once close() has returned, and sets every `.grad` to None (never averaged), as
+        the next forward would have. Their errors, or a wait that runs out, are logged: close()
+        raises nothing for a backward that already raised."""
+        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+            error = self._wait_for_launched()
+            self._reset_backward_state()
+            self._drop_gradients()
+            if error is not None:
+                logger.warning(
+                    "DataParallel.close(): an all-reduce launched by the last synchronised "
+                    "backward, which raised before its end, failed: %s",
+                    error,
+                )
         for handle in self._hooks:
             handle.remove()
         self._hooks = []

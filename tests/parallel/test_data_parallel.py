@@ -475,6 +475,53 @@ def test_training_goes_on_after_a_backward_raised(overlap: str) -> None:
     run_multiprocess(_training_goes_on_after_a_backward_raised, 2, args=(overlap,), timeout=120)
 
 
+PEER_HOLDS_BACK_S = 2.0  # how long rank 1 holds back its all-reduces for rank 0's close()
+
+
+def _close_after_a_backward_raised(rank: int, world_size: int) -> tuple[bool, bool, bool]:
+    """Every rank's backward raises (a gradient hook on the first layer) after the last layers'
+    buckets were launched through gloo; rank 0 then calls close() while its all-reduces still
+    wait for rank 1, which launches its own only once rank 0's close() has returned (or after
+    PEER_HOLDS_BACK_S, as a close() that waits never returns before it does). Returns, on rank
+    0: whether an all-reduce was pending when close() returned, whether a bucket was written
+    after it, whether a .grad was left; on rank 1: whether its all-reduces all ended."""
+    store = dist.distributed_c10d._get_default_store()
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).double()
+    dp = DataParallel(model, comm="torch", bucket_cap_mb=1e-5, first_bucket_mb=1e-5,
+                      timeout=60, overlap="on")  # fmt: skip
+    model[0].weight.register_hook(_nan_guard)
+    loss = dp(torch.randn(3, 4, dtype=torch.float64)).square().sum()
+    if rank == 1:
+        with contextlib.suppress(RuntimeError):  # its time bound: rank 0's close() waits
+            store.wait(["close-test/closed"], timedelta(seconds=PEER_HOLDS_BACK_S))
+    with pytest.raises(FloatingPointError):
+        loss.backward()
+    works = [bucket.work for bucket in dp._buckets if bucket.work is not None]
+    assert works, "no bucket was launched before backward raised"
+    buffers = [bucket.buffer for bucket in dp._buckets]
+    dp.close()
+    pending = any(not work.is_completed() for work in works)
+    after_close = [buffer.clone() for buffer in buffers]
+    grads_left = any(p.grad is not None for p in model.parameters())
+    if rank == 1:
+        store.set("close-test/peer-closed", "1")
+        return pending, False, grads_left
+    store.set("close-test/closed", "1")
+    store.wait(["close-test/peer-closed"], timedelta(seconds=60))
+    for work in works:  # the ones close() left running, so that they end before the check
+        work.wait()
+    written = any(not torch.equal(a, b) for a, b in zip(buffers, after_close, strict=True))
+    return pending, written, grads_left
+
+
+def test_close_waits_for_the_all_reduces_of_a_backward_that_raised() -> None:
+    """close() returned with them still running: they wrote into the buckets afterwards."""
+    results = run_multiprocess(_close_after_a_backward_raised, 2, timeout=120)
+    assert results[0] == (False, False, False), results
+    assert results[1] == (False, False, False), results
+
+
 def _unfreeze_and_wrap_again(rank: int, world_size: int) -> None:
     """Fine-tuning: steps with the embedding frozen, then unfrozen and the model wrapped again
     (a wrapper averages the parameters that required gradients when it was built). Wrapping
