@@ -336,7 +336,8 @@ class DataParallel(nn.Module):
     def _check_same_state(self) -> None:
         """Every rank posts its parameters' and buffers' signature through the default store and
         reads everyone's, waiting at most the timeout (CommTimeoutError naming the ranks that did
-        not post theirs); ValueError naming the first rank whose signature differs."""
+        not post theirs); ValueError naming the first rank whose signature differs. The last
+        rank to read them deletes them."""
         me = dist.get_rank(self.group)
         store = dist.distributed_c10d._get_default_store()
         prefix = exchange_prefix("data-parallel", self.group)
@@ -350,6 +351,13 @@ class DataParallel(nn.Module):
         wait_for_ranks(store, keys, timeout, me, "post its parameter names and shapes",
                        during="constructing a DataParallel")  # fmt: skip
         signatures = [pickle.loads(store.get(keys[r])) for r in range(self.world_size)]
+        # The last rank to have read every signature deletes them (no rank may delete its own
+        # after reading: a slower one may not have read it yet), so that a loop building
+        # wrappers does not grow the store by a key per rank each time.
+        read = f"{prefix}/read"
+        if store.add(read, 1) == self.world_size:
+            for key in [*keys.values(), read]:
+                store.delete_key(key)
         for rank, signature in enumerate(signatures):
             difference = _first_difference(signature, signatures[0])
             if difference is not None:

@@ -404,6 +404,26 @@ def test_a_peer_that_never_constructs_is_a_timeout_naming_it(timeout: float | No
         assert "RingAllReduce" not in message, message
 
 
+def _store_keys_after_wrappers(rank: int, world_size: int) -> list[int]:
+    """The default store's key count before and after each of 3 wrappers built and closed."""
+    store = dist.distributed_c10d._get_default_store()
+    counts = []
+    for _ in range(4):
+        dist.barrier()  # every rank's construction (and store writes) done, none begun
+        counts.append(store.num_keys())
+        dist.barrier()  # every rank has counted before the next construction writes
+        if len(counts) < 4:
+            DataParallel(nn.Linear(3, 3), comm="torch").close()
+    return counts
+
+
+def test_wrappers_built_in_a_loop_do_not_grow_the_store() -> None:
+    """Each construction left one parameter signature per rank in the store, never deleted."""
+    results = run_multiprocess(_store_keys_after_wrappers, 3, timeout=60)
+    for counts in results:
+        assert counts == [counts[0]] * 4, results
+
+
 def _usability_checks_per_backward(rank: int, world_size: int) -> list[int]:
     model = LanguageModel()
     dp = DataParallel(model, comm="torch", bucket_cap_mb=0.004, first_bucket_mb=0.002)
