@@ -6,6 +6,7 @@ Each multi-process run covers several configurations, since starting ranks costs
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from datetime import timedelta
@@ -540,6 +541,49 @@ def test_close_waits_for_the_all_reduces_of_a_backward_that_raised() -> None:
     results = run_multiprocess(_close_after_a_backward_raised, 2, timeout=120)
     assert results[0] == (False, False, False), results
     assert results[1] == (False, False, False), results
+
+
+def _close_while_the_peer_never_launches(rank: int, world_size: int) -> tuple[float, str] | None:
+    """As above, but rank 1 launches its all-reduces only once rank 0's close() has returned:
+    close() must give up within the timeout (2 s), raising nothing, and log why. Returns, on
+    rank 0, how long close() took and what it logged."""
+    store = dist.distributed_c10d._get_default_store()
+    torch.manual_seed(rank)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4)).double()
+    dp = DataParallel(model, comm="torch", bucket_cap_mb=1e-5, first_bucket_mb=1e-5,
+                      timeout=TIMEOUT_S, overlap="on")  # fmt: skip
+    model[0].weight.register_hook(_nan_guard)
+    loss = dp(torch.randn(3, 4, dtype=torch.float64)).square().sum()
+    if rank == 1:
+        store.wait(["close-test/given-up"], timedelta(seconds=60))
+    with pytest.raises(FloatingPointError):
+        loss.backward()
+    works = [bucket.work for bucket in dp._buckets if bucket.work is not None]
+    if rank == 1:
+        dp.close()
+        store.set("close-test/peer-closed", "1")
+        return None
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("fastpar.parallel.data_parallel").addHandler(handler)
+    start = time.monotonic()
+    dp.close()
+    elapsed = time.monotonic() - start
+    store.set("close-test/given-up", "1")
+    for work in works:  # gloo's, left running: they end once rank 1 launches its own
+        work.wait()
+    store.wait(["close-test/peer-closed"], timedelta(seconds=60))
+    return elapsed, "\n".join(messages)
+
+
+def test_close_gives_up_on_the_all_reduces_of_a_backward_that_raised_within_the_timeout() -> None:
+    results = run_multiprocess(_close_while_the_peer_never_launches, 2, timeout=120)
+    elapsed, messages = results[0]
+    assert TIMEOUT_S <= elapsed < TIMEOUT_S + 4, (elapsed, messages)
+    assert "DataParallel.close(): an all-reduce launched by the last synchronised" in messages
+    assert "rank 0 timed out after 2 s waiting for the all-reduce of gradient bucket" in messages
+    assert results[1] is None
 
 
 def _unfreeze_and_wrap_again(rank: int, world_size: int) -> None:
