@@ -50,7 +50,8 @@ raises CommTimeoutError naming this rank, and since gloo goes on with that all-r
 wrapper is unusable afterwards (CommClosedError), as fastpar's ring is after its timeout. A
 backward that raised before its end (in autograd or a gradient hook, on every rank) is forgotten
 at the next forward, which sets every `.grad` to None (they were never averaged) and logs a
-warning; later backwards synchronise as usual.
+warning; later backwards synchronise as usual. `close()` forgets it too, after waiting (within the
+timeout) for the all-reduces it launched, so that none writes into a bucket afterwards.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
