@@ -1,8 +1,9 @@
 """What fastpar asks of the machine it runs on, in one place for every layer: whether a folder
-takes new files, and how many cores this process may use."""
+takes new files, a file's digest, and how many cores this process may use."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -17,6 +18,15 @@ def probe_writable(directory: Path) -> None:
     descriptor, probe = tempfile.mkstemp(dir=directory, prefix=".write-test.")
     os.close(descriptor)
     os.unlink(probe)
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of the file at `path`, as hex, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while block := file.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def output_folder_problem(directory: Path, option: str, purpose: str) -> str | None:

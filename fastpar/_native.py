@@ -33,6 +33,7 @@ from typing import cast
 import torch
 
 from fastpar._logging import get_logger
+from fastpar._machine import file_sha256
 from fastpar._native_types import NativeModule
 
 logger = get_logger(__name__)
@@ -174,21 +175,13 @@ def _check_toolchain() -> None:
         ) from error
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_marker(plan: BuildPlan, library: Path) -> None:
     """Vouch for the built `library`: its name, size and SHA-256, each marker written whole (a
     rename) so a rank reading it without the lock never sees half of it."""
     record = {
         "library": library.name,
         "size": library.stat().st_size,
-        "sha256": _file_sha256(library),
+        "sha256": file_sha256(library),
     }
     for name, text in ((_RECORD, json.dumps(record) + "\n"), (_MARKER, library.name)):
         partial = plan.directory / f"{name}.partial"
@@ -226,7 +219,7 @@ def _built_library(plan: BuildPlan) -> tuple[Path | None, str]:
         return None, f"{library} is missing"
     if actual != size:
         return None, f"{library} has {actual} bytes, its build wrote {size} (truncated or altered)"
-    if _file_sha256(library) != sha256:
+    if file_sha256(library) != sha256:
         return None, f"{library}'s SHA-256 is not its build's (altered)"
     return library, ""
 

@@ -13,13 +13,22 @@ from hypothesis import strategies as st
 
 from fastpar.data import apportion
 
+NON_NEGATIVE_WEIGHTS = st.floats(0.0, 1e6)
+
 
 @st.composite
-def problems(draw: st.DrawFn) -> tuple[int, list[float], list[int], list[int]]:
-    count = draw(st.integers(1, 6))
-    weights = draw(st.lists(st.floats(0.0, 1e6), min_size=count, max_size=count))
-    low = draw(st.lists(st.integers(0, 50), min_size=count, max_size=count))
-    high = [lo + draw(st.integers(0, 50)) for lo in low]
+def problems(
+    draw: st.DrawFn,
+    weight: st.SearchStrategy[float] = NON_NEGATIVE_WEIGHTS,
+    max_count: int = 6,
+    max_low: int = 50,
+    max_room: int = 50,
+) -> tuple[int, list[float], list[int], list[int]]:
+    """(total, weights, low, high): up to `max_count` shares, each weight drawn from `weight`."""
+    count = draw(st.integers(1, max_count))
+    weights = draw(st.lists(weight, min_size=count, max_size=count))
+    low = draw(st.lists(st.integers(0, max_low), min_size=count, max_size=count))
+    high = [lo + draw(st.integers(0, max_room)) for lo in low]
     return draw(st.integers(sum(low), sum(high))), weights, low, high
 
 
@@ -101,13 +110,8 @@ positive_floats = st.one_of(
 )
 
 
-@st.composite
-def positive_problems(draw: st.DrawFn) -> tuple[int, list[float], list[int], list[int]]:
-    count = draw(st.integers(1, 5))
-    weights = draw(st.lists(positive_floats, min_size=count, max_size=count))
-    low = draw(st.lists(st.integers(0, 40), min_size=count, max_size=count))
-    high = [lo + draw(st.integers(0, 60)) for lo in low]
-    return draw(st.integers(sum(low), sum(high))), weights, low, high
+def positive_problems() -> st.SearchStrategy[tuple[int, list[float], list[int], list[int]]]:
+    return problems(positive_floats, max_count=5, max_low=40, max_room=60)
 
 
 @settings(max_examples=300, deadline=None)
