@@ -33,15 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
-
 from fastpar._checks import check_int
 from fastpar._machine import probe_writable
 
-# torch.distributed.checkpoint is imported where it is used: the command line (which checks
-# folders and picks checkpoints) starts without it.
+# torch is imported where it is used: the launcher of `fastpar train` (which checks folders and
+# picks checkpoints before it starts the ranks) runs without it.
 if TYPE_CHECKING:
+    import torch
     from torch.distributed.checkpoint.api import CheckpointException
 
 LATEST = "latest"
@@ -247,6 +245,7 @@ def save(
     Returns:
         The folder of the new checkpoint.
     """
+    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -299,6 +298,8 @@ def _rank_errors(failure: CheckpointException) -> str:
 def _raise_rank0_error(outcome: list[str | None], distributed: bool) -> None:
     """Every rank learns rank 0's outcome and raises its error, if any."""
     if distributed:
+        import torch.distributed as dist
+
         dist.broadcast_object_list(outcome, src=0)
     if outcome[1] is not None:
         raise CheckpointError(outcome[1])
@@ -342,6 +343,7 @@ def load(directory: Path, state: dict[str, Any]) -> None:
 def read_tensors(directory: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint whose name starts with `prefix`, in this process alone (no
     process group needed): for evaluation and tests."""
+    import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import datetime
 from dataclasses import dataclass
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from fastpar._checks import check_int, check_positive
+
+if TYPE_CHECKING:  # imported by `build`: the launcher checks a layout without torch
+    import torch.distributed as dist
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -50,6 +52,8 @@ class ParallelDims:
     def build(self, rank: int, timeout_s: float) -> RankPlace:
         """This rank's place and process groups (a collective: every rank calls it, in the same
         order). Every group waits at most `timeout_s` seconds for a peer."""
+        import torch.distributed as dist
+
         timeout = datetime.timedelta(seconds=check_positive("timeout_s", timeout_s))
         replica, stage = self.coordinates(rank)
         dp_group = pp_group = None
