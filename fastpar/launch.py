@@ -17,6 +17,11 @@ file keeps what a dying process wrote last, which a pipe read by that process wo
 starts hundreds of ranks, while a rank forked from the server (which imported torch once) starts
 in a fraction of a second. Either way a rank sees the launcher's environment as it is at the
 call, and imports `fn`'s module only after that environment is in place.
+
+This module imports torch only where it is used: a launcher that did not import it yet (`fastpar
+train`) imports torch.distributed, for the store, in a thread while the ranks (or the fork
+server) import torch themselves, and opens the store once they started; a rank waits for the
+store's port before it joins the group.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import contextlib
 import ctypes
 import datetime
 import faulthandler
+import importlib
 import math
 import multiprocessing as mp
 import os
@@ -35,12 +41,11 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
-
-import torch
 
 from fastpar._checks import check_int, check_positive
 from fastpar._machine import usable_cores
@@ -99,7 +104,8 @@ def _rank_main(
     rank: int,
     world_size: int,
     backend: str,
-    port: int,
+    port: Any,  # a shared c_int: the store's port, set before `port_ready`
+    port_ready: Any,  # a multiprocessing Event
     timeout_s: float,
     env: dict[str, str],
     results: mp.Queue,
@@ -119,15 +125,22 @@ def _rank_main(
                       LOCAL_WORLD_SIZE=str(world_size))  # fmt: skip
     # Ranks share the cores this process may use (taskset, a cpuset, Slurm leave fewer than the
     # machine has): more intra-op threads than cores only adds contention.
-    torch.set_num_threads(max(1, usable_cores() // world_size))
-    if backend == "nccl":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    import torch
     import torch.distributed as dist
 
+    torch.set_num_threads(max(1, usable_cores() // world_size))
+    if backend == "auto":
+        backend = default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+
     try:
+        # The launcher opens the store after starting the ranks (see the module docstring).
+        if not port_ready.wait(timeout_s):
+            raise RuntimeError(f"the launcher's store did not open within {timeout_s:.0f}s")
         store = dist.TCPStore(
             "127.0.0.1",
-            port,
+            port.value,
             world_size,
             is_master=False,
             timeout=datetime.timedelta(seconds=timeout_s),
@@ -246,6 +259,9 @@ def _destroy_group() -> None:
 
 
 def default_backend() -> str:
+    """The backend for this machine: "nccl" where CUDA and NCCL are available, else "gloo"."""
+    import torch
+
     return "nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
 
 
@@ -260,6 +276,7 @@ def spawn_ranks(
     may_die: Collection[int] = (),
     env: dict[str, str] | None = None,
     start_method: str = "spawn",
+    preload: Sequence[str] = FORKSERVER_PRELOAD,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args)` on `world_size` spawned processes.
 
@@ -271,12 +288,15 @@ def spawn_ranks(
         timeout: seconds for the whole run; None for no bound on the run as a whole.
         group_timeout: the process group's timeout, which bounds every collective (default:
             `timeout`, or 300 s when that is None).
-        backend: torch.distributed backend ("gloo" on CPU; see `default_backend`).
+        backend: torch.distributed backend ("gloo" on CPU), or "auto": `default_backend()`,
+            decided by the ranks (so that a launcher without torch need not import it).
         may_die: ranks allowed to end without a result (for tests that kill a rank); their
             entry in the returned list is None.
         env: extra environment variables for the children (on top of this process's).
         start_method: "spawn" (a fresh interpreter per rank) or "forkserver" (ranks forked
-            from a server that imported FORKSERVER_PRELOAD once; see the module docstring).
+            from a server that imported `preload` once; see the module docstring).
+        preload: the modules the fork server imports, when this call starts it (the first
+            "forkserver" call of this process; a later call's is ignored).
 
     Returns:
         The ranks' return values, indexed by rank.
@@ -299,21 +319,14 @@ def spawn_ranks(
         raise ValueError(f"start_method must be one of {START_METHODS}, got {start_method!r}")
     if group_timeout is None:
         group_timeout = timeout if timeout is not None else 300.0
-    import torch.distributed as dist
 
     context = mp.get_context(start_method)
     if start_method == "forkserver":  # takes effect when the server starts (the first call)
-        context.set_forkserver_preload(list(FORKSERVER_PRELOAD))
+        context.set_forkserver_preload(list(preload))
     job = pickle.dumps((fn, tuple(args)))
     environment = {**os.environ, **(env or {})}
-    store = dist.TCPStore(
-        "127.0.0.1",
-        0,
-        world_size + 1,
-        is_master=True,
-        wait_for_workers=False,
-        timeout=datetime.timedelta(seconds=group_timeout),
-    )
+    port = context.RawValue("i", 0)
+    port_ready = context.Event()
     results: mp.Queue = context.Queue()
     relay = _StderrRelay(world_size)
     processes = [
@@ -324,7 +337,8 @@ def spawn_ranks(
                 rank,
                 world_size,
                 backend,
-                store.port,
+                port,
+                port_ready,
                 group_timeout,
                 environment,
                 results,
@@ -339,9 +353,28 @@ def spawn_ranks(
     exited: set[int] = set()  # ranks seen ended with exit code 0 and no result yet
     failures: list[tuple[float, int, str, str]] = []
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
+    store = None
+    # A launcher without torch (`fastpar train`) imports it while the ranks start: starting a
+    # rank from the fork server waits until the server has imported the preload.
+    importer = threading.Thread(target=importlib.import_module, args=("torch.distributed",),
+                                name="fastpar-import-torch", daemon=True)  # fmt: skip
+    importer.start()
     try:
         for process in processes:
             process.start()
+        importer.join()
+        import torch.distributed as dist
+
+        store = dist.TCPStore(
+            "127.0.0.1",
+            0,
+            world_size + 1,
+            is_master=True,
+            wait_for_workers=False,
+            timeout=datetime.timedelta(seconds=group_timeout),
+        )
+        port.value = store.port
+        port_ready.set()
         while len(outcomes) < world_size:
             relay.pump()
             try:

@@ -322,15 +322,21 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
 
 
 def _run_local(config: TrainConfig, debug: bool) -> int:
-    from fastpar.launch import RankFailure, default_backend, spawn_ranks
+    # This process only checks folders and watches the ranks: it imports no torch before the
+    # ranks start (see fastpar.launch), and the ranks are forked from a server that imported
+    # the training code once for all of them.
+    from fastpar.launch import FORKSERVER_PRELOAD, RankFailure, spawn_ranks
     from fastpar.training.checkpoint import CheckpointError
     from fastpar.training.metrics_folder import MetricsFolderError
 
+    # torch._dynamo: torch.optim imports it at the first optimizer (add_param_group is wrapped
+    # by torch._disable_dynamo), with or without torch.compile.
+    preload = (*FORKSERVER_PRELOAD, "fastpar.training.loop", "torch._dynamo")
     try:
         resume = prepare(config)
         results = spawn_ranks(_train_entry, config.nproc, args=(config, resume), timeout=None,
-                              group_timeout=config.timeout_s,
-                              backend=default_backend())  # fmt: skip
+                              group_timeout=config.timeout_s, backend="auto",
+                              start_method="forkserver", preload=preload)  # fmt: skip
     except (CheckpointError, MetricsFolderError) as error:
         print(f"fastpar train: {error}", file=sys.stderr)
         return 1

@@ -23,12 +23,17 @@ from .util import REPO, SMALL
 TIMEOUT_S = 5
 
 
-def _ranks(launcher: int) -> list[int]:
-    """The launcher's rank processes (multiprocessing's spawned children), in start order."""
-    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(launcher)],
+def _children(parent: int) -> list[tuple[int, str]]:
+    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(parent)],
                            capture_output=True, text=True, check=False)  # fmt: skip
-    pids = [int(line.split()[0]) for line in found.stdout.splitlines() if "spawn_main" in line]
-    return sorted(pids)
+    return [(int(line.split()[0]), line) for line in found.stdout.splitlines()]
+
+
+def _ranks(launcher: int) -> list[int]:
+    """The launcher's rank processes, in start order: the children of its fork server (which
+    the ranks are forked from)."""
+    servers = [pid for pid, args in _children(launcher) if "forkserver" in args]
+    return sorted(pid for server in servers for pid, _ in _children(server))
 
 
 def _session_processes(session: int) -> list[str]:
