@@ -323,8 +323,9 @@ def run(config: TrainConfig, *, debug: bool = False) -> int:
 
 def _run_local(config: TrainConfig, debug: bool) -> int:
     # This process only checks folders and watches the ranks: it imports no torch before the
-    # ranks start (see fastpar.launch), and the ranks are forked from a server that imported
-    # the training code once for all of them.
+    # ranks start (see fastpar.launch). Several ranks are forked from a server that imported
+    # the training code once for all of them; one is spawned, since the server would only add
+    # its own exit (seconds with torch loaded, which a caller reading our output waits for).
     from fastpar.launch import FORKSERVER_PRELOAD, RankFailure, spawn_ranks
     from fastpar.training.checkpoint import CheckpointError
     from fastpar.training.metrics_folder import MetricsFolderError
@@ -336,7 +337,8 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
         resume = prepare(config)
         results = spawn_ranks(_train_entry, config.nproc, args=(config, resume), timeout=None,
                               group_timeout=config.timeout_s, backend="auto",
-                              start_method="forkserver", preload=preload)  # fmt: skip
+                              start_method="forkserver" if config.nproc > 1 else "spawn",
+                              preload=preload)  # fmt: skip
     except (CheckpointError, MetricsFolderError) as error:
         print(f"fastpar train: {error}", file=sys.stderr)
         return 1
