@@ -99,6 +99,23 @@ def _release_fork_server() -> None:
         server._forkserver_alive_fd = None
 
 
+def stop_fork_server() -> None:
+    """End this process's fork server now, if it started one, instead of at this process's
+    exit (for a launcher done with its ranks): a server that imported torch takes seconds to
+    exit, and whoever reads this process's output waits for it too, since the server holds the
+    same stdout and stderr. SIGKILL: it holds nothing to save. A later "forkserver" call starts
+    a new one."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    pid = getattr(server, "_forkserver_pid", None)
+    if server is None or not isinstance(pid, int):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    server._stop()  # closes its pipe, reaps it, removes its socket
+
+
 def _rank_main(
     job: bytes,
     rank: int,

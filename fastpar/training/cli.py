@@ -326,7 +326,7 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
     # ranks start (see fastpar.launch). Several ranks are forked from a server that imported
     # the training code once for all of them; one is spawned, since the server would only add
     # its own exit (seconds with torch loaded, which a caller reading our output waits for).
-    from fastpar.launch import FORKSERVER_PRELOAD, RankFailure, spawn_ranks
+    from fastpar.launch import FORKSERVER_PRELOAD, RankFailure, spawn_ranks, stop_fork_server
     from fastpar.training.checkpoint import CheckpointError
     from fastpar.training.metrics_folder import MetricsFolderError
 
@@ -363,6 +363,8 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
         print(f"\nfastpar train: terminated (SIGTERM); all ranks were stopped; "
               f"{_resume_hint(config)}.", file=sys.stderr)  # fmt: skip
         return 128 + signal.SIGTERM
+    finally:  # the ranks are stopped: the server's exit would only hold our output open
+        stop_fork_server()
     if results[0] is not None:
         _print_summary(results[0])
     return 0
