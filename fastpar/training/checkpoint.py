@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastpar._checks import check_int
-from fastpar._machine import probe_writable
+from fastpar._machine import file_sha256, probe_writable
 
 # torch is imported where it is used: the launcher of `fastpar train` (which checks folders and
 # picks checkpoints before it starts the ranks) runs without it.
@@ -160,14 +160,6 @@ def check_folder(root: Path, *, resume: bool, overwrite: bool) -> None:
 # ---------------------------------------------------------------------------- integrity
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
     body = {key: value for key, value in manifest.items() if key != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
@@ -198,7 +190,7 @@ def problem(directory: Path) -> tuple[str | None, dict[str, Any]]:
         if size != expected["bytes"]:
             kind = "truncated" if size < expected["bytes"] else "longer than written"
             return f"file {name} is {kind} ({size} bytes, expected {expected['bytes']})", manifest
-        if _sha256(file) != expected["sha256"]:
+        if file_sha256(file) != expected["sha256"]:
             return f"file {name} is corrupt (SHA-256 mismatch)", manifest
     return None, manifest
 
@@ -307,7 +299,7 @@ def _raise_rank0_error(outcome: list[str | None], distributed: bool) -> None:
 
 def _seal(staging: Path, final: Path, step: int, metadata: dict[str, Any]) -> None:
     files = {
-        path.name: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        path.name: {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
         for path in sorted(staging.iterdir())
         if path.is_file()
     }
