@@ -95,7 +95,7 @@ def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPat
     # A live group, registered by torch (a destroyed group's close waits for no peer)
     ring.group = object()
     monkeypatch.setitem(dist.distributed_c10d._world.pg_map, ring.group, ("gloo", None))
-    ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
+    ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
     ring._run_cuda(torch.ones(4), 0, async_op=False)
     ring.close()
     assert steps == ["captured", "sync", "stop", "free"]
@@ -147,7 +147,7 @@ def test_ranks_agree_on_chunk_bytes_before_mapping(
     ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
     ring.group, ring._serve_shared_gpu, ring._peer_pids = None, True, {}
     ring.timeout = timedelta(seconds=60)
-    ring._store_wait = lambda store, keys, what: None  # type: ignore[method-assign]
+    ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
     ring._agree = lambda question, problem, what: not problem  # type: ignore[method-assign]
     if peer_chunk_bytes != 1 << 20:
         with pytest.raises(ValueError, match=r"same on every rank, got \[1048576, 2097152\]"):
