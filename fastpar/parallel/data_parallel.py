@@ -545,9 +545,7 @@ class DataParallel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._check_usable()
-        # A backward left unfinished, unless this forward runs inside it (-1: outside any
-        # backward; activation checkpointing recomputes forwards within one)
-        if self._callback_queued and torch._C._current_graph_task_id() == -1:
+        if self._unfinished_backward_left():
             self._abandon_unfinished_backward()
         with record_range("fastpar.dp.forward"):
             return self.module(*args, **kwargs)
@@ -718,14 +716,25 @@ class DataParallel(nn.Module):
                 bucket.ready = [False] * len(bucket.params)
                 bucket.accumulated = [False] * len(bucket.params)
 
-    def _abandon_unfinished_backward(self) -> None:
-        """The last synchronised backward raised before its end (in autograd or a hook), so its
-        end-of-backward callback never ran. Its state would keep every later backward from
-        synchronising: wait for the all-reduces it launched (none may still write into a
-        bucket), forget it, and drop its gradients, never averaged."""
+    def _unfinished_backward_left(self) -> bool:
+        """Whether the last synchronised backward raised before its end (in autograd or a hook),
+        so its end-of-backward callback never ran; not while called inside a backward (-1:
+        outside any; activation checkpointing recomputes forwards within one)."""
+        return self._callback_queued and torch._C._current_graph_task_id() == -1
+
+    def _forget_unfinished_backward(self) -> BaseException | None:
+        """Wait for the all-reduces the unfinished backward launched (none may still write into
+        a bucket), forget its state (it would keep every later backward from synchronising),
+        and drop its gradients, never averaged. Returns the error of a launched all-reduce."""
         error = self._wait_for_launched()
         self._reset_backward_state()
         self._drop_gradients()
+        return error
+
+    def _abandon_unfinished_backward(self) -> None:
+        """At a forward after an unfinished backward: forget it (`_forget_unfinished_backward`)
+        and raise its all-reduce's error, else warn."""
+        error = self._forget_unfinished_backward()
         message = (
             "DataParallel: the last synchronised backward raised before its end, so its "
             "gradients were not averaged and every parameter's .grad was set to None"
@@ -788,10 +797,8 @@ class DataParallel(nn.Module):
         the ring once close() has returned, and sets every `.grad` to None (never averaged), as
         the next forward would have. Their errors, or a wait that runs out, are logged: close()
         raises nothing for a backward that already raised."""
-        if self._callback_queued and torch._C._current_graph_task_id() == -1:
-            error = self._wait_for_launched()
-            self._reset_backward_state()
-            self._drop_gradients()
+        if self._unfinished_backward_left():
+            error = self._forget_unfinished_backward()
             if error is not None:
                 logger.warning(
                     "DataParallel.close(): an all-reduce launched by the last synchronised "
