@@ -32,7 +32,7 @@ from fastpar.training.faults import KILL_ENV, maybe_die, maybe_noise, maybe_stra
 from fastpar.training.metrics import Decision, StepMetrics, progress_notes
 from fastpar.training.model import build_model, generate, stage_bounds
 from fastpar.training.parallel_dims import RankPlace
-from fastpar.training.state import restore, save_checkpoint
+from fastpar.training.state import restore, save_checkpoint, seed_rank_streams
 
 if TYPE_CHECKING:
     from fastpar.training.metrics_files import MetricsWriter
@@ -277,6 +277,7 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
     """
     dims = config.layout(dist.get_world_size())
     place = dims.build(dist.get_rank(), config.timeout_s)
+    seed_rank_streams(config.seed, place.rank)
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, _device())
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
@@ -284,7 +285,7 @@ def train_rank(config: TrainConfig, resume: Found | None = None) -> dict[str, An
     try:
         first_step = 0
         if resume is not None:
-            first_step = restore(config, resume, stage.module, stage.optimizer, batches)
+            first_step = restore(config, resume, place, stage.module, stage.optimizer, batches)
         if config.metrics_dir is not None and place.rank == 0:
             from fastpar.training.metrics_files import MetricsWriter
 

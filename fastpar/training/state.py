@@ -7,11 +7,18 @@ parameter, so each rank of any layout writes and reads exactly the parameters it
 replicas of a stage hold equal tensors and DCP stores one copy. The manifest records the rest:
 the data position (see `Batches`), the RNG states, the options that must not change across a
 resume, and the layout that wrote it.
+
+RNG streams: each rank seeds torch's and Python's global generators from --seed and its rank
+(`seed_rank_streams`), so two runs with the same options draw the same numbers, and a model with
+stochastic layers (dropout) gets a stream of its own on every rank. The manifest records every
+rank's streams; a resume on the layout that wrote them continues each rank's own, and on another
+layout (where no rank's stream continues any other's) seeds them from --seed, the rank and the step.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import random
 from pathlib import Path
 from typing import Any
@@ -29,7 +36,7 @@ from fastpar._logging import get_logger
 from fastpar.training import checkpoint
 from fastpar.training.batches import Batches, PositionError
 from fastpar.training.config import TrainConfig
-from fastpar.training.parallel_dims import RankPlace
+from fastpar.training.parallel_dims import ParallelDims, RankPlace
 
 logger = get_logger(__name__)
 
@@ -39,6 +46,54 @@ _OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 MUST_MATCH = ("embed", "hidden", "layers", "cell", "seq_len", "train_bytes", "slicing", "seed")
 # What an option missing from an older manifest was: checkpoints from before --cell hold LSTMs.
 _BEFORE_RECORDED = {"cell": "lstm"}
+
+
+def seed_rank_streams(seed: int, rank: int, step: int = 0) -> None:
+    """Seed this rank's torch (CPU and every CUDA device) and Python global generators from
+    `seed`, `rank` and `step` (a hash: nearby seeds or ranks give unrelated streams)."""
+    digest = hashlib.sha256(f"fastpar rng {seed} {rank} {step}".encode()).digest()
+    derived = int.from_bytes(digest[:8], "little") >> 1  # manual_seed takes up to 2**63 - 1
+    torch.manual_seed(derived)
+    random.seed(derived)
+
+
+def _encoded(state: torch.Tensor) -> str:
+    return base64.b64encode(state.numpy().tobytes()).decode()
+
+
+def _decoded(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def _rng_streams() -> dict[str, Any]:
+    """This rank's global generators' states (torch's CPU one, its current CUDA device's where
+    CUDA is in use, Python's), JSON-serialisable."""
+    streams = {"torch": _encoded(torch.get_rng_state()), "python": random.getstate()}
+    if torch.cuda.is_initialized():
+        streams["cuda"] = _encoded(torch.cuda.get_rng_state())
+    return streams
+
+
+def _set_rng_streams(streams: dict[str, Any]) -> None:
+    torch.set_rng_state(_decoded(streams["torch"]))
+    if "cuda" in streams and torch.cuda.is_available():
+        torch.cuda.set_rng_state(_decoded(streams["cuda"]))
+    version, internal, gauss = streams["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def _every_rank_streams() -> list[dict[str, Any]]:
+    """Every rank's `_rng_streams`, by rank (collective)."""
+    mine = _rng_streams()
+    if not dist.is_initialized():
+        return [mine]
+    streams: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(streams, mine)
+    return streams
+
+
+def _layout_record(dims: ParallelDims) -> dict[str, int]:
+    return {"world_size": dims.world_size, "dp": dims.dp, "pp": dims.pp}
 
 
 def _tensors(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -55,15 +110,11 @@ def save_checkpoint(
     batches: Batches,
 ) -> Path:
     """Write the checkpoint of `step` (collective); returns its folder."""
-    dims = place.dims
     metadata = {
-        "written_by": {"world_size": dims.world_size, "dp": dims.dp, "pp": dims.pp},
+        "written_by": _layout_record(place.dims),
         "options": {name: getattr(config, name) for name in MUST_MATCH},
         "data": batches.state_dict(),
-        "rng": {
-            "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-            "python": random.getstate(),
-        },
+        "rng": {"ranks": _every_rank_streams()},
     }
     return checkpoint.save(config.checkpoint_dir, step, _tensors(module, optimizer), metadata)
 
@@ -90,11 +141,13 @@ def check_options(config: TrainConfig, found: checkpoint.Found) -> None:
 def restore(
     config: TrainConfig,
     found: checkpoint.Found,
+    place: RankPlace,
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     batches: Batches,
 ) -> int:
-    """Load `found` into this rank's module, optimizer and data position (collective).
+    """Load `found` into this rank's module, optimizer, data position and RNG streams
+    (collective).
 
     Returns:
         The step to continue from.
@@ -120,9 +173,16 @@ def restore(
                        found.step, config.lr, ", ".join(f"{lr:g}" for lr in loaded))  # fmt: skip
     for group in optimizer.param_groups:
         group["lr"] = config.lr
-    rng = manifest["rng"]
-    torch_state = bytearray(base64.b64decode(rng["torch"]))
-    torch.set_rng_state(torch.frombuffer(torch_state, dtype=torch.uint8).clone())
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
+    _restore_rng_streams(config, found, place)
     return found.step
+
+
+def _restore_rng_streams(config: TrainConfig, found: checkpoint.Found, place: RankPlace) -> None:
+    rng = found.manifest["rng"]
+    if "ranks" not in rng:  # manifests before per-rank streams recorded rank 0's, for all
+        _set_rng_streams(rng)
+        return
+    if found.manifest["written_by"] == _layout_record(place.dims):
+        _set_rng_streams(rng["ranks"][place.rank])
+    else:
+        seed_rank_streams(config.seed, place.rank, found.step)

@@ -8,6 +8,7 @@ import errno
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import tempfile
@@ -275,9 +276,9 @@ def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None
     torch.distributed.checkpoint with "CheckpointException ranks:dict_keys([0, 1])"."""
     lstm, found = _lstm_checkpoint(tmp_path)
     gru = dataclasses.replace(lstm, cell="gru")
-    _, stage, batches = _one_rank(gru)
+    place, stage, batches = _one_rank(gru)
     with pytest.raises(CheckpointError, match="written with --cell lstm; this run has --cell gru"):
-        restore(gru, found, stage.module, stage.optimizer, batches)
+        restore(gru, found, place, stage.module, stage.optimizer, batches)
     # A manifest from before --cell existed was written by an LSTM run.
     options = {k: v for k, v in found.manifest["options"].items() if k != "cell"}
     older = dataclasses.replace(found, manifest={**found.manifest, "options": options})
@@ -287,14 +288,30 @@ def test_a_resume_with_another_cell_is_refused_naming_it(tmp_path: Path) -> None
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant
+def test_a_manifest_of_one_rng_record_still_sets_the_streams(tmp_path: Path) -> None:
+    """Manifests written before every rank's streams were recorded hold rank 0's as the "rng"
+    record itself; a resume from one sets them as it did."""
+    lstm, found = _lstm_checkpoint(tmp_path)
+    saved_torch, saved_python = torch.get_rng_state(), random.getstate()  # as the save found them
+    (rank0,) = found.manifest["rng"]["ranks"]
+    older = dataclasses.replace(found, manifest={**found.manifest, "rng": rank0})
+    place, stage, batches = _one_rank(lstm)
+    torch.seed()
+    random.seed()
+    restore(lstm, older, place, stage.module, stage.optimizer, batches)
+    assert torch.equal(torch.get_rng_state(), saved_torch)
+    assert random.getstate() == saved_python
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, as meant
 def test_a_resume_trains_at_its_own_lr(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """--lr may change across a resume (lowering it is common); the optimizer state loaded from
     the checkpoint silently brought back the old one."""
     lstm, found = _lstm_checkpoint(tmp_path)
     lower = dataclasses.replace(lstm, lr=lstm.lr / 10)
-    _, stage, batches = _one_rank(lower)
+    place, stage, batches = _one_rank(lower)
     with caplog.at_level(logging.WARNING, logger="fastpar.training.state"):
-        restore(lower, found, stage.module, stage.optimizer, batches)
+        restore(lower, found, place, stage.module, stage.optimizer, batches)
     assert stage.optimizer.state  # the checkpoint's Adam moments were loaded
     assert {group["lr"] for group in stage.optimizer.param_groups} == {lower.lr}
     assert [r.getMessage() for r in caplog.records if r.name == "fastpar.training.state"] == [

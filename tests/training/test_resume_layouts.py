@@ -1,10 +1,12 @@
 """A checkpoint written by one layout resumes on another: dp=2 -> dp=1, dp=3, pp=2, dp+pp=4, and
 dp+pp=4 -> dp=2. Each rank checks that what it restored equals what was saved (its stage's
-parameters and optimizer state, the data position), then trains on from the same step."""
+parameters and optimizer state, the data position), then trains on from the same step. On the
+layout that wrote it, each rank continues its own RNG streams."""
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,7 @@ from fastpar.training.checkpoint import Found, find_intact
 from fastpar.training.config import TrainConfig
 from fastpar.training.corpus import load_corpus, num_windows
 from fastpar.training.loop import build_stage, run_steps
-from fastpar.training.state import restore
+from fastpar.training.state import restore, save_checkpoint, seed_rank_streams
 
 CONFIG = TrainConfig(embed=8, hidden=16, layers=2, seq_len=16, batch_size=4, train_bytes=40_000,
                      validation_bytes=4_000, log_every=100, lr=0.01, comm="torch",
@@ -33,7 +35,7 @@ def _resume_check_and_train(
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, torch.device("cpu"))
     batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
-    step = restore(config, found, stage.module, stage.optimizer, batches)
+    step = restore(config, found, place, stage.module, stage.optimizer, batches)
     saved = checkpoint.read_tensors(found.directory)
     names = []
     for name, parameter in stage.module.named_parameters():
@@ -110,3 +112,79 @@ def test_dp2_checkpoint_resumes_on_another_layout(
         # And back: the checkpoint dp+pp wrote (at step 3) resumes on dp=2.
         assert len(results) == 4
         _resume(tmp_path / "resumed", tmp_path / "back", 2, parallel="dp")
+
+
+def _streams() -> tuple[torch.Tensor, object]:
+    return torch.get_rng_state(), random.getstate()
+
+
+def _as_a_fresh_process() -> None:
+    """Unpredictable streams, as a new process has (forked ranks inherit the server's)."""
+    torch.seed()
+    random.seed()
+
+
+def _same_streams(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
+
+
+def _save_after_drawing(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
+    """Seeds this rank's streams as `fastpar train` does, draws a rank-dependent amount (as a
+    model with dropout would) and saves; returns the streams the checkpoint holds."""
+    place = config.layout(world_size).build(rank, config.timeout_s)
+    _as_a_fresh_process()
+    seed_rank_streams(config.seed, rank)
+    corpus = load_corpus(config.train_bytes, config.validation_bytes)
+    stage = build_stage(config, place, torch.device("cpu"))
+    batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
+    torch.rand(rank + 1)
+    for _ in range(rank + 1):
+        random.random()
+    saved = _streams()
+    save_checkpoint(config, 2, place, stage.module, stage.optimizer, batches)
+    assert torch.equal(torch.get_rng_state(), saved[0]) and random.getstate() == saved[1]
+    return {"torch": saved[0], "python": saved[1]}
+
+
+def _streams_after_restore(rank: int, world_size: int, config: TrainConfig, found: Found) -> Any:
+    place = config.layout(world_size).build(rank, config.timeout_s)
+    _as_a_fresh_process()
+    seed_rank_streams(config.seed, rank)
+    corpus = load_corpus(config.train_bytes, config.validation_bytes)
+    stage = build_stage(config, place, torch.device("cpu"))
+    batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
+    torch.rand(7)  # whatever the streams were before, the restore sets them
+    restore(config, found, place, stage.module, stage.optimizer, batches)
+    state = _streams()
+    return {"torch": state[0], "python": state[1]}
+
+
+def test_each_rank_resumes_its_own_rng_streams(tmp_path: Path) -> None:
+    saved_by_run = []
+    for run in ("first", "again"):
+        root = tmp_path / run
+        root.mkdir()
+        config = dataclasses.replace(CONFIG, checkpoint_dir=root)
+        saved_by_run.append(run_multiprocess(_save_after_drawing, 2, args=(config,), timeout=180))
+    first, again = saved_by_run
+    # Every rank draws its own numbers, and the same options draw the same ones in every run.
+    assert not torch.equal(first[0]["torch"], first[1]["torch"])
+    assert first[0]["python"] != first[1]["python"]
+    for mine, repeated in zip(first, again, strict=True):
+        assert _same_streams(mine, repeated)
+    found, _ = find_intact(tmp_path / "first")
+    assert found is not None
+    again_found, _ = find_intact(tmp_path / "again")
+    assert again_found is not None and found.manifest["rng"] == again_found.manifest["rng"]
+
+    config = dataclasses.replace(CONFIG, checkpoint_dir=tmp_path / "first")
+    same_layout = run_multiprocess(_streams_after_restore, 2, args=(config, found), timeout=180)
+    for mine, restored in zip(first, same_layout, strict=True):
+        assert _same_streams(mine, restored)
+    # On another layout no stream continues another rank's: each is seeded anew from --seed, the
+    # rank and the step, the same in every resume.
+    other_layouts = [run_multiprocess(_streams_after_restore, 3, args=(config, found), timeout=180)
+                     for _ in range(2)]  # fmt: skip
+    for once, twice in zip(*other_layouts, strict=True):
+        assert _same_streams(once, twice)
+        assert all(not torch.equal(once["torch"], mine["torch"]) for mine in first)
