@@ -20,7 +20,8 @@ from fastpar.training.batches import Batches
 from fastpar.training.checkpoint import Found, find_intact
 from fastpar.training.config import TrainConfig
 from fastpar.training.corpus import load_corpus, num_windows
-from fastpar.training.loop import build_stage, run_steps
+from fastpar.training.loop import Stage, build_stage, run_steps
+from fastpar.training.parallel_dims import RankPlace
 from fastpar.training.state import restore, save_checkpoint, seed_rank_streams
 
 CONFIG = TrainConfig(embed=8, hidden=16, layers=2, seq_len=16, batch_size=4, train_bytes=40_000,
@@ -114,49 +115,48 @@ def test_dp2_checkpoint_resumes_on_another_layout(
         _resume(tmp_path / "resumed", tmp_path / "back", 2, parallel="dp")
 
 
-def _streams() -> tuple[torch.Tensor, object]:
-    return torch.get_rng_state(), random.getstate()
-
-
-def _as_a_fresh_process() -> None:
-    """Unpredictable streams, as a new process has (forked ranks inherit the server's)."""
-    torch.seed()
-    random.seed()
+def _streams() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate()}
 
 
 def _same_streams(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return torch.equal(a["torch"], b["torch"]) and a["python"] == b["python"]
 
 
-def _save_after_drawing(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
-    """Seeds this rank's streams as `fastpar train` does, draws a rank-dependent amount (as a
-    model with dropout would) and saves; returns the streams the checkpoint holds."""
+def _seeded_rank(
+    rank: int, world_size: int, config: TrainConfig
+) -> tuple[RankPlace, Stage, Batches]:
+    """A rank as `fastpar train` starts it: streams seeded from --seed and the rank, whatever
+    they were (unpredictable in a new process; forked ranks inherit the server's)."""
     place = config.layout(world_size).build(rank, config.timeout_s)
-    _as_a_fresh_process()
+    torch.seed()
+    random.seed()
     seed_rank_streams(config.seed, rank)
     corpus = load_corpus(config.train_bytes, config.validation_bytes)
     stage = build_stage(config, place, torch.device("cpu"))
-    batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
+    return place, stage, Batches(config, place, num_windows(corpus.train, config.seq_len))
+
+
+def _save_after_drawing(rank: int, world_size: int, config: TrainConfig) -> dict[str, Any]:
+    """Draws a rank-dependent amount (as a model with dropout would) and saves; returns the
+    streams the checkpoint holds."""
+    place, stage, batches = _seeded_rank(rank, world_size, config)
     torch.rand(rank + 1)
     for _ in range(rank + 1):
         random.random()
     saved = _streams()
     save_checkpoint(config, 2, place, stage.module, stage.optimizer, batches)
-    assert torch.equal(torch.get_rng_state(), saved[0]) and random.getstate() == saved[1]
-    return {"torch": saved[0], "python": saved[1]}
+    assert _same_streams(_streams(), saved)  # saving draws nothing
+    return saved
 
 
-def _streams_after_restore(rank: int, world_size: int, config: TrainConfig, found: Found) -> Any:
-    place = config.layout(world_size).build(rank, config.timeout_s)
-    _as_a_fresh_process()
-    seed_rank_streams(config.seed, rank)
-    corpus = load_corpus(config.train_bytes, config.validation_bytes)
-    stage = build_stage(config, place, torch.device("cpu"))
-    batches = Batches(config, place, num_windows(corpus.train, config.seq_len))
+def _streams_after_restore(
+    rank: int, world_size: int, config: TrainConfig, found: Found
+) -> dict[str, Any]:
+    place, stage, batches = _seeded_rank(rank, world_size, config)
     torch.rand(7)  # whatever the streams were before, the restore sets them
     restore(config, found, place, stage.module, stage.optimizer, batches)
-    state = _streams()
-    return {"torch": state[0], "python": state[1]}
+    return _streams()
 
 
 def test_each_rank_resumes_its_own_rng_streams(tmp_path: Path) -> None:
