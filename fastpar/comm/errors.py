@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
 
 
@@ -43,3 +45,48 @@ def native_error_types(native: Any) -> tuple[type[BaseException], ...]:
 def translate_native_error(error: BaseException) -> CommError:
     """The fastpar.comm error for an exception of the native extension's ring."""
     return _BY_NATIVE_TYPE[type(error)](str(error))
+
+
+class FirstFailure:
+    """The first failure a CUDA ring's device reported, kept: asked again, the native ring says
+    only "unusable after an earlier failure", and once stopped, "closed". `read()` asks the
+    native `check` until a failure is known or `read_last()` was called."""
+
+    def __init__(
+        self, check: Callable[[], None], native_errors: tuple[type[BaseException], ...]
+    ) -> None:
+        self._check = check
+        self._native_errors = native_errors
+        self._lock = threading.Lock()
+        self._failure: CommError | None = None
+        self._asking = True
+
+    def read(self) -> CommError | None:
+        """The first failure reported so far (None: none); the same error object every time.
+        Does not wait for the device."""
+        with self._lock:
+            return self._read()
+
+    def _read(self) -> CommError | None:
+        if self._failure is None and self._asking:
+            try:
+                self._check()
+            except self._native_errors as error:
+                self._failure = translate_native_error(error)
+        return self._failure
+
+    def keep(self, failure: CommError) -> None:
+        """Keep `failure`, which a call raised, as the first one unless one is known already
+        ("closed" is no failure of the device)."""
+        if isinstance(failure, CommClosedError):
+            return
+        with self._lock:
+            if self._failure is None:
+                self._failure = failure
+
+    def read_last(self) -> None:
+        """Read once more, then never ask `check` again: for when every call has finished and
+        the native ring is about to stop."""
+        with self._lock:
+            self._read()
+            self._asking = False

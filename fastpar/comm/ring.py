@@ -28,6 +28,7 @@ neither the store nor the allocator.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 import uuid
@@ -55,7 +56,9 @@ from fastpar.comm.agreement import (
 )
 from fastpar.comm.errors import (
     CommClosedError,
+    CommError,
     CommMismatchError,
+    FirstFailure,
     native_error_types,
     translate_native_error,
 )
@@ -147,6 +150,7 @@ class RingAllReduce:
         self._stream: torch.cuda.ExternalStream | None = None
         self._single_device = True  # CUDA: every rank on one GPU (then NCCL cannot serve)
         self._captured = False  # CUDA: a call was captured in a graph (replayed on other streams)
+        self._device_failure: FirstFailure | None = None  # CUDA: what the device reported
         self._store: dist.Store | None = None
         self._prefix = ""
         self._peer_pids: dict[int, int] = {}  # the peers whose liveness setup waits check
@@ -262,6 +266,7 @@ class RingAllReduce:
             raise
         self._transport = transport
         self._stream = torch.cuda.ExternalStream(transport.stream_handle, device=self.device)
+        self._device_failure = FirstFailure(transport.check, self._native_errors)
 
     def _connect_shared_memory(
         self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
@@ -518,7 +523,7 @@ class RingAllReduce:
             try:
                 call()
             except self._native_errors as error:
-                raise translate_native_error(error) from None
+                raise self._translate(error) from None
 
         last = self._last
         if last is None or last.done():
@@ -542,29 +547,37 @@ class RingAllReduce:
         try:
             self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
-            raise translate_native_error(error) from None
+            raise self._translate(error) from None
+        assert self._device_failure is not None
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
             # cannot wait; the device's verdict is raised by the next call outside the graph.
             self._captured = True
-            work = CudaRingWork(None, self.device, tensor, target, self.check)
+            work = CudaRingWork(None, self.device, tensor, target, self._device_failure.read)
         else:
             event = torch.cuda.Event()
             event.record(self._stream)
-            work = CudaRingWork(event, self.device, tensor, target, self.check)
+            work = CudaRingWork(event, self.device, tensor, target, self._device_failure.read)
         if async_op:
             return work
         work.wait()
         return None
 
     def check(self) -> None:
-        """Raise what the device reported about earlier CUDA calls (a no-op on CPU, whose calls
-        raise their own errors). Does not wait for the device."""
-        if self._stream is not None:
-            try:
-                self._transport.check()
-            except self._native_errors as error:
-                raise translate_native_error(error) from None
+        """Raise the first failure the device reported about earlier CUDA calls, the same error
+        each time, also after close() (a no-op on CPU, whose calls raise their own errors).
+        Does not wait for the device."""
+        failure = None if self._device_failure is None else self._device_failure.read()
+        if failure is not None:
+            raise copy.copy(failure)  # a fresh traceback for each raise
+
+    def _translate(self, error: BaseException) -> CommError:
+        """The fastpar error for the native ring's `error`; on CUDA a failure the device
+        reported is kept as the ring's first (the native ring reports it once)."""
+        translated = translate_native_error(error)
+        if self._device_failure is not None:
+            self._device_failure.keep(translated)
+        return translated
 
     def _run(self, tensor: torch.Tensor, code: int) -> None:
         if self.world_size == 1:
@@ -633,6 +646,12 @@ class RingAllReduce:
             # Replays of captured calls run on the replaying streams, which stop() does not
             # wait for: none may still read a buffer once the peers unmap and free it.
             torch.cuda.synchronize(self.device)
+        # The device's last word, once every call has finished (bounded by the timeout), is
+        # read before stop(), after which the native ring says only "closed": a call first asked
+        # about after close() still gets its own outcome.
+        self._stream.synchronize()
+        assert self._device_failure is not None
+        self._device_failure.read_last()
         self._transport.stop()  # own stream finished, the peers' buffers unmapped
         keys = {rank: f"{self._prefix}/unmapped/{rank}" for rank in range(self.world_size)}
         group_alive = self.group in dist.distributed_c10d._world.pg_map

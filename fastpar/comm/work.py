@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import copy
 import os
 import threading
 from collections.abc import Callable
@@ -167,13 +168,15 @@ class _Work(abc.ABC):
             if self._call_stream is None
             else torch.cuda.stream(self._call_stream)
         )
-        try:
-            with on_call_stream:
+        # On the caller's stream, set_result included: it records the event that orders the
+        # future's waiters after the call (and a view's write-back), on the current stream.
+        with on_call_stream:
+            try:
                 self._wait(None)
-        except Exception as error:
-            future.set_exception(error)
-        else:
-            future.set_result([self._tensor])
+            except Exception as error:
+                future.set_exception(error)
+            else:
+                future.set_result([self._tensor])
 
 
 class RingWork(_Work):
@@ -256,7 +259,12 @@ class CopyBackWork(_Work):
 class CudaRingWork(_Work):
     """An all-reduce of `tensor` enqueued on the ring's CUDA stream (`reduced`: `tensor`, or
     the contiguous copy of it that the ring reduced; `event`: recorded behind the call, None
-    when captured in a CUDA graph; `check`: raises what the device reported).
+    when captured in a CUDA graph; `reported_failure`: the first failure the device reported
+    about the ring's calls so far, or None).
+
+    Its verdict is read once the call has finished and kept: a later failure of the ring, or
+    its close(), leaves a finished call's outcome as it was. (The device records no call
+    number: a call asked about only after a later call failed reports that failure.)
 
     `wait()` blocks the host until the device has finished it and raises what the device found
     (a peer that timed out, named; a mismatch), so a failed all-reduce is never mistaken for a
@@ -272,22 +280,35 @@ class CudaRingWork(_Work):
         device: torch.device,
         tensor: torch.Tensor,
         reduced: torch.Tensor,
-        check: Callable[[], None],
+        reported_failure: Callable[[], BaseException | None],
     ) -> None:
         super().__init__(tensor)
         self._event = event  # None: enqueued while a CUDA graph was being captured
         self._device = device
         self._copy_back = _CopyBack(tensor, reduced)
-        self._check = check
+        self._reported_failure = reported_failure
+        self._verdict: BaseException | None = None
+        self._verdict_read = False
 
     def _wait(self, timeout: timedelta | None) -> None:
         if self._event is not None:
             # Bounded: every device-side wait ends by the timeout, or within about 0.1 s of a
             # peer's death (the ring's watchdog thread tells the spinning kernel).
             self._event.synchronize()
-            self._check()
+            failure = self._read_verdict()
+            if failure is not None:
+                raise copy.copy(failure)  # a fresh traceback for each raise
             torch.cuda.current_stream(self._device).wait_event(self._event)
         self._copy_back.run()
+
+    def _read_verdict(self) -> BaseException | None:
+        """The device's verdict on this (finished) call: read the first time asked, then kept."""
+        if not self._verdict_read:
+            verdict = self._reported_failure()
+            with _future_lock:
+                if not self._verdict_read:  # the first reader's stands
+                    self._verdict, self._verdict_read = verdict, True
+        return self._verdict
 
     def _complete_future_when_done(self) -> None:
         # NCCL completes its future once the call is enqueued and reports a failure later; this
@@ -308,8 +329,4 @@ class CudaRingWork(_Work):
         when it succeeded), as `wait()` would raise it."""
         if not self.is_completed():
             return None
-        try:
-            self._check()
-        except Exception as error:
-            return error
-        return None
+        return self._read_verdict()

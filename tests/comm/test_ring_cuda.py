@@ -3,7 +3,8 @@ on host copies of integer-valued inputs, bitwise-equal ranks, a late rank, a mis
 captured CUDA graph replayed, the device-side mismatch check, failures (a killed rank named
 within 2 s, a rank arriving after its peer gave up, ranks on different paths), and endpoints of
 one process on concurrent streams (processes on one GPU time-slice; streams of one process run
-at once, so only this exercises the barriers' memory ordering for real). Ranks sharing a GPU get
+at once, so only this exercises the barriers' memory ordering for real), and an asynchronous
+call's future read on another stream than the caller's. Ranks sharing a GPU get
 the ring on request only (serve_shared_gpu=True, as comm="ring" asks): by default they are left
 to gloo, which is faster there. A tensor that outlives its ring is freed without error.
 
@@ -340,6 +341,39 @@ def _ring_dropped_without_close(rank: int, world_size: int) -> None:
 
 def test_a_ring_dropped_without_close_gives_its_stream_back_once_drained() -> None:
     run_multiprocess(_ring_dropped_without_close, 1, timeout=120)
+
+
+def _future_read_on_another_stream(rank: int, world_size: int, seed: int) -> None:
+    device = _device(rank)
+    generator = torch.Generator().manual_seed(seed + rank)
+    host = integer_valued(2 * 40009, torch.float32, R.SUM, generator).view(40009, 2)
+    expected = expect_gloo(host[:, 0].contiguous(), R.SUM, world_size)
+    ring = RingAllReduce(device=device, timeout=60, chunk_bytes=CHUNK_BYTES,
+                         serve_shared_gpu=True)  # fmt: skip
+    caller, reader = torch.cuda.Stream(device), torch.cuda.Stream(device)
+    with torch.cuda.stream(caller):
+        storage = host.to(device)
+        view = storage[:, 0]  # not contiguous: the ring reduces a copy, written back at the end
+        work = ring.all_reduce(view, async_op=True)
+        torch.cuda._sleep(100_000_000)  # the write-back queues behind this on the caller's stream
+        future = work.get_future()
+    with torch.cuda.stream(reader):
+        # The future orders its waiter's stream after the caller's, write-back included.
+        result = future.wait()[0].clone()
+        assert torch.equal(result.cpu(), expected), f"seed {seed}"
+    # A call first asked about after close() (which the native ring answers "closed") gets its
+    # own outcome.
+    tensor = host[:, 1].contiguous().to(device)
+    unasked = ring.all_reduce(tensor, async_op=True)
+    ring.close()
+    assert unasked.is_success() and unasked.exception() is None
+    assert unasked.wait() and unasked.result()[0] is tensor
+    assert torch.equal(tensor.cpu(), expect_gloo(host[:, 1].contiguous(), R.SUM, world_size))
+    assert work.is_success() and work.result()[0] is view
+
+
+def test_a_future_read_on_another_stream_sees_the_written_back_view() -> None:
+    run_multiprocess(_future_read_on_another_stream, 2, args=(SEED,), timeout=120)
 
 
 def _data_parallel_on_one_gpu(rank: int, world_size: int) -> dict[str, list[torch.Tensor]]:

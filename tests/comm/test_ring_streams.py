@@ -4,14 +4,16 @@ transport (the GPU itself: tests/comm/test_ring_cuda.py)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
 
-from fastpar.comm import RingAllReduce
+from fastpar import _native
+from fastpar.comm import CommTimeoutError, RingAllReduce
+from fastpar.comm.errors import FirstFailure, native_error_types
 
 
 def _ring_on_cuda1_capturing(
@@ -40,6 +42,7 @@ def _ring_on_cuda1_capturing(
     ring = object.__new__(RingAllReduce)
     ring.device = torch.device("cuda", 1)
     ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    ring._device_failure = FirstFailure(lambda: None, ())
     return ring
 
 
@@ -64,10 +67,12 @@ def test_a_call_on_the_current_device_does_not_switch_devices(
     assert entered == [] and work is not None and work._event is None  # captured on cuda:1
 
 
-def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A captured call replays on the caller's stream, not the ring's: close() must wait for the
-    # device before the peers' buffers are unmapped (stop) and its own freed.
-    steps: list[str] = []
+def _capturing_ring(
+    monkeypatch: pytest.MonkeyPatch, steps: list[str], check: Callable[[], None]
+) -> RingAllReduce:
+    """A CUDA ring of 2 ranks whose calls are all captured in a graph, with fakes for torch.cuda,
+    the native transport (`check` its check) and the store; each fake appends what it did to
+    `steps`."""
     monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -83,22 +88,69 @@ def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPat
         def free(self) -> None:
             steps.append("free")
 
+    class Stream:
+        def synchronize(self) -> None:
+            steps.append("ring stream done")
+
     class Store:
         def set(self, key: str, value: str) -> None:
             pass
 
     ring = object.__new__(RingAllReduce)
     ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
-    ring._transport, ring._native_errors, ring._stream = Transport(), (), object()
+    native_errors = native_error_types(_native.load())
+    ring._transport, ring._native_errors, ring._stream = Transport(), native_errors, Stream()
+    ring._device_failure = FirstFailure(check, native_errors)
     ring._closed, ring._captured, ring._executor = False, False, None
     ring._store, ring._prefix = Store(), "test"
     # A live group, registered by torch (a destroyed group's close waits for no peer)
     ring.group = object()
     monkeypatch.setitem(dist.distributed_c10d._world.pg_map, ring.group, ("gloo", None))
     ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
+    return ring
+
+
+def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A captured call replays on the caller's stream, not the ring's: close() must wait for the
+    # device before the peers' buffers are unmapped (stop) and its own freed.
+    steps: list[str] = []
+    ring = _capturing_ring(monkeypatch, steps, check=lambda: steps.append("check"))
     ring._run_cuda(torch.ones(4), 0, async_op=False)
     ring.close()
-    assert steps == ["captured", "sync", "stop", "free"]
+    # The device's verdict is read once every call has finished and before stop().
+    assert steps == ["captured", "sync", "ring stream done", "check", "stop", "free"]
+
+
+def test_every_question_after_a_device_failure_gets_that_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The native ring reports a failure once, then says "unusable after an earlier failure",
+    # and "closed" once stopped; fastpar's answers stay the failure itself.
+    native = _native.load()
+    answers = iter([None, native.RingTimeoutError("rank 0 (GPU) timed out waiting for rank 1")])
+    later = native.RingClosedError("this ring all-reduce is unusable after an earlier failure")
+    checks: list[str] = []
+
+    def check() -> None:
+        checks.append("check")
+        answer = next(answers, later)
+        if answer is not None:
+            raise answer
+
+    ring = _capturing_ring(monkeypatch, [], check)
+    before = ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert before is not None and before.exception() is None  # asked before the failure
+    failed = ring._run_cuda(torch.ones(4), 0, async_op=True)
+    assert failed is not None
+    for _ in range(2):
+        with pytest.raises(CommTimeoutError, match="waiting for rank 1"):
+            ring.check()
+    assert isinstance(failed.exception(), CommTimeoutError)
+    ring.close()
+    with pytest.raises(CommTimeoutError, match="waiting for rank 1"):
+        ring.check()
+    assert before.exception() is None and before.is_success()
+    assert checks == ["check", "check"]  # nothing is asked once a failure is known
 
 
 @pytest.mark.parametrize("peer_chunk_bytes", [1 << 20, 2 << 20])
@@ -127,6 +179,9 @@ def test_ranks_agree_on_chunk_bytes_before_mapping(
         def watch_peers(self, pids: list[int]) -> None:
             pass
 
+        def check(self) -> None:
+            pass
+
         def close(self) -> None:
             steps.append("closed")
 
@@ -146,7 +201,7 @@ def test_ranks_agree_on_chunk_bytes_before_mapping(
     ring = object.__new__(RingAllReduce)
     ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
     ring.group, ring._serve_shared_gpu, ring._peer_pids = None, True, {}
-    ring.timeout = timedelta(seconds=60)
+    ring.timeout, ring._native_errors = timedelta(seconds=60), ()
     ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
     ring._agree = lambda question, problem, what: not problem  # type: ignore[method-assign]
     if peer_chunk_bytes != 1 << 20:

@@ -5,11 +5,13 @@ failure is raised by `fut.wait()`. DDP's communication hooks take the future."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
 import random
 import threading
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -241,7 +243,8 @@ class _FakeStream:
 
 def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """CudaRingWork on CPU tensors, with the CUDA calls it makes faked: the future completes
-    once the event has, without wait(), with the view written back; or with check()'s error."""
+    once the event has, without wait(), with the view written back; or with the failure the
+    ring reported, which stays the call's verdict whatever the ring reports later."""
     stream = _FakeStream()
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     generator = torch.Generator().manual_seed(SEED)
@@ -250,7 +253,8 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     view = base[:, ::2]
     reduced = torch.randn(6, 5, generator=generator)  # what the ring wrote into the copy
     event = _FakeEvent()
-    work = CudaRingWork(event, torch.device("cpu"), view, reduced, check=lambda: None)  # type: ignore[arg-type]
+    ring_failure: list[BaseException | None] = [None]  # what the ring reports when asked
+    work = CudaRingWork(event, torch.device("cpu"), view, reduced, lambda: ring_failure[0])  # type: ignore[arg-type]
     future = work.get_future()
     seen = _Seen(future)
     assert not future.done() and not work.is_completed()  # synchronize() waits for the event
@@ -266,14 +270,57 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     assert work.wait() and work.result()[0] is view
     assert work.is_success() and work.exception() is None
 
-    def check() -> None:
-        raise comm.CommTimeoutError("rank 0 (GPU) stopped waiting for rank 1")
+    # The ring reports a failure later (a later call's): this call's verdict, read when it
+    # finished, stands.
+    ring_failure[0] = comm.CommTimeoutError("a later call timed out")
+    assert work.wait() and work.is_success() and work.exception() is None
 
+    timeout = comm.CommTimeoutError("rank 0 (GPU) stopped waiting for rank 1")
+    ring_failure[0] = timeout
     failing = _FakeEvent()
-    work = CudaRingWork(failing, torch.device("cpu"), view, view, check=check)  # type: ignore[arg-type]
+    work = CudaRingWork(failing, torch.device("cpu"), view, view, lambda: ring_failure[0])  # type: ignore[arg-type]
     future = work.get_future()
     assert work.exception() is None and not work.is_success()  # still running
     failing.finished.set()
     with pytest.raises(comm.CommTimeoutError, match="waiting for rank 1"):
         future.wait()
-    assert isinstance(work.exception(), comm.CommTimeoutError) and not work.is_success()
+    # The same error whoever asks first and whatever the ring says afterwards (the native ring
+    # answers "unusable after an earlier failure" when asked again).
+    ring_failure[0] = comm.CommClosedError("this ring all-reduce was closed")
+    assert work.exception() is timeout and not work.is_success()
+    with pytest.raises(comm.CommTimeoutError, match="waiting for rank 1"):
+        work.wait()
+
+
+def test_a_cuda_future_is_completed_on_the_callers_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Completing a future of CUDA tensors records the event its waiters' streams wait for, on
+    the current stream: on the pool's thread that must be the caller's stream (where a view's
+    result is written back), not the thread's default one."""
+    current = ["the thread's default stream"]
+
+    @contextlib.contextmanager
+    def stream(chosen: str) -> Iterator[None]:
+        before, current[0] = current[0], chosen
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    completed_on: list[str] = []
+
+    class Future(torch.futures.Future):  # type: ignore[type-arg]
+        def set_result(self, result: object) -> None:
+            completed_on.append(current[0])
+            super().set_result(result)
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    monkeypatch.setattr(torch.futures, "Future", Future)
+    tensor = torch.zeros(3)
+    event = _FakeEvent()
+    work = CudaRingWork(event, torch.device("cpu"), tensor, tensor, lambda: None)  # type: ignore[arg-type]
+    work._call_stream = "the caller's stream"  # type: ignore[assignment]  # a CUDA tensor's
+    future = work.get_future()
+    event.finished.set()
+    assert future.wait()[0] is tensor
+    assert completed_on == ["the caller's stream"]
