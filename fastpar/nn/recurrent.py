@@ -91,7 +91,7 @@ def takes_triton(
         return False
     if backend == "auto":
         choice = choose_auto_backend(
-            kind, x.device, x.dtype, batch=x.shape[-2], hidden=hidden, proj=proj,
+            kind, x.device, _compute_dtype(x), batch=x.shape[-2], hidden=hidden, proj=proj,
             kernel=kernel, backward=torch.is_grad_enabled(), one_step=one_step,
         )  # fmt: skip
         if not torch.compiler.is_compiling():  # the eager call before compiling said it
@@ -156,13 +156,25 @@ def choose_recurrence(
 AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _autocast_on(device: torch.device) -> bool:
+    # is_autocast_enabled raises for devices autocast does not know (meta: shape inference).
+    kind = device.type
+    return torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the recurrence of ``x`` runs in: autocast's where autocast casts ``x`` (both
+    backends then run in it: "auto" must compare them there), else ``x``'s."""
+    if x.dtype in AUTOCAST_ELIGIBLE and _autocast_on(x.device):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def accepted_dtypes(weight: Tensor) -> tuple[torch.dtype, ...]:
     """The dtypes the input and states may have: the parameters', and under autocast any that
     autocast casts (the output of a layer before, the states of the previous call, float32 data
     for a bfloat16 module), as torch's modules take them; the backends run in autocast's dtype."""
-    device = weight.device.type
-    # is_autocast_enabled raises for devices autocast does not know (meta: shape inference).
-    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+    if _autocast_on(weight.device):
         return (weight.dtype, *AUTOCAST_ELIGIBLE)
     return (weight.dtype,)
 

@@ -149,8 +149,13 @@ def test_modules_ask_the_rule_with_their_cell_and_sizes(
     module(x)
     with torch.no_grad():
         module(x)
-    assert [a[:3] for a in asked] == [(kind, "cpu", torch.float32)] * 2
-    for (*_, kw), grad in zip(asked, (True, False), strict=True):
+    # Under autocast both backends run in autocast's dtype: the rule compares them there.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        module(x)
+    assert [a[:3] for a in asked] == [(kind, "cpu", torch.float32)] * 2 + [
+        (kind, "cpu", torch.bfloat16)
+    ]
+    for (*_, kw), grad in zip(asked, (True, False, True), strict=True):
         assert kw == {"batch": 5, "hidden": 8, "proj": proj, "kernel": "auto",
                       "backward": grad, "one_step": one_step}  # fmt: skip
 
