@@ -9,8 +9,7 @@
   arguments apart from the states.
 * ``eager_whole_stack``: when the stack is torch's own single call rather than the per-layer op.
 * ``autocast_layer``: custom ops are outside autocast's op lists, so a layer takes autocast's
-  dtype itself, as torch's modules do; ``autocast_carried_dtype``: the one rule for the dtypes
-  torch's modules return under autocast, which the stacks apply to every layer's results.
+  dtype itself, as torch's modules do (``autocast_dtypes`` gives its results torch's dtypes).
 * ``backward_inputs``: the canonical tensors every recompute backward starts from.
 
 Glossary: T time, B batch, I input features, P size of h.
@@ -313,34 +312,6 @@ def autocast_layer(
         tuple(s.to(dtype) for s in states),
         LayerWeights(*(t.to(dtype) if t is not None else None for t in w)),
     )
-
-
-def autocast_carried_dtype(
-    x: Tensor, carried: Tensor | None, *, onednn: bool = False
-) -> torch.dtype | None:
-    """Under autocast, the dtype torch's module returns the state its loop carries by
-    elementwise ops in (the LSTM's c, the GRU's h; ``carried``, its initial value), and the
-    results elementwise from it (the LSTM's h without a projection); None where that is
-    autocast's dtype, in which ``autocast_layer`` runs the whole layer.
-
-    A fused kernel that autocast casts whole returns everything in autocast's dtype: cuDNN's
-    on CUDA (the layers there run on cuDNN), oneDNN's LSTM on CPU (``onednn``, decided once for
-    the stack from its input, as torch.nn.LSTM decides). torch's loop elsewhere (CPU) is cast
-    op by op: its matmuls run in autocast's dtype, and the elementwise update of the carried
-    state promotes to that state's dtype, so a float32 c_0 (LSTM) or h_0 (GRU) keeps it and its
-    results float32. The RNN carries nothing elementwise (h is tanh or relu of matmuls):
-    ``carried`` None. Float64, which autocast leaves alone, stays float64 by itself.
-
-    Arguments:
-        x: (T, B, I) the stack's input; carried: the initial carried state, or None.
-        onednn: torch's module runs this stack on oneDNN (``lstm_aten.autocast_runs_onednn``).
-    """
-    device = x.device.type
-    if carried is None or onednn or device != "cpu" or not torch.is_autocast_enabled(device):
-        return None
-    autocast_dtype = torch.get_autocast_dtype(device)
-    dtype = torch.promote_types(autocast_dtype, carried.dtype)
-    return None if dtype == autocast_dtype else dtype
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

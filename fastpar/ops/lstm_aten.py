@@ -40,7 +40,6 @@ from torch import Tensor
 
 from fastpar.ops.aten_common import (
     Arrangement,
-    autocast_carried_dtype,
     autocast_layer,
     backward_inputs,
     check_bias,
@@ -51,6 +50,7 @@ from fastpar.ops.aten_common import (
     vf_layer,
     vf_whole_stack,
 )
+from fastpar.ops.autocast_dtypes import autocast_carried_dtype
 from fastpar.ops.func_transforms import ATEN_INSTEAD, check_not_differentiated
 from fastpar.ops.reference import LayerWeights, stack_layers
 
@@ -418,7 +418,7 @@ def lstm_layer_aten(
     Returns:
         out: (T, B, P) hidden state after every step, zero past each length; h_n: (B, P);
         c_n: (B, H): the states after each sequence's last step. Under autocast all in its
-        dtype; ``lstm_stack_aten`` gives them torch.nn.LSTM's (``autocast_carried_dtype``).
+        dtype; ``lstm_stack_aten`` gives them torch.nn.LSTM's (``autocast_dtypes``).
     """
     x, (h0, c0), w = autocast_layer(x, (h0, c0), w)
     differentiable = needs_grad(x, h0, c0, *w)
@@ -458,21 +458,16 @@ def lstm_stack_aten(
         return out, h_n, c_n
 
     onednn = autocast_runs_onednn(x, weights[0].w_hr, lengths)
-    carried = autocast_carried_dtype(x, c0, onednn=onednn)
 
     def run_layer(
         layer_input: Tensor, states: tuple[Tensor, ...], w: LayerWeights, reverse: bool
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         out, h_n, c_n = lstm_layer_aten(layer_input, *states, w, lengths, reverse)
-        if carried is not None:
-            # c_t = f * c_{t-1} + i * g, and h_t = o * tanh(c_t) unless a projection follows.
-            c_n = c_n.to(carried)
-            if w.w_hr is None:
-                out, h_n = out.to(carried), h_n.to(carried)
         return out, (h_n, c_n)
 
     out, (h_n, c_n) = stack_layers(
         x, (h0, c0), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
+        carried=autocast_carried_dtype(x, c0, onednn=onednn),
     )  # fmt: skip
     return out, h_n, c_n

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpar.ops.autocast_dtypes import carried_dtype_results
+
 
 class LayerWeights(NamedTuple):
     """The parameters of one layer and direction, with torch.nn.LSTM's shapes."""
@@ -190,6 +192,7 @@ def stack_layers(
     bidirectional: bool,
     dropout: float,
     training: bool,
+    carried: torch.dtype | None = None,
 ) -> tuple[Tensor, tuple[Tensor, ...]]:
     """The layer and direction loop of a stacked recurrent network, shared by every cell's and
     every backend's stack.
@@ -205,6 +208,9 @@ def stack_layers(
         num_layers: L; bidirectional: D = 2 if True else 1.
         dropout: probability of zeroing each output of every layer but the last (training only).
         training: apply dropout.
+        carried: under autocast, the dtype torch's loop returns the carried state in
+            (``autocast_dtypes.autocast_carried_dtype``), which each layer's results take
+            (``carried_dtype_results``); None: as run_layer returns them.
 
     Returns:
         output: (T, B, D * size of h) of the last layer; the final states, each (L*D, B, .).
@@ -218,6 +224,8 @@ def stack_layers(
             k = layer * num_dirs + direction
             initial = tuple(state[k] for state in states)
             out, final = run_layer(layer_input, initial, weights[k], direction == 1)
+            projected = weights[k].w_hr is not None
+            out, final = carried_dtype_results(out, final, carried, projected=projected)
             outs.append(out)
             finals.append(final)
         layer_input = outs[0] if num_dirs == 1 else torch.cat(outs, dim=2)
@@ -233,6 +241,7 @@ HLayerFn = Callable[[Tensor, Tensor, LayerWeights, bool], tuple[Tensor, Tensor]]
 def stack_layers_h(
     x: Tensor, h0: Tensor, weights: Sequence[LayerWeights], run_layer: HLayerFn, *,
     num_layers: int, bidirectional: bool, dropout: float, training: bool,
+    carried: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``stack_layers`` for the cells whose only state is h (GRU, RNN): ``run_layer(layer_input,
     h0_k, weights_k, reverse)`` returns the layer's output and its h_n (B, H); returns the last
@@ -246,7 +255,7 @@ def stack_layers_h(
 
     out, (h_n,) = stack_layers(
         x, (h0,), weights, run, num_layers=num_layers, bidirectional=bidirectional,
-        dropout=dropout, training=training,
+        dropout=dropout, training=training, carried=carried,
     )  # fmt: skip
     return out, h_n
 

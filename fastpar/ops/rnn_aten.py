@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fastpar._checks import check_choice
 from fastpar.ops import aten_common
+from fastpar.ops.autocast_dtypes import autocast_carried_dtype
 from fastpar.ops.func_transforms import ATEN_INSTEAD, check_not_differentiated
 from fastpar.ops.reference import LayerWeights, stack_layers_h
 from fastpar.ops.rnn_reference import Nonlinearity
@@ -306,7 +307,7 @@ def rnn_layer_aten(
     Returns:
         out: (T, B, H) hidden state after every step, zero past each length; h_n: (B, H), the
         state after each sequence's last step. Under autocast both in its dtype; the stacks
-        give them torch's (``aten_common.autocast_carried_dtype``).
+        give them torch's (``autocast_dtypes``).
     """
     x, (h0,), w = aten_common.autocast_layer(x, (h0,), w)
     differentiable = aten_common.needs_grad(x, h0, *w)
@@ -332,19 +333,15 @@ def _stack(
         )  # fmt: skip
         return out, h_n
 
-    carried = aten_common.autocast_carried_dtype(x, h0 if cell == "gru" else None)
-
     def run_layer(
         layer_input: Tensor, h0: Tensor, w: LayerWeights, reverse: bool
     ) -> tuple[Tensor, Tensor]:
-        out, h_n = rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
-        if carried is not None:  # the GRU's h_t = (1 - z) * n + z * h_{t-1}
-            out, h_n = out.to(carried), h_n.to(carried)
-        return out, h_n
+        return rnn_layer_aten(cell, layer_input, h0, w, lengths, reverse)
 
     return stack_layers_h(
         x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
         dropout=dropout, training=training,
+        carried=autocast_carried_dtype(x, h0 if cell == "gru" else None),
     )  # fmt: skip
 
 
