@@ -146,16 +146,16 @@ class LSTM(RecurrentBase):
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         h0, c0 = states
         weights = self.layer_weights()
-        if self.backend == "reference" and autocast_runs_onednn(x, weights[0].w_hr, lengths):
-            # Results in torch.nn.LSTM's dtypes: states in autocast's dtype keep the whole
-            # loop there (its matmuls already are), as oneDNN's cast layer does.
+        recurrence = select_recurrence(
+            self.backend, x, self.kernel, hidden=self.hidden_size, proj=self.proj_size
+        )
+        if recurrence is not None and autocast_runs_onednn(x, weights[0].w_hr, lengths):
+            # Results in torch.nn.LSTM's dtypes: states in autocast's dtype keep fastpar's loop
+            # (reference, Triton) there, as oneDNN's cast layer does; float32 states would
+            # keep c_n float32, as torch's own loop does (lstm_stack).
             dtype = torch.get_autocast_dtype(x.device.type)
             h0, c0 = h0.to(dtype), c0.to(dtype)
-        out, h_n, c_n = _run_stack(
-            select_recurrence(self.backend, x, self.kernel, hidden=self.hidden_size,
-                              proj=self.proj_size),
-            x, h0, c0, weights, **self.stack_options(lengths),
-        )  # fmt: skip
+        out, h_n, c_n = _run_stack(recurrence, x, h0, c0, weights, **self.stack_options(lengths))
         return out, (h_n, c_n)
 
 

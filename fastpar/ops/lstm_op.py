@@ -235,7 +235,8 @@ def lstm_recurrence_triton(
         hs: (T, B, P) hidden state after every step; c_n: (B, H).
     """
     if torch.is_autocast_enabled(xg.device.type):
-        # Custom ops are outside autocast's lists: take its dtype here, as cuDNN's LSTM does.
+        # Custom ops are outside autocast's lists: take its dtype here, as cuDNN's LSTM does
+        # for all its results; on CPU the stacks give them torch's loop's (autocast_dtypes).
         dtype = torch.get_autocast_dtype(xg.device.type)
         xg, h0, c0, w_hh = xg.to(dtype), h0.to(dtype), c0.to(dtype), w_hh.to(dtype)
         w_hr = w_hr.to(dtype) if w_hr is not None else None

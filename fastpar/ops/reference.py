@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastpar.ops.autocast_dtypes import carried_dtype_results
+from fastpar.ops.autocast_dtypes import autocast_carried_dtype, carried_dtype_results
 
 
 class LayerWeights(NamedTuple):
@@ -155,9 +155,10 @@ def lstm_stack(
                                 lengths, reverse)  # fmt: skip
         return masked(hs, mask), (hs[0] if reverse else hs[-1], c_last)
 
+    # The Triton recurrence runs in autocast's dtype; this loop's own ops already promote.
     out, (h_n, c_n) = stack_layers(
         x, (h0, c0), weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
-        dropout=dropout, training=training,
+        dropout=dropout, training=training, carried=autocast_carried_dtype(x, c0),
     )  # fmt: skip
     return out, h_n, c_n
 

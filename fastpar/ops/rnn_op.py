@@ -213,7 +213,8 @@ def _run(
     check_bool("reverse", reverse)
     check_choice("kernel", kernel, get_args(KernelChoice))
     if torch.is_autocast_enabled(xg.device.type):
-        # Custom ops are outside autocast's lists: take its dtype here, as cuDNN's RNNs do.
+        # Custom ops are outside autocast's lists: take its dtype here, as cuDNN's RNNs do
+        # for all their results; on CPU the stacks give them torch's loop's (autocast_dtypes).
         dtype = torch.get_autocast_dtype(xg.device.type)
         xg, h0, w_hh = xg.to(dtype), h0.to(dtype), w_hh.to(dtype)
         b_hn = b_hn.to(dtype) if b_hn is not None else None

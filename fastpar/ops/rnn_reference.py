@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastpar.ops.autocast_dtypes import autocast_carried_dtype
 from fastpar.ops.reference import (
     LayerWeights,
     input_projection,
@@ -164,9 +165,10 @@ def gru_stack(
         hs = recurrence(xg, h0, w.w_hh, b_hn, lengths, reverse)
         return masked(hs, mask), hs[0] if reverse else hs[-1]
 
+    # The Triton recurrence runs in autocast's dtype; this loop's own ops already promote.
     return stack_layers_h(
         x, h0, weights, run_layer, num_layers=num_layers, bidirectional=bidirectional,
-        dropout=dropout, training=training,
+        dropout=dropout, training=training, carried=autocast_carried_dtype(x, h0),
     )  # fmt: skip
 
 

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import pytest
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
-from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, grads, randn
+from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close, grads, max_err, randn
 
 # A module's class name -> (module of fastpar.ops, name) of its Triton recurrence.
 TRITON_RECURRENCES = {
@@ -123,16 +123,19 @@ _ONEDNN_SUPPORTS = {
 }
 
 
+def _onednn_lacks(theirs: torch.nn.Module, packed: bool, dtype: torch.dtype) -> bool:
+    """Whether torch's module runs on oneDNN (its LSTM without projection or packing), whose
+    layer autocast casts whole (module, input and states), on a CPU whose oneDNN lacks
+    ``dtype``: that call fails, so the tests make the same cast themselves."""
+    onednn = isinstance(theirs, torch.nn.LSTM) and not theirs.proj_size and not packed
+    return onednn and not _ONEDNN_SUPPORTS[dtype]()
+
+
 def _torch_under_autocast(
     theirs: torch.nn.Module, x: Tensor | PackedSequence, dtype: torch.dtype
 ) -> list[Tensor]:
-    """torch's module (float32) under CPU autocast to ``dtype``: output and final states. On
-    oneDNN (its LSTM without projection or packing) autocast casts the layer whole, module,
-    input and states; on a CPU without oneDNN ``dtype`` that call fails, so the same cast is
-    made here."""
-    onednn = isinstance(theirs, torch.nn.LSTM) and not theirs.proj_size
-    onednn = onednn and not isinstance(x, PackedSequence)
-    if onednn and not _ONEDNN_SUPPORTS[dtype]():
+    """torch's module (float32) under CPU autocast to ``dtype``: output and final states."""
+    if _onednn_lacks(theirs, isinstance(x, PackedSequence), dtype):
         assert isinstance(x, Tensor)
         return _flat(copy.deepcopy(theirs).to(dtype)(x.to(dtype)))
     with torch.autocast("cpu", dtype=dtype):
@@ -155,3 +158,55 @@ def check_autocast_dtypes_match_torch(
         a, b = (t.data if isinstance(t, PackedSequence) else t for t in (a, b))
         assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
         assert_close(a, b, 2e-2, 2e-2, f"result {k} under {dtype} autocast")
+
+
+# Results and gradients under autocast against torch's module under it: each side rounds to
+# the half type in its own places (the kernels keep a layer's output in it, torch's loop
+# promotes some of it), and weight gradients sum over every step and row, so the bound is a
+# few roundings of each tensor's largest value (bfloat16's unit roundoff 2^-8, float16's 2^-11).
+AUTOCAST_TOLERANCES = {torch.bfloat16: 8 * 2.0**-8, torch.float16: 8 * 2.0**-11}
+
+
+def _assert_within_roundings(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    """max |actual - expected| <= tol * max(|expected|, 1)."""
+    err, scale = max_err(actual, expected), max(expected.abs().max().item(), 1.0)
+    assert err <= tol * scale, f"{what}: error {err:.3g} > {tol:.3g} * {scale:.3g}"
+
+
+def check_autocast_matches_torch_with_grads(
+    ours: torch.nn.Module,
+    theirs: torch.nn.Module,
+    x: Tensor,
+    states: Sequence[Tensor],
+    lengths: Tensor | None,
+    dtype: torch.dtype,
+) -> None:
+    """Under CPU autocast to ``dtype``, ``ours`` (float32) returns the dtypes of ``theirs``
+    (torch's module, float32, same weights), and within ``AUTOCAST_TOLERANCES`` its output,
+    final states and the gradients of input, initial states (none: hx omitted) and every
+    parameter. x: (T, B, I) float32, packed with ``lengths`` when given."""
+
+    def run(module: torch.nn.Module) -> tuple[list[Tensor], list[Tensor]]:
+        leaves = [t.detach().clone().requires_grad_() for t in (x, *states)]
+        inputs, params = leaves, list(module.parameters())
+        if _onednn_lacks(module, lengths is not None, dtype):
+            module = copy.deepcopy(module).to(dtype)
+            inputs, params = [t.to(dtype) for t in leaves], list(module.parameters())
+        xs, *ss = inputs
+        packed = xs if lengths is None else pack_padded_sequence(xs, lengths)
+        with torch.autocast("cpu", dtype=dtype):
+            results = _flat(module(packed, _hx(ss) if ss else None))
+        return [r.data if isinstance(r, PackedSequence) else r for r in results], leaves + params
+
+    got, got_leaves = run(ours)
+    want, want_leaves = run(theirs)
+    tol = AUTOCAST_TOLERANCES[dtype]
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
+        _assert_within_roundings(a, b, tol, f"result {k} under {dtype} autocast")
+    cot = [randn(*t.shape, seed=50 + k).to(t.dtype) for k, t in enumerate(want)]
+    names = ["d input", *(f"d state {k}" for k in range(len(states)))]
+    names += ["d " + n for n, _ in ours.named_parameters()]
+    got_grads, want_grads = grads(got, cot, got_leaves), grads(want, cot, want_leaves)
+    for name, a, b in zip(names, got_grads, want_grads, strict=True):
+        _assert_within_roundings(a, b, tol, f"{name} under {dtype} autocast")

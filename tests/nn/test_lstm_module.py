@@ -14,6 +14,7 @@ import fastpar.nn
 from fastpar.ops.aten_common import per_layer_ops
 from tests.nn.recurrent_helpers import (
     check_autocast_dtypes_match_torch,
+    check_autocast_matches_torch_with_grads,
     check_autocast_takes_states_and_half_input,
     compare_with_torch,
     spy_triton,
@@ -351,7 +352,8 @@ def test_autocast_runs_the_kernels_in_the_autocast_dtype() -> None:
     exact, _ = ref(x.double())
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, (h_n, c_n) = model(x)
-    assert out.dtype == h_n.dtype == c_n.dtype == torch.bfloat16
+    # h goes through the projection (a matmul); c_n keeps c_0's float32, as in torch's loop.
+    assert out.dtype == h_n.dtype == torch.bfloat16 and c_n.dtype == torch.float32
     assert_close(out, exact, 2e-2, 2e-2, "output under autocast")  # one bfloat16 rounding
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
@@ -435,6 +437,30 @@ def test_per_layer_ops_under_autocast_return_torchs_dtypes(
         check_autocast_dtypes_match_torch(
             ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x, dtype
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize(
+    "options", [{}, {"num_layers": 2, "bidirectional": True}, {"proj_size": 5}]
+)
+def test_triton_backend_under_cpu_autocast_matches_torch(
+    options: dict[str, object], packed: bool, dtype: torch.dtype
+) -> None:
+    """The kernels run in autocast's dtype; on CPU the results take torch.nn.LSTM's dtypes:
+    all autocast's on oneDNN, c_n (and h without a projection) in c_0's float32 where torch's
+    loop runs (projection, packed input; it returned them all in autocast's dtype)."""
+    torch.manual_seed(11)
+    ours = fastpar.nn.LSTM(F_IN, H, backend="triton", **options)  # type: ignore[arg-type]
+    theirs = torch.nn.LSTM(F_IN, H, **options)  # type: ignore[arg-type]
+    theirs.load_state_dict(ours.state_dict())
+    D = 2 if options.get("bidirectional") else 1
+    L = D * int(options.get("num_layers", 1))  # type: ignore[call-overload]
+    P = int(options.get("proj_size", 0)) or H  # type: ignore[call-overload]
+    x = randn(6, B, F_IN, seed=21).float()
+    states = (randn(L, B, P, seed=22).float(), randn(L, B, H, seed=23).float())
+    lengths = torch.tensor([6, 4, 2]) if packed else None
+    check_autocast_matches_torch_with_grads(ours, theirs, x, states, lengths, dtype)
 
 
 def test_float64_packed_input_under_autocast_stays_float64() -> None:

@@ -16,6 +16,7 @@ import fastpar.nn.recurrent
 from fastpar.ops.aten_common import per_layer_ops
 from tests.nn.recurrent_helpers import (
     check_autocast_dtypes_match_torch,
+    check_autocast_matches_torch_with_grads,
     check_autocast_takes_states_and_half_input,
     compare_with_torch,
     spy_triton,
@@ -237,6 +238,43 @@ def test_per_layer_ops_under_autocast_return_torchs_dtypes(
         check_autocast_dtypes_match_torch(
             ours, theirs, pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x, dtype
         )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("packed, with_h0", [(False, True), (False, False), (True, True)])
+# Not relu: its derivative jumps at 0, where each side's own roundings put some pre-activations
+# either side of it (its dtypes are tanh's).
+@pytest.mark.parametrize("kind", ["gru", "rnn_tanh"])
+def test_triton_backend_under_cpu_autocast_matches_torch(
+    kind: str, packed: bool, with_h0: bool, dtype: torch.dtype
+) -> None:
+    """The kernels run in autocast's dtype; on CPU the results take torch's dtypes: the GRU's
+    h in h_0's float32 (zeros when omitted; it returned autocast's dtype), the RNN's in
+    autocast's."""
+    ours, theirs = _pair(kind, "triton", num_layers=2, bidirectional=True)
+    theirs.float()
+    x = randn(6, B, F_IN, seed=31).float()
+    states = (randn(4, B, H, seed=32).float(),) if with_h0 else ()
+    lengths = torch.tensor([6, 4, 2]) if packed else None
+    check_autocast_matches_torch_with_grads(ours, theirs, x, states, lengths, dtype)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_triton_cells_under_cpu_autocast_return_torchs_dtypes(name: str) -> None:
+    """A Triton cell is one step of the stack: torch's cells keep a float32 c (LSTMCell) or
+    h (GRUCell) float32 under autocast (the Triton cells returned bfloat16)."""
+    torch.manual_seed(3)
+    ours = getattr(fastpar.nn, name)(F_IN, H, backend="triton")
+    theirs = getattr(torch.nn, name)(F_IN, H)
+    theirs.load_state_dict(ours.state_dict())
+    x, h, c = (randn(B, n, seed=s).float() for s, n in ((41, F_IN), (42, H), (43, H)))
+    hx = (h, c) if name == "LSTMCell" else h
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(x, hx), theirs(x, hx)
+    got, want = (r if isinstance(r, tuple) else (r,) for r in (got, want))
+    for k, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
+        assert_close(a, b, 2e-2, 2e-2, f"result {k} under autocast")  # bfloat16 roundings
 
 
 @pytest.mark.parametrize("kind", KINDS)
