@@ -108,7 +108,9 @@ def lstm_recurrence_reference(
             h_new = h_new @ w_hr.t()
         if lengths is not None:
             valid = step_mask(lengths, t)
-            h_new = torch.where(valid, h_new, h)
+            # A state carried past a length takes the step's dtype (autocast's after a
+            # projection), as torch's packed loop keeps one; the matmuls round it to it anyway.
+            h_new = torch.where(valid, h_new, h.to(h_new.dtype))
             c_new = torch.where(valid, c_new, c)
         h, c = h_new, c_new
         hs[t] = h

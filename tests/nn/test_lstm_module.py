@@ -380,7 +380,7 @@ def test_autocast_takes_the_previous_calls_states_and_a_half_input(backend: str)
 @pytest.mark.parametrize(
     "options, packed",
     [({}, False), ({"num_layers": 2, "bidirectional": True}, False), ({"proj_size": 5}, False),
-     ({}, True)],
+     ({}, True), ({"num_layers": 2, "proj_size": 5}, True)],
 )  # fmt: skip
 def test_reference_backend_under_autocast_returns_torchs_dtypes(
     options: dict[str, object], packed: bool
