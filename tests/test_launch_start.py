@@ -1,6 +1,8 @@
 """How `spawn_ranks` starts ranks: spawned, or forked from a preloaded server (what the tests'
 `run_multiprocess` does). Either way a rank sees the launcher's environment as it is at the
-call, before its function's module is imported, and no rank outlives a killed launcher."""
+call, before its function's module is imported, and no rank outlives a killed launcher.
+`fastpar train`'s launcher starts its ranks before it imports torch (seconds it spends while
+they start)."""
 
 from __future__ import annotations
 
@@ -182,3 +184,48 @@ def _exit_on_rank_one(rank: int, world_size: int) -> int:
     if rank == 1:
         os._exit(0)
     return rank
+
+
+# `fastpar train` with spawn_ranks replaced by a stand-in that starts no rank and reports what
+# the launcher had imported at the moment its ranks would have started (torch costs it seconds
+# there), and then what it had imported when the command ended.
+_LAUNCHER = """
+import sys
+import fastpar.launch
+
+HEAVY = ("torch", "numpy")
+
+def spawn_ranks(fn, world_size, **options):
+    print("at spawn:", [name for name in HEAVY if name in sys.modules])
+    return [None] * world_size
+
+fastpar.launch.spawn_ranks = spawn_ranks
+from fastpar.__main__ import main
+
+code = main(["train", *sys.argv[1:]])
+print("at exit:", code, [name for name in HEAVY if name in sys.modules])
+"""
+
+
+def _launch_without_ranks(*args: str) -> list[str]:
+    result = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], capture_output=True,
+                            text=True, cwd=REPO, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--parallel", "dp"],
+        ["--parallel", "pp", "--schedule", "interleaved-1f1b"],  # the stages a schedule cuts
+        ["--parallel", "dp+pp", "--nproc", "4", "--schedule", "zbv"],
+    ],
+    ids=["dp", "pp", "dp+pp"],
+)
+def test_fastpar_train_starts_its_ranks_before_importing_torch(
+    options: list[str], tmp_path: Path
+) -> None:
+    lines = _launch_without_ranks("--steps", "2", "--checkpoint-dir", str(tmp_path / "run"),
+                                  *options)  # fmt: skip
+    assert lines == ["at spawn: []", "at exit: 0 []"]

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
 from fastpar._checks import check_bool, check_choice, check_int, check_positive
+from fastpar._schedule_names import CHUNKED_SCHEDULES
+from fastpar._schedule_names import Schedule as ScheduleName
 
 if TYPE_CHECKING:  # the command line parses options without importing torch
     from fastpar.training.parallel_dims import ParallelDims
 
 ParallelMode = Literal["dp", "pp", "dp+pp"]
 SlicingMode = Literal["fixed", "throughput", "loss"]
-# fastpar.parallel.SCHEDULES, kept literal so that reading a config imports no torch.
-ScheduleName = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv"]
 CommName = Literal["auto", "ring", "torch"]
 # fastpar.nn.LSTM's backends, spelled out so the CLI parses options without importing torch.
 BackendName = Literal["auto", "triton", "torch", "reference"]
@@ -137,8 +137,6 @@ class TrainConfig:
     def num_stages(self, pipeline_ranks: int) -> int:
         """Global pipeline stages of a pipeline over `pipeline_ranks` ranks: two chunks per rank
         with an interleaved schedule."""
-        from fastpar.parallel.pipeline.schedules import CHUNKED_SCHEDULES
-
         chunked = pipeline_ranks > 1 and self.schedule in CHUNKED_SCHEDULES
         return pipeline_ranks * (2 if chunked else 1)
 

@@ -31,7 +31,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
+
+# Plain data in a torch-free module: `fastpar train` checks its options with them before any
+# rank starts.
+from fastpar._schedule_names import PLACEMENTS as _PLACEMENTS
+from fastpar._schedule_names import SCHEDULES, Schedule
 
 __all__ = [
     "SCHEDULES",
@@ -47,18 +52,6 @@ __all__ = [
     "splits_backward",
 ]
 
-Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zero-bubble", "zbv"]
-SCHEDULES: tuple[str, ...] = get_args(Schedule)
-PlacementKind = Literal["single", "loop", "v"]
-_PLACEMENTS: dict[str, PlacementKind] = {
-    "gpipe": "single",
-    "1f1b": "single",
-    "interleaved-1f1b": "loop",
-    "zero-bubble": "single",
-    "zbv": "v",
-}
-# Schedules that give each rank several chunks (global stages) of the model.
-CHUNKED_SCHEDULES: tuple[str, ...] = tuple(s for s, kind in _PLACEMENTS.items() if kind != "single")
 # Unit costs the list scheduler plans with (a backward is two forwards' work).
 _PLAN_COST = {"F": 1, "B": 2, "I": 1, "W": 1}
 
