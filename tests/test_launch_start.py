@@ -188,7 +188,7 @@ def _exit_on_rank_one(rank: int, world_size: int) -> int:
 
 # `fastpar train` with spawn_ranks replaced by a stand-in that starts no rank and reports what
 # the launcher had imported at the moment its ranks would have started (torch costs it seconds
-# there), and then what it had imported when the command ended.
+# there, numpy comes with matplotlib), and then what it had imported when the command ended.
 _LAUNCHER = """
 import sys
 import fastpar.launch
@@ -220,12 +220,31 @@ def _launch_without_ranks(*args: str) -> list[str]:
         ["--parallel", "dp"],
         ["--parallel", "pp", "--schedule", "interleaved-1f1b"],  # the stages a schedule cuts
         ["--parallel", "dp+pp", "--nproc", "4", "--schedule", "zbv"],
+        ["--metrics", "{metrics}"],  # TensorBoard and matplotlib are found, not imported
     ],
-    ids=["dp", "pp", "dp+pp"],
+    ids=["dp", "pp", "dp+pp", "metrics"],
 )
 def test_fastpar_train_starts_its_ranks_before_importing_torch(
     options: list[str], tmp_path: Path
 ) -> None:
+    options = [option.format(metrics=tmp_path / "metrics") for option in options]
     lines = _launch_without_ranks("--steps", "2", "--checkpoint-dir", str(tmp_path / "run"),
                                   *options)  # fmt: skip
+    assert lines == ["at spawn: []", "at exit: 0 []"]
+
+
+def test_a_resumed_run_with_metrics_starts_its_ranks_before_importing_torch(
+    tmp_path: Path,
+) -> None:
+    # The launcher picks the checkpoint and checks the metrics files' columns before starting.
+    from fastpar.training import checkpoint
+    from fastpar.training.metrics_files import STEP_COLUMNS
+
+    (tmp_path / "run").mkdir()
+    checkpoint.save(tmp_path / "run", 2, {"model.x": torch.ones(3)}, {"run": "earlier"})
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "steps.csv").write_text(",".join(STEP_COLUMNS) + "\r\n")
+    lines = _launch_without_ranks("--steps", "4", "--checkpoint-dir", str(tmp_path / "run"),
+                                  "--metrics", str(tmp_path / "metrics"), "--resume",
+                                  "--parallel", "pp")  # fmt: skip
     assert lines == ["at spawn: []", "at exit: 0 []"]

@@ -23,11 +23,8 @@ import torch.distributed as dist
 
 from fastpar.comm.devices import collective_device
 from fastpar.data import SlicerStats
+from fastpar.training.metrics_row import ROW
 from fastpar.training.parallel_dims import RankPlace
-
-ROW = ("loss", "samples", "global_samples", "compute_s", "step_s", "allreduce_s", "exposed_s",
-       "forward_s", "backward_s", "bubble")  # fmt: skip
-"""The fields of one rank's step, in order (loss NaN on ranks that do not compute it)."""
 
 
 @dataclass(frozen=True)

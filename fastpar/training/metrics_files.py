@@ -23,12 +23,16 @@ import csv
 import math
 import time
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fastpar.training.metrics import ROW, Window
 from fastpar.training.metrics_folder import keep_rows
+from fastpar.training.metrics_row import ROW
 from fastpar.training.parallel_dims import ParallelDims
+
+if TYPE_CHECKING:  # the launcher checks the columns and the packages without importing torch
+    from fastpar.training.metrics import Window
 
 _DECISION_VALUE = {"grow": 1.0, "shrink": -1.0, "rebalance": 1.0, "hold": 0.0, "start": 0.0}
 STEP_COLUMNS = ("step", "loss", "tokens_per_s", "step_s", "blocks", "decision",
@@ -41,12 +45,9 @@ CSV_COLUMNS = {"steps.csv": STEP_COLUMNS, "ranks.csv": RANK_COLUMNS,
 
 def check_metrics_available() -> None:
     """Raise ImportError saying what to install when TensorBoard or matplotlib is missing."""
-    missing = []
-    for module in ("tensorboard", "matplotlib"):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(module)
+    # Found, not imported: the launcher runs this before any rank starts, and importing
+    # matplotlib (numpy with it) would cost it a fraction of a second for nothing.
+    missing = [module for module in ("tensorboard", "matplotlib") if find_spec(module) is None]
     if missing:
         raise ImportError(
             f"--metrics needs {' and '.join(missing)}: pip install 'fastpar[metrics]'"

@@ -268,6 +268,29 @@ def _profile_refusal(
     return capsys.readouterr().err.splitlines()[-1]
 
 
+@pytest.mark.parametrize("missing", [["matplotlib"], ["tensorboard", "matplotlib"]])
+def test_metrics_without_their_packages_are_refused_before_any_rank_starts(
+    missing: list[str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fastpar.__main__ import main
+
+    for name in missing:  # as where it is not installed: neither imported nor found
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setattr(launch, "spawn_ranks", _no_rank_may_start)
+    command = ["train", *SMALL, "--nproc", "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--metrics", str(tmp_path / "metrics")])
+    assert stopped.value.code == 2
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "metrics").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"fastpar train: error: --metrics needs {' and '.join(missing)}: pip install "
+        "'fastpar[metrics]'"
+    )
+
+
 def test_a_profile_path_naming_a_file_is_refused_before_any_rank_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
