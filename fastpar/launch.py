@@ -372,14 +372,18 @@ def spawn_ranks(
     deadline = time.monotonic() + timeout if timeout is not None else math.inf
     store = None
     # A launcher without torch (`fastpar train`) imports it while the ranks start: starting a
-    # rank from the fork server waits until the server has imported the preload.
-    importer = threading.Thread(target=importlib.import_module, args=("torch.distributed",),
-                                name="fastpar-import-torch", daemon=True)  # fmt: skip
-    importer.start()
+    # rank from the fork server waits until the server has imported the preload. A launcher
+    # that has it (a test, a caller in-process) would only start and join a thread.
+    importer = None
+    if "torch.distributed" not in sys.modules:
+        importer = threading.Thread(target=importlib.import_module, args=("torch.distributed",),
+                                    name="fastpar-import-torch", daemon=True)  # fmt: skip
+        importer.start()
     try:
         for process in processes:
             process.start()
-        importer.join()
+        if importer is not None:
+            importer.join()
         import torch.distributed as dist
 
         store = dist.TCPStore(

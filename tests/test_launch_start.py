@@ -248,3 +248,21 @@ def test_a_resumed_run_with_metrics_starts_its_ranks_before_importing_torch(
                                   "--metrics", str(tmp_path / "metrics"), "--resume",
                                   "--parallel", "pp")  # fmt: skip
     assert lines == ["at spawn: []", "at exit: 0 []"]
+
+
+def test_a_launcher_with_torch_imports_nothing_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The import thread only overlaps a launcher's import of torch with the ranks' start.
+    import threading
+
+    from fastpar import launch
+
+    names: list[str] = []
+
+    class Recorded(threading.Thread):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            names.append(self.name)
+
+    monkeypatch.setattr(launch.threading, "Thread", Recorded)
+    assert spawn_ranks(launch_probe.intra_op_threads, 1, timeout=120) == [usable_cores()]
+    assert "fastpar-import-torch" not in names
