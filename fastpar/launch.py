@@ -180,8 +180,10 @@ def _rank_main(
         results.put((rank, False, (time.time(), traceback.format_exc(), _one_line())))
         _destroy_group()
         return
-    _destroy_group()
+    # The result first: a rank waiting in the barrier below for a hung peer has returned, and
+    # a timeout names only that peer.
     results.put((rank, True, value))
+    _destroy_group(after_every_rank=True)
 
 
 def _send_stderr_to(path: str) -> None:
@@ -268,11 +270,19 @@ def _one_line() -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _destroy_group() -> None:
+def _destroy_group(after_every_rank: bool = False) -> None:
+    """Destroy the default group, if any; with `after_every_rank`, once every rank is done with
+    it (a barrier): gloo tears a rank's connections down at once, and a peer still completing
+    its own init or last collective then fails with "Connection closed by peer"."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if after_every_rank:
+        # A peer that failed or exited breaks the barrier: the launcher reports that peer.
+        with contextlib.suppress(Exception):
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def default_backend() -> str:
