@@ -22,7 +22,9 @@ import importlib.util
 import json
 import os
 import platform
+import shlex
 import shutil
+import subprocess
 import sys
 import threading
 from dataclasses import dataclass
@@ -95,6 +97,41 @@ def cuda_build_possible() -> tuple[bool, str]:
     if CUDA_HOME is None or not (Path(CUDA_HOME) / "bin" / "nvcc").exists():
         return False, "nvcc was not found (set CUDA_HOME)"
     return True, ""
+
+
+def nvcc_include_dirs(nvcc: str) -> list[str]:
+    """The folders `nvcc` takes CUDA's own headers from (cuda_runtime.h, CCCL), as its dry run
+    lists them; [] when it cannot say.
+
+    The C++ compiles of the CUDA code's torch glue include them too. torch gives every compile
+    CUDA_HOME/include, which lacks them where CUDA_HOME was guessed from an nvcc outside the
+    toolkit (a wrapper script on PATH: CUDA_HOME is then the script's grandparent folder)."""
+    try:
+        dry_run = subprocess.run(
+            [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    folders: list[str] = []
+    for line in dry_run.stderr.splitlines():
+        # e.g. `#$ INCLUDES="-I/usr/local/cuda/bin/../targets/x86_64-linux/include"  `
+        name, _, value = line.removeprefix("#$ ").partition("=")
+        if name not in ("INCLUDES", "SYSTEM_INCLUDES"):
+            continue
+        try:
+            words = shlex.split(value)
+        except ValueError:
+            continue
+        for i, word in enumerate(words):
+            if word.startswith("-I") and len(word) > 2:
+                folders.append(word[2:])
+            elif word in ("-I", "-isystem") and i + 1 < len(words):
+                folders.append(words[i + 1])
+    return [os.path.normpath(folder) for folder in folders if Path(folder).is_dir()]
 
 
 @dataclass(frozen=True)
@@ -259,15 +296,18 @@ def _compile(plan: BuildPlan, verbose: bool) -> Path:
 
 
 def _load_extension(plan: BuildPlan, extra_cflags: list[str], verbose: bool) -> ModuleType:
-    from torch.utils.cpp_extension import load
+    from torch.utils.cpp_extension import CUDA_HOME, load
 
+    include_paths = [str(plan.sources[0].parent)]
+    if plan.with_cuda and CUDA_HOME is not None:  # (with_cuda: CUDA_HOME/bin/nvcc exists)
+        include_paths += nvcc_include_dirs(str(Path(CUDA_HOME) / "bin" / "nvcc"))
     return load(
         name=plan.name,
         sources=[str(p) for p in plan.sources],
         build_directory=str(plan.directory),
         extra_cflags=extra_cflags,
         extra_cuda_cflags=[*_CUDA_FLAGS, "-DFASTPAR_WITH_CUDA"],
-        extra_include_paths=[str(plan.sources[0].parent)],
+        extra_include_paths=include_paths,
         with_cuda=plan.with_cuda,
         verbose=verbose,
     )
