@@ -1,5 +1,7 @@
 // CUDA elementwise reduction of k buffers (pure CUDA, no torch headers): the GPU counterpart of
 // reduce.h, used by the ring all-reduce's CUDA-IPC transport to combine peers' chunks.
+// Its host interface (what the torch glue calls, readable by the host compiler) is
+// reduce_cuda.h; launch_reduce, which instantiates the kernels, is in reduce_cuda.cu.
 //
 // Same contract as the CPU kernel: inputs combined in index order, float16/bfloat16 accumulated
 // in float32, `out` may alias an input. Loads and stores are 16 bytes wide where every pointer is
@@ -15,15 +17,10 @@
 #include <string>
 
 #include "reduce.h"
+#include "reduce_cuda.h"
 
 namespace fastpar {
 namespace cuda {
-
-constexpr int kMaxInputs = 8;  // peers on one host
-
-struct InputPointers {
-  const void* ptr[kMaxInputs];
-};
 
 template <typename T>
 struct AccType {
@@ -157,22 +154,6 @@ void launch_op(const InputPointers& in, int num_inputs, void* out, int64_t count
     case ReduceOp::kMax: return launch_typed<T, MaxOp>(in, num_inputs, out, count, stream);
   }
   throw std::invalid_argument("unknown reduce op " + std::to_string(static_cast<int>(op)));
-}
-
-// Enqueues out = in[0] op ... op in[k-1] on `stream`; 1 <= num_inputs <= kMaxInputs.
-inline void launch_reduce(const InputPointers& in, int num_inputs, void* out, int64_t count,
-                          DType dtype, ReduceOp op, cudaStream_t stream) {
-  if (count <= 0) return;
-  switch (dtype) {
-    case DType::kFloat32: return launch_op<float>(in, num_inputs, out, count, op, stream);
-    case DType::kFloat64: return launch_op<double>(in, num_inputs, out, count, op, stream);
-    case DType::kFloat16: return launch_op<__half>(in, num_inputs, out, count, op, stream);
-    case DType::kBFloat16:
-      return launch_op<__nv_bfloat16>(in, num_inputs, out, count, op, stream);
-    case DType::kInt32: return launch_op<int32_t>(in, num_inputs, out, count, op, stream);
-    case DType::kInt64: return launch_op<int64_t>(in, num_inputs, out, count, op, stream);
-  }
-  throw std::invalid_argument("unknown dtype " + std::to_string(static_cast<int>(dtype)));
 }
 
 }  // namespace cuda

@@ -1,12 +1,15 @@
-// Torch glue for the CUDA reduction: argument checks, device guard, current stream.
+// Torch glue for the CUDA reduction (reduce_cuda.h; its kernels are in reduce_kernels.cuh and
+// reduce_cuda.cu): argument checks, device guard, current stream. Compiled by the host compiler,
+// and to nothing in a CPU build (no FASTPAR_WITH_CUDA).
+#ifdef FASTPAR_WITH_CUDA
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers this file needs not.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/types.h>
 
-#include "reduce_kernels.cuh"
 #include "glue.h"
+#include "reduce_cuda.h"
 
 namespace fastpar {
 
@@ -37,3 +40,5 @@ void reduce_buffers_cuda(const std::vector<at::Tensor>& inputs, at::Tensor& out,
 }
 
 }  // namespace fastpar
+
+#endif  // FASTPAR_WITH_CUDA
