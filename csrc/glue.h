@@ -105,7 +105,7 @@ class ShmTensorPipe {
 };
 
 #ifdef FASTPAR_WITH_CUDA
-// The CUDA IPC all-reduce (ipc_ring.cuh) behind torch checks, on its own stream of `device`.
+// The CUDA IPC all-reduce (ipc_ring.h) behind torch checks, on its own stream of `device`.
 // Python exchanges handle() through the store and passes every rank's to connect().
 class IpcAllReduce {
  public:

@@ -4,7 +4,9 @@ The extension is compiled with `torch.utils.cpp_extension` and ninja the first t
 and cached under `$FASTPAR_CACHE_DIR` (default `~/.cache/fastpar`), in a folder keyed by the
 sources, the torch version, Python, the compiler flags and whether CUDA is compiled in. When
 several ranks start at once, one compiles while the others wait on a file lock, then all load
-the same build. CUDA sources (`*.cu`) are compiled only where torch has CUDA and nvcc exists.
+the same build. CUDA sources (`*.cu`) are compiled only where torch has CUDA and nvcc exists;
+their torch glue (`*_glue.cpp`, all inside `#ifdef FASTPAR_WITH_CUDA`) compiles to nothing
+elsewhere.
 
 A finished build leaves a record of the library's name, size and SHA-256; a cached library is
 loaded only when it still matches them. Loading a library truncated after its build (a full

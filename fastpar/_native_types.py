@@ -32,7 +32,7 @@ class ShmAllReduce(Protocol):
 
 
 class IpcAllReduce(Protocol):
-    """All-reduce of CUDA tensors through CUDA IPC (`csrc/ipc_ring.cuh`), one kernel per call
+    """All-reduce of CUDA tensors through CUDA IPC (`csrc/ipc_ring.cu`), one kernel per call
     on its own stream.
 
     Constructed as `IpcAllReduce(rank=..., world=..., device=..., chunk_bytes=...,

@@ -8,7 +8,7 @@ results. Transports:
   when the result is in the tensor, and errors are raised by the call that meets them.
 - CUDA tensors (where the native extension has CUDA, and every rank can map every peer's device
   memory: the same GPU, or peer access between the GPUs, agreed by all ranks): every rank's
-  device buffer is mapped by the others through CUDA IPC (`csrc/ipc_ring.cuh`). A call is one
+  device buffer is mapped by the others through CUDA IPC (`csrc/ipc_ring.cu`). A call is one
   kernel on the ring's own stream, ordered after the caller's current stream; a synchronous call
   returns once the result is in the tensor, and `Work.wait()` of an asynchronous one blocks
   until it is: both raise what the device found (a peer that timed out, named; a mismatch), so

@@ -17,7 +17,7 @@ OPS = (R.SUM, R.AVG, R.PRODUCT, R.MIN, R.MAX)
 SEED = random.randrange(2**31)
 # Small chunks so that calls of a few thousand elements already cross chunks and wrap the slots.
 SMALL_RING = {"chunk_bytes": 4096, "slots": 3}
-# The most ranks a test reduces over (the CUDA ring's limit, csrc/ipc_ring.cuh's kMaxRanks).
+# The most ranks a test reduces over (the CUDA ring's limit, csrc/ipc_ring.h's kMaxRanks).
 MAX_RANKS = 8
 # bfloat16 holds the integers up to 256 exactly (8 significant bits), 257 not: its values stay
 # within 256 / MAX_RANKS, else a sum of 8 ranks rounds (gloo rounds after every addition, the

@@ -1,5 +1,7 @@
 // The all-reduce of n GPUs (or n processes sharing a GPU) on one host through CUDA IPC (pure
-// CUDA, no torch headers): the GPU counterpart of shm_ring.h.
+// CUDA, no torch headers): the GPU counterpart of shm_ring.h. This file holds its kernels and
+// the members of IpcRing that launch them; ipc_ring.h declares IpcRing for the host compiler
+// (the torch glue, ipc_ring_glue.cpp).
 //
 // Every rank allocates one device buffer: a control block (barrier flags written by the peers,
 // its own barrier counters, the peers' call headers, an abort word, the peers' abort notices)
@@ -71,8 +73,6 @@
 // captured CUDA graph or an asynchronous call cannot make. The ring therefore leaves such ranks to
 // gloo unless asked (comm/agreement.py). Under MPS their kernels run at once, so the barriers
 // should not wait out slices there (not measured).
-#pragma once
-
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -80,6 +80,7 @@
 #include <string>
 #include <type_traits>
 
+#include "ipc_ring.h"
 #include "reduce.h"
 #include "reduce_kernels.cuh"
 #include "ring.h"
@@ -87,7 +88,6 @@
 namespace fastpar {
 namespace cuda {
 
-constexpr int kMaxRanks = kMaxInputs;
 // Blocks of every call: tens, so that compute kernels keep most SMs while gradients travel.
 // Fixed (not sized to the call) because the barrier counters need every block in every call.
 constexpr int kBlocks = 24;
@@ -98,18 +98,6 @@ constexpr int kThreads = 512;
 constexpr int64_t kOneShotMaxBytesTwoRanks = 512 * 1024;
 constexpr int64_t kOneShotMaxBytes = 256 * 1024;
 
-// What the device reports to the host; lives in mapped pinned memory.
-struct DeviceFailure {
-  int32_t kind;     // 0 none, or one of kFailure*
-  int32_t culprit;  // the rank waited for (timeout, peer aborted), or the dead rank
-  int32_t blamed;   // peer aborted: the rank that peer blamed (-1: none, e.g. a mismatch)
-  CallHeader headers[kMaxRanks];  // every rank's call (mismatch)
-  int32_t dead_peer;  // written by the host: 1 + a rank whose process is gone (0: none)
-};
-constexpr int32_t kFailureTimeout = 1;
-constexpr int32_t kFailureMismatch = 2;
-constexpr int32_t kFailurePeerAborted = 3;
-constexpr int32_t kFailurePeerDead = 4;
 // Spins of a barrier poll between two reads of the host-written `dead_peer`.
 constexpr unsigned kHostPollSpins = 64;
 
@@ -122,12 +110,7 @@ struct Control {
   uint32_t abort;  // set by this rank's own kernels only: 0, or 2 + the rank it blames (or 1)
   uint32_t notices[kMaxRanks];  // [p]: rank p's abort word, posted here by p when it set it
 };
-constexpr size_t kControlBytes = 4096;
 static_assert(sizeof(Control) <= kControlBytes, "control block too large");
-
-struct RankPointers {
-  char* ptr[kMaxRanks];  // each rank's buffer (control block, then data), mapped in this process
-};
 
 // One call, as the kernel sees it.
 struct CallArgs {
@@ -475,12 +458,6 @@ __global__ void __launch_bounds__(kThreads, 2) all_reduce_kernel(CallArgs a) {
   }
 }
 
-inline void check_cuda(cudaError_t status, const char* what) {
-  if (status != cudaSuccess)
-    throw std::runtime_error(std::string("CUDA IPC all-reduce: ") + what + " failed: " +
-                             cudaGetErrorString(status));
-}
-
 template <typename T>
 void launch_op(const CallArgs& args, ReduceOp op, cudaStream_t stream) {
   switch (op) {
@@ -496,175 +473,57 @@ void launch_op(const CallArgs& args, ReduceOp op, cudaStream_t stream) {
   throw std::invalid_argument("unknown reduce op " + std::to_string(static_cast<int>(op)));
 }
 
-class IpcRing {
- public:
-  // Allocates this rank's buffer on the current device (zeroed before anyone can map it).
-  IpcRing(int rank, int world, int64_t chunk_bytes, double timeout_s)
-      : rank_(rank), world_(world), chunk_bytes_(chunk_bytes) {
-    if (world < 1 || world > kMaxRanks || rank < 0 || rank >= world)
-      throw std::invalid_argument("the CUDA IPC all-reduce supports 1.." +
-                                  std::to_string(kMaxRanks) + " ranks; got rank " +
-                                  std::to_string(rank) + " of " + std::to_string(world));
-    if (chunk_bytes <= 0 || chunk_bytes % 4096 != 0)
-      throw std::invalid_argument("chunk_bytes must be a positive multiple of 4096, got " +
-                                  std::to_string(chunk_bytes));
-    timeout_ns_ = static_cast<uint64_t>(timeout_s * 1e9);
-    check_cuda(cudaMalloc(&own_, kControlBytes + 2 * chunk_bytes), "cudaMalloc");
-    check_cuda(cudaMemset(own_, 0, kControlBytes), "cudaMemset");
-    check_cuda(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-    check_cuda(cudaHostAlloc(&failure_, sizeof(DeviceFailure), cudaHostAllocMapped),
-               "cudaHostAlloc");
-    *failure_ = DeviceFailure{};
-    check_cuda(cudaHostGetDevicePointer(&failure_device_, failure_, 0),
-               "cudaHostGetDevicePointer");
-    for (int p = 0; p < kMaxRanks; ++p) ranks_.ptr[p] = nullptr;
-    ranks_.ptr[rank] = own_;
+// The members of IpcRing (ipc_ring.h) that launch the kernels.
+
+void IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
+                         cudaStream_t stream) {
+  if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
+  const int64_t element_size = dtype_size(dtype);
+  const int64_t bytes = count * element_size;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t low_bit = address & (~address + 1);  // largest power of two dividing it
+  CallArgs args{};
+  args.ranks = ranks_;
+  args.rank = rank_;
+  args.world = world_;
+  args.data = static_cast<char*>(data);
+  args.count = count;
+  args.chunk = chunk_bytes_ / element_size;
+  args.data_align = static_cast<int>(address % 16 == 0 ? 16 : low_bit);
+  args.two_shot =
+      bytes > (world_ == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytes) && world_ > 1;
+  args.average = op == kOpAvg;
+  args.header = CallHeader{count, static_cast<int32_t>(dtype), op};
+  args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
+  args.timeout_ns = timeout_ns_;
+  args.failure = failure_device_;
+  const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
+  switch (dtype) {
+    case DType::kFloat32: launch_op<float>(args, reduce_op, stream); break;
+    case DType::kFloat64: launch_op<double>(args, reduce_op, stream); break;
+    case DType::kFloat16: launch_op<__half>(args, reduce_op, stream); break;
+    case DType::kBFloat16: launch_op<__nv_bfloat16>(args, reduce_op, stream); break;
+    case DType::kInt32: launch_op<int32_t>(args, reduce_op, stream); break;
+    case DType::kInt64: launch_op<int64_t>(args, reduce_op, stream); break;
   }
+  check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
+}
 
-  IpcRing(const IpcRing&) = delete;
-  IpcRing& operator=(const IpcRing&) = delete;
-
-  // Frees this rank's buffer. The caller has made sure no rank uses it any more (close()).
-  ~IpcRing() {
-    unmap_peers();
-    cudaFree(own_);
-    cudaFreeHost(failure_);
-  }
-
-  cudaIpcMemHandle_t handle() const {
-    cudaIpcMemHandle_t handle;
-    check_cuda(cudaIpcGetMemHandle(&handle, own_), "cudaIpcGetMemHandle");
-    return handle;
-  }
-
-  char* buffer() const { return own_; }
-
-  // Maps every peer's buffer; handles[p] is rank p's (handles[rank] is ignored).
-  void connect(const cudaIpcMemHandle_t* handles) {
-    for (int p = 0; p < world_; ++p) {
-      if (p == rank_ || ranks_.ptr[p] != nullptr) continue;
-      void* peer = nullptr;
-      check_cuda(cudaIpcOpenMemHandle(&peer, handles[p], cudaIpcMemLazyEnablePeerAccess),
-                 "cudaIpcOpenMemHandle (are all ranks on one host?)");
-      ranks_.ptr[p] = static_cast<char*>(peer);
-      opened_[p] = true;
-    }
-  }
-
-  // Uses buffers of other rings of this process as the peers' (several endpoints of one
-  // process, each on its own stream: tests of the barrier's memory ordering).
-  void connect_local(char* const* buffers) {
-    for (int p = 0; p < world_; ++p) {
-      if (p != rank_) ranks_.ptr[p] = buffers[p];
-    }
-  }
-
-  // Stops using the peers' buffers; the caller has waited for this ring's last kernel.
-  void unmap_peers() {
-    for (int p = 0; p < world_; ++p) {
-      if (p == rank_) continue;
-      if (opened_[p]) cudaIpcCloseMemHandle(ranks_.ptr[p]);
-      opened_[p] = false;
-      ranks_.ptr[p] = nullptr;
-    }
-  }
-
-  bool connected() const {
-    for (int p = 0; p < world_; ++p) {
-      if (ranks_.ptr[p] == nullptr) return false;
-    }
-    return true;
-  }
-
-  // Enqueues the in-place all-reduce of `data` (count elements, device memory, aligned to its
-  // element size) on `stream` as one kernel. kOpAvg needs a floating dtype. Failures found on
-  // the device show in failure().
-  void all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream) {
-    if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
-    const int64_t element_size = dtype_size(dtype);
-    const int64_t bytes = count * element_size;
-    const uintptr_t address = reinterpret_cast<uintptr_t>(data);
-    const uintptr_t low_bit = address & (~address + 1);  // largest power of two dividing it
-    CallArgs args{};
-    args.ranks = ranks_;
-    args.rank = rank_;
-    args.world = world_;
-    args.data = static_cast<char*>(data);
-    args.count = count;
-    args.chunk = chunk_bytes_ / element_size;
-    args.data_align = static_cast<int>(address % 16 == 0 ? 16 : low_bit);
-    args.two_shot =
-        bytes > (world_ == 2 ? kOneShotMaxBytesTwoRanks : kOneShotMaxBytes) && world_ > 1;
-    args.average = op == kOpAvg;
-    args.header = CallHeader{count, static_cast<int32_t>(dtype), op};
-    args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
-    args.timeout_ns = timeout_ns_;
-    args.failure = failure_device_;
-    const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
-    switch (dtype) {
-      case DType::kFloat32: launch_op<float>(args, reduce_op, stream); break;
-      case DType::kFloat64: launch_op<double>(args, reduce_op, stream); break;
-      case DType::kFloat16: launch_op<__half>(args, reduce_op, stream); break;
-      case DType::kBFloat16: launch_op<__nv_bfloat16>(args, reduce_op, stream); break;
-      case DType::kInt32: launch_op<int32_t>(args, reduce_op, stream); break;
-      case DType::kInt64: launch_op<int64_t>(args, reduce_op, stream); break;
-    }
-    check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
-  }
-
-  // Enqueues a call that moves no data but meets the peers' calls at a first barrier with
-  // `header` (a kTorchPath announcement): a peer whose call differs fails, as this one does.
-  void agree(const CallHeader& header, cudaStream_t stream) {
-    if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
-    CallArgs args{};
-    args.ranks = ranks_;
-    args.rank = rank_;
-    args.world = world_;
-    args.chunk = chunk_bytes_ / static_cast<int64_t>(sizeof(int32_t));
-    args.data_align = 16;
-    args.header = header;
-    args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
-    args.timeout_ns = timeout_ns_;
-    args.failure = failure_device_;
-    launch_op<int32_t>(args, ReduceOp::kSum, stream);
-    check_cuda(cudaGetLastError(), "the agreement kernel launch");
-  }
-
-  // Makes this rank's barriers fail naming `rank`, whose process is gone (any thread; the
-  // spinning kernel sees it within kHostPollSpins spins).
-  void report_dead_peer(int rank) {
-    __atomic_store_n(&failure_->dead_peer, rank + 1, __ATOMIC_RELEASE);
-  }
-
-  // What the device reported (kind 0: nothing). Read without synchronising.
-  DeviceFailure failure() const {
-    DeviceFailure copy;
-    const volatile DeviceFailure* source = failure_;
-    copy.kind = source->kind;
-    copy.culprit = source->culprit;
-    copy.blamed = source->blamed;
-    for (int p = 0; p < kMaxRanks; ++p) {
-      copy.headers[p].count = source->headers[p].count;
-      copy.headers[p].dtype = source->headers[p].dtype;
-      copy.headers[p].op = source->headers[p].op;
-    }
-    return copy;
-  }
-
-  int rank() const { return rank_; }
-  int world() const { return world_; }
-
- private:
-  int rank_;
-  int world_;
-  int64_t chunk_bytes_;
-  uint64_t timeout_ns_ = 0;
-  char* own_ = nullptr;
-  RankPointers ranks_{};
-  bool opened_[kMaxRanks] = {};  // ranks_.ptr[p] came from cudaIpcOpenMemHandle
-  DeviceFailure* failure_ = nullptr;  // host view of the mapped record
-  DeviceFailure* failure_device_ = nullptr;
-};
+void IpcRing::agree(const CallHeader& header, cudaStream_t stream) {
+  if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
+  CallArgs args{};
+  args.ranks = ranks_;
+  args.rank = rank_;
+  args.world = world_;
+  args.chunk = chunk_bytes_ / static_cast<int64_t>(sizeof(int32_t));
+  args.data_align = 16;
+  args.header = header;
+  args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
+  args.timeout_ns = timeout_ns_;
+  args.failure = failure_device_;
+  launch_op<int32_t>(args, ReduceOp::kSum, stream);
+  check_cuda(cudaGetLastError(), "the agreement kernel launch");
+}
 
 }  // namespace cuda
 }  // namespace fastpar

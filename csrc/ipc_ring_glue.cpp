@@ -1,6 +1,8 @@
-// Torch glue for the CUDA IPC all-reduce (ipc_ring.cuh): argument checks, the device guard, and
-// the ring's own stream, ordered after the caller's current stream (or the capturing stream
-// itself while a CUDA graph is captured).
+// Torch glue for the CUDA IPC all-reduce (ipc_ring.h; its kernels are in ipc_ring.cu): argument
+// checks, the device guard, and the ring's own stream, ordered after the caller's current stream
+// (or the capturing stream itself while a CUDA graph is captured). Compiled by the host compiler,
+// and to nothing in a CPU build (no FASTPAR_WITH_CUDA).
+#ifdef FASTPAR_WITH_CUDA
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers this file needs not.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -13,8 +15,8 @@
 #include <utility>
 #include <vector>
 
-#include "ipc_ring.cuh"
 #include "glue.h"
+#include "ipc_ring.h"
 
 namespace fastpar {
 namespace {
@@ -372,3 +374,5 @@ bool IpcAllReduce::closed() const { return !impl_->ring || impl_->stopped; }
 std::string IpcAllReduce::failure() const { return impl_->failure; }
 
 }  // namespace fastpar
+
+#endif  // FASTPAR_WITH_CUDA
