@@ -1,11 +1,16 @@
-"""Every CUDA source in csrc/ compiles for sm_90 (H100) with nvcc, where nvcc exists.
+"""Every CUDA source in csrc/ compiles for sm_90 (H100) with nvcc, and every CUDA-only torch
+glue source with the host C++ compiler as in a CUDA build, where nvcc exists.
 
-CI machines have nvcc but no GPU: this catches CUDA compile errors before a GPU ever sees the
-code. The torch headers of the installed torch are used, as in the real build.
+CI machines have nvcc but no GPU, and a CPU build compiles neither: this catches compile errors
+of the CUDA code before a GPU ever sees it. The torch headers of the installed torch are used,
+as in the real build. The .cu files include no torch headers (nvcc's front end took most of a
+minute per file on them): that is checked here too.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -15,10 +20,25 @@ from pathlib import Path
 
 import pytest
 
-from fastpar._native import _CUDA_FLAGS, source_dir
+from fastpar._native import _CUDA_FLAGS, _CXX_FLAGS, nvcc_include_dirs, source_dir
 
 NVCC = shutil.which("nvcc")
+# CUDA's own headers, which the real build gives the C++ compiles of the glue too.
+CUDA_INCLUDE_DIRS = nvcc_include_dirs(NVCC) if NVCC is not None else []
 CUDA_SOURCES = sorted(source_dir().glob("*.cu"))
+_CUDA_ONLY_GUARD = "#ifdef FASTPAR_WITH_CUDA"
+
+
+def _cuda_only(source: Path) -> bool:
+    """Whether a C++ source is all inside `#ifdef FASTPAR_WITH_CUDA` (its first directive): it
+    compiles to nothing in a CPU build."""
+    lines = source.read_text().splitlines()
+    directives = (line.strip() for line in lines if line.lstrip().startswith("#"))
+    return next(directives, "") == _CUDA_ONLY_GUARD
+
+
+# The torch glue of the CUDA code, compiled by the host compiler in a CUDA build only.
+CUDA_GLUE_SOURCES = sorted(p for p in source_dir().glob("*.cpp") if _cuda_only(p))
 
 
 # A CPU-only torch wheel ships the c10/cuda headers but not this one, which CMake generates in
@@ -38,6 +58,30 @@ def _include_flags(shim_dir: Path) -> list[str]:
 
 def test_there_are_cuda_sources() -> None:
     assert CUDA_SOURCES, f"no .cu files in {source_dir()}"
+    assert CUDA_GLUE_SOURCES, f"no .cpp files of CUDA glue ({_CUDA_ONLY_GUARD}) in {source_dir()}"
+
+
+_LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+_TORCH_INCLUDE = re.compile(r"^\s*#\s*include\s+<(torch|ATen|c10|pybind11)/", re.MULTILINE)
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
+def test_cuda_source_includes_no_torch_headers(source: Path) -> None:
+    """nvcc spends most of a minute on torch's headers: the .cu files and the csrc/ headers
+    they include reach none (the torch glue is in .cpp files)."""
+    seen: set[Path] = set()
+    pending = [source]
+    while pending:
+        path = pending.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_text()
+        found = _TORCH_INCLUDE.search(text)
+        assert found is None, f"{source.name} includes torch's headers through {path.name}"
+        for name in _LOCAL_INCLUDE.findall(text):
+            if (source_dir() / name).is_file():
+                pending.append(source_dir() / name)
 
 
 @dataclass
@@ -46,13 +90,36 @@ class _Compile:
     stderr: Path
 
 
+def _start(command: list[str], stderr: Path) -> _Compile:
+    with open(stderr, "wb") as log:  # a file: a full pipe would stall a compile
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    return _Compile(process, stderr)
+
+
 @pytest.fixture(scope="module")
 def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _Compile]]:
-    """Every source's nvcc, all started at once: one compile keeps one core busy for most of a
-    minute, so side by side they take about the time of the longest instead of the sum."""
+    """Every source's compile (nvcc for the .cu files, the host compiler for the CUDA glue),
+    all started at once: one compile keeps one core busy for up to a minute, so side by side
+    they take about the time of the longest instead of the sum."""
     root = tmp_path_factory.mktemp("nvcc")
     includes = _include_flags(root / "shim")
     started = {}
+    if NVCC is not None and CUDA_INCLUDE_DIRS:
+        for source in CUDA_GLUE_SOURCES:
+            command = [
+                os.environ.get("CXX", "c++"),
+                "-c",
+                str(source),
+                "-o",
+                str(root / (source.stem + ".o")),
+                *_CXX_FLAGS,  # the flags of the real build
+                "-fPIC",
+                "-DFASTPAR_WITH_CUDA",
+                "-D_GLIBCXX_USE_CXX11_ABI=1",
+                *(flag for path in CUDA_INCLUDE_DIRS for flag in ("-I", path)),
+                *includes,
+            ]
+            started[source] = _start(command, root / (source.stem + ".stderr"))
     for source in CUDA_SOURCES:
         command = [
             str(NVCC),
@@ -68,10 +135,7 @@ def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _C
             "-Xptxas=-warn-spills",
             *includes,
         ]
-        stderr = root / (source.stem + ".stderr")
-        with open(stderr, "wb") as log:  # a file: a full pipe would stall a compile
-            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
-        started[source] = _Compile(process, stderr)
+        started[source] = _start(command, root / (source.stem + ".stderr"))
     yield started
     for compile_ in started.values():  # a test that failed early leaves none running
         if compile_.process.poll() is None:
@@ -87,3 +151,13 @@ def test_compiles_for_sm90(source: Path, compiles: dict[Path, _Compile]) -> None
     stderr = compile_.stderr.read_text(errors="replace")
     assert returncode == 0, f"nvcc failed for {source.name}:\n{stderr[-4000:]}"
     assert "spill" not in stderr.lower(), stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+@pytest.mark.skipif(not CUDA_INCLUDE_DIRS, reason="nvcc's dry run named no include folder")
+@pytest.mark.parametrize("source", CUDA_GLUE_SOURCES, ids=lambda p: p.name)
+def test_cuda_glue_compiles(source: Path, compiles: dict[Path, _Compile]) -> None:
+    compile_ = compiles[source]
+    returncode = compile_.process.wait(timeout=600)
+    stderr = compile_.stderr.read_text(errors="replace")
+    assert returncode == 0, f"the C++ compiler failed for {source.name}:\n{stderr[-4000:]}"
