@@ -143,13 +143,18 @@ def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _C
             compile_.process.wait()
 
 
+def _succeeded(compile_: _Compile, compiler: str, source: Path) -> str:
+    """The compile's stderr, once it has ended without an error."""
+    returncode = compile_.process.wait(timeout=600)
+    stderr = compile_.stderr.read_text(errors="replace")
+    assert returncode == 0, f"{compiler} failed for {source.name}:\n{stderr[-4000:]}"
+    return stderr
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: p.name)
 def test_compiles_for_sm90(source: Path, compiles: dict[Path, _Compile]) -> None:
-    compile_ = compiles[source]
-    returncode = compile_.process.wait(timeout=600)
-    stderr = compile_.stderr.read_text(errors="replace")
-    assert returncode == 0, f"nvcc failed for {source.name}:\n{stderr[-4000:]}"
+    stderr = _succeeded(compiles[source], "nvcc", source)
     assert "spill" not in stderr.lower(), stderr
 
 
@@ -157,7 +162,4 @@ def test_compiles_for_sm90(source: Path, compiles: dict[Path, _Compile]) -> None
 @pytest.mark.skipif(not CUDA_INCLUDE_DIRS, reason="nvcc's dry run named no include folder")
 @pytest.mark.parametrize("source", CUDA_GLUE_SOURCES, ids=lambda p: p.name)
 def test_cuda_glue_compiles(source: Path, compiles: dict[Path, _Compile]) -> None:
-    compile_ = compiles[source]
-    returncode = compile_.process.wait(timeout=600)
-    stderr = compile_.stderr.read_text(errors="replace")
-    assert returncode == 0, f"the C++ compiler failed for {source.name}:\n{stderr[-4000:]}"
+    _succeeded(compiles[source], "the C++ compiler", source)
