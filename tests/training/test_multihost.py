@@ -37,6 +37,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _stderr_of_killed(node: subprocess.Popen[str]) -> str:
+    """What a killed torchrun wrote to stderr (its ranks may hold the pipe a while longer)."""
+    try:
+        return node.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired as held:
+        text = held.stderr or ""
+        return text.decode(errors="replace") if isinstance(text, bytes) else text
+
+
 def _two_hosts(tmp: Path, *args: str) -> list[subprocess.CompletedProcess[str]]:
     """Node 0 and node 1 (in its own IPC namespace) of one torchrun job, 2 ranks each."""
     port = _free_port()
@@ -56,9 +65,16 @@ def _two_hosts(tmp: Path, *args: str) -> list[subprocess.CompletedProcess[str]]:
         try:
             stdout, stderr = node.communicate(timeout=240)
         except subprocess.TimeoutExpired:
+            # What each node said is the only clue to why the job did not end (torchrun's
+            # agents wait up to 300 s at exit for a node whose ranks failed).
             for other in nodes:
                 other.kill()
-            raise
+            unread = nodes[len(results) :]
+            said = [r.stderr for r in results] + [_stderr_of_killed(n) for n in unread]
+            pytest.fail(
+                "the job did not end within 240 s\n"
+                + "\n".join(f"--- node {n} stderr:\n{text[-3000:]}" for n, text in enumerate(said))
+            )
         results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
     return results
 
