@@ -82,13 +82,15 @@ def _set_rng_streams(streams: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def _every_rank_streams() -> list[dict[str, Any]]:
-    """Every rank's `_rng_streams`, by rank (collective)."""
+def _every_rank_streams() -> list[dict[str, Any]] | None:
+    """On rank 0, which writes the manifest, every rank's `_rng_streams` by rank; None on the
+    others (collective)."""
     mine = _rng_streams()
     if not dist.is_initialized():
         return [mine]
-    streams: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(streams, mine)
+    rank0 = dist.get_rank() == 0
+    streams: list[Any] | None = [None] * dist.get_world_size() if rank0 else None
+    dist.gather_object(mine, streams, dst=0)
     return streams
 
 
