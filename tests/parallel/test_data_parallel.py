@@ -429,14 +429,14 @@ def _usability_checks_per_backward(rank: int, world_size: int) -> list[int]:
     model = LanguageModel()
     dp = DataParallel(model, comm="torch", bucket_cap_mb=0.004, first_bucket_mb=0.002)
     checks = 0
-    check_usable = dp._check_usable
+    check_usable = dp._sync.check_usable
 
     def counted() -> None:
         nonlocal checks
         checks += 1
         check_usable()
 
-    dp._check_usable = counted  # type: ignore[method-assign]
+    dp._sync.check_usable = counted  # type: ignore[method-assign]
     counts = []
     for step in range(3):
         inputs, targets = _batch("lm", rank, step)

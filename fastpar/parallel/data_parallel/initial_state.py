@@ -1,0 +1,104 @@
+"""Construction's agreement on the replicas' state: every rank checks that every rank holds
+the same parameter set (names, shapes, dtypes) and buffers, then takes the group's first rank's
+parameters and buffers by broadcast.
+
+The check goes through the default store, not a collective, so a rank that never constructs
+its DataParallel is named (CommTimeoutError) instead of blocking a collective until the
+group's timeout.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Iterator
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastpar.comm.agreement import exchange_prefix, wait_for_ranks
+from fastpar.comm.timeouts import group_timeout
+from fastpar.parallel.data_parallel.waits import deadline, wait_within
+
+__all__ = ["broadcast_state", "check_same_state"]
+
+Signature = list[tuple[str, str, tuple[int, ...], str, bool]]
+
+
+def state_signature(module: nn.Module) -> Signature:
+    """What every rank's module must agree on: each parameter's and buffer's name, shape, dtype
+    and requires_grad (a buffer that differs would block or corrupt the broadcast of state)."""
+    return [
+        (kind, name, tuple(t.shape), str(t.dtype), t.requires_grad)
+        for kind, named in (("parameter", module.named_parameters()),
+                            ("buffer", module.named_buffers()))
+        for name, t in named
+    ]  # fmt: skip
+
+
+def first_difference(mine: Signature, reference: Signature) -> str | None:
+    for a, b in zip(mine, reference, strict=False):
+        if a != b:
+            return f"{a[0]} {a[1:]} here but {b[0]} {b[1:]} on the group's first rank"
+    if len(mine) != len(reference):
+        return (
+            f"{len(mine)} parameters and buffers here but {len(reference)} on the group's "
+            "first rank"
+        )
+    return None
+
+
+def state_tensors(module: nn.Module) -> Iterator[torch.Tensor]:
+    yield from (p.data for p in module.parameters())
+    yield from module.buffers()
+
+
+def check_same_state(module: nn.Module, group: dist.ProcessGroup, timeout_s: float | None) -> None:
+    """Every rank posts its parameters' and buffers' signature through the default store and
+    reads everyone's, waiting at most `timeout_s` (None: the group's timeout; CommTimeoutError
+    naming the ranks that did not post theirs); ValueError naming the first rank whose
+    signature differs. The last rank to read them deletes them."""
+    world_size = dist.get_world_size(group)
+    me = dist.get_rank(group)
+    store = dist.distributed_c10d._get_default_store()
+    prefix = exchange_prefix("data-parallel", group)
+    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
+    store.set(keys[me], pickle.dumps(state_signature(module)))
+    if timeout_s is not None:
+        timeout = timedelta(seconds=timeout_s)
+    else:
+        device = next(state_tensors(module), torch.empty(0)).device
+        timeout = group_timeout(group, device)
+    wait_for_ranks(store, keys, timeout, me, "post its parameter names and shapes",
+                   during="constructing a DataParallel")  # fmt: skip
+    signatures = [pickle.loads(store.get(keys[r])) for r in range(world_size)]
+    # The last rank to have read every signature deletes them (no rank may delete its own
+    # after reading: a slower one may not have read it yet), so that a loop building
+    # wrappers does not grow the store by a key per rank each time.
+    read = f"{prefix}/read"
+    if store.add(read, 1) == world_size:
+        for key in [*keys.values(), read]:
+            store.delete_key(key)
+    for rank, signature in enumerate(signatures):
+        difference = first_difference(signature, signatures[0])
+        if difference is not None:
+            raise ValueError(
+                "DataParallel needs the same parameters and buffers on every rank; on group "
+                f"rank {rank}, {difference}"
+            )
+
+
+@torch.no_grad()
+def broadcast_state(module: nn.Module, group: dist.ProcessGroup, timeout_s: float | None) -> None:
+    """Overwrite `module`'s parameters and buffers with the group's first rank's, waiting at
+    most `timeout_s` for them on CPU (`wait_within`; None: the group's timeout)."""
+    until = deadline(timeout_s)
+    src = dist.get_global_rank(group, 0)
+    what = "the group's first rank's parameters and buffers"
+    works = [
+        (dist.broadcast(tensor, src=src, group=group, async_op=True), tensor.device)
+        for tensor in state_tensors(module)
+    ]
+    for work, device in works:
+        wait_within(work, until, what, device, timeout_s=timeout_s, group=group)
