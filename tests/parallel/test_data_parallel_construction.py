@@ -1,0 +1,65 @@
+"""A DataParallel whose construction failed leaves nothing that changes a later construction on
+the same group: the retry works and the store holds no key of the failed one."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastpar.comm import CommTimeoutError
+from fastpar.parallel import DataParallel
+from fastpar.testing.distributed import run_multiprocess
+
+TIMEOUT_S = 2.0  # how long the first construction waits for the absent rank
+RETRY_TIMEOUT_S = 20.0  # the retry's: ample for ranks that all come
+
+
+def _retry_after_failures(rank: int, world_size: int) -> tuple[list[torch.Tensor], int, int]:
+    """A construction every rank refuses (different shapes), then one that rank 1 misses (the
+    others time out), then a retry on every rank. Returns the retry's parameters and the
+    store's key count before the first construction and after the retry."""
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()
+    keys_before = store.num_keys()
+    dist.barrier()  # every rank has counted before the first construction writes
+
+    with pytest.raises(ValueError, match="same parameters and buffers on every rank"):
+        DataParallel(nn.Linear(3, 3 + rank), comm="torch", timeout=RETRY_TIMEOUT_S)
+
+    given_up = [f"absent-once/given-up/{r}" for r in range(world_size) if r != 1]
+    if rank == 1:  # comes only to the retry, once the others have given up
+        store.wait(given_up, timedelta(seconds=RETRY_TIMEOUT_S))
+    else:
+        with pytest.raises(CommTimeoutError, match=r"waiting for rank\(s\) \[1\]"):
+            DataParallel(nn.Linear(3, 3), comm="torch", timeout=TIMEOUT_S)
+        store.set(given_up[0 if rank == 0 else 1], "1")
+
+    torch.manual_seed(rank)  # different on purpose: the retry broadcasts rank 0's
+    model = nn.Linear(3, 3)
+    DataParallel(model, comm="torch", timeout=RETRY_TIMEOUT_S).close()
+
+    dist.barrier()  # every rank done with the store
+    if rank == 0:
+        for key in given_up:
+            store.delete_key(key)
+    dist.barrier()
+    return [p.detach().clone() for p in model.parameters()], keys_before, store.num_keys()
+
+
+def test_a_construction_that_failed_leaves_nothing_a_retry_sees() -> None:
+    """After rank 1 missed a construction, the others' next one read the keys they had posted
+    for the failed one as rank 1's current ones, and rank 1's read the stale ones: the retry
+    timed out, and the failed construction's keys stayed in the store."""
+    results = run_multiprocess(_retry_after_failures, 3, timeout=120)
+    expected = results[0][0]
+    torch.manual_seed(0)
+    assert all(
+        torch.equal(a, b) for a, b in zip(expected, nn.Linear(3, 3).parameters(), strict=True)
+    )
+    for params, keys_before, keys_after in results:
+        assert all(torch.equal(a, b) for a, b in zip(params, expected, strict=True))
+        assert keys_after == keys_before, (keys_before, keys_after)
