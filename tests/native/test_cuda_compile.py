@@ -1,10 +1,12 @@
-"""Every CUDA source in csrc/ compiles for sm_90 (H100) with nvcc, and every CUDA-only torch
-glue source with the host C++ compiler as in a CUDA build, where nvcc exists.
+"""Every CUDA source in csrc/ compiles for sm_90 (H100) with nvcc, and every C++ source with
+CUDA-only parts (the torch glue of the CUDA code, the bindings) with the host C++ compiler as in
+a CUDA build, where nvcc exists.
 
-CI machines have nvcc but no GPU, and a CPU build compiles neither: this catches compile errors
-of the CUDA code before a GPU ever sees it. The torch headers of the installed torch are used,
-as in the real build. The .cu files include no torch headers (nvcc's front end took most of a
-minute per file on them): that is checked here too.
+CI machines have nvcc but no GPU, and a CPU build compiles none of it: this catches compile
+errors of the CUDA code before a GPU ever sees it. The torch headers of the installed torch are
+used, with the flags torch's extension build gives each compiler, as in the real build. The .cu
+files include no torch headers (nvcc's front end took most of a minute per file on them): that
+is checked here too.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
 
 from fastpar._native import _CUDA_FLAGS, _CXX_FLAGS, nvcc_include_dirs, source_dir
 
@@ -39,6 +42,23 @@ def _cuda_only(source: Path) -> bool:
 
 # The torch glue of the CUDA code, compiled by the host compiler in a CUDA build only.
 CUDA_GLUE_SOURCES = sorted(p for p in source_dir().glob("*.cpp") if _cuda_only(p))
+# Every C++ source with a part that only a CUDA build compiles (the glue, and the bindings of
+# the CUDA code in bindings.cpp), compiled here as in a CUDA build.
+CUDA_HOST_SOURCES = sorted(
+    p for p in source_dir().glob("*.cpp") if _CUDA_ONLY_GUARD in p.read_text().splitlines()
+)
+
+# What torch's extension build (torch.utils.cpp_extension) gives every compile besides the
+# caller's flags: the module's name (bindings.cpp's PYBIND11_MODULE needs it) and the macro of
+# an extension's torch headers.
+_TORCH_EXTENSION_DEFINES = (
+    "-DTORCH_EXTENSION_NAME=fastpar_compile_check",
+    "-DTORCH_API_INCLUDE_EXTENSION_H",
+)
+# What it gives nvcc: its own defines and options, taken from torch (the half and bfloat16
+# operators off, --expt-relaxed-constexpr), and position-independent host code, which it passes
+# as `--compiler-options '-fPIC'` in the ninja file it writes (a shell line: unquoted here).
+TORCH_NVCC_FLAGS = (*COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC")
 
 
 # A CPU-only torch wheel ships the c10/cuda headers but not this one, which CMake generates in
@@ -59,6 +79,7 @@ def _include_flags(shim_dir: Path) -> list[str]:
 def test_there_are_cuda_sources() -> None:
     assert CUDA_SOURCES, f"no .cu files in {source_dir()}"
     assert CUDA_GLUE_SOURCES, f"no .cpp files of CUDA glue ({_CUDA_ONLY_GUARD}) in {source_dir()}"
+    assert source_dir() / "bindings.cpp" in CUDA_HOST_SOURCES, "bindings.cpp binds no CUDA code"
 
 
 _LOCAL_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
@@ -98,14 +119,15 @@ def _start(command: list[str], stderr: Path) -> _Compile:
 
 @pytest.fixture(scope="module")
 def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _Compile]]:
-    """Every source's compile (nvcc for the .cu files, the host compiler for the CUDA glue),
-    all started at once: one compile keeps one core busy for up to a minute, so side by side
-    they take about the time of the longest instead of the sum."""
+    """Every source's compile (nvcc for the .cu files, the host compiler for the C++ sources
+    with CUDA-only parts; to objects that nothing links), all started at once: one compile
+    keeps one core busy for up to a minute, so side by side they take about the time of the
+    longest instead of the sum."""
     root = tmp_path_factory.mktemp("nvcc")
     includes = _include_flags(root / "shim")
     started = {}
     if NVCC is not None and CUDA_INCLUDE_DIRS:
-        for source in CUDA_GLUE_SOURCES:
+        for source in CUDA_HOST_SOURCES:
             command = [
                 os.environ.get("CXX", "c++"),
                 "-c",
@@ -114,6 +136,7 @@ def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _C
                 str(root / (source.stem + ".o")),
                 *_CXX_FLAGS,  # the flags of the real build
                 "-fPIC",
+                *_TORCH_EXTENSION_DEFINES,
                 "-DFASTPAR_WITH_CUDA",
                 "-D_GLIBCXX_USE_CXX11_ABI=1",
                 *(flag for path in CUDA_INCLUDE_DIRS for flag in ("-I", path)),
@@ -127,11 +150,12 @@ def compiles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[Path, _C
             str(source),
             "-o",
             str(root / (source.stem + ".o")),
+            *_TORCH_EXTENSION_DEFINES,
+            *TORCH_NVCC_FLAGS,
             *_CUDA_FLAGS,  # the flags of the real build
             "-gencode=arch=compute_90,code=sm_90",
             "-DFASTPAR_WITH_CUDA",
             "-D_GLIBCXX_USE_CXX11_ABI=1",
-            "--expt-relaxed-constexpr",
             "-Xptxas=-warn-spills",
             *includes,
         ]
@@ -160,6 +184,6 @@ def test_compiles_for_sm90(source: Path, compiles: dict[Path, _Compile]) -> None
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.skipif(not CUDA_INCLUDE_DIRS, reason="nvcc's dry run named no include folder")
-@pytest.mark.parametrize("source", CUDA_GLUE_SOURCES, ids=lambda p: p.name)
-def test_cuda_glue_compiles(source: Path, compiles: dict[Path, _Compile]) -> None:
+@pytest.mark.parametrize("source", CUDA_HOST_SOURCES, ids=lambda p: p.name)
+def test_cuda_parts_of_cpp_sources_compile(source: Path, compiles: dict[Path, _Compile]) -> None:
     _succeeded(compiles[source], "the C++ compiler", source)
