@@ -1,7 +1,12 @@
 // CUDA elementwise reduction of k buffers (pure CUDA, no torch headers): the GPU counterpart of
-// reduce.h, used by the ring all-reduce's CUDA-IPC transport to combine peers' chunks.
-// Its host interface (what the torch glue calls, readable by the host compiler) is
+// reduce.h. Its host interface (what the torch glue calls, readable by the host compiler) is
 // reduce_cuda.h; launch_reduce, which instantiates the kernels, is in reduce_cuda.cu.
+//
+// The CUDA IPC all-reduce (ipc_ring.cu) launches none of these kernels: it combines the peers'
+// chunks inside its own kernel (reduce_pack, past L1, between its barriers) and takes from here
+// only the element-level parts, so that both reductions round alike: AccType, to_acc and
+// from_acc (float16/bfloat16 accumulated in float32), and the ops SumOp, ProductOp, MinOp and
+// MaxOp (the last two keep a NaN, through is_nan).
 //
 // Same contract as the CPU kernel: inputs combined in index order, float16/bfloat16 accumulated
 // in float32, `out` may alias an input. Loads and stores are 16 bytes wide where every pointer is
