@@ -106,7 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         .def("free", &Ring::free, release)
         .def("close", &Ring::close, release)
         .def_property_readonly("closed", &Ring::closed)
-        .def_property_readonly("failure", &Ring::failure);
+        .def_property_readonly("failure", &Ring::failure)
+        .def_property_readonly("failed_call", &Ring::failed_call);
   }
 #endif
 }

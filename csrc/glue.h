@@ -126,8 +126,10 @@ class IpcAllReduce {
   // the current stream; with block_current_stream, later work on the current stream waits for
   // it. While the current stream is capturing a CUDA graph, the kernel is captured on it.
   // Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the device reported
-  // about earlier calls.
-  void all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
+  // about earlier calls. Returns the call's number: the ring numbers the calls it enqueues
+  // (1, 2, ...; the agreements of agree_torch_path too), and failed_call() names the one that
+  // failed.
+  int64_t all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
   // Announces that this rank's call of `tensor` with `op` (a c10d ReduceOp code) goes to
   // torch.distributed: a kernel meets the peers' calls at a barrier and the host waits for it;
   // raises RingMismatchError on every rank when some take the ring or call differently. Does
@@ -149,6 +151,10 @@ class IpcAllReduce {
   void close();
   bool closed() const;
   std::string failure() const;
+  // The number of the call whose failure check() raised (-1 until it raised one): the calls
+  // numbered before it had ended, those after it returned at once without running (replays of
+  // a call captured in a CUDA graph keep its number: fastpar/comm/work.py's CudaRingWork).
+  int64_t failed_call() const;
 
  private:
   struct Impl;

@@ -40,7 +40,9 @@
 // as a notice into every peer's control block (`notices[rank]`), so that a poll reads nothing
 // but its own device's memory: a load from a peer's memory crosses NVLink or PCIe (about a
 // microsecond), and it would be paid by every spin and, after the flag arrives, by every
-// barrier.
+// barrier. The report carries the failing call's number (IpcRing numbers the calls it
+// enqueues), by which the host tells the calls that ended before the failure (succeeded) from
+// those that returned at once after it (did not run).
 //
 // Dead peers. The host's watchdog (process.h's PeerWatchdog) checks the peers' pids while the
 // ring is open and writes the dead rank into `DeviceFailure::dead_peer`, which lives in mapped
@@ -51,7 +53,7 @@
 // it waits for this process's time slice; the mapped word needs nothing). Polls read it every
 // kHostPollSpins spins only (a read across the bus costs about a microsecond). The kernel then
 // fails naming the dead rank and sets this rank's abort word as for any failure, so the other
-// ranks stop too.
+// ranks stop too; the report carries the call's number as for any failure.
 //
 // A late rank. A block stores its flag into every peer's control block before waiting, so a
 // rank arriving after a peer gave up (timed out waiting for it) finds that peer's flag already
@@ -126,6 +128,7 @@ struct CallArgs {
   CallHeader header;
   uint64_t area_bytes;  // bytes of one data area
   uint64_t timeout_ns;
+  int64_t call;  // this call's number, reported with a failure (IpcRing::calls_)
   DeviceFailure* failure;
 };
 
@@ -374,6 +377,7 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
     volatile DeviceFailure* report = a.failure;
     report->culprit = culprit;
     report->blamed = blamed;
+    report->call = a.call;
     for (int p = 0; p < a.world; ++p) {
       const CallHeader call = header_of(p);
       report->headers[p].count = call.count;
@@ -475,8 +479,8 @@ void launch_op(const CallArgs& args, ReduceOp op, cudaStream_t stream) {
 
 // The members of IpcRing (ipc_ring.h) that launch the kernels.
 
-void IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
-                         cudaStream_t stream) {
+int64_t IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
+                            cudaStream_t stream) {
   if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
   const int64_t element_size = dtype_size(dtype);
   const int64_t bytes = count * element_size;
@@ -498,6 +502,8 @@ void IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
   args.timeout_ns = timeout_ns_;
   args.failure = failure_device_;
   const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
+  const std::lock_guard<std::mutex> lock(enqueue_mutex_);
+  args.call = ++calls_;
   switch (dtype) {
     case DType::kFloat32: launch_op<float>(args, reduce_op, stream); break;
     case DType::kFloat64: launch_op<double>(args, reduce_op, stream); break;
@@ -507,9 +513,10 @@ void IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
     case DType::kInt64: launch_op<int64_t>(args, reduce_op, stream); break;
   }
   check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
+  return args.call;
 }
 
-void IpcRing::agree(const CallHeader& header, cudaStream_t stream) {
+int64_t IpcRing::agree(const CallHeader& header, cudaStream_t stream) {
   if (!connected()) throw std::logic_error("the CUDA IPC all-reduce is not connected");
   CallArgs args{};
   args.ranks = ranks_;
@@ -521,8 +528,11 @@ void IpcRing::agree(const CallHeader& header, cudaStream_t stream) {
   args.area_bytes = static_cast<uint64_t>(chunk_bytes_);
   args.timeout_ns = timeout_ns_;
   args.failure = failure_device_;
+  const std::lock_guard<std::mutex> lock(enqueue_mutex_);
+  args.call = ++calls_;
   launch_op<int32_t>(args, ReduceOp::kSum, stream);
   check_cuda(cudaGetLastError(), "the agreement kernel launch");
+  return args.call;
 }
 
 }  // namespace cuda

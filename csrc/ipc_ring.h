@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -21,11 +22,14 @@ namespace cuda {
 
 constexpr int kMaxRanks = kMaxInputs;
 
-// What the device reports to the host; lives in mapped pinned memory.
+// What the device reports to the host; lives in mapped pinned memory. Written once, by the
+// call that fails first (the ring's later kernels return at once without reporting), `kind`
+// last.
 struct DeviceFailure {
   int32_t kind;     // 0 none, or one of kFailure*
   int32_t culprit;  // the rank waited for (timeout, peer aborted), or the dead rank
   int32_t blamed;   // peer aborted: the rank that peer blamed (-1: none, e.g. a mismatch)
+  int64_t call;     // the failing call's number (IpcRing numbers the calls it enqueues: 1, 2, ...)
   CallHeader headers[kMaxRanks];  // every rank's call (mismatch)
   int32_t dead_peer;  // written by the host: 1 + a rank whose process is gone (0: none)
 };
@@ -128,12 +132,13 @@ class IpcRing {
 
   // Enqueues the in-place all-reduce of `data` (count elements, device memory, aligned to its
   // element size) on `stream` as one kernel. kOpAvg needs a floating dtype. Failures found on
-  // the device show in failure().
-  void all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream);
+  // the device show in failure(). Returns the call's number (see calls_).
+  int64_t all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream);
 
   // Enqueues a call that moves no data but meets the peers' calls at a first barrier with
   // `header` (a kTorchPath announcement): a peer whose call differs fails, as this one does.
-  void agree(const CallHeader& header, cudaStream_t stream);
+  // Returns the call's number.
+  int64_t agree(const CallHeader& header, cudaStream_t stream);
 
   // Makes this rank's barriers fail naming `rank`, whose process is gone (any thread; the
   // spinning kernel sees it within kHostPollSpins spins).
@@ -148,6 +153,7 @@ class IpcRing {
     copy.kind = source->kind;
     copy.culprit = source->culprit;
     copy.blamed = source->blamed;
+    copy.call = source->call;
     for (int p = 0; p < kMaxRanks; ++p) {
       copy.headers[p].count = source->headers[p].count;
       copy.headers[p].dtype = source->headers[p].dtype;
@@ -169,6 +175,12 @@ class IpcRing {
   bool opened_[kMaxRanks] = {};  // ranks_.ptr[p] came from cudaIpcOpenMemHandle
   DeviceFailure* failure_ = nullptr;  // host view of the mapped record
   DeviceFailure* failure_device_ = nullptr;
+  // Every enqueued call gets the next number, 1, 2, ..., one captured in a CUDA graph too (its
+  // replays run with the number it got at capture): the kernel that fails reports its number,
+  // which tells the calls before it from those after it. Numbered and launched under the mutex,
+  // so that the numbers follow the order of the stream even when two threads enqueue at once.
+  std::mutex enqueue_mutex_;
+  int64_t calls_ = 0;  // calls enqueued so far: the last one's number
 };
 
 }  // namespace cuda

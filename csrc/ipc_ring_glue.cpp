@@ -161,6 +161,7 @@ struct IpcAllReduce::Impl {
   std::unique_ptr<cuda::IpcRing> ring;
   bool stopped = false;  // stop() ran: no more calls
   std::string failure;  // why the ring is unusable ("" while it is usable)
+  int64_t failed_call = -1;  // the number of the call that failed (-1: none yet)
   std::vector<int64_t> pids;  // the watched peers' pids, for messages
   std::unique_ptr<PeerWatchdog> watchdog;  // after `ring`: destroyed (joined) before it
 };
@@ -258,6 +259,7 @@ void IpcAllReduce::check() {
   if (!impl_->ring || impl_->stopped) throw RingClosedError("this ring all-reduce was closed");
   const cuda::DeviceFailure failure = impl_->ring->failure();
   if (failure.kind == 0) return;
+  impl_->failed_call = failure.call;
   const std::string rank = std::to_string(impl_->ring->rank());
   const std::string culprit = std::to_string(failure.culprit);
   if (failure.kind == cuda::kFailureTimeout) {
@@ -292,7 +294,7 @@ void IpcAllReduce::check() {
   throw RingMismatchError(impl_->failure);
 }
 
-void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream) {
+int64_t IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream) {
   TORCH_CHECK_VALUE(tensor.is_cuda() && tensor.device().index() == impl_->device,
                     "tensor must be on cuda:", static_cast<int>(impl_->device), ", got ",
                     tensor.device());
@@ -304,18 +306,18 @@ void IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_current
   if (capturing(current.stream())) {
     // Captured into a CUDA graph: the kernel goes on the capturing stream itself (the barrier
     // counters live on the device, so every replay meets fresh barriers).
-    impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
-                            current.stream());
-    return;
+    return impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
+                                   static_cast<int32_t>(op), current.stream());
   }
   impl_->idle = false;
   impl_->order(impl_->ready, current.stream(), impl_->raw_stream);
-  impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype, static_cast<int32_t>(op),
-                          impl_->raw_stream);
+  const int64_t call = impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
+                                               static_cast<int32_t>(op), impl_->raw_stream);
   // The caller may free the tensor once its stream moves on: keep the memory until the ring is
   // done with it.
   c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(), impl_->stream());
   if (block_current_stream) impl_->order(impl_->done, impl_->raw_stream, current.stream());
+  return call;
 }
 
 void IpcAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
@@ -372,6 +374,8 @@ void IpcAllReduce::close() { free(); }
 bool IpcAllReduce::closed() const { return !impl_->ring || impl_->stopped; }
 
 std::string IpcAllReduce::failure() const { return impl_->failure; }
+
+int64_t IpcAllReduce::failed_call() const { return impl_->failed_call; }
 
 }  // namespace fastpar
 
