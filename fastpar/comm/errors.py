@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -47,33 +48,57 @@ def translate_native_error(error: BaseException) -> CommError:
     return _BY_NATIVE_TYPE[type(error)](str(error))
 
 
+@dataclass(frozen=True)
+class CallFailure:
+    """A failure a CUDA ring's device reported, and the number of the ring call that met it
+    (the native ring numbers the calls it enqueues: 1, 2, ...; None: not known)."""
+
+    error: CommError
+    call: int | None
+
+
 class FirstFailure:
     """The first failure a CUDA ring's device reported, kept: asked again, the native ring says
     only "unusable after an earlier failure", and once stopped, "closed". `read()` asks the
-    native `check` until a failure is known or `read_last()` was called."""
+    native `check` until a failure is known or `read_last()` was called; `failed_call` gives
+    the number of the call that failed once `check` has raised (-1: not known)."""
 
     def __init__(
-        self, check: Callable[[], None], native_errors: tuple[type[BaseException], ...]
+        self,
+        check: Callable[[], None],
+        native_errors: tuple[type[BaseException], ...],
+        failed_call: Callable[[], int] = lambda: -1,
     ) -> None:
         self._check = check
         self._native_errors = native_errors
+        self._failed_call = failed_call
         self._lock = threading.Lock()
-        self._failure: CommError | None = None
+        self._failure: CallFailure | None = None
         self._asking = True
 
     def read(self) -> CommError | None:
         """The first failure reported so far (None: none); the same error object every time.
         Does not wait for the device."""
+        failure = self.read_call_failure()
+        return None if failure is None else failure.error
+
+    def read_call_failure(self) -> CallFailure | None:
+        """The first failure reported so far with the number of the call that met it (None:
+        none); the same object every time. Does not wait for the device."""
         with self._lock:
             return self._read()
 
-    def _read(self) -> CommError | None:
+    def _read(self) -> CallFailure | None:
         if self._failure is None and self._asking:
             try:
                 self._check()
             except self._native_errors as error:
-                self._failure = translate_native_error(error)
+                self._failure = self._with_call(translate_native_error(error))
         return self._failure
+
+    def _with_call(self, error: CommError) -> CallFailure:
+        call = self._failed_call()
+        return CallFailure(error, call if call >= 0 else None)
 
     def keep(self, failure: CommError) -> None:
         """Keep `failure`, which a call raised, as the first one unless one is known already
@@ -82,7 +107,7 @@ class FirstFailure:
             return
         with self._lock:
             if self._failure is None:
-                self._failure = failure
+                self._failure = self._with_call(failure)
 
     def read_last(self) -> None:
         """Read once more, then never ask `check` again: for when every call has finished and

@@ -266,7 +266,9 @@ class RingAllReduce:
             raise
         self._transport = transport
         self._stream = torch.cuda.ExternalStream(transport.stream_handle, device=self.device)
-        self._device_failure = FirstFailure(transport.check, self._native_errors)
+        self._device_failure = FirstFailure(
+            transport.check, self._native_errors, lambda: transport.failed_call
+        )
 
     def _connect_shared_memory(
         self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
@@ -545,19 +547,21 @@ class RingAllReduce:
             with torch.cuda.device(self.device):
                 capturing = torch.cuda.is_current_stream_capturing()
         try:
-            self._transport.all_reduce(target, code, block_current_stream=not async_op)
+            # The call's number, which the device reports with a failure (CudaRingWork).
+            call = self._transport.all_reduce(target, code, block_current_stream=not async_op)
         except self._native_errors as error:
             raise self._translate(error) from None
         assert self._device_failure is not None
+        reported_failure = self._device_failure.read_call_failure
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
             # cannot wait; the device's verdict is raised by the next call outside the graph.
             self._captured = True
-            work = CudaRingWork(None, self.device, tensor, target, self._device_failure.read)
+            work = CudaRingWork(None, self.device, tensor, target, call, reported_failure)
         else:
             event = torch.cuda.Event()
             event.record(self._stream)
-            work = CudaRingWork(event, self.device, tensor, target, self._device_failure.read)
+            work = CudaRingWork(event, self.device, tensor, target, call, reported_failure)
         if async_op:
             return work
         work.wait()

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fastpar.comm.errors import CallFailure
+
 # Threads that complete the futures of `get_future()` and run their callbacks. They start only
 # as needed; several let a callback that waits for another all-reduce's future (PowerSGD's DDP
 # hook does) leave the other futures' completions running.
@@ -259,12 +261,15 @@ class CopyBackWork(_Work):
 class CudaRingWork(_Work):
     """An all-reduce of `tensor` enqueued on the ring's CUDA stream (`reduced`: `tensor`, or
     the contiguous copy of it that the ring reduced; `event`: recorded behind the call, None
-    when captured in a CUDA graph; `reported_failure`: the first failure the device reported
-    about the ring's calls so far, or None).
+    when captured in a CUDA graph; `call`: the number the native ring gave the call;
+    `reported_failure`: the first failure the device reported about the ring's calls so far,
+    with the number of the call that met it, or None).
 
     Its verdict is read once the call has finished and kept: a later failure of the ring, or
-    its close(), leaves a finished call's outcome as it was. (The device records no call
-    number: a call asked about only after a later call failed reports that failure.)
+    its close(), leaves a finished call's outcome as it was. The ring's kernels run one after
+    the other in the order of their numbers, and once one has failed, the later ones return at
+    once without running. So a failure of call F says of call `call`: F > call, it had ended
+    before (success); F == call, this is the failure; F < call, it did not run (an error).
 
     `wait()` blocks the host until the device has finished it and raises what the device found
     (a peer that timed out, named; a mismatch), so a failed all-reduce is never mistaken for a
@@ -280,12 +285,14 @@ class CudaRingWork(_Work):
         device: torch.device,
         tensor: torch.Tensor,
         reduced: torch.Tensor,
-        reported_failure: Callable[[], BaseException | None],
+        call: int,
+        reported_failure: Callable[[], CallFailure | None],
     ) -> None:
         super().__init__(tensor)
         self._event = event  # None: enqueued while a CUDA graph was being captured
         self._device = device
         self._copy_back = _CopyBack(tensor, reduced)
+        self._call = call
         self._reported_failure = reported_failure
         self._verdict: BaseException | None = None
         self._verdict_read = False
@@ -304,11 +311,44 @@ class CudaRingWork(_Work):
     def _read_verdict(self) -> BaseException | None:
         """The device's verdict on this (finished) call: read the first time asked, then kept."""
         if not self._verdict_read:
-            verdict = self._reported_failure()
+            verdict = self._verdict_on_this_call(self._reported_failure())
             with _future_lock:
                 if not self._verdict_read:  # the first reader's stands
                     self._verdict, self._verdict_read = verdict, True
         return self._verdict
+
+    def _verdict_on_this_call(self, failure: CallFailure | None) -> BaseException | None:
+        """What the ring's first failure, `failure`, says of this call: None when it succeeded.
+
+        Success is said of a call numbered before the failing one only, and only where it ran
+        on the ring's stream. CUDA graphs: a captured call keeps the number it got at capture
+        in every replay, and replays run between the ring's later calls, so numbers need not
+        follow the order in which kernels run; that can only make a verdict an error, never a
+        success:
+        - the failing call F was captured, this call was not: numbered before F, this call was
+          enqueued before the capture, so it had ended before any replay (no two calls of a
+          ring run at once, see RingAllReduce.all_reduce) and did succeed; numbered after F, it
+          is told it did not run, which is true when it came after the failing replay and an
+          error where it succeeded before;
+        - this call was captured: its replays come before and after any other call, so any
+          failure but its own makes it an error (its own is the failure).
+        """
+        if failure is None:
+            return None
+        failed = failure.call
+        if failed is None or failed == self._call:
+            return failure.error  # its own failure, or one of an unknown call (maybe its own)
+        if self._event is None:
+            return type(failure.error)(
+                f"this captured all-reduce (call {self._call} of the ring) does not run in the "
+                f"replays after call {failed} failed: {failure.error}"
+            )
+        if failed > self._call:
+            return None  # it had ended when the later call failed
+        return type(failure.error)(
+            f"this all-reduce (call {self._call} of the ring) did not run: call {failed} failed "
+            f"before it: {failure.error}"
+        )
 
     def _complete_future_when_done(self) -> None:
         # NCCL completes its future once the call is enqueued and reports a failure later; this

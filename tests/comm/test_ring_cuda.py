@@ -1,7 +1,8 @@
 """The CUDA IPC all-reduce on one GPU: processes sharing it (2, 3, 4 and 8 ranks) against gloo
 on host copies of integer-valued inputs, bitwise-equal ranks, a late rank, a misaligned view, a
 captured CUDA graph replayed, the device-side mismatch check, failures (a killed rank named
-within 2 s, a rank arriving after its peer gave up, ranks on different paths), and endpoints of
+within 2 s, a rank arriving after its peer gave up, ranks on different paths, each asynchronous
+call's own verdict after a later call failed), and endpoints of
 one process on concurrent streams (processes on one GPU time-slice; streams of one process run
 at once, so only this exercises the barriers' memory ordering for real), and an asynchronous
 call's future read on another stream than the caller's. Ranks sharing a GPU get
@@ -15,6 +16,7 @@ a missing stream dependency shows as a wrong result.
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -174,6 +176,48 @@ def test_a_rank_arriving_after_its_peer_gave_up_raises_too(size: int) -> None:
     assert "rank 0 (GPU) timed out waiting for rank 1" in timed_out, timed_out
     assert "rank 1 (GPU) arrived late: rank 0 had given up waiting for it" in late, late
     assert "unusable" in closed0 and "unusable" in closed1
+
+
+def _verdicts_after_a_failure(rank: int, world_size: int) -> tuple[bool, str, str]:
+    """Rank 0: a call both ranks make, then one rank 1 never makes (it times out), then one that
+    finds the ring aborted; asked about last first, so the first call is first asked after the
+    second failed: (whether it succeeded, the third's error, the second's)."""
+    device = _device(rank)
+    torch.ones(1, device=device)
+    dist.barrier()
+    with RingAllReduce(device=device, timeout=3 if rank == 0 else 60,
+                       chunk_bytes=CHUNK_BYTES, serve_shared_gpu=True) as ring:  # fmt: skip
+        tensor = torch.full((1000,), float(rank + 1), device=device)
+        first = ring.all_reduce(tensor, async_op=True)
+        assert first is not None
+        if rank == 1:
+            first.wait()
+            dist.barrier()
+            return True, "", ""
+        timed_out = ring.all_reduce(torch.ones(1000, device=device), async_op=True)
+        not_run = ring.all_reduce(torch.ones(1000, device=device), async_op=True)
+        assert timed_out is not None and not_run is not None
+        with pytest.raises(CommTimeoutError) as did_not_run:
+            not_run.wait()
+        with pytest.raises(CommTimeoutError) as failed:
+            timed_out.wait()
+        succeeded = first.is_success() and first.exception() is None and first.wait()
+        assert torch.equal(tensor.cpu(), torch.full((1000,), 3.0))
+        dist.barrier()
+    return succeeded, str(did_not_run.value), str(failed.value)
+
+
+def test_each_call_gets_its_own_verdict_after_a_later_call_failed() -> None:
+    (succeeded, did_not_run, failed), _ = run_multiprocess(
+        _verdicts_after_a_failure, 2, timeout=120
+    )
+    assert succeeded  # it had ended before the second call failed
+    assert "rank 0 (GPU) timed out waiting for rank 1" in failed, failed
+    found = re.search(
+        r"call (\d+) of the ring\) did not run: call (\d+) failed before it: ", did_not_run
+    )
+    assert found is not None, did_not_run
+    assert int(found[1]) == int(found[2]) + 1 and did_not_run.endswith(failed), did_not_run
 
 
 def _different_paths(rank: int, world_size: int) -> str:

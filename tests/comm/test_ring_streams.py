@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from fastpar import _native
 from fastpar.comm import CommTimeoutError, RingAllReduce
-from fastpar.comm.errors import FirstFailure, native_error_types
+from fastpar.comm.errors import CallFailure, FirstFailure, native_error_types
 
 
 def _ring_on_cuda1_capturing(
@@ -36,8 +36,8 @@ def _ring_on_cuda1_capturing(
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: current["index"] == 1)
 
     class Transport:
-        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> None:
-            pass
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> int:
+            return 1
 
     ring = object.__new__(RingAllReduce)
     ring.device = torch.device("cuda", 1)
@@ -79,8 +79,12 @@ def _capturing_ring(
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: steps.append("sync"))
 
     class Transport:
-        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> None:
+        calls = 0
+
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> int:
             steps.append("captured")
+            self.calls += 1
+            return self.calls
 
         def stop(self) -> None:
             steps.append("stop")
@@ -151,6 +155,94 @@ def test_every_question_after_a_device_failure_gets_that_failure(
         ring.check()
     assert before.exception() is None and before.is_success()
     assert checks == ["check", "check"]  # nothing is asked once a failure is known
+
+
+def test_a_failure_is_kept_with_the_number_of_the_call_that_met_it() -> None:
+    # The native ring names the failing call once check() has raised its failure (-1 before):
+    # read with it, or kept with it when a call raised it; not known where it says -1.
+    native = _native.load()
+    native_errors = native_error_types(native)
+    failed_call = [-1]
+
+    def check() -> None:
+        failed_call[0] = 7
+        raise native.RingTimeoutError("rank 0 (GPU) timed out waiting for rank 1")
+
+    read = FirstFailure(check, native_errors, lambda: failed_call[0]).read_call_failure()
+    assert read is not None and read.call == 7 and isinstance(read.error, CommTimeoutError)
+    kept = FirstFailure(lambda: None, native_errors, lambda: failed_call[0])
+    kept.keep(CommTimeoutError("rank 0 (GPU) timed out waiting for rank 1"))
+    assert kept.read_call_failure() == CallFailure(kept.read(), 7)  # type: ignore[arg-type]
+    unknown = FirstFailure(check, native_errors).read_call_failure()
+    assert unknown is not None and unknown.call is None
+
+
+class _DoneEvent:
+    """A CUDA event recorded behind a call that has finished."""
+
+    def record(self, stream: object) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+def test_each_cuda_call_gets_its_own_verdict_from_the_failing_calls_number(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Three asynchronous calls on the ring's stream; the device fails the second (a timeout)
+    # and the third returns at once. Asked only afterwards, last first: the third did not run,
+    # the second failed, the first succeeded.
+    native = _native.load()
+    native_errors = native_error_types(native)
+    timeout = "rank 0 (GPU) timed out waiting for rank 1"
+
+    class Transport:
+        calls = 0
+        failed_call = -1  # the native ring's property: set once check() has raised
+
+        def all_reduce(self, tensor: torch.Tensor, code: int, block_current_stream: bool) -> int:
+            self.calls += 1
+            return self.calls
+
+        def check(self) -> None:
+            if self.calls >= 2:  # the device has run them all by now
+                self.failed_call = 2
+                raise native.RingTimeoutError(timeout)
+
+    class Stream:
+        def wait_event(self, event: _DoneEvent) -> None:
+            pass
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    transport = Transport()
+    ring = object.__new__(RingAllReduce)
+    ring.device = torch.device("cuda", 0)
+    ring._transport, ring._native_errors, ring._stream = transport, native_errors, object()
+    ring._device_failure = FirstFailure(
+        transport.check, native_errors, lambda: transport.failed_call
+    )
+    works = [ring._run_cuda(torch.ones(4), 0, async_op=True) for _ in range(3)]
+    first, failed, did_not_run = works
+    assert first is not None and failed is not None and did_not_run is not None
+    with pytest.raises(CommTimeoutError) as error:
+        did_not_run.wait()
+    assert f"(call 3 of the ring) did not run: call 2 failed before it: {timeout}" in str(
+        error.value
+    )
+    with pytest.raises(CommTimeoutError) as error:
+        failed.wait()
+    assert str(error.value) == timeout
+    assert first.wait() and first.is_success() and first.exception() is None
+    with pytest.raises(CommTimeoutError) as error:
+        ring.check()  # the ring as a whole has failed
+    assert str(error.value) == timeout
 
 
 @pytest.mark.parametrize("peer_chunk_bytes", [1 << 20, 2 << 20])

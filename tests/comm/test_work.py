@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 import fastpar.comm as comm
+from fastpar.comm.errors import CallFailure
 from fastpar.comm.hosts import HOST_ENV
 from fastpar.comm.work import CudaRingWork
 from fastpar.testing.distributed import run_multiprocess
@@ -253,8 +254,8 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     view = base[:, ::2]
     reduced = torch.randn(6, 5, generator=generator)  # what the ring wrote into the copy
     event = _FakeEvent()
-    ring_failure: list[BaseException | None] = [None]  # what the ring reports when asked
-    work = CudaRingWork(event, torch.device("cpu"), view, reduced, lambda: ring_failure[0])  # type: ignore[arg-type]
+    ring_failure: list[CallFailure | None] = [None]  # what the ring reports when asked
+    work = CudaRingWork(event, torch.device("cpu"), view, reduced, 1, lambda: ring_failure[0])  # type: ignore[arg-type]
     future = work.get_future()
     seen = _Seen(future)
     assert not future.done() and not work.is_completed()  # synchronize() waits for the event
@@ -270,15 +271,15 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
     assert work.wait() and work.result()[0] is view
     assert work.is_success() and work.exception() is None
 
-    # The ring reports a failure later (a later call's): this call's verdict, read when it
-    # finished, stands.
-    ring_failure[0] = comm.CommTimeoutError("a later call timed out")
+    # The ring reports a failure later, of a call of unknown number (which could be this one):
+    # this call's verdict, read when it finished, stands.
+    ring_failure[0] = CallFailure(comm.CommTimeoutError("a later call timed out"), None)
     assert work.wait() and work.is_success() and work.exception() is None
 
     timeout = comm.CommTimeoutError("rank 0 (GPU) stopped waiting for rank 1")
-    ring_failure[0] = timeout
+    ring_failure[0] = CallFailure(timeout, 2)
     failing = _FakeEvent()
-    work = CudaRingWork(failing, torch.device("cpu"), view, view, lambda: ring_failure[0])  # type: ignore[arg-type]
+    work = CudaRingWork(failing, torch.device("cpu"), view, view, 2, lambda: ring_failure[0])  # type: ignore[arg-type]
     future = work.get_future()
     assert work.exception() is None and not work.is_success()  # still running
     failing.finished.set()
@@ -286,7 +287,7 @@ def test_cuda_ring_work_futures_complete_after_the_event(monkeypatch: pytest.Mon
         future.wait()
     # The same error whoever asks first and whatever the ring says afterwards (the native ring
     # answers "unusable after an earlier failure" when asked again).
-    ring_failure[0] = comm.CommClosedError("this ring all-reduce was closed")
+    ring_failure[0] = CallFailure(comm.CommClosedError("this ring all-reduce was closed"), None)
     assert work.exception() is timeout and not work.is_success()
     with pytest.raises(comm.CommTimeoutError, match="waiting for rank 1"):
         work.wait()
@@ -318,9 +319,78 @@ def test_a_cuda_future_is_completed_on_the_callers_stream(monkeypatch: pytest.Mo
     monkeypatch.setattr(torch.futures, "Future", Future)
     tensor = torch.zeros(3)
     event = _FakeEvent()
-    work = CudaRingWork(event, torch.device("cpu"), tensor, tensor, lambda: None)  # type: ignore[arg-type]
+    work = CudaRingWork(event, torch.device("cpu"), tensor, tensor, 1, lambda: None)  # type: ignore[arg-type]
     work._call_stream = "the caller's stream"  # type: ignore[assignment]  # a CUDA tensor's
     future = work.get_future()
     event.finished.set()
     assert future.wait()[0] is tensor
     assert completed_on == ["the caller's stream"]
+
+
+# A timeout as the native ring words it; in these tests, call 5's unless they say otherwise.
+_TIMEOUT = "rank 0 (GPU) timed out waiting for rank 1; rank 1 is dead, hung, or not calling"
+
+
+def _finished_cuda_work(
+    monkeypatch: pytest.MonkeyPatch, call: int, failure: CallFailure, captured: bool = False
+) -> CudaRingWork:
+    """A CudaRingWork of the ring's call number `call`, finished (or captured in a CUDA graph)
+    before anyone asks about it; the ring reports `failure` when asked."""
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _FakeStream())
+    event = None if captured else _FakeEvent()
+    if event is not None:
+        event.finished.set()
+    tensor = torch.zeros(3)
+    return CudaRingWork(event, torch.device("cpu"), tensor, tensor, call, lambda: failure)  # type: ignore[arg-type]
+
+
+def test_a_cuda_ring_call_asked_after_a_later_call_failed_succeeded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Call 4 had ended when call 5 failed; it is first asked about afterwards.
+    failure = CallFailure(comm.CommTimeoutError(_TIMEOUT), 5)
+    work = _finished_cuda_work(monkeypatch, 4, failure)
+    assert work.is_success() and work.exception() is None
+    assert work.wait() and work.get_future().wait()[0] is work.result()[0]
+
+
+def test_the_failing_cuda_ring_call_reports_the_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    failure = CallFailure(comm.CommTimeoutError(_TIMEOUT), 5)
+    work = _finished_cuda_work(monkeypatch, 5, failure)
+    assert work.exception() is failure.error and not work.is_success()
+    with pytest.raises(comm.CommTimeoutError) as error:
+        work.wait()
+    assert str(error.value) == _TIMEOUT
+
+
+def test_a_cuda_ring_call_after_the_failing_one_did_not_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Call 6 found the ring aborted by call 5 and returned at once: an error, never success.
+    failure = CallFailure(comm.CommTimeoutError(_TIMEOUT), 5)
+    work = _finished_cuda_work(monkeypatch, 6, failure)
+    expected = f"call 6 of the ring) did not run: call 5 failed before it: {_TIMEOUT}"
+    assert not work.is_success()
+    assert isinstance(work.exception(), comm.CommTimeoutError)
+    assert expected in str(work.exception())
+    for wait in (work.wait, work.get_future().wait):
+        with pytest.raises(comm.CommTimeoutError) as error:
+            wait()
+        assert expected in str(error.value)
+
+
+@pytest.mark.parametrize("failed", [3, 5, 7])
+def test_a_captured_cuda_ring_call_is_an_error_after_any_failure(
+    monkeypatch: pytest.MonkeyPatch, failed: int
+) -> None:
+    # Captured as call 5: its replays run before and after any other call, so a failure of
+    # another call, earlier or later, may have kept a replay from running.
+    failure = CallFailure(comm.CommTimeoutError(_TIMEOUT), failed)
+    work = _finished_cuda_work(monkeypatch, 5, failure, captured=True)
+    assert work.is_completed() and not work.is_success()
+    error = work.exception()
+    assert isinstance(error, comm.CommTimeoutError)
+    if failed == 5:
+        assert error is failure.error
+    else:
+        assert f"replays after call {failed} failed: {_TIMEOUT}" in str(error)
