@@ -90,7 +90,9 @@ def gru_recurrence_reference(
         xr, xz, xn = xg[t].chunk(3, dim=1)
         hr, hz, hn = hg.chunk(3, dim=1)
         if b_hn is not None:
-            hn = hn + b_hn
+            # In hn's dtype, as torch's cell adds b_hh inside its linear: a float32 bias must
+            # not promote a half h (autocast) to float32.
+            hn = hn + b_hn.to(hn.dtype)
         r = torch.sigmoid(xr + hr)
         z = torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)

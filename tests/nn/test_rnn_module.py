@@ -220,6 +220,27 @@ def test_reference_backend_under_autocast_returns_torchs_dtypes(kind: str, packe
     )
 
 
+@pytest.mark.parametrize("half", ["input", "h0"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_reference_backend_under_autocast_with_half_data_returns_torchs_dtypes(
+    kind: str, half: str
+) -> None:
+    """With a bfloat16 input and no h_0, or a bfloat16 h_0, torch's modules keep h in
+    bfloat16 under autocast (the GRU adds b_hh inside its linear, in autocast's dtype); the
+    reference backend follows."""
+    ours, theirs = _pair(kind, "reference", num_layers=2, bidirectional=True)
+    theirs.float()
+    x = randn(6, B, F_IN, seed=1).float()
+    h0 = randn(4, B, H, seed=2).bfloat16() if half == "h0" else None
+    if half == "input":
+        x = x.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(x, h0), theirs(x, h0)
+    for name, a, b in zip(["output", "h_n"], got, want, strict=True):
+        assert a.dtype == b.dtype, f"{name}: {a.dtype}, torch's {b.dtype}"
+        assert_close(a.float(), b.float(), 2e-2, 2e-2, f"{name} under bfloat16 autocast")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("training", [False, True])
 @pytest.mark.parametrize("packed", [False, True])
