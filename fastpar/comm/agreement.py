@@ -5,6 +5,10 @@ even when only one rank cannot serve it.
 The CUDA ring needs each rank to load and store every peer's device memory: the peer is on the
 same device, or peer access (P2P over NVLink or PCIe) works between the two devices. Ranks that
 share a GPU are served only on request (`shared_gpu_problem`).
+
+Every exchange through the store goes through `StoreExchange`: a rank that missed a setup the
+others gave up on catches up with their retry, and no exchange leaves keys in the store once
+every rank is through it.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ def agree(
     during: str = CREATING_A_RING,
 ) -> str | None:
     """Every rank's verdict on one question, combined: None when no rank has a problem, else the
-    first problem in rank order ("rank 1: ..."), the same string on every rank.
+    first problem in rank order ("rank 1: ..."), the same string on every rank. The last rank
+    to leave deletes the verdicts, whether the ranks agreed or a rank gave up waiting.
 
     Arguments:
         store: the group's store; `prefix` must be unique to this question and group.
@@ -94,13 +99,24 @@ def agree(
         pids: rank -> pid of the peers whose death ends the wait early (`wait_for_ranks`).
         during: what the ranks are creating, for the timeout's message (`wait_for_ranks`).
     """
-    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
-    store.set(keys[rank], "no: " + problem if problem else "ok")
-    wait_for_ranks(store, keys, timeout, rank, what, pids, during=during)
-    for r, key in keys.items():
-        verdict = store.get(key).decode()
-        if verdict != "ok":
-            return f"rank {r}: {verdict.removeprefix('no: ')}"
+    with StoreExchange(store, rank, world_size, timeout, during=during, pids=pids) as question:
+        verdicts = question.begin_at(prefix, _verdict(problem), what)
+    if verdicts is None:
+        raise CommTimeoutError(
+            f"rank {rank} came to {what} while {during} after the other ranks had given up "
+            "waiting for it"
+        )
+    return _first_problem(verdicts)
+
+
+def _verdict(problem: str) -> bytes:
+    return ("no: " + problem if problem else "ok").encode()
+
+
+def _first_problem(verdicts: Sequence[bytes]) -> str | None:
+    for r, verdict in enumerate(verdicts):
+        if verdict != b"ok":
+            return f"rank {r}: {verdict.decode().removeprefix('no: ')}"
     return None
 
 
@@ -119,6 +135,161 @@ def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
         index = _begun.get((kind, ranks), 0)
         _begun[(kind, ranks)] = index + 1
     return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
+
+
+# An exchange's outcome, set once by the first rank to decide it, so every rank takes the same:
+# every rank posted its first record, or a rank gave up waiting. compare_set(key, "", value) sets
+# a missing key on TCPStore, FileStore, HashStore and PrefixStore alike, and returns the value
+# that holds afterwards.
+_COMPLETE, _ABANDONED = "complete", "abandoned"
+
+
+class StoreExchange:
+    """Records the ranks of a group exchange through the store under one key prefix, in stages
+    (a ring's setup: hosts, then handles, then verdicts); the first stage decides whether the
+    exchange happens.
+
+    The ranks number their exchanges alike (`exchange_prefix`) only while each rank takes part in
+    each: a rank that missed a setup the others left with a timeout is an exchange behind them.
+    So the first stage (`begin`) has an outcome, set once: complete (every rank posted) or
+    abandoned (a rank gave up). A rank that finds its exchange abandoned before it took part
+    joins the next one, the others' retry, instead of reading what they posted for the failed
+    one as current.
+
+    Leaving (`leave`, or the end of a `with` block) is this rank's word that it reads no key of
+    the exchange any more, whether it succeeded or failed: the last rank to leave deletes every
+    key any rank posted through this object, so neither a loop of setups nor a failed one grows
+    the store. A rank that never comes (its process died) leaves the keys behind.
+
+    Arguments:
+        store: the group's store (`dist.distributed_c10d._get_default_store()`).
+        rank, world_size: this rank and the group's size.
+        timeout: how long each wait for the other ranks may take.
+        during: what the ranks are doing, for the timeouts' messages (`wait_for_ranks`).
+        pids: rank -> pid of the peers whose death ends a wait early; the attribute may be set
+            once the first stage has told them.
+    """
+
+    def __init__(
+        self,
+        store: dist.Store,
+        rank: int,
+        world_size: int,
+        timeout: timedelta,
+        *,
+        during: str,
+        pids: dict[int, int] | None = None,
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.world_size = world_size
+        self.timeout = timeout
+        self.during = during
+        self.pids = pids
+        self.prefix = ""  # set by `begin`, "" again once this rank has left
+        self._posted: list[str] = []
+
+    def begin(self, kind: str, group: dist.ProcessGroup, mine: bytes, what: str) -> list[bytes]:
+        """Post `mine` as this rank's first record of its next `kind` exchange over `group` and
+        return every rank's, by rank; an exchange the others abandoned before this rank came is
+        skipped. CommTimeoutError naming the ranks that did not post within the timeout."""
+        while True:
+            records = self.begin_at(exchange_prefix(kind, group), mine, what)
+            if records is not None:
+                return records
+
+    def begin_at(self, prefix: str, mine: bytes, what: str) -> list[bytes] | None:
+        """`begin` at a prefix the caller has made unique; None (this rank has left it) when the
+        other ranks abandoned it before this rank took part."""
+        if self.prefix:
+            raise RuntimeError(f"rank {self.rank} began {prefix} before leaving {self.prefix}")
+        self.prefix = prefix
+        outcome_key = f"{prefix}/outcome"
+        if self.store.check([outcome_key]):  # decided without this rank, so abandoned
+            self.leave()
+            return None
+        keys = self._post_mine("first", mine)
+        try:
+            self.wait(keys, what)
+            outcome = self.store.compare_set(outcome_key, "", _COMPLETE)
+        except CommTimeoutError:
+            if self.store.compare_set(outcome_key, "", _ABANDONED) == _ABANDONED.encode():
+                raise
+            outcome = _COMPLETE.encode()  # the last rank posted as this one gave up
+        if outcome != _COMPLETE.encode():
+            self.leave()  # came as the others gave up: their retry is the next exchange
+            return None
+        return [self.store.get(key) for key in keys.values()]
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}"
+
+    def post(self, name: str, value: bytes | str) -> None:
+        """Set `name` (under the prefix) for the other ranks; deleted once every rank left."""
+        self.store.set(self.key(name), value)
+        self._posted.append(self.key(name))
+
+    def wait(self, keys: dict[int, str], what: str) -> None:
+        """`wait_for_ranks` for `keys` (rank -> key) with this exchange's timeout and pids."""
+        wait_for_ranks(self.store, keys, self.timeout, self.rank, what, self.pids,
+                       during=self.during)  # fmt: skip
+
+    def gather(self, name: str, mine: bytes | str, what: str) -> list[bytes]:
+        """Post `mine` as this rank's `name` and return every rank's, by rank."""
+        keys = self._post_mine(name, mine)
+        self.wait(keys, what)
+        return [self.store.get(key) for key in keys.values()]
+
+    def agree(self, name: str, problem: str, what: str) -> str | None:
+        """Every rank's verdict, as `agree`: None, or the first problem ("rank 1: ...")."""
+        return _first_problem(self.gather(name, _verdict(problem), what))
+
+    def leave(self) -> None:
+        """This rank reads no key of the exchange any more; the last rank to leave deletes them
+        all (no rank deletes its own earlier: a slower one may not have read them yet)."""
+        if not self.prefix:
+            return
+        prefix, posted = self.prefix, self._posted
+        self.prefix, self._posted = "", []
+        self.store.set(f"{prefix}/left/{self.rank}", "\n".join(posted))
+        if self.store.add(f"{prefix}/left", 1) != self.world_size:
+            return
+        for r in range(self.world_size):
+            lists = f"{prefix}/left/{r}"
+            for key in filter(None, self.store.get(lists).decode().split("\n")):
+                self.store.delete_key(key)
+            self.store.delete_key(lists)
+        self.store.delete_key(f"{prefix}/outcome")
+        self.store.delete_key(f"{prefix}/left")
+
+    def _post_mine(self, name: str, mine: bytes | str) -> dict[int, str]:
+        self.post(f"{name}/{self.rank}", mine)
+        return {r: self.key(f"{name}/{r}") for r in range(self.world_size)}
+
+    def __enter__(self) -> StoreExchange:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.leave()
+
+
+def exchange(
+    store: dist.Store,
+    kind: str,
+    group: dist.ProcessGroup,
+    mine: bytes,
+    timeout: timedelta,
+    what: str,
+    *,
+    during: str,
+    pids: dict[int, int] | None = None,
+) -> list[bytes]:
+    """Every rank's record of a one-stage exchange (`StoreExchange.begin`), by rank; its keys
+    are deleted once every rank is through it. CommTimeoutError, reading "rank R timed out
+    after T s waiting for rank(s) [..] to {what} while {during}", when a rank does not post."""
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    with StoreExchange(store, rank, world_size, timeout, during=during, pids=pids) as records:
+        return records.begin(kind, group, mine, what)
 
 
 # Processes on one GPU (without MPS) run their kernels in turns, one time slice each: a rank's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -123,6 +124,30 @@ def test_a_timeout_names_what_the_rank_was_doing() -> None:
     with pytest.raises(CommTimeoutError, match=f"to decide while {during}"):
         agree(store, "test/during-agree", 0, 2, "", timedelta(seconds=0.1), "decide",
               during=during)  # fmt: skip
+
+
+def test_an_agreement_leaves_no_key_in_the_store() -> None:
+    """Every verdict stayed in the store, so each ring setup grew it."""
+    store = dist.HashStore()
+
+    def decide(rank: int) -> str | None:
+        problem = "no P2P" if rank == 1 else ""
+        return agree(store, "test/clean", rank, 2, problem, timedelta(seconds=30), "decide")
+
+    with ThreadPoolExecutor(2) as ranks:
+        verdicts = list(ranks.map(decide, range(2)))
+    assert verdicts == ["rank 1: no P2P"] * 2
+    assert store.num_keys() == 0
+
+
+def test_a_rank_late_to_an_abandoned_agreement_is_told_so() -> None:
+    """The late rank read the verdict rank 0 had left behind and took it as agreed."""
+    store = dist.HashStore()
+    with pytest.raises(CommTimeoutError, match=r"waiting for rank\(s\) \[1\] to decide"):
+        agree(store, "test/late", 0, 2, "", timedelta(seconds=0.1), "decide")
+    with pytest.raises(CommTimeoutError, match="after the other ranks had given up waiting"):
+        agree(store, "test/late", 1, 2, "", timedelta(seconds=30), "decide")
+    assert store.num_keys() == 0  # the last rank through deleted the abandoned verdicts
 
 
 def test_a_dead_peer_is_named_with_what_the_rank_was_doing() -> None:
