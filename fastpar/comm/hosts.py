@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch.distributed as dist
 
-from fastpar.comm.agreement import exchange_prefix, wait_for_ranks
+from fastpar.comm.agreement import exchange
 
 HOST_ENV = "FASTPAR_HOST_ID"
 
@@ -115,12 +115,9 @@ def gather_host_layout(
 ) -> HostLayout:
     """Every rank's host, through the default store (collective over `group`, bounded by
     `timeout`; CommTimeoutError naming the ranks that did not answer and, from `during`, what
-    this rank was creating)."""
-    rank = dist.get_rank(group)
-    world_size = dist.get_world_size(group)
+    this rank was creating). A rank that missed a gathering the others gave up on joins their
+    next one."""
     store = dist.distributed_c10d._get_default_store()
-    prefix = exchange_prefix("hosts", group)
-    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
-    store.set(keys[rank], host_identity())
-    wait_for_ranks(store, keys, timeout, rank, "say which host it runs on", during=during)
-    return HostLayout.from_identities([store.get(keys[r]).decode() for r in keys], rank)
+    identities = exchange(store, "hosts", group, host_identity().encode(), timeout,
+                          "say which host it runs on", during=during)  # fmt: skip
+    return HostLayout.from_identities([i.decode() for i in identities], dist.get_rank(group))

@@ -47,9 +47,8 @@ from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
 from fastpar.comm.agreement import (
     CREATING_A_RING,
-    agree,
+    StoreExchange,
     cuda_peer_problem,
-    exchange_prefix,
     local_device_ids,
     shared_gpu_problem,
     wait_for_ranks,
@@ -180,16 +179,19 @@ class RingAllReduce:
 
     def _connect(self, chunk_bytes: int, slots: int) -> None:
         store = dist.distributed_c10d._get_default_store()
-        prefix = exchange_prefix("ring", self.group)
-        self._store, self._prefix = store, prefix
-        hosts = {rank: f"{prefix}/host/{rank}" for rank in range(self.world_size)}
-        pids = {rank: f"{prefix}/pid/{rank}" for rank in range(self.world_size)}
-        store.set(pids[self.rank], processes.identity())  # before the host: read after it
-        store.set(hosts[self.rank], host_identity())
-        self._store_wait(store, hosts, "say which host it runs on")
-        by_host: dict[bytes, list[int]] = {}
+        setup = StoreExchange(store, self.rank, self.world_size, self.timeout,
+                              during=CREATING_A_RING)  # fmt: skip
+        with setup:  # every rank through the setup, whatever its end: its keys are deleted
+            self._connect_through(setup, chunk_bytes, slots)
+
+    def _connect_through(self, setup: StoreExchange, chunk_bytes: int, slots: int) -> None:
+        mine = f"{host_identity()}\n{processes.identity()}"
+        posted = setup.begin("ring", self.group, mine.encode(), "say which host it runs on")
+        self._store, self._prefix = setup.store, setup.prefix
+        hosts, pids = zip(*(record.decode().rsplit("\n", 1) for record in posted), strict=True)
+        by_host: dict[str, list[int]] = {}
         for rank in range(self.world_size):
-            by_host.setdefault(store.get(hosts[rank]), []).append(rank)
+            by_host.setdefault(hosts[rank], []).append(rank)
         if len(by_host) != 1:
             self._disabled = (
                 f"its ranks are on {len(by_host)} hosts "
@@ -198,54 +200,49 @@ class RingAllReduce:
             )
             return
         self._peer_pids = processes.watchable_pids(
-            {rank: store.get(key).decode() for rank, key in pids.items() if rank != self.rank}
+            {rank: pid for rank, pid in enumerate(pids) if rank != self.rank}
         )
+        setup.pids = self._peer_pids
         native = _native.load()
         self._native_errors = native_error_types(native)
         if self.device.type == "cuda":
-            self._connect_cuda_ipc(native, store, prefix, chunk_bytes)
+            self._connect_cuda_ipc(native, setup, chunk_bytes)
         else:
-            self._connect_shared_memory(native, store, prefix, chunk_bytes, slots)
+            self._connect_shared_memory(native, setup, chunk_bytes, slots)
 
-    def _agree(self, question: str, problem: str, what: str) -> bool:
+    def _agree(self, setup: StoreExchange, question: str, problem: str, what: str) -> bool:
         """All ranks' verdicts on `question`; False (the ring off, the reason kept) when any
         rank has a problem."""
-        reason = agree(
-            self._store, f"{self._prefix}/{question}", self.rank, self.world_size, problem,
-            self.timeout, what, self._peer_pids,
-        )  # fmt: skip
+        reason = setup.agree(question, problem, what)
         if reason is not None:
             self._disabled = reason
         return reason is None
 
     def _connect_cuda_ipc(
-        self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int
+        self, native: NativeModule, setup: StoreExchange, chunk_bytes: int
     ) -> None:
         problem = "" if native.with_cuda else "fastpar's native extension was built without CUDA"
         if not problem:
-            ids = {rank: f"{prefix}/device/{rank}" for rank in range(self.world_size)}
             local_ids = local_device_ids()
-            store.set(ids[self.rank], local_ids[self.device.index])
-            self._store_wait(store, ids, "say which GPU it uses")
-            device_ids = [store.get(key).decode() for key in ids.values()]
+            posted = setup.gather("device", local_ids[self.device.index], "say which GPU it uses")
+            device_ids = [device_id.decode() for device_id in posted]
             self._single_device = len(set(device_ids)) == 1
             problem = cuda_peer_problem(self.rank, device_ids, local_ids) or shared_gpu_problem(
                 device_ids, self._serve_shared_gpu, _cuda_backend_name(self.group)
             )
-        if not self._agree("peer-access", problem, "say whether it can map every peer's GPU"):
+        if not self._agree(
+            setup, "peer-access", problem, "say whether it can map every peer's GPU"
+        ):
             return
         transport = native.IpcAllReduce(
             rank=self.rank, world=self.world_size, device=self.device.index,
             chunk_bytes=chunk_bytes, timeout_s=self.timeout.total_seconds(),
         )  # fmt: skip
         try:
-            keys = {rank: f"{prefix}/ipc/{rank}" for rank in range(self.world_size)}
             # The handle, then this rank's chunk_bytes: a peer maps this buffer as two areas of
             # its own chunk_bytes, so a larger one would read past its end.
             shared = bytes(transport.handle().tolist()) + int(chunk_bytes).to_bytes(8, "little")
-            store.set(keys[self.rank], shared)
-            self._store_wait(store, keys, "share its CUDA IPC handle")
-            values = [store.get(key) for key in keys.values()]
+            values = setup.gather("ipc", shared, "share its CUDA IPC handle")
             chunks = [int.from_bytes(value[-8:], "little") for value in values]
             if len(set(chunks)) > 1:  # every rank reads the same values: all raise
                 raise ValueError(f"chunk_bytes must be the same on every rank, got {chunks} "
@@ -257,7 +254,7 @@ class RingAllReduce:
                 problem = ""
             except RuntimeError as error:
                 problem = f"mapping the peers' buffers failed: {error}"
-            if not self._agree("mapped", problem, "map the peers' CUDA buffers"):
+            if not self._agree(setup, "mapped", problem, "map the peers' CUDA buffers"):
                 transport.close()  # nobody runs a kernel on these buffers: a local close is safe
                 return
             transport.watch_peers([self._peer_pids.get(r, 0) for r in range(self.world_size)])
@@ -271,32 +268,30 @@ class RingAllReduce:
         )
 
     def _connect_shared_memory(
-        self, native: NativeModule, store: dist.Store, prefix: str, chunk_bytes: int, slots: int
+        self, native: NativeModule, setup: StoreExchange, chunk_bytes: int, slots: int
     ) -> None:
-        everyone = range(self.world_size)
+        store = setup.store
         # The name is published before the segment exists, so that whoever meets a failure
         # (a creator that died before the others mapped it) can remove it.
-        name_key = f"{prefix}/segment-name"
-        segment_key = f"{prefix}/segment"
-        mapped = {rank: f"{prefix}/mapped/{rank}" for rank in everyone}
+        name_key, segment_key = setup.key("segment-name"), setup.key("segment")
         timeout_s = self.timeout.total_seconds()
         transport = None
         try:
             if self.rank == 0:
                 # The creator's pid in the name says whose segment it is (tests look for it).
                 name = f"/fastpar-{os.getpid()}-{uuid.uuid4().hex[:16]}"
-                store.set(name_key, name)
+                setup.post("segment-name", name)
                 try:
                     transport = native.ShmAllReduce(
                         name=name, create=True, rank=0, world=self.world_size, slots=slots,
                         chunk_bytes=chunk_bytes, timeout_s=timeout_s,
                     )  # fmt: skip
                 except Exception as error:
-                    store.set(segment_key, f"error: {error}")
+                    setup.post("segment", f"error: {error}")
                     raise
-                store.set(segment_key, name)
+                setup.post("segment", name)
             else:
-                self._store_wait(store, {0: segment_key}, "create the shared memory segment")
+                setup.wait({0: segment_key}, "create the shared memory segment")
                 name = store.get(segment_key).decode()
                 if name.startswith("error: "):
                     raise RuntimeError(f"rank 0 could not create the ring's segment: {name[7:]}")
@@ -306,12 +301,11 @@ class RingAllReduce:
                         slots=slots, chunk_bytes=chunk_bytes, timeout_s=timeout_s,
                     )  # fmt: skip
                 except Exception as error:
-                    store.set(mapped[self.rank], f"error: {error}")
+                    setup.post(f"mapped/{self.rank}", f"error: {error}")
                     raise
-            store.set(mapped[self.rank], "ok")
-            self._store_wait(store, mapped, "map the shared memory segment")
-            for rank, key in mapped.items():
-                value = store.get(key).decode()
+            mapped = setup.gather("mapped", "ok", "map the shared memory segment")
+            for rank, posted in enumerate(mapped):
+                value = posted.decode()
                 if value != "ok":
                     raise RuntimeError(f"rank {rank} could not map the ring's segment: {value}")
             # Everyone has it mapped: from now on a crash leaves nothing in /dev/shm.

@@ -63,3 +63,24 @@ def test_a_construction_that_failed_leaves_nothing_a_retry_sees() -> None:
     for params, keys_before, keys_after in results:
         assert all(torch.equal(a, b) for a, b in zip(params, expected, strict=True))
         assert keys_after == keys_before, (keys_before, keys_after)
+
+
+def _store_keys_after_wrappers(rank: int, world_size: int) -> list[int]:
+    """The default store's key count before and after each of 3 wrappers built and closed."""
+    store = dist.distributed_c10d._get_default_store()
+    counts = []
+    for _ in range(4):
+        dist.barrier()  # every rank's construction (and store writes) done, none begun
+        counts.append(store.num_keys())
+        dist.barrier()  # every rank has counted before the next construction writes
+        if len(counts) < 4:
+            DataParallel(nn.Linear(3, 3), comm="auto", timeout=RETRY_TIMEOUT_S).close()
+    return counts
+
+
+def test_wrappers_on_fastpars_all_reduce_do_not_grow_the_store() -> None:
+    """Each construction with comm="auto" left the host layout's and the ring's keys (10 on two
+    ranks) in the store, never deleted."""
+    results = run_multiprocess(_store_keys_after_wrappers, 2, timeout=120)
+    for counts in results:
+        assert counts == [counts[0]] * 4, results

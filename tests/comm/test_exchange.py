@@ -1,0 +1,111 @@
+"""Setups through the store that one rank missed leave nothing that changes the next one: the
+late rank joins the others' retry, which works, and no setup leaves keys in the store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fastpar import comm
+from fastpar.comm import CommTimeoutError, RingAllReduce
+from fastpar.comm.hosts import HostLayout, gather_host_layout, host_identity
+from fastpar.testing.distributed import run_multiprocess
+
+TIMEOUT_S = 1.0  # how long the missed setup waits for the absent rank
+RETRY_TIMEOUT_S = 30.0  # the retry's: ample for ranks that all come
+
+
+def _reduce_with(reducer: comm.RingAllReduce | comm.HierarchicalAllReduce) -> list[bool]:
+    """Whether the reducer's all-reduce of integer-valued tensors equals torch.distributed's."""
+    equal = []
+    with reducer:
+        for size in (1, 1009, 65537):
+            tensor = torch.arange(size, dtype=torch.float32) * (dist.get_rank() + 1)
+            expected = tensor.clone()
+            dist.all_reduce(expected)
+            reducer.all_reduce(tensor)
+            equal.append(torch.equal(tensor, expected))
+    return equal
+
+
+def _ring(timeout_s: float) -> list[bool]:
+    return _reduce_with(RingAllReduce(timeout=timeout_s))
+
+
+def _created(timeout_s: float) -> list[bool]:
+    return _reduce_with(comm.create_all_reduce(timeout=timeout_s))
+
+
+def _hosts(timeout_s: float) -> list[bool]:
+    layout = gather_host_layout(dist.group.WORLD, timedelta(seconds=timeout_s))
+    identities = [host_identity()] * dist.get_world_size()  # every rank runs on this host
+    return [layout == HostLayout.from_identities(identities, dist.get_rank())]
+
+
+SETUPS: dict[str, Callable[[float], list[bool]]] = {
+    "ring": _ring,
+    "create_all_reduce": _created,
+    "gather_host_layout": _hosts,
+}
+
+
+def _missed_then_retried(rank: int, world_size: int, setup: str) -> tuple[list[bool], int, int]:
+    """Rank 1 misses a setup (the others time out), then every rank sets up. Returns what the
+    retry's setup checks and the store's key count before the first setup and after the retry."""
+    store = dist.distributed_c10d._get_default_store()
+    dist.barrier()
+    keys_before = store.num_keys()
+    dist.barrier()  # every rank has counted before the first setup writes
+
+    given_up = [f"missed/given-up/{r}" for r in range(world_size) if r != 1]
+    if rank == 1:  # comes only to the retry, once the others have given up
+        store.wait(given_up, timedelta(seconds=RETRY_TIMEOUT_S))
+    else:
+        with pytest.raises(CommTimeoutError, match=r"waiting for rank\(s\) \[1\] to say which"):
+            SETUPS[setup](TIMEOUT_S)
+        store.set(f"missed/given-up/{rank}", "1")
+
+    checks = SETUPS[setup](RETRY_TIMEOUT_S)
+
+    dist.barrier()  # every rank done with the store
+    if rank == 0:
+        for key in given_up:
+            store.delete_key(key)
+    dist.barrier()
+    return checks, keys_before, store.num_keys()
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_a_rank_that_missed_a_setup_joins_the_retry(setup: str) -> None:
+    """The late rank read the keys the others had posted for the failed setup as current, and
+    they waited for it in the next one: the retry timed out, and the failed setup's keys (and
+    every successful one's) stayed in the store."""
+    results = run_multiprocess(_missed_then_retried, 3, args=(setup,), timeout=120)
+    for checks, keys_before, keys_after in results:
+        assert checks and all(checks), results
+        assert keys_after == keys_before, results
+
+
+def _store_keys_after_setups(rank: int, world_size: int, setup: str) -> list[int]:
+    """The default store's key count before and after each of 3 setups."""
+    store = dist.distributed_c10d._get_default_store()
+    counts = []
+    for _ in range(4):
+        dist.barrier()  # every rank's setup (and store writes) done, none begun
+        counts.append(store.num_keys())
+        dist.barrier()  # every rank has counted before the next setup writes
+        if len(counts) < 4:
+            assert all(SETUPS[setup](RETRY_TIMEOUT_S))
+    return counts
+
+
+@pytest.mark.parametrize("setup", list(SETUPS))
+def test_setups_in_a_loop_do_not_grow_the_store(setup: str) -> None:
+    """Each ring left its host, pid, segment and mapped keys in the store, never deleted."""
+    results = run_multiprocess(_store_keys_after_setups, 2, args=(setup,), timeout=120)
+    for counts in results:
+        assert counts == [counts[0]] * 4, results
