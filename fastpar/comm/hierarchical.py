@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, agree, exchange_prefix
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, StoreExchange
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostAreas, HostBuffer
@@ -175,9 +175,19 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
     # --- setup ---------------------------------------------------------------------------------
 
     def _connect(self, chunk_bytes: int, serve_shared_gpu: bool) -> None:
+        store = dist.distributed_c10d._get_default_store()
+        setup = StoreExchange(store, self.rank, self.world_size, self.timeout, during=_CREATING)
+        with setup:  # every rank through the setup, whatever its end: its keys are deleted
+            # The first stage numbers the setup alike on every rank (one that missed a setup
+            # the others gave up on joins their retry); the subgroups are named after it.
+            setup.begin("hier", self.group, b"", "begin its setup")
+            self._connect_through(setup, chunk_bytes, serve_shared_gpu)
+
+    def _connect_through(
+        self, setup: StoreExchange, chunk_bytes: int, serve_shared_gpu: bool
+    ) -> None:
         ranks = dist.get_process_group_ranks(self.group)
-        self._store = dist.distributed_c10d._get_default_store()
-        self._prefix = exchange_prefix("hier", self.group)
+        self._store, self._prefix = setup.store, setup.prefix
         layout = self.layout
         self._host, self._local = layout.host, layout.local_rank
         self._local_ranks = layout.hosts[self._host]
@@ -189,9 +199,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device,
                              serve_shared_gpu=serve_shared_gpu)  # fmt: skip
         problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
-        verdict = agree(self._store, f"{self._prefix}/ring", self.rank, self.world_size,
-                        problem, self.timeout, "say whether its host's ring works",
-                        during=_CREATING)  # fmt: skip
+        verdict = setup.agree("ring", problem, "say whether its host's ring works")
         if verdict is not None:
             ring.close()
             self._disabled = f"the ring inside a host is off ({verdict})"

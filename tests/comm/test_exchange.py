@@ -3,6 +3,7 @@ late rank joins the others' retry, which works, and no setup leaves keys in the 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -12,7 +13,7 @@ import torch.distributed as dist
 
 from fastpar import comm
 from fastpar.comm import CommTimeoutError, RingAllReduce
-from fastpar.comm.hosts import HostLayout, gather_host_layout, host_identity
+from fastpar.comm.hosts import HOST_ENV, HostLayout, gather_host_layout, host_identity
 from fastpar.testing.distributed import run_multiprocess
 
 TIMEOUT_S = 1.0  # how long the missed setup waits for the absent rank
@@ -109,3 +110,27 @@ def test_setups_in_a_loop_do_not_grow_the_store(setup: str) -> None:
     results = run_multiprocess(_store_keys_after_setups, 2, args=(setup,), timeout=120)
     for counts in results:
         assert counts == [counts[0]] * 4, results
+
+
+def _hierarchical_missed_then_retried(rank: int, world_size: int) -> list[bool]:
+    """Two simulated hosts of two ranks: rank 1 misses a setup (the others time out), then every
+    rank sets up. Returns whether the retry's all-reduces equal torch.distributed's."""
+    os.environ[HOST_ENV] = f"simulated-{rank // 2}"
+    layout = gather_host_layout(dist.group.WORLD, timedelta(seconds=RETRY_TIMEOUT_S))
+    store = dist.distributed_c10d._get_default_store()
+    given_up = [f"missed/given-up/{r}" for r in range(world_size) if r != 1]
+    if rank == 1:
+        store.wait(given_up, timedelta(seconds=RETRY_TIMEOUT_S))
+    else:
+        with pytest.raises(CommTimeoutError, match=r"waiting for rank\(s\) \[1\] to begin"):
+            comm.HierarchicalAllReduce(layout=layout, timeout=TIMEOUT_S)
+        store.set(f"missed/given-up/{rank}", "1")
+    reducer = comm.HierarchicalAllReduce(layout=layout, timeout=RETRY_TIMEOUT_S)
+    assert reducer.fallback_reason(torch.empty(0)) is None
+    return _reduce_with(reducer)
+
+
+def test_a_rank_that_missed_a_hierarchical_setup_joins_the_retry() -> None:
+    """The late rank named its subgroups after the failed setup, so the retry never met."""
+    results = run_multiprocess(_hierarchical_missed_then_retried, 4, timeout=120)
+    assert all(checks and all(checks) for checks in results), results
