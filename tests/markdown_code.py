@@ -66,11 +66,12 @@ def shell_commands(block: CodeBlock) -> list[list[str]]:
 
 
 def inline_commands(path: Path, starts: tuple[str, ...]) -> list[tuple[str, list[str]]]:
-    """The inline code spans of `path` that start with one of `starts` and are complete
-    commands (no "..." or "[a|b]" placeholders), as (the span, its arguments)."""
+    """The inline code spans of `path` that start with one of `starts` and are whole commands
+    (no "..." standing for the rest), as (the span, its arguments, optional ones ("[--a b]")
+    taken as given)."""
     text = _FENCED.sub("", path.read_text())
     found = []
     for span in (" ".join(span.split()) for span in _INLINE.findall(text)):
-        if span.startswith(starts) and "..." not in span and "[" not in span:
-            found.append((span, shlex.split(span)))
+        if span.startswith(starts) and "..." not in span:
+            found.append((span, shlex.split(span.replace("[", "").replace("]", ""))))
     return found

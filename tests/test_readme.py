@@ -97,12 +97,13 @@ def test_documented_commands_parse() -> None:
                 for words in shell_commands(block):
                     problems += [f"{block.name}: {p}" for p in _command_problems(words)]
         starts = tuple(f"{p} {c}" for p in ("fastpar", "python -m fastpar") for c in _COMMANDS)
-        for span, words in inline_commands(doc, starts):
+        for span, words in inline_commands(doc, (*starts, *_SCRIPT_STARTS)):
             problems += [f"{doc.name}, `{span}`: {p}" for p in _command_problems(words)]
     assert not problems, "\n".join(problems)
 
 
 _COMMANDS = ("train", "bench", "info", "build")
+_SCRIPT_STARTS = ("python bench/", "bash bench/", "bench/")
 
 
 def _run_example(block: CodeBlock, cwd: Path) -> tuple[int, str]:
@@ -153,9 +154,22 @@ def _command_problems(words: list[str]) -> list[str]:
     if words[0] == "make":
         targets = {line.split(":")[0] for line in (ROOT / "Makefile").read_text().splitlines()}
         return [f"no Makefile target {w!r}" for w in words[1:] if "=" not in w and w not in targets]
-    if words[0] in ("python", "bash") and words[1].endswith((".py", ".sh")):
-        return [] if (ROOT / words[1]).is_file() else [f"no file {words[1]}"]
+    script = words[1] if words[0] in ("python", "bash") else words[0]
+    if script.endswith((".py", ".sh")):
+        return _script_problems(ROOT / script, words)
     return []
+
+
+def _script_problems(script: Path, words: list[str]) -> list[str]:
+    """A missing script, or flags its source does not define (a bench script's parser costs
+    an import of torch to build; its source names each flag it takes)."""
+    if not script.is_file():
+        return [f"no file {script.relative_to(ROOT)}"]
+    # gpu_check.sh hands every flag but --python to gpu_check.py.
+    sources = [path.read_text() for path in (script, script.with_suffix(".py")) if path.is_file()]
+    flags = {word.split("=")[0] for word in words if word.startswith("--")}
+    defined = {f for f in flags if any(f'"{f}"' in text or f"{f})" in text for text in sources)}
+    return [f"{script.name} defines no {flag}" for flag in sorted(flags - defined)]
 
 
 def _parse(parser: argparse.ArgumentParser, args: list[str]) -> tuple[str, argparse.Namespace]:
