@@ -124,18 +124,38 @@ def _launch(launcher: str, script: Path) -> list[str]:
 
 
 def _run_bounded(command: list[str], *, cwd: Path, env: dict[str, str]) -> tuple[int, str]:
-    """Run `command`, killing its whole process group (torchrun's ranks too) after the bound."""
-    process = subprocess.Popen(
-        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        output, _ = process.communicate(timeout=EXAMPLE_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        return -1, f"still running after {EXAMPLE_TIMEOUT_S} s:\n{output[-4000:]}"
-    return process.returncode, output[-4000:]
+    """Run `command`; after the bound, kill it and every process it started. torchrun starts
+    each rank in a session of its own, out of reach of a kill of its process group, so the
+    ranks are found by their parent ids before anything is killed."""
+    log = cwd / "output.txt"  # a file: a pipe would stay open while an orphaned rank runs
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code = process.wait(timeout=EXAMPLE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            for pid in (*_descendants(process.pid), process.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            process.wait()
+            code = -1
+    output = log.read_text()[-4000:]
+    return code, output if code != -1 else f"still running after {EXAMPLE_TIMEOUT_S} s:\n{output}"
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs, from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        started = children.get(todo.pop(), [])
+        found += started
+        todo += started
+    return found
 
 
 def _command_problems(words: list[str]) -> list[str]:
