@@ -5,7 +5,7 @@ Files in DIR:
 - events.out.tfevents.*: TensorBoard scalars (`tensorboard --logdir DIR`): loss/train,
   loss/validation, throughput/tokens_per_s, time/step_s; with dynamic slicing
   slicing/block/replicaR, slicing/samples_per_s/replicaR, slicing/rate/replicaR and
-  slicing/decision (+1 grow, -1 shrink, 1 rebalance, 0 hold); with replicas
+  slicing/decision (+1 grow, -1 shrink, 1 rebalance, 0 hold or start); with replicas
   dp/allreduce_s/rankR and dp/exposed_comm/rankR (share of the step); with stages
   pp/bubble/rankR and pp/compute_s/rankR.
 - steps.csv: one row per step (the whole job, also across resumes): loss, tokens/s, step time,
