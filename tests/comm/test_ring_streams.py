@@ -249,10 +249,10 @@ def test_each_cuda_call_gets_its_own_verdict_from_the_failing_calls_number(
 def test_ranks_agree_on_chunk_bytes_before_mapping(
     monkeypatch: pytest.MonkeyPatch, peer_chunk_bytes: int
 ) -> None:
-    # Rank 0's setup with a fake transport and store, rank 1 having published its handle and
-    # chunk_bytes: different ones raise before any buffer is mapped, equal ones map.
+    # Rank 0's setup with a fake transport and exchange, rank 1 having published its handle
+    # and chunk_bytes: different ones raise before any buffer is mapped, equal ones map.
     handle = bytes(range(64))
-    store = {"p/device/1": b"gpu", "p/ipc/1": handle + peer_chunk_bytes.to_bytes(8, "little")}
+    peer = {"device": b"gpu", "ipc": handle + peer_chunk_bytes.to_bytes(8, "little")}
     steps: list[str] = []
 
     class Transport:
@@ -281,12 +281,9 @@ def test_ranks_agree_on_chunk_bytes_before_mapping(
         with_cuda = True
         IpcAllReduce = Transport
 
-    class Store:
-        def set(self, key: str, value: str | bytes) -> None:
-            store[key] = value.encode() if isinstance(value, str) else value
-
-        def get(self, key: str) -> bytes:
-            return store[key]
+    class Setup:  # StoreExchange's stages, rank 1's records already posted
+        def gather(self, name: str, mine: str | bytes, what: str) -> list[bytes]:
+            return [mine.encode() if isinstance(mine, str) else mine, peer[name]]
 
     monkeypatch.setattr("fastpar.comm.ring.local_device_ids", lambda: ["gpu"])
     monkeypatch.setattr(torch.cuda, "ExternalStream", lambda handle, device: object())
@@ -294,12 +291,11 @@ def test_ranks_agree_on_chunk_bytes_before_mapping(
     ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
     ring.group, ring._serve_shared_gpu, ring._peer_pids = None, True, {}
     ring.timeout, ring._native_errors = timedelta(seconds=60), ()
-    ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
-    ring._agree = lambda question, problem, what: not problem  # type: ignore[method-assign]
+    ring._agree = lambda setup, question, problem, what: not problem  # type: ignore[method-assign]
     if peer_chunk_bytes != 1 << 20:
         with pytest.raises(ValueError, match=r"same on every rank, got \[1048576, 2097152\]"):
-            ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+            ring._connect_cuda_ipc(Native(), Setup(), 1 << 20)
         assert steps == ["created with 1048576", "closed"]
     else:
-        ring._connect_cuda_ipc(Native(), Store(), "p", 1 << 20)
+        ring._connect_cuda_ipc(Native(), Setup(), 1 << 20)
         assert steps == ["created with 1048576", "connected"]
