@@ -15,6 +15,7 @@ from fastpar import comm
 from fastpar.comm import CommTimeoutError, RingAllReduce
 from fastpar.comm.hosts import HOST_ENV, HostLayout, gather_host_layout, host_identity
 from fastpar.testing.distributed import run_multiprocess
+from tests.store_keys import store_key_counts
 
 TIMEOUT_S = 1.0  # how long the missed setup waits for the absent rank
 RETRY_TIMEOUT_S = 30.0  # the retry's: ample for ranks that all come
@@ -93,15 +94,11 @@ def test_a_rank_that_missed_a_setup_joins_the_retry(setup: str) -> None:
 
 def _store_keys_after_setups(rank: int, world_size: int, setup: str) -> list[int]:
     """The default store's key count before and after each of 3 setups."""
-    store = dist.distributed_c10d._get_default_store()
-    counts = []
-    for _ in range(4):
-        dist.barrier()  # every rank's setup (and store writes) done, none begun
-        counts.append(store.num_keys())
-        dist.barrier()  # every rank has counted before the next setup writes
-        if len(counts) < 4:
-            assert all(SETUPS[setup](RETRY_TIMEOUT_S))
-    return counts
+
+    def checked_setup() -> None:
+        assert all(SETUPS[setup](RETRY_TIMEOUT_S))
+
+    return store_key_counts(checked_setup)
 
 
 @pytest.mark.parametrize("setup", list(SETUPS))

@@ -21,6 +21,7 @@ from fastpar.comm import HOST_ENV, CommClosedError, CommTimeoutError
 from fastpar.parallel import DataParallel, DataParallelConfig
 from fastpar.parallel.data_parallel import has_spare_core
 from fastpar.testing.distributed import run_multiprocess
+from tests.store_keys import store_key_counts
 
 VOCAB, EMBED, HIDDEN, SEQ, BATCH = 23, 8, 16, 7, 4
 
@@ -407,15 +408,7 @@ def test_a_peer_that_never_constructs_is_a_timeout_naming_it(timeout: float | No
 
 def _store_keys_after_wrappers(rank: int, world_size: int) -> list[int]:
     """The default store's key count before and after each of 3 wrappers built and closed."""
-    store = dist.distributed_c10d._get_default_store()
-    counts = []
-    for _ in range(4):
-        dist.barrier()  # every rank's construction (and store writes) done, none begun
-        counts.append(store.num_keys())
-        dist.barrier()  # every rank has counted before the next construction writes
-        if len(counts) < 4:
-            DataParallel(nn.Linear(3, 3), comm="torch").close()
-    return counts
+    return store_key_counts(lambda: DataParallel(nn.Linear(3, 3), comm="torch").close())
 
 
 def test_wrappers_built_in_a_loop_do_not_grow_the_store() -> None:

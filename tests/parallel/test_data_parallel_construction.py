@@ -13,6 +13,7 @@ from torch import nn
 from fastpar.comm import CommTimeoutError
 from fastpar.parallel import DataParallel
 from fastpar.testing.distributed import run_multiprocess
+from tests.store_keys import store_key_counts
 
 TIMEOUT_S = 2.0  # how long the first construction waits for the absent rank
 RETRY_TIMEOUT_S = 20.0  # the retry's: ample for ranks that all come
@@ -67,15 +68,9 @@ def test_a_construction_that_failed_leaves_nothing_a_retry_sees() -> None:
 
 def _store_keys_after_wrappers(rank: int, world_size: int) -> list[int]:
     """The default store's key count before and after each of 3 wrappers built and closed."""
-    store = dist.distributed_c10d._get_default_store()
-    counts = []
-    for _ in range(4):
-        dist.barrier()  # every rank's construction (and store writes) done, none begun
-        counts.append(store.num_keys())
-        dist.barrier()  # every rank has counted before the next construction writes
-        if len(counts) < 4:
-            DataParallel(nn.Linear(3, 3), comm="auto", timeout=RETRY_TIMEOUT_S).close()
-    return counts
+    return store_key_counts(
+        lambda: DataParallel(nn.Linear(3, 3), comm="auto", timeout=RETRY_TIMEOUT_S).close()
+    )
 
 
 def test_wrappers_on_fastpars_all_reduce_do_not_grow_the_store() -> None:
