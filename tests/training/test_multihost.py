@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,46 +38,85 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stderr_of_killed(node: subprocess.Popen[str]) -> str:
-    """What a killed torchrun wrote to stderr (its ranks may hold the pipe a while longer)."""
+JOB_LIMIT_S = 240.0  # for the whole two-node job
+# How long a node may outlive its peer's failure: a node whose ranks succeeded would otherwise
+# wait 300 s in torchrun's exit barrier for the failed one (DistStoreError on
+# terminal_state/last_member), and the failure would read as a timeout.
+PEER_FAILURE_GRACE_S = 5.0
+
+
+def _stop(node: subprocess.Popen[str]) -> None:
+    """Stop a torchrun agent: SIGTERM, on which it stops its own ranks, then SIGKILL."""
+    node.terminate()
     try:
-        return node.communicate(timeout=30)[1]
-    except subprocess.TimeoutExpired as held:
-        text = held.stderr or ""
-        return text.decode(errors="replace") if isinstance(text, bytes) else text
+        node.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        node.kill()
+        node.wait()
 
 
-def _two_hosts(tmp: Path, *args: str) -> list[subprocess.CompletedProcess[str]]:
-    """Node 0 and node 1 (in its own IPC namespace) of one torchrun job, 2 ranks each."""
+def _wait_for_both(nodes: list[subprocess.Popen[str]]) -> str:
+    """Wait for both nodes to end; the first one to fail ends the other after
+    PEER_FAILURE_GRACE_S. Returns what went wrong ("" when both exited with 0)."""
+    start = time.monotonic()
+    end = start + JOB_LIMIT_S
+    problems: list[str] = []
+    while time.monotonic() < end:
+        codes = [node.poll() for node in nodes]  # every node's, each time
+        if None not in codes:
+            break
+        failed = [n for n, code in enumerate(codes) if code not in (None, 0)]
+        if failed and not problems:
+            took = time.monotonic() - start
+            problems.append(f"node {failed[0]} exited with code {nodes[failed[0]].returncode} "
+                            f"after {took:.0f} s")  # fmt: skip
+            end = min(end, time.monotonic() + PEER_FAILURE_GRACE_S)
+        time.sleep(0.2)
+    if not problems and any(node.poll() is None for node in nodes):
+        problems.append(f"the job did not end within {JOB_LIMIT_S:.0f} s")
+    for n, node in enumerate(nodes):
+        if node.poll() is None:
+            _stop(node)
+            problems.append(f"node {n} was stopped after {time.monotonic() - start:.0f} s")
+        elif node.returncode != 0 and not any(p.startswith(f"node {n} ") for p in problems):
+            problems.append(f"node {n} exited with code {node.returncode}")
+    return "; ".join(problems)
+
+
+def _two_hosts(tmp: Path, *args: str, node1_env: dict[str, str] | None = None
+               ) -> list[subprocess.CompletedProcess[str]]:  # fmt: skip
+    """Node 0 and node 1 (in its own IPC namespace) of one torchrun job, 2 ranks each, with
+    `node1_env` added to node 1's environment. Fails the test, with both nodes' stderr, unless
+    both exit with 0."""
     port = _free_port()
-    nodes = []
+    nodes, outputs = [], [(tmp / f"node{n}.stdout", tmp / f"node{n}.stderr") for n in (0, 1)]
     for node in (0, 1):
         command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                    "--nproc-per-node", "2", "--node-rank", str(node), "--master-addr",
                    "127.0.0.1", "--master-port", str(port), "-m", "fastpar", "train", *SMALL,
-                   "--checkpoint-dir", str(tmp), "--steps", "2", "--checkpoint-every", "2",
-                   *args]  # fmt: skip
+                   "--checkpoint-dir", str(tmp / "checkpoints"), "--steps", "2",
+                   "--checkpoint-every", "2", *args]  # fmt: skip
+        env = dict(os.environ)
         if node == 1:
             command = ["unshare", "--ipc", *command]
-        nodes.append(subprocess.Popen(command, cwd=REPO, env=dict(os.environ), text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
-    results = []
-    for node in nodes:
-        try:
-            stdout, stderr = node.communicate(timeout=240)
-        except subprocess.TimeoutExpired:
-            # What each node said is the only clue to why the job did not end (torchrun's
-            # agents wait up to 300 s at exit for a node whose ranks failed).
-            for other in nodes:
-                other.kill()
-            unread = nodes[len(results) :]
-            said = [r.stderr for r in results] + [_stderr_of_killed(n) for n in unread]
-            pytest.fail(
-                "the job did not end within 240 s\n"
-                + "\n".join(f"--- node {n} stderr:\n{text[-3000:]}" for n, text in enumerate(said))
-            )
-        results.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
-    return results
+            env.update(node1_env or {})
+        # Files, not pipes: nothing reads the nodes' output while they run.
+        stdout, stderr = outputs[node]
+        with open(stdout, "w") as out, open(stderr, "w") as err:
+            nodes.append(subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=out,
+                                          stderr=err))  # fmt: skip
+    try:
+        problem = _wait_for_both(nodes)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                _stop(node)
+    said = [(stdout.read_text(), stderr.read_text()) for stdout, stderr in outputs]
+    if problem:
+        pytest.fail(problem + "".join(f"\n--- node {n} stderr:\n{err[-3000:]}"
+                                      for n, (_, err) in enumerate(said)))  # fmt: skip
+    return [subprocess.CompletedProcess(node.args, 0, out, err)
+            for node, (out, err) in zip(nodes, said, strict=True)]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -96,9 +136,31 @@ def test_default_options_train_across_two_hosts(
     tmp_path: Path, layout: str, args: tuple[str, ...], choice: str | None
 ) -> None:
     first, second = _two_hosts(tmp_path, *args)
-    for node in (first, second):
-        assert node.returncode == 0, f"{layout}:\n{node.stderr[-3000:]}"
     assert "validation loss:" in first.stdout, first.stdout[-2000:]
     if choice is not None:  # said once, by rank 0
         assert first.stderr.count(choice) == 1, first.stderr[-3000:]
         assert choice not in second.stderr
+
+
+def test_a_failed_node_fails_the_job_at_once(tmp_path: Path) -> None:
+    """Node 1's ranks train but exit with code 3: its agent fails at once, and node 0's, whose
+    ranks succeeded, is stopped after the grace instead of waiting out its exit barrier."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import atexit, os\n"
+        "if 'LOCAL_RANK' in os.environ:  # torchrun's ranks, not its agent\n"
+        "    atexit.register(lambda: os._exit(3))\n"
+    )
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception) as failure:
+        _two_hosts(tmp_path, "--parallel", "pp", "--microbatches", "2",
+                   node1_env={"PYTHONPATH": path})  # fmt: skip
+    took = time.monotonic() - start
+    message = str(failure.value)
+    assert message.startswith("node 1 exited with code 1"), message[:3000]
+    assert "node 0 was stopped" in message, message[:3000]
+    assert "exitcode  : 3" in message, message[-3000:]  # node 1's report of its ranks
+    # Far below torchrun's 300 s exit barrier (and JOB_LIMIT_S): training 2 steps takes ~20 s.
+    assert took < JOB_LIMIT_S / 2, f"{took:.0f} s\n{message[:3000]}"
