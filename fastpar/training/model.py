@@ -41,16 +41,16 @@ def build_model(
         (B, T, vocab) logits.
     """
     check_choice("cell", cell, CELLS)
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    # The weights are made on the CPU, from its generator alone: it is seeded for them and given
+    # back its state afterwards, and no other generator is touched (torch.manual_seed would
+    # also seed every CUDA device's, which holds the rank's own stream).
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
         modules: list[nn.Module] = [nn.Embedding(vocab, embed)]
         for layer in range(layers):
             size_in = embed if layer == 0 else hidden
             modules.append(OutputOnly(_recurrent_layer(cell, size_in, hidden, backend)))
         modules.append(nn.Linear(hidden, vocab))
-    finally:
-        torch.random.set_rng_state(generator_state)
     return nn.Sequential(*modules)
 
 

@@ -9,6 +9,7 @@ import torch
 import fastpar.nn
 from fastpar.parallel import OutputOnly, split_sequential
 from fastpar.training.model import build_model
+from fastpar.training.state import seed_rank_streams
 from tests.ops.lstm_helpers import FP32_ATOL, FP32_RTOL, assert_close
 
 VOCAB, EMBED, HIDDEN, LAYERS = 23, 8, 12, 2
@@ -66,3 +67,16 @@ def test_build_model_is_seeded(cell: str) -> None:
 def test_build_model_rejects_an_unknown_cell() -> None:
     with pytest.raises(ValueError, match=r"cell must be one of \('lstm', 'gru', 'rnn'\)"):
         _build("transformer")
+
+
+def test_build_model_leaves_the_rank_streams_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building seeds no generator but the CPU one it gives back: a rank's CUDA stream, seeded
+    before the model is built, stays the rank's (torch.manual_seed would seed every device's)."""
+    seed_rank_streams(seed=3, rank=1)
+    rank_stream = torch.random.get_rng_state()
+    seeded: list[int] = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeded.append)
+    _build("lstm")
+    assert seeded == []
+    assert torch.equal(torch.random.get_rng_state(), rank_stream)
