@@ -178,12 +178,12 @@ def _rank_main(
         # Report before tearing the group down: the teardown makes peers fail too, and the
         # parent must see this, the first failure, with the earliest time.
         results.put((rank, False, (time.time(), traceback.format_exc(), _one_line())))
-        _destroy_group()
+        destroy_group()
         return
     # The result first: a rank waiting in the barrier below for a hung peer has returned, and
     # a timeout names only that peer.
     results.put((rank, True, value))
-    _destroy_group(after_every_rank=True)
+    destroy_group(after_every_rank=True)
 
 
 def _send_stderr_to(path: str) -> None:
@@ -270,7 +270,7 @@ def _one_line() -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
-def _destroy_group(after_every_rank: bool = False) -> None:
+def destroy_group(after_every_rank: bool = False) -> None:
     """Destroy the default group, if any; with `after_every_rank`, once every rank is done with
     it (a barrier): gloo tears a rank's connections down at once, and a peer still completing
     its own init or last collective then fails with "Connection closed by peer"."""

@@ -388,22 +388,25 @@ def restarted_config(config: TrainConfig, restarts: int) -> TrainConfig:
 def _run_under_torchrun(config: TrainConfig) -> int:
     import torch.distributed as dist
 
+    from fastpar.launch import destroy_group
     from fastpar.training.checkpoint import CheckpointError
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     config = restarted_config(config, restarts)
     _init_under_torchrun(restarts, config.timeout_s)
     try:
-        try:
-            resume = _prepare_under_torchrun(config)
-            # A checkpoint of other options is refused by every rank as it restores.
-            summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
-        except CheckpointError as error:
-            if dist.get_rank() == 0:
-                print(f"fastpar train: {error}", file=sys.stderr)
-            return 1
-    finally:
-        dist.destroy_process_group()
+        resume = _prepare_under_torchrun(config)
+        # A checkpoint of other options is refused by every rank as it restores.
+        summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
+    except CheckpointError as error:  # on every rank alike: they all reach the barrier
+        if dist.get_rank() == 0:
+            print(f"fastpar train: {error}", file=sys.stderr)
+        destroy_group(after_every_rank=True)
+        return 1
+    except BaseException:  # as a spawned rank that failed: its peers are not waited for
+        destroy_group()
+        raise
+    destroy_group(after_every_rank=True)
     if summary is not None:
         _print_summary(summary)
     return 0
