@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 from fastpar._checks import check_int, check_positive
@@ -97,6 +97,25 @@ def _release_fork_server() -> None:
     if isinstance(fd, int) and mp.parent_process() is not None:
         os.close(fd)
         server._forkserver_alive_fd = None
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint() -> Iterator[None]:
+    """Ignore SIGINT in this process while it starts a child (the fork server, a spawned
+    rank), which keeps it ignored from its first instruction: a Ctrl-C that reaches them while
+    they import torch would otherwise print a KeyboardInterrupt traceback (CPython's fork
+    server ignores SIGINT only after its preload, a rank only once it runs). This process
+    handles Ctrl-C for all of them: its own handler is back at once, before anything waits.
+    Outside the main thread, which alone may set handlers, children start as they are."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        # None: a handler set outside Python, which cannot be set back; the default instead.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 def stop_fork_server() -> None:
@@ -390,8 +409,17 @@ def spawn_ranks(
                                     name="fastpar-import-torch", daemon=True)  # fmt: skip
         importer.start()
     try:
+        if start_method == "forkserver":
+            from multiprocessing import forkserver
+
+            with _children_ignore_sigint():
+                forkserver.ensure_running()
+        # A spawned rank starts at once; a forked one waits for the server's preload, and
+        # Ctrl-C must stay the launcher's meanwhile.
+        spawned = start_method == "spawn"
         for process in processes:
-            process.start()
+            with _children_ignore_sigint() if spawned else contextlib.nullcontext():
+                process.start()
         if importer is not None:
             importer.join()
         import torch.distributed as dist

@@ -106,6 +106,42 @@ def test_no_forked_rank_outlives_a_killed_launcher(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+# Run as a launcher (argument: the start method), it starts one rank, forked from a new server
+# whose preload is this very file, or spawned (which imports it too); the server or the rank,
+# importing it, writes down how it handles SIGINT at that moment.
+_SIGINT_PROBE = """
+import operator, os, signal, sys
+if __name__ != "__main__":
+    with open(os.environ["FASTPAR_SIGINT_RECORD"], "w") as f:
+        f.write(repr(signal.getsignal(signal.SIGINT)))
+else:
+    from fastpar.launch import spawn_ranks
+    spawn_ranks(operator.add, 1, start_method=sys.argv[1], preload=["__main__"], timeout=120)
+    print(repr(signal.getsignal(signal.SIGINT)))
+"""
+
+
+def _sigint_at_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_children_ignore_ctrl_c_from_their_start(tmp_path: Path, start_method: str) -> None:
+    """CPython's fork server ignores SIGINT only after its preload (seconds with torch), a rank
+    only once it runs: a Ctrl-C meanwhile printed a KeyboardInterrupt traceback. They ignore it
+    while importing, and the launcher still takes Ctrl-C itself."""
+    script, record = tmp_path / "launcher.py", tmp_path / "sigint"
+    script.write_text(_SIGINT_PROBE)
+    # SIGINT at its default, as in a terminal (a background job inherits it ignored).
+    launched = subprocess.run([sys.executable, str(script), start_method], cwd=REPO,
+                              capture_output=True, text=True, timeout=180, check=False,
+                              env={**os.environ, "FASTPAR_SIGINT_RECORD": str(record)},
+                              preexec_fn=_sigint_at_default)  # fmt: skip
+    assert launched.returncode == 0, launched.stderr
+    assert record.read_text() == repr(signal.SIG_IGN)
+    assert launched.stdout.strip() == repr(signal.default_int_handler)
+
+
 def test_the_test_helper_forks_its_ranks() -> None:
     # The server imported the helper's modules, so a rank finds them loaded before it imports
     # anything itself.

@@ -3,6 +3,7 @@ non-zero exit, no traceback, and no checkpoint lost."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -146,6 +147,49 @@ def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
     assert line.startswith("fastpar train: interrupted; all ranks were stopped; rerun with "
                            "--resume to continue from step ")  # fmt: skip
     # No rank outlives the launcher (multiprocessing's helper may take a moment to notice).
+    deadline = time.monotonic() + 10
+    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left
+
+
+def _fork_server_importing_torch(launcher: int) -> bool:
+    """Whether `launcher`'s fork server is running and has begun to import torch (its preload,
+    seconds long, goes on after that)."""
+    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher)],
+                              capture_output=True, text=True, check=False)  # fmt: skip
+    for line in children.stdout.splitlines():
+        pid, args = line.split(maxsplit=1)
+        if "multiprocessing.forkserver" in args:
+            with contextlib.suppress(OSError):  # it may have ended
+                return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    return False
+
+
+def test_ctrl_c_while_the_ranks_start_says_one_line(tmp_path: Path) -> None:
+    """Ctrl-C while the fork server imports torch (the ranks are not forked yet): the
+    launcher's one line and exit code, no KeyboardInterrupt traceback, no process left. (That
+    the server ignores SIGINT from its start is tests/test_launch_start.py's.)"""
+    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
+               str(tmp_path), "--nproc", "2", "--steps", "100000"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True,
+                               preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _fork_server_importing_torch(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    said = "fastpar train: interrupted; all ranks were stopped; no checkpoint was written yet."
+    assert said in stderr.splitlines(), stderr
     deadline = time.monotonic() + 10
     while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
