@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -120,10 +121,12 @@ def _sigint_as_in_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
-               str(tmp_path), "--nproc", "2", "--steps", "100000", "--checkpoint-every", "2",
-               "--comm", "torch"]  # fmt: skip
+def _ctrl_c_when(ready: Callable[[int], bool], *args: str, limit_s: float) -> tuple[int, str]:
+    """Start `fastpar train` on 2 ranks with `args`, press Ctrl-C once `ready(launcher pid)`
+    (within `limit_s`), and return its exit code and stderr, once no process it started is
+    left (multiprocessing's helper may take a moment to notice)."""
+    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--nproc", "2",
+               "--steps", "100000", *args]  # fmt: skip
     # A session of its own: the signal goes to the whole group, as a terminal's Ctrl-C does.
     # SIGINT at its default, as in a terminal: a job started in the background by a
     # non-interactive shell (a CI script's `cmd &`) inherits it ignored, and so would this one.
@@ -131,26 +134,32 @@ def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
                                text=True, start_new_session=True,
                                preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     try:
-        deadline = time.monotonic() + 120
-        while find_intact(tmp_path)[0] is None:
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr
-            time.sleep(0.2)
+        deadline = time.monotonic() + limit_s
+        while not ready(process.pid):
+            assert process.poll() is None and time.monotonic() < deadline, "not ready in time"
+            time.sleep(0.05)
         os.killpg(process.pid, signal.SIGINT)
         _, stderr = process.communicate(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-    assert process.returncode == 130, stderr
+    deadline = time.monotonic() + 10
+    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, left
+    return process.returncode, stderr
+
+
+def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
+    code, stderr = _ctrl_c_when(lambda _: find_intact(tmp_path)[0] is not None,
+                                "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "2",
+                                "--comm", "torch", limit_s=120)  # fmt: skip
+    assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     (line,) = [line for line in stderr.splitlines() if line.startswith("fastpar train: ")]
     assert line.startswith("fastpar train: interrupted; all ranks were stopped; rerun with "
                            "--resume to continue from step ")  # fmt: skip
-    # No rank outlives the launcher (multiprocessing's helper may take a moment to notice).
-    deadline = time.monotonic() + 10
-    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left
 
 
 def _fork_server_importing_torch(launcher: int) -> bool:
@@ -170,30 +179,12 @@ def test_ctrl_c_while_the_ranks_start_says_one_line(tmp_path: Path) -> None:
     """Ctrl-C while the fork server imports torch (the ranks are not forked yet): the
     launcher's one line and exit code, no KeyboardInterrupt traceback, no process left. (That
     the server ignores SIGINT from its start is tests/test_launch_start.py's.)"""
-    command = [sys.executable, "-m", "fastpar", "train", *SMALL, "--checkpoint-dir",
-               str(tmp_path), "--nproc", "2", "--steps", "100000"]  # fmt: skip
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True,
-                               preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not _fork_server_importing_torch(process.pid):
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr
-            time.sleep(0.02)
-        os.killpg(process.pid, signal.SIGINT)
-        _, stderr = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-    assert process.returncode == 130, stderr
+    code, stderr = _ctrl_c_when(_fork_server_importing_torch, "--checkpoint-dir", str(tmp_path),
+                                limit_s=60)  # fmt: skip
+    assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     said = "fastpar train: interrupted; all ranks were stopped; no checkpoint was written yet."
     assert said in stderr.splitlines(), stderr
-    deadline = time.monotonic() + 10
-    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not left
 
 
 class _SigtermEscaped(Exception):
