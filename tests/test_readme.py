@@ -30,6 +30,7 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 
 from fastpar.__main__ import build_parser as fastpar_parser
 from tests.markdown_code import CodeBlock, code_blocks, inline_commands, shell_commands
+from tests.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -133,29 +134,13 @@ def _run_bounded(command: list[str], *, cwd: Path, env: dict[str, str]) -> tuple
         try:
             code = process.wait(timeout=EXAMPLE_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            for pid in (*_descendants(process.pid), process.pid):
+            for pid in (*descendants(process.pid), process.pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
             process.wait()
             code = -1
     output = log.read_text()[-4000:]
     return code, output if code != -1 else f"still running after {EXAMPLE_TIMEOUT_S} s:\n{output}"
-
-
-def _descendants(pid: int) -> list[int]:
-    """The processes `pid` started, and theirs, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):  # a process that ended meanwhile
-            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (name)"
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        started = children.get(todo.pop(), [])
-        found += started
-        todo += started
-    return found
 
 
 def _command_problems(words: list[str]) -> list[str]:

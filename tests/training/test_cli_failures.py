@@ -20,6 +20,7 @@ from fastpar.training import checkpoint
 from fastpar.training.checkpoint import find_intact, step_name
 from fastpar.training.cli import _resume_hint, run
 from fastpar.training.config import TrainConfig
+from tests.processes import children, session_processes
 
 from .util import REPO, SMALL
 from .util import train_cli as _train
@@ -145,7 +146,7 @@ def _ctrl_c_when(ready: Callable[[int], bool], *args: str, limit_s: float) -> tu
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     deadline = time.monotonic() + 10
-    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
+    while (left := session_processes(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, left
     return process.returncode, stderr
@@ -165,10 +166,7 @@ def test_ctrl_c_stops_every_rank_and_says_how_to_resume(tmp_path: Path) -> None:
 def _fork_server_importing_torch(launcher: int) -> bool:
     """Whether `launcher`'s fork server is running and has begun to import torch (its preload,
     seconds long, goes on after that)."""
-    children = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(launcher)],
-                              capture_output=True, text=True, check=False)  # fmt: skip
-    for line in children.stdout.splitlines():
-        pid, args = line.split(maxsplit=1)
+    for pid, args in children(launcher):
         if "multiprocessing.forkserver" in args:
             with contextlib.suppress(OSError):  # it may have ended
                 return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
@@ -255,12 +253,6 @@ def test_a_run_stopped_after_its_last_checkpoint_is_not_sent_to_resume(tmp_path:
     )
     hint = _resume_hint(TrainConfig(checkpoint_dir=tmp_path, steps=6))
     assert hint == "rerun with --resume to continue from step 4"
-
-
-def _session_processes(session: int) -> list[str]:
-    found = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(session)], capture_output=True,
-                           text=True, check=False)  # fmt: skip
-    return found.stdout.strip().splitlines()
 
 
 def test_config_takes_no_bool_for_a_number() -> None:

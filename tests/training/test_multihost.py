@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import children
+
 from .util import REPO, SMALL
 
 
@@ -51,17 +53,16 @@ def _stop(node: subprocess.Popen[str]) -> None:
     """Stop a torchrun agent and its ranks: SIGTERM, on which the agent stops its ranks (unless
     it is blocked in a wait, as in its exit barrier), then SIGKILL for the agent and any of its
     ranks left (each rank leads a session of its own, which the agent's end does not reach)."""
-    listed = subprocess.run(["ps", "-o", "pid=", "--ppid", str(node.pid)], capture_output=True,
-                            text=True, check=False)  # fmt: skip
+    ranks = [pid for pid, _ in children(node.pid)]
     node.terminate()
     try:
         node.wait(timeout=5)
     except subprocess.TimeoutExpired:
         node.kill()
         node.wait()
-    for rank in listed.stdout.split():
+    for rank in ranks:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(int(rank), signal.SIGKILL)
+            os.killpg(rank, signal.SIGKILL)
 
 
 def _wait_for_both(nodes: list[subprocess.Popen[str]]) -> str:

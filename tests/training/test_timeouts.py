@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastpar.training.checkpoint import find_intact
+from tests.processes import children, session_processes
 
 from .util import REPO, SMALL
 
@@ -23,23 +24,11 @@ from .util import REPO, SMALL
 TIMEOUT_S = 5
 
 
-def _children(parent: int) -> list[tuple[int, str]]:
-    found = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(parent)],
-                           capture_output=True, text=True, check=False)  # fmt: skip
-    return [(int(line.split()[0]), line) for line in found.stdout.splitlines()]
-
-
 def _ranks(launcher: int) -> list[int]:
     """The launcher's rank processes, in start order: the children of its fork server (which
     the ranks are forked from)."""
-    servers = [pid for pid, args in _children(launcher) if "forkserver" in args]
-    return sorted(pid for server in servers for pid, _ in _children(server))
-
-
-def _session_processes(session: int) -> list[str]:
-    found = subprocess.run(["ps", "-ww", "-o", "pid=,stat=,args=", "-s", str(session)],
-                           capture_output=True, text=True, check=False)  # fmt: skip
-    return found.stdout.strip().splitlines()
+    servers = [pid for pid, args in children(launcher) if "forkserver" in args]
+    return sorted(pid for server in servers for pid, _ in children(server))
 
 
 @pytest.mark.slow
@@ -83,7 +72,7 @@ def test_a_stopped_rank_ends_the_run_within_three_timeouts(tmp_path: Path, comm:
     # No rank outlives the launcher, the stopped one included (multiprocessing's own helper
     # may take a moment to notice).
     deadline = time.monotonic() + 10
-    while (left := _session_processes(process.pid)) and time.monotonic() < deadline:
+    while (left := session_processes(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, left
     assert stopped is not None
