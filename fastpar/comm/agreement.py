@@ -41,10 +41,12 @@ def wait_for_ranks(
     pids: dict[int, int] | None = None,
     *,
     during: str = CREATING_A_RING,
+    stop: Callable[[], str] | None = None,
 ) -> None:
     """Wait until every key of `keys` (rank -> key) is set; CommTimeoutError naming the ranks
     that did not set theirs within `timeout`, or at once (within LIVENESS_PERIOD_S) when the
-    process of one of them, as given by `pids` (rank -> pid), is gone.
+    process of one of them, as given by `pids` (rank -> pid), is gone, or when `stop()` gives
+    a reason to stop waiting ("" while there is none; e.g. another rank gave up).
 
     The message reads "... waiting for rank(s) [1] to {what} while {during}": `what` is the
     step a peer missed ("say which host it runs on"), `during` what this rank was doing
@@ -52,7 +54,7 @@ def wait_for_ranks(
     deadline = time.monotonic() + timeout.total_seconds()
     while True:
         left = deadline - time.monotonic()
-        step = min(left, LIVENESS_PERIOD_S) if pids else left
+        step = min(left, LIVENESS_PERIOD_S) if pids or stop else left
         try:
             store.wait(list(keys.values()), timedelta(seconds=max(step, 1e-3)))
             return
@@ -65,6 +67,12 @@ def wait_for_ranks(
                 raise CommTimeoutError(
                     f"rank {rank} stopped waiting for rank(s) {gone} to {what} while {during}: "
                     f"the process of rank(s) {gone} exited"
+                ) from error
+            reason = stop() if stop is not None else ""
+            if reason:
+                raise CommTimeoutError(
+                    f"rank {rank} stopped waiting for rank(s) {missing} to {what} while "
+                    f"{during}: {reason}"
                 ) from error
             if time.monotonic() >= deadline:
                 raise CommTimeoutError(
@@ -138,10 +146,10 @@ def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
 
 
 # An exchange's outcome, set once by the first rank to decide it, so every rank takes the same:
-# every rank posted its first record, or a rank gave up waiting. compare_set(key, "", value) sets
-# a missing key on TCPStore, FileStore, HashStore and PrefixStore alike, and returns the value
-# that holds afterwards.
-_COMPLETE, _ABANDONED = "complete", "abandoned"
+# every rank posted its first record ("complete"), or a rank gave up waiting ("abandoned by rank
+# R"). compare_set(key, "", value) sets a missing key on TCPStore, FileStore, HashStore and
+# PrefixStore alike, and returns the value that holds afterwards.
+_COMPLETE, _ABANDONED = b"complete", b"abandoned by rank "
 
 
 class StoreExchange:
@@ -152,9 +160,10 @@ class StoreExchange:
     The ranks number their exchanges alike (`exchange_prefix`) only while each rank takes part in
     each: a rank that missed a setup the others left with a timeout is an exchange behind them.
     So the first stage (`begin`) has an outcome, set once: complete (every rank posted) or
-    abandoned (a rank gave up). A rank that finds its exchange abandoned before it took part
-    joins the next one, the others' retry, instead of reading what they posted for the failed
-    one as current.
+    abandoned (a rank gave up). The ranks still waiting in it then stop at once (within
+    LIVENESS_PERIOD_S), naming the rank that gave up, rather than wait out their own timeouts.
+    A rank that finds its exchange abandoned before it took part joins the next one, the
+    others' retry, instead of reading what they posted for the failed one as current.
 
     Leaving (`leave`, or the end of a `with` block) is this rank's word that it reads no key of
     the exchange any more, whether it succeeded or failed: the last rank to leave deletes every
@@ -210,16 +219,27 @@ class StoreExchange:
             return None
         keys = self._post_mine("first", mine)
         try:
-            self.wait(keys, what)
+            # A rank that gave up decided for all: the others stop waiting too, at once.
+            self.wait(keys, what, stop=lambda: self._abandoned_by(outcome_key))
             outcome = self.store.compare_set(outcome_key, "", _COMPLETE)
         except CommTimeoutError:
-            if self.store.compare_set(outcome_key, "", _ABANDONED) == _ABANDONED.encode():
+            given_up = _ABANDONED + str(self.rank).encode()
+            if self.store.compare_set(outcome_key, "", given_up).startswith(_ABANDONED):
                 raise
-            outcome = _COMPLETE.encode()  # the last rank posted as this one gave up
-        if outcome != _COMPLETE.encode():
+            outcome = _COMPLETE  # the last rank posted as this one gave up
+        if outcome != _COMPLETE:
             self.leave()  # came as the others gave up: their retry is the next exchange
             return None
         return [self.store.get(key) for key in keys.values()]
+
+    def _abandoned_by(self, outcome_key: str) -> str:
+        """Which rank abandoned the exchange, as a reason to stop waiting; "" while none has."""
+        if not self.store.check([outcome_key]):
+            return ""
+        outcome = self.store.get(outcome_key)
+        if not outcome.startswith(_ABANDONED):
+            return ""
+        return f"rank {outcome.removeprefix(_ABANDONED).decode()} gave up waiting for them first"
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -229,10 +249,12 @@ class StoreExchange:
         self.store.set(self.key(name), value)
         self._posted.append(self.key(name))
 
-    def wait(self, keys: dict[int, str], what: str) -> None:
+    def wait(
+        self, keys: dict[int, str], what: str, *, stop: Callable[[], str] | None = None
+    ) -> None:
         """`wait_for_ranks` for `keys` (rank -> key) with this exchange's timeout and pids."""
         wait_for_ranks(self.store, keys, self.timeout, self.rank, what, self.pids,
-                       during=self.during)  # fmt: skip
+                       during=self.during, stop=stop)  # fmt: skip
 
     def gather(self, name: str, mine: bytes | str, what: str) -> list[bytes]:
         """Post `mine` as this rank's `name` and return every rank's, by rank."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -12,6 +13,7 @@ import pytest
 import torch.distributed as dist
 
 from fastpar.comm.agreement import (
+    LIVENESS_PERIOD_S,
     SHARED_GPU_REASON,
     agree,
     cuda_peer_problem,
@@ -192,3 +194,27 @@ def test_the_host_layouts_timeout_names_what_was_being_created() -> None:
     ), layout
     assert hierarchical.startswith(f"{waiting} while creating a HierarchicalAllReduce"), messages
     assert all("RingAllReduce" not in message for message in messages), messages
+
+
+def test_a_rank_still_waiting_stops_once_another_gave_up() -> None:
+    """Rank 2 (long timeout) waited out its own timeout after rank 1 had given up on rank 0."""
+    store = dist.HashStore()
+    long_timeout_s = 60.0
+
+    def wait_long() -> tuple[str, float]:
+        start = time.monotonic()
+        with pytest.raises(CommTimeoutError) as info:
+            agree(store, "test/abandoned", 2, 3, "", timedelta(seconds=long_timeout_s), "decide")
+        return str(info.value), time.monotonic() - start
+
+    with ThreadPoolExecutor(1) as rank_2:
+        waiting = rank_2.submit(wait_long)
+        store.wait(["test/abandoned/first/2"], timedelta(seconds=30))  # rank 2 waits now
+        with pytest.raises(CommTimeoutError, match=r"waiting for rank\(s\) \[0\] to decide"):
+            agree(store, "test/abandoned", 1, 3, "", timedelta(seconds=0.2), "decide")
+        message, waited_s = waiting.result(timeout=long_timeout_s + 10)
+    assert message.startswith(
+        "rank 2 stopped waiting for rank(s) [0] to decide while creating a RingAllReduce: "
+        "rank 1 gave up waiting for them first"
+    ), message
+    assert waited_s < 0.2 + 10 * LIVENESS_PERIOD_S, waited_s  # not its own 60 s
