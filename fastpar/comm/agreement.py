@@ -6,9 +6,10 @@ The CUDA ring needs each rank to load and store every peer's device memory: the 
 same device, or peer access (P2P over NVLink or PCIe) works between the two devices. Ranks that
 share a GPU are served only on request (`shared_gpu_problem`).
 
-The setups' exchanges through the store (the rings', the host layout's, DataParallel's state
-check, `agree`) go through `StoreExchange`: a rank that missed a setup the others gave up on
-catches up with their retry, and none leaves keys in the store once every rank is through it.
+The setups' exchanges through the store (the rings', the host layout's, the shared areas',
+DataParallel's state check, `agree`) go through `StoreExchange`: a rank that missed a setup the
+others gave up on catches up with their retry, and none leaves keys in the store once every
+rank is through it.
 """
 
 from __future__ import annotations

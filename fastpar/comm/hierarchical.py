@@ -48,6 +48,7 @@ from fastpar.comm.hosts import HostLayout, gather_host_layout
 from fastpar.comm.ops import AVG, ring_op_code, unsupported_reason
 from fastpar.comm.ring import RingAllReduce
 from fastpar.comm.shared_area import (
+    ALLOCATING,
     SharedMemoryUnavailableError,
     agree_on_allocation,
     describe_request,
@@ -159,7 +160,6 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         )
         self._ring: RingAllReduce | None = None
         self._passes: CpuHostPasses | None = None  # CPU: steps 1 and 3
-        self._area_requests = 0  # empty_shared calls so far (failed ones too), as on every rank
         self._executor: ThreadPoolExecutor | None = None
         self._last: Future[None] | None = None
         self._closed = False
@@ -192,11 +192,11 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._host, self._local = layout.host, layout.local_rank
         self._local_ranks = layout.hosts[self._host]
         name = self._prefix.replace("/", "_")
-        local_group = _subgroup([ranks[r] for r in self._local_ranks], f"{name}_host{self._host}",
-                                self.timeout)  # fmt: skip
+        local = [ranks[r] for r in self._local_ranks]
+        self._local_group = _subgroup(local, f"{name}_host{self._host}", self.timeout)
         across = [ranks[host[self._local]] for host in layout.hosts]
         self._across = _subgroup(across, f"{name}_local{self._local}", self.timeout)
-        ring = RingAllReduce(local_group, timeout=self.timeout, device=self.device,
+        ring = RingAllReduce(self._local_group, timeout=self.timeout, device=self.device,
                              serve_shared_gpu=serve_shared_gpu)  # fmt: skip
         problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
         verdict = setup.agree("ring", problem, "say whether its host's ring works")
@@ -207,10 +207,9 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._ring = ring
         if self.device.type == "cpu":
             buffer = HostBuffer(
-                self._store, f"{self._prefix}/buffer/{self._host}", rank=self.rank,
-                local_rank=self._local, local_size=len(self._local_ranks),
-                owner=self._local_ranks[0], chunk_bytes=chunk_bytes, timeout=self.timeout,
-                barrier=lambda: self._barrier((0, 0, 0)),
+                setup, f"buffer/{self._host}", local_rank=self._local,
+                local_size=len(self._local_ranks), owner=self._local_ranks[0],
+                chunk_bytes=chunk_bytes, barrier=lambda: self._barrier((0, 0, 0)),
             )  # fmt: skip
             local, size = self._local, len(self._local_ranks)
             self._passes = CpuHostPasses(
@@ -248,22 +247,21 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                                                f"{self._disabled}")  # fmt: skip
         if self._passes is None:
             raise SharedMemoryUnavailableError("shared areas serve CPU tensors only so far")
-        prefix = f"{self._prefix}/area/{self._area_requests}"
-        self._area_requests += 1
         tensor, failure = None, None
         try:
             tensor = self._passes.areas.allocate(
-                self._store, f"{prefix}/host{self._host}", numel=size, dtype=dtype,
-                timeout=self.timeout,
-            )  # fmt: skip
+                self._store, self._local_group, numel=size, dtype=dtype, timeout=self.timeout
+            )
         except (SharedMemoryUnavailableError, CommMismatchError) as error:
             failure = type(error)(f"rank {self.rank} could not allocate: inside host "
                                   f"{self._host}: {self._group_ranks(str(error))}")  # fmt: skip
+        outcome = StoreExchange(self._store, self.rank, self.world_size, self.timeout,
+                                during=ALLOCATING)  # fmt: skip
         try:  # every host learns every other host's outcome
-            agree_on_allocation(
-                self._store, f"{prefix}/outcome", rank=self.rank, world_size=self.world_size,
-                request=describe_request(size, dtype), timeout=self.timeout, failure=failure,
-            )  # fmt: skip
+            with outcome:
+                request = describe_request(size, dtype)
+                agree_on_allocation(outcome, "hier-area", self.group, request=request,
+                                    failure=failure)  # fmt: skip
         except CommError:
             if tensor is not None:
                 self._passes.areas.forget_last()

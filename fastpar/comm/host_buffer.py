@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastpar.comm.agreement import wait_for_ranks
+from fastpar.comm.agreement import StoreExchange
 from fastpar.comm.shared_area import allocate_symmetric
 
 SHM_DIR = "/dev/shm"
@@ -30,19 +30,18 @@ class HostBuffer:
     """2 x (local_size + 1) areas of `chunk_bytes` shared by one host's ranks.
 
     Arguments:
-        store, key: where local rank 0 publishes the file's name (key unique to this host).
-        rank: this process's rank in the group (named in errors).
+        setup: the group's setup exchange, through which local rank 0 publishes the file's name
+            (deleted with the setup's keys) and the others wait for it (its timeout).
+        name: the key of that name under the setup's prefix, unique to this host.
         local_rank, local_size: this rank's position among its host's ranks, and their number.
         owner: the group rank of local rank 0 (named when it does not publish in time).
         chunk_bytes: bytes per area, a multiple of 64.
-        timeout: how long the other ranks wait for the name.
         barrier: a collective over the host's ranks, run once all have mapped the file.
     """
 
     def __init__(
-        self, store: dist.Store, key: str, *, rank: int, local_rank: int, local_size: int,
-        owner: int,
-        chunk_bytes: int, timeout: timedelta, barrier: Callable[[], None],
+        self, setup: StoreExchange, name: str, *, local_rank: int, local_size: int, owner: int,
+        chunk_bytes: int, barrier: Callable[[], None],
     ) -> None:  # fmt: skip
         if chunk_bytes <= 0 or chunk_bytes % 64 or chunk_bytes < 64 * local_size:
             raise ValueError(f"chunk_bytes must be a multiple of 64 of at least 64 x {local_size} "
@@ -55,11 +54,10 @@ class HostBuffer:
             if local_rank == 0:
                 # The creator's pid in the name says whose file it is.
                 path = f"{SHM_DIR}/fastpar-hier-{os.getpid()}-{uuid.uuid4().hex[:16]}"
-                store.set(key, path)
+                setup.post(name, path)
             else:
-                wait_for_ranks(store, {owner: key}, timeout, rank, "create its host's buffer",
-                               during="creating a HierarchicalAllReduce")  # fmt: skip
-                path = store.get(key).decode()
+                setup.wait({owner: setup.key(name)}, "create its host's buffer")
+                path = setup.store.get(setup.key(name)).decode()
             self._memory = torch.from_file(path, shared=True, size=size, dtype=torch.uint8)
             barrier()  # every local rank has mapped it: the name is no longer needed
         finally:
@@ -107,16 +105,15 @@ class HostAreas:
         self._areas: list[list[torch.Tensor]] = []  # [area][local rank]: uint8, as mapped here
 
     def allocate(
-        self, store: dist.Store, prefix: str, *, numel: int, dtype: torch.dtype,
-        timeout: timedelta,
+        self, store: dist.Store, host_group: dist.ProcessGroup, *, numel: int,
+        dtype: torch.dtype, timeout: timedelta,
     ) -> torch.Tensor:  # fmt: skip
-        """A zero-filled 1-D tensor of `numel` x `dtype` in a new area (collective over the
-        host's ranks, `prefix` unique to this host and allocation); raises as
-        `allocate_symmetric` does, naming the ranks by their local ranks."""
+        """A zero-filled 1-D tensor of `numel` x `dtype` in a new area (collective over
+        `host_group`, the host's ranks in local order); raises as `allocate_symmetric` does,
+        naming the ranks by their local ranks."""
         areas = allocate_symmetric(
-            store, prefix, rank=self._local_rank, world_size=self._local_size, numel=numel,
-            dtype=dtype, timeout=timeout,
-        )  # fmt: skip
+            store, "host-area", host_group, numel=numel, dtype=dtype, timeout=timeout
+        )
         self._areas.append(areas)
         return areas[self._local_rank][: numel * dtype.itemsize].view(dtype)
 

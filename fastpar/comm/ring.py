@@ -158,7 +158,6 @@ class RingAllReduce:
         # The shared-memory transport while the ring is open and serves CPU tensors: the
         # common call goes straight to it (see all_reduce).
         self._cpu_transport: ShmAllReduce | None = None
-        self._area_requests = 0  # empty_shared calls so far (failed ones too), as on every rank
         if self.device.type not in ("cpu", "cuda"):
             self._disabled = f"the ring handles CPU and CUDA tensors, not {self.device.type}"
         elif self.world_size > 1:
@@ -358,11 +357,9 @@ class RingAllReduce:
         if self._stream is not None:
             raise SharedMemoryUnavailableError("shared areas serve CPU tensors only so far")
         assert self._store is not None and self._transport is not None
-        prefix = f"{self._prefix}/area/{self._area_requests}"
-        self._area_requests += 1
         areas = allocate_symmetric(
-            self._store, prefix, rank=self.rank, world_size=self.world_size, numel=size,
-            dtype=dtype, timeout=self.timeout, pids=self._peer_pids,
+            self._store, "area", self.group, numel=size, dtype=dtype, timeout=self.timeout,
+            pids=self._peer_pids,
         )  # fmt: skip
         try:
             self._transport.register_area(areas)

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastpar.comm.agreement import agree, wait_for_ranks
+from fastpar.comm.agreement import StoreExchange
 from fastpar.comm.errors import CommError, CommMismatchError
 
 SHM_DIR = "/dev/shm"
@@ -80,12 +80,13 @@ _FAILURES = {cls.__name__: cls for cls in (SharedMemoryUnavailableError, CommMis
 
 
 def agree_on_allocation(
-    store: dist.Store, prefix: str, *, rank: int, world_size: int, request: str,
-    timeout: timedelta, failure: SharedMemoryUnavailableError | CommMismatchError | None = None,
-    payload: str = "", pids: dict[int, int] | None = None,
+    allocation: StoreExchange, kind: str, group: dist.ProcessGroup, *, request: str,
+    failure: SharedMemoryUnavailableError | CommMismatchError | None = None, payload: str = "",
 ) -> list[str]:  # fmt: skip
-    """Every rank posts the allocation it asked for (`describe_request`), its `failure` if it
-    had one, and a `payload` for the others (e.g. its file's path); all read every post.
+    """The first stage of `allocation`, this process's next `kind` exchange over `group`
+    (`StoreExchange.begin`): every rank posts the allocation it asked for (`describe_request`),
+    its `failure` if it had one, and a `payload` for the others (e.g. its file's path); all read
+    every post. A rank that missed an allocation the others gave up on joins their next one.
 
     Returns:
         Every rank's payload, in rank order.
@@ -93,16 +94,15 @@ def agree_on_allocation(
     Raises:
         The first failure in rank order (its type and message), on every rank; else
         CommMismatchError when the ranks asked for different allocations; CommTimeoutError
-        when a peer does not post within `timeout` (or its process, in `pids`, is gone).
+        when a peer does not post within the exchange's timeout (or its process is gone).
     """
-    keys = {r: f"{prefix}/{r}" for r in range(world_size)}
-    kind = "" if failure is None else type(failure).__name__
-    store.set(keys[rank], "|".join((request, payload, kind, str(failure or ""))))
-    wait_for_ranks(store, keys, timeout, rank, "allocate its shared area", pids, during=ALLOCATING)
-    posts = [store.get(keys[r]).decode().split("|", 3) for r in range(world_size)]
-    for _, _, kind, message in posts:
-        if kind:
-            raise _FAILURES[kind](message)
+    kind_of_failure = "" if failure is None else type(failure).__name__
+    mine = "|".join((request, payload, kind_of_failure, str(failure or "")))
+    records = allocation.begin(kind, group, mine.encode(), "allocate its shared area")
+    posts = [record.decode().split("|", 3) for record in records]
+    for _, _, failed, message in posts:
+        if failed:
+            raise _FAILURES[failed](message)
     if any(asked != request for asked, *_ in posts):
         calls = "; ".join(f"rank {r}: {asked}" for r, (asked, *_) in enumerate(posts))
         raise CommMismatchError(
@@ -114,24 +114,24 @@ def agree_on_allocation(
 
 def allocate_symmetric(
     store: dist.Store,
-    prefix: str,
+    kind: str,
+    group: dist.ProcessGroup,
     *,
-    rank: int,
-    world_size: int,
     numel: int,
     dtype: torch.dtype,
     timeout: timedelta,
     pids: dict[int, int] | None = None,
 ) -> list[torch.Tensor]:
-    """Allocates one area per rank (collective: every rank calls it with the same `prefix`).
+    """Allocates one area per rank of `group` (collective: every rank calls it).
 
     Arguments:
-        store, prefix: where the ranks exchange their files' names; `prefix` names this
-            allocation (the same on every rank, unique per allocation).
-        rank, world_size: this rank and the group's size.
+        store: where the ranks exchange their files' names; no key is left once every rank is
+            through.
+        kind: names this caller's allocations (`exchange_prefix`): the ranks number them alike.
+        group: the ranks that share the areas.
         numel, dtype: the area's size; every rank must ask for the same.
-        timeout: how long to wait for the peers; `pids` (rank -> pid) ends the wait at once
-            when a peer's process is gone.
+        timeout: how long to wait for the peers; `pids` (group rank -> pid) ends the wait at
+            once when a peer's process is gone.
 
     Returns:
         areas[p]: rank p's area as mapped here, `area_bytes(numel, dtype)` uint8 each, zeros.
@@ -141,6 +141,7 @@ def allocate_symmetric(
         SharedMemoryUnavailableError: some rank could not create or map an area (on every rank).
         CommTimeoutError: a peer did not take part within the timeout.
     """
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     nbytes = area_bytes(numel, dtype)
     path = f"{SHM_DIR}/fastpar-area-{os.getpid()}-{uuid.uuid4().hex[:16]}"
     problem = _reserve_file(path, nbytes, world_size)
@@ -150,24 +151,22 @@ def allocate_symmetric(
             f"rank {rank} could not allocate shared memory: {problem}"
         )
     try:
-        paths = agree_on_allocation(
-            store, f"{prefix}/file", rank=rank, world_size=world_size,
-            request=describe_request(numel, dtype), timeout=timeout, failure=failure,
-            payload=path, pids=pids,
-        )  # fmt: skip
-        areas: list[torch.Tensor] = []
-        problem = ""
-        try:
-            for peer_path in paths:
-                areas.append(
-                    torch.from_file(peer_path, shared=True, size=nbytes, dtype=torch.uint8)
-                )
-        except (RuntimeError, OSError) as error:
-            problem = f"mapping a peer's shared area failed: {error}"
-        reason = agree(
-            store, f"{prefix}/mapped", rank, world_size, problem, timeout,
-            "map every rank's shared area", pids, during=ALLOCATING,
-        )  # fmt: skip
+        with StoreExchange(store, rank, world_size, timeout, during=ALLOCATING,
+                           pids=pids) as allocation:  # fmt: skip
+            paths = agree_on_allocation(
+                allocation, kind, group, request=describe_request(numel, dtype),
+                failure=failure, payload=path,
+            )  # fmt: skip
+            areas: list[torch.Tensor] = []
+            problem = ""
+            try:
+                for peer_path in paths:
+                    areas.append(
+                        torch.from_file(peer_path, shared=True, size=nbytes, dtype=torch.uint8)
+                    )
+            except (RuntimeError, OSError) as error:
+                problem = f"mapping a peer's shared area failed: {error}"
+            reason = allocation.agree("mapped", problem, "map every rank's shared area")
         if reason is not None:
             raise SharedMemoryUnavailableError(f"shared memory is unavailable: {reason}")
         return areas

@@ -3,6 +3,7 @@ late rank joins the others' retry, which works, and no setup leaves keys in the 
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -131,3 +132,86 @@ def test_a_rank_that_missed_a_hierarchical_setup_joins_the_retry() -> None:
     """The late rank named its subgroups after the failed setup, so the retry never met."""
     results = run_multiprocess(_hierarchical_missed_then_retried, 4, timeout=120)
     assert all(checks and all(checks) for checks in results), results
+
+
+def _shared_areas_in_a_loop(
+    rank: int, world_size: int, hosts: int
+) -> list[int] | tuple[list[int], list[int]]:
+    """The store's key count before and after each of 3 allocations of a shared area (and a
+    call on it) by a ring, or by a hierarchical all-reduce set up each time over `hosts`
+    simulated hosts."""
+    expected = torch.full((70_000,), float(sum(range(1, world_size + 1))))
+
+    def allocate_and_reduce(reducer: comm.RingAllReduce | comm.HierarchicalAllReduce) -> None:
+        area = reducer.empty_shared(expected.numel())
+        area.fill_(rank + 1)
+        reducer.all_reduce(area)
+        assert torch.equal(area, expected)
+
+    if hosts == 1:
+        with RingAllReduce(timeout=RETRY_TIMEOUT_S) as ring:
+            return store_key_counts(lambda: allocate_and_reduce(ring))
+    os.environ[HOST_ENV] = f"simulated-{rank * hosts // world_size}"
+    layout = gather_host_layout(dist.group.WORLD, timedelta(seconds=RETRY_TIMEOUT_S))
+
+    def set_up_and_allocate() -> None:
+        with comm.HierarchicalAllReduce(layout=layout, timeout=RETRY_TIMEOUT_S) as reducer:
+            assert reducer.fallback_reason(torch.empty(0)) is None
+            allocate_and_reduce(reducer)
+
+    counts = store_key_counts(set_up_and_allocate)
+    # Each setup creates a process group per host and one per local index, whose gloo
+    # rendezvous leaves torch's own keys: the same subgroups, created alone, tell how many.
+    return counts, store_key_counts(lambda: _subgroups_like_a_setup(layout), setups=1)
+
+
+def _subgroups_like_a_setup(layout: HostLayout) -> None:
+    from fastpar.comm.hierarchical import _subgroup
+
+    name = f"test_subgroups_{next(_subgroup_names)}"
+    timeout = timedelta(seconds=RETRY_TIMEOUT_S)
+    _subgroup(layout.hosts[layout.host], f"{name}_host{layout.host}", timeout)
+    _subgroup(
+        [host[layout.local_rank] for host in layout.hosts],
+        f"{name}_local{layout.local_rank}",
+        timeout,
+    )
+
+
+_subgroup_names = itertools.count()
+
+
+@pytest.mark.parametrize(("world_size", "hosts"), [(2, 1), (4, 2)])
+def test_shared_areas_and_hierarchical_setups_leave_no_keys(world_size: int, hosts: int) -> None:
+    """Each allocation left every rank's file name in the store; each hierarchical setup its
+    host buffer's name too."""
+    results = run_multiprocess(_shared_areas_in_a_loop, world_size, args=(hosts,), timeout=120)
+    for counts in results:
+        if hosts > 1:
+            counts, (before, after) = counts
+            counts = [count - index * (after - before) for index, count in enumerate(counts)]
+        assert counts == [counts[0]] * 4, results
+
+
+def _missed_allocation(rank: int, world_size: int) -> bool:
+    """Rank 1 misses an allocation (the others time out), then every rank allocates: whether the
+    retry's area reduces to the sum."""
+    store = dist.distributed_c10d._get_default_store()
+    given_up = [f"missed-area/given-up/{r}" for r in range(world_size) if r != 1]
+    with RingAllReduce(timeout=3.0) as ring:
+        if rank == 1:
+            store.wait(given_up, timedelta(seconds=RETRY_TIMEOUT_S))
+        else:
+            with pytest.raises(CommTimeoutError, match=r"rank\(s\) \[1\] to allocate its shared"):
+                ring.empty_shared(1000)
+            store.set(f"missed-area/given-up/{rank}", "1")
+        area = ring.empty_shared(1000)
+        area.fill_(rank + 1)
+        ring.all_reduce(area)
+        return torch.equal(area, torch.full((1000,), float(sum(range(1, world_size + 1)))))
+
+
+def test_a_rank_that_missed_an_allocation_joins_the_retry() -> None:
+    """Allocations were numbered per ring: the late rank waited in the one the others had
+    abandoned while they waited in the next."""
+    assert run_multiprocess(_missed_allocation, 3, timeout=120) == [True] * 3

@@ -204,13 +204,26 @@ def test_world_of_one() -> None:
     run_multiprocess(_world_of_one, 1, timeout=60)
 
 
+def _allocates_alone(rank: int, world_size: int) -> str:
+    store = dist.distributed_c10d._get_default_store()
+    message = ""
+    if rank == 0:
+        with pytest.raises(CommTimeoutError) as info:
+            shared_area.allocate_symmetric(
+                store, "test-area", dist.group.WORLD, numel=16, dtype=torch.float32,
+                timeout=timedelta(seconds=0.1),
+            )  # fmt: skip
+        message = str(info.value)
+        store.set("test/alone/done", "1")
+    else:
+        store.wait(["test/alone/done"], timedelta(seconds=30))
+    return message
+
+
 def test_a_peer_that_never_allocates_is_named_with_what_was_being_done() -> None:
     """empty_shared's store waits said "while creating a RingAllReduce" (it allocates)."""
-    store = dist.HashStore()
-    with pytest.raises(CommTimeoutError) as info:
-        shared_area.allocate_symmetric(store, "test/alloc", rank=0, world_size=2, numel=16,
-                           dtype=torch.float32, timeout=timedelta(seconds=0.1))  # fmt: skip
-    assert str(info.value).startswith(
+    message, _ = run_multiprocess(_allocates_alone, 2, timeout=60)
+    assert message.startswith(
         "rank 0 timed out after 0.1 s waiting for rank(s) [1] to allocate its shared area "
         "while allocating shared memory (empty_shared)"
-    ), info.value
+    ), message
