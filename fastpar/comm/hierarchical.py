@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -164,6 +165,8 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._last: Future[None] | None = None
         self._closed = False
         self._failure = ""
+        self._store_lock = threading.Lock()  # a failure posted vs this rank's leaving the store
+        self._left_store = False
         self._workspace = torch.empty(0, dtype=torch.int64, device=self.device)
         path, reason = self.layout.path()
         self._disabled: str | None = None if path == "hierarchical" else reason
@@ -461,10 +464,28 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
     def _post(self, kind: str, message: str) -> None:
         """Record the first failure of this object for every rank (later ones are kept out)."""
         self._failure = self._failure or message
+        with self._store_lock:
+            if self._left_store:  # closed: the last rank out may have deleted the key already
+                return
+            try:
+                self._store.compare_set(f"{self._prefix}/failure", "", f"{kind}|{message}")
+            except Exception as error:  # the store itself is gone: the local error still stands
+                logger.warning("rank %d could not post its failure: %s", self.rank, error)
+
+    def _leave_store(self) -> None:
+        """This rank posts no failure any more; the last rank of the group to leave deletes the
+        failure posted for all (the others may read it until they close)."""
+        with self._store_lock:
+            if self._left_store:
+                return
+            self._left_store = True
+        closed = f"{self._prefix}/closed"
         try:
-            self._store.compare_set(f"{self._prefix}/failure", "", f"{kind}|{message}")
-        except Exception as error:  # the store itself is gone: the local error still stands
-            logger.warning("rank %d could not post its failure: %s", self.rank, error)
+            if self._store.add(closed, 1) == self.world_size:
+                self._store.delete_key(f"{self._prefix}/failure")
+                self._store.delete_key(closed)
+        except Exception as error:  # the store is gone: nothing is left in it either
+            logger.warning("rank %d could not tell the store it closed: %s", self.rank, error)
 
     def _read_note(self, wait_s: float = 0.0) -> tuple[str, str] | None:
         key = f"{self._prefix}/failure"
@@ -510,10 +531,13 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
 
     def close(self) -> None:
         """Finish queued calls (unless a failure left one waiting on a peer), then release the
-        ring. Idempotent."""
+        ring. Idempotent. The last rank of the group to close deletes the failure report kept
+        in the store (a rank that never closes, e.g. one that died, leaves it)."""
         if self._closed:
             return
         self._closed = True
+        if self._ring is not None:  # connected on every rank: each counts itself out
+            self._leave_store()
         if self._executor is not None:
             self._executor.shutdown(wait=not self._failure)
         if self._last is not None and not self._last.done():

@@ -134,9 +134,7 @@ def test_a_rank_that_missed_a_hierarchical_setup_joins_the_retry() -> None:
     assert all(checks and all(checks) for checks in results), results
 
 
-def _shared_areas_in_a_loop(
-    rank: int, world_size: int, hosts: int
-) -> list[int] | tuple[list[int], list[int]]:
+def _shared_areas_in_a_loop(rank: int, world_size: int, hosts: int) -> list[int]:
     """The store's key count before and after each of 3 allocations of a shared area (and a
     call on it) by a ring, or by a hierarchical all-reduce set up each time over `hosts`
     simulated hosts."""
@@ -151,18 +149,26 @@ def _shared_areas_in_a_loop(
     if hosts == 1:
         with RingAllReduce(timeout=RETRY_TIMEOUT_S) as ring:
             return store_key_counts(lambda: allocate_and_reduce(ring))
-    os.environ[HOST_ENV] = f"simulated-{rank * hosts // world_size}"
-    layout = gather_host_layout(dist.group.WORLD, timedelta(seconds=RETRY_TIMEOUT_S))
 
-    def set_up_and_allocate() -> None:
+    def set_up_and_allocate(layout: HostLayout) -> None:
         with comm.HierarchicalAllReduce(layout=layout, timeout=RETRY_TIMEOUT_S) as reducer:
             assert reducer.fallback_reason(torch.empty(0)) is None
             allocate_and_reduce(reducer)
 
-    counts = store_key_counts(set_up_and_allocate)
-    # Each setup creates a process group per host and one per local index, whose gloo
-    # rendezvous leaves torch's own keys: the same subgroups, created alone, tell how many.
-    return counts, store_key_counts(lambda: _subgroups_like_a_setup(layout), setups=1)
+    return _hierarchical_key_counts(rank, world_size, hosts, set_up_and_allocate)
+
+
+def _hierarchical_key_counts(
+    rank: int, world_size: int, hosts: int, setup: Callable[[HostLayout], object]
+) -> list[int]:
+    """`store_key_counts` of `setup` over `hosts` simulated hosts, less the keys of the process
+    groups each hierarchical setup creates (one per host, one per local index): their gloo
+    rendezvous leaves torch's own keys, counted here by creating the same groups alone."""
+    os.environ[HOST_ENV] = f"simulated-{rank * hosts // world_size}"
+    layout = gather_host_layout(dist.group.WORLD, timedelta(seconds=RETRY_TIMEOUT_S))
+    counts = store_key_counts(lambda: setup(layout))
+    before, after = store_key_counts(lambda: _subgroups_like_a_setup(layout), setups=1)
+    return [count - done * (after - before) for done, count in enumerate(counts)]
 
 
 def _subgroups_like_a_setup(layout: HostLayout) -> None:
@@ -187,9 +193,27 @@ def test_shared_areas_and_hierarchical_setups_leave_no_keys(world_size: int, hos
     host buffer's name too."""
     results = run_multiprocess(_shared_areas_in_a_loop, world_size, args=(hosts,), timeout=120)
     for counts in results:
-        if hosts > 1:
-            counts, (before, after) = counts
-            counts = [count - index * (after - before) for index, count in enumerate(counts)]
+        assert counts == [counts[0]] * 4, results
+
+
+def _failed_hierarchical_setups(rank: int, world_size: int) -> list[int]:
+    """Key counts around 3 hierarchical all-reduces whose one call fails (rank 1 passes a larger
+    tensor), each closed."""
+
+    def fail_once(layout: HostLayout) -> None:
+        with (
+            comm.HierarchicalAllReduce(layout=layout, timeout=3.0) as reducer,
+            pytest.raises(comm.CommMismatchError, match="different sizes"),
+        ):
+            reducer.all_reduce(torch.ones(100 + (rank == 1)))
+
+    return _hierarchical_key_counts(rank, world_size, 2, fail_once)
+
+
+def test_a_hierarchical_failure_report_is_deleted_once_every_rank_closed() -> None:
+    """The failure a rank posted for the others stayed in the store after every rank closed."""
+    results = run_multiprocess(_failed_hierarchical_setups, 4, timeout=120)
+    for counts in results:
         assert counts == [counts[0]] * 4, results
 
 
