@@ -201,27 +201,41 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         self._across = _subgroup(across, f"{name}_local{self._local}", self.timeout)
         ring = RingAllReduce(self._local_group, timeout=self.timeout, device=self.device,
                              serve_shared_gpu=serve_shared_gpu)  # fmt: skip
-        problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
-        verdict = setup.agree("ring", problem, "say whether its host's ring works")
+        try:
+            problem = ring.fallback_reason(torch.empty(0, device=self.device)) or ""
+            verdict = setup.agree("ring", problem, "say whether its host's ring works")
+        except BaseException:
+            ring.close()
+            raise
         if verdict is not None:
             ring.close()
             self._disabled = f"the ring inside a host is off ({verdict})"
             return
-        self._ring = ring
-        if self.device.type == "cpu":
-            buffer = HostBuffer(
-                setup, f"buffer/{self._host}", local_rank=self._local,
-                local_size=len(self._local_ranks), owner=self._local_ranks[0],
-                chunk_bytes=chunk_bytes, barrier=lambda: self._barrier((0, 0, 0)),
-            )  # fmt: skip
-            local, size = self._local, len(self._local_ranks)
-            self._passes = CpuHostPasses(
-                buffer, HostAreas(local_rank=local, local_size=size), local_rank=local,
-                local_size=size, barrier=self._barrier,
-                between_hosts=lambda shard, op: self._wait_between_hosts(
-                    self._between_hosts(shard, op)),
-            )  # fmt: skip
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
+        self._ring = ring  # on every rank: each leaves the store through close() or below
+        try:
+            if self.device.type == "cpu":
+                self._passes = self._host_passes(setup, chunk_bytes)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="fastpar-hier")
+        except BaseException:
+            self._ring = None
+            ring.close()  # no call ever runs on it: a local close is enough
+            self._leave_store()  # a failure its barrier posted goes with the last rank out
+            raise
+
+    def _host_passes(self, setup: StoreExchange, chunk_bytes: int) -> CpuHostPasses:
+        """Steps 1 and 3 on CPU, through a buffer the host's ranks share."""
+        local, size = self._local, len(self._local_ranks)
+        buffer = HostBuffer(
+            setup, f"buffer/{self._host}", local_rank=local, local_size=size,
+            owner=self._local_ranks[0], chunk_bytes=chunk_bytes,
+            barrier=lambda: self._barrier((0, 0, 0)),
+        )  # fmt: skip
+        return CpuHostPasses(
+            buffer, HostAreas(local_rank=local, local_size=size), local_rank=local,
+            local_size=size, barrier=self._barrier,
+            between_hosts=lambda shard, op: self._wait_between_hosts(
+                self._between_hosts(shard, op)),
+        )  # fmt: skip
 
     # --- shared memory -------------------------------------------------------------------------
 

@@ -217,6 +217,47 @@ def test_a_hierarchical_failure_report_is_deleted_once_every_rank_closed() -> No
         assert counts == [counts[0]] * 4, results
 
 
+def _host_buffer_fails(rank: int, world_size: int) -> tuple[list[int], list[bool]]:
+    """Key counts around 3 hierarchical setups over hosts [0, 0, 1, 1] whose host buffer fails
+    on rank 0 after the host's ring was created (rank 1 then times out waiting for it, host 1
+    sets up and closes), and whether each ring they created was closed."""
+    import fastpar.comm.hierarchical as hierarchical
+
+    rings = []
+
+    class RecordedRing(RingAllReduce):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            rings.append(self)
+
+    def no_buffer(*args: object, **kwargs: object) -> None:
+        raise OSError("no shared memory for the host buffer")
+
+    hierarchical.RingAllReduce = RecordedRing
+    if rank == 0:
+        hierarchical.HostBuffer = no_buffer
+
+    def fail_on_host_0(layout: HostLayout) -> None:
+        if rank >= 2:
+            comm.HierarchicalAllReduce(layout=layout, timeout=2.0).close()
+            return
+        error = OSError if rank == 0 else CommTimeoutError
+        with pytest.raises(error, match=r"no shared memory|rank\(s\) \[0\] to create its"):
+            comm.HierarchicalAllReduce(layout=layout, timeout=2.0)
+
+    counts = _hierarchical_key_counts(rank, world_size, 2, fail_on_host_0)
+    return counts, [ring.closed for ring in rings]
+
+
+def test_a_failed_hierarchical_setup_closes_its_host_ring() -> None:
+    """The host's ring stayed open when a later step of the setup raised, and the ranks that
+    failed never counted themselves out of the store's failure report."""
+    results = run_multiprocess(_host_buffer_fails, 4, timeout=120)
+    for counts, closed in results:
+        assert closed == [True] * 3, results
+        assert counts == [counts[0]] * 4, results
+
+
 def _missed_allocation(rank: int, world_size: int) -> bool:
     """Rank 1 misses an allocation (the others time out), then every rank allocates: whether the
     retry's area reduces to the sum."""
