@@ -660,6 +660,8 @@ class RingAllReduce:
                 unmapped = True
             else:  # nobody may come to the close of a destroyed group
                 unmapped = self._store.check(list(keys.values()))
+            if unmapped:
+                self._last_reader_deletes(keys)
         except Exception as error:  # a dead peer or store: keep the buffer
             logger.warning("rank %d keeps its CUDA ring buffer allocated: %s", self.rank, error)
             return
@@ -668,6 +670,15 @@ class RingAllReduce:
                            "before every peer had unmapped it", self.rank)  # fmt: skip
             return
         self._transport.free()
+
+    def _last_reader_deletes(self, keys: dict[int, str]) -> None:
+        """This rank has read every key of `keys`: the last rank to get there deletes them (a
+        rank that never does, e.g. a dead one, leaves them)."""
+        assert self._store is not None
+        read = f"{self._prefix}/unmapped/read"
+        if self._store.add(read, 1) == self.world_size:
+            for key in (*keys.values(), read):
+                self._store.delete_key(key)
 
     def __enter__(self) -> RingAllReduce:
         return self

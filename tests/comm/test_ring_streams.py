@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -68,11 +69,15 @@ def test_a_call_on_the_current_device_does_not_switch_devices(
 
 
 def _capturing_ring(
-    monkeypatch: pytest.MonkeyPatch, steps: list[str], check: Callable[[], None]
+    monkeypatch: pytest.MonkeyPatch,
+    steps: list[str],
+    check: Callable[[], None],
+    store: dist.Store | None = None,
+    rank: int = 0,
 ) -> RingAllReduce:
-    """A CUDA ring of 2 ranks whose calls are all captured in a graph, with fakes for torch.cuda,
-    the native transport (`check` its check) and the store; each fake appends what it did to
-    `steps`."""
+    """Rank `rank` of a CUDA ring of 2 ranks whose calls are all captured in a graph, with fakes
+    for torch.cuda and the native transport (`check` its check), and for the store unless one is
+    given (then its waits are the store's); each fake appends what it did to `steps`."""
     monkeypatch.setattr(torch.cuda, "device", lambda where: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
@@ -100,18 +105,37 @@ def _capturing_ring(
         def set(self, key: str, value: str) -> None:
             pass
 
+        def add(self, key: str, value: int) -> int:
+            return value  # the first of two ranks: the peer deletes
+
     ring = object.__new__(RingAllReduce)
-    ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), 0, 2
+    ring.device, ring.rank, ring.world_size = torch.device("cuda", 0), rank, 2
     native_errors = native_error_types(_native.load())
     ring._transport, ring._native_errors, ring._stream = Transport(), native_errors, Stream()
     ring._device_failure = FirstFailure(check, native_errors)
     ring._closed, ring._captured, ring._executor = False, False, None
-    ring._store, ring._prefix = Store(), "test"
+    ring._store, ring._prefix = store or Store(), "test"
     # A live group, registered by torch (a destroyed group's close waits for no peer)
     ring.group = object()
     monkeypatch.setitem(dist.distributed_c10d._world.pg_map, ring.group, ("gloo", None))
-    ring._store_wait = lambda store, keys, what, during="": None  # type: ignore[method-assign]
+
+    def store_wait(store: dist.Store, keys: dict[int, str], what: str, during: str = "") -> None:
+        if isinstance(store, dist.Store):
+            store.wait(list(keys.values()), timedelta(seconds=30))
+
+    ring._store_wait = store_wait  # type: ignore[method-assign]
     return ring
+
+
+def test_the_last_rank_to_close_deletes_the_unmapped_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every CUDA ring's close left each rank's "unmapped" key in the store."""
+    store = dist.HashStore()
+    steps: list[str] = []
+    rings = [_capturing_ring(monkeypatch, steps, lambda: None, store, rank) for rank in (0, 1)]
+    with ThreadPoolExecutor(2) as ranks:  # each waits for the other's key: both at once
+        list(ranks.map(RingAllReduce.close, rings))
+    assert steps.count("free") == 2, steps  # every peer unmapped: each freed its buffer
+    assert store.num_keys() == 0
 
 
 def test_close_waits_for_replays_of_captured_calls(monkeypatch: pytest.MonkeyPatch) -> None:
