@@ -49,6 +49,14 @@ _RETURN_NOISES = 4.0
 # one-step slowdown confirmed that early was noise); over 6 steps its relative error is about
 # a quarter, which 4 noises absorb.
 _TRUSTED_NOISE_STEPS = 6
+# How many times the measured noise (once averaged over _TRUSTED_NOISE_STEPS steps) the
+# candidates' median must lie off the model for change_steps of them to confirm a change (see
+# StepTimeModel._confirms). The noise is measured about the model's own predictions, so it
+# holds the fit's error too, and that error is the same for consecutive steps: under +-20 %
+# noise (r.m.s. 0.115), two steps in a row beyond a bare 30 % of a fit a few percent off were
+# a false change in about 4 of 10 runs of 60 steps; 3 noises (a factor 1.41) leave a 2x
+# slowdown's candidates (a factor 1.6 at least under that noise) confirming as before.
+_CONFIRM_NOISES = 3.0
 
 
 @dataclass
@@ -147,7 +155,7 @@ class StepTimeModel:
         # A factor either way: a slowdown by 1 + c and its recovery (1 / (1 + c), a smaller
         # relative step) are judged alike, so a straggler's recovery is caught as fast.
         deviation = math.log(seconds / predicted)
-        if abs(deviation) <= math.log1p(change_threshold):
+        if abs(deviation) <= self._candidate_bar(change_threshold, window):
             self._drop_candidates()
             self.noise = math.sqrt(
                 _NOISE_MOMENTUM * self.noise**2 + (1 - _NOISE_MOMENTUM) * deviation**2
@@ -168,11 +176,44 @@ class StepTimeModel:
         self.candidates.append((samples, seconds))
         if self._returns(samples, seconds, deviation):
             return self._change(window, change_threshold, change_steps, back=True)
-        if len(self.candidates) >= (speedup_steps if seconds < predicted else change_steps) or (
+        steps = speedup_steps if seconds < predicted else change_steps
+        if (len(self.candidates) >= steps and self._confirms(change_threshold, window)) or (
             follow_at_once and self._follows_at_once(deviation)
         ):
             return self._change(window, change_threshold, change_steps)
         return "candidate"
+
+    def _candidate_bar(self, change_threshold: float, window: int) -> float:
+        """How far (in log) a step must lie from the model to be a candidate: a factor
+        1 + change_threshold, set for a fit on a full window. A rank's first fit, on m < window
+        steps, misses a step by sqrt(1 + 1/m) noises (r.m.s.) where a full one misses it by
+        sqrt(1 + 1/window): until its window is full the bar widens by their ratio (1.33 on
+        one step, 1.15 on two). The first steps are the ones a warm-up or a lucky step leaves
+        a fit on; judged against them, two ordinary steps in a row made a false change in
+        about a quarter of the runs under +-20 % noise. After a change the bar stays as set:
+        a return to the previous speed must be seen at once."""
+        bar = math.log1p(change_threshold)
+        fitted = len(self.window)
+        if self.previous is None and fitted < window:
+            bar *= math.sqrt((1 + 1 / fitted) / (1 + 1 / window))
+        return bar
+
+    def _confirms(self, change_threshold: float, window: int) -> bool:
+        """Whether the candidates, as many as change_steps (speedup_steps) require, confirm a
+        change: their median lies off the model by more than `_candidate_bar` and, once the
+        noise is measured (`_one_step_bar`), by more than _CONFIRM_NOISES times it. Candidates
+        short of it wait for more (a step within the threshold drops them as a burst); a full
+        window of them confirms whatever the noise, so a model never waits on a noise it can
+        no longer measure."""
+        if len(self.candidates) >= window:
+            return True
+        deviation = abs(
+            statistics.median(math.log(t / self.predict(n)) for n, t in self.candidates)
+        )
+        bar = self._candidate_bar(change_threshold, window)
+        if self.noise_steps >= _TRUSTED_NOISE_STEPS:
+            bar = max(bar, _CONFIRM_NOISES * self.noise_level)
+        return deviation > bar
 
     def _slower(self, samples: int, seconds: float) -> bool:
         return seconds > self.predict(samples)
