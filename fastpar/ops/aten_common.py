@@ -11,6 +11,8 @@
 * ``autocast_layer``: custom ops are outside autocast's op lists, so a layer takes autocast's
   dtype itself, as torch's modules do (``autocast_dtypes`` gives its results torch's dtypes).
 * ``backward_inputs``: the canonical tensors every recompute backward starts from.
+* ``without_autocast``: a recompute backward runs in its own dtypes, also when autograd runs it
+  inside an autocast region.
 
 Glossary: T time, B batch, I input features, P size of h.
 """
@@ -19,16 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from fastpar.ops.func_transforms import differentiating_transform_active
 from fastpar.ops.packing import PackedLayout, batch_sizes_of, checked_lengths, take_rows
 from fastpar.ops.reference import LayerWeights
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 # torch._VF.lstm / gru / rnn_tanh / rnn_relu: (out, *final states).
 VFCall = Callable[..., Any]
@@ -312,6 +319,24 @@ def autocast_layer(
         tuple(s.to(dtype) for s in states),
         LayerWeights(*(t.to(dtype) if t is not None else None for t in w)),
     )
+
+
+def without_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``fn`` with autocast off on the device of its first tensor argument (or of a tuple's): a
+    backward called inside an autocast region (``loss.backward()`` under ``torch.autocast``,
+    which torch's modules allow) must not have its float32 (opmath) GEMMs cast to autocast's
+    dtype, where they would meet float32 operands (a dtype error) or lose precision."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        leaves = pytree.tree_leaves(args)
+        device = next((a.device.type for a in leaves if isinstance(a, Tensor)), None)
+        if device is None or not torch.amp.is_autocast_available(device):
+            return fn(*args, **kwargs)
+        with torch.autocast(device, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def needs_grad(*tensors: Tensor | None) -> bool:

@@ -49,6 +49,7 @@ from fastpar.ops.aten_common import (
     opmath_dtype,
     vf_layer,
     vf_whole_stack,
+    without_autocast,
 )
 from fastpar.ops.autocast_dtypes import autocast_carried_dtype
 from fastpar.ops.func_transforms import ATEN_INSTEAD, check_not_differentiated
@@ -160,6 +161,7 @@ class InputPass(NamedTuple):
     h_prev: Tensor  # (N, P) opmath: h_{t-1} of each row
 
 
+@without_autocast
 def lstm_aten_layer_weight_grads(
     grads: InputPass, has_bias: bool, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -186,6 +188,7 @@ def _backward_recompute(
     return _Grads(grads.dx, grads.dh0, grads.dc0, dw_ih, dw_hh, db, grads.dw_hr)
 
 
+@without_autocast
 def lstm_aten_layer_input_pass(
     dout: Tensor, dh_n: Tensor, dc_n: Tensor, x: Tensor, h0: Tensor, c0: Tensor,
     w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None, b_hh: Tensor | None, w_hr: Tensor | None,

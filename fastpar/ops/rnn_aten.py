@@ -163,6 +163,7 @@ def _gru_factors(gates: Tensor, h_prev: Tensor) -> tuple[Tensor, Tensor, Tensor]
     return k, z, dn
 
 
+@aten_common.without_autocast
 def _backward_recompute(
     dout: Tensor, dh_n: Tensor, x: Tensor, h0: Tensor, w_ih: Tensor, w_hh: Tensor,
     b_ih: Tensor | None, b_hh: Tensor | None, lengths: Tensor | None, reverse: bool,

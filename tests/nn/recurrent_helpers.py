@@ -167,7 +167,7 @@ def check_autocast_dtypes_match_torch(
 AUTOCAST_TOLERANCES = {torch.bfloat16: 8 * 2.0**-8, torch.float16: 8 * 2.0**-11}
 
 
-def _assert_within_roundings(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+def assert_within_roundings(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
     """max |actual - expected| <= tol * max(|expected|, 1)."""
     err, scale = max_err(actual, expected), max(expected.abs().max().item(), 1.0)
     assert err <= tol * scale, f"{what}: error {err:.3g} > {tol:.3g} * {scale:.3g}"
@@ -203,10 +203,10 @@ def check_autocast_matches_torch_with_grads(
     tol = AUTOCAST_TOLERANCES[dtype]
     for k, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a.dtype == b.dtype, f"result {k}: {a.dtype}, torch's {b.dtype}"
-        _assert_within_roundings(a, b, tol, f"result {k} under {dtype} autocast")
+        assert_within_roundings(a, b, tol, f"result {k} under {dtype} autocast")
     cot = [randn(*t.shape, seed=50 + k).to(t.dtype) for k, t in enumerate(want)]
     names = ["d input", *(f"d state {k}" for k in range(len(states)))]
     names += ["d " + n for n, _ in ours.named_parameters()]
     got_grads, want_grads = grads(got, cot, got_leaves), grads(want, cot, want_leaves)
     for name, a, b in zip(names, got_grads, want_grads, strict=True):
-        _assert_within_roundings(a, b, tol, f"{name} under {dtype} autocast")
+        assert_within_roundings(a, b, tol, f"{name} under {dtype} autocast")

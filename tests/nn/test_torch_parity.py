@@ -1,0 +1,66 @@
+"""fastpar.nn.LSTM, GRU and RNN as drop-ins for torch.nn's: where code written for torch's
+modules relies on their behaviour beyond results (backward under autocast, torch's private
+weight lists, argument checks, repr), fastpar's modules behave the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastpar.nn
+from tests.nn.recurrent_helpers import AUTOCAST_TOLERANCES, assert_within_roundings
+from tests.ops.lstm_helpers import randn
+
+F_IN, H, B, T = 10, 8, 3, 6
+CELLS = [("LSTM", {}), ("LSTM", {"proj_size": 4}), ("GRU", {}), ("RNN", {})]
+
+
+def _pair(cell: str, backend: str = "torch", **options: object):
+    """A fastpar module and torch's (float32), same weights."""
+    torch.manual_seed(0)
+    ours = getattr(fastpar.nn, cell)(F_IN, H, backend=backend, **options)
+    theirs = getattr(torch.nn, cell)(F_IN, H, **options)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _grads_under_autocast(
+    module: torch.nn.Module, packed: bool, backward_inside: bool
+) -> list[Tensor]:
+    """Gradients of the input and every parameter for fixed cotangents, the forward under CPU
+    bfloat16 autocast and the backward inside its region or after it."""
+    x = randn(T, B, F_IN, seed=1).float().requires_grad_()
+    params = list(module.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, finals = module(pack_padded_sequence(x, torch.tensor([6, 4, 2])) if packed else x)
+        finals = finals if isinstance(finals, tuple) else (finals,)
+        results = [out.data if packed else out, *finals]
+        loss = sum((r.float() * randn(*r.shape, seed=10 + k).float()).sum()
+                   for k, r in enumerate(results))  # fmt: skip
+        if backward_inside:
+            return list(torch.autograd.grad(loss, [x, *params]))
+    return list(torch.autograd.grad(loss, [x, *params]))
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("cell, options", CELLS)
+def test_backward_inside_autocast_region_as_torch(
+    cell: str, options: dict[str, object], packed: bool
+) -> None:
+    """torch's modules give the same gradients whether ``backward()`` runs inside the autocast
+    region or after it; so do fastpar's (on packed input, the backward of fastpar's per-layer
+    op raised a dtype error for the LSTM, and ran the GRU's and RNN's GEMMs in bfloat16)."""
+    ours, theirs = _pair(cell, num_layers=2, **options)
+    want = _grads_under_autocast(theirs, packed, backward_inside=False)
+    torchs_inside = _grads_under_autocast(theirs, packed, backward_inside=True)
+    assert all(torch.equal(a, b) for a, b in zip(torchs_inside, want, strict=True)), (
+        "torch's own gradients depend on where backward runs"
+    )
+    got_outside = _grads_under_autocast(ours, packed, backward_inside=False)
+    got_inside = _grads_under_autocast(ours, packed, backward_inside=True)
+    names = ["d input"] + ["d " + n for n, _ in ours.named_parameters()]
+    for name, inside, outside, torchs in zip(names, got_inside, got_outside, want, strict=True):
+        assert torch.equal(inside, outside), f"{name}: backward inside autocast differs"
+        assert_within_roundings(inside, torchs, AUTOCAST_TOLERANCES[torch.bfloat16], name)
