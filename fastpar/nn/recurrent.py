@@ -338,6 +338,28 @@ class RecurrentBase(nn.Module):
         """The parameters per layer and direction, as torch's ``all_weights``."""
         return [[p for p in w if p is not None] for w in self.layer_weights()]
 
+    # torch's private weight lists, which code written for torch's modules reads (e.g. to find
+    # or cast the weights); derived from the parameters, so they never go stale.
+    @property
+    def _all_weights(self) -> list[list[str]]:
+        """The parameter names per layer and direction, as torch's ``_all_weights``."""
+        names = ["weight_ih", "weight_hh"] + ["bias_ih", "bias_hh"] * self.bias
+        names += ["weight_hr"] * bool(self.proj_size)
+        return [
+            [n + sfx for n in names]
+            for layer in range(self.num_layers)
+            for sfx in [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
+        ]
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        return [name for names in self._all_weights for name in names]
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        """The parameters in torch's flat order (its ``_flat_weights``)."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
     def layer_weights(self) -> list[LayerWeights]:
         """The parameters per layer and direction, in the order of h_0's first dimension."""
         return layer_weights(self, self.num_layers, self.num_directions)

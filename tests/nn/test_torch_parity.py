@@ -64,3 +64,25 @@ def test_backward_inside_autocast_region_as_torch(
     for name, inside, outside, torchs in zip(names, got_inside, got_outside, want, strict=True):
         assert torch.equal(inside, outside), f"{name}: backward inside autocast differs"
         assert_within_roundings(inside, torchs, AUTOCAST_TOLERANCES[torch.bfloat16], name)
+
+
+WEIGHT_LAYOUTS = [
+    ("LSTM", {}),
+    ("LSTM", {"num_layers": 2, "bidirectional": True, "proj_size": 4}),
+    ("GRU", {"num_layers": 2, "bias": False}),
+    ("RNN", {"bidirectional": True, "nonlinearity": "relu"}),
+]
+
+
+@pytest.mark.parametrize("cell, options", WEIGHT_LAYOUTS)
+def test_private_weight_lists_as_torch(cell: str, options: dict[str, object]) -> None:
+    """``_all_weights``, ``_flat_weights_names`` and ``_flat_weights`` (read by code written for
+    torch's modules) name and hold the same parameters as torch's, also after ``.double()``."""
+    ours, theirs = _pair(cell, **options)
+    assert ours._all_weights == theirs._all_weights
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    for a, b in zip(ours._flat_weights, theirs._flat_weights, strict=True):
+        assert torch.equal(a, b)
+    ours.double(), theirs.double()
+    assert [w.dtype for w in ours._flat_weights] == [w.dtype for w in theirs._flat_weights]
+    assert all(a is b for a, b in zip(ours._flat_weights, ours.parameters(), strict=True))
