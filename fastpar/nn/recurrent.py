@@ -375,11 +375,11 @@ class RecurrentBase(nn.Module):
             s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        for name, default in (("bias", True), ("batch_first", False), ("bidirectional", False)):
+        for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
-        if self.dropout:
-            s += f", dropout={self.dropout}"
+        if self.bidirectional:
+            s += ", bidirectional=True"
         nonlinearity = getattr(self, "nonlinearity", "tanh")
         if nonlinearity != "tanh":
             s += f", nonlinearity={nonlinearity!r}"

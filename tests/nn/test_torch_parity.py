@@ -86,3 +86,21 @@ def test_private_weight_lists_as_torch(cell: str, options: dict[str, object]) ->
     ours.double(), theirs.double()
     assert [w.dtype for w in ours._flat_weights] == [w.dtype for w in theirs._flat_weights]
     assert all(a is b for a, b in zip(ours._flat_weights, ours.parameters(), strict=True))
+
+
+REPR_OPTIONS = [
+    {},
+    {"num_layers": 2, "dropout": 0.5, "bidirectional": True},
+    {"bias": False, "batch_first": True, "dropout": 0.25, "bidirectional": True},
+]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("options", REPR_OPTIONS)
+def test_repr_begins_with_torchs(cell: str, options: dict[str, object]) -> None:
+    """fastpar's repr is torch's, then fastpar's own options (backend, kernel)."""
+    ours, theirs = _pair(cell, **options)
+    assert repr(ours).startswith(repr(theirs)[:-1] + ", backend='torch'"), (ours, theirs)
+    if cell == "LSTM":
+        ours, theirs = _pair(cell, proj_size=4, **options)
+        assert repr(ours).startswith(repr(theirs)[:-1] + ", backend='torch'"), (ours, theirs)
