@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastpar._checks import check_choice, check_int_at_least
+from fastpar._checks import check_bool, check_choice, check_int_at_least
 from fastpar._logging import get_logger, log_once
 from fastpar.ops import interpreter_active
 from fastpar.ops.auto_backend import choose_auto_backend
@@ -299,8 +299,10 @@ class RecurrentBase(nn.Module):
                 f"proj_size must be smaller than hidden_size {hidden_size}, got {proj_size}"
             )
         self.dropout = _check_dropout(dropout, num_layers)
-        self.bias = bool(bias)
-        self.batch_first = bool(batch_first)
+        # The flags torch checks (a TypeError naming the argument); bidirectional it takes as
+        # truthy.
+        self.bias = check_bool("bias", bias)
+        self.batch_first = check_bool("batch_first", batch_first)
         self.bidirectional = bool(bidirectional)
         self.backend: Backend = check_backend(backend)
         self.kernel: Kernel = check_kernel(kernel, self.backend)

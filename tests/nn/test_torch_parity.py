@@ -88,10 +88,22 @@ def test_private_weight_lists_as_torch(cell: str, options: dict[str, object]) ->
     assert all(a is b for a, b in zip(ours._flat_weights, ours.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("flag", ["bias", "batch_first"])
+@pytest.mark.parametrize("value", [0, 1, None, "yes"])
+def test_non_bool_flags_raise_as_torch(cell: str, flag: str, value: object) -> None:
+    """torch's modules take only a bool for bias and batch_first (bias=0 is a TypeError, not
+    bias=False); fastpar's raise the same error type, naming the argument."""
+    with pytest.raises(TypeError, match=flag):
+        getattr(torch.nn, cell)(F_IN, H, **{flag: value})
+    with pytest.raises(TypeError, match=flag):
+        getattr(fastpar.nn, cell)(F_IN, H, **{flag: value})
+
+
 REPR_OPTIONS = [
     {},
     {"num_layers": 2, "dropout": 0.5, "bidirectional": True},
-    {"bias": False, "batch_first": True, "dropout": 0.25, "bidirectional": True},
+    {"num_layers": 3, "bias": False, "batch_first": True, "dropout": 0.25, "bidirectional": True},
 ]
 
 
