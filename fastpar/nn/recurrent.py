@@ -543,7 +543,15 @@ class RecurrentCellBase(nn.Module):
         init_uniform(list(self.parameters()), self.hidden_size)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, bias={self.bias}, backend={self.backend!r}"
+        # torch's repr (bias and the RNN's nonlinearity only where not the default), then the
+        # backend.
+        s = f"{self.input_size}, {self.hidden_size}"
+        if not self.bias:
+            s += ", bias=False"
+        nonlinearity = getattr(self, "nonlinearity", "tanh")
+        if nonlinearity != "tanh":
+            s += f", nonlinearity={nonlinearity}"
+        return s + f", backend={self.backend!r}"
 
     def weights(self) -> LayerWeights:
         return LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)

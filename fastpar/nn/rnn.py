@@ -303,9 +303,6 @@ class RNNCell(_OneStateCellBase):
     def cell_options(self) -> dict[str, Any]:
         return {"nonlinearity": self.nonlinearity}
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", nonlinearity={self.nonlinearity!r}"
-
 
 # Allowlisted for torch.load(weights_only=True), as fastpar.nn.LSTM (see there).
 torch.serialization.add_safe_globals([GRU, RNN, GRUCell, RNNCell])

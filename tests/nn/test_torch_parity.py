@@ -116,3 +116,13 @@ def test_repr_begins_with_torchs(cell: str, options: dict[str, object]) -> None:
     if cell == "LSTM":
         ours, theirs = _pair(cell, proj_size=4, **options)
         assert repr(ours).startswith(repr(theirs)[:-1] + ", backend='torch'"), (ours, theirs)
+
+
+@pytest.mark.parametrize(
+    "cell, options",
+    [("LSTMCell", {}), ("GRUCell", {"bias": False}), ("RNNCell", {"nonlinearity": "relu"}),
+     ("RNNCell", {"bias": False, "nonlinearity": "relu"})],
+)  # fmt: skip
+def test_cell_repr_begins_with_torchs(cell: str, options: dict[str, object]) -> None:
+    ours, theirs = _pair(cell, **options)
+    assert repr(ours) == repr(theirs)[:-1] + ", backend='torch')"
