@@ -136,6 +136,15 @@ _begun: dict[tuple[str, tuple[int, ...]], int] = {}
 _begun_lock = threading.Lock()
 
 
+def count_out(store: dist.Store, counter: str, world_size: int) -> bool:
+    """Count this rank out at `counter`: True for the last of `world_size` ranks, which may then
+    delete what they all read (the counter itself is deleted here)."""
+    if store.add(counter, 1) != world_size:
+        return False
+    store.delete_key(counter)
+    return True
+
+
 def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
     """The store-key prefix of this process's next `kind` exchange over `group` (a ring, a
     host layout...), the same on every rank of the group."""
@@ -275,7 +284,7 @@ class StoreExchange:
         prefix, posted = self.prefix, self._posted
         self.prefix, self._posted = "", []
         self.store.set(f"{prefix}/left/{self.rank}", "\n".join(posted))
-        if self.store.add(f"{prefix}/left", 1) != self.world_size:
+        if not count_out(self.store, f"{prefix}/left", self.world_size):
             return
         for r in range(self.world_size):
             lists = f"{prefix}/left/{r}"
@@ -283,7 +292,6 @@ class StoreExchange:
                 self.store.delete_key(key)
             self.store.delete_key(lists)
         self.store.delete_key(f"{prefix}/outcome")
-        self.store.delete_key(f"{prefix}/left")
 
     def _post_mine(self, name: str, mine: bytes | str) -> dict[int, str]:
         self.post(f"{name}/{self.rank}", mine)

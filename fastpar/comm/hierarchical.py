@@ -40,7 +40,7 @@ import torch.distributed as dist
 
 from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, StoreExchange
+from fastpar.comm.agreement import LIVENESS_PERIOD_S, StoreExchange, count_out
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostAreas, HostBuffer
@@ -493,11 +493,9 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             if self._left_store:
                 return
             self._left_store = True
-        closed = f"{self._prefix}/closed"
         try:
-            if self._store.add(closed, 1) == self.world_size:
+            if count_out(self._store, f"{self._prefix}/closed", self.world_size):
                 self._store.delete_key(f"{self._prefix}/failure")
-                self._store.delete_key(closed)
         except Exception as error:  # the store is gone: nothing is left in it either
             logger.warning("rank %d could not tell the store it closed: %s", self.rank, error)
 

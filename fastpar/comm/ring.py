@@ -48,6 +48,7 @@ from fastpar.comm import processes
 from fastpar.comm.agreement import (
     CREATING_A_RING,
     StoreExchange,
+    count_out,
     cuda_peer_problem,
     local_device_ids,
     shared_gpu_problem,
@@ -675,9 +676,8 @@ class RingAllReduce:
         """This rank has read every key of `keys`: the last rank to get there deletes them (a
         rank that never does, e.g. a dead one, leaves them)."""
         assert self._store is not None
-        read = f"{self._prefix}/unmapped/read"
-        if self._store.add(read, 1) == self.world_size:
-            for key in (*keys.values(), read):
+        if count_out(self._store, f"{self._prefix}/unmapped/read", self.world_size):
+            for key in keys.values():
                 self._store.delete_key(key)
 
     def __enter__(self) -> RingAllReduce:
