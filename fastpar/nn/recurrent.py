@@ -312,7 +312,7 @@ class RecurrentBase(nn.Module):
         rows = self.gates * hidden_size
         for layer in range(num_layers):
             for direction in range(num_dirs):
-                sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                sfx = weight_suffix(layer, direction)
                 in_size = input_size if layer == 0 else h_out * num_dirs
                 shapes = {"weight_ih": (rows, in_size), "weight_hh": (rows, h_out)}
                 if bias:
@@ -348,9 +348,9 @@ class RecurrentBase(nn.Module):
         names = ["weight_ih", "weight_hh"] + ["bias_ih", "bias_hh"] * self.bias
         names += ["weight_hr"] * bool(self.proj_size)
         return [
-            [n + sfx for n in names]
+            [n + weight_suffix(layer, direction) for n in names]
             for layer in range(self.num_layers)
-            for sfx in [f"_l{layer}", f"_l{layer}_reverse"][: self.num_directions]
+            for direction in range(self.num_directions)
         ]
 
     @property
@@ -470,6 +470,11 @@ def lengths_on_device(options: dict[str, Any], x: Tensor) -> dict[str, Any]:
     return {**options, "lengths": lengths.to(x.device, non_blocking=True)}
 
 
+def weight_suffix(layer: int, direction: int) -> str:
+    """The suffix of torch's recurrent parameter names: "_l{layer}", "_reverse" for direction 1."""
+    return f"_l{layer}" + ("_reverse" if direction == 1 else "")
+
+
 def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[LayerWeights]:
     """LayerWeights of a module with torch's recurrent parameter names (torch's or fastpar's
     LSTM, GRU or RNN).
@@ -486,7 +491,7 @@ def layer_weights(module: nn.Module, num_layers: int, num_dirs: int) -> list[Lay
     weights = []
     for layer in range(num_layers):
         for direction in range(num_dirs):
-            sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            sfx = weight_suffix(layer, direction)
             weights.append(
                 LayerWeights(
                     getattr(module, "weight_ih" + sfx),
