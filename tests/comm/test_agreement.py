@@ -13,7 +13,6 @@ import pytest
 import torch.distributed as dist
 
 from fastpar.comm.agreement import (
-    LIVENESS_PERIOD_S,
     SHARED_GPU_REASON,
     agree,
     cuda_peer_problem,
@@ -217,4 +216,6 @@ def test_a_rank_still_waiting_stops_once_another_gave_up() -> None:
         "rank 2 stopped waiting for rank(s) [0] to decide while creating a RingAllReduce: "
         "rank 1 gave up waiting for them first"
     ), message
-    assert waited_s < 0.2 + 10 * LIVENESS_PERIOD_S, waited_s  # not its own 60 s
+    # Within a few liveness periods on a quiet host; the bound leaves room for a loaded CI
+    # host and still fails on the old wait of its own 60 s.
+    assert waited_s < long_timeout_s / 4, waited_s
