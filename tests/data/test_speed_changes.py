@@ -44,18 +44,21 @@ def _confirmations(
         seen.append((model, outcome))
         return outcome
 
-    monkeypatch.setattr(StepTimeModel, "observe", recorded)
-    config = DynamicSlicerConfig(min_size=1, max_size=_BATCH, global_batch=_BATCH)
-    policy, rng = ThroughputPolicy(config, 3), random.Random(seed)
-    sizes, confirmed = policy.split(), []
-    for step in range(steps):
-        seconds = [(a + b * n) * rng.uniform(1 - noise, 1 + noise)
-                   for n, (a, b) in zip(sizes, costs_at(step), strict=True)]  # fmt: skip
-        ranks = {id(model): rank for rank, model in enumerate(policy.models)}
-        seen.clear()
-        sizes, _ = policy.update(sizes, sizes, seconds)
-        confirmed += [(step, ranks[id(model)], outcome) for model, outcome in seen
-                      if outcome in ("changed", "returned")]  # fmt: skip
+    # Undone on return: a test simulates hundreds of runs, and each run's wrapper would
+    # otherwise wrap the previous one's.
+    with monkeypatch.context() as patch:
+        patch.setattr(StepTimeModel, "observe", recorded)
+        config = DynamicSlicerConfig(min_size=1, max_size=_BATCH, global_batch=_BATCH)
+        policy, rng = ThroughputPolicy(config, 3), random.Random(seed)
+        sizes, confirmed = policy.split(), []
+        for step in range(steps):
+            seconds = [(a + b * n) * rng.uniform(1 - noise, 1 + noise)
+                       for n, (a, b) in zip(sizes, costs_at(step), strict=True)]  # fmt: skip
+            ranks = {id(model): rank for rank, model in enumerate(policy.models)}
+            seen.clear()
+            sizes, _ = policy.update(sizes, sizes, seconds)
+            confirmed += [(step, ranks[id(model)], outcome) for model, outcome in seen
+                          if outcome in ("changed", "returned")]  # fmt: skip
     return confirmed
 
 
