@@ -1,5 +1,7 @@
 """The README's examples work: every Python block runs as a reader would run it, and every
-command the README and docs/multinode.md show parses with the flags it uses.
+command the README and docs/multinode.md show parses with the flags it uses, in whatever form a
+reader would copy it (see `_command_problems`): a shell block's line, a console block's `$ `
+line, or an inline span.
 
 A Python block runs as a script of its own, in a fresh folder: with `python example.py`, or as
 its first line says, e.g. `# run: torchrun --standalone --nproc-per-node 2 example.py`; up to
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -29,7 +33,7 @@ import torch
 from torch.distributed.run import get_args_parser as torchrun_parser
 
 from fastpar.__main__ import build_parser as fastpar_parser
-from tests.markdown_code import CodeBlock, code_blocks, inline_commands, shell_commands
+from tests.markdown_code import CodeBlock, code_blocks, inline_spans, shell_commands
 from tests.processes import descendants
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +48,7 @@ NEEDS_MARKED = {("`fastpar.nn.LSTM`", "cuda")}
 EXAMPLE_TIMEOUT_S = 180  # on a loaded 2-core host an example takes 6-16 s, three at once 2x
 EXAMPLES_AT_ONCE = 3
 
-PYTHON_BLOCKS = [block for block in code_blocks(README) if block.language == "python"]
+PYTHON_BLOCKS = [block for block in code_blocks(README) if block.is_python]
 RUNNABLE = [
     block
     for block in PYTHON_BLOCKS
@@ -91,20 +95,50 @@ def test_python_example_runs(
 
 
 def test_documented_commands_parse() -> None:
-    problems = []
-    for doc in DOCS:
-        for block in code_blocks(doc):
-            if block.language in ("", "bash", "sh"):
-                for words in shell_commands(block):
-                    problems += [f"{block.name}: {p}" for p in _command_problems(words)]
-        starts = tuple(f"{p} {c}" for p in ("fastpar", "python -m fastpar") for c in _COMMANDS)
-        for span, words in inline_commands(doc, (*starts, *_SCRIPT_STARTS)):
-            problems += [f"{doc.name}, `{span}`: {p}" for p in _command_problems(words)]
+    problems = [problem for doc in DOCS for problem in doc_problems(doc)]
     assert not problems, "\n".join(problems)
 
 
+def doc_problems(doc: Path) -> list[str]:
+    """What is wrong with the commands of `doc`, each problem after the line of its command:
+    those of its shell blocks, and its inline spans that are whole commands of fastpar or of
+    a script in bench/."""
+    problems = []
+    for block in code_blocks(doc):
+        if block.is_shell:
+            for line, words in shell_commands(block):
+                problems += [f"{doc.name}:{line}: {p}" for p in _command_problems(words)]
+    for line, span in inline_spans(doc):
+        if (words := _inline_command(span)) is not None:
+            problems += [f"{doc.name}:{line}: `{span}`: {p}" for p in _command_problems(words)]
+    return problems
+
+
 _COMMANDS = ("train", "bench", "info", "build")
-_SCRIPT_STARTS = ("python bench/", "bash bench/", "bench/")
+_SCRIPT_STARTS = ("bench/",)
+_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")  # FASTPAR_X=1 before a command
+_PYTHON = re.compile(r"(.*/)?python(3(\.\d+)?)?")
+_TORCHRUN_MODULE = ["-m", "torch.distributed.run"]
+_PYTHON_MODULES = (_TORCHRUN_MODULE, ["-m", "fastpar"])
+
+
+def _inline_command(span: str) -> list[str] | None:
+    """The arguments of an inline span that is a whole command (no "..." standing for the
+    rest) of fastpar, or of a script in bench/, optional ones ("[--a b]") taken as given; None
+    for any other span."""
+    if "..." in span:
+        return None
+    try:
+        words = shlex.split(span.replace("[", "").replace("]", ""))
+    except ValueError:  # not shell words: an unpaired quote
+        return None
+    command = list(itertools.dropwhile(_ASSIGNMENT.match, words))
+    if not command:
+        return None
+    if _launch_start(command) == 0 and "fastpar" in command:
+        return words
+    script = command[1] if len(command) > 1 and _is_python_or_bash(command[0]) else command[0]
+    return words if script.startswith(_SCRIPT_STARTS) else None
 
 
 def _run_example(block: CodeBlock, cwd: Path) -> tuple[int, str]:
@@ -145,24 +179,54 @@ def _run_bounded(command: list[str], *, cwd: Path, env: dict[str, str]) -> tuple
 
 def _command_problems(words: list[str]) -> list[str]:
     """What is wrong with one documented command line: flags or choices its parser refuses, a
-    Makefile target or a script that does not exist. Commands of other tools pass unchecked."""
-    if "torchrun" in words:
-        torchrun = words[words.index("torchrun") + 1 :]
-        problem, args = _parse(torchrun_parser(), torchrun)
-        if problem or not (args.module and args.training_script == "fastpar"):
-            return [problem or "torchrun does not start `-m fastpar`"]
-        words = ["fastpar", *args.training_script_args]
-    if words[:3] == ["python", "-m", "fastpar"]:
-        words = words[2:]
-    if words[0] == "fastpar":
-        return [problem] if (problem := _parse(fastpar_parser(), words[1:])[0]) else []
+    Makefile target or a script that does not exist. A command runs fastpar as a user types it:
+    after environment assignments (`FASTPAR_X=1 fastpar ...`), or a wrapper (`srun`, `nsys
+    profile ...`), as `fastpar`, `python -m fastpar`, or under torchrun (`torchrun ... -m
+    fastpar ...`, `python -m torch.distributed.run ... -m fastpar ...`). Commands of other
+    tools pass unchecked."""
+    words = list(itertools.dropwhile(_ASSIGNMENT.match, words))
+    if not words:
+        return []
+    start = _launch_start(words)
+    if start is not None:
+        return _launch_problems(words[start:])
     if words[0] == "make":
         targets = {line.split(":")[0] for line in (ROOT / "Makefile").read_text().splitlines()}
         return [f"no Makefile target {w!r}" for w in words[1:] if "=" not in w and w not in targets]
-    script = words[1] if words[0] in ("python", "bash") else words[0]
+    script = words[1] if len(words) > 1 and _is_python_or_bash(words[0]) else words[0]
     if script.endswith((".py", ".sh")):
         return _script_problems(ROOT / script, words)
     return []
+
+
+def _launch_start(words: list[str]) -> int | None:
+    """Where in `words` fastpar or torchrun starts (the words before it: a wrapper), or None."""
+    for index, word in enumerate(words):
+        after = words[index + 1 : index + 3]
+        if word == "torchrun" or (_PYTHON.fullmatch(word) and after in _PYTHON_MODULES):
+            return index
+        # `pip install fastpar` names the package: fastpar starts with a command or a flag.
+        if word == "fastpar" and after and (after[0] in _COMMANDS or after[0].startswith("-")):
+            return index
+    return None
+
+
+def _launch_problems(words: list[str]) -> list[str]:
+    """What fastpar's parser (or first torchrun's, then fastpar's) refuses in `words`, which
+    start with torchrun, python -m or fastpar."""
+    if words[0] == "torchrun" or words[1:3] == _TORCHRUN_MODULE:
+        problem, args = _parse(torchrun_parser(), words[1 if words[0] == "torchrun" else 3 :])
+        if problem or args is None:  # None: --help
+            return [problem] if problem else []
+        if not (args.module and args.training_script == "fastpar"):
+            return ["torchrun does not start `-m fastpar`"]
+        words = ["fastpar", *args.training_script_args]
+    arguments = words[1:] if words[0] == "fastpar" else words[3:]
+    return [problem] if (problem := _parse(fastpar_parser(), arguments)[0]) else []
+
+
+def _is_python_or_bash(word: str) -> bool:
+    return word == "bash" or _PYTHON.fullmatch(word) is not None
 
 
 def _script_problems(script: Path, words: list[str]) -> list[str]:
@@ -177,11 +241,102 @@ def _script_problems(script: Path, words: list[str]) -> list[str]:
     return [f"{script.name} defines no {flag}" for flag in sorted(flags - defined)]
 
 
-def _parse(parser: argparse.ArgumentParser, args: list[str]) -> tuple[str, argparse.Namespace]:
-    """(the parser's error, "" when none; the parsed arguments)."""
+def _parse(
+    parser: argparse.ArgumentParser, args: list[str]
+) -> tuple[str, argparse.Namespace | None]:
+    """(the parser's error, "" when none; the parsed arguments, None after an error or a
+    `--help`, which exits with code 0)."""
     errors = io.StringIO()
     try:
-        with contextlib.redirect_stderr(errors):
+        with contextlib.redirect_stderr(errors), contextlib.redirect_stdout(io.StringIO()):
             return "", parser.parse_args(args)
-    except SystemExit:
-        return errors.getvalue().strip().splitlines()[-1], argparse.Namespace()
+    except SystemExit as exit:
+        if exit.code in (0, None):
+            return "", None
+        return errors.getvalue().strip().splitlines()[-1], None
+
+
+def _bash(commands: str) -> str:
+    return f"```bash\n{commands}\n```\n"
+
+
+# Each way a document may show a command that hands fastpar a bad flag: (its Markdown, the line
+# of the command). The check must report each one as it reports a plain `fastpar train`.
+BAD_FLAG_DOCS = {
+    "plain": ("```bash\nfastpar train --bogus\n```\n", 2),
+    "untagged": ("```\nfastpar train --bogus\n```\n", 2),
+    "sh": ("```sh\nfastpar train --bogus\n```\n", 2),
+    "shell": ("```shell\nfastpar train --bogus\n```\n", 2),
+    "console": ("```console\n$ fastpar train --bogus\nstep 1 ...\n```\n", 2),
+    "tilde fence": ("~~~bash\nfastpar train --bogus\n~~~\n", 2),
+    "under a list item": ("1. Train:\n\n   ```bash\n   fastpar train --bogus\n   ```\n", 4),
+    "environment": (_bash("FASTPAR_TEST_SLOW=1:100:200:5 fastpar train --bogus"), 2),
+    "python -m": (_bash("python -m fastpar train --bogus"), 2),
+    "python3 -m": (_bash("python3 -m fastpar train --bogus"), 2),
+    "torchrun": (_bash("torchrun --nproc-per-node 2 -m fastpar train --bogus"), 2),
+    "torch.distributed.run": (
+        _bash("python -m torch.distributed.run --nproc-per-node 2 -m fastpar train --bogus"),
+        2,
+    ),
+    "continued": (
+        _bash("# two lines\ntorchrun --nproc-per-node 2 \\\n  -m fastpar train --bogus"),
+        3,
+    ),
+    "wrapper": (_bash("srun --ntasks 2 fastpar train --bogus"), 2),
+    "after &&": (_bash("cd run && fastpar train --bogus"), 2),
+    "inline": ("Run\n`FASTPAR_X=1 fastpar train --bogus`.\n", 2),
+    "inline torchrun": ("Or `torchrun --nproc-per-node 2 -m fastpar train --bogus`.\n", 1),
+}
+
+
+@pytest.mark.parametrize("markdown, line", BAD_FLAG_DOCS.values(), ids=list(BAD_FLAG_DOCS))
+def test_a_bad_flag_is_reported_in_every_form_of_command(
+    tmp_path: Path, markdown: str, line: int
+) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(markdown)
+    problems = doc_problems(doc)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"doc.md:{line}: ")
+    assert problems[0].endswith("fastpar: error: unrecognized arguments: --bogus")
+
+
+@pytest.mark.parametrize("markdown, line", BAD_FLAG_DOCS.values(), ids=list(BAD_FLAG_DOCS))
+def test_the_same_commands_with_good_flags_pass(tmp_path: Path, markdown: str, line: int) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(markdown.replace("--bogus", "--steps 3"))
+    assert doc_problems(doc) == []
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "fastpar train --help",
+        "python -m fastpar --help",
+        "torchrun --help",
+        "torchrun --nproc-per-node 2 -m fastpar train -h",
+        "pip install fastpar",
+    ],
+)
+def test_help_and_other_tools_pass(command: str) -> None:
+    assert _command_problems(shlex.split(command)) == []
+
+
+def test_console_output_lines_are_not_commands(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text("```console\n$ fastpar info\nfastpar train --bogus\n```\n")
+    assert doc_problems(doc) == []
+
+
+def test_python_blocks_are_found_by_any_python_tag_and_indented(tmp_path: Path) -> None:
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "# Steps\n- first:\n  ```python\n  x = 1\n    y = 2\n  ```\n"
+        "```py\nprint(1)\n```\n````python3 title\n```\n````\n"
+    )
+    found = [(b.language, b.is_python, b.source, b.line, b.heading) for b in code_blocks(doc)]
+    assert found == [
+        ("python", True, "x = 1\n  y = 2\n", 4, "Steps"),
+        ("py", True, "print(1)\n", 8, "Steps"),
+        ("python3", True, "```\n", 11, "Steps"),
+    ]
