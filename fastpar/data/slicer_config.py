@@ -39,12 +39,19 @@ class DynamicSlicerConfig:
     1 + change_threshold either way (slower or faster) is a candidate speed change, not
     fitted, > 0."""
     change_steps: int = 2
-    """"throughput": candidates in a row on the same side that make a speed change (rescale
-    the model); bursts of fewer steps are ignored, >= 1. Each slowdown runs this many steps at
-    the old split; a burst this long or longer is followed, and costs speedup_steps steps at
-    its split once it ends (about what one of its own steps cost): 2 follows a straggler
-    soon and still ignores single-step spikes; raise it where bursts of several steps are
-    common and speed changes rare."""
+    """"throughput": slower candidates in a row that can confirm a speed change (rescale the
+    model); bursts of fewer steps are ignored, >= 1. They confirm it when their median lies off
+    the model by more than the candidate bar (a factor 1 + change_threshold; in log,
+    sqrt((1 + 1/m) / (1 + 1/model_window)) times that while a rank's first fit holds
+    m < model_window steps: 1.33 for m = 1 at the default window) and, once the measured
+    noise (r.m.s. of log(measured / predicted)) has averaged 6 steps, by more than 3 times that
+    noise. Candidates short of it wait for the next one; a step within the bar drops them as a
+    burst; model_window of them in a row confirm the change whatever the noise. Each slowdown
+    runs at least this many steps at the old split (but see burst_memory); a burst this long
+    and this far off is followed, and costs speedup_steps steps at its split once it ends
+    (about what one of its own steps cost): 2 follows a straggler soon and still ignores
+    single-step spikes; raise it where bursts of several steps are common and speed changes
+    rare."""
     speedup_steps: int = 2
     """"throughput": the same for candidates faster than the model (never more than
     change_steps), >= 1. Load from other processes only lengthens steps, but noise shortens
