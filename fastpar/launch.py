@@ -100,22 +100,18 @@ def _release_fork_server() -> None:
 
 
 @contextlib.contextmanager
-def _children_ignore_sigint() -> Iterator[None]:
-    """Ignore SIGINT in this process while it starts a child (the fork server, a spawned
-    rank), which keeps it ignored from its first instruction: a Ctrl-C that reaches them while
-    they import torch would otherwise print a KeyboardInterrupt traceback (CPython's fork
-    server ignores SIGINT only after its preload, a rank only once it runs). This process
-    handles Ctrl-C for all of them: its own handler is back at once, before anything waits.
-    Outside the main thread, which alone may set handlers, children start as they are."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while it starts a child (the fork server, a spawned rank, a
+    thread): the child inherits the block through fork and exec, so a Ctrl-C that reaches it
+    while it imports torch stays pending, and is dropped when it ignores SIGINT (the server
+    after its preload, a rank as it runs), where it would otherwise print a KeyboardInterrupt
+    traceback. This process handles Ctrl-C for all of them: one that arrives meanwhile waits,
+    and is delivered as the block ends; ignoring it instead (SIG_IGN) would lose it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        # None: a handler set outside Python, which cannot be set back; the default instead.
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def stop_fork_server() -> None:
@@ -151,8 +147,10 @@ def _rank_main(
     _die_with_parent()
     _send_stderr_to(stderr_path)
     # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and
-    # stops the ranks, so they do not each print a KeyboardInterrupt traceback.
+    # stops the ranks, so they do not each print a KeyboardInterrupt traceback. Ignoring it
+    # drops one pending since the launcher started this rank with SIGINT blocked.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # The launcher's environment at the call (a forked rank inherited the fork server's), in
     # place before `job` imports fn's module.
     os.environ.clear()
@@ -407,18 +405,21 @@ def spawn_ranks(
     if "torch.distributed" not in sys.modules:
         importer = threading.Thread(target=importlib.import_module, args=("torch.distributed",),
                                     name="fastpar-import-torch", daemon=True)  # fmt: skip
-        importer.start()
+        # It takes no SIGINT: one it took would interrupt this thread, which blocks SIGINT
+        # while it starts a child, in the middle of that start.
+        with _sigint_blocked():
+            importer.start()
     try:
         if start_method == "forkserver":
             from multiprocessing import forkserver
 
-            with _children_ignore_sigint():
+            with _sigint_blocked():
                 forkserver.ensure_running()
         # A spawned rank starts at once; a forked one waits for the server's preload, and
         # Ctrl-C must stay the launcher's meanwhile.
         spawned = start_method == "spawn"
         for process in processes:
-            with _children_ignore_sigint() if spawned else contextlib.nullcontext():
+            with _sigint_blocked() if spawned else contextlib.nullcontext():
                 process.start()
         if importer is not None:
             importer.join()

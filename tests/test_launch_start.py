@@ -106,40 +106,100 @@ def test_no_forked_rank_outlives_a_killed_launcher(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    # A background job inherits SIGINT ignored, a caller may have it blocked.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 # Run as a launcher (argument: the start method), it starts one rank, forked from a new server
 # whose preload is this very file, or spawned (which imports it too); the server or the rank,
-# importing it, writes down how it handles SIGINT at that moment.
+# importing it, writes down how SIGINT would reach it at that moment: its handler, and whether
+# it is blocked.
 _SIGINT_PROBE = """
 import operator, os, signal, sys
+def _sigint_reach():
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    return f"{signal.getsignal(signal.SIGINT)!r} {'blocked' if blocked else 'open'}"
 if __name__ != "__main__":
     with open(os.environ["FASTPAR_SIGINT_RECORD"], "w") as f:
-        f.write(repr(signal.getsignal(signal.SIGINT)))
+        f.write(_sigint_reach())
 else:
     from fastpar.launch import spawn_ranks
     spawn_ranks(operator.add, 1, start_method=sys.argv[1], preload=["__main__"], timeout=120)
-    print(repr(signal.getsignal(signal.SIGINT)))
+    print(_sigint_reach())
 """
 
 
-def _sigint_at_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.parametrize("start_method", START_METHODS)
-def test_children_ignore_ctrl_c_from_their_start(tmp_path: Path, start_method: str) -> None:
+def test_children_hold_ctrl_c_from_their_start(tmp_path: Path, start_method: str) -> None:
     """CPython's fork server ignores SIGINT only after its preload (seconds with torch), a rank
-    only once it runs: a Ctrl-C meanwhile printed a KeyboardInterrupt traceback. They ignore it
-    while importing, and the launcher still takes Ctrl-C itself."""
+    only once it runs: a Ctrl-C meanwhile printed a KeyboardInterrupt traceback. They start
+    with SIGINT blocked, so one waits until they ignore it, and the launcher still takes
+    Ctrl-C itself, as before."""
     script, record = tmp_path / "launcher.py", tmp_path / "sigint"
     script.write_text(_SIGINT_PROBE)
-    # SIGINT at its default, as in a terminal (a background job inherits it ignored).
     launched = subprocess.run([sys.executable, str(script), start_method], cwd=REPO,
                               capture_output=True, text=True, timeout=180, check=False,
                               env={**os.environ, "FASTPAR_SIGINT_RECORD": str(record)},
-                              preexec_fn=_sigint_at_default)  # fmt: skip
+                              preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     assert launched.returncode == 0, launched.stderr
-    assert record.read_text() == repr(signal.SIG_IGN)
-    assert launched.stdout.strip() == repr(signal.default_int_handler)
+    assert record.read_text().endswith(" blocked")
+    assert launched.stdout.strip() == f"{signal.default_int_handler!r} open"
+
+
+# Run as a launcher (argument: the start method), it sends Ctrl-C to its process group (itself
+# and what it started, as a terminal does) the instant it started its first child, the fork
+# server or a spawned rank, printing the child's pid first (not on starting multiprocessing's
+# resource tracker, which blocks SIGINT itself). Then it exits as `fastpar train` does on Ctrl-C.
+_CTRL_C_PROBE = """
+import os, signal, sys
+from multiprocessing import util
+from fastpar.launch import spawn_ranks
+from tests import launch_probe
+
+start_child = util.spawnv_passfds
+
+def start_child_then_ctrl_c(path, args, passfds):
+    pid = start_child(path, args, passfds)
+    command = " ".join(map(os.fsdecode, args))
+    if "forkserver import main" in command or "spawn_main" in command:
+        util.spawnv_passfds = start_child
+        print(pid, flush=True)
+        os.killpg(0, signal.SIGINT)
+    return pid
+
+if __name__ == "__main__":  # not in a rank, which imports this file too
+    util.spawnv_passfds = start_child_then_ctrl_c
+    try:
+        spawn_ranks(launch_probe.environment, 2, start_method=sys.argv[1], preload=(),
+                    timeout=120)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_ctrl_c_while_a_child_starts_is_not_lost(tmp_path: Path, start_method: str) -> None:
+    """The launcher ignored SIGINT while it started a child, so a Ctrl-C then was dropped and
+    the run went on. It now waits for that instant to end, and stops everything."""
+    script = tmp_path / "launcher.py"
+    script.write_text(_CTRL_C_PROBE)
+    launched = subprocess.run([sys.executable, str(script), start_method], cwd=REPO,
+                              capture_output=True, text=True, timeout=180, check=False,
+                              env={**os.environ, "PYTHONPATH": str(REPO)},
+                              start_new_session=True,  # the Ctrl-C reaches this group alone
+                              preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
+    lines = launched.stdout.split()
+    assert (launched.returncode, lines[-1:]) == (130, ["interrupted"]), launched.stderr
+    assert "Traceback" not in launched.stderr  # no child printed a KeyboardInterrupt
+    children = [int(pid) for pid in lines[:-1]]
+    assert len(children) == 1  # the Ctrl-C came as the first child started, and stopped the rest
+    deadline = time.monotonic() + 30
+    while _alive(children[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(children[0]), "a child outlived its interrupted launcher"
 
 
 def test_the_test_helper_forks_its_ranks() -> None:
