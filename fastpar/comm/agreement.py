@@ -14,6 +14,7 @@ rank is through it.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -155,11 +156,23 @@ def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
     return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
 
 
-# An exchange's outcome, set once by the first rank to decide it, so every rank takes the same:
-# every rank posted its first record ("complete"), or a rank gave up waiting ("abandoned by rank
-# R"). compare_set(key, "", value) sets a missing key on TCPStore, FileStore, HashStore and
-# PrefixStore alike, and returns the value that holds afterwards.
-_COMPLETE, _ABANDONED = b"complete", b"abandoned by rank "
+# Each stage's outcome, set once by the first rank to decide it, so every rank takes the same:
+# every rank posted its record ("complete"), or a rank gave up waiting ("abandoned by rank R")
+# or left the exchange on an error ("abandoned by rank R on an error"). compare_set(key, "",
+# value) sets a missing key on TCPStore, FileStore, HashStore and PrefixStore alike, and returns
+# the value that holds afterwards.
+_COMPLETE, _ABANDONED, _ON_AN_ERROR = b"complete", b"abandoned by rank ", b" on an error"
+
+
+def _who_abandoned(outcome: bytes, *, late: bool) -> str:
+    """Which rank abandoned a stage and how, from its outcome: as a reason for a rank still
+    waiting to stop ("rank 0 gave up waiting for them first"), or, `late`, for one that came
+    to the stage after ("after rank 0 had given up waiting for it")."""
+    rank = outcome.removeprefix(_ABANDONED).removesuffix(_ON_AN_ERROR).decode()
+    left = outcome.endswith(_ON_AN_ERROR)
+    if late:
+        return f"after rank {rank} had {'left on an error' if left else 'given up waiting for it'}"
+    return f"rank {rank} {'left on an error' if left else 'gave up waiting for them first'}"
 
 
 class StoreExchange:
@@ -167,18 +180,24 @@ class StoreExchange:
     (a ring's setup: hosts, then handles, then verdicts); the first stage decides whether the
     exchange happens.
 
+    Every stage has an outcome, set once: complete (every rank posted its record) or abandoned
+    (a rank gave up waiting, or left the exchange on an error), so all ranks take the same path
+    through it: all read every record, or all raise CommTimeoutError. The ranks still waiting in
+    an abandoned stage stop at once (within LIVENESS_PERIOD_S), naming the rank that gave up,
+    rather than wait out their own timeouts; a rank that comes to it later raises at once.
+
     The ranks number their exchanges alike (`exchange_prefix`) only while each rank takes part in
     each: a rank that missed a setup the others left with a timeout is an exchange behind them.
-    So the first stage (`begin`) has an outcome, set once: complete (every rank posted) or
-    abandoned (a rank gave up). The ranks still waiting in it then stop at once (within
-    LIVENESS_PERIOD_S), naming the rank that gave up, rather than wait out their own timeouts.
-    A rank that finds its exchange abandoned before it took part joins the next one, the
-    others' retry, instead of reading what they posted for the failed one as current.
+    So a rank that finds the first stage (`begin`) abandoned before it took part joins the next
+    exchange, the others' retry, instead of reading what they posted for the failed one as
+    current.
 
     Leaving (`leave`, or the end of a `with` block) is this rank's word that it reads no key of
     the exchange any more, whether it succeeded or failed: the last rank to leave deletes every
     key any rank posted through this object, so neither a loop of setups nor a failed one grows
-    the store. A rank that never comes (its process died) leaves the keys behind.
+    the store. A rank that never comes (its process died) leaves the keys behind. A `with`
+    block left on an exception abandons the stage this rank will not post in, so the others stop
+    waiting for it at once.
 
     Arguments:
         store: the group's store (`dist.distributed_c10d._get_default_store()`).
@@ -207,6 +226,7 @@ class StoreExchange:
         self.pids = pids
         self.prefix = ""  # set by `begin`, "" again once this rank has left
         self._posted: list[str] = []
+        self._stage = 0  # the stage this rank is in, or comes to next
 
     def begin(self, kind: str, group: dist.ProcessGroup, mine: bytes, what: str) -> list[bytes]:
         """Post `mine` as this rank's first record of its next `kind` exchange over `group` and
@@ -222,34 +242,49 @@ class StoreExchange:
         other ranks abandoned it before this rank took part."""
         if self.prefix:
             raise RuntimeError(f"rank {self.rank} began {prefix} before leaving {self.prefix}")
-        self.prefix = prefix
-        outcome_key = f"{prefix}/outcome"
-        if self.store.check([outcome_key]):  # decided without this rank, so abandoned
-            self.leave()
-            return None
-        keys = self._post_mine("first", mine)
-        try:
-            # A rank that gave up decided for all: the others stop waiting too, at once.
-            self.wait(keys, what, stop=lambda: self._abandoned_by(outcome_key))
-            outcome = self.store.compare_set(outcome_key, "", _COMPLETE)
-        except CommTimeoutError:
-            given_up = _ABANDONED + str(self.rank).encode()
-            if self.store.compare_set(outcome_key, "", given_up).startswith(_ABANDONED):
-                raise
-            outcome = _COMPLETE  # the last rank posted as this one gave up
+        self.prefix, self._stage = prefix, 0
+        outcome, keys = self._take_part("first", mine, what)
         if outcome != _COMPLETE:
             self.leave()  # came as the others gave up: their retry is the next exchange
             return None
         return [self.store.get(key) for key in keys.values()]
 
+    def _take_part(self, name: str, mine: bytes | str, what: str) -> tuple[bytes, dict[int, str]]:
+        """Post `mine` as this rank's `name` in the current stage and wait for every rank's.
+        Returns the stage's outcome (abandoned when another rank gave up before this one was
+        through) and the records' keys; CommTimeoutError when this rank gave up itself, or
+        stopped because another did."""
+        outcome_key = self._outcome_key(self._stage)
+        if self.store.check([outcome_key]):  # decided without this rank, so abandoned
+            return self.store.get(outcome_key), {}
+        keys = self._post_mine(name, mine)
+        try:
+            self.wait(keys, what)  # stops at once once another rank abandoned the stage
+            outcome = self._decide(outcome_key, _COMPLETE)
+        except CommTimeoutError:
+            if self._decide(outcome_key, _ABANDONED + str(self.rank).encode()) != _COMPLETE:
+                raise
+            outcome = _COMPLETE  # the last rank posted as this one gave up
+        if outcome == _COMPLETE:
+            self._stage += 1
+        return outcome, keys
+
+    def _decide(self, outcome_key: str, outcome: bytes) -> bytes:
+        """Set the stage's outcome unless a rank did first; the outcome that holds."""
+        self._posted.append(outcome_key)  # every rank that may set it lists it for deletion
+        return self.store.compare_set(outcome_key, "", outcome)
+
+    def _outcome_key(self, stage: int) -> str:
+        return self.key(f"outcome/{stage}")
+
     def _abandoned_by(self, outcome_key: str) -> str:
-        """Which rank abandoned the exchange, as a reason to stop waiting; "" while none has."""
+        """Which rank abandoned the stage, as a reason to stop waiting; "" while none has."""
         if not self.store.check([outcome_key]):
             return ""
         outcome = self.store.get(outcome_key)
         if not outcome.startswith(_ABANDONED):
             return ""
-        return f"rank {outcome.removeprefix(_ABANDONED).decode()} gave up waiting for them first"
+        return _who_abandoned(outcome, late=False)
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
@@ -262,14 +297,21 @@ class StoreExchange:
     def wait(
         self, keys: dict[int, str], what: str, *, stop: Callable[[], str] | None = None
     ) -> None:
-        """`wait_for_ranks` for `keys` (rank -> key) with this exchange's timeout and pids."""
+        """`wait_for_ranks` for `keys` (rank -> key) with this exchange's timeout and pids; by
+        default it stops once a rank abandoned the stage this rank is in or comes to next."""
+        if stop is None and self.prefix:
+            stop = functools.partial(self._abandoned_by, self._outcome_key(self._stage))
         wait_for_ranks(self.store, keys, self.timeout, self.rank, what, self.pids,
                        during=self.during, stop=stop)  # fmt: skip
 
     def gather(self, name: str, mine: bytes | str, what: str) -> list[bytes]:
-        """Post `mine` as this rank's `name` and return every rank's, by rank."""
-        keys = self._post_mine(name, mine)
-        self.wait(keys, what)
+        """A later stage: post `mine` as this rank's `name` and return every rank's, by rank.
+        CommTimeoutError on every rank when a rank gave up (or left) before all were through,
+        at once for a rank that comes to it after."""
+        outcome, keys = self._take_part(name, mine, what)
+        if outcome != _COMPLETE:
+            raise CommTimeoutError(f"rank {self.rank} came to {what} while {self.during} "
+                                   f"{_who_abandoned(outcome, late=True)}")  # fmt: skip
         return [self.store.get(key) for key in keys.values()]
 
     def agree(self, name: str, problem: str, what: str) -> str | None:
@@ -283,15 +325,21 @@ class StoreExchange:
             return
         prefix, posted = self.prefix, self._posted
         self.prefix, self._posted = "", []
-        self.store.set(f"{prefix}/left/{self.rank}", "\n".join(posted))
+        self.store.set(f"{prefix}/left/{self.rank}", "\n".join(dict.fromkeys(posted)))
         if not count_out(self.store, f"{prefix}/left", self.world_size):
             return
         for r in range(self.world_size):
             lists = f"{prefix}/left/{r}"
             for key in filter(None, self.store.get(lists).decode().split("\n")):
-                self.store.delete_key(key)
+                self.store.delete_key(key)  # an outcome several ranks listed: gone after the first
             self.store.delete_key(lists)
-        self.store.delete_key(f"{prefix}/outcome")
+
+    def _abandon(self) -> None:
+        """Leaving on an error, this rank posts in no later stage: it abandons the one it is in,
+        or, when the others completed that one with its record, the next one."""
+        left = _ABANDONED + str(self.rank).encode() + _ON_AN_ERROR
+        if self._decide(self._outcome_key(self._stage), left) == _COMPLETE:
+            self._decide(self._outcome_key(self._stage + 1), left)
 
     def _post_mine(self, name: str, mine: bytes | str) -> dict[int, str]:
         self.post(f"{name}/{self.rank}", mine)
@@ -300,7 +348,9 @@ class StoreExchange:
     def __enter__(self) -> StoreExchange:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: object, error: BaseException | None, traceback: object) -> None:
+        if error is not None and self.prefix:
+            self._abandon()
         self.leave()
 
 

@@ -276,6 +276,7 @@ class RingAllReduce:
         name_key, segment_key = setup.key("segment-name"), setup.key("segment")
         timeout_s = self.timeout.total_seconds()
         transport = None
+        failure: Exception | None = None  # this rank's mapping's, once every rank has read it
         try:
             if self.rank == 0:
                 # The creator's pid in the name says whose segment it is (tests look for it).
@@ -301,13 +302,16 @@ class RingAllReduce:
                         slots=slots, chunk_bytes=chunk_bytes, timeout_s=timeout_s,
                     )  # fmt: skip
                 except Exception as error:
-                    setup.post(f"mapped/{self.rank}", f"error: {error}")
-                    raise
-            mapped = setup.gather("mapped", "ok", "map the shared memory segment")
+                    failure = error  # told through the stage, so every rank reads it
+            mine = "ok" if failure is None else f"error: {failure}"
+            mapped = setup.gather("mapped", mine, "map the shared memory segment")
+            if failure is not None:
+                raise failure
             for rank, posted in enumerate(mapped):
                 value = posted.decode()
                 if value != "ok":
-                    raise RuntimeError(f"rank {rank} could not map the ring's segment: {value}")
+                    raise RuntimeError(f"rank {rank} could not map the ring's segment: "
+                                       f"{value.removeprefix('error: ')}")  # fmt: skip
             # Everyone has it mapped: from now on a crash leaves nothing in /dev/shm.
             transport.unlink()
         except BaseException:

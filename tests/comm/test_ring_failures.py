@@ -259,3 +259,28 @@ def test_a_segment_whose_creator_died_before_it_was_mapped_is_removed() -> None:
     creator, message = results[1]
     assert "the process of rank(s) [0] exited" in message, message
     assert shm_segments(creator) == set()
+
+
+def _mapping_fails_on_rank_1(rank: int, world_size: int) -> tuple[str, int]:
+    """Rank 1 cannot map the segment rank 0 created: each rank's error, and rank 0's pid."""
+    native = _native.load()
+    if rank == 1:
+
+        def cannot_map(**kwargs: object) -> None:
+            raise RuntimeError("no room to map the segment")
+
+        native.ShmAllReduce = cannot_map
+    with pytest.raises(RuntimeError) as error:
+        RingAllReduce(timeout=60)
+    return str(error.value), os.getpid()
+
+
+def test_a_rank_that_cannot_map_the_segment_is_named_on_every_rank() -> None:
+    """The failing rank posted its verdict and left while the others were still in the stage:
+    they then raised that it had left, or waited for it, instead of naming its failure."""
+    (creator_error, creator), (own_error, _) = run_multiprocess(
+        _mapping_fails_on_rank_1, 2, timeout=60
+    )
+    assert creator_error == "rank 1 could not map the ring's segment: no room to map the segment"
+    assert own_error == "no room to map the segment"
+    assert shm_segments(creator) == set()
