@@ -227,15 +227,30 @@ class StoreExchange:
         self.prefix = ""  # set by `begin`, "" again once this rank has left
         self._posted: list[str] = []
         self._stage = 0  # the stage this rank is in, or comes to next
+        self._late_to = ""  # why `begin_at` last returned None ("after rank 0 had given up...")
 
     def begin(self, kind: str, group: dist.ProcessGroup, mine: bytes, what: str) -> list[bytes]:
         """Post `mine` as this rank's first record of its next `kind` exchange over `group` and
         return every rank's, by rank; an exchange the others abandoned before this rank came is
-        skipped. CommTimeoutError naming the ranks that did not post within the timeout."""
+        skipped. CommTimeoutError naming the ranks that did not post within the timeout, or,
+        when this rank skipped an exchange and no rank came to the next, saying it was late."""
+        late_to = ""
         while True:
-            records = self.begin_at(exchange_prefix(kind, group), mine, what)
+            started = time.monotonic()
+            try:
+                records = self.begin_at(exchange_prefix(kind, group), mine, what)
+            except CommTimeoutError as error:
+                timed_out = time.monotonic() - started >= self.timeout.total_seconds()
+                if late_to and timed_out and not self._others_posted("first"):
+                    # The others gave up and did not retry: this rank was the late one.
+                    raise CommTimeoutError(
+                        f"rank {self.rank} came to {what} while {self.during} {late_to}, and no "
+                        f"rank retried within {self.timeout.total_seconds():g} s"
+                    ) from error
+                raise
             if records is not None:
                 return records
+            late_to = self._late_to
 
     def begin_at(self, prefix: str, mine: bytes, what: str) -> list[bytes] | None:
         """`begin` at a prefix the caller has made unique; None (this rank has left it) when the
@@ -245,6 +260,7 @@ class StoreExchange:
         self.prefix, self._stage = prefix, 0
         outcome, keys = self._take_part("first", mine, what)
         if outcome != _COMPLETE:
+            self._late_to = _who_abandoned(outcome, late=True)
             self.leave()  # came as the others gave up: their retry is the next exchange
             return None
         return [self.store.get(key) for key in keys.values()]
@@ -285,6 +301,11 @@ class StoreExchange:
         if not outcome.startswith(_ABANDONED):
             return ""
         return _who_abandoned(outcome, late=False)
+
+    def _others_posted(self, name: str) -> bool:
+        """Whether any other rank posted its `name` in this exchange."""
+        return any(self.store.check([self.key(f"{name}/{r}")])
+                   for r in range(self.world_size) if r != self.rank)  # fmt: skip
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"

@@ -14,8 +14,9 @@ from typing import cast
 import pytest
 import torch.distributed as dist
 
-from fastpar.comm.agreement import StoreExchange
+from fastpar.comm.agreement import StoreExchange, exchange
 from fastpar.comm.errors import CommTimeoutError
+from fastpar.testing.distributed import run_multiprocess
 
 SHORT_S = 0.2  # the timeout of the rank that gives up
 LONG_S = 60.0  # the timeout of the ranks that must stop early, not wait it out
@@ -218,3 +219,27 @@ def test_a_rank_that_failed_inside_a_completed_stage_stops_the_others_at_the_nex
     )
     assert waited_s < STOPPED_WITHIN_S, waited_s
     assert store.num_keys() == 0
+
+
+def _late_to_an_exchange(rank: int, world_size: int) -> str:
+    """Rank 0 gives up on rank 1, which comes after and finds no rank in the retry."""
+    store = dist.distributed_c10d._get_default_store()
+    timeout = timedelta(seconds=SHORT_S if rank == 0 else 1.0)
+    if rank == 1:
+        store.wait(["test/late/given-up"], timedelta(seconds=LONG_S))
+    with pytest.raises(CommTimeoutError) as info:
+        exchange(store, "test-late", dist.group.WORLD, b"", timeout, "post", during="testing")
+    if rank == 0:
+        store.set("test/late/given-up", "1")
+    return str(info.value)
+
+
+def test_a_rank_late_to_an_exchange_nobody_retried_is_told_it_was_late() -> None:
+    """The late rank skipped to the retry, waited its timeout there and then blamed rank 0,
+    which had been on time."""
+    gave_up, late = run_multiprocess(_late_to_an_exchange, 2, timeout=60)
+    assert gave_up.startswith("rank 0 timed out after 0.2 s waiting for rank(s) [1] to post")
+    assert late == (
+        "rank 1 came to post while testing after rank 0 had given up waiting for it, and no "
+        "rank retried within 1 s"
+    )
