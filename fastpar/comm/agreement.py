@@ -370,9 +370,17 @@ class StoreExchange:
         return self
 
     def __exit__(self, exc_type: object, error: BaseException | None, traceback: object) -> None:
-        if error is not None and self.prefix:
-            self._abandon()
-        self.leave()
+        if error is None:
+            self.leave()
+            return
+        prefix = self.prefix
+        try:
+            if prefix:
+                self._abandon()
+            self.leave()
+        except Exception as store_error:  # e.g. the store's server is gone: keep the cause
+            error.add_note(f"rank {self.rank} could not leave the store exchange {prefix}: "
+                           f"{type(store_error).__name__}: {store_error}")  # fmt: skip
 
 
 def exchange(

@@ -221,6 +221,41 @@ def test_a_rank_that_failed_inside_a_completed_stage_stops_the_others_at_the_nex
     assert store.num_keys() == 0
 
 
+class _GoneStore:
+    """A store whose server went away after the first stage: writes raise."""
+
+    def __init__(self) -> None:
+        self._store = dist.HashStore()
+        self.gone = False
+
+    def _write(self, method: str) -> Callable[..., object]:
+        def write(*args: object) -> object:
+            if self.gone:
+                raise RuntimeError("connection reset by peer")
+            return getattr(self._store, method)(*args)
+
+        return write
+
+    def __getattr__(self, name: str) -> object:
+        if name in ("set", "add", "compare_set", "delete_key"):
+            return self._write(name)
+        return getattr(self._store, name)
+
+
+def test_an_error_leaving_a_failed_exchange_is_kept_as_a_note() -> None:
+    """The store's error leaving the exchange replaced the error that made the rank leave."""
+    store = _GoneStore()
+    ex = _exchange(cast(dist.Store, store), 0, 1, LONG_S)
+    with pytest.raises(ValueError, match="the caller's error") as info, ex:
+        assert ex.begin_at("test/gone", b"", "begin") == [b""]
+        store.gone = True
+        raise ValueError("the caller's error")
+    assert info.value.__notes__ == [
+        "rank 0 could not leave the store exchange test/gone: RuntimeError: connection reset "
+        "by peer"
+    ]
+
+
 def _late_to_an_exchange(rank: int, world_size: int) -> str:
     """Rank 0 gives up on rank 1, which comes after and finds no rank in the retry."""
     store = dist.distributed_c10d._get_default_store()
