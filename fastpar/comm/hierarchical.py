@@ -40,8 +40,8 @@ import torch.distributed as dist
 
 from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
-from fastpar.comm.agreement import LIVENESS_PERIOD_S, StoreExchange, count_out
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
+from fastpar.comm.exchange import LIVENESS_PERIOD_S, StoreExchange, count_out
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostAreas, HostBuffer
 from fastpar.comm.host_passes import CHUNK_BYTES, CallKey, CpuHostPasses, shard_length

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastpar.comm.agreement import StoreExchange
+from fastpar.comm.exchange import StoreExchange
 from fastpar.comm.shared_area import allocate_symmetric
 
 SHM_DIR = "/dev/shm"

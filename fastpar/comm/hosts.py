@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch.distributed as dist
 
-from fastpar.comm.agreement import exchange
+from fastpar.comm.exchange import exchange
 
 HOST_ENV = "FASTPAR_HOST_ID"
 

@@ -45,15 +45,7 @@ from fastpar._checks import check_int, check_member
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
-from fastpar.comm.agreement import (
-    CREATING_A_RING,
-    StoreExchange,
-    count_out,
-    cuda_peer_problem,
-    local_device_ids,
-    shared_gpu_problem,
-    wait_for_ranks,
-)
+from fastpar.comm.agreement import cuda_peer_problem, local_device_ids, shared_gpu_problem
 from fastpar.comm.errors import (
     CommClosedError,
     CommError,
@@ -62,6 +54,7 @@ from fastpar.comm.errors import (
     native_error_types,
     translate_native_error,
 )
+from fastpar.comm.exchange import CREATING_A_RING, StoreExchange, count_out, wait_for_ranks
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.hosts import host_identity
 from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason

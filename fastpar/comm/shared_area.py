@@ -20,8 +20,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastpar.comm.agreement import StoreExchange
 from fastpar.comm.errors import CommError, CommMismatchError
+from fastpar.comm.exchange import StoreExchange
 
 SHM_DIR = "/dev/shm"
 # What the ranks of an allocation are doing, for the messages of its store waits.

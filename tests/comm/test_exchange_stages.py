@@ -14,8 +14,8 @@ from typing import cast
 import pytest
 import torch.distributed as dist
 
-from fastpar.comm.agreement import StoreExchange, exchange
 from fastpar.comm.errors import CommTimeoutError
+from fastpar.comm.exchange import StoreExchange, exchange
 from fastpar.testing.distributed import run_multiprocess
 
 SHORT_S = 0.2  # the timeout of the rank that gives up

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar.comm.agreement import exchange
+from fastpar.comm.exchange import exchange
 from fastpar.comm.timeouts import group_timeout
 from fastpar.parallel.data_parallel.waits import deadline, wait_within
 
