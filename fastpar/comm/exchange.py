@@ -106,10 +106,7 @@ def agree(
     with StoreExchange(store, rank, world_size, timeout, during=during, pids=pids) as question:
         verdicts = question.begin_at(prefix, _verdict(problem), what)
     if verdicts is None:
-        raise CommTimeoutError(
-            f"rank {rank} came to {what} while {during} after the other ranks had given up "
-            "waiting for it"
-        )
+        raise CommTimeoutError(f"rank {rank} came to {what} while {during} {question.late_to}")
     return _first_problem(verdicts)
 
 
@@ -221,7 +218,7 @@ class StoreExchange:
         self.prefix = ""  # set by `begin`, "" again once this rank has left
         self._posted: list[str] = []
         self._stage = 0  # the stage this rank is in, or comes to next
-        self._late_to = ""  # why `begin_at` last returned None ("after rank 0 had given up...")
+        self.late_to = ""  # why `begin_at` last returned None ("after rank 0 had given up...")
 
     def begin(self, kind: str, group: dist.ProcessGroup, mine: bytes, what: str) -> list[bytes]:
         """Post `mine` as this rank's first record of its next `kind` exchange over `group` and
@@ -244,7 +241,7 @@ class StoreExchange:
                 raise
             if records is not None:
                 return records
-            late_to = self._late_to
+            late_to = self.late_to
 
     def begin_at(self, prefix: str, mine: bytes, what: str) -> list[bytes] | None:
         """`begin` at a prefix the caller has made unique; None (this rank has left it) when the
@@ -254,7 +251,7 @@ class StoreExchange:
         self.prefix, self._stage = prefix, 0
         outcome, keys = self._take_part("first", mine, what)
         if outcome != _COMPLETE:
-            self._late_to = _who_abandoned(outcome, late=True)
+            self.late_to = _who_abandoned(outcome, late=True)
             self.leave()  # came as the others gave up: their retry is the next exchange
             return None
         return [self.store.get(key) for key in keys.values()]
@@ -306,6 +303,8 @@ class StoreExchange:
 
     def post(self, name: str, value: bytes | str) -> None:
         """Set `name` (under the prefix) for the other ranks; deleted once every rank left."""
+        if not self.prefix:
+            raise RuntimeError(f"rank {self.rank} posted {name!r} outside an exchange: begin first")
         self.store.set(self.key(name), value)
         self._posted.append(self.key(name))
 

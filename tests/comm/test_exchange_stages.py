@@ -278,3 +278,13 @@ def test_a_rank_late_to_an_exchange_nobody_retried_is_told_it_was_late() -> None
         "rank 1 came to post while testing after rank 0 had given up waiting for it, and no "
         "rank retried within 1 s"
     )
+
+
+def test_posting_outside_an_exchange_is_refused() -> None:
+    """Before `begin`, or after leaving, there is no prefix: a key would land outside any
+    exchange and never be deleted."""
+    store = dist.HashStore()
+    records = StoreExchange(store, 0, 1, timedelta(seconds=1), during="testing")
+    with pytest.raises(RuntimeError, match="outside an exchange"):
+        records.gather("name", "mine", "post")
+    assert store.num_keys() == 0
