@@ -10,6 +10,12 @@ autograd backward returns the input gradient and, instead of the weight gradient
 micro-batch's `DeferredWeights`; the W pass runs the jobs, which add into `param.grad`. The
 gradients equal those of a whole backward.
 
+Only a parameter passed as it is and without gradient hooks has its gradient deferred
+(`grad_accumulate.deferrable`, decided in the backward): a computed weight (a cast, a scaled or
+tied embedding, a parametrization) gets its gradient in the I pass and hands it on through
+autograd to the parameter it came from, and a hooked parameter's gradient goes through
+autograd's accumulation, which runs the hooks on it.
+
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
 reports once per stage. So do F.linear and F.layer_norm under autocast, which casts them, and
@@ -38,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from fastpar._logging import get_logger, log_once
 from fastpar.ops.aten_common import per_layer_ops, saved_tensor_hooks_active
 from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
+from fastpar.parallel.pipeline.grad_accumulate import deferrable as _deferrable
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
 
 __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_split"]
@@ -108,7 +115,7 @@ class _SplitMode(TorchFunctionMode):
             out = split(self._defer, *args, **kwargs)
             if out is not NotImplemented:
                 for value in (*args, *kwargs.values()):
-                    if isinstance(value, nn.Parameter):
+                    if isinstance(value, nn.Parameter) and _deferrable(value):
                         self._covered.add(id(value))
                 return out
         return func(*args, **kwargs)
@@ -146,9 +153,6 @@ class _Linear(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.bias, ctx.defer = bias, defer
-        # Only a leaf's gradient can wait: a computed weight or bias (the LSTM's b_ih + b_hh)
-        # passes its gradient on through autograd, so it is computed in the input pass.
-        ctx.leaf_weight, ctx.leaf_bias = weight.is_leaf, bias is not None and bias.is_leaf
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -159,21 +163,23 @@ class _Linear(torch.autograd.Function):
         bias = ctx.bias
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        leaf_weight, leaf_bias = ctx.leaf_weight, ctx.leaf_bias
-        now_w = ctx.needs_input_grad[1] and not leaf_weight
-        now_b = ctx.needs_input_grad[2] and not leaf_bias
+        # A computed weight or bias (the LSTM's b_ih + b_hh) or a hooked one: now, via autograd.
+        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
+        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
+        now_w = ctx.needs_input_grad[1] and not later_w
+        now_b = ctx.needs_input_grad[2] and not later_b
         grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if now_w else None
         grad_b = rows.sum(0) if now_b else None
 
         def job() -> None:
-            if leaf_weight and weight.requires_grad and weight.grad is not None:
+            if later_w and weight.grad is not None:
                 weight.grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))  # no temporary
-            elif leaf_weight and weight.requires_grad:
+            elif later_w:
                 weight.grad = rows.t() @ x.reshape(-1, x.shape[-1])
-            if leaf_bias and _needs(bias):
+            if later_b:
                 _accumulate(bias, rows.sum(0))
 
-        if leaf_weight or leaf_bias:
+        if later_w or later_b:
             ctx.defer(job)
         return grad_x, grad_w, grad_b, None
 
@@ -205,15 +211,18 @@ class _Embedding(torch.autograd.Function):
                            scale_grad_by_freq=scale)  # fmt: skip
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (ids,) = ctx.saved_tensors
-        weight = ctx.weight
+        weight, padding_idx, scale = ctx.weight, ctx.padding_idx, ctx.scale
 
-        def job() -> None:
-            _accumulate(weight, torch.ops.aten.embedding_dense_backward(
-                grad, ids, weight.shape[0], ctx.padding_idx, ctx.scale))  # fmt: skip
+        def grad_weight() -> Tensor:
+            return torch.ops.aten.embedding_dense_backward(
+                grad, ids, weight.shape[0], padding_idx, scale
+            )
 
-        ctx.defer(job)
+        if not _deferrable(weight):  # computed or hooked: now, via autograd
+            return grad_weight(), None, None, None, None
+        ctx.defer(lambda: _accumulate(weight, grad_weight()))
         return None, None, None, None, None
 
 
@@ -249,27 +258,34 @@ class _LayerNorm(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, mean, rstd, weight = ctx.saved_tensors
         bias, shape = ctx.bias, ctx.shape
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x, _, _ = torch.ops.aten.native_layer_norm_backward(
-                grad, x, shape, mean, rstd, weight, bias, [True, False, False]
+        # A computed weight or bias (e.g. cast to float32) or a hooked one: now, via autograd.
+        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
+        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
+        now = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not later_w,
+               ctx.needs_input_grad[2] and not later_b]  # fmt: skip
+        grad_x = grad_w = grad_b = None
+        if any(now):
+            grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad, x, shape, mean, rstd, weight, bias, now
             )
 
         def job() -> None:
-            _, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
-                grad, x, shape, mean, rstd, weight, bias,
-                [False, weight.requires_grad, _needs(bias)],
-            )  # fmt: skip
-            if grad_w is not None and weight.requires_grad:
-                _accumulate(weight, grad_w)
-            if grad_b is not None and _needs(bias):
-                _accumulate(bias, grad_b)
+            _, later_grad_w, later_grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad, x, shape, mean, rstd, weight, bias, [False, later_w, later_b]
+            )
+            if later_w:
+                _accumulate(weight, later_grad_w)
+            if later_b:
+                _accumulate(bias, later_grad_b)
 
-        ctx.defer(job)
-        return grad_x, None, None, None, None, None
+        if later_w or later_b:
+            ctx.defer(job)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _split_layer_norm(

@@ -20,8 +20,10 @@ W_hh and the biases. Stacks without lengths, which outside torch.compile call to
 whole-stack kernel, run layer by layer in a split stage (``aten_common.per_layer_ops``).
 
 Declined (the recurrence keeps its whole backward, said once): weights that are not leaves
-(e.g. cast by autocast: their gradient must flow through the cast), and a projection on the
-ATen layer (its input pass does not keep dhp).
+(e.g. cast by autocast: their gradient must flow through the cast) or that have gradient hooks
+when the forward runs (autograd's accumulation must run them on the gradient; see
+`grad_accumulate.deferrable`), and a projection on the ATen layer (its input pass does not
+keep dhp).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from fastpar.ops.rnn_op import (
     cell_recurrence_op,
     cell_recurrence_weight_grad,
 )
-from fastpar.parallel.pipeline.grad_accumulate import accumulate
+from fastpar.parallel.pipeline.grad_accumulate import accumulate, deferrable
 
 __all__ = [
     "CELL_RECURRENCE",
@@ -77,17 +79,17 @@ def _arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str
 
 
 def _splits(op: str, need_backward: bool, *weights: Tensor | None) -> bool:
-    """Whether a recurrence can split its backward (leaf weights, W_hh's gradient wanted);
+    """Whether a recurrence can split its backward (deferrable weights, W_hh's gradient wanted);
     says once why not where it matters."""
     w_hh = weights[0]
     if not (need_backward and w_hh is not None and w_hh.requires_grad):
         return False  # no W_hh gradient to defer
-    if all(w is None or w.is_leaf for w in weights):
+    if all(w is None or deferrable(w) for w in weights):
         return True
     log_once(
         logger,
-        f"fastpar::{op} with weights that are not leaves (e.g. cast by autocast): no "
-        "weight-gradient split, its whole backward runs in the input pass",
+        f"fastpar::{op} with weights that are not leaves (e.g. cast by autocast) or that have "
+        "gradient hooks: no weight-gradient split, its whole backward runs in the input pass",
     )
     return False
 
