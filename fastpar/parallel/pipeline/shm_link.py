@@ -29,6 +29,7 @@ from fastpar.parallel.pipeline.wire import (
     PipelineError,
     check_sendable,
     peer_failed,
+    resolved,
 )
 
 __all__ = ["PIPE_CAPACITY", "ShmLink", "connect_shm_links"]
@@ -54,7 +55,8 @@ class ShmLink:
     the code on the way is cold and every call layer costs microseconds of bubble, so no
     Python, no pybind11 dispatch; the pipe checks the tensor, makes it contiguous if needed and
     keeps a detached alias of what it could not write yet, and only a failure calls back into
-    Python, to word the error (`_PipeFailures`).
+    Python, to word the error (`_PipeFailures`). The one Python layer on the way resolves a
+    lazy conjugation or negation, which the pipe would copy as raw memory (`_resolving`).
 
     Arguments:
         peer: the neighbour.
@@ -72,7 +74,8 @@ class ShmLink:
         self.me = me
         self._pipe = pipe
         self._failures = _PipeFailures(pipe, me, peer, timeout_s)
-        self.send, self.recv, self.send_input_grad = pipe.calls(self._failures.reworded)
+        send, self.recv, send_input_grad = pipe.calls(self._failures.reworded)
+        self.send, self.send_input_grad = _resolving(send, send_input_grad)
         self._deferred_seen = 0
         self.split_sends = 0
 
@@ -98,6 +101,27 @@ class ShmLink:
 
     def drop(self) -> None:
         """Nothing to forget: the pipe owns what it has not written yet."""
+
+
+def _resolving(
+    send: Callable[[Tensor, str], None], send_input_grad: Callable[[Tensor, str], None]
+) -> tuple[Callable[[Tensor, str], None], Callable[[Tensor, str], None]]:
+    """The pipe's sends, with a lazy conjugation or negation resolved first (see
+    `wire.resolved`): two flag reads per message where there is none."""
+
+    # Anything but a tensor goes on as it is: the pipe words the refusal.
+    def send_resolved(tensor: Tensor, what: str) -> None:
+        send(resolved(tensor) if isinstance(tensor, Tensor) else tensor, what)
+
+    def send_input_grad_resolved(leaf: Tensor, what: str) -> None:
+        # A gradient may be lazy too (autograd's backward of x.conj() is grad.conj()).
+        grad = leaf.grad if isinstance(leaf, Tensor) else None
+        if grad is not None and (grad.is_conj() or grad.is_neg()):
+            send(resolved(grad), what)
+        else:
+            send_input_grad(leaf, what)
+
+    return send_resolved, send_input_grad_resolved
 
 
 class _PipeFailures:

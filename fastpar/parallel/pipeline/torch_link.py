@@ -38,6 +38,7 @@ from fastpar.parallel.pipeline.wire import (
     PipelineError,
     next_slot_bytes,
     peer_failed,
+    resolved,
 )
 
 __all__ = ["ERROR_DELIVERY_S", "TorchLink"]
@@ -162,6 +163,7 @@ class TorchLink:
     def send(self, tensor: Tensor, what: str) -> None:
         """Post `tensor` to the peer; completion is awaited by `finish_sends`, so the caller
         goes on computing while the transfer runs."""
+        tensor = resolved(tensor)
         size = HEADER_BYTES + tensor.numel() * tensor.element_size()
         self._sent_largest = max(self._sent_largest, size)
         if self._inline and size <= self._send_slot:

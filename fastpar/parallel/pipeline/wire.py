@@ -106,6 +106,15 @@ def check_sendable(tensor: Tensor) -> None:
         raise TypeError(f"pipeline activations of dtype {tensor.dtype} are not supported")
 
 
+def resolved(tensor: Tensor) -> Tensor:
+    """`tensor` with its lazy conjugation or negation applied (`x.conj()`, `x.mH`,
+    `x.conj().imag` only flag their memory): a transport sends memory, which must hold the
+    values. The tensor itself, uncopied, when it has neither flag."""
+    if tensor.is_conj() or tensor.is_neg():
+        return tensor.detach().resolve_conj().resolve_neg()
+    return tensor
+
+
 @dataclass(frozen=True, slots=True)
 class Header:
     """A decoded header: a tensor's kind, dtype and shape, or an error's origin and length."""
