@@ -1,6 +1,7 @@
 """What both transports between processes (ShmLink, TorchLink) deliver for tensors whose values
 are not their memory: a lazy conjugate (`x.conj()`, `x.mH`) or negation (`x.conj().imag`),
-as an activation and as an input gradient, small (inline) and larger than a slot (split)."""
+as an activation and as an input gradient, small (inline) and larger than a slot (split); and
+the extra groups a GPU pipeline creates wait as long as the pipeline."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastpar.comm.timeouts import group_timeout
+from fastpar.parallel.pipeline.executor import _link_groups
 from fastpar.parallel.pipeline.shm_link import connect_shm_links
 from fastpar.parallel.pipeline.torch_link import TorchLink
 from fastpar.parallel.pipeline.wire import Peer, resolved
@@ -79,3 +82,13 @@ def test_resolving_copies_only_tensors_with_a_lazy_bit() -> None:
     torch.testing.assert_close(resolved(plain.conj()), plain.conj().resolve_conj())
     assert not resolved(plain.conj().imag).is_neg()
     torch.testing.assert_close(resolved(plain.conj().imag), -plain.imag)
+
+
+def _timeouts(rank: int, world_size: int) -> list[float]:
+    groups = _link_groups(list(range(world_size)), "gloo", timeout_s=7.5)
+    return [group_timeout(group).total_seconds() for group in groups]
+
+
+def test_the_groups_of_a_gpu_pipelines_links_take_its_timeout() -> None:
+    for timeouts in run_multiprocess(_timeouts, 2, timeout=60):
+        assert timeouts == [7.5, 7.5]

@@ -20,6 +20,7 @@ raise on every rank.
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import time
 from collections.abc import Callable, Sequence
@@ -257,12 +258,8 @@ class Pipeline:
         if gloo:
             slot_group = fwd_group = bwd_group = self.group
         else:
-            # See torch_link: headers on the host, one direction per NCCL communicator. Only
-            # the pipeline's ranks join these groups, so pipelines of a DP x PP layout create
-            # theirs independently.
-            slot_group = dist.new_group(ranks, backend="gloo", use_local_synchronization=True)
             backend = dist.get_backend(self.group)
-            bwd_group = dist.new_group(ranks, backend=backend, use_local_synchronization=True)
+            slot_group, bwd_group = _link_groups(ranks, backend, self.config.timeout_s)
             fwd_group = self.group
             self._comm_device = self._devices[min(self._chunks)]
         for q, p in others.items():
@@ -439,6 +436,23 @@ def _check_chunks(
     if num_stages - 1 in chunks and loss_fn is None:
         raise ValueError(f"loss_fn is needed on the last stage (stage {num_stages - 1})")
     return chunks
+
+
+def _link_groups(
+    ranks: list[int], backend: str, timeout_s: float
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The groups TorchLinks need besides the pipeline's own on a GPU backend: gloo for the
+    headers, and `backend` for one direction of payloads (see torch_link: one direction per
+    communicator). Only the pipeline's ranks join, so the pipelines of a DP x PP layout create
+    theirs independently. They wait as long as the pipeline (`timeout_s`), not torch's default."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    slot_group = dist.new_group(
+        ranks, backend="gloo", timeout=timeout, use_local_synchronization=True
+    )
+    payload_group = dist.new_group(
+        ranks, backend=backend, timeout=timeout, use_local_synchronization=True
+    )
+    return slot_group, payload_group
 
 
 def _message_name(message: Message, multi: bool) -> str:
