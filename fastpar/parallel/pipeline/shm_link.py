@@ -114,8 +114,10 @@ def _resolving(
         send(resolved(tensor) if isinstance(tensor, Tensor) else tensor, what)
 
     def send_input_grad_resolved(leaf: Tensor, what: str) -> None:
-        # A gradient may be lazy too (autograd's backward of x.conj() is grad.conj()).
-        grad = leaf.grad if isinstance(leaf, Tensor) else None
+        # A gradient may be lazy too (autograd's backward of x.conj() is grad.conj()); one
+        # that is not sent (see microbatches.input_grad) is left to the pipe.
+        carried = isinstance(leaf, Tensor) and leaf.requires_grad
+        grad = leaf.grad if carried else None
         if grad is not None and (grad.is_conj() or grad.is_neg()):
             send(resolved(grad), what)
         else:
