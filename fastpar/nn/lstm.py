@@ -97,7 +97,8 @@ class LSTM(RecurrentBase):
         bidirectional: run a second, reversed direction per layer (D = 2).
         proj_size: P > 0 projects h to P units with W_hr (0: none).
         device, dtype: of the parameters.
-        backend: "auto", "triton", "torch" or "reference" (see the module docstring).
+        backend: "auto", "triton", "torch" or "reference" (see the module docstring);
+            keyword-only, as kernel: fastpar's own arguments follow torch's.
         kernel: the Triton kernel variant: "auto" (chosen per shape), "step" (one launch per
             time step) or "persistent" (one launch for the whole sequence, where it applies).
             Only the Triton kernels read it: with backend="auto" it is ignored where auto takes
@@ -126,6 +127,7 @@ class LSTM(RecurrentBase):
         proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
         kernel: Kernel = "auto",
     ) -> None:
@@ -165,7 +167,7 @@ class LSTMCell(RecurrentCellBase):
     Arguments:
         input_size: I; hidden_size: H; bias: use b_ih and b_hh; device, dtype: of the parameters;
         backend: "auto", "triton", "torch" or "reference" (as LSTM; "torch" makes
-            torch.nn.LSTMCell's own call, ``torch._VF.lstm_cell``).
+            torch.nn.LSTMCell's own call, ``torch._VF.lstm_cell``); keyword-only.
 
     ``forward(input, hx=None) -> (h_1, c_1)``: input (B, I) or (I,) unbatched; hx = (h_0, c_0),
     each (B, H) or (H,), zeros when omitted.
@@ -182,6 +184,7 @@ class LSTMCell(RecurrentCellBase):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
     ) -> None:
         super().__init__(input_size, hidden_size, bias, device, dtype, backend)

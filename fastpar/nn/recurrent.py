@@ -262,8 +262,9 @@ class RecurrentBase(nn.Module):
     """A multi-layer recurrent network with torch's RNNBase interface, parameters and results.
 
     Subclasses set ``cell``, ``gates`` and ``state_names``, and implement ``_run_stack``.
-    The constructor arguments are torch's (see fastpar.nn.LSTM, GRU, RNN) plus ``backend`` and
-    ``kernel`` (see the module docstring).
+    The constructor arguments are torch's, in torch's positions (see fastpar.nn.LSTM, GRU, RNN),
+    then fastpar's own ``backend`` and ``kernel``, keyword-only (see the module docstring): a
+    positional argument past torch's last is an error, as with torch's modules.
 
     ``forward(input, hx=None) -> (output, h_n)``: input (T, B, I), (B, T, I) when batch_first,
     (T, I) unbatched, or a PackedSequence; hx: each state (L*D, B, .) ((L*D, .) unbatched), zeros

@@ -124,6 +124,17 @@ def _check_nonlinearity(nonlinearity: object) -> Nonlinearity:
     return nonlinearity  # type: ignore[return-value]
 
 
+def _check_no_projection(proj_size: object) -> int:
+    # torch's GRU and RNN take proj_size where RNNBase has it (after bidirectional, positionally)
+    # but no projection: torch's own message, raised here rather than at the first call.
+    # Any other value is the ValueError torch raises for proj_size by keyword, whatever its type.
+    if isinstance(proj_size, bool) or proj_size != 0:
+        raise ValueError(
+            f"proj_size argument is only supported for LSTM, not RNN or GRU, got {proj_size!r}"
+        )
+    return 0
+
+
 class _OneStateBase(RecurrentBase):
     """The GRU's and the RNN's stack: one state, h_0."""
 
@@ -164,7 +175,8 @@ class GRU(_OneStateBase):
 
     Arguments: torch.nn.GRU's, as fastpar.nn.LSTM documents them (input_size I, hidden_size H,
     num_layers L, bias, batch_first, dropout, bidirectional, device, dtype), and fastpar's
-    backend and kernel (see fastpar.nn.recurrent).
+    backend and kernel, keyword-only (see fastpar.nn.recurrent). proj_size holds torch's
+    positional slot (torch's GRU passes its 8th argument to RNNBase's proj_size): only 0.
 
     ``forward(input, hx=None) -> (output, h_n)``: input (T, B, I), (B, T, I) when batch_first,
     (T, I) unbatched, or a PackedSequence; hx = h_0 (L*D, B, H) ((L*D, H) unbatched), zeros when
@@ -184,14 +196,16 @@ class GRU(_OneStateBase):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
         kernel: Kernel = "auto",
     ) -> None:
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            0, device, dtype, backend, kernel,
+            _check_no_projection(proj_size), device, dtype, backend, kernel,
         )  # fmt: skip
 
     @property
@@ -206,7 +220,8 @@ class RNN(_OneStateBase):
     Arguments:
         input_size, hidden_size, num_layers: as GRU.
         nonlinearity: "tanh" or "relu".
-        bias, batch_first, dropout, bidirectional, device, dtype, backend, kernel: as GRU.
+        bias, batch_first, dropout, bidirectional, proj_size, device, dtype, backend, kernel:
+            as GRU.
 
     ``forward(input, hx=None) -> (output, h_n)``, as GRU.
     """
@@ -225,15 +240,17 @@ class RNN(_OneStateBase):
         batch_first: bool = False,
         dropout: float = 0.0,
         bidirectional: bool = False,
+        proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
         kernel: Kernel = "auto",
     ) -> None:
         nonlinearity = _check_nonlinearity(nonlinearity)
         super().__init__(
             input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional,
-            0, device, dtype, backend, kernel,
+            _check_no_projection(proj_size), device, dtype, backend, kernel,
         )  # fmt: skip
         self.nonlinearity: Nonlinearity = nonlinearity
 
@@ -250,7 +267,7 @@ class GRUCell(_OneStateCellBase):
 
     Arguments:
         input_size: I; hidden_size: H; bias: use b_ih and b_hh; device, dtype: of the parameters;
-        backend: "auto", "triton", "torch" or "reference" (as GRU).
+        backend: "auto", "triton", "torch" or "reference" (as GRU); keyword-only.
 
     ``forward(input, hx=None) -> h_1``: input (B, I) or (I,) unbatched; hx = h_0, (B, H) or (H,),
     zeros when omitted.
@@ -267,6 +284,7 @@ class GRUCell(_OneStateCellBase):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
     ) -> None:
         super().__init__(input_size, hidden_size, bias, device, dtype, backend)
@@ -277,7 +295,8 @@ class RNNCell(_OneStateCellBase):
 
     Arguments:
         input_size: I; hidden_size: H; bias: use b_ih and b_hh; nonlinearity: "tanh" or "relu";
-        device, dtype: of the parameters; backend: "auto", "triton", "torch" or "reference".
+        device, dtype: of the parameters; backend: "auto", "triton", "torch" or "reference",
+            keyword-only.
 
     ``forward(input, hx=None) -> h_1``, as GRUCell.
     """
@@ -294,6 +313,7 @@ class RNNCell(_OneStateCellBase):
         nonlinearity: Nonlinearity = "tanh",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
         backend: Backend = "auto",
     ) -> None:
         nonlinearity = _check_nonlinearity(nonlinearity)
