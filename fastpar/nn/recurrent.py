@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, get_args
@@ -246,10 +247,15 @@ def init_uniform(params: list[Tensor], hidden_size: int) -> None:
 
 
 def _check_dropout(dropout: object, num_layers: int) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        raise TypeError(f"dropout must be a number in [0, 1], got {dropout!r}")
-    if not 0.0 <= dropout <= 1.0:
-        raise ValueError(f"dropout must be in [0, 1], got {dropout}")
+    # torch's modules raise ValueError for any dropout that is not a real number in [0, 1], a
+    # bool or a string too: the same type here, so code written for them catches it. numpy's
+    # floats are real numbers, as torch takes them.
+    if (
+        isinstance(dropout, bool)
+        or not isinstance(dropout, numbers.Real)
+        or not 0.0 <= float(dropout) <= 1.0
+    ):
+        raise ValueError(f"dropout must be in [0, 1] (a probability), got {dropout!r}")
     if dropout > 0 and num_layers == 1:
         warnings.warn(
             f"dropout acts between layers: with num_layers=1 it has no effect (dropout={dropout})",

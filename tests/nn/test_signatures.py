@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import typing
 
+import numpy as np
 import pytest
 import torch
 
@@ -120,3 +121,23 @@ def test_gru_and_rnn_take_no_projection_by_keyword(name: str) -> None:
     keyword at any value; fastpar takes it, so that one call builds any of the three)."""
     ours = getattr(fastpar.nn, name)(F_IN, H, proj_size=0)
     assert _describe(ours) == _describe(getattr(torch.nn, name)(F_IN, H))
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("dropout", [-0.1, 1.5, float("nan"), True, "0.5", torch.tensor(0.5)])
+def test_bad_dropout_raises_as_torch(name: str, dropout: object) -> None:
+    """torch's modules raise ValueError for a dropout that is not a real number in [0, 1] (a
+    bool, a string, a tensor too); fastpar's raise the same type, naming dropout."""
+    with pytest.raises(ValueError):
+        getattr(torch.nn, name)(F_IN, H, 2, dropout=dropout)
+    with pytest.raises(ValueError, match="dropout must be in"):
+        getattr(fastpar.nn, name)(F_IN, H, 2, dropout=dropout)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("dropout", [1, np.float32(0.25), np.float64(0.5)])
+def test_real_dropout_taken_as_torch(name: str, dropout: object) -> None:
+    """Any real number in [0, 1] (an int, numpy's floats) is a dropout for torch and fastpar."""
+    ours = getattr(fastpar.nn, name)(F_IN, H, 2, dropout=dropout)
+    theirs = getattr(torch.nn, name)(F_IN, H, 2, dropout=dropout)
+    assert (type(ours.dropout), ours.dropout) == (type(theirs.dropout), theirs.dropout)
