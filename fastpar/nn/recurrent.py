@@ -264,6 +264,14 @@ def _check_dropout(dropout: object, num_layers: int) -> float:
     return float(dropout)
 
 
+# What torch's LSTM, GRU and RNN keep in their state and fastpar derives (properties here: the
+# weight lists from the parameters, mode from the class) or never keeps (weak references).
+_TORCH_DERIVED_STATE = frozenset(
+    ("_flat_weights", "_flat_weights_names", "_all_weights", "all_weights", "_flat_weight_refs",
+     "mode")
+)  # fmt: skip
+
+
 class RecurrentBase(nn.Module):
     """A multi-layer recurrent network with torch's RNNBase interface, parameters and results.
 
@@ -329,6 +337,18 @@ class RecurrentBase(nn.Module):
                 for name, shape in shapes.items():
                     self.register_parameter(name + sfx, nn.Parameter(torch.empty(shape, **factory)))
         self.reset_parameters()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling: fastpar's state, an older fastpar's, or a torch.nn LSTM's, GRU's or RNN's
+        (its ``__getstate__``, or a whole pickled torch model whose classes an unpickler maps to
+        fastpar's): the weight lists torch keeps are derived here, and options a state lacks
+        take their defaults (proj_size 0, as torch's own ``__setstate__``; backend and kernel
+        "auto")."""
+        state = {k: v for k, v in state.items() if k not in _TORCH_DERIVED_STATE}
+        state.setdefault("proj_size", 0)
+        state.setdefault("backend", "auto")
+        state.setdefault("kernel", "auto")
+        super().__setstate__(state)
 
     @property
     def num_directions(self) -> int:
@@ -549,6 +569,11 @@ class RecurrentCellBase(nn.Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, also a torch.nn cell's state (as ``RecurrentBase.__setstate__``):
+        backend "auto" where the state has none."""
+        super().__setstate__({"backend": "auto", **state})
 
     def reset_parameters(self) -> None:
         """Uniform(-1/sqrt(H), 1/sqrt(H)) for every parameter, as torch."""
