@@ -180,6 +180,17 @@ def accepted_dtypes(weight: Tensor) -> tuple[torch.dtype, ...]:
     return (weight.dtype,)
 
 
+class ShapeMismatchError(ValueError, RuntimeError):
+    """An input or state of the wrong size: a ValueError by fastpar's rule, and the RuntimeError
+    torch's modules raise for it, so code written for either catches it (numpy's AxisError is
+    both a ValueError and an IndexError for the same reason)."""
+
+
+class DtypeMismatchError(TypeError, ValueError):
+    """An input whose dtype the parameters do not take: a TypeError by fastpar's rule, and the
+    ValueError torch's modules raise for it."""
+
+
 def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
     """Validate the input tensor; returns whether it is batched."""
     if not isinstance(x, Tensor):
@@ -190,13 +201,13 @@ def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -
             f"dimensions, got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
-        raise TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+        raise DtypeMismatchError(f"input must be a floating-point tensor, got {x.dtype}")
     if x.shape[-1] != input_size:
-        raise ValueError(
+        raise ShapeMismatchError(
             f"input.size(-1) must be equal to input_size {input_size}, got shape {tuple(x.shape)}"
         )
     if x.dtype not in accepted_dtypes(weight):
-        raise TypeError(
+        raise DtypeMismatchError(
             f"input dtype {x.dtype} does not match the parameters' dtype {weight.dtype}; "
             "convert the module with .to(dtype)"
         )
@@ -214,7 +225,7 @@ def check_state(
     if not isinstance(state, Tensor):
         raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if tuple(state.shape) != expected:
-        raise ValueError(f"{name} must have shape {expected}, got {tuple(state.shape)}")
+        raise ShapeMismatchError(f"{name} must have shape {expected}, got {tuple(state.shape)}")
     if state.dtype not in accepted_dtypes(weight):
         raise TypeError(f"{name} dtype {state.dtype} does not match input dtype {x.dtype}")
     if state.device != x.device:
@@ -451,7 +462,7 @@ class RecurrentBase(nn.Module):
             if self.batch_first and batched:
                 x = x.transpose(0, 1)
             if x.shape[0] == 0:  # torch's modules refuse it too; the stacks would fail obscurely
-                raise ValueError(
+                raise ShapeMismatchError(
                     f"input has no time steps (shape {tuple(input.shape)}, batch_first="
                     f"{self.batch_first}): the sequence length must be at least 1"
                 )
@@ -620,9 +631,11 @@ __all__ = [
     "BACKENDS",
     "KERNELS",
     "Backend",
+    "DtypeMismatchError",
     "Kernel",
     "RecurrentBase",
     "RecurrentCellBase",
+    "ShapeMismatchError",
     "choose_recurrence",
     "layer_weights",
     "lengths_on_device",
