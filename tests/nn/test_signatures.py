@@ -141,3 +141,37 @@ def test_real_dropout_taken_as_torch(name: str, dropout: object) -> None:
     ours = getattr(fastpar.nn, name)(F_IN, H, 2, dropout=dropout)
     theirs = getattr(torch.nn, name)(F_IN, H, 2, dropout=dropout)
     assert (type(ours.dropout), ours.dropout) == (type(theirs.dropout), theirs.dropout)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_signature_as_torch(name: str) -> None:
+    ours = inspect.signature(getattr(fastpar.nn, name).forward).parameters.values()
+    theirs = inspect.signature(getattr(torch.nn, name).forward).parameters.values()
+    assert [(p.name, p.default, p.kind) for p in ours] == [
+        (p.name, p.default, p.kind) for p in theirs
+    ]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_same_seed_same_parameters_as_torch(name: str, bias: bool) -> None:
+    """torch's draws in torch's order: the same seed gives the same parameters, at construction
+    and from reset_parameters(), with the same ``_parameters`` entries (None for no bias)."""
+    options = {"num_layers": 2, "bidirectional": True} if "Cell" not in name else {}
+    modules = []
+    for library in (torch.nn, fastpar.nn):
+        torch.manual_seed(7)
+        modules.append(getattr(library, name)(F_IN, H, bias=bias, **options))
+    ours, theirs = modules
+    assert list(ours._parameters) == list(theirs._parameters)
+    _assert_same_parameters(ours, theirs)
+    for module in modules:
+        torch.manual_seed(8)
+        module.reset_parameters()
+    _assert_same_parameters(ours, theirs)
+
+
+def _assert_same_parameters(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    pairs = zip(ours.named_parameters(), theirs.named_parameters(), strict=True)
+    for (name_a, a), (name_b, b) in pairs:
+        assert name_a == name_b and torch.equal(a, b), name_a
