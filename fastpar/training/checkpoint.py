@@ -186,12 +186,16 @@ def problem(directory: Path) -> tuple[str | None, dict[str, Any]]:
         file = directory / name
         if not file.is_file():
             return f"file {name} is missing", manifest
-        size = file.stat().st_size
-        if size != expected["bytes"]:
-            kind = "truncated" if size < expected["bytes"] else "longer than written"
-            return f"file {name} is {kind} ({size} bytes, expected {expected['bytes']})", manifest
-        if file_sha256(file) != expected["sha256"]:
-            return f"file {name} is corrupt (SHA-256 mismatch)", manifest
+        try:  # a failing disk (EIO) or a file made unreadable: an older checkpoint may do
+            size = file.stat().st_size
+            if size != expected["bytes"]:
+                kind = "truncated" if size < expected["bytes"] else "longer than written"
+                return (f"file {name} is {kind} ({size} bytes, expected {expected['bytes']})",
+                        manifest)  # fmt: skip
+            if file_sha256(file) != expected["sha256"]:
+                return f"file {name} is corrupt (SHA-256 mismatch)", manifest
+        except OSError as error:
+            return f"file {name} is unreadable ({error.strerror or error})", manifest
     return None, manifest
 
 

@@ -139,6 +139,30 @@ def test_resume_skips_a_damaged_newest_checkpoint_and_says_why(
     assert all(torch.equal(loaded[key], value) for key, value in older.items())
 
 
+def test_resume_passes_over_a_checkpoint_with_an_unreadable_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read error (EIO from a failing disk, EACCES) is one more damage to pass over: it
+    stopped the resume with a traceback although an older checkpoint was intact."""
+    older = _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    victim = tmp_path / step_name(4) / "__0_0.distcp"
+    hash_file = checkpoint.file_sha256
+
+    def failing_disk(path: Path) -> str:
+        if path == victim:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return hash_file(path)
+
+    monkeypatch.setattr(checkpoint, "file_sha256", failing_disk)
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 2
+    assert notes == [f"skipped checkpoint {tmp_path / step_name(4)}: file __0_0.distcp is "
+                     f"unreadable ({os.strerror(errno.EIO)})"]  # fmt: skip
+    loaded = checkpoint.read_tensors(found.directory)
+    assert all(torch.equal(loaded[key], value) for key, value in older.items())
+
+
 def test_a_corrupt_latest_or_a_deleted_newest_folder_is_passed_over(tmp_path: Path) -> None:
     _save(tmp_path, 2)
     _save(tmp_path, 4)
