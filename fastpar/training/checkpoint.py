@@ -17,6 +17,9 @@ only a hint: a corrupt one, or one naming a deleted folder, is reported and pass
 
 Retention keeps the step just written and the `keep - 1` newest older ones, and never touches a
 newer step (it may belong to another run: that is refused at start, see `check_folder`).
+
+Steps are written with at least 8 digits (`step-100000000` after `step-99999999`): every
+list of steps is sorted by number, never by name.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ if TYPE_CHECKING:
 LATEST = "latest"
 MANIFEST = "fastpar.json"
 FORMAT = 1
-_STEP_NAME = re.compile(r"step-(\d{8})")
+_STEP_NAME = re.compile(r"step-(\d{8,})")
 _STAGING_SUFFIX = ".partial-"
 
 
@@ -73,7 +76,9 @@ def list_steps(root: Path) -> list[int]:
     steps = []
     for entry in root.iterdir():
         match = _STEP_NAME.fullmatch(entry.name)
-        if match and entry.is_dir() and not entry.is_symlink():
+        if match is None or entry.name != step_name(int(match.group(1))):
+            continue  # only step_name's spelling is a step: "step-000000005" would list 5 twice
+        if entry.is_dir() and not entry.is_symlink():
             steps.append(int(match.group(1)))
     return sorted(steps)
 

@@ -76,6 +76,26 @@ def test_retention_never_deletes_the_new_checkpoint_or_a_newer_one(tmp_path: Pat
         assert checkpoint.list_steps(root) == [1, 2, 3, 4][-keep:]
 
 
+def test_steps_of_nine_digits_are_found_and_pruned_in_numeric_order(tmp_path: Path) -> None:
+    """step-100000000 follows step-99999999 (names of 8 digits or more): it was written but
+    never found, `latest` naming it was called corrupt, and retention never reached it."""
+    _save(tmp_path, 99_999_999)
+    newest = _save(tmp_path, 100_000_000)
+    assert checkpoint.list_steps(tmp_path) == [99_999_999, 100_000_000]
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 100_000_000 and notes == []
+    assert found.directory.name == step_name(100_000_000) == "step-100000000"
+    loaded = checkpoint.read_tensors(found.directory)
+    assert all(torch.equal(loaded[key], value) for key, value in newest.items())
+    _save(tmp_path, 1_000_000_000)  # keep=2: the oldest goes, by number
+    assert checkpoint.list_steps(tmp_path) == [100_000_000, 1_000_000_000]
+    with pytest.raises(CheckpointError, match=r"\(newest: step-1000000000\)"):
+        check_folder(tmp_path, resume=False, overwrite=False)
+    # Only the names step_name writes are steps: a 9-digit name of step 5 is not a second one.
+    (tmp_path / "step-000000005").mkdir()
+    assert checkpoint.list_steps(tmp_path) == [100_000_000, 1_000_000_000]
+
+
 def test_a_fresh_run_refuses_a_folder_that_holds_checkpoints(tmp_path: Path) -> None:
     _save(tmp_path, 100)
     with pytest.raises(CheckpointError, match=r"already holds checkpoints \(newest: step-0+100\)"):
