@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, get_args
 
 from fastpar._machine import output_folder_problem
 from fastpar.training.config import (
+    MAX_SEED,
     BackendName,
     BalanceName,
     CellName,
@@ -87,7 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--metrics", dest="metrics_dir", type=Path, default=None,
         help="write TensorBoard events, CSV and a PNG of the run into this folder")  # fmt: skip
     add("--sample-bytes", type=int, default=d.sample_bytes, help="length of the final sample")
-    add("--seed", type=int, default=d.seed, help="seed of the initialisation and the shuffle")
+    add("--seed", type=int, default=d.seed,
+        help=f"seed of the initialisation and the shuffle, 0 to {MAX_SEED}")  # fmt: skip
     add("--timeout", dest="timeout_s", type=float, default=d.timeout_s,
         help="seconds any wait for a peer may take before the run stops with an error")  # fmt: skip
     add("--log-every", type=int, default=d.log_every,

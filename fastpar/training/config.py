@@ -20,6 +20,7 @@ CommName = Literal["auto", "ring", "torch"]
 BackendName = Literal["auto", "triton", "torch", "reference"]
 CellName = Literal["lstm", "gru", "rnn"]
 BalanceName = Literal["even", "auto"]
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -90,7 +91,9 @@ class TrainConfig:
         for name in positive:
             check_int(_flag(name), getattr(self, name), 1)
         check_int("--sample-bytes", self.sample_bytes, 0)
-        check_int("--seed", self.seed, 0)
+        # 32 bits, as numpy's seeds: the seeds derived from it (seed + epoch for the shuffle,
+        # seed * 1_000_003 + step for the noise fault) stay far inside manual_seed's 64 bits.
+        check_int("--seed", self.seed, 0, MAX_SEED)
         for name in ("parallel", "schedule", "balance", "comm", "backend", "cell", "slicing"):
             choices = get_args(_FIELD_TYPES[name])
             check_choice(_flag(name), getattr(self, name), choices)

@@ -19,7 +19,7 @@ from fastpar import launch
 from fastpar.training import checkpoint
 from fastpar.training.checkpoint import find_intact, step_name
 from fastpar.training.cli import _resume_hint, run
-from fastpar.training.config import TrainConfig
+from fastpar.training.config import MAX_SEED, TrainConfig
 from tests.processes import children, session_processes
 
 from .util import REPO, SMALL
@@ -262,6 +262,24 @@ def test_config_takes_no_bool_for_a_number() -> None:
         TrainConfig(lr=True)
     with pytest.raises(ValueError, match=r"--steps must be an integer >= 1, got 0"):
         TrainConfig(steps=0)
+
+
+def test_a_seed_beyond_32_bits_is_refused_before_any_rank_starts() -> None:
+    """--seed 2**64 passed the checks and crashed every rank in build_model (OverflowError);
+    the largest seed accepted builds the model and shuffles its epochs."""
+    from fastpar.data import FixedSlicer
+    from fastpar.training.model import build_model
+
+    for seed in (2**32, 2**64):
+        with pytest.raises(ValueError, match=rf"--seed must be an integer in \[0, {MAX_SEED}\], "
+                           rf"got {seed}"):  # fmt: skip
+            TrainConfig(seed=seed)
+    config = TrainConfig(seed=MAX_SEED, embed=4, hidden=8, layers=1)
+    build_model(vocab=256, embed=config.embed, hidden=config.hidden, layers=config.layers,
+                backend="torch", seed=config.seed)  # fmt: skip
+    slicer = FixedSlicer(64, 4, drop_last=True, shuffle=True, seed=config.seed)
+    slicer.set_epoch(10**6)
+    assert sorted(i for b in range(4) for i in slicer.block(b)) == list(range(64))
 
 
 def test_a_validation_text_shorter_than_a_window_is_refused() -> None:

@@ -161,6 +161,7 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
             "into 6 stages of at least one module each, and the model has 4",
         ),
         (["--parallel", "pp", "--microbatches", "5"], "--microbatches 5 needs --batch-size >= 5"),
+        (["--seed", str(2**64)], f"--seed must be an integer in [0, {2**32 - 1}], got {2**64}"),
     ],
 )
 def test_bad_arguments_are_explained(tmp_path: Path, args: list[str], message: str) -> None:
