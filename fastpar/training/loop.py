@@ -250,13 +250,16 @@ def run_steps(config: TrainConfig, place: RankPlace, stage: Stage, batches: Batc
                     if writer is not None:
                         writer.write(window)
             if checkpoint:
+                if writer is not None:
+                    # On disk before the checkpoint exists: a run resumed from it keeps the rows
+                    # before its step from the files and never writes them again.
+                    writer.flush()
                 save_checkpoint(config, step + 1, place, stage.module, stage.optimizer, batches)
                 if writer is not None and place.dims.pp == 1 and step + 1 < config.steps:
                     # Rank 0 holds the whole model: a validation point between checkpoints
                     # (the last one comes from the summary).
                     loss_v = validation_loss(config, stage.model, corpus.validation)
                     writer.write_validation(step + 1, loss_v)
-                if writer is not None:
                     writer.flush()
     progress.close()
     elapsed_run = time.perf_counter() - run_start

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
@@ -181,6 +182,40 @@ def test_a_resumed_run_continues_the_metrics_of_the_run_it_resumes(tmp_path: Pat
     train_loss = dict(scalars["loss/train"])
     kept_loss = [float(row["loss"]) for row in before[:4]]
     assert [train_loss[s] for s in range(4)] == pytest.approx(kept_loss)
+
+
+def test_the_rows_before_a_checkpoint_are_on_disk_when_it_is_sealed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rank stopped right after checkpoint S was sealed (while rank 0 validated, say) left the
+    rows before S in rank 0's buffers; a resume from S keeps the rows before S from the files,
+    so those were lost for good. A one-rank run in this process: what the files hold at each
+    seal."""
+    folder = tmp_path / "metrics"
+    config = TrainConfig(embed=8, hidden=16, layers=1, seq_len=16, batch_size=4,
+                         train_bytes=40_000, validation_bytes=4_000, validation_batches=2,
+                         sample_bytes=16, backend="torch", steps=4, checkpoint_every=2,
+                         log_every=3, nproc=1, checkpoint_dir=tmp_path / "ckpt",
+                         metrics_dir=folder)  # fmt: skip
+    on_disk: dict[int, tuple[list[int], list[int]]] = {}
+    save = loop.save_checkpoint
+
+    def save_and_look(config: TrainConfig, step: int, *args: object) -> Path:
+        sealed = save(config, step, *args)
+        on_disk[step] = tuple(sorted({int(row["step"]) for row in _csv(folder / name)})
+                              for name in ("steps.csv", "ranks.csv"))  # fmt: skip
+        return sealed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_and_look)
+    assert prepare(config) is None  # a new run: creates the folders
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        loop.train_rank(config)
+    finally:
+        dist.destroy_process_group()
+    # Checkpoint 2 closes the window of steps 0-1; checkpoint 4 the one of step 3, after the
+    # progress line's window of step 2.
+    assert on_disk == {2: ([0, 1], [0, 1]), 4: ([0, 1, 2, 3], [0, 1, 2, 3])}
 
 
 def test_a_new_run_keeps_off_an_earlier_runs_metrics_unless_told_to_overwrite(
