@@ -4,6 +4,7 @@ one verifiable, written so that no failure loses the last good one.
 Layout:
     DIR/step-00000120/   .metadata, __0_0.distcp ... (DCP), fastpar.json (the manifest)
     DIR/latest           "step-00000120"
+    DIR/job-id           the torchrun job let in last (`record_job`), for its restarts
 
 Writing: every rank writes its part with `dcp.save` into a staging folder that rank 0 created
 with `mkdtemp` (a fresh name only this user can write into, so nothing planted there is followed).
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 LATEST = "latest"
 MANIFEST = "fastpar.json"
+JOB = "job-id"
 FORMAT = 1
 _STEP_NAME = re.compile(r"step-(\d{8,})")
 _STAGING_SUFFIX = ".partial-"
@@ -160,6 +162,34 @@ def check_folder(root: Path, *, resume: bool, overwrite: bool) -> None:
         (root / LATEST).unlink(missing_ok=True)
     for staging in root.glob(f".step-*{_STAGING_SUFFIX}*"):  # left by a save that was killed
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def record_job(root: Path, job: str | None) -> None:
+    """Record in `root` that the torchrun job of id `job` was let in (its folders checked and
+    prepared); None (not a torchrun job that outlives its attempts) removes an earlier job's
+    record.
+
+    Raises:
+        CheckpointError: the record cannot be written (a full disk, say).
+    """
+    try:
+        if job is None:
+            (root / JOB).unlink(missing_ok=True)
+        else:
+            write_atomic(root / JOB, job.encode())
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot write {root / JOB} ({error.strerror or error}); free space or choose "
+            "another --checkpoint-dir"
+        ) from None
+
+
+def recorded_job(root: Path) -> str | None:
+    """The job id `record_job` left in `root`, or None."""
+    try:
+        return (root / JOB).read_bytes().decode()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 # ---------------------------------------------------------------------------- integrity

@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
@@ -29,6 +30,8 @@ from fastpar.training.config import (
 )
 
 if TYPE_CHECKING:  # torch is imported when a run starts, not to parse options or show help
+    import torch.distributed as dist
+
     from fastpar.training.checkpoint import Found
 
 _DEFAULTS = TrainConfig()
@@ -149,9 +152,11 @@ def _train_entry(
     return train_rank(config, resume)
 
 
-def prepare(config: TrainConfig) -> Found | None:
+def prepare(config: TrainConfig, *, job: str | None = None) -> Found | None:
     """Check the checkpoint and metrics folders and pick the checkpoint to resume, before any
-    rank starts work; reports every checkpoint passed over on stderr.
+    rank starts work; reports every checkpoint passed over on stderr. Once all is well, the
+    checkpoint folder records `job` (a torchrun job's `job_id`, for `restarted_config`; None
+    removes an earlier job's record).
 
     Returns:
         The checkpoint to resume, or None for a new run.
@@ -162,7 +167,6 @@ def prepare(config: TrainConfig) -> Found | None:
         MetricsFolderError: the metrics folder is unusable.
     """
     from fastpar.training import checkpoint, metrics_folder
-    from fastpar.training.checkpoint import CheckpointError
 
     root = config.checkpoint_dir
     replaced: list[Path] = []
@@ -176,8 +180,18 @@ def prepare(config: TrainConfig) -> Found | None:
             metrics_folder.check_columns(config.metrics_dir, CSV_COLUMNS)
     checkpoint.check_folder(root, resume=config.resume, overwrite=config.overwrite)
     metrics_folder.delete_files(replaced)
-    if not config.resume:
-        return None
+    found = _checkpoint_to_resume(config) if config.resume else None
+    checkpoint.record_job(root, job)
+    return found
+
+
+def _checkpoint_to_resume(config: TrainConfig) -> Found:
+    """The newest intact checkpoint of --checkpoint-dir, which must be before --steps; every one
+    passed over is reported on stderr."""
+    from fastpar.training import checkpoint
+    from fastpar.training.checkpoint import CheckpointError
+
+    root = config.checkpoint_dir
     found, notes = checkpoint.find_intact(root)
     for note in notes:
         print(f"fastpar train: {note}", file=sys.stderr)
@@ -241,10 +255,15 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(summary["sample"])
 
 
-def _init_under_torchrun(restarts: int, timeout_s: float) -> None:
+def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
     """The default process group from torchrun's environment, with its keys under a prefix
     per restart: a restarted job must not read the addresses its dead predecessors left in the
-    same store (gloo would try to connect to them)."""
+    same store (gloo would try to connect to them).
+
+    Returns:
+        torchrun's store, which outlives the job's attempts; None where rank 0 hosts the store
+        (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which dies with it.
+    """
     import torch.distributed as dist
 
     from fastpar.launch import default_backend
@@ -268,25 +287,44 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> None:
     dist.init_process_group(
         backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout
     )
+    return store if agent_hosts_store else None
 
 
-def _prepare_under_torchrun(config: TrainConfig) -> Found | None:
-    """`prepare` on rank 0, its answer (or its error) shared with every rank."""
+def job_id(store: dist.Store | None) -> str | None:
+    """This torchrun job's id: a random one that its first attempt leaves in `store`, which
+    outlives the attempts (None: no store does). Not torchrun's run id, which every job of
+    several hosts without --rdzv-id shares ("none"), and which a user may reuse."""
+    if store is None:
+        return None
+    return store.compare_set("fastpar/job", "", uuid.uuid4().hex).decode()
+
+
+def _prepare_under_torchrun(
+    config: TrainConfig, restarts: int, store: dist.Store | None
+) -> tuple[Found | None, TrainConfig]:
+    """`prepare` of attempt `restarts` (its options from `restarted_config`) on rank 0; its
+    answer (or its error) and options shared with every rank."""
     import torch.distributed as dist
 
     from fastpar.training.checkpoint import CheckpointError
     from fastpar.training.metrics_folder import MetricsFolderError
 
-    answer: list[Any] = [None, None]
+    answer: list[Any] = [None, None, config]
     if dist.get_rank() == 0:
+        job = job_id(store)
+        if restarts and job is None:
+            print(f"fastpar train: restart {restarts}: torchrun's store did not outlive the "
+                  "first attempt, so this job cannot tell its own checkpoints from another "
+                  "run's; it keeps --resume and --overwrite as given", file=sys.stderr)  # fmt: skip
+        answer[2] = restarted_config(config, restarts, job=job)
         try:
-            answer[0] = prepare(config)
+            answer[0] = prepare(answer[2], job=job)
         except (CheckpointError, MetricsFolderError) as error:
             answer[1] = str(error)
     dist.broadcast_object_list(answer, src=0)
     if answer[1] is not None:
         raise CheckpointError(answer[1])  # the same one line on every rank
-    return answer[0]
+    return answer[0], answer[2]
 
 
 class _Terminated(BaseException):  # like KeyboardInterrupt: no `except Exception` takes it
@@ -372,13 +410,15 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
     return 0
 
 
-def restarted_config(config: TrainConfig, restarts: int) -> TrainConfig:
-    """The options of a job that torchrun restarted `restarts` times: it continues from its
-    last checkpoint or, with none yet, starts over in folders that hold only its own first
-    attempt's files (they were checked when it began)."""
+def restarted_config(config: TrainConfig, restarts: int, *, job: str | None) -> TrainConfig:
+    """The options of torchrun's job `job` (`job_id`) restarted `restarts` times. Where its
+    first attempt was let in (the checkpoint folder records `job`: `prepare`), it continues from
+    its last checkpoint or, with none yet, starts over in folders that hold only its first
+    attempt's files. Elsewhere it keeps the user's options, so a first attempt's refusal
+    (folders holding another run's checkpoints or metrics) stops every restart too."""
     from fastpar.training import checkpoint
 
-    if restarts == 0:
+    if restarts == 0 or job is None or checkpoint.recorded_job(config.checkpoint_dir) != job:
         return config
     if checkpoint.list_steps(config.checkpoint_dir):
         return dataclasses.replace(config, resume=True, overwrite=False)
@@ -394,10 +434,9 @@ def _run_under_torchrun(config: TrainConfig) -> int:
     from fastpar.training.checkpoint import CheckpointError
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    config = restarted_config(config, restarts)
-    _init_under_torchrun(restarts, config.timeout_s)
+    store = _init_under_torchrun(restarts, config.timeout_s)
     try:
-        resume = _prepare_under_torchrun(config)
+        resume, config = _prepare_under_torchrun(config, restarts, store)
         # A checkpoint of other options is refused by every rank as it restores.
         summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
     except CheckpointError as error:  # on every rank alike: they all reach the barrier

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from fastpar.training import checkpoint
 from fastpar.training.batches import Batches
@@ -27,9 +28,10 @@ from fastpar.training.checkpoint import (
     find_intact,
     step_name,
 )
-from fastpar.training.cli import restarted_config, run
+from fastpar.training.cli import job_id, prepare, restarted_config, run
 from fastpar.training.config import TrainConfig
 from fastpar.training.loop import Stage, build_stage
+from fastpar.training.metrics_folder import MetricsFolderError
 from fastpar.training.parallel_dims import RankPlace
 from fastpar.training.state import check_options, restore, save_checkpoint
 
@@ -286,15 +288,93 @@ def test_someone_elses_folder_is_refused(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_a_restarted_torchrun_job_continues_or_starts_over(tmp_path: Path) -> None:
     config = TrainConfig(checkpoint_dir=tmp_path, metrics_dir=tmp_path / "metrics")
-    assert restarted_config(config, 0) == config
+    assert restarted_config(config, 0, job="job-a") == config
+    assert prepare(config, job="job-a") is None  # the first attempt is let in
+    assert (tmp_path / checkpoint.JOB).read_text() == "job-a"
     # Restarted before its first checkpoint: it starts over, replacing its own first files.
-    assert restarted_config(config, 1) == dataclasses.replace(config, overwrite=True)
+    assert restarted_config(config, 1, job="job-a") == dataclasses.replace(config, overwrite=True)
     resume = dataclasses.replace(config, resume=True)
-    assert restarted_config(resume, 1) == resume
+    assert restarted_config(resume, 1, job="job-a") == resume
     _save(tmp_path, 3)
-    assert restarted_config(config, 2) == resume
+    assert restarted_config(config, 2, job="job-a") == resume
     overwrite = dataclasses.replace(config, overwrite=True)
-    assert restarted_config(overwrite, 1) == resume
+    assert restarted_config(overwrite, 1, job="job-a") == resume
+    # The record is no checkpoint: it is passed over, kept by retention, left by --overwrite.
+    _save(tmp_path, 4, keep=1)
+    assert find_intact(tmp_path)[1] == [] and checkpoint.list_steps(tmp_path) == [4]
+    assert prepare(overwrite, job="job-b") is None
+    assert checkpoint.list_steps(tmp_path) == []
+    assert (tmp_path / checkpoint.JOB).read_text() == "job-b"
+    assert prepare(config) is None  # not a torchrun job: no job's record stays
+    assert not (tmp_path / checkpoint.JOB).exists()
+
+
+@pytest.mark.parametrize("earlier", ["checkpoints", "metrics"])
+def test_a_restart_of_a_job_refused_at_its_start_is_refused_again(
+    tmp_path: Path, earlier: str
+) -> None:
+    """torchrun --max-restarts restarted a new job that its folders refused (they hold an
+    earlier run's checkpoints or metrics), and the restart went on with --resume (training on
+    from the earlier run) or --overwrite (deleting the earlier run's metrics)."""
+    root, metrics = tmp_path / "checkpoints", tmp_path / "metrics"
+    earlier_run = TrainConfig(checkpoint_dir=root, metrics_dir=metrics, steps=200)
+    assert prepare(earlier_run, job="job-a") is None
+    if earlier == "checkpoints":
+        _save(root, 100)
+    else:
+        (metrics / "steps.csv").write_text("step,loss\n0,5.5\n")
+    before = sorted(p.name for p in [*root.iterdir(), *metrics.iterdir()])
+    new_job = dataclasses.replace(earlier_run, steps=300)
+    errors = []
+    for restarts in range(3):
+        config = restarted_config(new_job, restarts, job="job-b")
+        assert config == new_job
+        with pytest.raises((CheckpointError, MetricsFolderError)) as refused:
+            prepare(config, job="job-b")
+        errors.append(str(refused.value))
+    assert len(set(errors)) == 1 and "already holds" in errors[0]
+    assert sorted(p.name for p in [*root.iterdir(), *metrics.iterdir()]) == before
+    assert (root / checkpoint.JOB).read_text() == "job-a"
+    # A job without an id (no store outlived its first attempt) is never taken for another.
+    assert restarted_config(new_job, 1, job=None) == new_job
+
+
+def test_a_job_keeps_its_id_across_restarts_and_another_job_gets_another() -> None:
+    """torchrun's store outlives a job's attempts, and every job has its own: its run id would
+    not do ("none" for every job of several hosts without --rdzv-id)."""
+    store = dist.HashStore()
+    first = job_id(store)
+    assert first and job_id(store) == first
+    assert job_id(dist.HashStore()) not in (None, first)
+    assert job_id(None) is None
+
+
+def test_under_torchrun_every_restart_of_a_refused_job_is_refused_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A new one-rank torchrun job in a folder holding an earlier run's checkpoint, in this
+    process: its first attempt and a restart, with the store this test hosts as torchrun's
+    agent does."""
+    _save(tmp_path, 100)
+    agent_store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    torchrun = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(agent_store.port),
+                "TORCHELASTIC_USE_AGENT_STORE": "True"}  # fmt: skip
+    for name, value in torchrun.items():
+        monkeypatch.setenv(name, value)
+    errors = []
+    for restarts in range(2):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(restarts))
+        assert run(TrainConfig(checkpoint_dir=tmp_path, steps=200)) == 1
+        errors.append(capsys.readouterr().err)
+    refusal = (
+        f"fastpar train: checkpoint folder {tmp_path} already holds checkpoints (newest: "
+        f"{step_name(100)}); pass --resume to continue that run, --overwrite to delete them and "
+        "start over, or choose another --checkpoint-dir\n"
+    )
+    assert errors == [refusal, refusal]
+    assert checkpoint.list_steps(tmp_path) == [100]
+    assert not (tmp_path / checkpoint.JOB).exists()
 
 
 def _one_rank(config: TrainConfig) -> tuple[RankPlace, Stage, Batches]:

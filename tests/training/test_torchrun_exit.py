@@ -29,7 +29,7 @@ def _finish_as_under_torchrun(rank: int, world_size: int, checkpoints: str, done
             rank0_came_back.append(os.path.exists(done))
 
     cli._init_under_torchrun = lambda restarts, timeout_s: None  # type: ignore[assignment]
-    cli._prepare_under_torchrun = lambda config: None  # type: ignore[assignment]
+    cli._prepare_under_torchrun = lambda config, restarts, store: (None, config)  # type: ignore[assignment]
     cli._train_entry = train  # type: ignore[assignment]
     assert cli._run_under_torchrun(TrainConfig(checkpoint_dir=Path(checkpoints))) == 0
     if rank == 0:
