@@ -41,6 +41,11 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
     return value
 
 
+# The largest seed a shuffle's generator takes with room for any epoch count: torch's
+# manual_seed takes up to 2**64 - 1, and the slicers seed it with seed + epoch.
+MAX_SHUFFLE_SEED = 2**63 - 1
+
+
 def check_int_at_least(name: str, value: object, minimum: int = 1) -> int:
     """Return `value` when it is an int >= minimum; see `check_int` for what it raises."""
     return check_int(name, value, minimum)

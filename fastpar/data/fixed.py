@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from fastpar._checks import check_bool, check_int
+from fastpar._checks import MAX_SHUFFLE_SEED, check_bool, check_int
 
 
 class FixedSlicer:
@@ -55,7 +55,7 @@ class FixedSlicer:
                 f"num_blocks ({num_blocks}) must not exceed num_samples ({num_samples}): "
                 "every block needs at least one sample"
             )
-        self.seed = check_int("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0, MAX_SHUFFLE_SEED)
         # A flag read from a config file as the string "false" must not turn it on.
         self.drop_last = check_bool("drop_last", drop_last)
         self.shuffle = check_bool("shuffle", shuffle)

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from fastpar._checks import check_bool, check_choice, check_float, check_int
+from fastpar._checks import MAX_SHUFFLE_SEED, check_bool, check_choice, check_float, check_int
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -96,7 +96,7 @@ class DynamicSlicerConfig:
     shuffle: bool = False
     """Permute the indices every epoch (generator seeded with seed + epoch)."""
     seed: int = 0
-    """Base seed of the permutation, >= 0."""
+    """Base seed of the permutation, 0 to 2**63 - 1."""
 
     def __post_init__(self) -> None:
         check_int("min_size", self.min_size, 1)
@@ -130,7 +130,7 @@ class DynamicSlicerConfig:
         check_float("jump_threshold", self.jump_threshold, 0.0, math.inf, low_open=True)
         check_float("loss_momentum", self.loss_momentum, 0.0, 1.0, high_open=True)
         check_bool("shuffle", self.shuffle)
-        check_int("seed", self.seed, 0)
+        check_int("seed", self.seed, 0, MAX_SHUFFLE_SEED)
 
 
 @dataclass(frozen=True)

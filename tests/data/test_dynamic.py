@@ -364,6 +364,8 @@ def test_several_ranks_in_one_process_need_steps_and_record_all() -> None:
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "shuffle": "false"}, TypeError,
          r"shuffle must be a bool, got str 'false'"),
         ({"min_size": 1, "max_size": 4, "global_batch": 4, "unknown": 1}, TypeError, "unknown"),
+        ({"min_size": 1, "max_size": 4, "global_batch": 4, "seed": 2**63}, ValueError,
+         r"seed must be an integer in \[0, 9223372036854775807\], got 9223372036854775808"),
     ],
 )  # fmt: skip
 def test_bad_config(options: dict[str, object], error: type[Exception], message: str) -> None:

@@ -169,3 +169,15 @@ def test_bad_shard_and_epoch_arguments() -> None:
         slicer.set_epoch(-1)
     with pytest.raises(ValueError, match=r"index must be an integer in \[0, 3\], got 4"):
         slicer.block(4)
+
+
+def test_the_largest_seed_shuffles_at_any_epoch_and_one_more_is_refused() -> None:
+    """The shuffle seeds torch's generator with seed + epoch, which takes at most 2**64 - 1:
+    seeds up to 2**63 - 1 leave room for any epoch; a larger one is refused naming it."""
+    largest = 2**63 - 1
+    slicer = FixedSlicer(10, 2, seed=largest, shuffle=True)
+    slicer.set_epoch(10**12)
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(largest + 10**12))
+    assert [i for block in range(2) for i in slicer.block(block)] == expected.tolist()
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 9223372036854775807\]"):
+        FixedSlicer(10, 2, seed=2**63)
