@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -137,9 +138,12 @@ class MetricsWriter:
 
     def flush(self) -> None:
         """Put every row and event written so far on disk (at each checkpoint, and when the
-        run fails: TensorBoard's writer thread would lose its queue at exit)."""
+        run fails: TensorBoard's writer thread would lose its queue at exit). The rows are
+        synced as a checkpoint's files are, so that a machine that fails after a checkpoint
+        still holds the rows before it, which a resumed run does not write again."""
         for handle in self._files:
             handle.flush()
+            os.fsync(handle.fileno())
         self.tensorboard.flush()
 
     def write(self, window: Window) -> None:

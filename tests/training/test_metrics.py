@@ -332,3 +332,25 @@ def test_the_picture_of_a_run_resumed_on_another_layout(
         [None, None, 16, 14, 11, 10],
         [None] * 4 + [10, 10],
     ]
+
+
+def test_a_flush_syncs_the_csv_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's files are synced, so the rows before it must be too: a resumed run keeps
+    them from the files and never writes them again, even after the machine failed."""
+    import os
+
+    from fastpar.training import metrics_files
+
+    writer = metrics_files.MetricsWriter(tmp_path, ParallelDims(dp=1, pp=1, world_size=1), 8, "t")
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(metrics_files.os, "fsync", recording_fsync)
+    writer.flush()
+    monkeypatch.undo()
+    writer.close()
+    assert {"steps.csv", "ranks.csv", "validation.csv"} <= synced
