@@ -5,6 +5,7 @@ every hook saw, equal those of the same model's whole backward."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from fastpar.nn import LSTM
+from fastpar.nn import GRU, LSTM
 from fastpar.parallel.pipeline import OutputOnly
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
 
@@ -150,3 +151,37 @@ def test_a_hook_registered_after_the_forward_runs_in_the_backward() -> None:
     deferred.run()
     torch.testing.assert_close(layer.weight.grad, torch.zeros(3, 4))
     torch.testing.assert_close(layer.bias.grad, torch.full((3,), 2.0))  # still deferred
+
+
+def _late_hook_gradients(make: Callable[[], nn.Module], split: bool) -> dict[str, torch.Tensor]:
+    """Gradients after one backward (whole, or split then the W pass) with a hook on W_hh that
+    doubles and records the gradient, registered between the forward and the backward."""
+    torch.manual_seed(6)
+    model = make()
+    x = torch.randn(5, 3, D, requires_grad=True)
+    deferred = DeferredWeights()
+    with weight_split(model, deferred, "stage late hook") if split else contextlib.nullcontext():
+        out, _ = model(x)
+    seen: list[torch.Tensor] = []
+    model.weight_hh_l0.register_hook(lambda g: seen.append(g.clone()) or g * 2)
+    out.backward(torch.randn_like(out))
+    deferred.run()
+    assert len(seen) == 1
+    return {"seen": seen[0], "x": x.grad} | {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [lambda: LSTM(D, D, backend="torch"), lambda: LSTM(D, D, backend="triton"),
+     lambda: GRU(D, D, backend="triton")],
+    ids=["lstm-torch", "lstm-triton", "gru-triton"],
+)  # fmt: skip
+def test_a_hook_registered_on_a_recurrent_weight_after_the_forward_runs_in_the_backward(
+    make: Callable[[], nn.Module],
+) -> None:
+    """The recurrences decide at the forward whether W_hh's gradient waits; a hook registered on
+    it afterwards must still see, and may replace, the gradient, as in a whole backward."""
+    whole = _late_hook_gradients(make, split=False)
+    split = _late_hook_gradients(make, split=True)
+    for name, want in whole.items():
+        torch.testing.assert_close(split[name], want, rtol=1e-5, atol=1e-5, msg=name)

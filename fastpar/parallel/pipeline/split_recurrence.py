@@ -22,8 +22,9 @@ whole-stack kernel, run layer by layer in a split stage (``aten_common.per_layer
 Declined (the recurrence keeps its whole backward, said once): weights that are not leaves
 (e.g. cast by autocast: their gradient must flow through the cast) or that have gradient hooks
 when the forward runs (autograd's accumulation must run them on the gradient; see
-`grad_accumulate.deferrable`), and a projection on the ATen layer (its input pass does not
-keep dhp).
+`grad_accumulate.deferrable`; a hook registered between the forward and the backward makes the
+input pass compute the weight gradients too, and hand them on through autograd), and a
+projection on the ATen layer (its input pass does not keep dhp).
 """
 
 from __future__ import annotations
@@ -78,13 +79,17 @@ def _arguments(op: torch._ops.OpOverload, args: tuple, kwargs: dict) -> dict[str
     return dict(zip((a.name for a in op._schema.arguments), args, strict=False)) | kwargs
 
 
+def _deferrable(*weights: Tensor | None) -> bool:
+    return all(w is None or deferrable(w) for w in weights)
+
+
 def _splits(op: str, need_backward: bool, *weights: Tensor | None) -> bool:
     """Whether a recurrence can split its backward (deferrable weights, W_hh's gradient wanted);
     says once why not where it matters."""
     w_hh = weights[0]
     if not (need_backward and w_hh is not None and w_hh.requires_grad):
         return False  # no W_hh gradient to defer
-    if all(w is None or deferrable(w) for w in weights):
+    if _deferrable(*weights):
         return True
     log_once(
         logger,
@@ -120,10 +125,14 @@ class _LSTMRecurrence(torch.autograd.Function):
         reverse = ctx.reverse
         projection = (dhp, hraw) if w_hr is not None else (None, None)
 
+        def weight_grads() -> tuple[Tensor, Tensor | None]:
+            return lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype, *projection)
+
+        if not _deferrable(w_hh, w_hr):  # a hook registered since the forward: now, via autograd
+            return None, None, dxg, dh0, dc0, *weight_grads()
+
         def job() -> None:
-            dw_hh, dw_hr = lstm_recurrence_weight_grad(
-                dxg, h0, hs, reverse, w_hh.dtype, *projection
-            )
+            dw_hh, dw_hr = weight_grads()
             if w_hh.requires_grad:
                 accumulate(w_hh, dw_hh)
             if w_hr is not None and dw_hr is not None and w_hr.requires_grad:
@@ -161,12 +170,14 @@ class _CellRecurrence(torch.autograd.Function):
             need_weight_grads=False,
         )  # fmt: skip
         reverse = ctx.reverse
-
-        def job() -> None:
-            accumulate(w_hh, cell_recurrence_weight_grad(dxg, dhn, h0, hs, reverse, w_hh.dtype))
-
-        ctx.defer(job)
         db = None if ctx.b_hn_dtype is None else db_hn.to(ctx.b_hn_dtype)
+
+        def weight_grad() -> Tensor:
+            return cell_recurrence_weight_grad(dxg, dhn, h0, hs, reverse, w_hh.dtype)
+
+        if not _deferrable(w_hh):  # a hook registered since the forward: now, via autograd
+            return None, None, dxg, dh0, weight_grad(), db
+        ctx.defer(lambda: accumulate(w_hh, weight_grad()))
         return None, None, dxg, dh0, None, db
 
 
@@ -209,16 +220,25 @@ class _LSTMAtenLayer(torch.autograd.Function):
         dx, dh0, dc0 = grads.dx, grads.dh0, grads.dc0
         grads = grads._replace(dx=dx[:0], dh0=dh0[:0], dc0=dc0[:0])  # the job keeps the rest
 
-        def job() -> None:
+        def weight_grads() -> tuple[Tensor, ...]:
             dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, b_ih is not None, x.dtype)
             # b_hh gets its own copy: a first gradient becomes `.grad` itself (accumulate).
-            db_hh = db.clone() if db.numel() else db
-            for param, grad in ((w_ih, dw_ih), (w_hh, dw_hh), (b_ih, db), (b_hh, db_hh)):
+            return dw_ih, dw_hh, db, db.clone() if db.numel() else db
+
+        dx = dx if ctx.needs_input_grad[2] else None
+        if not _deferrable(w_ih, w_hh, b_ih, b_hh):  # a hook registered since the forward
+            dw_ih, dw_hh, db_ih, db_hh = weight_grads()  # now, via autograd
+            biases = (None, None) if b_ih is None else (db_ih, db_hh)
+            return None, None, dx, dh0, dc0, dw_ih, dw_hh, *biases
+
+        def job() -> None:
+            params = (w_ih, w_hh, b_ih, b_hh)
+            for param, grad in zip(params, weight_grads(), strict=True):
                 if param is not None and param.requires_grad:
                     accumulate(param, grad)
 
         ctx.defer(job)
-        return None, None, dx if ctx.needs_input_grad[2] else None, dh0, dc0, None, None, None, None
+        return None, None, dx, dh0, dc0, None, None, None, None
 
 
 def split_lstm_aten_layer(defer: Defer, *args: Any, **kwargs: Any) -> Any:
