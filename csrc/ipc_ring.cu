@@ -384,8 +384,10 @@ __device__ __forceinline__ bool meet(const CallArgs& a, uint64_t barrier, bool f
       report->headers[p].dtype = call.dtype;
       report->headers[p].op = call.op;
     }
+    // The rest before `kind`, at system scope: the host's acquire load of `kind`
+    // (IpcRing::failure) then sees all of it, also on a weakly ordered CPU.
     __threadfence_system();
-    report->kind = failed;  // last: the host reads the rest once it sees this
+    report->kind = failed;
     __threadfence_system();
   }
   return false;

@@ -24,7 +24,8 @@ constexpr int kMaxRanks = kMaxInputs;
 
 // What the device reports to the host; lives in mapped pinned memory. Written once, by the
 // call that fails first (the ring's later kernels return at once without reporting), `kind`
-// last.
+// last, after a system-scope fence: the host reads `kind` with acquire, then the rest
+// (IpcRing::failure).
 struct DeviceFailure {
   int32_t kind;     // 0 none, or one of kFailure*
   int32_t culprit;  // the rank waited for (timeout, peer aborted), or the dead rank
@@ -146,18 +147,23 @@ class IpcRing {
     __atomic_store_n(&failure_->dead_peer, rank + 1, __ATOMIC_RELEASE);
   }
 
-  // What the device reported (kind 0: nothing). Read without synchronising.
+  // What the device reported (kind 0: nothing). Read without synchronising, so possibly while
+  // the device writes it: the device writes the rest, then a system-scope fence, then `kind`
+  // (meet() in ipc_ring.cu). The acquire load of `kind` pairs with that fence, so once a kind
+  // is seen the loads after it see the rest. Volatile loads alone keep the compiler's order,
+  // not the CPU's: a weakly ordered host (aarch64, e.g. Grace) could see the kind beside a
+  // stale call number or culprit. The rest is written once, before `kind`: plain loads.
   DeviceFailure failure() const {
-    DeviceFailure copy;
-    const volatile DeviceFailure* source = failure_;
-    copy.kind = source->kind;
-    copy.culprit = source->culprit;
-    copy.blamed = source->blamed;
-    copy.call = source->call;
+    DeviceFailure copy{};
+    copy.kind = __atomic_load_n(&failure_->kind, __ATOMIC_ACQUIRE);
+    if (copy.kind == 0) return copy;
+    copy.culprit = failure_->culprit;
+    copy.blamed = failure_->blamed;
+    copy.call = failure_->call;
     for (int p = 0; p < kMaxRanks; ++p) {
-      copy.headers[p].count = source->headers[p].count;
-      copy.headers[p].dtype = source->headers[p].dtype;
-      copy.headers[p].op = source->headers[p].op;
+      copy.headers[p].count = failure_->headers[p].count;
+      copy.headers[p].dtype = failure_->headers[p].dtype;
+      copy.headers[p].op = failure_->headers[p].op;
     }
     return copy;
   }
