@@ -128,7 +128,8 @@ class IpcAllReduce {
   // Raises (RingTimeoutError, RingMismatchError, RingClosedError) what the device reported
   // about earlier calls. Returns the call's number: the ring numbers the calls it enqueues
   // (1, 2, ...; the agreements of agree_torch_path too), and failed_call() names the one that
-  // failed.
+  // failed. A call that fails on the host once numbered (its launch: RuntimeError) leaves the
+  // ring unusable, as a failure on the device does, and failed_call() names it.
   int64_t all_reduce(at::Tensor& tensor, int64_t op, bool block_current_stream);
   // Announces that this rank's call of `tensor` with `op` (a c10d ReduceOp code) goes to
   // torch.distributed: a kernel meets the peers' calls at a barrier and the host waits for it;
@@ -151,9 +152,10 @@ class IpcAllReduce {
   void close();
   bool closed() const;
   std::string failure() const;
-  // The number of the call whose failure check() raised (-1 until it raised one): the calls
-  // numbered before it had ended, those after it returned at once without running (replays of
-  // a call captured in a CUDA graph keep its number: fastpar/comm/work.py's CudaRingWork).
+  // The number of the call whose failure check() raised (-1 until it raised one; at once for
+  // a call that failed on the host, see all_reduce): the calls numbered before it had ended,
+  // those after it returned at once without running or were never enqueued (replays of a call
+  // captured in a CUDA graph keep its number: fastpar/comm/work.py's CudaRingWork).
   int64_t failed_call() const;
 
  private:

@@ -479,6 +479,18 @@ void launch_op(const CallArgs& args, ReduceOp op, cudaStream_t stream) {
   throw std::invalid_argument("unknown reduce op " + std::to_string(static_cast<int>(op)));
 }
 
+// Runs `launch`, which enqueues call number `call`, and checks it: what fails comes out as a
+// LaunchError naming the call (the number is taken: the caller must know which).
+template <typename Launch>
+void launch_numbered(int64_t call, const char* what, Launch&& launch) {
+  try {
+    launch();
+    check_cuda(cudaGetLastError(), what);
+  } catch (const std::exception& error) {
+    throw LaunchError(error.what(), call);
+  }
+}
+
 // The members of IpcRing (ipc_ring.h) that launch the kernels.
 
 int64_t IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
@@ -506,15 +518,16 @@ int64_t IpcRing::all_reduce(void* data, int64_t count, DType dtype, int32_t op,
   const ReduceOp reduce_op = op == kOpAvg ? ReduceOp::kSum : static_cast<ReduceOp>(op);
   const std::lock_guard<std::mutex> lock(enqueue_mutex_);
   args.call = ++calls_;
-  switch (dtype) {
-    case DType::kFloat32: launch_op<float>(args, reduce_op, stream); break;
-    case DType::kFloat64: launch_op<double>(args, reduce_op, stream); break;
-    case DType::kFloat16: launch_op<__half>(args, reduce_op, stream); break;
-    case DType::kBFloat16: launch_op<__nv_bfloat16>(args, reduce_op, stream); break;
-    case DType::kInt32: launch_op<int32_t>(args, reduce_op, stream); break;
-    case DType::kInt64: launch_op<int64_t>(args, reduce_op, stream); break;
-  }
-  check_cuda(cudaGetLastError(), "the all-reduce kernel launch");
+  launch_numbered(args.call, "the all-reduce kernel launch", [&] {
+    switch (dtype) {
+      case DType::kFloat32: return launch_op<float>(args, reduce_op, stream);
+      case DType::kFloat64: return launch_op<double>(args, reduce_op, stream);
+      case DType::kFloat16: return launch_op<__half>(args, reduce_op, stream);
+      case DType::kBFloat16: return launch_op<__nv_bfloat16>(args, reduce_op, stream);
+      case DType::kInt32: return launch_op<int32_t>(args, reduce_op, stream);
+      case DType::kInt64: return launch_op<int64_t>(args, reduce_op, stream);
+    }
+  });
   return args.call;
 }
 
@@ -532,8 +545,8 @@ int64_t IpcRing::agree(const CallHeader& header, cudaStream_t stream) {
   args.failure = failure_device_;
   const std::lock_guard<std::mutex> lock(enqueue_mutex_);
   args.call = ++calls_;
-  launch_op<int32_t>(args, ReduceOp::kSum, stream);
-  check_cuda(cudaGetLastError(), "the agreement kernel launch");
+  launch_numbered(args.call, "the agreement kernel launch",
+                  [&] { launch_op<int32_t>(args, ReduceOp::kSum, stream); });
   return args.call;
 }
 

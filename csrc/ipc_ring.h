@@ -51,6 +51,17 @@ inline void check_cuda(cudaError_t status, const char* what) {
                              cudaGetErrorString(status));
 }
 
+// A call that took its number (IpcRing::calls_) but whose kernel could not be enqueued: this
+// rank's numbering now has a call that its peers' have and its stream has not.
+class LaunchError : public std::runtime_error {
+ public:
+  LaunchError(const std::string& what, int64_t call) : std::runtime_error(what), call_(call) {}
+  int64_t call() const { return call_; }
+
+ private:
+  int64_t call_;
+};
+
 class IpcRing {
  public:
   // Allocates this rank's buffer on the current device (zeroed before anyone can map it).
@@ -133,12 +144,13 @@ class IpcRing {
 
   // Enqueues the in-place all-reduce of `data` (count elements, device memory, aligned to its
   // element size) on `stream` as one kernel. kOpAvg needs a floating dtype. Failures found on
-  // the device show in failure(). Returns the call's number (see calls_).
+  // the device show in failure(). Returns the call's number (see calls_); a launch that fails
+  // raises LaunchError with it.
   int64_t all_reduce(void* data, int64_t count, DType dtype, int32_t op, cudaStream_t stream);
 
   // Enqueues a call that moves no data but meets the peers' calls at a first barrier with
   // `header` (a kTorchPath announcement): a peer whose call differs fails, as this one does.
-  // Returns the call's number.
+  // Returns the call's number, as all_reduce does.
   int64_t agree(const CallHeader& header, cudaStream_t stream);
 
   // Makes this rank's barriers fail naming `rank`, whose process is gone (any thread; the

@@ -11,7 +11,9 @@
 #include <torch/types.h>
 
 #include <cstring>
+#include <exception>
 #include <mutex>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -151,6 +153,47 @@ struct IpcAllReduce::Impl {
   void order(cudaEvent_t event, cudaStream_t stream_before, cudaStream_t waiter) {
     cuda::check_cuda(cudaEventRecord(event, stream_before), "cudaEventRecord");
     cuda::check_cuda(cudaStreamWaitEvent(waiter, event, 0), "cudaStreamWaitEvent");
+  }
+
+  // The host's part of a call once it takes its number: `take` enqueues the kernel and returns
+  // the number, `then(number)` does the rest. What either raises is raised, and leaves the ring
+  // unusable (fail_on_host) once the number was taken.
+  template <typename Take, typename Then>
+  int64_t numbered(Take&& take, Then&& then, bool drain) {
+    int64_t call = -1;
+    try {
+      call = take();
+      then(call);
+      return call;
+    } catch (const cuda::LaunchError& error) {
+      fail_on_host(error.call(), error.what(), drain);
+      throw;
+    } catch (const c10::Error& error) {
+      fail_on_host(call, error.what_without_backtrace(), drain);
+      throw;
+    } catch (const std::exception& error) {
+      fail_on_host(call, error.what(), drain);
+      throw;
+    }
+  }
+
+  // Call `call` took its number and then failed on the host (`what`): its kernel may not have
+  // been enqueued, so this rank's next call would meet the peers' call `call` at its barriers
+  // (and reduce with it where the headers match), or the caller goes on without the call. The
+  // ring becomes unusable, naming the call: the calls numbered before it ended as usual, none
+  // after it runs. Unless the device failed an earlier call: the ring's stream is drained
+  // first (`drain`; not while a graph is captured), bounded by the timeout as every barrier
+  // is, so that the device's report stands where it names an earlier call (check()).
+  void fail_on_host(int64_t call, const char* what, bool drain) {
+    if (call < 0 || !failure.empty()) return;
+    if (drain && cudaStreamSynchronize(raw_stream) != cudaSuccess) {
+      cudaGetLastError();  // the error being reported, or one that broke the context for good
+    }
+    if (ring->failure().kind != 0) return;  // check() reports it, with the call that met it
+    failure = "call " + std::to_string(call) + " of the ring failed on rank " +
+              std::to_string(ring->rank()) + "'s host (" + what +
+              "), so its later calls would no longer meet the peers' calls of the same number";
+    failed_call = call;
   }
 
   c10::DeviceIndex device;
@@ -306,18 +349,28 @@ int64_t IpcAllReduce::all_reduce(at::Tensor& tensor, int64_t op, bool block_curr
   if (capturing(current.stream())) {
     // Captured into a CUDA graph: the kernel goes on the capturing stream itself (the barrier
     // counters live on the device, so every replay meets fresh barriers).
-    return impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
-                                   static_cast<int32_t>(op), current.stream());
+    return impl_->numbered(
+        [&] {
+          return impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
+                                         static_cast<int32_t>(op), current.stream());
+        },
+        [](int64_t) {}, /*drain=*/false);
   }
   impl_->idle = false;
-  impl_->order(impl_->ready, current.stream(), impl_->raw_stream);
-  const int64_t call = impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
-                                               static_cast<int32_t>(op), impl_->raw_stream);
-  // The caller may free the tensor once its stream moves on: keep the memory until the ring is
-  // done with it.
-  c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(), impl_->stream());
-  if (block_current_stream) impl_->order(impl_->done, impl_->raw_stream, current.stream());
-  return call;
+  impl_->order(impl_->ready, current.stream(), impl_->raw_stream);  // no number taken yet
+  return impl_->numbered(
+      [&] {
+        return impl_->ring->all_reduce(tensor.data_ptr(), tensor.numel(), dtype,
+                                       static_cast<int32_t>(op), impl_->raw_stream);
+      },
+      [&](int64_t) {
+        // The caller may free the tensor once its stream moves on: keep the memory until the
+        // ring is done with it.
+        c10::cuda::CUDACachingAllocator::recordStream(tensor.storage().data_ptr(),
+                                                      impl_->stream());
+        if (block_current_stream) impl_->order(impl_->done, impl_->raw_stream, current.stream());
+      },
+      /*drain=*/true);
 }
 
 void IpcAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
@@ -330,9 +383,14 @@ void IpcAllReduce::agree_torch_path(const at::Tensor& tensor, int64_t op) {
   // After the ring's earlier calls (its own stream), not after the caller's pending work: the
   // announcement reads no tensor.
   impl_->idle = false;
-  impl_->ring->agree(header, impl_->raw_stream);
-  // Bounded: every barrier poll ends by the timeout, or sooner when a peer gave up or died.
-  cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream), "cudaStreamSynchronize");
+  impl_->numbered([&] { return impl_->ring->agree(header, impl_->raw_stream); },
+                  [&](int64_t) {
+                    // Bounded: every barrier poll ends by the timeout, or sooner when a peer
+                    // gave up or died.
+                    cuda::check_cuda(cudaStreamSynchronize(impl_->raw_stream),
+                                     "cudaStreamSynchronize");
+                  },
+                  /*drain=*/true);
   impl_->idle = true;
   check();
 }
