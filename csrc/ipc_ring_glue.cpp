@@ -185,11 +185,13 @@ struct IpcAllReduce::Impl {
   // first (`drain`; not while a graph is captured), bounded by the timeout as every barrier
   // is, so that the device's report stands where it names an earlier call (check()).
   void fail_on_host(int64_t call, const char* what, bool drain) {
-    if (call < 0 || !failure.empty()) return;
+    if (call < 0) return;
     if (drain && cudaStreamSynchronize(raw_stream) != cudaSuccess) {
       cudaGetLastError();  // the error being reported, or one that broke the context for good
     }
-    if (ring->failure().kind != 0) return;  // check() reports it, with the call that met it
+    const std::lock_guard<std::mutex> lock(failure_mutex);
+    // A failure known already stands; so does a device report (check() raises it).
+    if (!failure.empty() || ring->failure().kind != 0) return;
     failure = "call " + std::to_string(call) + " of the ring failed on rank " +
               std::to_string(ring->rank()) + "'s host (" + what +
               "), so its later calls would no longer meet the peers' calls of the same number";
@@ -203,6 +205,9 @@ struct IpcAllReduce::Impl {
   bool idle = true;  // nothing enqueued on raw_stream since it was last synchronized
   std::unique_ptr<cuda::IpcRing> ring;
   bool stopped = false;  // stop() ran: no more calls
+  // `failure` and `failed_call` are read and written under `failure_mutex`: check() runs on
+  // several threads at once (agree_torch_path's without the GIL, FirstFailure's with it).
+  mutable std::mutex failure_mutex;
   std::string failure;  // why the ring is unusable ("" while it is usable)
   int64_t failed_call = -1;  // the number of the call that failed (-1: none yet)
   std::vector<int64_t> pids;  // the watched peers' pids, for messages
@@ -296,6 +301,7 @@ int64_t IpcAllReduce::stream_handle() const {
 }
 
 void IpcAllReduce::check() {
+  const std::lock_guard<std::mutex> lock(impl_->failure_mutex);
   if (!impl_->failure.empty())
     throw RingClosedError("this ring all-reduce is unusable after an earlier failure: " +
                           impl_->failure);
@@ -431,9 +437,15 @@ void IpcAllReduce::close() { free(); }
 
 bool IpcAllReduce::closed() const { return !impl_->ring || impl_->stopped; }
 
-std::string IpcAllReduce::failure() const { return impl_->failure; }
+std::string IpcAllReduce::failure() const {
+  const std::lock_guard<std::mutex> lock(impl_->failure_mutex);
+  return impl_->failure;
+}
 
-int64_t IpcAllReduce::failed_call() const { return impl_->failed_call; }
+int64_t IpcAllReduce::failed_call() const {
+  const std::lock_guard<std::mutex> lock(impl_->failure_mutex);
+  return impl_->failed_call;
+}
 
 }  // namespace fastpar
 
