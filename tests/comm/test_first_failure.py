@@ -13,22 +13,10 @@ import torch
 from fastpar import _native
 from fastpar.comm import CommClosedError, CommTimeoutError, RingAllReduce
 from fastpar.comm.errors import FirstFailure, native_error_types
+from tests.cuda_fakes import DoneEvent
 
 LAUNCH_ERROR = "CUDA IPC all-reduce: the all-reduce kernel launch failed: invalid argument"
 TIMEOUT = "rank 0 (GPU) timed out waiting for rank 1"
-
-
-class _DoneEvent:
-    """A CUDA event recorded behind a call that has finished."""
-
-    def record(self, stream: object) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
 
 
 class _Transport:
@@ -67,12 +55,12 @@ class _Transport:
 
 def _ring(monkeypatch: pytest.MonkeyPatch, transport: _Transport) -> RingAllReduce:
     class Stream:
-        def wait_event(self, event: _DoneEvent) -> None:
+        def wait_event(self, event: DoneEvent) -> None:
             pass
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    monkeypatch.setattr(torch.cuda, "Event", DoneEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     ring = object.__new__(RingAllReduce)
     ring.device = torch.device("cuda", 0)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from fastpar import _native
 from fastpar.comm import CommTimeoutError, RingAllReduce
 from fastpar.comm.errors import CallFailure, FirstFailure, native_error_types
+from tests.cuda_fakes import DoneEvent
 
 
 def _ring_on_cuda1_capturing(
@@ -201,19 +202,6 @@ def test_a_failure_is_kept_with_the_number_of_the_call_that_met_it() -> None:
     assert unknown is not None and unknown.call is None
 
 
-class _DoneEvent:
-    """A CUDA event recorded behind a call that has finished."""
-
-    def record(self, stream: object) -> None:
-        pass
-
-    def query(self) -> bool:
-        return True
-
-    def synchronize(self) -> None:
-        pass
-
-
 def test_each_cuda_call_gets_its_own_verdict_from_the_failing_calls_number(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -238,12 +226,12 @@ def test_each_cuda_call_gets_its_own_verdict_from_the_failing_calls_number(
                 raise native.RingTimeoutError(timeout)
 
     class Stream:
-        def wait_event(self, event: _DoneEvent) -> None:
+        def wait_event(self, event: DoneEvent) -> None:
             pass
 
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Event", _DoneEvent)
+    monkeypatch.setattr(torch.cuda, "Event", DoneEvent)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
     transport = Transport()
     ring = object.__new__(RingAllReduce)
