@@ -12,8 +12,8 @@ import torch
 
 from fastpar import _native
 from fastpar.comm import CommClosedError, CommTimeoutError, RingAllReduce
-from fastpar.comm.errors import FirstFailure, native_error_types
-from tests.cuda_fakes import DoneEvent
+from fastpar.comm.errors import native_error_types
+from tests.cuda_fakes import ring_on_fakes
 
 LAUNCH_ERROR = "CUDA IPC all-reduce: the all-reduce kernel launch failed: invalid argument"
 TIMEOUT = "rank 0 (GPU) timed out waiting for rank 1"
@@ -54,22 +54,7 @@ class _Transport:
 
 
 def _ring(monkeypatch: pytest.MonkeyPatch, transport: _Transport) -> RingAllReduce:
-    class Stream:
-        def wait_event(self, event: DoneEvent) -> None:
-            pass
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Event", DoneEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    ring = object.__new__(RingAllReduce)
-    ring.device = torch.device("cuda", 0)
-    native_errors = native_error_types(transport.native)
-    ring._transport, ring._native_errors, ring._stream = transport, native_errors, object()
-    ring._device_failure = FirstFailure(
-        transport.check, native_errors, lambda: transport.failed_call
-    )
-    return ring
+    return ring_on_fakes(monkeypatch, transport, native_error_types(transport.native))
 
 
 def test_calls_before_a_failed_launch_succeed_and_none_after_it_runs(

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from fastpar import _native
 from fastpar.comm import CommTimeoutError, RingAllReduce
 from fastpar.comm.errors import CallFailure, FirstFailure, native_error_types
-from tests.cuda_fakes import DoneEvent
+from tests.cuda_fakes import ring_on_fakes
 
 
 def _ring_on_cuda1_capturing(
@@ -225,21 +225,7 @@ def test_each_cuda_call_gets_its_own_verdict_from_the_failing_calls_number(
                 self.failed_call = 2
                 raise native.RingTimeoutError(timeout)
 
-    class Stream:
-        def wait_event(self, event: DoneEvent) -> None:
-            pass
-
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    monkeypatch.setattr(torch.cuda, "Event", DoneEvent)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
-    transport = Transport()
-    ring = object.__new__(RingAllReduce)
-    ring.device = torch.device("cuda", 0)
-    ring._transport, ring._native_errors, ring._stream = transport, native_errors, object()
-    ring._device_failure = FirstFailure(
-        transport.check, native_errors, lambda: transport.failed_call
-    )
+    ring = ring_on_fakes(monkeypatch, Transport(), native_errors)
     works = [ring._run_cuda(torch.ones(4), 0, async_op=True) for _ in range(3)]
     first, failed, did_not_run = works
     assert first is not None and failed is not None and did_not_run is not None
