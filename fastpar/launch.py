@@ -100,18 +100,37 @@ def _release_fork_server() -> None:
 
 
 @contextlib.contextmanager
-def _sigint_blocked() -> Iterator[None]:
-    """Block SIGINT in this thread while it starts a child (the fork server, a spawned rank, a
-    thread): the child inherits the block through fork and exec, so a Ctrl-C that reaches it
-    while it imports torch stays pending, and is dropped when it ignores SIGINT (the server
-    after its preload, a rank as it runs), where it would otherwise print a KeyboardInterrupt
-    traceback. This process handles Ctrl-C for all of them: one that arrives meanwhile waits,
-    and is delivered as the block ends; ignoring it instead (SIG_IGN) would lose it."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+def _sigint_held() -> Iterator[None]:
+    """Hold Ctrl-C off while this thread starts a child (the fork server, a spawned rank, a
+    thread), and deliver it once the start is done: this process handles Ctrl-C for all of
+    them, and a start cut short would leave a half-started child.
+
+    SIGINT is blocked in this thread, and the child inherits the block through fork and exec:
+    a Ctrl-C that reaches it while it imports torch stays pending, and is dropped when it
+    ignores SIGINT (the server after its preload, a rank as it runs), where it would otherwise
+    print a KeyboardInterrupt traceback. A block holds only this thread's share: another thread
+    of this process (torch's, a caller's) may take the signal, and Python would raise in the
+    main thread mid-start, so the main thread's handler only notes it meanwhile. Ignoring it
+    instead (SIG_IGN) would lose it."""
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()  # a start of the tracker unblocks SIGINT in this thread
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    noted: list[int] = []
+    in_main = threading.current_thread() is threading.main_thread()  # only it sets handlers
+    if in_main:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        if in_main:
+            # None: a handler set outside Python, which cannot be set back; the default.
+            signal.signal(
+                signal.SIGINT, signal.default_int_handler if previous is None else previous
+            )
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)  # delivers one still pending
+        if noted:
+            signal.raise_signal(signal.SIGINT)
 
 
 def stop_fork_server() -> None:
@@ -405,21 +424,20 @@ def spawn_ranks(
     if "torch.distributed" not in sys.modules:
         importer = threading.Thread(target=importlib.import_module, args=("torch.distributed",),
                                     name="fastpar-import-torch", daemon=True)  # fmt: skip
-        # It takes no SIGINT: one it took would interrupt this thread, which blocks SIGINT
-        # while it starts a child, in the middle of that start.
-        with _sigint_blocked():
+        # It takes no SIGINT (its mask is inherited): Ctrl-C stays the main thread's.
+        with _sigint_held():
             importer.start()
     try:
         if start_method == "forkserver":
             from multiprocessing import forkserver
 
-            with _sigint_blocked():
+            with _sigint_held():
                 forkserver.ensure_running()
         # A spawned rank starts at once; a forked one waits for the server's preload, and
         # Ctrl-C must stay the launcher's meanwhile.
         spawned = start_method == "spawn"
         for process in processes:
-            with _sigint_blocked() if spawned else contextlib.nullcontext():
+            with _sigint_held() if spawned else contextlib.nullcontext():
                 process.start()
         if importer is not None:
             importer.join()

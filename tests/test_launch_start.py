@@ -202,6 +202,51 @@ def test_ctrl_c_while_a_child_starts_is_not_lost(tmp_path: Path, start_method: s
     assert not _alive(children[0]), "a child outlived its interrupted launcher"
 
 
+# Run as a launcher that has another thread (torch's, a caller's), it takes a Ctrl-C while it
+# holds SIGINT off for a start, and says whether the start was cut short.
+_HELD_WITH_A_THREAD = """
+import os, signal, threading
+from fastpar.launch import _sigint_held
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+try:
+    with _sigint_held():
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10**6):  # the rest of a start, during which the other thread takes it
+            pass
+        print("start finished")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_ctrl_c_that_another_thread_takes_waits_for_the_start() -> None:
+    """A block holds only the starting thread's share of SIGINT: the other thread took it, and
+    Python raised KeyboardInterrupt in the main thread in the middle of the start."""
+    run = subprocess.run([sys.executable, "-c", _HELD_WITH_A_THREAD], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.stdout.split() == ["start", "finished", "interrupted"], run.stderr
+
+
+# Run as a launcher whose resource tracker is not running yet, it starts the fork server
+# while holding SIGINT off, and prints whether SIGINT is still blocked afterwards.
+_HELD_WITHOUT_A_TRACKER = """
+import signal
+from multiprocessing import forkserver
+from fastpar.launch import _sigint_held
+with _sigint_held():
+    forkserver.ensure_running()
+    print(signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+"""
+
+
+def test_starting_the_resource_tracker_does_not_end_the_hold() -> None:
+    """CPython's resource tracker, started by the fork server's start, unblocks SIGINT in the
+    thread that starts it: it must run before the hold, not inside it."""
+    run = subprocess.run([sys.executable, "-c", _HELD_WITHOUT_A_TRACKER], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.stdout.split() == ["True"], run.stderr
+
+
 def test_the_test_helper_forks_its_ranks() -> None:
     # The server imported the helper's modules, so a rank finds them loaded before it imports
     # anything itself.
