@@ -292,11 +292,13 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
 
 def job_id(store: dist.Store | None) -> str | None:
     """This torchrun job's id: a random one that its first attempt leaves in `store`, which
-    outlives the attempts (None: no store does). Not torchrun's run id, which every job of
-    several hosts without --rdzv-id shares ("none"), and which a user may reuse."""
-    if store is None:
-        return None
-    return store.compare_set("fastpar/job", "", uuid.uuid4().hex).decode()
+    outlives the attempts. Without such a store, torchrun's run id (--rdzv-id), unless it is
+    "none", which every job of several hosts without --rdzv-id shares; None where neither tells
+    the job apart."""
+    if store is not None:
+        return store.compare_set("fastpar/job", "", uuid.uuid4().hex).decode()
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run_id in ("", "none") else f"rdzv-id {run_id}"
 
 
 def _prepare_under_torchrun(
@@ -314,8 +316,9 @@ def _prepare_under_torchrun(
         job = job_id(store)
         if restarts and job is None:
             print(f"fastpar train: restart {restarts}: torchrun's store did not outlive the "
-                  "first attempt, so this job cannot tell its own checkpoints from another "
-                  "run's; it keeps --resume and --overwrite as given", file=sys.stderr)  # fmt: skip
+                  "first attempt and no --rdzv-id names the job, so it cannot tell its own "
+                  "checkpoints from another run's; it keeps --resume and --overwrite as given",
+                  file=sys.stderr)  # fmt: skip
         answer[2] = restarted_config(config, restarts, job=job)
         try:
             answer[0] = prepare(answer[2], job=job)
