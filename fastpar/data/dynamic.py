@@ -92,8 +92,9 @@ class DynamicSlicer:
     collective, send `step_statistics(...)` along with the gradient all-reduce and hand the sum
     to `record_reduced`. `last_stats` (`SlicerStats`) holds what the last step measured and
     decided: blocks, samples/s per rank, modelled rates, grow/shrink/rebalance/hold. In the last
-    step of an epoch a rank can get an empty block (fewer samples left than ranks); it then
-    contributes zero gradients and still calls `record_step` with 0 samples.
+    step of an epoch a rank gets an empty block only when fewer samples than ranks remain; it
+    then still steps with its peers: it contributes zero gradients and calls `record_step` with
+    0 samples.
 
     Arguments:
         num_samples: n, the number of samples (indices 0 .. n-1), >= 1.
@@ -203,13 +204,23 @@ class DynamicSlicer:
         sizes = self._sizes
         remaining = self.num_samples - self._cursor
         if remaining < sum(sizes):
-            sizes = apportion(remaining, sizes, [0] * self.world_size, sizes)
+            sizes = self._last_step_sizes(remaining)
         blocks = []
         for size in sizes:
             blocks.append(self._order[self._cursor : self._cursor + size].tolist())
             self._cursor += size
         self._last_sizes = list(sizes)
         return blocks
+
+    def _last_step_sizes(self, remaining: int) -> list[int]:
+        """The epoch's last blocks: `remaining` samples (fewer than a full step) shared in
+        proportion to the current sizes, at least one per rank while `world_size` remain and at
+        most one when fewer do. Without the lower bound a slow rank's small share rounds to 0
+        (sizes [2, 30], 3 left: [0, 3]): an empty block where none is needed."""
+        world = self.world_size
+        if remaining >= world:
+            return apportion(remaining, self._sizes, [1] * world, self._sizes)
+        return apportion(remaining, self._sizes, [0] * world, [1] * world)
 
     def steps(self) -> Iterator[list[list[int]]]:
         """Yield `next_step()` until the end of the epoch (starting the next one if the current

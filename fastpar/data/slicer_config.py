@@ -16,8 +16,9 @@ class DynamicSlicerConfig:
 
     Block sizes of full steps stay within [min_size, max_size]. Only the last step of an epoch
     can be smaller: when fewer samples remain than a full global batch, they are shared among
-    the ranks in proportion to the current sizes (a rank can get fewer than min_size samples,
-    or none when fewer samples than ranks remain).
+    the ranks in proportion to the current sizes, at least one each (a rank can get fewer than
+    min_size samples); when fewer samples than ranks remain, one each to as many ranks as there
+    are samples, and the others get none.
     """
 
     min_size: int
