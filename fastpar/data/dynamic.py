@@ -94,7 +94,7 @@ class DynamicSlicer:
     decided: blocks, samples/s per rank, modelled rates, grow/shrink/rebalance/hold. In the last
     step of an epoch a rank gets an empty block only when fewer samples than ranks remain; it
     then still steps with its peers: it contributes zero gradients and calls `record_step` with
-    0 samples.
+    0 samples (with a DataLoader, see `batch_sampler`).
 
     Arguments:
         num_samples: n, the number of samples (indices 0 .. n-1), >= 1.
@@ -257,6 +257,18 @@ class DynamicSlicer:
 
         It has no `len()`, so neither has the DataLoader: how many blocks an epoch takes
         depends on the sizes the measurements choose while it runs.
+
+        Every rank's pass yields the same number of blocks: when fewer samples than ranks are
+        left for an epoch's last step, the ranks without one get an empty list, not nothing. A
+        rank that skipped it would end its epoch a step early while its peers wait for it in
+        the step's gradient all-reduce and `record_step`. PyTorch's default collate fails on an
+        empty list, so give the loader `collate_fn=BlockCollate(dataset)`
+        (`fastpar.data.collate`): the empty block arrives as a batch of 0 samples, whose loss
+        weighted by its share of the step (0) gives zero gradients, and the rank reports it with
+        `record_step(0, ...)`:
+
+            loader = DataLoader(dataset, batch_sampler=slicer.batch_sampler(),
+                                collate_fn=BlockCollate(dataset))
 
         Returns:
             An iterable whose every iteration is `self.blocks()`.
