@@ -55,7 +55,7 @@ from fastpar.comm.shared_area import (
     describe_request,
 )
 from fastpar.comm.timeouts import as_timedelta, group_timeout
-from fastpar.comm.work import RingWork
+from fastpar.comm.work import RingWork, wait_ran_out
 
 logger = get_logger(__name__)
 
@@ -89,7 +89,8 @@ class HierarchicalWork(RingWork):
     task, returns the CUDA event behind its last kernel, or None on CPU); `wait()` raises its
     error, or the error another rank posted while this one still waits for a shard, and on CUDA
     then orders the current stream after the call's last kernel. Its `timeout` bounds the wait
-    (the call itself is bounded by the object's timeout)."""
+    (None or `timedelta(0)`: no bound of its own, as in torch; the call itself is bounded by the
+    object's timeout); one that runs out raises TimeoutError, the call going on."""
 
     def __init__(
         self, future: Future[torch.cuda.Event | None], owner: HierarchicalAllReduce,
@@ -519,7 +520,13 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         return _ERRORS.get(kind, CommTimeoutError)(f"rank {self.rank} stopped: {message}")
 
     def _result(self, future: Future[None], timeout: timedelta | None) -> None:
-        """The call's result; a failure another rank posted meanwhile ends the wait early."""
+        """The call's result; a failure another rank posted meanwhile ends the wait early.
+
+        Arguments:
+            future: the call, on the worker.
+            timeout: how long to wait (None: until the call ends, itself bounded); a wait that
+                runs out raises `wait_ran_out`'s TimeoutError, the call going on.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout.total_seconds()
         while True:
             step = LIVENESS_PERIOD_S
@@ -528,12 +535,15 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
             try:
                 future.result(timeout=step)
                 return
-            except FutureTimeout:
+            except FutureTimeout:  # also the call's own CommTimeoutError (a subclass)
                 note = self._read_note()
                 if note is not None:
                     raise self._error_from(note) from None
-                if deadline is not None and time.monotonic() >= deadline:
+                if future.done():  # its own error, and no note of it (an unreachable store)
                     raise
+                if deadline is not None and time.monotonic() >= deadline:
+                    assert timeout is not None
+                    raise wait_ran_out(timeout) from None
 
     # --- lifetime ------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@ from fastpar.comm.errors import CallFailure
 # hook does) leave the other futures' completions running.
 COMPLETION_THREADS = 32
 
+# What torch's Work.wait takes for "no bound" (its default, c10d's kNoTimeout).
+NO_BOUND = timedelta(0)
+
 _completion_pool: ThreadPoolExecutor | None = None
 _completion_lock = threading.Lock()
 # Guards every handle's creation and claiming of its future (a few instructions each): one lock
@@ -48,6 +51,28 @@ def _forget_completion_pool() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_completion_pool)
+
+
+def _wait_bound(timeout: timedelta | float | None) -> timedelta | None:
+    """`wait()`'s `timeout` as the handles' `_wait` takes it: None where it sets no bound."""
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, timedelta | int | float):
+        raise TypeError(
+            "timeout must be a datetime.timedelta, seconds or None, got "
+            f"{type(timeout).__name__} {timeout!r}"
+        )
+    bound = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
+    return None if bound == NO_BOUND else bound
+
+
+def wait_ran_out(timeout: timedelta) -> TimeoutError:
+    """The error of a handle's `wait(timeout)` that ran out while its all-reduce still runs."""
+    return TimeoutError(
+        f"the all-reduce was still running after wait(timeout={timeout.total_seconds():g} s); "
+        "it goes on (bounded by the all-reduce's own timeout): wait() again before using the "
+        "tensor"
+    )
 
 
 class _CopyBack:
@@ -96,18 +121,24 @@ class _Work(abc.ABC):
     def is_completed(self) -> bool:
         """Whether the call has finished (successfully or not)."""
 
-    def wait(self, timeout: timedelta | None = None) -> bool:
+    def wait(self, timeout: timedelta | float | None = None) -> bool:
         """Block until the all-reduce is done (the tensor holds the result); raise its error if
         it failed.
 
         Arguments:
-            timeout: give up waiting after this long, where the handle can (each handle's class
-                says how); the all-reduce itself is bounded by its own timeout.
+            timeout: give up waiting after this long (a timedelta, or seconds as torch takes
+                them), where the handle can (each handle's class says how); None or zero
+                (`timedelta(0)`, torch's default) sets no bound of the wait's own. The
+                all-reduce itself is bounded by its own timeout.
 
         Returns:
             True, as torch.distributed's Work.wait does.
+
+        Raises:
+            TypeError: `timeout` is neither a timedelta, a number nor None.
+            TimeoutError: the wait ran out; the all-reduce goes on (see `wait_ran_out`).
         """
-        self._wait(timeout)
+        self._wait(_wait_bound(timeout))
         if self._torch_future is not None:  # as torch's: once wait() returns, so has the future
             self._complete_future()
             self._torch_future.wait()  # at once, or once the thread completing it has
@@ -190,16 +221,12 @@ class RingWork(_Work):
         self._future = future
 
     def _wait(self, timeout: timedelta | None) -> None:
-        seconds = None if timeout is None else timeout.total_seconds()
         try:
-            self._future.result(timeout=seconds)
+            self._future.result(timeout=None if timeout is None else timeout.total_seconds())
         except TimeoutError:
-            if self._future.done():  # the all-reduce's own error (a TimeoutError subclass)
+            if self._future.done() or timeout is None:  # the all-reduce's own error (a subclass)
                 raise
-            raise TimeoutError(
-                f"the all-reduce was still running after wait(timeout={seconds:g} s); it goes "
-                "on (bounded by the ring's timeout): wait() again before using the tensor"
-            ) from None
+            raise wait_ran_out(timeout) from None
 
     def _complete_future_when_done(self) -> None:
         # Not on the ring's worker (where the done-callback runs): a callback there that waits

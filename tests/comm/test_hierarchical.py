@@ -12,7 +12,9 @@ import hashlib
 import os
 import random
 import signal
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,28 @@ def test_mismatched_and_killed_ranks_are_named_on_every_rank() -> None:
         assert f"rank {KILLED}" in message, message
         assert after_kill < timeout_s, (after_kill, message)
     assert any("exited" in message for *_, message in survivors), survivors
+
+
+def test_a_calls_own_timeout_ends_a_wait_when_no_failure_note_can_be_read() -> None:
+    """The call's own CommTimeoutError (a TimeoutError) was taken for a wait that ran out: with
+    no failure note to read (an unreachable store) a wait without timeout spun forever."""
+    reducer = object.__new__(HierarchicalAllReduce)  # only its failure notes are used
+    reducer._read_note = lambda wait_s=0.0: None  # type: ignore[method-assign]
+    call: Future[None] = Future()
+    call.set_exception(comm.CommTimeoutError("rank 0 timed out waiting for rank 1"))
+    raised: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            reducer._result(call, None)
+        except BaseException as error:
+            raised.append(error)
+
+    waiter = threading.Thread(target=wait, daemon=True)  # a spinning one must not hold pytest
+    waiter.start()
+    waiter.join(timeout=10)
+    assert not waiter.is_alive(), "the wait did not end"
+    assert raised and raised[0] is call.exception()
 
 
 AREA_ELEMENTS = 70_001

@@ -11,6 +11,7 @@ import datetime
 import os
 import random
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -132,6 +133,79 @@ def test_futures_and_results_of_calls_handed_to_torch_match_gloos() -> None:
     # One rank per host: every call goes to torch.distributed (a view through a copy).
     results = run_multiprocess(_against_gloo, 2, args=(SEED, [0, 1]), timeout=120)
     assert results == [["Work", "CopyBackWork", "CopyBackWork"]] * 2
+
+
+LATE_S = 1.0  # how late rank 0's peers call, while it waits
+
+
+def _waits_with_late_peers(
+    rank: int, world_size: int, hosts: list[int] | None
+) -> tuple[list[tuple[str, torch.Tensor, float]], str]:
+    """Rank 0 waits with torch's default timeout, timedelta(0), on gloo's call and on fastpar's
+    while its peers call LATE_S late; then with 50 ms on a call of fastpar's the peers make only
+    once told to. Returns on rank 0: (handle, result, seconds waited) per call, and the message
+    of the wait that ran out."""
+    if hosts is not None:  # this rank counts as running on host hosts[rank]
+        os.environ[HOST_ENV] = f"simulated-{hosts[rank]}"
+    store = dist.distributed_c10d._get_default_store()
+    comm.all_reduce(torch.zeros(1))  # creating the all-reduce meets every rank
+    starts = {
+        "gloo": lambda tensor: dist.all_reduce(tensor, async_op=True),
+        "fastpar": lambda tensor: comm.all_reduce(tensor, async_op=True),
+    }
+    waited = []
+    for name, start in starts.items():
+        tensor = torch.arange(1000, dtype=torch.float32) * (rank + 1)
+        if rank == 0:
+            work = start(tensor)
+            store.set(f"late/{name}", "1")
+            began = time.monotonic()
+            assert work.wait(datetime.timedelta(0))
+            waited.append((type(work).__name__, tensor, time.monotonic() - began))
+            assert work.wait(5.0)  # seconds, as torch's pybind signature takes them
+            with pytest.raises(TypeError, match="timeout" if name == "fastpar" else "wait"):
+                work.wait("5")
+        else:
+            store.wait([f"late/{name}"])
+            time.sleep(LATE_S)  # the lateness under test: rank 0 is in wait() by now
+            start(tensor).wait()
+    message = ""
+    tensor = torch.ones(1000)
+    if rank == 0:
+        work = comm.all_reduce(tensor, async_op=True)
+        with pytest.raises(TimeoutError) as error:
+            work.wait(datetime.timedelta(milliseconds=50))
+        message = str(error.value)
+        store.set("late/ran-out", "1")
+        work.wait()
+    else:
+        store.wait(["late/ran-out"])
+        comm.all_reduce(tensor)
+    assert torch.equal(tensor, torch.full((1000,), float(world_size)))
+    comm.close_rings()
+    return waited, message
+
+
+@pytest.mark.parametrize(
+    "world_size, hosts, handle",
+    [(2, None, "RingWork"), (4, [0, 0, 1, 1], "HierarchicalWork")],
+    ids=["ring", "hierarchical"],
+)
+def test_a_zero_timeout_waits_for_late_peers_as_torchs_does(
+    world_size: int, hosts: list[int] | None, handle: str
+) -> None:
+    """wait(timedelta(0)), torch's default, raised TimeoutError at once from fastpar's handles
+    where gloo's waits without bound; a hierarchical wait that ran out raised an empty
+    TimeoutError where the ring's says the call goes on."""
+    waited, message = run_multiprocess(
+        _waits_with_late_peers, world_size, args=(hosts,), timeout=60 * world_size
+    )[0]
+    (gloo, reference, gloo_s), (name, result, fastpar_s) = waited
+    assert (gloo, name) == ("Work", handle)
+    assert torch.equal(result, reference)
+    assert min(gloo_s, fastpar_s) > LATE_S / 2, waited  # both waited for the late peers
+    assert message.startswith("the all-reduce was still running after wait(timeout=0.05 s)")
+    assert message.endswith("wait() again before using the tensor"), message
 
 
 FAILING_GROUP_TIMEOUT_S = 2.0
