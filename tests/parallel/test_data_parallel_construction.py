@@ -1,5 +1,6 @@
 """A DataParallel whose construction failed leaves nothing that changes a later construction on
-the same group: the retry works and the store holds no key of the failed one."""
+the same group: the retry works and the store holds no key of the failed one. Bad arguments are
+named as the caller passed them."""
 
 from __future__ import annotations
 
@@ -79,3 +80,25 @@ def test_wrappers_on_fastpars_all_reduce_do_not_grow_the_store() -> None:
     results = run_multiprocess(_store_keys_after_wrappers, 2, timeout=120)
     for counts in results:
         assert counts == [counts[0]] * 4, results
+
+
+def _bad_timeouts(rank: int, world_size: int) -> list[tuple[str, str]]:
+    """What DataParallel raises for each bad timeout: (exception type, message)."""
+    raised = []
+    for timeout in (timedelta(0), "5", float("nan"), -1):
+        with pytest.raises((TypeError, ValueError)) as info:
+            DataParallel(nn.Linear(2, 2), comm="torch", timeout=timeout)  # type: ignore[arg-type]
+        raised.append((type(info.value).__name__, str(info.value)))
+    return raised
+
+
+def test_a_bad_timeout_is_named_timeout() -> None:
+    """The check ran on the config's field: "timeout_s must be ...", a name the caller never
+    wrote."""
+    raised = run_multiprocess(_bad_timeouts, 1, timeout=60)[0]
+    assert raised == [
+        ("ValueError", "timeout must be a finite number > 0, got 0.0"),
+        ("TypeError", "timeout must be a number, got str '5'"),
+        ("ValueError", "timeout must be a finite number > 0, got nan"),
+        ("ValueError", "timeout must be a finite number > 0, got -1"),
+    ]

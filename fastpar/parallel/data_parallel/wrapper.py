@@ -14,6 +14,7 @@ from torch import nn
 
 from fastpar._checks import check_member
 from fastpar._logging import get_logger
+from fastpar.comm.timeouts import as_timedelta
 from fastpar.parallel.data_parallel.backward import BackwardSync, check_not_hooked
 from fastpar.parallel.data_parallel.buckets import build_buckets
 from fastpar.parallel.data_parallel.config import (
@@ -85,7 +86,8 @@ class DataParallel(nn.Module):
                 "(call torch.distributed.init_process_group first)"
             )
         check_not_hooked(module)
-        timeout_s = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        # Checked under the name the caller used (the config's field is timeout_s).
+        timeout_s = None if timeout is None else as_timedelta("timeout", timeout).total_seconds()
         self.config = DataParallelConfig(
             comm=comm,
             bucket_cap_mb=bucket_cap_mb,
