@@ -1,19 +1,24 @@
 """A DataParallel whose construction failed leaves nothing that changes a later construction on
-the same group: the retry works and the store holds no key of the failed one. Bad arguments are
-named as the caller passed them."""
+the same group: the retry works, the store holds no key of the failed one, and its all-reduce
+was closed. Bad arguments are named as the caller passed them."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from fastpar.comm import CommTimeoutError
+from fastpar.comm import CommTimeoutError, RingAllReduce
 from fastpar.parallel import DataParallel
+from fastpar.parallel.data_parallel import wrapper
+from fastpar.parallel.data_parallel.config import decide_overlap
 from fastpar.testing.distributed import run_multiprocess
+from tests.comm.util import shm_segments
 from tests.store_keys import store_key_counts
 
 TIMEOUT_S = 2.0  # how long the first construction waits for the absent rank
@@ -102,3 +107,54 @@ def test_a_bad_timeout_is_named_timeout() -> None:
         ("ValueError", "timeout must be a finite number > 0, got nan"),
         ("ValueError", "timeout must be a finite number > 0, got -1"),
     ]
+
+
+@pytest.mark.parametrize("value", ["", "two", "0"])
+def test_a_bad_local_world_size_is_named(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    """int() said only "invalid literal for int() with base 10: ''"."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", value)
+    expected = f"LOCAL_WORLD_SIZE must be an integer >= 1.*got {value!r}"
+    with pytest.raises(ValueError, match=expected):
+        decide_overlap("auto", torch.device("cpu"), 2)
+
+
+def _held_shared_memory() -> tuple[int, int]:
+    """(this process's mappings of fastpar's shared memory, /dev/shm entries it created)."""
+    with open("/proc/self/maps") as maps:
+        mapped = sum("/fastpar-" in line for line in maps)
+    areas = list(Path("/dev/shm").glob(f"fastpar-area-{os.getpid()}-*"))
+    return mapped, len(areas) + len(shm_segments(os.getpid()))
+
+
+def _failure_after_the_buckets(rank: int, world_size: int) -> tuple[tuple[int, int], ...]:
+    """A construction on fastpar's ring with shared buckets that fails after the buckets were
+    built; returns what shared memory was held before it and after it, and the ring's closes."""
+    closes = []
+    close = RingAllReduce.close
+
+    def counted_close(ring: RingAllReduce) -> None:
+        closes.append(ring)
+        close(ring)
+
+    def fails(*args: object) -> bool:
+        raise RuntimeError("after the buckets")
+
+    RingAllReduce.close = counted_close  # type: ignore[method-assign]
+    wrapper.decide_overlap = fails  # type: ignore[assignment]
+    before = _held_shared_memory()
+    with pytest.raises(RuntimeError, match="after the buckets") as raised:
+        DataParallel(nn.Linear(64, 64), comm="ring", shared_buckets=True, timeout=20.0)
+    # While the error (its frames hold the failed wrapper) is kept, as a caller's handler may.
+    after = _held_shared_memory()
+    del raised
+    dist.barrier()  # no rank counts after a peer's exit unmapped what it shared
+    return before, after, (len(closes), len({id(ring) for ring in closes}))
+
+
+def test_a_construction_that_fails_after_the_buckets_closes_its_ring() -> None:
+    """The ring and its shared buckets stayed mapped as long as the raised error (whose frames
+    hold the failed wrapper) was kept: no close() comes for a wrapper that raised from its
+    constructor."""
+    for before, after, closes in run_multiprocess(_failure_after_the_buckets, 2, timeout=120):
+        assert closes == (1, 1)
+        assert before == (0, 0) and after == before, (before, after)

@@ -22,6 +22,7 @@ __all__ = [
     "OverlapChoice",
     "decide_overlap",
     "has_spare_core",
+    "local_world_size",
 ]
 
 logger = get_logger(__name__)
@@ -111,6 +112,27 @@ def has_spare_core(local_ranks: int, threads: int, cores: int | None) -> bool:
     return cores is not None and cores > local_ranks * threads
 
 
+def local_world_size(default: int) -> int:
+    """The ranks on this host as LOCAL_WORLD_SIZE says (torchrun sets it), else `default`.
+
+    Raises:
+        ValueError: LOCAL_WORLD_SIZE is set but is not an integer >= 1 (the message names it).
+    """
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    if value is None:
+        return default
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(
+            "the environment variable LOCAL_WORLD_SIZE must be an integer >= 1 (the ranks on "
+            f"this host), got {value!r}"
+        )
+    return count
+
+
 def decide_overlap(choice: OverlapChoice, device: torch.device | None, world_size: int) -> bool:
     """Whether buckets are all-reduced during backward (see `DataParallelConfig.overlap`).
 
@@ -123,7 +145,7 @@ def decide_overlap(choice: OverlapChoice, device: torch.device | None, world_siz
         return choice == "on"
     if device is None or device.type != "cpu":
         return True
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    local_ranks = local_world_size(world_size)
     cores = usable_cores()
     spare = has_spare_core(local_ranks, torch.get_num_threads(), cores)
     if dist.get_rank() == 0:

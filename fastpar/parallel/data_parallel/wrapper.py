@@ -106,16 +106,23 @@ class DataParallel(nn.Module):
         broadcast_state(module, self.group, timeout_s)
         params = [p for p in module.parameters() if p.requires_grad]
         self._buckets, self._ring = build_buckets(params, self.config, self.group)
-        first_device = self._buckets[0].buffer.device if self._buckets else None
-        self._sync = BackwardSync(
-            params,
-            self._buckets,
-            world_size=self.world_size,
-            overlaps_backward=decide_overlap(self.config.overlap, first_device, self.world_size),
-            timeout_s=timeout_s,
-            group=self.group,
-        )
-        self._sync.register_hooks()
+        try:
+            first_device = self._buckets[0].buffer.device if self._buckets else None
+            overlaps = decide_overlap(self.config.overlap, first_device, self.world_size)
+            self._sync = BackwardSync(
+                params,
+                self._buckets,
+                world_size=self.world_size,
+                overlaps_backward=overlaps,
+                timeout_s=timeout_s,
+                group=self.group,
+            )
+            self._sync.register_hooks()
+        except BaseException:
+            # No close() will come for a wrapper that was never built: release what it holds.
+            self._buckets = []
+            self._close_ring()
+            raise
 
     # --- the training step ----------------------------------------------------------------------
 
@@ -190,6 +197,10 @@ class DataParallel(nn.Module):
                     error,
                 )
         self._sync.remove_hooks()
+        self._close_ring()
+
+    def _close_ring(self) -> None:
+        """Release fastpar's all-reduce of the buckets (its shared memory too), once."""
         if self._ring is not None:
             self._ring.close()
             self._ring = None
