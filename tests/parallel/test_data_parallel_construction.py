@@ -103,7 +103,7 @@ def test_a_bad_timeout_is_named_timeout() -> None:
     raised = run_multiprocess(_bad_timeouts, 1, timeout=60)[0]
     assert raised == [
         ("ValueError", "timeout must be a finite number > 0, got 0.0"),
-        ("TypeError", "timeout must be a number, got str '5'"),
+        ("TypeError", "timeout must be a datetime.timedelta or a number of seconds, got str '5'"),
         ("ValueError", "timeout must be a finite number > 0, got nan"),
         ("ValueError", "timeout must be a finite number > 0, got -1"),
     ]
