@@ -101,13 +101,9 @@ def cuda_build_possible() -> tuple[bool, str]:
     return True, ""
 
 
-def nvcc_include_dirs(nvcc: str) -> list[str]:
-    """The folders `nvcc` takes CUDA's own headers from (cuda_runtime.h, CCCL), as its dry run
-    lists them; [] when it cannot say.
-
-    The C++ compiles of the CUDA code's torch glue include them too. torch gives every compile
-    CUDA_HOME/include, which lacks them where CUDA_HOME was guessed from an nvcc outside the
-    toolkit (a wrapper script on PATH: CUDA_HOME is then the script's grandparent folder)."""
+def _nvcc_dry_run_words(nvcc: str, variables: tuple[str, ...]) -> list[str]:
+    """The words of the variables of `nvcc`'s dry run (INCLUDES, LIBRARIES, ...); [] when it
+    cannot say."""
     try:
         dry_run = subprocess.run(
             [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
@@ -118,22 +114,51 @@ def nvcc_include_dirs(nvcc: str) -> list[str]:
         )
     except (OSError, subprocess.SubprocessError):
         return []
-    folders: list[str] = []
+    words: list[str] = []
     for line in dry_run.stderr.splitlines():
         # e.g. `#$ INCLUDES="-I/usr/local/cuda/bin/../targets/x86_64-linux/include"  `
         name, _, value = line.removeprefix("#$ ").partition("=")
-        if name not in ("INCLUDES", "SYSTEM_INCLUDES"):
+        if name not in variables:
             continue
         try:
-            words = shlex.split(value)
+            words += shlex.split(value)
         except ValueError:
             continue
-        for i, word in enumerate(words):
-            if word.startswith("-I") and len(word) > 2:
-                folders.append(word[2:])
-            elif word in ("-I", "-isystem") and i + 1 < len(words):
-                folders.append(words[i + 1])
+    return words
+
+
+def _flag_values(words: list[str], flags: tuple[str, ...]) -> list[str]:
+    """The folders after the given flags, joined (`-I/x`) or separate (`-isystem /x`), that
+    exist, normalised."""
+    folders: list[str] = []
+    for i, word in enumerate(words):
+        joined = next((f for f in flags if word.startswith(f) and len(word) > len(f)), None)
+        if joined is not None:
+            folders.append(word[len(joined) :])
+        elif word in flags and i + 1 < len(words):
+            folders.append(words[i + 1])
     return [os.path.normpath(folder) for folder in folders if Path(folder).is_dir()]
+
+
+def nvcc_include_dirs(nvcc: str) -> list[str]:
+    """The folders `nvcc` takes CUDA's own headers from (cuda_runtime.h, CCCL), as its dry run
+    lists them; [] when it cannot say.
+
+    The C++ compiles of the CUDA code's torch glue include them too. torch gives every compile
+    CUDA_HOME/include, which lacks them where CUDA_HOME was guessed from an nvcc outside the
+    toolkit (a wrapper script on PATH: CUDA_HOME is then the script's grandparent folder)."""
+    words = _nvcc_dry_run_words(nvcc, ("INCLUDES", "SYSTEM_INCLUDES"))
+    return _flag_values(words, ("-I", "-isystem"))
+
+
+def nvcc_library_dirs(nvcc: str) -> list[str]:
+    """The folders `nvcc` links CUDA's runtime from (libcudart), as its dry run lists them,
+    without the driver stubs; [] when it cannot say.
+
+    The link of a CUDA build searches them too: torch links `-lcudart` from CUDA_HOME/lib64 or
+    CUDA_HOME/lib, which lack it where CUDA_HOME was guessed from a wrapper script on PATH."""
+    folders = _flag_values(_nvcc_dry_run_words(nvcc, ("LIBRARIES",)), ("-L",))
+    return [folder for folder in folders if Path(folder).name != "stubs"]
 
 
 @dataclass(frozen=True)
@@ -301,8 +326,11 @@ def _load_extension(plan: BuildPlan, extra_cflags: list[str], verbose: bool) -> 
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     include_paths = [str(plan.sources[0].parent)]
+    library_flags: list[str] = []
     if plan.with_cuda and CUDA_HOME is not None:  # (with_cuda: CUDA_HOME/bin/nvcc exists)
-        include_paths += nvcc_include_dirs(str(Path(CUDA_HOME) / "bin" / "nvcc"))
+        nvcc = str(Path(CUDA_HOME) / "bin" / "nvcc")
+        include_paths += nvcc_include_dirs(nvcc)
+        library_flags += [f"-L{folder}" for folder in nvcc_library_dirs(nvcc)]
     return load(
         name=plan.name,
         sources=[str(p) for p in plan.sources],
@@ -310,6 +338,7 @@ def _load_extension(plan: BuildPlan, extra_cflags: list[str], verbose: bool) -> 
         extra_cflags=extra_cflags,
         extra_cuda_cflags=[*_CUDA_FLAGS, "-DFASTPAR_WITH_CUDA"],
         extra_include_paths=include_paths,
+        extra_ldflags=library_flags,
         with_cuda=plan.with_cuda,
         verbose=verbose,
     )

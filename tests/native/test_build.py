@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -278,3 +279,50 @@ def test_build_names_the_library_it_loaded(
     assert main(["build"]) == 0
     library = _native.build()  # cached: the session built it
     assert capsys.readouterr().out == f"native extension: {library}\n"
+
+
+_CUDA_PROBE_SOURCES = {
+    "probe.cpp": """
+#include <pybind11/pybind11.h>
+int device_count();
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("device_count", &device_count); }
+""",
+    "probe_cuda.cu": """
+#include <cuda_runtime.h>
+int device_count() { int n = 0; return cudaGetDeviceCount(&n) == cudaSuccess ? n : -1; }
+""",
+}
+_BUILD_CUDA_PROBE = """
+import sys
+from pathlib import Path
+from fastpar import _native
+root = Path(sys.argv[1])
+plan = _native.BuildPlan(name="fastpar_cuda_probe", directory=root / "cache" / "fastpar_cuda_probe",
+    sources=(root / "src" / "probe.cpp", root / "src" / "probe_cuda.cu"), with_cuda=True)
+_native.build(plan=plan)
+print(sys.modules[plan.name].device_count())
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("nvcc") is None or not _native.cuda_build_possible()[0],
+    reason="needs a CUDA build of torch and nvcc on PATH",
+)
+def test_a_cuda_build_links_with_nvcc_found_on_path(tmp_path: Path) -> None:
+    """torch guesses CUDA_HOME from the nvcc on PATH and links -lcudart from CUDA_HOME/lib;
+    where that nvcc is a wrapper script outside the toolkit (/usr/local/bin/nvcc), the link
+    found no libcudart until the build searched the folders nvcc itself links from."""
+    (tmp_path / "src").mkdir()
+    for name, text in _CUDA_PROBE_SOURCES.items():
+        (tmp_path / "src" / name).write_text(text)
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_HOME", "CUDA_PATH")}
+    result = subprocess.run(
+        [sys.executable, "-c", _BUILD_CUDA_PROBE, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert int(result.stdout.split()[-1]) >= -1  # the library loaded and cudart answered
