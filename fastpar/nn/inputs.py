@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastpar.ops.aten_common import autocast_available
+
 __all__ = [
     "DtypeMismatchError",
     "ShapeMismatchError",
@@ -23,22 +25,10 @@ __all__ = [
 AUTOCAST_ELIGIBLE = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# Whether autocast knows a device type, asked once per type: torch.compile reads this dict as
-# a constant, where torch.amp.is_autocast_available is a graph break (which fullgraph=True
-# refuses) in torch releases before 2.13. The usual devices are asked at import, outside any
-# compilation.
-_autocast_available: dict[str, bool] = {
-    kind: torch.amp.is_autocast_available(kind) for kind in ("cpu", "cuda")
-}
-
-
 def _autocast_on(device: torch.device) -> bool:
     # is_autocast_enabled raises for devices autocast does not know (meta: shape inference).
     kind = device.type
-    available = _autocast_available.get(kind)
-    if available is None:
-        available = _autocast_available[kind] = torch.amp.is_autocast_available(kind)
-    return available and torch.is_autocast_enabled(kind)
+    return autocast_available(kind) and torch.is_autocast_enabled(kind)
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

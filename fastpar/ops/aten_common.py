@@ -321,6 +321,23 @@ def autocast_layer(
     )
 
 
+# Whether autocast knows a device type, asked once per type: torch.compile reads this dict as
+# a constant, where torch.amp.is_autocast_available is a graph break (which fullgraph=True
+# refuses) in torch releases before 2.13. The usual devices are asked at import, outside any
+# compilation.
+_autocast_available: dict[str, bool] = {
+    kind: torch.amp.is_autocast_available(kind) for kind in ("cpu", "cuda")
+}
+
+
+def autocast_available(device_type: str) -> bool:
+    """``torch.amp.is_autocast_available(device_type)``, which torch.compile can trace."""
+    available = _autocast_available.get(device_type)
+    if available is None:
+        available = _autocast_available[device_type] = torch.amp.is_autocast_available(device_type)
+    return available
+
+
 def without_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     """``fn`` with autocast off on the device of its first tensor argument (or of a tuple's): a
     backward called inside an autocast region (``loss.backward()`` under ``torch.autocast``,
@@ -331,7 +348,7 @@ def without_autocast(fn: Callable[_P, _R]) -> Callable[_P, _R]:
     def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
         leaves = pytree.tree_leaves(args)
         device = next((a.device.type for a in leaves if isinstance(a, Tensor)), None)
-        if device is None or not torch.amp.is_autocast_available(device):
+        if device is None or not autocast_available(device):
             return fn(*args, **kwargs)
         with torch.autocast(device, enabled=False):
             return fn(*args, **kwargs)
