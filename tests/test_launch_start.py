@@ -222,8 +222,10 @@ except KeyboardInterrupt:
 def test_a_ctrl_c_that_another_thread_takes_waits_for_the_start() -> None:
     """A block holds only the starting thread's share of SIGINT: the other thread took it, and
     Python raised KeyboardInterrupt in the main thread in the middle of the start."""
+    # SIGINT at its default, as in a terminal: a shell's background job (CI) starts ignoring it.
     run = subprocess.run([sys.executable, "-c", _HELD_WITH_A_THREAD], cwd=REPO,
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+                         capture_output=True, text=True, timeout=60,
+                         preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
     assert run.stdout.split() == ["start", "finished", "interrupted"], run.stderr
 
 
