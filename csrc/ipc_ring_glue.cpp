@@ -3,6 +3,8 @@
 // (or the capturing stream itself while a CUDA graph is captured). Compiled by the host compiler,
 // and to nothing in a CPU build (no FASTPAR_WITH_CUDA).
 #ifdef FASTPAR_WITH_CUDA
+#include <Python.h>  // first, as Python asks: the drain after a host failure lets the GIL go
+
 // c10 headers only: ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers this file needs not.
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -186,8 +188,16 @@ struct IpcAllReduce::Impl {
   // is, so that the device's report stands where it names an earlier call (check()).
   void fail_on_host(int64_t call, const char* what, bool drain) {
     if (call < 0) return;
-    if (drain && cudaStreamSynchronize(raw_stream) != cudaSuccess) {
-      cudaGetLastError();  // the error being reported, or one that broke the context for good
+    if (drain) {
+      // all_reduce keeps the GIL for its launch; this wait may last the ring's timeout, and
+      // the process's other Python threads (a pipeline's links, a work handle's waiters) run
+      // meanwhile.
+      PyThreadState* const saved = PyGILState_Check() ? PyEval_SaveThread() : nullptr;
+      const cudaError_t drained = cudaStreamSynchronize(raw_stream);
+      if (saved != nullptr) PyEval_RestoreThread(saved);
+      if (drained != cudaSuccess) {
+        cudaGetLastError();  // the error being reported, or one that broke the context for good
+      }
     }
     const std::lock_guard<std::mutex> lock(failure_mutex);
     // A failure known already stands; so does a device report (check() raises it).
