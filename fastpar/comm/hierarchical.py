@@ -536,11 +536,16 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
                 future.result(timeout=step)
                 return
             except FutureTimeout:  # also the call's own CommTimeoutError (a subclass)
-                note = self._read_note()
+                succeeded = future.done() and future.exception() is None
+                note = None if succeeded else self._read_note()
                 if note is not None:
                     raise self._error_from(note) from None
-                if future.done():  # its own error, and no note of it (an unreachable store)
-                    raise
+                if future.done():
+                    # Its own outcome: a success (it may end during the note's read, after
+                    # this step's wait ran out), or its error with no note of it (an
+                    # unreachable store).
+                    future.result()
+                    return
                 if deadline is not None and time.monotonic() >= deadline:
                     assert timeout is not None
                     raise wait_ran_out(timeout) from None

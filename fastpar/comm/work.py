@@ -224,8 +224,12 @@ class RingWork(_Work):
         try:
             self._future.result(timeout=None if timeout is None else timeout.total_seconds())
         except TimeoutError:
-            if self._future.done() or timeout is None:  # the all-reduce's own error (a subclass)
+            if timeout is None:  # the all-reduce's own error (a subclass)
                 raise
+            if self._future.done():
+                # It ended as the wait ran out: its own outcome, a success or its error.
+                self._future.result()
+                return
             raise wait_ran_out(timeout) from None
 
     def _complete_future_when_done(self) -> None:

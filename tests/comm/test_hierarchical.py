@@ -15,6 +15,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -266,6 +267,24 @@ def test_a_calls_own_timeout_ends_a_wait_when_no_failure_note_can_be_read() -> N
     waiter.join(timeout=10)
     assert not waiter.is_alive(), "the wait did not end"
     assert raised and raised[0] is call.exception()
+
+
+@pytest.mark.parametrize("timeout", [None, timedelta(seconds=10)])
+def test_a_call_that_ends_while_the_wait_reads_the_notes_succeeds(
+    timeout: timedelta | None,
+) -> None:
+    """A call that ended between a wait step running out and the failure note's read was
+    taken for one that had raised: the wait re-raised its own step's TimeoutError, and a
+    successful all-reduce failed (about once per store round trip / 0.2 s of a long call)."""
+    reducer = object.__new__(HierarchicalAllReduce)  # only its failure notes are used
+    call: Future[None] = Future()
+
+    def ends_the_call_meanwhile(wait_s: float = 0.0) -> None:
+        call.set_result(None)
+
+    reducer._read_note = ends_the_call_meanwhile  # type: ignore[method-assign]
+    reducer._result(call, timeout)  # raises on the old code
+    assert call.done() and call.exception() is None
 
 
 AREA_ELEMENTS = 70_001

@@ -13,6 +13,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import fastpar.comm as comm
 from fastpar.comm.errors import CallFailure
 from fastpar.comm.hosts import HOST_ENV
-from fastpar.comm.work import CudaRingWork
+from fastpar.comm.work import CudaRingWork, RingWork
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import integer_valued
 
@@ -249,6 +250,25 @@ def test_a_failed_ring_call_is_raised_by_its_future() -> None:
     assert reference_type == "RuntimeError" and "Timed out" in reference
     assert kind == "CommTimeoutError" and "waiting for rank 1" in message
     assert message == waited  # the error wait() raises
+
+
+class _EndsAsTheWaitRunsOut(Future):  # type: ignore[type-arg]
+    """A call that succeeds just as a bounded wait for it runs out."""
+
+    def result(self, timeout: float | None = None) -> object:
+        if timeout is not None and not self.done():
+            self.set_result(None)
+            raise TimeoutError
+        return super().result(timeout)
+
+
+def test_a_ring_call_that_ends_as_the_wait_runs_out_succeeds() -> None:
+    """The wait took its own TimeoutError for the call's error once the call was done, and a
+    successful all-reduce failed."""
+    call = _EndsAsTheWaitRunsOut()
+    work = RingWork(call, torch.zeros(3))
+    work.wait(timeout=datetime.timedelta(seconds=10))  # raised on the old code
+    assert work.is_success()
 
 
 def test_a_failed_call_handed_to_torch_is_raised_by_its_future() -> None:
