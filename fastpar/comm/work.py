@@ -276,9 +276,15 @@ class CopyBackWork(_Work):
         )
 
     def is_completed(self) -> bool:
-        """Whether torch.distributed has finished the all-reduce (the copy back happens in
-        `wait()`, `result()` or the future's completion)."""
-        return bool(self._work.is_completed())
+        """Whether torch.distributed has finished the all-reduce; once it has succeeded, the
+        result is in the caller's tensor (written back here, if `wait()`, `result()` or the
+        future's completion has not yet), as torch's CPU handles hold their output once
+        completed."""
+        if not self._work.is_completed():
+            return False
+        if self._work.is_success():
+            self._copy_back.run()
+        return True
 
     def is_success(self) -> bool:
         """Whether the all-reduce finished without an error."""

@@ -209,6 +209,32 @@ def test_a_zero_timeout_waits_for_late_peers_as_torchs_does(
     assert message.endswith("wait() again before using the tensor"), message
 
 
+def _read_once_completed(rank: int, world_size: int) -> list[list[int]]:
+    """A non-contiguous int8 view (torch.distributed's path, through a copy) and torch's own
+    handle on a contiguous tensor, each read as soon as is_completed() says so."""
+    seen = []
+    for reduce, tensor in (
+        (comm.all_reduce, torch.full((4, 4), rank + 1, dtype=torch.int8)[:, ::2]),
+        (dist.all_reduce, torch.full((8,), rank + 1, dtype=torch.int8)),
+    ):
+        work = reduce(tensor, async_op=True)
+        assert work is not None
+        while not work.is_completed():
+            time.sleep(0.001)
+        seen.append(tensor.unique().tolist())
+        work.wait()
+    return seen
+
+
+def test_a_copied_calls_result_is_in_the_tensor_once_completed() -> None:
+    """torch's CPU handles hold their output once is_completed() is True; a non-contiguous
+    tensor handed to torch through a copy got the result only at wait()."""
+    for seen in run_multiprocess(_read_once_completed, 2, timeout=120):
+        fastpar_view, torch_contiguous = seen
+        assert torch_contiguous == [3]
+        assert fastpar_view == torch_contiguous
+
+
 FAILING_GROUP_TIMEOUT_S = 2.0
 
 
