@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Collection
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ def check_float(
 
     Arguments:
         name: the argument's name, used in the message.
-        value: what the caller passed (int or float).
+        value: what the caller passed (any real number: int, float, numpy scalar).
         low: lower bound.
         high: upper bound (math.inf for none).
         low_open: exclude `low` itself.
@@ -77,9 +78,7 @@ def check_float(
         TypeError: `value` is not a real number (or is a bool).
         ValueError: `value` is not finite or out of range; the message shows the interval.
     """
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    number = float(value)
+    number = _real(name, value)
     inside = (
         math.isfinite(number)
         and (number > low if low_open else number >= low)
@@ -93,11 +92,75 @@ def check_float(
 
 def check_positive(name: str, value: object) -> float:
     """Return `value` as a float when it is a finite number > 0; see `check_float`."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not (math.isfinite(value) and value > 0):
+    number = _real(name, value)
+    if not (math.isfinite(number) and number > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return number
+
+
+# The longest timeout a timedelta holds, in seconds (999999999 days: a number of seconds that
+# rounds up to it overflows).
+MAX_TIMEOUT_S = timedelta.max.total_seconds()
+
+
+def check_timeout_s(name: str, value: object) -> float:
+    """Return `value`, a timeout in seconds, as a float when it is a finite number > 0 that a
+    `datetime.timedelta` holds (every timeout becomes one: torch.distributed's, a wait's).
+
+    Raises:
+        TypeError: `value` is not a real number (or is a bool).
+        ValueError: `value` is not finite, not > 0, or past a timedelta's range or resolution.
+    """
+    seconds = _real(name, value)
+    # An int past a float's range came out as inf, yet is finite: too large, said below.
+    finite = math.isfinite(seconds) or isinstance(value, numbers.Integral)
+    if not (seconds > 0 and finite):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    try:
+        duration = timedelta(seconds=seconds)
+    except OverflowError:
+        duration = None
+    if duration is None:
+        raise ValueError(
+            f"{name} must be at most {MAX_TIMEOUT_S:g} s (a timedelta's range), got {seconds:g}"
+        )
+    if not duration:  # rounded to whole microseconds: zero would mean "no bound" to torch
+        raise ValueError(
+            f"{name} must be at least 1e-06 s (a timedelta's resolution), got {value!r}"
+        )
+    return seconds
+
+
+def check_timeout(name: str, value: object) -> timedelta:
+    """Return `value`, a timeout given as a `datetime.timedelta` or a number of seconds (as
+    torch.distributed takes it), as a timedelta; the rule of `check_timeout_s`.
+
+    Raises:
+        TypeError: `value` is neither a timedelta nor a real number (a bool is neither).
+        ValueError: `value` is not a finite duration > 0 that a timedelta holds.
+    """
+    if isinstance(value, timedelta):
+        if value <= timedelta(0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value.total_seconds()!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{name} must be a datetime.timedelta or a number of seconds, got "
+            f"{type(value).__name__} {value!r}"
+        )
+    return timedelta(seconds=check_timeout_s(name, value))
+
+
+def _real(name: str, value: object) -> float:
+    """`value` as a float when it is a real number: int, float, a numpy scalar (configs read
+    from files hand those over), not a bool; else TypeError naming `name`. A number too large
+    for a float becomes inf, which the callers' range checks refuse by name."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    try:
+        return float(value)
+    except OverflowError:  # an int past 1e308
+        return math.inf if value > 0 else -math.inf
 
 
 def check_choice(name: str, value: object, choices: Collection[object]) -> None:

@@ -47,7 +47,7 @@ import traceback
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
-from fastpar._checks import check_int, check_positive
+from fastpar._checks import check_int, check_timeout_s
 from fastpar._machine import usable_cores
 
 _PR_SET_PDEATHSIG = 1
@@ -374,7 +374,7 @@ def spawn_ranks(
     # Checked here: the store would fail on them with a socket error, a rank with its death.
     for name, seconds in (("timeout", timeout), ("group_timeout", group_timeout)):
         if seconds is not None:
-            check_positive(name, seconds)
+            check_timeout_s(name, seconds)
     for key, value in (env or {}).items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"env must map str to str, got {key!r}: {value!r}")

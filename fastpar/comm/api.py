@@ -20,12 +20,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_member
+from fastpar._checks import check_member, check_timeout
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.hierarchical import HierarchicalAllReduce, HierarchicalWork
 from fastpar.comm.hosts import gather_host_layout
 from fastpar.comm.ring import RingAllReduce
-from fastpar.comm.timeouts import as_timedelta, group_timeout
+from fastpar.comm.timeouts import group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 logger = get_logger(__name__)
@@ -62,7 +62,7 @@ def create_all_reduce(
     """
     pg = group if group is not None else dist.group.WORLD
     check_member(pg)  # else the host exchange fails with KeyError: -1
-    wait = group_timeout(pg, device) if timeout is None else as_timedelta("timeout", timeout)
+    wait = group_timeout(pg, device) if timeout is None else check_timeout("timeout", timeout)
     layout = gather_host_layout(pg, wait)
     path, reason = layout.path()
     if path == "ring":

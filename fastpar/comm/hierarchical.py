@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_int, check_member
+from fastpar._checks import check_int, check_member, check_timeout
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
 from fastpar.comm.exchange import LIVENESS_PERIOD_S, StoreExchange, count_out
@@ -54,7 +54,7 @@ from fastpar.comm.shared_area import (
     agree_on_allocation,
     describe_request,
 )
-from fastpar.comm.timeouts import as_timedelta, group_timeout
+from fastpar.comm.timeouts import group_timeout
 from fastpar.comm.work import RingWork, wait_ran_out
 
 logger = get_logger(__name__)
@@ -154,7 +154,7 @@ class HierarchicalAllReduce(contextlib.AbstractContextManager["HierarchicalAllRe
         if timeout is None:
             self.timeout = group_timeout(self.group, self.device)
         else:
-            self.timeout = as_timedelta("timeout", timeout)
+            self.timeout = check_timeout("timeout", timeout)
         self.layout = (
             layout
             if layout is not None

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from fastpar import _native
-from fastpar._checks import check_int, check_member
+from fastpar._checks import check_int, check_member, check_timeout
 from fastpar._logging import get_logger, log_once
 from fastpar._native_types import IpcAllReduce, NativeModule, ShmAllReduce
 from fastpar.comm import processes
@@ -60,7 +60,7 @@ from fastpar.comm.hosts import host_identity
 from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.comm.shared_area import SharedMemoryUnavailableError, allocate_symmetric
-from fastpar.comm.timeouts import as_timedelta, group_timeout
+from fastpar.comm.timeouts import group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 
 logger = get_logger(__name__)
@@ -131,7 +131,7 @@ class RingAllReduce:
         self.timeout = (
             group_timeout(self.group, self.device)
             if timeout is None
-            else as_timedelta("timeout", timeout)
+            else check_timeout("timeout", timeout)
         )
         self._transport: ShmAllReduce | IpcAllReduce | None = None
         self._native_errors: tuple[type[BaseException], ...] = ()

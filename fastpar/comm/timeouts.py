@@ -1,38 +1,13 @@
 """The timeout a process group was created with, so that fastpar's waits honour the one the
-user gave torch.distributed (`init_process_group(timeout=...)`, `new_group(timeout=...)`)."""
+user gave torch.distributed (`init_process_group(timeout=...)`, `new_group(timeout=...)`). A
+timeout the user gives fastpar is checked by `fastpar._checks.check_timeout`."""
 
 from __future__ import annotations
 
-import numbers
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
-from fastpar._checks import check_positive
-
-# The longest timeout a timedelta holds (999999999 days), in seconds.
-_MAX_SECONDS = timedelta.max.total_seconds()
-
-
-def as_timedelta(name: str, timeout: timedelta | float) -> timedelta:
-    """`timeout` (a timedelta or seconds) as a timedelta; TypeError / ValueError naming `name`
-    unless it is a finite duration > 0 that a timedelta holds."""
-    if isinstance(timeout, timedelta):
-        seconds = timeout.total_seconds()
-    elif isinstance(timeout, numbers.Real) and not isinstance(timeout, bool):
-        seconds = timeout
-    else:
-        raise TypeError(
-            f"{name} must be a datetime.timedelta or a number of seconds, got "
-            f"{type(timeout).__name__} {timeout!r}"
-        )
-    seconds = check_positive(name, seconds)
-    if seconds > _MAX_SECONDS:
-        raise ValueError(
-            f"{name} must be at most {_MAX_SECONDS:g} s (a timedelta's range), got {seconds:g}"
-        )
-    return timedelta(seconds=seconds)
 
 
 def group_timeout(group: dist.ProcessGroup, device: torch.device | str = "cpu") -> timedelta:

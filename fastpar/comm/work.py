@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import copy
+import numbers
 import os
 import threading
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fastpar._checks import check_timeout
 from fastpar.comm.errors import CallFailure
 
 # Threads that complete the futures of `get_future()` and run their callbacks. They start only
@@ -54,16 +56,14 @@ os.register_at_fork(after_in_child=_forget_completion_pool)
 
 
 def _wait_bound(timeout: timedelta | float | None) -> timedelta | None:
-    """`wait()`'s `timeout` as the handles' `_wait` takes it: None where it sets no bound."""
+    """`wait()`'s `timeout` as the handles' `_wait` takes it: None where it sets no bound (None,
+    or zero as torch's default `timedelta(0)`); any other is checked by `check_timeout`."""
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, timedelta | int | float):
-        raise TypeError(
-            "timeout must be a datetime.timedelta, seconds or None, got "
-            f"{type(timeout).__name__} {timeout!r}"
-        )
-    bound = timeout if isinstance(timeout, timedelta) else timedelta(seconds=timeout)
-    return None if bound == NO_BOUND else bound
+    duration = isinstance(timeout, timedelta | numbers.Real) and not isinstance(timeout, bool)
+    if duration and not timeout:  # zero
+        return None
+    return check_timeout("timeout", timeout)
 
 
 def wait_ran_out(timeout: timedelta) -> TimeoutError:
@@ -135,7 +135,8 @@ class _Work(abc.ABC):
             True, as torch.distributed's Work.wait does.
 
         Raises:
-            TypeError: `timeout` is neither a timedelta, a number nor None.
+            TypeError: `timeout` is neither a timedelta, a number nor None (a bool is none).
+            ValueError: `timeout` is negative, not finite, or past a timedelta's range.
             TimeoutError: the wait ran out; the all-reduce goes on (see `wait_ran_out`).
         """
         self._wait(_wait_bound(timeout))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
-from fastpar._checks import check_bool, check_choice, check_int, check_positive
+from fastpar._checks import check_bool, check_choice, check_int, check_positive, check_timeout_s
 from fastpar._schedule_names import CHUNKED_SCHEDULES
 from fastpar._schedule_names import Schedule as ScheduleName
 
@@ -98,7 +98,7 @@ class TrainConfig:
             choices = get_args(_FIELD_TYPES[name])
             check_choice(_flag(name), getattr(self, name), choices)
         check_positive("--lr", self.lr)
-        check_positive("--timeout", self.timeout_s)
+        check_timeout_s("--timeout", self.timeout_s)
         check_bool("--resume", self.resume)
         check_bool("--overwrite", self.overwrite)
         if self.resume and self.overwrite:

@@ -12,7 +12,7 @@ import datetime
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from fastpar._checks import check_int, check_positive
+from fastpar._checks import check_int, check_timeout_s
 
 if TYPE_CHECKING:  # imported by `build`: the launcher checks a layout without torch
     import torch.distributed as dist
@@ -54,7 +54,7 @@ class ParallelDims:
         order). Every group waits at most `timeout_s` seconds for a peer."""
         import torch.distributed as dist
 
-        timeout = datetime.timedelta(seconds=check_positive("timeout_s", timeout_s))
+        timeout = datetime.timedelta(seconds=check_timeout_s("timeout_s", timeout_s))
         replica, stage = self.coordinates(rank)
         dp_group = pp_group = None
         # new_group is collective: every rank creates every group, in the same order.

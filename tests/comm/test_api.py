@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 import fastpar.comm as comm
-from fastpar.comm.timeouts import as_timedelta
 from fastpar.testing.distributed import run_multiprocess
 from tests.comm.util import integer_valued, shm_segments
 
@@ -179,20 +178,3 @@ def test_a_wait_that_runs_out_says_the_call_goes_on() -> None:
     results = run_multiprocess(_wait_with_a_timeout, 2, timeout=60)
     assert results[0][0].startswith("the all-reduce was still running after wait(timeout=0.05 s)")
     assert results[0][1] == results[1][1] == [3.0] * 4
-
-
-@pytest.mark.parametrize(
-    ("timeout", "error", "message"),
-    [("5", TypeError, r"timeout must be a datetime.timedelta or a number of seconds, got str"),
-     (True, TypeError, r"timeout must be a datetime.timedelta or a number of seconds, got bool"),
-     (datetime.timedelta(0), ValueError, r"timeout must be a finite number > 0, got 0.0"),
-     (1e20, ValueError, r"timeout must be at most 8.64e\+13 s \(a timedelta.s range\)")],
-)  # fmt: skip
-def test_a_timeout_that_is_no_duration_is_refused_by_name(
-    timeout: object, error: type[Exception], message: str
-) -> None:
-    """A timedelta, or a number of seconds, as torch's waits take; a number past a timedelta's
-    range raised Python's own OverflowError, which named nothing."""
-    with pytest.raises(error, match=message):
-        as_timedelta("timeout", timeout)  # type: ignore[arg-type]
-    assert as_timedelta("timeout", 2) == as_timedelta("timeout", datetime.timedelta(seconds=2))

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -514,3 +515,26 @@ def test_a_captured_cuda_ring_call_is_an_error_after_any_failure(
         assert error is failure.error
     else:
         assert f"replays after call {failed} failed: {_TIMEOUT}" in str(error)
+
+
+@pytest.mark.parametrize(
+    "timeout, error, message",
+    [(-1.0, ValueError, r"^timeout must be a finite number > 0, got -1.0"),
+     (float("nan"), ValueError, r"^timeout must be a finite number > 0, got nan"),
+     (1e20, ValueError, r"^timeout must be at most 8.64e\+13 s \(a timedelta's range\)"),
+     (datetime.timedelta(seconds=-1), ValueError, r"^timeout must be a finite number > 0"),
+     (True, TypeError, r"^timeout must be a datetime.timedelta or a number of seconds")],
+)  # fmt: skip
+def test_a_wait_refuses_a_timeout_that_is_no_duration_by_name(
+    timeout: object, error: type[Exception], message: str
+) -> None:
+    """wait() took a negative timeout as one that had run out, and raised Python's own
+    ValueError (nan) or OverflowError (past a timedelta's range), naming nothing."""
+    done: Future[None] = Future()
+    done.set_result(None)
+    work = RingWork(done, torch.ones(2))
+    with pytest.raises(error, match=message):
+        work.wait(timeout)  # type: ignore[arg-type]
+    # No bound (None, zero as torch's default), or any real number of seconds, numpy's too.
+    for fine in (None, 0, datetime.timedelta(0), 5, np.float32(0.5), np.int64(2)):
+        assert work.wait(fine)  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from typing import Literal, get_args
 import torch
 import torch.distributed as dist
 
-from fastpar._checks import check_bool, check_choice, check_positive
+from fastpar._checks import check_bool, check_choice, check_positive, check_timeout_s
 from fastpar._logging import get_logger, log_once
 from fastpar._machine import usable_cores
 
@@ -78,7 +78,7 @@ class DataParallelConfig:
         for name in ("bucket_cap_mb", "first_bucket_mb"):
             check_positive(name, getattr(self, name))
         if self.timeout_s is not None:
-            check_positive("timeout_s", self.timeout_s)
+            check_timeout_s("timeout_s", self.timeout_s)
 
 
 @dataclass(kw_only=True, frozen=True)

@@ -12,9 +12,8 @@ from typing import Any
 import torch.distributed as dist
 from torch import nn
 
-from fastpar._checks import check_member
+from fastpar._checks import check_member, check_timeout
 from fastpar._logging import get_logger
-from fastpar.comm.timeouts import as_timedelta
 from fastpar.parallel.data_parallel.backward import BackwardSync, check_not_hooked
 from fastpar.parallel.data_parallel.buckets import build_buckets
 from fastpar.parallel.data_parallel.config import (
@@ -87,7 +86,7 @@ class DataParallel(nn.Module):
             )
         check_not_hooked(module)
         # Checked under the name the caller used (the config's field is timeout_s).
-        timeout_s = None if timeout is None else as_timedelta("timeout", timeout).total_seconds()
+        timeout_s = None if timeout is None else check_timeout("timeout", timeout).total_seconds()
         self.config = DataParallelConfig(
             comm=comm,
             bucket_cap_mb=bucket_cap_mb,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple, get_args
 
-from fastpar._checks import check_choice, check_int_at_least, check_positive
+from fastpar._checks import check_choice, check_int_at_least, check_timeout_s
 from fastpar.parallel.pipeline.schedules import SCHEDULES, Schedule
 
 __all__ = [
@@ -68,7 +68,7 @@ class PipelineConfig:
         check_int_at_least("batch_dim", self.batch_dim, 0)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("loss_reduction", self.loss_reduction, REDUCTIONS)
-        check_positive("timeout_s", self.timeout_s)
+        check_timeout_s("timeout_s", self.timeout_s)
         check_choice("transport", self.transport, TRANSPORTS)
 
 
