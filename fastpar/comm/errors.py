@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+_Result = TypeVar("_Result")
 
 
 class CommError(Exception):
@@ -61,7 +63,13 @@ class FirstFailure:
     """The first failure a CUDA ring's device reported, kept: asked again, the native ring says
     only "unusable after an earlier failure", and once stopped, "closed". `read()` asks the
     native `check` until a failure is known or `read_last()` was called; `failed_call` gives
-    the number of the call that failed once `check` has raised (-1: not known)."""
+    the number of the call that failed once `check` has raised (-1: not known).
+
+    The native ring tells a failure once, to whichever asks first: `check`, or a native call
+    that checks first (`all_reduce`, `agree_torch_path`), which the ring makes through `call()`.
+    A reader told "unusable after an earlier failure" while such a call is under way waits for
+    it to keep the failure it was told, so that a timeout stays a CommTimeoutError (a
+    TimeoutError) and is not kept as the less specific CommClosedError."""
 
     def __init__(
         self,
@@ -73,6 +81,8 @@ class FirstFailure:
         self._native_errors = native_errors
         self._failed_call = failed_call
         self._lock = threading.Lock()
+        self._calls_ended = threading.Condition(self._lock)
+        self._calls_under_way = 0
         self._failure: CallFailure | None = None
         self._asking = True
 
@@ -84,7 +94,8 @@ class FirstFailure:
 
     def read_call_failure(self) -> CallFailure | None:
         """The first failure reported so far with the number of the call that met it (None:
-        none); the same object every time. Does not wait for the device."""
+        none); the same object every time. Does not wait for the device (only, once the ring
+        has failed, for a native call under way to return)."""
         with self._lock:
             return self._read()
 
@@ -93,12 +104,32 @@ class FirstFailure:
             try:
                 self._check()
             except self._native_errors as error:
-                self._failure = self._with_call(translate_native_error(error))
+                failure = translate_native_error(error)
+                if isinstance(failure, CommClosedError):
+                    # Maybe a call under way was told the failure itself: it keeps it.
+                    self._calls_ended.wait_for(lambda: self._calls_under_way == 0)
+                if self._failure is None:
+                    self._failure = self._with_call(failure)
         return self._failure
 
     def _with_call(self, error: CommError) -> CallFailure:
         call = self._failed_call()
         return CallFailure(error, call if call >= 0 else None)
+
+    def call(self, native_call: Callable[..., _Result], *args: Any, **kwargs: Any) -> _Result:
+        """`native_call(*args, **kwargs)`, a call of the native ring that asks it for a failure
+        as `check` does; a failure it raises is kept as the first one, and raised as it was."""
+        with self._lock:
+            self._calls_under_way += 1
+        try:
+            return native_call(*args, **kwargs)
+        except self._native_errors as error:
+            self.keep(translate_native_error(error))
+            raise
+        finally:
+            with self._lock:
+                self._calls_under_way -= 1
+                self._calls_ended.notify_all()
 
     def keep(self, failure: CommError) -> None:
         """Keep `failure`, which a call raised, as the first one unless one is known already

@@ -500,7 +500,10 @@ class RingAllReduce:
         transport = self._transport
 
         def announce() -> None:
-            transport.agree_torch_path(tensor, torch_op_code(op))
+            if self._device_failure is None:  # CPU
+                transport.agree_torch_path(tensor, torch_op_code(op))
+            else:
+                self._device_failure.call(transport.agree_torch_path, tensor, torch_op_code(op))
 
         try:
             self._in_order(announce)  # on CUDA nothing is queued: the ring's stream orders it
@@ -535,12 +538,14 @@ class RingAllReduce:
         else:
             with torch.cuda.device(self.device):
                 capturing = torch.cuda.is_current_stream_capturing()
+        assert self._device_failure is not None
         try:
             # The call's number, which the device reports with a failure (CudaRingWork).
-            call = self._transport.all_reduce(target, code, block_current_stream=not async_op)
+            call = self._device_failure.call(
+                self._transport.all_reduce, target, code, block_current_stream=not async_op
+            )
         except self._native_errors as error:
             raise self._translate(error) from None
-        assert self._device_failure is not None
         reported_failure = self._device_failure.read_call_failure
         if capturing:
             # Captured in a CUDA graph: the kernel runs on the capturing stream, and the host
