@@ -19,12 +19,18 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from fastpar.comm.errors import CommTimeoutError
-from fastpar.comm.store_waits import CREATING_A_RING, LIVENESS_PERIOD_S, count_out, wait_for_ranks
+from fastpar.comm.store_waits import (
+    CREATING_A_RING,
+    LIVENESS_PERIOD_S,
+    count_out,
+    wait_for_ranks,
+)
 
 # The waits moved to store_waits.py; their callers import them from here as before.
 __all__ = [
     "CREATING_A_RING",
     "LIVENESS_PERIOD_S",
+    "ExchangeNumbers",
     "StoreExchange",
     "agree",
     "count_out",
@@ -77,21 +83,31 @@ def _first_problem(verdicts: Sequence[bytes]) -> str | None:
     return None
 
 
-# Per kind and group (its global ranks), how many store exchanges of that kind this process
-# has begun: the ranks of a group begin theirs in the same order, so the count names the same
-# exchange on every rank.
-_begun: dict[tuple[str, tuple[int, ...]], int] = {}
-_begun_lock = threading.Lock()
+class ExchangeNumbers:
+    """How many store exchanges of each kind over each group (its global ranks) this process
+    has begun: the ranks of a group begin theirs in the same order, so the count names the same
+    exchange on every rank. One per process (`PROCESS_NUMBERS`); threads that stand for ranks
+    in a test hold one each."""
+
+    def __init__(self) -> None:
+        self._begun: dict[tuple[str, tuple[int, ...]], int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, kind: str, ranks: tuple[int, ...]) -> str:
+        """The key prefix of this process's next `kind` exchange over `ranks`."""
+        with self._lock:
+            index = self._begun.get((kind, ranks), 0)
+            self._begun[(kind, ranks)] = index + 1
+        return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
+
+
+PROCESS_NUMBERS = ExchangeNumbers()
 
 
 def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
     """The store-key prefix of this process's next `kind` exchange over `group` (a ring, a
     host layout...), the same on every rank of the group."""
-    ranks = tuple(dist.get_process_group_ranks(group))
-    with _begun_lock:
-        index = _begun.get((kind, ranks), 0)
-        _begun[(kind, ranks)] = index + 1
-    return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
+    return PROCESS_NUMBERS.take(kind, tuple(dist.get_process_group_ranks(group)))
 
 
 # Each stage's outcome, set once by the first rank to decide it, so every rank takes the same:
@@ -144,6 +160,7 @@ class StoreExchange:
         during: what the ranks are doing, for the timeouts' messages (`wait_for_ranks`).
         pids: rank -> pid of the peers whose death ends a wait early; the attribute may be set
             once the first stage has told them.
+        numbers: how `begin` numbers the exchanges (this process's count, `PROCESS_NUMBERS`).
     """
 
     def __init__(
@@ -155,6 +172,7 @@ class StoreExchange:
         *,
         during: str,
         pids: dict[int, int] | None = None,
+        numbers: ExchangeNumbers = PROCESS_NUMBERS,
     ) -> None:
         self.store = store
         self.rank = rank
@@ -162,6 +180,7 @@ class StoreExchange:
         self.timeout = timeout
         self.during = during
         self.pids = pids
+        self.numbers = numbers
         self.prefix = ""  # set by `begin`, "" again once this rank has left
         self._posted: list[str] = []
         self._stage = 0  # the stage this rank is in, or comes to next
@@ -172,11 +191,12 @@ class StoreExchange:
         return every rank's, by rank; an exchange the others abandoned before this rank came is
         skipped. CommTimeoutError naming the ranks that did not post within the timeout, or,
         when this rank skipped an exchange and no rank came to the next, saying it was late."""
+        ranks = tuple(dist.get_process_group_ranks(group))
         late_to = ""
         while True:
             started = time.monotonic()
             try:
-                records = self.begin_at(exchange_prefix(kind, group), mine, what)
+                records = self.begin_at(self.numbers.take(kind, ranks), mine, what)
             except CommTimeoutError as error:
                 timed_out = time.monotonic() - started >= self.timeout.total_seconds()
                 if late_to and timed_out and not self._others_posted("first"):
