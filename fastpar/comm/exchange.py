@@ -4,15 +4,14 @@ when only one rank cannot serve it (`agree`).
 
 The setups' exchanges (the rings', the host layout's, the shared areas', DataParallel's state
 check, `agree`) go through `StoreExchange`: every stage ends with one outcome for all ranks, a
-rank that missed a setup the others gave up on catches up with their retry, and none leaves
-keys in the store once every rank is through it.
+rank that missed a setup the others gave up on catches up with their retry (or gives up without
+a trace when none comes), and none leaves keys in the store once every rank is through it.
 """
 
 from __future__ import annotations
 
 import functools
 import threading
-import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
@@ -23,6 +22,7 @@ from fastpar.comm.store_waits import (
     CREATING_A_RING,
     LIVENESS_PERIOD_S,
     count_out,
+    wait_for_any,
     wait_for_ranks,
 )
 
@@ -100,6 +100,14 @@ class ExchangeNumbers:
             self._begun[(kind, ranks)] = index + 1
         return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
 
+    def give_back(self, kind: str, ranks: tuple[int, ...], prefix: str) -> None:
+        """Undo the `take` that gave `prefix`, the last one: this rank left no trace in that
+        exchange, so its next `kind` exchange is that one again, as it is the other ranks'."""
+        index = int(prefix.rsplit("/", 1)[1])
+        with self._lock:
+            if self._begun.get((kind, ranks)) == index + 1:
+                self._begun[(kind, ranks)] = index
+
 
 PROCESS_NUMBERS = ExchangeNumbers()
 
@@ -144,7 +152,7 @@ class StoreExchange:
     each: a rank that missed a setup the others left with a timeout is an exchange behind them.
     So a rank that finds the first stage (`begin`) abandoned before it took part joins the next
     exchange, the others' retry, instead of reading what they posted for the failed one as
-    current.
+    current; it posts there only once another rank has, so when none retries it leaves nothing.
 
     Leaving (`leave`, or the end of a `with` block) is this rank's word that it reads no key of
     the exchange any more, whether it succeeded or failed: the last rank to leave deletes every
@@ -188,27 +196,33 @@ class StoreExchange:
 
     def begin(self, kind: str, group: dist.ProcessGroup, mine: bytes, what: str) -> list[bytes]:
         """Post `mine` as this rank's first record of its next `kind` exchange over `group` and
-        return every rank's, by rank; an exchange the others abandoned before this rank came is
-        skipped. CommTimeoutError naming the ranks that did not post within the timeout, or,
-        when this rank skipped an exchange and no rank came to the next, saying it was late."""
+        return every rank's, by rank. An exchange the others abandoned before this rank came is
+        skipped, and in the next one (their retry) this rank posts only once another rank has.
+        CommTimeoutError naming the ranks that did not post within the timeout, or, when this
+        rank skipped an exchange and no rank came to the next, saying it was late."""
         ranks = tuple(dist.get_process_group_ranks(group))
         late_to = ""
         while True:
-            started = time.monotonic()
-            try:
-                records = self.begin_at(self.numbers.take(kind, ranks), mine, what)
-            except CommTimeoutError as error:
-                timed_out = time.monotonic() - started >= self.timeout.total_seconds()
-                if late_to and timed_out and not self._others_posted("first"):
-                    # The others gave up and did not retry: this rank was the late one.
-                    raise CommTimeoutError(
-                        f"rank {self.rank} came to {what} while {self.during} {late_to}, and no "
-                        f"rank retried within {self.timeout.total_seconds():g} s"
-                    ) from error
-                raise
+            prefix = self.numbers.take(kind, ranks)
+            if late_to and not self._retried(prefix):
+                # The others gave up and did not retry: this rank was the late one. It wrote
+                # nothing here, so it leaves no key and hands the number back: its next setup
+                # is this exchange again, as theirs is.
+                self.numbers.give_back(kind, ranks, prefix)
+                raise CommTimeoutError(
+                    f"rank {self.rank} came to {what} while {self.during} {late_to}, and no "
+                    f"rank retried within {self.timeout.total_seconds():g} s"
+                )
+            records = self.begin_at(prefix, mine, what)
             if records is not None:
                 return records
             late_to = self.late_to
+
+    def _retried(self, prefix: str) -> bool:
+        """Whether another rank posts its first record at `prefix`, or decides its first stage,
+        within the timeout; this rank only reads."""
+        firsts = [f"{prefix}/first/{r}" for r in range(self.world_size) if r != self.rank]
+        return wait_for_any(self.store, [*firsts, f"{prefix}/outcome/0"], self.timeout)
 
     def begin_at(self, prefix: str, mine: bytes, what: str) -> list[bytes] | None:
         """`begin` at a prefix the caller has made unique; None (this rank has left it) when the
@@ -260,11 +274,6 @@ class StoreExchange:
             return ""
         return _who_abandoned(outcome, late=False)
 
-    def _others_posted(self, name: str) -> bool:
-        """Whether any other rank posted its `name` in this exchange."""
-        return any(self.store.check([self.key(f"{name}/{r}")])
-                   for r in range(self.world_size) if r != self.rank)  # fmt: skip
-
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}"
 
@@ -302,6 +311,11 @@ class StoreExchange:
     def leave(self) -> None:
         """This rank reads no key of the exchange any more; the last rank to leave deletes them
         all (no rank deletes its own earlier: a slower one may not have read them yet)."""
+        # No rank loses a key it will still read: each rank reads and writes the exchange's
+        # keys only before it counts out here, and they go once every rank of the group has
+        # counted out. A rank that came late reads the first stage's outcome and counts out
+        # too; one that waited in vain for the others' retry (`begin`) wrote nothing there and
+        # will count out of it when it comes back. A rank that never comes keeps them all.
         if not self.prefix:
             return
         prefix, posted = self.prefix, self._posted

@@ -1,10 +1,11 @@
-"""Waits on the store that end: for every rank's key (`wait_for_ranks`), and the count by which
-the last of a group's ranks learns it is the last (`count_out`)."""
+"""Waits on the store that end: for every rank's key (`wait_for_ranks`), for any of a few keys
+(`wait_for_any`), and the count by which the last of a group's ranks learns it is the last
+(`count_out`)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
@@ -13,6 +14,7 @@ from fastpar.comm.errors import CommTimeoutError
 from fastpar.comm.processes import process_alive
 
 LIVENESS_PERIOD_S = 0.2  # how often a wait checks that the awaited peers' processes live
+ANY_KEY_PERIOD_S = 0.05  # how often `wait_for_any` looks for its keys
 
 # What the ranks of most exchanges here are doing (the ring's setup and its shared areas);
 # other callers name their own (`during`).
@@ -67,6 +69,18 @@ def wait_for_ranks(
                     f"rank(s) {missing} to {what} while {during} (is every rank of the group "
                     f"{during}?)"
                 ) from error
+
+
+def wait_for_any(store: dist.Store, keys: Sequence[str], timeout: timedelta) -> bool:
+    """Whether any key of `keys` is set within `timeout` (looked for every ANY_KEY_PERIOD_S);
+    the store only reads."""
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not any(store.check([key]) for key in keys):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        time.sleep(min(left, ANY_KEY_PERIOD_S))
+    return True
 
 
 def count_out(store: dist.Store, counter: str, world_size: int) -> bool:

@@ -1,19 +1,21 @@
 """No store exchange leaves keys behind once every rank has returned or raised, whichever way
-it ended: a rank that raised between stages, a rank that came after all the others had left.
-Ranks are threads over one store (tests/comm/exchange_driver.py); the keys left are those
-written and still there."""
+it ended: a late rank alone in the retry nobody came to, a rank that raised between stages, a
+rank that came after all the others had left. Ranks are threads over one store
+(tests/comm/exchange_driver.py); the keys left are those written and still there."""
 
 from __future__ import annotations
 
 import pytest
 
 from fastpar.comm.errors import CommTimeoutError
+from fastpar.comm.exchange import ExchangeNumbers
 from tests.comm.exchange_driver import (
     SHORT_S,
     Schedule,
     after_keys,
     after_rank,
     agree,
+    begin,
     drive,
     first,
     raises,
@@ -21,6 +23,42 @@ from tests.comm.exchange_driver import (
 )
 
 STORES = ["hash", "tcp"]
+LATE_TIMEOUT_S = 1.0  # how long the late rank waits for a retry
+RETRY_TIMEOUT_S = 10.0  # the retry's: ample for ranks that all come
+
+# Rank 0 gives up on rank 1 and does not retry; rank 1 comes once rank 0 has ended.
+ALONE_AFTER_THE_OTHERS_GAVE_UP = [
+    Schedule(timeout_s=SHORT_S),
+    Schedule(timeout_s=LATE_TIMEOUT_S, before={"first": after_rank(0)}),
+]
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_late_rank_alone_in_a_retry_nobody_came_to_leaves_no_keys(kind: str) -> None:
+    """The late rank posted its record in the retry, decided its first stage and counted itself
+    out there, and no other rank ever came to delete them: 4 keys per late setup."""
+    stores, written = rank_stores(kind, 2)
+    keys_before = stores[0].num_keys()
+    gave_up, late = drive(stores, [begin("test-alone")], ALONE_AFTER_THE_OTHERS_GAVE_UP)
+    assert isinstance(gave_up.error, CommTimeoutError)
+    assert isinstance(late.error, CommTimeoutError)
+    assert late.message.endswith("and no rank retried within 1 s")
+    assert written.left() == []
+    assert stores[0].num_keys() == keys_before
+
+
+def test_a_late_rank_that_gave_up_alone_meets_the_next_setup() -> None:
+    """Leaving no trace in the retry, the late rank also takes no number there: its next setup
+    is the others' next one, and that one works and leaves nothing either."""
+    stores, written = rank_stores("hash", 2)
+    numbers = [ExchangeNumbers(), ExchangeNumbers()]
+    drive(stores, [begin("test-next")], ALONE_AFTER_THE_OTHERS_GAVE_UP, numbers)
+    retried = drive(stores, [begin("test-next")],
+                    [Schedule(timeout_s=RETRY_TIMEOUT_S)] * 2, numbers)  # fmt: skip
+    assert [(rank.results, rank.error) for rank in retried] == [
+        ([[b"first 0", b"first 1"]], None)
+    ] * 2
+    assert written.left() == []
 
 
 @pytest.mark.parametrize("kind", STORES)
