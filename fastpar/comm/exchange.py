@@ -11,13 +11,13 @@ a trace when none comes), and none leaves keys in the store once every rank is t
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 import torch.distributed as dist
 
 from fastpar.comm.errors import CommTimeoutError
+from fastpar.comm.exchange_numbers import PROCESS_NUMBERS, ExchangeNumbers, exchange_prefix
 from fastpar.comm.store_waits import (
     CREATING_A_RING,
     LIVENESS_PERIOD_S,
@@ -26,10 +26,12 @@ from fastpar.comm.store_waits import (
     wait_for_ranks,
 )
 
-# The waits moved to store_waits.py; their callers import them from here as before.
+# The waits (store_waits.py) and the numbering (exchange_numbers.py) live apart; their
+# callers import them from here as before.
 __all__ = [
     "CREATING_A_RING",
     "LIVENESS_PERIOD_S",
+    "PROCESS_NUMBERS",
     "ExchangeNumbers",
     "StoreExchange",
     "agree",
@@ -81,41 +83,6 @@ def _first_problem(verdicts: Sequence[bytes]) -> str | None:
         if verdict != b"ok":
             return f"rank {r}: {verdict.decode().removeprefix('no: ')}"
     return None
-
-
-class ExchangeNumbers:
-    """How many store exchanges of each kind over each group (its global ranks) this process
-    has begun: the ranks of a group begin theirs in the same order, so the count names the same
-    exchange on every rank. One per process (`PROCESS_NUMBERS`); threads that stand for ranks
-    in a test hold one each."""
-
-    def __init__(self) -> None:
-        self._begun: dict[tuple[str, tuple[int, ...]], int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, kind: str, ranks: tuple[int, ...]) -> str:
-        """The key prefix of this process's next `kind` exchange over `ranks`."""
-        with self._lock:
-            index = self._begun.get((kind, ranks), 0)
-            self._begun[(kind, ranks)] = index + 1
-        return f"fastpar/{kind}/{'-'.join(map(str, ranks))}/{index}"
-
-    def give_back(self, kind: str, ranks: tuple[int, ...], prefix: str) -> None:
-        """Undo the `take` that gave `prefix`, the last one: this rank left no trace in that
-        exchange, so its next `kind` exchange is that one again, as it is the other ranks'."""
-        index = int(prefix.rsplit("/", 1)[1])
-        with self._lock:
-            if self._begun.get((kind, ranks)) == index + 1:
-                self._begun[(kind, ranks)] = index
-
-
-PROCESS_NUMBERS = ExchangeNumbers()
-
-
-def exchange_prefix(kind: str, group: dist.ProcessGroup) -> str:
-    """The store-key prefix of this process's next `kind` exchange over `group` (a ring, a
-    host layout...), the same on every rank of the group."""
-    return PROCESS_NUMBERS.take(kind, tuple(dist.get_process_group_ranks(group)))
 
 
 # Each stage's outcome, set once by the first rank to decide it, so every rank takes the same:
