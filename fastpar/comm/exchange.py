@@ -124,9 +124,9 @@ class StoreExchange:
     Leaving (`leave`, or the end of a `with` block) is this rank's word that it reads no key of
     the exchange any more, whether it succeeded or failed: the last rank to leave deletes every
     key any rank posted through this object, so neither a loop of setups nor a failed one grows
-    the store. A rank that never comes (its process died) leaves the keys behind. A `with`
-    block left on an exception abandons the stage this rank will not post in, so the others stop
-    waiting for it at once.
+    the store. An exchange one rank never comes to (its process died, or it stopped setting up
+    while another waited there in time) keeps its keys. A `with` block left on an exception
+    abandons the stage this rank will not post in, so the others stop waiting for it at once.
 
     Arguments:
         store: the group's store (`dist.distributed_c10d._get_default_store()`).
@@ -282,7 +282,8 @@ class StoreExchange:
         # keys only before it counts out here, and they go once every rank of the group has
         # counted out. A rank that came late reads the first stage's outcome and counts out
         # too; one that waited in vain for the others' retry (`begin`) wrote nothing there and
-        # will count out of it when it comes back. A rank that never comes keeps them all.
+        # will count out of it when it comes back. An exchange a rank never comes to keeps
+        # them all: nobody can tell that rank will not come.
         if not self.prefix:
             return
         prefix, posted = self.prefix, self._posted
