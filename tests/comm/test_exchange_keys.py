@@ -52,7 +52,9 @@ def test_a_late_rank_that_gave_up_alone_meets_the_next_setup() -> None:
     is the others' next one, and that one works and leaves nothing either."""
     stores, written = rank_stores("hash", 2)
     numbers = [ExchangeNumbers(), ExchangeNumbers()]
-    drive(stores, [begin("test-next")], ALONE_AFTER_THE_OTHERS_GAVE_UP, numbers)
+    gave_up, late = drive(stores, [begin("test-next")], ALONE_AFTER_THE_OTHERS_GAVE_UP, numbers)
+    assert isinstance(gave_up.error, CommTimeoutError)
+    assert late.message.endswith("and no rank retried within 1 s")
     retried = drive(stores, [begin("test-next")],
                     [Schedule(timeout_s=RETRY_TIMEOUT_S)] * 2, numbers)  # fmt: skip
     assert [(rank.results, rank.error) for rank in retried] == [
