@@ -193,11 +193,17 @@ class StoreExchange:
 
     def begin_at(self, prefix: str, mine: bytes, what: str) -> list[bytes] | None:
         """`begin` at a prefix the caller has made unique; None (this rank has left it) when the
-        other ranks abandoned it before this rank took part."""
+        other ranks abandoned it before this rank took part, CommTimeoutError when a rank gave
+        up after this one posted."""
         if self.prefix:
             raise RuntimeError(f"rank {self.rank} began {prefix} before leaving {self.prefix}")
         self.prefix, self._stage = prefix, 0
         outcome, keys = self._take_part("first", mine, what)
+        if outcome != _COMPLETE and keys:
+            # This rank posted, and another gave up on it meanwhile: it fails with them. (A
+            # skip would take their retry for this exchange and blame this rank as late.)
+            raise CommTimeoutError(f"rank {self.rank} came to {what} while {self.during} "
+                                   f"{_who_abandoned(outcome, late=True)}")  # fmt: skip
         if outcome != _COMPLETE:
             self.late_to = _who_abandoned(outcome, late=True)
             self.leave()  # came as the others gave up: their retry is the next exchange

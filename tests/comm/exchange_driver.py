@@ -93,6 +93,11 @@ def after_rank(*ranks: int) -> Hook:
     return lambda run, ex: _check(all(run.ended[rank].wait(LONG_S) for rank in ranks))
 
 
+def after_event(event: threading.Event) -> Hook:
+    """Wait until `event` is set (by another rank's store, say)."""
+    return lambda run, ex: _check(event.wait(LONG_S))
+
+
 def after_keys(*names: str) -> Hook:
     """Wait until `names` (under the exchange's prefix) are set: e.g. other ranks wait there."""
     keys = [f"{{}}/{name}" for name in names]

@@ -5,6 +5,7 @@ test, not by timing."""
 
 from __future__ import annotations
 
+import threading
 from datetime import timedelta
 
 import pytest
@@ -17,6 +18,7 @@ from tests.comm.exchange_driver import (
     SHORT_S,
     STOPPED_WITHIN_S,
     Schedule,
+    after_event,
     after_keys,
     after_rank,
     agree,
@@ -233,3 +235,58 @@ def test_posting_outside_an_exchange_is_refused() -> None:
     with pytest.raises(RuntimeError, match="outside an exchange"):
         records.gather("name", "mine", "post")
     assert store.num_keys() == 0
+
+
+class _DecidesAfter:
+    """A rank's store whose first compare_set of an outcome starting with `outcome` sets
+    `deciding`, waits for `go`, and then sets `decided`."""
+
+    def __init__(self, store: object, outcome: bytes, deciding: threading.Event,
+                 go: threading.Event, decided: threading.Event) -> None:  # fmt: skip
+        self._store, self._outcome = store, outcome
+        self._deciding, self._go, self._decided = deciding, go, decided
+
+    def compare_set(self, key: str, expected: str, value: bytes) -> bytes:
+        if not value.startswith(self._outcome) or self._deciding.is_set():
+            return self._store.compare_set(key, expected, value)  # type: ignore[attr-defined]
+        self._deciding.set()
+        assert self._go.wait(LONG_S)
+        try:
+            return self._store.compare_set(key, expected, value)  # type: ignore[attr-defined]
+        finally:
+            self._decided.set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._store, name)
+
+
+POSTER_TIMEOUT_S = 10.0
+
+
+@pytest.mark.parametrize("kind", STORES)
+def test_a_rank_that_posted_as_another_gave_up_fails_with_it(kind: str) -> None:
+    """Rank 1 posted and saw every record just as rank 0 gave up on it (rank 0's "abandoned"
+    landed before rank 1's "complete"): rank 1 was taken for one that came late, skipped to a
+    retry nobody made, waited its timeout there and then called itself late."""
+    stores, written = rank_stores(kind, 2)
+    gives_up, gave_up, decides, decided = (threading.Event() for _ in range(4))
+    schedules = [
+        Schedule(
+            timeout_s=SHORT_S,
+            view=lambda store: _DecidesAfter(store, b"abandoned", gives_up, decides, gave_up),
+        ),
+        Schedule(
+            timeout_s=POSTER_TIMEOUT_S,
+            before={"first": after_event(gives_up)},
+            view=lambda store: _DecidesAfter(store, b"complete", decides, gave_up, decided),
+        ),
+    ]
+    timed_out, posted = drive(stores, [begin("test-poster")], schedules)
+    assert isinstance(timed_out.error, CommTimeoutError)
+    assert timed_out.message.startswith("rank 0 timed out after 0.2 s waiting for rank(s) [1]")
+    assert isinstance(posted.error, CommTimeoutError)
+    assert posted.message == (
+        "rank 1 came to post while testing after rank 0 had given up waiting for it"
+    )
+    assert posted.stage_s < POSTER_TIMEOUT_S / 2  # it did not wait for a retry
+    assert written.left() == []
