@@ -261,8 +261,9 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
     same store (gloo would try to connect to them).
 
     Returns:
-        torchrun's store, which outlives the job's attempts; None where rank 0 hosts the store
-        (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which dies with it.
+        torchrun's store, which serves the job's attempts while its host stays (`job_id`);
+        None where rank 0 hosts the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which dies
+        with it.
     """
     import torch.distributed as dist
 
@@ -290,15 +291,38 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
     return store if agent_hosts_store else None
 
 
-def job_id(store: dist.Store | None) -> str | None:
-    """This torchrun job's id: a random one that its first attempt leaves in `store`, which
-    outlives the attempts. Without such a store, torchrun's run id (--rdzv-id), unless it is
-    "none", which every job of several hosts without --rdzv-id shares; None where neither tells
-    the job apart."""
-    if store is not None:
-        return store.compare_set("fastpar/job", "", uuid.uuid4().hex).decode()
+_JOB_KEY = "fastpar/job"
+
+
+def job_id(store: dist.Store | None, restarts: int) -> tuple[str | None, str | None]:
+    """This torchrun job's id: the same in every attempt of the job (`restarts` earlier ones),
+    and another in every other job that torch tells apart. In order of preference:
+
+    - torchrun's run id (TORCHELASTIC_RUN_ID), which its agents give every attempt: the user's
+      --rdzv-id (torchrun asks for one per job), or the uuid torchrun draws for --standalone and
+      for one host (--nnodes 1) given neither --rdzv-endpoint nor --master-port;
+    - where that is "none" (several hosts, or a static rendezvous, without --rdzv-id: every such
+      job shares it), a random id that the first attempt leaves in torchrun's `store`. The agents
+      keep one store for every attempt only while its host stays: a c10d rendezvous whose rank 0
+      moves to another host (nodes left or joined) gives the next attempt a fresh one, and the
+      id changes;
+    - None where neither is there (rank 0 hosts a store per attempt, `store` is None).
+
+    Returns:
+        The id or None, and why a restart cannot tell its own checkpoints (None where it can).
+    """
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return None if run_id in ("", "none") else f"rdzv-id {run_id}"
+    if run_id not in ("", "none"):
+        return f"rdzv-id {run_id}", None
+    why = "no --rdzv-id names the job and"
+    if store is None:
+        return None, (f"{why} torchrun's store did not outlive the first attempt" if restarts
+                      else None)  # fmt: skip
+    drawn = uuid.uuid4().hex
+    job = store.compare_set(_JOB_KEY, "", drawn).decode()
+    if restarts and job == drawn:  # kept: the attempts after this one on this store know it
+        return job, f"{why} torchrun's store is newer than the first attempt (its host moved)"
+    return job, None
 
 
 def _prepare_under_torchrun(
@@ -313,10 +337,9 @@ def _prepare_under_torchrun(
 
     answer: list[Any] = [None, None, config]
     if dist.get_rank() == 0:
-        job = job_id(store)
-        if restarts and job is None:
-            print(f"fastpar train: restart {restarts}: torchrun's store did not outlive the "
-                  "first attempt and no --rdzv-id names the job, so it cannot tell its own "
+        job, unrecognised = job_id(store, restarts)
+        if unrecognised is not None:
+            print(f"fastpar train: restart {restarts}: {unrecognised}, so it cannot tell its own "
                   "checkpoints from another run's; it keeps --resume and --overwrite as given",
                   file=sys.stderr)  # fmt: skip
         answer[2] = restarted_config(config, restarts, job=job)

@@ -28,7 +28,7 @@ from fastpar.training.checkpoint import (
     find_intact,
     step_name,
 )
-from fastpar.training.cli import job_id, prepare, restarted_config, run
+from fastpar.training.cli import prepare, restarted_config, run
 from fastpar.training.config import TrainConfig
 from fastpar.training.loop import Stage, build_stage
 from fastpar.training.metrics_folder import MetricsFolderError
@@ -337,23 +337,6 @@ def test_a_restart_of_a_job_refused_at_its_start_is_refused_again(
     assert (root / checkpoint.JOB).read_text() == "job-a"
     # A job without an id (no store outlived its first attempt) is never taken for another.
     assert restarted_config(new_job, 1, job=None) == new_job
-
-
-def test_a_job_keeps_its_id_across_restarts_and_another_job_gets_another(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """torchrun's store outlives a job's attempts, and every job has its own: its run id would
-    not do ("none" for every job of several hosts without --rdzv-id). Without such a store, a
-    --rdzv-id names the job; "none" names none."""
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
-    store = dist.HashStore()
-    first = job_id(store)
-    assert first and job_id(store) == first
-    assert job_id(dist.HashStore()) not in (None, first)
-    assert job_id(None) is None
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run7")
-    assert job_id(None) == job_id(None) != job_id(dist.HashStore())
-    assert job_id(None) is not None
 
 
 def test_under_torchrun_every_restart_of_a_refused_job_is_refused_alike(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpar.training.checkpoint import find_intact, read_tensors, step_name
+from fastpar.training.checkpoint import JOB, find_intact, read_tensors, step_name
 
 from .util import REPO, SMALL
 from .util import train_cli as _train
@@ -140,6 +140,8 @@ def test_killed_rank_stops_the_run_and_resume_repeats_nothing(tmp_path: Path) ->
                              env=env, check=False)  # fmt: skip
     assert elastic.returncode == 0, elastic.stderr[-3000:]
     assert "resumed from step 3" in elastic.stdout
+    # One host without --rdzv-endpoint: the job is known by the run id torchrun drew for it.
+    assert re.fullmatch(r"rdzv-id [0-9a-f-]{36}", (elastic_dir / JOB).read_text())
     restarted = _parameters(elastic_dir)
     for key in whole:
         assert torch.equal(whole[key], restarted[key]), key
