@@ -66,18 +66,30 @@ def _decoded(text: str) -> torch.Tensor:
 
 
 def _rng_streams() -> dict[str, Any]:
-    """This rank's global generators' states (torch's CPU one, its current CUDA device's where
-    CUDA is in use, Python's), JSON-serialisable."""
+    """This rank's global generators' states, JSON-serialisable: torch's CPU one, Python's and,
+    where CUDA is in use, every CUDA device's by index (a rank may drive several: a pipeline
+    stage per GPU, a model split across two)."""
     streams = {"torch": _encoded(torch.get_rng_state()), "python": random.getstate()}
     if torch.cuda.is_initialized():
-        streams["cuda"] = _encoded(torch.cuda.get_rng_state())
+        streams["cuda_devices"] = [
+            _encoded(torch.cuda.get_rng_state(device))
+            for device in range(torch.cuda.device_count())
+        ]
     return streams
 
 
 def _set_rng_streams(streams: dict[str, Any]) -> None:
+    """Set the generators `_rng_streams` recorded. Each CUDA state goes to the device of its
+    index where this process sees one; a record of before every device's state ("cuda") held
+    the current device's."""
     torch.set_rng_state(_decoded(streams["torch"]))
-    if "cuda" in streams and torch.cuda.is_available():
-        torch.cuda.set_rng_state(_decoded(streams["cuda"]))
+    visible = range(torch.cuda.device_count())  # none without CUDA
+    if visible:
+        if "cuda_devices" in streams:
+            for device, state in zip(visible, streams["cuda_devices"], strict=False):
+                torch.cuda.set_rng_state(_decoded(state), device)
+        elif "cuda" in streams:  # the current device's, as it was set
+            torch.cuda.set_rng_state(_decoded(streams["cuda"]))
     version, internal, gauss = streams["python"]
     random.setstate((version, tuple(internal), gauss))
 
