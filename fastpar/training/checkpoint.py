@@ -203,11 +203,13 @@ def _manifest_checksum(manifest: dict[str, Any]) -> str:
 def problem(directory: Path) -> tuple[str | None, dict[str, Any]]:
     """(why `directory` is not an intact checkpoint, or None; its manifest when readable)."""
     path = directory / MANIFEST
-    if not directory.is_dir():
-        return "the folder is missing", {}
-    if not path.is_file():
-        return f"{MANIFEST} is missing (a save that did not finish)", {}
+    # A failing disk (EIO) or a folder made unsearchable (EACCES) fails even a stat (is_file
+    # raises those): an older checkpoint may do.
     try:
+        if not directory.is_dir():
+            return "the folder is missing", {}
+        if not path.is_file():
+            return f"{MANIFEST} is missing (a save that did not finish)", {}
         manifest = json.loads(path.read_bytes())
         if not isinstance(manifest, dict) or manifest.get("checksum") != _manifest_checksum(
             manifest
@@ -219,9 +221,9 @@ def problem(directory: Path) -> tuple[str | None, dict[str, Any]]:
         return f"{MANIFEST} has format {manifest.get('format')!r}, expected {FORMAT}", {}
     for name, expected in sorted(manifest["files"].items()):
         file = directory / name
-        if not file.is_file():
-            return f"file {name} is missing", manifest
-        try:  # a failing disk (EIO) or a file made unreadable: an older checkpoint may do
+        try:
+            if not file.is_file():
+                return f"file {name} is missing", manifest
             size = file.stat().st_size
             if size != expected["bytes"]:
                 kind = "truncated" if size < expected["bytes"] else "longer than written"

@@ -185,6 +185,31 @@ def test_resume_passes_over_a_checkpoint_with_an_unreadable_file(
     assert all(torch.equal(loaded[key], value) for key, value in older.items())
 
 
+@pytest.mark.parametrize("name", [checkpoint.MANIFEST, "__0_0.distcp"])
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EIO])
+def test_resume_passes_over_a_checkpoint_whose_files_cannot_be_looked_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, code: int
+) -> None:
+    """A stat that fails otherwise than "no such file" (a folder made unsearchable, a failing
+    disk) raised out of the checks of the newest checkpoint (Path.is_file raises it) and
+    stopped the resume, although an older one was intact."""
+    _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    victim = tmp_path / step_name(4) / name
+    stat = Path.stat
+
+    def failing_lookup(path: Path, **kwargs: object) -> os.stat_result:
+        if path == victim:
+            raise OSError(code, os.strerror(code), str(path))
+        return stat(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "stat", failing_lookup)
+    found, notes = find_intact(tmp_path)
+    assert found is not None and found.step == 2
+    assert len(notes) == 1 and os.strerror(code) in notes[0], notes
+    assert notes[0].startswith(f"skipped checkpoint {tmp_path / step_name(4)}: ")
+
+
 def test_a_corrupt_latest_or_a_deleted_newest_folder_is_passed_over(tmp_path: Path) -> None:
     _save(tmp_path, 2)
     _save(tmp_path, 4)
