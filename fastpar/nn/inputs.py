@@ -1,7 +1,9 @@
 """The checks of what a recurrent module or cell is called with (its input and states), and
-the dtype its recurrence runs in. Sizes and dtypes torch's modules refuse raise errors that are
-also torch's types (`ShapeMismatchError`, `DtypeMismatchError`), so code written for torch.nn
-catches them."""
+the dtype its recurrence runs in. What torch's modules refuse raises an error that is fastpar's
+type by its rule (a wrong value a ValueError, a wrong type a TypeError) and also every type torch's
+modules raise for the same call (``ShapeMismatchError``, ``DtypeMismatchError``,
+``DeviceMismatchError``, ``StateTypeError``, ``StateCountError``), so code written for torch.nn
+catches it."""
 
 from __future__ import annotations
 
@@ -11,8 +13,11 @@ from torch import Tensor
 from fastpar.ops.aten_common import autocast_available
 
 __all__ = [
+    "DeviceMismatchError",
     "DtypeMismatchError",
     "ShapeMismatchError",
+    "StateCountError",
+    "StateTypeError",
     "accepted_dtypes",
     "check_input",
     "check_state",
@@ -54,9 +59,26 @@ class ShapeMismatchError(ValueError, RuntimeError):
     both a ValueError and an IndexError for the same reason)."""
 
 
-class DtypeMismatchError(TypeError, ValueError):
-    """An input whose dtype the parameters do not take: a TypeError by fastpar's rule, and the
-    ValueError torch's modules raise for it."""
+class DtypeMismatchError(TypeError, ValueError, RuntimeError):
+    """An input or state whose dtype the parameters do not take: a TypeError by fastpar's rule,
+    the ValueError torch's LSTM, GRU and RNN raise for their input, and the RuntimeError torch's
+    kernels raise for a state's (and a cell's input's), which torch's modules do not check."""
+
+
+class DeviceMismatchError(ValueError, RuntimeError):
+    """An input on another device than the parameters, or a state on another device than the
+    input: a ValueError by fastpar's rule, and the RuntimeError torch's kernels raise for it."""
+
+
+class StateTypeError(TypeError, AttributeError):
+    """A state that is not a Tensor (a GRU's hx given as a tuple): a TypeError by fastpar's rule,
+    and the AttributeError torch's modules raise when they call the state's Tensor methods."""
+
+
+class StateCountError(TypeError, IndexError, RuntimeError):
+    """An LSTM's hx that is not a pair (h_0, c_0) (a Tensor, a tuple of one or three): a
+    TypeError by fastpar's rule; torch's modules index hx[0] and hx[1], an IndexError where
+    there are fewer, a RuntimeError (from their kernels or shape checks) for the rest."""
 
 
 def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -> bool:
@@ -80,7 +102,7 @@ def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -
             "convert the module with .to(dtype)"
         )
     if x.device != weight.device:
-        raise ValueError(
+        raise DeviceMismatchError(
             f"input is on {x.device} but the parameters are on {weight.device}; "
             "move the module with .to(device)"
         )
@@ -90,14 +112,22 @@ def check_input(x: Tensor, input_size: int, weight: Tensor, batched_dims: int) -
 def check_state(
     name: str, state: object, expected: tuple[int, ...], x: Tensor, weight: Tensor
 ) -> Tensor:
+    """Validate one state of hx (``name`` as messages call it, e.g. "hx[1] (c_0)") against its
+    ``expected`` shape, the dtypes the parameters take and the input's device."""
     if not isinstance(state, Tensor):
-        raise TypeError(f"{name} must be a Tensor, got {type(state).__name__}")
+        raise StateTypeError(f"{name} must be a Tensor, got {type(state).__name__}")
     if tuple(state.shape) != expected:
         raise ShapeMismatchError(f"{name} must have shape {expected}, got {tuple(state.shape)}")
-    if state.dtype not in accepted_dtypes(weight):
-        raise TypeError(f"{name} dtype {state.dtype} does not match input dtype {x.dtype}")
+    accepted = accepted_dtypes(weight)
+    if state.dtype not in accepted:
+        raise DtypeMismatchError(
+            f"{name} dtype {state.dtype} does not match the parameters' dtype {weight.dtype}"
+            + (f" (or, under autocast, one of {AUTOCAST_ELIGIBLE})" if len(accepted) > 1 else "")
+        )
     if state.device != x.device:
-        raise ValueError(f"{name} is on {state.device} but input is on {x.device}")
+        raise DeviceMismatchError(
+            f"{name} is on {state.device} but must be on the input's device {x.device}"
+        )
     return state
 
 
@@ -107,7 +137,8 @@ def split_hx(hx: object, names: tuple[str, ...]) -> tuple[object, ...]:
     if len(names) == 1:
         return (hx,)
     if not isinstance(hx, (tuple, list)) or len(hx) != len(names):  # only the LSTM has two
-        raise TypeError(f"hx must be a tuple (h_0, c_0) of two Tensors, got {type(hx)}")
+        got = type(hx).__name__ + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else "")
+        raise StateCountError(f"hx must be a tuple (h_0, c_0) of two Tensors, got {got}")
     return tuple(hx)
 
 
