@@ -238,11 +238,12 @@ class RecurrentBase(nn.Module):
                 f"proj_size must be smaller than hidden_size {hidden_size}, got {proj_size}"
             )
         self.dropout = _check_dropout(dropout, num_layers)
-        # The flags torch checks (a TypeError naming the argument); bidirectional it takes as
-        # truthy.
+        # The flags torch checks (a TypeError naming the argument). bidirectional torch takes as
+        # truthy and keeps as given (its repr shows "bidirectional=1"): so does fastpar, and
+        # reads it through num_directions.
         self.bias = check_bool("bias", bias)
         self.batch_first = check_bool("batch_first", batch_first)
-        self.bidirectional = bool(bidirectional)
+        self.bidirectional = bidirectional
         self.backend: Backend = check_backend(backend)
         self.kernel: Kernel = check_kernel(kernel, self.backend)
         factory = {"device": device, "dtype": dtype}
@@ -331,8 +332,8 @@ class RecurrentBase(nn.Module):
         for name, default in (("bias", True), ("batch_first", False), ("dropout", 0.0)):
             if getattr(self, name) != default:
                 s += f", {name}={getattr(self, name)}"
-        if self.bidirectional:
-            s += ", bidirectional=True"
+        if self.bidirectional is not False:  # as torch's: bidirectional=0 shows too
+            s += f", bidirectional={self.bidirectional}"
         nonlinearity = getattr(self, "nonlinearity", "tanh")
         if nonlinearity != "tanh":
             s += f", nonlinearity={nonlinearity!r}"
@@ -350,7 +351,7 @@ class RecurrentBase(nn.Module):
         """The keyword arguments every stack function takes, from this module's options."""
         return {
             "num_layers": self.num_layers,
-            "bidirectional": self.bidirectional,
+            "bidirectional": self.num_directions == 2,
             "dropout": self.dropout,
             "training": self.training,
             "lengths": lengths,

@@ -126,3 +126,46 @@ def test_repr_begins_with_torchs(cell: str, options: dict[str, object]) -> None:
 def test_cell_repr_begins_with_torchs(cell: str, options: dict[str, object]) -> None:
     ours, theirs = _pair(cell, **options)
     assert repr(ours) == repr(theirs)[:-1] + ", backend='torch')"
+
+
+# torch's modules check that bias and batch_first are bools but take any value for bidirectional
+# (truthy: two directions) and show it as given, "bidirectional=0" too: its repr reads `is not
+# False`. dropout they keep as a float ("dropout=1.0").
+ODD_OPTIONS = [
+    {"bidirectional": 1},
+    {"bidirectional": 0},
+    {"bidirectional": None},
+    {"bidirectional": "yes", "batch_first": True},
+    {"bidirectional": 2, "num_layers": 2, "dropout": 1},
+    {"bidirectional": 1, "bias": False, "proj_size": 4},
+]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("options", ODD_OPTIONS, ids=lambda o: ",".join(f"{k}={o[k]!r}" for k in o))
+def test_repr_of_odd_options_is_torchs(cell: str, options: dict[str, object]) -> None:
+    """The same constructor call gives torch's repr, then fastpar's backend, and the same
+    layers and directions (parameter names)."""
+    if "proj_size" in options and cell != "LSTM":
+        pytest.skip("proj_size is the LSTM's")
+    ours, theirs = _pair(cell, **options)
+    assert repr(ours) == repr(theirs)[:-1] + ", backend='torch')"
+    assert ours.bidirectional == theirs.bidirectional
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+
+
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("bidirectional, directions", [(1, True), ("yes", True), (None, False)])
+def test_odd_bidirectional_runs_its_directions(
+    cell: str, backend: str, bidirectional: object, directions: bool
+) -> None:
+    """A module built with bidirectional=1 runs as torch's with bidirectional=True (torch's own
+    forward passes the 1 to its kernels, which refuse it)."""
+    ours, _ = _pair(cell, backend, bidirectional=bidirectional)
+    theirs = getattr(torch.nn, cell)(F_IN, H, bidirectional=directions)
+    theirs.load_state_dict(ours.state_dict())
+    x = randn(T, B, F_IN, seed=1).float()
+    (out, finals), (expected, expected_finals) = ours(x), theirs(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(finals, expected_finals)
