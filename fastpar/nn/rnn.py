@@ -16,6 +16,7 @@ G = 3 gates (r, z, n) for the GRU, 1 for the RNN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, get_args
@@ -124,15 +125,29 @@ def _check_nonlinearity(nonlinearity: object) -> Nonlinearity:
     return nonlinearity  # type: ignore[return-value]
 
 
+NO_PROJECTION = "proj_size argument is only supported for LSTM, not RNN or GRU"  # torch's words
+
+
 def _check_no_projection(proj_size: object) -> int:
     # torch's GRU and RNN take proj_size where RNNBase has it (after bidirectional, positionally)
     # but no projection: torch's own message, raised here rather than at the first call.
-    # Any other value is the ValueError torch raises for proj_size by keyword, whatever its type.
     if isinstance(proj_size, bool) or proj_size != 0:
-        raise ValueError(
-            f"proj_size argument is only supported for LSTM, not RNN or GRU, got {proj_size!r}"
-        )
+        raise ValueError(f"{NO_PROJECTION}, got {proj_size!r}")
     return 0
+
+
+def _refuse_proj_size_keyword(init: Callable[..., None]) -> Callable[..., None]:
+    """``init`` that refuses proj_size by keyword at any value, 0 too, as torch's GRU and RNN
+    do (the ValueError of their ``__init__(*args, **kwargs)``): they take it only positionally.
+    inspect and help still show ``init``'s signature, which names the positional slot."""
+
+    @functools.wraps(init)
+    def refusing(self: RecurrentBase, *args: Any, **kwargs: Any) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError(f"{NO_PROJECTION}, got proj_size={kwargs['proj_size']!r} by keyword")
+        init(self, *args, **kwargs)
+
+    return refusing
 
 
 class _OneStateBase(RecurrentBase):
@@ -176,7 +191,8 @@ class GRU(_OneStateBase):
     Arguments: torch.nn.GRU's, as fastpar.nn.LSTM documents them (input_size I, hidden_size H,
     num_layers L, bias, batch_first, dropout, bidirectional, device, dtype), and fastpar's
     backend and kernel, keyword-only (see fastpar.nn.recurrent). proj_size holds torch's
-    positional slot (torch's GRU passes its 8th argument to RNNBase's proj_size): only 0.
+    positional slot (torch's GRU passes its 8th argument to RNNBase's proj_size): only 0, and
+    only positionally; by keyword it is torch's ValueError, at any value.
 
     ``forward(input, hx=None) -> (output, h_n)``: input (T, B, I), (B, T, I) when batch_first,
     (T, I) unbatched, or a PackedSequence; hx = h_0 (L*D, B, H) ((L*D, H) unbatched), zeros when
@@ -187,6 +203,7 @@ class GRU(_OneStateBase):
     gates = 3
     ops = GRU_OPS
 
+    @_refuse_proj_size_keyword
     def __init__(
         self,
         input_size: int,
@@ -230,6 +247,7 @@ class RNN(_OneStateBase):
     gates = 1
     ops = RNN_OPS
 
+    @_refuse_proj_size_keyword
     def __init__(
         self,
         input_size: int,

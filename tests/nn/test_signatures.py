@@ -92,10 +92,10 @@ def test_signature_is_torchs_then_keyword_only_options(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["GRU", "RNN"])
-@pytest.mark.parametrize("proj_size", [4, -1, 2.0, True])
+@pytest.mark.parametrize("proj_size", [0, 0.0, None, 4, -1, 2.0, True])
 def test_gru_and_rnn_refuse_proj_size_as_torch(name: str, proj_size: object) -> None:
-    """torch's GRU and RNN refuse proj_size by keyword with a ValueError and this message;
-    fastpar's raise the same."""
+    """torch's GRU and RNN refuse proj_size by keyword, at any value (0 too), with a ValueError
+    and this message; fastpar's raise the same. Positionally they take 0 (FULL_POSITIONAL)."""
     message = "proj_size argument is only supported for LSTM, not RNN or GRU"
     with pytest.raises(ValueError, match=message):
         getattr(torch.nn, name)(F_IN, H, proj_size=proj_size)
@@ -113,14 +113,6 @@ def test_gru_and_rnn_refuse_a_positional_projection(name: str) -> None:
         module(torch.randn(3, 2, F_IN))
     with pytest.raises(ValueError, match="only supported for LSTM, not RNN or GRU, got 4"):
         getattr(fastpar.nn, name)(*args)
-
-
-@pytest.mark.parametrize("name", ["GRU", "RNN"])
-def test_gru_and_rnn_take_no_projection_by_keyword(name: str) -> None:
-    """proj_size=0 by keyword builds the module torch builds without it (torch refuses the
-    keyword at any value; fastpar takes it, so that one call builds any of the three)."""
-    ours = getattr(fastpar.nn, name)(F_IN, H, proj_size=0)
-    assert _describe(ours) == _describe(getattr(torch.nn, name)(F_IN, H))
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN"])
