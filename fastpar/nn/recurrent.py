@@ -481,7 +481,7 @@ class RecurrentCellBase(nn.Module):
         super().__init__()
         self.input_size = check_int_at_least("input_size", input_size)
         self.hidden_size = check_int_at_least("hidden_size", hidden_size)
-        self.bias = bool(bias)
+        self.bias = bias  # torch's cells take it as truthy and keep it as given, as its repr shows
         self.backend: Backend = check_backend(backend)
         factory = {"device": device, "dtype": dtype}
         rows = self.gates * hidden_size
@@ -508,8 +508,8 @@ class RecurrentCellBase(nn.Module):
         # torch's repr (bias and the RNN's nonlinearity only where not the default), then the
         # backend.
         s = f"{self.input_size}, {self.hidden_size}"
-        if not self.bias:
-            s += ", bias=False"
+        if self.bias is not True:  # as torch's: bias=1 shows too
+            s += f", bias={self.bias}"
         nonlinearity = getattr(self, "nonlinearity", "tanh")
         if nonlinearity != "tanh":
             s += f", nonlinearity={nonlinearity}"

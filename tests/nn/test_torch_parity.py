@@ -169,3 +169,16 @@ def test_odd_bidirectional_runs_its_directions(
     (out, finals), (expected, expected_finals) = ours(x), theirs(x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(finals, expected_finals)
+
+
+@pytest.mark.parametrize("cell", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("bias", [1, 0, None, "yes"])
+def test_cell_repr_of_odd_bias_is_torchs(cell: str, bias: object) -> None:
+    """torch's cells take any value for bias (truthy: biases) and show it as given ("bias=1");
+    fastpar's repr is the same, then its backend, with the same parameters and results."""
+    ours, theirs = _pair(cell, bias=bias)
+    assert repr(ours) == repr(theirs)[:-1] + ", backend='torch')"
+    assert ours.bias == theirs.bias
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    x = randn(B, F_IN, seed=1).float()
+    torch.testing.assert_close(ours(x), theirs(x))
