@@ -9,18 +9,7 @@ import pytest
 
 from fastpar.comm.errors import CommTimeoutError
 from fastpar.comm.exchange import ExchangeNumbers
-from tests.comm.exchange_driver import (
-    SHORT_S,
-    Schedule,
-    after_keys,
-    after_rank,
-    agree,
-    begin,
-    drive,
-    first,
-    raises,
-    rank_stores,
-)
+from tests.comm import exchange_driver as driver
 
 STORES = ["hash", "tcp"]
 LATE_TIMEOUT_S = 1.0  # how long the late rank waits for a retry
@@ -28,8 +17,8 @@ RETRY_TIMEOUT_S = 10.0  # the retry's: ample for ranks that all come
 
 # Rank 0 gives up on rank 1 and does not retry; rank 1 comes once rank 0 has ended.
 ALONE_AFTER_THE_OTHERS_GAVE_UP = [
-    Schedule(timeout_s=SHORT_S),
-    Schedule(timeout_s=LATE_TIMEOUT_S, before={"first": after_rank(0)}),
+    driver.Schedule(timeout_s=driver.SHORT_S),
+    driver.Schedule(timeout_s=LATE_TIMEOUT_S, before={"first": driver.after_rank(0)}),
 ]
 
 
@@ -37,9 +26,11 @@ ALONE_AFTER_THE_OTHERS_GAVE_UP = [
 def test_a_late_rank_alone_in_a_retry_nobody_came_to_leaves_no_keys(kind: str) -> None:
     """The late rank posted its record in the retry, decided its first stage and counted itself
     out there, and no other rank ever came to delete them: 4 keys per late setup."""
-    stores, written = rank_stores(kind, 2)
+    stores, written = driver.rank_stores(kind, 2)
     keys_before = stores[0].num_keys()
-    gave_up, late = drive(stores, [begin("test-alone")], ALONE_AFTER_THE_OTHERS_GAVE_UP)
+    gave_up, late = driver.drive(
+        stores, [driver.begin("test-alone")], ALONE_AFTER_THE_OTHERS_GAVE_UP
+    )
     assert isinstance(gave_up.error, CommTimeoutError)
     assert isinstance(late.error, CommTimeoutError)
     assert late.message.endswith("and no rank retried within 1 s")
@@ -50,13 +41,15 @@ def test_a_late_rank_alone_in_a_retry_nobody_came_to_leaves_no_keys(kind: str) -
 def test_a_late_rank_that_gave_up_alone_meets_the_next_setup() -> None:
     """Leaving no trace in the retry, the late rank also takes no number there: its next setup
     is the others' next one, and that one works and leaves nothing either."""
-    stores, written = rank_stores("hash", 2)
+    stores, written = driver.rank_stores("hash", 2)
     numbers = [ExchangeNumbers(), ExchangeNumbers()]
-    gave_up, late = drive(stores, [begin("test-next")], ALONE_AFTER_THE_OTHERS_GAVE_UP, numbers)
+    gave_up, late = driver.drive(
+        stores, [driver.begin("test-next")], ALONE_AFTER_THE_OTHERS_GAVE_UP, numbers
+    )
     assert isinstance(gave_up.error, CommTimeoutError)
     assert late.message.endswith("and no rank retried within 1 s")
-    retried = drive(stores, [begin("test-next")],
-                    [Schedule(timeout_s=RETRY_TIMEOUT_S)] * 2, numbers)  # fmt: skip
+    everyone = [driver.Schedule(timeout_s=RETRY_TIMEOUT_S)] * 2
+    retried = driver.drive(stores, [driver.begin("test-next")], everyone, numbers)
     assert [(rank.results, rank.error) for rank in retried] == [
         ([[b"first 0", b"first 1"]], None)
     ] * 2
@@ -66,15 +59,15 @@ def test_a_late_rank_that_gave_up_alone_meets_the_next_setup() -> None:
 @pytest.mark.parametrize("kind", STORES)
 def test_a_rank_that_raised_between_stages_leaves_no_keys(kind: str) -> None:
     """Rank 0 raises once rank 1 waits in the second stage; rank 2 comes to it only after."""
-    stores, written = rank_stores(kind, 3)
-    between = raises(ValueError("between stages"), then=after_keys("mapped/1"))
-    ended = drive(
+    stores, written = driver.rank_stores(kind, 3)
+    between = driver.raises(ValueError("between stages"), then=driver.after_keys("mapped/1"))
+    ended = driver.drive(
         stores,
-        [first("test/between"), agree("mapped")],
+        [driver.first("test/between"), driver.agree("mapped")],
         [
-            Schedule(before={"mapped": between}),
-            Schedule(),
-            Schedule(before={"mapped": after_rank(0, 1)}),
+            driver.Schedule(before={"mapped": between}),
+            driver.Schedule(),
+            driver.Schedule(before={"mapped": driver.after_rank(0, 1)}),
         ],
     )
     assert [type(rank.error) for rank in ended] == [ValueError, CommTimeoutError, CommTimeoutError]
@@ -85,11 +78,15 @@ def test_a_rank_that_raised_between_stages_leaves_no_keys(kind: str) -> None:
 def test_a_rank_that_came_after_every_other_left_leaves_no_keys(kind: str) -> None:
     """Ranks 0 and 1 abandon the first stage and leave; rank 2 finds it abandoned after both
     have counted out, and is the last to leave."""
-    stores, written = rank_stores(kind, 3)
-    gave_up, stopped, late = drive(
+    stores, written = driver.rank_stores(kind, 3)
+    gave_up, stopped, late = driver.drive(
         stores,
-        [first("test/after")],
-        [Schedule(timeout_s=SHORT_S), Schedule(), Schedule(before={"first": after_rank(0, 1)})],
+        [driver.first("test/after")],
+        [
+            driver.Schedule(timeout_s=driver.SHORT_S),
+            driver.Schedule(),
+            driver.Schedule(before={"first": driver.after_rank(0, 1)}),
+        ],
     )
     assert isinstance(gave_up.error, CommTimeoutError)
     assert isinstance(stopped.error, CommTimeoutError)
