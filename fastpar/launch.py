@@ -61,6 +61,9 @@ FORKSERVER_PRELOAD = (
     "fastpar.launch", "fastpar.comm", "fastpar.data", "fastpar.nn", "fastpar.parallel",
     "fastpar.training",
 )  # fmt: skip
+# Imported last by every fork server this module starts, whatever the preload: it ends the SIGINT
+# block the server starts with (see _sigint_held) in the server and in what it forks later.
+_FORKSERVER_SIGINT = "fastpar._forkserver_sigint"
 STDERR_TAIL_LINES = 60  # of a rank that died, quoted in RankFailure (faulthandler's included)
 _STDERR_TAIL_BYTES = 64 * 1024
 
@@ -108,10 +111,14 @@ def _sigint_held() -> Iterator[None]:
     SIGINT is blocked in this thread, and the child inherits the block through fork and exec:
     a Ctrl-C that reaches it while it imports torch stays pending, and is dropped when it
     ignores SIGINT (the server after its preload, a rank as it runs), where it would otherwise
-    print a KeyboardInterrupt traceback. A block holds only this thread's share: another thread
-    of this process (torch's, a caller's) may take the signal, and Python would raise in the
-    main thread mid-start, so the main thread's handler only notes it meanwhile. Ignoring it
-    instead (SIG_IGN) would lose it."""
+    print a KeyboardInterrupt traceback. The fork server outlives the launch, and its block
+    must not outlive its preload: fastpar._forkserver_sigint ends it in the server once it
+    ignores SIGINT, and in each process it forks once that has started.
+
+    A block holds only this thread's share: another thread of this process (torch's, a
+    caller's) may take the signal, and Python would raise in the main thread mid-start, so the
+    main thread's handler only notes it meanwhile. Ignoring it instead (SIG_IGN) would lose
+    it."""
     from multiprocessing import resource_tracker
 
     resource_tracker.ensure_running()  # a start of the tracker unblocks SIGINT in this thread
@@ -167,7 +174,8 @@ def _rank_main(
     _send_stderr_to(stderr_path)
     # Ctrl-C reaches every process of the terminal's group: the parent alone handles it and
     # stops the ranks, so they do not each print a KeyboardInterrupt traceback. Ignoring it
-    # drops one pending since the launcher started this rank with SIGINT blocked.
+    # drops one pending since this rank started with SIGINT blocked (by the launcher, or by the
+    # fork server, which leaves a rank's block to this; see fastpar._forkserver_sigint).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     # The launcher's environment at the call (a forked rank inherited the fork server's), in
@@ -359,7 +367,8 @@ def spawn_ranks(
         start_method: "spawn" (a fresh interpreter per rank) or "forkserver" (ranks forked
             from a server that imported `preload` once; see the module docstring).
         preload: the modules the fork server imports, when this call starts it (the first
-            "forkserver" call of this process; a later call's is ignored).
+            "forkserver" call of this process; a later call's is ignored); fastpar adds one
+            of its own, which leaves the server and what it forks later SIGINT as without it.
 
     Returns:
         The ranks' return values, indexed by rank.
@@ -385,7 +394,7 @@ def spawn_ranks(
 
     context = mp.get_context(start_method)
     if start_method == "forkserver":  # takes effect when the server starts (the first call)
-        context.set_forkserver_preload(list(preload))
+        context.set_forkserver_preload([*preload, _FORKSERVER_SIGINT])
     job = pickle.dumps((fn, tuple(args)))
     environment = {**os.environ, **(env or {})}
     port = context.RawValue("i", 0)

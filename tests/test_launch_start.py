@@ -202,6 +202,96 @@ def test_ctrl_c_while_a_child_starts_is_not_lost(tmp_path: Path, start_method: s
     assert not _alive(children[0]), "a child outlived its interrupted launcher"
 
 
+# Run as a launcher (argument: the start method), it sends itself Ctrl-C wherever it is imported
+# during a start: in a rank as multiprocessing starts it (which imports the main module again
+# before Python 3.13), or in the fork server as it preloads it; and again in a rank at the last
+# moment before its function runs (multiprocessing's after-fork hooks, which end a forked
+# child's block).
+_CTRL_C_IN_A_START = """
+import operator, os, signal, sys
+from multiprocessing import util
+class Hook:  # multiprocessing holds it weakly: the module's globals keep it
+    def __call__(self, _):
+        os.kill(os.getpid(), signal.SIGINT)
+if __name__ != "__main__":
+    os.kill(os.getpid(), signal.SIGINT)
+    hook = Hook()
+    util.register_after_fork(hook, hook)
+else:
+    from fastpar.launch import spawn_ranks
+    print(spawn_ranks(operator.add, 2, start_method=sys.argv[1], preload=["__main__"],
+                      timeout=120))
+"""
+
+
+@pytest.mark.parametrize("start_method", START_METHODS)
+def test_a_ctrl_c_in_a_ranks_start_is_dropped(tmp_path: Path, start_method: str) -> None:
+    """A rank holds Ctrl-C off until it ignores it: a forked rank too, whose block the fork
+    server no longer keeps for every child."""
+    script = tmp_path / "launcher.py"
+    script.write_text(_CTRL_C_IN_A_START)
+    run = subprocess.run([sys.executable, str(script), start_method], cwd=REPO,
+                         capture_output=True, text=True, timeout=180, check=False,
+                         preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, "[2, 3]\n"), run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# Run as a caller of multiprocessing (argument: "launched" after a fastpar launch through the
+# fork server, "fresh" without), it starts a forkserver Process of its own, which reports how
+# SIGINT reaches it: blocked or open, its handler, and what a Ctrl-C does there; then whether
+# the fork server itself has SIGINT blocked and ignored.
+_LATER_CHILD_PROBE = """
+import multiprocessing, operator, signal, sys
+
+def report(queue):
+    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+    handler = repr(signal.getsignal(signal.SIGINT))
+    try:
+        signal.raise_signal(signal.SIGINT)
+        outcome = "went on"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+    queue.put(("blocked" if blocked else "open", handler, outcome))
+
+def server_sigint(pid):
+    bit = 1 << (signal.SIGINT - 1)
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {name: bool(int(fields[name], 16) & bit) for name in ("SigBlk", "SigIgn")}
+
+if __name__ == "__main__":
+    if sys.argv[1] == "launched":
+        from fastpar.launch import spawn_ranks
+        spawn_ranks(operator.add, 1, start_method="forkserver", preload=["__main__"], timeout=120)
+    context = multiprocessing.get_context("forkserver")
+    queue = context.Queue()
+    child = context.Process(target=report, args=(queue,))
+    child.start()
+    print(queue.get(timeout=120))
+    child.join(timeout=120)
+    from multiprocessing import forkserver
+    print(server_sigint(forkserver._forkserver._forkserver_pid))
+"""
+
+
+def test_a_launch_leaves_no_sigint_block_in_the_fork_server(tmp_path: Path) -> None:
+    """The server kept the block it started with for its lifetime, and so did every process it
+    forked later: a caller's own forkserver Process (a Pool's, a DataLoader's workers) after a
+    launch never got Ctrl-C. They now take SIGINT as in a process that never launched."""
+    script = tmp_path / "caller.py"
+    script.write_text(_LATER_CHILD_PROBE)
+    reports = {}
+    for case in ("fresh", "launched"):
+        run = subprocess.run([sys.executable, str(script), case], cwd=REPO,
+                             capture_output=True, text=True, timeout=240, check=False,
+                             preexec_fn=_sigint_as_in_a_terminal)  # fmt: skip
+        assert run.returncode == 0, run.stderr
+        reports[case] = run.stdout.splitlines()
+    assert reports["launched"] == reports["fresh"]
+    assert reports["fresh"][0] == repr(("open", repr(signal.default_int_handler), "interrupted"))
+
+
 # Run as a launcher that has another thread (torch's, a caller's), it takes a Ctrl-C while it
 # holds SIGINT off for a start, and says whether the start was cut short.
 _HELD_WITH_A_THREAD = """
