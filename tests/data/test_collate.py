@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import pickle
 from collections import namedtuple
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pack_sequence
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from fastpar.data import BlockCollate, DynamicSlicer
@@ -94,13 +96,95 @@ def test_a_data_loader_yields_an_empty_block_as_an_empty_batch(num_workers: int)
         list(DataLoader(dataset, batch_sampler=[[]]))
 
 
-def test_an_output_it_cannot_cut_is_named() -> None:
-    collate = BlockCollate(_Samples("tensor"), collate_fn=lambda samples: (samples[0], 5))
-    with pytest.raises(TypeError, match=r"mixes tensors or containers with \['Tensor', 'int'\]"):
-        collate([])
-    collate = BlockCollate(_Samples("tensor"), collate_fn=lambda samples: 5)
-    with pytest.raises(TypeError, match="cannot make an empty batch of a collated int"):
-        collate([])
+def _collate_pairs(samples: list[Pair]) -> Pair:
+    """A collate_fn that takes an empty list itself: the reference for BlockCollate's."""
+    x = torch.stack([s.x for s in samples]) if samples else torch.empty(0, 2, 3).double()
+    return Pair(x=x, y=torch.tensor([s.y for s in samples], dtype=torch.float64))
+
+
+def test_a_namedtuple_from_a_collate_fn_keeps_its_type() -> None:
+    dataset = _Samples("namedtuple")
+    empty = BlockCollate(dataset, _collate_pairs)([])
+    assert _equal(empty, _collate_pairs([]))
+
+
+@dataclass
+class _Batch:
+    x: torch.Tensor
+
+
+class _Padded:
+    """A custom batch object, as moved to a device by `.to()`."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def to(self, device: torch.device | str) -> _Padded:
+        return _Padded(self.x.to(device))
+
+
+_Point = namedtuple("_Point", ["name", "kind"])
+
+
+@pytest.mark.parametrize(
+    "collate_fn, kind, why",
+    [
+        (lambda s: _Batch(torch.stack(s)), "_Batch", "not _Batch"),
+        (lambda s: pack_sequence(s, enforce_sorted=False), "PackedSequence", "time steps"),
+        (lambda s: pack_sequence(s), "PackedSequence", "time steps"),
+        (len, "int", "not int"),
+        (lambda s: (torch.stack(s), len(s)), "tuple", r"with \['Tensor', 'int'\]"),
+        (lambda s: torch.tensor(len(s)), "Tensor", "0-dim tensor"),
+        (lambda s: _Padded(torch.stack(s)), "_Padded", "not _Padded"),
+        (lambda s: _Point("a", "b"), "_Point", "namedtuple of plain values"),
+    ],
+    ids=["dataclass", "packed", "packed-sorted", "count", "tensor-and-count", "0-dim",
+         "custom-object", "namedtuple-of-values"],
+)  # fmt: skip
+def test_an_output_it_cannot_empty_is_refused_at_the_first_block(
+    collate_fn: Any, kind: str, why: str
+) -> None:
+    # Refused on the first block collated: the empty block comes at an epoch's last step.
+    dataset = _Samples("tensor")
+    message = rf"empty batch from collate_fn's output, of type {kind}: .*{why}.*empty_batch="
+    with pytest.raises(TypeError, match=message):
+        BlockCollate(dataset, collate_fn)([dataset[0], dataset[1]])
+    with pytest.raises(TypeError, match=message):
+        BlockCollate(dataset, collate_fn)([])
+
+
+def test_torch_has_no_packed_sequence_of_zero_sequences() -> None:
+    # Why BlockCollate refuses one instead of cutting its tensors.
+    with pytest.raises(RuntimeError):
+        pack_sequence([])
+
+
+def _empty_padded() -> _Padded:
+    return _Padded(torch.empty(0, 2, 3))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_empty_batch_makes_the_empty_block_of_a_custom_batch(num_workers: int) -> None:
+    dataset = _Samples("tensor")
+    collate = BlockCollate(dataset, _collate_padded, empty_batch=_empty_padded)
+    loader = DataLoader(dataset, batch_sampler=[[0, 1], [], [2]], collate_fn=collate,
+                        num_workers=num_workers)  # fmt: skip
+    batches = list(loader)
+    assert [type(batch) for batch in batches] == [_Padded] * 3
+    for batch, block in zip(batches, [[0, 1], [], [2]], strict=True):
+        expected = _collate_padded([dataset[i] for i in block]) if block else _empty_padded()
+        assert _equal(batch.x, expected.x)
+    assert collate([]) is not collate([])  # no two steps share its tensors
+
+
+def _collate_padded(samples: list[torch.Tensor]) -> _Padded:
+    return _Padded(torch.stack(samples))
+
+
+@pytest.mark.parametrize("name", ["collate_fn", "empty_batch"])
+def test_a_function_that_is_not_callable_is_refused_by_name(name: str) -> None:
+    with pytest.raises(TypeError, match=rf"{name} must be callable, got Tensor"):
+        BlockCollate(_Samples("tensor"), **{name: torch.zeros(0)})
 
 
 # ------------------------------------------------------- ranks in step through a DataLoader
