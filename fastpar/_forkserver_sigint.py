@@ -12,7 +12,8 @@ Unblocking at the end of the preload would reopen the window until the server ig
 - in the server, after its first fork, when it ignores SIGINT; it blocks SIGINT again around
   each fork, so that every process it forks starts with the block, as before;
 - in a process it forks, just before its target runs (multiprocessing's after-fork hooks): a
-  Ctrl-C during its start (Python before 3.13 imports the main module there) is dropped, as
+  Ctrl-C during its start (where it imports the main module again, on a Python without the
+  fix for CPython gh-126631, such as 3.11: the server never preloads it there) is dropped, as
   the server's is, and SIGINT is then as multiprocessing sets it, as without fastpar. A rank
   keeps the block until it ignores SIGINT itself (`launch._rank_main`): unblocked any earlier,
   a pending Ctrl-C would print a traceback from it.

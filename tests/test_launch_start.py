@@ -204,9 +204,9 @@ def test_ctrl_c_while_a_child_starts_is_not_lost(tmp_path: Path, start_method: s
 
 # Run as a launcher (argument: the start method), it sends itself Ctrl-C wherever it is imported
 # during a start: in a rank as multiprocessing starts it (which imports the main module again
-# before Python 3.13), or in the fork server as it preloads it; and again in a rank at the last
-# moment before its function runs (multiprocessing's after-fork hooks, which end a forked
-# child's block).
+# where CPython gh-126631 is not fixed, as in 3.11), or in the fork server as it preloads it;
+# and again in a rank at the last moment before its function runs (multiprocessing's after-fork
+# hooks, which end a forked child's block).
 _CTRL_C_IN_A_START = """
 import operator, os, signal, sys
 from multiprocessing import util
