@@ -29,7 +29,9 @@ Signature = list[tuple[str, str, tuple[int, ...], str, bool]]
 
 def state_signature(module: nn.Module) -> Signature:
     """What every rank's module must agree on: each parameter's and buffer's name, shape, dtype
-    and requires_grad (a buffer that differs would block or corrupt the broadcast of state)."""
+    and requires_grad (a buffer that differs would block or corrupt the broadcast of state).
+    Strides may differ: `broadcast_state` sends and receives every tensor that is not
+    contiguous through a contiguous copy, so only the shape decides what travels."""
     return [
         (kind, name, tuple(t.shape), str(t.dtype), t.requires_grad)
         for kind, named in (("parameter", module.named_parameters()),
@@ -87,9 +89,16 @@ def broadcast_state(module: nn.Module, group: dist.ProcessGroup, timeout_s: floa
     until = deadline(timeout_s)
     src = dist.get_global_rank(group, 0)
     what = "the group's first rank's parameters and buffers"
+    tensors = list(state_tensors(module))
+    # gloo sends and receives a strided view's storage as if it were contiguous (the ranks got
+    # different values, and memory outside the view was overwritten): such a tensor goes through
+    # a contiguous copy, written back into it once received.
+    staged = [tensor if tensor.is_contiguous() else tensor.contiguous() for tensor in tensors]
     works = [
-        (dist.broadcast(tensor, src=src, group=group, async_op=True), tensor.device)
-        for tensor in state_tensors(module)
+        (dist.broadcast(copy, src=src, group=group, async_op=True), copy.device) for copy in staged
     ]
     for work, device in works:
         wait_within(work, until, what, device, timeout_s=timeout_s, group=group)
+    for tensor, copy in zip(tensors, staged, strict=True):
+        if copy is not tensor:
+            tensor.copy_(copy)
