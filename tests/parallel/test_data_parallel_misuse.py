@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from fastpar.comm import CommClosedError
 from fastpar.parallel import DataParallel
 from fastpar.testing.distributed import run_multiprocess
 
@@ -42,3 +43,32 @@ def test_a_strided_parameter_is_broadcast_as_ddp_does(comm: str) -> None:
     """gloo broadcast the view's storage as if contiguous: rank 1 kept half of its own values
     and had the memory beside the view overwritten."""
     run_multiprocess(_strided_parameter_against_ddp, 2, args=(comm,), timeout=60)
+
+
+class Chain(nn.Module):
+    def __init__(self, layers: int = 4, width: int = 6) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randn(5, 6, generator=torch.Generator().manual_seed(100 * step + rank))
+
+
+def _closed_wrapper(rank: int, world_size: int) -> None:
+    dp = DataParallel(Chain(), comm="torch")
+    dp(_batch(rank, 0)).sum().backward()
+    dp.close()
+    with pytest.raises(CommClosedError, match=r"this DataParallel was closed \(close\(\)\)"):
+        dp(_batch(rank, 1))
+    dp.close()  # again: nothing
+
+
+def test_a_closed_data_parallel_refuses_to_run() -> None:
+    """Its forward and backward ran on, each rank on its own gradients."""
+    run_multiprocess(_closed_wrapper, 2, timeout=60)

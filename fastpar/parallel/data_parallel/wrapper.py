@@ -14,6 +14,7 @@ from torch import nn
 
 from fastpar._checks import check_member, check_timeout
 from fastpar._logging import get_logger
+from fastpar.comm.errors import CommClosedError
 from fastpar.parallel.data_parallel.backward import BackwardSync, check_not_hooked
 from fastpar.parallel.data_parallel.buckets import build_buckets
 from fastpar.parallel.data_parallel.config import (
@@ -63,7 +64,8 @@ class DataParallel(nn.Module):
     within a parent module's.
     `close()` removes the gradient hooks; until then its parameters cannot be wrapped again
     (e.g. to average layers unfrozen since: a wrapper averages the parameters that required
-    gradients when it was built).
+    gradients when it was built). A closed DataParallel refuses to run (`CommClosedError`):
+    its gradients would no longer be averaged.
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class DataParallel(nn.Module):
             shared_buckets=shared_buckets,
         )
         self.module = module
+        self._closed = False
         self.register_load_state_dict_pre_hook(_under_module_prefix)
         self.group = group if group is not None else dist.group.WORLD
         check_member(self.group)
@@ -126,6 +129,11 @@ class DataParallel(nn.Module):
     # --- the training step ----------------------------------------------------------------------
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise CommClosedError(
+                "this DataParallel was closed (close()): it no longer averages gradients; "
+                "wrap the module in a new DataParallel to train it in parallel again"
+            )
         self._sync.check_usable()
         if self._sync.unfinished_backward_left():
             self._sync.abandon_unfinished_backward()
@@ -186,7 +194,10 @@ class DataParallel(nn.Module):
         timeout (the group's when None), so that none writes into a bucket (a `.grad`) or runs on
         the ring once close() has returned, and sets every `.grad` to None (never averaged), as
         the next forward would have. Their errors, or a wait that runs out, are logged: close()
-        raises nothing for a backward that already raised."""
+        raises nothing for a backward that already raised. Closing again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         if self._sync.unfinished_backward_left():
             error = self._sync.forget_unfinished_backward()
             if error is not None:
