@@ -72,3 +72,31 @@ def _closed_wrapper(rank: int, world_size: int) -> None:
 def test_a_closed_data_parallel_refuses_to_run() -> None:
     """Its forward and backward ran on, each rank on its own gradients."""
     run_multiprocess(_closed_wrapper, 2, timeout=60)
+
+
+def _load_with_assign(rank: int, world_size: int) -> None:
+    torch.manual_seed(0)
+    model, reference = Chain(), Chain()
+    dp = DataParallel(model, comm="torch")
+    saved = {name: value.clone() + 1 for name, value in dp.state_dict().items()}
+    with pytest.raises(ValueError, match="assign=True"):
+        dp.load_state_dict(saved, assign=True)
+    parent = nn.Sequential(dp)
+    with pytest.raises(ValueError, match="assign=True"):
+        parent.load_state_dict({"0." + name: value for name, value in saved.items()}, assign=True)
+    # In place, the loaded weights are still averaged (single-process training on both ranks'
+    # data, float32, is the reference).
+    dp.load_state_dict(saved)
+    reference.load_state_dict(saved)
+    dp(_batch(rank, 0)).sum().backward()
+    for r in range(world_size):
+        (reference(_batch(r, 0)).sum() / world_size).backward()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    dp.close()
+
+
+def test_load_state_dict_with_assign_is_refused() -> None:
+    """assign=True swapped the Parameter objects; the hooks stayed on the old ones, so
+    gradients were no longer averaged."""
+    run_multiprocess(_load_with_assign, 2, timeout=60)

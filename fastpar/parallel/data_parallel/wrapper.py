@@ -62,6 +62,8 @@ class DataParallel(nn.Module):
     gradients accumulate (the next synchronised backward averages the accumulated sum).
     `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix, also
     within a parent module's.
+    `load_state_dict(..., assign=True)` is refused (the buckets and hooks hold the Parameter
+    objects, which assign would replace); load in place (the default).
     `close()` removes the gradient hooks; until then its parameters cannot be wrapped again
     (e.g. to average layers unfrozen since: a wrapper averages the parameters that required
     gradients when it was built). A closed DataParallel refuses to run (`CommClosedError`):
@@ -183,8 +185,11 @@ class DataParallel(nn.Module):
         return self.module.state_dict(*args, **kwargs)
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
-        """Loads a plain module's state dict into the wrapped module."""
-        return self.module.load_state_dict(state_dict, strict=strict, assign=assign)
+        """Loads a plain module's state dict into the wrapped module, in place (`assign=True`
+        is refused: see `refuse_assign`)."""
+        if assign:
+            refuse_assign()
+        return self.module.load_state_dict(state_dict, strict=strict)
 
     def close(self) -> None:
         """Remove the gradient hooks and release the ring's buffers.
@@ -228,10 +233,29 @@ class DataParallel(nn.Module):
         return [bucket.numel for bucket in self._buckets]
 
 
+def refuse_assign() -> None:
+    """`load_state_dict(assign=True)` would put new Parameter objects in the module, while the
+    buckets and gradient hooks stay on the old ones: gradients would silently stop being
+    averaged."""
+    raise ValueError(
+        "DataParallel cannot load a state dict with assign=True: its gradient buckets and hooks "
+        "are bound to the current Parameter objects, which assign would replace (gradients "
+        "would no longer be averaged); load with assign=False (in place), or load into the "
+        "plain module before wrapping it"
+    )
+
+
 def _under_module_prefix(
-    wrapper: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any
+    wrapper: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    local_metadata: dict[str, Any],
+    *args: Any,
 ) -> None:
     """A parent module's `load_state_dict` looks for the wrapped module's entries under
-    prefix + "module.", where `state_dict()` writes them without it (the plain module's names)."""
+    prefix + "module.", where `state_dict()` writes them without it (the plain module's names).
+    A parent's load with assign=True is refused here (`refuse_assign`)."""
+    if local_metadata.get("assign_to_params_buffers", False):
+        refuse_assign()
     for key in [key for key in state_dict if key.startswith(prefix)]:
         state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
