@@ -100,3 +100,61 @@ def test_load_state_dict_with_assign_is_refused() -> None:
     """assign=True swapped the Parameter objects; the hooks stayed on the old ones, so
     gradients were no longer averaged."""
     run_multiprocess(_load_with_assign, 2, timeout=60)
+
+
+class FailingBackward(torch.autograd.Function):
+    """The identity, whose backward raises while `switch["fail"]` is set."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, switch: dict
+    ) -> torch.Tensor:
+        ctx.switch = switch  # type: ignore[attr-defined]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+        if ctx.switch["fail"]:  # type: ignore[attr-defined]
+            raise FloatingPointError("a non-finite gradient (test)")
+        return grad, None
+
+
+class ChainThatFails(Chain):
+    """Its backward raises between the first layer and the rest while `switch["fail"]`."""
+
+    def forward(self, x: torch.Tensor, switch: dict) -> torch.Tensor:
+        x = FailingBackward.apply(torch.tanh(self.layers[0](x)), switch)
+        for layer in self.layers[1:]:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def _retried_backward(rank: int, world_size: int, comm: str, overlap: str) -> None:
+    """Every rank's backward raises after the last layers' gradients arrived; the same graph's
+    backward is retried, as DDP refuses ("marked as ready twice"). Then training goes on with a
+    forward, and matches single-process training on both ranks' data."""
+    torch.manual_seed(0)
+    model, reference = ChainThatFails(), ChainThatFails()
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallel(model, comm=comm, bucket_cap_mb=0.0002, first_bucket_mb=0.0002,
+                      overlap=overlap)  # fmt: skip
+    switch = {"fail": True}
+    loss = dp(_batch(rank, 0), switch).sum()
+    with pytest.raises(FloatingPointError):
+        loss.backward(retain_graph=True)
+    switch["fail"] = False
+    with pytest.raises(RuntimeError, match="got a second gradient in one synchronised backward"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    dp(_batch(rank, 1), switch).sum().backward()
+    for r in range(world_size):
+        (reference(_batch(r, 1), switch).sum() / world_size).backward()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad)
+    dp.close()
+
+
+@pytest.mark.parametrize(("comm", "overlap"), [("torch", "on"), ("ring", "off")])
+def test_a_backward_retried_after_one_that_raised_is_refused(comm: str, overlap: str) -> None:
+    """The retry found the raised backward's state and returned each rank's own gradients."""
+    run_multiprocess(_retried_backward, 2, args=(comm, overlap), timeout=120)

@@ -167,9 +167,10 @@ class BackwardSync:
             self._start_backward_if_needed()
             with self._lock:
                 self.last_backward_events.append(("grad", position))
-                if bucket.ready[slot]:
-                    return  # AccumulateGrad runs once per leaf and backward; never twice
+                twice = bucket.ready[slot]
                 bucket.ready[slot] = True
+            if twice:
+                self._refuse_second_gradient(position)
             grad = param.grad
             assert grad is not None  # post-accumulate hooks fire after .grad is set
             if not is_view(grad, view):
@@ -184,6 +185,21 @@ class BackwardSync:
                     self._launch_ready_buckets()
 
         return hook
+
+    def _refuse_second_gradient(self, position: int) -> None:
+        """A parameter's gradient arrived twice in one synchronised backward (DDP: "marked as
+        ready twice"). The first one is in its bucket, maybe all-reduced already: nothing can
+        be averaged any more, so every .grad is dropped and the backward raises."""
+        self._drop_gradients()
+        raise RuntimeError(
+            f"DataParallel: parameter {position} (counting those that require gradients, in "
+            "registration order) got a second gradient in one synchronised backward, so no "
+            "gradient can be averaged and every .grad was set to None. Either this backward "
+            "retries one that raised before its end, without a forward in between (run the "
+            "forward again: a backward that raised is forgotten there), or the parameter is used "
+            "both inside and outside a reentrant activation checkpoint (use_reentrant=False "
+            "avoids that)"
+        )
 
     def _launch_ready_buckets(self) -> None:
         # Collectives must be issued in the same order on every rank, so buckets launch in
