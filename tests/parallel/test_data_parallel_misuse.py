@@ -158,3 +158,49 @@ def _retried_backward(rank: int, world_size: int, comm: str, overlap: str) -> No
 def test_a_backward_retried_after_one_that_raised_is_refused(comm: str, overlap: str) -> None:
     """The retry found the raised backward's state and returned each rank's own gradients."""
     run_multiprocess(_retried_backward, 2, args=(comm, overlap), timeout=120)
+
+
+ONE_LINEAR_MB = 42 * 4 / 2**20  # one Linear(6, 6) per bucket (42 floats): equal sizes
+
+
+def _one_rank_abandons_a_backward(rank: int, world_size: int, comm: str, overlap: str) -> None:
+    """Rank 1's backward of step 0 raises after the last layers' gradients arrived, and its
+    loop skips the step; rank 0's backward of step 0 must raise too (it used to average its
+    buckets with rank 1's buckets of step 1, all of the same size). Then both ranks train on,
+    as one-process training (SGD with momentum) on both ranks' data, skipping step 0."""
+    torch.manual_seed(0)
+    model, reference = ChainThatFails(), ChainThatFails()
+    reference.load_state_dict(model.state_dict())
+    dp = DataParallel(model, comm=comm, bucket_cap_mb=ONE_LINEAR_MB,
+                      first_bucket_mb=ONE_LINEAR_MB, overlap=overlap, timeout=30)  # fmt: skip
+    assert len(set(dp.bucket_sizes)) == 1 and len(dp.bucket_sizes) == 4, dp.bucket_sizes
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    works = {"fail": False}
+    for step in range(3):
+        optimizer.zero_grad()
+        if step == 0:
+            fails = {"fail": rank == 1}
+            expected = (
+                (FloatingPointError, "non-finite")
+                if rank == 1
+                else (RuntimeError, "another rank's backward of this step raised before its end")
+            )
+            with pytest.raises(expected[0], match=expected[1]):
+                dp(_batch(rank, step), fails).sum().backward()
+            continue
+        dp(_batch(rank, step), works).sum().backward()
+        assert all(p.grad is not None for p in model.parameters())
+        optimizer.step()
+        reference_optimizer.zero_grad()
+        for r in range(world_size):
+            (reference(_batch(r, step), works).sum() / world_size).backward()
+        reference_optimizer.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+    dp.close()
+
+
+@pytest.mark.parametrize(("comm", "overlap"), [("ring", "on"), ("torch", "on"), ("ring", "off")])
+def test_a_backward_one_rank_abandons_raises_on_every_rank(comm: str, overlap: str) -> None:
+    run_multiprocess(_one_rank_abandons_a_backward, 2, args=(comm, overlap), timeout=120)

@@ -36,7 +36,14 @@ unusable (waits.py). A backward that raised before its end (in autograd or a gra
 every rank) is forgotten at the next forward, which sets every `.grad` to None (they were never
 averaged) and logs a warning; later backwards synchronise as usual. `close()` forgets it too,
 after waiting (within the timeout) for the all-reduces it launched, so that none writes into a
-bucket afterwards.
+bucket afterwards. Forgetting a backward also issues the all-reduces it did not launch, with
+its "used" flags set to -inf (ABANDONED): each rank thus issues every bucket's all-reduce once
+per backward, and a peer whose backward of that step went through (only this rank raised)
+finds the last bucket's flags not finite and raises too, instead of summing this rank's next
+step into its own. The last bucket is launched at the end of backward only, never during it,
+so a backward that raised always has it left for this. A backward that raises before any
+gradient hook ran left nothing behind and is not seen: the peers then wait for this rank's
+next backward, as for a rank that skipped one.
 
 Unused parameters: a parameter that gets no gradient in an iteration never blocks the job.
 Each bucket carries one extra element per parameter, 1 where this rank produced the gradient
@@ -75,6 +82,9 @@ logger = get_logger(__name__)
 # The BackwardSyncs whose gradient hooks are registered: a parameter must be in one at most.
 # A sync whose wrapper was dropped without close() stays here, kept alive by its hooks.
 _hooked: weakref.WeakSet[BackwardSync] = weakref.WeakSet()
+
+# The "used" flag a rank sends for a backward it abandoned: any sum with it is not finite.
+ABANDONED = float("-inf")
 
 
 def check_not_hooked(module: nn.Module) -> None:
@@ -182,7 +192,9 @@ class BackwardSync:
             with self._lock:
                 bucket.pending -= 1
                 if self.overlaps_backward:
-                    self._launch_ready_buckets()
+                    # The last bucket waits for the end of backward: a backward that raises
+                    # before its end always has it left to tell the peers (`_tell_peers`)
+                    self._launch_ready_buckets(until=len(self.buckets) - 1)
 
         return hook
 
@@ -201,10 +213,11 @@ class BackwardSync:
             "avoids that)"
         )
 
-    def _launch_ready_buckets(self) -> None:
-        # Collectives must be issued in the same order on every rank, so buckets launch in
-        # index order: a complete bucket waits for the ones before it (as in DDP).
-        while self._next_bucket < len(self.buckets):
+    def _launch_ready_buckets(self, until: int) -> None:
+        """Launch the complete buckets before index `until`. Collectives must be issued in the
+        same order on every rank, so buckets launch in index order: a complete bucket waits
+        for the ones before it (as in DDP)."""
+        while self._next_bucket < until:
             bucket = self.buckets[self._next_bucket]
             if bucket.pending > 0:
                 return
@@ -272,8 +285,10 @@ class BackwardSync:
                     for bucket in self.buckets[self._next_bucket :]:
                         if bucket.pending > 0:
                             self._mark_unused(bucket)
-                    self._launch_ready_buckets()
+                    self._launch_ready_buckets(until=len(self.buckets))
                 error = self._wait_for_launched()
+                if error is None:
+                    error = self._peer_abandoned()
                 if error is None and self._some_unused:
                     self._expose_used_elsewhere()
             except Exception as failure:  # re-raised below
@@ -290,6 +305,19 @@ class BackwardSync:
                 "to None (an optimizer step changes nothing)"
             )
             raise error
+
+    def _peer_abandoned(self) -> RuntimeError | None:
+        """The error to raise when a peer abandoned its backward of this step (its last bucket
+        carries ABANDONED flags, see `_tell_peers`): these sums mix its partial gradients in.
+        Reads one flag on the host, so on CUDA the end of backward waits for the last
+        all-reduce."""
+        if torch.isfinite(self.buckets[-1].flags[0]).item():
+            return None
+        return RuntimeError(
+            "DataParallel: another rank's backward of this step raised before its end (that "
+            "rank abandoned it at its next forward or close()), so this step's gradients "
+            "cannot be averaged; skip this step on this rank too"
+        )
 
     def _wait_for_launched(self) -> BaseException | None:
         """Wait for every launched all-reduce, even after one failed: no work may still write
@@ -365,13 +393,31 @@ class BackwardSync:
         return self._callback_queued and torch._C._current_graph_task_id() == -1
 
     def forget_unfinished_backward(self) -> BaseException | None:
-        """Wait for the all-reduces the unfinished backward launched (none may still write into
-        a bucket), forget its state (it would keep every later backward from synchronising),
-        and drop its gradients, never averaged. Returns the error of a launched all-reduce."""
-        error = self._wait_for_launched()
+        """Launch the buckets the unfinished backward did not launch, flagged ABANDONED
+        (`_tell_peers`), wait for every all-reduce it launched (none may still write into a
+        bucket), forget its state (it would keep every later backward from synchronising),
+        and drop its gradients, never averaged. Returns the error of an all-reduce."""
+        launch_error = self._tell_peers()
+        error = self._wait_for_launched() or launch_error
         self._reset_backward_state()
         self._drop_gradients()
         return error
+
+    def _tell_peers(self) -> BaseException | None:
+        """Issue the all-reduces of the buckets this backward did not launch, with every flag
+        ABANDONED. Every rank then issues each bucket's all-reduce once per backward, finished
+        or not, so a peer whose backward went through does not sum this rank's next step into
+        this one; and the last bucket, never launched before the end of backward, tells it
+        that this step cannot be averaged (`_peer_abandoned`). Returns a launch's error."""
+        try:
+            with self._lock:
+                for bucket in self.buckets[self._next_bucket :]:
+                    bucket.flags.fill_(ABANDONED)
+                    self._launch(bucket)
+                    self._next_bucket += 1
+        except Exception as failure:  # the caller raises it
+            return failure
+        return None
 
     def abandon_unfinished_backward(self) -> None:
         """At a forward after an unfinished backward: forget it (`forget_unfinished_backward`)
