@@ -16,8 +16,9 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from fastpar.nn import GRU, LSTM
-from fastpar.parallel.pipeline import OutputOnly
+from fastpar.parallel.pipeline import OutputOnly, Pipeline
 from fastpar.parallel.pipeline.split_backward import DeferredWeights, weight_split
+from fastpar.testing.distributed import run_multiprocess
 
 VOCAB, D = 11, 8
 
@@ -185,3 +186,140 @@ def test_a_hook_registered_on_a_recurrent_weight_after_the_forward_runs_in_the_b
     split = _late_hook_gradients(make, split=True)
     for name, want in whole.items():
         torch.testing.assert_close(split[name], want, rtol=1e-5, atol=1e-5, msg=name)
+
+
+# --- hooks on a parameter's gradient-accumulation node ------------------------------------------
+#
+# Four ways to hook a parameter's gradient: a tensor hook and a post-accumulate hook (seen by
+# `deferrable`), and a pre-hook or a hook on its AccumulateGrad node (invisible to it: autograd
+# offers no way to ask a node for its hooks). Each records what it saw per parameter; the tensor
+# hook and the node's pre-hook also halve the gradient. The reference is a whole backward.
+
+Record = dict[str, list[torch.Tensor]]
+
+
+def _accumulate_grad_node(param: nn.Parameter) -> Any:
+    return param.view_as(param).grad_fn.next_functions[0][0]
+
+
+def _hook(kind: str, name: str, param: nn.Parameter, seen: Record) -> Any:
+    """Hooks `param` the `kind` way; returns what must be held for the hook to live (the node)."""
+    record = seen.setdefault(name, []).append
+    if kind == "tensor":
+        return param.register_hook(lambda g: record(g.clone()) or g * 0.5)
+    if kind == "post-accumulate":
+        return param.register_post_accumulate_grad_hook(lambda p: record(p.grad.clone()))
+    node = _accumulate_grad_node(param)
+    if kind == "node-pre":
+        node.register_prehook(lambda grads: record(grads[0].clone()) or (grads[0] * 0.5,))
+    else:  # "node-post": (grad_inputs, grad_outputs); an AccumulateGrad has no grad_inputs
+        node.register_hook(lambda _, grads: record(grads[0].clone()))
+    return node
+
+
+HOOK_KINDS = ["tensor", "post-accumulate", "node-pre", "node-post"]
+
+
+def _shared_layer_gradients(kind: str, split: bool) -> tuple[Record, dict[str, torch.Tensor]]:
+    """A Linear applied twice (its parameters reach the W pass from two jobs), every parameter
+    hooked; two backwards. Returns what the hooks saw and the gradients."""
+    torch.manual_seed(8)
+    inner, head = nn.Linear(D, D), nn.Linear(D, 3)
+    model = nn.ModuleDict({"inner": inner, "head": head})
+    seen: Record = {}
+    held = [_hook(kind, n, p, seen) for n, p in model.named_parameters()]
+    for _ in range(2):
+        x = torch.randn(4, D)
+        deferred = DeferredWeights()
+        with weight_split(model, deferred, "stage shared") if split else contextlib.nullcontext():
+            out = head(torch.tanh(inner(torch.tanh(inner(x)))))
+        out.backward(torch.randn_like(out))
+        deferred.run()
+    del held
+    return seen, {n: p.grad for n, p in model.named_parameters()}
+
+
+def _assert_same(got: Record, want: Record) -> None:
+    assert {n: len(g) for n, g in got.items()} == {n: len(g) for n, g in want.items()}
+    for name, grads in want.items():
+        for call, (g, w) in enumerate(zip(got[name], grads, strict=True)):
+            torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6, msg=f"{name} call {call}")
+
+
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+def test_a_hooked_shared_parameter_sees_its_whole_gradient_once_per_backward(kind: str) -> None:
+    whole_seen, whole = _shared_layer_gradients(kind, split=False)
+    split_seen, split = _shared_layer_gradients(kind, split=True)
+    assert all(len(calls) == 2 for calls in whole_seen.values())  # the reference: once each
+    _assert_same(split_seen, whole_seen)
+    for name, want in whole.items():
+        torch.testing.assert_close(split[name], want, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def _late_node_hook(split: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A pre-hook on W's node registered after the forward, the node not held: what the forward
+    left (the graph; the split's hold on W) keeps it, the output is gone before the W pass."""
+    torch.manual_seed(9)
+    layer = nn.Linear(D, 3)
+    x = torch.randn(4, D)
+    deferred = DeferredWeights()
+    with weight_split(layer, deferred, "stage node hook") if split else contextlib.nullcontext():
+        out = layer(x)
+    seen: list[torch.Tensor] = []
+    _accumulate_grad_node(layer.weight).register_prehook(
+        lambda grads: seen.append(grads[0].clone()) or (grads[0] * 3,)
+    )
+    out.backward(torch.ones_like(out))
+    del out
+    deferred.run()
+    return seen, layer.weight.grad
+
+
+def test_a_node_hook_held_only_by_the_graph_runs_in_the_weight_pass() -> None:
+    whole_seen, whole = _late_node_hook(split=False)
+    split_seen, split = _late_node_hook(split=True)
+    assert len(whole_seen) == len(split_seen) == 1
+    torch.testing.assert_close(split_seen[0], whole_seen[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+
+
+def _hooked_pipeline_run(
+    rank: int, world_size: int, kind: str, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[Record, dict[str, torch.Tensor]]]:
+    """What every hook saw and the gradients after one step, by a whole backward per
+    micro-batch and by a one-rank zbv pipeline (two chunks, W passes deferred)."""
+    results = []
+    for piped in (False, True):
+        torch.manual_seed(10)
+        model = nn.Sequential(
+            nn.Linear(D, D), nn.Tanh(), nn.LayerNorm(D), nn.Linear(D, D), nn.Tanh(),
+            nn.Linear(D, 3),
+        )  # fmt: skip
+        seen: Record = {}
+        held = [_hook(kind, n, p, seen) for n, p in model.named_parameters()]
+        loss_fn = nn.MSELoss(reduction="sum")
+        if piped:
+            pipe = Pipeline([model[:3], model[3:]], stage_index=[0, 1], num_stages=2,
+                            schedule="zbv", loss_fn=loss_fn, loss_reduction="sum",
+                            num_microbatches=len(batches), timeout_s=60)  # fmt: skip
+            pipe.step([x for x, _ in batches], [y for _, y in batches])
+        else:
+            for x, y in batches:
+                loss_fn(model(x), y).backward()
+        del held
+        results.append((seen, {n: p.grad for n, p in model.named_parameters()}))
+    return results
+
+
+@pytest.mark.parametrize("kind", HOOK_KINDS)
+def test_parameter_hooks_in_a_zero_bubble_pipeline_run_as_in_a_whole_backward(kind: str) -> None:
+    generator = torch.Generator().manual_seed(11)
+    batches = [(torch.randn(b, D, generator=generator), torch.randn(b, 3, generator=generator))
+               for b in (2, 3, 4)]  # fmt: skip
+    [[(whole_seen, whole), (piped_seen, piped)]] = run_multiprocess(
+        _hooked_pipeline_run, 1, args=(kind, batches), timeout=120
+    )
+    assert all(len(calls) == len(batches) for calls in whole_seen.values())
+    _assert_same(piped_seen, whole_seen)
+    for name, want in whole.items():
+        torch.testing.assert_close(piped[name], want, rtol=1e-5, atol=1e-6, msg=name)

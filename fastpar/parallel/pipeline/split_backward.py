@@ -10,11 +10,14 @@ autograd backward returns the input gradient and, instead of the weight gradient
 micro-batch's `DeferredWeights`; the W pass runs the jobs, which add into `param.grad`. The
 gradients equal those of a whole backward.
 
-Only a parameter passed as it is and without gradient hooks has its gradient deferred
-(`grad_accumulate.deferrable`, decided in the backward): a computed weight (a cast, a scaled or
-tied embedding, a parametrization) gets its gradient in the I pass and hands it on through
-autograd to the parameter it came from, and a hooked parameter's gradient goes through
-autograd's accumulation, which runs the hooks on it.
+Only a parameter passed as it is and without tensor hooks has its gradient deferred
+(`grad_accumulate.deferrable`): a computed weight (a cast, a scaled or tied embedding, a
+parametrization) gets its gradient in the I pass and hands it on through autograd to the
+parameter it came from, and so does a parameter with tensor hooks at the forward. A deferred
+parameter is held apart from the graph (`grad_accumulate.hold`), and the W pass adds its
+gradient through autograd's accumulation, which runs the hooks on its AccumulateGrad node once
+on the micro-batch's whole gradient; a tensor hook registered between the forward and the
+backward has the gradient added in the I pass instead.
 
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
@@ -43,7 +46,14 @@ from torch.overrides import TorchFunctionMode
 
 from fastpar._logging import get_logger, log_once
 from fastpar.ops.aten_common import per_layer_ops, saved_tensor_hooks_active
-from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
+from fastpar.parallel.pipeline.grad_accumulate import (
+    HeldParameter,
+    WeightGrad,
+    accumulate,
+    anchor,
+    defer_or_accumulate,
+    hold,
+)
 from fastpar.parallel.pipeline.grad_accumulate import deferrable as _deferrable
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
 
@@ -51,8 +61,8 @@ __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_sp
 
 logger = get_logger(__name__)
 
-WeightJob = Callable[[], None]
-"""Adds some parameters' gradients into their `.grad`."""
+WeightJob = Callable[[], list[WeightGrad]]
+"""Computes some held parameters' gradients (`grad_accumulate.HeldParameter.grad`)."""
 
 
 class WeightSplit(Protocol):
@@ -91,11 +101,13 @@ class DeferredWeights:
         self.jobs.append(job)
 
     def run(self) -> None:
-        """The W pass: every job once, in the order they were filed."""
+        """The W pass: every job once, in the order they were filed, then their gradients added
+        in one autograd call (`grad_accumulate.accumulate`: a parameter's hooks run once, on
+        its summed gradient; the gradients of the stage are all held until then)."""
         jobs, self.jobs = self.jobs, []
-        with torch.no_grad():  # like autograd's own accumulation: no graph of the gradients
-            for job in jobs:
-                job()
+        with torch.no_grad():  # like autograd's own backward: no graph of the gradients
+            grads = [grad for job in jobs for grad in job()]
+        accumulate(grads)
 
 
 class _SplitMode(TorchFunctionMode):
@@ -146,42 +158,37 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
 
 
 # --- Linear ------------------------------------------------------------------------------------
+# Each Function takes a deferrable weight detached (grad_accumulate.hold), with its
+# HeldParameter among the non-tensor arguments and an anchor last; any other weight (computed,
+# or with tensor hooks) as it is, its gradient returned through autograd.
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any) -> Tensor:
+    def forward(
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any,
+        held: tuple[HeldParameter | None, HeldParameter | None], _anchor: Tensor,
+    ) -> Tensor:  # fmt: skip
         ctx.save_for_backward(x, weight)
-        ctx.bias, ctx.defer = bias, defer
+        ctx.bias, ctx.defer, ctx.held = bias, defer, held
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, weight = ctx.saved_tensors
-        bias = ctx.bias
+        held_w, held_b = ctx.held
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         # A computed weight or bias (the LSTM's b_ih + b_hh) or a hooked one: now, via autograd.
-        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
-        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
-        now_w = ctx.needs_input_grad[1] and not later_w
-        now_b = ctx.needs_input_grad[2] and not later_b
-        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if now_w else None
-        grad_b = rows.sum(0) if now_b else None
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
+        grad_b = rows.sum(0) if ctx.needs_input_grad[2] else None
 
-        def job() -> None:
-            if later_w and weight.grad is not None:
-                weight.grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))  # no temporary
-            elif later_w:
-                weight.grad = rows.t() @ x.reshape(-1, x.shape[-1])
-            if later_b:
-                _accumulate(bias, rows.sum(0))
+        def weight_grads() -> list[WeightGrad]:
+            grads = [held_w.grad(rows.t() @ x.reshape(-1, x.shape[-1]))] if held_w else []
+            return grads + ([held_b.grad(rows.sum(0))] if held_b else [])
 
-        if later_w or later_b:
-            ctx.defer(job)
-        return grad_x, grad_w, grad_b, None
+        defer_or_accumulate(ctx.defer, ctx.held, weight_grads)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _autocast(input: Tensor) -> bool:
@@ -194,7 +201,8 @@ def _autocast(input: Tensor) -> bool:
 def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
     if not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
-    return _Linear.apply(input, weight, bias, defer)
+    (weight, held_w), (bias, held_b) = hold(weight), hold(bias)
+    return _Linear.apply(input, weight, bias, defer, (held_w, held_b), anchor())
 
 
 # --- Embedding ---------------------------------------------------------------------------------
@@ -203,27 +211,27 @@ def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None
 class _Embedding(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, weight: Tensor, ids: Tensor, padding_idx: int, scale: bool, defer: Any
-    ) -> Tensor:
+        ctx: Any, weight: Tensor, ids: Tensor, padding_idx: int, scale: bool, defer: Any,
+        held: HeldParameter | None, _anchor: Tensor,
+    ) -> Tensor:  # fmt: skip
         ctx.save_for_backward(ids)
-        ctx.weight, ctx.padding_idx, ctx.scale, ctx.defer = weight, padding_idx, scale, defer
+        ctx.shape, ctx.padding_idx, ctx.scale = weight.shape, padding_idx, scale
+        ctx.defer, ctx.held = defer, held
         return F.embedding(ids, weight, None if padding_idx < 0 else padding_idx,
                            scale_grad_by_freq=scale)  # fmt: skip
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         (ids,) = ctx.saved_tensors
-        weight, padding_idx, scale = ctx.weight, ctx.padding_idx, ctx.scale
+        rows, padding_idx, scale, held = ctx.shape[0], ctx.padding_idx, ctx.scale, ctx.held
 
         def grad_weight() -> Tensor:
-            return torch.ops.aten.embedding_dense_backward(
-                grad, ids, weight.shape[0], padding_idx, scale
-            )
+            return torch.ops.aten.embedding_dense_backward(grad, ids, rows, padding_idx, scale)
 
-        if not _deferrable(weight):  # computed or hooked: now, via autograd
-            return grad_weight(), None, None, None, None
-        ctx.defer(lambda: _accumulate(weight, grad_weight()))
-        return None, None, None, None, None
+        if held is None:  # computed or hooked: now, via autograd
+            return grad_weight(), None, None, None, None, None, None
+        defer_or_accumulate(ctx.defer, [held], lambda: [held.grad(grad_weight())])
+        return None, None, None, None, None, None, None
 
 
 def _split_embedding(
@@ -240,7 +248,8 @@ def _split_embedding(
     if max_norm is not None or sparse or not _needs(weight):
         return NotImplemented
     padding = -1 if padding_idx is None else padding_idx % weight.shape[0]
-    return _Embedding.apply(weight, input, padding, scale_grad_by_freq, defer)
+    weight, held = hold(weight)
+    return _Embedding.apply(weight, input, padding, scale_grad_by_freq, defer, held, anchor())
 
 
 # --- LayerNorm ---------------------------------------------------------------------------------
@@ -250,42 +259,34 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, shape: list[int], eps: float,
-        defer: Any,
+        defer: Any, held: tuple[HeldParameter | None, HeldParameter | None], _anchor: Tensor,
     ) -> Tensor:  # fmt: skip
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.bias, ctx.shape, ctx.defer = bias, shape, defer
+        ctx.bias, ctx.shape, ctx.defer, ctx.held = bias, shape, defer, held
         return out
 
     @staticmethod
-    def backward(
-        ctx: Any, grad: Tensor
-    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         x, mean, rstd, weight = ctx.saved_tensors
-        bias, shape = ctx.bias, ctx.shape
+        bias, shape, (held_w, held_b) = ctx.bias, ctx.shape, ctx.held
         # A computed weight or bias (e.g. cast to float32) or a hooked one: now, via autograd.
-        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
-        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
-        now = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not later_w,
-               ctx.needs_input_grad[2] and not later_b]  # fmt: skip
+        now = list(ctx.needs_input_grad[:3])
         grad_x = grad_w = grad_b = None
         if any(now):
             grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
                 grad, x, shape, mean, rstd, weight, bias, now
             )
 
-        def job() -> None:
-            _, later_grad_w, later_grad_b = torch.ops.aten.native_layer_norm_backward(
-                grad, x, shape, mean, rstd, weight, bias, [False, later_w, later_b]
+        def weight_grads() -> list[WeightGrad]:
+            _, later_w, later_b = torch.ops.aten.native_layer_norm_backward(
+                grad, x, shape, mean, rstd, weight, bias, [False, bool(held_w), bool(held_b)]
             )
-            if later_w:
-                _accumulate(weight, later_grad_w)
-            if later_b:
-                _accumulate(bias, later_grad_b)
+            grads = [held_w.grad(later_w)] if held_w else []
+            return grads + ([held_b.grad(later_b)] if held_b else [])
 
-        if later_w or later_b:
-            ctx.defer(job)
-        return grad_x, grad_w, grad_b, None, None, None
+        defer_or_accumulate(ctx.defer, ctx.held, weight_grads)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
 def _split_layer_norm(
@@ -298,7 +299,9 @@ def _split_layer_norm(
 ) -> Any:
     if weight is None or not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
-    return _LayerNorm.apply(input, weight, bias, list(normalized_shape), eps, defer)
+    (weight, held_w), (bias, held_b) = hold(weight), hold(bias)
+    shape = list(normalized_shape)
+    return _LayerNorm.apply(input, weight, bias, shape, eps, defer, (held_w, held_b), anchor())
 
 
 register_weight_split(F.linear, _split_linear)
