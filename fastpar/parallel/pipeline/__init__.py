@@ -31,8 +31,7 @@ The package, one role per module:
     stages.py          `split_sequential` (given cuts or balanced by profiling), `OutputOnly`
     split_backward.py  splitting a backward into input and weight passes
     split_recurrence.py  the split of fastpar's LSTM / GRU / RNN ops (W_hh, W_hr, W_ih deferred)
-    grad_accumulate.py   deferred parameters held apart from the graph, their gradients added
-                         through autograd's accumulation (its hooks run as in a whole backward)
+    grad_accumulate.py   adding a deferred gradient into .grad
     handshake.py       the construction handshake (every rank checks every rank's arguments)
     wire.py            message headers and `PipelineError`
     links.py           the `Link` protocol, `LocalLink`; shm_link.py, torch_link.py
