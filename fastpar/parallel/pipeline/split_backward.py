@@ -10,14 +10,11 @@ autograd backward returns the input gradient and, instead of the weight gradient
 micro-batch's `DeferredWeights`; the W pass runs the jobs, which add into `param.grad`. The
 gradients equal those of a whole backward.
 
-Only a parameter passed as it is and without tensor hooks has its gradient deferred
-(`grad_accumulate.deferrable`): a computed weight (a cast, a scaled or tied embedding, a
-parametrization) gets its gradient in the I pass and hands it on through autograd to the
-parameter it came from, and so does a parameter with tensor hooks at the forward. A deferred
-parameter is held apart from the graph (`grad_accumulate.hold`), and the W pass adds its
-gradient through autograd's accumulation, which runs the hooks on its AccumulateGrad node once
-on the micro-batch's whole gradient; a tensor hook registered between the forward and the
-backward has the gradient added in the I pass instead.
+Only a parameter passed as it is and without gradient hooks has its gradient deferred
+(`grad_accumulate.deferrable`, decided in the backward): a computed weight (a cast, a scaled or
+tied embedding, a parametrization) gets its gradient in the I pass and hands it on through
+autograd to the parameter it came from, and a hooked parameter's gradient goes through
+autograd's accumulation, which runs the hooks on it.
 
 Any other operation keeps its usual backward: parameters used there get their gradient in the
 I pass (still correct; only that part of the work is not deferred), which `weight_split`
@@ -46,14 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastpar._logging import get_logger, log_once
 from fastpar.ops.aten_common import per_layer_ops, saved_tensor_hooks_active
-from fastpar.parallel.pipeline.grad_accumulate import (
-    HeldParameter,
-    WeightGrad,
-    accumulate,
-    anchor,
-    defer_or_accumulate,
-    hold,
-)
+from fastpar.parallel.pipeline.grad_accumulate import accumulate as _accumulate
 from fastpar.parallel.pipeline.grad_accumulate import deferrable as _deferrable
 from fastpar.parallel.pipeline.grad_accumulate import needs_grad as _needs
 
@@ -61,8 +51,8 @@ __all__ = ["DeferredWeights", "WeightSplit", "register_weight_split", "weight_sp
 
 logger = get_logger(__name__)
 
-WeightJob = Callable[[], list[WeightGrad]]
-"""Computes some held parameters' gradients (`grad_accumulate.HeldParameter.grad`)."""
+WeightJob = Callable[[], None]
+"""Adds some parameters' gradients into their `.grad`."""
 
 
 class WeightSplit(Protocol):
@@ -101,13 +91,11 @@ class DeferredWeights:
         self.jobs.append(job)
 
     def run(self) -> None:
-        """The W pass: every job once, in the order they were filed, then their gradients added
-        in one autograd call (`grad_accumulate.accumulate`: a parameter's hooks run once, on
-        its summed gradient; the gradients of the stage are all held until then)."""
+        """The W pass: every job once, in the order they were filed."""
         jobs, self.jobs = self.jobs, []
-        with torch.no_grad():  # like autograd's own backward: no graph of the gradients
-            grads = [grad for job in jobs for grad in job()]
-        accumulate(grads)
+        with torch.no_grad():  # like autograd's own accumulation: no graph of the gradients
+            for job in jobs:
+                job()
 
 
 class _SplitMode(TorchFunctionMode):
@@ -158,37 +146,42 @@ def weight_split(module: nn.Module, deferred: DeferredWeights, name: str) -> Ite
 
 
 # --- Linear ------------------------------------------------------------------------------------
-# Each Function takes a deferrable weight detached (grad_accumulate.hold), with its
-# HeldParameter among the non-tensor arguments and an anchor last; any other weight (computed,
-# or with tensor hooks) as it is, its gradient returned through autograd.
 
 
 class _Linear(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any,
-        held: tuple[HeldParameter | None, HeldParameter | None], _anchor: Tensor,
-    ) -> Tensor:  # fmt: skip
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, defer: Any) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.bias, ctx.defer, ctx.held = bias, defer, held
+        ctx.bias, ctx.defer = bias, defer
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
         x, weight = ctx.saved_tensors
-        held_w, held_b = ctx.held
+        bias = ctx.bias
         grad_x = grad @ weight if ctx.needs_input_grad[0] else None
         rows = grad.reshape(-1, grad.shape[-1])  # (N, out)
         # A computed weight or bias (the LSTM's b_ih + b_hh) or a hooked one: now, via autograd.
-        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if ctx.needs_input_grad[1] else None
-        grad_b = rows.sum(0) if ctx.needs_input_grad[2] else None
+        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
+        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
+        now_w = ctx.needs_input_grad[1] and not later_w
+        now_b = ctx.needs_input_grad[2] and not later_b
+        grad_w = rows.t() @ x.reshape(-1, x.shape[-1]) if now_w else None
+        grad_b = rows.sum(0) if now_b else None
 
-        def weight_grads() -> list[WeightGrad]:
-            grads = [held_w.grad(rows.t() @ x.reshape(-1, x.shape[-1]))] if held_w else []
-            return grads + ([held_b.grad(rows.sum(0))] if held_b else [])
+        def job() -> None:
+            if later_w and weight.grad is not None:
+                weight.grad.addmm_(rows.t(), x.reshape(-1, x.shape[-1]))  # no temporary
+            elif later_w:
+                weight.grad = rows.t() @ x.reshape(-1, x.shape[-1])
+            if later_b:
+                _accumulate(bias, rows.sum(0))
 
-        defer_or_accumulate(ctx.defer, ctx.held, weight_grads)
-        return grad_x, grad_w, grad_b, None, None, None
+        if later_w or later_b:
+            ctx.defer(job)
+        return grad_x, grad_w, grad_b, None
 
 
 def _autocast(input: Tensor) -> bool:
@@ -201,8 +194,7 @@ def _autocast(input: Tensor) -> bool:
 def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None = None) -> Any:
     if not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
-    (weight, held_w), (bias, held_b) = hold(weight), hold(bias)
-    return _Linear.apply(input, weight, bias, defer, (held_w, held_b), anchor())
+    return _Linear.apply(input, weight, bias, defer)
 
 
 # --- Embedding ---------------------------------------------------------------------------------
@@ -211,27 +203,27 @@ def _split_linear(defer: Any, input: Tensor, weight: Tensor, bias: Tensor | None
 class _Embedding(torch.autograd.Function):
     @staticmethod
     def forward(
-        ctx: Any, weight: Tensor, ids: Tensor, padding_idx: int, scale: bool, defer: Any,
-        held: HeldParameter | None, _anchor: Tensor,
-    ) -> Tensor:  # fmt: skip
+        ctx: Any, weight: Tensor, ids: Tensor, padding_idx: int, scale: bool, defer: Any
+    ) -> Tensor:
         ctx.save_for_backward(ids)
-        ctx.shape, ctx.padding_idx, ctx.scale = weight.shape, padding_idx, scale
-        ctx.defer, ctx.held = defer, held
+        ctx.weight, ctx.padding_idx, ctx.scale, ctx.defer = weight, padding_idx, scale, defer
         return F.embedding(ids, weight, None if padding_idx < 0 else padding_idx,
                            scale_grad_by_freq=scale)  # fmt: skip
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
         (ids,) = ctx.saved_tensors
-        rows, padding_idx, scale, held = ctx.shape[0], ctx.padding_idx, ctx.scale, ctx.held
+        weight, padding_idx, scale = ctx.weight, ctx.padding_idx, ctx.scale
 
         def grad_weight() -> Tensor:
-            return torch.ops.aten.embedding_dense_backward(grad, ids, rows, padding_idx, scale)
+            return torch.ops.aten.embedding_dense_backward(
+                grad, ids, weight.shape[0], padding_idx, scale
+            )
 
-        if held is None:  # computed or hooked: now, via autograd
-            return grad_weight(), None, None, None, None, None, None
-        defer_or_accumulate(ctx.defer, [held], lambda: [held.grad(grad_weight())])
-        return None, None, None, None, None, None, None
+        if not _deferrable(weight):  # computed or hooked: now, via autograd
+            return grad_weight(), None, None, None, None
+        ctx.defer(lambda: _accumulate(weight, grad_weight()))
+        return None, None, None, None, None
 
 
 def _split_embedding(
@@ -248,8 +240,7 @@ def _split_embedding(
     if max_norm is not None or sparse or not _needs(weight):
         return NotImplemented
     padding = -1 if padding_idx is None else padding_idx % weight.shape[0]
-    weight, held = hold(weight)
-    return _Embedding.apply(weight, input, padding, scale_grad_by_freq, defer, held, anchor())
+    return _Embedding.apply(weight, input, padding, scale_grad_by_freq, defer)
 
 
 # --- LayerNorm ---------------------------------------------------------------------------------
@@ -259,34 +250,42 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, shape: list[int], eps: float,
-        defer: Any, held: tuple[HeldParameter | None, HeldParameter | None], _anchor: Tensor,
+        defer: Any,
     ) -> Tensor:  # fmt: skip
         out, mean, rstd = torch.native_layer_norm(x, shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight)
-        ctx.bias, ctx.shape, ctx.defer, ctx.held = bias, shape, defer, held
+        ctx.bias, ctx.shape, ctx.defer = bias, shape, defer
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad: Tensor
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None, None]:
         x, mean, rstd, weight = ctx.saved_tensors
-        bias, shape, (held_w, held_b) = ctx.bias, ctx.shape, ctx.held
+        bias, shape = ctx.bias, ctx.shape
         # A computed weight or bias (e.g. cast to float32) or a hooked one: now, via autograd.
-        now = list(ctx.needs_input_grad[:3])
+        later_w = ctx.needs_input_grad[1] and _deferrable(weight)
+        later_b = ctx.needs_input_grad[2] and _deferrable(bias)
+        now = [ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not later_w,
+               ctx.needs_input_grad[2] and not later_b]  # fmt: skip
         grad_x = grad_w = grad_b = None
         if any(now):
             grad_x, grad_w, grad_b = torch.ops.aten.native_layer_norm_backward(
                 grad, x, shape, mean, rstd, weight, bias, now
             )
 
-        def weight_grads() -> list[WeightGrad]:
-            _, later_w, later_b = torch.ops.aten.native_layer_norm_backward(
-                grad, x, shape, mean, rstd, weight, bias, [False, bool(held_w), bool(held_b)]
+        def job() -> None:
+            _, later_grad_w, later_grad_b = torch.ops.aten.native_layer_norm_backward(
+                grad, x, shape, mean, rstd, weight, bias, [False, later_w, later_b]
             )
-            grads = [held_w.grad(later_w)] if held_w else []
-            return grads + ([held_b.grad(later_b)] if held_b else [])
+            if later_w:
+                _accumulate(weight, later_grad_w)
+            if later_b:
+                _accumulate(bias, later_grad_b)
 
-        defer_or_accumulate(ctx.defer, ctx.held, weight_grads)
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        if later_w or later_b:
+            ctx.defer(job)
+        return grad_x, grad_w, grad_b, None, None, None
 
 
 def _split_layer_norm(
@@ -299,9 +298,7 @@ def _split_layer_norm(
 ) -> Any:
     if weight is None or not (_needs(weight) or _needs(bias)) or _autocast(input):
         return NotImplemented
-    (weight, held_w), (bias, held_b) = hold(weight), hold(bias)
-    shape = list(normalized_shape)
-    return _LayerNorm.apply(input, weight, bias, shape, eps, defer, (held_w, held_b), anchor())
+    return _LayerNorm.apply(input, weight, bias, list(normalized_shape), eps, defer)
 
 
 register_weight_split(F.linear, _split_linear)

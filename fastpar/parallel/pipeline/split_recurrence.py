@@ -23,10 +23,8 @@ Declined (the recurrence keeps its whole backward, said once): weights that are 
 (e.g. cast by autocast: their gradient must flow through the cast) or that have gradient hooks
 when the forward runs (autograd's accumulation must run them on the gradient; see
 `grad_accumulate.deferrable`; a hook registered between the forward and the backward makes the
-input pass compute the weight gradients too, and add them at once), and a projection on the
-ATen layer (its input pass does not keep dhp). The weights are held apart from the graph as
-in split_backward.py (`grad_accumulate.hold`): the W pass adds their gradients through autograd's
-accumulation, which runs the hooks on their AccumulateGrad nodes.
+input pass compute the weight gradients too, and hand them on through autograd), and a
+projection on the ATen layer (its input pass does not keep dhp).
 """
 
 from __future__ import annotations
@@ -53,14 +51,7 @@ from fastpar.ops.rnn_op import (
     cell_recurrence_op,
     cell_recurrence_weight_grad,
 )
-from fastpar.parallel.pipeline.grad_accumulate import (
-    HeldParameter,
-    WeightGrad,
-    anchor,
-    defer_or_accumulate,
-    deferrable,
-    hold,
-)
+from fastpar.parallel.pipeline.grad_accumulate import accumulate, deferrable
 
 __all__ = [
     "CELL_RECURRENCE",
@@ -73,7 +64,7 @@ __all__ = [
 
 logger = get_logger(__name__)
 
-Defer = Callable[[Callable[[], list[WeightGrad]]], None]
+Defer = Callable[[Callable[[], None]], None]
 
 LSTM_RECURRENCE = torch.ops.fastpar.lstm_recurrence.default
 """What the pipeline's function mode sees when ``lstm_recurrence_op`` is called."""
@@ -109,36 +100,16 @@ def _splits(op: str, need_backward: bool, *weights: Tensor | None) -> bool:
 
 
 # Each Function's forward takes the op's arguments by name (`a`, its tensors the same objects
-# as the positional ones, which autograd differentiates) and runs the op itself. Its weights
-# come held (`_hold`: detached, their HeldParameters in `held`), with an anchor last.
-
-
-def _hold(a: dict[str, Any], names: tuple[str, ...]) -> tuple[HeldParameter | None, ...]:
-    """Replaces the weights `names` in `a` by what the Function takes; returns their holds."""
-    held = []
-    for name in names:
-        a[name], h = hold(a[name])
-        held.append(h)
-    return tuple(held)
-
-
-def _grads(
-    held: tuple[HeldParameter | None, ...], grads: tuple[Tensor | None, ...]
-) -> list[WeightGrad]:
-    """The held weights' gradients (a weight not held has its own way, or wants none)."""
-    return [h.grad(g) for h, g in zip(held, grads, strict=True) if h is not None and g is not None]
+# as the positional ones, which autograd differentiates) and runs the op itself.
 
 
 class _LSTMRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, defer: Defer, held: tuple[HeldParameter | None, ...], a: dict[str, Any],
-        *_diff: Tensor,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
         hs, c_n, gates, cs, hraw = lstm_recurrence_op(**a)
         saved = (a["h0"], a["c0"], a["w_hh"], a["w_hr"], a["lengths"], hs, gates, cs, hraw)
         ctx.save_for_backward(*saved)
-        ctx.reverse, ctx.kernel, ctx.defer, ctx.held = a["reverse"], a["kernel"], defer, held
+        ctx.reverse, ctx.kernel, ctx.defer = a["reverse"], a["kernel"], defer
         ctx.mark_non_differentiable(gates, cs, hraw)
         return hs, c_n, gates, cs, hraw
 
@@ -154,14 +125,21 @@ class _LSTMRecurrence(torch.autograd.Function):
         reverse = ctx.reverse
         projection = (dhp, hraw) if w_hr is not None else (None, None)
 
-        held = ctx.held
+        def weight_grads() -> tuple[Tensor, Tensor | None]:
+            return lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype, *projection)
 
-        def weight_grads() -> list[WeightGrad]:
-            grads = lstm_recurrence_weight_grad(dxg, h0, hs, reverse, w_hh.dtype, *projection)
-            return _grads(held, grads)
+        if not _deferrable(w_hh, w_hr):  # a hook registered since the forward: now, via autograd
+            return None, None, dxg, dh0, dc0, *weight_grads()
 
-        defer_or_accumulate(ctx.defer, held, weight_grads)
-        return None, None, None, dxg, dh0, dc0, None, None, None
+        def job() -> None:
+            dw_hh, dw_hr = weight_grads()
+            if w_hh.requires_grad:
+                accumulate(w_hh, dw_hh)
+            if w_hr is not None and dw_hr is not None and w_hr.requires_grad:
+                accumulate(w_hr, dw_hr)
+
+        ctx.defer(job)
+        return None, None, dxg, dh0, dc0, None, None
 
 
 def split_lstm_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
@@ -170,22 +148,16 @@ def split_lstm_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     a = _arguments(LSTM_RECURRENCE, args, kwargs)
     if not _splits("lstm_recurrence", a["need_backward"], a["w_hh"], a["w_hr"]):
         return NotImplemented
-    held = _hold(a, ("w_hh", "w_hr"))
-    diff = (a["xg"], a["h0"], a["c0"], a["w_hh"], a["w_hr"], anchor())
-    return _LSTMRecurrence.apply(defer, held, a, *diff)
+    return _LSTMRecurrence.apply(defer, a, a["xg"], a["h0"], a["c0"], a["w_hh"], a["w_hr"])
 
 
 class _CellRecurrence(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, defer: Defer, held: tuple[HeldParameter | None, ...], a: dict[str, Any],
-        *_diff: Tensor,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
         hs, gates = cell_recurrence_op(**a)
         ctx.save_for_backward(a["h0"], a["w_hh"], a["lengths"], hs, gates)
         ctx.b_hn_dtype = None if a["b_hn"] is None else a["b_hn"].dtype
         ctx.reverse, ctx.cell, ctx.kernel, ctx.defer = a["reverse"], a["cell"], a["kernel"], defer
-        ctx.held = held
         ctx.mark_non_differentiable(gates)
         return hs, gates
 
@@ -200,14 +172,13 @@ class _CellRecurrence(torch.autograd.Function):
         reverse = ctx.reverse
         db = None if ctx.b_hn_dtype is None else db_hn.to(ctx.b_hn_dtype)
 
-        held = ctx.held
+        def weight_grad() -> Tensor:
+            return cell_recurrence_weight_grad(dxg, dhn, h0, hs, reverse, w_hh.dtype)
 
-        def weight_grads() -> list[WeightGrad]:
-            dw_hh = cell_recurrence_weight_grad(dxg, dhn, h0, hs, reverse, w_hh.dtype)
-            return _grads(held, (dw_hh,))
-
-        defer_or_accumulate(ctx.defer, held, weight_grads)
-        return None, None, None, dxg, dh0, None, db, None
+        if not _deferrable(w_hh):  # a hook registered since the forward: now, via autograd
+            return None, None, dxg, dh0, weight_grad(), db
+        ctx.defer(lambda: accumulate(w_hh, weight_grad()))
+        return None, None, dxg, dh0, None, db
 
 
 def split_cell_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
@@ -216,8 +187,8 @@ def split_cell_recurrence(defer: Defer, *args: Any, **kwargs: Any) -> Any:
     a = _arguments(CELL_RECURRENCE, args, kwargs)
     if not _splits("cell_recurrence", a["need_backward"], a["w_hh"]):
         return NotImplemented
-    held = _hold(a, ("w_hh",))  # b_hn is a slice of b_hh: its gradient goes through autograd
-    return _CellRecurrence.apply(defer, held, a, a["xg"], a["h0"], a["w_hh"], a["b_hn"], anchor())
+    # b_hn last: None (no bias) ends the differentiable arguments.
+    return _CellRecurrence.apply(defer, a, a["xg"], a["h0"], a["w_hh"], a["b_hn"])
 
 
 _ATEN_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
@@ -225,15 +196,12 @@ _ATEN_WEIGHTS = ("w_ih", "w_hh", "b_ih", "b_hh")
 
 class _LSTMAtenLayer(torch.autograd.Function):
     @staticmethod
-    def forward(
-        ctx: Any, defer: Defer, held: tuple[HeldParameter | None, ...], a: dict[str, Any],
-        *_diff: Tensor,
-    ) -> tuple[Tensor, ...]:  # fmt: skip
+    def forward(ctx: Any, defer: Defer, a: dict[str, Any], *_diff: Tensor) -> tuple[Tensor, ...]:
         # No workspace: the recomputing backward reads only the inputs and out.
         out, h_n, c_n, ws = lstm_aten_layer_op(**(a | {"keep_workspace": False}))
         ctx.a = {k: v for k, v in a.items() if k not in ("x", "h0", "c0", *_ATEN_WEIGHTS)}
         ctx.save_for_backward(*(a[k] for k in ("x", "h0", "c0", *_ATEN_WEIGHTS)), out)
-        ctx.defer, ctx.held = defer, held
+        ctx.defer = defer
         ctx.mark_non_differentiable(ws)
         return out, h_n, c_n, ws
 
@@ -247,21 +215,30 @@ class _LSTMAtenLayer(torch.autograd.Function):
         dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
         grads = lstm_aten_layer_input_pass(
             dout, dh_n, dc_n, x, h0, c0, w_ih, w_hh, b_ih, b_hh, None, ctx.a["lengths"],
-            ctx.a["reverse"], out, ctx.needs_input_grad[3],
+            ctx.a["reverse"], out, ctx.needs_input_grad[2],
         )  # fmt: skip
         dx, dh0, dc0 = grads.dx, grads.dh0, grads.dc0
         grads = grads._replace(dx=dx[:0], dh0=dh0[:0], dc0=dc0[:0])  # the job keeps the rest
 
-        held, has_bias = ctx.held, b_ih is not None
+        def weight_grads() -> tuple[Tensor, ...]:
+            dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, b_ih is not None, x.dtype)
+            # b_hh gets its own copy: a first gradient becomes `.grad` itself (accumulate).
+            return dw_ih, dw_hh, db, db.clone() if db.numel() else db
 
-        def weight_grads() -> list[WeightGrad]:
-            dw_ih, dw_hh, db = lstm_aten_layer_weight_grads(grads, has_bias, x.dtype)
-            # b_hh gets its own copy: a first gradient may become `.grad` itself.
-            return _grads(held, (dw_ih, dw_hh, db, db.clone() if db.numel() else db))
+        dx = dx if ctx.needs_input_grad[2] else None
+        if not _deferrable(w_ih, w_hh, b_ih, b_hh):  # a hook registered since the forward
+            dw_ih, dw_hh, db_ih, db_hh = weight_grads()  # now, via autograd
+            biases = (None, None) if b_ih is None else (db_ih, db_hh)
+            return None, None, dx, dh0, dc0, dw_ih, dw_hh, *biases
 
-        defer_or_accumulate(ctx.defer, held, weight_grads)
-        dx = dx if ctx.needs_input_grad[3] else None
-        return None, None, None, dx, dh0, dc0, None, None, None, None, None
+        def job() -> None:
+            params = (w_ih, w_hh, b_ih, b_hh)
+            for param, grad in zip(params, weight_grads(), strict=True):
+                if param is not None and param.requires_grad:
+                    accumulate(param, grad)
+
+        ctx.defer(job)
+        return None, None, dx, dh0, dc0, None, None, None, None
 
 
 def split_lstm_aten_layer(defer: Defer, *args: Any, **kwargs: Any) -> Any:
@@ -281,6 +258,5 @@ def split_lstm_aten_layer(defer: Defer, *args: Any, **kwargs: Any) -> Any:
         return NotImplemented
     if not _splits("lstm_aten_layer", True, a["w_hh"], *weights):
         return NotImplemented
-    held = _hold(a, _ATEN_WEIGHTS)
-    diff = (a["x"], a["h0"], a["c0"], *(a[k] for k in _ATEN_WEIGHTS), anchor())
-    return _LSTMAtenLayer.apply(defer, held, a, *diff)
+    # The weights too: a stage's first layer may have no input that requires a gradient.
+    return _LSTMAtenLayer.apply(defer, a, a["x"], a["h0"], a["c0"], *(a[k] for k in _ATEN_WEIGHTS))
