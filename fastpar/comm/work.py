@@ -277,13 +277,14 @@ class CopyBackWork(_Work):
         )
 
     def is_completed(self) -> bool:
-        """Whether torch.distributed has finished the all-reduce; once it has succeeded, the
-        result is in the caller's tensor (written back here, if `wait()`, `result()` or the
-        future's completion has not yet), as torch's CPU handles hold their output once
-        completed."""
+        """Whether torch.distributed has finished the all-reduce; once it has succeeded, a CPU
+        tensor holds the result (written back here, if `wait()`, `result()` or the future's
+        completion has not yet), as torch's CPU handles hold their output once completed."""
         if not self._work.is_completed():
             return False
-        if self._work.is_success():
+        # CPU only: on CUDA the copy is ordered on the streams by wait(), and NCCL's handles
+        # refuse is_success().
+        if not self._tensor.is_cuda and self._work.is_success():
             self._copy_back.run()
         return True
 
