@@ -74,6 +74,26 @@ def test_a_closed_data_parallel_refuses_to_run() -> None:
     run_multiprocess(_closed_wrapper, 2, timeout=60)
 
 
+def _close_cut_short(rank: int, world_size: int) -> None:
+    model = Chain()
+    dp = DataParallel(model, comm="torch")
+
+    def interrupted() -> None:  # Ctrl-C while close() waits for a hung peer
+        raise KeyboardInterrupt
+
+    dp._sync.unfinished_backward_left = lambda: True  # type: ignore[method-assign]
+    dp._sync.forget_unfinished_backward = interrupted  # type: ignore[method-assign]
+    with pytest.raises(KeyboardInterrupt):
+        dp.close()
+    DataParallel(model, comm="torch").close()  # unhooked: the module can be wrapped again
+
+
+def test_a_close_cut_short_still_unhooks_the_module() -> None:
+    """close() marked the wrapper closed before its work: cut short, it left the hooks on,
+    and the module could never be wrapped again."""
+    run_multiprocess(_close_cut_short, 2, timeout=60)
+
+
 def _load_with_assign(rank: int, world_size: int) -> None:
     torch.manual_seed(0)
     model, reference = Chain(), Chain()
@@ -84,9 +104,14 @@ def _load_with_assign(rank: int, world_size: int) -> None:
     parent = nn.Sequential(dp)
     with pytest.raises(ValueError, match="assign=True"):
         parent.load_state_dict({"0." + name: value for name, value in saved.items()}, assign=True)
+    # A dict loaded elsewhere with assign=True: torch left the mark in its metadata.
+    saved = Chain().state_dict()
+    Chain().load_state_dict(saved, assign=True)
+    parameters = list(model.parameters())
     # In place, the loaded weights are still averaged (single-process training on both ranks'
     # data, float32, is the reference).
     dp.load_state_dict(saved)
+    assert all(a is b for a, b in zip(model.parameters(), parameters, strict=True))
     reference.load_state_dict(saved)
     dp(_batch(rank, 0)).sum().backward()
     for r in range(world_size):

@@ -208,9 +208,10 @@ class BackwardSync:
             "registration order) got a second gradient in one synchronised backward, so no "
             "gradient can be averaged and every .grad was set to None. Either this backward "
             "retries one that raised before its end, without a forward in between (run the "
-            "forward again: a backward that raised is forgotten there), or the parameter is used "
-            "both inside and outside a reentrant activation checkpoint (use_reentrant=False "
-            "avoids that)"
+            "forward again: a backward that raised is forgotten there), or the parameter gets "
+            "gradients in several autograd graph tasks: it is used in more than one reentrant "
+            "activation checkpoint, or both inside and outside one (use_reentrant=False avoids "
+            "that)"
         )
 
     def _launch_ready_buckets(self, until: int) -> None:

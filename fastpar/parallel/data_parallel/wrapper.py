@@ -4,6 +4,7 @@ backward does is `BackwardSync`'s (backward.py)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
@@ -189,7 +190,7 @@ class DataParallel(nn.Module):
         is refused: see `refuse_assign`)."""
         if assign:
             refuse_assign()
-        return self.module.load_state_dict(state_dict, strict=strict)
+        return self.module.load_state_dict(_loaded_in_place(state_dict), strict=strict)
 
     def close(self) -> None:
         """Remove the gradient hooks and release the ring's buffers.
@@ -202,17 +203,19 @@ class DataParallel(nn.Module):
         raises nothing for a backward that already raised. Closing again does nothing."""
         if self._closed:
             return
-        self._closed = True
-        if self._sync.unfinished_backward_left():
-            error = self._sync.forget_unfinished_backward()
-            if error is not None:
-                logger.warning(
-                    "DataParallel.close(): an all-reduce launched by the last synchronised "
-                    "backward, which raised before its end, failed: %s",
-                    error,
-                )
-        self._sync.remove_hooks()
-        self._close_ring()
+        try:
+            if self._sync.unfinished_backward_left():
+                error = self._sync.forget_unfinished_backward()
+                if error is not None:
+                    logger.warning(
+                        "DataParallel.close(): an all-reduce launched by the last synchronised "
+                        "backward, which raised before its end, failed: %s",
+                        error,
+                    )
+        finally:  # a close() cut short (Ctrl-C while it waits) still unhooks the parameters
+            self._closed = True
+            self._sync.remove_hooks()
+            self._close_ring()
 
     def _close_ring(self) -> None:
         """Release fastpar's all-reduce of the buckets (its shared memory too), once."""
@@ -243,6 +246,21 @@ def refuse_assign() -> None:
         "would no longer be averaged); load with assign=False (in place), or load into the "
         "plain module before wrapping it"
     )
+
+
+def _loaded_in_place(state_dict: Any) -> Any:
+    """`state_dict` without the "assign" marks in its metadata: torch's load_state_dict leaves
+    `assign_to_params_buffers` in the metadata of the state dict it was given (shared, not
+    copied), and a later load of the same dict would then assign without being asked to."""
+    metadata = getattr(state_dict, "_metadata", None)
+    if metadata is None:
+        return state_dict
+    copy = collections.OrderedDict(state_dict)
+    copy._metadata = {  # type: ignore[attr-defined]
+        prefix: {key: value for key, value in entry.items() if key != "assign_to_params_buffers"}
+        for prefix, entry in metadata.items()
+    }
+    return copy
 
 
 def _under_module_prefix(
