@@ -17,29 +17,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from fastpar.comm.errors import CommTimeoutError
-from fastpar.comm.exchange_numbers import PROCESS_NUMBERS, ExchangeNumbers, exchange_prefix
-from fastpar.comm.store_waits import (
-    CREATING_A_RING,
-    LIVENESS_PERIOD_S,
-    count_out,
-    wait_for_any,
-    wait_for_ranks,
-)
-
-# The waits (store_waits.py) and the numbering (exchange_numbers.py) live apart; their
-# callers import them from here as before.
-__all__ = [
-    "CREATING_A_RING",
-    "LIVENESS_PERIOD_S",
-    "PROCESS_NUMBERS",
-    "ExchangeNumbers",
-    "StoreExchange",
-    "agree",
-    "count_out",
-    "exchange",
-    "exchange_prefix",
-    "wait_for_ranks",
-]
+from fastpar.comm.exchange_numbers import PROCESS_NUMBERS, ExchangeNumbers
+from fastpar.comm.store_waits import CREATING_A_RING, count_out, wait_for_any, wait_for_ranks
 
 
 def agree(

@@ -41,7 +41,7 @@ import torch.distributed as dist
 from fastpar._checks import check_int, check_member, check_timeout
 from fastpar._logging import get_logger, log_once
 from fastpar.comm.errors import CommClosedError, CommError, CommMismatchError, CommTimeoutError
-from fastpar.comm.exchange import LIVENESS_PERIOD_S, StoreExchange, count_out
+from fastpar.comm.exchange import StoreExchange
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.host_buffer import HostAreas, HostBuffer
 from fastpar.comm.host_passes import CHUNK_BYTES, CallKey, CpuHostPasses, shard_length
@@ -54,6 +54,7 @@ from fastpar.comm.shared_area import (
     agree_on_allocation,
     describe_request,
 )
+from fastpar.comm.store_waits import LIVENESS_PERIOD_S, count_out
 from fastpar.comm.timeouts import group_timeout
 from fastpar.comm.work import RingWork, wait_ran_out
 

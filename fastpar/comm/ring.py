@@ -54,12 +54,13 @@ from fastpar.comm.errors import (
     native_error_types,
     translate_native_error,
 )
-from fastpar.comm.exchange import CREATING_A_RING, StoreExchange, count_out, wait_for_ranks
+from fastpar.comm.exchange import StoreExchange
 from fastpar.comm.fallback import dense, torch_all_reduce
 from fastpar.comm.hosts import host_identity
 from fastpar.comm.ops import AVG, ring_op_code, torch_op_code, unsupported_reason
 from fastpar.comm.reduce import SUPPORTED_DTYPES
 from fastpar.comm.shared_area import SharedMemoryUnavailableError, allocate_symmetric
+from fastpar.comm.store_waits import CREATING_A_RING, count_out, wait_for_ranks
 from fastpar.comm.timeouts import group_timeout
 from fastpar.comm.work import CopyBackWork, CudaRingWork, RingWork
 

@@ -16,7 +16,8 @@ from unittest import mock
 
 import torch.distributed as dist
 
-from fastpar.comm.exchange import ExchangeNumbers, StoreExchange
+from fastpar.comm.exchange import StoreExchange
+from fastpar.comm.exchange_numbers import ExchangeNumbers
 from tests.store_keys import WrittenKeys
 
 SHORT_S = 0.2  # the timeout of a rank that gives up

@@ -14,9 +14,10 @@ import torch.distributed as dist
 
 from fastpar.comm.agreement import SHARED_GPU_REASON, cuda_peer_problem, shared_gpu_problem
 from fastpar.comm.errors import CommTimeoutError
-from fastpar.comm.exchange import agree, wait_for_ranks
+from fastpar.comm.exchange import agree
 from fastpar.comm.hierarchical import HierarchicalAllReduce
 from fastpar.comm.hosts import gather_host_layout
+from fastpar.comm.store_waits import wait_for_ranks
 from fastpar.testing.distributed import run_multiprocess
 
 GPUS = ["GPU-a", "GPU-b", "GPU-c"]

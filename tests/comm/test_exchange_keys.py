@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 from fastpar.comm.errors import CommTimeoutError
-from fastpar.comm.exchange import ExchangeNumbers
+from fastpar.comm.exchange_numbers import ExchangeNumbers
 from tests.comm import exchange_driver as driver
 
 STORES = ["hash", "tcp"]
