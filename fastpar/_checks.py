@@ -98,33 +98,34 @@ def check_positive(name: str, value: object) -> float:
     return number
 
 
-# The longest timeout a timedelta holds, in seconds (999999999 days: a number of seconds that
-# rounds up to it overflows).
-MAX_TIMEOUT_S = timedelta.max.total_seconds()
+# The longest timeout, in seconds (about 146 years): torch.distributed and gloo keep timeouts and
+# deadlines as int64 nanoseconds, and one past 2**63 ns overflows there (gloo refuses it, a
+# TCPStore times out at once); half of that leaves room for the clock reading added to it.
+MAX_TIMEOUT_S = 2**62 / 1e9
 
 
 def check_timeout_s(name: str, value: object) -> float:
-    """Return `value`, a timeout in seconds, as a float when it is a finite number > 0 that a
-    `datetime.timedelta` holds (every timeout becomes one: torch.distributed's, a wait's).
+    """Return `value`, a timeout in seconds, as a float when it is a number > 0 that every
+    timeout taker holds: at most `MAX_TIMEOUT_S`, and at least a timedelta's resolution (every
+    timeout becomes one: torch.distributed's, a wait's).
 
     Raises:
         TypeError: `value` is not a real number (or is a bool).
-        ValueError: `value` is not finite, not > 0, or past a timedelta's range or resolution.
+        ValueError: `value` is not finite, not > 0, past `MAX_TIMEOUT_S`, or below a
+            timedelta's resolution.
     """
     seconds = _real(name, value)
     # An int past a float's range came out as inf, yet is finite: too large, said below.
     finite = math.isfinite(seconds) or isinstance(value, numbers.Integral)
     if not (seconds > 0 and finite):
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    try:
-        duration = timedelta(seconds=seconds)
-    except OverflowError:
-        duration = None
-    if duration is None:
+    if seconds > MAX_TIMEOUT_S:
         raise ValueError(
-            f"{name} must be at most {MAX_TIMEOUT_S:g} s (a timedelta's range), got {seconds:g}"
+            f"{name} must be at most {MAX_TIMEOUT_S:.3g} s (torch.distributed keeps timeouts in "
+            f"int64 nanoseconds), got {seconds:g}"
         )
-    if not duration:  # rounded to whole microseconds: zero would mean "no bound" to torch
+    # Rounded to whole microseconds: zero would mean "no bound" to torch.
+    if not timedelta(seconds=seconds):
         raise ValueError(
             f"{name} must be at least 1e-06 s (a timedelta's resolution), got {value!r}"
         )
@@ -133,15 +134,17 @@ def check_timeout_s(name: str, value: object) -> float:
 
 def check_timeout(name: str, value: object) -> timedelta:
     """Return `value`, a timeout given as a `datetime.timedelta` or a number of seconds (as
-    torch.distributed takes it), as a timedelta; the rule of `check_timeout_s`.
+    torch.distributed takes it), as a timedelta; the rule of `check_timeout_s` (a timedelta
+    past `MAX_TIMEOUT_S`, timedelta.max say, is refused too: callers keep seconds).
 
     Raises:
         TypeError: `value` is neither a timedelta nor a real number (a bool is neither).
-        ValueError: `value` is not a finite duration > 0 that a timedelta holds.
+        ValueError: `value` is not a duration > 0 that `check_timeout_s` takes.
     """
     if isinstance(value, timedelta):
         if value <= timedelta(0):
             raise ValueError(f"{name} must be a finite number > 0, got {value.total_seconds()!r}")
+        check_timeout_s(name, value.total_seconds())
         return value
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(

@@ -136,7 +136,7 @@ class _Work(abc.ABC):
 
         Raises:
             TypeError: `timeout` is neither a timedelta, a number nor None (a bool is none).
-            ValueError: `timeout` is negative, not finite, or past a timedelta's range.
+            ValueError: `timeout` is negative, not finite, or past `check_timeout_s`'s bound.
             TimeoutError: the wait ran out; the all-reduce goes on (see `wait_ran_out`).
         """
         self._wait(_wait_bound(timeout))

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastpar._checks import MAX_TIMEOUT_S
 from fastpar.comm import CommTimeoutError, RingAllReduce
 from fastpar.parallel import DataParallel
 from fastpar.parallel.data_parallel import wrapper
@@ -107,6 +108,30 @@ def test_a_bad_timeout_is_named_timeout() -> None:
         ("ValueError", "timeout must be a finite number > 0, got nan"),
         ("ValueError", "timeout must be a finite number > 0, got -1"),
     ]
+
+
+def _longest_timeout_step(rank: int, world_size: int) -> tuple[list[bool], str]:
+    """One step of wrappers given the longest timeout, on each comm path: whether it
+    averaged; and what timedelta.max raises."""
+    averaged = []
+    for comm in ("torch", "auto"):
+        model = nn.Linear(2, 2)
+        wrapped = DataParallel(model, comm=comm, timeout=MAX_TIMEOUT_S)
+        wrapped(torch.ones(1, 2)).sum().backward()
+        wrapped.close()
+        averaged.append(model.weight.grad is not None)
+    with pytest.raises(ValueError) as info:
+        DataParallel(nn.Linear(2, 2), comm="torch", timeout=timedelta.max)
+    return averaged, str(info.value)
+
+
+def test_the_longest_timeout_is_one_torch_takes() -> None:
+    """timedelta.max passed the check of `timeout`, then its seconds were refused under the
+    config's name (timeout_s); and timeouts torch.distributed cannot hold (past int64
+    nanoseconds) passed, to fail inside torch (gloo refuses them, a wait ends at once)."""
+    averaged, refused = run_multiprocess(_longest_timeout_step, 1, timeout=60)[0]
+    assert averaged == [True, True]
+    assert refused.startswith("timeout must be at most 4.61e+09 s")
 
 
 @pytest.mark.parametrize("value", ["", "two", "0"])
