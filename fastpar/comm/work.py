@@ -282,9 +282,10 @@ class CopyBackWork(_Work):
         completion has not yet), as torch's CPU handles hold their output once completed."""
         if not self._work.is_completed():
             return False
-        # CPU only: on CUDA the copy is ordered on the streams by wait(), and NCCL's handles
-        # refuse is_success().
-        if not self._tensor.is_cuda and self._work.is_success():
+        # CPU only: on CUDA the copy is ordered on the streams by wait(). Success read from the
+        # future: torch's Work.is_success()/exception() print deprecation warnings (and NCCL's
+        # refuse them).
+        if not self._tensor.is_cuda and _succeeded(self._work.get_future()):
             self._copy_back.run()
         return True
 
@@ -295,6 +296,17 @@ class CopyBackWork(_Work):
     def exception(self) -> BaseException | None:
         """The all-reduce's error, if it failed."""
         return self._work.exception()
+
+
+def _succeeded(future: torch.futures.Future[Any]) -> bool:
+    """Whether `future` has completed without an error (never waits)."""
+    if not future.done():
+        return False
+    try:
+        future.value()
+    except Exception:  # the all-reduce's failure: wait() raises it
+        return False
+    return True
 
 
 class CudaRingWork(_Work):

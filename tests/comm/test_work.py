@@ -10,6 +10,7 @@ import copy
 import datetime
 import os
 import random
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -234,6 +235,32 @@ def test_a_copied_calls_result_is_in_the_tensor_once_completed() -> None:
         fastpar_view, torch_contiguous = seen
         assert torch_contiguous == [3]
         assert fastpar_view == torch_contiguous
+
+
+def _stderr_of_polling(rank: int, world_size: int) -> str:
+    """What the process printed on its stderr (torch's C++ warnings go there) while a copied
+    call was polled with is_completed() until done."""
+    with tempfile.TemporaryFile() as captured:
+        saved = os.dup(2)
+        os.dup2(captured.fileno(), 2)
+        try:
+            work = comm.all_reduce(torch.ones(4, 4, dtype=torch.int8)[:, ::2], async_op=True)
+            assert work is not None
+            while not work.is_completed():
+                time.sleep(0.001)
+            work.wait()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return captured.read().decode(errors="replace")
+
+
+def test_polling_a_copied_call_prints_no_deprecation_warning() -> None:
+    """is_completed() asked torch's Work.is_success(), which prints "Work::is_success API is
+    being deprecated" at the first poll, though the user never called it."""
+    for printed in run_multiprocess(_stderr_of_polling, 2, timeout=120):
+        assert "deprecated" not in printed, printed
 
 
 FAILING_GROUP_TIMEOUT_S = 2.0
