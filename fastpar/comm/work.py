@@ -282,31 +282,27 @@ class CopyBackWork(_Work):
         completion has not yet), as torch's CPU handles hold their output once completed."""
         if not self._work.is_completed():
             return False
-        # CPU only: on CUDA the copy is ordered on the streams by wait(). Success read from the
-        # future: torch's Work.is_success()/exception() print deprecation warnings (and NCCL's
-        # refuse them).
-        if not self._tensor.is_cuda and _succeeded(self._work.get_future()):
+        # CPU only: on CUDA the copy is ordered on the streams by wait(). Success is read from
+        # torch's future: its Work.is_success() and exception() print deprecation warnings,
+        # NCCL's refuse them, and torch 2.11's exception() cannot return its value to Python.
+        if not self._tensor.is_cuda and self.is_success():
             self._copy_back.run()
         return True
 
     def is_success(self) -> bool:
         """Whether the all-reduce finished without an error."""
-        return bool(self._work.is_success())
+        return self._work.get_future().done() and self.exception() is None
 
     def exception(self) -> BaseException | None:
-        """The all-reduce's error, if it failed."""
-        return self._work.exception()
-
-
-def _succeeded(future: torch.futures.Future[Any]) -> bool:
-    """Whether `future` has completed without an error (never waits)."""
-    if not future.done():
-        return False
-    try:
-        future.value()
-    except Exception:  # the all-reduce's failure: wait() raises it
-        return False
-    return True
+        """The error of a finished all-reduce (None while it runs or when it succeeded)."""
+        future = self._work.get_future()
+        if not future.done():
+            return None
+        try:
+            future.value()
+        except Exception as error:  # the all-reduce's failure, as wait() raises it
+            return error
+        return None
 
 
 class CudaRingWork(_Work):
