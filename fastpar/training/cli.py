@@ -255,19 +255,21 @@ def _print_summary(summary: dict[str, Any]) -> None:
     print(summary["sample"])
 
 
-def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
+def _init_under_torchrun(timeout_s: float) -> tuple[dist.Store | None, int]:
     """The default process group from torchrun's environment, with its keys under a prefix
-    per restart: a restarted job must not read the addresses its dead predecessors left in the
-    same store (gloo would try to connect to them).
+    per attempt (`join_attempt`): an attempt must not read the addresses its dead predecessors
+    left in the same store (gloo would try to connect to them), and TORCHELASTIC_RESTART_COUNT
+    does not tell a restart after a membership change from the attempt before it.
 
     Returns:
         torchrun's store, which serves the job's attempts while its host stays (`job_id`);
         None where rank 0 hosts the store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), which dies
-        with it.
+        with it. And the attempt's number on the store (1: the first it served).
     """
     import torch.distributed as dist
 
     from fastpar.launch import default_backend
+    from fastpar.training.attempts import join_attempt
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -279,7 +281,8 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
         is_master=rank == 0 and not agent_hosts_store,
         timeout=timeout,
     )
-    prefixed = dist.PrefixStore(f"fastpar/restart{restarts}/", store)
+    attempt = join_attempt(store, rank=rank, world_size=world_size, timeout_s=timeout_s)
+    prefixed = dist.PrefixStore(f"fastpar/attempt{attempt}/", store)
     backend = default_backend()
     if backend == "nccl":  # object collectives (the checkpoint choice) run on the current GPU
         import torch
@@ -288,7 +291,7 @@ def _init_under_torchrun(restarts: int, timeout_s: float) -> dist.Store | None:
     dist.init_process_group(
         backend, store=prefixed, rank=rank, world_size=world_size, timeout=timeout
     )
-    return store if agent_hosts_store else None
+    return (store if agent_hosts_store else None), attempt
 
 
 _JOB_KEY = "fastpar/job"
@@ -326,10 +329,10 @@ def job_id(store: dist.Store | None, restarts: int) -> tuple[str | None, str | N
 
 
 def _prepare_under_torchrun(
-    config: TrainConfig, restarts: int, store: dist.Store | None
+    config: TrainConfig, restarts: int, store: dist.Store | None, attempt: int
 ) -> tuple[Found | None, TrainConfig]:
-    """`prepare` of attempt `restarts` (its options from `restarted_config`) on rank 0; its
-    answer (or its error) and options shared with every rank."""
+    """`prepare` of the attempt (its options from `restarted_config`) on rank 0; its answer (or
+    its error) and options shared with every rank."""
     import torch.distributed as dist
 
     from fastpar.training.checkpoint import CheckpointError
@@ -342,8 +345,12 @@ def _prepare_under_torchrun(
             print(f"fastpar train: restart {restarts}: {unrecognised}, so it cannot tell its own "
                   "checkpoints from another run's; it keeps --resume and --overwrite as given",
                   file=sys.stderr)  # fmt: skip
-        answer[2] = restarted_config(config, restarts, job=job)
+        if attempt > 1 and restarts == 0:
+            print(f"fastpar train: attempt {attempt} of this job on torchrun's store: torchrun "
+                  "restarted it without counting a failure (a node joined)",
+                  file=sys.stderr)  # fmt: skip
         try:
+            answer[2] = restarted_config(config, restarts, job=job, attempt=attempt)
             answer[0] = prepare(answer[2], job=job)
         except (CheckpointError, MetricsFolderError) as error:
             answer[1] = str(error)
@@ -436,17 +443,39 @@ def _run_local(config: TrainConfig, debug: bool) -> int:
     return 0
 
 
-def restarted_config(config: TrainConfig, restarts: int, *, job: str | None) -> TrainConfig:
-    """The options of torchrun's job `job` (`job_id`) restarted `restarts` times. Where its
-    first attempt was let in (the checkpoint folder records `job`: `prepare`), it continues from
-    its last checkpoint or, with none yet, starts over in folders that hold only its first
-    attempt's files. Elsewhere it keeps the user's options, so a first attempt's refusal
-    (folders holding another run's checkpoints or metrics) stops every restart too."""
-    from fastpar.training import checkpoint
+def restarted_config(
+    config: TrainConfig, restarts: int, *, job: str | None, attempt: int = 1
+) -> TrainConfig:
+    """The options of torchrun's job `job` (`job_id`) after `restarts` counted restarts, in
+    attempt `attempt` on torchrun's store (`join_attempt`: above 1 after a restart torchrun
+    did not count). Where its first attempt was let in (the checkpoint folder records `job`:
+    `prepare`) and this attempt is known to be a later one, it continues from its last
+    checkpoint or, with none yet, starts over in folders that hold only its first attempt's
+    files. Elsewhere it keeps the user's options, so a first attempt's refusal (folders holding
+    another run's checkpoints or metrics) stops every restart too.
 
-    if restarts == 0 or job is None or checkpoint.recorded_job(config.checkpoint_dir) != job:
+    Raises:
+        CheckpointError: `--overwrite` would delete checkpoints that the folder records as this
+            job's, while nothing tells whether this attempt is the job's first: a new store
+            serves it (its host moved, or rank 0 hosts one per attempt) and torchrun counted no
+            restart. Deleting them could lose the job's own work: it refuses.
+    """
+    from fastpar.training import checkpoint
+    from fastpar.training.checkpoint import CheckpointError
+
+    root = config.checkpoint_dir
+    if job is None or checkpoint.recorded_job(root) != job:
         return config
-    if checkpoint.list_steps(config.checkpoint_dir):
+    if restarts == 0 and attempt == 1:
+        if config.overwrite and checkpoint.list_steps(root):
+            raise CheckpointError(
+                f"--overwrite: {root} holds checkpoints of torchrun job {job!r}, which this is, "
+                "and this attempt may be a restart that torchrun did not count (a node joined, "
+                "on a new store), so they are kept: pass --resume to continue them, or delete "
+                "them (or choose another --checkpoint-dir or --rdzv-id) to start over"
+            )
+        return config
+    if checkpoint.list_steps(root):
         return dataclasses.replace(config, resume=True, overwrite=False)
     if config.resume:  # nothing to continue: prepare says so
         return config
@@ -460,9 +489,9 @@ def _run_under_torchrun(config: TrainConfig) -> int:
     from fastpar.training.checkpoint import CheckpointError
 
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    store = _init_under_torchrun(restarts, config.timeout_s)
+    store, attempt = _init_under_torchrun(config.timeout_s)
     try:
-        resume, config = _prepare_under_torchrun(config, restarts, store)
+        resume, config = _prepare_under_torchrun(config, restarts, store, attempt)
         # A checkpoint of other options is refused by every rank as it restores.
         summary = _train_entry(dist.get_rank(), dist.get_world_size(), config, resume)
     except CheckpointError as error:  # on every rank alike: they all reach the barrier

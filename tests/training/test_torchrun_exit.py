@@ -28,8 +28,8 @@ def _finish_as_under_torchrun(rank: int, world_size: int, checkpoints: str, done
                 time.sleep(0.05)
             rank0_came_back.append(os.path.exists(done))
 
-    cli._init_under_torchrun = lambda restarts, timeout_s: None  # type: ignore[assignment]
-    cli._prepare_under_torchrun = lambda config, restarts, store: (None, config)  # type: ignore[assignment]
+    cli._init_under_torchrun = lambda timeout_s: (None, 1)  # type: ignore[assignment]
+    cli._prepare_under_torchrun = lambda config, restarts, store, attempt: (None, config)  # type: ignore[assignment]
     cli._train_entry = train  # type: ignore[assignment]
     assert cli._run_under_torchrun(TrainConfig(checkpoint_dir=Path(checkpoints))) == 0
     if rank == 0:
