@@ -282,7 +282,7 @@ def _init_under_torchrun(timeout_s: float) -> tuple[dist.Store | None, int]:
         timeout=timeout,
     )
     attempt = join_attempt(store, rank=rank, world_size=world_size, timeout_s=timeout_s)
-    prefixed = dist.PrefixStore(f"fastpar/attempt{attempt}/", store)
+    prefixed = dist.PrefixStore(f"fastpar/attempt{attempt}", store)
     backend = default_backend()
     if backend == "nccl":  # object collectives (the checkpoint choice) run on the current GPU
         import torch

