@@ -2,10 +2,13 @@
 synccheck) watches in a GPU check. Each case is one CSV row written as it ends; a case that
 raises is a row with its error and the next case runs.
 
-Kernels: the Triton LSTM forward and backward of every fastpar variant (float32 and bfloat16,
-with a projection, a packed batch and a reversed direction), the same kernels with the GRU and
-Elman RNN cells (step and persistent, lengths, reversed), the native k-input reduction and the
-native ring all-reduce across 2 processes (CUDA IPC on a GPU, shared memory on a CPU).
+Kernels: every body of the Triton recurrence a GPU can run, each case naming backend="triton"
+and its kernel ("step" or "persistent") so that no dispatcher choice (backend="auto" takes
+cuDNN for some of these) hides one: the LSTM in float32, bfloat16 and float16, with lengths,
+a projection, both directions, two batch blocks; the GRU and both Elman RNN cells; the forward
+that loops over K tiles of W_hh (the smallest shape that reaches it on a GPU); then the native
+k-input reduction and the native ring all-reduce across 2 processes (CUDA IPC on a GPU, shared
+memory on a CPU). tests/test_kernel_smoke.py checks which bodies the cases reach.
 
     compute-sanitizer --tool memcheck --target-processes all \\
         python3 bench/kernel_smoke.py --device cuda --tool memcheck --csv results/sanitizer.csv
@@ -17,9 +20,10 @@ Exit status: 0 every case passed, 4 one failed (see its row).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -29,29 +33,51 @@ CHECK_FAILED = 4
 HEADERS = ("case", "tool", "status", "seconds", "error")
 
 
-def lstm_case(variant: str, dtype_name: str, device, **options) -> Callable[[], None]:
-    """Forward and backward of a small LSTM, checked loosely against torch.nn.LSTM."""
-    packed = options.pop("packed", False)
+@contextlib.contextmanager
+def ieee_float32() -> Iterator[None]:
+    """float32 recurrences in IEEE precision, fastpar's and torch's alike: both follow cuDNN's
+    TF32 switch (on by default), whose rounding differs between them by more than the
+    float32 tolerance (and can flip a relu near 0)."""
+    import torch
+
+    rnn_switch = torch.backends.cudnn.rnn
+    precision, rnn_switch.fp32_precision = rnn_switch.fp32_precision, "ieee"
+    try:
+        yield
+    finally:
+        rnn_switch.fp32_precision = precision
+
+
+def lstm_case(
+    kernel: str, dtype_name: str, device, batch: int = 3, packed: bool = False, **options
+) -> Callable[[], None]:
+    """Forward and backward of a small LSTM on the Triton `kernel` ("step" or "persistent"),
+    checked loosely against torch.nn.LSTM; `options` are torch.nn.LSTM's (proj_size, ...)."""
 
     def run() -> None:
         import torch
         from torch.nn.utils.rnn import pack_padded_sequence
-        from variants import fastpar_lstm
+
+        import fastpar.nn
 
         dtype = getattr(torch, dtype_name)
         torch.manual_seed(0)
+        T = 5
         kwargs = dict(input_size=8, hidden_size=32, **options)
         base = torch.nn.LSTM(**kwargs).to(device, dtype)
-        ours = fastpar_lstm(variant, **kwargs).to(device, dtype)
+        ours = fastpar.nn.LSTM(**kwargs, backend="triton", kernel=kernel).to(device, dtype)
         ours.load_state_dict(base.state_dict())
-        x = torch.randn(5, 3, 8, device=device, dtype=dtype)
+        x = torch.randn(T, batch, 8, device=device, dtype=dtype)
+        # Every length from T down to 1, longest first (as packing wants).
+        lengths = T - torch.arange(batch) * (T - 1) // max(1, batch - 1)
         results = []
         for model in (ours, base):
             inp = x.detach().requires_grad_()
-            feed = pack_padded_sequence(inp, torch.tensor([5, 4, 2])) if packed else inp
-            out = model(feed)[0]
-            out = out.data if packed else out
-            out.float().square().sum().backward()
+            feed = pack_padded_sequence(inp, lengths) if packed else inp
+            with ieee_float32():
+                out = model(feed)[0]
+                out = out.data if packed else out
+                out.float().square().sum().backward()
             results.append((out.float(), inp.grad.float()))
         tol = 5e-2 if dtype != torch.float32 else 1e-3
         for name, a, b in zip(("output", "grad input"), *results, strict=True):
@@ -62,15 +88,12 @@ def lstm_case(variant: str, dtype_name: str, device, **options) -> Callable[[], 
     return run
 
 
-def _cell_results(cell: str, kernel: str, device, dtype, leaves) -> list[list]:
+def _cell_results(cell: str, kernel: str, device, dtype, leaves, lengths) -> list[list]:
     """Output and every input's gradient, from fastpar's kernel ("ours") and the float64
     reference ("exact")."""
-    import torch
-
     from fastpar.ops.rnn_op import gru_recurrence_triton, rnn_recurrence_triton
     from fastpar.ops.rnn_reference import gru_recurrence_reference, rnn_recurrence_reference
 
-    lengths = torch.tensor([5, 4, 2])
     results = []
     for kind, ts in (("ours", [t.to(device, dtype) for t in leaves]), ("exact", leaves)):
         inputs = [t.detach().requires_grad_() for t in ts]
@@ -93,7 +116,9 @@ def _cell_results(cell: str, kernel: str, device, dtype, leaves) -> list[list]:
     return results
 
 
-def cell_case(cell: str, kernel: str, dtype_name: str, device) -> Callable[[], None]:
+def cell_case(
+    cell: str, kernel: str, dtype_name: str, device, hidden: int = 32, steps: int = 5
+) -> Callable[[], None]:
     """Forward and backward of one GRU or RNN recurrence (lengths, reversed), checked loosely
     against the float64 reference."""
 
@@ -102,18 +127,13 @@ def cell_case(cell: str, kernel: str, dtype_name: str, device) -> Callable[[], N
 
         dtype = getattr(torch, dtype_name)
         gen = torch.Generator().manual_seed(0)
-        T, B, H, G = 5, 3, 32, 3 if cell == "gru" else 1
+        T, B, H, G = steps, 3, hidden, 3 if cell == "gru" else 1
+        lengths = torch.tensor([T, T - 1, max(1, T - 3)])
         shapes = [(T, B, G * H), (B, H), (G * H, H)] + ([(H,)] if cell == "gru" else [])
         leaves = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
         leaves[2] *= H**-0.5
-        # float32 follows cuDNN's TF32 switch (on by default), whose rounding can flip a relu
-        # near 0; the check is against float64, so it runs IEEE float32.
-        rnn_switch = torch.backends.cudnn.rnn
-        precision, rnn_switch.fp32_precision = rnn_switch.fp32_precision, "ieee"
-        try:
-            results = _cell_results(cell, kernel, device, dtype, leaves)
-        finally:
-            rnn_switch.fp32_precision = precision
+        with ieee_float32():  # the check is against float64
+            results = _cell_results(cell, kernel, device, dtype, leaves, lengths)
         tol = 5e-2 if dtype != torch.float32 else 1e-3
         for k, (a, b) in enumerate(zip(*results, strict=True)):
             err = (a - b).abs().max().item()
@@ -169,29 +189,40 @@ def ring_case(device) -> Callable[[], None]:
     return run
 
 
-def cases(device) -> dict[str, Callable[[], None]]:
-    import torch
-    from variants import variants
+# The smallest hidden size whose forward loops over K tiles of W_hh on a GPU (W_RESIDENT=False,
+# step and persistent): a (1024, 16) float32 share of an RNN's W_hh and its 16 rows of h_{t-1}
+# overflow the registers of its 4 warps (lstm_config.w_fits_registers); an LSTM or GRU needs
+# H >= 1025 (float32), with 8x as much W_hh to sanitize. Two steps (a first and a later one) keep
+# its K loops cheap in the interpreter.
+K_LOOP_HIDDEN = 513
+# Batch 65 takes two batch blocks of 64 rows (separate barrier counters in the persistent
+# kernels) and, with 64-row blocks, the step backward's K_SPLIT=2.
+TWO_BLOCKS_BATCH = 65
 
+
+def cases(device) -> dict[str, Callable[[], None]]:
     from fastpar.ops import interpreter_active
 
-    kernels = variants(torch.device("cuda") if interpreter_active() else device)
     out: dict[str, Callable[[], None]] = {}
-    # Every variant once; the first ("auto") through each path, which compiles fewer kernels
-    # than every path of every variant (the first sanitizer tool pays for the compilation).
-    for variant in kernels:
-        out[f"lstm {variant} bfloat16"] = lstm_case(variant, "bfloat16", device)
-    auto = kernels[0]
-    out[f"lstm {auto} float32"] = lstm_case(auto, "float32", device)
-    out[f"lstm {auto} proj"] = lstm_case(auto, "float32", device, proj_size=16)
-    out[f"lstm {auto} packed"] = lstm_case(auto, "float32", device, packed=True)
-    out[f"lstm {auto} bidirectional"] = lstm_case(auto, "bfloat16", device, bidirectional=True)
-    triton_runs = device.type == "cuda" or interpreter_active()
-    for cell in ("gru", "rnn_tanh", "rnn_relu") if triton_runs else ():
+    if device.type == "cuda" or interpreter_active():
+        # Shapes stay tiny: racecheck replays every shared-memory access.
         for kernel in ("step", "persistent"):
-            # relu's derivative jumps at 0: bfloat16 rounding could flip one, float32 will not.
-            dtype = "float32" if cell == "rnn_relu" else "bfloat16"
-            out[f"{cell} {kernel} {dtype}"] = cell_case(cell, kernel, dtype, device)
+            out[f"lstm {kernel} bfloat16 bidirectional"] = lstm_case(
+                kernel, "bfloat16", device, bidirectional=True
+            )
+            out[f"lstm {kernel} float32 packed batch {TWO_BLOCKS_BATCH}"] = lstm_case(
+                kernel, "float32", device, batch=TWO_BLOCKS_BATCH, packed=True
+            )
+        # A projection runs only on the step kernels (h_t needs all hidden units).
+        out["lstm step float16 proj"] = lstm_case("step", "float16", device, proj_size=16)
+        for kernel in ("step", "persistent"):
+            for cell in ("gru", "rnn_tanh"):
+                out[f"{cell} {kernel} bfloat16"] = cell_case(cell, kernel, "bfloat16", device)
+            # relu's derivative jumps at 0: bfloat16 rounding could flip one, float32 does not
+            # (no pre-activation of this case is within 8e-4 of 0).
+            out[f"rnn_relu {kernel} float32 hidden {K_LOOP_HIDDEN}"] = cell_case(
+                "rnn_relu", kernel, "float32", device, hidden=K_LOOP_HIDDEN, steps=2
+            )
     for dtype in ("float32", "bfloat16", "int64"):
         for op in ("sum", "max"):
             out[f"reduce {dtype} {op}"] = reduce_case(dtype, op, device)
