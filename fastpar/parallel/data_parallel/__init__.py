@@ -21,6 +21,7 @@ The package, one role per module:
     initial_state.py  the check that every rank holds the same state, the broadcast of rank 0's
     buckets.py        `Bucket`, cutting parameters into buckets and picking each one's all-reduce
     waits.py          waits for torch.distributed bounded by the timeout
+    loading.py        loading a state dict: under a parent's prefix, in place while open
     backward.py       `BackwardSync`: the hooks, launching, finishing, abandoning a backward
     wrapper.py        `DataParallel`, the module
 """

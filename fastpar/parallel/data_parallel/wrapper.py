@@ -4,7 +4,6 @@ backward does is `BackwardSync`'s (backward.py)."""
 
 from __future__ import annotations
 
-import collections
 import contextlib
 from collections.abc import Iterator
 from datetime import timedelta
@@ -26,6 +25,12 @@ from fastpar.parallel.data_parallel.config import (
     decide_overlap,
 )
 from fastpar.parallel.data_parallel.initial_state import broadcast_state, check_same_state
+from fastpar.parallel.data_parallel.loading import (
+    InPlaceLoads,
+    refuse_assign,
+    under_module_prefix,
+    without_assign_marks,
+)
 from fastpar.profiling import record_range
 
 __all__ = ["DataParallel"]
@@ -64,7 +69,9 @@ class DataParallel(nn.Module):
     `state_dict()`/`load_state_dict()` are the plain module's, with no "module." prefix, also
     within a parent module's.
     `load_state_dict(..., assign=True)` is refused (the buckets and hooks hold the Parameter
-    objects, which assign would replace); load in place (the default).
+    objects, which assign would replace); load in place (the default). A parent module's load
+    with assign=True assigns what is outside the wrapper and loads the wrapped module in place,
+    with a warning (see `InPlaceLoads`). After `close()` both load as torch's.
     `close()` removes the gradient hooks; until then its parameters cannot be wrapped again
     (e.g. to average layers unfrozen since: a wrapper averages the parameters that required
     gradients when it was built). A closed DataParallel refuses to run (`CommClosedError`):
@@ -102,7 +109,7 @@ class DataParallel(nn.Module):
         )
         self.module = module
         self._closed = False
-        self.register_load_state_dict_pre_hook(_under_module_prefix)
+        self.register_load_state_dict_pre_hook(under_module_prefix)
         self.group = group if group is not None else dist.group.WORLD
         check_member(self.group)
         self.world_size = dist.get_world_size(self.group)
@@ -128,6 +135,7 @@ class DataParallel(nn.Module):
             self._buckets = []
             self._close_ring()
             raise
+        self._in_place_loads = InPlaceLoads(module)
 
     # --- the training step ----------------------------------------------------------------------
 
@@ -187,10 +195,12 @@ class DataParallel(nn.Module):
 
     def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
         """Loads a plain module's state dict into the wrapped module, in place (`assign=True`
-        is refused: see `refuse_assign`)."""
-        if assign:
+        is refused until `close()`: see `refuse_assign`)."""
+        if assign and not self._closed:
             refuse_assign()
-        return self.module.load_state_dict(_loaded_in_place(state_dict), strict=strict)
+        return self.module.load_state_dict(
+            without_assign_marks(state_dict), strict=strict, assign=assign
+        )
 
     def close(self) -> None:
         """Remove the gradient hooks and release the ring's buffers.
@@ -215,6 +225,7 @@ class DataParallel(nn.Module):
         finally:  # a close() cut short (Ctrl-C while it waits) still unhooks the parameters
             self._closed = True
             self._sync.remove_hooks()
+            self._in_place_loads.remove()
             self._close_ring()
 
     def _close_ring(self) -> None:
@@ -234,46 +245,3 @@ class DataParallel(nn.Module):
     def bucket_sizes(self) -> list[int]:
         """Number of gradient elements per bucket, in launch order."""
         return [bucket.numel for bucket in self._buckets]
-
-
-def refuse_assign() -> None:
-    """`load_state_dict(assign=True)` would put new Parameter objects in the module, while the
-    buckets and gradient hooks stay on the old ones: gradients would silently stop being
-    averaged."""
-    raise ValueError(
-        "DataParallel cannot load a state dict with assign=True: its gradient buckets and hooks "
-        "are bound to the current Parameter objects, which assign would replace (gradients "
-        "would no longer be averaged); load with assign=False (in place), or load into the "
-        "plain module before wrapping it"
-    )
-
-
-def _loaded_in_place(state_dict: Any) -> Any:
-    """`state_dict` without the "assign" marks in its metadata: torch's load_state_dict leaves
-    `assign_to_params_buffers` in the metadata of the state dict it was given (shared, not
-    copied), and a later load of the same dict would then assign without being asked to."""
-    metadata = getattr(state_dict, "_metadata", None)
-    if metadata is None:
-        return state_dict
-    copy = collections.OrderedDict(state_dict)
-    copy._metadata = {  # type: ignore[attr-defined]
-        prefix: {key: value for key, value in entry.items() if key != "assign_to_params_buffers"}
-        for prefix, entry in metadata.items()
-    }
-    return copy
-
-
-def _under_module_prefix(
-    wrapper: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: dict[str, Any],
-    *args: Any,
-) -> None:
-    """A parent module's `load_state_dict` looks for the wrapped module's entries under
-    prefix + "module.", where `state_dict()` writes them without it (the plain module's names).
-    A parent's load with assign=True is refused here (`refuse_assign`)."""
-    if local_metadata.get("assign_to_params_buffers", False):
-        refuse_assign()
-    for key in [key for key in state_dict if key.startswith(prefix)]:
-        state_dict[prefix + "module." + key[len(prefix) :]] = state_dict.pop(key)
