@@ -8,7 +8,8 @@ micro-batches under a schedule.
 
 Several chunks per rank (w ranks, looped placement):
 
-    chunks = split_sequential(model, 2 * w, balance="auto", example_input=x[:8])
+    chunks = split_sequential(model, 2 * w, balance="auto", example_input=x[:8])  # collective:
+    # every rank calls it; rank 0 times the layers and every rank takes its cuts
     pipe = Pipeline([chunks[rank], chunks[rank + w]], stage_index=[rank, rank + w],
                     num_stages=2 * w, schedule="interleaved-1f1b", loss_fn=...)
 
@@ -28,7 +29,8 @@ Schedules (p stages, m micro-batches; F forward, B backward, I / W its input / w
 The package, one role per module:
     schedules.py       pure schedules: per-rank action lists (no processes, no tensors)
     simulate.py        replaying a schedule with stage times (`ideal_bubbles`)
-    stages.py          `split_sequential` (given cuts or balanced by profiling), `OutputOnly`
+    stages.py          `split_sequential` (given cuts or balanced by profiling), `OutputOnly`,
+                       `StageLayers` (the layers a stage holds, checked at the handshake)
     split_backward.py  splitting a backward into input and weight passes
     split_recurrence.py  the split of fastpar's LSTM / GRU / RNN ops (W_hh, W_hr, W_ih deferred)
     grad_accumulate.py   adding a deferred gradient into .grad

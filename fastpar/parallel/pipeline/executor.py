@@ -15,7 +15,7 @@ failing stage and passes it on, so every rank of the pipeline raises instead of 
 peer that dies or stalls is named in the `PipelineError` of its neighbours. A failed pipeline
 is not reusable (messages of the failed step may be left in flight): build a new process
 group. Construction exchanges every rank's arguments first (handshake.py), so mismatches
-raise on every rank.
+raise on every rank, among them stages of `split_sequential` cut differently on different ranks.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from fastpar.parallel.pipeline.schedules import (
     splits_backward,
 )
 from fastpar.parallel.pipeline.shm_link import ShmLink, connect_shm_links
+from fastpar.parallel.pipeline.stages import stage_layers
 from fastpar.parallel.pipeline.torch_link import TorchLink
 from fastpar.parallel.pipeline.wire import Peer, PipelineError
 from fastpar.profiling import ranges_recorded
@@ -150,9 +151,12 @@ class Pipeline:
                 )
         except (ValueError, TypeError) as error:
             local_error = error
+        # What each stage holds of the split model, for the handshake to check that the ranks
+        # cut it the same way.
+        layers = () if local_error else tuple(stage_layers(m) for m in self._chunks.values())
         mine = Handshake.local(ok=local_error is None, stages=stage_index, num_stages=num_stages,
                                num_microbatches=num_microbatches, schedule=schedule,
-                               transport=transport)  # fmt: skip
+                               transport=transport, layers=layers)  # fmt: skip
         timeout = self.config.timeout_s if local_error is None else group_wait_s
         table = exchange_handshakes(self.group, mine, timeout)
         if local_error is not None:

@@ -1,7 +1,8 @@
 """The construction handshake: every rank's arguments, gathered on every rank and judged the same
 way, so a mismatch (a stage count that is not the group's, differing micro-batch counts, stages
-placed where the schedule does not put them) raises the same error on every rank instead of a
-hang at the first step.
+placed where the schedule does not put them, stages of `split_sequential` that do not hold every
+layer once: cut differently on different ranks) raises the same error on every rank instead of a
+hang at the first step, or a model trained with a layer skipped or run twice.
 
 A rank's arguments travel as a fixed-length int64 row (`Handshake.encode`): a bad value (the
 wrong type, an unknown schedule) is encoded as -1 and the rank's own error is raised there;
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from fastpar.comm.hosts import host_identity
 from fastpar.parallel.pipeline.config import TRANSPORTS
 from fastpar.parallel.pipeline.schedules import SCHEDULES, Placement
+from fastpar.parallel.pipeline.stages import StageLayers
 from fastpar.parallel.pipeline.wire import PipelineError
 
 __all__ = ["MAX_CHUNKS", "Handshake", "check_handshakes", "exchange_handshakes"]
@@ -47,6 +49,8 @@ class Handshake:
         num_stages, num_microbatches: as given (-1: not an int).
         schedule, transport: as given (None: not one of SCHEDULES / TRANSPORTS).
         host: a 64-bit hash of `host_identity()` (equal: shared memory reaches the peer).
+        layers: per entry of `stages`, the layers of the split model it holds (see
+            `stage_layers`), or None for a stage not made by `split_sequential`.
     """
 
     ok: bool
@@ -56,6 +60,7 @@ class Handshake:
     schedule: str | None
     transport: str | None
     host: int
+    layers: tuple[StageLayers | None, ...] = ()
 
     @classmethod
     def local(
@@ -67,8 +72,10 @@ class Handshake:
         num_microbatches: object,
         schedule: object,
         transport: object,
+        layers: tuple[StageLayers | None, ...] = (),
     ) -> Handshake:
-        """This rank's row, from its raw (possibly invalid) arguments."""
+        """This rank's row, from its raw (possibly invalid) arguments; `layers` as in the
+        attribute (empty when the arguments are invalid)."""
         listed = list(stages) if isinstance(stages, list | tuple) else [stages]
         digest = hashlib.blake2b(host_identity().encode(), digest_size=8).digest()
         return cls(
@@ -79,10 +86,14 @@ class Handshake:
             schedule=schedule if _code(schedule, SCHEDULES) != _UNKNOWN else None,  # type: ignore[arg-type]
             transport=transport if _code(transport, TRANSPORTS) != _UNKNOWN else None,  # type: ignore[arg-type]
             host=int.from_bytes(digest, "little", signed=True),
+            layers=layers[:MAX_CHUNKS],
         )
 
     def encode(self) -> list[int]:
         stages = list(self.stages) + [_UNKNOWN] * (MAX_CHUNKS - len(self.stages))
+        # (start, end, total) per chunk; total 0 (a model has layers): no StageLayers.
+        layers = [(x.start, x.end, x.total) if x is not None else (0, 0, 0) for x in self.layers]
+        layers += [(0, 0, 0)] * (MAX_CHUNKS - len(layers))
         return [
             int(self.ok),
             self.num_stages,
@@ -92,11 +103,15 @@ class Handshake:
             self.host,
             len(self.stages),
             *stages,
+            len(self.layers),
+            *(value for triple in layers for value in triple),
         ]
 
     @classmethod
     def decode(cls, row: list[int]) -> Handshake:
-        ok, num_stages, num_microbatches, schedule, transport, host, count, *stages = row
+        ok, num_stages, num_microbatches, schedule, transport, host, count, *rest = row
+        stages, (num_layers, *flat) = rest[:MAX_CHUNKS], rest[MAX_CHUNKS:]
+        triples = [flat[i : i + 3] for i in range(0, 3 * num_layers, 3)]
         return cls(
             ok=bool(ok),
             stages=tuple(stages[:count]),
@@ -105,6 +120,7 @@ class Handshake:
             schedule=SCHEDULES[schedule] if schedule != _UNKNOWN else None,
             transport=TRANSPORTS[transport] if transport != _UNKNOWN else None,
             host=host,
+            layers=tuple(StageLayers(*t) if t[2] > 0 else None for t in triples),
         )
 
 
@@ -179,4 +195,51 @@ def check_handshakes(table: list[Handshake], group_rank: int) -> Placement:
             f"schedule {schedule!r} places stages {wanted} on group ranks 0..{size - 1}, got "
             f"stage_index {held} (this rank: group rank {group_rank})"
         )
+    _check_layers(table, num_stages[0])
     return placement
+
+
+def _check_layers(table: list[Handshake], num_stages: int) -> None:
+    """Raise unless the stages that know their layers (`StageLayers`) hold every layer of one
+    model once, in order: each ends where the next begins, the first begins at 0 and the last
+    ends at the end. Stages cut differently on different ranks still pass each other tensors
+    of the right shape when layers are alike, and would train a model with layers skipped or
+    run twice."""
+    held: dict[int, tuple[int, StageLayers]] = {}
+    for rank, row in enumerate(table):
+        for stage, layers in zip(row.stages, row.layers, strict=False):
+            if layers is not None:
+                held[stage] = (rank, layers)
+    if not held:
+        return
+
+    def name(stage: int) -> str:
+        rank, layers = held[stage]
+        return f"stage {stage} (group rank {rank}) holds layers [{layers.start}, {layers.end})"
+
+    totals = {layers.total for _, layers in held.values()}
+    problems = []
+    if len(totals) > 1:
+        problems.append(f"the stages come from models of {sorted(totals)} layers")
+    for stage in sorted(held):
+        layers = held[stage][1]
+        if stage == 0 and layers.start != 0:
+            problems.append(f"{name(stage)}: layers [0, {layers.start}) run nowhere")
+        if stage == num_stages - 1 and layers.end != layers.total:
+            problems.append(f"{name(stage)} of {layers.total}: layers [{layers.end}, "
+                            f"{layers.total}) run nowhere")  # fmt: skip
+        if stage + 1 not in held:
+            continue
+        start = held[stage + 1][1].start
+        if start < layers.end:
+            problems.append(f"{name(stage)}, {name(stage + 1)}: layers [{start}, {layers.end}) "
+                            "run twice")  # fmt: skip
+        elif start > layers.end:
+            problems.append(f"{name(stage)}, {name(stage + 1)}: layers [{layers.end}, {start}) "
+                            "run nowhere")  # fmt: skip
+    if problems:
+        raise ValueError(
+            "the stages of split_sequential do not fit together (cut differently on different "
+            "ranks? pass the same split_points everywhere, or balance='auto' on every rank of "
+            "the group): " + "; ".join(problems)
+        )

@@ -1,5 +1,7 @@
 """Cutting an `nn.Sequential` into pipeline stages: at given layers, or where profiling says
-the slowest stage is fastest (`balance="auto"`)."""
+the slowest stage is fastest (`balance="auto"`, measured on one rank and shared, so that every
+rank cuts the same way). Each stage records which of the model's layers it holds
+(`StageLayers`), which the pipeline's handshake compares across ranks."""
 
 from __future__ import annotations
 
@@ -12,18 +14,21 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-from fastpar._checks import check_choice, check_int
+from fastpar._checks import check_choice, check_int, check_member
 from fastpar._logging import get_logger
 
 __all__ = [
     "LayerProfile",
     "OutputOnly",
+    "StageLayers",
     "balanced_cuts",
     "measured_cuts",
     "profile_layers",
     "split_sequential",
+    "stage_layers",
 ]
 
 logger = get_logger(__name__)
@@ -44,6 +49,22 @@ class LayerProfile:
     output_bytes: int
 
 
+@dataclass(frozen=True)
+class StageLayers:
+    """The layers of the split model that a stage of `split_sequential` holds (its attribute
+    `split_layers`): the pipeline's handshake checks that the stages of all ranks hold every
+    layer once, in order.
+
+    Attributes:
+        start, end: the stage is the model's layers [start, end).
+        total: the model's number of layers.
+    """
+
+    start: int
+    end: int
+    total: int
+
+
 def split_sequential(
     model: nn.Sequential,
     split_points: Sequence[int] | int,
@@ -52,6 +73,7 @@ def split_sequential(
     example_input: Tensor | None = None,
     repeats: int = 5,
     timer: Callable[[], float] = time.perf_counter,
+    group: dist.ProcessGroup | None = None,
 ) -> list[nn.Sequential]:
     """Cut an `nn.Sequential` into consecutive stages.
 
@@ -63,9 +85,17 @@ def split_sequential(
             number of stages.
         balance: "auto": time each layer's forward and backward on `example_input` (see
             `profile_layers`) and cut where the slowest stage is fastest (`balanced_cuts`).
+            Where torch.distributed is initialised this is a collective over `group`: every
+            rank of it must call split_sequential together, with the same model and stage
+            count; the group's first rank times the layers and every rank takes its cuts
+            (timings differ from rank to rank, and ranks that cut differently would train
+            another model). Bad arguments on any rank raise on every rank. (To time on this
+            rank alone, pass `measured_cuts(...)` as split_points.)
         example_input: a micro-batch as the first stage gets it (needed with balance).
         repeats: timed runs per layer with balance (the fastest counts).
         timer: the clock profiling reads, in seconds.
+        group: the ranks that agree on balance="auto"'s cuts (None: the default group); used
+            only with balance, and only where torch.distributed is initialised.
 
     Returns:
         The stages: stage i is `model[split_points[i-1] : split_points[i]]`, an `nn.Sequential`
@@ -73,31 +103,116 @@ def split_sequential(
         keeps fully qualified names: a stage's `state_dict()` keys are the model's, so it loads
         into `model` (or a stage of another split) by key, and the stages' state dicts merge
         into the model's. (`nn.Sequential.append` names a layer by the stage's length, which
-        may be a name the stage holds already: add layers to `model` before splitting.)
+        may be a name the stage holds already: add layers to `model` before splitting.) Each
+        stage's `split_layers` is its `StageLayers`.
     """
+    if balance is not None:
+
+        def measure() -> list[int]:
+            num_stages = _checked_balance(model, split_points, balance, example_input)
+            assert example_input is not None
+            return measured_cuts(model, num_stages, example_input, repeats=repeats, timer=timer)
+
+        if dist.is_available() and dist.is_initialized():
+            points = _cuts_of_first_rank(model, split_points, balance, example_input, measure,
+                                         group)  # fmt: skip
+        elif group is not None:
+            raise ValueError(
+                "group: balance='auto' agrees on the cuts over a process group, but "
+                "torch.distributed is not initialised"
+            )
+        else:
+            points = measure()
+    else:
+        _check_model(model)
+        points = _given_points(split_points)
+    return _cut(model, points)
+
+
+def _check_model(model: object) -> None:
     if not isinstance(model, nn.Sequential):
         raise TypeError(f"model must be an nn.Sequential, got {type(model).__name__}")
     if len(model) == 0:
         raise ValueError("model has no layers to split into stages")
-    if balance is not None:
-        check_choice("balance", balance, ("auto",))
-        num_stages = check_int("num_stages", split_points, 1, len(model))
-        if example_input is None:
-            raise ValueError('balance="auto" needs an example_input to time the layers on')
-        points = measured_cuts(model, num_stages, example_input, repeats=repeats, timer=timer)
-    elif isinstance(split_points, numbers.Integral) and not isinstance(split_points, bool):
+
+
+def _checked_balance(
+    model: nn.Sequential, split_points: object, balance: object, example_input: Tensor | None
+) -> int:
+    """The stage count of balance="auto"; raises naming the argument that is wrong."""
+    _check_model(model)
+    check_choice("balance", balance, ("auto",))
+    num_stages = check_int("num_stages", split_points, 1, len(model))
+    if example_input is None:
+        raise ValueError('balance="auto" needs an example_input to time the layers on')
+    return num_stages
+
+
+def _cuts_of_first_rank(
+    model: nn.Sequential,
+    split_points: object,
+    balance: object,
+    example_input: Tensor | None,
+    measure: Callable[[], list[int]],
+    group: dist.ProcessGroup | None,
+) -> list[int]:
+    """balance="auto" over a process group: its first rank measures, every rank takes the cuts.
+
+    Every rank's outcome (its arguments checked, and on the first rank the cuts or the error)
+    is gathered on every rank and judged the same way, so a bad argument or a failed
+    measurement anywhere raises on every rank instead of leaving the others waiting."""
+    group = group if group is not None else dist.group.WORLD
+    me = check_member(group)
+    error: Exception | None = None
+    cuts: list[int] | None = None
+    try:
+        if me == 0:
+            cuts = measure()
+        else:
+            _checked_balance(model, split_points, balance, example_input)
+    except Exception as caught:  # raised below, once every rank has heard of it
+        error = caught
+    layers = len(model) if isinstance(model, nn.Sequential) else -1
+    counted = isinstance(split_points, numbers.Integral) and not isinstance(split_points, bool)
+    count = int(split_points) if counted else -1  # type: ignore[call-overload]
+    row = (error is None, count, layers, cuts)
+    table: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(table, row, group=group)
+    if error is not None:
+        raise error
+    rows: list[tuple[bool, int, int, list[int] | None]] = table  # type: ignore[assignment]
+    failed = [rank for rank, (ok, *_) in enumerate(rows) if not ok]
+    if failed:
+        raise RuntimeError(
+            f"split_sequential(balance='auto') failed on group rank(s) {failed} (see their error)"
+        )
+    for name, column in (("the stage count", 1), ("the model's number of layers", 2)):
+        values = [r[column] for r in rows]
+        if len(set(values)) != 1:
+            raise ValueError(
+                f"split_sequential(balance='auto'): {name} differs across the group: {values}"
+            )
+    assert rows[0][3] is not None
+    return list(rows[0][3])
+
+
+def _given_points(split_points: object) -> list[object]:
+    if isinstance(split_points, numbers.Integral) and not isinstance(split_points, bool):
         raise ValueError(
             f"split_points {split_points} is a stage count: pass balance='auto' and an "
             "example_input, or the layer indices where stages start"
         )
-    elif isinstance(split_points, Iterable):
-        points = list(split_points)
-    else:
-        raise TypeError(
-            "split_points must be a list of the layer indices where stages start, got "
-            f"{type(split_points).__name__} {split_points!r}"
-        )
-    points = [check_int(f"split_points[{index}]", point, 0) for index, point in enumerate(points)]
+    if isinstance(split_points, Iterable):
+        return list(split_points)
+    raise TypeError(
+        "split_points must be a list of the layer indices where stages start, got "
+        f"{type(split_points).__name__} {split_points!r}"
+    )
+
+
+def _cut(model: nn.Sequential, given: Sequence[object]) -> list[nn.Sequential]:
+    """The stages starting at the layers `given` (checked here), each with its `split_layers`."""
+    points = [check_int(f"split_points[{index}]", point, 0) for index, point in enumerate(given)]
     bounds = [0, *points, len(model)]
     for index, point in enumerate(points):
         if not bounds[index] < point < len(model):
@@ -107,11 +222,25 @@ def split_sequential(
             )
     # Every entry of `_modules`, not `named_children()`, which skips a layer used twice.
     named = list(model._modules.items())
-    stages = [
-        nn.Sequential(OrderedDict(named[start:end])) for start, end in itertools.pairwise(bounds)
-    ]
+    stages = []
+    for start, end in itertools.pairwise(bounds):
+        stage = nn.Sequential(OrderedDict(named[start:end]))
+        stage.split_layers = StageLayers(start, end, len(model))
+        stages.append(stage)
     _warn_of_shared_parameters(stages)
     return stages
+
+
+def stage_layers(stage: nn.Module) -> StageLayers | None:
+    """The layers a stage of `split_sequential` holds, looking through wrappers that keep the
+    stage as `module` (fastpar's DataParallel); None for a stage built otherwise."""
+    module: object = stage
+    while isinstance(module, nn.Module):
+        layers = getattr(module, "split_layers", None)
+        if isinstance(layers, StageLayers):
+            return layers
+        module = getattr(module, "module", None)
+    return None
 
 
 def _warn_of_shared_parameters(stages: Sequence[nn.Module]) -> None:
