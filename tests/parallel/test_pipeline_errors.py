@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fastpar.parallel.pipeline import Pipeline
+from fastpar.parallel.pipeline import Pipeline, PipelineError
 from fastpar.testing.distributed import run_multiprocess
 
 Outcome = tuple[str, str, float]  # exception type ("ok" if none), message, seconds
@@ -308,16 +308,23 @@ CHUNKED_CASES = [
 ]
 
 
+def _stages_of(rank: int, schedule: str) -> list[int]:
+    if schedule == "zero-bubble":
+        return [rank]
+    return [rank, rank + 2] if schedule == "interleaved-1f1b" else [rank, 3 - rank]
+
+
 def _chunked_pipeline(rank: int, schedule: str, chunks: list[nn.Module], **kwargs: Any) -> Pipeline:
     if schedule == "zero-bubble":
         return _pipeline(rank, 2, chunks[0], schedule=schedule, **kwargs)
-    stages = [rank, rank + 2] if schedule == "interleaved-1f1b" else [rank, 3 - rank]
-    return Pipeline(chunks, stage_index=stages, num_stages=4, schedule=schedule,
-                    num_microbatches=4, **kwargs)  # fmt: skip
+    return Pipeline(chunks, stage_index=_stages_of(rank, schedule), num_stages=4,
+                    schedule=schedule, num_microbatches=4, **kwargs)  # fmt: skip
 
 
-def _chunked_failures(rank: int, world_size: int, transport: str) -> list[Outcome]:
-    results = []
+def _chunked_failures(
+    rank: int, world_size: int, transport: str
+) -> tuple[list[Outcome], list[int | None]]:
+    results, stages = [], []
     for schedule, failing, chunk, mode, at in CHUNKED_CASES:
         group = dist.new_group(list(range(world_size)))
         planted = [
@@ -328,16 +335,27 @@ def _chunked_failures(rank: int, world_size: int, transport: str) -> list[Outcom
         pipe = _chunked_pipeline(rank, schedule, planted, group=group, loss_fn=loss_fn,
                                  timeout_s=TIMEOUT_S, transport=transport)  # fmt: skip
         x, y = _batch()
-        results.append(_outcome(lambda p=pipe, x=x, y=y: p.step(x, y)))
-    return results
+        start = time.monotonic()
+        try:
+            pipe.step(x, y)
+        except Exception as error:  # the test inspects what every rank raised
+            results.append((type(error).__name__, str(error), time.monotonic() - start))
+            stages.append(error.stage if isinstance(error, PipelineError) else None)
+        else:
+            results.append(("ok", "", time.monotonic() - start))
+            stages.append(None)
+    return results, stages
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_a_raising_chunk_fails_every_rank(transport: str) -> None:
-    outcomes = run_multiprocess(
+    results = run_multiprocess(
         _chunked_failures, 2, args=(transport,), timeout=RUN_S, group_timeout=TIMEOUT_S
     )
-    for case, (_, failing, _, mode, _) in enumerate(CHUNKED_CASES):
+    outcomes, culprits = zip(*results, strict=True)
+    for case, (schedule, failing, chunk, mode, _) in enumerate(CHUNKED_CASES):
+        # The stage of the chunk that raised, not the rank's first (zbv's loss: stage 3).
+        stage = _stages_of(failing, schedule)[chunk]
         original = {
             "forward": "RuntimeError: planted failure in forward",
             "backward": "RuntimeError: planted failure in backward",
@@ -349,7 +367,8 @@ def test_a_raising_chunk_fails_every_rank(transport: str) -> None:
                 assert f"{kind}: {message}" == original, (case, rank)
             else:
                 assert kind == "PipelineError", (case, rank, kind, message)
-                assert message == f"stage {failing} (rank {failing}) raised {original}"
+                assert message == f"stage {stage} (rank {failing}) raised {original}", (case, rank)
+                assert culprits[rank][case] == stage, (case, rank)  # PipelineError.stage
             # Far below the timeout: the peer was told, it did not time out.
             assert seconds < PROMPT_S, (case, rank, seconds)
 

@@ -316,8 +316,16 @@ class Pipeline:
             self._fail(str(error), Peer(error.stage, error.rank), skip=error.via)
             raise
         except Exception as error:
-            self._fail(f"{me} raised {type(error).__name__}: {error}", me, skip=None)
+            origin = self._failed_stage()
+            self._fail(f"{origin} raised {type(error).__name__}: {error}", origin, skip=None)
             raise
+
+    def _failed_stage(self) -> Peer:
+        """The stage of this rank that raised: the one whose action did (recorded by the plan),
+        else the first (an error before any action: this rank's inputs)."""
+        run = self._last_run
+        stage = run.failed_stage if run is not None else None
+        return Peer(stage if stage is not None else self._me.stage, self._me.rank)
 
     @property
     def last_stats(self) -> StepStats:
@@ -335,6 +343,7 @@ class Pipeline:
         m, dim = cfg.num_microbatches, cfg.batch_dim
         run = StepState(start=time.perf_counter(), inputs=[], targets=[],
                         num_slots=self._plan.num_slots)  # fmt: skip
+        self._last_run = run
         # Asked once per step: a range costs microseconds even when nobody listens.
         ranged = ranges_recorded()
         plan = self._plan.ranged if ranged else self._plan.runs
@@ -347,7 +356,6 @@ class Pipeline:
             self._prepare(run, inputs, targets)
         else:
             run.inputs = [first_microbatch("inputs", inputs, m, dim)]
-        self._last_run = run
         for link, count in self._receive_counts:
             link.post_receives(count)
         plan[0](run)
@@ -376,9 +384,11 @@ class Pipeline:
         if self.is_first:
             run.inputs = split_batch("inputs", inputs, m, dim)
         if self.is_last:
+            run.failed_stage = self.num_stages - 1  # a bad target is the last stage's
             run.targets = split_batch("targets", targets, m, dim)
             assert targets is not None  # split_batch raised otherwise
             run.weights = loss_weights(targets, m, dim, cfg.loss_reduction)
+            run.failed_stage = None
 
     def _fail(self, message: str, origin: Peer, *, skip: int | None) -> None:
         """Tell the peers (except stage `skip`, where the news came from) and mark this

@@ -63,8 +63,8 @@ class _Slot(enum.IntEnum):
 class StepState:
     """What one step keeps between actions."""
 
-    __slots__ = ("end", "inputs", "losses", "slots", "spent", "split_sends", "start",
-                 "targets", "times", "weights")  # fmt: skip
+    __slots__ = ("end", "failed_stage", "inputs", "losses", "slots", "spent", "split_sends",
+                 "start", "targets", "times", "weights")  # fmt: skip
 
     def __init__(
         self, *, start: float, inputs: list[Tensor], targets: list[Tensor], num_slots: int
@@ -81,6 +81,9 @@ class StepState:
         # StepPlan._backward).
         self.spent: list[Tensor] = []
         self.split_sends = 0
+        # The stage whose action raised (set by the compute's own handler: a try costs nothing
+        # until it raises), so that a rank holding several stages blames the right one.
+        self.failed_stage: int | None = None
 
     def stats(self) -> StepStats:
         """The step's `StepStats` (compute times in seconds from its start)."""
@@ -239,37 +242,42 @@ class StepPlan:
         alias = None if first else self._input_alias(s)
 
         def forward(run: StepState) -> None:
-            slots = run.slots
-            if recv is not None:
-                if run.spent:
-                    run.spent.clear()
-                x = slots[source] = recv(recv_what, True)
-            else:
-                x = run.inputs[k] if first else slots[source]
-            if alias is not None and x.requires_grad:
-                x = alias(x)
-            began = clock()
-            context = _NO_CONTEXT
-            if split and torch.is_grad_enabled():
-                deferred = slots[deferred_slot] = DeferredWeights()
-                context = weight_split(module, deferred, stage_name)
-            with context:
-                y = module(x)
-                if not isinstance(y, Tensor):
-                    raise TypeError(
-                        f"stage {s} returned {type(y).__name__}; a pipeline stage must return "
-                        "one Tensor (wrap modules returning tuples, such as LSTMs, in OutputOnly)"
-                    )
-                if last:
-                    assert loss_fn is not None
-                    y = loss_fn(y, run.targets[k]) * run.weights[k]
-                    run.losses.append(y.detach())
-            ended = clock()
-            if transmit is not None:
-                transmit(y if y.is_cpu and comm_cpu else to_comm(y), send_what)
-            slots[output] = y
-            # Only the times here: the stats are made when asked for (Pipeline.last_stats).
-            run.times.append((action, began, ended))
+            try:
+                slots = run.slots
+                if recv is not None:
+                    if run.spent:
+                        run.spent.clear()
+                    x = slots[source] = recv(recv_what, True)
+                else:
+                    x = run.inputs[k] if first else slots[source]
+                if alias is not None and x.requires_grad:
+                    x = alias(x)
+                began = clock()
+                context = _NO_CONTEXT
+                if split and torch.is_grad_enabled():
+                    deferred = slots[deferred_slot] = DeferredWeights()
+                    context = weight_split(module, deferred, stage_name)
+                with context:
+                    y = module(x)
+                    if not isinstance(y, Tensor):
+                        raise TypeError(
+                            f"stage {s} returned {type(y).__name__}; a pipeline stage must "
+                            "return one Tensor (wrap modules returning tuples, such as LSTMs, in "
+                            "OutputOnly)"
+                        )
+                    if last:
+                        assert loss_fn is not None
+                        y = loss_fn(y, run.targets[k]) * run.weights[k]
+                        run.losses.append(y.detach())
+                ended = clock()
+                if transmit is not None:
+                    transmit(y if y.is_cpu and comm_cpu else to_comm(y), send_what)
+                slots[output] = y
+                # Only the times here: the stats are made when asked for (Pipeline.last_stats).
+                run.times.append((action, began, ended))
+            except Exception:
+                run.failed_stage = s  # the stage the error is blamed on
+                raise
 
         return forward
 
@@ -285,15 +293,20 @@ class StepPlan:
         return _SharedAlias.apply if isinstance(link, LocalLink) else _alias_owned
 
     def _weight(self, action: Action) -> Run:
-        index = self._slot(_Slot.DEFERRED, action.stage, action.microbatch)
+        stage = action.stage
+        index = self._slot(_Slot.DEFERRED, stage, action.microbatch)
         clock = time.perf_counter
 
         def weight(run: StepState) -> None:
-            deferred, run.slots[index] = run.slots[index], None
-            began = clock()
-            if deferred is not None:
-                deferred.run()
-            run.times.append((action, began, clock()))
+            try:
+                deferred, run.slots[index] = run.slots[index], None
+                began = clock()
+                if deferred is not None:
+                    deferred.run()
+                run.times.append((action, began, clock()))
+            except Exception:
+                run.failed_stage = stage  # the stage the error is blamed on
+                raise
 
         return weight
 
@@ -322,32 +335,36 @@ class StepPlan:
         direct = self._sends_leaf(s)
 
         def backward(run: StepState) -> None:
-            slots = run.slots
-            y, slots[output] = slots[output], None
-            if recv is not None:
-                if run.spent:
-                    run.spent.clear()
-                grad = recv(recv_what, False)
-            else:
-                grad, slots[output_grad] = slots[output_grad], None
-            # is_cpu first: y.device builds an object, and .to enters the dispatcher.
-            if grad is not None and not (grad.is_cpu and y.is_cpu):
-                grad = grad.to(y.device)
-            began = clock()
-            # An output that carries no gradient does not require grad: no backward runs.
-            with no_sync() if no_sync is not None else _NO_CONTEXT:
-                if y.requires_grad and (grad is not None or last):
-                    backward_fn(y, grad)
-            ended = clock()
-            if transmit is not None:
-                x, slots[source] = slots[source], None
-                if direct:  # the link takes the leaf (see _send_call)
-                    transmit(x, send_what)
+            try:
+                slots = run.slots
+                y, slots[output] = slots[output], None
+                if recv is not None:
+                    if run.spent:
+                        run.spent.clear()
+                    grad = recv(recv_what, False)
                 else:
-                    dx = input_grad(x)
-                    transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
-            run.times.append((action, began, ended))
-            run.spent.append(y)
+                    grad, slots[output_grad] = slots[output_grad], None
+                # is_cpu first: y.device builds an object, and .to enters the dispatcher.
+                if grad is not None and not (grad.is_cpu and y.is_cpu):
+                    grad = grad.to(y.device)
+                began = clock()
+                # An output that carries no gradient does not require grad: no backward runs.
+                with no_sync() if no_sync is not None else _NO_CONTEXT:
+                    if y.requires_grad and (grad is not None or last):
+                        backward_fn(y, grad)
+                ended = clock()
+                if transmit is not None:
+                    x, slots[source] = slots[source], None
+                    if direct:  # the link takes the leaf (see _send_call)
+                        transmit(x, send_what)
+                    else:
+                        dx = input_grad(x)
+                        transmit(dx if dx.is_cpu and comm_cpu else to_comm(dx), send_what)
+                run.times.append((action, began, ended))
+                run.spent.append(y)
+            except Exception:
+                run.failed_stage = s  # the stage the error is blamed on
+                raise
 
         return backward
 
@@ -376,6 +393,7 @@ class StepPlan:
 
     def _send(self, action: Action) -> Run:
         send, what = self._send_call(action)
+        stage = action.stage  # blamed for an error (see StepState.failed_stage)
         to_comm, comm_cpu = self._to_comm, self._comm_cpu
         index = self._slot(
             _Slot.OUTPUT if action.op is Op.SEND_ACTIVATION else _Slot.INPUT,
@@ -386,23 +404,35 @@ class StepPlan:
         if action.op is Op.SEND_ACTIVATION:
 
             def send_activation(run: StepState) -> None:
-                y = run.slots[index]
-                send(y if y.is_cpu and comm_cpu else to_comm(y), what)
+                try:
+                    y = run.slots[index]
+                    send(y if y.is_cpu and comm_cpu else to_comm(y), what)
+                except Exception:
+                    run.failed_stage = stage
+                    raise
 
             return send_activation
 
         if self._sends_leaf(action.stage):
 
             def send_leaf_gradient(run: StepState) -> None:
-                x, run.slots[index] = run.slots[index], None
-                send(x, what)
+                try:
+                    x, run.slots[index] = run.slots[index], None
+                    send(x, what)
+                except Exception:
+                    run.failed_stage = stage
+                    raise
 
             return send_leaf_gradient
 
         def send_gradient(run: StepState) -> None:
-            x, run.slots[index] = run.slots[index], None
-            dx = input_grad(x)
-            send(dx if dx.is_cpu and comm_cpu else to_comm(dx), what)
+            try:
+                x, run.slots[index] = run.slots[index], None
+                dx = input_grad(x)
+                send(dx if dx.is_cpu and comm_cpu else to_comm(dx), what)
+            except Exception:
+                run.failed_stage = stage
+                raise
 
         return send_gradient
 
