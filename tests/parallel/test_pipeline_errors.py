@@ -373,23 +373,34 @@ def test_a_raising_chunk_fails_every_rank(transport: str) -> None:
             assert seconds < PROMPT_S, (case, rank, seconds)
 
 
-def _dying_chunked_peer(rank: int, world_size: int, schedule: str) -> Outcome:
+def _dying_chunked_peer(rank: int, world_size: int, schedule: str, transport: str) -> Outcome:
     chunks = [Planted("die" if rank == 1 and c == 1 else "none", 1) for c in range(2)]
-    pipe = _chunked_pipeline(rank, schedule, chunks, loss_fn=nn.MSELoss(), timeout_s=TIMEOUT_S)
+    pipe = _chunked_pipeline(rank, schedule, chunks, loss_fn=nn.MSELoss(), timeout_s=TIMEOUT_S,
+                             transport=transport)  # fmt: skip
     x, y = _batch()
     return _outcome(lambda: pipe.step(x, y))
 
 
+@pytest.mark.parametrize("transport", TRANSPORTS)
 @pytest.mark.parametrize("schedule", ["interleaved-1f1b", "zbv"])
-def test_a_dead_peer_holding_two_chunks_is_named(schedule: str) -> None:
+def test_a_dead_peer_holding_two_chunks_is_named(schedule: str, transport: str) -> None:
     outcomes = run_multiprocess(
-        _dying_chunked_peer, 2, args=(schedule,), timeout=RUN_S, group_timeout=TIMEOUT_S,
-        may_die=(1,),
+        _dying_chunked_peer, 2, args=(schedule, transport), timeout=RUN_S,
+        group_timeout=TIMEOUT_S, may_die=(1,),
     )  # fmt: skip
     assert outcomes[1] is None
     kind, message, seconds = outcomes[0]
     assert kind == "PipelineError", message
-    assert "stage 1 (rank 1) failed: the peer died" in message, message
+    # Named by the stages at both ends of the message rank 0 waited for, not by each rank's
+    # first stage: "stage 2 (rank 0): receiving gradient 0 stage 2 from stage 3 (rank 1) ..."
+    # (or "sending activation 1 stage 3 to stage 3" where the send finds the peer gone).
+    ends = re.search(r"^stage (\d) \(rank 0\): (receiving|sending) (activation|gradient) \d "
+                     r"stage (\d) (from|to) stage (\d) \(rank 1\) failed: the peer died",
+                     message)  # fmt: skip
+    assert ends is not None, message
+    me, kind, dest, peer = int(ends[1]), ends[3], int(ends[4]), int(ends[6])
+    source = dest - 1 if kind == "activation" else dest + 1
+    assert (me, peer) == ((dest, source) if ends[2] == "receiving" else (source, dest)), message
     assert seconds < PROMPT_S, seconds
 
 

@@ -190,6 +190,13 @@ class Pipeline:
         }
         self._me = Peer(min(self._chunks), dist.get_rank())
         expected = {peer: self._expected(everyone[peer]) for peer in self._links}
+        # A failed transfer names the stages at both ends of its message (see name_senders).
+        sent = [message_of(a) for a in self._actions if a.op in _SENDS]
+        for peer, link in self._links.items():
+            ends = {self._names[m]: (m.dest, m.source) for m in expected[peer]}
+            ranks = self.placement.stage_ranks
+            ends |= {self._names[m]: (m.source, m.dest) for m in sent if ranks[m.dest] == peer}
+            link.name_senders(ends)
         self._receive_counts = [(link, len(expected[q])) for q, link in self._links.items()]
         self._plan = StepPlan(
             self._actions, chunks=self._chunks, num_stages=num_stages,
@@ -391,11 +398,12 @@ class Pipeline:
             run.failed_stage = None
 
     def _fail(self, message: str, origin: Peer, *, skip: int | None) -> None:
-        """Tell the peers (except stage `skip`, where the news came from) and mark this
-        pipeline broken; each notice waits a bounded time to be taken."""
+        """Tell the peers (except the rank of stage `skip`, where the news came from) and mark
+        this pipeline broken; each notice waits a bounded time to be taken."""
         self._broken = message
-        for link in self._links.values():
-            if link.peer.stage == skip:
+        skipped = self.placement.stage_ranks[skip] if skip is not None else None
+        for peer, link in self._links.items():
+            if peer == skipped:
                 continue
             try:
                 link.send_error(message, origin)

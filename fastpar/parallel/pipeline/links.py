@@ -12,6 +12,7 @@ out); plan.py reads ahead where a schedule wants the messages in another order.
 from __future__ import annotations
 
 import collections
+from collections.abc import Mapping
 from typing import Protocol
 
 from torch import Tensor
@@ -62,6 +63,11 @@ class Link(Protocol):
     def drop(self) -> None:
         """Forget pending messages (after a failure the link is not used again)."""
 
+    def name_senders(self, senders: Mapping[str, tuple[int, int]]) -> None:
+        """Learn, per message between this rank and the peer (by name, either way), (its stage
+        on this rank, its stage on the peer): a failed transfer of it then names those two
+        stages (the peer's as where the failure happened), not the first stage of each rank."""
+
 
 class LocalLink:
     """A link from a rank to itself: what one of its stages sends, another receives."""
@@ -107,3 +113,6 @@ class LocalLink:
 
     def drop(self) -> None:
         self._queue.clear()
+
+    def name_senders(self, senders: Mapping[str, tuple[int, int]]) -> None:
+        """Nothing to name: this rank is both ends."""

@@ -14,7 +14,7 @@ import datetime
 import json
 import os
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from fastpar.parallel.pipeline.wire import (
     Peer,
     PipelineError,
     check_sendable,
+    message_ends,
     peer_failed,
     resolved,
 )
@@ -102,6 +103,10 @@ class ShmLink:
     def drop(self) -> None:
         """Nothing to forget: the pipe owns what it has not written yet."""
 
+    def name_senders(self, senders: Mapping[str, tuple[int, int]]) -> None:
+        """See `Link.name_senders`."""
+        self._failures.senders = senders
+
 
 def _resolving(
     send: Callable[[Tensor, str], None], send_input_grad: Callable[[Tensor, str], None]
@@ -134,13 +139,15 @@ class _PipeFailures:
         native = _native.load()
         self.errors = (native.PipeAbortedError, native.PipeBrokenError)
         self._pipe, self._me, self._peer, self._timeout_s = pipe, me, peer, timeout_s
+        self.senders: Mapping[str, tuple[int, int]] = {}  # see Link.name_senders
 
     def reworded(self, error: Exception, call: str, argument: object) -> BaseException:
         """The error a failed send or recv of the pipe raises (`error` is raised from it): the
         pipe's own as a PipelineError; a refused tensor worded as every link words it."""
         if isinstance(error, self.errors):
-            doing = "sending to" if call == "send" else f"receiving {argument} from"
-            return self.pipeline_error(error, doing)
+            if call == "send":
+                return self.pipeline_error(error, "sending to")
+            return self.pipeline_error(error, f"receiving {argument} from", str(argument))
         refused = isinstance(error, (ValueError, TypeError)) and isinstance(argument, Tensor)
         if call == "send" and refused:
             try:
@@ -149,15 +156,19 @@ class _PipeFailures:
                 return refusal
         return error
 
-    def pipeline_error(self, error: Exception, doing: str) -> PipelineError:
+    def pipeline_error(
+        self, error: Exception, doing: str, what: str | None = None
+    ) -> PipelineError:
         """The pipe's error as a PipelineError: a peer's own error as it reported it; a dead or
-        silent peer named as the culprit (and told so, should it wake up later)."""
-        peer = self._peer
+        silent peer named as the culprit (the stage that sends `what`, when receiving it), and
+        told so, should it wake up later."""
         if isinstance(error, self.errors[0]):  # the peer aborted
-            origin, message = _parse_error_text(str(error), peer)
-            return PipelineError(message, stage=origin.stage, rank=origin.rank, via=peer.stage)
+            origin, message = _parse_error_text(str(error), self._peer)
+            return PipelineError(message, stage=origin.stage, rank=origin.rank,
+                                 via=self._peer.stage)  # fmt: skip
         cause = f"left the pipeline ({error})"
-        failure = peer_failed(self._me, doing, peer, self._timeout_s, cause)
+        me, peer = message_ends(self._me, self._peer, self.senders, what)
+        failure = peer_failed(me, doing, peer, self._timeout_s, cause)
         self._pipe.abort(_error_text(str(failure), peer))
         return failure
 

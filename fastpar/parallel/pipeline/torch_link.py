@@ -22,7 +22,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,7 @@ from fastpar.parallel.pipeline.wire import (
     Kind,
     Peer,
     PipelineError,
+    message_ends,
     next_slot_bytes,
     peer_failed,
     resolved,
@@ -86,8 +87,9 @@ class TorchLink:
         self._sent_largest = self._received_largest = 0
         self._slots: collections.deque[tuple[dist.Work, Tensor]] = collections.deque()
         # Sends in flight with the tensors they read from (kept alive until they complete).
-        self._sends: list[tuple[dist.Work, Tensor]] = []
+        self._sends: list[tuple[dist.Work, Tensor, str | None]] = []  # and the message's name
         self.split_sends = 0  # tensors sent apart from their header (too big for the slot)
+        self._senders: Mapping[str, tuple[int, int]] = {}  # see name_senders
 
     # --- receiving ----------------------------------------------------------------------------
 
@@ -123,7 +125,7 @@ class TorchLink:
 
     def _receive(self, slot: tuple[dist.Work, Tensor], what: str) -> Tensor:
         work, buffer = slot
-        self._wait(work, f"receiving {what} from")
+        self._wait(work, f"receiving {what} from", what=what)
         try:
             header = Header.decode(buffer[:HEADER_BYTES].view(torch.int64).tolist())
         except ValueError as error:
@@ -143,7 +145,7 @@ class TorchLink:
         if header.kind is Kind.INLINE:
             return buffer[HEADER_BYTES : HEADER_BYTES + nbytes].view(dtype).view(shape)
         payload = torch.empty(shape, dtype=dtype, device=self._device)
-        with self._failing_as(f"receiving {what} from"):
+        with self._failing_as(f"receiving {what} from", what):
             work = dist.irecv(payload, src=self.peer.rank, group=self._recv_group, tag=PAYLOAD_TAG)
         if payload.is_cuda:
             # Stream-ordered: the current stream waits for NCCL's, the host does not. A
@@ -151,7 +153,7 @@ class TorchLink:
             # header already proved that the peer posted this payload.
             work.wait()
         else:
-            self._wait(work, f"receiving {what} from")
+            self._wait(work, f"receiving {what} from", what=what)
         return payload
 
     # --- sending ------------------------------------------------------------------------------
@@ -169,12 +171,12 @@ class TorchLink:
         if self._inline and size <= self._send_slot:
             header = Header.for_tensor(Kind.INLINE, tensor).view(torch.uint8)
             payload = tensor.detach().reshape(-1).view(torch.uint8)
-            self._isend(torch.cat([header, payload]), self._slot_group, SLOT_TAG)
+            self._isend(torch.cat([header, payload]), self._slot_group, SLOT_TAG, what)
         else:
             self.split_sends += 1
             header = Header.for_tensor(Kind.SPLIT, tensor).view(torch.uint8)
-            self._isend(header, self._slot_group, SLOT_TAG)
-            self._isend(tensor.detach().contiguous(), self._send_group, PAYLOAD_TAG)
+            self._isend(header, self._slot_group, SLOT_TAG, what)
+            self._isend(tensor.detach().contiguous(), self._send_group, PAYLOAD_TAG, what)
 
     def send_error(self, message: str, origin: Peer) -> None:
         """Post an error in place of the next tensor the peer expects (the message is cut to
@@ -182,26 +184,26 @@ class TorchLink:
         text = message.encode("utf-8")[: MIN_SLOT_BYTES - HEADER_BYTES] or b"?"
         header = Header.for_error(origin, len(text))
         data = torch.frombuffer(bytearray(text), dtype=torch.uint8)
-        self._isend(torch.cat([header.view(torch.uint8), data]), self._slot_group, SLOT_TAG)
+        self._isend(torch.cat([header.view(torch.uint8), data]), self._slot_group, SLOT_TAG, None)
         # Only this send: earlier ones may never complete if the peer failed too. A peer that
         # is between steps takes it at its next step, or, once this wait gave up (which
         # closes the connections), sees the connection closed: either way it raises.
-        work, _ = self._sends[-1]
+        work, _, _ = self._sends[-1]
         self._wait(work, "telling", timeout_s=min(self._timeout_s, ERROR_DELIVERY_S))
 
-    def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int) -> None:
-        with self._failing_as("sending to"):
+    def _isend(self, tensor: Tensor, group: dist.ProcessGroup, tag: int, what: str | None) -> None:
+        with self._failing_as(_sending(what), what):
             work = dist.isend(tensor, dst=self.peer.rank, group=group, tag=tag)
-        self._sends.append((work, tensor))
+        self._sends.append((work, tensor, what))
 
     def finish_sends(self) -> None:
         """Wait (bounded) until every posted send completed."""
         sends, self._sends = self._sends, []
-        for work, tensor in sends:
+        for work, tensor, what in sends:
             if tensor.is_cuda:
                 work.wait()  # stream-ordered; bounded by the process group's timeout
             else:
-                self._wait(work, "sending to")
+                self._wait(work, _sending(what), what=what)
 
     def end_step(self) -> None:
         """Grow the slots for the next step from this step's messages (on both sides alike)."""
@@ -215,18 +217,30 @@ class TorchLink:
         self._slots.clear()
         self._sends = []
 
+    def name_senders(self, senders: Mapping[str, tuple[int, int]]) -> None:
+        """See `Link.name_senders`."""
+        self._senders = senders
+
     # --- errors -------------------------------------------------------------------------------
 
-    def _wait(self, work: dist.Work, doing: str, timeout_s: float | None = None) -> None:
+    def _wait(
+        self, work: dist.Work, doing: str, timeout_s: float | None = None, what: str | None = None
+    ) -> None:
         timeout = self._timeout if timeout_s is None else datetime.timedelta(seconds=timeout_s)
-        with self._failing_as(doing):
+        with self._failing_as(doing, what):
             work.wait(timeout)
 
     @contextlib.contextmanager
-    def _failing_as(self, doing: str) -> Iterator[None]:
-        """Turn a transport error into a PipelineError that names the peer."""
+    def _failing_as(self, doing: str, what: str | None = None) -> Iterator[None]:
+        """Turn a transport error into a PipelineError that names the peer (the stage that
+        sends `what`, when receiving it)."""
         try:
             yield
         except RuntimeError as error:
             cause = f"its connection broke ({error})"
-            raise peer_failed(self.me, doing, self.peer, self._timeout_s, cause) from error
+            me, peer = message_ends(self.me, self.peer, self._senders, what)
+            raise peer_failed(me, doing, peer, self._timeout_s, cause) from error
+
+
+def _sending(what: str | None) -> str:
+    return f"sending {what} to" if what is not None else "sending to"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,17 @@ class Peer:
 
     def __str__(self) -> str:
         return f"stage {self.stage} (rank {self.rank})"
+
+
+def message_ends(
+    me: Peer, peer: Peer, senders: Mapping[str, tuple[int, int]], what: str | None
+) -> tuple[Peer, Peer]:
+    """The stages at both ends of message `what` between the ranks of `me` and `peer` (see
+    `Link.name_senders`); `me` and `peer` themselves for a message not named there."""
+    stages = senders.get(what) if what is not None else None
+    if stages is None:
+        return me, peer
+    return Peer(stages[0], me.rank), Peer(stages[1], peer.rank)
 
 
 def peer_failed(me: Peer, doing: str, peer: Peer, timeout_s: float, cause: str) -> PipelineError:
