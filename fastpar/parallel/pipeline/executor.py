@@ -192,9 +192,9 @@ class Pipeline:
         expected = {peer: self._expected(everyone[peer]) for peer in self._links}
         # A failed transfer names the stages at both ends of its message (see name_senders).
         sent = [message_of(a) for a in self._actions if a.op in _SENDS]
+        ranks = self.placement.stage_ranks
         for peer, link in self._links.items():
             ends = {self._names[m]: (m.dest, m.source) for m in expected[peer]}
-            ranks = self.placement.stage_ranks
             ends |= {self._names[m]: (m.source, m.dest) for m in sent if ranks[m.dest] == peer}
             link.name_senders(ends)
         self._receive_counts = [(link, len(expected[q])) for q, link in self._links.items()]
